@@ -1,0 +1,39 @@
+// Llama-family model configuration (Llama 2/3, Mistral, Qwen2/3, SmolLM, TinyLlama, llama2.c).
+#pragma once
+#include <string>
+
+namespace lowbit {
+
+// How rotary embeddings pair the channels of a head.
+//  Interleaved: (x[2i], x[2i+1]) — Meta's original layout, llama2.c, GGUF "llama".
+//  Half:        (x[i], x[i + d/2]) — Hugging Face "rotate_half" layout (HF Llama/Qwen checkpoints,
+//               GGUF "qwen2"). HF Llama q/k weights are the Meta ones with rows permuted, so the
+//               two conventions give identical logits on their respective weight layouts.
+enum class RopeStyle { Interleaved = 0, Half = 1 };
+
+struct LlamaConfig {
+  std::string arch = "llama";  // llama | mistral | qwen2 | qwen3
+  int dim = 0;                 // model width D
+  int hidden_dim = 0;          // SwiGLU width F
+  int n_layers = 0;
+  int n_heads = 0;
+  int n_kv_heads = 0;          // grouped-query attention: n_heads % n_kv_heads == 0
+  int head_dim = 0;            // 0: dim / n_heads
+  int vocab_size = 0;
+  int max_seq_len = 2048;
+  float rope_theta = 10000.0f;
+  float norm_eps = 1e-5f;
+  bool tied_embeddings = true;  // output head shares tok_embeddings
+  RopeStyle rope_style = RopeStyle::Interleaved;
+  bool attn_bias = false;  // q/k/v biases (Qwen2)
+  bool qk_norm = false;    // per-head RMSNorm on q and k (Qwen3)
+  int bos_id = 1;
+  int eos_id = 2;
+
+  int resolved_head_dim() const { return head_dim > 0 ? head_dim : (n_heads > 0 ? dim / n_heads : 0); }
+  // Throws lowbit::Error naming `source` (a file) and the bad field.
+  void validate(const std::string& source) const;
+  std::string summary() const;  // one line for logs
+};
+
+}  // namespace lowbit
