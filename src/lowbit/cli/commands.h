@@ -1,0 +1,15 @@
+// Each `lowbit <command>` lives in its own cli/cmd_<name>.cpp and registers itself here.
+// A command's callback throws lowbit::Error on bad input; main() prints it and exits 1.
+#pragma once
+#include <CLI/CLI.hpp>
+
+namespace lowbit::cli {
+
+void register_eval(CLI::App& app);      // lowbit eval ppl|tasks
+void register_generate(CLI::App& app);  // lowbit generate
+void register_tokenize(CLI::App& app);  // lowbit tokenize
+void register_convert(CLI::App& app);   // lowbit convert
+void register_quantize(CLI::App& app);  // lowbit quantize
+void register_train(CLI::App& app);     // lowbit train
+
+}  // namespace lowbit::cli
