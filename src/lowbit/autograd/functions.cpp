@@ -1,0 +1,266 @@
+// Autograd ops: forward and backward side by side. Each backward receives the gradient of the
+// op's output (g) and accumulates the gradients of the inputs.
+#include "lowbit/autograd/functions.h"
+
+#include <cmath>
+
+#include "lowbit/ops/ops.h"
+
+namespace lowbit {
+
+namespace {
+Tensor like(const Tensor& t) { return Tensor::empty(t.shape(), t.dtype(), t.device()); }
+Tensor contig(const Var& v) { return v.value().contiguous(); }
+}  // namespace
+
+// ---- matmul: C = op(A) op(B);  dA = dC op(B)^T (transposed back if trans_a), dB likewise ----------
+Var matmul(const Var& a, const Var& b, bool ta, bool tb) {
+  Tensor av = contig(a), bv = contig(b);
+  const int64_t M = ta ? av.size(-1) : av.size(-2), N = tb ? bv.size(-2) : bv.size(-1);
+  Shape cs(av.shape().begin(), av.shape().end() - 2);
+  cs.push_back(M);
+  cs.push_back(N);
+  Tensor c = Tensor::empty(cs, av.dtype(), av.device());
+  ops::gemm(av, ta, bv, tb, c);
+  return make_result(c, {a, b}, "matmul", [a, b, av, bv, ta, tb](const Tensor& g) {
+    if (a.requires_grad()) {
+      Tensor da = like(av);
+      // C = A B: dA = G B^T; C = A^T B: dA = B G^T; with op(B) = B^T swap roles of trans flags.
+      if (!ta) ops::gemm(g, false, bv, !tb, da);
+      else ops::gemm(bv, tb, g, true, da);
+      accumulate_grad(a, da);
+    }
+    if (b.requires_grad()) {
+      const bool broadcast = bv.dim() == 2 && av.dim() > 2;
+      Tensor ga = broadcast ? g.view({-1, g.size(-1)}) : g;
+      Tensor aa = broadcast ? av.view({-1, av.size(-1)}) : av;
+      if (broadcast && ta) throw_error("matmul backward: broadcast b with transposed a is not supported");
+      Tensor db = like(bv);
+      if (!tb) ops::gemm(aa, !ta, ga, false, db);
+      else ops::gemm(ga, true, aa, ta, db);
+      accumulate_grad(b, db);
+    }
+  });
+}
+
+// ---- linear: y = x W^T + bias;  dx = dy W,  dW = dy^T x,  dbias = sum_rows dy ---------------------
+Var linear(const Var& x, const Var& w, const Var& bias) {
+  Tensor xv = contig(x), wv = contig(w);
+  if (xv.dim() != 2 || wv.dim() != 2 || xv.size(1) != wv.size(1))
+    throw_error("linear: x ", xv.describe(), " and weight ", wv.describe(), " do not match (weight is [out, in])");
+  Tensor y = Tensor::empty({xv.size(0), wv.size(0)}, xv.dtype(), xv.device());
+  ops::gemm(xv, false, wv, true, y);
+  if (bias.defined()) ops::add(y, bias.value(), y);
+  std::vector<Var> inputs{x, w};
+  if (bias.defined()) inputs.push_back(bias);
+  return make_result(y, inputs, "linear", [x, w, bias, xv, wv](const Tensor& g) {
+    if (x.requires_grad()) {
+      Tensor dx = like(xv);
+      ops::gemm(g, false, wv, false, dx);
+      accumulate_grad(x, dx);
+    }
+    if (w.requires_grad()) {
+      Tensor dw = like(wv);
+      ops::gemm(g, true, xv, false, dw);
+      accumulate_grad(w, dw);
+    }
+    if (bias.defined() && bias.requires_grad()) {
+      Tensor db = like(bias.value());
+      ops::sum_rows(g, db);
+      accumulate_grad(bias, db);
+    }
+  });
+}
+
+// ---- elementwise ----------------------------------------------------------------------------------
+namespace {
+// Gradient for an operand that may have been broadcast as a row vector.
+Tensor reduce_to(const Tensor& g, const Tensor& like_t) {
+  if (g.shape() == like_t.shape()) return g;
+  Tensor r = like(like_t);
+  ops::sum_rows(g, r);
+  return r;
+}
+}  // namespace
+
+Var add(const Var& a, const Var& b) {
+  Tensor av = contig(a), bv = contig(b), out = like(av);
+  ops::add(av, bv, out);
+  return make_result(out, {a, b}, "add", [a, b, bv](const Tensor& g) {
+    accumulate_grad(a, g);
+    if (b.requires_grad()) accumulate_grad(b, reduce_to(g, bv));
+  });
+}
+
+Var sub(const Var& a, const Var& b) {
+  Tensor av = contig(a), bv = contig(b), out = like(av);
+  ops::sub(av, bv, out);
+  return make_result(out, {a, b}, "sub", [a, b, bv](const Tensor& g) {
+    accumulate_grad(a, g);
+    if (b.requires_grad()) {
+      Tensor r = reduce_to(g, bv), n = like(r);
+      ops::scale(r, -1.0, n);
+      accumulate_grad(b, n);
+    }
+  });
+}
+
+Var mul(const Var& a, const Var& b) {
+  Tensor av = contig(a), bv = contig(b), out = like(av);
+  ops::mul(av, bv, out);
+  return make_result(out, {a, b}, "mul", [a, b, av, bv](const Tensor& g) {
+    if (a.requires_grad()) {
+      Tensor da = like(av);
+      ops::mul(g, bv, da);
+      accumulate_grad(a, da);
+    }
+    if (b.requires_grad()) {
+      Tensor t = like(av);
+      ops::mul(g, av, t);
+      accumulate_grad(b, reduce_to(t, bv));
+    }
+  });
+}
+
+Var scale(const Var& x, double s) {
+  Tensor xv = contig(x), out = like(xv);
+  ops::scale(xv, s, out);
+  return make_result(out, {x}, "scale", [x, s](const Tensor& g) {
+    Tensor d = like(g);
+    ops::scale(g, s, d);
+    accumulate_grad(x, d);
+  });
+}
+
+Var sum(const Var& x) {
+  Tensor xv = contig(x), out = Tensor::empty({}, xv.dtype(), xv.device());
+  ops::sum(xv, out);
+  return make_result(out, {x}, "sum", [x, xv](const Tensor& g) {
+    Tensor d = like(xv);
+    d.fill_(g.item());
+    accumulate_grad(x, d);
+  });
+}
+
+Var mean(const Var& x) { return scale(sum(x), 1.0 / double(x.numel() > 0 ? x.numel() : 1)); }
+
+Var reshape(const Var& x, const Shape& shape) {
+  Tensor out = contig(x).view(shape);
+  const Shape orig = x.shape();
+  return make_result(out, {x}, "reshape", [x, orig](const Tensor& g) { accumulate_grad(x, g.contiguous().view(orig)); });
+}
+
+// ---- rmsnorm --------------------------------------------------------------------------------------
+Var rmsnorm(const Var& x, const Var& w, double eps) {
+  Tensor xv = contig(x), wv = contig(w), y = like(xv);
+  const int64_t D = xv.size(-1);
+  Tensor rstd = Tensor::empty({xv.numel() / (D > 0 ? D : 1)}, xv.dtype(), xv.device());
+  ops::rmsnorm_forward(xv, wv, eps, y, rstd);
+  return make_result(y, {x, w}, "rmsnorm", [x, w, xv, wv, rstd](const Tensor& g) {
+    Tensor dx = like(xv), dw = like(wv);
+    ops::rmsnorm_backward(g.contiguous(), xv, wv, rstd, dx, dw);
+    accumulate_grad(x, dx);
+    accumulate_grad(w, dw);
+  });
+}
+
+// ---- rotary embedding: an orthogonal rotation, so the backward rotates by -angle -----------------
+Var rope(const Var& x, int64_t B, int64_t T, int64_t H, int64_t hd, int64_t pos0, double theta, RopeStyle style) {
+  Tensor xv = contig(x);
+  if (xv.numel() != B * T * H * hd) throw_error("rope: ", xv.describe(), " is not [", B, "*", T, ", ", H, "*", hd, "]");
+  Tensor x4 = xv.view({B, T, H, hd}), y = like(x4);
+  ops::rope(x4, pos0, theta, style, false, y);
+  const Shape orig = xv.shape();
+  return make_result(y.view(orig), {x}, "rope", [x, B, T, H, hd, pos0, theta, style, orig](const Tensor& g) {
+    Tensor g4 = g.contiguous().view({B, T, H, hd}), dx = like(g4);
+    ops::rope(g4, pos0, theta, style, true, dx);
+    accumulate_grad(x, dx.view(orig));
+  });
+}
+
+// ---- attention ------------------------------------------------------------------------------------
+Var attention(const Var& q, const Var& k, const Var& v, int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t KVH,
+              int64_t hd) {
+  Tensor q4 = contig(q).view({B, Tq, H, hd}), k4 = contig(k).view({B, Tk, KVH, hd}), v4 = contig(v).view({B, Tk, KVH, hd});
+  Tensor out = like(q4), lse = Tensor::empty({B, H, Tq}, q4.dtype(), q4.device());
+  const double sc = 1.0 / std::sqrt(double(hd));
+  ops::attention_forward(q4, k4, v4, sc, out, lse);
+  const Shape qs = q.shape(), ks = k.shape();
+  return make_result(out.view(qs), {q, k, v}, "attention", [=](const Tensor& g) {
+    Tensor dq = like(q4), dk = like(k4), dv = like(v4);
+    ops::attention_backward(g.contiguous().view(q4.shape()), q4, k4, v4, out, lse, sc, dq, dk, dv);
+    accumulate_grad(q, dq.view(qs));
+    accumulate_grad(k, dk.view(ks));
+    accumulate_grad(v, dv.view(ks));
+  });
+}
+
+// ---- activations ----------------------------------------------------------------------------------
+Var silu(const Var& x) {
+  Tensor xv = contig(x), y = like(xv);
+  ops::silu_forward(xv, y);
+  return make_result(y, {x}, "silu", [x, xv](const Tensor& g) {
+    Tensor dx = like(xv);
+    ops::silu_backward(g.contiguous(), xv, dx);
+    accumulate_grad(x, dx);
+  });
+}
+
+Var swiglu(const Var& gate, const Var& up) {
+  Tensor gv = contig(gate), uv = contig(up), y = like(gv);
+  ops::swiglu_forward(gv, uv, y);
+  return make_result(y, {gate, up}, "swiglu", [gate, up, gv, uv](const Tensor& g) {
+    Tensor dg = like(gv), du = like(uv);
+    ops::swiglu_backward(g.contiguous(), gv, uv, dg, du);
+    accumulate_grad(gate, dg);
+    accumulate_grad(up, du);
+  });
+}
+
+// ---- embedding ------------------------------------------------------------------------------------
+Var embedding(const Var& table, const Tensor& ids) {
+  Tensor tv = contig(table), idc = ids.contiguous().view({-1});
+  Tensor out = Tensor::empty({idc.numel(), tv.size(1)}, tv.dtype(), tv.device());
+  ops::embedding_forward(tv, idc, out);
+  return make_result(out, {table}, "embedding", [table, tv, idc](const Tensor& g) {
+    Tensor dt = like(tv);
+    ops::embedding_backward(g.contiguous(), idc, dt);
+    accumulate_grad(table, dt);
+  });
+}
+
+// ---- losses ---------------------------------------------------------------------------------------
+Var cross_entropy(const Var& logits, const Tensor& targets) {
+  Tensor z = contig(logits), t = targets.contiguous().view({-1});
+  Tensor loss = Tensor::empty({}, z.dtype(), z.device()), lse = Tensor::empty({z.size(0)}, z.dtype(), z.device());
+  ops::cross_entropy_forward(z, t, loss, lse);
+  return make_result(loss, {logits}, "cross_entropy", [logits, z, t, lse](const Tensor& g) {
+    Tensor dz = like(z);
+    ops::cross_entropy_backward(g, z, t, lse, dz);
+    accumulate_grad(logits, dz);
+  });
+}
+
+Var kl_div(const Var& p_logits, const Var& q_logits) {
+  Tensor p = contig(p_logits), q = contig(q_logits), loss = Tensor::empty({}, p.dtype(), p.device());
+  ops::kl_div_forward(p, q, loss);
+  return make_result(loss, {p_logits, q_logits}, "kl_div", [p_logits, q_logits, p, q](const Tensor& g) {
+    Tensor dp = p_logits.requires_grad() ? like(p) : Tensor(), dq = q_logits.requires_grad() ? like(q) : Tensor();
+    ops::kl_div_backward(g, p, q, dp, dq);
+    if (dp.defined()) accumulate_grad(p_logits, dp);
+    if (dq.defined()) accumulate_grad(q_logits, dq);
+  });
+}
+
+Var mse(const Var& a, const Var& b) {
+  Tensor av = contig(a), bv = contig(b), loss = Tensor::empty({}, av.dtype(), av.device());
+  ops::mse_forward(av, bv, loss);
+  return make_result(loss, {a, b}, "mse", [a, b, av, bv](const Tensor& g) {
+    Tensor da = a.requires_grad() ? like(av) : Tensor(), db = b.requires_grad() ? like(bv) : Tensor();
+    ops::mse_backward(g, av, bv, da, db);
+    if (da.defined()) accumulate_grad(a, da);
+    if (db.defined()) accumulate_grad(b, db);
+  });
+}
+
+}  // namespace lowbit

@@ -1,0 +1,34 @@
+// Differentiable ops on Vars. Each pairs a forward kernel with its backward kernel from
+// ops/ops.h; see functions.cpp, where every op's gradient is written next to its forward.
+// Shapes use the letters of ops.h: activations [M, C] with M = B*T rows.
+#pragma once
+#include "lowbit/autograd/variable.h"
+#include "lowbit/ops/rope_style.h"
+
+namespace lowbit {
+
+// op(a) op(b) over the last two dims (batched; a 2-D b broadcasts over a's batch dims).
+Var matmul(const Var& a, const Var& b, bool trans_a = false, bool trans_b = false);
+// x [M, in] . w[out, in]^T (+ bias [out]) -> [M, out]
+Var linear(const Var& x, const Var& w, const Var& bias = Var());
+Var add(const Var& a, const Var& b);  // b same shape, or a row vector broadcast over rows
+Var sub(const Var& a, const Var& b);
+Var mul(const Var& a, const Var& b);
+Var scale(const Var& x, double s);
+Var sum(const Var& x);   // 0-d
+Var mean(const Var& x);  // 0-d
+Var reshape(const Var& x, const Shape& shape);
+Var rmsnorm(const Var& x, const Var& w, double eps);  // over the last dim
+// x: [B*T, H*hd] viewed as [B, T, H, hd]; token t at position pos0 + t.
+Var rope(const Var& x, int64_t B, int64_t T, int64_t H, int64_t hd, int64_t pos0, double theta, RopeStyle style);
+// q: [B*Tq, H*hd]; k, v: [B*Tk, KVH*hd]; causal (query i at position Tk - Tq + i); out [B*Tq, H*hd].
+Var attention(const Var& q, const Var& k, const Var& v, int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t KVH,
+              int64_t hd);
+Var silu(const Var& x);
+Var swiglu(const Var& gate, const Var& up);  // silu(gate) * up
+Var embedding(const Var& table, const Tensor& ids);  // ids i32 [N] -> [N, D]
+Var cross_entropy(const Var& logits, const Tensor& targets);  // mean over rows; target -1 ignored
+Var kl_div(const Var& p_logits, const Var& q_logits);           // mean over rows of KL(P || Q)
+Var mse(const Var& a, const Var& b);                             // mean over elements
+
+}  // namespace lowbit

@@ -1,0 +1,197 @@
+// Losses, each a mean over rows (or elements for MSE).
+//  cross-entropy: l_i = lse(z_i) - z_i[t_i];  dz_i = (softmax(z_i) - onehot(t_i)) / n_valid.
+//  KL(P||Q) = sum_v P_v (log P_v - log Q_v) per row;  dq = (Q - P) / N;
+//             dp = P (log P - log Q - KL_row) / N.
+//  MSE = mean (a - b)^2;  da = 2 (a - b) / n = -db.
+#include <cmath>
+#include <limits>
+
+#include "lowbit/ops/dispatch.h"
+
+namespace lowbit::ops {
+
+namespace {
+template <class T>
+double row_lse(const T* z, int64_t V) {
+  double mx = -std::numeric_limits<double>::infinity();
+  for (int64_t v = 0; v < V; ++v) mx = std::max(mx, double(z[v]));
+  double s = 0;
+  for (int64_t v = 0; v < V; ++v) s += std::exp(double(z[v]) - mx);
+  return mx + std::log(s);
+}
+
+int64_t count_valid(const Tensor& targets) {
+  const int32_t* t = targets.data<int32_t>();
+  int64_t n = 0;
+  for (int64_t i = 0; i < targets.numel(); ++i) n += t[i] >= 0;
+  return n;
+}
+
+void check_ce(const char* op, const Tensor& logits, const Tensor& targets) {
+  detail::check_contiguous(op, logits, "logits");
+  if (logits.dim() != 2) throw_error(op, ": logits must be [N, V], got ", logits.describe());
+  if (targets.dtype() != DType::I32) throw_error(op, ": targets must be i32, got ", targets.describe());
+  detail::check_shape(op, targets, {logits.size(0)}, "targets");
+  if (targets.device() == Device::CPU) {
+    const int32_t* t = targets.data<int32_t>();
+    for (int64_t i = 0; i < targets.numel(); ++i)
+      if (t[i] >= logits.size(1) || t[i] < -1)
+        throw_error(op, ": target ", t[i], " at row ", i, " is outside [0, ", logits.size(1), ") and not -1 (ignored)");
+  }
+}
+}  // namespace
+
+void cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor& loss, Tensor& lse) {
+  const char* op = "cross_entropy_forward";
+  check_ce(op, logits, targets);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  detail::check_shape(op, loss, {}, "loss");
+  detail::check_shape(op, lse, {N}, "lse");
+  LB_CUDA_ROUTE(logits, cross_entropy_forward, logits, targets, loss, lse);
+  detail::dispatch_float(op, logits.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* z = logits.data<T>();
+    const int32_t* t = targets.data<int32_t>();
+    T* lp = lse.data<T>();
+    double total = 0;
+#pragma omp parallel for reduction(+ : total) if (N * V > 65536)
+    for (int64_t i = 0; i < N; ++i) {
+      const double l = row_lse(z + i * V, V);
+      lp[i] = T(l);
+      if (t[i] >= 0) total += l - double(z[i * V + t[i]]);
+    }
+    const int64_t n = count_valid(targets);
+    loss.data<T>()[0] = T(n > 0 ? total / double(n) : 0.0);
+  });
+}
+
+void cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                            Tensor& dlogits) {
+  const char* op = "cross_entropy_backward";
+  check_ce(op, logits, targets);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  detail::check_shape(op, dlogits, logits.shape(), "dlogits");
+  detail::check_shape(op, lse, {N}, "lse");
+  LB_CUDA_ROUTE(logits, cross_entropy_backward, dloss, logits, targets, lse, dlogits);
+  detail::dispatch_float(op, logits.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t n = count_valid(targets);
+    const double g = n > 0 ? double(dloss.data<T>()[0]) / double(n) : 0.0;
+    const T *z = logits.data<T>(), *lp = lse.data<T>();
+    const int32_t* t = targets.data<int32_t>();
+    T* d = dlogits.data<T>();
+#pragma omp parallel for if (N * V > 65536)
+    for (int64_t i = 0; i < N; ++i) {
+      if (t[i] < 0) {
+        for (int64_t v = 0; v < V; ++v) d[i * V + v] = T(0);
+        continue;
+      }
+      for (int64_t v = 0; v < V; ++v) d[i * V + v] = T(g * std::exp(double(z[i * V + v]) - double(lp[i])));
+      d[i * V + t[i]] -= T(g);
+    }
+  });
+}
+
+void kl_div_forward(const Tensor& p_logits, const Tensor& q_logits, Tensor& loss) {
+  const char* op = "kl_div_forward";
+  detail::check_contiguous(op, p_logits, "p_logits");
+  detail::check_contiguous(op, q_logits, "q_logits");
+  detail::check_same_shape(op, p_logits, q_logits, "p_logits", "q_logits");
+  detail::check_same_kind(op, p_logits, q_logits, "q_logits");
+  detail::check_shape(op, loss, {}, "loss");
+  LB_CUDA_ROUTE(p_logits, kl_div_forward, p_logits, q_logits, loss);
+  const int64_t V = p_logits.size(-1), N = p_logits.numel() / (V > 0 ? V : 1);
+  detail::dispatch_float(op, p_logits.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T *p = p_logits.data<T>(), *q = q_logits.data<T>();
+    double total = 0;
+#pragma omp parallel for reduction(+ : total) if (N * V > 65536)
+    for (int64_t i = 0; i < N; ++i) {
+      const double lp = row_lse(p + i * V, V), lq = row_lse(q + i * V, V);
+      double kl = 0;
+      for (int64_t v = 0; v < V; ++v) {
+        const double logp = double(p[i * V + v]) - lp, logq = double(q[i * V + v]) - lq;
+        kl += std::exp(logp) * (logp - logq);
+      }
+      total += kl;
+    }
+    loss.data<T>()[0] = T(N > 0 ? total / double(N) : 0.0);
+  });
+}
+
+void kl_div_backward(const Tensor& dloss, const Tensor& p_logits, const Tensor& q_logits, Tensor& dp, Tensor& dq) {
+  const char* op = "kl_div_backward";
+  detail::check_same_shape(op, p_logits, q_logits, "p_logits", "q_logits");
+  if (dp.defined()) detail::check_shape(op, dp, p_logits.shape(), "dp");
+  if (dq.defined()) detail::check_shape(op, dq, q_logits.shape(), "dq");
+  LB_CUDA_ROUTE(p_logits, kl_div_backward, dloss, p_logits, q_logits, dp, dq);
+  const int64_t V = p_logits.size(-1), N = p_logits.numel() / (V > 0 ? V : 1);
+  detail::dispatch_float(op, p_logits.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const double g = double(dloss.data<T>()[0]) / double(N > 0 ? N : 1);
+    const T *p = p_logits.data<T>(), *q = q_logits.data<T>();
+    T* dpp = dp.defined() ? dp.data<T>() : nullptr;
+    T* dqp = dq.defined() ? dq.data<T>() : nullptr;
+#pragma omp parallel for if (N * V > 65536)
+    for (int64_t i = 0; i < N; ++i) {
+      const double lp = row_lse(p + i * V, V), lq = row_lse(q + i * V, V);
+      double kl = 0;
+      for (int64_t v = 0; v < V; ++v) {
+        const double logp = double(p[i * V + v]) - lp, logq = double(q[i * V + v]) - lq;
+        kl += std::exp(logp) * (logp - logq);
+      }
+      for (int64_t v = 0; v < V; ++v) {
+        const double logp = double(p[i * V + v]) - lp, logq = double(q[i * V + v]) - lq;
+        const double P = std::exp(logp), Q = std::exp(logq);
+        if (dqp) dqp[i * V + v] = T(g * (Q - P));
+        if (dpp) dpp[i * V + v] = T(g * P * (logp - logq - kl));
+      }
+    }
+  });
+}
+
+void mse_forward(const Tensor& a, const Tensor& b, Tensor& loss) {
+  const char* op = "mse_forward";
+  detail::check_contiguous(op, a, "a");
+  detail::check_contiguous(op, b, "b");
+  detail::check_same_shape(op, a, b, "a", "b");
+  detail::check_same_kind(op, a, b, "b");
+  detail::check_shape(op, loss, {}, "loss");
+  LB_CUDA_ROUTE(a, mse_forward, a, b, loss);
+  detail::dispatch_float(op, a.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T *x = a.data<T>(), *y = b.data<T>();
+    const int64_t n = a.numel();
+    double s = 0;
+#pragma omp parallel for reduction(+ : s) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) {
+      const double d = double(x[i]) - double(y[i]);
+      s += d * d;
+    }
+    loss.data<T>()[0] = T(n > 0 ? s / double(n) : 0.0);
+  });
+}
+
+void mse_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Tensor& da, Tensor& db) {
+  const char* op = "mse_backward";
+  detail::check_same_shape(op, a, b, "a", "b");
+  if (da.defined()) detail::check_shape(op, da, a.shape(), "da");
+  if (db.defined()) detail::check_shape(op, db, b.shape(), "db");
+  LB_CUDA_ROUTE(a, mse_backward, dloss, a, b, da, db);
+  detail::dispatch_float(op, a.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t n = a.numel();
+    const T g = T(2.0 * double(dloss.data<T>()[0]) / double(n > 0 ? n : 1));
+    const T *x = a.data<T>(), *y = b.data<T>();
+    T* dap = da.defined() ? da.data<T>() : nullptr;
+    T* dbp = db.defined() ? db.data<T>() : nullptr;
+#pragma omp parallel for if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) {
+      const T d = g * (x[i] - y[i]);
+      if (dap) dap[i] = d;
+      if (dbp) dbp[i] = -d;
+    }
+  });
+}
+
+}  // namespace lowbit::ops

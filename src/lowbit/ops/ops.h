@@ -1,0 +1,88 @@
+// Kernel-level ops: plain functions over Tensors, no autograd. Each op has a forward and (where
+// it is differentiable) a backward declared side by side; the autograd layer
+// (src/lowbit/autograd/functions.h) pairs them. Every op dispatches on the device of its inputs:
+// the CPU body is the readable reference (f32 and f64, the latter for gradient checks); the CUDA
+// body lives in ops/cuda/ and is tested against the CPU one (tests/ops/test_parity_*).
+//
+// Conventions. Activations are row-major [rows, channels]; a sequence batch is [B*T, C] with
+// token t of sequence b at row b*T + t. Attention tensors are [B, T, heads, head_dim].
+// Outputs are written into caller-allocated tensors (shape checked) so that callers control
+// memory; "backward" functions write (not accumulate) their gradient outputs unless noted.
+#pragma once
+#include <cstdint>
+
+#include "lowbit/core/tensor.h"
+#include "lowbit/ops/rope_style.h"
+
+namespace lowbit::ops {
+
+// ---- matmul ----------------------------------------------------------------------------------
+// c = alpha * op(a) op(b) + beta * c, op(x) = x or x^T over the last two dims.
+// a: [..., M, K] ([..., K, M] if trans_a); b: [..., K, N] ([..., N, K] if trans_b) or 2-D
+// (broadcast over a's batch dims); c: [..., M, N]. All contiguous.
+void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, double alpha = 1.0,
+          double beta = 0.0);
+
+// ---- elementwise -----------------------------------------------------------------------------
+// b has a's shape, or b is a vector of a's last-dim size (broadcast over rows).
+void add(const Tensor& a, const Tensor& b, Tensor& out);
+void sub(const Tensor& a, const Tensor& b, Tensor& out);
+void mul(const Tensor& a, const Tensor& b, Tensor& out);
+void scale(const Tensor& x, double s, Tensor& out);   // out = s * x
+void axpy(double alpha, const Tensor& x, Tensor& y);  // y += alpha * x (same shape)
+// out[c] = sum_r x[r, c] over all leading dims (bias / broadcast gradients).
+void sum_rows(const Tensor& x, Tensor& out);
+void sum(const Tensor& x, Tensor& out);        // out: 0-d
+double sum_squares(const Tensor& x);           // host result (gradient norms)
+
+// ---- normalisation ---------------------------------------------------------------------------
+// y = x / sqrt(mean(x^2) + eps) * w over the last dim; x: [M, D], w: [D], rstd: [M].
+void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd);
+void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
+                      Tensor& dw);
+
+// ---- rotary position embedding (Su et al. 2021) ---------------------------------------------
+// x, y: [B, T, H, hd]; token t has position pos0 + t; pair i rotates by (pos * theta^(-2i/hd)).
+// inverse = true rotates by the negative angle, which is the backward of the forward rotation.
+void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inverse, Tensor& y);
+
+// ---- causal grouped-query attention ----------------------------------------------------------
+// q: [B, Tq, H, hd]; k, v: [B, Tk, KVH, hd] with Tk >= Tq; query i sits at position Tk - Tq + i
+// and attends to keys 0..that position. Head h uses kv head h / (H / KVH).
+// out: [B, Tq, H, hd]; lse: [B, H, Tq] (log-sum-exp of the scaled scores, kept for backward,
+// so the T x T probability matrix is never stored).
+void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, Tensor& out, Tensor& lse);
+void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                        const Tensor& lse, double scale, Tensor& dq, Tensor& dk, Tensor& dv);
+
+// ---- activations -----------------------------------------------------------------------------
+void silu_forward(const Tensor& x, Tensor& y);                                 // y = x * sigmoid(x)
+void silu_backward(const Tensor& dy, const Tensor& x, Tensor& dx);
+void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& y);           // y = silu(gate) * up
+void swiglu_backward(const Tensor& dy, const Tensor& gate, const Tensor& up, Tensor& dgate, Tensor& dup);
+
+// ---- embedding -------------------------------------------------------------------------------
+// ids: i32 [N] with 0 <= id < V (checked); table: [V, D]; out: [N, D].
+void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out);
+void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable);  // dtable zeroed, then scatter-add
+
+// ---- losses (mean over rows) ----------------------------------------------------------------
+// Softmax cross-entropy. logits: [N, V]; targets: i32 [N], -1 = ignored; loss: 0-d; lse: [N].
+void cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor& loss, Tensor& lse);
+void cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                            Tensor& dlogits);
+// KL(P || Q) with P = softmax(p_logits) (reference/teacher) and Q = softmax(q_logits), mean over rows.
+void kl_div_forward(const Tensor& p_logits, const Tensor& q_logits, Tensor& loss);
+// dp or dq may be undefined (not needed).
+void kl_div_backward(const Tensor& dloss, const Tensor& p_logits, const Tensor& q_logits, Tensor& dp, Tensor& dq);
+// mean((a - b)^2) over all elements.
+void mse_forward(const Tensor& a, const Tensor& b, Tensor& loss);
+void mse_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Tensor& da, Tensor& db);
+
+// ---- optimizer -------------------------------------------------------------------------------
+// One AdamW step (Loshchilov & Hutter 2019, PyTorch semantics: decoupled decay p -= lr*wd*p).
+// step counts from 1.
+void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
+                double eps, double weight_decay, int64_t step);
+
+}  // namespace lowbit::ops

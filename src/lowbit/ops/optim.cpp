@@ -1,0 +1,38 @@
+// AdamW (Loshchilov & Hutter 2019), PyTorch's torch.optim.AdamW update:
+//   p <- p - lr*wd*p;  m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;
+//   p <- p - lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
+#include <cmath>
+
+#include "lowbit/ops/dispatch.h"
+
+namespace lowbit::ops {
+
+void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
+                double eps, double weight_decay, int64_t step) {
+  const char* op = "adamw_step";
+  detail::check_contiguous(op, param, "param");
+  detail::check_shape(op, grad, param.shape(), "grad");
+  detail::check_shape(op, m, param.shape(), "m");
+  detail::check_shape(op, v, param.shape(), "v");
+  if (step < 1) throw_error(op, ": step counts from 1, got ", step);
+  LB_CUDA_ROUTE(param, adamw_step, param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step);
+  const double bc1 = 1.0 - std::pow(beta1, double(step)), bc2 = 1.0 - std::pow(beta2, double(step));
+  detail::dispatch_float(op, param.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    T *p = param.data<T>(), *mp = m.data<T>(), *vp = v.data<T>();
+    const T* g = grad.data<T>();
+    const int64_t n = param.numel();
+#pragma omp parallel for if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) {
+      double pi = double(p[i]) * (1.0 - lr * weight_decay);
+      const double mi = beta1 * double(mp[i]) + (1.0 - beta1) * double(g[i]);
+      const double vi = beta2 * double(vp[i]) + (1.0 - beta2) * double(g[i]) * double(g[i]);
+      pi -= lr * (mi / bc1) / (std::sqrt(vi / bc2) + eps);
+      p[i] = T(pi);
+      mp[i] = T(mi);
+      vp[i] = T(vi);
+    }
+  });
+}
+
+}  // namespace lowbit::ops

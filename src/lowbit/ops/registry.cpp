@@ -1,0 +1,26 @@
+#include "lowbit/ops/registry.h"
+
+namespace lowbit::ops {
+
+namespace {
+#ifdef LOWBIT_WITH_CUDA
+constexpr bool kCuda = true;
+#else
+constexpr bool kCuda = false;
+#endif
+// name, has_backward, has_cuda, CPU dtypes. The backward of an op is in the same source file.
+constexpr OpInfo kOps[] = {
+    {"gemm", true, kCuda, "f32 f64"},          {"add", true, kCuda, "f32 f64"},
+    {"sub", true, kCuda, "f32 f64"},           {"mul", true, kCuda, "f32 f64"},
+    {"scale", true, kCuda, "f32 f64"},         {"sum", true, kCuda, "f32 f64"},
+    {"rmsnorm", true, kCuda, "f32 f64"},       {"rope", true, kCuda, "f32 f64"},
+    {"attention", true, kCuda, "f32 f64"},     {"silu", true, kCuda, "f32 f64"},
+    {"swiglu", true, kCuda, "f32 f64"},        {"embedding", true, kCuda, "f32 f64"},
+    {"cross_entropy", true, kCuda, "f32 f64"}, {"kl_div", true, kCuda, "f32 f64"},
+    {"mse", true, kCuda, "f32 f64"},           {"adamw_step", false, kCuda, "f32 f64"},
+};
+}  // namespace
+
+std::span<const OpInfo> op_registry() { return kOps; }
+
+}  // namespace lowbit::ops

@@ -1,0 +1,48 @@
+// Rotary position embedding (RoFormer, Su et al. 2021, eq. 34). Pair i of a head rotates by
+// angle pos * theta^(-2i/hd). The rotation is orthogonal, so its backward is the rotation by the
+// negative angle (inverse = true).
+#include <cmath>
+#include <vector>
+
+#include "lowbit/ops/dispatch.h"
+
+namespace lowbit::ops {
+
+void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inverse, Tensor& y) {
+  const char* op = "rope";
+  detail::check_contiguous(op, x, "x");
+  if (x.dim() != 4) throw_error(op, ": x must be [B, T, H, hd], got ", x.describe());
+  detail::check_shape(op, y, x.shape(), "y");
+  detail::check_same_kind(op, x, y, "y");
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), hd = x.size(3);
+  if (hd % 2 != 0) throw_error(op, ": head_dim ", hd, " must be even");
+  LB_CUDA_ROUTE(x, rope, x, pos0, theta, style, inverse, y);
+  const int64_t half = hd / 2;
+  // Angles in double: cheap at this size and closer to the exact rotation than f32.
+  std::vector<double> inv_freq(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) inv_freq[i] = std::pow(theta, -double(2 * i) / double(hd));
+  detail::dispatch_float(op, x.dtype(), [&](auto tag) {
+    using TT = decltype(tag);
+    const TT* xp = x.data<TT>();
+    TT* yp = y.data<TT>();
+#pragma omp parallel for collapse(2) if (B * T * H * hd > 65536)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        const double pos = double(pos0 + t);
+        for (int64_t i = 0; i < half; ++i) {
+          const double ang = pos * inv_freq[i];
+          const double c = std::cos(ang), s = inverse ? -std::sin(ang) : std::sin(ang);
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t base = ((b * T + t) * H + h) * hd;
+            const int64_t i0 = style == RopeStyle::Interleaved ? base + 2 * i : base + i;
+            const int64_t i1 = style == RopeStyle::Interleaved ? base + 2 * i + 1 : base + i + half;
+            const double x0 = xp[i0], x1 = xp[i1];
+            yp[i0] = TT(x0 * c - x1 * s);
+            yp[i1] = TT(x0 * s + x1 * c);
+          }
+        }
+      }
+  });
+}
+
+}  // namespace lowbit::ops

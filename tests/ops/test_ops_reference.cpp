@@ -1,0 +1,148 @@
+// Forward ops against plain reference formulas (f64 loops written independently of the kernels).
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "lowbit/autograd/optim.h"
+#include "lowbit/ops/ops.h"
+
+using namespace lowbit;
+
+static Tensor rnd(Shape s, uint64_t seed, DType dt = DType::F32) { return Tensor::randn(s, seed, 1.0, dt); }
+
+TEST(OpsReference, GemmMatchesLoops) {
+  Tensor a = rnd({2, 3, 5}, 1), b = rnd({2, 5, 4}, 2), c = Tensor::empty({2, 3, 4});
+  ops::gemm(a, false, b, false, c);
+  for (int bi = 0; bi < 2; ++bi)
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 4; ++j) {
+        double s = 0;
+        for (int k = 0; k < 5; ++k) s += a.item(bi * 15 + i * 5 + k) * b.item(bi * 20 + k * 4 + j);
+        EXPECT_NEAR(c.item(bi * 12 + i * 4 + j), s, 1e-5);
+      }
+  Tensor bad = Tensor::empty({2, 3, 3});
+  EXPECT_THROW(ops::gemm(a, false, b, false, bad), Error);
+  EXPECT_THROW(ops::gemm(a, false, a, false, c), Error);
+}
+
+TEST(OpsReference, RmsNorm) {
+  Tensor x = rnd({3, 8}, 1), w = rnd({8}, 2), y = Tensor::empty({3, 8}), r = Tensor::empty({3});
+  ops::rmsnorm_forward(x, w, 1e-5, y, r);
+  for (int i = 0; i < 3; ++i) {
+    double ss = 0;
+    for (int j = 0; j < 8; ++j) ss += x.item(i * 8 + j) * x.item(i * 8 + j);
+    const double rs = 1 / std::sqrt(ss / 8 + 1e-5);
+    for (int j = 0; j < 8; ++j) EXPECT_NEAR(y.item(i * 8 + j), x.item(i * 8 + j) * rs * w.item(j), 1e-5);
+  }
+}
+
+TEST(OpsReference, RopeStylesAreRelatedByAPermutation) {
+  // Interleaved pairs (2i, 2i+1) and half pairs (i, i+hd/2) give the same result after moving
+  // channel 2i -> i and 2i+1 -> i + hd/2 (the Meta <-> Hugging Face weight permutation).
+  const int64_t hd = 8;
+  Tensor x = rnd({1, 3, 2, hd}, 1), y1 = Tensor::empty(x.shape()), y2 = Tensor::empty(x.shape());
+  Tensor xp = Tensor::empty(x.shape());
+  for (int64_t r = 0; r < 6; ++r)
+    for (int64_t i = 0; i < hd / 2; ++i) {
+      xp.set_item(r * hd + i, x.item(r * hd + 2 * i));
+      xp.set_item(r * hd + i + hd / 2, x.item(r * hd + 2 * i + 1));
+    }
+  ops::rope(x, 7, 10000.0, RopeStyle::Interleaved, false, y1);
+  ops::rope(xp, 7, 10000.0, RopeStyle::Half, false, y2);
+  for (int64_t r = 0; r < 6; ++r)
+    for (int64_t i = 0; i < hd / 2; ++i) {
+      EXPECT_NEAR(y1.item(r * hd + 2 * i), y2.item(r * hd + i), 1e-6);
+      EXPECT_NEAR(y1.item(r * hd + 2 * i + 1), y2.item(r * hd + i + hd / 2), 1e-6);
+    }
+  // Position 0 is the identity; inverse undoes forward.
+  Tensor z = Tensor::empty(x.shape()), back = Tensor::empty(x.shape());
+  ops::rope(x, 0, 10000.0, RopeStyle::Interleaved, false, z);
+  EXPECT_EQ(max_abs_diff(x.slice(1, 0, 1), z.slice(1, 0, 1)), 0.0);
+  ops::rope(y1, 7, 10000.0, RopeStyle::Interleaved, true, back);
+  EXPECT_LT(max_abs_diff(back, x), 1e-5);
+}
+
+TEST(OpsReference, AttentionMatchesDenseSoftmax) {
+  const int64_t B = 2, T = 6, H = 4, KVH = 2, hd = 5;
+  Tensor q = rnd({B, T, H, hd}, 1, DType::F64), k = rnd({B, T, KVH, hd}, 2, DType::F64), v = rnd({B, T, KVH, hd}, 3, DType::F64);
+  Tensor out = Tensor::empty(q.shape(), DType::F64), lse = Tensor::empty({B, H, T}, DType::F64);
+  const double sc = 1 / std::sqrt(double(hd));
+  ops::attention_forward(q, k, v, sc, out, lse);
+  auto at = [](const Tensor& t, int64_t b, int64_t s, int64_t h, int64_t c) {
+    return t.item(((b * t.size(1) + s) * t.size(2) + h) * t.size(3) + c);
+  };
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < T; ++i) {
+        std::vector<double> p(T, 0.0);
+        double z = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          double s = 0;
+          for (int64_t c = 0; c < hd; ++c) s += at(q, b, i, h, c) * at(k, b, j, h / 2, c);
+          p[j] = std::exp(s * sc);
+          z += p[j];
+        }
+        for (int64_t c = 0; c < hd; ++c) {
+          double o = 0;
+          for (int64_t j = 0; j <= i; ++j) o += p[j] / z * at(v, b, j, h / 2, c);
+          EXPECT_NEAR(at(out, b, i, h, c), o, 1e-12);
+        }
+      }
+  // Decode case: the last query alone over all keys equals the last row of the full pass.
+  Tensor q1 = q.slice(1, T - 1, T).contiguous(), o1 = Tensor::empty(q1.shape(), DType::F64), l1 = Tensor::empty({B, H, 1}, DType::F64);
+  ops::attention_forward(q1, k, v, sc, o1, l1);
+  EXPECT_LT(max_abs_diff(o1, out.slice(1, T - 1, T)), 1e-12);
+}
+
+TEST(OpsReference, LossesMatchFormulas) {
+  Tensor z = Tensor::from_vector(std::vector<float>{1, 2, 3, 0, 0, 0}, {2, 3});
+  Tensor t = Tensor::from_vector(std::vector<int32_t>{2, 0}, {2});
+  Tensor loss = Tensor::empty({}), lse = Tensor::empty({2});
+  ops::cross_entropy_forward(z, t, loss, lse);
+  const double l0 = std::log(std::exp(1.0) + std::exp(2.0) + std::exp(3.0)) - 3.0, l1 = std::log(3.0);
+  EXPECT_NEAR(loss.item(), (l0 + l1) / 2, 1e-6);
+  Tensor bad = Tensor::from_vector(std::vector<int32_t>{3, 0}, {2});
+  EXPECT_THROW(ops::cross_entropy_forward(z, bad, loss, lse), Error);
+  // KL of a distribution with itself is 0; against uniform it is log V - H(P).
+  Tensor kl = Tensor::empty({});
+  ops::kl_div_forward(z, z, kl);
+  EXPECT_NEAR(kl.item(), 0.0, 1e-7);
+  Tensor u = Tensor::zeros({2, 3});
+  ops::kl_div_forward(z.slice(0, 0, 1).contiguous(), u.slice(0, 0, 1).contiguous(), kl);
+  double H = 0, Z = std::exp(1.0) + std::exp(2.0) + std::exp(3.0);
+  for (double a : {1.0, 2.0, 3.0}) H -= std::exp(a) / Z * std::log(std::exp(a) / Z);
+  EXPECT_NEAR(kl.item(), std::log(3.0) - H, 1e-6);
+}
+
+TEST(OpsReference, EmbeddingRejectsOutOfRangeIds) {
+  Tensor table = rnd({4, 2}, 1), out = Tensor::empty({2, 2});
+  ops::embedding_forward(table, Tensor::from_vector(std::vector<int32_t>{3, 1}, {2}), out);
+  EXPECT_EQ(out.item(0), table.item(6));
+  EXPECT_THROW(ops::embedding_forward(table, Tensor::from_vector(std::vector<int32_t>{4, 1}, {2}), out), Error);
+}
+
+TEST(OpsReference, AdamWMatchesPyTorchFormula) {
+  // One parameter, two steps, against the closed form of torch.optim.AdamW.
+  Var p(Tensor::from_vector(std::vector<double>{1.0}, {1}), true);
+  AdamW opt({p}, AdamWOptions{0.1, 0.9, 0.999, 1e-8, 0.01});
+  double x = 1.0, m = 0, v = 0;
+  for (int s = 1; s <= 2; ++s) {
+    const double g = 2 * x;  // d/dx x^2
+    p.grad() = Tensor::from_vector(std::vector<double>{g}, {1});
+    opt.step();
+    x *= 1 - 0.1 * 0.01;
+    m = 0.9 * m + 0.1 * g;
+    v = 0.999 * v + 0.001 * g * g;
+    x -= 0.1 * (m / (1 - std::pow(0.9, s))) / (std::sqrt(v / (1 - std::pow(0.999, s))) + 1e-8);
+    EXPECT_NEAR(p.value().item(), x, 1e-12);
+  }
+}
+
+TEST(OpsReference, ClipGradNorm) {
+  Var a(Tensor::from_vector(std::vector<double>{3.0}, {1}), true), b(Tensor::from_vector(std::vector<double>{4.0}, {1}), true);
+  a.grad() = a.value().clone();
+  b.grad() = b.value().clone();
+  EXPECT_NEAR(clip_grad_norm({a, b}, 1.0), 5.0, 1e-12);
+  EXPECT_NEAR(a.grad().item(), 0.6, 1e-6);
+  EXPECT_NEAR(b.grad().item(), 0.8, 1e-6);
+}
