@@ -1,0 +1,68 @@
+#include "lowbit/eval/perplexity.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "lowbit/autograd/functions.h"
+#include "lowbit/core/progress.h"
+
+namespace lowbit {
+
+PerplexityResult evaluate_perplexity(const LlamaModel& model, const std::vector<int32_t>& stream,
+                                     const PerplexityOptions& o) {
+  if (o.ctx < 2) throw_error("perplexity: --ctx must be at least 2, got ", o.ctx);
+  if (o.batch < 1) throw_error("perplexity: --batch must be at least 1");
+  if (o.ctx > model.config().max_seq_len)
+    throw_error("perplexity: --ctx ", o.ctx, " exceeds the model's maximum sequence length ", model.config().max_seq_len);
+  const int64_t per_window = o.bos >= 0 ? o.ctx - 1 : o.ctx;  // stream tokens consumed per window
+  int64_t n_windows = int64_t(stream.size()) / per_window;
+  if (o.max_windows > 0 && n_windows > o.max_windows) n_windows = o.max_windows;
+  if (n_windows == 0)
+    throw_error("perplexity: the token stream (", stream.size(), " tokens) is shorter than one window of ", o.ctx, " tokens");
+  const int V = model.config().vocab_size;
+  for (size_t i = 0; i < size_t(n_windows * per_window); ++i)
+    if (stream[i] < 0 || stream[i] >= V)
+      throw_error("perplexity: token ", stream[i], " at position ", i, " is outside the model's vocabulary [0, ", V, ")");
+
+  NoGradGuard no_grad;
+  PerplexityResult r;
+  double total_nll = 0;
+  int64_t scored = 0;
+  ProgressBar bar("perplexity", n_windows, "windows");
+  auto t0 = std::chrono::steady_clock::now();
+  for (int64_t w0 = 0; w0 < n_windows; w0 += o.batch) {
+    const int64_t B = std::min(o.batch, n_windows - w0);
+    Tensor tokens = Tensor::empty({B, o.ctx}, DType::I32);
+    Tensor targets = Tensor::empty({B * o.ctx}, DType::I32);
+    int32_t* tp = tokens.data<int32_t>();
+    int32_t* gp = targets.data<int32_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const int32_t* src = stream.data() + (w0 + b) * per_window;
+      int32_t* row = tp + b * o.ctx;
+      if (o.bos >= 0) {
+        row[0] = o.bos;
+        for (int64_t t = 1; t < o.ctx; ++t) row[t] = src[t - 1];
+      } else {
+        for (int64_t t = 0; t < o.ctx; ++t) row[t] = src[t];
+      }
+      // Position t predicts token t+1; the last position has nothing to predict.
+      for (int64_t t = 0; t < o.ctx; ++t) gp[b * o.ctx + t] = t + 1 < o.ctx ? row[t + 1] : -1;
+    }
+    Var logits = model.forward(tokens);
+    Var loss = cross_entropy(logits, targets.to(logits.value().device()));
+    const int64_t n = B * (o.ctx - 1);
+    total_nll += loss.value().item() * double(n);
+    scored += n;
+    bar.update(w0 + B, "ppl " + std::to_string(std::exp(total_nll / double(scored))).substr(0, 7));
+  }
+  bar.finish();
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.windows = n_windows;
+  r.tokens = scored;
+  r.nll = total_nll / double(scored);
+  r.ppl = std::exp(r.nll);
+  r.tokens_per_second = r.seconds > 0 ? double(n_windows * o.ctx) / r.seconds : 0;
+  return r;
+}
+
+}  // namespace lowbit

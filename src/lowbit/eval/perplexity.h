@@ -1,0 +1,36 @@
+// Perplexity over a token stream with non-overlapping windows (the protocol of GPTQ/AWQ papers).
+//
+// The stream is cut into windows of `ctx` tokens (a trailing partial window is dropped). In each
+// window the first token is context only and tokens 1..ctx-1 are predicted from the ones before
+// them, so every window contributes ctx-1 predictions. When `bos` >= 0, each window is instead
+// BOS followed by ctx-1 stream tokens, all of which are predicted (for models trained on
+// BOS-delimited documents). Reported: mean NLL (nats/token), ppl = exp(NLL), tokens predicted.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "lowbit/model/llama.h"
+
+namespace lowbit {
+
+struct PerplexityOptions {
+  int64_t ctx = 512;
+  int64_t batch = 1;        // windows per forward pass
+  int bos = -1;             // >= 0: prepend this id to each window (see above)
+  int64_t max_windows = 0;  // 0 = all
+  bool progress = true;
+};
+
+struct PerplexityResult {
+  double nll = 0;   // mean negative log-likelihood, nats per predicted token
+  double ppl = 0;   // exp(nll)
+  int64_t tokens = 0;   // predictions scored
+  int64_t windows = 0;
+  double seconds = 0;
+  double tokens_per_second = 0;  // forward throughput over all window tokens
+};
+
+PerplexityResult evaluate_perplexity(const LlamaModel& model, const std::vector<int32_t>& stream,
+                                     const PerplexityOptions& options);
+
+}  // namespace lowbit

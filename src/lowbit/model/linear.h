@@ -1,0 +1,44 @@
+// A linear layer y = x W^T (+ b) as the model sees it. The dense layer holds a full-precision
+// weight; quantization methods replace layers with their own kinds (fake-quantized with LoRA
+// for ApiQ training, packed low-bit for inference) through the same interface, so the model's
+// data path stays one piece of code.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lowbit/autograd/variable.h"
+
+namespace lowbit {
+
+class Linear {
+ public:
+  virtual ~Linear() = default;
+  virtual Var forward(const Var& x) const = 0;  // x [M, in] -> [M, out]
+  virtual int64_t in_features() const = 0;
+  virtual int64_t out_features() const = 0;
+  virtual std::vector<Var> parameters() const = 0;  // trainable ones
+  // The effective full-precision weight [out, in] (dequantized for quantized layers).
+  virtual Tensor effective_weight() const = 0;
+  virtual Tensor bias() const { return Tensor(); }
+  virtual std::string kind() const = 0;
+};
+
+class DenseLinear : public Linear {
+ public:
+  // weight [out, in]; bias [out] or undefined. trainable: weight (and bias) require grad.
+  DenseLinear(Tensor weight, Tensor bias, bool trainable);
+  Var forward(const Var& x) const override;
+  int64_t in_features() const override { return weight_.shape()[1]; }
+  int64_t out_features() const override { return weight_.shape()[0]; }
+  std::vector<Var> parameters() const override;
+  Tensor effective_weight() const override { return weight_.value(); }
+  Tensor bias() const override { return bias_.defined() ? bias_.value() : Tensor(); }
+  std::string kind() const override { return "dense"; }
+  const Var& weight_var() const { return weight_; }
+
+ private:
+  Var weight_, bias_;
+};
+
+}  // namespace lowbit

@@ -1,0 +1,153 @@
+#include "lowbit/model/llama.h"
+
+#include "lowbit/autograd/functions.h"
+
+namespace lowbit {
+
+std::vector<std::pair<std::string, std::shared_ptr<Linear>*>> LlamaBlock::linears() {
+  return {{"self_attn.q_proj", &wq},   {"self_attn.k_proj", &wk}, {"self_attn.v_proj", &wv},
+          {"self_attn.o_proj", &wo},   {"mlp.gate_proj", &w_gate}, {"mlp.up_proj", &w_up},
+          {"mlp.down_proj", &w_down}};
+}
+
+LlamaModel::LlamaModel(LlamaConfig config, const LlamaWeights& w, bool trainable) : config_(std::move(config)) {
+  config_.validate("model config");
+  validate_weights(config_, w, "model weights");
+  tok_embeddings_ = Var(w.tok_embeddings, trainable);
+  final_norm_ = Var(w.final_norm, trainable);
+  if (!config_.tied_embeddings) output_ = Var(w.output, trainable);
+  for (const auto& l : w.layers) {
+    LlamaBlock b;
+    b.attn_norm = Var(l.attn_norm, trainable);
+    b.ffn_norm = Var(l.ffn_norm, trainable);
+    if (config_.qk_norm) {
+      b.q_norm = Var(l.q_norm, trainable);
+      b.k_norm = Var(l.k_norm, trainable);
+    }
+    b.wq = std::make_shared<DenseLinear>(l.wq, config_.attn_bias ? l.bq : Tensor(), trainable);
+    b.wk = std::make_shared<DenseLinear>(l.wk, config_.attn_bias ? l.bk : Tensor(), trainable);
+    b.wv = std::make_shared<DenseLinear>(l.wv, config_.attn_bias ? l.bv : Tensor(), trainable);
+    b.wo = std::make_shared<DenseLinear>(l.wo, Tensor(), trainable);
+    b.w_gate = std::make_shared<DenseLinear>(l.w_gate, Tensor(), trainable);
+    b.w_down = std::make_shared<DenseLinear>(l.w_down, Tensor(), trainable);
+    b.w_up = std::make_shared<DenseLinear>(l.w_up, Tensor(), trainable);
+    blocks_.push_back(std::move(b));
+  }
+}
+
+Var LlamaModel::embed(const Tensor& tokens) const {
+  return embedding(tok_embeddings_, tokens.contiguous().view({-1}).to(tok_embeddings_.value().device()));
+}
+
+Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache* cache) const {
+  const LlamaBlock& b = blocks_.at(size_t(i));
+  const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
+  const double eps = config_.norm_eps;
+  // Attention.
+  Var h = rmsnorm(x, b.attn_norm, eps);
+  Var q = b.wq->forward(h), k = b.wk->forward(h), v = b.wv->forward(h);
+  if (config_.qk_norm) {  // Qwen3: RMSNorm over each head's channels before rotary.
+    q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {B * T, H * hd});
+    k = reshape(rmsnorm(reshape(k, {-1, hd}), b.k_norm, eps), {B * T, KVH * hd});
+  }
+  const int64_t pos0 = cache ? cache->length : 0;
+  q = rope(q, B, T, H, hd, pos0, config_.rope_theta, config_.rope_style);
+  k = rope(k, B, T, KVH, hd, pos0, config_.rope_theta, config_.rope_style);
+  Var att;
+  if (cache) {
+    if (B != 1) throw_error("KV-cache decoding supports batch 1, got ", B);
+    if (pos0 + T > cache->capacity) throw_error("KV cache full: ", pos0 + T, " tokens, capacity ", cache->capacity);
+    cache->k[size_t(i)].slice(0, pos0, pos0 + T).copy_(k.value().view({T, KVH, hd}));
+    cache->v[size_t(i)].slice(0, pos0, pos0 + T).copy_(v.value().view({T, KVH, hd}));
+    Var kc(cache->k[size_t(i)].slice(0, 0, pos0 + T).view({pos0 + T, KVH * hd}));
+    Var vc(cache->v[size_t(i)].slice(0, 0, pos0 + T).view({pos0 + T, KVH * hd}));
+    att = attention(q, kc, vc, 1, T, pos0 + T, H, KVH, hd);
+  } else {
+    att = attention(q, k, v, B, T, T, H, KVH, hd);
+  }
+  Var x1 = add(x, b.wo->forward(att));
+  // SwiGLU MLP.
+  Var h2 = rmsnorm(x1, b.ffn_norm, eps);
+  Var m = swiglu(b.w_gate->forward(h2), b.w_up->forward(h2));
+  return add(x1, b.w_down->forward(m));
+}
+
+Var LlamaModel::head(const Var& x) const {
+  Var h = rmsnorm(x, final_norm_, config_.norm_eps);
+  return linear(h, config_.tied_embeddings ? tok_embeddings_ : output_);
+}
+
+Var LlamaModel::forward(const Tensor& tokens) const {
+  if (tokens.dim() != 2) throw_error("forward: tokens must be [B, T], got ", tokens.describe());
+  const int64_t B = tokens.size(0), T = tokens.size(1);
+  Var x = embed(tokens);
+  for (int i = 0; i < config_.n_layers; ++i) x = block_forward(i, x, B, T);
+  return head(x);
+}
+
+KVCache LlamaModel::make_cache(int64_t capacity) const {
+  KVCache c;
+  c.capacity = capacity;
+  const Tensor& ref = tok_embeddings_.value();
+  const int64_t KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
+  for (int i = 0; i < config_.n_layers; ++i) {
+    c.k.push_back(Tensor::zeros({capacity, KVH, hd}, ref.dtype(), ref.device()));
+    c.v.push_back(Tensor::zeros({capacity, KVH, hd}, ref.dtype(), ref.device()));
+  }
+  return c;
+}
+
+Var LlamaModel::forward_cached(const Tensor& tokens, KVCache& cache) const {
+  const int64_t T = tokens.numel();
+  Var x = embed(tokens.view({1, T}));
+  for (int i = 0; i < config_.n_layers; ++i) x = block_forward(i, x, 1, T, &cache);
+  cache.length += T;
+  return head(x);
+}
+
+std::vector<Var> LlamaModel::parameters() const {
+  std::vector<Var> p;
+  auto push = [&](const Var& v) {
+    if (v.defined() && v.requires_grad()) p.push_back(v);
+  };
+  push(tok_embeddings_);
+  for (const auto& b : blocks_) {
+    push(b.attn_norm);
+    push(b.ffn_norm);
+    push(b.q_norm);
+    push(b.k_norm);
+    for (const auto* l : {&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_down, &b.w_up})
+      for (auto& v : (*l)->parameters()) p.push_back(v);
+  }
+  push(final_norm_);
+  push(output_);
+  return p;
+}
+
+LlamaWeights LlamaModel::weights() const {
+  LlamaWeights w;
+  w.tok_embeddings = tok_embeddings_.value();
+  w.final_norm = final_norm_.value();
+  if (output_.defined()) w.output = output_.value();
+  for (const auto& b : blocks_) {
+    LayerWeights l;
+    l.attn_norm = b.attn_norm.value();
+    l.ffn_norm = b.ffn_norm.value();
+    if (b.q_norm.defined()) l.q_norm = b.q_norm.value();
+    if (b.k_norm.defined()) l.k_norm = b.k_norm.value();
+    l.wq = b.wq->effective_weight();
+    l.wk = b.wk->effective_weight();
+    l.wv = b.wv->effective_weight();
+    l.bq = b.wq->bias();
+    l.bk = b.wk->bias();
+    l.bv = b.wv->bias();
+    l.wo = b.wo->effective_weight();
+    l.w_gate = b.w_gate->effective_weight();
+    l.w_down = b.w_down->effective_weight();
+    l.w_up = b.w_up->effective_weight();
+    w.layers.push_back(std::move(l));
+  }
+  return w;
+}
+
+}  // namespace lowbit

@@ -1,0 +1,75 @@
+// The Llama-family decoder (Touvron et al. 2023), written once for training, calibration and
+// generation:
+//
+//   x = embed(tokens)                                   [B*T, D]
+//   for each block i:
+//     h = x + Wo . attention(rope(Wq . n1(x)), rope(Wk . n1(x)), Wv . n1(x))   n1 = RMSNorm
+//     x = h + W2 . (silu(W1 . n2(h)) * (W3 . n2(h)))                           n2 = RMSNorm
+//   logits = head(rmsnorm(x))                           [B*T, V]
+//
+// Block-level entry points (embed, block_forward, head) let quantization methods run the model
+// one block at a time. With a KVCache, block_forward appends the new tokens' keys/values and
+// attends over the cache: the same code serves prefill and token-by-token decoding.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "lowbit/autograd/variable.h"
+#include "lowbit/model/config.h"
+#include "lowbit/model/linear.h"
+#include "lowbit/model/weights.h"
+
+namespace lowbit {
+
+struct LlamaBlock {
+  Var attn_norm, ffn_norm;  // [D]
+  Var q_norm, k_norm;       // [h] (Qwen3)
+  std::shared_ptr<Linear> wq, wk, wv, wo, w_gate, w_down, w_up;
+
+  // The seven linear layers with their Hugging Face names ("self_attn.q_proj", ...).
+  std::vector<std::pair<std::string, std::shared_ptr<Linear>*>> linears();
+};
+
+// Keys and values of past tokens for one sequence (batch 1), per layer: [max_seq, KVH, h].
+struct KVCache {
+  std::vector<Tensor> k, v;
+  int64_t length = 0;  // tokens stored
+  int64_t capacity = 0;
+};
+
+class LlamaModel {
+ public:
+  // trainable: parameters require grad (training); otherwise frozen (inference/calibration).
+  LlamaModel(LlamaConfig config, const LlamaWeights& weights, bool trainable = false);
+
+  const LlamaConfig& config() const { return config_; }
+  int n_layers() const { return config_.n_layers; }
+  LlamaBlock& block(int i) { return blocks_.at(size_t(i)); }
+  const LlamaBlock& block(int i) const { return blocks_.at(size_t(i)); }
+
+  // tokens: i32 [B, T] -> hidden [B*T, D]
+  Var embed(const Tensor& tokens) const;
+  // One decoder block on x [B*T, D]. With a cache (B must be 1) the tokens sit at positions
+  // cache->length .. cache->length+T-1; the cache length is advanced by the last layer's call
+  // through advance_cache().
+  Var block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache* cache = nullptr) const;
+  // Final norm and output projection: hidden [M, D] -> logits [M, V].
+  Var head(const Var& x) const;
+  // Full forward: tokens [B, T] -> logits [B*T, V].
+  Var forward(const Tensor& tokens) const;
+
+  KVCache make_cache(int64_t capacity) const;
+  // Incremental forward of `tokens` (i32 [T]) after the cached ones; returns logits [T, V].
+  Var forward_cached(const Tensor& tokens, KVCache& cache) const;
+
+  std::vector<Var> parameters() const;
+  // Current weights (effective weights of linear layers) back as plain tensors.
+  LlamaWeights weights() const;
+
+ private:
+  LlamaConfig config_;
+  Var tok_embeddings_, final_norm_, output_;
+  std::vector<LlamaBlock> blocks_;
+};
+
+}  // namespace lowbit
