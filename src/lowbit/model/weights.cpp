@@ -37,12 +37,14 @@ void for_each_weight(const LlamaWeights& w, const std::function<void(const std::
   visit(w, f);
 }
 
-static void expect(const std::string& source, const std::string& name, const Tensor& t, const Shape& shape) {
+static void expect(const std::string& source, const std::string& name, const Tensor& t, const Shape& shape,
+                   DType dtype = DType::F32) {
   if (!t.defined()) throw_error(source, ": missing tensor '", name, "'");
   if (t.shape() != shape)
     throw_error(source, ": tensor '", name, "' has shape ", shape_str(t.shape()), ", expected ", shape_str(shape));
-  if (t.dtype() != DType::F32) throw_error(source, ": tensor '", name, "' is ", dtype_name(t.dtype()), ", expected f32 after loading");
-  Tensor c = t.to(Device::CPU).contiguous();
+  if (t.dtype() != dtype)
+    throw_error(source, ": tensor '", name, "' is ", dtype_name(t.dtype()), ", expected ", dtype_name(dtype), " like the embeddings");
+  Tensor c = t.to(Device::CPU).to(DType::F32).contiguous();
   const float* p = c.data<float>();
   for (int64_t i = 0; i < c.numel(); ++i)
     if (!std::isfinite(p[i])) throw_error(source, ": tensor '", name, "' has a non-finite value (", p[i], ") at index ", i);
@@ -51,32 +53,35 @@ static void expect(const std::string& source, const std::string& name, const Ten
 void validate_weights(const LlamaConfig& c, const LlamaWeights& w, const std::string& source) {
   const int64_t D = c.dim, F = c.hidden_dim, V = c.vocab_size, h = c.resolved_head_dim();
   const int64_t Q = int64_t(c.n_heads) * h, KV = int64_t(c.n_kv_heads) * h;
-  expect(source, "model.embed_tokens.weight", w.tok_embeddings, {V, D});
-  expect(source, "model.norm.weight", w.final_norm, {D});
-  if (!c.tied_embeddings) expect(source, "lm_head.weight", w.output, {V, D});
+  if (w.tok_embeddings.defined() && w.tok_embeddings.dtype() != DType::F32 && w.tok_embeddings.dtype() != DType::F64)
+    throw_error(source, ": weights are ", dtype_name(w.tok_embeddings.dtype()), "; the model computes in f32 (f64 for tests)");
+  const DType dt = w.tok_embeddings.defined() ? w.tok_embeddings.dtype() : DType::F32;
+  expect(source, "model.embed_tokens.weight", w.tok_embeddings, {V, D}, dt);
+  expect(source, "model.norm.weight", w.final_norm, {D}, dt);
+  if (!c.tied_embeddings) expect(source, "lm_head.weight", w.output, {V, D}, dt);
   if (int(w.layers.size()) != c.n_layers)
     throw_error(source, ": ", w.layers.size(), " layers of weights, config says ", c.n_layers);
   for (int i = 0; i < c.n_layers; ++i) {
     const auto& l = w.layers[i];
     const std::string p = "model.layers." + std::to_string(i) + ".";
-    expect(source, p + "input_layernorm.weight", l.attn_norm, {D});
-    expect(source, p + "self_attn.q_proj.weight", l.wq, {Q, D});
-    expect(source, p + "self_attn.k_proj.weight", l.wk, {KV, D});
-    expect(source, p + "self_attn.v_proj.weight", l.wv, {KV, D});
-    expect(source, p + "self_attn.o_proj.weight", l.wo, {D, Q});
+    expect(source, p + "input_layernorm.weight", l.attn_norm, {D}, dt);
+    expect(source, p + "self_attn.q_proj.weight", l.wq, {Q, D}, dt);
+    expect(source, p + "self_attn.k_proj.weight", l.wk, {KV, D}, dt);
+    expect(source, p + "self_attn.v_proj.weight", l.wv, {KV, D}, dt);
+    expect(source, p + "self_attn.o_proj.weight", l.wo, {D, Q}, dt);
     if (c.attn_bias) {
-      expect(source, p + "self_attn.q_proj.bias", l.bq, {Q});
-      expect(source, p + "self_attn.k_proj.bias", l.bk, {KV});
-      expect(source, p + "self_attn.v_proj.bias", l.bv, {KV});
+      expect(source, p + "self_attn.q_proj.bias", l.bq, {Q}, dt);
+      expect(source, p + "self_attn.k_proj.bias", l.bk, {KV}, dt);
+      expect(source, p + "self_attn.v_proj.bias", l.bv, {KV}, dt);
     }
     if (c.qk_norm) {
-      expect(source, p + "self_attn.q_norm.weight", l.q_norm, {h});
-      expect(source, p + "self_attn.k_norm.weight", l.k_norm, {h});
+      expect(source, p + "self_attn.q_norm.weight", l.q_norm, {h}, dt);
+      expect(source, p + "self_attn.k_norm.weight", l.k_norm, {h}, dt);
     }
-    expect(source, p + "post_attention_layernorm.weight", l.ffn_norm, {D});
-    expect(source, p + "mlp.gate_proj.weight", l.w_gate, {F, D});
-    expect(source, p + "mlp.down_proj.weight", l.w_down, {D, F});
-    expect(source, p + "mlp.up_proj.weight", l.w_up, {F, D});
+    expect(source, p + "post_attention_layernorm.weight", l.ffn_norm, {D}, dt);
+    expect(source, p + "mlp.gate_proj.weight", l.w_gate, {F, D}, dt);
+    expect(source, p + "mlp.down_proj.weight", l.w_down, {D, F}, dt);
+    expect(source, p + "mlp.up_proj.weight", l.w_up, {F, D}, dt);
   }
 }
 

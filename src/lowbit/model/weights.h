@@ -32,7 +32,8 @@ struct LlamaWeights {
 void for_each_weight(LlamaWeights& w, const std::function<void(const std::string& name, Tensor& t)>& f);
 void for_each_weight(const LlamaWeights& w, const std::function<void(const std::string& name, const Tensor& t)>& f);
 
-// Checks that every tensor the config needs is present with the right shape, is f32 and finite.
+// Checks that every tensor the config needs is present with the right shape and dtype (f32, or
+// f64 for gradient tests, all alike) and is finite.
 // Throws lowbit::Error naming `source` and the tensor.
 void validate_weights(const LlamaConfig& c, const LlamaWeights& w, const std::string& source);
 

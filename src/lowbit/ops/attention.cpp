@@ -46,7 +46,9 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double
     T* op_ = out.data<T>();
     T* lp = lse.data<T>();
     const int64_t off = d.Tk - d.Tq;
-#pragma omp parallel
+    // Threads only pay off above ~1e5 multiply-adds (decode steps of small models stay serial).
+    const bool par = d.B * d.H * d.Tq * d.Tk * d.hd > 100000;
+#pragma omp parallel if (par)
     {
       std::vector<double> s(size_t(d.Tk)), acc(size_t(d.hd));
 #pragma omp for collapse(3) schedule(dynamic, 4)
@@ -97,7 +99,8 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
     T *dqp = dq.data<T>(), *dkp = dk.data<T>(), *dvp = dv.data<T>();
     const int64_t off = d.Tk - d.Tq;
     // Each (batch, kv head) pair owns its dK/dV rows: no write races across threads.
-#pragma omp parallel
+    const bool par = d.B * d.H * d.Tq * d.Tk * d.hd > 100000;
+#pragma omp parallel if (par)
     {
       std::vector<double> dqi(size_t(d.hd));
       std::vector<double> dk_acc(size_t(d.Tk * d.hd)), dv_acc(size_t(d.Tk * d.hd));
