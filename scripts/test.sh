@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Builds lowbit and runs the whole test suite under AddressSanitizer + UndefinedBehaviorSanitizer
+# (host code; CUDA code is compiled when nvcc is present and its tests skip without a GPU).
+# Usage: scripts/test.sh [extra ctest args]   (LOWBIT_TEST_BUILD=dir to choose the build folder)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+build=${LOWBIT_TEST_BUILD:-build-test}
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLOWBIT_SANITIZE=address,undefined \
+      -DLOWBIT_TESTS=ON ${LOWBIT_CMAKE_ARGS:-} >/dev/null
+cmake --build "$build" -j "$(nproc)"
+# protect_shadow_gap=0: the CUDA runtime maps memory where ASan keeps its shadow gap.
+export ASAN_OPTIONS=${ASAN_OPTIONS:-protect_shadow_gap=0:detect_leaks=0:abort_on_error=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+export OMP_WAIT_POLICY=passive
+ctest --test-dir "$build" --output-on-failure -j "$(nproc)" "$@"

@@ -1,0 +1,213 @@
+#include "lowbit/train/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include <nlohmann/json.hpp>
+
+#include "lowbit/autograd/functions.h"
+#include "lowbit/autograd/optim.h"
+#include "lowbit/core/progress.h"
+#include "lowbit/io/hf.h"
+#include "lowbit/io/llama2c.h"
+#include "lowbit/io/safetensors.h"
+#include "lowbit/ops/ops.h"
+
+namespace lowbit {
+
+namespace fs = std::filesystem;
+
+LlamaWeights init_weights(const LlamaConfig& c, uint64_t seed) {
+  LlamaWeights w = random_weights(c, seed);
+  const double s = 1.0 / std::sqrt(2.0 * c.n_layers);
+  for (auto& l : w.layers) {
+    ops::scale(l.wo, s, l.wo);
+    ops::scale(l.w_down, s, l.w_down);
+  }
+  return w;
+}
+
+namespace {
+
+// Builds input/target tensors from windows of seq_len + 1 tokens starting at `starts`.
+void make_batch(const std::vector<int32_t>& stream, const std::vector<int64_t>& starts, int64_t T, Tensor& in,
+                Tensor& tgt) {
+  const int64_t B = int64_t(starts.size());
+  in = Tensor::empty({B, T}, DType::I32);
+  tgt = Tensor::empty({B * T}, DType::I32);
+  int32_t *ip = in.data<int32_t>(), *tp = tgt.data<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      ip[b * T + t] = stream[size_t(starts[size_t(b)] + t)];
+      tp[b * T + t] = stream[size_t(starts[size_t(b)] + t + 1)];
+    }
+}
+
+std::vector<int64_t> random_starts(uint64_t seed, int64_t step, int64_t micro, int64_t B, int64_t T, size_t n) {
+  // SplitMix-style mixing of (seed, step, micro) so each micro-batch has its own stream.
+  uint64_t z = seed * 0x9E3779B97F4A7C15ull ^ uint64_t(step) * 0xBF58476D1CE4E5B9ull ^ uint64_t(micro) * 0x94D049BB133111EBull;
+  std::mt19937_64 rng(z);
+  std::uniform_int_distribution<int64_t> u(0, int64_t(n) - T - 1);
+  std::vector<int64_t> s(static_cast<size_t>(B));
+  for (auto& x : s) x = u(rng);
+  return s;
+}
+
+void save_state(const std::string& path, const std::vector<Var>& params, AdamW& opt, int64_t step,
+                const LlamaConfig& c, uint64_t seed) {
+  std::vector<std::pair<std::string, Tensor>> ts;
+  for (size_t i = 0; i < params.size(); ++i) ts.emplace_back("param." + std::to_string(i), params[i].value());
+  auto st = opt.state_tensors();
+  for (size_t i = 0; i < st.size(); ++i) ts.emplace_back("adamw." + std::to_string(i), *st[i]);
+  nlohmann::json cj = config_to_hf_json(c, "float32");
+  save_safetensors(path, ts, {{"step", std::to_string(step)}, {"seed", std::to_string(seed)}, {"config", cj.dump()}});
+}
+
+int64_t load_state(const std::string& path, std::vector<Var>& params, AdamW& opt, uint64_t seed) {
+  SafetensorsFile f = SafetensorsFile::open(path);
+  auto it = f.metadata().find("step");
+  if (it == f.metadata().end()) throw_error(path, ": training state has no 'step' metadata");
+  auto sd = f.metadata().find("seed");
+  if (sd != f.metadata().end() && sd->second != std::to_string(seed))
+    throw_error(path, ": saved with --seed ", sd->second, ", this run uses ", seed, "; use the same seed or a new --out");
+  auto restore = [&](const std::string& name, Tensor& dst) {
+    Tensor t = f.load(name);
+    if (t.shape() != dst.shape() || t.dtype() != dst.dtype())
+      throw_error(path, ": tensor '", name, "' is ", t.describe(), " but the model expects ", dst.describe(),
+                  " (different --config than the saved run?)");
+    dst.copy_(t);
+  };
+  for (size_t i = 0; i < params.size(); ++i) restore("param." + std::to_string(i), params[i].mutable_value());
+  auto st = opt.state_tensors();
+  for (size_t i = 0; i < st.size(); ++i) restore("adamw." + std::to_string(i), *st[i]);
+  const int64_t step = std::stoll(it->second);
+  opt.set_steps(step);
+  return step;
+}
+
+}  // namespace
+
+double validation_loss(const LlamaModel& model, const std::vector<int32_t>& stream, int64_t T, int64_t B,
+                       int64_t batches) {
+  NoGradGuard ng;
+  const int64_t windows = B * batches;
+  const int64_t span = int64_t(stream.size()) - T - 1;
+  if (span <= 0) throw_error("validation stream (", stream.size(), " tokens) is shorter than one sequence of ", T + 1);
+  double total = 0;
+  for (int64_t k = 0; k < batches; ++k) {
+    std::vector<int64_t> starts;
+    for (int64_t b = 0; b < B; ++b) starts.push_back((k * B + b) * span / std::max<int64_t>(windows, 1));
+    Tensor in, tgt;
+    make_batch(stream, starts, T, in, tgt);
+    Var logits = model.forward(in);
+    total += cross_entropy(logits, tgt.to(logits.value().device())).value().item();
+  }
+  return total / double(batches);
+}
+
+TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train, const std::vector<int32_t>& val,
+                        const std::function<void(const TrainRecord&)>& on_step) {
+  o.config.validate("training config");
+  if (o.seq_len > o.config.max_seq_len) throw_error("--seq-len ", o.seq_len, " exceeds the model's max_seq_len ", o.config.max_seq_len);
+  if (int64_t(train.size()) < o.seq_len + 2) throw_error("training stream has ", train.size(), " tokens: too short for --seq-len ", o.seq_len);
+  for (const auto* s : {&train, &val})
+    for (int32_t id : *s)
+      if (id < 0 || id >= o.config.vocab_size)
+        throw_error("token id ", id, " in the data is outside the model vocabulary (", o.config.vocab_size, ")");
+  if (o.out_dir.empty()) throw_error("train: an output directory (--out) is required");
+  fs::create_directories(o.out_dir);
+  const std::string state_path = (fs::path(o.out_dir) / "state.safetensors").string();
+  const std::string log_path = (fs::path(o.out_dir) / "log.jsonl").string();
+
+  LlamaWeights w = init_weights(o.config, o.seed);
+  if (o.device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(o.device); });
+  LlamaModel model(o.config, w, true);
+  std::vector<Var> params = model.parameters();
+  // No weight decay on norms (1-D), as in llama2.c's train.py.
+  ParamGroup decay{{}, {o.lr, o.beta1, o.beta2, 1e-8, o.weight_decay}}, no_decay{{}, {o.lr, o.beta1, o.beta2, 1e-8, 0.0}};
+  for (auto& p : params) (p.value().dim() >= 2 ? decay : no_decay).params.push_back(p);
+  AdamW opt({decay, no_decay});
+  std::vector<Var> ordered = decay.params;
+  ordered.insert(ordered.end(), no_decay.params.begin(), no_decay.params.end());
+
+  TrainResult result;
+  int64_t step = 0;
+  if (o.resume && fs::exists(state_path)) {
+    step = load_state(state_path, ordered, opt, o.seed);
+    result.resumed = true;
+  }
+  // Keep the log consistent with the state: drop lines past the resumed step.
+  {
+    std::vector<std::string> keep;
+    std::ifstream in(log_path);
+    for (std::string line; std::getline(in, line);) {
+      auto j = nlohmann::json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.value("step", int64_t(1) << 62) <= step) keep.push_back(line);
+    }
+    std::ofstream out(log_path, std::ios::trunc);
+    for (auto& l : keep) out << l << "\n";
+  }
+  std::ofstream log(log_path, std::ios::app);
+
+  ProgressBar bar("train", o.max_steps, "steps");
+  bar.update(step);
+  int64_t run_steps = 0;
+  auto t_start = std::chrono::steady_clock::now();
+  while (step < o.max_steps) {
+    auto t0 = std::chrono::steady_clock::now();
+    opt.zero_grad();
+    double loss_sum = 0;
+    for (int64_t m = 0; m < o.grad_accum; ++m) {
+      Tensor in, tgt;
+      make_batch(train, random_starts(o.seed, step, m, o.batch_size, o.seq_len, train.size()), o.seq_len, in, tgt);
+      Var logits = model.forward(in);
+      Var loss = cross_entropy(logits, tgt.to(o.device));
+      loss_sum += loss.value().item();
+      backward(o.grad_accum > 1 ? scale(loss, 1.0 / double(o.grad_accum)) : loss);
+    }
+    TrainRecord r;
+    r.step = step + 1;
+    r.loss = loss_sum / double(o.grad_accum);
+    r.grad_norm = clip_grad_norm(ordered, o.grad_clip);
+    const double lr_scale = warmup_cosine(step, o.warmup_steps, o.max_steps, o.min_lr_ratio);
+    r.lr = o.lr * lr_scale;
+    opt.step(lr_scale);
+    ++step;
+    ++run_steps;
+    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    r.tokens_per_second = double(o.batch_size * o.seq_len * o.grad_accum) / std::max(r.seconds, 1e-9);
+    if (!std::isfinite(r.loss)) throw_error("training diverged at step ", step, " (loss ", r.loss, "); lower --lr");
+    const bool last = step == o.max_steps;
+    if (!val.empty() && (last || (o.eval_every > 0 && step % o.eval_every == 0)))
+      r.val_loss = validation_loss(model, val, o.seq_len, o.batch_size, o.eval_batches);
+    nlohmann::json j = {{"step", r.step}, {"loss", r.loss}, {"lr", r.lr}, {"grad_norm", r.grad_norm},
+                        {"tokens_per_second", r.tokens_per_second}};
+    if (r.val_loss >= 0) j["val_loss"] = r.val_loss;
+    log << j.dump() << "\n";
+    log.flush();
+    result.records.push_back(r);
+    if (r.val_loss >= 0) result.final_val_loss = r.val_loss;
+    if (on_step) on_step(r);
+    bar.update(step, "loss " + std::to_string(r.loss).substr(0, 6));
+    if (last || (o.checkpoint_every > 0 && step % o.checkpoint_every == 0)) save_state(state_path, ordered, opt, step, o.config, o.seed);
+    if (o.stop_after > 0 && run_steps >= o.stop_after && !last) {
+      save_state(state_path, ordered, opt, step, o.config, o.seed);
+      result.steps_done = step;
+      return result;
+    }
+  }
+  bar.finish();
+  (void)t_start;
+  // Final model in the formats other tools load.
+  LlamaWeights final_w = model.weights();
+  for_each_weight(final_w, [](const std::string&, Tensor& t) { t = t.to(Device::CPU); });
+  save_llama2c((fs::path(o.out_dir) / "model.bin").string(), o.config, final_w);
+  save_hf_dir((fs::path(o.out_dir) / "hf").string(), o.config, final_w);
+  result.steps_done = step;
+  return result;
+}
+
+}  // namespace lowbit

@@ -1,0 +1,62 @@
+// Pretraining a Llama-architecture model from scratch (lowbit train): random windows of a token
+// stream, AdamW, linear warmup + cosine decay, gradient accumulation and clipping, periodic
+// validation, and checkpoints that resume exactly.
+//
+// Exact resume: batch b of step s is drawn with an RNG seeded from (seed, s, b) alone, and the
+// checkpoint holds the weights, the AdamW moments and the step; a run killed after a checkpoint
+// and restarted therefore computes the same updates as an uninterrupted run (on the same machine
+// and thread count: BLAS results depend on the blocking it picks).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "lowbit/model/llama.h"
+
+namespace lowbit {
+
+struct TrainOptions {
+  LlamaConfig config;              // architecture (vocab_size must match the tokenizer)
+  int64_t batch_size = 32;         // sequences per micro-batch
+  int64_t seq_len = 256;           // tokens per sequence
+  int64_t grad_accum = 1;          // micro-batches per optimizer step
+  int64_t max_steps = 1000;
+  int64_t warmup_steps = 100;
+  double lr = 5e-4, min_lr_ratio = 0.1;
+  double weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95, grad_clip = 1.0;
+  int64_t eval_every = 100;        // validation every N steps (and at the end); 0 = only at the end
+  int64_t eval_batches = 10;       // validation micro-batches (fixed windows)
+  int64_t checkpoint_every = 100;  // 0 = only at the end
+  uint64_t seed = 1;
+  Device device = Device::CPU;
+  std::string out_dir;             // state.safetensors, log.jsonl, model.bin, hf/
+  bool resume = true;              // continue from out_dir/state.safetensors when present
+  int64_t stop_after = 0;          // testing aid: return after this many steps of this run (0 = off)
+};
+
+struct TrainRecord {
+  int64_t step = 0;
+  double loss = 0, lr = 0, grad_norm = 0, val_loss = -1, seconds = 0, tokens_per_second = 0;
+};
+
+struct TrainResult {
+  std::vector<TrainRecord> records;  // this run's steps (after a resume: from the resumed step)
+  double final_val_loss = -1;
+  int64_t steps_done = 0;
+  bool resumed = false;
+};
+
+TrainResult train_model(const TrainOptions& options, const std::vector<int32_t>& train_stream,
+                        const std::vector<int32_t>& val_stream,
+                        const std::function<void(const TrainRecord&)>& on_step = nullptr);
+
+// Initial weights as in llama2.c's train.py: N(0, 0.02), residual projections (wo, w2) scaled by
+// 1/sqrt(2 * n_layers), norms 1.
+LlamaWeights init_weights(const LlamaConfig& c, uint64_t seed);
+
+// Mean validation loss over fixed, evenly spaced windows (no grad).
+double validation_loss(const LlamaModel& model, const std::vector<int32_t>& stream, int64_t seq_len,
+                       int64_t batch_size, int64_t batches);
+
+}  // namespace lowbit
