@@ -1,9 +1,14 @@
 // Causal grouped-query attention (Vaswani et al. 2017; GQA: Ainslie et al. 2023).
 // Forward keeps only the row log-sum-exp; backward recomputes the probabilities from it, as
-// FlashAttention does (Dao et al. 2022, Alg. 2), so memory stays O(T) per head:
-//   P_ij = exp(s_ij - lse_i),  dP_ij = dO_i . V_j,  D_i = dO_i . O_i,
-//   dS_ij = P_ij (dP_ij - D_i),  dQ_i = scale sum_j dS_ij K_j,
-//   dK_j = scale sum_i dS_ij Q_i,  dV_j = sum_i P_ij dO_i.
+// FlashAttention does (Dao et al. 2022, Alg. 2), so nothing of size T x T outlives a call:
+//   S = scale Q K^T (causal),  P_ij = exp(S_ij - lse_i),  O = P V,
+//   dP = dO V^T,  D_i = dO_i . O_i,  dS = P (dP - D),
+//   dQ = scale dS K,  dK = scale dS^T Q,  dV = P^T dO.
+// CPU body: per (batch, head) the products are BLAS calls on strided views ([B, T, heads, hd]
+// rows are read with a leading dimension of heads*hd, so no copies). One score block of
+// Tq x Tk per thread; heads run in parallel (OpenMP) with single-threaded BLAS inside.
+#include <cblas.h>
+
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -32,6 +37,32 @@ AttnDims check_attention(const char* op, const Tensor& q, const Tensor& k, const
   d.group = d.H / d.KVH;
   return d;
 }
+
+// Row-major C[M, N] = alpha op(A) op(B) + beta C with explicit leading dimensions.
+template <class T>
+void gemm_ld(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+             int64_t ldb, T beta, T* C, int64_t ldc) {
+  const auto TA = ta ? CblasTrans : CblasNoTrans, TB = tb ? CblasTrans : CblasNoTrans;
+  if constexpr (std::is_same_v<T, float>)
+    cblas_sgemm(CblasRowMajor, TA, TB, int(M), int(N), int(K), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
+  else
+    cblas_dgemm(CblasRowMajor, TA, TB, int(M), int(N), int(K), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
+}
+
+// Runs body(i) for i in [0, n) on OpenMP threads, with BLAS single-threaded inside (no
+// oversubscription); serial for small work where thread start-up costs more than it saves.
+template <class F>
+void parallel_heads(int64_t n, double work, F&& body) {
+  if (n > 1 && work > 2e5) {
+    const int blas_threads = openblas_get_num_threads();
+    openblas_set_num_threads(1);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) body(i);
+    openblas_set_num_threads(blas_threads);
+  } else {
+    for (int64_t i = 0; i < n; ++i) body(i);
+  }
+}
 }  // namespace
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, Tensor& out, Tensor& lse) {
@@ -45,39 +76,29 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double
     const T *qp = q.data<T>(), *kp = k.data<T>(), *vp = v.data<T>();
     T* op_ = out.data<T>();
     T* lp = lse.data<T>();
-    const int64_t off = d.Tk - d.Tq;
-    // Threads only pay off above ~1e5 multiply-adds (decode steps of small models stay serial).
-    const bool par = d.B * d.H * d.Tq * d.Tk * d.hd > 100000;
-#pragma omp parallel if (par)
-    {
-      std::vector<double> s(size_t(d.Tk)), acc(size_t(d.hd));
-#pragma omp for collapse(3) schedule(dynamic, 4)
-      for (int64_t b = 0; b < d.B; ++b)
-        for (int64_t h = 0; h < d.H; ++h)
-          for (int64_t i = 0; i < d.Tq; ++i) {
-            const int64_t kh = h / d.group, last = off + i;
-            const T* qi = qp + ((b * d.Tq + i) * d.H + h) * d.hd;
-            double mx = -std::numeric_limits<double>::infinity();
-            for (int64_t j = 0; j <= last; ++j) {
-              const T* kj = kp + ((b * d.Tk + j) * d.KVH + kh) * d.hd;
-              double dot = 0;
-              for (int64_t c = 0; c < d.hd; ++c) dot += double(qi[c]) * double(kj[c]);
-              s[j] = dot * scale;
-              mx = std::max(mx, s[j]);
-            }
-            double sum = 0;
-            for (int64_t j = 0; j <= last; ++j) sum += (s[j] = std::exp(s[j] - mx));
-            std::fill(acc.begin(), acc.end(), 0.0);
-            for (int64_t j = 0; j <= last; ++j) {
-              const T* vj = vp + ((b * d.Tk + j) * d.KVH + kh) * d.hd;
-              const double p = s[j] / sum;
-              for (int64_t c = 0; c < d.hd; ++c) acc[c] += p * double(vj[c]);
-            }
-            T* oi = op_ + ((b * d.Tq + i) * d.H + h) * d.hd;
-            for (int64_t c = 0; c < d.hd; ++c) oi[c] = T(acc[c]);
-            lp[(b * d.H + h) * d.Tq + i] = T(mx + std::log(sum));
-          }
-    }
+    const int64_t off = d.Tk - d.Tq, ldq = d.H * d.hd, ldk = d.KVH * d.hd;
+    parallel_heads(d.B * d.H, double(d.B * d.H) * double(d.Tq) * double(d.Tk) * double(d.hd), [&](int64_t bh) {
+      const int64_t b = bh / d.H, h = bh % d.H, kh = h / d.group;
+      std::vector<T> S(static_cast<size_t>(d.Tq * d.Tk));
+      const T* Q = qp + (b * d.Tq * d.H + h) * d.hd;
+      const T* K = kp + (b * d.Tk * d.KVH + kh) * d.hd;
+      const T* V = vp + (b * d.Tk * d.KVH + kh) * d.hd;
+      T* O = op_ + (b * d.Tq * d.H + h) * d.hd;
+      gemm_ld<T>(false, true, d.Tq, d.Tk, d.hd, T(scale), Q, ldq, K, ldk, T(0), S.data(), d.Tk);
+      for (int64_t i = 0; i < d.Tq; ++i) {
+        T* s = S.data() + i * d.Tk;
+        const int64_t last = off + i;
+        T mx = -std::numeric_limits<T>::infinity();
+        for (int64_t j = 0; j <= last; ++j) mx = std::max(mx, s[j]);
+        T sum = 0;
+        for (int64_t j = 0; j <= last; ++j) sum += (s[j] = std::exp(s[j] - mx));
+        const T inv = T(1) / sum;
+        for (int64_t j = 0; j <= last; ++j) s[j] *= inv;
+        for (int64_t j = last + 1; j < d.Tk; ++j) s[j] = 0;
+        lp[(b * d.H + h) * d.Tq + i] = mx + std::log(sum);
+      }
+      gemm_ld<T>(false, false, d.Tq, d.hd, d.Tk, T(1), S.data(), d.Tk, V, ldk, T(0), O, ldq);
+    });
   });
 }
 
@@ -97,56 +118,41 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
     const T *qp = q.data<T>(), *kp = k.data<T>(), *vp = v.data<T>(), *op_ = out.data<T>(), *gp = dout.data<T>();
     const T* lp = lse.data<T>();
     T *dqp = dq.data<T>(), *dkp = dk.data<T>(), *dvp = dv.data<T>();
-    const int64_t off = d.Tk - d.Tq;
-    // Each (batch, kv head) pair owns its dK/dV rows: no write races across threads.
-    const bool par = d.B * d.H * d.Tq * d.Tk * d.hd > 100000;
-#pragma omp parallel if (par)
-    {
-      std::vector<double> dqi(size_t(d.hd));
-      std::vector<double> dk_acc(size_t(d.Tk * d.hd)), dv_acc(size_t(d.Tk * d.hd));
-#pragma omp for collapse(2) schedule(dynamic, 1)
-      for (int64_t b = 0; b < d.B; ++b)
-        for (int64_t kh = 0; kh < d.KVH; ++kh) {
-          std::fill(dk_acc.begin(), dk_acc.end(), 0.0);
-          std::fill(dv_acc.begin(), dv_acc.end(), 0.0);
-          for (int64_t h = kh * d.group; h < (kh + 1) * d.group; ++h)
-            for (int64_t i = 0; i < d.Tq; ++i) {
-              const int64_t last = off + i;
-              const int64_t qrow = ((b * d.Tq + i) * d.H + h) * d.hd;
-              const T *qi = qp + qrow, *gi = gp + qrow, *oi = op_ + qrow;
-              const double l = lp[(b * d.H + h) * d.Tq + i];
-              double Di = 0;
-              for (int64_t c = 0; c < d.hd; ++c) Di += double(gi[c]) * double(oi[c]);
-              std::fill(dqi.begin(), dqi.end(), 0.0);
-              for (int64_t j = 0; j <= last; ++j) {
-                const int64_t krow = ((b * d.Tk + j) * d.KVH + kh) * d.hd;
-                const T *kj = kp + krow, *vj = vp + krow;
-                double s = 0, dp = 0;
-                for (int64_t c = 0; c < d.hd; ++c) {
-                  s += double(qi[c]) * double(kj[c]);
-                  dp += double(gi[c]) * double(vj[c]);
-                }
-                const double pj = std::exp(s * scale - l);
-                const double ds = pj * (dp - Di) * scale;
-                double* dkj = &dk_acc[size_t(j * d.hd)];
-                double* dvj = &dv_acc[size_t(j * d.hd)];
-                for (int64_t c = 0; c < d.hd; ++c) {
-                  dqi[c] += ds * double(kj[c]);
-                  dkj[c] += ds * double(qi[c]);
-                  dvj[c] += pj * double(gi[c]);
-                }
-              }
-              for (int64_t c = 0; c < d.hd; ++c) dqp[qrow + c] = T(dqi[c]);
-            }
-          for (int64_t j = 0; j < d.Tk; ++j) {
-            const int64_t krow = ((b * d.Tk + j) * d.KVH + kh) * d.hd;
-            for (int64_t c = 0; c < d.hd; ++c) {
-              dkp[krow + c] = T(dk_acc[size_t(j * d.hd + c)]);
-              dvp[krow + c] = T(dv_acc[size_t(j * d.hd + c)]);
-            }
+    const int64_t off = d.Tk - d.Tq, ldq = d.H * d.hd, ldk = d.KVH * d.hd;
+    // Each (batch, kv head) owns its dK/dV rows, so groups run in parallel without races.
+    parallel_heads(d.B * d.KVH, double(d.B * d.H) * double(d.Tq) * double(d.Tk) * double(d.hd), [&](int64_t bk) {
+      const int64_t b = bk / d.KVH, kh = bk % d.KVH;
+      std::vector<T> P(static_cast<size_t>(d.Tq * d.Tk)), dP(static_cast<size_t>(d.Tq * d.Tk));
+      const T* K = kp + (b * d.Tk * d.KVH + kh) * d.hd;
+      const T* V = vp + (b * d.Tk * d.KVH + kh) * d.hd;
+      T* dK = dkp + (b * d.Tk * d.KVH + kh) * d.hd;
+      T* dV = dvp + (b * d.Tk * d.KVH + kh) * d.hd;
+      for (int64_t j = 0; j < d.Tk; ++j)
+        for (int64_t c = 0; c < d.hd; ++c) dK[j * ldk + c] = dV[j * ldk + c] = 0;
+      for (int64_t h = kh * d.group; h < (kh + 1) * d.group; ++h) {
+        const int64_t qoff = (b * d.Tq * d.H + h) * d.hd;
+        const T *Q = qp + qoff, *O = op_ + qoff, *dO = gp + qoff;
+        T* dQ = dqp + qoff;
+        gemm_ld<T>(false, true, d.Tq, d.Tk, d.hd, T(scale), Q, ldq, K, ldk, T(0), P.data(), d.Tk);
+        gemm_ld<T>(false, true, d.Tq, d.Tk, d.hd, T(1), dO, ldq, V, ldk, T(0), dP.data(), d.Tk);
+        for (int64_t i = 0; i < d.Tq; ++i) {
+          T* p = P.data() + i * d.Tk;
+          T* g = dP.data() + i * d.Tk;
+          const int64_t last = off + i;
+          const T l = lp[(b * d.H + h) * d.Tq + i];
+          T Di = 0;
+          for (int64_t c = 0; c < d.hd; ++c) Di += dO[i * ldq + c] * O[i * ldq + c];
+          for (int64_t j = 0; j <= last; ++j) {
+            p[j] = std::exp(p[j] - l);
+            g[j] = p[j] * (g[j] - Di) * T(scale);  // dS, with the scale of S folded in
           }
+          for (int64_t j = last + 1; j < d.Tk; ++j) p[j] = g[j] = 0;
         }
-    }
+        gemm_ld<T>(false, false, d.Tq, d.hd, d.Tk, T(1), dP.data(), d.Tk, K, ldk, T(0), dQ, ldq);
+        gemm_ld<T>(true, false, d.Tk, d.hd, d.Tq, T(1), dP.data(), d.Tk, Q, ldq, T(1), dK, ldk);
+        gemm_ld<T>(true, false, d.Tk, d.hd, d.Tq, T(1), P.data(), d.Tk, dO, ldq, T(1), dV, ldk);
+      }
+    });
   });
 }
 
