@@ -1,0 +1,163 @@
+// Forward + backward of one Llama-2-7B-shaped decoder block on the GPU, built from the autograd ops
+// (rmsnorm, linear, rope, attention, swiglu, add), timed as a whole training step of the block:
+//   h = rmsnorm(x); q, k, v = h Wq, h Wk, h Wv; rope(q, k); a = attention(q, k, v); x2 = x + a Wo;
+//   y = x2 + (silu(rmsnorm(x2) W1) * rmsnorm(x2) W3) W2;  backward from a random dy.
+// Prints the median step time, achieved TFLOP/s, the peak GPU memory held by tensors (comparable to
+// torch.cuda.max_memory_allocated, see bench/torch_block_ref.py) and, with --profile, the GPU time
+// per op measured with CUDA events.
+//
+//   bench_gpu_block [--dtype f32|bf16] [--tf32] [--seq 2048] [--iters 10] [--profile]
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "lowbit/autograd/functions.h"
+#include "lowbit/ops/device_init.h"
+
+using namespace lowbit;
+
+namespace {
+
+struct Config {
+  int64_t dim = 4096, heads = 32, kv_heads = 32, hidden = 11008, seq = 2048, batch = 1;
+  int iters = 10, warmup = 3;
+  DType dtype = DType::F32;
+  bool tf32 = false, profile = false;
+};
+
+struct BlockWeights {
+  Var attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3;
+  std::vector<Var*> all() { return {&attn_norm, &wq, &wk, &wv, &wo, &ffn_norm, &w1, &w2, &w3}; }
+};
+
+// Uniform values with standard deviation `std` from a fast generator (202M weights: mt19937 normal
+// sampling would take longer than the benchmark), then converted and moved to the GPU.
+Tensor random_gpu(const Shape& s, uint64_t seed, double std, double mean, DType dt) {
+  std::vector<float> v(size_t(shape_numel(s)));
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+  const double a = std * std::sqrt(3.0);
+  for (auto& e : v) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    e = float(mean + a * (double(x >> 11) * (2.0 / 9007199254740992.0) - 1.0));
+  }
+  return Tensor::from_vector(v, s).to(dt).to(Device::CUDA);
+}
+
+Var block_forward(BlockWeights& w, const Var& x, const Config& c) {
+  const int64_t hd = c.dim / c.heads;
+  Var h = rmsnorm(x, w.attn_norm, 1e-5);
+  Var q = rope(linear(h, w.wq), c.batch, c.seq, c.heads, hd, 0, 10000.0, RopeStyle::Half);
+  Var k = rope(linear(h, w.wk), c.batch, c.seq, c.kv_heads, hd, 0, 10000.0, RopeStyle::Half);
+  Var v = linear(h, w.wv);
+  Var a = attention(q, k, v, c.batch, c.seq, c.seq, c.heads, c.kv_heads, hd);
+  Var x2 = add(x, linear(a, w.wo));
+  Var h2 = rmsnorm(x2, w.ffn_norm, 1e-5);
+  return add(x2, linear(swiglu(linear(h2, w.w1), linear(h2, w.w3)), w.w2));
+}
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Config c;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "missing value after %s\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--dtype") c.dtype = parse_dtype(next());
+    else if (a == "--tf32") c.tf32 = true;
+    else if (a == "--seq") c.seq = std::stoll(next());
+    else if (a == "--iters") c.iters = std::stoi(next());
+    else if (a == "--profile") c.profile = true;
+    else {
+      std::fprintf(stderr, "usage: %s [--dtype f32|bf16] [--tf32] [--seq T] [--iters N] [--profile]\n", argv[0]);
+      return 2;
+    }
+  }
+  try {
+    if (!init_cuda()) {
+      std::printf("bench_gpu_block: no CUDA device (or a CPU-only build); nothing to measure\n");
+      return 0;
+    }
+    cuda_set_allow_tf32(c.tf32);
+    const int64_t D = c.dim, hd = D / c.heads, KV = c.kv_heads * hd, F = c.hidden, M = c.batch * c.seq;
+    BlockWeights w;
+    uint64_t seed = 1;
+    const double ws = 0.02;
+    w.attn_norm = Var(random_gpu({D}, seed++, 0.1, 1.0, c.dtype), true);
+    w.ffn_norm = Var(random_gpu({D}, seed++, 0.1, 1.0, c.dtype), true);
+    w.wq = Var(random_gpu({D, D}, seed++, ws, 0, c.dtype), true);
+    w.wk = Var(random_gpu({KV, D}, seed++, ws, 0, c.dtype), true);
+    w.wv = Var(random_gpu({KV, D}, seed++, ws, 0, c.dtype), true);
+    w.wo = Var(random_gpu({D, D}, seed++, ws, 0, c.dtype), true);
+    w.w1 = Var(random_gpu({F, D}, seed++, ws, 0, c.dtype), true);
+    w.w3 = Var(random_gpu({F, D}, seed++, ws, 0, c.dtype), true);
+    w.w2 = Var(random_gpu({D, F}, seed++, ws, 0, c.dtype), true);
+    Tensor x0 = random_gpu({M, D}, seed++, 1.0, 0, c.dtype), dy = random_gpu({M, D}, seed++, 1.0, 0, c.dtype);
+
+    auto step = [&]() {
+      for (Var* p : w.all()) p->zero_grad();
+      Var x(x0, true);
+      Var y = block_forward(w, x, c);
+      backward(y, dy);
+    };
+    for (int i = 0; i < c.warmup; ++i) step();
+    cuda_synchronize();
+    cuda_reset_peak();
+    const int64_t base_bytes = cuda_in_use_bytes();
+    std::vector<double> times;
+    for (int i = 0; i < c.iters; ++i) {
+      cuda_synchronize();
+      const double t0 = now_ms();
+      step();
+      cuda_synchronize();
+      times.push_back(now_ms() - t0);
+    }
+    std::sort(times.begin(), times.end());
+    const double med = times[times.size() / 2];
+    const double peak_gib = double(cuda_peak_bytes()) / double(1ull << 30);
+
+    // Matrix FLOPs: 7 weight matrices x (forward + 2 backward products) + causal attention
+    // (QK^T and PV forward; recompute QK^T, dP, dV, dK, dQ backward: about half of full T x T each).
+    const double lin = 2.0 * double(M) * (2.0 * D * D + 2.0 * KV * D + 3.0 * F * D) * 3.0;
+    const double att = 2.0 * double(c.batch) * c.heads * double(c.seq) * double(c.seq) * hd * (2.0 + 5.0) / 2.0;
+    std::printf("lowbit block fwd+bwd on %s: dim %lld heads %lld hidden %lld seq %lld batch %lld, %s, tf32 %s\n",
+                cuda_device_name().c_str(), (long long)D, (long long)c.heads, (long long)F, (long long)c.seq,
+                (long long)c.batch, dtype_name(c.dtype), c.tf32 ? "on" : "off");
+    std::printf("  median %.2f ms (min %.2f, max %.2f, %d iters), %.1f TFLOP/s, peak %.3f GiB (%.3f GiB held before the step)\n",
+                med, times.front(), times.back(), c.iters, (lin + att) / (med * 1e-3) / 1e12, peak_gib,
+                double(base_bytes) / double(1ull << 30));
+    std::printf("RESULT lowbit %s tf32=%s median_ms=%.3f peak_gib=%.3f\n", dtype_name(c.dtype), c.tf32 ? "on" : "off",
+                med, peak_gib);
+
+    if (c.profile) {
+      cuda_profile_enable(true);
+      step();
+      cuda_profile_enable(false);
+      const auto rep = cuda_profile_report();
+      double total = 0;
+      for (const auto& t : rep) total += t.ms;
+      std::printf("  GPU time per op (one step, CUDA events; sum %.2f ms):\n", total);
+      for (const auto& t : rep)
+        std::printf("    %-24s %4lld calls %9.3f ms %5.1f%%\n", t.op.c_str(), (long long)t.calls, t.ms, 100.0 * t.ms / total);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_gpu_block: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,19 @@
+// libFuzzer target: GGUF reader and the Llama-model layer on top of it. Any input must load or
+// throw lowbit::Error.
+#include "fuzz_common.h"
+#include "lowbit/io/gguf.h"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  lowbit::fuzz::MemFile f(data, size);
+  if (!f.ok()) return 0;
+  try {
+    auto g = lowbit::GgufFile::open(f.path());
+    for (const auto& t : g.tensors()) {
+      if (lowbit::ggml_type_traits(t.ggml_type)->dtype) g.load_f32(t.name);
+    }
+    lowbit::gguf_tokenizer_vocab(g);
+    lowbit::load_gguf(f.path());
+  } catch (const lowbit::Error&) {
+  }
+  return 0;
+}

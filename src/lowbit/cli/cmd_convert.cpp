@@ -1,0 +1,81 @@
+// lowbit convert: checkpoint format conversion (llama2.c .bin <-> GGUF <-> Hugging Face directory).
+#include <cstdio>
+#include <filesystem>
+
+#include "lowbit/cli/commands.h"
+#include "lowbit/core/error.h"
+#include "lowbit/io/checkpoint.h"
+#include "lowbit/io/file_util.h"
+
+namespace fs = std::filesystem;
+
+namespace lowbit::cli {
+
+namespace {
+
+struct ConvertArgs {
+  std::string from, to, dtype = "f32";
+};
+
+// Tokenizer and generation files that travel with a Hugging Face model directory.
+constexpr const char* kSideFiles[] = {"tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                                      "special_tokens_map.json", "generation_config.json"};
+
+void copy_atomically(const fs::path& src, const fs::path& dst) {
+  const fs::path tmp = dst.string() + ".tmp";
+  std::error_code ec;
+  fs::copy_file(src, tmp, fs::copy_options::overwrite_existing, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    throw_error(dst.string(), ": cannot copy ", src.string(), ": ", ec.message());
+  }
+  fs::rename(tmp, dst, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    throw_error(dst.string(), ": cannot rename ", tmp.string(), " over it: ", ec.message());
+  }
+}
+
+void run_convert(const ConvertArgs& a) {
+  const DType dtype = parse_dtype(a.dtype);
+  if (dtype != DType::F32 && dtype != DType::F16 && dtype != DType::BF16)
+    throw_error("--dtype ", a.dtype, ": expected f32, f16 or bf16");
+  const CheckpointFormat out_format = format_for_output(a.to);  // fail fast, before loading
+  io::refuse_to_overwrite(a.from, a.to);
+  Checkpoint ck = load_checkpoint(a.from);
+  save_checkpoint(a.to, ck, out_format, dtype);
+  // An HF directory keeps its tokenizer files; copy them along to an HF output.
+  std::error_code ec;
+  const fs::path src_dir = fs::is_directory(ck.source, ec) ? fs::path(ck.source) : fs::path();
+  int copied = 0;
+  if (out_format == CheckpointFormat::HfDir && !src_dir.empty())
+    for (const char* name : kSideFiles)
+      if (fs::is_regular_file(src_dir / name, ec)) {
+        copy_atomically(src_dir / name, fs::path(a.to) / name);
+        ++copied;
+      }
+  std::fprintf(stderr, "converted %s (%s) -> %s (%s, %s)%s\n  %s\n", a.from.c_str(),
+               checkpoint_format_name(detect_checkpoint_format(a.from)), a.to.c_str(), checkpoint_format_name(out_format),
+               dtype_name(dtype), copied ? ", tokenizer files copied" : "", ck.config.summary().c_str());
+  if (out_format == CheckpointFormat::Gguf && ck.vocab.empty())
+    std::fprintf(stderr, "  note: the source has no embedded tokenizer; the GGUF file has none (tokenizer.ggml.model = none)\n");
+}
+
+}  // namespace
+
+void register_convert(CLI::App& app) {
+  auto a = std::make_shared<ConvertArgs>();
+  auto* sub = app.add_subcommand("convert", "convert a checkpoint between llama2.c .bin, GGUF and Hugging Face formats");
+  sub->footer(
+      "The input format is detected from the contents. The output format follows --to: *.bin = llama2.c (f32), "
+      "*.gguf = GGUF v3, anything else = a Hugging Face directory (config.json + model.safetensors). Outputs are "
+      "written atomically; the input is never overwritten.\n"
+      "Example: lowbit convert --from stories260K.bin --to stories260K-hf --dtype bf16");
+  sub->add_option("--from", a->from, "input: llama2.c .bin, .gguf, or a Hugging Face model directory")->required();
+  sub->add_option("--to", a->to, "output: out.bin, out.gguf or an output directory")->required();
+  sub->add_option("--dtype", a->dtype, "weight type of GGUF / Hugging Face outputs: f32, f16 or bf16")
+      ->capture_default_str();
+  sub->callback([a] { run_convert(*a); });
+}
+
+}  // namespace lowbit::cli

@@ -1,0 +1,94 @@
+// lowbit eval ppl: perplexity of a model on a text file or a raw token file.
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "lowbit/cli/commands.h"
+#include "lowbit/cli/common.h"
+#include "lowbit/eval/perplexity.h"
+
+namespace lowbit::cli {
+
+namespace {
+struct PplArgs {
+  std::string model, tokenizer, text, tokens, device = "cpu";
+  int64_t ctx = 512, batch = 1, max_windows = 0;
+  bool bos = false, json = false;
+};
+
+void run_ppl(const PplArgs& a) {
+  if (a.text.empty() == a.tokens.empty()) throw_error("eval ppl: give exactly one of --text FILE or --tokens FILE");
+  Device dev = parse_device(a.device);
+  LoadedModel m = load_model(a.model, dev);
+  std::vector<int32_t> stream;
+  int bos = -1;
+  std::unique_ptr<Tokenizer> tok;
+  if (!a.tokens.empty()) {
+    stream = read_token_file(a.tokens);
+    if (a.bos) bos = m.checkpoint.config.bos_id;
+  } else {
+    tok = open_tokenizer(a.tokenizer, a.model);
+    std::ifstream f(a.text, std::ios::binary);
+    if (!f) throw_error(a.text, ": cannot open text file");
+    std::stringstream ss;
+    ss << f.rdbuf();
+    auto t0 = std::chrono::steady_clock::now();
+    for (int id : tok->encode(ss.str(), false)) stream.push_back(id);
+    if (!a.json)
+      std::fprintf(stderr, "tokenized %s: %zu tokens in %.2fs\n", a.text.c_str(), stream.size(),
+                   std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    if (a.bos) {
+      bos = tok->bos_id();
+      if (bos < 0) throw_error("--bos: the tokenizer has no BOS token");
+    }
+  }
+  PerplexityOptions o;
+  o.ctx = a.ctx;
+  o.batch = a.batch;
+  o.bos = bos;
+  o.max_windows = a.max_windows;
+  PerplexityResult r = evaluate_perplexity(*m.model, stream, o);
+  if (a.json) {
+    print_json({{"model", a.model},
+                {"data", a.text.empty() ? a.tokens : a.text},
+                {"ctx", a.ctx},
+                {"bos", a.bos},
+                {"windows", r.windows},
+                {"tokens", r.tokens},
+                {"nll", r.nll},
+                {"ppl", r.ppl},
+                {"seconds", r.seconds},
+                {"tokens_per_second", r.tokens_per_second},
+                {"device", a.device}});
+  } else {
+    std::printf("model      %s\ndata       %s\nwindows    %lld x %lld tokens%s\npredicted  %lld tokens\n",
+                a.model.c_str(), (a.text.empty() ? a.tokens : a.text).c_str(), (long long)r.windows, (long long)a.ctx,
+                a.bos ? " (BOS + ctx-1 tokens each)" : "", (long long)r.tokens);
+    std::printf("mean NLL   %.6f nats/token\nperplexity %.4f\nspeed      %.0f tokens/s (%.2fs)\n", r.nll, r.ppl,
+                r.tokens_per_second, r.seconds);
+  }
+}
+}  // namespace
+
+void register_eval(CLI::App& app) {
+  auto* eval = app.add_subcommand("eval", "Evaluate a model");
+  eval->require_subcommand(1);
+  auto* ppl = eval->add_subcommand("ppl", "Perplexity over non-overlapping windows of --ctx tokens");
+  auto a = std::make_shared<PplArgs>();
+  ppl->add_option("-m,--model", a->model, "model: llama2.c .bin, .gguf, .safetensors or a Hugging Face directory")
+      ->required();
+  ppl->add_option("--tokenizer", a->tokenizer, "tokenizer file or directory (default: the model directory's)");
+  ppl->add_option("--text", a->text, "text file to evaluate on (tokenized without special tokens)");
+  ppl->add_option("--tokens", a->tokens, "raw little-endian int32 token ids, used exactly as given");
+  ppl->add_option("--ctx", a->ctx, "window length in tokens; the first token of each window is context only")
+      ->capture_default_str();
+  ppl->add_option("--batch", a->batch, "windows per forward pass")->capture_default_str();
+  ppl->add_option("--max-windows", a->max_windows, "evaluate at most this many windows (0 = all)");
+  ppl->add_flag("--bos", a->bos, "start each window with BOS followed by ctx-1 tokens, all of them scored");
+  ppl->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
+  ppl->add_flag("--json", a->json, "print one JSON object instead of text");
+  ppl->callback([a] { run_ppl(*a); });
+}
+
+}  // namespace lowbit::cli

@@ -1,0 +1,138 @@
+// lowbit train: pretrain a Llama-architecture model from scratch on a text corpus.
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "lowbit/cli/commands.h"
+#include "lowbit/cli/common.h"
+#include "lowbit/io/hf.h"
+#include "lowbit/train/trainer.h"
+
+namespace lowbit::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+struct TrainArgs {
+  std::string tokenizer, train_text, valid_text, train_tokens, valid_tokens, config_json, device = "cpu";
+  TrainOptions o;
+  bool json = false;
+};
+
+// Tokenizes a text file once and caches the ids next to the run (keyed by file size and mtime).
+std::vector<int32_t> tokenized(const std::string& text_path, const Tokenizer& tok, const std::string& tok_path,
+                               const std::string& cache_path) {
+  std::error_code ec;
+  const auto size = fs::file_size(text_path, ec);
+  if (ec) throw_error(text_path, ": cannot read (", ec.message(), ")");
+  const auto mtime = fs::last_write_time(text_path).time_since_epoch().count();
+  const std::string key = text_path + "|" + std::to_string(size) + "|" + std::to_string(mtime) + "|" + tok_path;
+  std::ifstream meta(cache_path + ".key");
+  std::string saved;
+  std::getline(meta, saved);
+  if (saved == key && fs::exists(cache_path)) return read_token_file(cache_path);
+  std::ifstream f(text_path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  auto t0 = std::chrono::steady_clock::now();
+  std::vector<int> ids = tok.encode(ss.str(), false);
+  std::fprintf(stderr, "tokenized %s: %zu tokens in %.1fs\n", text_path.c_str(), ids.size(),
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  std::vector<int32_t> out(ids.begin(), ids.end());
+  {
+    std::ofstream o(cache_path + ".tmp", std::ios::binary);
+    o.write(reinterpret_cast<const char*>(out.data()), std::streamsize(out.size() * 4));
+  }
+  fs::rename(cache_path + ".tmp", cache_path);
+  std::ofstream(cache_path + ".key") << key << "\n";
+  return out;
+}
+
+void run_train(TrainArgs& a) {
+  TrainOptions& o = a.o;
+  if (o.out_dir.empty()) throw_error("train: --out DIR is required");
+  fs::create_directories(o.out_dir);
+  if (!a.config_json.empty()) {
+    std::ifstream f(a.config_json);
+    if (!f) throw_error(a.config_json, ": cannot open");
+    nlohmann::json j = nlohmann::json::parse(f, nullptr, false);
+    if (j.is_discarded()) throw_error(a.config_json, ": not valid JSON");
+    o.config = config_from_hf_json(j, a.config_json);
+  }
+  std::unique_ptr<Tokenizer> tok;
+  if (!a.tokenizer.empty()) tok = load_tokenizer(a.tokenizer);
+  if (o.config.vocab_size == 0) {
+    if (!tok) throw_error("train: give --vocab or --tokenizer (the vocabulary size comes from it)");
+    o.config.vocab_size = tok->vocab_size();
+  }
+  if (o.config.n_kv_heads == 0) o.config.n_kv_heads = o.config.n_heads;
+  if (o.config.max_seq_len < o.seq_len) o.config.max_seq_len = int(o.seq_len);
+  std::vector<int32_t> train, valid;
+  auto cache = [&](const char* n) { return (fs::path(o.out_dir) / n).string(); };
+  if (!a.train_tokens.empty()) train = read_token_file(a.train_tokens);
+  else if (!a.train_text.empty()) {
+    if (!tok) throw_error("train: --train TEXT needs --tokenizer");
+    train = tokenized(a.train_text, *tok, a.tokenizer, cache("train.tokens"));
+  } else {
+    throw_error("train: give --train TEXT (with --tokenizer) or --train-tokens FILE");
+  }
+  if (!a.valid_tokens.empty()) valid = read_token_file(a.valid_tokens);
+  else if (!a.valid_text.empty()) {
+    if (!tok) throw_error("train: --valid TEXT needs --tokenizer");
+    valid = tokenized(a.valid_text, *tok, a.tokenizer, cache("valid.tokens"));
+  }
+  o.device = parse_device(a.device);
+  if (!a.json) std::fprintf(stderr, "model: %s\ntrain: %zu tokens, valid: %zu tokens\n", o.config.summary().c_str(), train.size(), valid.size());
+  TrainResult r = train_model(o, train, valid, [&](const TrainRecord& rec) {
+    if (rec.val_loss >= 0 && !a.json)
+      std::fprintf(stderr, "\nstep %lld  loss %.4f  val_loss %.4f  lr %.2e  %.0f tok/s\n", (long long)rec.step, rec.loss,
+                   rec.val_loss, rec.lr, rec.tokens_per_second);
+  });
+  nlohmann::json out = {{"out", o.out_dir}, {"steps", r.steps_done}, {"resumed", r.resumed}, {"final_val_loss", r.final_val_loss}};
+  if (!r.records.empty()) out["final_train_loss"] = r.records.back().loss;
+  if (a.json) print_json(out);
+  else std::printf("trained %lld steps; final val loss %.4f; model in %s/model.bin and %s/hf\n", (long long)r.steps_done,
+                   r.final_val_loss, o.out_dir.c_str(), o.out_dir.c_str());
+}
+}  // namespace
+
+void register_train(CLI::App& app) {
+  auto* t = app.add_subcommand("train", "Pretrain a Llama-architecture model from scratch (resumable)");
+  auto a = std::make_shared<TrainArgs>();
+  TrainOptions& o = a->o;
+  t->add_option("--out", o.out_dir, "run directory: state, log.jsonl, model.bin, hf/ (resumes if it holds a state)")->required();
+  t->add_option("--tokenizer", a->tokenizer, "tokenizer for --train/--valid text");
+  t->add_option("--train", a->train_text, "training text file");
+  t->add_option("--valid", a->valid_text, "validation text file");
+  t->add_option("--train-tokens", a->train_tokens, "training data as raw int32 token ids");
+  t->add_option("--valid-tokens", a->valid_tokens, "validation data as raw int32 token ids");
+  t->add_option("--config", a->config_json, "Hugging Face style config.json for the architecture (else the flags below)");
+  t->add_option("--dim", o.config.dim, "model width")->default_val(288);
+  t->add_option("--hidden-dim", o.config.hidden_dim, "SwiGLU width")->default_val(768);
+  t->add_option("--layers", o.config.n_layers, "decoder blocks")->default_val(6);
+  t->add_option("--heads", o.config.n_heads, "attention heads")->default_val(6);
+  t->add_option("--kv-heads", o.config.n_kv_heads, "key/value heads (default: --heads)")->default_val(0);
+  t->add_option("--vocab", o.config.vocab_size, "vocabulary size (default: the tokenizer's)")->default_val(0);
+  t->add_option("--max-seq-len", o.config.max_seq_len, "maximum sequence length of the model")->default_val(256);
+  t->add_option("--batch", o.batch_size, "sequences per micro-batch")->capture_default_str();
+  t->add_option("--seq-len", o.seq_len, "tokens per training sequence")->capture_default_str();
+  t->add_option("--grad-accum", o.grad_accum, "micro-batches per step")->capture_default_str();
+  t->add_option("--steps", o.max_steps, "optimizer steps")->capture_default_str();
+  t->add_option("--warmup", o.warmup_steps, "linear warmup steps")->capture_default_str();
+  t->add_option("--lr", o.lr, "peak learning rate")->capture_default_str();
+  t->add_option("--min-lr-ratio", o.min_lr_ratio, "final lr as a fraction of --lr (cosine)")->capture_default_str();
+  t->add_option("--weight-decay", o.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
+  t->add_option("--beta2", o.beta2, "AdamW beta2")->capture_default_str();
+  t->add_option("--grad-clip", o.grad_clip, "max global gradient norm (0 = off)")->capture_default_str();
+  t->add_option("--eval-every", o.eval_every, "validate every N steps")->capture_default_str();
+  t->add_option("--eval-batches", o.eval_batches, "validation micro-batches")->capture_default_str();
+  t->add_option("--checkpoint-every", o.checkpoint_every, "save the resumable state every N steps")->capture_default_str();
+  t->add_option("--seed", o.seed, "seed for initialisation and data order")->capture_default_str();
+  t->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
+  t->add_flag("--json", a->json, "print a JSON summary");
+  t->callback([a] { run_train(*a); });
+}
+
+}  // namespace lowbit::cli

@@ -1,0 +1,63 @@
+#include "lowbit/cli/common.h"
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/ops/device_init.h"
+
+namespace lowbit::cli {
+
+Device parse_device(const std::string& name) {
+  if (name == "cpu") return Device::CPU;
+  if (name == "cuda" || name == "gpu") {
+    if (!init_cuda()) throw_error("--device cuda: no usable CUDA GPU (or lowbit was built without CUDA)");
+    return Device::CUDA;
+  }
+  throw_error("unknown device '", name, "' (expected cpu or cuda)");
+}
+
+LoadedModel load_model(const std::string& path, Device device) {
+  LoadedModel m;
+  if (is_lowbit_quantized_dir(path)) {  // packed weights: QuantLinear layers
+    QuantizedCheckpoint q = load_quantized_model(path);
+    m.model = make_quantized_model(q, device);
+    m.checkpoint = std::move(q.dense);
+    return m;
+  }
+  m.checkpoint = load_checkpoint(path);
+  LlamaWeights w = m.checkpoint.weights;
+  if (device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(device); });
+  m.model = std::make_unique<LlamaModel>(m.checkpoint.config, w, false);
+  return m;
+}
+
+std::unique_ptr<Tokenizer> open_tokenizer(const std::string& tokenizer_path, const std::string& model_path) {
+  if (!tokenizer_path.empty()) return load_tokenizer(tokenizer_path);
+  namespace fs = std::filesystem;
+  if (!model_path.empty() && fs::is_directory(model_path)) return load_tokenizer(model_path);
+  throw_error("no tokenizer: pass --tokenizer FILE (tokenizer.bin, tokenizer.model or tokenizer.json); ", model_path,
+              " is not a model directory with one");
+}
+
+std::vector<int32_t> read_token_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
+  if (!f) throw_error(path, ": cannot open token file");
+  const auto size = static_cast<int64_t>(f.tellg());
+  if (size % 4 != 0) throw_error(path, ": ", size, " bytes is not a whole number of int32 token ids");
+  std::vector<int32_t> ids(size_t(size / 4));
+  f.seekg(0);
+  f.read(reinterpret_cast<char*>(ids.data()), size);
+  if (!f) throw_error(path, ": read failed");
+  return ids;
+}
+
+void print_json(const nlohmann::json& j) {
+  std::string s = j.dump();
+  std::fwrite(s.data(), 1, s.size(), stdout);
+  std::fputc('\n', stdout);
+  std::fflush(stdout);
+}
+
+}  // namespace lowbit::cli

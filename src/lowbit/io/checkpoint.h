@@ -1,0 +1,74 @@
+// A model checkpoint as loaded from any supported file format, and the one front door that
+// detects the format of a path and loads or saves it.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lowbit/core/dtype.h"
+
+#include "lowbit/model/config.h"
+#include "lowbit/model/weights.h"
+
+namespace lowbit {
+
+// A tokenizer vocabulary embedded in a checkpoint (GGUF tokenizer.ggml.* metadata), kept so that
+// conversions carry it along and a Tokenizer can be built from it.
+struct TokenizerVocab {
+  std::string model;                // tokenizer.ggml.model: "llama" (sentencepiece), "gpt2" (byte-level BPE), ...
+  std::string pre;                  // tokenizer.ggml.pre (pre-tokenizer name), may be empty
+  std::vector<std::string> tokens;  // pieces as stored (sentencepiece pieces keep U+2581)
+  std::vector<float> scores;        // empty or one per token
+  std::vector<int32_t> token_types; // empty or one per token (1 normal, 2 unknown, 3 control, 4 user, 5 unused, 6 byte)
+  std::vector<std::string> merges;  // BPE merges "a b", may be empty
+  int bos_id = -1, eos_id = -1, unk_id = -1, pad_id = -1;
+  bool empty() const { return tokens.empty(); }
+};
+
+// Config + f32 CPU weights + where they came from. Weights are owned tensors (loaders copy out
+// of their memory maps), so the source file may be replaced or deleted after loading.
+struct Checkpoint {
+  LlamaConfig config;
+  LlamaWeights weights;
+  std::string source;  // the path it was loaded from
+  TokenizerVocab vocab;  // embedded tokenizer (GGUF); empty for formats that carry none
+};
+
+class Tokenizer;
+
+enum class CheckpointFormat { Auto, Llama2c, Gguf, HfDir };
+const char* checkpoint_format_name(CheckpointFormat f);
+
+// What a path holds, from its contents (magic bytes, header plausibility), not its extension:
+// a directory with config.json -> HfDir; a file starting with "GGUF" -> Gguf; a file whose
+// llama2.c header exactly describes its size -> Llama2c; a safetensors file -> HfDir when its
+// directory has config.json (a bare safetensors file carries no model config). Throws naming the
+// path otherwise.
+CheckpointFormat detect_checkpoint_format(const std::string& path);
+
+// Loads any supported checkpoint (see detect_checkpoint_format). A safetensors file loads the
+// model directory it is in.
+Checkpoint load_checkpoint(const std::string& path);
+
+// The output format a path asks for: ".bin" -> Llama2c, ".gguf" -> Gguf, anything else (a
+// directory, existing or not) -> HfDir. ".safetensors" is refused: a model needs its config.json,
+// so give the directory instead.
+CheckpointFormat format_for_output(const std::string& path);
+
+// Saves `ckpt` in `format` (Auto: format_for_output). `dtype` (f32, f16, bf16) applies to GGUF and
+// HF outputs; llama2.c is f32 only. GGUF output embeds ckpt.vocab when it has one. Refuses to write
+// over ckpt.source. Every file is written atomically.
+void save_checkpoint(const std::string& path, const Checkpoint& ckpt, CheckpointFormat format = CheckpointFormat::Auto,
+                     DType dtype = DType::F32);
+
+// The tokenizer file that belongs to a model path: for a model directory (or a safetensors file in
+// one) its tokenizer.json, else tokenizer.model; "" when there is none. A tokenizer.bin next to a
+// llama2.c .bin is not a convention, so it is not guessed. (GGUF files embed theirs: see
+// tokenizer_from_vocab.)
+std::string tokenizer_path_for(const std::string& model_path);
+
+// A Tokenizer built from an embedded vocabulary. Supports tokenizer.ggml.model "llama"
+// (sentencepiece BPE with scores, as llama2.c encodes it); throws naming the model type otherwise.
+std::unique_ptr<Tokenizer> tokenizer_from_vocab(const TokenizerVocab& vocab, const std::string& source);
+
+}  // namespace lowbit

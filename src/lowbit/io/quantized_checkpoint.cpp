@@ -1,0 +1,217 @@
+#include "lowbit/io/quantized_checkpoint.h"
+
+#include <filesystem>
+#include <fstream>
+
+#include "lowbit/io/hf.h"
+#include "lowbit/io/rope_layout.h"
+#include "lowbit/io/safetensors.h"
+#include "lowbit/quant/quant_linear.h"
+
+namespace lowbit {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+bool is_qk(const std::string& module) {
+  return module.ends_with("self_attn.q_proj") || module.ends_with("self_attn.k_proj");
+}
+
+// Applies a row permutation (interleaved <-> half) to every per-row tensor of a quantized layer.
+QuantizedTensor permute_rows(const QuantizedTensor& q, int heads, int head_dim, bool to_half) {
+  auto f = [&](const Tensor& t) {
+    if (!t.defined() || t.dim() != 2) return t;
+    return to_half ? rope_rows_interleaved_to_half(t, heads, head_dim) : rope_rows_half_to_interleaved(t, heads, head_dim);
+  };
+  QuantizedTensor r = q;
+  r.codes = f(q.codes);
+  r.scales = f(q.scales);
+  r.zeros = f(q.zeros);
+  return r;
+}
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) throw_error(path, ": cannot open");
+  nlohmann::json j = nlohmann::json::parse(f, nullptr, false);
+  if (j.is_discarded()) throw_error(path, ": not valid JSON");
+  return j;
+}
+
+}  // namespace
+
+void save_quantized_model(const std::string& dir, const LlamaModel& model, const std::string& method,
+                          const QuantFormat& format, const nlohmann::json& extra) {
+  const LlamaConfig& c = model.config();
+  const bool permute = c.rope_style == RopeStyle::Interleaved;
+  const int hd = c.resolved_head_dim();
+  std::vector<std::pair<std::string, Tensor>> ts;
+  LlamaWeights w = model.weights();
+  // Non-linear tensors in HF layout (norms are per channel and do not need permuting, except
+  // Qwen3 q/k norms, which the helper below handles with the weights).
+  LlamaWeights hfw = weights_with_rope_style(c, w, RopeStyle::Half);
+  for_each_weight(hfw, [&](const std::string& name, const Tensor& t) {
+    if (name.find("_proj.") != std::string::npos) return;  // linears below
+    ts.emplace_back(name, t.to(Device::CPU).contiguous());
+  });
+  int n_quant = 0;
+  for (int i = 0; i < model.n_layers(); ++i) {
+    auto& b = const_cast<LlamaModel&>(model).block(i);
+    for (auto& [name, slot] : b.linears()) {
+      const std::string m = "model.layers." + std::to_string(i) + "." + name;
+      const int heads = name == "self_attn.q_proj" ? c.n_heads : c.n_kv_heads;
+      Tensor bias = (*slot)->bias();
+      if (auto* ql = dynamic_cast<const QuantLinear*>(slot->get())) {
+        if (ql->quantized().format != format.id)
+          throw_error("save_quantized_model: ", m, " is ", ql->quantized().fmt().name, ", expected ", format.name);
+        QuantizedTensor q = permute && is_qk(m) ? permute_rows(ql->quantized(), heads, hd, true) : ql->quantized();
+        ts.emplace_back(m + ".qweight", q.codes);
+        if (q.scales.defined()) ts.emplace_back(m + ".scales", q.scales);
+        if (q.zeros.defined()) ts.emplace_back(m + ".qzeros", q.zeros);
+        if (q.tensor_scale.defined()) ts.emplace_back(m + ".tensor_scale", q.tensor_scale);
+        ++n_quant;
+      } else {
+        Tensor wt = (*slot)->effective_weight().to(Device::CPU).contiguous();
+        if (permute && is_qk(m)) wt = rope_rows_interleaved_to_half(wt, heads, hd);
+        ts.emplace_back(m + ".weight", wt);
+      }
+      if (bias.defined()) {
+        Tensor bt = bias.to(Device::CPU).contiguous();
+        if (permute && is_qk(m)) bt = rope_rows_interleaved_to_half(bt, heads, hd);
+        ts.emplace_back(m + ".bias", bt);
+      }
+    }
+  }
+  if (n_quant == 0) throw_error("save_quantized_model: the model has no quantized layer");
+  LlamaConfig hc = c;
+  hc.rope_style = RopeStyle::Half;
+  nlohmann::json cfg = config_to_hf_json(hc, "float32");
+  nlohmann::json qc = {{"quant_method", "lowbit"},
+                       {"version", 1},
+                       {"format", format.name},
+                       {"bits", format.bits},
+                       {"group_size", format.group_size},
+                       {"sym", !format.has_zero},
+                       {"method", method},
+                       {"modules_not_to_convert", {"lm_head", "model.embed_tokens"}}};
+  for (auto& [k, v] : extra.items()) qc[k] = v;
+  cfg["quantization_config"] = qc;
+  fs::create_directories(dir);
+  save_safetensors((fs::path(dir) / "model.safetensors").string(), ts, {{"format", "pt"}, {"quantizer", "lowbit"}});
+  const std::string cfg_path = (fs::path(dir) / "config.json").string();
+  {
+    std::ofstream o(cfg_path + ".tmp");
+    o << cfg.dump(2) << "\n";
+    if (!o) throw_error(cfg_path, ": write failed");
+  }
+  fs::rename(cfg_path + ".tmp", cfg_path);
+}
+
+bool is_lowbit_quantized_dir(const std::string& dir) {
+  const auto p = fs::path(dir) / "config.json";
+  if (!fs::is_regular_file(p)) return false;
+  std::ifstream f(p);
+  nlohmann::json j = nlohmann::json::parse(f, nullptr, false);
+  return !j.is_discarded() && j.is_object() && j.contains("quantization_config") &&
+         j["quantization_config"].is_object() && j["quantization_config"].value("quant_method", "") == "lowbit";
+}
+
+QuantizedCheckpoint load_quantized_model(const std::string& dir) {
+  const std::string cfg_path = (fs::path(dir) / "config.json").string();
+  nlohmann::json cfg = read_json(cfg_path);
+  if (!cfg.contains("quantization_config") || !cfg["quantization_config"].is_object())
+    throw_error(cfg_path, ": no quantization_config (not a quantized checkpoint)");
+  const nlohmann::json& qc = cfg["quantization_config"];
+  if (qc.value("quant_method", "") != "lowbit")
+    throw_error(cfg_path, ": quantization_config.quant_method is '", qc.value("quant_method", ""),
+                "'; lowbit reads its own packed layout ('lowbit') here");
+  if (!qc.contains("format") || !qc["format"].is_string()) throw_error(cfg_path, ": quantization_config has no 'format'");
+  const QuantFormat* fmt = nullptr;
+  try {
+    fmt = &parse_quant_format(qc["format"].get<std::string>());
+  } catch (const Error& e) {
+    throw_error(cfg_path, ": ", e.what());
+  }
+  QuantizedCheckpoint out;
+  out.format = fmt->id;
+  out.method = qc.value("method", "");
+  out.dense.source = dir;
+  out.dense.config = config_from_hf_json(cfg, cfg_path);
+  const LlamaConfig& c = out.dense.config;
+  const std::string st_path = (fs::path(dir) / "model.safetensors").string();
+  SafetensorsFile f = SafetensorsFile::open(st_path);
+  auto load = [&](const std::string& name) -> Tensor {
+    if (!f.find(name)) throw_error(st_path, ": missing tensor '", name, "'");
+    return f.load(name);
+  };
+  auto loadf = [&](const std::string& name) -> Tensor {
+    if (!f.find(name)) throw_error(st_path, ": missing tensor '", name, "'");
+    return f.load_f32(name);
+  };
+  LlamaWeights& w = out.dense.weights;
+  w = LlamaWeights{};
+  w.tok_embeddings = loadf("model.embed_tokens.weight");
+  w.final_norm = loadf("model.norm.weight");
+  if (!c.tied_embeddings) w.output = loadf("lm_head.weight");
+  const int64_t D = c.dim, F = c.hidden_dim, h = c.resolved_head_dim();
+  const int64_t Q = int64_t(c.n_heads) * h, KV = int64_t(c.n_kv_heads) * h;
+  for (int i = 0; i < c.n_layers; ++i) {
+    LayerWeights l;
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    l.attn_norm = loadf(p + "input_layernorm.weight");
+    l.ffn_norm = loadf(p + "post_attention_layernorm.weight");
+    if (c.qk_norm) {
+      l.q_norm = loadf(p + "self_attn.q_norm.weight");
+      l.k_norm = loadf(p + "self_attn.k_norm.weight");
+    }
+    struct Lin {
+      const char* name;
+      Tensor* w;
+      Tensor* b;
+      int64_t out, in;
+    } lins[] = {{"self_attn.q_proj", &l.wq, &l.bq, Q, D},  {"self_attn.k_proj", &l.wk, &l.bk, KV, D},
+                {"self_attn.v_proj", &l.wv, &l.bv, KV, D}, {"self_attn.o_proj", &l.wo, nullptr, D, Q},
+                {"mlp.gate_proj", &l.w_gate, nullptr, F, D}, {"mlp.up_proj", &l.w_up, nullptr, F, D},
+                {"mlp.down_proj", &l.w_down, nullptr, D, F}};
+    for (auto& lin : lins) {
+      const std::string m = p + lin.name;
+      if (f.find(m + ".qweight")) {
+        QuantizedTensor q;
+        q.format = fmt->id;
+        q.shape = {lin.out, lin.in};
+        q.codes = load(m + ".qweight");
+        if (f.find(m + ".scales")) q.scales = load(m + ".scales");
+        if (f.find(m + ".qzeros")) q.zeros = load(m + ".qzeros");
+        if (f.find(m + ".tensor_scale")) q.tensor_scale = load(m + ".tensor_scale");
+        try {
+          q.validate();
+        } catch (const Error& e) {
+          throw_error(st_path, ": quantized layer '", m, "': ", e.what());
+        }
+        *lin.w = q.dequantize();
+        out.quantized.emplace(m, std::move(q));
+      } else {
+        *lin.w = loadf(m + ".weight");
+      }
+      if (lin.b && c.attn_bias) *lin.b = loadf(m + ".bias");
+    }
+    w.layers.push_back(std::move(l));
+  }
+  validate_weights(c, w, dir);
+  return out;
+}
+
+std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, Device device) {
+  LlamaWeights w = q.dense.weights;
+  if (device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(device); });
+  auto model = std::make_unique<LlamaModel>(q.dense.config, w, false);
+  for (int i = 0; i < model->n_layers(); ++i)
+    for (auto& [name, slot] : model->block(i).linears()) {
+      auto it = q.quantized.find("model.layers." + std::to_string(i) + "." + name);
+      if (it != q.quantized.end()) *slot = std::make_shared<QuantLinear>(it->second, (*slot)->bias(), device);
+    }
+  return model;
+}
+
+}  // namespace lowbit

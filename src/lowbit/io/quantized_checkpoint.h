@@ -1,0 +1,52 @@
+// Quantized checkpoints: a Hugging Face-style directory whose linear layers are stored packed.
+//
+//   config.json        the model's HF config plus
+//                      "quantization_config": {"quant_method": "lowbit", "format": "int4g128",
+//                        "bits": 4, "group_size": 128, "sym": false, "method": "gptq",
+//                        "version": 1, "modules_not_to_convert": ["lm_head"]}
+//   model.safetensors  for each quantized linear <m> (e.g. model.layers.0.self_attn.q_proj):
+//                        <m>.qweight       U8  [out, row_bytes(in)]  packed codes (quant/format.h)
+//                        <m>.scales        F16 or U8 [out, n_groups]  (absent for ternary)
+//                        <m>.qzeros        F16 [out, n_groups]        (asymmetric int only)
+//                        <m>.tensor_scale  F32 [1]                    (ternary, nvfp4)
+//                        <m>.bias          F32 [out]                  (when the layer has one)
+//                      every other tensor (embeddings, norms, lm_head) in f32 under its HF name.
+// Rows of q_proj/k_proj are in the Hugging Face (rotate-half) order, as in any HF checkpoint.
+// The code layout is lowbit's own (documented in quant/format.h); it is not GPTQ's int32 packing.
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "lowbit/io/checkpoint.h"
+#include "lowbit/model/llama.h"
+#include "lowbit/quant/format.h"
+#include "lowbit/quant/quantized_tensor.h"
+
+namespace lowbit {
+
+struct QuantizedCheckpoint {
+  Checkpoint dense;  // config (rope Half) + f32 weights, quantized linears dequantized
+  std::string method;
+  QuantFormatId format = QuantFormatId::Int4G128;
+  std::map<std::string, QuantizedTensor> quantized;  // by module name
+};
+
+// Writes `model` (whose linears are QuantLinear or dense) atomically into `dir`.
+// `extra` is merged into quantization_config (e.g. the calibration settings).
+void save_quantized_model(const std::string& dir, const LlamaModel& model, const std::string& method,
+                          const QuantFormat& format, const nlohmann::json& extra = {});
+
+// Reads a directory written by save_quantized_model. Throws lowbit::Error naming the file and
+// the tensor for missing scales, wrong packed sizes, unknown format names, etc.
+QuantizedCheckpoint load_quantized_model(const std::string& dir);
+
+// True when dir/config.json has a lowbit quantization_config.
+bool is_lowbit_quantized_dir(const std::string& dir);
+
+// A frozen model whose quantized linears are QuantLinear layers, on `device`.
+std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, Device device = Device::CPU);
+
+}  // namespace lowbit

@@ -1,0 +1,72 @@
+// safetensors files (https://github.com/huggingface/safetensors, README "Format"):
+//   u64 N (little-endian)            size of the header
+//   N bytes of UTF-8 JSON            {"name": {"dtype": "F16", "shape": [..], "data_offsets": [b, e]},
+//                                     ..., "__metadata__": {"k": "v", ...}}  (may be padded with
+//                                     trailing spaces; the reference writer pads to 8 bytes)
+//   the byte buffer                  offsets [b, e) are relative to its start
+// The reference implementation rejects headers over 100 MB, overlapping tensors, holes between
+// tensors and bytes after the last tensor; so do we (an error names the file and tensor).
+#pragma once
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lowbit/core/tensor.h"
+
+namespace lowbit {
+
+namespace io {
+class MappedFile;
+}
+
+struct SafetensorsTensorInfo {
+  std::string name;
+  std::string dtype_name;      // as in the file: "F32", "BF16", ...
+  std::optional<DType> dtype;  // empty for dtypes lowbit cannot hold (BOOL, U16, F8_E4M3, ...)
+  int element_size = 0;        // bytes
+  Shape shape;
+  uint64_t begin = 0, end = 0;  // data_offsets, relative to the byte buffer
+};
+
+class SafetensorsFile {
+ public:
+  // Maps and validates the file; throws lowbit::Error naming it and the problem.
+  static SafetensorsFile open(const std::string& path);
+
+  const std::string& path() const { return path_; }
+  const std::vector<SafetensorsTensorInfo>& tensors() const { return tensors_; }  // in file order
+  const SafetensorsTensorInfo* find(const std::string& name) const;  // nullptr if absent
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+
+  // A copy of the tensor in its own dtype (throws for dtypes lowbit cannot hold).
+  Tensor load(const std::string& name) const;
+  // A copy converted to f32.
+  Tensor load_f32(const std::string& name) const;
+
+ private:
+  const SafetensorsTensorInfo& get(const std::string& name) const;
+  const uint8_t* bytes_of(const SafetensorsTensorInfo& t) const;
+  std::string path_;
+  std::shared_ptr<io::MappedFile> file_;
+  uint64_t data_start_ = 0;
+  std::vector<SafetensorsTensorInfo> tensors_;
+  std::map<std::string, size_t> index_;
+  std::map<std::string, std::string> metadata_;
+};
+
+// Writes tensors (any dtype, any device/layout; written contiguous) in the given order, with
+// `metadata` as __metadata__. Atomic: path.tmp, fsync, rename. Names must be unique, valid UTF-8
+// and not "__metadata__".
+void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata = {});
+
+// The safetensors dtype string for a lowbit dtype ("F32", "BF16", ...).
+const char* safetensors_dtype_name(DType t);
+
+// True when the file starts like a safetensors file (plausible header length, then '{').
+bool looks_like_safetensors(const std::string& path);
+
+}  // namespace lowbit

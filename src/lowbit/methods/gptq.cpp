@@ -1,0 +1,195 @@
+#include "lowbit/methods/gptq.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "lowbit/quant/quantize.h"
+
+namespace lowbit {
+
+// ---- Hessian ----------------------------------------------------------------------------------------
+
+HessianAccumulator::HessianAccumulator(int64_t in_features) : in_(in_features) {
+  LB_CHECK(in_features > 0, "HessianAccumulator: in_features must be > 0, got ", in_features);
+  xtx_.assign(size_t(in_ * in_), 0.0);
+}
+
+void HessianAccumulator::add(const Tensor& x) {
+  LB_CHECK(x.defined() && x.dim() >= 1 && x.size(-1) == in_, "HessianAccumulator::add: expected rows of width ",
+           in_, ", got ", x.describe());
+  if (x.numel() == 0) return;
+  Tensor xd = x.to(Device::CPU).to(DType::F64).contiguous();
+  int64_t n = xd.numel() / in_;
+  const double* p = xd.data<double>();
+  for (int64_t i = 0; i < xd.numel(); ++i)
+    LB_CHECK(std::isfinite(p[i]), "HessianAccumulator::add: non-finite input value at row ", i / in_,
+             ", channel ", i % in_);
+  // X^T X accumulated into the upper triangle.
+  cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, int(in_), int(n), 1.0, p, int(in_), 1.0, xtx_.data(),
+              int(in_));
+  n_ += n;
+}
+
+Tensor HessianAccumulator::hessian() const {
+  LB_CHECK(n_ > 0, "HessianAccumulator: no calibration rows were added");
+  Tensor h = Tensor::empty({in_, in_});
+  float* ph = h.data<float>();
+  double scale = 2.0 / double(n_);
+  for (int64_t i = 0; i < in_; ++i)
+    for (int64_t j = i; j < in_; ++j) ph[i * in_ + j] = ph[j * in_ + i] = float(scale * xtx_[size_t(i * in_ + j)]);
+  return h;
+}
+
+// ---- linear algebra -------------------------------------------------------------------------------
+
+void cholesky_lower_inplace(double* a, int64_t n) {
+  // Right-looking blocked Cholesky: factor a diagonal block, solve the panel below it, update the
+  // trailing matrix with a rank-kb SYRK.
+  const int64_t nb = 64;
+  for (int64_t k = 0; k < n; k += nb) {
+    int64_t kb = std::min(nb, n - k);
+    for (int64_t i = k; i < k + kb; ++i)
+      for (int64_t j = k; j <= i; ++j) {
+        double s = a[i * n + j];
+        for (int64_t p = k; p < j; ++p) s -= a[i * n + p] * a[j * n + p];
+        if (i == j) {
+          if (!(s > 0))
+            throw_error("Cholesky: matrix is not positive definite (pivot ", s, " at column ", i,
+                        "); increase the dampening (percdamp) or use more calibration data");
+          a[i * n + i] = std::sqrt(s);
+        } else {
+          a[i * n + j] = s / a[j * n + j];
+        }
+      }
+    int64_t m = n - k - kb;
+    if (m > 0) {
+      double* a11 = a + k * n + k;
+      double* a21 = a + (k + kb) * n + k;
+      cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, int(m), int(kb), 1.0, a11, int(n),
+                  a21, int(n));
+      cblas_dsyrk(CblasRowMajor, CblasLower, CblasNoTrans, int(m), int(kb), -1.0, a21, int(n), 1.0, a21 + kb, int(n));
+    }
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i + 1; j < n; ++j) a[i * n + j] = 0.0;
+}
+
+std::vector<double> inverse_hessian_cholesky_upper(std::vector<double> h, int64_t n) {
+  LB_CHECK(int64_t(h.size()) == n * n, "inverse_hessian_cholesky_upper: ", h.size(), " values for n = ", n);
+  cholesky_lower_inplace(h.data(), n);  // H = L L^T
+  std::vector<double> linv(size_t(n * n), 0.0);
+  for (int64_t i = 0; i < n; ++i) linv[size_t(i * n + i)] = 1.0;
+  cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, int(n), int(n), 1.0, h.data(), int(n),
+              linv.data(), int(n));  // L^{-1}
+  std::vector<double>& hinv = h;  // L is no longer needed: reuse its memory
+  cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, int(n), int(n), 1.0, linv.data(), int(n), 0.0, hinv.data(),
+              int(n));  // H^{-1} = L^{-T} L^{-1}, lower triangle
+  linv = std::vector<double>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i + 1; j < n; ++j) hinv[size_t(i * n + j)] = hinv[size_t(j * n + i)];
+  cholesky_lower_inplace(hinv.data(), n);  // H^{-1} = L2 L2^T, so U = L2^T
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i + 1; j < n; ++j) std::swap(hinv[size_t(i * n + j)], hinv[size_t(j * n + i)]);
+  return h;  // holds U
+}
+
+// ---- GPTQ -----------------------------------------------------------------------------------------
+
+GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_in, const QuantFormat& f, const GptqOptions& opt) {
+  Tensor w = checked_weight(w_in, f, "gptq").clone();  // modified in place below
+  const int64_t out = w.size(0), in = w.size(1), groups = f.n_groups(in);
+  LB_CHECK(h_in.defined() && h_in.dim() == 2 && h_in.size(0) == in && h_in.size(1) == in, "gptq [", f.name,
+           "]: Hessian must be [", in, ", ", in, "] for a weight ", shape_str(w.shape()), ", got ",
+           h_in.defined() ? h_in.describe() : std::string("undefined"));
+  LB_CHECK(opt.block_size > 0, "gptq: block_size must be > 0, got ", opt.block_size);
+  LB_CHECK(opt.percdamp >= 0 && std::isfinite(opt.percdamp), "gptq: percdamp must be >= 0, got ", opt.percdamp);
+  std::vector<double> h;
+  {
+    Tensor hf = h_in.to(Device::CPU).to(DType::F64).contiguous();
+    h.assign(hf.data<double>(), hf.data<double>() + in * in);
+  }
+  for (double v : h) LB_CHECK(std::isfinite(v), "gptq [", f.name, "]: Hessian has a non-finite value");
+  float* pw = w.data<float>();
+
+  GptqResult res;
+  // Dead input channels: they never contribute to the output; quantize them to (the code of) 0.
+  for (int64_t j = 0; j < in; ++j)
+    if (h[size_t(j * in + j)] == 0.0) {
+      h[size_t(j * in + j)] = 1.0;
+      for (int64_t r = 0; r < out; ++r) pw[r * in + j] = 0.0f;
+      ++res.dead_columns;
+    }
+
+  const bool grouped = f.granularity == ScaleGranularity::PerGroup;
+  const bool static_groups = grouped && (opt.static_groups || opt.act_order);
+  const float tensor_scale = compute_tensor_scale(f, w);
+  // Parameters fitted before the sweep: per-channel / per-tensor formats, and static groups.
+  std::vector<GroupParams> params(static_cast<size_t>(out * groups));
+  if (!grouped || static_groups) params = fit_all_group_params(f, w, tensor_scale);
+
+  // Column order: identity, or decreasing diag(H) (act-order). Stable sort keeps ties in order.
+  std::vector<int64_t> perm(static_cast<size_t>(in));
+  std::iota(perm.begin(), perm.end(), 0);
+  if (opt.act_order)
+    std::stable_sort(perm.begin(), perm.end(),
+                     [&](int64_t a, int64_t b) { return h[size_t(a * in + a)] > h[size_t(b * in + b)]; });
+
+  // Permuted copies W[:, perm] and H[perm][:, perm]; dampening on the diagonal.
+  std::vector<float> wp(static_cast<size_t>(out * in));
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t j = 0; j < in; ++j) wp[size_t(r * in + j)] = pw[r * in + perm[size_t(j)]];
+  std::vector<double> hp(static_cast<size_t>(in * in));
+  double mean_diag = 0;
+  for (int64_t j = 0; j < in; ++j) mean_diag += h[size_t(j * in + j)] / double(in);
+  for (int64_t i = 0; i < in; ++i)
+    for (int64_t j = 0; j < in; ++j) hp[size_t(i * in + j)] = h[size_t(perm[size_t(i)] * in + perm[size_t(j)])];
+  for (int64_t j = 0; j < in; ++j) hp[size_t(j * in + j)] += opt.percdamp * mean_diag;
+  h = std::vector<double>();  // free: only the permuted copy is used from here on
+
+  // U = chol(H^{-1}) upper, in f32 for the sweep (as the reference implementation).
+  std::vector<double> ud = inverse_hessian_cholesky_upper(std::move(hp), in);
+  std::vector<float> u(ud.begin(), ud.end());
+  ud = std::vector<double>();
+
+  std::vector<uint8_t> codes(static_cast<size_t>(out * in));
+  const int64_t bs = opt.block_size;
+  std::vector<float> err(static_cast<size_t>(out * bs));
+  double loss = 0;
+  for (int64_t i1 = 0; i1 < in; i1 += bs) {
+    const int64_t i2 = std::min(i1 + bs, in), count = i2 - i1;
+    // Rows are independent within a block (the OBS update of Alg. 1 only mixes columns).
+#pragma omp parallel for reduction(+ : loss) schedule(static) if (out * count >= 16384)
+    for (int64_t r = 0; r < out; ++r) {
+      float* wrow = &wp[size_t(r * in)];
+      for (int64_t j = i1; j < i2; ++j) {
+        const int64_t col = perm[size_t(j)];  // original column
+        const int64_t g = f.group_of_column(col);
+        GroupParams& p = params[size_t(r * groups + g)];
+        // Dynamic groups (no act-order, so j == col): fit when the sweep enters the group, on the
+        // weights as updated so far.
+        if (grouped && !static_groups && col == f.group_begin(g))
+          p = fit_group_params(f, wrow + j, f.group_end(g, in) - col, tensor_scale);
+        const uint8_t code = f.codec->encode(f, wrow[j], p);
+        const float q = f.codec->decode(f, code, p);
+        codes[size_t(r * in + col)] = code;
+        const float* urow = &u[size_t(j * in)];
+        const float e = (wrow[j] - q) / urow[j];  // Alg. 1: E = (W - Q) / [H^-1]_jj, Cholesky form
+        loss += 0.5 * double(e) * double(e);
+        err[size_t(r * bs + (j - i1))] = e;
+        for (int64_t k = j + 1; k < i2; ++k) wrow[k] -= e * urow[k];  // OBS update within the block
+      }
+    }
+    // Lazy batch update of the remaining columns: W[:, i2:] -= E [out, count] . U[i1:i2, i2:].
+    if (i2 < in)
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(out), int(in - i2), int(count), -1.0f, err.data(),
+                  int(bs), &u[size_t(i1 * in + i2)], int(in), 1.0f, &wp[size_t(i2)], int(in));
+  }
+  res.loss = loss;
+  res.q = make_quantized_tensor(f, out, in, codes.data(), params.data(), tensor_scale);
+  return res;
+}
+
+}  // namespace lowbit

@@ -1,0 +1,70 @@
+// GPTQ (Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ: Accurate Post-Training Quantization for
+// Generative Pre-trained Transformers", Algorithm 1) at the level of one linear layer.
+//
+// Given W [out, in] and the layer-input Hessian H = 2 X^T X / n [in, in], GPTQ quantizes the columns
+// of W one at a time and spreads each column's rounding error over the columns not yet quantized,
+// weighted by the inverse Hessian (OBS update, eq. 2-3, with the Cholesky reformulation of §3 step 3):
+//     e_j = (w_j - q_j) / U_jj,    W[:, k] -= e_j * U_jk  for k > j,     U = chol(H^-1) upper.
+// Columns are processed in blocks of B = 128 whose trailing update is applied lazily with one GEMM
+// (§3 step 2). Options as in the reference implementation (IST-DASLab/gptq, gptq.py fasterquant):
+//   * dampening: H += percdamp * mean(diag H) * I;
+//   * dead columns (diag H = 0, the input channel is always 0): H_jj = 1 and W[:, j] = 0;
+//   * act-order: process columns in order of decreasing diag H. With a grouped format the group
+//     parameters are then computed up front on the original column order ("static groups") so that
+//     the result is an ordinary QuantizedTensor without a g_idx permutation; act_order therefore
+//     implies static_groups for grouped formats;
+//   * without static groups, a group's parameters are fitted (min/max, format.h) when its first
+//     column is reached, on the weights as updated so far;
+//   * per-channel and per-tensor formats fit their parameters once on W before the sweep.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "lowbit/core/tensor.h"
+#include "lowbit/quant/format.h"
+#include "lowbit/quant/quantized_tensor.h"
+
+namespace lowbit {
+
+// H = 2/n sum_i x_i x_i^T over all calibration rows x_i (the inputs of one linear layer), accumulated
+// in double. Equivalent to the running average in gptq.py add_batch.
+class HessianAccumulator {
+ public:
+  explicit HessianAccumulator(int64_t in_features);
+  // Adds the rows of x [..., in] (any leading shape, any float dtype). Throws for a width mismatch
+  // or a non-finite value.
+  void add(const Tensor& x);
+  int64_t in_features() const { return in_; }
+  int64_t n_samples() const { return n_; }
+  Tensor hessian() const;  // F32 [in, in]; throws when no sample was added
+
+ private:
+  int64_t in_;
+  int64_t n_ = 0;
+  std::vector<double> xtx_;  // sum of x x^T, upper triangle valid
+};
+
+struct GptqOptions {
+  double percdamp = 0.01;     // dampening as a fraction of mean(diag H)
+  int64_t block_size = 128;   // columns per lazy-update block (B in the paper)
+  bool act_order = false;     // descending diag(H) order (implies static_groups when grouped)
+  bool static_groups = false; // group parameters from the original W before the sweep
+};
+
+struct GptqResult {
+  QuantizedTensor q;
+  // GPTQ's own loss estimate, sum over weights of (w - q)^2 / (2 U_jj^2) (gptq.py "error").
+  double loss = 0;
+  int64_t dead_columns = 0;  // input channels with diag H = 0
+};
+
+GptqResult gptq_quantize(const Tensor& w, const Tensor& hessian, const QuantFormat& f, const GptqOptions& opt = {});
+
+// ---- linear algebra used by GPTQ (row-major, double), exposed for tests ------------------------
+// In place: A = L L^T, the lower triangle of `a` becomes L, the strict upper triangle is zeroed.
+// Throws lowbit::Error when A is not positive definite.
+void cholesky_lower_inplace(double* a, int64_t n);
+// U upper-triangular with U^T U = H^{-1} (torch: cholesky(cholesky_inverse(cholesky(H)), upper=True)).
+std::vector<double> inverse_hessian_cholesky_upper(std::vector<double> h, int64_t n);
+
+}  // namespace lowbit

@@ -1,0 +1,201 @@
+#include "lowbit/methods/pipeline.h"
+
+#include <sys/resource.h>
+
+#include <chrono>
+#include <filesystem>
+
+#include "lowbit/autograd/functions.h"
+#include "lowbit/core/progress.h"
+#include "lowbit/io/safetensors.h"
+#include "lowbit/methods/layer_error.h"
+#include "lowbit/quant/quant_linear.h"
+
+namespace lowbit {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// Passes its input to a hook, then to the wrapped layer.
+class RecordingLinear : public Linear {
+ public:
+  RecordingLinear(std::shared_ptr<Linear> inner, std::string name, const LinearInputHook& hook)
+      : inner_(std::move(inner)), name_(std::move(name)), hook_(hook) {}
+  Var forward(const Var& x) const override {
+    hook_(name_, x.value());
+    return inner_->forward(x);
+  }
+  int64_t in_features() const override { return inner_->in_features(); }
+  int64_t out_features() const override { return inner_->out_features(); }
+  std::vector<Var> parameters() const override { return inner_->parameters(); }
+  Tensor effective_weight() const override { return inner_->effective_weight(); }
+  Tensor bias() const override { return inner_->bias(); }
+  std::string kind() const override { return inner_->kind(); }
+
+ private:
+  std::shared_ptr<Linear> inner_;
+  std::string name_;
+  const LinearInputHook& hook_;
+};
+
+void save_quantized(std::vector<std::pair<std::string, Tensor>>& out, const std::string& prefix, const QuantizedTensor& q) {
+  out.emplace_back(prefix + ".codes", q.codes);
+  if (q.scales.defined()) out.emplace_back(prefix + ".scales", q.scales);
+  if (q.zeros.defined()) out.emplace_back(prefix + ".zeros", q.zeros);
+  if (q.tensor_scale.defined()) out.emplace_back(prefix + ".tensor_scale", q.tensor_scale);
+}
+
+QuantizedTensor load_quantized(const SafetensorsFile& f, const std::string& prefix, const QuantFormat& fmt,
+                               const Shape& shape) {
+  QuantizedTensor q;
+  q.format = fmt.id;
+  q.shape = shape;
+  q.codes = f.load(prefix + ".codes");
+  if (f.find(prefix + ".scales")) q.scales = f.load(prefix + ".scales");
+  if (f.find(prefix + ".zeros")) q.zeros = f.load(prefix + ".zeros");
+  if (f.find(prefix + ".tensor_scale")) q.tensor_scale = f.load(prefix + ".tensor_scale");
+  q.validate();
+  return q;
+}
+
+uint64_t token_hash(const Tensor& tokens) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a over the calibration ids
+  const int32_t* p = tokens.data<int32_t>();
+  for (int64_t i = 0; i < tokens.numel(); ++i) h = (h ^ uint32_t(p[i])) * 1099511628211ull;
+  return h;
+}
+
+}  // namespace
+
+int64_t peak_rss_bytes() {
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  return int64_t(ru.ru_maxrss) * 1024;
+}
+
+double relative_output_error(const Tensor& x, const Tensor& w, const Tensor& q) {
+  Tensor y = linear_forward(x, w);
+  double ref = 0;
+  const float* p = y.data<float>();
+  for (int64_t i = 0; i < y.numel(); ++i) ref += double(p[i]) * double(p[i]);
+  const double mse = linear_output_mse(x, w, q) * double(y.numel());
+  return ref > 0 ? mse / ref : 0.0;
+}
+
+Tensor BlockContext::run_block(const Tensor& x, const LinearInputHook& hook) const {
+  NoGradGuard ng;
+  LlamaBlock& b = model.block(layer);
+  std::vector<std::pair<std::shared_ptr<Linear>*, std::shared_ptr<Linear>>> saved;
+  if (hook)
+    for (auto& [name, slot] : b.linears()) {
+      saved.emplace_back(slot, *slot);
+      *slot = std::make_shared<RecordingLinear>(*slot, name, hook);
+    }
+  const int64_t D = x.size(1);
+  Tensor out = Tensor::empty({n_samples * seqlen, D}, x.dtype(), x.device());
+  try {
+    for (int64_t s = 0; s < n_samples; s += batch) {
+      const int64_t e = std::min(n_samples, s + batch);
+      Var xin(x.slice(0, s * seqlen, e * seqlen));
+      Var y = model.block_forward(layer, xin, e - s, seqlen);
+      out.slice(0, s * seqlen, e * seqlen).copy_(y.value());
+    }
+  } catch (...) {
+    for (auto& [slot, orig] : saved) *slot = orig;
+    throw;
+  }
+  for (auto& [slot, orig] : saved) *slot = orig;
+  return out;
+}
+
+PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMethod& method, const QuantFormat& format,
+                             const PipelineOptions& o) {
+  if (tokens.dim() != 2 || tokens.dtype() != DType::I32) throw_error("pipeline: calibration tokens must be i32 [N, L]");
+  const int64_t N = tokens.size(0), L = tokens.size(1);
+  const auto t0 = std::chrono::steady_clock::now();
+  PipelineReport rep;
+  rep.method = method.name();
+  rep.format = format.name;
+  Tensor X, Xfp;
+  int start = 0;
+  const std::string state_path = o.state_dir.empty() ? "" : (fs::path(o.state_dir) / "pipeline.safetensors").string();
+  const std::string key = method.name() + "|" + format.name + "|" + std::to_string(token_hash(tokens)) + "|" +
+                          (o.next_from_fp ? "fp" : "q");
+  if (!state_path.empty() && fs::exists(state_path)) {
+    SafetensorsFile f = SafetensorsFile::open(state_path);
+    auto it = f.metadata().find("key");
+    if (it == f.metadata().end() || it->second != key)
+      throw_error(state_path, ": saved state is for a different run (method, format, calibration data or options); "
+                  "remove it or use another state directory");
+    start = std::stoi(f.metadata().at("next_block"));
+    X = f.load("inputs");
+    Xfp = f.find("fp_inputs") ? f.load("fp_inputs") : X;
+    for (int i = 0; i < start; ++i) {
+      LlamaBlock& b = model.block(i);
+      const std::string p = "block." + std::to_string(i) + ".";
+      b.attn_norm.mutable_value().copy_(f.load(p + "attn_norm"));
+      b.ffn_norm.mutable_value().copy_(f.load(p + "ffn_norm"));
+      for (auto& [name, slot] : b.linears()) {
+        QuantizedTensor q = load_quantized(f, p + name, format, {(*slot)->out_features(), (*slot)->in_features()});
+        *slot = std::make_shared<QuantLinear>(std::move(q), (*slot)->bias());
+      }
+    }
+    rep.resumed_from_block = start;
+  } else {
+    NoGradGuard ng;
+    X = model.embed(tokens).value().contiguous();
+    Xfp = X;
+  }
+
+  ProgressBar bar(method.name() + " " + format.name, model.n_layers(), "blocks");
+  bar.update(start);
+  for (int i = start; i < model.n_layers(); ++i) {
+    BlockContext ctx{model, i, N, L, X, Tensor(), o.batch};
+    Tensor Y = ctx.run_block(Xfp);  // FP target before the block changes
+    BlockContext qctx{model, i, N, L, X, Y, o.batch};
+    method.quantize_block(qctx, rep.linears);
+    Tensor Xq = qctx.run_block(X);
+    if (o.next_from_fp) {
+      X = Y;
+      Xfp = Y;
+    } else {
+      X = Xq;
+      Xfp = Y;
+    }
+    if (!state_path.empty()) {
+      fs::create_directories(o.state_dir);
+      std::vector<std::pair<std::string, Tensor>> ts{{"inputs", X}};
+      if (!o.next_from_fp) ts.emplace_back("fp_inputs", Xfp);
+      for (int j = 0; j <= i; ++j) {
+        LlamaBlock& b = model.block(j);
+        const std::string p = "block." + std::to_string(j) + ".";
+        ts.emplace_back(p + "attn_norm", b.attn_norm.value());
+        ts.emplace_back(p + "ffn_norm", b.ffn_norm.value());
+        for (auto& [name, slot] : b.linears()) {
+          auto* ql = dynamic_cast<QuantLinear*>(slot->get());
+          if (!ql) throw_error("pipeline: method '", method.name(), "' left ", name, " of block ", j, " unquantized");
+          save_quantized(ts, p + name, ql->quantized());
+        }
+      }
+      save_safetensors(state_path, ts, {{"key", key}, {"next_block", std::to_string(i + 1)}});
+    }
+    bar.update(i + 1);
+    if (o.stop_after_blocks > 0 && i + 1 - start >= o.stop_after_blocks && i + 1 < model.n_layers()) {
+      rep.complete = false;
+      break;
+    }
+  }
+  bar.finish();
+  double bits = 0, params = 0;
+  for (const auto& l : rep.linears) {
+    bits += l.bits_per_weight * double(l.params);
+    params += double(l.params);
+  }
+  rep.bits_per_weight = params > 0 ? bits / params : 0;
+  rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  rep.peak_rss_bytes = peak_rss_bytes();
+  return rep;
+}
+
+}  // namespace lowbit

@@ -1,0 +1,85 @@
+// The block-wise quantization pipeline shared by every method (RTN, GPTQ, AWQ, ApiQ, ...).
+//
+// Calibration activations are pushed through the model one decoder block at a time; only the
+// current block and its inputs/targets are held (activations in host memory). For block i:
+//   X   = inputs on the quantized path (outputs of the already quantized blocks),
+//   Xfp = inputs on the full-precision path (used when next inputs come from FP blocks),
+//   Y   = FP block i applied to Xfp  (the reconstruction target),
+// the method replaces the block's linear layers (and may change its norms), then the next
+// block's inputs become quantized-block(X) (default) or Y (next_from_fp).
+// After each block the state is saved (when a checkpoint directory is given) so a killed run
+// resumes at the next block with an identical result.
+#pragma once
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lowbit/model/llama.h"
+#include "lowbit/quant/format.h"
+#include "lowbit/quant/quantized_tensor.h"
+
+namespace lowbit {
+
+// Captures the inputs of each linear layer of a block during a forward pass.
+using LinearInputHook = std::function<void(const std::string& linear_name, const Tensor& x)>;
+
+struct BlockContext {
+  LlamaModel& model;
+  int layer = 0;
+  int64_t n_samples = 0, seqlen = 0;
+  const Tensor& inputs;      // [N*L, D] quantized-path inputs
+  const Tensor& fp_targets;  // [N*L, D] FP block outputs on FP inputs
+  int64_t batch = 8;         // samples per forward pass
+
+  // Runs block `layer` over all inputs (in batches), calling hook with each linear's input.
+  // Returns the outputs [N*L, D] (no grad).
+  Tensor run_block(const Tensor& x, const LinearInputHook& hook = nullptr) const;
+};
+
+struct LinearReport {
+  std::string name;       // model.layers.3.self_attn.q_proj
+  double rel_error = 0;   // ||X W^T - X Q^T||^2 / ||X W^T||^2 on calibration inputs
+  double bits_per_weight = 0;
+  int64_t params = 0;
+};
+
+class BlockMethod {
+ public:
+  virtual ~BlockMethod() = default;
+  virtual std::string name() const = 0;
+  // Quantizes ctx.model.block(ctx.layer) in place: replaces its linears with QuantLinear and may
+  // rescale its norms. Appends one report per linear.
+  virtual void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) = 0;
+};
+
+struct PipelineOptions {
+  bool next_from_fp = false;   // next block inputs from the FP block (else from the quantized one)
+  int64_t batch = 8;           // samples per forward pass
+  std::string state_dir;       // resumable state (empty: none)
+  bool progress = true;
+  int stop_after_blocks = 0;   // testing aid: return after this many blocks of this run (0 = off)
+};
+
+struct PipelineReport {
+  std::string method, format;
+  std::vector<LinearReport> linears;
+  double seconds = 0;
+  double bits_per_weight = 0;  // over all quantized linears, metadata included
+  int64_t peak_rss_bytes = 0;
+  int resumed_from_block = 0;
+  bool complete = true;  // false when stopped early by stop_after_blocks
+};
+
+// tokens: i32 [N, L] calibration windows. Quantizes every block of `model` with `method`.
+PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMethod& method, const QuantFormat& format,
+                             const PipelineOptions& options);
+
+// Relative output error of W -> Q on inputs X (rows of x). Used by methods for their reports.
+double relative_output_error(const Tensor& x, const Tensor& w, const Tensor& q);
+
+// Peak resident memory of this process (bytes).
+int64_t peak_rss_bytes();
+
+}  // namespace lowbit

@@ -1,0 +1,164 @@
+#include "lowbit/methods/ptq_methods.h"
+
+#include <map>
+
+#include "lowbit/methods/rtn.h"
+#include "lowbit/ops/ops.h"
+#include "lowbit/quant/quant_linear.h"
+
+namespace lowbit {
+
+namespace {
+
+// Concatenates the rows captured for each linear during one block pass.
+struct InputCapture {
+  std::map<std::string, std::vector<Tensor>> chunks;
+  LinearInputHook hook() {
+    return [this](const std::string& name, const Tensor& x) { chunks[name].push_back(x.to(Device::CPU).contiguous().clone()); };
+  }
+  Tensor rows(const std::string& name) const {
+    auto it = chunks.find(name);
+    if (it == chunks.end()) throw_error("pipeline: no inputs captured for ", name);
+    int64_t n = 0;
+    const int64_t in = it->second.front().size(1);
+    for (const auto& c : it->second) n += c.size(0);
+    Tensor out = Tensor::empty({n, in});
+    int64_t r = 0;
+    for (const auto& c : it->second) {
+      out.slice(0, r, r + c.size(0)).copy_(c);
+      r += c.size(0);
+    }
+    return out;
+  }
+};
+
+std::string full_name(int layer, const std::string& name) { return "model.layers." + std::to_string(layer) + "." + name; }
+
+std::shared_ptr<Linear>* slot_of(LlamaBlock& b, const std::string& name) {
+  for (auto& [n, s] : b.linears())
+    if (n == name) return s;
+  throw_error("no linear named ", name);
+}
+
+// Replaces a layer by its quantized version and records the report.
+void install(BlockContext& ctx, const std::string& name, const Tensor& x, QuantizedTensor q,
+             std::vector<LinearReport>& reports, const Tensor& reference_weight = Tensor()) {
+  auto* slot = slot_of(ctx.model.block(ctx.layer), name);
+  const Tensor w = reference_weight.defined() ? reference_weight : (*slot)->effective_weight().to(Device::CPU).contiguous();
+  const Tensor deq = q.dequantize();
+  LinearReport r;
+  r.name = full_name(ctx.layer, name);
+  r.rel_error = relative_output_error(x, w, deq);
+  r.params = q.out_features() * q.in_features();
+  r.bits_per_weight = q.fmt().bits_per_weight(q.out_features(), q.in_features());
+  reports.push_back(r);
+  const Device dev = (*slot)->effective_weight().device();
+  *slot = std::make_shared<QuantLinear>(std::move(q), (*slot)->bias(), dev);
+}
+
+Tensor weight_of(BlockContext& ctx, const std::string& name) {
+  return (*slot_of(ctx.model.block(ctx.layer), name))->effective_weight().to(Device::CPU).contiguous();
+}
+
+const std::vector<std::vector<std::string>> kSequentialGroups = {
+    {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"},
+    {"self_attn.o_proj"},
+    {"mlp.gate_proj", "mlp.up_proj"},
+    {"mlp.down_proj"}};
+
+// At most this many calibration rows enter the error reports (the errors are means; a strided
+// subsample keeps report cost small for long calibration sets).
+Tensor report_rows(const Tensor& x, int64_t max_rows = 4096) {
+  if (x.size(0) <= max_rows) return x;
+  const int64_t step = (x.size(0) + max_rows - 1) / max_rows;
+  const int64_t n = (x.size(0) + step - 1) / step;
+  Tensor out = Tensor::empty({n, x.size(1)});
+  for (int64_t i = 0; i < n; ++i) out.slice(0, i, i + 1).copy_(x.slice(0, i * step, i * step + 1));
+  return out;
+}
+
+}  // namespace
+
+void RtnMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
+  InputCapture cap;
+  ctx.run_block(ctx.inputs, cap.hook());
+  for (const auto& group : kSequentialGroups)
+    for (const auto& name : group) {
+      Tensor w = weight_of(ctx, name);
+      install(ctx, name, report_rows(cap.rows(name)), rtn_quantize(w, f_), reports);
+    }
+}
+
+void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
+  for (const auto& group : kSequentialGroups) {
+    InputCapture cap;
+    ctx.run_block(ctx.inputs, cap.hook());  // inputs as produced by the groups quantized so far
+    for (const auto& name : group) {
+      Tensor x = cap.rows(name), w = weight_of(ctx, name);
+      HessianAccumulator h(w.size(1));
+      h.add(x);
+      GptqResult r = gptq_quantize(w, h.hessian(), f_, o_);
+      install(ctx, name, report_rows(x), std::move(r.q), reports);
+    }
+  }
+}
+
+void AwqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
+  LlamaBlock& b = ctx.model.block(ctx.layer);
+  const LlamaConfig& c = ctx.model.config();
+  InputCapture cap;
+  ctx.run_block(ctx.inputs, cap.hook());
+  // Original weights (for the error reports against the unscaled layer) and inputs.
+  std::map<std::string, Tensor> w0, x0;
+  for (const auto& g : kSequentialGroups)
+    for (const auto& n : g) {
+      w0[n] = weight_of(ctx, n).clone();
+      x0[n] = cap.rows(n);
+    }
+  // 1. Scale search per input-sharing group, folded into the producer of the input.
+  auto fold_rows = [](Tensor& w, const Tensor& s) {  // w[i, :] /= s[i]
+    const int64_t out = w.size(0), in = w.size(1);
+    float* p = w.data<float>();
+    for (int64_t i = 0; i < out; ++i)
+      for (int64_t j = 0; j < in; ++j) p[i * in + j] /= s.data<float>()[i];
+  };
+  std::map<std::string, Tensor> scales;
+  auto search = [&](const std::vector<std::string>& names) {
+    std::vector<Tensor> ws;
+    for (const auto& n : names) ws.push_back(w0[n]);
+    AwqScaleResult r = awq_search_scales(x0[names[0]], ws, f_, Tensor(), o_);
+    for (const auto& n : names) scales[n] = r.scales;
+    return r.scales;
+  };
+  auto fold_norm = [](Var& norm, const Tensor& s) {
+    Tensor g = norm.mutable_value();
+    Tensor gc = g.to(Device::CPU).contiguous().clone();
+    float* p = gc.data<float>();
+    for (int64_t i = 0; i < gc.numel(); ++i) p[i] /= s.data<float>()[i];
+    g.copy_(gc);
+  };
+  fold_norm(b.attn_norm, search(kSequentialGroups[0]));
+  fold_norm(b.ffn_norm, search(kSequentialGroups[2]));
+  Tensor up = w0["mlp.up_proj"].clone(), v = w0["self_attn.v_proj"].clone();
+  fold_rows(up, search(kSequentialGroups[3]));
+  const bool scale_o = c.n_heads == c.n_kv_heads;  // o's input channel i comes from v's row i only then
+  if (scale_o) fold_rows(v, search(kSequentialGroups[1]));
+  // 2. Clipping + RTN on the scaled weights, with the inputs the scaled model produces.
+  std::map<std::string, Tensor> scaled_w;
+  for (const auto& g : kSequentialGroups)
+    for (const auto& n : g) {
+      Tensor w = n == "mlp.up_proj" ? up : n == "self_attn.v_proj" ? v : w0[n];
+      scaled_w[n] = scales.count(n) ? scale_weight_columns(w, scales[n]) : w;
+    }
+  for (const auto& g : kSequentialGroups)
+    for (const auto& n : g) {
+      // Input of n after folding: x / s (for the scaled groups), computed from the original x.
+      Tensor xs = scales.count(n) ? divide_input_columns(x0[n], scales[n]) : x0[n];
+      // up/v rows were divided by s of the next group: the consumer sees that, not this layer.
+      QuantizedTensor q = clip_ ? rtn_quantize_clipped(scaled_w[n], f_, awq_search_clip(xs, scaled_w[n], f_, o_))
+                                : rtn_quantize(scaled_w[n], f_);
+      install(ctx, n, report_rows(xs), std::move(q), reports, scaled_w[n]);
+    }
+}
+
+}  // namespace lowbit

@@ -1,0 +1,53 @@
+// The post-training baselines as block methods of the pipeline (pipeline.h): RTN, GPTQ, AWQ.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "lowbit/methods/awq.h"
+#include "lowbit/methods/gptq.h"
+#include "lowbit/methods/pipeline.h"
+
+namespace lowbit {
+
+// Round to nearest; calibration inputs are used only for the error report.
+class RtnMethod : public BlockMethod {
+ public:
+  explicit RtnMethod(const QuantFormat& f) : f_(f) {}
+  std::string name() const override { return "rtn"; }
+  void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
+
+ private:
+  const QuantFormat& f_;
+};
+
+// GPTQ, "true sequential" inside a block (as in the reference llama.py with --true-sequential):
+// q/k/v, then o, then gate/up, then down, each group's Hessian collected on the inputs produced
+// by the already quantized earlier groups.
+class GptqMethod : public BlockMethod {
+ public:
+  GptqMethod(const QuantFormat& f, GptqOptions o) : f_(f), o_(o) {}
+  std::string name() const override { return "gptq"; }
+  void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
+
+ private:
+  const QuantFormat& f_;
+  GptqOptions o_;
+};
+
+// AWQ: per-input-channel scales searched for each group of linears sharing an input and folded
+// into the producer of that input (attn_norm for q/k/v, ffn_norm for gate/up, up_proj rows for
+// down_proj, v_proj rows for o_proj when there is no grouped-query sharing), then a clipping
+// search and RTN (llm-awq run_awq + apply_awq + real quantization).
+class AwqMethod : public BlockMethod {
+ public:
+  AwqMethod(const QuantFormat& f, AwqOptions o, bool clip) : f_(f), o_(o), clip_(clip) {}
+  std::string name() const override { return "awq"; }
+  void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
+
+ private:
+  const QuantFormat& f_;
+  AwqOptions o_;
+  bool clip_;
+};
+
+}  // namespace lowbit

@@ -1,0 +1,62 @@
+// CUDA bodies of the kernel-level ops. Each function has exactly the signature of its namesake in
+// ops/ops.h and is reached through LB_CUDA_ROUTE (ops/dispatch.h) after the CPU entry point has
+// checked shapes, so these bodies check only what is specific to the GPU (dtypes, head sizes).
+// Plain C++: no CUDA headers here, so that host-only translation units can include it.
+//
+// Dtypes on the GPU: f32 everywhere; bf16 (fp32 arithmetic inside) for gemm, the elementwise ops,
+// reductions, rmsnorm, rope, attention, activations, embedding, losses and AdamW. f64 is not
+// supported on the GPU (it exists on the CPU for gradient checks).
+#pragma once
+#include <cstdint>
+
+#include "lowbit/core/tensor.h"
+#include "lowbit/ops/rope_style.h"
+
+namespace lowbit::ops::cuda {
+
+void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, double alpha, double beta);
+
+void add(const Tensor& a, const Tensor& b, Tensor& out);
+void sub(const Tensor& a, const Tensor& b, Tensor& out);
+void mul(const Tensor& a, const Tensor& b, Tensor& out);
+void scale(const Tensor& x, double s, Tensor& out);
+void axpy(double alpha, const Tensor& x, Tensor& y);
+void sum_rows(const Tensor& x, Tensor& out);
+void sum(const Tensor& x, Tensor& out);
+double sum_squares(const Tensor& x);
+
+void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd);
+void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw);
+
+void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inverse, Tensor& y);
+
+// head_dim <= 128 on the GPU. lse may be f32 even when q/k/v are bf16 (recommended: a bf16 lse
+// loses ~3 significant digits of the softmax normaliser, which shows up in the backward).
+void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, Tensor& out, Tensor& lse);
+void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                        const Tensor& lse, double scale, Tensor& dq, Tensor& dk, Tensor& dv);
+
+void silu_forward(const Tensor& x, Tensor& y);
+void silu_backward(const Tensor& dy, const Tensor& x, Tensor& dx);
+void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& y);
+void swiglu_backward(const Tensor& dy, const Tensor& gate, const Tensor& up, Tensor& dgate, Tensor& dup);
+
+// ids may live on the CPU (already validated there) or on the GPU (validated by the kernel: an id
+// outside [0, V) sets a device flag that is read back after the launch and raised as lowbit::Error,
+// which costs one host synchronisation per call).
+void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out);
+void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable);
+
+// Targets on the GPU are validated like embedding ids (device flag, one synchronisation).
+void cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor& loss, Tensor& lse);
+void cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                            Tensor& dlogits);
+void kl_div_forward(const Tensor& p_logits, const Tensor& q_logits, Tensor& loss);
+void kl_div_backward(const Tensor& dloss, const Tensor& p_logits, const Tensor& q_logits, Tensor& dp, Tensor& dq);
+void mse_forward(const Tensor& a, const Tensor& b, Tensor& loss);
+void mse_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Tensor& da, Tensor& db);
+
+void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
+                double eps, double weight_decay, int64_t step);
+
+}  // namespace lowbit::ops::cuda

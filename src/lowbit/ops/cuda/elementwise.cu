@@ -1,0 +1,219 @@
+// Elementwise ops, activations, reductions and AdamW on the GPU. All are memory-bound: each is
+// one pass of the generic elementwise kernel (elementwise_kernel.cuh) or of a deterministic
+// reduction (reduce_kernel.cuh). Arithmetic is fp32 (bf16 tensors are widened on load); the
+// formulas are written exactly as in the CPU bodies so that f32 results agree to a few ulps.
+#include <cmath>
+
+#include "lowbit/ops/cuda/cuda_ops.h"
+#include "lowbit/ops/cuda/elementwise_kernel.cuh"
+#include "lowbit/ops/cuda/reduce_kernel.cuh"
+
+namespace lowbit::ops::cuda {
+
+namespace {
+using detail::EwArgs;
+using detail::launch_ew;
+using detail::ptr;
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
+
+struct AddF {
+  __device__ void operator()(const float (&x)[2], float (&y)[1]) const { y[0] = x[0] + x[1]; }
+};
+struct SubF {
+  __device__ void operator()(const float (&x)[2], float (&y)[1]) const { y[0] = x[0] - x[1]; }
+};
+struct MulF {
+  __device__ void operator()(const float (&x)[2], float (&y)[1]) const { y[0] = x[0] * x[1]; }
+};
+struct ScaleF {
+  float s;
+  __device__ void operator()(const float (&x)[1], float (&y)[1]) const { y[0] = s * x[0]; }
+};
+struct AxpyF {  // inputs (x, y) -> y + alpha x
+  float alpha;
+  __device__ void operator()(const float (&x)[2], float (&y)[1]) const { y[0] = x[1] + alpha * x[0]; }
+};
+struct SiluF {
+  __device__ void operator()(const float (&x)[1], float (&y)[1]) const { y[0] = x[0] * sigmoidf_(x[0]); }
+};
+struct SiluBwdF {  // (dy, x) -> dx
+  __device__ void operator()(const float (&x)[2], float (&y)[1]) const {
+    const float s = sigmoidf_(x[1]);
+    y[0] = x[0] * s * (1.f + x[1] * (1.f - s));
+  }
+};
+struct SwigluF {  // (gate, up) -> silu(gate) up
+  __device__ void operator()(const float (&x)[2], float (&y)[1]) const { y[0] = x[0] * sigmoidf_(x[0]) * x[1]; }
+};
+struct SwigluBwdF {  // (dy, gate, up) -> (dgate, dup)
+  __device__ void operator()(const float (&x)[3], float (&y)[2]) const {
+    const float s = sigmoidf_(x[1]);
+    y[1] = x[0] * (x[1] * s);
+    y[0] = x[0] * x[2] * s * (1.f + x[1] * (1.f - s));
+  }
+};
+// AdamW, PyTorch semantics (ops/optim.cpp): decoupled decay, then the bias-corrected step.
+struct AdamwF {  // (p, g, m, v) -> (p, m, v)
+  float decay, b1, b2, step_size, inv_sqrt_bc2, eps;
+  __device__ void operator()(const float (&x)[4], float (&y)[3]) const {
+    const float g = x[1];
+    const float m = b1 * x[2] + (1.f - b1) * g;
+    const float v = b2 * x[3] + (1.f - b2) * g * g;
+    y[0] = x[0] * decay - step_size * m / (sqrtf(v) * inv_sqrt_bc2 + eps);
+    y[1] = m;
+    y[2] = v;
+  }
+};
+
+template <class F>
+void binary(const char* op, const Tensor& a, const Tensor& b, Tensor& out, F f) {
+  LB_CUDA_OP(op);
+  detail::check_on_gpu(op, b, "b");
+  detail::check_on_gpu(op, out, "out");
+  const int64_t row = a.shape() == b.shape() ? 0 : b.numel();
+  detail::dispatch(op, a.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    EwArgs<T, 2, 1> args{{ptr<T>(a), ptr<T>(b)}, {0, row}, {ptr<T>(out)}};
+    launch_ew(op, args, a.numel(), f);
+  });
+}
+
+template <class T>
+struct SumF {
+  const T* x;
+  __device__ double operator()(int64_t i) const { return double(detail::to_f(x[i])); }
+};
+template <class T>
+struct SquareF {
+  const T* x;
+  __device__ double operator()(int64_t i) const {
+    const double v = detail::to_f(x[i]);
+    return v * v;
+  }
+};
+template <class T>
+struct ColumnF {
+  const T* x;
+  int64_t C;
+  __device__ float operator()(int64_t r, int64_t c) const { return detail::to_f(x[r * C + c]); }
+};
+}  // namespace
+
+void add(const Tensor& a, const Tensor& b, Tensor& out) { binary("add", a, b, out, AddF{}); }
+void sub(const Tensor& a, const Tensor& b, Tensor& out) { binary("sub", a, b, out, SubF{}); }
+void mul(const Tensor& a, const Tensor& b, Tensor& out) { binary("mul", a, b, out, MulF{}); }
+
+void scale(const Tensor& x, double s, Tensor& out) {
+  LB_CUDA_OP("scale");
+  detail::check_on_gpu("scale", out, "out");
+  detail::dispatch("scale", x.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    EwArgs<T, 1, 1> args{{ptr<T>(x)}, {0}, {ptr<T>(out)}};
+    launch_ew("scale", args, x.numel(), ScaleF{float(s)});
+  });
+}
+
+void axpy(double alpha, const Tensor& x, Tensor& y) {
+  LB_CUDA_OP("axpy");
+  detail::check_on_gpu("axpy", y, "y");
+  detail::dispatch("axpy", x.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    EwArgs<T, 2, 1> args{{ptr<T>(x), ptr<T>(y)}, {0, 0}, {ptr<T>(y)}};
+    launch_ew("axpy", args, x.numel(), AxpyF{float(alpha)});
+  });
+}
+
+void sum_rows(const Tensor& x, Tensor& out) {
+  LB_CUDA_OP("sum_rows");
+  detail::check_on_gpu("sum_rows", out, "out");
+  const int64_t C = x.size(-1), R = x.numel() / (C > 0 ? C : 1);
+  detail::dispatch("sum_rows", x.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    detail::column_sum<T>(C > 0 ? R : 0, C, ColumnF<T>{ptr<T>(x), C}, ptr<T>(out));
+  });
+}
+
+void sum(const Tensor& x, Tensor& out) {
+  LB_CUDA_OP("sum");
+  detail::check_on_gpu("sum", out, "out");
+  detail::dispatch("sum", x.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    detail::reduce_sum<T>(x.numel(), SumF<T>{ptr<T>(x)}, 1.0, ptr<T>(out), nullptr);
+  });
+}
+
+double sum_squares(const Tensor& x) {
+  LB_CUDA_OP("sum_squares");
+  Tensor r = Tensor::empty({}, DType::F64, Device::CUDA);
+  detail::dispatch("sum_squares", x.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    detail::reduce_sum<T>(x.numel(), SquareF<T>{ptr<T>(x)}, 1.0, nullptr, ptr<double>(r));
+  });
+  return r.item();
+}
+
+void silu_forward(const Tensor& x, Tensor& y) {
+  LB_CUDA_OP("silu_forward");
+  detail::check_on_gpu("silu_forward", y, "y");
+  detail::dispatch("silu_forward", x.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    EwArgs<T, 1, 1> args{{ptr<T>(x)}, {0}, {ptr<T>(y)}};
+    launch_ew("silu_forward", args, x.numel(), SiluF{});
+  });
+}
+
+void silu_backward(const Tensor& dy, const Tensor& x, Tensor& dx) {
+  LB_CUDA_OP("silu_backward");
+  detail::check_on_gpu("silu_backward", dy, "dy");
+  detail::check_on_gpu("silu_backward", dx, "dx");
+  if (dy.dtype() != x.dtype() || !dy.is_contiguous()) throw_error("silu_backward: dy ", dy.describe(), " must be a contiguous ", dtype_name(x.dtype()));
+  detail::dispatch("silu_backward", x.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    EwArgs<T, 2, 1> args{{ptr<T>(dy), ptr<T>(x)}, {0, 0}, {ptr<T>(dx)}};
+    launch_ew("silu_backward", args, x.numel(), SiluBwdF{});
+  });
+}
+
+void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& y) {
+  LB_CUDA_OP("swiglu_forward");
+  detail::check_on_gpu("swiglu_forward", up, "up");
+  detail::check_on_gpu("swiglu_forward", y, "y");
+  detail::dispatch("swiglu_forward", gate.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    EwArgs<T, 2, 1> args{{ptr<T>(gate), ptr<T>(up)}, {0, 0}, {ptr<T>(y)}};
+    launch_ew("swiglu_forward", args, gate.numel(), SwigluF{});
+  });
+}
+
+void swiglu_backward(const Tensor& dy, const Tensor& gate, const Tensor& up, Tensor& dgate, Tensor& dup) {
+  LB_CUDA_OP("swiglu_backward");
+  for (const Tensor* t : detail::TensorList{&dy, &up, &dgate, &dup}) detail::check_on_gpu("swiglu_backward", *t, "an argument");
+  if (dy.dtype() != gate.dtype() || !dy.is_contiguous()) throw_error("swiglu_backward: dy ", dy.describe(), " must be a contiguous ", dtype_name(gate.dtype()));
+  detail::dispatch("swiglu_backward", gate.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    EwArgs<T, 3, 2> args{{ptr<T>(dy), ptr<T>(gate), ptr<T>(up)}, {0, 0, 0}, {ptr<T>(dgate), ptr<T>(dup)}};
+    launch_ew("swiglu_backward", args, gate.numel(), SwigluBwdF{});
+  });
+}
+
+void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
+                double eps, double weight_decay, int64_t step) {
+  LB_CUDA_OP("adamw_step");
+  for (const Tensor* t : detail::TensorList{&grad, &m, &v}) {
+    detail::check_on_gpu("adamw_step", *t, "an argument");
+    if (t->dtype() != param.dtype() || !t->is_contiguous())
+      throw_error("adamw_step: grad/m/v must be contiguous ", dtype_name(param.dtype()), ", got ", t->describe());
+  }
+  const double bc1 = 1.0 - std::pow(beta1, double(step)), bc2 = 1.0 - std::pow(beta2, double(step));
+  const AdamwF f{float(1.0 - lr * weight_decay), float(beta1), float(beta2), float(lr / bc1), float(1.0 / std::sqrt(bc2)),
+                 float(eps)};
+  detail::dispatch("adamw_step", param.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    EwArgs<T, 4, 3> args{{ptr<T>(param), ptr<T>(grad), ptr<T>(m), ptr<T>(v)}, {0, 0, 0, 0},
+                         {ptr<T>(param), ptr<T>(m), ptr<T>(v)}};
+    launch_ew("adamw_step", args, param.numel(), f);
+  });
+}
+
+}  // namespace lowbit::ops::cuda

@@ -1,0 +1,146 @@
+#include "lowbit/quant/quantized_tensor.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace lowbit {
+
+namespace {
+
+uint16_t* f16_data(const Tensor& t) { return static_cast<uint16_t*>(t.raw_data()); }
+
+// Stores the scale of one group in the format's scale dtype (the only place that knows the
+// encodings of ScaleType); checks that the round trip is exact.
+void store_scale(const QuantFormat& f, const Tensor& scales, int64_t i, float s, float tensor_scale) {
+  switch (f.scale_type) {
+    case ScaleType::F16: f16_data(scales)[i] = f32_to_f16(s); break;
+    case ScaleType::E8M0: {
+      int e = s > 0 ? std::ilogb(s) : -127;
+      scales.data<uint8_t>()[i] = uint8_t(e + 127);
+      break;
+    }
+    case ScaleType::E4M3: scales.data<uint8_t>()[i] = float_to_e4m3(s / tensor_scale); break;
+    case ScaleType::None: return;
+  }
+}
+
+float load_scale(const QuantFormat& f, const Tensor& scales, int64_t i, float tensor_scale) {
+  switch (f.scale_type) {
+    case ScaleType::F16: return f16_to_f32(f16_data(scales)[i]);
+    case ScaleType::E8M0: return e8m0_to_float(scales.data<uint8_t>()[i]);
+    case ScaleType::E4M3: return e4m3_to_float(scales.data<uint8_t>()[i]) * tensor_scale;
+    case ScaleType::None: break;
+  }
+  return tensor_scale;  // ternary: every group uses the tensor scale
+}
+
+void check_tensor(const QuantFormat& f, const char* field, const Tensor& t, bool expected, DType dtype,
+                  const Shape& shape) {
+  if (!expected) {
+    LB_CHECK(!t.defined(), "[", f.name, "] quantized tensor has a '", field, "' tensor (", t.describe(),
+             ") but the format has none");
+    return;
+  }
+  LB_CHECK(t.defined(), "[", f.name, "] quantized tensor lacks its '", field, "' tensor");
+  LB_CHECK(t.dtype() == dtype && t.shape() == shape && t.device() == Device::CPU && t.is_contiguous(), "[",
+           f.name, "] '", field, "' is ", t.describe(), ", expected contiguous ", dtype_name(dtype),
+           shape_str(shape), " cpu");
+}
+
+}  // namespace
+
+void QuantizedTensor::validate() const {
+  const QuantFormat& f = fmt();
+  LB_CHECK(shape.size() == 2 && shape[0] > 0 && shape[1] > 0, "[", f.name,
+           "] quantized tensor shape must be [out, in] with out, in > 0, got ", shape_str(shape));
+  int64_t out = shape[0], in = shape[1], groups = f.n_groups(in);
+  check_tensor(f, "codes", codes, true, DType::U8, {out, f.row_bytes(in)});
+  bool has_scales = f.scale_type != ScaleType::None;
+  check_tensor(f, "scales", scales, has_scales, has_scales ? scale_dtype(f.scale_type) : DType::F16,
+               {out, groups});
+  check_tensor(f, "zeros", zeros, f.has_zero, DType::F16, {out, groups});
+  check_tensor(f, "tensor_scale", tensor_scale, f.has_tensor_scale, DType::F32, {1});
+  if (f.has_tensor_scale) {
+    float t = tensor_scale.data<float>()[0];
+    LB_CHECK(std::isfinite(t) && t > 0, "[", f.name, "] tensor_scale must be finite and > 0, got ", t);
+  }
+}
+
+float QuantizedTensor::tensor_scale_value() const {
+  return tensor_scale.defined() ? tensor_scale.data<float>()[0] : 1.0f;
+}
+
+GroupParams QuantizedTensor::group_params(int64_t row, int64_t g) const {
+  const QuantFormat& f = fmt();
+  int64_t i = row * f.n_groups(in_features()) + g;
+  GroupParams p;
+  p.scale = load_scale(f, scales, i, tensor_scale_value());
+  if (f.has_zero) p.zero = f16_to_f32(f16_data(zeros)[i]);
+  else if (f.kind == QuantKind::IntSym) p.zero = float(1 << (f.bits - 1));
+  else if (f.kind == QuantKind::Ternary) p.zero = 1.0f;
+  return p;
+}
+
+void QuantizedTensor::unpack_row(int64_t row, uint8_t* out_codes) const {
+  const QuantFormat& f = fmt();
+  f.unpack(codes.data<uint8_t>() + row * f.row_bytes(in_features()), in_features(), out_codes);
+}
+
+Tensor QuantizedTensor::dequantize() const {
+  validate();
+  const QuantFormat& f = fmt();
+  int64_t out = out_features(), in = in_features();
+  Tensor w = Tensor::empty({out, in});
+  float* pw = w.data<float>();
+  std::vector<uint8_t> row(static_cast<size_t>(in));
+  for (int64_t r = 0; r < out; ++r) {
+    unpack_row(r, row.data());
+    for (int64_t g = 0; g < f.n_groups(in); ++g) {
+      GroupParams p = group_params(r, g);
+      for (int64_t c = f.group_begin(g); c < f.group_end(g, in); ++c)
+        pw[r * in + c] = f.codec->decode(f, row[size_t(c)], p);
+    }
+  }
+  return w;
+}
+
+int64_t QuantizedTensor::nbytes() const {
+  int64_t n = 0;
+  for (const Tensor* t : {&codes, &scales, &zeros, &tensor_scale})
+    if (t->defined()) n += int64_t(t->nbytes());
+  return n;
+}
+
+QuantizedTensor make_quantized_tensor(const QuantFormat& f, int64_t out, int64_t in, const uint8_t* codes,
+                                      const GroupParams* params, float tensor_scale) {
+  LB_CHECK(out > 0 && in > 0, "[", f.name, "] cannot quantize an empty [", out, ", ", in, "] weight");
+  int64_t groups = f.n_groups(in);
+  QuantizedTensor q;
+  q.format = f.id;
+  q.shape = {out, in};
+  q.codes = Tensor::zeros({out, f.row_bytes(in)}, DType::U8);
+  if (f.scale_type != ScaleType::None) q.scales = Tensor::zeros({out, groups}, scale_dtype(f.scale_type));
+  if (f.has_zero) q.zeros = Tensor::zeros({out, groups}, DType::F16);
+  if (f.has_tensor_scale) q.tensor_scale = Tensor::full({1}, double(tensor_scale));
+  for (int64_t r = 0; r < out; ++r) {
+    f.pack(codes + r * in, in, q.codes.data<uint8_t>() + r * f.row_bytes(in));
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t i = r * groups + g;
+      store_scale(f, q.scales, i, params[i].scale, tensor_scale);
+      if (f.has_zero) f16_data(q.zeros)[i] = f32_to_f16(params[i].zero);
+    }
+  }
+  q.validate();
+  // The stored parameters must decode to exactly the ones the codes were computed with.
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      GroupParams p = q.group_params(r, g), want = params[r * groups + g];
+      LB_CHECK(p.scale == want.scale && p.zero == want.zero, "[", f.name, "] group parameters (scale ",
+               want.scale, ", zero ", want.zero, ") of row ", r, " group ", g,
+               " are not representable in the format's storage (stored: ", p.scale, ", ", p.zero,
+               "); compute them with the format's params_from_range");
+    }
+  return q;
+}
+
+}  // namespace lowbit

@@ -1,0 +1,43 @@
+// A quantized weight matrix in one of the formats of format.h: packed codes plus the metadata the
+// format's table row says it has. The storage layout is documented at the top of format.h.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "lowbit/core/tensor.h"
+#include "lowbit/quant/format.h"
+
+namespace lowbit {
+
+struct QuantizedTensor {
+  QuantFormatId format = QuantFormatId::Int4G128;
+  Shape shape;          // [out, in] of the original weight
+  Tensor codes;         // U8 [out, row_bytes(in)]
+  Tensor scales;        // [out, n_groups(in)], dtype scale_dtype(format); undefined for ternary
+  Tensor zeros;         // F16 [out, n_groups(in)], integer values; asymmetric int only
+  Tensor tensor_scale;  // F32 [1]; ternary and nvfp4 only
+
+  const QuantFormat& fmt() const { return quant_format(format); }
+  int64_t out_features() const { return shape.at(0); }
+  int64_t in_features() const { return shape.at(1); }
+
+  // Checks shapes and dtypes against the format (a packed size mismatch, a missing zero tensor,
+  // ...) and throws lowbit::Error naming the field. Called by dequantize() and by loaders.
+  void validate() const;
+
+  // Decoded parameters of group g of row r, and the unpacked codes of row r.
+  float tensor_scale_value() const;  // 1 when the format has none
+  GroupParams group_params(int64_t row, int64_t g) const;
+  void unpack_row(int64_t row, uint8_t* codes) const;  // `in` codes
+
+  Tensor dequantize() const;  // F32 [out, in] on the CPU
+  int64_t nbytes() const;     // bytes of all tensors
+};
+
+// Builds a QuantizedTensor from unpacked codes [out*in] (row-major) and per-group parameters
+// [out*n_groups] (row-major) that came from the format's params_from_range. Storage rounding of the
+// parameters is exact for such parameters; anything else throws.
+QuantizedTensor make_quantized_tensor(const QuantFormat& f, int64_t out, int64_t in, const uint8_t* codes,
+                                      const GroupParams* params, float tensor_scale);
+
+}  // namespace lowbit

@@ -1,0 +1,108 @@
+// Quantized checkpoints: save -> load gives the same model; malformed directories are refused.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "common/test_util.h"
+#include "lowbit/autograd/functions.h"
+#include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/io/safetensors.h"
+#include "lowbit/methods/calibration.h"
+#include "lowbit/methods/ptq_methods.h"
+
+using namespace lowbit;
+namespace fs = std::filesystem;
+
+namespace {
+LlamaConfig small_config(RopeStyle style) {
+  LlamaConfig c;
+  c.dim = 64;
+  c.hidden_dim = 96;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.vocab_size = 50;
+  c.max_seq_len = 32;
+  c.rope_style = style;
+  return c;
+}
+
+Tensor logits_of(const LlamaModel& m, const Tensor& tokens) {
+  NoGradGuard ng;
+  return m.forward(tokens).value();
+}
+}  // namespace
+
+TEST(QuantizedCheckpoint, RoundTripKeepsLogits) {
+  for (auto style : {RopeStyle::Interleaved, RopeStyle::Half})
+    for (const char* fmt : {"int4g32", "int2g64", "int3g32s", "ternary", "mxfp4", "nvfp4"}) {
+      LlamaConfig c = small_config(style);
+      LlamaModel m(c, random_weights(c, 7));
+      const QuantFormat& f = parse_quant_format(fmt);
+      std::vector<int32_t> stream;
+      for (int i = 0; i < 400; ++i) stream.push_back((i * 13 + 5) % c.vocab_size);
+      Tensor calib = sample_calibration(stream, 4, 16, 1);
+      RtnMethod rtn(f);
+      PipelineOptions o;
+      o.progress = false;
+      run_blockwise(m, calib, rtn, f, o);
+      auto dir = test::temp_dir(std::string("qckpt-") + fmt);
+      save_quantized_model(dir.string(), m, "rtn", f);
+      ASSERT_TRUE(is_lowbit_quantized_dir(dir.string()));
+      QuantizedCheckpoint q = load_quantized_model(dir.string());
+      EXPECT_EQ(q.quantized.size(), 14u);
+      EXPECT_EQ(q.dense.config.rope_style, RopeStyle::Half);  // stored in the HF layout
+      auto back = make_quantized_model(q);
+      Tensor tokens = calib.slice(0, 0, 2).contiguous();
+      EXPECT_LT(max_abs_diff(logits_of(m, tokens), logits_of(*back, tokens)), 1e-4) << fmt;
+    }
+}
+
+TEST(QuantizedCheckpoint, MalformedDirectoriesGiveClearErrors) {
+  LlamaConfig c = small_config(RopeStyle::Half);
+  LlamaModel m(c, random_weights(c, 7));
+  const QuantFormat& f = parse_quant_format("int4g32");
+  std::vector<int32_t> stream(200, 3);
+  RtnMethod rtn(f);
+  PipelineOptions o;
+  o.progress = false;
+  run_blockwise(m, sample_calibration(stream, 2, 8, 1), rtn, f, o);
+  auto dir = test::temp_dir("qckpt-bad");
+  save_quantized_model(dir.string(), m, "rtn", f);
+  const std::string cfg = (dir / "config.json").string(), st = (dir / "model.safetensors").string();
+  std::ifstream in(cfg);
+  nlohmann::json j = nlohmann::json::parse(in);
+  auto expect_error = [&](const std::string& needle) {
+    try {
+      load_quantized_model(dir.string());
+      ADD_FAILURE() << "no error, expected one mentioning '" << needle << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  // Unknown format name.
+  auto bad = j;
+  bad["quantization_config"]["format"] = "int5g7";
+  std::ofstream(cfg) << bad.dump();
+  expect_error("int5g7");
+  std::ofstream(cfg) << j.dump();
+  // Missing scales / wrong packed size: rewrite the safetensors without or with a wrong tensor.
+  SafetensorsFile f0 = SafetensorsFile::open(st);
+  std::vector<std::pair<std::string, Tensor>> all;
+  for (const auto& t : f0.tensors()) all.emplace_back(t.name, f0.load(t.name));
+  auto rewrite = [&](const std::string& drop, const std::string& shrink) {
+    std::vector<std::pair<std::string, Tensor>> ts;
+    for (auto& [n, t] : all) {
+      if (n == drop) continue;
+      ts.emplace_back(n, n == shrink ? t.slice(1, 0, t.size(1) - 1).contiguous() : t);
+    }
+    save_safetensors(st, ts);
+  };
+  rewrite("model.layers.1.mlp.up_proj.scales", "");
+  expect_error("model.layers.1.mlp.up_proj");
+  rewrite("", "model.layers.0.self_attn.q_proj.qweight");
+  expect_error("model.layers.0.self_attn.q_proj");
+  rewrite("model.norm.weight", "");
+  expect_error("model.norm.weight");
+}
