@@ -1,5 +1,6 @@
 #include "lowbit/methods/ptq_methods.h"
 
+#include <algorithm>
 #include <map>
 
 #include "lowbit/methods/rtn.h"
@@ -10,11 +11,21 @@ namespace lowbit {
 
 namespace {
 
-// Concatenates the rows captured for each linear during one block pass.
+// Keeps (a prefix of) the rows each linear sees during one block pass, on the CPU. max_rows
+// bounds the memory: error reports and AWQ's searches need a sample, not every calibration row.
 struct InputCapture {
+  explicit InputCapture(int64_t max_rows = 0) : max_rows_(max_rows) {}
   std::map<std::string, std::vector<Tensor>> chunks;
+  std::map<std::string, int64_t> kept;
   LinearInputHook hook() {
-    return [this](const std::string& name, const Tensor& x) { chunks[name].push_back(x.to(Device::CPU).contiguous().clone()); };
+    return [this](const std::string& name, const Tensor& x) {
+      int64_t& k = kept[name];
+      int64_t take = x.size(0);
+      if (max_rows_ > 0) take = std::min(take, max_rows_ - k);
+      if (take <= 0) return;
+      chunks[name].push_back(x.slice(0, 0, take).to(Device::CPU).contiguous().clone());
+      k += take;
+    };
   }
   Tensor rows(const std::string& name) const {
     auto it = chunks.find(name);
@@ -29,6 +40,32 @@ struct InputCapture {
       r += c.size(0);
     }
     return out;
+  }
+
+ private:
+  int64_t max_rows_;
+};
+
+// GPTQ's H = 2/n sum x x^T, accumulated where the activations live (cuBLAS on the GPU, BLAS on
+// the CPU) in f32 like the reference implementation; linears sharing an input share one sum.
+struct HessianCapture {
+  std::map<std::string, Tensor> sum;  // sum of x^T x per linear
+  std::map<std::string, int64_t> rows;
+  LinearInputHook hook() {
+    return [this](const std::string& name, const Tensor& x) {
+      Tensor xc = x.contiguous();
+      Tensor& h = sum[name];
+      if (!h.defined()) h = Tensor::zeros({xc.size(1), xc.size(1)}, xc.dtype(), xc.device());
+      ops::gemm(xc, true, xc, false, h, 1.0, 1.0);
+      rows[name] += xc.size(0);
+    };
+  }
+  Tensor hessian(const std::string& name) const {
+    auto it = sum.find(name);
+    if (it == sum.end() || rows.at(name) == 0) throw_error("gptq: no calibration inputs reached ", name);
+    Tensor h = Tensor::empty(it->second.shape(), it->second.dtype(), it->second.device());
+    ops::scale(it->second, 2.0 / double(rows.at(name)), h);
+    return h.to(Device::CPU).to(DType::F32);
   }
 };
 
@@ -68,7 +105,10 @@ const std::vector<std::vector<std::string>> kSequentialGroups = {
 
 // At most this many calibration rows enter the error reports (the errors are means; a strided
 // subsample keeps report cost small for long calibration sets).
-Tensor report_rows(const Tensor& x, int64_t max_rows = 4096) {
+constexpr int64_t kReportRows = 4096;
+// AWQ searches its scales on a sample of the calibration rows (llm-awq uses 128 x 512 tokens).
+constexpr int64_t kAwqRows = 65536;
+Tensor report_rows(const Tensor& x, int64_t max_rows = kReportRows) {
   if (x.size(0) <= max_rows) return x;
   const int64_t step = (x.size(0) + max_rows - 1) / max_rows;
   const int64_t n = (x.size(0) + step - 1) / step;
@@ -80,7 +120,7 @@ Tensor report_rows(const Tensor& x, int64_t max_rows = 4096) {
 }  // namespace
 
 void RtnMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
-  InputCapture cap;
+  InputCapture cap(kReportRows);
   ctx.run_block(ctx.inputs, cap.hook());
   for (const auto& group : kSequentialGroups)
     for (const auto& name : group) {
@@ -91,14 +131,20 @@ void RtnMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& rep
 
 void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
   for (const auto& group : kSequentialGroups) {
-    InputCapture cap;
-    ctx.run_block(ctx.inputs, cap.hook());  // inputs as produced by the groups quantized so far
+    // Inputs as produced by the groups quantized so far: Hessians of this group, a row sample
+    // for the error report.
+    HessianCapture hc;
+    InputCapture cap(kReportRows);
+    LinearInputHook hh = hc.hook(), ch = cap.hook();
+    ctx.run_block(ctx.inputs, [&](const std::string& n, const Tensor& x) {
+      if (std::find(group.begin(), group.end(), n) == group.end()) return;
+      hh(n, x);
+      ch(n, x);
+    });
     for (const auto& name : group) {
-      Tensor x = cap.rows(name), w = weight_of(ctx, name);
-      HessianAccumulator h(w.size(1));
-      h.add(x);
-      GptqResult r = gptq_quantize(w, h.hessian(), f_, o_);
-      install(ctx, name, report_rows(x), std::move(r.q), reports);
+      Tensor w = weight_of(ctx, name);
+      GptqResult r = gptq_quantize(w, hc.hessian(name), f_, o_);
+      install(ctx, name, cap.rows(name), std::move(r.q), reports);
     }
   }
 }
@@ -106,7 +152,7 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
 void AwqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
   LlamaBlock& b = ctx.model.block(ctx.layer);
   const LlamaConfig& c = ctx.model.config();
-  InputCapture cap;
+  InputCapture cap(kAwqRows);
   ctx.run_block(ctx.inputs, cap.hook());
   // Original weights (for the error reports against the unscaled layer) and inputs.
   std::map<std::string, Tensor> w0, x0;
