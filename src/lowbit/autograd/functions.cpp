@@ -182,7 +182,10 @@ Var rope(const Var& x, int64_t B, int64_t T, int64_t H, int64_t hd, int64_t pos0
 Var attention(const Var& q, const Var& k, const Var& v, int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t KVH,
               int64_t hd) {
   Tensor q4 = contig(q).view({B, Tq, H, hd}), k4 = contig(k).view({B, Tk, KVH, hd}), v4 = contig(v).view({B, Tk, KVH, hd});
-  Tensor out = like(q4), lse = Tensor::empty({B, H, Tq}, q4.dtype(), q4.device());
+  // The log-sum-exp stays in f32 for bf16 activations: backward recomputes P = exp(S - lse) from
+  // it, and bf16's 8 mantissa bits there would cost the gradients most of their precision.
+  const DType lse_dtype = q4.dtype() == DType::BF16 ? DType::F32 : q4.dtype();
+  Tensor out = like(q4), lse = Tensor::empty({B, H, Tq}, lse_dtype, q4.device());
   const double sc = 1.0 / std::sqrt(double(hd));
   ops::attention_forward(q4, k4, v4, sc, out, lse);
   const Shape qs = q.shape(), ks = k.shape();

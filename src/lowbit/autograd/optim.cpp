@@ -56,7 +56,11 @@ double clip_grad_norm(const std::vector<Var>& params, double max_norm) {
   if (max_norm > 0 && norm > max_norm) {
     const double s = max_norm / (norm + 1e-6);
     for (const auto& p : params)
-      if (p.grad().defined()) ops::scale(p.grad(), s, p.grad());
+      if (p.grad().defined()) {  // out of place: gradient tensors may be shared (see accumulate_grad)
+        Tensor scaled = Tensor::empty(p.grad().shape(), p.grad().dtype(), p.grad().device());
+        ops::scale(p.grad(), s, scaled);
+        p.grad() = scaled;
+      }
   }
   return norm;
 }

@@ -61,9 +61,9 @@ void accumulate_grad(const Var& v, const Tensor& g) {
     throw_error("autograd: gradient of shape ", shape_str(g.shape()), " for a value of shape ", shape_str(n.value.shape()),
                 " (op '", n.op, "')");
   if (!n.grad.defined()) {
-    // Leaves get their own copy: several inputs may receive the same gradient tensor, and
-    // optimizers / gradient clipping modify leaf gradients in place.
-    n.grad = n.backward ? g : g.clone();
+    // Stored without a copy: several inputs may share one gradient tensor (add), so gradients are
+    // never modified in place anywhere (accumulation and clipping build new tensors).
+    n.grad = g;
   } else {
     Tensor sum = Tensor::empty(g.shape(), g.dtype(), g.device());
     ops::add(n.grad, g, sum);

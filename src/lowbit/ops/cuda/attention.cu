@@ -22,14 +22,16 @@
 //    dV += P^T dO, dK += dS^T Q, and dQ += dS K, the last added with fp32 atomics into a zeroed
 //    fp32 buffer (so dQ's last bits may vary between runs; dK and dV are deterministic).
 // Scores are kept in base 2 (scale * log2 e folded in) so exponentials are exp2f.
+// bf16 with head_dim 64 or 128 takes the tensor-core variant of both kernels (attention_wmma.cuh).
 #include <cmath>
+#include <cstdlib>
 
 #include "lowbit/ops/cuda/cuda_common.h"
 #include "lowbit/ops/cuda/cuda_ops.h"
 
 namespace lowbit::ops::cuda {
 
-namespace {
+namespace attn_detail {
 using namespace detail;
 
 constexpr int kThreads = 256;
@@ -470,7 +472,23 @@ template <class K>
 void set_smem(K kernel, size_t bytes) {
   LB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
-}  // namespace
+
+// The tensor-core kernels (attention_wmma.cuh) serve bf16 with head_dim 64 or 128 and 16-byte
+// aligned operands; LOWBIT_CUDA_SIMT_ATTENTION=1 forces the fp32 CUDA-core kernels (tests, timing).
+bool use_wmma(const Tensor& q, TensorList ts) {
+  if (q.dtype() != DType::BF16 || (q.size(3) != 64 && q.size(3) != 128)) return false;
+  if (const char* e = std::getenv("LOWBIT_CUDA_SIMT_ATTENTION"); e && e[0] == '1') return false;
+  for (const Tensor* t : ts)
+    if (!aligned16(t->raw_data())) return false;
+  return true;
+}
+}  // namespace attn_detail
+}  // namespace lowbit::ops::cuda
+
+#include "lowbit/ops/cuda/attention_wmma.cuh"
+
+namespace lowbit::ops::cuda {
+using namespace attn_detail;
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, Tensor& out, Tensor& lse) {
   LB_CUDA_OP("attention_forward");
@@ -484,9 +502,27 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double
   if (B == 0 || Tq == 0 || H == 0) return;
   const int hdp = head_dim_pad(op, hd);
   const bool vec = vec_ok(hd, q.dtype(), {&q, &k, &v});
+  const bool wmma_path = use_wmma(q, {&q, &k, &v});
   dispatch_lse(op, q, lse, [&](auto ttag, auto ltag) {
     using T = typename decltype(ttag)::type;
     using LT = typename decltype(ltag)::type;
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (wmma_path) {
+        FwdParams<bf16, LT> p{ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), ptr<bf16>(out), ptr<LT>(lse),
+                              Tq, Tk, H, KVH, hd, H / KVH, float(scale) * kLog2e, true};
+        auto launch = [&](auto hd_tag) {
+          constexpr int HD = decltype(hd_tag)::value;
+          constexpr size_t smem = wmma_attn::fwd_smem<HD>();
+          set_smem(wmma_attn::fwd_kernel<LT, HD>, smem);
+          const dim3 grid(unsigned((Tq + wmma_attn::kTile - 1) / wmma_attn::kTile), unsigned(H), unsigned(B));
+          wmma_attn::fwd_kernel<LT, HD><<<grid, wmma_attn::kThreadsW, smem, cuda_rt::stream()>>>(p);
+          LB_CUDA_LAUNCH_CHECK("wmma_attn::fwd_kernel");
+        };
+        if (hd == 64) launch(std::integral_constant<int, 64>{});
+        else launch(std::integral_constant<int, 128>{});
+        return;
+      }
+    }
     FwdParams<T, LT> p{ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<T>(out), ptr<LT>(lse),
                        Tq, Tk, H, KVH, hd, H / KVH, float(scale) * kLog2e, vec};
     auto launch = [&](auto hdp_tag) {
@@ -517,6 +553,7 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
   if (B == 0 || Tk == 0 || KVH == 0) return;
   const int hdp = head_dim_pad(op, hd);
   const bool vec = vec_ok(hd, q.dtype(), {&q, &k, &v, &dout});
+  const bool wmma_path = use_wmma(q, {&q, &k, &v, &dout});
   const int64_t rows = int64_t(B) * Tq * H;
   Tensor D = Tensor::empty({B, H, Tq}, DType::F32, Device::CUDA);
   const bool direct = q.dtype() == DType::F32;  // accumulate dQ in place
@@ -533,6 +570,22 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
     BwdParams<T, LT> p{ptr<T>(q),  ptr<T>(k),  ptr<T>(v),  ptr<T>(dout), ptr<LT>(lse), ptr<float>(D),
                        ptr<float>(dq_acc), ptr<T>(dk), ptr<T>(dv), Tq, Tk, H, KVH, hd, H / KVH,
                        float(scale), float(scale) * kLog2e, vec};
+    bool done = false;
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (wmma_path) {
+        auto launch_w = [&](auto hd_tag) {
+          constexpr int HD = decltype(hd_tag)::value;
+          constexpr size_t smem = wmma_attn::bwd_smem<HD>();
+          set_smem(wmma_attn::bwd_kernel<LT, HD>, smem);
+          const dim3 grid(unsigned((Tk + wmma_attn::kTile - 1) / wmma_attn::kTile), unsigned(KVH), unsigned(B));
+          wmma_attn::bwd_kernel<LT, HD><<<grid, wmma_attn::kThreadsW, smem, cuda_rt::stream()>>>(p);
+          LB_CUDA_LAUNCH_CHECK("wmma_attn::bwd_kernel");
+        };
+        if (hd == 64) launch_w(std::integral_constant<int, 64>{});
+        else launch_w(std::integral_constant<int, 128>{});
+        done = true;
+      }
+    }
     auto launch = [&](auto hdp_tag) {
       constexpr int HDP = decltype(hdp_tag)::value;
       constexpr size_t smem = bwd_smem_bytes<HDP>();
@@ -541,8 +594,10 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
       attn_bwd_kernel<T, LT, HDP><<<grid, kThreads, smem, cuda_rt::stream()>>>(p);
       LB_CUDA_LAUNCH_CHECK("attn_bwd_kernel");
     };
-    if (hdp == 64) launch(std::integral_constant<int, 64>{});
-    else launch(std::integral_constant<int, 128>{});
+    if (!done) {
+      if (hdp == 64) launch(std::integral_constant<int, 64>{});
+      else launch(std::integral_constant<int, 128>{});
+    }
     if (!direct && dq.numel() > 0) {
       f32_to_kernel<T><<<grid_for(dq.numel(), 256), 256, 0, cuda_rt::stream()>>>(ptr<float>(dq_acc), ptr<T>(dq),
                                                                                   dq.numel());

@@ -30,8 +30,10 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
 
 void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inverse, Tensor& y);
 
-// head_dim <= 128 on the GPU. lse may be f32 even when q/k/v are bf16 (recommended: a bf16 lse
-// loses ~3 significant digits of the softmax normaliser, which shows up in the backward).
+// head_dim <= 128 on the GPU. bf16 with head_dim 64 or 128 runs on tensor cores (WMMA), everything
+// else on fp32 CUDA cores (set LOWBIT_CUDA_SIMT_ATTENTION=1 to force the latter). lse may be f32
+// even when q/k/v are bf16 (recommended: a bf16 lse keeps only ~3 significant digits of the softmax
+// normaliser, which shows up in the backward).
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, Tensor& out, Tensor& lse);
 void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                         const Tensor& lse, double scale, Tensor& dq, Tensor& dk, Tensor& dv);
