@@ -2,11 +2,13 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <cstdlib>
 #include <sstream>
 
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
 #include "lowbit/eval/perplexity.h"
+#include "lowbit/eval/tasks.h"
 
 namespace lowbit::cli {
 
@@ -69,6 +71,45 @@ void run_ppl(const PplArgs& a) {
                 r.tokens_per_second, r.seconds);
   }
 }
+struct TaskArgs {
+  std::string model, tokenizer, tasks = "arc_easy,arc_challenge,piqa,openbook_qa,winogrande,lambada_openai",
+                                  data_dir, device = "cpu", delimiter = " ";
+  int64_t limit = 0;
+  bool no_bos = false, json = false;
+};
+
+void run_tasks(const TaskArgs& a) {
+  Device dev = parse_device(a.device);
+  LoadedModel m = load_model(a.model, dev);
+  auto tok = open_tokenizer(a.tokenizer, a.model);
+  std::string dir = a.data_dir;
+  if (dir.empty()) {
+    const char* s = std::getenv("LOWBIT_SHARED");
+    dir = std::string(s ? s : "../shared") + "/tasks/llm-foundry";
+  }
+  TaskOptions o;
+  o.limit = a.limit;
+  o.delimiter = a.delimiter;
+  o.bos = !a.no_bos;
+  nlohmann::json results = nlohmann::json::array();
+  std::string name;
+  std::stringstream list(a.tasks);
+  if (!a.json) std::printf("%-16s %-16s %7s %8s %9s\n", "task", "kind", "rows", "acc", "acc_norm");
+  while (std::getline(list, name, ',')) {
+    if (name.empty()) continue;
+    const std::string path = name.find('/') != std::string::npos ? name : dir + "/" + name + ".jsonl";
+    TaskResult r = evaluate_task(*m.model, *tok, path, o);
+    results.push_back({{"task", r.task}, {"kind", r.kind}, {"rows", r.rows}, {"acc", r.acc},
+                       {"acc_norm", r.acc_norm >= 0 ? nlohmann::json(r.acc_norm) : nlohmann::json()},
+                       {"seconds", r.seconds}});
+    if (!a.json) {
+      std::printf("%-16s %-16s %7lld %8.4f ", r.task.c_str(), r.kind.c_str(), (long long)r.rows, r.acc);
+      if (r.acc_norm >= 0) std::printf("%9.4f\n", r.acc_norm);
+      else std::printf("%9s\n", "-");
+    }
+  }
+  if (a.json) print_json({{"model", a.model}, {"results", results}});
+}
 }  // namespace
 
 void register_eval(CLI::App& app) {
@@ -89,6 +130,20 @@ void register_eval(CLI::App& app) {
   ppl->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   ppl->add_flag("--json", a->json, "print one JSON object instead of text");
   ppl->callback([a] { run_ppl(*a); });
+
+  auto* tasks = eval->add_subcommand("tasks", "Zero-shot accuracy on llm-foundry JSONL tasks (ARC, PIQA, WinoGrande, ...)");
+  auto t = std::make_shared<TaskArgs>();
+  tasks->add_option("-m,--model", t->model, "model (any supported format)")->required();
+  tasks->add_option("--tokenizer", t->tokenizer, "tokenizer file or directory (default: the model directory's)");
+  tasks->add_option("--tasks", t->tasks, "comma-separated task names (files NAME.jsonl in --data-dir) or paths")
+      ->capture_default_str();
+  tasks->add_option("--data-dir", t->data_dir, "folder of task files (default: $LOWBIT_SHARED or ../shared, /tasks/llm-foundry)");
+  tasks->add_option("--limit", t->limit, "at most this many rows per task (0 = all)");
+  tasks->add_option("--delimiter", t->delimiter, "text between a query and each choice")->capture_default_str();
+  tasks->add_flag("--no-bos", t->no_bos, "do not prepend BOS");
+  tasks->add_option("--device", t->device, "cpu or cuda")->capture_default_str();
+  tasks->add_flag("--json", t->json, "print one JSON object");
+  tasks->callback([t] { run_tasks(*t); });
 }
 
 }  // namespace lowbit::cli

@@ -1,0 +1,137 @@
+#include "lowbit/eval/tasks.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+
+#include <nlohmann/json.hpp>
+
+#include "lowbit/core/progress.h"
+
+namespace lowbit {
+
+namespace {
+
+struct Scored {
+  double logprob = 0;
+  bool greedy = true;  // every continuation token was the argmax
+};
+
+// Log-probability of `continuation` after `context`.
+Scored score(const LlamaModel& model, const Tokenizer& tok, const std::string& context, const std::string& continuation,
+             bool bos) {
+  std::vector<int> whole = tok.encode(context + continuation, false);
+  const std::vector<int> ctx = tok.encode(context, false);
+  // The continuation's tokens: what the whole encoding has past the context's encoding. When a
+  // merge crosses the boundary the shared prefix is shorter; score from where they differ.
+  size_t split = 0;
+  while (split < ctx.size() && split < whole.size() && ctx[split] == whole[split]) ++split;
+  if (split == whole.size()) split = whole.size() - 1;  // empty continuation: score the last token
+  std::vector<int32_t> ids;
+  if (bos && tok.bos_id() >= 0) ids.push_back(tok.bos_id());
+  const size_t offset = ids.size();
+  ids.insert(ids.end(), whole.begin(), whole.end());
+  // Keep the most recent tokens when the sequence is longer than the model's context.
+  const size_t max_len = size_t(model.config().max_seq_len);
+  size_t drop = ids.size() > max_len ? ids.size() - max_len : 0;
+  const size_t first = offset + split;  // index (in ids) of the first continuation token
+  if (first < drop + 1) drop = first - 1;  // keep at least one context token before it
+  std::vector<int32_t> window(ids.begin() + int64_t(drop), ids.end());
+  const int64_t T = int64_t(window.size());
+  if (T < 2) throw_error("task scoring: nothing to condition on");
+  for (int32_t id : window)
+    if (id < 0 || id >= model.config().vocab_size)
+      throw_error("task scoring: token ", id, " is outside the model's vocabulary (tokenizer and model mismatch)");
+  NoGradGuard ng;
+  Tensor logits = model.forward(Tensor::from_vector(window, {1, T})).value().to(Device::CPU).contiguous();
+  const int64_t V = logits.size(1);
+  const float* z = logits.data<float>();
+  Scored s;
+  for (int64_t t = int64_t(first - drop); t < T; ++t) {
+    const float* row = z + (t - 1) * V;  // position t-1 predicts token t
+    double mx = -std::numeric_limits<double>::infinity();
+    int64_t arg = 0;
+    for (int64_t v = 0; v < V; ++v)
+      if (row[v] > mx) {
+        mx = row[v];
+        arg = v;
+      }
+    double sum = 0;
+    for (int64_t v = 0; v < V; ++v) sum += std::exp(double(row[v]) - mx);
+    s.logprob += double(row[window[size_t(t)]]) - mx - std::log(sum);
+    s.greedy = s.greedy && arg == window[size_t(t)];
+  }
+  return s;
+}
+
+}  // namespace
+
+TaskResult evaluate_task(const LlamaModel& model, const Tokenizer& tok, const std::string& path, const TaskOptions& o) {
+  std::ifstream in(path);
+  if (!in) throw_error(path, ": cannot open task file");
+  std::vector<nlohmann::json> rows;
+  int line_no = 0;
+  for (std::string line; std::getline(in, line);) {
+    ++line_no;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) throw_error(path, ":", line_no, ": not a JSON object");
+    rows.push_back(std::move(j));
+    if (o.limit > 0 && int64_t(rows.size()) >= o.limit) break;
+  }
+  if (rows.empty()) throw_error(path, ": no rows");
+  TaskResult r;
+  r.task = std::filesystem::path(path).stem().string();
+  const nlohmann::json& first = rows.front();
+  if (first.contains("context_options")) r.kind = "winogrande";
+  else if (first.contains("choices")) r.kind = "multiple_choice";
+  else if (first.contains("context") && first.contains("continuation")) r.kind = "lambada";
+  else throw_error(path, ": unknown task schema (expected query/choices/gold, context_options/continuation/gold or context/continuation)");
+  auto t0 = std::chrono::steady_clock::now();
+  int64_t correct = 0, correct_norm = 0;
+  ProgressBar bar(r.task, int64_t(rows.size()), "rows");
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const nlohmann::json& j = rows[i];
+    auto field = [&](const char* k) -> const nlohmann::json& {
+      if (!j.contains(k)) throw_error(path, ": row ", i + 1, " has no '", k, "'");
+      return j[k];
+    };
+    try {
+      if (r.kind == "lambada") {
+        correct += score(model, tok, field("context").get<std::string>(), " " + field("continuation").get<std::string>(), o.bos).greedy;
+      } else {
+        const int gold = field("gold").get<int>();
+        std::vector<std::pair<std::string, std::string>> pairs;  // (context, continuation)
+        if (r.kind == "winogrande") {
+          for (const auto& c : field("context_options")) pairs.emplace_back(c.get<std::string>(), " " + field("continuation").get<std::string>());
+        } else {
+          for (const auto& c : field("choices")) pairs.emplace_back(field("query").get<std::string>(), o.delimiter + c.get<std::string>());
+        }
+        if (gold < 0 || gold >= int(pairs.size())) throw_error(path, ": row ", i + 1, ": gold ", gold, " out of range");
+        int best = 0, best_norm = 0;
+        double bs = -1e300, bn = -1e300;
+        for (size_t c = 0; c < pairs.size(); ++c) {
+          const double lp = score(model, tok, pairs[c].first, pairs[c].second, o.bos).logprob;
+          const double ln = lp / double(std::max<size_t>(1, pairs[c].second.size()));
+          if (lp > bs) bs = lp, best = int(c);
+          if (ln > bn) bn = ln, best_norm = int(c);
+        }
+        correct += best == gold;
+        correct_norm += best_norm == gold;
+      }
+    } catch (const nlohmann::json::exception& e) {
+      throw_error(path, ": row ", i + 1, ": ", e.what());
+    }
+    bar.update(int64_t(i + 1));
+  }
+  bar.finish();
+  r.rows = int64_t(rows.size());
+  r.acc = double(correct) / double(r.rows);
+  if (r.kind != "lambada" && r.kind != "winogrande") r.acc_norm = double(correct_norm) / double(r.rows);
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+
+}  // namespace lowbit

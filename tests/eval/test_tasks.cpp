@@ -1,0 +1,60 @@
+// Zero-shot task scoring on stories260K with task rows built from the model's own greedy text:
+// the greedy continuation must win against distractors, and malformed files must be refused.
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "common/test_util.h"
+#include "lowbit/eval/tasks.h"
+#include "lowbit/io/llama2c.h"
+#include "lowbit/runtime/generate.h"
+#include "lowbit/tokenizer/llama2c_tokenizer.h"
+
+using namespace lowbit;
+
+TEST(Tasks, GreedyContinuationsWin) {
+  LOWBIT_REQUIRE_SHARED(model_path, "models/stories260K/stories260K.bin");
+  LOWBIT_REQUIRE_SHARED(tok_path, "models/stories260K/tok512.bin");
+  Checkpoint ck = load_llama2c(model_path);
+  LlamaModel model(ck.config, ck.weights);
+  Llama2cTokenizer tok(tok_path, 512);
+  const std::string context = "Once upon a time, there was a little girl named Lily.";
+  GenerateOptions g;
+  g.steps = 40;
+  g.sampler.temperature = 0;
+  std::string greedy;
+  generate(model, tok, context, g, [&](const std::string& p) { greedy += p; });
+  ASSERT_GT(greedy.size(), 5u);
+  // The first word of the greedy text (it starts with a space) is LAMBADA's target.
+  const std::string word = greedy.substr(1, greedy.find(' ', 1) - 1);
+  auto dir = test::temp_dir("tasks");
+  {
+    std::ofstream mc(dir / "mc.jsonl");
+    nlohmann::json row = {{"query", context}, {"choices", {"zebra xylophone quantum", greedy.substr(1)}}, {"gold", 1}};
+    mc << row.dump() << "\n" << row.dump() << "\n";
+    std::ofstream lb(dir / "lb.jsonl");
+    lb << nlohmann::json{{"context", context}, {"continuation", word}}.dump() << "\n";
+    std::ofstream wg(dir / "wg.jsonl");
+    wg << nlohmann::json{{"context_options", {"Zebra quantum sofa xylophone.", context}}, {"continuation", greedy.substr(1)}, {"gold", 1}}.dump() << "\n";
+  }
+  TaskOptions o;
+  o.progress = false;
+  TaskResult mc = evaluate_task(model, tok, (dir / "mc.jsonl").string(), o);
+  EXPECT_EQ(mc.kind, "multiple_choice");
+  EXPECT_EQ(mc.rows, 2);
+  EXPECT_EQ(mc.acc, 1.0);
+  TaskResult lb = evaluate_task(model, tok, (dir / "lb.jsonl").string(), o);
+  EXPECT_EQ(lb.kind, "lambada");
+  EXPECT_EQ(lb.acc, 1.0) << "word '" << word << "'";
+  TaskResult wg = evaluate_task(model, tok, (dir / "wg.jsonl").string(), o);
+  EXPECT_EQ(wg.kind, "winogrande");
+  EXPECT_EQ(wg.acc, 1.0);
+  // Malformed files.
+  std::ofstream(dir / "bad1.jsonl") << "{not json\n";
+  std::ofstream(dir / "bad2.jsonl") << R"({"query": "q", "choices": ["a", "b"], "gold": 5})" << "\n";
+  std::ofstream(dir / "bad3.jsonl") << R"({"foo": 1})" << "\n";
+  for (const char* f : {"bad1.jsonl", "bad2.jsonl", "bad3.jsonl", "missing.jsonl"})
+    EXPECT_THROW(evaluate_task(model, tok, (dir / f).string(), o), Error) << f;
+}
