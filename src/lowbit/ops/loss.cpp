@@ -20,6 +20,20 @@ double row_lse(const T* z, int64_t V) {
   return mx + std::log(s);
 }
 
+// KL(softmax(p) || softmax(q)) of one row, with both rows' log-sum-exp.
+struct RowKl {
+  double kl, lse_p, lse_q;
+};
+template <class T>
+RowKl row_kl(const T* p, const T* q, int64_t V) {
+  RowKl r{0.0, row_lse(p, V), row_lse(q, V)};
+  for (int64_t v = 0; v < V; ++v) {
+    const double logp = double(p[v]) - r.lse_p, logq = double(q[v]) - r.lse_q;
+    r.kl += std::exp(logp) * (logp - logq);
+  }
+  return r;
+}
+
 int64_t count_valid(const Tensor& targets) {
   const int32_t* t = targets.data<int32_t>();
   int64_t n = 0;
@@ -106,15 +120,7 @@ void kl_div_forward(const Tensor& p_logits, const Tensor& q_logits, Tensor& loss
     const T *p = p_logits.data<T>(), *q = q_logits.data<T>();
     double total = 0;
 #pragma omp parallel for reduction(+ : total) if (N * V > 65536)
-    for (int64_t i = 0; i < N; ++i) {
-      const double lp = row_lse(p + i * V, V), lq = row_lse(q + i * V, V);
-      double kl = 0;
-      for (int64_t v = 0; v < V; ++v) {
-        const double logp = double(p[i * V + v]) - lp, logq = double(q[i * V + v]) - lq;
-        kl += std::exp(logp) * (logp - logq);
-      }
-      total += kl;
-    }
+    for (int64_t i = 0; i < N; ++i) total += row_kl(p + i * V, q + i * V, V).kl;
     loss.data<T>()[0] = T(N > 0 ? total / double(N) : 0.0);
   });
 }
@@ -134,14 +140,10 @@ void kl_div_backward(const Tensor& dloss, const Tensor& p_logits, const Tensor& 
     T* dqp = dq.defined() ? dq.data<T>() : nullptr;
 #pragma omp parallel for if (N * V > 65536)
     for (int64_t i = 0; i < N; ++i) {
-      const double lp = row_lse(p + i * V, V), lq = row_lse(q + i * V, V);
-      double kl = 0;
+      const RowKl r = row_kl(p + i * V, q + i * V, V);
+      const double kl = r.kl;
       for (int64_t v = 0; v < V; ++v) {
-        const double logp = double(p[i * V + v]) - lp, logq = double(q[i * V + v]) - lq;
-        kl += std::exp(logp) * (logp - logq);
-      }
-      for (int64_t v = 0; v < V; ++v) {
-        const double logp = double(p[i * V + v]) - lp, logq = double(q[i * V + v]) - lq;
+        const double logp = double(p[i * V + v]) - r.lse_p, logq = double(q[i * V + v]) - r.lse_q;
         const double P = std::exp(logp), Q = std::exp(logq);
         if (dqp) dqp[i * V + v] = T(g * (Q - P));
         if (dpp) dpp[i * V + v] = T(g * P * (logp - logq - kl));
