@@ -1,8 +1,10 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
 
 #include "common/test_util.h"
+#include "lowbit/autograd/functions.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/train/trainer.h"
 
@@ -77,4 +79,80 @@ TEST(Trainer, RejectsBadData) {
   auto dir = test::temp_dir("train-bad");
   EXPECT_THROW(train_model(tiny(dir.string()), stream(2000, 20), {}), Error);  // ids past vocab
   EXPECT_THROW(train_model(tiny(dir.string()), stream(5, 13), {}), Error);     // too short
+}
+
+namespace {
+std::vector<int64_t> read_i64(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::vector<int64_t> v;
+  int64_t x;
+  while (f.read(reinterpret_cast<char*>(&x), sizeof x)) v.push_back(x);
+  return v;
+}
+}  // namespace
+
+TEST(Trainer, DumpOrderHoldsTheWindowsOfEveryStepAndTheValidation) {
+  auto dir = test::temp_dir("train-order");
+  TrainOptions o = tiny(dir.string());
+  o.dump_order = (dir / "order.i64").string();
+  const auto train = stream(2000, 13), val = stream(300, 13);
+  TrainResult r = train_model(o, train, val);
+  std::vector<int64_t> v = read_i64(o.dump_order);
+  const int64_t n_train = o.max_steps * o.grad_accum * o.batch_size, n_val = o.eval_batches * o.batch_size;
+  ASSERT_EQ(int64_t(v.size()), 9 + n_train + n_val);
+  EXPECT_EQ(uint64_t(v[0]), kDataOrderMagic);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(v.data()), 8), "LBTORDR1");
+  EXPECT_EQ(v[1], o.max_steps);
+  EXPECT_EQ(v[2], o.grad_accum);
+  EXPECT_EQ(v[3], o.batch_size);
+  EXPECT_EQ(v[4], o.seq_len);
+  EXPECT_EQ(v[5], o.eval_batches);
+  EXPECT_EQ(v[6], 2000);
+  EXPECT_EQ(v[7], 300);
+  EXPECT_EQ(uint64_t(v[8]), o.seed);
+  size_t k = 9;
+  for (int64_t s = 0; s < o.max_steps; ++s)
+    for (int64_t m = 0; m < o.grad_accum; ++m)
+      for (int64_t x : train_window_starts(o.seed, s, m, o.batch_size, o.seq_len, 2000)) {
+        EXPECT_GE(x, 0);
+        EXPECT_LE(x + o.seq_len, 2000 - 1);  // inputs and the shifted targets stay in the stream
+        EXPECT_EQ(v[k++], x);
+      }
+  for (int64_t x : validation_window_starts(300, o.seq_len, o.batch_size, o.eval_batches)) EXPECT_EQ(v[k++], x);
+  // Different micro-batches and steps draw different windows.
+  EXPECT_NE(train_window_starts(o.seed, 0, 0, 4, 8, 2000), train_window_starts(o.seed, 0, 1, 4, 8, 2000));
+  EXPECT_NE(train_window_starts(o.seed, 0, 0, 4, 8, 2000), train_window_starts(o.seed, 1, 0, 4, 8, 2000));
+
+  // The final validation loss is the mean loss over the dumped validation windows of the saved model.
+  Checkpoint ck = load_llama2c((dir / "model.bin").string());
+  LlamaModel model(ck.config, ck.weights);
+  NoGradGuard ng;
+  double total = 0;
+  const size_t v0 = size_t(9 + n_train);
+  for (int64_t b = 0; b < o.eval_batches; ++b) {
+    Tensor in = Tensor::empty({o.batch_size, o.seq_len}, DType::I32), tgt = Tensor::empty({o.batch_size * o.seq_len}, DType::I32);
+    for (int64_t i = 0; i < o.batch_size; ++i)
+      for (int64_t t = 0; t < o.seq_len; ++t) {
+        const int64_t s = v[v0 + size_t(b * o.batch_size + i)];
+        in.data<int32_t>()[i * o.seq_len + t] = val[size_t(s + t)];
+        tgt.data<int32_t>()[i * o.seq_len + t] = val[size_t(s + t + 1)];
+      }
+    total += cross_entropy(model.forward(in), tgt).value().item();
+  }
+  EXPECT_NEAR(total / double(o.eval_batches), r.final_val_loss, 1e-6);
+}
+
+TEST(Trainer, DumpOrderIsTheSameWhenResuming) {
+  auto a = test::temp_dir("train-order-a"), b = test::temp_dir("train-order-b");
+  TrainOptions oa = tiny(a.string()), ob = tiny(b.string());
+  oa.dump_order = (a / "order.i64").string();
+  ob.dump_order = (b / "order.i64").string();
+  train_model(oa, stream(2000, 13), stream(300, 13));
+  ob.stop_after = 3;
+  train_model(ob, stream(2000, 13), stream(300, 13));
+  std::filesystem::remove(ob.dump_order);
+  ob.stop_after = 0;
+  TrainResult rest = train_model(ob, stream(2000, 13), stream(300, 13));
+  EXPECT_TRUE(rest.resumed);
+  EXPECT_EQ(read_i64(oa.dump_order), read_i64(ob.dump_order));
 }

@@ -8,6 +8,7 @@
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
 #include "lowbit/io/hf.h"
+#include "lowbit/ops/device_init.h"
 #include "lowbit/train/trainer.h"
 
 namespace lowbit::cli {
@@ -18,7 +19,7 @@ namespace {
 struct TrainArgs {
   std::string tokenizer, train_text, valid_text, train_tokens, valid_tokens, config_json, device = "cpu";
   TrainOptions o;
-  bool json = false;
+  bool json = false, tf32 = false;
 };
 
 // Tokenizes a text file once and caches the ids next to the run (keyed by file size and mtime).
@@ -84,17 +85,27 @@ void run_train(TrainArgs& a) {
     valid = tokenized(a.valid_text, *tok, a.tokenizer, cache("valid.tokens"));
   }
   o.device = parse_device(a.device);
+  if (a.tf32) {
+    if (o.device != Device::CUDA) throw_error("train: --tf32 needs --device cuda");
+    cuda_set_allow_tf32(true);
+  }
   if (!a.json) std::fprintf(stderr, "model: %s\ntrain: %zu tokens, valid: %zu tokens\n", o.config.summary().c_str(), train.size(), valid.size());
   TrainResult r = train_model(o, train, valid, [&](const TrainRecord& rec) {
     if (rec.val_loss >= 0 && !a.json)
       std::fprintf(stderr, "\nstep %lld  loss %.4f  val_loss %.4f  lr %.2e  %.0f tok/s\n", (long long)rec.step, rec.loss,
                    rec.val_loss, rec.lr, rec.tokens_per_second);
   });
-  nlohmann::json out = {{"out", o.out_dir}, {"steps", r.steps_done}, {"resumed", r.resumed}, {"final_val_loss", r.final_val_loss}};
+  const double run_tokens = double(r.records.size()) * double(o.batch_size * o.seq_len * o.grad_accum);
+  const double tok_s = r.train_seconds > 0 ? run_tokens / r.train_seconds : 0;
+  nlohmann::json out = {{"out", o.out_dir}, {"steps", r.steps_done}, {"resumed", r.resumed}, {"final_val_loss", r.final_val_loss},
+                        {"train_seconds", r.train_seconds}, {"tokens_per_second", tok_s}, {"device", a.device},
+                        {"tf32", a.tf32}};
+  if (o.device == Device::CUDA) out["gpu"] = cuda_device_name();
+  if (!o.dump_order.empty()) out["data_order"] = o.dump_order;
   if (!r.records.empty()) out["final_train_loss"] = r.records.back().loss;
   if (a.json) print_json(out);
-  else std::printf("trained %lld steps; final val loss %.4f; model in %s/model.bin and %s/hf\n", (long long)r.steps_done,
-                   r.final_val_loss, o.out_dir.c_str(), o.out_dir.c_str());
+  else std::printf("trained %lld steps; final val loss %.4f; %.0f tokens/s over %.1fs of steps; model in %s/model.bin and %s/hf\n",
+                   (long long)r.steps_done, r.final_val_loss, tok_s, r.train_seconds, o.out_dir.c_str(), o.out_dir.c_str());
 }
 }  // namespace
 
@@ -131,6 +142,10 @@ void register_train(CLI::App& app) {
   t->add_option("--checkpoint-every", o.checkpoint_every, "save the resumable state every N steps")->capture_default_str();
   t->add_option("--seed", o.seed, "seed for initialisation and data order")->capture_default_str();
   t->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
+  t->add_flag("--tf32", a->tf32, "let f32 GEMMs on the GPU use TF32 tensor cores (faster, ~1e-3 relative error)");
+  t->add_option("--dump-order", o.dump_order,
+                "write the run's data order (int64 window starts of every step and micro-batch, then the validation "
+                "windows) to FILE, for reference implementations (bench/torch_train_ref.py)");
   t->add_flag("--json", a->json, "print a JSON summary");
   t->callback([a] { run_train(*a); });
 }

@@ -1,5 +1,6 @@
 #include "lowbit/train/trainer.h"
 
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -46,16 +47,6 @@ void make_batch(const std::vector<int32_t>& stream, const std::vector<int64_t>& 
     }
 }
 
-std::vector<int64_t> random_starts(uint64_t seed, int64_t step, int64_t micro, int64_t B, int64_t T, size_t n) {
-  // SplitMix-style mixing of (seed, step, micro) so each micro-batch has its own stream.
-  uint64_t z = seed * 0x9E3779B97F4A7C15ull ^ uint64_t(step) * 0xBF58476D1CE4E5B9ull ^ uint64_t(micro) * 0x94D049BB133111EBull;
-  std::mt19937_64 rng(z);
-  std::uniform_int_distribution<int64_t> u(0, int64_t(n) - T - 1);
-  std::vector<int64_t> s(static_cast<size_t>(B));
-  for (auto& x : s) x = u(rng);
-  return s;
-}
-
 void save_state(const std::string& path, const std::vector<Var>& params, AdamW& opt, int64_t step,
                 const LlamaConfig& c, uint64_t seed) {
   std::vector<std::pair<std::string, Tensor>> ts;
@@ -90,16 +81,56 @@ int64_t load_state(const std::string& path, std::vector<Var>& params, AdamW& opt
 
 }  // namespace
 
+std::vector<int64_t> train_window_starts(uint64_t seed, int64_t step, int64_t micro, int64_t B, int64_t T,
+                                         int64_t n) {
+  // SplitMix-style mixing of (seed, step, micro) so each micro-batch has its own stream.
+  uint64_t z = seed * 0x9E3779B97F4A7C15ull ^ uint64_t(step) * 0xBF58476D1CE4E5B9ull ^ uint64_t(micro) * 0x94D049BB133111EBull;
+  std::mt19937_64 rng(z);
+  std::uniform_int_distribution<int64_t> u(0, n - T - 1);
+  std::vector<int64_t> s(static_cast<size_t>(B));
+  for (auto& x : s) x = u(rng);
+  return s;
+}
+
+std::vector<int64_t> validation_window_starts(int64_t n, int64_t T, int64_t B, int64_t batches) {
+  const int64_t windows = B * batches;
+  const int64_t span = n - T - 1;
+  if (span <= 0) throw_error("validation stream (", n, " tokens) is shorter than one sequence of ", T + 1);
+  std::vector<int64_t> starts;
+  starts.reserve(size_t(std::max<int64_t>(windows, 0)));
+  for (int64_t w = 0; w < windows; ++w) starts.push_back(w * span / std::max<int64_t>(windows, 1));
+  return starts;
+}
+
+void write_data_order(const std::string& path, const TrainOptions& o, int64_t n_train, int64_t n_val) {
+  if (o.max_steps < 0 || o.grad_accum < 1 || o.batch_size < 1) throw_error("write_data_order: bad options");
+  if (n_train < o.seq_len + 2) throw_error("training stream has ", n_train, " tokens: too short for --seq-len ", o.seq_len);
+  if (auto parent = fs::path(path).parent_path(); !parent.empty()) fs::create_directories(parent);
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    if (!f) throw_error(path, ": cannot write the data order");
+    auto put = [&](const std::vector<int64_t>& v) {
+      static_assert(std::endian::native == std::endian::little, "the order file is little-endian");
+      f.write(reinterpret_cast<const char*>(v.data()), std::streamsize(v.size() * sizeof(int64_t)));
+    };
+    put({int64_t(kDataOrderMagic), o.max_steps, o.grad_accum, o.batch_size, o.seq_len, n_val > 0 ? o.eval_batches : 0,
+         n_train, n_val, int64_t(o.seed)});
+    for (int64_t s = 0; s < o.max_steps; ++s)
+      for (int64_t m = 0; m < o.grad_accum; ++m) put(train_window_starts(o.seed, s, m, o.batch_size, o.seq_len, n_train));
+    if (n_val > 0) put(validation_window_starts(n_val, o.seq_len, o.batch_size, o.eval_batches));
+    if (!f) throw_error(path, ": write failed");
+  }
+  fs::rename(tmp, path);
+}
+
 double validation_loss(const LlamaModel& model, const std::vector<int32_t>& stream, int64_t T, int64_t B,
                        int64_t batches) {
   NoGradGuard ng;
-  const int64_t windows = B * batches;
-  const int64_t span = int64_t(stream.size()) - T - 1;
-  if (span <= 0) throw_error("validation stream (", stream.size(), " tokens) is shorter than one sequence of ", T + 1);
+  const std::vector<int64_t> all = validation_window_starts(int64_t(stream.size()), T, B, batches);
   double total = 0;
   for (int64_t k = 0; k < batches; ++k) {
-    std::vector<int64_t> starts;
-    for (int64_t b = 0; b < B; ++b) starts.push_back((k * B + b) * span / std::max<int64_t>(windows, 1));
+    std::vector<int64_t> starts(all.begin() + k * B, all.begin() + (k + 1) * B);
     Tensor in, tgt;
     make_batch(stream, starts, T, in, tgt);
     Var logits = model.forward(in);
@@ -119,6 +150,8 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
         throw_error("token id ", id, " in the data is outside the model vocabulary (", o.config.vocab_size, ")");
   if (o.out_dir.empty()) throw_error("train: an output directory (--out) is required");
   fs::create_directories(o.out_dir);
+  // The order is a pure function of (seed, shapes, stream sizes): written in full, also on resume.
+  if (!o.dump_order.empty()) write_data_order(o.dump_order, o, int64_t(train.size()), int64_t(val.size()));
   const std::string state_path = (fs::path(o.out_dir) / "state.safetensors").string();
   const std::string log_path = (fs::path(o.out_dir) / "log.jsonl").string();
 
@@ -162,7 +195,8 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
     double loss_sum = 0;
     for (int64_t m = 0; m < o.grad_accum; ++m) {
       Tensor in, tgt;
-      make_batch(train, random_starts(o.seed, step, m, o.batch_size, o.seq_len, train.size()), o.seq_len, in, tgt);
+      make_batch(train, train_window_starts(o.seed, step, m, o.batch_size, o.seq_len, int64_t(train.size())), o.seq_len, in,
+                 tgt);
       Var logits = model.forward(in);
       Var loss = cross_entropy(logits, tgt.to(o.device));
       loss_sum += loss.value().item();
@@ -179,6 +213,7 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
     ++run_steps;
     r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     r.tokens_per_second = double(o.batch_size * o.seq_len * o.grad_accum) / std::max(r.seconds, 1e-9);
+    result.train_seconds += r.seconds;
     if (!std::isfinite(r.loss)) throw_error("training diverged at step ", step, " (loss ", r.loss, "); lower --lr");
     const bool last = step == o.max_steps;
     if (!val.empty() && (last || (o.eval_every > 0 && step % o.eval_every == 0)))

@@ -33,6 +33,7 @@ struct TrainOptions {
   std::string out_dir;             // state.safetensors, log.jsonl, model.bin, hf/
   bool resume = true;              // continue from out_dir/state.safetensors when present
   int64_t stop_after = 0;          // testing aid: return after this many steps of this run (0 = off)
+  std::string dump_order;          // when set: write the data order to this file (see write_data_order)
 };
 
 struct TrainRecord {
@@ -45,6 +46,7 @@ struct TrainResult {
   double final_val_loss = -1;
   int64_t steps_done = 0;
   bool resumed = false;
+  double train_seconds = 0;  // sum of this run's step times (forward, backward, update; no validation)
 };
 
 TrainResult train_model(const TrainOptions& options, const std::vector<int32_t>& train_stream,
@@ -54,6 +56,28 @@ TrainResult train_model(const TrainOptions& options, const std::vector<int32_t>&
 // Initial weights as in llama2.c's train.py: N(0, 0.02), residual projections (wo, w2) scaled by
 // 1/sqrt(2 * n_layers), norms 1.
 LlamaWeights init_weights(const LlamaConfig& c, uint64_t seed);
+
+// Start offsets of the training windows (seq_len + 1 tokens each) of micro-batch `micro` of
+// optimizer step `step` (0-based), drawn from an RNG seeded by (seed, step, micro) alone; the
+// stream has `stream_size` tokens.
+std::vector<int64_t> train_window_starts(uint64_t seed, int64_t step, int64_t micro, int64_t batch_size,
+                                         int64_t seq_len, int64_t stream_size);
+
+// Start offsets of the fixed, evenly spaced validation windows, batch after batch.
+std::vector<int64_t> validation_window_starts(int64_t stream_size, int64_t seq_len, int64_t batch_size,
+                                              int64_t batches);
+
+// The data order of a run, for reference implementations that must consume the same windows
+// (bench/torch_train_ref.py). All values are little-endian int64:
+//   header: magic 0x315244524f54424c (the bytes "LBTORDR1"),
+//           max_steps, grad_accum, batch_size, seq_len, eval_batches, n_train_tokens, n_val_tokens, seed
+//   then max_steps * grad_accum * batch_size training window starts (step-major, then micro-batch,
+//   then sequence), then eval_batches * batch_size validation window starts (none when
+//   n_val_tokens is 0). A window starting at s covers tokens s .. s + seq_len (inputs s .. s+T-1,
+//   targets s+1 .. s+T). The file does not depend on resuming: it is the whole run's order.
+void write_data_order(const std::string& path, const TrainOptions& options, int64_t n_train_tokens,
+                      int64_t n_val_tokens);
+inline constexpr uint64_t kDataOrderMagic = 0x315244524f54424cull;  // "LBTORDR1"
 
 // Mean validation loss over fixed, evenly spaced windows (no grad).
 double validation_loss(const LlamaModel& model, const std::vector<int32_t>& stream, int64_t seq_len,
