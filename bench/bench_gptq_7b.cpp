@@ -1,8 +1,13 @@
 // End-to-end GPTQ pipeline on a Llama-2-7B-shaped model (random weights): the speed goal
 // is < 5 minutes for 32 blocks with 128 x 2048 calibration tokens at int4g128 on an H100.
 //   bench_gptq_7b [--layers N] [--nsamples 128] [--seqlen 2048] [--format int4g128] [--device cuda]
-// Prints JSON: seconds (pipeline only; weight init excluded), per-block seconds, peak GPU and host
-// memory. With --layers < 32 the full-model time is extrapolated per block and labelled as such.
+//                 [--tf32 0|1] [--fp64-factor 0|1] [--act-order 0|1]
+// Prints JSON: seconds (pipeline only; weight init excluded), per-block seconds, the GPTQ phases
+// (gptq.h GptqPhaseSeconds; the rest of the pipeline time is its own FP-target and next-input
+// passes), peak GPU and host memory. With --layers < 32 the full-model time is extrapolated per
+// block and labelled as such. --tf32 1 lets f32 GEMMs (forward passes, Hessians, reports) use TF32
+// tensor cores (10-bit mantissa inputs, like the fp16 activations of the reference gptq.py); the
+// GPTQ column sweep and its trailing updates always run in full f32.
 #include <omp.h>
 
 #include <chrono>
@@ -38,6 +43,7 @@ int main(int argc, char** argv) {
   int layers = 32;
   int64_t nsamples = 128, seqlen = 2048, batch = 8;
   std::string format = "int4g128", device = "cuda";
+  bool tf32 = false, fp64_factor = true, act_order = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--layers") layers = std::stoi(v);
@@ -46,6 +52,9 @@ int main(int argc, char** argv) {
     else if (k == "--format") format = v;
     else if (k == "--device") device = v;
     else if (k == "--batch") batch = std::stoll(v);
+    else if (k == "--tf32") tf32 = v == "1";
+    else if (k == "--fp64-factor") fp64_factor = v == "1";
+    else if (k == "--act-order") act_order = v == "1";
     else {
       std::fprintf(stderr, "unknown option %s\n", k.c_str());
       return 2;
@@ -56,6 +65,7 @@ int main(int argc, char** argv) {
     if (device == "cuda") {
       if (!init_cuda()) throw Error("no CUDA device");
       dev = Device::CUDA;
+      cuda_set_allow_tf32(tf32);
     }
     LlamaConfig c;
     c.dim = 4096;
@@ -93,20 +103,31 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < stream.size(); ++i) stream[i] = int32_t((i * 2654435761ull) % 32000);
     Tensor calib = sample_calibration(stream, nsamples, seqlen, 0);
     const QuantFormat& f = parse_quant_format(format);
-    GptqMethod gptq(f, GptqOptions{});
+    GptqOptions go;
+    go.cuda_fp64_factorization = fp64_factor;
+    go.act_order = act_order;
+    GptqMethod gptq(f, go);
+    gptq_phase_seconds() = {};
     PipelineOptions o;
     o.batch = batch;
     if (dev == Device::CUDA) cuda_reset_peak();
     PipelineReport r = run_blockwise(model, calib, gptq, f, o);
     const double per_block = r.seconds / layers;
+    const GptqPhaseSeconds& ph = gptq_phase_seconds();
+    double mean_err = 0;
+    for (const auto& l : r.linears) mean_err += l.rel_error / double(r.linears.size());
     std::printf(
         "{\"bench\": \"gptq_7b_shape\", \"device\": \"%s\", \"format\": \"%s\", \"layers\": %d, \"nsamples\": %lld, "
         "\"seqlen\": %lld, \"init_seconds\": %.1f, \"pipeline_seconds\": %.1f, \"seconds_per_block\": %.2f, "
         "\"extrapolated_32_blocks_seconds\": %.1f, \"peak_gpu_bytes\": %lld, \"peak_host_rss_bytes\": %lld, "
-        "\"omp_threads\": %d, \"bits_per_weight\": %.3f}\n",
+        "\"omp_threads\": %d, \"bits_per_weight\": %.3f, \"tf32\": %d, \"fp64_factor\": %d, \"act_order\": %d, "
+        "\"phase_seconds\": {\"capture\": %.2f, \"quantize\": %.2f, \"report\": %.2f, \"install\": %.2f, "
+        "\"other_pipeline\": %.2f}, \"mean_rel_output_error\": %.5f}\n",
         dev == Device::CUDA ? cuda_device_name().c_str() : "cpu", f.name, layers, (long long)nsamples, (long long)seqlen,
         init_s, r.seconds, per_block, per_block * 32, dev == Device::CUDA ? (long long)cuda_peak_bytes() : 0LL,
-        (long long)r.peak_rss_bytes, omp_get_max_threads(), r.bits_per_weight);
+        (long long)r.peak_rss_bytes, omp_get_max_threads(), r.bits_per_weight, int(tf32), int(fp64_factor), int(act_order),
+        ph.capture, ph.quantize, ph.report, ph.install, r.seconds - ph.capture - ph.quantize - ph.report - ph.install,
+        mean_err);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_gptq_7b: %s\n", e.what());
     return 1;

@@ -1,14 +1,17 @@
-// lowbit quantize: block-wise post-training quantization of a model (RTN, GPTQ, AWQ).
+// lowbit quantize: block-wise post-training quantization of a model (RTN, GPTQ, AWQ, ApiQ, SAPR).
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
 #include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/methods/apiq.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/ptq_methods.h"
+#include "lowbit/methods/saliency.h"
 
 namespace lowbit::cli {
 
@@ -16,15 +19,53 @@ namespace fs = std::filesystem;
 
 namespace {
 struct QuantArgs {
-  std::string model, tokenizer, method = "gptq", format = "int4g128", calib, calib_tokens, out, state_dir,
-      device = "cpu", next_input = "quantized";
+  std::string model, tokenizer, method = "gptq", format, calib, calib_tokens, out, state_dir, device = "cpu",
+      next_input = "quantized";
   int64_t nsamples = 128, seqlen = 2048, batch = 8;
   uint64_t seed = 0;
   double percdamp = 0.01;
   bool act_order = false, no_clip = false, json = false;
+  // ApiQ / SAPR. Defaults: ApiQ's scripts/quantize.sh and calibrate.py (2-bit g64, rank 64,
+  // alpha 16, 20 epochs, batch 1, LoRA lr 5e-4, clipping lr 5e-3, weight decay 0.1, init logit 4).
+  int64_t rank = 64, apiq_batch = 1, saliency_batch = 1;
+  int epochs = 20, sapr_weight_epochs = 0, sapr_output_epochs = 0;
+  double lora_alpha = 16, lora_lr = 5e-4, clip_lr = 5e-3, lora_wd = 0.1, clip_wd = 0.1, weight_decay = -1,
+         aug = 0.0, clip_init = 4.0, lambda = 3.0;
+  std::string lora_init = "kaiming", saliency, saliency_kind = "fisher", sapr_target = "quant-lora", lora = "keep",
+              merge_dtype = "f16";
+  bool apiq_verbose = false;
 };
 
-std::unique_ptr<BlockMethod> make_method(const QuantArgs& a, const QuantFormat& f) {
+bool is_apiq(const std::string& m) { return m == "apiq" || m == "apiq-layer" || m == "sapr"; }
+
+ApiqOptions apiq_options(const QuantArgs& a) {
+  ApiqOptions o;
+  o.mode = a.method == "apiq-layer" ? ApiqMode::Layer : ApiqMode::Block;
+  o.layer.rank = a.rank;
+  o.layer.lora_alpha = a.lora_alpha;
+  if (a.lora_init == "kaiming") o.layer.init = LoraInit::Kaiming;
+  else if (a.lora_init == "gaussian") o.layer.init = LoraInit::Gaussian;
+  else throw_error("--lora-init must be 'kaiming' or 'gaussian', got '", a.lora_init, "'");
+  o.layer.clip_init = a.clip_init;
+  o.epochs = a.epochs;
+  o.batch = a.apiq_batch;
+  o.lora_lr = a.lora_lr;
+  o.clip_lr = a.clip_lr;
+  o.lora_wd = a.weight_decay >= 0 ? a.weight_decay : a.lora_wd;
+  o.clip_wd = a.weight_decay >= 0 ? a.weight_decay : a.clip_wd;
+  o.aug_coef = a.aug;
+  o.seed = a.seed;
+  o.verbose = a.apiq_verbose;
+  o.lambda = a.lambda;
+  if (a.sapr_target != "quant" && a.sapr_target != "quant-lora")
+    throw_error("--sapr-target must be 'quant' (Ŵ = Q(W)) or 'quant-lora' (Ŵ = Q(W) + BA), got '", a.sapr_target, "'");
+  o.reg_with_lora = a.sapr_target == "quant-lora";
+  o.weight_epochs = a.sapr_weight_epochs;
+  o.output_epochs = a.sapr_output_epochs;
+  return o;
+}
+
+std::unique_ptr<BlockMethod> make_method(const QuantArgs& a, const QuantFormat& f, const SaliencyMap* saliency) {
   if (a.method == "rtn") return std::make_unique<RtnMethod>(f);
   if (a.method == "gptq") {
     GptqOptions o;
@@ -33,11 +74,43 @@ std::unique_ptr<BlockMethod> make_method(const QuantArgs& a, const QuantFormat& 
     return std::make_unique<GptqMethod>(f, o);
   }
   if (a.method == "awq") return std::make_unique<AwqMethod>(f, AwqOptions{}, !a.no_clip);
-  throw_error("unknown --method '", a.method, "' (expected rtn, gptq or awq)");
+  if (is_apiq(a.method)) {
+    ApiqOptions o = apiq_options(a);
+    if (a.method == "sapr") o.saliency = saliency;
+    return std::make_unique<ApiqMethod>(f, o);
+  }
+  throw_error("unknown --method '", a.method, "' (expected rtn, gptq, awq, apiq, apiq-layer or sapr)");
+}
+
+// SAPR's saliency: loaded from --saliency FILE when it exists, else computed on the calibration
+// windows with the full-precision model (and written to FILE when one was named).
+SaliencyMap obtain_saliency(const QuantArgs& a, const LlamaModel& model, const Tensor& calib) {
+  if (!a.saliency.empty() && fs::exists(a.saliency)) {
+    SaliencyMap s = load_saliency(a.saliency);
+    check_saliency_matches(s, model, a.saliency);
+    if (saliency_kind_name(s.kind) != a.saliency_kind)
+      std::fprintf(stderr, "note: %s holds %s saliency; --saliency-kind %s is ignored\n", a.saliency.c_str(),
+                   saliency_kind_name(s.kind), a.saliency_kind.c_str());
+    return s;
+  }
+  SaliencyOptions so;
+  so.kind = parse_saliency_kind(a.saliency_kind);
+  so.batch = a.saliency_batch;
+  so.progress = !a.json;
+  SaliencyMap s = compute_saliency(model.config(), model.weights(), calib, so);
+  if (!a.saliency.empty()) save_saliency(a.saliency, s);
+  return s;
 }
 
 void run_quantize(const QuantArgs& a) {
-  const QuantFormat& f = parse_quant_format(a.format);
+  const std::string format = !a.format.empty() ? a.format : is_apiq(a.method) ? "int2g64" : "int4g128";
+  const QuantFormat& f = parse_quant_format(format);
+  if (a.lora != "keep" && a.lora != "merge") throw_error("--lora must be 'keep' or 'merge', got '", a.lora, "'");
+  if (a.merge_dtype != "f16" && a.merge_dtype != "f32")
+    throw_error("--merge-dtype must be 'f16' or 'f32', got '", a.merge_dtype, "'");
+  if (is_apiq(a.method) && a.device != "cpu")
+    throw_error("--method ", a.method, " runs on the CPU only for now (its learnable-clipping op has no CUDA body); "
+                "use --device cpu");
   if (a.next_input != "quantized" && a.next_input != "fp")
     throw_error("--next-input must be 'quantized' or 'fp', got '", a.next_input, "'");
   std::error_code ec;
@@ -65,7 +138,9 @@ void run_quantize(const QuantArgs& a) {
   const int64_t seqlen = std::min<int64_t>(a.seqlen, m.model->config().max_seq_len);
   Tensor calib = stream.empty() ? Tensor::full({1, 2}, 1.0, DType::I32)  // RTN without data: error report on a stub
                                 : sample_calibration(stream, a.nsamples, seqlen, a.seed);
-  auto method = make_method(a, f);
+  std::optional<SaliencyMap> saliency;
+  if (a.method == "sapr") saliency = obtain_saliency(a, *m.model, calib);
+  auto method = make_method(a, f, saliency ? &*saliency : nullptr);
   PipelineOptions o;
   o.next_from_fp = a.next_input == "fp";
   o.batch = a.batch;
@@ -80,8 +155,22 @@ void run_quantize(const QuantArgs& a) {
                            {"nsamples", calib.size(0)}, {"seqlen", calib.size(1)},
                            {"seed", a.seed},           {"next_input", a.next_input},
                            {"resumed_from_block", r.resumed_from_block}, {"layers", layers}};
-  save_quantized_model(a.out, *m.model, a.method, f,
-                       {{"calibration", {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}}}});
+  nlohmann::json extra = {{"calibration", {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}}}};
+  if (is_apiq(a.method)) {
+    const ApiqOptions o = apiq_options(a);
+    nlohmann::json h = {{"mode", o.mode == ApiqMode::Layer ? "layer" : "block"},
+                        {"rank", o.layer.rank}, {"lora_alpha", o.layer.lora_alpha}, {"lora_init", a.lora_init},
+                        {"epochs", o.epochs}, {"batch", o.batch}, {"lora_lr", o.lora_lr}, {"clip_lr", o.clip_lr},
+                        {"lora_wd", o.lora_wd}, {"clip_wd", o.clip_wd}, {"aug_coef", o.aug_coef},
+                        {"clip_init", o.layer.clip_init}};
+    if (saliency)
+      h["sapr"] = {{"lambda", o.lambda}, {"saliency_kind", saliency_kind_name(saliency->kind)},
+                   {"target", a.sapr_target}, {"weight_epochs", o.weight_epochs}, {"output_epochs", o.output_epochs}};
+    extra["apiq"] = h;
+    report["apiq"] = h;
+  }
+  save_quantized_model(a.out, *m.model, a.method, f, extra, a.lora == "merge" ? LoraStorage::Merged : LoraStorage::Separate,
+                       a.merge_dtype == "f32" ? DType::F32 : DType::F16);
   {
     std::ofstream rep((fs::path(a.out) / "quantize_report.json").string());
     rep << report.dump(2) << "\n";
@@ -100,11 +189,15 @@ void run_quantize(const QuantArgs& a) {
 }  // namespace
 
 void register_quantize(CLI::App& app) {
-  auto* q = app.add_subcommand("quantize", "Quantize a model block by block (rtn, gptq, awq); resumable");
+  auto* q = app.add_subcommand("quantize", "Quantize a model block by block (rtn, gptq, awq, apiq, sapr); resumable");
   auto a = std::make_shared<QuantArgs>();
   q->add_option("-m,--model", a->model, "input model (llama2.c .bin, .gguf, HF directory)")->required();
-  q->add_option("--method", a->method, "rtn, gptq or awq")->capture_default_str();
-  q->add_option("--format", a->format, "number format: " + quant_format_names())->capture_default_str();
+  q->add_option("--method", a->method,
+                "rtn, gptq, awq, apiq (ApiQ block-wise), apiq-layer (ApiQ layer-wise) or sapr (ApiQ + saliency-aware "
+                "regularization)")
+      ->capture_default_str();
+  q->add_option("--format", a->format,
+                "number format (default int4g128; int2g64 for apiq/sapr): " + quant_format_names());
   q->add_option("--calib", a->calib, "calibration text file (tokenized with the model's tokenizer)");
   q->add_option("--tokenizer", a->tokenizer, "tokenizer for --calib (default: the model directory's)");
   q->add_option("--calib-tokens", a->calib_tokens, "calibration data as raw int32 token ids");
@@ -117,6 +210,38 @@ void register_quantize(CLI::App& app) {
   q->add_flag("--act-order", a->act_order, "GPTQ: columns by decreasing Hessian diagonal (static groups)");
   q->add_flag("--no-clip", a->no_clip, "AWQ: skip the clipping search");
   q->add_option("--batch", a->batch, "calibration windows per forward pass")->capture_default_str();
+  // ApiQ / SAPR
+  q->add_option("--rank", a->rank, "ApiQ: LoRA rank (0: learnable clipping only)")->capture_default_str();
+  q->add_option("--lora-alpha", a->lora_alpha, "ApiQ: LoRA alpha (the adapters add alpha/rank * B A)")
+      ->capture_default_str();
+  q->add_option("--lora-init", a->lora_init, "ApiQ: LoRA init, kaiming (PEFT default) or gaussian")->capture_default_str();
+  q->add_option("--epochs", a->epochs, "ApiQ: calibration epochs per block (or layer)")->capture_default_str();
+  q->add_option("--lora-lr", a->lora_lr, "ApiQ: AdamW learning rate of the LoRA factors")->capture_default_str();
+  q->add_option("--clip-lr", a->clip_lr, "ApiQ: AdamW learning rate of the clipping logits")->capture_default_str();
+  q->add_option("--weight-decay", a->weight_decay, "ApiQ: weight decay of both groups (overrides --lora-wd/--clip-wd)");
+  q->add_option("--lora-wd", a->lora_wd, "ApiQ: weight decay of the LoRA factors")->capture_default_str();
+  q->add_option("--clip-wd", a->clip_wd, "ApiQ: weight decay of the clipping logits")->capture_default_str();
+  q->add_option("--apiq-batch", a->apiq_batch, "ApiQ: calibration windows per optimizer step")->capture_default_str();
+  q->add_option("--apiq-aug", a->aug,
+                "ApiQ block-wise: coefficient of the second loss term ||F(W, Xq) - F(Q, Xq)||^2 (ApiQ's --aug_loss)")
+      ->capture_default_str();
+  q->add_option("--clip-init", a->clip_init, "ApiQ: initial clipping logits (sigmoid(4) = 0.982)")->capture_default_str();
+  q->add_flag("--apiq-verbose", a->apiq_verbose, "ApiQ: print the loss of every epoch");
+  q->add_option("--lambda", a->lambda, "SAPR: weight of the saliency regularizer")->capture_default_str();
+  q->add_option("--saliency", a->saliency, "SAPR: saliency file (read when it exists, else computed and written)");
+  q->add_option("--saliency-kind", a->saliency_kind, "SAPR: fisher, grad-weight or act-weight")->capture_default_str();
+  q->add_option("--saliency-batch", a->saliency_batch, "SAPR: calibration windows per saliency backward pass")
+      ->capture_default_str();
+  q->add_option("--sapr-target", a->sapr_target, "SAPR: regularize Q(W) ('quant') or Q(W) + BA ('quant-lora')")
+      ->capture_default_str();
+  q->add_option("--sapr-weight-epochs", a->sapr_weight_epochs, "SAPR: leading epochs with the regularizer only")
+      ->capture_default_str();
+  q->add_option("--sapr-output-epochs", a->sapr_output_epochs, "SAPR: trailing epochs with the ApiQ loss only")
+      ->capture_default_str();
+  q->add_option("--lora", a->lora, "ApiQ: write adapters separately ('keep') or merged into dense layers ('merge')")
+      ->capture_default_str();
+  q->add_option("--merge-dtype", a->merge_dtype, "ApiQ with --lora merge: dtype of the merged dense layers (f16, f32)")
+      ->capture_default_str();
   q->add_option("--state-dir", a->state_dir, "resumable state (default: OUT/.state; removed on success)");
   q->add_option("-o,--out", a->out, "output directory (config.json + model.safetensors)")->required();
   q->add_option("--device", a->device, "cpu or cuda")->capture_default_str();

@@ -22,35 +22,6 @@ struct TrainArgs {
   bool json = false, tf32 = false;
 };
 
-// Tokenizes a text file once and caches the ids next to the run (keyed by file size and mtime).
-std::vector<int32_t> tokenized(const std::string& text_path, const Tokenizer& tok, const std::string& tok_path,
-                               const std::string& cache_path) {
-  std::error_code ec;
-  const auto size = fs::file_size(text_path, ec);
-  if (ec) throw_error(text_path, ": cannot read (", ec.message(), ")");
-  const auto mtime = fs::last_write_time(text_path).time_since_epoch().count();
-  const std::string key = text_path + "|" + std::to_string(size) + "|" + std::to_string(mtime) + "|" + tok_path;
-  std::ifstream meta(cache_path + ".key");
-  std::string saved;
-  std::getline(meta, saved);
-  if (saved == key && fs::exists(cache_path)) return read_token_file(cache_path);
-  std::ifstream f(text_path, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  auto t0 = std::chrono::steady_clock::now();
-  std::vector<int> ids = tok.encode(ss.str(), false);
-  std::fprintf(stderr, "tokenized %s: %zu tokens in %.1fs\n", text_path.c_str(), ids.size(),
-               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  std::vector<int32_t> out(ids.begin(), ids.end());
-  {
-    std::ofstream o(cache_path + ".tmp", std::ios::binary);
-    o.write(reinterpret_cast<const char*>(out.data()), std::streamsize(out.size() * 4));
-  }
-  fs::rename(cache_path + ".tmp", cache_path);
-  std::ofstream(cache_path + ".key") << key << "\n";
-  return out;
-}
-
 void run_train(TrainArgs& a) {
   TrainOptions& o = a.o;
   if (o.out_dir.empty()) throw_error("train: --out DIR is required");
@@ -75,14 +46,14 @@ void run_train(TrainArgs& a) {
   if (!a.train_tokens.empty()) train = read_token_file(a.train_tokens);
   else if (!a.train_text.empty()) {
     if (!tok) throw_error("train: --train TEXT needs --tokenizer");
-    train = tokenized(a.train_text, *tok, a.tokenizer, cache("train.tokens"));
+    train = tokenize_file_cached(a.train_text, *tok, a.tokenizer, cache("train.tokens"));
   } else {
     throw_error("train: give --train TEXT (with --tokenizer) or --train-tokens FILE");
   }
   if (!a.valid_tokens.empty()) valid = read_token_file(a.valid_tokens);
   else if (!a.valid_text.empty()) {
     if (!tok) throw_error("train: --valid TEXT needs --tokenizer");
-    valid = tokenized(a.valid_text, *tok, a.tokenizer, cache("valid.tokens"));
+    valid = tokenize_file_cached(a.valid_text, *tok, a.tokenizer, cache("valid.tokens"));
   }
   o.device = parse_device(a.device);
   if (a.tf32) {

@@ -11,5 +11,6 @@ void register_tokenize(CLI::App& app);  // lowbit tokenize
 void register_convert(CLI::App& app);   // lowbit convert
 void register_quantize(CLI::App& app);  // lowbit quantize
 void register_train(CLI::App& app);     // lowbit train
+void register_finetune(CLI::App& app);  // lowbit finetune
 
 }  // namespace lowbit::cli

@@ -2,12 +2,16 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <chrono>
 #include <fstream>
+#include <sstream>
 
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/ops/device_init.h"
 
 namespace lowbit::cli {
+
+namespace fs = std::filesystem;
 
 Device parse_device(const std::string& name) {
   if (name == "cpu") return Device::CPU;
@@ -35,7 +39,7 @@ LoadedModel load_model(const std::string& path, Device device) {
 
 std::unique_ptr<Tokenizer> open_tokenizer(const std::string& tokenizer_path, const std::string& model_path) {
   if (!tokenizer_path.empty()) return load_tokenizer(tokenizer_path);
-  namespace fs = std::filesystem;
+
   if (!model_path.empty() && fs::is_directory(model_path)) return load_tokenizer(model_path);
   throw_error("no tokenizer: pass --tokenizer FILE (tokenizer.bin, tokenizer.model or tokenizer.json); ", model_path,
               " is not a model directory with one");
@@ -51,6 +55,35 @@ std::vector<int32_t> read_token_file(const std::string& path) {
   f.read(reinterpret_cast<char*>(ids.data()), size);
   if (!f) throw_error(path, ": read failed");
   return ids;
+}
+
+// Tokenizes a text file once and caches the ids (see common.h).
+std::vector<int32_t> tokenize_file_cached(const std::string& text_path, const Tokenizer& tok, const std::string& tok_path,
+                               const std::string& cache_path) {
+  std::error_code ec;
+  const auto size = fs::file_size(text_path, ec);
+  if (ec) throw_error(text_path, ": cannot read (", ec.message(), ")");
+  const auto mtime = fs::last_write_time(text_path).time_since_epoch().count();
+  const std::string key = text_path + "|" + std::to_string(size) + "|" + std::to_string(mtime) + "|" + tok_path;
+  std::ifstream meta(cache_path + ".key");
+  std::string saved;
+  std::getline(meta, saved);
+  if (saved == key && fs::exists(cache_path)) return read_token_file(cache_path);
+  std::ifstream f(text_path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  auto t0 = std::chrono::steady_clock::now();
+  std::vector<int> ids = tok.encode(ss.str(), false);
+  std::fprintf(stderr, "tokenized %s: %zu tokens in %.1fs\n", text_path.c_str(), ids.size(),
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  std::vector<int32_t> out(ids.begin(), ids.end());
+  {
+    std::ofstream o(cache_path + ".tmp", std::ios::binary);
+    o.write(reinterpret_cast<const char*>(out.data()), std::streamsize(out.size() * 4));
+  }
+  fs::rename(cache_path + ".tmp", cache_path);
+  std::ofstream(cache_path + ".key") << key << "\n";
+  return out;
 }
 
 void print_json(const nlohmann::json& j) {

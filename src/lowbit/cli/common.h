@@ -28,6 +28,11 @@ std::unique_ptr<Tokenizer> open_tokenizer(const std::string& tokenizer_path, con
 // A file of raw little-endian int32 token ids.
 std::vector<int32_t> read_token_file(const std::string& path);
 
+// Tokenizes a text file (no special tokens) and caches the ids at cache_path (+ ".key": path, size,
+// mtime and tokenizer path), so restarted runs reuse them.
+std::vector<int32_t> tokenize_file_cached(const std::string& text_path, const Tokenizer& tok, const std::string& tok_path,
+                                         const std::string& cache_path);
+
 // Prints a JSON object on stdout (one line).
 void print_json(const nlohmann::json& j);
 

@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   lowbit::cli::register_convert(app);
   lowbit::cli::register_quantize(app);
   lowbit::cli::register_train(app);
+  lowbit::cli::register_finetune(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,5 +1,6 @@
 #include "lowbit/io/quantized_checkpoint.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 
@@ -42,7 +43,10 @@ nlohmann::json read_json(const std::string& path) {
 }  // namespace
 
 void save_quantized_model(const std::string& dir, const LlamaModel& model, const std::string& method,
-                          const QuantFormat& format, const nlohmann::json& extra) {
+                          const QuantFormat& format, const nlohmann::json& extra, LoraStorage lora,
+                          DType merged_dtype) {
+  if (merged_dtype != DType::F16 && merged_dtype != DType::F32)
+    throw_error("save_quantized_model: merged LoRA layers are written in f16 or f32, not ", dtype_name(merged_dtype));
   const LlamaConfig& c = model.config();
   const bool permute = c.rope_style == RopeStyle::Interleaved;
   const int hd = c.resolved_head_dim();
@@ -55,14 +59,26 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
     if (name.find("_proj.") != std::string::npos) return;  // linears below
     ts.emplace_back(name, t.to(Device::CPU).contiguous());
   });
-  int n_quant = 0;
+  int n_quant = 0, n_lora = 0;
+  int64_t max_rank = 0;
   for (int i = 0; i < model.n_layers(); ++i) {
     auto& b = const_cast<LlamaModel&>(model).block(i);
     for (auto& [name, slot] : b.linears()) {
       const std::string m = "model.layers." + std::to_string(i) + "." + name;
       const int heads = name == "self_attn.q_proj" ? c.n_heads : c.n_kv_heads;
       Tensor bias = (*slot)->bias();
-      if (auto* ql = dynamic_cast<const QuantLinear*>(slot->get())) {
+      auto* ql = dynamic_cast<const QuantLinear*>(slot->get());
+      if (ql && ql->has_lora()) {
+        ++n_lora;
+        max_rank = std::max(max_rank, ql->lora_rank());
+      }
+      if (ql && ql->has_lora() && lora == LoraStorage::Merged) {
+        // Dense Ŵ + B A: the layer is no longer packed (see the bits-per-weight note in the header).
+        Tensor wt = ql->effective_weight().to(Device::CPU).contiguous();
+        if (permute && is_qk(m)) wt = rope_rows_interleaved_to_half(wt, heads, hd);
+        ts.emplace_back(m + ".weight", wt.to(merged_dtype));
+        ++n_quant;
+      } else if (ql) {
         if (ql->quantized().format != format.id)
           throw_error("save_quantized_model: ", m, " is ", ql->quantized().fmt().name, ", expected ", format.name);
         QuantizedTensor q = permute && is_qk(m) ? permute_rows(ql->quantized(), heads, hd, true) : ql->quantized();
@@ -70,6 +86,12 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
         if (q.scales.defined()) ts.emplace_back(m + ".scales", q.scales);
         if (q.zeros.defined()) ts.emplace_back(m + ".qzeros", q.zeros);
         if (q.tensor_scale.defined()) ts.emplace_back(m + ".tensor_scale", q.tensor_scale);
+        if (ql->has_lora()) {
+          Tensor b = ql->lora_B().to(Device::CPU).contiguous();
+          if (permute && is_qk(m)) b = rope_rows_interleaved_to_half(b, heads, hd);
+          ts.emplace_back(m + ".lora_A", ql->lora_A().to(Device::CPU).contiguous().to(DType::F16));
+          ts.emplace_back(m + ".lora_B", b.to(DType::F16));
+        }
         ++n_quant;
       } else {
         Tensor wt = (*slot)->effective_weight().to(Device::CPU).contiguous();
@@ -95,6 +117,11 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
                        {"sym", !format.has_zero},
                        {"method", method},
                        {"modules_not_to_convert", {"lm_head", "model.embed_tokens"}}};
+  if (n_lora > 0) {
+    qc["lora"] = lora == LoraStorage::Merged ? "merged" : "separate";
+    qc["lora_rank"] = max_rank;
+    if (lora == LoraStorage::Merged) qc["lora_merged_dtype"] = dtype_name(merged_dtype);
+  }
   for (auto& [k, v] : extra.items()) qc[k] = v;
   cfg["quantization_config"] = qc;
   fs::create_directories(dir);
@@ -190,6 +217,24 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir) {
           throw_error(st_path, ": quantized layer '", m, "': ", e.what());
         }
         *lin.w = q.dequantize();
+        if (f.find(m + ".lora_A") || f.find(m + ".lora_B")) {
+          LoraAdapters ad{loadf(m + ".lora_A"), loadf(m + ".lora_B")};
+          if (ad.A.dim() != 2 || ad.A.size(1) != lin.in || ad.B.dim() != 2 || ad.B.size(0) != lin.out ||
+              ad.B.size(1) != ad.A.size(0))
+            throw_error(st_path, ": LoRA of '", m, "': lora_A ", ad.A.describe(), " and lora_B ", ad.B.describe(),
+                        " do not fit a [", lin.out, ", ", lin.in, "] layer (expected [r, ", lin.in, "] and [", lin.out,
+                        ", r])");
+          // The dense view of the checkpoint is the function the layer computes: Ŵ + B A.
+          const float *pa = ad.A.data<float>(), *pb = ad.B.data<float>();
+          float* pw = lin.w->data<float>();
+          const int64_t r = ad.A.size(0);
+          for (int64_t o = 0; o < lin.out; ++o)
+            for (int64_t k = 0; k < r; ++k) {
+              const float b = pb[o * r + k];
+              for (int64_t j = 0; j < lin.in; ++j) pw[o * lin.in + j] += b * pa[k * lin.in + j];
+            }
+          out.lora.emplace(m, std::move(ad));
+        }
         out.quantized.emplace(m, std::move(q));
       } else {
         *lin.w = loadf(m + ".weight");
@@ -208,8 +253,14 @@ std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, D
   auto model = std::make_unique<LlamaModel>(q.dense.config, w, false);
   for (int i = 0; i < model->n_layers(); ++i)
     for (auto& [name, slot] : model->block(i).linears()) {
-      auto it = q.quantized.find("model.layers." + std::to_string(i) + "." + name);
-      if (it != q.quantized.end()) *slot = std::make_shared<QuantLinear>(it->second, (*slot)->bias(), device);
+      const std::string m = "model.layers." + std::to_string(i) + "." + name;
+      auto it = q.quantized.find(m);
+      if (it == q.quantized.end()) continue;
+      auto lit = q.lora.find(m);
+      if (lit != q.lora.end())
+        *slot = std::make_shared<QuantLinear>(it->second, (*slot)->bias(), device, lit->second.A, lit->second.B);
+      else
+        *slot = std::make_shared<QuantLinear>(it->second, (*slot)->bias(), device);
     }
   return model;
 }

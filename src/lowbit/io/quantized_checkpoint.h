@@ -10,8 +10,18 @@
 //                        <m>.qzeros        F16 [out, n_groups]        (asymmetric int only)
 //                        <m>.tensor_scale  F32 [1]                    (ternary, nvfp4)
 //                        <m>.bias          F32 [out]                  (when the layer has one)
+//                        <m>.lora_A        F16 [rank, in]             LoRA adapters (ApiQ, SAPR):
+//                        <m>.lora_B        F16 [out, rank]            y = x Ŵ^T + (x A^T) B^T
+//                      a layer saved with LoraStorage::Merged has instead
+//                        <m>.weight        F16 or F32 [out, in]       dequantize(q) + B A, dense
 //                      every other tensor (embeddings, norms, lm_head) in f32 under its HF name.
-// Rows of q_proj/k_proj are in the Hugging Face (rotate-half) order, as in any HF checkpoint.
+// Rows of q_proj/k_proj (and of their lora_B) are in the Hugging Face (rotate-half) order, as in
+// any HF checkpoint.
+//
+// Bits per weight with adapters. Separate adapters add 16 * rank * (in + out) bits to a layer's
+// packed storage (Llama-2-7B, rank 64: about +0.5 bit per weight; they stay trainable for LoRA
+// finetuning). Merged layers are dense: 16 (f16) or 32 (f32) bits per weight, so merging trades
+// the low-bit storage for a single dense matmul and is meant for evaluation/export, not compression.
 // The code layout is lowbit's own (documented in quant/format.h); it is not GPTQ's int32 packing.
 #pragma once
 #include <map>
@@ -27,17 +37,31 @@
 
 namespace lowbit {
 
+// How LoRA adapters of QuantLinear layers are written.
+enum class LoraStorage {
+  Separate,  // packed codes + <m>.lora_A / <m>.lora_B (default)
+  Merged,    // dense <m>.weight = dequantize(q) + B A in the merge dtype; no packed codes
+};
+
+struct LoraAdapters {
+  Tensor A;  // F32 [rank, in]
+  Tensor B;  // F32 [out, rank]
+};
+
 struct QuantizedCheckpoint {
   Checkpoint dense;  // config (rope Half) + f32 weights, quantized linears dequantized
   std::string method;
   QuantFormatId format = QuantFormatId::Int4G128;
   std::map<std::string, QuantizedTensor> quantized;  // by module name
+  std::map<std::string, LoraAdapters> lora;          // by module name (separate adapters only)
 };
 
 // Writes `model` (whose linears are QuantLinear or dense) atomically into `dir`.
-// `extra` is merged into quantization_config (e.g. the calibration settings).
+// `extra` is merged into quantization_config (e.g. the calibration settings). Layers with LoRA
+// adapters are written according to `lora`; merged layers use `merged_dtype` (F16 or F32).
 void save_quantized_model(const std::string& dir, const LlamaModel& model, const std::string& method,
-                          const QuantFormat& format, const nlohmann::json& extra = {});
+                          const QuantFormat& format, const nlohmann::json& extra = {},
+                          LoraStorage lora = LoraStorage::Separate, DType merged_dtype = DType::F16);
 
 // Reads a directory written by save_quantized_model. Throws lowbit::Error naming the file and
 // the tensor for missing scales, wrong packed sizes, unknown format names, etc.
@@ -46,7 +70,7 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir);
 // True when dir/config.json has a lowbit quantization_config.
 bool is_lowbit_quantized_dir(const std::string& dir);
 
-// A frozen model whose quantized linears are QuantLinear layers, on `device`.
+// A frozen model whose quantized linears are QuantLinear layers (with their adapters), on `device`.
 std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, Device device = Device::CPU);
 
 }  // namespace lowbit

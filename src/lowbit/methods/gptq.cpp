@@ -6,6 +6,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "lowbit/methods/gptq_cuda.h"
 #include "lowbit/quant/quantize.h"
 
 namespace lowbit {
@@ -96,9 +97,18 @@ std::vector<double> inverse_hessian_cholesky_upper(std::vector<double> h, int64_
   return h;  // holds U
 }
 
+GptqPhaseSeconds& gptq_phase_seconds() {
+  static GptqPhaseSeconds s;
+  return s;
+}
+
 // ---- GPTQ -----------------------------------------------------------------------------------------
 
 GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_in, const QuantFormat& f, const GptqOptions& opt) {
+  if (((w_in.defined() && w_in.device() == Device::CUDA) || (h_in.defined() && h_in.device() == Device::CUDA)) &&
+      gptq_cuda_supports(f, opt))
+    return gptq_quantize_cuda(w_in, h_in, f, opt);
+  // CPU reference (also the fallback for the formats the GPU path does not cover).
   Tensor w = checked_weight(w_in, f, "gptq").clone();  // modified in place below
   const int64_t out = w.size(0), in = w.size(1), groups = f.n_groups(in);
   LB_CHECK(h_in.defined() && h_in.dim() == 2 && h_in.size(0) == in && h_in.size(1) == in, "gptq [", f.name,

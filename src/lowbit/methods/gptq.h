@@ -16,6 +16,10 @@
 //   * without static groups, a group's parameters are fitted (min/max, format.h) when its first
 //     column is reached, on the weights as updated so far;
 //   * per-channel and per-tensor formats fit their parameters once on W before the sweep.
+//
+// Device: when the weight or the Hessian lives on cuda and the format is an integer format (and
+// block_size <= 128), the whole computation runs on the GPU (gptq_cuda.h, ops/cuda/gptq.cu) with
+// the same results up to float rounding; otherwise it runs here on the CPU (H and U in double).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -49,6 +53,8 @@ struct GptqOptions {
   int64_t block_size = 128;   // columns per lazy-update block (B in the paper)
   bool act_order = false;     // descending diag(H) order (implies static_groups when grouped)
   bool static_groups = false; // group parameters from the original W before the sweep
+  // GPU path only: Cholesky and triangular inverse in f64 (as the CPU path) or f32 (as gptq.py).
+  bool cuda_fp64_factorization = true;
 };
 
 struct GptqResult {
@@ -56,9 +62,22 @@ struct GptqResult {
   // GPTQ's own loss estimate, sum over weights of (w - q)^2 / (2 U_jj^2) (gptq.py "error").
   double loss = 0;
   int64_t dead_columns = 0;  // input channels with diag H = 0
+  // GPU path only: dequantize(q) as f32 [out, in] on cuda (saves a host dequantization for error
+  // reports); undefined on the CPU path.
+  Tensor dequantized;
 };
 
+// Runs on the GPU when w or hessian is on cuda and gptq_cuda_supports(f, opt) (gptq_cuda.h).
 GptqResult gptq_quantize(const Tensor& w, const Tensor& hessian, const QuantFormat& f, const GptqOptions& opt = {});
+
+// Wall-clock seconds GptqMethod (ptq_methods.h) spent per phase since start-up, summed over
+// blocks, for benchmarks: capture = forward passes + Hessians, quantize = gptq_quantize (incl. the
+// download of the QuantizedTensor), report = output-error reports, install = building the
+// QuantLinear (its host dequantization and upload). Not thread-safe; reset by assigning {}.
+struct GptqPhaseSeconds {
+  double capture = 0, quantize = 0, report = 0, install = 0;
+};
+GptqPhaseSeconds& gptq_phase_seconds();
 
 // ---- linear algebra used by GPTQ (row-major, double), exposed for tests ------------------------
 // In place: A = L L^T, the lower triangle of `a` becomes L, the strict upper triangle is zeroed.

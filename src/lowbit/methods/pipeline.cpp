@@ -138,7 +138,10 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
       b.ffn_norm.mutable_value().copy_(f.load(p + "ffn_norm"));
       for (auto& [name, slot] : b.linears()) {
         QuantizedTensor q = load_quantized(f, p + name, format, {(*slot)->out_features(), (*slot)->in_features()});
-        *slot = std::make_shared<QuantLinear>(std::move(q), (*slot)->bias());
+        // LoRA adapters (ApiQ, SAPR) are part of the saved state: a resumed run must see the same block.
+        Tensor lora_A = f.find(p + name + ".lora_A") ? f.load(p + name + ".lora_A") : Tensor();
+        Tensor lora_B = f.find(p + name + ".lora_B") ? f.load(p + name + ".lora_B") : Tensor();
+        *slot = std::make_shared<QuantLinear>(std::move(q), (*slot)->bias(), Device::CPU, lora_A, lora_B);
       }
     }
     rep.resumed_from_block = start;
@@ -176,6 +179,10 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
           auto* ql = dynamic_cast<QuantLinear*>(slot->get());
           if (!ql) throw_error("pipeline: method '", method.name(), "' left ", name, " of block ", j, " unquantized");
           save_quantized(ts, p + name, ql->quantized());
+          if (ql->has_lora()) {
+            ts.emplace_back(p + name + ".lora_A", ql->lora_A());
+            ts.emplace_back(p + name + ".lora_B", ql->lora_B());
+          }
         }
       }
       save_safetensors(state_path, ts, {{"key", key}, {"next_block", std::to_string(i + 1)}});

@@ -1,9 +1,11 @@
 #include "lowbit/methods/ptq_methods.h"
 
 #include <algorithm>
+#include <chrono>
 #include <map>
 
 #include "lowbit/methods/rtn.h"
+#include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/quant/quant_linear.h"
 
@@ -47,27 +49,64 @@ struct InputCapture {
 };
 
 // GPTQ's H = 2/n sum x x^T, accumulated where the activations live (cuBLAS on the GPU, BLAS on
-// the CPU) in f32 like the reference implementation; linears sharing an input share one sum.
+// the CPU) in f32 like the reference implementation. Linears fed the same tensor in one forward
+// pass (q/k/v, gate/up) share one sum: the product is computed once per distinct input.
 struct HessianCapture {
-  std::map<std::string, Tensor> sum;  // sum of x^T x per linear
+  std::map<std::string, Tensor> sum;  // sum of x^T x per input owner
   std::map<std::string, int64_t> rows;
+  std::map<std::string, std::string> owner;  // linear -> the linear whose sum holds its input
+  Tensor last_x;                             // the latest distinct input of this batch
+  std::string last_name;
   LinearInputHook hook() {
     return [this](const std::string& name, const Tensor& x) {
-      Tensor xc = x.contiguous();
+      if (last_x.defined() && x.raw_data() == last_x.raw_data() && x.shape() == last_x.shape() &&
+          x.dtype() == last_x.dtype() && x.strides() == last_x.strides()) {
+        const std::string& o = owner.at(last_name);
+        auto [it, fresh] = owner.emplace(name, o);
+        if (!fresh && it->second != o) throw_error("gptq: inconsistent input sharing for ", name);
+        return;
+      }
+      owner.emplace(name, name);
+      Tensor xc = x.dtype() == DType::F32 ? x.contiguous() : x.to(DType::F32).contiguous();
       Tensor& h = sum[name];
-      if (!h.defined()) h = Tensor::zeros({xc.size(1), xc.size(1)}, xc.dtype(), xc.device());
+      if (!h.defined()) h = Tensor::zeros({xc.size(1), xc.size(1)}, DType::F32, xc.device());
       ops::gemm(xc, true, xc, false, h, 1.0, 1.0);
       rows[name] += xc.size(0);
+      last_x = x;
+      last_name = name;
     };
   }
+  void end_batch() {  // sharing is detected within one forward pass only
+    last_x = Tensor();
+    last_name.clear();
+  }
+  // F32 [in, in] on the device the activations live on.
   Tensor hessian(const std::string& name) const {
-    auto it = sum.find(name);
-    if (it == sum.end() || rows.at(name) == 0) throw_error("gptq: no calibration inputs reached ", name);
-    Tensor h = Tensor::empty(it->second.shape(), it->second.dtype(), it->second.device());
-    ops::scale(it->second, 2.0 / double(rows.at(name)), h);
-    return h.to(Device::CPU).to(DType::F32);
+    auto o = owner.find(name);
+    if (o == owner.end() || rows.at(o->second) == 0) throw_error("gptq: no calibration inputs reached ", name);
+    const Tensor& s = sum.at(o->second);
+    Tensor h = Tensor::empty(s.shape(), s.dtype(), s.device());
+    ops::scale(s, 2.0 / double(rows.at(o->second)), h);
+    return h;
   }
 };
+
+// Thrown by GPTQ's capture hook once every linear of the current sequential group has seen its
+// batch input: the rest of the block's forward pass is not needed for this group (run_block puts
+// the layers back and rethrows; GptqMethod catches it).
+struct StopForward {};
+
+// relative_output_error's ||X (W - Q)^T||^2 / ||X W^T||^2 where x, w, q live (no host copies).
+double device_relative_output_error(const Tensor& x, const Tensor& w, const Tensor& q) {
+  Tensor y = Tensor::empty({x.size(0), w.size(0)}, DType::F32, x.device());
+  ops::gemm(x, false, w, true, y, 1.0, 0.0);
+  const double ref = ops::sum_squares(y);
+  Tensor d = Tensor::empty(w.shape(), DType::F32, w.device());
+  ops::sub(w, q, d);
+  ops::gemm(x, false, d, true, y, 1.0, 0.0);
+  const double err = ops::sum_squares(y);
+  return ref > 0 ? err / ref : 0.0;
+}
 
 std::string full_name(int layer, const std::string& name) { return "model.layers." + std::to_string(layer) + "." + name; }
 
@@ -130,21 +169,77 @@ void RtnMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& rep
 }
 
 void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
+  using Clock = std::chrono::steady_clock;
+  const Device dev = ctx.inputs.device();
+  const bool on_gpu = dev == Device::CUDA;  // then W, H, the report rows and the error stay there
+  GptqPhaseSeconds& prof = gptq_phase_seconds();
+  auto lap = [&](Clock::time_point& t, double& acc) {
+    if (on_gpu) cuda_synchronize();
+    const Clock::time_point now = Clock::now();
+    acc += std::chrono::duration<double>(now - t).count();
+    t = now;
+  };
   for (const auto& group : kSequentialGroups) {
+    Clock::time_point t = Clock::now();
     // Inputs as produced by the groups quantized so far: Hessians of this group, a row sample
     // for the error report.
     HessianCapture hc;
-    InputCapture cap(kReportRows);
+    InputCapture cap(kReportRows);             // CPU model: report rows on the host
+    std::map<std::string, Tensor> gpu_rows;    // GPU model: report rows on the device
     LinearInputHook hh = hc.hook(), ch = cap.hook();
-    ctx.run_block(ctx.inputs, [&](const std::string& n, const Tensor& x) {
-      if (std::find(group.begin(), group.end(), n) == group.end()) return;
-      hh(n, x);
-      ch(n, x);
-    });
+    // Batch by batch, each forward pass stopped after the group's last linear has its input
+    // (the reference llama.py runs whole layers; the Hessians are the same).
+    const int64_t L = ctx.seqlen;
+    for (int64_t s = 0; s < ctx.n_samples; s += ctx.batch) {
+      const int64_t e = std::min(ctx.n_samples, s + ctx.batch);
+      const Tensor xb = ctx.inputs.slice(0, s * L, e * L);
+      BlockContext bc{ctx.model, ctx.layer, e - s, L, xb, ctx.fp_targets, e - s};
+      size_t seen = 0;
+      try {
+        bc.run_block(xb, [&](const std::string& n, const Tensor& x) {
+          if (std::find(group.begin(), group.end(), n) == group.end()) return;
+          hh(n, x);
+          if (!on_gpu) {
+            ch(n, x);
+          } else if (!gpu_rows.count(n) || gpu_rows[n].size(0) < kReportRows) {
+            const int64_t have = gpu_rows.count(n) ? gpu_rows[n].size(0) : 0;
+            const int64_t take = std::min(x.size(0), kReportRows - have);
+            Tensor rows = Tensor::empty({have + take, x.size(1)}, DType::F32, dev);
+            if (have) rows.slice(0, 0, have).copy_(gpu_rows[n]);
+            Tensor xs = x.slice(0, 0, take);
+            rows.slice(0, have, have + take).copy_(xs.dtype() == DType::F32 ? xs : xs.to(DType::F32));
+            gpu_rows[n] = rows;
+          }
+          if (++seen == group.size()) throw StopForward{};
+        });
+      } catch (const StopForward&) {
+      }
+      hc.end_batch();
+    }
+    lap(t, prof.capture);
     for (const auto& name : group) {
-      Tensor w = weight_of(ctx, name);
-      GptqResult r = gptq_quantize(w, hc.hessian(name), f_, o_);
-      install(ctx, name, cap.rows(name), std::move(r.q), reports);
+      if (!on_gpu) {
+        Tensor w = weight_of(ctx, name);
+        GptqResult r = gptq_quantize(w, hc.hessian(name), f_, o_);
+        lap(t, prof.quantize);
+        install(ctx, name, cap.rows(name), std::move(r.q), reports);
+        lap(t, prof.install);
+        continue;
+      }
+      auto* slot = slot_of(ctx.model.block(ctx.layer), name);
+      const Tensor w = (*slot)->effective_weight().contiguous();
+      GptqResult r = gptq_quantize(w, hc.hessian(name), f_, o_);  // GPU path for the integer formats
+      lap(t, prof.quantize);
+      const Tensor deq = r.dequantized.defined() ? r.dequantized : r.q.dequantize().to(dev);
+      LinearReport rep;
+      rep.name = full_name(ctx.layer, name);
+      rep.rel_error = device_relative_output_error(gpu_rows.at(name), w.dtype() == DType::F32 ? w : w.to(DType::F32), deq);
+      rep.params = r.q.out_features() * r.q.in_features();
+      rep.bits_per_weight = r.q.fmt().bits_per_weight(r.q.out_features(), r.q.in_features());
+      reports.push_back(rep);
+      lap(t, prof.report);
+      *slot = std::make_shared<QuantLinear>(std::move(r.q), (*slot)->bias(), dev);
+      lap(t, prof.install);
     }
   }
 }

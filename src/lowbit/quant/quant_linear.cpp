@@ -1,15 +1,51 @@
 #include "lowbit/quant/quant_linear.h"
 
 #include "lowbit/autograd/functions.h"
+#include "lowbit/ops/ops.h"
 
 namespace lowbit {
 
-QuantLinear::QuantLinear(QuantizedTensor q, Tensor bias, Device device) : q_(std::move(q)) {
+QuantLinear::QuantLinear(QuantizedTensor q, Tensor bias, Device device, Tensor lora_A, Tensor lora_B)
+    : q_(std::move(q)) {
   q_.validate();
   weight_ = Var(q_.dequantize().to(device), false);
   if (bias.defined()) bias_ = Var(bias.to(device), false);
+  LB_CHECK(lora_A.defined() == lora_B.defined(), "QuantLinear: LoRA needs both A and B (got only ",
+           lora_A.defined() ? "A" : "B", ")");
+  if (!lora_A.defined()) return;
+  const int64_t out = q_.out_features(), in = q_.in_features();
+  LB_CHECK(lora_A.dim() == 2 && lora_A.size(1) == in && lora_A.size(0) > 0, "QuantLinear: lora_A must be [rank, ", in,
+           "], got ", lora_A.describe());
+  LB_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == lora_A.size(0),
+           "QuantLinear: lora_B must be [", out, ", ", lora_A.size(0), "] to match lora_A, got ", lora_B.describe());
+  const DType dt = weight_.value().dtype();
+  lora_A_ = Var(lora_A.to(dt).contiguous().to(device), false);
+  lora_B_ = Var(lora_B.to(dt).contiguous().to(device), false);
 }
 
-Var QuantLinear::forward(const Var& x) const { return linear(x, weight_, bias_); }
+Var QuantLinear::forward(const Var& x) const {
+  Var y = linear(x, weight_, bias_);
+  if (!has_lora()) return y;
+  // Low-rank path (x A^T) B^T: M*r*(in+out) flops instead of forming Ŵ + B A.
+  return add(y, linear(linear(x, lora_A_), lora_B_));
+}
+
+std::vector<Var> QuantLinear::parameters() const {
+  if (has_lora() && lora_A_.requires_grad()) return {lora_A_, lora_B_};
+  return {};
+}
+
+Tensor QuantLinear::effective_weight() const {
+  if (!has_lora()) return weight_.value();
+  Tensor w = weight_.value().clone();
+  ops::gemm(lora_B_.value(), false, lora_A_.value(), false, w, 1.0, 1.0);  // Ŵ + B A
+  return w;
+}
+
+void QuantLinear::set_lora_trainable(bool trainable) {
+  LB_CHECK(has_lora(), "QuantLinear::set_lora_trainable: the layer has no LoRA adapters");
+  lora_A_ = Var(lora_A_.value(), trainable);
+  lora_B_ = Var(lora_B_.value(), trainable);
+}
 
 }  // namespace lowbit

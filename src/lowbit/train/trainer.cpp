@@ -139,26 +139,13 @@ double validation_loss(const LlamaModel& model, const std::vector<int32_t>& stre
   return total / double(batches);
 }
 
-TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train, const std::vector<int32_t>& val,
-                        const std::function<void(const TrainRecord&)>& on_step) {
-  o.config.validate("training config");
-  if (o.seq_len > o.config.max_seq_len) throw_error("--seq-len ", o.seq_len, " exceeds the model's max_seq_len ", o.config.max_seq_len);
-  if (int64_t(train.size()) < o.seq_len + 2) throw_error("training stream has ", train.size(), " tokens: too short for --seq-len ", o.seq_len);
-  for (const auto* s : {&train, &val})
-    for (int32_t id : *s)
-      if (id < 0 || id >= o.config.vocab_size)
-        throw_error("token id ", id, " in the data is outside the model vocabulary (", o.config.vocab_size, ")");
-  if (o.out_dir.empty()) throw_error("train: an output directory (--out) is required");
+TrainResult run_training(const LlamaModel& model, const std::vector<Var>& params, const TrainOptions& o,
+                         const std::vector<int32_t>& train, const std::vector<int32_t>& val,
+                         const std::function<void(const TrainRecord&)>& on_step) {
+  if (params.empty()) throw_error("training: no trainable parameters");
   fs::create_directories(o.out_dir);
-  // The order is a pure function of (seed, shapes, stream sizes): written in full, also on resume.
-  if (!o.dump_order.empty()) write_data_order(o.dump_order, o, int64_t(train.size()), int64_t(val.size()));
   const std::string state_path = (fs::path(o.out_dir) / "state.safetensors").string();
   const std::string log_path = (fs::path(o.out_dir) / "log.jsonl").string();
-
-  LlamaWeights w = init_weights(o.config, o.seed);
-  if (o.device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(o.device); });
-  LlamaModel model(o.config, w, true);
-  std::vector<Var> params = model.parameters();
   // No weight decay on norms (1-D), as in llama2.c's train.py.
   ParamGroup decay{{}, {o.lr, o.beta1, o.beta2, 1e-8, o.weight_decay}}, no_decay{{}, {o.lr, o.beta1, o.beta2, 1e-8, 0.0}};
   for (auto& p : params) (p.value().dim() >= 2 ? decay : no_decay).params.push_back(p);
@@ -188,7 +175,6 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
   ProgressBar bar("train", o.max_steps, "steps");
   bar.update(step);
   int64_t run_steps = 0;
-  auto t_start = std::chrono::steady_clock::now();
   while (step < o.max_steps) {
     auto t0 = std::chrono::steady_clock::now();
     opt.zero_grad();
@@ -235,13 +221,35 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
     }
   }
   bar.finish();
-  (void)t_start;
+  result.steps_done = step;
+  result.complete = true;
+  return result;
+}
+
+TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train, const std::vector<int32_t>& val,
+                        const std::function<void(const TrainRecord&)>& on_step) {
+  o.config.validate("training config");
+  if (o.seq_len > o.config.max_seq_len) throw_error("--seq-len ", o.seq_len, " exceeds the model's max_seq_len ", o.config.max_seq_len);
+  if (int64_t(train.size()) < o.seq_len + 2) throw_error("training stream has ", train.size(), " tokens: too short for --seq-len ", o.seq_len);
+  for (const auto* s : {&train, &val})
+    for (int32_t id : *s)
+      if (id < 0 || id >= o.config.vocab_size)
+        throw_error("token id ", id, " in the data is outside the model vocabulary (", o.config.vocab_size, ")");
+  if (o.out_dir.empty()) throw_error("train: an output directory (--out) is required");
+  fs::create_directories(o.out_dir);
+  // The order is a pure function of (seed, shapes, stream sizes): written in full, also on resume.
+  if (!o.dump_order.empty()) write_data_order(o.dump_order, o, int64_t(train.size()), int64_t(val.size()));
+
+  LlamaWeights w = init_weights(o.config, o.seed);
+  if (o.device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(o.device); });
+  LlamaModel model(o.config, w, true);
+  TrainResult result = run_training(model, model.parameters(), o, train, val, on_step);
+  if (!result.complete) return result;
   // Final model in the formats other tools load.
   LlamaWeights final_w = model.weights();
   for_each_weight(final_w, [](const std::string&, Tensor& t) { t = t.to(Device::CPU); });
   save_llama2c((fs::path(o.out_dir) / "model.bin").string(), o.config, final_w);
   save_hf_dir((fs::path(o.out_dir) / "hf").string(), o.config, final_w);
-  result.steps_done = step;
   return result;
 }
 

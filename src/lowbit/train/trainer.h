@@ -46,12 +46,20 @@ struct TrainResult {
   double final_val_loss = -1;
   int64_t steps_done = 0;
   bool resumed = false;
+  bool complete = false;  // reached max_steps (false when stopped by stop_after)
   double train_seconds = 0;  // sum of this run's step times (forward, backward, update; no validation)
 };
 
 TrainResult train_model(const TrainOptions& options, const std::vector<int32_t>& train_stream,
                         const std::vector<int32_t>& val_stream,
                         const std::function<void(const TrainRecord&)>& on_step = nullptr);
+
+// The loop shared by pretraining and finetuning: trains `params` (parameters of `model`) with
+// o's schedule on random windows of `train`, validates on `val`, keeps o.out_dir/state.safetensors
+// and log.jsonl, and resumes from them. Writes no model files.
+TrainResult run_training(const LlamaModel& model, const std::vector<Var>& params, const TrainOptions& options,
+                         const std::vector<int32_t>& train_stream, const std::vector<int32_t>& val_stream,
+                         const std::function<void(const TrainRecord&)>& on_step = nullptr);
 
 // Initial weights as in llama2.c's train.py: N(0, 0.02), residual projections (wo, w2) scaled by
 // 1/sqrt(2 * n_layers), norms 1.

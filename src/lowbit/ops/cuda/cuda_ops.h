@@ -61,4 +61,31 @@ void mse_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Tensor&
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
                 double eps, double weight_decay, int64_t step);
 
+// GPTQ (Frantar et al. 2022, Alg. 1) of one linear layer for the uniform integer formats of
+// quant/format.h (methods/gptq_cuda.cpp maps a QuantFormat onto these arguments and wraps the
+// result into a QuantizedTensor; see gptq.cu for the method). w: f32 [out, in], h: f32 [in, in]
+// (H = 2 X^T X / n), both on cuda. Same semantics as the CPU gptq_quantize.
+struct GptqIntArgs {
+  const char* format_name = nullptr;  // for messages
+  int bits = 4;                       // 2, 3, 4 or 8
+  bool symmetric = false;             // codes 1..2^bits-1 around 2^(bits-1), no zero point
+  int64_t group_size = 0;             // 0: one group per output row (per channel)
+  int64_t row_bytes = 0;              // packed bytes per row (QuantFormat::row_bytes(in))
+  double percdamp = 0.01;
+  int64_t block_size = 128;           // at most 128 on the GPU
+  bool act_order = false;             // implies static groups when grouped
+  bool static_groups = false;
+  bool fp64_factorization = true;     // Cholesky / triangular inverse in f64 (else f32)
+  bool want_dequantized = false;      // also return the dequantized weight
+};
+struct GptqIntResult {
+  Tensor codes;        // U8 [out, row_bytes], packed as format.h specifies (cuda)
+  Tensor scales;       // F16 [out, groups] (cuda)
+  Tensor zeros;        // F16 [out, groups] (cuda); undefined when symmetric
+  Tensor dequantized;  // F32 [out, in] (cuda) when asked for
+  double loss = 0;     // sum of (w - q)^2 / (2 U_jj^2), as gptq.py's Losses
+  int64_t dead_columns = 0;
+};
+GptqIntResult gptq_int(const Tensor& w, const Tensor& h, const GptqIntArgs& args);
+
 }  // namespace lowbit::ops::cuda

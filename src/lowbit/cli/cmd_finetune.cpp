@@ -1,0 +1,92 @@
+// lowbit finetune: LoRA finetuning of a quantized model (packed weights frozen).
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+
+#include "lowbit/cli/commands.h"
+#include "lowbit/cli/common.h"
+#include "lowbit/train/finetune.h"
+
+namespace lowbit::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+struct FinetuneArgs {
+  std::string model, tokenizer, train_text, valid_text, train_tokens, valid_tokens, device = "cpu";
+  FinetuneOptions o;
+  bool json = false;
+};
+
+void run_finetune(FinetuneArgs& a) {
+  FinetuneOptions& o = a.o;
+  if (o.train.out_dir.empty()) throw_error("finetune: --out DIR is required");
+  fs::create_directories(o.train.out_dir);
+  std::unique_ptr<Tokenizer> tok;
+  if (!a.train_text.empty() || !a.valid_text.empty()) tok = open_tokenizer(a.tokenizer, a.model);
+  auto cache = [&](const char* n) { return (fs::path(o.train.out_dir) / n).string(); };
+  std::vector<int32_t> train, valid;
+  if (!a.train_tokens.empty()) train = read_token_file(a.train_tokens);
+  else if (!a.train_text.empty()) train = tokenize_file_cached(a.train_text, *tok, a.tokenizer, cache("train.tokens"));
+  else throw_error("finetune: give --train TEXT or --train-tokens FILE");
+  if (!a.valid_tokens.empty()) valid = read_token_file(a.valid_tokens);
+  else if (!a.valid_text.empty()) valid = tokenize_file_cached(a.valid_text, *tok, a.tokenizer, cache("valid.tokens"));
+  o.train.device = parse_device(a.device);
+  FinetuneResult r = finetune_quantized(a.model, o, train, valid);
+  nlohmann::json out = {{"model", a.model},
+                        {"out", (fs::path(o.train.out_dir) / "model").string()},
+                        {"steps", r.train.steps_done},
+                        {"complete", r.train.complete},
+                        {"adapters_created", r.adapters_created},
+                        {"adapters_reused", r.adapters_reused},
+                        {"val_loss_before", r.val_loss_before},
+                        {"val_loss_after", r.val_loss_after}};
+  if (a.json) {
+    print_json(out);
+    return;
+  }
+  std::printf("validation loss %.4f -> %.4f (ppl %.3f -> %.3f) after %lld steps; adapters: %d new, %d reused\n",
+              r.val_loss_before, r.val_loss_after, std::exp(r.val_loss_before), std::exp(r.val_loss_after),
+              (long long)r.train.steps_done, r.adapters_created, r.adapters_reused);
+  std::printf("wrote %s\n", out["out"].get<std::string>().c_str());
+}
+}  // namespace
+
+void register_finetune(CLI::App& app) {
+  auto* f = app.add_subcommand("finetune", "LoRA finetuning of a quantized model (packed weights frozen; resumable)");
+  auto a = std::make_shared<FinetuneArgs>();
+  TrainOptions& t = a->o.train;
+  t.max_steps = 200;
+  t.warmup_steps = 20;
+  t.lr = 2e-4;
+  t.weight_decay = 0.0;
+  t.eval_every = 50;
+  f->add_option("-m,--model", a->model, "quantized model directory (from lowbit quantize)")->required();
+  f->add_option("--out", t.out_dir, "run directory: state, log.jsonl, model/ (resumes if it holds a state)")->required();
+  f->add_option("--tokenizer", a->tokenizer, "tokenizer for --train/--valid text (default: the model directory's)");
+  f->add_option("--train", a->train_text, "training text");
+  f->add_option("--valid", a->valid_text, "validation text");
+  f->add_option("--train-tokens", a->train_tokens, "training data as raw int32 token ids");
+  f->add_option("--valid-tokens", a->valid_tokens, "validation data as raw int32 token ids");
+  f->add_option("--rank", a->o.lora_rank, "rank of new LoRA adapters")->capture_default_str();
+  f->add_option("--batch", t.batch_size, "sequences per micro-batch")->capture_default_str();
+  f->add_option("--seq-len", t.seq_len, "tokens per sequence")->capture_default_str();
+  f->add_option("--grad-accum", t.grad_accum, "micro-batches per step")->capture_default_str();
+  f->add_option("--steps", t.max_steps, "optimizer steps")->capture_default_str();
+  f->add_option("--warmup", t.warmup_steps, "linear warmup steps")->capture_default_str();
+  f->add_option("--lr", t.lr, "peak learning rate")->capture_default_str();
+  f->add_option("--weight-decay", t.weight_decay, "AdamW weight decay on the adapters")->capture_default_str();
+  f->add_option("--grad-clip", t.grad_clip, "max global gradient norm")->capture_default_str();
+  f->add_option("--eval-every", t.eval_every, "validate every N steps")->capture_default_str();
+  f->add_option("--eval-batches", t.eval_batches, "validation micro-batches")->capture_default_str();
+  f->add_option("--checkpoint-every", t.checkpoint_every, "save the resumable state every N steps")->capture_default_str();
+  f->add_option("--seed", t.seed, "seed for data order and adapter init")->capture_default_str();
+  f->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
+  f->add_flag("--json", a->json, "print a JSON summary");
+  f->callback([a] {
+    a->o.lora_seed = a->o.train.seed;
+    run_finetune(*a);
+  });
+}
+
+}  // namespace lowbit::cli

@@ -1,0 +1,295 @@
+#include "lowbit/methods/apiq.h"
+
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <random>
+
+#include "lowbit/autograd/functions.h"
+#include "lowbit/autograd/optim.h"
+#include "lowbit/methods/layer_error.h"
+#include "lowbit/quant/lwc.h"
+#include "lowbit/quant/quant_linear.h"
+
+namespace lowbit {
+
+namespace {
+
+// The block's linears in the order their inputs are produced (as GPTQ's true-sequential).
+const std::vector<std::vector<std::string>> kSequentialGroups = {
+    {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"},
+    {"self_attn.o_proj"},
+    {"mlp.gate_proj", "mlp.up_proj"},
+    {"mlp.down_proj"}};
+
+std::string full_name(int layer, const std::string& name) { return "model.layers." + std::to_string(layer) + "." + name; }
+
+std::shared_ptr<Linear>* slot_of(LlamaBlock& b, const std::string& name) {
+  for (auto& [n, s] : b.linears())
+    if (n == name) return s;
+  throw_error("apiq: the block has no linear named ", name);
+}
+
+// SplitMix64 finaliser: decorrelates the seeds derived from (seed, layer, linear, epoch).
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+uint64_t derive_seed(uint64_t seed, uint64_t a, uint64_t b, uint64_t c) { return mix(mix(mix(seed ^ mix(a)) ^ b) ^ c); }
+
+// Fisher-Yates with our own index draw (std::shuffle's use of the engine is implementation-defined).
+std::vector<int64_t> shuffled(int64_t n, uint64_t seed) {
+  std::vector<int64_t> p(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) p[size_t(i)] = i;
+  std::mt19937_64 rng(seed);
+  for (int64_t i = n - 1; i > 0; --i) std::swap(p[size_t(i)], p[size_t(rng() % uint64_t(i + 1))]);
+  return p;
+}
+
+// Rows of the windows idx[b..e) of x [N*L, C] (window k = rows k*L .. k*L+L-1), concatenated.
+Tensor gather_windows(const Tensor& x, const std::vector<int64_t>& idx, size_t b, size_t e, int64_t L) {
+  Tensor out = Tensor::empty({int64_t(e - b) * L, x.size(1)}, x.dtype(), x.device());
+  for (size_t i = b; i < e; ++i) {
+    const int64_t k = idx[i], r = int64_t(i - b);
+    out.slice(0, r * L, (r + 1) * L).copy_(x.slice(0, k * L, (k + 1) * L));
+  }
+  return out;
+}
+
+// Concatenated inputs of each linear during one pass over a block.
+struct InputCapture {
+  std::map<std::string, std::vector<Tensor>> chunks;
+  LinearInputHook hook() {
+    return [this](const std::string& name, const Tensor& x) {
+      chunks[name].push_back(x.to(Device::CPU).to(DType::F32).contiguous().clone());
+    };
+  }
+  Tensor rows(const std::string& name) const {
+    auto it = chunks.find(name);
+    if (it == chunks.end()) throw_error("apiq: no inputs captured for ", name);
+    int64_t n = 0;
+    for (const auto& c : it->second) n += c.size(0);
+    Tensor out = Tensor::empty({n, it->second.front().size(1)});
+    int64_t r = 0;
+    for (const auto& c : it->second) {
+      out.slice(0, r, r + c.size(0)).copy_(c);
+      r += c.size(0);
+    }
+    return out;
+  }
+};
+
+// At most this many rows enter the error reports (a strided subsample; the errors are means).
+Tensor report_rows(const Tensor& x, int64_t max_rows = 4096) {
+  if (x.size(0) <= max_rows) return x;
+  const int64_t step = (x.size(0) + max_rows - 1) / max_rows, n = (x.size(0) + step - 1) / step;
+  Tensor out = Tensor::empty({n, x.size(1)});
+  for (int64_t i = 0; i < n; ++i) out.slice(0, i, i + 1).copy_(x.slice(0, i * step, i * step + 1));
+  return out;
+}
+
+// Replaces the layer in `slot` by its encoded version and reports its output error on x.
+void install(std::shared_ptr<Linear>* slot, const FinalizedLinear& fin, const Tensor& bias, const std::string& name,
+             const Tensor& w_fp, const Tensor& x, std::vector<LinearReport>& reports) {
+  auto q = std::make_shared<QuantLinear>(fin.q, bias, Device::CPU, fin.lora_A, fin.lora_B);
+  *slot = q;
+  LinearReport r;
+  r.name = name;
+  r.params = fin.q.out_features() * fin.q.in_features();
+  const double adapter_bits = fin.lora_A.defined() ? 16.0 * double(fin.lora_A.numel() + fin.lora_B.numel()) : 0.0;
+  r.bits_per_weight = fin.q.fmt().bits_per_weight(fin.q.out_features(), fin.q.in_features()) + adapter_bits / double(r.params);
+  if (x.defined()) r.rel_error = relative_output_error(report_rows(x), w_fp, q->effective_weight());
+  reports.push_back(r);
+}
+
+enum class Stage { Weight, Mixed, Output };
+
+}  // namespace
+
+ApiqMethod::ApiqMethod(const QuantFormat& f, ApiqOptions o) : f_(f), o_(std::move(o)) {
+  LB_CHECK(lwc_supports(f), "apiq: format ", f.name,
+           " has no learnable clipping; ApiQ needs a uniform integer format (int2g64, int3g128, int4g128s, ...)");
+  LB_CHECK(o_.epochs >= 0, "apiq: epochs must be >= 0, got ", o_.epochs);
+  LB_CHECK(o_.batch >= 1, "apiq: batch (--apiq-batch) must be >= 1, got ", o_.batch);
+  LB_CHECK(o_.lora_lr >= 0 && o_.clip_lr >= 0 && o_.lora_wd >= 0 && o_.clip_wd >= 0,
+           "apiq: learning rates and weight decays must be >= 0");
+  LB_CHECK(o_.aug_coef >= 0, "apiq: the second loss term's coefficient must be >= 0, got ", o_.aug_coef);
+  LB_CHECK(o_.weight_epochs >= 0 && o_.output_epochs >= 0 && o_.weight_epochs + o_.output_epochs <= o_.epochs,
+           "sapr: weight-preservation (", o_.weight_epochs, ") plus output-preservation (", o_.output_epochs,
+           ") epochs exceed the ", o_.epochs, " epochs");
+  LB_CHECK(!o_.saliency || o_.lambda >= 0, "sapr: lambda must be >= 0, got ", o_.lambda);
+  LB_CHECK(o_.saliency || (o_.weight_epochs == 0 && o_.output_epochs == 0),
+           "apiq: weight/output-preservation stages need a saliency map (SAPR)");
+}
+
+std::string ApiqMethod::name() const {
+  return std::string(o_.saliency ? "sapr" : "apiq") + (o_.mode == ApiqMode::Layer ? "-layer" : "");
+}
+
+void ApiqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
+  LB_CHECK(ctx.inputs.device() == Device::CPU, name(), ": the model is on ", device_name(ctx.inputs.device()),
+           "; the learnable-clipping op has a CPU body only so far (use --device cpu)");
+  if (o_.mode == ApiqMode::Layer) quantize_block_layerwise(ctx, reports);
+  else quantize_block_blockwise(ctx, reports);
+}
+
+namespace {
+
+// One calibration run: `epochs` passes over n windows in a shuffled order, AdamW on two groups.
+// loss_of(idx, b, e, stage) builds the loss of windows idx[b..e) and returns it with its
+// regularizer part (for the log).
+struct Trainer {
+  const ApiqOptions& o;
+  int layer;
+  std::string scope;
+  uint64_t scope_id;
+  std::vector<ApiqEpochLog>* log;
+
+  void run(const std::vector<Var>& clip, const std::vector<Var>& lora, int64_t n,
+           const std::function<std::pair<Var, Var>(const std::vector<int64_t>&, size_t, size_t, Stage)>& loss_of) {
+    std::vector<ParamGroup> groups{{clip, AdamWOptions{o.clip_lr, 0.9, 0.999, 1e-8, o.clip_wd}}};
+    if (!lora.empty()) groups.push_back({lora, AdamWOptions{o.lora_lr, 0.9, 0.999, 1e-8, o.lora_wd}});
+    AdamW opt(std::move(groups));
+    for (int ep = 0; ep < o.epochs; ++ep) {
+      const Stage stage = !o.saliency ? Stage::Output
+                          : ep < o.weight_epochs ? Stage::Weight
+                          : ep >= o.epochs - o.output_epochs ? Stage::Output
+                                                             : Stage::Mixed;
+      const auto perm = shuffled(n, derive_seed(o.seed, uint64_t(layer), scope_id, uint64_t(ep)));
+      double sum = 0, sum_reg = 0;
+      int64_t steps = 0;
+      for (size_t b = 0; b < size_t(n); b += size_t(o.batch)) {
+        const size_t e = std::min(size_t(n), b + size_t(o.batch));
+        auto [loss, reg] = loss_of(perm, b, e, stage);
+        const double lv = loss.value().item();
+        if (!std::isfinite(lv))
+          throw_error("apiq: layer ", layer, " (", scope, "): loss is ", lv, " at epoch ", ep,
+                      "; lower --lora-lr / --clip-lr");
+        sum += lv;
+        if (reg.defined()) sum_reg += reg.value().item();
+        ++steps;
+        backward(loss);
+        opt.step();
+        opt.zero_grad();
+      }
+      ApiqEpochLog l{layer, scope, ep, sum / double(std::max<int64_t>(steps, 1)),
+                     sum_reg / double(std::max<int64_t>(steps, 1))};
+      if (o.verbose)
+        std::fprintf(stderr, "[%s] layer %d %-18s epoch %2d  loss %.6e  reg %.3e\n", o.saliency ? "sapr" : "apiq",
+                     layer, scope.c_str(), ep, l.loss, l.reg);
+      log->push_back(l);
+    }
+  }
+};
+
+}  // namespace
+
+void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearReport>& reports) {
+  LlamaBlock& blk = ctx.model.block(ctx.layer);
+  const int64_t N = ctx.n_samples, L = ctx.seqlen;
+  uint64_t linear_id = 0;
+  for (const auto& group : kSequentialGroups) {
+    InputCapture cap;
+    ctx.run_block(ctx.inputs, cap.hook());  // inputs as produced by the groups calibrated so far
+    for (const auto& name : group) {
+      ++linear_id;
+      auto* slot = slot_of(blk, name);
+      const Tensor w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous().clone();
+      const Tensor bias = (*slot)->bias();
+      const Tensor x = cap.rows(name);
+      const Tensor y = linear_forward(x, w);  // target X W^T (the bias cancels in the difference)
+      QuantTrainOptions lo = o_.layer;
+      lo.seed = derive_seed(o_.seed, uint64_t(ctx.layer), linear_id, 0xA11CE);
+      QuantTrainLinear t(w, Tensor(), f_, lo);
+      const Tensor* sal = o_.saliency ? &o_.saliency->at(full_name(ctx.layer, name)) : nullptr;
+      Trainer tr{o_, ctx.layer, name, linear_id, &log_};
+      tr.run(t.clip_parameters(), t.lora_parameters(), N,
+             [&](const std::vector<int64_t>& idx, size_t b, size_t e, Stage stage) -> std::pair<Var, Var> {
+               Var loss, reg;
+               if (stage != Stage::Weight)
+                 loss = mse(t.forward(Var(gather_windows(x, idx, b, e, L))), Var(gather_windows(y, idx, b, e, L)));
+               if (sal && stage != Stage::Output) {
+                 reg = scale(saliency_regularizer(t.quantized_weight(o_.reg_with_lora), w, *sal), o_.lambda);
+                 loss = loss.defined() ? add(loss, reg) : reg;
+               }
+               return {loss, reg};
+             });
+      install(slot, t.finalize(), bias, full_name(ctx.layer, name), w, x, reports);
+    }
+  }
+}
+
+void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearReport>& reports) {
+  LlamaBlock& blk = ctx.model.block(ctx.layer);
+  const int64_t N = ctx.n_samples, L = ctx.seqlen;
+  // Second target: the FP block on the quantized-path inputs (before any layer changes).
+  const Tensor y_aug = o_.aug_coef > 0 ? ctx.run_block(ctx.inputs) : Tensor();
+  struct Entry {
+    std::string name;
+    std::shared_ptr<Linear>* slot;
+    Tensor w, bias;
+    std::shared_ptr<QuantTrainLinear> t;
+    const Tensor* sal = nullptr;
+  };
+  std::vector<Entry> es;
+  std::vector<Var> clip, lora;
+  uint64_t linear_id = 0;
+  for (const auto& group : kSequentialGroups)
+    for (const auto& name : group) {
+      ++linear_id;
+      Entry e;
+      e.name = name;
+      e.slot = slot_of(blk, name);
+      e.w = (*e.slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous().clone();
+      e.bias = (*e.slot)->bias();
+      QuantTrainOptions lo = o_.layer;
+      lo.seed = derive_seed(o_.seed, uint64_t(ctx.layer), linear_id, 0xA11CE);
+      e.t = std::make_shared<QuantTrainLinear>(e.w, e.bias, f_, lo);
+      if (o_.saliency) e.sal = &o_.saliency->at(full_name(ctx.layer, name));
+      for (auto& p : e.t->clip_parameters()) clip.push_back(p);
+      for (auto& p : e.t->lora_parameters()) lora.push_back(p);
+      es.push_back(std::move(e));
+    }
+  std::vector<std::shared_ptr<Linear>> originals;
+  for (auto& e : es) {
+    originals.push_back(*e.slot);
+    *e.slot = e.t;
+  }
+  try {
+    Trainer tr{o_, ctx.layer, "block", 0, &log_};
+    tr.run(clip, lora, N, [&](const std::vector<int64_t>& idx, size_t b, size_t e, Stage stage) -> std::pair<Var, Var> {
+      Var loss, reg;
+      if (stage != Stage::Weight) {
+        const int64_t nb = int64_t(e - b);
+        Var out = ctx.model.block_forward(ctx.layer, Var(gather_windows(ctx.inputs, idx, b, e, L)), nb, L);
+        loss = mse(out, Var(gather_windows(ctx.fp_targets, idx, b, e, L)));
+        if (y_aug.defined()) loss = add(loss, scale(mse(out, Var(gather_windows(y_aug, idx, b, e, L))), o_.aug_coef));
+      }
+      if (o_.saliency && stage != Stage::Output) {
+        for (auto& en : es) {
+          Var r = saliency_regularizer(en.t->quantized_weight(o_.reg_with_lora), en.w, *en.sal);
+          reg = reg.defined() ? add(reg, r) : r;
+        }
+        reg = scale(reg, o_.lambda);
+        loss = loss.defined() ? add(loss, reg) : reg;
+      }
+      return {loss, reg};
+    });
+  } catch (...) {
+    for (size_t i = 0; i < es.size(); ++i) *es[i].slot = originals[i];
+    throw;
+  }
+  for (auto& e : es) install(e.slot, e.t->finalize(), e.bias, full_name(ctx.layer, e.name), e.w, Tensor(), reports);
+  // Output errors of the encoded layers on the inputs the quantized block produces.
+  InputCapture cap;
+  ctx.run_block(ctx.inputs, cap.hook());
+  for (size_t i = 0; i < es.size(); ++i) {
+    LinearReport& r = reports[reports.size() - es.size() + i];
+    r.rel_error = relative_output_error(report_rows(cap.rows(es[i].name)), es[i].w, (*es[i].slot)->effective_weight());
+  }
+}
+
+}  // namespace lowbit

@@ -1,0 +1,90 @@
+// ApiQ (Liao, Herold, Khadivi, Monz 2024, "ApiQ: Finetuning of 2-Bit Quantized Large Language
+// Model", arXiv 2402.05147) and its saliency-aware extension SAPR (Cao & Aref 2025, arXiv
+// 2504.13932) as block methods of the pipeline (pipeline.h).
+//
+// ApiQ initialises the LoRA adapters of a quantized model by calibration: every linear becomes a
+// QuantTrainLinear (quant/train_linear.h): y = x (Q(W; gamma, beta) + s B A)^T, and only the
+// clipping logits (gamma, beta) and the LoRA factors (A, B) are trained, with AdamW in two parameter
+// groups (ApiQ calibrate.py: lwc lr 5e-3 / wd 0.1, LoRA lr 5e-4 / wd 0.1), 20 epochs, constant lr,
+// no gradient clipping. W, the norms and everything else stay frozen.
+//
+//   layer-wise (ApiQ-lw, paper §3):  min || X W^T - X (Q + s B A)^T ||^2  per linear layer.
+//       The paper feeds X^q (the input of the layer in the partially quantized model) to the
+//       quantized side and X (the full-precision model's input) to the target side. The pipeline
+//       holds only the block's quantized-path inputs, so we use X^q on both sides, GPTQ-style: the
+//       linears are calibrated in the block's sequential groups (q/k/v, o, gate/up, down), each on
+//       the inputs produced by the already calibrated groups before it.
+//   block-wise (ApiQ-bw, paper §3):  min || F(W, X_fp) - F(Q, A, B, X^q) ||^2 over the block
+//       F, with F(W, X_fp) = ctx.fp_targets (the FP block on FP inputs) and X^q = ctx.inputs.
+//       Optional second term (ApiQ calibrate.py --aug_loss, coefficient aug_coef):
+//       aug_coef * || F(W, X^q) - F(Q, A, B, X^q) ||^2. ApiQ's scripts turn it on; the paper's
+//       objective does not have it, so the default is 0.
+//
+// SAPR adds lambda * R (methods/saliency.h) to the loss. Training stages (our reading of the
+// paper's "weight preservation" and "output preservation"; its exact schedule could not be
+// retrieved, see saliency.h): the first `weight_epochs` epochs minimise lambda * R only, the last
+// `output_epochs` epochs minimise the ApiQ loss only, and the epochs in between the mixed loss
+// ApiQ + lambda * R. Default: all epochs mixed.
+//
+// Determinism and resume: the LoRA initialisation and the per-epoch shuffle of the calibration
+// windows are seeded from (seed, layer, linear, epoch), never from a running generator, so a block
+// trained after a resume is bit-identical to the same block in an uninterrupted run (on the same
+// machine and thread count).
+#pragma once
+#include <string>
+#include <vector>
+
+#include "lowbit/methods/pipeline.h"
+#include "lowbit/methods/saliency.h"
+#include "lowbit/quant/train_linear.h"
+
+namespace lowbit {
+
+enum class ApiqMode { Layer, Block };
+
+struct ApiqOptions {
+  ApiqMode mode = ApiqMode::Block;
+  QuantTrainOptions layer;        // rank (64), lora_alpha (16), LoRA init, clip_init (4); seed unused
+  int epochs = 20;
+  int64_t batch = 1;              // calibration windows per step (ApiQ: batch size 1)
+  double lora_lr = 5e-4, clip_lr = 5e-3;
+  double lora_wd = 0.1, clip_wd = 0.1;
+  double aug_coef = 0.0;          // block-wise only: weight of || F(W, X^q) - F(Q, X^q) ||^2
+  uint64_t seed = 0;
+  bool verbose = false;           // print the mean loss of every epoch to stderr
+
+  // ---- SAPR (active when saliency is set) ----
+  const SaliencyMap* saliency = nullptr;
+  double lambda = 3.0;            // regularizer weight (tuned on stories260K, see saliency.h)
+  bool reg_with_lora = true;      // Ŵ = Q(W) + s B A (true) or Q(W) alone
+  int weight_epochs = 0;          // leading epochs with lambda * R only
+  int output_epochs = 0;          // trailing epochs with the ApiQ loss only
+};
+
+// Mean training loss of one epoch (for logs and tests).
+struct ApiqEpochLog {
+  int layer = 0;
+  std::string scope;  // "block" or the linear's name
+  int epoch = 0;
+  double loss = 0;        // total loss
+  double reg = 0;         // lambda * R part (SAPR)
+};
+
+class ApiqMethod : public BlockMethod {
+ public:
+  ApiqMethod(const QuantFormat& f, ApiqOptions o);
+  // "apiq" (block-wise), "apiq-layer", "sapr", "sapr-layer".
+  std::string name() const override;
+  void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
+  const std::vector<ApiqEpochLog>& log() const { return log_; }
+
+ private:
+  void quantize_block_layerwise(BlockContext& ctx, std::vector<LinearReport>& reports);
+  void quantize_block_blockwise(BlockContext& ctx, std::vector<LinearReport>& reports);
+
+  const QuantFormat& f_;
+  ApiqOptions o_;
+  std::vector<ApiqEpochLog> log_;
+};
+
+}  // namespace lowbit

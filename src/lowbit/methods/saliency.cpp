@@ -1,0 +1,246 @@
+#include "lowbit/methods/saliency.h"
+
+#include <cmath>
+#include <filesystem>
+#include <optional>
+
+#include "lowbit/autograd/functions.h"
+#include "lowbit/core/progress.h"
+#include "lowbit/io/safetensors.h"
+
+namespace lowbit {
+
+namespace {
+
+std::string module_name(int layer, const std::string& name) {
+  return "model.layers." + std::to_string(layer) + "." + name;
+}
+
+// Accumulates sum_t x_tj^2 (per input channel) of the rows a layer sees, then forwards.
+class ActivationStatsLinear : public Linear {
+ public:
+  ActivationStatsLinear(std::shared_ptr<Linear> inner, std::vector<double>* sumsq, int64_t* rows)
+      : inner_(std::move(inner)), sumsq_(sumsq), rows_(rows) {}
+  Var forward(const Var& x) const override {
+    const Tensor xc = x.value().to(Device::CPU).to(DType::F32).contiguous();
+    const int64_t n = xc.size(0), in = xc.size(1);
+    const float* p = xc.data<float>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < in; ++j) (*sumsq_)[size_t(j)] += double(p[i * in + j]) * double(p[i * in + j]);
+    *rows_ += n;
+    return inner_->forward(x);
+  }
+  int64_t in_features() const override { return inner_->in_features(); }
+  int64_t out_features() const override { return inner_->out_features(); }
+  std::vector<Var> parameters() const override { return inner_->parameters(); }
+  Tensor effective_weight() const override { return inner_->effective_weight(); }
+  Tensor bias() const override { return inner_->bias(); }
+  std::string kind() const override { return inner_->kind(); }
+
+ private:
+  std::shared_ptr<Linear> inner_;
+  std::vector<double>* sumsq_;
+  int64_t* rows_;
+};
+
+// Next-token targets inside each window: targets[b, t] = tokens[b, t+1], the last one ignored (-1).
+Tensor shifted_targets(const Tensor& tokens) {
+  const int64_t B = tokens.size(0), L = tokens.size(1);
+  Tensor t = Tensor::empty({B * L}, DType::I32);
+  const int32_t* src = tokens.data<int32_t>();
+  int32_t* dst = t.data<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < L; ++i) dst[b * L + i] = i + 1 < L ? src[b * L + i + 1] : -1;
+  return t;
+}
+
+void normalise_mean_one(Tensor& s) {
+  float* p = s.data<float>();
+  double sum = 0;
+  for (int64_t i = 0; i < s.numel(); ++i) sum += p[i];
+  const double mean = sum / double(s.numel());
+  if (!(mean > 0)) return;  // a dead layer keeps zero saliency (no regularization)
+  for (int64_t i = 0; i < s.numel(); ++i) p[i] = float(double(p[i]) / mean);
+}
+
+}  // namespace
+
+SaliencyKind parse_saliency_kind(std::string_view name) {
+  if (name == "fisher") return SaliencyKind::Fisher;
+  if (name == "grad-weight") return SaliencyKind::GradWeight;
+  if (name == "act-weight") return SaliencyKind::ActWeight;
+  throw_error("unknown saliency kind '", name, "' (expected fisher, grad-weight or act-weight)");
+}
+
+const char* saliency_kind_name(SaliencyKind k) {
+  switch (k) {
+    case SaliencyKind::Fisher: return "fisher";
+    case SaliencyKind::GradWeight: return "grad-weight";
+    case SaliencyKind::ActWeight: return "act-weight";
+  }
+  return "?";
+}
+
+const Tensor& SaliencyMap::at(const std::string& module) const {
+  auto it = scores.find(module);
+  if (it == scores.end()) throw_error("saliency: no scores for module '", module, "'");
+  return it->second;
+}
+
+SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weights, const Tensor& tokens_in,
+                             const SaliencyOptions& o) {
+  LB_CHECK(tokens_in.dim() == 2 && tokens_in.dtype() == DType::I32 && tokens_in.size(1) >= 2,
+           "saliency: calibration tokens must be i32 [N, L] with L >= 2, got ", tokens_in.describe());
+  LB_CHECK(o.batch >= 1, "saliency: batch must be >= 1, got ", o.batch);
+  const Tensor tokens = tokens_in.contiguous();
+  const int64_t N = tokens.size(0), L = tokens.size(1);
+  const bool needs_grad = o.kind != SaliencyKind::ActWeight;
+  LlamaModel model(config, weights, needs_grad);
+  SaliencyMap out;
+  out.kind = o.kind;
+  out.rope_style = config.rope_style;
+  out.nsamples = N;
+  out.seqlen = L;
+
+  // Accumulators in double, per module.
+  struct Acc {
+    std::shared_ptr<Linear>* slot;
+    Tensor w;                   // F32 CPU copy of the weight
+    std::vector<double> sum;    // [out*in] (gradient kinds) or [in] (act-weight: sum of x^2)
+    int64_t rows = 0;
+  };
+  std::map<std::string, Acc> acc;
+  for (int i = 0; i < model.n_layers(); ++i)
+    for (auto& [name, slot] : model.block(i).linears()) {
+      Acc a{slot, (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous(), {}, 0};
+      a.sum.assign(size_t(needs_grad ? a.w.numel() : a.w.size(1)), 0.0);
+      acc.emplace(module_name(i, name), std::move(a));
+    }
+
+  std::vector<std::pair<std::shared_ptr<Linear>*, std::shared_ptr<Linear>>> saved;
+  if (!needs_grad)
+    for (auto& [m, a] : acc) {
+      saved.emplace_back(a.slot, *a.slot);
+      *a.slot = std::make_shared<ActivationStatsLinear>(*a.slot, &a.sum, &a.rows);
+    }
+  int64_t batches = 0;
+  std::optional<ProgressBar> bar;
+  if (o.progress) bar.emplace(std::string("saliency ") + saliency_kind_name(o.kind), N, "seqs");
+  try {
+    for (int64_t s = 0; s < N; s += o.batch) {
+      const int64_t e = std::min(N, s + o.batch);
+      const Tensor tb = tokens.slice(0, s, e).contiguous();
+      if (!needs_grad) {
+        NoGradGuard ng;
+        model.forward(tb);
+      } else {
+        Var loss = cross_entropy(model.forward(tb), shifted_targets(tb));
+        backward(loss);
+        for (auto& [m, a] : acc) {
+          auto* dense = dynamic_cast<DenseLinear*>(a.slot->get());
+          LB_CHECK(dense, "saliency: ", m, " is not a dense layer (compute saliency on the full-precision model)");
+          const Tensor g = dense->weight_var().grad().to(Device::CPU).to(DType::F32).contiguous();
+          const float *pg = g.data<float>(), *pw = a.w.data<float>();
+          for (int64_t k = 0; k < g.numel(); ++k)
+            a.sum[size_t(k)] += o.kind == SaliencyKind::Fisher ? double(pg[k]) * double(pg[k])
+                                                               : std::fabs(double(pg[k]) * double(pw[k]));
+        }
+        for (auto& p : model.parameters()) p.zero_grad();
+      }
+      ++batches;
+      if (bar) bar->update(e);
+    }
+  } catch (...) {
+    for (auto& [slot, orig] : saved) *slot = orig;
+    throw;
+  }
+  for (auto& [slot, orig] : saved) *slot = orig;
+  if (bar) bar->finish();
+
+  for (auto& [m, a] : acc) {
+    const int64_t rows = a.w.size(0), cols = a.w.size(1);
+    Tensor s = Tensor::empty({rows, cols});
+    float* ps = s.data<float>();
+    const float* pw = a.w.data<float>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t k = r * cols + c;
+        ps[k] = needs_grad ? float(a.sum[size_t(k)] / double(batches))
+                           : float(std::fabs(double(pw[k])) * std::sqrt(a.sum[size_t(c)] / double(std::max<int64_t>(a.rows, 1))));
+      }
+    normalise_mean_one(s);
+    out.scores.emplace(m, s);
+  }
+  return out;
+}
+
+void save_saliency(const std::string& path, const SaliencyMap& s) {
+  std::vector<std::pair<std::string, Tensor>> ts;
+  for (const auto& [m, t] : s.scores) ts.emplace_back(m, t);
+  if (auto parent = std::filesystem::path(path).parent_path(); !parent.empty())
+    std::filesystem::create_directories(parent);
+  save_safetensors(path, ts,
+                   {{"format", "lowbit-saliency"},
+                    {"version", "1"},
+                    {"kind", saliency_kind_name(s.kind)},
+                    {"rope_style", s.rope_style == RopeStyle::Half ? "half" : "interleaved"},
+                    {"nsamples", std::to_string(s.nsamples)},
+                    {"seqlen", std::to_string(s.seqlen)}});
+}
+
+SaliencyMap load_saliency(const std::string& path) {
+  SafetensorsFile f = SafetensorsFile::open(path);
+  const auto& md = f.metadata();
+  auto get = [&](const char* k) -> std::string {
+    auto it = md.find(k);
+    if (it == md.end()) throw_error(path, ": not a lowbit saliency file (metadata '", k, "' missing)");
+    return it->second;
+  };
+  if (get("format") != "lowbit-saliency") throw_error(path, ": not a lowbit saliency file (format '", get("format"), "')");
+  if (get("version") != "1") throw_error(path, ": saliency file version ", get("version"), " (this build reads 1)");
+  SaliencyMap s;
+  try {
+    s.kind = parse_saliency_kind(get("kind"));
+    s.nsamples = std::stoll(get("nsamples"));
+    s.seqlen = std::stoll(get("seqlen"));
+  } catch (const std::exception& e) {
+    throw_error(path, ": bad saliency metadata: ", e.what());
+  }
+  const std::string rs = get("rope_style");
+  if (rs != "half" && rs != "interleaved") throw_error(path, ": rope_style '", rs, "' (expected half or interleaved)");
+  s.rope_style = rs == "half" ? RopeStyle::Half : RopeStyle::Interleaved;
+  for (const auto& t : f.tensors()) {
+    Tensor v = f.load_f32(t.name);
+    if (v.dim() != 2) throw_error(path, ": saliency '", t.name, "' is ", v.describe(), ", expected [out, in]");
+    s.scores.emplace(t.name, v.contiguous());
+  }
+  return s;
+}
+
+void check_saliency_matches(const SaliencyMap& s, const LlamaModel& model, const std::string& source) {
+  if (s.rope_style != model.config().rope_style)
+    throw_error(source, ": saliency was computed with ", s.rope_style == RopeStyle::Half ? "half" : "interleaved",
+                " q/k rows but the model uses the other layout; recompute it for this model file");
+  auto& m = const_cast<LlamaModel&>(model);
+  for (int i = 0; i < m.n_layers(); ++i)
+    for (auto& [name, slot] : m.block(i).linears()) {
+      const std::string mod = module_name(i, name);
+      auto it = s.scores.find(mod);
+      if (it == s.scores.end()) throw_error(source, ": no saliency for ", mod, " (computed for another model?)");
+      const Shape want{(*slot)->out_features(), (*slot)->in_features()};
+      if (it->second.shape() != want)
+        throw_error(source, ": saliency of ", mod, " is ", shape_str(it->second.shape()), " but the layer is ",
+                    shape_str(want));
+    }
+}
+
+Var saliency_regularizer(const Var& w_hat, const Tensor& w, const Tensor& s) {
+  LB_CHECK(w_hat.shape() == w.shape() && w.shape() == s.shape(), "saliency_regularizer: Ŵ ", shape_str(w_hat.shape()),
+           ", W ", shape_str(w.shape()), " and S ", shape_str(s.shape()), " must have one shape");
+  const DType dt = w_hat.value().dtype();
+  const Device dev = w_hat.value().device();
+  Var d = sub(w_hat, Var(w.to(dt).to(dev)));
+  return scale(sum(mul(mul(d, d), Var(s.to(dt).to(dev)))), 1.0 / double(w.numel()));
+}
+
+}  // namespace lowbit

@@ -1,0 +1,233 @@
+// Learnable-weight-clipping fake quantization: forward and backward side by side (see lwc.h for the
+// formulas and the gradient conventions).
+#include "lowbit/quant/lwc.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace lowbit {
+
+namespace {
+
+template <class T>
+T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// Everything about one group that forward and backward share. The backward recomputes it from the
+// inputs instead of storing it (it is a few flops per element, and nothing is kept alive).
+template <class T>
+struct GroupState {
+  T hi = 0, lo = 0;                  // asym: 0-inclusive max/min; sym: absmax in hi
+  int64_t arg_hi = -1, arg_lo = -1;  // element (group-relative) that sets hi / lo; -1: a constant bound
+  T sg = 1, sb = 1;                  // sigmoid(gamma), sigmoid(beta)
+  T s = 1, z = 0;                    // scale and (integer-valued) zero point
+  T qlo = 0, qmax = 0;               // code range
+  T denom = 1;                       // s = clipped range / denom
+  bool trainable_scale = true;       // false: s is a constant (clamped at kLwcMinScale, or an all-zero group)
+};
+
+template <class T>
+GroupState<T> group_state(const QuantFormat& f, const T* w, int64_t n, T gamma, T beta) {
+  GroupState<T> st;
+  st.qmax = T(f.qmax());
+  st.sg = sigmoid(gamma);
+  if (f.kind == QuantKind::IntAsym) {
+    int64_t imax = 0, imin = 0;
+    for (int64_t j = 1; j < n; ++j) {
+      if (w[j] > w[imax]) imax = j;
+      if (w[j] < w[imin]) imin = j;
+    }
+    if (w[imax] > 0) st.hi = w[imax], st.arg_hi = imax;
+    if (w[imin] < 0) st.lo = w[imin], st.arg_lo = imin;
+    st.sb = sigmoid(beta);
+    st.denom = st.qmax;
+    T hic = st.sg * st.hi, loc = st.sb * st.lo;
+    if (st.hi == 0 && st.lo == 0) {  // all-zero group: the format's (-1, 1) range, nothing to learn
+      hic = 1, loc = -1;
+      st.trainable_scale = false;
+    }
+    T s = (hic - loc) / st.denom;
+    if (s < T(kLwcMinScale)) s = T(kLwcMinScale), st.trainable_scale = false;
+    st.s = s;
+    st.z = std::clamp(T(std::nearbyint(-loc / s)), T(0), st.qmax);
+    st.qlo = 0;
+  } else {  // IntSym
+    int64_t iabs = 0;
+    for (int64_t j = 1; j < n; ++j)
+      if (std::fabs(w[j]) > std::fabs(w[iabs])) iabs = j;
+    const T half = T(int64_t(1) << (f.bits - 1));
+    st.denom = half - 1;
+    st.hi = std::fabs(w[iabs]);
+    T a = st.sg * st.hi;
+    if (st.hi == 0) {
+      a = 1;  // all-zero group, as format.h's int_sym_params
+      st.trainable_scale = false;
+    } else {
+      st.arg_hi = iabs;
+    }
+    T s = a / st.denom;
+    if (s < T(kLwcMinScale)) s = T(kLwcMinScale), st.trainable_scale = false;
+    st.s = s;
+    st.z = half;
+    st.qlo = 1;
+  }
+  return st;
+}
+
+template <class T>
+void lwc_forward(const QuantFormat& f, const T* w, const T* gamma, const T* beta, int64_t out, int64_t in, T* y) {
+  const int64_t G = f.n_groups(in);
+#pragma omp parallel for schedule(static) if (out * in > (int64_t(1) << 16))
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t b = f.group_begin(g), e = f.group_end(g, in);
+      const T* wg = w + r * in + b;
+      const auto st = group_state<T>(f, wg, e - b, gamma[r * G + g], beta ? beta[r * G + g] : T(0));
+      for (int64_t j = 0; j < e - b; ++j) {
+        const T q = std::clamp(T(std::nearbyint(wg[j] / st.s)) + st.z, st.qlo, st.qmax);
+        y[r * in + b + j] = (q - st.z) * st.s;
+      }
+    }
+}
+
+// dy [out, in] -> dw (may be null), dgamma, dbeta (null for symmetric formats); all written.
+template <class T>
+void lwc_backward(const QuantFormat& f, const T* w, const T* gamma, const T* beta, const T* dy, int64_t out,
+                  int64_t in, T* dw, T* dgamma, T* dbeta) {
+  const int64_t G = f.n_groups(in);
+#pragma omp parallel for schedule(static) if (out * in > (int64_t(1) << 16))
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t b = f.group_begin(g), e = f.group_end(g, in);
+      const T* wg = w + r * in + b;
+      const T* dyg = dy + r * in + b;
+      T* dwg = dw ? dw + r * in + b : nullptr;
+      const auto st = group_state<T>(f, wg, e - b, gamma[r * G + g], beta ? beta[r * G + g] : T(0));
+      T ds = 0;
+      for (int64_t j = 0; j < e - b; ++j) {
+        const T u = wg[j] / st.s, n = T(std::nearbyint(u)), q = n + st.z;
+        if (q >= st.qlo && q <= st.qmax) {  // on the grid: STE for round(), d/ds of round_ste(u)*s
+          if (dwg) dwg[j] = dyg[j];
+          ds += dyg[j] * (n - u);
+        } else {  // clamped: Q = (qc - z) * s
+          if (dwg) dwg[j] = 0;
+          ds += dyg[j] * (std::clamp(q, st.qlo, st.qmax) - st.z);
+        }
+      }
+      T dg = 0, db = 0;
+      if (st.trainable_scale) {
+        // s = (sg*hi - sb*lo) / denom (asym) or sg*hi / denom (sym, hi = absmax).
+        const T dhic = ds / st.denom;
+        dg = dhic * st.hi * st.sg * (1 - st.sg);
+        if (dwg && st.arg_hi >= 0) {
+          const T sign = (f.kind == QuantKind::IntSym && wg[st.arg_hi] < 0) ? T(-1) : T(1);
+          dwg[st.arg_hi] += dhic * st.sg * sign;
+        }
+        if (f.kind == QuantKind::IntAsym) {
+          const T dloc = -ds / st.denom;
+          db = dloc * st.lo * st.sb * (1 - st.sb);
+          if (dwg && st.arg_lo >= 0) dwg[st.arg_lo] += dloc * st.sb;
+        }
+      }
+      dgamma[r * G + g] = dg;
+      if (dbeta) dbeta[r * G + g] = db;
+    }
+}
+
+template <class F>
+auto dispatch_float(DType dt, F&& fn) {
+  switch (dt) {
+    case DType::F32: return fn(float{});
+    case DType::F64: return fn(double{});
+    default: throw_error("lwc_fake_quant: CPU body supports f32 and f64, got ", dtype_name(dt));
+  }
+}
+
+void check_inputs(const Tensor& w, const Tensor& gamma, const Tensor& beta, const QuantFormat& f) {
+  LB_CHECK(lwc_supports(f), "lwc_fake_quant: format ", f.name,
+           " is not a uniform integer format (learnable clipping supports intB{gG,pc}[s] and int8pc)");
+  LB_CHECK(w.dim() == 2 && w.numel() > 0, "lwc_fake_quant [", f.name, "]: weight must be a non-empty [out, in], got ",
+           w.describe());
+  const Shape gs{w.size(0), f.n_groups(w.size(1))};
+  LB_CHECK(gamma.defined() && gamma.shape() == gs, "lwc_fake_quant [", f.name, "]: gamma must be ", shape_str(gs),
+           " (one logit per group), got ", gamma.defined() ? gamma.describe() : std::string("undefined"));
+  if (f.kind == QuantKind::IntAsym)
+    LB_CHECK(beta.defined() && beta.shape() == gs, "lwc_fake_quant [", f.name, "]: beta must be ", shape_str(gs),
+             ", got ", beta.defined() ? beta.describe() : std::string("undefined"));
+  else
+    LB_CHECK(!beta.defined(), "lwc_fake_quant [", f.name,
+             "]: symmetric formats clip with one factor (gamma); beta must be undefined");
+  for (const Tensor* t : {&w, &gamma, &beta}) {
+    if (!t->defined()) continue;
+    LB_CHECK(t->device() == Device::CPU, "lwc_fake_quant [", f.name, "]: ", t->describe(),
+             " is on CUDA; this op has a CPU body only (run the quantization with --device cpu)");
+    LB_CHECK(t->dtype() == w.dtype(), "lwc_fake_quant [", f.name, "]: clipping logits ", t->describe(),
+             " must have the weight's dtype ", dtype_name(w.dtype()));
+  }
+}
+
+}  // namespace
+
+bool lwc_supports(const QuantFormat& f) { return f.kind == QuantKind::IntAsym || f.kind == QuantKind::IntSym; }
+
+Var lwc_fake_quant(const Var& w, const Var& gamma, const Var& beta, const QuantFormat& f) {
+  LB_CHECK(w.defined() && gamma.defined(), "lwc_fake_quant [", f.name, "]: undefined weight or gamma");
+  const Tensor wv = w.value().contiguous(), gv = gamma.value().contiguous();
+  const Tensor bv = beta.defined() ? beta.value().contiguous() : Tensor();
+  check_inputs(wv, gv, bv, f);
+  const int64_t out = wv.size(0), in = wv.size(1);
+  Tensor y = Tensor::empty(wv.shape(), wv.dtype());
+  dispatch_float(wv.dtype(), [&](auto t) {
+    using T = decltype(t);
+    lwc_forward<T>(f, wv.data<T>(), gv.data<T>(), bv.defined() ? bv.data<T>() : nullptr, out, in, y.data<T>());
+  });
+  std::vector<Var> inputs{w, gamma};
+  if (beta.defined()) inputs.push_back(beta);
+  return make_result(y, inputs, "lwc_fake_quant", [w, gamma, beta, wv, gv, bv, &f, out, in](const Tensor& g) {
+    const Tensor gc = g.contiguous();
+    Tensor dw = w.requires_grad() ? Tensor::empty(wv.shape(), wv.dtype()) : Tensor();
+    Tensor dg = Tensor::empty(gv.shape(), gv.dtype());
+    Tensor db = bv.defined() ? Tensor::empty(bv.shape(), bv.dtype()) : Tensor();
+    dispatch_float(wv.dtype(), [&](auto t) {
+      using T = decltype(t);
+      lwc_backward<T>(f, wv.data<T>(), gv.data<T>(), bv.defined() ? bv.data<T>() : nullptr, gc.data<T>(), out, in,
+                      dw.defined() ? dw.data<T>() : nullptr, dg.data<T>(), db.defined() ? db.data<T>() : nullptr);
+    });
+    if (dw.defined()) accumulate_grad(w, dw);
+    accumulate_grad(gamma, dg);
+    if (db.defined()) accumulate_grad(beta, db);
+  });
+}
+
+std::vector<GroupParams> lwc_clipped_params(const Tensor& w_in, const Tensor& gamma_in, const Tensor& beta_in,
+                                            const QuantFormat& f) {
+  const Tensor w = w_in.to(Device::CPU).to(DType::F32).contiguous();
+  const Tensor gamma = gamma_in.to(Device::CPU).to(DType::F64).contiguous();
+  const Tensor beta = beta_in.defined() ? beta_in.to(Device::CPU).to(DType::F64).contiguous() : Tensor();
+  check_inputs(w, gamma.to(DType::F32), beta.defined() ? beta.to(DType::F32) : Tensor(), f);
+  const int64_t out = w.size(0), in = w.size(1), G = f.n_groups(in);
+  const float* pw = w.data<float>();
+  const double* pg = gamma.data<double>();
+  const double* pb = beta.defined() ? beta.data<double>() : nullptr;
+  std::vector<GroupParams> params(size_t(out * G));
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t b = f.group_begin(g), e = f.group_end(g, in);
+      float lo = pw[r * in + b], hi = lo;
+      for (int64_t j = b + 1; j < e; ++j) lo = std::min(lo, pw[r * in + j]), hi = std::max(hi, pw[r * in + j]);
+      const double sg = sigmoid(pg[r * G + g]);
+      float clo, chi;
+      if (f.kind == QuantKind::IntAsym) {
+        chi = float(sg * double(std::max(hi, 0.0f)));
+        clo = float(sigmoid(pb[r * G + g]) * double(std::min(lo, 0.0f)));
+      } else {
+        const float a = float(sg * double(std::max(std::fabs(lo), std::fabs(hi))));
+        clo = -a, chi = a;
+      }
+      params[size_t(r * G + g)] = f.codec->params_from_range(f, clo, chi, 1.0f);
+    }
+  return params;
+}
+
+}  // namespace lowbit
