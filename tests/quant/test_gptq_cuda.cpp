@@ -104,7 +104,11 @@ TEST(GptqCuda, MatchesCpuReference) {
       std::printf("  %-11s %-9s %-5s %9.6f %9.6f %11.4e %11.4e %9.2e\n", name,
                   variant == 1 ? "act" : variant == 2 ? "static" : "natural", opt.cuda_fp64_factorization ? "yes" : "no",
                   c.code_agreement, c.param_agreement, c.mse_cpu, c.mse_gpu, loss_rel);
-      EXPECT_GE(c.code_agreement, 0.999) << name << " variant " << variant;
+      // f64 factorization (the default) matches the f64 CPU reference up to GEMM rounding: codes
+      // differ only where a rounding tie flips. An f32 factorization (gptq.py's precision) moves U
+      // by ~1e-5 relative, which flips a few more codes (measured on an H100: >= 99.87% equal,
+      // output MSE within 0.6%).
+      EXPECT_GE(c.code_agreement, opt.cuda_fp64_factorization ? 0.999 : 0.995) << name << " variant " << variant;
       EXPECT_NEAR(c.mse_gpu, c.mse_cpu, 0.01 * c.mse_cpu) << name << " variant " << variant;
       EXPECT_NEAR(gpu.loss, cpu.loss, 0.01 * cpu.loss) << name << " variant " << variant;
     }
@@ -163,7 +167,7 @@ TEST(GptqCuda, Timing7bShapes) {
   if (!init_cuda()) GTEST_SKIP() << "no CUDA device";
   const QuantFormat& f = parse_quant_format("int4g128");
   for (auto [out, in] : {std::pair<int64_t, int64_t>{4096, 4096}, {11008, 4096}, {4096, 11008}}) {
-    // H = 2 X^T X / n of correlated-ish rows, built on the device.
+    // H = 2 X^T X / n of 4096 random rows (well conditioned), built on the device.
     Tensor x = Tensor::randn({4096, in}, 8, 1.0).to(Device::CUDA);
     Tensor h = Tensor::zeros({in, in}, DType::F32, Device::CUDA);
     ops::gemm(x, true, x, false, h, 2.0 / 4096.0, 0.0);

@@ -179,8 +179,9 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
     acc += std::chrono::duration<double>(now - t).count();
     t = now;
   };
+  if (on_gpu) cuda_synchronize();  // the pipeline's queued passes are not counted below
+  Clock::time_point t = Clock::now();
   for (const auto& group : kSequentialGroups) {
-    Clock::time_point t = Clock::now();
     // Inputs as produced by the groups quantized so far: Hessians of this group, a row sample
     // for the error report.
     HessianCapture hc;
