@@ -129,7 +129,7 @@ void install(BlockContext& ctx, const std::string& name, const Tensor& x, Quanti
   r.bits_per_weight = q.fmt().bits_per_weight(q.out_features(), q.in_features());
   reports.push_back(r);
   const Device dev = (*slot)->effective_weight().device();
-  *slot = std::make_shared<QuantLinear>(std::move(q), (*slot)->bias(), dev);
+  *slot = std::make_shared<QuantLinear>(std::move(q), (*slot)->bias(), dev, Tensor(), Tensor(), deq);
 }
 
 Tensor weight_of(BlockContext& ctx, const std::string& name) {
@@ -239,7 +239,7 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
       rep.bits_per_weight = r.q.fmt().bits_per_weight(r.q.out_features(), r.q.in_features());
       reports.push_back(rep);
       lap(t, prof.report);
-      *slot = std::make_shared<QuantLinear>(std::move(r.q), (*slot)->bias(), dev);
+      *slot = std::make_shared<QuantLinear>(std::move(r.q), (*slot)->bias(), dev, Tensor(), Tensor(), deq);
       lap(t, prof.install);
     }
   }

@@ -5,10 +5,17 @@
 
 namespace lowbit {
 
-QuantLinear::QuantLinear(QuantizedTensor q, Tensor bias, Device device, Tensor lora_A, Tensor lora_B)
+QuantLinear::QuantLinear(QuantizedTensor q, Tensor bias, Device device, Tensor lora_A, Tensor lora_B,
+                         Tensor dequantized)
     : q_(std::move(q)) {
   q_.validate();
-  weight_ = Var(q_.dequantize().to(device), false);
+  if (dequantized.defined()) {
+    LB_CHECK(dequantized.shape() == q_.shape, "QuantLinear: dequantized weight ", dequantized.describe(),
+             " does not match the quantized shape ", shape_str(q_.shape));
+    weight_ = Var(dequantized.to(DType::F32).to(device).contiguous(), false);
+  } else {
+    weight_ = Var(q_.dequantize().to(device), false);
+  }
   if (bias.defined()) bias_ = Var(bias.to(device), false);
   LB_CHECK(lora_A.defined() == lora_B.defined(), "QuantLinear: LoRA needs both A and B (got only ",
            lora_A.defined() ? "A" : "B", ")");

@@ -16,8 +16,10 @@ class QuantLinear : public Linear {
  public:
   // bias [out] or undefined (kept in full precision); the dequantized weight is placed on `device`.
   // lora_A [rank, in] and lora_B [out, rank] (float) are both given or both undefined.
+  // `dequantized`: dequantize(q) when the caller already has it (e.g. GPU GPTQ produces it on the
+  // device), which skips decoding the codes again on the CPU.
   explicit QuantLinear(QuantizedTensor q, Tensor bias = Tensor(), Device device = Device::CPU,
-                       Tensor lora_A = Tensor(), Tensor lora_B = Tensor());
+                       Tensor lora_A = Tensor(), Tensor lora_B = Tensor(), Tensor dequantized = Tensor());
   Var forward(const Var& x) const override;
   int64_t in_features() const override { return q_.in_features(); }
   int64_t out_features() const override { return q_.out_features(); }
