@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <optional>
 
 #include "lowbit/autograd/functions.h"
 #include "lowbit/core/progress.h"
@@ -16,28 +17,6 @@ namespace lowbit {
 namespace fs = std::filesystem;
 
 namespace {
-
-// Passes its input to a hook, then to the wrapped layer.
-class RecordingLinear : public Linear {
- public:
-  RecordingLinear(std::shared_ptr<Linear> inner, std::string name, const LinearInputHook& hook)
-      : inner_(std::move(inner)), name_(std::move(name)), hook_(hook) {}
-  Var forward(const Var& x) const override {
-    hook_(name_, x.value());
-    return inner_->forward(x);
-  }
-  int64_t in_features() const override { return inner_->in_features(); }
-  int64_t out_features() const override { return inner_->out_features(); }
-  std::vector<Var> parameters() const override { return inner_->parameters(); }
-  Tensor effective_weight() const override { return inner_->effective_weight(); }
-  Tensor bias() const override { return inner_->bias(); }
-  std::string kind() const override { return inner_->kind(); }
-
- private:
-  std::shared_ptr<Linear> inner_;
-  std::string name_;
-  const LinearInputHook& hook_;
-};
 
 void save_quantized(std::vector<std::pair<std::string, Tensor>>& out, const std::string& prefix, const QuantizedTensor& q) {
   out.emplace_back(prefix + ".codes", q.codes);
@@ -86,26 +65,16 @@ double relative_output_error(const Tensor& x, const Tensor& w, const Tensor& q) 
 Tensor BlockContext::run_block(const Tensor& x, const LinearInputHook& hook) const {
   NoGradGuard ng;
   LlamaBlock& b = model.block(layer);
-  std::vector<std::pair<std::shared_ptr<Linear>*, std::shared_ptr<Linear>>> saved;
-  if (hook)
-    for (auto& [name, slot] : b.linears()) {
-      saved.emplace_back(slot, *slot);
-      *slot = std::make_shared<RecordingLinear>(*slot, name, hook);
-    }
+  std::optional<LinearHookScope> hooks;
+  if (hook) hooks.emplace(b.linears(), hook);
   const int64_t D = x.size(1);
   Tensor out = Tensor::empty({n_samples * seqlen, D}, x.dtype(), x.device());
-  try {
-    for (int64_t s = 0; s < n_samples; s += batch) {
-      const int64_t e = std::min(n_samples, s + batch);
-      Var xin(x.slice(0, s * seqlen, e * seqlen));
-      Var y = model.block_forward(layer, xin, e - s, seqlen);
-      out.slice(0, s * seqlen, e * seqlen).copy_(y.value());
-    }
-  } catch (...) {
-    for (auto& [slot, orig] : saved) *slot = orig;
-    throw;
+  for (int64_t s = 0; s < n_samples; s += batch) {
+    const int64_t e = std::min(n_samples, s + batch);
+    Var xin(x.slice(0, s * seqlen, e * seqlen));
+    Var y = model.block_forward(layer, xin, e - s, seqlen);
+    out.slice(0, s * seqlen, e * seqlen).copy_(y.value());
   }
-  for (auto& [slot, orig] : saved) *slot = orig;
   return out;
 }
 

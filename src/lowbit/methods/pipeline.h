@@ -25,6 +25,48 @@ namespace lowbit {
 // Captures the inputs of each linear layer of a block during a forward pass.
 using LinearInputHook = std::function<void(const std::string& linear_name, const Tensor& x)>;
 
+// Wraps a layer: passes each input to a hook (with the layer's name), then computes the layer.
+class HookedLinear : public Linear {
+ public:
+  HookedLinear(std::shared_ptr<Linear> inner, std::string name, LinearInputHook hook)
+      : inner_(std::move(inner)), name_(std::move(name)), hook_(std::move(hook)) {}
+  Var forward(const Var& x) const override {
+    hook_(name_, x.value());
+    return inner_->forward(x);
+  }
+  int64_t in_features() const override { return inner_->in_features(); }
+  int64_t out_features() const override { return inner_->out_features(); }
+  std::vector<Var> parameters() const override { return inner_->parameters(); }
+  Tensor effective_weight() const override { return inner_->effective_weight(); }
+  Tensor bias() const override { return inner_->bias(); }
+  std::string kind() const override { return inner_->kind(); }
+
+ private:
+  std::shared_ptr<Linear> inner_;
+  std::string name_;
+  LinearInputHook hook_;
+};
+
+// Puts HookedLinear wrappers on the named slots for the scope's lifetime; the original layers are
+// back when it ends, also when an exception leaves the scope.
+class LinearHookScope {
+ public:
+  LinearHookScope(const std::vector<std::pair<std::string, std::shared_ptr<Linear>*>>& slots, const LinearInputHook& hook) {
+    for (const auto& [name, slot] : slots) {
+      saved_.emplace_back(slot, *slot);
+      *slot = std::make_shared<HookedLinear>(*slot, name, hook);
+    }
+  }
+  ~LinearHookScope() {
+    for (auto& [slot, orig] : saved_) *slot = orig;
+  }
+  LinearHookScope(const LinearHookScope&) = delete;
+  LinearHookScope& operator=(const LinearHookScope&) = delete;
+
+ private:
+  std::vector<std::pair<std::shared_ptr<Linear>*, std::shared_ptr<Linear>>> saved_;
+};
+
 struct BlockContext {
   LlamaModel& model;
   int layer = 0;

@@ -7,6 +7,7 @@
 #include "lowbit/autograd/functions.h"
 #include "lowbit/core/progress.h"
 #include "lowbit/io/safetensors.h"
+#include "lowbit/methods/pipeline.h"
 
 namespace lowbit {
 
@@ -17,32 +18,6 @@ std::string module_name(int layer, const std::string& name) {
 }
 
 // Accumulates sum_t x_tj^2 (per input channel) of the rows a layer sees, then forwards.
-class ActivationStatsLinear : public Linear {
- public:
-  ActivationStatsLinear(std::shared_ptr<Linear> inner, std::vector<double>* sumsq, int64_t* rows)
-      : inner_(std::move(inner)), sumsq_(sumsq), rows_(rows) {}
-  Var forward(const Var& x) const override {
-    const Tensor xc = x.value().to(Device::CPU).to(DType::F32).contiguous();
-    const int64_t n = xc.size(0), in = xc.size(1);
-    const float* p = xc.data<float>();
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < in; ++j) (*sumsq_)[size_t(j)] += double(p[i * in + j]) * double(p[i * in + j]);
-    *rows_ += n;
-    return inner_->forward(x);
-  }
-  int64_t in_features() const override { return inner_->in_features(); }
-  int64_t out_features() const override { return inner_->out_features(); }
-  std::vector<Var> parameters() const override { return inner_->parameters(); }
-  Tensor effective_weight() const override { return inner_->effective_weight(); }
-  Tensor bias() const override { return inner_->bias(); }
-  std::string kind() const override { return inner_->kind(); }
-
- private:
-  std::shared_ptr<Linear> inner_;
-  std::vector<double>* sumsq_;
-  int64_t* rows_;
-};
-
 // Next-token targets inside each window: targets[b, t] = tokens[b, t+1], the last one ignored (-1).
 Tensor shifted_targets(const Tensor& tokens) {
   const int64_t B = tokens.size(0), L = tokens.size(1);
@@ -117,16 +92,25 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
       acc.emplace(module_name(i, name), std::move(a));
     }
 
-  std::vector<std::pair<std::shared_ptr<Linear>*, std::shared_ptr<Linear>>> saved;
-  if (!needs_grad)
-    for (auto& [m, a] : acc) {
-      saved.emplace_back(a.slot, *a.slot);
-      *a.slot = std::make_shared<ActivationStatsLinear>(*a.slot, &a.sum, &a.rows);
-    }
+  // act-weight: sum of x^2 per input channel of every linear, gathered by hooks on the layers.
+  std::optional<LinearHookScope> hooks;
+  if (!needs_grad) {
+    std::vector<std::pair<std::string, std::shared_ptr<Linear>*>> slots;
+    for (auto& [m, a] : acc) slots.emplace_back(m, a.slot);
+    hooks.emplace(slots, [&acc](const std::string& m, const Tensor& x) {
+      Acc& a = acc.at(m);
+      const Tensor xc = x.to(Device::CPU).to(DType::F32).contiguous();
+      const int64_t n = xc.size(0), in = xc.size(1);
+      const float* p = xc.data<float>();
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < in; ++j) a.sum[size_t(j)] += double(p[i * in + j]) * double(p[i * in + j]);
+      a.rows += n;
+    });
+  }
   int64_t batches = 0;
   std::optional<ProgressBar> bar;
   if (o.progress) bar.emplace(std::string("saliency ") + saliency_kind_name(o.kind), N, "seqs");
-  try {
+  {
     for (int64_t s = 0; s < N; s += o.batch) {
       const int64_t e = std::min(N, s + o.batch);
       const Tensor tb = tokens.slice(0, s, e).contiguous();
@@ -150,11 +134,8 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
       ++batches;
       if (bar) bar->update(e);
     }
-  } catch (...) {
-    for (auto& [slot, orig] : saved) *slot = orig;
-    throw;
   }
-  for (auto& [slot, orig] : saved) *slot = orig;
+  hooks.reset();  // the model's own layers again
   if (bar) bar->finish();
 
   for (auto& [m, a] : acc) {
