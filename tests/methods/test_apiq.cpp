@@ -5,7 +5,7 @@
 #include <cmath>
 #include <fstream>
 
-#include "common/test_util.h"
+#include "common/stories_fixture.h"
 #include "lowbit/autograd/functions.h"
 #include "lowbit/eval/perplexity.h"
 #include "lowbit/io/llama2c.h"
@@ -125,13 +125,6 @@ double dot(const Tensor& a, const Tensor& b) {
   return s;
 }
 
-std::vector<int32_t> read_i32(const std::string& path) {
-  std::ifstream f(path, std::ios::binary | std::ios::ate);
-  std::vector<int32_t> v(size_t(f.tellg()) / 4);
-  f.seekg(0);
-  f.read(reinterpret_cast<char*>(v.data()), std::streamsize(v.size() * 4));
-  return v;
-}
 
 }  // namespace
 
@@ -332,27 +325,7 @@ TEST(QuantizedCheckpoint, LoraAdaptersRoundTripSeparateAndMerged) {
 // ---- ApiQ on stories260K ----------------------------------------------------------------------------
 
 namespace {
-struct ApiqStories : ::testing::Test {
-  void SetUp() override {
-    model_path = test::shared_file("models/stories260K/stories260K.bin");
-    const std::string tokens_path = test::shared_file("models/stories260K/sample-tokens.i32");
-    if (model_path.empty() || tokens_path.empty()) GTEST_SKIP() << "stories260K not found under " << test::shared_root();
-    auto all = read_i32(tokens_path);  // 64 sequences of 257 tokens
-    calib_stream.assign(all.begin(), all.begin() + 32 * 257);
-    eval_stream.assign(all.begin() + 32 * 257, all.end());
-  }
-  double ppl(const LlamaModel& m) {
-    PerplexityOptions o;
-    o.ctx = 257;
-    o.batch = 8;
-    o.progress = false;
-    return evaluate_perplexity(m, eval_stream, o).ppl;
-  }
-  PipelineReport quantize(LlamaModel& m, BlockMethod& method, const QuantFormat& f, PipelineOptions o = {}) {
-    Tensor calib = sample_calibration(calib_stream, 32, 256, 0);
-    o.progress = false;
-    return run_blockwise(m, calib, method, f, o);
-  }
+struct ApiqStories : lowbit::test::StoriesPtq {
   // The model's output error on 4 held-out windows: mean KL(P_fp || P_quantized) of the next-token
   // distributions (the llama.cpp measure), and the relative squared error of the last block's
   // hidden state (what block-wise ApiQ minimises at the last block).

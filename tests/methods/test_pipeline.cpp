@@ -4,7 +4,7 @@
 #include <cstring>
 #include <fstream>
 
-#include "common/test_util.h"
+#include "common/stories_fixture.h"
 #include "lowbit/eval/perplexity.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/methods/calibration.h"
@@ -13,40 +13,7 @@
 
 using namespace lowbit;
 
-namespace {
-std::vector<int32_t> read_i32(const std::string& path) {
-  std::ifstream f(path, std::ios::binary | std::ios::ate);
-  std::vector<int32_t> v(size_t(f.tellg()) / 4);
-  f.seekg(0);
-  f.read(reinterpret_cast<char*>(v.data()), std::streamsize(v.size() * 4));
-  return v;
-}
-
-struct PtqStories : ::testing::Test {
-  void SetUp() override {
-    model_path = test::shared_file("models/stories260K/stories260K.bin");
-    tokens_path = test::shared_file("models/stories260K/sample-tokens.i32");
-    if (model_path.empty() || tokens_path.empty()) GTEST_SKIP() << "stories260K not found under " << test::shared_root();
-    auto all = read_i32(tokens_path);  // 64 sequences of 257 tokens
-    calib_stream.assign(all.begin(), all.begin() + 32 * 257);
-    eval_stream.assign(all.begin() + 32 * 257, all.end());
-  }
-  double ppl(const LlamaModel& m) {
-    PerplexityOptions o;
-    o.ctx = 257;
-    o.batch = 8;
-    o.progress = false;
-    return evaluate_perplexity(m, eval_stream, o).ppl;
-  }
-  PipelineReport quantize(LlamaModel& m, BlockMethod& method, const QuantFormat& f, PipelineOptions o = {}) {
-    Tensor calib = sample_calibration(calib_stream, 32, 256, 0);
-    o.progress = false;
-    return run_blockwise(m, calib, method, f, o);
-  }
-  std::string model_path, tokens_path;
-  std::vector<int32_t> calib_stream, eval_stream;
-};
-}  // namespace
+using PtqStories = lowbit::test::StoriesPtq;
 
 TEST_F(PtqStories, GptqAndAwqBeatRtnAt4And3Bits) {
   Checkpoint ck = load_llama2c(model_path);

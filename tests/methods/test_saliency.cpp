@@ -5,7 +5,7 @@
 #include <cmath>
 #include <fstream>
 
-#include "common/test_util.h"
+#include "common/stories_fixture.h"
 #include "lowbit/autograd/functions.h"
 #include "lowbit/eval/perplexity.h"
 #include "lowbit/io/llama2c.h"
@@ -44,13 +44,6 @@ double mean_of(const Tensor& t) {
   return s / double(t.numel());
 }
 
-std::vector<int32_t> read_i32(const std::string& path) {
-  std::ifstream f(path, std::ios::binary | std::ios::ate);
-  std::vector<int32_t> v(size_t(f.tellg()) / 4);
-  f.seekg(0);
-  f.read(reinterpret_cast<char*>(v.data()), std::streamsize(v.size() * 4));
-  return v;
-}
 
 }  // namespace
 
@@ -147,7 +140,7 @@ TEST(Saliency, RegularizerGradient) {
 TEST(Saliency, SaprOnStories260K) {
   LOWBIT_REQUIRE_SHARED(model_path, "models/stories260K/stories260K.bin");
   LOWBIT_REQUIRE_SHARED(tokens_path, "models/stories260K/sample-tokens.i32");
-  auto all = read_i32(tokens_path);
+  auto all = test::read_i32_file(tokens_path);
   std::vector<int32_t> calib_stream(all.begin(), all.begin() + 32 * 257), eval_stream(all.begin() + 32 * 257, all.end());
   Checkpoint ck = load_llama2c(model_path);
   const QuantFormat& f = parse_quant_format("int2g64");

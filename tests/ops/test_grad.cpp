@@ -1,8 +1,12 @@
 // Every differentiable op against finite differences (f64).
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 #include "grad_check.h"
 #include "lowbit/autograd/optim.h"
+#include "lowbit/ops/cast.h"
+#include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/ops/registry.h"
 
@@ -127,4 +131,54 @@ TEST(Autograd, SharedGradientIsNotAliased) {
   clip_grad_norm({a}, 0.5);
   EXPECT_NEAR(a.grad().item(0), 0.5 / std::sqrt(2.0), 1e-6);
   EXPECT_DOUBLE_EQ(b.grad().item(0), 1.0);
+}
+
+// ---- cast (autograd/functions.h) -----------------------------------------------------------------
+TEST(Grad, CastF64F32) {
+  // Through an f32 round trip the function is the identity up to f32 rounding (~6e-8 relative),
+  // so the finite difference needs a large step: h = 1e-2 keeps the rounding term near 1e-5.
+  grad_check([](const std::vector<Var>& v) { return project(cast(cast(v[0], DType::F32), DType::F64)); },
+             {rnd({3, 5}, 1)}, 1e-4, 1e-2);
+  // The backward is the cast back: d/dx of sum(r * f64(f32(x))) is f64(f32(r)) exactly.
+  Var x(rnd({4, 3}, 2), true);
+  Var z = cast(cast(x, DType::F32), DType::F64);
+  Tensor r = Tensor::randn({4, 3}, 7, 1.0, DType::F64);
+  backward(sum(mul(z, Var(r))));
+  ASSERT_EQ(x.grad().dtype(), DType::F64);
+  for (int64_t i = 0; i < r.numel(); ++i) EXPECT_EQ(x.grad().item(i), double(float(r.item(i))));
+  // f32 -> f64: the gradient arrives in f32.
+  Var y(Tensor::randn({5}, 3, 1.0, DType::F32), true);
+  backward(sum(cast(y, DType::F64)));
+  ASSERT_EQ(y.grad().dtype(), DType::F32);
+  for (int64_t i = 0; i < 5; ++i) EXPECT_EQ(y.grad().item(i), 1.0);
+  // Same dtype: the Var itself, no node.
+  EXPECT_EQ(cast(x, DType::F64).node().get(), x.node().get());
+}
+
+TEST(Parity, CastF32Bf16OnTheGpu) {
+  if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build): GPU cast parity skipped";
+  // Odd sizes exercise the scalar tail after the 8-element packs; values span many binades.
+  for (int64_t n : {int64_t(1), int64_t(7), int64_t(1003), int64_t(65536 + 5)}) {
+    Tensor x = Tensor::randn({n}, uint64_t(n), 3.0, DType::F32);
+    x.set_item(0, 1.00390625);  // exactly halfway between two bf16 values: rounds to even (1.0)
+    Tensor xg = x.to(Device::CUDA), bg = Tensor::empty({n}, DType::BF16, Device::CUDA);
+    bg.fill_(7.0);  // poison
+    ops::cast(xg, bg);
+    Tensor b_cpu = x.to(DType::BF16), b_gpu = bg.to(Device::CPU);
+    ASSERT_EQ(0, std::memcmp(b_cpu.raw_data(), b_gpu.raw_data(), size_t(n) * 2)) << "f32 -> bf16, n = " << n;
+    Tensor fg = Tensor::empty({n}, DType::F32, Device::CUDA);
+    fg.fill_(7.0);
+    ops::cast(bg, fg);
+    Tensor f_cpu = b_cpu.to(DType::F32), f_gpu = fg.to(Device::CPU);
+    ASSERT_EQ(0, std::memcmp(f_cpu.raw_data(), f_gpu.raw_data(), size_t(n) * 4)) << "bf16 -> f32, n = " << n;
+  }
+  // Autograd on the GPU: the bf16 gradient comes back to the f32 input as f32.
+  Var x(Tensor::randn({33, 8}, 5, 1.0, DType::F32).to(Device::CUDA), true);
+  Tensor r = Tensor::randn({33, 8}, 6, 1.0, DType::F32);
+  Var y = cast(x, DType::BF16);
+  ASSERT_EQ(y.value().dtype(), DType::BF16);
+  backward(y, r.to(DType::BF16).to(Device::CUDA));
+  ASSERT_EQ(x.grad().dtype(), DType::F32);
+  Tensor g = x.grad().to(Device::CPU), want = r.to(DType::BF16).to(DType::F32);
+  ASSERT_EQ(0, std::memcmp(g.raw_data(), want.raw_data(), size_t(want.numel()) * 4));
 }

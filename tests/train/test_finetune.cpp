@@ -2,9 +2,7 @@
 // change, and the written checkpoint must reload with the adapters.
 #include <gtest/gtest.h>
 
-#include <fstream>
-
-#include "common/test_util.h"
+#include "common/stories_fixture.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/methods/calibration.h"
@@ -16,9 +14,7 @@ using namespace lowbit;
 TEST(Finetune, LoraRecoversInt2Quality) {
   LOWBIT_REQUIRE_SHARED(model_path, "models/stories260K/stories260K.bin");
   LOWBIT_REQUIRE_SHARED(tokens_path, "models/stories260K/sample-tokens.i32");
-  std::ifstream f(tokens_path, std::ios::binary);
-  std::vector<int32_t> all(64 * 257);
-  f.read(reinterpret_cast<char*>(all.data()), std::streamsize(all.size() * 4));
+  const std::vector<int32_t> all = test::read_i32_file(tokens_path);
   std::vector<int32_t> train(all.begin(), all.begin() + 32 * 257), valid(all.begin() + 32 * 257, all.end());
   Checkpoint ck = load_llama2c(model_path);
   LlamaModel m(ck.config, ck.weights);

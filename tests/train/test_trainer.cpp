@@ -1,11 +1,14 @@
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 
 #include "common/test_util.h"
 #include "lowbit/autograd/functions.h"
 #include "lowbit/io/llama2c.h"
+#include "lowbit/ops/device_init.h"
 #include "lowbit/train/trainer.h"
 
 using namespace lowbit;
@@ -155,4 +158,58 @@ TEST(Trainer, DumpOrderIsTheSameWhenResuming) {
   TrainResult rest = train_model(ob, stream(2000, 13), stream(300, 13));
   EXPECT_TRUE(rest.resumed);
   EXPECT_EQ(read_i64(oa.dump_order), read_i64(ob.dump_order));
+}
+
+TEST(Trainer, Bf16NeedsTheGpu) {
+  auto dir = test::temp_dir("train-bf16-cpu");
+  TrainOptions o = tiny(dir.string());
+  o.bf16 = true;
+  try {
+    train_model(o, stream(2000, 13), stream(300, 13));
+    FAIL() << "bf16 on the CPU must be refused";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--bf16 needs --device cuda"), std::string::npos) << e.what();
+  }
+}
+
+// bf16 mixed precision against the f32 run of the same model, data and seed on the GPU: the loss
+// curves must agree within a few percent step by step (bf16 rounds activations and GEMM inputs to
+// 8 mantissa bits, so the runs drift apart slowly but must not diverge). head_dim 64 takes the
+// tensor-core attention path.
+TEST(Trainer, Bf16TracksF32OnTheGpu) {
+  if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build): bf16 training test skipped";
+  auto run = [&](bool bf16) {
+    auto dir = test::temp_dir(bf16 ? "train-gpu-bf16" : "train-gpu-f32");
+    TrainOptions o = tiny(dir.string());
+    o.config.dim = 128;
+    o.config.hidden_dim = 352;
+    o.config.n_layers = 2;
+    o.config.n_heads = 2;
+    o.config.n_kv_heads = 2;
+    o.config.vocab_size = 64;
+    o.config.max_seq_len = 64;
+    o.seq_len = 64;
+    o.batch_size = 8;
+    o.grad_accum = 2;
+    o.max_steps = 80;
+    o.warmup_steps = 8;
+    o.lr = 3e-3;
+    o.eval_every = 40;
+    o.eval_batches = 4;
+    o.device = Device::CUDA;
+    o.bf16 = bf16;
+    return train_model(o, stream(20000, 64), stream(4000, 64));
+  };
+  TrainResult f = run(false), b = run(true);
+  ASSERT_EQ(f.records.size(), b.records.size());
+  double worst = 0;
+  for (size_t i = 0; i < f.records.size(); ++i)
+    worst = std::max(worst, std::fabs(b.records[i].loss - f.records[i].loss) / f.records[i].loss);
+  std::printf("bf16 vs f32: loss %.4f -> %.4f (f32) and %.4f -> %.4f (bf16); max step relative gap %.4f; "
+              "final val %.4f vs %.4f\n",
+              f.records.front().loss, f.records.back().loss, b.records.front().loss, b.records.back().loss, worst,
+              f.final_val_loss, b.final_val_loss);
+  EXPECT_LT(b.records.back().loss, 0.6 * b.records.front().loss);  // it learns
+  EXPECT_LT(worst, 0.05);
+  EXPECT_NEAR(b.final_val_loss, f.final_val_loss, 0.03 * f.final_val_loss);
 }

@@ -1,0 +1,194 @@
+// Learnable weight clipping (quant/lwc.h; OmniQuant eq. 2 as trained by ApiQ) on the GPU
+// (ops/cuda/lwc.cu) against the CPU reference body, forward and straight-through backward, and the
+// fused ApiQ training layer (QuantTrainLinear: Q(W) + s B A) on both devices. Skipped without a GPU.
+//
+// Tolerances. Both bodies evaluate the same fp32 formulas; they differ only in expf (CUDA: up to 2
+// ulp) vs the host's expf inside sigmoid, and in the summation order of the per-group scale
+// gradient. A 1-ulp difference of the scale s can flip round(w/s) only for w/s within ~1e-7 of a
+// tie, which random inputs essentially never hit; the test still allows such flips (a handful of
+// elements, at most 1e-4 of them) and compares gradients only in groups without one, so that it
+// checks identical rounding decisions rather than the luck of the draw:
+//   forward   |y_gpu - y_cpu| <= 1e-5 * max|y_cpu| per element (else: a counted decision flip)
+//   dgamma, dbeta  normalised max error <= 2e-4 (64-term sums with cancellation, fp32)
+//   dW        normalised max error <= 1e-5
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "lowbit/autograd/functions.h"
+#include "lowbit/ops/device_init.h"
+#include "lowbit/quant/lwc.h"
+#include "lowbit/quant/train_linear.h"
+
+using namespace lowbit;
+
+namespace {
+
+class LwcCuda : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build): LWC GPU parity tests skipped";
+    cuda_set_allow_tf32(false);
+  }
+};
+
+double max_abs(const std::vector<float>& v) {
+  double m = 0;
+  for (float x : v) m = std::max(m, double(std::fabs(x)));
+  return m;
+}
+
+// Weights with an all-zero group, a constant positive group and a heavy outlier in row 0.
+Tensor test_weight(int64_t out, int64_t in, uint64_t seed) {
+  Tensor w = Tensor::randn({out, in}, seed, 0.02);
+  float* p = w.data<float>();
+  for (int64_t j = 0; j < std::min<int64_t>(in, 32); ++j) p[1 * in + j] = 0.0f;
+  for (int64_t j = 0; j < std::min<int64_t>(in, 32); ++j) p[2 * in + j] = 0.01f;
+  p[5] = 0.3f;
+  return w;
+}
+
+// Logits spread over heavy clipping (sigmoid(-1) = 0.27) to none (sigmoid(6) = 0.998).
+Tensor test_logits(int64_t out, int64_t G, uint64_t seed) {
+  Tensor u = Tensor::uniform({out, G}, seed, -1.0, 6.0);
+  return u;
+}
+
+struct Report {
+  int64_t flips = 0, groups_compared = 0, groups = 0;
+  double fwd = 0, dgamma = 0, dbeta = 0, dw = 0;
+};
+
+Report compare(const QuantFormat& f, int64_t out, int64_t in, uint64_t seed) {
+  const int64_t G = f.n_groups(in);
+  const bool asym = f.kind == QuantKind::IntAsym;
+  const Tensor w = test_weight(out, in, seed), g = test_logits(out, G, seed + 1);
+  const Tensor b = asym ? test_logits(out, G, seed + 2) : Tensor();
+  const Tensor dy = Tensor::randn({out, in}, seed + 3);
+
+  Tensor y_c = Tensor::empty({out, in}), dw_c = Tensor::empty({out, in}), dg_c = Tensor::empty({out, G});
+  Tensor db_c = asym ? Tensor::empty({out, G}) : Tensor();
+  lwc_forward_into(w, g, b, f, y_c);
+  lwc_backward_into(w, g, b, dy, f, dw_c, dg_c, db_c);
+
+  const Device D = Device::CUDA;
+  const Tensor wg = w.to(D), gg = g.to(D), bg = asym ? b.to(D) : Tensor(), dyg = dy.to(D);
+  Tensor y_g = Tensor::full({out, in}, NAN).to(D), dw_g = Tensor::full({out, in}, NAN).to(D);
+  Tensor dg_g = Tensor::full({out, G}, NAN).to(D), db_g = asym ? Tensor::full({out, G}, NAN).to(D) : Tensor();
+  lwc_forward_into(wg, gg, bg, f, y_g);
+  lwc_backward_into(wg, gg, bg, dyg, f, dw_g, dg_g, db_g);
+  cuda_synchronize();
+
+  const std::vector<float> yc = y_c.to_vector(), yg = y_g.to(Device::CPU).to_vector();
+  const std::vector<float> wc = dw_c.to_vector(), wgv = dw_g.to(Device::CPU).to_vector();
+  const std::vector<float> gc = dg_c.to_vector(), ggv = dg_g.to(Device::CPU).to_vector();
+  const std::vector<float> bc = asym ? db_c.to_vector() : std::vector<float>();
+  const std::vector<float> bgv = asym ? db_g.to(Device::CPU).to_vector() : std::vector<float>();
+
+  Report r;
+  r.groups = out * G;
+  const double ytol = 1e-5 * max_abs(yc);
+  std::vector<char> flipped(size_t(out * G), 0);
+  for (int64_t i = 0; i < out * in; ++i) {
+    const double d = std::fabs(double(yg[size_t(i)]) - double(yc[size_t(i)]));
+    if (!(d <= ytol)) {  // NaN counts as a flip, and flips are bounded below
+      ++r.flips;
+      flipped[size_t((i / in) * G + f.group_of_column(i % in))] = 1;
+    } else {
+      r.fwd = std::max(r.fwd, d / max_abs(yc));
+    }
+  }
+  const double gden = std::max(max_abs(gc), 1e-30), bden = asym ? std::max(max_abs(bc), 1e-30) : 1.0;
+  const double wden = std::max(max_abs(wc), 1e-30);
+  for (int64_t k = 0; k < out * G; ++k) {
+    if (flipped[size_t(k)]) continue;
+    ++r.groups_compared;
+    const double eg = std::fabs(double(ggv[size_t(k)]) - double(gc[size_t(k)])) / gden;
+    r.dgamma = std::max(r.dgamma, std::isnan(eg) ? INFINITY : eg);
+    if (asym) {
+      const double eb = std::fabs(double(bgv[size_t(k)]) - double(bc[size_t(k)])) / bden;
+      r.dbeta = std::max(r.dbeta, std::isnan(eb) ? INFINITY : eb);
+    }
+    const int64_t row = k / G, grp = k % G;
+    for (int64_t j = f.group_begin(grp); j < f.group_end(grp, in); ++j) {
+      const size_t i = size_t(row * in + j);
+      const double e = std::fabs(double(wgv[i]) - double(wc[i])) / wden;
+      r.dw = std::max(r.dw, std::isnan(e) ? INFINITY : e);
+    }
+  }
+  return r;
+}
+
+}  // namespace
+
+TEST_F(LwcCuda, ForwardAndBackwardMatchTheCpuBody) {
+  struct Case {
+    const char* fmt;
+    int64_t out, in;
+  };
+  // Odd shapes: partial last groups (in = 320 with g128), per-channel rows longer than a warp's
+  // stride, and a 7B-like row length.
+  const Case cases[] = {{"int2g64", 37, 320},  {"int2g64", 64, 4096}, {"int3g128", 29, 320}, {"int4g128s", 33, 320},
+                        {"int2g64s", 17, 192}, {"int2pc", 21, 1000},  {"int4pcs", 13, 777},  {"int8pc", 9, 300}};
+  uint64_t seed = 100;
+  for (const auto& c : cases) {
+    const QuantFormat& f = parse_quant_format(c.fmt);
+    const Report r = compare(f, c.out, c.in, seed += 10);
+    std::printf("  lwc %-9s [%3lld x %4lld]: fwd %.2e  dgamma %.2e  dbeta %.2e  dW %.2e  flips %lld  groups %lld/%lld\n",
+                c.fmt, (long long)c.out, (long long)c.in, r.fwd, r.dgamma, r.dbeta, r.dw, (long long)r.flips,
+                (long long)r.groups_compared, (long long)r.groups);
+    EXPECT_LE(r.flips, std::max<int64_t>(2, c.out * c.in / 10000)) << c.fmt;
+    EXPECT_GE(double(r.groups_compared), 0.99 * double(r.groups)) << c.fmt;
+    EXPECT_LE(r.fwd, 1e-5) << c.fmt;
+    EXPECT_LE(r.dgamma, 2e-4) << c.fmt;
+    EXPECT_LE(r.dbeta, 2e-4) << c.fmt;
+    EXPECT_LE(r.dw, 1e-5) << c.fmt;
+  }
+}
+
+TEST_F(LwcCuda, RejectsUnsupportedInputs) {
+  const QuantFormat& f = parse_quant_format("int2g64");
+  const Device D = Device::CUDA;
+  Tensor w = Tensor::randn({4, 128}, 1).to(D), g = Tensor::zeros({4, 2}).to(D), b = Tensor::zeros({4, 2}).to(D);
+  Tensor y = Tensor::empty({4, 128}, DType::F32, D);
+  EXPECT_THROW(lwc_forward_into(w, g, b.to(Device::CPU), f, y), Error);  // mixed devices
+  Tensor wb = w.to(DType::BF16), gb = g.to(DType::BF16), bb = b.to(DType::BF16);
+  Tensor yb = Tensor::empty({4, 128}, DType::BF16, D);
+  EXPECT_THROW(lwc_forward_into(wb, gb, bb, f, yb), Error);  // f32 only on the GPU
+}
+
+// The ApiQ training layer, y = x (Q(W) + s B A)^T, one forward/backward on both devices: output and
+// the gradients of gamma, beta, A and B (TF32 off, so the GEMMs are fp32 on both sides).
+TEST_F(LwcCuda, TrainLinearForwardBackwardMatchesCpu) {
+  const QuantFormat& f = parse_quant_format("int2g64");
+  const int64_t out = 96, in = 320, n = 48;
+  const Tensor w = Tensor::randn({out, in}, 7, 0.02), x = Tensor::randn({n, in}, 8), t = Tensor::randn({n, out}, 9, 0.1);
+  QuantTrainOptions o;
+  o.rank = 8;
+  o.seed = 3;
+  o.init = LoraInit::Given;
+  const Tensor A = Tensor::randn({8, in}, 10, 0.05), B = Tensor::randn({out, 8}, 11, 0.05);  // B != 0: dA is nonzero
+  auto run = [&](Device d) {
+    QuantTrainLinear lin(w.to(d), Tensor(), f, o, A, B);
+    Var loss = mse(lin.forward(Var(x.to(d))), Var(t.to(d)));
+    backward(loss);
+    std::vector<Tensor> r{lin.forward(Var(x.to(d))).value().to(Device::CPU)};
+    for (const Var& p : lin.parameters()) r.push_back(p.grad().to(Device::CPU));
+    return r;
+  };
+  const auto c = run(Device::CPU), g = run(Device::CUDA);
+  ASSERT_EQ(c.size(), g.size());
+  const char* names[] = {"y", "dgamma", "dbeta", "dA", "dB"};
+  for (size_t i = 0; i < c.size(); ++i) {
+    const std::vector<float> a = c[i].to_vector(), b = g[i].to_vector();
+    ASSERT_EQ(a.size(), b.size());
+    double num = 0;
+    for (size_t k = 0; k < a.size(); ++k) num = std::max(num, std::fabs(double(a[k]) - double(b[k])));
+    const double e = num / std::max(max_abs(a), 1e-30);
+    std::printf("  QuantTrainLinear %-6s normalised error %.2e\n", names[i], e);
+    EXPECT_LE(e, 2e-4) << names[i];
+  }
+}
