@@ -5,7 +5,6 @@
 
 #include "grad_check.h"
 #include "lowbit/autograd/optim.h"
-#include "lowbit/ops/cast.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/ops/registry.h"
@@ -96,7 +95,7 @@ TEST(Grad, RegistryCoversEveryDifferentiableOp) {
   // Each op listed with a backward has a gradient check above (names kept in step by hand; this
   // test fails when an op is added to the registry without one).
   const std::vector<std::string> checked = {"gemm", "add", "sub", "mul", "scale", "sum", "rmsnorm", "rope",
-                                            "attention", "silu", "swiglu", "embedding", "cross_entropy", "kl_div", "mse"};
+                                            "attention", "silu", "swiglu", "embedding", "cross_entropy", "kl_div", "mse", "cast"};
   for (const auto& op : ops::op_registry()) {
     if (!op.has_backward) continue;
     EXPECT_NE(std::find(checked.begin(), checked.end(), std::string(op.name)), checked.end())
@@ -155,7 +154,7 @@ TEST(Grad, CastF64F32) {
   EXPECT_EQ(cast(x, DType::F64).node().get(), x.node().get());
 }
 
-TEST(Parity, CastF32Bf16OnTheGpu) {
+TEST(CastParity, F32Bf16OnTheGpu) {
   if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build): GPU cast parity skipped";
   // Odd sizes exercise the scalar tail after the 8-element packs; values span many binades.
   for (int64_t n : {int64_t(1), int64_t(7), int64_t(1003), int64_t(65536 + 5)}) {

@@ -202,10 +202,12 @@ TEST(Trainer, Bf16TracksF32OnTheGpu) {
   };
   TrainResult f = run(false), b = run(true);
   ASSERT_EQ(f.records.size(), b.records.size());
+  // Relative gap, measured against at least 0.5: this tiny stream is learnt to a loss near 0.02,
+  // where a relative measure would only count rounding (an H100 run showed 8% of 0.017 there).
   double worst = 0;
   for (size_t i = 0; i < f.records.size(); ++i)
-    worst = std::max(worst, std::fabs(b.records[i].loss - f.records[i].loss) / f.records[i].loss);
-  std::printf("bf16 vs f32: loss %.4f -> %.4f (f32) and %.4f -> %.4f (bf16); max step relative gap %.4f; "
+    worst = std::max(worst, std::fabs(b.records[i].loss - f.records[i].loss) / std::max(f.records[i].loss, 0.5));
+  std::printf("bf16 vs f32: loss %.4f -> %.4f (f32) and %.4f -> %.4f (bf16); max step gap %.4f (relative to max(loss, 0.5)); "
               "final val %.4f vs %.4f\n",
               f.records.front().loss, f.records.back().loss, b.records.front().loss, b.records.back().loss, worst,
               f.final_val_loss, b.final_val_loss);

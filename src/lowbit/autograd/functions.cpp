@@ -266,4 +266,17 @@ Var mse(const Var& a, const Var& b) {
   });
 }
 
+// ---- dtype conversion: dx = cast(dy) back to x's dtype ---------------------------------------------
+Var cast(const Var& x, DType dtype) {
+  if (x.value().dtype() == dtype) return x;
+  Tensor xv = contig(x), out = Tensor::empty(xv.shape(), dtype, xv.device());
+  ops::cast(xv, out);
+  const DType from = xv.dtype();
+  return make_result(out, {x}, "cast", [x, from](const Tensor& g) {
+    Tensor gc = g.contiguous(), dx = Tensor::empty(gc.shape(), from, gc.device());
+    ops::cast(gc, dx);
+    accumulate_grad(x, dx);
+  });
+}
+
 }  // namespace lowbit

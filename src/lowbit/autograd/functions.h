@@ -30,5 +30,9 @@ Var embedding(const Var& table, const Tensor& ids);  // ids i32 [N] -> [N, D]
 Var cross_entropy(const Var& logits, const Tensor& targets);  // mean over rows; target -1 ignored
 Var kl_div(const Var& p_logits, const Var& q_logits);           // mean over rows of KL(P || Q)
 Var mse(const Var& a, const Var& b);                             // mean over elements
+// x converted to `dtype` (f64/f32/bf16 on the CPU, f32/bf16 on the GPU); the backward converts
+// the gradient back to x's dtype. Identity (no copy, no node) when x already has that dtype.
+// Mixed precision uses it to hand fp32 activations to bf16 blocks and bf16 logits to an fp32 loss.
+Var cast(const Var& x, DType dtype);
 
 }  // namespace lowbit

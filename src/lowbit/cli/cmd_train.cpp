@@ -19,11 +19,20 @@ namespace {
 struct TrainArgs {
   std::string tokenizer, train_text, valid_text, train_tokens, valid_tokens, config_json, device = "cpu";
   TrainOptions o;
-  bool json = false, tf32 = false;
+  bool json = false, tf32 = false, bf16 = false;
 };
 
 void run_train(TrainArgs& a) {
   TrainOptions& o = a.o;
+  if (a.bf16) {
+#ifndef LOWBIT_WITH_CUDA
+    throw_error("train: --bf16 needs the CUDA backend, and this build has none: bf16 activations and matmuls have no "
+                "CPU kernels (train in f32 on the CPU, or rebuild with -DLOWBIT_CUDA=ON and use --device cuda)");
+#endif
+    if (a.device != "cuda" && a.device != "gpu")
+      throw_error("train: --bf16 needs --device cuda: bf16 activations and matmuls have no CPU kernels");
+  }
+  o.bf16 = a.bf16;
   if (o.out_dir.empty()) throw_error("train: --out DIR is required");
   fs::create_directories(o.out_dir);
   if (!a.config_json.empty()) {
@@ -70,7 +79,7 @@ void run_train(TrainArgs& a) {
   const double tok_s = r.train_seconds > 0 ? run_tokens / r.train_seconds : 0;
   nlohmann::json out = {{"out", o.out_dir}, {"steps", r.steps_done}, {"resumed", r.resumed}, {"final_val_loss", r.final_val_loss},
                         {"train_seconds", r.train_seconds}, {"tokens_per_second", tok_s}, {"device", a.device},
-                        {"tf32", a.tf32}};
+                        {"tf32", a.tf32}, {"bf16", a.bf16}};
   if (o.device == Device::CUDA) out["gpu"] = cuda_device_name();
   if (!o.dump_order.empty()) out["data_order"] = o.dump_order;
   if (!r.records.empty()) out["final_train_loss"] = r.records.back().loss;
@@ -114,6 +123,9 @@ void register_train(CLI::App& app) {
   t->add_option("--seed", o.seed, "seed for initialisation and data order")->capture_default_str();
   t->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   t->add_flag("--tf32", a->tf32, "let f32 GEMMs on the GPU use TF32 tensor cores (faster, ~1e-3 relative error)");
+  t->add_flag("--bf16", a->bf16,
+              "mixed precision on the GPU: bf16 activations and matmuls (fp32 accumulation), fp32 master weights, "
+              "gradients for the update and AdamW state, fp32 loss");
   t->add_option("--dump-order", o.dump_order,
                 "write the run's data order (int64 window starts of every step and micro-batch, then the validation "
                 "windows) to FILE, for reference implementations (bench/torch_train_ref.py)");

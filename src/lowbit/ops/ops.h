@@ -79,6 +79,13 @@ void kl_div_backward(const Tensor& dloss, const Tensor& p_logits, const Tensor& 
 void mse_forward(const Tensor& a, const Tensor& b, Tensor& loss);
 void mse_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Tensor& da, Tensor& db);
 
+// ---- dtype conversion ------------------------------------------------------------------------
+// out = x converted to out's dtype (round to nearest even), same shape and device, both
+// contiguous. CPU: any float dtypes (f64, f32, bf16, f16). CUDA: f32 and bf16 in any direction,
+// one memory-bound pass (no host staging, unlike Tensor::to(DType) across devices). The autograd
+// `cast` (functions.h) is its own backward: the gradient is cast back.
+void cast(const Tensor& x, Tensor& out);
+
 // ---- optimizer -------------------------------------------------------------------------------
 // One AdamW step (Loshchilov & Hutter 2019, PyTorch semantics: decoupled decay p -= lr*wd*p).
 // step counts from 1.

@@ -31,6 +31,50 @@ LlamaWeights init_weights(const LlamaConfig& c, uint64_t seed) {
   return w;
 }
 
+MixedPrecisionModel::MixedPrecisionModel(const LlamaModel& master) : master_(master) {
+  masters_ = master.parameters();
+  for (const auto& p : masters_) {
+    if (p.value().device() != Device::CUDA)
+      throw_error("bf16 mixed precision needs the model on the GPU (--device cuda): the CPU backend has no bf16 kernels");
+    if (p.value().dtype() != DType::F32)
+      throw_error("bf16 mixed precision needs f32 master weights, got ", p.value().describe());
+  }
+  // The copy is built over the masters' own tensors (the model checks f32 weights), then every
+  // parameter node gets a bf16 tensor of its own: the copy shares nothing with the masters after.
+  copy_ = std::make_unique<LlamaModel>(master.config(), master.weights(), true);
+  copies_ = copy_->parameters();
+  if (copies_.size() != masters_.size()) throw_error("MixedPrecisionModel: parameter lists differ");
+  for (auto& c : copies_) c.mutable_value() = Tensor::empty(c.shape(), DType::BF16, Device::CUDA);
+  refresh();
+}
+
+void MixedPrecisionModel::refresh() {
+  for (size_t i = 0; i < masters_.size(); ++i) {
+    ops::cast(masters_[i].value(), copies_[i].mutable_value());
+    copies_[i].zero_grad();
+  }
+}
+
+Var MixedPrecisionModel::forward(const Tensor& tokens) const {
+  if (tokens.dim() != 2) throw_error("forward: tokens must be [B, T], got ", tokens.describe());
+  const int64_t B = tokens.size(0), T = tokens.size(1);
+  // The lookup (and its scatter-add gradient, which sums many rows per token) stays in f32.
+  Var x = cast(master_.embed(tokens), DType::BF16);
+  for (int i = 0; i < copy_->n_layers(); ++i) x = copy_->block_forward(i, x, B, T);
+  return cast(copy_->head(x), DType::F32);
+}
+
+void MixedPrecisionModel::collect_grads() {
+  for (size_t i = 0; i < masters_.size(); ++i) {
+    Var& c = copies_[i];
+    if (!c.grad().defined()) continue;
+    Tensor g = Tensor::empty(c.shape(), DType::F32, Device::CUDA);
+    ops::cast(c.grad(), g);
+    accumulate_grad(masters_[i], g);
+    c.zero_grad();
+  }
+}
+
 namespace {
 
 // Builds input/target tensors from windows of seq_len + 1 tokens starting at `starts`.
@@ -126,6 +170,11 @@ void write_data_order(const std::string& path, const TrainOptions& o, int64_t n_
 
 double validation_loss(const LlamaModel& model, const std::vector<int32_t>& stream, int64_t T, int64_t B,
                        int64_t batches) {
+  return validation_loss([&](const Tensor& in) { return model.forward(in); }, stream, T, B, batches);
+}
+
+double validation_loss(const std::function<Var(const Tensor&)>& forward, const std::vector<int32_t>& stream, int64_t T,
+                       int64_t B, int64_t batches) {
   NoGradGuard ng;
   const std::vector<int64_t> all = validation_window_starts(int64_t(stream.size()), T, B, batches);
   double total = 0;
@@ -133,15 +182,18 @@ double validation_loss(const LlamaModel& model, const std::vector<int32_t>& stre
     std::vector<int64_t> starts(all.begin() + k * B, all.begin() + (k + 1) * B);
     Tensor in, tgt;
     make_batch(stream, starts, T, in, tgt);
-    Var logits = model.forward(in);
+    Var logits = forward(in);
     total += cross_entropy(logits, tgt.to(logits.value().device())).value().item();
   }
   return total / double(batches);
 }
 
-TrainResult run_training(const LlamaModel& model, const std::vector<Var>& params, const TrainOptions& o,
-                         const std::vector<int32_t>& train, const std::vector<int32_t>& val,
-                         const std::function<void(const TrainRecord&)>& on_step) {
+namespace {
+// The training loop; with `mixed`, forward passes run on its bf16 copies and their gradients are
+// collected into the f32 masters (`params`) after each backward.
+TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& params, const TrainOptions& o,
+                              const std::vector<int32_t>& train, const std::vector<int32_t>& val,
+                              const std::function<void(const TrainRecord&)>& on_step, MixedPrecisionModel* mixed) {
   if (params.empty()) throw_error("training: no trainable parameters");
   fs::create_directories(o.out_dir);
   const std::string state_path = (fs::path(o.out_dir) / "state.safetensors").string();
@@ -172,6 +224,16 @@ TrainResult run_training(const LlamaModel& model, const std::vector<Var>& params
   }
   std::ofstream log(log_path, std::ios::app);
 
+  // With mixed precision the bf16 copies are rewritten from the masters before the first forward
+  // pass after each update (and after a resume).
+  bool copies_fresh = false;
+  auto forward = [&](const Tensor& in) -> Var {
+    if (!mixed) return model.forward(in);
+    if (!copies_fresh) mixed->refresh();
+    copies_fresh = true;
+    return mixed->forward(in);
+  };
+
   ProgressBar bar("train", o.max_steps, "steps");
   bar.update(step);
   int64_t run_steps = 0;
@@ -183,10 +245,11 @@ TrainResult run_training(const LlamaModel& model, const std::vector<Var>& params
       Tensor in, tgt;
       make_batch(train, train_window_starts(o.seed, step, m, o.batch_size, o.seq_len, int64_t(train.size())), o.seq_len, in,
                  tgt);
-      Var logits = model.forward(in);
+      Var logits = forward(in);
       Var loss = cross_entropy(logits, tgt.to(o.device));
       loss_sum += loss.value().item();
       backward(o.grad_accum > 1 ? scale(loss, 1.0 / double(o.grad_accum)) : loss);
+      if (mixed) mixed->collect_grads();  // sum micro-batches in f32
     }
     TrainRecord r;
     r.step = step + 1;
@@ -195,6 +258,7 @@ TrainResult run_training(const LlamaModel& model, const std::vector<Var>& params
     const double lr_scale = warmup_cosine(step, o.warmup_steps, o.max_steps, o.min_lr_ratio);
     r.lr = o.lr * lr_scale;
     opt.step(lr_scale);
+    copies_fresh = false;
     ++step;
     ++run_steps;
     r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -203,7 +267,7 @@ TrainResult run_training(const LlamaModel& model, const std::vector<Var>& params
     if (!std::isfinite(r.loss)) throw_error("training diverged at step ", step, " (loss ", r.loss, "); lower --lr");
     const bool last = step == o.max_steps;
     if (!val.empty() && (last || (o.eval_every > 0 && step % o.eval_every == 0)))
-      r.val_loss = validation_loss(model, val, o.seq_len, o.batch_size, o.eval_batches);
+      r.val_loss = validation_loss(forward, val, o.seq_len, o.batch_size, o.eval_batches);
     nlohmann::json j = {{"step", r.step}, {"loss", r.loss}, {"lr", r.lr}, {"grad_norm", r.grad_norm},
                         {"tokens_per_second", r.tokens_per_second}};
     if (r.val_loss >= 0) j["val_loss"] = r.val_loss;
@@ -225,10 +289,21 @@ TrainResult run_training(const LlamaModel& model, const std::vector<Var>& params
   result.complete = true;
   return result;
 }
+}  // namespace
+
+TrainResult run_training(const LlamaModel& model, const std::vector<Var>& params, const TrainOptions& o,
+                         const std::vector<int32_t>& train, const std::vector<int32_t>& val,
+                         const std::function<void(const TrainRecord&)>& on_step) {
+  if (o.bf16) throw_error("training: bf16 mixed precision is supported for pretraining (lowbit train) only");
+  return run_training_impl(model, params, o, train, val, on_step, nullptr);
+}
 
 TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train, const std::vector<int32_t>& val,
                         const std::function<void(const TrainRecord&)>& on_step) {
   o.config.validate("training config");
+  if (o.bf16 && o.device != Device::CUDA)
+    throw_error("--bf16 needs --device cuda: bf16 activations and matmuls exist only in the CUDA backend "
+                "(the CPU kernels compute in f32/f64)");
   if (o.seq_len > o.config.max_seq_len) throw_error("--seq-len ", o.seq_len, " exceeds the model's max_seq_len ", o.config.max_seq_len);
   if (int64_t(train.size()) < o.seq_len + 2) throw_error("training stream has ", train.size(), " tokens: too short for --seq-len ", o.seq_len);
   for (const auto* s : {&train, &val})
@@ -243,7 +318,9 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
   LlamaWeights w = init_weights(o.config, o.seed);
   if (o.device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(o.device); });
   LlamaModel model(o.config, w, true);
-  TrainResult result = run_training(model, model.parameters(), o, train, val, on_step);
+  std::unique_ptr<MixedPrecisionModel> mixed;
+  if (o.bf16) mixed = std::make_unique<MixedPrecisionModel>(model);
+  TrainResult result = run_training_impl(model, model.parameters(), o, train, val, on_step, mixed.get());
   if (!result.complete) return result;
   // Final model in the formats other tools load.
   LlamaWeights final_w = model.weights();

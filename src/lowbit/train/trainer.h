@@ -9,6 +9,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,9 @@ struct TrainOptions {
   int64_t checkpoint_every = 100;  // 0 = only at the end
   uint64_t seed = 1;
   Device device = Device::CPU;
+  // Mixed precision (GPU only, train_model): bf16 activations and matmuls, fp32 master weights,
+  // fp32 gradients for the update, fp32 AdamW state, fp32 loss (see MixedPrecisionModel).
+  bool bf16 = false;
   std::string out_dir;             // state.safetensors, log.jsonl, model.bin, hf/
   bool resume = true;              // continue from out_dir/state.safetensors when present
   int64_t stop_after = 0;          // testing aid: return after this many steps of this run (0 = off)
@@ -61,6 +65,32 @@ TrainResult run_training(const LlamaModel& model, const std::vector<Var>& params
                          const std::vector<int32_t>& train_stream, const std::vector<int32_t>& val_stream,
                          const std::function<void(const TrainRecord&)>& on_step = nullptr);
 
+// bf16 mixed precision over an fp32 model (Micikevicius et al. 2018, with bf16: no loss scaling).
+// The fp32 `master` model keeps the parameters that AdamW updates and checkpoints hold; a second
+// model holds bf16 copies of them. Each forward pass:
+//   x = cast(master.embed(tokens), bf16)        embedding lookup and its scatter-add gradient in f32
+//   x = copy.block_forward(i, x) for every block  bf16 activations, bf16 GEMMs (fp32 accumulation),
+//                                                 bf16 flash attention with an f32 log-sum-exp
+//   logits = cast(copy.head(x), f32)             softmax cross-entropy and its lse in f32
+// refresh() rewrites the copies from the masters (call it after every optimizer step, before
+// the next forward); collect_grads() converts the copies' bf16 gradients to f32, adds them into
+// the masters' gradients and drops them (call it after each backward, so gradient accumulation
+// over micro-batches sums in f32). Gradient clipping and AdamW then run on the f32 masters.
+// Needs the GPU: there are no bf16 CPU kernels.
+class MixedPrecisionModel {
+ public:
+  explicit MixedPrecisionModel(const LlamaModel& master);
+  void refresh();
+  Var forward(const Tensor& tokens) const;  // tokens i32 [B, T] -> f32 logits [B*T, V]
+  void collect_grads();
+  const LlamaModel& copy() const { return *copy_; }
+
+ private:
+  const LlamaModel& master_;
+  std::unique_ptr<LlamaModel> copy_;
+  std::vector<Var> masters_, copies_;
+};
+
 // Initial weights as in llama2.c's train.py: N(0, 0.02), residual projections (wo, w2) scaled by
 // 1/sqrt(2 * n_layers), norms 1.
 LlamaWeights init_weights(const LlamaConfig& c, uint64_t seed);
@@ -90,5 +120,8 @@ inline constexpr uint64_t kDataOrderMagic = 0x315244524f54424cull;  // "LBTORDR1
 // Mean validation loss over fixed, evenly spaced windows (no grad).
 double validation_loss(const LlamaModel& model, const std::vector<int32_t>& stream, int64_t seq_len,
                        int64_t batch_size, int64_t batches);
+// The same with any forward function (tokens [B, T] -> logits [B*T, V]), e.g. MixedPrecisionModel.
+double validation_loss(const std::function<Var(const Tensor&)>& forward, const std::vector<int32_t>& stream,
+                       int64_t seq_len, int64_t batch_size, int64_t batches);
 
 }  // namespace lowbit

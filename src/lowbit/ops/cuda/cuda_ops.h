@@ -61,6 +61,20 @@ void mse_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Tensor&
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
                 double eps, double weight_decay, int64_t step);
 
+// Learnable-weight-clipping fake quantization (OmniQuant eq. 2, trained by ApiQ): the CUDA bodies
+// of quant/lwc.h's forward and straight-through backward (quant/lwc.cpp maps a QuantFormat onto
+// LwcArgs and checks shapes). f32 only. w, y, dy, dw: [out, in]; gamma, beta, dgamma, dbeta:
+// [out, n_groups]; beta/dbeta undefined for symmetric formats; dw may be undefined (not wanted).
+struct LwcArgs {
+  int bits = 2;
+  int qmax = 3;            // 2^bits - 1
+  bool symmetric = false;  // codes 1..qmax around 2^(bits-1), one clipping factor (gamma)
+  int64_t group_size = 0;  // 0: one group per output row
+};
+void lwc_forward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const LwcArgs& args, Tensor& y);
+void lwc_backward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& dy, const LwcArgs& args,
+                  Tensor& dw, Tensor& dgamma, Tensor& dbeta);
+
 // GPTQ (Frantar et al. 2022, Alg. 1) of one linear layer for the uniform integer formats of
 // quant/format.h (methods/gptq_cuda.cpp maps a QuantFormat onto these arguments and wraps the
 // result into a QuantizedTensor; see gptq.cu for the method). w: f32 [out, in], h: f32 [in, in]

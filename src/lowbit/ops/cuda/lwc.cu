@@ -1,0 +1,228 @@
+// Learnable weight clipping (LWC) fake quantization on the GPU: the quantizer of OmniQuant (Shao et
+// al. 2024, §3.2 eq. 2) that ApiQ (Liao et al. 2024, arXiv 2402.05147) trains with its LoRA
+// adapters. quant/lwc.h states the formulas and the straight-through backward; quant/lwc.cpp holds
+// the CPU reference bodies, which these kernels follow operation by operation (same fp32 formulas,
+// rintf = nearbyint's round-half-to-even, first index wins ties of the max/min).
+//
+// Layout: one warp per quantization group (row r, group g), lanes striding over the group's
+// columns, so a 64-wide group is two coalesced 128-byte loads per warp. The group's max/min (with
+// the index that sets it, needed for W's gradient) and, in the backward, the scale gradient are
+// warp-shuffle reductions. Forward: one read of W, one write of Q. Backward: one read of W and dQ
+// (plus a second, L1-resident pass when dW is wanted), one write of dgamma/dbeta per group; nothing
+// is stored between the two (the group state is recomputed, as on the CPU).
+#include <cmath>
+
+#include "lowbit/ops/cuda/cuda_common.h"
+#include "lowbit/ops/cuda/cuda_ops.h"
+
+namespace lowbit::ops::cuda {
+
+namespace {
+using detail::ptr;
+
+constexpr int kWarpsPerBlock = 8;
+constexpr float kMinScale = 1e-5f;  // OmniQuant's CLIPMIN (kLwcMinScale in quant/lwc.h)
+
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
+
+// (value, index) arg-max over the warp; ties go to the smaller index (the CPU loop keeps the first).
+__device__ __forceinline__ void warp_argmax(float& v, int64_t& i) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+    const int64_t i2 = __shfl_xor_sync(0xffffffffu, i, o);
+    if (v2 > v || (v2 == v && i2 < i)) v = v2, i = i2;
+  }
+}
+__device__ __forceinline__ void warp_argmin(float& v, int64_t& i) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+    const int64_t i2 = __shfl_xor_sync(0xffffffffu, i, o);
+    if (v2 < v || (v2 == v && i2 < i)) v = v2, i = i2;
+  }
+}
+
+struct Group {
+  float hi = 0, lo = 0;
+  int64_t arg_hi = -1, arg_lo = -1;
+  float sg = 1, sb = 1, s = 1, z = 0, qlo = 0, qmax = 0, denom = 1;
+  bool trainable_scale = true;
+};
+
+// The group state of lwc.cpp's group_state(), computed by the whole warp (every lane gets it).
+__device__ __forceinline__ Group group_state(const float* w, int64_t n, float gamma, float beta, const LwcArgs& a) {
+  const int lane = threadIdx.x & 31;
+  Group st;
+  st.qmax = float(a.qmax);
+  st.sg = sigmoid_f(gamma);
+  if (!a.symmetric) {
+    float vmax = -INFINITY, vmin = INFINITY;
+    int64_t imax = n, imin = n;
+    for (int64_t j = lane; j < n; j += 32) {
+      const float v = w[j];
+      if (v > vmax) vmax = v, imax = j;
+      if (v < vmin) vmin = v, imin = j;
+    }
+    warp_argmax(vmax, imax);
+    warp_argmin(vmin, imin);
+    if (vmax > 0) st.hi = vmax, st.arg_hi = imax;
+    if (vmin < 0) st.lo = vmin, st.arg_lo = imin;
+    st.sb = sigmoid_f(beta);
+    st.denom = st.qmax;
+    float hic = st.sg * st.hi, loc = st.sb * st.lo;
+    if (st.hi == 0 && st.lo == 0) {  // all-zero group: the format's (-1, 1) range, nothing to learn
+      hic = 1, loc = -1;
+      st.trainable_scale = false;
+    }
+    float s = (hic - loc) / st.denom;
+    if (s < kMinScale) s = kMinScale, st.trainable_scale = false;
+    st.s = s;
+    st.z = fminf(fmaxf(rintf(-loc / s), 0.f), st.qmax);
+    st.qlo = 0;
+  } else {
+    float vabs = -1.f;
+    int64_t iabs = n;
+    for (int64_t j = lane; j < n; j += 32) {
+      const float v = fabsf(w[j]);
+      if (v > vabs) vabs = v, iabs = j;
+    }
+    warp_argmax(vabs, iabs);
+    const float half = float(1 << (a.bits - 1));
+    st.denom = half - 1;
+    st.hi = vabs;
+    float amax = st.sg * st.hi;
+    if (st.hi == 0) {
+      amax = 1;  // all-zero group, as format.h's int_sym_params
+      st.trainable_scale = false;
+    } else {
+      st.arg_hi = iabs;
+    }
+    float s = amax / st.denom;
+    if (s < kMinScale) s = kMinScale, st.trainable_scale = false;
+    st.s = s;
+    st.z = half;
+    st.qlo = 1;
+  }
+  return st;
+}
+
+__global__ void lwc_forward_kernel(const float* __restrict__ w, const float* __restrict__ gamma,
+                                   const float* __restrict__ beta, float* __restrict__ y, int64_t out, int64_t in,
+                                   LwcArgs a) {
+  const int64_t G = a.group_size > 0 ? (in + a.group_size - 1) / a.group_size : 1;
+  const int64_t gid = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (gid >= out * G) return;  // whole warps exit together
+  const int64_t r = gid / G, g = gid % G;
+  const int64_t b = a.group_size > 0 ? g * a.group_size : 0;
+  const int64_t e = a.group_size > 0 ? min(in, b + a.group_size) : in;
+  const float* wg = w + r * in + b;
+  float* yg = y + r * in + b;
+  const Group st = group_state(wg, e - b, gamma[gid], beta ? beta[gid] : 0.f, a);
+  for (int64_t j = threadIdx.x & 31; j < e - b; j += 32) {
+    const float q = fminf(fmaxf(rintf(wg[j] / st.s) + st.z, st.qlo), st.qmax);
+    yg[j] = (q - st.z) * st.s;
+  }
+}
+
+__global__ void lwc_backward_kernel(const float* __restrict__ w, const float* __restrict__ gamma,
+                                    const float* __restrict__ beta, const float* __restrict__ dy,
+                                    float* __restrict__ dw, float* __restrict__ dgamma, float* __restrict__ dbeta,
+                                    int64_t out, int64_t in, LwcArgs a) {
+  const int64_t G = a.group_size > 0 ? (in + a.group_size - 1) / a.group_size : 1;
+  const int64_t gid = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (gid >= out * G) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t r = gid / G, g = gid % G;
+  const int64_t b = a.group_size > 0 ? g * a.group_size : 0;
+  const int64_t n = (a.group_size > 0 ? min(in, b + a.group_size) : in) - b;
+  const float* wg = w + r * in + b;
+  const float* dyg = dy + r * in + b;
+  const Group st = group_state(wg, n, gamma[gid], beta ? beta[gid] : 0.f, a);
+  // dQ/ds: round(u) - u on the grid (round() passed straight through), q_clamped - z outside it.
+  float ds = 0;
+  for (int64_t j = lane; j < n; j += 32) {
+    const float u = wg[j] / st.s, nu = rintf(u), q = nu + st.z;
+    ds += (q >= st.qlo && q <= st.qmax) ? dyg[j] * (nu - u) : dyg[j] * (fminf(fmaxf(q, st.qlo), st.qmax) - st.z);
+  }
+  ds = detail::warp_sum(ds);
+  float dg = 0, db = 0, dhi_w = 0, dlo_w = 0;
+  if (st.trainable_scale) {
+    const float dhic = ds / st.denom;
+    dg = dhic * st.hi * st.sg * (1 - st.sg);
+    if (st.arg_hi >= 0) dhi_w = dhic * st.sg * ((a.symmetric && wg[st.arg_hi] < 0) ? -1.f : 1.f);
+    if (!a.symmetric) {
+      const float dloc = -ds / st.denom;
+      db = dloc * st.lo * st.sb * (1 - st.sb);
+      if (st.arg_lo >= 0) dlo_w = dloc * st.sb;
+    }
+  }
+  if (lane == 0) {
+    dgamma[gid] = dg;
+    if (dbeta) dbeta[gid] = db;
+  }
+  if (!dw) return;
+  float* dwg = dw + r * in + b;
+  for (int64_t j = lane; j < n; j += 32) {
+    const float u = wg[j] / st.s, q = rintf(u) + st.z;
+    float d = (q >= st.qlo && q <= st.qmax) ? dyg[j] : 0.f;
+    // The CPU adds the max/min paths after writing the element (two separate additions).
+    if (j == st.arg_hi) d += dhi_w;
+    if (j == st.arg_lo) d += dlo_w;
+    dwg[j] = d;
+  }
+}
+
+void check_args(const char* op, const Tensor& w, const Tensor& gamma, const Tensor& beta, const LwcArgs& a,
+                std::initializer_list<const Tensor*> more) {
+  detail::check_on_gpu(op, w, "w");
+  detail::check_on_gpu(op, gamma, "gamma");
+  detail::check_on_gpu(op, beta, "beta");
+  for (const Tensor* t : more) detail::check_on_gpu(op, *t, "an argument");
+  if (w.dtype() != DType::F32)
+    throw_error(op, ": the CUDA body supports f32 weights only, got ", w.describe());
+  for (const Tensor* t : {&w, &gamma, &beta}) {
+    if (!t->defined()) continue;
+    if (t->dtype() != DType::F32 || !t->is_contiguous())
+      throw_error(op, ": ", t->describe(), " must be a contiguous f32 tensor");
+  }
+  for (const Tensor* t : more)
+    if (t->defined() && (t->dtype() != DType::F32 || !t->is_contiguous()))
+      throw_error(op, ": ", t->describe(), " must be a contiguous f32 tensor");
+  if (a.bits < 2 || a.bits > 8 || a.qmax < 1) throw_error(op, ": unsupported bit width ", a.bits);
+  if (a.symmetric == beta.defined()) throw_error(op, ": beta must be given exactly for asymmetric formats");
+}
+
+unsigned blocks_for(int64_t groups) {
+  const int64_t b = (groups + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  if (b > int64_t(0x7fffffff)) throw_error("lwc: ", groups, " groups exceed one launch");
+  return unsigned(b);
+}
+
+}  // namespace
+
+void lwc_forward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const LwcArgs& a, Tensor& y) {
+  LB_CUDA_OP("lwc_forward");
+  check_args("lwc_forward", w, gamma, beta, a, {&y});
+  const int64_t out = w.size(0), in = w.size(1);
+  const int64_t groups = out * (a.group_size > 0 ? (in + a.group_size - 1) / a.group_size : 1);
+  lwc_forward_kernel<<<blocks_for(groups), kWarpsPerBlock * 32, 0, cuda_rt::stream()>>>(
+      ptr<float>(w), ptr<float>(gamma), beta.defined() ? ptr<float>(beta) : nullptr, ptr<float>(y), out, in, a);
+  LB_CUDA_LAUNCH_CHECK("lwc_forward_kernel");
+}
+
+void lwc_backward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& dy, const LwcArgs& a,
+                  Tensor& dw, Tensor& dgamma, Tensor& dbeta) {
+  LB_CUDA_OP("lwc_backward");
+  check_args("lwc_backward", w, gamma, beta, a, {&dy, &dw, &dgamma, &dbeta});
+  if (beta.defined() != dbeta.defined()) throw_error("lwc_backward: dbeta must be given exactly when beta is");
+  const int64_t out = w.size(0), in = w.size(1);
+  const int64_t groups = out * (a.group_size > 0 ? (in + a.group_size - 1) / a.group_size : 1);
+  lwc_backward_kernel<<<blocks_for(groups), kWarpsPerBlock * 32, 0, cuda_rt::stream()>>>(
+      ptr<float>(w), ptr<float>(gamma), beta.defined() ? ptr<float>(beta) : nullptr, ptr<float>(dy),
+      dw.defined() ? ptr<float>(dw) : nullptr, ptr<float>(dgamma), dbeta.defined() ? ptr<float>(dbeta) : nullptr, out,
+      in, a);
+  LB_CUDA_LAUNCH_CHECK("lwc_backward_kernel");
+}
+
+}  // namespace lowbit::ops::cuda
