@@ -344,8 +344,6 @@ struct ApiqStories : lowbit::test::StoriesPtq {
     for (const auto& l : r.linears) e += l.rel_error;
     return e;
   }
-  std::string model_path;
-  std::vector<int32_t> calib_stream, eval_stream;
 };
 
 // Few epochs and a small rank keep the test quick (the paper: 20 epochs, rank 64 on 4096 channels).
