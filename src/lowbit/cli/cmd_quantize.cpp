@@ -108,9 +108,6 @@ void run_quantize(const QuantArgs& a) {
   if (a.lora != "keep" && a.lora != "merge") throw_error("--lora must be 'keep' or 'merge', got '", a.lora, "'");
   if (a.merge_dtype != "f16" && a.merge_dtype != "f32")
     throw_error("--merge-dtype must be 'f16' or 'f32', got '", a.merge_dtype, "'");
-  if (is_apiq(a.method) && a.device != "cpu")
-    throw_error("--method ", a.method, " runs on the CPU only for now (its learnable-clipping op has no CUDA body); "
-                "use --device cpu");
   if (a.next_input != "quantized" && a.next_input != "fp")
     throw_error("--next-input must be 'quantized' or 'fp', got '", a.next_input, "'");
   std::error_code ec;

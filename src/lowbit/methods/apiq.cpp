@@ -1,5 +1,6 @@
 #include "lowbit/methods/apiq.h"
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -9,6 +10,7 @@
 #include "lowbit/autograd/functions.h"
 #include "lowbit/autograd/optim.h"
 #include "lowbit/methods/layer_error.h"
+#include "lowbit/ops/ops.h"
 #include "lowbit/quant/lwc.h"
 #include "lowbit/quant/quant_linear.h"
 
@@ -49,8 +51,10 @@ std::vector<int64_t> shuffled(int64_t n, uint64_t seed) {
   return p;
 }
 
-// Rows of the windows idx[b..e) of x [N*L, C] (window k = rows k*L .. k*L+L-1), concatenated.
+// Rows of the windows idx[b..e) of x [N*L, C] (window k = rows k*L .. k*L+L-1), concatenated, on
+// x's device. One window (ApiQ's batch size 1) is a view, not a copy.
 Tensor gather_windows(const Tensor& x, const std::vector<int64_t>& idx, size_t b, size_t e, int64_t L) {
+  if (e - b == 1 && x.is_contiguous()) return x.slice(0, idx[b] * L, (idx[b] + 1) * L);
   Tensor out = Tensor::empty({int64_t(e - b) * L, x.size(1)}, x.dtype(), x.device());
   for (size_t i = b; i < e; ++i) {
     const int64_t k = idx[i], r = int64_t(i - b);
@@ -59,12 +63,27 @@ Tensor gather_windows(const Tensor& x, const std::vector<int64_t>& idx, size_t b
   return out;
 }
 
-// Concatenated inputs of each linear during one pass over a block.
+// Concatenated inputs of each linear during one pass over a block, on the CPU. With step > 1 only
+// the rows whose index (counted over the whole pass) is a multiple of step are kept: the strided
+// subsample report_rows() takes, without holding every input of every linear in host memory.
 struct InputCapture {
+  int64_t step = 1;
   std::map<std::string, std::vector<Tensor>> chunks;
+  std::map<std::string, int64_t> seen;  // rows passed so far, per linear
   LinearInputHook hook() {
     return [this](const std::string& name, const Tensor& x) {
-      chunks[name].push_back(x.to(Device::CPU).to(DType::F32).contiguous().clone());
+      int64_t& off = seen[name];
+      const int64_t n = x.size(0), first = (step - off % step) % step;
+      if (step == 1) {
+        chunks[name].push_back(x.to(Device::CPU).to(DType::F32).contiguous().clone());
+      } else if (first < n) {
+        const Tensor xc = x.to(Device::CPU).to(DType::F32).contiguous();
+        const int64_t k = (n - first + step - 1) / step;
+        Tensor sub = Tensor::empty({k, x.size(1)});
+        for (int64_t i = 0; i < k; ++i) sub.slice(0, i, i + 1).copy_(xc.slice(0, first + i * step, first + i * step + 1));
+        chunks[name].push_back(sub);
+      }
+      off += n;
     };
   }
   Tensor rows(const std::string& name) const {
@@ -83,7 +102,9 @@ struct InputCapture {
 };
 
 // At most this many rows enter the error reports (a strided subsample; the errors are means).
-Tensor report_rows(const Tensor& x, int64_t max_rows = 4096) {
+constexpr int64_t kReportRows = 4096;
+int64_t report_step(int64_t rows) { return rows <= kReportRows ? 1 : (rows + kReportRows - 1) / kReportRows; }
+Tensor report_rows(const Tensor& x, int64_t max_rows = kReportRows) {
   if (x.size(0) <= max_rows) return x;
   const int64_t step = (x.size(0) + max_rows - 1) / max_rows, n = (x.size(0) + step - 1) / step;
   Tensor out = Tensor::empty({n, x.size(1)});
@@ -91,17 +112,19 @@ Tensor report_rows(const Tensor& x, int64_t max_rows = 4096) {
   return out;
 }
 
-// Replaces the layer in `slot` by its encoded version and reports its output error on x.
+// Replaces the layer in `slot` by its encoded version (placed on `dev`) and reports its output error
+// on x (CPU rows; w_fp on any device).
 void install(std::shared_ptr<Linear>* slot, const FinalizedLinear& fin, const Tensor& bias, const std::string& name,
-             const Tensor& w_fp, const Tensor& x, std::vector<LinearReport>& reports) {
-  auto q = std::make_shared<QuantLinear>(fin.q, bias, Device::CPU, fin.lora_A, fin.lora_B);
+             const Tensor& w_fp, const Tensor& x, Device dev, std::vector<LinearReport>& reports) {
+  auto q = std::make_shared<QuantLinear>(fin.q, bias, dev, fin.lora_A, fin.lora_B);
   *slot = q;
   LinearReport r;
   r.name = name;
   r.params = fin.q.out_features() * fin.q.in_features();
   const double adapter_bits = fin.lora_A.defined() ? 16.0 * double(fin.lora_A.numel() + fin.lora_B.numel()) : 0.0;
   r.bits_per_weight = fin.q.fmt().bits_per_weight(fin.q.out_features(), fin.q.in_features()) + adapter_bits / double(r.params);
-  if (x.defined()) r.rel_error = relative_output_error(report_rows(x), w_fp, q->effective_weight());
+  if (x.defined())
+    r.rel_error = relative_output_error(report_rows(x), w_fp.to(Device::CPU), q->effective_weight().to(Device::CPU));
   reports.push_back(r);
 }
 
@@ -130,8 +153,8 @@ std::string ApiqMethod::name() const {
 }
 
 void ApiqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
-  LB_CHECK(ctx.inputs.device() == Device::CPU, name(), ": the model is on ", device_name(ctx.inputs.device()),
-           "; the learnable-clipping op has a CPU body only so far (use --device cpu)");
+  // Training runs on the device of the block's inputs (the model's device): weights, clipping
+  // logits, adapters, AdamW state and the calibration windows all stay there.
   if (o_.mode == ApiqMode::Layer) quantize_block_layerwise(ctx, reports);
   else quantize_block_blockwise(ctx, reports);
 }
@@ -148,6 +171,8 @@ struct Trainer {
   uint64_t scope_id;
   std::vector<ApiqEpochLog>* log;
 
+  // The step's loss and regularizer are summed on the parameters' device and read back once per
+  // epoch (the log and the finiteness check), so a GPU step has no host round trip.
   void run(const std::vector<Var>& clip, const std::vector<Var>& lora, int64_t n,
            const std::function<std::pair<Var, Var>(const std::vector<int64_t>&, size_t, size_t, Stage)>& loss_of) {
     std::vector<ParamGroup> groups{{clip, AdamWOptions{o.clip_lr, 0.9, 0.999, 1e-8, o.clip_wd}}};
@@ -158,25 +183,32 @@ struct Trainer {
                           : ep < o.weight_epochs ? Stage::Weight
                           : ep >= o.epochs - o.output_epochs ? Stage::Output
                                                              : Stage::Mixed;
+      const auto t0 = std::chrono::steady_clock::now();
       const auto perm = shuffled(n, derive_seed(o.seed, uint64_t(layer), scope_id, uint64_t(ep)));
-      double sum = 0, sum_reg = 0;
+      Tensor loss_sum, reg_sum;  // 0-d, on the loss's device
+      auto accumulate = [](Tensor& acc, const Tensor& v) {
+        if (!acc.defined()) acc = Tensor::zeros({}, v.dtype(), v.device());
+        ops::axpy(1.0, v.contiguous(), acc);
+      };
       int64_t steps = 0;
       for (size_t b = 0; b < size_t(n); b += size_t(o.batch)) {
         const size_t e = std::min(size_t(n), b + size_t(o.batch));
         auto [loss, reg] = loss_of(perm, b, e, stage);
-        const double lv = loss.value().item();
-        if (!std::isfinite(lv))
-          throw_error("apiq: layer ", layer, " (", scope, "): loss is ", lv, " at epoch ", ep,
-                      "; lower --lora-lr / --clip-lr");
-        sum += lv;
-        if (reg.defined()) sum_reg += reg.value().item();
+        accumulate(loss_sum, loss.value());
+        if (reg.defined()) accumulate(reg_sum, reg.value());
         ++steps;
         backward(loss);
         opt.step();
         opt.zero_grad();
       }
+      const double sum = loss_sum.defined() ? loss_sum.item() : 0.0, sum_reg = reg_sum.defined() ? reg_sum.item() : 0.0;
+      // A non-finite step loss makes the epoch's sum non-finite (the parameters are then NaN too).
+      if (!std::isfinite(sum))
+        throw_error("apiq: layer ", layer, " (", scope, "): loss is ", sum, " in epoch ", ep,
+                    "; lower --lora-lr / --clip-lr");
       ApiqEpochLog l{layer, scope, ep, sum / double(std::max<int64_t>(steps, 1)),
-                     sum_reg / double(std::max<int64_t>(steps, 1))};
+                     sum_reg / double(std::max<int64_t>(steps, 1)),
+                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()};
       if (o.verbose)
         std::fprintf(stderr, "[%s] layer %d %-18s epoch %2d  loss %.6e  reg %.3e\n", o.saliency ? "sapr" : "apiq",
                      layer, scope.c_str(), ep, l.loss, l.reg);
@@ -190,6 +222,7 @@ struct Trainer {
 void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearReport>& reports) {
   LlamaBlock& blk = ctx.model.block(ctx.layer);
   const int64_t N = ctx.n_samples, L = ctx.seqlen;
+  const Device dev = ctx.inputs.device();
   uint64_t linear_id = 0;
   for (const auto& group : kSequentialGroups) {
     InputCapture cap;
@@ -200,24 +233,33 @@ void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearR
       const Tensor w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous().clone();
       const Tensor bias = (*slot)->bias();
       const Tensor x = cap.rows(name);
-      const Tensor y = linear_forward(x, w);  // target X W^T (the bias cancels in the difference)
+      // Training data on the model's device; the target X W^T (the bias cancels in the difference).
+      Tensor xd = x, wd = w, y;
+      if (dev == Device::CPU) {
+        y = linear_forward(x, w);
+      } else {
+        xd = x.to(dev);
+        wd = w.to(dev);
+        NoGradGuard ng;
+        y = linear(Var(xd), Var(wd)).value();
+      }
       QuantTrainOptions lo = o_.layer;
       lo.seed = derive_seed(o_.seed, uint64_t(ctx.layer), linear_id, 0xA11CE);
-      QuantTrainLinear t(w, Tensor(), f_, lo);
-      const Tensor* sal = o_.saliency ? &o_.saliency->at(full_name(ctx.layer, name)) : nullptr;
+      QuantTrainLinear t(wd, Tensor(), f_, lo);
+      const Tensor sal = o_.saliency ? o_.saliency->at(full_name(ctx.layer, name)).to(dev) : Tensor();
       Trainer tr{o_, ctx.layer, name, linear_id, &log_};
       tr.run(t.clip_parameters(), t.lora_parameters(), N,
              [&](const std::vector<int64_t>& idx, size_t b, size_t e, Stage stage) -> std::pair<Var, Var> {
                Var loss, reg;
                if (stage != Stage::Weight)
-                 loss = mse(t.forward(Var(gather_windows(x, idx, b, e, L))), Var(gather_windows(y, idx, b, e, L)));
-               if (sal && stage != Stage::Output) {
-                 reg = scale(saliency_regularizer(t.quantized_weight(o_.reg_with_lora), w, *sal), o_.lambda);
+                 loss = mse(t.forward(Var(gather_windows(xd, idx, b, e, L))), Var(gather_windows(y, idx, b, e, L)));
+               if (sal.defined() && stage != Stage::Output) {
+                 reg = scale(saliency_regularizer(t.quantized_weight(o_.reg_with_lora), wd, sal), o_.lambda);
                  loss = loss.defined() ? add(loss, reg) : reg;
                }
                return {loss, reg};
              });
-      install(slot, t.finalize(), bias, full_name(ctx.layer, name), w, x, reports);
+      install(slot, t.finalize(), bias, full_name(ctx.layer, name), w, x, dev, reports);
     }
   }
 }
@@ -225,14 +267,15 @@ void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearR
 void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearReport>& reports) {
   LlamaBlock& blk = ctx.model.block(ctx.layer);
   const int64_t N = ctx.n_samples, L = ctx.seqlen;
+  const Device dev = ctx.inputs.device();
   // Second target: the FP block on the quantized-path inputs (before any layer changes).
   const Tensor y_aug = o_.aug_coef > 0 ? ctx.run_block(ctx.inputs) : Tensor();
   struct Entry {
     std::string name;
     std::shared_ptr<Linear>* slot;
-    Tensor w, bias;
+    Tensor w, bias;  // on the model's device
     std::shared_ptr<QuantTrainLinear> t;
-    const Tensor* sal = nullptr;
+    Tensor sal;      // SAPR saliency, moved to the device once
   };
   std::vector<Entry> es;
   std::vector<Var> clip, lora;
@@ -243,12 +286,12 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
       Entry e;
       e.name = name;
       e.slot = slot_of(blk, name);
-      e.w = (*e.slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous().clone();
       e.bias = (*e.slot)->bias();
       QuantTrainOptions lo = o_.layer;
       lo.seed = derive_seed(o_.seed, uint64_t(ctx.layer), linear_id, 0xA11CE);
-      e.t = std::make_shared<QuantTrainLinear>(e.w, e.bias, f_, lo);
-      if (o_.saliency) e.sal = &o_.saliency->at(full_name(ctx.layer, name));
+      e.t = std::make_shared<QuantTrainLinear>((*e.slot)->effective_weight(), e.bias, f_, lo);
+      e.w = e.t->frozen_weight();  // the layer's own f32 copy (no second copy on the device)
+      if (o_.saliency) e.sal = o_.saliency->at(full_name(ctx.layer, name)).to(dev);
       for (auto& p : e.t->clip_parameters()) clip.push_back(p);
       for (auto& p : e.t->lora_parameters()) lora.push_back(p);
       es.push_back(std::move(e));
@@ -270,7 +313,7 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
       }
       if (o_.saliency && stage != Stage::Output) {
         for (auto& en : es) {
-          Var r = saliency_regularizer(en.t->quantized_weight(o_.reg_with_lora), en.w, *en.sal);
+          Var r = saliency_regularizer(en.t->quantized_weight(o_.reg_with_lora), en.w, en.sal);
           reg = reg.defined() ? add(reg, r) : r;
         }
         reg = scale(reg, o_.lambda);
@@ -282,13 +325,17 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
     for (size_t i = 0; i < es.size(); ++i) *es[i].slot = originals[i];
     throw;
   }
-  for (auto& e : es) install(e.slot, e.t->finalize(), e.bias, full_name(ctx.layer, e.name), e.w, Tensor(), reports);
-  // Output errors of the encoded layers on the inputs the quantized block produces.
+  for (auto& e : es)
+    install(e.slot, e.t->finalize(), e.bias, full_name(ctx.layer, e.name), e.w, Tensor(), dev, reports);
+  // Output errors of the encoded layers on the inputs the quantized block produces (only the
+  // report's row subsample is copied to the host).
   InputCapture cap;
+  cap.step = report_step(N * L);
   ctx.run_block(ctx.inputs, cap.hook());
   for (size_t i = 0; i < es.size(); ++i) {
     LinearReport& r = reports[reports.size() - es.size() + i];
-    r.rel_error = relative_output_error(report_rows(cap.rows(es[i].name)), es[i].w, (*es[i].slot)->effective_weight());
+    r.rel_error = relative_output_error(report_rows(cap.rows(es[i].name)), es[i].w.to(Device::CPU),
+                                        (*es[i].slot)->effective_weight().to(Device::CPU));
   }
 }
 

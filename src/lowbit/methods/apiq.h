@@ -26,6 +26,10 @@
 // `output_epochs` epochs minimise the ApiQ loss only, and the epochs in between the mixed loss
 // ApiQ + lambda * R. Default: all epochs mixed.
 //
+// Device: the training runs where the model is (ctx.inputs' device). On CUDA every training
+// tensor (frozen W, gamma/beta, LoRA A/B, AdamW moments, calibration windows and targets) stays on
+// the GPU; the only host read-back is the epoch's summed loss (log and finiteness check).
+//
 // Determinism and resume: the LoRA initialisation and the per-epoch shuffle of the calibration
 // windows are seeded from (seed, layer, linear, epoch), never from a running generator, so a block
 // trained after a resume is bit-identical to the same block in an uninterrupted run (on the same
@@ -68,6 +72,7 @@ struct ApiqEpochLog {
   int epoch = 0;
   double loss = 0;        // total loss
   double reg = 0;         // lambda * R part (SAPR)
+  double seconds = 0;     // wall time of the epoch (its device work finished: the loss read-back waits for it)
 };
 
 class ApiqMethod : public BlockMethod {

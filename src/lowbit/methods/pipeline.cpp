@@ -98,8 +98,10 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
       throw_error(state_path, ": saved state is for a different run (method, format, calibration data or options); "
                   "remove it or use another state directory");
     start = std::stoi(f.metadata().at("next_block"));
-    X = f.load("inputs");
-    Xfp = f.find("fp_inputs") ? f.load("fp_inputs") : X;
+    // Activations and rebuilt layers go where the model lives (the state file is on the host).
+    const Device dev = model.block(0).attn_norm.value().device();
+    X = f.load("inputs").to(dev);
+    Xfp = f.find("fp_inputs") ? f.load("fp_inputs").to(dev) : X;
     for (int i = 0; i < start; ++i) {
       LlamaBlock& b = model.block(i);
       const std::string p = "block." + std::to_string(i) + ".";
@@ -110,7 +112,7 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
         // LoRA adapters (ApiQ, SAPR) are part of the saved state: a resumed run must see the same block.
         Tensor lora_A = f.find(p + name + ".lora_A") ? f.load(p + name + ".lora_A") : Tensor();
         Tensor lora_B = f.find(p + name + ".lora_B") ? f.load(p + name + ".lora_B") : Tensor();
-        *slot = std::make_shared<QuantLinear>(std::move(q), (*slot)->bias(), Device::CPU, lora_A, lora_B);
+        *slot = std::make_shared<QuantLinear>(std::move(q), (*slot)->bias(), dev, lora_A, lora_B);
       }
     }
     rep.resumed_from_block = start;

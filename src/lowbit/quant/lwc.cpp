@@ -5,6 +5,10 @@
 #include <algorithm>
 #include <cmath>
 
+#ifdef LOWBIT_WITH_CUDA
+#include "lowbit/ops/cuda/cuda_ops.h"
+#endif
+
 namespace lowbit {
 
 namespace {
@@ -160,40 +164,97 @@ void check_inputs(const Tensor& w, const Tensor& gamma, const Tensor& beta, cons
              "]: symmetric formats clip with one factor (gamma); beta must be undefined");
   for (const Tensor* t : {&w, &gamma, &beta}) {
     if (!t->defined()) continue;
-    LB_CHECK(t->device() == Device::CPU, "lwc_fake_quant [", f.name, "]: ", t->describe(),
-             " is on CUDA; this op has a CPU body only (run the quantization with --device cpu)");
+    LB_CHECK(t->device() == w.device(), "lwc_fake_quant [", f.name, "]: ", t->describe(),
+             " is not on the weight's device (", device_name(w.device()), ")");
     LB_CHECK(t->dtype() == w.dtype(), "lwc_fake_quant [", f.name, "]: clipping logits ", t->describe(),
              " must have the weight's dtype ", dtype_name(w.dtype()));
   }
 }
 
+void check_like(const Tensor& t, const Tensor& w, const Shape& s, const char* what, const QuantFormat& f) {
+  LB_CHECK(t.defined() && t.shape() == s && t.dtype() == w.dtype() && t.device() == w.device() && t.is_contiguous(),
+           "lwc [", f.name, "]: ", what, " must be a contiguous ", dtype_name(w.dtype()), " ", shape_str(s), " on ",
+           device_name(w.device()), ", got ", t.defined() ? t.describe() : std::string("undefined"));
+}
+
+#ifdef LOWBIT_WITH_CUDA
+ops::cuda::LwcArgs cuda_args(const QuantFormat& f) {
+  ops::cuda::LwcArgs a;
+  a.bits = f.bits;
+  a.qmax = f.qmax();
+  a.symmetric = f.kind == QuantKind::IntSym;
+  a.group_size = f.group_size;
+  return a;
+}
+#endif
+
+[[maybe_unused]] bool on_cuda(const Tensor& w) { return w.device() == Device::CUDA; }
+
 }  // namespace
 
 bool lwc_supports(const QuantFormat& f) { return f.kind == QuantKind::IntAsym || f.kind == QuantKind::IntSym; }
+
+void lwc_forward_into(const Tensor& w, const Tensor& gamma, const Tensor& beta, const QuantFormat& f, Tensor& y) {
+  check_inputs(w, gamma, beta, f);
+  for (const Tensor* t : {&w, &gamma, &beta})
+    LB_CHECK(!t->defined() || t->is_contiguous(), "lwc_forward_into [", f.name, "]: ", t->describe(), " must be contiguous");
+  check_like(y, w, w.shape(), "the output", f);
+  const int64_t out = w.size(0), in = w.size(1);
+  if (on_cuda(w)) {
+#ifdef LOWBIT_WITH_CUDA
+    ops::cuda::lwc_forward(w, gamma, beta, cuda_args(f), y);
+    return;
+#else
+    throw_error("lwc_fake_quant: tensor is on CUDA but this build has no CUDA backend");
+#endif
+  }
+  dispatch_float(w.dtype(), [&](auto t) {
+    using T = decltype(t);
+    lwc_forward<T>(f, w.data<T>(), gamma.data<T>(), beta.defined() ? beta.data<T>() : nullptr, out, in, y.data<T>());
+  });
+}
+
+void lwc_backward_into(const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& dy,
+                       const QuantFormat& f, Tensor& dw, Tensor& dgamma, Tensor& dbeta) {
+  check_inputs(w, gamma, beta, f);
+  for (const Tensor* t : {&w, &gamma, &beta})
+    LB_CHECK(!t->defined() || t->is_contiguous(), "lwc_backward_into [", f.name, "]: ", t->describe(), " must be contiguous");
+  check_like(dy, w, w.shape(), "the output gradient", f);
+  if (dw.defined()) check_like(dw, w, w.shape(), "dw", f);
+  check_like(dgamma, w, gamma.shape(), "dgamma", f);
+  LB_CHECK(beta.defined() == dbeta.defined(), "lwc_backward_into [", f.name, "]: dbeta must be given exactly when beta is");
+  if (dbeta.defined()) check_like(dbeta, w, beta.shape(), "dbeta", f);
+  const int64_t out = w.size(0), in = w.size(1);
+  if (on_cuda(w)) {
+#ifdef LOWBIT_WITH_CUDA
+    ops::cuda::lwc_backward(w, gamma, beta, dy, cuda_args(f), dw, dgamma, dbeta);
+    return;
+#else
+    throw_error("lwc_fake_quant: tensor is on CUDA but this build has no CUDA backend");
+#endif
+  }
+  dispatch_float(w.dtype(), [&](auto t) {
+    using T = decltype(t);
+    lwc_backward<T>(f, w.data<T>(), gamma.data<T>(), beta.defined() ? beta.data<T>() : nullptr, dy.data<T>(), out,
+                    in, dw.defined() ? dw.data<T>() : nullptr, dgamma.data<T>(),
+                    dbeta.defined() ? dbeta.data<T>() : nullptr);
+  });
+}
 
 Var lwc_fake_quant(const Var& w, const Var& gamma, const Var& beta, const QuantFormat& f) {
   LB_CHECK(w.defined() && gamma.defined(), "lwc_fake_quant [", f.name, "]: undefined weight or gamma");
   const Tensor wv = w.value().contiguous(), gv = gamma.value().contiguous();
   const Tensor bv = beta.defined() ? beta.value().contiguous() : Tensor();
-  check_inputs(wv, gv, bv, f);
-  const int64_t out = wv.size(0), in = wv.size(1);
-  Tensor y = Tensor::empty(wv.shape(), wv.dtype());
-  dispatch_float(wv.dtype(), [&](auto t) {
-    using T = decltype(t);
-    lwc_forward<T>(f, wv.data<T>(), gv.data<T>(), bv.defined() ? bv.data<T>() : nullptr, out, in, y.data<T>());
-  });
+  Tensor y = Tensor::empty(wv.shape(), wv.dtype(), wv.device());
+  lwc_forward_into(wv, gv, bv, f, y);
   std::vector<Var> inputs{w, gamma};
   if (beta.defined()) inputs.push_back(beta);
-  return make_result(y, inputs, "lwc_fake_quant", [w, gamma, beta, wv, gv, bv, &f, out, in](const Tensor& g) {
+  return make_result(y, inputs, "lwc_fake_quant", [w, gamma, beta, wv, gv, bv, &f](const Tensor& g) {
     const Tensor gc = g.contiguous();
-    Tensor dw = w.requires_grad() ? Tensor::empty(wv.shape(), wv.dtype()) : Tensor();
-    Tensor dg = Tensor::empty(gv.shape(), gv.dtype());
-    Tensor db = bv.defined() ? Tensor::empty(bv.shape(), bv.dtype()) : Tensor();
-    dispatch_float(wv.dtype(), [&](auto t) {
-      using T = decltype(t);
-      lwc_backward<T>(f, wv.data<T>(), gv.data<T>(), bv.defined() ? bv.data<T>() : nullptr, gc.data<T>(), out, in,
-                      dw.defined() ? dw.data<T>() : nullptr, dg.data<T>(), db.defined() ? db.data<T>() : nullptr);
-    });
+    Tensor dw = w.requires_grad() ? Tensor::empty(wv.shape(), wv.dtype(), wv.device()) : Tensor();
+    Tensor dg = Tensor::empty(gv.shape(), gv.dtype(), gv.device());
+    Tensor db = bv.defined() ? Tensor::empty(bv.shape(), bv.dtype(), bv.device()) : Tensor();
+    lwc_backward_into(wv, gv, bv, gc, f, dw, dg, db);
     if (dw.defined()) accumulate_grad(w, dw);
     accumulate_grad(gamma, dg);
     if (db.defined()) accumulate_grad(beta, db);

@@ -33,8 +33,8 @@
 // residual round(u) - u, z, the clamp mask, the arg-max) held at its current value; the gradient
 // checks in tests/methods/test_apiq.cpp use exactly that surrogate.
 //
-// Bodies: CPU (f32, f64 for gradient checks). A CUDA tensor gets a clear error (the CUDA backend
-// owns its kernels; none is written for this op yet).
+// Bodies: CPU (f32, f64 for gradient checks; the reference) and CUDA (f32, ops/cuda/lwc.cu; parity
+// tested against the CPU body in tests/quant/test_lwc_cuda.cpp). The op runs on the device of w.
 #pragma once
 #include <vector>
 
@@ -54,6 +54,14 @@ bool lwc_supports(const QuantFormat& f);
 // w [out, in]; gamma, beta [out, n_groups(in)] of w's dtype (beta undefined for symmetric formats).
 // Returns Q(w; gamma, beta) [out, in] with the backward above.
 Var lwc_fake_quant(const Var& w, const Var& gamma, const Var& beta, const QuantFormat& f);
+
+// The same forward and backward as plain kernels over tensors (no autograd), for ops that fuse the
+// quantizer with more work (QuantTrainLinear's Q(W) + s B A). All tensors on w's device and of its
+// dtype, contiguous. y [out, in] is written. dw (may be undefined: not wanted) [out, in], dgamma and
+// dbeta (undefined for symmetric formats) [out, n_groups] are written, not accumulated.
+void lwc_forward_into(const Tensor& w, const Tensor& gamma, const Tensor& beta, const QuantFormat& f, Tensor& y);
+void lwc_backward_into(const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& dy,
+                       const QuantFormat& f, Tensor& dw, Tensor& dgamma, Tensor& dbeta);
 
 // The per-group parameters that store the learned clipping exactly: params_from_range of the format
 // on the clipped range [sigmoid(beta) * lo, sigmoid(gamma) * hi] (symmetric: +-sigmoid(gamma) * absmax).

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "lowbit/autograd/functions.h"
+#include "lowbit/ops/ops.h"
 #include "lowbit/quant/lwc.h"
 #include "lowbit/quant/quantize.h"
 
@@ -11,6 +12,45 @@ namespace lowbit {
 namespace {
 // Rounds every value to the nearest f16 (the adapters' storage precision), kept as f32.
 Tensor round_to_f16(const Tensor& t) { return t.to(Device::CPU).to(DType::F16).to(DType::F32).contiguous(); }
+
+// W_eff = Q(W; gamma, beta) + s B A as one autograd op (the merged form of ApiQ's PEFT layer
+// x Q^T + s (x A^T) B^T, same function). Fusing saves the B A temporary, the scale and the add
+// passes over [out, in] in both directions: the forward writes Q and lets the GEMM accumulate
+// s B A into it (beta = 1); the backward reads dW_eff once for the clipping gradients (lwc.h's
+// straight-through backward) and twice in the LoRA GEMMs dB = s dW_eff A^T, dA = s B^T dW_eff.
+// W is frozen (no gradient).
+Var lwc_lora_weight(const Var& w, const Var& gamma, const Var& beta, const Var& A, const Var& B, double s,
+                    const QuantFormat& f) {
+  const Tensor wv = w.value().contiguous(), gv = gamma.value().contiguous();
+  const Tensor bv = beta.defined() ? beta.value().contiguous() : Tensor();
+  const Tensor av = A.value().contiguous(), bbv = B.value().contiguous();
+  Tensor y = Tensor::empty(wv.shape(), wv.dtype(), wv.device());
+  lwc_forward_into(wv, gv, bv, f, y);
+  ops::gemm(bbv, false, av, false, y, s, 1.0);
+  std::vector<Var> inputs{gamma, A, B};
+  if (beta.defined()) inputs.push_back(beta);
+  return make_result(y, inputs, "lwc_lora_weight", [gamma, beta, A, B, wv, gv, bv, av, bbv, s, &f](const Tensor& g) {
+    const Tensor gc = g.contiguous();
+    if (gamma.requires_grad() || (beta.defined() && beta.requires_grad())) {
+      Tensor no_dw;
+      Tensor dg = Tensor::empty(gv.shape(), gv.dtype(), gv.device());
+      Tensor db = bv.defined() ? Tensor::empty(bv.shape(), bv.dtype(), bv.device()) : Tensor();
+      lwc_backward_into(wv, gv, bv, gc, f, no_dw, dg, db);
+      accumulate_grad(gamma, dg);
+      if (db.defined()) accumulate_grad(beta, db);
+    }
+    if (B.requires_grad()) {
+      Tensor dB = Tensor::empty(bbv.shape(), bbv.dtype(), bbv.device());
+      ops::gemm(gc, false, av, true, dB, s);
+      accumulate_grad(B, dB);
+    }
+    if (A.requires_grad()) {
+      Tensor dA = Tensor::empty(av.shape(), av.dtype(), av.device());
+      ops::gemm(bbv, true, gc, false, dA, s);
+      accumulate_grad(A, dA);
+    }
+  });
+}
 }  // namespace
 
 QuantTrainLinear::QuantTrainLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f,
@@ -23,15 +63,20 @@ QuantTrainLinear::QuantTrainLinear(const Tensor& weight, const Tensor& bias, con
            " has no learnable clipping (use a uniform integer format: int2g64, int3g128, int4g128s, ...)");
   LB_CHECK(o.rank >= 0, "QuantTrainLinear: LoRA rank must be >= 0, got ", o.rank);
   LB_CHECK(o.rank == 0 || o.lora_alpha > 0, "QuantTrainLinear: lora_alpha must be > 0, got ", o.lora_alpha);
+  // Everything lives on the weight's device (the GPU when the model is there: lwc and the GEMMs
+  // have CUDA bodies, so a training step never leaves the device). The LoRA initialisation is drawn
+  // on the CPU and copied, so it does not depend on the device.
+  const Device dev = weight.device();
+  LB_CHECK(dev == Device::CPU || weight.dtype() != DType::F64, "QuantTrainLinear: f64 weights must be on the CPU");
   const DType dt = weight.dtype() == DType::F64 ? DType::F64 : DType::F32;
   const int64_t out = weight.size(0), in = weight.size(1), G = f.n_groups(in);
-  weight_ = Var(weight.to(Device::CPU).to(dt).contiguous().clone(), false);
+  weight_ = Var(weight.to(dt).contiguous().clone(), false);
   if (bias.defined()) {
     LB_CHECK(bias.numel() == out, "QuantTrainLinear: bias ", bias.describe(), " does not match ", out, " outputs");
-    bias_ = Var(bias.to(Device::CPU).to(dt).contiguous().view({out}).clone(), false);
+    bias_ = Var(bias.to(dev).to(dt).contiguous().view({out}).clone(), false);
   }
-  gamma_ = Var(Tensor::full({out, G}, o.clip_init, dt), true);
-  if (f.kind == QuantKind::IntAsym) beta_ = Var(Tensor::full({out, G}, o.clip_init, dt), true);
+  gamma_ = Var(Tensor::full({out, G}, o.clip_init, dt).to(dev), true);
+  if (f.kind == QuantKind::IntAsym) beta_ = Var(Tensor::full({out, G}, o.clip_init, dt).to(dev), true);
   gamma_.set_name("lwc.gamma");
   beta_.set_name("lwc.beta");
   if (o.rank == 0) return;
@@ -57,16 +102,15 @@ QuantTrainLinear::QuantTrainLinear(const Tensor& weight, const Tensor& bias, con
       b = lora_B.to(Device::CPU).to(dt).contiguous().clone();
       break;
   }
-  lora_A_ = Var(a, true);
-  lora_B_ = Var(b, true);
+  lora_A_ = Var(a.to(dev), true);
+  lora_B_ = Var(b.to(dev), true);
   lora_A_.set_name("lora.A");
   lora_B_.set_name("lora.B");
 }
 
 Var QuantTrainLinear::quantized_weight(bool with_lora) const {
-  Var q = lwc_fake_quant(weight_, gamma_, beta_, format_);
-  if (with_lora && opt_.rank > 0) q = add(q, scale(matmul(lora_B_, lora_A_), lora_scale()));
-  return q;
+  if (with_lora && opt_.rank > 0) return lwc_lora_weight(weight_, gamma_, beta_, lora_A_, lora_B_, lora_scale(), format_);
+  return lwc_fake_quant(weight_, gamma_, beta_, format_);
 }
 
 Var QuantTrainLinear::forward(const Var& x) const { return linear(x, quantized_weight(true), bias_); }
@@ -95,12 +139,12 @@ Tensor QuantTrainLinear::effective_weight() const {
 
 FinalizedLinear QuantTrainLinear::finalize() const {
   FinalizedLinear r;
-  const Tensor w = weight_.value().to(DType::F32).contiguous();
+  const Tensor w = weight_.value().to(Device::CPU).to(DType::F32).contiguous();
   r.q = quantize_with_params(w, format_, lwc_clipped_params(w, gamma_.value(), beta_.defined() ? beta_.value() : Tensor(), format_),
                              1.0f);
   if (opt_.rank > 0) {
     r.lora_A = round_to_f16(lora_A_.value());
-    Tensor b = lora_B_.value().to(DType::F32).contiguous().clone();
+    Tensor b = lora_B_.value().to(Device::CPU).to(DType::F32).contiguous().clone();
     float* p = b.data<float>();
     const float s = float(lora_scale());
     for (int64_t i = 0; i < b.numel(); ++i) p[i] *= s;

@@ -43,7 +43,8 @@ struct FinalizedLinear {
 
 class QuantTrainLinear : public Linear {
  public:
-  // weight [out, in] (copied to f32 or kept f64), bias [out] or undefined (frozen). For
+  // weight [out, in] (copied to f32 or kept f64, on its device: CPU or CUDA, f64 on the CPU only;
+  // every parameter is created on that device), bias [out] or undefined (frozen). For
   // LoraInit::Given, lora_A [rank, in] and lora_B [out, rank] are the initial factors (B in the
   // scaled convention: the layer adds s_lora * B A). gamma/beta may be given to resume training.
   QuantTrainLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f, const QuantTrainOptions& o,
@@ -60,7 +61,8 @@ class QuantTrainLinear : public Linear {
   Tensor bias() const override { return bias_.defined() ? bias_.value() : Tensor(); }
   std::string kind() const override { return std::string("lwc-lora:") + format_.name; }
 
-  // Q(W; gamma, beta), plus s_lora B A when with_lora: the Ŵ of the saliency regularizer.
+  // Q(W; gamma, beta), plus s_lora B A when with_lora: the Ŵ of the saliency regularizer. With
+  // LoRA this is one fused autograd op (quantizer output + GEMM accumulate, see train_linear.cpp).
   Var quantized_weight(bool with_lora) const;
   const Tensor& frozen_weight() const { return weight_.value(); }
   const QuantFormat& format() const { return format_; }
