@@ -30,6 +30,7 @@
 
 #include "lowbit/autograd/functions.h"
 #include "lowbit/autograd/optim.h"
+#include "bench_util.h"
 #include "lowbit/methods/apiq.h"
 #include "lowbit/model/llama.h"
 #include "lowbit/ops/device_init.h"
@@ -37,26 +38,9 @@
 #include "lowbit/quant/train_linear.h"
 
 using namespace lowbit;
+using lowbit::bench::fast_random;
 
 namespace {
-
-// Cheap parallel init (uniform with the given std), as bench_gptq_7b.cpp: Tensor::randn would take
-// minutes for the 1.07e9 calibration values.
-Tensor fast_random(const Shape& shape, uint64_t seed, double std_dev) {
-  Tensor t = Tensor::empty(shape);
-  float* p = t.data<float>();
-  const int64_t n = t.numel();
-  const float a = float(std_dev * std::sqrt(3.0));
-#pragma omp parallel for
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t z = (uint64_t(i) + seed * 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull;
-    z ^= z >> 31;
-    z *= 0x94D049BB133111EBull;
-    z ^= z >> 29;
-    p[i] = a * (float(double(z >> 11) * 0x1.0p-53) * 2.0f - 1.0f);
-  }
-  return t;
-}
 
 double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 double gib(int64_t b) { return double(b) / double(1ull << 30); }
@@ -74,13 +58,7 @@ int main(int argc, char** argv) {
   Args a;
   for (int i = 1; i < argc; ++i) {
     const std::string k = argv[i];
-    auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "missing value after %s\n", k.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+    auto next = [&] { return lowbit::bench::option_value(i, argc, argv); };
     if (k == "--tf32") a.tf32 = true;
     else if (k == "--profile") a.profile = true;
     else if (k == "--samples") a.samples = std::stoll(next());

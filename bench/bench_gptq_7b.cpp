@@ -17,28 +17,14 @@
 #include <cstring>
 #include <string>
 
+#include "bench_util.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/ops/device_init.h"
 
 using namespace lowbit;
+using lowbit::bench::fast_random;
 
-// Cheap parallel init (uniform with std 0.02): Tensor::randn would take minutes for 6.7B weights.
-static Tensor fast_random(const Shape& shape, uint64_t seed, double std_dev) {
-  Tensor t = Tensor::empty(shape);
-  float* p = t.data<float>();
-  const int64_t n = t.numel();
-  const float a = float(std_dev * std::sqrt(3.0));
-#pragma omp parallel for
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t z = (uint64_t(i) + seed * 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull;
-    z ^= z >> 31;
-    z *= 0x94D049BB133111EBull;
-    z ^= z >> 29;
-    p[i] = a * (float(double(z >> 11) * 0x1.0p-53) * 2.0f - 1.0f);
-  }
-  return t;
-}
 
 int main(int argc, char** argv) {
   int layers = 32;

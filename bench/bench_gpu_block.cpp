@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.h"
 #include "lowbit/autograd/functions.h"
 #include "lowbit/ops/device_init.h"
 
@@ -71,13 +72,7 @@ int main(int argc, char** argv) {
   Config c;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "missing value after %s\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+    auto next = [&] { return lowbit::bench::option_value(i, argc, argv); };
     if (a == "--dtype") c.dtype = parse_dtype(next());
     else if (a == "--tf32") c.tf32 = true;
     else if (a == "--seq") c.seq = std::stoll(next());

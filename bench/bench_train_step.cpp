@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.h"
 #include "lowbit/autograd/functions.h"
 #include "lowbit/autograd/optim.h"
 #include "lowbit/ops/device_init.h"
@@ -29,13 +30,7 @@ int main(int argc, char** argv) {
   bool bf16 = false, tf32 = false, profile = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "missing value after %s\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+    auto next = [&] { return lowbit::bench::option_value(i, argc, argv); };
     if (a == "--bf16") bf16 = true;
     else if (a == "--tf32") tf32 = true;
     else if (a == "--batch") B = std::stoll(next());

@@ -1,0 +1,40 @@
+// Small pieces shared by the benchmark programs under bench/.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "lowbit/core/tensor.h"
+
+namespace lowbit::bench {
+
+// Uniform random f32 values with standard deviation std_dev, filled in parallel from a hash of the
+// index: Tensor::randn (a sequential Mersenne twister) would take minutes for 7B-sized weights.
+inline Tensor fast_random(const Shape& shape, uint64_t seed, double std_dev) {
+  Tensor t = Tensor::empty(shape);
+  float* p = t.data<float>();
+  const int64_t n = t.numel();
+  const float a = float(std_dev * std::sqrt(3.0));
+#pragma omp parallel for
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t z = (uint64_t(i) + seed * 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull;  // SplitMix64 finaliser
+    z ^= z >> 31;
+    z *= 0x94D049BB133111EBull;
+    z ^= z >> 29;
+    p[i] = a * (float(double(z >> 11) * 0x1.0p-53) * 2.0f - 1.0f);
+  }
+  return t;
+}
+
+// The value after option argv[i] (advancing i); exits with a message when it is missing.
+inline std::string option_value(int& i, int argc, char** argv) {
+  if (i + 1 >= argc) {
+    std::fprintf(stderr, "missing value after %s\n", argv[i]);
+    std::exit(2);
+  }
+  return argv[++i];
+}
+
+}  // namespace lowbit::bench
