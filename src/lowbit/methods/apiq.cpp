@@ -65,7 +65,7 @@ Tensor gather_windows(const Tensor& x, const std::vector<int64_t>& idx, size_t b
 
 // Concatenated inputs of each linear during one pass over a block, on the CPU. With step > 1 only
 // the rows whose index (counted over the whole pass) is a multiple of step are kept: the strided
-// subsample report_rows() takes, without holding every input of every linear in host memory.
+// subsample report_sample() takes, without holding every input of every linear in host memory.
 struct InputCapture {
   int64_t step = 1;
   std::map<std::string, std::vector<Tensor>> chunks;
@@ -101,16 +101,7 @@ struct InputCapture {
   }
 };
 
-// At most this many rows enter the error reports (a strided subsample; the errors are means).
-constexpr int64_t kReportRows = 4096;
 int64_t report_step(int64_t rows) { return rows <= kReportRows ? 1 : (rows + kReportRows - 1) / kReportRows; }
-Tensor report_rows(const Tensor& x, int64_t max_rows = kReportRows) {
-  if (x.size(0) <= max_rows) return x;
-  const int64_t step = (x.size(0) + max_rows - 1) / max_rows, n = (x.size(0) + step - 1) / step;
-  Tensor out = Tensor::empty({n, x.size(1)});
-  for (int64_t i = 0; i < n; ++i) out.slice(0, i, i + 1).copy_(x.slice(0, i * step, i * step + 1));
-  return out;
-}
 
 // Replaces the layer in `slot` by its encoded version (placed on `dev`) and reports its output error
 // on x (CPU rows; w_fp on any device).
@@ -124,7 +115,7 @@ void install(std::shared_ptr<Linear>* slot, const FinalizedLinear& fin, const Te
   const double adapter_bits = fin.lora_A.defined() ? 16.0 * double(fin.lora_A.numel() + fin.lora_B.numel()) : 0.0;
   r.bits_per_weight = fin.q.fmt().bits_per_weight(fin.q.out_features(), fin.q.in_features()) + adapter_bits / double(r.params);
   if (x.defined())
-    r.rel_error = relative_output_error(report_rows(x), w_fp.to(Device::CPU), q->effective_weight().to(Device::CPU));
+    r.rel_error = relative_output_error(report_sample(x), w_fp, q->effective_weight());
   reports.push_back(r);
 }
 
@@ -334,8 +325,7 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
   ctx.run_block(ctx.inputs, cap.hook());
   for (size_t i = 0; i < es.size(); ++i) {
     LinearReport& r = reports[reports.size() - es.size() + i];
-    r.rel_error = relative_output_error(report_rows(cap.rows(es[i].name)), es[i].w.to(Device::CPU),
-                                        (*es[i].slot)->effective_weight().to(Device::CPU));
+    r.rel_error = relative_output_error(report_sample(cap.rows(es[i].name)), es[i].w, (*es[i].slot)->effective_weight());
   }
 }
 

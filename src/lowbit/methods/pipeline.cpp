@@ -9,7 +9,7 @@
 #include "lowbit/autograd/functions.h"
 #include "lowbit/core/progress.h"
 #include "lowbit/io/safetensors.h"
-#include "lowbit/methods/layer_error.h"
+#include "lowbit/ops/ops.h"
 #include "lowbit/quant/quant_linear.h"
 
 namespace lowbit {
@@ -54,12 +54,27 @@ int64_t peak_rss_bytes() {
 }
 
 double relative_output_error(const Tensor& x, const Tensor& w, const Tensor& q) {
-  Tensor y = linear_forward(x, w);
-  double ref = 0;
-  const float* p = y.data<float>();
-  for (int64_t i = 0; i < y.numel(); ++i) ref += double(p[i]) * double(p[i]);
-  const double mse = linear_output_mse(x, w, q) * double(y.numel());
-  return ref > 0 ? mse / ref : 0.0;
+  // ||X (W - Q)^T||^2 / ||X W^T||^2 with the ops, so it runs where the tensors live (cuBLAS on the
+  // GPU, BLAS on the CPU) without host copies.
+  const Device dev = x.device();
+  const Tensor xf = x.to(DType::F32).contiguous(), wf = w.to(dev).to(DType::F32).contiguous();
+  const Tensor qf = q.to(dev).to(DType::F32).contiguous();
+  Tensor y = Tensor::empty({xf.size(0), wf.size(0)}, DType::F32, dev);
+  ops::gemm(xf, false, wf, true, y, 1.0, 0.0);
+  const double ref = ops::sum_squares(y);
+  Tensor d = Tensor::empty(wf.shape(), DType::F32, dev);
+  ops::sub(wf, qf, d);
+  ops::gemm(xf, false, d, true, y, 1.0, 0.0);
+  const double err = ops::sum_squares(y);
+  return ref > 0 ? err / ref : 0.0;
+}
+
+Tensor report_sample(const Tensor& x, int64_t max_rows) {
+  if (x.size(0) <= max_rows) return x;
+  const int64_t step = (x.size(0) + max_rows - 1) / max_rows, n = (x.size(0) + step - 1) / step;
+  Tensor out = Tensor::empty({n, x.size(1)}, x.dtype(), x.device());
+  for (int64_t i = 0; i < n; ++i) out.slice(0, i, i + 1).copy_(x.slice(0, i * step, i * step + 1));
+  return out;
 }
 
 Tensor BlockContext::run_block(const Tensor& x, const LinearInputHook& hook) const {

@@ -96,17 +96,8 @@ struct HessianCapture {
 // the layers back and rethrows; GptqMethod catches it).
 struct StopForward {};
 
-// relative_output_error's ||X (W - Q)^T||^2 / ||X W^T||^2 where x, w, q live (no host copies).
-double device_relative_output_error(const Tensor& x, const Tensor& w, const Tensor& q) {
-  Tensor y = Tensor::empty({x.size(0), w.size(0)}, DType::F32, x.device());
-  ops::gemm(x, false, w, true, y, 1.0, 0.0);
-  const double ref = ops::sum_squares(y);
-  Tensor d = Tensor::empty(w.shape(), DType::F32, w.device());
-  ops::sub(w, q, d);
-  ops::gemm(x, false, d, true, y, 1.0, 0.0);
-  const double err = ops::sum_squares(y);
-  return ref > 0 ? err / ref : 0.0;
-}
+// AWQ searches its scales on a sample of the calibration rows (llm-awq uses 128 x 512 tokens).
+constexpr int64_t kAwqRows = 65536;
 
 std::string full_name(int layer, const std::string& name) { return "model.layers." + std::to_string(layer) + "." + name; }
 
@@ -142,19 +133,6 @@ const std::vector<std::vector<std::string>> kSequentialGroups = {
     {"mlp.gate_proj", "mlp.up_proj"},
     {"mlp.down_proj"}};
 
-// Calibration rows behind the per-layer error reports (the errors are means over rows): 512 keeps
-// a 7B-shaped layer's report around 0.1 s on a CPU.
-constexpr int64_t kReportRows = 512;
-// AWQ searches its scales on a sample of the calibration rows (llm-awq uses 128 x 512 tokens).
-constexpr int64_t kAwqRows = 65536;
-Tensor report_rows(const Tensor& x, int64_t max_rows = kReportRows) {
-  if (x.size(0) <= max_rows) return x;
-  const int64_t step = (x.size(0) + max_rows - 1) / max_rows;
-  const int64_t n = (x.size(0) + step - 1) / step;
-  Tensor out = Tensor::empty({n, x.size(1)});
-  for (int64_t i = 0; i < n; ++i) out.slice(0, i, i + 1).copy_(x.slice(0, i * step, i * step + 1));
-  return out;
-}
 
 }  // namespace
 
@@ -164,7 +142,7 @@ void RtnMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& rep
   for (const auto& group : kSequentialGroups)
     for (const auto& name : group) {
       Tensor w = weight_of(ctx, name);
-      install(ctx, name, report_rows(cap.rows(name)), rtn_quantize(w, f_), reports);
+      install(ctx, name, report_sample(cap.rows(name)), rtn_quantize(w, f_), reports);
     }
 }
 
@@ -234,7 +212,7 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
       const Tensor deq = r.dequantized.defined() ? r.dequantized : r.q.dequantize().to(dev);
       LinearReport rep;
       rep.name = full_name(ctx.layer, name);
-      rep.rel_error = device_relative_output_error(gpu_rows.at(name), w.dtype() == DType::F32 ? w : w.to(DType::F32), deq);
+      rep.rel_error = relative_output_error(gpu_rows.at(name), w.dtype() == DType::F32 ? w : w.to(DType::F32), deq);
       rep.params = r.q.out_features() * r.q.in_features();
       rep.bits_per_weight = r.q.fmt().bits_per_weight(r.q.out_features(), r.q.in_features());
       reports.push_back(rep);
@@ -299,7 +277,7 @@ void AwqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& rep
       // up/v rows were divided by s of the next group: the consumer sees that, not this layer.
       QuantizedTensor q = clip_ ? rtn_quantize_clipped(scaled_w[n], f_, awq_search_clip(xs, scaled_w[n], f_, o_))
                                 : rtn_quantize(scaled_w[n], f_);
-      install(ctx, n, report_rows(xs), std::move(q), reports, scaled_w[n]);
+      install(ctx, n, report_sample(xs), std::move(q), reports, scaled_w[n]);
     }
 }
 
