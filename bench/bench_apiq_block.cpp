@@ -180,16 +180,7 @@ int main(int argc, char** argv) {
       std::printf("RESULT lowbit tf32=%s ms_per_step=%.3f block_seconds_%dep=%.1f peak_gib=%.3f held_gib=%.3f\n",
                   a.tf32 ? "on" : "off", ms, a.epochs, block_s, gib(peak), gib(held));
       if (a.profile) {
-        cuda_profile_enable(true);
-        step();
-        cuda_profile_enable(false);
-        const auto rep = cuda_profile_report();
-        double total = 0;
-        for (const auto& t : rep) total += t.ms;
-        std::printf("  GPU time per op (one step, CUDA events; sum %.2f ms):\n", total);
-        for (const auto& t : rep)
-          std::printf("    %-24s %4lld calls %9.3f ms %5.1f%%\n", t.op.c_str(), (long long)t.calls, t.ms,
-                      100.0 * t.ms / total);
+        lowbit::bench::print_gpu_profile(step);
       }
       for (size_t i = 0; i < slots.size(); ++i) *slots[i] = originals[i];
     }

@@ -140,15 +140,7 @@ int main(int argc, char** argv) {
                 med, peak_gib);
 
     if (c.profile) {
-      cuda_profile_enable(true);
-      step();
-      cuda_profile_enable(false);
-      const auto rep = cuda_profile_report();
-      double total = 0;
-      for (const auto& t : rep) total += t.ms;
-      std::printf("  GPU time per op (one step, CUDA events; sum %.2f ms):\n", total);
-      for (const auto& t : rep)
-        std::printf("    %-24s %4lld calls %9.3f ms %5.1f%%\n", t.op.c_str(), (long long)t.calls, t.ms, 100.0 * t.ms / total);
+      lowbit::bench::print_gpu_profile(step);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_gpu_block: %s\n", e.what());

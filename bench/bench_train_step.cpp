@@ -129,15 +129,7 @@ int main(int argc, char** argv) {
     std::printf("RESULT lowbit %s median_ms=%.3f tokens_per_s=%.0f peak_gib=%.3f\n", mode, med,
                 double(B * T) / (med * 1e-3), peak);
     if (profile) {
-      cuda_profile_enable(true);
-      step();
-      cuda_profile_enable(false);
-      const auto rep = cuda_profile_report();
-      double total = 0;
-      for (const auto& t : rep) total += t.ms;
-      std::printf("  GPU time per op (one step, CUDA events; sum %.2f ms):\n", total);
-      for (const auto& t : rep)
-        std::printf("    %-24s %5lld calls %9.3f ms %5.1f%%\n", t.op.c_str(), (long long)t.calls, t.ms, 100.0 * t.ms / total);
+      lowbit::bench::print_gpu_profile(step);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_train_step: %s\n", e.what());

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "lowbit/core/tensor.h"
+#include "lowbit/ops/device_init.h"
 
 namespace lowbit::bench {
 
@@ -35,6 +36,20 @@ inline std::string option_value(int& i, int argc, char** argv) {
     std::exit(2);
   }
   return argv[++i];
+}
+
+// Runs `step` once with per-op CUDA event timing on and prints each op's share of the GPU time.
+template <class Step>
+void print_gpu_profile(Step&& step) {
+  cuda_profile_enable(true);
+  step();
+  cuda_profile_enable(false);
+  const auto rep = cuda_profile_report();
+  double total = 0;
+  for (const auto& t : rep) total += t.ms;
+  std::printf("  GPU time per op (one step, CUDA events; sum %.2f ms):\n", total);
+  for (const auto& t : rep)
+    std::printf("    %-24s %5lld calls %9.3f ms %5.1f%%\n", t.op.c_str(), (long long)t.calls, t.ms, 100.0 * t.ms / total);
 }
 
 }  // namespace lowbit::bench
