@@ -12,7 +12,8 @@
 // of --samples steps (ApiQ: 20 x 128), the peak GPU memory held by tensors (cuda_peak_bytes,
 // comparable to torch.cuda.max_memory_allocated) and, with --profile, GPU time per op.
 // --method-epochs E additionally runs the real ApiqMethod::quantize_block for E epochs (training,
-// encoding of the trained layers, error report) and prints its per-epoch times.
+// encoding of the trained layers, error report) and prints its per-epoch times and the time of each
+// stage after training (ApiqMethod::last_block_times: finalize, install, report).
 //
 //   bench_apiq_block [--tf32] [--samples 128] [--seq 2048] [--steps 32] [--warmup 3] [--epochs 20]
 //                    [--format int2g64] [--rank 64] [--profile] [--method-epochs 0]
@@ -46,7 +47,7 @@ double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock:
 double gib(int64_t b) { return double(b) / double(1ull << 30); }
 
 struct Args {
-  bool tf32 = false, profile = false;
+  bool tf32 = false, profile = false, bf16 = false;
   int64_t samples = 128, seq = 2048, steps = 32, warmup = 3, rank = 64;
   int epochs = 20, method_epochs = 0;
   std::string format = "int2g64";
@@ -60,6 +61,7 @@ int main(int argc, char** argv) {
     const std::string k = argv[i];
     auto next = [&] { return lowbit::bench::option_value(i, argc, argv); };
     if (k == "--tf32") a.tf32 = true;
+    else if (k == "--bf16") a.bf16 = true;
     else if (k == "--profile") a.profile = true;
     else if (k == "--samples") a.samples = std::stoll(next());
     else if (k == "--seq") a.seq = std::stoll(next());
@@ -71,7 +73,7 @@ int main(int argc, char** argv) {
     else if (k == "--format") a.format = next();
     else {
       std::fprintf(stderr,
-                   "usage: %s [--tf32] [--samples N] [--seq T] [--steps S] [--warmup W] [--epochs E] [--format F] "
+                   "usage: %s [--tf32] [--bf16] [--samples N] [--seq T] [--steps S] [--warmup W] [--epochs E] [--format F] "
                    "[--rank R] [--profile] [--method-epochs E]\n",
                    argv[0]);
       return 2;
@@ -119,11 +121,14 @@ int main(int argc, char** argv) {
     const Tensor X = fast_random({N * L, D}, 1000, 1.0).to(dev);
     const Tensor none;
     const Tensor Y = BlockContext{model, 0, N, L, X, none, 1}.run_block(X);
+    // --bf16 keeps the loop's calibration windows in bf16, as ApiQ keeps its cached block inputs in
+    // fp16 (each step converts its window to f32); the method below keeps the f32 tensors.
+    const Tensor Xl = a.bf16 ? to_bf16(X) : X, Yl = a.bf16 ? to_bf16(Y) : Y;
     cuda_synchronize();
     std::printf("bench_apiq_block on %s: dim %lld hidden %lld heads %d, %lld x %lld calibration tokens, %s rank %lld, "
-                "f32 (TF32 %s), batch 1; setup %.1f s (%d host threads)\n",
+                "f32 (TF32 %s, bf16 autocast %s), batch 1; setup %.1f s (%d host threads)\n",
                 cuda_device_name().c_str(), (long long)D, (long long)F, c.n_heads, (long long)N, (long long)L, f.name,
-                (long long)a.rank, a.tf32 ? "on" : "off", now_s() - t_init, omp_get_max_threads());
+                (long long)a.rank, a.tf32 ? "on" : "off", a.bf16 ? "on" : "off", now_s() - t_init, omp_get_max_threads());
 
     ApiqOptions ao;
     ao.layer.rank = a.rank;
@@ -152,8 +157,16 @@ int main(int argc, char** argv) {
       int64_t step_no = 0;
       auto step = [&]() {
         const int64_t k = perm[size_t(step_no++ % N)];
-        Var out = model.block_forward(0, Var(X.slice(0, k * L, (k + 1) * L)), 1, L);
-        Var loss = mse(out, Var(Y.slice(0, k * L, (k + 1) * L)));
+        AutocastBf16Guard autocast(a.bf16);
+        auto window = [&](const Tensor& t) {
+          const Tensor w = t.slice(0, k * L, (k + 1) * L);
+          if (!a.bf16) return w;
+          Tensor f = Tensor::empty(w.shape(), DType::F32, dev);
+          ops::cast(w, f);  // on the device (Tensor::to(dtype) would stage through the host)
+          return f;
+        };
+        Var out = model.block_forward(0, Var(window(Xl)), 1, L);
+        Var loss = mse(out, Var(window(Yl)));
         ops::axpy(1.0, loss.value(), loss_sum);
         backward(loss);
         opt.step();
@@ -177,8 +190,8 @@ int main(int argc, char** argv) {
       std::printf("  per block: %d epochs x %lld steps = %.1f s; peak GPU memory %.2f GiB (%.2f GiB held before the "
                   "steps: model, calibration inputs and targets, trainable state)\n",
                   a.epochs, (long long)N, block_s, gib(peak), gib(held));
-      std::printf("RESULT lowbit tf32=%s ms_per_step=%.3f block_seconds_%dep=%.1f peak_gib=%.3f held_gib=%.3f\n",
-                  a.tf32 ? "on" : "off", ms, a.epochs, block_s, gib(peak), gib(held));
+      std::printf("RESULT lowbit tf32=%s bf16=%s ms_per_step=%.3f block_seconds_%dep=%.1f peak_gib=%.3f held_gib=%.3f\n",
+                  a.tf32 ? "on" : "off", a.bf16 ? "on" : "off", ms, a.epochs, block_s, gib(peak), gib(held));
       if (a.profile) {
         lowbit::bench::print_gpu_profile(step);
       }
@@ -202,11 +215,16 @@ int main(int argc, char** argv) {
       }
       double err = 0;
       for (const auto& r : reps) err += r.rel_error / double(reps.size());
+      const ApiqBlockTimes& bt = m.last_block_times();
       std::printf("  ApiqMethod::quantize_block: %.1f s total (%.1f s training, %.1f s encoding + report), peak %.2f "
                   "GiB, mean relative output error %.4f, %.3f bits/weight (with adapters)\n",
                   total, train, total - train, gib(cuda_peak_bytes()), err, reps.empty() ? 0.0 : reps[0].bits_per_weight);
-      std::printf("RESULT lowbit-method tf32=%s epochs=%d train_s=%.2f total_s=%.2f\n", a.tf32 ? "on" : "off",
-                  a.method_epochs, train, total);
+      std::printf("  stages: train %.2f s (epochs and setup), finalize %.2f s (encoding), install %.2f s (QuantLinear: "
+                  "dequantize + upload), report %.2f s (input capture + output errors)\n",
+                  bt.train, bt.finalize, bt.install, bt.report);
+      std::printf("RESULT lowbit-method tf32=%s epochs=%d train_s=%.2f total_s=%.2f finalize_s=%.2f install_s=%.2f "
+                  "report_s=%.2f\n",
+                  a.tf32 ? "on" : "off", a.method_epochs, train, total, bt.finalize, bt.install, bt.report);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_apiq_block: %s\n", e.what());

@@ -13,6 +13,11 @@ fp32, batch 1 window of 2048 tokens, written as ApiQ / OmniQuant's code runs it:
   * loss = MSE to the FP block's outputs; AdamW, groups LoRA lr 5e-4 and clipping lr 5e-3, wd 0.1.
   * 128 x 2048 random hidden states as block inputs and the FP block's outputs as targets, on the GPU.
 
+--amp fp16 runs the step the way ApiQ's calibrate.py actually does: block inputs and targets stored in
+fp16, fp32 weights and trainable parameters, the forward under torch.autocast(fp16) (matmuls and
+attention in fp16 on tensor cores; the quantizer stays fp32) and a GradScaler (ApiQ's
+NativeScalerWithGradNormCount). --amp bf16: the same with bf16 and no scaler.
+
 Prints ms/step (CUDA events over --steps steps after --warmup), the per-block time for 20 epochs x 128
 steps, and torch.cuda.max_memory_allocated over the timed steps, for eager mode and, with --compile, for
 torch.compile of the loss function. Run on the same GPU as the C++ benchmark:
@@ -92,7 +97,10 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"],
+                    help="autocast as ApiQ's calibrate.py (fp16 + GradScaler)")
     args = ap.parse_args()
+    amp_dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.amp]
 
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
@@ -117,6 +125,8 @@ def main():
     with torch.no_grad():
         for i in range(N):
             Y[i * T:(i + 1) * T] = block(X[i * T:(i + 1) * T], p, None, cos, sin, T, H, hd, False)
+    if amp_dtype is not None:  # ApiQ keeps the cached block inputs/outputs in fp16
+        X, Y = X.to(amp_dtype), Y.to(amp_dtype)
     torch.cuda.synchronize()
 
     def run(label, compiled):
@@ -131,14 +141,24 @@ def main():
 
         fn = torch.compile(loss_fn) if compiled else loss_fn
         state = {"i": 0, "sum": torch.zeros((), device=dev)}
+        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
         def step():
             k = (state["i"] * 37 + 11) % N
             state["i"] += 1
-            loss = fn(X[k * T:(k + 1) * T], Y[k * T:(k + 1) * T])
-            state["sum"] += loss.detach()
-            loss.backward()
-            opt.step()
+            if amp_dtype is None:
+                loss = fn(X[k * T:(k + 1) * T], Y[k * T:(k + 1) * T])
+            else:
+                with torch.autocast("cuda", dtype=amp_dtype):
+                    loss = fn(X[k * T:(k + 1) * T], Y[k * T:(k + 1) * T])
+            state["sum"] += loss.detach().float()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             opt.zero_grad(set_to_none=True)
 
         for _ in range(args.warmup):
@@ -157,11 +177,12 @@ def main():
         ms = s.elapsed_time(e) / args.steps
         peak = torch.cuda.max_memory_allocated() / 2**30
         block_s = ms * 1e-3 * N * args.epochs
-        print(f"torch {label} on {torch.cuda.get_device_name()} (torch {torch.__version__}), f32, TF32 "
+        prec = "f32" if amp_dtype is None else f"autocast {args.amp}"
+        print(f"torch {label} on {torch.cuda.get_device_name()} (torch {torch.__version__}), {prec}, TF32 "
               f"{'on' if args.tf32 else 'off'}, LoRA {args.lora}: {ms:.2f} ms/step ({args.steps} steps), "
               f"loss {first:.4e} -> {state['sum'].item() / args.steps:.4e}; per block {args.epochs} x {N} steps "
               f"= {block_s:.1f} s; peak {peak:.2f} GiB ({held:.2f} GiB held before the steps)")
-        print(f"RESULT torch-{label} tf32={'on' if args.tf32 else 'off'} ms_per_step={ms:.3f} "
+        print(f"RESULT torch-{label} tf32={'on' if args.tf32 else 'off'} amp={args.amp} ms_per_step={ms:.3f} "
               f"block_seconds_{args.epochs}ep={block_s:.1f} peak_gib={peak:.3f} held_gib={held:.3f}", flush=True)
         del opt, lin
 

@@ -215,13 +215,29 @@ TEST(ApiqTrainLinear, GradientsOfLoraAndClipping) {
   for (int64_t i = 0; i < B.numel(); ++i) B.set_item(i, 0.1 * double(i % 5) - 0.2);
   Tensor gm = t.clip_parameters()[0].mutable_value(), bt = t.clip_parameters()[1].mutable_value();
   for (int64_t i = 0; i < gm.numel(); ++i) gm.set_item(i, 1.0 + 0.3 * double(i % 7)), bt.set_item(i, 2.5 - 0.2 * double(i % 5));
-  Var xv(x);
+  Var xv(x, true);
   backward(sum(mul(t.forward(xv), Var(proj))));
-  // LoRA: the layer is smooth in A and B; differences of the real forward.
+  // LoRA and the input: the layer is smooth in A, B and x; differences of the real forward.
   for (auto& p : t.lora_parameters()) {
     NoGradGuard ng;
     auto loss = [&] { return dot(t.forward(xv).value(), proj); };
     check_fd(p.mutable_value(), p.grad(), loss, p.name().c_str());
+  }
+  {
+    NoGradGuard ng;
+    auto loss = [&] { return dot(t.forward(xv).value(), proj); };
+    check_fd(xv.mutable_value(), xv.grad(), loss, "x");
+  }
+  // The forward (PEFT form x Q^T + s (x A^T) B^T) equals x times the merged weight Q + s B A.
+  {
+    NoGradGuard ng;
+    const Tensor y = t.forward(xv).value(), weff = t.effective_weight();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t o2 = 0; o2 < out; ++o2) {
+        double ref = bias.item(o2);
+        for (int64_t j = 0; j < in; ++j) ref += x.item(m * in + j) * weff.item(o2 * in + j);
+        EXPECT_NEAR(y.item(m * out + o2), ref, 1e-12 * (1 + std::fabs(ref)));
+      }
   }
   // Clipping: differences of the straight-through surrogate composed with the layer.
   LwcSurrogate sur(f, w, gm, bt);

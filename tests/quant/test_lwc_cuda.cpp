@@ -60,6 +60,7 @@ Tensor test_logits(int64_t out, int64_t G, uint64_t seed) {
 struct Report {
   int64_t flips = 0, groups_compared = 0, groups = 0;
   double fwd = 0, dgamma = 0, dbeta = 0, dw = 0;
+  double dgamma_nodw = 0, dbeta_nodw = 0;  // the backward without W's gradient (ApiQ's case; vectorised kernel)
 };
 
 Report compare(const QuantFormat& f, int64_t out, int64_t in, uint64_t seed) {
@@ -80,6 +81,8 @@ Report compare(const QuantFormat& f, int64_t out, int64_t in, uint64_t seed) {
   Tensor dg_g = Tensor::full({out, G}, NAN).to(D), db_g = asym ? Tensor::full({out, G}, NAN).to(D) : Tensor();
   lwc_forward_into(wg, gg, bg, f, y_g);
   lwc_backward_into(wg, gg, bg, dyg, f, dw_g, dg_g, db_g);
+  Tensor no_dw, dg_g2 = Tensor::full({out, G}, NAN).to(D), db_g2 = asym ? Tensor::full({out, G}, NAN).to(D) : Tensor();
+  lwc_backward_into(wg, gg, bg, dyg, f, no_dw, dg_g2, db_g2);
   cuda_synchronize();
 
   const std::vector<float> yc = y_c.to_vector(), yg = y_g.to(Device::CPU).to_vector();
@@ -87,6 +90,8 @@ Report compare(const QuantFormat& f, int64_t out, int64_t in, uint64_t seed) {
   const std::vector<float> gc = dg_c.to_vector(), ggv = dg_g.to(Device::CPU).to_vector();
   const std::vector<float> bc = asym ? db_c.to_vector() : std::vector<float>();
   const std::vector<float> bgv = asym ? db_g.to(Device::CPU).to_vector() : std::vector<float>();
+  const std::vector<float> ggv2 = dg_g2.to(Device::CPU).to_vector();
+  const std::vector<float> bgv2 = asym ? db_g2.to(Device::CPU).to_vector() : std::vector<float>();
 
   Report r;
   r.groups = out * G;
@@ -108,9 +113,13 @@ Report compare(const QuantFormat& f, int64_t out, int64_t in, uint64_t seed) {
     ++r.groups_compared;
     const double eg = std::fabs(double(ggv[size_t(k)]) - double(gc[size_t(k)])) / gden;
     r.dgamma = std::max(r.dgamma, std::isnan(eg) ? INFINITY : eg);
+    const double eg2 = std::fabs(double(ggv2[size_t(k)]) - double(gc[size_t(k)])) / gden;
+    r.dgamma_nodw = std::max(r.dgamma_nodw, std::isnan(eg2) ? INFINITY : eg2);
     if (asym) {
       const double eb = std::fabs(double(bgv[size_t(k)]) - double(bc[size_t(k)])) / bden;
       r.dbeta = std::max(r.dbeta, std::isnan(eb) ? INFINITY : eb);
+      const double eb2 = std::fabs(double(bgv2[size_t(k)]) - double(bc[size_t(k)])) / bden;
+      r.dbeta_nodw = std::max(r.dbeta_nodw, std::isnan(eb2) ? INFINITY : eb2);
     }
     const int64_t row = k / G, grp = k % G;
     for (int64_t j = f.group_begin(grp); j < f.group_end(grp, in); ++j) {
@@ -130,21 +139,27 @@ TEST_F(LwcCuda, ForwardAndBackwardMatchTheCpuBody) {
     int64_t out, in;
   };
   // Odd shapes: partial last groups (in = 320 with g128), per-channel rows longer than a warp's
-  // stride, and a 7B-like row length.
-  const Case cases[] = {{"int2g64", 37, 320},  {"int2g64", 64, 4096}, {"int3g128", 29, 320}, {"int4g128s", 33, 320},
-                        {"int2g64s", 17, 192}, {"int2pc", 21, 1000},  {"int4pcs", 13, 777},  {"int8pc", 9, 300}};
+  // stride, and a 7B-like row length. Groups that tile the rows (g32/g64/g128 with in a multiple)
+  // take the vectorised kernels (forward, and the backward without dW), with a group count that
+  // does not fill the last block (e.g. 37 x 320 / 64 = 185 groups).
+  const Case cases[] = {{"int2g64", 37, 320},  {"int2g64", 64, 4096}, {"int3g128", 29, 320},  {"int4g128s", 33, 320},
+                        {"int2g64s", 17, 192}, {"int2pc", 21, 1000},  {"int4pcs", 13, 777},   {"int8pc", 9, 300},
+                        {"int3g128", 23, 1024}, {"int4g32", 11, 96},  {"int4g128s", 7, 384}, {"int2g64", 3, 11008}};
   uint64_t seed = 100;
   for (const auto& c : cases) {
     const QuantFormat& f = parse_quant_format(c.fmt);
     const Report r = compare(f, c.out, c.in, seed += 10);
-    std::printf("  lwc %-9s [%3lld x %4lld]: fwd %.2e  dgamma %.2e  dbeta %.2e  dW %.2e  flips %lld  groups %lld/%lld\n",
-                c.fmt, (long long)c.out, (long long)c.in, r.fwd, r.dgamma, r.dbeta, r.dw, (long long)r.flips,
-                (long long)r.groups_compared, (long long)r.groups);
+    std::printf("  lwc %-9s [%3lld x %5lld]: fwd %.2e  dgamma %.2e / %.2e  dbeta %.2e / %.2e  dW %.2e  flips %lld  "
+                "groups %lld/%lld (with / without dW)\n",
+                c.fmt, (long long)c.out, (long long)c.in, r.fwd, r.dgamma, r.dgamma_nodw, r.dbeta, r.dbeta_nodw, r.dw,
+                (long long)r.flips, (long long)r.groups_compared, (long long)r.groups);
     EXPECT_LE(r.flips, std::max<int64_t>(2, c.out * c.in / 10000)) << c.fmt;
     EXPECT_GE(double(r.groups_compared), 0.99 * double(r.groups)) << c.fmt;
     EXPECT_LE(r.fwd, 1e-5) << c.fmt;
     EXPECT_LE(r.dgamma, 2e-4) << c.fmt;
     EXPECT_LE(r.dbeta, 2e-4) << c.fmt;
+    EXPECT_LE(r.dgamma_nodw, 2e-4) << c.fmt;
+    EXPECT_LE(r.dbeta_nodw, 2e-4) << c.fmt;
     EXPECT_LE(r.dw, 1e-5) << c.fmt;
   }
 }
@@ -191,4 +206,72 @@ TEST_F(LwcCuda, TrainLinearForwardBackwardMatchesCpu) {
     std::printf("  QuantTrainLinear %-6s normalised error %.2e\n", names[i], e);
     EXPECT_LE(e, 2e-4) << names[i];
   }
+}
+
+// AutocastBf16Guard (autograd/functions.h): the ApiQ layer (x requires grad, so all three large
+// products run: x Q^T, dY^T x, dY Q), a plain linear and attention take bf16 operands with fp32
+// accumulation and still return f32 values and gradients. Against the CPU's f32 results the error is
+// bf16 rounding of the operands (unit roundoff 2^-9 = 2e-3 per operand, partly averaging out over
+// the K-term sums): normalised max errors of a few 1e-3; the bound is 2e-2 (3e-2 for attention's
+// gradients, which chain three products). The error must also be above fp32 level, or the bf16
+// path did not run.
+TEST_F(LwcCuda, AutocastBf16MatchesCpu) {
+  auto nerr = [](const Tensor& a_cpu, const Tensor& b_any) {
+    const std::vector<float> a = a_cpu.to_vector(), b = b_any.to(Device::CPU).to_vector();
+    double num = 0;
+    for (size_t k = 0; k < a.size(); ++k) num = std::max(num, std::fabs(double(a[k]) - double(b[k])));
+    return num / std::max(max_abs(a), 1e-30);
+  };
+  const QuantFormat& f = parse_quant_format("int2g64");
+  const int64_t out = 96, in = 320, n = 48;
+  const Tensor w = Tensor::randn({out, in}, 17, 0.02), x = Tensor::randn({n, in}, 18), t = Tensor::randn({n, out}, 19, 0.1);
+  const Tensor bias = Tensor::randn({out}, 20, 0.1);
+  QuantTrainOptions o;
+  o.rank = 8;
+  o.init = LoraInit::Given;
+  const Tensor A = Tensor::randn({8, in}, 21, 0.05), B = Tensor::randn({out, 8}, 22, 0.05);
+  auto run_layer = [&](Device d, bool autocast) {
+    AutocastBf16Guard guard(autocast);
+    QuantTrainLinear lin(w.to(d), bias, f, o, A, B);
+    Var xv(x.to(d), true);
+    Var y = lin.forward(xv);
+    backward(mse(y, Var(t.to(d))));
+    std::vector<Tensor> r{y.value().to(Device::CPU), xv.grad().to(Device::CPU)};
+    for (const Var& p : lin.parameters()) r.push_back(p.grad().to(Device::CPU));
+    return r;
+  };
+  const auto c = run_layer(Device::CPU, false), g = run_layer(Device::CUDA, true);
+  const char* names[] = {"y", "dx", "dgamma", "dbeta", "dA", "dB"};
+  for (size_t i = 0; i < c.size(); ++i) {
+    const double e = nerr(c[i], g[i]);
+    std::printf("  autocast QuantTrainLinear %-6s normalised error %.2e\n", names[i], e);
+    EXPECT_LE(e, 2e-2) << names[i];
+    if (i < 2) {
+      EXPECT_GT(e, 1e-6) << names[i] << " is at fp32 level: the bf16 products did not run";
+    }
+  }
+  // Plain linear and attention (GQA, head_dim 64: the bf16 tensor-core kernels).
+  const int64_t T = 80, H = 4, KVH = 2, hd = 64;
+  const Tensor q = Tensor::randn({T, H * hd}, 23), k = Tensor::randn({T, KVH * hd}, 24), v = Tensor::randn({T, KVH * hd}, 25);
+  const Tensor wl = Tensor::randn({H * hd, H * hd}, 26, 0.05), tgt = Tensor::randn({T, H * hd}, 27, 0.1);
+  auto run_attn = [&](Device d, bool autocast) {
+    AutocastBf16Guard guard(autocast);
+    Var qv(q.to(d), true), kv(k.to(d), true), vv(v.to(d), true), wv(wl.to(d), true);
+    Var y = linear(attention(qv, kv, vv, 1, T, T, H, KVH, hd), wv);
+    backward(mse(y, Var(tgt.to(d))));
+    return std::vector<Tensor>{y.value().to(Device::CPU), qv.grad().to(Device::CPU), kv.grad().to(Device::CPU),
+                               vv.grad().to(Device::CPU), wv.grad().to(Device::CPU)};
+  };
+  const auto ca = run_attn(Device::CPU, false), ga = run_attn(Device::CUDA, true);
+  const char* anames[] = {"y", "dq", "dk", "dv", "dw"};
+  for (size_t i = 0; i < ca.size(); ++i) {
+    const double e = nerr(ca[i], ga[i]);
+    std::printf("  autocast attention+linear %-3s normalised error %.2e\n", anames[i], e);
+    EXPECT_LE(e, i == 0 || i == 4 ? 2e-2 : 3e-2) << anames[i];
+    EXPECT_GT(e, 1e-6) << anames[i] << " is at fp32 level: the bf16 path did not run";
+  }
+  // Outside the guard nothing changes: f32 on the GPU again (fp32-level agreement, TF32 off).
+  const auto g2 = run_layer(Device::CUDA, false);
+  EXPECT_LE(nerr(c[0], g2[0]), 2e-4);
+  EXPECT_FALSE(AutocastBf16Guard::active());
 }

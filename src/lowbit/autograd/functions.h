@@ -35,4 +35,28 @@ Var mse(const Var& a, const Var& b);                             // mean over el
 // Mixed precision uses it to hand fp32 activations to bf16 blocks and bf16 logits to an fp32 loss.
 Var cast(const Var& x, DType dtype);
 
+// Mixed precision for the matrix products of f32 models on the GPU (the idea of torch.autocast,
+// bf16 only): while a guard is alive on this thread, `linear`, `attention` and the quantized
+// training layer (quant/train_linear.h) with f32 CUDA inputs round their operands to bf16 and run
+// the products on bf16 tensor cores with fp32 accumulation; they still take and return f32 (the
+// products' results are written in f32, attention's output is converted back), and so do their
+// gradients. Everything else (norms, activations, losses, parameters, optimizer) stays f32. The
+// mode is read when the forward runs; the backward does what its forward chose. CPU tensors and
+// f64/bf16 inputs are unaffected.
+class AutocastBf16Guard {
+ public:
+  explicit AutocastBf16Guard(bool enable = true);
+  ~AutocastBf16Guard();
+  AutocastBf16Guard(const AutocastBf16Guard&) = delete;
+  AutocastBf16Guard& operator=(const AutocastBf16Guard&) = delete;
+  static bool active();
+
+ private:
+  bool prev_;
+};
+// True when a guard is active and x is an f32 tensor on the GPU (the products above go bf16).
+bool autocast_bf16_applies(const Tensor& x);
+// x rounded to bf16 on its device (a new tensor; no autograd).
+Tensor to_bf16(const Tensor& x);
+
 }  // namespace lowbit

@@ -14,7 +14,9 @@ void gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, Tensor& c, double 
   check_contiguous(op, c, "c");
   if (a.dim() < 2 || b.dim() < 2) throw_error(op, ": operands must be at least 2-D, got ", a.describe(), " and ", b.describe());
   detail::check_same_kind(op, a, b, "b");
-  detail::check_same_kind(op, a, c, "c");
+  // Mixed precision on the GPU: bf16 operands may write an f32 result (fp32 accumulation either way).
+  if (!(a.dtype() == DType::BF16 && c.dtype() == DType::F32 && a.device() == Device::CUDA && c.device() == Device::CUDA))
+    detail::check_same_kind(op, a, c, "c");
   const int64_t M = ta ? a.size(-1) : a.size(-2), K = ta ? a.size(-2) : a.size(-1);
   const int64_t Kb = tb ? b.size(-1) : b.size(-2), N = tb ? b.size(-2) : b.size(-1);
   if (K != Kb) throw_error(op, ": inner dimensions differ: ", a.describe(), (ta ? "^T" : ""), " x ", b.describe(), (tb ? "^T" : ""));

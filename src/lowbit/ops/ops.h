@@ -19,7 +19,8 @@ namespace lowbit::ops {
 // ---- matmul ----------------------------------------------------------------------------------
 // c = alpha * op(a) op(b) + beta * c, op(x) = x or x^T over the last two dims.
 // a: [..., M, K] ([..., K, M] if trans_a); b: [..., K, N] ([..., N, K] if trans_b) or 2-D
-// (broadcast over a's batch dims); c: [..., M, N]. All contiguous.
+// (broadcast over a's batch dims); c: [..., M, N]. All contiguous. Same dtype throughout, except
+// on CUDA bf16 a and b may write an f32 c (mixed precision).
 void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, double alpha = 1.0,
           double beta = 0.0);
 

@@ -51,6 +51,69 @@ Var lwc_lora_weight(const Var& w, const Var& gamma, const Var& beta, const Var& 
     }
   });
 }
+
+// y = x Q^T + s (x A^T) B^T (+ bias): PEFT's LoRA form (ApiQ's layer), one autograd op. The
+// rank-r products stay [N, r]; nothing of size [out, in] is formed besides Q itself (the merged
+// form above writes Q + s B A and reads dW_eff twice more in the backward: three extra passes over
+// [out, in] per step). Backward with u = dY B:  dQ = dY^T x,  dB = s dY^T t,  dA = s u^T x,
+// dx = dY Q + s u A, with t = x A^T saved from the forward. x is [N, in].
+Var lora_linear(const Var& x, const Var& q, const Var& A, const Var& B, double s, const Var& bias) {
+  const Tensor xv = x.value().contiguous(), qv = q.value().contiguous();
+  const Tensor av = A.value().contiguous(), bv = B.value().contiguous();
+  LB_CHECK(xv.dim() == 2 && qv.dim() == 2 && xv.size(1) == qv.size(1), "lora_linear: x ", xv.describe(),
+           " and weight ", qv.describe(), " do not match (weight is [out, in])");
+  const int64_t n = xv.size(0), r = av.size(0);
+  // Under AutocastBf16Guard the three large products (x Q^T, dY^T x, dY Q) take bf16 operands and
+  // write f32; the rank-r LoRA products stay f32 (they are cheap).
+  const bool mixed = autocast_bf16_applies(xv) && qv.dtype() == DType::F32;
+  const Tensor xb = mixed ? to_bf16(xv) : Tensor(), qb = mixed ? to_bf16(qv) : Tensor();
+  Tensor t = Tensor::empty({n, r}, xv.dtype(), xv.device());
+  ops::gemm(xv, false, av, true, t);
+  Tensor y = Tensor::empty({n, qv.size(0)}, xv.dtype(), xv.device());
+  if (mixed) ops::gemm(xb, false, qb, true, y);
+  else ops::gemm(xv, false, qv, true, y);
+  ops::gemm(t, false, bv, true, y, s, 1.0);
+  if (bias.defined()) ops::add(y, bias.value(), y);
+  std::vector<Var> inputs{x, q, A, B};
+  if (bias.defined()) inputs.push_back(bias);
+  return make_result(y, inputs, "lora_linear", [x, q, A, B, bias, xv, qv, av, bv, t, s, mixed, xb, qb](const Tensor& g) {
+    const Tensor gc = g.contiguous();
+    const Tensor gb = mixed ? to_bf16(gc) : Tensor();
+    if (q.requires_grad()) {
+      Tensor dq = Tensor::empty(qv.shape(), qv.dtype(), qv.device());
+      if (mixed) ops::gemm(gb, true, xb, false, dq);
+      else ops::gemm(gc, true, xv, false, dq);
+      accumulate_grad(q, dq);
+    }
+    if (B.requires_grad()) {
+      Tensor dB = Tensor::empty(bv.shape(), bv.dtype(), bv.device());
+      ops::gemm(gc, true, t, false, dB, s);
+      accumulate_grad(B, dB);
+    }
+    Tensor u;
+    if (A.requires_grad() || x.requires_grad()) {
+      u = Tensor::empty(t.shape(), t.dtype(), t.device());
+      ops::gemm(gc, false, bv, false, u);
+    }
+    if (A.requires_grad()) {
+      Tensor dA = Tensor::empty(av.shape(), av.dtype(), av.device());
+      ops::gemm(u, true, xv, false, dA, s);
+      accumulate_grad(A, dA);
+    }
+    if (x.requires_grad()) {
+      Tensor dx = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
+      if (mixed) ops::gemm(gb, false, qb, false, dx);
+      else ops::gemm(gc, false, qv, false, dx);
+      ops::gemm(u, false, av, false, dx, s, 1.0);
+      accumulate_grad(x, dx);
+    }
+    if (bias.defined() && bias.requires_grad()) {
+      Tensor db = Tensor::empty(bias.value().shape(), bias.value().dtype(), bias.value().device());
+      ops::sum_rows(gc, db);
+      accumulate_grad(bias, db);
+    }
+  });
+}
 }  // namespace
 
 QuantTrainLinear::QuantTrainLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f,
@@ -113,7 +176,12 @@ Var QuantTrainLinear::quantized_weight(bool with_lora) const {
   return lwc_fake_quant(weight_, gamma_, beta_, format_);
 }
 
-Var QuantTrainLinear::forward(const Var& x) const { return linear(x, quantized_weight(true), bias_); }
+// PEFT's form (lora_linear) for the layer's output; the merged Q + s B A (quantized_weight) is
+// what effective_weight() and the SAPR regularizer use. Same function either way.
+Var QuantTrainLinear::forward(const Var& x) const {
+  if (opt_.rank == 0) return linear(x, quantized_weight(false), bias_);
+  return lora_linear(x, quantized_weight(false), lora_A_, lora_B_, lora_scale(), bias_);
+}
 
 std::vector<Var> QuantTrainLinear::clip_parameters() const {
   std::vector<Var> p{gamma_};

@@ -10,7 +10,11 @@
 // warp-shuffle reductions. Forward: one read of W, one write of Q. Backward: one read of W and dQ
 // (plus a second, L1-resident pass when dW is wanted), one write of dgamma/dbeta per group; nothing
 // is stored between the two (the group state is recomputed, as on the CPU).
+// The common case (groups tiling the rows, no gradient for W) takes vectorised kernels instead:
+// several groups per warp, float4 loads, values kept in registers (see lwc_forward_fast).
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 
 #include "lowbit/ops/cuda/cuda_common.h"
 #include "lowbit/ops/cuda/cuda_ops.h"
@@ -173,6 +177,187 @@ __global__ void lwc_backward_kernel(const float* __restrict__ w, const float* __
   }
 }
 
+// ---- Vectorised kernels for the common case --------------------------------------------------
+// Groups of 4 * LPG * VPL columns that tile every row (in % group_size == 0), 16-byte aligned rows,
+// and no gradient for W (ApiQ's W is frozen): LPG lanes own one group, each holding VPL float4s of
+// it in registers (consecutive lanes read consecutive 16-byte vectors: coalesced). A group is then
+// read once (forward: W; backward: W and dQ), its max/min is an LPG-lane shuffle reduction without
+// the arg index (only W's gradient needs it), and nothing is re-read. Same fp32 formulas as
+// group_state() and the generic kernels (the forward is bit-identical; the backward's sum dQ/ds is
+// reduced in a different order). Lanes of a group past the end still take part in the shuffles
+// (full-warp masks) but neither load nor store.
+struct FastState {
+  float s = 1, z = 0, qlo = 0, qmax = 0;
+  float dg_coef = 0, db_coef = 0;  // dgamma = ds * dg_coef, dbeta = ds * db_coef (0: not trainable)
+};
+
+template <int LPG>
+__device__ __forceinline__ float sub_max(float v) {
+#pragma unroll
+  for (int o = LPG / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+template <int LPG>
+__device__ __forceinline__ float sub_min(float v) {
+#pragma unroll
+  for (int o = LPG / 2; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+template <int LPG>
+__device__ __forceinline__ float sub_sum(float v) {
+#pragma unroll
+  for (int o = LPG / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <int LPG, int VPL>
+__device__ __forceinline__ FastState fast_state(const float4 (&w)[VPL], float gamma, float beta, const LwcArgs& a) {
+  FastState st;
+  st.qmax = float(a.qmax);
+  const float sg = sigmoid_f(gamma);
+  bool trainable = true;
+  if (!a.symmetric) {
+    float vmax = -INFINITY, vmin = INFINITY;
+#pragma unroll
+    for (int v = 0; v < VPL; ++v) {
+      vmax = fmaxf(vmax, fmaxf(fmaxf(w[v].x, w[v].y), fmaxf(w[v].z, w[v].w)));
+      vmin = fminf(vmin, fminf(fminf(w[v].x, w[v].y), fminf(w[v].z, w[v].w)));
+    }
+    vmax = sub_max<LPG>(vmax);
+    vmin = sub_min<LPG>(vmin);
+    const float hi = vmax > 0 ? vmax : 0.f, lo = vmin < 0 ? vmin : 0.f;
+    const float sb = sigmoid_f(beta);
+    float hic = sg * hi, loc = sb * lo;
+    if (hi == 0 && lo == 0) hic = 1, loc = -1, trainable = false;
+    float s = (hic - loc) / st.qmax;
+    if (s < kMinScale) s = kMinScale, trainable = false;
+    st.s = s;
+    st.z = fminf(fmaxf(rintf(-loc / s), 0.f), st.qmax);
+    st.qlo = 0;
+    if (trainable) {
+      st.dg_coef = hi * sg * (1 - sg) / st.qmax;
+      st.db_coef = -lo * sb * (1 - sb) / st.qmax;
+    }
+  } else {
+    float vabs = -1.f;
+#pragma unroll
+    for (int v = 0; v < VPL; ++v)
+      vabs = fmaxf(vabs, fmaxf(fmaxf(fabsf(w[v].x), fabsf(w[v].y)), fmaxf(fabsf(w[v].z), fabsf(w[v].w))));
+    vabs = sub_max<LPG>(vabs);
+    const float half = float(1 << (a.bits - 1)), denom = half - 1;
+    float amax = sg * vabs;
+    if (vabs == 0) amax = 1, trainable = false;
+    float s = amax / denom;
+    if (s < kMinScale) s = kMinScale, trainable = false;
+    st.s = s;
+    st.z = half;
+    st.qlo = 1;
+    if (trainable) st.dg_coef = vabs * sg * (1 - sg) / denom;
+  }
+  return st;
+}
+
+__device__ __forceinline__ float fq(float w, const FastState& st) {
+  const float q = fminf(fmaxf(rintf(w / st.s) + st.z, st.qlo), st.qmax);
+  return (q - st.z) * st.s;
+}
+// dQ/ds of one element times its upstream gradient (see lwc_backward_kernel).
+__device__ __forceinline__ float ds_term(float w, float dy, const FastState& st) {
+  const float u = w / st.s, nu = rintf(u), q = nu + st.z;
+  return (q >= st.qlo && q <= st.qmax) ? dy * (nu - u) : dy * (fminf(fmaxf(q, st.qlo), st.qmax) - st.z);
+}
+
+template <int LPG, int VPL>
+__global__ void __launch_bounds__(256) lwc_forward_fast(const float* __restrict__ w, const float* __restrict__ gamma,
+                                                        const float* __restrict__ beta, float* __restrict__ y,
+                                                        int64_t groups, LwcArgs a) {
+  constexpr int GS = 4 * LPG * VPL;
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t gid = t / LPG;
+  const int sub = int(t % LPG);
+  const bool ok = gid < groups;
+  // Rows are tiled by whole groups, so group gid starts at element gid * GS.
+  const float4* wg = reinterpret_cast<const float4*>(w + (ok ? gid : 0) * GS);
+  float4 v[VPL];
+#pragma unroll
+  for (int k = 0; k < VPL; ++k) v[k] = ok ? wg[k * LPG + sub] : make_float4(0, 0, 0, 0);
+  const FastState st = fast_state<LPG, VPL>(v, ok ? gamma[gid] : 0.f, (ok && beta) ? beta[gid] : 0.f, a);
+  if (!ok) return;
+  float4* yg = reinterpret_cast<float4*>(y + gid * GS);
+#pragma unroll
+  for (int k = 0; k < VPL; ++k)
+    yg[k * LPG + sub] = make_float4(fq(v[k].x, st), fq(v[k].y, st), fq(v[k].z, st), fq(v[k].w, st));
+}
+
+template <int LPG, int VPL>
+__global__ void __launch_bounds__(256) lwc_backward_fast(const float* __restrict__ w, const float* __restrict__ gamma,
+                                                         const float* __restrict__ beta, const float* __restrict__ dy,
+                                                         float* __restrict__ dgamma, float* __restrict__ dbeta,
+                                                         int64_t groups, LwcArgs a) {
+  constexpr int GS = 4 * LPG * VPL;
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t gid = t / LPG;
+  const int sub = int(t % LPG);
+  const bool ok = gid < groups;
+  const int64_t base = (ok ? gid : 0) * GS;
+  const float4* wg = reinterpret_cast<const float4*>(w + base);
+  const float4* dg4 = reinterpret_cast<const float4*>(dy + base);
+  float4 v[VPL], d[VPL];
+#pragma unroll
+  for (int k = 0; k < VPL; ++k) {
+    v[k] = ok ? wg[k * LPG + sub] : make_float4(0, 0, 0, 0);
+    d[k] = ok ? dg4[k * LPG + sub] : make_float4(0, 0, 0, 0);
+  }
+  const FastState st = fast_state<LPG, VPL>(v, ok ? gamma[gid] : 0.f, (ok && beta) ? beta[gid] : 0.f, a);
+  float ds = 0;
+#pragma unroll
+  for (int k = 0; k < VPL; ++k)
+    ds += ds_term(v[k].x, d[k].x, st) + ds_term(v[k].y, d[k].y, st) + ds_term(v[k].z, d[k].z, st) +
+          ds_term(v[k].w, d[k].w, st);
+  ds = sub_sum<LPG>(ds);
+  if (!ok || sub != 0) return;
+  dgamma[gid] = ds * st.dg_coef;
+  if (dbeta) dbeta[gid] = ds * st.db_coef;
+}
+
+// The fast kernels' (LPG, VPL) for a format, or {0, 0} when the generic kernels must run.
+struct FastShape {
+  int lpg = 0, vpl = 0;
+};
+FastShape fast_shape(const LwcArgs& a, int64_t in, std::initializer_list<const Tensor*> vec_tensors) {
+  const int64_t gs = a.group_size;
+  if (gs <= 0 || gs % 4 != 0 || in % gs != 0) return {};
+  const int64_t v4 = gs / 4;  // float4s per group
+  if ((v4 & (v4 - 1)) != 0 || v4 > 128) return {};
+  for (const Tensor* t : vec_tensors)
+    if (reinterpret_cast<uintptr_t>(t->raw_data()) % 16 != 0) return {};
+  if (v4 <= 32) return {int(v4), 1};
+  return {32, int(v4 / 32)};
+}
+
+dim3 fast_grid(const FastShape& fs, int64_t groups) {
+  const int64_t blocks = (groups * fs.lpg + 255) / 256;
+  if (blocks > int64_t(0x7fffffff)) throw_error("lwc: ", groups, " groups exceed one launch");
+  return dim3(unsigned(blocks));
+}
+
+// Calls f(std::integral_constant<int, LPG>, std::integral_constant<int, VPL>) for fs.
+template <class F>
+void dispatch_fast(const FastShape& fs, F&& f) {
+  using std::integral_constant;
+  switch (fs.lpg * 8 + fs.vpl) {
+    case 1 * 8 + 1: f(integral_constant<int, 1>{}, integral_constant<int, 1>{}); break;
+    case 2 * 8 + 1: f(integral_constant<int, 2>{}, integral_constant<int, 1>{}); break;
+    case 4 * 8 + 1: f(integral_constant<int, 4>{}, integral_constant<int, 1>{}); break;
+    case 8 * 8 + 1: f(integral_constant<int, 8>{}, integral_constant<int, 1>{}); break;
+    case 16 * 8 + 1: f(integral_constant<int, 16>{}, integral_constant<int, 1>{}); break;
+    case 32 * 8 + 1: f(integral_constant<int, 32>{}, integral_constant<int, 1>{}); break;
+    case 32 * 8 + 2: f(integral_constant<int, 32>{}, integral_constant<int, 2>{}); break;
+    case 32 * 8 + 4: f(integral_constant<int, 32>{}, integral_constant<int, 4>{}); break;
+    default: throw_error("lwc: internal error, no fast kernel for ", fs.lpg, " x ", fs.vpl);
+  }
+}
+
 void check_args(const char* op, const Tensor& w, const Tensor& gamma, const Tensor& beta, const LwcArgs& a,
                 std::initializer_list<const Tensor*> more) {
   detail::check_on_gpu(op, w, "w");
@@ -206,6 +391,14 @@ void lwc_forward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const
   check_args("lwc_forward", w, gamma, beta, a, {&y});
   const int64_t out = w.size(0), in = w.size(1);
   const int64_t groups = out * (a.group_size > 0 ? (in + a.group_size - 1) / a.group_size : 1);
+  if (const FastShape fs = fast_shape(a, in, {&w, &y}); fs.lpg > 0) {
+    dispatch_fast(fs, [&](auto L, auto V) {
+      lwc_forward_fast<decltype(L)::value, decltype(V)::value><<<fast_grid(fs, groups), 256, 0, cuda_rt::stream()>>>(
+          ptr<float>(w), ptr<float>(gamma), beta.defined() ? ptr<float>(beta) : nullptr, ptr<float>(y), groups, a);
+    });
+    LB_CUDA_LAUNCH_CHECK("lwc_forward_fast");
+    return;
+  }
   lwc_forward_kernel<<<blocks_for(groups), kWarpsPerBlock * 32, 0, cuda_rt::stream()>>>(
       ptr<float>(w), ptr<float>(gamma), beta.defined() ? ptr<float>(beta) : nullptr, ptr<float>(y), out, in, a);
   LB_CUDA_LAUNCH_CHECK("lwc_forward_kernel");
@@ -218,6 +411,20 @@ void lwc_backward(const Tensor& w, const Tensor& gamma, const Tensor& beta, cons
   if (beta.defined() != dbeta.defined()) throw_error("lwc_backward: dbeta must be given exactly when beta is");
   const int64_t out = w.size(0), in = w.size(1);
   const int64_t groups = out * (a.group_size > 0 ? (in + a.group_size - 1) / a.group_size : 1);
+  if (!dw.defined()) {
+    if (const FastShape fs = fast_shape(a, in, {&w, &dy}); fs.lpg > 0) {
+      dispatch_fast(fs, [&](auto L, auto V) {
+        lwc_backward_fast<decltype(L)::value, decltype(V)::value>
+            <<<fast_grid(fs, groups), 256, 0, cuda_rt::stream()>>>(ptr<float>(w), ptr<float>(gamma),
+                                                                  beta.defined() ? ptr<float>(beta) : nullptr,
+                                                                  ptr<float>(dy), ptr<float>(dgamma),
+                                                                  dbeta.defined() ? ptr<float>(dbeta) : nullptr,
+                                                                  groups, a);
+      });
+      LB_CUDA_LAUNCH_CHECK("lwc_backward_fast");
+      return;
+    }
+  }
   lwc_backward_kernel<<<blocks_for(groups), kWarpsPerBlock * 32, 0, cuda_rt::stream()>>>(
       ptr<float>(w), ptr<float>(gamma), beta.defined() ? ptr<float>(beta) : nullptr, ptr<float>(dy),
       dw.defined() ? ptr<float>(dw) : nullptr, ptr<float>(dgamma), dbeta.defined() ? ptr<float>(dbeta) : nullptr, out,
