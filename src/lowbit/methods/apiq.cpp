@@ -10,6 +10,7 @@
 #include "lowbit/autograd/functions.h"
 #include "lowbit/autograd/optim.h"
 #include "lowbit/methods/layer_error.h"
+#include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/quant/lwc.h"
 #include "lowbit/quant/quant_linear.h"
@@ -66,6 +67,7 @@ Tensor gather_windows(const Tensor& x, const std::vector<int64_t>& idx, size_t b
 // Concatenated inputs of each linear during one pass over a block, on the CPU. With step > 1 only
 // the rows whose index (counted over the whole pass) is a multiple of step are kept: the strided
 // subsample report_sample() takes, without holding every input of every linear in host memory.
+// Only the kept rows leave x's device.
 struct InputCapture {
   int64_t step = 1;
   std::map<std::string, std::vector<Tensor>> chunks;
@@ -75,13 +77,18 @@ struct InputCapture {
       int64_t& off = seen[name];
       const int64_t n = x.size(0), first = (step - off % step) % step;
       if (step == 1) {
-        chunks[name].push_back(x.to(Device::CPU).to(DType::F32).contiguous().clone());
+        // to() and contiguous() return their input when there is nothing to do: clone only when no
+        // copy was made (x's storage belongs to the caller).
+        Tensor h = x.to(Device::CPU).to(DType::F32).contiguous();
+        if (h.storage() == x.storage()) h = h.clone();
+        chunks[name].push_back(h);
       } else if (first < n) {
-        const Tensor xc = x.to(Device::CPU).to(DType::F32).contiguous();
+        // Rows first, first + step, ... gathered into a compact [k, C] tensor on x's device (one
+        // row copy each, asynchronous on the GPU), then copied to the host at once.
         const int64_t k = (n - first + step - 1) / step;
-        Tensor sub = Tensor::empty({k, x.size(1)});
-        for (int64_t i = 0; i < k; ++i) sub.slice(0, i, i + 1).copy_(xc.slice(0, first + i * step, first + i * step + 1));
-        chunks[name].push_back(sub);
+        Tensor sub = Tensor::empty({k, x.size(1)}, x.dtype(), x.device());
+        for (int64_t i = 0; i < k; ++i) sub.slice(0, i, i + 1).copy_(x.slice(0, first + i * step, first + i * step + 1));
+        chunks[name].push_back(sub.to(Device::CPU).to(DType::F32));
       }
       off += n;
     };
@@ -103,20 +110,24 @@ struct InputCapture {
 
 int64_t report_step(int64_t rows) { return rows <= kReportRows ? 1 : (rows + kReportRows - 1) / kReportRows; }
 
-// Replaces the layer in `slot` by its encoded version (placed on `dev`) and reports its output error
-// on x (CPU rows; w_fp on any device).
-void install(std::shared_ptr<Linear>* slot, const FinalizedLinear& fin, const Tensor& bias, const std::string& name,
-             const Tensor& w_fp, const Tensor& x, Device dev, std::vector<LinearReport>& reports) {
-  auto q = std::make_shared<QuantLinear>(fin.q, bias, dev, fin.lora_A, fin.lora_B);
-  *slot = q;
+// Replaces the layer in `slot` by its encoded version (placed on `dev`); returns its report, without
+// the output error.
+LinearReport install(std::shared_ptr<Linear>* slot, const FinalizedLinear& fin, const Tensor& bias,
+                     const std::string& name, Device dev) {
+  *slot = std::make_shared<QuantLinear>(fin.q, bias, dev, fin.lora_A, fin.lora_B);
   LinearReport r;
   r.name = name;
   r.params = fin.q.out_features() * fin.q.in_features();
   const double adapter_bits = fin.lora_A.defined() ? 16.0 * double(fin.lora_A.numel() + fin.lora_B.numel()) : 0.0;
   r.bits_per_weight = fin.q.fmt().bits_per_weight(fin.q.out_features(), fin.q.in_features()) + adapter_bits / double(r.params);
-  if (x.defined())
-    r.rel_error = relative_output_error(report_sample(x), w_fp, q->effective_weight());
-  reports.push_back(r);
+  return r;
+}
+
+// Seconds since `t0`, after the device's queued work has finished.
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0, Device dev) {
+  if (dev == Device::CUDA) cuda_synchronize();
+  return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
 enum class Stage { Weight, Mixed, Output };
@@ -137,6 +148,22 @@ ApiqMethod::ApiqMethod(const QuantFormat& f, ApiqOptions o) : f_(f), o_(std::mov
   LB_CHECK(!o_.saliency || o_.lambda >= 0, "sapr: lambda must be >= 0, got ", o_.lambda);
   LB_CHECK(o_.saliency || (o_.weight_epochs == 0 && o_.output_epochs == 0),
            "apiq: weight/output-preservation stages need a saliency map (SAPR)");
+}
+
+std::string ApiqMethod::options_key() const {
+  std::string k = "rank=" + std::to_string(o_.layer.rank) + ",alpha=" + std::to_string(o_.layer.lora_alpha) +
+                  ",init=" + std::to_string(int(o_.layer.init)) + ",clip_init=" + std::to_string(o_.layer.clip_init) +
+                  ",epochs=" + std::to_string(o_.epochs) + ",batch=" + std::to_string(o_.batch) +
+                  ",lr=" + std::to_string(o_.lora_lr) + "/" + std::to_string(o_.clip_lr) +
+                  ",wd=" + std::to_string(o_.lora_wd) + "/" + std::to_string(o_.clip_wd) +
+                  ",aug=" + std::to_string(o_.aug_coef) + ",seed=" + std::to_string(o_.seed) +
+                  ",bf16=" + std::to_string(o_.bf16);
+  if (o_.saliency)
+    k += ",saliency=" + std::string(saliency_kind_name(o_.saliency->kind)) + "/" + std::to_string(o_.saliency->nsamples) +
+         "x" + std::to_string(o_.saliency->seqlen) + ",lambda=" + std::to_string(o_.lambda) +
+         ",reg_lora=" + std::to_string(o_.reg_with_lora) + ",stages=" + std::to_string(o_.weight_epochs) + "/" +
+         std::to_string(o_.output_epochs);
+  return k;
 }
 
 std::string ApiqMethod::name() const {
@@ -184,6 +211,7 @@ struct Trainer {
       int64_t steps = 0;
       for (size_t b = 0; b < size_t(n); b += size_t(o.batch)) {
         const size_t e = std::min(size_t(n), b + size_t(o.batch));
+        AutocastBf16Guard autocast(o.bf16);
         auto [loss, reg] = loss_of(perm, b, e, stage);
         accumulate(loss_sum, loss.value());
         if (reg.defined()) accumulate(reg_sum, reg.value());
@@ -214,12 +242,17 @@ void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearR
   LlamaBlock& blk = ctx.model.block(ctx.layer);
   const int64_t N = ctx.n_samples, L = ctx.seqlen;
   const Device dev = ctx.inputs.device();
+  ApiqBlockTimes times;
+  times.layer = ctx.layer;
   uint64_t linear_id = 0;
   for (const auto& group : kSequentialGroups) {
+    auto t0 = Clock::now();
     InputCapture cap;
     ctx.run_block(ctx.inputs, cap.hook());  // inputs as produced by the groups calibrated so far
+    times.capture += seconds_since(t0, dev);
     for (const auto& name : group) {
       ++linear_id;
+      t0 = Clock::now();
       auto* slot = slot_of(blk, name);
       const Tensor w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous().clone();
       const Tensor bias = (*slot)->bias();
@@ -234,6 +267,8 @@ void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearR
         NoGradGuard ng;
         y = linear(Var(xd), Var(wd)).value();
       }
+      times.capture += seconds_since(t0, dev);
+      t0 = Clock::now();
       QuantTrainOptions lo = o_.layer;
       lo.seed = derive_seed(o_.seed, uint64_t(ctx.layer), linear_id, 0xA11CE);
       QuantTrainLinear t(wd, Tensor(), f_, lo);
@@ -250,15 +285,38 @@ void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearR
                }
                return {loss, reg};
              });
-      install(slot, t.finalize(), bias, full_name(ctx.layer, name), w, x, dev, reports);
+      times.train += seconds_since(t0, dev);
+      t0 = Clock::now();
+      const FinalizedLinear fin = t.finalize();
+      times.finalize += seconds_since(t0, dev);
+      t0 = Clock::now();
+      LinearReport r = install(slot, fin, bias, full_name(ctx.layer, name), dev);
+      times.install += seconds_since(t0, dev);
+      t0 = Clock::now();
+      r.rel_error = relative_output_error(report_sample(x), w, (*slot)->effective_weight());
+      reports.push_back(r);
+      times.report += seconds_since(t0, dev);
     }
   }
+  finish_block(times);
+}
+
+void ApiqMethod::finish_block(const ApiqBlockTimes& t) {
+  times_ = t;
+  if (!o_.verbose) return;
+  std::fprintf(stderr, "[%s] layer %d times: train %.2f s, finalize %.2f s, install %.2f s, report %.2f s",
+               name().c_str(), t.layer, t.train, t.finalize, t.install, t.report);
+  if (o_.mode == ApiqMode::Layer) std::fprintf(stderr, ", capture %.2f s", t.capture);
+  std::fprintf(stderr, "\n");
 }
 
 void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearReport>& reports) {
   LlamaBlock& blk = ctx.model.block(ctx.layer);
   const int64_t N = ctx.n_samples, L = ctx.seqlen;
   const Device dev = ctx.inputs.device();
+  ApiqBlockTimes times;
+  times.layer = ctx.layer;
+  auto t0 = Clock::now();
   // Second target: the FP block on the quantized-path inputs (before any layer changes).
   const Tensor y_aug = o_.aug_coef > 0 ? ctx.run_block(ctx.inputs) : Tensor();
   struct Entry {
@@ -316,10 +374,18 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
     for (size_t i = 0; i < es.size(); ++i) *es[i].slot = originals[i];
     throw;
   }
-  for (auto& e : es)
-    install(e.slot, e.t->finalize(), e.bias, full_name(ctx.layer, e.name), e.w, Tensor(), dev, reports);
+  times.train = seconds_since(t0, dev);
+  for (auto& e : es) {
+    t0 = Clock::now();
+    const FinalizedLinear fin = e.t->finalize();
+    times.finalize += seconds_since(t0, dev);
+    t0 = Clock::now();
+    reports.push_back(install(e.slot, fin, e.bias, full_name(ctx.layer, e.name), dev));
+    times.install += seconds_since(t0, dev);
+  }
   // Output errors of the encoded layers on the inputs the quantized block produces (only the
   // report's row subsample is copied to the host).
+  t0 = Clock::now();
   InputCapture cap;
   cap.step = report_step(N * L);
   ctx.run_block(ctx.inputs, cap.hook());
@@ -327,6 +393,8 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
     LinearReport& r = reports[reports.size() - es.size() + i];
     r.rel_error = relative_output_error(report_sample(cap.rows(es[i].name)), es[i].w, (*es[i].slot)->effective_weight());
   }
+  times.report = seconds_since(t0, dev);
+  finish_block(times);
 }
 
 }  // namespace lowbit

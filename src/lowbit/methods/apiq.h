@@ -55,7 +55,12 @@ struct ApiqOptions {
   double lora_wd = 0.1, clip_wd = 0.1;
   double aug_coef = 0.0;          // block-wise only: weight of || F(W, X^q) - F(Q, X^q) ||^2
   uint64_t seed = 0;
-  bool verbose = false;           // print the mean loss of every epoch to stderr
+  bool verbose = false;           // print the mean loss of every epoch and each block's stage times to stderr
+  // GPU only: the training steps' matrix products (the quantized layers' x Q^T and its two
+  // gradients, attention) on bf16 tensor cores with fp32 accumulation, as ApiQ's calibrate.py runs
+  // its steps under torch.cuda.amp.autocast (fp16 there; bf16 here needs no loss scaling). Weights,
+  // clipping, LoRA, norms, the loss and AdamW stay fp32 (autograd/functions.h AutocastBf16Guard).
+  bool bf16 = false;
 
   // ---- SAPR (active when saliency is set) ----
   const SaliencyMap* saliency = nullptr;
@@ -75,21 +80,38 @@ struct ApiqEpochLog {
   double seconds = 0;     // wall time of the epoch (its device work finished: the loss read-back waits for it)
 };
 
+// Wall time (seconds) of the stages of one block (GPU work finished at each stage's end).
+//   train     the calibration epochs (layer-wise: of all the block's linears)
+//   finalize  encoding the trained layers (QuantTrainLinear::finalize: clipped parameters, codes)
+//   install   building the QuantLinears (dequantize, upload to the model's device)
+//   report    the output-error report (block-wise: including the pass that captures its inputs)
+//   capture   layer-wise only: capturing each group's inputs and computing the training targets
+struct ApiqBlockTimes {
+  int layer = -1;
+  double train = 0, finalize = 0, install = 0, report = 0, capture = 0;
+  double total() const { return train + finalize + install + report + capture; }
+};
+
 class ApiqMethod : public BlockMethod {
  public:
   ApiqMethod(const QuantFormat& f, ApiqOptions o);
   // "apiq" (block-wise), "apiq-layer", "sapr", "sapr-layer".
   std::string name() const override;
+  std::string options_key() const override;
   void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
   const std::vector<ApiqEpochLog>& log() const { return log_; }
+  // Stage times of the last block quantize_block finished (layer -1 before the first).
+  const ApiqBlockTimes& last_block_times() const { return times_; }
 
  private:
   void quantize_block_layerwise(BlockContext& ctx, std::vector<LinearReport>& reports);
   void quantize_block_blockwise(BlockContext& ctx, std::vector<LinearReport>& reports);
+  void finish_block(const ApiqBlockTimes& t);  // keeps the times, prints them when verbose
 
   const QuantFormat& f_;
   ApiqOptions o_;
   std::vector<ApiqEpochLog> log_;
+  ApiqBlockTimes times_;
 };
 
 }  // namespace lowbit

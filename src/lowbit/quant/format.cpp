@@ -159,14 +159,28 @@ static GroupParams int_sym_params(const QuantFormat& f, float lo, float hi, floa
   return {f16_scale(f, a / (half - 1.0f)), half};
 }
 
+// Asymmetric codes use [0, qmax]; symmetric ones [1, qmax] so that the grid is symmetric about z.
+static float int_code_min(const QuantFormat& f) { return f.kind == QuantKind::IntSym ? 1.0f : 0.0f; }
+static inline uint8_t int_code(float x, float scale, float zero, float lo, float hi) {
+  return uint8_t(std::clamp(std::nearbyint(x / scale) + zero, lo, hi));
+}
+static inline float int_value(uint8_t q, float scale, float zero) { return (float(q) - zero) * scale; }
+
 static uint8_t int_encode(const QuantFormat& f, float x, const GroupParams& p) {
-  // Asymmetric codes use [0, qmax]; symmetric ones [1, qmax] so that the grid is symmetric about z.
-  float lo = f.kind == QuantKind::IntSym ? 1.0f : 0.0f;
-  return uint8_t(std::clamp(std::nearbyint(x / p.scale) + p.zero, lo, float(f.qmax())));
+  return int_code(x, p.scale, p.zero, int_code_min(f), float(f.qmax()));
 }
 
-static float int_decode(const QuantFormat&, uint8_t q, const GroupParams& p) {
-  return (float(q) - p.zero) * p.scale;
+static float int_decode(const QuantFormat&, uint8_t q, const GroupParams& p) { return int_value(q, p.scale, p.zero); }
+
+// Group-wise forms of the two above (the same arithmetic; the bounds and parameters loaded once).
+static void int_encode_n(const QuantFormat& f, const float* x, int64_t n, const GroupParams& p, uint8_t* q) {
+  const float lo = int_code_min(f), hi = float(f.qmax()), s = p.scale, z = p.zero;
+  for (int64_t i = 0; i < n; ++i) q[i] = int_code(x[i], s, z, lo, hi);
+}
+
+static void int_decode_n(const QuantFormat&, const uint8_t* q, int64_t n, const GroupParams& p, float* y) {
+  const float s = p.scale, z = p.zero;
+  for (int64_t i = 0; i < n; ++i) y[i] = int_value(q[i], s, z);
 }
 
 // BitNet b1.58: gamma = mean |W| over the tensor (eq. 3), clamped to >= 1e-5 like the reference code.
@@ -207,11 +221,26 @@ static uint8_t fp4_encode(const QuantFormat&, float x, const GroupParams& p) {
 
 static float fp4_decode(const QuantFormat&, uint8_t q, const GroupParams& p) { return e2m1_to_float(q) * p.scale; }
 
-static constexpr QuantCodec kIntAsymCodec{unit_tensor_scale, int_asym_params, int_encode, int_decode};
-static constexpr QuantCodec kIntSymCodec{unit_tensor_scale, int_sym_params, int_encode, int_decode};
-static constexpr QuantCodec kTernaryCodec{ternary_tensor_scale, ternary_params, int_encode, int_decode};
-static constexpr QuantCodec kMxfp4Codec{unit_tensor_scale, mxfp4_params, fp4_encode, fp4_decode};
-static constexpr QuantCodec kNvfp4Codec{nvfp4_tensor_scale, nvfp4_params, fp4_encode, fp4_decode};
+// The group-wise forms of the fp4 codecs: the same element functions, called directly in the loop.
+static void fp4_encode_n(const QuantFormat& f, const float* x, int64_t n, const GroupParams& p, uint8_t* q) {
+  const GroupParams pl = p;
+  for (int64_t i = 0; i < n; ++i) q[i] = fp4_encode(f, x[i], pl);
+}
+static void fp4_decode_n(const QuantFormat& f, const uint8_t* q, int64_t n, const GroupParams& p, float* y) {
+  const GroupParams pl = p;
+  for (int64_t i = 0; i < n; ++i) y[i] = fp4_decode(f, q[i], pl);
+}
+
+static constexpr QuantCodec kIntAsymCodec{unit_tensor_scale, int_asym_params, int_encode, int_decode, int_encode_n,
+                                          int_decode_n};
+static constexpr QuantCodec kIntSymCodec{unit_tensor_scale, int_sym_params, int_encode, int_decode, int_encode_n,
+                                         int_decode_n};
+static constexpr QuantCodec kTernaryCodec{ternary_tensor_scale, ternary_params, int_encode, int_decode, int_encode_n,
+                                          int_decode_n};
+static constexpr QuantCodec kMxfp4Codec{unit_tensor_scale, mxfp4_params, fp4_encode, fp4_decode, fp4_encode_n,
+                                        fp4_decode_n};
+static constexpr QuantCodec kNvfp4Codec{nvfp4_tensor_scale, nvfp4_params, fp4_encode, fp4_decode, fp4_encode_n,
+                                        fp4_decode_n};
 
 // ---- the table -----------------------------------------------------------------------------------
 

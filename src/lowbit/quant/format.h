@@ -84,6 +84,10 @@ struct QuantCodec {
   GroupParams (*params_from_range)(const QuantFormat& f, float lo, float hi, float tensor_scale);
   uint8_t (*encode)(const QuantFormat& f, float x, const GroupParams& p);  // quantize given params
   float (*decode)(const QuantFormat& f, uint8_t q, const GroupParams& p);  // dequantize one code
+  // encode / decode applied to n consecutive values of one group (q[i] = encode(x[i]), y[i] =
+  // decode(q[i])), bit-identical to the per-element calls, without an indirect call per element.
+  void (*encode_n)(const QuantFormat& f, const float* x, int64_t n, const GroupParams& p, uint8_t* q);
+  void (*decode_n)(const QuantFormat& f, const uint8_t* q, int64_t n, const GroupParams& p, float* y);
 };
 
 using PackFn = void (*)(const uint8_t* codes, int64_t n, uint8_t* packed);    // n codes -> row bytes

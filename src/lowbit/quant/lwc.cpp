@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "lowbit/quant/quantize.h"
+
 #ifdef LOWBIT_WITH_CUDA
 #include "lowbit/ops/cuda/cuda_ops.h"
 #endif
@@ -272,7 +274,9 @@ std::vector<GroupParams> lwc_clipped_params(const Tensor& w_in, const Tensor& ga
   const double* pg = gamma.data<double>();
   const double* pb = beta.defined() ? beta.data<double>() : nullptr;
   std::vector<GroupParams> params(size_t(out * G));
-  for (int64_t r = 0; r < out; ++r)
+  // Rows are independent; params_from_range may throw (a scale that f16 cannot hold), and
+  // parallel_rows then rethrows the first row's error, as a sequential loop would.
+  parallel_rows(out, out * in, [&](int64_t r) {
     for (int64_t g = 0; g < G; ++g) {
       const int64_t b = f.group_begin(g), e = f.group_end(g, in);
       float lo = pw[r * in + b], hi = lo;
@@ -288,6 +292,7 @@ std::vector<GroupParams> lwc_clipped_params(const Tensor& w_in, const Tensor& ga
       }
       params[size_t(r * G + g)] = f.codec->params_from_range(f, clo, chi, 1.0f);
     }
+  });
   return params;
 }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 
 namespace lowbit {
 
@@ -9,12 +10,24 @@ Tensor checked_weight(const Tensor& w, const QuantFormat& f, const char* who) {
   LB_CHECK(w.defined(), who, " [", f.name, "]: weight tensor is undefined");
   LB_CHECK(w.dim() == 2 && w.size(0) > 0 && w.size(1) > 0, who, " [", f.name,
            "]: expected a non-empty 2-D weight [out, in], got ", w.describe());
+  // Each step returns its input when nothing is to be done: no copy for a contiguous f32 CPU weight.
   Tensor c = w.to(Device::CPU).to(DType::F32).contiguous();
   const float* p = c.data<float>();
-  for (int64_t i = 0; i < c.numel(); ++i)
-    if (!std::isfinite(p[i]))
-      throw_error(who, " [", f.name, "]: weight ", w.describe(), " has a non-finite value (", p[i], ") at row ",
-                  i / c.size(1), ", column ", i % c.size(1));
+  const int64_t rows = c.size(0), cols = c.size(1), n = c.numel();
+  // The first non-finite element in row-major order: the smallest index over the rows' first ones.
+  int64_t first = n;
+#pragma omp parallel for schedule(static) reduction(min : first) if (n >= kParallelRowsMinWork)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = p + r * cols;
+    for (int64_t j = 0; j < cols; ++j)
+      if (!std::isfinite(row[j])) {
+        first = std::min(first, r * cols + j);
+        break;
+      }
+  }
+  if (first < n)
+    throw_error(who, " [", f.name, "]: weight ", w.describe(), " has a non-finite value (", p[first], ") at row ",
+                first / cols, ", column ", first % cols);
   return c;
 }
 
@@ -29,51 +42,80 @@ GroupParams fit_group_params(const QuantFormat& f, const float* x, int64_t n, fl
 }
 
 std::vector<GroupParams> fit_all_group_params(const QuantFormat& f, const Tensor& w, float tensor_scale) {
-  int64_t out = w.size(0), in = w.size(1), groups = f.n_groups(in);
+  const int64_t out = w.size(0), in = w.size(1), groups = f.n_groups(in);
   const float* pw = w.data<float>();
   std::vector<GroupParams> params(static_cast<size_t>(out * groups));
-  for (int64_t r = 0; r < out; ++r)
+  // params_from_range may throw (a scale that does not fit the storage): parallel_rows rethrows the
+  // error of the first such row, as the sequential loop would.
+  parallel_rows(out, out * in, [&](int64_t r) {
     for (int64_t g = 0; g < groups; ++g) {
-      int64_t b = f.group_begin(g), e = f.group_end(g, in);
+      const int64_t b = f.group_begin(g), e = f.group_end(g, in);
       params[size_t(r * groups + g)] = fit_group_params(f, pw + r * in + b, e - b, tensor_scale);
     }
+  });
   return params;
 }
 
-QuantizedTensor quantize_with_params(const Tensor& w_in, const QuantFormat& f, const std::vector<GroupParams>& params,
-                                     float tensor_scale) {
-  Tensor w = checked_weight(w_in, f, "quantize");
-  int64_t out = w.size(0), in = w.size(1), groups = f.n_groups(in);
+namespace {
+
+// quantize_with_params on a weight that checked_weight has already returned.
+QuantizedTensor encode_checked(const Tensor& w, const QuantFormat& f, const std::vector<GroupParams>& params,
+                               float tensor_scale) {
+  const int64_t out = w.size(0), in = w.size(1), groups = f.n_groups(in);
   LB_CHECK(int64_t(params.size()) == out * groups, "quantize [", f.name, "]: ", params.size(),
            " group parameters for a ", shape_str(w.shape()), " weight, expected ", out * groups);
   const float* pw = w.data<float>();
-  std::vector<uint8_t> codes(static_cast<size_t>(out * in));
+  // Every code is written below: no zero fill (and the pages are first touched by the threads).
+  std::unique_ptr<uint8_t[]> codes(new uint8_t[size_t(out * in)]);
+  uint8_t* pc = codes.get();
+  const GroupParams* pp = params.data();
+  const auto encode_n = f.codec->encode_n;
+#pragma omp parallel for schedule(static) if (out * in >= kParallelRowsMinWork)
   for (int64_t r = 0; r < out; ++r)
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t c = f.group_begin(g); c < f.group_end(g, in); ++c)
-        codes[size_t(r * in + c)] = f.codec->encode(f, pw[r * in + c], params[size_t(r * groups + g)]);
-  return make_quantized_tensor(f, out, in, codes.data(), params.data(), tensor_scale);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t b = f.group_begin(g), e = f.group_end(g, in);
+      encode_n(f, pw + r * in + b, e - b, pp[r * groups + g], pc + r * in + b);
+    }
+  return make_quantized_tensor(f, out, in, pc, pp, tensor_scale);
+}
+
+}  // namespace
+
+QuantizedTensor quantize_with_params(const Tensor& w_in, const QuantFormat& f, const std::vector<GroupParams>& params,
+                                     float tensor_scale) {
+  return encode_checked(checked_weight(w_in, f, "quantize"), f, params, tensor_scale);
 }
 
 QuantizedTensor quantize(const Tensor& w_in, const QuantFormat& f) {
   Tensor w = checked_weight(w_in, f, "quantize");
   float t = compute_tensor_scale(f, w);
-  return quantize_with_params(w, f, fit_all_group_params(f, w, t), t);
+  return encode_checked(w, f, fit_all_group_params(f, w, t), t);
 }
 
 Tensor fake_quantize(const Tensor& w_in, const QuantFormat& f) {
   Tensor w2 = w_in.defined() && w_in.dim() == 1 ? w_in.reshape({1, w_in.numel()}) : w_in;
   Tensor w = checked_weight(w2, f, "fake_quantize");
   float t = compute_tensor_scale(f, w);
-  int64_t in = w.size(1), groups = f.n_groups(in);
-  std::vector<GroupParams> params = fit_all_group_params(f, w, t);
+  const int64_t rows = w.size(0), in = w.size(1), groups = f.n_groups(in);
+  const std::vector<GroupParams> params = fit_all_group_params(f, w, t);
   Tensor out = Tensor::empty(w.shape());
   const float* pw = w.data<float>();
   float* po = out.data<float>();
-  for (int64_t r = 0; r < w.size(0); ++r)
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t c = f.group_begin(g); c < f.group_end(g, in); ++c)
-        po[r * in + c] = quantize_dequantize(f, pw[r * in + c], params[size_t(r * groups + g)]);
+  const auto encode_n = f.codec->encode_n;
+  const auto decode_n = f.codec->decode_n;
+  // decode(encode(x)) per element (quantize_dequantize), through a per-thread buffer of codes.
+#pragma omp parallel if (rows * in >= kParallelRowsMinWork)
+  {
+    std::vector<uint8_t> q(static_cast<size_t>(in));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b = f.group_begin(g), e = f.group_end(g, in);
+        const GroupParams& p = params[size_t(r * groups + g)];
+        encode_n(f, pw + r * in + b, e - b, p, q.data());
+        decode_n(f, q.data(), e - b, p, po + r * in + b);
+      }
+  }
   return w_in.dim() == 1 ? out.view(w_in.shape()) : out;
 }
 

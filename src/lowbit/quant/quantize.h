@@ -5,6 +5,7 @@
 // absmax (symmetric int, fp4) or the tensor's absmean (ternary), then every weight is encoded on
 // its own: q = encode(w, params) (format.h gives the formulas).
 #pragma once
+#include <exception>
 #include <vector>
 
 #include "lowbit/core/tensor.h"
@@ -13,8 +14,30 @@
 
 namespace lowbit {
 
-// Returns `w` as a contiguous f32 CPU [out, in] tensor (a copy when a conversion was needed),
-// after checking that it is 2-D, non-empty and finite. `who` prefixes the error message.
+// Runs fn(r) for every row r in [0, rows), on OpenMP threads when `work` (elements touched) is large
+// enough to pay for them. Rows must be independent. When fn throws for some rows, the exception of
+// the smallest such row is rethrown: the one a sequential loop over the rows would have thrown.
+inline constexpr int64_t kParallelRowsMinWork = int64_t(1) << 16;
+template <class Fn>
+void parallel_rows(int64_t rows, int64_t work, Fn&& fn) {
+  int64_t bad = rows;
+  std::exception_ptr ex;
+#pragma omp parallel for schedule(static) if (work >= kParallelRowsMinWork)
+  for (int64_t r = 0; r < rows; ++r) {
+    try {
+      fn(r);
+    } catch (...) {
+#pragma omp critical(lowbit_parallel_rows)
+      if (r < bad) bad = r, ex = std::current_exception();
+    }
+  }
+  if (ex) std::rethrow_exception(ex);
+}
+
+// Returns `w` as a contiguous f32 CPU [out, in] tensor (a copy only when a conversion was needed:
+// a contiguous f32 CPU `w` is returned as is, sharing its storage), after checking that it is 2-D,
+// non-empty and finite (the error names the first non-finite element in row-major order). `who`
+// prefixes the error message.
 Tensor checked_weight(const Tensor& w, const QuantFormat& f, const char* who);
 
 // Tensor-level scale of the format for W (1 when the format has none).

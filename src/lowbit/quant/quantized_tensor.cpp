@@ -1,5 +1,6 @@
 #include "lowbit/quant/quantized_tensor.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -32,6 +33,16 @@ float load_scale(const QuantFormat& f, const Tensor& scales, int64_t i, float te
     case ScaleType::None: break;
   }
   return tensor_scale;  // ternary: every group uses the tensor scale
+}
+
+// Decoded parameters of group i (row-major over [out, n_groups]); `ts` the tensor scale (1 if none).
+GroupParams load_group_params(const QuantFormat& f, const Tensor& scales, const Tensor& zeros, int64_t i, float ts) {
+  GroupParams p;
+  p.scale = load_scale(f, scales, i, ts);
+  if (f.has_zero) p.zero = f16_to_f32(f16_data(zeros)[i]);
+  else if (f.kind == QuantKind::IntSym) p.zero = float(1 << (f.bits - 1));
+  else if (f.kind == QuantKind::Ternary) p.zero = 1.0f;
+  return p;
 }
 
 void check_tensor(const QuantFormat& f, const char* field, const Tensor& t, bool expected, DType dtype,
@@ -72,13 +83,7 @@ float QuantizedTensor::tensor_scale_value() const {
 
 GroupParams QuantizedTensor::group_params(int64_t row, int64_t g) const {
   const QuantFormat& f = fmt();
-  int64_t i = row * f.n_groups(in_features()) + g;
-  GroupParams p;
-  p.scale = load_scale(f, scales, i, tensor_scale_value());
-  if (f.has_zero) p.zero = f16_to_f32(f16_data(zeros)[i]);
-  else if (f.kind == QuantKind::IntSym) p.zero = float(1 << (f.bits - 1));
-  else if (f.kind == QuantKind::Ternary) p.zero = 1.0f;
-  return p;
+  return load_group_params(f, scales, zeros, row * f.n_groups(in_features()) + g, tensor_scale_value());
 }
 
 void QuantizedTensor::unpack_row(int64_t row, uint8_t* out_codes) const {
@@ -89,16 +94,23 @@ void QuantizedTensor::unpack_row(int64_t row, uint8_t* out_codes) const {
 Tensor QuantizedTensor::dequantize() const {
   validate();
   const QuantFormat& f = fmt();
-  int64_t out = out_features(), in = in_features();
+  const int64_t out = out_features(), in = in_features(), groups = f.n_groups(in), rb = f.row_bytes(in);
+  const float ts = tensor_scale_value();
   Tensor w = Tensor::empty({out, in});
   float* pw = w.data<float>();
-  std::vector<uint8_t> row(static_cast<size_t>(in));
-  for (int64_t r = 0; r < out; ++r) {
-    unpack_row(r, row.data());
-    for (int64_t g = 0; g < f.n_groups(in); ++g) {
-      GroupParams p = group_params(r, g);
-      for (int64_t c = f.group_begin(g); c < f.group_end(g, in); ++c)
-        pw[r * in + c] = f.codec->decode(f, row[size_t(c)], p);
+  const uint8_t* pc = codes.data<uint8_t>();
+  const auto decode_n = f.codec->decode_n;
+  // Rows are independent (each packed row starts on a byte boundary): one unpacked row per thread.
+#pragma omp parallel if (out * in >= (int64_t(1) << 16))
+  {
+    std::vector<uint8_t> row(static_cast<size_t>(in));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < out; ++r) {
+      f.unpack(pc + r * rb, in, row.data());
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b = f.group_begin(g), e = f.group_end(g, in);
+        decode_n(f, row.data() + b, e - b, load_group_params(f, scales, zeros, r * groups + g, ts), pw + r * in + b);
+      }
     }
   }
   return w;
@@ -118,28 +130,47 @@ QuantizedTensor make_quantized_tensor(const QuantFormat& f, int64_t out, int64_t
   QuantizedTensor q;
   q.format = f.id;
   q.shape = {out, in};
-  q.codes = Tensor::zeros({out, f.row_bytes(in)}, DType::U8);
-  if (f.scale_type != ScaleType::None) q.scales = Tensor::zeros({out, groups}, scale_dtype(f.scale_type));
-  if (f.has_zero) q.zeros = Tensor::zeros({out, groups}, DType::F16);
+  // Every byte of codes, scales and zeros is written below (pack fills a row's padding bits with 0).
+  q.codes = Tensor::empty({out, f.row_bytes(in)}, DType::U8);
+  if (f.scale_type != ScaleType::None) q.scales = Tensor::empty({out, groups}, scale_dtype(f.scale_type));
+  if (f.has_zero) q.zeros = Tensor::empty({out, groups}, DType::F16);
   if (f.has_tensor_scale) q.tensor_scale = Tensor::full({1}, double(tensor_scale));
+  // Rows own disjoint bytes of every tensor (packed rows start on byte boundaries), so they are
+  // packed in parallel.
+  uint8_t* pc = q.codes.data<uint8_t>();
+  const int64_t rb = f.row_bytes(in);
+  const bool parallel = out * in >= (int64_t(1) << 16);
+#pragma omp parallel for schedule(static) if (parallel)
   for (int64_t r = 0; r < out; ++r) {
-    f.pack(codes + r * in, in, q.codes.data<uint8_t>() + r * f.row_bytes(in));
+    f.pack(codes + r * in, in, pc + r * rb);
     for (int64_t g = 0; g < groups; ++g) {
-      int64_t i = r * groups + g;
+      const int64_t i = r * groups + g;
       store_scale(f, q.scales, i, params[i].scale, tensor_scale);
       if (f.has_zero) f16_data(q.zeros)[i] = f32_to_f16(params[i].zero);
     }
   }
   q.validate();
-  // The stored parameters must decode to exactly the ones the codes were computed with.
+  // The stored parameters must decode to exactly the ones the codes were computed with. The error
+  // names the first group (row-major) that does not.
+  const float ts = q.tensor_scale_value();
+  int64_t first = out * groups;
+#pragma omp parallel for schedule(static) reduction(min : first) if (parallel)
   for (int64_t r = 0; r < out; ++r)
     for (int64_t g = 0; g < groups; ++g) {
-      GroupParams p = q.group_params(r, g), want = params[r * groups + g];
-      LB_CHECK(p.scale == want.scale && p.zero == want.zero, "[", f.name, "] group parameters (scale ",
-               want.scale, ", zero ", want.zero, ") of row ", r, " group ", g,
-               " are not representable in the format's storage (stored: ", p.scale, ", ", p.zero,
-               "); compute them with the format's params_from_range");
+      const int64_t i = r * groups + g;
+      const GroupParams p = load_group_params(f, q.scales, q.zeros, i, ts), want = params[i];
+      if (!(p.scale == want.scale && p.zero == want.zero)) {
+        first = std::min(first, i);
+        break;
+      }
     }
+  if (first < out * groups) {
+    const int64_t r = first / groups, g = first % groups;
+    const GroupParams p = q.group_params(r, g), want = params[first];
+    throw_error("[", f.name, "] group parameters (scale ", want.scale, ", zero ", want.zero, ") of row ", r, " group ",
+                g, " are not representable in the format's storage (stored: ", p.scale, ", ", p.zero,
+                "); compute them with the format's params_from_range");
+  }
   return q;
 }
 
