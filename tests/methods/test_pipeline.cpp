@@ -74,4 +74,14 @@ TEST_F(PtqStories, KilledRunResumesToTheSameModel) {
   LlamaModel other(ck.config, ck.weights);
   RtnMethod rtn(f);
   EXPECT_THROW(quantize(other, rtn, f, o), Error);
+  // So is one of the same method with other hyper-parameters (they are part of the resume key).
+  GptqOptions damp;
+  damp.percdamp = 0.05;
+  GptqMethod gptq_other(f, damp);
+  try {
+    quantize(other, gptq_other, f, o);
+    ADD_FAILURE() << "a state written with percdamp 0.01 was resumed with percdamp 0.05";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("different run"), std::string::npos) << e.what();
+  }
 }

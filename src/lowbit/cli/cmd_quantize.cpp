@@ -12,6 +12,7 @@
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/methods/saliency.h"
+#include "lowbit/ops/device_init.h"
 
 namespace lowbit::cli {
 
@@ -33,7 +34,7 @@ struct QuantArgs {
          aug = 0.0, clip_init = 4.0, lambda = 3.0;
   std::string lora_init = "kaiming", saliency, saliency_kind = "fisher", sapr_target = "quant-lora", lora = "keep",
               merge_dtype = "f16";
-  bool apiq_verbose = false;
+  bool apiq_verbose = false, tf32 = false, bf16 = false;
 };
 
 bool is_apiq(const std::string& m) { return m == "apiq" || m == "apiq-layer" || m == "sapr"; }
@@ -56,6 +57,7 @@ ApiqOptions apiq_options(const QuantArgs& a) {
   o.aug_coef = a.aug;
   o.seed = a.seed;
   o.verbose = a.apiq_verbose;
+  o.bf16 = a.bf16;
   o.lambda = a.lambda;
   if (a.sapr_target != "quant" && a.sapr_target != "quant-lora")
     throw_error("--sapr-target must be 'quant' (Ŵ = Q(W)) or 'quant-lora' (Ŵ = Q(W) + BA), got '", a.sapr_target, "'");
@@ -114,6 +116,11 @@ void run_quantize(const QuantArgs& a) {
   if (fs::exists(a.out) && fs::exists(a.model) && fs::equivalent(a.out, a.model, ec))
     throw_error("--out ", a.out, " is the input model; choose another directory");
   Device dev = parse_device(a.device);
+  if ((a.tf32 || a.bf16) && dev != Device::CUDA)
+    throw_error(a.tf32 ? "--tf32" : "--bf16", " needs --device cuda (it selects GPU tensor-core precision)");
+  if (a.bf16 && !is_apiq(a.method))
+    throw_error("--bf16 applies to the training of apiq, apiq-layer and sapr, not to --method ", a.method);
+  if (a.tf32) cuda_set_allow_tf32(true);
   LoadedModel m = load_model(a.model, dev);
   // Calibration tokens.
   std::vector<int32_t> stream;
@@ -159,7 +166,7 @@ void run_quantize(const QuantArgs& a) {
                         {"rank", o.layer.rank}, {"lora_alpha", o.layer.lora_alpha}, {"lora_init", a.lora_init},
                         {"epochs", o.epochs}, {"batch", o.batch}, {"lora_lr", o.lora_lr}, {"clip_lr", o.clip_lr},
                         {"lora_wd", o.lora_wd}, {"clip_wd", o.clip_wd}, {"aug_coef", o.aug_coef},
-                        {"clip_init", o.layer.clip_init}};
+                        {"clip_init", o.layer.clip_init}, {"bf16", o.bf16}, {"tf32", a.tf32}};
     if (saliency)
       h["sapr"] = {{"lambda", o.lambda}, {"saliency_kind", saliency_kind_name(saliency->kind)},
                    {"target", a.sapr_target}, {"weight_epochs", o.weight_epochs}, {"output_epochs", o.output_epochs}};
@@ -223,7 +230,11 @@ void register_quantize(CLI::App& app) {
                 "ApiQ block-wise: coefficient of the second loss term ||F(W, Xq) - F(Q, Xq)||^2 (ApiQ's --aug_loss)")
       ->capture_default_str();
   q->add_option("--clip-init", a->clip_init, "ApiQ: initial clipping logits (sigmoid(4) = 0.982)")->capture_default_str();
-  q->add_flag("--apiq-verbose", a->apiq_verbose, "ApiQ: print the loss of every epoch");
+  q->add_flag("--apiq-verbose", a->apiq_verbose, "ApiQ: print the loss of every epoch and each block's stage times");
+  q->add_flag("--tf32", a->tf32, "GPU: let f32 matmuls and attention use TF32 tensor cores (faster, ~1e-3 relative error)");
+  q->add_flag("--bf16", a->bf16,
+              "ApiQ/SAPR on the GPU: training steps' matmuls and attention in bf16 with fp32 accumulation "
+              "(autocast, as ApiQ's reference runs fp16); parameters, loss and optimizer stay fp32");
   q->add_option("--lambda", a->lambda, "SAPR: weight of the saliency regularizer")->capture_default_str();
   q->add_option("--saliency", a->saliency, "SAPR: saliency file (read when it exists, else computed and written)");
   q->add_option("--saliency-kind", a->saliency_kind, "SAPR: fisher, grad-weight or act-weight")->capture_default_str();

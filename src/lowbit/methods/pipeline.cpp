@@ -104,7 +104,7 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
   Tensor X, Xfp;
   int start = 0;
   const std::string state_path = o.state_dir.empty() ? "" : (fs::path(o.state_dir) / "pipeline.safetensors").string();
-  const std::string key = method.name() + "|" + format.name + "|" + std::to_string(token_hash(tokens)) + "|" +
+  const std::string key = method.name() + "(" + method.options_key() + ")|" + format.name + "|" + std::to_string(token_hash(tokens)) + "|" +
                           (o.next_from_fp ? "fp" : "q");
   if (!state_path.empty() && fs::exists(state_path)) {
     SafetensorsFile f = SafetensorsFile::open(state_path);

@@ -91,6 +91,9 @@ class BlockMethod {
  public:
   virtual ~BlockMethod() = default;
   virtual std::string name() const = 0;
+  // The method's hyper-parameters as text: part of the resume key, so that a state directory
+  // written with other settings is refused instead of silently mixed into this run.
+  virtual std::string options_key() const { return ""; }
   // Quantizes ctx.model.block(ctx.layer) in place: replaces its linears with QuantLinear and may
   // rescale its norms. Appends one report per linear.
   virtual void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) = 0;

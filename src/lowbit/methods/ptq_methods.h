@@ -27,6 +27,7 @@ class GptqMethod : public BlockMethod {
  public:
   GptqMethod(const QuantFormat& f, GptqOptions o) : f_(f), o_(o) {}
   std::string name() const override { return "gptq"; }
+  std::string options_key() const override;
   void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
 
  private:
@@ -42,6 +43,7 @@ class AwqMethod : public BlockMethod {
  public:
   AwqMethod(const QuantFormat& f, AwqOptions o, bool clip) : f_(f), o_(o), clip_(clip) {}
   std::string name() const override { return "awq"; }
+  std::string options_key() const override;
   void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
 
  private:
