@@ -354,6 +354,93 @@ TEST_F(Parity, Attention) {
       {rnd({18, 256}, 1), rnd({24, 128}, 2), rnd({24, 128}, 3)}, 2e-5, 1e-4);
 }
 
+// ---- attention on TF32 tensor cores ----------------------------------------------------------------
+// With TF32 allowed (cuda_set_allow_tf32, `--tf32`), f32 attention with head_dim 64 or 128 runs on
+// tensor cores (attention_wmma_tf32.cuh): Q, K, V, dO and the probabilities P, dS are rounded to TF32
+// (10 explicit mantissa bits, unit roundoff u = 2^-11 = 4.9e-4) before each product; the softmax, the
+// accumulators, out and lse stay fp32. This is the bf16 tensor-core path's error model (Bf16 below:
+// 1e-2 for out, 2e-2 for the gradients) with a 4x smaller u and no rounding of the outputs:
+//  * a score s = scale q.k sums hd products each off by <= 2u relative, independently, so s is off
+//    by ~2u x (its own O(1) spread) ~ 1e-3 absolute; P = exp(s - lse) inherits that relative
+//    error, plus u from rounding P and u from rounding V: out ~1e-3 relative per element, a few
+//    1e-3 at the worst of ~1e5 elements -> 5e-3. lse (O(1-10), normalised by its largest value,
+//    ~5) is off by ~1e-3 absolute at worst -> 1e-3.
+//  * gradients chain two or three such products; the cancellation in dS = P (dP - D) that costs
+//    the fp32 kernels 5x (1e-4 against 2e-5 for out) is at fp32 level, far below the TF32 input
+//    rounding, which enters each product once as for out -> 5e-3 as well, measured against at
+//    least 1 as in attention_case (zero gradients for single-key rows).
+// Seen on an H100: out 1.15e-3, lse 2.1e-4, dq/dk/dv 1.1e-3, autograd 5.5e-4, i.e. 4-9x below the
+// tolerances (an H200 gave the same worst, 1.15e-3).
+// A wrong mask, tile bound or fragment index gives O(1). The cases are Llama-like (head_dim 128,
+// GQA, T not a multiple of the 64-row tiles, batch > 1, prefill over a cache, decode) plus one
+// with q and k at std 2 (scores of std 4: peaked rows as in trained models). To show the
+// tensor-core path really ran, the TF32 out error must also exceed fp32 level (1e-6), and with
+// LOWBIT_CUDA_SIMT_ATTENTION=1 the same call must be back at the fp32 kernels' 2e-5.
+TEST_F(Parity, AttentionTf32) {
+  struct Tf32On {  // restores the default (off) even when a check fails
+    Tf32On() { cuda_set_allow_tf32(true); }
+    ~Tf32On() {
+      cuda_set_allow_tf32(false);
+      unsetenv("LOWBIT_CUDA_SIMT_ATTENTION");
+    }
+  } tf32_on;
+  unsetenv("LOWBIT_CUDA_SIMT_ATTENTION");
+  struct Tf32Case {
+    AttnCase c;
+    double qk_std;
+  };
+  const std::vector<Tf32Case> cases = {
+      {{1, 300, 300, 8, 2, 128}, 1.0},   // GQA 4:1, T = 4 x 64 + 44
+      {{1, 520, 520, 32, 8, 128}, 1.0},  // Llama-3-8B heads (32 / 8), 9 tiles with a partial last one
+      {{2, 129, 129, 6, 3, 64}, 1.0},    // batch 2, GQA 2:1, last tile of a single row
+      {{1, 100, 333, 4, 1, 128}, 1.0},   // Tq < Tk (prefill after a cache), multi-query
+      {{1, 1, 200, 4, 2, 64}, 1.0},      // decode: one query over a cache
+      {{1, 200, 200, 4, 4, 128}, 2.0},   // peaked softmax (scores of std 4)
+  };
+  uint64_t seed = 900;
+  for (const auto& [c, qk_std] : cases) {
+    const std::string tag = str("tf32 B", c.B, " Tq", c.Tq, " Tk", c.Tk, " H", c.H, "/", c.KVH, " hd", c.hd,
+                                qk_std != 1.0 ? " peaked" : "");
+    Tensor q = rnd({c.B, c.Tq, c.H, c.hd}, seed, qk_std), k = rnd({c.B, c.Tk, c.KVH, c.hd}, seed + 1, qk_std);
+    Tensor v = rnd({c.B, c.Tk, c.KVH, c.hd}, seed + 2), dout = rnd({c.B, c.Tq, c.H, c.hd}, seed + 3);
+    seed += 10;
+    const double sc = 1.0 / std::sqrt(double(c.hd));
+    Tensor oc = nan_cpu(q.shape()), lc = nan_cpu({c.B, c.H, c.Tq}), og = nan_gpu(q.shape()), lg = nan_gpu({c.B, c.H, c.Tq});
+    ops::attention_forward(q, k, v, sc, oc, lc);
+    ops::attention_forward(gpu(q), gpu(k), gpu(v), sc, og, lg);
+    check("attention tf32 out", tag, og, oc, 5e-3);
+    check("attention tf32 lse", tag, lg, lc, 1e-3);
+    if (c.Tk >= 64) {
+      EXPECT_GT(nerr(og, oc), 1e-6) << "out " << tag << " is at fp32 level: the TF32 kernels did not run";
+    }
+    Tensor dqc = nan_cpu(q.shape()), dkc = nan_cpu(k.shape()), dvc = nan_cpu(v.shape());
+    Tensor dqg = nan_gpu(q.shape()), dkg = nan_gpu(k.shape()), dvg = nan_gpu(v.shape());
+    ops::attention_backward(dout, q, k, v, oc, lc, sc, dqc, dkc, dvc);
+    ops::attention_backward(gpu(dout), gpu(q), gpu(k), gpu(v), og, lg, sc, dqg, dkg, dvg);
+    check("attention tf32 dq/dk/dv", "dq " + tag, dqg, dqc, 5e-3, 1.0);
+    check("attention tf32 dq/dk/dv", "dk " + tag, dkg, dkc, 5e-3, 1.0);
+    check("attention tf32 dq/dk/dv", "dv " + tag, dvg, dvc, 5e-3, 1.0);
+  }
+  // TF32 on, CUDA-core kernels forced: fp32-level agreement again (the switch still works).
+  {
+    setenv("LOWBIT_CUDA_SIMT_ATTENTION", "1", 1);
+    const AttnCase c{1, 130, 130, 4, 2, 128};
+    Tensor q = rnd({c.B, c.Tq, c.H, c.hd}, 990), k = rnd({c.B, c.Tk, c.KVH, c.hd}, 991);
+    Tensor v = rnd({c.B, c.Tk, c.KVH, c.hd}, 992);
+    const double sc = 1.0 / std::sqrt(double(c.hd));
+    Tensor oc = nan_cpu(q.shape()), lc = nan_cpu({c.B, c.H, c.Tq}), og = nan_gpu(q.shape()), lg = nan_gpu({c.B, c.H, c.Tq});
+    ops::attention_forward(q, k, v, sc, oc, lc);
+    ops::attention_forward(gpu(q), gpu(k), gpu(v), sc, og, lg);
+    check("attention", "out, tf32 on + LOWBIT_CUDA_SIMT_ATTENTION=1", og, oc, 2e-5);
+    unsetenv("LOWBIT_CUDA_SIMT_ATTENTION");
+  }
+  // Through autograd (what the training step and ApiQ call): [B*T, H*hd] activations, GQA, hd 64.
+  autograd_parity(
+      "attention tf32 (autograd)",
+      [](const std::vector<Var>& v, Device) { return attention(v[0], v[1], v[2], 2, 70, 70, 4, 2, 64); },
+      {rnd({140, 256}, 11), rnd({140, 128}, 12), rnd({140, 128}, 13)}, 5e-3, 5e-3);
+}
+
 // ---- activations -----------------------------------------------------------------------------------
 // Same fp32 formulas; expf may differ by 1-2 ulps between the GPU and glibc -> 1e-6.
 TEST_F(Parity, Activations) {

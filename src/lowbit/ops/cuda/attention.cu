@@ -22,7 +22,9 @@
 //    dV += P^T dO, dK += dS^T Q, and dQ += dS K, the last added with fp32 atomics into a zeroed
 //    fp32 buffer (so dQ's last bits may vary between runs; dK and dV are deterministic).
 // Scores are kept in base 2 (scale * log2 e folded in) so exponentials are exp2f.
-// bf16 with head_dim 64 or 128 takes the tensor-core variant of both kernels (attention_wmma.cuh).
+// bf16 with head_dim 64 or 128 takes the tensor-core variant of both kernels (attention_wmma.cuh);
+// so does f32 with head_dim 64 or 128 when TF32 is allowed (cuda_rt::allow_tf32(), as for the f32
+// GEMMs): TF32 products with fp32 softmax and accumulation (attention_wmma_tf32.cuh).
 #include <cmath>
 #include <cstdlib>
 
@@ -473,10 +475,12 @@ void set_smem(K kernel, size_t bytes) {
   LB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
-// The tensor-core kernels (attention_wmma.cuh) serve bf16 with head_dim 64 or 128 and 16-byte
-// aligned operands; LOWBIT_CUDA_SIMT_ATTENTION=1 forces the fp32 CUDA-core kernels (tests, timing).
+// The tensor-core kernels serve head_dim 64 or 128 with 16-byte aligned operands: bf16 always
+// (attention_wmma.cuh), f32 when TF32 is allowed (attention_wmma_tf32.cuh). LOWBIT_CUDA_SIMT_ATTENTION=1
+// forces the fp32 CUDA-core kernels (tests, timing).
 bool use_wmma(const Tensor& q, TensorList ts) {
-  if (q.dtype() != DType::BF16 || (q.size(3) != 64 && q.size(3) != 128)) return false;
+  const bool tc_dtype = q.dtype() == DType::BF16 || (q.dtype() == DType::F32 && cuda_rt::allow_tf32());
+  if (!tc_dtype || (q.size(3) != 64 && q.size(3) != 128)) return false;
   if (const char* e = std::getenv("LOWBIT_CUDA_SIMT_ATTENTION"); e && e[0] == '1') return false;
   for (const Tensor* t : ts)
     if (!aligned16(t->raw_data())) return false;
@@ -486,6 +490,7 @@ bool use_wmma(const Tensor& q, TensorList ts) {
 }  // namespace lowbit::ops::cuda
 
 #include "lowbit/ops/cuda/attention_wmma.cuh"
+#include "lowbit/ops/cuda/attention_wmma_tf32.cuh"
 
 namespace lowbit::ops::cuda {
 using namespace attn_detail;
@@ -517,6 +522,24 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double
           const dim3 grid(unsigned((Tq + wmma_attn::kTile - 1) / wmma_attn::kTile), unsigned(H), unsigned(B));
           wmma_attn::fwd_kernel<LT, HD><<<grid, wmma_attn::kThreadsW, smem, cuda_rt::stream()>>>(p);
           LB_CUDA_LAUNCH_CHECK("wmma_attn::fwd_kernel");
+        };
+        if (hd == 64) launch(std::integral_constant<int, 64>{});
+        else launch(std::integral_constant<int, 128>{});
+        return;
+      }
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      if (wmma_path) {  // f32 with TF32 allowed
+        FwdParams<float, LT> p{ptr<float>(q), ptr<float>(k), ptr<float>(v), ptr<float>(out), ptr<LT>(lse),
+                               Tq, Tk, H, KVH, hd, H / KVH, float(scale) * kLog2e, true};
+        auto launch = [&](auto hd_tag) {
+          constexpr int HD = decltype(hd_tag)::value;
+          namespace wt = wmma_tf32_attn;
+          constexpr size_t smem = wt::fwd_smem<HD>();
+          set_smem(wt::fwd_kernel<LT, HD>, smem);
+          const dim3 grid(unsigned((Tq + wt::kTile - 1) / wt::kTile), unsigned(H), unsigned(B));
+          wt::fwd_kernel<LT, HD><<<grid, wt::kFwdThreads, smem, cuda_rt::stream()>>>(p);
+          LB_CUDA_LAUNCH_CHECK("wmma_tf32_attn::fwd_kernel");
         };
         if (hd == 64) launch(std::integral_constant<int, 64>{});
         else launch(std::integral_constant<int, 128>{});
@@ -583,6 +606,22 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
         };
         if (hd == 64) launch_w(std::integral_constant<int, 64>{});
         else launch_w(std::integral_constant<int, 128>{});
+        done = true;
+      }
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      if (wmma_path) {  // f32 with TF32 allowed
+        auto launch_t = [&](auto hd_tag) {
+          constexpr int HD = decltype(hd_tag)::value;
+          namespace wt = wmma_tf32_attn;
+          constexpr size_t smem = wt::bwd_smem<HD>();
+          set_smem(wt::bwd_kernel<LT, HD>, smem);
+          const dim3 grid(unsigned((Tk + wt::kTile - 1) / wt::kTile), unsigned(KVH), unsigned(B));
+          wt::bwd_kernel<LT, HD><<<grid, wt::kBwdThreads, smem, cuda_rt::stream()>>>(p);
+          LB_CUDA_LAUNCH_CHECK("wmma_tf32_attn::bwd_kernel");
+        };
+        if (hd == 64) launch_t(std::integral_constant<int, 64>{});
+        else launch_t(std::integral_constant<int, 128>{});
         done = true;
       }
     }
