@@ -118,12 +118,14 @@ int main(int argc, char** argv) {
       return LlamaModel(c, w, false);
     }();
     // Calibration inputs (random hidden states, std 1) and the FP block's outputs, both on the GPU.
-    const Tensor X = fast_random({N * L, D}, 1000, 1.0).to(dev);
+    Tensor X = fast_random({N * L, D}, 1000, 1.0).to(dev);
     const Tensor none;
-    const Tensor Y = BlockContext{model, 0, N, L, X, none, 1}.run_block(X);
+    Tensor Y = BlockContext{model, 0, N, L, X, none, 1}.run_block(X);
     // --bf16 keeps the loop's calibration windows in bf16, as ApiQ keeps its cached block inputs in
-    // fp16 (each step converts its window to f32); the method below keeps the f32 tensors.
+    // fp16 (each step converts its window to f32); the method below uses the f32 tensors (the pipeline's
+    // calibration inputs and targets are f32), so they are kept only when it runs.
     const Tensor Xl = a.bf16 ? to_bf16(X) : X, Yl = a.bf16 ? to_bf16(Y) : Y;
+    if (a.bf16 && a.method_epochs == 0) X = Y = Tensor();  // the loop holds only the bf16 copies
     cuda_synchronize();
     std::printf("bench_apiq_block on %s: dim %lld hidden %lld heads %d, %lld x %lld calibration tokens, %s rank %lld, "
                 "f32 (TF32 %s, bf16 autocast %s), batch 1; setup %.1f s (%d host threads)\n",
@@ -132,6 +134,7 @@ int main(int argc, char** argv) {
 
     ApiqOptions ao;
     ao.layer.rank = a.rank;
+    ao.bf16 = a.bf16;  // the method's Trainer takes the same autocast as the loop
     LlamaBlock& blk = model.block(0);
     {  // ---- loop mode: Trainer's step, timed ----
       std::vector<std::shared_ptr<Linear>*> slots;
@@ -222,9 +225,9 @@ int main(int argc, char** argv) {
       std::printf("  stages: train %.2f s (epochs and setup), finalize %.2f s (encoding), install %.2f s (QuantLinear: "
                   "dequantize + upload), report %.2f s (input capture + output errors)\n",
                   bt.train, bt.finalize, bt.install, bt.report);
-      std::printf("RESULT lowbit-method tf32=%s epochs=%d train_s=%.2f total_s=%.2f finalize_s=%.2f install_s=%.2f "
+      std::printf("RESULT lowbit-method tf32=%s bf16=%s epochs=%d train_s=%.2f total_s=%.2f finalize_s=%.2f install_s=%.2f "
                   "report_s=%.2f\n",
-                  a.tf32 ? "on" : "off", a.method_epochs, train, total, bt.finalize, bt.install, bt.report);
+                  a.tf32 ? "on" : "off", a.bf16 ? "on" : "off", a.method_epochs, train, total, bt.finalize, bt.install, bt.report);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_apiq_block: %s\n", e.what());
