@@ -95,8 +95,15 @@ void check_report_rows(Device dev, ApiqMode mode, int64_t batch) {
     Tensor q;
     for (auto& [n2, slot] : model.block(0).linears())
       if (n2 == name) q = (*slot)->effective_weight();
-    const double want = relative_output_error(report_sample(rows), w_fp[name], q);
-    EXPECT_EQ(r.rel_error, want) << r.name << " on " << device_name(dev) << " batch " << batch;
+    // The block-wise report keeps the rows and computes the error on the model's device (strict
+    // f32 there); the same computation on the same device gives the same number, up to cuBLAS's
+    // choice of kernels.
+    const double want = relative_output_error(report_sample(rows).to(dev), w_fp[name], q);
+    if (dev == Device::CPU) {
+      EXPECT_EQ(r.rel_error, want) << r.name << " batch " << batch;
+    } else {
+      EXPECT_NEAR(r.rel_error, want, 1e-6 * want) << r.name << " on " << device_name(dev) << " batch " << batch;
+    }
     EXPECT_GT(r.rel_error, 0.0) << r.name;
   }
 }

@@ -9,6 +9,7 @@
 #include "lowbit/autograd/functions.h"
 #include "lowbit/core/progress.h"
 #include "lowbit/io/safetensors.h"
+#include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/quant/quant_linear.h"
 
@@ -55,8 +56,11 @@ int64_t peak_rss_bytes() {
 
 double relative_output_error(const Tensor& x, const Tensor& w, const Tensor& q) {
   // ||X (W - Q)^T||^2 / ||X W^T||^2 with the ops, so it runs where the tensors live (cuBLAS on the
-  // GPU, BLAS on the CPU) without host copies.
+  // GPU, BLAS on the CPU) without host copies; strict f32 on the GPU even in a TF32 run, so the
+  // reported error does not depend on --tf32.
   const Device dev = x.device();
+  std::optional<CudaTf32Scope> strict;
+  if (dev == Device::CUDA) strict.emplace(false);
   const Tensor xf = x.to(DType::F32).contiguous(), wf = w.to(dev).to(DType::F32).contiguous();
   const Tensor qf = q.to(dev).to(DType::F32).contiguous();
   Tensor y = Tensor::empty({xf.size(0), wf.size(0)}, DType::F32, dev);

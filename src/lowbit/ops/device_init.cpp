@@ -16,6 +16,7 @@ int64_t cuda_in_use_bytes() { return cuda_rt::in_use_bytes(); }
 int64_t cuda_reserved_bytes() { return cuda_rt::reserved_bytes(); }
 void cuda_release_cached() { cuda_rt::release_cached(); }
 void cuda_set_allow_tf32(bool allow) { cuda_rt::set_allow_tf32(allow); }
+bool cuda_allow_tf32() { return cuda_rt::allow_tf32(); }
 void cuda_synchronize() { cuda_rt::synchronize(); }
 std::string cuda_device_name() { return cuda_rt::device_name(); }
 void cuda_profile_enable(bool on) { cuda_rt::profile_enable(on); }
@@ -35,6 +36,7 @@ int64_t cuda_in_use_bytes() { return 0; }
 int64_t cuda_reserved_bytes() { return 0; }
 void cuda_release_cached() {}
 void cuda_set_allow_tf32(bool) {}
+bool cuda_allow_tf32() { return false; }
 void cuda_synchronize() {}
 std::string cuda_device_name() { return {}; }
 void cuda_profile_enable(bool) {}

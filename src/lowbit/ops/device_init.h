@@ -22,9 +22,23 @@ int64_t cuda_in_use_bytes();
 int64_t cuda_reserved_bytes();  // taken from the driver: in use + cached free blocks
 void cuda_release_cached();     // give cached free blocks back to the driver
 
-// f32 GEMMs may use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation): ~8x faster on
-// Hopper, relative error ~1e-3 instead of ~1e-6. Off by default (PyTorch's default too).
+// f32 GEMMs and f32 attention (head_dim 64/128) may use TF32 tensor cores (10-bit mantissa inputs,
+// fp32 accumulation): several times faster on Hopper, relative error ~1e-3 instead of ~1e-6. Off by
+// default (PyTorch's default for matmuls too).
 void cuda_set_allow_tf32(bool allow);
+bool cuda_allow_tf32();
+// Sets the TF32 permission for its lifetime and restores the previous one (e.g. strict f32 for a
+// measurement inside a TF32 run).
+class CudaTf32Scope {
+ public:
+  explicit CudaTf32Scope(bool allow) : prev_(cuda_allow_tf32()) { cuda_set_allow_tf32(allow); }
+  ~CudaTf32Scope() { cuda_set_allow_tf32(prev_); }
+  CudaTf32Scope(const CudaTf32Scope&) = delete;
+  CudaTf32Scope& operator=(const CudaTf32Scope&) = delete;
+
+ private:
+  bool prev_;
+};
 void cuda_synchronize();
 std::string cuda_device_name();
 

@@ -16,6 +16,7 @@ int64_t in_use_bytes();
 int64_t reserved_bytes();
 void release_cached();
 void set_allow_tf32(bool allow);
+bool allow_tf32();
 void synchronize();
 std::string device_name();
 
