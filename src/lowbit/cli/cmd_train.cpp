@@ -122,7 +122,7 @@ void register_train(CLI::App& app) {
   t->add_option("--checkpoint-every", o.checkpoint_every, "save the resumable state every N steps")->capture_default_str();
   t->add_option("--seed", o.seed, "seed for initialisation and data order")->capture_default_str();
   t->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
-  t->add_flag("--tf32", a->tf32, "let f32 GEMMs on the GPU use TF32 tensor cores (faster, ~1e-3 relative error)");
+  t->add_flag("--tf32", a->tf32, "let f32 GEMMs and attention on the GPU use TF32 tensor cores (faster, ~1e-3 relative error)");
   t->add_flag("--bf16", a->bf16,
               "mixed precision on the GPU: bf16 activations and matmuls (fp32 accumulation), fp32 master weights, "
               "gradients for the update and AdamW state, fp32 loss");
