@@ -22,25 +22,7 @@ LlamaModel tiny_model(Device dev) {
   c.n_heads = c.n_kv_heads = 4;
   c.vocab_size = 32;
   c.max_seq_len = 256;
-  const int64_t D = c.dim, F = c.hidden_dim;
-  uint64_t seed = 1;
-  auto rnd = [&](Shape s) { return Tensor::randn(s, seed++, 0.1).to(dev); };
-  auto ones = [&](int64_t n) { return Tensor::full({n}, 1.0).to(dev); };
-  LlamaWeights w;
-  w.tok_embeddings = rnd({c.vocab_size, D});
-  w.final_norm = ones(D);
-  LayerWeights l;
-  l.attn_norm = ones(D);
-  l.ffn_norm = ones(D);
-  l.wq = rnd({D, D});
-  l.wk = rnd({D, D});
-  l.wv = rnd({D, D});
-  l.wo = rnd({D, D});
-  l.w_gate = rnd({F, D});
-  l.w_up = rnd({F, D});
-  l.w_down = rnd({D, F});
-  w.layers.push_back(std::move(l));
-  return LlamaModel(c, w, false);
+  return LlamaModel(c, weights_to(random_weights(c, 1, 0.1), dev), false);
 }
 
 void check_report_rows(Device dev, ApiqMode mode, int64_t batch) {

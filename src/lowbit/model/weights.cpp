@@ -85,11 +85,17 @@ void validate_weights(const LlamaConfig& c, const LlamaWeights& w, const std::st
   }
 }
 
-LlamaWeights random_weights(const LlamaConfig& c, uint64_t seed) {
+LlamaWeights weights_to(const LlamaWeights& w, Device device) {
+  LlamaWeights r = w;
+  for_each_weight(r, [&](const std::string&, Tensor& t) { t = t.to(device); });
+  return r;
+}
+
+LlamaWeights random_weights(const LlamaConfig& c, uint64_t seed, double std) {
   const int64_t D = c.dim, F = c.hidden_dim, V = c.vocab_size, h = c.resolved_head_dim();
   const int64_t Q = int64_t(c.n_heads) * h, KV = int64_t(c.n_kv_heads) * h;
   uint64_t s = seed * 1000003ull;
-  auto rnd = [&](Shape shape) { return Tensor::randn(shape, ++s, 0.02); };
+  auto rnd = [&](Shape shape) { return Tensor::randn(shape, ++s, std); };
   auto ones = [&](int64_t n) { return Tensor::full({n}, 1.0); };
   LlamaWeights w;
   w.tok_embeddings = rnd({V, D});

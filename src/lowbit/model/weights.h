@@ -37,7 +37,9 @@ void for_each_weight(const LlamaWeights& w, const std::function<void(const std::
 // Throws lowbit::Error naming `source` and the tensor.
 void validate_weights(const LlamaConfig& c, const LlamaWeights& w, const std::string& source);
 
-// Random weights for tests and benchmarks (normal, std 0.02; norms = 1).
-LlamaWeights random_weights(const LlamaConfig& c, uint64_t seed);
+// Random weights for tests and benchmarks (normal with the given std; norms = 1), on the CPU.
+LlamaWeights random_weights(const LlamaConfig& c, uint64_t seed, double std = 0.02);
+// w with every tensor moved to `device`.
+LlamaWeights weights_to(const LlamaWeights& w, Device device);
 
 }  // namespace lowbit

@@ -210,6 +210,28 @@ __device__ __forceinline__ float sub_sum(float v) {
   return v;
 }
 
+// This thread's place: group gid (LPG lanes each), lane sub within it; ok is false past the end.
+template <int LPG>
+struct FastLane {
+  int64_t gid;
+  int sub;
+  bool ok;
+  __device__ explicit FastLane(int64_t groups) {
+    const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    gid = t / LPG;
+    sub = int(t % LPG);
+    ok = gid < groups;
+  }
+};
+// The lane's VPL float4s of its group in p [groups * GS] (rows are tiled by whole groups, so group
+// gid starts at element gid * GS); zeros past the end.
+template <int LPG, int VPL>
+__device__ __forceinline__ void load_group(const float* __restrict__ p, const FastLane<LPG>& ln, float4 (&v)[VPL]) {
+  const float4* g = reinterpret_cast<const float4*>(p + (ln.ok ? ln.gid : 0) * (4 * LPG * VPL));
+#pragma unroll
+  for (int k = 0; k < VPL; ++k) v[k] = ln.ok ? g[k * LPG + ln.sub] : make_float4(0, 0, 0, 0);
+}
+
 template <int LPG, int VPL>
 __device__ __forceinline__ FastState fast_state(const float4 (&w)[VPL], float gamma, float beta, const LwcArgs& a) {
   FastState st;
@@ -257,6 +279,14 @@ __device__ __forceinline__ FastState fast_state(const float4 (&w)[VPL], float ga
   return st;
 }
 
+// The state of the lane's group, reading its clipping logits (zeros past the end).
+template <int LPG, int VPL>
+__device__ __forceinline__ FastState fast_state(const float4 (&w)[VPL], const FastLane<LPG>& ln,
+                                                const float* __restrict__ gamma, const float* __restrict__ beta,
+                                                const LwcArgs& a) {
+  return fast_state<LPG, VPL>(w, ln.ok ? gamma[ln.gid] : 0.f, (ln.ok && beta) ? beta[ln.gid] : 0.f, a);
+}
+
 __device__ __forceinline__ float fq(float w, const FastState& st) {
   const float q = fminf(fmaxf(rintf(w / st.s) + st.z, st.qlo), st.qmax);
   return (q - st.z) * st.s;
@@ -272,21 +302,15 @@ __global__ void __launch_bounds__(256) lwc_forward_fast(const float* __restrict_
                                                         const float* __restrict__ beta, float* __restrict__ y,
                                                         int64_t groups, LwcArgs a) {
   constexpr int GS = 4 * LPG * VPL;
-  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t gid = t / LPG;
-  const int sub = int(t % LPG);
-  const bool ok = gid < groups;
-  // Rows are tiled by whole groups, so group gid starts at element gid * GS.
-  const float4* wg = reinterpret_cast<const float4*>(w + (ok ? gid : 0) * GS);
+  const FastLane<LPG> ln(groups);
   float4 v[VPL];
-#pragma unroll
-  for (int k = 0; k < VPL; ++k) v[k] = ok ? wg[k * LPG + sub] : make_float4(0, 0, 0, 0);
-  const FastState st = fast_state<LPG, VPL>(v, ok ? gamma[gid] : 0.f, (ok && beta) ? beta[gid] : 0.f, a);
-  if (!ok) return;
-  float4* yg = reinterpret_cast<float4*>(y + gid * GS);
+  load_group<LPG, VPL>(w, ln, v);
+  const FastState st = fast_state<LPG, VPL>(v, ln, gamma, beta, a);
+  if (!ln.ok) return;
+  float4* yg = reinterpret_cast<float4*>(y + ln.gid * GS);
 #pragma unroll
   for (int k = 0; k < VPL; ++k)
-    yg[k * LPG + sub] = make_float4(fq(v[k].x, st), fq(v[k].y, st), fq(v[k].z, st), fq(v[k].w, st));
+    yg[k * LPG + ln.sub] = make_float4(fq(v[k].x, st), fq(v[k].y, st), fq(v[k].z, st), fq(v[k].w, st));
 }
 
 template <int LPG, int VPL>
@@ -294,30 +318,20 @@ __global__ void __launch_bounds__(256) lwc_backward_fast(const float* __restrict
                                                          const float* __restrict__ beta, const float* __restrict__ dy,
                                                          float* __restrict__ dgamma, float* __restrict__ dbeta,
                                                          int64_t groups, LwcArgs a) {
-  constexpr int GS = 4 * LPG * VPL;
-  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t gid = t / LPG;
-  const int sub = int(t % LPG);
-  const bool ok = gid < groups;
-  const int64_t base = (ok ? gid : 0) * GS;
-  const float4* wg = reinterpret_cast<const float4*>(w + base);
-  const float4* dg4 = reinterpret_cast<const float4*>(dy + base);
+  const FastLane<LPG> ln(groups);
   float4 v[VPL], d[VPL];
-#pragma unroll
-  for (int k = 0; k < VPL; ++k) {
-    v[k] = ok ? wg[k * LPG + sub] : make_float4(0, 0, 0, 0);
-    d[k] = ok ? dg4[k * LPG + sub] : make_float4(0, 0, 0, 0);
-  }
-  const FastState st = fast_state<LPG, VPL>(v, ok ? gamma[gid] : 0.f, (ok && beta) ? beta[gid] : 0.f, a);
+  load_group<LPG, VPL>(w, ln, v);
+  load_group<LPG, VPL>(dy, ln, d);
+  const FastState st = fast_state<LPG, VPL>(v, ln, gamma, beta, a);
   float ds = 0;
 #pragma unroll
   for (int k = 0; k < VPL; ++k)
     ds += ds_term(v[k].x, d[k].x, st) + ds_term(v[k].y, d[k].y, st) + ds_term(v[k].z, d[k].z, st) +
           ds_term(v[k].w, d[k].w, st);
   ds = sub_sum<LPG>(ds);
-  if (!ok || sub != 0) return;
-  dgamma[gid] = ds * st.dg_coef;
-  if (dbeta) dbeta[gid] = ds * st.db_coef;
+  if (!ln.ok || ln.sub != 0) return;
+  dgamma[ln.gid] = ds * st.dg_coef;
+  if (dbeta) dbeta[ln.gid] = ds * st.db_coef;
 }
 
 // The fast kernels' (LPG, VPL) for a format, or {0, 0} when the generic kernels must run.
