@@ -137,7 +137,8 @@ def main():
                      for e, (n, t) in sizes.items())
     apiq_desc = (f"LoRA rank {a.rank} (alpha {a.rank}), {a.epochs} epochs (paper: 20), {apiq_n} calibration windows "
                  f"(paper: 128 × 2048 tokens), batch 1, LoRA lr 5e-4, clipping lr 5e-3, weight decay 0.1; SAPR: Fisher "
-                 f"saliency, lambda {a.lam:g}, all epochs mixed")
+                 f"saliency (mean 1 per layer), lambda {a.lam:g}, Ŵ = Q(W) + BA, the paper's stage schedule "
+                 f"({a.epochs - (a.epochs + 2) // 4} weight- then {(a.epochs + 2) // 4} output-preservation epochs)")
     print(f"Perplexity (`lowbit eval ppl --ctx {CTX}`, Llama 2 tokenizer, no BOS; {sets}) of the stories15M-shaped "
           f"model trained on linux-docs ({os.path.basename(a.model)}; FP " +
           ", ".join(f"{e} {fp[e]:.3f}" for e in names) +

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <map>
 
 #include "common/stories_fixture.h"
 #include "lowbit/autograd/functions.h"
@@ -132,6 +133,181 @@ TEST(Saliency, RegularizerGradient) {
   double ref = 0;
   for (int64_t i = 0; i < w.numel(); ++i) ref += s.item(i) * std::pow(wh.item(i) - w.item(i), 2);
   EXPECT_NEAR(saliency_regularizer(Var(wh), w, s).value().item(), ref / 35.0, 1e-12);
+}
+
+// --saliency-norm none: the raw Fisher is the SUM over sequences of the squared per-sequence
+// gradients of the mean token cross-entropy (the reference's SqueezeLLM-style gradients), computed
+// here directly; the layer-normalised map is the raw one divided by its per-layer mean.
+TEST(Saliency, RawFisherIsSumOfSquaredPerSequenceGradients) {
+  const LlamaConfig c = tiny_config();
+  const LlamaWeights w = random_weights(c, 5);
+  const int64_t N = 3, L = 16;
+  const Tensor tokens = tiny_tokens(N, L, c.vocab_size);
+  SaliencyOptions o;
+  o.norm = SaliencyNorm::None;
+  const SaliencyMap raw = compute_saliency(c, w, tokens, o);
+  EXPECT_EQ(raw.norm, SaliencyNorm::None);
+  o.norm = SaliencyNorm::Layer;
+  const SaliencyMap layer = compute_saliency(c, w, tokens, o);
+  EXPECT_EQ(layer.norm, SaliencyNorm::Layer);
+
+  LlamaModel model(c, w, true);
+  std::map<std::string, std::vector<double>> ref;
+  for (int64_t n = 0; n < N; ++n) {
+    const Tensor seq = tokens.slice(0, n, n + 1).contiguous();
+    std::vector<int32_t> tg;
+    for (int64_t t = 0; t < L; ++t) tg.push_back(t + 1 < L ? seq.data<int32_t>()[t + 1] : -1);
+    backward(cross_entropy(model.forward(seq), Tensor::from_vector(tg, {L})));
+    for (int i = 0; i < model.n_layers(); ++i)
+      for (auto& [name, slot] : model.block(i).linears()) {
+        const Tensor g = dynamic_cast<DenseLinear*>(slot->get())->weight_var().grad().to(DType::F32).contiguous();
+        auto& r = ref["model.layers." + std::to_string(i) + "." + name];
+        r.resize(size_t(g.numel()), 0.0);
+        for (int64_t k = 0; k < g.numel(); ++k) r[size_t(k)] += std::pow(double(g.data<float>()[k]), 2);
+      }
+    for (auto& p : model.parameters()) p.zero_grad();
+  }
+  ASSERT_EQ(ref.size(), raw.scores.size());
+  const SaliencyMap renorm = normalise_saliency_per_layer(raw);
+  EXPECT_EQ(renorm.norm, SaliencyNorm::Layer);
+  for (const auto& [name, r] : ref) {
+    const Tensor& s = raw.at(name);
+    ASSERT_EQ(s.numel(), int64_t(r.size())) << name;
+    double max_ref = 0, max_err = 0;
+    for (size_t k = 0; k < r.size(); ++k) {
+      max_ref = std::max(max_ref, r[k]);
+      max_err = std::max(max_err, std::fabs(s.item(int64_t(k)) - r[k]));
+    }
+    ASSERT_GT(max_ref, 0.0) << name;
+    EXPECT_LT(max_err, 1e-5 * max_ref) << name;
+    // layer = raw / mean(raw), per layer.
+    const double m = mean_of(s);
+    for (int64_t k = 0; k < s.numel(); ++k) {
+      ASSERT_NEAR(layer.at(name).item(k) * m, s.item(k), 1e-4 * max_ref) << name << " " << k;
+      ASSERT_NEAR(renorm.at(name).item(k), layer.at(name).item(k), 1e-4 * (1 + layer.at(name).item(k))) << name;
+    }
+  }
+  // grad-weight with norm none: sum over sequences of |g w| (one batch: |g w| of that batch).
+  o.norm = SaliencyNorm::None;
+  o.kind = SaliencyKind::GradWeight;
+  o.batch = N;
+  const SaliencyMap gw = compute_saliency(c, w, tokens, o);
+  o.kind = SaliencyKind::Fisher;
+  const SaliencyMap f1 = compute_saliency(c, w, tokens, o);  // one batch: g^2
+  for (int i = 0; i < model.n_layers(); ++i)
+    for (auto& [name, slot] : model.block(i).linears()) {
+      const std::string m = "model.layers." + std::to_string(i) + "." + name;
+      const Tensor wt = (*slot)->effective_weight();
+      for (int64_t k = 0; k < wt.numel(); ++k)
+        ASSERT_NEAR(std::pow(gw.at(m).item(k), 2), f1.at(m).item(k) * std::pow(wt.item(k), 2),
+                    1e-4 * (std::pow(gw.at(m).item(k), 2) + 1e-12)) << m << " " << k;
+    }
+}
+
+TEST(Saliency, SumReductionIsNumelTimesMean) {
+  const Tensor w = Tensor::randn({5, 7}, 1, 1.0, DType::F64), s = Tensor::uniform({5, 7}, 2, 0.0, 2.0, DType::F64);
+  const Tensor wh = Tensor::randn({5, 7}, 3, 1.0, DType::F64);
+  const double mean = saliency_regularizer(Var(wh), w, s).value().item();
+  const double sum = saliency_regularizer(Var(wh), w, s, SaprReduction::Sum).value().item();
+  EXPECT_NEAR(sum, 35.0 * mean, 1e-12 * std::fabs(sum));
+  double ref = 0;
+  for (int64_t i = 0; i < w.numel(); ++i) ref += s.item(i) * std::pow(wh.item(i) - w.item(i), 2);
+  EXPECT_NEAR(sum, ref, 1e-12 * ref);
+  test::grad_check([&](const std::vector<Var>& v) { return saliency_regularizer(v[0], w, s, SaprReduction::Sum); },
+                   {Tensor::randn({5, 7}, 4, 1.0, DType::F64)});
+  EXPECT_EQ(parse_sapr_reduction("sum"), SaprReduction::Sum);
+  EXPECT_EQ(std::string(sapr_reduction_name(SaprReduction::Mean)), "mean");
+  EXPECT_THROW(parse_sapr_reduction("avg"), Error);
+  EXPECT_THROW(parse_saliency_norm("max"), Error);
+}
+
+// ApiqOptions::reduction reaches the block-wise training: sum with S equals mean with S * numel
+// (per layer), and the regularizer logged in a weight-preservation epoch agrees.
+TEST(Saliency, ApiqSumReductionEqualsMeanWithScaledSaliency) {
+  LlamaConfig c = tiny_config();
+  c.hidden_dim = 64;
+  const LlamaWeights w = random_weights(c, 6);
+  const Tensor tokens = tiny_tokens(4, 16, c.vocab_size);
+  SaliencyOptions so;
+  so.norm = SaliencyNorm::None;
+  SaliencyMap raw = compute_saliency(c, w, tokens, so);
+  SaliencyMap scaled = raw;
+  for (auto& [name, t] : scaled.scores) {
+    Tensor u = t.clone();
+    for (int64_t k = 0; k < u.numel(); ++k) u.data<float>()[k] *= float(u.numel());
+    t = u;
+  }
+  const QuantFormat& f = parse_quant_format("int2g32");
+  ApiqOptions o;
+  o.layer.rank = 2;
+  o.layer.lora_alpha = 2;
+  o.epochs = 3;
+  o.weight_epochs = 2;
+  o.output_epochs = 1;
+  o.batch = 2;
+  o.lambda = 1e3;
+  o.reg_with_lora = false;
+  ApiqOptions a = o, b = o;
+  a.saliency = &raw;
+  a.reduction = SaprReduction::Sum;
+  b.saliency = &scaled;
+  b.reduction = SaprReduction::Mean;
+  ApiqMethod ma(f, a), mb(f, b);
+  EXPECT_NE(ma.options_key(), mb.options_key());  // the reduction is part of the resume key
+  ApiqOptions a2 = a;
+  a2.reduction = SaprReduction::Mean;
+  EXPECT_NE(ApiqMethod(f, a2).options_key(), ma.options_key());
+  PipelineOptions po;
+  po.progress = false;
+  LlamaModel qa(c, w), qb(c, w);
+  run_blockwise(qa, tokens, ma, f, po);
+  run_blockwise(qb, tokens, mb, f, po);
+  ASSERT_EQ(ma.log().size(), mb.log().size());
+  for (size_t i = 0; i < ma.log().size(); ++i) {
+    EXPECT_NEAR(ma.log()[i].reg, mb.log()[i].reg, 1e-4 * (std::fabs(mb.log()[i].reg) + 1e-12)) << i;
+    EXPECT_NEAR(ma.log()[i].loss, mb.log()[i].loss, 1e-4 * (std::fabs(mb.log()[i].loss) + 1e-12)) << i;
+    if (ma.log()[i].epoch < 2) EXPECT_GT(ma.log()[i].reg, 0.0) << i;
+    else EXPECT_EQ(ma.log()[i].reg, 0.0) << i;  // output preservation: ApiQ loss only
+  }
+  for (int i = 0; i < qa.n_layers(); ++i) {
+    auto la = qa.block(i).linears(), lb = qb.block(i).linears();
+    for (size_t k = 0; k < la.size(); ++k)
+      EXPECT_LT(max_abs_diff((*la[k].second)->effective_weight(), (*lb[k].second)->effective_weight()), 1e-3)
+          << i << " " << la[k].first;
+  }
+}
+
+TEST(Saliency, FileKeepsNormalisationAndReadsOldFiles) {
+  const LlamaConfig c = tiny_config();
+  const LlamaWeights w = random_weights(c, 7);
+  SaliencyOptions o;
+  o.norm = SaliencyNorm::None;
+  SaliencyMap s = compute_saliency(c, w, tiny_tokens(2, 16, c.vocab_size), o);
+  auto dir = test::temp_dir("saliency-norm");
+  const std::string path = (dir / "raw.safetensors").string();
+  save_saliency(path, s);
+  EXPECT_EQ(SafetensorsFile::open(path).metadata().at("normalization"), "none");
+  SaliencyMap back = load_saliency(path);
+  EXPECT_EQ(back.norm, SaliencyNorm::None);
+  for (const auto& [name, t] : s.scores) EXPECT_EQ(max_abs_diff(t, back.at(name)), 0.0) << name;
+  // Old files (no "normalization" key) are layer-normalised; a bad value names the file.
+  std::vector<std::pair<std::string, Tensor>> ts;
+  for (const auto& [m, t] : s.scores) ts.emplace_back(m, t);
+  std::map<std::string, std::string> md{{"format", "lowbit-saliency"}, {"version", "1"}, {"kind", "fisher"},
+                                        {"rope_style", "interleaved"}, {"nsamples", "2"}, {"seqlen", "16"}};
+  const std::string old_path = (dir / "old.safetensors").string(), bad_path = (dir / "bad.safetensors").string();
+  save_safetensors(old_path, ts, md);
+  EXPECT_EQ(load_saliency(old_path).norm, SaliencyNorm::Layer);
+  md["normalization"] = "per-tensor";
+  save_safetensors(bad_path, ts, md);
+  try {
+    load_saliency(bad_path);
+    ADD_FAILURE() << "malformed normalization accepted";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(bad_path), std::string::npos) << msg;
+    EXPECT_NE(msg.find("per-tensor"), std::string::npos) << msg;
+  }
 }
 
 // SAPR vs ApiQ with the same (quick) settings on stories260K at int2g64. The regularizer must do

@@ -1,4 +1,5 @@
 // lowbit quantize: block-wise post-training quantization of a model (RTN, GPTQ, AWQ, ApiQ, SAPR).
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -33,7 +34,7 @@ struct QuantArgs {
   double lora_alpha = 16, lora_lr = 5e-4, clip_lr = 5e-3, lora_wd = 0.1, clip_wd = 0.1, weight_decay = -1,
          aug = 0.0, clip_init = 4.0, lambda = 3.0;
   std::string lora_init = "kaiming", saliency, saliency_kind = "fisher", sapr_target = "quant-lora", lora = "keep",
-              merge_dtype = "f16";
+              merge_dtype = "f16", saliency_norm = "layer", sapr_reduction = "mean", sapr_recipe;
   bool apiq_verbose = false, tf32 = false, bf16 = false;
 };
 
@@ -62,6 +63,9 @@ ApiqOptions apiq_options(const QuantArgs& a) {
   if (a.sapr_target != "quant" && a.sapr_target != "quant-lora")
     throw_error("--sapr-target must be 'quant' (Ŵ = Q(W)) or 'quant-lora' (Ŵ = Q(W) + BA), got '", a.sapr_target, "'");
   o.reg_with_lora = a.sapr_target == "quant-lora";
+  if (a.sapr_reduction != "mean" && a.sapr_reduction != "sum")
+    throw_error("--sapr-reduction must be 'mean' or 'sum', got '", a.sapr_reduction, "'");
+  o.reduction = parse_sapr_reduction(a.sapr_reduction);
   o.weight_epochs = a.sapr_weight_epochs;
   o.output_epochs = a.sapr_output_epochs;
   return o;
@@ -84,19 +88,70 @@ std::unique_ptr<BlockMethod> make_method(const QuantArgs& a, const QuantFormat& 
   throw_error("unknown --method '", a.method, "' (expected rtn, gptq, awq, apiq, apiq-layer or sapr)");
 }
 
+// --sapr-recipe paper: the reference code's saliency recipe (ULB-SAPR README: raw summed Fisher,
+// summed regularizer on Q(W), 15 weight- then 5 output-preservation epochs, scaled to --epochs).
+// Flags given explicitly take precedence; lambda must be given (its scale is the model's).
+void apply_sapr_recipe(QuantArgs& a, const CLI::App& q) {
+  auto unset = [&](const char* flag) { return q.count(flag) == 0; };
+  // The default stage schedule is the paper's (ULB-SAPR README: 15 weight- then 5 output-
+  // preservation epochs of 20), scaled to --epochs; --sapr-weight-epochs 0 --sapr-output-epochs 0
+  // trains every epoch on the mixed loss.
+  if (a.method == "sapr" && unset("--sapr-weight-epochs") && unset("--sapr-output-epochs")) {
+    a.sapr_output_epochs = a.epochs > 0 ? std::max(1, (a.epochs + 2) / 4) : 0;
+    a.sapr_weight_epochs = a.epochs - a.sapr_output_epochs;
+  }
+  if (a.sapr_recipe.empty()) return;
+  if (a.sapr_recipe != "paper") throw_error("--sapr-recipe must be 'paper', got '", a.sapr_recipe, "'");
+  if (a.method != "sapr") throw_error("--sapr-recipe applies to --method sapr, not ", a.method);
+  if (q.count("--lambda") == 0)
+    throw_error("--sapr-recipe paper needs --lambda: the regularizer is a sum of raw squared gradients, whose scale "
+                "depends on the model and data (the reference used 0.1 for Llama-2-7B w2g64); the default ", a.lambda,
+                " is for the layer-normalised mean form");
+  if (unset("--saliency-norm")) a.saliency_norm = "none";
+  if (unset("--sapr-reduction")) a.sapr_reduction = "sum";
+  if (unset("--sapr-target")) a.sapr_target = "quant";
+  // The recipe has no mixed epochs: one stage given, the other takes the remaining epochs.
+  if (unset("--sapr-output-epochs") && !unset("--sapr-weight-epochs")) a.sapr_output_epochs = a.epochs - a.sapr_weight_epochs;
+  if (unset("--sapr-weight-epochs") && !unset("--sapr-output-epochs")) a.sapr_weight_epochs = a.epochs - a.sapr_output_epochs;
+}
+
+// SAPR flags, checked before the model is loaded.
+void check_sapr_args(const QuantArgs& a) {
+  if (a.saliency_norm != "layer" && a.saliency_norm != "none")
+    throw_error("--saliency-norm must be 'layer' or 'none', got '", a.saliency_norm, "'");
+  if (a.sapr_reduction != "mean" && a.sapr_reduction != "sum")
+    throw_error("--sapr-reduction must be 'mean' or 'sum', got '", a.sapr_reduction, "'");
+  if (a.sapr_target != "quant" && a.sapr_target != "quant-lora")
+    throw_error("--sapr-target must be 'quant' (Ŵ = Q(W)) or 'quant-lora' (Ŵ = Q(W) + BA), got '", a.sapr_target, "'");
+  if (a.sapr_weight_epochs < 0 || a.sapr_output_epochs < 0 || a.sapr_weight_epochs + a.sapr_output_epochs > a.epochs)
+    throw_error("--sapr-weight-epochs (", a.sapr_weight_epochs, ") and --sapr-output-epochs (", a.sapr_output_epochs,
+                ") must be >= 0 and add up to at most --epochs (", a.epochs, ")");
+}
+
 // SAPR's saliency: loaded from --saliency FILE when it exists, else computed on the calibration
-// windows with the full-precision model (and written to FILE when one was named).
+// windows with the full-precision model (and written to FILE when one was named). A raw file is
+// normalised per layer when --saliency-norm layer asks for it; the converse is impossible.
 SaliencyMap obtain_saliency(const QuantArgs& a, const LlamaModel& model, const Tensor& calib) {
+  const SaliencyNorm norm = parse_saliency_norm(a.saliency_norm);
   if (!a.saliency.empty() && fs::exists(a.saliency)) {
     SaliencyMap s = load_saliency(a.saliency);
     check_saliency_matches(s, model, a.saliency);
     if (saliency_kind_name(s.kind) != a.saliency_kind)
       std::fprintf(stderr, "note: %s holds %s saliency; --saliency-kind %s is ignored\n", a.saliency.c_str(),
                    saliency_kind_name(s.kind), a.saliency_kind.c_str());
+    if (s.norm == SaliencyNorm::Layer && norm == SaliencyNorm::None)
+      throw_error(a.saliency, ": holds layer-normalised saliency but --saliency-norm none asks for raw scores; name "
+                  "another --saliency file (it is computed and written there)");
+    if (s.norm == SaliencyNorm::None && norm == SaliencyNorm::Layer) {
+      if (!a.json) std::fprintf(stderr, "note: %s holds raw saliency; normalised to mean 1 per layer (--saliency-norm layer)\n",
+                                a.saliency.c_str());
+      s = normalise_saliency_per_layer(std::move(s));
+    }
     return s;
   }
   SaliencyOptions so;
   so.kind = parse_saliency_kind(a.saliency_kind);
+  so.norm = norm;
   so.batch = a.saliency_batch;
   so.progress = !a.json;
   SaliencyMap s = compute_saliency(model.config(), model.weights(), calib, so);
@@ -105,6 +160,7 @@ SaliencyMap obtain_saliency(const QuantArgs& a, const LlamaModel& model, const T
 }
 
 void run_quantize(const QuantArgs& a) {
+  if (a.method == "sapr") check_sapr_args(a);
   const std::string format = !a.format.empty() ? a.format : is_apiq(a.method) ? "int2g64" : "int4g128";
   const QuantFormat& f = parse_quant_format(format);
   if (a.lora != "keep" && a.lora != "merge") throw_error("--lora must be 'keep' or 'merge', got '", a.lora, "'");
@@ -169,7 +225,9 @@ void run_quantize(const QuantArgs& a) {
                         {"clip_init", o.layer.clip_init}, {"bf16", o.bf16}, {"tf32", a.tf32}};
     if (saliency)
       h["sapr"] = {{"lambda", o.lambda}, {"saliency_kind", saliency_kind_name(saliency->kind)},
-                   {"target", a.sapr_target}, {"weight_epochs", o.weight_epochs}, {"output_epochs", o.output_epochs}};
+                   {"saliency_norm", saliency_norm_name(saliency->norm)}, {"reduction", sapr_reduction_name(o.reduction)},
+                   {"target", a.sapr_target}, {"weight_epochs", o.weight_epochs}, {"output_epochs", o.output_epochs},
+                   {"recipe", a.sapr_recipe.empty() ? "none" : a.sapr_recipe}};
     extra["apiq"] = h;
     report["apiq"] = h;
   }
@@ -235,17 +293,37 @@ void register_quantize(CLI::App& app) {
   q->add_flag("--bf16", a->bf16,
               "ApiQ/SAPR on the GPU: training steps' matmuls and attention in bf16 with fp32 accumulation "
               "(autocast, as ApiQ's reference runs fp16); parameters, loss and optimizer stay fp32");
-  q->add_option("--lambda", a->lambda, "SAPR: weight of the saliency regularizer")->capture_default_str();
+  q->add_option("--lambda", a->lambda,
+                "SAPR: weight of the saliency regularizer (default tuned for --saliency-norm layer "
+                "--sapr-reduction mean on stories260K; the raw/sum form needs a model-specific value)")
+      ->capture_default_str();
   q->add_option("--saliency", a->saliency, "SAPR: saliency file (read when it exists, else computed and written)");
   q->add_option("--saliency-kind", a->saliency_kind, "SAPR: fisher, grad-weight or act-weight")->capture_default_str();
   q->add_option("--saliency-batch", a->saliency_batch, "SAPR: calibration windows per saliency backward pass")
       ->capture_default_str();
-  q->add_option("--sapr-target", a->sapr_target, "SAPR: regularize Q(W) ('quant') or Q(W) + BA ('quant-lora')")
+  q->add_option("--saliency-norm", a->saliency_norm,
+                "SAPR: 'layer' = mean over batches of g^2, scaled to mean 1 per layer; 'none' = raw sum over "
+                "batches of g^2 (the reference code's SqueezeLLM-style Fisher). Stored in the --saliency file; a raw "
+                "file is normalised on load for 'layer', a layer file cannot serve 'none'")
       ->capture_default_str();
-  q->add_option("--sapr-weight-epochs", a->sapr_weight_epochs, "SAPR: leading epochs with the regularizer only")
+  q->add_option("--sapr-reduction", a->sapr_reduction,
+                "SAPR: regularizer per layer: 'mean' of S (W - Ŵ)^2 over its elements, or 'sum' (the reference; "
+                "= numel x mean, so lambda must be smaller)")
       ->capture_default_str();
-  q->add_option("--sapr-output-epochs", a->sapr_output_epochs, "SAPR: trailing epochs with the ApiQ loss only")
+  q->add_option("--sapr-target", a->sapr_target,
+                "SAPR: regularize Q(W) ('quant', the reference's before_lora: only the clipping gets its gradient) "
+                "or Q(W) + BA ('quant-lora')")
       ->capture_default_str();
+  q->add_option("--sapr-recipe", a->sapr_recipe,
+                "SAPR: 'paper' = the reference code's saliency recipe: --saliency-norm none --sapr-reduction sum "
+                "--sapr-target quant, 3/4 of --epochs weight preservation then 1/4 output preservation (15/5 of "
+                "20); flags given explicitly take precedence. --lambda must be given (reference: 0.1 for "
+                "Llama-2-7B; its scale depends on the model)");
+  q->add_option("--sapr-weight-epochs", a->sapr_weight_epochs,
+                "SAPR: leading epochs with the regularizer only (default with --sapr-output-epochs unset: the "
+                "paper's 3/4 of --epochs, 15 of 20; 0 and 0 = every epoch on the mixed loss)");
+  q->add_option("--sapr-output-epochs", a->sapr_output_epochs,
+                "SAPR: trailing epochs with the ApiQ loss only (default: 1/4 of --epochs, 5 of 20)");
   q->add_option("--lora", a->lora, "ApiQ: write adapters separately ('keep') or merged into dense layers ('merge')")
       ->capture_default_str();
   q->add_option("--merge-dtype", a->merge_dtype, "ApiQ with --lora merge: dtype of the merged dense layers (f16, f32)")
@@ -254,7 +332,10 @@ void register_quantize(CLI::App& app) {
   q->add_option("-o,--out", a->out, "output directory (config.json + model.safetensors)")->required();
   q->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   q->add_flag("--json", a->json, "print the report as JSON");
-  q->callback([a] { run_quantize(*a); });
+  q->callback([a, q] {
+    apply_sapr_recipe(*a, *q);
+    run_quantize(*a);
+  });
 }
 
 }  // namespace lowbit::cli

@@ -4,7 +4,9 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <algorithm>
 #include <map>
+#include <optional>
 #include <random>
 
 #include "lowbit/autograd/functions.h"
@@ -70,6 +72,7 @@ Tensor gather_windows(const Tensor& x, const std::vector<int64_t>& idx, size_t b
 // Only the kept rows leave x's device.
 struct InputCapture {
   int64_t step = 1;
+  Device keep = Device::CPU;  // where subsampled rows (step > 1) are kept: the host, or x's device
   std::map<std::string, std::vector<Tensor>> chunks;
   std::map<std::string, int64_t> seen;  // rows passed so far, per linear
   LinearInputHook hook() {
@@ -88,7 +91,7 @@ struct InputCapture {
         const int64_t k = (n - first + step - 1) / step;
         Tensor sub = Tensor::empty({k, x.size(1)}, x.dtype(), x.device());
         for (int64_t i = 0; i < k; ++i) sub.slice(0, i, i + 1).copy_(x.slice(0, first + i * step, first + i * step + 1));
-        chunks[name].push_back(sub.to(Device::CPU).to(DType::F32));
+        chunks[name].push_back(keep == Device::CPU ? sub.to(Device::CPU).to(DType::F32) : sub);
       }
       off += n;
     };
@@ -98,7 +101,8 @@ struct InputCapture {
     if (it == chunks.end()) throw_error("apiq: no inputs captured for ", name);
     int64_t n = 0;
     for (const auto& c : it->second) n += c.size(0);
-    Tensor out = Tensor::empty({n, it->second.front().size(1)});
+    const Tensor& first = it->second.front();
+    Tensor out = Tensor::empty({n, first.size(1)}, first.dtype(), first.device());
     int64_t r = 0;
     for (const auto& c : it->second) {
       out.slice(0, r, r + c.size(0)).copy_(c);
@@ -160,7 +164,8 @@ std::string ApiqMethod::options_key() const {
                   ",bf16=" + std::to_string(o_.bf16);
   if (o_.saliency)
     k += ",saliency=" + std::string(saliency_kind_name(o_.saliency->kind)) + "/" + std::to_string(o_.saliency->nsamples) +
-         "x" + std::to_string(o_.saliency->seqlen) + ",lambda=" + std::to_string(o_.lambda) +
+         "x" + std::to_string(o_.saliency->seqlen) + ",norm=" + saliency_norm_name(o_.saliency->norm) +
+         ",reduction=" + sapr_reduction_name(o_.reduction) + ",lambda=" + std::to_string(o_.lambda) +
          ",reg_lora=" + std::to_string(o_.reg_with_lora) + ",stages=" + std::to_string(o_.weight_epochs) + "/" +
          std::to_string(o_.output_epochs);
   return k;
@@ -193,9 +198,13 @@ struct Trainer {
   // epoch (the log and the finiteness check), so a GPU step has no host round trip.
   void run(const std::vector<Var>& clip, const std::vector<Var>& lora, int64_t n,
            const std::function<std::pair<Var, Var>(const std::vector<int64_t>&, size_t, size_t, Stage)>& loss_of) {
-    std::vector<ParamGroup> groups{{clip, AdamWOptions{o.clip_lr, 0.9, 0.999, 1e-8, o.clip_wd}}};
-    if (!lora.empty()) groups.push_back({lora, AdamWOptions{o.lora_lr, 0.9, 0.999, 1e-8, o.lora_wd}});
-    AdamW opt(std::move(groups));
+    // One AdamW per group. A group without gradients in a step (SAPR: the LoRA factors during weight
+    // preservation with Ŵ = Q(W)) is not stepped and keeps its bias-correction count, like PyTorch's
+    // per-parameter step in the reference; with gradients in every step this is one two-group AdamW.
+    AdamW clip_opt(std::vector<ParamGroup>{{clip, AdamWOptions{o.clip_lr, 0.9, 0.999, 1e-8, o.clip_wd}}});
+    std::optional<AdamW> lora_opt;
+    if (!lora.empty())
+      lora_opt.emplace(std::vector<ParamGroup>{{lora, AdamWOptions{o.lora_lr, 0.9, 0.999, 1e-8, o.lora_wd}}});
     for (int ep = 0; ep < o.epochs; ++ep) {
       const Stage stage = !o.saliency ? Stage::Output
                           : ep < o.weight_epochs ? Stage::Weight
@@ -217,8 +226,11 @@ struct Trainer {
         if (reg.defined()) accumulate(reg_sum, reg.value());
         ++steps;
         backward(loss);
-        opt.step();
-        opt.zero_grad();
+        clip_opt.step();
+        if (lora_opt && std::any_of(lora.begin(), lora.end(), [](const Var& p) { return p.grad().defined(); }))
+          lora_opt->step();
+        clip_opt.zero_grad();
+        if (lora_opt) lora_opt->zero_grad();
       }
       const double sum = loss_sum.defined() ? loss_sum.item() : 0.0, sum_reg = reg_sum.defined() ? reg_sum.item() : 0.0;
       // A non-finite step loss makes the epoch's sum non-finite (the parameters are then NaN too).
@@ -280,7 +292,7 @@ void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearR
                if (stage != Stage::Weight)
                  loss = mse(t.forward(Var(gather_windows(xd, idx, b, e, L))), Var(gather_windows(y, idx, b, e, L)));
                if (sal.defined() && stage != Stage::Output) {
-                 reg = scale(saliency_regularizer(t.quantized_weight(o_.reg_with_lora), wd, sal), o_.lambda);
+                 reg = scale(saliency_regularizer(t.quantized_weight(o_.reg_with_lora), wd, sal, o_.reduction), o_.lambda);
                  loss = loss.defined() ? add(loss, reg) : reg;
                }
                return {loss, reg};
@@ -362,7 +374,7 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
       }
       if (o_.saliency && stage != Stage::Output) {
         for (auto& en : es) {
-          Var r = saliency_regularizer(en.t->quantized_weight(o_.reg_with_lora), en.w, en.sal);
+          Var r = saliency_regularizer(en.t->quantized_weight(o_.reg_with_lora), en.w, en.sal, o_.reduction);
           reg = reg.defined() ? add(reg, r) : r;
         }
         reg = scale(reg, o_.lambda);
@@ -384,10 +396,11 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
     times.install += seconds_since(t0, dev);
   }
   // Output errors of the encoded layers on the inputs the quantized block produces (only the
-  // report's row subsample is copied to the host).
+  // report's row subsample is kept, on the model's device: the errors are computed there).
   t0 = Clock::now();
   InputCapture cap;
   cap.step = report_step(N * L);
+  cap.keep = dev;
   ctx.run_block(ctx.inputs, cap.hook());
   for (size_t i = 0; i < es.size(); ++i) {
     LinearReport& r = reports[reports.size() - es.size() + i];

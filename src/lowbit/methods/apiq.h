@@ -20,11 +20,19 @@
 //       aug_coef * || F(W, X^q) - F(Q, A, B, X^q) ||^2. ApiQ's scripts turn it on; the paper's
 //       objective does not have it, so the default is 0.
 //
-// SAPR adds lambda * R (methods/saliency.h) to the loss. Training stages (our reading of the
-// paper's "weight preservation" and "output preservation"; its exact schedule could not be
-// retrieved, see saliency.h): the first `weight_epochs` epochs minimise lambda * R only, the last
-// `output_epochs` epochs minimise the ApiQ loss only, and the epochs in between the mixed loss
-// ApiQ + lambda * R. Default: all epochs mixed.
+// SAPR adds lambda * R (methods/saliency.h) to the loss. Training stages, as in the reference
+// code (ULB-SAPR apiq/calibrate.py, apiq/utils.py get_coefficients; train order wpt, mixedt,
+// opt): the first `weight_epochs` epochs minimise lambda * R only ("weight preservation", no
+// forward pass), the last `output_epochs` epochs minimise the ApiQ loss only ("output
+// preservation"), and the epochs in between the mixed loss ApiQ + lambda * R. AdamW runs through
+// all stages (moments kept, no scheduler), as in the reference; a parameter group that gets no
+// gradient in a step (the LoRA factors while R alone targets Q(W)) is not stepped and does not
+// advance its bias-correction count, like PyTorch's per-parameter step. ApiqOptions' default is all
+// epochs mixed; `lowbit quantize --method sapr` defaults to the paper's schedule, 15 weight- then 5
+// output-preservation epochs of 20 (3/4 and 1/4 of --epochs; the reference README's saliency
+// recipe), which beat all-mixed on stories260K (docs/results/ptq-stories260k.md). The full
+// reference recipe (lambda_reg 0.1 for Llama-2-7B, reg_method before_lora, raw summed Fisher) is
+// `lowbit quantize --sapr-recipe paper --lambda X`.
 //
 // Device: the training runs where the model is (ctx.inputs' device). On CUDA every training
 // tensor (frozen W, gamma/beta, LoRA A/B, AdamW moments, calibration windows and targets) stays on
@@ -65,7 +73,8 @@ struct ApiqOptions {
   // ---- SAPR (active when saliency is set) ----
   const SaliencyMap* saliency = nullptr;
   double lambda = 3.0;            // regularizer weight (tuned on stories260K, see saliency.h)
-  bool reg_with_lora = true;      // Ŵ = Q(W) + s B A (true) or Q(W) alone
+  SaprReduction reduction = SaprReduction::Mean;  // per layer: mean (ours) or sum (reference) of S (W - Ŵ)^2
+  bool reg_with_lora = true;      // Ŵ = Q(W) + s B A (true, ours) or Q(W) alone (reference before_lora)
   int weight_epochs = 0;          // leading epochs with lambda * R only
   int output_epochs = 0;          // trailing epochs with the ApiQ loss only
 };

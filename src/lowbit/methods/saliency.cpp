@@ -56,6 +56,22 @@ const char* saliency_kind_name(SaliencyKind k) {
   return "?";
 }
 
+SaliencyNorm parse_saliency_norm(std::string_view name) {
+  if (name == "layer") return SaliencyNorm::Layer;
+  if (name == "none") return SaliencyNorm::None;
+  throw_error("unknown saliency normalisation '", name, "' (expected layer or none)");
+}
+
+const char* saliency_norm_name(SaliencyNorm n) { return n == SaliencyNorm::None ? "none" : "layer"; }
+
+SaprReduction parse_sapr_reduction(std::string_view name) {
+  if (name == "mean") return SaprReduction::Mean;
+  if (name == "sum") return SaprReduction::Sum;
+  throw_error("unknown SAPR regularizer reduction '", name, "' (expected mean or sum)");
+}
+
+const char* sapr_reduction_name(SaprReduction r) { return r == SaprReduction::Sum ? "sum" : "mean"; }
+
 const Tensor& SaliencyMap::at(const std::string& module) const {
   auto it = scores.find(module);
   if (it == scores.end()) throw_error("saliency: no scores for module '", module, "'");
@@ -73,6 +89,7 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
   LlamaModel model(config, weights, needs_grad);
   SaliencyMap out;
   out.kind = o.kind;
+  out.norm = o.norm;
   out.rope_style = config.rope_style;
   out.nsamples = N;
   out.seqlen = L;
@@ -138,6 +155,8 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
   hooks.reset();  // the model's own layers again
   if (bar) bar->finish();
 
+  // Layer: mean over batches, then mean 1 per layer. None: the raw sum over batches.
+  const bool layer_norm = o.norm == SaliencyNorm::Layer;
   for (auto& [m, a] : acc) {
     const int64_t rows = a.w.size(0), cols = a.w.size(1);
     Tensor s = Tensor::empty({rows, cols});
@@ -146,13 +165,24 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) {
         const int64_t k = r * cols + c;
-        ps[k] = needs_grad ? float(a.sum[size_t(k)] / double(batches))
+        ps[k] = needs_grad ? float(layer_norm ? a.sum[size_t(k)] / double(batches) : a.sum[size_t(k)])
                            : float(std::fabs(double(pw[k])) * std::sqrt(a.sum[size_t(c)] / double(std::max<int64_t>(a.rows, 1))));
       }
-    normalise_mean_one(s);
+    if (layer_norm) normalise_mean_one(s);
     out.scores.emplace(m, s);
   }
   return out;
+}
+
+SaliencyMap normalise_saliency_per_layer(SaliencyMap s) {
+  if (s.norm == SaliencyNorm::Layer) return s;
+  for (auto& [m, t] : s.scores) {
+    Tensor c = t.to(Device::CPU).to(DType::F32).contiguous().clone();
+    normalise_mean_one(c);
+    t = c;
+  }
+  s.norm = SaliencyNorm::Layer;
+  return s;
 }
 
 void save_saliency(const std::string& path, const SaliencyMap& s) {
@@ -164,6 +194,7 @@ void save_saliency(const std::string& path, const SaliencyMap& s) {
                    {{"format", "lowbit-saliency"},
                     {"version", "1"},
                     {"kind", saliency_kind_name(s.kind)},
+                    {"normalization", saliency_norm_name(s.norm)},
                     {"rope_style", s.rope_style == RopeStyle::Half ? "half" : "interleaved"},
                     {"nsamples", std::to_string(s.nsamples)},
                     {"seqlen", std::to_string(s.seqlen)}});
@@ -184,6 +215,8 @@ SaliencyMap load_saliency(const std::string& path) {
     s.kind = parse_saliency_kind(get("kind"));
     s.nsamples = std::stoll(get("nsamples"));
     s.seqlen = std::stoll(get("seqlen"));
+    // Files written before the key existed hold layer-normalised scores.
+    if (auto it = md.find("normalization"); it != md.end()) s.norm = parse_saliency_norm(it->second);
   } catch (const std::exception& e) {
     throw_error(path, ": bad saliency metadata: ", e.what());
   }
@@ -215,13 +248,14 @@ void check_saliency_matches(const SaliencyMap& s, const LlamaModel& model, const
     }
 }
 
-Var saliency_regularizer(const Var& w_hat, const Tensor& w, const Tensor& s) {
+Var saliency_regularizer(const Var& w_hat, const Tensor& w, const Tensor& s, SaprReduction reduction) {
   LB_CHECK(w_hat.shape() == w.shape() && w.shape() == s.shape(), "saliency_regularizer: Ŵ ", shape_str(w_hat.shape()),
            ", W ", shape_str(w.shape()), " and S ", shape_str(s.shape()), " must have one shape");
   const DType dt = w_hat.value().dtype();
   const Device dev = w_hat.value().device();
   Var d = sub(w_hat, Var(w.to(dt).to(dev)));
-  return scale(sum(mul(mul(d, d), Var(s.to(dt).to(dev)))), 1.0 / double(w.numel()));
+  Var total = sum(mul(mul(d, d), Var(s.to(dt).to(dev))));
+  return reduction == SaprReduction::Sum ? total : scale(total, 1.0 / double(w.numel()));
 }
 
 }  // namespace lowbit
