@@ -95,7 +95,7 @@ Report compare(const QuantFormat& f, int64_t out, int64_t in, uint64_t seed) {
 
   Report r;
   r.groups = out * G;
-  const double ytol = 1e-5 * max_abs(yc);
+  const double ymax = max_abs(yc), ytol = 1e-5 * ymax;
   std::vector<char> flipped(size_t(out * G), 0);
   for (int64_t i = 0; i < out * in; ++i) {
     const double d = std::fabs(double(yg[size_t(i)]) - double(yc[size_t(i)]));
@@ -103,7 +103,7 @@ Report compare(const QuantFormat& f, int64_t out, int64_t in, uint64_t seed) {
       ++r.flips;
       flipped[size_t((i / in) * G + f.group_of_column(i % in))] = 1;
     } else {
-      r.fwd = std::max(r.fwd, d / max_abs(yc));
+      r.fwd = std::max(r.fwd, d / ymax);
     }
   }
   const double gden = std::max(max_abs(gc), 1e-30), bden = asym ? std::max(max_abs(bc), 1e-30) : 1.0;
