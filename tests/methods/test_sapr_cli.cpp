@@ -53,6 +53,9 @@ TEST(SaprCli, RejectsBadValues) {
   expect_error("--method sapr --epochs 4 --sapr-weight-epochs 3 --sapr-output-epochs 2", "add up to at most --epochs (4)");
   expect_error("--method sapr --sapr-recipe paper --lambda 1 --epochs 4 --sapr-output-epochs 5",
                "add up to at most --epochs (4)");
+  // GPU precision flags need the GPU.
+  expect_error("--method apiq --bf16", "--bf16 needs --device cuda");
+  expect_error("--method gptq --tf32", "--tf32 needs --device cuda");
 }
 
 TEST(SaprCli, PaperRecipeAndSaliencyFileNormalisation) {
