@@ -1,5 +1,6 @@
 #include "lowbit/io/hf.h"
 
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -7,7 +8,6 @@
 #include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <regex>
 #include <set>
 #include <sstream>
 
@@ -353,11 +353,18 @@ void save_hf_dir(const std::string& dir, const LlamaConfig& config, const LlamaW
   }
   // Weight files left by an earlier save with a different shard layout would be picked up by
   // loaders (an index beats model.safetensors); remove them.
-  static const std::regex shard_re(R"(model-\d{5}-of-\d{5}\.safetensors)");
+  // "model-DDDDD-of-DDDDD.safetensors", Hugging Face's shard names.
+  auto is_shard_name = [](const std::string& f) {
+    const std::string pat = "model-#####-of-#####.safetensors";
+    if (f.size() != pat.size()) return false;
+    for (size_t i = 0; i < f.size(); ++i)
+      if (pat[i] == '#' ? !std::isdigit(static_cast<unsigned char>(f[i])) : f[i] != pat[i]) return false;
+    return true;
+  };
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     const std::string fname = e.path().filename().string();
     const bool weight_file = fname == "model.safetensors" || fname == "model.safetensors.index.json" ||
-                             std::regex_match(fname, shard_re);
+                             is_shard_name(fname);
     if (weight_file && !written.count(fname)) fs::remove(e.path(), ec);
   }
 }
