@@ -43,7 +43,6 @@ Var matmul(const Var& a, const Var& b, bool ta, bool tb) {
   });
 }
 
-// ---- linear: y = x W^T + bias;  dx = dy W,  dW = dy^T x,  dbias = sum_rows dy ---------------------
 // ---- autocast ----------------------------------------------------------------------------------
 namespace {
 thread_local bool g_autocast_bf16 = false;
@@ -54,61 +53,39 @@ bool AutocastBf16Guard::active() { return g_autocast_bf16; }
 bool autocast_bf16_applies(const Tensor& x) {
   return g_autocast_bf16 && x.defined() && x.device() == Device::CUDA && x.dtype() == DType::F32;
 }
-Tensor to_bf16(const Tensor& x) {
-  Tensor y = Tensor::empty(x.shape(), DType::BF16, x.device());
+Tensor cast_to(const Tensor& x, DType dtype) {
+  if (x.dtype() == dtype) return x.contiguous();
+  Tensor y = Tensor::empty(x.shape(), dtype, x.device());
   ops::cast(x.contiguous(), y);
   return y;
 }
+Tensor to_bf16(const Tensor& x) { return cast_to(x, DType::BF16); }
 
-namespace {
-// y = x w^T (+ bias) with bf16 operands and an f32 result; backward likewise (AutocastBf16Guard).
-Var linear_bf16(const Var& x, const Var& w, const Var& bias, const Tensor& xv, const Tensor& wv) {
-  const Tensor xb = to_bf16(xv), wb = to_bf16(wv);
-  Tensor y = Tensor::empty({xv.size(0), wv.size(0)}, DType::F32, xv.device());
-  ops::gemm(xb, false, wb, true, y);
-  if (bias.defined()) ops::add(y, bias.value(), y);
-  std::vector<Var> inputs{x, w};
-  if (bias.defined()) inputs.push_back(bias);
-  return make_result(y, inputs, "linear", [x, w, bias, xb, wb](const Tensor& g) {
-    const Tensor gb = to_bf16(g);
-    if (x.requires_grad()) {
-      Tensor dx = Tensor::empty({xb.size(0), xb.size(1)}, DType::F32, xb.device());
-      ops::gemm(gb, false, wb, false, dx);
-      accumulate_grad(x, dx);
-    }
-    if (w.requires_grad()) {
-      Tensor dw = Tensor::empty({wb.size(0), wb.size(1)}, DType::F32, wb.device());
-      ops::gemm(gb, true, xb, false, dw);
-      accumulate_grad(w, dw);
-    }
-    if (bias.defined() && bias.requires_grad()) {
-      Tensor db = like(bias.value());
-      ops::sum_rows(g.contiguous(), db);
-      accumulate_grad(bias, db);
-    }
-  });
-}
-}  // namespace
-
+// ---- linear: y = x W^T + bias;  dx = dy W,  dW = dy^T x,  dbias = sum_rows dy ---------------------
+// Under AutocastBf16Guard the three products take bf16 operands (xo, wo, and dy's copy) and write
+// f32 results; otherwise the operands are x and W themselves.
 Var linear(const Var& x, const Var& w, const Var& bias) {
   Tensor xv = contig(x), wv = contig(w);
   if (xv.dim() != 2 || wv.dim() != 2 || xv.size(1) != wv.size(1))
     throw_error("linear: x ", xv.describe(), " and weight ", wv.describe(), " do not match (weight is [out, in])");
-  if (autocast_bf16_applies(xv) && wv.dtype() == DType::F32) return linear_bf16(x, w, bias, xv, wv);
-  Tensor y = Tensor::empty({xv.size(0), wv.size(0)}, xv.dtype(), xv.device());
-  ops::gemm(xv, false, wv, true, y);
+  const bool mixed = autocast_bf16_applies(xv) && wv.dtype() == DType::F32;
+  const Tensor xo = mixed ? to_bf16(xv) : xv, wo = mixed ? to_bf16(wv) : wv;
+  const DType xdt = xv.dtype(), wdt = wv.dtype();
+  Tensor y = Tensor::empty({xv.size(0), wv.size(0)}, xdt, xv.device());
+  ops::gemm(xo, false, wo, true, y);
   if (bias.defined()) ops::add(y, bias.value(), y);
   std::vector<Var> inputs{x, w};
   if (bias.defined()) inputs.push_back(bias);
-  return make_result(y, inputs, "linear", [x, w, bias, xv, wv](const Tensor& g) {
+  return make_result(y, inputs, "linear", [x, w, bias, xo, wo, xdt, wdt, mixed](const Tensor& g) {
+    const Tensor go = mixed ? to_bf16(g) : g;
     if (x.requires_grad()) {
-      Tensor dx = like(xv);
-      ops::gemm(g, false, wv, false, dx);
+      Tensor dx = Tensor::empty(xo.shape(), xdt, xo.device());
+      ops::gemm(go, false, wo, false, dx);
       accumulate_grad(x, dx);
     }
     if (w.requires_grad()) {
-      Tensor dw = like(wv);
-      ops::gemm(g, true, xv, false, dw);
+      Tensor dw = Tensor::empty(wo.shape(), wdt, wo.device());
+      ops::gemm(go, true, xo, false, dw);
       accumulate_grad(w, dw);
     }
     if (bias.defined() && bias.requires_grad()) {
@@ -234,20 +211,13 @@ Var attention(const Var& q, const Var& k, const Var& v, int64_t B, int64_t Tq, i
     Tensor ob = like(qb), lse = Tensor::empty({B, H, Tq}, DType::F32, q4.device());
     const double sc = 1.0 / std::sqrt(double(hd));
     ops::attention_forward(qb, kb, vb, sc, ob, lse);
-    Tensor out = Tensor::empty(q4.shape(), DType::F32, q4.device());
-    ops::cast(ob, out);
     const Shape qs = q.shape(), ks = k.shape();
-    return make_result(out.view(qs), {q, k, v}, "attention", [=](const Tensor& g) {
+    return make_result(cast_to(ob, DType::F32).view(qs), {q, k, v}, "attention", [=](const Tensor& g) {
       Tensor dq = like(qb), dk = like(kb), dv = like(vb);
-      ops::attention_backward(to_bf16(g.contiguous().view(q4.shape())), qb, kb, vb, ob, lse, sc, dq, dk, dv);
-      Tensor dq32 = Tensor::empty(q4.shape(), DType::F32, q4.device()), dk32 = Tensor::empty(k4.shape(), DType::F32, q4.device()),
-             dv32 = Tensor::empty(v4.shape(), DType::F32, q4.device());
-      ops::cast(dq, dq32);
-      ops::cast(dk, dk32);
-      ops::cast(dv, dv32);
-      accumulate_grad(q, dq32.view(qs));
-      accumulate_grad(k, dk32.view(ks));
-      accumulate_grad(v, dv32.view(ks));
+      ops::attention_backward(to_bf16(g.contiguous().view(qb.shape())), qb, kb, vb, ob, lse, sc, dq, dk, dv);
+      accumulate_grad(q, cast_to(dq, DType::F32).view(qs));
+      accumulate_grad(k, cast_to(dk, DType::F32).view(ks));
+      accumulate_grad(v, cast_to(dv, DType::F32).view(ks));
     });
   }
   // The log-sum-exp stays in f32 for bf16 activations: backward recomputes P = exp(S - lse) from

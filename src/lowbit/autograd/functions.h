@@ -56,7 +56,9 @@ class AutocastBf16Guard {
 };
 // True when a guard is active and x is an f32 tensor on the GPU (the products above go bf16).
 bool autocast_bf16_applies(const Tensor& x);
-// x rounded to bf16 on its device (a new tensor; no autograd).
-Tensor to_bf16(const Tensor& x);
+// x converted to `dtype` on its device with ops::cast (no autograd; x itself, made contiguous, when it
+// already has that dtype). Tensor::to(dtype) stages device tensors through the host.
+Tensor cast_to(const Tensor& x, DType dtype);
+Tensor to_bf16(const Tensor& x);  // cast_to(x, BF16)
 
 }  // namespace lowbit

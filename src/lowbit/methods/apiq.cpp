@@ -155,17 +155,17 @@ ApiqMethod::ApiqMethod(const QuantFormat& f, ApiqOptions o) : f_(f), o_(std::mov
 }
 
 std::string ApiqMethod::options_key() const {
-  std::string k = "rank=" + std::to_string(o_.layer.rank) + ",alpha=" + std::to_string(o_.layer.lora_alpha) +
-                  ",init=" + std::to_string(int(o_.layer.init)) + ",clip_init=" + std::to_string(o_.layer.clip_init) +
+  std::string k = "rank=" + std::to_string(o_.layer.rank) + ",alpha=" + key_number(o_.layer.lora_alpha) +
+                  ",init=" + std::to_string(int(o_.layer.init)) + ",clip_init=" + key_number(o_.layer.clip_init) +
                   ",epochs=" + std::to_string(o_.epochs) + ",batch=" + std::to_string(o_.batch) +
-                  ",lr=" + std::to_string(o_.lora_lr) + "/" + std::to_string(o_.clip_lr) +
-                  ",wd=" + std::to_string(o_.lora_wd) + "/" + std::to_string(o_.clip_wd) +
-                  ",aug=" + std::to_string(o_.aug_coef) + ",seed=" + std::to_string(o_.seed) +
+                  ",lr=" + key_number(o_.lora_lr) + "/" + key_number(o_.clip_lr) +
+                  ",wd=" + key_number(o_.lora_wd) + "/" + key_number(o_.clip_wd) +
+                  ",aug=" + key_number(o_.aug_coef) + ",seed=" + std::to_string(o_.seed) +
                   ",bf16=" + std::to_string(o_.bf16);
   if (o_.saliency)
     k += ",saliency=" + std::string(saliency_kind_name(o_.saliency->kind)) + "/" + std::to_string(o_.saliency->nsamples) +
          "x" + std::to_string(o_.saliency->seqlen) + ",norm=" + saliency_norm_name(o_.saliency->norm) +
-         ",reduction=" + sapr_reduction_name(o_.reduction) + ",lambda=" + std::to_string(o_.lambda) +
+         ",reduction=" + sapr_reduction_name(o_.reduction) + ",lambda=" + key_number(o_.lambda) +
          ",reg_lora=" + std::to_string(o_.reg_with_lora) + ",stages=" + std::to_string(o_.weight_epochs) + "/" +
          std::to_string(o_.output_epochs);
   return k;

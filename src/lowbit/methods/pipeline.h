@@ -87,6 +87,10 @@ struct LinearReport {
   int64_t params = 0;
 };
 
+// A hyper-parameter written for options_key(): every significant digit ("%.17g"), so that two
+// different values never give the same key (std::to_string keeps 6 decimals: 1e-7 == 2e-7).
+std::string key_number(double v);
+
 class BlockMethod {
  public:
   virtual ~BlockMethod() = default;

@@ -147,14 +147,14 @@ void RtnMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& rep
 }
 
 std::string GptqMethod::options_key() const {
-  return "percdamp=" + std::to_string(o_.percdamp) + ",block=" + std::to_string(o_.block_size) +
+  return "percdamp=" + key_number(o_.percdamp) + ",block=" + std::to_string(o_.block_size) +
          ",act_order=" + std::to_string(o_.act_order) + ",static_groups=" + std::to_string(o_.static_groups) +
          ",fp64=" + std::to_string(o_.cuda_fp64_factorization);
 }
 
 std::string AwqMethod::options_key() const {
   return "grid=" + std::to_string(o_.n_grid) + ",clip=" + std::to_string(clip_) + ",clip_grid=" +
-         std::to_string(o_.clip_grid) + ",shrink=" + std::to_string(o_.max_shrink) + ",clip_tokens=" +
+         std::to_string(o_.clip_grid) + ",shrink=" + key_number(o_.max_shrink) + ",clip_tokens=" +
          std::to_string(o_.max_clip_tokens);
 }
 

@@ -63,26 +63,24 @@ Var lora_linear(const Var& x, const Var& q, const Var& A, const Var& B, double s
   LB_CHECK(xv.dim() == 2 && qv.dim() == 2 && xv.size(1) == qv.size(1), "lora_linear: x ", xv.describe(),
            " and weight ", qv.describe(), " do not match (weight is [out, in])");
   const int64_t n = xv.size(0), r = av.size(0);
-  // Under AutocastBf16Guard the three large products (x Q^T, dY^T x, dY Q) take bf16 operands and
-  // write f32; the rank-r LoRA products stay f32 (they are cheap).
+  // Under AutocastBf16Guard the three large products (x Q^T, dY^T x, dY Q) take bf16 operands xo,
+  // qo (and dY's copy) and write f32, as `linear` does; the rank-r LoRA products stay f32 (cheap).
   const bool mixed = autocast_bf16_applies(xv) && qv.dtype() == DType::F32;
-  const Tensor xb = mixed ? to_bf16(xv) : Tensor(), qb = mixed ? to_bf16(qv) : Tensor();
+  const Tensor xo = mixed ? to_bf16(xv) : xv, qo = mixed ? to_bf16(qv) : qv;
   Tensor t = Tensor::empty({n, r}, xv.dtype(), xv.device());
   ops::gemm(xv, false, av, true, t);
   Tensor y = Tensor::empty({n, qv.size(0)}, xv.dtype(), xv.device());
-  if (mixed) ops::gemm(xb, false, qb, true, y);
-  else ops::gemm(xv, false, qv, true, y);
+  ops::gemm(xo, false, qo, true, y);
   ops::gemm(t, false, bv, true, y, s, 1.0);
   if (bias.defined()) ops::add(y, bias.value(), y);
   std::vector<Var> inputs{x, q, A, B};
   if (bias.defined()) inputs.push_back(bias);
-  return make_result(y, inputs, "lora_linear", [x, q, A, B, bias, xv, qv, av, bv, t, s, mixed, xb, qb](const Tensor& g) {
+  return make_result(y, inputs, "lora_linear", [x, q, A, B, bias, xv, xo, qo, av, bv, t, s, mixed](const Tensor& g) {
     const Tensor gc = g.contiguous();
-    const Tensor gb = mixed ? to_bf16(gc) : Tensor();
+    const Tensor go = mixed ? to_bf16(gc) : gc;
     if (q.requires_grad()) {
-      Tensor dq = Tensor::empty(qv.shape(), qv.dtype(), qv.device());
-      if (mixed) ops::gemm(gb, true, xb, false, dq);
-      else ops::gemm(gc, true, xv, false, dq);
+      Tensor dq = Tensor::empty(qo.shape(), xv.dtype(), qo.device());
+      ops::gemm(go, true, xo, false, dq);
       accumulate_grad(q, dq);
     }
     if (B.requires_grad()) {
@@ -102,8 +100,7 @@ Var lora_linear(const Var& x, const Var& q, const Var& A, const Var& B, double s
     }
     if (x.requires_grad()) {
       Tensor dx = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
-      if (mixed) ops::gemm(gb, false, qb, false, dx);
-      else ops::gemm(gc, false, qv, false, dx);
+      ops::gemm(go, false, qo, false, dx);
       ops::gemm(u, false, av, false, dx, s, 1.0);
       accumulate_grad(x, dx);
     }
