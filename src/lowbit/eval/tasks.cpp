@@ -37,8 +37,11 @@ Request make_request(const LlamaModel& model, const Tokenizer& tok, const std::s
   while (split < ctx.size() && split < whole.size() && ctx[split] == whole[split]) ++split;
   if (whole.empty()) throw_error("task scoring: context and continuation are both empty");
   if (split == whole.size()) split = whole.size() - 1;  // empty continuation: score the last token
+  // With `bos`, the sequence starts with whatever the tokenizer itself prepends for special tokens
+  // (BOS for Llama 2 and llama2.c models, nothing for SmolLM2, whose GGUF says add_bos_token false).
   std::vector<int32_t> ids;
-  if (bos && tok.bos_id() >= 0) ids.push_back(tok.bos_id());
+  if (bos)
+    for (int id : tok.encode("", true)) ids.push_back(id);
   const size_t offset = ids.size();
   ids.insert(ids.end(), whole.begin(), whole.end());
   // Keep the most recent tokens when the sequence is longer than the model's context.
