@@ -68,15 +68,20 @@ std::vector<Scored> score_batch(const LlamaModel& model, const std::vector<Reque
   std::vector<int32_t> tokens(size_t(B) * T, 0);
   for (size_t b = 0; b < reqs.size(); ++b) std::copy(reqs[b].window.begin(), reqs[b].window.end(), tokens.begin() + int64_t(b * T));
   NoGradGuard ng;
-  Tensor logits = model.forward(Tensor::from_vector(tokens, {B, int64_t(T)})).value().to(Device::CPU).contiguous();
-  const int64_t V = logits.size(1);
-  const float* z = logits.data<float>();
+  Var x = model.embed(Tensor::from_vector(tokens, {B, int64_t(T)}));
+  for (int i = 0; i < model.n_layers(); ++i) x = model.block_forward(i, x, B, int64_t(T));
   std::vector<Scored> out(reqs.size());
   for (size_t b = 0; b < reqs.size(); ++b) {
     const Request& r = reqs[b];
     Scored& s = out[b];
+    // Only the positions that predict continuation tokens go through the output head (the
+    // vocabulary projection dominates the cost for short windows and large vocabularies).
+    const int64_t lo = int64_t(b * T + r.first) - 1, hi = int64_t(b * T + r.window.size()) - 1;
+    Tensor logits = model.head(Var(x.value().slice(0, lo, hi).contiguous())).value().to(Device::CPU).contiguous();
+    const int64_t V = logits.size(1);
+    const float* z = logits.data<float>();
     for (size_t t = r.first; t < r.window.size(); ++t) {
-      const float* row = z + (int64_t(b * T + t) - 1) * V;  // position t-1 predicts token t
+      const float* row = z + int64_t(t - r.first) * V;  // position t-1 predicts token t
       double mx = -std::numeric_limits<double>::infinity();
       int64_t arg = 0;
       for (int64_t v = 0; v < V; ++v)
