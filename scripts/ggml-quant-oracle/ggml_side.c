@@ -17,6 +17,8 @@ int main(int argc, char** argv) {
   if (!strcmp(t, "q4_k")) { quantize_row_q4_K_ref(x, y, n); sz = n / 256 * sizeof(block_q4_K); }
   if (!strcmp(t, "q5_k")) { quantize_row_q5_K_ref(x, y, n); sz = n / 256 * sizeof(block_q5_K); }
   if (!strcmp(t, "q6_k")) { quantize_row_q6_K_ref(x, y, n); sz = n / 256 * sizeof(block_q6_K); }
+  if (!strcmp(t, "iq4_nl")) { quantize_row_iq4_nl_ref(x, y, n); sz = n / 32 * sizeof(block_iq4_nl); }
+  if (!strcmp(t, "iq4_xs")) { quantize_row_iq4_xs_ref(x, y, n); sz = n / 256 * sizeof(block_iq4_xs); }
   if (!strcmp(t, "q4_0")) { quantize_row_q4_0_ref(x, y, n); sz = n / 32 * sizeof(block_q4_0); }
   FILE* o = fopen(argv[3], "wb"); fwrite(y, 1, sz, o); fclose(o);
   return 0;

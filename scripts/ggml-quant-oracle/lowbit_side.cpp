@@ -15,6 +15,8 @@ int main(int argc, char** argv) {
   if (!strcmp(t, "q4_k")) { quantize_row_q4_k(x.data(), n, y.data()); sz = n / 256 * 144; }
   if (!strcmp(t, "q5_k")) { quantize_row_q5_k(x.data(), n, y.data()); sz = n / 256 * 176; }
   if (!strcmp(t, "q6_k")) { quantize_row_q6_k(x.data(), n, y.data()); sz = n / 256 * 210; }
+  if (!strcmp(t, "iq4_nl")) { quantize_row_iq4_nl(x.data(), n, y.data()); sz = n / 32 * 18; }
+  if (!strcmp(t, "iq4_xs")) { quantize_row_iq4_xs(x.data(), n, y.data()); sz = n / 256 * 136; }
   if (!strcmp(t, "q4_0")) { quantize_row_q4_0(x.data(), n, y.data()); sz = n / 32 * 18; }
   FILE* o = fopen(argv[3], "wb"); fwrite(y.data(), 1, sz, o); fclose(o);
 }

@@ -31,7 +31,7 @@ for i in range(400):
     blocks.append(b)
 np.concatenate(blocks).astype(np.float32).tofile('x.f32')
 bad = 0
-for t in ['q4_0', 'q2_k', 'q3_k', 'q4_k', 'q5_k', 'q6_k']:
+for t in ['q4_0', 'q2_k', 'q3_k', 'q4_k', 'q5_k', 'q6_k', 'iq4_nl', 'iq4_xs']:
     subprocess.run(['./ggml_side', t, 'x.f32', f'ref.{t}'], check=True)
     subprocess.run(['./lowbit_side', t, 'x.f32', f'lb.{t}'], check=True)
     a, b = np.fromfile(f'ref.{t}', np.uint8), np.fromfile(f'lb.{t}', np.uint8)

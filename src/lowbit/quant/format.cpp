@@ -226,8 +226,8 @@ static constexpr QuantFormat kFormats[] = {
     ggml_format<g::block_q6_K, g::QK_K>(Id::Q6_K, "q6_k", 6, 14, ggml::quantize_row_q6_k),
     ggml_format<g::block_tq1_0, g::QK_K>(Id::TQ1_0, "tq1_0", 2, 34, ggml::quantize_row_tq1_0),
     ggml_format<g::block_tq2_0, g::QK_K>(Id::TQ2_0, "tq2_0", 2, 35, ggml::quantize_row_tq2_0),
-    ggml_format<g::block_iq4_nl, g::QK4_NL>(Id::IQ4_NL, "iq4_nl", 4, 20, nullptr),
-    ggml_format<g::block_iq4_xs, g::QK_K>(Id::IQ4_XS, "iq4_xs", 4, 23, nullptr),
+    ggml_format<g::block_iq4_nl, g::QK4_NL>(Id::IQ4_NL, "iq4_nl", 4, 20, ggml::quantize_row_iq4_nl),
+    ggml_format<g::block_iq4_xs, g::QK_K>(Id::IQ4_XS, "iq4_xs", 4, 23, ggml::quantize_row_iq4_xs),
 };
 
 const QuantFormat* quant_format_for_ggml_type(uint32_t ggml_type) {

@@ -489,4 +489,95 @@ void quantize_row_q6_k(const float* x, int64_t in, uint8_t* row) {
   }
 }
 
+// ---- iq4_nl / iq4_xs (non-linear 4-bit levels) ------------------------------------------------------
+// llama.cpp's reference: per block of 32, the scale maximising (sum w q x)^2 / sum w q^2 with
+// w = x^2 over trial grids, levels by nearest non-linear value; iq4_xs then quantizes the 8 block
+// scales to 6 bits against one f16 super-block scale and re-picks the levels.
+
+namespace {
+
+// Index of the nearest of the 16 sorted iq4 levels (ties to the upper one), by binary search on
+// the midpoints (doubled, so the comparison is exact).
+int nearest_iq4_index(float x) {
+  const float x2 = x + x;
+  int idx = 0;
+  for (int step = 8; step > 0; step >>= 1) {
+    const int j = idx + step;
+    if (x2 >= float(iq4nl_value(j - 1) + iq4nl_value(j))) idx = j;
+  }
+  return idx;
+}
+
+// Scale of one block of 32 (0 for an all-zero block, whose L is left as it was); `ntry` extra grids
+// each side (the iq4_nl reference uses none, iq4_xs 7).
+float fit_iq4_block(const float* x, uint8_t* L, int ntry) {
+  float amax = 0, mx = 0;
+  for (int j = 0; j < 32; ++j)
+    if (std::fabs(x[j]) > amax) amax = std::fabs(x[j]), mx = x[j];
+  if (amax < kGroupMaxEps) return 0.0f;
+  const float v0 = float(iq4nl_value(0));
+  float d = ntry > 0 ? -mx / v0 : mx / v0, id = 1 / d, sumqx = 0, sumq2 = 0;
+  for (int j = 0; j < 32; ++j) {
+    const int l = nearest_iq4_index(id * x[j]);
+    L[j] = uint8_t(l);
+    const float q = float(iq4nl_value(l)), w = x[j] * x[j];
+    sumqx += w * q * x[j];
+    sumq2 += w * q * q;
+  }
+  d = sumq2 > 0 ? sumqx / sumq2 : 0.f;
+  float best = d * sumqx;
+  for (int t = -ntry; t <= ntry; ++t) {
+    id = float(t + iq4nl_value(0)) / mx;
+    sumqx = sumq2 = 0;
+    for (int j = 0; j < 32; ++j) {
+      const float q = float(iq4nl_value(nearest_iq4_index(id * x[j]))), w = x[j] * x[j];
+      sumqx += w * q * x[j];
+      sumq2 += w * q * q;
+    }
+    if (sumq2 > 0 && sumqx * sumqx > best * sumq2) d = sumqx / sumq2, best = d * sumqx;
+  }
+  return d;
+}
+
+void pack_iq4_levels(const uint8_t* L, int n, uint8_t* qs) {
+  for (int i = 0; i < n / 32; ++i)
+    for (int j = 0; j < 16; ++j) qs[16 * i + j] = uint8_t(L[32 * i + j] | (L[32 * i + 16 + j] << 4));
+}
+
+}  // namespace
+
+void quantize_row_iq4_nl(const float* x, int64_t in, uint8_t* row) {
+  uint8_t L[QK4_NL] = {};  // an all-zero block (d = 0) keeps the previous block's levels, as the reference
+  for (int64_t i = 0; i < in / QK4_NL; ++i, x += QK4_NL) {
+    block_iq4_nl b{};
+    b.d = fmt_f32_to_f16(fit_iq4_block(x, L, -1));
+    pack_iq4_levels(L, QK4_NL, b.qs);
+    store(b, row, i);
+  }
+}
+
+void quantize_row_iq4_xs(const float* x, int64_t in, uint8_t* row) {
+  uint8_t L[QK_K] = {};
+  for (int64_t i = 0; i < in / QK_K; ++i, x += QK_K) {
+    block_iq4_xs b{};
+    float scales[8], max_scale = 0, amax_scale = 0;
+    for (int ib = 0; ib < 8; ++ib) {
+      scales[ib] = fit_iq4_block(x + 32 * ib, L + 32 * ib, 7);
+      if (std::fabs(scales[ib]) > amax_scale) amax_scale = std::fabs(scales[ib]), max_scale = scales[ib];
+    }
+    const float d = -max_scale / 32, id = d != 0 ? 1 / d : 0.f;
+    b.d = fmt_f32_to_f16(d);
+    for (int ib = 0; ib < 8; ++ib) {
+      int l = std::max(-32, std::min(31, nearest_int(id * scales[ib])));
+      const float dl = d * float(l), idl = dl != 0 ? 1 / dl : 0.f;
+      for (int j = 0; j < 32; ++j) L[32 * ib + j] = uint8_t(nearest_iq4_index(idl * x[32 * ib + j]));
+      l += 32;
+      b.scales_l[ib / 2] = uint8_t(b.scales_l[ib / 2] | ((l & 0xF) << (4 * (ib % 2))));
+      b.scales_h = uint16_t(b.scales_h | ((l >> 4) << (2 * ib)));
+    }
+    pack_iq4_levels(L, QK_K, b.qs);
+    store(b, row, i);
+  }
+}
+
 }  // namespace lowbit::ggml
