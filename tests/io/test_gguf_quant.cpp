@@ -162,6 +162,22 @@ TEST(GgufQuant, KQuantReferenceQuantizersAreAccurate) {
   }
 }
 
+// The container's ggml type table (ids and sizes of every ggml type, for validating files) agrees
+// with the format table's rows for the types lowbit decodes.
+TEST(GgufQuant, TypeTableAgreesWithFormatTable) {
+  int n = 0;
+  for (const QuantFormat& f : all_quant_formats()) {
+    if (!f.is_ggml_block()) continue;
+    const GgmlTypeTraits* t = ggml_type_traits(uint32_t(f.ggml_type));
+    ASSERT_NE(t, nullptr) << f.name;
+    EXPECT_EQ(t->block_size, f.group_size) << f.name;
+    EXPECT_EQ(t->type_size, f.block_bytes) << f.name;
+    EXPECT_EQ(parse_quant_format(t->name).id, f.id) << f.name;  // "Q4_K" parses too
+    ++n;
+  }
+  EXPECT_EQ(n, 14);
+}
+
 TEST(GgufQuant, RowsMustBeWholeBlocks) {
   const QuantFormat& f = parse_quant_format("q4_k");
   EXPECT_THROW(quantize(Tensor::randn({2, 100}, 1), parse_quant_format("q4_0")), Error);
