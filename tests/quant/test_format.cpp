@@ -31,6 +31,7 @@ TEST(QuantFormat, TableIsConsistent) {
     }
     EXPECT_NE(f.codec, nullptr);
     EXPECT_EQ(f.row_bytes(64), packed_bytes(f.bits, 64));
+    EXPECT_EQ(f.group_size % 8, 0) << f.name << ": dequantize_row unpacks groups from byte boundaries";
   }
   EXPECT_EQ(all_quant_formats().size(), 42u);
   EXPECT_EQ(quant_format_for_ggml_type(0), nullptr);  // F32 is not a block format
