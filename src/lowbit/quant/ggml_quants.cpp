@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "lowbit/core/format_traits.h"
 
@@ -36,8 +37,15 @@ void min_max(const float* x, int n, float& mn, float& mx) {
 
 float inverse(float d) { return d != 0.0f ? 1.0f / d : 0.0f; }
 
-// Truncation toward zero of a value known to lie in [0, hi + 1), clipped to hi.
-int trunc_clip(float v, int hi) { return std::min(hi, std::max(0, int(v))); }
+// Truncation toward zero clipped to [0, hi]. NaN (an infinite inverse scale of a block whose range
+// is below ~1e-38, where the reference is undefined) gives 0.
+int trunc_clip(float v, int hi) { return v >= 0 ? (v < float(hi) + 1 ? int(v) : hi) : 0; }
+
+// roundf (half away from zero) clipped to [lo, hi]; NaN gives 0.
+int round_clip(float v, int lo, int hi) {
+  if (!(v == v)) return 0;
+  return v <= float(lo) ? lo : v >= float(hi) ? hi : int(std::round(v));
+}
 
 }  // namespace
 
@@ -106,7 +114,7 @@ void quantize_row_q8_0(const float* x, int64_t in, uint8_t* row) {
     const float d = absmax(x, QK8_0) / 127.0f, id = inverse(d);
     block_q8_0 b;
     b.d = fmt_f32_to_f16(d);
-    for (int j = 0; j < QK8_0; ++j) b.qs[j] = int8_t(std::round(x[j] * id));  // half away from zero
+    for (int j = 0; j < QK8_0; ++j) b.qs[j] = int8_t(round_clip(x[j] * id, -127, 127));  // half away from zero
     store(b, row, i);
   }
 }
@@ -115,7 +123,7 @@ namespace {
 // Ternary digits {0, 1, 2} of one 256-value block: round(x / amax) + 1.
 float ternary_digits(const float* x, uint8_t* q) {
   const float d = absmax(x, QK_K), id = inverse(d);
-  for (int j = 0; j < QK_K; ++j) q[j] = uint8_t(int(std::round(x[j] * id)) + 1);
+  for (int j = 0; j < QK_K; ++j) q[j] = uint8_t(round_clip(x[j] * id, -1, 1) + 1);
   return d;
 }
 // n base-3 digits (most significant first) -> ceil(v * 256 / 243), the byte tq1_digit decodes.
@@ -164,8 +172,13 @@ namespace {
 
 constexpr float kGroupMaxEps = 1e-15f;
 
-// Round half to even of a value of moderate size (the reference adds 1.5 * 2^23).
-int nearest_int(float v) { return int(std::nearbyint(v)); }
+// Round half to even (the reference adds 1.5 * 2^23, valid below 2^22); out-of-range values
+// saturate and NaN gives 0 instead of being undefined.
+int nearest_int(float v) {
+  v = std::nearbyint(v);
+  if (!(v == v)) return 0;
+  return v >= 2147483520.0f ? std::numeric_limits<int>::max() : v <= -2147483648.0f ? std::numeric_limits<int>::min() : int(v);
+}
 
 // Asymmetric levels L in [0, nmax] for n values with weights w: x ~ scale * L - the_min. Starts from
 // the min/max grid and tries nstep+1 widened grids (rmin + rdelta * is), keeping the one of least
