@@ -6,6 +6,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "lowbit/core/progress.h"
+#include "lowbit/io/gguf.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/ops/device_init.h"
 
@@ -38,11 +40,12 @@ LoadedModel load_model(const std::string& path, Device device) {
 }
 
 std::unique_ptr<Tokenizer> open_tokenizer(const std::string& tokenizer_path, const std::string& model_path) {
-  if (!tokenizer_path.empty()) return load_tokenizer(tokenizer_path);
-
-  if (!model_path.empty() && fs::is_directory(model_path)) return load_tokenizer(model_path);
-  throw_error("no tokenizer: pass --tokenizer FILE (tokenizer.bin, tokenizer.model or tokenizer.json); ", model_path,
-              " is not a model directory with one");
+  if (!tokenizer_path.empty()) return open_tokenizer_file(tokenizer_path);
+  std::error_code ec;
+  if (!model_path.empty() && (fs::is_directory(model_path, ec) || looks_like_gguf(model_path)))
+    return open_tokenizer_file(model_path);
+  throw_error("no tokenizer: pass --tokenizer FILE (tokenizer.bin, tokenizer.model, tokenizer.json or a GGUF file); ",
+              model_path, " is neither a model directory with one nor a GGUF file with an embedded one");
 }
 
 std::vector<int32_t> read_token_file(const std::string& path) {
@@ -73,7 +76,13 @@ std::vector<int32_t> tokenize_file_cached(const std::string& text_path, const To
   std::stringstream ss;
   ss << f.rdbuf();
   auto t0 = std::chrono::steady_clock::now();
-  std::vector<int> ids = tok.encode(ss.str(), false);
+  const std::string text = ss.str();
+  std::vector<int> ids;
+  {
+    ProgressBar bar("tokenize " + fs::path(text_path).filename().string(), int64_t(text.size() >> 20), "MB");
+    ids = tok.encode_long(text, [&](size_t done) { bar.update(int64_t(done >> 20)); });
+    bar.finish();
+  }
   std::fprintf(stderr, "tokenized %s: %zu tokens in %.1fs\n", text_path.c_str(), ids.size(),
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   std::vector<int32_t> out(ids.begin(), ids.end());

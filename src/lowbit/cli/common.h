@@ -22,7 +22,9 @@ struct LoadedModel {
 };
 LoadedModel load_model(const std::string& path, Device device);
 
-// The tokenizer named by --tokenizer, else the one inside a model directory; throws when neither.
+// The tokenizer named by --tokenizer (a tokenizer file, a directory holding one, or a GGUF file's
+// embedded one), else the model's own: a model directory's, or the one embedded in a GGUF model
+// (read from the metadata only). Throws when there is none.
 std::unique_ptr<Tokenizer> open_tokenizer(const std::string& tokenizer_path, const std::string& model_path);
 
 // A file of raw little-endian int32 token ids.

@@ -7,7 +7,6 @@
 #include "lowbit/io/hf.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/io/safetensors.h"
-#include "lowbit/tokenizer/llama2c_tokenizer.h"
 
 namespace fs = std::filesystem;
 
@@ -110,21 +109,6 @@ std::string tokenizer_path_for(const std::string& model_path) {
   for (const char* name : {"tokenizer.json", "tokenizer.model"})
     if (fs::is_regular_file(dir / name, ec)) return (dir / name).string();
   return "";
-}
-
-std::unique_ptr<Tokenizer> tokenizer_from_vocab(const TokenizerVocab& v, const std::string& source) {
-  if (v.empty()) throw_error(source, ": has no embedded tokenizer");
-  if (v.model == "llama") {
-    std::vector<std::string> pieces;
-    pieces.reserve(v.tokens.size());
-    for (const auto& t : v.tokens) pieces.push_back(Llama2cTokenizer::to_llama2c_piece(t));
-    std::vector<float> scores = v.scores;
-    if (scores.empty()) scores.assign(v.tokens.size(), 0.0f);
-    return std::make_unique<Llama2cTokenizer>(std::move(pieces), std::move(scores), v.bos_id, v.eos_id);
-  }
-  // TODO(tokenizer): "gpt2" (byte-level BPE: tokens + merges + tokenizer.ggml.pre) needs an
-  // HfTokenizer built from pieces and merges instead of a tokenizer.json.
-  throw_error(source, ": embedded tokenizer model '", v.model, "' is not supported yet (only 'llama'); pass --tokenizer");
 }
 
 }  // namespace lowbit

@@ -2,6 +2,7 @@
 // Hugging Face tokenizer.json (byte-level BPE as in Llama 3 / Qwen, and sentencepiece-style BPE
 // with byte fallback as in Llama 2).
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -15,6 +16,9 @@ class Tokenizer {
   virtual int vocab_size() const = 0;
   // Text -> ids. add_special: prepend BOS (and whatever the tokenizer's post-processor adds).
   virtual std::vector<int> encode(std::string_view text, bool add_special) const = 0;
+  // encode(text, false) for long texts such as whole training files: the same ids, in time
+  // linear in the text, with progress(bytes_done) called now and then (bytes of `text`, roughly).
+  virtual std::vector<int> encode_long(std::string_view text, const std::function<void(size_t)>& progress) const;
   // Ids -> text (special tokens skipped).
   virtual std::string decode(const std::vector<int>& ids) const = 0;
   // Text of `id` when it follows `prev`, for streaming output (llama2.c semantics: the leading
