@@ -19,7 +19,7 @@ namespace lowbit::cli {
 namespace {
 
 struct TokenizeOptions {
-  std::string tokenizer, model, file, out;
+  std::string tokenizer, model, file, out, chat, system;
   bool add_special = false;
   bool decode = false;
 };
@@ -70,6 +70,14 @@ void run_file(const Tokenizer& tok, const TokenizeOptions& o) {
 void run_tokenize(const TokenizeOptions& o) {
   const auto tok = open_tokenizer(o.tokenizer, o.model);
   if (!o.file.empty()) return run_file(*tok, o);
+  if (!o.chat.empty()) {
+    const std::string prompt = chat_prompt(o.tokenizer, o.model, *tok, o.chat, o.system);
+    nlohmann::ordered_json j;
+    j["text"] = prompt;
+    j["ids"] = tok->encode(prompt, false);
+    std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
+    return;
+  }
   std::ios::sync_with_stdio(false);
   std::string line;
   size_t line_no = 0;
@@ -119,6 +127,9 @@ void register_tokenize(CLI::App& app) {
                   "tokenize this whole text file (no special tokens) instead of stdin lines; prints "
                   "{file, bytes, tokens, seconds, mb_per_s, fnv1a64}");
   sub->add_option("--out", opts->out, "with --file: write the ids there as raw little-endian int32");
+  sub->add_option("--chat", opts->chat,
+                  "print {text, ids} of this user message in the model's chat template (add_generation_prompt)");
+  sub->add_option("--system", opts->system, "with --chat: a system message first");
   sub->add_flag("--add-special", opts->add_special,
                 "apply the tokenizer's post-processor (e.g. prepend BOS)");
   sub->add_flag("--decode", opts->decode,

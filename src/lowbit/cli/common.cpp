@@ -10,6 +10,7 @@
 #include "lowbit/io/gguf.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/ops/device_init.h"
+#include "lowbit/tokenizer/chat_template.h"
 
 namespace lowbit::cli {
 
@@ -46,6 +47,32 @@ std::unique_ptr<Tokenizer> open_tokenizer(const std::string& tokenizer_path, con
     return open_tokenizer_file(model_path);
   throw_error("no tokenizer: pass --tokenizer FILE (tokenizer.bin, tokenizer.model, tokenizer.json or a GGUF file); ",
               model_path, " is neither a model directory with one nor a GGUF file with an embedded one");
+}
+
+std::string chat_prompt(const std::string& tokenizer_path, const std::string& model_path, const Tokenizer& tok,
+                        const std::string& user, const std::string& system) {
+  std::string source, where;
+  for (const std::string& p : {tokenizer_path, model_path}) {
+    std::error_code ec;
+    if (p.empty() || !fs::exists(p, ec)) continue;
+    source = chat_template_for(p);
+    if (!source.empty()) {
+      where = p;
+      break;
+    }
+  }
+  if (source.empty())
+    throw_error("--chat: no chat template found (", model_path.empty() ? tokenizer_path : model_path,
+                " has no tokenizer.chat_template, chat_template.jinja or tokenizer_config.json chat_template)");
+  ChatTemplateInputs in;
+  if (!system.empty()) in.messages.push_back({{"role", "system"}, {"content", system}});
+  in.messages.push_back({{"role", "user"}, {"content", user}});
+  in.add_generation_prompt = true;
+  in.bos_token = tok.token_text(tok.bos_id());
+  in.eos_token = tok.token_text(tok.eos_id());
+  in.extra["tools"] = nullptr;  // as transformers passes them
+  in.extra["documents"] = nullptr;
+  return render_chat_template(source, in, where + " (chat template)");
 }
 
 std::vector<int32_t> read_token_file(const std::string& path) {

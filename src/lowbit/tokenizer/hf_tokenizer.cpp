@@ -878,6 +878,10 @@ std::string HfTokenizer::id_to_token(int id) const {
   return impl_->tokens[id];
 }
 
+std::string HfTokenizer::token_text(int id) const {
+  return id >= 0 && id < static_cast<int>(impl_->tokens.size()) ? impl_->tokens[size_t(id)] : std::string();
+}
+
 bool HfTokenizer::is_special(int id) const {
   impl_->check_id(id);
   return impl_->added_kind[id] == 2;

@@ -49,6 +49,7 @@ class HfTokenizer final : public Tokenizer {
 
   int token_to_id(std::string_view token) const;  // as written in the file; -1 when absent
   std::string id_to_token(int id) const;          // as written in the file
+  std::string token_text(int id) const override;
   bool is_special(int id) const;
 
  private:

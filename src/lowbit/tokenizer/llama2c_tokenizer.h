@@ -56,6 +56,9 @@ class Llama2cTokenizer final : public Tokenizer {
   std::string kind() const override { return "llama2c"; }
 
   const std::string& piece(int id) const;
+  std::string token_text(int id) const override {
+    return id >= 0 && id < vocab_size() ? pieces_[size_t(id)] : std::string();
+  }
   float score(int id) const;
   int max_token_length() const { return max_token_length_; }
 

@@ -35,6 +35,7 @@ class SentencePieceTokenizer final : public Tokenizer {
   std::string kind() const override { return "sentencepiece"; }
 
   std::string id_to_piece(int id) const;  // raw sentencepiece piece (with U+2581)
+  std::string token_text(int id) const override { return id >= 0 && id < vocab_size() ? id_to_piece(id) : std::string(); }
   float score(int id) const;
 
  private:

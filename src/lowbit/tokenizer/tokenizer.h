@@ -24,6 +24,9 @@ class Tokenizer {
   // Text of `id` when it follows `prev`, for streaming output (llama2.c semantics: the leading
   // space of the first piece after BOS is dropped; byte tokens <0xNN> become raw bytes).
   virtual std::string decode_piece(int prev, int id) const = 0;
+  // The token's text as the vocabulary spells it (e.g. "<|im_start|>", "<s>"), for chat templates'
+  // bos_token / eos_token; "" for an id outside the vocabulary.
+  virtual std::string token_text(int id) const = 0;
   virtual int bos_id() const = 0;  // -1 when the tokenizer has none
   virtual int eos_id() const = 0;
   virtual std::string kind() const = 0;  // "llama2c", "sentencepiece", "hf-bpe", ...
