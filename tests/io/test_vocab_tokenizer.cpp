@@ -248,3 +248,72 @@ TEST(VocabTokenizer, GgufRoundTripKeepsTemplateAndFlags) {
 
 }  // namespace
 }  // namespace lowbit
+
+namespace lowbit {
+namespace {
+
+// convert --tokenizer's library half: a tokenizer file becomes a GGUF vocabulary that, written
+// and read back, tokenizes exactly like the file itself.
+void write_vocab_gguf(const std::string& path, const TokenizerVocab& v) {
+  GgufMetadata md;
+  md.emplace_back("tokenizer.ggml.model", GgufValue::string(v.model));
+  if (!v.pre.empty()) md.emplace_back("tokenizer.ggml.pre", GgufValue::string(v.pre));
+  md.emplace_back("tokenizer.ggml.tokens", GgufValue::string_array(v.tokens));
+  if (!v.scores.empty()) md.emplace_back("tokenizer.ggml.scores", GgufValue::f32_array(v.scores));
+  md.emplace_back("tokenizer.ggml.token_type", GgufValue::i32_array(v.token_types));
+  if (!v.merges.empty()) md.emplace_back("tokenizer.ggml.merges", GgufValue::string_array(v.merges));
+  if (v.bos_id >= 0) md.emplace_back("tokenizer.ggml.bos_token_id", GgufValue::u32(uint32_t(v.bos_id)));
+  if (v.eos_id >= 0) md.emplace_back("tokenizer.ggml.eos_token_id", GgufValue::u32(uint32_t(v.eos_id)));
+  if (v.add_bos >= 0) md.emplace_back("tokenizer.ggml.add_bos_token", GgufValue::boolean(v.add_bos != 0));
+  if (!v.chat_template.empty()) md.emplace_back("tokenizer.chat_template", GgufValue::string(v.chat_template));
+  write_gguf(path, md, {});
+}
+
+TEST(VocabTokenizer, TokenizerJsonEmbedsAndReadsBack) {
+  const auto dir = test::temp_dir("vocab_embed");
+  for (auto [rel, ref, pre] : {std::tuple{"models/smollm2-135m-instruct/tokenizer-llamacpp-smollm.json",
+                                          "models/smollm2-135m-instruct/ref-tokenize-wikitext2.jsonl", "smollm"},
+                               {"tokenizers/llama3/tokenizer.json", "ref/tokenize-llama3-wikitext2.jsonl", "llama-bpe"},
+                               {"tokenizers/qwen3/tokenizer.json", "ref/tokenize-qwen3-wikitext2.jsonl", "qwen2"}}) {
+    LOWBIT_REQUIRE_SHARED(tj, rel);
+    LOWBIT_REQUIRE_SHARED(refp, ref);
+    const TokenizerVocab v = vocab_from_tokenizer_file(tj);
+    EXPECT_EQ(v.pre, pre);
+    const std::string out = (dir / "t.gguf").string();
+    write_vocab_gguf(out, v);
+    const auto tok = open_tokenizer_file(out);
+    EXPECT_EQ(replay(*tok, read_jsonl(refp), rel), 0) << rel;
+    const auto orig = load_tokenizer(tj);
+    EXPECT_EQ(tok->bos_id(), orig->bos_id()) << rel;
+    EXPECT_EQ(tok->eos_id(), orig->eos_id()) << rel;
+    EXPECT_EQ(tok->encode("Hi there", true), orig->encode("Hi there", true)) << rel;
+  }
+  // The SmolLM2 folder has chat_template.jinja next to the json: it is carried along.
+  LOWBIT_REQUIRE_SHARED(smol, "models/smollm2-135m-instruct/tokenizer-llamacpp-smollm.json");
+  EXPECT_NE(vocab_from_tokenizer_file(smol).chat_template.find("<|im_start|>"), std::string::npos);
+  EXPECT_EQ(vocab_from_tokenizer_file(smol, 49200).tokens.size(), 49200u);
+  EXPECT_THROW(vocab_from_tokenizer_file(smol, 100), Error);
+}
+
+TEST(VocabTokenizer, SentencepieceModelEmbedsAndReadsBack) {
+  LOWBIT_REQUIRE_SHARED(model, "models/stories260K/tok512.model");
+  LOWBIT_REQUIRE_SHARED(bin, "models/stories260K/tok512.bin");
+  const TokenizerVocab v = vocab_from_tokenizer_file(model);
+  EXPECT_EQ(v.model, "llama");
+  EXPECT_EQ(v.tokens.size(), 512u);
+  const auto dir = test::temp_dir("vocab_embed_sp");
+  const std::string out = (dir / "t.gguf").string();
+  write_vocab_gguf(out, v);
+  const auto tok = open_tokenizer_file(out);
+  const auto ref = load_tokenizer(bin);  // the same vocabulary in llama2.c form
+  for (const char* text : {"Once upon a time, there was a little girl.", "Lily's cat: 42!\nThe end", ""})
+    EXPECT_EQ(tok->encode(text, true), ref->encode(text, true)) << text;
+}
+
+TEST(VocabTokenizer, SentencepieceStyleTokenizerJsonIsRefused) {
+  LOWBIT_REQUIRE_SHARED(tj, "tokenizers/llama2/tokenizer.json");
+  EXPECT_THROW(vocab_from_tokenizer_file(tj), Error);
+}
+
+}  // namespace
+}  // namespace lowbit

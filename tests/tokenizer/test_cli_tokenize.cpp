@@ -60,5 +60,28 @@ TEST(CliTokenize, GgufTokenizerFileAndChat) {
             "4093,198,1780,314,260,3575,282,4649,47,2,198,1,520,9531,198]}\n");
 }
 
+// convert --tokenizer embeds a sentencepiece model in the GGUF output; the file then tokenizes on
+// its own like the original tokenizer.
+TEST(CliTokenize, ConvertEmbedsTokenizer) {
+  LOWBIT_REQUIRE_SHARED(model, "models/stories260K/stories260K.bin");
+  LOWBIT_REQUIRE_SHARED(sp, "models/stories260K/tok512.model");
+  LOWBIT_REQUIRE_SHARED(bin, "models/stories260K/tok512.bin");
+  if (!std::filesystem::exists(test::cli_path())) GTEST_SKIP() << "no " << test::cli_path();
+  const std::string cli = test::cli_path();
+  const auto dir = test::temp_dir("cli-convert-tok");
+  const std::string out = (dir / "s.gguf").string();
+  run(cli + " convert --from " + model + " --to " + out + " --tokenizer " + sp + " 2>/dev/null");
+  ASSERT_TRUE(std::filesystem::exists(out));
+  EXPECT_EQ(run("echo 'Once upon a time' | " + cli + " tokenize --add-special -m " + out),
+            run("echo 'Once upon a time' | " + cli + " tokenize --add-special -t " + bin));
+  // A tokenizer larger than the model's vocabulary is refused, and nothing is written.
+  LOWBIT_REQUIRE_SHARED(l3, "tokenizers/llama3/tokenizer.json");
+  const std::string out2 = (dir / "bad.gguf").string();
+  EXPECT_NE(run(cli + " convert --from " + model + " --to " + out2 + " --tokenizer " + l3 + " 2>&1").find("more than the model"),
+            std::string::npos);
+  EXPECT_FALSE(std::filesystem::exists(out2));
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace lowbit

@@ -81,6 +81,14 @@ std::string tokenizer_path_for(const std::string& model_path);
 // Throws naming `source` and the problem otherwise (unknown model or pre-tokenizer, bad ids).
 std::unique_ptr<Tokenizer> tokenizer_from_vocab(const TokenizerVocab& vocab, const std::string& source);
 
+// The vocabulary to embed in a GGUF file, from a tokenizer file: a sentencepiece .model (model
+// "llama": pieces, scores, token types, add_bos) or a byte-level BPE tokenizer.json (model "gpt2":
+// tokens, merges, added tokens as control/user-defined types, the pre-tokenizer name that
+// describes its pre_tokenizer, add_bos from its post-processor), with the chat template found
+// next to it (chat_template_for). `vocab_size` > 0 pads with unused "[PAD<id>]" tokens up to the
+// model's vocabulary (and refuses a larger tokenizer). Throws naming the file otherwise.
+TokenizerVocab vocab_from_tokenizer_file(const std::string& path, int vocab_size = 0);
+
 // The vocabulary embedded in a GGUF file, read from its metadata only (tensors are not decoded,
 // so files with tensor types lowbit cannot load still give their tokenizer).
 TokenizerVocab read_gguf_vocab(const std::string& path);

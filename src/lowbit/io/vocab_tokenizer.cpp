@@ -20,6 +20,8 @@
 #include "lowbit/io/gguf.h"
 #include "lowbit/tokenizer/hf_tokenizer.h"
 #include "lowbit/tokenizer/llama2c_tokenizer.h"
+#include "lowbit/tokenizer/pretokenizer.h"
+#include "lowbit/tokenizer/sentencepiece_tokenizer.h"
 
 namespace fs = std::filesystem;
 
@@ -138,6 +140,119 @@ std::unique_ptr<Tokenizer> tokenizer_from_vocab(const TokenizerVocab& v, const s
   if (v.model == "gpt2") return gpt2_tokenizer(v, source);
   throw_error(source, ": embedded tokenizer model '", v.model,
               "' is not supported (lowbit reads 'gpt2' and 'llama'); pass --tokenizer");
+}
+
+namespace {
+
+// The tokenizer.ggml.pre name whose pipeline equals a tokenizer.json pre_tokenizer (see the table
+// at the top of this file), or throws.
+std::string pre_name_of(const json& pre, const std::string& path) {
+  auto bad = [&]() -> std::string {
+    throw_error(path, ": field 'pre_tokenizer' ", pre.dump().substr(0, 300),
+                " has no GGUF equivalent lowbit knows (smollm, gpt2, llama-bpe, qwen2)");
+  };
+  auto is_byte_level = [](const json& p, bool use_regex) {
+    return p.is_object() && p.value("type", "") == "ByteLevel" && p.value("use_regex", true) == use_regex &&
+           !p.value("add_prefix_space", false);
+  };
+  if (is_byte_level(pre, true)) return "gpt2";
+  if (!pre.is_object() || pre.value("type", "") != "Sequence" || !pre.contains("pretokenizers")) return bad();
+  const json& s = pre.at("pretokenizers");
+  if (s.size() != 2) return bad();
+  if (s[0].value("type", "") == "Digits" && s[0].value("individual_digits", false) && is_byte_level(s[1], true))
+    return "smollm";
+  if (s[0].value("type", "") == "Split" && s[0].contains("pattern") && s[0].at("pattern").contains("Regex") &&
+      is_byte_level(s[1], false)) {
+    const auto sp = recognize_split_pattern(s[0].at("pattern").at("Regex").get<std::string>());
+    if (sp && sp->family == SplitPattern::Family::kLlama3) return sp->max_digits == 3 ? "llama-bpe" : "qwen2";
+  }
+  return bad();
+}
+
+TokenizerVocab vocab_from_hf_json(const std::string& path) {
+  const json j = json::parse(read_text(path), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) throw_error(path, ": not valid JSON");
+  const auto tok = HfTokenizer::from_json(read_text(path), path,
+                                          fs::is_regular_file(fs::path(path).parent_path() / "tokenizer_config.json")
+                                              ? read_text(fs::path(path).parent_path() / "tokenizer_config.json")
+                                              : std::string());  // validates the whole file
+  if (tok->kind() != "hf-bpe")
+    throw_error(path, ": only byte-level BPE tokenizer.json files can be embedded as GGUF 'gpt2' vocabularies; for a "
+                "sentencepiece-style one pass its tokenizer.model");
+  if (j.contains("normalizer") && !j.at("normalizer").is_null() && j.at("normalizer").value("type", "") != "NFC")
+    throw_error(path, ": field 'normalizer' (", j.at("normalizer").value("type", "?"), ") has no GGUF equivalent");
+  TokenizerVocab v;
+  v.model = "gpt2";
+  v.pre = pre_name_of(j.contains("pre_tokenizer") ? j.at("pre_tokenizer") : json(), path);
+  const int n = tok->vocab_size();
+  v.tokens.resize(size_t(n));
+  v.token_types.assign(size_t(n), 1);
+  for (int id = 0; id < n; ++id) {
+    v.tokens[size_t(id)] = tok->id_to_token(id);
+    if (v.tokens[size_t(id)].empty()) {
+      v.tokens[size_t(id)] = "[PAD" + std::to_string(id) + "]";
+      v.token_types[size_t(id)] = 5;
+    }
+  }
+  if (j.contains("added_tokens"))
+    for (const json& a : j.at("added_tokens")) {
+      const int id = a.at("id").get<int>();
+      if (id >= 0 && id < n) v.token_types[size_t(id)] = a.value("special", false) ? 3 : 4;
+    }
+  for (const json& m : j.at("model").at("merges"))
+    v.merges.push_back(m.is_string() ? m.get<std::string>() : m.at(0).get<std::string>() + " " + m.at(1).get<std::string>());
+  v.bos_id = tok->bos_id();
+  v.eos_id = tok->eos_id();
+  const json& model = j.at("model");
+  if (model.contains("unk_token") && model.at("unk_token").is_string())
+    v.unk_id = tok->token_to_id(model.at("unk_token").get<std::string>());
+  const auto with = tok->encode("a", true), without = tok->encode("a", false);
+  v.add_bos = (v.bos_id >= 0 && with.size() > without.size() && with.front() == v.bos_id) ? 1 : 0;
+  if (with.size() > without.size() && with.back() != without.back()) v.add_eos = 1;
+  return v;
+}
+
+TokenizerVocab vocab_from_sentencepiece(const std::string& path) {
+  SentencePieceTokenizer sp(path);
+  TokenizerVocab v;
+  v.model = "llama";
+  const int n = sp.vocab_size();
+  for (int id = 0; id < n; ++id) {
+    v.tokens.push_back(sp.id_to_piece(id));
+    v.scores.push_back(sp.score(id));
+    v.token_types.push_back(sp.piece_type(id));
+  }
+  v.bos_id = sp.bos_id();
+  v.eos_id = sp.eos_id();
+  v.unk_id = sp.unk_id();
+  v.pad_id = sp.pad_id();
+  v.add_bos = v.bos_id >= 0 ? 1 : 0;
+  return v;
+}
+
+}  // namespace
+
+TokenizerVocab vocab_from_tokenizer_file(const std::string& path, int vocab_size) {
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) throw_error(path, ": no such tokenizer file");
+  TokenizerVocab v;
+  const std::string ext = fs::path(path).extension().string();
+  if (ext == ".model") v = vocab_from_sentencepiece(path);
+  else if (ext == ".json") v = vocab_from_hf_json(path);
+  else if (looks_like_gguf(path)) v = read_gguf_vocab(path);
+  else throw_error(path, ": expected a sentencepiece .model, a tokenizer.json or a GGUF file to take the tokenizer from");
+  if (v.empty()) throw_error(path, ": has no tokenizer vocabulary");
+  if (vocab_size > 0) {
+    if (int(v.tokens.size()) > vocab_size)
+      throw_error(path, ": the tokenizer has ", v.tokens.size(), " tokens, more than the model's vocabulary of ", vocab_size);
+    while (int(v.tokens.size()) < vocab_size) {
+      v.tokens.push_back("[PAD" + std::to_string(v.tokens.size()) + "]");
+      if (!v.scores.empty()) v.scores.push_back(0.0f);
+      if (!v.token_types.empty()) v.token_types.push_back(5);
+    }
+  }
+  if (v.chat_template.empty()) v.chat_template = chat_template_for(path);
+  return v;
 }
 
 TokenizerVocab read_gguf_vocab(const std::string& path) { return gguf_tokenizer_vocab(GgufFile::open(path)); }
