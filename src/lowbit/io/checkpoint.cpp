@@ -73,6 +73,9 @@ CheckpointFormat format_for_output(const std::string& path) {
 void save_checkpoint(const std::string& path, const Checkpoint& ckpt, CheckpointFormat format, DType dtype) {
   if (format == CheckpointFormat::Auto) format = format_for_output(path);
   if (!ckpt.source.empty()) io::refuse_to_overwrite(ckpt.source, path);
+  if (ckpt.config.rope_scaling.active() && format != CheckpointFormat::HfDir)
+    throw_error(path, ": rope_scaling llama3 can only be saved in a Hugging Face directory (", checkpoint_format_name(format),
+                " output would drop it)");
   if (dtype != DType::F32 && dtype != DType::F16 && dtype != DType::BF16)
     throw_error(path, ": checkpoints are saved as f32, f16 or bf16, not ", dtype_name(dtype));
   switch (format) {
