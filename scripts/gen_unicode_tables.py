@@ -58,6 +58,7 @@ def main():
     cat = lambda cp: unicodedata.category(chr(cp))
     letters = ranges_of(lambda cp: cat(cp).startswith('L'))
     numbers = ranges_of(lambda cp: cat(cp).startswith('N'))
+    punctuation = ranges_of(lambda cp: cat(cp).startswith('P'))
     ccc = valued_ranges(lambda cp: unicodedata.combining(chr(cp)))
 
     decomp, compose = [], []
@@ -110,6 +111,8 @@ def main():
     emit('kLetters', 'Range', letters, r2, 6)
     w('// General category N* (Nd Nl No): regex \\p{N}.\n')
     emit('kNumbers', 'Range', numbers, r2, 6)
+    w('// General category P* (Pc Pd Ps Pe Pi Pf Po): regex \\p{P}.\n')
+    emit('kPunctuation', 'Range', punctuation, r2, 6)
     w('// Property White_Space: regex \\s in Rust/Oniguruma.\n')
     emit('kWhiteSpace', 'Range', WHITE_SPACE, r2, 6)
     w('// Canonical combining class (non-zero only).\n')

@@ -13,3 +13,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
+# Python oracles of the tests (gguf-py's quantizers and dequantizers, chat templates against jinja2,
+# RoPE llama3 scaling against numpy; those tests skip when a module is missing).
+python3 -m pip install --quiet gguf numpy jinja2

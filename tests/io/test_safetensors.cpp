@@ -210,8 +210,25 @@ TEST(HfDir, ConfigParsing) {
     return std::string();
   };
   json bad = j;
-  bad["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}};
-  EXPECT_NE(err(bad).find("rope_scaling type 'llama3' is not supported"), std::string::npos);
+  bad["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}};  // the other three fields are missing
+  EXPECT_NE(err(bad).find("rope_scaling llama3 needs a number 'low_freq_factor'"), std::string::npos);
+  bad["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 8.0}};
+  EXPECT_NE(err(bad).find("rope_scaling type 'yarn' is not supported"), std::string::npos);
+  bad["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 4.0}, {"high_freq_factor", 1.0},
+                         {"original_max_position_embeddings", 8192}};
+  EXPECT_NE(err(bad).find("low_freq_factor < high_freq_factor"), std::string::npos);
+  {  // Llama 3.1's values are accepted and written back.
+    json l31 = j;
+    l31["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0},
+                           {"original_max_position_embeddings", 8192}};
+    const LlamaConfig c31 = config_from_hf_json(l31, "config.json");
+    EXPECT_EQ(c31.rope_scaling.factor, 8.0);
+    EXPECT_EQ(c31.rope_scaling.original_max_position, 8192.0);
+    const json back = config_to_hf_json(c31, "float32");
+    EXPECT_EQ(back.at("rope_scaling").at("rope_type"), "llama3");
+    EXPECT_EQ(back.at("rope_scaling").at("high_freq_factor"), 4.0);
+    EXPECT_EQ(config_from_hf_json(back, "back").rope_scaling.low_freq_factor, 1.0);
+  }
   bad = j;
   bad["architectures"] = {"GPT2LMHeadModel"};
   EXPECT_NE(err(bad).find("GPT2LMHeadModel"), std::string::npos);

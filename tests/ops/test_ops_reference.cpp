@@ -2,6 +2,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <sstream>
+#include <sys/wait.h>
 
 #include "lowbit/autograd/optim.h"
 #include "lowbit/ops/ops.h"
@@ -60,6 +63,73 @@ TEST(OpsReference, RopeStylesAreRelatedByAPermutation) {
   EXPECT_EQ(max_abs_diff(x.slice(1, 0, 1), z.slice(1, 0, 1)), 0.0);
   ops::rope(y1, 7, 10000.0, RopeStyle::Interleaved, true, back);
   EXPECT_LT(max_abs_diff(back, x), 1e-5);
+}
+
+// rope_scaling "llama3": the inverse frequencies against a numpy transcription of transformers'
+// _compute_llama3_parameters (run by python3; skipped without numpy), and the op rotating by them.
+TEST(OpsReference, RopeLlama3FrequencyScaling) {
+  const double theta = 500000.0;
+  const int64_t hd = 128;
+  RopeScaling s;
+  s.factor = 8;
+  s.low_freq_factor = 1;
+  s.high_freq_factor = 4;
+  s.original_max_position = 8192;
+  const std::vector<double> got = rope_inv_freq(theta, hd, s);
+  ASSERT_EQ(got.size(), size_t(hd / 2));
+  const char* py = R"(python3 -c "
+import math, sys
+try:
+    import numpy as np
+except ImportError:
+    sys.exit(3)
+base, dim, factor, low, high, old = 500000.0, 128, 8.0, 1.0, 4.0, 8192
+inv_freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float64) / dim))
+low_wavelen = old / low
+high_wavelen = old / high
+wavelen = 2 * math.pi / inv_freq
+inv_freq_llama = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+smooth_factor = (old / wavelen - low) / (high - low)
+smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+inv_freq_llama = np.where(is_medium, smoothed, inv_freq_llama)
+print(' '.join(repr(float(x)) for x in inv_freq_llama))
+" 2>/dev/null)";
+  std::string out;
+  FILE* p = popen(py, "r");
+  int rc = -1;
+  if (p) {
+    char buf[4096];
+    for (size_t n; (n = fread(buf, 1, sizeof buf, p)) > 0;) out.append(buf, n);
+    const int st = pclose(p);
+    rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  }
+  if (rc != 0) GTEST_SKIP() << "python3 with numpy is not available";
+  std::istringstream is(out);
+  int scaled = 0, smoothed = 0, kept = 0;
+  const std::vector<double> plain = rope_inv_freq(theta, hd);
+  for (size_t i = 0; i < got.size(); ++i) {
+    double want = 0;
+    ASSERT_TRUE(is >> want) << "numpy printed " << out;
+    EXPECT_NEAR(got[i], want, 1e-15 + 1e-12 * std::fabs(want)) << "pair " << i;
+    if (got[i] == plain[i]) ++kept;
+    else if (std::fabs(got[i] - plain[i] / 8) < 1e-18 + 1e-12 * plain[i]) ++scaled;
+    else ++smoothed;
+  }
+  EXPECT_GT(kept, 0);  // all three regimes occur for Llama 3.1's values
+  EXPECT_GT(scaled, 0);
+  EXPECT_GT(smoothed, 0);
+
+  // The op rotates pair i by pos * inv_freq[i].
+  Tensor x = rnd({1, 2, 1, hd}, 3, DType::F64), y = Tensor::empty(x.shape(), DType::F64);
+  ops::rope(x, 5000, theta, RopeStyle::Half, false, y, s);
+  for (int64_t t = 0; t < 2; ++t)
+    for (int64_t i = 0; i < hd / 2; ++i) {
+      const double ang = double(5000 + t) * got[size_t(i)], c = std::cos(ang), sn = std::sin(ang);
+      const double x0 = x.item(t * hd + i), x1 = x.item(t * hd + i + hd / 2);
+      EXPECT_NEAR(y.item(t * hd + i), x0 * c - x1 * sn, 1e-12);
+      EXPECT_NEAR(y.item(t * hd + i + hd / 2), x0 * sn + x1 * c, 1e-12);
+    }
 }
 
 TEST(OpsReference, AttentionMatchesDenseSoftmax) {

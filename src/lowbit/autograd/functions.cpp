@@ -189,15 +189,16 @@ Var rmsnorm(const Var& x, const Var& w, double eps) {
 }
 
 // ---- rotary embedding: an orthogonal rotation, so the backward rotates by -angle -----------------
-Var rope(const Var& x, int64_t B, int64_t T, int64_t H, int64_t hd, int64_t pos0, double theta, RopeStyle style) {
+Var rope(const Var& x, int64_t B, int64_t T, int64_t H, int64_t hd, int64_t pos0, double theta, RopeStyle style,
+         const RopeScaling& scaling) {
   Tensor xv = contig(x);
   if (xv.numel() != B * T * H * hd) throw_error("rope: ", xv.describe(), " is not [", B, "*", T, ", ", H, "*", hd, "]");
   Tensor x4 = xv.view({B, T, H, hd}), y = like(x4);
-  ops::rope(x4, pos0, theta, style, false, y);
+  ops::rope(x4, pos0, theta, style, false, y, scaling);
   const Shape orig = xv.shape();
-  return make_result(y.view(orig), {x}, "rope", [x, B, T, H, hd, pos0, theta, style, orig](const Tensor& g) {
+  return make_result(y.view(orig), {x}, "rope", [x, B, T, H, hd, pos0, theta, style, scaling, orig](const Tensor& g) {
     Tensor g4 = g.contiguous().view({B, T, H, hd}), dx = like(g4);
-    ops::rope(g4, pos0, theta, style, true, dx);
+    ops::rope(g4, pos0, theta, style, true, dx, scaling);
     accumulate_grad(x, dx.view(orig));
   });
 }

@@ -20,7 +20,8 @@ Var mean(const Var& x);  // 0-d
 Var reshape(const Var& x, const Shape& shape);
 Var rmsnorm(const Var& x, const Var& w, double eps);  // over the last dim
 // x: [B*T, H*hd] viewed as [B, T, H, hd]; token t at position pos0 + t.
-Var rope(const Var& x, int64_t B, int64_t T, int64_t H, int64_t hd, int64_t pos0, double theta, RopeStyle style);
+Var rope(const Var& x, int64_t B, int64_t T, int64_t H, int64_t hd, int64_t pos0, double theta, RopeStyle style,
+         const RopeScaling& scaling = {});
 // q: [B*Tq, H*hd]; k, v: [B*Tk, KVH*hd]; causal (query i at position Tk - Tq + i); out [B*Tq, H*hd].
 Var attention(const Var& q, const Var& k, const Var& v, int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t KVH,
               int64_t hd);

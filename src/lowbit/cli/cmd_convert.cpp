@@ -14,7 +14,7 @@ namespace lowbit::cli {
 namespace {
 
 struct ConvertArgs {
-  std::string from, to, dtype = "f32";
+  std::string from, to, dtype = "f32", tokenizer;
 };
 
 // Tokenizer and generation files that travel with a Hugging Face model directory.
@@ -42,7 +42,27 @@ void run_convert(const ConvertArgs& a) {
     throw_error("--dtype ", a.dtype, ": expected f32, f16 or bf16");
   const CheckpointFormat out_format = format_for_output(a.to);  // fail fast, before loading
   io::refuse_to_overwrite(a.from, a.to);
+  if (!a.tokenizer.empty() && out_format != CheckpointFormat::Gguf)
+    throw_error("--tokenizer: only a GGUF output embeds a tokenizer (", a.to, " is not a .gguf path)");
   Checkpoint ck = load_checkpoint(a.from);
+  std::string embedded;
+  if (out_format == CheckpointFormat::Gguf) {
+    if (!a.tokenizer.empty()) {
+      ck.vocab = vocab_from_tokenizer_file(a.tokenizer, ck.config.vocab_size);
+      embedded = a.tokenizer;
+    } else if (ck.vocab.empty()) {
+      // A Hugging Face source directory's own tokenizer travels into the GGUF file when it can.
+      const std::string own = tokenizer_path_for(a.from);
+      if (!own.empty()) {
+        try {
+          ck.vocab = vocab_from_tokenizer_file(own, ck.config.vocab_size);
+          embedded = own;
+        } catch (const Error& e) {
+          std::fprintf(stderr, "  note: the source's tokenizer is not embedded: %s\n", e.what());
+        }
+      }
+    }
+  }
   save_checkpoint(a.to, ck, out_format, dtype);
   // An HF directory keeps its tokenizer files; copy them along to an HF output.
   std::error_code ec;
@@ -57,6 +77,9 @@ void run_convert(const ConvertArgs& a) {
   std::fprintf(stderr, "converted %s (%s) -> %s (%s, %s)%s\n  %s\n", a.from.c_str(),
                checkpoint_format_name(detect_checkpoint_format(a.from)), a.to.c_str(), checkpoint_format_name(out_format),
                dtype_name(dtype), copied ? ", tokenizer files copied" : "", ck.config.summary().c_str());
+  if (!embedded.empty())
+    std::fprintf(stderr, "  embedded tokenizer %s (tokenizer.ggml.model = %s%s%s)\n", embedded.c_str(), ck.vocab.model.c_str(),
+                 ck.vocab.pre.empty() ? "" : ", pre = ", ck.vocab.pre.c_str());
   if (out_format == CheckpointFormat::Gguf && ck.vocab.empty())
     std::fprintf(stderr, "  note: the source has no embedded tokenizer; the GGUF file has none (tokenizer.ggml.model = none)\n");
 }
@@ -73,6 +96,9 @@ void register_convert(CLI::App& app) {
       "Example: lowbit convert --from stories260K.bin --to stories260K-hf --dtype bf16");
   sub->add_option("--from", a->from, "input: llama2.c .bin, .gguf, or a Hugging Face model directory")->required();
   sub->add_option("--to", a->to, "output: out.bin, out.gguf or an output directory")->required();
+  sub->add_option("--tokenizer", a->tokenizer,
+                  "GGUF output: embed this tokenizer (sentencepiece .model, byte-level tokenizer.json, or a GGUF "
+                  "file's); default: the source's own (GGUF, or a Hugging Face directory's tokenizer)");
   sub->add_option("--dtype", a->dtype, "weight type of GGUF / Hugging Face outputs: f32, f16 or bf16")
       ->capture_default_str();
   sub->callback([a] { run_convert(*a); });

@@ -9,7 +9,7 @@ namespace lowbit::cli {
 
 namespace {
 struct GenArgs {
-  std::string model, tokenizer, prompt, device = "cpu";
+  std::string model, tokenizer, prompt, chat, system, device = "cpu";
   int steps = 256;
   double temperature = 1.0, top_p = 0.9;
   uint64_t seed = 42;
@@ -27,8 +27,17 @@ void run_generate(const GenArgs& a) {
   o.steps = a.steps;
   o.stop_at_eos = !a.ignore_eos;
   o.sampler = SamplerOptions{a.temperature, a.top_p, a.seed};
+  std::string prompt = a.prompt;
+  if (!a.chat.empty()) {
+    if (!a.prompt.empty()) throw_error("--chat and --prompt exclude each other");
+    // The template writes BOS itself where the model wants one; special tokens in it are parsed.
+    prompt = chat_prompt(a.tokenizer, a.model, *tok, a.chat, a.system);
+    o.add_special = false;
+  } else if (!a.system.empty()) {
+    throw_error("--system needs --chat");
+  }
   std::string text;
-  GenerateResult r = generate(*m.model, *tok, a.prompt, o, [&](const std::string& piece) {
+  GenerateResult r = generate(*m.model, *tok, prompt, o, [&](const std::string& piece) {
     if (a.json) {
       text += piece;
     } else {
@@ -37,7 +46,7 @@ void run_generate(const GenArgs& a) {
     }
   });
   if (a.json) {
-    print_json({{"prompt", a.prompt},
+    print_json({{"prompt", prompt},
                 {"text", text},
                 {"tokens", r.tokens},
                 {"prompt_tokens", r.prompt_tokens},
@@ -54,8 +63,11 @@ void register_generate(CLI::App& app) {
   auto* g = app.add_subcommand("generate", "Generate text (greedy with --temperature 0, else temperature + top-p)");
   auto a = std::make_shared<GenArgs>();
   g->add_option("-m,--model", a->model, "model: llama2.c .bin, .gguf, .safetensors or a Hugging Face directory")->required();
-  g->add_option("--tokenizer", a->tokenizer, "tokenizer file or directory (default: the model directory's)");
+  g->add_option("--tokenizer", a->tokenizer, "tokenizer file, directory or GGUF file (default: the model's own)");
   g->add_option("-p,--prompt", a->prompt, "prompt text (BOS is added)");
+  g->add_option("--chat", a->chat,
+                "a user message, wrapped in the model's chat template (add_generation_prompt; special tokens parsed)");
+  g->add_option("--system", a->system, "with --chat: a system message before the user message");
   g->add_option("-n,--steps", a->steps, "positions to run, prompt included (like llama2.c -n)")->capture_default_str();
   g->add_option("-t,--temperature", a->temperature, "0 = greedy")->capture_default_str();
   g->add_option("--top-p", a->top_p, "nucleus sampling mass")->capture_default_str();

@@ -43,7 +43,7 @@ void run_train(TrainArgs& a) {
     o.config = config_from_hf_json(j, a.config_json);
   }
   std::unique_ptr<Tokenizer> tok;
-  if (!a.tokenizer.empty()) tok = load_tokenizer(a.tokenizer);
+  if (!a.tokenizer.empty()) tok = open_tokenizer_file(a.tokenizer);
   if (o.config.vocab_size == 0) {
     if (!tok) throw_error("train: give --vocab or --tokenizer (the vocabulary size comes from it)");
     o.config.vocab_size = tok->vocab_size();

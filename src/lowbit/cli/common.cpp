@@ -6,8 +6,11 @@
 #include <fstream>
 #include <sstream>
 
+#include "lowbit/core/progress.h"
+#include "lowbit/io/gguf.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/ops/device_init.h"
+#include "lowbit/tokenizer/chat_template.h"
 
 namespace lowbit::cli {
 
@@ -38,11 +41,38 @@ LoadedModel load_model(const std::string& path, Device device) {
 }
 
 std::unique_ptr<Tokenizer> open_tokenizer(const std::string& tokenizer_path, const std::string& model_path) {
-  if (!tokenizer_path.empty()) return load_tokenizer(tokenizer_path);
+  if (!tokenizer_path.empty()) return open_tokenizer_file(tokenizer_path);
+  std::error_code ec;
+  if (!model_path.empty() && (fs::is_directory(model_path, ec) || looks_like_gguf(model_path)))
+    return open_tokenizer_file(model_path);
+  throw_error("no tokenizer: pass --tokenizer FILE (tokenizer.bin, tokenizer.model, tokenizer.json or a GGUF file); ",
+              model_path, " is neither a model directory with one nor a GGUF file with an embedded one");
+}
 
-  if (!model_path.empty() && fs::is_directory(model_path)) return load_tokenizer(model_path);
-  throw_error("no tokenizer: pass --tokenizer FILE (tokenizer.bin, tokenizer.model or tokenizer.json); ", model_path,
-              " is not a model directory with one");
+std::string chat_prompt(const std::string& tokenizer_path, const std::string& model_path, const Tokenizer& tok,
+                        const std::string& user, const std::string& system) {
+  std::string source, where;
+  for (const std::string& p : {tokenizer_path, model_path}) {
+    std::error_code ec;
+    if (p.empty() || !fs::exists(p, ec)) continue;
+    source = chat_template_for(p);
+    if (!source.empty()) {
+      where = p;
+      break;
+    }
+  }
+  if (source.empty())
+    throw_error("--chat: no chat template found (", model_path.empty() ? tokenizer_path : model_path,
+                " has no tokenizer.chat_template, chat_template.jinja or tokenizer_config.json chat_template)");
+  ChatTemplateInputs in;
+  if (!system.empty()) in.messages.push_back({{"role", "system"}, {"content", system}});
+  in.messages.push_back({{"role", "user"}, {"content", user}});
+  in.add_generation_prompt = true;
+  in.bos_token = tok.token_text(tok.bos_id());
+  in.eos_token = tok.token_text(tok.eos_id());
+  in.extra["tools"] = nullptr;  // as transformers passes them
+  in.extra["documents"] = nullptr;
+  return render_chat_template(source, in, where + " (chat template)");
 }
 
 std::vector<int32_t> read_token_file(const std::string& path) {
@@ -73,7 +103,13 @@ std::vector<int32_t> tokenize_file_cached(const std::string& text_path, const To
   std::stringstream ss;
   ss << f.rdbuf();
   auto t0 = std::chrono::steady_clock::now();
-  std::vector<int> ids = tok.encode(ss.str(), false);
+  const std::string text = ss.str();
+  std::vector<int> ids;
+  {
+    ProgressBar bar("tokenize " + fs::path(text_path).filename().string(), int64_t(text.size() >> 20), "MB");
+    ids = tok.encode_long(text, [&](size_t done) { bar.update(int64_t(done >> 20)); });
+    bar.finish();
+  }
   std::fprintf(stderr, "tokenized %s: %zu tokens in %.1fs\n", text_path.c_str(), ids.size(),
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   std::vector<int32_t> out(ids.begin(), ids.end());

@@ -22,8 +22,16 @@ struct LoadedModel {
 };
 LoadedModel load_model(const std::string& path, Device device);
 
-// The tokenizer named by --tokenizer, else the one inside a model directory; throws when neither.
+// The tokenizer named by --tokenizer (a tokenizer file, a directory holding one, or a GGUF file's
+// embedded one), else the model's own: a model directory's, or the one embedded in a GGUF model
+// (read from the metadata only). Throws when there is none.
 std::unique_ptr<Tokenizer> open_tokenizer(const std::string& tokenizer_path, const std::string& model_path);
+
+// A prompt from the model's chat template (GGUF tokenizer.chat_template, chat_template.jinja or
+// tokenizer_config.json next to --tokenizer or the model): an optional system message, then
+// `user`, with add_generation_prompt. Throws when neither path has a template.
+std::string chat_prompt(const std::string& tokenizer_path, const std::string& model_path, const Tokenizer& tok,
+                        const std::string& user, const std::string& system);
 
 // A file of raw little-endian int32 token ids.
 std::vector<int32_t> read_token_file(const std::string& path);

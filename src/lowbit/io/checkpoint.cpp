@@ -7,7 +7,6 @@
 #include "lowbit/io/hf.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/io/safetensors.h"
-#include "lowbit/tokenizer/llama2c_tokenizer.h"
 
 namespace fs = std::filesystem;
 
@@ -74,6 +73,9 @@ CheckpointFormat format_for_output(const std::string& path) {
 void save_checkpoint(const std::string& path, const Checkpoint& ckpt, CheckpointFormat format, DType dtype) {
   if (format == CheckpointFormat::Auto) format = format_for_output(path);
   if (!ckpt.source.empty()) io::refuse_to_overwrite(ckpt.source, path);
+  if (ckpt.config.rope_scaling.active() && format != CheckpointFormat::HfDir)
+    throw_error(path, ": rope_scaling llama3 can only be saved in a Hugging Face directory (", checkpoint_format_name(format),
+                " output would drop it)");
   if (dtype != DType::F32 && dtype != DType::F16 && dtype != DType::BF16)
     throw_error(path, ": checkpoints are saved as f32, f16 or bf16, not ", dtype_name(dtype));
   switch (format) {
@@ -110,21 +112,6 @@ std::string tokenizer_path_for(const std::string& model_path) {
   for (const char* name : {"tokenizer.json", "tokenizer.model"})
     if (fs::is_regular_file(dir / name, ec)) return (dir / name).string();
   return "";
-}
-
-std::unique_ptr<Tokenizer> tokenizer_from_vocab(const TokenizerVocab& v, const std::string& source) {
-  if (v.empty()) throw_error(source, ": has no embedded tokenizer");
-  if (v.model == "llama") {
-    std::vector<std::string> pieces;
-    pieces.reserve(v.tokens.size());
-    for (const auto& t : v.tokens) pieces.push_back(Llama2cTokenizer::to_llama2c_piece(t));
-    std::vector<float> scores = v.scores;
-    if (scores.empty()) scores.assign(v.tokens.size(), 0.0f);
-    return std::make_unique<Llama2cTokenizer>(std::move(pieces), std::move(scores), v.bos_id, v.eos_id);
-  }
-  // TODO(tokenizer): "gpt2" (byte-level BPE: tokens + merges + tokenizer.ggml.pre) needs an
-  // HfTokenizer built from pieces and merges instead of a tokenizer.json.
-  throw_error(source, ": embedded tokenizer model '", v.model, "' is not supported yet (only 'llama'); pass --tokenizer");
 }
 
 }  // namespace lowbit

@@ -22,6 +22,8 @@ struct TokenizerVocab {
   std::vector<int32_t> token_types; // empty or one per token (1 normal, 2 unknown, 3 control, 4 user, 5 unused, 6 byte)
   std::vector<std::string> merges;  // BPE merges "a b", may be empty
   int bos_id = -1, eos_id = -1, unk_id = -1, pad_id = -1;
+  int add_bos = -1, add_eos = -1;   // tokenizer.ggml.add_{bos,eos}_token: 1/0, -1 when absent (model default)
+  std::string chat_template;        // tokenizer.chat_template, may be empty
   bool empty() const { return tokens.empty(); }
 };
 
@@ -67,8 +69,38 @@ void save_checkpoint(const std::string& path, const Checkpoint& ckpt, Checkpoint
 // tokenizer_from_vocab.)
 std::string tokenizer_path_for(const std::string& model_path);
 
-// A Tokenizer built from an embedded vocabulary. Supports tokenizer.ggml.model "llama"
-// (sentencepiece BPE with scores, as llama2.c encodes it); throws naming the model type otherwise.
+// A Tokenizer built from an embedded vocabulary (io/vocab_tokenizer.cpp):
+//   "gpt2"  byte-level BPE (tokens + merges) as an HfTokenizer, with the pre-tokenizer that
+//           tokenizer.ggml.pre names as llama.cpp defines it: smollm (and starcoder, refact,
+//           command-r, codeshell, exaone, minerva), gpt2 (mpt, olmo, jais), llama-bpe (llama3,
+//           llama-v3, dbrx, smaug-bpe), qwen2 (stablelm2, hunyuan), default (also an absent key).
+//           Control (3) and user-defined (4) tokens are matched in the text as added tokens
+//           (control ones special: skipped by decode). add_bos_token (default: true for
+//           llama-bpe, false otherwise) makes encode(..., add_special=true) prepend BOS.
+//   "llama" sentencepiece BPE with scores and <0xNN> byte fallback, as llama2.c encodes it.
+// Throws naming `source` and the problem otherwise (unknown model or pre-tokenizer, bad ids).
 std::unique_ptr<Tokenizer> tokenizer_from_vocab(const TokenizerVocab& vocab, const std::string& source);
+
+// The vocabulary to embed in a GGUF file, from a tokenizer file: a sentencepiece .model (model
+// "llama": pieces, scores, token types, add_bos) or a byte-level BPE tokenizer.json (model "gpt2":
+// tokens, merges, added tokens as control/user-defined types, the pre-tokenizer name that
+// describes its pre_tokenizer, add_bos from its post-processor), with the chat template found
+// next to it (chat_template_for). `vocab_size` > 0 pads with unused "[PAD<id>]" tokens up to the
+// model's vocabulary (and refuses a larger tokenizer). Throws naming the file otherwise.
+TokenizerVocab vocab_from_tokenizer_file(const std::string& path, int vocab_size = 0);
+
+// The vocabulary embedded in a GGUF file, read from its metadata only (tensors are not decoded,
+// so files with tensor types lowbit cannot load still give their tokenizer).
+TokenizerVocab read_gguf_vocab(const std::string& path);
+
+// A tokenizer from a path: a GGUF file's embedded one, else load_tokenizer (tokenizer.json,
+// *.model, tokenizer.bin or a directory holding one).
+std::unique_ptr<Tokenizer> open_tokenizer_file(const std::string& path);
+
+// The chat template that belongs to a model or tokenizer path: a GGUF file's
+// tokenizer.chat_template; for a directory (or a file in one) chat_template.jinja, else
+// tokenizer_config.json's "chat_template" (a string; a list of named templates takes "default").
+// "" when there is none.
+std::string chat_template_for(const std::string& path);
 
 }  // namespace lowbit

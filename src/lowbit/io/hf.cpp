@@ -162,11 +162,18 @@ LlamaConfig config_from_hf_json(const json& j, const std::string& src) {
       if (auto t = rs->find("rope_type"); t != rs->end() && t->is_string()) type = t->get<std::string>();
       else if (auto t2 = rs->find("type"); t2 != rs->end() && t2->is_string()) type = t2->get<std::string>();
     }
-    // TODO(rope): "llama3" (Llama 3.1+) rescales the RoPE frequencies by wavelength; accept it
-    // once the RoPE op takes per-frequency factors. Loading it unscaled would give wrong logits.
-    if (type != "default")
-      throw_error(src, ": rope_scaling type '", type, "' is not supported yet (lowbit's RoPE has no frequency scaling); ",
-                  "only \"rope_scaling\": null is accepted");
+    if (type == "llama3") {
+      auto num = [&](const char* key) {
+        auto it = rs->find(key);
+        if (it == rs->end() || !it->is_number()) throw_error(src, ": rope_scaling llama3 needs a number '", key, "'");
+        return it->get<double>();
+      };
+      c.rope_scaling.factor = num("factor");
+      c.rope_scaling.low_freq_factor = num("low_freq_factor");
+      c.rope_scaling.high_freq_factor = num("high_freq_factor");
+      c.rope_scaling.original_max_position = num("original_max_position_embeddings");
+    } else if (type != "default")
+      throw_error(src, ": rope_scaling type '", type, "' is not supported (lowbit implements 'llama3' and 'default')");
   }
   if (auto sw = j.find("sliding_window"); sw != j.end() && sw->is_number_integer()) {
     // Qwen2/3 configs carry a sliding_window that only applies with use_sliding_window = true.
@@ -204,6 +211,12 @@ json config_to_hf_json(const LlamaConfig& c, const std::string& torch_dtype) {
   j["tie_word_embeddings"] = c.tied_embeddings;
   j["hidden_act"] = "silu";
   j["rope_scaling"] = nullptr;
+  if (c.rope_scaling.active())
+    j["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", c.rope_scaling.factor},
+                         {"low_freq_factor", c.rope_scaling.low_freq_factor},
+                         {"high_freq_factor", c.rope_scaling.high_freq_factor},
+                         {"original_max_position_embeddings", int64_t(c.rope_scaling.original_max_position)}};
   if (c.arch == "llama" || c.arch == "qwen3") j["attention_bias"] = false;
   if (c.arch == "llama") j["mlp_bias"] = false;
   if (c.arch == "qwen2" || c.arch == "qwen3") j["use_sliding_window"] = false;

@@ -15,7 +15,7 @@
 namespace lowbit {
 
 // config.json (already parsed) -> LlamaConfig. Throws naming `source` for unsupported
-// architectures or features (rope_scaling other than null, biases on o_proj/MLP, non-SiLU
+// architectures or features (rope_scaling other than null / llama3, biases on o_proj/MLP, non-SiLU
 // activations, wrong field types); prints a warning for ignored fields (sliding_window). Missing
 // vocab_size gives 0. The result is NOT validated (a training config may be completed later):
 // call LlamaConfig::validate before use; load_hf_dir does.

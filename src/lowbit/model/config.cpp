@@ -24,6 +24,13 @@ void LlamaConfig::validate(const std::string& source) const {
     throw_error(source, ": n_kv_heads = ", n_kv_heads, " does not divide n_heads = ", n_heads);
   if (resolved_head_dim() % 2 != 0) throw_error(source, ": head_dim = ", resolved_head_dim(), " must be even for rotary embeddings");
   if (!(rope_theta > 0)) throw_error(source, ": rope_theta must be positive");
+  if (rope_scaling.active()) {
+    const RopeScaling& s = rope_scaling;
+    if (!(s.factor >= 1) || !(s.low_freq_factor > 0) || !(s.high_freq_factor > s.low_freq_factor) || !(s.original_max_position > 0))
+      throw_error(source, ": rope_scaling llama3 needs factor >= 1, 0 < low_freq_factor < high_freq_factor and "
+                  "original_max_position_embeddings > 0 (got ", s.factor, ", ", s.low_freq_factor, ", ", s.high_freq_factor,
+                  ", ", s.original_max_position, ")");
+  }
   if (!(norm_eps > 0)) throw_error(source, ": norm_eps must be positive");
 }
 
@@ -32,6 +39,9 @@ std::string LlamaConfig::summary() const {
   os << arch << " dim=" << dim << " hidden=" << hidden_dim << " layers=" << n_layers << " heads=" << n_heads
      << " kv_heads=" << n_kv_heads << " head_dim=" << resolved_head_dim() << " vocab=" << vocab_size
      << " seq=" << max_seq_len << " rope_theta=" << rope_theta << (tied_embeddings ? " tied" : " untied");
+  if (rope_scaling.active())
+    os << " rope_scaling=llama3(factor=" << rope_scaling.factor << ", low=" << rope_scaling.low_freq_factor
+       << ", high=" << rope_scaling.high_freq_factor << ", original=" << rope_scaling.original_max_position << ")";
   return os.str();
 }
 

@@ -20,6 +20,7 @@ struct LlamaConfig {
   float norm_eps = 1e-5f;
   bool tied_embeddings = true;  // output head shares tok_embeddings
   RopeStyle rope_style = RopeStyle::Interleaved;
+  RopeScaling rope_scaling;  // HF rope_scaling "llama3" (Llama 3.1/3.2); inactive by default
   bool attn_bias = false;  // q/k/v biases (Qwen2)
   bool qk_norm = false;    // per-head RMSNorm on q and k (Qwen3)
   int bos_id = 1;

@@ -51,8 +51,8 @@ Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache
     k = reshape(rmsnorm(reshape(k, {-1, hd}), b.k_norm, eps), {B * T, KVH * hd});
   }
   const int64_t pos0 = cache ? cache->length : 0;
-  q = rope(q, B, T, H, hd, pos0, config_.rope_theta, config_.rope_style);
-  k = rope(k, B, T, KVH, hd, pos0, config_.rope_theta, config_.rope_style);
+  q = rope(q, B, T, H, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
+  k = rope(k, B, T, KVH, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
   Var att;
   if (cache) {
     if (B != 1) throw_error("KV-cache decoding supports batch 1, got ", B);

@@ -6,9 +6,34 @@
 
 #include "lowbit/ops/dispatch.h"
 
+namespace lowbit {
+
+std::vector<double> rope_inv_freq(double theta, int64_t hd, const RopeScaling& s) {
+  const int64_t half = hd / 2;
+  std::vector<double> inv(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) inv[size_t(i)] = std::pow(theta, -double(2 * i) / double(hd));
+  if (!s.active()) return inv;
+  const double pi = 3.14159265358979323846;
+  const double low_wavelen = s.original_max_position / s.low_freq_factor;
+  const double high_wavelen = s.original_max_position / s.high_freq_factor;
+  for (double& f : inv) {
+    const double wavelen = 2 * pi / f;
+    if (wavelen > low_wavelen) {
+      f /= s.factor;  // low frequencies: interpolated by the full factor
+    } else if (wavelen >= high_wavelen) {
+      const double smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+      f = (1 - smooth) * f / s.factor + smooth * f;
+    }
+  }
+  return inv;
+}
+
+}  // namespace lowbit
+
 namespace lowbit::ops {
 
-void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inverse, Tensor& y) {
+void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inverse, Tensor& y,
+          const RopeScaling& scaling) {
   const char* op = "rope";
   detail::check_contiguous(op, x, "x");
   if (x.dim() != 4) throw_error(op, ": x must be [B, T, H, hd], got ", x.describe());
@@ -16,11 +41,12 @@ void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inv
   detail::check_same_kind(op, x, y, "y");
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), hd = x.size(3);
   if (hd % 2 != 0) throw_error(op, ": head_dim ", hd, " must be even");
+  if (scaling.active() && x.device() != Device::CPU)
+    throw_error(op, ": rope_scaling 'llama3' is implemented on the CPU only (run with --device cpu)");
   LB_CUDA_ROUTE(x, rope, x, pos0, theta, style, inverse, y);
   const int64_t half = hd / 2;
   // Angles in double: cheap at this size and closer to the exact rotation than f32.
-  std::vector<double> inv_freq(static_cast<size_t>(half));
-  for (int64_t i = 0; i < half; ++i) inv_freq[i] = std::pow(theta, -double(2 * i) / double(hd));
+  const std::vector<double> inv_freq = rope_inv_freq(theta, hd, scaling);
   detail::dispatch_float(op, x.dtype(), [&](auto tag) {
     using TT = decltype(tag);
     const TT* xp = x.data<TT>();

@@ -21,7 +21,7 @@ GenerateResult generate(const LlamaModel& model, const Tokenizer& tok, const std
   const int max_seq = model.config().max_seq_len;
   const int steps = std::min(o.steps, max_seq);
   GenerateResult r;
-  std::vector<int> prompt_ids = tok.encode(prompt, true);
+  std::vector<int> prompt_ids = tok.encode(prompt, o.add_special);
   if (prompt_ids.empty()) throw_error("generate: the prompt encodes to no tokens and the tokenizer has no BOS");
   if (int(prompt_ids.size()) > steps)
     throw_error("generate: the prompt has ", prompt_ids.size(), " tokens, more than --steps ", steps);

@@ -16,6 +16,7 @@ namespace lowbit {
 struct GenerateOptions {
   int steps = 256;
   bool stop_at_eos = true;
+  bool add_special = true;  // encode(prompt, add_special): false for an already chat-templated prompt
   SamplerOptions sampler;
 };
 

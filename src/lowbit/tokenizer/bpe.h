@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <functional>
+#include <cstddef>
 #include <vector>
 
 namespace lowbit::detail {
@@ -59,6 +60,38 @@ void bpe_merge(std::vector<int>& ids, Find&& find) {
   }
   int out = 0;
   for (int p = 0; p >= 0; p = next[p]) ids[out++] = ids[p];
+  ids.resize(out);
+}
+
+// The same result as bpe_merge(ids, find) over the whole sequence, in linear time for long
+// texts: a symbol for which barrier(id) is true takes part in no merge rule, so no merge ever
+// crosses it and the runs between barriers merge independently (which pair wins in one run does
+// not depend on the others: priorities are per pair and ties go to the leftmost). Merging a 23 MB
+// text as one sequence would build one heap of millions of entries (cache-hostile, n log n);
+// here each heap holds one run. progress(symbols_done), if given, is called every ~64k symbols.
+template <class Find, class Barrier>
+void bpe_merge_runs(std::vector<int>& ids, Find&& find, Barrier&& barrier,
+                    const std::function<void(size_t)>* progress = nullptr) {
+  thread_local std::vector<int> run;
+  size_t out = 0, next_report = size_t(1) << 16;
+  const size_t n = ids.size();
+  for (size_t i = 0; i < n;) {
+    if (barrier(ids[i])) {
+      ids[out++] = ids[i++];
+      continue;
+    }
+    size_t j = i;
+    while (j < n && !barrier(ids[j])) ++j;
+    run.assign(ids.begin() + std::ptrdiff_t(i), ids.begin() + std::ptrdiff_t(j));
+    bpe_merge(run, find);
+    // A run never grows, so writing at out <= i is safe.
+    for (int id : run) ids[out++] = id;
+    i = j;
+    if (progress && i >= next_report) {
+      (*progress)(i);
+      next_report = i + (size_t(1) << 16);
+    }
+  }
   ids.resize(out);
 }
 

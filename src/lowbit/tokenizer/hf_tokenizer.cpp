@@ -6,6 +6,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -132,7 +133,7 @@ struct HfTokenizer::Impl {
     std::string a, b;
   };
   struct PreStep {
-    enum Kind { kSplit, kByteLevel, kMetaspace } kind;
+    enum Kind { kSplit, kByteLevel, kMetaspace, kDigits } kind;
     SplitPattern pattern;
     bool add_prefix_space = false, use_regex = false, split = false;
     std::string replacement;
@@ -155,6 +156,7 @@ struct HfTokenizer::Impl {
   std::vector<std::string> tokens;  // id -> token as written in the file ("" for holes)
   std::vector<uint8_t> added_kind;  // 0 model token, 1 added, 2 added special
   std::unordered_map<uint64_t, std::pair<int, int>> merges;  // (left << 32 | right) -> rank, id
+  std::vector<uint8_t> in_merge;  // id is the left or right of some merge (else it never merges)
   std::array<int, 256> byte_ids{};  // byte-level: id of each byte; else <0xNN> ids (-1: none)
   int unk_id = -1;
   bool fuse_unk = false, byte_fallback = false, ignore_merges = false;
@@ -197,8 +199,11 @@ struct HfTokenizer::Impl {
   std::string normalize(std::string_view s) const;
   void pretokenize(std::string_view s, bool first_segment, std::vector<std::string_view>& out,
                    std::deque<std::string>& arena) const;
-  void bpe(std::string_view word, std::vector<int>& out) const;
-  void bpe_uncached(std::string_view word, std::vector<int>& out) const;
+  void bpe(std::string_view word, std::vector<int>& out, const std::function<void(size_t)>* progress = nullptr) const;
+  void bpe_uncached(std::string_view word, std::vector<int>& out,
+                    const std::function<void(size_t)>* progress = nullptr) const;
+  std::vector<int> encode(std::string_view text, bool add_special,
+                          const std::function<void(size_t)>* progress) const;
 
   // ---- decoding ---------------------------------------------------------------------------
   struct Piece {
@@ -322,6 +327,10 @@ void HfTokenizer::Impl::load_model(const json& m) {
              "merge ", rank, " ('", a, "', '", b, "') uses a token missing from the vocabulary");
     const uint64_t key = (uint64_t(uint32_t(ia->second)) << 32) | uint32_t(ib->second);
     merges.emplace(key, std::pair{static_cast<int>(rank), iab->second});  // first rank wins
+    for (int id : {ia->second, ib->second}) {
+      if (size_t(id) >= in_merge.size()) in_merge.resize(size_t(id) + 1, 0);
+      in_merge[size_t(id)] = 1;
+    }
   }
 }
 
@@ -394,6 +403,10 @@ void HfTokenizer::Impl::load_pretokenizer(const json& p) {
     s.use_regex = get_or(p, "use_regex", true);
     s.pattern = gpt2_split_pattern();
     byte_level = true;
+  } else if (type == "Digits") {
+    // Digits: every run of \p{N} characters (or every single one, individual_digits) is a piece.
+    s.kind = PreStep::kDigits;
+    s.split = get_or(p, "individual_digits", false);
   } else if (type == "Metaspace") {
     s.kind = PreStep::kMetaspace;
     s.replacement = get_or(p, "replacement", std::string(kMetaspace));
@@ -607,6 +620,22 @@ void HfTokenizer::Impl::pretokenize(std::string_view s, bool first_segment,
             next.push_back(p);
           }
           break;
+        case PreStep::kDigits: {
+          size_t from = 0;
+          bool prev_digit = false;
+          for (size_t i = 0; i < p.size();) {
+            const auto d = unicode::decode_utf8(p, i);
+            const bool digit = unicode::is_number(d.cp);
+            if (i > from && (digit != prev_digit || (digit && step.split))) {
+              next.push_back(p.substr(from, i - from));
+              from = i;
+            }
+            prev_digit = digit;
+            i += d.len;
+          }
+          if (from < p.size()) next.push_back(p.substr(from));
+          break;
+        }
         case PreStep::kMetaspace: {
           std::string m(p);
           replace_all(m, " ", step.replacement);
@@ -635,7 +664,8 @@ void HfTokenizer::Impl::pretokenize(std::string_view s, bool first_segment,
   }
 }
 
-void HfTokenizer::Impl::bpe_uncached(std::string_view word, std::vector<int>& out) const {
+void HfTokenizer::Impl::bpe_uncached(std::string_view word, std::vector<int>& out,
+                                     const std::function<void(size_t)>* progress) const {
   thread_local std::vector<int> ids;
   ids.clear();
   bool last_unk = false;
@@ -673,17 +703,20 @@ void HfTokenizer::Impl::bpe_uncached(std::string_view word, std::vector<int>& ou
       i += len;
     }
   }
-  detail::bpe_merge(ids, [&](int a, int b, double& priority, int& merged) {
+  // A word can be a whole text (sentencepiece-style files have no pre-tokenizer): merge the runs
+  // between symbols that take part in no merge separately (linear time, same result).
+  detail::bpe_merge_runs(ids, [&](int a, int b, double& priority, int& merged) {
     auto it = merges.find((uint64_t(uint32_t(a)) << 32) | uint32_t(b));
     if (it == merges.end()) return false;
     priority = it->second.first;
     merged = it->second.second;
     return true;
-  });
+  }, [&](int id) { return size_t(id) >= in_merge.size() || !in_merge[size_t(id)]; }, progress);
   out.insert(out.end(), ids.begin(), ids.end());
 }
 
-void HfTokenizer::Impl::bpe(std::string_view word, std::vector<int>& out) const {
+void HfTokenizer::Impl::bpe(std::string_view word, std::vector<int>& out,
+                            const std::function<void(size_t)>* progress) const {
   if (ignore_merges) {  // Llama 3: a pre-token that is a vocabulary entry is used as is
     auto it = vocab.find(word);
     if (it != vocab.end()) {
@@ -692,7 +725,7 @@ void HfTokenizer::Impl::bpe(std::string_view word, std::vector<int>& out) const 
     }
   }
   constexpr size_t kCacheableWord = 64;  // long words are rare and would bloat the cache
-  if (word.size() > kCacheableWord) return bpe_uncached(word, out);
+  if (word.size() > kCacheableWord) return bpe_uncached(word, out, progress);
   {
     std::lock_guard lock(cache_mutex);
     auto it = cache.find(word);
@@ -845,21 +878,39 @@ std::string HfTokenizer::id_to_token(int id) const {
   return impl_->tokens[id];
 }
 
+std::string HfTokenizer::token_text(int id) const {
+  return id >= 0 && id < static_cast<int>(impl_->tokens.size()) ? impl_->tokens[size_t(id)] : std::string();
+}
+
 bool HfTokenizer::is_special(int id) const {
   impl_->check_id(id);
   return impl_->added_kind[id] == 2;
 }
 
 std::vector<int> HfTokenizer::encode(std::string_view text, bool add_special) const {
-  const Impl& m = *impl_;
+  return impl_->encode(text, add_special, nullptr);
+}
+
+std::vector<int> HfTokenizer::encode_long(std::string_view text,
+                                          const std::function<void(size_t)>& progress) const {
+  std::vector<int> ids = impl_->encode(text, false, progress ? &progress : nullptr);
+  if (progress) progress(text.size());
+  return ids;
+}
+
+std::vector<int> HfTokenizer::Impl::encode(std::string_view text, bool add_special,
+                                           const std::function<void(size_t)>* progress) const {
+  const Impl& m = *this;
   std::vector<int> ids;
   ids.reserve(text.size() / 3 + 4);
   std::vector<Impl::Segment> segments;
   m.split_added(text, segments);
   std::vector<std::string_view> words;
   std::deque<std::string> arena;
+  size_t next_report = 0;
   for (size_t si = 0; si < segments.size(); ++si) {
     const auto& seg = segments[si];
+    const size_t seg_offset = static_cast<size_t>(seg.text.data() - text.data());
     if (seg.added_id >= 0) {
       ids.push_back(seg.added_id);
       continue;
@@ -867,7 +918,21 @@ std::vector<int> HfTokenizer::encode(std::string_view text, bool add_special) co
     const std::string norm = m.normalize(seg.text);
     arena.clear();
     m.pretokenize(norm, si == 0, words, arena);
-    for (std::string_view w : words) m.bpe(w, ids);
+    // Progress in bytes of the normalized segment (close to the input's), mapped to the text.
+    std::function<void(size_t)> word_progress;
+    size_t word_start = 0;
+    if (progress)
+      word_progress = [&](size_t done) { (*progress)(std::min(text.size(), seg_offset + word_start + done)); };
+    for (std::string_view w : words) {
+      if (progress) {
+        word_start += w.size();
+        if (word_start >= next_report) {
+          (*progress)(std::min(text.size(), seg_offset + word_start));
+          next_report = word_start + (size_t(1) << 18);
+        }
+      }
+      m.bpe(w, ids, progress ? &word_progress : nullptr);
+    }
   }
   if (add_special && !m.post_single.empty()) {
     std::vector<int> out;

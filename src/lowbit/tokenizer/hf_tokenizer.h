@@ -6,7 +6,7 @@
 // Supported components (anything else is rejected at load time with the component's name):
 //   normalizer     Sequence, Prepend, Replace (String pattern), NFC
 //   pre_tokenizer  Sequence, Split (Llama 3 / Qwen 2 / GPT-2 regexes, Isolated), ByteLevel,
-//                  Metaspace
+//                  Metaspace, Digits
 //   model          BPE (byte_fallback, fuse_unk, ignore_merges, unk_token; no subword
 //                  prefix/suffix; dropout ignored)
 //   post_processor TemplateProcessing, ByteLevel, RobertaProcessing, BertProcessing, Sequence
@@ -36,6 +36,7 @@ class HfTokenizer final : public Tokenizer {
   // add_special applies the file's post-processor (e.g. Llama 2's TemplateProcessing adds <s>;
   // a ByteLevel post-processor adds nothing).
   std::vector<int> encode(std::string_view text, bool add_special) const override;
+  std::vector<int> encode_long(std::string_view text, const std::function<void(size_t)>& progress) const override;
   // The file's decoder chain; special added tokens are skipped, invalid UTF-8 becomes U+FFFD.
   std::string decode(const std::vector<int>& ids) const override;
   // Raw bytes of one token for streaming (no U+FFFD substitution, so multi-byte characters can
@@ -48,6 +49,7 @@ class HfTokenizer final : public Tokenizer {
 
   int token_to_id(std::string_view token) const;  // as written in the file; -1 when absent
   std::string id_to_token(int id) const;          // as written in the file
+  std::string token_text(int id) const override;
   bool is_special(int id) const;
 
  private:

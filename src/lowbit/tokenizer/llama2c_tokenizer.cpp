@@ -115,6 +115,21 @@ void Llama2cTokenizer::build_index() {
   // run.c bsearch()es a sorted copy, which returns an unspecified one of duplicate pieces;
   // real vocabularies have none, and here the lowest id wins.
   for (size_t i = 0; i < pieces_.size(); ++i) index_.emplace(pieces_[i], static_cast<int>(i));
+  // A pair (a, b) merges only when piece(a) + piece(b) is a piece, so a token that is neither
+  // half of any such split never merges: encode() cuts the text there (bpe_merge_runs).
+  mergeable_.assign(pieces_.size(), 0);
+  for (const auto& p : pieces_) {
+    const std::string_view v(p);
+    for (size_t k = 1; k < v.size(); ++k) {
+      const int a = lookup(v.substr(0, k));
+      if (a < 0) continue;
+      const int b = lookup(v.substr(k));
+      if (b < 0) continue;
+      mergeable_[a] = mergeable_[b] = 1;
+    }
+  }
+  // Duplicate pieces: merges look pieces up by text, so a duplicate is as mergeable as the first.
+  for (size_t i = 0; i < pieces_.size(); ++i) mergeable_[i] = mergeable_[size_t(lookup(pieces_[i]))];
 }
 
 int Llama2cTokenizer::lookup(std::string_view s) const {
@@ -134,6 +149,18 @@ float Llama2cTokenizer::score(int id) const {
 }
 
 std::vector<int> Llama2cTokenizer::encode(std::string_view text, bool add_special) const {
+  return encode_impl(text, add_special, nullptr);
+}
+
+std::vector<int> Llama2cTokenizer::encode_long(std::string_view text,
+                                               const std::function<void(size_t)>& progress) const {
+  std::vector<int> ids = encode_impl(text, false, progress ? &progress : nullptr);
+  if (progress) progress(text.size());
+  return ids;
+}
+
+std::vector<int> Llama2cTokenizer::encode_impl(std::string_view text, bool add_special,
+                                               const std::function<void(size_t)>* progress) const {
   std::vector<int> ids;
   ids.reserve(text.size() + 2);
   if (add_special && bos_id_ >= 0) ids.push_back(bos_id_);
@@ -165,7 +192,8 @@ std::vector<int> Llama2cTokenizer::encode(std::string_view text, bool add_specia
     start = i + 1;
   }
   std::string buf;
-  detail::bpe_merge(ids, [&](int a, int b, double& priority, int& merged) {
+  // Symbols are about one per byte, so the symbol position is the progress in bytes.
+  detail::bpe_merge_runs(ids, [&](int a, int b, double& priority, int& merged) {
     buf.assign(pieces_[a]);
     buf += pieces_[b];
     const int id = lookup(buf);
@@ -174,7 +202,7 @@ std::vector<int> Llama2cTokenizer::encode(std::string_view text, bool add_specia
     priority = -static_cast<double>(scores_[id]);
     merged = id;
     return true;
-  });
+  }, [&](int id) { return !mergeable_[id]; }, progress);
   return ids;
 }
 

@@ -44,6 +44,7 @@ class Llama2cTokenizer final : public Tokenizer {
   // added (run.c's generate() passes eos=0). Unlike run.c's C strings, a NUL byte does not end
   // the text.
   std::vector<int> encode(std::string_view text, bool add_special) const override;
+  std::vector<int> encode_long(std::string_view text, const std::function<void(size_t)>& progress) const override;
   // Concatenates decode_piece() with prev starting at BOS, so the dummy-prefix space of the
   // first piece is dropped like sentencepiece does; BOS/EOS are skipped.
   std::string decode(const std::vector<int>& ids) const override;
@@ -55,6 +56,9 @@ class Llama2cTokenizer final : public Tokenizer {
   std::string kind() const override { return "llama2c"; }
 
   const std::string& piece(int id) const;
+  std::string token_text(int id) const override {
+    return id >= 0 && id < vocab_size() ? pieces_[size_t(id)] : std::string();
+  }
   float score(int id) const;
   int max_token_length() const { return max_token_length_; }
 
@@ -62,10 +66,13 @@ class Llama2cTokenizer final : public Tokenizer {
   Llama2cTokenizer() = default;
   void build_index();
   int lookup(std::string_view s) const;
+  std::vector<int> encode_impl(std::string_view text, bool add_special,
+                               const std::function<void(size_t)>* progress) const;
 
   std::vector<std::string> pieces_;
   std::vector<float> scores_;
   std::unordered_map<std::string_view, int> index_;  // views into pieces_: first id wins
+  std::vector<uint8_t> mergeable_;  // id is half of some piece = piece + piece (else it never merges)
   int max_token_length_ = 0;
   int bos_id_ = 1, eos_id_ = 2;
 };

@@ -128,9 +128,64 @@ size_t match_llama3(const Chars& ch, size_t i, int max_digits) {
   return 1;  // unreachable: every character is a letter, number, space or "other"
 }
 
+// Splits every piece of `in` into the matches of a matcher and the text between them.
+// match(piece, i) -> length of a match starting at byte i, or 0.
+template <class Match>
+void split_isolated(const std::vector<std::string_view>& in, std::vector<std::string_view>& out, Match match) {
+  for (std::string_view p : in) {
+    size_t from = 0;
+    for (size_t i = 0; i < p.size();) {
+      const size_t len = match(p, i);
+      if (len == 0) {
+        i += unicode::decode_utf8(p, i).len;
+        continue;
+      }
+      if (i > from) out.push_back(p.substr(from, i - from));
+      out.push_back(p.substr(i, len));
+      i += len;
+      from = i;
+    }
+    if (from < p.size()) out.push_back(p.substr(from));
+  }
+}
+
+// Greedy run of characters satisfying pred starting at byte i (0 when p[i] does not).
+template <class Pred>
+size_t run_of(std::string_view p, size_t i, Pred pred) {
+  size_t j = i;
+  while (j < p.size()) {
+    const auto d = unicode::decode_utf8(p, j);
+    if (!pred(d.cp)) break;
+    j += d.len;
+  }
+  return j - i;
+}
+
+void split_llama_cpp_default(std::string_view text, std::vector<std::string_view>& out) {
+  std::vector<std::string_view> a{text}, b;
+  // 1. [\p{P}\$\+<=>\^~\|]+
+  split_isolated(a, b, [](std::string_view p, size_t i) {
+    return run_of(p, i, [](uint32_t cp) {
+      return unicode::is_punctuation(cp) || (cp < 128 && std::string_view("$+<=>^~|").find(char(cp)) != std::string_view::npos);
+    });
+  });
+  // 2. the GPT-2 regex on every piece (its pieces cover the input, so nothing falls between)
+  a.clear();
+  for (std::string_view p : b) split_pretokens(p, gpt2_split_pattern(), a);
+  // 3. \p{N}+
+  b.clear();
+  split_isolated(a, b, [](std::string_view p, size_t i) { return run_of(p, i, unicode::is_number); });
+  // 4. [0-9][0-9][0-9], leftmost first
+  split_isolated(b, out, [](std::string_view p, size_t i) -> size_t {
+    auto digit = [&](size_t k) { return k < p.size() && p[k] >= '0' && p[k] <= '9'; };
+    return digit(i) && digit(i + 1) && digit(i + 2) ? 3 : 0;
+  });
+}
+
 }  // namespace
 
 std::optional<SplitPattern> recognize_split_pattern(std::string_view regex) {
+  if (regex == "LlamaCppDefault") return SplitPattern{SplitPattern::Family::kLlamaCppDefault, 0};
   if (regex == kGpt2Regex) return gpt2_split_pattern();
   if (regex == kLlama3Regex) return SplitPattern{SplitPattern::Family::kLlama3, 3};
   if (regex == kQwen2Regex) return SplitPattern{SplitPattern::Family::kLlama3, 1};
@@ -141,6 +196,7 @@ SplitPattern gpt2_split_pattern() { return SplitPattern{SplitPattern::Family::kG
 
 void split_pretokens(std::string_view text, const SplitPattern& pattern,
                      std::vector<std::string_view>& out) {
+  if (pattern.family == SplitPattern::Family::kLlamaCppDefault) return split_llama_cpp_default(text, out);
   thread_local Chars ch;
   ch.scan(text);
   const size_t n = ch.cp.size();

@@ -16,6 +16,11 @@ struct SplitPattern {
     kGpt2,    // 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
     kLlama3,  // (?i:'s|...)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,K}| ?[^\s\p{L}\p{N}]+[\r\n]*|
               // \s*[\r\n]+|\s+(?!\S)|\s+   (Llama 3: K = 3; Qwen 2/3: \p{N}, i.e. K = 1)
+    kLlamaCppDefault,  // llama.cpp's default BPE pre-tokenizer, a chain of four regexes, each
+                       // splitting the pieces of the previous one (Isolated):
+                       // [\p{P}\$\+<=>\^~\|]+ ; the GPT-2 regex ; \p{N}+ ; [0-9][0-9][0-9]
+                       // Named by the pseudo-regex "LlamaCppDefault" (GGUF tokenizer.ggml.pre
+                       // "default"), not by a tokenizer.json regex.
   };
   Family family = Family::kGpt2;
   int max_digits = 0;  // kLlama3: K; 0 = unbounded

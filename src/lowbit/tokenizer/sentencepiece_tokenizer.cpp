@@ -65,6 +65,17 @@ float SentencePieceTokenizer::score(int id) const {
   return sp_->GetScore(id);
 }
 
+int SentencePieceTokenizer::piece_type(int id) const {
+  check_id(id);
+  if (sp_->IsUnknown(id)) return 2;
+  if (sp_->IsControl(id)) return 3;
+  if (sp_->IsUnused(id)) return 5;
+  if (sp_->IsByte(id)) return 6;
+  return 1;
+}
+int SentencePieceTokenizer::unk_id() const { return sp_->unk_id(); }
+int SentencePieceTokenizer::pad_id() const { return sp_->pad_id(); }
+
 std::string SentencePieceTokenizer::decode_piece(int prev, int id) const {
   check_id(id);
   if (sp_->IsControl(id)) return {};

@@ -35,7 +35,13 @@ class SentencePieceTokenizer final : public Tokenizer {
   std::string kind() const override { return "sentencepiece"; }
 
   std::string id_to_piece(int id) const;  // raw sentencepiece piece (with U+2581)
+  std::string token_text(int id) const override { return id >= 0 && id < vocab_size() ? id_to_piece(id) : std::string(); }
   float score(int id) const;
+  // GGUF tokenizer.ggml.token_type of a piece: 1 normal, 2 unknown, 3 control, 5 unused, 6 byte
+  // (libsentencepiece does not expose user-defined pieces; they read as normal).
+  int piece_type(int id) const;
+  int unk_id() const;
+  int pad_id() const;
 
  private:
   SentencePieceTokenizer() = default;

@@ -13,6 +13,12 @@ namespace lowbit {
 
 namespace fs = std::filesystem;
 
+std::vector<int> Tokenizer::encode_long(std::string_view text, const std::function<void(size_t)>& progress) const {
+  std::vector<int> ids = encode(text, false);
+  if (progress) progress(text.size());
+  return ids;
+}
+
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& file_or_dir) {
   std::error_code ec;
   const fs::path p(file_or_dir);

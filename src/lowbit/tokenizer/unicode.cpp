@@ -131,6 +131,7 @@ bool is_number(uint32_t cp) {
   if (cp < 128) return kAscii[cp] & kN;
   return cp != kInvalid && in_ranges(t::kNumbers, cp);
 }
+bool is_punctuation(uint32_t cp) { return cp != kInvalid && in_ranges(t::kPunctuation, cp); }
 bool is_whitespace(uint32_t cp) {
   if (cp < 128) return kAscii[cp] & kS;
   return cp != kInvalid && in_ranges(t::kWhiteSpace, cp);

@@ -1,0 +1,131 @@
+// Chat templates: lowbit's Jinja2-subset interpreter against Python jinja2 (as transformers runs
+// it) on the real templates of SmolLM2/ChatML, Llama 2, Llama 3, Mistral, Qwen2, Qwen3, Gemma and
+// Phi-3 plus a feature fixture, every case of chat_templates/cases.json, add_generation_prompt
+// false and true. The Python side (render_chat_templates.py) needs jinja2; without python3 or
+// jinja2 the comparison skips. Unsupported constructs must be errors.
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "lowbit/core/error.h"
+#include "lowbit/tokenizer/chat_template.h"
+
+namespace lowbit {
+namespace {
+
+namespace fs = std::filesystem;
+using ojson = nlohmann::ordered_json;
+
+const fs::path kDir = fs::path(LOWBIT_SOURCE_DIR) / "tests/tokenizer/chat_templates";
+
+std::string read_all(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::ostringstream os;
+  os << f.rdbuf();
+  return os.str();
+}
+
+// stdout of a command and its exit status.
+std::pair<std::string, int> run(const std::string& cmd) {
+  std::string out;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return {"", -1};
+  std::array<char, 65536> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  const int st = pclose(p);
+  return {out, WIFEXITED(st) ? WEXITSTATUS(st) : -1};
+}
+
+TEST(ChatTemplate, MatchesPythonJinja2) {
+  const std::string script = (fs::path(LOWBIT_SOURCE_DIR) / "tests/tokenizer/render_chat_templates.py").string();
+  auto [out, rc] = run("python3 '" + script + "' 2>/dev/null");
+  if (rc == 3 || rc == 127 || rc == -1) GTEST_SKIP() << "python3 with jinja2 is not available (pip install jinja2)";
+  ASSERT_EQ(rc, 0) << "render_chat_templates.py failed";
+  const ojson rows = ojson::parse(out);
+  const ojson cases = ojson::parse(read_all(kDir / "cases.json"));
+  ASSERT_GE(rows.size(), 9u * cases.size() * 2);
+  int compared = 0, errors = 0;
+  for (const auto& row : rows) {
+    const std::string tname = row.at("template").get<std::string>();
+    const std::string cname = row.at("case").get<std::string>();
+    const ojson* c = nullptr;
+    for (const auto& x : cases)
+      if (x.at("name") == cname) c = &x;
+    ASSERT_NE(c, nullptr);
+    ChatTemplateInputs in;
+    in.messages = c->at("messages");
+    in.add_generation_prompt = row.at("add_generation_prompt").get<bool>();
+    in.bos_token = "<s>";
+    in.eos_token = "</s>";
+    in.extra["tools"] = c->contains("tools") ? c->at("tools") : ojson(nullptr);
+    in.extra["documents"] = nullptr;
+    const std::string what = tname + " / " + cname + " / agp=" + (in.add_generation_prompt ? "true" : "false");
+    if (row.contains("error")) {
+      try {
+        render_chat_template(read_all(kDir / tname), in, tname);
+        ADD_FAILURE() << what << ": jinja2 raised '" << row.at("error").get<std::string>() << "' but lowbit rendered";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find(row.at("error").get<std::string>()), std::string::npos) << e.what();
+      }
+      ++errors;
+      continue;
+    }
+    std::string got;
+    try {
+      got = render_chat_template(read_all(kDir / tname), in, tname);
+    } catch (const Error& e) {
+      ADD_FAILURE() << what << ": " << e.what();
+      continue;
+    }
+    EXPECT_EQ(got, row.at("out").get<std::string>()) << what;
+    ++compared;
+  }
+  EXPECT_GT(compared, 100);
+  EXPECT_GT(errors, 0);  // raise_exception paths (roles not alternating, Gemma's system role)
+}
+
+TEST(ChatTemplate, SmolLM2PromptIsChatML) {
+  ChatTemplateInputs in;
+  in.messages = ojson::parse(R"([{"role": "user", "content": "What is the capital of France?"}])");
+  in.add_generation_prompt = true;
+  EXPECT_EQ(render_chat_template(read_all(kDir / "smollm2.jinja"), in),
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n");
+}
+
+TEST(ChatTemplate, UnsupportedConstructsAreErrors) {
+  ChatTemplateInputs in;
+  in.messages = ojson::parse(R"([{"role": "user", "content": "x"}])");
+  for (const char* bad : {
+           "{% macro m() %}x{% endmacro %}",          // statement
+           "{{ messages | frobnicate }}",             // filter
+           "{{ 1 is prime }}",                        // test
+           "{{ strftime_now('%Y') }}",                // unknown function
+           "{% for m in messages %}{{ m }}",          // missing endfor
+           "{{ 'a' % 1 }}",                           // printf formatting
+           "{{ x.y }}",                               // attribute of undefined
+           "{{ messages[0].content.foo() }}",         // unknown method
+           "{% if %}",                                // syntax
+           "{{ 'unterminated }}",                     // lexer
+           "{% set ns = namespace() %}{% set ns2.a = 1 %}",
+       }) {
+    EXPECT_THROW(render_chat_template(bad, in, "bad.jinja"), Error) << bad;
+  }
+  try {
+    render_chat_template("line1\n{{ messages | frobnicate }}", in, "t.jinja");
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("t.jinja: line 2"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("frobnicate"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace lowbit
