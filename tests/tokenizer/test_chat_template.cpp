@@ -118,6 +118,16 @@ TEST(ChatTemplate, UnsupportedConstructsAreErrors) {
        }) {
     EXPECT_THROW(render_chat_template(bad, in, "bad.jinja"), Error) << bad;
   }
+  for (const std::string& bad : {"{{ " + std::string(5000, '(') + "1" + std::string(5000, ')') + " }}",
+                                 "{{ " + std::string(5000, '-') + "1 }}",
+                                 [] {
+                                   std::string s;
+                                   for (int i = 0; i < 3000; ++i) s += "{% if true %}";
+                                   return s;
+                                 }(),
+                                 std::string("{% set big = 'x' * 1000000 %}{% for a in range(100000) %}{{ big }}{% endfor %}")}) {
+    EXPECT_THROW(render_chat_template(bad, in, "bad.jinja"), Error) << bad;
+  }
   try {
     render_chat_template("line1\n{{ messages | frobnicate }}", in, "t.jinja");
     ADD_FAILURE();
