@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <random>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -118,6 +119,16 @@ TEST(ChatTemplate, UnsupportedConstructsAreErrors) {
        }) {
     EXPECT_THROW(render_chat_template(bad, in, "bad.jinja"), Error) << bad;
   }
+  for (const std::string& bad : {"{{ " + std::string(5000, '(') + "1" + std::string(5000, ')') + " }}",
+                                 "{{ " + std::string(5000, '-') + "1 }}",
+                                 [] {
+                                   std::string s;
+                                   for (int i = 0; i < 3000; ++i) s += "{% if true %}";
+                                   return s;
+                                 }(),
+                                 std::string("{% set big = 'x' * 1000000 %}{% for a in range(100000) %}{{ big }}{% endfor %}")}) {
+    EXPECT_THROW(render_chat_template(bad, in, "bad.jinja"), Error) << bad;
+  }
   try {
     render_chat_template("line1\n{{ messages | frobnicate }}", in, "t.jinja");
     ADD_FAILURE();
@@ -125,6 +136,41 @@ TEST(ChatTemplate, UnsupportedConstructsAreErrors) {
     EXPECT_NE(std::string(e.what()).find("t.jinja: line 2"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("frobnicate"), std::string::npos) << e.what();
   }
+}
+
+// Mutated real templates (bytes deleted, duplicated, replaced by template punctuation) either render
+// or fail with lowbit::Error: never a crash, hang or read out of bounds (the suite runs under ASan).
+TEST(ChatTemplate, MutatedTemplatesNeverCrash) {
+  const ojson cases = ojson::parse(read_all(kDir / "cases.json"));
+  ChatTemplateInputs in;
+  in.messages = cases.at(3).at("messages");
+  in.extra["tools"] = nullptr;
+  std::mt19937 rng(11);
+  const std::string alphabet = "{}%#-+()[]|~'\".,: \n\\abcdefor0123=!<>*";
+  int rendered = 0, errors = 0;
+  for (const char* name : {"qwen3.jinja", "llama2.jinja", "features.jinja", "gemma.jinja"}) {
+    const std::string src = read_all(kDir / name);
+    for (int trial = 0; trial < 300; ++trial) {
+      std::string t = src;
+      const int edits = 1 + int(rng() % 4);
+      for (int e = 0; e < edits && !t.empty(); ++e) {
+        const size_t pos = rng() % t.size();
+        switch (rng() % 3) {
+          case 0: t.erase(pos, 1 + rng() % 3); break;
+          case 1: t.insert(pos, t.substr(pos, 1 + rng() % 8)); break;
+          default: t[pos] = alphabet[rng() % alphabet.size()];
+        }
+      }
+      try {
+        render_chat_template(t, in, name);
+        ++rendered;
+      } catch (const Error&) {
+        ++errors;
+      }
+    }
+  }
+  EXPECT_GT(rendered, 0);
+  EXPECT_GT(errors, 0);
 }
 
 }  // namespace

@@ -603,6 +603,14 @@ class Parser {
   std::vector<Piece> pieces_;
   const std::string& name_;
   size_t idx_ = 0;
+  int depth_ = 0;  // nesting of blocks and sub-expressions: bounded, so no input can exhaust the stack
+  struct DepthGuard {
+    Parser& p;
+    explicit DepthGuard(Parser& parser, int line) : p(parser) {
+      if (++p.depth_ > 200) p.fail(line, "blocks or expressions nested more than 200 deep");
+    }
+    ~DepthGuard() { --p.depth_; }
+  };
   // Current tag's tokens.
   const std::vector<Tok>* toks_ = nullptr;
   size_t t_ = 0;
@@ -632,6 +640,7 @@ class Parser {
 
   // Nodes until a statement whose keyword is in `stop` (left unconsumed) or the end.
   std::vector<Node> parse_block(const std::vector<std::string>& stop) {
+    DepthGuard guard(*this, idx_ < pieces_.size() ? pieces_[idx_].line : 0);
     std::vector<Node> out;
     while (idx_ < pieces_.size()) {
       const Piece& p = pieces_[idx_];
@@ -763,6 +772,7 @@ class Parser {
 
   // A tuple without parentheses is allowed at the top of for iterables / set values.
   ExprP parse_or_cond(bool allow_cond) {
+    DepthGuard guard(*this, peek().line);
     ExprP e = parse_or();
     while (allow_cond && is_name("if")) {
       const int line = next().line;
@@ -797,6 +807,7 @@ class Parser {
     return e;
   }
   ExprP parse_not() {
+    DepthGuard guard(*this, peek().line);
     if (is_name("not")) {
       ExprP o = make(Expr::kNot, next().line);
       o->a = {parse_not()};
@@ -868,6 +879,7 @@ class Parser {
     return e;
   }
   ExprP parse_unary(bool with_filter) {
+    DepthGuard guard(*this, peek().line);
     ExprP e;
     if (is_op("-") || is_op("+")) {
       const bool neg = peek().text == "-";
@@ -1123,7 +1135,10 @@ class Renderer {
     for (size_t k = 0; k < targets.size(); ++k) scopes_.back()[targets[k]] = items[k];
   }
 
+  static constexpr size_t kMaxOutput = size_t(64) << 20;  // a prompt, not a denial of service
+
   void exec(const Node& n, std::string& out) {
+    if (out.size() > kMaxOutput) fail(n.line, "the rendered prompt exceeds 64 MiB");
     switch (n.kind) {
       case Node::kText: out += n.text; return;
       case Node::kOutput: out += str(eval(*n.expr)); return;
