@@ -30,6 +30,7 @@ int parse_error(const CLI::App& app, const CLI::ParseError& e) {
     const auto rest = app.remaining();
     if (!rest.empty() && !rest.front().empty() && rest.front()[0] != '-')
       return user_error("unknown command '" + rest.front() + "' (commands: " + names + "; see lowbit --help)");
+    if (!rest.empty()) return user_error("unknown option '" + rest.front() + "' (see lowbit --help)");
     if (dynamic_cast<const CLI::RequiredError*>(&e) && rest.empty())
       return user_error("no command given (commands: " + names + "; see lowbit --help)");
   }
