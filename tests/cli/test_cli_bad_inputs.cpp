@@ -344,6 +344,16 @@ TEST(CliBehaviour, QuietAfterCommandAndNoInventedNumbers) {
   EXPECT_NE(line.find("\"val_loss_after\":null"), std::string::npos) << line;
   EXPECT_EQ(line.find("-1.0"), std::string::npos) << line;
   EXPECT_TRUE(fs::is_regular_file(ft / "model" / "tokenizer.bin"));
+  // ApiQ's default rank respects the format's bit budget: rank 1 on this 64-wide model at int2g64.
+  const fs::path aq = fx.dir / "apiq";
+  const fs::path aj = fx.dir / "apiq.json";
+  const Result a = run("-q quantize -m " + fx.model.string() + " --method apiq --epochs 0 --nsamples 2 --seqlen 32 " +
+                           "--calib-tokens " + fx.tokens.string() + " -o " + aq.string() + " --json > " + aj.string(),
+                       fx.dir / "apiq.err");
+  ASSERT_EQ(a.status, 0) << a.err;
+  std::ifstream ain(aj);
+  std::getline(ain, line);
+  EXPECT_NE(line.find("\"rank\":1,"), std::string::npos) << line;
 }
 
 }  // namespace

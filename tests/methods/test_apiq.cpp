@@ -455,6 +455,8 @@ TEST_F(ApiqStories, KilledRunResumesToIdenticalWeights) {
   PipelineReport r = quantize(resumed, m3, f, po);
   EXPECT_EQ(r.resumed_from_block, 2);
   EXPECT_TRUE(r.complete);
+  // The report lists every block's layers, also those done before the restart (kept in the state).
+  EXPECT_EQ(r.linears.size(), 35u);
   for (int i = 0; i < ck.config.n_layers; ++i)
     for (auto& [name, slot] : full.block(i).linears()) {
       auto* a = dynamic_cast<QuantLinear*>(slot->get());

@@ -87,6 +87,8 @@ TEST_F(PtqStories, KilledRunResumesToTheSameModel) {
   PipelineReport r = quantize(resumed, m3, f, o);
   EXPECT_EQ(r.resumed_from_block, 2);
   EXPECT_TRUE(r.complete);
+  // The report lists every block's layers, also those done before the restart (kept in the state).
+  EXPECT_EQ(r.linears.size(), 35u);
   LlamaWeights a = full.weights(), b = resumed.weights();
   for (int i = 0; i < ck.config.n_layers; ++i) {
     EXPECT_EQ(max_abs_diff(a.layers[i].wq, b.layers[i].wq), 0.0) << "layer " << i;

@@ -159,16 +159,23 @@ SaliencyMap obtain_saliency(const QuantArgs& a, const LlamaModel& model, const T
   return s;
 }
 
-// ApiQ's default --rank: ApiQ's 64, lowered on small models so that the f16 adapters (rank x (in +
-// out) values per linear) add at most 0.5 bits per weight over the model's linears — what rank 64
-// costs on Llama-2-7B (4096-wide layers). At least 1.
-int64_t default_apiq_rank(const LlamaConfig& c) {
-  const double d = c.dim, h = c.hidden_dim, kv = double(c.resolved_head_dim()) * c.n_kv_heads,
-               q = double(c.resolved_head_dim()) * c.n_heads;
-  const double weights = d * q * 2 + d * kv * 2 + d * h * 3;      // q, o; k, v; gate, up, down
-  const double per_rank = (d + q) * 2 + (d + kv) * 2 + (d + h) * 3;  // adapter values per unit of rank
-  const double r = 0.5 * weights / (16.0 * per_rank);
-  return std::clamp<int64_t>(int64_t(r), 1, 64);
+// ApiQ's default --rank: ApiQ's 64, lowered on small models so that the f16 adapters (rank x
+// (in + out) values per linear) add at most a fifth of the format's own bits per weight over the
+// model's linears: 0.5 bits at int2g64 (2.5 bits per weight), what rank 64 costs on Llama-2-7B's
+// 4096-wide layers. At least 1.
+int64_t default_apiq_rank(const LlamaConfig& c, const QuantFormat& f) {
+  const int64_t d = c.dim, h = c.hidden_dim, hd = c.resolved_head_dim();
+  const int64_t q = hd * c.n_heads, kv = hd * c.n_kv_heads;
+  // (out, in) of q, k, v, o, gate, up, down
+  const std::pair<int64_t, int64_t> shapes[] = {{q, d}, {kv, d}, {kv, d}, {d, q}, {h, d}, {h, d}, {d, h}};
+  double weights = 0, format_bits = 0, per_rank = 0;
+  for (const auto& [out, in] : shapes) {
+    weights += double(out) * double(in);
+    format_bits += f.bits_per_weight(out, in) * double(out) * double(in);
+    per_rank += double(out + in);
+  }
+  const double budget = 0.2 * format_bits;  // bits the adapters may add over the whole model
+  return std::clamp<int64_t>(int64_t(budget / (16.0 * per_rank)), 1, 64);
 }
 
 void run_quantize(const QuantArgs& a, bool rank_given) {
@@ -221,10 +228,10 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   std::optional<SaliencyMap> saliency;
   if (a.method == "sapr") saliency = obtain_saliency(a, *m.model, calib);
   if (is_apiq(a.method) && !rank_given) {
-    rank = default_apiq_rank(m.model->config());
+    rank = default_apiq_rank(m.model->config(), f);
     if (!a.json && rank != a.rank)
-      std::fprintf(stderr, "note: --rank %lld (default): rank %lld adapters would add more than 0.5 bits per weight "
-                   "to this model's layers; give --rank to override\n", (long long)rank, (long long)a.rank);
+      std::fprintf(stderr, "note: --rank %lld (default on this model): rank %lld adapters would add more than a fifth of "
+                   "%s's bits per weight; give --rank to override\n", (long long)rank, (long long)a.rank, f.name);
   }
   QuantArgs ar = a;
   ar.rank = rank;
@@ -308,7 +315,7 @@ void register_quantize(CLI::App& app) {
   q->add_flag("--no-clip", a->no_clip, "AWQ: skip the clipping search");
   q->add_option("--batch", a->batch, "calibration windows per forward pass")->capture_default_str()->check(at_least(1));
   // ApiQ / SAPR
-  q->add_option("--rank", a->rank, "ApiQ: LoRA rank (0: learnable clipping only; default 64, lowered on small models so that the f16 adapters add at most 0.5 bits per weight)")->capture_default_str()->check(at_least(0));
+  q->add_option("--rank", a->rank, "ApiQ: LoRA rank (0: learnable clipping only; default 64, lowered on small models so that the f16 adapters add at most a fifth of the format's bits per weight)")->capture_default_str()->check(at_least(0));
   q->add_option("--lora-alpha", a->lora_alpha, "ApiQ: LoRA alpha (the adapters add alpha/rank * B A)")
       ->capture_default_str()
       ->check(above(0));
