@@ -1,6 +1,7 @@
 // Every lowbit command against a catalogue of bad inputs: missing, empty, truncated and random
 // files, files of the wrong type, out-of-range numbers, NaN/inf, unwritable outputs and outputs
-// that are existing files. Each row must end with exit status 1, a "lowbit: error:" line naming
+// that are existing files (an unwritable directory only when not running as root; /proc/lowbit-no/...
+// is uncreatable for everyone). Each row must end with exit status 1, a "lowbit: error:" line naming
 // the problem, no "internal error", and no output left behind.
 //
 // One row per (command, bad input). A new command joins by adding rows to kRows; the test
@@ -52,6 +53,7 @@ const Row kRows[] = {
   {"convert", "output = input", "convert --from {M} --to {M}", "refusing to overwrite the input", kModel},
   {"convert", "output dir = existing file", "convert --from {M} --to {D}/file", "exists and is not a directory", kModel},
   {"convert", "output under a file", "convert --from {M} --to {D}/file/x", "cannot create directory", kModel},
+  {"convert", "uncreatable output", "convert --from {M} --to /proc/lowbit-no/out", "/proc/lowbit-no/out", kModel},
   {"convert", "bad dtype", "convert --from {M} --to {O} --dtype q4", "--dtype", kModel},
   // --- eval ppl
   {"eval ppl", "missing model", "eval ppl -m {D}/missing.bin --tokens {I}", "missing.bin: no such file"},
@@ -115,6 +117,7 @@ const Row kRows[] = {
   {"quantize", "out = existing file", "quantize -m {M} --method rtn -o {D}/file", "exists and is not a directory", kModel},
   {"quantize", "out under a file", "quantize -m {M} --method rtn -o {D}/file/sub", "is not a directory", kModel},
   {"quantize", "unwritable out", "quantize -m {M} --method rtn -o {D}/ro/sub", "cannot create directory", kModel | kNotRoot},
+  {"quantize", "uncreatable out", "quantize -m {M} --method rtn -o /proc/lowbit-no/out", "cannot create directory", kModel},
   {"quantize", "re-quantize", "quantize -m {Q} --method rtn -o {O}", "already a lowbit quantized model", kQuantized},
   // --- finetune
   {"finetune", "missing model", "finetune -m {D}/missing --out {O} --train-tokens {I}", "not a lowbit quantized model"},
@@ -129,6 +132,7 @@ const Row kRows[] = {
   {"finetune", "seq-len past the model", "finetune -m {Q} --out {O} --train-tokens {I} --seq-len 100000", "--seq-len 100000", kQuantized},
   {"finetune", "out = model", "finetune -m {Q} --out {Q} --train-tokens {I}", "is the input model", kQuantized},
   {"finetune", "out = existing file", "finetune -m {Q} --out {D}/file --train-tokens {I}", "exists and is not a directory", kQuantized},
+  {"finetune", "uncreatable out", "finetune -m {Q} --out /proc/lowbit-no/out --train-tokens {I}", "cannot create directory", kQuantized},
   {"finetune", "lr -1", "finetune -m {Q} --out {O} --train-tokens {I} --lr -1", "--lr: must be greater than 0"},
   {"finetune", "lr nan", "finetune -m {Q} --out {O} --train-tokens {I} --lr nan", "--lr: 'nan' is not a finite number"},
   {"finetune", "steps -3", "finetune -m {Q} --out {O} --train-tokens {I} --steps -3", "--steps: must be at least 0"},
@@ -146,6 +150,7 @@ const Row kRows[] = {
   {"train", "bad architecture", "train --out {O} --vocab 512 --dim 15 --heads 2 --train-tokens {I}", "does not divide", kModel},
   {"train", "out = existing file", "train --out {D}/file --vocab 512 --train-tokens {I}", "exists and is not a directory", kModel},
   {"train", "unwritable out", "train --out {D}/ro/sub --vocab 512 --train-tokens {I}", "cannot create directory", kModel | kNotRoot},
+  {"train", "uncreatable out", "train --out /proc/lowbit-no/out --vocab 512 --train-tokens {I}", "cannot create directory", kModel},
   {"train", "steps -3", "train --out {O} --vocab 512 --train-tokens {I} --steps -3", "--steps: must be at least 0"},
   {"train", "lr -1", "train --out {O} --vocab 512 --train-tokens {I} --lr -1", "--lr: must be greater than 0"},
   {"train", "lr inf", "train --out {O} --vocab 512 --train-tokens {I} --lr inf", "--lr: 'inf' is not a finite number"},
