@@ -168,9 +168,8 @@ int64_t default_apiq_rank(const LlamaConfig& c, const QuantFormat& f) {
   const int64_t q = hd * c.n_heads, kv = hd * c.n_kv_heads;
   // (out, in) of q, k, v, o, gate, up, down
   const std::pair<int64_t, int64_t> shapes[] = {{q, d}, {kv, d}, {kv, d}, {d, q}, {h, d}, {h, d}, {d, h}};
-  double weights = 0, format_bits = 0, per_rank = 0;
+  double format_bits = 0, per_rank = 0;
   for (const auto& [out, in] : shapes) {
-    weights += double(out) * double(in);
     format_bits += f.bits_per_weight(out, in) * double(out) * double(in);
     per_rank += double(out + in);
   }
