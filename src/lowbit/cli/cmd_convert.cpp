@@ -37,9 +37,9 @@ void copy_atomically(const fs::path& src, const fs::path& dst) {
 }
 
 void run_convert(const ConvertArgs& a) {
-  const DType dtype = parse_dtype(a.dtype);
-  if (dtype != DType::F32 && dtype != DType::F16 && dtype != DType::BF16)
+  if (a.dtype != "f32" && a.dtype != "f16" && a.dtype != "bf16")
     throw_error("--dtype ", a.dtype, ": expected f32, f16 or bf16");
+  const DType dtype = parse_dtype(a.dtype);
   const CheckpointFormat out_format = format_for_output(a.to);  // fail fast, before loading
   io::refuse_to_overwrite(a.from, a.to);
   if (!a.tokenizer.empty() && out_format != CheckpointFormat::Gguf)

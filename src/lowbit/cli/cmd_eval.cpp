@@ -64,10 +64,10 @@ void run_ppl(const PplArgs& a) {
                 {"tokens_per_second", r.tokens_per_second},
                 {"device", a.device}});
   } else {
-    std::printf("model      %s\ndata       %s\nwindows    %lld x %lld tokens%s\npredicted  %lld tokens\n",
+    print_stdout("model      %s\ndata       %s\nwindows    %lld x %lld tokens%s\npredicted  %lld tokens\n",
                 a.model.c_str(), (a.text.empty() ? a.tokens : a.text).c_str(), (long long)r.windows, (long long)a.ctx,
                 a.bos ? " (BOS + ctx-1 tokens each)" : "", (long long)r.tokens);
-    std::printf("mean NLL   %.6f nats/token\nperplexity %.4f\nspeed      %.0f tokens/s (%.2fs)\n", r.nll, r.ppl,
+    print_stdout("mean NLL   %.6f nats/token\nperplexity %.4f\nspeed      %.0f tokens/s (%.2fs)\n", r.nll, r.ppl,
                 r.tokens_per_second, r.seconds);
   }
 }
@@ -82,11 +82,7 @@ void run_tasks(const TaskArgs& a) {
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev);
   auto tok = open_tokenizer(a.tokenizer, a.model);
-  std::string dir = a.data_dir;
-  if (dir.empty()) {
-    const char* s = std::getenv("LOWBIT_SHARED");
-    dir = std::string(s ? s : "../shared") + "/tasks/llm-foundry";
-  }
+  const std::string dir = a.data_dir.empty() ? default_task_dir() : a.data_dir;
   TaskOptions o;
   o.limit = a.limit;
   o.delimiter = a.delimiter;
@@ -94,7 +90,7 @@ void run_tasks(const TaskArgs& a) {
   nlohmann::json results = nlohmann::json::array();
   std::string name;
   std::stringstream list(a.tasks);
-  if (!a.json) std::printf("%-16s %-16s %7s %8s %9s\n", "task", "kind", "rows", "acc", "acc_norm");
+  if (!a.json) print_stdout("%-16s %-16s %7s %8s %9s\n", "task", "kind", "rows", "acc", "acc_norm");
   while (std::getline(list, name, ',')) {
     if (name.empty()) continue;
     const std::string path = name.find('/') != std::string::npos ? name : dir + "/" + name + ".jsonl";
@@ -103,9 +99,9 @@ void run_tasks(const TaskArgs& a) {
                        {"acc_norm", r.acc_norm >= 0 ? nlohmann::json(r.acc_norm) : nlohmann::json()},
                        {"seconds", r.seconds}});
     if (!a.json) {
-      std::printf("%-16s %-16s %7lld %8.4f ", r.task.c_str(), r.kind.c_str(), (long long)r.rows, r.acc);
-      if (r.acc_norm >= 0) std::printf("%9.4f\n", r.acc_norm);
-      else std::printf("%9s\n", "-");
+      print_stdout("%-16s %-16s %7lld %8.4f ", r.task.c_str(), r.kind.c_str(), (long long)r.rows, r.acc);
+      if (r.acc_norm >= 0) print_stdout("%9.4f\n", r.acc_norm);
+      else print_stdout("%9s\n", "-");
     }
   }
   if (a.json) print_json({{"model", a.model}, {"results", results}});
@@ -123,9 +119,10 @@ void register_eval(CLI::App& app) {
   ppl->add_option("--text", a->text, "text file to evaluate on (tokenized without special tokens)");
   ppl->add_option("--tokens", a->tokens, "raw little-endian int32 token ids, used exactly as given");
   ppl->add_option("--ctx", a->ctx, "window length in tokens; the first token of each window is context only")
-      ->capture_default_str();
-  ppl->add_option("--batch", a->batch, "windows per forward pass")->capture_default_str();
-  ppl->add_option("--max-windows", a->max_windows, "evaluate at most this many windows (0 = all)");
+      ->capture_default_str()
+      ->check(at_least(2));
+  ppl->add_option("--batch", a->batch, "windows per forward pass")->capture_default_str()->check(at_least(1));
+  ppl->add_option("--max-windows", a->max_windows, "evaluate at most this many windows (0 = all)")->check(at_least(0));
   ppl->add_flag("--bos", a->bos, "start each window with BOS followed by ctx-1 tokens, all of them scored");
   ppl->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   ppl->add_flag("--json", a->json, "print one JSON object instead of text");
@@ -136,9 +133,10 @@ void register_eval(CLI::App& app) {
   tasks->add_option("-m,--model", t->model, "model (any supported format)")->required();
   tasks->add_option("--tokenizer", t->tokenizer, "tokenizer file or directory (default: the model directory's)");
   tasks->add_option("--tasks", t->tasks, "comma-separated task names (files NAME.jsonl in --data-dir) or paths")
-      ->capture_default_str();
-  tasks->add_option("--data-dir", t->data_dir, "folder of task files (default: $LOWBIT_SHARED or ../shared, /tasks/llm-foundry)");
-  tasks->add_option("--limit", t->limit, "at most this many rows per task (0 = all)");
+      ->capture_default_str()
+      ->check(non_empty());
+  tasks->add_option("--data-dir", t->data_dir, "folder of task files (default: $LOWBIT_SHARED/tasks/llm-foundry, else shared/tasks/llm-foundry beside the repository holding the lowbit executable, else ../shared/tasks/llm-foundry)");
+  tasks->add_option("--limit", t->limit, "at most this many rows per task (0 = all)")->check(at_least(0));
   tasks->add_option("--delimiter", t->delimiter, "text between a query and each choice")->capture_default_str();
   tasks->add_flag("--no-bos", t->no_bos, "do not prepend the tokens the tokenizer adds for specials (BOS; SmolLM2 adds none)");
   tasks->add_option("--device", t->device, "cpu or cuda")->capture_default_str();

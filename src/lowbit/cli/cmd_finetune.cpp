@@ -5,6 +5,7 @@
 
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
+#include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/train/finetune.h"
 
 namespace lowbit::cli {
@@ -18,37 +19,60 @@ struct FinetuneArgs {
   bool json = false;
 };
 
+// "1.2345 (ppl 3.437)" or "n/a" when there was no validation data.
+std::string loss_text(double loss) {
+  if (loss < 0) return "n/a";
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.4f (ppl %.3f)", loss, std::exp(loss));
+  return buf;
+}
+
+nlohmann::json loss_json(double loss) { return loss < 0 ? nlohmann::json() : nlohmann::json(loss); }
+
 void run_finetune(FinetuneArgs& a) {
   FinetuneOptions& o = a.o;
-  if (o.train.out_dir.empty()) throw_error("finetune: --out DIR is required");
-  fs::create_directories(o.train.out_dir);
+  if (!a.train_tokens.empty() && !a.train_text.empty()) throw_error("finetune: give --train or --train-tokens, not both");
+  if (!a.valid_tokens.empty() && !a.valid_text.empty()) throw_error("finetune: give --valid or --valid-tokens, not both");
+  if (a.train_tokens.empty() && a.train_text.empty()) throw_error("finetune: give --train TEXT or --train-tokens FILE");
+  if (!is_lowbit_quantized_dir(a.model))
+    throw_error(a.model, ": not a lowbit quantized model directory (make one with lowbit quantize)");
+  o.train.device = parse_device(a.device);
+  OutputDir out(o.train.out_dir);
+  out.refuse_input(a.model, "the input model");
   std::unique_ptr<Tokenizer> tok;
   if (!a.train_text.empty() || !a.valid_text.empty()) tok = open_tokenizer(a.tokenizer, a.model);
   auto cache = [&](const char* n) { return (fs::path(o.train.out_dir) / n).string(); };
   std::vector<int32_t> train, valid;
   if (!a.train_tokens.empty()) train = read_token_file(a.train_tokens);
-  else if (!a.train_text.empty()) train = tokenize_file_cached(a.train_text, *tok, a.tokenizer, cache("train.tokens"));
-  else throw_error("finetune: give --train TEXT or --train-tokens FILE");
+  else train = tokenize_file_cached(a.train_text, *tok, a.tokenizer, cache("train.tokens"));
   if (!a.valid_tokens.empty()) valid = read_token_file(a.valid_tokens);
   else if (!a.valid_text.empty()) valid = tokenize_file_cached(a.valid_text, *tok, a.tokenizer, cache("valid.tokens"));
-  o.train.device = parse_device(a.device);
+  check_training_inputs(o.train, train, valid);
+  out.keep_if_exists((fs::path(o.train.out_dir) / "state.safetensors").string());  // a failed run keeps its resumable state
   FinetuneResult r = finetune_quantized(a.model, o, train, valid);
-  nlohmann::json out = {{"model", a.model},
-                        {"out", (fs::path(o.train.out_dir) / "model").string()},
-                        {"steps", r.train.steps_done},
-                        {"complete", r.train.complete},
-                        {"adapters_created", r.adapters_created},
-                        {"adapters_reused", r.adapters_reused},
-                        {"val_loss_before", r.val_loss_before},
-                        {"val_loss_after", r.val_loss_after}};
+  out.keep();
+  const std::string model_out = (fs::path(o.train.out_dir) / "model").string();
+  if (r.train.complete) copy_tokenizer_files(a.tokenizer, a.model, model_out);
+  nlohmann::json j = {{"model", a.model},
+                      {"out", model_out},
+                      {"steps", r.train.steps_done},
+                      {"complete", r.train.complete},
+                      {"adapters_created", r.adapters_created},
+                      {"adapters_reused", r.adapters_reused},
+                      {"val_loss_before", loss_json(r.val_loss_before)},
+                      {"val_loss_after", loss_json(r.val_loss_after)}};
   if (a.json) {
-    print_json(out);
+    print_json(j);
     return;
   }
-  std::printf("validation loss %.4f -> %.4f (ppl %.3f -> %.3f) after %lld steps; adapters: %d new, %d reused\n",
-              r.val_loss_before, r.val_loss_after, std::exp(r.val_loss_before), std::exp(r.val_loss_after),
-              (long long)r.train.steps_done, r.adapters_created, r.adapters_reused);
-  std::printf("wrote %s\n", out["out"].get<std::string>().c_str());
+  if (valid.empty())
+    print_stdout("no validation data (give --valid or --valid-tokens); %lld steps; adapters: %d new, %d reused\n",
+                 (long long)r.train.steps_done, r.adapters_created, r.adapters_reused);
+  else
+    print_stdout("validation loss %s -> %s after %lld steps; adapters: %d new, %d reused\n",
+                 loss_text(r.val_loss_before).c_str(), loss_text(r.val_loss_after).c_str(),
+                 (long long)r.train.steps_done, r.adapters_created, r.adapters_reused);
+  print_stdout("wrote %s\n", model_out.c_str());
 }
 }  // namespace
 
@@ -68,19 +92,19 @@ void register_finetune(CLI::App& app) {
   f->add_option("--valid", a->valid_text, "validation text");
   f->add_option("--train-tokens", a->train_tokens, "training data as raw int32 token ids");
   f->add_option("--valid-tokens", a->valid_tokens, "validation data as raw int32 token ids");
-  f->add_option("--rank", a->o.lora_rank, "rank of new LoRA adapters")->capture_default_str();
-  f->add_option("--batch", t.batch_size, "sequences per micro-batch")->capture_default_str();
-  f->add_option("--seq-len", t.seq_len, "tokens per sequence")->capture_default_str();
-  f->add_option("--grad-accum", t.grad_accum, "micro-batches per step")->capture_default_str();
-  f->add_option("--steps", t.max_steps, "optimizer steps")->capture_default_str();
-  f->add_option("--warmup", t.warmup_steps, "linear warmup steps")->capture_default_str();
-  f->add_option("--lr", t.lr, "peak learning rate")->capture_default_str();
-  f->add_option("--weight-decay", t.weight_decay, "AdamW weight decay on the adapters")->capture_default_str();
-  f->add_option("--grad-clip", t.grad_clip, "max global gradient norm")->capture_default_str();
-  f->add_option("--eval-every", t.eval_every, "validate every N steps")->capture_default_str();
-  f->add_option("--eval-batches", t.eval_batches, "validation micro-batches")->capture_default_str();
-  f->add_option("--checkpoint-every", t.checkpoint_every, "save the resumable state every N steps")->capture_default_str();
-  f->add_option("--seed", t.seed, "seed for data order and adapter init")->capture_default_str();
+  f->add_option("--rank", a->o.lora_rank, "rank of new LoRA adapters")->capture_default_str()->check(at_least(1));
+  f->add_option("--batch", t.batch_size, "sequences per micro-batch")->capture_default_str()->check(at_least(1));
+  f->add_option("--seq-len", t.seq_len, "tokens per sequence")->capture_default_str()->check(at_least(1));
+  f->add_option("--grad-accum", t.grad_accum, "micro-batches per step")->capture_default_str()->check(at_least(1));
+  f->add_option("--steps", t.max_steps, "optimizer steps")->capture_default_str()->check(at_least(0));
+  f->add_option("--warmup", t.warmup_steps, "linear warmup steps")->capture_default_str()->check(at_least(0));
+  f->add_option("--lr", t.lr, "peak learning rate")->capture_default_str()->check(above(0));
+  f->add_option("--weight-decay", t.weight_decay, "AdamW weight decay on the adapters")->capture_default_str()->check(at_least(0));
+  f->add_option("--grad-clip", t.grad_clip, "max global gradient norm (0 = off)")->capture_default_str()->check(at_least(0));
+  f->add_option("--eval-every", t.eval_every, "validate every N steps (0 = only at the end)")->capture_default_str()->check(at_least(0));
+  f->add_option("--eval-batches", t.eval_batches, "validation micro-batches")->capture_default_str()->check(at_least(1));
+  f->add_option("--checkpoint-every", t.checkpoint_every, "save the resumable state every N steps (0 = only at the end)")->capture_default_str()->check(at_least(0));
+  f->add_option("--seed", t.seed, "seed for data order and adapter init")->capture_default_str()->check(at_least(0));
   f->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   f->add_flag("--json", a->json, "print a JSON summary");
   f->callback([a] {

@@ -41,8 +41,7 @@ void run_generate(const GenArgs& a) {
     if (a.json) {
       text += piece;
     } else {
-      std::fwrite(piece.data(), 1, piece.size(), stdout);
-      std::fflush(stdout);
+      write_stdout(piece);
     }
   });
   if (a.json) {
@@ -53,7 +52,7 @@ void run_generate(const GenArgs& a) {
                 {"seconds", r.seconds},
                 {"tokens_per_second", r.tokens_per_second}});
   } else {
-    std::printf("\n");
+    write_stdout("\n");
     std::fprintf(stderr, "%d tokens, %.1f tokens/s\n", int(r.tokens.size()) - r.prompt_tokens, r.tokens_per_second);
   }
 }
@@ -64,14 +63,14 @@ void register_generate(CLI::App& app) {
   auto a = std::make_shared<GenArgs>();
   g->add_option("-m,--model", a->model, "model: llama2.c .bin, .gguf, .safetensors or a Hugging Face directory")->required();
   g->add_option("--tokenizer", a->tokenizer, "tokenizer file, directory or GGUF file (default: the model's own)");
-  g->add_option("-p,--prompt", a->prompt, "prompt text (BOS is added)");
+  g->add_option("-p,--prompt", a->prompt, "prompt text (the tokenizer's specials are added: BOS for Llama 2, none for SmolLM2)");
   g->add_option("--chat", a->chat,
                 "a user message, wrapped in the model's chat template (add_generation_prompt; special tokens parsed)");
   g->add_option("--system", a->system, "with --chat: a system message before the user message");
-  g->add_option("-n,--steps", a->steps, "positions to run, prompt included (like llama2.c -n)")->capture_default_str();
-  g->add_option("-t,--temperature", a->temperature, "0 = greedy")->capture_default_str();
-  g->add_option("--top-p", a->top_p, "nucleus sampling mass")->capture_default_str();
-  g->add_option("-s,--seed", a->seed, "random seed")->capture_default_str();
+  g->add_option("-n,--steps", a->steps, "positions to run, prompt included (like llama2.c -n)")->capture_default_str()->check(at_least(1));
+  g->add_option("-t,--temperature", a->temperature, "0 = greedy")->capture_default_str()->check(at_least(0));
+  g->add_option("--top-p", a->top_p, "nucleus sampling mass")->capture_default_str()->check(between(0, 1));
+  g->add_option("-s,--seed", a->seed, "random seed")->capture_default_str()->check(at_least(0));
   g->add_flag("--ignore-eos", a->ignore_eos, "do not stop at EOS (llama2.c run.c stops only at BOS)");
   g->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   g->add_flag("--json", a->json, "print one JSON object instead of streaming text");

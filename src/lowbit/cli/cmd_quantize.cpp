@@ -159,7 +159,26 @@ SaliencyMap obtain_saliency(const QuantArgs& a, const LlamaModel& model, const T
   return s;
 }
 
-void run_quantize(const QuantArgs& a) {
+// ApiQ's default --rank: ApiQ's 64, lowered on small models so that the f16 adapters (rank x
+// (in + out) values per linear) add at most a fifth of the format's own bits per weight over the
+// model's linears: 0.5 bits at int2g64 (2.5 bits per weight), what rank 64 costs on Llama-2-7B's
+// 4096-wide layers. At least 1.
+int64_t default_apiq_rank(const LlamaConfig& c, const QuantFormat& f) {
+  const int64_t d = c.dim, h = c.hidden_dim, hd = c.resolved_head_dim();
+  const int64_t q = hd * c.n_heads, kv = hd * c.n_kv_heads;
+  // (out, in) of q, k, v, o, gate, up, down
+  const std::pair<int64_t, int64_t> shapes[] = {{q, d}, {kv, d}, {kv, d}, {d, q}, {h, d}, {h, d}, {d, h}};
+  double format_bits = 0, per_rank = 0;
+  for (const auto& [out, in] : shapes) {
+    format_bits += f.bits_per_weight(out, in) * double(out) * double(in);
+    per_rank += double(out + in);
+  }
+  const double budget = 0.2 * format_bits;  // bits the adapters may add over the whole model
+  return std::clamp<int64_t>(int64_t(budget / (16.0 * per_rank)), 1, 64);
+}
+
+void run_quantize(const QuantArgs& a, bool rank_given) {
+  int64_t rank = a.rank;
   if (a.method == "sapr") check_sapr_args(a);
   const std::string format = !a.format.empty() ? a.format : is_apiq(a.method) ? "int2g64" : "int4g128";
   const QuantFormat& f = parse_quant_format(format);
@@ -168,15 +187,20 @@ void run_quantize(const QuantArgs& a) {
     throw_error("--merge-dtype must be 'f16' or 'f32', got '", a.merge_dtype, "'");
   if (a.next_input != "quantized" && a.next_input != "fp")
     throw_error("--next-input must be 'quantized' or 'fp', got '", a.next_input, "'");
+  if (!a.calib.empty() && !a.calib_tokens.empty())
+    throw_error("give --calib TEXT or --calib-tokens FILE, not both");
+  if (is_lowbit_quantized_dir(a.model))
+    throw_error(a.model, ": is already a lowbit quantized model; quantizing it again would compound the rounding "
+                "error of both passes (quantize the original full-precision model instead)");
   std::error_code ec;
-  if (fs::exists(a.out) && fs::exists(a.model) && fs::equivalent(a.out, a.model, ec))
-    throw_error("--out ", a.out, " is the input model; choose another directory");
   Device dev = parse_device(a.device);
   if ((a.tf32 || a.bf16) && dev != Device::CUDA)
     throw_error(a.tf32 ? "--tf32" : "--bf16", " needs --device cuda (it selects GPU tensor-core precision)");
   if (a.bf16 && !is_apiq(a.method))
     throw_error("--bf16 applies to the training of apiq, apiq-layer and sapr, not to --method ", a.method);
   if (a.tf32) cuda_set_allow_tf32(true);
+  OutputDir out(a.out, "--out");
+  out.refuse_input(a.model, "the input model");
   LoadedModel m = load_model(a.model, dev);
   // Calibration tokens.
   std::vector<int32_t> stream;
@@ -192,6 +216,8 @@ void run_quantize(const QuantArgs& a) {
   } else if (a.method != "rtn") {
     throw_error("--method ", a.method, " needs calibration data: --calib TEXT (with a tokenizer) or --calib-tokens FILE");
   }
+  if (stream.empty() && (!a.calib.empty() || !a.calib_tokens.empty()))
+    throw_error(a.calib.empty() ? a.calib_tokens : a.calib, ": calibration data holds no tokens");
   for (size_t i = 0; i < stream.size(); ++i)
     if (stream[i] < 0 || stream[i] >= m.model->config().vocab_size)
       throw_error("calibration token ", stream[i], " at position ", i, " is outside the model's vocabulary");
@@ -200,11 +226,20 @@ void run_quantize(const QuantArgs& a) {
                                 : sample_calibration(stream, a.nsamples, seqlen, a.seed);
   std::optional<SaliencyMap> saliency;
   if (a.method == "sapr") saliency = obtain_saliency(a, *m.model, calib);
-  auto method = make_method(a, f, saliency ? &*saliency : nullptr);
+  if (is_apiq(a.method) && !rank_given) {
+    rank = default_apiq_rank(m.model->config(), f);
+    if (!a.json && rank != a.rank)
+      std::fprintf(stderr, "note: --rank %lld (default on this model): rank %lld adapters would add more than a fifth of "
+                   "%s's bits per weight; give --rank to override\n", (long long)rank, (long long)a.rank, f.name);
+  }
+  QuantArgs ar = a;
+  ar.rank = rank;
+  auto method = make_method(ar, f, saliency ? &*saliency : nullptr);
   PipelineOptions o;
   o.next_from_fp = a.next_input == "fp";
   o.batch = a.batch;
   o.state_dir = a.state_dir.empty() ? (fs::path(a.out) / ".state").string() : a.state_dir;
+  out.keep_if_exists(o.state_dir);  // a failed run keeps its resumable state
   PipelineReport r = run_blockwise(*m.model, calib, *method, f, o);
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& l : r.linears)
@@ -217,7 +252,7 @@ void run_quantize(const QuantArgs& a) {
                            {"resumed_from_block", r.resumed_from_block}, {"layers", layers}};
   nlohmann::json extra = {{"calibration", {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}}}};
   if (is_apiq(a.method)) {
-    const ApiqOptions o = apiq_options(a);
+    const ApiqOptions o = apiq_options(ar);
     nlohmann::json h = {{"mode", o.mode == ApiqMode::Layer ? "layer" : "block"},
                         {"rank", o.layer.rank}, {"lora_alpha", o.layer.lora_alpha}, {"lora_init", a.lora_init},
                         {"epochs", o.epochs}, {"batch", o.batch}, {"lora_lr", o.lora_lr}, {"clip_lr", o.clip_lr},
@@ -234,19 +269,24 @@ void run_quantize(const QuantArgs& a) {
   save_quantized_model(a.out, *m.model, a.method, f, extra, a.lora == "merge" ? LoraStorage::Merged : LoraStorage::Separate,
                        a.merge_dtype == "f32" ? DType::F32 : DType::F16);
   {
-    std::ofstream rep((fs::path(a.out) / "quantize_report.json").string());
+    const std::string path = (fs::path(a.out) / "quantize_report.json").string();
+    std::ofstream rep(path);
     rep << report.dump(2) << "\n";
+    rep.close();
+    if (!rep) throw_error(path, ": write failed");
   }
+  copy_tokenizer_files(a.tokenizer, a.model, a.out);
+  out.keep();
   fs::remove_all(o.state_dir, ec);
   if (a.json) {
     print_json(report);
     return;
   }
-  std::printf("%-44s %12s %8s\n", "layer", "rel. error", "bpw");
-  for (const auto& l : r.linears) std::printf("%-44s %12.3e %8.3f\n", l.name.c_str(), l.rel_error, l.bits_per_weight);
-  std::printf("\n%s %s: %.3f bits per weight (quantized layers, metadata included), %.1fs, peak memory %.0f MiB\n",
+  print_stdout("%-44s %12s %8s\n", "layer", "rel. error", "bpw");
+  for (const auto& l : r.linears) print_stdout("%-44s %12.3e %8.3f\n", l.name.c_str(), l.rel_error, l.bits_per_weight);
+  print_stdout("\n%s %s: %.3f bits per weight (quantized layers, metadata included), %.1fs, peak memory %.0f MiB\n",
               a.method.c_str(), f.name, r.bits_per_weight, r.seconds, double(r.peak_rss_bytes) / (1 << 20));
-  std::printf("wrote %s\n", a.out.c_str());
+  print_stdout("wrote %s\n", a.out.c_str());
 }
 }  // namespace
 
@@ -259,35 +299,38 @@ void register_quantize(CLI::App& app) {
                 "regularization)")
       ->capture_default_str();
   q->add_option("--format", a->format,
-                "number format (default int4g128; int2g64 for apiq/sapr): " + quant_format_names());
+                "number format (default int4g128; int2g64 for apiq/sapr): " + quant_format_names())
+      ->check(non_empty());
   q->add_option("--calib", a->calib, "calibration text file (tokenized with the model's tokenizer)");
   q->add_option("--tokenizer", a->tokenizer, "tokenizer for --calib (default: the model directory's)");
   q->add_option("--calib-tokens", a->calib_tokens, "calibration data as raw int32 token ids");
-  q->add_option("--nsamples", a->nsamples, "calibration windows")->capture_default_str();
-  q->add_option("--seqlen", a->seqlen, "tokens per window (capped at the model's max)")->capture_default_str();
-  q->add_option("--seed", a->seed, "seed for drawing the windows")->capture_default_str();
+  q->add_option("--nsamples", a->nsamples, "calibration windows")->capture_default_str()->check(at_least(1));
+  q->add_option("--seqlen", a->seqlen, "tokens per window (capped at the model's max)")->capture_default_str()->check(at_least(2));
+  q->add_option("--seed", a->seed, "seed for drawing the windows")->capture_default_str()->check(at_least(0));
   q->add_option("--next-input", a->next_input, "next block's inputs: outputs of the 'quantized' or the 'fp' block")
       ->capture_default_str();
-  q->add_option("--percdamp", a->percdamp, "GPTQ dampening (fraction of mean diag H)")->capture_default_str();
+  q->add_option("--percdamp", a->percdamp, "GPTQ dampening (fraction of mean diag H)")->capture_default_str()->check(above(0));
   q->add_flag("--act-order", a->act_order, "GPTQ: columns by decreasing Hessian diagonal (static groups)");
   q->add_flag("--no-clip", a->no_clip, "AWQ: skip the clipping search");
-  q->add_option("--batch", a->batch, "calibration windows per forward pass")->capture_default_str();
+  q->add_option("--batch", a->batch, "calibration windows per forward pass")->capture_default_str()->check(at_least(1));
   // ApiQ / SAPR
-  q->add_option("--rank", a->rank, "ApiQ: LoRA rank (0: learnable clipping only)")->capture_default_str();
+  q->add_option("--rank", a->rank, "ApiQ: LoRA rank (0: learnable clipping only; default 64, lowered on small models so that the f16 adapters add at most a fifth of the format's bits per weight)")->capture_default_str()->check(at_least(0));
   q->add_option("--lora-alpha", a->lora_alpha, "ApiQ: LoRA alpha (the adapters add alpha/rank * B A)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(above(0));
   q->add_option("--lora-init", a->lora_init, "ApiQ: LoRA init, kaiming (PEFT default) or gaussian")->capture_default_str();
-  q->add_option("--epochs", a->epochs, "ApiQ: calibration epochs per block (or layer)")->capture_default_str();
-  q->add_option("--lora-lr", a->lora_lr, "ApiQ: AdamW learning rate of the LoRA factors")->capture_default_str();
-  q->add_option("--clip-lr", a->clip_lr, "ApiQ: AdamW learning rate of the clipping logits")->capture_default_str();
-  q->add_option("--weight-decay", a->weight_decay, "ApiQ: weight decay of both groups (overrides --lora-wd/--clip-wd)");
-  q->add_option("--lora-wd", a->lora_wd, "ApiQ: weight decay of the LoRA factors")->capture_default_str();
-  q->add_option("--clip-wd", a->clip_wd, "ApiQ: weight decay of the clipping logits")->capture_default_str();
-  q->add_option("--apiq-batch", a->apiq_batch, "ApiQ: calibration windows per optimizer step")->capture_default_str();
+  q->add_option("--epochs", a->epochs, "ApiQ: calibration epochs per block (or layer)")->capture_default_str()->check(at_least(0));
+  q->add_option("--lora-lr", a->lora_lr, "ApiQ: AdamW learning rate of the LoRA factors")->capture_default_str()->check(at_least(0));
+  q->add_option("--clip-lr", a->clip_lr, "ApiQ: AdamW learning rate of the clipping logits")->capture_default_str()->check(at_least(0));
+  q->add_option("--weight-decay", a->weight_decay, "ApiQ: weight decay of both groups (overrides --lora-wd/--clip-wd)")->check(at_least(0));
+  q->add_option("--lora-wd", a->lora_wd, "ApiQ: weight decay of the LoRA factors")->capture_default_str()->check(at_least(0));
+  q->add_option("--clip-wd", a->clip_wd, "ApiQ: weight decay of the clipping logits")->capture_default_str()->check(at_least(0));
+  q->add_option("--apiq-batch", a->apiq_batch, "ApiQ: calibration windows per optimizer step")->capture_default_str()->check(at_least(1));
   q->add_option("--apiq-aug", a->aug,
                 "ApiQ block-wise: coefficient of the second loss term ||F(W, Xq) - F(Q, Xq)||^2 (ApiQ's --aug_loss)")
-      ->capture_default_str();
-  q->add_option("--clip-init", a->clip_init, "ApiQ: initial clipping logits (sigmoid(4) = 0.982)")->capture_default_str();
+      ->capture_default_str()
+      ->check(at_least(0));
+  q->add_option("--clip-init", a->clip_init, "ApiQ: initial clipping logits (sigmoid(4) = 0.982)")->capture_default_str()->check(finite());
   q->add_flag("--apiq-verbose", a->apiq_verbose, "ApiQ: print the loss of every epoch and each block's stage times");
   q->add_flag("--tf32", a->tf32, "GPU: let f32 matmuls and attention use TF32 tensor cores (faster, ~1e-3 relative error)");
   q->add_flag("--bf16", a->bf16,
@@ -296,11 +339,13 @@ void register_quantize(CLI::App& app) {
   q->add_option("--lambda", a->lambda,
                 "SAPR: weight of the saliency regularizer (default tuned for --saliency-norm layer "
                 "--sapr-reduction mean on stories260K; the raw/sum form needs a model-specific value)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(at_least(0));
   q->add_option("--saliency", a->saliency, "SAPR: saliency file (read when it exists, else computed and written)");
   q->add_option("--saliency-kind", a->saliency_kind, "SAPR: fisher, grad-weight or act-weight")->capture_default_str();
   q->add_option("--saliency-batch", a->saliency_batch, "SAPR: calibration windows per saliency backward pass")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(at_least(1));
   q->add_option("--saliency-norm", a->saliency_norm,
                 "SAPR: 'layer' = mean over batches of g^2, scaled to mean 1 per layer; 'none' = raw sum over "
                 "batches of g^2 (the reference code's SqueezeLLM-style Fisher). Stored in the --saliency file; a raw "
@@ -334,7 +379,7 @@ void register_quantize(CLI::App& app) {
   q->add_flag("--json", a->json, "print the report as JSON");
   q->callback([a, q] {
     apply_sapr_recipe(*a, *q);
-    run_quantize(*a);
+    run_quantize(*a, q->count("--rank") > 0);
   });
 }
 

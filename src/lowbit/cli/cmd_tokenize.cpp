@@ -90,6 +90,7 @@ void run_tokenize(const TokenizeOptions& o) {
       j["ids"] = tok->encode(line, o.add_special);
       // Input that is not valid UTF-8 is still tokenized; only its echo is made printable.
       std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
+      if (!std::cout) throw_error("writing to standard output failed");
       continue;
     }
     if (line.find_first_not_of(" \t\r") == std::string::npos) {
@@ -109,6 +110,7 @@ void run_tokenize(const TokenizeOptions& o) {
       v.push_back(x.get<int>());
     }
     std::cout << tok->decode(v) << '\n';
+    if (!std::cout) throw_error("writing to standard output failed");
   }
   std::cout.flush();
 }

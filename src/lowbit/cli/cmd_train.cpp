@@ -33,8 +33,10 @@ void run_train(TrainArgs& a) {
       throw_error("train: --bf16 needs --device cuda: bf16 activations and matmuls have no CPU kernels");
   }
   o.bf16 = a.bf16;
-  if (o.out_dir.empty()) throw_error("train: --out DIR is required");
-  fs::create_directories(o.out_dir);
+  if (!a.train_tokens.empty() && !a.train_text.empty()) throw_error("train: give --train or --train-tokens, not both");
+  if (!a.valid_tokens.empty() && !a.valid_text.empty()) throw_error("train: give --valid or --valid-tokens, not both");
+  o.device = parse_device(a.device);
+  OutputDir out(o.out_dir);
   if (!a.config_json.empty()) {
     std::ifstream f(a.config_json);
     if (!f) throw_error(a.config_json, ": cannot open");
@@ -64,28 +66,38 @@ void run_train(TrainArgs& a) {
     if (!tok) throw_error("train: --valid TEXT needs --tokenizer");
     valid = tokenize_file_cached(a.valid_text, *tok, a.tokenizer, cache("valid.tokens"));
   }
-  o.device = parse_device(a.device);
+  check_training_inputs(o, train, valid);
+  o.config.validate("model architecture");
   if (a.tf32) {
     if (o.device != Device::CUDA) throw_error("train: --tf32 needs --device cuda");
     cuda_set_allow_tf32(true);
   }
   if (!a.json) std::fprintf(stderr, "model: %s\ntrain: %zu tokens, valid: %zu tokens\n", o.config.summary().c_str(), train.size(), valid.size());
+  out.keep_if_exists((fs::path(o.out_dir) / "state.safetensors").string());  // a failed run keeps its resumable state
   TrainResult r = train_model(o, train, valid, [&](const TrainRecord& rec) {
     if (rec.val_loss >= 0 && !a.json)
       std::fprintf(stderr, "\nstep %lld  loss %.4f  val_loss %.4f  lr %.2e  %.0f tok/s\n", (long long)rec.step, rec.loss,
                    rec.val_loss, rec.lr, rec.tokens_per_second);
   });
+  out.keep();
   const double run_tokens = double(r.records.size()) * double(o.batch_size * o.seq_len * o.grad_accum);
   const double tok_s = r.train_seconds > 0 ? run_tokens / r.train_seconds : 0;
-  nlohmann::json out = {{"out", o.out_dir}, {"steps", r.steps_done}, {"resumed", r.resumed}, {"final_val_loss", r.final_val_loss},
+  if (r.complete && !a.tokenizer.empty()) copy_tokenizer_files(a.tokenizer, "", (fs::path(o.out_dir) / "hf").string());
+  const nlohmann::json val_loss = r.final_val_loss < 0 ? nlohmann::json() : nlohmann::json(r.final_val_loss);
+  nlohmann::json j = {{"out", o.out_dir}, {"steps", r.steps_done}, {"resumed", r.resumed}, {"final_val_loss", val_loss},
                         {"train_seconds", r.train_seconds}, {"tokens_per_second", tok_s}, {"device", a.device},
                         {"tf32", a.tf32}, {"bf16", a.bf16}};
-  if (o.device == Device::CUDA) out["gpu"] = cuda_device_name();
-  if (!o.dump_order.empty()) out["data_order"] = o.dump_order;
-  if (!r.records.empty()) out["final_train_loss"] = r.records.back().loss;
-  if (a.json) print_json(out);
-  else std::printf("trained %lld steps; final val loss %.4f; %.0f tokens/s over %.1fs of steps; model in %s/model.bin and %s/hf\n",
-                   (long long)r.steps_done, r.final_val_loss, tok_s, r.train_seconds, o.out_dir.c_str(), o.out_dir.c_str());
+  if (o.device == Device::CUDA) j["gpu"] = cuda_device_name();
+  if (!o.dump_order.empty()) j["data_order"] = o.dump_order;
+  if (!r.records.empty()) j["final_train_loss"] = r.records.back().loss;
+  if (a.json) {
+    print_json(j);
+    return;
+  }
+  char val[64] = "no validation data";
+  if (r.final_val_loss >= 0) std::snprintf(val, sizeof val, "final val loss %.4f", r.final_val_loss);
+  print_stdout("trained %lld steps; %s; %.0f tokens/s over %.1fs of steps; model in %s/model.bin and %s/hf\n",
+               (long long)r.steps_done, val, tok_s, r.train_seconds, o.out_dir.c_str(), o.out_dir.c_str());
 }
 }  // namespace
 
@@ -100,27 +112,27 @@ void register_train(CLI::App& app) {
   t->add_option("--train-tokens", a->train_tokens, "training data as raw int32 token ids");
   t->add_option("--valid-tokens", a->valid_tokens, "validation data as raw int32 token ids");
   t->add_option("--config", a->config_json, "Hugging Face style config.json for the architecture (else the flags below)");
-  t->add_option("--dim", o.config.dim, "model width")->default_val(288);
-  t->add_option("--hidden-dim", o.config.hidden_dim, "SwiGLU width")->default_val(768);
-  t->add_option("--layers", o.config.n_layers, "decoder blocks")->default_val(6);
-  t->add_option("--heads", o.config.n_heads, "attention heads")->default_val(6);
-  t->add_option("--kv-heads", o.config.n_kv_heads, "key/value heads (default: --heads)")->default_val(0);
-  t->add_option("--vocab", o.config.vocab_size, "vocabulary size (default: the tokenizer's)")->default_val(0);
-  t->add_option("--max-seq-len", o.config.max_seq_len, "maximum sequence length of the model")->default_val(256);
-  t->add_option("--batch", o.batch_size, "sequences per micro-batch")->capture_default_str();
-  t->add_option("--seq-len", o.seq_len, "tokens per training sequence")->capture_default_str();
-  t->add_option("--grad-accum", o.grad_accum, "micro-batches per step")->capture_default_str();
-  t->add_option("--steps", o.max_steps, "optimizer steps")->capture_default_str();
-  t->add_option("--warmup", o.warmup_steps, "linear warmup steps")->capture_default_str();
-  t->add_option("--lr", o.lr, "peak learning rate")->capture_default_str();
-  t->add_option("--min-lr-ratio", o.min_lr_ratio, "final lr as a fraction of --lr (cosine)")->capture_default_str();
-  t->add_option("--weight-decay", o.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
-  t->add_option("--beta2", o.beta2, "AdamW beta2")->capture_default_str();
-  t->add_option("--grad-clip", o.grad_clip, "max global gradient norm (0 = off)")->capture_default_str();
-  t->add_option("--eval-every", o.eval_every, "validate every N steps")->capture_default_str();
-  t->add_option("--eval-batches", o.eval_batches, "validation micro-batches")->capture_default_str();
-  t->add_option("--checkpoint-every", o.checkpoint_every, "save the resumable state every N steps")->capture_default_str();
-  t->add_option("--seed", o.seed, "seed for initialisation and data order")->capture_default_str();
+  t->add_option("--dim", o.config.dim, "model width")->default_val(288)->check(at_least(1));
+  t->add_option("--hidden-dim", o.config.hidden_dim, "SwiGLU width")->default_val(768)->check(at_least(1));
+  t->add_option("--layers", o.config.n_layers, "decoder blocks")->default_val(6)->check(at_least(1));
+  t->add_option("--heads", o.config.n_heads, "attention heads")->default_val(6)->check(at_least(1));
+  t->add_option("--kv-heads", o.config.n_kv_heads, "key/value heads (default: --heads)")->default_val(0)->check(at_least(0));
+  t->add_option("--vocab", o.config.vocab_size, "vocabulary size (default: the tokenizer's)")->default_val(0)->check(at_least(0));
+  t->add_option("--max-seq-len", o.config.max_seq_len, "maximum sequence length of the model")->default_val(256)->check(at_least(1));
+  t->add_option("--batch", o.batch_size, "sequences per micro-batch")->capture_default_str()->check(at_least(1));
+  t->add_option("--seq-len", o.seq_len, "tokens per training sequence")->capture_default_str()->check(at_least(1));
+  t->add_option("--grad-accum", o.grad_accum, "micro-batches per step")->capture_default_str()->check(at_least(1));
+  t->add_option("--steps", o.max_steps, "optimizer steps")->capture_default_str()->check(at_least(0));
+  t->add_option("--warmup", o.warmup_steps, "linear warmup steps")->capture_default_str()->check(at_least(0));
+  t->add_option("--lr", o.lr, "peak learning rate")->capture_default_str()->check(above(0));
+  t->add_option("--min-lr-ratio", o.min_lr_ratio, "final lr as a fraction of --lr (cosine)")->capture_default_str()->check(between(0, 1));
+  t->add_option("--weight-decay", o.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str()->check(at_least(0));
+  t->add_option("--beta2", o.beta2, "AdamW beta2")->capture_default_str()->check(between(0, 1));
+  t->add_option("--grad-clip", o.grad_clip, "max global gradient norm (0 = off)")->capture_default_str()->check(at_least(0));
+  t->add_option("--eval-every", o.eval_every, "validate every N steps (0 = only at the end)")->capture_default_str()->check(at_least(0));
+  t->add_option("--eval-batches", o.eval_batches, "validation micro-batches")->capture_default_str()->check(at_least(1));
+  t->add_option("--checkpoint-every", o.checkpoint_every, "save the resumable state every N steps (0 = only at the end)")->capture_default_str()->check(at_least(0));
+  t->add_option("--seed", o.seed, "seed for initialisation and data order")->capture_default_str()->check(at_least(0));
   t->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   t->add_flag("--tf32", a->tf32, "let f32 GEMMs and attention on the GPU use TF32 tensor cores (faster, ~1e-3 relative error)");
   t->add_flag("--bf16", a->bf16,

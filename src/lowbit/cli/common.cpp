@@ -1,9 +1,17 @@
 #include "lowbit/cli/common.h"
 
-#include <cstdio>
-#include <filesystem>
+#include <unistd.h>
+
+#include <cerrno>
 #include <chrono>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <sstream>
 
 #include "lowbit/core/progress.h"
@@ -122,11 +130,190 @@ std::vector<int32_t> tokenize_file_cached(const std::string& text_path, const To
   return out;
 }
 
-void print_json(const nlohmann::json& j) {
-  std::string s = j.dump();
-  std::fwrite(s.data(), 1, s.size(), stdout);
-  std::fputc('\n', stdout);
-  std::fflush(stdout);
+void write_stdout(std::string_view s) {
+  errno = 0;
+  if (std::fwrite(s.data(), 1, s.size(), stdout) != s.size() || std::fflush(stdout) != 0)
+    throw_error("writing to standard output: ", errno ? std::strerror(errno) : "write failed");
 }
+
+void print_stdout(const char* fmt, ...) {
+  va_list ap, ap2;
+  va_start(ap, fmt);
+  va_copy(ap2, ap);
+  const int n = std::vsnprintf(nullptr, 0, fmt, ap);
+  va_end(ap);
+  std::string s(size_t(std::max(n, 0)), '\0');
+  if (n > 0) std::vsnprintf(s.data(), s.size() + 1, fmt, ap2);
+  va_end(ap2);
+  write_stdout(s);
+}
+
+void check_stdout() {
+  errno = 0;
+  std::cout.flush();
+  const bool bad = !std::cout || std::fflush(stdout) != 0 || std::ferror(stdout);
+  if (bad) throw_error("writing to standard output: ", errno ? std::strerror(errno) : "write failed");
+}
+
+void print_json(const nlohmann::json& j) { write_stdout(j.dump() + "\n"); }
+
+// ---- numeric flag ranges ------------------------------------------------------------------------
+
+namespace {
+// Parses a whole string as a finite number; "" on success, else the problem.
+std::string parse_finite(const std::string& in, double& v) {
+  const char* b = in.c_str();
+  char* end = nullptr;
+  errno = 0;
+  v = std::strtod(b, &end);
+  if (in.empty() || end == b || *end != '\0') return "'" + in + "' is not a number";
+  if (!std::isfinite(v) || errno == ERANGE) return "'" + in + "' is not a finite number";
+  return {};
+}
+
+std::string fmt_num(double x) {
+  std::ostringstream os;
+  os << x;
+  return os.str();
+}
+
+CLI::Validator range_validator(double lo, double hi, bool lo_open, std::string desc) {
+  return CLI::Validator(
+      [lo, hi, lo_open](std::string& in) -> std::string {
+        double v = 0;
+        if (std::string e = parse_finite(in, v); !e.empty()) return e;
+        const bool ok = (lo_open ? v > lo : v >= lo) && v <= hi;
+        if (ok) return {};
+        std::string want = std::isinf(hi) ? (lo_open ? "greater than " : "at least ") + fmt_num(lo)
+                                          : "between " + fmt_num(lo) + " and " + fmt_num(hi);
+        return "must be " + want + ", got " + in;
+      },
+      desc, "");
+}
+}  // namespace
+
+CLI::Validator at_least(double lo) {
+  return range_validator(lo, std::numeric_limits<double>::infinity(), false, "NUMBER>=" + fmt_num(lo));
+}
+CLI::Validator above(double lo) {
+  return range_validator(lo, std::numeric_limits<double>::infinity(), true, "NUMBER>" + fmt_num(lo));
+}
+CLI::Validator between(double lo, double hi) {
+  return range_validator(lo, hi, false, "NUMBER in [" + fmt_num(lo) + ", " + fmt_num(hi) + "]");
+}
+CLI::Validator finite() {
+  return range_validator(-std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity(), false,
+                         "");
+}
+
+CLI::Validator non_empty() {
+  return CLI::Validator([](std::string& in) -> std::string { return in.empty() ? "must not be empty" : ""; }, "", "");
+}
+
+// ---- output directories -------------------------------------------------------------------------
+
+OutputDir::OutputDir(std::string path, std::string flag) : path_(std::move(path)), flag_(std::move(flag)) {
+  if (path_.empty()) throw_error(flag_, ": empty path");
+  std::error_code ec;
+  const fs::path p(path_);
+  if (fs::exists(p, ec)) {
+    if (!fs::is_directory(p, ec)) throw_error(flag_, " ", path_, ": exists and is not a directory");
+    if (::access(path_.c_str(), W_OK | X_OK) != 0)
+      throw_error(flag_, " ", path_, ": directory is not writable (", std::strerror(errno), ")");
+    return;
+  }
+  // Find the topmost missing ancestor: that is what this object creates (and may remove).
+  fs::path top = fs::absolute(p, ec).lexically_normal();
+  if (top.has_filename() == false) top = top.parent_path();
+  for (fs::path q = top; !q.empty() && q != q.root_path(); q = q.parent_path()) {
+    if (fs::exists(q, ec)) {
+      if (!fs::is_directory(q, ec)) throw_error(flag_, " ", path_, ": ", q.string(), " is not a directory");
+      break;
+    }
+    top = q;
+  }
+  fs::create_directories(p, ec);
+  if (ec) throw_error(flag_, " ", path_, ": cannot create directory (", ec.message(), ")");
+  created_ = top.string();
+}
+
+OutputDir::~OutputDir() {
+  if (keep_ || created_.empty()) return;
+  std::error_code ec;
+  if (!keep_if_.empty() && fs::exists(keep_if_, ec)) return;
+  fs::remove_all(created_, ec);
+}
+
+void OutputDir::refuse_input(const std::string& input, const std::string& what) const {
+  std::error_code ec;
+  if (input.empty() || !fs::exists(input, ec)) return;
+  const fs::path in = fs::weakly_canonical(input, ec);
+  for (fs::path q = fs::weakly_canonical(path_, ec); !q.empty(); q = q.parent_path()) {
+    if (q == in) throw_error(flag_, " ", path_, " is ", what, " (or inside it); choose another directory");
+    if (q == q.root_path()) break;
+  }
+}
+
+// ---- tokenizer files travel with outputs --------------------------------------------------------
+
+int copy_tokenizer_files(const std::string& tokenizer, const std::string& model, const std::string& out_dir) {
+  std::error_code ec;
+  std::vector<std::pair<fs::path, std::string>> files;  // source, name in out_dir
+  auto add_file = [&](const fs::path& f) {
+    const std::string ext = f.extension().string();
+    std::string name = ext == ".json" ? "tokenizer.json" : ext == ".model" ? "tokenizer.model" : "";
+    if (name.empty()) {
+      std::ifstream in(f, std::ios::binary);
+      char c = 0;
+      while (in.get(c) && std::isspace(static_cast<unsigned char>(c))) {
+      }
+      name = c == '{' ? "tokenizer.json" : "tokenizer.bin";
+    }
+    files.emplace_back(f, name);
+  };
+  auto add_dir = [&](const fs::path& d) {
+    for (const char* n : {"tokenizer.json", "tokenizer.model", "tokenizer.bin", "tokenizer_config.json",
+                          "special_tokens_map.json", "chat_template.jinja"})
+      if (fs::is_regular_file(d / n, ec)) files.emplace_back(d / n, n);
+  };
+  if (!tokenizer.empty()) {
+    if (fs::is_directory(tokenizer, ec)) add_dir(tokenizer);
+    else if (fs::is_regular_file(tokenizer, ec)) add_file(tokenizer);
+  } else if (!model.empty() && fs::is_directory(model, ec)) {
+    add_dir(model);
+  }
+  int copied = 0;
+  for (const auto& [src, name] : files) {
+    const fs::path dst = fs::path(out_dir) / name;
+    if (fs::exists(dst, ec) && fs::equivalent(src, dst, ec)) continue;
+    const fs::path tmp = dst.string() + ".tmp";
+    fs::copy_file(src, tmp, fs::copy_options::overwrite_existing, ec);
+    if (!ec) fs::rename(tmp, dst, ec);
+    if (ec) {
+      fs::remove(tmp, ec);
+      throw_error(dst.string(), ": cannot copy the tokenizer file ", src.string(), " (", ec.message(), ")");
+    }
+    ++copied;
+  }
+  return copied;
+}
+
+// ---- default task directory ---------------------------------------------------------------------
+
+std::string default_task_dir() {
+  const std::string sub = "tasks/llm-foundry";
+  if (const char* s = std::getenv("LOWBIT_SHARED"); s && *s) return (fs::path(s) / sub).string();
+  // The executable lives in <repo>/<build>/lowbit (or <prefix>/bin/lowbit): look for a shared/
+  // folder beside each of its ancestors.
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec)
+    for (fs::path d = exe.parent_path(); !d.empty() && d != d.root_path(); d = d.parent_path()) {
+      const fs::path cand = d.parent_path() / "shared" / sub;
+      if (fs::is_directory(cand, ec)) return cand.string();
+    }
+  return (fs::path("../shared") / sub).string();
+}
+
 
 }  // namespace lowbit::cli

@@ -1,5 +1,16 @@
-// Pieces shared by the CLI commands: model and token-file loading, device selection, output.
+// Pieces shared by the CLI commands: model and token-file loading, device selection, output, and
+// the three pieces every command uses for user-facing robustness:
+//  * numeric flag ranges, declared beside each flag:  sub->add_option("--lr", o.lr, "...")->check(above(0));
+//    (NaN, inf and out-of-range values are rejected at parse time: "lowbit: error: --lr: ...");
+//  * OutputDir: creates an output directory and, unless keep() is called, removes what it created
+//    when the command fails (never a pre-existing directory or its contents);
+//  * write_stdout / print_json: stdout writes that throw lowbit::Error when the write fails
+//    (main() also checks stdout once more before exiting).
+// main() maps lowbit::Error, CLI11 parse errors and filesystem errors to "lowbit: error: ..." and
+// exit status 1; anything else is an internal error (status 2).
 #pragma once
+#include <CLI/CLI.hpp>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,7 +52,60 @@ std::vector<int32_t> read_token_file(const std::string& path);
 std::vector<int32_t> tokenize_file_cached(const std::string& text_path, const Tokenizer& tok, const std::string& tok_path,
                                          const std::string& cache_path);
 
-// Prints a JSON object on stdout (one line).
+// Prints a JSON object on stdout (one line); throws lowbit::Error when stdout cannot be written.
 void print_json(const nlohmann::json& j);
+
+// Writes `s` to stdout and flushes; throws lowbit::Error ("writing to standard output: ...") on failure.
+void write_stdout(std::string_view s);
+// printf-style write_stdout.
+[[gnu::format(printf, 1, 2)]] void print_stdout(const char* fmt, ...);
+// Flushes stdout and std::cout; throws lowbit::Error when either has failed (main() calls it last).
+void check_stdout();
+
+// ---- numeric flag ranges (CLI11 validators; also reject NaN, inf and non-numbers) -------------
+// at_least(0): x >= 0;  above(0): x > 0;  between(0, 1): 0 <= x <= 1;  finite(): any finite number.
+CLI::Validator at_least(double lo);
+CLI::Validator above(double lo);
+CLI::Validator between(double lo, double hi);
+CLI::Validator finite();
+// A string flag that must not be empty (--format "", --out "").
+CLI::Validator non_empty();
+
+// ---- output directories ------------------------------------------------------------------------
+// OutputDir out(path, "--out"): refuses a path that is an existing non-directory or an unwritable
+// directory (lowbit::Error naming the flag), creates it and any missing parents. If the command
+// fails (the object is destroyed without keep()), the directories it created are removed with
+// everything in them; a directory that already existed is left as it was. Call keep() once the
+// output is complete, and keep_if_exists(state_file) before a resumable run starts.
+class OutputDir {
+ public:
+  OutputDir(std::string path, std::string flag = "--out");
+  ~OutputDir();
+  OutputDir(const OutputDir&) = delete;
+  OutputDir& operator=(const OutputDir&) = delete;
+  // Throws when the output directory is (or is inside) `input`, e.g. refuse_input(model, "the input model").
+  void refuse_input(const std::string& input, const std::string& what) const;
+  void keep() { keep_ = true; }
+  // On failure, keep the directory after all when `file` exists then (a resumable run's state).
+  void keep_if_exists(std::string file) { keep_if_ = std::move(file); }
+  const std::string& path() const { return path_; }
+  bool existed() const { return created_.empty(); }
+
+ private:
+  std::string path_, flag_;
+  std::string created_;  // topmost directory this object created ("" if none)
+  std::string keep_if_;
+  bool keep_ = false;
+};
+
+// Copies the tokenizer files of a model directory (tokenizer.json / .model / .bin and their
+// config files) into `out_dir`, so outputs are usable without --tokenizer. `tokenizer` (a file or
+// directory given with --tokenizer) is preferred when set. Returns the number of files copied.
+int copy_tokenizer_files(const std::string& tokenizer, const std::string& model, const std::string& out_dir);
+
+// The llm-foundry task directory: $LOWBIT_SHARED/tasks/llm-foundry, else the shared/ folder next
+// to the repository that holds the executable (../shared from the repository root), else
+// ../shared relative to the current directory.
+std::string default_task_dir();
 
 }  // namespace lowbit::cli

@@ -1,5 +1,7 @@
 #include "lowbit/methods/pipeline.h"
 
+#include <nlohmann/json.hpp>
+
 #include <sys/resource.h>
 
 #include <chrono>
@@ -124,6 +126,18 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
       throw_error(state_path, ": saved state is for a different run (method, format, calibration data or options); "
                   "remove it or use another state directory");
     start = std::stoi(f.metadata().at("next_block"));
+    // The per-linear report of the blocks done before the restart, so the final report lists every block.
+    if (auto r = f.metadata().find("report"); r != f.metadata().end()) {
+      const auto j = nlohmann::json::parse(r->second, nullptr, false);
+      if (!j.is_array()) throw_error(state_path, ": 'report' metadata is not a JSON array");
+      try {
+        for (const auto& l : j)
+          rep.linears.push_back({l.at("name").get<std::string>(), l.at("rel_error").get<double>(),
+                                 l.at("bits_per_weight").get<double>(), l.at("params").get<int64_t>()});
+      } catch (const nlohmann::json::exception& e) {
+        throw_error(state_path, ": malformed 'report' metadata (", e.what(), ")");
+      }
+    }
     // Activations and rebuilt layers go where the model lives (the state file is on the host).
     const Device dev = model.block(0).attn_norm.value().device();
     X = f.load("inputs").to(dev);
@@ -182,7 +196,12 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
           }
         }
       }
-      save_safetensors(state_path, ts, {{"key", key}, {"next_block", std::to_string(i + 1)}});
+      nlohmann::json report = nlohmann::json::array();
+      for (const auto& l : rep.linears)
+        report.push_back({{"name", l.name}, {"rel_error", l.rel_error}, {"bits_per_weight", l.bits_per_weight},
+                          {"params", l.params}});
+      save_safetensors(state_path, ts,
+                       {{"key", key}, {"next_block", std::to_string(i + 1)}, {"report", report.dump()}});
     }
     bar.update(i + 1);
     if (o.stop_after_blocks > 0 && i + 1 - start >= o.stop_after_blocks && i + 1 < model.n_layers()) {

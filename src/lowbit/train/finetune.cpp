@@ -19,6 +19,7 @@ FinetuneResult finetune_quantized(const std::string& model_dir, FinetuneOptions 
   QuantizedCheckpoint q = load_quantized_model(model_dir);
   o.train.config = q.dense.config;
   const LlamaConfig& c = o.train.config;
+  check_training_inputs(o.train, train, val);
   if (o.train.seq_len > c.max_seq_len) throw_error("--seq-len ", o.train.seq_len, " exceeds the model's max_seq_len ", c.max_seq_len);
   for (const auto* s : {&train, &val})
     for (int32_t id : *s)

@@ -188,6 +188,24 @@ double validation_loss(const std::function<Var(const Tensor&)>& forward, const s
   return total / double(batches);
 }
 
+void check_training_inputs(const TrainOptions& o, const std::vector<int32_t>& train, const std::vector<int32_t>& val) {
+  if (o.batch_size < 1) throw_error("--batch must be at least 1, got ", o.batch_size);
+  if (o.seq_len < 1) throw_error("--seq-len must be at least 1, got ", o.seq_len);
+  if (o.grad_accum < 1) throw_error("--grad-accum must be at least 1, got ", o.grad_accum);
+  if (o.max_steps < 0) throw_error("--steps must be at least 0, got ", o.max_steps);
+  if (o.warmup_steps < 0) throw_error("--warmup must be at least 0, got ", o.warmup_steps);
+  if (o.eval_batches < 1) throw_error("--eval-batches must be at least 1, got ", o.eval_batches);
+  if (!std::isfinite(o.lr) || o.lr <= 0) throw_error("--lr must be a finite number greater than 0, got ", o.lr);
+  // A window is seq_len + 1 tokens (inputs and shifted targets) drawn from [0, n - seq_len - 1).
+  const auto need = o.seq_len + 2;
+  if (int64_t(train.size()) < need)
+    throw_error("training data has ", train.size(), " tokens: at least ", need, " are needed for --seq-len ", o.seq_len,
+                " (give more data or a smaller --seq-len)");
+  if (!val.empty() && int64_t(val.size()) < need)
+    throw_error("validation data has ", val.size(), " tokens: at least ", need, " are needed for --seq-len ", o.seq_len,
+                " (give more data or a smaller --seq-len)");
+}
+
 namespace {
 // The training loop; with `mixed`, forward passes run on its bf16 copies and their gradients are
 // collected into the f32 masters (`params`) after each backward.
@@ -195,6 +213,7 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
                               const std::vector<int32_t>& train, const std::vector<int32_t>& val,
                               const std::function<void(const TrainRecord&)>& on_step, MixedPrecisionModel* mixed) {
   if (params.empty()) throw_error("training: no trainable parameters");
+  check_training_inputs(o, train, val);
   fs::create_directories(o.out_dir);
   const std::string state_path = (fs::path(o.out_dir) / "state.safetensors").string();
   const std::string log_path = (fs::path(o.out_dir) / "log.jsonl").string();
@@ -285,6 +304,9 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
     }
   }
   bar.finish();
+  // A run resumed at its last step (or with --steps 0) still reports the model's validation loss.
+  if (result.final_val_loss < 0 && !val.empty())
+    result.final_val_loss = validation_loss(forward, val, o.seq_len, o.batch_size, o.eval_batches);
   result.steps_done = step;
   result.complete = true;
   return result;
@@ -305,7 +327,7 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
     throw_error("--bf16 needs --device cuda: bf16 activations and matmuls exist only in the CUDA backend "
                 "(the CPU kernels compute in f32/f64)");
   if (o.seq_len > o.config.max_seq_len) throw_error("--seq-len ", o.seq_len, " exceeds the model's max_seq_len ", o.config.max_seq_len);
-  if (int64_t(train.size()) < o.seq_len + 2) throw_error("training stream has ", train.size(), " tokens: too short for --seq-len ", o.seq_len);
+  check_training_inputs(o, train, val);
   for (const auto* s : {&train, &val})
     for (int32_t id : *s)
       if (id < 0 || id >= o.config.vocab_size)

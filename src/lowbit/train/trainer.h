@@ -54,6 +54,12 @@ struct TrainResult {
   double train_seconds = 0;  // sum of this run's step times (forward, backward, update; no validation)
 };
 
+// Throws lowbit::Error naming the flag when the options or the data cannot make a run: batch,
+// seq_len, grad_accum, eval_batches < 1, negative steps, a non-positive or non-finite lr, or a train
+// (or non-empty validation) stream shorter than one window of seq_len + 1 tokens.
+void check_training_inputs(const TrainOptions& options, const std::vector<int32_t>& train_stream,
+                           const std::vector<int32_t>& val_stream);
+
 TrainResult train_model(const TrainOptions& options, const std::vector<int32_t>& train_stream,
                         const std::vector<int32_t>& val_stream,
                         const std::function<void(const TrainRecord&)>& on_step = nullptr);

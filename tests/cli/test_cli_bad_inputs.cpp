@@ -1,0 +1,372 @@
+// Every lowbit command against a catalogue of bad inputs: missing, empty, truncated and random
+// files, files of the wrong type, out-of-range numbers, NaN/inf, unwritable outputs and outputs
+// that are existing files (an unwritable directory only when not running as root; /proc/lowbit-no/...
+// is uncreatable for everyone). Each row must end with exit status 1, a "lowbit: error:" line naming
+// the problem, no "internal error", and no output left behind.
+//
+// One row per (command, bad input). A new command joins by adding rows to kRows; the test
+// instantiates one case per command found in the table. Rows marked kModel need the stories260K
+// model from ../shared ($LOWBIT_SHARED) and are skipped (with a message) when it is absent.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/test_util.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+enum Needs { kNone = 0, kModel = 1, kQuantized = 2 | kModel, kNotRoot = 4 };
+
+struct Row {
+  const char* command;  // first word(s) of the command line: groups rows into test cases
+  const char* what;     // the bad input, for failure messages
+  const char* args;     // placeholders: {M} model copy, {T} tokenizer, {I} good tokens, {Q} quantized
+                        // model dir, {D} fixture dir (empty, random.bin, trunc.bin, text.txt, odd.i32,
+                        // few.i32, file, ro/), {O} this row's output path (must not exist afterwards)
+  const char* want;     // must appear in stderr after "lowbit: error: "
+  int needs = kNone;
+};
+
+// clang-format off
+const Row kRows[] = {
+  // --- lowbit itself
+  {"lowbit", "unknown command", "bogus", "unknown command 'bogus'"},
+  {"lowbit", "no command", "", "no command given"},
+  {"lowbit", "unknown flag", "--bogus", "--bogus"},
+  // --- convert
+  {"convert", "missing input", "convert --from {D}/missing.bin --to {O}.gguf", "missing.bin: no such file"},
+  {"convert", "empty input", "convert --from {D}/empty --to {O}.gguf", "empty: unrecognised checkpoint format"},
+  {"convert", "truncated input", "convert --from {D}/trunc.bin --to {O}.gguf", "trunc.bin: file is 100 bytes"},
+  {"convert", "random input", "convert --from {D}/random.bin --to {O}.gguf", "random.bin: config field", kNone},
+  {"convert", "text file as model", "convert --from {D}/text.txt --to {O}.gguf", "text.txt: unrecognised checkpoint format"},
+  {"convert", "output = input", "convert --from {M} --to {M}", "refusing to overwrite the input", kModel},
+  {"convert", "output dir = existing file", "convert --from {M} --to {D}/file", "exists and is not a directory", kModel},
+  {"convert", "output under a file", "convert --from {M} --to {D}/file/x", "cannot create directory", kModel},
+  {"convert", "uncreatable output", "convert --from {M} --to /proc/lowbit-no/out", "/proc/lowbit-no/out", kModel},
+  {"convert", "bad dtype", "convert --from {M} --to {O} --dtype q4", "--dtype", kModel},
+  // --- eval ppl
+  {"eval ppl", "missing model", "eval ppl -m {D}/missing.bin --tokens {I}", "missing.bin: no such file"},
+  {"eval ppl", "random model", "eval ppl -m {D}/random.bin --tokens {I}", "random.bin"},
+  {"eval ppl", "empty token file", "eval ppl -m {M} --tokens {D}/empty", "token stream (0 tokens)", kModel},
+  {"eval ppl", "odd-sized token file", "eval ppl -m {M} --tokens {D}/odd.i32", "not a whole number of int32", kModel},
+  {"eval ppl", "too few tokens", "eval ppl -m {M} --tokens {D}/few.i32", "shorter than one window", kModel},
+  {"eval ppl", "missing text", "eval ppl -m {M} --tokenizer {T} --text {D}/missing.txt", "missing.txt: cannot open", kModel},
+  {"eval ppl", "text and tokens", "eval ppl -m {M} --text {D}/text.txt --tokens {I}", "exactly one of --text", kModel},
+  {"eval ppl", "ctx 1", "eval ppl -m {M} --tokens {I} --ctx 1", "--ctx: must be at least 2"},
+  {"eval ppl", "batch 0", "eval ppl -m {M} --tokens {I} --batch 0", "--batch: must be at least 1"},
+  {"eval ppl", "batch -1", "eval ppl -m {M} --tokens {I} --batch -1", "--batch: must be at least 1"},
+  {"eval ppl", "batch not a number", "eval ppl -m {M} --tokens {I} --batch abc", "--batch: 'abc' is not a number"},
+  {"eval ppl", "max-windows -1", "eval ppl -m {M} --tokens {I} --max-windows -1", "--max-windows: must be at least 0"},
+  {"eval ppl", "unknown device", "eval ppl -m {M} --tokens {I} --device tpu", "unknown device 'tpu'"},
+  // --- eval tasks
+  {"eval tasks", "missing model", "eval tasks -m {D}/missing.bin --tokenizer {T}", "missing.bin: no such file"},
+  {"eval tasks", "empty task list", "eval tasks -m {M} --tokenizer {T} --tasks ''", "--tasks: must not be empty"},
+  {"eval tasks", "missing task", "eval tasks -m {M} --tokenizer {T} --tasks nope --data-dir {D}", "nope.jsonl: cannot open", kModel},
+  {"eval tasks", "text file as task", "eval tasks -m {M} --tokenizer {T} --tasks {D}/text.txt", "text.txt:1: not a JSON object", kModel},
+  {"eval tasks", "limit -1", "eval tasks -m {M} --tokenizer {T} --limit -1", "--limit: must be at least 0"},
+  {"eval tasks", "random tokenizer", "eval tasks -m {M} --tokenizer {D}/random.bin --tasks x --data-dir {D}", "random.bin", kModel},
+  // --- generate
+  {"generate", "missing model", "generate -m {D}/missing.bin --tokenizer {T}", "missing.bin: no such file"},
+  {"generate", "truncated model", "generate -m {D}/trunc.bin --tokenizer {T}", "trunc.bin"},
+  {"generate", "no tokenizer", "generate -m {M}", "no tokenizer", kModel},
+  {"generate", "random tokenizer", "generate -m {M} --tokenizer {D}/random.bin", "random.bin", kModel},
+  {"generate", "empty tokenizer", "generate -m {M} --tokenizer {D}/empty", "empty: unknown tokenizer format", kModel},
+  {"generate", "model as tokenizer", "generate -m {M} --tokenizer {M}", "[tokenizer]", kModel},
+  {"generate", "temperature nan", "generate -m {M} --tokenizer {T} --temperature nan", "--temperature: 'nan' is not a finite number"},
+  {"generate", "temperature inf", "generate -m {M} --tokenizer {T} -t inf", "--temperature: 'inf' is not a finite number"},
+  {"generate", "temperature -1", "generate -m {M} --tokenizer {T} -t -1", "--temperature: must be at least 0"},
+  {"generate", "top-p 2", "generate -m {M} --tokenizer {T} --top-p 2", "--top-p: must be between 0 and 1"},
+  {"generate", "steps 0", "generate -m {M} --tokenizer {T} -n 0", "--steps: must be at least 1"},
+  {"generate", "stdout full", "generate -m {M} --tokenizer {T} -n 8 > /dev/full", "writing to standard output", kModel},
+  // --- tokenize
+  {"tokenize", "missing tokenizer", "tokenize -t {D}/missing < /dev/null", "missing: no such file"},
+  {"tokenize", "empty tokenizer", "tokenize -t {D}/empty < /dev/null", "empty: unknown tokenizer format"},
+  {"tokenize", "random tokenizer", "tokenize -t {D}/random.bin < /dev/null", "random.bin: not a llama2.c tokenizer"},
+  {"tokenize", "text file as tokenizer", "tokenize -t {D}/text.txt < /dev/null", "text.txt: unknown tokenizer format"},
+  {"tokenize", "bad id on stdin", "tokenize -t {T} --decode < {D}/text.txt", "stdin line 1", kModel},
+  {"tokenize", "stdout full", "tokenize -t {T} < {D}/text.txt > /dev/full", "writing to standard output", kModel},
+  // --- quantize
+  {"quantize", "missing model", "quantize -m {D}/missing.bin --method rtn -o {O}", "missing.bin: no such file"},
+  {"quantize", "random model", "quantize -m {D}/random.bin --method rtn -o {O}", "random.bin"},
+  {"quantize", "truncated model", "quantize -m {D}/trunc.bin --method rtn -o {O}", "trunc.bin"},
+  {"quantize", "empty format", "quantize -m {M} --format '' -o {O}", "--format: must not be empty"},
+  {"quantize", "unknown format", "quantize -m {M} --method rtn --format int9 -o {O}", "unknown quantization format 'int9'", kModel},
+  {"quantize", "unknown method", "quantize -m {M} --method bogus --calib-tokens {I} -o {O}", "unknown --method 'bogus'", kModel},
+  {"quantize", "no calibration", "quantize -m {M} --method gptq -o {O}", "needs calibration data", kModel},
+  {"quantize", "empty calibration", "quantize -m {M} --calib-tokens {D}/empty -o {O}", "calibration data holds no tokens", kModel},
+  {"quantize", "odd calibration", "quantize -m {M} --calib-tokens {D}/odd.i32 -o {O}", "not a whole number of int32", kModel},
+  {"quantize", "too little calibration", "quantize -m {M} --calib-tokens {D}/few.i32 -o {O}", "fewer than one window", kModel},
+  {"quantize", "calib and calib-tokens", "quantize -m {M} --calib {D}/text.txt --calib-tokens {I} -o {O}", "not both"},
+  {"quantize", "nsamples 0", "quantize -m {M} --nsamples 0 -o {O}", "--nsamples: must be at least 1"},
+  {"quantize", "seqlen 1", "quantize -m {M} --seqlen 1 -o {O}", "--seqlen: must be at least 2"},
+  {"quantize", "batch 0", "quantize -m {M} --batch 0 -o {O}", "--batch: must be at least 1"},
+  {"quantize", "percdamp nan", "quantize -m {M} --percdamp nan -o {O}", "--percdamp: 'nan' is not a finite number"},
+  {"quantize", "epochs -1", "quantize -m {M} --method apiq --epochs -1 -o {O}", "--epochs: must be at least 0"},
+  {"quantize", "rank -1", "quantize -m {M} --method apiq --rank -1 -o {O}", "--rank: must be at least 0"},
+  {"quantize", "out = existing file", "quantize -m {M} --method rtn -o {D}/file", "exists and is not a directory", kModel},
+  {"quantize", "out under a file", "quantize -m {M} --method rtn -o {D}/file/sub", "is not a directory", kModel},
+  {"quantize", "unwritable out", "quantize -m {M} --method rtn -o {D}/ro/sub", "cannot create directory", kModel | kNotRoot},
+  {"quantize", "uncreatable out", "quantize -m {M} --method rtn -o /proc/lowbit-no/out", "cannot create directory", kModel},
+  {"quantize", "re-quantize", "quantize -m {Q} --method rtn -o {O}", "already a lowbit quantized model", kQuantized},
+  // --- finetune
+  {"finetune", "missing model", "finetune -m {D}/missing --out {O} --train-tokens {I}", "not a lowbit quantized model"},
+  {"finetune", "dense model", "finetune -m {M} --out {O} --train-tokens {I}", "not a lowbit quantized model", kModel},
+  {"finetune", "no training data", "finetune -m {Q} --out {O}", "give --train TEXT or --train-tokens", kQuantized},
+  {"finetune", "empty training data", "finetune -m {Q} --out {O} --train-tokens {D}/empty", "training data has 0 tokens", kQuantized},
+  {"finetune", "too few training tokens", "finetune -m {Q} --out {O} --train-tokens {D}/few.i32", "training data has 10 tokens", kQuantized},
+  {"finetune", "too few training tokens, seq-len 8", "finetune -m {Q} --out {O} --train-tokens {D}/few.i32 --seq-len 9", "training data has 10 tokens", kQuantized},
+  {"finetune", "too few validation tokens", "finetune -m {Q} --out {O} --train-tokens {I} --valid-tokens {D}/few.i32", "validation data has 10 tokens", kQuantized},
+  {"finetune", "odd training data", "finetune -m {Q} --out {O} --train-tokens {D}/odd.i32", "not a whole number of int32", kQuantized},
+  {"finetune", "missing training text", "finetune -m {Q} --out {O} --tokenizer {T} --train {D}/missing.txt", "missing.txt", kQuantized},
+  {"finetune", "seq-len past the model", "finetune -m {Q} --out {O} --train-tokens {I} --seq-len 100000", "--seq-len 100000", kQuantized},
+  {"finetune", "out = model", "finetune -m {Q} --out {Q} --train-tokens {I}", "is the input model", kQuantized},
+  {"finetune", "out = existing file", "finetune -m {Q} --out {D}/file --train-tokens {I}", "exists and is not a directory", kQuantized},
+  {"finetune", "uncreatable out", "finetune -m {Q} --out /proc/lowbit-no/out --train-tokens {I}", "cannot create directory", kQuantized},
+  {"finetune", "lr -1", "finetune -m {Q} --out {O} --train-tokens {I} --lr -1", "--lr: must be greater than 0"},
+  {"finetune", "lr nan", "finetune -m {Q} --out {O} --train-tokens {I} --lr nan", "--lr: 'nan' is not a finite number"},
+  {"finetune", "steps -3", "finetune -m {Q} --out {O} --train-tokens {I} --steps -3", "--steps: must be at least 0"},
+  {"finetune", "batch 0", "finetune -m {Q} --out {O} --train-tokens {I} --batch 0", "--batch: must be at least 1"},
+  {"finetune", "seq-len 0", "finetune -m {Q} --out {O} --train-tokens {I} --seq-len 0", "--seq-len: must be at least 1"},
+  {"finetune", "rank 0", "finetune -m {Q} --out {O} --train-tokens {I} --rank 0", "--rank: must be at least 1"},
+  // --- train (a tiny architecture: the rows fail before any step)
+  {"train", "no training data", "train --out {O} --vocab 512", "give --train TEXT"},
+  {"train", "empty training data", "train --out {O} --vocab 512 --train-tokens {D}/empty", "training data has 0 tokens"},
+  {"train", "too few training tokens", "train --out {O} --vocab 512 --train-tokens {D}/few.i32", "training data has 10 tokens"},
+  {"train", "too few training tokens, seq-len 8", "train --out {O} --vocab 512 --seq-len 9 --train-tokens {D}/few.i32", "training data has 10 tokens"},
+  {"train", "odd training data", "train --out {O} --vocab 512 --train-tokens {D}/odd.i32", "not a whole number of int32"},
+  {"train", "random config", "train --out {O} --config {D}/random.bin --train-tokens {I}", "random.bin: not valid JSON", kModel},
+  {"train", "random tokenizer", "train --out {O} --tokenizer {D}/random.bin --train-tokens {I}", "random.bin", kModel},
+  {"train", "bad architecture", "train --out {O} --vocab 512 --dim 15 --heads 2 --train-tokens {I}", "does not divide", kModel},
+  {"train", "out = existing file", "train --out {D}/file --vocab 512 --train-tokens {I}", "exists and is not a directory", kModel},
+  {"train", "unwritable out", "train --out {D}/ro/sub --vocab 512 --train-tokens {I}", "cannot create directory", kModel | kNotRoot},
+  {"train", "uncreatable out", "train --out /proc/lowbit-no/out --vocab 512 --train-tokens {I}", "cannot create directory", kModel},
+  {"train", "steps -3", "train --out {O} --vocab 512 --train-tokens {I} --steps -3", "--steps: must be at least 0"},
+  {"train", "lr -1", "train --out {O} --vocab 512 --train-tokens {I} --lr -1", "--lr: must be greater than 0"},
+  {"train", "lr inf", "train --out {O} --vocab 512 --train-tokens {I} --lr inf", "--lr: 'inf' is not a finite number"},
+  {"train", "batch 0", "train --out {O} --vocab 512 --train-tokens {I} --batch 0", "--batch: must be at least 1"},
+  {"train", "seq-len 0", "train --out {O} --vocab 512 --train-tokens {I} --seq-len 0", "--seq-len: must be at least 1"},
+  {"train", "dim 0", "train --out {O} --vocab 512 --train-tokens {I} --dim 0", "--dim: must be at least 1"},
+  {"train", "beta2 2", "train --out {O} --vocab 512 --train-tokens {I} --beta2 2", "--beta2: must be between 0 and 1"},
+};
+// clang-format on
+
+struct Result {
+  int status = -1;
+  std::string err;
+};
+
+// Runs `lowbit <args>` through the shell (rows may redirect stdin/stdout); stdout is discarded
+// unless the row redirects it.
+Result run(const std::string& args, const fs::path& err_file) {
+  std::string cmd = lowbit::test::cli_path() + " " + args;
+  if (args.find('>') == std::string::npos) cmd += " > /dev/null";
+  cmd += " 2> " + err_file.string();
+  Result r;
+  const int st = std::system(cmd.c_str());
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+  std::ifstream f(err_file);
+  r.err.assign(std::istreambuf_iterator<char>(f), {});
+  return r;
+}
+
+std::string replace_all(std::string s, const std::string& from, const std::string& to) {
+  for (size_t p = 0; (p = s.find(from, p)) != std::string::npos; p += to.size()) s.replace(p, from.size(), to);
+  return s;
+}
+
+void write_file(const fs::path& p, const std::string& bytes) {
+  std::ofstream(p, std::ios::binary) << bytes;
+}
+
+std::string read_bytes(const fs::path& p, size_t n) {
+  std::ifstream f(p, std::ios::binary);
+  std::string s(n, '\0');
+  f.read(s.data(), std::streamsize(n));
+  s.resize(size_t(f.gcount()));
+  return s;
+}
+
+// The fixture files of every row, made once per test process.
+struct Fixture {
+  fs::path dir, model, tokenizer, tokens, quantized;
+  bool have_model = false, have_quantized = false, tried_quantize = false;
+
+  Fixture() {
+    dir = lowbit::test::temp_dir("cli-bad-inputs");
+    write_file(dir / "empty", "");
+    std::mt19937 rng(7);
+    std::string random(1000, '\0');
+    for (auto& c : random) c = char(rng());
+    write_file(dir / "random.bin", random);
+    write_file(dir / "text.txt", "Once upon a time\n");
+    write_file(dir / "file", "an existing file\n");
+    fs::create_directories(dir / "ro");
+    ::chmod((dir / "ro").c_str(), 0555);
+    const std::string m = lowbit::test::shared_file("models/stories260K/stories260K.bin");
+    const std::string t = lowbit::test::shared_file("models/stories260K/tok512.bin");
+    const std::string i = lowbit::test::shared_file("models/stories260K/sample-tokens.i32");
+    // A llama2.c header (7 int32) followed by a little of the weights.
+    write_file(dir / "trunc.bin", m.empty() ? std::string("\x40\0\0\0\xac\0\0\0\x05\0\0\0\x08\0\0\0\x04\0\0\0\0\x02\0\0\0\x02\0\0", 28) + std::string(72, '\1')
+                                            : read_bytes(m, 100));
+    std::string ids;
+    for (int32_t id = 1; id <= 10; ++id) ids.append(reinterpret_cast<const char*>(&id), 4);
+    write_file(dir / "few.i32", ids);
+    write_file(dir / "odd.i32", ids.substr(0, 5));
+    // Placeholders of rows that do not need the model still name plausible paths.
+    model = dir / "model.bin";
+    tokenizer = dir / "tok.bin";
+    tokens = dir / "tokens.i32";
+    quantized = dir / "quantized";
+    if (m.empty() || t.empty() || i.empty()) return;
+    // A copy: the "output = input" rows must never be able to touch ../shared.
+    fs::copy_file(m, model);
+    tokenizer = t;
+    tokens = i;
+    have_model = true;
+  }
+  // The quantized model, made on first use (only the quantize/finetune rows need it).
+  bool quantized_ready() {
+    if (!have_model) return false;
+    if (!tried_quantize) {
+      tried_quantize = true;
+      const Result q = run("-q quantize -m " + model.string() + " --method rtn --format int4g32 -o " + quantized.string(),
+                           dir / "quantize.err");
+      have_quantized = q.status == 0;
+      EXPECT_EQ(q.status, 0) << "fixture: quantizing stories260K failed:\n" << q.err;
+    }
+    return have_quantized;
+  }
+  ~Fixture() {
+    ::chmod((dir / "ro").c_str(), 0755);
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  }
+};
+
+Fixture& fixture() {
+  static Fixture f;
+  return f;
+}
+
+std::vector<std::string> commands() {
+  std::vector<std::string> v;
+  std::set<std::string> seen;
+  for (const Row& r : kRows)
+    if (seen.insert(r.command).second) v.push_back(r.command);
+  return v;
+}
+
+class CliBadInput : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CliBadInput, FailsCleanlyWithStatusOne) {
+  if (!fs::exists(lowbit::test::cli_path())) GTEST_SKIP() << "no " << lowbit::test::cli_path();
+  Fixture& fx = fixture();
+  int ran = 0, skipped = 0;
+  int n = 0;
+  for (const Row& row : kRows) {
+    if (GetParam() != row.command) continue;
+    ++n;
+    if (((row.needs & kModel) && !fx.have_model) || ((row.needs & kQuantized) == kQuantized && !fx.quantized_ready()) ||
+        ((row.needs & kNotRoot) && ::geteuid() == 0)) {
+      ++skipped;
+      continue;
+    }
+    const fs::path out = fx.dir / ("out-" + std::string(row.command) + "-" + std::to_string(n));
+    std::string args = row.args;
+    for (const auto& [k, v] : {std::pair<std::string, std::string>{"{M}", fx.model.string()},
+                               {"{T}", fx.tokenizer.string()},
+                               {"{I}", fx.tokens.string()},
+                               {"{Q}", fx.quantized.string()},
+                               {"{D}", fx.dir.string()},
+                               {"{O}", replace_all(out.string(), " ", "_")}})
+      args = replace_all(args, k, v);
+    const std::string file_before = read_bytes(fx.dir / "file", 1 << 10);
+    const Result r = run(args, fx.dir / "row.err");
+    SCOPED_TRACE(std::string(row.command) + " / " + row.what + ": lowbit " + args + "\nstderr:\n" + r.err);
+    ++ran;
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(r.err.find("lowbit: error: "), std::string::npos);
+    EXPECT_NE(r.err.find(row.want), std::string::npos) << "wanted: " << row.want;
+    EXPECT_EQ(r.err.find("internal error"), std::string::npos);
+    // Nothing left behind: the row's output (and its temporary or alternative-format names).
+    const std::string o = replace_all(out.string(), " ", "_");
+    for (const std::string& p : {o, o + ".gguf", o + ".gguf.tmp", o + ".tmp"})
+      EXPECT_FALSE(fs::exists(p)) << "left behind: " << p;
+    EXPECT_FALSE(fs::exists(fx.dir / "ro" / "sub"));
+    EXPECT_FALSE(fs::exists(fx.dir / "file.tmp"));
+    EXPECT_EQ(read_bytes(fx.dir / "file", 1 << 10), file_before) << "an existing file was modified";
+  }
+  if (fx.have_model) {  // the inputs the rows pointed at are untouched
+    EXPECT_TRUE(fs::is_regular_file(fx.model));
+    if (fx.have_quantized) {
+      EXPECT_TRUE(fs::exists(fx.quantized / "model.safetensors"));
+    }
+  }
+  if (skipped) std::printf("%s: %d rows ran, %d skipped (stories260K absent, or running as root)\n", GetParam().c_str(), ran, skipped);
+}
+
+std::string test_name(const ::testing::TestParamInfo<std::string>& info) {
+  std::string s = info.param;
+  for (char& c : s)
+    if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+  return s;
+}
+
+INSTANTIATE_TEST_SUITE_P(Commands, CliBadInput, ::testing::ValuesIn(commands()), test_name);
+
+// Where a run succeeds, it makes no noise either: -q works after the command, a full stdout is
+// an error, and a validation-free finetune prints "no validation data" instead of a number.
+TEST(CliBehaviour, QuietAfterCommandAndNoInventedNumbers) {
+  if (!fs::exists(lowbit::test::cli_path())) GTEST_SKIP() << "no " << lowbit::test::cli_path();
+  Fixture& fx = fixture();
+  if (!fx.have_model) GTEST_SKIP() << "stories260K not found under " << lowbit::test::shared_root();
+  const Result q = run("tokenize -t " + fx.tokenizer.string() + " -q < " + (fx.dir / "text.txt").string(), fx.dir / "q.err");
+  EXPECT_EQ(q.status, 0) << q.err;
+  // The quantized fixture carries its source's tokenizer? It was made without one (a .bin model
+  // file has none); a quantize with --tokenizer copies it along.
+  const fs::path qt = fx.dir / "quantized-tok";
+  const Result r = run("-q quantize -m " + fx.model.string() + " --method rtn --format int4g32 --tokenizer " +
+                           fx.tokenizer.string() + " -o " + qt.string(),
+                       fx.dir / "qt.err");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_TRUE(fs::is_regular_file(qt / "tokenizer.bin"));
+  // generate finds it without --tokenizer.
+  const Result g = run("generate -q -m " + qt.string() + " -n 8", fx.dir / "g.err");
+  EXPECT_EQ(g.status, 0) << g.err;
+  // finetune with no validation data: JSON null, never a sentinel.
+  const fs::path ft = fx.dir / "ft";
+  const fs::path json = fx.dir / "ft.json";
+  const Result f = run("finetune -q -m " + qt.string() + " --out " + ft.string() + " --train-tokens " + fx.tokens.string() +
+                           " --steps 2 --batch 2 --seq-len 16 --eval-every 0 --json > " + json.string(),
+                       fx.dir / "ft.err");
+  ASSERT_EQ(f.status, 0) << f.err;
+  std::ifstream in(json);
+  std::string line;
+  std::getline(in, line);
+  EXPECT_NE(line.find("\"val_loss_after\":null"), std::string::npos) << line;
+  EXPECT_EQ(line.find("-1.0"), std::string::npos) << line;
+  EXPECT_TRUE(fs::is_regular_file(ft / "model" / "tokenizer.bin"));
+  // ApiQ's default rank respects the format's bit budget: rank 1 on this 64-wide model at int2g64.
+  const fs::path aq = fx.dir / "apiq";
+  const fs::path aj = fx.dir / "apiq.json";
+  const Result a = run("-q quantize -m " + fx.model.string() + " --method apiq --epochs 0 --nsamples 2 --seqlen 32 " +
+                           "--calib-tokens " + fx.tokens.string() + " -o " + aq.string() + " --json > " + aj.string(),
+                       fx.dir / "apiq.err");
+  ASSERT_EQ(a.status, 0) << a.err;
+  std::ifstream ain(aj);
+  std::getline(ain, line);
+  EXPECT_NE(line.find("\"rank\":1,"), std::string::npos) << line;
+}
+
+}  // namespace
