@@ -63,6 +63,7 @@ void register_generate(CLI::App& app) {
   g->add_flag("--ignore-eos", a->ignore_eos, "do not stop at EOS (llama2.c run.c stops only at BOS)");
   g->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   g->add_flag("--json", a->json, "print one JSON object instead of streaming text");
+  add_threads_option(g);
   g->callback([a] { run_generate(*a); });
 }
 

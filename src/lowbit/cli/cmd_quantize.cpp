@@ -332,6 +332,7 @@ void register_quantize(CLI::App& app) {
   q->add_option("-o,--out", a->out, "output directory (config.json + model.safetensors)")->required();
   q->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   q->add_flag("--json", a->json, "print the report as JSON");
+  add_threads_option(q);
   q->callback([a, q] {
     apply_sapr_recipe(*a, *q);
     run_quantize(*a);

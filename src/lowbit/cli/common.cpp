@@ -1,15 +1,25 @@
 #include "lowbit/cli/common.h"
 
+#include <CLI/CLI.hpp>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
-#include <chrono>
 #include <fstream>
 #include <sstream>
 
+#include "lowbit/core/threads.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/ops/device_init.h"
 
 namespace lowbit::cli {
+
+void add_threads_option(CLI::App* app) {
+  app->add_option_function<int>(
+         "--threads", [](const int& n) { set_num_threads(n); },
+         "CPU threads for the model's computation (default: physical cores, " + std::to_string(default_num_threads()) +
+             ")")
+      ->check(CLI::Range(1, 1024));
+}
 
 namespace fs = std::filesystem;
 

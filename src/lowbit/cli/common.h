@@ -10,7 +10,15 @@
 #include "lowbit/model/llama.h"
 #include "lowbit/tokenizer/tokenizer.h"
 
+namespace CLI {
+class App;
+}
+
 namespace lowbit::cli {
+
+// Adds --threads N to a command that runs the model: lowbit's thread pool (core/threads.h) gets N
+// threads when the option is parsed; the default is the number of physical cores.
+void add_threads_option(CLI::App* app);
 
 // Parses "cpu" / "cuda"; "cuda" initialises the GPU or fails with a clear message.
 Device parse_device(const std::string& name);
