@@ -133,6 +133,28 @@ TEST(OpsReference, AttentionTilesMatchDenseSoftmaxF32) {
   }
 }
 
+// f32 activations times f16/bf16 weights (the CPU's 16-bit weight path) equal the f32 product
+// of the widened weights, for both layouts of b and several panel counts.
+TEST(OpsReference, GemmWithSixteenBitWeights) {
+  for (DType dt : {DType::F16, DType::BF16})
+    for (bool tb : {true, false})
+      for (auto [M, N, K] : {std::array<int64_t, 3>{5, 7, 3}, {33, 600, 40}, {1, 1000, 300}}) {
+        Tensor a = rnd({M, K}, 21), b16 = rnd(tb ? Shape{N, K} : Shape{K, N}, 22).to(dt);
+        Tensor b32 = b16.to(DType::F32), c16 = rnd({M, N}, 23), c32 = c16.clone();
+        ops::gemm(a, false, b16, tb, c16, 0.5, 1.0);
+        ops::gemm(a, false, b32, tb, c32, 0.5, 1.0);
+        EXPECT_LT(max_abs_diff(c16, c32), 1e-4) << dtype_name(dt) << " tb " << tb << " " << M << "x" << N << "x" << K;
+        // Batched a ([2, M, K]) against the same 2-D weight.
+        Tensor a3 = rnd({2, M, K}, 24), y16 = Tensor::empty({2, M, N}), y32 = Tensor::empty({2, M, N});
+        ops::gemm(a3, false, b16, tb, y16);
+        ops::gemm(a3, false, b32, tb, y32);
+        EXPECT_LT(max_abs_diff(y16, y32), 1e-4);
+      }
+  // A transposed a, or an f16 a, is refused with a message.
+  Tensor w = rnd({4, 3}, 25).to(DType::F16), x = rnd({3, 2}, 26), y = Tensor::empty({2, 4});
+  EXPECT_THROW(ops::gemm(x, true, w, true, y), Error);
+}
+
 TEST(OpsReference, LossesMatchFormulas) {
   Tensor z = Tensor::from_vector(std::vector<float>{1, 2, 3, 0, 0, 0}, {2, 3});
   Tensor t = Tensor::from_vector(std::vector<int32_t>{2, 0}, {2});

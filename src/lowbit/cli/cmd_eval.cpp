@@ -24,6 +24,7 @@ void run_ppl(const PplArgs& a) {
   if (a.text.empty() == a.tokens.empty()) throw_error("eval ppl: give exactly one of --text FILE or --tokens FILE");
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev);
+  compact_for_inference(m, dev);
   std::vector<int32_t> stream;
   int bos = -1;
   std::unique_ptr<Tokenizer> tok;
@@ -83,6 +84,7 @@ struct TaskArgs {
 void run_tasks(const TaskArgs& a) {
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev);
+  compact_for_inference(m, dev);
   auto tok = open_tokenizer(a.tokenizer, a.model);
   std::string dir = a.data_dir;
   if (dir.empty()) {

@@ -19,6 +19,7 @@ struct GenArgs {
 void run_generate(const GenArgs& a) {
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev);
+  compact_for_inference(m, dev);
   auto tok = open_tokenizer(a.tokenizer, a.model);
   if (tok->vocab_size() > m.model->config().vocab_size)
     throw_error("tokenizer has ", tok->vocab_size(), " tokens but the model's vocabulary is ",

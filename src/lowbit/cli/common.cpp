@@ -47,6 +47,12 @@ LoadedModel load_model(const std::string& path, Device device) {
   return m;
 }
 
+void compact_for_inference(LoadedModel& m, Device device) {
+  if (device != Device::CPU || !m.model) return;
+  m.model->compact_weights();
+  m.checkpoint.weights = LlamaWeights{};
+}
+
 std::unique_ptr<Tokenizer> open_tokenizer(const std::string& tokenizer_path, const std::string& model_path) {
   if (!tokenizer_path.empty()) return load_tokenizer(tokenizer_path);
 

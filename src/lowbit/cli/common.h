@@ -29,6 +29,10 @@ struct LoadedModel {
   std::unique_ptr<LlamaModel> model;
 };
 LoadedModel load_model(const std::string& path, Device device);
+// For commands that only run the model (eval, generate): on the CPU, weights that are exactly
+// f16/bf16 (a model read from an F16/BF16 file) are kept 16-bit (LlamaModel::compact_weights)
+// and the checkpoint's f32 copies are released.
+void compact_for_inference(LoadedModel& m, Device device);
 
 // The tokenizer named by --tokenizer, else the one inside a model directory; throws when neither.
 std::unique_ptr<Tokenizer> open_tokenizer(const std::string& tokenizer_path, const std::string& model_path);

@@ -2,9 +2,12 @@
 
 #include <cblas.h>
 
+#include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "lowbit/core/threads.h"
+#include "lowbit/core/vecmath.h"
 
 namespace lowbit::blas {
 
@@ -53,6 +56,32 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const 
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
           const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
   gemm_split<double>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void gemm_f32_b16(bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const uint16_t* B,
+                  int64_t ldb, bool b_bf16, float beta, float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  // Panel width: ~512 KiB of widened weights (stays in L2 next to the packed A block).
+  int64_t nb = std::clamp<int64_t>(131072 / std::max<int64_t>(K, 1), 16, 512) / 16 * 16;
+  const int64_t panels = (N + nb - 1) / nb;
+  auto widen = [&](const uint16_t* src, float* dst, int64_t n) {
+    if (b_bf16)
+      vec::bf16_to_f32(src, dst, n);
+    else
+      vec::f16_to_f32(src, dst, n);
+  };
+  parallel_each(panels, [&](int64_t p) {
+    const int64_t n0 = p * nb, w = std::min(N, n0 + nb) - n0;
+    thread_local std::vector<float> buf;
+    if (buf.size() < size_t(w * K)) buf.resize(size_t(w * K));
+    if (tb) {  // rows n0..n0+w of B [N, K]
+      for (int64_t r = 0; r < w; ++r) widen(B + (n0 + r) * ldb, buf.data() + r * K, K);
+      gemm_1t<float>(false, true, M, w, K, alpha, A, lda, buf.data(), K, beta, C + n0, ldc);
+    } else {  // columns n0..n0+w of B [K, N]
+      for (int64_t k = 0; k < K; ++k) widen(B + k * ldb + n0, buf.data() + k * w, w);
+      gemm_1t<float>(false, false, M, w, K, alpha, A, lda, buf.data(), w, beta, C + n0, ldc);
+    }
+  });
 }
 
 }  // namespace lowbit::blas

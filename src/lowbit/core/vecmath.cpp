@@ -2,6 +2,12 @@
 
 #include <limits>
 
+#include "lowbit/core/dtype.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace lowbit::vec {
 
 namespace {
@@ -92,7 +98,69 @@ LB_VEC_KERNELS(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fm
 #else
 #define LB_PICK(name) static const auto fn = &base::name;
 #endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) void f16_to_f32_avx512(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i,  // maskz form: the plain one trips GCC 12 -Wmaybe-uninitialized
+                     _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  for (; i < n; ++i) dst[i] = lowbit::f16_to_f32(src[i]);
+}
+__attribute__((target("avx,f16c"))) void f16_to_f32_f16c(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = lowbit::f16_to_f32(src[i]);
+}
+__attribute__((target("avx,f16c"))) bool f32_to_f16_exact_f16c(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  int bad = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(src + i);
+    const __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+    bad |= _mm256_movemask_ps(_mm256_cmp_ps(_mm256_cvtph_ps(h), x, _CMP_NEQ_UQ));
+  }
+  for (; i < n; ++i) bad |= lowbit::f16_to_f32(dst[i] = lowbit::f32_to_f16(src[i])) != src[i];
+  return bad == 0;
+}
+#endif
+bool f32_to_f16_exact_scalar(const float* src, uint16_t* dst, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= lowbit::f16_to_f32(dst[i] = lowbit::f32_to_f16(src[i])) == src[i];
+  return ok;
+}
+void f16_to_f32_scalar(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = lowbit::f16_to_f32(src[i]);
+}
 }  // namespace
+
+void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const auto fn = __builtin_cpu_supports("avx512f")                                 ? &f16_to_f32_avx512
+                         : __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx") ? &f16_to_f32_f16c
+                                                                                           : &f16_to_f32_scalar;
+#else
+  static const auto fn = &f16_to_f32_scalar;
+#endif
+  fn(src, dst, n);
+}
+
+bool f32_to_f16_exact(const float* src, uint16_t* dst, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const auto fn = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx") ? &f32_to_f16_exact_f16c
+                                                                                         : &f32_to_f16_exact_scalar;
+#else
+  static const auto fn = &f32_to_f16_exact_scalar;
+#endif
+  return fn(src, dst, n);
+}
+
+void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+  // A shift into the high half: the compiler vectorises this loop on any target.
+  for (int64_t i = 0; i < n; ++i) dst[i] = __builtin_bit_cast(float, uint32_t(src[i]) << 16);
+}
 
 float exp1(float x) { return exp_poly(x); }
 float max(const float* x, int64_t n) {

@@ -17,4 +17,10 @@ void scale(float* x, int64_t n, float s);                          // x *= s
 void silu(const float* x, float* y, int64_t n);                    // y = x sigmoid(x)
 void swiglu(const float* g, const float* u, float* y, int64_t n);  // y = silu(g) u
 
+// 16-bit floats to f32 (exact): F16C / AVX-512 where the CPU has them, else the scalar codec.
+void f16_to_f32(const uint16_t* src, float* dst, int64_t n);
+void bf16_to_f32(const uint16_t* src, float* dst, int64_t n);
+// f32 to f16 (round to nearest even); returns whether every value converted exactly.
+bool f32_to_f16_exact(const float* src, uint16_t* dst, int64_t n);
+
 }  // namespace lowbit::vec

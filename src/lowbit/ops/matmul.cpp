@@ -14,7 +14,17 @@ void gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, Tensor& c, double 
   check_contiguous(op, b, "b");
   check_contiguous(op, c, "c");
   if (a.dim() < 2 || b.dim() < 2) throw_error(op, ": operands must be at least 2-D, got ", a.describe(), " and ", b.describe());
-  detail::check_same_kind(op, a, b, "b");
+  // 16-bit weights on the CPU: f32 a times an f16/bf16 matrix b (2-D, broadcast over a's batch),
+  // f32 c; b is widened panel by panel inside the product (core/blas.h), never as a whole.
+  const bool b16 = a.device() == Device::CPU && b.device() == Device::CPU && a.dtype() == DType::F32 &&
+                   (b.dtype() == DType::F16 || b.dtype() == DType::BF16);
+  if (b16) {
+    if (b.dim() != 2 || ta)
+      throw_error(op, ": an f16/bf16 b needs a 2-D b and an untransposed f32 a, got ", a.describe(), (ta ? "^T" : ""),
+                  " x ", b.describe());
+  } else {
+    detail::check_same_kind(op, a, b, "b");
+  }
   // Mixed precision on the GPU: bf16 operands may write an f32 result (fp32 accumulation either way).
   if (!(a.dtype() == DType::BF16 && c.dtype() == DType::F32 && a.device() == Device::CUDA && c.device() == Device::CUDA))
     detail::check_same_kind(op, a, c, "c");
@@ -31,6 +41,12 @@ void gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, Tensor& c, double 
   detail::check_shape(op, c, cs, "c");
   if (M == 0 || N == 0) return;
   LB_CUDA_ROUTE(a, gemm, a, ta, b, tb, c, alpha, beta);
+  if (b16) {
+    blas::gemm_f32_b16(tb, a.numel() / K, N, K, float(alpha), a.data<float>(), K,
+                       static_cast<const uint16_t*>(b.raw_data()), tb ? K : N, b.dtype() == DType::BF16, float(beta),
+                       c.data<float>(), N);
+    return;
+  }
   detail::dispatch_float(op, a.dtype(), [&](auto t) {
     using T = decltype(t);
     if (b_broadcast && !ta) {  // one big GEMM: the batch dims of a fold into its rows
