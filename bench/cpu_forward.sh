@@ -15,8 +15,8 @@
 #    seconds of each whole process (model load included) and the ratios lowbit / llama.cpp.
 # 5. GPTQ calibration forward: `lowbit quantize --method gptq --nsamples 16 --seqlen 512` on the
 #    F32 file reports the full-precision forward of each block over its 16 x 512 calibration
-#    tokens; compared with llama-perplexity's whole forward over 16 windows of 512 tokens divided
-#    by the 30 blocks (llama.cpp's time also holds the embedding and the 49152-wide output head,
+#    tokens (windows drawn from the same token file); compared with llama-perplexity's forward
+#    over 16 windows of 512 tokens (its log timestamps) divided by the 30 blocks (llama.cpp's time also holds the embedding and the 49152-wide output head,
 #    about 21 % of its arithmetic, so the comparison favours lowbit by up to that much).
 # The perplexities differ by protocol (llama-perplexity scores the second half of each window,
 # lowbit all 511 predictions); they are printed as a check that both ran the same model.
@@ -101,10 +101,13 @@ import json, sys
 r = [json.loads(l) for l in open(sys.argv[1]) if l.startswith('{')][-1]
 print(r['fp_forward_seconds'] / r['blocks_run'])" "$CACHE/gptq.log")
 run llama-16 "$LLAMA_BIN/llama-perplexity" -m "$model" -f "$TEXT" -c 512 -b 512 --chunks 16 -t "$THREADS" > /dev/null
-# llama.cpp's own timer of its forward passes: "prompt eval time = X ms / N tokens".
-lms=$(grep 'prompt eval time' "$CACHE/llama-16.log" | tail -n 1 | sed 's/.*= *\([0-9.]*\) ms.*/\1/')
-lblock=$(echo "$lms / 1000 / 30" | bc -l)
+# llama.cpp's forward time: from its "calculating perplexity" line to its "Final estimate" line
+# (log timestamps are minutes.seconds.milliseconds.microseconds).
+lsec=$(awk '/calculating perplexity/ {split($1, a, "."); t0 = a[1] * 60 + a[2] + a[3] / 1e3 + a[4] / 1e6}
+            /Final estimate/ {split($1, a, "."); t1 = a[1] * 60 + a[2] + a[3] / 1e3 + a[4] / 1e6}
+            END {printf "%.3f", t1 - t0}' "$CACHE/llama-16.log")
+lblock=$(echo "$lsec / 30" | bc -l)
 echo "gptq calibration forward (f32, 16 x 512 tokens): lowbit $(printf %.3f "$fwd") s per block;" \
-  "llama.cpp $(printf %.3f "$lblock") s per block ($lms ms for 16 passes / 30 blocks);" \
+  "llama.cpp $(printf %.3f "$lblock") s per block ($lsec s for 16 passes / 30 blocks);" \
   "ratio $(echo "scale=2; $fwd / $lblock" | bc)x"
 rm -rf "$CACHE/gptq-out"
