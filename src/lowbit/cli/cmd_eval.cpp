@@ -145,7 +145,7 @@ void register_eval(CLI::App& app) {
   tasks->add_option("--data-dir", t->data_dir, "folder of task files (default: $LOWBIT_SHARED or ../shared, /tasks/llm-foundry)");
   tasks->add_option("--limit", t->limit, "at most this many rows per task (0 = all)");
   tasks->add_option("--delimiter", t->delimiter, "text between a query and each choice")->capture_default_str();
-  tasks->add_flag("--no-bos", t->no_bos, "do not prepend BOS");
+  tasks->add_flag("--no-bos", t->no_bos, "do not prepend the tokens the tokenizer adds for specials (BOS; SmolLM2 adds none)");
   tasks->add_option("--device", t->device, "cpu or cuda")->capture_default_str();
   tasks->add_flag("--json", t->json, "print one JSON object");
   add_threads_option(tasks);

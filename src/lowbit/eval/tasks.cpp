@@ -1,5 +1,6 @@
 #include "lowbit/eval/tasks.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -19,18 +20,28 @@ struct Scored {
   bool greedy = true;  // every continuation token was the argmax
 };
 
-// Log-probability of `continuation` after `context`.
-Scored score(const LlamaModel& model, const Tokenizer& tok, const std::string& context, const std::string& continuation,
-             bool bos) {
+// One (context, continuation) pair made ready for the model: the token window and the index in it
+// of the first continuation token.
+struct Request {
+  std::vector<int32_t> window;
+  size_t first = 0;
+};
+
+Request make_request(const LlamaModel& model, const Tokenizer& tok, const std::string& context,
+                     const std::string& continuation, bool bos) {
   std::vector<int> whole = tok.encode(context + continuation, false);
   const std::vector<int> ctx = tok.encode(context, false);
   // The continuation's tokens: what the whole encoding has past the context's encoding. When a
   // merge crosses the boundary the shared prefix is shorter; score from where they differ.
   size_t split = 0;
   while (split < ctx.size() && split < whole.size() && ctx[split] == whole[split]) ++split;
+  if (whole.empty()) throw_error("task scoring: context and continuation are both empty");
   if (split == whole.size()) split = whole.size() - 1;  // empty continuation: score the last token
+  // With `bos`, the sequence starts with whatever the tokenizer itself prepends for special tokens
+  // (BOS for Llama 2 and llama2.c models, nothing for SmolLM2, whose GGUF says add_bos_token false).
   std::vector<int32_t> ids;
-  if (bos && tok.bos_id() >= 0) ids.push_back(tok.bos_id());
+  if (bos)
+    for (int id : tok.encode("", true)) ids.push_back(id);
   const size_t offset = ids.size();
   ids.insert(ids.end(), whole.begin(), whole.end());
   // Keep the most recent tokens when the sequence is longer than the model's context.
@@ -38,32 +49,53 @@ Scored score(const LlamaModel& model, const Tokenizer& tok, const std::string& c
   size_t drop = ids.size() > max_len ? ids.size() - max_len : 0;
   const size_t first = offset + split;  // index (in ids) of the first continuation token
   if (first < drop + 1) drop = first - 1;  // keep at least one context token before it
-  std::vector<int32_t> window(ids.begin() + int64_t(drop), ids.end());
-  const int64_t T = int64_t(window.size());
-  if (T < 2) throw_error("task scoring: nothing to condition on");
-  for (int32_t id : window)
+  Request r;
+  r.window.assign(ids.begin() + int64_t(drop), ids.end());
+  r.first = first - drop;
+  if (r.window.size() < 2) throw_error("task scoring: nothing to condition on");
+  for (int32_t id : r.window)
     if (id < 0 || id >= model.config().vocab_size)
       throw_error("task scoring: token ", id, " is outside the model's vocabulary (tokenizer and model mismatch)");
+  return r;
+}
+
+// Scores every request in one forward pass: the windows are right-padded to the longest one
+// (causal attention: padding after a position never changes its logits) and run as one batch.
+std::vector<Scored> score_batch(const LlamaModel& model, const std::vector<Request>& reqs) {
+  size_t T = 0;
+  for (const Request& r : reqs) T = std::max(T, r.window.size());
+  const int64_t B = int64_t(reqs.size());
+  std::vector<int32_t> tokens(size_t(B) * T, 0);
+  for (size_t b = 0; b < reqs.size(); ++b) std::copy(reqs[b].window.begin(), reqs[b].window.end(), tokens.begin() + int64_t(b * T));
   NoGradGuard ng;
-  Tensor logits = model.forward(Tensor::from_vector(window, {1, T})).value().to(Device::CPU).contiguous();
-  const int64_t V = logits.size(1);
-  const float* z = logits.data<float>();
-  Scored s;
-  for (int64_t t = int64_t(first - drop); t < T; ++t) {
-    const float* row = z + (t - 1) * V;  // position t-1 predicts token t
-    double mx = -std::numeric_limits<double>::infinity();
-    int64_t arg = 0;
-    for (int64_t v = 0; v < V; ++v)
-      if (row[v] > mx) {
-        mx = row[v];
-        arg = v;
-      }
-    double sum = 0;
-    for (int64_t v = 0; v < V; ++v) sum += std::exp(double(row[v]) - mx);
-    s.logprob += double(row[window[size_t(t)]]) - mx - std::log(sum);
-    s.greedy = s.greedy && arg == window[size_t(t)];
+  Var x = model.embed(Tensor::from_vector(tokens, {B, int64_t(T)}));
+  for (int i = 0; i < model.n_layers(); ++i) x = model.block_forward(i, x, B, int64_t(T));
+  std::vector<Scored> out(reqs.size());
+  for (size_t b = 0; b < reqs.size(); ++b) {
+    const Request& r = reqs[b];
+    Scored& s = out[b];
+    // Only the positions that predict continuation tokens go through the output head (the
+    // vocabulary projection dominates the cost for short windows and large vocabularies).
+    const int64_t lo = int64_t(b * T + r.first) - 1, hi = int64_t(b * T + r.window.size()) - 1;
+    Tensor logits = model.head(Var(x.value().slice(0, lo, hi).contiguous())).value().to(Device::CPU).contiguous();
+    const int64_t V = logits.size(1);
+    const float* z = logits.data<float>();
+    for (size_t t = r.first; t < r.window.size(); ++t) {
+      const float* row = z + int64_t(t - r.first) * V;  // position t-1 predicts token t
+      double mx = -std::numeric_limits<double>::infinity();
+      int64_t arg = 0;
+      for (int64_t v = 0; v < V; ++v)
+        if (row[v] > mx) {
+          mx = row[v];
+          arg = v;
+        }
+      double sum = 0;
+      for (int64_t v = 0; v < V; ++v) sum += std::exp(double(row[v]) - mx);
+      s.logprob += double(row[r.window[t]]) - mx - std::log(sum);
+      s.greedy = s.greedy && arg == r.window[t];
+    }
   }
-  return s;
+  return out;
 }
 
 }  // namespace
@@ -100,7 +132,9 @@ TaskResult evaluate_task(const LlamaModel& model, const Tokenizer& tok, const st
     };
     try {
       if (r.kind == "lambada") {
-        correct += score(model, tok, field("context").get<std::string>(), " " + field("continuation").get<std::string>(), o.bos).greedy;
+        const Request req = make_request(model, tok, field("context").get<std::string>(),
+                                         " " + field("continuation").get<std::string>(), o.bos);
+        correct += score_batch(model, {req})[0].greedy;
       } else {
         const int gold = field("gold").get<int>();
         std::vector<std::pair<std::string, std::string>> pairs;  // (context, continuation)
@@ -110,10 +144,13 @@ TaskResult evaluate_task(const LlamaModel& model, const Tokenizer& tok, const st
           for (const auto& c : field("choices")) pairs.emplace_back(field("query").get<std::string>(), o.delimiter + c.get<std::string>());
         }
         if (gold < 0 || gold >= int(pairs.size())) throw_error(path, ": row ", i + 1, ": gold ", gold, " out of range");
+        std::vector<Request> reqs;
+        for (const auto& [context, continuation] : pairs) reqs.push_back(make_request(model, tok, context, continuation, o.bos));
+        const std::vector<Scored> scored = score_batch(model, reqs);  // every choice in one forward pass
         int best = 0, best_norm = 0;
         double bs = -1e300, bn = -1e300;
         for (size_t c = 0; c < pairs.size(); ++c) {
-          const double lp = score(model, tok, pairs[c].first, pairs[c].second, o.bos).logprob;
+          const double lp = scored[c].logprob;
           const double ln = lp / double(std::max<size_t>(1, pairs[c].second.size()));
           if (lp > bs) bs = lp, best = int(c);
           if (ln > bn) bn = ln, best_norm = int(c);

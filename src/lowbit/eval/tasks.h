@@ -23,7 +23,7 @@ namespace lowbit {
 struct TaskOptions {
   int64_t limit = 0;             // evaluate at most this many rows (0 = all)
   std::string delimiter = " ";   // between query and choice
-  bool bos = true;               // prepend BOS when the tokenizer has one
+  bool bos = true;               // start with the tokens the tokenizer adds for specials (BOS where it has one)
   bool progress = true;
 };
 
