@@ -1,6 +1,7 @@
 // Forward ops against plain reference formulas (f64 loops written independently of the kernels).
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <sstream>
@@ -162,6 +163,66 @@ TEST(OpsReference, AttentionMatchesDenseSoftmax) {
   Tensor q1 = q.slice(1, T - 1, T).contiguous(), o1 = Tensor::empty(q1.shape(), DType::F64), l1 = Tensor::empty({B, H, 1}, DType::F64);
   ops::attention_forward(q1, k, v, sc, o1, l1);
   EXPECT_LT(max_abs_diff(o1, out.slice(1, T - 1, T)), 1e-12);
+}
+
+// The f32 body works in tiles of query rows (64, or 16 for long contexts) and skips the keys above
+// the causal diagonal: several tiles, a partial last tile, and queries that start after cached keys.
+TEST(OpsReference, AttentionTilesMatchDenseSoftmaxF32) {
+  for (auto [Tq, Tk] : {std::array<int64_t, 2>{150, 150}, {70, 150}, {1, 131}, {64, 64}}) {
+    const int64_t B = 2, H = 6, KVH = 2, hd = 16, off = Tk - Tq;
+    Tensor q = rnd({B, Tq, H, hd}, 11), k = rnd({B, Tk, KVH, hd}, 12), v = rnd({B, Tk, KVH, hd}, 13);
+    Tensor out = Tensor::empty(q.shape()), lse = Tensor::empty({B, H, Tq});
+    const double sc = 1 / std::sqrt(double(hd));
+    ops::attention_forward(q, k, v, sc, out, lse);
+    auto at = [](const Tensor& t, int64_t b, int64_t s, int64_t h, int64_t c) {
+      return t.item(((b * t.size(1) + s) * t.size(2) + h) * t.size(3) + c);
+    };
+    double worst = 0, worst_lse = 0;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < Tq; ++i) {
+          const int64_t n = off + i + 1;
+          std::vector<double> s(static_cast<size_t>(n));
+          double mx = -1e300, z = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            double d = 0;
+            for (int64_t c = 0; c < hd; ++c) d += at(q, b, i, h, c) * at(k, b, j, h / (H / KVH), c);
+            s[size_t(j)] = d * sc;
+            mx = std::max(mx, s[size_t(j)]);
+          }
+          for (int64_t j = 0; j < n; ++j) z += std::exp(s[size_t(j)] - mx);
+          worst_lse = std::max(worst_lse, std::abs(lse.item((b * H + h) * Tq + i) - (mx + std::log(z))));
+          for (int64_t c = 0; c < hd; ++c) {
+            double o = 0;
+            for (int64_t j = 0; j < n; ++j) o += std::exp(s[size_t(j)] - mx) / z * at(v, b, j, h / (H / KVH), c);
+            worst = std::max(worst, std::abs(at(out, b, i, h, c) - o));
+          }
+        }
+    EXPECT_LT(worst, 2e-5) << "Tq " << Tq << " Tk " << Tk;
+    EXPECT_LT(worst_lse, 2e-5) << "Tq " << Tq << " Tk " << Tk;
+  }
+}
+
+// f32 activations times f16/bf16 weights (the CPU's 16-bit weight path) equal the f32 product
+// of the widened weights, for both layouts of b and several panel counts.
+TEST(OpsReference, GemmWithSixteenBitWeights) {
+  for (DType dt : {DType::F16, DType::BF16})
+    for (bool tb : {true, false})
+      for (auto [M, N, K] : {std::array<int64_t, 3>{5, 7, 3}, {33, 600, 40}, {1, 1000, 300}}) {
+        Tensor a = rnd({M, K}, 21), b16 = rnd(tb ? Shape{N, K} : Shape{K, N}, 22).to(dt);
+        Tensor b32 = b16.to(DType::F32), c16 = rnd({M, N}, 23), c32 = c16.clone();
+        ops::gemm(a, false, b16, tb, c16, 0.5, 1.0);
+        ops::gemm(a, false, b32, tb, c32, 0.5, 1.0);
+        EXPECT_LT(max_abs_diff(c16, c32), 1e-4) << dtype_name(dt) << " tb " << tb << " " << M << "x" << N << "x" << K;
+        // Batched a ([2, M, K]) against the same 2-D weight.
+        Tensor a3 = rnd({2, M, K}, 24), y16 = Tensor::empty({2, M, N}), y32 = Tensor::empty({2, M, N});
+        ops::gemm(a3, false, b16, tb, y16);
+        ops::gemm(a3, false, b32, tb, y32);
+        EXPECT_LT(max_abs_diff(y16, y32), 1e-4);
+      }
+  // A transposed a, or an f16 a, is refused with a message.
+  Tensor w = rnd({4, 3}, 25).to(DType::F16), x = rnd({3, 2}, 26), y = Tensor::empty({2, 4});
+  EXPECT_THROW(ops::gemm(x, true, w, true, y), Error);
 }
 
 TEST(OpsReference, LossesMatchFormulas) {

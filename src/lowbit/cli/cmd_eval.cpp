@@ -1,12 +1,13 @@
 // lowbit eval ppl: perplexity of a model on a text file or a raw token file.
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <cstdlib>
+#include <fstream>
 #include <sstream>
 
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
+#include "lowbit/core/threads.h"
 #include "lowbit/eval/perplexity.h"
 #include "lowbit/eval/tasks.h"
 
@@ -23,6 +24,7 @@ void run_ppl(const PplArgs& a) {
   if (a.text.empty() == a.tokens.empty()) throw_error("eval ppl: give exactly one of --text FILE or --tokens FILE");
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev);
+  compact_for_inference(m, dev);
   std::vector<int32_t> stream;
   int bos = -1;
   std::unique_ptr<Tokenizer> tok;
@@ -62,13 +64,14 @@ void run_ppl(const PplArgs& a) {
                 {"ppl", r.ppl},
                 {"seconds", r.seconds},
                 {"tokens_per_second", r.tokens_per_second},
-                {"device", a.device}});
+                {"device", a.device},
+                {"threads", threads_summary()}});
   } else {
     print_stdout("model      %s\ndata       %s\nwindows    %lld x %lld tokens%s\npredicted  %lld tokens\n",
                 a.model.c_str(), (a.text.empty() ? a.tokens : a.text).c_str(), (long long)r.windows, (long long)a.ctx,
                 a.bos ? " (BOS + ctx-1 tokens each)" : "", (long long)r.tokens);
-    print_stdout("mean NLL   %.6f nats/token\nperplexity %.4f\nspeed      %.0f tokens/s (%.2fs)\n", r.nll, r.ppl,
-                r.tokens_per_second, r.seconds);
+    print_stdout("mean NLL   %.6f nats/token\nperplexity %.4f\nspeed      %.0f tokens/s (%.2fs)\nthreads    %s\n", r.nll,
+                 r.ppl, r.tokens_per_second, r.seconds, threads_summary().c_str());
   }
 }
 struct TaskArgs {
@@ -81,6 +84,7 @@ struct TaskArgs {
 void run_tasks(const TaskArgs& a) {
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev);
+  compact_for_inference(m, dev);
   auto tok = open_tokenizer(a.tokenizer, a.model);
   const std::string dir = a.data_dir.empty() ? default_task_dir() : a.data_dir;
   TaskOptions o;
@@ -126,6 +130,7 @@ void register_eval(CLI::App& app) {
   ppl->add_flag("--bos", a->bos, "start each window with BOS followed by ctx-1 tokens, all of them scored");
   ppl->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   ppl->add_flag("--json", a->json, "print one JSON object instead of text");
+  add_threads_option(ppl);
   ppl->callback([a] { run_ppl(*a); });
 
   auto* tasks = eval->add_subcommand("tasks", "Zero-shot accuracy on llm-foundry JSONL tasks (ARC, PIQA, WinoGrande, ...)");
@@ -141,6 +146,7 @@ void register_eval(CLI::App& app) {
   tasks->add_flag("--no-bos", t->no_bos, "do not prepend the tokens the tokenizer adds for specials (BOS; SmolLM2 adds none)");
   tasks->add_option("--device", t->device, "cpu or cuda")->capture_default_str();
   tasks->add_flag("--json", t->json, "print one JSON object");
+  add_threads_option(tasks);
   tasks->callback([t] { run_tasks(*t); });
 }
 

@@ -107,6 +107,7 @@ void register_finetune(CLI::App& app) {
   f->add_option("--seed", t.seed, "seed for data order and adapter init")->capture_default_str()->check(at_least(0));
   f->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   f->add_flag("--json", a->json, "print a JSON summary");
+  add_threads_option(f);
   f->callback([a] {
     a->o.lora_seed = a->o.train.seed;
     run_finetune(*a);

@@ -19,6 +19,7 @@ struct GenArgs {
 void run_generate(const GenArgs& a) {
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev);
+  compact_for_inference(m, dev);
   auto tok = open_tokenizer(a.tokenizer, a.model);
   if (tok->vocab_size() > m.model->config().vocab_size)
     throw_error("tokenizer has ", tok->vocab_size(), " tokens but the model's vocabulary is ",
@@ -74,6 +75,7 @@ void register_generate(CLI::App& app) {
   g->add_flag("--ignore-eos", a->ignore_eos, "do not stop at EOS (llama2.c run.c stops only at BOS)");
   g->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   g->add_flag("--json", a->json, "print one JSON object instead of streaming text");
+  add_threads_option(g);
   g->callback([a] { run_generate(*a); });
 }
 

@@ -8,6 +8,7 @@
 
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
+#include "lowbit/core/threads.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/methods/apiq.h"
 #include "lowbit/methods/calibration.h"
@@ -244,12 +245,21 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& l : r.linears)
     layers.push_back({{"name", l.name}, {"rel_error", l.rel_error}, {"bits_per_weight", l.bits_per_weight}, {"params", l.params}});
-  nlohmann::json report = {{"model", a.model},         {"method", a.method},
-                           {"format", f.name},         {"bits_per_weight", r.bits_per_weight},
-                           {"seconds", r.seconds},     {"peak_rss_bytes", r.peak_rss_bytes},
-                           {"nsamples", calib.size(0)}, {"seqlen", calib.size(1)},
-                           {"seed", a.seed},           {"next_input", a.next_input},
-                           {"resumed_from_block", r.resumed_from_block}, {"layers", layers}};
+  nlohmann::json report = {{"model", a.model},
+                           {"method", a.method},
+                           {"format", f.name},
+                           {"bits_per_weight", r.bits_per_weight},
+                           {"seconds", r.seconds},
+                           {"peak_rss_bytes", r.peak_rss_bytes},
+                           {"nsamples", calib.size(0)},
+                           {"seqlen", calib.size(1)},
+                           {"seed", a.seed},
+                           {"next_input", a.next_input},
+                           {"resumed_from_block", r.resumed_from_block},
+                           {"layers", layers},
+                           {"fp_forward_seconds", r.fp_forward_seconds},
+                           {"blocks_run", r.blocks_run},
+                           {"threads", threads_summary()}};
   nlohmann::json extra = {{"calibration", {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}}}};
   if (is_apiq(a.method)) {
     const ApiqOptions o = apiq_options(ar);
@@ -286,6 +296,10 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   for (const auto& l : r.linears) print_stdout("%-44s %12.3e %8.3f\n", l.name.c_str(), l.rel_error, l.bits_per_weight);
   print_stdout("\n%s %s: %.3f bits per weight (quantized layers, metadata included), %.1fs, peak memory %.0f MiB\n",
               a.method.c_str(), f.name, r.bits_per_weight, r.seconds, double(r.peak_rss_bytes) / (1 << 20));
+  if (r.blocks_run > 0)
+    print_stdout("calibration forward (full precision, %lld x %lld tokens): %.3fs per block, %.1fs in all (%s)\n",
+                (long long)calib.size(0), (long long)calib.size(1), r.fp_forward_seconds / r.blocks_run,
+                r.fp_forward_seconds, threads_summary().c_str());
   print_stdout("wrote %s\n", a.out.c_str());
 }
 }  // namespace
@@ -377,6 +391,7 @@ void register_quantize(CLI::App& app) {
   q->add_option("-o,--out", a->out, "output directory (config.json + model.safetensors)")->required();
   q->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   q->add_flag("--json", a->json, "print the report as JSON");
+  add_threads_option(q);
   q->callback([a, q] {
     apply_sapr_recipe(*a, *q);
     run_quantize(*a, q->count("--rank") > 0);

@@ -142,6 +142,7 @@ void register_train(CLI::App& app) {
                 "write the run's data order (int64 window starts of every step and micro-batch, then the validation "
                 "windows) to FILE, for reference implementations (bench/torch_train_ref.py)");
   t->add_flag("--json", a->json, "print a JSON summary");
+  add_threads_option(t);
   t->callback([a] { run_train(*a); });
 }
 

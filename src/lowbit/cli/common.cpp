@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -15,12 +16,21 @@
 #include <sstream>
 
 #include "lowbit/core/progress.h"
+#include "lowbit/core/threads.h"
 #include "lowbit/io/gguf.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/tokenizer/chat_template.h"
 
 namespace lowbit::cli {
+
+void add_threads_option(CLI::App* app) {
+  app->add_option_function<int>(
+         "--threads", [](const int& n) { set_num_threads(n); },
+         "CPU threads for the model's computation (default: physical cores, " + std::to_string(default_num_threads()) +
+             ")")
+      ->check(CLI::Range(1, 1024));
+}
 
 namespace fs = std::filesystem;
 
@@ -46,6 +56,12 @@ LoadedModel load_model(const std::string& path, Device device) {
   if (device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(device); });
   m.model = std::make_unique<LlamaModel>(m.checkpoint.config, w, false);
   return m;
+}
+
+void compact_for_inference(LoadedModel& m, Device device) {
+  if (device != Device::CPU || !m.model) return;
+  m.model->compact_weights();
+  m.checkpoint.weights = LlamaWeights{};
 }
 
 std::unique_ptr<Tokenizer> open_tokenizer(const std::string& tokenizer_path, const std::string& model_path) {

@@ -21,7 +21,15 @@
 #include "lowbit/model/llama.h"
 #include "lowbit/tokenizer/tokenizer.h"
 
+namespace CLI {
+class App;
+}
+
 namespace lowbit::cli {
+
+// Adds --threads N to a command that runs the model: lowbit's thread pool (core/threads.h) gets N
+// threads when the option is parsed; the default is the number of physical cores.
+void add_threads_option(CLI::App* app);
 
 // Parses "cpu" / "cuda"; "cuda" initialises the GPU or fails with a clear message.
 Device parse_device(const std::string& name);
@@ -32,6 +40,10 @@ struct LoadedModel {
   std::unique_ptr<LlamaModel> model;
 };
 LoadedModel load_model(const std::string& path, Device device);
+// For commands that only run the model (eval, generate): on the CPU, weights that are exactly
+// f16/bf16 (a model read from an F16/BF16 file) are kept 16-bit (LlamaModel::compact_weights)
+// and the checkpoint's f32 copies are released.
+void compact_for_inference(LoadedModel& m, Device device);
 
 // The tokenizer named by --tokenizer (a tokenizer file, a directory holding one, or a GGUF file's
 // embedded one), else the model's own: a model directory's, or the one embedded in a GGUF model

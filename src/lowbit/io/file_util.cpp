@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <vector>
 
+#include "lowbit/core/vecmath.h"
+
 namespace lowbit::io {
 
 std::string display_name(const std::string& path) { return path; }
@@ -164,6 +166,10 @@ void convert_to_f32(const uint8_t* src, DType dtype, int64_t n, float* dst) {
   switch (dtype) {
     case DType::F32: std::memcpy(dst, src, size_t(n) * 4); return;
     case DType::F16:
+      if (reinterpret_cast<uintptr_t>(src) % alignof(uint16_t) == 0) {  // F16C/AVX-512 (core/vecmath.h)
+        vec::f16_to_f32(reinterpret_cast<const uint16_t*>(src), dst, n);
+        return;
+      }
       for (int64_t i = 0; i < n; ++i) {
         uint16_t h;
         std::memcpy(&h, src + 2 * size_t(i), 2);

@@ -1,11 +1,10 @@
 #include "lowbit/methods/awq.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
+#include "lowbit/core/blas.h"
 #include "lowbit/methods/layer_error.h"
 #include "lowbit/methods/rtn.h"
 #include "lowbit/quant/quantize.h"
@@ -156,8 +155,7 @@ Tensor awq_search_clip(const Tensor& x_in, const Tensor& w_in, const QuantFormat
           delta[size_t(r * len + c)] = quantize_dequantize(f, clamped[size_t(c)], p) - wr[c];
       }
       // Per-group output error: Y = X[:, group] (Q - W)[:, group]^T, err_r = sum_t Y[t, r]^2.
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(out), int(len), 1.0f, x.data<float>() + b,
-                  int(in), delta.data(), int(len), 0.0f, y.data(), int(out));
+      blas::gemm(false, true, n, out, len, 1.0f, x.data<float>() + b, in, delta.data(), len, 0.0f, y.data(), out);
       for (int64_t r = 0; r < out; ++r) {
         float e = 0;
         for (int64_t t = 0; t < n; ++t) e += y[size_t(t * out + r)] * y[size_t(t * out + r)];

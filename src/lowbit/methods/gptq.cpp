@@ -6,6 +6,8 @@
 #include <cmath>
 #include <numeric>
 
+#include "lowbit/core/blas.h"
+#include "lowbit/core/threads.h"
 #include "lowbit/methods/gptq_cuda.h"
 #include "lowbit/quant/quantize.h"
 
@@ -28,7 +30,8 @@ void HessianAccumulator::add(const Tensor& x) {
   for (int64_t i = 0; i < xd.numel(); ++i)
     LB_CHECK(std::isfinite(p[i]), "HessianAccumulator::add: non-finite input value at row ", i / in_,
              ", channel ", i % in_);
-  // X^T X accumulated into the upper triangle.
+  // X^T X accumulated into the upper triangle (OpenBLAS threads: syrk has no split of its own here).
+  BlasThreadsGuard blas_threads;
   cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, int(in_), int(n), 1.0, p, int(in_), 1.0, xtx_.data(),
               int(in_));
   n_ += n;
@@ -80,6 +83,7 @@ void cholesky_lower_inplace(double* a, int64_t n) {
 
 std::vector<double> inverse_hessian_cholesky_upper(std::vector<double> h, int64_t n) {
   LB_CHECK(int64_t(h.size()) == n * n, "inverse_hessian_cholesky_upper: ", h.size(), " values for n = ", n);
+  BlasThreadsGuard blas_threads;
   cholesky_lower_inplace(h.data(), n);  // H = L L^T
   std::vector<double> linv(size_t(n * n), 0.0);
   for (int64_t i = 0; i < n; ++i) linv[size_t(i * n + i)] = 1.0;
@@ -195,8 +199,8 @@ GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_in, const QuantForm
     }
     // Lazy batch update of the remaining columns: W[:, i2:] -= E [out, count] . U[i1:i2, i2:].
     if (i2 < in)
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(out), int(in - i2), int(count), -1.0f, err.data(),
-                  int(bs), &u[size_t(i1 * in + i2)], int(in), 1.0f, &wp[size_t(i2)], int(in));
+      blas::gemm(false, false, out, in - i2, count, -1.0f, err.data(), bs, &u[size_t(i1 * in + i2)], in, 1.0f,
+                 &wp[size_t(i2)], in);
   }
   res.loss = loss;
   res.q = make_quantized_tensor(f, out, in, codes.data(), params.data(), tensor_scale);

@@ -1,6 +1,6 @@
 #include "lowbit/methods/layer_error.h"
 
-#include <cblas.h>
+#include "lowbit/core/blas.h"
 
 namespace lowbit {
 
@@ -11,8 +11,7 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& w_in) {
   const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
   Tensor y = Tensor::zeros({n, out});
   if (n && out && in)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(out), int(in), 1.0f, x.data<float>(), int(in),
-                w.data<float>(), int(in), 0.0f, y.data<float>(), int(out));
+    blas::gemm(false, true, n, out, in, 1.0f, x.data<float>(), in, w.data<float>(), in, 0.0f, y.data<float>(), out);
   return y;
 }
 

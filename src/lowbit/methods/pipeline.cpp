@@ -166,7 +166,10 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
   bar.update(start);
   for (int i = start; i < model.n_layers(); ++i) {
     BlockContext ctx{model, i, N, L, X, Tensor(), o.batch};
+    const auto tf = std::chrono::steady_clock::now();
     Tensor Y = ctx.run_block(Xfp);  // FP target before the block changes
+    rep.fp_forward_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - tf).count();
+    rep.blocks_run++;
     BlockContext qctx{model, i, N, L, X, Y, o.batch};
     method.quantize_block(qctx, rep.linears);
     Tensor Xq = qctx.run_block(X);

@@ -119,6 +119,10 @@ struct PipelineReport {
   int64_t peak_rss_bytes = 0;
   int resumed_from_block = 0;
   bool complete = true;  // false when stopped early by stop_after_blocks
+  // The full-precision calibration forward (each block over all N x L calibration tokens, before
+  // the block is quantized): total seconds and blocks run, for speed comparisons of the forward.
+  double fp_forward_seconds = 0;
+  int blocks_run = 0;
 };
 
 // tokens: i32 [N, L] calibration windows. Quantizes every block of `model` with `method`.

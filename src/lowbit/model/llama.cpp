@@ -1,6 +1,8 @@
 #include "lowbit/model/llama.h"
 
 #include "lowbit/autograd/functions.h"
+#include "lowbit/core/threads.h"
+#include "lowbit/core/vecmath.h"
 
 namespace lowbit {
 
@@ -36,7 +38,59 @@ LlamaModel::LlamaModel(LlamaConfig config, const LlamaWeights& w, bool trainable
 }
 
 Var LlamaModel::embed(const Tensor& tokens) const {
-  return embedding(tok_embeddings_, tokens.contiguous().view({-1}).to(tok_embeddings_.value().device()));
+  Var e = embedding(tok_embeddings_, tokens.contiguous().view({-1}).to(tok_embeddings_.value().device()));
+  const DType dt = tok_embeddings_.value().dtype();
+  return dt == DType::F16 || dt == DType::BF16 ? cast(e, DType::F32) : e;  // compact_weights() tables
+}
+
+namespace {
+// The f32 tensor as bf16 or f16 when every value survives the conversion exactly, else undefined.
+Tensor exact_16bit(const Tensor& t) {
+  const float* p = t.data<float>();
+  const int64_t n = t.numel();
+  const double not_bf16 = parallel_sum(n, 1 << 16, [&](int64_t lo, int64_t hi) {
+    uint32_t any = 0;
+    for (int64_t i = lo; i < hi; ++i) any |= __builtin_bit_cast(uint32_t, p[i]) & 0xffffu;
+    return double(any != 0);
+  });
+  if (not_bf16 == 0) {
+    Tensor r = Tensor::empty(t.shape(), DType::BF16);
+    auto* d = static_cast<uint16_t*>(r.raw_data());
+    parallel_for(n, 1 << 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) d[i] = uint16_t(__builtin_bit_cast(uint32_t, p[i]) >> 16);
+    });
+    return r;
+  }
+  Tensor r = Tensor::empty(t.shape(), DType::F16);
+  auto* d = static_cast<uint16_t*>(r.raw_data());
+  const double inexact = parallel_sum(
+      n, 1 << 16, [&](int64_t lo, int64_t hi) { return vec::f32_to_f16_exact(p + lo, d + lo, hi - lo) ? 0.0 : 1.0; });
+  return inexact == 0 ? r : Tensor();
+}
+}  // namespace
+
+int64_t LlamaModel::compact_weights() {
+  int64_t saved = 0;
+  auto compact = [&](const Var& v) -> Var {
+    const Tensor& t = v.value();
+    if (!t.defined() || t.dim() != 2 || t.dtype() != DType::F32) return v;
+    if (t.device() != Device::CPU || v.requires_grad())
+      throw_error("compact_weights: only for frozen models on the CPU (", t.describe(), ")");
+    Tensor h = exact_16bit(t.contiguous());
+    if (!h.defined()) return v;
+    saved += t.numel() * 2;
+    return Var(h, false);
+  };
+  tok_embeddings_ = compact(tok_embeddings_);
+  if (output_.defined()) output_ = compact(output_);
+  for (auto& b : blocks_)
+    for (auto& [name, slot] : b.linears()) {
+      auto* d = dynamic_cast<DenseLinear*>(slot->get());
+      if (!d) continue;  // quantized and training layers keep their own storage
+      Var w = compact(d->weight_var());
+      if (w.value().dtype() != DType::F32) *slot = std::make_shared<DenseLinear>(w.value(), d->bias(), false);
+    }
+  return saved;
 }
 
 Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache* cache) const {
@@ -89,10 +143,11 @@ KVCache LlamaModel::make_cache(int64_t capacity) const {
   KVCache c;
   c.capacity = capacity;
   const Tensor& ref = tok_embeddings_.value();
+  const DType dt = ref.dtype() == DType::F16 || ref.dtype() == DType::BF16 ? DType::F32 : ref.dtype();
   const int64_t KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
   for (int i = 0; i < config_.n_layers; ++i) {
-    c.k.push_back(Tensor::zeros({capacity, KVH, hd}, ref.dtype(), ref.device()));
-    c.v.push_back(Tensor::zeros({capacity, KVH, hd}, ref.dtype(), ref.device()));
+    c.k.push_back(Tensor::zeros({capacity, KVH, hd}, dt, ref.device()));
+    c.v.push_back(Tensor::zeros({capacity, KVH, hd}, dt, ref.device()));
   }
   return c;
 }

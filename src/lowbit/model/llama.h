@@ -63,6 +63,12 @@ class LlamaModel {
   Var forward_cached(const Tensor& tokens, KVCache& cache) const;
 
   std::vector<Var> parameters() const;
+  // Inference on the CPU: stores each dense linear weight, the output projection and the embedding
+  // table as bf16 or f16 when every value of it is exactly representable there (a model read from
+  // an F16 or BF16 file), so such a model keeps half the memory and its matrix products read the
+  // 16-bit weights directly (ops::gemm, core/blas.h). The numbers the model computes are unchanged.
+  // Frozen models on the CPU only (throws otherwise). Returns the bytes saved.
+  int64_t compact_weights();
   // Current weights (effective weights of linear layers) back as plain tensors.
   LlamaWeights weights() const;
 

@@ -1,6 +1,9 @@
 #include "lowbit/model/weights.h"
 
 #include <cmath>
+#include <cstring>
+
+#include "lowbit/core/threads.h"
 
 namespace lowbit {
 
@@ -46,8 +49,21 @@ static void expect(const std::string& source, const std::string& name, const Ten
     throw_error(source, ": tensor '", name, "' is ", dtype_name(t.dtype()), ", expected ", dtype_name(dtype), " like the embeddings");
   Tensor c = t.to(Device::CPU).to(DType::F32).contiguous();
   const float* p = c.data<float>();
-  for (int64_t i = 0; i < c.numel(); ++i)
-    if (!std::isfinite(p[i])) throw_error(source, ": tensor '", name, "' has a non-finite value (", p[i], ") at index ", i);
+  const int64_t n = c.numel();
+  // A branch-free scan over the exponent bits (vectorises; loading a model reads every weight).
+  const double bad = parallel_sum(n, 1 << 16, [&](int64_t lo, int64_t hi) {
+    uint32_t any = 0;
+    for (int64_t i = lo; i < hi; ++i) {
+      uint32_t u;
+      std::memcpy(&u, p + i, 4);
+      any |= uint32_t((u & 0x7f800000u) == 0x7f800000u);
+    }
+    return double(any);
+  });
+  if (bad > 0)
+    for (int64_t i = 0; i < n; ++i)
+      if (!std::isfinite(p[i]))
+        throw_error(source, ": tensor '", name, "' has a non-finite value (", p[i], ") at index ", i);
 }
 
 void validate_weights(const LlamaConfig& c, const LlamaWeights& w, const std::string& source) {

@@ -2,7 +2,10 @@
 //   silu(x) = x sigmoid(x),  silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x))),
 //   swiglu(g, u) = silu(g) u,  dg = dy u silu'(g),  du = dy silu(g).
 #include <cmath>
+#include <type_traits>
 
+#include "lowbit/core/threads.h"
+#include "lowbit/core/vecmath.h"
 #include "lowbit/ops/dispatch.h"
 
 namespace lowbit::ops {
@@ -27,8 +30,13 @@ void silu_forward(const Tensor& x, Tensor& y) {
     const T* xp = x.data<T>();
     T* yp = y.data<T>();
     const int64_t n = x.numel();
-#pragma omp parallel for if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) yp[i] = xp[i] * sigmoid(xp[i]);
+    if constexpr (std::is_same_v<T, float>) {
+      parallel_for(n, 32768, [&](int64_t b, int64_t e) { vec::silu(xp + b, yp + b, e - b); });
+      return;
+    }
+    parallel_for(n, 32768, [&](int64_t lo_, int64_t hi_) {
+      for (int64_t i = lo_; i < hi_; ++i) yp[i] = xp[i] * sigmoid(xp[i]);
+    });
   });
 }
 
@@ -41,11 +49,12 @@ void silu_backward(const Tensor& dy, const Tensor& x, Tensor& dx) {
     const T *xp = x.data<T>(), *g = dy.data<T>();
     T* dp = dx.data<T>();
     const int64_t n = x.numel();
-#pragma omp parallel for if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) {
-      const T s = sigmoid(xp[i]);
-      dp[i] = g[i] * s * (T(1) + xp[i] * (T(1) - s));
-    }
+    parallel_for(n, 32768, [&](int64_t lo_, int64_t hi_) {
+      for (int64_t i = lo_; i < hi_; ++i) {
+        const T s = sigmoid(xp[i]);
+        dp[i] = g[i] * s * (T(1) + xp[i] * (T(1) - s));
+      }
+    });
   });
 }
 
@@ -58,8 +67,13 @@ void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& y) {
     const T *gp = gate.data<T>(), *up_ = up.data<T>();
     T* yp = y.data<T>();
     const int64_t n = gate.numel();
-#pragma omp parallel for if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) yp[i] = gp[i] * sigmoid(gp[i]) * up_[i];
+    if constexpr (std::is_same_v<T, float>) {
+      parallel_for(n, 32768, [&](int64_t b, int64_t e) { vec::swiglu(gp + b, up_ + b, yp + b, e - b); });
+      return;
+    }
+    parallel_for(n, 32768, [&](int64_t lo_, int64_t hi_) {
+      for (int64_t i = lo_; i < hi_; ++i) yp[i] = gp[i] * sigmoid(gp[i]) * up_[i];
+    });
   });
 }
 
@@ -74,13 +88,14 @@ void swiglu_backward(const Tensor& dy, const Tensor& gate, const Tensor& up, Ten
     const T *g = dy.data<T>(), *gp = gate.data<T>(), *up_ = up.data<T>();
     T *dg = dgate.data<T>(), *du = dup.data<T>();
     const int64_t n = gate.numel();
-#pragma omp parallel for if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) {
-      const T s = sigmoid(gp[i]);
-      const T silu = gp[i] * s;
-      du[i] = g[i] * silu;
-      dg[i] = g[i] * up_[i] * s * (T(1) + gp[i] * (T(1) - s));
-    }
+    parallel_for(n, 32768, [&](int64_t lo_, int64_t hi_) {
+      for (int64_t i = lo_; i < hi_; ++i) {
+        const T s = sigmoid(gp[i]);
+        const T silu = gp[i] * s;
+        du[i] = g[i] * silu;
+        dg[i] = g[i] * up_[i] * s * (T(1) + gp[i] * (T(1) - s));
+      }
+    });
   });
 }
 

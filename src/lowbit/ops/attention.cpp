@@ -4,15 +4,19 @@
 //   S = scale Q K^T (causal),  P_ij = exp(S_ij - lse_i),  O = P V,
 //   dP = dO V^T,  D_i = dO_i . O_i,  dS = P (dP - D),
 //   dQ = scale dS K,  dK = scale dS^T Q,  dV = P^T dO.
-// CPU body: per (batch, head) the products are BLAS calls on strided views ([B, T, heads, hd]
-// rows are read with a leading dimension of heads*hd, so no copies). One score block of
-// Tq x Tk per thread; heads run in parallel (OpenMP) with single-threaded BLAS inside.
-#include <cblas.h>
-
+// CPU body: the products are BLAS calls on strided views ([B, T, heads, hd] rows are read with a
+// leading dimension of heads*hd, so no copies). Forward: tiles of 64 query rows x the keys they
+// may see (causal blocks above the diagonal are skipped), softmax with the vectorised exp of
+// core/vecmath.h, tiles spread over lowbit's thread pool with single-threaded BLAS inside; no
+// T x T score matrix is ever allocated. Backward (training): per (batch, kv head), a Tq x Tk block.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "lowbit/core/blas.h"
+#include "lowbit/core/threads.h"
+#include "lowbit/core/vecmath.h"
 #include "lowbit/ops/dispatch.h"
 
 namespace lowbit::ops {
@@ -38,30 +42,27 @@ AttnDims check_attention(const char* op, const Tensor& q, const Tensor& k, const
   return d;
 }
 
-// Row-major C[M, N] = alpha op(A) op(B) + beta C with explicit leading dimensions.
 template <class T>
 void gemm_ld(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
              int64_t ldb, T beta, T* C, int64_t ldc) {
-  const auto TA = ta ? CblasTrans : CblasNoTrans, TB = tb ? CblasTrans : CblasNoTrans;
-  if constexpr (std::is_same_v<T, float>)
-    cblas_sgemm(CblasRowMajor, TA, TB, int(M), int(N), int(K), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
-  else
-    cblas_dgemm(CblasRowMajor, TA, TB, int(M), int(N), int(K), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
+  blas::gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-// Runs body(i) for i in [0, n) on OpenMP threads, with BLAS single-threaded inside (no
-// oversubscription); serial for small work where thread start-up costs more than it saves.
-template <class F>
-void parallel_heads(int64_t n, double work, F&& body) {
-  if (n > 1 && work > 2e5) {
-    const int blas_threads = openblas_get_num_threads();
-    openblas_set_num_threads(1);
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n; ++i) body(i);
-    openblas_set_num_threads(blas_threads);
-  } else {
-    for (int64_t i = 0; i < n; ++i) body(i);
-  }
+// Softmax of one score row in place over its first n entries; returns the log-sum-exp.
+inline float softmax_row(float* s, int64_t n) {
+  const float mx = vec::max(s, n);
+  const float sum = vec::exp_shift_sum(s, n, mx);
+  vec::scale(s, n, 1.0f / sum);
+  return mx + std::log(sum);
+}
+inline double softmax_row(double* s, int64_t n) {
+  double mx = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
+  const double inv = 1.0 / sum;
+  for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+  return mx + std::log(sum);
 }
 }  // namespace
 
@@ -77,27 +78,28 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double
     T* op_ = out.data<T>();
     T* lp = lse.data<T>();
     const int64_t off = d.Tk - d.Tq, ldq = d.H * d.hd, ldk = d.KVH * d.hd;
-    parallel_heads(d.B * d.H, double(d.B * d.H) * double(d.Tq) * double(d.Tk) * double(d.hd), [&](int64_t bh) {
+    // Query tiles of Bq rows: a tile needs keys [0, off + last row], so the causal upper triangle
+    // is never computed, and at most Bq x Tk scores exist per thread.
+    const int64_t Bq = d.Tk <= 4096 ? 64 : 16, tiles = (d.Tq + Bq - 1) / Bq;
+    parallel_each(d.B * d.H * tiles, [&](int64_t item) {
+      // Largest tiles first: item order runs the last (longest) query tiles early.
+      const int64_t qt = tiles - 1 - item / (d.B * d.H), bh = item % (d.B * d.H);
       const int64_t b = bh / d.H, h = bh % d.H, kh = h / d.group;
-      std::vector<T> S(static_cast<size_t>(d.Tq * d.Tk));
-      const T* Q = qp + (b * d.Tq * d.H + h) * d.hd;
+      const int64_t i0 = qt * Bq, i1 = std::min(d.Tq, i0 + Bq), rows = i1 - i0, kn = off + i1;
+      thread_local std::vector<T> S;
+      if (S.size() < size_t(rows * kn)) S.resize(size_t(rows * kn));
+      const T* Q = qp + ((b * d.Tq + i0) * d.H + h) * d.hd;
       const T* K = kp + (b * d.Tk * d.KVH + kh) * d.hd;
       const T* V = vp + (b * d.Tk * d.KVH + kh) * d.hd;
-      T* O = op_ + (b * d.Tq * d.H + h) * d.hd;
-      gemm_ld<T>(false, true, d.Tq, d.Tk, d.hd, T(scale), Q, ldq, K, ldk, T(0), S.data(), d.Tk);
-      for (int64_t i = 0; i < d.Tq; ++i) {
-        T* s = S.data() + i * d.Tk;
-        const int64_t last = off + i;
-        T mx = -std::numeric_limits<T>::infinity();
-        for (int64_t j = 0; j <= last; ++j) mx = std::max(mx, s[j]);
-        T sum = 0;
-        for (int64_t j = 0; j <= last; ++j) sum += (s[j] = std::exp(s[j] - mx));
-        const T inv = T(1) / sum;
-        for (int64_t j = 0; j <= last; ++j) s[j] *= inv;
-        for (int64_t j = last + 1; j < d.Tk; ++j) s[j] = 0;
-        lp[(b * d.H + h) * d.Tq + i] = mx + std::log(sum);
+      T* O = op_ + ((b * d.Tq + i0) * d.H + h) * d.hd;
+      gemm_ld<T>(false, true, rows, kn, d.hd, T(scale), Q, ldq, K, ldk, T(0), S.data(), kn);
+      for (int64_t r = 0; r < rows; ++r) {
+        T* s = S.data() + r * kn;
+        const int64_t valid = off + i0 + r + 1;
+        lp[(b * d.H + h) * d.Tq + i0 + r] = T(softmax_row(s, valid));
+        for (int64_t j = valid; j < kn; ++j) s[j] = 0;
       }
-      gemm_ld<T>(false, false, d.Tq, d.hd, d.Tk, T(1), S.data(), d.Tk, V, ldk, T(0), O, ldq);
+      gemm_ld<T>(false, false, rows, d.hd, kn, T(1), S.data(), kn, V, ldk, T(0), O, ldq);
     });
   });
 }
@@ -120,7 +122,7 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
     T *dqp = dq.data<T>(), *dkp = dk.data<T>(), *dvp = dv.data<T>();
     const int64_t off = d.Tk - d.Tq, ldq = d.H * d.hd, ldk = d.KVH * d.hd;
     // Each (batch, kv head) owns its dK/dV rows, so groups run in parallel without races.
-    parallel_heads(d.B * d.KVH, double(d.B * d.H) * double(d.Tq) * double(d.Tk) * double(d.hd), [&](int64_t bk) {
+    parallel_each(d.B * d.KVH, [&](int64_t bk) {
       const int64_t b = bk / d.KVH, kh = bk % d.KVH;
       std::vector<T> P(static_cast<size_t>(d.Tq * d.Tk)), dP(static_cast<size_t>(d.Tq * d.Tk));
       const T* K = kp + (b * d.Tk * d.KVH + kh) * d.hd;

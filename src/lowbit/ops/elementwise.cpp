@@ -1,6 +1,7 @@
 // Elementwise arithmetic, reductions used by autograd (row sums, totals, squared norms).
 #include <cmath>
 
+#include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
 
 namespace lowbit::ops {
@@ -31,11 +32,13 @@ void binary(const char* op, const Tensor& a, const Tensor& b, Tensor& out, Fn fn
     T* o = out.data<T>();
     const int64_t n = a.numel();
     if (row == 0) {
-#pragma omp parallel for if (n > 65536)
-      for (int64_t i = 0; i < n; ++i) o[i] = fn(x[i], y[i]);
+      parallel_for(n, 32768, [&](int64_t lo_, int64_t hi_) {
+        for (int64_t i = lo_; i < hi_; ++i) o[i] = fn(x[i], y[i]);
+      });
     } else {
-#pragma omp parallel for if (n > 65536)
-      for (int64_t i = 0; i < n; ++i) o[i] = fn(x[i], y[i % row]);
+      parallel_for(n, 32768, [&](int64_t lo_, int64_t hi_) {
+        for (int64_t i = lo_; i < hi_; ++i) o[i] = fn(x[i], y[i % row]);
+      });
     }
   });
 }
@@ -80,8 +83,9 @@ void axpy(double alpha, const Tensor& x, Tensor& y) {
     const T* p = x.data<T>();
     T* o = y.data<T>();
     const int64_t n = x.numel();
-#pragma omp parallel for if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) o[i] += T(alpha) * p[i];
+    parallel_for(n, 32768, [&](int64_t lo_, int64_t hi_) {
+      for (int64_t i = lo_; i < hi_; ++i) o[i] += T(alpha) * p[i];
+    });
   });
 }
 
@@ -127,8 +131,11 @@ double sum_squares(const Tensor& x) {
     const T* p = x.data<T>();
     double s = 0;
     const int64_t n = x.numel();
-#pragma omp parallel for reduction(+ : s) if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) s += double(p[i]) * double(p[i]);
+    s += parallel_sum(n, 32768, [&](int64_t lo_, int64_t hi_) {
+      double s = 0;
+      for (int64_t i = lo_; i < hi_; ++i) s += double(p[i]) * double(p[i]);
+      return s;
+    });
     return s;
   });
 }

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <limits>
 
+#include "lowbit/core/threads.h"
+#include "lowbit/core/vecmath.h"
 #include "lowbit/ops/dispatch.h"
 
 namespace lowbit::ops {
@@ -18,6 +20,12 @@ double row_lse(const T* z, int64_t V) {
   double s = 0;
   for (int64_t v = 0; v < V; ++v) s += std::exp(double(z[v]) - mx);
   return mx + std::log(s);
+}
+// f32 rows: vectorised max and exp (core/vecmath.h), sums in double.
+template <>
+double row_lse<float>(const float* z, int64_t V) {
+  const float mx = vec::max(z, V);
+  return double(mx) + std::log(vec::exp_shift_sum_f64(z, V, mx));
 }
 
 // KL(softmax(p) || softmax(q)) of one row, with both rows' log-sum-exp.
@@ -68,12 +76,15 @@ void cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor& 
     const int32_t* t = targets.data<int32_t>();
     T* lp = lse.data<T>();
     double total = 0;
-#pragma omp parallel for reduction(+ : total) if (N * V > 65536)
-    for (int64_t i = 0; i < N; ++i) {
-      const double l = row_lse(z + i * V, V);
-      lp[i] = T(l);
-      if (t[i] >= 0) total += l - double(z[i * V + t[i]]);
-    }
+    total += parallel_sum(N, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, V)), [&](int64_t lo_, int64_t hi_) {
+      double total = 0;
+      for (int64_t i = lo_; i < hi_; ++i) {
+        const double l = row_lse(z + i * V, V);
+        lp[i] = T(l);
+        if (t[i] >= 0) total += l - double(z[i * V + t[i]]);
+      }
+      return total;
+    });
     const int64_t n = count_valid(targets);
     loss.data<T>()[0] = T(n > 0 ? total / double(n) : 0.0);
   });
@@ -94,15 +105,16 @@ void cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Ten
     const T *z = logits.data<T>(), *lp = lse.data<T>();
     const int32_t* t = targets.data<int32_t>();
     T* d = dlogits.data<T>();
-#pragma omp parallel for if (N * V > 65536)
-    for (int64_t i = 0; i < N; ++i) {
-      if (t[i] < 0) {
-        for (int64_t v = 0; v < V; ++v) d[i * V + v] = T(0);
-        continue;
+    parallel_for(N, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, V)), [&](int64_t lo_, int64_t hi_) {
+      for (int64_t i = lo_; i < hi_; ++i) {
+        if (t[i] < 0) {
+          for (int64_t v = 0; v < V; ++v) d[i * V + v] = T(0);
+          continue;
+        }
+        for (int64_t v = 0; v < V; ++v) d[i * V + v] = T(g * std::exp(double(z[i * V + v]) - double(lp[i])));
+        d[i * V + t[i]] -= T(g);
       }
-      for (int64_t v = 0; v < V; ++v) d[i * V + v] = T(g * std::exp(double(z[i * V + v]) - double(lp[i])));
-      d[i * V + t[i]] -= T(g);
-    }
+    });
   });
 }
 
@@ -119,8 +131,11 @@ void kl_div_forward(const Tensor& p_logits, const Tensor& q_logits, Tensor& loss
     using T = decltype(tag);
     const T *p = p_logits.data<T>(), *q = q_logits.data<T>();
     double total = 0;
-#pragma omp parallel for reduction(+ : total) if (N * V > 65536)
-    for (int64_t i = 0; i < N; ++i) total += row_kl(p + i * V, q + i * V, V).kl;
+    total += parallel_sum(N, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, V)), [&](int64_t lo_, int64_t hi_) {
+      double total = 0;
+      for (int64_t i = lo_; i < hi_; ++i) total += row_kl(p + i * V, q + i * V, V).kl;
+      return total;
+    });
     loss.data<T>()[0] = T(N > 0 ? total / double(N) : 0.0);
   });
 }
@@ -138,17 +153,18 @@ void kl_div_backward(const Tensor& dloss, const Tensor& p_logits, const Tensor& 
     const T *p = p_logits.data<T>(), *q = q_logits.data<T>();
     T* dpp = dp.defined() ? dp.data<T>() : nullptr;
     T* dqp = dq.defined() ? dq.data<T>() : nullptr;
-#pragma omp parallel for if (N * V > 65536)
-    for (int64_t i = 0; i < N; ++i) {
-      const RowKl r = row_kl(p + i * V, q + i * V, V);
-      const double kl = r.kl;
-      for (int64_t v = 0; v < V; ++v) {
-        const double logp = double(p[i * V + v]) - r.lse_p, logq = double(q[i * V + v]) - r.lse_q;
-        const double P = std::exp(logp), Q = std::exp(logq);
-        if (dqp) dqp[i * V + v] = T(g * (Q - P));
-        if (dpp) dpp[i * V + v] = T(g * P * (logp - logq - kl));
+    parallel_for(N, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, V)), [&](int64_t lo_, int64_t hi_) {
+      for (int64_t i = lo_; i < hi_; ++i) {
+        const RowKl r = row_kl(p + i * V, q + i * V, V);
+        const double kl = r.kl;
+        for (int64_t v = 0; v < V; ++v) {
+          const double logp = double(p[i * V + v]) - r.lse_p, logq = double(q[i * V + v]) - r.lse_q;
+          const double P = std::exp(logp), Q = std::exp(logq);
+          if (dqp) dqp[i * V + v] = T(g * (Q - P));
+          if (dpp) dpp[i * V + v] = T(g * P * (logp - logq - kl));
+        }
       }
-    }
+    });
   });
 }
 
@@ -165,11 +181,14 @@ void mse_forward(const Tensor& a, const Tensor& b, Tensor& loss) {
     const T *x = a.data<T>(), *y = b.data<T>();
     const int64_t n = a.numel();
     double s = 0;
-#pragma omp parallel for reduction(+ : s) if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) {
-      const double d = double(x[i]) - double(y[i]);
-      s += d * d;
-    }
+    s += parallel_sum(n, 32768, [&](int64_t lo_, int64_t hi_) {
+      double s = 0;
+      for (int64_t i = lo_; i < hi_; ++i) {
+        const double d = double(x[i]) - double(y[i]);
+        s += d * d;
+      }
+      return s;
+    });
     loss.data<T>()[0] = T(n > 0 ? s / double(n) : 0.0);
   });
 }
@@ -187,12 +206,13 @@ void mse_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Tensor&
     const T *x = a.data<T>(), *y = b.data<T>();
     T* dap = da.defined() ? da.data<T>() : nullptr;
     T* dbp = db.defined() ? db.data<T>() : nullptr;
-#pragma omp parallel for if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) {
-      const T d = g * (x[i] - y[i]);
-      if (dap) dap[i] = d;
-      if (dbp) dbp[i] = -d;
-    }
+    parallel_for(n, 32768, [&](int64_t lo_, int64_t hi_) {
+      for (int64_t i = lo_; i < hi_; ++i) {
+        const T d = g * (x[i] - y[i]);
+        if (dap) dap[i] = d;
+        if (dbp) dbp[i] = -d;
+      }
+    });
   });
 }
 

@@ -3,6 +3,7 @@
 //   p <- p - lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
 #include <cmath>
 
+#include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
 
 namespace lowbit::ops {
@@ -22,16 +23,17 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double 
     T *p = param.data<T>(), *mp = m.data<T>(), *vp = v.data<T>();
     const T* g = grad.data<T>();
     const int64_t n = param.numel();
-#pragma omp parallel for if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) {
-      double pi = double(p[i]) * (1.0 - lr * weight_decay);
-      const double mi = beta1 * double(mp[i]) + (1.0 - beta1) * double(g[i]);
-      const double vi = beta2 * double(vp[i]) + (1.0 - beta2) * double(g[i]) * double(g[i]);
-      pi -= lr * (mi / bc1) / (std::sqrt(vi / bc2) + eps);
-      p[i] = T(pi);
-      mp[i] = T(mi);
-      vp[i] = T(vi);
-    }
+    parallel_for(n, 32768, [&](int64_t lo_, int64_t hi_) {
+      for (int64_t i = lo_; i < hi_; ++i) {
+        double pi = double(p[i]) * (1.0 - lr * weight_decay);
+        const double mi = beta1 * double(mp[i]) + (1.0 - beta1) * double(g[i]);
+        const double vi = beta2 * double(vp[i]) + (1.0 - beta2) * double(g[i]) * double(g[i]);
+        pi -= lr * (mi / bc1) / (std::sqrt(vi / bc2) + eps);
+        p[i] = T(pi);
+        mp[i] = T(mi);
+        vp[i] = T(vi);
+      }
+    });
   });
 }
 

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <vector>
 
+#include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
 
 namespace lowbit::ops {
@@ -24,15 +25,16 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Te
     const T* wp = w.data<T>();
     T* yp = y.data<T>();
     T* rp = rstd.data<T>();
-#pragma omp parallel for if (M * D > 65536)
-    for (int64_t i = 0; i < M; ++i) {
-      const T* xr = xp + i * D;
-      double ss = 0;
-      for (int64_t j = 0; j < D; ++j) ss += double(xr[j]) * double(xr[j]);
-      const T r = T(1.0 / std::sqrt(ss / double(D) + eps));
-      rp[i] = r;
-      for (int64_t j = 0; j < D; ++j) yp[i * D + j] = xr[j] * r * wp[j];
-    }
+    parallel_for(M, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, D)), [&](int64_t lo_, int64_t hi_) {
+      for (int64_t i = lo_; i < hi_; ++i) {
+        const T* xr = xp + i * D;
+        double ss = 0;
+        for (int64_t j = 0; j < D; ++j) ss += double(xr[j]) * double(xr[j]);
+        const T r = T(1.0 / std::sqrt(ss / double(D) + eps));
+        rp[i] = r;
+        for (int64_t j = 0; j < D; ++j) yp[i * D + j] = xr[j] * r * wp[j];
+      }
+    });
   });
 }
 

@@ -1,9 +1,11 @@
 // Rotary position embedding (RoFormer, Su et al. 2021, eq. 34). Pair i of a head rotates by
 // angle pos * theta^(-2i/hd). The rotation is orthogonal, so its backward is the rotation by the
 // negative angle (inverse = true).
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
 
 namespace lowbit {
@@ -41,25 +43,53 @@ void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inv
   detail::check_same_kind(op, x, y, "y");
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), hd = x.size(3);
   if (hd % 2 != 0) throw_error(op, ": head_dim ", hd, " must be even");
+  if (pos0 < 0) throw_error(op, ": position offset ", pos0, " is negative");
   if (scaling.active() && x.device() != Device::CPU)
     throw_error(op, ": rope_scaling 'llama3' is implemented on the CPU only (run with --device cpu)");
   LB_CUDA_ROUTE(x, rope, x, pos0, theta, style, inverse, y);
   const int64_t half = hd / 2;
-  // Angles in double: cheap at this size and closer to the exact rotation than f32.
-  const std::vector<double> inv_freq = rope_inv_freq(theta, hd, scaling);
+  // cos/sin of pos * theta^(-2i/hd) in double (closer to the exact rotation than f32), kept per
+  // thread for positions [0, n) and reused while theta and hd stay: a forward calls rope twice
+  // per block with the same angles.
+  struct Table {
+    double theta = 0;
+    int64_t hd = 0, npos = 0;
+    RopeScaling scaling;
+    std::vector<double> c, s;
+    bool same(double th, int64_t d, const RopeScaling& sc) const {
+      return theta == th && hd == d && scaling.factor == sc.factor && scaling.low_freq_factor == sc.low_freq_factor &&
+             scaling.high_freq_factor == sc.high_freq_factor && scaling.original_max_position == sc.original_max_position;
+    }
+  };
+  thread_local Table tab;
+  if (!tab.same(theta, hd, scaling) || tab.npos < pos0 + T) {
+    const int64_t npos = std::max<int64_t>(pos0 + T, tab.same(theta, hd, scaling) ? 2 * tab.npos : 0);
+    const std::vector<double> inv_freq = rope_inv_freq(theta, hd, scaling);
+    tab.c.resize(size_t(npos * half));
+    tab.s.resize(size_t(npos * half));
+    for (int64_t p = 0; p < npos; ++p)
+      for (int64_t i = 0; i < half; ++i) {
+        const double ang = double(p) * inv_freq[i];
+        tab.c[p * half + i] = std::cos(ang);
+        tab.s[p * half + i] = std::sin(ang);
+      }
+    tab.theta = theta;
+    tab.hd = hd;
+    tab.scaling = scaling;
+    tab.npos = npos;
+  }
+  const double *ct = tab.c.data(), *st = tab.s.data();
   detail::dispatch_float(op, x.dtype(), [&](auto tag) {
     using TT = decltype(tag);
     const TT* xp = x.data<TT>();
     TT* yp = y.data<TT>();
-#pragma omp parallel for collapse(2) if (B * T * H * hd > 65536)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < T; ++t) {
-        const double pos = double(pos0 + t);
+    parallel_for(B * T, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * hd)), [&](int64_t lo, int64_t hi) {
+      for (int64_t bt = lo; bt < hi; ++bt) {
+        const int64_t pos = pos0 + bt % T;
         for (int64_t i = 0; i < half; ++i) {
-          const double ang = pos * inv_freq[i];
-          const double c = std::cos(ang), s = inverse ? -std::sin(ang) : std::sin(ang);
+          const double c = ct[pos * half + i], s = inverse ? -st[pos * half + i] : st[pos * half + i];
           for (int64_t h = 0; h < H; ++h) {
-            const int64_t base = ((b * T + t) * H + h) * hd;
+            const int64_t base = (bt * H + h) * hd;
             const int64_t i0 = style == RopeStyle::Interleaved ? base + 2 * i : base + i;
             const int64_t i1 = style == RopeStyle::Interleaved ? base + 2 * i + 1 : base + i + half;
             const double x0 = xp[i0], x1 = xp[i1];
@@ -68,6 +98,7 @@ void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inv
           }
         }
       }
+    });
   });
 }
 
