@@ -116,6 +116,42 @@ Tensor QuantizedTensor::dequantize() const {
   return w;
 }
 
+void QuantizedTensor::dequantize_row_into(int64_t r, float* dst) const {
+  const QuantFormat& f = fmt();
+  const int64_t in = in_features(), groups = f.n_groups(in);
+  LB_CHECK(r >= 0 && r < out_features(), "[", f.name, "] row ", r, " out of range [0, ", out_features(), ")");
+  std::vector<uint8_t> row(static_cast<size_t>(in));
+  unpack_row(r, row.data());
+  const float ts = tensor_scale_value();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t b = f.group_begin(g), e = f.group_end(g, in);
+    f.codec->decode_n(f, row.data() + b, e - b, load_group_params(f, scales, zeros, r * groups + g, ts), dst + b);
+  }
+}
+
+ops::PackedWeight QuantizedTensor::packed_view() const {
+  validate();
+  const QuantFormat& f = fmt();
+  ops::PackedWeight w;
+  w.out = out_features();
+  w.in = in_features();
+  w.format = f.name;
+  w.dequantize_row = [this](int64_t r, float* dst) { dequantize_row_into(r, dst); };
+  const bool int_kind = f.kind == QuantKind::IntAsym || f.kind == QuantKind::IntSym;
+  if (int_kind && f.scale_type == ScaleType::F16 && (f.bits == 2 || f.bits == 4 || f.bits == 8)) {
+    w.layout = ops::PackedLayout::IntGroups;
+    w.bits = f.bits;
+    w.n_groups = f.n_groups(w.in);
+    w.group_size = f.group_size > 0 ? f.group_size : w.in;
+    w.row_bytes = f.row_bytes(w.in);
+    w.codes = codes.data<uint8_t>();
+    w.scales = f16_data(scales);
+    w.zeros = f.has_zero ? f16_data(zeros) : nullptr;
+    w.implicit_zero = f.kind == QuantKind::IntSym ? float(1 << (f.bits - 1)) : 0.0f;
+  }
+  return w;
+}
+
 int64_t QuantizedTensor::nbytes() const {
   int64_t n = 0;
   for (const Tensor* t : {&codes, &scales, &zeros, &tensor_scale})

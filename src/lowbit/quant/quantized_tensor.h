@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "lowbit/core/tensor.h"
+#include "lowbit/ops/quant_matmul.h"
 #include "lowbit/quant/format.h"
 
 namespace lowbit {
@@ -31,6 +32,11 @@ struct QuantizedTensor {
   void unpack_row(int64_t row, uint8_t* codes) const;  // `in` codes
 
   Tensor dequantize() const;  // F32 [out, in] on the CPU
+  // Decodes row r into dst[0, in) (the format's codec; safe to call from several threads).
+  void dequantize_row_into(int64_t row, float* dst) const;
+  // The op layer's view of this tensor for ops::quant_matmul (pointers into this object's storage:
+  // valid while it lives and is not modified). Validates first.
+  ops::PackedWeight packed_view() const;
   int64_t nbytes() const;     // bytes of all tensors
 };
 
