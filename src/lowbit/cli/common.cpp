@@ -25,9 +25,11 @@ Device parse_device(const std::string& name) {
 LoadedModel load_model(const std::string& path, Device device) {
   LoadedModel m;
   if (is_lowbit_quantized_dir(path)) {  // packed weights: QuantLinear layers
-    QuantizedCheckpoint q = load_quantized_model(path);
+    QuantizedCheckpoint q = load_quantized_model(path, /*dense_view=*/false);
     m.model = make_quantized_model(q, device);
     m.checkpoint = std::move(q.dense);
+    for (auto& l : m.checkpoint.weights.layers)  // drop the placeholders of the packed linears
+      for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) *t = Tensor();
     return m;
   }
   m.checkpoint = load_checkpoint(path);

@@ -144,7 +144,7 @@ bool is_lowbit_quantized_dir(const std::string& dir) {
          j["quantization_config"].is_object() && j["quantization_config"].value("quant_method", "") == "lowbit";
 }
 
-QuantizedCheckpoint load_quantized_model(const std::string& dir) {
+QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view) {
   const std::string cfg_path = (fs::path(dir) / "config.json").string();
   nlohmann::json cfg = read_json(cfg_path);
   if (!cfg.contains("quantization_config") || !cfg["quantization_config"].is_object())
@@ -207,16 +207,17 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir) {
         QuantizedTensor q;
         q.format = fmt->id;
         q.shape = {lin.out, lin.in};
-        q.codes = load(m + ".qweight");
-        if (f.find(m + ".scales")) q.scales = load(m + ".scales");
-        if (f.find(m + ".qzeros")) q.zeros = load(m + ".qzeros");
+        q.codes = f.map(m + ".qweight");
+        if (f.find(m + ".scales")) q.scales = f.map(m + ".scales");
+        if (f.find(m + ".qzeros")) q.zeros = f.map(m + ".qzeros");
         if (f.find(m + ".tensor_scale")) q.tensor_scale = load(m + ".tensor_scale");
         try {
           q.validate();
         } catch (const Error& e) {
           throw_error(st_path, ": quantized layer '", m, "': ", e.what());
         }
-        *lin.w = q.dequantize();
+        // Placeholder when there is no dense view: allocated, never written or read (no resident pages).
+        *lin.w = dense_view ? q.dequantize() : Tensor::empty({lin.out, lin.in});
         if (f.find(m + ".lora_A") || f.find(m + ".lora_B")) {
           LoraAdapters ad{loadf(m + ".lora_A"), loadf(m + ".lora_B")};
           if (ad.A.dim() != 2 || ad.A.size(1) != lin.in || ad.B.dim() != 2 || ad.B.size(0) != lin.out ||
@@ -225,14 +226,16 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir) {
                         " do not fit a [", lin.out, ", ", lin.in, "] layer (expected [r, ", lin.in, "] and [", lin.out,
                         ", r])");
           // The dense view of the checkpoint is the function the layer computes: Ŵ + B A.
-          const float *pa = ad.A.data<float>(), *pb = ad.B.data<float>();
-          float* pw = lin.w->data<float>();
-          const int64_t r = ad.A.size(0);
-          for (int64_t o = 0; o < lin.out; ++o)
-            for (int64_t k = 0; k < r; ++k) {
-              const float b = pb[o * r + k];
-              for (int64_t j = 0; j < lin.in; ++j) pw[o * lin.in + j] += b * pa[k * lin.in + j];
-            }
+          if (dense_view) {
+            const float *pa = ad.A.data<float>(), *pb = ad.B.data<float>();
+            float* pw = lin.w->data<float>();
+            const int64_t r = ad.A.size(0);
+            for (int64_t o = 0; o < lin.out; ++o)
+              for (int64_t k = 0; k < r; ++k) {
+                const float b = pb[o * r + k];
+                for (int64_t j = 0; j < lin.in; ++j) pw[o * lin.in + j] += b * pa[k * lin.in + j];
+              }
+          }
           out.lora.emplace(m, std::move(ad));
         }
         out.quantized.emplace(m, std::move(q));

@@ -49,7 +49,10 @@ struct LoraAdapters {
 };
 
 struct QuantizedCheckpoint {
-  Checkpoint dense;  // config (rope Half) + f32 weights, quantized linears dequantized
+  // config (rope Half) + f32 weights, quantized linears dequantized (+ B A) — or, when loaded with
+  // dense_view = false, quantized linears as untouched placeholders of the right shape (never read;
+  // make_quantized_model replaces them).
+  Checkpoint dense;
   std::string method;
   QuantFormatId format = QuantFormatId::Int4G128;
   std::map<std::string, QuantizedTensor> quantized;  // by module name
@@ -64,8 +67,10 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
                           LoraStorage lora = LoraStorage::Separate, DType merged_dtype = DType::F16);
 
 // Reads a directory written by save_quantized_model. Throws lowbit::Error naming the file and
-// the tensor for missing scales, wrong packed sizes, unknown format names, etc.
-QuantizedCheckpoint load_quantized_model(const std::string& dir);
+// the tensor for missing scales, wrong packed sizes, unknown format names, etc. The packed tensors
+// are mapped from the file (zero copy where aligned). dense_view = false skips dequantizing the
+// quantized linears into `dense` (inference: no f32 copy of a packed weight is ever made).
+QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view = true);
 
 // True when dir/config.json has a lowbit quantization_config.
 bool is_lowbit_quantized_dir(const std::string& dir);
