@@ -13,3 +13,5 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
+# Python oracles of the tests (tests/io/oracle/*.py: gguf-py's quantizers and dequantizers).
+python3 -m pip install --quiet gguf numpy

@@ -19,12 +19,21 @@ TEST(QuantFormat, TableIsConsistent) {
     EXPECT_TRUE(names.insert(f.name).second) << f.name;
     EXPECT_EQ(&quant_format(f.id), &f);
     EXPECT_EQ(&parse_quant_format(f.name), &f);
-    EXPECT_NE(f.codec, nullptr);
-    EXPECT_EQ(f.row_bytes(64), packed_bytes(f.bits, 64));
     EXPECT_EQ(f.has_zero, f.kind == QuantKind::IntAsym) << f.name;
     EXPECT_EQ(f.group_size == 0, f.granularity != ScaleGranularity::PerGroup) << f.name;
+    if (f.is_ggml_block()) {
+      EXPECT_EQ(f.codec, nullptr);
+      EXPECT_NE(f.dequantize_row, nullptr);
+      EXPECT_GT(f.block_bytes, 0);
+      EXPECT_EQ(f.row_bytes(512), 512 / f.group_size * f.block_bytes) << f.name;
+      EXPECT_EQ(quant_format_for_ggml_type(uint32_t(f.ggml_type)), &f);
+      continue;
+    }
+    EXPECT_NE(f.codec, nullptr);
+    EXPECT_EQ(f.row_bytes(64), packed_bytes(f.bits, 64));
   }
-  EXPECT_EQ(all_quant_formats().size(), 28u);
+  EXPECT_EQ(all_quant_formats().size(), 42u);
+  EXPECT_EQ(quant_format_for_ggml_type(0), nullptr);  // F32 is not a block format
   EXPECT_EQ(&parse_quant_format("INT4G128"), &quant_format(QuantFormatId::Int4G128));
   const QuantFormat& f = parse_quant_format("int4g128s");
   EXPECT_EQ(f.kind, QuantKind::IntSym);
@@ -41,7 +50,7 @@ TEST(QuantFormat, UnknownNameOrIdThrows) {
   EXPECT_THROW(parse_quant_format(""), Error);
   EXPECT_THROW(quant_format(QuantFormatId(999)), Error);
   try {
-    parse_quant_format("q4_k");
+    parse_quant_format("q4_kk");
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("int4g128"), std::string::npos) << "message lists the known names";
   }
@@ -61,6 +70,23 @@ TEST(QuantFormat, BitsPerWeightAsDocumented) {
   EXPECT_DOUBLE_EQ(bpw("mxfp4"), 4.0 + 8.0 / 32);  // E8M0 per 32
   EXPECT_DOUBLE_EQ(bpw("nvfp4"), 4.0 + 8.0 / 16 + 32.0 / double(n * n));  // E4M3 per 16 + fp32 tensor
   EXPECT_DOUBLE_EQ(bpw("ternary"), 2.0 + 32.0 / double(n * n));          // 2-bit codes + fp32 gamma
+  // ggml blocks: block bytes * 8 / block size.
+  EXPECT_DOUBLE_EQ(bpw("q4_0"), 4.5);
+  EXPECT_DOUBLE_EQ(bpw("q4_1"), 5.0);
+  EXPECT_DOUBLE_EQ(bpw("q5_0"), 5.5);
+  EXPECT_DOUBLE_EQ(bpw("q5_1"), 6.0);
+  EXPECT_DOUBLE_EQ(bpw("q8_0"), 8.5);
+  EXPECT_DOUBLE_EQ(bpw("q2_k"), 2.625);
+  EXPECT_DOUBLE_EQ(bpw("q3_k"), 3.4375);
+  EXPECT_DOUBLE_EQ(bpw("q4_k"), 4.5);
+  EXPECT_DOUBLE_EQ(bpw("q5_k"), 5.5);
+  EXPECT_DOUBLE_EQ(bpw("q6_k"), 6.5625);
+  EXPECT_DOUBLE_EQ(bpw("tq1_0"), 1.6875);
+  EXPECT_DOUBLE_EQ(bpw("tq2_0"), 2.0625);
+  EXPECT_DOUBLE_EQ(bpw("iq4_nl"), 4.5);
+  EXPECT_DOUBLE_EQ(bpw("iq4_xs"), 4.25);
+  EXPECT_EQ(&parse_quant_format("Q4_K"), &quant_format(QuantFormatId::Q4_K));
+  EXPECT_THROW(parse_quant_format("q4_k").bits_per_weight(4, 100), Error);  // not whole blocks
   // Odd shapes count the padding and the short last group.
   const QuantFormat& f3 = parse_quant_format("int3g64");
   EXPECT_EQ(f3.row_bytes(100), 39);  // ceil(100/8) * 3

@@ -37,53 +37,8 @@ DType parse_dtype(std::string_view name) {
   throw_error("unknown dtype '", name, "' (expected f32, f16, bf16, f64, i8, u8, i16, i32 or i64)");
 }
 
-float f16_to_f32(uint16_t h) {
-  uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t mant = h & 0x3ffu;
-  uint32_t u;
-  if (exp == 0) {
-    if (mant == 0) {
-      u = sign;
-    } else {  // subnormal: normalise
-      int e = -1;
-      do {
-        ++e;
-        mant <<= 1;
-      } while ((mant & 0x400u) == 0);
-      u = sign | uint32_t(127 - 15 - e) << 23 | (mant & 0x3ffu) << 13;
-    }
-  } else if (exp == 0x1f) {
-    u = sign | 0x7f800000u | (mant << 13);
-  } else {
-    u = sign | (exp + 127 - 15) << 23 | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-uint16_t f32_to_f16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  uint32_t sign = (u >> 16) & 0x8000u;
-  uint32_t absu = u & 0x7fffffffu;
-  if (absu > 0x7f800000u) return uint16_t(sign | 0x7e00u);  // NaN
-  if (absu >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // overflow (incl. inf) after rounding
-  if (absu < 0x38800000u) {                                   // subnormal or zero in f16
-    if (absu < 0x33000000u) return uint16_t(sign);            // rounds to zero
-    uint32_t e = absu >> 23;
-    uint32_t mant = (absu & 0x7fffffu) | 0x800000u;
-    uint32_t shift = 126 - e;  // 14 + (113 - e) - 1 ... gives the f16 subnormal mantissa
-    uint32_t half = 1u << (shift - 1);
-    uint32_t r = mant >> shift;
-    uint32_t rem = mant & ((1u << shift) - 1);
-    if (rem > half || (rem == half && (r & 1u))) ++r;
-    return uint16_t(sign | r);
-  }
-  uint32_t r = absu - 0x38000000u;  // rebias exponent 127 -> 15
-  r += 0xfffu + ((r >> 13) & 1u);   // round to nearest even on the 13 dropped bits
-  return uint16_t(sign | (r >> 13));
-}
+// The conversions are the shared host/device ones of format_traits.h.
+float f16_to_f32(uint16_t h) { return fmt_f16_to_f32(h); }
+uint16_t f32_to_f16(float f) { return fmt_f32_to_f16(f); }
 
 }  // namespace lowbit

@@ -4,6 +4,8 @@
 #include <cstring>
 #include <string_view>
 
+#include "lowbit/core/format_traits.h"
+
 namespace lowbit {
 
 enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, I8 = 3, U8 = 4, I32 = 5, F64 = 6, I64 = 7, I16 = 8 };
@@ -31,19 +33,9 @@ template <> struct dtype_of<int32_t> { static constexpr DType value = DType::I32
 template <> struct dtype_of<int64_t> { static constexpr DType value = DType::I64; };
 
 // ---- 16-bit float conversions (round to nearest even; NaN preserved) ----------------
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
+// The arithmetic is format_traits.h's (shared with CUDA kernels).
+inline float bf16_to_f32(uint16_t h) { return fmt_bf16_to_f32(h); }
+inline uint16_t f32_to_bf16(float f) { return fmt_f32_to_bf16(f); }
 float f16_to_f32(uint16_t h);
 uint16_t f32_to_f16(float f);
 

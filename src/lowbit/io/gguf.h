@@ -21,6 +21,7 @@
 
 #include "lowbit/core/tensor.h"
 #include "lowbit/io/checkpoint.h"
+#include "lowbit/quant/quantized_tensor.h"
 
 namespace lowbit {
 
@@ -85,6 +86,11 @@ struct GgufTensorInfo {
   uint64_t offset = 0;  // relative to the data section
   uint64_t nbytes = 0;
   Shape shape() const { return Shape(ne.rbegin(), ne.rend()); }  // PyTorch order
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t x : ne) n *= x;
+    return n;
+  }
 };
 
 class GgufFile {
@@ -100,9 +106,14 @@ class GgufFile {
   const GgufValue* find(const std::string& key) const;
   const std::vector<GgufTensorInfo>& tensors() const { return tensors_; }
   const GgufTensorInfo* find_tensor(const std::string& name) const;
-  // A copy converted to f32, shape in PyTorch order. Throws naming the ggml type for types that
-  // cannot be converted (quantized types, for now).
+  // A copy converted to f32, shape in PyTorch order. ggml block types with a row in the format
+  // table (quant_format_for_ggml_type: Q4_0 ... Q6_K, TQ1_0, TQ2_0, IQ4_NL, IQ4_XS) are
+  // dequantized exactly (bit-identical with gguf-py). Throws naming the tensor and the ggml type
+  // for the types lowbit cannot decode.
   Tensor load_f32(const std::string& name) const;
+  // A 2-D tensor in a ggml block type as a packed QuantizedTensor ([out, in] = [ne[1], ne[0]],
+  // codes = the raw blocks, copied). Throws naming the tensor for other types.
+  QuantizedTensor load_quantized(const std::string& name) const;
   // Raw bytes of a tensor (for pass-through of types lowbit cannot decode).
   const uint8_t* tensor_bytes(const GgufTensorInfo& t) const;
 
@@ -117,16 +128,31 @@ class GgufFile {
   std::map<std::string, size_t> tensor_index_;
 };
 
-// Writes a GGUF version 3 file atomically. Tensors are given in PyTorch shape order and written
-// with the ggml type of their dtype (F32, F16, BF16, I8, I16, I32, I64, F64). `general.alignment`
-// is added when alignment != 32.
-void write_gguf(const std::string& path, const GgufMetadata& metadata,
-                const std::vector<std::pair<std::string, Tensor>>& tensors, uint32_t alignment = 32);
+// The ggml names of the block types lowbit decodes ("Q4_0, Q4_1, ...") for messages.
+std::string ggml_block_type_names();
 
-// ---- Llama-family models ------------------------------------------------------------------------
+// Writes a GGUF version 3 file atomically. Tensors are given in PyTorch shape order and written
+// with the ggml type of their dtype (F32, F16, BF16, I8, I16, I32, I64, F64). `quantized` tensors
+// (ggml block formats only) are written as their raw blocks with their ggml type; quantized
+// tensors come first in the file, then `tensors`. `general.alignment` is added
+// when alignment != 32.
+void write_gguf(const std::string& path, const GgufMetadata& metadata,
+                const std::vector<std::pair<std::string, Tensor>>& tensors, uint32_t alignment = 32,
+                const std::vector<std::pair<std::string, QuantizedTensor>>& quantized = {});
+
+// ---- Llama-family models (io/gguf_llama.cpp) -----------------------------------------------------
 // Architectures "llama" (also used by llama.cpp for Mistral; q/k in Meta's interleaved RoPE
-// layout), "qwen2" and "qwen3" (rotate-half layout). Weights are converted to f32.
+// layout), "qwen2" and "qwen3" (rotate-half layout). Weights are converted to f32 (ggml block
+// types dequantized exactly: the "f32 path").
 Checkpoint load_gguf(const std::string& path);
+
+// The packed path: every linear weight of the decoder blocks stored in a ggml block type stays
+// packed (QuantizedCheckpoint::quantized, by HF module name, rows in the HF (rotate-half) order:
+// llama's q/k rows are un-permuted, a pure row permutation of the raw blocks); `dense` holds the
+// config (rope_style Half) and f32 weights of everything (quantized linears dequantized). Feed it
+// to make_quantized_model. method = "gguf"; format = the format of the first packed tensor.
+struct QuantizedCheckpoint;
+QuantizedCheckpoint load_gguf_quantized(const std::string& path);
 
 // The config implied by a GGUF file's metadata and tensors (no weights loaded).
 LlamaConfig gguf_llama_config(const GgufFile& f);

@@ -105,6 +105,7 @@ GptqPhaseSeconds& gptq_phase_seconds() {
 // ---- GPTQ -----------------------------------------------------------------------------------------
 
 GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_in, const QuantFormat& f, const GptqOptions& opt) {
+  LB_CHECK(!f.is_ggml_block(), "gptq [", f.name, "]: ggml block formats are not supported by GPTQ (use rtn)");
   if (((w_in.defined() && w_in.device() == Device::CUDA) || (h_in.defined() && h_in.device() == Device::CUDA)) &&
       gptq_cuda_supports(f, opt))
     return gptq_quantize_cuda(w_in, h_in, f, opt);

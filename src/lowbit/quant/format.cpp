@@ -6,122 +6,41 @@
 #include <cmath>
 
 #include "lowbit/core/error.h"
+#include "lowbit/quant/ggml_quants.h"
 
 namespace lowbit {
 
-// ---- element encodings ---------------------------------------------------------------------
+// ---- packing (the shared functions of core/format_traits.h, with checked widths) ---------------
 
-static constexpr std::array<float, 8> kE2M1Magnitudes = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-
-float e2m1_to_float(uint8_t code) {
-  float m = kE2M1Magnitudes[code & 7];
-  return (code & 8) ? -m : m;
-}
-
-uint8_t float_to_e2m1(float x) {
-  float a = std::fabs(x);
-  // Midpoints between neighbouring magnitudes; a tie goes to the even index (mantissa bit 0).
-  uint8_t idx;
-  if (a <= 0.25f) idx = 0;
-  else if (a < 0.75f) idx = 1;
-  else if (a <= 1.25f) idx = 2;
-  else if (a < 1.75f) idx = 3;
-  else if (a <= 2.5f) idx = 4;
-  else if (a < 3.5f) idx = 5;
-  else if (a <= 5.0f) idx = 6;
-  else idx = 7;  // saturates at 6
-  return uint8_t((x < 0 && idx != 0 ? 8 : 0) | idx);
-}
-
-float e4m3_to_float(uint8_t code) {
-  int e = (code >> 3) & 0xf, m = code & 7;
-  if (e == 0xf && m == 7) return std::nanf("");
-  float v = e == 0 ? std::ldexp(float(m) / 8.0f, -6) : std::ldexp(1.0f + float(m) / 8.0f, e - 7);
-  return (code & 0x80) ? -v : v;
-}
-
-uint8_t float_to_e4m3(float x) {
-  // Reference encoder: nearest of the 127 non-negative finite values (codes 0..0x7e are increasing).
-  static const std::array<float, 127> values = [] {
-    std::array<float, 127> v{};
-    for (int c = 0; c < 127; ++c) v[size_t(c)] = e4m3_to_float(uint8_t(c));
-    return v;
-  }();
-  uint8_t sign = std::signbit(x) ? 0x80 : 0;
-  float a = std::fabs(x);
-  if (!(a < values[126])) return uint8_t(sign | 0x7e);  // saturate (also +inf)
-  auto it = std::upper_bound(values.begin(), values.end(), a);  // first value > a
-  int hi = int(it - values.begin()), lo = hi - 1;
-  float dlo = a - values[size_t(lo)], dhi = values[size_t(hi)] - a;
-  int c = dlo < dhi ? lo : dhi < dlo ? hi : (lo % 2 == 0 ? lo : hi);
-  return uint8_t(sign | c);
-}
-
-float e8m0_to_float(uint8_t e) {
-  if (e == 0xff) return std::nanf("");
-  return std::ldexp(1.0f, int(e) - 127);
-}
-
-// ---- packing ---------------------------------------------------------------------------------
+static bool valid_code_width(int bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
 
 int64_t packed_bytes(int bits, int64_t n) {
-  switch (bits) {
-    case 2: return (n + 3) / 4;
-    case 3: return (n + 7) / 8 * 3;
-    case 4: return (n + 1) / 2;
-    case 8: return n;
-  }
-  throw_error("packed_bytes: unsupported code width ", bits, " bits (expected 2, 3, 4 or 8)");
+  if (!valid_code_width(bits))
+    throw_error("packed_bytes: unsupported code width ", bits, " bits (expected 2, 3, 4 or 8)");
+  return packed_code_bytes(bits, n);
 }
 
-static void pack2(const uint8_t* c, int64_t n, uint8_t* p) {
-  std::fill(p, p + packed_bytes(2, n), uint8_t(0));
-  for (int64_t i = 0; i < n; ++i) p[i / 4] |= uint8_t((c[i] & 3) << (2 * (i % 4)));
+template <int B>
+static void pack_w(const uint8_t* c, int64_t n, uint8_t* p) {
+  pack_code_row(B, c, n, p);
 }
-static void unpack2(const uint8_t* p, int64_t n, uint8_t* c) {
-  for (int64_t i = 0; i < n; ++i) c[i] = (p[i / 4] >> (2 * (i % 4))) & 3;
-}
-static void pack3(const uint8_t* c, int64_t n, uint8_t* p) {
-  for (int64_t k = 0; k * 8 < n; ++k) {
-    uint32_t word = 0;
-    for (int64_t j = 0; j < 8 && k * 8 + j < n; ++j) word |= uint32_t(c[k * 8 + j] & 7) << (3 * j);
-    p[3 * k] = uint8_t(word), p[3 * k + 1] = uint8_t(word >> 8), p[3 * k + 2] = uint8_t(word >> 16);
+template <int B>
+static void unpack_w(const uint8_t* p, int64_t n, uint8_t* c) {
+  if constexpr (B == 8) {
+    std::copy(p, p + n, c);
+  } else {
+    unpack_code_row(B, p, n, c);
   }
 }
-static void unpack3(const uint8_t* p, int64_t n, uint8_t* c) {
-  for (int64_t k = 0; k * 8 < n; ++k) {
-    uint32_t word = uint32_t(p[3 * k]) | uint32_t(p[3 * k + 1]) << 8 | uint32_t(p[3 * k + 2]) << 16;
-    for (int64_t j = 0; j < 8 && k * 8 + j < n; ++j) c[k * 8 + j] = (word >> (3 * j)) & 7;
-  }
-}
-static void pack4(const uint8_t* c, int64_t n, uint8_t* p) {
-  std::fill(p, p + packed_bytes(4, n), uint8_t(0));
-  for (int64_t i = 0; i < n; ++i) p[i / 2] |= uint8_t((c[i] & 15) << (4 * (i % 2)));
-}
-static void unpack4(const uint8_t* p, int64_t n, uint8_t* c) {
-  for (int64_t i = 0; i < n; ++i) c[i] = (p[i / 2] >> (4 * (i % 2))) & 15;
-}
-static void pack8(const uint8_t* c, int64_t n, uint8_t* p) { std::copy(c, c + n, p); }
-static void unpack8(const uint8_t* p, int64_t n, uint8_t* c) { std::copy(p, p + n, c); }
 
 void pack_codes(int bits, const uint8_t* codes, int64_t n, uint8_t* packed) {
-  switch (bits) {
-    case 2: return pack2(codes, n, packed);
-    case 3: return pack3(codes, n, packed);
-    case 4: return pack4(codes, n, packed);
-    case 8: return pack8(codes, n, packed);
-  }
-  throw_error("pack_codes: unsupported code width ", bits, " bits");
+  if (!valid_code_width(bits)) throw_error("pack_codes: unsupported code width ", bits, " bits");
+  pack_code_row(bits, codes, n, packed);
 }
 
 void unpack_codes(int bits, const uint8_t* packed, int64_t n, uint8_t* codes) {
-  switch (bits) {
-    case 2: return unpack2(packed, n, codes);
-    case 3: return unpack3(packed, n, codes);
-    case 4: return unpack4(packed, n, codes);
-    case 8: return unpack8(packed, n, codes);
-  }
-  throw_error("unpack_codes: unsupported code width ", bits, " bits");
+  if (!valid_code_width(bits)) throw_error("unpack_codes: unsupported code width ", bits, " bits");
+  unpack_code_row(bits, packed, n, codes);
 }
 
 // ---- codecs ------------------------------------------------------------------------------------
@@ -129,42 +48,22 @@ void unpack_codes(int bits, const uint8_t* packed, int64_t n, uint8_t* codes) {
 // Rounds a positive scale UP to the next f16 value, so that the quantization grid always covers the
 // group's range (every in-range weight is then within half a step of the grid). A scale too small for
 // f16 becomes the smallest subnormal.
-static float f16_scale(const QuantFormat& f, float s) {
-  uint16_t h = f32_to_f16(s);
-  if (f16_to_f32(h) < s) ++h;  // next representable value (s > 0, so the bit pattern increases)
-  float r = f16_to_f32(h);
-  if (!std::isfinite(r))
-    throw_error("[", f.name, "] group scale ", s, " does not fit in f16 (weights too large: max ~",
+static void check_scale_fits(const QuantFormat& f, float s) {
+  if (!std::isfinite(s))
+    throw_error("[", f.name, "] group scale does not fit in f16 (weights too large: max ~",
                 65504.0f * float(f.qmax()), ")");
-  return r > 0 ? r : std::ldexp(1.0f, -24);
 }
 
 static float unit_tensor_scale(const QuantFormat&, const float*, int64_t) { return 1.0f; }
 
 // Uniform integer (Frantar et al. 2022 / Lin et al. 2023 convention): the range is widened to
-// contain 0 so that 0 is exactly representable, as in GPTQ's Quantizer.find_params.
-static GroupParams int_asym_params(const QuantFormat& f, float lo, float hi, float) {
-  lo = std::min(lo, 0.0f), hi = std::max(hi, 0.0f);
-  if (lo == 0.0f && hi == 0.0f) lo = -1.0f, hi = 1.0f;  // all-zero group (GPTQ does the same)
-  float qmax = float(f.qmax());
-  float s = f16_scale(f, (hi - lo) / qmax);
-  float z = std::clamp(std::nearbyint(-lo / s), 0.0f, qmax);
-  return {s, z};
+// contain 0 so that 0 is exactly representable, as in GPTQ's Quantizer.find_params. The arithmetic
+// is core/format_traits.h's int_params_from_range, shared with the CUDA kernels.
+static GroupParams int_params(const QuantFormat& f, float lo, float hi, float) {
+  const IntParams p = int_params_from_range(f, lo, hi);
+  check_scale_fits(f, p.scale);
+  return {p.scale, p.zero};
 }
-
-static GroupParams int_sym_params(const QuantFormat& f, float lo, float hi, float) {
-  float a = std::max(std::fabs(lo), std::fabs(hi));
-  if (a == 0.0f) a = 1.0f;
-  float half = float(1 << (f.bits - 1));
-  return {f16_scale(f, a / (half - 1.0f)), half};
-}
-
-// Asymmetric codes use [0, qmax]; symmetric ones [1, qmax] so that the grid is symmetric about z.
-static float int_code_min(const QuantFormat& f) { return f.kind == QuantKind::IntSym ? 1.0f : 0.0f; }
-static inline uint8_t int_code(float x, float scale, float zero, float lo, float hi) {
-  return uint8_t(std::clamp(std::nearbyint(x / scale) + zero, lo, hi));
-}
-static inline float int_value(uint8_t q, float scale, float zero) { return (float(q) - zero) * scale; }
 
 static uint8_t int_encode(const QuantFormat& f, float x, const GroupParams& p) {
   return int_code(x, p.scale, p.zero, int_code_min(f), float(f.qmax()));
@@ -231,9 +130,9 @@ static void fp4_decode_n(const QuantFormat& f, const uint8_t* q, int64_t n, cons
   for (int64_t i = 0; i < n; ++i) y[i] = fp4_decode(f, q[i], pl);
 }
 
-static constexpr QuantCodec kIntAsymCodec{unit_tensor_scale, int_asym_params, int_encode, int_decode, int_encode_n,
+static constexpr QuantCodec kIntAsymCodec{unit_tensor_scale, int_params, int_encode, int_decode, int_encode_n,
                                           int_decode_n};
-static constexpr QuantCodec kIntSymCodec{unit_tensor_scale, int_sym_params, int_encode, int_decode, int_encode_n,
+static constexpr QuantCodec kIntSymCodec{unit_tensor_scale, int_params, int_encode, int_decode, int_encode_n,
                                          int_decode_n};
 static constexpr QuantCodec kTernaryCodec{ternary_tensor_scale, ternary_params, int_encode, int_decode, int_encode_n,
                                           int_decode_n};
@@ -244,19 +143,44 @@ static constexpr QuantCodec kNvfp4Codec{nvfp4_tensor_scale, nvfp4_params, fp4_en
 
 // ---- the table -----------------------------------------------------------------------------------
 
-static constexpr PackFn pack_fn(int bits) { return bits == 2 ? pack2 : bits == 3 ? pack3 : bits == 4 ? pack4 : pack8; }
+static constexpr PackFn pack_fn(int bits) {
+  return bits == 2 ? pack_w<2> : bits == 3 ? pack_w<3> : bits == 4 ? pack_w<4> : pack_w<8>;
+}
 static constexpr UnpackFn unpack_fn(int bits) {
-  return bits == 2 ? unpack2 : bits == 3 ? unpack3 : bits == 4 ? unpack4 : unpack8;
+  return bits == 2 ? unpack_w<2> : bits == 3 ? unpack_w<3> : bits == 4 ? unpack_w<4> : unpack_w<8>;
 }
 
 static constexpr QuantFormat int_format(QuantFormatId id, const char* name, int bits, int64_t group, bool sym) {
-  return QuantFormat{id, name, sym ? QuantKind::IntSym : QuantKind::IntAsym, bits,
-                     group ? ScaleGranularity::PerGroup : ScaleGranularity::PerChannel, group,
-                     ScaleType::F16, !sym, false, sym ? &kIntSymCodec : &kIntAsymCodec,
-                     pack_fn(bits), unpack_fn(bits)};
+  return QuantFormat{{id, name, sym ? QuantKind::IntSym : QuantKind::IntAsym, bits,
+                      group ? ScaleGranularity::PerGroup : ScaleGranularity::PerChannel, group, ScaleType::F16, !sym,
+                      false, 0, -1},
+                     sym ? &kIntSymCodec : &kIntAsymCodec,
+                     pack_fn(bits),
+                     unpack_fn(bits),
+                     nullptr,
+                     nullptr};
+}
+
+template <class B, int QK>
+static void ggml_dequant_row(const uint8_t* row, int64_t in, float* y) {
+  ggml::dequantize_blocks<B>(row, in / QK, QK, y);
+}
+
+// A ggml block format: `bits` is the width of the quant index, `qk` the block size.
+template <class B, int QK>
+static constexpr QuantFormat ggml_format(QuantFormatId id, const char* name, int bits, int ggml_type,
+                                         BlockQuantRowFn quantize) {
+  return QuantFormat{{id, name, QuantKind::GgmlBlock, bits, ScaleGranularity::PerGroup, QK, ScaleType::None, false,
+                      false, int(sizeof(B)), ggml_type},
+                     nullptr,
+                     nullptr,
+                     nullptr,
+                     ggml_dequant_row<B, QK>,
+                     quantize};
 }
 
 using Id = QuantFormatId;
+namespace g = ggml;
 static constexpr QuantFormat kFormats[] = {
     int_format(Id::Int2G32, "int2g32", 2, 32, false),
     int_format(Id::Int2G64, "int2g64", 2, 64, false),
@@ -283,13 +207,34 @@ static constexpr QuantFormat kFormats[] = {
     int_format(Id::Int4G128S, "int4g128s", 4, 128, true),
     int_format(Id::Int4PCS, "int4pcs", 4, 0, true),
     int_format(Id::Int8PC, "int8pc", 8, 0, true),
-    {Id::Ternary, "ternary", QuantKind::Ternary, 2, ScaleGranularity::PerTensor, 0, ScaleType::None, false,
-     true, &kTernaryCodec, pack2, unpack2},
-    {Id::MXFP4, "mxfp4", QuantKind::FP4_MX, 4, ScaleGranularity::PerGroup, 32, ScaleType::E8M0, false, false,
-     &kMxfp4Codec, pack4, unpack4},
-    {Id::NVFP4, "nvfp4", QuantKind::FP4_NV, 4, ScaleGranularity::PerGroup, 16, ScaleType::E4M3, false, true,
-     &kNvfp4Codec, pack4, unpack4},
+    {{Id::Ternary, "ternary", QuantKind::Ternary, 2, ScaleGranularity::PerTensor, 0, ScaleType::None, false, true, 0,
+      -1},
+     &kTernaryCodec, pack_w<2>, unpack_w<2>, nullptr, nullptr},
+    {{Id::MXFP4, "mxfp4", QuantKind::FP4_MX, 4, ScaleGranularity::PerGroup, 32, ScaleType::E8M0, false, false, 0, -1},
+     &kMxfp4Codec, pack_w<4>, unpack_w<4>, nullptr, nullptr},
+    {{Id::NVFP4, "nvfp4", QuantKind::FP4_NV, 4, ScaleGranularity::PerGroup, 16, ScaleType::E4M3, false, true, 0, -1},
+     &kNvfp4Codec, pack_w<4>, unpack_w<4>, nullptr, nullptr},
+    ggml_format<g::block_q4_0, g::QK4_0>(Id::Q4_0, "q4_0", 4, 2, ggml::quantize_row_q4_0),
+    ggml_format<g::block_q4_1, g::QK4_1>(Id::Q4_1, "q4_1", 4, 3, ggml::quantize_row_q4_1),
+    ggml_format<g::block_q5_0, g::QK5_0>(Id::Q5_0, "q5_0", 5, 6, ggml::quantize_row_q5_0),
+    ggml_format<g::block_q5_1, g::QK5_1>(Id::Q5_1, "q5_1", 5, 7, ggml::quantize_row_q5_1),
+    ggml_format<g::block_q8_0, g::QK8_0>(Id::Q8_0, "q8_0", 8, 8, ggml::quantize_row_q8_0),
+    ggml_format<g::block_q2_K, g::QK_K>(Id::Q2_K, "q2_k", 2, 10, nullptr),
+    ggml_format<g::block_q3_K, g::QK_K>(Id::Q3_K, "q3_k", 3, 11, nullptr),
+    ggml_format<g::block_q4_K, g::QK_K>(Id::Q4_K, "q4_k", 4, 12, nullptr),
+    ggml_format<g::block_q5_K, g::QK_K>(Id::Q5_K, "q5_k", 5, 13, nullptr),
+    ggml_format<g::block_q6_K, g::QK_K>(Id::Q6_K, "q6_k", 6, 14, nullptr),
+    ggml_format<g::block_tq1_0, g::QK_K>(Id::TQ1_0, "tq1_0", 2, 34, ggml::quantize_row_tq1_0),
+    ggml_format<g::block_tq2_0, g::QK_K>(Id::TQ2_0, "tq2_0", 2, 35, ggml::quantize_row_tq2_0),
+    ggml_format<g::block_iq4_nl, g::QK4_NL>(Id::IQ4_NL, "iq4_nl", 4, 20, nullptr),
+    ggml_format<g::block_iq4_xs, g::QK_K>(Id::IQ4_XS, "iq4_xs", 4, 23, nullptr),
 };
+
+const QuantFormat* quant_format_for_ggml_type(uint32_t ggml_type) {
+  for (const auto& f : kFormats)
+    if (f.is_ggml_block() && uint32_t(f.ggml_type) == ggml_type) return &f;
+  return nullptr;
+}
 
 std::span<const QuantFormat> all_quant_formats() { return kFormats; }
 
@@ -326,29 +271,15 @@ DType scale_dtype(ScaleType t) {
 
 // ---- QuantFormat members ------------------------------------------------------------------------
 
-int QuantFormat::qmax() const { return kind == QuantKind::Ternary ? 2 : (1 << bits) - 1; }
-
-int64_t QuantFormat::n_groups(int64_t in) const { return group_size ? (in + group_size - 1) / group_size : 1; }
-int64_t QuantFormat::group_begin(int64_t g) const { return group_size ? g * group_size : 0; }
-int64_t QuantFormat::group_end(int64_t g, int64_t in) const {
-  return group_size ? std::min(in, (g + 1) * group_size) : in;
-}
-int64_t QuantFormat::group_of_column(int64_t col) const { return group_size ? col / group_size : 0; }
-int64_t QuantFormat::row_bytes(int64_t in) const { return packed_bytes(bits, in); }
-
-int QuantFormat::metadata_bits_per_group() const {
-  int b = scale_type == ScaleType::F16 ? 16 : scale_type == ScaleType::None ? 0 : 8;
-  return b + (has_zero ? 16 : 0);
-}
-
-int64_t QuantFormat::storage_bytes(int64_t out, int64_t in) const {
-  int64_t groups = out * (scale_type == ScaleType::None ? 0 : n_groups(in));
-  return out * row_bytes(in) + groups * metadata_bits_per_group() / 8 + (has_tensor_scale ? 4 : 0);
-}
-
 double QuantFormat::bits_per_weight(int64_t out, int64_t in) const {
   LB_CHECK(out > 0 && in > 0, "[", name, "] bits_per_weight of an empty [", out, ", ", in, "] weight");
+  check_row_length(in, std::string("bits_per_weight"));
   return double(storage_bytes(out, in)) * 8.0 / double(out * in);
+}
+
+void QuantFormat::check_row_length(int64_t in, const std::string& what) const {
+  if (!row_fits(in))
+    throw_error(what, ": [", name, "] rows of ", in, " values are not a multiple of the block size ", group_size);
 }
 
 }  // namespace lowbit

@@ -1,4 +1,7 @@
 // Weight number formats, described once as data (STYLE.md: "One traits table per number format").
+// The plain data (ids, traits rows, scalar codecs, packing, ggml block structs) lives in
+// core/format_traits.h, which CUDA kernels include too; this header adds the registry and the
+// per-kind codec functions.
 // Every quantizer, kernel, exporter and checkpoint writer reads the table below; nothing else
 // switches on a format's name.
 //
@@ -35,6 +38,15 @@
 //   3 bits: 8 values in 3 bytes: the 24-bit word b[3k] | b[3k+1]<<8 | b[3k+2]<<16 holds value 8k+j
 //           at bits [3j, 3j+3); a row uses ceil(in/8)*3 bytes.
 //   2 bits: four per byte, value 4k+j at bits [2j, 2j+2) of byte k (ternary uses this too).
+//
+// ---- ggml block formats (QuantKind::GgmlBlock: q4_0 ... q6_k, tq1_0, tq2_0, iq4_nl, iq4_xs) ----
+//   codes        U8 [out, row_bytes(in)]  the raw ggml blocks of each row (core/ggml_blocks.h),
+//                                         row_bytes = in / block_size * block_bytes; `in` must be a
+//                                         multiple of the block size. No scales/zeros/tensor_scale:
+//                                         the block scales live inside the blocks.
+//   Values: QuantFormat::dequantize_row (bit-exact with gguf-py's gguf.quants.dequantize);
+//   QuantFormat::quantize_row is llama.cpp's reference rounding (quantize_row_*_ref), null for the
+//   types lowbit cannot quantize yet.
 #pragma once
 #include <cstdint>
 #include <span>
@@ -42,29 +54,9 @@
 #include <string_view>
 
 #include "lowbit/core/dtype.h"
+#include "lowbit/core/format_traits.h"
 
 namespace lowbit {
-
-// Stable identifiers (they are written to checkpoints): never reuse or renumber a value.
-enum class QuantFormatId : uint16_t {
-  // asymmetric uniform integer, f16 scale + f16 zero per group
-  Int2G32 = 1, Int2G64 = 2, Int2G128 = 3, Int2PC = 4,
-  Int3G32 = 5, Int3G64 = 6, Int3G128 = 7, Int3PC = 8,
-  Int4G32 = 9, Int4G64 = 10, Int4G128 = 11, Int4PC = 12,
-  // symmetric uniform integer, f16 scale per group
-  Int2G32S = 13, Int2G64S = 14, Int2G128S = 15, Int2PCS = 16,
-  Int3G32S = 17, Int3G64S = 18, Int3G128S = 19, Int3PCS = 20,
-  Int4G32S = 21, Int4G64S = 22, Int4G128S = 23, Int4PCS = 24,
-  Int8PC = 25,  // symmetric int8, one f16 scale per output channel
-  Ternary = 26,
-  MXFP4 = 27,
-  NVFP4 = 28,
-};
-
-enum class QuantKind : uint8_t { IntAsym, IntSym, Ternary, FP4_MX, FP4_NV };
-enum class ScaleGranularity : uint8_t { PerTensor, PerChannel, PerGroup };
-// How the per-group scale is stored. None: no per-group scale (ternary).
-enum class ScaleType : uint8_t { None, F16, E8M0, E4M3 };
 
 // Decoded parameters of one group: w = decode(q) with scale s and zero point z (z unused for fp4).
 struct GroupParams {
@@ -75,7 +67,8 @@ struct GroupParams {
 struct QuantFormat;
 
 // The per-kind arithmetic. All functions are pure; params passed in must come from params_from_range
-// (i.e. be exactly representable in the format's storage).
+// (i.e. be exactly representable in the format's storage). Null for ggml block formats, whose
+// arithmetic is per block (dequantize_row / quantize_row below).
 struct QuantCodec {
   // Tensor-level scale computed once from all of W (ternary gamma, nvfp4 t); 1 when unused.
   float (*tensor_scale)(const QuantFormat& f, const float* w, int64_t n);
@@ -92,56 +85,34 @@ struct QuantCodec {
 
 using PackFn = void (*)(const uint8_t* codes, int64_t n, uint8_t* packed);    // n codes -> row bytes
 using UnpackFn = void (*)(const uint8_t* packed, int64_t n, uint8_t* codes);  // row bytes -> n codes
+// ggml block formats: one row of `in` values (a multiple of the block size) <-> row_bytes(in) bytes.
+using BlockDequantRowFn = void (*)(const uint8_t* row, int64_t in, float* y);
+using BlockQuantRowFn = void (*)(const float* x, int64_t in, uint8_t* row);
 
-struct QuantFormat {
-  QuantFormatId id;
-  const char* name;  // "int4g128", "int4g128s", "int8pc", "ternary", "mxfp4", "nvfp4"
-  QuantKind kind;
-  int bits;                      // bits per stored code
-  ScaleGranularity granularity;
-  int64_t group_size;            // along `in`; 0 = one group per output channel (or per tensor)
-  ScaleType scale_type;          // per-group scale storage
-  bool has_zero;                 // per-group f16 zero point
-  bool has_tensor_scale;         // one f32 scale for the whole tensor
-  const QuantCodec* codec;
-  PackFn pack;
-  UnpackFn unpack;
+// A row of the traits table (FormatTraits: the data shared with CUDA) plus the host functions.
+struct QuantFormat : FormatTraits {
+  const QuantCodec* codec;            // null for ggml block formats
+  PackFn pack;                        // null for ggml block formats
+  UnpackFn unpack;                    // null for ggml block formats
+  BlockDequantRowFn dequantize_row;   // ggml block formats only
+  BlockQuantRowFn quantize_row;       // ggml block formats whose reference quantizer exists
 
-  // Largest code value produced (2^bits-1, or 2 for ternary).
-  int qmax() const;
-  // Number of groups in a row of `in` values and the [begin, end) columns of group g.
-  int64_t n_groups(int64_t in) const;
-  int64_t group_begin(int64_t g) const;
-  int64_t group_end(int64_t g, int64_t in) const;
-  int64_t group_of_column(int64_t col) const;
-  int64_t row_bytes(int64_t in) const;  // packed bytes per row of `in` codes
-  // Bits of metadata per group (scale + zero), excluding the per-tensor scale.
-  int metadata_bits_per_group() const;
-  // Exact storage (codes, scales, zeros, tensor scale) of an [out, in] weight.
-  int64_t storage_bytes(int64_t out, int64_t in) const;
   // storage_bytes * 8 / (out * in): bits per weight including all metadata.
   double bits_per_weight(int64_t out, int64_t in) const;
+  // Throws lowbit::Error naming `what` when a row of `in` values cannot be stored (ggml blocks:
+  // `in` not a multiple of the block size).
+  void check_row_length(int64_t in, const std::string& what) const;
 };
 
 // The traits table, one row per format, in QuantFormatId order.
 std::span<const QuantFormat> all_quant_formats();
 const QuantFormat& quant_format(QuantFormatId id);  // throws for an unknown id
-// "int4g128" etc. (case-insensitive). Throws lowbit::Error listing the known names.
+// "int4g128", "q4_k" etc. (case-insensitive). Throws lowbit::Error listing the known names.
 const QuantFormat& parse_quant_format(std::string_view name);
 std::string quant_format_names();  // "int2g32, int2g64, ..." for messages and --help
 DType scale_dtype(ScaleType t);  // storage dtype of a per-group scale (F16 or U8)
-
-// ---- Element encodings shared with kernels ---------------------------------------------------
-// E2M1: 4-bit code (sign bit 3) <-> float; encode rounds to nearest, ties to the even code, and
-// saturates at +-6.
-float e2m1_to_float(uint8_t code);
-uint8_t float_to_e2m1(float x);
-// E4M3 "fn" (no infinities, max 448, 0x7f/0xff NaN): decode, and encode with round to nearest
-// even and saturation to +-448. Only used for non-negative scales here.
-float e4m3_to_float(uint8_t code);
-uint8_t float_to_e4m3(float x);
-// E8M0: unsigned biased exponent (bias 127), 2^(e-127); 0xff is NaN.
-float e8m0_to_float(uint8_t e);
+// The ggml block format of a ggml_type id (GGUF tensor type), or null when lowbit has none.
+const QuantFormat* quant_format_for_ggml_type(uint32_t ggml_type);
 
 // Pack/unpack helpers by code width (2, 3, 4 or 8 bits); the table points at these.
 int64_t packed_bytes(int bits, int64_t n);

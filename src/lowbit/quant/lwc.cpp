@@ -179,17 +179,6 @@ void check_like(const Tensor& t, const Tensor& w, const Shape& s, const char* wh
            device_name(w.device()), ", got ", t.defined() ? t.describe() : std::string("undefined"));
 }
 
-#ifdef LOWBIT_WITH_CUDA
-ops::cuda::LwcArgs cuda_args(const QuantFormat& f) {
-  ops::cuda::LwcArgs a;
-  a.bits = f.bits;
-  a.qmax = f.qmax();
-  a.symmetric = f.kind == QuantKind::IntSym;
-  a.group_size = f.group_size;
-  return a;
-}
-#endif
-
 [[maybe_unused]] bool on_cuda(const Tensor& w) { return w.device() == Device::CUDA; }
 
 }  // namespace
@@ -204,7 +193,7 @@ void lwc_forward_into(const Tensor& w, const Tensor& gamma, const Tensor& beta, 
   const int64_t out = w.size(0), in = w.size(1);
   if (on_cuda(w)) {
 #ifdef LOWBIT_WITH_CUDA
-    ops::cuda::lwc_forward(w, gamma, beta, cuda_args(f), y);
+    ops::cuda::lwc_forward(w, gamma, beta, static_cast<const FormatTraits&>(f), y);
     return;
 #else
     throw_error("lwc_fake_quant: tensor is on CUDA but this build has no CUDA backend");
@@ -229,7 +218,7 @@ void lwc_backward_into(const Tensor& w, const Tensor& gamma, const Tensor& beta,
   const int64_t out = w.size(0), in = w.size(1);
   if (on_cuda(w)) {
 #ifdef LOWBIT_WITH_CUDA
-    ops::cuda::lwc_backward(w, gamma, beta, dy, cuda_args(f), dw, dgamma, dbeta);
+    ops::cuda::lwc_backward(w, gamma, beta, dy, static_cast<const FormatTraits&>(f), dw, dgamma, dbeta);
     return;
 #else
     throw_error("lwc_fake_quant: tensor is on CUDA but this build has no CUDA backend");

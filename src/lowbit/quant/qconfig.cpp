@@ -23,6 +23,7 @@ const char* element_type_name(QuantKind k) {
     case QuantKind::Ternary: return "ternary";
     case QuantKind::FP4_MX:
     case QuantKind::FP4_NV: return "e2m1";
+    case QuantKind::GgmlBlock: return "ggml";
   }
   return "?";
 }

@@ -31,11 +31,36 @@ Tensor checked_weight(const Tensor& w, const QuantFormat& f, const char* who) {
   return c;
 }
 
+namespace {
+// The group-parameter API belongs to lowbit's own formats; ggml blocks compute theirs per block.
+void require_codec(const QuantFormat& f, const char* who) {
+  LB_CHECK(f.codec != nullptr, who, " [", f.name,
+           "]: a ggml block format has no per-group parameters (its scales live inside the blocks); use quantize()");
+}
+
+// quantize() of a ggml block format: its reference quantize_row, row by row.
+QuantizedTensor quantize_ggml(const Tensor& w, const QuantFormat& f) {
+  const int64_t out = w.size(0), in = w.size(1);
+  LB_CHECK(f.quantize_row != nullptr, "quantize [", f.name,
+           "]: lowbit has no reference quantizer for this ggml type yet (it can load and dequantize it)");
+  f.check_row_length(in, "quantize " + shape_str(w.shape()));
+  Tensor blocks = Tensor::empty({out, f.row_bytes(in)}, DType::U8);
+  const float* pw = w.data<float>();
+  uint8_t* pb = blocks.data<uint8_t>();
+  const int64_t rb = f.row_bytes(in);
+#pragma omp parallel for schedule(static) if (out * in >= kParallelRowsMinWork)
+  for (int64_t r = 0; r < out; ++r) f.quantize_row(pw + r * in, in, pb + r * rb);
+  return make_ggml_quantized_tensor(f, out, in, blocks, "quantize");
+}
+}  // namespace
+
 float compute_tensor_scale(const QuantFormat& f, const Tensor& w) {
+  require_codec(f, "compute_tensor_scale");
   return f.codec->tensor_scale(f, w.data<float>(), w.numel());
 }
 
 GroupParams fit_group_params(const QuantFormat& f, const float* x, int64_t n, float tensor_scale) {
+  require_codec(f, "fit_group_params");
   float lo = x[0], hi = x[0];
   for (int64_t i = 1; i < n; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
   return f.codec->params_from_range(f, lo, hi, tensor_scale);
@@ -61,6 +86,7 @@ namespace {
 // quantize_with_params on a weight that checked_weight has already returned.
 QuantizedTensor encode_checked(const Tensor& w, const QuantFormat& f, const std::vector<GroupParams>& params,
                                float tensor_scale) {
+  require_codec(f, "quantize_with_params");
   const int64_t out = w.size(0), in = w.size(1), groups = f.n_groups(in);
   LB_CHECK(int64_t(params.size()) == out * groups, "quantize [", f.name, "]: ", params.size(),
            " group parameters for a ", shape_str(w.shape()), " weight, expected ", out * groups);
@@ -88,6 +114,7 @@ QuantizedTensor quantize_with_params(const Tensor& w_in, const QuantFormat& f, c
 
 QuantizedTensor quantize(const Tensor& w_in, const QuantFormat& f) {
   Tensor w = checked_weight(w_in, f, "quantize");
+  if (f.is_ggml_block()) return quantize_ggml(w, f);
   float t = compute_tensor_scale(f, w);
   return encode_checked(w, f, fit_all_group_params(f, w, t), t);
 }
@@ -95,6 +122,10 @@ QuantizedTensor quantize(const Tensor& w_in, const QuantFormat& f) {
 Tensor fake_quantize(const Tensor& w_in, const QuantFormat& f) {
   Tensor w2 = w_in.defined() && w_in.dim() == 1 ? w_in.reshape({1, w_in.numel()}) : w_in;
   Tensor w = checked_weight(w2, f, "fake_quantize");
+  if (f.is_ggml_block()) {
+    Tensor out = quantize_ggml(w, f).dequantize();
+    return w_in.dim() == 1 ? out.view(w_in.shape()) : out;
+  }
   float t = compute_tensor_scale(f, w);
   const int64_t rows = w.size(0), in = w.size(1), groups = f.n_groups(in);
   const std::vector<GroupParams> params = fit_all_group_params(f, w, t);

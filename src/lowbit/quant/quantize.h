@@ -50,6 +50,7 @@ std::vector<GroupParams> fit_all_group_params(const QuantFormat& f, const Tensor
 
 // Quantize-then-dequantize of one value with given parameters.
 inline float quantize_dequantize(const QuantFormat& f, float x, const GroupParams& p) {
+  LB_CHECK(f.codec != nullptr, "quantize_dequantize [", f.name, "]: ggml block formats have no per-value codec");
   return f.codec->decode(f, f.codec->encode(f, x, p), p);
 }
 

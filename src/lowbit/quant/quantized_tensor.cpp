@@ -65,6 +65,8 @@ void QuantizedTensor::validate() const {
   LB_CHECK(shape.size() == 2 && shape[0] > 0 && shape[1] > 0, "[", f.name,
            "] quantized tensor shape must be [out, in] with out, in > 0, got ", shape_str(shape));
   int64_t out = shape[0], in = shape[1], groups = f.n_groups(in);
+  LB_CHECK(f.row_fits(in), "[", f.name, "] quantized tensor ", shape_str(shape), ": in = ", in,
+           " is not a multiple of the block size ", f.group_size);
   check_tensor(f, "codes", codes, true, DType::U8, {out, f.row_bytes(in)});
   bool has_scales = f.scale_type != ScaleType::None;
   check_tensor(f, "scales", scales, has_scales, has_scales ? scale_dtype(f.scale_type) : DType::F16,
@@ -83,36 +85,49 @@ float QuantizedTensor::tensor_scale_value() const {
 
 GroupParams QuantizedTensor::group_params(int64_t row, int64_t g) const {
   const QuantFormat& f = fmt();
+  LB_CHECK(!f.is_ggml_block(), "[", f.name, "] group_params: a ggml block format keeps its scales inside the blocks");
   return load_group_params(f, scales, zeros, row * f.n_groups(in_features()) + g, tensor_scale_value());
 }
 
 void QuantizedTensor::unpack_row(int64_t row, uint8_t* out_codes) const {
   const QuantFormat& f = fmt();
+  LB_CHECK(!f.is_ggml_block(), "[", f.name, "] unpack_row: a ggml block format has no separate codes");
   f.unpack(codes.data<uint8_t>() + row * f.row_bytes(in_features()), in_features(), out_codes);
+}
+
+void QuantizedTensor::dequantize_row(int64_t row, float* out) const {
+  const QuantFormat& f = fmt();
+  const int64_t in = in_features(), rb = f.row_bytes(in);
+  const uint8_t* src = codes.data<uint8_t>() + row * rb;
+  if (f.is_ggml_block()) {
+    f.dequantize_row(src, in, out);
+    return;
+  }
+  // Codes are unpacked group by group into a small stack buffer (a group is at most `in` long for
+  // per-channel formats, so those go in chunks of the buffer's size).
+  constexpr int64_t kChunk = 256;
+  uint8_t buf[kChunk];
+  const int64_t groups = f.n_groups(in);
+  const float ts = tensor_scale_value();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t b = f.group_begin(g), e = f.group_end(g, in);
+    const GroupParams p = load_group_params(f, scales, zeros, row * groups + g, ts);
+    for (int64_t c = b; c < e; c += kChunk) {
+      const int64_t n = std::min(kChunk, e - c);
+      for (int64_t i = 0; i < n; ++i) buf[i] = unpack_code(f.bits, src, c + i);
+      f.codec->decode_n(f, buf, n, p, out + c);
+    }
+  }
 }
 
 Tensor QuantizedTensor::dequantize() const {
   validate();
-  const QuantFormat& f = fmt();
-  const int64_t out = out_features(), in = in_features(), groups = f.n_groups(in), rb = f.row_bytes(in);
-  const float ts = tensor_scale_value();
+  const int64_t out = out_features(), in = in_features();
   Tensor w = Tensor::empty({out, in});
   float* pw = w.data<float>();
-  const uint8_t* pc = codes.data<uint8_t>();
-  const auto decode_n = f.codec->decode_n;
-  // Rows are independent (each packed row starts on a byte boundary): one unpacked row per thread.
-#pragma omp parallel if (out * in >= (int64_t(1) << 16))
-  {
-    std::vector<uint8_t> row(static_cast<size_t>(in));
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < out; ++r) {
-      f.unpack(pc + r * rb, in, row.data());
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t b = f.group_begin(g), e = f.group_end(g, in);
-        decode_n(f, row.data() + b, e - b, load_group_params(f, scales, zeros, r * groups + g, ts), pw + r * in + b);
-      }
-    }
-  }
+  // Rows are independent (each packed row starts on a byte boundary).
+#pragma omp parallel for schedule(static) if (out * in >= (int64_t(1) << 16))
+  for (int64_t r = 0; r < out; ++r) dequantize_row(r, pw + r * in);
   return w;
 }
 
@@ -159,9 +174,28 @@ int64_t QuantizedTensor::nbytes() const {
   return n;
 }
 
+QuantizedTensor make_ggml_quantized_tensor(const QuantFormat& f, int64_t out, int64_t in, Tensor blocks,
+                                           const std::string& what) {
+  LB_CHECK(f.is_ggml_block(), what, ": format ", f.name, " is not a ggml block format");
+  LB_CHECK(out > 0 && in > 0, what, ": [", f.name, "] empty shape [", out, ", ", in, "]");
+  LB_CHECK(f.row_fits(in), what, ": [", f.name, "] row length ", in, " is not a multiple of the block size ",
+           f.group_size);
+  LB_CHECK(blocks.defined() && blocks.dtype() == DType::U8 && blocks.numel() == out * f.row_bytes(in), what, ": [",
+           f.name, "] expected ", out * f.row_bytes(in), " bytes of blocks for [", out, ", ", in, "], got ",
+           blocks.defined() ? blocks.describe() : std::string("undefined"));
+  QuantizedTensor q;
+  q.format = f.id;
+  q.shape = {out, in};
+  q.codes = blocks.to(Device::CPU).contiguous().view({out, f.row_bytes(in)});
+  q.validate();
+  return q;
+}
+
 QuantizedTensor make_quantized_tensor(const QuantFormat& f, int64_t out, int64_t in, const uint8_t* codes,
                                       const GroupParams* params, float tensor_scale) {
   LB_CHECK(out > 0 && in > 0, "[", f.name, "] cannot quantize an empty [", out, ", ", in, "] weight");
+  LB_CHECK(!f.is_ggml_block(), "[", f.name, "] make_quantized_tensor: ggml block formats are quantized by their ",
+           "quantize_row (quantize())");
   int64_t groups = f.n_groups(in);
   QuantizedTensor q;
   q.format = f.id;

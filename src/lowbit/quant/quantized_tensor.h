@@ -1,5 +1,6 @@
 // A quantized weight matrix in one of the formats of format.h: packed codes plus the metadata the
-// format's table row says it has. The storage layout is documented at the top of format.h.
+// format's table row says it has. The storage layout is documented at the top of format.h; for
+// ggml block formats `codes` holds the raw ggml blocks of each row and nothing else is set.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -13,7 +14,7 @@ namespace lowbit {
 struct QuantizedTensor {
   QuantFormatId format = QuantFormatId::Int4G128;
   Shape shape;          // [out, in] of the original weight
-  Tensor codes;         // U8 [out, row_bytes(in)]
+  Tensor codes;         // U8 [out, row_bytes(in)] (ggml block formats: the raw blocks)
   Tensor scales;        // [out, n_groups(in)], dtype scale_dtype(format); undefined for ternary
   Tensor zeros;         // F16 [out, n_groups(in)], integer values; asymmetric int only
   Tensor tensor_scale;  // F32 [1]; ternary and nvfp4 only
@@ -26,11 +27,16 @@ struct QuantizedTensor {
   // ...) and throws lowbit::Error naming the field. Called by dequantize() and by loaders.
   void validate() const;
 
-  // Decoded parameters of group g of row r, and the unpacked codes of row r.
+  // Decoded parameters of group g of row r, and the unpacked codes of row r (lowbit's own formats;
+  // ggml block formats keep these inside their blocks and throw).
   float tensor_scale_value() const;  // 1 when the format has none
   GroupParams group_params(int64_t row, int64_t g) const;
   void unpack_row(int64_t row, uint8_t* codes) const;  // `in` codes
 
+  // The f32 values of row `row` (in_features() floats), exactly as dequantize() computes them, for
+  // every format (lowbit's and ggml's). The reference body of packed kernels. Does not validate()
+  // (call it once first); row must be in [0, out).
+  void dequantize_row(int64_t row, float* out) const;
   Tensor dequantize() const;  // F32 [out, in] on the CPU
   // Decodes row r into dst[0, in) (the format's codec; safe to call from several threads).
   void dequantize_row_into(int64_t row, float* dst) const;
@@ -45,5 +51,11 @@ struct QuantizedTensor {
 // parameters is exact for such parameters; anything else throws.
 QuantizedTensor make_quantized_tensor(const QuantFormat& f, int64_t out, int64_t in, const uint8_t* codes,
                                       const GroupParams* params, float tensor_scale);
+
+// Wraps raw ggml blocks (U8 [out, row_bytes(in)], e.g. a GGUF tensor's data) as a QuantizedTensor
+// of the ggml block format f; `what` names the tensor in errors (wrong size, `in` not a multiple of
+// the block size).
+QuantizedTensor make_ggml_quantized_tensor(const QuantFormat& f, int64_t out, int64_t in, Tensor blocks,
+                                           const std::string& what);
 
 }  // namespace lowbit

@@ -9,6 +9,7 @@
 #pragma once
 #include <cstdint>
 
+#include "lowbit/core/format_traits.h"
 #include "lowbit/core/tensor.h"
 #include "lowbit/ops/rope_style.h"
 
@@ -62,29 +63,19 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double 
                 double eps, double weight_decay, int64_t step);
 
 // Learnable-weight-clipping fake quantization (OmniQuant eq. 2, trained by ApiQ): the CUDA bodies
-// of quant/lwc.h's forward and straight-through backward (quant/lwc.cpp maps a QuantFormat onto
-// LwcArgs and checks shapes). f32 only. w, y, dy, dw: [out, in]; gamma, beta, dgamma, dbeta:
-// [out, n_groups]; beta/dbeta undefined for symmetric formats; dw may be undefined (not wanted).
-struct LwcArgs {
-  int bits = 2;
-  int qmax = 3;            // 2^bits - 1
-  bool symmetric = false;  // codes 1..qmax around 2^(bits-1), one clipping factor (gamma)
-  int64_t group_size = 0;  // 0: one group per output row
-};
-void lwc_forward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const LwcArgs& args, Tensor& y);
-void lwc_backward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& dy, const LwcArgs& args,
+// of quant/lwc.h's forward and straight-through backward (quant/lwc.cpp checks shapes and passes
+// the format's traits row, an IntAsym or IntSym format). f32 only. w, y, dy, dw: [out, in]; gamma,
+// beta, dgamma, dbeta: [out, n_groups]; beta/dbeta undefined for symmetric formats; dw may be
+// undefined (not wanted).
+void lwc_forward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const FormatTraits& f, Tensor& y);
+void lwc_backward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& dy, const FormatTraits& f,
                   Tensor& dw, Tensor& dgamma, Tensor& dbeta);
 
-// GPTQ (Frantar et al. 2022, Alg. 1) of one linear layer for the uniform integer formats of
-// quant/format.h (methods/gptq_cuda.cpp maps a QuantFormat onto these arguments and wraps the
-// result into a QuantizedTensor; see gptq.cu for the method). w: f32 [out, in], h: f32 [in, in]
+// GPTQ (Frantar et al. 2022, Alg. 1) of one linear layer for the uniform integer formats of the
+// format table (methods/gptq_cuda.cpp passes the format's traits row and wraps the result into a
+// QuantizedTensor; see gptq.cu for the method). w: f32 [out, in], h: f32 [in, in]
 // (H = 2 X^T X / n), both on cuda. Same semantics as the CPU gptq_quantize.
-struct GptqIntArgs {
-  const char* format_name = nullptr;  // for messages
-  int bits = 4;                       // 2, 3, 4 or 8
-  bool symmetric = false;             // codes 1..2^bits-1 around 2^(bits-1), no zero point
-  int64_t group_size = 0;             // 0: one group per output row (per channel)
-  int64_t row_bytes = 0;              // packed bytes per row (QuantFormat::row_bytes(in))
+struct GptqKernelOptions {
   double percdamp = 0.01;
   int64_t block_size = 128;           // at most 128 on the GPU
   bool act_order = false;             // implies static groups when grouped
@@ -100,6 +91,6 @@ struct GptqIntResult {
   double loss = 0;     // sum of (w - q)^2 / (2 U_jj^2), as gptq.py's Losses
   int64_t dead_columns = 0;
 };
-GptqIntResult gptq_int(const Tensor& w, const Tensor& h, const GptqIntArgs& args);
+GptqIntResult gptq_int(const Tensor& w, const Tensor& h, const FormatTraits& f, const GptqKernelOptions& opt);
 
 }  // namespace lowbit::ops::cuda

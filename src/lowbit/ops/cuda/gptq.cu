@@ -1,5 +1,5 @@
 // GPTQ (Frantar et al. 2022, Algorithm 1) for the uniform integer formats on the GPU: the device
-// half of methods/gptq_cuda.cpp, which maps QuantFormat onto GptqIntArgs and builds the
+// half of methods/gptq_cuda.cpp, which passes the format's traits row and builds the
 // QuantizedTensor. Results equal the CPU reference (methods/gptq.cpp) up to float rounding: the
 // same damping, dead columns, act-order permutation, group fitting, codec and block structure.
 //
@@ -86,46 +86,25 @@ constexpr int kVpl = kMaxBlock / 32;    // values of a row held by each lane
 constexpr int kSweepWarps = 8;          // rows (warps) per thread block of the sweep
 constexpr unsigned kFull = 0xffffffffu;
 
-// The integer codec of format.h on the device (int_asym_params / int_sym_params / int_encode /
-// int_decode), bit for bit: IEEE division and rint (round half to even, like std::nearbyint), f16
-// rounding upwards of the scale, std::min/max/clamp semantics for the parameters.
+// The integer codec of the format table on the device: core/format_traits.h's
+// int_params_from_range / int_code / int_value, the functions format.cpp's CPU codec calls, so the
+// two agree bit for bit. A scale that does not fit in f16 raises *err.
 struct IntCodec {
-  int qmax;      // 2^bits - 1
-  int sym;       // symmetric grid (codes 1..qmax around 2^(bits-1))
-  int64_t group; // group size along `in`; 0 = one group per row
-  int64_t groups;
+  FormatTraits f;  // an IntAsym or IntSym row
+  int64_t groups;  // groups per row
 
-  __device__ float smin(float a, float b) const { return b < a ? b : a; }  // std::min
-  __device__ float smax(float a, float b) const { return a < b ? b : a; }  // std::max
-  __device__ float sclamp(float v, float lo, float hi) const { return v < lo ? lo : (hi < v ? hi : v); }
-
-  // format.cpp f16_scale: the next f16 value >= s; inf (weights too large) raises *err.
-  __device__ float f16_scale(float s, int* err) const {
-    unsigned short bits = __half_as_ushort(__float2half_rn(s));
-    if (__half2float(__ushort_as_half(bits)) < s) ++bits;
-    const float r = __half2float(__ushort_as_half(bits));
-    if (!isfinite(r)) {
-      atomicExch(err, 1);
-      return 1.0f;
-    }
-    return r > 0 ? r : 5.9604644775390625e-08f;  // 2^-24, the smallest f16 subnormal
-  }
   __device__ float2 params(float lo, float hi, int* err) const {
-    if (sym) {
-      float a = smax(fabsf(lo), fabsf(hi));
-      if (a == 0.0f) a = 1.0f;
-      const float half = float((qmax + 1) / 2);
-      return make_float2(f16_scale(a / (half - 1.0f), err), half);
+    const IntParams p = int_params_from_range(f, lo, hi);
+    if (!isfinite(p.scale)) {
+      atomicExch(err, 1);
+      return make_float2(1.0f, p.zero);
     }
-    lo = smin(lo, 0.0f), hi = smax(hi, 0.0f);
-    if (lo == 0.0f && hi == 0.0f) lo = -1.0f, hi = 1.0f;
-    const float s = f16_scale((hi - lo) / float(qmax), err);
-    return make_float2(s, sclamp(rintf(-lo / s), 0.0f, float(qmax)));
+    return make_float2(p.scale, p.zero);
   }
   __device__ uint8_t encode(float x, float2 p) const {
-    return uint8_t(sclamp(rintf(x / p.x) + p.y, sym ? 1.0f : 0.0f, float(qmax)));
+    return int_code(x, p.x, p.y, int_code_min(f), float(f.qmax()));
   }
-  __device__ float decode(uint8_t q, float2 p) const { return (float(q) - p.y) * p.x; }
+  __device__ float decode(uint8_t q, float2 p) const { return int_value(q, p.x, p.y); }
 };
 
 __device__ __forceinline__ float warp_min(float v) {
@@ -202,7 +181,7 @@ __global__ void fit_params_kernel(const float* __restrict__ w, int64_t out, int6
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   for (int64_t t = warp; t < out * c.groups; t += nwarps) {
     const int64_t r = t / c.groups, g = t % c.groups;
-    const int64_t b = c.group ? g * c.group : 0, e = c.group ? min(b + c.group, in) : in;
+    const int64_t b = c.f.group_begin(g), e = c.f.group_end(g, in);
     float lo = INFINITY, hi = -INFINITY;
     for (int64_t k = b + lane; k < e; k += 32) {
       const float x = w[r * in + k];
@@ -256,11 +235,11 @@ __global__ void __launch_bounds__(kSweepWarps * 32)
       for (int m = 1; m < kVpl; ++m)
         if (m == mo) mine = v[m];
       const float wj = __shfl_sync(kFull, mine, owner);
-      const int64_t g = c.group ? col / c.group : 0;
-      if (dynamic_groups && col == g * c.group) {
+      const int64_t g = c.f.group_of_column(col);
+      if (dynamic_groups && col == c.f.group_begin(g)) {
         // The sweep enters group g: fit it on the weights as updated so far. Columns of the group
         // past this block have had the lazy updates of earlier blocks only, as on the CPU.
-        const int64_t ge = min(col + c.group, in);
+        const int64_t ge = c.f.group_end(g, in);
         float lo = INFINITY, hi = -INFINITY;
 #pragma unroll
         for (int m = 0; m < kVpl; ++m) {
@@ -305,30 +284,14 @@ __global__ void __launch_bounds__(kSweepWarps * 32)
 
 // ---- outputs --------------------------------------------------------------------------------
 
-// Packs each row's codes as format.h specifies (little-endian bit order, rows byte-aligned,
-// padding bits zero): 8 bits one per byte; 4 bits value 2k low nibble / 2k+1 high nibble of byte k;
-// 2 bits value 4k+j at bits [2j, 2j+2) of byte k; 3 bits 8 values per 24-bit little-endian word.
+// Packs each row's codes as the format table specifies (core/format_traits.h packed_code_byte,
+// the function the CPU pack calls): one packed byte per thread.
 __global__ void pack_kernel(const uint8_t* __restrict__ codes, int64_t out, int64_t in, int bits, int64_t row_bytes,
                             uint8_t* __restrict__ packed) {
   const int64_t n = out * row_bytes;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / row_bytes, b = i % row_bytes;
-    const uint8_t* c = codes + r * in;
-    auto at = [&](int64_t k) -> uint32_t { return k < in ? uint32_t(c[k]) : 0u; };
-    uint32_t byte = 0;
-    if (bits == 8) {
-      byte = at(b);
-    } else if (bits == 4) {
-      byte = at(2 * b) | (at(2 * b + 1) << 4);
-    } else if (bits == 2) {
-      for (int j = 0; j < 4; ++j) byte |= at(4 * b + j) << (2 * j);
-    } else {  // 3 bits
-      const int64_t word = b / 3;
-      uint32_t w24 = 0;
-      for (int j = 0; j < 8; ++j) w24 |= at(8 * word + j) << (3 * j);
-      byte = w24 >> (8 * (b % 3));
-    }
-    packed[i] = uint8_t(byte & 0xffu);
+    packed[i] = packed_code_byte(bits, codes + r * in, in, b);
   }
 }
 
@@ -346,7 +309,7 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ codes, const float
   const int64_t n = out * in;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / in, k = i % in;
-    wq[i] = c.decode(codes[i], p[r * c.groups + (c.group ? k / c.group : 0)]);
+    wq[i] = c.decode(codes[i], p[r * c.groups + c.f.group_of_column(k)]);
   }
 }
 
@@ -412,9 +375,9 @@ bool any_nonfinite(const Tensor& x) {
 
 }  // namespace
 
-GptqIntResult gptq_int(const Tensor& w_in, const Tensor& h_in, const GptqIntArgs& a) {
+GptqIntResult gptq_int(const Tensor& w_in, const Tensor& h_in, const FormatTraits& f, const GptqKernelOptions& a) {
   LB_CUDA_OP("gptq_int");
-  const char* name = a.format_name ? a.format_name : "int";
+  const char* name = f.name ? f.name : "int";
   LB_CHECK(w_in.defined() && w_in.dim() == 2 && w_in.dtype() == DType::F32 && w_in.device() == Device::CUDA, "gptq [",
            name, "] (cuda): weight must be f32 [out, in] on cuda, got ", w_in.defined() ? w_in.describe() : "undefined");
   const int64_t out = w_in.size(0), in = w_in.size(1);
@@ -422,11 +385,15 @@ GptqIntResult gptq_int(const Tensor& w_in, const Tensor& h_in, const GptqIntArgs
                h_in.dtype() == DType::F32 && h_in.device() == Device::CUDA,
            "gptq [", name, "] (cuda): Hessian must be f32 [", in, ", ", in, "] on cuda, got ",
            h_in.defined() ? h_in.describe() : "undefined");
-  LB_CHECK(a.bits >= 2 && a.bits <= 8 && a.bits != 5 && a.bits != 6 && a.bits != 7, "gptq (cuda): unsupported bits ",
-           a.bits);
+  LB_CHECK(f.kind == QuantKind::IntAsym || f.kind == QuantKind::IntSym, "gptq [", name,
+           "] (cuda): only the uniform integer formats are supported");
+  LB_CHECK(f.bits >= 2 && f.bits <= 8 && f.bits != 5 && f.bits != 6 && f.bits != 7, "gptq (cuda): unsupported bits ",
+           f.bits);
   LB_CHECK(a.block_size > 0 && a.block_size <= kMaxBlock, "gptq (cuda): block_size must be in [1, ", kMaxBlock,
            "], got ", a.block_size);
-  LB_CHECK(a.group_size >= 0 && a.row_bytes > 0, "gptq (cuda): bad group size / row bytes");
+  LB_CHECK(f.group_size >= 0, "gptq (cuda): bad group size");
+  const bool symmetric = f.kind == QuantKind::IntSym;
+  const int64_t row_bytes = f.row_bytes(in);
   LB_CHECK(in <= INT32_MAX && out <= INT32_MAX, "gptq (cuda): weight too large for cuBLAS: ", w_in.describe());
   const cudaStream_t st = cuda_rt::stream();
   const Tensor h = h_in.contiguous();
@@ -435,8 +402,8 @@ GptqIntResult gptq_int(const Tensor& w_in, const Tensor& h_in, const GptqIntArgs
   if (any_nonfinite(h)) throw_error("gptq [", name, "]: Hessian has a non-finite value");
 
   GptqIntResult res;
-  IntCodec c{(1 << a.bits) - 1, a.symmetric ? 1 : 0, a.group_size, a.group_size ? (in + a.group_size - 1) / a.group_size : 1};
-  const bool grouped = a.group_size > 0;
+  const IntCodec c{f, f.n_groups(in)};
+  const bool grouped = f.group_size > 0;
   const bool static_groups = grouped && (a.static_groups || a.act_order);
 
   // diag(H) on the host (n floats): dead columns, the damping and the act-order permutation are
@@ -527,18 +494,18 @@ GptqIntResult gptq_int(const Tensor& w_in, const Tensor& h_in, const GptqIntArgs
     }
   }
   if (read_info(err) != 0)
-    throw_error("[", name, "] a group scale does not fit in f16 (weights too large: max ~", 65504.0f * float(c.qmax),
+    throw_error("[", name, "] a group scale does not fit in f16 (weights too large: max ~", 65504.0f * float(f.qmax()),
                 ")");
   res.loss = loss.to(Device::CPU).data<double>()[0];
 
-  res.codes = Tensor::empty({out, a.row_bytes}, DType::U8, Device::CUDA);
-  pack_kernel<<<detail::grid_for(out * a.row_bytes, 256), 256, 0, st>>>(ptr<uint8_t>(codes), out, in, a.bits,
-                                                                      a.row_bytes, ptr<uint8_t>(res.codes));
+  res.codes = Tensor::empty({out, row_bytes}, DType::U8, Device::CUDA);
+  pack_kernel<<<detail::grid_for(out * row_bytes, 256), 256, 0, st>>>(ptr<uint8_t>(codes), out, in, f.bits, row_bytes,
+                                                                    ptr<uint8_t>(res.codes));
   LB_CUDA_LAUNCH_CHECK("pack_kernel");
   res.scales = Tensor::empty({out, c.groups}, DType::F16, Device::CUDA);
-  if (!a.symmetric) res.zeros = Tensor::empty({out, c.groups}, DType::F16, Device::CUDA);
+  if (!symmetric) res.zeros = Tensor::empty({out, c.groups}, DType::F16, Device::CUDA);
   params_to_f16_kernel<<<detail::grid_for(out * c.groups, 256), 256, 0, st>>>(
-      pp, out * c.groups, ptr<__half>(res.scales), a.symmetric ? nullptr : ptr<__half>(res.zeros));
+      pp, out * c.groups, ptr<__half>(res.scales), symmetric ? nullptr : ptr<__half>(res.zeros));
   LB_CUDA_LAUNCH_CHECK("params_to_f16_kernel");
   if (a.want_dequantized) {
     res.dequantized = Tensor::empty({out, in}, DType::F32, Device::CUDA);

@@ -55,12 +55,12 @@ struct Group {
 };
 
 // The group state of lwc.cpp's group_state(), computed by the whole warp (every lane gets it).
-__device__ __forceinline__ Group group_state(const float* w, int64_t n, float gamma, float beta, const LwcArgs& a) {
+__device__ __forceinline__ Group group_state(const float* w, int64_t n, float gamma, float beta, const FormatTraits& a) {
   const int lane = threadIdx.x & 31;
   Group st;
-  st.qmax = float(a.qmax);
+  st.qmax = float(a.qmax());
   st.sg = sigmoid_f(gamma);
-  if (!a.symmetric) {
+  if (a.kind != QuantKind::IntSym) {
     float vmax = -INFINITY, vmin = INFINITY;
     int64_t imax = n, imin = n;
     for (int64_t j = lane; j < n; j += 32) {
@@ -82,7 +82,7 @@ __device__ __forceinline__ Group group_state(const float* w, int64_t n, float ga
     float s = (hic - loc) / st.denom;
     if (s < kMinScale) s = kMinScale, st.trainable_scale = false;
     st.s = s;
-    st.z = fminf(fmaxf(rintf(-loc / s), 0.f), st.qmax);
+    st.z = fmt_clamp(fmt_rint(-loc / s), 0.f, st.qmax);
     st.qlo = 0;
   } else {
     float vabs = -1.f;
@@ -92,7 +92,7 @@ __device__ __forceinline__ Group group_state(const float* w, int64_t n, float ga
       if (v > vabs) vabs = v, iabs = j;
     }
     warp_argmax(vabs, iabs);
-    const float half = float(1 << (a.bits - 1));
+    const float half = int_sym_zero(a);
     st.denom = half - 1;
     st.hi = vabs;
     float amax = st.sg * st.hi;
@@ -113,33 +113,30 @@ __device__ __forceinline__ Group group_state(const float* w, int64_t n, float ga
 
 __global__ void lwc_forward_kernel(const float* __restrict__ w, const float* __restrict__ gamma,
                                    const float* __restrict__ beta, float* __restrict__ y, int64_t out, int64_t in,
-                                   LwcArgs a) {
-  const int64_t G = a.group_size > 0 ? (in + a.group_size - 1) / a.group_size : 1;
+                                   FormatTraits a) {
+  const int64_t G = a.n_groups(in);
   const int64_t gid = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (gid >= out * G) return;  // whole warps exit together
   const int64_t r = gid / G, g = gid % G;
-  const int64_t b = a.group_size > 0 ? g * a.group_size : 0;
-  const int64_t e = a.group_size > 0 ? min(in, b + a.group_size) : in;
+  const int64_t b = a.group_begin(g), e = a.group_end(g, in);
   const float* wg = w + r * in + b;
   float* yg = y + r * in + b;
   const Group st = group_state(wg, e - b, gamma[gid], beta ? beta[gid] : 0.f, a);
   for (int64_t j = threadIdx.x & 31; j < e - b; j += 32) {
-    const float q = fminf(fmaxf(rintf(wg[j] / st.s) + st.z, st.qlo), st.qmax);
-    yg[j] = (q - st.z) * st.s;
+    yg[j] = int_value(int_code(wg[j], st.s, st.z, st.qlo, st.qmax), st.s, st.z);
   }
 }
 
 __global__ void lwc_backward_kernel(const float* __restrict__ w, const float* __restrict__ gamma,
                                     const float* __restrict__ beta, const float* __restrict__ dy,
                                     float* __restrict__ dw, float* __restrict__ dgamma, float* __restrict__ dbeta,
-                                    int64_t out, int64_t in, LwcArgs a) {
-  const int64_t G = a.group_size > 0 ? (in + a.group_size - 1) / a.group_size : 1;
+                                    int64_t out, int64_t in, FormatTraits a) {
+  const int64_t G = a.n_groups(in);
   const int64_t gid = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (gid >= out * G) return;
   const int lane = threadIdx.x & 31;
   const int64_t r = gid / G, g = gid % G;
-  const int64_t b = a.group_size > 0 ? g * a.group_size : 0;
-  const int64_t n = (a.group_size > 0 ? min(in, b + a.group_size) : in) - b;
+  const int64_t b = a.group_begin(g), n = a.group_end(g, in) - b;
   const float* wg = w + r * in + b;
   const float* dyg = dy + r * in + b;
   const Group st = group_state(wg, n, gamma[gid], beta ? beta[gid] : 0.f, a);
@@ -154,8 +151,8 @@ __global__ void lwc_backward_kernel(const float* __restrict__ w, const float* __
   if (st.trainable_scale) {
     const float dhic = ds / st.denom;
     dg = dhic * st.hi * st.sg * (1 - st.sg);
-    if (st.arg_hi >= 0) dhi_w = dhic * st.sg * ((a.symmetric && wg[st.arg_hi] < 0) ? -1.f : 1.f);
-    if (!a.symmetric) {
+    if (st.arg_hi >= 0) dhi_w = dhic * st.sg * ((a.kind == QuantKind::IntSym && wg[st.arg_hi] < 0) ? -1.f : 1.f);
+    if (a.kind != QuantKind::IntSym) {
       const float dloc = -ds / st.denom;
       db = dloc * st.lo * st.sb * (1 - st.sb);
       if (st.arg_lo >= 0) dlo_w = dloc * st.sb;
@@ -233,12 +230,12 @@ __device__ __forceinline__ void load_group(const float* __restrict__ p, const Fa
 }
 
 template <int LPG, int VPL>
-__device__ __forceinline__ FastState fast_state(const float4 (&w)[VPL], float gamma, float beta, const LwcArgs& a) {
+__device__ __forceinline__ FastState fast_state(const float4 (&w)[VPL], float gamma, float beta, const FormatTraits& a) {
   FastState st;
-  st.qmax = float(a.qmax);
+  st.qmax = float(a.qmax());
   const float sg = sigmoid_f(gamma);
   bool trainable = true;
-  if (!a.symmetric) {
+  if (a.kind != QuantKind::IntSym) {
     float vmax = -INFINITY, vmin = INFINITY;
 #pragma unroll
     for (int v = 0; v < VPL; ++v) {
@@ -254,7 +251,7 @@ __device__ __forceinline__ FastState fast_state(const float4 (&w)[VPL], float ga
     float s = (hic - loc) / st.qmax;
     if (s < kMinScale) s = kMinScale, trainable = false;
     st.s = s;
-    st.z = fminf(fmaxf(rintf(-loc / s), 0.f), st.qmax);
+    st.z = fmt_clamp(fmt_rint(-loc / s), 0.f, st.qmax);
     st.qlo = 0;
     if (trainable) {
       st.dg_coef = hi * sg * (1 - sg) / st.qmax;
@@ -266,7 +263,7 @@ __device__ __forceinline__ FastState fast_state(const float4 (&w)[VPL], float ga
     for (int v = 0; v < VPL; ++v)
       vabs = fmaxf(vabs, fmaxf(fmaxf(fabsf(w[v].x), fabsf(w[v].y)), fmaxf(fabsf(w[v].z), fabsf(w[v].w))));
     vabs = sub_max<LPG>(vabs);
-    const float half = float(1 << (a.bits - 1)), denom = half - 1;
+    const float half = int_sym_zero(a), denom = half - 1;
     float amax = sg * vabs;
     if (vabs == 0) amax = 1, trainable = false;
     float s = amax / denom;
@@ -283,13 +280,12 @@ __device__ __forceinline__ FastState fast_state(const float4 (&w)[VPL], float ga
 template <int LPG, int VPL>
 __device__ __forceinline__ FastState fast_state(const float4 (&w)[VPL], const FastLane<LPG>& ln,
                                                 const float* __restrict__ gamma, const float* __restrict__ beta,
-                                                const LwcArgs& a) {
+                                                const FormatTraits& a) {
   return fast_state<LPG, VPL>(w, ln.ok ? gamma[ln.gid] : 0.f, (ln.ok && beta) ? beta[ln.gid] : 0.f, a);
 }
 
 __device__ __forceinline__ float fq(float w, const FastState& st) {
-  const float q = fminf(fmaxf(rintf(w / st.s) + st.z, st.qlo), st.qmax);
-  return (q - st.z) * st.s;
+  return int_value(int_code(w, st.s, st.z, st.qlo, st.qmax), st.s, st.z);
 }
 // dQ/ds of one element times its upstream gradient (see lwc_backward_kernel).
 __device__ __forceinline__ float ds_term(float w, float dy, const FastState& st) {
@@ -300,7 +296,7 @@ __device__ __forceinline__ float ds_term(float w, float dy, const FastState& st)
 template <int LPG, int VPL>
 __global__ void __launch_bounds__(256) lwc_forward_fast(const float* __restrict__ w, const float* __restrict__ gamma,
                                                         const float* __restrict__ beta, float* __restrict__ y,
-                                                        int64_t groups, LwcArgs a) {
+                                                        int64_t groups, FormatTraits a) {
   constexpr int GS = 4 * LPG * VPL;
   const FastLane<LPG> ln(groups);
   float4 v[VPL];
@@ -317,7 +313,7 @@ template <int LPG, int VPL>
 __global__ void __launch_bounds__(256) lwc_backward_fast(const float* __restrict__ w, const float* __restrict__ gamma,
                                                          const float* __restrict__ beta, const float* __restrict__ dy,
                                                          float* __restrict__ dgamma, float* __restrict__ dbeta,
-                                                         int64_t groups, LwcArgs a) {
+                                                         int64_t groups, FormatTraits a) {
   const FastLane<LPG> ln(groups);
   float4 v[VPL], d[VPL];
   load_group<LPG, VPL>(w, ln, v);
@@ -338,7 +334,7 @@ __global__ void __launch_bounds__(256) lwc_backward_fast(const float* __restrict
 struct FastShape {
   int lpg = 0, vpl = 0;
 };
-FastShape fast_shape(const LwcArgs& a, int64_t in, std::initializer_list<const Tensor*> vec_tensors) {
+FastShape fast_shape(const FormatTraits& a, int64_t in, std::initializer_list<const Tensor*> vec_tensors) {
   const int64_t gs = a.group_size;
   if (gs <= 0 || gs % 4 != 0 || in % gs != 0) return {};
   const int64_t v4 = gs / 4;  // float4s per group
@@ -372,7 +368,7 @@ void dispatch_fast(const FastShape& fs, F&& f) {
   }
 }
 
-void check_args(const char* op, const Tensor& w, const Tensor& gamma, const Tensor& beta, const LwcArgs& a,
+void check_args(const char* op, const Tensor& w, const Tensor& gamma, const Tensor& beta, const FormatTraits& a,
                 std::initializer_list<const Tensor*> more) {
   detail::check_on_gpu(op, w, "w");
   detail::check_on_gpu(op, gamma, "gamma");
@@ -388,8 +384,10 @@ void check_args(const char* op, const Tensor& w, const Tensor& gamma, const Tens
   for (const Tensor* t : more)
     if (t->defined() && (t->dtype() != DType::F32 || !t->is_contiguous()))
       throw_error(op, ": ", t->describe(), " must be a contiguous f32 tensor");
-  if (a.bits < 2 || a.bits > 8 || a.qmax < 1) throw_error(op, ": unsupported bit width ", a.bits);
-  if (a.symmetric == beta.defined()) throw_error(op, ": beta must be given exactly for asymmetric formats");
+  if (a.kind != QuantKind::IntAsym && a.kind != QuantKind::IntSym)
+    throw_error(op, ": [", a.name, "] is not a uniform integer format");
+  if (a.bits < 2 || a.bits > 8) throw_error(op, ": unsupported bit width ", a.bits);
+  if ((a.kind == QuantKind::IntSym) == beta.defined()) throw_error(op, ": beta must be given exactly for asymmetric formats");
 }
 
 unsigned blocks_for(int64_t groups) {
@@ -400,11 +398,11 @@ unsigned blocks_for(int64_t groups) {
 
 }  // namespace
 
-void lwc_forward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const LwcArgs& a, Tensor& y) {
+void lwc_forward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const FormatTraits& a, Tensor& y) {
   LB_CUDA_OP("lwc_forward");
   check_args("lwc_forward", w, gamma, beta, a, {&y});
   const int64_t out = w.size(0), in = w.size(1);
-  const int64_t groups = out * (a.group_size > 0 ? (in + a.group_size - 1) / a.group_size : 1);
+  const int64_t groups = out * a.n_groups(in);
   if (const FastShape fs = fast_shape(a, in, {&w, &y}); fs.lpg > 0) {
     dispatch_fast(fs, [&](auto L, auto V) {
       lwc_forward_fast<decltype(L)::value, decltype(V)::value><<<fast_grid(fs, groups), 256, 0, cuda_rt::stream()>>>(
@@ -418,13 +416,13 @@ void lwc_forward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const
   LB_CUDA_LAUNCH_CHECK("lwc_forward_kernel");
 }
 
-void lwc_backward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& dy, const LwcArgs& a,
+void lwc_backward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& dy, const FormatTraits& a,
                   Tensor& dw, Tensor& dgamma, Tensor& dbeta) {
   LB_CUDA_OP("lwc_backward");
   check_args("lwc_backward", w, gamma, beta, a, {&dy, &dw, &dgamma, &dbeta});
   if (beta.defined() != dbeta.defined()) throw_error("lwc_backward: dbeta must be given exactly when beta is");
   const int64_t out = w.size(0), in = w.size(1);
-  const int64_t groups = out * (a.group_size > 0 ? (in + a.group_size - 1) / a.group_size : 1);
+  const int64_t groups = out * a.n_groups(in);
   if (!dw.defined()) {
     if (const FastShape fs = fast_shape(a, in, {&w, &dy}); fs.lpg > 0) {
       dispatch_fast(fs, [&](auto L, auto V) {

@@ -1,0 +1,277 @@
+// The Llama-family mapping of GGUF files (config from metadata, llama.cpp tensor names, the q/k
+// row permutation of llama.cpp's converter): load_gguf / load_gguf_quantized / save_gguf. The
+// container itself (reader, writer, metadata, tensor table) is gguf.cpp.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <set>
+
+#include "lowbit/io/gguf.h"
+#include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/io/rope_layout.h"
+#include "lowbit/io/weight_names.h"
+
+namespace lowbit {
+
+namespace {
+std::string kv_ctx(const std::string& path, const std::string& key) { return path + ": metadata key '" + key + "'"; }
+}  // namespace
+
+// ---- Llama-family models -----------------------------------------------------------------------
+
+namespace {
+
+struct ArchKeys {
+  const GgufFile& f;
+  std::string prefix;  // "llama."
+  const GgufValue* get(const std::string& k) const { return f.find(prefix + k); }
+  std::string ctx(const std::string& k) const { return kv_ctx(f.path(), prefix + k); }
+  int integer(const std::string& k, std::optional<int> def = std::nullopt) const {
+    const GgufValue* v = get(k);
+    if (!v) {
+      if (!def) throw_error(f.path(), ": missing required metadata key '", prefix + k, "'");
+      return *def;
+    }
+    if (v->type == GgufType::ARRAY)
+      throw_error(ctx(k), ": per-layer values (an array) are not supported");
+    const int64_t x = v->as_int(ctx(k));
+    if (x < INT32_MIN || x > INT32_MAX) throw_error(ctx(k), ": value ", x, " is out of range");
+    return int(x);
+  }
+  float number(const std::string& k, float def) const {
+    const GgufValue* v = get(k);
+    return v ? float(v->as_float(ctx(k))) : def;
+  }
+};
+
+int optional_id(const GgufFile& f, const char* key) {
+  const GgufValue* v = f.find(key);
+  if (!v) return -1;
+  const int64_t x = v->as_int(kv_ctx(f.path(), key));
+  return (x < 0 || x > INT32_MAX) ? -1 : int(x);
+}
+
+}  // namespace
+
+LlamaConfig gguf_llama_config(const GgufFile& f) {
+  const GgufValue* archv = f.find("general.architecture");
+  if (!archv) throw_error(f.path(), ": missing metadata key 'general.architecture'");
+  const std::string arch = archv->as_string(kv_ctx(f.path(), "general.architecture"));
+  if (arch != "llama" && arch != "qwen2" && arch != "qwen3")
+    throw_error(f.path(), ": unsupported GGUF architecture '", arch, "' (lowbit reads llama, qwen2 and qwen3)");
+  ArchKeys k{f, arch + "."};
+  LlamaConfig c;
+  c.arch = arch;
+  c.dim = k.integer("embedding_length");
+  c.hidden_dim = k.integer("feed_forward_length");
+  c.n_layers = k.integer("block_count");
+  c.n_heads = k.integer("attention.head_count");
+  c.n_kv_heads = k.integer("attention.head_count_kv", c.n_heads);
+  c.max_seq_len = k.integer("context_length", 2048);
+  c.rope_theta = k.number("rope.freq_base", 10000.0f);
+  c.norm_eps = k.number("attention.layer_norm_rms_epsilon", 1e-5f);
+  c.head_dim = k.integer("attention.key_length", 0);
+  if (c.head_dim != 0 && k.integer("attention.value_length", c.head_dim) != c.head_dim)
+    throw_error(f.path(), ": attention.key_length and value_length differ; not supported");
+  if (c.n_heads > 0 && c.head_dim * c.n_heads == c.dim) c.head_dim = 0;
+  if (k.get("rope.dimension_count")) {
+    const int rot = k.integer("rope.dimension_count");
+    const int hd = c.head_dim ? c.head_dim : (c.n_heads > 0 ? c.dim / c.n_heads : 0);
+    if (rot != hd)
+      throw_error(k.ctx("rope.dimension_count"), ": partial rotary embeddings (", rot, " of ", hd,
+                  " channels per head) are not supported");
+  }
+  if (const GgufValue* rs = k.get("rope.scaling.type")) {
+    const std::string t = rs->as_string(k.ctx("rope.scaling.type"));
+    if (t != "none")
+      throw_error(k.ctx("rope.scaling.type"), ": RoPE scaling '", t, "' is not supported yet (no frequency scaling in lowbit's RoPE)");
+  }
+  if (f.find_tensor("rope_freqs.weight"))
+    throw_error(f.path(), ": tensor 'rope_freqs.weight' (Llama 3.1 RoPE frequency scaling) is not supported yet");
+  const GgufTensorInfo* emb = f.find_tensor("token_embd.weight");
+  if (!emb) throw_error(f.path(), ": missing tensor 'token_embd.weight'");
+  if (emb->ne.size() != 2) throw_error(f.path(), ": tensor 'token_embd.weight' has ", emb->ne.size(), " dimensions, expected 2");
+  if (emb->ne[1] > INT32_MAX) throw_error(f.path(), ": vocabulary of ", emb->ne[1], " tokens is too large");
+  c.vocab_size = int(emb->ne[1]);
+  if (k.get("vocab_size") && k.integer("vocab_size") != c.vocab_size)
+    throw_error(k.ctx("vocab_size"), ": ", k.integer("vocab_size"), " does not match token_embd.weight (", c.vocab_size, " rows)");
+  c.tied_embeddings = f.find_tensor("output.weight") == nullptr;
+  c.attn_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
+  c.qk_norm = f.find_tensor("blk.0.attn_q_norm.weight") != nullptr;
+  // llama.cpp's converter permutes HF q/k rows back to Meta's layout for "llama" (LLAMA_ROPE_TYPE_NORM);
+  // qwen2/qwen3 keep the HF layout and use NEOX-style RoPE.
+  c.rope_style = arch == "llama" ? RopeStyle::Interleaved : RopeStyle::Half;
+  c.bos_id = optional_id(f, "tokenizer.ggml.bos_token_id");
+  c.eos_id = optional_id(f, "tokenizer.ggml.eos_token_id");
+  c.validate(f.path());
+  return c;
+}
+
+TokenizerVocab gguf_tokenizer_vocab(const GgufFile& f) {
+  TokenizerVocab v;
+  const GgufValue* tokens = f.find("tokenizer.ggml.tokens");
+  const GgufValue* model = f.find("tokenizer.ggml.model");
+  if (!tokens || !model) return v;
+  auto ctx = [&](const char* key) { return kv_ctx(f.path(), key); };
+  v.model = model->as_string(ctx("tokenizer.ggml.model"));
+  if (const GgufValue* p = f.find("tokenizer.ggml.pre")) v.pre = p->as_string(ctx("tokenizer.ggml.pre"));
+  v.tokens = tokens->as_string_array(ctx("tokenizer.ggml.tokens"));
+  if (const GgufValue* s = f.find("tokenizer.ggml.scores")) v.scores = s->as_float_array(ctx("tokenizer.ggml.scores"));
+  if (const GgufValue* t = f.find("tokenizer.ggml.token_type")) v.token_types = t->as_int32_array(ctx("tokenizer.ggml.token_type"));
+  if (const GgufValue* m = f.find("tokenizer.ggml.merges")) v.merges = m->as_string_array(ctx("tokenizer.ggml.merges"));
+  if (!v.scores.empty() && v.scores.size() != v.tokens.size())
+    throw_error(ctx("tokenizer.ggml.scores"), ": ", v.scores.size(), " scores for ", v.tokens.size(), " tokens");
+  if (!v.token_types.empty() && v.token_types.size() != v.tokens.size())
+    throw_error(ctx("tokenizer.ggml.token_type"), ": ", v.token_types.size(), " types for ", v.tokens.size(), " tokens");
+  v.bos_id = optional_id(f, "tokenizer.ggml.bos_token_id");
+  v.eos_id = optional_id(f, "tokenizer.ggml.eos_token_id");
+  v.unk_id = optional_id(f, "tokenizer.ggml.unknown_token_id");
+  v.pad_id = optional_id(f, "tokenizer.ggml.padding_token_id");
+  return v;
+}
+
+Checkpoint load_gguf(const std::string& path) {
+  GgufFile f = GgufFile::open(path);
+  Checkpoint ck;
+  ck.source = path;
+  ck.config = gguf_llama_config(f);
+  ck.vocab = gguf_tokenizer_vocab(f);
+  std::set<std::string> used;
+  // Old converters (e.g. the version-1 stories260K file) store output.weight even when it is
+  // the embedding. When the two are bit-identical the model is exactly a tied one: load it as
+  // such (half the memory; saves back without the copy).
+  if (const GgufTensorInfo* out = f.find_tensor("output.weight")) {
+    const GgufTensorInfo* emb = f.find_tensor("token_embd.weight");
+    if (out->ne == emb->ne && out->ggml_type == emb->ggml_type &&
+        std::memcmp(f.tensor_bytes(*out), f.tensor_bytes(*emb), size_t(out->nbytes)) == 0) {
+      ck.config.tied_embeddings = true;
+      used.insert("output.weight");
+    }
+  }
+  for (auto& slot : io::weight_slots(ck.config, ck.weights)) {
+    const GgufTensorInfo* t = f.find_tensor(slot.gguf_name);
+    if (!t) throw_error(path, ": missing tensor '", slot.gguf_name, "' (", ck.config.summary(), ")");
+    if (t->shape() != slot.shape)
+      throw_error(path, ": tensor '", slot.gguf_name, "' has ne ", shape_str(t->ne), " (shape ", shape_str(t->shape()),
+                  "), the config needs shape ", shape_str(slot.shape));
+    *slot.tensor = f.load_f32(slot.gguf_name);
+    used.insert(slot.gguf_name);
+  }
+  size_t unused = 0;
+  std::string example;
+  for (const auto& t : f.tensors())
+    if (!used.count(t.name) && unused++ == 0) example = t.name;
+  if (unused)
+    std::fprintf(stderr, "lowbit: warning: %s: %zu tensors not used by the model are ignored (e.g. '%s')\n", path.c_str(), unused,
+                 example.c_str());
+  validate_weights(ck.config, ck.weights, path);
+  return ck;
+}
+
+QuantizedCheckpoint load_gguf_quantized(const std::string& path) {
+  QuantizedCheckpoint q;
+  q.dense = load_gguf(path);  // every tensor in f32 (block types dequantized exactly)
+  q.method = "gguf";
+  GgufFile f = GgufFile::open(path);
+  const LlamaConfig& c = q.dense.config;
+  const int hd = c.resolved_head_dim();
+  const bool permute = c.rope_style == RopeStyle::Interleaved;
+  bool first = true;
+  for (auto& slot : io::weight_slots(q.dense.config, q.dense.weights)) {
+    const std::string& hf = slot.hf_name;
+    const std::string suffix = "_proj.weight";
+    if (hf.rfind("model.layers.", 0) != 0 || hf.size() < suffix.size() ||
+        hf.compare(hf.size() - suffix.size(), suffix.size(), suffix) != 0)
+      continue;
+    const GgufTensorInfo* t = f.find_tensor(slot.gguf_name);
+    if (!t || !quant_format_for_ggml_type(t->ggml_type)) continue;  // dense in the file: stays dense
+    QuantizedTensor qt = f.load_quantized(slot.gguf_name);
+    // llama.cpp stores llama's q/k rows in Meta's interleaved order; the model built from `dense`
+    // uses the HF order (rope Half), so the rows (whole rows of blocks) are permuted exactly.
+    const bool is_q = hf.find(".self_attn.q_proj.") != std::string::npos;
+    const bool is_k = hf.find(".self_attn.k_proj.") != std::string::npos;
+    if (permute && (is_q || is_k))
+      qt.codes = rope_rows_interleaved_to_half(qt.codes, is_q ? c.n_heads : c.n_kv_heads, hd);
+    if (first) q.format = qt.format, first = false;
+    q.quantized[hf.substr(0, hf.size() - std::string(".weight").size())] = std::move(qt);
+  }
+  q.dense.weights = weights_with_rope_style(c, q.dense.weights, RopeStyle::Half);
+  q.dense.config.rope_style = RopeStyle::Half;
+  return q;
+}
+
+void save_gguf(const std::string& path, const LlamaConfig& config, const LlamaWeights& weights, const GgufSaveOptions& opt) {
+  config.validate(path);
+  validate_weights(config, weights, path);
+  if (opt.dtype != DType::F32 && opt.dtype != DType::F16 && opt.dtype != DType::BF16)
+    throw_error(path, ": GGUF tensors are saved as f32, f16 or bf16, not ", dtype_name(opt.dtype));
+  // Mistral is "llama" in llama.cpp (same graph, same converter path).
+  std::string arch = config.arch == "mistral" ? "llama" : config.arch;
+  if (arch != "llama" && arch != "qwen2" && arch != "qwen3") throw_error(path, ": cannot write architecture '", config.arch, "' to GGUF");
+  if (arch == "llama" && (config.attn_bias || config.qk_norm))
+    throw_error(path, ": a llama model with q/k/v biases or q/k norms has no GGUF llama equivalent");
+  const RopeStyle style = arch == "llama" ? RopeStyle::Interleaved : RopeStyle::Half;
+  LlamaWeights w = weights_with_rope_style(config, weights, style);
+
+  const std::string a = arch + ".";
+  GgufMetadata kv;
+  kv.emplace_back("general.architecture", GgufValue::string(arch));
+  if (!opt.name.empty()) kv.emplace_back("general.name", GgufValue::string(opt.name));
+  // general.file_type: LLAMA_FTYPE_ALL_F32 = 0, MOSTLY_F16 = 1, MOSTLY_BF16 = 32.
+  kv.emplace_back("general.file_type", GgufValue::u32(opt.dtype == DType::F32 ? 0 : opt.dtype == DType::F16 ? 1 : 32));
+  kv.emplace_back(a + "context_length", GgufValue::u32(uint32_t(config.max_seq_len)));
+  kv.emplace_back(a + "embedding_length", GgufValue::u32(uint32_t(config.dim)));
+  kv.emplace_back(a + "block_count", GgufValue::u32(uint32_t(config.n_layers)));
+  kv.emplace_back(a + "feed_forward_length", GgufValue::u32(uint32_t(config.hidden_dim)));
+  kv.emplace_back(a + "attention.head_count", GgufValue::u32(uint32_t(config.n_heads)));
+  kv.emplace_back(a + "attention.head_count_kv", GgufValue::u32(uint32_t(config.n_kv_heads)));
+  kv.emplace_back(a + "rope.dimension_count", GgufValue::u32(uint32_t(config.resolved_head_dim())));
+  if (config.head_dim != 0 && config.head_dim * config.n_heads != config.dim) {
+    kv.emplace_back(a + "attention.key_length", GgufValue::u32(uint32_t(config.head_dim)));
+    kv.emplace_back(a + "attention.value_length", GgufValue::u32(uint32_t(config.head_dim)));
+  }
+  kv.emplace_back(a + "rope.freq_base", GgufValue::f32(config.rope_theta));
+  kv.emplace_back(a + "attention.layer_norm_rms_epsilon", GgufValue::f32(config.norm_eps));
+  kv.emplace_back(a + "vocab_size", GgufValue::u32(uint32_t(config.vocab_size)));
+  if (opt.vocab && !opt.vocab->empty()) {
+    const TokenizerVocab& v = *opt.vocab;
+    if (int(v.tokens.size()) != config.vocab_size)
+      throw_error(path, ": tokenizer has ", v.tokens.size(), " tokens but the model's vocabulary is ", config.vocab_size);
+    kv.emplace_back("tokenizer.ggml.model", GgufValue::string(v.model));
+    if (!v.pre.empty()) kv.emplace_back("tokenizer.ggml.pre", GgufValue::string(v.pre));
+    kv.emplace_back("tokenizer.ggml.tokens", GgufValue::string_array(v.tokens));
+    if (!v.scores.empty()) kv.emplace_back("tokenizer.ggml.scores", GgufValue::f32_array(v.scores));
+    if (!v.token_types.empty()) kv.emplace_back("tokenizer.ggml.token_type", GgufValue::i32_array(v.token_types));
+    if (!v.merges.empty()) kv.emplace_back("tokenizer.ggml.merges", GgufValue::string_array(v.merges));
+    if (v.bos_id >= 0) kv.emplace_back("tokenizer.ggml.bos_token_id", GgufValue::u32(uint32_t(v.bos_id)));
+    if (v.eos_id >= 0) kv.emplace_back("tokenizer.ggml.eos_token_id", GgufValue::u32(uint32_t(v.eos_id)));
+    if (v.unk_id >= 0) kv.emplace_back("tokenizer.ggml.unknown_token_id", GgufValue::u32(uint32_t(v.unk_id)));
+    if (v.pad_id >= 0) kv.emplace_back("tokenizer.ggml.padding_token_id", GgufValue::u32(uint32_t(v.pad_id)));
+  } else {
+    // llama.cpp requires tokenizer.ggml.model; "none" loads the model without a vocabulary.
+    kv.emplace_back("tokenizer.ggml.model", GgufValue::string("none"));
+    if (config.bos_id >= 0) kv.emplace_back("tokenizer.ggml.bos_token_id", GgufValue::u32(uint32_t(config.bos_id)));
+    if (config.eos_id >= 0) kv.emplace_back("tokenizer.ggml.eos_token_id", GgufValue::u32(uint32_t(config.eos_id)));
+  }
+
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const auto& slot : io::weight_slots(config, w)) {
+    Tensor t = slot.tensor->to(Device::CPU).to(DType::F32).contiguous();
+    // As llama.cpp's converter: 1-D tensors (norms, biases) stay f32.
+    if (t.dim() >= 2 && opt.dtype != DType::F32) {
+      if (opt.dtype == DType::F16) {
+        const float* p = t.data<float>();
+        for (int64_t k = 0; k < t.numel(); ++k)
+          if (std::fabs(p[k]) > 65504.0f)
+            throw_error(path, ": tensor '", slot.gguf_name, "' value ", p[k], " overflows f16; save as bf16 or f32");
+      }
+      t = t.to(opt.dtype);
+    }
+    tensors.emplace_back(slot.gguf_name, std::move(t));
+  }
+  write_gguf(path, kv, tensors);
+}
+
+}  // namespace lowbit
