@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "lowbit/core/dtype.h"
@@ -21,10 +22,27 @@ using qmm::QRow;
 
 constexpr const char* kOp = "quant_matmul";
 
+int64_t ggml_block_bytes(PackedLayout l) {
+  switch (l) {
+    case PackedLayout::GgmlQ4_0: return 18;
+    case PackedLayout::GgmlQ4_1: return 20;
+    case PackedLayout::GgmlQ8_0: return 34;
+    default: return 0;
+  }
+}
+
 void check_view(const PackedWeight& w) {
   if (w.out <= 0 || w.in <= 0) throw_error(kOp, ": weight [", w.format, "] has shape [", w.out, ", ", w.in, "]");
   if (!w.dequantize_row) throw_error(kOp, ": weight [", w.format, "] has no dequantize_row");
-  if (w.layout != PackedLayout::IntGroups) return;
+  if (w.layout == PackedLayout::Generic) return;
+  if (!w.codes) throw_error(kOp, ": weight [", w.format, "] lacks its codes");
+  if (w.layout != PackedLayout::IntGroups) {
+    const int64_t bb = ggml_block_bytes(w.layout);
+    if (w.in % kBlock != 0 || w.row_bytes != w.in / kBlock * bb)
+      throw_error(kOp, ": weight [", w.format, "] needs rows of whole 32-value blocks (", bb, " bytes each), got in = ",
+                  w.in, ", row_bytes = ", w.row_bytes);
+    return;
+  }
   if (w.bits != 2 && w.bits != 4 && w.bits != 8)
     throw_error(kOp, ": weight [", w.format, "] IntGroups layout needs 2, 4 or 8-bit codes, got ", w.bits);
   if (w.group_size <= 0 || w.n_groups != (w.in + w.group_size - 1) / w.group_size)
@@ -32,7 +50,7 @@ void check_view(const PackedWeight& w) {
                 " columns");
   if (w.row_bytes != (w.in * w.bits + 7) / 8)
     throw_error(kOp, ": weight [", w.format, "] row_bytes ", w.row_bytes, " != ", (w.in * w.bits + 7) / 8);
-  if (!w.codes || !w.scales) throw_error(kOp, ": weight [", w.format, "] lacks codes or scales");
+  if (!w.scales) throw_error(kOp, ": weight [", w.format, "] lacks its scales");
 }
 
 // Code i of a packed row (format.h's little-endian layout, 2/4/8 bits).
@@ -166,7 +184,7 @@ QActs quantize_acts(const float* x, int64_t M, int64_t in, int bits) {
 // The partial last block (natural order), scalar.
 float tail_dot(const PackedWeight& w, int64_t row, const QRow& a, int64_t nfull) {
   const int64_t b0 = nfull * kBlock;
-  if (b0 >= w.in) return 0.0f;
+  if (b0 >= w.in || w.layout != PackedLayout::IntGroups) return 0.0f;
   const uint8_t* rp = w.codes + row * w.row_bytes;
   const int8_t* q = a.q + nfull * kBlock;
   float acc = 0.0f;
@@ -206,25 +224,57 @@ float portable_row(const PackedWeight& w, int64_t row, const QRow& a, int64_t nf
   return acc;
 }
 
+inline float f16_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return f16_to_f32(h);
+}
+
+template <PackedLayout L>
+float portable_ggml_row(const PackedWeight& w, int64_t row, const QRow& a, int64_t nfull) {
+  const int64_t kBytes = ggml_block_bytes(L);
+  const uint8_t* rp = w.codes + row * w.row_bytes;
+  float acc = 0.0f;
+  for (int64_t b = 0; b < nfull; ++b) {
+    const uint8_t* blk = rp + b * kBytes;
+    const int8_t* qa = a.q + b * kBlock;
+    const float dd = f16_at(blk) * a.d[b];
+    int32_t isum = 0;
+    if constexpr (L == PackedLayout::GgmlQ8_0) {
+      for (int p = 0; p < kBlock; ++p) isum += int8_t(blk[2 + p]) * qa[p];
+      acc += dd * float(isum);
+    } else {
+      const uint8_t* qs = blk + (L == PackedLayout::GgmlQ4_0 ? 2 : 4);
+      for (int p = 0; p < 16; ++p) isum += (qs[p] & 0x0f) * qa[p] + (qs[p] >> 4) * qa[p + 16];
+      if constexpr (L == PackedLayout::GgmlQ4_0) acc += dd * (float(isum) - 8.0f * float(a.sum[b]));
+      else acc += dd * float(isum) + f16_at(blk + 2) * a.d[b] * float(a.sum[b]);
+    }
+  }
+  return acc;
+}
+
 QuantIsa resolve_isa(QuantIsa isa) {
   if (isa == QuantIsa::Auto) return quant_isa_best();
   if (!quant_isa_supported(isa)) throw_error(kOp, ": instruction set ", quant_isa_name(isa), " is not supported by this CPU");
   return isa;
 }
 
-qmm::RowKernel pick_kernel(QuantIsa isa, int bits) {
+qmm::RowKernel pick_kernel(QuantIsa isa, const PackedWeight& w) {
+  qmm::RowKernel k = nullptr;
   switch (isa) {
 #if defined(__x86_64__) || defined(__i386__)
-    case QuantIsa::Avx2: return qmm::avx2_kernel(bits);
-    case QuantIsa::Avx2Vnni: return qmm::avx2vnni_kernel(bits);
+    case QuantIsa::Avx2: k = qmm::avx2_kernel(w); break;
+    case QuantIsa::Avx2Vnni: k = qmm::avx2vnni_kernel(w); break;
 #endif
-    default: return qmm::portable_kernel(bits);
+    default: k = qmm::portable_kernel(w);
   }
+  if (!k) throw_error(kOp, ": no int8 kernel for weight [", w.format, "]");
+  return k;
 }
 
 void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa) {
-  const QActs a = quantize_acts(x, M, w.in, w.bits);
-  const qmm::RowKernel k = pick_kernel(resolve_isa(isa), w.bits);
+  const QActs a = quantize_acts(x, M, w.in, qmm::act_order_bits(w));
+  const qmm::RowKernel k = pick_kernel(resolve_isa(isa), w);
   const int64_t nfull = w.in / kBlock, out = w.out;
 #pragma omp parallel for schedule(static) if (out * w.in >= (int64_t(1) << 15))
   for (int64_t o = 0; o < out; ++o)
@@ -237,11 +287,19 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, Quant
 }  // namespace
 
 namespace qmm {
-RowKernel portable_kernel(int bits) {
-  switch (bits) {
-    case 2: return &portable_row<2>;
-    case 4: return &portable_row<4>;
-    default: return &portable_row<8>;
+RowKernel portable_kernel(const PackedWeight& w) {
+  switch (w.layout) {
+    case PackedLayout::GgmlQ4_0: return &portable_ggml_row<PackedLayout::GgmlQ4_0>;
+    case PackedLayout::GgmlQ4_1: return &portable_ggml_row<PackedLayout::GgmlQ4_1>;
+    case PackedLayout::GgmlQ8_0: return &portable_ggml_row<PackedLayout::GgmlQ8_0>;
+    case PackedLayout::IntGroups:
+      switch (w.bits) {
+        case 2: return &portable_row<2>;
+        case 4: return &portable_row<4>;
+        case 8: return &portable_row<8>;
+        default: return nullptr;
+      }
+    default: return nullptr;
   }
 }
 }  // namespace qmm
@@ -283,7 +341,8 @@ const char* quant_isa_name(QuantIsa isa) {
 }
 
 bool quant_matmul_has_int8_kernel(const PackedWeight& w) {
-  return w.layout == PackedLayout::IntGroups && (w.n_groups == 1 || w.group_size % kBlock == 0);
+  if (w.layout == PackedLayout::Generic) return false;
+  return w.layout != PackedLayout::IntGroups || w.n_groups == 1 || w.group_size % kBlock == 0;
 }
 
 void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const QuantMatmulOptions& opt) {

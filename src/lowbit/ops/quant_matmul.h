@@ -8,6 +8,9 @@
 //              sym, per-channel, int8pc): codes U8 [out, row_bytes], each row little-endian packed
 //              (format.h), one f16 scale per group, an f16 zero per group (asym) or the implicit zero
 //              2^(bits-1) (sym); w = (q - z) * s.
+//   GgmlQ4_0, GgmlQ4_1, GgmlQ8_0
+//              ggml's blocks of 32 (core/ggml_blocks.h) as stored in GGUF: codes U8 [out, row_bytes],
+//              `in` a multiple of 32; w = d (q - 8), d q + m, d q.
 //
 // Bodies (QuantMatmulOptions::path):
 //   Reference   row by row: dequantize_row, then f32 dot products (the oracle the tests use).
@@ -28,18 +31,18 @@
 
 namespace lowbit::ops {
 
-enum class PackedLayout : uint8_t { Generic, IntGroups };
+enum class PackedLayout : uint8_t { Generic, IntGroups, GgmlQ4_0, GgmlQ4_1, GgmlQ8_0 };
 
 struct PackedWeight {
   int64_t out = 0, in = 0;
   const char* format = "";  // the format's name, for messages (a static string)
   PackedLayout layout = PackedLayout::Generic;
+  int64_t row_bytes = 0;        // packed bytes per row (every layout but Generic)
+  const uint8_t* codes = nullptr;  // every layout but Generic
   // IntGroups only:
   int bits = 0;                 // 2, 4 or 8
   int64_t group_size = 0;       // columns per group (== in for per-channel formats)
   int64_t n_groups = 0;         // groups per row
-  int64_t row_bytes = 0;        // packed bytes per row
-  const uint8_t* codes = nullptr;
   const uint16_t* scales = nullptr;  // f16 [out, n_groups]
   const uint16_t* zeros = nullptr;   // f16 [out, n_groups], or null: implicit zero
   float implicit_zero = 0.0f;

@@ -1,6 +1,7 @@
 // Internal to quant_matmul: the int8-activation operand and the per-ISA row kernels.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #include "lowbit/ops/quant_matmul.h"
 
@@ -32,10 +33,15 @@ inline int block_source_index(int bits, int p) {
 // sum over blocks b of s_g * d_b * (sum_i q_i a_i - z_g * sum_b). The tail is not included.
 using RowKernel = float (*)(const PackedWeight& w, int64_t row, const QRow& a, int64_t nfull);
 
-RowKernel portable_kernel(int bits);
+// The kernel of a layout (IntGroups: by bits), or null when there is none.
+RowKernel portable_kernel(const PackedWeight& w);
 #if defined(__x86_64__) || defined(__i386__)
-RowKernel avx2_kernel(int bits);
-RowKernel avx2vnni_kernel(int bits);
+RowKernel avx2_kernel(const PackedWeight& w);
+RowKernel avx2vnni_kernel(const PackedWeight& w);
 #endif
+
+// Order of the activations inside a full block for this layout (block_source_index's `bits`):
+// IntGroups unpack in their bit order, ggml blocks keep the natural order.
+inline int act_order_bits(const PackedWeight& w) { return w.layout == PackedLayout::IntGroups ? w.bits : 8; }
 
 }  // namespace lowbit::ops::qmm

@@ -41,12 +41,12 @@ namespace avxvnni {
 }  // namespace avxvnni
 #pragma GCC pop_options
 
-RowKernel avx2_kernel(int bits) { return avx2::pick(bits); }
+RowKernel avx2_kernel(const PackedWeight& w) { return avx2::pick(w); }
 
-RowKernel avx2vnni_kernel(int bits) {
+RowKernel avx2vnni_kernel(const PackedWeight& w) {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return avx512vnni::pick(bits);
-  return avxvnni::pick(bits);
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return avx512vnni::pick(w);
+  return avxvnni::pick(w);
 }
 
 }  // namespace lowbit::ops::qmm

@@ -131,19 +131,6 @@ Tensor QuantizedTensor::dequantize() const {
   return w;
 }
 
-void QuantizedTensor::dequantize_row_into(int64_t r, float* dst) const {
-  const QuantFormat& f = fmt();
-  const int64_t in = in_features(), groups = f.n_groups(in);
-  LB_CHECK(r >= 0 && r < out_features(), "[", f.name, "] row ", r, " out of range [0, ", out_features(), ")");
-  std::vector<uint8_t> row(static_cast<size_t>(in));
-  unpack_row(r, row.data());
-  const float ts = tensor_scale_value();
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t b = f.group_begin(g), e = f.group_end(g, in);
-    f.codec->decode_n(f, row.data() + b, e - b, load_group_params(f, scales, zeros, r * groups + g, ts), dst + b);
-  }
-}
-
 ops::PackedWeight QuantizedTensor::packed_view() const {
   validate();
   const QuantFormat& f = fmt();
@@ -151,7 +138,17 @@ ops::PackedWeight QuantizedTensor::packed_view() const {
   w.out = out_features();
   w.in = in_features();
   w.format = f.name;
-  w.dequantize_row = [this](int64_t r, float* dst) { dequantize_row_into(r, dst); };
+  w.dequantize_row = [this](int64_t r, float* dst) { dequantize_row(r, dst); };
+  const ops::PackedLayout ggml = f.id == QuantFormatId::Q4_0   ? ops::PackedLayout::GgmlQ4_0
+                                 : f.id == QuantFormatId::Q4_1 ? ops::PackedLayout::GgmlQ4_1
+                                 : f.id == QuantFormatId::Q8_0 ? ops::PackedLayout::GgmlQ8_0
+                                                               : ops::PackedLayout::Generic;
+  if (ggml != ops::PackedLayout::Generic) {
+    w.layout = ggml;
+    w.row_bytes = f.row_bytes(w.in);
+    w.codes = codes.data<uint8_t>();
+    return w;
+  }
   const bool int_kind = f.kind == QuantKind::IntAsym || f.kind == QuantKind::IntSym;
   if (int_kind && f.scale_type == ScaleType::F16 && (f.bits == 2 || f.bits == 4 || f.bits == 8)) {
     w.layout = ops::PackedLayout::IntGroups;

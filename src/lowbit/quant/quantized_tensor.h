@@ -38,8 +38,6 @@ struct QuantizedTensor {
   // (call it once first); row must be in [0, out).
   void dequantize_row(int64_t row, float* out) const;
   Tensor dequantize() const;  // F32 [out, in] on the CPU
-  // Decodes row r into dst[0, in) (the format's codec; safe to call from several threads).
-  void dequantize_row_into(int64_t row, float* dst) const;
   // The op layer's view of this tensor for ops::quant_matmul (pointers into this object's storage:
   // valid while it lives and is not modified). Validates first.
   ops::PackedWeight packed_view() const;
