@@ -36,6 +36,7 @@ int64_t model_bytes(const LoadedModel& m) {
   int64_t n = tensor_bytes(w.tok_embeddings) + tensor_bytes(w.final_norm) + tensor_bytes(w.output);
   for (const auto& l : w.layers)
     n += tensor_bytes(l.attn_norm) + tensor_bytes(l.ffn_norm) + tensor_bytes(l.q_norm) + tensor_bytes(l.k_norm);
+  n += m.packed_vocab_bytes;  // packed token_embd (+ output when untied)
   for (int i = 0; i < m.model->n_layers(); ++i)
     for (auto& [name, slot] : m.model->block(i).linears()) {
       const Linear* lin = slot->get();

@@ -19,6 +19,7 @@ Device parse_device(const std::string& name);
 struct LoadedModel {
   Checkpoint checkpoint;
   std::unique_ptr<LlamaModel> model;
+  int64_t packed_vocab_bytes = 0;  // packed token_embd / output (GGUF), not in checkpoint.weights
 };
 LoadedModel load_model(const std::string& path, Device device);
 

@@ -1,5 +1,7 @@
 #include "lowbit/io/quantized_checkpoint.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -216,8 +218,8 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
         } catch (const Error& e) {
           throw_error(st_path, ": quantized layer '", m, "': ", e.what());
         }
-        // Placeholder when there is no dense view: allocated, never written or read (no resident pages).
-        *lin.w = dense_view ? q.dequantize() : Tensor::empty({lin.out, lin.in});
+        // Without a dense view: a zero placeholder of the right shape (no resident memory).
+        *lin.w = dense_view ? q.dequantize() : zero_placeholder({lin.out, lin.in});
         if (f.find(m + ".lora_A") || f.find(m + ".lora_B")) {
           LoraAdapters ad{loadf(m + ".lora_A"), loadf(m + ".lora_B")};
           if (ad.A.dim() != 2 || ad.A.size(1) != lin.in || ad.B.dim() != 2 || ad.B.size(0) != lin.out ||
@@ -250,6 +252,16 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
   return out;
 }
 
+Tensor zero_placeholder(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  const size_t bytes = std::max<size_t>(size_t(n) * sizeof(float), 1);
+  void* p = mmap(nullptr, bytes, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) throw_error("zero_placeholder: cannot map ", bytes, " bytes for a ", shape_str(shape), " placeholder");
+  std::shared_ptr<void> owner(p, [bytes](void* q) { munmap(q, bytes); });
+  return Tensor::from_blob(p, shape, DType::F32, owner);
+}
+
 std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, Device device) {
   LlamaWeights w = q.dense.weights;
   if (device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(device); });
@@ -265,6 +277,18 @@ std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, D
       else
         *slot = std::make_shared<QuantLinear>(it->second, (*slot)->bias(), device);
     }
+  // A packed vocabulary (GGUF token_embd / output in a ggml block type): embeddings decoded row by
+  // row, the output projection through quant_matmul. CPU inference only.
+  auto emb = q.quantized.find("model.embed_tokens");
+  if (emb != q.quantized.end() && device == Device::CPU) {
+    auto out = q.quantized.find(q.dense.config.tied_embeddings ? "model.embed_tokens" : "lm_head");
+    if (out != q.quantized.end()) {
+      auto table = std::make_shared<QuantizedTensor>(emb->second);
+      table->validate();
+      model->set_packed_vocab(std::make_shared<QuantLinear>(out->second),
+                              [table](int64_t id, float* dst) { table->dequantize_row(id, dst); });
+    }
+  }
   return model;
 }
 
