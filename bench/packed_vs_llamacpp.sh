@@ -18,6 +18,10 @@ P=${P:-128}
 N=${N:-64}
 R=${R:-3}
 BIN=${LLAMA_BIN:-$(bench/llama_cpp.sh)}
+# --repack 0: on the 2-core dev VM the CPU advertises AMX but llama.cpp's AMX buffer type dies with
+# SIGILL (the VM does not grant the tile state); repack 0 keeps llama.cpp off it (it also turns off
+# llama.cpp's AVX2 q4_0 repacking, which lowbit's comparison should note). Override with LLAMA_ARGS.
+LLAMA_ARGS=${LLAMA_ARGS:---repack 0}
 cache=${LOWBIT_LLAMACPP_CACHE:-$HOME/.cache/lowbit-llamacpp}/models
 mkdir -p "$cache"
 src=$SHARED/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -32,13 +36,14 @@ own=$cache/smollm2-135m-lowbit-int4g32
   "$LOWBIT" -q quantize -m "$src" --method rtn --format int4g32 -o "$own" >/dev/null
 
 llama() {  # model -> "pp_ts tg_ts"
-  "$BIN/llama-bench" -m "$1" -p "$P" -n "$N" -r "$R" -t "$THREADS" -o json 2>/dev/null |
+  "$BIN/llama-bench" -m "$1" -p "$P" -n "$N" -r "$R" -t "$THREADS" $LLAMA_ARGS -o json 2>/dev/null |
     python3 -c 'import json,sys; r=json.load(sys.stdin); pp=[x["avg_ts"] for x in r if x["n_prompt"]>0]; tg=[x["avg_ts"] for x in r if x["n_gen"]>0]; print(pp[0], tg[0])'
 }
 lb() {  # model -> "pp_ts tg_ts bytes"
   "$LOWBIT" -q bench -m "$1" -p "$P" -n "$N" -r "$R" --threads "$THREADS" --json |
     python3 -c 'import json,sys; j=json.loads(sys.stdin.read()); print(j["pp_tokens_per_s"], j["tg_tokens_per_s"], j["model_bytes"])'
 }
+echo "llama.cpp: $BIN ($LLAMA_ARGS)"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; threads $THREADS; pp$P tg$N, $R runs"
 echo
 echo "| lowbit model | llama.cpp model | lowbit MiB | lowbit pp t/s | llama.cpp pp t/s | pp ratio | lowbit tg t/s | llama.cpp tg t/s | tg ratio |"

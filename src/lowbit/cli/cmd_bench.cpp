@@ -24,7 +24,7 @@ namespace {
 struct BenchArgs {
   std::string model, device = "cpu";
   int pp = 512, tg = 128, reps = 3, threads = 0;
-  bool json = false;
+  bool json = false, dequantize = false;
 };
 
 int64_t tensor_bytes(const Tensor& t) { return t.defined() ? int64_t(t.nbytes()) : 0; }
@@ -105,7 +105,7 @@ void run_bench(const BenchArgs& a) {
   const int threads = omp_get_max_threads();
   const Device dev = parse_device(a.device);
   NoGradGuard no_grad;
-  LoadedModel m = load_model(a.model, dev);
+  LoadedModel m = load_model(a.model, dev, a.dequantize);
   const LlamaModel& model = *m.model;
   const int64_t vocab = model.config().vocab_size;
   const int64_t bytes = model_bytes(m);
@@ -162,6 +162,7 @@ void register_bench(CLI::App& app) {
   b->add_option("-r,--repetitions", a->reps, "timed runs of each test")->capture_default_str();
   b->add_option("--threads", a->threads, "CPU threads (default: OpenMP's default, OMP_NUM_THREADS)");
   b->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
+  b->add_flag("--dequantize", a->dequantize, "run a quantized model dequantized to f32 (the reference path)");
   b->add_flag("--json", a->json, "one JSON object: model_bytes, pp_tokens_per_s, tg_tokens_per_s, threads, device");
   b->callback([a] { run_bench(*a); });
 }

@@ -34,9 +34,12 @@ bool is_packed_gguf(const std::string& path) {
 }
 }  // namespace
 
-LoadedModel load_model(const std::string& path, Device device) {
+LoadedModel load_model(const std::string& path, Device device, bool dequantize) {
   LoadedModel m;
-  if (is_lowbit_quantized_dir(path)) {  // packed weights: QuantLinear layers
+  if (dequantize && is_lowbit_quantized_dir(path)) {  // the dense view, f32
+    QuantizedCheckpoint q = load_quantized_model(path);
+    m.checkpoint = std::move(q.dense);
+  } else if (is_lowbit_quantized_dir(path)) {  // packed weights: QuantLinear layers
     QuantizedCheckpoint q = load_quantized_model(path, /*dense_view=*/false);
     m.model = make_quantized_model(q, device);
     m.checkpoint = std::move(q.dense);
@@ -44,7 +47,7 @@ LoadedModel load_model(const std::string& path, Device device) {
       for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) *t = Tensor();
     return m;
   }
-  if (is_packed_gguf(path)) {  // ggml block types stay packed: QuantLinear layers
+  if (!dequantize && is_packed_gguf(path)) {  // ggml block types stay packed: QuantLinear layers
     QuantizedCheckpoint q = load_gguf_quantized(path, /*dense_view=*/false);
     m.model = make_quantized_model(q, device);
     m.checkpoint = std::move(q.dense);
@@ -57,7 +60,7 @@ LoadedModel load_model(const std::string& path, Device device) {
     }
     return m;
   }
-  m.checkpoint = load_checkpoint(path);
+  if (!m.checkpoint.weights.tok_embeddings.defined()) m.checkpoint = load_checkpoint(path);
   LlamaWeights w = m.checkpoint.weights;
   if (device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(device); });
   m.model = std::make_unique<LlamaModel>(m.checkpoint.config, w, false);

@@ -15,13 +15,15 @@ namespace lowbit::cli {
 // Parses "cpu" / "cuda"; "cuda" initialises the GPU or fails with a clear message.
 Device parse_device(const std::string& name);
 
-// Loads a checkpoint (any supported format) and builds a frozen model on `device`.
+// Loads a checkpoint (any supported format) and builds a frozen model on `device`. Quantized
+// models (lowbit directories, GGUF files in ggml block types) stay packed (QuantLinear layers on
+// ops::quant_matmul); dequantize = true loads them as dequantized f32 instead (the reference path).
 struct LoadedModel {
   Checkpoint checkpoint;
   std::unique_ptr<LlamaModel> model;
   int64_t packed_vocab_bytes = 0;  // packed token_embd / output (GGUF), not in checkpoint.weights
 };
-LoadedModel load_model(const std::string& path, Device device);
+LoadedModel load_model(const std::string& path, Device device, bool dequantize = false);
 
 // The tokenizer named by --tokenizer, else the one inside a model directory; throws when neither.
 std::unique_ptr<Tokenizer> open_tokenizer(const std::string& tokenizer_path, const std::string& model_path);
