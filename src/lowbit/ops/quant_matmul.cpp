@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "lowbit/core/dtype.h"
@@ -284,6 +286,22 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, Quant
     }
 }
 
+// LOWBIT_QUANT_MATMUL=int8|exact|reference overrides the Auto choice (measurements: e.g. the
+// perplexity of the int8-activation path over whole windows). Read once.
+QuantMatmulPath env_path() {
+  static const QuantMatmulPath p = [] {
+    const char* e = std::getenv("LOWBIT_QUANT_MATMUL");
+    const std::string v = e ? e : "";
+    if (v == "int8") return QuantMatmulPath::Int8;
+    if (v == "exact") return QuantMatmulPath::Exact;
+    if (v == "reference") return QuantMatmulPath::Reference;
+    if (!v.empty() && v != "auto")
+      throw_error("LOWBIT_QUANT_MATMUL='", v, "': expected auto, int8, exact or reference");
+    return QuantMatmulPath::Auto;
+  }();
+  return p;
+}
+
 }  // namespace
 
 namespace qmm {
@@ -358,7 +376,7 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
   if (M == 0) return;
   const float* px = x.data<float>();
   float* py = y.data<float>();
-  QuantMatmulPath path = opt.path;
+  QuantMatmulPath path = opt.path == QuantMatmulPath::Auto ? env_path() : opt.path;
   if (path == QuantMatmulPath::Auto)
     path = M <= kQuantDecodeMaxRows && quant_matmul_has_int8_kernel(w) ? QuantMatmulPath::Int8 : QuantMatmulPath::Exact;
   if (path == QuantMatmulPath::Int8 && !quant_matmul_has_int8_kernel(w)) path = QuantMatmulPath::Exact;

@@ -20,7 +20,9 @@
 //   Int8        activations quantized per block of 32 to int8 (d = amax/127, as llama.cpp's Q8_0),
 //               integer dot products per block, f32 accumulation across blocks. Error bound per output:
 //               sum_i |w_i| * d_block(i) / 2 (the activation rounding), plus f32 rounding.
-//   Auto        Int8 for M <= 8 when the layout has an integer kernel, Exact otherwise.
+//   Auto        Int8 for M <= 8 when the layout has an integer kernel, Exact otherwise; the
+//               environment variable LOWBIT_QUANT_MATMUL=int8|exact|reference overrides it
+//               (measurements, e.g. perplexity through the int8 path).
 // The instruction set of the Int8 body is picked at run time from cpuid (best available:
 // AVX-512 VNNI / AVX-VNNI on 256-bit vectors, else AVX2, else portable C++), or forced for tests.
 #pragma once
