@@ -10,6 +10,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     auto g = lowbit::GgufFile::open(f.path());
     for (const auto& t : g.tensors()) {
       if (lowbit::ggml_type_traits(t.ggml_type)->dtype) g.load_f32(t.name);
+      if (lowbit::quant_format_for_ggml_type(t.ggml_type)) {  // ggml block types: both paths
+        g.load_f32(t.name);
+        if (t.ne.size() == 2) g.load_quantized(t.name).dequantize();
+      }
     }
     lowbit::gguf_tokenizer_vocab(g);
     lowbit::load_gguf(f.path());

@@ -37,7 +37,7 @@ Tensor logits_of(const LlamaModel& m, const Tensor& tokens) {
 
 TEST(QuantizedCheckpoint, RoundTripKeepsLogits) {
   for (auto style : {RopeStyle::Interleaved, RopeStyle::Half})
-    for (const char* fmt : {"int4g32", "int2g64", "int3g32s", "ternary", "mxfp4", "nvfp4"}) {
+    for (const char* fmt : {"int4g32", "int2g64", "int3g32s", "ternary", "mxfp4", "nvfp4", "q4_0", "q8_0", "q5_1"}) {
       LlamaConfig c = small_config(style);
       LlamaModel m(c, random_weights(c, 7));
       const QuantFormat& f = parse_quant_format(fmt);

@@ -31,6 +31,7 @@ TEST(QuantFormat, TableIsConsistent) {
     }
     EXPECT_NE(f.codec, nullptr);
     EXPECT_EQ(f.row_bytes(64), packed_bytes(f.bits, 64));
+    EXPECT_EQ(f.group_size % 8, 0) << f.name << ": dequantize_row unpacks groups from byte boundaries";
   }
   EXPECT_EQ(all_quant_formats().size(), 42u);
   EXPECT_EQ(quant_format_for_ggml_type(0), nullptr);  // F32 is not a block format
@@ -157,6 +158,18 @@ TEST(QuantFormat, E4M3AndE8M0Encoding) {
   EXPECT_EQ(float_to_e4m3(1000.0f), 0x7e);               // saturates
   EXPECT_EQ(e4m3_to_float(float_to_e4m3(1.0625f)), 1.0f);  // tie between 1 and 1.125 -> even mantissa
   EXPECT_EQ(e4m3_to_float(float_to_e4m3(1.07f)), 1.125f);
+  // The arithmetic encoder (core/format_traits.h) against the definition: the nearest of the 127
+  // finite values, ties to the even code, at every midpoint and just either side of it.
+  for (int c = 0; c < 126; ++c) {
+    const float lo = e4m3_to_float(uint8_t(c)), hi = e4m3_to_float(uint8_t(c + 1)), mid = (lo + hi) / 2;
+    EXPECT_EQ(float_to_e4m3(mid), (c % 2 == 0 ? c : c + 1)) << c;
+    EXPECT_EQ(float_to_e4m3(std::nextafter(mid, 0.0f)), c) << c;
+    EXPECT_EQ(float_to_e4m3(std::nextafter(mid, 1e9f)), c + 1) << c;
+    EXPECT_EQ(float_to_e4m3(-std::nextafter(mid, 0.0f)), c | 0x80) << c;
+  }
+  EXPECT_EQ(float_to_e4m3(447.99f), 0x7e);
+  EXPECT_EQ(float_to_e4m3(std::nanf("")), 0x7e);
+  EXPECT_EQ(e8m0_to_float(0), std::ldexp(1.0f, -127));
   EXPECT_EQ(e8m0_to_float(127), 1.0f);
   EXPECT_EQ(e8m0_to_float(130), 8.0f);
   EXPECT_TRUE(std::isnan(e8m0_to_float(255)));

@@ -219,15 +219,15 @@ static constexpr QuantFormat kFormats[] = {
     ggml_format<g::block_q5_0, g::QK5_0>(Id::Q5_0, "q5_0", 5, 6, ggml::quantize_row_q5_0),
     ggml_format<g::block_q5_1, g::QK5_1>(Id::Q5_1, "q5_1", 5, 7, ggml::quantize_row_q5_1),
     ggml_format<g::block_q8_0, g::QK8_0>(Id::Q8_0, "q8_0", 8, 8, ggml::quantize_row_q8_0),
-    ggml_format<g::block_q2_K, g::QK_K>(Id::Q2_K, "q2_k", 2, 10, nullptr),
-    ggml_format<g::block_q3_K, g::QK_K>(Id::Q3_K, "q3_k", 3, 11, nullptr),
-    ggml_format<g::block_q4_K, g::QK_K>(Id::Q4_K, "q4_k", 4, 12, nullptr),
-    ggml_format<g::block_q5_K, g::QK_K>(Id::Q5_K, "q5_k", 5, 13, nullptr),
-    ggml_format<g::block_q6_K, g::QK_K>(Id::Q6_K, "q6_k", 6, 14, nullptr),
+    ggml_format<g::block_q2_K, g::QK_K>(Id::Q2_K, "q2_k", 2, 10, ggml::quantize_row_q2_k),
+    ggml_format<g::block_q3_K, g::QK_K>(Id::Q3_K, "q3_k", 3, 11, ggml::quantize_row_q3_k),
+    ggml_format<g::block_q4_K, g::QK_K>(Id::Q4_K, "q4_k", 4, 12, ggml::quantize_row_q4_k),
+    ggml_format<g::block_q5_K, g::QK_K>(Id::Q5_K, "q5_k", 5, 13, ggml::quantize_row_q5_k),
+    ggml_format<g::block_q6_K, g::QK_K>(Id::Q6_K, "q6_k", 6, 14, ggml::quantize_row_q6_k),
     ggml_format<g::block_tq1_0, g::QK_K>(Id::TQ1_0, "tq1_0", 2, 34, ggml::quantize_row_tq1_0),
     ggml_format<g::block_tq2_0, g::QK_K>(Id::TQ2_0, "tq2_0", 2, 35, ggml::quantize_row_tq2_0),
-    ggml_format<g::block_iq4_nl, g::QK4_NL>(Id::IQ4_NL, "iq4_nl", 4, 20, nullptr),
-    ggml_format<g::block_iq4_xs, g::QK_K>(Id::IQ4_XS, "iq4_xs", 4, 23, nullptr),
+    ggml_format<g::block_iq4_nl, g::QK4_NL>(Id::IQ4_NL, "iq4_nl", 4, 20, ggml::quantize_row_iq4_nl),
+    ggml_format<g::block_iq4_xs, g::QK_K>(Id::IQ4_XS, "iq4_xs", 4, 23, ggml::quantize_row_iq4_xs),
 };
 
 const QuantFormat* quant_format_for_ggml_type(uint32_t ggml_type) {

@@ -103,8 +103,8 @@ void QuantizedTensor::dequantize_row(int64_t row, float* out) const {
     f.dequantize_row(src, in, out);
     return;
   }
-  // Codes are unpacked group by group into a small stack buffer (a group is at most `in` long for
-  // per-channel formats, so those go in chunks of the buffer's size).
+  // Codes are unpacked group by group into a small stack buffer (per-channel groups, as long as
+  // the row, go in chunks of the buffer's size).
   constexpr int64_t kChunk = 256;
   uint8_t buf[kChunk];
   const int64_t groups = f.n_groups(in);
@@ -114,7 +114,9 @@ void QuantizedTensor::dequantize_row(int64_t row, float* out) const {
     const GroupParams p = load_group_params(f, scales, zeros, row * groups + g, ts);
     for (int64_t c = b; c < e; c += kChunk) {
       const int64_t n = std::min(kChunk, e - c);
-      for (int64_t i = 0; i < n; ++i) buf[i] = unpack_code(f.bits, src, c + i);
+      // c is a multiple of 8 (groups of 16..128 codes, chunks of 256): the codes from c on start on
+      // a byte boundary of the packed row.
+      f.unpack(src + packed_code_bytes(f.bits, c), n, buf);
       f.codec->decode_n(f, buf, n, p, out + c);
     }
   }
