@@ -10,6 +10,7 @@
 #include "lowbit/io/safetensors.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/ptq_methods.h"
+#include "lowbit/quant/quant_linear.h"
 
 using namespace lowbit;
 namespace fs = std::filesystem;
@@ -56,6 +57,38 @@ TEST(QuantizedCheckpoint, RoundTripKeepsLogits) {
       auto back = make_quantized_model(q);
       Tensor tokens = calib.slice(0, 0, 2).contiguous();
       EXPECT_LT(max_abs_diff(logits_of(m, tokens), logits_of(*back, tokens)), 1e-4) << fmt;
+    }
+}
+
+TEST(QuantizedCheckpoint, PackedLoadHasNoDenseCopyAndMatchesTheDenseView) {
+  LlamaConfig c = small_config(RopeStyle::Half);
+  LlamaModel m(c, random_weights(c, 9));
+  const QuantFormat& f = parse_quant_format("int4g32");
+  std::vector<int32_t> stream;
+  for (int i = 0; i < 300; ++i) stream.push_back((i * 7 + 3) % c.vocab_size);
+  Tensor calib = sample_calibration(stream, 4, 16, 1);
+  RtnMethod rtn(f);
+  PipelineOptions o;
+  o.progress = false;
+  run_blockwise(m, calib, rtn, f, o);
+  auto dir = test::temp_dir("qckpt-packed");
+  save_quantized_model(dir.string(), m, "rtn", f);
+  QuantizedCheckpoint dense = load_quantized_model(dir.string());
+  QuantizedCheckpoint packed = load_quantized_model(dir.string(), /*dense_view=*/false);
+  // The dense view of a packed linear is a zero placeholder; the packed codes are the same bytes.
+  const Tensor& wq = packed.dense.weights.layers[0].wq;
+  ASSERT_TRUE(wq.defined());
+  EXPECT_EQ(wq.shape(), (Shape{c.dim, c.dim}));
+  EXPECT_EQ(max_abs_diff(wq, Tensor::zeros(wq.shape())), 0.0);
+  auto a = make_quantized_model(dense), b = make_quantized_model(packed);
+  Tensor tokens = calib.slice(0, 0, 2).contiguous();
+  // M = 32 tokens: the exact (f32-activation) body, so the two agree to f32 rounding.
+  EXPECT_LT(max_abs_diff(logits_of(*a, tokens), logits_of(*b, tokens)), 1e-4);
+  for (int i = 0; i < b->n_layers(); ++i)
+    for (auto& [name, slot] : b->block(i).linears()) {
+      auto* ql = dynamic_cast<QuantLinear*>(slot->get());
+      ASSERT_NE(ql, nullptr) << name;
+      EXPECT_FALSE(ql->has_dequantized_weight()) << name << ": inference built an f32 copy";
     }
 }
 

@@ -678,11 +678,12 @@ TEST_F(Parity, LlamaStackForwardBackward) {
 
 // ---- coverage --------------------------------------------------------------------------------------
 // Every op with a CUDA body in the registry has a parity test above (names kept in step by hand;
-// cast's is CastParity.F32Bf16OnTheGpu in test_grad.cpp, beside its gradient check).
+// cast's is CastParity.F32Bf16OnTheGpu in test_grad.cpp, beside its gradient check; quant_matmul's
+// CUDA column is in tests/quant/test_quant_matmul.cpp, whose table covers every backend).
 TEST(ParityCoverage, EveryRegistryOpHasAParityTest) {
   const std::vector<std::string> tested = {"gemm", "add", "sub", "mul", "scale", "sum", "rmsnorm", "rope", "attention",
                                            "silu", "swiglu", "embedding", "cross_entropy", "kl_div", "mse", "adamw_step",
-                                           "cast"};
+                                           "cast", "quant_matmul"};
   for (const auto& op : ops::op_registry())
     EXPECT_NE(std::find(tested.begin(), tested.end(), std::string(op.name)), tested.end())
         << "op '" << op.name << "' has no GPU parity test";

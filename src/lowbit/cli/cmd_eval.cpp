@@ -15,6 +15,7 @@ namespace lowbit::cli {
 
 namespace {
 struct PplArgs {
+  bool dequantize = false;
   std::string model, tokenizer, text, tokens, device = "cpu";
   int64_t ctx = 512, batch = 1, max_windows = 0;
   bool bos = false, json = false;
@@ -23,7 +24,7 @@ struct PplArgs {
 void run_ppl(const PplArgs& a) {
   if (a.text.empty() == a.tokens.empty()) throw_error("eval ppl: give exactly one of --text FILE or --tokens FILE");
   Device dev = parse_device(a.device);
-  LoadedModel m = load_model(a.model, dev);
+  LoadedModel m = load_model(a.model, dev, a.dequantize);
   compact_for_inference(m, dev);
   std::vector<int32_t> stream;
   int bos = -1;
@@ -129,6 +130,8 @@ void register_eval(CLI::App& app) {
   ppl->add_option("--max-windows", a->max_windows, "evaluate at most this many windows (0 = all)")->check(at_least(0));
   ppl->add_flag("--bos", a->bos, "start each window with BOS followed by ctx-1 tokens, all of them scored");
   ppl->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
+  ppl->add_flag("--dequantize", a->dequantize,
+                "run a quantized model (lowbit directory, GGUF block types) dequantized to f32 (the reference path)");
   ppl->add_flag("--json", a->json, "print one JSON object instead of text");
   add_threads_option(ppl);
   ppl->callback([a] { run_ppl(*a); });

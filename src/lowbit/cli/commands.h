@@ -12,5 +12,6 @@ void register_convert(CLI::App& app);   // lowbit convert
 void register_quantize(CLI::App& app);  // lowbit quantize
 void register_train(CLI::App& app);     // lowbit train
 void register_finetune(CLI::App& app);  // lowbit finetune
+void register_bench(CLI::App& app);     // lowbit bench
 
 }  // namespace lowbit::cli

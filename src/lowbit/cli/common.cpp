@@ -43,15 +43,44 @@ Device parse_device(const std::string& name) {
   throw_error("unknown device '", name, "' (expected cpu or cuda)");
 }
 
-LoadedModel load_model(const std::string& path, Device device) {
+namespace {
+// A .gguf file whose linear weights use a ggml block type (q4_0, q4_1, q8_0, ...).
+bool is_packed_gguf(const std::string& path) {
+  if (path.size() < 5 || path.compare(path.size() - 5, 5, ".gguf") != 0 || !fs::is_regular_file(path)) return false;
+  const GgufFile f = GgufFile::open(path);
+  for (const auto& t : f.tensors())
+    if (t.name.find("ffn_down.weight") != std::string::npos && quant_format_for_ggml_type(t.ggml_type)) return true;
+  return false;
+}
+}  // namespace
+
+LoadedModel load_model(const std::string& path, Device device, bool dequantize) {
   LoadedModel m;
-  if (is_lowbit_quantized_dir(path)) {  // packed weights: QuantLinear layers
+  if (dequantize && is_lowbit_quantized_dir(path)) {  // the dense view, f32
     QuantizedCheckpoint q = load_quantized_model(path);
+    m.checkpoint = std::move(q.dense);
+  } else if (is_lowbit_quantized_dir(path)) {  // packed weights: QuantLinear layers
+    QuantizedCheckpoint q = load_quantized_model(path, /*dense_view=*/false);
     m.model = make_quantized_model(q, device);
     m.checkpoint = std::move(q.dense);
+    for (auto& l : m.checkpoint.weights.layers)  // drop the placeholders of the packed linears
+      for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) *t = Tensor();
     return m;
   }
-  m.checkpoint = load_checkpoint(path);
+  if (!dequantize && is_packed_gguf(path)) {  // ggml block types stay packed: QuantLinear layers
+    QuantizedCheckpoint q = load_gguf_quantized(path, /*dense_view=*/false);
+    m.model = make_quantized_model(q, device);
+    m.checkpoint = std::move(q.dense);
+    for (auto& l : m.checkpoint.weights.layers)
+      for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) *t = Tensor();
+    if (m.model->packed_output()) {
+      m.checkpoint.weights.tok_embeddings = m.checkpoint.weights.output = Tensor();
+      for (const char* name : {"model.embed_tokens", "lm_head"})
+        if (auto it = q.quantized.find(name); it != q.quantized.end()) m.packed_vocab_bytes += it->second.nbytes();
+    }
+    return m;
+  }
+  if (!m.checkpoint.weights.tok_embeddings.defined()) m.checkpoint = load_checkpoint(path);
   LlamaWeights w = m.checkpoint.weights;
   if (device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(device); });
   m.model = std::make_unique<LlamaModel>(m.checkpoint.config, w, false);

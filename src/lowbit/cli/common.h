@@ -34,12 +34,15 @@ void add_threads_option(CLI::App* app);
 // Parses "cpu" / "cuda"; "cuda" initialises the GPU or fails with a clear message.
 Device parse_device(const std::string& name);
 
-// Loads a checkpoint (any supported format) and builds a frozen model on `device`.
+// Loads a checkpoint (any supported format) and builds a frozen model on `device`. Quantized
+// models (lowbit directories, GGUF files in ggml block types) stay packed (QuantLinear layers on
+// ops::quant_matmul); dequantize = true loads them as dequantized f32 instead (the reference path).
 struct LoadedModel {
   Checkpoint checkpoint;
   std::unique_ptr<LlamaModel> model;
+  int64_t packed_vocab_bytes = 0;  // packed token_embd / output (GGUF), not in checkpoint.weights
 };
-LoadedModel load_model(const std::string& path, Device device);
+LoadedModel load_model(const std::string& path, Device device, bool dequantize = false);
 // For commands that only run the model (eval, generate): on the CPU, weights that are exactly
 // f16/bf16 (a model read from an F16/BF16 file) are kept 16-bit (LlamaModel::compact_weights)
 // and the checkpoint's f32 copies are released.

@@ -407,8 +407,10 @@ QuantizedTensor GgufFile::load_quantized(const std::string& name) const {
                        ggml_block_type_names(), ")");
   if (t->ne.size() != 2) throw_error(ctx, ": a packed weight must have 2 dimensions, got ", t->ne.size());
   const int64_t in = t->ne[0], out = t->ne[1];
-  Tensor blocks = Tensor::empty({out, qf->row_bytes(in)}, DType::U8);
-  std::memcpy(blocks.raw_data(), tensor_bytes(*t), size_t(t->nbytes));
+  // Zero copy: the blocks stay in the mapped file (the tensor keeps the mapping alive). Sizes are
+  // checked by make_ggml_quantized_tensor against the table entry validated at open().
+  Tensor blocks = Tensor::from_blob(const_cast<uint8_t*>(tensor_bytes(*t)), {out, int64_t(t->nbytes) / (out > 0 ? out : 1)},
+                                    DType::U8, file_);
   return make_ggml_quantized_tensor(*qf, out, in, blocks, ctx);
 }
 

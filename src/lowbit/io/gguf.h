@@ -152,7 +152,9 @@ Checkpoint load_gguf(const std::string& path);
 // config (rope_style Half) and f32 weights of everything (quantized linears dequantized). Feed it
 // to make_quantized_model. method = "gguf"; format = the format of the first packed tensor.
 struct QuantizedCheckpoint;
-QuantizedCheckpoint load_gguf_quantized(const std::string& path);
+// dense_view = false: the packed linears are not dequantized into `dense` (shape-only placeholders
+// that are never read), so no f32 copy of a packed weight is made (inference).
+QuantizedCheckpoint load_gguf_quantized(const std::string& path, bool dense_view = true);
 
 // The config implied by a GGUF file's metadata and tensors (no weights loaded).
 LlamaConfig gguf_llama_config(const GgufFile& f);

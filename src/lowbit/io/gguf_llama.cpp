@@ -135,7 +135,27 @@ TokenizerVocab gguf_tokenizer_vocab(const GgufFile& f) {
   return v;
 }
 
-Checkpoint load_gguf(const std::string& path) {
+namespace {
+// True for a linear weight (model.layers.*_proj.weight) stored in a ggml block type lowbit keeps packed.
+bool is_packed_linear(const GgufFile& f, const io::WeightSlot& slot) {
+  const std::string& hf = slot.hf_name;
+  const std::string suffix = "_proj.weight";
+  if (hf.rfind("model.layers.", 0) != 0 || hf.size() < suffix.size() ||
+      hf.compare(hf.size() - suffix.size(), suffix.size(), suffix) != 0)
+    return false;
+  const GgufTensorInfo* t = f.find_tensor(slot.gguf_name);
+  return t && quant_format_for_ggml_type(t->ggml_type);
+}
+
+// True for token_embd / output stored in a ggml block type (kept packed for inference).
+bool is_packed_vocab(const GgufFile& f, const io::WeightSlot& slot) {
+  if (slot.hf_name != "model.embed_tokens.weight" && slot.hf_name != "lm_head.weight") return false;
+  const GgufTensorInfo* t = f.find_tensor(slot.gguf_name);
+  return t && quant_format_for_ggml_type(t->ggml_type) && t->ne.size() == 2;
+}
+
+// load_gguf; skip_packed: packed linears are left undefined (the caller fills them).
+Checkpoint load_gguf_impl(const std::string& path, bool skip_packed) {
   GgufFile f = GgufFile::open(path);
   Checkpoint ck;
   ck.source = path;
@@ -159,7 +179,8 @@ Checkpoint load_gguf(const std::string& path) {
     if (t->shape() != slot.shape)
       throw_error(path, ": tensor '", slot.gguf_name, "' has ne ", shape_str(t->ne), " (shape ", shape_str(t->shape()),
                   "), the config needs shape ", shape_str(slot.shape));
-    *slot.tensor = f.load_f32(slot.gguf_name);
+    if (!skip_packed || !(is_packed_linear(f, slot) || is_packed_vocab(f, slot)))
+      *slot.tensor = f.load_f32(slot.gguf_name);
     used.insert(slot.gguf_name);
   }
   size_t unused = 0;
@@ -169,13 +190,17 @@ Checkpoint load_gguf(const std::string& path) {
   if (unused)
     std::fprintf(stderr, "lowbit: warning: %s: %zu tensors not used by the model are ignored (e.g. '%s')\n", path.c_str(), unused,
                  example.c_str());
-  validate_weights(ck.config, ck.weights, path);
+  if (!skip_packed) validate_weights(ck.config, ck.weights, path);
   return ck;
 }
+}  // namespace
 
-QuantizedCheckpoint load_gguf_quantized(const std::string& path) {
+Checkpoint load_gguf(const std::string& path) { return load_gguf_impl(path, false); }
+
+QuantizedCheckpoint load_gguf_quantized(const std::string& path, bool dense_view) {
   QuantizedCheckpoint q;
-  q.dense = load_gguf(path);  // every tensor in f32 (block types dequantized exactly)
+  // Every tensor in f32 (block types dequantized exactly), or without the packed linears.
+  q.dense = load_gguf_impl(path, !dense_view);
   q.method = "gguf";
   GgufFile f = GgufFile::open(path);
   const LlamaConfig& c = q.dense.config;
@@ -184,12 +209,7 @@ QuantizedCheckpoint load_gguf_quantized(const std::string& path) {
   bool first = true;
   for (auto& slot : io::weight_slots(q.dense.config, q.dense.weights)) {
     const std::string& hf = slot.hf_name;
-    const std::string suffix = "_proj.weight";
-    if (hf.rfind("model.layers.", 0) != 0 || hf.size() < suffix.size() ||
-        hf.compare(hf.size() - suffix.size(), suffix.size(), suffix) != 0)
-      continue;
-    const GgufTensorInfo* t = f.find_tensor(slot.gguf_name);
-    if (!t || !quant_format_for_ggml_type(t->ggml_type)) continue;  // dense in the file: stays dense
+    if (!is_packed_linear(f, slot)) continue;  // dense in the file: stays dense
     QuantizedTensor qt = f.load_quantized(slot.gguf_name);
     // llama.cpp stores llama's q/k rows in Meta's interleaved order; the model built from `dense`
     // uses the HF order (rope Half), so the rows (whole rows of blocks) are permuted exactly.
@@ -202,6 +222,19 @@ QuantizedCheckpoint load_gguf_quantized(const std::string& path) {
   }
   q.dense.weights = weights_with_rope_style(c, q.dense.weights, RopeStyle::Half);
   q.dense.config.rope_style = RopeStyle::Half;
+  if (!dense_view) {
+    // The vocabulary matrices stay packed too ("model.embed_tokens", "lm_head"; rows are tokens,
+    // no rope permutation); make_quantized_model routes embed() and head() through them.
+    for (auto& slot : io::weight_slots(q.dense.config, q.dense.weights))
+      if (is_packed_vocab(f, slot))
+        q.quantized[slot.hf_name.substr(0, slot.hf_name.size() - std::string(".weight").size())] =
+            f.load_quantized(slot.gguf_name);
+    // Zero placeholders of the right shape for the packed matrices (no resident memory);
+    // make_quantized_model replaces those layers.
+    for (auto& slot : io::weight_slots(q.dense.config, q.dense.weights))
+      if (!slot.tensor->defined()) *slot.tensor = zero_placeholder(slot.shape);
+    validate_weights(q.dense.config, q.dense.weights, path);
+  }
   return q;
 }
 

@@ -1,5 +1,7 @@
 #include "lowbit/io/quantized_checkpoint.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -144,7 +146,7 @@ bool is_lowbit_quantized_dir(const std::string& dir) {
          j["quantization_config"].is_object() && j["quantization_config"].value("quant_method", "") == "lowbit";
 }
 
-QuantizedCheckpoint load_quantized_model(const std::string& dir) {
+QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view) {
   const std::string cfg_path = (fs::path(dir) / "config.json").string();
   nlohmann::json cfg = read_json(cfg_path);
   if (!cfg.contains("quantization_config") || !cfg["quantization_config"].is_object())
@@ -207,16 +209,17 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir) {
         QuantizedTensor q;
         q.format = fmt->id;
         q.shape = {lin.out, lin.in};
-        q.codes = load(m + ".qweight");
-        if (f.find(m + ".scales")) q.scales = load(m + ".scales");
-        if (f.find(m + ".qzeros")) q.zeros = load(m + ".qzeros");
+        q.codes = f.map(m + ".qweight");
+        if (f.find(m + ".scales")) q.scales = f.map(m + ".scales");
+        if (f.find(m + ".qzeros")) q.zeros = f.map(m + ".qzeros");
         if (f.find(m + ".tensor_scale")) q.tensor_scale = load(m + ".tensor_scale");
         try {
           q.validate();
         } catch (const Error& e) {
           throw_error(st_path, ": quantized layer '", m, "': ", e.what());
         }
-        *lin.w = q.dequantize();
+        // Without a dense view: a zero placeholder of the right shape (no resident memory).
+        *lin.w = dense_view ? q.dequantize() : zero_placeholder({lin.out, lin.in});
         if (f.find(m + ".lora_A") || f.find(m + ".lora_B")) {
           LoraAdapters ad{loadf(m + ".lora_A"), loadf(m + ".lora_B")};
           if (ad.A.dim() != 2 || ad.A.size(1) != lin.in || ad.B.dim() != 2 || ad.B.size(0) != lin.out ||
@@ -225,14 +228,16 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir) {
                         " do not fit a [", lin.out, ", ", lin.in, "] layer (expected [r, ", lin.in, "] and [", lin.out,
                         ", r])");
           // The dense view of the checkpoint is the function the layer computes: Ŵ + B A.
-          const float *pa = ad.A.data<float>(), *pb = ad.B.data<float>();
-          float* pw = lin.w->data<float>();
-          const int64_t r = ad.A.size(0);
-          for (int64_t o = 0; o < lin.out; ++o)
-            for (int64_t k = 0; k < r; ++k) {
-              const float b = pb[o * r + k];
-              for (int64_t j = 0; j < lin.in; ++j) pw[o * lin.in + j] += b * pa[k * lin.in + j];
-            }
+          if (dense_view) {
+            const float *pa = ad.A.data<float>(), *pb = ad.B.data<float>();
+            float* pw = lin.w->data<float>();
+            const int64_t r = ad.A.size(0);
+            for (int64_t o = 0; o < lin.out; ++o)
+              for (int64_t k = 0; k < r; ++k) {
+                const float b = pb[o * r + k];
+                for (int64_t j = 0; j < lin.in; ++j) pw[o * lin.in + j] += b * pa[k * lin.in + j];
+              }
+          }
           out.lora.emplace(m, std::move(ad));
         }
         out.quantized.emplace(m, std::move(q));
@@ -245,6 +250,16 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir) {
   }
   validate_weights(c, w, dir);
   return out;
+}
+
+Tensor zero_placeholder(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  const size_t bytes = std::max<size_t>(size_t(n) * sizeof(float), 1);
+  void* p = mmap(nullptr, bytes, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) throw_error("zero_placeholder: cannot map ", bytes, " bytes for a ", shape_str(shape), " placeholder");
+  std::shared_ptr<void> owner(p, [bytes](void* q) { munmap(q, bytes); });
+  return Tensor::from_blob(p, shape, DType::F32, owner);
 }
 
 std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, Device device) {
@@ -262,6 +277,18 @@ std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, D
       else
         *slot = std::make_shared<QuantLinear>(it->second, (*slot)->bias(), device);
     }
+  // A packed vocabulary (GGUF token_embd / output in a ggml block type): embeddings decoded row by
+  // row, the output projection through quant_matmul. CPU inference only.
+  auto emb = q.quantized.find("model.embed_tokens");
+  if (emb != q.quantized.end() && device == Device::CPU) {
+    auto out = q.quantized.find(q.dense.config.tied_embeddings ? "model.embed_tokens" : "lm_head");
+    if (out != q.quantized.end()) {
+      auto table = std::make_shared<QuantizedTensor>(emb->second);
+      table->validate();
+      model->set_packed_vocab(std::make_shared<QuantLinear>(out->second),
+                              [table](int64_t id, float* dst) { table->dequantize_row(id, dst); });
+    }
+  }
   return model;
 }
 

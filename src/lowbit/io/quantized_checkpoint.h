@@ -49,10 +49,15 @@ struct LoraAdapters {
 };
 
 struct QuantizedCheckpoint {
-  Checkpoint dense;  // config (rope Half) + f32 weights, quantized linears dequantized
+  // config (rope Half) + f32 weights, quantized linears dequantized (+ B A) — or, when loaded with
+  // dense_view = false, quantized linears as untouched placeholders of the right shape (never read;
+  // make_quantized_model replaces them).
+  Checkpoint dense;
   std::string method;
   QuantFormatId format = QuantFormatId::Int4G128;
-  std::map<std::string, QuantizedTensor> quantized;  // by module name
+  // By module name; "model.embed_tokens" / "lm_head" when the vocabulary matrices are packed
+  // (GGUF inference loads).
+  std::map<std::string, QuantizedTensor> quantized;
   std::map<std::string, LoraAdapters> lora;          // by module name (separate adapters only)
 };
 
@@ -64,8 +69,15 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
                           LoraStorage lora = LoraStorage::Separate, DType merged_dtype = DType::F16);
 
 // Reads a directory written by save_quantized_model. Throws lowbit::Error naming the file and
-// the tensor for missing scales, wrong packed sizes, unknown format names, etc.
-QuantizedCheckpoint load_quantized_model(const std::string& dir);
+// the tensor for missing scales, wrong packed sizes, unknown format names, etc. The packed tensors
+// are mapped from the file (zero copy where aligned). dense_view = false skips dequantizing the
+// quantized linears into `dense` (inference: no f32 copy of a packed weight is ever made).
+QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view = true);
+
+// An f32 tensor of `shape` that reads as zeros and is backed by no memory of its own (a private
+// read-only anonymous mapping: reads map the kernel's zero page, so it adds nothing to the RSS).
+// Stands in for the dense weight of a layer that is kept packed. Never write to it.
+Tensor zero_placeholder(const Shape& shape);
 
 // True when dir/config.json has a lowbit quantization_config.
 bool is_lowbit_quantized_dir(const std::string& dir);

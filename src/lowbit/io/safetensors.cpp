@@ -184,6 +184,14 @@ Tensor SafetensorsFile::load(const std::string& name) const {
   return out;
 }
 
+Tensor SafetensorsFile::map(const std::string& name) const {
+  const auto& t = get(name);
+  if (!t.dtype) throw_error(path_, ": tensor '", name, "' has dtype ", t.dtype_name, ", which lowbit does not support");
+  const uint8_t* p = bytes_of(t);
+  if (reinterpret_cast<uintptr_t>(p) % dtype_size(*t.dtype) != 0 || shape_numel(t.shape) == 0) return load(name);
+  return Tensor::from_blob(const_cast<uint8_t*>(p), t.shape, *t.dtype, file_);
+}
+
 Tensor SafetensorsFile::load_f32(const std::string& name) const {
   const auto& t = get(name);
   if (!t.dtype) throw_error(path_, ": tensor '", name, "' has dtype ", t.dtype_name, ", which lowbit cannot convert to f32");

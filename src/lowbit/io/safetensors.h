@@ -43,6 +43,9 @@ class SafetensorsFile {
 
   // A copy of the tensor in its own dtype (throws for dtypes lowbit cannot hold).
   Tensor load(const std::string& name) const;
+  // The tensor's bytes in place (zero copy: the tensor keeps the mapping alive; read-only memory,
+  // never write to it). Falls back to load() when the data is not aligned to its element size.
+  Tensor map(const std::string& name) const;
   // A copy converted to f32.
   Tensor load_f32(const std::string& name) const;
 

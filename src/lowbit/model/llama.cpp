@@ -37,7 +37,28 @@ LlamaModel::LlamaModel(LlamaConfig config, const LlamaWeights& w, bool trainable
   }
 }
 
+void LlamaModel::set_packed_vocab(std::shared_ptr<Linear> output, EmbedRowFn embed_row) {
+  LB_CHECK(output && embed_row, "set_packed_vocab: both the output layer and the embedding rows are needed");
+  LB_CHECK(output->in_features() == config_.dim && output->out_features() == config_.vocab_size,
+           "set_packed_vocab: output layer is [", output->out_features(), ", ", output->in_features(), "], expected [",
+           config_.vocab_size, ", ", config_.dim, "]");
+  packed_output_ = std::move(output);
+  packed_embed_row_ = std::move(embed_row);
+}
+
 Var LlamaModel::embed(const Tensor& tokens) const {
+  if (packed_embed_row_) {
+    const Tensor ids = tokens.contiguous().view({-1}).to(Device::CPU);
+    const int64_t n = ids.numel(), D = config_.dim;
+    Tensor out = Tensor::empty({n, D});
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t id = ids.data<int32_t>()[i];
+      if (id < 0 || id >= config_.vocab_size)
+        throw_error("embed: token id ", id, " at position ", i, " is outside the vocabulary [0, ", config_.vocab_size, ")");
+      packed_embed_row_(id, out.data<float>() + i * D);
+    }
+    return Var(out.to(final_norm_.value().device()), false);
+  }
   Var e = embedding(tok_embeddings_, tokens.contiguous().view({-1}).to(tok_embeddings_.value().device()));
   const DType dt = tok_embeddings_.value().dtype();
   return dt == DType::F16 || dt == DType::BF16 ? cast(e, DType::F32) : e;  // compact_weights() tables
@@ -81,8 +102,8 @@ int64_t LlamaModel::compact_weights() {
     saved += t.numel() * 2;
     return Var(h, false);
   };
-  tok_embeddings_ = compact(tok_embeddings_);
-  if (output_.defined()) output_ = compact(output_);
+  if (!packed_embed_row_) tok_embeddings_ = compact(tok_embeddings_);  // packed vocabularies stay packed
+  if (output_.defined() && !packed_output_) output_ = compact(output_);
   for (auto& b : blocks_)
     for (auto& [name, slot] : b.linears()) {
       auto* d = dynamic_cast<DenseLinear*>(slot->get());
@@ -128,6 +149,7 @@ Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache
 
 Var LlamaModel::head(const Var& x) const {
   Var h = rmsnorm(x, final_norm_, config_.norm_eps);
+  if (packed_output_) return packed_output_->forward(h);
   return linear(h, config_.tied_embeddings ? tok_embeddings_ : output_);
 }
 

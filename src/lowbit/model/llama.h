@@ -11,6 +11,7 @@
 // one block at a time. With a KVCache, block_forward appends the new tokens' keys/values and
 // attends over the cache: the same code serves prefill and token-by-token decoding.
 #pragma once
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -72,10 +73,20 @@ class LlamaModel {
   // Current weights (effective weights of linear layers) back as plain tensors.
   LlamaWeights weights() const;
 
+  // Inference with a packed vocabulary matrix (e.g. GGUF's Q8_0 token_embd): `output` computes the
+  // output projection (tied or not) and `embed_row(id, dst)` writes the embedding row of token id
+  // into dst[0, dim). While set, embed() and head() use them and never read tok_embeddings / output
+  // (which may then be shape-only placeholders). Not for training (no gradients flow through them).
+  using EmbedRowFn = std::function<void(int64_t id, float* dst)>;
+  void set_packed_vocab(std::shared_ptr<Linear> output, EmbedRowFn embed_row);
+  const std::shared_ptr<Linear>& packed_output() const { return packed_output_; }
+
  private:
   LlamaConfig config_;
   Var tok_embeddings_, final_norm_, output_;
   std::vector<LlamaBlock> blocks_;
+  std::shared_ptr<Linear> packed_output_;
+  EmbedRowFn packed_embed_row_;
 };
 
 }  // namespace lowbit

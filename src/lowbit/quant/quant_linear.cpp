@@ -7,14 +7,12 @@ namespace lowbit {
 
 QuantLinear::QuantLinear(QuantizedTensor q, Tensor bias, Device device, Tensor lora_A, Tensor lora_B,
                          Tensor dequantized)
-    : q_(std::move(q)) {
+    : q_(std::move(q)), device_(device) {
   q_.validate();
   if (dequantized.defined()) {
     LB_CHECK(dequantized.shape() == q_.shape, "QuantLinear: dequantized weight ", dequantized.describe(),
              " does not match the quantized shape ", shape_str(q_.shape));
     weight_ = Var(dequantized.to(DType::F32).to(device).contiguous(), false);
-  } else {
-    weight_ = Var(q_.dequantize().to(device), false);
   }
   if (bias.defined()) bias_ = Var(bias.to(device), false);
   LB_CHECK(lora_A.defined() == lora_B.defined(), "QuantLinear: LoRA needs both A and B (got only ",
@@ -25,13 +23,30 @@ QuantLinear::QuantLinear(QuantizedTensor q, Tensor bias, Device device, Tensor l
            "], got ", lora_A.describe());
   LB_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == lora_A.size(0),
            "QuantLinear: lora_B must be [", out, ", ", lora_A.size(0), "] to match lora_A, got ", lora_B.describe());
-  const DType dt = weight_.value().dtype();
+  const DType dt = DType::F32;
   lora_A_ = Var(lora_A.to(dt).contiguous().to(device), false);
   lora_B_ = Var(lora_B.to(dt).contiguous().to(device), false);
 }
 
+const Var& QuantLinear::weight_var() const {
+  std::lock_guard<std::mutex> lock(weight_mutex_);
+  if (!weight_.defined()) weight_ = Var(q_.dequantize().to(device_), false);
+  return weight_;
+}
+
 Var QuantLinear::forward(const Var& x) const {
-  Var y = linear(x, weight_, bias_);
+  const Tensor& xv = x.value();
+  const bool packed = device_ == Device::CPU && !x.requires_grad() && xv.device() == Device::CPU &&
+                      xv.dtype() == DType::F32 && xv.dim() == 2 && xv.size(1) == q_.in_features();
+  Var y;
+  if (packed) {
+    Tensor yt = Tensor::empty({xv.size(0), q_.out_features()});
+    ops::quant_matmul(xv.contiguous(), q_.packed_view(), yt, mm_opt_);
+    if (bias_.defined()) ops::add(yt, bias_.value(), yt);
+    y = Var(yt, false);
+  } else {
+    y = linear(x, weight_var(), bias_);
+  }
   if (!has_lora()) return y;
   // Low-rank path (x A^T) B^T: M*r*(in+out) flops instead of forming Ŵ + B A.
   return add(y, linear(linear(x, lora_A_), lora_B_));
@@ -43,8 +58,13 @@ std::vector<Var> QuantLinear::parameters() const {
 }
 
 Tensor QuantLinear::effective_weight() const {
-  if (!has_lora()) return weight_.value();
-  Tensor w = weight_.value().clone();
+  Tensor w;
+  {
+    std::lock_guard<std::mutex> lock(weight_mutex_);
+    if (weight_.defined()) w = has_lora() ? weight_.value().clone() : weight_.value();
+  }
+  if (!w.defined()) w = q_.dequantize().to(device_);
+  if (!has_lora()) return w;
   ops::gemm(lora_B_.value(), false, lora_A_.value(), false, w, 1.0, 1.0);  // Ŵ + B A
   return w;
 }

@@ -3,10 +3,14 @@
 //
 //   y = x Ŵ^T + (x A^T) B^T (+ bias)       Ŵ = dequantize(q), A [rank, in], B [out, rank]
 //
-// For now the forward pass dequantizes once and multiplies in f32 (exact w.r.t. the stored codes);
-// packed low-bit kernels replace that path without changing this interface. The adapters are
-// frozen unless set_lora_trainable(true) (LoRA finetuning of a quantized model).
+// Inference (CPU, f32 input that needs no gradient) runs ops::quant_matmul on the packed codes: no
+// f32 copy of Ŵ is ever made. The dequantized Ŵ (a Var) is built lazily, and kept, only where a
+// path needs it: a gradient through x (training, LoRA finetuning), the CUDA device (no packed CUDA
+// kernel yet), or a caller of dequantized_weight(). The adapters are frozen unless
+// set_lora_trainable(true) (LoRA finetuning of a quantized model).
 #pragma once
+#include <mutex>
+
 #include "lowbit/model/linear.h"
 #include "lowbit/quant/quantized_tensor.h"
 
@@ -14,7 +18,8 @@ namespace lowbit {
 
 class QuantLinear : public Linear {
  public:
-  // bias [out] or undefined (kept in full precision); the dequantized weight is placed on `device`.
+  // bias [out] or undefined (kept in full precision); the layer runs on `device` (the packed codes
+  // stay on the CPU; on CUDA the dequantized weight is placed there when first needed).
   // lora_A [rank, in] and lora_B [out, rank] (float) are both given or both undefined.
   // `dequantized`: dequantize(q) when the caller already has it (e.g. GPU GPTQ produces it on the
   // device), which skips decoding the codes again on the CPU.
@@ -24,12 +29,17 @@ class QuantLinear : public Linear {
   int64_t in_features() const override { return q_.in_features(); }
   int64_t out_features() const override { return q_.out_features(); }
   std::vector<Var> parameters() const override;  // the adapters when trainable, else none
-  // Ŵ + B A: the function the layer computes (a new tensor when there are adapters).
+  // Ŵ + B A: the function the layer computes (a new tensor when there are adapters, or when Ŵ has
+  // not been materialized: then it is decoded for the caller and not kept).
   Tensor effective_weight() const override;
   Tensor bias() const override { return bias_.defined() ? bias_.value() : Tensor(); }
   std::string kind() const override { return q_.fmt().name; }
   const QuantizedTensor& quantized() const { return q_; }
-  const Tensor& dequantized_weight() const { return weight_.value(); }
+  // Ŵ on the layer's device, built on first use and kept (training paths only).
+  const Tensor& dequantized_weight() const { return weight_var().value(); }
+  bool has_dequantized_weight() const { return weight_.defined(); }
+  // Options of the packed CPU path (tests force a body or an instruction set).
+  void set_matmul_options(const ops::QuantMatmulOptions& o) { mm_opt_ = o; }
 
   bool has_lora() const { return lora_A_.defined(); }
   int64_t lora_rank() const { return has_lora() ? lora_A_.shape()[0] : 0; }
@@ -38,8 +48,14 @@ class QuantLinear : public Linear {
   void set_lora_trainable(bool trainable);
 
  private:
+  const Var& weight_var() const;  // builds weight_ on first use
+
   QuantizedTensor q_;
-  Var weight_, bias_;     // dequantized weight (frozen), bias
+  Device device_ = Device::CPU;
+  ops::QuantMatmulOptions mm_opt_;
+  mutable std::mutex weight_mutex_;
+  mutable Var weight_;    // dequantized weight (frozen), undefined until a path needs it
+  Var bias_;
   Var lora_A_, lora_B_;   // undefined without adapters
 };
 

@@ -133,6 +133,39 @@ Tensor QuantizedTensor::dequantize() const {
   return w;
 }
 
+ops::PackedWeight QuantizedTensor::packed_view() const {
+  validate();
+  const QuantFormat& f = fmt();
+  ops::PackedWeight w;
+  w.out = out_features();
+  w.in = in_features();
+  w.format = f.name;
+  w.dequantize_row = [this](int64_t r, float* dst) { dequantize_row(r, dst); };
+  const ops::PackedLayout ggml = f.id == QuantFormatId::Q4_0   ? ops::PackedLayout::GgmlQ4_0
+                                 : f.id == QuantFormatId::Q4_1 ? ops::PackedLayout::GgmlQ4_1
+                                 : f.id == QuantFormatId::Q8_0 ? ops::PackedLayout::GgmlQ8_0
+                                                               : ops::PackedLayout::Generic;
+  if (ggml != ops::PackedLayout::Generic) {
+    w.layout = ggml;
+    w.row_bytes = f.row_bytes(w.in);
+    w.codes = codes.data<uint8_t>();
+    return w;
+  }
+  const bool int_kind = f.kind == QuantKind::IntAsym || f.kind == QuantKind::IntSym;
+  if (int_kind && f.scale_type == ScaleType::F16 && (f.bits == 2 || f.bits == 4 || f.bits == 8)) {
+    w.layout = ops::PackedLayout::IntGroups;
+    w.bits = f.bits;
+    w.n_groups = f.n_groups(w.in);
+    w.group_size = f.group_size > 0 ? f.group_size : w.in;
+    w.row_bytes = f.row_bytes(w.in);
+    w.codes = codes.data<uint8_t>();
+    w.scales = f16_data(scales);
+    w.zeros = f.has_zero ? f16_data(zeros) : nullptr;
+    w.implicit_zero = f.kind == QuantKind::IntSym ? float(1 << (f.bits - 1)) : 0.0f;
+  }
+  return w;
+}
+
 int64_t QuantizedTensor::nbytes() const {
   int64_t n = 0;
   for (const Tensor* t : {&codes, &scales, &zeros, &tensor_scale})

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "lowbit/core/tensor.h"
+#include "lowbit/ops/quant_matmul.h"
 #include "lowbit/quant/format.h"
 
 namespace lowbit {
@@ -37,6 +38,9 @@ struct QuantizedTensor {
   // (call it once first); row must be in [0, out).
   void dequantize_row(int64_t row, float* out) const;
   Tensor dequantize() const;  // F32 [out, in] on the CPU
+  // The op layer's view of this tensor for ops::quant_matmul (pointers into this object's storage:
+  // valid while it lives and is not modified). Validates first.
+  ops::PackedWeight packed_view() const;
   int64_t nbytes() const;     // bytes of all tensors
 };
 

@@ -1,0 +1,170 @@
+// lowbit bench: model size in memory, prefill and decode speed, like llama-bench.
+//   prefill (pp): one forward of -p tokens into an empty KV cache (logits of every token computed).
+//   decode (tg):  -n forwards of one token each after an empty cache, logits computed each time.
+// Token ids are fixed pseudo-random ids (the speed does not depend on them). One untimed warm-up
+// of each before the -r timed runs; mean ± sd over the runs.
+#include <cblas.h>
+#include <omp.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+
+#include "lowbit/autograd/variable.h"
+#include "lowbit/cli/commands.h"
+#include "lowbit/cli/common.h"
+#include "lowbit/ops/quant_matmul.h"
+#include "lowbit/quant/quant_linear.h"
+
+namespace lowbit::cli {
+
+namespace {
+
+struct BenchArgs {
+  std::string model, device = "cpu";
+  int pp = 512, tg = 128, reps = 3, threads = 0;
+  bool json = false, dequantize = false;
+};
+
+int64_t tensor_bytes(const Tensor& t) { return t.defined() ? int64_t(t.nbytes()) : 0; }
+
+// Bytes of every weight the model holds: packed linears count their codes + scales + zeros (and
+// adapters, bias); dense tensors their own size.
+int64_t model_bytes(const LoadedModel& m) {
+  const LlamaWeights& w = m.checkpoint.weights;
+  int64_t n = tensor_bytes(w.tok_embeddings) + tensor_bytes(w.final_norm) + tensor_bytes(w.output);
+  for (const auto& l : w.layers)
+    n += tensor_bytes(l.attn_norm) + tensor_bytes(l.ffn_norm) + tensor_bytes(l.q_norm) + tensor_bytes(l.k_norm);
+  n += m.packed_vocab_bytes;  // packed token_embd (+ output when untied)
+  for (int i = 0; i < m.model->n_layers(); ++i)
+    for (auto& [name, slot] : m.model->block(i).linears()) {
+      const Linear* lin = slot->get();
+      n += tensor_bytes(lin->bias());
+      if (auto* q = dynamic_cast<const QuantLinear*>(lin))
+        n += q->quantized().nbytes() + tensor_bytes(q->lora_A()) + tensor_bytes(q->lora_B());
+      else
+        n += tensor_bytes(lin->effective_weight());
+    }
+  return n;
+}
+
+struct Stat {
+  double mean = 0, sd = 0;
+};
+Stat stat(const std::vector<double>& v) {
+  Stat s;
+  if (v.empty()) return s;
+  s.mean = std::accumulate(v.begin(), v.end(), 0.0) / double(v.size());
+  for (double x : v) s.sd += (x - s.mean) * (x - s.mean);
+  s.sd = v.size() > 1 ? std::sqrt(s.sd / double(v.size() - 1)) : 0.0;
+  return s;
+}
+
+Tensor token_ids(int64_t n, int64_t vocab, uint64_t seed) {
+  std::vector<int32_t> ids(static_cast<size_t>(n));
+  uint64_t x = seed;
+  for (auto& id : ids) {
+    x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+    id = int32_t((x >> 33) % uint64_t(vocab));
+  }
+  return Tensor::from_vector(ids, {n});
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+double run_pp(const LlamaModel& model, const Tensor& tokens) {
+  KVCache cache = model.make_cache(tokens.numel());
+  const auto t0 = std::chrono::steady_clock::now();
+  Tensor logits = model.forward_cached(tokens, cache).value();
+  logits.to(Device::CPU);  // waits for the device
+  return double(tokens.numel()) / seconds_since(t0);
+}
+
+double run_tg(const LlamaModel& model, const Tensor& tokens) {
+  const int64_t n = tokens.numel();
+  KVCache cache = model.make_cache(n);
+  const auto t0 = std::chrono::steady_clock::now();
+  const int32_t* ids = tokens.data<int32_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    Tensor logits = model.forward_cached(Tensor::from_vector(std::vector<int32_t>{ids[i]}, {1}), cache).value();
+    if (i == n - 1) logits.to(Device::CPU);  // waits for the device
+  }
+  return double(n) / seconds_since(t0);
+}
+
+void run_bench(const BenchArgs& a) {
+  if (a.pp < 0 || a.tg < 0 || a.reps < 1) throw_error("bench: -p and -n must be >= 0 and -r >= 1");
+  if (a.threads < 0) throw_error("bench: --threads must be >= 1 (0 = default)");
+  if (a.threads > 0) {
+    omp_set_num_threads(a.threads);
+    openblas_set_num_threads(a.threads);
+  }
+  const int threads = omp_get_max_threads();
+  const Device dev = parse_device(a.device);
+  NoGradGuard no_grad;
+  LoadedModel m = load_model(a.model, dev, a.dequantize);
+  const LlamaModel& model = *m.model;
+  const int64_t vocab = model.config().vocab_size;
+  const int64_t bytes = model_bytes(m);
+  std::vector<double> pp, tg;
+  if (a.pp > 0) {
+    const Tensor toks = token_ids(a.pp, vocab, 1);
+    run_pp(model, token_ids(std::min(a.pp, 16), vocab, 2));  // warm-up
+    for (int r = 0; r < a.reps; ++r) pp.push_back(run_pp(model, toks));
+  }
+  if (a.tg > 0) {
+    const Tensor toks = token_ids(a.tg, vocab, 3);
+    run_tg(model, token_ids(std::min(a.tg, 4), vocab, 4));  // warm-up
+    for (int r = 0; r < a.reps; ++r) tg.push_back(run_tg(model, toks));
+  }
+  const Stat sp = stat(pp), st = stat(tg);
+  if (a.json) {
+    nlohmann::json j = {{"model", a.model},
+                        {"model_bytes", bytes},
+                        {"threads", threads},
+                        {"device", a.device},
+                        {"isa", ops::quant_isa_name(ops::quant_isa_best())},
+                        {"reps", a.reps},
+                        {"pp_tokens", a.pp},
+                        {"tg_tokens", a.tg}};
+    if (!pp.empty()) {
+      j["pp_tokens_per_s"] = sp.mean;
+      j["pp_tokens_per_s_sd"] = sp.sd;
+    }
+    if (!tg.empty()) {
+      j["tg_tokens_per_s"] = st.mean;
+      j["tg_tokens_per_s_sd"] = st.sd;
+    }
+    print_json(j);
+    return;
+  }
+  std::printf("| model | size | device | threads | test | t/s |\n|---|---:|---|---:|---|---:|\n");
+  const double mib = double(bytes) / (1024.0 * 1024.0);
+  if (!pp.empty())
+    std::printf("| %s | %.2f MiB | %s | %d | pp%d | %.2f ± %.2f |\n", a.model.c_str(), mib, a.device.c_str(), threads,
+                a.pp, sp.mean, sp.sd);
+  if (!tg.empty())
+    std::printf("| %s | %.2f MiB | %s | %d | tg%d | %.2f ± %.2f |\n", a.model.c_str(), mib, a.device.c_str(), threads,
+                a.tg, st.mean, st.sd);
+}
+
+}  // namespace
+
+void register_bench(CLI::App& app) {
+  auto* b = app.add_subcommand("bench", "Measure model size in memory, prefill and decode tokens/s (like llama-bench)");
+  auto a = std::make_shared<BenchArgs>();
+  b->add_option("-m,--model", a->model, "model: a lowbit quantized directory or any checkpoint lowbit reads")->required();
+  b->add_option("-p,--n-prompt", a->pp, "prefill test: tokens in one forward (0 = skip)")->capture_default_str();
+  b->add_option("-n,--n-gen", a->tg, "decode test: tokens generated one at a time (0 = skip)")->capture_default_str();
+  b->add_option("-r,--repetitions", a->reps, "timed runs of each test")->capture_default_str();
+  b->add_option("--threads", a->threads, "CPU threads (default: OpenMP's default, OMP_NUM_THREADS)");
+  b->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
+  b->add_flag("--dequantize", a->dequantize, "run a quantized model dequantized to f32 (the reference path)");
+  b->add_flag("--json", a->json, "one JSON object: model_bytes, pp_tokens_per_s, tg_tokens_per_s, threads, device");
+  b->callback([a] { run_bench(*a); });
+}
+
+}  // namespace lowbit::cli

@@ -1,0 +1,392 @@
+// quant_matmul: argument checks, path selection, the reference body, the exact (f32 activation)
+// bodies, activation quantization and the portable int8 kernel. Design notes in quant_matmul.h.
+#include "lowbit/ops/quant_matmul.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "lowbit/core/dtype.h"
+#include "lowbit/ops/dispatch.h"
+#include "lowbit/ops/quant_matmul_kernels.h"
+
+namespace lowbit::ops {
+
+namespace {
+
+using qmm::kBlock;
+using qmm::QRow;
+
+constexpr const char* kOp = "quant_matmul";
+
+int64_t ggml_block_bytes(PackedLayout l) {
+  switch (l) {
+    case PackedLayout::GgmlQ4_0: return 18;
+    case PackedLayout::GgmlQ4_1: return 20;
+    case PackedLayout::GgmlQ8_0: return 34;
+    default: return 0;
+  }
+}
+
+void check_view(const PackedWeight& w) {
+  if (w.out <= 0 || w.in <= 0) throw_error(kOp, ": weight [", w.format, "] has shape [", w.out, ", ", w.in, "]");
+  if (!w.dequantize_row) throw_error(kOp, ": weight [", w.format, "] has no dequantize_row");
+  if (w.layout == PackedLayout::Generic) return;
+  if (!w.codes) throw_error(kOp, ": weight [", w.format, "] lacks its codes");
+  if (w.layout != PackedLayout::IntGroups) {
+    const int64_t bb = ggml_block_bytes(w.layout);
+    if (w.in % kBlock != 0 || w.row_bytes != w.in / kBlock * bb)
+      throw_error(kOp, ": weight [", w.format, "] needs rows of whole 32-value blocks (", bb, " bytes each), got in = ",
+                  w.in, ", row_bytes = ", w.row_bytes);
+    return;
+  }
+  if (w.bits != 2 && w.bits != 4 && w.bits != 8)
+    throw_error(kOp, ": weight [", w.format, "] IntGroups layout needs 2, 4 or 8-bit codes, got ", w.bits);
+  if (w.group_size <= 0 || w.n_groups != (w.in + w.group_size - 1) / w.group_size)
+    throw_error(kOp, ": weight [", w.format, "] has ", w.n_groups, " groups of ", w.group_size, " for ", w.in,
+                " columns");
+  if (w.row_bytes != (w.in * w.bits + 7) / 8)
+    throw_error(kOp, ": weight [", w.format, "] row_bytes ", w.row_bytes, " != ", (w.in * w.bits + 7) / 8);
+  if (!w.scales) throw_error(kOp, ": weight [", w.format, "] lacks its scales");
+}
+
+// Code i of a packed row (format.h's little-endian layout, 2/4/8 bits).
+inline int code_at(int bits, const uint8_t* row, int64_t i) {
+  switch (bits) {
+    case 4: return (row[i >> 1] >> ((i & 1) * 4)) & 0x0f;
+    case 2: return (row[i >> 2] >> ((i & 3) * 2)) & 0x03;
+    default: return row[i];
+  }
+}
+
+// IntGroups row decode with the codec's arithmetic ((float(q) - z) * s), so bit-identical to
+// dequantize_row, without the per-row unpack buffer and indirect calls.
+void int_groups_row(const PackedWeight& w, int64_t r, float* dst) {
+  const uint8_t* rp = w.codes + r * w.row_bytes;
+  const uint16_t* sc = w.scales + r * w.n_groups;
+  const uint16_t* zp = w.zeros ? w.zeros + r * w.n_groups : nullptr;
+  for (int64_t g = 0; g < w.n_groups; ++g) {
+    const float s = f16_to_f32(sc[g]), z = zp ? f16_to_f32(zp[g]) : w.implicit_zero;
+    const int64_t b = g * w.group_size, e = std::min(w.in, b + w.group_size);
+    if (w.bits == 4) {
+      int64_t i = b;
+      if (i & 1) { dst[i] = (float(code_at(4, rp, i)) - z) * s; ++i; }
+      for (; i + 1 < e; i += 2) {
+        const uint8_t byte = rp[i >> 1];
+        dst[i] = (float(byte & 0x0f) - z) * s;
+        dst[i + 1] = (float(byte >> 4) - z) * s;
+      }
+      if (i < e) dst[i] = (float(code_at(4, rp, i)) - z) * s;
+    } else {
+      for (int64_t i = b; i < e; ++i) dst[i] = (float(code_at(w.bits, rp, i)) - z) * s;
+    }
+  }
+}
+
+void decode_row(const PackedWeight& w, int64_t r, float* dst) {
+  if (w.layout == PackedLayout::IntGroups) int_groups_row(w, r, dst);
+  else w.dequantize_row(r, dst);
+}
+
+// f32 dot product with 8 independent partial sums (lets the compiler vectorize it).
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) s[k] += a[i + k] * b[i + k];
+  float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; i < n; ++i) t += a[i] * b[i];
+  return t;
+}
+
+// ---- Reference: decode one row with the format's own codec, f64 accumulation -----------------
+void reference_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
+  std::vector<float> row(static_cast<size_t>(w.in));
+  for (int64_t o = 0; o < w.out; ++o) {
+    w.dequantize_row(o, row.data());
+    for (int64_t m = 0; m < M; ++m) {
+      double acc = 0;
+      for (int64_t i = 0; i < w.in; ++i) acc += double(x[m * w.in + i]) * double(row[size_t(i)]);
+      y[m * w.out + o] = float(acc);
+    }
+  }
+}
+
+// ---- Exact, few rows: one decoded weight row at a time per thread ----------------------------
+void exact_decode_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
+  const int64_t in = w.in, out = w.out;
+#pragma omp parallel if (out * in >= (int64_t(1) << 15))
+  {
+    std::vector<float> row(static_cast<size_t>(in));
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < out; ++o) {
+      decode_row(w, o, row.data());
+      for (int64_t m = 0; m < M; ++m) y[m * out + o] = dot_f32(x + m * in, row.data(), in);
+    }
+  }
+}
+
+// ---- Exact, many rows: dequantize a tile of weight rows (<= 1 MiB of f32), BLAS sgemm ---------
+void exact_tiled_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
+  const int64_t in = w.in, out = w.out;
+  const int64_t tile = std::clamp<int64_t>((int64_t(1) << 18) / in / 16 * 16, 16, out);
+  std::vector<float> buf(size_t(tile * in));
+  for (int64_t o0 = 0; o0 < out; o0 += tile) {
+    const int64_t n = std::min(tile, out - o0);
+#pragma omp parallel for schedule(static) if (n * in >= (int64_t(1) << 15))
+    for (int64_t r = 0; r < n; ++r) decode_row(w, o0 + r, buf.data() + r * in);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(n), int(in), 1.0f, x, int(in), buf.data(),
+                int(in), 0.0f, y + o0, int(out));
+  }
+}
+
+// ---- Int8 activations ------------------------------------------------------------------------
+struct QActs {
+  int64_t nb = 0;  // blocks per row (last one may be partial)
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> sum;
+  QRow row(int64_t m) const { return {q.data() + m * nb * kBlock, d.data() + m * nb, sum.data() + m * nb}; }
+};
+
+QActs quantize_acts(const float* x, int64_t M, int64_t in, int bits) {
+  QActs a;
+  a.nb = (in + kBlock - 1) / kBlock;
+  a.q.assign(size_t(M * a.nb * kBlock), 0);
+  a.d.assign(size_t(M * a.nb), 0.0f);
+  a.sum.assign(size_t(M * a.nb), 0);
+  int src[kBlock];
+  for (int p = 0; p < kBlock; ++p) src[p] = qmm::block_source_index(bits, p);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const float* xb = x + m * in + b * kBlock;
+      const int64_t n = std::min(kBlock, in - b * kBlock);
+      float amax = 0.0f;
+      for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+      int8_t* qb = a.q.data() + (m * a.nb + b) * kBlock;
+      int32_t s = 0;
+      for (int64_t p = 0; p < n; ++p) {
+        const float v = n == kBlock ? xb[src[p]] : xb[p];
+        const int qv = int(std::nearbyint(v * inv));
+        qb[p] = int8_t(std::clamp(qv, -127, 127));
+        s += qb[p];
+      }
+      a.d[size_t(m * a.nb + b)] = d;
+      a.sum[size_t(m * a.nb + b)] = s;
+    }
+  return a;
+}
+
+// The partial last block (natural order), scalar.
+float tail_dot(const PackedWeight& w, int64_t row, const QRow& a, int64_t nfull) {
+  const int64_t b0 = nfull * kBlock;
+  if (b0 >= w.in || w.layout != PackedLayout::IntGroups) return 0.0f;
+  const uint8_t* rp = w.codes + row * w.row_bytes;
+  const int8_t* q = a.q + nfull * kBlock;
+  float acc = 0.0f;
+  for (int64_t i = b0; i < w.in; ++i) {
+    const int64_t g = i / w.group_size;
+    const float s = f16_to_f32(w.scales[row * w.n_groups + g]);
+    const float z = w.zeros ? f16_to_f32(w.zeros[row * w.n_groups + g]) : w.implicit_zero;
+    acc += s * a.d[nfull] * ((float(code_at(w.bits, rp, i)) - z) * float(q[i - b0]));
+  }
+  return acc;
+}
+
+template <int Bits>
+float portable_row(const PackedWeight& w, int64_t row, const QRow& a, int64_t nfull) {
+  const uint8_t* rp = w.codes + row * w.row_bytes;
+  const int64_t bpg = w.n_groups == 1 ? nfull : w.group_size / kBlock;
+  constexpr int64_t kBytes = kBlock * Bits / 8;
+  float acc = 0.0f;
+  for (int64_t g = 0, b = 0; b < nfull; ++g) {
+    const float s = f16_to_f32(w.scales[row * w.n_groups + g]);
+    const float z = w.zeros ? f16_to_f32(w.zeros[row * w.n_groups + g]) : w.implicit_zero;
+    for (const int64_t e = std::min(nfull, b + bpg); b < e; ++b) {
+      const uint8_t* bp = rp + b * kBytes;
+      const int8_t* qa = a.q + b * kBlock;
+      int32_t isum = 0;
+      for (int p = 0; p < kBlock; ++p) {
+        int c;
+        if constexpr (Bits == 4) c = p < 16 ? (bp[p] & 0x0f) : (bp[p - 16] >> 4);
+        else if constexpr (Bits == 2) c = (bp[p % 8] >> (2 * (p / 8))) & 0x03;
+        else c = bp[p];
+        isum += c * qa[p];
+      }
+      const float sd = s * a.d[b];
+      acc += sd * (float(isum) - z * float(a.sum[b]));
+    }
+  }
+  return acc;
+}
+
+inline float f16_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return f16_to_f32(h);
+}
+
+template <PackedLayout L>
+float portable_ggml_row(const PackedWeight& w, int64_t row, const QRow& a, int64_t nfull) {
+  const int64_t kBytes = ggml_block_bytes(L);
+  const uint8_t* rp = w.codes + row * w.row_bytes;
+  float acc = 0.0f;
+  for (int64_t b = 0; b < nfull; ++b) {
+    const uint8_t* blk = rp + b * kBytes;
+    const int8_t* qa = a.q + b * kBlock;
+    const float dd = f16_at(blk) * a.d[b];
+    int32_t isum = 0;
+    if constexpr (L == PackedLayout::GgmlQ8_0) {
+      for (int p = 0; p < kBlock; ++p) isum += int8_t(blk[2 + p]) * qa[p];
+      acc += dd * float(isum);
+    } else {
+      const uint8_t* qs = blk + (L == PackedLayout::GgmlQ4_0 ? 2 : 4);
+      for (int p = 0; p < 16; ++p) isum += (qs[p] & 0x0f) * qa[p] + (qs[p] >> 4) * qa[p + 16];
+      if constexpr (L == PackedLayout::GgmlQ4_0) acc += dd * (float(isum) - 8.0f * float(a.sum[b]));
+      else acc += dd * float(isum) + f16_at(blk + 2) * a.d[b] * float(a.sum[b]);
+    }
+  }
+  return acc;
+}
+
+QuantIsa resolve_isa(QuantIsa isa) {
+  if (isa == QuantIsa::Auto) return quant_isa_best();
+  if (!quant_isa_supported(isa)) throw_error(kOp, ": instruction set ", quant_isa_name(isa), " is not supported by this CPU");
+  return isa;
+}
+
+qmm::RowKernel pick_kernel(QuantIsa isa, const PackedWeight& w) {
+  qmm::RowKernel k = nullptr;
+  switch (isa) {
+#if defined(__x86_64__) || defined(__i386__)
+    case QuantIsa::Avx2: k = qmm::avx2_kernel(w); break;
+    case QuantIsa::Avx2Vnni: k = qmm::avx2vnni_kernel(w); break;
+#endif
+    default: k = qmm::portable_kernel(w);
+  }
+  if (!k) throw_error(kOp, ": no int8 kernel for weight [", w.format, "]");
+  return k;
+}
+
+void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa) {
+  const QActs a = quantize_acts(x, M, w.in, qmm::act_order_bits(w));
+  const qmm::RowKernel k = pick_kernel(resolve_isa(isa), w);
+  const int64_t nfull = w.in / kBlock, out = w.out;
+#pragma omp parallel for schedule(static) if (out * w.in >= (int64_t(1) << 15))
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t m = 0; m < M; ++m) {
+      const QRow r = a.row(m);
+      y[m * out + o] = k(w, o, r, nfull) + tail_dot(w, o, r, nfull);
+    }
+}
+
+// LOWBIT_QUANT_MATMUL=int8|exact|reference overrides the Auto choice (measurements: e.g. the
+// perplexity of the int8-activation path over whole windows). Read once.
+QuantMatmulPath env_path() {
+  static const QuantMatmulPath p = [] {
+    const char* e = std::getenv("LOWBIT_QUANT_MATMUL");
+    const std::string v = e ? e : "";
+    if (v == "int8") return QuantMatmulPath::Int8;
+    if (v == "exact") return QuantMatmulPath::Exact;
+    if (v == "reference") return QuantMatmulPath::Reference;
+    if (!v.empty() && v != "auto")
+      throw_error("LOWBIT_QUANT_MATMUL='", v, "': expected auto, int8, exact or reference");
+    return QuantMatmulPath::Auto;
+  }();
+  return p;
+}
+
+}  // namespace
+
+namespace qmm {
+RowKernel portable_kernel(const PackedWeight& w) {
+  switch (w.layout) {
+    case PackedLayout::GgmlQ4_0: return &portable_ggml_row<PackedLayout::GgmlQ4_0>;
+    case PackedLayout::GgmlQ4_1: return &portable_ggml_row<PackedLayout::GgmlQ4_1>;
+    case PackedLayout::GgmlQ8_0: return &portable_ggml_row<PackedLayout::GgmlQ8_0>;
+    case PackedLayout::IntGroups:
+      switch (w.bits) {
+        case 2: return &portable_row<2>;
+        case 4: return &portable_row<4>;
+        case 8: return &portable_row<8>;
+        default: return nullptr;
+      }
+    default: return nullptr;
+  }
+}
+}  // namespace qmm
+
+bool quant_isa_supported(QuantIsa isa) {
+  switch (isa) {
+    case QuantIsa::Auto:
+    case QuantIsa::Portable: return true;
+#if defined(__x86_64__) || defined(__i386__)
+    case QuantIsa::Avx2:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case QuantIsa::Avx2Vnni:
+      return quant_isa_supported(QuantIsa::Avx2) &&
+             ((__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) ||
+              __builtin_cpu_supports("avxvnni"));
+#endif
+    default: return false;
+  }
+}
+
+QuantIsa quant_isa_best() {
+  static const QuantIsa best = [] {
+    for (QuantIsa i : {QuantIsa::Avx2Vnni, QuantIsa::Avx2})
+      if (quant_isa_supported(i)) return i;
+    return QuantIsa::Portable;
+  }();
+  return best;
+}
+
+const char* quant_isa_name(QuantIsa isa) {
+  switch (isa) {
+    case QuantIsa::Auto: return "auto";
+    case QuantIsa::Portable: return "portable";
+    case QuantIsa::Avx2: return "avx2";
+    case QuantIsa::Avx2Vnni: return "avx2-vnni";
+  }
+  return "?";
+}
+
+bool quant_matmul_has_int8_kernel(const PackedWeight& w) {
+  if (w.layout == PackedLayout::Generic) return false;
+  return w.layout != PackedLayout::IntGroups || w.n_groups == 1 || w.group_size % kBlock == 0;
+}
+
+void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const QuantMatmulOptions& opt) {
+  check_view(w);
+  detail::check_contiguous(kOp, x, "x");
+  detail::check_contiguous(kOp, y, "y");
+  if (x.dtype() != DType::F32 || x.device() != Device::CPU || x.dim() != 2 || x.size(1) != w.in)
+    throw_error(kOp, ": x must be f32 [M, ", w.in, "] on the CPU for weight [", w.format, "] [", w.out, ", ", w.in,
+                "], got ", x.describe());
+  const int64_t M = x.size(0);
+  detail::check_shape(kOp, y, {M, w.out}, "y");
+  if (y.dtype() != DType::F32 || y.device() != Device::CPU) throw_error(kOp, ": y must be f32 on the CPU, got ", y.describe());
+  if (M == 0) return;
+  const float* px = x.data<float>();
+  float* py = y.data<float>();
+  QuantMatmulPath path = opt.path == QuantMatmulPath::Auto ? env_path() : opt.path;
+  if (path == QuantMatmulPath::Auto)
+    path = M <= kQuantDecodeMaxRows && quant_matmul_has_int8_kernel(w) ? QuantMatmulPath::Int8 : QuantMatmulPath::Exact;
+  if (path == QuantMatmulPath::Int8 && !quant_matmul_has_int8_kernel(w)) path = QuantMatmulPath::Exact;
+  switch (path) {
+    case QuantMatmulPath::Reference: reference_body(px, M, w, py); break;
+    case QuantMatmulPath::Int8: int8_body(px, M, w, py, opt.isa); break;
+    default:
+      if (M <= kQuantDecodeMaxRows) exact_decode_body(px, M, w, py);
+      else exact_tiled_body(px, M, w, py);
+  }
+}
+
+}  // namespace lowbit::ops

@@ -1,0 +1,47 @@
+// Internal to quant_matmul: the int8-activation operand and the per-ISA row kernels.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "lowbit/ops/quant_matmul.h"
+
+namespace lowbit::ops::qmm {
+
+inline constexpr int64_t kBlock = 32;  // activation block (values sharing one int8 scale)
+
+// Activations of one row quantized per block of 32: q (int8, the 32 values of a full block stored
+// in the order the weight layout unpacks them, see block_source_index), d (scale), sum (sum of q).
+// The last, partial block (in % 32 values) is stored in natural order, zero padded.
+struct QRow {
+  const int8_t* q;
+  const float* d;
+  const int32_t* sum;
+};
+
+// Position p of a full 32-value block holds activation (block start + block_source_index(bits, p)):
+// the order in which the SIMD kernels unpack 32 packed codes of `bits` bits without shuffles.
+//   4 bits: 16 bytes, low nibbles (values 0, 2, ..., 30) then high nibbles (1, 3, ..., 31).
+//   2 bits: 8 bytes, bits [2j, 2j+2) of bytes 0..7 (values j, 4+j, ..., 28+j) for j = 0..3.
+//   8 bits: natural order.
+inline int block_source_index(int bits, int p) {
+  if (bits == 4) return p < 16 ? 2 * p : 2 * (p - 16) + 1;
+  if (bits == 2) return 4 * (p % 8) + p / 8;
+  return p;
+}
+
+// Dot product of weight row `row` with one quantized activation row over the first nfull blocks:
+// sum over blocks b of s_g * d_b * (sum_i q_i a_i - z_g * sum_b). The tail is not included.
+using RowKernel = float (*)(const PackedWeight& w, int64_t row, const QRow& a, int64_t nfull);
+
+// The kernel of a layout (IntGroups: by bits), or null when there is none.
+RowKernel portable_kernel(const PackedWeight& w);
+#if defined(__x86_64__) || defined(__i386__)
+RowKernel avx2_kernel(const PackedWeight& w);
+RowKernel avx2vnni_kernel(const PackedWeight& w);
+#endif
+
+// Order of the activations inside a full block for this layout (block_source_index's `bits`):
+// IntGroups unpack in their bit order, ggml blocks keep the natural order.
+inline int act_order_bits(const PackedWeight& w) { return w.layout == PackedLayout::IntGroups ? w.bits : 8; }
+
+}  // namespace lowbit::ops::qmm

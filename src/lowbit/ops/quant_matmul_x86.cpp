@@ -1,0 +1,53 @@
+// x86 int8-activation kernels of quant_matmul, one copy per instruction set (the library is built
+// without -march, so each copy is compiled for its own target and quant_matmul.cpp picks one at
+// run time from cpuid). The shared body is quant_matmul_x86.inc.
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "lowbit/ops/quant_matmul_kernels.h"
+
+namespace lowbit::ops::qmm {
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+static inline __m256i dot_u8s8(__m256i w, __m256i a) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
+}
+#define QMM_DOT(w, a) dot_u8s8(w, a)
+#include "lowbit/ops/quant_matmul_x86.inc"
+#undef QMM_DOT
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
+namespace avx512vnni {
+#define QMM_DOT(w, a) _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
+#include "lowbit/ops/quant_matmul_x86.inc"
+#undef QMM_DOT
+}  // namespace avx512vnni
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+namespace avxvnni {
+#define QMM_DOT(w, a) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, a)
+#include "lowbit/ops/quant_matmul_x86.inc"
+#undef QMM_DOT
+}  // namespace avxvnni
+#pragma GCC pop_options
+
+RowKernel avx2_kernel(const PackedWeight& w) { return avx2::pick(w); }
+
+RowKernel avx2vnni_kernel(const PackedWeight& w) {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return avx512vnni::pick(w);
+  return avxvnni::pick(w);
+}
+
+}  // namespace lowbit::ops::qmm
+#endif

@@ -1,0 +1,197 @@
+// quant_matmul: ONE table covering every (format x backend x shape) cell against the reference body
+// (row-by-row decode with the format's codec, f64 accumulation). A format added to the format table
+// or a backend added to kBackends below is covered without touching the test.
+//   exact backends (f32 activations): |y - y_ref| <= 1e-5 * sum_i |x_i w_i|
+//   int8 backends: |y - y_ref| <= sum_i |w_i| * d_block(i) / 2 * (1 + 1e-3) + 1e-5 * sum_i |x_i w_i|
+//     (d = amax/127 of the 32-value activation block: the activation rounding is the only error).
+// SIMD cells run on what this CPU supports (skipped otherwise, with a message), the portable cells
+// always; CUDA cells skip (no packed CUDA body in this build).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "lowbit/autograd/functions.h"
+#include "lowbit/ops/quant_matmul.h"
+#include "lowbit/quant/quant_linear.h"
+#include "lowbit/quant/quantize.h"
+
+using namespace lowbit;
+
+namespace {
+
+struct Backend {
+  const char* name;
+  ops::QuantMatmulPath path;
+  ops::QuantIsa isa;
+  bool int8;  // error bound of the int8-activation path
+  bool cuda;
+};
+
+const Backend kBackends[] = {
+    {"exact", ops::QuantMatmulPath::Exact, ops::QuantIsa::Auto, false, false},
+    {"auto", ops::QuantMatmulPath::Auto, ops::QuantIsa::Auto, true, false},
+    {"int8-portable", ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable, true, false},
+    {"int8-avx2", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2, true, false},
+    {"int8-avx2-vnni", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2Vnni, true, false},
+    {"cuda", ops::QuantMatmulPath::Auto, ops::QuantIsa::Auto, true, true},
+};
+
+struct Shape3 {
+  int64_t out, in, M;
+};
+// Odd sizes, sizes not a multiple of the group (or of 32), 1 and many tokens (M > 8 takes the
+// tiled prefill body), rows that span several tiles.
+// ggml block formats take the shapes whose rows are whole blocks (32 or 256).
+const Shape3 kShapes[] = {{7, 33, 1}, {5, 96, 3}, {16, 128, 1}, {9, 200, 8}, {13, 257, 9}, {5, 256, 3},
+                          {32, 576, 17}, {3, 1000, 2}, {6, 64, 40}, {260, 512, 12}, {4, 768, 1}};
+
+Tensor test_input(int64_t M, int64_t in, uint64_t seed) {
+  Tensor x = Tensor::randn({M, in}, seed, 1.0);
+  float* p = x.data<float>();
+  p[0] = 9.0f;  // an outlier channel, as real activations have
+  if (in > 40) p[in * (M - 1) + 40] = -7.5f;
+  return x;
+}
+
+}  // namespace
+
+TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
+  int run = 0, skipped = 0;
+  std::vector<std::string> skips;
+  for (const QuantFormat& f : all_quant_formats()) {
+    for (const Shape3& s : kShapes) {
+      if (!f.row_fits(s.in)) continue;  // not a shape of this format (ggml: whole blocks)
+      const Tensor w = Tensor::randn({s.out, s.in}, 7 + uint64_t(s.in), 0.05);
+      QuantizedTensor q;
+      try {
+        q = quantize(w, f);
+      } catch (const Error& e) {
+        skips.push_back(std::string(f.name) + ": no reference quantizer to build a test weight (" + e.what() + ")");
+        ++skipped;
+        continue;
+      }
+      const ops::PackedWeight view = q.packed_view();
+      const Tensor x = test_input(s.M, s.in, 3 + uint64_t(s.out));
+      Tensor yref = Tensor::empty({s.M, s.out});
+      ops::quant_matmul(x, view, yref, {ops::QuantMatmulPath::Reference});
+      const Tensor wd = q.dequantize();
+      // Per-output bounds.
+      std::vector<double> scale(size_t(s.M * s.out)), rbound(size_t(s.M * s.out));
+      const float *px = x.data<float>(), *pw = wd.data<float>();
+      for (int64_t m = 0; m < s.M; ++m)
+        for (int64_t o = 0; o < s.out; ++o) {
+          double sc = 0, rb = 0;
+          for (int64_t b0 = 0; b0 < s.in; b0 += 32) {
+            const int64_t b1 = std::min(s.in, b0 + 32);
+            double amax = 0;
+            for (int64_t i = b0; i < b1; ++i) amax = std::max(amax, std::fabs(double(px[m * s.in + i])));
+            for (int64_t i = b0; i < b1; ++i) {
+              const double wi = std::fabs(double(pw[o * s.in + i]));
+              sc += wi * std::fabs(double(px[m * s.in + i]));
+              rb += wi * amax / 127.0 / 2.0;
+            }
+          }
+          scale[size_t(m * s.out + o)] = sc;
+          rbound[size_t(m * s.out + o)] = rb;
+        }
+      for (const Backend& be : kBackends) {
+        const std::string cell = std::string(f.name) + " x " + be.name + " x [" + std::to_string(s.out) + "x" +
+                                 std::to_string(s.in) + "] M=" + std::to_string(s.M);
+        if (be.cuda) {
+          ++skipped;
+          if (skips.empty() || skips.back().rfind("cuda", 0) != 0) skips.push_back("cuda: no packed CUDA body in this build");
+          continue;
+        }
+        if (!ops::quant_isa_supported(be.isa)) {
+          ++skipped;
+          skips.push_back(std::string(be.name) + ": not supported by this CPU");
+          continue;
+        }
+        SCOPED_TRACE(cell);
+        Tensor y = Tensor::empty({s.M, s.out});
+        ops::quant_matmul(x, view, y, {be.path, be.isa});
+        ++run;
+        const float *py = y.data<float>(), *pr = yref.data<float>();
+        for (int64_t i = 0; i < s.M * s.out; ++i) {
+          double tol = 1e-5 * scale[size_t(i)] + 1e-7;
+          if (be.int8) tol += rbound[size_t(i)] * (1 + 1e-3);
+          ASSERT_LE(std::fabs(double(py[i]) - double(pr[i])), tol) << "output " << i << ": " << py[i] << " vs " << pr[i];
+        }
+      }
+    }
+  }
+  std::string msg;
+  for (const auto& s : skips)
+    if (msg.find(s) == std::string::npos) msg += "\n  skipped: " + s;
+  std::printf("quant_matmul table: %d cells run, %d skipped (ISA best here: %s)%s\n", run, skipped,
+              ops::quant_isa_name(ops::quant_isa_best()), msg.c_str());
+  EXPECT_GT(run, 0);
+}
+
+TEST(QuantMatmul, ReferenceEqualsDenseProductWithTheDequantizedWeight) {
+  const QuantFormat& f = parse_quant_format("int4g32");
+  const Tensor w = Tensor::randn({11, 70}, 5, 0.1);
+  const QuantizedTensor q = quantize(w, f);
+  const Tensor x = test_input(4, 70, 9), wd = q.dequantize();
+  Tensor y = Tensor::empty({4, 11});
+  ops::quant_matmul(x, q.packed_view(), y, {ops::QuantMatmulPath::Reference});
+  for (int64_t m = 0; m < 4; ++m)
+    for (int64_t o = 0; o < 11; ++o) {
+      double acc = 0;
+      for (int64_t i = 0; i < 70; ++i) acc += double(x.data<float>()[m * 70 + i]) * wd.data<float>()[o * 70 + i];
+      EXPECT_NEAR(y.data<float>()[m * 11 + o], acc, 1e-5 * (1 + std::fabs(acc)));
+    }
+}
+
+TEST(QuantMatmul, RejectsBadArguments) {
+  const QuantizedTensor q = quantize(Tensor::randn({4, 64}, 1, 0.1), parse_quant_format("int4g32"));
+  ops::PackedWeight v = q.packed_view();
+  Tensor y = Tensor::empty({2, 4});
+  auto expect_error = [](auto fn, const std::string& what) {
+    try {
+      fn();
+      ADD_FAILURE() << "no error, expected: " << what;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  expect_error([&] { ops::quant_matmul(Tensor::randn({2, 63}, 1), v, y); }, "x must be f32 [M, 64]");
+  expect_error([&] { ops::quant_matmul(Tensor::randn({2, 64}, 1, 1.0, DType::F64), v, y); }, "x must be f32");
+  expect_error([&] { Tensor y3 = Tensor::empty({2, 5}); ops::quant_matmul(Tensor::randn({2, 64}, 1), v, y3); }, "y has shape");
+  ops::PackedWeight bad = v;
+  bad.bits = 3;
+  expect_error([&] { ops::quant_matmul(Tensor::randn({2, 64}, 1), bad, y); }, "needs 2, 4 or 8-bit codes");
+  bad = v;
+  bad.row_bytes = 31;
+  expect_error([&] { ops::quant_matmul(Tensor::randn({2, 64}, 1), bad, y); }, "row_bytes 31");
+  bad = v;
+  bad.n_groups = 3;
+  expect_error([&] { ops::quant_matmul(Tensor::randn({2, 64}, 1), bad, y); }, "has 3 groups");
+  if (!ops::quant_isa_supported(ops::QuantIsa::Avx2Vnni))
+    expect_error([&] { ops::quant_matmul(Tensor::randn({2, 64}, 1), v, y, {ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2Vnni}); },
+                 "not supported by this CPU");
+}
+
+TEST(QuantLinear, InferenceRunsPackedAndNeverBuildsTheF32Weight) {
+  const QuantizedTensor q = quantize(Tensor::randn({24, 96}, 2, 0.1), parse_quant_format("int4g32"));
+  const Tensor bias = Tensor::randn({24}, 3, 0.1);
+  QuantLinear ql(q, bias);
+  const Tensor x = test_input(20, 96, 4);
+  const Tensor y = ql.forward(Var(x)).value();
+  EXPECT_FALSE(ql.has_dequantized_weight()) << "the inference path materialized the f32 weight";
+  const Tensor x1 = test_input(1, 96, 5);
+  ql.forward(Var(x1));
+  EXPECT_FALSE(ql.has_dequantized_weight());
+  // effective_weight() decodes for the caller without keeping the copy.
+  const Tensor wd = ql.effective_weight();
+  EXPECT_FALSE(ql.has_dequantized_weight());
+  const Tensor yd = linear(Var(x), Var(wd), Var(bias)).value();
+  for (int64_t i = 0; i < y.numel(); ++i) EXPECT_NEAR(y.data<float>()[i], yd.data<float>()[i], 1e-4);
+  // A gradient through x needs the dense weight: built then, once.
+  Var xg(x, true);
+  backward(sum(ql.forward(xg)));
+  EXPECT_TRUE(ql.has_dequantized_weight());
+  EXPECT_EQ(xg.grad().shape(), x.shape());
+}
