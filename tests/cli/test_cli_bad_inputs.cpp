@@ -89,6 +89,14 @@ const Row kRows[] = {
   {"generate", "top-p 2", "generate -m {M} --tokenizer {T} --top-p 2", "--top-p: must be between 0 and 1"},
   {"generate", "steps 0", "generate -m {M} --tokenizer {T} -n 0", "--steps: must be at least 1"},
   {"generate", "stdout full", "generate -m {M} --tokenizer {T} -n 8 > /dev/full", "writing to standard output", kModel},
+  // --- bench
+  {"bench", "missing model", "bench -m {D}/missing.bin", "missing.bin: no such file"},
+  {"bench", "truncated model", "bench -m {D}/trunc.bin", "trunc.bin"},
+  {"bench", "random model", "bench -m {D}/random.bin", "random.bin"},
+  {"bench", "repetitions 0", "bench -m {M} -r 0", "--repetitions: must be at least 1"},
+  {"bench", "prompt -1", "bench -m {M} -p -1", "--n-prompt: must be at least 0"},
+  {"bench", "threads 0", "bench -m {M} --threads 0", "--threads"},
+  {"bench", "stdout full", "bench -m {M} -p 4 -n 2 -r 1 > /dev/full", "writing to standard output", kModel},
   // --- tokenize
   {"tokenize", "missing tokenizer", "tokenize -t {D}/missing < /dev/null", "missing: no such file"},
   {"tokenize", "empty tokenizer", "tokenize -t {D}/empty < /dev/null", "empty: unknown tokenizer format"},

@@ -3,15 +3,13 @@
 //   decode (tg):  -n forwards of one token each after an empty cache, logits computed each time.
 // Token ids are fixed pseudo-random ids (the speed does not depend on them). One untimed warm-up
 // of each before the -r timed runs; mean ± sd over the runs.
-#include <cblas.h>
-#include <omp.h>
-
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <numeric>
 
 #include "lowbit/autograd/variable.h"
+#include "lowbit/core/threads.h"
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
 #include "lowbit/ops/quant_matmul.h"
@@ -23,7 +21,7 @@ namespace {
 
 struct BenchArgs {
   std::string model, device = "cpu";
-  int pp = 512, tg = 128, reps = 3, threads = 0;
+  int pp = 512, tg = 128, reps = 3;
   bool json = false, dequantize = false;
 };
 
@@ -96,13 +94,7 @@ double run_tg(const LlamaModel& model, const Tensor& tokens) {
 }
 
 void run_bench(const BenchArgs& a) {
-  if (a.pp < 0 || a.tg < 0 || a.reps < 1) throw_error("bench: -p and -n must be >= 0 and -r >= 1");
-  if (a.threads < 0) throw_error("bench: --threads must be >= 1 (0 = default)");
-  if (a.threads > 0) {
-    omp_set_num_threads(a.threads);
-    openblas_set_num_threads(a.threads);
-  }
-  const int threads = omp_get_max_threads();
+  const int threads = num_threads();  // --threads (add_threads_option) has set the program's one pool
   const Device dev = parse_device(a.device);
   NoGradGuard no_grad;
   LoadedModel m = load_model(a.model, dev, a.dequantize);
@@ -141,13 +133,13 @@ void run_bench(const BenchArgs& a) {
     print_json(j);
     return;
   }
-  std::printf("| model | size | device | threads | test | t/s |\n|---|---:|---|---:|---|---:|\n");
+  print_stdout("| model | size | device | threads | test | t/s |\n|---|---:|---|---:|---|---:|\n");
   const double mib = double(bytes) / (1024.0 * 1024.0);
   if (!pp.empty())
-    std::printf("| %s | %.2f MiB | %s | %d | pp%d | %.2f ± %.2f |\n", a.model.c_str(), mib, a.device.c_str(), threads,
+    print_stdout("| %s | %.2f MiB | %s | %d | pp%d | %.2f ± %.2f |\n", a.model.c_str(), mib, a.device.c_str(), threads,
                 a.pp, sp.mean, sp.sd);
   if (!tg.empty())
-    std::printf("| %s | %.2f MiB | %s | %d | tg%d | %.2f ± %.2f |\n", a.model.c_str(), mib, a.device.c_str(), threads,
+    print_stdout("| %s | %.2f MiB | %s | %d | tg%d | %.2f ± %.2f |\n", a.model.c_str(), mib, a.device.c_str(), threads,
                 a.tg, st.mean, st.sd);
 }
 
@@ -157,10 +149,10 @@ void register_bench(CLI::App& app) {
   auto* b = app.add_subcommand("bench", "Measure model size in memory, prefill and decode tokens/s (like llama-bench)");
   auto a = std::make_shared<BenchArgs>();
   b->add_option("-m,--model", a->model, "model: a lowbit quantized directory or any checkpoint lowbit reads")->required();
-  b->add_option("-p,--n-prompt", a->pp, "prefill test: tokens in one forward (0 = skip)")->capture_default_str();
-  b->add_option("-n,--n-gen", a->tg, "decode test: tokens generated one at a time (0 = skip)")->capture_default_str();
-  b->add_option("-r,--repetitions", a->reps, "timed runs of each test")->capture_default_str();
-  b->add_option("--threads", a->threads, "CPU threads (default: OpenMP's default, OMP_NUM_THREADS)");
+  b->add_option("-p,--n-prompt", a->pp, "prefill test: tokens in one forward (0 = skip)")->capture_default_str()->check(at_least(0));
+  b->add_option("-n,--n-gen", a->tg, "decode test: tokens generated one at a time (0 = skip)")->capture_default_str()->check(at_least(0));
+  b->add_option("-r,--repetitions", a->reps, "timed runs of each test")->capture_default_str()->check(at_least(1));
+  add_threads_option(b);
   b->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   b->add_flag("--dequantize", a->dequantize, "run a quantized model dequantized to f32 (the reference path)");
   b->add_flag("--json", a->json, "one JSON object: model_bytes, pp_tokens_per_s, tg_tokens_per_s, threads, device");
