@@ -169,6 +169,18 @@ void run_quantize(const QuantArgs& a) {
   if (a.next_input != "quantized" && a.next_input != "fp")
     throw_error("--next-input must be 'quantized' or 'fp', got '", a.next_input, "'");
   std::error_code ec;
+  // -o FILE.gguf: the quantized directory is written next to it (FILE.gguf.qdir, also the resumable
+  // state), exported, then removed.
+  const bool to_gguf = a.out.size() > 5 && a.out.compare(a.out.size() - 5, 5, ".gguf") == 0;
+  if (to_gguf) {
+    check_gguf_output(a.out);
+    if (!f.is_ggml_block() || f.ggml_type < 0)
+      throw_error("-o ", a.out, ": GGUF holds llama.cpp's block types only, not ", f.name, "; use --format ",
+                  "q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, iq4_xs, q2_k ... q6_k, tq1_0 or tq2_0");
+    if (is_apiq(a.method) && a.lora != "merge")
+      throw_error("-o ", a.out, ": GGUF cannot hold separate LoRA adapters; add --lora merge");
+  }
+  const std::string out_dir = to_gguf ? a.out + ".qdir" : a.out;
   if (fs::exists(a.out) && fs::exists(a.model) && fs::equivalent(a.out, a.model, ec))
     throw_error("--out ", a.out, " is the input model; choose another directory");
   Device dev = parse_device(a.device);
@@ -204,7 +216,7 @@ void run_quantize(const QuantArgs& a) {
   PipelineOptions o;
   o.next_from_fp = a.next_input == "fp";
   o.batch = a.batch;
-  o.state_dir = a.state_dir.empty() ? (fs::path(a.out) / ".state").string() : a.state_dir;
+  o.state_dir = a.state_dir.empty() ? (fs::path(out_dir) / ".state").string() : a.state_dir;
   PipelineReport r = run_blockwise(*m.model, calib, *method, f, o);
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& l : r.linears)
@@ -215,7 +227,11 @@ void run_quantize(const QuantArgs& a) {
                            {"nsamples", calib.size(0)}, {"seqlen", calib.size(1)},
                            {"seed", a.seed},           {"next_input", a.next_input},
                            {"resumed_from_block", r.resumed_from_block}, {"layers", layers}};
-  nlohmann::json extra = {{"calibration", {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}}}};
+  nlohmann::json extra = {{"calibration", {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}}},
+                          {"source_model", a.model}};
+  if (!a.calib.empty()) extra["calibration"]["text"] = a.calib;
+  if (a.method == "gptq") extra["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
+  if (a.method == "awq") extra["awq"] = {{"clip", !a.no_clip}};
   if (is_apiq(a.method)) {
     const ApiqOptions o = apiq_options(a);
     nlohmann::json h = {{"mode", o.mode == ApiqMode::Layer ? "layer" : "block"},
@@ -231,13 +247,17 @@ void run_quantize(const QuantArgs& a) {
     extra["apiq"] = h;
     report["apiq"] = h;
   }
-  save_quantized_model(a.out, *m.model, a.method, f, extra, a.lora == "merge" ? LoraStorage::Merged : LoraStorage::Separate,
+  save_quantized_model(out_dir, *m.model, a.method, f, extra, a.lora == "merge" ? LoraStorage::Merged : LoraStorage::Separate,
                        a.merge_dtype == "f32" ? DType::F32 : DType::F16);
   {
-    std::ofstream rep((fs::path(a.out) / "quantize_report.json").string());
+    std::ofstream rep(to_gguf ? a.out + ".report.json" : (fs::path(out_dir) / "quantize_report.json").string());
     rep << report.dump(2) << "\n";
   }
   fs::remove_all(o.state_dir, ec);
+  if (to_gguf) {
+    export_quantized_dir_to_gguf(out_dir, a.out, a.tokenizer, a.json);
+    fs::remove_all(out_dir, ec);
+  }
   if (a.json) {
     print_json(report);
     return;
@@ -329,7 +349,7 @@ void register_quantize(CLI::App& app) {
   q->add_option("--merge-dtype", a->merge_dtype, "ApiQ with --lora merge: dtype of the merged dense layers (f16, f32)")
       ->capture_default_str();
   q->add_option("--state-dir", a->state_dir, "resumable state (default: OUT/.state; removed on success)");
-  q->add_option("-o,--out", a->out, "output directory (config.json + model.safetensors)")->required();
+  q->add_option("-o,--out", a->out, "output directory (config.json + model.safetensors), or FILE.gguf for llama.cpp (ggml block --format only; report in FILE.gguf.report.json)")->required();
   q->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   q->add_flag("--json", a->json, "print the report as JSON");
   q->callback([a, q] {

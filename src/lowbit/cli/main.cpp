@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   lowbit::cli::register_quantize(app);
   lowbit::cli::register_train(app);
   lowbit::cli::register_finetune(app);
+  lowbit::cli::register_export(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
