@@ -27,7 +27,8 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 1 ;;
   esac
 done
-bin=$(bash "$(dirname "$0")/llama_cpp.sh")
+# The AVX2 build: the native one stops with "Illegal instruction" on this shared host (llama_cpp.sh).
+bin=$(bash "$(dirname "$0")/llama_cpp.sh" --avx2)
 model=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 wiki=$shared/data/wikitext-2-raw/wiki.test.raw
 mkdir -p "$out"
