@@ -227,9 +227,11 @@ void run_quantize(const QuantArgs& a) {
                            {"nsamples", calib.size(0)}, {"seqlen", calib.size(1)},
                            {"seed", a.seed},           {"next_input", a.next_input},
                            {"resumed_from_block", r.resumed_from_block}, {"layers", layers}};
-  nlohmann::json extra = {{"calibration", {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}}},
-                          {"source_model", a.model}};
-  if (!a.calib.empty()) extra["calibration"]["text"] = a.calib;
+  nlohmann::json extra = {{"source_model", a.model}};
+  if (!stream.empty()) {  // RTN without data runs on a stub: no calibration to record
+    extra["calibration"] = {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}};
+    extra["calibration"]["data"] = !a.calib.empty() ? a.calib : a.calib_tokens;
+  }
   if (a.method == "gptq") extra["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
   if (a.method == "awq") extra["awq"] = {{"clip", !a.no_clip}};
   if (is_apiq(a.method)) {
