@@ -58,6 +58,17 @@ for fmt in $formats; do
   files+=("$f")
 done
 
+# lowbit's RTN file and llama-quantize's (both from the same f32 weights, llama.cpp's reference
+# rounding) must be byte-identical tensor for tensor (q/k row permutation included).
+for fmt in $formats; do
+  python3 - "$out/lowbit-rtn-$fmt.gguf" "$out/llamacpp-$fmt.gguf" <<'PY'
+import sys, gguf
+a, b = ({t.name: t for t in gguf.GGUFReader(p).tensors} for p in sys.argv[1:3])
+diff = [n for n in a if n not in b or a[n].tensor_type != b[n].tensor_type or a[n].data.tobytes() != b[n].data.tobytes()]
+print(f"{sys.argv[1]} vs {sys.argv[2]}: {len(a)} tensors, {len(diff)} differ {diff[:3]}")
+PY
+done
+
 printf "file\tbytes\tllama.cpp_ppl\tlowbit_ppl\n" >"$out/results.tsv"
 for f in "${files[@]}"; do
   lp=$("$bin/llama-perplexity" -m "$f" -f "$evaltext" -c "$ctx" --chunks "$chunks" -t "$(nproc)" 2>&1 |
