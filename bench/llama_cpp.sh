@@ -5,6 +5,9 @@
 #
 #   bench/llama_cpp.sh            CPU build (GGML_NATIVE: this machine's instruction sets)
 #   bench/llama_cpp.sh --cuda     CUDA build for sm_90 (H100), to carry to the GPU machine
+#   bench/llama_cpp.sh --avx2     CPU build for AVX2/FMA/F16C only (no GGML_NATIVE): the native build
+#                                 dies with "Illegal instruction" on hosts whose CPU lists AMX/AVX-512
+#                                 features the container may not run (seen 2026-12-05 on the shared box)
 #
 # Cache: $LOWBIT_LLAMACPP_CACHE (default ~/.cache/lowbit-llamacpp). Nothing of llama.cpp is committed.
 # Targets: llama-perplexity llama-quantize llama-bench llama-simple llama-completion.
@@ -12,6 +15,7 @@ set -euo pipefail
 cache=${LOWBIT_LLAMACPP_CACHE:-$HOME/.cache/lowbit-llamacpp}
 variant=cpu
 [ "${1:-}" = "--cuda" ] && variant=cuda
+[ "${1:-}" = "--avx2" ] && variant=cpu-avx2
 mkdir -p "$cache/src"
 log="$cache/build-$variant.log"
 
@@ -37,6 +41,8 @@ if [ ! -x "$build/bin/llama-bench" ]; then
   if [ "$variant" = cuda ]; then
     args+=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF
            -DCMAKE_CUDA_COMPILER=${CUDACXX:-/usr/local/cuda/bin/nvcc})
+  elif [ "$variant" = cpu-avx2 ]; then
+    args+=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
   else
     args+=(-DGGML_NATIVE=ON)
   fi

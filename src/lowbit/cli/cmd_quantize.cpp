@@ -194,13 +194,27 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     throw_error(a.model, ": is already a lowbit quantized model; quantizing it again would compound the rounding "
                 "error of both passes (quantize the original full-precision model instead)");
   std::error_code ec;
+  // -o FILE.gguf: the quantized directory is written next to it (FILE.gguf.qdir, also the resumable
+  // state), exported, then removed.
+  const bool to_gguf = a.out.size() > 5 && a.out.compare(a.out.size() - 5, 5, ".gguf") == 0;
+  if (to_gguf) {
+    check_gguf_output(a.out);
+    if (!f.is_ggml_block() || f.ggml_type < 0)
+      throw_error("-o ", a.out, ": GGUF holds llama.cpp's block types only, not ", f.name, "; use --format ",
+                  "q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, iq4_xs, q2_k ... q6_k, tq1_0 or tq2_0");
+    if (is_apiq(a.method) && a.lora != "merge")
+      throw_error("-o ", a.out, ": GGUF cannot hold separate LoRA adapters; add --lora merge");
+  }
+  const std::string out_dir = to_gguf ? a.out + ".qdir" : a.out;
+  if (fs::exists(a.out) && fs::exists(a.model) && fs::equivalent(a.out, a.model, ec))
+    throw_error("--out ", a.out, " is the input model; choose another directory");
   Device dev = parse_device(a.device);
   if ((a.tf32 || a.bf16) && dev != Device::CUDA)
     throw_error(a.tf32 ? "--tf32" : "--bf16", " needs --device cuda (it selects GPU tensor-core precision)");
   if (a.bf16 && !is_apiq(a.method))
     throw_error("--bf16 applies to the training of apiq, apiq-layer and sapr, not to --method ", a.method);
   if (a.tf32) cuda_set_allow_tf32(true);
-  OutputDir out(a.out, "--out");
+  OutputDir out(out_dir, "--out");
   out.refuse_input(a.model, "the input model");
   LoadedModel m = load_model(a.model, dev);
   // Calibration tokens.
@@ -239,7 +253,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   PipelineOptions o;
   o.next_from_fp = a.next_input == "fp";
   o.batch = a.batch;
-  o.state_dir = a.state_dir.empty() ? (fs::path(a.out) / ".state").string() : a.state_dir;
+  o.state_dir = a.state_dir.empty() ? (fs::path(out_dir) / ".state").string() : a.state_dir;
   out.keep_if_exists(o.state_dir);  // a failed run keeps its resumable state
   PipelineReport r = run_blockwise(*m.model, calib, *method, f, o);
   nlohmann::json layers = nlohmann::json::array();
@@ -260,7 +274,13 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                            {"fp_forward_seconds", r.fp_forward_seconds},
                            {"blocks_run", r.blocks_run},
                            {"threads", threads_summary()}};
-  nlohmann::json extra = {{"calibration", {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}}}};
+  nlohmann::json extra = {{"source_model", a.model}};
+  if (!stream.empty()) {  // RTN without data runs on a stub: no calibration to record
+    extra["calibration"] = {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}};
+    extra["calibration"]["data"] = !a.calib.empty() ? a.calib : a.calib_tokens;
+  }
+  if (a.method == "gptq") extra["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
+  if (a.method == "awq") extra["awq"] = {{"clip", !a.no_clip}};
   if (is_apiq(a.method)) {
     const ApiqOptions o = apiq_options(ar);
     nlohmann::json h = {{"mode", o.mode == ApiqMode::Layer ? "layer" : "block"},
@@ -276,18 +296,22 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     extra["apiq"] = h;
     report["apiq"] = h;
   }
-  save_quantized_model(a.out, *m.model, a.method, f, extra, a.lora == "merge" ? LoraStorage::Merged : LoraStorage::Separate,
+  save_quantized_model(out_dir, *m.model, a.method, f, extra, a.lora == "merge" ? LoraStorage::Merged : LoraStorage::Separate,
                        a.merge_dtype == "f32" ? DType::F32 : DType::F16);
   {
-    const std::string path = (fs::path(a.out) / "quantize_report.json").string();
+    const std::string path = to_gguf ? a.out + ".report.json" : (fs::path(out_dir) / "quantize_report.json").string();
     std::ofstream rep(path);
     rep << report.dump(2) << "\n";
     rep.close();
     if (!rep) throw_error(path, ": write failed");
   }
-  copy_tokenizer_files(a.tokenizer, a.model, a.out);
+  if (!to_gguf) copy_tokenizer_files(a.tokenizer, a.model, out_dir);  // a GGUF output embeds it instead
   out.keep();
   fs::remove_all(o.state_dir, ec);
+  if (to_gguf) {
+    export_quantized_dir_to_gguf(out_dir, a.out, a.tokenizer, a.json);
+    fs::remove_all(out_dir, ec);
+  }
   if (a.json) {
     print_json(report);
     return;
@@ -388,7 +412,7 @@ void register_quantize(CLI::App& app) {
   q->add_option("--merge-dtype", a->merge_dtype, "ApiQ with --lora merge: dtype of the merged dense layers (f16, f32)")
       ->capture_default_str();
   q->add_option("--state-dir", a->state_dir, "resumable state (default: OUT/.state; removed on success)");
-  q->add_option("-o,--out", a->out, "output directory (config.json + model.safetensors)")->required();
+  q->add_option("-o,--out", a->out, "output directory (config.json + model.safetensors), or FILE.gguf for llama.cpp (ggml block --format only; report in FILE.gguf.report.json)")->required();
   q->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   q->add_flag("--json", a->json, "print the report as JSON");
   add_threads_option(q);

@@ -2,6 +2,7 @@
 // A command's callback throws lowbit::Error on bad input; main() prints it and exits 1.
 #pragma once
 #include <CLI/CLI.hpp>
+#include <string>
 
 namespace lowbit::cli {
 
@@ -13,5 +14,12 @@ void register_quantize(CLI::App& app);  // lowbit quantize
 void register_train(CLI::App& app);     // lowbit train
 void register_finetune(CLI::App& app);  // lowbit finetune
 void register_bench(CLI::App& app);     // lowbit bench
+void register_export(CLI::App& app);    // lowbit export
+
+// cmd_export.cpp: checks a GGUF output path (ends in .gguf, not a directory), and writes a lowbit
+// quantized directory as GGUF (tokenizer: `tokenizer`, else the directory's or its source model's).
+void check_gguf_output(const std::string& out);
+void export_quantized_dir_to_gguf(const std::string& dir, const std::string& out, const std::string& tokenizer,
+                                  bool quiet);
 
 }  // namespace lowbit::cli

@@ -58,6 +58,7 @@ int main(int argc, char** argv) {
   lowbit::cli::register_train(app);
   lowbit::cli::register_finetune(app);
   lowbit::cli::register_bench(app);
+  lowbit::cli::register_export(app);
   try {
     app.parse(argc, argv);
     lowbit::cli::check_stdout();

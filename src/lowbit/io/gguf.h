@@ -165,6 +165,12 @@ struct GgufSaveOptions {
   DType dtype = DType::F32;  // F32, F16 or BF16 for matrices; 1-D tensors stay F32 (as llama.cpp's converter)
   std::string name;          // general.name (optional)
   const TokenizerVocab* vocab = nullptr;  // tokenizer metadata to embed; none: tokenizer.ggml.model = "none"
+  // Linear weights stored packed in a ggml block type, by HF module name ("model.layers.0.mlp.up_proj"),
+  // rows in the HF (rotate-half) order as in a QuantizedCheckpoint. Their raw blocks are written with
+  // their ggml type (llama's q/k rows permuted, whole rows of blocks, so bit-exact); every other
+  // tensor follows `dtype`. general.file_type names the block type of the first one.
+  const std::map<std::string, QuantizedTensor>* quantized = nullptr;
+  GgufMetadata extra;  // appended after the standard keys (e.g. lowbit.quantization.*)
 };
 
 // Writes a GGUF v3 file llama.cpp can load: general.architecture, the <arch>.* hyperparameters,
@@ -172,6 +178,16 @@ struct GgufSaveOptions {
 // architecture expects (interleaved for llama/mistral, half for qwen2/qwen3).
 void save_gguf(const std::string& path, const LlamaConfig& config, const LlamaWeights& weights,
                const GgufSaveOptions& options = {});
+
+// Writes a lowbit quantized checkpoint (io/quantized_checkpoint.h) whose packed layers are all in
+// ggml block formats as a GGUF file llama.cpp loads: packed layers as their raw blocks, everything
+// else (embeddings, tied or separate output.weight, norms, dense layers) f32, the tokenizer `vocab`
+// (may be null) embedded, and the metadata lowbit.quantization.method / .format / .config (the
+// checkpoint's quantization_config as JSON text) plus `extra`. Throws naming `path` for formats
+// GGUF cannot hold (listing those it can), separate LoRA adapters (merge them: --lora merge), or an
+// output path that is a directory. Written atomically.
+void save_gguf_quantized(const std::string& path, const QuantizedCheckpoint& q, const TokenizerVocab* vocab,
+                         const std::string& quantization_config_json, const GgufMetadata& extra = {});
 
 // True when the file starts with the GGUF magic.
 bool looks_like_gguf(const std::string& path);

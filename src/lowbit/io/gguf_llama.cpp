@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <set>
 
@@ -16,6 +17,26 @@
 namespace lowbit {
 
 namespace {
+// llama.cpp's llama_ftype (general.file_type) for a file whose linears are mostly in `ggml_type`.
+uint32_t llama_ftype_for_ggml_type(uint32_t t) {
+  switch (t) {
+    case 2: return 2;    // Q4_0
+    case 3: return 3;    // Q4_1
+    case 6: return 8;    // Q5_0
+    case 7: return 9;    // Q5_1
+    case 8: return 7;    // Q8_0
+    case 10: return 10;  // Q2_K
+    case 11: return 11;  // Q3_K -> Q3_K_S
+    case 12: return 14;  // Q4_K -> Q4_K_S
+    case 13: return 16;  // Q5_K -> Q5_K_S
+    case 14: return 18;  // Q6_K
+    case 20: return 25;  // IQ4_NL
+    case 23: return 30;  // IQ4_XS
+    case 34: return 36;  // TQ1_0
+    case 35: return 37;  // TQ2_0
+    default: return 0;
+  }
+}
 std::string kv_ctx(const std::string& path, const std::string& key) { return path + ": metadata key '" + key + "'"; }
 }  // namespace
 
@@ -256,7 +277,10 @@ void save_gguf(const std::string& path, const LlamaConfig& config, const LlamaWe
   kv.emplace_back("general.architecture", GgufValue::string(arch));
   if (!opt.name.empty()) kv.emplace_back("general.name", GgufValue::string(opt.name));
   // general.file_type: LLAMA_FTYPE_ALL_F32 = 0, MOSTLY_F16 = 1, MOSTLY_BF16 = 32.
-  kv.emplace_back("general.file_type", GgufValue::u32(opt.dtype == DType::F32 ? 0 : opt.dtype == DType::F16 ? 1 : 32));
+  uint32_t file_type = opt.dtype == DType::F32 ? 0 : opt.dtype == DType::F16 ? 1 : 32;
+  if (opt.quantized && !opt.quantized->empty())
+    file_type = llama_ftype_for_ggml_type(uint32_t(opt.quantized->begin()->second.fmt().ggml_type));
+  kv.emplace_back("general.file_type", GgufValue::u32(file_type));
   kv.emplace_back(a + "context_length", GgufValue::u32(uint32_t(config.max_seq_len)));
   kv.emplace_back(a + "embedding_length", GgufValue::u32(uint32_t(config.dim)));
   kv.emplace_back(a + "block_count", GgufValue::u32(uint32_t(config.n_layers)));
@@ -295,8 +319,36 @@ void save_gguf(const std::string& path, const LlamaConfig& config, const LlamaWe
     if (config.eos_id >= 0) kv.emplace_back("tokenizer.ggml.eos_token_id", GgufValue::u32(uint32_t(config.eos_id)));
   }
 
+  for (const auto& e : opt.extra) kv.push_back(e);
+
   std::vector<std::pair<std::string, Tensor>> tensors;
+  std::vector<std::pair<std::string, QuantizedTensor>> packed;
+  size_t packed_used = 0;
+  const std::string wsuffix = ".weight";
   for (const auto& slot : io::weight_slots(config, w)) {
+    const std::string& hf = slot.hf_name;
+    if (opt.quantized && hf.size() > wsuffix.size() && hf.compare(hf.size() - wsuffix.size(), wsuffix.size(), wsuffix) == 0) {
+      auto it = opt.quantized->find(hf.substr(0, hf.size() - wsuffix.size()));
+      if (it != opt.quantized->end()) {
+        QuantizedTensor qt = it->second;
+        const QuantFormat& qf = qt.fmt();
+        if (!qf.is_ggml_block() || qf.ggml_type < 0)
+          throw_error(path, ": layer '", it->first, "' is in lowbit's format ", qf.name,
+                      ", which GGUF cannot hold; GGUF holds the ggml block types ", ggml_block_type_names());
+        if (qt.shape != slot.shape)
+          throw_error(path, ": packed layer '", it->first, "' has shape ", shape_str(qt.shape), ", the config needs ",
+                      shape_str(slot.shape));
+        const bool is_q = hf.find(".self_attn.q_proj.") != std::string::npos;
+        const bool is_k = hf.find(".self_attn.k_proj.") != std::string::npos;
+        // Packed rows are in the HF order; llama.cpp's llama expects Meta's interleaved q/k rows.
+        if (style == RopeStyle::Interleaved && (is_q || is_k))
+          qt.codes = rope_rows_half_to_interleaved(qt.codes, is_q ? config.n_heads : config.n_kv_heads,
+                                                   config.resolved_head_dim());
+        packed.emplace_back(slot.gguf_name, std::move(qt));
+        ++packed_used;
+        continue;
+      }
+    }
     Tensor t = slot.tensor->to(Device::CPU).to(DType::F32).contiguous();
     // As llama.cpp's converter: 1-D tensors (norms, biases) stay f32.
     if (t.dim() >= 2 && opt.dtype != DType::F32) {
@@ -310,7 +362,36 @@ void save_gguf(const std::string& path, const LlamaConfig& config, const LlamaWe
     }
     tensors.emplace_back(slot.gguf_name, std::move(t));
   }
-  write_gguf(path, kv, tensors);
+  if (opt.quantized && packed_used != opt.quantized->size())
+    throw_error(path, ": ", opt.quantized->size() - packed_used, " packed layers are not linear weights of the model");
+  write_gguf(path, kv, tensors, 32, packed);
+}
+
+void save_gguf_quantized(const std::string& path, const QuantizedCheckpoint& q, const TokenizerVocab* vocab,
+                         const std::string& quantization_config_json, const GgufMetadata& extra) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec))
+    throw_error(path, ": is a directory; give the GGUF file to write (e.g. model-q4_0.gguf)");
+  if (!q.lora.empty())
+    throw_error(path, ": layer '", q.lora.begin()->first, "' has separate LoRA adapters, which GGUF cannot hold; ",
+                "quantize with --lora merge (dense merged layers) to export it");
+  for (const auto& [name, qt] : q.quantized) {
+    const QuantFormat& f = qt.fmt();
+    if (!f.is_ggml_block() || f.ggml_type < 0)
+      throw_error(path, ": layer '", name, "' is in lowbit's format ", f.name,
+                  ", which has no GGUF equivalent; GGUF holds the ggml block types ", ggml_block_type_names(),
+                  " (quantize with --format q4_0, q4_1, q8_0, iq4_nl, q4_k, ...)");
+  }
+  GgufSaveOptions o;
+  o.dtype = DType::F32;
+  o.vocab = vocab && !vocab->empty() ? vocab : nullptr;
+  o.quantized = &q.quantized;
+  o.extra.emplace_back("lowbit.quantization.method", GgufValue::string(q.method));
+  o.extra.emplace_back("lowbit.quantization.format", GgufValue::string(quant_format(q.format).name));
+  if (!quantization_config_json.empty())
+    o.extra.emplace_back("lowbit.quantization.config", GgufValue::string(quantization_config_json));
+  for (const auto& e : extra) o.extra.push_back(e);
+  save_gguf(path, q.dense.config, q.dense.weights, o);
 }
 
 }  // namespace lowbit

@@ -125,7 +125,9 @@ Tensor awq_search_clip(const Tensor& x_in, const Tensor& w_in, const QuantFormat
     std::copy_n(x_all.data<float>() + t * step * in, in, x.data<float>() + t * in);
 
   const float* pw = w.data<float>();
-  const float tensor_scale = compute_tensor_scale(f, w);
+  const bool ggml = f.is_ggml_block();
+  const float tensor_scale = ggml ? 1.0f : compute_tensor_scale(f, w);
+  std::vector<uint8_t> block(ggml ? size_t(f.block_bytes) : 0);
   Tensor clip = Tensor::empty({out, groups});
   float* pc = clip.data<float>();
   for (int64_t r = 0; r < out; ++r)
@@ -150,6 +152,12 @@ Tensor awq_search_clip(const Tensor& x_in, const Tensor& w_in, const QuantFormat
         const float mv = org_max[size_t(r)] * shrink;
         const float* wr = pw + r * in + b;
         for (int64_t c = 0; c < len; ++c) clamped[size_t(c)] = std::clamp(wr[c], -mv, mv);
+        if (ggml) {  // one ggml block: the reference quantizer's parameters and codes for the clamped values
+          f.quantize_row(clamped.data(), len, block.data());
+          f.dequantize_row(block.data(), len, &delta[size_t(r * len)]);
+          for (int64_t c = 0; c < len; ++c) delta[size_t(r * len + c)] -= wr[c];
+          continue;
+        }
         GroupParams p = fit_group_params(f, clamped.data(), len, tensor_scale);
         for (int64_t c = 0; c < len; ++c)
           delta[size_t(r * len + c)] = quantize_dequantize(f, clamped[size_t(c)], p) - wr[c];

@@ -4,11 +4,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include "lowbit/core/blas.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/methods/gptq_cuda.h"
+#include "lowbit/quant/ggml_grid.h"
 #include "lowbit/quant/quantize.h"
 
 namespace lowbit {
@@ -109,8 +111,11 @@ GptqPhaseSeconds& gptq_phase_seconds() {
 // ---- GPTQ -----------------------------------------------------------------------------------------
 
 GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_in, const QuantFormat& f, const GptqOptions& opt) {
-  LB_CHECK(!f.is_ggml_block(), "gptq [", f.name, "]: ggml block formats are not supported by GPTQ (use rtn)");
-  if (((w_in.defined() && w_in.device() == Device::CUDA) || (h_in.defined() && h_in.device() == Device::CUDA)) &&
+  const bool ggml = f.is_ggml_block();
+  if (ggml && !ggml_block_grid_supported(f))
+    throw_error("gptq [", f.name, "]: GPTQ runs on the ggml block types with one scale per 32 values (",
+                ggml_block_grid_names(), "); the k-quants, iq4_xs and tq1_0/tq2_0 are RTN only (use --method rtn)");
+  if (!ggml && ((w_in.defined() && w_in.device() == Device::CUDA) || (h_in.defined() && h_in.device() == Device::CUDA)) &&
       gptq_cuda_supports(f, opt))
     return gptq_quantize_cuda(w_in, h_in, f, opt);
   // CPU reference (also the fallback for the formats the GPU path does not cover).
@@ -140,10 +145,18 @@ GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_in, const QuantForm
 
   const bool grouped = f.granularity == ScaleGranularity::PerGroup;
   const bool static_groups = grouped && (opt.static_groups || opt.act_order);
-  const float tensor_scale = compute_tensor_scale(f, w);
+  const float tensor_scale = ggml ? 1.0f : compute_tensor_scale(f, w);
   // Parameters fitted before the sweep: per-channel / per-tensor formats, and static groups.
-  std::vector<GroupParams> params(static_cast<size_t>(out * groups));
-  if (!grouped || static_groups) params = fit_all_group_params(f, w, tensor_scale);
+  std::vector<GroupParams> params(ggml ? 0 : static_cast<size_t>(out * groups));
+  if (!ggml && (!grouped || static_groups)) params = fit_all_group_params(f, w, tensor_scale);
+  // ggml block formats (ggml_grid.h): the blocks themselves hold the group parameters; static
+  // groups fit them on the original W, dynamic ones when the sweep enters each block.
+  const int64_t row_bytes = ggml ? f.row_bytes(in) : 0;
+  std::vector<uint8_t> blocks(static_cast<size_t>(out * row_bytes));
+  if (ggml && static_groups)
+    for (int64_t r = 0; r < out; ++r)
+      for (int64_t g = 0; g < groups; ++g)
+        ggml_grid_fit_block(f, pw + r * in + g * f.group_size, &blocks[size_t(r * row_bytes + g * f.block_bytes)]);
 
   // Column order: identity, or decreasing diag(H) (act-order). Stable sort keeps ties in order.
   std::vector<int64_t> perm(static_cast<size_t>(in));
@@ -169,7 +182,7 @@ GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_in, const QuantForm
   std::vector<float> u(ud.begin(), ud.end());
   ud = std::vector<double>();
 
-  std::vector<uint8_t> codes(static_cast<size_t>(out * in));
+  std::vector<uint8_t> codes(ggml ? 0 : static_cast<size_t>(out * in));
   const int64_t bs = opt.block_size;
   std::vector<float> err(static_cast<size_t>(out * bs));
   double loss = 0;
@@ -182,6 +195,17 @@ GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_in, const QuantForm
       for (int64_t j = i1; j < i2; ++j) {
         const int64_t col = perm[size_t(j)];  // original column
         const int64_t g = f.group_of_column(col);
+        if (ggml) {
+          uint8_t* blk = &blocks[size_t(r * row_bytes + g * f.block_bytes)];
+          if (!static_groups && col == f.group_begin(g)) ggml_grid_fit_block(f, wrow + j, blk);
+          const float q = ggml_grid_round(f, blk, int(col - f.group_begin(g)), wrow[j]);
+          const float* urow = &u[size_t(j * in)];
+          const float e = (wrow[j] - q) / urow[j];
+          loss += 0.5 * double(e) * double(e);
+          err[size_t(r * bs + (j - i1))] = e;
+          for (int64_t k = j + 1; k < i2; ++k) wrow[k] -= e * urow[k];
+          continue;
+        }
         GroupParams& p = params[size_t(r * groups + g)];
         // Dynamic groups (no act-order, so j == col): fit when the sweep enters the group, on the
         // weights as updated so far.
@@ -203,6 +227,12 @@ GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_in, const QuantForm
                  &wp[size_t(i2)], in);
   }
   res.loss = loss;
+  if (ggml) {
+    Tensor t = Tensor::empty({out, row_bytes}, DType::U8);
+    std::memcpy(t.data<uint8_t>(), blocks.data(), blocks.size());
+    res.q = make_ggml_quantized_tensor(f, out, in, std::move(t), "gptq");
+    return res;
+  }
   res.q = make_quantized_tensor(f, out, in, codes.data(), params.data(), tensor_scale);
   return res;
 }

@@ -17,6 +17,15 @@
 //     column is reached, on the weights as updated so far;
 //   * per-channel and per-tensor formats fit their parameters once on W before the sweep.
 //
+// llama.cpp's block types (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl; quant/ggml_grid.h): a "group" is
+// one 32-value block and its parameters are the block's own, fitted by llama.cpp's reference rule
+// (q4_0: d = signed extreme / -8, codes 0..15 offset 8; q4_1: d = (max-min)/15 and m = min, both
+// f16; q8_0: d = absmax / 127; iq4_nl: ggml's scale search over the 16 non-uniform levels) on the
+// block's weights as updated by the sweep when its first column is reached (on the original W with
+// act-order / static groups). Each column is then rounded to that block's grid (the stored f16
+// d, m) and its error fed back as above, so the result is an ordinary GGUF tensor. The k-quants
+// (two-level scales over 256 values), iq4_xs and tq1_0/tq2_0 are refused: quantize them with RTN.
+//
 // Device: when the weight or the Hessian lives on cuda and the format is an integer format (and
 // block_size <= 128), the whole computation runs on the GPU (gptq_cuda.h, ops/cuda/gptq.cu) with
 // the same results up to float rounding; otherwise it runs here on the CPU (H and U in double).

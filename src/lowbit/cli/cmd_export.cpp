@@ -1,0 +1,114 @@
+// lowbit export: a lowbit quantized directory (ggml block formats) -> a GGUF file llama.cpp loads.
+// Also used by `lowbit quantize ... -o out.gguf`.
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "lowbit/cli/commands.h"
+#include "lowbit/core/error.h"
+#include "lowbit/io/checkpoint.h"
+#include "lowbit/io/file_util.h"
+#include "lowbit/io/gguf.h"
+#include "lowbit/io/quantized_checkpoint.h"
+
+namespace fs = std::filesystem;
+
+namespace lowbit::cli {
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// The vocabulary of a model path: a GGUF file's embedded one, else its directory's tokenizer.
+TokenizerVocab vocab_of_model(const std::string& model, int vocab_size, std::string& from) {
+  std::error_code ec;
+  if (model.empty() || !fs::exists(model, ec)) return {};
+  if (fs::is_regular_file(model, ec) && looks_like_gguf(model)) {
+    TokenizerVocab v = read_gguf_vocab(model);
+    if (!v.empty()) from = model;
+    return v;
+  }
+  const std::string own = tokenizer_path_for(model);
+  if (own.empty()) return {};
+  from = own;
+  return vocab_from_tokenizer_file(own, vocab_size);
+}
+
+struct ExportArgs {
+  std::string model, to, tokenizer;
+};
+
+void run_export(const ExportArgs& a) {
+  export_quantized_dir_to_gguf(a.model, a.to, a.tokenizer, /*quiet=*/false);
+}
+
+}  // namespace
+
+void check_gguf_output(const std::string& out) {
+  std::error_code ec;
+  if (!ends_with(out, ".gguf")) throw_error("--to ", out, ": a GGUF output path must end in .gguf");
+  if (fs::is_directory(out, ec)) throw_error(out, ": is a directory; give the GGUF file to write (e.g. model-q4_0.gguf)");
+}
+
+void export_quantized_dir_to_gguf(const std::string& dir, const std::string& out, const std::string& tokenizer,
+                                  bool quiet) {
+  check_gguf_output(out);
+  if (!is_lowbit_quantized_dir(dir))
+    throw_error(dir, ": not a lowbit quantized directory (config.json with a lowbit quantization_config); "
+                "quantize first: lowbit quantize -m MODEL --format q4_0 -o DIR");
+  io::refuse_to_overwrite((fs::path(dir) / "model.safetensors").string(), out);
+  nlohmann::json qc;
+  {
+    std::ifstream in((fs::path(dir) / "config.json").string());
+    try {
+      qc = nlohmann::json::parse(in).at("quantization_config");
+    } catch (const std::exception& e) {
+      throw_error(dir, "/config.json: cannot read quantization_config: ", e.what());
+    }
+  }
+  QuantizedCheckpoint q = load_quantized_model(dir);
+  // Tokenizer: --tokenizer, else the directory's own, else the source model's (recorded by quantize).
+  TokenizerVocab vocab;
+  std::string from;
+  const int vocab_size = q.dense.config.vocab_size;
+  if (!tokenizer.empty()) {
+    vocab = vocab_from_tokenizer_file(tokenizer, vocab_size);
+    from = tokenizer;
+  } else {
+    vocab = vocab_of_model(dir, vocab_size, from);
+    if (vocab.empty() && qc.contains("source_model") && qc["source_model"].is_string())
+      vocab = vocab_of_model(qc["source_model"].get<std::string>(), vocab_size, from);
+  }
+  save_gguf_quantized(out, q, &vocab, qc.dump());
+  if (quiet) return;
+  std::fprintf(stderr, "exported %s (%s, %s, %zu packed layers) -> %s\n", dir.c_str(), q.method.c_str(),
+               quant_format(q.format).name, q.quantized.size(), out.c_str());
+  if (!vocab.empty())
+    std::fprintf(stderr, "  embedded tokenizer %s (tokenizer.ggml.model = %s)%s\n", from.c_str(), vocab.model.c_str(),
+                 vocab.chat_template.empty() ? "" : " and its chat template");
+  else
+    std::fprintf(stderr, "  note: no tokenizer found (give --tokenizer); the GGUF file has none (tokenizer.ggml.model = none)\n");
+}
+
+void register_export(CLI::App& app) {
+  auto a = std::make_shared<ExportArgs>();
+  auto* sub = app.add_subcommand("export", "export a lowbit quantized model (ggml block formats) as a GGUF file for llama.cpp");
+  sub->footer(
+      "The packed layers are written as their raw ggml blocks (q4_0, q4_1, q8_0, iq4_nl, k-quants, ...), everything "
+      "else (embeddings, output, norms) as f32; llama's q/k rows are permuted to llama.cpp's layout. The tokenizer and "
+      "chat template embedded are --tokenizer's, else the directory's or the source model's. Metadata "
+      "lowbit.quantization.{method,format,config} records how it was made. Written atomically.\n"
+      "Example: lowbit export -m smollm-q4_0-gptq --to smollm-q4_0-gptq.gguf");
+  sub->add_option("-m,--model", a->model, "lowbit quantized directory (from lowbit quantize)")->required();
+  sub->add_option("--to", a->to, "output .gguf file")->required();
+  sub->add_option("--tokenizer", a->tokenizer,
+                  "tokenizer to embed (sentencepiece .model, tokenizer.json, or a GGUF file's); default: the "
+                  "directory's own, else the source model's");
+  sub->callback([a] { run_export(*a); });
+}
+
+}  // namespace lowbit::cli

@@ -1,0 +1,265 @@
+// GGUF export of quantized models (io: save_gguf_quantized) and GPTQ / AWQ on llama.cpp's block
+// grids (quant/ggml_grid.h): lowbit -> GGUF -> lowbit is bit-exact, gguf-py reads the same bytes,
+// bad inputs are refused, GPTQ beats RTN on the same grid.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <random>
+#include <sstream>
+
+#include "common/test_util.h"
+#include "lowbit/autograd/functions.h"
+#include "lowbit/io/gguf.h"
+#include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/methods/awq.h"
+#include "lowbit/methods/calibration.h"
+#include "lowbit/methods/gptq.h"
+#include "lowbit/methods/ptq_methods.h"
+#include "lowbit/quant/ggml_grid.h"
+#include "lowbit/quant/quantize.h"
+
+using namespace lowbit;
+namespace fs = std::filesystem;
+
+namespace {
+LlamaConfig small_config(RopeStyle style) {
+  LlamaConfig c;
+  c.dim = 64;
+  c.hidden_dim = 96;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.vocab_size = 50;
+  c.max_seq_len = 32;
+  c.rope_style = style;
+  return c;
+}
+
+Tensor logits_of(const LlamaModel& m, const Tensor& tokens) {
+  NoGradGuard ng;
+  return m.forward(tokens).value();
+}
+
+// A quantized directory of a small random model (RTN or GPTQ in format `fmt`).
+std::string quantized_dir(const std::string& fmt, RopeStyle style, const std::string& method, Tensor* tokens = nullptr,
+                          std::unique_ptr<LlamaModel>* model_out = nullptr) {
+  LlamaConfig c = small_config(style);
+  auto m = std::make_unique<LlamaModel>(c, random_weights(c, 11));
+  const QuantFormat& f = parse_quant_format(fmt);
+  std::vector<int32_t> stream;
+  for (int i = 0; i < 400; ++i) stream.push_back((i * 13 + 5) % c.vocab_size);
+  Tensor calib = sample_calibration(stream, 4, 16, 1);
+  std::unique_ptr<BlockMethod> meth;
+  if (method == "gptq") meth = std::make_unique<GptqMethod>(f, GptqOptions{});
+  else meth = std::make_unique<RtnMethod>(f);
+  PipelineOptions o;
+  o.progress = false;
+  run_blockwise(*m, calib, *meth, f, o);
+  auto dir = test::temp_dir("gguf-export-" + fmt + "-" + method + (style == RopeStyle::Half ? "-half" : "-inter"));
+  save_quantized_model(dir.string(), *m, method, f);
+  if (tokens) *tokens = calib.slice(0, 0, 2).contiguous();
+  if (model_out) *model_out = std::move(m);
+  return dir.string();
+}
+
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+}  // namespace
+
+TEST(GgufExport, QuantizedModelRoundTripsBitExact) {
+  for (auto style : {RopeStyle::Interleaved, RopeStyle::Half})
+    for (const char* fmt : {"q4_0", "q4_1", "q8_0", "iq4_nl", "q5_1"}) {
+      Tensor tokens;
+      std::unique_ptr<LlamaModel> m;
+      const std::string dir = quantized_dir(fmt, style, "rtn", &tokens, &m);
+      QuantizedCheckpoint q = load_quantized_model(dir);
+      const std::string path = dir + ".gguf";
+      save_gguf_quantized(path, q, nullptr, R"({"method":"rtn"})");
+      GgufFile f = GgufFile::open(path);
+      ASSERT_NE(f.find("lowbit.quantization.method"), nullptr);
+      EXPECT_EQ(f.find("lowbit.quantization.method")->str, "rtn");
+      EXPECT_EQ(f.find("lowbit.quantization.format")->str, fmt);
+      EXPECT_EQ(f.find_tensor("blk.0.attn_q.weight")->ggml_type, uint32_t(parse_quant_format(fmt).ggml_type));
+      EXPECT_EQ(f.find_tensor("token_embd.weight")->ggml_type, 0u);  // f32
+      EXPECT_EQ(f.find_tensor("blk.0.attn_norm.weight")->ggml_type, 0u);
+      QuantizedCheckpoint back = load_gguf_quantized(path);
+      ASSERT_EQ(back.quantized.size(), q.quantized.size()) << fmt;
+      for (const auto& [name, qt] : q.quantized) {
+        ASSERT_TRUE(back.quantized.count(name)) << name;
+        const Tensor& a = qt.codes;
+        const Tensor& b = back.quantized.at(name).codes;
+        ASSERT_EQ(a.shape(), b.shape()) << name;
+        EXPECT_EQ(std::memcmp(a.data<uint8_t>(), b.data<uint8_t>(), size_t(a.numel())), 0) << fmt << " " << name;
+      }
+      auto mq = make_quantized_model(q), mb = make_quantized_model(back);
+      EXPECT_LT(max_abs_diff(logits_of(*mq, tokens), logits_of(*mb, tokens)), 1e-5) << fmt;
+      EXPECT_LT(max_abs_diff(logits_of(*m, tokens), logits_of(*mb, tokens)), 1e-4) << fmt;
+    }
+}
+
+// gguf-py (the reference reader) sees the same tensor bytes and types as lowbit's reader.
+TEST(GgufExport, GgufPyReadsTheSameTensors) {
+  if (std::system("python3 -c 'import gguf, numpy' >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "python3 with the gguf and numpy modules is not available (pip install gguf numpy)";
+  const std::string dir = quantized_dir("q4_0", RopeStyle::Interleaved, "gptq");
+  const std::string path = dir + "-py.gguf";
+  save_gguf_quantized(path, load_quantized_model(dir), nullptr, "{}");
+  const fs::path dump = fs::path(dir + "-py");
+  fs::create_directories(dump);
+  const std::string script =
+      "import sys, gguf\n"
+      "r = gguf.GGUFReader(sys.argv[1])\n"
+      "with open(sys.argv[2] + '/manifest.txt', 'w') as m:\n"
+      "    for t in r.tensors:\n"
+      "        open(sys.argv[2] + '/' + t.name + '.bin', 'wb').write(t.data.tobytes())\n"
+      "        m.write('%s %d\\n' % (t.name, int(t.tensor_type)))\n"
+      "    f = r.fields['lowbit.quantization.method']\n"
+      "    m.write('method ' + bytes(f.parts[f.data[0]]).decode() + '\\n')\n";
+  const fs::path py = dump / "dump.py";
+  std::ofstream(py) << script;
+  ASSERT_EQ(std::system(("python3 '" + py.string() + "' '" + path + "' '" + dump.string() + "'").c_str()), 0);
+  GgufFile f = GgufFile::open(path);
+  std::ifstream man(dump / "manifest.txt");
+  std::string name;
+  int64_t type = 0;
+  size_t n = 0;
+  while (man >> name >> type) {
+    ++n;
+    const GgufTensorInfo* t = f.find_tensor(name);
+    ASSERT_NE(t, nullptr) << name;
+    EXPECT_EQ(int64_t(t->ggml_type), type) << name;
+    std::ifstream in(dump / (name + ".bin"), std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    const std::string bytes = ss.str();
+    ASSERT_EQ(bytes.size(), t->nbytes) << name;
+    EXPECT_EQ(std::memcmp(bytes.data(), f.tensor_bytes(*t), bytes.size()), 0) << name;
+  }
+  EXPECT_EQ(n, f.tensors().size());
+  std::ifstream man2(dump / "manifest.txt");
+  std::string all((std::istreambuf_iterator<char>(man2)), std::istreambuf_iterator<char>());
+  EXPECT_NE(all.find("method gptq"), std::string::npos);
+}
+
+TEST(GgufExport, RefusesWhatGgufCannotHold) {
+  const std::string dir = quantized_dir("int4g32", RopeStyle::Half, "rtn");
+  QuantizedCheckpoint q = load_quantized_model(dir);
+  std::string e = error_of([&] { save_gguf_quantized(dir + ".gguf", q, nullptr, "{}"); });
+  EXPECT_NE(e.find("int4g32"), std::string::npos) << e;
+  EXPECT_NE(e.find("Q4_0"), std::string::npos) << e;  // lists what GGUF can hold
+  EXPECT_FALSE(fs::exists(dir + ".gguf"));
+  const std::string okdir = quantized_dir("q4_0", RopeStyle::Half, "rtn");
+  QuantizedCheckpoint ok = load_quantized_model(okdir);
+  fs::create_directories(okdir + "-isdir.gguf");
+  e = error_of([&] { save_gguf_quantized(okdir + "-isdir.gguf", ok, nullptr, "{}"); });
+  EXPECT_NE(e.find("is a directory"), std::string::npos) << e;
+  ok.lora["model.layers.0.mlp.up_proj"] = LoraAdapters{};
+  e = error_of([&] { save_gguf_quantized(okdir + "-lora.gguf", ok, nullptr, "{}"); });
+  EXPECT_NE(e.find("LoRA"), std::string::npos) << e;
+}
+
+// ---- GPTQ / AWQ on llama.cpp's block grids --------------------------------------------------------
+
+namespace {
+// Correlated inputs X [n, in] (a random mixing of iid normals) and a weight W [out, in].
+void layer_problem(int64_t n, int64_t in, int64_t out, Tensor& x, Tensor& w) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> mix(size_t(in * in)), z(size_t(n * in)), xv(size_t(n * in), 0.f), wv(size_t(out * in));
+  for (auto& v : mix) v = nd(rng) / std::sqrt(float(in));
+  for (auto& v : z) v = nd(rng);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < in; ++i) {
+      float s = z[size_t(t * in + i)];
+      for (int64_t k = 0; k < in; ++k) s += 0.7f * z[size_t(t * in + k)] * mix[size_t(k * in + i)];
+      xv[size_t(t * in + i)] = s * (1.f + float(i % 7));  // uneven channel scales
+    }
+  for (auto& v : wv) v = 0.02f * nd(rng);
+  x = Tensor::from_vector(xv, {n, in});
+  w = Tensor::from_vector(wv, {out, in});
+}
+
+double output_error(const Tensor& x, const Tensor& w, const Tensor& wq) {
+  const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
+  const float *px = x.data<float>(), *pw = w.data<float>(), *pq = wq.data<float>();
+  double e = 0;
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t r = 0; r < out; ++r) {
+      double d = 0;
+      for (int64_t i = 0; i < in; ++i) d += double(px[t * in + i]) * (double(pw[r * in + i]) - double(pq[r * in + i]));
+      e += d * d;
+    }
+  return e;
+}
+}  // namespace
+
+TEST(GgmlGrid, RoundingMatchesTheBlockDequantizer) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (const char* name : {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"}) {
+    const QuantFormat& f = parse_quant_format(name);
+    ASSERT_TRUE(ggml_block_grid_supported(f)) << name;
+    std::vector<float> x(32), y(32);
+    for (auto& v : x) v = nd(rng);
+    std::vector<uint8_t> blk(size_t(f.block_bytes)), ref(size_t(f.block_bytes));
+    ggml_grid_fit_block(f, x.data(), blk.data());
+    f.quantize_row(x.data(), 32, ref.data());
+    // Rounding the block's own values reproduces the reference block (q4/q5/q8; iq4_nl may pick an
+    // equally near level, so only its values are compared).
+    for (int j = 0; j < 32; ++j) {
+      const float v = ggml_grid_round(f, blk.data(), j, x[size_t(j)]);
+      f.dequantize_row(blk.data(), 32, y.data());
+      EXPECT_EQ(v, y[size_t(j)]) << name << " " << j;
+    }
+    if (std::string(name) != "iq4_nl") {
+      EXPECT_EQ(blk, ref) << name;
+    }
+  }
+  for (const char* name : {"q4_k", "q6_k", "iq4_xs", "tq2_0", "int4g32"})
+    EXPECT_FALSE(ggml_block_grid_supported(parse_quant_format(name))) << name;
+}
+
+TEST(GgmlGrid, GptqBeatsRtnOnTheSameGrid) {
+  Tensor x, w;
+  layer_problem(512, 128, 48, x, w);
+  HessianAccumulator acc(128);
+  acc.add(x);
+  for (const char* name : {"q4_0", "q4_1", "q8_0", "iq4_nl"}) {
+    const QuantFormat& f = parse_quant_format(name);
+    const double rtn = output_error(x, w, quantize(w, f).dequantize());
+    GptqResult g = gptq_quantize(w, acc.hessian(), f);
+    EXPECT_EQ(g.q.format, f.id);
+    const double gptq = output_error(x, w, g.q.dequantize());
+    EXPECT_LT(gptq, 0.8 * rtn) << name << ": gptq " << gptq << " rtn " << rtn;
+    GptqOptions ao;
+    ao.act_order = true;
+    const double gptq_ao = output_error(x, w, gptq_quantize(w, acc.hessian(), f, ao).q.dequantize());
+    EXPECT_LT(gptq_ao, rtn) << name << " act-order";
+  }
+  std::string e = error_of([&] { gptq_quantize(w, acc.hessian(), parse_quant_format("q4_k")); });
+  EXPECT_NE(e.find("RTN only"), std::string::npos) << e;
+}
+
+TEST(GgmlGrid, AwqRunsOnBlockGrids) {
+  Tensor x, w;
+  layer_problem(256, 64, 32, x, w);
+  for (const char* name : {"q4_0", "q4_1", "iq4_nl"}) {
+    const QuantFormat& f = parse_quant_format(name);
+    AwqResult r = awq_quantize(x, {w}, f, true);
+    ASSERT_EQ(r.q.size(), 1u);
+    EXPECT_EQ(r.q[0].format, f.id);
+    r.q[0].validate();
+  }
+}
