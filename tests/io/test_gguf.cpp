@@ -84,7 +84,10 @@ std::vector<uint8_t> small_model_file() {
   v.token_types.assign(size_t(c.vocab_size), 1);
   v.bos_id = 1;
   v.eos_id = 2;
-  save_gguf(p, c, random_weights(c, 21), {DType::F32, "tiny", &v});
+  GgufSaveOptions so;
+  so.name = "tiny";
+  so.vocab = &v;
+  save_gguf(p, c, random_weights(c, 21), so);
   auto b = read_bytes(p);
   std::filesystem::remove_all(dir);
   return b;
