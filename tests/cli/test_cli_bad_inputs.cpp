@@ -97,6 +97,11 @@ const Row kRows[] = {
   {"bench", "prompt -1", "bench -m {M} -p -1", "--n-prompt: must be at least 0"},
   {"bench", "threads 0", "bench -m {M} --threads 0", "--threads"},
   {"bench", "stdout full", "bench -m {M} -p 4 -n 2 -r 1 > /dev/full", "writing to standard output", kModel},
+  // --- export
+  {"export", "missing dir", "export -m {D}/missing --to {O}.gguf", "missing"},
+  {"export", "not a quantized dir", "export -m {D} --to {O}.gguf", "not a lowbit quantized directory"},
+  {"export", "output without .gguf", "export -m {Q} --to {O}", "must end in .gguf", kQuantized},
+  {"export", "lowbit-only format", "export -m {Q} --to {O}.gguf", "which has no GGUF equivalent", kQuantized},
   // --- tokenize
   {"tokenize", "missing tokenizer", "tokenize -t {D}/missing < /dev/null", "missing: no such file"},
   {"tokenize", "empty tokenizer", "tokenize -t {D}/empty < /dev/null", "empty: unknown tokenizer format"},
@@ -126,6 +131,7 @@ const Row kRows[] = {
   {"quantize", "out under a file", "quantize -m {M} --method rtn -o {D}/file/sub", "is not a directory", kModel},
   {"quantize", "unwritable out", "quantize -m {M} --method rtn -o {D}/ro/sub", "cannot create directory", kModel | kNotRoot},
   {"quantize", "uncreatable out", "quantize -m {M} --method rtn -o /proc/lowbit-no/out", "cannot create directory", kModel},
+  {"quantize", "gguf output, lowbit format", "quantize -m {M} --method rtn --format int4g32 -o {O}.gguf", "GGUF holds llama.cpp's block types only", kModel},
   {"quantize", "re-quantize", "quantize -m {Q} --method rtn -o {O}", "already a lowbit quantized model", kQuantized},
   // --- finetune
   {"finetune", "missing model", "finetune -m {D}/missing --out {O} --train-tokens {I}", "not a lowbit quantized model"},
@@ -309,7 +315,7 @@ TEST_P(CliBadInput, FailsCleanlyWithStatusOne) {
     EXPECT_EQ(r.err.find("internal error"), std::string::npos);
     // Nothing left behind: the row's output (and its temporary or alternative-format names).
     const std::string o = replace_all(out.string(), " ", "_");
-    for (const std::string& p : {o, o + ".gguf", o + ".gguf.tmp", o + ".tmp"})
+    for (const std::string& p : {o, o + ".gguf", o + ".gguf.tmp", o + ".gguf.qdir", o + ".tmp"})
       EXPECT_FALSE(fs::exists(p)) << "left behind: " << p;
     EXPECT_FALSE(fs::exists(fx.dir / "ro" / "sub"));
     EXPECT_FALSE(fs::exists(fx.dir / "file.tmp"));
