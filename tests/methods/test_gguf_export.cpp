@@ -24,27 +24,14 @@
 #include "lowbit/quant/ggml_grid.h"
 #include "lowbit/quant/quantize.h"
 
+#include "common/small_model.h"
+
 using namespace lowbit;
 namespace fs = std::filesystem;
 
 namespace {
-LlamaConfig small_config(RopeStyle style) {
-  LlamaConfig c;
-  c.dim = 64;
-  c.hidden_dim = 96;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.vocab_size = 50;
-  c.max_seq_len = 32;
-  c.rope_style = style;
-  return c;
-}
-
-Tensor logits_of(const LlamaModel& m, const Tensor& tokens) {
-  NoGradGuard ng;
-  return m.forward(tokens).value();
-}
+using test::logits_of;
+using test::small_config;
 
 // A quantized directory of a small random model (RTN or GPTQ in format `fmt`).
 std::string quantized_dir(const std::string& fmt, RopeStyle style, const std::string& method, Tensor* tokens = nullptr,
