@@ -75,18 +75,22 @@ TEST_F(PtqStories, KilledRunResumesToTheSameModel) {
   PipelineOptions o;
   o.state_dir = dir.string();
   o.stop_after_blocks = 2;
+  o.checkpoint_seconds = 1e9;  // no timed save: the state is still saved before the early stop
   {
     LlamaModel part(ck.config, ck.weights);
     GptqMethod m2(f, GptqOptions{});
     PipelineReport r = quantize(part, m2, f, o);
     EXPECT_FALSE(r.complete);
+    EXPECT_EQ(r.checkpoints_saved, 1);
   }
   o.stop_after_blocks = 0;
+  o.checkpoint_seconds = 0;  // save after every block but the last (the output follows it)
   LlamaModel resumed(ck.config, ck.weights);
   GptqMethod m3(f, GptqOptions{});
   PipelineReport r = quantize(resumed, m3, f, o);
   EXPECT_EQ(r.resumed_from_block, 2);
   EXPECT_TRUE(r.complete);
+  EXPECT_EQ(r.checkpoints_saved, ck.config.n_layers - 2 - 1);
   // The report lists every block's layers, also those done before the restart (kept in the state).
   EXPECT_EQ(r.linears.size(), 35u);
   LlamaWeights a = full.weights(), b = resumed.weights();

@@ -26,7 +26,7 @@ struct QuantArgs {
       next_input = "quantized";
   int64_t nsamples = 128, seqlen = 2048, batch = 8;
   uint64_t seed = 0;
-  double percdamp = 0.01;
+  double percdamp = 0.01, checkpoint_seconds = 60;
   bool act_order = false, no_clip = false, json = false;
   // ApiQ / SAPR. Defaults: ApiQ's scripts/quantize.sh and calibrate.py (2-bit g64, rank 64,
   // alpha 16, 20 epochs, batch 1, LoRA lr 5e-4, clipping lr 5e-3, weight decay 0.1, init logit 4).
@@ -36,7 +36,7 @@ struct QuantArgs {
          aug = 0.0, clip_init = 4.0, lambda = 3.0;
   std::string lora_init = "kaiming", saliency, saliency_kind = "fisher", sapr_target = "quant-lora", lora = "keep",
               merge_dtype = "f16", saliency_norm = "layer", sapr_reduction = "mean", sapr_recipe;
-  bool apiq_verbose = false, tf32 = false, bf16 = false;
+  bool apiq_verbose = false, tf32 = false, bf16 = false, saliency_only = false;
 };
 
 bool is_apiq(const std::string& m) { return m == "apiq" || m == "apiq-layer" || m == "sapr"; }
@@ -181,6 +181,8 @@ int64_t default_apiq_rank(const LlamaConfig& c, const QuantFormat& f) {
 void run_quantize(const QuantArgs& a, bool rank_given) {
   int64_t rank = a.rank;
   if (a.method == "sapr") check_sapr_args(a);
+  if (a.saliency_only && (a.method != "sapr" || a.saliency.empty()))
+    throw_error("--saliency-only needs --method sapr and --saliency FILE (where the saliency is written)");
   const std::string format = !a.format.empty() ? a.format : is_apiq(a.method) ? "int2g64" : "int4g128";
   const QuantFormat& f = parse_quant_format(format);
   if (a.lora != "keep" && a.lora != "merge") throw_error("--lora must be 'keep' or 'merge', got '", a.lora, "'");
@@ -240,7 +242,20 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   Tensor calib = stream.empty() ? Tensor::full({1, 2}, 1.0, DType::I32)  // RTN without data: error report on a stub
                                 : sample_calibration(stream, a.nsamples, seqlen, a.seed);
   std::optional<SaliencyMap> saliency;
-  if (a.method == "sapr") saliency = obtain_saliency(a, *m.model, calib);
+  double saliency_seconds = 0;
+  if (a.method == "sapr") {
+    const auto ts = std::chrono::steady_clock::now();
+    saliency = obtain_saliency(a, *m.model, calib);
+    saliency_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
+  }
+  if (a.saliency_only) {  // the saliency file is written (or was there); nothing else is
+    nlohmann::json j = {{"saliency", a.saliency}, {"seconds", saliency_seconds}, {"nsamples", calib.size(0)},
+                        {"seqlen", calib.size(1)}, {"seed", a.seed}, {"norm", saliency_norm_name(saliency->norm)},
+                        {"peak_rss_bytes", peak_rss_bytes()}};
+    if (a.json) print_json(j);
+    else std::printf("saliency: %s (%.1f s)\n", a.saliency.c_str(), saliency_seconds);
+    return;
+  }
   if (is_apiq(a.method) && !rank_given) {
     rank = default_apiq_rank(m.model->config(), f);
     if (!a.json && rank != a.rank)
@@ -254,6 +269,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   o.next_from_fp = a.next_input == "fp";
   o.batch = a.batch;
   o.state_dir = a.state_dir.empty() ? (fs::path(out_dir) / ".state").string() : a.state_dir;
+  o.checkpoint_seconds = a.checkpoint_seconds;
   out.keep_if_exists(o.state_dir);  // a failed run keeps its resumable state
   PipelineReport r = run_blockwise(*m.model, calib, *method, f, o);
   nlohmann::json layers = nlohmann::json::array();
@@ -273,6 +289,9 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                            {"layers", layers},
                            {"fp_forward_seconds", r.fp_forward_seconds},
                            {"blocks_run", r.blocks_run},
+                           {"saliency_seconds", saliency_seconds},
+                           {"checkpoints_saved", r.checkpoints_saved},
+                           {"checkpoint_seconds", r.checkpoint_seconds},
                            {"threads", threads_summary()}};
   nlohmann::json extra = {{"source_model", a.model}};
   if (!stream.empty()) {  // RTN without data runs on a stub: no calibration to record
@@ -380,6 +399,8 @@ void register_quantize(CLI::App& app) {
       ->capture_default_str()
       ->check(at_least(0));
   q->add_option("--saliency", a->saliency, "SAPR: saliency file (read when it exists, else computed and written)");
+  q->add_flag("--saliency-only", a->saliency_only,
+              "SAPR: compute the --saliency file (on the calibration windows) and stop; -o is not written");
   q->add_option("--saliency-kind", a->saliency_kind, "SAPR: fisher, grad-weight or act-weight")->capture_default_str();
   q->add_option("--saliency-batch", a->saliency_batch, "SAPR: calibration windows per saliency backward pass")
       ->capture_default_str()
@@ -412,6 +433,11 @@ void register_quantize(CLI::App& app) {
   q->add_option("--merge-dtype", a->merge_dtype, "ApiQ with --lora merge: dtype of the merged dense layers (f16, f32)")
       ->capture_default_str();
   q->add_option("--state-dir", a->state_dir, "resumable state (default: OUT/.state; removed on success)");
+  q->add_option("--checkpoint-seconds", a->checkpoint_seconds,
+                "save the resumable state after a block when this many seconds passed since the last save (0: after "
+                "every block; a save writes the calibration activations twice, 1.2 GB for a 576-wide model at 128 x 2048)")
+      ->capture_default_str()
+      ->check(at_least(0.0));
   q->add_option("-o,--out", a->out, "output directory (config.json + model.safetensors), or FILE.gguf for llama.cpp (ggml block --format only; report in FILE.gguf.report.json)")->required();
   q->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   q->add_flag("--json", a->json, "print the report as JSON");

@@ -162,6 +162,7 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
     Xfp = X;
   }
 
+  auto last_save = std::chrono::steady_clock::now();
   ProgressBar bar(method.name() + " " + format.name, model.n_layers(), "blocks");
   bar.update(start);
   for (int i = start; i < model.n_layers(); ++i) {
@@ -180,7 +181,11 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
       X = Xq;
       Xfp = Y;
     }
-    if (!state_path.empty()) {
+    const bool stopping = o.stop_after_blocks > 0 && i + 1 - start >= o.stop_after_blocks && i + 1 < model.n_layers();
+    const bool last = i + 1 == model.n_layers();  // the output is written next: no state needed
+    const double since_save = std::chrono::duration<double>(std::chrono::steady_clock::now() - last_save).count();
+    if (!state_path.empty() && !last && (stopping || since_save >= o.checkpoint_seconds)) {
+      const auto ts0 = std::chrono::steady_clock::now();
       fs::create_directories(o.state_dir);
       std::vector<std::pair<std::string, Tensor>> ts{{"inputs", X}};
       if (!o.next_from_fp) ts.emplace_back("fp_inputs", Xfp);
@@ -205,9 +210,12 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
                           {"params", l.params}});
       save_safetensors(state_path, ts,
                        {{"key", key}, {"next_block", std::to_string(i + 1)}, {"report", report.dump()}});
+      last_save = std::chrono::steady_clock::now();
+      rep.checkpoints_saved++;
+      rep.checkpoint_seconds += std::chrono::duration<double>(last_save - ts0).count();
     }
     bar.update(i + 1);
-    if (o.stop_after_blocks > 0 && i + 1 - start >= o.stop_after_blocks && i + 1 < model.n_layers()) {
+    if (stopping) {
       rep.complete = false;
       break;
     }

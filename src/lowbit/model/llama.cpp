@@ -206,6 +206,15 @@ LlamaWeights LlamaModel::weights() const {
   w.tok_embeddings = tok_embeddings_.value();
   w.final_norm = final_norm_.value();
   if (output_.defined()) w.output = output_.value();
+  if (packed_embed_row_) {  // the packed vocabulary, decoded (tok_embeddings_/output_ are placeholders then)
+    const int64_t V = config_.vocab_size, D = config_.dim;
+    Tensor e = Tensor::empty({V, D});
+    parallel_for(V, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) packed_embed_row_(r, e.data<float>() + r * D);
+    });
+    w.tok_embeddings = e;
+    w.output = config_.tied_embeddings ? Tensor() : packed_output_->effective_weight();
+  }
   for (const auto& b : blocks_) {
     LayerWeights l;
     l.attn_norm = b.attn_norm.value();
