@@ -13,7 +13,11 @@
 #     --valid TEXT        validation text for choosing hyper-parameters (default linux-docs valid.txt:
 #                         the same corpus as the calibration text, disjoint from it)
 #     --wiki TEXT         test text (default WikiText-2 test)
-#     --tasks LIST        zero-shot tasks (default arc_easy,arc_challenge,piqa,winogrande,hellaswag_small,openbook_qa)
+#     --calib-tokens F --valid-tokens F --test-tokens F
+#                         token files (raw int32) instead of the texts (models without a text tokenizer,
+#                         e.g. stories260K and its sample-tokens.i32)
+#     --tasks LIST        zero-shot tasks (default arc_easy,arc_challenge,piqa,winogrande,hellaswag_small,openbook_qa;
+#                         'none' skips them)
 #     --task-limit N      rows per task (default 300; 0 = all)
 #     --parallel N        jobs at once (default 4; on one GPU several small-model jobs overlap well,
 #                         since each is bound by kernel launches)
@@ -25,12 +29,13 @@
 # Every job: `lowbit quantize` (skipped when its model exists), then eval ppl on the test and the
 # validation text, then eval tasks. ApiQ/SAPR on cuda get --tf32 --bf16 (as ApiQ's reference runs
 # fp16 autocast). SAPR jobs of one seed share one saliency file (computed once, raw Fisher, normalised
-# on load as each job asks): MODELS/saliency-sSEED.safetensors.
+# on load as each job asks): MODELS/saliency-sSEED.safetensors (saliency-qFORMAT-sSEED.safetensors
+# for --saliency-model quantized).
 set -uo pipefail
 shared=${LOWBIT_SHARED:-$(cd "$(dirname "$0")/../.." && pwd)/shared}
 lowbit=build-rel/lowbit plan="" out=""
 model=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
-calib="" valid=$shared/data/linux-docs/valid.txt wiki=$shared/data/wikitext-2-raw/wiki.test.raw
+calib="" calib_tokens="" valid_tokens="" test_tokens="" valid=$shared/data/linux-docs/valid.txt wiki=$shared/data/wikitext-2-raw/wiki.test.raw
 tasks=arc_easy,arc_challenge,piqa,winogrande,hellaswag_small,openbook_qa tasks_dir=$shared/tasks/llm-foundry
 task_limit=300 parallel=4 threads=2 device=cuda nsamples=128 seqlen=2048 ctx=2048 max_windows=0
 while [ $# -gt 0 ]; do
@@ -41,16 +46,18 @@ while [ $# -gt 0 ]; do
     --task-limit) task_limit=$2; shift 2 ;; --parallel) parallel=$2; shift 2 ;; --threads) threads=$2; shift 2 ;;
     --device) device=$2; shift 2 ;; --nsamples) nsamples=$2; shift 2 ;; --seqlen) seqlen=$2; shift 2 ;;
     --ctx) ctx=$2; shift 2 ;; --max-windows) max_windows=$2; shift 2 ;;
+    --calib-tokens) calib_tokens=$2; shift 2 ;; --valid-tokens) valid_tokens=$2; shift 2 ;;
+    --test-tokens) test_tokens=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 1 ;;
   esac
 done
 [ -n "$plan" ] && [ -n "$out" ] || { echo "usage: $0 --plan FILE --out DIR [options]" >&2; exit 1; }
 mkdir -p "$out/logs" "$out/models"
-if [ -z "$calib" ]; then
+if [ -z "$calib" ] && [ -z "$calib_tokens" ]; then
   calib=$out/calib-linux-docs-4MB.txt
   [ -f "$calib" ] || head -c 4000000 "$shared/data/linux-docs/train.txt" > "$calib"
 fi
-export lowbit model calib valid wiki tasks tasks_dir task_limit threads device nsamples seqlen ctx max_windows out
+export lowbit model calib calib_tokens valid_tokens test_tokens valid wiki tasks tasks_dir task_limit threads device nsamples seqlen ctx max_windows out
 
 run_job() {  # one plan line
   set -- $1
@@ -60,23 +67,28 @@ run_job() {  # one plan line
     path=$model
   else
     path=$dir
-    local args=(--method "$method" --format "$format" --calib "$calib" --tokenizer "$model" --nsamples "$nsamples"
+    local data=(--calib "$calib" --tokenizer "$model")
+    [ -n "$calib_tokens" ] && data=(--calib-tokens "$calib_tokens")
+    local args=(--method "$method" --format "$format" "${data[@]}" --nsamples "$nsamples"
                 --seqlen "$seqlen" --seed "$seed" --device "$device" --threads "$threads" --checkpoint-seconds 600
                 -o "$dir" --json "$@")
     case "$method" in
       apiq|sapr) [ "$device" = cuda ] && args+=(--tf32 --bf16) ;;
     esac
     if [ "$method" = sapr ]; then
-      # One raw-Fisher file per seed: the first SAPR job of the seed computes it, the others wait.
-      local sal=$out/models/saliency-s$seed.safetensors lock=$out/models/saliency-s$seed.lock
+      # One raw-Fisher file per seed (per format and seed with --saliency-model quantized): the first
+      # SAPR job of the seed computes it, the others wait for it.
+      local key=s$seed qflag=()
+      if [[ " $* " == *" --saliency-model quantized"* ]]; then key=q$format-s$seed qflag=(--saliency-model quantized); fi
+      local sal=$out/models/saliency-$key.safetensors lock=$out/models/saliency-$key.lock
       if mkdir "$lock" 2>/dev/null; then
-        [ -f "$sal" ] || "$lowbit" -q quantize -m "$model" --method sapr --format "$format" --calib "$calib" \
-          --tokenizer "$model" --nsamples "$nsamples" --seqlen "$seqlen" --seed "$seed" --device "$device" \
-          --threads "$threads" --saliency "$sal" --saliency-norm none --saliency-only --json -o "$out/models/saliency-s$seed.tmp" \
+        [ -f "$sal" ] || "$lowbit" -q quantize -m "$model" --method sapr --format "$format" "${data[@]}" \
+          --nsamples "$nsamples" --seqlen "$seqlen" --seed "$seed" --device "$device" "${qflag[@]}" \
+          --threads "$threads" --saliency "$sal" --saliency-norm none --saliency-only --json -o "$out/models/saliency-$key.tmp" \
           > "$log.saliency.json" 2> "$log.saliency.err"
         touch "$lock/done"
       else
-        while [ ! -f "$lock/done" ]; do sleep 5; done
+        while [ ! -f "$lock/done" ]; do sleep 2; done
       fi
       args+=(--saliency "$sal")
     fi
@@ -87,9 +99,12 @@ run_job() {  # one plan line
       qsec=$(python3 -c "import sys; print(round($(date +%s.%N) - $t0, 1))")
     fi
   fi
-  "$lowbit" -q eval ppl -m "$path" --tokenizer "$model" --text "$wiki" --ctx "$ctx" --max-windows "$max_windows" --device "$device" --threads "$threads" --json > "$log.ppl.json" 2> "$log.ppl.err"
-  "$lowbit" -q eval ppl -m "$path" --tokenizer "$model" --text "$valid" --ctx "$ctx" --max-windows "$max_windows" --device "$device" --threads "$threads" --json > "$log.valid.json" 2> "$log.valid.err"
-  "$lowbit" -q eval tasks -m "$path" --tokenizer "$model" --tasks "$tasks" --data-dir "$tasks_dir" --limit "$task_limit" \
+  local test_src=(--tokenizer "$model" --text "$wiki") valid_src=(--tokenizer "$model" --text "$valid")
+  [ -n "$test_tokens" ] && test_src=(--tokens "$test_tokens")
+  [ -n "$valid_tokens" ] && valid_src=(--tokens "$valid_tokens")
+  "$lowbit" -q eval ppl -m "$path" "${test_src[@]}" --ctx "$ctx" --max-windows "$max_windows" --device "$device" --threads "$threads" --json > "$log.ppl.json" 2> "$log.ppl.err"
+  "$lowbit" -q eval ppl -m "$path" "${valid_src[@]}" --ctx "$ctx" --max-windows "$max_windows" --device "$device" --threads "$threads" --json > "$log.valid.json" 2> "$log.valid.err"
+  [ "$tasks" = none ] || "$lowbit" -q eval tasks -m "$path" --tokenizer "$model" --tasks "$tasks" --data-dir "$tasks_dir" --limit "$task_limit" \
     --device "$device" --threads "$threads" --json > "$log.tasks.json" 2> "$log.tasks.err"
   python3 - "$name" "$method" "$format" "$seed" "$qsec" "$log" "$*" >> "$out/results.jsonl" <<'EOF'
 import json, sys

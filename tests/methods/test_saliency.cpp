@@ -310,6 +310,73 @@ TEST(Saliency, FileKeepsNormalisationAndReadsOldFiles) {
   }
 }
 
+// Per-layer means survive normalisation and the file; layer_weight is their ratio to the mean;
+// the saliency source is recorded.
+TEST(Saliency, LayerMeansAndSourceRoundTrip) {
+  const LlamaConfig c = tiny_config();
+  const LlamaWeights w = random_weights(c, 7);
+  SaliencyOptions o;
+  o.norm = SaliencyNorm::None;
+  const SaliencyMap raw = compute_saliency(c, w, tiny_tokens(2, 16, c.vocab_size), o);
+  EXPECT_TRUE(raw.layer_mean.empty());
+  EXPECT_THROW(raw.layer_weight("model.layers.0.self_attn.q_proj"), Error);
+  const SaliencyMap norm = normalise_saliency_per_layer(raw);
+  ASSERT_EQ(norm.layer_mean.size(), raw.scores.size());
+  double total = 0;
+  for (const auto& [m, t] : raw.scores) {
+    EXPECT_NEAR(norm.layer_mean.at(m), mean_of(t), 1e-9 * mean_of(t)) << m;
+    total += mean_of(t);
+  }
+  const std::string q = "model.layers.1.mlp.down_proj";
+  EXPECT_NEAR(norm.layer_weight(q), mean_of(raw.at(q)) / (total / double(raw.scores.size())), 1e-9);
+  // Computed layer-normalised directly: the same means (up to the number of batches: ratios equal).
+  SaliencyOptions lo;
+  const SaliencyMap direct = compute_saliency(c, w, tiny_tokens(2, 16, c.vocab_size), lo);
+  EXPECT_NEAR(direct.layer_weight(q), norm.layer_weight(q), 1e-6);
+  SaliencyMap tagged = norm;
+  tagged.source = "rtn:int2g64";
+  auto dir = test::temp_dir("saliency-means");
+  const std::string path = (dir / "s.safetensors").string();
+  save_saliency(path, tagged);
+  const SaliencyMap back = load_saliency(path);
+  EXPECT_EQ(back.source, "rtn:int2g64");
+  EXPECT_EQ(back.layer_mean, norm.layer_mean);
+}
+
+// The SAPR variants change training as specified: annealing lowers the regularizer of later mixed
+// epochs (a lambda-0 tail equals ApiQ's loss there), layer weighting scales each layer's term.
+TEST(Saliency, SaprVariantsChangeTheRegularizer) {
+  const LlamaConfig c = tiny_config();
+  const LlamaWeights w = random_weights(c, 11);
+  const Tensor calib = tiny_tokens(4, 16, c.vocab_size);
+  const SaliencyMap sal = compute_saliency(c, w, calib, SaliencyOptions{});
+  const QuantFormat& f = parse_quant_format("int2g32");
+  auto run = [&](bool anneal, bool layer_w) {
+    ApiqOptions o;
+    o.layer.rank = 2;
+    o.layer.lora_alpha = 2;
+    o.epochs = 4;
+    o.saliency = &sal;
+    o.lambda = 5;
+    o.anneal_lambda = anneal;
+    o.layer_weighted = layer_w;
+    LlamaModel m(c, w);
+    ApiqMethod method(f, o);
+    PipelineOptions po;
+    po.progress = false;
+    run_blockwise(m, calib, method, f, po);
+    return method.log();
+  };
+  const auto plain = run(false, false), annealed = run(true, false), weighted = run(false, true);
+  ASSERT_EQ(plain.size(), annealed.size());
+  // Epoch 0 is identical (factor 1); later epochs use lambda * (4 - ep) / 4.
+  EXPECT_EQ(plain[0].reg, annealed[0].reg);
+  EXPECT_EQ(plain[0].loss, annealed[0].loss);
+  EXPECT_LT(annealed[3].reg, plain[3].reg);
+  // Layer weighting changes the regularizer from the first step on (the weights are not all 1).
+  EXPECT_NE(weighted[0].reg, plain[0].reg);
+}
+
 // SAPR vs ApiQ with the same (quick) settings on stories260K at int2g64. The regularizer must do
 // what it is for: lower the saliency-weighted weight error sum S (W - Ŵ)^2. Perplexity: see the
 // printed numbers and the note below.

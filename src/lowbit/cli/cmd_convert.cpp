@@ -5,6 +5,7 @@
 #include "lowbit/cli/commands.h"
 #include "lowbit/core/error.h"
 #include "lowbit/io/checkpoint.h"
+#include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/io/file_util.h"
 
 namespace fs = std::filesystem;
@@ -44,7 +45,10 @@ void run_convert(const ConvertArgs& a) {
   io::refuse_to_overwrite(a.from, a.to);
   if (!a.tokenizer.empty() && out_format != CheckpointFormat::Gguf)
     throw_error("--tokenizer: only a GGUF output embeds a tokenizer (", a.to, " is not a .gguf path)");
-  Checkpoint ck = load_checkpoint(a.from);
+  // A lowbit quantized directory converts as the function it computes: codes dequantized, LoRA
+  // adapters added (Ŵ + B A), i.e. its dense view.
+  const bool quantized_dir = is_lowbit_quantized_dir(a.from);
+  Checkpoint ck = quantized_dir ? load_quantized_model(a.from).dense : load_checkpoint(a.from);
   std::string embedded;
   if (out_format == CheckpointFormat::Gguf) {
     if (!a.tokenizer.empty()) {
@@ -75,7 +79,8 @@ void run_convert(const ConvertArgs& a) {
         ++copied;
       }
   std::fprintf(stderr, "converted %s (%s) -> %s (%s, %s)%s\n  %s\n", a.from.c_str(),
-               checkpoint_format_name(detect_checkpoint_format(a.from)), a.to.c_str(), checkpoint_format_name(out_format),
+               quantized_dir ? "lowbit quantized, dequantized" : checkpoint_format_name(detect_checkpoint_format(a.from)),
+               a.to.c_str(), checkpoint_format_name(out_format),
                dtype_name(dtype), copied ? ", tokenizer files copied" : "", ck.config.summary().c_str());
   if (!embedded.empty())
     std::fprintf(stderr, "  embedded tokenizer %s (tokenizer.ggml.model = %s%s%s)\n", embedded.c_str(), ck.vocab.model.c_str(),
@@ -94,7 +99,10 @@ void register_convert(CLI::App& app) {
       "*.gguf = GGUF v3, anything else = a Hugging Face directory (config.json + model.safetensors). Outputs are "
       "written atomically; the input is never overwritten.\n"
       "Example: lowbit convert --from stories260K.bin --to stories260K-hf --dtype bf16");
-  sub->add_option("--from", a->from, "input: llama2.c .bin, .gguf, or a Hugging Face model directory")->required();
+  sub->add_option("--from", a->from,
+                  "input: llama2.c .bin, .gguf, a Hugging Face model directory, or a lowbit quantized directory "
+                  "(written dequantized, LoRA adapters added)")
+      ->required();
   sub->add_option("--to", a->to, "output: out.bin, out.gguf or an output directory")->required();
   sub->add_option("--tokenizer", a->tokenizer,
                   "GGUF output: embed this tokenizer (sentencepiece .model, byte-level tokenizer.json, or a GGUF "

@@ -14,6 +14,7 @@
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/methods/saliency.h"
+#include "lowbit/quant/quantize.h"
 #include "lowbit/ops/device_init.h"
 
 namespace lowbit::cli {
@@ -36,7 +37,9 @@ struct QuantArgs {
          aug = 0.0, clip_init = 4.0, lambda = 3.0;
   std::string lora_init = "kaiming", saliency, saliency_kind = "fisher", sapr_target = "quant-lora", lora = "keep",
               merge_dtype = "f16", saliency_norm = "layer", sapr_reduction = "mean", sapr_recipe;
-  bool apiq_verbose = false, tf32 = false, bf16 = false, saliency_only = false;
+  bool apiq_verbose = false, tf32 = false, bf16 = false, saliency_only = false, sapr_anneal = false,
+       sapr_layer_weight = false;
+  std::string saliency_model = "fp";
 };
 
 bool is_apiq(const std::string& m) { return m == "apiq" || m == "apiq-layer" || m == "sapr"; }
@@ -68,6 +71,8 @@ ApiqOptions apiq_options(const QuantArgs& a) {
     throw_error("--sapr-reduction must be 'mean' or 'sum', got '", a.sapr_reduction, "'");
   o.reduction = parse_sapr_reduction(a.sapr_reduction);
   o.weight_epochs = a.sapr_weight_epochs;
+  o.anneal_lambda = a.sapr_anneal;
+  o.layer_weighted = a.sapr_layer_weight;
   o.output_epochs = a.sapr_output_epochs;
   return o;
 }
@@ -127,16 +132,26 @@ void check_sapr_args(const QuantArgs& a) {
   if (a.sapr_weight_epochs < 0 || a.sapr_output_epochs < 0 || a.sapr_weight_epochs + a.sapr_output_epochs > a.epochs)
     throw_error("--sapr-weight-epochs (", a.sapr_weight_epochs, ") and --sapr-output-epochs (", a.sapr_output_epochs,
                 ") must be >= 0 and add up to at most --epochs (", a.epochs, ")");
+  if (a.sapr_anneal && a.sapr_weight_epochs + a.sapr_output_epochs >= a.epochs)
+    throw_error("--sapr-anneal decays lambda over the mixed-loss epochs, and there are none (--sapr-weight-epochs ",
+                a.sapr_weight_epochs, " + --sapr-output-epochs ", a.sapr_output_epochs, " = --epochs ", a.epochs, ")");
+  if (a.sapr_layer_weight && a.saliency_norm == "none")
+    throw_error("--sapr-layer-weight applies to layer-normalised saliency; raw (--saliency-norm none) scores already "
+                "carry each layer's scale");
 }
 
 // SAPR's saliency: loaded from --saliency FILE when it exists, else computed on the calibration
 // windows with the full-precision model (and written to FILE when one was named). A raw file is
 // normalised per layer when --saliency-norm layer asks for it; the converse is impossible.
-SaliencyMap obtain_saliency(const QuantArgs& a, const LlamaModel& model, const Tensor& calib) {
+SaliencyMap obtain_saliency(const QuantArgs& a, const LlamaModel& model, const Tensor& calib, const QuantFormat& f) {
   const SaliencyNorm norm = parse_saliency_norm(a.saliency_norm);
+  const std::string source = a.saliency_model == "fp" ? "fp" : std::string("rtn:") + f.name;
   if (!a.saliency.empty() && fs::exists(a.saliency)) {
     SaliencyMap s = load_saliency(a.saliency);
     check_saliency_matches(s, model, a.saliency);
+    if (s.source != source)
+      throw_error(a.saliency, ": holds saliency of the ", s.source, " model but --saliency-model ", a.saliency_model,
+                  " asks for the ", source, " model's; name another --saliency file (it is computed and written there)");
     if (saliency_kind_name(s.kind) != a.saliency_kind)
       std::fprintf(stderr, "note: %s holds %s saliency; --saliency-kind %s is ignored\n", a.saliency.c_str(),
                    saliency_kind_name(s.kind), a.saliency_kind.c_str());
@@ -155,7 +170,12 @@ SaliencyMap obtain_saliency(const QuantArgs& a, const LlamaModel& model, const T
   so.norm = norm;
   so.batch = a.saliency_batch;
   so.progress = !a.json;
-  SaliencyMap s = compute_saliency(model.config(), model.weights(), calib, so);
+  LlamaWeights w = model.weights();
+  if (source != "fp")  // the gradients of the round-to-nearest quantized model
+    for (auto& l : w.layers)
+      for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) *t = quantize(*t, f).dequantize();
+  SaliencyMap s = compute_saliency(model.config(), w, calib, so);
+  s.source = source;
   if (!a.saliency.empty()) save_saliency(a.saliency, s);
   return s;
 }
@@ -181,6 +201,9 @@ int64_t default_apiq_rank(const LlamaConfig& c, const QuantFormat& f) {
 void run_quantize(const QuantArgs& a, bool rank_given) {
   int64_t rank = a.rank;
   if (a.method == "sapr") check_sapr_args(a);
+  if (a.method != "sapr" && (a.sapr_anneal || a.sapr_layer_weight || a.saliency_model != "fp"))
+    throw_error(a.sapr_anneal ? "--sapr-anneal" : a.sapr_layer_weight ? "--sapr-layer-weight" : "--saliency-model",
+                " applies to --method sapr, not ", a.method);
   if (a.saliency_only && (a.method != "sapr" || a.saliency.empty()))
     throw_error("--saliency-only needs --method sapr and --saliency FILE (where the saliency is written)");
   const std::string format = !a.format.empty() ? a.format : is_apiq(a.method) ? "int2g64" : "int4g128";
@@ -245,7 +268,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   double saliency_seconds = 0;
   if (a.method == "sapr") {
     const auto ts = std::chrono::steady_clock::now();
-    saliency = obtain_saliency(a, *m.model, calib);
+    saliency = obtain_saliency(a, *m.model, calib, f);
     saliency_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
   }
   if (a.saliency_only) {  // the saliency file is written (or was there); nothing else is
@@ -399,6 +422,17 @@ void register_quantize(CLI::App& app) {
       ->capture_default_str()
       ->check(at_least(0));
   q->add_option("--saliency", a->saliency, "SAPR: saliency file (read when it exists, else computed and written)");
+  q->add_option("--saliency-model", a->saliency_model,
+                "SAPR: whose gradients the saliency comes from: 'fp' (the full-precision model, the paper's) or "
+                "'quantized' (the model with its linears round-to-nearest quantized to --format)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp", "quantized"}));
+  q->add_flag("--sapr-anneal", a->sapr_anneal,
+              "SAPR: lambda decays linearly over the mixed-loss epochs (needs mixed epochs: e.g. "
+              "--sapr-weight-epochs 0 --sapr-output-epochs 0)");
+  q->add_flag("--sapr-layer-weight", a->sapr_layer_weight,
+              "SAPR: scale each layer's lambda by its mean Fisher over the mean of all layers' (layer-normalised "
+              "saliency drops how much a layer matters; this puts it back)");
   q->add_flag("--saliency-only", a->saliency_only,
               "SAPR: compute the --saliency file (on the calibration windows) and stop; -o is not written");
   q->add_option("--saliency-kind", a->saliency_kind, "SAPR: fisher, grad-weight or act-weight")->capture_default_str();

@@ -167,7 +167,8 @@ std::string ApiqMethod::options_key() const {
          "x" + std::to_string(o_.saliency->seqlen) + ",norm=" + saliency_norm_name(o_.saliency->norm) +
          ",reduction=" + sapr_reduction_name(o_.reduction) + ",lambda=" + key_number(o_.lambda) +
          ",reg_lora=" + std::to_string(o_.reg_with_lora) + ",stages=" + std::to_string(o_.weight_epochs) + "/" +
-         std::to_string(o_.output_epochs);
+         std::to_string(o_.output_epochs) + ",anneal=" + std::to_string(o_.anneal_lambda) +
+         ",layer_weighted=" + std::to_string(o_.layer_weighted);
   return k;
 }
 
@@ -197,7 +198,7 @@ struct Trainer {
   // The step's loss and regularizer are summed on the parameters' device and read back once per
   // epoch (the log and the finiteness check), so a GPU step has no host round trip.
   void run(const std::vector<Var>& clip, const std::vector<Var>& lora, int64_t n,
-           const std::function<std::pair<Var, Var>(const std::vector<int64_t>&, size_t, size_t, Stage)>& loss_of) {
+           const std::function<std::pair<Var, Var>(const std::vector<int64_t>&, size_t, size_t, Stage, double)>& loss_of) {
     // One AdamW per group. A group without gradients in a step (SAPR: the LoRA factors during weight
     // preservation with Ŵ = Q(W)) is not stepped and keeps its bias-correction count, like PyTorch's
     // per-parameter step in the reference; with gradients in every step this is one two-group AdamW.
@@ -210,6 +211,12 @@ struct Trainer {
                           : ep < o.weight_epochs ? Stage::Weight
                           : ep >= o.epochs - o.output_epochs ? Stage::Output
                                                              : Stage::Mixed;
+      // This epoch's regularizer weight (anneal_lambda: linear decay over the mixed epochs).
+      double lambda = o.lambda;
+      if (o.anneal_lambda && stage == Stage::Mixed) {
+        const int n_mixed = o.epochs - o.weight_epochs - o.output_epochs;
+        lambda = o.lambda * double(n_mixed - (ep - o.weight_epochs)) / double(n_mixed);
+      }
       const auto t0 = std::chrono::steady_clock::now();
       const auto perm = shuffled(n, derive_seed(o.seed, uint64_t(layer), scope_id, uint64_t(ep)));
       Tensor loss_sum, reg_sum;  // 0-d, on the loss's device
@@ -221,7 +228,7 @@ struct Trainer {
       for (size_t b = 0; b < size_t(n); b += size_t(o.batch)) {
         const size_t e = std::min(size_t(n), b + size_t(o.batch));
         AutocastBf16Guard autocast(o.bf16);
-        auto [loss, reg] = loss_of(perm, b, e, stage);
+        auto [loss, reg] = loss_of(perm, b, e, stage, lambda);
         accumulate(loss_sum, loss.value());
         if (reg.defined()) accumulate(reg_sum, reg.value());
         ++steps;
@@ -285,14 +292,16 @@ void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearR
       lo.seed = derive_seed(o_.seed, uint64_t(ctx.layer), linear_id, 0xA11CE);
       QuantTrainLinear t(wd, Tensor(), f_, lo);
       const Tensor sal = o_.saliency ? o_.saliency->at(full_name(ctx.layer, name)).to(dev) : Tensor();
+      const double layer_w = o_.saliency && o_.layer_weighted ? o_.saliency->layer_weight(full_name(ctx.layer, name)) : 1.0;
       Trainer tr{o_, ctx.layer, name, linear_id, &log_};
       tr.run(t.clip_parameters(), t.lora_parameters(), N,
-             [&](const std::vector<int64_t>& idx, size_t b, size_t e, Stage stage) -> std::pair<Var, Var> {
+             [&](const std::vector<int64_t>& idx, size_t b, size_t e, Stage stage, double lambda) -> std::pair<Var, Var> {
                Var loss, reg;
                if (stage != Stage::Weight)
                  loss = mse(t.forward(Var(gather_windows(xd, idx, b, e, L))), Var(gather_windows(y, idx, b, e, L)));
                if (sal.defined() && stage != Stage::Output) {
-                 reg = scale(saliency_regularizer(t.quantized_weight(o_.reg_with_lora), wd, sal, o_.reduction), o_.lambda);
+                 reg = scale(saliency_regularizer(t.quantized_weight(o_.reg_with_lora), wd, sal, o_.reduction),
+                             lambda * layer_w);
                  loss = loss.defined() ? add(loss, reg) : reg;
                }
                return {loss, reg};
@@ -337,6 +346,7 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
     Tensor w, bias;  // on the model's device
     std::shared_ptr<QuantTrainLinear> t;
     Tensor sal;      // SAPR saliency, moved to the device once
+    double layer_w = 1.0;  // SAPR layer_weighted: the layer's lambda factor
   };
   std::vector<Entry> es;
   std::vector<Var> clip, lora;
@@ -353,6 +363,7 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
       e.t = std::make_shared<QuantTrainLinear>((*e.slot)->effective_weight(), e.bias, f_, lo);
       e.w = e.t->frozen_weight();  // the layer's own f32 copy (no second copy on the device)
       if (o_.saliency) e.sal = o_.saliency->at(full_name(ctx.layer, name)).to(dev);
+      if (o_.saliency && o_.layer_weighted) e.layer_w = o_.saliency->layer_weight(full_name(ctx.layer, name));
       for (auto& p : e.t->clip_parameters()) clip.push_back(p);
       for (auto& p : e.t->lora_parameters()) lora.push_back(p);
       es.push_back(std::move(e));
@@ -364,7 +375,7 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
   }
   try {
     Trainer tr{o_, ctx.layer, "block", 0, &log_};
-    tr.run(clip, lora, N, [&](const std::vector<int64_t>& idx, size_t b, size_t e, Stage stage) -> std::pair<Var, Var> {
+    tr.run(clip, lora, N, [&](const std::vector<int64_t>& idx, size_t b, size_t e, Stage stage, double lambda) -> std::pair<Var, Var> {
       Var loss, reg;
       if (stage != Stage::Weight) {
         const int64_t nb = int64_t(e - b);
@@ -375,9 +386,10 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
       if (o_.saliency && stage != Stage::Output) {
         for (auto& en : es) {
           Var r = saliency_regularizer(en.t->quantized_weight(o_.reg_with_lora), en.w, en.sal, o_.reduction);
+          if (en.layer_w != 1.0) r = scale(r, en.layer_w);
           reg = reg.defined() ? add(reg, r) : r;
         }
-        reg = scale(reg, o_.lambda);
+        reg = scale(reg, lambda);
         loss = loss.defined() ? add(loss, reg) : reg;
       }
       return {loss, reg};

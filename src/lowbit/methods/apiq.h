@@ -77,6 +77,16 @@ struct ApiqOptions {
   bool reg_with_lora = true;      // Ŵ = Q(W) + s B A (true, ours) or Q(W) alone (reference before_lora)
   int weight_epochs = 0;          // leading epochs with lambda * R only
   int output_epochs = 0;          // trailing epochs with the ApiQ loss only
+  // Variants (issue 22), each off by default:
+  //   anneal_lambda   lambda decays linearly over the mixed-loss epochs, from lambda in the first to
+  //                   lambda / n_mixed in the last (the regularizer steers early, the output loss
+  //                   decides late). Weight-preservation epochs keep lambda (there, with the
+  //                   regularizer alone, Adam makes its scale nearly irrelevant anyway).
+  //   layer_weighted  each layer's lambda times SaliencyMap::layer_weight (its mean raw Fisher over
+  //                   the mean of all layers'): layer-normalised saliency keeps which weights of a
+  //                   layer matter but drops how much the layer matters; this puts it back.
+  bool anneal_lambda = false;
+  bool layer_weighted = false;
 };
 
 // Mean training loss of one epoch (for logs and tests).

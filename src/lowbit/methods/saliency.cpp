@@ -4,6 +4,8 @@
 #include <filesystem>
 #include <optional>
 
+#include <nlohmann/json.hpp>
+
 #include "lowbit/autograd/functions.h"
 #include "lowbit/core/progress.h"
 #include "lowbit/io/safetensors.h"
@@ -29,13 +31,15 @@ Tensor shifted_targets(const Tensor& tokens) {
   return t;
 }
 
-void normalise_mean_one(Tensor& s) {
+// Scales s to mean 1 and returns its mean before.
+double normalise_mean_one(Tensor& s) {
   float* p = s.data<float>();
   double sum = 0;
   for (int64_t i = 0; i < s.numel(); ++i) sum += p[i];
   const double mean = sum / double(s.numel());
-  if (!(mean > 0)) return;  // a dead layer keeps zero saliency (no regularization)
+  if (!(mean > 0)) return 0.0;  // a dead layer keeps zero saliency (no regularization)
   for (int64_t i = 0; i < s.numel(); ++i) p[i] = float(double(p[i]) / mean);
+  return mean;
 }
 
 }  // namespace
@@ -168,7 +172,7 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
         ps[k] = needs_grad ? float(layer_norm ? a.sum[size_t(k)] / double(batches) : a.sum[size_t(k)])
                            : float(std::fabs(double(pw[k])) * std::sqrt(a.sum[size_t(c)] / double(std::max<int64_t>(a.rows, 1))));
       }
-    if (layer_norm) normalise_mean_one(s);
+    if (layer_norm) out.layer_mean[m] = normalise_mean_one(s);
     out.scores.emplace(m, s);
   }
   return out;
@@ -178,7 +182,7 @@ SaliencyMap normalise_saliency_per_layer(SaliencyMap s) {
   if (s.norm == SaliencyNorm::Layer) return s;
   for (auto& [m, t] : s.scores) {
     Tensor c = t.to(Device::CPU).to(DType::F32).contiguous().clone();
-    normalise_mean_one(c);
+    s.layer_mean[m] = normalise_mean_one(c);
     t = c;
   }
   s.norm = SaliencyNorm::Layer;
@@ -190,14 +194,29 @@ void save_saliency(const std::string& path, const SaliencyMap& s) {
   for (const auto& [m, t] : s.scores) ts.emplace_back(m, t);
   if (auto parent = std::filesystem::path(path).parent_path(); !parent.empty())
     std::filesystem::create_directories(parent);
-  save_safetensors(path, ts,
-                   {{"format", "lowbit-saliency"},
-                    {"version", "1"},
-                    {"kind", saliency_kind_name(s.kind)},
-                    {"normalization", saliency_norm_name(s.norm)},
-                    {"rope_style", s.rope_style == RopeStyle::Half ? "half" : "interleaved"},
-                    {"nsamples", std::to_string(s.nsamples)},
-                    {"seqlen", std::to_string(s.seqlen)}});
+  std::map<std::string, std::string> md;
+  if (!s.layer_mean.empty()) md["layer_means"] = nlohmann::json(s.layer_mean).dump();
+  md["format"] = "lowbit-saliency";
+  md["version"] = "1";
+  md["kind"] = saliency_kind_name(s.kind);
+  md["normalization"] = saliency_norm_name(s.norm);
+  md["rope_style"] = s.rope_style == RopeStyle::Half ? "half" : "interleaved";
+  md["nsamples"] = std::to_string(s.nsamples);
+  md["seqlen"] = std::to_string(s.seqlen);
+  md["source"] = s.source;
+  save_safetensors(path, ts, md);
+}
+
+double SaliencyMap::layer_weight(const std::string& module) const {
+  if (layer_mean.empty())
+    throw_error("saliency: no per-layer means (a layer-normalised file written before they were kept); recompute "
+                "the saliency or start from a raw (--saliency-norm none) file");
+  auto it = layer_mean.find(module);
+  if (it == layer_mean.end()) throw_error("saliency: no layer mean for '", module, "'");
+  double total = 0;
+  for (const auto& [m, v] : layer_mean) total += v;
+  const double mean = total / double(layer_mean.size());
+  return mean > 0 ? it->second / mean : 0.0;
 }
 
 SaliencyMap load_saliency(const std::string& path) {
@@ -217,6 +236,9 @@ SaliencyMap load_saliency(const std::string& path) {
     s.seqlen = std::stoll(get("seqlen"));
     // Files written before the key existed hold layer-normalised scores.
     if (auto it = md.find("normalization"); it != md.end()) s.norm = parse_saliency_norm(it->second);
+    if (auto it = md.find("source"); it != md.end()) s.source = it->second;
+    if (auto it = md.find("layer_means"); it != md.end())
+      for (const auto& [m, v] : nlohmann::json::parse(it->second).get<std::map<std::string, double>>()) s.layer_mean[m] = v;
   } catch (const std::exception& e) {
     throw_error(path, ": bad saliency metadata: ", e.what());
   }

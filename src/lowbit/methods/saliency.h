@@ -78,7 +78,19 @@ struct SaliencyMap {
   SaliencyNorm norm = SaliencyNorm::Layer;
   RopeStyle rope_style = RopeStyle::Interleaved;  // q/k row layout the scores were computed in
   int64_t nsamples = 0, seqlen = 0;
+  // Whose gradients: "fp" (the full-precision model, the paper's) or "rtn:FORMAT" (the model with
+  // its linears round-to-nearest quantized to FORMAT: the loss landscape the quantized weights sit
+  // in; --saliency-model quantized). Kept in the file's metadata.
+  std::string source = "fp";
   std::map<std::string, Tensor> scores;  // module name -> F32 [out, in] (norm Layer: mean 1 per layer)
+  // Mean raw score of each module before the per-layer normalisation (norm Layer; kept in the
+  // file's metadata): how sensitive the loss is to the layer as a whole, which normalising to mean 1
+  // removes. Empty for raw (norm None) maps, whose scores keep that information themselves.
+  std::map<std::string, double> layer_mean;
+
+  // layer_mean[module] / the mean of layer_mean over all modules (SAPR's per-layer lambda scaling,
+  // --sapr-layer-weight fisher). Throws when the map has no layer means.
+  double layer_weight(const std::string& module) const;
 
   // The scores of a module; throws naming the module when absent.
   const Tensor& at(const std::string& module) const;
