@@ -30,6 +30,8 @@
 
 #include <cstdint>
 
+#include "lowbit/ops/cuda/quant_gemv_layout.h"
+
 namespace lowbit::qgemv {
 
 struct Weight {
@@ -41,20 +43,6 @@ struct Weight {
   int order = 8;     // element order of a block: 8 natural, 4 / 2 lowbit's bit order (see above)
   bool offset = false;  // params are (d, m): w = d q + m; else (s, z): w = (q - z) s
 };
-
-// Position p of a block holds value block_source(order, p) of the block (quant_matmul_kernels.h).
-__host__ __device__ inline int block_source(int order, int p) {
-  if (order == 4) return p < 16 ? 2 * p : 2 * (p - 16) + 1;
-  if (order == 2) return 4 * (p % 8) + p / 8;
-  return p;
-}
-
-// The code at kernel position p of a block starting at bp.
-__device__ inline int code_at_pos(int bits, const uint8_t* bp, int p) {
-  if (bits == 4) return p < 16 ? (bp[p] & 0x0f) : (bp[p - 16] >> 4);
-  if (bits == 2) return (bp[p % 8] >> (2 * (p / 8))) & 0x03;
-  return int(int8_t(bp[p]));
-}
 
 // ---- activation quantization: one warp per block of 32, x f32 [M, K] -> q int8 [M, K], ds [M, K/32]
 __global__ void quantize_acts_kernel(const float* __restrict__ x, int M, int K, int order, int8_t* __restrict__ q,
@@ -118,20 +106,13 @@ template <int Bits>
 __device__ __forceinline__ void unpack_block(const BlockCodes<Bits>& c, int (&a)[8]) {
   if constexpr (Bits == 4) {
     const uint32_t u[4] = {c.v.x, c.v.y, c.v.z, c.v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      a[i] = int(u[i] & 0x0f0f0f0fu);
-      a[4 + i] = int((u[i] >> 4) & 0x0f0f0f0fu);
-    }
+    unpack_words<4>(u, a);
   } else if constexpr (Bits == 2) {
     const uint32_t u[2] = {c.v.x, c.v.y};
-#pragma unroll
-    for (int s = 0; s < 4; ++s)
-#pragma unroll
-      for (int w = 0; w < 2; ++w) a[2 * s + w] = int((u[w] >> (2 * s)) & 0x03030303u);
+    unpack_words<2>(u, a);
   } else {
-    a[0] = int(c.a.x); a[1] = int(c.a.y); a[2] = int(c.a.z); a[3] = int(c.a.w);
-    a[4] = int(c.b.x); a[5] = int(c.b.y); a[6] = int(c.b.z); a[7] = int(c.b.w);
+    const uint32_t u[8] = {c.a.x, c.a.y, c.a.z, c.a.w, c.b.x, c.b.y, c.b.z, c.b.w};
+    unpack_words<8>(u, a);
   }
 }
 
@@ -186,7 +167,7 @@ __global__ void __launch_bounds__(128) gemv_kernel(Weight w, const int8_t* __res
           int dot = 0;
 #pragma unroll
           for (int i = 0; i < 8; ++i) dot = __dp4a(a[r][i], xv[i], dot);
-          acc[r][m] += s[r] * (dsv.x * float(dot)) + o[r] * dsv.y;
+          acc[r][m] += block_term(s[r], o[r], dsv.x, dsv.y, dot);
         }
       }
     }
