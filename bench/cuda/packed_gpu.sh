@@ -9,14 +9,14 @@
 #      by `lowbit bench --device cuda` packed and with --dequantize (the f32 path), and the f32 model.
 #
 # Usage (repository root):  bench/cuda/packed_gpu.sh
-# Settings (environment): LOWBIT [build-cuda/lowbit]  BIN_DIR [build-cuda] (test_quant, test_methods)
-#   GEMV_BENCH [$BIN_DIR/bench/quant_gemv_bench]  WORK [/tmp/packed-gpu]  PP [128]  TG [128]  REPS [3]
+# Settings (environment): LOWBIT [build-cuda/lowbit]  BIN_DIR [build-cuda/tests] (test_quant, test_methods)
+#   GEMV_BENCH [build-cuda/bench/quant_gemv_bench]  WORK [/tmp/packed-gpu]  PP [128]  TG [128]  REPS [3]
 #   SHAPE ["--dim 576 --hidden-dim 1536 --layers 30 --heads 9 --kv-heads 3 --vocab 49152 --max-seq-len 512"]
 #   STEPS ["gemv tests decode"]: which parts run
 set -uo pipefail
 LOWBIT=${LOWBIT:-build-cuda/lowbit}
-BIN_DIR=${BIN_DIR:-build-cuda}
-GEMV_BENCH=${GEMV_BENCH:-$BIN_DIR/bench/quant_gemv_bench}
+BIN_DIR=${BIN_DIR:-build-cuda/tests}
+GEMV_BENCH=${GEMV_BENCH:-build-cuda/bench/quant_gemv_bench}
 W=${WORK:-/tmp/packed-gpu}
 PP=${PP:-128} TG=${TG:-128} REPS=${REPS:-3}
 SHAPE=${SHAPE:---dim 576 --hidden-dim 1536 --layers 30 --heads 9 --kv-heads 3 --vocab 49152 --max-seq-len 512}
