@@ -10,7 +10,9 @@
 #include "lowbit/io/safetensors.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/ptq_methods.h"
+#include "lowbit/ops/device_init.h"
 #include "lowbit/quant/quant_linear.h"
+#include "lowbit/quant/quantize.h"
 
 #include "common/small_model.h"
 
@@ -76,6 +78,50 @@ TEST(QuantizedCheckpoint, PackedLoadHasNoDenseCopyAndMatchesTheDenseView) {
       auto* ql = dynamic_cast<QuantLinear*>(slot->get());
       ASSERT_NE(ql, nullptr) << name;
       EXPECT_FALSE(ql->has_dequantized_weight()) << name << ": inference built an f32 copy";
+    }
+}
+
+// The packed model on the GPU (packed linears, a packed q8_0 vocabulary: embedding lookups and the
+// head from the device copies) computes what the packed model on the CPU does: prefill through the
+// exact bodies, decode through the int8-activation bodies (the same int8 operand on both).
+TEST(QuantizedCheckpoint, GpuPackedModelMatchesTheCpuPackedModel) {
+  if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
+  LlamaConfig c = small_config(RopeStyle::Half);
+  LlamaModel m(c, random_weights(c, 9));
+  const QuantFormat& f = parse_quant_format("int4g32");
+  std::vector<int32_t> stream;
+  for (int i = 0; i < 300; ++i) stream.push_back((i * 7 + 3) % c.vocab_size);
+  Tensor calib = sample_calibration(stream, 4, 16, 1);
+  RtnMethod rtn(f);
+  PipelineOptions o;
+  o.progress = false;
+  run_blockwise(m, calib, rtn, f, o);
+  auto dir = test::temp_dir("qckpt-gpu");
+  save_quantized_model(dir.string(), m, "rtn", f);
+  QuantizedCheckpoint q = load_quantized_model(dir.string(), /*dense_view=*/false);
+  const QuantFormat& q8 = parse_quant_format("q8_0");
+  q.quantized["model.embed_tokens"] = quantize(q.dense.weights.tok_embeddings, q8);
+  if (!c.tied_embeddings) q.quantized["lm_head"] = quantize(q.dense.weights.output, q8);
+  auto cpu = make_quantized_model(q, Device::CPU), gpu = make_quantized_model(q, Device::CUDA);
+  ASSERT_TRUE(gpu->packed_output());
+  NoGradGuard ng;
+  KVCache kc = cpu->make_cache(20), kg = gpu->make_cache(20);
+  const Tensor prompt = calib.slice(0, 0, 1).contiguous().view({-1}).slice(0, 0, 12).contiguous();
+  const Tensor lc = cpu->forward_cached(prompt, kc).value();
+  const Tensor lg = gpu->forward_cached(prompt, kg).value();
+  ASSERT_EQ(lg.device(), Device::CUDA);
+  EXPECT_LT(max_abs_diff(lc, lg.to(Device::CPU)), 1e-3);
+  for (int t = 0; t < 4; ++t) {
+    const Tensor tok = Tensor::from_vector(std::vector<int32_t>{(t * 11 + 2) % int32_t(c.vocab_size)}, {1});
+    const Tensor dc = cpu->forward_cached(tok, kc).value(), dg = gpu->forward_cached(tok, kg).value();
+    EXPECT_LT(max_abs_diff(dc, dg.to(Device::CPU)), 1e-3) << "decode step " << t;
+  }
+  for (int i = 0; i < gpu->n_layers(); ++i)
+    for (auto& [name, slot] : gpu->block(i).linears()) {
+      auto* ql = dynamic_cast<QuantLinear*>(slot->get());
+      ASSERT_NE(ql, nullptr) << name;
+      EXPECT_FALSE(ql->has_dequantized_weight()) << name << ": GPU inference built an f32 copy";
+      EXPECT_TRUE(ql->quantized().has_device_copy()) << name;
     }
 }
 

@@ -5,14 +5,21 @@
 //   int8 backends: |y - y_ref| <= sum_i |w_i| * d_block(i) / 2 * (1 + 1e-3) + 1e-5 * sum_i |x_i w_i|
 //     (d = amax/127 of the 32-value activation block: the activation rounding is the only error).
 // SIMD cells run on what this CPU supports (skipped otherwise, with a message), the portable cells
-// always; CUDA cells skip (no packed CUDA body in this build).
+// always; CUDA cells (the device copy of the weight, x and y on the GPU) skip without a GPU, and for
+// formats without a GPU form (ops::quant_matmul_has_cuda_layout).
+//   cuda (Auto): the int8 decode GEMV for M <= 8, dequantized f32 tiles + cuBLAS for M > 8;
+//   cuda-int8: the GEMV for every M (chunks of 8 rows); cuda-exact: f32 tiles for every M.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "lowbit/autograd/functions.h"
+#include "lowbit/ops/cuda/quant_gemv_layout.h"
+#include "lowbit/ops/device_init.h"
 #include "lowbit/ops/quant_matmul.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
@@ -36,7 +43,14 @@ const Backend kBackends[] = {
     {"int8-avx2", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2, true, false},
     {"int8-avx2-vnni", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2Vnni, true, false},
     {"cuda", ops::QuantMatmulPath::Auto, ops::QuantIsa::Auto, true, true},
+    {"cuda-int8", ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true, true},
+    {"cuda-exact", ops::QuantMatmulPath::Exact, ops::QuantIsa::Auto, false, true},
 };
+
+bool gpu() {
+  static const bool ok = init_cuda();
+  return ok;
+}
 
 struct Shape3 {
   int64_t out, in, M;
@@ -99,9 +113,14 @@ TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
       for (const Backend& be : kBackends) {
         const std::string cell = std::string(f.name) + " x " + be.name + " x [" + std::to_string(s.out) + "x" +
                                  std::to_string(s.in) + "] M=" + std::to_string(s.M);
-        if (be.cuda) {
+        if (be.cuda && !gpu()) {
           ++skipped;
-          if (skips.empty() || skips.back().rfind("cuda", 0) != 0) skips.push_back("cuda: no packed CUDA body in this build");
+          skips.push_back("cuda: no CUDA device (or a CPU-only build)");
+          continue;
+        }
+        if (be.cuda && !ops::quant_matmul_has_cuda_layout(view)) {
+          ++skipped;
+          skips.push_back(std::string("cuda: ") + f.name + " has no GPU form (or in % 32 != 0)");
           continue;
         }
         if (!ops::quant_isa_supported(be.isa)) {
@@ -111,7 +130,15 @@ TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
         }
         SCOPED_TRACE(cell);
         Tensor y = Tensor::empty({s.M, s.out});
-        ops::quant_matmul(x, view, y, {be.path, be.isa});
+        if (be.cuda) {
+          q.upload_to_device();
+          const ops::PackedWeight dview = q.packed_view();
+          Tensor yd = Tensor::empty({s.M, s.out}, DType::F32, Device::CUDA);
+          ops::quant_matmul(x.to(Device::CUDA), dview, yd, {be.path, be.isa});
+          y = yd.to(Device::CPU);
+        } else {
+          ops::quant_matmul(x, view, y, {be.path, be.isa});
+        }
         ++run;
         const float *py = y.data<float>(), *pr = yref.data<float>();
         for (int64_t i = 0; i < s.M * s.out; ++i) {
@@ -194,4 +221,128 @@ TEST(QuantLinear, InferenceRunsPackedAndNeverBuildsTheF32Weight) {
   backward(sum(ql.forward(xg)));
   EXPECT_TRUE(ql.has_dequantized_weight());
   EXPECT_EQ(xg.grad().shape(), x.shape());
+}
+
+TEST(QuantLinear, GpuInferenceRunsPackedAndNeverBuildsTheF32Weight) {
+  if (!gpu()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
+  for (const char* name : {"int4g128", "int2g64", "int8pc", "q4_0", "q4_1", "q8_0"}) {
+    SCOPED_TRACE(name);
+    const QuantizedTensor q = quantize(Tensor::randn({40, 256}, 2, 0.1), parse_quant_format(name));
+    const Tensor bias = Tensor::randn({40}, 3, 0.1);
+    QuantLinear cpu(q, bias), dev(q, bias, Device::CUDA);
+    for (int64_t M : {1, 5, 8, 20}) {
+      const Tensor x = test_input(M, 256, 4 + uint64_t(M));
+      cpu.set_matmul_options({M <= 8 ? ops::QuantMatmulPath::Int8 : ops::QuantMatmulPath::Exact});
+      const Tensor yc = cpu.forward(Var(x)).value();
+      const Tensor yg = dev.forward(Var(x.to(Device::CUDA))).value();
+      ASSERT_EQ(yg.device(), Device::CUDA);
+      const Tensor yh = yg.to(Device::CPU);
+      // Same int8 operand (decode) or the same f32 values (prefill): f32 summation order only.
+      for (int64_t i = 0; i < yc.numel(); ++i)
+        EXPECT_NEAR(yh.data<float>()[i], yc.data<float>()[i], 2e-5 * (1 + std::fabs(yc.data<float>()[i]))) << i;
+    }
+    EXPECT_FALSE(dev.has_dequantized_weight()) << "the GPU inference path materialized the f32 weight";
+    EXPECT_TRUE(dev.quantized().has_device_copy());
+  }
+}
+
+TEST(QuantEmbedding, RowsMatchTheDecoderOnCpuAndGpu) {
+  const QuantizedTensor q = quantize(Tensor::randn({50, 64}, 8, 0.1), parse_quant_format("q8_0"));
+  const ops::PackedWeight v = q.packed_view();
+  Tensor ids = Tensor::empty({3}, DType::I32);
+  ids.data<int32_t>()[0] = 7, ids.data<int32_t>()[1] = 0, ids.data<int32_t>()[2] = 49;
+  Tensor e = Tensor::empty({3, 64});
+  ops::quant_embedding(v, ids, e);
+  std::vector<float> row(64);
+  for (int i = 0; i < 3; ++i) {
+    q.dequantize_row(ids.data<int32_t>()[i], row.data());
+    for (int k = 0; k < 64; ++k) EXPECT_EQ(e.data<float>()[i * 64 + k], row[size_t(k)]);
+  }
+  Tensor bad = ids.clone();
+  bad.data<int32_t>()[1] = 50;
+  EXPECT_THROW(ops::quant_embedding(v, bad, e), Error);
+  if (!gpu()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
+  q.upload_to_device();
+  const ops::PackedWeight dv = q.packed_view();
+  Tensor eg = Tensor::empty({3, 64}, DType::F32, Device::CUDA);
+  ops::quant_embedding(dv, ids, eg);
+  const Tensor eh = eg.to(Device::CPU);
+  for (int64_t i = 0; i < e.numel(); ++i) EXPECT_FLOAT_EQ(eh.data<float>()[i], e.data<float>()[i]);
+  EXPECT_THROW(ops::quant_embedding(dv, bad, eg), Error);
+}
+
+// The GPU kernels' arithmetic on the host: the device layout (device_layout_on_host, what
+// upload_packed_weight copies), unpacked with the same functions the kernels call
+// (ops/cuda/quant_gemv_layout.h), must give the CPU Int8 body's numbers (decode) and
+// dequantize_row's values (prefill tiles, embeddings). Runs without a GPU.
+TEST(QuantMatmulGpuLayout, HostEmulationOfTheKernelsMatchesTheCpuBodies) {
+  for (const char* name : {"int4g128", "int4g32", "int4g128s", "int4pc", "int2g64", "int2g32s", "int2pc", "int8pc", "q4_0", "q4_1", "q8_0"}) {
+    const QuantFormat* fp = nullptr;
+    try {
+      fp = &parse_quant_format(name);
+    } catch (const Error&) {
+      continue;  // no such format name in this build's table
+    }
+    SCOPED_TRACE(name);
+    const int64_t out = 9, in = 256, M = 3;
+    const QuantizedTensor q = quantize(Tensor::randn({out, in}, 11, 0.1), *fp);
+    const ops::PackedWeight v = q.packed_view();
+    ASSERT_TRUE(ops::quant_matmul_has_cuda_layout(v));
+    const ops::DevicePackedWeight d = ops::device_layout_on_host(v);
+    ASSERT_EQ(d.codes.shape(), (Shape{out, d.row_bytes}));
+    const uint8_t* codes = d.codes.data<uint8_t>();
+    const uint16_t* prm = static_cast<const uint16_t*>(d.params.raw_data());
+    const int64_t nb = in / 32, bytes = 32 * d.bits / 8;
+    // Dequantization (dequant_rows_kernel's formula) == dequantize_row.
+    std::vector<float> ref(static_cast<size_t>(in)), got(static_cast<size_t>(in));
+    for (int64_t r = 0; r < out; ++r) {
+      q.dequantize_row(r, ref.data());
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t g = d.n_groups == 1 ? 0 : b * 32 / d.group_size;
+        const float s = f16_to_f32(prm[(r * d.n_groups + g) * 2]), z = f16_to_f32(prm[(r * d.n_groups + g) * 2 + 1]);
+        for (int p = 0; p < 32; ++p) {
+          const float c = float(qgemv::code_at_pos(d.bits, codes + r * d.row_bytes + b * bytes, p));
+          got[size_t(b * 32 + qgemv::block_source(d.order, p))] = d.offset ? c * s + z : (c - z) * s;
+        }
+      }
+      for (int64_t i = 0; i < in; ++i) ASSERT_NEAR(got[size_t(i)], ref[size_t(i)], 1e-6 * (1 + std::fabs(ref[size_t(i)]))) << r << "," << i;
+    }
+    // Decode: int8 activations in kernel order, 8 dp4a words per block, block_term.
+    const Tensor x = test_input(M, in, 5);
+    Tensor ycpu = Tensor::empty({M, out});
+    ops::quant_matmul(x, v, ycpu, {ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable});
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < out; ++r) {
+        float acc = 0.f;
+        double mag = 0;
+        for (int64_t b = 0; b < nb; ++b) {
+          const float* xb = x.data<float>() + m * in + b * 32;
+          float amax = 0.f;
+          for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+          const float dd = amax / 127.0f, inv = dd > 0 ? 1.0f / dd : 0.0f;
+          int8_t xq[32];
+          int sum = 0;
+          for (int p = 0; p < 32; ++p) {
+            xq[p] = int8_t(std::clamp(int(std::nearbyint(xb[qgemv::block_source(d.order, p)] * inv)), -127, 127));
+            sum += xq[p];
+          }
+          uint32_t u[8];
+          std::memcpy(u, codes + r * d.row_bytes + b * bytes, size_t(bytes));
+          int32_t a[8];
+          if (d.bits == 4) qgemv::unpack_words<4>(u, a);
+          else if (d.bits == 2) qgemv::unpack_words<2>(u, a);
+          else qgemv::unpack_words<8>(u, a);
+          int32_t dot = 0;
+          for (int i = 0; i < 8; ++i)
+            for (int k = 0; k < 4; ++k) dot += int32_t(int8_t(uint32_t(a[i]) >> (8 * k))) * xq[4 * i + k];
+          const int64_t g = d.n_groups == 1 ? 0 : b * 32 / d.group_size;
+          const float s = f16_to_f32(prm[(r * d.n_groups + g) * 2]), z = f16_to_f32(prm[(r * d.n_groups + g) * 2 + 1]);
+          const float o = d.offset ? z : -s * z;
+          acc += qgemv::block_term(s, o, dd, dd * float(sum), dot);
+          mag += std::fabs(double(s) * dd * dot) + std::fabs(double(o) * dd * sum);  // cancellation scale
+        }
+        const float c = ycpu.data<float>()[m * out + r];
+        EXPECT_NEAR(acc, c, 1e-5 * mag + 1e-6) << "m " << m << " row " << r;
+      }
+  }
 }

@@ -264,7 +264,23 @@ Tensor zero_placeholder(const Shape& shape) {
 
 std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, Device device) {
   LlamaWeights w = q.dense.weights;
-  if (device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(device); });
+  // Packed vocabulary: the table and the head stay packed (on the GPU too, for the formats with a
+  // GPU form), their dense views are placeholders that never move.
+  auto emb = q.quantized.find("model.embed_tokens");
+  auto out = q.quantized.find(q.dense.config.tied_embeddings ? "model.embed_tokens" : "lm_head");
+  const bool packed_vocab =
+      emb != q.quantized.end() && out != q.quantized.end() &&
+      (device == Device::CPU || (ops::quant_matmul_has_cuda_layout(emb->second.packed_view()) &&
+                                 ops::quant_matmul_has_cuda_layout(out->second.packed_view())));
+  if (device != Device::CPU)
+    for_each_weight(w, [&](const std::string& name, Tensor& t) {
+      const std::string base = name.size() > 7 ? name.substr(0, name.size() - 7) : name;  // minus ".weight"
+      const bool vocab = base == "model.embed_tokens" || base == "lm_head";
+      auto it = q.quantized.find(base);
+      if (it != q.quantized.end() && (!vocab || packed_vocab)) return;  // placeholder of a packed tensor: stays
+      // A packed vocabulary without a GPU form: its dense values on the device (not the placeholder).
+      t = (it != q.quantized.end() ? it->second.dequantize() : t).to(device);
+    });
   auto model = std::make_unique<LlamaModel>(q.dense.config, w, false);
   for (int i = 0; i < model->n_layers(); ++i)
     for (auto& [name, slot] : model->block(i).linears()) {
@@ -278,16 +294,22 @@ std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, D
         *slot = std::make_shared<QuantLinear>(it->second, (*slot)->bias(), device);
     }
   // A packed vocabulary (GGUF token_embd / output in a ggml block type): embeddings decoded row by
-  // row, the output projection through quant_matmul. CPU inference only.
-  auto emb = q.quantized.find("model.embed_tokens");
-  if (emb != q.quantized.end() && device == Device::CPU) {
-    auto out = q.quantized.find(q.dense.config.tied_embeddings ? "model.embed_tokens" : "lm_head");
-    if (out != q.quantized.end()) {
-      auto table = std::make_shared<QuantizedTensor>(emb->second);
-      table->validate();
-      model->set_packed_vocab(std::make_shared<QuantLinear>(out->second),
-                              [table](int64_t id, float* dst) { table->dequantize_row(id, dst); });
+  // row (on the GPU: ops::quant_embedding from the uploaded table), the output projection through
+  // quant_matmul.
+  if (packed_vocab) {
+    auto table = std::make_shared<QuantizedTensor>(emb->second);
+    table->validate();
+    LlamaModel::EmbedIdsFn ids_fn;
+    if (device != Device::CPU) {
+      table->upload_to_device();
+      ids_fn = [table, device](const Tensor& ids) {
+        Tensor e = Tensor::empty({ids.numel(), table->in_features()}, DType::F32, device);
+        ops::quant_embedding(table->packed_view(), ids, e);
+        return e;
+      };
     }
+    model->set_packed_vocab(std::make_shared<QuantLinear>(out->second, Tensor(), device),
+                            [table](int64_t id, float* dst) { table->dequantize_row(id, dst); }, ids_fn);
   }
   return model;
 }

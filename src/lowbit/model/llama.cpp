@@ -37,16 +37,18 @@ LlamaModel::LlamaModel(LlamaConfig config, const LlamaWeights& w, bool trainable
   }
 }
 
-void LlamaModel::set_packed_vocab(std::shared_ptr<Linear> output, EmbedRowFn embed_row) {
+void LlamaModel::set_packed_vocab(std::shared_ptr<Linear> output, EmbedRowFn embed_row, EmbedIdsFn embed_ids) {
   LB_CHECK(output && embed_row, "set_packed_vocab: both the output layer and the embedding rows are needed");
   LB_CHECK(output->in_features() == config_.dim && output->out_features() == config_.vocab_size,
            "set_packed_vocab: output layer is [", output->out_features(), ", ", output->in_features(), "], expected [",
            config_.vocab_size, ", ", config_.dim, "]");
   packed_output_ = std::move(output);
   packed_embed_row_ = std::move(embed_row);
+  packed_embed_ids_ = std::move(embed_ids);
 }
 
 Var LlamaModel::embed(const Tensor& tokens) const {
+  if (packed_embed_ids_) return Var(packed_embed_ids_(tokens.contiguous().view({-1}).to(Device::CPU)), false);
   if (packed_embed_row_) {
     const Tensor ids = tokens.contiguous().view({-1}).to(Device::CPU);
     const int64_t n = ids.numel(), D = config_.dim;
@@ -166,10 +168,11 @@ KVCache LlamaModel::make_cache(int64_t capacity) const {
   c.capacity = capacity;
   const Tensor& ref = tok_embeddings_.value();
   const DType dt = ref.dtype() == DType::F16 || ref.dtype() == DType::BF16 ? DType::F32 : ref.dtype();
+  const Device dev = final_norm_.value().device();  // the table may be a CPU placeholder (packed vocab)
   const int64_t KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
   for (int i = 0; i < config_.n_layers; ++i) {
-    c.k.push_back(Tensor::zeros({capacity, KVH, hd}, dt, ref.device()));
-    c.v.push_back(Tensor::zeros({capacity, KVH, hd}, dt, ref.device()));
+    c.k.push_back(Tensor::zeros({capacity, KVH, hd}, dt, dev));
+    c.v.push_back(Tensor::zeros({capacity, KVH, hd}, dt, dev));
   }
   return c;
 }

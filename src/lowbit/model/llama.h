@@ -77,8 +77,11 @@ class LlamaModel {
   // output projection (tied or not) and `embed_row(id, dst)` writes the embedding row of token id
   // into dst[0, dim). While set, embed() and head() use them and never read tok_embeddings / output
   // (which may then be shape-only placeholders). Not for training (no gradients flow through them).
+  // `embed_ids` (optional; GPU models): ids i32 [n] on the CPU -> embeddings f32 [n, dim] on the
+  // model's device, validating the ids; used instead of embed_row when given.
   using EmbedRowFn = std::function<void(int64_t id, float* dst)>;
-  void set_packed_vocab(std::shared_ptr<Linear> output, EmbedRowFn embed_row);
+  using EmbedIdsFn = std::function<Tensor(const Tensor& ids)>;
+  void set_packed_vocab(std::shared_ptr<Linear> output, EmbedRowFn embed_row, EmbedIdsFn embed_ids = {});
   const std::shared_ptr<Linear>& packed_output() const { return packed_output_; }
 
  private:
@@ -87,6 +90,7 @@ class LlamaModel {
   std::vector<LlamaBlock> blocks_;
   std::shared_ptr<Linear> packed_output_;
   EmbedRowFn packed_embed_row_;
+  EmbedIdsFn packed_embed_ids_;
 };
 
 }  // namespace lowbit

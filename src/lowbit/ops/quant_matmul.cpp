@@ -363,10 +363,141 @@ bool quant_matmul_has_int8_kernel(const PackedWeight& w) {
   return w.layout != PackedLayout::IntGroups || w.n_groups == 1 || w.group_size % kBlock == 0;
 }
 
+bool quant_matmul_has_cuda_layout(const PackedWeight& w) {
+  switch (w.layout) {
+    case PackedLayout::GgmlQ4_0:
+    case PackedLayout::GgmlQ4_1:
+    case PackedLayout::GgmlQ8_0: return w.in % kBlock == 0;
+    case PackedLayout::IntGroups:
+      return (w.bits == 2 || w.bits == 4 || w.bits == 8) && w.in % kBlock == 0 &&
+             (w.n_groups == 1 || w.group_size % kBlock == 0);
+    default: return false;
+  }
+}
+
+DevicePackedWeight upload_packed_weight(const PackedWeight& w) {
+  DevicePackedWeight d = device_layout_on_host(w);
+  d.codes = d.codes.to(Device::CUDA);
+  d.params = d.params.to(Device::CUDA);
+  return d;
+}
+
+DevicePackedWeight device_layout_on_host(const PackedWeight& w) {
+  check_view(w);
+  if (!quant_matmul_has_cuda_layout(w))
+    throw_error(kOp, ": weight [", w.format, "] [", w.out, ", ", w.in, "] has no GPU form (IntGroups with in % 32 == 0 and ",
+                "groups of whole 32-value blocks, or ggml q4_0 / q4_1 / q8_0)");
+  DevicePackedWeight d;
+  d.out = w.out;
+  d.in = w.in;
+  const int64_t nb = w.in / kBlock;
+  const bool ggml = w.layout != PackedLayout::IntGroups;
+  d.bits = ggml ? (w.layout == PackedLayout::GgmlQ8_0 ? 8 : 4) : w.bits;
+  d.group_size = ggml ? kBlock : w.group_size;
+  d.n_groups = ggml ? nb : w.n_groups;
+  d.order = ggml ? 8 : w.bits;
+  d.offset = w.layout == PackedLayout::GgmlQ4_1;
+  d.row_bytes = w.in * d.bits / 8;
+  Tensor codes = Tensor::empty({w.out, d.row_bytes}, DType::U8);
+  Tensor params = Tensor::empty({w.out, d.n_groups, 2}, DType::F16);
+  uint8_t* pc = codes.data<uint8_t>();
+  uint16_t* pp = static_cast<uint16_t*>(params.raw_data());
+  const uint16_t f16_zero = f32_to_f16(0.0f), f16_eight = f32_to_f16(8.0f);
+  for (int64_t r = 0; r < w.out; ++r) {
+    const uint8_t* src = w.codes + r * w.row_bytes;
+    uint8_t* dst = pc + r * d.row_bytes;
+    uint16_t* prm = pp + r * d.n_groups * 2;
+    if (!ggml) {
+      std::memcpy(dst, src, size_t(d.row_bytes));
+      if (d.bits == 8)  // signed codes for dp4a: (q - 128) - (z - 128) = q - z
+        for (int64_t i = 0; i < d.row_bytes; ++i) dst[i] = uint8_t(src[i] ^ 0x80u);
+      for (int64_t g = 0; g < d.n_groups; ++g) {
+        float z = w.zeros ? f16_to_f32(w.zeros[r * w.n_groups + g]) : w.implicit_zero;
+        if (d.bits == 8) z -= 128.0f;
+        prm[2 * g] = w.scales[r * w.n_groups + g];
+        prm[2 * g + 1] = f32_to_f16(z);
+      }
+      continue;
+    }
+    const int64_t bb = ggml_block_bytes(w.layout), cb = kBlock * d.bits / 8;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = src + b * bb;
+      uint16_t dd, mm;
+      std::memcpy(&dd, blk, 2);
+      prm[2 * b] = dd;
+      switch (w.layout) {
+        case PackedLayout::GgmlQ4_0:
+          prm[2 * b + 1] = f16_eight;
+          std::memcpy(dst + b * cb, blk + 2, size_t(cb));
+          break;
+        case PackedLayout::GgmlQ4_1:
+          std::memcpy(&mm, blk + 2, 2);
+          prm[2 * b + 1] = mm;
+          std::memcpy(dst + b * cb, blk + 4, size_t(cb));
+          break;
+        default:
+          prm[2 * b + 1] = f16_zero;
+          std::memcpy(dst + b * cb, blk + 2, size_t(cb));
+      }
+    }
+  }
+  d.codes = codes;
+  d.params = params;
+  return d;
+}
+
+void quant_embedding(const PackedWeight& w, const Tensor& ids, Tensor& out) {
+  check_view(w);
+  detail::check_contiguous(kOp, ids, "ids");
+  detail::check_contiguous(kOp, out, "out");
+  if (ids.dtype() != DType::I32 || ids.dim() != 1)
+    throw_error("quant_embedding: ids must be i32 [n], got ", ids.describe());
+  const int64_t n = ids.numel();
+  detail::check_shape("quant_embedding", out, {n, w.in}, "out");
+  if (out.dtype() != DType::F32) throw_error("quant_embedding: out must be f32, got ", out.describe());
+  if (out.device() == Device::CUDA) {
+    if (!w.device || !w.device->defined())
+      throw_error("quant_embedding: table [", w.format, "] has no GPU copy (upload_packed_weight)");
+#ifdef LOWBIT_WITH_CUDA
+    cuda::quant_embedding(w, ids, out);
+    return;
+#else
+    detail::no_cuda("quant_embedding");
+#endif
+  }
+  if (ids.device() != Device::CPU) throw_error("quant_embedding: ids ", ids.describe(), " with out on the CPU");
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t id = ids.data<int32_t>()[i];
+    if (id < 0 || id >= w.out)
+      throw_error("quant_embedding: token id ", id, " at position ", i, " is outside the vocabulary [0, ", w.out, ")");
+    w.dequantize_row(id, out.data<float>() + i * w.in);
+  }
+}
+
 void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const QuantMatmulOptions& opt) {
   check_view(w);
   detail::check_contiguous(kOp, x, "x");
   detail::check_contiguous(kOp, y, "y");
+  if (x.device() == Device::CUDA) {
+    if (x.dtype() != DType::F32 || x.dim() != 2 || x.size(1) != w.in)
+      throw_error(kOp, ": x must be f32 [M, ", w.in, "] for weight [", w.format, "] [", w.out, ", ", w.in, "], got ",
+                  x.describe());
+    detail::check_shape(kOp, y, {x.size(0), w.out}, "y");
+    if (y.dtype() != DType::F32 || y.device() != Device::CUDA)
+      throw_error(kOp, ": y must be f32 on cuda like x, got ", y.describe());
+    if (!w.device || !w.device->defined() || w.device->out != w.out || w.device->in != w.in)
+      throw_error(kOp, ": weight [", w.format, "] [", w.out, ", ", w.in, "] has no GPU copy (upload_packed_weight)");
+    if (x.size(0) == 0) return;
+    QuantMatmulPath path = opt.path == QuantMatmulPath::Auto ? env_path() : opt.path;
+    const bool int8 = path == QuantMatmulPath::Int8 || (path == QuantMatmulPath::Auto && x.size(0) <= kQuantDecodeMaxRows);
+#ifdef LOWBIT_WITH_CUDA
+    cuda::quant_matmul(x, w, y, int8);
+    return;
+#else
+    (void)int8;
+    detail::no_cuda(kOp);
+#endif
+  }
   if (x.dtype() != DType::F32 || x.device() != Device::CPU || x.dim() != 2 || x.size(1) != w.in)
     throw_error(kOp, ": x must be f32 [M, ", w.in, "] on the CPU for weight [", w.format, "] [", w.out, ", ", w.in,
                 "], got ", x.describe());

@@ -35,6 +35,20 @@ namespace lowbit::ops {
 
 enum class PackedLayout : uint8_t { Generic, IntGroups, GgmlQ4_0, GgmlQ4_1, GgmlQ8_0 };
 
+// A packed weight's copy on the GPU, in the layout the CUDA kernels read (ops/cuda/quant_gemv.cuh
+// documents it): codes U8 [out, in / 32 blocks of 8, 16 or 32 bytes] and group parameters F16
+// [out, n_groups, 2] = (s, z) with w = (q - z) s, or (d, m) with w = d q + m when `offset`.
+// lowbit's IntGroups codes are uploaded as stored (int8: as signed q - 128, z - 128); ggml blocks
+// are split into their codes and (d, 8), (d, m) or (d, 0). Built once by upload_packed_weight.
+struct DevicePackedWeight {
+  Tensor codes, params;
+  int64_t out = 0, in = 0, row_bytes = 0, group_size = 0, n_groups = 0;
+  int bits = 0;
+  int order = 8;        // element order inside a 32-value block: 8 natural, 4 / 2 lowbit's bit order
+  bool offset = false;
+  bool defined() const { return codes.defined(); }
+};
+
 struct PackedWeight {
   int64_t out = 0, in = 0;
   const char* format = "";  // the format's name, for messages (a static string)
@@ -50,6 +64,8 @@ struct PackedWeight {
   float implicit_zero = 0.0f;
   // Every layout: decodes row r into dst[0, in). Must be callable from several threads at once.
   std::function<void(int64_t row, float* dst)> dequantize_row;
+  // The copy on the GPU (CUDA calls need it), or null.
+  const DevicePackedWeight* device = nullptr;
 };
 
 enum class QuantMatmulPath : uint8_t { Auto, Reference, Exact, Int8 };
@@ -65,7 +81,23 @@ inline constexpr int64_t kQuantDecodeMaxRows = 8;
 
 // x: f32 [M, in] contiguous on the CPU; y: f32 [M, out] (written). Throws lowbit::Error on a shape,
 // dtype or device mismatch, or an IntGroups view whose fields are inconsistent.
+// On CUDA (x and y f32 on the GPU, w.device set): Auto and Int8 with M <= 8 run the decode GEMV
+// (int8 activations per block of 32, the CPU Int8 body's operand, dp4a); Exact, Reference and
+// M > 8 dequantize tiles of rows to f32 on the GPU and multiply them with cuBLAS (TF32 only when
+// allowed, device_init.h). Never builds the whole f32 weight.
 void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const QuantMatmulOptions& opt = {});
+
+// True when the weight has a GPU form: IntGroups with in % 32 == 0 and whole 32-value blocks per
+// group (or one group per row), and the ggml q4_0 / q4_1 / q8_0 layouts.
+bool quant_matmul_has_cuda_layout(const PackedWeight& w);
+// Builds the GPU copy (host-side repacking, one upload). Throws when there is no GPU form or the
+// build has no CUDA.
+DevicePackedWeight upload_packed_weight(const PackedWeight& w);
+// The same layout in host memory (what upload_packed_weight copies; tests check it on the CPU).
+DevicePackedWeight device_layout_on_host(const PackedWeight& w);
+// Embedding lookup from a packed table on the GPU: out[i, :] = row ids[i] of w, f32 [n, in].
+// ids: i32 [n] on the CPU or the GPU (an id outside [0, out) throws).
+void quant_embedding(const PackedWeight& w, const Tensor& ids, Tensor& out);
 
 // What the CPU supports, and the ISA Auto picks.
 bool quant_isa_supported(QuantIsa isa);

@@ -19,7 +19,7 @@ constexpr OpInfo kOps[] = {
     {"cross_entropy", true, kCuda, "f32 f64"}, {"kl_div", true, kCuda, "f32 f64"},
     {"mse", true, kCuda, "f32 f64"},           {"adamw_step", false, kCuda, "f32 f64"},
     {"cast", true, kCuda, "f64 f32 bf16 f16"},
-    {"quant_matmul", false, false, "f32 x packed"},
+    {"quant_matmul", false, true, "f32 x packed"},
 };
 }  // namespace
 

@@ -9,6 +9,7 @@ QuantLinear::QuantLinear(QuantizedTensor q, Tensor bias, Device device, Tensor l
                          Tensor dequantized)
     : q_(std::move(q)), device_(device) {
   q_.validate();
+  gpu_packed_ = device == Device::CUDA && ops::quant_matmul_has_cuda_layout(q_.packed_view());
   if (dequantized.defined()) {
     LB_CHECK(dequantized.shape() == q_.shape, "QuantLinear: dequantized weight ", dequantized.describe(),
              " does not match the quantized shape ", shape_str(q_.shape));
@@ -36,11 +37,16 @@ const Var& QuantLinear::weight_var() const {
 
 Var QuantLinear::forward(const Var& x) const {
   const Tensor& xv = x.value();
-  const bool packed = device_ == Device::CPU && !x.requires_grad() && xv.device() == Device::CPU &&
-                      xv.dtype() == DType::F32 && xv.dim() == 2 && xv.size(1) == q_.in_features();
+  const bool plain = !x.requires_grad() && xv.dtype() == DType::F32 && xv.dim() == 2 && xv.size(1) == q_.in_features();
+  const bool packed_cpu = plain && device_ == Device::CPU && xv.device() == Device::CPU;
+  // On the GPU: the packed kernels when the format has a GPU form, unless the dense weight was
+  // handed over (then it is already there and faster for long prompts).
+  const bool packed_gpu = plain && device_ == Device::CUDA && xv.device() == Device::CUDA && gpu_packed_ &&
+                          !has_dequantized_weight();
   Var y;
-  if (packed) {
-    Tensor yt = Tensor::empty({xv.size(0), q_.out_features()});
+  if (packed_cpu || packed_gpu) {
+    if (packed_gpu) q_.upload_to_device();
+    Tensor yt = Tensor::empty({xv.size(0), q_.out_features()}, DType::F32, xv.device());
     ops::quant_matmul(xv.contiguous(), q_.packed_view(), yt, mm_opt_);
     if (bias_.defined()) ops::add(yt, bias_.value(), yt);
     y = Var(yt, false);

@@ -3,11 +3,12 @@
 //
 //   y = x Ŵ^T + (x A^T) B^T (+ bias)       Ŵ = dequantize(q), A [rank, in], B [out, rank]
 //
-// Inference (CPU, f32 input that needs no gradient) runs ops::quant_matmul on the packed codes: no
-// f32 copy of Ŵ is ever made. The dequantized Ŵ (a Var) is built lazily, and kept, only where a
-// path needs it: a gradient through x (training, LoRA finetuning), the CUDA device (no packed CUDA
-// kernel yet), or a caller of dequantized_weight(). The adapters are frozen unless
-// set_lora_trainable(true) (LoRA finetuning of a quantized model).
+// Inference (f32 input that needs no gradient, on the CPU or on CUDA) runs ops::quant_matmul on the
+// packed codes: no f32 copy of Ŵ is ever made; on CUDA the packed codes are uploaded once, on first
+// use (QuantizedTensor::upload_to_device). The dequantized Ŵ (a Var) is built lazily, and kept,
+// only where a path needs it: a gradient through x (training, LoRA finetuning), a format without a
+// GPU form on CUDA (ops::quant_matmul_has_cuda_layout), or a caller of dequantized_weight(). The
+// adapters are frozen unless set_lora_trainable(true) (LoRA finetuning of a quantized model).
 #pragma once
 #include <mutex>
 
@@ -18,8 +19,8 @@ namespace lowbit {
 
 class QuantLinear : public Linear {
  public:
-  // bias [out] or undefined (kept in full precision); the layer runs on `device` (the packed codes
-  // stay on the CPU; on CUDA the dequantized weight is placed there when first needed).
+  // bias [out] or undefined (kept in full precision); the layer runs on `device` (on CUDA the packed
+  // codes are copied to the GPU on first use, or the dequantized weight when a path needs it).
   // lora_A [rank, in] and lora_B [out, rank] (float) are both given or both undefined.
   // `dequantized`: dequantize(q) when the caller already has it (e.g. GPU GPTQ produces it on the
   // device), which skips decoding the codes again on the CPU.
@@ -38,7 +39,7 @@ class QuantLinear : public Linear {
   // Ŵ on the layer's device, built on first use and kept (training paths only).
   const Tensor& dequantized_weight() const { return weight_var().value(); }
   bool has_dequantized_weight() const { return weight_.defined(); }
-  // Options of the packed CPU path (tests force a body or an instruction set).
+  // Options of the packed path (tests force a body or an instruction set).
   void set_matmul_options(const ops::QuantMatmulOptions& o) { mm_opt_ = o; }
 
   bool has_lora() const { return lora_A_.defined(); }
@@ -52,6 +53,7 @@ class QuantLinear : public Linear {
 
   QuantizedTensor q_;
   Device device_ = Device::CPU;
+  bool gpu_packed_ = false;  // on CUDA with a format that has a GPU form: quant_matmul on the device
   ops::QuantMatmulOptions mm_opt_;
   mutable std::mutex weight_mutex_;
   mutable Var weight_;    // dequantized weight (frozen), undefined until a path needs it

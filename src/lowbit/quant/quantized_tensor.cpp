@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 
 namespace lowbit {
 
@@ -141,6 +142,7 @@ ops::PackedWeight QuantizedTensor::packed_view() const {
   w.in = in_features();
   w.format = f.name;
   w.dequantize_row = [this](int64_t r, float* dst) { dequantize_row(r, dst); };
+  w.device = device_copy_.get();
   const ops::PackedLayout ggml = f.id == QuantFormatId::Q4_0   ? ops::PackedLayout::GgmlQ4_0
                                  : f.id == QuantFormatId::Q4_1 ? ops::PackedLayout::GgmlQ4_1
                                  : f.id == QuantFormatId::Q8_0 ? ops::PackedLayout::GgmlQ8_0
@@ -164,6 +166,13 @@ ops::PackedWeight QuantizedTensor::packed_view() const {
     w.implicit_zero = f.kind == QuantKind::IntSym ? float(1 << (f.bits - 1)) : 0.0f;
   }
   return w;
+}
+
+void QuantizedTensor::upload_to_device() const {
+  static std::mutex mu;  // one upload at a time (layers may be uploaded from several threads)
+  std::lock_guard<std::mutex> lock(mu);
+  if (device_copy_) return;
+  device_copy_ = std::make_shared<const ops::DevicePackedWeight>(ops::upload_packed_weight(packed_view()));
 }
 
 int64_t QuantizedTensor::nbytes() const {

@@ -3,6 +3,7 @@
 // ggml block formats `codes` holds the raw ggml blocks of each row and nothing else is set.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "lowbit/core/tensor.h"
@@ -39,9 +40,17 @@ struct QuantizedTensor {
   void dequantize_row(int64_t row, float* out) const;
   Tensor dequantize() const;  // F32 [out, in] on the CPU
   // The op layer's view of this tensor for ops::quant_matmul (pointers into this object's storage:
-  // valid while it lives and is not modified). Validates first.
+  // valid while it lives and is not modified). Validates first. Carries the GPU copy when one was
+  // made (upload_to_device).
   ops::PackedWeight packed_view() const;
-  int64_t nbytes() const;     // bytes of all tensors
+  // Makes the GPU copy of the packed codes and group parameters (once; copies of this object made
+  // afterwards share it) for quant_matmul on CUDA. Throws when the format has no GPU form
+  // (ops::quant_matmul_has_cuda_layout) or the build has no CUDA.
+  void upload_to_device() const;
+  bool has_device_copy() const { return device_copy_ != nullptr; }
+  int64_t nbytes() const;     // bytes of all tensors (host copy)
+
+  mutable std::shared_ptr<const ops::DevicePackedWeight> device_copy_;  // see upload_to_device
 };
 
 // Builds a QuantizedTensor from unpacked codes [out*in] (row-major) and per-group parameters

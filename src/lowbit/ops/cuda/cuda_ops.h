@@ -11,6 +11,7 @@
 
 #include "lowbit/core/format_traits.h"
 #include "lowbit/core/tensor.h"
+#include "lowbit/ops/quant_matmul.h"
 #include "lowbit/ops/rope_style.h"
 
 namespace lowbit::ops::cuda {
@@ -92,5 +93,11 @@ struct GptqIntResult {
   int64_t dead_columns = 0;
 };
 GptqIntResult gptq_int(const Tensor& w, const Tensor& h, const FormatTraits& f, const GptqKernelOptions& opt);
+
+// Packed-weight products and lookups (quant_matmul.h; the CPU entry points check the arguments,
+// w.device is set). int8: the decode GEMV with int8 activations (in chunks of 8 rows when M > 8),
+// else dequantized f32 tiles + cuBLAS.
+void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, bool int8);
+void quant_embedding(const PackedWeight& w, const Tensor& ids, Tensor& out);
 
 }  // namespace lowbit::ops::cuda
