@@ -30,7 +30,7 @@
 # validation text, then eval tasks. ApiQ/SAPR on cuda get --tf32 --bf16 (as ApiQ's reference runs
 # fp16 autocast). SAPR jobs of one seed share one saliency file (computed once, raw Fisher, normalised
 # on load as each job asks): MODELS/saliency-sSEED.safetensors (saliency-qFORMAT-sSEED.safetensors
-# for --saliency-model quantized).
+# for --saliency-model quantized, saliency-KIND-sSEED.safetensors for --saliency-kind KIND).
 set -uo pipefail
 shared=${LOWBIT_SHARED:-$(cd "$(dirname "$0")/../.." && pwd)/shared}
 lowbit=build-rel/lowbit plan="" out=""
@@ -63,6 +63,8 @@ run_job() {  # one plan line
   set -- $1
   local name=$1 method=$2 format=$3 seed=$4; shift 4
   local dir=$out/models/$name log=$out/logs/$name path t0 qsec=0
+  # A job already in the results is done (a rerun after a kill continues with the rest).
+  if [ -f "$out/results.jsonl" ] && grep -q "^{\"name\": \"$name\"," "$out/results.jsonl"; then return; fi
   if [ "$method" = fp ]; then
     path=$model
   else
@@ -80,6 +82,7 @@ run_job() {  # one plan line
       # SAPR job of the seed computes it, the others wait for it.
       local key=s$seed qflag=()
       if [[ " $* " == *" --saliency-model quantized"* ]]; then key=q$format-s$seed qflag=(--saliency-model quantized); fi
+      if [[ " $* " =~ " --saliency-kind "([a-z-]+) ]]; then key=${BASH_REMATCH[1]}-$key qflag+=(--saliency-kind "${BASH_REMATCH[1]}"); fi
       local sal=$out/models/saliency-$key.safetensors lock=$out/models/saliency-$key.lock
       if mkdir "$lock" 2>/dev/null; then
         [ -f "$sal" ] || "$lowbit" -q quantize -m "$model" --method sapr --format "$format" "${data[@]}" \

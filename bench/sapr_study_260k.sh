@@ -11,6 +11,8 @@ shared=${LOWBIT_SHARED:-$here/../../shared}
 out=${1:-/tmp/sapr-260k} parallel=${2:-2}
 lowbit=${LOWBIT:-$here/../build-rel/lowbit}
 mkdir -p "$out"
+# Run a copy, so that rebuilding the tree does not replace the binary under running jobs.
+cp "$lowbit" "$out/lowbit" && lowbit=$out/lowbit
 python3 - "$shared/models/stories260K/sample-tokens.i32" "$out" <<'PY'
 import array, sys
 a = array.array("i"); a.frombytes(open(sys.argv[1], "rb").read())

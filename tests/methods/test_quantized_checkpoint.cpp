@@ -10,6 +10,7 @@
 #include "lowbit/io/safetensors.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/ptq_methods.h"
+#include "lowbit/ops/quant_matmul.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
@@ -86,6 +87,7 @@ TEST(QuantizedCheckpoint, PackedLoadHasNoDenseCopyAndMatchesTheDenseView) {
 // exact bodies, decode through the int8-activation bodies (the same int8 operand on both).
 TEST(QuantizedCheckpoint, GpuPackedModelMatchesTheCpuPackedModel) {
   if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
+  ops::set_cuda_packed_enabled(true);  // off by default until verified on a GPU
   LlamaConfig c = small_config(RopeStyle::Half);
   LlamaModel m(c, random_weights(c, 9));
   const QuantFormat& f = parse_quant_format("int4g32");

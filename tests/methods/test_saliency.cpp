@@ -333,6 +333,16 @@ TEST(Saliency, LayerMeansAndSourceRoundTrip) {
   SaliencyOptions lo;
   const SaliencyMap direct = compute_saliency(c, w, tiny_tokens(2, 16, c.vocab_size), lo);
   EXPECT_NEAR(direct.layer_weight(q), norm.layer_weight(q), 1e-6);
+  // Uniform: ones everywhere, every layer weight 1, no pass over the data.
+  SaliencyOptions uo;
+  uo.kind = SaliencyKind::Uniform;
+  const SaliencyMap uni = compute_saliency(c, w, tiny_tokens(2, 16, c.vocab_size), uo);
+  ASSERT_EQ(uni.scores.size(), raw.scores.size());
+  for (const auto& [m, t] : uni.scores) {
+    EXPECT_EQ(t.shape(), raw.at(m).shape()) << m;
+    EXPECT_EQ(mean_of(t), 1.0) << m;
+    EXPECT_EQ(uni.layer_weight(m), 1.0) << m;
+  }
   SaliencyMap tagged = norm;
   tagged.source = "rtn:int2g64";
   auto dir = test::temp_dir("saliency-means");

@@ -47,8 +47,11 @@ const Backend kBackends[] = {
     {"cuda-exact", ops::QuantMatmulPath::Exact, ops::QuantIsa::Auto, false, true},
 };
 
+// With a GPU the tests run the packed CUDA path, which models use only when enabled (off by
+// default until verified: ops::cuda_packed_enabled).
 bool gpu() {
   static const bool ok = init_cuda();
+  if (ok) ops::set_cuda_packed_enabled(true);
   return ok;
 }
 

@@ -435,7 +435,7 @@ void register_quantize(CLI::App& app) {
               "saliency drops how much a layer matters; this puts it back)");
   q->add_flag("--saliency-only", a->saliency_only,
               "SAPR: compute the --saliency file (on the calibration windows) and stop; -o is not written");
-  q->add_option("--saliency-kind", a->saliency_kind, "SAPR: fisher, grad-weight or act-weight")->capture_default_str();
+  q->add_option("--saliency-kind", a->saliency_kind, "SAPR: fisher, grad-weight, act-weight or uniform (all weights alike: the ablation without saliency)")->capture_default_str();
   q->add_option("--saliency-batch", a->saliency_batch, "SAPR: calibration windows per saliency backward pass")
       ->capture_default_str()
       ->check(at_least(1));

@@ -270,7 +270,7 @@ std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, D
   auto out = q.quantized.find(q.dense.config.tied_embeddings ? "model.embed_tokens" : "lm_head");
   const bool packed_vocab =
       emb != q.quantized.end() && out != q.quantized.end() &&
-      (device == Device::CPU || (ops::quant_matmul_has_cuda_layout(emb->second.packed_view()) &&
+      (device == Device::CPU || (ops::cuda_packed_enabled() && ops::quant_matmul_has_cuda_layout(emb->second.packed_view()) &&
                                  ops::quant_matmul_has_cuda_layout(out->second.packed_view())));
   if (device != Device::CPU)
     for_each_weight(w, [&](const std::string& name, Tensor& t) {

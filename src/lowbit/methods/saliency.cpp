@@ -48,6 +48,7 @@ SaliencyKind parse_saliency_kind(std::string_view name) {
   if (name == "fisher") return SaliencyKind::Fisher;
   if (name == "grad-weight") return SaliencyKind::GradWeight;
   if (name == "act-weight") return SaliencyKind::ActWeight;
+  if (name == "uniform") return SaliencyKind::Uniform;
   throw_error("unknown saliency kind '", name, "' (expected fisher, grad-weight or act-weight)");
 }
 
@@ -56,6 +57,7 @@ const char* saliency_kind_name(SaliencyKind k) {
     case SaliencyKind::Fisher: return "fisher";
     case SaliencyKind::GradWeight: return "grad-weight";
     case SaliencyKind::ActWeight: return "act-weight";
+    case SaliencyKind::Uniform: return "uniform";
   }
   return "?";
 }
@@ -89,7 +91,7 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
   LB_CHECK(o.batch >= 1, "saliency: batch must be >= 1, got ", o.batch);
   const Tensor tokens = tokens_in.contiguous();
   const int64_t N = tokens.size(0), L = tokens.size(1);
-  const bool needs_grad = o.kind != SaliencyKind::ActWeight;
+  const bool needs_grad = o.kind != SaliencyKind::ActWeight && o.kind != SaliencyKind::Uniform;
   LlamaModel model(config, weights, needs_grad);
   SaliencyMap out;
   out.kind = o.kind;
@@ -97,6 +99,15 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
   out.rope_style = config.rope_style;
   out.nsamples = N;
   out.seqlen = L;
+  if (o.kind == SaliencyKind::Uniform) {
+    for (int i = 0; i < model.n_layers(); ++i)
+      for (auto& [name, slot] : model.block(i).linears()) {
+        const std::string m = "model.layers." + std::to_string(i) + "." + name;
+        out.scores.emplace(m, Tensor::full({(*slot)->out_features(), (*slot)->in_features()}, 1.0));
+        if (o.norm == SaliencyNorm::Layer) out.layer_mean[m] = 1.0;
+      }
+    return out;
+  }
 
   // Accumulators in double, per module.
   struct Acc {

@@ -54,8 +54,10 @@
 
 namespace lowbit {
 
-enum class SaliencyKind { Fisher, GradWeight, ActWeight };
-SaliencyKind parse_saliency_kind(std::string_view name);  // "fisher", "grad-weight", "act-weight"
+// Uniform: every weight 1 (no data, no pass): SAPR then preserves all weights alike, the ablation
+// that asks whether the saliency, or the weight-preservation stage itself, does the work.
+enum class SaliencyKind { Fisher, GradWeight, ActWeight, Uniform };
+SaliencyKind parse_saliency_kind(std::string_view name);  // "fisher", "grad-weight", "act-weight", "uniform"
 const char* saliency_kind_name(SaliencyKind k);
 
 enum class SaliencyNorm { Layer, None };  // mean 1 per layer (mean over batches) / raw (sum over batches)

@@ -5,10 +5,12 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "lowbit/core/dtype.h"
@@ -362,6 +364,22 @@ bool quant_matmul_has_int8_kernel(const PackedWeight& w) {
   if (w.layout == PackedLayout::Generic) return false;
   return w.layout != PackedLayout::IntGroups || w.n_groups == 1 || w.group_size % kBlock == 0;
 }
+
+namespace {
+std::atomic<int> g_cuda_packed{-1};  // -1: not decided yet (read LOWBIT_CUDA_PACKED on first use)
+}  // namespace
+
+bool cuda_packed_enabled() {
+  int v = g_cuda_packed.load();
+  if (v < 0) {
+    const char* e = std::getenv("LOWBIT_CUDA_PACKED");
+    v = e && std::string_view(e) == "1" ? 1 : 0;
+    g_cuda_packed.store(v);
+  }
+  return v == 1;
+}
+
+void set_cuda_packed_enabled(bool on) { g_cuda_packed.store(on ? 1 : 0); }
 
 bool quant_matmul_has_cuda_layout(const PackedWeight& w) {
   switch (w.layout) {

@@ -9,7 +9,7 @@ QuantLinear::QuantLinear(QuantizedTensor q, Tensor bias, Device device, Tensor l
                          Tensor dequantized)
     : q_(std::move(q)), device_(device) {
   q_.validate();
-  gpu_packed_ = device == Device::CUDA && ops::quant_matmul_has_cuda_layout(q_.packed_view());
+  gpu_packed_ = device == Device::CUDA && ops::cuda_packed_enabled() && ops::quant_matmul_has_cuda_layout(q_.packed_view());
   if (dequantized.defined()) {
     LB_CHECK(dequantized.shape() == q_.shape, "QuantLinear: dequantized weight ", dequantized.describe(),
              " does not match the quantized shape ", shape_str(q_.shape));
