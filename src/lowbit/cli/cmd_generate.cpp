@@ -14,6 +14,7 @@ struct GenArgs {
   double temperature = 1.0, top_p = 0.9;
   uint64_t seed = 42;
   bool json = false, ignore_eos = false;
+  KVCacheType kv_cache = KVCacheType::Auto;
 };
 
 void run_generate(const GenArgs& a) {
@@ -27,6 +28,7 @@ void run_generate(const GenArgs& a) {
   GenerateOptions o;
   o.steps = a.steps;
   o.stop_at_eos = !a.ignore_eos;
+  o.kv_cache = a.kv_cache;
   o.sampler = SamplerOptions{a.temperature, a.top_p, a.seed};
   std::string prompt = a.prompt;
   if (!a.chat.empty()) {
@@ -75,6 +77,8 @@ void register_generate(CLI::App& app) {
   g->add_flag("--ignore-eos", a->ignore_eos, "do not stop at EOS (llama2.c run.c stops only at BOS)");
   g->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   g->add_flag("--json", a->json, "print one JSON object instead of streaming text");
+  add_kv_cache_option(g, &a->kv_cache);
+  add_matmul_option(g);
   add_threads_option(g);
   g->callback([a] { run_generate(*a); });
 }

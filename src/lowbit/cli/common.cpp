@@ -20,6 +20,7 @@
 #include "lowbit/io/gguf.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/ops/device_init.h"
+#include "lowbit/ops/quant_matmul.h"
 #include "lowbit/tokenizer/chat_template.h"
 
 namespace lowbit::cli {
@@ -30,6 +31,23 @@ void add_threads_option(CLI::App* app) {
          "CPU threads for the model's computation (default: physical cores, " + std::to_string(default_num_threads()) +
              ")")
       ->check(CLI::Range(1, 1024));
+}
+
+void add_matmul_option(CLI::App* app) {
+  app->add_option_function<std::string>(
+      "--matmul", [](const std::string& v) { ops::set_quant_matmul_default(ops::parse_quant_matmul_path(v, "--matmul")); },
+      "activations of quantized (packed) matrix products: auto = int8 for decode (<= 8 rows), f32 for "
+      "prefill; int8 = int8 activations everywhere (llama.cpp's way, fastest); exact = f32 activations "
+      "everywhere (the path that answers \"Paris\" on the SmolLM2 chat example, where int8 decode does "
+      "not); reference = row-by-row oracle (slow). Default auto; overrides LOWBIT_QUANT_MATMUL");
+}
+
+void add_kv_cache_option(CLI::App* app, KVCacheType* type, const std::string& help) {
+  app->add_option_function<std::string>(
+      "--kv-cache", [type](const std::string& v) { *type = parse_kv_cache_type(v, "--kv-cache"); },
+      help.empty() ? std::string("storage of the KV cache: auto (= f16 on the CPU, f32 on CUDA), f16, q8 (int8 per "
+                                 "value + one f32 scale per token and head: half of f16's memory) or f32")
+                   : help);
 }
 
 namespace fs = std::filesystem;

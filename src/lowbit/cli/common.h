@@ -31,6 +31,14 @@ namespace lowbit::cli {
 // threads when the option is parsed; the default is the number of physical cores.
 void add_threads_option(CLI::App* app);
 
+// Adds --matmul auto|int8|exact|reference: the activation path of packed (quantized) matrix
+// products for the whole command (ops::set_quant_matmul_default; overrides LOWBIT_QUANT_MATMUL).
+void add_matmul_option(CLI::App* app);
+
+// Adds --kv-cache TYPE (auto|f16|q8|f32; KVCacheType) storing the parsed type in *type. `help`
+// replaces the default help text when not empty.
+void add_kv_cache_option(CLI::App* app, KVCacheType* type, const std::string& help = "");
+
 // Parses "cpu" / "cuda"; "cuda" initialises the GPU or fails with a clear message.
 Device parse_device(const std::string& name);
 

@@ -5,6 +5,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -291,16 +292,12 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, Quant
 QuantMatmulPath env_path() {
   static const QuantMatmulPath p = [] {
     const char* e = std::getenv("LOWBIT_QUANT_MATMUL");
-    const std::string v = e ? e : "";
-    if (v == "int8") return QuantMatmulPath::Int8;
-    if (v == "exact") return QuantMatmulPath::Exact;
-    if (v == "reference") return QuantMatmulPath::Reference;
-    if (!v.empty() && v != "auto")
-      throw_error("LOWBIT_QUANT_MATMUL='", v, "': expected auto, int8, exact or reference");
-    return QuantMatmulPath::Auto;
+    return e ? parse_quant_matmul_path(e, "LOWBIT_QUANT_MATMUL") : QuantMatmulPath::Auto;
   }();
   return p;
 }
+
+std::atomic<QuantMatmulPath> g_default_path{QuantMatmulPath::Auto};
 
 }  // namespace
 
@@ -376,7 +373,9 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
   if (M == 0) return;
   const float* px = x.data<float>();
   float* py = y.data<float>();
-  QuantMatmulPath path = opt.path == QuantMatmulPath::Auto ? env_path() : opt.path;
+  QuantMatmulPath path = opt.path;
+  if (path == QuantMatmulPath::Auto) path = g_default_path.load(std::memory_order_relaxed);
+  if (path == QuantMatmulPath::Auto) path = env_path();
   if (path == QuantMatmulPath::Auto)
     path = M <= kQuantDecodeMaxRows && quant_matmul_has_int8_kernel(w) ? QuantMatmulPath::Int8 : QuantMatmulPath::Exact;
   if (path == QuantMatmulPath::Int8 && !quant_matmul_has_int8_kernel(w)) path = QuantMatmulPath::Exact;
@@ -388,5 +387,16 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
       else exact_tiled_body(px, M, w, py);
   }
 }
+
+QuantMatmulPath parse_quant_matmul_path(const std::string& name, const std::string& what) {
+  if (name == "auto") return QuantMatmulPath::Auto;
+  if (name == "int8") return QuantMatmulPath::Int8;
+  if (name == "exact") return QuantMatmulPath::Exact;
+  if (name == "reference") return QuantMatmulPath::Reference;
+  throw_error(what, ": '", name, "': expected auto, int8, exact or reference");
+}
+
+void set_quant_matmul_default(QuantMatmulPath path) { g_default_path.store(path, std::memory_order_relaxed); }
+QuantMatmulPath quant_matmul_default() { return g_default_path.load(std::memory_order_relaxed); }
 
 }  // namespace lowbit::ops
