@@ -23,7 +23,7 @@ namespace {
 struct BenchArgs {
   std::string model, device = "cpu";
   int pp = 512, tg = 128, reps = 3, depth = 0;
-  bool json = false, dequantize = false;
+  bool json = false, dequantize = false, f32_vocab = false;
   KVCacheType kv_cache = KVCacheType::Auto;
 };
 
@@ -111,7 +111,7 @@ void run_bench(const BenchArgs& a) {
   const int threads = num_threads();  // --threads (add_threads_option) has set the program's one pool
   const Device dev = parse_device(a.device);
   NoGradGuard no_grad;
-  LoadedModel m = load_model(a.model, dev, a.dequantize);
+  LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
   const LlamaModel& model = *m.model;
   const int64_t vocab = model.config().vocab_size;
   const int64_t bytes = model_bytes(m);
@@ -178,6 +178,7 @@ void register_bench(CLI::App& app) {
       ->check(at_least(0));
   add_kv_cache_option(b, &a->kv_cache);
   add_matmul_option(b);
+  add_f32_vocab_option(b, &a->f32_vocab);
   add_threads_option(b);
   b->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   b->add_flag("--dequantize", a->dequantize, "run a quantized model dequantized to f32 (the reference path)");

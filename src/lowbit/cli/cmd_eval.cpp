@@ -20,14 +20,14 @@ struct PplArgs {
   int64_t ctx = 512, batch = 1, max_windows = 0;
   bool bos = false, json = false;
   KVCacheType kv_cache = KVCacheType::Auto;
-  bool use_cache = false;
+  bool use_cache = false, f32_vocab = false;
   int64_t kv_chunk = 0;
 };
 
 void run_ppl(const PplArgs& a) {
   if (a.text.empty() == a.tokens.empty()) throw_error("eval ppl: give exactly one of --text FILE or --tokens FILE");
   Device dev = parse_device(a.device);
-  LoadedModel m = load_model(a.model, dev, a.dequantize);
+  LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
   compact_for_inference(m, dev);
   std::vector<int32_t> stream;
   int bos = -1;
@@ -150,6 +150,7 @@ void register_eval(CLI::App& app) {
                   "default: the whole window in one call)")
       ->check(at_least(1));
   add_matmul_option(ppl);
+  add_f32_vocab_option(ppl, &a->f32_vocab);
   add_threads_option(ppl);
   ppl->callback([a] { run_ppl(*a); });
 
