@@ -2,7 +2,6 @@
 // bodies, activation quantization and the portable int8 kernel. Design notes in quant_matmul.h.
 #include "lowbit/ops/quant_matmul.h"
 
-#include <cblas.h>
 
 #include <algorithm>
 #include <atomic>
@@ -12,7 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "lowbit/core/blas.h"
 #include "lowbit/core/dtype.h"
+#include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
 #include "lowbit/ops/quant_matmul_kernels.h"
 
@@ -118,32 +119,37 @@ void reference_body(const float* x, int64_t M, const PackedWeight& w, float* y) 
   }
 }
 
+// Parallel loops run on lowbit's thread pool (core/threads.h), so --threads governs them like
+// every other op. A chunk is at least kMinChunkWork weight values (smaller products run serially).
+constexpr int64_t kMinChunkWork = int64_t(1) << 14;
+inline int64_t row_grain(int64_t in) { return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, in)); }
+
 // ---- Exact, few rows: one decoded weight row at a time per thread ----------------------------
 void exact_decode_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
   const int64_t in = w.in, out = w.out;
-#pragma omp parallel if (out * in >= (int64_t(1) << 15))
-  {
-    std::vector<float> row(static_cast<size_t>(in));
-#pragma omp for schedule(static)
-    for (int64_t o = 0; o < out; ++o) {
+  parallel_for(out, row_grain(in), [&](int64_t o0, int64_t o1) {
+    thread_local std::vector<float> row;
+    if (row.size() < size_t(in)) row.resize(size_t(in));
+    for (int64_t o = o0; o < o1; ++o) {
       decode_row(w, o, row.data());
       for (int64_t m = 0; m < M; ++m) y[m * out + o] = dot_f32(x + m * in, row.data(), in);
     }
-  }
+  });
 }
 
-// ---- Exact, many rows: dequantize a tile of weight rows (<= 1 MiB of f32), BLAS sgemm ---------
+// ---- Exact, many rows: each thread dequantizes panels of weight rows (<= 256 KiB of f32) and
+// multiplies them with single-threaded sgemm into its own output columns ------------------------
 void exact_tiled_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
   const int64_t in = w.in, out = w.out;
-  const int64_t tile = std::clamp<int64_t>((int64_t(1) << 18) / in / 16 * 16, 16, out);
-  std::vector<float> buf(size_t(tile * in));
-  for (int64_t o0 = 0; o0 < out; o0 += tile) {
-    const int64_t n = std::min(tile, out - o0);
-#pragma omp parallel for schedule(static) if (n * in >= (int64_t(1) << 15))
+  const int64_t panel = std::clamp<int64_t>((int64_t(1) << 16) / in / 16 * 16, 16, out);
+  const int64_t panels = (out + panel - 1) / panel;
+  parallel_each(panels, [&](int64_t p) {
+    const int64_t o0 = p * panel, n = std::min(panel, out - o0);
+    thread_local std::vector<float> buf;
+    if (buf.size() < size_t(n * in)) buf.resize(size_t(n * in));
     for (int64_t r = 0; r < n; ++r) decode_row(w, o0 + r, buf.data() + r * in);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(n), int(in), 1.0f, x, int(in), buf.data(),
-                int(in), 0.0f, y + o0, int(out));
-  }
+    blas::gemm(false, true, M, n, in, 1.0f, x, in, buf.data(), in, 0.0f, y + o0, out);
+  });
 }
 
 // ---- Int8 activations ------------------------------------------------------------------------
@@ -279,12 +285,13 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, Quant
   const QActs a = quantize_acts(x, M, w.in, qmm::act_order_bits(w));
   const qmm::RowKernel k = pick_kernel(resolve_isa(isa), w);
   const int64_t nfull = w.in / kBlock, out = w.out;
-#pragma omp parallel for schedule(static) if (out * w.in >= (int64_t(1) << 15))
-  for (int64_t o = 0; o < out; ++o)
-    for (int64_t m = 0; m < M; ++m) {
-      const QRow r = a.row(m);
-      y[m * out + o] = k(w, o, r, nfull) + tail_dot(w, o, r, nfull);
-    }
+  parallel_for(out, row_grain(w.in), [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t m = 0; m < M; ++m) {
+        const QRow r = a.row(m);
+        y[m * out + o] = k(w, o, r, nfull) + tail_dot(w, o, r, nfull);
+      }
+  });
 }
 
 // LOWBIT_QUANT_MATMUL=int8|exact|reference overrides the Auto choice (measurements: e.g. the
