@@ -137,11 +137,14 @@ void exact_decode_body(const float* x, int64_t M, const PackedWeight& w, float* 
   });
 }
 
-// ---- Exact, many rows: each thread dequantizes panels of weight rows (<= 256 KiB of f32) and
-// multiplies them with single-threaded sgemm into its own output columns ------------------------
+// ---- Exact, many rows: each thread dequantizes panels of weight rows and multiplies them with
+// single-threaded sgemm into its own output columns. Panels: about 4 per thread, at most 1 MiB of
+// f32 (sgemm packs x once per panel, so panels are kept large), at least 16 rows ----------------
 void exact_tiled_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
   const int64_t in = w.in, out = w.out;
-  const int64_t panel = std::clamp<int64_t>((int64_t(1) << 16) / in / 16 * 16, 16, out);
+  const int64_t max_rows = std::max<int64_t>(16, (int64_t(1) << 18) / in / 16 * 16);
+  const int64_t want = ((out + 4 * num_threads() - 1) / (4 * num_threads()) + 15) / 16 * 16;
+  const int64_t panel = std::min(out, std::clamp<int64_t>(want, 16, max_rows));
   const int64_t panels = (out + panel - 1) / panel;
   parallel_each(panels, [&](int64_t p) {
     const int64_t o0 = p * panel, n = std::min(panel, out - o0);
