@@ -121,13 +121,42 @@ void reference_body(const float* x, int64_t M, const PackedWeight& w, float* y) 
 
 // Parallel loops run on lowbit's thread pool (core/threads.h), so --threads governs them like
 // every other op. A chunk is at least kMinChunkWork weight values (smaller products run serially).
+// LOWBIT_QUANT_THREADS=omp runs them on OpenMP threads instead (the loops before the move, kept
+// for A/B measurements; set OMP_WAIT_POLICY=passive with it on a busy machine).
 constexpr int64_t kMinChunkWork = int64_t(1) << 14;
 inline int64_t row_grain(int64_t in) { return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, in)); }
+
+bool use_openmp() {
+  static const bool omp = [] {
+    const char* e = std::getenv("LOWBIT_QUANT_THREADS");
+    const std::string v = e ? e : "";
+    if (!v.empty() && v != "omp" && v != "pool") throw_error("LOWBIT_QUANT_THREADS='", v, "': expected pool or omp");
+    return v == "omp";
+  }();
+  return omp;
+}
+
+// fn(begin, end) over [0, n) in chunks of at least `grain` (static split, one chunk per thread).
+template <class F>
+void rows_for(int64_t n, int64_t grain, const F& fn) {
+  if (!use_openmp()) return parallel_for(n, grain, [&](int64_t b, int64_t e) { fn(b, e); });
+  const int64_t chunks = std::clamp<int64_t>(n / std::max<int64_t>(1, grain), 1, num_threads());
+#pragma omp parallel for schedule(static) if (chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) fn(n * c / chunks, n * (c + 1) / chunks);
+}
+
+// fn(i) for every i in [0, n), handed out dynamically.
+template <class F>
+void items_each(int64_t n, const F& fn) {
+  if (!use_openmp()) return parallel_each(n, [&](int64_t i) { fn(i); });
+#pragma omp parallel for schedule(dynamic) if (n > 1)
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
 
 // ---- Exact, few rows: one decoded weight row at a time per thread ----------------------------
 void exact_decode_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
   const int64_t in = w.in, out = w.out;
-  parallel_for(out, row_grain(in), [&](int64_t o0, int64_t o1) {
+  rows_for(out, row_grain(in), [&](int64_t o0, int64_t o1) {
     thread_local std::vector<float> row;
     if (row.size() < size_t(in)) row.resize(size_t(in));
     for (int64_t o = o0; o < o1; ++o) {
@@ -146,7 +175,7 @@ void exact_tiled_body(const float* x, int64_t M, const PackedWeight& w, float* y
   const int64_t want = ((out + 4 * num_threads() - 1) / (4 * num_threads()) + 15) / 16 * 16;
   const int64_t panel = std::min(out, std::clamp<int64_t>(want, 16, max_rows));
   const int64_t panels = (out + panel - 1) / panel;
-  parallel_each(panels, [&](int64_t p) {
+  items_each(panels, [&](int64_t p) {
     const int64_t o0 = p * panel, n = std::min(panel, out - o0);
     thread_local std::vector<float> buf;
     if (buf.size() < size_t(n * in)) buf.resize(size_t(n * in));
@@ -288,7 +317,7 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, Quant
   const QActs a = quantize_acts(x, M, w.in, qmm::act_order_bits(w));
   const qmm::RowKernel k = pick_kernel(resolve_isa(isa), w);
   const int64_t nfull = w.in / kBlock, out = w.out;
-  parallel_for(out, row_grain(w.in), [&](int64_t o0, int64_t o1) {
+  rows_for(out, row_grain(w.in), [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o)
       for (int64_t m = 0; m < M; ++m) {
         const QRow r = a.row(m);
