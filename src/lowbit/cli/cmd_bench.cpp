@@ -6,6 +6,7 @@
 // of each before the -r timed runs; mean ± sd over the runs.
 #include <chrono>
 #include <cmath>
+#include <ctime>
 #include <cstdio>
 #include <numeric>
 
@@ -84,27 +85,37 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-double run_pp(const LlamaModel& model, const Tensor& tokens, KVCacheType kv) {
+// Process CPU time (every thread), seconds: on a shared machine, CPU time per token is the
+// steadier measure of the work a run does (wall time also counts the time other processes ran).
+double cpu_seconds() { return double(std::clock()) / CLOCKS_PER_SEC; }
+
+double run_pp(const LlamaModel& model, const Tensor& tokens, KVCacheType kv, double* cpu = nullptr) {
   KVCache cache = model.make_cache(tokens.numel(), kv);
+  const double c0 = cpu_seconds();
   const auto t0 = std::chrono::steady_clock::now();
   Tensor logits = model.forward_cached(tokens, cache).value();
   logits.to(Device::CPU);  // waits for the device
-  return double(tokens.numel()) / seconds_since(t0);
+  const double tps = double(tokens.numel()) / seconds_since(t0);
+  if (cpu) *cpu += cpu_seconds() - c0;
+  return tps;
 }
 
-double run_tg(const LlamaModel& model, const Tensor& tokens, KVCacheType kv, int64_t context) {
+double run_tg(const LlamaModel& model, const Tensor& tokens, KVCacheType kv, int64_t context, double* cpu = nullptr) {
   const int64_t n = tokens.numel();
   KVCache cache = model.make_cache(context + n, kv);
   if (context > 0) {  // a prompt already in the cache (untimed): decode attends over context + i keys
     model.forward_cached(token_ids(context, model.config().vocab_size, 5), cache);
   }
+  const double c0 = cpu_seconds();
   const auto t0 = std::chrono::steady_clock::now();
   const int32_t* ids = tokens.data<int32_t>();
   for (int64_t i = 0; i < n; ++i) {
     Tensor logits = model.forward_cached(Tensor::from_vector(std::vector<int32_t>{ids[i]}, {1}), cache).value();
     if (i == n - 1) logits.to(Device::CPU);  // waits for the device
   }
-  return double(n) / seconds_since(t0);
+  const double tps = double(n) / seconds_since(t0);
+  if (cpu) *cpu += cpu_seconds() - c0;
+  return tps;
 }
 
 void run_bench(const BenchArgs& a) {
@@ -116,15 +127,16 @@ void run_bench(const BenchArgs& a) {
   const int64_t vocab = model.config().vocab_size;
   const int64_t bytes = model_bytes(m);
   std::vector<double> pp, tg;
+  double pp_cpu = 0, tg_cpu = 0;
   if (a.pp > 0) {
     const Tensor toks = token_ids(a.pp, vocab, 1);
     run_pp(model, token_ids(std::min(a.pp, 16), vocab, 2), a.kv_cache);  // warm-up
-    for (int r = 0; r < a.reps; ++r) pp.push_back(run_pp(model, toks, a.kv_cache));
+    for (int r = 0; r < a.reps; ++r) pp.push_back(run_pp(model, toks, a.kv_cache, &pp_cpu));
   }
   if (a.tg > 0) {
     const Tensor toks = token_ids(a.tg, vocab, 3);
     run_tg(model, token_ids(std::min(a.tg, 4), vocab, 4), a.kv_cache, 0);  // warm-up
-    for (int r = 0; r < a.reps; ++r) tg.push_back(run_tg(model, toks, a.kv_cache, a.depth));
+    for (int r = 0; r < a.reps; ++r) tg.push_back(run_tg(model, toks, a.kv_cache, a.depth, &tg_cpu));
   }
   const Stat sp = stat(pp), st = stat(tg);
   if (a.json) {
@@ -143,10 +155,12 @@ void run_bench(const BenchArgs& a) {
     if (!pp.empty()) {
       j["pp_tokens_per_s"] = sp.mean;
       j["pp_tokens_per_s_sd"] = sp.sd;
+      j["pp_cpu_ms_per_token"] = 1e3 * pp_cpu / double(a.reps * a.pp);
     }
     if (!tg.empty()) {
       j["tg_tokens_per_s"] = st.mean;
       j["tg_tokens_per_s_sd"] = st.sd;
+      j["tg_cpu_ms_per_token"] = 1e3 * tg_cpu / double(a.reps * a.tg);
     }
     print_json(j);
     return;
