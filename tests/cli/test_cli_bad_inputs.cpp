@@ -70,6 +70,7 @@ const Row kRows[] = {
   {"eval ppl", "kv-chunk 0", "eval ppl -m {M} --tokens {I} --kv-chunk 0", "--kv-chunk: must be at least 1"},
   {"eval ppl", "kv-chunk -3", "eval ppl -m {M} --tokens {I} --kv-chunk -3", "--kv-chunk: must be at least 1"},
   {"eval ppl", "matmul empty", "eval ppl -m {M} --tokens {I} --matmul ''", "--matmul: ''"},
+  {"eval ppl", "f32-vocab with a value", "eval ppl -m {M} --tokens {I} --f32-vocab=maybe", "--f32-vocab"},
   {"eval ppl", "batch not a number", "eval ppl -m {M} --tokens {I} --batch abc", "--batch: 'abc' is not a number"},
   {"eval ppl", "max-windows -1", "eval ppl -m {M} --tokens {I} --max-windows -1", "--max-windows: must be at least 0"},
   {"eval ppl", "unknown device", "eval ppl -m {M} --tokens {I} --device tpu", "unknown device 'tpu'"},
@@ -97,6 +98,7 @@ const Row kRows[] = {
   {"generate", "kv-cache no value", "generate -m {M} --tokenizer {T} --kv-cache", "--kv-cache"},
   {"generate", "matmul fast", "generate -m {M} --tokenizer {T} --matmul fast", "--matmul: 'fast': expected auto, int8, exact or reference"},
   {"generate", "matmul INT8", "generate -m {M} --tokenizer {T} --matmul INT8", "--matmul: 'INT8'"},
+  {"generate", "f32-vocab with a value", "generate -m {M} --tokenizer {T} --f32-vocab=maybe", "--f32-vocab"},
   {"generate", "stdout full", "generate -m {M} --tokenizer {T} -n 8 > /dev/full", "writing to standard output", kModel},
   // --- bench
   {"bench", "missing model", "bench -m {D}/missing.bin", "missing.bin: no such file"},
@@ -109,6 +111,7 @@ const Row kRows[] = {
   {"bench", "matmul bogus", "bench -m {M} --matmul bogus", "--matmul: 'bogus'"},
   {"bench", "depth -1", "bench -m {M} -d -1", "--depth: must be at least 0"},
   {"bench", "depth not a number", "bench -m {M} --depth x", "--depth: 'x' is not a number"},
+  {"bench", "f32-vocab with a value", "bench -m {M} --f32-vocab=maybe", "--f32-vocab"},
   {"bench", "stdout full", "bench -m {M} -p 4 -n 2 -r 1 > /dev/full", "writing to standard output", kModel},
   // --- export
   {"export", "missing dir", "export -m {D}/missing --to {O}.gguf", "missing"},
