@@ -119,10 +119,13 @@ void reference_body(const float* x, int64_t M, const PackedWeight& w, float* y) 
   }
 }
 
-// Parallel loops run on lowbit's thread pool (core/threads.h), so --threads governs them like
-// every other op. A chunk is at least kMinChunkWork weight values (smaller products run serially).
-// LOWBIT_QUANT_THREADS=omp runs them on OpenMP threads instead (the loops before the move, kept
-// for A/B measurements; set OMP_WAIT_POLICY=passive with it on a busy machine).
+// Parallel loops: OpenMP threads by default (their count follows --threads: set_num_threads calls
+// omp_set_num_threads), or lowbit's thread pool (core/threads.h) with LOWBIT_QUANT_THREADS=pool.
+// The pool measured slower for decode on the shared 2-core machine (docs/results/
+// packed-inference.md: 33 vs 48-59 tokens/s and 50 % more CPU per token, against OpenMP with
+// OMP_WAIT_POLICY=passive), so OpenMP stays the default until a quiet-machine run says otherwise.
+// (Without OMP_WAIT_POLICY=passive, OpenMP threads spin and collapse on an oversubscribed machine.)
+// A chunk is at least kMinChunkWork weight values (smaller products run serially).
 constexpr int64_t kMinChunkWork = int64_t(1) << 14;
 inline int64_t row_grain(int64_t in) { return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, in)); }
 
@@ -131,7 +134,7 @@ bool use_openmp() {
     const char* e = std::getenv("LOWBIT_QUANT_THREADS");
     const std::string v = e ? e : "";
     if (!v.empty() && v != "omp" && v != "pool") throw_error("LOWBIT_QUANT_THREADS='", v, "': expected pool or omp");
-    return v == "omp";
+    return v != "pool";
   }();
   return omp;
 }
