@@ -175,6 +175,31 @@ TEST(QuantMatmul, ReferenceEqualsDenseProductWithTheDequantizedWeight) {
     }
 }
 
+// The process-wide default (the CLI's --matmul) decides what options.path == Auto runs: with
+// Exact, a decode-sized call (M = 2, Auto's int8 territory) gives the Exact body's numbers; with
+// Int8 the Int8 body's; back to Auto afterwards. Names parse; anything else is an error.
+TEST(QuantMatmul, ProcessDefaultPathSteersAuto) {
+  const QuantizedTensor q = quantize(Tensor::randn({40, 64}, 3, 0.1), parse_quant_format("int4g32"));
+  const Tensor x = test_input(2, 64, 4);
+  auto run = [&](ops::QuantMatmulPath p) {
+    Tensor y = Tensor::empty({2, 40});
+    ops::quant_matmul(x, q.packed_view(), y, {p});
+    return y;
+  };
+  const Tensor exact = run(ops::QuantMatmulPath::Exact), int8 = run(ops::QuantMatmulPath::Int8);
+  ASSERT_GT(max_abs_diff(exact, int8), 0.0);  // the two bodies differ here, so the test can tell them apart
+  ops::set_quant_matmul_default(ops::QuantMatmulPath::Exact);
+  EXPECT_EQ(max_abs_diff(run(ops::QuantMatmulPath::Auto), exact), 0.0);
+  ops::set_quant_matmul_default(ops::QuantMatmulPath::Int8);
+  EXPECT_EQ(max_abs_diff(run(ops::QuantMatmulPath::Auto), int8), 0.0);
+  EXPECT_EQ(max_abs_diff(run(ops::QuantMatmulPath::Exact), exact), 0.0);  // an explicit path wins
+  ops::set_quant_matmul_default(ops::QuantMatmulPath::Auto);
+  EXPECT_EQ(ops::quant_matmul_default(), ops::QuantMatmulPath::Auto);
+  EXPECT_EQ(ops::parse_quant_matmul_path("exact"), ops::QuantMatmulPath::Exact);
+  EXPECT_EQ(ops::parse_quant_matmul_path("reference"), ops::QuantMatmulPath::Reference);
+  EXPECT_THROW(ops::parse_quant_matmul_path("f32"), Error);
+}
+
 TEST(QuantMatmul, RejectsBadArguments) {
   const QuantizedTensor q = quantize(Tensor::randn({4, 64}, 1, 0.1), parse_quant_format("int4g32"));
   ops::PackedWeight v = q.packed_view();
