@@ -1,0 +1,143 @@
+// The post-training methods of issue 17 (norm-tweak, ...) and the method registry: each method's
+// core step on a small worked example, and a killed run resuming to the same model.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "common/stories_fixture.h"
+#include "lowbit/autograd/functions.h"
+#include "lowbit/io/llama2c.h"
+#include "lowbit/methods/norm_tweak.h"
+#include "lowbit/methods/ptq_methods.h"
+#include "lowbit/methods/registry.h"
+
+using namespace lowbit;
+
+namespace {
+
+Tensor mat(int64_t r, int64_t c, std::initializer_list<float> v) {
+  Tensor t = Tensor::empty({r, c});
+  int64_t i = 0;
+  for (float x : v) t.data<float>()[i++] = x;
+  return t;
+}
+
+// Quantizes a fresh copy of stories260K with `make()`, then again killed after two blocks and
+// resumed, and checks both give the same weights and norms.
+template <class Make>
+void expect_resume_identical(const test::StoriesPtq& t, Make make, const char* fmt) {
+  Checkpoint ck = load_llama2c(t.model_path);
+  const QuantFormat& f = parse_quant_format(fmt);
+  LlamaModel full(ck.config, ck.weights);
+  auto m1 = make(f);
+  t.quantize(full, *m1, f);
+  auto dir = test::temp_dir("ptq17-resume");
+  PipelineOptions o;
+  o.state_dir = dir.string();
+  o.stop_after_blocks = 2;
+  o.checkpoint_seconds = 1e9;
+  {
+    LlamaModel part(ck.config, ck.weights);
+    auto m2 = make(f);
+    EXPECT_FALSE(t.quantize(part, *m2, f, o).complete);
+  }
+  o.stop_after_blocks = 0;
+  LlamaModel resumed(ck.config, ck.weights);
+  auto m3 = make(f);
+  PipelineReport r = t.quantize(resumed, *m3, f, o);
+  EXPECT_EQ(r.resumed_from_block, 2);
+  EXPECT_EQ(r.linears.size(), 35u);
+  LlamaWeights a = full.weights(), b = resumed.weights();
+  for (int i = 0; i < ck.config.n_layers; ++i) {
+    EXPECT_EQ(max_abs_diff(a.layers[i].wq, b.layers[i].wq), 0.0) << "layer " << i;
+    EXPECT_EQ(max_abs_diff(a.layers[i].w_down, b.layers[i].w_down), 0.0) << "layer " << i;
+    EXPECT_EQ(max_abs_diff(a.layers[i].attn_norm, b.layers[i].attn_norm), 0.0) << "layer " << i;
+    EXPECT_EQ(max_abs_diff(a.layers[i].ffn_norm, b.layers[i].ffn_norm), 0.0) << "layer " << i;
+  }
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+
+// ---- registry -------------------------------------------------------------------------------------
+
+TEST(MethodRegistry, ListsEveryMethodAndRefusesUnknownNames) {
+  const std::string names = method_names();
+  for (const char* m : {"rtn", "gptq", "awq", "apiq", "apiq-layer", "sapr", "norm-tweak"})
+    EXPECT_NE(names.find(m), std::string::npos) << m;
+  EXPECT_FALSE(find_method("rtn").needs_calibration);
+  EXPECT_TRUE(find_method("gptq").needs_calibration);
+  EXPECT_TRUE(find_method("sapr").trains_adapters);
+  try {
+    find_method("bogus");
+    ADD_FAILURE() << "no error for an unknown method";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("unknown --method 'bogus' (registered: rtn, gptq"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(register_method({"rtn", "again", false, false, [](const MethodConfig&) { return std::unique_ptr<BlockMethod>(); }}), Error);
+  const QuantFormat& f = parse_quant_format("int4g128");
+  MethodConfig c;
+  c.format = &f;
+  for (const auto& m : method_registry()) {
+    if (m.name == "sapr") continue;  // needs a saliency map
+    auto method = make_method(m.name, c);
+    ASSERT_TRUE(method) << m.name;
+  }
+  EXPECT_EQ(make_method("apiq-layer", c)->name(), "apiq-layer");
+  c.base = "bogus";
+  EXPECT_THROW(make_method("norm-tweak", c), Error);
+}
+
+// ---- norm-tweak -----------------------------------------------------------------------------------
+
+// L = 1/C sum_c (mu_q - mu_f)^2 + (var_q - var_f)^2, by hand.
+TEST(NormTweak, ChannelDistributionLossWorkedExample) {
+  // channel 0: y {1, 3} (mean 2, var 1), target {0, 2} (mean 1, var 1): 1 + 0
+  // channel 1: y {2, 6} (mean 4, var 4), target {0, 4} (mean 2, var 4): 4 + 0
+  EXPECT_NEAR(channel_distribution_loss_value(mat(2, 2, {1, 2, 3, 6}), mat(2, 2, {0, 0, 2, 4})), 2.5, 1e-6);
+  // One channel y {0, 2} (mean 1, var 1) against zeros: L = 1 + 1; dL/dy_i = (mu - mu_f) + 2 (var - var_f)(y_i - mu)
+  Var y(mat(2, 1, {0, 2}), true);
+  Var l = channel_distribution_loss(y, mat(2, 1, {0, 0}));
+  EXPECT_NEAR(l.value().item(), 2.0, 1e-6);
+  backward(l);
+  EXPECT_NEAR(y.grad().item(0), -1.0, 1e-5);
+  EXPECT_NEAR(y.grad().item(1), 3.0, 1e-5);
+}
+
+using Ptq17Stories = test::StoriesPtq;
+
+// After RTN at int3, tweaking the norms lowers each kept block's distribution loss, and some block keeps it.
+TEST_F(Ptq17Stories, NormTweakLowersTheDistributionLoss) {
+  calib_windows = 8;
+  calib_len = 128;
+  Checkpoint ck = load_llama2c(model_path);
+  const QuantFormat& f = parse_quant_format("int3g32");
+  LlamaModel m(ck.config, ck.weights);
+  NormTweakOptions o;
+  o.epochs = 2;
+  NormTweakMethod nt(std::make_unique<RtnMethod>(f), o);
+  quantize(m, nt, f);
+  ASSERT_EQ(nt.log().size(), size_t(ck.config.n_layers));
+  int kept = 0;
+  for (const auto& l : nt.log()) {
+    std::printf("block %d: L %.4g -> %.4g%s\n", l.layer, l.loss_before, l.loss_after, l.kept ? "" : " (reverted)");
+    if (l.kept) {
+      EXPECT_LT(l.loss_after, l.loss_before);
+    }
+    kept += l.kept;
+  }
+  EXPECT_GT(kept, 0);
+  // The model's norms differ from the original where a tweak was kept.
+  LlamaWeights w = m.weights();
+  double diff = 0;
+  for (int i = 0; i < ck.config.n_layers; ++i) diff += max_abs_diff(w.layers[i].attn_norm, ck.weights.layers[i].attn_norm);
+  EXPECT_GT(diff, 0.0);
+}
+
+TEST_F(Ptq17Stories, NormTweakResumesToTheSameModel) {
+  calib_windows = 4;
+  calib_len = 64;
+  expect_resume_identical(*this, [](const QuantFormat& f) {
+    return std::make_unique<NormTweakMethod>(std::make_unique<GptqMethod>(f, GptqOptions{}), NormTweakOptions{});
+  }, "int3g32");
+}
