@@ -143,6 +143,9 @@ const Row kRows[] = {
   {"quantize", "nt-epochs -1", "quantize -m {M} --method norm-tweak --nt-epochs -1 -o {O}", "--nt-epochs: must be at least 0"},
   {"quantize", "nt-batch 0", "quantize -m {M} --method norm-tweak --nt-batch 0 -o {O}", "--nt-batch: must be at least 1"},
   {"quantize", "nt-lr-depth nan", "quantize -m {M} --method norm-tweak --nt-lr-depth nan -o {O}", "--nt-lr-depth"},
+  {"quantize", "rsq-min 0", "quantize -m {M} --method rsq --rsq-min 0 -o {O}", "--rsq-min: must be greater than 0"},
+  {"quantize", "rsq-max < rsq-min", "quantize -m {M} --method rsq --rsq-min 3 --rsq-max 2 --calib-tokens {I} -o {O}", "0 < --rsq-min <= --rsq-max", kModel},
+  {"quantize", "rsq-min without rsq", "quantize -m {M} --method gptq --rsq-min 2 -o {O}", "--rsq-min applies to --method rsq, not gptq"},
   {"quantize", "norm-tweak without data", "quantize -m {M} --method norm-tweak -o {O}", "needs calibration data", kModel},
   // --- finetune
   {"finetune", "missing model", "finetune -m {D}/missing --out {O} --train-tokens {I}", "not a lowbit quantized model"},

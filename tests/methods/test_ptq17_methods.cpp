@@ -4,12 +4,15 @@
 
 #include <cmath>
 
+#include "common/small_model.h"
 #include "common/stories_fixture.h"
 #include "lowbit/autograd/functions.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/methods/norm_tweak.h"
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/methods/registry.h"
+#include "lowbit/methods/rsq.h"
+#include "lowbit/model/weights.h"
 
 using namespace lowbit;
 
@@ -63,7 +66,7 @@ void expect_resume_identical(const test::StoriesPtq& t, Make make, const char* f
 
 TEST(MethodRegistry, ListsEveryMethodAndRefusesUnknownNames) {
   const std::string names = method_names();
-  for (const char* m : {"rtn", "gptq", "awq", "apiq", "apiq-layer", "sapr", "norm-tweak"})
+  for (const char* m : {"rtn", "gptq", "awq", "apiq", "apiq-layer", "sapr", "norm-tweak", "rsq"})
     EXPECT_NE(names.find(m), std::string::npos) << m;
   EXPECT_FALSE(find_method("rtn").needs_calibration);
   EXPECT_TRUE(find_method("gptq").needs_calibration);
@@ -88,6 +91,8 @@ TEST(MethodRegistry, ListsEveryMethodAndRefusesUnknownNames) {
   EXPECT_THROW(make_method("norm-tweak", c), Error);
 }
 
+using Ptq17Stories = test::StoriesPtq;
+
 // ---- norm-tweak -----------------------------------------------------------------------------------
 
 // L = 1/C sum_c (mu_q - mu_f)^2 + (var_q - var_f)^2, by hand.
@@ -103,8 +108,6 @@ TEST(NormTweak, ChannelDistributionLossWorkedExample) {
   EXPECT_NEAR(y.grad().item(0), -1.0, 1e-5);
   EXPECT_NEAR(y.grad().item(1), 3.0, 1e-5);
 }
-
-using Ptq17Stories = test::StoriesPtq;
 
 // After RTN at int3, tweaking the norms lowers each kept block's distribution loss, and some block keeps it.
 TEST_F(Ptq17Stories, NormTweakLowersTheDistributionLoss) {
@@ -139,5 +142,71 @@ TEST_F(Ptq17Stories, NormTweakResumesToTheSameModel) {
   calib_len = 64;
   expect_resume_identical(*this, [](const QuantFormat& f) {
     return std::make_unique<NormTweakMethod>(std::make_unique<GptqMethod>(f, GptqOptions{}), NormTweakOptions{});
+  }, "int3g32");
+}
+
+// ---- rsq ------------------------------------------------------------------------------------------
+
+// With q = 0 every score is 0: query i attends uniformly to keys 0..i, so key j receives
+// sum_{i >= j} 1 / (i + 1) from each head: 11/6, 5/6, 1/3 for T = 3, times the 4 heads.
+TEST(Rsq, AttentionConcentrationWorkedExample) {
+  LlamaConfig c = test::small_config(RopeStyle::Interleaved);
+  LlamaWeights w = random_weights(c, 1, 0.1);
+  w.layers[0].wq = Tensor::zeros(w.layers[0].wq.shape());
+  LlamaModel m(c, w);
+  const int64_t T = 3;
+  Tensor x = Tensor::empty({2 * T, c.dim});
+  for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = float(std::sin(0.37 * double(i)));
+  Tensor a = attention_concentration(m, 0, x, 2, T);
+  const double want[] = {11.0 / 6, 5.0 / 6, 1.0 / 3};
+  for (int64_t wdw = 0; wdw < 2; ++wdw)
+    for (int64_t t = 0; t < T; ++t) EXPECT_NEAR(a.item(wdw * T + t), 4 * want[t], 1e-5) << wdw << " " << t;
+  // With real queries each window's total is still heads x tokens (every query row sums to 1).
+  LlamaModel m2(c, random_weights(c, 2, 0.5));
+  Tensor a2 = attention_concentration(m2, 1, x, 2, T);
+  for (int64_t wdw = 0; wdw < 2; ++wdw) {
+    double total = 0;
+    for (int64_t t = 0; t < T; ++t) total += a2.item(wdw * T + t);
+    EXPECT_NEAR(total, 4.0 * T, 1e-4);
+    EXPECT_GE(a2.item(wdw * T), 4.0 - 1e-5);  // token 0 takes all of query 0's attention
+  }
+}
+
+TEST(Rsq, MinMaxTokenWeightsPerWindow) {
+  Tensor a = mat(1, 6, {2, 4, 6, 5, 5, 5}).view({6});
+  Tensor r = minmax_token_weights(a, 3, 1.0, 3.0);
+  const float want[] = {1, 2, 3, 1, 1, 1};  // the second window is flat: every token gets the minimum
+  for (int i = 0; i < 6; ++i) EXPECT_FLOAT_EQ(r.data<float>()[i], want[i]) << i;
+}
+
+// Equal token weights (min = max = 1) leave the Hessian, and so GPTQ's result, unchanged; RSQ's
+// own weights change it.
+TEST_F(Ptq17Stories, RsqWithFlatWeightsIsGptq) {
+  calib_windows = 4;
+  calib_len = 64;
+  Checkpoint ck = load_llama2c(model_path);
+  const QuantFormat& f = parse_quant_format("int3g32");
+  LlamaModel g(ck.config, ck.weights), flat(ck.config, ck.weights), rsq(ck.config, ck.weights);
+  GptqMethod gm(f, GptqOptions{});
+  RsqMethod fm(f, GptqOptions{}, RsqOptions{1.0, 1.0});
+  RsqMethod rm(f, GptqOptions{}, RsqOptions{});
+  quantize(g, gm, f);
+  quantize(flat, fm, f);
+  quantize(rsq, rm, f);
+  LlamaWeights a = g.weights(), b = flat.weights(), d = rsq.weights();
+  double diff = 0;
+  for (int i = 0; i < ck.config.n_layers; ++i) {
+    EXPECT_LE(max_abs_diff(a.layers[i].wq, b.layers[i].wq), 1e-6) << i;
+    EXPECT_LE(max_abs_diff(a.layers[i].w_down, b.layers[i].w_down), 1e-6) << i;
+    diff += max_abs_diff(a.layers[i].w_down, d.layers[i].w_down);
+  }
+  EXPECT_GT(diff, 0.0);
+}
+
+TEST_F(Ptq17Stories, RsqResumesToTheSameModel) {
+  calib_windows = 4;
+  calib_len = 64;
+  expect_resume_identical(*this, [](const QuantFormat& f) {
+    return std::make_unique<RsqMethod>(f, GptqOptions{}, RsqOptions{});
   }, "int3g32");
 }

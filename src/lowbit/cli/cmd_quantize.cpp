@@ -44,6 +44,7 @@ struct QuantArgs {
   // norm-tweak
   std::string base = "gptq";
   NormTweakOptions nt;
+  RsqOptions rsq;
 };
 
 // Methods that train LoRA adapters (ApiQ family): default format int2g64, --rank, --lora merge.
@@ -93,6 +94,7 @@ MethodConfig method_config(const QuantArgs& a, const QuantFormat& f, const Salie
   c.saliency = saliency;
   c.base = a.base;
   c.norm_tweak = a.nt;
+  c.rsq = a.rsq;
   return c;
 }
 
@@ -324,7 +326,11 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     extra["calibration"] = {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}};
     extra["calibration"]["data"] = !a.calib.empty() ? a.calib : a.calib_tokens;
   }
-  if (a.method == "gptq") extra["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
+  if (a.method == "gptq" || a.method == "rsq") extra["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
+  if (a.method == "rsq") {
+    extra["rsq"] = {{"min_weight", a.rsq.min_weight}, {"max_weight", a.rsq.max_weight}, {"importance", "attn-con"}};
+    report["rsq"] = extra["rsq"];
+  }
   if (a.method == "awq") extra["awq"] = {{"clip", !a.no_clip}};
   if (a.method == "norm-tweak") {
     nlohmann::json h = {{"base", a.base}, {"epochs", a.nt.epochs}, {"batch", a.nt.batch}, {"lr", a.nt.lr},
@@ -414,6 +420,12 @@ void register_quantize(CLI::App& app) {
   q->add_option("--nt-batch", a->nt.batch, "norm-tweak: calibration windows per Adam step")
       ->capture_default_str()
       ->check(at_least(1));
+  q->add_option("--rsq-min", a->rsq.min_weight, "rsq: weight of the least attended token of a window")
+      ->capture_default_str()
+      ->check(above(0));
+  q->add_option("--rsq-max", a->rsq.max_weight, "rsq: weight of the most attended token of a window")
+      ->capture_default_str()
+      ->check(above(0));
   q->add_option("--nt-lr-depth", a->nt.lr_depth_scale,
                 "norm-tweak: the learning rate grows linearly to lr * (1 + this) at the last block")
       ->capture_default_str()
@@ -506,7 +518,8 @@ void register_quantize(CLI::App& app) {
     // Method-specific flags given to another method are refused rather than silently ignored.
     const std::pair<const char*, const char*> owned[] = {{"--base", "norm-tweak"}, {"--nt-lr", "norm-tweak"},
                                                          {"--nt-epochs", "norm-tweak"}, {"--nt-batch", "norm-tweak"},
-                                                         {"--nt-lr-depth", "norm-tweak"}};
+                                                         {"--nt-lr-depth", "norm-tweak"},
+                                                         {"--rsq-min", "rsq"}, {"--rsq-max", "rsq"}};
     for (const auto& [flag, method] : owned)
       if (q->count(flag) > 0 && a->method != method)
         throw_error(flag, " applies to --method ", method, ", not ", a->method);

@@ -57,6 +57,13 @@ void register_builtins(std::vector<MethodInfo>& r) {
               throw_error("--base must be rtn, gptq or awq, got '", c.base, "'");
             return std::make_unique<NormTweakMethod>(find_method(c.base).make(c), c.norm_tweak);
           }});
+  add(r, {"rsq", "RSQ: GPTQ with each token's Hessian weight from its attention concentration (--rsq-min, --rsq-max)",
+          true, false, [](const MethodConfig& c) {
+            if (!(c.rsq.min_weight > 0) || !(c.rsq.max_weight >= c.rsq.min_weight))
+              throw_error("rsq: token weights need 0 < --rsq-min <= --rsq-max, got ", c.rsq.min_weight, " and ",
+                          c.rsq.max_weight);
+            return std::make_unique<RsqMethod>(*c.format, c.gptq, c.rsq);
+          }});
 }
 
 std::vector<MethodInfo>& registry() {

@@ -17,6 +17,7 @@
 #include "lowbit/methods/gptq.h"
 #include "lowbit/methods/norm_tweak.h"
 #include "lowbit/methods/pipeline.h"
+#include "lowbit/methods/rsq.h"
 
 namespace lowbit {
 
@@ -31,6 +32,7 @@ struct MethodConfig {
   const SaliencyMap* saliency = nullptr;  // sapr
   NormTweakOptions norm_tweak;
   std::string base = "gptq";            // norm-tweak: the method that quantizes the block (rtn, gptq, awq)
+  RsqOptions rsq;
 };
 
 struct MethodInfo {
