@@ -146,6 +146,8 @@ const Row kRows[] = {
   {"quantize", "rsq-min 0", "quantize -m {M} --method rsq --rsq-min 0 -o {O}", "--rsq-min: must be greater than 0"},
   {"quantize", "rsq-max < rsq-min", "quantize -m {M} --method rsq --rsq-min 3 --rsq-max 2 --calib-tokens {I} -o {O}", "0 < --rsq-min <= --rsq-max", kModel},
   {"quantize", "rsq-min without rsq", "quantize -m {M} --method gptq --rsq-min 2 -o {O}", "--rsq-min applies to --method rsq, not gptq"},
+  {"quantize", "comq-sweeps 0", "quantize -m {M} --method comq --comq-sweeps 0 -o {O}", "--comq-sweeps: must be at least 1"},
+  {"quantize", "comq on a non-integer format", "quantize -m {M} --method comq --format mxfp4 --calib-tokens {I} -o {O}", "comq: format mxfp4 is not an integer format", kModel},
   {"quantize", "norm-tweak without data", "quantize -m {M} --method norm-tweak -o {O}", "needs calibration data", kModel},
   // --- finetune
   {"finetune", "missing model", "finetune -m {D}/missing --out {O} --train-tokens {I}", "not a lowbit quantized model"},

@@ -8,7 +8,9 @@
 #include "common/stories_fixture.h"
 #include "lowbit/autograd/functions.h"
 #include "lowbit/io/llama2c.h"
+#include "lowbit/methods/comq.h"
 #include "lowbit/methods/norm_tweak.h"
+#include "lowbit/core/format_traits.h"
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/methods/registry.h"
 #include "lowbit/methods/rsq.h"
@@ -66,7 +68,7 @@ void expect_resume_identical(const test::StoriesPtq& t, Make make, const char* f
 
 TEST(MethodRegistry, ListsEveryMethodAndRefusesUnknownNames) {
   const std::string names = method_names();
-  for (const char* m : {"rtn", "gptq", "awq", "apiq", "apiq-layer", "sapr", "norm-tweak", "rsq"})
+  for (const char* m : {"rtn", "gptq", "awq", "apiq", "apiq-layer", "sapr", "norm-tweak", "rsq", "comq"})
     EXPECT_NE(names.find(m), std::string::npos) << m;
   EXPECT_FALSE(find_method("rtn").needs_calibration);
   EXPECT_TRUE(find_method("gptq").needs_calibration);
@@ -209,4 +211,73 @@ TEST_F(Ptq17Stories, RsqResumesToTheSameModel) {
   expect_resume_identical(*this, [](const QuantFormat& f) {
     return std::make_unique<RsqMethod>(f, GptqOptions{}, RsqOptions{});
   }, "int3g32");
+}
+
+// ---- comq -----------------------------------------------------------------------------------------
+
+// w = [0, 3, 1.4] at int2 per channel: RTN grid {0, 1, 2, 3} (scale 1, zero 0), q = [0, 3, 1].
+// With H coupling coordinates 1 and 2 (0.9), no single coordinate moves (targets 3.36 -> 3 clamped,
+// 1.4 -> 1), and the scale update is s = 1 + v.(EH) / v'Hv = 1 + 1.48 / 15.4 (v = [0, 3, 1],
+// EH = [0, 0.36, 0.4]), stored as f16: the loss drops from 0.16.
+TEST(Comq, CoordinateAndScaleStepWorkedExample) {
+  const QuantFormat& f = parse_quant_format("int2pc");
+  Tensor w = mat(1, 3, {0.0f, 3.0f, 1.4f});
+  Tensor h = mat(3, 3, {1, 0, 0, 0, 1, 0.9f, 0, 0.9f, 1});
+  ComqOptions o;
+  o.sweeps = 1;
+  ComqResult r = comq_quantize(w, h, f, o);
+  EXPECT_NEAR(r.loss_rtn, 0.16, 1e-6);
+  const double s = fmt_f16_to_f32(fmt_f32_to_f16(float(1.0 + 1.48 / 15.4)));
+  Tensor q = r.q.dequantize();
+  EXPECT_NEAR(q.item(0), 0.0, 1e-6);
+  EXPECT_NEAR(q.item(1), 3 * s, 1e-5);
+  EXPECT_NEAR(q.item(2), s, 1e-5);
+  const double e1 = 3 - 3 * s, e2 = 1.4 - s;
+  EXPECT_NEAR(r.loss, e1 * e1 + e2 * e2 + 2 * 0.9 * e1 * e2, 1e-5);
+  EXPECT_LT(r.loss, r.loss_rtn);
+  // Without scale updates nothing moves: RTN's codes are already coordinate-wise optimal here.
+  o.update_scales = false;
+  EXPECT_NEAR(comq_quantize(w, h, f, o).loss, 0.16, 1e-6);
+}
+
+// On correlated random layers COMQ's loss is below RTN's at 2, 3 and 4 bits (asymmetric and symmetric).
+TEST(Comq, NeverWorseThanRtnOnRandomLayers) {
+  for (const char* fmt : {"int3g32", "int2g64", "int4g32s"}) {
+    const QuantFormat& f = parse_quant_format(fmt);
+    Tensor w = Tensor::empty({8, 64}), x = Tensor::empty({40, 64});
+    for (int64_t i = 0; i < w.numel(); ++i) w.data<float>()[i] = float(std::sin(1.3 * double(i)) * 0.5);
+    for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = float(std::cos(0.71 * double(i * i % 97)) + 0.3 * std::sin(double(i)));
+    Tensor h = Tensor::zeros({64, 64});
+    for (int64_t a = 0; a < 64; ++a)
+      for (int64_t b = 0; b < 64; ++b) {
+        double s = 0;
+        for (int64_t n = 0; n < 40; ++n) s += double(x.data<float>()[n * 64 + a]) * double(x.data<float>()[n * 64 + b]);
+        h.data<float>()[a * 64 + b] = float(s);
+      }
+    ComqResult r = comq_quantize(w, h, f);
+    EXPECT_LT(r.loss, r.loss_rtn) << fmt;
+    EXPECT_GT(r.loss, 0.0) << fmt;
+  }
+  EXPECT_THROW(comq_quantize(Tensor::zeros({2, 32}), Tensor::zeros({32, 32}), parse_quant_format("mxfp4")), Error);
+  EXPECT_THROW(comq_quantize(Tensor::zeros({2, 32}), Tensor::zeros({16, 16}), parse_quant_format("int4g32")), Error);
+}
+
+TEST_F(Ptq17Stories, ComqBeatsRtnPerLayerAndResumes) {
+  calib_windows = 4;
+  calib_len = 64;
+  Checkpoint ck = load_llama2c(model_path);
+  const QuantFormat& f = parse_quant_format("int3g32");
+  LlamaModel a(ck.config, ck.weights), b(ck.config, ck.weights);
+  RtnMethod rtn(f);
+  ComqMethod comq(f, ComqOptions{});
+  PipelineReport r1 = quantize(a, rtn, f), r2 = quantize(b, comq, f);
+  double e1 = 0, e2 = 0;
+  for (size_t i = 0; i < r1.linears.size(); ++i) {
+    e1 += r1.linears[i].rel_error;
+    e2 += r2.linears[i].rel_error;
+  }
+  std::printf("mean rel. error: rtn %.4g comq %.4g\n", e1 / 35, e2 / 35);
+  EXPECT_LT(e2, e1);
+  expect_resume_identical(*this, [](const QuantFormat& fm) { return std::make_unique<ComqMethod>(fm, ComqOptions{}); },
+                          "int3g32");
 }

@@ -45,6 +45,7 @@ struct QuantArgs {
   std::string base = "gptq";
   NormTweakOptions nt;
   RsqOptions rsq;
+  ComqOptions comq;
 };
 
 // Methods that train LoRA adapters (ApiQ family): default format int2g64, --rank, --lora merge.
@@ -95,6 +96,7 @@ MethodConfig method_config(const QuantArgs& a, const QuantFormat& f, const Salie
   c.base = a.base;
   c.norm_tweak = a.nt;
   c.rsq = a.rsq;
+  c.comq = a.comq;
   return c;
 }
 
@@ -327,6 +329,10 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     extra["calibration"]["data"] = !a.calib.empty() ? a.calib : a.calib_tokens;
   }
   if (a.method == "gptq" || a.method == "rsq") extra["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
+  if (a.method == "comq") {
+    extra["comq"] = {{"sweeps", a.comq.sweeps}, {"update_scales", a.comq.update_scales}};
+    report["comq"] = extra["comq"];
+  }
   if (a.method == "rsq") {
     extra["rsq"] = {{"min_weight", a.rsq.min_weight}, {"max_weight", a.rsq.max_weight}, {"importance", "attn-con"}};
     report["rsq"] = extra["rsq"];
@@ -426,6 +432,9 @@ void register_quantize(CLI::App& app) {
   q->add_option("--rsq-max", a->rsq.max_weight, "rsq: weight of the most attended token of a window")
       ->capture_default_str()
       ->check(above(0));
+  q->add_option("--comq-sweeps", a->comq.sweeps, "comq: passes over all coordinates (each followed by the scale update)")
+      ->capture_default_str()
+      ->check(at_least(1));
   q->add_option("--nt-lr-depth", a->nt.lr_depth_scale,
                 "norm-tweak: the learning rate grows linearly to lr * (1 + this) at the last block")
       ->capture_default_str()
@@ -519,7 +528,8 @@ void register_quantize(CLI::App& app) {
     const std::pair<const char*, const char*> owned[] = {{"--base", "norm-tweak"}, {"--nt-lr", "norm-tweak"},
                                                          {"--nt-epochs", "norm-tweak"}, {"--nt-batch", "norm-tweak"},
                                                          {"--nt-lr-depth", "norm-tweak"},
-                                                         {"--rsq-min", "rsq"}, {"--rsq-max", "rsq"}};
+                                                         {"--rsq-min", "rsq"}, {"--rsq-max", "rsq"},
+                                                         {"--comq-sweeps", "comq"}};
     for (const auto& [flag, method] : owned)
       if (q->count(flag) > 0 && a->method != method)
         throw_error(flag, " applies to --method ", method, ", not ", a->method);

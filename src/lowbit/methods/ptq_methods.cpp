@@ -241,7 +241,7 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
     for (const auto& name : group) {
       if (!on_gpu) {
         Tensor w = weight_of(ctx, name);
-        GptqResult r = gptq_quantize(w, hc.hessian(name), f_, o_);
+        GptqResult r = solve(w, hc.hessian(name));
         lap(t, prof.quantize);
         install(ctx, name, cap.rows(name), std::move(r.q), reports);
         lap(t, prof.install);
@@ -249,7 +249,7 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
       }
       auto* slot = slot_of(ctx.model.block(ctx.layer), name);
       const Tensor w = (*slot)->effective_weight().contiguous();
-      GptqResult r = gptq_quantize(w, hc.hessian(name), f_, o_);  // GPU path for the integer formats
+      GptqResult r = solve(w, hc.hessian(name));  // GPU path for the integer formats
       lap(t, prof.quantize);
       const Tensor deq = r.dequantized.defined() ? r.dequantized : r.q.dequantize().to(dev);
       LinearReport rep;

@@ -64,6 +64,13 @@ void register_builtins(std::vector<MethodInfo>& r) {
                           c.rsq.max_weight);
             return std::make_unique<RsqMethod>(*c.format, c.gptq, c.rsq);
           }});
+  add(r, {"comq", "COMQ: backprop-free coordinate-wise minimisation of each layer's output error, with scale "
+                  "updates (--comq-sweeps; integer formats)",
+          true, false, [](const MethodConfig& c) {
+            if (c.format->kind != QuantKind::IntAsym && c.format->kind != QuantKind::IntSym)
+              throw_error("comq: format ", c.format->name, " is not an integer format (int*g*, int*pc, their symmetric forms)");
+            return std::make_unique<ComqMethod>(*c.format, c.comq);
+          }});
 }
 
 std::vector<MethodInfo>& registry() {

@@ -14,6 +14,7 @@
 
 #include "lowbit/methods/apiq.h"
 #include "lowbit/methods/awq.h"
+#include "lowbit/methods/comq.h"
 #include "lowbit/methods/gptq.h"
 #include "lowbit/methods/norm_tweak.h"
 #include "lowbit/methods/pipeline.h"
@@ -33,6 +34,7 @@ struct MethodConfig {
   NormTweakOptions norm_tweak;
   std::string base = "gptq";            // norm-tweak: the method that quantizes the block (rtn, gptq, awq)
   RsqOptions rsq;
+  ComqOptions comq;
 };
 
 struct MethodInfo {
