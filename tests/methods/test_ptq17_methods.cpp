@@ -8,6 +8,7 @@
 #include "common/stories_fixture.h"
 #include "lowbit/autograd/functions.h"
 #include "lowbit/io/llama2c.h"
+#include "lowbit/methods/cle.h"
 #include "lowbit/methods/comq.h"
 #include "lowbit/methods/norm_tweak.h"
 #include "lowbit/core/format_traits.h"
@@ -68,7 +69,7 @@ void expect_resume_identical(const test::StoriesPtq& t, Make make, const char* f
 
 TEST(MethodRegistry, ListsEveryMethodAndRefusesUnknownNames) {
   const std::string names = method_names();
-  for (const char* m : {"rtn", "gptq", "awq", "apiq", "apiq-layer", "sapr", "norm-tweak", "rsq", "comq"})
+  for (const char* m : {"rtn", "gptq", "awq", "apiq", "apiq-layer", "sapr", "norm-tweak", "rsq", "comq", "cle"})
     EXPECT_NE(names.find(m), std::string::npos) << m;
   EXPECT_FALSE(find_method("rtn").needs_calibration);
   EXPECT_TRUE(find_method("gptq").needs_calibration);
@@ -280,4 +281,134 @@ TEST_F(Ptq17Stories, ComqBeatsRtnPerLayerAndResumes) {
   EXPECT_LT(e2, e1);
   expect_resume_identical(*this, [](const QuantFormat& fm) { return std::make_unique<ComqMethod>(fm, ComqOptions{}); },
                           "int3g32");
+}
+
+// ---- cle ------------------------------------------------------------------------------------------
+
+TEST(Cle, ScalesWorkedExample) {
+  // s = sqrt(r1 / r2): producer range 4 / consumer 1 -> 2 (both become 2); 1 / 4 -> 0.5; a zero range -> 1.
+  const std::vector<double> s = cle_scales({4, 1, 0, 3}, {1, 4, 2, 0});
+  ASSERT_EQ(s.size(), 4u);
+  EXPECT_DOUBLE_EQ(s[0], 2.0);
+  EXPECT_DOUBLE_EQ(s[1], 0.5);
+  EXPECT_DOUBLE_EQ(s[2], 1.0);
+  EXPECT_DOUBLE_EQ(s[3], 1.0);
+  EXPECT_THROW(cle_scales({1}, {1, 2}), Error);
+}
+
+namespace {
+LlamaConfig cle_config() {  // no grouped-query sharing (v -> o is equalized too), Qwen2-style q/k/v biases
+  LlamaConfig c = test::small_config(RopeStyle::Interleaved);
+  c.n_kv_heads = c.n_heads;
+  c.attn_bias = true;
+  return c;
+}
+Tensor block_input(const LlamaConfig& c, int64_t rows) {
+  Tensor x = Tensor::empty({rows, c.dim});
+  for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = float(std::sin(0.37 * double(i)) + 0.2);
+  return x;
+}
+double max_abs(const std::vector<double>& v) {
+  double m = 0;
+  for (double d : v) m = std::max(m, std::fabs(d));
+  return m;
+}
+}  // namespace
+
+// Equalization keeps the block's function and equalizes each pair's ranges.
+TEST(Cle, EqualizedBlockComputesTheSameFunction) {
+  const LlamaConfig c = cle_config();
+  LlamaWeights w = random_weights(c, 3, 0.2);
+  for (auto& l : w.layers) {  // uneven channel ranges, so that the scales are far from 1
+    for (int64_t i = 0; i < c.dim; ++i) l.attn_norm.data<float>()[i] = float(0.2 + 3.0 * std::fabs(std::sin(double(i))));
+    for (int64_t o = 0; o < l.w_up.size(0); ++o)
+      for (int64_t i = 0; i < l.w_up.size(1); ++i) l.w_up.data<float>()[o * l.w_up.size(1) + i] *= float(1 + o % 7);
+  }
+  LlamaModel ref(c, w), eq(c, w);
+  const int rounds = cle_equalize_block(eq, 0, CleOptions{});
+  EXPECT_GE(rounds, 1);
+  const int64_t T = 8;
+  const Tensor x = block_input(c, 2 * T);
+  NoGradGuard ng;
+  const Tensor y0 = ref.block_forward(0, Var(x), 2, T).value(), y1 = eq.block_forward(0, Var(x), 2, T).value();
+  EXPECT_LT(max_abs_diff(y0, y1), 1e-4 * (1 + max_abs_diff(y0, Tensor::zeros(y0.shape()))));
+  // up -> down: row range of up_i equals column range of down_i after convergence.
+  LlamaWeights e = eq.weights();
+  const Tensor& up = e.layers[0].w_up;
+  const Tensor& down = e.layers[0].w_down;
+  for (int64_t i = 0; i < up.size(0); ++i) {
+    double ru = 0, rd = 0;
+    for (int64_t k = 0; k < up.size(1); ++k) ru = std::max(ru, double(std::fabs(up.data<float>()[i * up.size(1) + k])));
+    for (int64_t k = 0; k < down.size(0); ++k) rd = std::max(rd, double(std::fabs(down.data<float>()[k * down.size(1) + i])));
+    EXPECT_NEAR(ru / rd, 1.0, 0.01) << "channel " << i;
+  }
+  // attn_norm -> q/k/v: |gamma_i| equals the joint column range.
+  std::vector<double> dev;
+  for (int64_t i = 0; i < c.dim; ++i) {
+    double r = 0;
+    for (const Tensor* t : {&e.layers[0].wq, &e.layers[0].wk, &e.layers[0].wv})
+      for (int64_t o = 0; o < t->size(0); ++o) r = std::max(r, double(std::fabs(t->data<float>()[o * c.dim + i])));
+    dev.push_back(std::fabs(e.layers[0].attn_norm.data<float>()[i]) / r - 1);
+  }
+  EXPECT_LT(max_abs(dev), 0.01);
+}
+
+// Bias correction: the quantized q_proj's mean output over the calibration inputs equals the
+// equalized full-precision layer's (b' = b - (Q - W) E[x]).
+TEST(Cle, BiasCorrectionRestoresTheMeanOutput) {
+  const LlamaConfig c = cle_config();
+  LlamaWeights w = random_weights(c, 4, 0.2);
+  const int64_t N = 4, T = 8;
+  Tensor tokens = Tensor::empty({N, T}, DType::I32);
+  for (int64_t i = 0; i < N * T; ++i) tokens.data<int32_t>()[i] = int32_t((i * 7 + 3) % c.vocab_size);
+  const QuantFormat& f = parse_quant_format("int2g32");
+  auto q_mean = [&](const LlamaModel& m, const Tensor& h) {
+    NoGradGuard ng;
+    const Tensor y = m.block(0).wq->forward(Var(h)).value();
+    std::vector<double> mu(size_t(y.size(1)), 0.0);
+    for (int64_t r = 0; r < y.size(0); ++r)
+      for (int64_t o = 0; o < y.size(1); ++o) mu[size_t(o)] += y.data<float>()[r * y.size(1) + o] / double(y.size(0));
+    return mu;
+  };
+  LlamaModel fp(c, w);
+  cle_equalize_block(fp, 0, CleOptions{});
+  Tensor h;
+  {
+    NoGradGuard ng;
+    h = rmsnorm(fp.embed(tokens), fp.block(0).attn_norm, c.norm_eps).value();
+  }
+  const std::vector<double> want = q_mean(fp, h);
+  for (bool correct : {false, true}) {
+    LlamaModel m(c, w);
+    CleOptions o;
+    o.bias_correction = correct;
+    CleMethod cle(f, o);
+    PipelineOptions po;
+    po.progress = false;
+    run_blockwise(m, tokens, cle, f, po);
+    EXPECT_EQ(cle.bias_corrected(), correct ? 3 * c.n_layers : 0);  // q, k, v of each block
+    const std::vector<double> got = q_mean(m, h);
+    std::vector<double> d;
+    for (size_t i = 0; i < got.size(); ++i) d.push_back(got[i] - want[i]);
+    if (correct) {
+      EXPECT_LT(max_abs(d), 1e-4);
+    } else {
+      EXPECT_GT(max_abs(d), 1e-3);  // int2 rounding shifts the mean output
+    }
+  }
+}
+
+TEST_F(Ptq17Stories, CleRunsDataFreeAndResumes) {
+  calib_windows = 4;
+  calib_len = 64;
+  Checkpoint ck = load_llama2c(model_path);
+  const QuantFormat& f = parse_quant_format("int4g32");
+  LlamaModel m(ck.config, ck.weights);
+  CleMethod cle(f, CleOptions{});
+  PipelineReport r = quantize(m, cle, f);
+  EXPECT_EQ(r.linears.size(), 35u);
+  EXPECT_EQ(cle.bias_corrected(), 0);  // Llama's linears have no bias: nothing to correct
+  std::printf("cle int4g32: ppl %.3f\n", ppl(m));
+  expect_resume_identical(*this, [](const QuantFormat& fm) { return std::make_unique<CleMethod>(fm, CleOptions{}); },
+                          "int4g32");
 }

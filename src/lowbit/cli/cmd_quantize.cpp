@@ -85,7 +85,7 @@ ApiqOptions apiq_options(const QuantArgs& a) {
 }
 
 // The registry's options for --method a.method, from the parsed flags.
-MethodConfig method_config(const QuantArgs& a, const QuantFormat& f, const SaliencyMap* saliency) {
+MethodConfig method_config(const QuantArgs& a, const QuantFormat& f, const SaliencyMap* saliency, bool has_data) {
   MethodConfig c;
   c.format = &f;
   c.gptq.percdamp = a.percdamp;
@@ -97,6 +97,7 @@ MethodConfig method_config(const QuantArgs& a, const QuantFormat& f, const Salie
   c.norm_tweak = a.nt;
   c.rsq = a.rsq;
   c.comq = a.comq;
+  c.cle.bias_correction = has_data;  // E[x] of the bias correction comes from the calibration data
   return c;
 }
 
@@ -294,7 +295,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   }
   QuantArgs ar = a;
   ar.rank = rank;
-  auto method = make_method(a.method, method_config(ar, f, saliency ? &*saliency : nullptr));
+  auto method = make_method(a.method, method_config(ar, f, saliency ? &*saliency : nullptr, !stream.empty()));
   PipelineOptions o;
   o.next_from_fp = a.next_input == "fp";
   o.batch = a.batch;
@@ -329,6 +330,11 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     extra["calibration"]["data"] = !a.calib.empty() ? a.calib : a.calib_tokens;
   }
   if (a.method == "gptq" || a.method == "rsq") extra["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
+  if (a.method == "cle") {
+    const auto* cm = dynamic_cast<const CleMethod*>(method.get());
+    extra["cle"] = {{"bias_correction", !stream.empty()}, {"bias_corrected_layers", cm ? cm->bias_corrected() : 0}};
+    report["cle"] = extra["cle"];
+  }
   if (a.method == "comq") {
     extra["comq"] = {{"sweeps", a.comq.sweeps}, {"update_scales", a.comq.update_scales}};
     report["comq"] = extra["comq"];

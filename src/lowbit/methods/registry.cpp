@@ -71,6 +71,9 @@ void register_builtins(std::vector<MethodInfo>& r) {
               throw_error("comq: format ", c.format->name, " is not an integer format (int*g*, int*pc, their symmetric forms)");
             return std::make_unique<ComqMethod>(*c.format, c.comq);
           }});
+  add(r, {"cle", "cross-layer equalization (norm->q/k/v, norm->gate/up, up->down, v->o without GQA) then RTN; "
+                 "data-free; bias correction where a layer has a bias and data is given",
+          false, false, [](const MethodConfig& c) { return std::make_unique<CleMethod>(*c.format, c.cle); }});
 }
 
 std::vector<MethodInfo>& registry() {

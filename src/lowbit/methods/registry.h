@@ -14,6 +14,7 @@
 
 #include "lowbit/methods/apiq.h"
 #include "lowbit/methods/awq.h"
+#include "lowbit/methods/cle.h"
 #include "lowbit/methods/comq.h"
 #include "lowbit/methods/gptq.h"
 #include "lowbit/methods/norm_tweak.h"
@@ -35,6 +36,7 @@ struct MethodConfig {
   std::string base = "gptq";            // norm-tweak: the method that quantizes the block (rtn, gptq, awq)
   RsqOptions rsq;
   ComqOptions comq;
+  CleOptions cle;                       // cle.bias_correction: set when calibration data is given
 };
 
 struct MethodInfo {
