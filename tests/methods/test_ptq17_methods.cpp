@@ -398,6 +398,49 @@ TEST(Cle, BiasCorrectionRestoresTheMeanOutput) {
   }
 }
 
+// The pipeline's state keeps the biases a method changed (CLE scales v's bias and corrects q/k/v's):
+// a resumed run gives the same layers as an uninterrupted one.
+TEST(Cle, ResumeKeepsCorrectedBiases) {
+  const LlamaConfig c = cle_config();
+  LlamaWeights w = random_weights(c, 5, 0.2);
+  Tensor tokens = Tensor::empty({4, 8}, DType::I32);
+  for (int64_t i = 0; i < tokens.numel(); ++i) tokens.data<int32_t>()[i] = int32_t((i * 5 + 1) % c.vocab_size);
+  const QuantFormat& f = parse_quant_format("int3g32");
+  CleOptions o;
+  o.bias_correction = true;
+  PipelineOptions po;
+  po.progress = false;
+  LlamaModel full(c, w);
+  CleMethod m1(f, o);
+  run_blockwise(full, tokens, m1, f, po);
+  auto dir = test::temp_dir("ptq17-cle-resume");
+  po.state_dir = dir.string();
+  po.stop_after_blocks = 1;
+  po.checkpoint_seconds = 1e9;
+  {
+    LlamaModel part(c, w);
+    CleMethod m2(f, o);
+    EXPECT_FALSE(run_blockwise(part, tokens, m2, f, po).complete);
+  }
+  po.stop_after_blocks = 0;
+  LlamaModel resumed(c, w);
+  CleMethod m3(f, o);
+  EXPECT_EQ(run_blockwise(resumed, tokens, m3, f, po).resumed_from_block, 1);
+  for (int i = 0; i < c.n_layers; ++i)
+    for (const char* n : {"self_attn.q_proj", "self_attn.v_proj"}) {
+      const Linear* a = nullptr;
+      const Linear* b = nullptr;
+      for (auto& [name, slot] : full.block(i).linears())
+        if (name == n) a = slot->get();
+      for (auto& [name, slot] : resumed.block(i).linears())
+        if (name == n) b = slot->get();
+      ASSERT_TRUE(a && b && a->bias().defined() && b->bias().defined());
+      EXPECT_EQ(max_abs_diff(a->bias(), b->bias()), 0.0) << i << " " << n;
+      EXPECT_EQ(max_abs_diff(a->effective_weight(), b->effective_weight()), 0.0) << i << " " << n;
+    }
+  std::filesystem::remove_all(dir);
+}
+
 TEST_F(Ptq17Stories, CleRunsDataFreeAndResumes) {
   calib_windows = 4;
   calib_len = 64;
