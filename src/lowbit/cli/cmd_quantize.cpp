@@ -13,6 +13,7 @@
 #include "lowbit/methods/apiq.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/ptq_methods.h"
+#include "lowbit/methods/registry.h"
 #include "lowbit/methods/saliency.h"
 #include "lowbit/quant/quantize.h"
 #include "lowbit/ops/device_init.h"
@@ -40,9 +41,15 @@ struct QuantArgs {
   bool apiq_verbose = false, tf32 = false, bf16 = false, saliency_only = false, sapr_anneal = false,
        sapr_layer_weight = false;
   std::string saliency_model = "fp";
+  // norm-tweak
+  std::string base = "gptq";
+  NormTweakOptions nt;
+  RsqOptions rsq;
+  ComqOptions comq;
 };
 
-bool is_apiq(const std::string& m) { return m == "apiq" || m == "apiq-layer" || m == "sapr"; }
+// Methods that train LoRA adapters (ApiQ family): default format int2g64, --rank, --lora merge.
+bool is_apiq(const std::string& m) { return find_method(m).trains_adapters; }
 
 ApiqOptions apiq_options(const QuantArgs& a) {
   ApiqOptions o;
@@ -77,21 +84,21 @@ ApiqOptions apiq_options(const QuantArgs& a) {
   return o;
 }
 
-std::unique_ptr<BlockMethod> make_method(const QuantArgs& a, const QuantFormat& f, const SaliencyMap* saliency) {
-  if (a.method == "rtn") return std::make_unique<RtnMethod>(f);
-  if (a.method == "gptq") {
-    GptqOptions o;
-    o.percdamp = a.percdamp;
-    o.act_order = a.act_order;
-    return std::make_unique<GptqMethod>(f, o);
-  }
-  if (a.method == "awq") return std::make_unique<AwqMethod>(f, AwqOptions{}, !a.no_clip);
-  if (is_apiq(a.method)) {
-    ApiqOptions o = apiq_options(a);
-    if (a.method == "sapr") o.saliency = saliency;
-    return std::make_unique<ApiqMethod>(f, o);
-  }
-  throw_error("unknown --method '", a.method, "' (expected rtn, gptq, awq, apiq, apiq-layer or sapr)");
+// The registry's options for --method a.method, from the parsed flags.
+MethodConfig method_config(const QuantArgs& a, const QuantFormat& f, const SaliencyMap* saliency, bool has_data) {
+  MethodConfig c;
+  c.format = &f;
+  c.gptq.percdamp = a.percdamp;
+  c.gptq.act_order = a.act_order;
+  c.awq_clip = !a.no_clip;
+  if (is_apiq(a.method)) c.apiq = apiq_options(a);
+  c.saliency = saliency;
+  c.base = a.base;
+  c.norm_tweak = a.nt;
+  c.rsq = a.rsq;
+  c.comq = a.comq;
+  c.cle.bias_correction = has_data;  // E[x] of the bias correction comes from the calibration data
+  return c;
 }
 
 // --sapr-recipe paper: the reference code's saliency recipe (ULB-SAPR README: raw summed Fisher,
@@ -200,6 +207,7 @@ int64_t default_apiq_rank(const LlamaConfig& c, const QuantFormat& f) {
 
 void run_quantize(const QuantArgs& a, bool rank_given) {
   int64_t rank = a.rank;
+  find_method(a.method);  // an unknown name fails before anything is loaded
   if (a.method == "sapr") check_sapr_args(a);
   if (a.method != "sapr" && (a.sapr_anneal || a.sapr_layer_weight || a.saliency_model != "fp"))
     throw_error(a.sapr_anneal ? "--sapr-anneal" : a.sapr_layer_weight ? "--sapr-layer-weight" : "--saliency-model",
@@ -253,7 +261,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     std::stringstream ss;
     ss << in.rdbuf();
     for (int id : tok->encode(ss.str(), false)) stream.push_back(id);
-  } else if (a.method != "rtn") {
+  } else if (find_method(a.method).needs_calibration) {
     throw_error("--method ", a.method, " needs calibration data: --calib TEXT (with a tokenizer) or --calib-tokens FILE");
   }
   if (stream.empty() && (!a.calib.empty() || !a.calib_tokens.empty()))
@@ -287,7 +295,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   }
   QuantArgs ar = a;
   ar.rank = rank;
-  auto method = make_method(ar, f, saliency ? &*saliency : nullptr);
+  auto method = make_method(a.method, method_config(ar, f, saliency ? &*saliency : nullptr, !stream.empty()));
   PipelineOptions o;
   o.next_from_fp = a.next_input == "fp";
   o.batch = a.batch;
@@ -321,8 +329,29 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     extra["calibration"] = {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}};
     extra["calibration"]["data"] = !a.calib.empty() ? a.calib : a.calib_tokens;
   }
-  if (a.method == "gptq") extra["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
+  if (a.method == "gptq" || a.method == "rsq") extra["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
+  if (a.method == "cle") {
+    const auto* cm = dynamic_cast<const CleMethod*>(method.get());
+    extra["cle"] = {{"bias_correction", !stream.empty()}, {"bias_corrected_layers", cm ? cm->bias_corrected() : 0}};
+    report["cle"] = extra["cle"];
+  }
+  if (a.method == "comq") {
+    extra["comq"] = {{"sweeps", a.comq.sweeps}, {"update_scales", a.comq.update_scales}};
+    report["comq"] = extra["comq"];
+  }
+  if (a.method == "rsq") {
+    extra["rsq"] = {{"min_weight", a.rsq.min_weight}, {"max_weight", a.rsq.max_weight}, {"importance", "attn-con"}};
+    report["rsq"] = extra["rsq"];
+  }
   if (a.method == "awq") extra["awq"] = {{"clip", !a.no_clip}};
+  if (a.method == "norm-tweak") {
+    nlohmann::json h = {{"base", a.base}, {"epochs", a.nt.epochs}, {"batch", a.nt.batch}, {"lr", a.nt.lr},
+                        {"lr_depth_scale", a.nt.lr_depth_scale}};
+    if (a.base == "gptq") h["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
+    if (a.base == "awq") h["awq"] = {{"clip", !a.no_clip}};
+    extra["norm_tweak"] = h;
+    report["norm_tweak"] = h;
+  }
   if (is_apiq(a.method)) {
     const ApiqOptions o = apiq_options(ar);
     nlohmann::json h = {{"mode", o.mode == ApiqMode::Layer ? "layer" : "block"},
@@ -371,12 +400,10 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
 }  // namespace
 
 void register_quantize(CLI::App& app) {
-  auto* q = app.add_subcommand("quantize", "Quantize a model block by block (rtn, gptq, awq, apiq, sapr); resumable");
+  auto* q = app.add_subcommand("quantize", "Quantize a model block by block (" + method_names() + "); resumable");
   auto a = std::make_shared<QuantArgs>();
   q->add_option("-m,--model", a->model, "input model (llama2.c .bin, .gguf, HF directory)")->required();
-  q->add_option("--method", a->method,
-                "rtn, gptq, awq, apiq (ApiQ block-wise), apiq-layer (ApiQ layer-wise) or sapr (ApiQ + saliency-aware "
-                "regularization)")
+  q->add_option("--method", a->method, "quantization method, one of:" + method_help())
       ->capture_default_str();
   q->add_option("--format", a->format,
                 "number format (default int4g128; int2g64 for apiq/sapr): " + quant_format_names())
@@ -392,6 +419,32 @@ void register_quantize(CLI::App& app) {
   q->add_option("--percdamp", a->percdamp, "GPTQ dampening (fraction of mean diag H)")->capture_default_str()->check(above(0));
   q->add_flag("--act-order", a->act_order, "GPTQ: columns by decreasing Hessian diagonal (static groups)");
   q->add_flag("--no-clip", a->no_clip, "AWQ: skip the clipping search");
+  // norm-tweak
+  q->add_option("--base", a->base, "norm-tweak: the method that quantizes each block before its norms are tweaked")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"rtn", "gptq", "awq"}));
+  q->add_option("--nt-lr", a->nt.lr, "norm-tweak: Adam learning rate of the norm weights")
+      ->capture_default_str()
+      ->check(above(0));
+  q->add_option("--nt-epochs", a->nt.epochs, "norm-tweak: passes over the calibration windows per block")
+      ->capture_default_str()
+      ->check(at_least(0));
+  q->add_option("--nt-batch", a->nt.batch, "norm-tweak: calibration windows per Adam step")
+      ->capture_default_str()
+      ->check(at_least(1));
+  q->add_option("--rsq-min", a->rsq.min_weight, "rsq: weight of the least attended token of a window")
+      ->capture_default_str()
+      ->check(above(0));
+  q->add_option("--rsq-max", a->rsq.max_weight, "rsq: weight of the most attended token of a window")
+      ->capture_default_str()
+      ->check(above(0));
+  q->add_option("--comq-sweeps", a->comq.sweeps, "comq: passes over all coordinates (each followed by the scale update)")
+      ->capture_default_str()
+      ->check(at_least(1));
+  q->add_option("--nt-lr-depth", a->nt.lr_depth_scale,
+                "norm-tweak: the learning rate grows linearly to lr * (1 + this) at the last block")
+      ->capture_default_str()
+      ->check(at_least(0));
   q->add_option("--batch", a->batch, "calibration windows per forward pass")->capture_default_str()->check(at_least(1));
   // ApiQ / SAPR
   q->add_option("--rank", a->rank, "ApiQ: LoRA rank (0: learnable clipping only; default 64, lowered on small models so that the f16 adapters add at most a fifth of the format's bits per weight)")->capture_default_str()->check(at_least(0));
@@ -477,6 +530,15 @@ void register_quantize(CLI::App& app) {
   q->add_flag("--json", a->json, "print the report as JSON");
   add_threads_option(q);
   q->callback([a, q] {
+    // Method-specific flags given to another method are refused rather than silently ignored.
+    const std::pair<const char*, const char*> owned[] = {{"--base", "norm-tweak"}, {"--nt-lr", "norm-tweak"},
+                                                         {"--nt-epochs", "norm-tweak"}, {"--nt-batch", "norm-tweak"},
+                                                         {"--nt-lr-depth", "norm-tweak"},
+                                                         {"--rsq-min", "rsq"}, {"--rsq-max", "rsq"},
+                                                         {"--comq-sweeps", "comq"}};
+    for (const auto& [flag, method] : owned)
+      if (q->count(flag) > 0 && a->method != method)
+        throw_error(flag, " applies to --method ", method, ", not ", a->method);
     apply_sapr_recipe(*a, *q);
     run_quantize(*a, q->count("--rank") > 0);
   });

@@ -152,7 +152,9 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
         // LoRA adapters (ApiQ, SAPR) are part of the saved state: a resumed run must see the same block.
         Tensor lora_A = f.find(p + name + ".lora_A") ? f.load(p + name + ".lora_A") : Tensor();
         Tensor lora_B = f.find(p + name + ".lora_B") ? f.load(p + name + ".lora_B") : Tensor();
-        *slot = std::make_shared<QuantLinear>(std::move(q), (*slot)->bias(), dev, lora_A, lora_B);
+        // A method may have changed a bias (CLE's scaling and bias correction): the saved one wins.
+        Tensor bias = f.find(p + name + ".bias") ? f.load(p + name + ".bias").to(dev) : (*slot)->bias();
+        *slot = std::make_shared<QuantLinear>(std::move(q), bias, dev, lora_A, lora_B);
       }
     }
     rep.resumed_from_block = start;
@@ -198,6 +200,7 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
           auto* ql = dynamic_cast<QuantLinear*>(slot->get());
           if (!ql) throw_error("pipeline: method '", method.name(), "' left ", name, " of block ", j, " unquantized");
           save_quantized(ts, p + name, ql->quantized());
+          if (ql->bias().defined()) ts.emplace_back(p + name + ".bias", ql->bias());
           if (ql->has_lora()) {
             ts.emplace_back(p + name + ".lora_A", ql->lora_A());
             ts.emplace_back(p + name + ".lora_B", ql->lora_B());

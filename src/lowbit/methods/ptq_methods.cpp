@@ -57,6 +57,26 @@ struct HessianCapture {
   std::map<std::string, std::string> owner;  // linear -> the linear whose sum holds its input
   Tensor last_x;                             // the latest distinct input of this batch
   std::string last_name;
+  // [rows, in] of this batch, each row filled with its token's weight (RSQ; undefined: weights 1).
+  // Built once per batch width and device by set_row_weights.
+  Tensor row_weights;
+  Tensor batch_weights;  // F32 [rows] on the host
+  std::map<int64_t, Tensor> expanded;  // in -> row_weights for that width
+  void set_row_weights(const Tensor& w) {
+    batch_weights = w;
+    expanded.clear();
+  }
+  const Tensor& weights_for(const Tensor& x) {
+    auto it = expanded.find(x.size(1));
+    if (it != expanded.end()) return it->second;
+    const int64_t rows = x.size(0), in = x.size(1);
+    if (batch_weights.numel() != rows) throw_error("gptq: ", batch_weights.numel(), " token weights for ", rows, " rows");
+    Tensor e = Tensor::empty({rows, in});
+    float* p = e.data<float>();
+    const float* r = batch_weights.data<float>();
+    for (int64_t i = 0; i < rows; ++i) std::fill(p + i * in, p + (i + 1) * in, r[i]);
+    return expanded[in] = e.to(x.device());
+  }
   LinearInputHook hook() {
     return [this](const std::string& name, const Tensor& x) {
       if (last_x.defined() && x.raw_data() == last_x.raw_data() && x.shape() == last_x.shape() &&
@@ -70,7 +90,13 @@ struct HessianCapture {
       Tensor xc = x.dtype() == DType::F32 ? x.contiguous() : x.to(DType::F32).contiguous();
       Tensor& h = sum[name];
       if (!h.defined()) h = Tensor::zeros({xc.size(1), xc.size(1)}, DType::F32, xc.device());
-      ops::gemm(xc, true, xc, false, h, 1.0, 1.0);
+      if (batch_weights.defined()) {  // sum_t r_t x_t x_t^T = (diag(r) X)^T X
+        Tensor xr = Tensor::empty(xc.shape(), DType::F32, xc.device());
+        ops::mul(xc, weights_for(xc), xr);
+        ops::gemm(xr, true, xc, false, h, 1.0, 1.0);
+      } else {
+        ops::gemm(xc, true, xc, false, h, 1.0, 1.0);
+      }
       rows[name] += xc.size(0);
       last_x = x;
       last_name = name;
@@ -169,6 +195,9 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
     acc += std::chrono::duration<double>(now - t).count();
     t = now;
   };
+  const Tensor r = token_weights(ctx);  // RSQ: before any of the block's linears changes
+  if (r.defined() && (r.dim() != 1 || r.size(0) != ctx.n_samples * ctx.seqlen))
+    throw_error(name(), ": token weights must be [", ctx.n_samples * ctx.seqlen, "]");
   if (on_gpu) cuda_synchronize();  // the pipeline's queued passes are not counted below
   Clock::time_point t = Clock::now();
   for (const auto& group : kSequentialGroups) {
@@ -185,6 +214,7 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
       const int64_t e = std::min(ctx.n_samples, s + ctx.batch);
       const Tensor xb = ctx.inputs.slice(0, s * L, e * L);
       BlockContext bc{ctx.model, ctx.layer, e - s, L, xb, ctx.fp_targets, e - s};
+      if (r.defined()) hc.set_row_weights(r.slice(0, s * L, e * L).contiguous());
       size_t seen = 0;
       try {
         bc.run_block(xb, [&](const std::string& n, const Tensor& x) {
@@ -211,7 +241,7 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
     for (const auto& name : group) {
       if (!on_gpu) {
         Tensor w = weight_of(ctx, name);
-        GptqResult r = gptq_quantize(w, hc.hessian(name), f_, o_);
+        GptqResult r = solve(w, hc.hessian(name));
         lap(t, prof.quantize);
         install(ctx, name, cap.rows(name), std::move(r.q), reports);
         lap(t, prof.install);
@@ -219,7 +249,7 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
       }
       auto* slot = slot_of(ctx.model.block(ctx.layer), name);
       const Tensor w = (*slot)->effective_weight().contiguous();
-      GptqResult r = gptq_quantize(w, hc.hessian(name), f_, o_);  // GPU path for the integer formats
+      GptqResult r = solve(w, hc.hessian(name));  // GPU path for the integer formats
       lap(t, prof.quantize);
       const Tensor deq = r.dequantized.defined() ? r.dequantized : r.q.dequantize().to(dev);
       LinearReport rep;

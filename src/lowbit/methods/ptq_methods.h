@@ -30,7 +30,13 @@ class GptqMethod : public BlockMethod {
   std::string options_key() const override;
   void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
 
- private:
+ protected:
+  // Per-token weights r [N*L] of the Hessian H = 2 sum_t r_t x_t x_t^T / n (RSQ); undefined (the
+  // default): every token weighs 1, plain GPTQ. Computed once per block, before it is quantized.
+  virtual Tensor token_weights(BlockContext&) { return Tensor(); }
+  // The per-layer solve on W [out, in] and the layer's Hessian: GPTQ (gptq_quantize); COMQ overrides.
+  virtual GptqResult solve(const Tensor& w, const Tensor& h) { return gptq_quantize(w, h, f_, o_); }
+
   const QuantFormat& f_;
   GptqOptions o_;
 };

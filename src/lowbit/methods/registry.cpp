@@ -1,0 +1,117 @@
+#include "lowbit/methods/registry.h"
+
+#include <mutex>
+
+#include "lowbit/methods/ptq_methods.h"
+
+namespace lowbit {
+
+namespace {
+
+std::vector<MethodInfo>& registry_storage() {
+  static std::vector<MethodInfo> r;
+  return r;
+}
+
+void add(std::vector<MethodInfo>& r, MethodInfo info) {
+  if (info.name.empty()) throw_error("register_method: empty method name");
+  if (!info.make) throw_error("register_method: method '", info.name, "' has no factory");
+  for (const auto& m : r)
+    if (m.name == info.name) throw_error("register_method: method '", info.name, "' is registered already");
+  r.push_back(std::move(info));
+}
+
+void register_builtins(std::vector<MethodInfo>& r) {
+  add(r, {"rtn", "round to nearest (data-free; calibration only for the error report)", false, false,
+          [](const MethodConfig& c) { return std::make_unique<RtnMethod>(*c.format); }});
+  add(r, {"gptq", "GPTQ: column-wise rounding with inverse-Hessian error feedback (--percdamp, --act-order)", true,
+          false, [](const MethodConfig& c) { return std::make_unique<GptqMethod>(*c.format, c.gptq); }});
+  add(r, {"awq", "AWQ: activation-aware channel scales folded into the producers, clipping search (--no-clip)", true,
+          false, [](const MethodConfig& c) { return std::make_unique<AwqMethod>(*c.format, c.awq, c.awq_clip); }});
+  add(r, {"apiq", "ApiQ block-wise: learnable clipping + LoRA trained on the block output", true, true,
+          [](const MethodConfig& c) {
+            ApiqOptions o = c.apiq;
+            o.mode = ApiqMode::Block;
+            o.saliency = nullptr;
+            return std::make_unique<ApiqMethod>(*c.format, o);
+          }});
+  add(r, {"apiq-layer", "ApiQ layer-wise: learnable clipping + LoRA trained per linear", true, true,
+          [](const MethodConfig& c) {
+            ApiqOptions o = c.apiq;
+            o.mode = ApiqMode::Layer;
+            o.saliency = nullptr;
+            return std::make_unique<ApiqMethod>(*c.format, o);
+          }});
+  add(r, {"sapr", "SAPR: ApiQ + saliency-aware weight-preservation regularizer (--saliency, --lambda)", true, true,
+          [](const MethodConfig& c) {
+            if (!c.saliency) throw_error("--method sapr: no saliency map was given");
+            ApiqOptions o = c.apiq;
+            o.mode = ApiqMode::Block;
+            o.saliency = c.saliency;
+            return std::make_unique<ApiqMethod>(*c.format, o);
+          }});
+  add(r, {"norm-tweak", "Norm Tweaking: --base rtn|gptq|awq, then the block's norm weights trained to match the FP "
+                        "output's channel means/variances (--nt-lr, --nt-epochs)",
+          true, false, [](const MethodConfig& c) {
+            if (c.base != "rtn" && c.base != "gptq" && c.base != "awq")
+              throw_error("--base must be rtn, gptq or awq, got '", c.base, "'");
+            return std::make_unique<NormTweakMethod>(find_method(c.base).make(c), c.norm_tweak);
+          }});
+  add(r, {"rsq", "RSQ: GPTQ with each token's Hessian weight from its attention concentration (--rsq-min, --rsq-max)",
+          true, false, [](const MethodConfig& c) {
+            if (!(c.rsq.min_weight > 0) || !(c.rsq.max_weight >= c.rsq.min_weight))
+              throw_error("rsq: token weights need 0 < --rsq-min <= --rsq-max, got ", c.rsq.min_weight, " and ",
+                          c.rsq.max_weight);
+            return std::make_unique<RsqMethod>(*c.format, c.gptq, c.rsq);
+          }});
+  add(r, {"comq", "COMQ: backprop-free coordinate-wise minimisation of each layer's output error, with scale "
+                  "updates (--comq-sweeps; integer formats)",
+          true, false, [](const MethodConfig& c) {
+            if (c.format->kind != QuantKind::IntAsym && c.format->kind != QuantKind::IntSym)
+              throw_error("comq: format ", c.format->name, " is not an integer format (int*g*, int*pc, their symmetric forms)");
+            return std::make_unique<ComqMethod>(*c.format, c.comq);
+          }});
+  add(r, {"cle", "cross-layer equalization (norm->q/k/v, norm->gate/up, up->down, v->o without GQA) then RTN; "
+                 "data-free; bias correction where a layer has a bias and data is given",
+          false, false, [](const MethodConfig& c) { return std::make_unique<CleMethod>(*c.format, c.cle); }});
+}
+
+std::vector<MethodInfo>& registry() {
+  static std::once_flag once;
+  std::call_once(once, [] { register_builtins(registry_storage()); });
+  return registry_storage();
+}
+
+}  // namespace
+
+const std::vector<MethodInfo>& method_registry() { return registry(); }
+
+void register_method(MethodInfo info) { add(registry(), std::move(info)); }
+
+std::string method_names() {
+  std::string s;
+  for (const auto& m : registry()) s += (s.empty() ? "" : ", ") + m.name;
+  return s;
+}
+
+std::string method_help() {
+  size_t w = 0;
+  for (const auto& m : registry()) w = std::max(w, m.name.size());
+  std::string s;
+  for (const auto& m : registry()) s += "\n  " + m.name + std::string(w + 2 - m.name.size(), ' ') + m.help;
+  return s;
+}
+
+const MethodInfo& find_method(const std::string& name) {
+  for (const auto& m : registry())
+    if (m.name == name) return m;
+  throw_error("unknown --method '", name, "' (registered: ", method_names(), ")");
+}
+
+std::unique_ptr<BlockMethod> make_method(const std::string& name, const MethodConfig& config) {
+  const MethodInfo& m = find_method(name);
+  if (!config.format) throw_error("make_method('", name, "'): no format given");
+  return m.make(config);
+}
+
+}  // namespace lowbit
