@@ -19,6 +19,10 @@ PerplexityResult evaluate_perplexity(const LlamaModel& model, const std::vector<
   if (o.max_windows > 0 && n_windows > o.max_windows) n_windows = o.max_windows;
   if (n_windows == 0)
     throw_error("perplexity: the token stream (", stream.size(), " tokens) is shorter than one window of ", o.ctx, " tokens");
+  if (o.score_second_half && o.ctx < 4)
+    throw_error("perplexity: --score-second-half needs --ctx of at least 4, got ", o.ctx);
+  // The first position whose prediction is scored: 0 (every token but the window's first) or ctx/2.
+  const int64_t first = o.score_second_half ? o.ctx / 2 : 0;
   const int V = model.config().vocab_size;
   for (size_t i = 0; i < size_t(n_windows * per_window); ++i)
     if (stream[i] < 0 || stream[i] >= V)
@@ -46,11 +50,11 @@ PerplexityResult evaluate_perplexity(const LlamaModel& model, const std::vector<
         for (int64_t t = 0; t < o.ctx; ++t) row[t] = src[t];
       }
       // Position t predicts token t+1; the last position has nothing to predict.
-      for (int64_t t = 0; t < o.ctx; ++t) gp[b * o.ctx + t] = t + 1 < o.ctx ? row[t + 1] : -1;
+      for (int64_t t = 0; t < o.ctx; ++t) gp[b * o.ctx + t] = t >= first && t + 1 < o.ctx ? row[t + 1] : -1;
     }
     Var logits = model.forward(tokens);
     Var loss = cross_entropy(logits, targets.to(logits.value().device()));
-    const int64_t n = B * (o.ctx - 1);
+    const int64_t n = B * (o.ctx - 1 - first);
     total_nll += loss.value().item() * double(n);
     scored += n;
     bar.update(w0 + B, "ppl " + std::to_string(std::exp(total_nll / double(scored))).substr(0, 7));
