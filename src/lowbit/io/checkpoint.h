@@ -23,6 +23,7 @@ struct TokenizerVocab {
   std::vector<std::string> merges;  // BPE merges "a b", may be empty
   int bos_id = -1, eos_id = -1, unk_id = -1, pad_id = -1;
   int add_bos = -1, add_eos = -1;   // tokenizer.ggml.add_{bos,eos}_token: 1/0, -1 when absent (model default)
+  int add_space_prefix = -1;        // tokenizer.ggml.add_space_prefix ("llama" vocabularies): 1/0, -1 absent (yes)
   std::string chat_template;        // tokenizer.chat_template, may be empty
   bool empty() const { return tokens.empty(); }
 };

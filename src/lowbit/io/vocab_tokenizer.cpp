@@ -22,6 +22,7 @@
 #include "lowbit/tokenizer/llama2c_tokenizer.h"
 #include "lowbit/tokenizer/pretokenizer.h"
 #include "lowbit/tokenizer/sentencepiece_tokenizer.h"
+#include "lowbit/tokenizer/spm_tokenizer.h"
 
 namespace fs = std::filesystem;
 
@@ -130,12 +131,19 @@ std::string read_text(const fs::path& p) {
 std::unique_ptr<Tokenizer> tokenizer_from_vocab(const TokenizerVocab& v, const std::string& source) {
   if (v.empty()) throw_error(source, ": has no embedded tokenizer");
   if (v.model == "llama") {
-    std::vector<std::string> pieces;
-    pieces.reserve(v.tokens.size());
-    for (const auto& t : v.tokens) pieces.push_back(Llama2cTokenizer::to_llama2c_piece(t));
-    std::vector<float> scores = v.scores;
-    if (scores.empty()) scores.assign(v.tokens.size(), 0.0f);
-    return std::make_unique<Llama2cTokenizer>(std::move(pieces), std::move(scores), v.bos_id, v.eos_id);
+    // llama.cpp's defaults for this vocabulary type: BOS added, EOS not, a space prefix.
+    SpmVocab s;
+    s.pieces = v.tokens;
+    s.scores = v.scores;
+    s.types = v.token_types;
+    s.bos_id = v.bos_id;
+    s.eos_id = v.eos_id;
+    s.unk_id = v.unk_id;
+    s.add_bos = v.add_bos != 0 && v.bos_id >= 0;
+    s.add_eos = v.add_eos > 0;
+    s.add_space_prefix = v.add_space_prefix != 0;
+    if (v.add_bos > 0 && v.bos_id < 0) throw_error(source, ": tokenizer.ggml.add_bos_token is true but the file has no bos token id");
+    return std::make_unique<SpmTokenizer>(std::move(s), source);
   }
   if (v.model == "gpt2") return gpt2_tokenizer(v, source);
   throw_error(source, ": embedded tokenizer model '", v.model,
