@@ -1,7 +1,8 @@
 // GGUF "llama" vocabularies (sentencepiece-style: pieces, scores, token types, byte fallback)
 // -> SpmTokenizer, against Python: tests/io/oracle/spm_gguf_oracle.py writes the GGUF with gguf-py
 // from a sentencepiece .model of ../shared (Llama 2's 32000 pieces; stories260K's 512) and encodes
-// the texts (edge cases + the 400 WikiText-2 lines of ref/tokenize-llama2-wikitext2.jsonl) with
+// the texts (edge cases, the 400 WikiText-2 lines of ref/tokenize-llama2-wikitext2.jsonl and the
+// whole of data/wikitext-2-raw/wiki.test.raw) with
 // sentencepiece itself (skips without python3 + gguf + sentencepiece, or without ../shared).
 // add_bos_token / add_eos_token are honoured; control and user-defined pieces in the text become
 // their ids. (That jsonl's own ids belong to the tokenizer.json of tokenizers/llama2, a different
@@ -12,6 +13,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "common/test_util.h"
@@ -65,7 +67,13 @@ TEST(SpmVocab, GgufFromGgufPyEncodesAsSentencepiece) {
   for (const Case c : {Case{"tokenizers/llama2/tokenizer.model", true, false}, Case{"models/stories260K/tok512.model", false, true}}) {
     const fs::path model = fs::path(shared) / c.model;
     if (!fs::exists(model)) continue;
-    const auto texts = texts_for_test((fs::path(shared) / "ref/tokenize-llama2-wikitext2.jsonl").string());
+    auto texts = texts_for_test((fs::path(shared) / "ref/tokenize-llama2-wikitext2.jsonl").string());
+    // And the whole of WikiText-2 test as one text (335,687 ids with Llama 2's vocabulary).
+    if (std::ifstream wiki(fs::path(shared) / "data/wikitext-2-raw/wiki.test.raw", std::ios::binary); wiki) {
+      std::ostringstream os;
+      os << wiki.rdbuf();
+      texts.push_back(os.str());
+    }
     const fs::path texts_path = dir / "texts.json", gguf = dir / (fs::path(c.model).stem().string() + ".gguf");
     std::ofstream(texts_path) << json(texts).dump();
     auto [out, rc] = run("python3 '" + script + "' '" + model.string() + "' '" + gguf.string() + "' " +

@@ -49,6 +49,12 @@ SpmTokenizer::SpmTokenizer(SpmVocab vocab, const std::string& source) : v_(std::
       continue;  // matched in the text, never formed by merges
     }
     index_.emplace(std::string_view(p), int(i));
+    if (size_t(utf8_len(static_cast<unsigned char>(p[0]))) < p.size())  // two or more characters
+      for (size_t k = 0; k < p.size();) {
+        const size_t len = std::min<size_t>(utf8_len(static_cast<unsigned char>(p[k])), p.size() - k);
+        merge_chars_.insert(std::string_view(p.data() + k, len));
+        k += len;
+      }
   }
   std::stable_sort(specials_.begin(), specials_.end(),
                    [&](int a, int b) { return v_.pieces[size_t(a)].size() > v_.pieces[size_t(b)].size(); });
@@ -106,6 +112,23 @@ void SpmTokenizer::encode_text(std::string_view raw, std::vector<int>& out) cons
     if (c == ' ') text += kSpace;
     else text += c;
   }
+  // A character that occurs in no piece of two or more characters takes part in no merge: the
+  // text is merged segment by segment between such characters (same ids, and memory and time
+  // stay linear in long texts such as whole training files).
+  size_t seg = 0;
+  for (size_t p = 0; p < text.size();) {
+    const size_t len = std::min<size_t>(utf8_len(static_cast<unsigned char>(text[p])), text.size() - p);
+    if (!merge_chars_.count(std::string_view(text.data() + p, len))) {
+      merge_segment(std::string_view(text.data() + seg, p - seg), out);
+      merge_segment(std::string_view(text.data() + p, len), out);
+      seg = p + len;
+    }
+    p += len;
+  }
+  merge_segment(std::string_view(text.data() + seg, text.size() - seg), out);
+}
+
+void SpmTokenizer::merge_segment(std::string_view text, std::vector<int>& out) const {
   struct Sym {
     size_t pos, len;
     int prev, next;

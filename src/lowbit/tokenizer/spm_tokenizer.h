@@ -17,6 +17,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "lowbit/tokenizer/tokenizer.h"
@@ -55,9 +56,11 @@ class SpmTokenizer final : public Tokenizer {
  private:
   int type(int id) const { return v_.types.empty() ? 1 : v_.types[size_t(id)]; }
   void encode_text(std::string_view text, std::vector<int>& out) const;  // steps 2-4
+  void merge_segment(std::string_view text, std::vector<int>& out) const;  // steps 3-4 (escaped text)
 
   SpmVocab v_;
   std::unordered_map<std::string_view, int> index_;  // piece -> first id (views into v_.pieces)
+  std::unordered_set<std::string_view> merge_chars_;  // characters of pieces of 2+ characters
   int byte_ids_[256];                                 // id of "<0xNN>", -1 when absent
   std::vector<int> specials_;                         // special ids, longest text first
 };
