@@ -58,6 +58,7 @@ SpmTokenizer::SpmTokenizer(SpmVocab vocab, const std::string& source) : v_(std::
   }
   std::stable_sort(specials_.begin(), specials_.end(),
                    [&](int a, int b) { return v_.pieces[size_t(a)].size() > v_.pieces[size_t(b)].size(); });
+  for (int id : specials_) specials_by_first_[static_cast<unsigned char>(v_.pieces[size_t(id)][0])].push_back(id);
 }
 
 std::string SpmTokenizer::token_text(int id) const {
@@ -73,7 +74,7 @@ std::vector<int> SpmTokenizer::encode(std::string_view text, bool add_special) c
   std::string buf;
   while (i < text.size()) {
     int hit = -1;
-    for (int id : specials_) {
+    for (int id : specials_by_first_[static_cast<unsigned char>(text[i])]) {
       const std::string& p = v_.pieces[size_t(id)];
       if (p.size() <= text.size() - i && text.compare(i, p.size(), p) == 0) {
         hit = id;

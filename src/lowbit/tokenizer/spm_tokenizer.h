@@ -63,6 +63,7 @@ class SpmTokenizer final : public Tokenizer {
   std::unordered_set<std::string_view> merge_chars_;  // characters of pieces of 2+ characters
   int byte_ids_[256];                                 // id of "<0xNN>", -1 when absent
   std::vector<int> specials_;                         // special ids, longest text first
+  std::vector<int> specials_by_first_[256];           // the same, by their first byte
 };
 
 }  // namespace lowbit
