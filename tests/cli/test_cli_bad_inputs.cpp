@@ -69,6 +69,7 @@ const Row kRows[] = {
   {"eval ppl", "batch not a number", "eval ppl -m {M} --tokens {I} --batch abc", "--batch: 'abc' is not a number"},
   {"eval ppl", "max-windows -1", "eval ppl -m {M} --tokens {I} --max-windows -1", "--max-windows: must be at least 0"},
   {"eval ppl", "unknown device", "eval ppl -m {M} --tokens {I} --device tpu", "unknown device 'tpu'"},
+  {"eval ppl", "second half of ctx 3", "eval ppl -m {M} --tokens {I} --ctx 3 --score-second-half", "--score-second-half needs --ctx of at least 4", kModel},
   // --- eval tasks
   {"eval tasks", "missing model", "eval tasks -m {D}/missing.bin --tokenizer {T}", "missing.bin: no such file"},
   {"eval tasks", "empty task list", "eval tasks -m {M} --tokenizer {T} --tasks ''", "--tasks: must not be empty"},
