@@ -54,10 +54,37 @@ void run_export(const ExportArgs& a) {
   if (ends_with(a.to, ".gguf"))
     throw_error("--to ", a.to, ": --layout ", a.layout, " writes a directory, not a .gguf file");
   const HfQuantExportInfo info = export_hf_quant_layout(a.model, a.to, layout);
-  const int copied = copy_tokenizer_files(a.tokenizer, a.tokenizer.empty() ? a.model : std::string(), a.to);
+  int copied = copy_tokenizer_files(a.tokenizer, a.tokenizer.empty() ? a.model : std::string(), a.to);
+  std::string note = copied ? "" : "; no tokenizer files copied (give --tokenizer)";
+  if (!copied && a.tokenizer.empty()) {
+    // A source model with an embedded (GGUF) tokenizer: written as tokenizer.json + tokenizer_config.json.
+    nlohmann::json qc;
+    try {
+      std::ifstream in((fs::path(a.model) / "config.json").string());
+      qc = nlohmann::json::parse(in).value("quantization_config", nlohmann::json::object());
+    } catch (const std::exception&) {
+    }
+    std::string from;
+    TokenizerVocab v;
+    if (qc.contains("source_model") && qc["source_model"].is_string())
+      v = vocab_of_model(qc["source_model"].get<std::string>(), 0, from);
+    if (!v.empty()) {
+      try {
+        const HfTokenizerFiles files = hf_tokenizer_files_from_vocab(v, from);
+        for (const auto& [name, text] : {std::pair{"tokenizer.json", &files.tokenizer_json},
+                                         std::pair{"tokenizer_config.json", &files.tokenizer_config_json}}) {
+          io::AtomicFileWriter w((fs::path(a.to) / name).string());
+          w.write(text->data(), text->size());
+          w.commit();
+        }
+        note = "; tokenizer.json and tokenizer_config.json written from " + from + "'s embedded tokenizer";
+      } catch (const Error& e) {
+        note = std::string("; no tokenizer written (") + e.what() + "): give --tokenizer";
+      }
+    }
+  }
   std::fprintf(stderr, "exported %s (%d packed layers) -> %s (%s layout, checkpoint_format %s)%s\n", a.model.c_str(),
-               info.layers, a.to.c_str(), hf_quant_layout_name(layout), info.checkpoint_format.c_str(),
-               copied ? "" : "; no tokenizer files copied (give --tokenizer)");
+               info.layers, a.to.c_str(), hf_quant_layout_name(layout), info.checkpoint_format.c_str(), note.c_str());
 }
 
 }  // namespace

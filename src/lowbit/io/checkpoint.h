@@ -90,6 +90,15 @@ std::unique_ptr<Tokenizer> tokenizer_from_vocab(const TokenizerVocab& vocab, con
 // model's vocabulary (and refuses a larger tokenizer). Throws naming the file otherwise.
 TokenizerVocab vocab_from_tokenizer_file(const std::string& path, int vocab_size = 0);
 
+// A "gpt2" (byte-level BPE) vocabulary as Hugging Face files: tokenizer.json (the pipeline lowbit
+// itself runs for it) and tokenizer_config.json (bos/eos tokens, add_bos_token, chat_template), for
+// exports that transformers loads. Throws for other models and for the "default" pre-tokenizer,
+// whose llama.cpp regex list has no tokenizer.json form.
+struct HfTokenizerFiles {
+  std::string tokenizer_json, tokenizer_config_json;
+};
+HfTokenizerFiles hf_tokenizer_files_from_vocab(const TokenizerVocab& vocab, const std::string& source);
+
 // The vocabulary embedded in a GGUF file, read from its metadata only (tensors are not decoded,
 // so files with tensor types lowbit cannot load still give their tokenizer).
 TokenizerVocab read_gguf_vocab(const std::string& path);

@@ -70,7 +70,9 @@ json pre_tokenizer_for(const std::string& pre, const std::string& source, bool& 
               "' is not supported (lowbit knows smollm, gpt2, llama-bpe, qwen2, default and their aliases)");
 }
 
-std::unique_ptr<Tokenizer> gpt2_tokenizer(const TokenizerVocab& v, const std::string& source) {
+// The tokenizer.json (and the tokenizer_config.json fields bos_token / eos_token) describing a
+// gpt2 vocabulary.
+json gpt2_tokenizer_json(const TokenizerVocab& v, const std::string& source, json& config) {
   const int n = static_cast<int>(v.tokens.size());
   auto check_id = [&](int id, const char* key) {
     if (id >= n) throw_error(source, ": metadata key '", key, "': token id ", id, " is outside the vocabulary of ", n);
@@ -111,10 +113,21 @@ std::unique_ptr<Tokenizer> gpt2_tokenizer(const TokenizerVocab& v, const std::st
   if (add_bos) special(v.bos_id, "bos");
   single.push_back({{"Sequence", {{"id", "A"}, {"type_id", 0}}}});
   if (add_eos) special(v.eos_id, "eos");
-  j["post_processor"] = {{"type", "TemplateProcessing"}, {"single", std::move(single)}, {"special_tokens", std::move(specials)}};
-  json config = json::object();
+  json pair = single;  // Hugging Face's TemplateProcessing needs one; lowbit never encodes pairs
+  pair.push_back({{"Sequence", {{"id", "B"}, {"type_id", 1}}}});
+  j["post_processor"] = {{"type", "TemplateProcessing"}, {"single", std::move(single)}, {"pair", std::move(pair)},
+                         {"special_tokens", std::move(specials)}};
+  config = json::object();
   config["bos_token"] = v.bos_id >= 0 ? json(v.tokens[v.bos_id]) : json(nullptr);
   config["eos_token"] = v.eos_id >= 0 ? json(v.tokens[v.eos_id]) : json(nullptr);
+  config["add_bos_token"] = add_bos;
+  config["add_eos_token"] = add_eos;
+  return j;
+}
+
+std::unique_ptr<Tokenizer> gpt2_tokenizer(const TokenizerVocab& v, const std::string& source) {
+  json config;
+  const json j = gpt2_tokenizer_json(v, source, config);
   return HfTokenizer::from_json(j.dump(), source, config.dump());
 }
 
@@ -261,6 +274,21 @@ TokenizerVocab vocab_from_tokenizer_file(const std::string& path, int vocab_size
   }
   if (v.chat_template.empty()) v.chat_template = chat_template_for(path);
   return v;
+}
+
+HfTokenizerFiles hf_tokenizer_files_from_vocab(const TokenizerVocab& v, const std::string& source) {
+  if (v.model != "gpt2")
+    throw_error(source, ": the embedded '", v.model, "' tokenizer has no tokenizer.json equivalent lowbit writes (gpt2 only)");
+  if (v.pre.empty() || v.pre == "default")
+    throw_error(source, ": pre-tokenizer '", v.pre, "' (llama.cpp's default regex list) has no tokenizer.json equivalent");
+  json config;
+  const json j = gpt2_tokenizer_json(v, source, config);
+  HfTokenizer::from_json(j.dump(), source, config.dump());  // lowbit reads what it writes
+  config["tokenizer_class"] = "PreTrainedTokenizerFast";
+  config["model_max_length"] = 1000000000000000019884624838656.0;
+  config["clean_up_tokenization_spaces"] = false;
+  if (!v.chat_template.empty()) config["chat_template"] = v.chat_template;
+  return {j.dump(2), config.dump(2)};
 }
 
 TokenizerVocab read_gguf_vocab(const std::string& path) { return gguf_tokenizer_vocab(GgufFile::open(path)); }
