@@ -14,5 +14,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
 # Python oracles of the tests (gguf-py's quantizers and dequantizers, chat templates against jinja2,
-# RoPE llama3 scaling against numpy; those tests skip when a module is missing).
-python3 -m pip install --quiet gguf numpy jinja2
+# RoPE llama3 scaling against numpy, GGUF llama vocabularies against sentencepiece, the GPTQ/AWQ
+# export unpacker with safetensors, tokenizer.json files against tokenizers; those tests skip when a
+# module is missing).
+python3 -m pip install --quiet gguf numpy jinja2 sentencepiece safetensors tokenizers

@@ -74,6 +74,7 @@ const Row kRows[] = {
   {"eval ppl", "batch not a number", "eval ppl -m {M} --tokens {I} --batch abc", "--batch: 'abc' is not a number"},
   {"eval ppl", "max-windows -1", "eval ppl -m {M} --tokens {I} --max-windows -1", "--max-windows: must be at least 0"},
   {"eval ppl", "unknown device", "eval ppl -m {M} --tokens {I} --device tpu", "unknown device 'tpu'"},
+  {"eval ppl", "second half of ctx 3", "eval ppl -m {M} --tokens {I} --ctx 3 --score-second-half", "--score-second-half needs --ctx of at least 4", kModel},
   // --- eval tasks
   {"eval tasks", "missing model", "eval tasks -m {D}/missing.bin --tokenizer {T}", "missing.bin: no such file"},
   {"eval tasks", "empty task list", "eval tasks -m {M} --tokenizer {T} --tasks ''", "--tasks: must not be empty"},
@@ -118,6 +119,13 @@ const Row kRows[] = {
   {"export", "not a quantized dir", "export -m {D} --to {O}.gguf", "not a lowbit quantized directory"},
   {"export", "output without .gguf", "export -m {Q} --to {O}", "must end in .gguf", kQuantized},
   {"export", "lowbit-only format", "export -m {Q} --to {O}.gguf", "which has no GGUF equivalent", kQuantized},
+  {"export", "unknown layout", "export -m {Q} --to {O} --layout exl2", "--layout exl2: unknown layout (known: gptq, awq)", kQuantized},
+  {"export", "gptq layout to a .gguf name", "export -m {Q} --to {O}.gguf --layout gptq", "writes a directory, not a .gguf file", kQuantized},
+  {"export", "gptq layout, not a quantized dir", "export -m {D} --to {O} --layout gptq", "not a lowbit quantized directory"},
+  {"export", "gptq layout, output is a file", "export -m {Q} --to {D}/file --layout gptq", "exists and is not a directory", kQuantized},
+  {"export", "gptq layout, output = input", "export -m {Q} --to {Q} --layout gptq", "is the input directory", kQuantized},
+  {"export", "gptq layout, 172 inputs", "export -m {Q} --to {O} --layout gptq", "has 172 inputs; the gptq layout packs 4-bit codes along the input and needs a multiple of 8", kQuantized},
+  {"export", "awq layout, 172 inputs", "export -m {Q} --to {O} --layout awq", "not a multiple of the group size 32", kQuantized},
   // --- tokenize
   {"tokenize", "missing tokenizer", "tokenize -t {D}/missing < /dev/null", "missing: no such file"},
   {"tokenize", "empty tokenizer", "tokenize -t {D}/empty < /dev/null", "empty: unknown tokenizer format"},

@@ -317,3 +317,42 @@ TEST(VocabTokenizer, SentencepieceStyleTokenizerJsonIsRefused) {
 
 }  // namespace
 }  // namespace lowbit
+
+namespace lowbit {
+namespace {
+
+// A GGUF gpt2 vocabulary written as tokenizer.json + tokenizer_config.json (what export --layout
+// gptq|awq puts next to a model converted from GGUF): lowbit and Python `tokenizers` read it back
+// and give the SmolLM2 reference ids on every line.
+TEST(VocabTokenizer, Gpt2VocabularyWritesAHuggingFaceTokenizerJson) {
+  LOWBIT_REQUIRE_SHARED(gguf, kSmolGguf);
+  LOWBIT_REQUIRE_SHARED(ref, "models/smollm2-135m-instruct/ref-tokenize-wikitext2.jsonl");
+  const TokenizerVocab v = read_gguf_vocab(gguf);
+  const HfTokenizerFiles files = hf_tokenizer_files_from_vocab(v, gguf);
+  const auto dir = test::temp_dir("vocab_hf_files");
+  std::ofstream(dir / "tokenizer.json") << files.tokenizer_json;
+  std::ofstream(dir / "tokenizer_config.json") << files.tokenizer_config_json;
+  const json cfg = json::parse(files.tokenizer_config_json);
+  EXPECT_NE(cfg.at("chat_template").get<std::string>().find("<|im_start|>"), std::string::npos);
+  const auto tok = load_tokenizer(dir.string());
+  const auto lines = read_jsonl(ref);
+  for (const auto& l : lines) EXPECT_EQ(tok->encode(l.text, false), l.ids) << l.text;
+  const std::string cmd = "python3 -c \"import json,sys; from tokenizers import Tokenizer; t=Tokenizer.from_file(sys.argv[1]); "
+                          "L=[json.loads(x) for x in open(sys.argv[2])]; "
+                          "print(sum(t.encode(l['text'], add_special_tokens=False).ids != l['ids'] for l in L), len(L))\" '" +
+                          (dir / "tokenizer.json").string() + "' '" + ref + "' 2>/dev/null";
+  FILE* p = popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  char buf[128] = {0};
+  const size_t n = fread(buf, 1, sizeof buf - 1, p);
+  const int st = pclose(p);
+  if (st != 0 || n == 0) GTEST_SKIP() << "python3 with the tokenizers module is not available (pip install tokenizers)";
+  EXPECT_EQ(std::string(buf, n), "0 " + std::to_string(lines.size()) + "\n");
+  TokenizerVocab spm;
+  spm.model = "llama";
+  spm.tokens = {"a"};
+  EXPECT_THROW(hf_tokenizer_files_from_vocab(spm, "x.gguf"), Error);
+}
+
+}  // namespace
+}  // namespace lowbit

@@ -2,7 +2,9 @@
 // (load_checkpoint, every block type dequantized exactly) reproduces the transformers reference
 // logits and greedy continuation of ../shared/models/smollm2-135m-instruct (README there); the
 // packed path (load_gguf_quantized + make_quantized_model, QuantLinear layers holding the raw Q4_1
-// blocks) computes the same logits. Skipped without ../shared.
+// blocks) computes the same logits; on a GPU (skipped without one) the f32 weights reproduce the
+// reference in f32 and, under bf16 autocast, within the parity suite's bf16 tolerance. Skipped
+// without ../shared.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -15,6 +17,7 @@
 #include "lowbit/io/gguf.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/model/llama.h"
+#include "lowbit/ops/device_init.h"
 #include "lowbit/quant/quant_linear.h"
 
 using namespace lowbit;
@@ -122,4 +125,38 @@ TEST(SmolLM2Gguf, PackedPathKeepsBlocksAndMatchesTheF32Path) {
   const double err = max_diff_to_ref(forward(*model, ids), ref32);
   std::printf("SmolLM2 packed path: max |logit - transformers| over 32 positions = %.3g\n", err);
   EXPECT_LE(err, 2e-3);
+}
+
+// The GPU: the f32 path (TF32 off, fp32 GEMMs) to the CPU's 2e-3, and bf16 autocast (bf16 tensor
+// cores, fp32 accumulation) within the parity suite's bf16 tolerance: normalised max error
+// max |gpu - ref| / max |ref| <= 1e-2 (tests/ops/test_parity.cpp, "bf16"), plus the same argmax
+// at >= 95 % of the positions.
+TEST(SmolLM2Gguf, CudaLogitsMatchTheReference) {
+  LOWBIT_REQUIRE_SHARED(gguf, std::string(kDir) + "SmolLM2-135M-Instruct.Q4_1.gguf");
+  LOWBIT_REQUIRE_SHARED(ref_path, std::string(kDir) + "ref-logits.bin");
+  if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
+  const Checkpoint ck = load_checkpoint(gguf);
+  LlamaModel model(ck.config, weights_to(ck.weights, Device::CUDA), false);
+  const RefLogits ref = read_ref(ref_path);
+  ASSERT_EQ(ref.V, ck.config.vocab_size);
+  double ref_max = 0;
+  for (float x : ref.logits) ref_max = std::max(ref_max, double(std::fabs(x)));
+  for (bool bf16 : {false, true}) {
+    Tensor logits;
+    {
+      AutocastBf16Guard autocast(bf16);
+      logits = forward(model, ref.tokens).to(Device::CPU).to(DType::F32).contiguous();
+    }
+    const double err = max_diff_to_ref(logits, ref);
+    int same = 0;
+    for (int64_t r = 0; r < int64_t(ref.tokens.size()); ++r) {
+      const float* p = ref.logits.data() + r * ref.V;
+      same += argmax_row(logits, r) == int(std::max_element(p, p + ref.V) - p);
+    }
+    std::printf("SmolLM2 CUDA %s: max |logit - transformers| = %.3g (normalised %.3g), argmax equal at %d/%zu\n",
+                bf16 ? "bf16 autocast" : "f32", err, err / ref_max, same, ref.tokens.size());
+    if (bf16) EXPECT_LE(err / ref_max, 1e-2);
+    else EXPECT_LE(err, 2e-3);
+    EXPECT_GE(same, int(0.95 * double(ref.tokens.size())));
+  }
 }

@@ -301,6 +301,37 @@ TEST_F(Parity, Rope) {
       {rnd({10, 24}, 1)}, 1e-6, 1e-6);
 }
 
+// rope_scaling "llama3" (Llama 3.1/3.2: factor 8, low 1, high 4, original 8192, theta 500000): the
+// same scaled frequencies on both sides (rope_style.h's one formula), so the same 1e-6. The head
+// widths cover pairs in all three bands (kept, interpolated, divided by the factor).
+TEST_F(Parity, RopeLlama3Scaling) {
+  RopeScaling sc;
+  sc.factor = 8;
+  sc.low_freq_factor = 1;
+  sc.high_freq_factor = 4;
+  sc.original_max_position = 8192;
+  uint64_t seed = 450;
+  for (const Shape& s : std::vector<Shape>{{2, 17, 3, 64}, {1, 5, 2, 128}})
+    for (auto style : {RopeStyle::Interleaved, RopeStyle::Half})
+      for (bool inverse : {false, true})
+        for (int64_t pos0 : {0, 3000, 100000}) {
+          Tensor x = rnd(s, seed++), yc = nan_cpu(s), yg = nan_gpu(s), yu = nan_cpu(s);
+          ops::rope(x, pos0, 500000.0, style, inverse, yc, sc);
+          ops::rope(gpu(x), pos0, 500000.0, style, inverse, yg, sc);
+          check("rope llama3", str(shape_str(s), " pos0 ", pos0), yg, yc, 1e-6);
+          if (pos0 > 0) {  // the scaling changes the result (the cell would pass vacuously otherwise)
+            ops::rope(x, pos0, 500000.0, style, inverse, yu);
+            double diff = 0;
+            for (int64_t k = 0; k < x.numel(); ++k) diff = std::max(diff, std::fabs(double(yu.data<float>()[k] - yc.data<float>()[k])));
+            EXPECT_GT(diff, 1e-3) << "llama3 scaling had no effect";
+          }
+        }
+  autograd_parity(
+      "rope llama3",
+      [sc](const std::vector<Var>& v, Device) { return rope(v[0], 2, 5, 3, 8, 700, 500000.0, RopeStyle::Half, sc); },
+      {rnd({10, 24}, 2)}, 1e-6, 1e-6);
+}
+
 // ---- attention -------------------------------------------------------------------------------------
 // The CPU computes scores, softmax and sums in fp64; the GPU in fp32 with an online softmax
 // (exp2 of base-2 scores). Output: ~1e-6 relative. lse: absolute error ~1e-6 on values of O(1-10).

@@ -32,7 +32,8 @@ def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)
 
 def main():
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_templates")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # transformers enables jinja2.ext.loopcontrols ({% break %} / {% continue %}).
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     cases = json.load(open(os.path.join(here, "cases.json"), encoding="utf-8"))

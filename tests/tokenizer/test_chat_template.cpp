@@ -1,6 +1,7 @@
 // Chat templates: lowbit's Jinja2-subset interpreter against Python jinja2 (as transformers runs
 // it) on the real templates of SmolLM2/ChatML, Llama 2, Llama 3, Mistral, Qwen2, Qwen3, Gemma and
-// Phi-3 plus a feature fixture, every case of chat_templates/cases.json, add_generation_prompt
+// Phi-3 plus two feature fixtures (features.jinja; features_macros.jinja: macros, break/continue,
+// printf-style % and |format), every case of chat_templates/cases.json, add_generation_prompt
 // false and true. The Python side (render_chat_templates.py) needs jinja2; without python3 or
 // jinja2 the comparison skips. Unsupported constructs must be errors.
 #include <gtest/gtest.h>
@@ -105,12 +106,22 @@ TEST(ChatTemplate, UnsupportedConstructsAreErrors) {
   ChatTemplateInputs in;
   in.messages = ojson::parse(R"([{"role": "user", "content": "x"}])");
   for (const char* bad : {
-           "{% macro m() %}x{% endmacro %}",          // statement
+           "{% macro m() %}x{% endmacro %}{% call m() %}y{% endcall %}",  // statement
+           "{% break %}",                             // loop control outside a loop
+           "{% macro m() %}{% break %}{% endmacro %}{% for x in [1] %}{{ m() }}{% endfor %}",
+           "{% macro m(n) %}{{ m(n) }}{% endmacro %}{{ m(1) }}",  // unbounded recursion
+           "{% macro m(a) %}{{ a }}{% endmacro %}{{ m(1, 2) }}",  // too many arguments
+           "{% macro m(a) %}{{ a }}{% endmacro %}{{ m(b=1) }}",   // unknown keyword
+           "{% macro m(a=1, b) %}{% endmacro %}",     // non-default after default
+           "{{ '%(a)s' % 1 }}",                       // mapping format
+           "{{ '%s %s' % 1 }}",                       // not enough arguments
+           "{{ '%s' % (1, 2) }}",                     // too many arguments
+           "{{ '%d' % 'x' }}",                        // wrong type
+           "{{ '%q' % 1 }}",                          // unknown conversion
            "{{ messages | frobnicate }}",             // filter
            "{{ 1 is prime }}",                        // test
            "{{ strftime_now('%Y') }}",                // unknown function
            "{% for m in messages %}{{ m }}",          // missing endfor
-           "{{ 'a' % 1 }}",                           // printf formatting
            "{{ x.y }}",                               // attribute of undefined
            "{{ messages[0].content.foo() }}",         // unknown method
            "{% if %}",                                // syntax

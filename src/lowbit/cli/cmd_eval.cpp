@@ -18,7 +18,7 @@ struct PplArgs {
   bool dequantize = false;
   std::string model, tokenizer, text, tokens, device = "cpu";
   int64_t ctx = 512, batch = 1, max_windows = 0;
-  bool bos = false, json = false;
+  bool bos = false, json = false, second_half = false;
   KVCacheType kv_cache = KVCacheType::Auto;
   bool use_cache = false, f32_vocab = false;
   int64_t kv_chunk = 0;
@@ -59,12 +59,14 @@ void run_ppl(const PplArgs& a) {
   o.use_cache = a.use_cache || a.kv_chunk > 0;
   o.kv_cache = a.kv_cache;
   o.cache_chunk = a.kv_chunk;
+  o.score_second_half = a.second_half;
   PerplexityResult r = evaluate_perplexity(*m.model, stream, o);
   if (a.json) {
     print_json({{"model", a.model},
                 {"data", a.text.empty() ? a.tokens : a.text},
                 {"ctx", a.ctx},
                 {"bos", a.bos},
+                {"score_second_half", a.second_half},
                 {"windows", r.windows},
                 {"tokens", r.tokens},
                 {"nll", r.nll},
@@ -76,9 +78,10 @@ void run_ppl(const PplArgs& a) {
                 {"kv_chunk", o.use_cache ? (a.kv_chunk > 0 ? std::min(a.kv_chunk, a.ctx) : a.ctx) : 0},
                 {"threads", threads_summary()}});
   } else {
-    print_stdout("model      %s\ndata       %s\nwindows    %lld x %lld tokens%s\npredicted  %lld tokens\n",
+    print_stdout("model      %s\ndata       %s\nwindows    %lld x %lld tokens%s\npredicted  %lld tokens%s\n",
                 a.model.c_str(), (a.text.empty() ? a.tokens : a.text).c_str(), (long long)r.windows, (long long)a.ctx,
-                a.bos ? " (BOS + ctx-1 tokens each)" : "", (long long)r.tokens);
+                a.bos ? " (BOS + ctx-1 tokens each)" : "", (long long)r.tokens,
+                a.second_half ? " (second half of each window, as llama-perplexity)" : "");
     print_stdout("mean NLL   %.6f nats/token\nperplexity %.4f\nspeed      %.0f tokens/s (%.2fs)\nthreads    %s\n", r.nll,
                  r.ppl, r.tokens_per_second, r.seconds, threads_summary().c_str());
   }
@@ -137,6 +140,8 @@ void register_eval(CLI::App& app) {
   ppl->add_option("--batch", a->batch, "windows per forward pass")->capture_default_str()->check(at_least(1));
   ppl->add_option("--max-windows", a->max_windows, "evaluate at most this many windows (0 = all)")->check(at_least(0));
   ppl->add_flag("--bos", a->bos, "start each window with BOS followed by ctx-1 tokens, all of them scored");
+  ppl->add_flag("--score-second-half", a->second_half,
+                "score only the second half of each window (tokens ctx/2+1 .. ctx-1), as llama.cpp's llama-perplexity does");
   ppl->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   ppl->add_flag("--dequantize", a->dequantize,
                 "run a quantized model (lowbit directory, GGUF block types) dequantized to f32 (the reference path)");

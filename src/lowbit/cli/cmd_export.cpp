@@ -1,5 +1,6 @@
-// lowbit export: a lowbit quantized directory (ggml block formats) -> a GGUF file llama.cpp loads.
-// Also used by `lowbit quantize ... -o out.gguf`.
+// lowbit export: a lowbit quantized directory (ggml block formats) -> a GGUF file llama.cpp loads
+// (also used by `lowbit quantize ... -o out.gguf`); or (integer group formats, --layout gptq|awq)
+// -> a safetensors directory in AutoGPTQ's / AutoAWQ's layout (io/hf_quant_export.h).
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -7,10 +8,12 @@
 #include <nlohmann/json.hpp>
 
 #include "lowbit/cli/commands.h"
+#include "lowbit/cli/common.h"
 #include "lowbit/core/error.h"
 #include "lowbit/io/checkpoint.h"
 #include "lowbit/io/file_util.h"
 #include "lowbit/io/gguf.h"
+#include "lowbit/io/hf_quant_export.h"
 #include "lowbit/io/quantized_checkpoint.h"
 
 namespace fs = std::filesystem;
@@ -39,11 +42,49 @@ TokenizerVocab vocab_of_model(const std::string& model, int vocab_size, std::str
 }
 
 struct ExportArgs {
-  std::string model, to, tokenizer;
+  std::string model, to, tokenizer, layout;
 };
 
 void run_export(const ExportArgs& a) {
-  export_quantized_dir_to_gguf(a.model, a.to, a.tokenizer, /*quiet=*/false);
+  if (a.layout.empty() || a.layout == "gguf") {
+    export_quantized_dir_to_gguf(a.model, a.to, a.tokenizer, /*quiet=*/false);
+    return;
+  }
+  const HfQuantLayout layout = parse_hf_quant_layout(a.layout);
+  if (ends_with(a.to, ".gguf"))
+    throw_error("--to ", a.to, ": --layout ", a.layout, " writes a directory, not a .gguf file");
+  const HfQuantExportInfo info = export_hf_quant_layout(a.model, a.to, layout);
+  int copied = copy_tokenizer_files(a.tokenizer, a.tokenizer.empty() ? a.model : std::string(), a.to);
+  std::string note = copied ? "" : "; no tokenizer files copied (give --tokenizer)";
+  if (!copied && a.tokenizer.empty()) {
+    // A source model with an embedded (GGUF) tokenizer: written as tokenizer.json + tokenizer_config.json.
+    nlohmann::json qc;
+    try {
+      std::ifstream in((fs::path(a.model) / "config.json").string());
+      qc = nlohmann::json::parse(in).value("quantization_config", nlohmann::json::object());
+    } catch (const std::exception&) {
+    }
+    std::string from;
+    TokenizerVocab v;
+    if (qc.contains("source_model") && qc["source_model"].is_string())
+      v = vocab_of_model(qc["source_model"].get<std::string>(), 0, from);
+    if (!v.empty()) {
+      try {
+        const HfTokenizerFiles files = hf_tokenizer_files_from_vocab(v, from);
+        for (const auto& [name, text] : {std::pair{"tokenizer.json", &files.tokenizer_json},
+                                         std::pair{"tokenizer_config.json", &files.tokenizer_config_json}}) {
+          io::AtomicFileWriter w((fs::path(a.to) / name).string());
+          w.write(text->data(), text->size());
+          w.commit();
+        }
+        note = "; tokenizer.json and tokenizer_config.json written from " + from + "'s embedded tokenizer";
+      } catch (const Error& e) {
+        note = std::string("; no tokenizer written (") + e.what() + "): give --tokenizer";
+      }
+    }
+  }
+  std::fprintf(stderr, "exported %s (%d packed layers) -> %s (%s layout, checkpoint_format %s)%s\n", a.model.c_str(),
+               info.layers, a.to.c_str(), hf_quant_layout_name(layout), info.checkpoint_format.c_str(), note.c_str());
 }
 
 }  // namespace
@@ -96,15 +137,22 @@ void export_quantized_dir_to_gguf(const std::string& dir, const std::string& out
 
 void register_export(CLI::App& app) {
   auto a = std::make_shared<ExportArgs>();
-  auto* sub = app.add_subcommand("export", "export a lowbit quantized model (ggml block formats) as a GGUF file for llama.cpp");
+  auto* sub = app.add_subcommand(
+      "export", "export a lowbit quantized model as a GGUF file for llama.cpp (ggml block formats) or as a GPTQ/AWQ "
+                "safetensors directory (integer group formats)");
   sub->footer(
       "The packed layers are written as their raw ggml blocks (q4_0, q4_1, q8_0, iq4_nl, k-quants, ...), everything "
       "else (embeddings, output, norms) as f32; llama's q/k rows are permuted to llama.cpp's layout. The tokenizer and "
       "chat template embedded are --tokenizer's, else the directory's or the source model's. Metadata "
       "lowbit.quantization.{method,format,config} records how it was made. Written atomically.\n"
-      "Example: lowbit export -m smollm-q4_0-gptq --to smollm-q4_0-gptq.gguf");
+      "--layout gptq|awq instead writes a directory for transformers/vLLM/AutoGPTQ/AutoAWQ: model.safetensors with "
+      "qweight/qzeros/scales(/g_idx) int32-packed as AutoGPTQ (2, 3, 4, 8 bits) or AutoAWQ GEMM (4 bits) pack them, "
+      "config.json with quantization_config, quantize_config.json / quant_config.json, and the tokenizer files.\n"
+      "Examples: lowbit export -m smollm-q4_0-gptq --to smollm-q4_0-gptq.gguf\n"
+      "          lowbit export -m smollm-int4g128-gptq --to smollm-gptq-hf --layout gptq");
   sub->add_option("-m,--model", a->model, "lowbit quantized directory (from lowbit quantize)")->required();
-  sub->add_option("--to", a->to, "output .gguf file")->required();
+  sub->add_option("--to", a->to, "output .gguf file, or output directory with --layout gptq|awq")->required();
+  sub->add_option("--layout", a->layout, "gguf (default), gptq (AutoGPTQ/GPTQModel safetensors) or awq (AutoAWQ GEMM)");
   sub->add_option("--tokenizer", a->tokenizer,
                   "tokenizer to embed (sentencepiece .model, tokenizer.json, or a GGUF file's); default: the "
                   "directory's own, else the source model's");

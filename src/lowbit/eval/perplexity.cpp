@@ -20,6 +20,10 @@ PerplexityResult evaluate_perplexity(const LlamaModel& model, const std::vector<
   if (o.max_windows > 0 && n_windows > o.max_windows) n_windows = o.max_windows;
   if (n_windows == 0)
     throw_error("perplexity: the token stream (", stream.size(), " tokens) is shorter than one window of ", o.ctx, " tokens");
+  if (o.score_second_half && o.ctx < 4)
+    throw_error("perplexity: --score-second-half needs --ctx of at least 4, got ", o.ctx);
+  // The first position whose prediction is scored: 0 (every token but the window's first) or ctx/2.
+  const int64_t first = o.score_second_half ? o.ctx / 2 : 0;
   const int V = model.config().vocab_size;
   for (size_t i = 0; i < size_t(n_windows * per_window); ++i)
     if (stream[i] < 0 || stream[i] >= V)
@@ -48,9 +52,9 @@ PerplexityResult evaluate_perplexity(const LlamaModel& model, const std::vector<
         for (int64_t t = 0; t < o.ctx; ++t) row[t] = src[t];
       }
       // Position t predicts token t+1; the last position has nothing to predict.
-      for (int64_t t = 0; t < o.ctx; ++t) gp[b * o.ctx + t] = t + 1 < o.ctx ? row[t + 1] : -1;
+      for (int64_t t = 0; t < o.ctx; ++t) gp[b * o.ctx + t] = t >= first && t + 1 < o.ctx ? row[t + 1] : -1;
     }
-    const int64_t n = B * (o.ctx - 1);
+    const int64_t n = B * (o.ctx - 1 - first);
     if (o.use_cache) {
       // B == 1 here (the batch is forced to one window): chunks of the window through the cache.
       KVCache cache = model.make_cache(o.ctx, o.kv_cache);
@@ -60,10 +64,12 @@ PerplexityResult evaluate_perplexity(const LlamaModel& model, const std::vector<
         const int64_t len = std::min(chunk, o.ctx - t0c);
         Var logits = model.forward_cached(tokens.view({o.ctx}).slice(0, t0c, t0c + len).contiguous(), cache);
         const int64_t valid = std::min(len, o.ctx - 1 - t0c);  // positions with a target
-        if (valid <= 0) continue;
+        // Positions before `first` are not scored (their targets are -1, ignored by cross_entropy).
+        const int64_t counted = std::max<int64_t>(0, t0c + valid - std::max(t0c, first));
+        if (valid <= 0 || counted == 0) continue;
         Var lv(logits.value().slice(0, 0, valid).contiguous(), false);
         Var loss = cross_entropy(lv, targets.slice(0, t0c, t0c + valid).contiguous().to(lv.value().device()));
-        nll_sum += loss.value().item() * double(valid);
+        nll_sum += loss.value().item() * double(counted);
       }
       total_nll += nll_sum;
     } else {

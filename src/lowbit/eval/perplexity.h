@@ -5,6 +5,13 @@
 // them, so every window contributes ctx-1 predictions. When `bos` >= 0, each window is instead
 // BOS followed by ctx-1 stream tokens, all of which are predicted (for models trained on
 // BOS-delimited documents). Reported: mean NLL (nats/token), ppl = exp(NLL), tokens predicted.
+//
+// `score_second_half` is llama.cpp's llama-perplexity protocol: the same windows, but only the
+// tokens of the window's second half are scored (positions ctx/2 .. ctx-2 predict tokens
+// ctx/2+1 .. ctx-1: ctx-1-ctx/2 predictions per window), so every scored token has at least ctx/2
+// tokens of context. With the same tokens and windows, lowbit's number and llama-perplexity's are
+// on the same predictions (without BOS; llama-perplexity writes BOS over each window's first token
+// when the model adds one, lowbit's `bos` prepends it).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -18,6 +25,7 @@ struct PerplexityOptions {
   int64_t batch = 1;        // windows per forward pass
   int bos = -1;             // >= 0: prepend this id to each window (see above)
   int64_t max_windows = 0;  // 0 = all
+  bool score_second_half = false;  // llama-perplexity's scoring (see above)
   bool progress = true;
   // Through the KV cache: each window runs through LlamaModel::forward_cached with a cache of this
   // type, `cache_chunk` tokens per call (ctx or more = the whole window in one call; 1 = token by

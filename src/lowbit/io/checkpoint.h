@@ -23,6 +23,7 @@ struct TokenizerVocab {
   std::vector<std::string> merges;  // BPE merges "a b", may be empty
   int bos_id = -1, eos_id = -1, unk_id = -1, pad_id = -1;
   int add_bos = -1, add_eos = -1;   // tokenizer.ggml.add_{bos,eos}_token: 1/0, -1 when absent (model default)
+  int add_space_prefix = -1;        // tokenizer.ggml.add_space_prefix ("llama" vocabularies): 1/0, -1 absent (yes)
   std::string chat_template;        // tokenizer.chat_template, may be empty
   bool empty() const { return tokens.empty(); }
 };
@@ -88,6 +89,15 @@ std::unique_ptr<Tokenizer> tokenizer_from_vocab(const TokenizerVocab& vocab, con
 // next to it (chat_template_for). `vocab_size` > 0 pads with unused "[PAD<id>]" tokens up to the
 // model's vocabulary (and refuses a larger tokenizer). Throws naming the file otherwise.
 TokenizerVocab vocab_from_tokenizer_file(const std::string& path, int vocab_size = 0);
+
+// A "gpt2" (byte-level BPE) vocabulary as Hugging Face files: tokenizer.json (the pipeline lowbit
+// itself runs for it) and tokenizer_config.json (bos/eos tokens, add_bos_token, chat_template), for
+// exports that transformers loads. Throws for other models and for the "default" pre-tokenizer,
+// whose llama.cpp regex list has no tokenizer.json form.
+struct HfTokenizerFiles {
+  std::string tokenizer_json, tokenizer_config_json;
+};
+HfTokenizerFiles hf_tokenizer_files_from_vocab(const TokenizerVocab& vocab, const std::string& source);
 
 // The vocabulary embedded in a GGUF file, read from its metadata only (tensors are not decoded,
 // so files with tensor types lowbit cannot load still give their tokenizer).

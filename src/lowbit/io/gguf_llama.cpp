@@ -150,7 +150,8 @@ TokenizerVocab gguf_tokenizer_vocab(const GgufFile& f) {
   v.eos_id = optional_id(f, "tokenizer.ggml.eos_token_id");
   v.unk_id = optional_id(f, "tokenizer.ggml.unknown_token_id");
   v.pad_id = optional_id(f, "tokenizer.ggml.padding_token_id");
-  for (auto [key, out] : {std::pair{"tokenizer.ggml.add_bos_token", &v.add_bos}, {"tokenizer.ggml.add_eos_token", &v.add_eos}})
+  for (auto [key, out] : {std::pair{"tokenizer.ggml.add_bos_token", &v.add_bos}, {"tokenizer.ggml.add_eos_token", &v.add_eos},
+                          {"tokenizer.ggml.add_space_prefix", &v.add_space_prefix}})
     if (const GgufValue* b = f.find(key)) *out = (b->type == GgufType::BOOL ? b->u : uint64_t(b->as_int(ctx(key)))) != 0;
   if (const GgufValue* t = f.find("tokenizer.chat_template")) v.chat_template = t->as_string(ctx("tokenizer.chat_template"));
   return v;
@@ -311,6 +312,8 @@ void save_gguf(const std::string& path, const LlamaConfig& config, const LlamaWe
     if (v.pad_id >= 0) kv.emplace_back("tokenizer.ggml.padding_token_id", GgufValue::u32(uint32_t(v.pad_id)));
     if (v.add_bos >= 0) kv.emplace_back("tokenizer.ggml.add_bos_token", GgufValue::boolean(v.add_bos != 0));
     if (v.add_eos >= 0) kv.emplace_back("tokenizer.ggml.add_eos_token", GgufValue::boolean(v.add_eos != 0));
+    if (v.add_space_prefix >= 0)
+      kv.emplace_back("tokenizer.ggml.add_space_prefix", GgufValue::boolean(v.add_space_prefix != 0));
     if (!v.chat_template.empty()) kv.emplace_back("tokenizer.chat_template", GgufValue::string(v.chat_template));
   } else {
     // llama.cpp requires tokenizer.ggml.model; "none" loads the model without a vocabulary.

@@ -22,6 +22,7 @@
 #include "lowbit/tokenizer/llama2c_tokenizer.h"
 #include "lowbit/tokenizer/pretokenizer.h"
 #include "lowbit/tokenizer/sentencepiece_tokenizer.h"
+#include "lowbit/tokenizer/spm_tokenizer.h"
 
 namespace fs = std::filesystem;
 
@@ -69,7 +70,9 @@ json pre_tokenizer_for(const std::string& pre, const std::string& source, bool& 
               "' is not supported (lowbit knows smollm, gpt2, llama-bpe, qwen2, default and their aliases)");
 }
 
-std::unique_ptr<Tokenizer> gpt2_tokenizer(const TokenizerVocab& v, const std::string& source) {
+// The tokenizer.json (and the tokenizer_config.json fields bos_token / eos_token) describing a
+// gpt2 vocabulary.
+json gpt2_tokenizer_json(const TokenizerVocab& v, const std::string& source, json& config) {
   const int n = static_cast<int>(v.tokens.size());
   auto check_id = [&](int id, const char* key) {
     if (id >= n) throw_error(source, ": metadata key '", key, "': token id ", id, " is outside the vocabulary of ", n);
@@ -110,10 +113,21 @@ std::unique_ptr<Tokenizer> gpt2_tokenizer(const TokenizerVocab& v, const std::st
   if (add_bos) special(v.bos_id, "bos");
   single.push_back({{"Sequence", {{"id", "A"}, {"type_id", 0}}}});
   if (add_eos) special(v.eos_id, "eos");
-  j["post_processor"] = {{"type", "TemplateProcessing"}, {"single", std::move(single)}, {"special_tokens", std::move(specials)}};
-  json config = json::object();
+  json pair = single;  // Hugging Face's TemplateProcessing needs one; lowbit never encodes pairs
+  pair.push_back({{"Sequence", {{"id", "B"}, {"type_id", 1}}}});
+  j["post_processor"] = {{"type", "TemplateProcessing"}, {"single", std::move(single)}, {"pair", std::move(pair)},
+                         {"special_tokens", std::move(specials)}};
+  config = json::object();
   config["bos_token"] = v.bos_id >= 0 ? json(v.tokens[v.bos_id]) : json(nullptr);
   config["eos_token"] = v.eos_id >= 0 ? json(v.tokens[v.eos_id]) : json(nullptr);
+  config["add_bos_token"] = add_bos;
+  config["add_eos_token"] = add_eos;
+  return j;
+}
+
+std::unique_ptr<Tokenizer> gpt2_tokenizer(const TokenizerVocab& v, const std::string& source) {
+  json config;
+  const json j = gpt2_tokenizer_json(v, source, config);
   return HfTokenizer::from_json(j.dump(), source, config.dump());
 }
 
@@ -130,12 +144,19 @@ std::string read_text(const fs::path& p) {
 std::unique_ptr<Tokenizer> tokenizer_from_vocab(const TokenizerVocab& v, const std::string& source) {
   if (v.empty()) throw_error(source, ": has no embedded tokenizer");
   if (v.model == "llama") {
-    std::vector<std::string> pieces;
-    pieces.reserve(v.tokens.size());
-    for (const auto& t : v.tokens) pieces.push_back(Llama2cTokenizer::to_llama2c_piece(t));
-    std::vector<float> scores = v.scores;
-    if (scores.empty()) scores.assign(v.tokens.size(), 0.0f);
-    return std::make_unique<Llama2cTokenizer>(std::move(pieces), std::move(scores), v.bos_id, v.eos_id);
+    // llama.cpp's defaults for this vocabulary type: BOS added, EOS not, a space prefix.
+    SpmVocab s;
+    s.pieces = v.tokens;
+    s.scores = v.scores;
+    s.types = v.token_types;
+    s.bos_id = v.bos_id;
+    s.eos_id = v.eos_id;
+    s.unk_id = v.unk_id;
+    s.add_bos = v.add_bos != 0 && v.bos_id >= 0;
+    s.add_eos = v.add_eos > 0;
+    s.add_space_prefix = v.add_space_prefix != 0;
+    if (v.add_bos > 0 && v.bos_id < 0) throw_error(source, ": tokenizer.ggml.add_bos_token is true but the file has no bos token id");
+    return std::make_unique<SpmTokenizer>(std::move(s), source);
   }
   if (v.model == "gpt2") return gpt2_tokenizer(v, source);
   throw_error(source, ": embedded tokenizer model '", v.model,
@@ -253,6 +274,21 @@ TokenizerVocab vocab_from_tokenizer_file(const std::string& path, int vocab_size
   }
   if (v.chat_template.empty()) v.chat_template = chat_template_for(path);
   return v;
+}
+
+HfTokenizerFiles hf_tokenizer_files_from_vocab(const TokenizerVocab& v, const std::string& source) {
+  if (v.model != "gpt2")
+    throw_error(source, ": the embedded '", v.model, "' tokenizer has no tokenizer.json equivalent lowbit writes (gpt2 only)");
+  if (v.pre.empty() || v.pre == "default")
+    throw_error(source, ": pre-tokenizer '", v.pre, "' (llama.cpp's default regex list) has no tokenizer.json equivalent");
+  json config;
+  const json j = gpt2_tokenizer_json(v, source, config);
+  HfTokenizer::from_json(j.dump(), source, config.dump());  // lowbit reads what it writes
+  config["tokenizer_class"] = "PreTrainedTokenizerFast";
+  config["model_max_length"] = 1000000000000000019884624838656.0;
+  config["clean_up_tokenization_spaces"] = false;
+  if (!v.chat_template.empty()) config["chat_template"] = v.chat_template;
+  return {j.dump(2), config.dump(2)};
 }
 
 TokenizerVocab read_gguf_vocab(const std::string& path) { return gguf_tokenizer_vocab(GgufFile::open(path)); }

@@ -46,7 +46,7 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
 // x, y: [B, T, H, hd]; token t has position pos0 + t; pair i rotates by (pos * theta^(-2i/hd)).
 // inverse = true rotates by the negative angle, which is the backward of the forward rotation.
 void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inverse, Tensor& y,
-          const RopeScaling& scaling = {});  // scaling: CPU only for now (CUDA refuses it)
+          const RopeScaling& scaling = {});  // scaling: rope_style.h (CPU and CUDA)
 
 // ---- causal grouped-query attention ----------------------------------------------------------
 // q: [B, Tq, H, hd]; k, v: [B, Tk, KVH, hd] with Tk >= Tq; query i sits at position Tk - Tq + i

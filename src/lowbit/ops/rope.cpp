@@ -14,19 +14,7 @@ std::vector<double> rope_inv_freq(double theta, int64_t hd, const RopeScaling& s
   const int64_t half = hd / 2;
   std::vector<double> inv(static_cast<size_t>(half));
   for (int64_t i = 0; i < half; ++i) inv[size_t(i)] = std::pow(theta, -double(2 * i) / double(hd));
-  if (!s.active()) return inv;
-  const double pi = 3.14159265358979323846;
-  const double low_wavelen = s.original_max_position / s.low_freq_factor;
-  const double high_wavelen = s.original_max_position / s.high_freq_factor;
-  for (double& f : inv) {
-    const double wavelen = 2 * pi / f;
-    if (wavelen > low_wavelen) {
-      f /= s.factor;  // low frequencies: interpolated by the full factor
-    } else if (wavelen >= high_wavelen) {
-      const double smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-      f = (1 - smooth) * f / s.factor + smooth * f;
-    }
-  }
+  for (double& f : inv) f = rope_scaled_freq(f, s);
   return inv;
 }
 
@@ -44,9 +32,7 @@ void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inv
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), hd = x.size(3);
   if (hd % 2 != 0) throw_error(op, ": head_dim ", hd, " must be even");
   if (pos0 < 0) throw_error(op, ": position offset ", pos0, " is negative");
-  if (scaling.active() && x.device() != Device::CPU)
-    throw_error(op, ": rope_scaling 'llama3' is implemented on the CPU only (run with --device cpu)");
-  LB_CUDA_ROUTE(x, rope, x, pos0, theta, style, inverse, y);
+  LB_CUDA_ROUTE(x, rope, x, pos0, theta, style, inverse, y, scaling);
   const int64_t half = hd / 2;
   // cos/sin of pos * theta^(-2i/hd) in double (closer to the exact rotation than f32), kept per
   // thread for positions [0, n) and reused while theta and hd stay: a forward calls rope twice

@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cctype>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
@@ -272,6 +274,92 @@ std::vector<std::string> chars_of(const std::string& s) {
     out.push_back(s.substr(i, d.len));
     i += d.len;
   }
+  return out;
+}
+
+// Python's printf-style formatting ('fmt' % args, and jinja2's |format filter): conversions
+// s, r, d, i, f, F, e, E, g, G, x, X, o, c and %%, with flags -, +, space, 0, #, a width and a
+// precision (not '*'). `where` prefixes errors. Mapping keys ("%(name)s") are not supported.
+std::string printf_format(const std::string& fmt, const std::vector<Value>& args, const std::string& where) {
+  std::string out;
+  size_t next_arg = 0;
+  for (size_t k = 0; k < fmt.size(); ++k) {
+    if (fmt[k] != '%') {
+      out += fmt[k];
+      continue;
+    }
+    if (++k >= fmt.size()) throw_error(where, ": incomplete format (a '%' at the end)");
+    if (fmt[k] == '%') {
+      out += '%';
+      continue;
+    }
+    if (fmt[k] == '(') throw_error(where, ": '%(name)s' mapping formats are not supported");
+    std::string flags;
+    while (k < fmt.size() && std::strchr("-+ 0#", fmt[k])) flags += fmt[k++];
+    std::string width, prec;
+    while (k < fmt.size() && std::isdigit(static_cast<unsigned char>(fmt[k]))) width += fmt[k++];
+    bool has_prec = false;
+    if (k < fmt.size() && fmt[k] == '.') {
+      has_prec = true;
+      ++k;
+      while (k < fmt.size() && std::isdigit(static_cast<unsigned char>(fmt[k]))) prec += fmt[k++];
+    }
+    if (k >= fmt.size()) throw_error(where, ": incomplete format");
+    if (fmt[k] == '*') throw_error(where, ": '*' widths in formats are not supported");
+    if (width.size() > 4 || prec.size() > 4) throw_error(where, ": format width or precision too large");
+    const char conv = fmt[k];
+    if (next_arg >= args.size()) throw_error(where, ": not enough arguments for format string");
+    const Value& v = args[next_arg++];
+    if (conv == 's' || conv == 'r') {
+      std::string text = conv == 's' ? str(v) : repr(v);
+      if (has_prec) {
+        const auto cs = chars_of(text);
+        const size_t keep = std::min(cs.size(), size_t(std::atoi(prec.c_str())));
+        text.clear();
+        for (size_t c = 0; c < keep; ++c) text += cs[c];
+      }
+      const size_t len = chars_of(text).size(), w = size_t(std::atoi(width.c_str()));
+      if (len < w) text = flags.find('-') != std::string::npos ? text + std::string(w - len, ' ') : std::string(w - len, ' ') + text;
+      out += text;
+      continue;
+    }
+    if (!v.is_number()) {
+      if (conv == 'c' && v.kind == Value::kString && chars_of(v.s).size() == 1) {
+        out += v.s;
+        continue;
+      }
+      throw_error(where, ": %", std::string(1, conv), " format: a number is required, not ", type_name(v));
+    }
+    std::string spec = "%" + flags + width + (has_prec ? "." + prec : "");
+    char buf[512];
+    if (conv == 'd' || conv == 'i' || conv == 'x' || conv == 'X' || conv == 'o' || conv == 'c') {
+      const double d = v.as_double();
+      if (!std::isfinite(d) || std::fabs(d) > 9.2e18) throw_error(where, ": cannot format ", str(v), " as an integer");
+      const long long x = v.kind == Value::kFloat ? static_cast<long long>(std::trunc(d)) : static_cast<long long>(v.kind == Value::kInt ? v.i : v.b);
+      if (conv == 'c') {
+        if (x < 0 || x > 127) throw_error(where, ": %c of ", x, " is outside ASCII (lowbit formats ASCII only)");
+        out += char(x);
+        continue;
+      }
+      if ((conv == 'x' || conv == 'X' || conv == 'o') && x < 0) {
+        spec.erase(std::remove(spec.begin(), spec.end(), '#'), spec.end());
+        std::snprintf(buf, sizeof buf, (spec + "ll" + conv).c_str(), -x);
+        std::string body = buf;
+        const size_t nz = body.find_first_not_of(' ');
+        out += body.substr(0, nz == std::string::npos ? 0 : nz) + "-" + body.substr(nz == std::string::npos ? 0 : nz);
+        continue;
+      }
+      spec += (conv == 'i' ? std::string("lld") : std::string("ll") + conv);
+      std::snprintf(buf, sizeof buf, spec.c_str(), x);
+    } else if (std::strchr("fFeEgG", conv)) {
+      spec += conv;
+      std::snprintf(buf, sizeof buf, spec.c_str(), v.as_double());
+    } else {
+      throw_error(where, ": unsupported format character '", std::string(1, conv), "'");
+    }
+    out += buf;
+  }
+  if (next_arg < args.size()) throw_error(where, ": not all arguments converted during string formatting");
   return out;
 }
 
@@ -578,7 +666,7 @@ struct Expr {
 };
 
 struct Node {
-  enum Kind { kText, kOutput, kFor, kIf, kSet, kSetBlock } kind;
+  enum Kind { kText, kOutput, kFor, kIf, kSet, kSetBlock, kMacro, kBreak, kContinue } kind;
   int line = 0;
   std::string text;                  // kText
   ExprP expr;                        // kOutput, kSet value, kFor iterable
@@ -587,6 +675,7 @@ struct Node {
   ExprP cond;                        // kFor filter
   std::vector<Node> body, else_body;
   std::vector<std::pair<ExprP, std::vector<Node>>> branches;  // kIf: (cond, body); else in else_body
+  std::vector<ExprP> defaults;       // kMacro: default of each parameter targets[1..] (null: none)
 };
 
 class Parser {
@@ -603,6 +692,7 @@ class Parser {
   std::vector<Piece> pieces_;
   const std::string& name_;
   size_t idx_ = 0;
+  int loop_depth_ = 0;  // for loops around the statement being parsed (break/continue need one)
   int depth_ = 0;  // nesting of blocks and sub-expressions: bounded, so no input can exhaust the stack
   struct DepthGuard {
     Parser& p;
@@ -645,14 +735,14 @@ class Parser {
     while (idx_ < pieces_.size()) {
       const Piece& p = pieces_[idx_];
       if (p.kind == Piece::kText) {
-        out.push_back(Node{Node::kText, p.line, p.text, {}, {}, {}, {}, {}, {}, {}});
+        out.push_back(Node{Node::kText, p.line, p.text, {}, {}, {}, {}, {}, {}, {}, {}});
         ++idx_;
         continue;
       }
       toks_ = &p.toks;
       t_ = 0;
       if (p.kind == Piece::kOutput) {
-        Node n{Node::kOutput, p.line, {}, parse_expr(), {}, {}, {}, {}, {}, {}};
+        Node n{Node::kOutput, p.line, {}, parse_expr(), {}, {}, {}, {}, {}, {}, {}};
         expect_end();
         out.push_back(std::move(n));
         ++idx_;
@@ -666,10 +756,18 @@ class Parser {
       if (kw == "for") out.push_back(parse_for(p.line));
       else if (kw == "if") out.push_back(parse_if(p.line));
       else if (kw == "set") out.push_back(parse_set(p.line));
-      else if (kw == "endfor" || kw == "endif" || kw == "else" || kw == "elif" || kw == "endset")
+      else if (kw == "macro") out.push_back(parse_macro(p.line));
+      else if (kw == "break" || kw == "continue") {
+        // jinja2.ext.loopcontrols, which transformers enables.
+        if (loop_depth_ == 0) fail(p.line, "'{% " + kw + " %}' outside a for loop");
+        expect_end();
+        Node n{kw == "break" ? Node::kBreak : Node::kContinue, p.line, {}, {}, {}, {}, {}, {}, {}, {}, {}};
+        out.push_back(std::move(n));
+      } else if (kw == "endfor" || kw == "endif" || kw == "else" || kw == "elif" || kw == "endset" || kw == "endmacro")
         fail(p.line, "'{% " + kw + " %}' without a matching opening statement");
       else
-        fail(p.line, "unsupported statement '{% " + kw + " %}' (lowbit's chat-template interpreter knows for, if, set, raw)");
+        fail(p.line, "unsupported statement '{% " + kw +
+                         " %}' (lowbit's chat-template interpreter knows for, if, set, macro, break, continue, raw)");
     }
     if (!stop.empty()) fail(pieces_.empty() ? 1 : pieces_.back().line, "missing '{% " + stop.back() + " %}'");
     return out;
@@ -684,7 +782,7 @@ class Parser {
   }
 
   Node parse_for(int line) {
-    Node n{Node::kFor, line, {}, {}, {}, {}, {}, {}, {}, {}};
+    Node n{Node::kFor, line, {}, {}, {}, {}, {}, {}, {}, {}, {}};
     n.targets.push_back(expect_name());
     while (is_op(",")) {
       next();
@@ -699,7 +797,9 @@ class Parser {
     }
     if (is_name("recursive")) fail(line, "recursive for loops are not supported");
     expect_end();
+    ++loop_depth_;
     n.body = parse_block({"endfor", "else"});
+    --loop_depth_;
     std::string kw = enter_stop();
     if (kw == "else") {
       expect_end();
@@ -711,7 +811,7 @@ class Parser {
   }
 
   Node parse_if(int line) {
-    Node n{Node::kIf, line, {}, {}, {}, {}, {}, {}, {}, {}};
+    Node n{Node::kIf, line, {}, {}, {}, {}, {}, {}, {}, {}, {}};
     ExprP cond = parse_expr();
     expect_end();
     for (;;) {
@@ -733,8 +833,37 @@ class Parser {
     }
   }
 
+  // {% macro name(a, b=default, ...) %}body{% endmacro %}: targets = {name, a, b, ...}.
+  Node parse_macro(int line) {
+    Node n{Node::kMacro, line, {}, {}, {}, {}, {}, {}, {}, {}, {}};
+    n.targets.push_back(expect_name());
+    expect_op("(");
+    while (!is_op(")")) {
+      n.targets.push_back(expect_name());
+      if (is_op("=")) {
+        next();
+        n.defaults.push_back(parse_expr());
+      } else {
+        if (!n.defaults.empty() && n.defaults.back())
+          fail(line, "macro '" + n.targets[0] + "': a parameter without a default after one with a default");
+        n.defaults.push_back(nullptr);
+      }
+      if (!is_op(",")) break;
+      next();
+    }
+    expect_op(")");
+    expect_end();
+    const int saved = loop_depth_;
+    loop_depth_ = 0;  // a loop around the definition is not a loop around the body
+    n.body = parse_block({"endmacro"});
+    loop_depth_ = saved;
+    enter_stop();
+    expect_end();
+    return n;
+  }
+
   Node parse_set(int line) {
-    Node n{Node::kSet, line, {}, {}, {}, {}, {}, {}, {}, {}};
+    Node n{Node::kSet, line, {}, {}, {}, {}, {}, {}, {}, {}, {}};
     n.targets.push_back(expect_name());
     if (is_op(".")) {
       next();
@@ -1090,6 +1219,9 @@ class Renderer {
  private:
   const std::string& name_;
   std::vector<std::map<std::string, Value>> scopes_;
+  enum class Flow { kNormal, kBreak, kContinue };
+  Flow flow_ = Flow::kNormal;  // set by {% break %} / {% continue %} until their loop sees it
+  int macro_depth_ = 0;
 
   [[noreturn]] void fail(int line, const std::string& what) const { throw_error(name_, ": line ", line, ": ", what); }
 
@@ -1102,7 +1234,46 @@ class Renderer {
   }
 
   void exec(const std::vector<Node>& nodes, std::string& out) {
-    for (const Node& n : nodes) exec(n, out);
+    for (const Node& n : nodes) {
+      exec(n, out);
+      if (flow_ != Flow::kNormal) return;  // a break/continue unwinds to its loop
+    }
+  }
+
+  // A macro call: its parameters bound in a new scope on top of the caller's, its body rendered.
+  Value call_macro(const Node& m, Args& a) {
+    const std::string& name = m.targets[0];
+    if (macro_depth_ >= 64) fail(m.line, "macro '" + name + "': calls nested more than 64 deep");
+    const size_t np = m.targets.size() - 1;
+    if (a.pos.size() > np)
+      fail(m.line, "macro '" + name + "' takes not more than " + std::to_string(np) + " argument(s)");
+    std::map<std::string, Value> scope;
+    std::vector<bool> bound(np, false);
+    for (size_t k = 0; k < a.pos.size(); ++k) {
+      scope[m.targets[k + 1]] = a.pos[k];
+      bound[k] = true;
+    }
+    for (const auto& [key, val] : a.kw) {
+      size_t k = 0;
+      while (k < np && m.targets[k + 1] != key) ++k;
+      if (k == np) fail(m.line, "macro '" + name + "' takes no keyword argument '" + key + "'");
+      if (bound[k]) fail(m.line, "macro '" + name + "' got multiple values for argument '" + key + "'");
+      scope[key] = val;
+      bound[k] = true;
+    }
+    ++macro_depth_;
+    scopes_.push_back(std::move(scope));
+    for (size_t k = 0; k < np; ++k)
+      if (!bound[k])
+        scopes_.back()[m.targets[k + 1]] = m.defaults[k] ? eval(*m.defaults[k]) : Value::undefined(m.targets[k + 1]);
+    std::string out;
+    const Flow saved = flow_;
+    flow_ = Flow::kNormal;
+    exec(m.body, out);
+    flow_ = saved;
+    scopes_.pop_back();
+    --macro_depth_;
+    return Value::string(out);
   }
 
   std::vector<Value> iterate(const Value& v, int line) {
@@ -1157,6 +1328,13 @@ class Renderer {
         }
         assign(n.targets, eval(*n.expr), n.line);
         return;
+      case Node::kBreak: flow_ = Flow::kBreak; return;
+      case Node::kContinue: flow_ = Flow::kContinue; return;
+      case Node::kMacro: {
+        const Node* def = &n;
+        scopes_.back()[n.targets[0]] = Value::function([this, def](Args& a) { return call_macro(*def, a); });
+        return;
+      }
       case Node::kSetBlock: {
         std::string captured;
         exec(n.body, captured);
@@ -1199,6 +1377,9 @@ class Renderer {
           assign(n.targets, items[size_t(k)], n.line);
           exec(n.body, out);
           scopes_.pop_back();
+          const Flow f = flow_;
+          flow_ = Flow::kNormal;
+          if (f == Flow::kBreak) break;
         }
         return;
       }
@@ -1438,7 +1619,11 @@ class Renderer {
       return Value::number(a.as_double() / b.as_double());
     }
     if (op == "//" || op == "%") {
-      if (a.kind == Value::kString && op == "%") fail(line, "printf-style string formatting ('...' % x) is not supported");
+      if (a.kind == Value::kString && op == "%") {
+        // A tuple supplies the arguments; anything else is the single argument (Python).
+        const std::vector<Value> args = b.kind == Value::kList && b.tuple ? *b.list : std::vector<Value>{b};
+        return Value::string(printf_format(a.s, args, name_ + ": line " + std::to_string(line)));
+      }
       if (!(a.is_number() && b.is_number())) return bad();
       if (b.as_double() == 0) fail(line, op == "%" ? "modulo by zero" : "division by zero");
       if (ints) {
@@ -1654,6 +1839,10 @@ class Renderer {
       std::string o;
       to_json(v, o, indent, 0, name_ + ": line " + std::to_string(line));
       return Value::string(o);
+    }
+    if (f == "format") {
+      if (!a.kw.empty()) fail(line, "filter 'format' with keyword arguments is not supported");
+      return Value::string(printf_format(need_string(), a.pos, name_ + ": line " + std::to_string(line)));
     }
     if (f == "string") return Value::string(str(v));
     if (f == "safe") return v;

@@ -30,7 +30,8 @@ double sum_squares(const Tensor& x);
 void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd);
 void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw);
 
-void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inverse, Tensor& y);
+void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inverse, Tensor& y,
+          const RopeScaling& scaling);
 
 // head_dim <= 128 on the GPU. bf16 with head_dim 64 or 128 runs on tensor cores (WMMA), everything
 // else on fp32 CUDA cores (set LOWBIT_CUDA_SIMT_ATTENTION=1 to force the latter). lse may be f32

@@ -109,14 +109,14 @@ struct DwF {  // dw_c = sum_r dy[r, c] x[r, c] rstd[r]
 
 template <class T>
 __global__ void rope_kernel(const T* x, T* y, int64_t BT, int64_t T_, int H, int hd, int64_t pos0, double theta,
-                            bool interleaved, bool inverse) {
+                            bool interleaved, bool inverse, RopeScaling scaling) {
   const int half = hd / 2;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= BT * half) return;
   const int64_t bt = idx / half;
   const int i = int(idx % half);
   const double pos = double(pos0 + bt % T_);
-  const double ang = pos * pow(theta, -double(2 * i) / double(hd));
+  const double ang = pos * rope_scaled_freq(pow(theta, -double(2 * i) / double(hd)), scaling);
   double s, c;
   sincos(ang, &s, &c);
   if (inverse) s = -s;
@@ -172,7 +172,8 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
   });
 }
 
-void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inverse, Tensor& y) {
+void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inverse, Tensor& y,
+          const RopeScaling& scaling) {
   LB_CUDA_OP("rope");
   check_on_gpu("rope", y, "y");
   const int64_t B = x.size(0), T_ = x.size(1), H = x.size(2), hd = x.size(3);
@@ -182,7 +183,8 @@ void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inv
     using T = typename decltype(tag)::type;
     const int threads = 128;
     rope_kernel<T><<<unsigned((n + threads - 1) / threads), threads, 0, cuda_rt::stream()>>>(
-        ptr<T>(x), ptr<T>(y), B * T_, T_, int(H), int(hd), pos0, theta, style == RopeStyle::Interleaved, inverse);
+        ptr<T>(x), ptr<T>(y), B * T_, T_, int(H), int(hd), pos0, theta, style == RopeStyle::Interleaved, inverse,
+        scaling);
     LB_CUDA_LAUNCH_CHECK("rope_kernel");
   });
 }
