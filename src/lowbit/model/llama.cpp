@@ -125,22 +125,34 @@ Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache
     q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {B * T, H * hd});
     k = reshape(rmsnorm(reshape(k, {-1, hd}), b.k_norm, eps), {B * T, KVH * hd});
   }
-  const int64_t pos0 = cache ? cache->length : 0;
-  q = rope(q, B, T, H, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
-  k = rope(k, B, T, KVH, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
   Var att;
   if (cache) {
     if (B != 1) throw_error("KV-cache decoding supports batch 1, got ", B);
-    if (pos0 + T > cache->capacity) throw_error("KV cache full: ", pos0 + T, " tokens, capacity ", cache->capacity);
-    cache->k[size_t(i)].slice(0, pos0, pos0 + T).copy_(k.value().view({T, KVH, hd}));
-    cache->v[size_t(i)].slice(0, pos0, pos0 + T).copy_(v.value().view({T, KVH, hd}));
-    Var kc(cache->k[size_t(i)].slice(0, 0, pos0 + T).view({pos0 + T, KVH * hd}));
-    Var vc(cache->v[size_t(i)].slice(0, 0, pos0 + T).view({pos0 + T, KVH * hd}));
-    att = attention(q, kc, vc, 1, T, pos0 + T, H, KVH, hd);
+    att = attend_cached(i, q, k, v, T, *cache);
   } else {
+    q = rope(q, B, T, H, hd, 0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
+    k = rope(k, B, T, KVH, hd, 0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
     att = attention(q, k, v, B, T, T, H, KVH, hd);
   }
-  Var x1 = add(x, b.wo->forward(att));
+  return block_mlp(i, add(x, b.wo->forward(att)));
+}
+
+Var LlamaModel::attend_cached(int i, Var q, Var k, const Var& v, int64_t T, KVCache& cache) const {
+  const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
+  const int64_t pos0 = cache.length;
+  if (pos0 + T > cache.capacity) throw_error("KV cache full: ", pos0 + T, " tokens, capacity ", cache.capacity);
+  q = rope(q, 1, T, H, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
+  k = rope(k, 1, T, KVH, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
+  cache.k[size_t(i)].slice(0, pos0, pos0 + T).copy_(k.value().view({T, KVH, hd}));
+  cache.v[size_t(i)].slice(0, pos0, pos0 + T).copy_(v.value().view({T, KVH, hd}));
+  Var kc(cache.k[size_t(i)].slice(0, 0, pos0 + T).view({pos0 + T, KVH * hd}));
+  Var vc(cache.v[size_t(i)].slice(0, 0, pos0 + T).view({pos0 + T, KVH * hd}));
+  return attention(q, kc, vc, 1, T, pos0 + T, H, KVH, hd);
+}
+
+Var LlamaModel::block_mlp(int i, const Var& x1) const {
+  const LlamaBlock& b = blocks_.at(size_t(i));
+  const double eps = config_.norm_eps;
   // SwiGLU MLP.
   Var h2 = rmsnorm(x1, b.ffn_norm, eps);
   Var m = swiglu(b.w_gate->forward(h2), b.w_up->forward(h2));
@@ -179,6 +191,44 @@ Var LlamaModel::forward_cached(const Tensor& tokens, KVCache& cache) const {
   Var x = embed(tokens.view({1, T}));
   for (int i = 0; i < config_.n_layers; ++i) x = block_forward(i, x, 1, T, &cache);
   cache.length += T;
+  return head(x);
+}
+
+Var LlamaModel::forward_batch(const Tensor& tokens, const std::vector<KVCache*>& caches) const {
+  const int64_t B = tokens.numel();
+  if (B < 1 || tokens.dim() != 1) throw_error("forward_batch: tokens must be i32 [B] with B >= 1, got ", tokens.describe());
+  if (size_t(B) != caches.size())
+    throw_error("forward_batch: ", B, " tokens but ", caches.size(), " caches (one per sequence)");
+  for (size_t s = 0; s < caches.size(); ++s) {
+    if (!caches[s]) throw_error("forward_batch: cache ", s, " is null");
+    if (caches[s]->length + 1 > caches[s]->capacity)
+      throw_error("forward_batch: KV cache ", s, " is full (", caches[s]->length, " of ", caches[s]->capacity, " tokens)");
+    for (size_t t = 0; t < s; ++t)
+      if (caches[t] == caches[s]) throw_error("forward_batch: sequences ", t, " and ", s, " share one KV cache");
+  }
+  const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
+  const double eps = config_.norm_eps;
+  Var x = embed(tokens.view({B, 1}));
+  for (int i = 0; i < config_.n_layers; ++i) {
+    const LlamaBlock& b = blocks_[size_t(i)];
+    // Norms and linear layers on all B rows at once (each weight is read once per step) ...
+    Var h = rmsnorm(x, b.attn_norm, eps);
+    Var q = b.wq->forward(h), k = b.wk->forward(h), v = b.wv->forward(h);
+    if (config_.qk_norm) {
+      q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {B, H * hd});
+      k = reshape(rmsnorm(reshape(k, {-1, hd}), b.k_norm, eps), {B, KVH * hd});
+    }
+    // ... RoPE and attention per sequence, at its own position against its own cache.
+    const Tensor qv = q.value().contiguous(), kv = k.value().contiguous(), vv = v.value().contiguous();
+    Tensor att = Tensor::empty({B, H * hd}, qv.dtype(), qv.device());
+    for (int64_t s = 0; s < B; ++s) {
+      Var a = attend_cached(i, Var(qv.slice(0, s, s + 1)), Var(kv.slice(0, s, s + 1)), Var(vv.slice(0, s, s + 1)), 1,
+                            *caches[size_t(s)]);
+      att.slice(0, s, s + 1).copy_(a.value());
+    }
+    x = block_mlp(i, add(x, b.wo->forward(Var(att))));
+  }
+  for (KVCache* c : caches) c->length += 1;
   return head(x);
 }
 
