@@ -1,5 +1,7 @@
 #include "lowbit/model/llama.h"
 
+#include <algorithm>
+
 #include "lowbit/autograd/functions.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/core/vecmath.h"
@@ -114,6 +116,30 @@ int64_t LlamaModel::compact_weights() {
   return saved;
 }
 
+void kv_append(KVCache& cache, int layer, int64_t pos0, const Tensor& k, const Tensor& v) {
+  if (layer < 0 || size_t(layer) >= cache.k.size()) throw_error("KV cache: no layer ", layer, " (", cache.k.size(), " layers)");
+  Tensor& ck = cache.k[size_t(layer)];
+  Tensor& cv = cache.v[size_t(layer)];
+  const int64_t KVH = ck.size(1), hd = ck.size(2), T = k.numel() / std::max<int64_t>(1, KVH * hd);
+  if (k.numel() != T * KVH * hd || v.numel() != k.numel())
+    throw_error("KV cache: keys ", k.describe(), " / values ", v.describe(), " are not [T, ", KVH, " x ", hd, "]");
+  if (pos0 < 0 || pos0 + T > cache.capacity) throw_error("KV cache full: ", pos0 + T, " tokens, capacity ", cache.capacity);
+  ck.slice(0, pos0, pos0 + T).copy_(k.contiguous().view({T, KVH, hd}));
+  cv.slice(0, pos0, pos0 + T).copy_(v.contiguous().view({T, KVH, hd}));
+}
+
+KVLayerView kv_read(const KVCache& cache, int layer, int64_t length) {
+  if (layer < 0 || size_t(layer) >= cache.k.size()) throw_error("KV cache: no layer ", layer, " (", cache.k.size(), " layers)");
+  if (length < 0 || length > cache.capacity) throw_error("KV cache: ", length, " tokens asked, capacity ", cache.capacity);
+  return {cache.k[size_t(layer)].slice(0, 0, length), cache.v[size_t(layer)].slice(0, 0, length), length};
+}
+
+Var kv_attention(const Var& q, const KVLayerView& kv, int64_t T, int64_t H, int64_t hd) {
+  const int64_t KVH = kv.k.size(1);
+  Var kc(kv.k.view({kv.length, KVH * hd})), vc(kv.v.view({kv.length, KVH * hd}));
+  return attention(q, kc, vc, 1, T, kv.length, H, KVH, hd);
+}
+
 Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache* cache) const {
   const LlamaBlock& b = blocks_.at(size_t(i));
   const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
@@ -143,11 +169,8 @@ Var LlamaModel::attend_cached(int i, Var q, Var k, const Var& v, int64_t T, KVCa
   if (pos0 + T > cache.capacity) throw_error("KV cache full: ", pos0 + T, " tokens, capacity ", cache.capacity);
   q = rope(q, 1, T, H, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
   k = rope(k, 1, T, KVH, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
-  cache.k[size_t(i)].slice(0, pos0, pos0 + T).copy_(k.value().view({T, KVH, hd}));
-  cache.v[size_t(i)].slice(0, pos0, pos0 + T).copy_(v.value().view({T, KVH, hd}));
-  Var kc(cache.k[size_t(i)].slice(0, 0, pos0 + T).view({pos0 + T, KVH * hd}));
-  Var vc(cache.v[size_t(i)].slice(0, 0, pos0 + T).view({pos0 + T, KVH * hd}));
-  return attention(q, kc, vc, 1, T, pos0 + T, H, KVH, hd);
+  kv_append(cache, i, pos0, k.value(), v.value());
+  return kv_attention(q, kv_read(cache, i, pos0 + T), T, H, hd);
 }
 
 Var LlamaModel::block_mlp(int i, const Var& x1) const {

@@ -32,11 +32,30 @@ struct LlamaBlock {
 };
 
 // Keys and values of past tokens for one sequence (batch 1), per layer: [max_seq, KVH, h].
+// Code outside the cache's own functions reaches the stored keys/values only through kv_append,
+// kv_read and kv_attention below, so the storage type of the cache can change behind them.
 struct KVCache {
   std::vector<Tensor> k, v;
   int64_t length = 0;  // tokens stored
   int64_t capacity = 0;
 };
+
+// One layer's cached keys/values for positions [0, length) ([length, KVH, h] each): what
+// kv_attention reads. A view into the cache, valid until the cache is appended to or destroyed.
+struct KVLayerView {
+  Tensor k, v;
+  int64_t length = 0;
+};
+
+// Stores the keys and values of T new tokens (k, v: [T, KVH*h] or [T, KVH, h], f32) of layer
+// `layer` at positions pos0 .. pos0+T-1. Does not advance cache.length (the caller does, once all
+// layers are written). Throws when the tokens do not fit the capacity.
+void kv_append(KVCache& cache, int layer, int64_t pos0, const Tensor& k, const Tensor& v);
+// The cached keys/values of layer `layer` for positions [0, length).
+KVLayerView kv_read(const KVCache& cache, int layer, int64_t length);
+// Causal attention of the T newest tokens' queries q [T, H*h] (positions kv.length-T ..
+// kv.length-1) over the cached keys/values: [T, H*h]. Inference only (no gradient to the cache).
+Var kv_attention(const Var& q, const KVLayerView& kv, int64_t T, int64_t H, int64_t hd);
 
 class LlamaModel {
  public:
