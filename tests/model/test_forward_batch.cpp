@@ -80,6 +80,8 @@ TEST(ForwardBatch, EqualsSeparateDecodesPackedLinears) {
       for (auto& [name, slot] : m.block(i).linears())
         *slot = std::make_shared<QuantLinear>(quantize((*slot)->effective_weight(), f));
     check_batched_equals_separate(m, {3, 1, 10, 6, 2, 8}, 3, 1e-5);
+    // More rows than the int8 decode body takes at once (ops::kQuantDecodeMaxRows).
+    check_batched_equals_separate(m, {3, 1, 10, 6, 2, 8, 4, 4, 5, 1, 2, 3}, 2, 1e-5);
   }
 }
 

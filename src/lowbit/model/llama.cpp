@@ -5,6 +5,7 @@
 #include "lowbit/autograd/functions.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/core/vecmath.h"
+#include "lowbit/ops/quant_matmul.h"
 
 namespace lowbit {
 
@@ -217,6 +218,27 @@ Var LlamaModel::forward_cached(const Tensor& tokens, KVCache& cache) const {
   return head(x);
 }
 
+namespace {
+// A linear layer on the rows of one batched decode step. Packed layers pick their activation path
+// by row count (ops/quant_matmul.h: up to kQuantDecodeMaxRows rows take the int8 decode body), so
+// their rows go in groups of at most that many: every sequence then gets the numbers it would get
+// decoding alone, and each group still reads the weights once.
+Var decode_linear(const Linear& l, const Var& x) {
+  const int64_t M = x.value().size(0);
+  if (M <= ops::kQuantDecodeMaxRows || dynamic_cast<const DenseLinear*>(&l) || x.value().device() != Device::CPU)
+    return l.forward(x);
+  const Tensor xv = x.value().contiguous();
+  Tensor y;
+  for (int64_t r0 = 0; r0 < M; r0 += ops::kQuantDecodeMaxRows) {
+    const int64_t r1 = std::min(M, r0 + ops::kQuantDecodeMaxRows);
+    const Tensor part = l.forward(Var(xv.slice(0, r0, r1))).value();
+    if (!y.defined()) y = Tensor::empty({M, part.size(1)}, part.dtype(), part.device());
+    y.slice(0, r0, r1).copy_(part);
+  }
+  return Var(y);
+}
+}  // namespace
+
 Var LlamaModel::forward_batch(const Tensor& tokens, const std::vector<KVCache*>& caches) const {
   const int64_t B = tokens.numel();
   if (B < 1 || tokens.dim() != 1) throw_error("forward_batch: tokens must be i32 [B] with B >= 1, got ", tokens.describe());
@@ -236,7 +258,7 @@ Var LlamaModel::forward_batch(const Tensor& tokens, const std::vector<KVCache*>&
     const LlamaBlock& b = blocks_[size_t(i)];
     // Norms and linear layers on all B rows at once (each weight is read once per step) ...
     Var h = rmsnorm(x, b.attn_norm, eps);
-    Var q = b.wq->forward(h), k = b.wk->forward(h), v = b.wv->forward(h);
+    Var q = decode_linear(*b.wq, h), k = decode_linear(*b.wk, h), v = decode_linear(*b.wv, h);
     if (config_.qk_norm) {
       q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {B, H * hd});
       k = reshape(rmsnorm(reshape(k, {-1, hd}), b.k_norm, eps), {B, KVH * hd});
@@ -249,10 +271,14 @@ Var LlamaModel::forward_batch(const Tensor& tokens, const std::vector<KVCache*>&
                             *caches[size_t(s)]);
       att.slice(0, s, s + 1).copy_(a.value());
     }
-    x = block_mlp(i, add(x, b.wo->forward(Var(att))));
+    Var x1 = add(x, decode_linear(*b.wo, Var(att)));
+    Var h2 = rmsnorm(x1, b.ffn_norm, eps);
+    Var m = swiglu(decode_linear(*b.w_gate, h2), decode_linear(*b.w_up, h2));
+    x = add(x1, decode_linear(*b.w_down, m));
   }
   for (KVCache* c : caches) c->length += 1;
-  return head(x);
+  if (!packed_output_) return head(x);
+  return decode_linear(*packed_output_, rmsnorm(x, final_norm_, config_.norm_eps));
 }
 
 std::vector<Var> LlamaModel::parameters() const {
