@@ -138,7 +138,9 @@ void Scheduler::stop(bool finish) {
     stopping_ = true;
     cv_.notify_all();
   }
-  if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+  if (thread_.get_id() == std::this_thread::get_id()) return;  // from a callback: the loop ends by itself
+  std::lock_guard<std::mutex> j(join_mu_);  // several threads may call stop(); one joins
+  if (thread_.joinable()) thread_.join();
 }
 
 SchedulerStats Scheduler::stats() const {

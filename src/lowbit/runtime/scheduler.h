@@ -118,6 +118,7 @@ class Scheduler {
   uint64_t next_id_ = 1;
   bool stopping_ = false, finish_on_stop_ = true;
   SchedulerStats stats_;
+  std::mutex join_mu_;
   std::thread thread_;
   const std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
 };
