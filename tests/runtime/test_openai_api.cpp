@@ -81,6 +81,7 @@ TEST(OpenAiApi, MalformedBodiesAre400NamingTheField) {
       {false, "{\"prompt\": \"a\", \"stream_options\": 1}", "stream_options", "object"},
       {false, "{\"prompt\": \"a\", \"stream_options\": {\"include_usage\": 1}}", "stream_options.include_usage", "boolean"},
       {false, "{\"prompt\": \"a\", \"n\": 2}", "n", "n = 1"},
+      {false, "{\"prompt\": \"a\", \"ignore_eos\": 1}", "ignore_eos", "boolean"},
       {false, "{\"prompt\": \"a\", \"model\": 7}", "model", "string"},
       {true, "{}", "messages", "required"},
       {true, "{\"messages\": []}", "messages", "non-empty"},

@@ -205,6 +205,7 @@ class Server {
       cr.sampler.top_p = ar.top_p;
       cr.sampler.seed = ar.seed ? *ar.seed : std::random_device{}();
       cr.stop = ar.stop;
+      cr.stop_at_eos = !ar.ignore_eos;
       if (sched_->stats().queued >= a_.max_queue)
         throw ApiError(503, "too many requests waiting (" + std::to_string(a_.max_queue) + "); retry later", "",
                        "server_error");

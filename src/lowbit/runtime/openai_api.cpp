@@ -166,6 +166,10 @@ ApiRequest parse_api_request(std::string_view body, bool chat) {
       r.include_usage = u->get<bool>();
     }
   }
+  if (const auto* ie = field(j, "ignore_eos")) {
+    if (!ie->is_boolean()) bad("ignore_eos", std::string("'ignore_eos' must be a boolean, got ") + ie->type_name());
+    r.ignore_eos = ie->get<bool>();
+  }
   if (const auto* n = field(j, "n")) {
     if (!n->is_number_integer() || n->get<int64_t>() != 1) bad("n", "only n = 1 is supported, got " + n->dump());
   }

@@ -5,7 +5,8 @@
 //
 // Fields read (others are ignored, as OpenAI clients send many):
 //   completions:  prompt (string, [string] or [token ids]), max_tokens, temperature, top_p, seed,
-//                 stop (string or up to 4 strings), stream, stream_options.include_usage, n (= 1)
+//                 stop (string or up to 4 strings), stream, stream_options.include_usage, n (= 1),
+//                 ignore_eos (llama-server's extension, for benchmarks)
 //   chat:         messages ([{role, content}], content a string or [{type: "text", text}]),
 //                 max_tokens / max_completion_tokens, and the sampling fields above
 #pragma once
@@ -46,6 +47,7 @@ struct ApiRequest {
   std::vector<std::string> stop;
   bool stream = false;
   bool include_usage = false;         // stream_options.include_usage
+  bool ignore_eos = false;            // llama.cpp's extension: generate past EOS (benchmarks)
   std::string model;
 };
 
