@@ -68,7 +68,7 @@ class Server:
             self.log.append(line)
 
     def client(self, key="none"):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=600)
 
     def kill(self):
         if self.proc.poll() is None:

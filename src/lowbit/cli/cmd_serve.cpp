@@ -140,9 +140,33 @@ class Server {
     svr_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       res.set_content(metrics(), "text/plain; version=0.0.4");
     });
-    svr_.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) { complete(req, res, false); });
-    svr_.Post("/v1/chat/completions",
-              [this](const httplib::Request& req, httplib::Response& res) { complete(req, res, true); });
+    // Bodies are read here, not by httplib's form handling (which refuses url-encoded bodies over
+    // 8 KiB, the content type curl -d and urllib send by default).
+    auto reading = [this](bool chat) {
+      return [this, chat](const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& reader) {
+        std::string body;
+        bool too_big = false;
+        const bool ok = reader([&](const char* data, size_t n) {
+          if (int64_t(body.size() + n) > a_.max_body) {
+            too_big = true;
+            return false;
+          }
+          body.append(data, n);
+          return true;
+        });
+        // httplib skips a body whose Content-Length is over set_payload_max_length without reading it.
+        const std::string len = req.get_header_value("Content-Length");
+        if (!ok && !too_big && !len.empty() && len.size() < 19 && len.find_first_not_of("0123456789") == std::string::npos)
+          too_big = std::stoll(len) > a_.max_body;
+        if (!ok && !too_big) return send_error(res, ApiError(400, "could not read the request body"));
+        if (too_big)
+          return send_error(res, ApiError(413, "request body is larger than the limit of " + std::to_string(a_.max_body) +
+                                                   " bytes"));
+        complete(body, res, chat);
+      };
+    };
+    svr_.Post("/v1/completions", reading(false));
+    svr_.Post("/v1/chat/completions", reading(true));
   }
 
   std::string metrics() {
@@ -176,14 +200,12 @@ class Server {
     return out;
   }
 
-  void complete(const httplib::Request& req, httplib::Response& res, bool chat) {
+  void complete(const std::string& body, httplib::Response& res, bool chat) {
     ApiRequest ar;
     CompletionRequest cr;
     try {
       if (draining_) throw ApiError(503, "the server is shutting down", "", "server_error");
-      if (int64_t(req.body.size()) > a_.max_body)
-        throw ApiError(413, "request body is larger than the limit of " + std::to_string(a_.max_body) + " bytes");
-      ar = parse_api_request(req.body, chat);
+      ar = parse_api_request(body, chat);
       try {
         if (chat) cr.prompt = chat_prompt_ids(m_, ar.messages);
         else if (!ar.prompt_ids.empty()) cr.prompt = ar.prompt_ids;
