@@ -312,6 +312,58 @@ def sigterm_check(lowbit, model, tokenizer, prompt):
     check(any("shutting down" in l for l in srv.log), "SIGTERM: shutdown logged")
 
 
+def run_checks(lowbit, model, tokenizer, prompt, expected):
+    """lowbit run: piped standard input prints the answer; in a terminal /reset, Ctrl-C and /exit."""
+    r = subprocess.run([lowbit, "run", "-m", model, "--tokenizer", tokenizer, "-t", "0", "--max-tokens", "24"],
+                       input=prompt + "\n", capture_output=True, text=True, timeout=120)
+    check(r.returncode == 0 and r.stdout.strip() == expected.strip(),
+          f"echo question | lowbit run prints the greedy answer ({r.stdout.strip()[:60]!r})")
+    import pty
+    import select
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(lowbit, [lowbit, "run", "-m", model, "--tokenizer", tokenizer, "-t", "1", "--max-tokens", "400",
+                          "--ctx", "512"])
+    out = b""
+
+    def read_until(marker, secs=60):
+        nonlocal out
+        end = time.time() + secs
+        while time.time() < end:
+            if marker in out:
+                return True
+            rl, _, _ = select.select([fd], [], [], 0.2)
+            if rl:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    return marker in out
+        return marker in out
+
+    try:
+        ok = read_until(b"> ")
+        os.write(fd, prompt.encode() + b"\n")
+        out = b""
+        ok = ok and read_until(b"> ")
+        os.write(fd, b"/reset\n")
+        ok = ok and read_until(b"forgotten")
+        out = b""
+        os.write(fd, b"Once upon a time there was a dog\n")
+        time.sleep(0.05)
+        os.write(fd, b"\x03")  # Ctrl-C: stops the answer (or, if it already ended, only prints a hint)
+        ok = ok and read_until(b"> ")
+        os.write(fd, b"/exit\n")
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        check(ok and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0,
+              "lowbit run in a terminal: answers, /reset, Ctrl-C keeps the session, /exit exits 0")
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lowbit", required=True)
@@ -347,6 +399,12 @@ def main():
             finally:
                 srv.kill()
             auth_checks(a.lowbit, s_model, s_tok)
+            srv = Server(a.lowbit, s_model, ["--threads", "1"], s_tok)
+            try:
+                expected = greedy(srv.client(), prompts[0], 24)[0]
+            finally:
+                srv.kill()
+            run_checks(a.lowbit, s_model, s_tok, prompts[0], expected)
             sigterm_check(a.lowbit, s_model, s_tok, prompts[0])
 
         smol = os.path.join(shared, "models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
