@@ -79,6 +79,44 @@ TEST(QuantizedCheckpoint, PackedLoadHasNoDenseCopyAndMatchesTheDenseView) {
     }
 }
 
+// pack_vocab: the dense embedding/output of a lowbit directory become q8_0 blocks for inference;
+// the logits stay within q8_0's rounding of the vocabulary matrix (tied and untied heads), the
+// dense tensors become placeholders, and a second call changes nothing.
+TEST(QuantizedCheckpoint, PackVocabRunsTheVocabularyAsQ8_0) {
+  for (bool tied : {false, true}) {
+    LlamaConfig c = small_config(RopeStyle::Half);
+    c.tied_embeddings = tied;
+    LlamaModel m(c, random_weights(c, 11));
+    const QuantFormat& f = parse_quant_format("int4g32");
+    std::vector<int32_t> stream;
+    for (int i = 0; i < 300; ++i) stream.push_back((i * 7 + 3) % c.vocab_size);
+    Tensor calib = sample_calibration(stream, 4, 16, 1);
+    RtnMethod rtn(f);
+    PipelineOptions o;
+    o.progress = false;
+    run_blockwise(m, calib, rtn, f, o);
+    auto dir = test::temp_dir(std::string("qckpt-vocab") + (tied ? "-tied" : ""));
+    save_quantized_model(dir.string(), m, "rtn", f);
+    QuantizedCheckpoint plain = load_quantized_model(dir.string(), false), packed = load_quantized_model(dir.string(), false);
+    const Tensor emb = packed.dense.weights.tok_embeddings.contiguous();
+    const int64_t bytes = pack_vocab(packed);
+    const int64_t blocks = c.vocab_size * c.dim / 32;
+    EXPECT_EQ(bytes, blocks * 34 * (tied ? 1 : 2));  // q8_0: 32 codes + an f16 scale per block
+    EXPECT_EQ(packed.quantized.count("lm_head"), tied ? 0u : 1u);
+    EXPECT_EQ(max_abs_diff(packed.dense.weights.tok_embeddings, Tensor::zeros(emb.shape())), 0.0);  // placeholder
+    EXPECT_EQ(pack_vocab(packed), 0);
+    auto a = make_quantized_model(plain), b = make_quantized_model(packed);
+    ASSERT_TRUE(b->packed_output());
+    EXPECT_FALSE(a->packed_output());
+    Tensor tokens = calib.slice(0, 0, 2).contiguous();
+    const Tensor la = logits_of(*a, tokens), lb = logits_of(*b, tokens);
+    // Tolerance: q8_0 rounds each value to within absmax/254 of its block of 32 (random weights of
+    // std ~0.02-0.1 here); measured max |dlogit| ~1e-2.
+    EXPECT_LT(max_abs_diff(la, lb), 5e-2) << "tied " << tied;
+    EXPECT_GT(max_abs_diff(la, lb), 0.0);
+  }
+}
+
 TEST(QuantizedCheckpoint, MalformedDirectoriesGiveClearErrors) {
   LlamaConfig c = small_config(RopeStyle::Half);
   LlamaModel m(c, random_weights(c, 7));

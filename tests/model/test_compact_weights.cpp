@@ -54,7 +54,7 @@ TEST(CompactWeights, SixteenBitWeightsGiveTheSameLogits) {
       Tensor a = ref.forward(tokens).value(), b = small.forward(tokens).value();
       EXPECT_LT(max_rel_diff(b, a), 1e-5) << dtype_name(dt) << " tied " << tied;
       // Decoding with the KV cache (f32 cache next to 16-bit weights).
-      KVCache cache = small.make_cache(16);
+      KVCache cache = small.make_cache(16, KVCacheType::F32);
       EXPECT_EQ(cache.k[0].dtype(), DType::F32);
       Tensor first = tokens.slice(0, 0, 1).contiguous().view({70}).slice(0, 0, 5).contiguous();
       Tensor step = small.forward_cached(first, cache).value();

@@ -203,6 +203,81 @@ TEST(OpsReference, AttentionTilesMatchDenseSoftmaxF32) {
   }
 }
 
+// Attention over a typed KV cache: kv_store's f16 / q8 encodings decode as documented (f16: the
+// nearest half; q8: |x - code*scale| <= scale/2 with scale = absmax/127), and kv_attention_forward
+// equals dense causal softmax attention (f64 loops) over the decoded keys/values to 2e-5, for
+// decode (Tq = 1), a prefill with several query tiles and a chunk after cached keys. Against
+// attention over the original f32 keys/values the outputs stay within 5e-3 (f16) and 3e-2 (q8)
+// for unit-normal data, the tolerance the model-level tests also see.
+TEST(OpsReference, KvCacheAttentionMatchesDenseSoftmax) {
+  for (DType dt : {DType::F32, DType::F16, DType::I8})
+    for (auto [Tq, Tk] : {std::array<int64_t, 2>{1, 131}, {150, 150}, {70, 150}, {1, 1}}) {
+      const int64_t H = 6, KVH = 2, hd = 16, off = Tk - Tq, group = H / KVH;
+      Tensor q = rnd({Tq, H, hd}, 21), k = rnd({Tk, KVH, hd}, 22), v = rnd({Tk, KVH, hd}, 23);
+      Tensor kc = Tensor::empty(k.shape(), dt), vc = Tensor::empty(v.shape(), dt);
+      Tensor ks, vs;
+      if (dt == DType::I8) ks = Tensor::empty({Tk, KVH}), vs = Tensor::empty({Tk, KVH});
+      ops::kv_store(k, kc, ks);
+      ops::kv_store(v, vc, vs);
+      // Decoded values, checked against the encoding's error bound.
+      auto decoded = [&](const Tensor& orig, const Tensor& c, const Tensor& sc) {
+        Tensor d = Tensor::empty(orig.shape(), DType::F64);
+        for (int64_t i = 0; i < orig.numel(); ++i) {
+          double x;
+          if (dt == DType::F32) {
+            x = c.data<float>()[i];
+          } else if (dt == DType::F16) {
+            x = f16_to_f32(static_cast<const uint16_t*>(c.raw_data())[i]);
+            EXPECT_EQ(x, double(f16_to_f32(f32_to_f16(orig.data<float>()[i]))));
+          } else {
+            const double scale = sc.data<float>()[i / hd];
+            x = c.data<int8_t>()[i] * scale;
+            EXPECT_LE(std::abs(x - orig.data<float>()[i]), scale * 0.5 + 1e-7);
+          }
+          d.set_item(i, x);
+        }
+        return d;
+      };
+      Tensor kd = decoded(k, kc, ks), vd = decoded(v, vc, vs);
+      Tensor out = Tensor::empty(q.shape());
+      const double sc = 1 / std::sqrt(double(hd));
+      ops::kv_attention_forward(q, kc, vc, ks, vs, sc, out);
+      auto dense = [&](const Tensor& kk, const Tensor& vv, int64_t i, int64_t h, int64_t c) {
+        const int64_t n = off + i + 1, kh = h / group;
+        std::vector<double> s(static_cast<size_t>(n));
+        double mx = -1e300, z = 0, o = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          double d = 0;
+          for (int64_t e = 0; e < hd; ++e) d += q.item((i * H + h) * hd + e) * kk.item((j * KVH + kh) * hd + e);
+          s[size_t(j)] = d * sc;
+          mx = std::max(mx, s[size_t(j)]);
+        }
+        for (int64_t j = 0; j < n; ++j) z += std::exp(s[size_t(j)] - mx);
+        for (int64_t j = 0; j < n; ++j) o += std::exp(s[size_t(j)] - mx) / z * vv.item((j * KVH + kh) * hd + c);
+        return o;
+      };
+      double worst = 0, worst_vs_f32 = 0;
+      for (int64_t i = 0; i < Tq; i += (Tq > 20 ? 7 : 1))  // a sample of query rows (f64 loops are slow)
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t c = 0; c < hd; ++c) {
+            const double got = out.item((i * H + h) * hd + c);
+            worst = std::max(worst, std::abs(got - dense(kd, vd, i, h, c)));
+            worst_vs_f32 = std::max(worst_vs_f32, std::abs(got - dense(k, v, i, h, c)));
+          }
+      EXPECT_LT(worst, 2e-5) << dtype_name(dt) << " Tq " << Tq << " Tk " << Tk;
+      EXPECT_LT(worst_vs_f32, dt == DType::I8 ? 3e-2 : dt == DType::F16 ? 5e-3 : 2e-5) << dtype_name(dt) << " Tq " << Tq;
+    }
+  // Bad arguments are errors, not crashes.
+  Tensor q = rnd({1, 4, 8}, 1), k = Tensor::empty({3, 2, 8}, DType::I8), out = Tensor::empty({1, 4, 8});
+  EXPECT_THROW(ops::kv_attention_forward(q, k, k, Tensor(), Tensor(), 1.0, out), Error);  // q8 without scales
+  Tensor kb = Tensor::empty({3, 3, 8}, DType::F16);
+  EXPECT_THROW(ops::kv_attention_forward(q, kb, kb, Tensor(), Tensor(), 1.0, out), Error);  // 3 kv heads, 4 heads
+  Tensor k64 = Tensor::empty({3, 2, 8}, DType::F64);
+  EXPECT_THROW(ops::kv_attention_forward(q, k64, k64, Tensor(), Tensor(), 1.0, out), Error);
+  Tensor src = rnd({3, 2, 8}, 2), bad_scale = Tensor::empty({3, 1});
+  EXPECT_THROW(ops::kv_store(src, k, bad_scale), Error);
+}
+
 // f32 activations times f16/bf16 weights (the CPU's 16-bit weight path) equal the f32 product
 // of the widened weights, for both layouts of b and several panel counts.
 TEST(OpsReference, GemmWithSixteenBitWeights) {

@@ -1,6 +1,7 @@
 // lowbit bench: model size in memory, prefill and decode speed, like llama-bench.
 //   prefill (pp): one forward of -p tokens into an empty KV cache (logits of every token computed).
-//   decode (tg):  -n forwards of one token each after an empty cache, logits computed each time.
+//   decode (tg):  -n forwards of one token each after an empty cache (or -d tokens of untimed
+//                 context), logits computed each time.
 // Token ids are fixed pseudo-random ids (the speed does not depend on them). One untimed warm-up
 // of each before the -r timed runs; mean ± sd over the runs.
 #include <chrono>
@@ -21,8 +22,9 @@ namespace {
 
 struct BenchArgs {
   std::string model, device = "cpu";
-  int pp = 512, tg = 128, reps = 3;
-  bool json = false, dequantize = false;
+  int pp = 512, tg = 128, reps = 3, depth = 0;
+  bool json = false, dequantize = false, f32_vocab = false;
+  KVCacheType kv_cache = KVCacheType::Auto;
 };
 
 int64_t tensor_bytes(const Tensor& t) { return t.defined() ? int64_t(t.nbytes()) : 0; }
@@ -69,21 +71,33 @@ Tensor token_ids(int64_t n, int64_t vocab, uint64_t seed) {
   return Tensor::from_vector(ids, {n});
 }
 
+const char* matmul_name() {
+  switch (ops::quant_matmul_default()) {
+    case ops::QuantMatmulPath::Int8: return "int8";
+    case ops::QuantMatmulPath::Exact: return "exact";
+    case ops::QuantMatmulPath::Reference: return "reference";
+    default: return "auto";
+  }
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-double run_pp(const LlamaModel& model, const Tensor& tokens) {
-  KVCache cache = model.make_cache(tokens.numel());
+double run_pp(const LlamaModel& model, const Tensor& tokens, KVCacheType kv) {
+  KVCache cache = model.make_cache(tokens.numel(), kv);
   const auto t0 = std::chrono::steady_clock::now();
   Tensor logits = model.forward_cached(tokens, cache).value();
   logits.to(Device::CPU);  // waits for the device
   return double(tokens.numel()) / seconds_since(t0);
 }
 
-double run_tg(const LlamaModel& model, const Tensor& tokens) {
+double run_tg(const LlamaModel& model, const Tensor& tokens, KVCacheType kv, int64_t context) {
   const int64_t n = tokens.numel();
-  KVCache cache = model.make_cache(n);
+  KVCache cache = model.make_cache(context + n, kv);
+  if (context > 0) {  // a prompt already in the cache (untimed): decode attends over context + i keys
+    model.forward_cached(token_ids(context, model.config().vocab_size, 5), cache);
+  }
   const auto t0 = std::chrono::steady_clock::now();
   const int32_t* ids = tokens.data<int32_t>();
   for (int64_t i = 0; i < n; ++i) {
@@ -97,20 +111,20 @@ void run_bench(const BenchArgs& a) {
   const int threads = num_threads();  // --threads (add_threads_option) has set the program's one pool
   const Device dev = parse_device(a.device);
   NoGradGuard no_grad;
-  LoadedModel m = load_model(a.model, dev, a.dequantize);
+  LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
   const LlamaModel& model = *m.model;
   const int64_t vocab = model.config().vocab_size;
   const int64_t bytes = model_bytes(m);
   std::vector<double> pp, tg;
   if (a.pp > 0) {
     const Tensor toks = token_ids(a.pp, vocab, 1);
-    run_pp(model, token_ids(std::min(a.pp, 16), vocab, 2));  // warm-up
-    for (int r = 0; r < a.reps; ++r) pp.push_back(run_pp(model, toks));
+    run_pp(model, token_ids(std::min(a.pp, 16), vocab, 2), a.kv_cache);  // warm-up
+    for (int r = 0; r < a.reps; ++r) pp.push_back(run_pp(model, toks, a.kv_cache));
   }
   if (a.tg > 0) {
     const Tensor toks = token_ids(a.tg, vocab, 3);
-    run_tg(model, token_ids(std::min(a.tg, 4), vocab, 4));  // warm-up
-    for (int r = 0; r < a.reps; ++r) tg.push_back(run_tg(model, toks));
+    run_tg(model, token_ids(std::min(a.tg, 4), vocab, 4), a.kv_cache, 0);  // warm-up
+    for (int r = 0; r < a.reps; ++r) tg.push_back(run_tg(model, toks, a.kv_cache, a.depth));
   }
   const Stat sp = stat(pp), st = stat(tg);
   if (a.json) {
@@ -121,7 +135,11 @@ void run_bench(const BenchArgs& a) {
                         {"isa", ops::quant_isa_name(ops::quant_isa_best())},
                         {"reps", a.reps},
                         {"pp_tokens", a.pp},
-                        {"tg_tokens", a.tg}};
+                        {"tg_tokens", a.tg},
+                        {"depth", a.depth},
+                        {"kv_cache", kv_cache_type_name(model.make_cache(0, a.kv_cache).type)},
+                        {"kv_cache_bytes", model.make_cache(a.depth + std::max(a.pp, a.tg), a.kv_cache).bytes()},
+                        {"matmul", matmul_name()}};
     if (!pp.empty()) {
       j["pp_tokens_per_s"] = sp.mean;
       j["pp_tokens_per_s_sd"] = sp.sd;
@@ -133,14 +151,17 @@ void run_bench(const BenchArgs& a) {
     print_json(j);
     return;
   }
-  print_stdout("| model | size | device | threads | test | t/s |\n|---|---:|---|---:|---|---:|\n");
+  const std::string kv = kv_cache_type_name(model.make_cache(0, a.kv_cache).type);
+  print_stdout("| model | size | device | threads | kv | matmul | test | t/s |\n|---|---:|---|---:|---|---|---|---:|\n");
   const double mib = double(bytes) / (1024.0 * 1024.0);
   if (!pp.empty())
-    print_stdout("| %s | %.2f MiB | %s | %d | pp%d | %.2f ± %.2f |\n", a.model.c_str(), mib, a.device.c_str(), threads,
-                a.pp, sp.mean, sp.sd);
-  if (!tg.empty())
-    print_stdout("| %s | %.2f MiB | %s | %d | tg%d | %.2f ± %.2f |\n", a.model.c_str(), mib, a.device.c_str(), threads,
-                a.tg, st.mean, st.sd);
+    print_stdout("| %s | %.2f MiB | %s | %d | %s | %s | pp%d | %.2f ± %.2f |\n", a.model.c_str(), mib, a.device.c_str(),
+                 threads, kv.c_str(), matmul_name(), a.pp, sp.mean, sp.sd);
+  if (!tg.empty()) {
+    const std::string test = a.depth > 0 ? "tg" + std::to_string(a.tg) + " @ d" + std::to_string(a.depth) : "tg" + std::to_string(a.tg);
+    print_stdout("| %s | %.2f MiB | %s | %d | %s | %s | %s | %.2f ± %.2f |\n", a.model.c_str(), mib, a.device.c_str(),
+                 threads, kv.c_str(), matmul_name(), test.c_str(), st.mean, st.sd);
+  }
 }
 
 }  // namespace
@@ -152,6 +173,12 @@ void register_bench(CLI::App& app) {
   b->add_option("-p,--n-prompt", a->pp, "prefill test: tokens in one forward (0 = skip)")->capture_default_str()->check(at_least(0));
   b->add_option("-n,--n-gen", a->tg, "decode test: tokens generated one at a time (0 = skip)")->capture_default_str()->check(at_least(0));
   b->add_option("-r,--repetitions", a->reps, "timed runs of each test")->capture_default_str()->check(at_least(1));
+  b->add_option("-d,--depth", a->depth, "decode test: tokens already in the KV cache before it (untimed prefill), like llama-bench -d")
+      ->capture_default_str()
+      ->check(at_least(0));
+  add_kv_cache_option(b, &a->kv_cache);
+  add_matmul_option(b);
+  add_f32_vocab_option(b, &a->f32_vocab);
   add_threads_option(b);
   b->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   b->add_flag("--dequantize", a->dequantize, "run a quantized model dequantized to f32 (the reference path)");

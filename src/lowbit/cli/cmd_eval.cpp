@@ -19,12 +19,15 @@ struct PplArgs {
   std::string model, tokenizer, text, tokens, device = "cpu";
   int64_t ctx = 512, batch = 1, max_windows = 0;
   bool bos = false, json = false;
+  KVCacheType kv_cache = KVCacheType::Auto;
+  bool use_cache = false, f32_vocab = false;
+  int64_t kv_chunk = 0;
 };
 
 void run_ppl(const PplArgs& a) {
   if (a.text.empty() == a.tokens.empty()) throw_error("eval ppl: give exactly one of --text FILE or --tokens FILE");
   Device dev = parse_device(a.device);
-  LoadedModel m = load_model(a.model, dev, a.dequantize);
+  LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
   compact_for_inference(m, dev);
   std::vector<int32_t> stream;
   int bos = -1;
@@ -53,6 +56,9 @@ void run_ppl(const PplArgs& a) {
   o.batch = a.batch;
   o.bos = bos;
   o.max_windows = a.max_windows;
+  o.use_cache = a.use_cache || a.kv_chunk > 0;
+  o.kv_cache = a.kv_cache;
+  o.cache_chunk = a.kv_chunk;
   PerplexityResult r = evaluate_perplexity(*m.model, stream, o);
   if (a.json) {
     print_json({{"model", a.model},
@@ -66,6 +72,8 @@ void run_ppl(const PplArgs& a) {
                 {"seconds", r.seconds},
                 {"tokens_per_second", r.tokens_per_second},
                 {"device", a.device},
+                {"kv_cache", o.use_cache ? kv_cache_type_name(a.kv_cache) : "none"},
+                {"kv_chunk", o.use_cache ? (a.kv_chunk > 0 ? std::min(a.kv_chunk, a.ctx) : a.ctx) : 0},
                 {"threads", threads_summary()}});
   } else {
     print_stdout("model      %s\ndata       %s\nwindows    %lld x %lld tokens%s\npredicted  %lld tokens\n",
@@ -133,6 +141,16 @@ void register_eval(CLI::App& app) {
   ppl->add_flag("--dequantize", a->dequantize,
                 "run a quantized model (lowbit directory, GGUF block types) dequantized to f32 (the reference path)");
   ppl->add_flag("--json", a->json, "print one JSON object instead of text");
+  add_kv_cache_option(ppl, &a->kv_cache,
+                      "run each window through the KV cache of this type (auto = f16 on the CPU, f16, q8, f32) "
+                      "instead of the batched forward without a cache (the default; --batch is then ignored)");
+  ppl->get_option("--kv-cache")->each([a](const std::string&) { a->use_cache = true; });
+  ppl->add_option("--kv-chunk", a->kv_chunk,
+                  "with the KV cache: tokens per forward call (1 = token by token, as generation decodes; "
+                  "default: the whole window in one call)")
+      ->check(at_least(1));
+  add_matmul_option(ppl);
+  add_f32_vocab_option(ppl, &a->f32_vocab);
   add_threads_option(ppl);
   ppl->callback([a] { run_ppl(*a); });
 
@@ -149,6 +167,7 @@ void register_eval(CLI::App& app) {
   tasks->add_flag("--no-bos", t->no_bos, "do not prepend the tokens the tokenizer adds for specials (BOS; SmolLM2 adds none)");
   tasks->add_option("--device", t->device, "cpu or cuda")->capture_default_str();
   tasks->add_flag("--json", t->json, "print one JSON object");
+  add_matmul_option(tasks);
   add_threads_option(tasks);
   tasks->callback([t] { run_tasks(*t); });
 }

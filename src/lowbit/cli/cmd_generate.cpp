@@ -13,12 +13,13 @@ struct GenArgs {
   int steps = 256;
   double temperature = 1.0, top_p = 0.9;
   uint64_t seed = 42;
-  bool json = false, ignore_eos = false;
+  bool json = false, ignore_eos = false, f32_vocab = false;
+  KVCacheType kv_cache = KVCacheType::Auto;
 };
 
 void run_generate(const GenArgs& a) {
   Device dev = parse_device(a.device);
-  LoadedModel m = load_model(a.model, dev);
+  LoadedModel m = load_model(a.model, dev, false, !a.f32_vocab);
   compact_for_inference(m, dev);
   auto tok = open_tokenizer(a.tokenizer, a.model);
   if (tok->vocab_size() > m.model->config().vocab_size)
@@ -27,6 +28,7 @@ void run_generate(const GenArgs& a) {
   GenerateOptions o;
   o.steps = a.steps;
   o.stop_at_eos = !a.ignore_eos;
+  o.kv_cache = a.kv_cache;
   o.sampler = SamplerOptions{a.temperature, a.top_p, a.seed};
   std::string prompt = a.prompt;
   if (!a.chat.empty()) {
@@ -75,6 +77,9 @@ void register_generate(CLI::App& app) {
   g->add_flag("--ignore-eos", a->ignore_eos, "do not stop at EOS (llama2.c run.c stops only at BOS)");
   g->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   g->add_flag("--json", a->json, "print one JSON object instead of streaming text");
+  add_kv_cache_option(g, &a->kv_cache);
+  add_matmul_option(g);
+  add_f32_vocab_option(g, &a->f32_vocab);
   add_threads_option(g);
   g->callback([a] { run_generate(*a); });
 }

@@ -30,6 +30,7 @@ struct RunArgs {
   int max_tokens = 0;
   double temperature = 0.7, top_p = 0.9;
   int64_t seed = -1;
+  KVCacheType kv_cache = KVCacheType::Auto;
 };
 
 std::atomic<bool> g_interrupted{false};
@@ -93,7 +94,7 @@ CompletionResult answer(Scheduler& sched, CompletionRequest req) {
 void run_run(const RunArgs& a) {
   Device dev = parse_device(a.device);
   ServingModel m = load_serving_model(a.model, a.tokenizer, dev, a.ctx);
-  Scheduler sched(m.model(), *m.tok, SchedulerOptions{1, m.ctx});
+  Scheduler sched(m.model(), *m.tok, SchedulerOptions{1, m.ctx, a.kv_cache});
   const bool interactive = isatty(STDIN_FILENO);
   const bool chat = !m.chat_template.empty();
   uint64_t seed = a.seed >= 0 ? uint64_t(a.seed) : std::random_device{}();
@@ -206,6 +207,8 @@ void register_run(CLI::App& app) {
   s->add_option("--top-p", a->top_p, "nucleus sampling mass")->capture_default_str()->check(CLI::Range(1e-9, 1.0));
   s->add_option("-s,--seed", a->seed, "random seed (default: random)")->check(at_least(0));
   s->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
+  add_kv_cache_option(s, &a->kv_cache);
+  add_matmul_option(s);
   add_threads_option(s);
   s->callback([a] { run_run(*a); });
 }

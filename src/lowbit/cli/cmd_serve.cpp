@@ -37,6 +37,7 @@ struct ServeArgs {
   int64_t ctx = 0;
   int64_t max_body = 1 << 20;
   double drain_timeout = 30;
+  KVCacheType kv_cache = KVCacheType::Auto;
 };
 
 // JSON text of j; invalid UTF-8 (a token cut inside a character) is replaced, never thrown on.
@@ -64,7 +65,7 @@ struct LiveRequest {
 class Server {
  public:
   Server(const ServeArgs& a, ServingModel& m) : a_(a), m_(m) {
-    sched_ = std::make_unique<Scheduler>(m.model(), *m.tok, SchedulerOptions{a.parallel, m.ctx});
+    sched_ = std::make_unique<Scheduler>(m.model(), *m.tok, SchedulerOptions{a.parallel, m.ctx, a.kv_cache});
     created_ = std::time(nullptr);
     setup();
   }
@@ -474,6 +475,8 @@ void register_serve(CLI::App& app) {
   s->add_option("--drain-timeout", a->drain_timeout, "seconds in-flight requests may run after SIGINT/SIGTERM")
       ->capture_default_str()
       ->check(at_least(0));
+  add_kv_cache_option(s, &a->kv_cache);
+  add_matmul_option(s);
   add_threads_option(s);
   s->callback([a] { run_serve(*a); });
 }

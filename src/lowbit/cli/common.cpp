@@ -20,6 +20,7 @@
 #include "lowbit/io/gguf.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/ops/device_init.h"
+#include "lowbit/ops/quant_matmul.h"
 #include "lowbit/tokenizer/chat_template.h"
 
 namespace lowbit::cli {
@@ -30,6 +31,29 @@ void add_threads_option(CLI::App* app) {
          "CPU threads for the model's computation (default: physical cores, " + std::to_string(default_num_threads()) +
              ")")
       ->check(CLI::Range(1, 1024));
+}
+
+void add_f32_vocab_option(CLI::App* app, bool* keep_f32) {
+  app->add_flag("--f32-vocab", *keep_f32,
+                "lowbit quantized directories: keep the embedding/output matrix dense as stored (default: packed "
+                "as q8_0 at load, as GGUF files of small models ship it; about 4x less memory, faster decode)");
+}
+
+void add_matmul_option(CLI::App* app) {
+  app->add_option_function<std::string>(
+      "--matmul", [](const std::string& v) { ops::set_quant_matmul_default(ops::parse_quant_matmul_path(v, "--matmul")); },
+      "activations of quantized (packed) matrix products: auto = int8 for decode (<= 8 rows), f32 for "
+      "prefill; int8 = int8 activations everywhere (llama.cpp's way, fastest); exact = f32 activations "
+      "everywhere (the path that answers \"Paris\" on the SmolLM2 chat example, where int8 decode does "
+      "not); reference = row-by-row oracle (slow). Default auto; overrides LOWBIT_QUANT_MATMUL");
+}
+
+void add_kv_cache_option(CLI::App* app, KVCacheType* type, const std::string& help) {
+  app->add_option_function<std::string>(
+      "--kv-cache", [type](const std::string& v) { *type = parse_kv_cache_type(v, "--kv-cache"); },
+      help.empty() ? std::string("storage of the KV cache: auto (= f16 on the CPU, f32 on CUDA), f16, q8 (int8 per "
+                                 "value + one f32 scale per token and head: half of f16's memory) or f32")
+                   : help);
 }
 
 namespace fs = std::filesystem;
@@ -54,17 +78,19 @@ bool is_packed_gguf(const std::string& path) {
 }
 }  // namespace
 
-LoadedModel load_model(const std::string& path, Device device, bool dequantize) {
+LoadedModel load_model(const std::string& path, Device device, bool dequantize, bool packed_vocab) {
   LoadedModel m;
   if (dequantize && is_lowbit_quantized_dir(path)) {  // the dense view, f32
     QuantizedCheckpoint q = load_quantized_model(path);
     m.checkpoint = std::move(q.dense);
   } else if (is_lowbit_quantized_dir(path)) {  // packed weights: QuantLinear layers
     QuantizedCheckpoint q = load_quantized_model(path, /*dense_view=*/false);
+    if (packed_vocab && device == Device::CPU) m.packed_vocab_bytes = pack_vocab(q);
     m.model = make_quantized_model(q, device);
     m.checkpoint = std::move(q.dense);
     for (auto& l : m.checkpoint.weights.layers)  // drop the placeholders of the packed linears
       for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) *t = Tensor();
+    if (m.packed_vocab_bytes > 0) m.checkpoint.weights.tok_embeddings = m.checkpoint.weights.output = Tensor();
     return m;
   }
   if (!dequantize && is_packed_gguf(path)) {  // ggml block types stay packed: QuantLinear layers

@@ -31,6 +31,18 @@ namespace lowbit::cli {
 // threads when the option is parsed; the default is the number of physical cores.
 void add_threads_option(CLI::App* app);
 
+// Adds --f32-vocab (sets *keep_f32): keep a lowbit directory's embedding/output matrix in its
+// stored dense type instead of packing it as q8_0 at load.
+void add_f32_vocab_option(CLI::App* app, bool* keep_f32);
+
+// Adds --matmul auto|int8|exact|reference: the activation path of packed (quantized) matrix
+// products for the whole command (ops::set_quant_matmul_default; overrides LOWBIT_QUANT_MATMUL).
+void add_matmul_option(CLI::App* app);
+
+// Adds --kv-cache TYPE (auto|f16|q8|f32; KVCacheType) storing the parsed type in *type. `help`
+// replaces the default help text when not empty.
+void add_kv_cache_option(CLI::App* app, KVCacheType* type, const std::string& help = "");
+
 // Parses "cpu" / "cuda"; "cuda" initialises the GPU or fails with a clear message.
 Device parse_device(const std::string& name);
 
@@ -40,9 +52,11 @@ Device parse_device(const std::string& name);
 struct LoadedModel {
   Checkpoint checkpoint;
   std::unique_ptr<LlamaModel> model;
-  int64_t packed_vocab_bytes = 0;  // packed token_embd / output (GGUF), not in checkpoint.weights
+  int64_t packed_vocab_bytes = 0;  // packed token_embd / output (GGUF, or packed at load), not in checkpoint.weights
 };
-LoadedModel load_model(const std::string& path, Device device, bool dequantize = false);
+// packed_vocab: for inference on the CPU, a lowbit directory's dense embedding/output matrix is
+// quantized to q8_0 at load (pack_vocab) and run packed, as GGUF models' are (--f32-vocab: false).
+LoadedModel load_model(const std::string& path, Device device, bool dequantize = false, bool packed_vocab = false);
 // For commands that only run the model (eval, generate): on the CPU, weights that are exactly
 // f16/bf16 (a model read from an F16/BF16 file) are kept 16-bit (LlamaModel::compact_weights)
 // and the checkpoint's f32 copies are released.

@@ -181,7 +181,7 @@ void make_pool(int n) {
 }
 
 bool run_on_pool(int64_t tasks, void (*task)(void*, int64_t), void* ctx) {
-  if (t_in_parallel || tasks < 2) return false;
+  if (t_in_parallel || tasks < 2 || omp_in_parallel()) return false;  // inside OpenMP threads: serial
   Pool* p = g_pool;
   return p && p->run(tasks, task, ctx);
 }

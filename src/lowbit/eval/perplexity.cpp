@@ -1,6 +1,7 @@
 #include "lowbit/eval/perplexity.h"
 
 #include <chrono>
+#include <algorithm>
 #include <cmath>
 
 #include "lowbit/autograd/functions.h"
@@ -30,8 +31,9 @@ PerplexityResult evaluate_perplexity(const LlamaModel& model, const std::vector<
   int64_t scored = 0;
   ProgressBar bar("perplexity", n_windows, "windows");
   auto t0 = std::chrono::steady_clock::now();
-  for (int64_t w0 = 0; w0 < n_windows; w0 += o.batch) {
-    const int64_t B = std::min(o.batch, n_windows - w0);
+  const int64_t batch = o.use_cache ? 1 : o.batch;
+  for (int64_t w0 = 0; w0 < n_windows; w0 += batch) {
+    const int64_t B = std::min(batch, n_windows - w0);
     Tensor tokens = Tensor::empty({B, o.ctx}, DType::I32);
     Tensor targets = Tensor::empty({B * o.ctx}, DType::I32);
     int32_t* tp = tokens.data<int32_t>();
@@ -48,10 +50,27 @@ PerplexityResult evaluate_perplexity(const LlamaModel& model, const std::vector<
       // Position t predicts token t+1; the last position has nothing to predict.
       for (int64_t t = 0; t < o.ctx; ++t) gp[b * o.ctx + t] = t + 1 < o.ctx ? row[t + 1] : -1;
     }
-    Var logits = model.forward(tokens);
-    Var loss = cross_entropy(logits, targets.to(logits.value().device()));
     const int64_t n = B * (o.ctx - 1);
-    total_nll += loss.value().item() * double(n);
+    if (o.use_cache) {
+      // B == 1 here (the batch is forced to one window): chunks of the window through the cache.
+      KVCache cache = model.make_cache(o.ctx, o.kv_cache);
+      const int64_t chunk = o.cache_chunk > 0 ? std::min(o.cache_chunk, o.ctx) : o.ctx;
+      double nll_sum = 0;
+      for (int64_t t0c = 0; t0c < o.ctx; t0c += chunk) {
+        const int64_t len = std::min(chunk, o.ctx - t0c);
+        Var logits = model.forward_cached(tokens.view({o.ctx}).slice(0, t0c, t0c + len).contiguous(), cache);
+        const int64_t valid = std::min(len, o.ctx - 1 - t0c);  // positions with a target
+        if (valid <= 0) continue;
+        Var lv(logits.value().slice(0, 0, valid).contiguous(), false);
+        Var loss = cross_entropy(lv, targets.slice(0, t0c, t0c + valid).contiguous().to(lv.value().device()));
+        nll_sum += loss.value().item() * double(valid);
+      }
+      total_nll += nll_sum;
+    } else {
+      Var logits = model.forward(tokens);
+      Var loss = cross_entropy(logits, targets.to(logits.value().device()));
+      total_nll += loss.value().item() * double(n);
+    }
     scored += n;
     bar.update(w0 + B, "ppl " + std::to_string(std::exp(total_nll / double(scored))).substr(0, 7));
   }

@@ -19,6 +19,14 @@ struct PerplexityOptions {
   int bos = -1;             // >= 0: prepend this id to each window (see above)
   int64_t max_windows = 0;  // 0 = all
   bool progress = true;
+  // Through the KV cache: each window runs through LlamaModel::forward_cached with a cache of this
+  // type, `cache_chunk` tokens per call (ctx or more = the whole window in one call; 1 = token by
+  // token, as generation decodes), instead of the batched forward without a cache. Every query
+  // then attends to keys/values read back from the cache, so the cache's storage type shows in
+  // the perplexity. `batch` is ignored (one window at a time).
+  bool use_cache = false;
+  KVCacheType kv_cache = KVCacheType::Auto;
+  int64_t cache_chunk = 0;  // 0 = whole window
 };
 
 struct PerplexityResult {

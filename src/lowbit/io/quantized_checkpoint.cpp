@@ -10,6 +10,7 @@
 #include "lowbit/io/rope_layout.h"
 #include "lowbit/io/safetensors.h"
 #include "lowbit/quant/quant_linear.h"
+#include "lowbit/quant/quantize.h"
 
 namespace lowbit {
 
@@ -290,6 +291,25 @@ std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, D
     }
   }
   return model;
+}
+
+int64_t pack_vocab(QuantizedCheckpoint& q, QuantFormatId format) {
+  if (q.quantized.count("model.embed_tokens")) return 0;
+  const QuantFormat& f = quant_format(format);
+  LlamaWeights& w = q.dense.weights;
+  const bool tied = q.dense.config.tied_embeddings;
+  if (!w.tok_embeddings.defined() || (!tied && !w.output.defined())) return 0;
+  if (!f.is_ggml_block() || w.tok_embeddings.dim() != 2 || !f.row_fits(w.tok_embeddings.size(1))) return 0;
+  int64_t bytes = 0;
+  for (auto [name, t] : {std::pair<const char*, Tensor*>{"model.embed_tokens", &w.tok_embeddings}, {"lm_head", &w.output}}) {
+    if (!tied || t == &w.tok_embeddings) {
+      QuantizedTensor packed = quantize(*t, f);
+      bytes += packed.nbytes();
+      q.quantized.emplace(name, std::move(packed));
+      *t = zero_placeholder(t->shape());
+    }
+  }
+  return bytes;
 }
 
 }  // namespace lowbit

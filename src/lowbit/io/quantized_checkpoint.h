@@ -85,4 +85,13 @@ bool is_lowbit_quantized_dir(const std::string& dir);
 // A frozen model whose quantized linears are QuantLinear layers (with their adapters), on `device`.
 std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, Device device = Device::CPU);
 
+// Inference loads of lowbit directories, whose embedding and output matrices are stored dense:
+// quantizes them (round to nearest, ggml's reference quantize_row) into `format`, a ggml block
+// type (default Q8_0, the type GGUF files of small models use for token_embd), as
+// q.quantized["model.embed_tokens"] (and "lm_head" when untied), and replaces the dense tensors by
+// zero placeholders, so make_quantized_model runs them packed (LlamaModel::set_packed_vocab).
+// Returns the packed bytes; 0 (nothing changed) when the vocabulary is already packed or the
+// model width is not a multiple of the format's block.
+int64_t pack_vocab(QuantizedCheckpoint& q, QuantFormatId format = QuantFormatId::Q8_0);
+
 }  // namespace lowbit

@@ -1,10 +1,12 @@
 #include "lowbit/model/llama.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "lowbit/autograd/functions.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/core/vecmath.h"
+#include "lowbit/ops/ops.h"
 #include "lowbit/ops/quant_matmul.h"
 
 namespace lowbit {
@@ -117,26 +119,80 @@ int64_t LlamaModel::compact_weights() {
   return saved;
 }
 
-void kv_append(KVCache& cache, int layer, int64_t pos0, const Tensor& k, const Tensor& v) {
+KVCacheType parse_kv_cache_type(const std::string& name, const std::string& what) {
+  if (name == "auto") return KVCacheType::Auto;
+  if (name == "f32") return KVCacheType::F32;
+  if (name == "f16") return KVCacheType::F16;
+  if (name == "q8") return KVCacheType::Q8;
+  throw_error(what, ": '", name, "' is not a KV cache type (expected auto, f16, q8 or f32)");
+}
+
+const char* kv_cache_type_name(KVCacheType t) {
+  switch (t) {
+    case KVCacheType::Auto: return "auto";
+    case KVCacheType::F32: return "f32";
+    case KVCacheType::F16: return "f16";
+    case KVCacheType::Q8: return "q8";
+  }
+  return "?";
+}
+
+int64_t KVCache::bytes() const {
+  int64_t n = 0;
+  for (const auto* list : {&k, &v, &k_scale, &v_scale})
+    for (const Tensor& t : *list) n += t.defined() ? int64_t(t.nbytes()) : 0;
+  return n;
+}
+
+namespace {
+void check_layer(const KVCache& cache, int layer) {
   if (layer < 0 || size_t(layer) >= cache.k.size()) throw_error("KV cache: no layer ", layer, " (", cache.k.size(), " layers)");
+}
+}  // namespace
+
+void kv_append(KVCache& cache, int layer, int64_t pos0, const Tensor& k, const Tensor& v) {
+  check_layer(cache, layer);
   Tensor& ck = cache.k[size_t(layer)];
   Tensor& cv = cache.v[size_t(layer)];
   const int64_t KVH = ck.size(1), hd = ck.size(2), T = k.numel() / std::max<int64_t>(1, KVH * hd);
   if (k.numel() != T * KVH * hd || v.numel() != k.numel())
     throw_error("KV cache: keys ", k.describe(), " / values ", v.describe(), " are not [T, ", KVH, " x ", hd, "]");
   if (pos0 < 0 || pos0 + T > cache.capacity) throw_error("KV cache full: ", pos0 + T, " tokens, capacity ", cache.capacity);
+  if (cache.type == KVCacheType::F16 || cache.type == KVCacheType::Q8) {
+    const bool q8 = cache.type == KVCacheType::Q8;
+    for (int kv = 0; kv < 2; ++kv) {
+      Tensor dst = (kv ? cv : ck).slice(0, pos0, pos0 + T);
+      Tensor sc = q8 ? (kv ? cache.v_scale : cache.k_scale)[size_t(layer)].slice(0, pos0, pos0 + T) : Tensor();
+      ops::kv_store((kv ? v : k).contiguous().view({T, KVH, hd}), dst, sc);
+    }
+    return;
+  }
   ck.slice(0, pos0, pos0 + T).copy_(k.contiguous().view({T, KVH, hd}));
   cv.slice(0, pos0, pos0 + T).copy_(v.contiguous().view({T, KVH, hd}));
 }
 
 KVLayerView kv_read(const KVCache& cache, int layer, int64_t length) {
-  if (layer < 0 || size_t(layer) >= cache.k.size()) throw_error("KV cache: no layer ", layer, " (", cache.k.size(), " layers)");
+  check_layer(cache, layer);
   if (length < 0 || length > cache.capacity) throw_error("KV cache: ", length, " tokens asked, capacity ", cache.capacity);
-  return {cache.k[size_t(layer)].slice(0, 0, length), cache.v[size_t(layer)].slice(0, 0, length), length};
+  KVLayerView view{cache.k[size_t(layer)].slice(0, 0, length), cache.v[size_t(layer)].slice(0, 0, length), {}, {}, length};
+  if (cache.type == KVCacheType::Q8) {
+    view.k_scale = cache.k_scale[size_t(layer)].slice(0, 0, length);
+    view.v_scale = cache.v_scale[size_t(layer)].slice(0, 0, length);
+  }
+  return view;
 }
 
 Var kv_attention(const Var& q, const KVLayerView& kv, int64_t T, int64_t H, int64_t hd) {
   const int64_t KVH = kv.k.size(1);
+  const Tensor& qv = q.value();
+  const bool keep_graph = q.requires_grad() && kv.k.dtype() == DType::F32;  // gradients to q through an f32 cache
+  if (kv.k.device() == Device::CPU && qv.dtype() == DType::F32 && kv.k.dtype() != DType::F64 && !keep_graph) {
+    // CPU, f32 activations: the cache-reading kernel (any storage type, no autograd graph).
+    Tensor out = Tensor::empty({T, H, hd}, DType::F32, Device::CPU);
+    ops::kv_attention_forward(qv.contiguous().view({T, H, hd}), kv.k, kv.v, kv.k_scale, kv.v_scale,
+                              1.0 / std::sqrt(double(hd)), out);
+    return Var(out.view({T, H * hd}), false);
+  }
   Var kc(kv.k.view({kv.length, KVH * hd})), vc(kv.v.view({kv.length, KVH * hd}));
   return attention(q, kc, vc, 1, T, kv.length, H, KVH, hd);
 }
@@ -197,15 +253,26 @@ Var LlamaModel::forward(const Tensor& tokens) const {
   return head(x);
 }
 
-KVCache LlamaModel::make_cache(int64_t capacity) const {
+KVCache LlamaModel::make_cache(int64_t capacity, KVCacheType type) const {
+  if (capacity < 0) throw_error("KV cache: capacity ", capacity, " is negative");
   KVCache c;
   c.capacity = capacity;
-  const Tensor& ref = tok_embeddings_.value();
-  const DType dt = ref.dtype() == DType::F16 || ref.dtype() == DType::BF16 ? DType::F32 : ref.dtype();
+  const Tensor& ref = final_norm_.value();  // f32/f64 like the activations (the embedding may be 16-bit or packed)
+  const DType model_dt = ref.dtype() == DType::F64 ? DType::F64 : DType::F32;
+  const bool cpu = ref.device() == Device::CPU;
+  if (type == KVCacheType::Auto) type = cpu && model_dt == DType::F32 ? KVCacheType::F16 : KVCacheType::F32;
+  if (type != KVCacheType::F32 && (!cpu || model_dt != DType::F32))
+    throw_error("KV cache ", kv_cache_type_name(type), ": only f32 models on the CPU support it (use f32)");
+  c.type = type;
+  const DType dt = type == KVCacheType::F16 ? DType::F16 : type == KVCacheType::Q8 ? DType::I8 : model_dt;
   const int64_t KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
   for (int i = 0; i < config_.n_layers; ++i) {
     c.k.push_back(Tensor::zeros({capacity, KVH, hd}, dt, ref.device()));
     c.v.push_back(Tensor::zeros({capacity, KVH, hd}, dt, ref.device()));
+    if (type == KVCacheType::Q8) {
+      c.k_scale.push_back(Tensor::zeros({capacity, KVH}, DType::F32, ref.device()));
+      c.v_scale.push_back(Tensor::zeros({capacity, KVH}, DType::F32, ref.device()));
+    }
   }
   return c;
 }

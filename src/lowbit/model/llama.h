@@ -13,6 +13,7 @@
 #pragma once
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "lowbit/autograd/variable.h"
@@ -31,19 +32,33 @@ struct LlamaBlock {
   std::vector<std::pair<std::string, std::shared_ptr<Linear>*>> linears();
 };
 
-// Keys and values of past tokens for one sequence (batch 1), per layer: [max_seq, KVH, h].
+// Storage type of a KV cache. Auto: f16 for an f32 model on the CPU, the model's own type
+// otherwise (f32 on CUDA, f64 for f64 models). F16: IEEE half per value. Q8: int8 per value with
+// one f32 scale per (token, kv head) row (absmax / 127). F16 and Q8 are CPU-only (inference).
+enum class KVCacheType : uint8_t { Auto, F32, F16, Q8 };
+// "auto", "f32", "f16", "q8" -> the type; throws lowbit::Error naming `what` otherwise.
+KVCacheType parse_kv_cache_type(const std::string& name, const std::string& what = "--kv-cache");
+const char* kv_cache_type_name(KVCacheType t);
+
+// Keys and values of past tokens for one sequence (batch 1), per layer: [max_seq, KVH, h] in the
+// storage type (f32/f64, f16, or i8 with scales [max_seq, KVH] f32 for Q8).
 // Code outside the cache's own functions reaches the stored keys/values only through kv_append,
 // kv_read and kv_attention below, so the storage type of the cache can change behind them.
 struct KVCache {
   std::vector<Tensor> k, v;
+  std::vector<Tensor> k_scale, v_scale;  // Q8 only
+  KVCacheType type = KVCacheType::F32;   // resolved (never Auto)
   int64_t length = 0;  // tokens stored
   int64_t capacity = 0;
+  int64_t bytes() const;  // memory held by the cache
 };
 
-// One layer's cached keys/values for positions [0, length) ([length, KVH, h] each): what
-// kv_attention reads. A view into the cache, valid until the cache is appended to or destroyed.
+// One layer's cached keys/values for positions [0, length) ([length, KVH, h] each, with the Q8
+// scales): what kv_attention reads. A view into the cache, valid until the cache is appended to or
+// destroyed.
 struct KVLayerView {
   Tensor k, v;
+  Tensor k_scale, v_scale;  // Q8 only
   int64_t length = 0;
 };
 
@@ -78,7 +93,8 @@ class LlamaModel {
   // Full forward: tokens [B, T] -> logits [B*T, V].
   Var forward(const Tensor& tokens) const;
 
-  KVCache make_cache(int64_t capacity) const;
+  // A cache for `capacity` tokens of the given storage type (see KVCacheType).
+  KVCache make_cache(int64_t capacity, KVCacheType type = KVCacheType::Auto) const;
   // Incremental forward of `tokens` (i32 [T]) after the cached ones; returns logits [T, V].
   Var forward_cached(const Tensor& tokens, KVCache& cache) const;
 

@@ -57,6 +57,18 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double
 void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                         const Tensor& lse, double scale, Tensor& dq, Tensor& dk, Tensor& dv);
 
+// ---- attention over a KV cache (inference, CPU; ops/kv_attention.cpp) -------------------------
+// The cache holds [T, KVH, hd] keys and values as f32, f16 or i8; i8 rows come with one f32 scale
+// per (token, kv head): value = code * scale.
+// kv_store: src f32 [T, KVH, hd] written into dst (same shape, the cache's type); for i8 dst,
+// dst_scale [T, KVH] f32 receives the row scales (absmax / 127), else it is not read.
+void kv_store(const Tensor& src, Tensor& dst, Tensor& dst_scale);
+// q: f32 [Tq, H, hd], queries at positions Tk - Tq .. Tk - 1, causal as attention_forward; k, v:
+// [Tk, KVH, hd] (f32, f16 or i8, read in that type); k_scale/v_scale [Tk, KVH] f32 for i8 (else
+// ignored); out: f32 [Tq, H, hd]. No log-sum-exp, no backward.
+void kv_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_scale,
+                          const Tensor& v_scale, double scale, Tensor& out);
+
 // ---- activations -----------------------------------------------------------------------------
 void silu_forward(const Tensor& x, Tensor& y);                                 // y = x * sigmoid(x)
 void silu_backward(const Tensor& dy, const Tensor& x, Tensor& dx);

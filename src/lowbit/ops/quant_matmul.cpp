@@ -2,16 +2,18 @@
 // bodies, activation quantization and the portable int8 kernel. Design notes in quant_matmul.h.
 #include "lowbit/ops/quant_matmul.h"
 
-#include <cblas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "lowbit/core/blas.h"
 #include "lowbit/core/dtype.h"
+#include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
 #include "lowbit/ops/quant_matmul_kernels.h"
 
@@ -117,32 +119,69 @@ void reference_body(const float* x, int64_t M, const PackedWeight& w, float* y) 
   }
 }
 
+// Parallel loops run on lowbit's thread pool (core/threads.h), so --threads governs them like
+// every other op. A chunk is at least kMinChunkWork weight values (smaller products run serially).
+// LOWBIT_QUANT_THREADS=omp runs them on OpenMP threads instead (the loops before the move, kept
+// for A/B measurements; set OMP_WAIT_POLICY=passive with it on a busy machine).
+constexpr int64_t kMinChunkWork = int64_t(1) << 14;
+inline int64_t row_grain(int64_t in) { return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, in)); }
+
+bool use_openmp() {
+  static const bool omp = [] {
+    const char* e = std::getenv("LOWBIT_QUANT_THREADS");
+    const std::string v = e ? e : "";
+    if (!v.empty() && v != "omp" && v != "pool") throw_error("LOWBIT_QUANT_THREADS='", v, "': expected pool or omp");
+    return v == "omp";
+  }();
+  return omp;
+}
+
+// fn(begin, end) over [0, n) in chunks of at least `grain` (static split, one chunk per thread).
+template <class F>
+void rows_for(int64_t n, int64_t grain, const F& fn) {
+  if (!use_openmp()) return parallel_for(n, grain, [&](int64_t b, int64_t e) { fn(b, e); });
+  const int64_t chunks = std::clamp<int64_t>(n / std::max<int64_t>(1, grain), 1, num_threads());
+#pragma omp parallel for schedule(static) if (chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) fn(n * c / chunks, n * (c + 1) / chunks);
+}
+
+// fn(i) for every i in [0, n), handed out dynamically.
+template <class F>
+void items_each(int64_t n, const F& fn) {
+  if (!use_openmp()) return parallel_each(n, [&](int64_t i) { fn(i); });
+#pragma omp parallel for schedule(dynamic) if (n > 1)
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
 // ---- Exact, few rows: one decoded weight row at a time per thread ----------------------------
 void exact_decode_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
   const int64_t in = w.in, out = w.out;
-#pragma omp parallel if (out * in >= (int64_t(1) << 15))
-  {
-    std::vector<float> row(static_cast<size_t>(in));
-#pragma omp for schedule(static)
-    for (int64_t o = 0; o < out; ++o) {
+  rows_for(out, row_grain(in), [&](int64_t o0, int64_t o1) {
+    thread_local std::vector<float> row;
+    if (row.size() < size_t(in)) row.resize(size_t(in));
+    for (int64_t o = o0; o < o1; ++o) {
       decode_row(w, o, row.data());
       for (int64_t m = 0; m < M; ++m) y[m * out + o] = dot_f32(x + m * in, row.data(), in);
     }
-  }
+  });
 }
 
-// ---- Exact, many rows: dequantize a tile of weight rows (<= 1 MiB of f32), BLAS sgemm ---------
+// ---- Exact, many rows: each thread dequantizes panels of weight rows and multiplies them with
+// single-threaded sgemm into its own output columns. Panels: about 4 per thread, at most 1 MiB of
+// f32 (sgemm packs x once per panel, so panels are kept large), at least 16 rows ----------------
 void exact_tiled_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
   const int64_t in = w.in, out = w.out;
-  const int64_t tile = std::clamp<int64_t>((int64_t(1) << 18) / in / 16 * 16, 16, out);
-  std::vector<float> buf(size_t(tile * in));
-  for (int64_t o0 = 0; o0 < out; o0 += tile) {
-    const int64_t n = std::min(tile, out - o0);
-#pragma omp parallel for schedule(static) if (n * in >= (int64_t(1) << 15))
+  const int64_t max_rows = std::max<int64_t>(16, (int64_t(1) << 18) / in / 16 * 16);
+  const int64_t want = ((out + 4 * num_threads() - 1) / (4 * num_threads()) + 15) / 16 * 16;
+  const int64_t panel = std::min(out, std::clamp<int64_t>(want, 16, max_rows));
+  const int64_t panels = (out + panel - 1) / panel;
+  items_each(panels, [&](int64_t p) {
+    const int64_t o0 = p * panel, n = std::min(panel, out - o0);
+    thread_local std::vector<float> buf;
+    if (buf.size() < size_t(n * in)) buf.resize(size_t(n * in));
     for (int64_t r = 0; r < n; ++r) decode_row(w, o0 + r, buf.data() + r * in);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(n), int(in), 1.0f, x, int(in), buf.data(),
-                int(in), 0.0f, y + o0, int(out));
-  }
+    blas::gemm(false, true, M, n, in, 1.0f, x, in, buf.data(), in, 0.0f, y + o0, out);
+  });
 }
 
 // ---- Int8 activations ------------------------------------------------------------------------
@@ -278,12 +317,13 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, Quant
   const QActs a = quantize_acts(x, M, w.in, qmm::act_order_bits(w));
   const qmm::RowKernel k = pick_kernel(resolve_isa(isa), w);
   const int64_t nfull = w.in / kBlock, out = w.out;
-#pragma omp parallel for schedule(static) if (out * w.in >= (int64_t(1) << 15))
-  for (int64_t o = 0; o < out; ++o)
-    for (int64_t m = 0; m < M; ++m) {
-      const QRow r = a.row(m);
-      y[m * out + o] = k(w, o, r, nfull) + tail_dot(w, o, r, nfull);
-    }
+  rows_for(out, row_grain(w.in), [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t m = 0; m < M; ++m) {
+        const QRow r = a.row(m);
+        y[m * out + o] = k(w, o, r, nfull) + tail_dot(w, o, r, nfull);
+      }
+  });
 }
 
 // LOWBIT_QUANT_MATMUL=int8|exact|reference overrides the Auto choice (measurements: e.g. the
@@ -291,16 +331,12 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, Quant
 QuantMatmulPath env_path() {
   static const QuantMatmulPath p = [] {
     const char* e = std::getenv("LOWBIT_QUANT_MATMUL");
-    const std::string v = e ? e : "";
-    if (v == "int8") return QuantMatmulPath::Int8;
-    if (v == "exact") return QuantMatmulPath::Exact;
-    if (v == "reference") return QuantMatmulPath::Reference;
-    if (!v.empty() && v != "auto")
-      throw_error("LOWBIT_QUANT_MATMUL='", v, "': expected auto, int8, exact or reference");
-    return QuantMatmulPath::Auto;
+    return e ? parse_quant_matmul_path(e, "LOWBIT_QUANT_MATMUL") : QuantMatmulPath::Auto;
   }();
   return p;
 }
+
+std::atomic<QuantMatmulPath> g_default_path{QuantMatmulPath::Auto};
 
 }  // namespace
 
@@ -376,7 +412,9 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
   if (M == 0) return;
   const float* px = x.data<float>();
   float* py = y.data<float>();
-  QuantMatmulPath path = opt.path == QuantMatmulPath::Auto ? env_path() : opt.path;
+  QuantMatmulPath path = opt.path;
+  if (path == QuantMatmulPath::Auto) path = g_default_path.load(std::memory_order_relaxed);
+  if (path == QuantMatmulPath::Auto) path = env_path();
   if (path == QuantMatmulPath::Auto)
     path = M <= kQuantDecodeMaxRows && quant_matmul_has_int8_kernel(w) ? QuantMatmulPath::Int8 : QuantMatmulPath::Exact;
   if (path == QuantMatmulPath::Int8 && !quant_matmul_has_int8_kernel(w)) path = QuantMatmulPath::Exact;
@@ -388,5 +426,16 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
       else exact_tiled_body(px, M, w, py);
   }
 }
+
+QuantMatmulPath parse_quant_matmul_path(const std::string& name, const std::string& what) {
+  if (name == "auto") return QuantMatmulPath::Auto;
+  if (name == "int8") return QuantMatmulPath::Int8;
+  if (name == "exact") return QuantMatmulPath::Exact;
+  if (name == "reference") return QuantMatmulPath::Reference;
+  throw_error(what, ": '", name, "': expected auto, int8, exact or reference");
+}
+
+void set_quant_matmul_default(QuantMatmulPath path) { g_default_path.store(path, std::memory_order_relaxed); }
+QuantMatmulPath quant_matmul_default() { return g_default_path.load(std::memory_order_relaxed); }
 
 }  // namespace lowbit::ops

@@ -20,14 +20,15 @@
 //   Int8        activations quantized per block of 32 to int8 (d = amax/127, as llama.cpp's Q8_0),
 //               integer dot products per block, f32 accumulation across blocks. Error bound per output:
 //               sum_i |w_i| * d_block(i) / 2 (the activation rounding), plus f32 rounding.
-//   Auto        Int8 for M <= 8 when the layout has an integer kernel, Exact otherwise; the
-//               environment variable LOWBIT_QUANT_MATMUL=int8|exact|reference overrides it
-//               (measurements, e.g. perplexity through the int8 path).
+//   Auto        Int8 for M <= 8 when the layout has an integer kernel, Exact otherwise. A
+//               process-wide default (set_quant_matmul_default: the CLI's --matmul) overrides it,
+//               else the environment variable LOWBIT_QUANT_MATMUL=int8|exact|reference does.
 // The instruction set of the Int8 body is picked at run time from cpuid (best available:
 // AVX-512 VNNI / AVX-VNNI on 256-bit vectors, else AVX2, else portable C++), or forced for tests.
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <string>
 
 #include "lowbit/core/tensor.h"
 
@@ -66,6 +67,12 @@ inline constexpr int64_t kQuantDecodeMaxRows = 8;
 // x: f32 [M, in] contiguous on the CPU; y: f32 [M, out] (written). Throws lowbit::Error on a shape,
 // dtype or device mismatch, or an IntGroups view whose fields are inconsistent.
 void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const QuantMatmulOptions& opt = {});
+
+// "auto", "int8", "exact", "reference" -> the path; throws lowbit::Error naming `what` otherwise.
+QuantMatmulPath parse_quant_matmul_path(const std::string& name, const std::string& what = "--matmul");
+// The path every call with options.path == Auto takes (Auto: LOWBIT_QUANT_MATMUL, else the M rule).
+void set_quant_matmul_default(QuantMatmulPath path);
+QuantMatmulPath quant_matmul_default();
 
 // What the CPU supports, and the ISA Auto picks.
 bool quant_isa_supported(QuantIsa isa);

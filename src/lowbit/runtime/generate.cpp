@@ -33,7 +33,7 @@ GenerateResult generate(const LlamaModel& model, const Tokenizer& tok, const std
   r.tokens = prompt_ids;
   Sampler sampler(o.sampler);
   NoGradGuard no_grad;
-  KVCache cache = model.make_cache(steps);
+  KVCache cache = model.make_cache(steps, o.kv_cache);
   auto t0 = std::chrono::steady_clock::now();
   // Prefill all prompt tokens but the last in one pass, then decode one token at a time.
   if (prompt_ids.size() > 1) {

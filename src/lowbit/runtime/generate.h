@@ -18,6 +18,7 @@ struct GenerateOptions {
   bool stop_at_eos = true;
   bool add_special = true;  // encode(prompt, add_special): false for an already chat-templated prompt
   SamplerOptions sampler;
+  KVCacheType kv_cache = KVCacheType::Auto;  // storage of the KV cache (f16 on the CPU by default)
 };
 
 struct GenerateResult {

@@ -72,7 +72,7 @@ Scheduler::Scheduler(const LlamaModel& model, const Tokenizer& tokenizer, Schedu
   if (opt_.ctx < 1) throw_error("scheduler: ctx must be at least 1, got ", opt_.ctx);
   for (int i = 0; i < opt_.parallel; ++i) {
     auto s = std::make_unique<Slot>();
-    s->cache = model_.make_cache(opt_.ctx);
+    s->cache = model_.make_cache(opt_.ctx, opt_.kv_cache);
     slots_.push_back(std::move(s));
   }
   stats_.parallel = opt_.parallel;

@@ -61,6 +61,7 @@ struct CompletionRequest {
 struct SchedulerOptions {
   int parallel = 4;   // slots (sequences decoding together)
   int64_t ctx = 2048; // tokens per slot: prompt + completion
+  KVCacheType kv_cache = KVCacheType::Auto;  // storage of the slots' caches (model/llama.h)
 };
 
 struct SchedulerStats {
