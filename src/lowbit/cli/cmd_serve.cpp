@@ -279,7 +279,9 @@ class Server {
             bool done;
             {
               std::unique_lock<std::mutex> lk(live->mu);
-              live->cv.wait_for(lk, std::chrono::milliseconds(100), [&] { return live->done || !live->pending.empty(); });
+              // Without stream the text is not sent piecewise: wait for the end only (else this spins).
+              live->cv.wait_for(lk, std::chrono::milliseconds(100),
+                                [&] { return live->done || (stream && !live->pending.empty()); });
               done = live->done;
               if (stream) text.swap(live->pending);
             }

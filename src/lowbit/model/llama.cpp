@@ -333,11 +333,16 @@ Var LlamaModel::forward_batch(const Tensor& tokens, const std::vector<KVCache*>&
     // ... RoPE and attention per sequence, at its own position against its own cache.
     const Tensor qv = q.value().contiguous(), kv = k.value().contiguous(), vv = v.value().contiguous();
     Tensor att = Tensor::empty({B, H * hd}, qv.dtype(), qv.device());
-    for (int64_t s = 0; s < B; ++s) {
+    // One sequence per pool task: the ops inside run serially there (core/threads.h), so a step
+    // costs B small attentions, not B rounds of handing tiny ops to the pool.
+    auto one = [&](int64_t s) {
+      NoGradGuard no_grad;  // thread-local: pool workers are other threads
       Var a = attend_cached(i, Var(qv.slice(0, s, s + 1)), Var(kv.slice(0, s, s + 1)), Var(vv.slice(0, s, s + 1)), 1,
                             *caches[size_t(s)]);
       att.slice(0, s, s + 1).copy_(a.value());
-    }
+    };
+    if (qv.device() == Device::CPU && B > 1) parallel_each(B, [&](int64_t s) { one(s); });
+    else for (int64_t s = 0; s < B; ++s) one(s);
     Var x1 = add(x, decode_linear(*b.wo, Var(att)));
     Var h2 = rmsnorm(x1, b.ffn_norm, eps);
     Var m = swiglu(decode_linear(*b.w_gate, h2), decode_linear(*b.w_up, h2));
