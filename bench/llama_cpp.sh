@@ -8,14 +8,23 @@
 #   bench/llama_cpp.sh --avx2     CPU build for AVX2/FMA/F16C only (no GGML_NATIVE): the native build
 #                                 dies with "Illegal instruction" on hosts whose CPU lists AMX/AVX-512
 #                                 features the container may not run (seen 2026-12-05 on the shared box)
+#   ... --server                  also build llama-server (bench/serve_vs_llamacpp.sh); added to an
+#                                 existing build folder without rebuilding the rest
 #
 # Cache: $LOWBIT_LLAMACPP_CACHE (default ~/.cache/lowbit-llamacpp). Nothing of llama.cpp is committed.
 # Targets: llama-perplexity llama-quantize llama-bench llama-simple llama-completion.
 set -euo pipefail
 cache=${LOWBIT_LLAMACPP_CACHE:-$HOME/.cache/lowbit-llamacpp}
 variant=cpu
-[ "${1:-}" = "--cuda" ] && variant=cuda
-[ "${1:-}" = "--avx2" ] && variant=cpu-avx2
+server=0
+for arg in "$@"; do
+  case "$arg" in
+    --cuda) variant=cuda ;;
+    --avx2) variant=cpu-avx2 ;;
+    --server) server=1 ;;
+    *) echo "llama_cpp.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$cache/src"
 log="$cache/build-$variant.log"
 
@@ -49,6 +58,12 @@ if [ ! -x "$build/bin/llama-bench" ]; then
   echo "building llama.cpp ($version, $variant) in $build; log: $log" >&2
   cmake -S "$srcdir/vendor/llama.cpp" -B "$build" -G Ninja "${args[@]}" >"$log" 2>&1
   cmake --build "$build" -j "$(nproc)" --target "${targets[@]}" >>"$log" 2>&1 ||
+    { tail -n 30 "$log" >&2; exit 1; }
+fi
+if [ "$server" = 1 ] && [ ! -x "$build/bin/llama-server" ]; then
+  echo "building llama-server in $build; log: $log" >&2
+  cmake -S "$srcdir/vendor/llama.cpp" -B "$build" -DLLAMA_BUILD_SERVER=ON >>"$log" 2>&1
+  cmake --build "$build" -j "$(nproc)" --target llama-server >>"$log" 2>&1 ||
     { tail -n 30 "$log" >&2; exit 1; }
 fi
 echo "$build/bin"

@@ -128,30 +128,42 @@ std::unique_ptr<Tokenizer> open_tokenizer(const std::string& tokenizer_path, con
               model_path, " is neither a model directory with one nor a GGUF file with an embedded one");
 }
 
-std::string chat_prompt(const std::string& tokenizer_path, const std::string& model_path, const Tokenizer& tok,
-                        const std::string& user, const std::string& system) {
-  std::string source, where;
+std::string find_chat_template(const std::string& tokenizer_path, const std::string& model_path, std::string* where) {
   for (const std::string& p : {tokenizer_path, model_path}) {
     std::error_code ec;
     if (p.empty() || !fs::exists(p, ec)) continue;
-    source = chat_template_for(p);
+    std::string source = chat_template_for(p);
     if (!source.empty()) {
-      where = p;
-      break;
+      if (where) *where = p;
+      return source;
     }
   }
-  if (source.empty())
-    throw_error("--chat: no chat template found (", model_path.empty() ? tokenizer_path : model_path,
-                " has no tokenizer.chat_template, chat_template.jinja or tokenizer_config.json chat_template)");
+  return {};
+}
+
+std::string render_chat(const std::string& source, const std::string& where, const Tokenizer& tok,
+                        const nlohmann::ordered_json& messages, bool add_generation_prompt) {
   ChatTemplateInputs in;
-  if (!system.empty()) in.messages.push_back({{"role", "system"}, {"content", system}});
-  in.messages.push_back({{"role", "user"}, {"content", user}});
-  in.add_generation_prompt = true;
+  in.messages = messages;
+  in.add_generation_prompt = add_generation_prompt;
   in.bos_token = tok.token_text(tok.bos_id());
   in.eos_token = tok.token_text(tok.eos_id());
   in.extra["tools"] = nullptr;  // as transformers passes them
   in.extra["documents"] = nullptr;
   return render_chat_template(source, in, where + " (chat template)");
+}
+
+std::string chat_prompt(const std::string& tokenizer_path, const std::string& model_path, const Tokenizer& tok,
+                        const std::string& user, const std::string& system) {
+  std::string where;
+  const std::string source = find_chat_template(tokenizer_path, model_path, &where);
+  if (source.empty())
+    throw_error("--chat: no chat template found (", model_path.empty() ? tokenizer_path : model_path,
+                " has no tokenizer.chat_template, chat_template.jinja or tokenizer_config.json chat_template)");
+  nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+  if (!system.empty()) messages.push_back({{"role", "system"}, {"content", system}});
+  messages.push_back({{"role", "user"}, {"content", user}});
+  return render_chat(source, where, tok, messages, true);
 }
 
 std::vector<int32_t> read_token_file(const std::string& path) {

@@ -73,6 +73,12 @@ std::unique_ptr<Tokenizer> open_tokenizer(const std::string& tokenizer_path, con
 std::string chat_prompt(const std::string& tokenizer_path, const std::string& model_path, const Tokenizer& tok,
                         const std::string& user, const std::string& system);
 
+// The chat template source of --tokenizer or the model ("" when neither has one); *where names it.
+std::string find_chat_template(const std::string& tokenizer_path, const std::string& model_path, std::string* where);
+// Renders `messages` ([{"role", "content"}, ...]) with a chat template as transformers does.
+std::string render_chat(const std::string& source, const std::string& where, const Tokenizer& tok,
+                        const nlohmann::ordered_json& messages, bool add_generation_prompt);
+
 // A file of raw little-endian int32 token ids.
 std::vector<int32_t> read_token_file(const std::string& path);
 

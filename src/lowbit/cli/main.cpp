@@ -59,6 +59,8 @@ int main(int argc, char** argv) {
   lowbit::cli::register_finetune(app);
   lowbit::cli::register_bench(app);
   lowbit::cli::register_export(app);
+  lowbit::cli::register_serve(app);
+  lowbit::cli::register_run(app);
   try {
     app.parse(argc, argv);
     lowbit::cli::check_stdout();

@@ -7,6 +7,7 @@
 #include "lowbit/core/threads.h"
 #include "lowbit/core/vecmath.h"
 #include "lowbit/ops/ops.h"
+#include "lowbit/ops/quant_matmul.h"
 
 namespace lowbit {
 
@@ -209,18 +210,31 @@ Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache
     q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {B * T, H * hd});
     k = reshape(rmsnorm(reshape(k, {-1, hd}), b.k_norm, eps), {B * T, KVH * hd});
   }
-  const int64_t pos0 = cache ? cache->length : 0;
-  q = rope(q, B, T, H, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
-  k = rope(k, B, T, KVH, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
   Var att;
   if (cache) {
     if (B != 1) throw_error("KV-cache decoding supports batch 1, got ", B);
-    kv_append(*cache, i, pos0, k.value(), v.value());
-    att = kv_attention(q, kv_read(*cache, i, pos0 + T), T, H, hd);
+    att = attend_cached(i, q, k, v, T, *cache);
   } else {
+    q = rope(q, B, T, H, hd, 0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
+    k = rope(k, B, T, KVH, hd, 0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
     att = attention(q, k, v, B, T, T, H, KVH, hd);
   }
-  Var x1 = add(x, b.wo->forward(att));
+  return block_mlp(i, add(x, b.wo->forward(att)));
+}
+
+Var LlamaModel::attend_cached(int i, Var q, Var k, const Var& v, int64_t T, KVCache& cache) const {
+  const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
+  const int64_t pos0 = cache.length;
+  if (pos0 + T > cache.capacity) throw_error("KV cache full: ", pos0 + T, " tokens, capacity ", cache.capacity);
+  q = rope(q, 1, T, H, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
+  k = rope(k, 1, T, KVH, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
+  kv_append(cache, i, pos0, k.value(), v.value());
+  return kv_attention(q, kv_read(cache, i, pos0 + T), T, H, hd);
+}
+
+Var LlamaModel::block_mlp(int i, const Var& x1) const {
+  const LlamaBlock& b = blocks_.at(size_t(i));
+  const double eps = config_.norm_eps;
   // SwiGLU MLP.
   Var h2 = rmsnorm(x1, b.ffn_norm, eps);
   Var m = swiglu(b.w_gate->forward(h2), b.w_up->forward(h2));
@@ -271,6 +285,74 @@ Var LlamaModel::forward_cached(const Tensor& tokens, KVCache& cache) const {
   for (int i = 0; i < config_.n_layers; ++i) x = block_forward(i, x, 1, T, &cache);
   cache.length += T;
   return head(x);
+}
+
+namespace {
+// A linear layer on the rows of one batched decode step. Packed layers pick their activation path
+// by row count (ops/quant_matmul.h: up to kQuantDecodeMaxRows rows take the int8 decode body), so
+// their rows go in groups of at most that many: every sequence then gets the numbers it would get
+// decoding alone, and each group still reads the weights once.
+Var decode_linear(const Linear& l, const Var& x) {
+  const int64_t M = x.value().size(0);
+  if (M <= ops::kQuantDecodeMaxRows || dynamic_cast<const DenseLinear*>(&l) || x.value().device() != Device::CPU)
+    return l.forward(x);
+  const Tensor xv = x.value().contiguous();
+  Tensor y;
+  for (int64_t r0 = 0; r0 < M; r0 += ops::kQuantDecodeMaxRows) {
+    const int64_t r1 = std::min(M, r0 + ops::kQuantDecodeMaxRows);
+    const Tensor part = l.forward(Var(xv.slice(0, r0, r1))).value();
+    if (!y.defined()) y = Tensor::empty({M, part.size(1)}, part.dtype(), part.device());
+    y.slice(0, r0, r1).copy_(part);
+  }
+  return Var(y);
+}
+}  // namespace
+
+Var LlamaModel::forward_batch(const Tensor& tokens, const std::vector<KVCache*>& caches) const {
+  const int64_t B = tokens.numel();
+  if (B < 1 || tokens.dim() != 1) throw_error("forward_batch: tokens must be i32 [B] with B >= 1, got ", tokens.describe());
+  if (size_t(B) != caches.size())
+    throw_error("forward_batch: ", B, " tokens but ", caches.size(), " caches (one per sequence)");
+  for (size_t s = 0; s < caches.size(); ++s) {
+    if (!caches[s]) throw_error("forward_batch: cache ", s, " is null");
+    if (caches[s]->length + 1 > caches[s]->capacity)
+      throw_error("forward_batch: KV cache ", s, " is full (", caches[s]->length, " of ", caches[s]->capacity, " tokens)");
+    for (size_t t = 0; t < s; ++t)
+      if (caches[t] == caches[s]) throw_error("forward_batch: sequences ", t, " and ", s, " share one KV cache");
+  }
+  const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
+  const double eps = config_.norm_eps;
+  Var x = embed(tokens.view({B, 1}));
+  for (int i = 0; i < config_.n_layers; ++i) {
+    const LlamaBlock& b = blocks_[size_t(i)];
+    // Norms and linear layers on all B rows at once (each weight is read once per step) ...
+    Var h = rmsnorm(x, b.attn_norm, eps);
+    Var q = decode_linear(*b.wq, h), k = decode_linear(*b.wk, h), v = decode_linear(*b.wv, h);
+    if (config_.qk_norm) {
+      q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {B, H * hd});
+      k = reshape(rmsnorm(reshape(k, {-1, hd}), b.k_norm, eps), {B, KVH * hd});
+    }
+    // ... RoPE and attention per sequence, at its own position against its own cache.
+    const Tensor qv = q.value().contiguous(), kv = k.value().contiguous(), vv = v.value().contiguous();
+    Tensor att = Tensor::empty({B, H * hd}, qv.dtype(), qv.device());
+    // One sequence per pool task: the ops inside run serially there (core/threads.h), so a step
+    // costs B small attentions, not B rounds of handing tiny ops to the pool.
+    auto one = [&](int64_t s) {
+      NoGradGuard no_grad;  // thread-local: pool workers are other threads
+      Var a = attend_cached(i, Var(qv.slice(0, s, s + 1)), Var(kv.slice(0, s, s + 1)), Var(vv.slice(0, s, s + 1)), 1,
+                            *caches[size_t(s)]);
+      att.slice(0, s, s + 1).copy_(a.value());
+    };
+    if (qv.device() == Device::CPU && B > 1) parallel_each(B, [&](int64_t s) { one(s); });
+    else for (int64_t s = 0; s < B; ++s) one(s);
+    Var x1 = add(x, decode_linear(*b.wo, Var(att)));
+    Var h2 = rmsnorm(x1, b.ffn_norm, eps);
+    Var m = swiglu(decode_linear(*b.w_gate, h2), decode_linear(*b.w_up, h2));
+    x = add(x1, decode_linear(*b.w_down, m));
+  }
+  for (KVCache* c : caches) c->length += 1;
+  if (!packed_output_) return head(x);
+  return decode_linear(*packed_output_, rmsnorm(x, final_norm_, config_.norm_eps));
 }
 
 std::vector<Var> LlamaModel::parameters() const {

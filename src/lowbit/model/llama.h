@@ -98,6 +98,13 @@ class LlamaModel {
   // Incremental forward of `tokens` (i32 [T]) after the cached ones; returns logits [T, V].
   Var forward_cached(const Tensor& tokens, KVCache& cache) const;
 
+  // One decoding step of B independent sequences (inference, no gradients): token b (i32 [B])
+  // goes after the contents of caches[b], each at its own position. Norms and linear layers run
+  // on the B rows together (weights read once per step), RoPE and attention per sequence against
+  // its own cache. Returns logits [B, V]; every cache grows by one token. Equal to B separate
+  // forward_cached calls. The caches must be distinct and have room for one more token.
+  Var forward_batch(const Tensor& tokens, const std::vector<KVCache*>& caches) const;
+
   std::vector<Var> parameters() const;
   // Inference on the CPU: stores each dense linear weight, the output projection and the embedding
   // table as bf16 or f16 when every value of it is exactly representable there (a model read from
@@ -120,6 +127,11 @@ class LlamaModel {
   const std::shared_ptr<Linear>& packed_output() const { return packed_output_; }
 
  private:
+  // RoPE at the cache's positions, append k/v of T tokens to layer i of the cache, attend (batch 1).
+  Var attend_cached(int i, Var q, Var k, const Var& v, int64_t T, KVCache& cache) const;
+  // The SwiGLU half of block i after the attention residual x1.
+  Var block_mlp(int i, const Var& x1) const;
+
   LlamaConfig config_;
   Var tok_embeddings_, final_norm_, output_;
   std::vector<LlamaBlock> blocks_;

@@ -1,0 +1,337 @@
+#include "lowbit/runtime/scheduler.h"
+
+#include <algorithm>
+
+#include "lowbit/autograd/functions.h"
+#include "lowbit/core/error.h"
+
+namespace lowbit {
+
+const char* finish_reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::Stop: return "stop";
+    case FinishReason::Length: return "length";
+    case FinishReason::Cancelled: return "cancelled";
+    default: return "error";
+  }
+}
+
+struct Scheduler::Slot {
+  KVCache cache;
+  bool busy = false;
+  uint64_t id = 0;
+  CompletionRequest req;
+  std::unique_ptr<Sampler> sampler;
+  CompletionResult result;
+  double submitted = 0;
+  int last_token = 0;   // the token the next decode step feeds
+  std::string text;     // generated text so far (before stop-string trimming)
+  size_t emitted = 0;   // bytes of `text` already streamed
+  size_t longest_stop = 0;
+};
+
+namespace {
+// Bytes at the end of s that start an incomplete UTF-8 sequence (0 when s ends on a boundary).
+size_t incomplete_utf8_tail(const std::string& s) {
+  const size_t n = s.size();
+  for (size_t back = 1; back <= 3 && back <= n; ++back) {
+    const unsigned char c = static_cast<unsigned char>(s[n - back]);
+    if ((c & 0xC0) == 0x80) continue;  // continuation byte: look further back
+    const size_t need = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+    return need > back ? back : 0;
+  }
+  return 0;
+}
+
+// Length of the longest suffix of s (starting at or after `from`) that is a proper prefix of a stop string.
+size_t stop_prefix_tail(const std::string& s, size_t from, const std::vector<std::string>& stops) {
+  size_t best = 0;
+  for (const std::string& st : stops)
+    for (size_t len = std::min(st.size() - 1, s.size() - from); len > best; --len)
+      if (s.compare(s.size() - len, len, st, 0, len) == 0) {
+        best = len;
+        break;
+      }
+  return best;
+}
+
+// Text of a token for streaming: decode_piece, with lone control bytes (not whitespace) dropped.
+std::string piece_text(const Tokenizer& tok, int prev, int id) {
+  std::string p = tok.decode_piece(prev, id);
+  if (p.size() == 1) {
+    const unsigned char c = static_cast<unsigned char>(p[0]);
+    if (c < 0x20 && c != '\n' && c != '\t' && c != '\r') return {};
+  }
+  return p;
+}
+}  // namespace
+
+Scheduler::Scheduler(const LlamaModel& model, const Tokenizer& tokenizer, SchedulerOptions options)
+    : model_(model), tok_(tokenizer), opt_(options) {
+  if (opt_.parallel < 1) throw_error("scheduler: parallel must be at least 1, got ", opt_.parallel);
+  if (opt_.ctx < 1) throw_error("scheduler: ctx must be at least 1, got ", opt_.ctx);
+  for (int i = 0; i < opt_.parallel; ++i) {
+    auto s = std::make_unique<Slot>();
+    s->cache = model_.make_cache(opt_.ctx, opt_.kv_cache);
+    slots_.push_back(std::move(s));
+  }
+  stats_.parallel = opt_.parallel;
+  thread_ = std::thread([this] { loop(); });
+}
+
+Scheduler::~Scheduler() { stop(false); }
+
+double Scheduler::now() const {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+}
+
+uint64_t Scheduler::submit(CompletionRequest r) {
+  if (r.prompt.empty()) throw_error("the prompt is empty (no tokens)");
+  if (int64_t(r.prompt.size()) > opt_.ctx)
+    throw_error("the prompt has ", r.prompt.size(), " tokens, more than the context of ", opt_.ctx, " tokens");
+  const int V = model_.config().vocab_size;
+  for (int id : r.prompt)
+    if (id < 0 || id >= V) throw_error("prompt token ", id, " is outside the model's vocabulary (", V, ")");
+  if (r.max_tokens < 1) throw_error("max_tokens must be at least 1, got ", r.max_tokens);
+  for (const std::string& s : r.stop)
+    if (s.empty()) throw_error("a stop string is empty");
+  Sampler check(r.sampler);  // validates temperature / top_p
+  (void)check;
+  std::lock_guard<std::mutex> lk(mu_);
+  if (stopping_) throw_error("the server is shutting down");
+  const uint64_t id = next_id_++;
+  queue_.push_back({id, std::move(r), now()});
+  live_.insert(id);
+  ++stats_.requests_submitted;
+  cv_.notify_all();
+  return id;
+}
+
+void Scheduler::cancel(uint64_t id) {
+  Pending gone{0, {}, 0};
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = std::find_if(queue_.begin(), queue_.end(), [&](const Pending& p) { return p.id == id; });
+    if (it == queue_.end()) {
+      if (live_.count(id)) cancelled_.insert(id);  // in a slot, or being admitted into one
+      cv_.notify_all();
+      return;
+    }
+    gone = std::move(*it);
+    queue_.erase(it);
+    live_.erase(id);
+    ++stats_.requests_cancelled;
+  }
+  CompletionResult r;
+  r.id = gone.id;
+  r.prompt_tokens = int(gone.req.prompt.size());
+  r.finish = FinishReason::Cancelled;
+  r.seconds = now() - gone.submitted;
+  if (gone.req.on_done) gone.req.on_done(r);
+}
+
+void Scheduler::stop(bool finish) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!stopping_) finish_on_stop_ = finish;
+    else if (!finish) finish_on_stop_ = false;  // a second, harder stop
+    stopping_ = true;
+    cv_.notify_all();
+  }
+  if (thread_.get_id() == std::this_thread::get_id()) return;  // from a callback: the loop ends by itself
+  std::lock_guard<std::mutex> j(join_mu_);  // several threads may call stop(); one joins
+  if (thread_.joinable()) thread_.join();
+}
+
+SchedulerStats Scheduler::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  SchedulerStats s = stats_;
+  s.queued = int(queue_.size());
+  return s;
+}
+
+void Scheduler::finish(Slot& s, FinishReason why, const std::string& error) {
+  // What is still held back is sent now (an unfinished stop-string prefix is plain text at the end).
+  if (why != FinishReason::Cancelled && why != FinishReason::Error && s.emitted < s.text.size()) {
+    if (s.req.on_text) s.req.on_text(s.text.substr(s.emitted));
+    s.emitted = s.text.size();
+  }
+  CompletionResult& r = s.result;
+  r.text = s.text.substr(0, s.emitted);
+  r.finish = why;
+  r.error = error;
+  r.completion_tokens = int(r.tokens.size());
+  r.seconds = now() - s.submitted;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    s.busy = false;
+    cancelled_.erase(s.id);
+    live_.erase(s.id);
+    --stats_.active;
+    if (why == FinishReason::Cancelled) ++stats_.requests_cancelled;
+    else if (why == FinishReason::Error) ++stats_.requests_failed;
+    else ++stats_.requests_finished;
+    stats_.completion_tokens += uint64_t(r.completion_tokens);
+  }
+  auto done = std::move(s.req.on_done);
+  s.req = CompletionRequest{};
+  s.sampler.reset();
+  if (done) done(r);
+}
+
+bool Scheduler::accept_token(Slot& s, int token) {
+  const int prev = s.last_token;
+  s.last_token = token;
+  if (s.result.tokens.empty()) s.result.first_token_seconds = now() - s.submitted;
+  if (token == tok_.bos_id() || (s.req.stop_at_eos && token == tok_.eos_id())) {
+    finish(s, FinishReason::Stop);
+    return true;
+  }
+  s.result.tokens.push_back(token);
+  s.text += piece_text(tok_, prev, token);
+  // A stop string anywhere in the text not yet streamed (it may begin in the held-back part).
+  if (!s.req.stop.empty()) {
+    const size_t from = s.emitted;
+    size_t cut = std::string::npos;
+    for (const std::string& st : s.req.stop) {
+      const size_t p = s.text.find(st, from);
+      if (p != std::string::npos) cut = std::min(cut, p);
+    }
+    if (cut != std::string::npos) {
+      s.text.resize(cut);
+      finish(s, FinishReason::Stop);
+      return true;
+    }
+  }
+  const bool full = s.cache.length + 1 > s.cache.capacity;
+  if (int(s.result.tokens.size()) >= s.req.max_tokens || full) {
+    finish(s, FinishReason::Length);
+    return true;
+  }
+  size_t hold = std::max(incomplete_utf8_tail(s.text), stop_prefix_tail(s.text, s.emitted, s.req.stop));
+  const size_t upto = s.text.size() - std::min(hold, s.text.size() - s.emitted);
+  if (upto > s.emitted) {
+    if (s.req.on_text) s.req.on_text(s.text.substr(s.emitted, upto - s.emitted));
+    s.emitted = upto;
+  }
+  return false;
+}
+
+void Scheduler::admit(Slot& s, Pending p) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    s.busy = true;
+    s.id = p.id;
+  }
+  s.req = std::move(p.req);
+  s.submitted = p.submitted;
+  s.sampler = std::make_unique<Sampler>(s.req.sampler);
+  s.result = CompletionResult{};
+  s.result.id = p.id;
+  s.result.prompt_tokens = int(s.req.prompt.size());
+  s.result.queue_seconds = now() - p.submitted;
+  s.text.clear();
+  s.emitted = 0;
+  s.cache.length = 0;
+  // Prefill: the whole prompt in one pass; logits of its last position only.
+  const int64_t T = int64_t(s.req.prompt.size());
+  std::vector<int32_t> ids(s.req.prompt.begin(), s.req.prompt.end());
+  Var x = model_.embed(Tensor::from_vector(ids, {1, T}));
+  for (int i = 0; i < model_.n_layers(); ++i) x = model_.block_forward(i, x, 1, T, &s.cache);
+  s.cache.length += T;
+  const Tensor logits = model_.head(Var(x.value().slice(0, T - 1, T))).value().to(Device::CPU).contiguous();
+  s.last_token = s.req.prompt.back();
+  accept_token(s, s.sampler->sample(logits.data<float>(), model_.config().vocab_size));
+}
+
+void Scheduler::loop() {
+  NoGradGuard no_grad;
+  const int V = model_.config().vocab_size;
+  for (;;) {
+    std::vector<Pending> admitted;
+    std::vector<Slot*> to_cancel;
+    bool cancel_all = false;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return stopping_ || !queue_.empty() || stats_.active > 0; });
+      if (stopping_ && !finish_on_stop_) cancel_all = true;
+      if (stopping_ && queue_.empty() && stats_.active == 0) return;
+      for (auto& s : slots_)
+        if (s->busy && (cancel_all || cancelled_.count(s->id))) to_cancel.push_back(s.get());
+      if (cancel_all) {
+        stats_.requests_cancelled += queue_.size();
+        for (const Pending& p : queue_) live_.erase(p.id);
+        admitted.assign(std::make_move_iterator(queue_.begin()), std::make_move_iterator(queue_.end()));
+        queue_.clear();
+      } else {
+        int free_slots = 0;
+        for (auto& s : slots_) free_slots += !s->busy;
+        free_slots += int(to_cancel.size());
+        while (free_slots-- > 0 && !queue_.empty()) {
+          admitted.push_back(std::move(queue_.front()));
+          queue_.pop_front();
+          ++stats_.active;
+          stats_.prompt_tokens += admitted.back().req.prompt.size();
+        }
+      }
+    }
+    for (Slot* s : to_cancel) finish(*s, FinishReason::Cancelled);
+    if (cancel_all) {
+      for (Pending& p : admitted) {
+        CompletionResult r;
+        r.id = p.id;
+        r.prompt_tokens = int(p.req.prompt.size());
+        r.finish = FinishReason::Cancelled;
+        r.seconds = now() - p.submitted;
+        if (p.req.on_done) p.req.on_done(r);
+      }
+      continue;
+    }
+    const double t_start = now();
+    for (Pending& p : admitted) {
+      Slot* free_slot = nullptr;
+      for (auto& s : slots_)
+        if (!s->busy) {
+          free_slot = s.get();
+          break;
+        }
+      try {
+        admit(*free_slot, std::move(p));
+      } catch (const std::exception& e) {
+        if (free_slot->busy) finish(*free_slot, FinishReason::Error, e.what());
+      }
+    }
+    // One batched decode step for every active slot.
+    std::vector<Slot*> active;
+    std::vector<KVCache*> caches;
+    std::vector<int32_t> tokens;
+    for (auto& s : slots_)
+      if (s->busy) {
+        active.push_back(s.get());
+        caches.push_back(&s->cache);
+        tokens.push_back(s->last_token);
+      }
+    if (!active.empty()) {
+      try {
+        const Tensor logits = model_.forward_batch(Tensor::from_vector(tokens, {int64_t(tokens.size())}), caches)
+                                  .value()
+                                  .to(Device::CPU)
+                                  .contiguous();
+        {
+          std::lock_guard<std::mutex> lk(mu_);
+          ++stats_.decode_steps;
+          stats_.decode_rows += active.size();
+        }
+        for (size_t b = 0; b < active.size(); ++b)
+          accept_token(*active[b], active[b]->sampler->sample(logits.data<float>() + int64_t(b) * V, V));
+      } catch (const std::exception& e) {
+        for (Slot* s : active)
+          if (s->busy) finish(*s, FinishReason::Error, e.what());
+      }
+    }
+    std::lock_guard<std::mutex> lk(mu_);
+    stats_.busy_seconds += now() - t_start;
+  }
+}
+
+}  // namespace lowbit

@@ -1,0 +1,99 @@
+// Batched decoding (LlamaModel::forward_batch): B sequences of different lengths, one new token
+// each, give the logits of B separate forward_cached calls — dense f32 weights, GQA, Qwen3's q/k
+// norms, and packed int4/q4_0 linears (the quant_matmul path with M = B rows).
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "common/small_model.h"
+#include "lowbit/quant/format.h"
+#include "lowbit/quant/quant_linear.h"
+#include "lowbit/quant/quantize.h"
+
+using namespace lowbit;
+
+namespace {
+double batch_max_diff(const Tensor& a, const Tensor& b) {
+  double d = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) d = std::max(d, std::abs(a.item(i) - b.item(i)));
+  return d;
+}
+
+Tensor ids(const std::vector<int32_t>& v) { return Tensor::from_vector(v, {int64_t(v.size())}); }
+
+// Prefills sequences of lengths `lens` into two sets of caches, then decodes `steps` tokens:
+// one set with forward_batch, the other one sequence at a time; compares logits at each step.
+void check_batched_equals_separate(const LlamaModel& m, const std::vector<int>& lens, int steps, double tol) {
+  NoGradGuard ng;
+  const int V = m.config().vocab_size;
+  const size_t B = lens.size();
+  std::vector<KVCache> batched, single;
+  std::vector<int32_t> next(B);
+  for (size_t s = 0; s < B; ++s) {
+    std::vector<int32_t> prompt;
+    for (int t = 0; t < lens[s]; ++t) prompt.push_back(int32_t((s * 13 + size_t(t) * 7 + 3) % size_t(V)));
+    batched.push_back(m.make_cache(lens[s] + steps));
+    single.push_back(m.make_cache(lens[s] + steps));
+    m.forward_cached(ids(prompt), batched.back());
+    m.forward_cached(ids(prompt), single.back());
+    next[s] = int32_t((s * 5 + 1) % size_t(V));
+  }
+  for (int step = 0; step < steps; ++step) {
+    std::vector<KVCache*> ptrs;
+    for (auto& c : batched) ptrs.push_back(&c);
+    const Tensor lb = m.forward_batch(ids(next), ptrs).value().contiguous();
+    ASSERT_EQ(lb.shape(), (Shape{int64_t(B), V}));
+    for (size_t s = 0; s < B; ++s) {
+      const Tensor ls = m.forward_cached(ids({next[s]}), single[s]).value().contiguous();
+      const Tensor row = lb.slice(0, int64_t(s), int64_t(s) + 1).contiguous();
+      EXPECT_LT(batch_max_diff(row, ls), tol) << "step " << step << " sequence " << s;
+      EXPECT_EQ(batched[s].length, single[s].length);
+      next[s] = int32_t((next[s] * 17 + step + 2) % V);
+    }
+  }
+}
+}  // namespace
+
+TEST(ForwardBatch, EqualsSeparateDecodesDense) {
+  for (RopeStyle style : {RopeStyle::Interleaved, RopeStyle::Half}) {
+    LlamaConfig c = test::small_config(style);
+    LlamaModel m(c, random_weights(c, 3, 0.1), false);
+    check_batched_equals_separate(m, {1, 5, 12, 3}, 4, 1e-5);
+    check_batched_equals_separate(m, {7}, 3, 1e-5);
+  }
+}
+
+TEST(ForwardBatch, EqualsSeparateDecodesQkNormAndBias) {
+  LlamaConfig c = test::small_config(RopeStyle::Half);
+  c.qk_norm = true;
+  c.attn_bias = true;
+  LlamaModel m(c, random_weights(c, 4, 0.1), false);
+  check_batched_equals_separate(m, {2, 9, 4}, 3, 1e-5);
+}
+
+TEST(ForwardBatch, EqualsSeparateDecodesPackedLinears) {
+  for (const char* fmt : {"int4g32", "q4_0"}) {
+    LlamaConfig c = test::small_config(RopeStyle::Half);
+    LlamaModel m(c, random_weights(c, 6, 0.1), false);
+    const QuantFormat& f = parse_quant_format(fmt);
+    for (int i = 0; i < m.n_layers(); ++i)
+      for (auto& [name, slot] : m.block(i).linears())
+        *slot = std::make_shared<QuantLinear>(quantize((*slot)->effective_weight(), f));
+    check_batched_equals_separate(m, {3, 1, 10, 6, 2, 8}, 3, 1e-5);
+    // More rows than the int8 decode body takes at once (ops::kQuantDecodeMaxRows).
+    check_batched_equals_separate(m, {3, 1, 10, 6, 2, 8, 4, 4, 5, 1, 2, 3}, 2, 1e-5);
+  }
+}
+
+TEST(ForwardBatch, RejectsBadArguments) {
+  LlamaConfig c = test::small_config(RopeStyle::Half);
+  LlamaModel m(c, random_weights(c, 3, 0.1), false);
+  NoGradGuard ng;
+  KVCache a = m.make_cache(2), b = m.make_cache(2);
+  EXPECT_THROW(m.forward_batch(ids({1, 2}), {&a}), Error);
+  EXPECT_THROW(m.forward_batch(ids({1, 2}), {&a, &a}), Error);
+  EXPECT_THROW(m.forward_batch(ids({1, 2}), {&a, nullptr}), Error);
+  m.forward_batch(ids({1, 2}), {&a, &b});
+  m.forward_batch(ids({1, 2}), {&a, &b});
+  EXPECT_THROW(m.forward_batch(ids({1, 2}), {&a, &b}), Error);  // full
+}

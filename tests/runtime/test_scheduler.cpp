@@ -1,0 +1,270 @@
+// The continuous-batching scheduler without HTTP: greedy results of requests decoded together
+// equal the same requests run alone; stop strings, max_tokens, seeds, streaming, cancellation,
+// shutdown and rejected submissions.
+#include <gtest/gtest.h>
+
+#include <condition_variable>
+#include <future>
+#include <map>
+#include <mutex>
+
+#include "common/small_model.h"
+#include "lowbit/quant/format.h"
+#include "lowbit/quant/quant_linear.h"
+#include "lowbit/quant/quantize.h"
+#include "lowbit/runtime/scheduler.h"
+
+using namespace lowbit;
+
+namespace {
+// Token i reads as a short word, so stop strings and streaming have text to work on.
+class WordTokenizer : public Tokenizer {
+ public:
+  explicit WordTokenizer(int v) : v_(v) {}
+  int vocab_size() const override { return v_; }
+  std::vector<int> encode(std::string_view, bool) const override { return {}; }
+  std::string decode(const std::vector<int>& ids) const override {
+    std::string s;
+    for (size_t i = 0; i < ids.size(); ++i) s += decode_piece(i ? ids[i - 1] : 1, ids[i]);
+    return s;
+  }
+  std::string decode_piece(int, int id) const override {
+    static const char* w[] = {"a", "b", " c", "dd", "e ", "f", "gg", " h", "i", "j"};
+    return w[id % 10];
+  }
+  std::string token_text(int id) const override { return decode_piece(0, id); }
+  int bos_id() const override { return 1; }
+  int eos_id() const override { return 2; }
+  std::string kind() const override { return "test"; }
+
+ private:
+  int v_;
+};
+
+struct Outcome {
+  CompletionResult result;
+  std::string streamed;
+};
+
+// Submits all requests to one scheduler at once and waits for every result.
+std::vector<Outcome> run_all(Scheduler& s, const std::vector<CompletionRequest>& reqs) {
+  std::vector<Outcome> out(reqs.size());
+  std::vector<std::promise<void>> done(reqs.size());
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    CompletionRequest r = reqs[i];
+    r.on_text = [&out, i](const std::string& t) { out[i].streamed += t; };
+    r.on_done = [&out, &done, i](const CompletionResult& res) {
+      out[i].result = res;
+      done[i].set_value();
+    };
+    s.submit(std::move(r));
+  }
+  for (auto& d : done) d.get_future().wait();
+  return out;
+}
+
+std::vector<CompletionRequest> greedy_requests(int n, int V) {
+  std::vector<CompletionRequest> reqs;
+  for (int i = 0; i < n; ++i) {
+    CompletionRequest r;
+    for (int t = 0; t < 1 + (i * 7) % 11; ++t) r.prompt.push_back(3 + (i * 13 + t * 5) % (V - 3));
+    r.max_tokens = 4 + (i * 3) % 9;
+    r.sampler.temperature = 0;
+    r.stop_at_eos = false;
+    reqs.push_back(r);
+  }
+  return reqs;
+}
+
+LlamaModel small_model(bool packed) {
+  LlamaConfig c = test::small_config(RopeStyle::Half);
+  c.max_seq_len = 64;
+  LlamaModel m(c, random_weights(c, 11, 0.2), false);
+  if (packed)
+    for (int i = 0; i < m.n_layers(); ++i)
+      for (auto& [name, slot] : m.block(i).linears())
+        *slot = std::make_shared<QuantLinear>(quantize((*slot)->effective_weight(), parse_quant_format("q4_0")));
+  return m;
+}
+}  // namespace
+
+TEST(Scheduler, BatchedGreedyEqualsRunAlone) {
+  for (bool packed : {false, true}) {
+    LlamaModel m = small_model(packed);
+    WordTokenizer tok(m.config().vocab_size);
+    const auto reqs = greedy_requests(16, m.config().vocab_size);
+    std::vector<Outcome> alone;
+    {
+      Scheduler one(m, tok, {1, 32});
+      for (const auto& r : reqs) alone.push_back(run_all(one, {r})[0]);
+    }
+    for (int parallel : {4, 16}) {
+      Scheduler s(m, tok, {parallel, 32});
+      const auto together = run_all(s, reqs);
+      for (size_t i = 0; i < reqs.size(); ++i) {
+        EXPECT_EQ(together[i].result.tokens, alone[i].result.tokens) << "request " << i << " parallel " << parallel;
+        EXPECT_EQ(together[i].result.text, alone[i].result.text);
+        EXPECT_EQ(together[i].streamed, together[i].result.text);
+        EXPECT_EQ(together[i].result.prompt_tokens, int(reqs[i].prompt.size()));
+        EXPECT_EQ(together[i].result.completion_tokens, int(together[i].result.tokens.size()));
+      }
+      const SchedulerStats st = s.stats();
+      EXPECT_EQ(st.requests_finished, reqs.size());
+      EXPECT_GT(st.decode_rows, st.decode_steps) << "sequences should have decoded together";
+    }
+  }
+}
+
+TEST(Scheduler, MaxTokensAndContextEndWithLength) {
+  LlamaModel m = small_model(false);
+  WordTokenizer tok(m.config().vocab_size);
+  Scheduler s(m, tok, {2, 8});
+  CompletionRequest r;
+  r.prompt = {5, 6, 7};
+  r.sampler.temperature = 0;
+  r.stop_at_eos = false;
+  r.max_tokens = 3;
+  auto o = run_all(s, {r})[0].result;
+  if (o.finish == FinishReason::Length) {
+    EXPECT_EQ(o.completion_tokens, 3);
+  }
+  r.max_tokens = 100;  // the context (8) ends it: 8 - 3 + 1 tokens at most
+  o = run_all(s, {r})[0].result;
+  if (o.finish == FinishReason::Length) {
+    EXPECT_EQ(o.completion_tokens, 6);
+  }
+  EXPECT_LE(o.completion_tokens, 6);
+}
+
+TEST(Scheduler, StopStringsCutTheTextAndStreamNothingPastThem) {
+  LlamaModel m = small_model(false);
+  WordTokenizer tok(m.config().vocab_size);
+  Scheduler s(m, tok, {4, 32});
+  CompletionRequest r;
+  r.prompt = {4, 9, 12};
+  r.sampler.temperature = 0;
+  r.stop_at_eos = false;
+  r.max_tokens = 20;
+  const Outcome full = run_all(s, {r})[0];
+  ASSERT_GE(full.result.text.size(), 6u) << "the random model ended early: '" << full.result.text << "'";
+  for (size_t at : {size_t(0), size_t(2), full.result.text.size() - 3}) {
+    CompletionRequest rs = r;
+    const std::string stop = full.result.text.substr(at, 3);
+    rs.stop = {"never-there", stop};
+    const Outcome o = run_all(s, {rs})[0];
+    EXPECT_EQ(o.result.finish, FinishReason::Stop);
+    EXPECT_EQ(o.result.text, full.result.text.substr(0, full.result.text.find(stop))) << "stop '" << stop << "'";
+    EXPECT_EQ(o.streamed, o.result.text);
+  }
+  // A stop string that never completes: everything held back is sent at the end.
+  CompletionRequest rn = r;
+  rn.stop = {full.result.text.substr(full.result.text.size() - 2) + "\x01"};
+  const Outcome o = run_all(s, {rn})[0];
+  EXPECT_EQ(o.result.text, full.result.text);
+  EXPECT_EQ(o.streamed, full.result.text);
+}
+
+TEST(Scheduler, SeedsReproduceAlsoWhenBatchedWithOthers) {
+  LlamaModel m = small_model(false);
+  WordTokenizer tok(m.config().vocab_size);
+  Scheduler s(m, tok, {4, 32});
+  CompletionRequest r;
+  r.prompt = {7, 8};
+  r.sampler = {1.0, 0.9, 1234};
+  r.stop_at_eos = false;
+  r.max_tokens = 12;
+  const auto a = run_all(s, {r})[0].result.tokens;
+  auto batch = greedy_requests(5, m.config().vocab_size);
+  batch.push_back(r);
+  const auto b = run_all(s, batch).back().result.tokens;
+  EXPECT_EQ(a, b);
+  r.sampler.seed = 99;
+  const auto c = run_all(s, {r})[0].result.tokens;
+  EXPECT_NE(a, c);
+}
+
+TEST(Scheduler, CancelAndStop) {
+  LlamaModel m = small_model(false);
+  WordTokenizer tok(m.config().vocab_size);
+  auto s = std::make_unique<Scheduler>(m, tok, SchedulerOptions{1, 64});
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<uint64_t, FinishReason> finished;
+  auto req = [&] {
+    CompletionRequest r;
+    r.prompt = {5};
+    r.sampler.temperature = 0;
+    r.stop_at_eos = false;
+    r.max_tokens = 60;
+    r.on_done = [&](const CompletionResult& res) {
+      std::lock_guard<std::mutex> lk(mu);
+      finished[res.id] = res.finish;
+      cv.notify_all();
+    };
+    return r;
+  };
+  const uint64_t a = s->submit(req()), b = s->submit(req());  // b waits: one slot
+  s->cancel(b);
+  s->cancel(a);
+  {
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] { return finished.size() == 2; });
+  }
+  EXPECT_EQ(finished[b], FinishReason::Cancelled);
+  EXPECT_TRUE(finished[a] == FinishReason::Cancelled || finished[a] == FinishReason::Stop);
+  s->cancel(12345);  // unknown: ignored
+  const uint64_t c = s->submit(req()), d = s->submit(req());
+  s->stop(false);
+  EXPECT_EQ(finished.size(), 4u);
+  EXPECT_TRUE(finished.count(c) && finished.count(d));
+  EXPECT_THROW(s->submit(req()), Error);
+  s.reset();
+}
+
+TEST(Scheduler, StopWithFinishCompletesInFlightRequests) {
+  LlamaModel m = small_model(false);
+  WordTokenizer tok(m.config().vocab_size);
+  Scheduler s(m, tok, {2, 64});
+  std::atomic<int> done{0};
+  for (int i = 0; i < 3; ++i) {
+    CompletionRequest r;
+    r.prompt = {5, 6};
+    r.sampler.temperature = 0;
+    r.max_tokens = 10;
+    r.on_done = [&](const CompletionResult& res) {
+      EXPECT_NE(res.finish, FinishReason::Cancelled);
+      ++done;
+    };
+    s.submit(r);
+  }
+  s.stop(true);
+  EXPECT_EQ(done.load(), 3);
+}
+
+TEST(Scheduler, RejectsBadRequests) {
+  LlamaModel m = small_model(false);
+  WordTokenizer tok(m.config().vocab_size);
+  Scheduler s(m, tok, {1, 8});
+  CompletionRequest r;
+  EXPECT_THROW(s.submit(r), Error);  // empty prompt
+  r.prompt = std::vector<int>(9, 3);
+  try {
+    s.submit(r);
+    ADD_FAILURE() << "a prompt longer than the context was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("9 tokens"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("8 tokens"), std::string::npos) << e.what();
+  }
+  r.prompt = {3, 1000};
+  EXPECT_THROW(s.submit(r), Error);
+  r.prompt = {3};
+  r.max_tokens = 0;
+  EXPECT_THROW(s.submit(r), Error);
+  r.max_tokens = 1;
+  r.sampler.top_p = 0;
+  EXPECT_THROW(s.submit(r), Error);
+  r.sampler.top_p = 1;
+  r.stop = {""};
+  EXPECT_THROW(s.submit(r), Error);
+  EXPECT_THROW(Scheduler(m, tok, {0, 8}), Error);
+}
