@@ -47,6 +47,9 @@ def main():
     ap.add_argument("--fp")
     ap.add_argument("--model", action="append", default=[], help="NAME=HF_DIR")
     ap.add_argument("--top", type=float, default=0.01)
+    ap.add_argument("--skip-qk", action="store_true",
+                    help="leave q_proj/k_proj out of the weight-error part: for models whose saliency rows are in "
+                         "llama2.c's interleaved RoPE layout while the converted directories are in Hugging Face's")
     ap.add_argument("--json")
     a = ap.parse_args()
     sal = [safe_open(p, "np") for p in a.saliency]
@@ -72,7 +75,7 @@ def main():
                 ta = np.argpartition(-s[i], ntop - 1)[:ntop]
                 tb = np.argpartition(-s[j], ntop - 1)[:ntop]
                 stab[kind]["top_overlap"].append(len(np.intersect1d(ta, tb)) / ntop)
-        if fp is None or not models:
+        if fp is None or not models or (a.skip_qk and kind in ("q_proj", "k_proj")):
             continue
         smean = np.mean(s, axis=0)
         top = np.zeros(smean.size, dtype=bool)
