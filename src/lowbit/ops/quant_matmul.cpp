@@ -322,10 +322,14 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, Quant
   const qmm::RowKernel k = pick_kernel(resolve_isa(isa), w);
   const int64_t nfull = w.in / kBlock, out = w.out;
   rows_for(out, row_grain(w.in), [&](int64_t o0, int64_t o1) {
+    QRow rows[qmm::kMaxRows];
+    float dots[qmm::kMaxRows];
     for (int64_t o = o0; o < o1; ++o)
-      for (int64_t m = 0; m < M; ++m) {
-        const QRow r = a.row(m);
-        y[m * out + o] = k(w, o, r, nfull) + tail_dot(w, o, r, nfull);
+      for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {  // each weight block unpacked once per kMaxRows rows
+        const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
+        for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
+        k(w, o, rows, n, nfull, dots);
+        for (int j = 0; j < n; ++j) y[(m0 + j) * out + o] = dots[j] + tail_dot(w, o, rows[j], nfull);
       }
   });
 }
@@ -344,17 +348,25 @@ std::atomic<QuantMatmulPath> g_default_path{QuantMatmulPath::Auto};
 
 }  // namespace
 
+namespace {
+// The portable bodies take one activation row; RowKernel's form runs them row after row.
+template <float (*One)(const PackedWeight&, int64_t, const qmm::QRow&, int64_t)>
+void portable_rows(const PackedWeight& w, int64_t row, const qmm::QRow* a, int m, int64_t nfull, float* out) {
+  for (int j = 0; j < m; ++j) out[j] = One(w, row, a[j], nfull);
+}
+}  // namespace
+
 namespace qmm {
 RowKernel portable_kernel(const PackedWeight& w) {
   switch (w.layout) {
-    case PackedLayout::GgmlQ4_0: return &portable_ggml_row<PackedLayout::GgmlQ4_0>;
-    case PackedLayout::GgmlQ4_1: return &portable_ggml_row<PackedLayout::GgmlQ4_1>;
-    case PackedLayout::GgmlQ8_0: return &portable_ggml_row<PackedLayout::GgmlQ8_0>;
+    case PackedLayout::GgmlQ4_0: return &portable_rows<&portable_ggml_row<PackedLayout::GgmlQ4_0>>;
+    case PackedLayout::GgmlQ4_1: return &portable_rows<&portable_ggml_row<PackedLayout::GgmlQ4_1>>;
+    case PackedLayout::GgmlQ8_0: return &portable_rows<&portable_ggml_row<PackedLayout::GgmlQ8_0>>;
     case PackedLayout::IntGroups:
       switch (w.bits) {
-        case 2: return &portable_row<2>;
-        case 4: return &portable_row<4>;
-        case 8: return &portable_row<8>;
+        case 2: return &portable_rows<&portable_row<2>>;
+        case 4: return &portable_rows<&portable_row<4>>;
+        case 8: return &portable_rows<&portable_row<8>>;
         default: return nullptr;
       }
     default: return nullptr;

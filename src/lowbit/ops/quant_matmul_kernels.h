@@ -29,9 +29,13 @@ inline int block_source_index(int bits, int p) {
   return p;
 }
 
-// Dot product of weight row `row` with one quantized activation row over the first nfull blocks:
-// sum over blocks b of s_g * d_b * (sum_i q_i a_i - z_g * sum_b). The tail is not included.
-using RowKernel = float (*)(const PackedWeight& w, int64_t row, const QRow& a, int64_t nfull);
+// Dot products of weight row `row` with m (1..kMaxRows) quantized activation rows a[0..m) over the
+// first nfull blocks: out[j] = sum over blocks b of s_g * d_jb * (sum_i q_i a_ji - z_g * sum_jb).
+// The tail is not included. Each weight block is unpacked once for all m rows (batched decode:
+// `lowbit serve` steps several sequences at once); row j's arithmetic is the same whatever m is,
+// so a row gets the same numbers alone or in a batch.
+inline constexpr int kMaxRows = 4;
+using RowKernel = void (*)(const PackedWeight& w, int64_t row, const QRow* a, int m, int64_t nfull, float* out);
 
 // The kernel of a layout (IntGroups: by bits), or null when there is none.
 RowKernel portable_kernel(const PackedWeight& w);
