@@ -1,24 +1,6 @@
 #!/usr/bin/env bash
-# The issue 17 methods (norm-tweak, rsq, comq, cle) next to FP/RTN/GPTQ/AWQ on stories260K, with
-# calibration seeds and a validation split (bench/plans/ptq17-stories260k.txt), on the CPU.
+# The issue 17 methods (norm-tweak, rsq, comq, cle) next to FP/RTN/GPTQ/AWQ on stories260K.
 #   bench/ptq17_study_260k.sh [OUT_DIR] [PARALLEL]      (default /tmp/ptq17-260k, 2)
-# Data: shared/models/stories260K/sample-tokens.i32 (64 sequences of BOS + 256 tokens) split into
-# calibration (sequences 0-23; windows drawn by --seed), validation (24-31) and test (32-63);
-# perplexity with ctx 257 (one window per sequence). Then bench/method_report.py prints the tables.
-set -euo pipefail
+# Data split and settings: bench/study_260k.sh; results: docs/results/ptq17-stories260k.md.
 here=$(cd "$(dirname "$0")" && pwd)
-shared=${LOWBIT_SHARED:-$here/../../shared}
-out=${1:-/tmp/ptq17-260k} parallel=${2:-2}
-lowbit=${LOWBIT:-$here/../build-rel/lowbit}
-mkdir -p "$out"
-python3 - "$shared/models/stories260K/sample-tokens.i32" "$out" <<'PY'
-import array, sys
-a = array.array("i"); a.frombytes(open(sys.argv[1], "rb").read())
-assert len(a) == 64 * 257, "sample-tokens.i32: expected 64 x 257 ids"
-for name, lo, hi in (("calib", 0, 24), ("valid", 24, 32), ("test", 32, 64)):
-    open(f"{sys.argv[2]}/{name}.i32", "wb").write(a[lo * 257:hi * 257].tobytes())
-PY
-LOWBIT_SHARED=$shared "$here/method_runs.sh" --plan "$here/plans/ptq17-stories260k.txt" --out "$out" --lowbit "$lowbit" \
-  --model "$shared/models/stories260K/stories260K.bin" --calib-tokens "$out/calib.i32" --valid-tokens "$out/valid.i32" \
-  --test-tokens "$out/test.i32" --nsamples 32 --seqlen 256 --ctx 257 --tasks none --device cpu --threads 1 --parallel "$parallel"
-python3 "$here/method_report.py" "$out/results.jsonl"
+exec "$here/study_260k.sh" "$here/plans/ptq17-stories260k.txt" "${1:-/tmp/ptq17-260k}" "${2:-2}"
