@@ -40,14 +40,7 @@ for f in int2g64 int2g32 int3g64 int3g128; do
   [ -f "$dir/$f/config.json" ] || "$LOWBIT" -q quantize -m "$hf" --method rtn --format "$f" -o "$dir/$f" >/dev/null
 done
 
-llama() {  # model -> "pp_ts tg_ts"
-  "$BIN/llama-bench" -m "$1" -p "$P" -n "$N" -r "$R" -t "$THREADS" $LLAMA_ARGS -o json 2>/dev/null |
-    python3 -c 'import json,sys; r=json.load(sys.stdin); pp=[x["avg_ts"] for x in r if x["n_prompt"]>0]; tg=[x["avg_ts"] for x in r if x["n_gen"]>0]; print(pp[0], tg[0])'
-}
-lb() {  # model -> "pp_ts tg_ts bytes"
-  "$LOWBIT" -q bench -m "$1" -p "$P" -n "$N" -r "$R" --threads "$THREADS" --json |
-    python3 -c 'import json,sys; j=json.loads(sys.stdin.read()); print(j["pp_tokens_per_s"], j["tg_tokens_per_s"], j["model_bytes"])'
-}
+source "$(dirname "$0")/bench_lib.sh"  # llama(), lb()
 echo "llama.cpp: $BIN ($LLAMA_ARGS)"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); threads $THREADS; pp$P tg$N, $R runs"
 echo "model: random, dim $DIM, hidden $HIDDEN, $LAYERS layers, $HEADS heads, vocab 512"

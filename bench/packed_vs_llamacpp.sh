@@ -35,14 +35,7 @@ own=$cache/smollm2-135m-lowbit-int4g32
 [ -f "$own/config.json" ] ||
   "$LOWBIT" -q quantize -m "$src" --method rtn --format int4g32 -o "$own" >/dev/null
 
-llama() {  # model -> "pp_ts tg_ts"
-  "$BIN/llama-bench" -m "$1" -p "$P" -n "$N" -r "$R" -t "$THREADS" $LLAMA_ARGS -o json 2>/dev/null |
-    python3 -c 'import json,sys; r=json.load(sys.stdin); pp=[x["avg_ts"] for x in r if x["n_prompt"]>0]; tg=[x["avg_ts"] for x in r if x["n_gen"]>0]; print(pp[0], tg[0])'
-}
-lb() {  # model -> "pp_ts tg_ts bytes"
-  "$LOWBIT" -q bench -m "$1" -p "$P" -n "$N" -r "$R" --threads "$THREADS" --json |
-    python3 -c 'import json,sys; j=json.loads(sys.stdin.read()); print(j["pp_tokens_per_s"], j["tg_tokens_per_s"], j["model_bytes"])'
-}
+source "$(dirname "$0")/bench_lib.sh"  # llama(), lb()
 echo "llama.cpp: $BIN ($LLAMA_ARGS)"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; threads $THREADS; pp$P tg$N, $R runs"
 echo

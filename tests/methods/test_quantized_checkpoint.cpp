@@ -23,6 +23,20 @@ namespace fs = std::filesystem;
 namespace {
 using test::logits_of;
 using test::small_config;
+
+// Quantizes m with RTN to f on windows of a fixed token stream and saves it as a lowbit directory
+// in `dir`; returns the calibration windows (the tests use them as prompts).
+Tensor rtn_and_save(LlamaModel& m, const QuantFormat& f, const fs::path& dir) {
+  std::vector<int32_t> stream;
+  for (int i = 0; i < 300; ++i) stream.push_back((i * 7 + 3) % m.config().vocab_size);
+  Tensor calib = sample_calibration(stream, 4, 16, 1);
+  RtnMethod rtn(f);
+  PipelineOptions o;
+  o.progress = false;
+  run_blockwise(m, calib, rtn, f, o);
+  save_quantized_model(dir.string(), m, "rtn", f);
+  return calib;
+}
 }  // namespace
 
 TEST(QuantizedCheckpoint, RoundTripKeepsLogits) {
@@ -54,15 +68,8 @@ TEST(QuantizedCheckpoint, PackedLoadHasNoDenseCopyAndMatchesTheDenseView) {
   LlamaConfig c = small_config(RopeStyle::Half);
   LlamaModel m(c, random_weights(c, 9));
   const QuantFormat& f = parse_quant_format("int4g32");
-  std::vector<int32_t> stream;
-  for (int i = 0; i < 300; ++i) stream.push_back((i * 7 + 3) % c.vocab_size);
-  Tensor calib = sample_calibration(stream, 4, 16, 1);
-  RtnMethod rtn(f);
-  PipelineOptions o;
-  o.progress = false;
-  run_blockwise(m, calib, rtn, f, o);
   auto dir = test::temp_dir("qckpt-packed");
-  save_quantized_model(dir.string(), m, "rtn", f);
+  Tensor calib = rtn_and_save(m, f, dir);
   QuantizedCheckpoint dense = load_quantized_model(dir.string());
   QuantizedCheckpoint packed = load_quantized_model(dir.string(), /*dense_view=*/false);
   // The dense view of a packed linear is a zero placeholder; the packed codes are the same bytes.
@@ -91,15 +98,8 @@ TEST(QuantizedCheckpoint, GpuPackedModelMatchesTheCpuPackedModel) {
   LlamaConfig c = small_config(RopeStyle::Half);
   LlamaModel m(c, random_weights(c, 9));
   const QuantFormat& f = parse_quant_format("int4g32");
-  std::vector<int32_t> stream;
-  for (int i = 0; i < 300; ++i) stream.push_back((i * 7 + 3) % c.vocab_size);
-  Tensor calib = sample_calibration(stream, 4, 16, 1);
-  RtnMethod rtn(f);
-  PipelineOptions o;
-  o.progress = false;
-  run_blockwise(m, calib, rtn, f, o);
   auto dir = test::temp_dir("qckpt-gpu");
-  save_quantized_model(dir.string(), m, "rtn", f);
+  Tensor calib = rtn_and_save(m, f, dir);
   QuantizedCheckpoint q = load_quantized_model(dir.string(), /*dense_view=*/false);
   const QuantFormat& q8 = parse_quant_format("q8_0");
   q.quantized["model.embed_tokens"] = quantize(q.dense.weights.tok_embeddings, q8);
@@ -136,15 +136,8 @@ TEST(QuantizedCheckpoint, PackVocabRunsTheVocabularyAsQ8_0) {
     c.tied_embeddings = tied;
     LlamaModel m(c, random_weights(c, 11));
     const QuantFormat& f = parse_quant_format("int4g32");
-    std::vector<int32_t> stream;
-    for (int i = 0; i < 300; ++i) stream.push_back((i * 7 + 3) % c.vocab_size);
-    Tensor calib = sample_calibration(stream, 4, 16, 1);
-    RtnMethod rtn(f);
-    PipelineOptions o;
-    o.progress = false;
-    run_blockwise(m, calib, rtn, f, o);
     auto dir = test::temp_dir(std::string("qckpt-vocab") + (tied ? "-tied" : ""));
-    save_quantized_model(dir.string(), m, "rtn", f);
+    Tensor calib = rtn_and_save(m, f, dir);
     QuantizedCheckpoint plain = load_quantized_model(dir.string(), false), packed = load_quantized_model(dir.string(), false);
     const Tensor emb = packed.dense.weights.tok_embeddings.contiguous();
     const int64_t bytes = pack_vocab(packed);
