@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# One device session for the GPU halves of issues 10, 11 and 22, in a few `run` calls of the device
+# tool (a GPU machine without a toolchain, a 64 MiB carry limit and no ../shared).
+#
+# Here (the build machine):
+#   bench/cuda/gpu_session.sh stage
+#     builds .devcarry/tools.tar.xz (the CUDA build's lowbit and GPU test binaries, quant_gemv_bench,
+#     the shared libraries the GPU machine lacks, the bench scripts, and the shared data the method
+#     runs read: WikiText-2 test, linux-docs valid and the first 4 MB of train, the task sets) and
+#     splits the SmolLM2 GGUF (98 MB, over the carry limit) into .devcarry/gguf.part1 (here carried
+#     with the tools) and .devcarry/gguf.part2 (carried by the next call). Build build-cuda first:
+#       cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DLOWBIT_CUDA=ON \
+#         -DCMAKE_CUDA_ARCHITECTURES=90 -DLOWBIT_TESTS=ON
+#       cmake --build build-cuda --target lowbit_cli test_quant test_methods test_ops test_model
+# On the GPU machine (each line one `run` call, back to back so that the machine stays warm):
+#   bench/cuda/gpu_session.sh setup     carry .devcarry/tools.tar.xz .devcarry/gguf.part1: unpacks
+#                                       into /tmp/w, runs bench/cuda/packed_gpu.sh (issue 10) and
+#                                       the GPU cells of test_ops' parity table
+#   bench/cuda/gpu_session.sh launch    carry .devcarry/gguf.part2: joins the GGUF, checks its
+#                                       sha256, starts bench/method_runs.sh on the PLAN in the
+#                                       background (setsid: it outlives the call) and waits WAIT s
+#   bench/cuda/gpu_session.sh collect   waits WAIT s, then copies results and logs to $OUT
+# Settings: PLAN [bench/plans/smollm2-methods.txt]  PARALLEL [8]  WAIT [500]  TASK_LIMIT [300]
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+W=/tmp/w
+mode=${1:-}
+case "$mode" in
+stage)
+  set -e
+  shared=${LOWBIT_SHARED:-$(pwd)/../shared}
+  B=${BUILD_DIR:-build-cuda}
+  S=$(mktemp -d)
+  mkdir -p "$S/w/bin" "$S/w/lib" "$S/w/shared/data/linux-docs" "$S/w/shared/data/wikitext-2-raw" \
+    "$S/w/shared/tasks" "$S/w/shared/models/smollm2-135m-instruct" .devcarry
+  nvcc -O3 -std=c++17 -arch=sm_90 -I src bench/cuda/quant_gemv_bench.cu -lcublas -o "$S/w/bin/quant_gemv_bench"
+  cp "$B/lowbit" "$B/tests/test_quant" "$B/tests/test_methods" "$B/tests/test_ops" "$B/tests/test_model" "$S/w/bin/"
+  for l in libsentencepiece.so.0 libgomp.so.1 libopenblas.so.0 libgfortran.so.5 libquadmath.so.0; do
+    cp -L "/lib/x86_64-linux-gnu/$l" "$S/w/lib/"
+  done
+  head -c 4000000 "$shared/data/linux-docs/train.txt" > "$S/w/shared/data/linux-docs/train.txt"
+  cp "$shared/data/linux-docs/valid.txt" "$S/w/shared/data/linux-docs/"
+  cp "$shared/data/wikitext-2-raw/wiki.test.raw" "$S/w/shared/data/wikitext-2-raw/"
+  cp -r "$shared/tasks/llm-foundry" "$S/w/shared/tasks/"
+  m=$shared/models/smollm2-135m-instruct
+  cp "$m"/*.json "$m"/*.txt "$m"/*.jinja "$S/w/shared/models/smollm2-135m-instruct/"
+  rm -f "$S/w/shared/models/smollm2-135m-instruct/tokenizer"*.json  # the GGUF embeds its tokenizer
+  tar -C "$S" -cf - w | xz -T2 -6 > .devcarry/tools.tar.xz
+  rm -rf "$S"
+  head -c 40000000 "$m/SmolLM2-135M-Instruct.Q4_1.gguf" > .devcarry/gguf.part1
+  tail -c +40000001 "$m/SmolLM2-135M-Instruct.Q4_1.gguf" > .devcarry/gguf.part2
+  sha256sum < "$m/SmolLM2-135M-Instruct.Q4_1.gguf" | cut -d' ' -f1 > .devcarry/gguf.sha
+  ls -la .devcarry
+  ;;
+setup)
+  rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp || exit 1
+  cp .devcarry/gguf.part1 .devcarry/gguf.sha "$W/"
+  export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  LOWBIT=$W/bin/lowbit BIN_DIR=$W/bin GEMV_BENCH=$W/bin/quant_gemv_bench bench/cuda/packed_gpu.sh 2>&1 |
+    tee "${OUT:-/tmp}/packed_gpu.log"
+  echo "## GPU cells of the op parity table"
+  "$W/bin/test_ops" --gtest_filter='Parity*' 2>&1 | tail -n 40 | tee "${OUT:-/tmp}/parity.log"
+  ;;
+launch)
+  m=$W/shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+  cat "$W/gguf.part1" .devcarry/gguf.part2 > "$m" || exit 1
+  [ "$(sha256sum < "$m" | cut -d' ' -f1)" = "$(cat "$W/gguf.sha")" ] || { echo "GGUF sha256 mismatch"; exit 1; }
+  export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} LOWBIT_SHARED=$W/shared
+  mkdir -p "$W/runs"
+  cp "${PLAN:-bench/plans/smollm2-methods.txt}" "$W/plan.txt"
+  setsid nohup bench/method_runs.sh --plan "$W/plan.txt" --out "$W/runs" --lowbit "$W/bin/lowbit" \
+    --device cuda --parallel "${PARALLEL:-8}" --task-limit "${TASK_LIMIT:-300}" > "$W/runs.log" 2>&1 < /dev/null &
+  sleep "${WAIT:-500}"
+  "$0" collect-now
+  ;;
+collect)
+  sleep "${WAIT:-500}"
+  "$0" collect-now
+  ;;
+collect-now)
+  O=${OUT:-/tmp/out}
+  mkdir -p "$O"
+  cp "$W/runs/results.jsonl" "$O/" 2>/dev/null
+  tar -C "$W/runs" -czf "$O/logs.tar.gz" logs 2>/dev/null
+  wc -l "$W/runs/results.jsonl" 2>/dev/null
+  ls "$W/runs/models" 2>/dev/null | tr '\n' ' '
+  echo
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+  tail -5 "$W/runs.log"
+  ;;
+*)
+  echo "usage: $0 stage|setup|launch|collect" >&2
+  exit 1
+  ;;
+esac
