@@ -19,8 +19,10 @@
 #   bench/cuda/gpu_session.sh launch    carry .devcarry/gguf.part2: joins the GGUF, checks its
 #                                       sha256, starts bench/method_runs.sh on the PLAN in the
 #                                       background (setsid: it outlives the call) and waits WAIT s
-#   bench/cuda/gpu_session.sh collect   waits WAIT s, then copies results and logs to $OUT
-# Settings: PLAN [bench/plans/smollm2-methods.txt]  PARALLEL [8]  WAIT [500]  TASK_LIMIT [300]
+#   bench/cuda/gpu_session.sh collect   (carry .devcarry/ref-logits.bin: runs the SmolLM2 GPU logits
+#                                       test; STEPS=decode: packed_gpu.sh's decode rows) waits WAIT s,
+#                                       then copies results and logs to $OUT
+# Settings: STEPS [setup: "gemv tests"]  PARITY_SECONDS [150]  PLAN [bench/plans/smollm2-methods.txt]  PARALLEL [8]  WAIT [500]  TASK_LIMIT [300]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 W=/tmp/w
@@ -57,10 +59,11 @@ setup)
   cp .devcarry/gguf.part1 .devcarry/gguf.sha "$W/"
   export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  LOWBIT=$W/bin/lowbit BIN_DIR=$W/bin GEMV_BENCH=$W/bin/quant_gemv_bench bench/cuda/packed_gpu.sh 2>&1 |
+  STEPS=${STEPS:-gemv tests} LOWBIT=$W/bin/lowbit BIN_DIR=$W/bin GEMV_BENCH=$W/bin/quant_gemv_bench bench/cuda/packed_gpu.sh 2>&1 |
     tee "${OUT:-/tmp}/packed_gpu.log"
   echo "## GPU cells of the op parity table"
-  "$W/bin/test_ops" --gtest_filter='Parity*' 2>&1 | tail -n 40 | tee "${OUT:-/tmp}/parity.log"
+  timeout "${PARITY_SECONDS:-150}" "$W/bin/test_ops" --gtest_filter='Parity*' > "${OUT:-/tmp}/parity.log" 2>&1
+  echo "test_ops exit $?"; grep -E "FAILED|PASSED|SKIPPED \[|tests ran" "${OUT:-/tmp}/parity.log" | tail -n 30
   ;;
 launch)
   m=$W/shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -75,6 +78,17 @@ launch)
   "$0" collect-now
   ;;
 collect)
+  # With .devcarry/ref-logits.bin carried: the SmolLM2 GPU logits test, while the runs go on.
+  if [ -f .devcarry/ref-logits.bin ]; then
+    cp .devcarry/ref-logits.bin "$W/shared/models/smollm2-135m-instruct/"
+    LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64 LOWBIT_SHARED=$W/shared \
+      "$W/bin/test_model" --gtest_filter='SmolLM2Gguf.Cuda*' 2>&1 | tail -n 15
+  fi
+  # The whole-model decode rows of packed_gpu.sh, when asked (STEPS=decode).
+  if [ -n "${STEPS:-}" ]; then
+    LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64 STEPS=$STEPS LOWBIT=$W/bin/lowbit BIN_DIR=$W/bin \
+      GEMV_BENCH=$W/bin/quant_gemv_bench bench/cuda/packed_gpu.sh 2>&1 | tee "${OUT:-/tmp}/packed_decode.log"
+  fi
   sleep "${WAIT:-500}"
   "$0" collect-now
   ;;
