@@ -194,7 +194,10 @@ struct QActs {
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<int32_t> sum;
-  QRow row(int64_t m) const { return {q.data() + m * nb * kBlock, d.data() + m * nb, sum.data() + m * nb}; }
+  std::vector<float> pair;  // (d, d * sum) per block
+  QRow row(int64_t m) const {
+    return {q.data() + m * nb * kBlock, d.data() + m * nb, sum.data() + m * nb, pair.data() + 2 * m * nb};
+  }
 };
 
 QActs quantize_acts(const float* x, int64_t M, int64_t in, int bits) {
@@ -203,6 +206,7 @@ QActs quantize_acts(const float* x, int64_t M, int64_t in, int bits) {
   a.q.assign(size_t(M * a.nb * kBlock), 0);
   a.d.assign(size_t(M * a.nb), 0.0f);
   a.sum.assign(size_t(M * a.nb), 0);
+  a.pair.assign(size_t(2 * M * a.nb), 0.0f);
   int src[kBlock];
   for (int p = 0; p < kBlock; ++p) src[p] = qmm::block_source_index(bits, p);
   for (int64_t m = 0; m < M; ++m)
@@ -222,6 +226,8 @@ QActs quantize_acts(const float* x, int64_t M, int64_t in, int bits) {
       }
       a.d[size_t(m * a.nb + b)] = d;
       a.sum[size_t(m * a.nb + b)] = s;
+      a.pair[size_t(2 * (m * a.nb + b))] = d;
+      a.pair[size_t(2 * (m * a.nb + b) + 1)] = d * float(s);
     }
   return a;
 }
@@ -317,14 +323,42 @@ qmm::RowKernel pick_kernel(QuantIsa isa, const PackedWeight& w) {
   return k;
 }
 
+qmm::QuadKernel pick_quad_kernel(QuantIsa isa, const PackedWeight& w) {
+  switch (isa) {
+#if defined(__x86_64__) || defined(__i386__)
+    case QuantIsa::Avx2: return qmm::avx2_quad_kernel(w);
+    case QuantIsa::Avx2Vnni: return qmm::avx2vnni_quad_kernel(w);
+#endif
+    default: return nullptr;  // portable: row by row
+  }
+}
+
+// Weight rows go in groups of kRowGroup through the four-row kernel where the ISA has one (the
+// rest, out % 4 rows, row by row); chunks of the thread split are whole groups, so which kernel
+// computes a row depends on the row index only, never on M or the thread count.
 void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa) {
   const QActs a = quantize_acts(x, M, w.in, qmm::act_order_bits(w));
-  const qmm::RowKernel k = pick_kernel(resolve_isa(isa), w);
+  isa = resolve_isa(isa);
+  const qmm::RowKernel k = pick_kernel(isa, w);
+  const qmm::QuadKernel qk = pick_quad_kernel(isa, w);
   const int64_t nfull = w.in / kBlock, out = w.out;
-  rows_for(out, row_grain(w.in), [&](int64_t o0, int64_t o1) {
+  const int64_t G = qk ? qmm::kRowGroup : 1, groups = (out + G - 1) / G;
+  rows_for(groups, std::max<int64_t>(1, row_grain(w.in) / G), [&](int64_t g0, int64_t g1) {
     QRow rows[qmm::kMaxRows];
-    float dots[qmm::kMaxRows];
-    for (int64_t o = o0; o < o1; ++o)
+    float dots[qmm::kMaxRows * qmm::kRowGroup];
+    int64_t o = g0 * G;
+    const int64_t o1 = std::min(out, g1 * G);
+    if (qk)
+      for (; o + qmm::kRowGroup <= o1; o += qmm::kRowGroup)
+        for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {
+          const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
+          for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
+          qk(w, o, rows, n, nfull, dots);
+          for (int j = 0; j < n; ++j)
+            for (int r = 0; r < qmm::kRowGroup; ++r)
+              y[(m0 + j) * out + o + r] = dots[j * qmm::kRowGroup + r] + tail_dot(w, o + r, rows[j], nfull);
+        }
+    for (; o < o1; ++o)
       for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {  // each weight block unpacked once per kMaxRows rows
         const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
         for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
