@@ -120,14 +120,15 @@ void reference_body(const float* x, int64_t M, const PackedWeight& w, float* y) 
   }
 }
 
-// Parallel loops: OpenMP threads by default (their count follows --threads: set_num_threads calls
-// omp_set_num_threads), or lowbit's thread pool (core/threads.h) with LOWBIT_QUANT_THREADS=pool.
-// The pool measured slower for decode on the shared 2-core machine (docs/results/
-// packed-inference.md: 33 vs 48-59 tokens/s and 50 % more CPU per token, against OpenMP with
-// OMP_WAIT_POLICY=passive), so OpenMP stays the default until a quiet-machine run says otherwise.
-// (Without OMP_WAIT_POLICY=passive, OpenMP threads spin and collapse on an oversubscribed machine.)
+// Parallel loops: lowbit's thread pool (core/threads.h) by default, or OpenMP threads with
+// LOWBIT_QUANT_THREADS=omp (their count follows --threads: set_num_threads calls
+// omp_set_num_threads). OpenMP was the default while the pool waited for every worker to check in
+// after each call (a preempted worker stalled the caller); the pool now waits only for the tasks,
+// and one set of threads serves every op, so decode no longer has OpenMP's threads spinning next
+// to the pool's on 2 cores (docs/results/packed-inference.md, "Decode at 2 threads").
 // A chunk is at least kMinChunkWork weight values (smaller products run serially).
 constexpr int64_t kMinChunkWork = int64_t(1) << 14;
+constexpr int64_t kTaskWork = int64_t(1) << 16;  // weights per dynamic task of the int8 body
 inline int64_t row_grain(int64_t in) { return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, in)); }
 
 bool use_openmp() {
@@ -135,7 +136,7 @@ bool use_openmp() {
     const char* e = std::getenv("LOWBIT_QUANT_THREADS");
     const std::string v = e ? e : "";
     if (!v.empty() && v != "omp" && v != "pool") throw_error("LOWBIT_QUANT_THREADS='", v, "': expected pool or omp");
-    return v != "pool";
+    return v == "omp";
   }();
   return omp;
 }
@@ -343,7 +344,11 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, Quant
   const qmm::QuadKernel qk = pick_quad_kernel(isa, w);
   const int64_t nfull = w.in / kBlock, out = w.out;
   const int64_t G = qk ? qmm::kRowGroup : 1, groups = (out + G - 1) / G;
-  rows_for(groups, std::max<int64_t>(1, row_grain(w.in) / G), [&](int64_t g0, int64_t g1) {
+  // Tasks of about kTaskWork weights, handed out dynamically (a thread that falls behind on a
+  // shared machine takes fewer), whole row groups each.
+  const int64_t per_task = std::max<int64_t>(1, kTaskWork / (G * w.in)), tasks = (groups + per_task - 1) / per_task;
+  items_each(tasks, [&](int64_t t) {
+    const int64_t g0 = t * per_task, g1 = std::min(groups, g0 + per_task);
     QRow rows[qmm::kMaxRows];
     float dots[qmm::kMaxRows * qmm::kRowGroup];
     int64_t o = g0 * G;
