@@ -201,34 +201,57 @@ struct QActs {
   }
 };
 
-QActs quantize_acts(const float* x, int64_t M, int64_t in, int bits) {
-  QActs a;
+// The buffers are the calling thread's and reused from call to call (decode runs ~200 products
+// per token); the returned reference is valid until this thread's next call.
+const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, QuantIsa isa) {
+  thread_local QActs a;
   a.nb = (in + kBlock - 1) / kBlock;
-  a.q.assign(size_t(M * a.nb * kBlock), 0);
-  a.d.assign(size_t(M * a.nb), 0.0f);
-  a.sum.assign(size_t(M * a.nb), 0);
-  a.pair.assign(size_t(2 * M * a.nb), 0.0f);
+  const size_t nblk = size_t(M * a.nb);
+  if (a.d.size() < nblk) {
+    a.q.resize(nblk * kBlock);
+    a.d.resize(nblk);
+    a.sum.resize(nblk);
+    a.pair.resize(2 * nblk);
+  }
   int src[kBlock];
   for (int p = 0; p < kBlock; ++p) src[p] = qmm::block_source_index(bits, p);
+#if defined(__x86_64__) || defined(__i386__)
+  const bool simd = isa == QuantIsa::Avx2 || isa == QuantIsa::Avx2Vnni;
+#else
+  const bool simd = false;
+  (void)isa;
+#endif
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < a.nb; ++b) {
       const float* xb = x + m * in + b * kBlock;
       const int64_t n = std::min(kBlock, in - b * kBlock);
-      float amax = 0.0f;
-      for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
-      int8_t* qb = a.q.data() + (m * a.nb + b) * kBlock;
+      const size_t k = size_t(m * a.nb + b);
+      int8_t* qb = a.q.data() + k * kBlock;
       int32_t s = 0;
-      for (int64_t p = 0; p < n; ++p) {
-        const float v = n == kBlock ? xb[src[p]] : xb[p];
-        const int qv = int(std::nearbyint(v * inv));
-        qb[p] = int8_t(std::clamp(qv, -127, 127));
-        s += qb[p];
+      float d = 0.0f;
+#if defined(__x86_64__) || defined(__i386__)
+      if (simd && n == kBlock) s = qmm::avx2_quantize_block(xb, bits, qb, &d);
+#endif
+      if (!simd || n < kBlock) {
+        float amax = 0.0f;
+        for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
+        d = amax / 127.0f;
+        const float inv = d > 0 ? 1.0f / d : 0.0f;
+        for (int64_t p = 0; p < kBlock; ++p) {
+          if (p >= n) {
+            qb[p] = 0;  // the partial last block is zero padded
+            continue;
+          }
+          const float v = n == kBlock ? xb[src[p]] : xb[p];
+          const int qv = int(std::nearbyint(v * inv));
+          qb[p] = int8_t(std::clamp(qv, -127, 127));
+          s += qb[p];
+        }
       }
-      a.d[size_t(m * a.nb + b)] = d;
-      a.sum[size_t(m * a.nb + b)] = s;
-      a.pair[size_t(2 * (m * a.nb + b))] = d;
-      a.pair[size_t(2 * (m * a.nb + b) + 1)] = d * float(s);
+      a.d[k] = d;
+      a.sum[k] = s;
+      a.pair[2 * k] = d;
+      a.pair[2 * k + 1] = d * float(s);
     }
   return a;
 }
@@ -338,11 +361,12 @@ qmm::QuadKernel pick_quad_kernel(QuantIsa isa, const PackedWeight& w) {
 // rest, out % 4 rows, row by row); chunks of the thread split are whole groups, so which kernel
 // computes a row depends on the row index only, never on M or the thread count.
 void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa) {
-  const QActs a = quantize_acts(x, M, w.in, qmm::act_order_bits(w));
   isa = resolve_isa(isa);
+  const QActs& a = quantize_acts(x, M, w.in, qmm::act_order_bits(w), isa);
   const qmm::RowKernel k = pick_kernel(isa, w);
   const qmm::QuadKernel qk = pick_quad_kernel(isa, w);
   const int64_t nfull = w.in / kBlock, out = w.out;
+  const bool tail = nfull * kBlock < w.in;  // only IntGroups rows end in a partial block
   const int64_t G = qk ? qmm::kRowGroup : 1, groups = (out + G - 1) / G;
   // Tasks of about kTaskWork weights, handed out dynamically (a thread that falls behind on a
   // shared machine takes fewer), whole row groups each.
@@ -361,14 +385,14 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, Quant
           qk(w, o, rows, n, nfull, dots);
           for (int j = 0; j < n; ++j)
             for (int r = 0; r < qmm::kRowGroup; ++r)
-              y[(m0 + j) * out + o + r] = dots[j * qmm::kRowGroup + r] + tail_dot(w, o + r, rows[j], nfull);
+              y[(m0 + j) * out + o + r] = dots[j * qmm::kRowGroup + r] + (tail ? tail_dot(w, o + r, rows[j], nfull) : 0.0f);
         }
     for (; o < o1; ++o)
       for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {  // each weight block unpacked once per kMaxRows rows
         const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
         for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
         k(w, o, rows, n, nfull, dots);
-        for (int j = 0; j < n; ++j) y[(m0 + j) * out + o] = dots[j] + tail_dot(w, o, rows[j], nfull);
+        for (int j = 0; j < n; ++j) y[(m0 + j) * out + o] = dots[j] + (tail ? tail_dot(w, o, rows[j], nfull) : 0.0f);
       }
   });
 }

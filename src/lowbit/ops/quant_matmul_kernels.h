@@ -54,6 +54,9 @@ RowKernel avx2_kernel(const PackedWeight& w);
 RowKernel avx2vnni_kernel(const PackedWeight& w);
 QuadKernel avx2_quad_kernel(const PackedWeight& w);
 QuadKernel avx2vnni_quad_kernel(const PackedWeight& w);
+// One full block of 32 activations quantized (d = amax / 127, round half to even, +-127) into q
+// in block_source_index(bits) order; returns the sum of q. Equal to the portable loop's numbers.
+int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d);
 #endif
 
 // Order of the activations inside a full block for this layout (block_source_index's `bits`):

@@ -49,6 +49,7 @@ bool has_avx512vnni() {
 }  // namespace
 
 RowKernel avx2_kernel(const PackedWeight& w) { return avx2::pick(w); }
+int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d) { return avx2::quantize_block(x, bits, q, d); }
 QuadKernel avx2_quad_kernel(const PackedWeight& w) { return avx2::pick_quad(w); }
 
 RowKernel avx2vnni_kernel(const PackedWeight& w) {
