@@ -76,6 +76,12 @@ void fix_openblas_core() {
 thread_local bool t_in_parallel = false;  // this thread runs a pool task or a parallel call
 
 // Workers wait for a new generation number; the caller runs tasks too and waits for them.
+// One 64-bit word holds the run's generation (16 bits), its task count and the next unclaimed
+// task (24 bits each): a task is claimed by a compare-and-swap that also checks the generation, so
+// a worker that wakes late (descheduled on a loaded machine) can never run a task of a finished
+// run, and the caller waits for the tasks to be done, not for every worker to check in: a worker
+// that is asleep or preempted costs nothing, the caller and the others take its share. Small
+// decode ops (about 200 parallel regions per token) depend on that.
 class Pool {
  public:
   explicit Pool(int threads) {
@@ -85,7 +91,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lk(mu_);
       stop_ = true;
-      gen_.fetch_add(1);
+      state_.store(pack(gen_of(state_.load()) + 1, 0, 0));
     }
     cv_work_.notify_all();
     for (auto& t : workers_) t.join();
@@ -97,24 +103,26 @@ class Pool {
   bool run(int64_t tasks, void (*task)(void*, int64_t), void* ctx) {
     std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
+    // More tasks than the 24-bit counter holds: each claim takes a run of consecutive indices.
+    per_claim_ = (tasks + kMaxTasks - 1) / kMaxTasks;
+    total_ = tasks;
     task_ = task;
     ctx_ = ctx;
-    ntasks_ = tasks;
-    next_.store(0);
     err_ = nullptr;
-    pending_.store(int(workers_.size()));
+    const uint64_t claims = uint64_t((tasks + per_claim_ - 1) / per_claim_);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = gen_of(state_.load(std::memory_order_relaxed)) + 1;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      gen_.fetch_add(1, std::memory_order_release);
+      state_.store(pack(gen, claims, 0), std::memory_order_release);
     }
-    cv_work_.notify_all();
+    if (sleeping_.load(std::memory_order_acquire) > 0) cv_work_.notify_all();
     t_in_parallel = true;
-    work();
+    work(gen & kGenMask);
     t_in_parallel = false;
-    for (int i = 0; i < kSpin && pending_.load(std::memory_order_acquire) > 0; ++i) LB_PAUSE();
-    if (pending_.load(std::memory_order_acquire) > 0) {
-      std::unique_lock<std::mutex> lk(mu_);
-      cv_done_.wait(lk, [&] { return pending_.load() == 0; });
+    for (int i = 0; done_.load(std::memory_order_acquire) < claims; ++i) {
+      if (i < kSpin) LB_PAUSE();
+      else std::this_thread::yield();  // a worker holding a task was preempted: give it the core
     }
     if (err_) std::rethrow_exception(err_);
     return true;
@@ -122,15 +130,28 @@ class Pool {
 
  private:
   static constexpr int kSpin = 1 << 11;  // pauses (~50-150 us) before sleeping
+  static constexpr uint64_t kMaxTasks = (uint64_t(1) << 24) - 1, kGenMask = 0xffff;
+  static uint64_t pack(uint64_t gen, uint64_t n, uint64_t next) { return ((gen & kGenMask) << 48) | (n << 24) | next; }
+  static uint64_t gen_of(uint64_t v) { return v >> 48; }
 
-  void work() {
-    for (int64_t t; (t = next_.fetch_add(1, std::memory_order_relaxed)) < ntasks_;) {
-      try {
-        task_(ctx_, t);
-      } catch (...) {
-        std::lock_guard<std::mutex> lk(err_mu_);
-        if (!err_) err_ = std::current_exception();
+  // Claims and runs tasks of generation `gen` until none is left.
+  void work(uint64_t gen) {
+    uint64_t v = state_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t next = v & kMaxTasks, n = (v >> 24) & kMaxTasks;
+      if (gen_of(v) != gen || next >= n) return;
+      if (!state_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      const int64_t b = int64_t(next) * per_claim_, e = std::min(total_, b + per_claim_);
+      for (int64_t t = b; t < e; ++t) {
+        try {
+          task_(ctx_, t);
+        } catch (...) {
+          std::lock_guard<std::mutex> lk(err_mu_);
+          if (!err_) err_ = std::current_exception();
+        }
       }
+      done_.fetch_add(1, std::memory_order_acq_rel);
+      v = state_.load(std::memory_order_acquire);
     }
   }
 
@@ -138,31 +159,29 @@ class Pool {
     t_in_parallel = true;
     uint64_t seen = 0;
     for (;;) {
-      for (int i = 0; i < kSpin && gen_.load(std::memory_order_acquire) == seen; ++i) LB_PAUSE();
-      if (gen_.load(std::memory_order_acquire) == seen) {
+      for (int i = 0; i < kSpin && gen_of(state_.load(std::memory_order_acquire)) == seen; ++i) LB_PAUSE();
+      if (gen_of(state_.load(std::memory_order_acquire)) == seen) {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_work_.wait(lk, [&] { return gen_.load() != seen; });
+        sleeping_.fetch_add(1);
+        cv_work_.wait(lk, [&] { return gen_of(state_.load()) != seen || stop_; });
+        sleeping_.fetch_sub(1);
       }
-      seen = gen_.load(std::memory_order_acquire);
       if (stop_) return;
-      work();
-      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        std::lock_guard<std::mutex> lk(mu_);
-        cv_done_.notify_one();
-      }
+      seen = gen_of(state_.load(std::memory_order_acquire));
+      work(seen);
     }
   }
 
   std::vector<std::thread> workers_;
   std::mutex run_mu_, mu_, err_mu_;
-  std::condition_variable cv_work_, cv_done_;
-  std::atomic<uint64_t> gen_{0};
-  std::atomic<int64_t> next_{0};
-  std::atomic<int> pending_{0};
-  bool stop_ = false;
+  std::condition_variable cv_work_;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<uint64_t> done_{0};
+  std::atomic<int> sleeping_{0};
+  std::atomic<bool> stop_{false};
   void (*task_)(void*, int64_t) = nullptr;
   void* ctx_ = nullptr;
-  int64_t ntasks_ = 0;
+  int64_t total_ = 0, per_claim_ = 1;
   std::exception_ptr err_;
 };
 

@@ -120,14 +120,15 @@ void reference_body(const float* x, int64_t M, const PackedWeight& w, float* y) 
   }
 }
 
-// Parallel loops: OpenMP threads by default (their count follows --threads: set_num_threads calls
-// omp_set_num_threads), or lowbit's thread pool (core/threads.h) with LOWBIT_QUANT_THREADS=pool.
-// The pool measured slower for decode on the shared 2-core machine (docs/results/
-// packed-inference.md: 33 vs 48-59 tokens/s and 50 % more CPU per token, against OpenMP with
-// OMP_WAIT_POLICY=passive), so OpenMP stays the default until a quiet-machine run says otherwise.
-// (Without OMP_WAIT_POLICY=passive, OpenMP threads spin and collapse on an oversubscribed machine.)
+// Parallel loops: lowbit's thread pool (core/threads.h) by default, or OpenMP threads with
+// LOWBIT_QUANT_THREADS=omp (their count follows --threads: set_num_threads calls
+// omp_set_num_threads). OpenMP was the default while the pool waited for every worker to check in
+// after each call (a preempted worker stalled the caller); the pool now waits only for the tasks,
+// and one set of threads serves every op, so decode no longer has OpenMP's threads spinning next
+// to the pool's on 2 cores (docs/results/packed-inference.md, "Decode at 2 threads").
 // A chunk is at least kMinChunkWork weight values (smaller products run serially).
 constexpr int64_t kMinChunkWork = int64_t(1) << 14;
+constexpr int64_t kTaskWork = int64_t(1) << 16;  // weights per dynamic task of the int8 body
 inline int64_t row_grain(int64_t in) { return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, in)); }
 
 bool use_openmp() {
@@ -135,7 +136,7 @@ bool use_openmp() {
     const char* e = std::getenv("LOWBIT_QUANT_THREADS");
     const std::string v = e ? e : "";
     if (!v.empty() && v != "omp" && v != "pool") throw_error("LOWBIT_QUANT_THREADS='", v, "': expected pool or omp");
-    return v != "pool";
+    return v == "omp";
   }();
   return omp;
 }
@@ -194,34 +195,63 @@ struct QActs {
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<int32_t> sum;
-  QRow row(int64_t m) const { return {q.data() + m * nb * kBlock, d.data() + m * nb, sum.data() + m * nb}; }
+  std::vector<float> pair;  // (d, d * sum) per block
+  QRow row(int64_t m) const {
+    return {q.data() + m * nb * kBlock, d.data() + m * nb, sum.data() + m * nb, pair.data() + 2 * m * nb};
+  }
 };
 
-QActs quantize_acts(const float* x, int64_t M, int64_t in, int bits) {
-  QActs a;
+// The buffers are the calling thread's and reused from call to call (decode runs ~200 products
+// per token); the returned reference is valid until this thread's next call.
+const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, QuantIsa isa) {
+  thread_local QActs a;
   a.nb = (in + kBlock - 1) / kBlock;
-  a.q.assign(size_t(M * a.nb * kBlock), 0);
-  a.d.assign(size_t(M * a.nb), 0.0f);
-  a.sum.assign(size_t(M * a.nb), 0);
+  const size_t nblk = size_t(M * a.nb);
+  if (a.d.size() < nblk) {
+    a.q.resize(nblk * kBlock);
+    a.d.resize(nblk);
+    a.sum.resize(nblk);
+    a.pair.resize(2 * nblk);
+  }
   int src[kBlock];
   for (int p = 0; p < kBlock; ++p) src[p] = qmm::block_source_index(bits, p);
+#if defined(__x86_64__) || defined(__i386__)
+  const bool simd = isa == QuantIsa::Avx2 || isa == QuantIsa::Avx2Vnni;
+#else
+  const bool simd = false;
+  (void)isa;
+#endif
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < a.nb; ++b) {
       const float* xb = x + m * in + b * kBlock;
       const int64_t n = std::min(kBlock, in - b * kBlock);
-      float amax = 0.0f;
-      for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
-      int8_t* qb = a.q.data() + (m * a.nb + b) * kBlock;
+      const size_t k = size_t(m * a.nb + b);
+      int8_t* qb = a.q.data() + k * kBlock;
       int32_t s = 0;
-      for (int64_t p = 0; p < n; ++p) {
-        const float v = n == kBlock ? xb[src[p]] : xb[p];
-        const int qv = int(std::nearbyint(v * inv));
-        qb[p] = int8_t(std::clamp(qv, -127, 127));
-        s += qb[p];
+      float d = 0.0f;
+#if defined(__x86_64__) || defined(__i386__)
+      if (simd && n == kBlock) s = qmm::avx2_quantize_block(xb, bits, qb, &d);
+#endif
+      if (!simd || n < kBlock) {
+        float amax = 0.0f;
+        for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
+        d = amax / 127.0f;
+        const float inv = d > 0 ? 1.0f / d : 0.0f;
+        for (int64_t p = 0; p < kBlock; ++p) {
+          if (p >= n) {
+            qb[p] = 0;  // the partial last block is zero padded
+            continue;
+          }
+          const float v = n == kBlock ? xb[src[p]] : xb[p];
+          const int qv = int(std::nearbyint(v * inv));
+          qb[p] = int8_t(std::clamp(qv, -127, 127));
+          s += qb[p];
+        }
       }
-      a.d[size_t(m * a.nb + b)] = d;
-      a.sum[size_t(m * a.nb + b)] = s;
+      a.d[k] = d;
+      a.sum[k] = s;
+      a.pair[2 * k] = d;
+      a.pair[2 * k + 1] = d * float(s);
     }
   return a;
 }
@@ -317,19 +347,52 @@ qmm::RowKernel pick_kernel(QuantIsa isa, const PackedWeight& w) {
   return k;
 }
 
+qmm::QuadKernel pick_quad_kernel(QuantIsa isa, const PackedWeight& w) {
+  switch (isa) {
+#if defined(__x86_64__) || defined(__i386__)
+    case QuantIsa::Avx2: return qmm::avx2_quad_kernel(w);
+    case QuantIsa::Avx2Vnni: return qmm::avx2vnni_quad_kernel(w);
+#endif
+    default: return nullptr;  // portable: row by row
+  }
+}
+
+// Weight rows go in groups of kRowGroup through the four-row kernel where the ISA has one (the
+// rest, out % 4 rows, row by row); chunks of the thread split are whole groups, so which kernel
+// computes a row depends on the row index only, never on M or the thread count.
 void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa) {
-  const QActs a = quantize_acts(x, M, w.in, qmm::act_order_bits(w));
-  const qmm::RowKernel k = pick_kernel(resolve_isa(isa), w);
+  isa = resolve_isa(isa);
+  const QActs& a = quantize_acts(x, M, w.in, qmm::act_order_bits(w), isa);
+  const qmm::RowKernel k = pick_kernel(isa, w);
+  const qmm::QuadKernel qk = pick_quad_kernel(isa, w);
   const int64_t nfull = w.in / kBlock, out = w.out;
-  rows_for(out, row_grain(w.in), [&](int64_t o0, int64_t o1) {
+  const bool tail = nfull * kBlock < w.in;  // only IntGroups rows end in a partial block
+  const int64_t G = qk ? qmm::kRowGroup : 1, groups = (out + G - 1) / G;
+  // Tasks of about kTaskWork weights, handed out dynamically (a thread that falls behind on a
+  // shared machine takes fewer), whole row groups each.
+  const int64_t per_task = std::max<int64_t>(1, kTaskWork / (G * w.in)), tasks = (groups + per_task - 1) / per_task;
+  items_each(tasks, [&](int64_t t) {
+    const int64_t g0 = t * per_task, g1 = std::min(groups, g0 + per_task);
     QRow rows[qmm::kMaxRows];
-    float dots[qmm::kMaxRows];
-    for (int64_t o = o0; o < o1; ++o)
+    float dots[qmm::kMaxRows * qmm::kRowGroup];
+    int64_t o = g0 * G;
+    const int64_t o1 = std::min(out, g1 * G);
+    if (qk)
+      for (; o + qmm::kRowGroup <= o1; o += qmm::kRowGroup)
+        for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {
+          const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
+          for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
+          qk(w, o, rows, n, nfull, dots);
+          for (int j = 0; j < n; ++j)
+            for (int r = 0; r < qmm::kRowGroup; ++r)
+              y[(m0 + j) * out + o + r] = dots[j * qmm::kRowGroup + r] + (tail ? tail_dot(w, o + r, rows[j], nfull) : 0.0f);
+        }
+    for (; o < o1; ++o)
       for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {  // each weight block unpacked once per kMaxRows rows
         const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
         for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
         k(w, o, rows, n, nfull, dots);
-        for (int j = 0; j < n; ++j) y[(m0 + j) * out + o] = dots[j] + tail_dot(w, o, rows[j], nfull);
+        for (int j = 0; j < n; ++j) y[(m0 + j) * out + o] = dots[j] + (tail ? tail_dot(w, o, rows[j], nfull) : 0.0f);
       }
   });
 }

@@ -12,10 +12,12 @@ inline constexpr int64_t kBlock = 32;  // activation block (values sharing one i
 // Activations of one row quantized per block of 32: q (int8, the 32 values of a full block stored
 // in the order the weight layout unpacks them, see block_source_index), d (scale), sum (sum of q).
 // The last, partial block (in % 32 values) is stored in natural order, zero padded.
+// pair: (d, d * sum) of each block, interleaved (the four-row kernels broadcast one pair at once).
 struct QRow {
   const int8_t* q;
   const float* d;
   const int32_t* sum;
+  const float* pair;
 };
 
 // Position p of a full 32-value block holds activation (block start + block_source_index(bits, p)):
@@ -37,11 +39,24 @@ inline int block_source_index(int bits, int p) {
 inline constexpr int kMaxRows = 4;
 using RowKernel = void (*)(const PackedWeight& w, int64_t row, const QRow* a, int m, int64_t nfull, float* out);
 
+// Four consecutive weight rows [row, row + 4) against m (1..kMaxRows) activation rows at once:
+// out[j * kRowGroup + r] = the dot product of weight row (row + r) with activation row j, over the
+// first nfull blocks (the decode GEMV: each activation block is loaded once for four rows and the
+// block scales are applied to four rows with one vector FMA). Row j's arithmetic does not depend
+// on m either, so batched and single decode still give the same numbers.
+inline constexpr int kRowGroup = 4;
+using QuadKernel = void (*)(const PackedWeight& w, int64_t row, const QRow* a, int m, int64_t nfull, float* out);
+
 // The kernel of a layout (IntGroups: by bits), or null when there is none.
 RowKernel portable_kernel(const PackedWeight& w);
 #if defined(__x86_64__) || defined(__i386__)
 RowKernel avx2_kernel(const PackedWeight& w);
 RowKernel avx2vnni_kernel(const PackedWeight& w);
+QuadKernel avx2_quad_kernel(const PackedWeight& w);
+QuadKernel avx2vnni_quad_kernel(const PackedWeight& w);
+// One full block of 32 activations quantized (d = amax / 127, round half to even, +-127) into q
+// in block_source_index(bits) order; returns the sum of q. Equal to the portable loop's numbers.
+int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d);
 #endif
 
 // Order of the activations inside a full block for this layout (block_source_index's `bits`):

@@ -41,12 +41,22 @@ namespace avxvnni {
 }  // namespace avxvnni
 #pragma GCC pop_options
 
+namespace {
+bool has_avx512vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+}
+}  // namespace
+
 RowKernel avx2_kernel(const PackedWeight& w) { return avx2::pick(w); }
+int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d) { return avx2::quantize_block(x, bits, q, d); }
+QuadKernel avx2_quad_kernel(const PackedWeight& w) { return avx2::pick_quad(w); }
 
 RowKernel avx2vnni_kernel(const PackedWeight& w) {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return avx512vnni::pick(w);
-  return avxvnni::pick(w);
+  return has_avx512vnni() ? avx512vnni::pick(w) : avxvnni::pick(w);
+}
+QuadKernel avx2vnni_quad_kernel(const PackedWeight& w) {
+  return has_avx512vnni() ? avx512vnni::pick_quad(w) : avxvnni::pick_quad(w);
 }
 
 }  // namespace lowbit::ops::qmm
