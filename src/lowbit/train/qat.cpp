@@ -74,6 +74,7 @@ Var objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor
 
 void save_e2e_state(const std::string& path, const std::vector<Var>& state, AdamW& opt, int64_t step,
                     const std::string& key, double loss_before) {
+  if (auto parent = fs::path(path).parent_path(); !parent.empty()) fs::create_directories(parent);
   std::vector<std::pair<std::string, Tensor>> ts;
   for (size_t i = 0; i < state.size(); ++i) ts.emplace_back("state." + std::to_string(i), state[i].value());
   auto st = opt.state_tensors();
@@ -121,6 +122,7 @@ int64_t load_e2e_state(const std::string& path, const std::vector<Var>& state, A
 }
 
 void write_text_atomic(const std::string& path, const std::string& text) {
+  if (auto parent = fs::path(path).parent_path(); !parent.empty()) fs::create_directories(parent);
   io::AtomicFileWriter w(path);
   w.write(text.data(), text.size());
   w.commit();
