@@ -2,6 +2,8 @@
 // quantized checkpoint; resumable.
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
@@ -52,15 +54,18 @@ void run_qat(QatArgs& a) {
   OutputDir out(a.out, "--out");
   out.refuse_input(a.model, "the input model");
   a.c.state_dir = a.state_dir.empty() ? (fs::path(a.out) / ".state").string() : a.state_dir;
-  fs::create_directories(a.c.state_dir);
-  out.keep_if_exists(a.c.state_dir);  // a failed run keeps its resumable state
+  out.keep_if_exists(a.c.state_dir);  // a failed run keeps its resumable state (created by the first save)
   LoadedModel m = load_model(a.model, dev);
   std::vector<int32_t> stream;
   if (!a.train_tokens.empty()) {
     stream = read_token_file(a.train_tokens);
   } else {
     auto tok = open_tokenizer(a.tokenizer, a.model);
-    stream = tokenize_file_cached(a.train_text, *tok, a.tokenizer, (fs::path(a.c.state_dir) / "train.tokens").string());
+    std::ifstream in(a.train_text, std::ios::binary);
+    if (!in) throw_error(a.train_text, ": cannot open training text");
+    std::stringstream ss;
+    ss << in.rdbuf();
+    for (int id : tok->encode(ss.str(), false)) stream.push_back(id);
   }
   const std::string& data = a.train_tokens.empty() ? a.train_text : a.train_tokens;
   if (stream.empty()) throw_error(data, ": training data holds no tokens");
