@@ -332,10 +332,10 @@ class EfficientQat : public QatMethod {
     QatResult r;
     // ---- Block-AP ----
     BlockApOptions bo;
-    bo.epochs = pick(c_.block_epochs, 2);
+    bo.epochs = pick(c_.block_epochs, 5);
     bo.batch = pick<int64_t>(c_.block_batch, 2);
-    bo.weight_lr = pick(c_.block_lr, 2e-5);
-    bo.quant_lr = pick(c_.block_quant_lr, 1e-4);
+    bo.weight_lr = pick(c_.block_lr, 1e-3);
+    bo.quant_lr = pick(c_.block_quant_lr, 1e-3);
     bo.seed = c_.seed;
     bo.verbose = c_.verbose;
     const int64_t seqlen = std::min<int64_t>(pick<int64_t>(c_.seqlen, 256), fp.config().max_seq_len);
@@ -430,7 +430,7 @@ class EfficientQat : public QatMethod {
     });
     E2eOptions o = e2e_options(c_, fp.config(), 300, 8);
     o.stage = "e2e-qp";
-    const double lr = pick(c_.lr, 2e-5);
+    const double lr = pick(c_.lr, 1e-3);
     std::vector<E2eGroup> groups{{steps, lr, 0.0}};
     o.key = e2e_key("efficientqat-e2e-qp", f, o, groups, stream, "|" + key1);
     if (!sd.empty()) o.state_path = (fs::path(sd) / "e2e-qp.safetensors").string();

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# QAT against PTQ on stories260K, CPU (issue 14): RTN, ApiQ (`quantize --method apiq`), LSQ QAT and
+# EfficientQAT (`lowbit qat`) at the given formats; test perplexity on held-out sampled tokens.
+#   bench/qat_260k.sh [OUT_DIR] [FORMATS] [PARALLEL]     (default /tmp/qat-260k, "int2g64 int3g64", 2)
+# Data as bench/study_260k.sh: shared/models/stories260K/sample-tokens.i32 (64 sequences of BOS +
+# 256 sampled tokens) split into training/calibration (sequences 0-23, 6168 tokens: every method
+# trains only on these), validation (24-31) and test (32-63); perplexity with ctx 257 (one window
+# per sequence). Training-token budgets (tokens processed, counting repeats):
+#   apiq           20 epochs x 32 windows x 256 = 163,840 per block
+#   lsq            300 steps x 8 x 256 = 614,400 end to end (the default)
+#   lsq-163k       80 steps x 8 x 256 = 163,840 end to end (ApiQ's per-block budget)
+#   efficientqat   Block-AP 5 epochs x 128 windows x 256 = 163,840 per block, then E2E-QP 614,400
+#   efficientqat-bap  Block-AP only (--steps 0)
+# Results: OUT_DIR/results.jsonl (one object per run) and a markdown table on stdout.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+shared=${LOWBIT_SHARED:-$here/../../shared}
+out=${1:-/tmp/qat-260k} formats=${2:-"int2g64 int3g64"} parallel=${3:-2}
+lowbit=${LOWBIT:-$here/../build-rel/lowbit}
+model=$shared/models/stories260K/stories260K.bin
+mkdir -p "$out"
+cp "$lowbit" "$out/lowbit" && lowbit=$out/lowbit
+python3 - "$shared/models/stories260K/sample-tokens.i32" "$out" <<'PY'
+import array, sys
+a = array.array("i"); a.frombytes(open(sys.argv[1], "rb").read())
+assert len(a) == 64 * 257, "sample-tokens.i32: expected 64 x 257 ids"
+for name, lo, hi in (("calib", 0, 24), ("valid", 24, 32), ("test", 32, 64)):
+    open(f"{sys.argv[2]}/{name}.i32", "wb").write(a[lo * 257:hi * 257].tobytes())
+PY
+job() {  # NAME FORMAT KIND(quantize|qat) ARGS...
+  local name=$1 fmt=$2 kind=$3; shift 3
+  local dir=$out/models/$name-$fmt log=$out/logs/$name-$fmt
+  mkdir -p "$out/models" "$out/logs"
+  local t0=$(date +%s.%N)
+  if [ ! -f "$dir/config.json" ]; then
+    if [ "$kind" = quantize ]; then
+      "$lowbit" -q quantize -m "$model" --format "$fmt" --calib-tokens "$out/calib.i32" --nsamples 32 --seqlen 256 \
+        --threads 1 --json -o "$dir" "$@" > "$log.run.json" 2> "$log.err"
+    else
+      "$lowbit" -q qat -m "$model" --format "$fmt" --train-tokens "$out/calib.i32" --threads 1 --json -o "$dir" "$@" \
+        > "$log.run.json" 2> "$log.err"
+    fi
+  fi
+  local t1=$(date +%s.%N)
+  "$lowbit" -q eval ppl -m "$dir" --tokens "$out/test.i32" --ctx 257 --threads 1 --json > "$log.ppl.json"
+  "$lowbit" -q eval ppl -m "$dir" --tokens "$out/valid.i32" --ctx 257 --threads 1 --json > "$log.valid.json"
+  python3 - "$name" "$fmt" "$log" "$(echo "$t1 - $t0" | bc)" >> "$out/results.jsonl" <<'PY'
+import json, sys
+name, fmt, log, secs = sys.argv[1:5]
+run = json.load(open(log + ".run.json")) if open(log + ".run.json").read().strip() else {}
+print(json.dumps({"name": name, "format": fmt, "test_ppl": json.load(open(log + ".ppl.json"))["ppl"],
+                  "valid_ppl": json.load(open(log + ".valid.json"))["ppl"], "seconds": float(secs),
+                  "training_tokens": run.get("training_tokens"), "stages": run.get("stages")}))
+PY
+}
+export -f job
+export out lowbit model
+: > "$out/jobs.txt"
+for fmt in $formats; do
+  cat >> "$out/jobs.txt" <<EOF
+rtn $fmt quantize --method rtn
+apiq $fmt quantize --method apiq
+lsq $fmt qat --method lsq
+lsq-163k $fmt qat --method lsq --steps 80
+efficientqat $fmt qat --method efficientqat
+efficientqat-bap $fmt qat --method efficientqat --steps 0
+EOF
+done
+"$lowbit" -q eval ppl -m "$model" --tokens "$out/test.i32" --ctx 257 --threads 1 --json > "$out/fp.ppl.json"
+xargs -P "$parallel" -L 1 bash -c 'job "$@"' _ < "$out/jobs.txt"
+python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+fp = json.load(open(f"{out}/fp.ppl.json"))["ppl"]
+rows = [json.loads(l) for l in open(f"{out}/results.jsonl")]
+print(f"FP test perplexity {fp:.3f}\n")
+print("| method | format | test ppl | valid ppl | training tokens | seconds |")
+print("|---|---|---:|---:|---|---:|")
+budget = {"rtn": "none", "apiq": "163,840 per block"}
+for r in rows:
+    b = budget.get(r["name"])
+    if b is None:
+        st = r["stages"] or []
+        b = " + ".join(f'{s["stage"]} {s["tokens"]:,}' + (" per block" if s["stage"] == "block-ap" else "") for s in st)
+    print(f'| {r["name"]} | {r["format"]} | {r["test_ppl"]:.3f} | {r["valid_ppl"]:.3f} | {b} | {r["seconds"]:.0f} |')
+PY
