@@ -11,6 +11,10 @@
 #   lsq-163k       80 steps x 8 x 256 = 163,840 end to end (ApiQ's per-block budget)
 #   efficientqat   Block-AP 5 epochs x 128 windows x 256 = 163,840 per block, then E2E-QP 614,400
 #   efficientqat-bap  Block-AP only (--steps 0)
+#   *-gen rows: trained on the calibration tokens + 65,792 self-generated tokens (see below)
+#   int2g64 variants: lsq-distill, efficientqat-distill (KL to the FP model), efficientqat-e2e-lr1e-4,
+#   efficientqat-paper-lr (the paper's 7B learning rates and 2 Block-AP epochs)
+# A rerun with the same OUT_DIR skips models that exist (and re-evaluates them).
 # Results: OUT_DIR/results.jsonl (one object per run) and a markdown table on stdout.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -27,6 +31,22 @@ assert len(a) == 64 * 257, "sample-tokens.i32: expected 64 x 257 ids"
 for name, lo, hi in (("calib", 0, 24), ("valid", 24, 32), ("test", 32, 64)):
     open(f"{sys.argv[2]}/{name}.i32", "wb").write(a[lo * 257:hi * 257].tobytes())
 PY
+# Self-generated training data (for the *-gen rows): 256 sequences of BOS + 256 tokens sampled from
+# the FP model (temperature 1, top-p 1, seeds 1000..1255; the test sequences came from run.c's
+# sampler with other seeds), appended to the 6168 calibration tokens: calib+gen.i32.
+if [ ! -f "$out/calib+gen.i32" ]; then
+  for s in $(seq 1000 1255); do
+    "$lowbit" -q generate -m "$model" --tokenizer "$shared/models/stories260K/tok512.model" -n 256 --ignore-eos \
+      --top-p 1 -t 1 -s "$s" --threads 1 --json
+  done | python3 -c '
+import array, json, sys
+a = array.array("i")
+a.frombytes(open(sys.argv[1], "rb").read())
+for line in sys.stdin:
+    a.extend(json.loads(line)["tokens"])
+open(sys.argv[2], "wb").write(a.tobytes())
+print(len(a), "training tokens in", sys.argv[2], file=sys.stderr)' "$out/calib.i32" "$out/calib+gen.i32"
+fi
 job() {  # NAME FORMAT KIND(quantize|qat) ARGS...
   local name=$1 fmt=$2 kind=$3; shift 3
   local dir=$out/models/$name-$fmt log=$out/logs/$name-$fmt
@@ -37,7 +57,9 @@ job() {  # NAME FORMAT KIND(quantize|qat) ARGS...
       "$lowbit" -q quantize -m "$model" --format "$fmt" --calib-tokens "$out/calib.i32" --nsamples 32 --seqlen 256 \
         --threads 1 --json -o "$dir" "$@" > "$log.run.json" 2> "$log.err"
     else
-      "$lowbit" -q qat -m "$model" --format "$fmt" --train-tokens "$out/calib.i32" --threads 1 --json -o "$dir" "$@" \
+      local data=$out/calib.i32
+      case "$name" in *-gen) data=$out/calib+gen.i32 ;; esac
+      "$lowbit" -q qat -m "$model" --format "$fmt" --train-tokens "$data" --threads 1 --json -o "$dir" "$@" \
         > "$log.run.json" 2> "$log.err"
     fi
   fi
@@ -50,7 +72,8 @@ name, fmt, log, secs = sys.argv[1:5]
 run = json.load(open(log + ".run.json")) if open(log + ".run.json").read().strip() else {}
 print(json.dumps({"name": name, "format": fmt, "test_ppl": json.load(open(log + ".ppl.json"))["ppl"],
                   "valid_ppl": json.load(open(log + ".valid.json"))["ppl"], "seconds": float(secs),
-                  "training_tokens": run.get("training_tokens"), "stages": run.get("stages")}))
+                  "training_tokens": run.get("training_tokens"), "stages": run.get("stages"),
+                  "data_tokens": run.get("data_tokens", 6168)}))
 PY
 }
 export -f job
@@ -66,21 +89,37 @@ efficientqat $fmt qat --method efficientqat
 efficientqat-bap $fmt qat --method efficientqat --steps 0
 EOF
 done
+# Variants at int2g64 (chosen between on the validation split): distillation, and E2E-QP with a
+# smaller step-size learning rate; EfficientQAT with the paper's Llama-2-7B learning rates.
+case " $formats " in *" int2g64 "*) cat >> "$out/jobs.txt" <<EOF
+lsq-distill int2g64 qat --method lsq --distill
+efficientqat-distill int2g64 qat --method efficientqat --distill
+efficientqat-e2e-lr1e-4 int2g64 qat --method efficientqat --lr 1e-4
+efficientqat-paper-lr int2g64 qat --method efficientqat --block-epochs 2 --block-lr 2e-5 --block-quant-lr 1e-4 --lr 2e-5
+lsq-gen int2g64 qat --method lsq
+efficientqat-gen int2g64 qat --method efficientqat
+EOF
+esac
 "$lowbit" -q eval ppl -m "$model" --tokens "$out/test.i32" --ctx 257 --threads 1 --json > "$out/fp.ppl.json"
 xargs -P "$parallel" -L 1 bash -c 'job "$@"' _ < "$out/jobs.txt"
 python3 - "$out" <<'PY'
 import json, sys
 out = sys.argv[1]
 fp = json.load(open(f"{out}/fp.ppl.json"))["ppl"]
-rows = [json.loads(l) for l in open(f"{out}/results.jsonl")]
+rows = {}
+for l in open(f"{out}/results.jsonl"):  # a rerun appends: keep the last row of each (name, format)
+    r = json.loads(l)
+    rows[(r["name"], r["format"])] = r
+rows = list(rows.values())
 print(f"FP test perplexity {fp:.3f}\n")
-print("| method | format | test ppl | valid ppl | training tokens | seconds |")
-print("|---|---|---:|---:|---|---:|")
+print("| method | format | test ppl | valid ppl | training data (tokens) | training tokens processed | seconds |")
+print("|---|---|---:|---:|---:|---|---:|")
 budget = {"rtn": "none", "apiq": "163,840 per block"}
 for r in rows:
     b = budget.get(r["name"])
     if b is None:
         st = r["stages"] or []
         b = " + ".join(f'{s["stage"]} {s["tokens"]:,}' + (" per block" if s["stage"] == "block-ap" else "") for s in st)
-    print(f'| {r["name"]} | {r["format"]} | {r["test_ppl"]:.3f} | {r["valid_ppl"]:.3f} | {b} | {r["seconds"]:.0f} |')
+    d = "none" if r["name"] == "rtn" else f'{r.get("data_tokens") or 6168:,}'
+    print(f'| {r["name"]} | {r["format"]} | {r["test_ppl"]:.3f} | {r["valid_ppl"]:.3f} | {d} | {b} | {r["seconds"]:.0f} |')
 PY
