@@ -430,7 +430,7 @@ class EfficientQat : public QatMethod {
     });
     E2eOptions o = e2e_options(c_, fp.config(), 300, 8);
     o.stage = "e2e-qp";
-    const double lr = pick(c_.lr, 1e-3);
+    const double lr = pick(c_.lr, 1e-4);
     std::vector<E2eGroup> groups{{steps, lr, 0.0}};
     o.key = e2e_key("efficientqat-e2e-qp", f, o, groups, stream, "|" + key1);
     if (!sd.empty()) o.state_path = (fs::path(sd) / "e2e-qp.safetensors").string();
