@@ -11,7 +11,7 @@
 #   lsq-163k       80 steps x 8 x 256 = 163,840 end to end (ApiQ's per-block budget)
 #   efficientqat   Block-AP 5 epochs x 128 windows x 256 = 163,840 per block, then E2E-QP 614,400
 #   efficientqat-bap  Block-AP only (--steps 0)
-#   *-gen rows: trained on the calibration tokens + 65,792 self-generated tokens (see below)
+#   *-gen rows: trained on the calibration tokens + 64,401 self-generated tokens (see below)
 #   int2g64 variants: lsq-distill, efficientqat-distill (KL to the FP model), efficientqat-e2e-lr1e-3,
 #   efficientqat-paper-lr (the paper's 7B learning rates and 2 Block-AP epochs)
 # A rerun with the same OUT_DIR skips models that exist (and re-evaluates them).
@@ -31,9 +31,10 @@ assert len(a) == 64 * 257, "sample-tokens.i32: expected 64 x 257 ids"
 for name, lo, hi in (("calib", 0, 24), ("valid", 24, 32), ("test", 32, 64)):
     open(f"{sys.argv[2]}/{name}.i32", "wb").write(a[lo * 257:hi * 257].tobytes())
 PY
-# Self-generated training data (for the *-gen rows): 256 sequences of BOS + 256 tokens sampled from
-# the FP model (temperature 1, top-p 1, seeds 1000..1255; the test sequences came from run.c's
-# sampler with other seeds), appended to the 6168 calibration tokens: calib+gen.i32.
+# Self-generated training data (for the *-gen rows): 256 sequences of BOS + up to 256 tokens (a sampled
+# BOS ends one early: 64,401 tokens in all) sampled from
+# the FP model (temperature 1, top-p 1, seeds 1000..1255: new samples of the model whose other samples
+# are the test sequences), appended to the 6168 calibration tokens: calib+gen.i32.
 if [ ! -f "$out/calib+gen.i32" ]; then
   for s in $(seq 1000 1255); do
     "$lowbit" -q generate -m "$model" --tokenizer "$shared/models/stories260K/tok512.model" -n 256 --ignore-eos \
