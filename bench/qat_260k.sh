@@ -101,6 +101,11 @@ lsq-gen int2g64 qat --method lsq
 efficientqat-gen int2g64 qat --method efficientqat
 EOF
 esac
+case " $formats " in *" int3g64 "*) cat >> "$out/jobs.txt" <<EOF
+lsq-gen int3g64 qat --method lsq
+efficientqat-gen int3g64 qat --method efficientqat
+EOF
+esac
 "$lowbit" -q eval ppl -m "$model" --tokens "$out/test.i32" --ctx 257 --threads 1 --json > "$out/fp.ppl.json"
 xargs -P "$parallel" -L 1 bash -c 'job "$@"' _ < "$out/jobs.txt"
 python3 - "$out" <<'PY'
