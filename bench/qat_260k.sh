@@ -53,13 +53,13 @@ job() {  # NAME FORMAT KIND(quantize|qat) ARGS...
   local dir=$out/models/$name-$fmt log=$out/logs/$name-$fmt
   mkdir -p "$out/models" "$out/logs"
   local t0=$(date +%s.%N)
+  local data=$out/calib.i32
+  case "$name" in *-gen) data=$out/calib+gen.i32 ;; esac
   if [ ! -f "$dir/config.json" ]; then
     if [ "$kind" = quantize ]; then
-      "$lowbit" -q quantize -m "$model" --format "$fmt" --calib-tokens "$out/calib.i32" --nsamples 32 --seqlen 256 \
+      "$lowbit" -q quantize -m "$model" --format "$fmt" --calib-tokens "$data" --nsamples 32 --seqlen 256 \
         --threads 1 --json -o "$dir" "$@" > "$log.run.json" 2> "$log.err"
     else
-      local data=$out/calib.i32
-      case "$name" in *-gen) data=$out/calib+gen.i32 ;; esac
       "$lowbit" -q qat -m "$model" --format "$fmt" --train-tokens "$data" --threads 1 --json -o "$dir" "$@" \
         > "$log.run.json" 2> "$log.err"
     fi
@@ -67,14 +67,14 @@ job() {  # NAME FORMAT KIND(quantize|qat) ARGS...
   local t1=$(date +%s.%N)
   "$lowbit" -q eval ppl -m "$dir" --tokens "$out/test.i32" --ctx 257 --threads 1 --json > "$log.ppl.json"
   "$lowbit" -q eval ppl -m "$dir" --tokens "$out/valid.i32" --ctx 257 --threads 1 --json > "$log.valid.json"
-  python3 - "$name" "$fmt" "$log" "$(echo "$t1 - $t0" | bc)" >> "$out/results.jsonl" <<'PY'
+  python3 - "$name" "$fmt" "$log" "$(echo "$t1 - $t0" | bc)" "$(( $(stat -c %s "$data") / 4 ))" >> "$out/results.jsonl" <<'PY'
 import json, sys
-name, fmt, log, secs = sys.argv[1:5]
+name, fmt, log, secs, ntok = sys.argv[1:6]
 run = json.load(open(log + ".run.json")) if open(log + ".run.json").read().strip() else {}
 print(json.dumps({"name": name, "format": fmt, "test_ppl": json.load(open(log + ".ppl.json"))["ppl"],
                   "valid_ppl": json.load(open(log + ".valid.json"))["ppl"], "seconds": run.get("seconds", float(secs)),
                   "training_tokens": run.get("training_tokens"), "stages": run.get("stages"),
-                  "data_tokens": run.get("data_tokens", 6168)}))
+                  "data_tokens": int(ntok)}))
 PY
 }
 export -f job
@@ -99,11 +99,13 @@ efficientqat-e2e-lr1e-3 int2g64 qat --method efficientqat --lr 1e-3
 efficientqat-paper-lr int2g64 qat --method efficientqat --block-epochs 2 --block-lr 2e-5 --block-quant-lr 1e-4 --lr 2e-5
 lsq-gen int2g64 qat --method lsq
 efficientqat-gen int2g64 qat --method efficientqat
+apiq-gen int2g64 quantize --method apiq
 EOF
 esac
 case " $formats " in *" int3g64 "*) cat >> "$out/jobs.txt" <<EOF
 lsq-gen int3g64 qat --method lsq
 efficientqat-gen int3g64 qat --method efficientqat
+apiq-gen int3g64 quantize --method apiq
 EOF
 esac
 "$lowbit" -q eval ppl -m "$model" --tokens "$out/test.i32" --ctx 257 --threads 1 --json > "$out/fp.ppl.json"
@@ -120,7 +122,7 @@ rows = list(rows.values())
 print(f"FP test perplexity {fp:.3f}\n")
 print("| method | format | test ppl | valid ppl | training data (tokens) | training tokens processed | seconds |")
 print("|---|---|---:|---:|---:|---|---:|")
-budget = {"rtn": "none", "apiq": "163,840 per block"}
+budget = {"rtn": "none", "apiq": "163,840 per block", "apiq-gen": "163,840 per block"}
 for r in rows:
     b = budget.get(r["name"])
     if b is None:
