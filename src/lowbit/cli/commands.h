@@ -11,6 +11,7 @@ void register_generate(CLI::App& app);  // lowbit generate
 void register_tokenize(CLI::App& app);  // lowbit tokenize
 void register_convert(CLI::App& app);   // lowbit convert
 void register_quantize(CLI::App& app);  // lowbit quantize
+void register_qat(CLI::App& app);       // lowbit qat
 void register_train(CLI::App& app);     // lowbit train
 void register_finetune(CLI::App& app);  // lowbit finetune
 void register_bench(CLI::App& app);     // lowbit bench

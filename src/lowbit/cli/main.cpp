@@ -55,6 +55,7 @@ int main(int argc, char** argv) {
   lowbit::cli::register_tokenize(app);
   lowbit::cli::register_convert(app);
   lowbit::cli::register_quantize(app);
+  lowbit::cli::register_qat(app);
   lowbit::cli::register_train(app);
   lowbit::cli::register_finetune(app);
   lowbit::cli::register_bench(app);

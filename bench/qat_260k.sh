@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# QAT against PTQ on stories260K, CPU (issue 14): RTN, ApiQ (`quantize --method apiq`), LSQ QAT and
+# EfficientQAT (`lowbit qat`) at the given formats; test perplexity on held-out sampled tokens.
+#   bench/qat_260k.sh [OUT_DIR] [FORMATS] [PARALLEL]     (default /tmp/qat-260k, "int2g64 int3g64", 2)
+# Data as bench/study_260k.sh: shared/models/stories260K/sample-tokens.i32 (64 sequences of BOS +
+# 256 sampled tokens) split into training/calibration (sequences 0-23, 6168 tokens: every method
+# trains only on these), validation (24-31) and test (32-63); perplexity with ctx 257 (one window
+# per sequence). Training-token budgets (tokens processed, counting repeats):
+#   apiq           20 epochs x 32 windows x 256 = 163,840 per block
+#   lsq            300 steps x 8 x 256 = 614,400 end to end (the default)
+#   lsq-163k       80 steps x 8 x 256 = 163,840 end to end (ApiQ's per-block budget)
+#   efficientqat   Block-AP 5 epochs x 128 windows x 256 = 163,840 per block, then E2E-QP 614,400
+#   efficientqat-bap  Block-AP only (--steps 0)
+#   *-gen rows: trained on the calibration tokens + 64,401 self-generated tokens (see below)
+#   int2g64 variants: lsq-distill, efficientqat-distill (KL to the FP model), efficientqat-e2e-lr1e-3,
+#   efficientqat-paper-lr (the paper's 7B learning rates and 2 Block-AP epochs)
+# A rerun with the same OUT_DIR skips models that exist (and re-evaluates them).
+# Results: OUT_DIR/results.jsonl (one object per run) and a markdown table on stdout.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+shared=${LOWBIT_SHARED:-$here/../../shared}
+out=${1:-/tmp/qat-260k} formats=${2:-"int2g64 int3g64"} parallel=${3:-2}
+lowbit=${LOWBIT:-$here/../build-rel/lowbit}
+model=$shared/models/stories260K/stories260K.bin
+mkdir -p "$out"
+cp "$lowbit" "$out/lowbit" && lowbit=$out/lowbit
+python3 - "$shared/models/stories260K/sample-tokens.i32" "$out" <<'PY'
+import array, sys
+a = array.array("i"); a.frombytes(open(sys.argv[1], "rb").read())
+assert len(a) == 64 * 257, "sample-tokens.i32: expected 64 x 257 ids"
+for name, lo, hi in (("calib", 0, 24), ("valid", 24, 32), ("test", 32, 64)):
+    open(f"{sys.argv[2]}/{name}.i32", "wb").write(a[lo * 257:hi * 257].tobytes())
+PY
+# Self-generated training data (for the *-gen rows): 256 sequences of BOS + up to 256 tokens (a sampled
+# BOS ends one early: 64,401 tokens in all) sampled from
+# the FP model (temperature 1, top-p 1, seeds 1000..1255: new samples of the model whose other samples
+# are the test sequences), appended to the 6168 calibration tokens: calib+gen.i32.
+if [ ! -f "$out/calib+gen.i32" ]; then
+  for s in $(seq 1000 1255); do
+    "$lowbit" -q generate -m "$model" --tokenizer "$shared/models/stories260K/tok512.model" -n 256 --ignore-eos \
+      --top-p 1 -t 1 -s "$s" --threads 1 --json
+  done | python3 -c '
+import array, json, sys
+a = array.array("i")
+a.frombytes(open(sys.argv[1], "rb").read())
+for line in sys.stdin:
+    a.extend(json.loads(line)["tokens"])
+open(sys.argv[2], "wb").write(a.tobytes())
+print(len(a), "training tokens in", sys.argv[2], file=sys.stderr)' "$out/calib.i32" "$out/calib+gen.i32"
+fi
+job() {  # NAME FORMAT KIND(quantize|qat) ARGS...
+  local name=$1 fmt=$2 kind=$3; shift 3
+  local dir=$out/models/$name-$fmt log=$out/logs/$name-$fmt
+  mkdir -p "$out/models" "$out/logs"
+  local t0=$(date +%s.%N)
+  local data=$out/calib.i32
+  case "$name" in *-gen) data=$out/calib+gen.i32 ;; esac
+  if [ ! -f "$dir/config.json" ]; then
+    if [ "$kind" = quantize ]; then
+      "$lowbit" -q quantize -m "$model" --format "$fmt" --calib-tokens "$data" --nsamples 32 --seqlen 256 \
+        --threads 1 --json -o "$dir" "$@" > "$log.run.json" 2> "$log.err"
+    else
+      "$lowbit" -q qat -m "$model" --format "$fmt" --train-tokens "$data" --threads 1 --json -o "$dir" "$@" \
+        > "$log.run.json" 2> "$log.err"
+    fi
+  fi
+  local t1=$(date +%s.%N)
+  "$lowbit" -q eval ppl -m "$dir" --tokens "$out/test.i32" --ctx 257 --threads 1 --json > "$log.ppl.json"
+  "$lowbit" -q eval ppl -m "$dir" --tokens "$out/valid.i32" --ctx 257 --threads 1 --json > "$log.valid.json"
+  python3 - "$name" "$fmt" "$log" "$(echo "$t1 - $t0" | bc)" "$(( $(stat -c %s "$data") / 4 ))" >> "$out/results.jsonl" <<'PY'
+import json, sys
+name, fmt, log, secs, ntok = sys.argv[1:6]
+run = json.load(open(log + ".run.json")) if open(log + ".run.json").read().strip() else {}
+print(json.dumps({"name": name, "format": fmt, "test_ppl": json.load(open(log + ".ppl.json"))["ppl"],
+                  "valid_ppl": json.load(open(log + ".valid.json"))["ppl"], "seconds": run.get("seconds", float(secs)),
+                  "training_tokens": run.get("training_tokens"), "stages": run.get("stages"),
+                  "data_tokens": int(ntok)}))
+PY
+}
+export -f job
+export out lowbit model
+: > "$out/jobs.txt"
+for fmt in $formats; do
+  cat >> "$out/jobs.txt" <<EOF
+rtn $fmt quantize --method rtn
+apiq $fmt quantize --method apiq
+lsq $fmt qat --method lsq
+lsq-163k $fmt qat --method lsq --steps 80
+efficientqat $fmt qat --method efficientqat
+efficientqat-bap $fmt qat --method efficientqat --steps 0
+EOF
+done
+# Variants at int2g64 (chosen between on the validation split): distillation, and E2E-QP with a
+# larger step-size learning rate (1e-3, the default before the validation split chose 1e-4); EfficientQAT with the paper's Llama-2-7B learning rates.
+case " $formats " in *" int2g64 "*) cat >> "$out/jobs.txt" <<EOF
+lsq-distill int2g64 qat --method lsq --distill
+efficientqat-distill int2g64 qat --method efficientqat --distill
+efficientqat-e2e-lr1e-3 int2g64 qat --method efficientqat --lr 1e-3
+efficientqat-paper-lr int2g64 qat --method efficientqat --block-epochs 2 --block-lr 2e-5 --block-quant-lr 1e-4 --lr 2e-5
+lsq-gen int2g64 qat --method lsq
+efficientqat-gen int2g64 qat --method efficientqat
+apiq-gen int2g64 quantize --method apiq
+EOF
+esac
+case " $formats " in *" int3g64 "*) cat >> "$out/jobs.txt" <<EOF
+lsq-gen int3g64 qat --method lsq
+efficientqat-gen int3g64 qat --method efficientqat
+apiq-gen int3g64 quantize --method apiq
+EOF
+esac
+"$lowbit" -q eval ppl -m "$model" --tokens "$out/test.i32" --ctx 257 --threads 1 --json > "$out/fp.ppl.json"
+xargs -P "$parallel" -L 1 bash -c 'job "$@"' _ < "$out/jobs.txt"
+python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+fp = json.load(open(f"{out}/fp.ppl.json"))["ppl"]
+rows = {}
+for l in open(f"{out}/results.jsonl"):  # a rerun appends: keep the last row of each (name, format)
+    r = json.loads(l)
+    rows[(r["name"], r["format"])] = r
+rows = list(rows.values())
+print(f"FP test perplexity {fp:.3f}\n")
+print("| method | format | test ppl | valid ppl | training data (tokens) | training tokens processed | seconds |")
+print("|---|---|---:|---:|---:|---|---:|")
+budget = {"rtn": "none", "apiq": "163,840 per block", "apiq-gen": "163,840 per block"}
+for r in rows:
+    b = budget.get(r["name"])
+    if b is None:
+        st = r["stages"] or []
+        b = " + ".join(f'{s["stage"]} {s["tokens"]:,}' + (" per block" if s["stage"] == "block-ap" else "") for s in st)
+    d = "none" if r["name"] == "rtn" else f'{r.get("data_tokens") or 6168:,}'
+    print(f'| {r["name"]} | {r["format"]} | {r["test_ppl"]:.3f} | {r["valid_ppl"]:.3f} | {d} | {b} | {r["seconds"]:.0f} |')
+PY

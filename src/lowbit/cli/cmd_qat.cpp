@@ -1,0 +1,175 @@
+// lowbit qat: quantization-aware training (train/qat.h) of a full-precision model into a lowbit
+// quantized checkpoint; resumable.
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "lowbit/cli/commands.h"
+#include "lowbit/cli/common.h"
+#include "lowbit/core/threads.h"
+#include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/methods/pipeline.h"
+#include "lowbit/train/qat.h"
+
+namespace lowbit::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct QatArgs {
+  std::string model, method, format = "int2g64", train_text, train_tokens, tokenizer, out, state_dir, device = "cpu",
+                             init = "mse";
+  QatConfig c;
+  bool json = false;
+};
+
+nlohmann::json stage_json(const QatStage& s) {
+  auto num = [](double v) { return v < 0 ? nlohmann::json() : nlohmann::json(v); };
+  return {{"stage", s.name},         {"steps", s.steps},
+          {"tokens", s.tokens},      {"loss_before", num(s.loss_before)},
+          {"loss_after", num(s.loss_after)}, {"seconds", s.seconds},
+          {"resumed_from", s.resumed_from}, {"hyper", s.hyper}};
+}
+
+void run_qat(QatArgs& a) {
+  find_qat_method(a.method);  // an unknown name fails before anything is loaded
+  const QuantFormat& f = parse_quant_format(a.format);
+  a.c.format = &f;
+  a.c.init = parse_lsq_init(a.init);
+  if (!a.train_text.empty() && !a.train_tokens.empty()) throw_error("qat: give --train TEXT or --train-tokens FILE, not both");
+  if (a.train_text.empty() && a.train_tokens.empty()) throw_error("qat: give --train TEXT (with a tokenizer) or --train-tokens FILE");
+  if (a.c.lm_weight > 0 && !a.c.distill) throw_error("--lm-weight adds the LM loss to --distill's KL; it needs --distill");
+  const Device dev = parse_device(a.device);
+  if (dev != Device::CPU)
+    throw_error("qat: --device ", a.device, " is not supported yet: the LSQ quantizer has a CPU body only (use --device cpu)");
+  if (is_lowbit_quantized_dir(a.model))
+    throw_error(a.model, ": is already a lowbit quantized model; QAT starts from the full-precision model");
+  std::error_code ec;
+  if (fs::exists(a.out) && fs::exists(a.model) && fs::equivalent(a.out, a.model, ec))
+    throw_error("--out ", a.out, " is the input model; choose another directory");
+  // The method's own checks (format support) before anything is loaded.
+  make_qat_method(a.method, a.c);
+  OutputDir out(a.out, "--out");
+  out.refuse_input(a.model, "the input model");
+  a.c.state_dir = a.state_dir.empty() ? (fs::path(a.out) / ".state").string() : a.state_dir;
+  out.keep_if_exists(a.c.state_dir);  // a failed run keeps its resumable state (created by the first save)
+  LoadedModel m = load_model(a.model, dev);
+  std::vector<int32_t> stream;
+  if (!a.train_tokens.empty()) {
+    stream = read_token_file(a.train_tokens);
+  } else {
+    auto tok = open_tokenizer(a.tokenizer, a.model);
+    std::ifstream in(a.train_text, std::ios::binary);
+    if (!in) throw_error(a.train_text, ": cannot open training text");
+    std::stringstream ss;
+    ss << in.rdbuf();
+    for (int id : tok->encode(ss.str(), false)) stream.push_back(id);
+  }
+  const std::string& data = a.train_tokens.empty() ? a.train_text : a.train_tokens;
+  if (stream.empty()) throw_error(data, ": training data holds no tokens");
+  for (size_t i = 0; i < stream.size(); ++i)
+    if (stream[i] < 0 || stream[i] >= m.model->config().vocab_size)
+      throw_error(data, ": token ", stream[i], " at position ", i, " is outside the model's vocabulary (",
+                  m.model->config().vocab_size, ")");
+  auto method = make_qat_method(a.method, a.c);
+  QatResult r = method->run(*m.model, stream);
+  nlohmann::json stages = nlohmann::json::array();
+  for (const auto& s : r.stages) stages.push_back(stage_json(s));
+  int64_t tokens = 0;
+  for (const auto& s : r.stages) tokens += s.tokens;
+  nlohmann::json report = {{"model", a.model},     {"method", a.method},       {"format", f.name},
+                           {"complete", r.complete}, {"seconds", r.seconds},   {"stages", stages},
+                           {"training_tokens", tokens}, {"data", data},        {"data_tokens", stream.size()},
+                           {"peak_rss_bytes", peak_rss_bytes()}, {"threads", threads_summary()}};
+  if (!r.complete) {  // stopped early (testing aid): the state stays for the next run
+    out.keep();
+    if (a.json) print_json(report);
+    else print_stdout("qat %s: stopped early; rerun the same command to resume from %s\n", a.method.c_str(),
+                      a.c.state_dir.c_str());
+    return;
+  }
+  nlohmann::json extra = {{"source_model", a.model}, {"qat", report}};
+  save_quantized_model(a.out, *r.model, a.method, f, extra);
+  {
+    const std::string path = (fs::path(a.out) / "qat_report.json").string();
+    FILE* fp = std::fopen(path.c_str(), "wb");
+    if (!fp) throw_error(path, ": cannot write");
+    const std::string s = report.dump(2) + "\n";
+    const bool ok = std::fwrite(s.data(), 1, s.size(), fp) == s.size();
+    if (std::fclose(fp) != 0 || !ok) throw_error(path, ": write failed");
+  }
+  copy_tokenizer_files(a.tokenizer, a.model, a.out);
+  out.keep();
+  if (a.state_dir.empty()) fs::remove_all(a.c.state_dir, ec);
+  if (a.json) {
+    print_json(report);
+    return;
+  }
+  for (const auto& s : r.stages)
+    print_stdout("%-9s %6lld steps %10lld tokens  loss %.5g -> %.5g  %.1fs\n", s.name.c_str(), (long long)s.steps,
+                 (long long)s.tokens, s.loss_before, s.loss_after, s.seconds);
+  print_stdout("qat %s %s: %.1fs, peak memory %.0f MiB\nwrote %s\n", a.method.c_str(), f.name, r.seconds,
+               double(peak_rss_bytes()) / (1 << 20), a.out.c_str());
+}
+
+}  // namespace
+
+void register_qat(CLI::App& app) {
+  auto* q = app.add_subcommand("qat", "Quantization-aware training (" + qat_method_names() + "); resumable");
+  auto a = std::make_shared<QatArgs>();
+  QatConfig& c = a->c;
+  q->add_option("-m,--model", a->model, "input full-precision model (llama2.c .bin, .gguf, HF directory)")->required();
+  q->add_option("--method", a->method, "QAT method, one of:" + qat_method_help())->required();
+  q->add_option("--format", a->format, "number format (uniform integer: intBgG, intBpc, symmetric with s)")
+      ->capture_default_str()
+      ->check(non_empty());
+  q->add_option("--train", a->train_text, "training text (tokenized with --tokenizer or the model's tokenizer)");
+  q->add_option("--tokenizer", a->tokenizer, "tokenizer for --train (default: the model's)");
+  q->add_option("--train-tokens", a->train_tokens, "training data as raw int32 token ids");
+  q->add_option("--steps", c.steps, "end-to-end optimizer steps (default 300; efficientqat: of E2E-QP)")->check(at_least(0));
+  q->add_option("--batch", c.batch, "sequences per step (default 8)")->check(at_least(1));
+  q->add_option("--seqlen", c.seqlen, "tokens per sequence (default 256, capped at the model's max)")->check(at_least(1));
+  q->add_option("--lr", c.lr, "lsq: AdamW lr of the latent weights (default 1e-4); efficientqat: E2E-QP lr of the step sizes (default 1e-4, chosen on stories260K's validation split; the paper's 7B value is 2e-5)")
+      ->check(above(0));
+  q->add_option("--quant-lr", c.quant_lr, "lsq: AdamW lr of the step sizes and zero points (default 1e-3)")->check(above(0));
+  q->add_option("--warmup", c.warmup, "linear warmup steps (default steps / 20)")->check(at_least(0));
+  q->add_option("--seed", c.seed, "seed for the training windows and calibration sampling")->capture_default_str()->check(at_least(0));
+  q->add_flag("--distill", c.distill, "train on KL(teacher || student) to the full-precision model's logits instead of the LM loss");
+  q->add_option("--lm-weight", c.lm_weight, "with --distill: add this times the LM cross-entropy")->check(at_least(0));
+  q->add_option("--init", a->init, "lsq: initial steps/zero points: mse (LSQ+), minmax (RTN) or lsq (2<|w|>/sqrt(Qp))")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"mse", "minmax", "lsq"}));
+  q->add_option("--nsamples", c.nsamples, "efficientqat: Block-AP calibration windows (default 128)")->check(at_least(1));
+  q->add_option("--block-epochs", c.block_epochs, "efficientqat: Block-AP epochs (default 5: 5 x 128 windows = ApiQ's 20 x 32 tokens per block; the paper: 2 x 4096)")->check(at_least(0));
+  q->add_option("--block-batch", c.block_batch, "efficientqat: Block-AP windows per step (default 2)")->check(at_least(1));
+  q->add_option("--block-lr", c.block_lr, "efficientqat: Block-AP lr of the weights (default 1e-3, tuned on stories260K; the paper's 7B value is 2e-5)")->check(at_least(0));
+  q->add_option("--block-quant-lr", c.block_quant_lr, "efficientqat: Block-AP lr of steps and zero points (default 1e-3; the paper's 7B value is 1e-4)")
+      ->check(at_least(0));
+  q->add_option("--state-dir", a->state_dir, "resumable state (default: OUT/.state; removed on success)");
+  q->add_option("--checkpoint-seconds", c.checkpoint_seconds, "save the resumable state at most this often (0: every step)")
+      ->capture_default_str()
+      ->check(at_least(0.0));
+  q->add_option("--stop-after", c.stop_after_steps, "testing aid: stop after this many end-to-end steps of this run (state kept)")
+      ->check(at_least(0));
+  q->add_option("--stop-after-blocks", c.stop_after_blocks, "testing aid: stop after this many Block-AP blocks of this run")
+      ->check(at_least(0));
+  q->add_flag("--verbose", c.verbose, "print per-epoch Block-AP losses");
+  q->add_option("-o,--out", a->out, "output directory (a lowbit quantized checkpoint, as quantize writes)")->required();
+  q->add_option("--device", a->device, "cpu (cuda: not yet, the LSQ quantizer has a CPU body only)")->capture_default_str();
+  q->add_flag("--json", a->json, "print the report as JSON");
+  add_threads_option(q);
+  q->callback([a, q] {
+    const std::pair<const char*, const char*> owned[] = {{"--nsamples", "efficientqat"}, {"--block-epochs", "efficientqat"},
+                                                         {"--block-batch", "efficientqat"}, {"--block-lr", "efficientqat"},
+                                                         {"--block-quant-lr", "efficientqat"}, {"--stop-after-blocks", "efficientqat"},
+                                                         {"--quant-lr", "lsq"}, {"--init", "lsq"}};
+    for (const auto& [flag, method] : owned)
+      if (q->count(flag) > 0 && a->method != method) throw_error(flag, " applies to --method ", method, ", not ", a->method);
+    a->c.progress = !a->json;
+    run_qat(*a);
+  });
+}
+
+}  // namespace lowbit::cli

@@ -1,0 +1,145 @@
+#include "lowbit/methods/block_ap.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <random>
+
+#include "lowbit/autograd/functions.h"
+#include "lowbit/autograd/optim.h"
+#include "lowbit/quant/lsq_linear.h"
+#include "lowbit/quant/quant_linear.h"
+
+namespace lowbit {
+
+namespace {
+
+uint64_t mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Fisher-Yates with our own index draw (std::shuffle's use of the engine is implementation-defined).
+std::vector<int64_t> shuffled_order(int64_t n, uint64_t seed) {
+  std::vector<int64_t> p(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) p[size_t(i)] = i;
+  std::mt19937_64 rng(seed);
+  for (int64_t i = n - 1; i > 0; --i) std::swap(p[size_t(i)], p[size_t(rng() % uint64_t(i + 1))]);
+  return p;
+}
+
+// Rows of windows idx[b..e) of x [N*L, C] (window k = rows k*L .. k*L+L-1), concatenated.
+Tensor windows(const Tensor& x, const std::vector<int64_t>& idx, size_t b, size_t e, int64_t L) {
+  Tensor out = Tensor::empty({int64_t(e - b) * L, x.size(1)}, x.dtype(), x.device());
+  for (size_t i = b; i < e; ++i) {
+    const int64_t k = idx[i], r = int64_t(i - b);
+    out.slice(0, r * L, (r + 1) * L).copy_(x.slice(0, k * L, (k + 1) * L));
+  }
+  return out;
+}
+
+}  // namespace
+
+BlockApMethod::BlockApMethod(const QuantFormat& f, BlockApOptions o) : f_(f), o_(o) {
+  LB_CHECK(lsq_supports(f), "efficientqat: format ", f.name,
+           " is not a uniform integer format; Block-AP trains step sizes and zero points of intB{gG,pc}[s]");
+  LB_CHECK(o_.epochs >= 0, "efficientqat: Block-AP epochs must be >= 0, got ", o_.epochs);
+  LB_CHECK(o_.batch >= 1, "efficientqat: Block-AP batch must be >= 1, got ", o_.batch);
+  LB_CHECK(std::isfinite(o_.weight_lr) && std::isfinite(o_.quant_lr) && o_.weight_lr >= 0 && o_.quant_lr >= 0,
+           "efficientqat: Block-AP learning rates must be finite and >= 0");
+}
+
+std::string BlockApMethod::options_key() const {
+  return "epochs=" + std::to_string(o_.epochs) + ",batch=" + std::to_string(o_.batch) + ",lr=" + key_number(o_.weight_lr) +
+         "/" + key_number(o_.quant_lr) + ",init=" + lsq_init_name(o_.init) + ",seed=" + std::to_string(o_.seed);
+}
+
+void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
+  LB_CHECK(ctx.inputs.device() == Device::CPU,
+           "efficientqat: Block-AP runs on the CPU (the LSQ quantizer has no CUDA body yet); use --device cpu");
+  LlamaBlock& blk = ctx.model.block(ctx.layer);
+  const int64_t N = ctx.n_samples, L = ctx.seqlen;
+  struct Entry {
+    std::string name;
+    std::shared_ptr<Linear>* slot;
+    std::shared_ptr<Linear> original;
+    std::shared_ptr<LsqTrainLinear> t;
+    Tensor w;
+  };
+  std::vector<Entry> es;
+  std::vector<Var> weights, quant;
+  for (auto& [name, slot] : blk.linears()) {
+    Entry e;
+    e.name = name;
+    e.slot = slot;
+    e.original = *slot;
+    e.w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
+    QatLinearOptions lo;
+    lo.grad_scale = 1.0;  // EfficientQAT: plain STE gradients for s and z
+    e.t = std::make_shared<LsqTrainLinear>(e.w, (*slot)->bias(), f_, lsq_init(e.w, f_, o_.init), lo);
+    for (auto& p : e.t->weight_parameters()) weights.push_back(p);
+    for (auto& p : e.t->quant_parameters()) quant.push_back(p);
+    es.push_back(std::move(e));
+  }
+  for (auto& e : es) *e.slot = e.t;
+  try {
+    AdamW opt({ParamGroup{weights, AdamWOptions{o_.weight_lr, 0.9, 0.999, 1e-8, 0.0}},
+               ParamGroup{quant, AdamWOptions{o_.quant_lr, 0.9, 0.999, 1e-8, 0.0}}});
+    for (int ep = 0; ep < o_.epochs; ++ep) {
+      const auto perm = shuffled_order(N, mix64(mix64(o_.seed ^ mix64(uint64_t(ctx.layer))) ^ uint64_t(ep)));
+      double sum = 0;
+      int64_t steps = 0;
+      for (size_t b = 0; b < size_t(N); b += size_t(o_.batch)) {
+        const size_t e = std::min(size_t(N), b + size_t(o_.batch));
+        Var out = ctx.model.block_forward(ctx.layer, Var(windows(ctx.inputs, perm, b, e, L)), int64_t(e - b), L);
+        Var loss = mse(out, Var(windows(ctx.fp_targets, perm, b, e, L)));
+        sum += loss.value().item();
+        ++steps;
+        backward(loss);
+        opt.step();
+        opt.zero_grad();
+      }
+      const double mean = sum / double(std::max<int64_t>(steps, 1));
+      if (!std::isfinite(mean))
+        throw_error("efficientqat: Block-AP loss of layer ", ctx.layer, " is ", mean, " in epoch ", ep,
+                    "; lower the Block-AP learning rates");
+      log_.push_back({ctx.layer, ep, mean});
+      if (o_.verbose) std::fprintf(stderr, "[block-ap] layer %d epoch %d  loss %.6e\n", ctx.layer, ep, mean);
+    }
+  } catch (...) {
+    for (auto& e : es) *e.slot = e.original;
+    throw;
+  }
+  for (auto& e : es) {
+    QuantizedTensor q = e.t->encode();
+    LinearReport r;
+    r.name = "model.layers." + std::to_string(ctx.layer) + "." + e.name;
+    r.params = q.out_features() * q.in_features();
+    r.bits_per_weight = f_.bits_per_weight(q.out_features(), q.in_features());
+    *e.slot = std::make_shared<QuantLinear>(std::move(q), e.t->bias(), Device::CPU);
+    reports.push_back(r);
+  }
+  // Output errors of the encoded layers (against the block's original FP weights) on a subsample of
+  // the inputs the quantized block produces.
+  std::map<std::string, std::vector<Tensor>> rows;
+  std::map<std::string, int64_t> seen;
+  const int64_t step = std::max<int64_t>(1, (N * L + kReportRows - 1) / kReportRows);
+  ctx.run_block(ctx.inputs, [&](const std::string& name, const Tensor& x) {
+    int64_t& off = seen[name];
+    for (int64_t i = 0; i < x.size(0); ++i)
+      if ((off + i) % step == 0) rows[name].push_back(x.slice(0, i, i + 1).to(DType::F32).contiguous().clone());
+    off += x.size(0);
+  });
+  for (size_t i = 0; i < es.size(); ++i) {
+    const auto& rs = rows[es[i].name];
+    if (rs.empty()) continue;
+    Tensor x = Tensor::empty({int64_t(rs.size()), rs.front().size(1)}, DType::F32);
+    for (size_t k = 0; k < rs.size(); ++k) x.slice(0, int64_t(k), int64_t(k) + 1).copy_(rs[k]);
+    reports[reports.size() - es.size() + i].rel_error = relative_output_error(x, es[i].w, (*es[i].slot)->effective_weight());
+  }
+}
+
+}  // namespace lowbit

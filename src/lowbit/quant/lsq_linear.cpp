@@ -1,0 +1,77 @@
+#include "lowbit/quant/lsq_linear.h"
+
+#include "lowbit/autograd/functions.h"
+
+namespace lowbit {
+
+LsqTrainLinear::LsqTrainLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f, const LsqParams& init,
+                               const QatLinearOptions& o)
+    : format_(f), opt_(o) {
+  LB_CHECK(lsq_supports(f), "qat: format ", f.name, " is not a uniform integer format (LSQ needs intB{gG,pc}[s])");
+  LB_CHECK(weight.defined() && weight.dim() == 2, "qat: weight must be [out, in], got ",
+           weight.defined() ? weight.describe() : std::string("undefined"));
+  LB_CHECK(weight.device() == Device::CPU, "qat: the LSQ training layer runs on the CPU (no CUDA body yet); got ",
+           weight.describe());
+  shape_ = weight.shape();
+  weight_ = Var(weight.to(DType::F32).contiguous().clone(), o.train_weight);
+  step_ = Var(init.step.to(DType::F32).contiguous().clone(), o.train_step);
+  if (f.kind == QuantKind::IntAsym) {
+    LB_CHECK(init.offset.defined(), "qat: format ", f.name, " needs an initial zero point");
+    offset_ = Var(init.offset.to(DType::F32).contiguous().clone(), o.train_offset);
+  }
+  if (bias.defined()) bias_ = Var(bias.to(DType::F32).contiguous().clone(), false);
+}
+
+LsqTrainLinear::LsqTrainLinear(const QuantizedTensor& q, const Tensor& bias) : format_(q.fmt()), frozen_(true) {
+  codes_ = lowbit::frozen_codes(q);
+  shape_ = q.shape;
+  opt_.train_weight = false;
+  opt_.train_offset = false;
+  step_ = Var(codes_.step.clone(), true);
+  if (bias.defined()) bias_ = Var(bias.to(Device::CPU).to(DType::F32).contiguous().clone(), false);
+}
+
+Var LsqTrainLinear::quantized_weight() const {
+  if (frozen_) return group_scale_dequant(codes_.codes, step_, format_);
+  return lsq_fake_quant(weight_, step_, offset_, format_, opt_.grad_scale);
+}
+
+Var LsqTrainLinear::forward(const Var& x) const { return linear(x, quantized_weight(), bias_); }
+
+std::vector<Var> LsqTrainLinear::weight_parameters() const {
+  if (!frozen_ && opt_.train_weight) return {weight_};
+  return {};
+}
+
+std::vector<Var> LsqTrainLinear::quant_parameters() const {
+  std::vector<Var> p;
+  if (opt_.train_step) p.push_back(step_);
+  if (offset_.defined() && opt_.train_offset) p.push_back(offset_);
+  return p;
+}
+
+std::vector<Var> LsqTrainLinear::parameters() const {
+  std::vector<Var> p = weight_parameters();
+  for (auto& q : quant_parameters()) p.push_back(q);
+  return p;
+}
+
+std::vector<Var> LsqTrainLinear::state() const {
+  std::vector<Var> s;
+  if (!frozen_) s.push_back(weight_);
+  s.push_back(step_);
+  if (offset_.defined()) s.push_back(offset_);
+  return s;
+}
+
+Tensor LsqTrainLinear::effective_weight() const {
+  NoGradGuard ng;
+  return quantized_weight().value();
+}
+
+QuantizedTensor LsqTrainLinear::encode() const {
+  if (frozen_) return encode_frozen(codes_, step_.value(), format_);
+  return lsq_encode(weight_.value(), step_.value(), offset_.defined() ? offset_.value() : Tensor(), format_);
+}
+
+}  // namespace lowbit

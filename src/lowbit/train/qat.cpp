@@ -1,0 +1,508 @@
+#include "lowbit/train/qat.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <sstream>
+
+#include "lowbit/autograd/functions.h"
+#include "lowbit/autograd/optim.h"
+#include "lowbit/core/progress.h"
+#include "lowbit/io/file_util.h"
+#include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/io/safetensors.h"
+#include "lowbit/methods/block_ap.h"
+#include "lowbit/methods/calibration.h"
+#include "lowbit/methods/pipeline.h"
+#include "lowbit/quant/lsq_linear.h"
+#include "lowbit/quant/quant_linear.h"
+#include "lowbit/train/trainer.h"
+
+namespace lowbit {
+
+namespace fs = std::filesystem;
+
+uint64_t token_hash(const std::vector<int32_t>& stream) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (int32_t t : stream) {
+    uint32_t u = uint32_t(t);
+    for (int k = 0; k < 4; ++k) {
+      h ^= (u >> (8 * k)) & 0xffu;
+      h *= 0x100000001b3ull;
+    }
+  }
+  return h;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Input/target tensors of windows of seqlen + 1 tokens starting at `starts`.
+void make_windows(const std::vector<int32_t>& stream, const std::vector<int64_t>& starts, int64_t T, Tensor& in,
+                  Tensor& tgt) {
+  const int64_t B = int64_t(starts.size());
+  in = Tensor::empty({B, T}, DType::I32);
+  tgt = Tensor::empty({B * T}, DType::I32);
+  int32_t *ip = in.data<int32_t>(), *tp = tgt.data<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      ip[b * T + t] = stream[size_t(starts[size_t(b)] + t)];
+      tp[b * T + t] = stream[size_t(starts[size_t(b)] + t + 1)];
+    }
+}
+
+// The training objective of one batch: cross-entropy, or KL to the teacher (+ lm_weight * CE).
+Var objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor& in, const Tensor& tgt,
+              const E2eOptions& o) {
+  Var logits = student.forward(in);
+  if (!o.distill) return cross_entropy(logits, tgt);
+  Tensor tl;
+  {
+    NoGradGuard ng;
+    tl = teacher->forward(in).value();
+  }
+  Var loss = kl_div(Var(tl), logits);
+  if (o.lm_weight > 0) loss = add(loss, scale(cross_entropy(logits, tgt), o.lm_weight));
+  return loss;
+}
+
+void save_e2e_state(const std::string& path, const std::vector<Var>& state, AdamW& opt, int64_t step,
+                    const std::string& key, double loss_before) {
+  if (auto parent = fs::path(path).parent_path(); !parent.empty()) fs::create_directories(parent);
+  std::vector<std::pair<std::string, Tensor>> ts;
+  for (size_t i = 0; i < state.size(); ++i) ts.emplace_back("state." + std::to_string(i), state[i].value());
+  auto st = opt.state_tensors();
+  for (size_t i = 0; i < st.size(); ++i) ts.emplace_back("adamw." + std::to_string(i), *st[i]);
+  std::ostringstream lb;
+  lb.precision(17);
+  lb << loss_before;
+  save_safetensors(path, ts, {{"step", std::to_string(step)}, {"key", key}, {"loss_before", lb.str()}});
+}
+
+int64_t load_e2e_state(const std::string& path, const std::vector<Var>& state, AdamW& opt, const std::string& key,
+                       double* loss_before) {
+  SafetensorsFile f = SafetensorsFile::open(path);
+  const auto& md = f.metadata();
+  auto k = md.find("key");
+  auto s = md.find("step");
+  auto lb = md.find("loss_before");
+  if (k == md.end() || s == md.end() || lb == md.end())
+    throw_error(path, ": not a qat training state (missing 'key', 'step' or 'loss_before' metadata)");
+  if (k->second != key)
+    throw_error(path, ": this training state was written with other settings or data (saved: ", k->second,
+                "; this run: ", key, "); remove it or choose another output/state directory");
+  auto restore = [&](const std::string& name, Tensor& dst) {
+    Tensor t = f.load(name);
+    if (t.shape() != dst.shape() || t.dtype() != dst.dtype())
+      throw_error(path, ": tensor '", name, "' is ", t.describe(), " but the run expects ", dst.describe());
+    dst.copy_(t);
+  };
+  for (size_t i = 0; i < state.size(); ++i) {
+    Var v = state[i];
+    restore("state." + std::to_string(i), v.mutable_value());
+  }
+  auto st = opt.state_tensors();
+  for (size_t i = 0; i < st.size(); ++i) restore("adamw." + std::to_string(i), *st[i]);
+  int64_t step = 0;
+  try {
+    step = std::stoll(s->second);
+    *loss_before = std::stod(lb->second);
+  } catch (const std::exception&) {
+    throw_error(path, ": bad 'step' or 'loss_before' metadata");
+  }
+  if (step < 0) throw_error(path, ": negative step ", step);
+  opt.set_steps(step);
+  return step;
+}
+
+void write_text_atomic(const std::string& path, const std::string& text) {
+  if (auto parent = fs::path(path).parent_path(); !parent.empty()) fs::create_directories(parent);
+  io::AtomicFileWriter w(path);
+  w.write(text.data(), text.size());
+  w.commit();
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+template <class T>
+T pick(T v, T def) {
+  return v < 0 ? def : v;
+}
+
+}  // namespace
+
+QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, const std::vector<E2eGroup>& groups,
+                          const std::vector<Var>& state, const std::vector<int32_t>& stream, const E2eOptions& o,
+                          bool* complete) {
+  LB_CHECK(o.steps >= 0, "qat: --steps must be >= 0, got ", o.steps);
+  LB_CHECK(o.batch >= 1 && o.seqlen >= 1, "qat: --batch and --seqlen must be >= 1");
+  LB_CHECK(!o.distill || teacher, "qat: distillation needs the full-precision teacher");
+  LB_CHECK(int64_t(stream.size()) >= o.seqlen + 2, "qat: the training data has ", stream.size(),
+           " tokens; at least ", o.seqlen + 2, " are needed for --seqlen ", o.seqlen, " (give more data or a smaller --seqlen)");
+  const auto t0 = Clock::now();
+  std::vector<ParamGroup> pg;
+  std::vector<Var> all;
+  for (const auto& g : groups) {
+    if (g.params.empty()) continue;
+    pg.push_back(ParamGroup{g.params, AdamWOptions{g.lr, 0.9, 0.999, 1e-8, g.weight_decay}});
+    all.insert(all.end(), g.params.begin(), g.params.end());
+  }
+  LB_CHECK(!all.empty(), "qat: nothing to train");
+  AdamW opt(pg);
+  const int64_t n = int64_t(stream.size());
+  // Fixed windows for the before/after objective (one batch, evenly spaced).
+  Tensor fin, ftgt;
+  make_windows(stream, validation_window_starts(n, o.seqlen, o.batch, 1), o.seqlen, fin, ftgt);
+  auto fixed_loss = [&] {
+    NoGradGuard ng;
+    return objective(student, teacher, fin, ftgt, o).value().item();
+  };
+  QatStage rep;
+  rep.name = o.stage;
+  int64_t step = 0;
+  if (!o.state_path.empty() && fs::exists(o.state_path)) {
+    step = load_e2e_state(o.state_path, state, opt, o.key, &rep.loss_before);
+    rep.resumed_from = step;
+  } else {
+    rep.loss_before = fixed_loss();
+  }
+  std::optional<ProgressBar> bar;
+  if (o.progress) {
+    bar.emplace(o.stage, o.steps, "steps");
+    bar->update(step);
+  }
+  auto last_save = Clock::now();
+  int64_t run_steps = 0;
+  *complete = true;
+  while (step < o.steps) {
+    Tensor in, tgt;
+    make_windows(stream, train_window_starts(o.seed, step, 0, o.batch, o.seqlen, n), o.seqlen, in, tgt);
+    Var loss = objective(student, teacher, in, tgt, o);
+    const double lv = loss.value().item();
+    if (!std::isfinite(lv)) throw_error("qat: ", o.stage, " loss is ", lv, " at step ", step + 1, "; lower the learning rates");
+    backward(loss);
+    clip_grad_norm(all, 1.0);
+    opt.step(warmup_cosine(step, o.warmup, o.steps, 0.1));
+    opt.zero_grad();
+    ++step;
+    ++run_steps;
+    if (bar) {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "loss %.4f", lv);
+      bar->update(step, buf);
+    }
+    const bool stop = o.stop_after > 0 && run_steps >= o.stop_after && step < o.steps;
+    if (!o.state_path.empty() && step < o.steps && (stop || since(last_save) >= o.checkpoint_seconds)) {
+      save_e2e_state(o.state_path, state, opt, step, o.key, rep.loss_before);
+      last_save = Clock::now();
+    }
+    if (stop) {
+      *complete = false;
+      break;
+    }
+  }
+  if (bar) bar->finish();
+  rep.steps = step;
+  rep.tokens = step * o.batch * o.seqlen;
+  if (*complete) rep.loss_after = fixed_loss();
+  rep.seconds = since(t0);
+  return rep;
+}
+
+namespace {
+
+// The block linears of `model` with their slots.
+template <class Fn>
+void for_each_linear(LlamaModel& model, Fn&& fn) {
+  for (int i = 0; i < model.n_layers(); ++i)
+    for (auto& [name, slot] : model.block(i).linears()) fn(i, name, slot);
+}
+
+std::string e2e_key(const std::string& method, const QuantFormat& f, const E2eOptions& o, const std::vector<E2eGroup>& g,
+                    const std::vector<int32_t>& stream, const std::string& extra) {
+  std::string k = method + ",format=" + f.name + ",steps=" + std::to_string(o.steps) + ",batch=" + std::to_string(o.batch) +
+                  ",seqlen=" + std::to_string(o.seqlen) + ",warmup=" + std::to_string(o.warmup) +
+                  ",seed=" + std::to_string(o.seed) + ",distill=" + std::to_string(o.distill) +
+                  ",lm_weight=" + key_number(o.lm_weight);
+  for (const auto& gr : g) k += ",lr=" + key_number(gr.lr);
+  k += ",tokens=" + std::to_string(stream.size()) + "/" + std::to_string(token_hash(stream)) + extra;
+  return k;
+}
+
+E2eOptions e2e_options(const QatConfig& c, const LlamaConfig& mc, int64_t def_steps, int64_t def_batch) {
+  E2eOptions o;
+  o.steps = pick<int64_t>(c.steps, def_steps);
+  o.batch = pick<int64_t>(c.batch, def_batch);
+  o.seqlen = std::min<int64_t>(pick<int64_t>(c.seqlen, 256), mc.max_seq_len);
+  o.warmup = pick<int64_t>(c.warmup, o.steps / 20);
+  o.seed = c.seed;
+  o.distill = c.distill;
+  o.lm_weight = c.lm_weight;
+  o.checkpoint_seconds = c.checkpoint_seconds;
+  o.stop_after = c.stop_after_steps;
+  o.progress = c.progress;
+  return o;
+}
+
+nlohmann::json e2e_hyper(const E2eOptions& o) {
+  return {{"steps", o.steps}, {"batch", o.batch}, {"seqlen", o.seqlen}, {"warmup", o.warmup}, {"seed", o.seed},
+          {"distill", o.distill}, {"lm_weight", o.lm_weight}, {"schedule", "warmup+cosine to 0.1, grad clip 1"}};
+}
+
+void check_format(const QatConfig& c, const char* method) {
+  LB_CHECK(c.format, "qat: no format given");
+  LB_CHECK(lsq_supports(*c.format), "qat --method ", method, ": format ", c.format->name,
+           " is not a uniform integer format (use intB gG / pc, asymmetric or symmetric: int2g64, int3g64, int4g128s, ...)");
+}
+
+// ---- lsq ---------------------------------------------------------------------------------------
+class LsqQat : public QatMethod {
+ public:
+  explicit LsqQat(const QatConfig& c) : c_(c) { check_format(c, "lsq"); }
+  std::string name() const override { return "lsq"; }
+  QatResult run(const LlamaModel& fp, const std::vector<int32_t>& stream) override {
+    const QuantFormat& f = *c_.format;
+    const auto t0 = Clock::now();
+    auto work = std::make_unique<LlamaModel>(fp.config(), fp.weights(), false);
+    std::vector<std::shared_ptr<LsqTrainLinear>> layers;
+    std::vector<Var> weights, quant, state;
+    for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
+      const Tensor w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
+      QatLinearOptions lo;
+      lo.grad_scale = lsq_grad_scale(f, w.size(1));
+      auto t = std::make_shared<LsqTrainLinear>(w, (*slot)->bias(), f, lsq_init(w, f, c_.init), lo);
+      for (auto& p : t->weight_parameters()) weights.push_back(p);
+      for (auto& p : t->quant_parameters()) quant.push_back(p);
+      for (auto& p : t->state()) state.push_back(p);
+      *slot = t;
+      layers.push_back(t);
+    });
+    E2eOptions o = e2e_options(c_, fp.config(), 300, 8);
+    o.stage = "lsq";
+    const double lr = pick(c_.lr, 1e-4), qlr = pick(c_.quant_lr, 1e-3);
+    std::vector<E2eGroup> groups{{weights, lr, 0.0}, {quant, qlr, 0.0}};
+    o.key = e2e_key("lsq", f, o, groups, stream, std::string(",init=") + lsq_init_name(c_.init));
+    if (!c_.state_dir.empty()) o.state_path = (fs::path(c_.state_dir) / "lsq.safetensors").string();
+    bool complete = true;
+    QatStage st = train_end_to_end(*work, &fp, groups, state, stream, o, &complete);
+    st.hyper = e2e_hyper(o);
+    st.hyper["weight_lr"] = lr;
+    st.hyper["quant_lr"] = qlr;
+    st.hyper["init"] = lsq_init_name(c_.init);
+    st.hyper["offset"] = f.kind == QuantKind::IntAsym ? "learned (LSQ+)" : "none (symmetric)";
+    st.hyper["grad_scale"] = "1/sqrt(N Qp)";
+    QatResult r;
+    r.stages.push_back(st);
+    r.complete = complete;
+    if (complete) {
+      size_t k = 0;
+      for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
+        const auto& t = layers[k++];
+        *slot = std::make_shared<QuantLinear>(t->encode(), t->bias(), Device::CPU);
+      });
+      r.model = std::move(work);
+    }
+    r.seconds = since(t0);
+    return r;
+  }
+
+ private:
+  QatConfig c_;
+};
+
+// ---- efficientqat ------------------------------------------------------------------------------
+class EfficientQat : public QatMethod {
+ public:
+  explicit EfficientQat(const QatConfig& c) : c_(c) { check_format(c, "efficientqat"); }
+  std::string name() const override { return "efficientqat"; }
+  QatResult run(const LlamaModel& fp, const std::vector<int32_t>& stream) override {
+    const QuantFormat& f = *c_.format;
+    const auto t0 = Clock::now();
+    QatResult r;
+    // ---- Block-AP ----
+    BlockApOptions bo;
+    bo.epochs = pick(c_.block_epochs, 5);
+    bo.batch = pick<int64_t>(c_.block_batch, 2);
+    bo.weight_lr = pick(c_.block_lr, 1e-3);
+    bo.quant_lr = pick(c_.block_quant_lr, 1e-3);
+    bo.seed = c_.seed;
+    bo.verbose = c_.verbose;
+    const int64_t seqlen = std::min<int64_t>(pick<int64_t>(c_.seqlen, 256), fp.config().max_seq_len);
+    const int64_t nsamples = pick<int64_t>(c_.nsamples, 128);
+    LB_CHECK(int64_t(stream.size()) >= seqlen + 1, "qat: the training data has ", stream.size(),
+             " tokens; Block-AP needs at least one window of --seqlen ", seqlen, " tokens");
+    BlockApMethod method(f, bo);
+    const std::string key1 = std::string("block-ap,format=") + f.name + "," + method.options_key() +
+                             ",nsamples=" + std::to_string(nsamples) + ",seqlen=" + std::to_string(seqlen) +
+                             ",tokens=" + std::to_string(stream.size()) + "/" + std::to_string(token_hash(stream));
+    QatStage s1;
+    s1.name = "block-ap";
+    s1.hyper = {{"epochs", bo.epochs}, {"batch", bo.batch}, {"weight_lr", bo.weight_lr}, {"quant_lr", bo.quant_lr},
+                {"nsamples", nsamples}, {"seqlen", seqlen}, {"init", lsq_init_name(bo.init)}, {"seed", bo.seed}};
+    const std::string sd = c_.state_dir;
+    const std::string model_dir = sd.empty() ? "" : (fs::path(sd) / "block-ap-model").string();
+    const std::string marker = sd.empty() ? "" : (fs::path(sd) / "block-ap.json").string();
+    std::unique_ptr<LlamaModel> stage1;  // without a state directory: the Block-AP model in memory
+    bool done = false;
+    if (!marker.empty() && fs::exists(marker)) {
+      auto j = nlohmann::json::parse(read_text(marker), nullptr, false);
+      if (j.is_discarded() || !j.is_object() || j.value("key", "") != key1)
+        throw_error(marker, ": Block-AP state written with other settings or data; remove the state directory ", sd,
+                    " or choose another output");
+      s1.steps = j.value("steps", int64_t(0));
+      s1.tokens = j.value("tokens", int64_t(0));
+      s1.loss_before = j.value("loss_before", -1.0);
+      s1.loss_after = j.value("loss_after", -1.0);
+      s1.seconds = j.value("seconds", 0.0);
+      s1.resumed_from = fp.n_layers();
+      done = true;
+    }
+    if (!done) {
+      const auto ts = Clock::now();
+      auto work = std::make_unique<LlamaModel>(fp.config(), fp.weights(), false);
+      const Tensor calib = sample_calibration(stream, nsamples, seqlen, c_.seed);
+      PipelineOptions po;
+      po.batch = 8;
+      po.state_dir = sd.empty() ? "" : (fs::path(sd) / "block-ap").string();
+      po.progress = c_.progress;
+      po.checkpoint_seconds = c_.checkpoint_seconds;
+      po.stop_after_blocks = c_.stop_after_blocks;
+      PipelineReport pr = run_blockwise(*work, calib, method, f, po);
+      s1.resumed_from = pr.resumed_from_block;
+      if (!pr.complete) {
+        r.complete = false;
+        r.stages.push_back(s1);
+        return r;
+      }
+      // Loss per block: mean over the blocks trained in this run (after a resume, only those).
+      double first = 0, last = 0;
+      int nb = 0;
+      for (int layer = 0; layer < fp.n_layers(); ++layer) {
+        const BlockApLog *a = nullptr, *b = nullptr;
+        for (const auto& l : method.log())
+          if (l.layer == layer) {
+            if (!a) a = &l;
+            b = &l;
+          }
+        if (a) first += a->loss, last += b->loss, ++nb;
+      }
+      s1.loss_before = nb ? first / nb : -1;
+      s1.loss_after = nb ? last / nb : -1;
+      s1.steps = int64_t(fp.n_layers()) * bo.epochs * ((nsamples + bo.batch - 1) / bo.batch);
+      s1.tokens = int64_t(bo.epochs) * nsamples * seqlen;
+      s1.seconds = since(ts);
+      if (!sd.empty()) {
+        save_quantized_model(model_dir, *work, "efficientqat-block-ap", f);
+        nlohmann::json j = {{"key", key1}, {"steps", s1.steps}, {"tokens", s1.tokens}, {"loss_before", s1.loss_before},
+                            {"loss_after", s1.loss_after}, {"seconds", s1.seconds}};
+        write_text_atomic(marker, j.dump());
+        std::error_code ec;
+        fs::remove_all(po.state_dir, ec);
+      } else {
+        stage1 = std::move(work);
+      }
+    }
+    r.stages.push_back(s1);
+    // ---- E2E-QP: codes frozen, steps trained end to end ----
+    // With a state directory the Block-AP model is always read back from its checkpoint, so a
+    // resumed run and an uninterrupted one start E2E-QP from the same model.
+    std::unique_ptr<LlamaModel> model = stage1 ? std::move(stage1) : make_quantized_model(load_quantized_model(model_dir));
+    std::vector<std::shared_ptr<LsqTrainLinear>> layers;
+    std::vector<Var> steps;
+    for_each_linear(*model, [&](int i, const std::string& name, std::shared_ptr<Linear>* slot) {
+      auto* ql = dynamic_cast<const QuantLinear*>(slot->get());
+      if (!ql) throw_error("efficientqat: layer ", i, " ", name, " is not quantized after Block-AP");
+      auto t = std::make_shared<LsqTrainLinear>(ql->quantized(), ql->bias());
+      for (auto& p : t->quant_parameters()) steps.push_back(p);
+      *slot = t;
+      layers.push_back(t);
+    });
+    E2eOptions o = e2e_options(c_, fp.config(), 300, 8);
+    o.stage = "e2e-qp";
+    const double lr = pick(c_.lr, 1e-4);
+    std::vector<E2eGroup> groups{{steps, lr, 0.0}};
+    o.key = e2e_key("efficientqat-e2e-qp", f, o, groups, stream, "|" + key1);
+    if (!sd.empty()) o.state_path = (fs::path(sd) / "e2e-qp.safetensors").string();
+    bool complete = true;
+    QatStage s2 = train_end_to_end(*model, &fp, groups, steps, stream, o, &complete);
+    s2.hyper = e2e_hyper(o);
+    s2.hyper["step_lr"] = lr;
+    r.stages.push_back(s2);
+    r.complete = complete;
+    if (complete) {
+      size_t k = 0;
+      for_each_linear(*model, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
+        const auto& t = layers[k++];
+        *slot = std::make_shared<QuantLinear>(t->encode(), t->bias(), Device::CPU);
+      });
+      r.model = std::move(model);
+    }
+    r.seconds = since(t0);
+    return r;
+  }
+
+ private:
+  QatConfig c_;
+};
+
+std::vector<QatMethodInfo>& registry_storage() {
+  static std::vector<QatMethodInfo> r = [] {
+    std::vector<QatMethodInfo> v;
+    v.push_back({"lsq",
+                 "end-to-end LSQ QAT: latent f32 weights (STE), learned steps (gradient scale 1/sqrt(N Qp)) and, on "
+                 "asymmetric formats, learned zero points with MSE-optimal init (LSQ+), on the LM loss",
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new LsqQat(c)); }});
+    v.push_back({"efficientqat",
+                 "EfficientQAT: Block-AP (block-wise reconstruction training weights, steps and zero points) then "
+                 "E2E-QP (steps only, integer codes frozen, end to end on the LM loss)",
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new EfficientQat(c)); }});
+    return v;
+  }();
+  return r;
+}
+
+}  // namespace
+
+const std::vector<QatMethodInfo>& qat_registry() { return registry_storage(); }
+
+void register_qat_method(QatMethodInfo info) {
+  LB_CHECK(!info.name.empty() && info.make, "register_qat_method: a method needs a name and a factory");
+  for (const auto& m : registry_storage())
+    LB_CHECK(m.name != info.name, "register_qat_method: '", info.name, "' is already registered");
+  registry_storage().push_back(std::move(info));
+}
+
+std::string qat_method_names() {
+  std::string s;
+  for (const auto& m : qat_registry()) s += (s.empty() ? "" : ", ") + m.name;
+  return s;
+}
+
+std::string qat_method_help() {
+  std::string s;
+  for (const auto& m : qat_registry()) s += "\n  " + m.name + "  " + m.help;
+  return s;
+}
+
+const QatMethodInfo& find_qat_method(const std::string& name) {
+  for (const auto& m : qat_registry())
+    if (m.name == name) return m;
+  throw_error("unknown qat --method '", name, "' (registered: ", qat_method_names(), ")");
+}
+
+std::unique_ptr<QatMethod> make_qat_method(const std::string& name, const QatConfig& config) {
+  return find_qat_method(name).make(config);
+}
+
+}  // namespace lowbit
