@@ -16,18 +16,18 @@
 # Settings (environment; defaults in brackets):
 #   LOWBIT [build-rel/lowbit]  OUT [out/bitnet]  DATA_DIR [../shared/data/linux-docs]
 #   TOKENIZER [../shared/models/stories260K/tok512.model]
-#   TRAIN_BYTES [12000000] (prefix of train.txt that is tokenized)
+#   TRAIN_BYTES [0] (0: all of train.txt; else only this prefix is tokenized)
 #   MODEL_ARGS ["--dim 128 --hidden-dim 384 --layers 4 --heads 4 --max-seq-len 128"]
-#   SEQ [128] BATCH [16] STEPS [800] WARMUP [100] LR [2e-3] EVAL_EVERY [100] EVAL_BATCHES [16] SEED [1]
+#   SEQ [128] BATCH [16] STEPS [800] WARMUP [100] LR [2e-3] EVAL_EVERY [100] EVAL_BATCHES [32] SEED [1]
 #   JOBS [2] runs at a time, THREADS [1] threads each
 #   RUNS ["fp b158 b158-t25 b158-t50"]  EXTRA_RUNS [""]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOWBIT=${LOWBIT:-build-rel/lowbit} OUT=${OUT:-out/bitnet} DATA_DIR=${DATA_DIR:-../shared/data/linux-docs}
-TOKENIZER=${TOKENIZER:-../shared/models/stories260K/tok512.model} TRAIN_BYTES=${TRAIN_BYTES:-12000000}
+TOKENIZER=${TOKENIZER:-../shared/models/stories260K/tok512.model} TRAIN_BYTES=${TRAIN_BYTES:-0}
 MODEL_ARGS=${MODEL_ARGS:---dim 128 --hidden-dim 384 --layers 4 --heads 4 --max-seq-len 128}
 SEQ=${SEQ:-128} BATCH=${BATCH:-16} STEPS=${STEPS:-800} WARMUP=${WARMUP:-100} LR=${LR:-2e-3}
-EVAL_EVERY=${EVAL_EVERY:-100} EVAL_BATCHES=${EVAL_BATCHES:-16} SEED=${SEED:-1} JOBS=${JOBS:-2} THREADS=${THREADS:-1}
+EVAL_EVERY=${EVAL_EVERY:-100} EVAL_BATCHES=${EVAL_BATCHES:-32} SEED=${SEED:-1} JOBS=${JOBS:-2} THREADS=${THREADS:-1}
 RUNS=${RUNS:-fp b158 b158-t25 b158-t50} EXTRA_RUNS=${EXTRA_RUNS:-}
 
 for f in "$DATA_DIR/train.txt" "$DATA_DIR/valid.txt" "$DATA_DIR/test.txt" "$TOKENIZER" "$LOWBIT"; do
@@ -35,8 +35,9 @@ for f in "$DATA_DIR/train.txt" "$DATA_DIR/valid.txt" "$DATA_DIR/test.txt" "$TOKE
 done
 mkdir -p "$OUT/data"
 if [[ ! -s $OUT/data/train.i32 ]]; then
-  head -c "$TRAIN_BYTES" "$DATA_DIR/train.txt" > "$OUT/data/train.txt"
-  "$LOWBIT" tokenize -t "$TOKENIZER" --file "$OUT/data/train.txt" --out "$OUT/data/train.i32" > /dev/null
+  train_txt=$DATA_DIR/train.txt
+  if (( TRAIN_BYTES > 0 )); then head -c "$TRAIN_BYTES" "$DATA_DIR/train.txt" > "$OUT/data/train.txt"; train_txt=$OUT/data/train.txt; fi
+  "$LOWBIT" tokenize -t "$TOKENIZER" --file "$train_txt" --out "$OUT/data/train.i32" > /dev/null
   "$LOWBIT" tokenize -t "$TOKENIZER" --file "$DATA_DIR/valid.txt" --out "$OUT/data/valid.i32" > /dev/null
   "$LOWBIT" tokenize -t "$TOKENIZER" --file "$DATA_DIR/test.txt" --out "$OUT/data/test.i32" > /dev/null
 fi

@@ -172,3 +172,17 @@ TEST(BitNet, RejectsBadOptions) {
   t.device = Device::CUDA;
   EXPECT_THROW(train_model(t, stream(2000, 13), stream(300, 13)), Error);
 }
+
+TEST(BitNet, TernaryWeightsKeepTheirCodesInGgmlTq2_0) {
+  // What `lowbit quantize -m OUT/hf --method rtn --format tq2_0 -o m.gguf` does to a trained b1.58
+  // matrix (rows of 256): every 256-value block's scale is its absmax = gamma, so the codes are the
+  // same and only gamma is rounded to f16.
+  const Tensor w = bitlinear_effective_weight(Tensor::randn({8, 512}, 9, 0.02, DType::F32), BitLinearOptions{});
+  const Tensor d = dequantize(quantize(w, quant_format(QuantFormatId::TQ2_0)));
+  for (int64_t i = 0; i < w.numel(); ++i) {
+    const double a = w.item(i), b = d.item(i);
+    ASSERT_EQ(a == 0.0, b == 0.0) << i;
+    ASSERT_EQ(a > 0.0, b > 0.0) << i;
+    ASSERT_LE(std::fabs(a - b), std::fabs(a) * 0x1p-11) << i;
+  }
+}
