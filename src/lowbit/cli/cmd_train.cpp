@@ -170,8 +170,8 @@ void register_train(CLI::App& app) {
   t->add_option("--ternary-scale", a->ternary_scale, "bitnet-b1.58 weight scale: mean (b1.58) or median (Reloaded) of |W|")
       ->capture_default_str();
   t->add_option("--transition-at", o.bitnet.transition_at,
-                "bitnet-b1.58: train in 16 bit for this fraction of the steps, then switch to 1.58 bit keeping the "
-                "optimizer state")
+                "bitnet-b1.58: train unquantized (f32: the papers' 16-bit phase) for this fraction of the steps, then "
+                "switch to 1.58 bit keeping the latent weights and the optimizer state")
       ->capture_default_str()->check(between(0, 1));
   t->add_option("--phase-in-steps", o.bitnet.phase_in_steps,
                 "bitnet-b1.58: blend the quantizers in linearly over N steps after the transition (0 = at once)")
