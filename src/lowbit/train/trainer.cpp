@@ -312,7 +312,8 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
     if (r.val_loss >= 0) result.final_val_loss = r.val_loss;
     if (on_step) on_step(r);
     bar.update(step, "loss " + std::to_string(r.loss).substr(0, 6));
-    if (last || (o.checkpoint_every > 0 && step % o.checkpoint_every == 0)) save_state(state_path, ordered, opt, step, o.config, o.seed, arch_name(o));
+    if (last || (o.checkpoint_every > 0 && step % o.checkpoint_every == 0))
+      save_state(state_path, ordered, opt, step, o.config, o.seed, arch_name(o));
     if (o.stop_after > 0 && run_steps >= o.stop_after && !last) {
       save_state(state_path, ordered, opt, step, o.config, o.seed, arch_name(o));
       result.steps_done = step;
