@@ -20,7 +20,7 @@
 #   MODEL_ARGS ["--dim 128 --hidden-dim 384 --layers 4 --heads 4 --max-seq-len 128"]
 #   SEQ [128] BATCH [16] STEPS [800] WARMUP [100] LR [2e-3] EVAL_EVERY [100] EVAL_BATCHES [32] SEED [1]
 #   JOBS [2] runs at a time, THREADS [1] threads each
-#   RUNS ["fp b158 b158-t25 b158-t50"]  EXTRA_RUNS [""]
+#   RUNS ["fp b158 b158-t25 b158-t50"] (RUNS="" runs only EXTRA_RUNS)  EXTRA_RUNS [""]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOWBIT=${LOWBIT:-build-rel/lowbit} OUT=${OUT:-out/bitnet} DATA_DIR=${DATA_DIR:-../shared/data/linux-docs}
@@ -28,7 +28,7 @@ TOKENIZER=${TOKENIZER:-../shared/models/stories260K/tok512.model} TRAIN_BYTES=${
 MODEL_ARGS=${MODEL_ARGS:---dim 128 --hidden-dim 384 --layers 4 --heads 4 --max-seq-len 128}
 SEQ=${SEQ:-128} BATCH=${BATCH:-16} STEPS=${STEPS:-800} WARMUP=${WARMUP:-100} LR=${LR:-2e-3}
 EVAL_EVERY=${EVAL_EVERY:-100} EVAL_BATCHES=${EVAL_BATCHES:-32} SEED=${SEED:-1} JOBS=${JOBS:-2} THREADS=${THREADS:-1}
-RUNS=${RUNS:-fp b158 b158-t25 b158-t50} EXTRA_RUNS=${EXTRA_RUNS:-}
+RUNS=${RUNS-fp b158 b158-t25 b158-t50} EXTRA_RUNS=${EXTRA_RUNS:-}
 
 for f in "$DATA_DIR/train.txt" "$DATA_DIR/valid.txt" "$DATA_DIR/test.txt" "$TOKENIZER" "$LOWBIT"; do
   [[ -e $f ]] || { echo "missing $f" >&2; exit 2; }
