@@ -274,6 +274,17 @@ const Row kRows[] = {
   {"train", "seq-len 0", "train --out {O} --vocab 512 --train-tokens {I} --seq-len 0", "--seq-len: must be at least 1"},
   {"train", "dim 0", "train --out {O} --vocab 512 --train-tokens {I} --dim 0", "--dim: must be at least 1"},
   {"train", "beta2 2", "train --out {O} --vocab 512 --train-tokens {I} --beta2 2", "--beta2: must be between 0 and 1"},
+  {"train", "unknown arch", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet", "--arch: 'bitnet' is not an architecture"},
+  {"train", "unknown ternary scale", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-b1.58 --ternary-scale max", "--ternary-scale: 'max' is not a ternary scale"},
+  {"train", "ternary scale without bitnet", "train --out {O} --vocab 512 --train-tokens {I} --ternary-scale median", "need --arch bitnet-b1.58"},
+  {"train", "transition-at 1.5", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-b1.58 --transition-at 1.5", "--transition-at: must be between 0 and 1"},
+  {"train", "transition-at nan", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-b1.58 --transition-at nan", "--transition-at: 'nan' is not a finite number"},
+  {"train", "transition-at 1", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-b1.58 --transition-at 1", "--transition-at 1 is outside [0, 1)"},
+  {"train", "transition without bitnet", "train --out {O} --vocab 512 --train-tokens {I} --transition-at 0.5", "need --arch bitnet-b1.58"},
+  {"train", "phase-in-steps -1", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-b1.58 --phase-in-steps -1", "--phase-in-steps: must be at least 0"},
+  {"train", "phase-in past the end", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-b1.58 --steps 4 --transition-at 0.5 --phase-in-steps 5", "does not end by the last step"},
+  {"train", "unknown schedule", "train --out {O} --vocab 512 --train-tokens {I} --schedule linear", "--schedule: 'linear' is not a schedule"},
+  {"train", "bitnet on cuda", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-b1.58 --device cuda", "--arch bitnet-b1.58 trains on the CPU"},
 };
 // clang-format on
 

@@ -716,7 +716,9 @@ TEST(ParityCoverage, EveryRegistryOpHasAParityTest) {
                                            "silu", "swiglu", "embedding", "cross_entropy", "kl_div", "mse", "adamw_step",
                                            "cast", "quant_matmul",
                                            // CPU only: a model on the GPU keeps an f32 cache and uses attention.
-                                           "kv_attention"};
+                                           "kv_attention",
+                                           // CPU only: BitLinear trains on the CPU (ops/ternary.h).
+                                           "ternary_fake_quant", "act_quant_int8"};
   for (const auto& op : ops::op_registry())
     EXPECT_NE(std::find(tested.begin(), tested.end(), std::string(op.name)), tested.end())
         << "op '" << op.name << "' has no GPU parity test";

@@ -374,3 +374,30 @@ TEST(QuantMatmulGpuLayout, HostEmulationOfTheKernelsMatchesTheCpuBodies) {
       }
   }
 }
+
+// The ternary format (BitNet b1.58: 2-bit codes, one f32 gamma per tensor) runs the IntGroups
+// kernels with its tensor scale (the table above covers its cells); the exact body decodes it bit
+// for bit like the codec, and views without scales are refused unless they have one group per row.
+TEST(QuantMatmul, TernaryRunsTheIntGroupsKernelsWithItsTensorScale) {
+  const QuantizedTensor q = quantize(Tensor::randn({12, 96}, 3, 0.05), quant_format(QuantFormatId::Ternary));
+  const ops::PackedWeight v = q.packed_view();
+  EXPECT_EQ(v.layout, ops::PackedLayout::IntGroups);
+  EXPECT_EQ(v.scales, nullptr);
+  EXPECT_FLOAT_EQ(v.tensor_scale, q.tensor_scale.data<float>()[0]);
+  EXPECT_TRUE(ops::quant_matmul_has_int8_kernel(v));
+  EXPECT_FALSE(ops::quant_matmul_has_cuda_layout(v));
+  // x = e_i picks column i of W: the exact body returns the codec's values exactly.
+  const Tensor wd = q.dequantize();
+  Tensor x = Tensor::zeros({1, 96});
+  x.data<float>()[17] = 1.0f;
+  Tensor y = Tensor::empty({1, 12});
+  ops::quant_matmul(x, v, y, {ops::QuantMatmulPath::Exact});
+  for (int64_t o = 0; o < 12; ++o) EXPECT_EQ(y.data<float>()[o], wd.data<float>()[o * 96 + 17]);
+  ops::PackedWeight bad = v;
+  bad.n_groups = 2;
+  bad.group_size = 48;
+  EXPECT_THROW(ops::quant_matmul(x, bad, y), Error);
+  bad = v;
+  bad.tensor_scale = 0.0f;
+  EXPECT_THROW(ops::quant_matmul(x, bad, y), Error);
+}

@@ -9,6 +9,7 @@
 #include "lowbit/cli/common.h"
 #include "lowbit/io/hf.h"
 #include "lowbit/ops/device_init.h"
+#include "lowbit/ops/ternary.h"
 #include "lowbit/train/trainer.h"
 
 namespace lowbit::cli {
@@ -18,6 +19,7 @@ namespace fs = std::filesystem;
 namespace {
 struct TrainArgs {
   std::string tokenizer, train_text, valid_text, train_tokens, valid_tokens, config_json, device = "cpu";
+  std::string arch = "llama", ternary_scale = "mean", schedule = "cosine";
   TrainOptions o;
   bool json = false, tf32 = false, bf16 = false;
 };
@@ -33,6 +35,13 @@ void run_train(TrainArgs& a) {
       throw_error("train: --bf16 needs --device cuda: bf16 activations and matmuls have no CPU kernels");
   }
   o.bf16 = a.bf16;
+  o.bitnet.enabled = parse_train_arch(a.arch);
+  o.bitnet.scale = ops::parse_ternary_scale(a.ternary_scale);
+  o.bitnet.two_stage = parse_train_schedule(a.schedule);
+  check_bitnet_options(o.bitnet, o.max_steps);
+  if (o.bitnet.enabled && (a.device != "cpu" || a.bf16))
+    throw_error("train: --arch bitnet-b1.58 trains on the CPU (--device cpu, no --bf16): BitLinear's quantizers have "
+                "CPU bodies only");
   if (!a.train_tokens.empty() && !a.train_text.empty()) throw_error("train: give --train or --train-tokens, not both");
   if (!a.valid_tokens.empty() && !a.valid_text.empty()) throw_error("train: give --valid or --valid-tokens, not both");
   o.device = parse_device(a.device);
@@ -89,6 +98,15 @@ void run_train(TrainArgs& a) {
                         {"tf32", a.tf32}, {"bf16", a.bf16}};
   if (o.device == Device::CUDA) j["gpu"] = cuda_device_name();
   if (!o.dump_order.empty()) j["data_order"] = o.dump_order;
+  j["arch"] = a.arch;
+  j["schedule"] = a.schedule;
+  if (o.bitnet.enabled) {
+    j["ternary_scale"] = a.ternary_scale;
+    j["transition_at"] = o.bitnet.transition_at;
+    j["transition_step"] = bitnet_transition_step(o.bitnet, o.max_steps);
+    j["phase_in_steps"] = o.bitnet.phase_in_steps;
+    if (r.complete) j["ternary_checkpoint"] = (fs::path(o.out_dir) / "ternary").string();
+  }
   if (!r.records.empty()) j["final_train_loss"] = r.records.back().loss;
   if (a.json) {
     print_json(j);
@@ -98,6 +116,10 @@ void run_train(TrainArgs& a) {
   if (r.final_val_loss >= 0) std::snprintf(val, sizeof val, "final val loss %.4f", r.final_val_loss);
   print_stdout("trained %lld steps; %s; %.0f tokens/s over %.1fs of steps; model in %s/model.bin and %s/hf\n",
                (long long)r.steps_done, val, tok_s, r.train_seconds, o.out_dir.c_str(), o.out_dir.c_str());
+  if (o.bitnet.enabled && r.complete && !a.tokenizer.empty())
+    copy_tokenizer_files(a.tokenizer, "", (fs::path(o.out_dir) / "ternary").string());
+  if (o.bitnet.enabled && r.complete)
+    print_stdout("ternary (b1.58) checkpoint in %s/ternary\n", o.out_dir.c_str());
 }
 }  // namespace
 
@@ -141,6 +163,23 @@ void register_train(CLI::App& app) {
   t->add_option("--dump-order", o.dump_order,
                 "write the run's data order (int64 window starts of every step and micro-batch, then the validation "
                 "windows) to FILE, for reference implementations (bench/torch_train_ref.py)");
+  t->add_option("--arch", a->arch,
+                "llama, or bitnet-b1.58: every block linear a BitLinear (ternary absmean weights, int8 per-token "
+                "activations, straight-through gradients; CPU); also saves OUT/ternary, a packed ternary checkpoint")
+      ->capture_default_str();
+  t->add_option("--ternary-scale", a->ternary_scale, "bitnet-b1.58 weight scale: mean (b1.58) or median (Reloaded) of |W|")
+      ->capture_default_str();
+  t->add_option("--transition-at", o.bitnet.transition_at,
+                "bitnet-b1.58: train unquantized (f32: the papers' 16-bit phase) for this fraction of the steps, then "
+                "switch to 1.58 bit keeping the latent weights and the optimizer state")
+      ->capture_default_str()->check(between(0, 1));
+  t->add_option("--phase-in-steps", o.bitnet.phase_in_steps,
+                "bitnet-b1.58: blend the quantizers in linearly over N steps after the transition (0 = at once)")
+      ->capture_default_str()->check(at_least(0));
+  t->add_option("--schedule", a->schedule,
+                "cosine (warmup + cosine), or bitnet-two-stage (BitNet: the lr halves at mid-run and decays again, "
+                "weight decay 0 in the second half)")
+      ->capture_default_str();
   t->add_flag("--json", a->json, "print a JSON summary");
   add_threads_option(t);
   t->callback([a] { run_train(*a); });

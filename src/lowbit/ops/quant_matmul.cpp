@@ -55,7 +55,9 @@ void check_view(const PackedWeight& w) {
                 " columns");
   if (w.row_bytes != (w.in * w.bits + 7) / 8)
     throw_error(kOp, ": weight [", w.format, "] row_bytes ", w.row_bytes, " != ", (w.in * w.bits + 7) / 8);
-  if (!w.scales) throw_error(kOp, ": weight [", w.format, "] lacks its scales");
+  if (!w.scales && (w.n_groups != 1 || !(w.tensor_scale > 0.0f) || !std::isfinite(w.tensor_scale)))
+    throw_error(kOp, ": weight [", w.format, "] lacks its scales (a tensor scale stands in only for one group per row, "
+                "and must be finite and positive)");
 }
 
 // Code i of a packed row (format.h's little-endian layout, 2/4/8 bits).
@@ -71,10 +73,10 @@ inline int code_at(int bits, const uint8_t* row, int64_t i) {
 // dequantize_row, without the per-row unpack buffer and indirect calls.
 void int_groups_row(const PackedWeight& w, int64_t r, float* dst) {
   const uint8_t* rp = w.codes + r * w.row_bytes;
-  const uint16_t* sc = w.scales + r * w.n_groups;
+  const uint16_t* sc = w.scales ? w.scales + r * w.n_groups : nullptr;
   const uint16_t* zp = w.zeros ? w.zeros + r * w.n_groups : nullptr;
   for (int64_t g = 0; g < w.n_groups; ++g) {
-    const float s = f16_to_f32(sc[g]), z = zp ? f16_to_f32(zp[g]) : w.implicit_zero;
+    const float s = sc ? f16_to_f32(sc[g]) : w.tensor_scale, z = zp ? f16_to_f32(zp[g]) : w.implicit_zero;
     const int64_t b = g * w.group_size, e = std::min(w.in, b + w.group_size);
     if (w.bits == 4) {
       int64_t i = b;
@@ -360,7 +362,18 @@ qmm::QuadKernel pick_quad_kernel(QuantIsa isa, const PackedWeight& w) {
 // Weight rows go in groups of kRowGroup through the four-row kernel where the ISA has one (the
 // rest, out % 4 rows, row by row); chunks of the thread split are whole groups, so which kernel
 // computes a row depends on the row index only, never on M or the thread count.
-void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa) {
+void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa) {
+  // A tensor scale (ternary): the kernels run with unit f16 scales, the products are scaled after.
+  std::vector<uint16_t> unit;
+  PackedWeight w_unit;
+  const bool tensor_scaled = w_in.layout == PackedLayout::IntGroups && !w_in.scales;
+  if (tensor_scaled) {
+    unit.assign(size_t(w_in.out * w_in.n_groups), f32_to_f16(1.0f));
+    w_unit = w_in;
+    w_unit.scales = unit.data();
+  }
+  const PackedWeight& w = tensor_scaled ? w_unit : w_in;
+  const float post = tensor_scaled ? w_in.tensor_scale : 1.0f;
   isa = resolve_isa(isa);
   const QActs& a = quantize_acts(x, M, w.in, qmm::act_order_bits(w), isa);
   const qmm::RowKernel k = pick_kernel(isa, w);
@@ -385,14 +398,14 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, Quant
           qk(w, o, rows, n, nfull, dots);
           for (int j = 0; j < n; ++j)
             for (int r = 0; r < qmm::kRowGroup; ++r)
-              y[(m0 + j) * out + o + r] = dots[j * qmm::kRowGroup + r] + (tail ? tail_dot(w, o + r, rows[j], nfull) : 0.0f);
+              y[(m0 + j) * out + o + r] = post * (dots[j * qmm::kRowGroup + r] + (tail ? tail_dot(w, o + r, rows[j], nfull) : 0.0f));
         }
     for (; o < o1; ++o)
       for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {  // each weight block unpacked once per kMaxRows rows
         const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
         for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
         k(w, o, rows, n, nfull, dots);
-        for (int j = 0; j < n; ++j) y[(m0 + j) * out + o] = dots[j] + (tail ? tail_dot(w, o, rows[j], nfull) : 0.0f);
+        for (int j = 0; j < n; ++j) y[(m0 + j) * out + o] = post * (dots[j] + (tail ? tail_dot(w, o, rows[j], nfull) : 0.0f));
       }
   });
 }
@@ -500,7 +513,7 @@ bool quant_matmul_has_cuda_layout(const PackedWeight& w) {
     case PackedLayout::GgmlQ4_1:
     case PackedLayout::GgmlQ8_0: return w.in % kBlock == 0;
     case PackedLayout::IntGroups:
-      return (w.bits == 2 || w.bits == 4 || w.bits == 8) && w.in % kBlock == 0 &&
+      return w.scales && (w.bits == 2 || w.bits == 4 || w.bits == 8) && w.in % kBlock == 0 &&
              (w.n_groups == 1 || w.group_size % kBlock == 0);
     default: return false;
   }

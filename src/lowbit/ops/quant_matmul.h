@@ -7,7 +7,9 @@
 //   IntGroups  lowbit's uniform integer formats with 2, 4 or 8-bit codes (int2/int4 groups, asym and
 //              sym, per-channel, int8pc): codes U8 [out, row_bytes], each row little-endian packed
 //              (format.h), one f16 scale per group, an f16 zero per group (asym) or the implicit zero
-//              2^(bits-1) (sym); w = (q - z) * s.
+//              2^(bits-1) (sym); w = (q - z) * s. The ternary format (BitNet b1.58) is IntGroups
+//              with 2-bit codes, implicit zero 1, no f16 scales and one f32 `tensor_scale` gamma:
+//              w = (q - 1) * gamma.
 //   GgmlQ4_0, GgmlQ4_1, GgmlQ8_0
 //              ggml's blocks of 32 (core/ggml_blocks.h) as stored in GGUF: codes U8 [out, row_bytes],
 //              `in` a multiple of 32; w = d (q - 8), d q + m, d q.
@@ -60,7 +62,8 @@ struct PackedWeight {
   int bits = 0;                 // 2, 4 or 8
   int64_t group_size = 0;       // columns per group (== in for per-channel formats)
   int64_t n_groups = 0;         // groups per row
-  const uint16_t* scales = nullptr;  // f16 [out, n_groups]
+  const uint16_t* scales = nullptr;  // f16 [out, n_groups], or null: every group's scale is tensor_scale
+  float tensor_scale = 1.0f;         // null scales only (ternary gamma)
   const uint16_t* zeros = nullptr;   // f16 [out, n_groups], or null: implicit zero
   float implicit_zero = 0.0f;
   // Every layout: decodes row r into dst[0, in). Must be callable from several threads at once.
@@ -88,8 +91,8 @@ inline constexpr int64_t kQuantDecodeMaxRows = 8;
 // allowed, device_init.h). Never builds the whole f32 weight.
 void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const QuantMatmulOptions& opt = {});
 
-// True when the weight has a GPU form: IntGroups with in % 32 == 0 and whole 32-value blocks per
-// group (or one group per row), and the ggml q4_0 / q4_1 / q8_0 layouts.
+// True when the weight has a GPU form: IntGroups with f16 scales, in % 32 == 0 and whole 32-value
+// blocks per group (or one group per row), and the ggml q4_0 / q4_1 / q8_0 layouts.
 bool quant_matmul_has_cuda_layout(const PackedWeight& w);
 // Whether models use the packed CUDA path (QuantLinear on CUDA, packed vocabulary on CUDA). It was
 // written in a session without a GPU (2026-12-05) and has not yet passed its GPU parity cells, so

@@ -164,6 +164,15 @@ ops::PackedWeight QuantizedTensor::packed_view() const {
     w.scales = f16_data(scales);
     w.zeros = f.has_zero ? f16_data(zeros) : nullptr;
     w.implicit_zero = f.kind == QuantKind::IntSym ? float(1 << (f.bits - 1)) : 0.0f;
+  } else if (f.kind == QuantKind::Ternary) {  // 2-bit codes, w = (q - 1) * gamma (one f32 gamma)
+    w.layout = ops::PackedLayout::IntGroups;
+    w.bits = 2;
+    w.n_groups = 1;
+    w.group_size = w.in;
+    w.row_bytes = f.row_bytes(w.in);
+    w.codes = codes.data<uint8_t>();
+    w.implicit_zero = 1.0f;
+    w.tensor_scale = tensor_scale.data<float>()[0];
   }
   return w;
 }

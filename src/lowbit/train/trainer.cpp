@@ -91,23 +91,32 @@ void make_batch(const std::vector<int32_t>& stream, const std::vector<int64_t>& 
     }
 }
 
+// The architecture a state belongs to ("llama" or "bitnet-b1.58"): a resume checks it.
+std::string arch_name(const TrainOptions& o) { return o.bitnet.enabled ? "bitnet-b1.58" : "llama"; }
+
 void save_state(const std::string& path, const std::vector<Var>& params, AdamW& opt, int64_t step,
-                const LlamaConfig& c, uint64_t seed) {
+                const LlamaConfig& c, uint64_t seed, const std::string& arch) {
   std::vector<std::pair<std::string, Tensor>> ts;
   for (size_t i = 0; i < params.size(); ++i) ts.emplace_back("param." + std::to_string(i), params[i].value());
   auto st = opt.state_tensors();
   for (size_t i = 0; i < st.size(); ++i) ts.emplace_back("adamw." + std::to_string(i), *st[i]);
   nlohmann::json cj = config_to_hf_json(c, "float32");
-  save_safetensors(path, ts, {{"step", std::to_string(step)}, {"seed", std::to_string(seed)}, {"config", cj.dump()}});
+  save_safetensors(path, ts,
+                   {{"step", std::to_string(step)}, {"seed", std::to_string(seed)}, {"config", cj.dump()}, {"arch", arch}});
 }
 
-int64_t load_state(const std::string& path, std::vector<Var>& params, AdamW& opt, uint64_t seed) {
+int64_t load_state(const std::string& path, std::vector<Var>& params, AdamW& opt, uint64_t seed,
+                   const std::string& arch) {
   SafetensorsFile f = SafetensorsFile::open(path);
   auto it = f.metadata().find("step");
   if (it == f.metadata().end()) throw_error(path, ": training state has no 'step' metadata");
   auto sd = f.metadata().find("seed");
   if (sd != f.metadata().end() && sd->second != std::to_string(seed))
     throw_error(path, ": saved with --seed ", sd->second, ", this run uses ", seed, "; use the same seed or a new --out");
+  auto ar = f.metadata().find("arch");
+  const std::string saved_arch = ar == f.metadata().end() ? "llama" : ar->second;
+  if (saved_arch != arch)
+    throw_error(path, ": saved by an --arch ", saved_arch, " run, this run is --arch ", arch, "; use a new --out");
   auto restore = [&](const std::string& name, Tensor& dst) {
     Tensor t = f.load(name);
     if (t.shape() != dst.shape() || t.dtype() != dst.dtype())
@@ -211,7 +220,8 @@ namespace {
 // collected into the f32 masters (`params`) after each backward.
 TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& params, const TrainOptions& o,
                               const std::vector<int32_t>& train, const std::vector<int32_t>& val,
-                              const std::function<void(const TrainRecord&)>& on_step, MixedPrecisionModel* mixed) {
+                              const std::function<void(const TrainRecord&)>& on_step, MixedPrecisionModel* mixed,
+                              const std::function<void(int64_t)>& before_step = nullptr) {
   if (params.empty()) throw_error("training: no trainable parameters");
   check_training_inputs(o, train, val);
   fs::create_directories(o.out_dir);
@@ -227,7 +237,7 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
   TrainResult result;
   int64_t step = 0;
   if (o.resume && fs::exists(state_path)) {
-    step = load_state(state_path, ordered, opt, o.seed);
+    step = load_state(state_path, ordered, opt, o.seed, arch_name(o));
     result.resumed = true;
   }
   // Keep the log consistent with the state: drop lines past the resumed step.
@@ -253,11 +263,16 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
     return mixed->forward(in);
   };
 
+  // The layers' mode for a step (BitNet's transition) is set before it; also before a final
+  // validation of a run resumed at its end.
+  if (before_step && o.max_steps > 0) before_step(std::min(step, o.max_steps - 1));
   ProgressBar bar("train", o.max_steps, "steps");
   bar.update(step);
   int64_t run_steps = 0;
   while (step < o.max_steps) {
     auto t0 = std::chrono::steady_clock::now();
+    if (before_step) before_step(step);
+    if (o.bitnet.two_stage) opt.groups()[0].options.weight_decay = o.weight_decay * two_stage_wd(step, o.max_steps);
     opt.zero_grad();
     double loss_sum = 0;
     for (int64_t m = 0; m < o.grad_accum; ++m) {
@@ -274,7 +289,8 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
     r.step = step + 1;
     r.loss = loss_sum / double(o.grad_accum);
     r.grad_norm = clip_grad_norm(ordered, o.grad_clip);
-    const double lr_scale = warmup_cosine(step, o.warmup_steps, o.max_steps, o.min_lr_ratio);
+    const double lr_scale = o.bitnet.two_stage ? two_stage_lr(step, o.warmup_steps, o.max_steps, o.min_lr_ratio)
+                                               : warmup_cosine(step, o.warmup_steps, o.max_steps, o.min_lr_ratio);
     r.lr = o.lr * lr_scale;
     opt.step(lr_scale);
     copies_fresh = false;
@@ -296,9 +312,10 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
     if (r.val_loss >= 0) result.final_val_loss = r.val_loss;
     if (on_step) on_step(r);
     bar.update(step, "loss " + std::to_string(r.loss).substr(0, 6));
-    if (last || (o.checkpoint_every > 0 && step % o.checkpoint_every == 0)) save_state(state_path, ordered, opt, step, o.config, o.seed);
+    if (last || (o.checkpoint_every > 0 && step % o.checkpoint_every == 0))
+      save_state(state_path, ordered, opt, step, o.config, o.seed, arch_name(o));
     if (o.stop_after > 0 && run_steps >= o.stop_after && !last) {
-      save_state(state_path, ordered, opt, step, o.config, o.seed);
+      save_state(state_path, ordered, opt, step, o.config, o.seed, arch_name(o));
       result.steps_done = step;
       return result;
     }
@@ -317,6 +334,7 @@ TrainResult run_training(const LlamaModel& model, const std::vector<Var>& params
                          const std::vector<int32_t>& train, const std::vector<int32_t>& val,
                          const std::function<void(const TrainRecord&)>& on_step) {
   if (o.bf16) throw_error("training: bf16 mixed precision is supported for pretraining (lowbit train) only");
+  if (o.bitnet.enabled || o.bitnet.two_stage) throw_error("training: BitNet options are for pretraining (lowbit train) only");
   return run_training_impl(model, params, o, train, val, on_step, nullptr);
 }
 
@@ -328,6 +346,9 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
                 "(the CPU kernels compute in f32/f64)");
   if (o.seq_len > o.config.max_seq_len) throw_error("--seq-len ", o.seq_len, " exceeds the model's max_seq_len ", o.config.max_seq_len);
   check_training_inputs(o, train, val);
+  check_bitnet_options(o.bitnet, o.max_steps);
+  if (o.bitnet.enabled && (o.device != Device::CPU || o.bf16))
+    throw_error("--arch bitnet-b1.58 trains on the CPU in f32 (BitLinear's quantizers have CPU bodies only)");
   for (const auto* s : {&train, &val})
     for (int32_t id : *s)
       if (id < 0 || id >= o.config.vocab_size)
@@ -340,15 +361,23 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
   LlamaWeights w = init_weights(o.config, o.seed);
   if (o.device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(o.device); });
   LlamaModel model(o.config, w, true);
+  std::function<void(int64_t)> before_step;
+  if (o.bitnet.enabled) {
+    make_bitnet(model, o.bitnet);
+    before_step = [&](int64_t s) { set_bitlinear_options(model, bitnet_step_options(o.bitnet, s, o.max_steps)); };
+  }
   std::unique_ptr<MixedPrecisionModel> mixed;
   if (o.bf16) mixed = std::make_unique<MixedPrecisionModel>(model);
-  TrainResult result = run_training_impl(model, model.parameters(), o, train, val, on_step, mixed.get());
+  TrainResult result =
+      run_training_impl(model, model.parameters(), o, train, val, on_step, mixed.get(), before_step);
   if (!result.complete) return result;
   // Final model in the formats other tools load.
   LlamaWeights final_w = model.weights();
   for_each_weight(final_w, [](const std::string&, Tensor& t) { t = t.to(Device::CPU); });
   save_llama2c((fs::path(o.out_dir) / "model.bin").string(), o.config, final_w);
   save_hf_dir((fs::path(o.out_dir) / "hf").string(), o.config, final_w);
+  // BitNet: also the packed ternary checkpoint (model.bin and hf/ hold its dequantized weights).
+  if (o.bitnet.enabled) save_bitnet_checkpoint((fs::path(o.out_dir) / "ternary").string(), model);
   return result;
 }
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "lowbit/model/llama.h"
+#include "lowbit/train/bitnet.h"
 
 namespace lowbit {
 
@@ -38,6 +39,9 @@ struct TrainOptions {
   bool resume = true;              // continue from out_dir/state.safetensors when present
   int64_t stop_after = 0;          // testing aid: return after this many steps of this run (0 = off)
   std::string dump_order;          // when set: write the data order to this file (see write_data_order)
+  // BitNet b1.58 (train/bitnet.h): BitLinear blocks, the 16 -> 1.58-bit transition, and the
+  // two-stage LR/WD schedule (which plain Llama runs may use too). CPU only.
+  BitNetOptions bitnet;
 };
 
 struct TrainRecord {

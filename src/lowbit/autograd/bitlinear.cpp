@@ -1,0 +1,63 @@
+// BitLinear b1.58: forward (quantized operands) and straight-through backward side by side.
+#include "lowbit/autograd/bitlinear.h"
+
+#include "lowbit/autograd/functions.h"
+#include "lowbit/ops/ops.h"
+
+namespace lowbit {
+
+namespace {
+// v + lambda (q - v), in place into q (lambda < 1 only).
+void blend(const Tensor& v, double lambda, Tensor& q) {
+  if (lambda >= 1.0) return;
+  Tensor d = Tensor::empty(q.shape(), q.dtype(), q.device());
+  ops::sub(q, v, d);
+  ops::scale(d, lambda, d);
+  ops::add(v, d, q);
+}
+
+void check_options(const BitLinearOptions& o) {
+  if (!(o.lambda >= 0.0 && o.lambda <= 1.0)) throw_error("bitlinear: lambda ", o.lambda, " is outside [0, 1]");
+}
+}  // namespace
+
+Tensor bitlinear_effective_weight(const Tensor& w, const BitLinearOptions& o) {
+  check_options(o);
+  const Tensor wv = w.contiguous();
+  if (!o.quantize) return wv.clone();
+  Tensor q;
+  ops::ternary_fake_quant(wv, o.scale, q);
+  blend(wv, o.lambda, q);
+  return q;
+}
+
+Var bitlinear(const Var& x, const Var& w, const BitLinearOptions& o) {
+  check_options(o);
+  if (!o.quantize) return linear(x, w);
+  const Tensor xv = x.value().contiguous(), wv = w.value().contiguous();
+  if (xv.dim() != 2 || wv.dim() != 2 || xv.size(1) != wv.size(1))
+    throw_error("bitlinear: x ", xv.describe(), " and weight ", wv.describe(), " do not match (weight is [out, in])");
+  if (xv.dtype() != wv.dtype()) throw_error("bitlinear: x is ", xv.describe(), " but the weight is ", wv.describe());
+  Tensor wq = bitlinear_effective_weight(wv, o), xq = xv;
+  if (o.quantize_activations) {
+    xq = Tensor();
+    ops::act_quant_int8(xv, xq);
+    blend(xv, o.lambda, xq);
+  }
+  Tensor y = Tensor::empty({xv.size(0), wv.size(0)}, xv.dtype(), xv.device());
+  ops::gemm(xq, false, wq, true, y);
+  return make_result(y, {x, w}, "bitlinear", [x, w, xq, wq](const Tensor& g) {
+    if (x.requires_grad()) {  // STE through Qa: d/dx of (x + c_x) is the identity
+      Tensor dx = Tensor::empty(xq.shape(), xq.dtype(), xq.device());
+      ops::gemm(g, false, wq, false, dx);
+      accumulate_grad(x, dx);
+    }
+    if (w.requires_grad()) {  // STE through Qw
+      Tensor dw = Tensor::empty(wq.shape(), wq.dtype(), wq.device());
+      ops::gemm(g, true, xq, false, dw);
+      accumulate_grad(w, dw);
+    }
+  });
+}
+
+}  // namespace lowbit

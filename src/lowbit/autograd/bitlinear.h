@@ -1,0 +1,38 @@
+// BitLinear b1.58 (Ma et al. 2024, "The Era of 1-bit LLMs", arXiv 2402.17764) as a differentiable
+// op on Vars, with the straight-through estimator (Bengio et al. 2013) for both quantizers:
+//
+//   forward   y = Qa(x) . Qw(W)^T                 Qw: ternary absmean (or median) fake quantization,
+//                                                 Qa: per-token int8 absmax (ops/ternary.h)
+//   backward  dx = dy . Qw(W)         dW = dy^T . Qa(x)
+//
+// i.e. the gradient of the surrogate y = (x + c_x) . (W + c_W)^T with the offsets
+// c_x = Qa(x) - x and c_W = Qw(W) - W held constant (the reference code's
+// `x + (quant(x) - x).detach()`). The latent weight W stays in full precision (f32, or f64 for
+// gradient checks) and is what the optimizer updates. The normalisation that the paper puts
+// before the activation quantizer is the caller's (the Llama block's RMSNorms, see
+// train/bitnet.h). CPU only.
+//
+// `lambda` < 1 blends towards full precision (the gradual phase-in of the 16 -> 1.58-bit
+// transition, arXiv 2502.11895): x_eff = x + lambda (Qa(x) - x), W_eff = W + lambda (Qw(W) - W),
+// with the same straight-through backward (dx = dy . W_eff, dW = dy^T . x_eff).
+// `quantize` = false is a plain linear layer (the 16-bit phase of that transition).
+#pragma once
+#include "lowbit/autograd/variable.h"
+#include "lowbit/ops/ternary.h"
+
+namespace lowbit {
+
+struct BitLinearOptions {
+  bool quantize = true;             // false: y = x W^T (16-bit phase)
+  bool quantize_activations = true;  // false: weights only (W1.58A16)
+  ops::TernaryScale scale = ops::TernaryScale::AbsMean;
+  double lambda = 1.0;              // phase-in weight in [0, 1]
+};
+
+// x [M, in], w [out, in] (latent) -> [M, out]
+Var bitlinear(const Var& x, const Var& w, const BitLinearOptions& options = {});
+
+// The weight the forward pass multiplies by (W_eff above), as a new tensor.
+Tensor bitlinear_effective_weight(const Tensor& w, const BitLinearOptions& options);
+
+}  // namespace lowbit
