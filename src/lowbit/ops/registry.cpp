@@ -21,6 +21,8 @@ constexpr OpInfo kOps[] = {
     {"cast", true, kCuda, "f64 f32 bf16 f16"},
     {"quant_matmul", false, true, "f32 x packed"},
     {"kv_attention", false, false, "f32 x f32/f16/i8 cache"},
+    {"hadamard_transform", true, false, "f32 f64"},
+    {"fake_quant", false, false, "f32 f64"},
 };
 }  // namespace
 
