@@ -244,6 +244,9 @@ Tensor kivi_attention(const KVQuantSpec& spec, const Tensor& q, const Tensor& k,
 
 void LlamaModel::set_transforms(ModelTransforms t) {
   validate_transforms(config_, t, "model transforms");
+  if (t.any() && final_norm_.value().device() != Device::CPU)
+    throw_error("rotation and activation / KV-cache quantization run on the CPU only (the model is on ",
+                device_name(final_norm_.value().device()), ")");
   transforms_ = std::move(t);
 }
 
@@ -264,10 +267,14 @@ Var LlamaModel::down_in(const Var& m) const {
 Var LlamaModel::rotate_heads(const Var& x) const {
   const HadamardRotation& r = transforms_.head;
   if (!r.defined() || !transforms_.kv.enabled()) return x;
-  const DType dt = x.value().dtype();
-  const Shape s = x.value().shape();
   const int64_t hd = r.size();
-  return reshape(hadamard_transform(reshape(x, {-1, hd}), r.signs.to(dt), r.small.defined() ? r.small.to(dt) : Tensor()), s);
+  Tensor v = x.value().contiguous().view({-1, hd});
+  // The rotation acts on each head's channels in the Hugging Face (rotate-half) order, whatever
+  // this model's RoPE layout, so a checkpoint saved in that order decodes to the same keys. (Only
+  // q . k matters, and queries and keys get the same treatment; KV quantization has no gradient.)
+  if (config_.rope_style == RopeStyle::Interleaved && hd % 2 == 0)
+    v = v.view({-1, hd / 2, 2}).transpose(1, 2).contiguous().view({-1, hd});
+  return Var(r.apply(v).view(x.value().shape()), false);
 }
 
 Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache* cache) const {

@@ -41,7 +41,7 @@ void hadamard_transform(const Tensor& x, const Tensor& signs, const Tensor& smal
     detail::check_shape(op, signs, {n}, "signs");
     detail::check_same_kind(op, x, signs, "signs");
   }
-  if (detail::on_cuda(x)) detail::no_cuda(op);  // CPU reference body only (the models run it on the CPU)
+  if (detail::on_cuda(x)) throw_error(op, ": CPU only (no CUDA body); rotated models run on the CPU");
   const int64_t p = n / m;
   detail::dispatch_float(op, x.dtype(), [&](auto t) {
     using T = decltype(t);
@@ -96,7 +96,7 @@ void fake_quant(const Tensor& x, int bits, bool asymmetric, double clip, int64_t
   const int64_t along = per_column ? M : N;  // the dimension groups run along
   if (group < 1 || along % group != 0)
     throw_error(op, ": group of ", group, " does not divide the ", per_column ? "rows" : "columns", " (", along, ")");
-  if (detail::on_cuda(x)) detail::no_cuda(op);
+  if (detail::on_cuda(x)) throw_error(op, ": CPU only (no CUDA body); quantized activations run on the CPU");
   // Groups: per_column = false: row r, columns [g*group, (g+1)*group); true: column c, rows likewise.
   const int64_t groups_per_line = along / group, lines = per_column ? N : M;
   const double qmax_sym = std::ldexp(1.0, bits - 1) - 1, qmin_sym = -std::ldexp(1.0, bits - 1);
