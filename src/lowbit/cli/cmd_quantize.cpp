@@ -240,6 +240,11 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
       throw_error("-o ", a.out, ": GGUF cannot hold separate LoRA adapters; add --lora merge");
   }
   const bool transforms = a.tr.rotating() || !a.tr.act.empty() || !a.tr.kv_quant.empty();
+  // The input is full precision (no recorded transforms): settings without their switch fail now.
+  if (a.tr.act_clip_given && (a.tr.act.empty() || a.tr.act == "none"))
+    throw_error("--act-clip: no activation quantization (give --act)");
+  if ((a.tr.kv_group_given || a.tr.kv_window_given) && (a.tr.kv_quant.empty() || a.tr.kv_quant == "none"))
+    throw_error(a.tr.kv_group_given ? "--kv-group" : "--kv-window", ": no KV-cache quantization (give --kv-quant)");
   if (transforms) {
     if (to_gguf)
       throw_error("-o ", a.out, ": GGUF cannot carry --rotate / --act / --kv-quant (llama.cpp would compute another "
