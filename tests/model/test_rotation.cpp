@@ -295,3 +295,38 @@ TEST(Rotation, RotatedModelTrains) {
     if (p.grad().defined()) g += ops::sum_squares(p.grad());
   EXPECT_GT(g, 0);
 }
+
+// Batched decoding (forward_batch, as `lowbit serve` runs it) with every transform on equals
+// decoding each sequence alone.
+TEST(Rotation, ForwardBatchWithTransformsEqualsSeparateDecodes) {
+  LlamaConfig c = test::small_config(RopeStyle::Interleaved);
+  LlamaWeights w = random_weights(c, 12, 0.1);
+  ModelTransforms t = rotate_weights(c, w, 4);
+  t.act = parse_act_quant("int8-asym");
+  t.kv.bits = 4;
+  t.kv.group = 2;
+  t.kv.window = 2;
+  LlamaModel m(c, w);
+  m.set_transforms(t);
+  NoGradGuard ng;
+  const std::vector<int> lens = {3, 7};
+  std::vector<KVCache> batched, single;
+  for (size_t s = 0; s < lens.size(); ++s) {
+    std::vector<int32_t> prompt;
+    for (int i = 0; i < lens[s]; ++i) prompt.push_back(int32_t((s * 11 + size_t(i) * 5 + 1) % size_t(c.vocab_size)));
+    const Tensor p = Tensor::from_vector(prompt, {int64_t(prompt.size())});
+    batched.push_back(m.make_cache(16, KVCacheType::F32));
+    single.push_back(m.make_cache(16, KVCacheType::F32));
+    m.forward_cached(p, batched.back());
+    m.forward_cached(p, single.back());
+  }
+  std::vector<int32_t> next = {4, 9};
+  for (int step = 0; step < 5; ++step) {
+    const Tensor lb = m.forward_batch(Tensor::from_vector(next, {2}), {&batched[0], &batched[1]}).value().contiguous();
+    for (size_t s = 0; s < 2; ++s) {
+      const Tensor ls = m.forward_cached(Tensor::from_vector(std::vector<int32_t>{next[s]}, {1}), single[s]).value();
+      EXPECT_LE(rot_diff(lb.slice(0, int64_t(s), int64_t(s) + 1).contiguous(), ls), 1e-4) << "step " << step;
+      next[s] = int32_t((next[s] * 7 + step + 1) % c.vocab_size);
+    }
+  }
+}
