@@ -17,6 +17,7 @@
 #     --kv-group N --kv-window N   KIVI settings (default 32 and 128, KIVI's)
 #     --seed N            rotation seed (default 0)
 #     --threads N         lowbit threads (default: lowbit's default)
+#     --cells LIST        only these cells (default: all; e.g. "W4A8 W4A4" for a --w4 gptq run)
 #     --out DIR           results (default rotation-table): results.jsonl (one line a cell), table.md
 #
 # The FP model is the GGUF's dequantized Q4_1 weights (as in docs/results/smollm2.md). W8 = int8pc
@@ -30,7 +31,7 @@ lowbit=build-rel/lowbit
 model=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 wiki=$shared/data/wikitext-2-raw/wiki.test.raw
 ctx=512 max_windows=20 w4=rtn calib="" nsamples=32 seqlen=512 act4=int4 act_clip=1.0 kv_group=32 kv_window=128
-seed=0 threads="" out=rotation-table
+seed=0 threads="" out=rotation-table cells=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --lowbit) lowbit=$2; shift 2 ;; --model) model=$2; shift 2 ;; --wiki) wiki=$2; shift 2 ;;
@@ -38,7 +39,7 @@ while [ $# -gt 0 ]; do
     --calib) calib=$2; shift 2 ;; --nsamples) nsamples=$2; shift 2 ;; --seqlen) seqlen=$2; shift 2 ;;
     --act4) act4=$2; shift 2 ;; --act-clip) act_clip=$2; shift 2 ;; --kv-group) kv_group=$2; shift 2 ;;
     --kv-window) kv_window=$2; shift 2 ;; --seed) seed=$2; shift 2 ;; --threads) threads=$2; shift 2 ;;
-    --out) out=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;; --cells) cells=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 1 ;;
   esac
 done
@@ -67,6 +68,7 @@ weights() {  # w (w8|w4) rot (none|hadamard) -> prints the model path
 
 cell() {  # name w act kv rot
   local name=$1 w=$2 act=$3 kv=$4 rot=$5 path args t0
+  if [ -n "$cells" ] && [[ " $cells " != *" $name "* ]]; then return; fi
   args=(--act "$act" --kv-quant "$kv")
   [ "$act" != none ] && args+=(--act-clip "$act_clip")
   [ "$kv" != none ] && args+=(--kv-group "$kv_group" --kv-window "$kv_window")
