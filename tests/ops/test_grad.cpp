@@ -91,11 +91,22 @@ TEST(Grad, Composite) {
       {rnd({3, 4}, 1), rnd({4}, 2), rnd({6, 4}, 3, 0.5), rnd({6, 4}, 4, 0.5), rnd({4, 6}, 5, 0.5)});
 }
 
+TEST(Grad, HadamardTransform) {
+  const Tensor signs = Tensor::from_vector(std::vector<double>{1, -1, -1, 1, 1, 1, -1, 1, -1, 1, 1, -1}, {12});
+  const Tensor small = rnd({3, 3}, 9);
+  for (bool transpose : {false, true})
+    grad_check([&](const std::vector<Var>& v) { return project(hadamard_transform(v[0], signs, small, transpose)); },
+               {rnd({3, 12}, 1)});
+  grad_check([](const std::vector<Var>& v) { return project(hadamard_transform(v[0], Tensor(), Tensor())); },
+             {rnd({2, 8}, 2)});
+}
+
 TEST(Grad, RegistryCoversEveryDifferentiableOp) {
   // Each op listed with a backward has a gradient check above (names kept in step by hand; this
   // test fails when an op is added to the registry without one).
   const std::vector<std::string> checked = {"gemm", "add", "sub", "mul", "scale", "sum", "rmsnorm", "rope",
-                                            "attention", "silu", "swiglu", "embedding", "cross_entropy", "kl_div", "mse", "cast"};
+                                            "attention", "silu", "swiglu", "embedding", "cross_entropy", "kl_div", "mse", "cast",
+                                            "hadamard_transform"};
   for (const auto& op : ops::op_registry()) {
     if (!op.has_backward) continue;
     EXPECT_NE(std::find(checked.begin(), checked.end(), std::string(op.name)), checked.end())

@@ -306,6 +306,24 @@ Var mse(const Var& a, const Var& b) {
 }
 
 // ---- dtype conversion: dx = cast(dy) back to x's dtype ---------------------------------------------
+// ---- randomized Hadamard transform: orthogonal, so the backward is the transposed transform ----
+Var hadamard_transform(const Var& x, const Tensor& signs, const Tensor& small, bool transpose) {
+  Tensor xv = contig(x), y = like(xv);
+  ops::hadamard_transform(xv, signs, small, transpose, y);
+  return make_result(y, {x}, "hadamard_transform", [x, signs, small, transpose](const Tensor& g) {
+    Tensor gc = g.contiguous(), dx = like(gc);
+    ops::hadamard_transform(gc, signs, small, !transpose, dx);
+    accumulate_grad(x, dx);
+  });
+}
+
+// ---- fake quantization: straight-through estimator ---------------------------------------------
+Var fake_quant(const Var& x, int bits, bool asymmetric, double clip, int64_t group, bool per_column) {
+  Tensor xv = contig(x), y = like(xv);
+  ops::fake_quant(xv, bits, asymmetric, clip, group, per_column, y);
+  return make_result(y, {x}, "fake_quant", [x](const Tensor& g) { accumulate_grad(x, g.contiguous()); });
+}
+
 Var cast(const Var& x, DType dtype) {
   if (x.value().dtype() == dtype) return x;
   Tensor xv = contig(x), out = Tensor::empty(xv.shape(), dtype, xv.device());

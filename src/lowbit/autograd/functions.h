@@ -31,6 +31,13 @@ Var embedding(const Var& table, const Tensor& ids);  // ids i32 [N] -> [N, D]
 Var cross_entropy(const Var& logits, const Tensor& targets);  // mean over rows; target -1 ignored
 Var kl_div(const Var& p_logits, const Var& q_logits);           // mean over rows of KL(P || Q)
 Var mse(const Var& a, const Var& b);                             // mean over elements
+// Randomized Hadamard transform of the rows of x [..., n] (ops::hadamard_transform; signs [n] and
+// small [m, m] are constants of x's dtype, either may be undefined): y = (x * signs) K, or
+// y = (x K^T) * signs with transpose. The backward applies the other direction to the gradient.
+Var hadamard_transform(const Var& x, const Tensor& signs, const Tensor& small, bool transpose = false);
+// Fake quantization of x [M, N] (ops::fake_quant) with a straight-through gradient (dy passes to
+// x unchanged).
+Var fake_quant(const Var& x, int bits, bool asymmetric, double clip, int64_t group, bool per_column = false);
 // x converted to `dtype` (f64/f32/bf16 on the CPU, f32/bf16 on the GPU); the backward converts
 // the gradient back to x's dtype. Identity (no copy, no node) when x already has that dtype.
 // Mixed precision uses it to hand fp32 activations to bf16 blocks and bf16 logits to an fp32 loss.

@@ -26,6 +26,7 @@ struct BenchArgs {
   int pp = 512, tg = 128, reps = 3, depth = 0;
   bool json = false, dequantize = false, f32_vocab = false;
   KVCacheType kv_cache = KVCacheType::Auto;
+  TransformArgs tr;
 };
 
 int64_t tensor_bytes(const Tensor& t) { return t.defined() ? int64_t(t.nbytes()) : 0; }
@@ -123,6 +124,8 @@ void run_bench(const BenchArgs& a) {
   const Device dev = parse_device(a.device);
   NoGradGuard no_grad;
   LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
+  apply_rotation(m, a.tr);
+  apply_quant_transforms(*m.model, a.tr);
   const LlamaModel& model = *m.model;
   const int64_t vocab = model.config().vocab_size;
   const int64_t bytes = model_bytes(m);
@@ -192,6 +195,7 @@ void register_bench(CLI::App& app) {
       ->check(at_least(0));
   add_kv_cache_option(b, &a->kv_cache);
   add_matmul_option(b);
+  add_transform_options(b, &a->tr);
   add_f32_vocab_option(b, &a->f32_vocab);
   add_threads_option(b);
   b->add_option("--device", a->device, "cpu or cuda")->capture_default_str();

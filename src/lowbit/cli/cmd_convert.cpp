@@ -48,7 +48,14 @@ void run_convert(const ConvertArgs& a) {
   // A lowbit quantized directory converts as the function it computes: codes dequantized, LoRA
   // adapters added (Ŵ + B A), i.e. its dense view.
   const bool quantized_dir = is_lowbit_quantized_dir(a.from);
-  Checkpoint ck = quantized_dir ? load_quantized_model(a.from).dense : load_checkpoint(a.from);
+  Checkpoint ck;
+  if (quantized_dir) {
+    QuantizedCheckpoint q = load_quantized_model(a.from);
+    refuse_transforms(q, "convert");
+    ck = std::move(q.dense);
+  } else {
+    ck = load_checkpoint(a.from);
+  }
   std::string embedded;
   if (out_format == CheckpointFormat::Gguf) {
     if (!a.tokenizer.empty()) {

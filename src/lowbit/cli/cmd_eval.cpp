@@ -22,13 +22,17 @@ struct PplArgs {
   KVCacheType kv_cache = KVCacheType::Auto;
   bool use_cache = false, f32_vocab = false;
   int64_t kv_chunk = 0;
+  TransformArgs tr;
 };
 
 void run_ppl(const PplArgs& a) {
   if (a.text.empty() == a.tokens.empty()) throw_error("eval ppl: give exactly one of --text FILE or --tokens FILE");
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
+  apply_rotation(m, a.tr);
+  apply_quant_transforms(*m.model, a.tr);
   compact_for_inference(m, dev);
+  const ModelTransforms& tr = m.model->transforms();
   std::vector<int32_t> stream;
   int bos = -1;
   std::unique_ptr<Tokenizer> tok;
@@ -76,6 +80,12 @@ void run_ppl(const PplArgs& a) {
                 {"device", a.device},
                 {"kv_cache", o.use_cache ? kv_cache_type_name(a.kv_cache) : "none"},
                 {"kv_chunk", o.use_cache ? (a.kv_chunk > 0 ? std::min(a.kv_chunk, a.ctx) : a.ctx) : 0},
+                {"rotation", tr.rotation.empty() ? "none" : tr.rotation},
+                {"act", act_quant_name(tr.act)},
+                {"act_clip", tr.act.clip},
+                {"kv_quant", tr.kv.enabled() ? "int" + std::to_string(tr.kv.bits) : "none"},
+                {"kv_group", tr.kv.group},
+                {"kv_window", tr.kv.window},
                 {"threads", threads_summary()}});
   } else {
     print_stdout("model      %s\ndata       %s\nwindows    %lld x %lld tokens%s\npredicted  %lld tokens%s\n",
@@ -155,6 +165,7 @@ void register_eval(CLI::App& app) {
                   "default: the whole window in one call)")
       ->check(at_least(1));
   add_matmul_option(ppl);
+  add_transform_options(ppl, &a->tr);
   add_f32_vocab_option(ppl, &a->f32_vocab);
   add_threads_option(ppl);
   ppl->callback([a] { run_ppl(*a); });

@@ -112,6 +112,7 @@ void export_quantized_dir_to_gguf(const std::string& dir, const std::string& out
     }
   }
   QuantizedCheckpoint q = load_quantized_model(dir);
+  refuse_transforms(q, "a GGUF file");
   // Tokenizer: --tokenizer, else the directory's own, else the source model's (recorded by quantize).
   TokenizerVocab vocab;
   std::string from;

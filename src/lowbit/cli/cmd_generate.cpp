@@ -15,11 +15,14 @@ struct GenArgs {
   uint64_t seed = 42;
   bool json = false, ignore_eos = false, f32_vocab = false;
   KVCacheType kv_cache = KVCacheType::Auto;
+  TransformArgs tr;
 };
 
 void run_generate(const GenArgs& a) {
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev, false, !a.f32_vocab);
+  apply_rotation(m, a.tr);
+  apply_quant_transforms(*m.model, a.tr);
   compact_for_inference(m, dev);
   auto tok = open_tokenizer(a.tokenizer, a.model);
   if (tok->vocab_size() > m.model->config().vocab_size)
@@ -79,6 +82,7 @@ void register_generate(CLI::App& app) {
   g->add_flag("--json", a->json, "print one JSON object instead of streaming text");
   add_kv_cache_option(g, &a->kv_cache);
   add_matmul_option(g);
+  add_transform_options(g, &a->tr);
   add_f32_vocab_option(g, &a->f32_vocab);
   add_threads_option(g);
   g->callback([a] { run_generate(*a); });

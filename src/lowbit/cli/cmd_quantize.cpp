@@ -30,6 +30,7 @@ struct QuantArgs {
   uint64_t seed = 0;
   double percdamp = 0.01, checkpoint_seconds = 60;
   bool act_order = false, no_clip = false, json = false;
+  TransformArgs tr;  // --rotate, --act, --kv-quant (issue 16)
   // ApiQ / SAPR. Defaults: ApiQ's scripts/quantize.sh and calibrate.py (2-bit g64, rank 64,
   // alpha 16, 20 epochs, batch 1, LoRA lr 5e-4, clipping lr 5e-3, weight decay 0.1, init logit 4).
   int64_t rank = 64, apiq_batch = 1, saliency_batch = 1;
@@ -238,6 +239,23 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     if (is_apiq(a.method) && a.lora != "merge")
       throw_error("-o ", a.out, ": GGUF cannot hold separate LoRA adapters; add --lora merge");
   }
+  const bool transforms = a.tr.rotating() || !a.tr.act.empty() || !a.tr.kv_quant.empty();
+  // The input is full precision (no recorded transforms): settings without their switch fail now.
+  if (a.tr.act_clip_given && (a.tr.act.empty() || a.tr.act == "none"))
+    throw_error("--act-clip: no activation quantization (give --act)");
+  if ((a.tr.kv_group_given || a.tr.kv_window_given) && (a.tr.kv_quant.empty() || a.tr.kv_quant == "none"))
+    throw_error(a.tr.kv_group_given ? "--kv-group" : "--kv-window", ": no KV-cache quantization (give --kv-quant)");
+  if (transforms) {
+    if (to_gguf)
+      throw_error("-o ", a.out, ": GGUF cannot carry --rotate / --act / --kv-quant (llama.cpp would compute another "
+                  "function); write a lowbit directory");
+    if (a.device != "cpu") throw_error("--rotate / --act / --kv-quant: the rotated and activation-quantized models run on the CPU (--device cpu)");
+  }
+  // Methods that rescale channels between a norm / up_proj and the next linear would rescale across
+  // the online Hadamard before down_proj; the ones below only replace each linear's weight.
+  if (a.tr.rotating() && a.method != "rtn" && a.method != "gptq" && a.method != "rsq" && a.method != "comq")
+    throw_error("--rotate ", a.tr.rotate, ": supported with --method rtn, gptq, rsq or comq (", a.method,
+                " moves scales across layers, which the online rotation before down_proj does not commute with)");
   const std::string out_dir = to_gguf ? a.out + ".qdir" : a.out;
   if (fs::exists(a.out) && fs::exists(a.model) && fs::equivalent(a.out, a.model, ec))
     throw_error("--out ", a.out, " is the input model; choose another directory");
@@ -249,7 +267,9 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   if (a.tf32) cuda_set_allow_tf32(true);
   OutputDir out(out_dir, "--out");
   out.refuse_input(a.model, "the input model");
-  LoadedModel m = load_model(a.model, dev);
+  // Rotating needs dense weights (a GGUF input in block types is then dequantized, as its FP baseline).
+  LoadedModel m = load_model(a.model, dev, /*dequantize=*/a.tr.rotating());
+  apply_rotation(m, a.tr);  // before calibration: GPTQ sees the rotated weights and activations
   // Calibration tokens.
   std::vector<int32_t> stream;
   if (!a.calib_tokens.empty()) {
@@ -324,6 +344,13 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                            {"checkpoints_saved", r.checkpoints_saved},
                            {"checkpoint_seconds", r.checkpoint_seconds},
                            {"threads", threads_summary()}};
+  apply_quant_transforms(*m.model, a.tr);  // recorded in the checkpoint (calibration ran without them)
+  {
+    const ModelTransforms& t = m.model->transforms();
+    report["rotation"] = t.rotation.empty() ? "none" : t.rotation;
+    report["act"] = act_quant_name(t.act);
+    report["kv_quant"] = t.kv.enabled() ? "int" + std::to_string(t.kv.bits) : "none";
+  }
   nlohmann::json extra = {{"source_model", a.model}};
   if (!stream.empty()) {  // RTN without data runs on a stub: no calibration to record
     extra["calibration"] = {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}};
@@ -528,6 +555,7 @@ void register_quantize(CLI::App& app) {
   q->add_option("-o,--out", a->out, "output directory (config.json + model.safetensors), or FILE.gguf for llama.cpp (ggml block --format only; report in FILE.gguf.report.json)")->required();
   q->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   q->add_flag("--json", a->json, "print the report as JSON");
+  add_transform_options(q, &a->tr);
   add_threads_option(q);
   q->callback([a, q] {
     // Method-specific flags given to another method are refused rather than silently ignored.

@@ -80,9 +80,11 @@ bool is_packed_gguf(const std::string& path) {
 
 LoadedModel load_model(const std::string& path, Device device, bool dequantize, bool packed_vocab) {
   LoadedModel m;
+  ModelTransforms transforms;  // a quantized checkpoint's, kept by its dense view
   if (dequantize && is_lowbit_quantized_dir(path)) {  // the dense view, f32
     QuantizedCheckpoint q = load_quantized_model(path);
     m.checkpoint = std::move(q.dense);
+    transforms = std::move(q.transforms);
   } else if (is_lowbit_quantized_dir(path)) {  // packed weights: QuantLinear layers
     QuantizedCheckpoint q = load_quantized_model(path, /*dense_view=*/false);
     if (packed_vocab && device == Device::CPU) m.packed_vocab_bytes = pack_vocab(q);
@@ -110,7 +112,92 @@ LoadedModel load_model(const std::string& path, Device device, bool dequantize, 
   LlamaWeights w = m.checkpoint.weights;
   if (device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(device); });
   m.model = std::make_unique<LlamaModel>(m.checkpoint.config, w, false);
+  m.model->set_transforms(std::move(transforms));
   return m;
+}
+
+void add_transform_options(CLI::App* app, TransformArgs* a) {
+  app->add_option("--rotate", a->rotate,
+                  "rotate a full-precision model (QuaRot): hadamard folds the norms into the linears, rotates the "
+                  "residual stream and adds an online Hadamard before down_proj; the function is unchanged")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"none", "hadamard"}));
+  app->add_option("--rotate-seed", a->rotate_seed, "seed of the random signs and small orthogonal factors of --rotate")
+      ->capture_default_str()
+      ->check(at_least(0));
+  app->add_option("--act", a->act,
+                  "fake-quantize the input of every block linear per token: none, int8, int4, int8-asym, int4-asym "
+                  "(default: what the checkpoint records, else none)")
+      ->check(CLI::Validator(
+          [](std::string& v) -> std::string {
+            try {
+              parse_act_quant(v, "");
+            } catch (const Error& e) {
+              return std::string(e.what()).substr(2);  // past the empty flag name's ": "
+            }
+            return "";
+          },
+          "FORMAT", ""));
+  app->add_option("--act-clip", a->act_clip, "with --act: clip ratio of each token's range (0, 1]")
+      ->check(above(0))
+      ->check(between(0, 1))
+      ->each([a](const std::string&) { a->act_clip_given = true; });
+  app->add_option("--kv-quant", a->kv_quant,
+                  "KIVI fake quantization of the KV cache: none, int4, int2 (keys per channel, values per token, "
+                  "asymmetric; default: what the checkpoint records, else none)")
+      ->check(CLI::Validator(
+          [](std::string& v) -> std::string {
+            try {
+              parse_kv_quant_bits(v, "");
+            } catch (const Error& e) {
+              return std::string(e.what()).substr(2);
+            }
+            return "";
+          },
+          "BITS", ""));
+  app->add_option("--kv-group", a->kv_group, "with --kv-quant: tokens per key group and channels per value group")
+      ->check(between(1, 4096))
+      ->each([a](const std::string&) { a->kv_group_given = true; });
+  app->add_option("--kv-window", a->kv_window, "with --kv-quant: recent tokens kept in full precision (at least)")
+      ->check(at_least(0))
+      ->each([a](const std::string&) { a->kv_window_given = true; });
+}
+
+void apply_rotation(LoadedModel& m, const TransformArgs& a) {
+  if (!a.rotating()) return;
+  LlamaModel& model = *m.model;
+  if (!model.transforms().rotation.empty())
+    throw_error("--rotate: the model is already rotated (", model.transforms().rotation, ")");
+  bool packed = model.packed_output() != nullptr;
+  for (int i = 0; i < model.n_layers(); ++i)
+    for (auto& [name, slot] : model.block(i).linears()) packed |= dynamic_cast<DenseLinear*>(slot->get()) == nullptr;
+  if (packed)
+    throw_error("--rotate: the model is quantized; rotations are applied to the full-precision model before "
+                "quantizing (lowbit quantize --rotate hadamard ...), and a checkpoint made so keeps them (add "
+                "--dequantize to rotate the dequantized weights as a full-precision model)");
+  LlamaConfig c = model.config();
+  LlamaWeights w = weights_to(model.weights(), Device::CPU);
+  for_each_weight(w, [](const std::string&, Tensor& t) { t = t.to(DType::F32); });  // compacted 16-bit tables
+  ModelTransforms t = rotate_weights(c, w, a.rotate_seed);
+  t.act = model.transforms().act;
+  t.kv = model.transforms().kv;
+  m.model = std::make_unique<LlamaModel>(c, w, false);
+  m.model->set_transforms(std::move(t));
+  m.checkpoint.config = c;
+  m.checkpoint.weights = std::move(w);
+}
+
+void apply_quant_transforms(LlamaModel& model, const TransformArgs& a) {
+  ModelTransforms t = model.transforms();
+  if (!a.act.empty()) t.act = parse_act_quant(a.act);
+  if (a.act_clip_given) t.act.clip = a.act_clip;
+  if (!a.kv_quant.empty()) t.kv.bits = parse_kv_quant_bits(a.kv_quant);
+  if (a.kv_group_given) t.kv.group = a.kv_group;
+  if (a.kv_window_given) t.kv.window = a.kv_window;
+  if (a.act_clip_given && !t.act.enabled()) throw_error("--act-clip: no activation quantization (give --act)");
+  if ((a.kv_group_given || a.kv_window_given) && !t.kv.enabled())
+    throw_error(a.kv_group_given ? "--kv-group" : "--kv-window", ": no KV-cache quantization (give --kv-quant)");
+  model.set_transforms(std::move(t));
 }
 
 void compact_for_inference(LoadedModel& m, Device device) {

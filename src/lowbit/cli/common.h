@@ -62,6 +62,28 @@ LoadedModel load_model(const std::string& path, Device device, bool dequantize =
 // and the checkpoint's f32 copies are released.
 void compact_for_inference(LoadedModel& m, Device device);
 
+// Rotation and activation / KV-cache quantization (model/rotation.h, issue 16) from the command line:
+//   --rotate none|hadamard, --rotate-seed N   (full-precision models: rotates the weights at load;
+//                                              quantize: before the method runs)
+//   --act none|int8|int4|int8-asym|int4-asym, --act-clip R, --kv-quant none|int4|int2,
+//   --kv-group N, --kv-window N               (override what a quantized checkpoint records)
+struct TransformArgs {
+  std::string rotate = "none";
+  uint64_t rotate_seed = 0;
+  std::string act, kv_quant;  // "" = not given
+  double act_clip = 1.0;
+  int64_t kv_group = 32, kv_window = 128;
+  bool act_clip_given = false, kv_group_given = false, kv_window_given = false;
+  bool rotating() const { return rotate != "none"; }
+};
+void add_transform_options(CLI::App* app, TransformArgs* a);
+// --rotate on a loaded model: rebuilds m.model (and m.checkpoint) from its rotated weights (on the
+// CPU). Throws for a quantized or already rotated model, or a device other than the CPU.
+void apply_rotation(LoadedModel& m, const TransformArgs& a);
+// --act / --kv-quant and their settings on the model (given flags replace the recorded ones).
+void apply_quant_transforms(LlamaModel& model, const TransformArgs& a);
+
+
 // The tokenizer named by --tokenizer (a tokenizer file, a directory holding one, or a GGUF file's
 // embedded one), else the model's own: a model directory's, or the one embedded in a GGUF model
 // (read from the metadata only). Throws when there is none.

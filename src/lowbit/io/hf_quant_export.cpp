@@ -100,6 +100,7 @@ HfQuantExportInfo export_hf_quant_layout(const std::string& dir, const std::stri
                 " layout has no place for them (export the packed weights of a method without adapters)");
 
   QuantizedCheckpoint ck = load_quantized_model(dir, /*dense_view=*/false);
+  refuse_transforms(ck, std::string("the ") + hf_quant_layout_name(layout) + " layout");
   const QuantFormat& f = quant_format(ck.format);
   const bool int_kind = f.kind == QuantKind::IntAsym || f.kind == QuantKind::IntSym;
   if (gptq && !(int_kind && (f.bits == 2 || f.bits == 3 || f.bits == 4 || f.bits == 8)))

@@ -43,6 +43,50 @@ nlohmann::json read_json(const std::string& path) {
   return j;
 }
 
+// quantization_config.transforms (see the header) and the rotation tensors.
+ModelTransforms read_transforms(const nlohmann::json& j, SafetensorsFile& f, const LlamaConfig& c,
+                                const std::string& cfg_path, const std::string& st_path) {
+  if (!j.is_object()) throw_error(cfg_path, ": quantization_config.transforms is not an object");
+  auto str = [&](const char* key) -> std::string {
+    if (!j.contains(key) || !j[key].is_string())
+      throw_error(cfg_path, ": quantization_config.transforms.", key, " is missing or not a string");
+    return j[key].get<std::string>();
+  };
+  auto num = [&](const char* key, bool integer) -> double {
+    if (!j.contains(key) || !j[key].is_number() || (integer && !j[key].is_number_integer()))
+      throw_error(cfg_path, ": quantization_config.transforms.", key, " is missing or not ", integer ? "an integer" : "a number");
+    return j[key].get<double>();
+  };
+  ModelTransforms t;
+  try {
+    const std::string rot = str("rotation");
+    if (rot != "none") {
+      if (rot != "hadamard") throw_error("rotation '", rot, "' is unknown (expected hadamard or none)");
+      t.rotation = rot;
+      if (!j.contains("rotation_seed") || !j["rotation_seed"].is_number_unsigned())
+        throw_error("rotation_seed is missing or not a non-negative integer");
+      t.rotation_seed = j["rotation_seed"].get<uint64_t>();
+    }
+    t.act = parse_act_quant(str("act"), "act");
+    t.act.clip = num("act_clip", false);
+    t.kv.bits = parse_kv_quant_bits(str("kv_quant"), "kv_quant");
+    const double group = num("kv_group", true), window = num("kv_window", true);
+    if (group < 1 || group > 4096 || window < 0 || window > double(int64_t(1) << 30))
+      throw_error("kv_group ", group, " / kv_window ", window, " out of range");
+    t.kv.group = int64_t(group);
+    t.kv.window = int64_t(window);
+  } catch (const Error& e) {
+    throw_error(cfg_path, ": quantization_config.transforms: ", e.what());
+  }
+  for (const auto& [name, r] : {std::pair<const char*, HadamardRotation*>{"ffn", &t.ffn}, {"head", &t.head}}) {
+    const std::string base = std::string("lowbit.rotation.") + name;
+    if (f.find(base + ".signs")) r->signs = f.load_f32(base + ".signs");
+    if (f.find(base + ".small")) r->small = f.load_f32(base + ".small");
+  }
+  validate_transforms(c, t, st_path);
+  return t;
+}
+
 }  // namespace
 
 void save_quantized_model(const std::string& dir, const LlamaModel& model, const std::string& method,
@@ -124,6 +168,21 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
     qc["lora"] = lora == LoraStorage::Merged ? "merged" : "separate";
     qc["lora_rank"] = max_rank;
     if (lora == LoraStorage::Merged) qc["lora_merged_dtype"] = dtype_name(merged_dtype);
+  }
+  const ModelTransforms& tr = model.transforms();
+  if (tr.any()) {
+    qc["transforms"] = {{"rotation", tr.rotation.empty() ? "none" : tr.rotation},
+                        {"rotation_seed", tr.rotation_seed},
+                        {"act", act_quant_name(tr.act)},
+                        {"act_clip", tr.act.clip},
+                        {"kv_quant", tr.kv.enabled() ? "int" + std::to_string(tr.kv.bits) : "none"},
+                        {"kv_group", tr.kv.group},
+                        {"kv_window", tr.kv.window}};
+    for (const auto& [name, r] : {std::pair<const char*, const HadamardRotation*>{"ffn", &tr.ffn}, {"head", &tr.head}}) {
+      if (!r->defined()) continue;
+      ts.emplace_back(std::string("lowbit.rotation.") + name + ".signs", r->signs.contiguous());
+      if (r->small.defined()) ts.emplace_back(std::string("lowbit.rotation.") + name + ".small", r->small.contiguous());
+    }
   }
   for (auto& [k, v] : extra.items()) qc[k] = v;
   cfg["quantization_config"] = qc;
@@ -250,7 +309,17 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
     w.layers.push_back(std::move(l));
   }
   validate_weights(c, w, dir);
+  if (qc.contains("transforms")) out.transforms = read_transforms(qc["transforms"], f, c, cfg_path, st_path);
   return out;
+}
+
+void refuse_transforms(const QuantizedCheckpoint& q, const std::string& what) {
+  const ModelTransforms& t = q.transforms;
+  if (!t.any()) return;
+  throw_error(q.dense.source, ": ", what, " cannot carry this checkpoint's transforms (rotation ",
+              t.rotation.empty() ? "none" : t.rotation, ", activations ", act_quant_name(t.act), ", KV cache ",
+              t.kv.enabled() ? "int" + std::to_string(t.kv.bits) : "none",
+              "): the result would compute another function; use lowbit eval / generate / serve on it instead");
 }
 
 Tensor zero_placeholder(const Shape& shape) {
@@ -283,6 +352,7 @@ std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, D
       t = (it != q.quantized.end() ? it->second.dequantize() : t).to(device);
     });
   auto model = std::make_unique<LlamaModel>(q.dense.config, w, false);
+  model->set_transforms(q.transforms);
   for (int i = 0; i < model->n_layers(); ++i)
     for (auto& [name, slot] : model->block(i).linears()) {
       const std::string m = "model.layers." + std::to_string(i) + "." + name;

@@ -18,6 +18,17 @@
 // Rows of q_proj/k_proj (and of their lora_B) are in the Hugging Face (rotate-half) order, as in
 // any HF checkpoint.
 //
+// A model with transforms (model/rotation.h: rotation, activation / KV-cache quantization) also has
+//   quantization_config.transforms = {"rotation": "hadamard" | "none", "rotation_seed": N,
+//                                     "act": "int8" | "int4" | "int8-asym" | "int4-asym" | "none",
+//                                     "act_clip": 1.0, "kv_quant": "int4" | "int2" | "none",
+//                                     "kv_group": 32, "kv_window": 128}
+//   lowbit.rotation.{ffn,head}.signs  F32 [n]     the online rotations (rotated models only)
+//   lowbit.rotation.{ffn,head}.small  F32 [m, m]  (when n is not a power of two)
+// and the stored weights are the rotated ones, so the checkpoint reloads to identical outputs.
+// Readers that cannot apply the transforms (GGUF / GPTQ / AWQ export, convert) refuse such a
+// checkpoint.
+//
 // Bits per weight with adapters. Separate adapters add 16 * rank * (in + out) bits to a layer's
 // packed storage (Llama-2-7B, rank 64: about +0.5 bit per weight; they stay trainable for LoRA
 // finetuning). Merged layers are dense: 16 (f16) or 32 (f32) bits per weight, so merging trades
@@ -59,9 +70,14 @@ struct QuantizedCheckpoint {
   // (GGUF inference loads).
   std::map<std::string, QuantizedTensor> quantized;
   std::map<std::string, LoraAdapters> lora;          // by module name (separate adapters only)
+  ModelTransforms transforms;  // rotation, activation and KV-cache quantization (none by default)
 };
 
-// Writes `model` (whose linears are QuantLinear or dense) atomically into `dir`.
+// Throws lowbit::Error naming `what` when the checkpoint has transforms (a reader that would
+// silently drop them: exports to other formats, conversion).
+void refuse_transforms(const QuantizedCheckpoint& q, const std::string& what);
+
+// Writes `model` (whose linears are QuantLinear or dense) atomically into `dir`, with its transforms.
 // `extra` is merged into quantization_config (e.g. the calibration settings). Layers with LoRA
 // adapters are written according to `lora`; merged layers use `merged_dtype` (F16 or F32).
 void save_quantized_model(const std::string& dir, const LlamaModel& model, const std::string& method,
@@ -82,7 +98,8 @@ Tensor zero_placeholder(const Shape& shape);
 // True when dir/config.json has a lowbit quantization_config.
 bool is_lowbit_quantized_dir(const std::string& dir);
 
-// A frozen model whose quantized linears are QuantLinear layers (with their adapters), on `device`.
+// A frozen model whose quantized linears are QuantLinear layers (with their adapters), on `device`,
+// with the checkpoint's transforms.
 std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, Device device = Device::CPU);
 
 // Inference loads of lowbit directories, whose embedding and output matrices are stored dense:

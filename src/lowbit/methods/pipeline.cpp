@@ -106,6 +106,17 @@ Tensor BlockContext::run_block(const Tensor& x, const LinearInputHook& hook) con
   return out;
 }
 
+namespace {
+// The model's transforms in the resume key ("" without any, so older states stay valid): a state
+// written for a rotated model is refused for another rotation and vice versa.
+std::string transforms_key(const ModelTransforms& t) {
+  if (!t.any()) return "";
+  return "|rot:" + (t.rotation.empty() ? std::string("none") : t.rotation + ":" + std::to_string(t.rotation_seed)) +
+         "|act:" + act_quant_name(t.act) + ":" + key_number(t.act.clip) + "|kv:" + std::to_string(t.kv.bits) + ":" +
+         std::to_string(t.kv.group) + ":" + std::to_string(t.kv.window);
+}
+}  // namespace
+
 PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMethod& method, const QuantFormat& format,
                              const PipelineOptions& o) {
   if (tokens.dim() != 2 || tokens.dtype() != DType::I32) throw_error("pipeline: calibration tokens must be i32 [N, L]");
@@ -118,7 +129,7 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
   int start = 0;
   const std::string state_path = o.state_dir.empty() ? "" : (fs::path(o.state_dir) / "pipeline.safetensors").string();
   const std::string key = method.name() + "(" + method.options_key() + ")|" + format.name + "|" + std::to_string(token_hash(tokens)) + "|" +
-                          (o.next_from_fp ? "fp" : "q");
+                          (o.next_from_fp ? "fp" : "q") + transforms_key(model.transforms());
   if (!state_path.empty() && fs::exists(state_path)) {
     SafetensorsFile f = SafetensorsFile::open(state_path);
     auto it = f.metadata().find("key");

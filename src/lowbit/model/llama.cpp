@@ -199,12 +199,90 @@ Var kv_attention(const Var& q, const KVLayerView& kv, int64_t T, int64_t H, int6
   return attention(q, kc, vc, 1, T, kv.length, H, KVH, hd);
 }
 
+namespace {
+// KIVI fake quantization (model/rotation.h): q f32 [T, H, hd] at positions S-T .. S-1; k, v f32
+// [S, KVH, hd] contiguous, full precision. Each query attends over keys/values whose first L(t)
+// tokens are replaced by their quantized versions. Returns f32 [T, H, hd].
+Tensor kivi_attention(const KVQuantSpec& spec, const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
+  const int64_t T = q.size(0), H = q.size(1), hd = q.size(2), S = k.size(0), KVH = k.size(1), C = KVH * hd;
+  const int64_t G = spec.group, vg = hd % G == 0 ? G : hd;
+  auto quantized_len = [&](int64_t t) {  // L(t) for the query at position t
+    const int64_t n = t + 1 - spec.window;
+    return n <= 0 ? int64_t(0) : (n / G) * G;
+  };
+  const int64_t Lmax = quantized_len(S - 1);
+  Tensor kq, vq;
+  if (Lmax > 0) {  // the complete groups, quantized once: keys per channel, values per token
+    kq = Tensor::empty({Lmax, C});
+    vq = Tensor::empty({Lmax, C});
+    ops::fake_quant(k.slice(0, 0, Lmax).contiguous().view({Lmax, C}), spec.bits, true, 1.0, G, true, kq);
+    ops::fake_quant(v.slice(0, 0, Lmax).contiguous().view({Lmax, C}), spec.bits, true, 1.0, vg, false, vq);
+  }
+  Tensor out = Tensor::empty({T, H, hd});
+  for (int64_t t0 = 0; t0 < T;) {  // queries sharing one L(t): consecutive positions
+    const int64_t L = quantized_len(S - T + t0);
+    int64_t t1 = t0 + 1;
+    while (t1 < T && quantized_len(S - T + t1) == L) ++t1;
+    const int64_t keys = S - T + t1;  // the chunk's last query sees keys [0, keys)
+    Tensor km = k.slice(0, 0, keys), vm = v.slice(0, 0, keys);
+    if (L > 0) {
+      km = km.contiguous().clone();
+      vm = vm.contiguous().clone();
+      km.view({keys, C}).slice(0, 0, L).copy_(kq.slice(0, 0, L));
+      vm.view({keys, C}).slice(0, 0, L).copy_(vq.slice(0, 0, L));
+    }
+    Tensor o = out.slice(0, t0, t1);
+    Tensor oc = Tensor::empty(o.shape());
+    ops::kv_attention_forward(q.slice(0, t0, t1).contiguous(), km.contiguous(), vm.contiguous(), Tensor(), Tensor(),
+                              scale, oc);
+    o.copy_(oc);
+    t0 = t1;
+  }
+  return out;
+}
+}  // namespace
+
+void LlamaModel::set_transforms(ModelTransforms t) {
+  validate_transforms(config_, t, "model transforms");
+  if (t.any() && final_norm_.value().device() != Device::CPU)
+    throw_error("rotation and activation / KV-cache quantization run on the CPU only (the model is on ",
+                device_name(final_norm_.value().device()), ")");
+  transforms_ = std::move(t);
+}
+
+Var LlamaModel::act_in(const Var& x) const {
+  const ActQuantSpec& a = transforms_.act;
+  if (!a.enabled()) return x;
+  const int64_t N = x.value().size(-1);
+  return fake_quant(x, a.bits, a.asymmetric, a.clip, N, false);
+}
+
+Var LlamaModel::down_in(const Var& m) const {
+  const HadamardRotation& r = transforms_.ffn;
+  if (!r.defined()) return m;
+  const DType dt = m.value().dtype();
+  return hadamard_transform(m, r.signs.to(dt), r.small.defined() ? r.small.to(dt) : Tensor());
+}
+
+Var LlamaModel::rotate_heads(const Var& x) const {
+  const HadamardRotation& r = transforms_.head;
+  if (!r.defined() || !transforms_.kv.enabled()) return x;
+  const int64_t hd = r.size();
+  Tensor v = x.value().contiguous().view({-1, hd});
+  // The rotation acts on each head's channels in the Hugging Face (rotate-half) order, whatever
+  // this model's RoPE layout, so a checkpoint saved in that order decodes to the same keys. (Only
+  // q . k matters, and queries and keys get the same treatment; KV quantization has no gradient.)
+  if (config_.rope_style == RopeStyle::Interleaved && hd % 2 == 0)
+    v = v.view({-1, hd / 2, 2}).transpose(1, 2).contiguous().view({-1, hd});
+  return Var(r.apply(v).view(x.value().shape()), false);
+}
+
 Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache* cache) const {
   const LlamaBlock& b = blocks_.at(size_t(i));
   const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
   const double eps = config_.norm_eps;
   // Attention.
-  Var h = rmsnorm(x, b.attn_norm, eps);
+  Var h = act_in(rmsnorm(x, b.attn_norm, eps));
   Var q = b.wq->forward(h), k = b.wk->forward(h), v = b.wv->forward(h);
   if (config_.qk_norm) {  // Qwen3: RMSNorm over each head's channels before rotary.
     q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {B * T, H * hd});
@@ -215,29 +293,52 @@ Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache
     if (B != 1) throw_error("KV-cache decoding supports batch 1, got ", B);
     att = attend_cached(i, q, k, v, T, *cache);
   } else {
-    q = rope(q, B, T, H, hd, 0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
-    k = rope(k, B, T, KVH, hd, 0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
-    att = attention(q, k, v, B, T, T, H, KVH, hd);
+    q = rotate_heads(rope(q, B, T, H, hd, 0, config_.rope_theta, config_.rope_style, config_.rope_scaling));
+    k = rotate_heads(rope(k, B, T, KVH, hd, 0, config_.rope_theta, config_.rope_style, config_.rope_scaling));
+    if (transforms_.kv.enabled()) {  // KIVI fake quantization, per sequence (no gradient)
+      const Tensor& qv = q.value();
+      if (qv.device() != Device::CPU || qv.dtype() != DType::F32)
+        throw_error("KV-cache quantization: f32 models on the CPU only (got ", qv.describe(), ")");
+      const Tensor q4 = qv.contiguous().view({B, T, H, hd});
+      const Tensor k4 = k.value().contiguous().view({B, T, KVH, hd}), v4 = v.value().contiguous().view({B, T, KVH, hd});
+      Tensor out = Tensor::empty({B, T, H, hd});
+      for (int64_t s = 0; s < B; ++s)
+        out.select(0, s).copy_(kivi_attention(transforms_.kv, q4.select(0, s).contiguous(), k4.select(0, s).contiguous(),
+                                              v4.select(0, s).contiguous(), 1.0 / std::sqrt(double(hd))));
+      att = Var(out.view({B * T, H * hd}), false);
+    } else {
+      att = attention(q, k, v, B, T, T, H, KVH, hd);
+    }
   }
-  return block_mlp(i, add(x, b.wo->forward(att)));
+  return block_mlp(i, add(x, b.wo->forward(act_in(att))));
 }
 
 Var LlamaModel::attend_cached(int i, Var q, Var k, const Var& v, int64_t T, KVCache& cache) const {
   const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
   const int64_t pos0 = cache.length;
   if (pos0 + T > cache.capacity) throw_error("KV cache full: ", pos0 + T, " tokens, capacity ", cache.capacity);
-  q = rope(q, 1, T, H, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
-  k = rope(k, 1, T, KVH, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling);
+  q = rotate_heads(rope(q, 1, T, H, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling));
+  k = rotate_heads(rope(k, 1, T, KVH, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling));
   kv_append(cache, i, pos0, k.value(), v.value());
-  return kv_attention(q, kv_read(cache, i, pos0 + T), T, H, hd);
+  const KVLayerView view = kv_read(cache, i, pos0 + T);
+  if (transforms_.kv.enabled()) {  // KIVI fake quantization of what the cache holds
+    if (view.k.dtype() != DType::F32 && view.k.dtype() != DType::F16)
+      throw_error("KV-cache quantization: the cache must be f32 or f16, not ", kv_cache_type_name(cache.type));
+    if (q.value().device() != Device::CPU || q.value().dtype() != DType::F32)
+      throw_error("KV-cache quantization: f32 models on the CPU only (got ", q.value().describe(), ")");
+    Tensor out = kivi_attention(transforms_.kv, q.value().contiguous().view({T, H, hd}), view.k.to(DType::F32).contiguous(),
+                                view.v.to(DType::F32).contiguous(), 1.0 / std::sqrt(double(hd)));
+    return Var(out.view({T, H * hd}), false);
+  }
+  return kv_attention(q, view, T, H, hd);
 }
 
 Var LlamaModel::block_mlp(int i, const Var& x1) const {
   const LlamaBlock& b = blocks_.at(size_t(i));
   const double eps = config_.norm_eps;
   // SwiGLU MLP.
-  Var h2 = rmsnorm(x1, b.ffn_norm, eps);
-  Var m = swiglu(b.w_gate->forward(h2), b.w_up->forward(h2));
+  Var h2 = act_in(rmsnorm(x1, b.ffn_norm, eps));
+  Var m = act_in(down_in(swiglu(b.w_gate->forward(h2), b.w_up->forward(h2))));
   return add(x1, b.w_down->forward(m));
 }
 
@@ -326,7 +427,7 @@ Var LlamaModel::forward_batch(const Tensor& tokens, const std::vector<KVCache*>&
   for (int i = 0; i < config_.n_layers; ++i) {
     const LlamaBlock& b = blocks_[size_t(i)];
     // Norms and linear layers on all B rows at once (each weight is read once per step) ...
-    Var h = rmsnorm(x, b.attn_norm, eps);
+    Var h = act_in(rmsnorm(x, b.attn_norm, eps));
     Var q = decode_linear(*b.wq, h), k = decode_linear(*b.wk, h), v = decode_linear(*b.wv, h);
     if (config_.qk_norm) {
       q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {B, H * hd});
@@ -345,9 +446,9 @@ Var LlamaModel::forward_batch(const Tensor& tokens, const std::vector<KVCache*>&
     };
     if (qv.device() == Device::CPU && B > 1) parallel_each(B, [&](int64_t s) { one(s); });
     else for (int64_t s = 0; s < B; ++s) one(s);
-    Var x1 = add(x, decode_linear(*b.wo, Var(att)));
-    Var h2 = rmsnorm(x1, b.ffn_norm, eps);
-    Var m = swiglu(decode_linear(*b.w_gate, h2), decode_linear(*b.w_up, h2));
+    Var x1 = add(x, decode_linear(*b.wo, act_in(Var(att))));
+    Var h2 = act_in(rmsnorm(x1, b.ffn_norm, eps));
+    Var m = act_in(down_in(swiglu(decode_linear(*b.w_gate, h2), decode_linear(*b.w_up, h2))));
     x = add(x1, decode_linear(*b.w_down, m));
   }
   for (KVCache* c : caches) c->length += 1;

@@ -19,6 +19,7 @@
 #include "lowbit/autograd/variable.h"
 #include "lowbit/model/config.h"
 #include "lowbit/model/linear.h"
+#include "lowbit/model/rotation.h"
 #include "lowbit/model/weights.h"
 
 namespace lowbit {
@@ -126,13 +127,28 @@ class LlamaModel {
   void set_packed_vocab(std::shared_ptr<Linear> output, EmbedRowFn embed_row, EmbedIdsFn embed_ids = {});
   const std::shared_ptr<Linear>& packed_output() const { return packed_output_; }
 
+  // Rotation (online parts) and activation / KV-cache quantization (model/rotation.h), applied by
+  // every forward path (block_forward, forward_cached, forward_batch). The rotated weights
+  // themselves are ordinary weights (rotate_weights). Checked against the config (throws).
+  // Activation and KV quantization are inference settings: their gradients pass straight through
+  // (activations) or do not exist (KV quantization; the keys/values then get no gradient).
+  void set_transforms(ModelTransforms t);
+  const ModelTransforms& transforms() const { return transforms_; }
+
  private:
   // RoPE at the cache's positions, append k/v of T tokens to layer i of the cache, attend (batch 1).
   Var attend_cached(int i, Var q, Var k, const Var& v, int64_t T, KVCache& cache) const;
   // The SwiGLU half of block i after the attention residual x1.
   Var block_mlp(int i, const Var& x1) const;
+  // The input of a linear layer: fake-quantized per token under activation quantization.
+  Var act_in(const Var& x) const;
+  // The SwiGLU output m [M, F] as down_proj reads it: times R_F when the model is rotated.
+  Var down_in(const Var& m) const;
+  // Queries/keys [M, heads*hd] times R_h per head (KV quantization of a rotated model), else x.
+  Var rotate_heads(const Var& x) const;
 
   LlamaConfig config_;
+  ModelTransforms transforms_;
   Var tok_embeddings_, final_norm_, output_;
   std::vector<LlamaBlock> blocks_;
   std::shared_ptr<Linear> packed_output_;

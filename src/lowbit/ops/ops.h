@@ -69,6 +69,26 @@ void kv_store(const Tensor& src, Tensor& dst, Tensor& dst_scale);
 void kv_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_scale,
                           const Tensor& v_scale, double scale, Tensor& out);
 
+// ---- randomized Hadamard transform (ops/hadamard.cpp; QuIP / QuaRot) ---------------------------
+// x, y: [..., n] contiguous (y may not alias x), n = p * m with p a power of two; `small` [m, m]
+// (undefined: m = 1), `signs` [n] (undefined: all +1); same dtype as x. With
+// K = H_p / sqrt(p) (x) small (Kronecker product: element i = a * m + b, a < p, b < m; H_p the
+// Sylvester Hadamard matrix), each row becomes
+//   transpose = false: y = (x * signs) K         transpose = true: y = (x K^T) * signs,
+// so the transpose undoes the forward when `small` is orthogonal and is its backward. CPU only.
+void hadamard_transform(const Tensor& x, const Tensor& signs, const Tensor& small, bool transpose, Tensor& y);
+
+// ---- fake quantization (ops/hadamard.cpp): activations per token, KV caches -------------------
+// x, y: [M, N] contiguous. Groups of `group` consecutive values, along each row (per_column =
+// false: per-token quantization when group = N) or down each column (per_column = true: per-channel
+// groups of `group` rows). Each group is rounded to a `bits`-bit grid (round half to even) and back:
+//   symmetric:  s = clip * max|x| / (2^(b-1) - 1),   q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1),  y = q s
+//   asymmetric: lo = clip * min(x, 0), hi = clip * max(x, 0), s = (hi - lo) / (2^b - 1),
+//               z = round(-lo / s),  q = clamp(round(x / s) + z, 0, 2^b - 1),  y = (q - z) s
+// An all-zero group stays zero. bits in [2, 16], clip in (0, 1]. No backward (the autograd
+// wrapper passes gradients straight through). CPU only.
+void fake_quant(const Tensor& x, int bits, bool asymmetric, double clip, int64_t group, bool per_column, Tensor& y);
+
 // ---- activations -----------------------------------------------------------------------------
 void silu_forward(const Tensor& x, Tensor& y);                                 // y = x * sigmoid(x)
 void silu_backward(const Tensor& dy, const Tensor& x, Tensor& dx);

@@ -23,6 +23,8 @@ constexpr OpInfo kOps[] = {
     {"kv_attention", false, false, "f32 x f32/f16/i8 cache"},
     {"ternary_fake_quant", false, false, "f32 f64"},  // BitLinear's quantizers (ops/ternary.h);
     {"act_quant_int8", false, false, "f32 f64"},      // their STE is autograd/bitlinear.cpp
+    {"hadamard_transform", true, false, "f32 f64"},
+    {"fake_quant", false, false, "f32 f64"},
 };
 }  // namespace
 

@@ -25,6 +25,10 @@ FinetuneResult finetune_quantized(const std::string& model_dir, FinetuneOptions 
     for (int32_t id : *s)
       if (id < 0 || id >= c.vocab_size) throw_error("token id ", id, " in the data is outside the model vocabulary (", c.vocab_size, ")");
   auto model = make_quantized_model(q, o.train.device);
+  // KV-cache quantization passes no gradient to keys and values: trained without it, saved with it.
+  ModelTransforms train_transforms = q.transforms;
+  train_transforms.kv = KVQuantSpec{};
+  model->set_transforms(train_transforms);
   FinetuneResult r;
   std::vector<Var> params;
   uint64_t seed = o.lora_seed * 7919 + 1;
@@ -52,6 +56,7 @@ FinetuneResult finetune_quantized(const std::string& model_dir, FinetuneOptions 
   if (!r.train.complete) return r;
   r.val_loss_after = r.train.final_val_loss;
   const QuantFormat& f = quant_format(q.format);
+  model->set_transforms(q.transforms);
   save_quantized_model((fs::path(o.train.out_dir) / "model").string(), *model, q.method.empty() ? "finetuned" : q.method, f,
                        {{"finetune", {{"steps", r.train.steps_done}, {"lora_rank", o.lora_rank}, {"lr", o.train.lr}}}});
   return r;

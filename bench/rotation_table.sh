@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Weight-activation and KV-cache quantization with and without rotation (issue 16) on
+# SmolLM2-135M-Instruct: WikiText-2 test perplexity for W16A16, W8A8, W4A8, W4A4, W4A16KV4, W4A16KV2
+# (and a few extra cells), each with and without the QuaRot-style Hadamard rotation.
+#
+#   bench/rotation_table.sh [options]
+#     --lowbit BIN        lowbit binary (default build-rel/lowbit)
+#     --model GGUF        default $LOWBIT_SHARED/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+#     --wiki TEXT         default $LOWBIT_SHARED/data/wikitext-2-raw/wiki.test.raw
+#     --ctx N             window length (default 512)
+#     --max-windows N     windows evaluated (default 20: the first 20 x 512 tokens of the test set)
+#     --w4 rtn|gptq       method of the 4-bit weights (default rtn; gptq uses --calib)
+#     --calib TEXT        GPTQ calibration text (default: first 4 MB of $LOWBIT_SHARED/data/linux-docs/train.txt)
+#     --nsamples N --seqlen N   GPTQ calibration windows (default 32 x 512)
+#     --act4 FMT          the A4 activation format (default int4: symmetric per token)
+#     --act-clip R        clip ratio of the activation quantizers (default 1.0)
+#     --kv-group N --kv-window N   KIVI settings (default 32 and 128, KIVI's)
+#     --seed N            rotation seed (default 0)
+#     --threads N         lowbit threads (default: lowbit's default)
+#     --cells LIST        only these cells (default: all; e.g. "W4A8 W4A4" for a --w4 gptq run)
+#     --out DIR           results (default rotation-table): results.jsonl (one line a cell), table.md
+#
+# The FP model is the GGUF's dequantized Q4_1 weights (as in docs/results/smollm2.md). W8 = int8pc
+# (RTN, per output channel); W4 = int4g128 (RTN or GPTQ). Activations: per-token dynamic fake
+# quantization of the input of every block linear (lm_head stays full precision). KV: KIVI fake
+# quantization (keys per channel, values per token, asymmetric, groups of --kv-group, at least
+# --kv-window recent tokens in full precision). The vocabulary matrices stay f32 (--f32-vocab).
+set -uo pipefail
+shared=${LOWBIT_SHARED:-$(cd "$(dirname "$0")/../.." && pwd)/shared}
+lowbit=build-rel/lowbit
+model=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+wiki=$shared/data/wikitext-2-raw/wiki.test.raw
+ctx=512 max_windows=20 w4=rtn calib="" nsamples=32 seqlen=512 act4=int4 act_clip=1.0 kv_group=32 kv_window=128
+seed=0 threads="" out=rotation-table cells=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --lowbit) lowbit=$2; shift 2 ;; --model) model=$2; shift 2 ;; --wiki) wiki=$2; shift 2 ;;
+    --ctx) ctx=$2; shift 2 ;; --max-windows) max_windows=$2; shift 2 ;; --w4) w4=$2; shift 2 ;;
+    --calib) calib=$2; shift 2 ;; --nsamples) nsamples=$2; shift 2 ;; --seqlen) seqlen=$2; shift 2 ;;
+    --act4) act4=$2; shift 2 ;; --act-clip) act_clip=$2; shift 2 ;; --kv-group) kv_group=$2; shift 2 ;;
+    --kv-window) kv_window=$2; shift 2 ;; --seed) seed=$2; shift 2 ;; --threads) threads=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;; --cells) cells=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 1 ;;
+  esac
+done
+mkdir -p "$out/models"
+results=$out/results.jsonl
+thr=()
+[ -n "$threads" ] && thr=(--threads "$threads")
+if [ "$w4" = gptq ] && [ -z "$calib" ]; then
+  calib=$out/calib-linux-docs-4MB.txt
+  [ -f "$calib" ] || head -c 4000000 "$shared/data/linux-docs/train.txt" > "$calib"
+fi
+
+# Quantized weights, once per (format, rotation): dir = $out/models/<w>-<rot>.
+weights() {  # w (w8|w4) rot (none|hadamard) -> prints the model path
+  local w=$1 rot=$2 dir=$out/models/$1-$2 args
+  if [ "$w" = w8 ]; then args=(--method rtn --format int8pc)
+  else args=(--method "$w4" --format int4g128)
+    [ "$w4" = gptq ] && args+=(--calib "$calib" --tokenizer "$model" --nsamples "$nsamples" --seqlen "$seqlen")
+  fi
+  if [ ! -f "$dir/config.json" ]; then
+    "$lowbit" -q quantize -m "$model" "${args[@]}" --rotate "$rot" --rotate-seed "$seed" "${thr[@]}" -o "$dir" --json \
+      > "$out/models/$1-$2.quantize.json" 2> "$out/models/$1-$2.quantize.err" || { echo "quantize $w $rot failed" >&2; return 1; }
+  fi
+  echo "$dir"
+}
+
+cell() {  # name w act kv rot
+  local name=$1 w=$2 act=$3 kv=$4 rot=$5 path args t0
+  if [ -n "$cells" ] && [[ " $cells " != *" $name "* ]]; then return; fi
+  args=(--act "$act" --kv-quant "$kv")
+  [ "$act" != none ] && args+=(--act-clip "$act_clip")
+  [ "$kv" != none ] && args+=(--kv-group "$kv_group" --kv-window "$kv_window")
+  if [ "$w" = w16 ]; then path=$model; args+=(--dequantize --rotate "$rot" --rotate-seed "$seed")
+  else path=$(weights "$w" "$rot") || { echo "{\"cell\":\"$name\",\"rotation\":\"$rot\",\"error\":\"quantize failed\"}" >> "$results"; return; }
+    args+=(--f32-vocab)
+  fi
+  t0=$(date +%s)
+  if j=$("$lowbit" -q eval ppl -m "$path" --tokenizer "$model" --text "$wiki" --ctx "$ctx" --max-windows "$max_windows" \
+          "${args[@]}" "${thr[@]}" --json); then
+    python3 -c 'import json,sys; j=json.loads(sys.argv[1]); j.update(cell=sys.argv[2], weights=sys.argv[3], w4_method=sys.argv[4], wall_seconds=int(sys.argv[5])); print(json.dumps(j))' \
+      "$j" "$name" "$w" "$w4" "$(( $(date +%s) - t0 ))" >> "$results"
+  else
+    echo "{\"cell\":\"$name\",\"rotation\":\"$rot\",\"error\":\"eval failed\"}" >> "$results"
+  fi
+  tail -n 1 "$results"
+}
+
+for rot in none hadamard; do
+  cell W16A16 w16 none none $rot
+  cell W8A8 w8 int8 none $rot
+  cell W4A8 w4 int8 none $rot
+  cell W4A4 w4 "$act4" none $rot
+  cell W4A16KV4 w4 none int4 $rot
+  cell W4A16KV2 w4 none int2 $rot
+  cell W4A16 w4 none none $rot
+  cell W16A4 w16 "$act4" none $rot
+  cell W16A16KV2 w16 none int2 $rot
+done
+
+python3 - "$results" > "$out/table.md" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+cells, table = [], {}
+for r in rows:
+    c = r.get("cell")
+    if c not in cells: cells.append(c)
+    table[(c, r.get("rotation", "none"))] = r
+print("| cell | no rotation | Hadamard rotation |\n|---|---:|---:|")
+for c in cells:
+    def v(rot):
+        r = table.get((c, rot))
+        return "—" if r is None else ("failed" if "error" in r else f"{r['ppl']:.3f}")
+    print(f"| {c} | {v('none')} | {v('hadamard')} |")
+EOF
+cat "$out/table.md"

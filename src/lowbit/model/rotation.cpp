@@ -1,0 +1,183 @@
+#include "lowbit/model/rotation.h"
+
+#include <cmath>
+#include <vector>
+
+#include "lowbit/ops/ops.h"
+
+namespace lowbit {
+
+Tensor HadamardRotation::apply(const Tensor& x, bool transpose) const {
+  if (!defined()) throw_error("hadamard rotation: not set");
+  if (x.size(-1) != size()) throw_error("hadamard rotation of ", size(), " channels applied to ", x.describe());
+  const Tensor xc = x.contiguous();
+  const DType dt = xc.dtype();
+  Tensor y = Tensor::empty(xc.shape(), dt, xc.device());
+  ops::hadamard_transform(xc, signs.to(dt), small.defined() ? small.to(dt) : Tensor(), transpose, y);
+  return y;
+}
+
+Tensor HadamardRotation::matrix() const {
+  const int64_t n = size();
+  Tensor eye = Tensor::zeros({n, n}, DType::F64);
+  for (int64_t i = 0; i < n; ++i) eye.data<double>()[i * n + i] = 1.0;
+  return apply(eye);  // row i = e_i R
+}
+
+HadamardRotation random_hadamard(int64_t n, uint64_t seed) {
+  if (n < 1) throw_error("hadamard rotation: ", n, " channels");
+  int64_t p = 1;
+  while (n % (2 * p) == 0) p *= 2;
+  const int64_t m = n / p;
+  HadamardRotation r;
+  Tensor g = Tensor::randn({n}, seed * 2 + 1, 1.0, DType::F64);
+  r.signs = Tensor::empty({n});
+  for (int64_t i = 0; i < n; ++i) r.signs.data<float>()[i] = g.data<double>()[i] < 0 ? -1.0f : 1.0f;
+  if (m > 1) {  // Gram-Schmidt (twice, for f64-exact orthogonality) on the rows of a Gaussian matrix
+    Tensor a = Tensor::randn({m, m}, seed * 2 + 2, 1.0, DType::F64);
+    double* A = a.data<double>();
+    for (int64_t i = 0; i < m; ++i) {
+      for (int pass = 0; pass < 2; ++pass)
+        for (int64_t j = 0; j < i; ++j) {
+          double d = 0;
+          for (int64_t k = 0; k < m; ++k) d += A[i * m + k] * A[j * m + k];
+          for (int64_t k = 0; k < m; ++k) A[i * m + k] -= d * A[j * m + k];
+        }
+      double nn = 0;
+      for (int64_t k = 0; k < m; ++k) nn += A[i * m + k] * A[i * m + k];
+      nn = std::sqrt(nn);
+      for (int64_t k = 0; k < m; ++k) A[i * m + k] /= nn;
+    }
+    r.small = a.to(DType::F32);
+  }
+  return r;
+}
+
+ActQuantSpec parse_act_quant(const std::string& name, const std::string& what) {
+  ActQuantSpec a;
+  if (name == "none") return a;
+  if (name == "int8" || name == "int4" || name == "int8-asym" || name == "int4-asym") {
+    a.bits = name[3] == '8' ? 8 : 4;
+    a.asymmetric = name.size() > 4;
+    return a;
+  }
+  throw_error(what, ": '", name, "' is not an activation format (expected none, int8, int4, int8-asym or int4-asym)");
+}
+
+std::string act_quant_name(const ActQuantSpec& a) {
+  if (!a.enabled()) return "none";
+  return "int" + std::to_string(a.bits) + (a.asymmetric ? "-asym" : "");
+}
+
+int parse_kv_quant_bits(const std::string& name, const std::string& what) {
+  if (name == "none") return 0;
+  if (name == "int4") return 4;
+  if (name == "int2") return 2;
+  throw_error(what, ": '", name, "' is not a KV-cache quantization (expected none, int4 or int2)");
+}
+
+void validate_transforms(const LlamaConfig& c, const ModelTransforms& t, const std::string& source) {
+  if (!t.rotation.empty() && t.rotation != "hadamard")
+    throw_error(source, ": rotation '", t.rotation, "' is unknown (expected hadamard)");
+  auto check_rot = [&](const HadamardRotation& r, int64_t n, const char* name) {
+    if (t.rotation.empty()) {
+      if (r.defined()) throw_error(source, ": ", name, " rotation given for a model that is not rotated");
+      return;
+    }
+    if (!r.defined()) throw_error(source, ": the ", name, " rotation is missing");
+    if (r.signs.dim() != 1 || r.size() != n || r.signs.dtype() != DType::F32)
+      throw_error(source, ": ", name, " rotation signs are ", r.signs.describe(), ", expected f32 [", n, "]");
+    for (int64_t i = 0; i < n; ++i) {
+      const float s = r.signs.data<float>()[i];
+      if (s != 1.0f && s != -1.0f) throw_error(source, ": ", name, " rotation sign ", i, " is ", s, ", not +-1");
+    }
+    int64_t p = 1;
+    while (n % (2 * p) == 0) p *= 2;
+    const int64_t m = n / p;
+    if (m == 1 ? r.small.defined() : !(r.small.defined() && r.small.dtype() == DType::F32 && r.small.shape() == Shape{m, m}))
+      throw_error(source, ": ", name, " rotation matrix is ", r.small.defined() ? r.small.describe() : "missing",
+                  ", expected f32 [", m, ", ", m, "]", m == 1 ? " (none)" : "");
+    if (m > 1) {  // orthogonal to f32 rounding (a corrupt matrix would change the model's function)
+      const float* S = r.small.data<float>();
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < m; ++j) {
+          double d = 0;
+          for (int64_t k = 0; k < m; ++k) d += double(S[i * m + k]) * double(S[j * m + k]);
+          if (!(std::fabs(d - (i == j ? 1.0 : 0.0)) < 1e-4))
+            throw_error(source, ": ", name, " rotation matrix is not orthogonal (row ", i, " . row ", j, " = ", d, ")");
+        }
+    }
+  };
+  check_rot(t.ffn, c.hidden_dim, "ffn");
+  check_rot(t.head, c.resolved_head_dim(), "head");
+  if (t.act.enabled() && t.act.bits != 4 && t.act.bits != 8)
+    throw_error(source, ": activation bits ", t.act.bits, " (expected 4 or 8)");
+  if (!(t.act.clip > 0 && t.act.clip <= 1)) throw_error(source, ": activation clip ratio ", t.act.clip, " is not in (0, 1]");
+  if (t.kv.enabled() && t.kv.bits != 2 && t.kv.bits != 4)
+    throw_error(source, ": KV-cache bits ", t.kv.bits, " (expected 2 or 4)");
+  if (t.kv.group < 1 || t.kv.group > 4096) throw_error(source, ": KV-cache group ", t.kv.group, " is not in [1, 4096]");
+  if (t.kv.window < 0 || t.kv.window > (int64_t(1) << 30))
+    throw_error(source, ": KV-cache window ", t.kv.window, " is not in [0, 2^30]");
+}
+
+namespace {
+// Rows of w [.., n] times R (x -> x R).
+Tensor right(const Tensor& w, const HadamardRotation& r) { return r.apply(w); }
+// R^T w for w [n, k]: (w^T R)^T.
+Tensor left_t(const Tensor& w, const HadamardRotation& r) { return r.apply(w.transpose(0, 1)).transpose(0, 1).contiguous(); }
+// Columns scaled: w[:, j] * g[j].
+Tensor fold(const Tensor& w, const Tensor& g) {
+  Tensor out = w.contiguous().clone();
+  const int64_t rows = out.size(0), n = out.size(1);
+  double* p = out.data<double>();
+  const double* gp = g.data<double>();
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < n; ++j) p[i * n + j] *= gp[j];
+  return out;
+}
+}  // namespace
+
+ModelTransforms rotate_weights(LlamaConfig& c, LlamaWeights& w, uint64_t seed) {
+  validate_weights(c, w, "rotate");
+  const DType dt = w.final_norm.dtype();
+  if (w.final_norm.device() != Device::CPU) throw_error("rotate: the weights must be on the CPU");
+  const int64_t D = c.dim, hd = c.resolved_head_dim();
+  ModelTransforms t;
+  t.rotation = "hadamard";
+  t.rotation_seed = seed;
+  const HadamardRotation R = random_hadamard(D, seed);
+  t.ffn = random_hadamard(c.hidden_dim, seed + 1);
+  t.head = random_hadamard(hd, seed + 2);
+  auto f64 = [](const Tensor& x) { return x.contiguous().to(DType::F64); };
+  auto back = [dt](const Tensor& x) { return x.contiguous().to(dt); };
+  auto ones = [dt](const Tensor& g) { return Tensor::full(g.shape(), 1.0, dt); };
+  // Per head: x [rows, heads * hd] -> each head's hd channels times R_h.
+  auto per_head = [&](const Tensor& x) {
+    const Shape s = x.shape();
+    return t.head.apply(x.contiguous().view({-1, hd})).view(s);
+  };
+  if (c.tied_embeddings) {
+    w.output = w.tok_embeddings.clone();
+    c.tied_embeddings = false;
+  }
+  w.tok_embeddings = back(right(f64(w.tok_embeddings), R));
+  w.output = back(right(fold(f64(w.output), f64(w.final_norm)), R));
+  w.final_norm = ones(w.final_norm);
+  for (auto& l : w.layers) {
+    const Tensor g1 = f64(l.attn_norm), g2 = f64(l.ffn_norm);
+    l.wq = back(right(fold(f64(l.wq), g1), R));
+    l.wk = back(right(fold(f64(l.wk), g1), R));
+    // v' = v R_h per head: W_v' = R_h^T W_v per head block of rows, i.e. per_head on W_v^T.
+    l.wv = back(per_head(right(fold(f64(l.wv), g1), R).transpose(0, 1).contiguous()).transpose(0, 1));
+    if (l.bv.defined()) l.bv = back(per_head(f64(l.bv).view({1, -1})).view({-1}));
+    l.attn_norm = ones(l.attn_norm);
+    l.wo = back(left_t(per_head(f64(l.wo)), R));  // input: per-head R_h; output: R^T
+    l.w_gate = back(right(fold(f64(l.w_gate), g2), R));
+    l.w_up = back(right(fold(f64(l.w_up), g2), R));
+    l.ffn_norm = ones(l.ffn_norm);
+    l.w_down = back(left_t(right(f64(l.w_down), t.ffn), R));  // input: R_F (online on the activations); output: R^T
+  }
+  return t;
+}
+
+}  // namespace lowbit

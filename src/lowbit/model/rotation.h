@@ -1,0 +1,90 @@
+// Rotations and activation / KV-cache quantization of a Llama model (issue 16; QuaRot, Ashkboos et
+// al. 2024; QuIP, Chee et al. 2023; KIVI, Liu et al. 2024).
+//
+// Rotation ("hadamard"): rotate_weights() folds each RMSNorm weight into the linears that read the
+// norm's output (q/k/v, gate/up, lm_head; the norms become 1) and then multiplies the residual
+// stream by a randomized Hadamard rotation R (D x D): the embedding rows by R, the input side of
+// q/k/v/gate/up/lm_head by R, the output side of o_proj/down_proj by R^T. RMSNorm without a weight
+// commutes with an orthogonal R, so the model computes the same function while every linear input
+// (and the residual) is rotated, which spreads outlier channels over all channels. A tied
+// embedding is untied (the head gets the folded final norm; the table does not). Two more
+// rotations: R_h (head_dim) applied offline per head to the values (v_proj output, o_proj input),
+// and R_F (SwiGLU width) applied online to the input of down_proj (its transpose is folded into
+// down_proj's weight); with KV-cache quantization queries and keys are also rotated online by R_h
+// after RoPE (q . k unchanged). The online rotations are part of the model (ModelTransforms) and
+// of a quantized checkpoint.
+//
+// Activation quantization (ActQuantSpec): the input of every linear of a block (not lm_head) is
+// fake-quantized per token (one scale per row, dynamic) before the product.
+// KV-cache quantization (KVQuantSpec, KIVI): fake quantization in the attention path. A query at
+// position t sees keys/values of positions below L(t) = floor((t + 1 - window) / group) * group
+// (0 when negative) quantized, the rest (between `window` and window + group - 1 recent tokens)
+// in full precision; keys per channel in groups of `group` tokens, values per token in groups of
+// `group` channels (the head when group does not divide head_dim), both asymmetric min/max.
+// This is what a KIVI cache that quantizes `group` tokens at a time once more than `window` are
+// held would store; the cache itself keeps its storage type (the quantized values are recomputed).
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "lowbit/core/tensor.h"
+#include "lowbit/model/config.h"
+#include "lowbit/model/weights.h"
+
+namespace lowbit {
+
+// R = diag(signs) (H_p / sqrt(p) (x) S): n = p * m with p the largest power of two dividing n and
+// S an m x m random orthogonal matrix (none when m = 1). Orthogonal (to f32 rounding of S).
+struct HadamardRotation {
+  Tensor signs;  // f32 [n], +-1
+  Tensor small;  // f32 [m, m]; undefined when m = 1
+  bool defined() const { return signs.defined(); }
+  int64_t size() const { return signs.defined() ? signs.numel() : 0; }
+  // x [..., n] (f32 or f64, CPU) -> x R, or x R^T with transpose.
+  Tensor apply(const Tensor& x, bool transpose = false) const;
+  // The explicit matrix R [n, n] in f64 (tests).
+  Tensor matrix() const;
+};
+
+// A seeded random rotation of n >= 1 channels (deterministic for a given n and seed).
+HadamardRotation random_hadamard(int64_t n, uint64_t seed);
+
+struct ActQuantSpec {
+  int bits = 0;             // 0: off; 4 or 8
+  bool asymmetric = false;  // min/max with a zero point instead of symmetric absmax
+  double clip = 1.0;        // the range is clip * (min, max)
+  bool enabled() const { return bits > 0; }
+};
+
+struct KVQuantSpec {
+  int bits = 0;          // 0: off; 2 or 4
+  int64_t group = 32;    // tokens per key group, channels per value group
+  int64_t window = 128;  // recent tokens kept in full precision (at least)
+  bool enabled() const { return bits > 0; }
+};
+
+struct ModelTransforms {
+  std::string rotation;  // "" (none) or "hadamard"
+  uint64_t rotation_seed = 0;
+  HadamardRotation ffn;   // online before down_proj (n = F); defined when rotated
+  HadamardRotation head;  // per head (n = head_dim): values offline; queries/keys online under kv
+  ActQuantSpec act;
+  KVQuantSpec kv;
+  bool any() const { return !rotation.empty() || act.enabled() || kv.enabled(); }
+};
+
+// "int8", "int4", "int8-asym", "int4-asym" or "none" -> spec (clip 1); throws naming `what`.
+ActQuantSpec parse_act_quant(const std::string& name, const std::string& what = "--act");
+std::string act_quant_name(const ActQuantSpec& a);  // "none", "int8", "int4-asym", ...
+// "int4", "int2" or "none" -> bits (4, 2, 0); throws naming `what`.
+int parse_kv_quant_bits(const std::string& name, const std::string& what = "--kv-quant");
+
+// Rotates the weights of an f32/f64 CPU model in place as described above (computed in f64) and
+// returns the transforms with rotation = "hadamard" and the online rotations set. config loses
+// tied_embeddings when it had them. Throws when the weights are not on the CPU or not f32/f64.
+ModelTransforms rotate_weights(LlamaConfig& config, LlamaWeights& w, uint64_t seed);
+
+// Checks the transforms against a config (rotation sizes, specs in range); throws naming `source`.
+void validate_transforms(const LlamaConfig& config, const ModelTransforms& t, const std::string& source);
+
+}  // namespace lowbit
