@@ -17,17 +17,8 @@
 # repository. LLAMA_BIN, LLAMA_ARGS and OMP_WAIT_POLICY as in bench/packed_vs_llamacpp.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LOWBIT=${LOWBIT:-build-rel/lowbit}
-SHARED=${LOWBIT_SHARED:-../shared}
-THREADS=${THREADS:-2} P=${P:-64} N=${N:-32} R=${R:-3}
-DIM=${DIM:-768} HIDDEN=${HIDDEN:-2048} LAYERS=${LAYERS:-12} HEADS=${HEADS:-12}
-BIN=${LLAMA_BIN:-$(bench/llama_cpp.sh)}
-LLAMA_ARGS=${LLAMA_ARGS:---repack 0}
-dir=${LOWBIT_LLAMACPP_CACHE:-$HOME/.cache/lowbit-llamacpp}/bitnet/d${DIM}-f${HIDDEN}-l${LAYERS}-h${HEADS}
-tok=$SHARED/models/stories260K/tok512.model
-ids=$SHARED/models/stories260K/sample-tokens.i32
-[ -f "$tok" ] || { echo "missing $tok (set LOWBIT_SHARED)" >&2; exit 1; }
-mkdir -p "$dir"
+source "$(dirname "$0")/bench_lib.sh"  # llama(), lb(), random_model_settings
+random_model_settings bitnet
 if [ ! -f "$dir/train/ternary/config.json" ]; then
   rm -rf "$dir/train"
   "$LOWBIT" -q train --out "$dir/train" --arch bitnet-b1.58 --tokenizer "$tok" --train-tokens "$ids" --vocab 512 \
@@ -36,7 +27,6 @@ fi
 [ -f "$dir/tq2_0.gguf" ] ||
   "$LOWBIT" -q quantize -m "$dir/train/hf" --method rtn --format tq2_0 -o "$dir/tq2_0.gguf" >/dev/null
 
-source "$(dirname "$0")/bench_lib.sh"  # llama(), lb()
 echo "llama.cpp: $BIN ($LLAMA_ARGS)"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); threads $THREADS; pp$P tg$N, $R runs"
 echo "model: random ternary, dim $DIM, hidden $HIDDEN, $LAYERS layers, $HEADS heads, vocab 512"

@@ -15,17 +15,8 @@
 # OMP_WAIT_POLICY as in bench/packed_vs_llamacpp.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LOWBIT=${LOWBIT:-build-rel/lowbit}
-SHARED=${LOWBIT_SHARED:-../shared}
-THREADS=${THREADS:-2} P=${P:-64} N=${N:-32} R=${R:-3}
-DIM=${DIM:-768} HIDDEN=${HIDDEN:-2048} LAYERS=${LAYERS:-12} HEADS=${HEADS:-12}
-BIN=${LLAMA_BIN:-$(bench/llama_cpp.sh)}
-LLAMA_ARGS=${LLAMA_ARGS:---repack 0}
-dir=${LOWBIT_LLAMACPP_CACHE:-$HOME/.cache/lowbit-llamacpp}/kquants/d${DIM}-f${HIDDEN}-l${LAYERS}-h${HEADS}
-tok=$SHARED/models/stories260K/tok512.model
-ids=$SHARED/models/stories260K/sample-tokens.i32
-[ -f "$tok" ] || { echo "missing $tok (set LOWBIT_SHARED)" >&2; exit 1; }
-mkdir -p "$dir"
+source "$(dirname "$0")/bench_lib.sh"  # llama(), lb(), random_model_settings
+random_model_settings kquants
 if [ ! -f "$dir/train/hf/config.json" ]; then
   rm -rf "$dir/train"
   "$LOWBIT" -q train --out "$dir/train" --train-tokens "$ids" --vocab 512 --dim "$DIM" --hidden-dim "$HIDDEN" \
@@ -40,7 +31,6 @@ for f in int2g64 int2g32 int3g64 int3g128; do
   [ -f "$dir/$f/config.json" ] || "$LOWBIT" -q quantize -m "$hf" --method rtn --format "$f" -o "$dir/$f" >/dev/null
 done
 
-source "$(dirname "$0")/bench_lib.sh"  # llama(), lb()
 echo "llama.cpp: $BIN ($LLAMA_ARGS)"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); threads $THREADS; pp$P tg$N, $R runs"
 echo "model: random, dim $DIM, hidden $HIDDEN, $LAYERS layers, $HEADS heads, vocab 512"

@@ -24,13 +24,7 @@ lowbit=${LOWBIT:-$here/../build-rel/lowbit}
 model=$shared/models/stories260K/stories260K.bin
 mkdir -p "$out"
 cp "$lowbit" "$out/lowbit" && lowbit=$out/lowbit
-python3 - "$shared/models/stories260K/sample-tokens.i32" "$out" <<'PY'
-import array, sys
-a = array.array("i"); a.frombytes(open(sys.argv[1], "rb").read())
-assert len(a) == 64 * 257, "sample-tokens.i32: expected 64 x 257 ids"
-for name, lo, hi in (("calib", 0, 24), ("valid", 24, 32), ("test", 32, 64)):
-    open(f"{sys.argv[2]}/{name}.i32", "wb").write(a[lo * 257:hi * 257].tobytes())
-PY
+python3 "$here/split_stories260k_tokens.py" "$shared/models/stories260K/sample-tokens.i32" "$out"
 # Self-generated training data (for the *-gen rows): 256 sequences of BOS + up to 256 tokens (a sampled
 # BOS ends one early: 64,401 tokens in all) sampled from
 # the FP model (temperature 1, top-p 1, seeds 1000..1255: new samples of the model whose other samples

@@ -17,13 +17,7 @@ out=${2:-/tmp/study-260k} parallel=${3:-2}
 lowbit=${LOWBIT:-$here/../build-rel/lowbit}
 mkdir -p "$out"
 cp "$lowbit" "$out/lowbit" && lowbit=$out/lowbit
-python3 - "$shared/models/stories260K/sample-tokens.i32" "$out" <<'PY'
-import array, sys
-a = array.array("i"); a.frombytes(open(sys.argv[1], "rb").read())
-assert len(a) == 64 * 257, "sample-tokens.i32: expected 64 x 257 ids"
-for name, lo, hi in (("calib", 0, 24), ("valid", 24, 32), ("test", 32, 64)):
-    open(f"{sys.argv[2]}/{name}.i32", "wb").write(a[lo * 257:hi * 257].tobytes())
-PY
+python3 "$here/split_stories260k_tokens.py" "$shared/models/stories260K/sample-tokens.i32" "$out"
 LOWBIT_SHARED=$shared "$here/method_runs.sh" --plan "$plan" --out "$out" --lowbit "$lowbit" \
   --model "$shared/models/stories260K/stories260K.bin" --calib-tokens "$out/calib.i32" --valid-tokens "$out/valid.i32" \
   --test-tokens "$out/test.i32" --nsamples 32 --seqlen 256 --ctx 257 --tasks none --device cpu --threads 1 --parallel "$parallel"
