@@ -17,29 +17,14 @@
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
 #include "lowbit/train/trainer.h"
+#include "train/tiny_train.h"
 
 using namespace lowbit;
 
 namespace {
 TrainOptions tiny_bitnet(const std::string& out) {
-  TrainOptions o;
-  o.config.dim = 16;
-  o.config.hidden_dim = 32;
-  o.config.n_layers = 2;
-  o.config.n_heads = 2;
-  o.config.n_kv_heads = 1;
-  o.config.vocab_size = 13;
-  o.config.max_seq_len = 16;
-  o.batch_size = 4;
-  o.seq_len = 8;
+  TrainOptions o = test::tiny_train_options(out);
   o.grad_accum = 1;
-  o.max_steps = 8;
-  o.warmup_steps = 2;
-  o.lr = 1e-2;
-  o.eval_every = 4;
-  o.eval_batches = 2;
-  o.checkpoint_every = 0;
-  o.out_dir = out;
   o.bitnet.enabled = true;
   return o;
 }

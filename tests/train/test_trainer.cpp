@@ -10,31 +10,12 @@
 #include "lowbit/io/llama2c.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/train/trainer.h"
+#include "train/tiny_train.h"
 
 using namespace lowbit;
 
 namespace {
-TrainOptions tiny(const std::string& out) {
-  TrainOptions o;
-  o.config.dim = 16;
-  o.config.hidden_dim = 32;
-  o.config.n_layers = 2;
-  o.config.n_heads = 2;
-  o.config.n_kv_heads = 1;
-  o.config.vocab_size = 13;
-  o.config.max_seq_len = 16;
-  o.batch_size = 4;
-  o.seq_len = 8;
-  o.grad_accum = 2;
-  o.max_steps = 8;
-  o.warmup_steps = 2;
-  o.lr = 1e-2;
-  o.eval_every = 4;
-  o.eval_batches = 2;
-  o.checkpoint_every = 0;
-  o.out_dir = out;
-  return o;
-}
+TrainOptions tiny(const std::string& out) { return test::tiny_train_options(out); }
 
 std::vector<int32_t> stream(int n, int mod) {
   std::vector<int32_t> s;

@@ -43,20 +43,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// Input/target tensors of windows of seqlen + 1 tokens starting at `starts`.
-void make_windows(const std::vector<int32_t>& stream, const std::vector<int64_t>& starts, int64_t T, Tensor& in,
-                  Tensor& tgt) {
-  const int64_t B = int64_t(starts.size());
-  in = Tensor::empty({B, T}, DType::I32);
-  tgt = Tensor::empty({B * T}, DType::I32);
-  int32_t *ip = in.data<int32_t>(), *tp = tgt.data<int32_t>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) {
-      ip[b * T + t] = stream[size_t(starts[size_t(b)] + t)];
-      tp[b * T + t] = stream[size_t(starts[size_t(b)] + t + 1)];
-    }
-}
-
 // The training objective of one batch: cross-entropy, or KL to the teacher (+ lm_weight * CE).
 Var objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor& in, const Tensor& tgt,
               const E2eOptions& o) {
@@ -163,7 +149,7 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
   const int64_t n = int64_t(stream.size());
   // Fixed windows for the before/after objective (one batch, evenly spaced).
   Tensor fin, ftgt;
-  make_windows(stream, validation_window_starts(n, o.seqlen, o.batch, 1), o.seqlen, fin, ftgt);
+  make_lm_windows(stream, validation_window_starts(n, o.seqlen, o.batch, 1), o.seqlen, fin, ftgt);
   auto fixed_loss = [&] {
     NoGradGuard ng;
     return objective(student, teacher, fin, ftgt, o).value().item();
@@ -187,7 +173,7 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
   *complete = true;
   while (step < o.steps) {
     Tensor in, tgt;
-    make_windows(stream, train_window_starts(o.seed, step, 0, o.batch, o.seqlen, n), o.seqlen, in, tgt);
+    make_lm_windows(stream, train_window_starts(o.seed, step, 0, o.batch, o.seqlen, n), o.seqlen, in, tgt);
     Var loss = objective(student, teacher, in, tgt, o);
     const double lv = loss.value().item();
     if (!std::isfinite(lv)) throw_error("qat: ", o.stage, " loss is ", lv, " at step ", step + 1, "; lower the learning rates");

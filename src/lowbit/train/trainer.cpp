@@ -77,20 +77,6 @@ void MixedPrecisionModel::collect_grads() {
 
 namespace {
 
-// Builds input/target tensors from windows of seq_len + 1 tokens starting at `starts`.
-void make_batch(const std::vector<int32_t>& stream, const std::vector<int64_t>& starts, int64_t T, Tensor& in,
-                Tensor& tgt) {
-  const int64_t B = int64_t(starts.size());
-  in = Tensor::empty({B, T}, DType::I32);
-  tgt = Tensor::empty({B * T}, DType::I32);
-  int32_t *ip = in.data<int32_t>(), *tp = tgt.data<int32_t>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) {
-      ip[b * T + t] = stream[size_t(starts[size_t(b)] + t)];
-      tp[b * T + t] = stream[size_t(starts[size_t(b)] + t + 1)];
-    }
-}
-
 // The architecture a state belongs to ("llama" or "bitnet-b1.58"): a resume checks it.
 std::string arch_name(const TrainOptions& o) { return o.bitnet.enabled ? "bitnet-b1.58" : "llama"; }
 
@@ -190,7 +176,7 @@ double validation_loss(const std::function<Var(const Tensor&)>& forward, const s
   for (int64_t k = 0; k < batches; ++k) {
     std::vector<int64_t> starts(all.begin() + k * B, all.begin() + (k + 1) * B);
     Tensor in, tgt;
-    make_batch(stream, starts, T, in, tgt);
+    make_lm_windows(stream, starts, T, in, tgt);
     Var logits = forward(in);
     total += cross_entropy(logits, tgt.to(logits.value().device())).value().item();
   }
@@ -277,7 +263,7 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
     double loss_sum = 0;
     for (int64_t m = 0; m < o.grad_accum; ++m) {
       Tensor in, tgt;
-      make_batch(train, train_window_starts(o.seed, step, m, o.batch_size, o.seq_len, int64_t(train.size())), o.seq_len, in,
+      make_lm_windows(train, train_window_starts(o.seed, step, m, o.batch_size, o.seq_len, int64_t(train.size())), o.seq_len, in,
                  tgt);
       Var logits = forward(in);
       Var loss = cross_entropy(logits, tgt.to(o.device));
@@ -379,6 +365,19 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
   // BitNet: also the packed ternary checkpoint (model.bin and hf/ hold its dequantized weights).
   if (o.bitnet.enabled) save_bitnet_checkpoint((fs::path(o.out_dir) / "ternary").string(), model);
   return result;
+}
+
+void make_lm_windows(const std::vector<int32_t>& stream, const std::vector<int64_t>& starts, int64_t T, Tensor& in,
+                     Tensor& tgt) {
+  const int64_t B = int64_t(starts.size());
+  in = Tensor::empty({B, T}, DType::I32);
+  tgt = Tensor::empty({B * T}, DType::I32);
+  int32_t *ip = in.data<int32_t>(), *tp = tgt.data<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      ip[b * T + t] = stream[size_t(starts[size_t(b)] + t)];
+      tp[b * T + t] = stream[size_t(starts[size_t(b)] + t + 1)];
+    }
 }
 
 }  // namespace lowbit

@@ -115,6 +115,11 @@ std::vector<int64_t> train_window_starts(uint64_t seed, int64_t step, int64_t mi
 std::vector<int64_t> validation_window_starts(int64_t stream_size, int64_t seq_len, int64_t batch_size,
                                               int64_t batches);
 
+// Input [B, T] and target [B * T] token tensors of windows of T + 1 tokens of `stream` starting at
+// `starts` (B = starts.size()): the batches of `train_model` and of the QAT trainer.
+void make_lm_windows(const std::vector<int32_t>& stream, const std::vector<int64_t>& starts, int64_t T, Tensor& in,
+                     Tensor& tgt);
+
 // The data order of a run, for reference implementations that must consume the same windows
 // (bench/torch_train_ref.py). All values are little-endian int64:
 //   header: magic 0x315244524f54424c (the bytes "LBTORDR1"),
