@@ -8,6 +8,7 @@
 
 #include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
+#include "lowbit/ops/ops.h"
 
 namespace lowbit::ops {
 
@@ -88,22 +89,8 @@ void act_quant_int8(const Tensor& x, Tensor& out) {
   if (!out.defined() || out.shape() != xc.shape() || out.dtype() != xc.dtype() || !out.is_contiguous() ||
       out.device() != Device::CPU)
     out = Tensor::empty(xc.shape(), xc.dtype());
-  const int64_t M = xc.size(0), C = xc.size(1);
-  detail::dispatch_float("act_quant_int8", xc.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* p = xc.data<T>();
-    T* o = out.data<T>();
-    parallel_for(M, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* xr = p + r * C;
-        T* yr = o + r * C;
-        T amax = 0;
-        for (int64_t c = 0; c < C; ++c) amax = std::max(amax, std::fabs(xr[c]));
-        const T s = T(127) / std::max(amax, T(1e-5f));
-        for (int64_t c = 0; c < C; ++c) yr[c] = std::clamp(std::rint(xr[c] * s), T(-128), T(127)) / s;
-      }
-    });
-  });
+  // Per-token symmetric int8 with the absmax scale: the general fake quantizer with one group a row.
+  fake_quant(xc, 8, false, 1.0, xc.size(1), false, out);
 }
 
 }  // namespace lowbit::ops
