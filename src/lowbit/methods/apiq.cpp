@@ -11,6 +11,7 @@
 
 #include "lowbit/autograd/functions.h"
 #include "lowbit/autograd/optim.h"
+#include "lowbit/methods/block_train.h"
 #include "lowbit/methods/layer_error.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
@@ -36,34 +37,9 @@ std::shared_ptr<Linear>* slot_of(LlamaBlock& b, const std::string& name) {
   throw_error("apiq: the block has no linear named ", name);
 }
 
-// SplitMix64 finaliser: decorrelates the seeds derived from (seed, layer, linear, epoch).
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-uint64_t derive_seed(uint64_t seed, uint64_t a, uint64_t b, uint64_t c) { return mix(mix(mix(seed ^ mix(a)) ^ b) ^ c); }
-
-// Fisher-Yates with our own index draw (std::shuffle's use of the engine is implementation-defined).
-std::vector<int64_t> shuffled(int64_t n, uint64_t seed) {
-  std::vector<int64_t> p(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) p[size_t(i)] = i;
-  std::mt19937_64 rng(seed);
-  for (int64_t i = n - 1; i > 0; --i) std::swap(p[size_t(i)], p[size_t(rng() % uint64_t(i + 1))]);
-  return p;
-}
-
-// Rows of the windows idx[b..e) of x [N*L, C] (window k = rows k*L .. k*L+L-1), concatenated, on
-// x's device. One window (ApiQ's batch size 1) is a view, not a copy.
-Tensor gather_windows(const Tensor& x, const std::vector<int64_t>& idx, size_t b, size_t e, int64_t L) {
-  if (e - b == 1 && x.is_contiguous()) return x.slice(0, idx[b] * L, (idx[b] + 1) * L);
-  Tensor out = Tensor::empty({int64_t(e - b) * L, x.size(1)}, x.dtype(), x.device());
-  for (size_t i = b; i < e; ++i) {
-    const int64_t k = idx[i], r = int64_t(i - b);
-    out.slice(0, r * L, (r + 1) * L).copy_(x.slice(0, k * L, (k + 1) * L));
-  }
-  return out;
+uint64_t derive_seed(uint64_t seed, uint64_t a, uint64_t b, uint64_t c) {
+  const auto mix = splitmix64;
+  return mix(mix(mix(seed ^ mix(a)) ^ b) ^ c);
 }
 
 // Concatenated inputs of each linear during one pass over a block, on the CPU. With step > 1 only
@@ -218,7 +194,7 @@ struct Trainer {
         lambda = o.lambda * double(n_mixed - (ep - o.weight_epochs)) / double(n_mixed);
       }
       const auto t0 = std::chrono::steady_clock::now();
-      const auto perm = shuffled(n, derive_seed(o.seed, uint64_t(layer), scope_id, uint64_t(ep)));
+      const auto perm = shuffled_indices(n, derive_seed(o.seed, uint64_t(layer), scope_id, uint64_t(ep)));
       Tensor loss_sum, reg_sum;  // 0-d, on the loss's device
       auto accumulate = [](Tensor& acc, const Tensor& v) {
         if (!acc.defined()) acc = Tensor::zeros({}, v.dtype(), v.device());

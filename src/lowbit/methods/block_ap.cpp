@@ -8,40 +8,11 @@
 
 #include "lowbit/autograd/functions.h"
 #include "lowbit/autograd/optim.h"
+#include "lowbit/methods/block_train.h"
 #include "lowbit/quant/lsq_linear.h"
 #include "lowbit/quant/quant_linear.h"
 
 namespace lowbit {
-
-namespace {
-
-uint64_t mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-// Fisher-Yates with our own index draw (std::shuffle's use of the engine is implementation-defined).
-std::vector<int64_t> shuffled_order(int64_t n, uint64_t seed) {
-  std::vector<int64_t> p(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) p[size_t(i)] = i;
-  std::mt19937_64 rng(seed);
-  for (int64_t i = n - 1; i > 0; --i) std::swap(p[size_t(i)], p[size_t(rng() % uint64_t(i + 1))]);
-  return p;
-}
-
-// Rows of windows idx[b..e) of x [N*L, C] (window k = rows k*L .. k*L+L-1), concatenated.
-Tensor windows(const Tensor& x, const std::vector<int64_t>& idx, size_t b, size_t e, int64_t L) {
-  Tensor out = Tensor::empty({int64_t(e - b) * L, x.size(1)}, x.dtype(), x.device());
-  for (size_t i = b; i < e; ++i) {
-    const int64_t k = idx[i], r = int64_t(i - b);
-    out.slice(0, r * L, (r + 1) * L).copy_(x.slice(0, k * L, (k + 1) * L));
-  }
-  return out;
-}
-
-}  // namespace
 
 BlockApMethod::BlockApMethod(const QuantFormat& f, BlockApOptions o) : f_(f), o_(o) {
   LB_CHECK(lsq_supports(f), "efficientqat: format ", f.name,
@@ -89,13 +60,13 @@ void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>&
     AdamW opt({ParamGroup{weights, AdamWOptions{o_.weight_lr, 0.9, 0.999, 1e-8, 0.0}},
                ParamGroup{quant, AdamWOptions{o_.quant_lr, 0.9, 0.999, 1e-8, 0.0}}});
     for (int ep = 0; ep < o_.epochs; ++ep) {
-      const auto perm = shuffled_order(N, mix64(mix64(o_.seed ^ mix64(uint64_t(ctx.layer))) ^ uint64_t(ep)));
+      const auto perm = shuffled_indices(N, splitmix64(splitmix64(o_.seed ^ splitmix64(uint64_t(ctx.layer))) ^ uint64_t(ep)));
       double sum = 0;
       int64_t steps = 0;
       for (size_t b = 0; b < size_t(N); b += size_t(o_.batch)) {
         const size_t e = std::min(size_t(N), b + size_t(o_.batch));
-        Var out = ctx.model.block_forward(ctx.layer, Var(windows(ctx.inputs, perm, b, e, L)), int64_t(e - b), L);
-        Var loss = mse(out, Var(windows(ctx.fp_targets, perm, b, e, L)));
+        Var out = ctx.model.block_forward(ctx.layer, Var(gather_windows(ctx.inputs, perm, b, e, L)), int64_t(e - b), L);
+        Var loss = mse(out, Var(gather_windows(ctx.fp_targets, perm, b, e, L)));
         sum += loss.value().item();
         ++steps;
         backward(loss);
