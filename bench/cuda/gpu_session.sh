@@ -37,7 +37,8 @@ stage)
     "$S/w/shared/tasks" "$S/w/shared/models/smollm2-135m-instruct" .devcarry
   nvcc -O3 -std=c++17 -arch=sm_90 -I src bench/cuda/quant_gemv_bench.cu -lcublas -o "$S/w/bin/quant_gemv_bench"
   cp "$B/lowbit" "$B/tests/test_quant" "$B/tests/test_methods" "$B/tests/test_ops" "$B/tests/test_model" "$S/w/bin/"
-  for l in libsentencepiece.so.0 libgomp.so.1 libopenblas.so.0 libgfortran.so.5 libquadmath.so.0; do
+  for l in libsentencepiece.so.0 libgomp.so.1 libopenblas.so.0 libgfortran.so.5 libquadmath.so.0 \
+      libcpp-httplib.so.0.11 libbrotlidec.so.1 libbrotlienc.so.1 libbrotlicommon.so.1; do
     cp -L "/lib/x86_64-linux-gnu/$l" "$S/w/lib/"
   done
   head -c 4000000 "$shared/data/linux-docs/train.txt" > "$S/w/shared/data/linux-docs/train.txt"
@@ -70,6 +71,8 @@ launch)
   cat "$W/gguf.part1" .devcarry/gguf.part2 > "$m" || exit 1
   [ "$(sha256sum < "$m" | cut -d' ' -f1)" = "$(cat "$W/gguf.sha")" ] || { echo "GGUF sha256 mismatch"; exit 1; }
   export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} LOWBIT_SHARED=$W/shared
+  # A library the machine lacks would fail every run of the plan: stop here instead.
+  ldd "$W/bin/lowbit" | grep "not found" && { echo "lowbit cannot start on this machine"; exit 1; }
   mkdir -p "$W/runs"
   cp "${PLAN:-bench/plans/smollm2-methods.txt}" "$W/plan.txt"
   setsid nohup bench/method_runs.sh --plan "$W/plan.txt" --out "$W/runs" --lowbit "$W/bin/lowbit" \

@@ -181,7 +181,8 @@ SaliencyMap obtain_saliency(const QuantArgs& a, const LlamaModel& model, const T
   LlamaWeights w = model.weights();
   if (source != "fp")  // the gradients of the round-to-nearest quantized model
     for (auto& l : w.layers)
-      for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) *t = quantize(*t, f).dequantize();
+      for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down})
+        *t = quantize(*t, f).dequantize().to(t->device());  // the codec runs on the host; back to the model's device
   SaliencyMap s = compute_saliency(model.config(), w, calib, so);
   s.source = source;
   if (!a.saliency.empty()) save_saliency(a.saliency, s);

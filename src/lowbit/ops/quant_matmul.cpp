@@ -492,14 +492,14 @@ bool quant_matmul_has_int8_kernel(const PackedWeight& w) {
 }
 
 namespace {
-std::atomic<int> g_cuda_packed{-1};  // -1: not decided yet (read LOWBIT_CUDA_PACKED on first use)
+std::atomic<int> g_cuda_packed{-1};  // -1: not decided yet (read LOWBIT_CUDA_PACKED on first use; on unless "0")
 }  // namespace
 
 bool cuda_packed_enabled() {
   int v = g_cuda_packed.load();
   if (v < 0) {
     const char* e = std::getenv("LOWBIT_CUDA_PACKED");
-    v = e && std::string_view(e) == "1" ? 1 : 0;
+    v = e && std::string_view(e) == "0" ? 0 : 1;
     g_cuda_packed.store(v);
   }
   return v == 1;

@@ -94,11 +94,11 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
 // True when the weight has a GPU form: IntGroups with f16 scales, in % 32 == 0 and whole 32-value
 // blocks per group (or one group per row), and the ggml q4_0 / q4_1 / q8_0 layouts.
 bool quant_matmul_has_cuda_layout(const PackedWeight& w);
-// Whether models use the packed CUDA path (QuantLinear on CUDA, packed vocabulary on CUDA). It was
-// written in a session without a GPU (2026-12-05) and has not yet passed its GPU parity cells, so
-// it is OFF by default: LOWBIT_CUDA_PACKED=1 in the environment (or set_cuda_packed_enabled(true),
-// as the GPU tests do) turns it on; otherwise a quantized model on CUDA keeps the verified path
-// (the dense weight built on the device). Turn the default on once bench/cuda/packed_gpu.sh passes.
+// Whether models use the packed CUDA path (QuantLinear on CUDA, packed vocabulary on CUDA). ON by
+// default since it passed bench/cuda/packed_gpu.sh on an H100 (2026-12-06: GEMV within 1e-7 of the
+// CPU int8 body, the GPU parity cells, the packed-model tests); LOWBIT_CUDA_PACKED=0 in the
+// environment (or set_cuda_packed_enabled(false)) keeps the dense weight built on the device, which
+// prefills faster (the f32 tile dequantization is slow: docs/results/packed-inference.md).
 bool cuda_packed_enabled();
 void set_cuda_packed_enabled(bool on);
 // Builds the GPU copy (host-side repacking, one upload). Throws when there is no GPU form or the
