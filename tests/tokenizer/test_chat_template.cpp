@@ -149,6 +149,63 @@ TEST(ChatTemplate, UnsupportedConstructsAreErrors) {
   }
 }
 
+// A template comes from a model file, which may lie: work, value sizes, nesting and integer
+// arithmetic are bounded, and each bound is a lowbit::Error naming it (never a hang, an exhausted
+// memory or stack, or signed overflow — the suite runs under UBSan).
+TEST(ChatTemplate, HostileTemplatesHitTheirLimits) {
+  ChatTemplateInputs in;
+  in.messages = ojson::parse(R"([{"role": "user", "content": "x"}])");
+  const std::pair<std::string, const char*> cases[] = {
+      {"{% for a in range(2000) %}{% for b in range(2000) %}{% endfor %}{% endfor %}", "steps"},
+      {"{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "64 MiB"},
+      {"{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "64 MiB"},
+      {"{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}", "list longer"},
+      {"{{ ('x' * 1000000) * 1000 }}", "repetition"},
+      {"{{ ' ' | center(width=1000000000000) }}", "center"},
+      {"{{ [1] | tojson(indent=1000000000) }}", "indent"},
+      {"{{ 9223372036854775807 + 1 }}", "overflow"},
+      {"{{ -9223372036854775807 - 2 }}", "overflow"},
+      {"{{ 4294967296 * 4294967296 }}", "overflow"},
+      {"{{ 2 ** 64 }}", "overflow"},
+      {"{{ 3 ** 1000000000000 }}", "overflow"},
+      {"{{ (-9223372036854775807 - 1) // -1 }}", "overflow"},
+      {"{{ (-9223372036854775807 - 1) % -1 }}", "overflow"},
+      {"{{ -(-9223372036854775807 - 1) }}", "overflow"},
+      {"{% set ns = namespace() %}{% set ns.self = ns %}{{ ns | tojson }}", "contain itself"},
+      {"{% set ns = namespace() %}{% set ns.l = [1, {'a': ns}] %}", "contain itself"},
+      {"{% set a = namespace() %}{% set b = namespace(p=a) %}{% set a.p = b %}", "contain itself"},
+      {"{% set ns = namespace(x=[]) %}{% for i in range(1000) %}{% set ns.x = [ns.x] %}{% endfor %}{{ ns.x }}", "nested more than 100"},
+      {"{% set ns = namespace(x={}) %}{% for i in range(1000) %}{% set ns.x = {'a': ns.x} %}{% endfor %}", "nested more than 100"},
+  };
+  for (const auto& [bad, what] : cases) {
+    try {
+      render_chat_template(bad, in, "hostile.jinja");
+      ADD_FAILURE() << "rendered: " << bad;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << bad << "\n  -> " << e.what();
+      EXPECT_NE(std::string(e.what()).find("hostile.jinja: line 1"), std::string::npos) << e.what();
+    }
+  }
+  // A NUL byte inside a %-format is not a flag or a conversion (found by fuzz_chat_template).
+  for (const std::string& nul : {std::string("{{ '%\0f' % 1.5 }}", 17), std::string("{{ '%\0\0d' % 1 }}", 16)}) {
+    ASSERT_EQ(nul.find('}', 10), nul.size() - 2) << "the literal's length";
+    try {
+      render_chat_template(nul, in, "hostile.jinja");
+      ADD_FAILURE() << "rendered a NUL format";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("format character"), std::string::npos) << e.what();
+    }
+  }
+  // Wide formats are not cut at a buffer's size (Python pads to the full width).
+  EXPECT_EQ(render_chat_template("{{ '%600d' % 7 }}", in), std::string(599, ' ') + "7");
+  EXPECT_EQ(render_chat_template("{{ '%.700f' % 1 }}", in).size(), size_t(702));
+  // Python's results where they fit in 64 bits.
+  EXPECT_EQ(render_chat_template("{{ 2 ** 62 }} {{ (-1) ** 7 }} {{ 0 ** 0 }} {{ 1 ** 999999999999 }} {{ -7 // 2 }} {{ -7 % 2 }}", in),
+            "4611686018427387904 -1 1 1 -4 1");
+  EXPECT_EQ(render_chat_template("{{ 9223372036854775806 + 1 }} {{ -9223372036854775807 - 1 }}", in),
+            "9223372036854775807 -9223372036854775808");
+}
+
 // Mutated real templates (bytes deleted, duplicated, replaced by template punctuation) either render
 // or fail with lowbit::Error: never a crash, hang or read out of bounds (the suite runs under ASan).
 TEST(ChatTemplate, MutatedTemplatesNeverCrash) {

@@ -2,6 +2,7 @@
 
 #include <limits>
 
+#include "lowbit/core/cpu_features.h"
 #include "lowbit/core/dtype.h"
 
 #if defined(__x86_64__)
@@ -139,7 +140,7 @@ void f16_to_f32_scalar(const uint16_t* src, float* dst, int64_t n) {
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const auto fn = __builtin_cpu_supports("avx512f")                                 ? &f16_to_f32_avx512
-                         : __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx") ? &f16_to_f32_f16c
+                         : lowbit::cpu::has_f16c() && __builtin_cpu_supports("avx") ? &f16_to_f32_f16c
                                                                                            : &f16_to_f32_scalar;
 #else
   static const auto fn = &f16_to_f32_scalar;
@@ -149,7 +150,7 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 
 bool f32_to_f16_exact(const float* src, uint16_t* dst, int64_t n) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const auto fn = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx") ? &f32_to_f16_exact_f16c
+  static const auto fn = lowbit::cpu::has_f16c() && __builtin_cpu_supports("avx") ? &f32_to_f16_exact_f16c
                                                                                          : &f32_to_f16_exact_scalar;
 #else
   static const auto fn = &f32_to_f16_exact_scalar;

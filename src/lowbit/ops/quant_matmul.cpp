@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "lowbit/core/blas.h"
+#include "lowbit/core/cpu_features.h"
 #include "lowbit/core/dtype.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
@@ -457,11 +458,11 @@ bool quant_isa_supported(QuantIsa isa) {
 #if defined(__x86_64__) || defined(__i386__)
     case QuantIsa::Avx2:
       __builtin_cpu_init();
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu::has_f16c();
     case QuantIsa::Avx2Vnni:
       return quant_isa_supported(QuantIsa::Avx2) &&
              ((__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) ||
-              __builtin_cpu_supports("avxvnni"));
+              cpu::has_avxvnni());
 #endif
     default: return false;
   }

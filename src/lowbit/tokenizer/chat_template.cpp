@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cctype>
 #include <cstdlib>
@@ -295,7 +296,8 @@ std::string printf_format(const std::string& fmt, const std::vector<Value>& args
     }
     if (fmt[k] == '(') throw_error(where, ": '%(name)s' mapping formats are not supported");
     std::string flags;
-    while (k < fmt.size() && std::strchr("-+ 0#", fmt[k])) flags += fmt[k++];
+    // (std::strchr finds a NUL byte too: the terminator.)
+    while (k < fmt.size() && fmt[k] != '\0' && std::strchr("-+ 0#", fmt[k])) flags += fmt[k++];
     std::string width, prec;
     while (k < fmt.size() && std::isdigit(static_cast<unsigned char>(fmt[k]))) width += fmt[k++];
     bool has_prec = false;
@@ -331,7 +333,17 @@ std::string printf_format(const std::string& fmt, const std::vector<Value>& args
       throw_error(where, ": %", std::string(1, conv), " format: a number is required, not ", type_name(v));
     }
     std::string spec = "%" + flags + width + (has_prec ? "." + prec : "");
-    char buf[512];
+    // snprintf into a string of the length it asks for (a width or precision up to 9999, so up
+    // to ~10,300 characters for %f of a large double).
+    auto format_one = [](const std::string& f, auto x) {
+      const int n = std::snprintf(nullptr, 0, f.c_str(), x);
+      if (n < 0) return std::string();
+      std::string r(size_t(n) + 1, '\0');
+      std::snprintf(r.data(), r.size(), f.c_str(), x);
+      r.resize(size_t(n));
+      return r;
+    };
+    std::string buf;
     if (conv == 'd' || conv == 'i' || conv == 'x' || conv == 'X' || conv == 'o' || conv == 'c') {
       const double d = v.as_double();
       if (!std::isfinite(d) || std::fabs(d) > 9.2e18) throw_error(where, ": cannot format ", str(v), " as an integer");
@@ -343,17 +355,16 @@ std::string printf_format(const std::string& fmt, const std::vector<Value>& args
       }
       if ((conv == 'x' || conv == 'X' || conv == 'o') && x < 0) {
         spec.erase(std::remove(spec.begin(), spec.end(), '#'), spec.end());
-        std::snprintf(buf, sizeof buf, (spec + "ll" + conv).c_str(), -x);
-        std::string body = buf;
+        const std::string body = format_one(spec + "ll" + conv, -x);
         const size_t nz = body.find_first_not_of(' ');
         out += body.substr(0, nz == std::string::npos ? 0 : nz) + "-" + body.substr(nz == std::string::npos ? 0 : nz);
         continue;
       }
       spec += (conv == 'i' ? std::string("lld") : std::string("ll") + conv);
-      std::snprintf(buf, sizeof buf, spec.c_str(), x);
-    } else if (std::strchr("fFeEgG", conv)) {
+      buf = format_one(spec, x);
+    } else if (conv != '\0' && std::strchr("fFeEgG", conv)) {
       spec += conv;
-      std::snprintf(buf, sizeof buf, spec.c_str(), v.as_double());
+      buf = format_one(spec, v.as_double());
     } else {
       throw_error(where, ": unsupported format character '", std::string(1, conv), "'");
     }
@@ -1222,6 +1233,50 @@ class Renderer {
   enum class Flow { kNormal, kBreak, kContinue };
   Flow flow_ = Flow::kNormal;  // set by {% break %} / {% continue %} until their loop sees it
   int macro_depth_ = 0;
+  // A template comes from a model file, which may lie: every statement and loop iteration costs a
+  // step, and no value or prompt grows past kMaxOutput, so no template hangs or exhausts memory.
+  static constexpr int64_t kMaxSteps = 1'000'000;
+  static constexpr size_t kMaxOutput = size_t(64) << 20;  // a prompt, not a denial of service
+  static constexpr size_t kMaxList = size_t(1) << 20;
+  int64_t steps_ = 0;
+
+  void step(int line) {
+    if (++steps_ > kMaxSteps) fail(line, "the template takes more than 1,000,000 steps (a loop that does not end?)");
+  }
+  // Throws when a string or list value is beyond the limits; returns it otherwise.
+  Value bounded(Value v, int line) const {
+    if (v.kind == Value::kString && v.s.size() > kMaxOutput) fail(line, "a string longer than 64 MiB");
+    if (v.kind == Value::kList && v.list->size() > kMaxList) fail(line, "a list longer than 1,048,576 items");
+    return v;
+  }
+  // What {% set %} stores is at most 100 lists / dicts / namespaces deep, so that nesting cannot grow
+  // without bound from one set to the next (printing, comparing or freeing such a value recurses)
+  // and a namespace cannot hold itself. Each node walked costs a step.
+  static constexpr int kMaxNesting = 100;
+  // `into`: the namespace that will hold the value (it must not be inside it: a cycle).
+  Value shallow_enough(Value v, int line, const Object* into = nullptr) {
+    walk_nesting(v, into ? 1 : 0, line, into);
+    return v;
+  }
+  void walk_nesting(const Value& v, int depth, int line, const Object* into) {
+    if (v.kind != Value::kList && v.kind != Value::kObject) return;
+    if (into && v.kind == Value::kObject && v.obj.get() == into) fail(line, "a namespace cannot contain itself");
+    if (depth >= kMaxNesting) fail(line, "a value nested more than 100 lists / dicts / namespaces deep");
+    step(line);
+    if (v.kind == Value::kList)
+      for (const Value& x : *v.list) walk_nesting(x, depth + 1, line, into);
+    else
+      for (const auto& [k, x] : v.obj->items) walk_nesting(x, depth + 1, line, into);
+  }
+  // Python integers do not overflow; lowbit's are 64-bit, so an overflow is an error, not a wrap.
+  int64_t checked(char op, int64_t a, int64_t b, int line) const {
+    int64_t r = 0;
+    const bool overflow = op == '+' ? __builtin_add_overflow(a, b, &r)
+                        : op == '-' ? __builtin_sub_overflow(a, b, &r)
+                                    : __builtin_mul_overflow(a, b, &r);
+    if (overflow) fail(line, std::string("integer overflow in '") + (op == '*' ? "*' or '**" : std::string(1, op)) + "' (beyond 64 bits)");
+    return r;
+  }
 
   [[noreturn]] void fail(int line, const std::string& what) const { throw_error(name_, ": line ", line, ": ", what); }
 
@@ -1306,9 +1361,8 @@ class Renderer {
     for (size_t k = 0; k < targets.size(); ++k) scopes_.back()[targets[k]] = items[k];
   }
 
-  static constexpr size_t kMaxOutput = size_t(64) << 20;  // a prompt, not a denial of service
-
   void exec(const Node& n, std::string& out) {
+    step(n.line);
     if (out.size() > kMaxOutput) fail(n.line, "the rendered prompt exceeds 64 MiB");
     switch (n.kind) {
       case Node::kText: out += n.text; return;
@@ -1323,10 +1377,10 @@ class Renderer {
           Value ns = lookup(n.targets[0]);
           if (ns.kind != Value::kObject || !ns.obj->is_namespace)
             fail(n.line, "cannot assign attribute '" + n.attr + "' of '" + n.targets[0] + "' (not a namespace())");
-          ns.obj->set(n.attr, eval(*n.expr));
+          ns.obj->set(n.attr, shallow_enough(eval(*n.expr), n.line, ns.obj.get()));
           return;
         }
-        assign(n.targets, eval(*n.expr), n.line);
+        assign(n.targets, shallow_enough(eval(*n.expr), n.line), n.line);
         return;
       case Node::kBreak: flow_ = Flow::kBreak; return;
       case Node::kContinue: flow_ = Flow::kContinue; return;
@@ -1346,6 +1400,7 @@ class Renderer {
         if (n.cond) {  // the filter sees each item bound to the targets
           std::vector<Value> kept;
           for (const Value& it : items) {
+            step(n.line);
             scopes_.emplace_back();
             assign(n.targets, it, n.line);
             const bool keep = truthy(eval(*n.cond));
@@ -1357,6 +1412,7 @@ class Renderer {
         if (items.empty()) return exec(n.else_body, out);
         const int64_t len = int64_t(items.size());
         for (int64_t k = 0; k < len; ++k) {
+          step(n.line);
           scopes_.emplace_back();  // a fresh scope each iteration: sets do not survive it
           Value loop = Value::make_object();
           Object& o = *loop.obj;
@@ -1467,7 +1523,9 @@ class Renderer {
     return Value::string(s);
   }
 
-  Value eval(const Expr& e) {
+  Value eval(const Expr& e) { return bounded(eval_unbounded(e), e.line); }
+
+  Value eval_unbounded(const Expr& e) {
     switch (e.kind) {
       case Expr::kLit: return e.lit;
       case Expr::kName: return lookup(e.s);
@@ -1495,7 +1553,10 @@ class Renderer {
         Value v = eval(*e.a[0]);
         if (!v.is_number()) fail(e.line, std::string("bad operand type for unary ") + (e.kind == Expr::kNeg ? "-" : "+") + ": " + type_name(v));
         if (e.kind == Expr::kPos) return v.kind == Value::kBool ? Value::integer(v.b) : v;
-        return v.kind == Value::kFloat ? Value::number(-v.f) : Value::integer(-(v.kind == Value::kInt ? v.i : int64_t(v.b)));
+        if (v.kind == Value::kFloat) return Value::number(-v.f);
+        const int64_t x = v.kind == Value::kInt ? v.i : int64_t(v.b);
+        if (x == INT64_MIN) fail(e.line, "integer overflow in unary '-' (beyond 64 bits)");
+        return Value::integer(-x);
       }
       case Expr::kAnd: {
         Value a = eval(*e.a[0]);
@@ -1569,6 +1630,10 @@ class Renderer {
   }
 
   Value binary(const std::string& op, const Value& a, const Value& b, int line) {
+    return bounded(binary_unbounded(op, a, b, line), line);
+  }
+
+  Value binary_unbounded(const std::string& op, const Value& a, const Value& b, int line) {
     if (op == "==") return Value::boolean(equal(a, b));
     if (op == "!=") return Value::boolean(!equal(a, b));
     if (op == "<") return Value::boolean(compare(a, b, op, line) < 0);
@@ -1577,37 +1642,46 @@ class Renderer {
     if (op == ">=") return Value::boolean(compare(a, b, op, line) >= 0);
     if (op == "in") return Value::boolean(contains(b, a, line));
     if (op == "not in") return Value::boolean(!contains(b, a, line));
-    if (op == "~") return Value::string(str(a) + str(b));
+    if (op == "~") {
+      std::string l = str(a), r = str(b);
+      if (l.size() + r.size() > kMaxOutput) fail(line, "a string longer than 64 MiB");
+      return Value::string(l + r);
+    }
     auto bad = [&]() -> Value {
       fail(line, "unsupported operand types for " + op + ": '" + type_name(a) + "' and '" + type_name(b) + "'");
     };
     const bool ints = (a.kind == Value::kInt || a.kind == Value::kBool) && (b.kind == Value::kInt || b.kind == Value::kBool);
     const int64_t ai = a.kind == Value::kInt ? a.i : int64_t(a.b), bi = b.kind == Value::kInt ? b.i : int64_t(b.b);
     if (op == "+") {
-      if (a.kind == Value::kString && b.kind == Value::kString) return Value::string(a.s + b.s);
+      if (a.kind == Value::kString && b.kind == Value::kString) {
+        if (a.s.size() + b.s.size() > kMaxOutput) fail(line, "a string longer than 64 MiB");
+        return Value::string(a.s + b.s);
+      }
       if (a.kind == Value::kList && b.kind == Value::kList) {
+        if (a.list->size() + b.list->size() > kMaxList) fail(line, "a list longer than 1,048,576 items");
         Value r = Value::make_list(*a.list);
         r.list->insert(r.list->end(), b.list->begin(), b.list->end());
         return r;
       }
-      if (ints) return Value::integer(ai + bi);
+      if (ints) return Value::integer(checked('+', ai, bi, line));
       if (a.is_number() && b.is_number()) return Value::number(a.as_double() + b.as_double());
       return bad();
     }
     if (op == "-") {
-      if (ints) return Value::integer(ai - bi);
+      if (ints) return Value::integer(checked('-', ai, bi, line));
       if (a.is_number() && b.is_number()) return Value::number(a.as_double() - b.as_double());
       return bad();
     }
     if (op == "*") {
-      if (ints) return Value::integer(ai * bi);
+      if (ints) return Value::integer(checked('*', ai, bi, line));
       if (a.is_number() && b.is_number()) return Value::number(a.as_double() * b.as_double());
       const Value* s = a.kind == Value::kString ? &a : b.kind == Value::kString ? &b : nullptr;
       const Value* k = s == &a ? &b : &a;
       if (s && (k->kind == Value::kInt || k->kind == Value::kBool)) {
         std::string r;
         const int64_t times = k->kind == Value::kInt ? k->i : int64_t(k->b);
-        if (times > (1 << 20)) fail(line, "string repetition too large");
+        if (times > (1 << 20) || (times > 0 && s->s.size() * size_t(times) > kMaxOutput))
+          fail(line, "string repetition too large");
         for (int64_t t = 0; t < times; ++t) r += s->s;
         return Value::string(r);
       }
@@ -1627,6 +1701,7 @@ class Renderer {
       if (!(a.is_number() && b.is_number())) return bad();
       if (b.as_double() == 0) fail(line, op == "%" ? "modulo by zero" : "division by zero");
       if (ints) {
+        if (ai == INT64_MIN && bi == -1) fail(line, "integer overflow in '" + op + "' (beyond 64 bits)");
         int64_t q = ai / bi, r = ai % bi;
         if (r != 0 && ((r < 0) != (bi < 0))) {
           --q;
@@ -1640,8 +1715,11 @@ class Renderer {
     }
     if (op == "**") {
       if (ints && bi >= 0) {
+        // 0, 1 and -1 never overflow; any other base overflows within 64 multiplications.
+        if (ai == 0 || ai == 1) return Value::integer(bi == 0 ? 1 : ai);
+        if (ai == -1) return Value::integer(bi % 2 ? -1 : 1);
         int64_t r = 1;
-        for (int64_t t = 0; t < bi; ++t) r *= ai;
+        for (int64_t t = 0; t < bi; ++t) r = checked('*', r, ai, line);
         return Value::integer(r);
       }
       if (a.is_number() && b.is_number()) return Value::number(std::pow(a.as_double(), b.as_double()));
@@ -1835,7 +1913,10 @@ class Renderer {
     if (f == "tojson") {
       const Value* ind = a.get(0, "indent");
       int indent = -1;
-      if (ind && ind->kind == Value::kInt) indent = int(ind->i);
+      if (ind && ind->kind == Value::kInt) {
+        if (ind->i < 0 || ind->i > 64) fail(line, "tojson(indent=" + std::to_string(ind->i) + "): indent must be 0..64");
+        indent = int(ind->i);
+      }
       std::string o;
       to_json(v, o, indent, 0, name_ + ": line " + std::to_string(line));
       return Value::string(o);
@@ -1894,6 +1975,7 @@ class Renderer {
         if (!first) o += sep ? str(*sep) : "";
         first = false;
         o += str(attr ? get_attr(x, str(*attr), line) : x);
+        if (o.size() > kMaxOutput) fail(line, "join(): a string longer than 64 MiB");
       }
       return Value::string(o);
     }
@@ -1981,6 +2063,7 @@ class Renderer {
       for (size_t hit; left != 0 && (hit = s.find(from->s, pos)) != std::string::npos; pos = hit + from->s.size()) {
         o.append(s, pos, hit - pos);
         o += to->s;
+        if (o.size() > kMaxOutput) fail(line, "replace(): a string longer than 64 MiB");
         if (left > 0) --left;
       }
       o.append(s, pos);
@@ -2002,6 +2085,7 @@ class Renderer {
       const int64_t width = w && w->kind == Value::kInt ? w->i : 80;
       const int64_t n = int64_t(chars_of(s).size());
       if (width <= n) return Value::string(s);
+      if (width > int64_t(kMaxOutput)) fail(line, "center(): width beyond 64 MiB");
       const int64_t pad = width - n, left = pad / 2 + (pad & width & 1);
       return Value::string(std::string(size_t(left), ' ') + s + std::string(size_t(pad - left), ' '));
     }
