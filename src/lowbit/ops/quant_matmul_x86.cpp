@@ -9,10 +9,20 @@
 
 #include "lowbit/ops/quant_matmul_kernels.h"
 
+// A region of functions compiled for an instruction set: GCC's target pragmas, or clang's
+// attribute pragma (clang ignores `#pragma GCC target`; the fuzz build uses clang).
+#define LB_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define LB_TARGET_BEGIN(t) LB_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
+#define LB_TARGET_END() LB_PRAGMA(clang attribute pop)
+#else
+#define LB_TARGET_BEGIN(t) LB_PRAGMA(GCC push_options) LB_PRAGMA(GCC target(t))
+#define LB_TARGET_END() LB_PRAGMA(GCC pop_options)
+#endif
+
 namespace lowbit::ops::qmm {
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+LB_TARGET_BEGIN("avx2,fma,f16c")
 namespace avx2 {
 static inline __m256i dot_u8s8(__m256i w, __m256i a) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
@@ -21,25 +31,23 @@ static inline __m256i dot_u8s8(__m256i w, __m256i a) {
 #include "lowbit/ops/quant_matmul_x86.inc"
 #undef QMM_DOT
 }  // namespace avx2
-#pragma GCC pop_options
+LB_TARGET_END()
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
+LB_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
 namespace avx512vnni {
 #define QMM_DOT(w, a) _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
 #include "lowbit/ops/quant_matmul_x86.inc"
 #undef QMM_DOT
 }  // namespace avx512vnni
-#pragma GCC pop_options
+LB_TARGET_END()
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avxvnni")
+LB_TARGET_BEGIN("avx2,fma,f16c,avxvnni")
 namespace avxvnni {
 #define QMM_DOT(w, a) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, a)
 #include "lowbit/ops/quant_matmul_x86.inc"
 #undef QMM_DOT
 }  // namespace avxvnni
-#pragma GCC pop_options
+LB_TARGET_END()
 
 namespace {
 bool has_avx512vnni() {
