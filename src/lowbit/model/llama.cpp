@@ -412,48 +412,107 @@ Var decode_linear(const Linear& l, const Var& x) {
 Var LlamaModel::forward_batch(const Tensor& tokens, const std::vector<KVCache*>& caches) const {
   const int64_t B = tokens.numel();
   if (B < 1 || tokens.dim() != 1) throw_error("forward_batch: tokens must be i32 [B] with B >= 1, got ", tokens.describe());
-  if (size_t(B) != caches.size())
-    throw_error("forward_batch: ", B, " tokens but ", caches.size(), " caches (one per sequence)");
-  for (size_t s = 0; s < caches.size(); ++s) {
+  return forward_mixed(tokens, caches, std::vector<int64_t>(size_t(B), 1), std::vector<bool>(size_t(B), true));
+}
+
+Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>& caches, const std::vector<int64_t>& counts,
+                              const std::vector<bool>& want_logits) const {
+  const int64_t N = tokens.numel();
+  if (N < 1 || tokens.dim() != 1) throw_error("forward_batch: tokens must be i32 [N] with N >= 1, got ", tokens.describe());
+  const size_t S = caches.size();
+  if (counts.size() != S || want_logits.size() != S)
+    throw_error("forward_batch: ", S, " caches but ", counts.size(), " token counts and ", want_logits.size(),
+                " logits flags (one each per sequence)");
+  std::vector<int64_t> row0(S + 1, 0);  // sequence s owns rows [row0[s], row0[s+1])
+  for (size_t s = 0; s < S; ++s) {
     if (!caches[s]) throw_error("forward_batch: cache ", s, " is null");
-    if (caches[s]->length + 1 > caches[s]->capacity)
-      throw_error("forward_batch: KV cache ", s, " is full (", caches[s]->length, " of ", caches[s]->capacity, " tokens)");
+    if (counts[s] < 1) throw_error("forward_batch: sequence ", s, " has ", counts[s], " tokens (at least 1)");
+    if (caches[s]->length + counts[s] > caches[s]->capacity)
+      throw_error("forward_batch: KV cache ", s, " is full (", caches[s]->length, " of ", caches[s]->capacity,
+                  " tokens, ", counts[s], " more)");
     for (size_t t = 0; t < s; ++t)
       if (caches[t] == caches[s]) throw_error("forward_batch: sequences ", t, " and ", s, " share one KV cache");
+    row0[s + 1] = row0[s] + counts[s];
   }
+  if (row0[S] != N) throw_error("forward_batch: the token counts add up to ", row0[S], ", but there are ", N, " tokens");
+  // Row segments for the linear layers: a run of single-token sequences (decode steps) goes
+  // through decode_linear together; a sequence with several tokens (a prompt chunk) alone, as
+  // forward_cached would run it. Either way a sequence's numbers do not depend on the others.
+  struct Segment {
+    int64_t r0, r1;
+    bool decode;
+  };
+  std::vector<Segment> segs;
+  for (size_t s = 0; s < S; ++s) {
+    const bool one = counts[s] == 1;
+    if (one && !segs.empty() && segs.back().decode) segs.back().r1 = row0[s + 1];
+    else segs.push_back({row0[s], row0[s + 1], one});
+  }
+  auto lin = [&](const Linear& l, const Var& x) -> Var {
+    if (segs.size() == 1) return segs[0].decode ? decode_linear(l, x) : l.forward(x);
+    const Tensor xv = x.value().contiguous();
+    Tensor y;
+    for (const Segment& g : segs) {
+      const Var in(xv.slice(0, g.r0, g.r1));
+      const Tensor part = (g.decode ? decode_linear(l, in) : l.forward(in)).value();
+      if (!y.defined()) y = Tensor::empty({N, part.size(1)}, part.dtype(), part.device());
+      y.slice(0, g.r0, g.r1).copy_(part);
+    }
+    return Var(y);
+  };
+  std::vector<int64_t> singles, chunks;  // sequences by token count (attention runs them differently)
+  for (size_t s = 0; s < S; ++s) (counts[s] == 1 ? singles : chunks).push_back(int64_t(s));
+
   const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
   const double eps = config_.norm_eps;
-  Var x = embed(tokens.view({B, 1}));
+  Var x = embed(tokens.view({1, N}));
   for (int i = 0; i < config_.n_layers; ++i) {
     const LlamaBlock& b = blocks_[size_t(i)];
-    // Norms and linear layers on all B rows at once (each weight is read once per step) ...
+    // Norms and linear layers on all N rows (each weight is read once per segment) ...
     Var h = act_in(rmsnorm(x, b.attn_norm, eps));
-    Var q = decode_linear(*b.wq, h), k = decode_linear(*b.wk, h), v = decode_linear(*b.wv, h);
+    Var q = lin(*b.wq, h), k = lin(*b.wk, h), v = lin(*b.wv, h);
     if (config_.qk_norm) {
-      q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {B, H * hd});
-      k = reshape(rmsnorm(reshape(k, {-1, hd}), b.k_norm, eps), {B, KVH * hd});
+      q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {N, H * hd});
+      k = reshape(rmsnorm(reshape(k, {-1, hd}), b.k_norm, eps), {N, KVH * hd});
     }
-    // ... RoPE and attention per sequence, at its own position against its own cache.
+    // ... RoPE and attention per sequence, at its own positions against its own cache.
     const Tensor qv = q.value().contiguous(), kv = k.value().contiguous(), vv = v.value().contiguous();
-    Tensor att = Tensor::empty({B, H * hd}, qv.dtype(), qv.device());
-    // One sequence per pool task: the ops inside run serially there (core/threads.h), so a step
-    // costs B small attentions, not B rounds of handing tiny ops to the pool.
+    Tensor att = Tensor::empty({N, H * hd}, qv.dtype(), qv.device());
     auto one = [&](int64_t s) {
       NoGradGuard no_grad;  // thread-local: pool workers are other threads
-      Var a = attend_cached(i, Var(qv.slice(0, s, s + 1)), Var(kv.slice(0, s, s + 1)), Var(vv.slice(0, s, s + 1)), 1,
+      const int64_t r0 = row0[size_t(s)], r1 = row0[size_t(s) + 1];
+      Var a = attend_cached(i, Var(qv.slice(0, r0, r1)), Var(kv.slice(0, r0, r1)), Var(vv.slice(0, r0, r1)), r1 - r0,
                             *caches[size_t(s)]);
-      att.slice(0, s, s + 1).copy_(a.value());
+      att.slice(0, r0, r1).copy_(a.value());
     };
-    if (qv.device() == Device::CPU && B > 1) parallel_each(B, [&](int64_t s) { one(s); });
-    else for (int64_t s = 0; s < B; ++s) one(s);
-    Var x1 = add(x, decode_linear(*b.wo, act_in(Var(att))));
+    // Single tokens: one sequence per pool task (the ops inside run serially there, core/threads.h),
+    // so a step costs B small attentions, not B rounds of handing tiny ops to the pool. Prompt
+    // chunks: one after the other, each attention spread over the pool.
+    const int64_t n1 = int64_t(singles.size());
+    if (qv.device() == Device::CPU && n1 > 1) parallel_each(n1, [&](int64_t j) { one(singles[size_t(j)]); });
+    else for (int64_t s : singles) one(s);
+    for (int64_t s : chunks) one(s);
+    Var x1 = add(x, lin(*b.wo, act_in(Var(att))));
     Var h2 = act_in(rmsnorm(x1, b.ffn_norm, eps));
-    Var m = act_in(down_in(swiglu(decode_linear(*b.w_gate, h2), decode_linear(*b.w_up, h2))));
-    x = add(x1, decode_linear(*b.w_down, m));
+    Var m = act_in(down_in(swiglu(lin(*b.w_gate, h2), lin(*b.w_up, h2))));
+    x = add(x1, lin(*b.w_down, m));
   }
-  for (KVCache* c : caches) c->length += 1;
-  if (!packed_output_) return head(x);
-  return decode_linear(*packed_output_, rmsnorm(x, final_norm_, config_.norm_eps));
+  for (size_t s = 0; s < S; ++s) caches[s]->length += counts[s];
+  // Logits of the last token of each sequence that wants them (decode_linear: one row each, as alone).
+  std::vector<int64_t> last;
+  for (size_t s = 0; s < S; ++s)
+    if (want_logits[s]) last.push_back(row0[s + 1] - 1);
+  if (last.empty()) return Var(Tensor::empty({0, int64_t(config_.vocab_size)}, x.value().dtype(), x.value().device()));
+  Tensor xl;
+  if (int64_t(last.size()) == N) {
+    xl = x.value();
+  } else {
+    const Tensor xv = x.value().contiguous();
+    xl = Tensor::empty({int64_t(last.size()), xv.size(1)}, xv.dtype(), xv.device());
+    for (size_t j = 0; j < last.size(); ++j) xl.slice(0, int64_t(j), int64_t(j) + 1).copy_(xv.slice(0, last[j], last[j] + 1));
+  }
+  if (!packed_output_) return head(Var(xl));
+  return decode_linear(*packed_output_, rmsnorm(Var(xl), final_norm_, config_.norm_eps));
 }
 
 std::vector<Var> LlamaModel::parameters() const {

@@ -105,6 +105,16 @@ class LlamaModel {
   // its own cache. Returns logits [B, V]; every cache grows by one token. Equal to B separate
   // forward_cached calls. The caches must be distinct and have room for one more token.
   Var forward_batch(const Tensor& tokens, const std::vector<KVCache*>& caches) const;
+  // One step of sequences that feed different numbers of tokens (continuous batching with chunked
+  // prefill): sequence s feeds counts[s] >= 1 tokens (consecutive in `tokens`, i32 [sum counts])
+  // after the contents of caches[s]. Runs of single-token sequences (decode steps) run their linear
+  // layers together as forward_batch does; a sequence of several tokens (a piece of a prompt) runs
+  // them on its own rows, as forward_cached would: each sequence's numbers depend only on its own
+  // tokens and on how its prompt is split into pieces, never on the other sequences of the step.
+  // Returns the logits of the last token of each sequence with want_logits[s], in order: [R, V]
+  // (R may be 0). Every cache grows by its count.
+  Var forward_mixed(const Tensor& tokens, const std::vector<KVCache*>& caches, const std::vector<int64_t>& counts,
+                    const std::vector<bool>& want_logits) const;
 
   std::vector<Var> parameters() const;
   // Inference on the CPU: stores each dense linear weight, the output projection and the embedding
