@@ -162,43 +162,41 @@ TEST(Scheduler, LongPromptDoesNotStallDecodingSlots) {
     }
     ASSERT_EQ(reqs.size(), 3u);
     Scheduler s(m, tok, opt);
-    std::mutex mu;
-    std::condition_variable cv;
-    int pieces[2] = {0, 0};          // text callbacks of the two decoding requests
-    int at_first_token[2] = {-1, -1};  // ... when the long prompt's first token came
+    // Each request is submitted from the previous one's text callback (the scheduler's thread), so
+    // the order of events does not depend on thread timing: decoder 1 joins at decoder 0's first
+    // token, the long prompt at decoder 1's second token, while both decode.
+    int pieces[2] = {0, 0};            // text callbacks of the two decoding requests
+    int before[2] = {-1, -1};          // ... when the long prompt was submitted
+    int at_first_token[2] = {-1, -1};  // ... when its first token came
     std::vector<Outcome> out(3);
     std::vector<std::promise<void>> done(3);
+    std::vector<CompletionRequest> subs(3);
     for (size_t i = 0; i < 3; ++i) {
-      CompletionRequest r = reqs[i];
-      r.on_text = [&, i](const std::string& t) {
-        std::lock_guard<std::mutex> lk(mu);
+      subs[i] = reqs[i];
+      subs[i].on_text = [&, i](const std::string& t) {
         out[i].streamed += t;
-        if (i < 2) ++pieces[i];
-        else if (at_first_token[0] < 0) std::copy(pieces, pieces + 2, at_first_token);
-        cv.notify_all();
+        if (i == 2) {
+          if (at_first_token[0] < 0) std::copy(pieces, pieces + 2, at_first_token);
+          return;
+        }
+        ++pieces[i];
+        if (i == 0 && pieces[0] == 1) s.submit(subs[1]);
+        if (i == 1 && pieces[1] == 2) {
+          std::copy(pieces, pieces + 2, before);
+          s.submit(subs[2]);
+        }
       };
-      r.on_done = [&, i](const CompletionResult& res) {
+      subs[i].on_done = [&, i](const CompletionResult& res) {
         out[i].result = res;
         done[i].set_value();
       };
-      if (i == 2) {  // the long prompt, once both others are decoding
-        std::unique_lock<std::mutex> lk(mu);
-        cv.wait(lk, [&] { return pieces[0] >= 2 && pieces[1] >= 2; });
-      }
-      int before[2];
-      {
-        std::lock_guard<std::mutex> lk(mu);
-        std::copy(pieces, pieces + 2, before);
-      }
-      s.submit(std::move(r));
-      if (i == 2) {
-        for (auto& d : done) d.get_future().wait();
-        for (int j = 0; j < 2; ++j) {
-          EXPECT_GE(at_first_token[j] - before[j], 9)
-              << "decoding request " << j << " stalled while the long prompt was read (packed " << packed << ")";
-          EXPECT_LT(at_first_token[j], reqs[size_t(j)].max_tokens) << "it should still have been decoding";
-        }
-      }
+    }
+    s.submit(subs[0]);
+    for (auto& d : done) d.get_future().wait();
+    for (int j = 0; j < 2; ++j) {
+      EXPECT_GE(at_first_token[j] - before[j], 9)
+          << "decoding request " << j << " stalled while the long prompt was read (packed " << packed << ")";
+      EXPECT_LT(at_first_token[j], reqs[size_t(j)].max_tokens) << "it should still have been decoding";
     }
     for (size_t i = 0; i < 3; ++i) {
       EXPECT_EQ(out[i].result.tokens, alone[i].result.tokens) << "request " << i << " packed " << packed;
