@@ -389,23 +389,35 @@ Var LlamaModel::forward_cached(const Tensor& tokens, KVCache& cache) const {
 }
 
 namespace {
-// A linear layer on the rows of one batched decode step. Packed layers pick their activation path
-// by row count (ops/quant_matmul.h: up to kQuantDecodeMaxRows rows take the int8 decode body), so
-// their rows go in groups of at most that many: every sequence then gets the numbers it would get
-// decoding alone, and each group still reads the weights once.
-Var decode_linear(const Linear& l, const Var& x) {
-  const int64_t M = x.value().size(0);
-  if (M <= ops::kQuantDecodeMaxRows || dynamic_cast<const DenseLinear*>(&l) || x.value().device() != Device::CPU)
-    return l.forward(x);
-  const Tensor xv = x.value().contiguous();
-  Tensor y;
-  for (int64_t r0 = 0; r0 < M; r0 += ops::kQuantDecodeMaxRows) {
-    const int64_t r1 = std::min(M, r0 + ops::kQuantDecodeMaxRows);
-    const Tensor part = l.forward(Var(xv.slice(0, r0, r1))).value();
-    if (!y.defined()) y = Tensor::empty({M, part.size(1)}, part.dtype(), part.device());
-    y.slice(0, r0, r1).copy_(part);
+// Prompt pieces of at most this many tokens join the decode rows of a mixed step in one int8
+// product (ops::QuantInt8RowsScope); longer ones run alone on the f32-activation (prefill) path,
+// which is faster for them. Which path a piece takes depends only on its own length.
+constexpr int64_t kMixedInt8PieceMax = 64;
+
+// Rows [r0, r1) of x, for a list of ranges, as one contiguous tensor (one range: a view).
+Tensor gather_rows(const Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& ranges) {
+  if (ranges.size() == 1) return x.slice(0, ranges[0].first, ranges[0].second);
+  int64_t n = 0;
+  for (const auto& [r0, r1] : ranges) n += r1 - r0;
+  Tensor out = Tensor::empty({n, x.size(1)}, x.dtype(), x.device());
+  int64_t at = 0;
+  for (const auto& [r0, r1] : ranges) {
+    out.slice(0, at, at + r1 - r0).copy_(x.slice(0, r0, r1));
+    at += r1 - r0;
   }
-  return Var(y);
+  return out;
+}
+
+void scatter_rows(const Tensor& part, const std::vector<std::pair<int64_t, int64_t>>& ranges, Tensor& y) {
+  int64_t at = 0;
+  for (const auto& [r0, r1] : ranges) {
+    y.slice(0, r0, r1).copy_(part.slice(0, at, at + r1 - r0));
+    at += r1 - r0;
+  }
+}
+
+bool packed_on_cpu(const Linear& l, const Var& x) {
+  return !dynamic_cast<const DenseLinear*>(&l) && x.value().device() == Device::CPU;
 }
 }  // namespace
 
@@ -435,33 +447,65 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
     row0[s + 1] = row0[s] + counts[s];
   }
   if (row0[S] != N) throw_error("forward_batch: the token counts add up to ", row0[S], ", but there are ", N, " tokens");
-  // Row segments for the linear layers: a run of single-token sequences (decode steps) goes
-  // through decode_linear together; a sequence with several tokens (a prompt chunk) alone, as
-  // forward_cached would run it. Either way a sequence's numbers do not depend on the others.
-  struct Segment {
-    int64_t r0, r1;
-    bool decode;
+  // Rows for the linear layers. Packed layers on the CPU: the decode rows and the short prompt
+  // pieces of every sequence in one int8 product (the Int8 body is row-independent), longer pieces
+  // alone. Other layers: each piece alone, runs of decode rows together (as forward_batch always
+  // did). Either way a sequence's numbers do not depend on the other sequences of the step.
+  using Ranges = std::vector<std::pair<int64_t, int64_t>>;
+  auto add_range = [](Ranges& r, int64_t r0, int64_t r1) {
+    if (!r.empty() && r.back().second == r0) r.back().second = r1;
+    else r.emplace_back(r0, r1);
   };
-  std::vector<Segment> segs;
+  Ranges joint, long_pieces;  // packed layers
+  Ranges dense_runs;          // other layers: runs of single tokens, and each piece alone
+  std::vector<bool> dense_run_single;
+  int64_t joint_rows = 0;
   for (size_t s = 0; s < S; ++s) {
-    const bool one = counts[s] == 1;
-    if (one && !segs.empty() && segs.back().decode) segs.back().r1 = row0[s + 1];
-    else segs.push_back({row0[s], row0[s + 1], one});
+    const int64_t r0 = row0[s], r1 = row0[s + 1];
+    if (counts[s] <= kMixedInt8PieceMax) {
+      add_range(joint, r0, r1);
+      joint_rows += r1 - r0;
+    } else {
+      long_pieces.emplace_back(r0, r1);
+    }
+    if (counts[s] == 1 && !dense_run_single.empty() && dense_run_single.back()) {
+      dense_runs.back().second = r1;
+    } else {
+      dense_runs.emplace_back(r0, r1);
+      dense_run_single.push_back(counts[s] == 1);
+    }
   }
   auto lin = [&](const Linear& l, const Var& x) -> Var {
-    if (segs.size() == 1) return segs[0].decode ? decode_linear(l, x) : l.forward(x);
+    if (!packed_on_cpu(l, x)) {
+      if (dense_runs.size() == 1) return l.forward(x);
+      const Tensor xv = x.value().contiguous();
+      Tensor y;
+      for (const auto& [r0, r1] : dense_runs) {
+        const Tensor part = l.forward(Var(xv.slice(0, r0, r1))).value();
+        if (!y.defined()) y = Tensor::empty({N, part.size(1)}, part.dtype(), part.device());
+        y.slice(0, r0, r1).copy_(part);
+      }
+      return Var(y);
+    }
+    if (long_pieces.empty()) {
+      ops::QuantInt8RowsScope int8_rows(N);
+      return l.forward(x);
+    }
     const Tensor xv = x.value().contiguous();
     Tensor y;
-    for (const Segment& g : segs) {
-      const Var in(xv.slice(0, g.r0, g.r1));
-      const Tensor part = (g.decode ? decode_linear(l, in) : l.forward(in)).value();
+    auto place = [&](const Tensor& part, const Ranges& where) {
       if (!y.defined()) y = Tensor::empty({N, part.size(1)}, part.dtype(), part.device());
-      y.slice(0, g.r0, g.r1).copy_(part);
+      scatter_rows(part, where, y);
+    };
+    if (!joint.empty()) {
+      ops::QuantInt8RowsScope int8_rows(joint_rows);
+      place(l.forward(Var(gather_rows(xv, joint).contiguous())).value(), joint);
     }
+    for (const auto& r : long_pieces) place(l.forward(Var(xv.slice(0, r.first, r.second))).value(), {r});
     return Var(y);
   };
-  std::vector<int64_t> singles, chunks;  // sequences by token count (attention runs them differently)
-  for (size_t s = 0; s < S; ++s) (counts[s] == 1 ? singles : chunks).push_back(int64_t(s));
+  std::vector<int64_t> small, large;  // sequences by token count (attention runs them differently)
+  for (size_t s = 0; s < S; ++s) (counts[s] <= kMixedInt8PieceMax ? small : large).push_back(int64_t(s));
 
   const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
   const double eps = config_.norm_eps;
@@ -485,20 +529,20 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
                             *caches[size_t(s)]);
       att.slice(0, r0, r1).copy_(a.value());
     };
-    // Single tokens: one sequence per pool task (the ops inside run serially there, core/threads.h),
-    // so a step costs B small attentions, not B rounds of handing tiny ops to the pool. Prompt
-    // chunks: one after the other, each attention spread over the pool.
-    const int64_t n1 = int64_t(singles.size());
-    if (qv.device() == Device::CPU && n1 > 1) parallel_each(n1, [&](int64_t j) { one(singles[size_t(j)]); });
-    else for (int64_t s : singles) one(s);
-    for (int64_t s : chunks) one(s);
+    // Decode tokens and short pieces: one sequence per pool task (the ops inside run serially there,
+    // core/threads.h), so a step costs B small attentions, not B rounds of handing tiny ops to the
+    // pool. Long pieces: one after the other, each attention spread over the pool.
+    const int64_t n1 = int64_t(small.size());
+    if (qv.device() == Device::CPU && n1 > 1) parallel_each(n1, [&](int64_t j) { one(small[size_t(j)]); });
+    else for (int64_t s : small) one(s);
+    for (int64_t s : large) one(s);
     Var x1 = add(x, lin(*b.wo, act_in(Var(att))));
     Var h2 = act_in(rmsnorm(x1, b.ffn_norm, eps));
     Var m = act_in(down_in(swiglu(lin(*b.w_gate, h2), lin(*b.w_up, h2))));
     x = add(x1, lin(*b.w_down, m));
   }
   for (size_t s = 0; s < S; ++s) caches[s]->length += counts[s];
-  // Logits of the last token of each sequence that wants them (decode_linear: one row each, as alone).
+  // Logits of the last token of each sequence that wants them.
   std::vector<int64_t> last;
   for (size_t s = 0; s < S; ++s)
     if (want_logits[s]) last.push_back(row0[s + 1] - 1);
@@ -512,7 +556,8 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
     for (size_t j = 0; j < last.size(); ++j) xl.slice(0, int64_t(j), int64_t(j) + 1).copy_(xv.slice(0, last[j], last[j] + 1));
   }
   if (!packed_output_) return head(Var(xl));
-  return decode_linear(*packed_output_, rmsnorm(Var(xl), final_norm_, config_.norm_eps));
+  ops::QuantInt8RowsScope int8_rows(int64_t(last.size()));  // one row per sequence, as alone
+  return packed_output_->forward(rmsnorm(Var(xl), final_norm_, config_.norm_eps));
 }
 
 std::vector<Var> LlamaModel::parameters() const {
