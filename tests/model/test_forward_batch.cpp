@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "common/small_model.h"
+#include "lowbit/ops/quant_matmul.h"
 #include "lowbit/quant/format.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
@@ -83,6 +84,82 @@ TEST(ForwardBatch, EqualsSeparateDecodesPackedLinears) {
     // More rows than the int8 decode body takes at once (ops::kQuantDecodeMaxRows).
     check_batched_equals_separate(m, {3, 1, 10, 6, 2, 8, 4, 4, 5, 1, 2, 3}, 2, 1e-5);
   }
+}
+
+namespace {
+// One mixed step (forward_mixed): prompt pieces of several tokens next to single decode tokens, in
+// any order, equal each sequence run alone through forward_cached with the same tokens; only the
+// sequences that want logits get a row, in order. Run for a few steps with shifting counts.
+void check_mixed_equals_separate(const LlamaModel& m, double tol) {
+  NoGradGuard ng;
+  const int V = m.config().vocab_size;
+  // (70 tokens: a piece longer than the int8 path takes, run alone on the f32 path.)
+  const std::vector<std::vector<int64_t>> steps = {{3, 1, 5, 1}, {1, 1, 1, 2}, {4, 70, 1, 1}, {1, 2, 1, 9}};
+  const size_t S = steps[0].size();
+  std::vector<KVCache> mixed, single;
+  for (size_t s = 0; s < S; ++s) {
+    mixed.push_back(m.make_cache(96));
+    single.push_back(m.make_cache(96));
+  }
+  for (size_t step = 0; step < steps.size(); ++step) {
+    std::vector<int32_t> toks;
+    std::vector<KVCache*> ptrs;
+    std::vector<bool> want;
+    for (size_t s = 0; s < S; ++s) {
+      for (int64_t t = 0; t < steps[step][s]; ++t) toks.push_back(int32_t((s * 11 + step * 7 + size_t(t) * 3 + 1) % size_t(V)));
+      ptrs.push_back(&mixed[s]);
+      want.push_back((s + step) % 3 != 0);
+    }
+    const Tensor lm = m.forward_mixed(ids(toks), ptrs, steps[step], want).value().contiguous();
+    int64_t row = 0, at = 0;
+    for (size_t s = 0; s < S; ++s) {
+      const int64_t n = steps[step][s];
+      std::vector<int32_t> mine(toks.begin() + at, toks.begin() + at + n);
+      at += n;
+      // Pieces of up to 64 tokens run on the int8 path in a mixed step (packed layers).
+      ops::QuantInt8RowsScope int8_rows(n <= 64 ? 64 : ops::kQuantDecodeMaxRows);
+      const Tensor ls = m.forward_cached(ids(mine), single[s]).value().contiguous();
+      EXPECT_EQ(mixed[s].length, single[s].length);
+      if (!want[s]) continue;
+      const Tensor a = lm.slice(0, row, row + 1).contiguous(), b = ls.slice(0, n - 1, n).contiguous();
+      EXPECT_LE(batch_max_diff(a, b), tol) << "step " << step << " sequence " << s;
+      ++row;
+    }
+    EXPECT_EQ(lm.size(0), row);
+  }
+}
+}  // namespace
+
+TEST(ForwardBatch, MixedPiecesAndDecodesEqualSeparateRuns) {
+  LlamaConfig c = test::small_config(RopeStyle::Half);
+  c.qk_norm = true;
+  LlamaModel dense(c, random_weights(c, 8, 0.1), false);
+  check_mixed_equals_separate(dense, 1e-5);
+  for (const char* fmt : {"int4g32", "q4_0"}) {
+    LlamaModel m(c, random_weights(c, 9, 0.1), false);
+    for (int i = 0; i < m.n_layers(); ++i)
+      for (auto& [name, slot] : m.block(i).linears())
+        *slot = std::make_shared<QuantLinear>(quantize((*slot)->effective_weight(), parse_quant_format(fmt)));
+    check_mixed_equals_separate(m, 1e-5);
+  }
+}
+
+TEST(ForwardBatch, MixedRejectsBadArguments) {
+  LlamaConfig c = test::small_config(RopeStyle::Half);
+  LlamaModel m(c, random_weights(c, 3, 0.1), false);
+  NoGradGuard ng;
+  KVCache a = m.make_cache(4), b = m.make_cache(4);
+  EXPECT_THROW(m.forward_mixed(ids({1, 2, 3}), {&a, &b}, {1, 1}, {true, true}), Error);       // counts sum
+  EXPECT_THROW(m.forward_mixed(ids({1, 2}), {&a, &b}, {2, 0}, {true, true}), Error);          // a count of 0
+  EXPECT_THROW(m.forward_mixed(ids({1, 2}), {&a, &b}, {1, 1}, {true}), Error);                // flags
+  EXPECT_THROW(m.forward_mixed(ids({1, 2, 3, 4, 5}), {&a, &b}, {5, 0}, {true, true}), Error);  // over capacity
+  const Tensor none = m.forward_mixed(ids({1, 2, 3}), {&a, &b}, {2, 1}, {false, false}).value();
+  EXPECT_EQ(none.size(0), 0);
+  EXPECT_EQ(a.length, 2);
+  EXPECT_EQ(b.length, 1);
+  EXPECT_THROW(m.forward_mixed(ids({1, 2, 3}), {&a, &b}, {3, 0}, {true, true}), Error);
+  EXPECT_THROW(m.forward_mixed(ids({1, 2, 3, 4}), {&a, &b}, {3, 1}, {true, true}), Error);  // a: 2 + 3 > 4
+  EXPECT_NO_THROW(m.forward_mixed(ids({1, 2, 3}), {&a, &b}, {2, 1}, {true, true}));  // exactly full
 }
 
 TEST(ForwardBatch, RejectsBadArguments) {

@@ -88,30 +88,121 @@ LlamaModel small_model(bool packed) {
 }
 }  // namespace
 
+SchedulerOptions options(int parallel, int64_t ctx, int64_t chunk = 0, int64_t batch = 0) {
+  SchedulerOptions o;
+  o.parallel = parallel;
+  o.ctx = ctx;
+  if (chunk != 0) o.prefill_chunk = chunk;
+  if (batch != 0) o.batch_tokens = batch;
+  return o;
+}
+
 TEST(Scheduler, BatchedGreedyEqualsRunAlone) {
   for (bool packed : {false, true}) {
     LlamaModel m = small_model(packed);
     WordTokenizer tok(m.config().vocab_size);
     const auto reqs = greedy_requests(16, m.config().vocab_size);
+    // Whole prompts in one piece (the default), and prompts of up to 11 tokens read in pieces of 3
+    // with 8 tokens per step (several pieces, of several prompts, next to the decoding slots).
+    for (auto [chunk, batch] : {std::pair<int64_t, int64_t>{0, 0}, {3, 8}}) {
+      std::vector<Outcome> alone;
+      {
+        Scheduler one(m, tok, options(1, 32, chunk, batch));
+        for (const auto& r : reqs) alone.push_back(run_all(one, {r})[0]);
+      }
+      for (int parallel : {4, 16}) {
+        Scheduler s(m, tok, options(parallel, 32, chunk, batch));
+        const auto together = run_all(s, reqs);
+        for (size_t i = 0; i < reqs.size(); ++i) {
+          EXPECT_EQ(together[i].result.tokens, alone[i].result.tokens)
+              << "request " << i << " parallel " << parallel << " chunk " << chunk;
+          EXPECT_EQ(together[i].result.text, alone[i].result.text);
+          EXPECT_EQ(together[i].streamed, together[i].result.text);
+          EXPECT_EQ(together[i].result.prompt_tokens, int(reqs[i].prompt.size()));
+          EXPECT_EQ(together[i].result.completion_tokens, int(together[i].result.tokens.size()));
+        }
+        const SchedulerStats st = s.stats();
+        EXPECT_EQ(st.requests_finished, reqs.size());
+        EXPECT_GT(st.decode_rows, st.decode_steps) << "sequences should have decoded together";
+        if (chunk == 3) {
+          EXPECT_GT(st.prefill_chunks, reqs.size()) << "prompts longer than 3 tokens come in pieces";
+        }
+      }
+    }
+  }
+}
+
+// A long prompt arriving while others decode is read in pieces, one per step, and the decoding
+// requests get a token at every one of those steps (before chunked prefill they waited for the
+// whole prompt); every answer equals the same request run alone.
+TEST(Scheduler, LongPromptDoesNotStallDecodingSlots) {
+  for (bool packed : {false, true}) {
+    LlamaModel m = small_model(packed);
+    const int V = m.config().vocab_size;
+    WordTokenizer tok(V);
+    const SchedulerOptions opt = options(4, 64, 4, 8);  // 40-token prompt: 10 pieces of 4
+    // Two decoding requests that run their 50 tokens alone (the random model ends some early with
+    // BOS), and a long prompt.
+    std::vector<CompletionRequest> reqs;
     std::vector<Outcome> alone;
     {
-      Scheduler one(m, tok, {1, 32});
-      for (const auto& r : reqs) alone.push_back(run_all(one, {r})[0]);
-    }
-    for (int parallel : {4, 16}) {
-      Scheduler s(m, tok, {parallel, 32});
-      const auto together = run_all(s, reqs);
-      for (size_t i = 0; i < reqs.size(); ++i) {
-        EXPECT_EQ(together[i].result.tokens, alone[i].result.tokens) << "request " << i << " parallel " << parallel;
-        EXPECT_EQ(together[i].result.text, alone[i].result.text);
-        EXPECT_EQ(together[i].streamed, together[i].result.text);
-        EXPECT_EQ(together[i].result.prompt_tokens, int(reqs[i].prompt.size()));
-        EXPECT_EQ(together[i].result.completion_tokens, int(together[i].result.tokens.size()));
+      Scheduler one(m, tok, opt);
+      for (int seed = 0; seed < 200 && reqs.size() < 3; ++seed) {
+        CompletionRequest r;
+        r.sampler.temperature = 0;
+        r.stop_at_eos = false;
+        const bool long_prompt = reqs.size() == 2;
+        for (int t = 0; t < (long_prompt ? 40 : 3); ++t) r.prompt.push_back(3 + (seed * 17 + t * 5) % (V - 3));
+        r.max_tokens = long_prompt ? 5 : 50;
+        const Outcome o = run_all(one, {r})[0];
+        if (!long_prompt && o.result.completion_tokens < r.max_tokens) continue;
+        reqs.push_back(r);
+        alone.push_back(o);
       }
-      const SchedulerStats st = s.stats();
-      EXPECT_EQ(st.requests_finished, reqs.size());
-      EXPECT_GT(st.decode_rows, st.decode_steps) << "sequences should have decoded together";
     }
+    ASSERT_EQ(reqs.size(), 3u);
+    Scheduler s(m, tok, opt);
+    // Each request is submitted from the previous one's text callback (the scheduler's thread), so
+    // the order of events does not depend on thread timing: decoder 1 joins at decoder 0's first
+    // token, the long prompt at decoder 1's second token, while both decode.
+    int pieces[2] = {0, 0};            // text callbacks of the two decoding requests
+    int before[2] = {-1, -1};          // ... when the long prompt was submitted
+    int at_first_token[2] = {-1, -1};  // ... when its first token came
+    std::vector<Outcome> out(3);
+    std::vector<std::promise<void>> done(3);
+    std::vector<CompletionRequest> subs(3);
+    for (size_t i = 0; i < 3; ++i) {
+      subs[i] = reqs[i];
+      subs[i].on_text = [&, i](const std::string& t) {
+        out[i].streamed += t;
+        if (i == 2) {
+          if (at_first_token[0] < 0) std::copy(pieces, pieces + 2, at_first_token);
+          return;
+        }
+        ++pieces[i];
+        if (i == 0 && pieces[0] == 1) s.submit(subs[1]);
+        if (i == 1 && pieces[1] == 2) {
+          std::copy(pieces, pieces + 2, before);
+          s.submit(subs[2]);
+        }
+      };
+      subs[i].on_done = [&, i](const CompletionResult& res) {
+        out[i].result = res;
+        done[i].set_value();
+      };
+    }
+    s.submit(subs[0]);
+    for (auto& d : done) d.get_future().wait();
+    for (int j = 0; j < 2; ++j) {
+      EXPECT_GE(at_first_token[j] - before[j], 9)
+          << "decoding request " << j << " stalled while the long prompt was read (packed " << packed << ")";
+      EXPECT_LT(at_first_token[j], reqs[size_t(j)].max_tokens) << "it should still have been decoding";
+    }
+    for (size_t i = 0; i < 3; ++i) {
+      EXPECT_EQ(out[i].result.tokens, alone[i].result.tokens) << "request " << i << " packed " << packed;
+      EXPECT_EQ(out[i].streamed, alone[i].result.text);
+    }
+    EXPECT_GE(s.stats().prefill_chunks, 10u + 2u);
   }
 }
 
@@ -267,4 +358,12 @@ TEST(Scheduler, RejectsBadRequests) {
   r.stop = {""};
   EXPECT_THROW(s.submit(r), Error);
   EXPECT_THROW(Scheduler(m, tok, {0, 8}), Error);
+}
+
+TEST(Scheduler, RejectsBadChunkOptions) {
+  LlamaModel m = small_model(false);
+  WordTokenizer tok(m.config().vocab_size);
+  EXPECT_THROW(Scheduler(m, tok, options(1, 8, -1, 8)), Error);  // prefill_chunk < 1
+  EXPECT_THROW(Scheduler(m, tok, options(1, 8, 16, 8)), Error);  // batch_tokens < prefill_chunk
+  EXPECT_NO_THROW(Scheduler(m, tok, options(1, 8, 8, 8)));
 }

@@ -35,6 +35,7 @@ struct ServeArgs {
   std::string model, tokenizer, host = "127.0.0.1", device = "cpu", api_key;
   int port = 8080, parallel = 4, http_threads = 0, max_queue = 256;
   int64_t ctx = 0;
+  int64_t prefill_chunk = SchedulerOptions{}.prefill_chunk, batch_tokens = 0;  // 0: max(default, 2 x chunk)
   int64_t max_body = 1 << 20;
   double drain_timeout = 30;
   KVCacheType kv_cache = KVCacheType::Auto;
@@ -53,6 +54,20 @@ bool same_secret(const std::string& a, const std::string& b) {  // constant time
   return diff == 0;
 }
 
+int64_t batch_tokens_of(const ServeArgs& a) {
+  return a.batch_tokens > 0 ? a.batch_tokens : std::max(SchedulerOptions{}.batch_tokens, 2 * a.prefill_chunk);
+}
+
+SchedulerOptions scheduler_options(const ServeArgs& a, int64_t ctx) {
+  SchedulerOptions o;
+  o.parallel = a.parallel;
+  o.ctx = ctx;
+  o.kv_cache = a.kv_cache;
+  o.prefill_chunk = a.prefill_chunk;
+  o.batch_tokens = batch_tokens_of(a);
+  return o;
+}
+
 // One request's results, handed from the scheduler's thread to the HTTP worker thread.
 struct LiveRequest {
   std::mutex mu;
@@ -65,7 +80,7 @@ struct LiveRequest {
 class Server {
  public:
   Server(const ServeArgs& a, ServingModel& m) : a_(a), m_(m) {
-    sched_ = std::make_unique<Scheduler>(m.model(), *m.tok, SchedulerOptions{a.parallel, m.ctx, a.kv_cache});
+    sched_ = std::make_unique<Scheduler>(m.model(), *m.tok, scheduler_options(a, m.ctx));
     created_ = std::time(nullptr);
     setup();
   }
@@ -191,6 +206,9 @@ class Server {
     metric("lowbit_slots", "gauge", "Slots (--parallel).", double(s.parallel));
     metric("lowbit_decode_steps_total", "counter", "Batched decode steps.", double(s.decode_steps));
     metric("lowbit_decode_rows_total", "counter", "Sequences summed over batched decode steps.", double(s.decode_rows));
+    metric("lowbit_steps_total", "counter", "Forward steps (decoding slots and prompt pieces together).", double(s.steps));
+    metric("lowbit_prefill_chunks_total", "counter", "Prompt pieces (--prefill-chunk tokens at most) run.",
+           double(s.prefill_chunks));
     metric("lowbit_busy_seconds_total", "counter", "Seconds spent in prefill and decode.", s.busy_seconds);
     metric("lowbit_tokens_per_second", "gauge", "Generated tokens per busy second, since start.",
            s.busy_seconds > 0 ? double(s.completion_tokens) / s.busy_seconds : 0.0);
@@ -371,6 +389,8 @@ extern "C" void on_stop_signal(int sig) {
 void run_serve(const ServeArgs& a) {
   if (a.port < 0 || a.port > 65535) throw_error("--port must be in [0, 65535], got ", a.port);
   if (a.host.empty()) throw_error("--host must not be empty");
+  if (batch_tokens_of(a) < a.prefill_chunk)
+    throw_error("--batch-tokens (", a.batch_tokens, ") must be at least --prefill-chunk (", a.prefill_chunk, ")");
   // SIGINT/SIGTERM only set a flag (whichever thread they land on); the watcher thread below acts.
   struct sigaction sa {}, old_int{}, old_term{};
   sa.sa_handler = on_stop_signal;
@@ -401,8 +421,10 @@ void run_serve(const ServeArgs& a) {
   if (!is_loopback(a.host) && a.api_key.empty())
     std::fprintf(stderr, "lowbit serve: warning: listening on %s without --api-key: anyone who can reach it may use it\n",
                  a.host.c_str());
-  std::fprintf(stderr, "lowbit serve: listening on http://%s:%d (model %s, %d slots x %lld tokens, %d threads)\n",
-               a.host.c_str(), port, m.name.c_str(), a.parallel, static_cast<long long>(m.ctx), num_threads());
+  std::fprintf(stderr, "lowbit serve: listening on http://%s:%d (model %s, %d slots x %lld tokens, prompt pieces of %lld, "
+               "%lld tokens per step, %d threads)\n",
+               a.host.c_str(), port, m.name.c_str(), a.parallel, static_cast<long long>(m.ctx),
+               static_cast<long long>(a.prefill_chunk), static_cast<long long>(batch_tokens_of(a)), num_threads());
   std::fflush(stderr);
 
   std::atomic<bool> listening_done{false};
@@ -463,6 +485,15 @@ void register_serve(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(1, 256));
   s->add_option("--ctx", a->ctx, "tokens per sequence, prompt + completion (default: min(2048, the model's context))")
+      ->check(at_least(1));
+  s->add_option("--prefill-chunk", a->prefill_chunk,
+                 "prompts are read in pieces of this many tokens, one piece per step next to the decoding slots "
+                 "(llama.cpp's --ubatch-size)")
+      ->capture_default_str()
+      ->check(at_least(1));
+  s->add_option("--batch-tokens", a->batch_tokens,
+                "tokens per step: one per decoding slot plus prompt pieces (llama.cpp's --batch-size; "
+                "default max(256, 2 x --prefill-chunk))")
       ->check(at_least(1));
   s->add_option("--api-key", a->api_key, "require 'Authorization: Bearer KEY' on every endpoint but /health")
       ->check(non_empty());

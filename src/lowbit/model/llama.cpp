@@ -389,71 +389,175 @@ Var LlamaModel::forward_cached(const Tensor& tokens, KVCache& cache) const {
 }
 
 namespace {
-// A linear layer on the rows of one batched decode step. Packed layers pick their activation path
-// by row count (ops/quant_matmul.h: up to kQuantDecodeMaxRows rows take the int8 decode body), so
-// their rows go in groups of at most that many: every sequence then gets the numbers it would get
-// decoding alone, and each group still reads the weights once.
-Var decode_linear(const Linear& l, const Var& x) {
-  const int64_t M = x.value().size(0);
-  if (M <= ops::kQuantDecodeMaxRows || dynamic_cast<const DenseLinear*>(&l) || x.value().device() != Device::CPU)
-    return l.forward(x);
-  const Tensor xv = x.value().contiguous();
-  Tensor y;
-  for (int64_t r0 = 0; r0 < M; r0 += ops::kQuantDecodeMaxRows) {
-    const int64_t r1 = std::min(M, r0 + ops::kQuantDecodeMaxRows);
-    const Tensor part = l.forward(Var(xv.slice(0, r0, r1))).value();
-    if (!y.defined()) y = Tensor::empty({M, part.size(1)}, part.dtype(), part.device());
-    y.slice(0, r0, r1).copy_(part);
+// Prompt pieces of at most this many tokens join the decode rows of a mixed step in one int8
+// product (ops::QuantInt8RowsScope); longer ones run alone on the f32-activation (prefill) path,
+// which is faster for them. Which path a piece takes depends only on its own length.
+constexpr int64_t kMixedInt8PieceMax = 64;
+
+// Rows [r0, r1) of x, for a list of ranges, as one contiguous tensor (one range: a view).
+Tensor gather_rows(const Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& ranges) {
+  if (ranges.size() == 1) return x.slice(0, ranges[0].first, ranges[0].second);
+  int64_t n = 0;
+  for (const auto& [r0, r1] : ranges) n += r1 - r0;
+  Tensor out = Tensor::empty({n, x.size(1)}, x.dtype(), x.device());
+  int64_t at = 0;
+  for (const auto& [r0, r1] : ranges) {
+    out.slice(0, at, at + r1 - r0).copy_(x.slice(0, r0, r1));
+    at += r1 - r0;
   }
-  return Var(y);
+  return out;
+}
+
+void scatter_rows(const Tensor& part, const std::vector<std::pair<int64_t, int64_t>>& ranges, Tensor& y) {
+  int64_t at = 0;
+  for (const auto& [r0, r1] : ranges) {
+    y.slice(0, r0, r1).copy_(part.slice(0, at, at + r1 - r0));
+    at += r1 - r0;
+  }
+}
+
+bool packed_on_cpu(const Linear& l, const Var& x) {
+  return !dynamic_cast<const DenseLinear*>(&l) && x.value().device() == Device::CPU;
 }
 }  // namespace
 
 Var LlamaModel::forward_batch(const Tensor& tokens, const std::vector<KVCache*>& caches) const {
   const int64_t B = tokens.numel();
   if (B < 1 || tokens.dim() != 1) throw_error("forward_batch: tokens must be i32 [B] with B >= 1, got ", tokens.describe());
-  if (size_t(B) != caches.size())
-    throw_error("forward_batch: ", B, " tokens but ", caches.size(), " caches (one per sequence)");
-  for (size_t s = 0; s < caches.size(); ++s) {
+  return forward_mixed(tokens, caches, std::vector<int64_t>(size_t(B), 1), std::vector<bool>(size_t(B), true));
+}
+
+Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>& caches, const std::vector<int64_t>& counts,
+                              const std::vector<bool>& want_logits) const {
+  const int64_t N = tokens.numel();
+  if (N < 1 || tokens.dim() != 1) throw_error("forward_batch: tokens must be i32 [N] with N >= 1, got ", tokens.describe());
+  const size_t S = caches.size();
+  if (counts.size() != S || want_logits.size() != S)
+    throw_error("forward_batch: ", S, " caches but ", counts.size(), " token counts and ", want_logits.size(),
+                " logits flags (one each per sequence)");
+  std::vector<int64_t> row0(S + 1, 0);  // sequence s owns rows [row0[s], row0[s+1])
+  for (size_t s = 0; s < S; ++s) {
     if (!caches[s]) throw_error("forward_batch: cache ", s, " is null");
-    if (caches[s]->length + 1 > caches[s]->capacity)
-      throw_error("forward_batch: KV cache ", s, " is full (", caches[s]->length, " of ", caches[s]->capacity, " tokens)");
+    if (counts[s] < 1) throw_error("forward_batch: sequence ", s, " has ", counts[s], " tokens (at least 1)");
+    if (caches[s]->length + counts[s] > caches[s]->capacity)
+      throw_error("forward_batch: KV cache ", s, " is full (", caches[s]->length, " of ", caches[s]->capacity,
+                  " tokens, ", counts[s], " more)");
     for (size_t t = 0; t < s; ++t)
       if (caches[t] == caches[s]) throw_error("forward_batch: sequences ", t, " and ", s, " share one KV cache");
+    row0[s + 1] = row0[s] + counts[s];
   }
+  if (row0[S] != N) throw_error("forward_batch: the token counts add up to ", row0[S], ", but there are ", N, " tokens");
+  // Rows for the linear layers. Packed layers on the CPU: the decode rows and the short prompt
+  // pieces of every sequence in one int8 product (the Int8 body is row-independent), longer pieces
+  // alone. Other layers: each piece alone, runs of decode rows together (as forward_batch always
+  // did). Either way a sequence's numbers do not depend on the other sequences of the step.
+  using Ranges = std::vector<std::pair<int64_t, int64_t>>;
+  auto add_range = [](Ranges& r, int64_t r0, int64_t r1) {
+    if (!r.empty() && r.back().second == r0) r.back().second = r1;
+    else r.emplace_back(r0, r1);
+  };
+  Ranges joint, long_pieces;  // packed layers
+  Ranges dense_runs;          // other layers: runs of single tokens, and each piece alone
+  std::vector<bool> dense_run_single;
+  int64_t joint_rows = 0;
+  for (size_t s = 0; s < S; ++s) {
+    const int64_t r0 = row0[s], r1 = row0[s + 1];
+    if (counts[s] <= kMixedInt8PieceMax) {
+      add_range(joint, r0, r1);
+      joint_rows += r1 - r0;
+    } else {
+      long_pieces.emplace_back(r0, r1);
+    }
+    if (counts[s] == 1 && !dense_run_single.empty() && dense_run_single.back()) {
+      dense_runs.back().second = r1;
+    } else {
+      dense_runs.emplace_back(r0, r1);
+      dense_run_single.push_back(counts[s] == 1);
+    }
+  }
+  auto lin = [&](const Linear& l, const Var& x) -> Var {
+    if (!packed_on_cpu(l, x)) {
+      if (dense_runs.size() == 1) return l.forward(x);
+      const Tensor xv = x.value().contiguous();
+      Tensor y;
+      for (const auto& [r0, r1] : dense_runs) {
+        const Tensor part = l.forward(Var(xv.slice(0, r0, r1))).value();
+        if (!y.defined()) y = Tensor::empty({N, part.size(1)}, part.dtype(), part.device());
+        y.slice(0, r0, r1).copy_(part);
+      }
+      return Var(y);
+    }
+    if (long_pieces.empty()) {
+      ops::QuantInt8RowsScope int8_rows(N);
+      return l.forward(x);
+    }
+    const Tensor xv = x.value().contiguous();
+    Tensor y;
+    auto place = [&](const Tensor& part, const Ranges& where) {
+      if (!y.defined()) y = Tensor::empty({N, part.size(1)}, part.dtype(), part.device());
+      scatter_rows(part, where, y);
+    };
+    if (!joint.empty()) {
+      ops::QuantInt8RowsScope int8_rows(joint_rows);
+      place(l.forward(Var(gather_rows(xv, joint).contiguous())).value(), joint);
+    }
+    for (const auto& r : long_pieces) place(l.forward(Var(xv.slice(0, r.first, r.second))).value(), {r});
+    return Var(y);
+  };
+  std::vector<int64_t> small, large;  // sequences by token count (attention runs them differently)
+  for (size_t s = 0; s < S; ++s) (counts[s] <= kMixedInt8PieceMax ? small : large).push_back(int64_t(s));
+
   const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
   const double eps = config_.norm_eps;
-  Var x = embed(tokens.view({B, 1}));
+  Var x = embed(tokens.view({1, N}));
   for (int i = 0; i < config_.n_layers; ++i) {
     const LlamaBlock& b = blocks_[size_t(i)];
-    // Norms and linear layers on all B rows at once (each weight is read once per step) ...
+    // Norms and linear layers on all N rows (each weight is read once per segment) ...
     Var h = act_in(rmsnorm(x, b.attn_norm, eps));
-    Var q = decode_linear(*b.wq, h), k = decode_linear(*b.wk, h), v = decode_linear(*b.wv, h);
+    Var q = lin(*b.wq, h), k = lin(*b.wk, h), v = lin(*b.wv, h);
     if (config_.qk_norm) {
-      q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {B, H * hd});
-      k = reshape(rmsnorm(reshape(k, {-1, hd}), b.k_norm, eps), {B, KVH * hd});
+      q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {N, H * hd});
+      k = reshape(rmsnorm(reshape(k, {-1, hd}), b.k_norm, eps), {N, KVH * hd});
     }
-    // ... RoPE and attention per sequence, at its own position against its own cache.
+    // ... RoPE and attention per sequence, at its own positions against its own cache.
     const Tensor qv = q.value().contiguous(), kv = k.value().contiguous(), vv = v.value().contiguous();
-    Tensor att = Tensor::empty({B, H * hd}, qv.dtype(), qv.device());
-    // One sequence per pool task: the ops inside run serially there (core/threads.h), so a step
-    // costs B small attentions, not B rounds of handing tiny ops to the pool.
+    Tensor att = Tensor::empty({N, H * hd}, qv.dtype(), qv.device());
     auto one = [&](int64_t s) {
       NoGradGuard no_grad;  // thread-local: pool workers are other threads
-      Var a = attend_cached(i, Var(qv.slice(0, s, s + 1)), Var(kv.slice(0, s, s + 1)), Var(vv.slice(0, s, s + 1)), 1,
+      const int64_t r0 = row0[size_t(s)], r1 = row0[size_t(s) + 1];
+      Var a = attend_cached(i, Var(qv.slice(0, r0, r1)), Var(kv.slice(0, r0, r1)), Var(vv.slice(0, r0, r1)), r1 - r0,
                             *caches[size_t(s)]);
-      att.slice(0, s, s + 1).copy_(a.value());
+      att.slice(0, r0, r1).copy_(a.value());
     };
-    if (qv.device() == Device::CPU && B > 1) parallel_each(B, [&](int64_t s) { one(s); });
-    else for (int64_t s = 0; s < B; ++s) one(s);
-    Var x1 = add(x, decode_linear(*b.wo, act_in(Var(att))));
+    // Decode tokens and short pieces: one sequence per pool task (the ops inside run serially there,
+    // core/threads.h), so a step costs B small attentions, not B rounds of handing tiny ops to the
+    // pool. Long pieces: one after the other, each attention spread over the pool.
+    const int64_t n1 = int64_t(small.size());
+    if (qv.device() == Device::CPU && n1 > 1) parallel_each(n1, [&](int64_t j) { one(small[size_t(j)]); });
+    else for (int64_t s : small) one(s);
+    for (int64_t s : large) one(s);
+    Var x1 = add(x, lin(*b.wo, act_in(Var(att))));
     Var h2 = act_in(rmsnorm(x1, b.ffn_norm, eps));
-    Var m = act_in(down_in(swiglu(decode_linear(*b.w_gate, h2), decode_linear(*b.w_up, h2))));
-    x = add(x1, decode_linear(*b.w_down, m));
+    Var m = act_in(down_in(swiglu(lin(*b.w_gate, h2), lin(*b.w_up, h2))));
+    x = add(x1, lin(*b.w_down, m));
   }
-  for (KVCache* c : caches) c->length += 1;
-  if (!packed_output_) return head(x);
-  return decode_linear(*packed_output_, rmsnorm(x, final_norm_, config_.norm_eps));
+  for (size_t s = 0; s < S; ++s) caches[s]->length += counts[s];
+  // Logits of the last token of each sequence that wants them.
+  std::vector<int64_t> last;
+  for (size_t s = 0; s < S; ++s)
+    if (want_logits[s]) last.push_back(row0[s + 1] - 1);
+  if (last.empty()) return Var(Tensor::empty({0, int64_t(config_.vocab_size)}, x.value().dtype(), x.value().device()));
+  Tensor xl;
+  if (int64_t(last.size()) == N) {
+    xl = x.value();
+  } else {
+    const Tensor xv = x.value().contiguous();
+    xl = Tensor::empty({int64_t(last.size()), xv.size(1)}, xv.dtype(), xv.device());
+    for (size_t j = 0; j < last.size(); ++j) xl.slice(0, int64_t(j), int64_t(j) + 1).copy_(xv.slice(0, last[j], last[j] + 1));
+  }
+  if (!packed_output_) return head(Var(xl));
+  ops::QuantInt8RowsScope int8_rows(int64_t(last.size()));  // one row per sequence, as alone
+  return packed_output_->forward(rmsnorm(Var(xl), final_norm_, config_.norm_eps));
 }
 
 std::vector<Var> LlamaModel::parameters() const {

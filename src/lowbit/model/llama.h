@@ -105,6 +105,19 @@ class LlamaModel {
   // its own cache. Returns logits [B, V]; every cache grows by one token. Equal to B separate
   // forward_cached calls. The caches must be distinct and have room for one more token.
   Var forward_batch(const Tensor& tokens, const std::vector<KVCache*>& caches) const;
+  // One step of sequences that feed different numbers of tokens (continuous batching with chunked
+  // prefill): sequence s feeds counts[s] >= 1 tokens (consecutive in `tokens`, i32 [sum counts])
+  // after the contents of caches[s]. Packed linear layers on the CPU take the rows of every
+  // sequence of at most 64 tokens (decode steps, short prompt pieces) in one product on the int8
+  // path (ops::QuantInt8RowsScope: weights read once for all of them, each row computed as alone);
+  // longer pieces run alone on the f32 (prefill) path, as forward_cached runs them. Other layers:
+  // runs of single tokens together, each piece alone. So each sequence's numbers depend only on its
+  // own tokens and on how its prompt is split into pieces, never on the other sequences of the step
+  // (a piece of up to 64 tokens gets what forward_cached gives it under QuantInt8RowsScope).
+  // Returns the logits of the last token of each sequence with want_logits[s], in order: [R, V]
+  // (R may be 0). Every cache grows by its count.
+  Var forward_mixed(const Tensor& tokens, const std::vector<KVCache*>& caches, const std::vector<int64_t>& counts,
+                    const std::vector<bool>& want_logits) const;
 
   std::vector<Var> parameters() const;
   // Inference on the CPU: stores each dense linear weight, the output projection and the embedding

@@ -422,6 +422,7 @@ QuantMatmulPath env_path() {
 }
 
 std::atomic<QuantMatmulPath> g_default_path{QuantMatmulPath::Auto};
+thread_local int64_t t_int8_max_rows = kQuantDecodeMaxRows;  // QuantInt8RowsScope
 
 }  // namespace
 
@@ -656,7 +657,7 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
   if (path == QuantMatmulPath::Auto) path = g_default_path.load(std::memory_order_relaxed);
   if (path == QuantMatmulPath::Auto) path = env_path();
   if (path == QuantMatmulPath::Auto)
-    path = M <= kQuantDecodeMaxRows && quant_matmul_has_int8_kernel(w) ? QuantMatmulPath::Int8 : QuantMatmulPath::Exact;
+    path = M <= t_int8_max_rows && quant_matmul_has_int8_kernel(w) ? QuantMatmulPath::Int8 : QuantMatmulPath::Exact;
   if (path == QuantMatmulPath::Int8 && !quant_matmul_has_int8_kernel(w)) path = QuantMatmulPath::Exact;
   switch (path) {
     case QuantMatmulPath::Reference: reference_body(px, M, w, py); break;
@@ -674,6 +675,9 @@ QuantMatmulPath parse_quant_matmul_path(const std::string& name, const std::stri
   if (name == "reference") return QuantMatmulPath::Reference;
   throw_error(what, ": '", name, "': expected auto, int8, exact or reference");
 }
+
+QuantInt8RowsScope::QuantInt8RowsScope(int64_t max_rows) : previous_(t_int8_max_rows) { t_int8_max_rows = max_rows; }
+QuantInt8RowsScope::~QuantInt8RowsScope() { t_int8_max_rows = previous_; }
 
 void set_quant_matmul_default(QuantMatmulPath path) { g_default_path.store(path, std::memory_order_relaxed); }
 QuantMatmulPath quant_matmul_default() { return g_default_path.load(std::memory_order_relaxed); }

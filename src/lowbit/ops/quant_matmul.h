@@ -83,6 +83,22 @@ struct QuantMatmulOptions {
 // Largest token count the Auto path sends to the Int8 (decode) body.
 inline constexpr int64_t kQuantDecodeMaxRows = 8;
 
+// While alive, the Auto path of quant_matmul calls made on this thread (CPU) sends products of up to
+// `max_rows` rows (instead of kQuantDecodeMaxRows) to the Int8 body: serving's mixed steps run the
+// decode rows and short prompt pieces of several sequences in one product (the weights are read
+// once; every row's numbers are those it gets alone, the Int8 body being row-independent).
+// Nests; restores the previous limit.
+class QuantInt8RowsScope {
+ public:
+  explicit QuantInt8RowsScope(int64_t max_rows);
+  ~QuantInt8RowsScope();
+  QuantInt8RowsScope(const QuantInt8RowsScope&) = delete;
+  QuantInt8RowsScope& operator=(const QuantInt8RowsScope&) = delete;
+
+ private:
+  int64_t previous_;
+};
+
 // x: f32 [M, in] contiguous on the CPU; y: f32 [M, out] (written). Throws lowbit::Error on a shape,
 // dtype or device mismatch, or an IntGroups view whose fields are inconsistent.
 // On CUDA (x and y f32 on the GPU, w.device set): Auto and Int8 with M <= 8 run the decode GEMV

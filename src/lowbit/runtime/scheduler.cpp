@@ -24,6 +24,9 @@ struct Scheduler::Slot {
   std::unique_ptr<Sampler> sampler;
   CompletionResult result;
   double submitted = 0;
+  bool prefilling = false;  // the prompt is still being read (pieces of prefill_chunk tokens)
+  int64_t prefilled = 0;    // prompt tokens already in the cache
+  uint64_t admission = 0;   // order of admission (prompts take turns by it)
   int last_token = 0;   // the token the next decode step feeds
   std::string text;     // generated text so far (before stop-string trimming)
   size_t emitted = 0;   // bytes of `text` already streamed
@@ -70,6 +73,10 @@ Scheduler::Scheduler(const LlamaModel& model, const Tokenizer& tokenizer, Schedu
     : model_(model), tok_(tokenizer), opt_(options) {
   if (opt_.parallel < 1) throw_error("scheduler: parallel must be at least 1, got ", opt_.parallel);
   if (opt_.ctx < 1) throw_error("scheduler: ctx must be at least 1, got ", opt_.ctx);
+  if (opt_.prefill_chunk < 1) throw_error("scheduler: prefill_chunk must be at least 1, got ", opt_.prefill_chunk);
+  if (opt_.batch_tokens < opt_.prefill_chunk)
+    throw_error("scheduler: batch_tokens (", opt_.batch_tokens, ") must be at least prefill_chunk (", opt_.prefill_chunk,
+                ")");
   for (int i = 0; i < opt_.parallel; ++i) {
     auto s = std::make_unique<Slot>();
     s->cache = model_.make_cache(opt_.ctx, opt_.kv_cache);
@@ -233,20 +240,82 @@ void Scheduler::admit(Slot& s, Pending p) {
   s.text.clear();
   s.emitted = 0;
   s.cache.length = 0;
-  // Prefill: the whole prompt in one pass; logits of its last position only.
-  const int64_t T = int64_t(s.req.prompt.size());
-  std::vector<int32_t> ids(s.req.prompt.begin(), s.req.prompt.end());
-  Var x = model_.embed(Tensor::from_vector(ids, {1, T}));
-  for (int i = 0; i < model_.n_layers(); ++i) x = model_.block_forward(i, x, 1, T, &s.cache);
-  s.cache.length += T;
-  const Tensor logits = model_.head(Var(x.value().slice(0, T - 1, T))).value().to(Device::CPU).contiguous();
+  s.prefilling = true;
+  s.prefilled = 0;
+  s.admission = next_admission_++;
   s.last_token = s.req.prompt.back();
-  accept_token(s, s.sampler->sample(logits.data<float>(), model_.config().vocab_size));
+}
+
+void Scheduler::step() {
+  const int V = model_.config().vocab_size;
+  std::vector<Slot*> seqs;
+  std::vector<KVCache*> caches;
+  std::vector<int32_t> tokens;
+  std::vector<int64_t> counts;
+  std::vector<bool> want;
+  int64_t budget = opt_.batch_tokens;
+  // Every decoding slot feeds its next token ...
+  for (auto& s : slots_)
+    if (s->busy && !s->prefilling) {
+      seqs.push_back(s.get());
+      caches.push_back(&s->cache);
+      tokens.push_back(s->last_token);
+      counts.push_back(1);
+      want.push_back(true);
+      --budget;
+    }
+  const size_t n_decode = seqs.size();
+  // ... and the prompts in prefill, in admission order, one piece each while the budget lasts (at
+  // least one piece per step, so prompts progress however many slots decode).
+  std::vector<Slot*> pre;
+  for (auto& s : slots_)
+    if (s->busy && s->prefilling) pre.push_back(s.get());
+  std::sort(pre.begin(), pre.end(), [](const Slot* a, const Slot* b) { return a->admission < b->admission; });
+  for (Slot* s : pre) {
+    const int64_t P = int64_t(s->req.prompt.size());
+    const int64_t n = std::min(opt_.prefill_chunk, P - s->prefilled);
+    if (seqs.size() > n_decode && n > budget) break;
+    seqs.push_back(s);
+    caches.push_back(&s->cache);
+    tokens.insert(tokens.end(), s->req.prompt.begin() + s->prefilled, s->req.prompt.begin() + s->prefilled + n);
+    counts.push_back(n);
+    want.push_back(s->prefilled + n == P);
+    budget -= n;
+  }
+  if (seqs.empty()) return;
+  try {
+    const Tensor logits = model_.forward_mixed(Tensor::from_vector(tokens, {int64_t(tokens.size())}), caches, counts, want)
+                              .value()
+                              .to(Device::CPU)
+                              .contiguous();
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      ++stats_.steps;
+      if (n_decode > 0) {
+        ++stats_.decode_steps;
+        stats_.decode_rows += n_decode;
+      }
+      stats_.prefill_chunks += seqs.size() - n_decode;
+    }
+    int64_t row = 0;
+    for (size_t j = 0; j < seqs.size(); ++j) {
+      Slot& s = *seqs[j];
+      if (j >= n_decode) {
+        s.prefilled += counts[j];
+        if (!want[j]) continue;
+        s.prefilling = false;  // the prompt's last piece: its first token
+      }
+      accept_token(s, s.sampler->sample(logits.data<float>() + row * V, V));
+      ++row;
+    }
+  } catch (const std::exception& e) {
+    for (Slot* s : seqs)
+      if (s->busy) finish(*s, FinishReason::Error, e.what());
+  }
 }
 
 void Scheduler::loop() {
   NoGradGuard no_grad;
-  const int V = model_.config().vocab_size;
   for (;;) {
     std::vector<Pending> admitted;
     std::vector<Slot*> to_cancel;
@@ -287,7 +356,6 @@ void Scheduler::loop() {
       }
       continue;
     }
-    const double t_start = now();
     for (Pending& p : admitted) {
       Slot* free_slot = nullptr;
       for (auto& s : slots_)
@@ -301,34 +369,8 @@ void Scheduler::loop() {
         if (free_slot->busy) finish(*free_slot, FinishReason::Error, e.what());
       }
     }
-    // One batched decode step for every active slot.
-    std::vector<Slot*> active;
-    std::vector<KVCache*> caches;
-    std::vector<int32_t> tokens;
-    for (auto& s : slots_)
-      if (s->busy) {
-        active.push_back(s.get());
-        caches.push_back(&s->cache);
-        tokens.push_back(s->last_token);
-      }
-    if (!active.empty()) {
-      try {
-        const Tensor logits = model_.forward_batch(Tensor::from_vector(tokens, {int64_t(tokens.size())}), caches)
-                                  .value()
-                                  .to(Device::CPU)
-                                  .contiguous();
-        {
-          std::lock_guard<std::mutex> lk(mu_);
-          ++stats_.decode_steps;
-          stats_.decode_rows += active.size();
-        }
-        for (size_t b = 0; b < active.size(); ++b)
-          accept_token(*active[b], active[b]->sampler->sample(logits.data<float>() + int64_t(b) * V, V));
-      } catch (const std::exception& e) {
-        for (Slot* s : active)
-          if (s->busy) finish(*s, FinishReason::Error, e.what());
-      }
-    }
+    const double t_start = now();
+    step();
     std::lock_guard<std::mutex> lk(mu_);
     stats_.busy_seconds += now() - t_start;
   }

@@ -1,13 +1,16 @@
 // Continuous batching for serving (lowbit serve, lowbit run): up to `parallel` sequences decode
 // together, each in its own slot (a KV cache of `ctx` tokens). The scheduler owns one thread that
 // repeats one step:
-//   1. cancelled requests leave their slots;
-//   2. waiting requests are admitted into free slots, each prefilled alone (its whole prompt in one
-//      forward) and given its first token;
-//   3. one batched decode step (LlamaModel::forward_batch) gives every active slot its next token;
-//   4. each slot samples with its own sampler (temperature, top-p, its own seed), streams the new
-//      text through its callback and leaves when done (max_tokens, EOS/BOS, a stop string, the
-//      context full, cancelled).
+//   1. cancelled requests leave their slots; waiting requests are admitted into free slots;
+//   2. one forward (LlamaModel::forward_mixed) runs at most `batch_tokens` tokens: the next token of
+//      every decoding slot, plus pieces of the prompts of slots still in prefill (each prompt is
+//      split into pieces of `prefill_chunk` tokens, always the same way, so a request's numbers do
+//      not depend on the load; prompts take turns in admission order, and a step takes at least
+//      one piece while a prompt waits). A long prompt thus no longer stalls the decoding slots for
+//      its whole prefill: they advance one token per step while it is read piece by piece;
+//   3. each decoding slot, and each slot whose prompt's last piece ran, samples with its own
+//      sampler (temperature, top-p, its own seed), streams the new text through its callback and
+//      leaves when done (max_tokens, EOS/BOS, a stop string, the context full, cancelled).
 // submit() and cancel() are thread-safe; callbacks run on the scheduler's thread and must be quick.
 // No HTTP here: the server (cli/cmd_serve.cpp) and the tests drive it directly.
 #pragma once
@@ -62,12 +65,15 @@ struct SchedulerOptions {
   int parallel = 4;   // slots (sequences decoding together)
   int64_t ctx = 2048; // tokens per slot: prompt + completion
   KVCacheType kv_cache = KVCacheType::Auto;  // storage of the slots' caches (model/llama.h)
+  int64_t prefill_chunk = 128;  // prompt tokens per piece (llama.cpp's n_ubatch analogue), >= 1
+  int64_t batch_tokens = 256;   // tokens per step, decode + prompt pieces (n_batch), >= prefill_chunk
 };
 
 struct SchedulerStats {
   uint64_t requests_submitted = 0, requests_finished = 0, requests_cancelled = 0, requests_failed = 0;
   uint64_t prompt_tokens = 0, completion_tokens = 0;
-  uint64_t decode_steps = 0, decode_rows = 0;  // batched steps, and sequences summed over them
+  uint64_t decode_steps = 0, decode_rows = 0;  // steps with decoding slots, and those slots summed over them
+  uint64_t steps = 0, prefill_chunks = 0;      // all forward steps; prompt pieces run
   double busy_seconds = 0;                     // time spent in prefill + decode
   int queued = 0, active = 0, parallel = 0;
 };
@@ -100,7 +106,9 @@ class Scheduler {
   };
   struct Slot;
   void loop();
-  void admit(Slot& s, Pending p);
+  void admit(Slot& s, Pending p);  // takes the slot; the prompt is read by the next steps
+  // One forward: decoding slots and pieces of prompts, within the token budget.
+  void step();
   // Feeds a sampled token to the slot: text, stop checks, streaming; true when the slot is done.
   bool accept_token(Slot& s, int token);
   void finish(Slot& s, FinishReason why, const std::string& error = {});
@@ -117,6 +125,7 @@ class Scheduler {
   std::unordered_set<uint64_t> live_;       // submitted, not yet finished
   std::unordered_set<uint64_t> cancelled_;  // live ids to cancel at the next step
   uint64_t next_id_ = 1;
+  uint64_t next_admission_ = 0;  // order in which slots were taken (prompts take turns by it)
   bool stopping_ = false, finish_on_stop_ = true;
   SchedulerStats stats_;
   std::mutex join_mu_;
