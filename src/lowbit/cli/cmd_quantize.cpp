@@ -459,8 +459,9 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   }
   print_stdout("%-44s %12s %8s\n", "layer", "rel. error", "bpw");
   for (const auto& l : r.linears) print_stdout("%-44s %12.3e %8.3f\n", l.name.c_str(), l.rel_error, l.bits_per_weight);
+  const std::string fmt_label = plan ? plan->origin + " (" + plan->summary() + ")" : std::string(f.name);
   print_stdout("\n%s %s: %.3f bits per weight (quantized layers, metadata included), %.1fs, peak memory %.0f MiB\n",
-              a.method.c_str(), f.name, r.bits_per_weight, r.seconds, double(r.peak_rss_bytes) / (1 << 20));
+              a.method.c_str(), fmt_label.c_str(), r.bits_per_weight, r.seconds, double(r.peak_rss_bytes) / (1 << 20));
   if (r.blocks_run > 0)
     print_stdout("calibration forward (full precision, %lld x %lld tokens): %.3fs per block, %.1fs in all (%s)\n",
                 (long long)calib.size(0), (long long)calib.size(1), r.fp_forward_seconds / r.blocks_run,
