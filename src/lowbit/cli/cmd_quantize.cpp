@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <optional>
 #include <sstream>
 
@@ -292,7 +293,14 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                       ", which GGUF cannot hold (llama.cpp's block types only)");
     if (!a.json) {
       std::fprintf(stderr, "format plan (%s): %s\n", plan->origin.c_str(), plan->summary().c_str());
-      for (const auto& n : plan->notes) std::fprintf(stderr, "  fallback as llama.cpp: %s\n", n.c_str());
+      // "blk.0.attn_q: q4_k -> q5_0 (576 columns)" notes, counted by transition.
+      std::map<std::string, int> fallbacks;
+      for (const auto& n : plan->notes) {
+        const auto c = n.find(": "), p = n.rfind(" (");
+        fallbacks[c != std::string::npos && p != std::string::npos && p > c ? n.substr(c + 2, p - c - 2) : n]++;
+      }
+      for (const auto& [t, k] : fallbacks)
+        std::fprintf(stderr, "  fallback as llama.cpp (rows not whole blocks): %s x %d\n", t.c_str(), k);
     }
   }
   apply_rotation(m, a.tr);  // before calibration: GPTQ sees the rotated weights and activations
