@@ -216,6 +216,14 @@ const Row kRows[] = {
   {"quantize", "nsamples 0", "quantize -m {M} --nsamples 0 -o {O}", "--nsamples: must be at least 1"},
   {"quantize", "seqlen 1", "quantize -m {M} --seqlen 1 -o {O}", "--seqlen: must be at least 2"},
   {"quantize", "batch 0", "quantize -m {M} --batch 0 -o {O}", "--batch: must be at least 1"},
+  {"quantize", "preset and format-map", "quantize -m {M} --method rtn --preset q4_k_m --format-map {D}/badmap.txt -o {O}", "give --preset or --format-map, not both"},
+  {"quantize", "preset and format", "quantize -m {M} --method rtn --preset q4_k_m --format q4_0 -o {O}", "--preset q4_k_m chooses every tensor's format; drop --format q4_0"},
+  {"quantize", "unknown preset", "quantize -m {M} --method rtn --preset q4_k_z -o {O}", "--preset: unknown preset 'q4_k_z' (known: q4_0,"},
+  {"quantize", "missing format map", "quantize -m {M} --method rtn --format-map {D}/missing.txt -o {O}", "missing.txt: cannot open the format map"},
+  {"quantize", "format map not a map", "quantize -m {M} --method rtn --format-map {D}/text.txt -o {O}", "text.txt:1: expected 'PATTERN [layers=A-B,...] FORMAT' or 'default FORMAT', got 4 words"},
+  {"quantize", "format map unknown format", "quantize -m {M} --method rtn --format-map {D}/badmap.txt -o {O}", "badmap.txt:2: unknown format 'q9_9'"},
+  {"quantize", "format map lowbit format into gguf", "quantize -m {M} --method rtn --format-map {D}/intmap.txt -o {O}.gguf", "puts model.layers.0.mlp.down_proj in int8pc, which GGUF cannot hold", kModel},
+  {"quantize", "preset on 172-wide rows", "quantize -m {M} --method rtn --preset q4_k_m -o {O}.gguf", "blk.0.ffn_down has rows of 172 values, not a multiple of 32", kModel},
   {"quantize", "checkpoint seconds -1", "quantize -m {M} --checkpoint-seconds -1 -o {O}", "--checkpoint-seconds: must be at least 0"},
   {"quantize", "saliency-only without sapr", "quantize -m {M} --method apiq --saliency-only --saliency {O}.st -o {O}", "--saliency-only needs --method sapr", kModel},
   {"quantize", "saliency-only without file", "quantize -m {M} --method sapr --saliency-only -o {O}", "--saliency-only needs --method sapr and --saliency FILE", kModel},
@@ -375,6 +383,8 @@ struct Fixture {
     write_file(dir / "random.bin", random);
     write_file(dir / "text.txt", "Once upon a time\n");
     write_file(dir / "file", "an existing file\n");
+    write_file(dir / "badmap.txt", "# format map\nattn_v layers=0-1 q9_9\n");
+    write_file(dir / "intmap.txt", "ffn_down int8pc\ndefault q4_0\n");
     fs::create_directories(dir / "ro");
     ::chmod((dir / "ro").c_str(), 0555);
     const std::string m = lowbit::test::shared_file("models/stories260K/stories260K.bin");

@@ -113,6 +113,22 @@ void export_quantized_dir_to_gguf(const std::string& dir, const std::string& out
   }
   QuantizedCheckpoint q = load_quantized_model(dir);
   refuse_transforms(q, "a GGUF file");
+  // A mixed plan's vocabulary types (--preset / --format-map token_embd, output rules): packed now,
+  // round to nearest as llama-quantize does.
+  if (qc.contains("format_plan") && qc["format_plan"].is_object() && qc["format_plan"].contains("vocab_formats")) {
+    const nlohmann::json& vf = qc["format_plan"]["vocab_formats"];
+    if (!vf.is_object()) throw_error(dir, "/config.json: quantization_config.format_plan.vocab_formats must be an object");
+    std::map<std::string, QuantFormatId> formats;
+    for (const auto& [name, v] : vf.items()) {
+      if (!v.is_string()) throw_error(dir, "/config.json: format_plan.vocab_formats['", name, "'] is not a string");
+      try {
+        formats[name] = parse_quant_format(v.get<std::string>()).id;
+      } catch (const Error& e) {
+        throw_error(dir, "/config.json: format_plan.vocab_formats['", name, "']: ", e.what());
+      }
+    }
+    pack_vocab(q, formats);
+  }
   // Tokenizer: --tokenizer, else the directory's own, else the source model's (recorded by quantize).
   TokenizerVocab vocab;
   std::string from;

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <optional>
 #include <sstream>
 
@@ -15,6 +16,7 @@
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/methods/registry.h"
 #include "lowbit/methods/saliency.h"
+#include "lowbit/quant/format_map.h"
 #include "lowbit/quant/quantize.h"
 #include "lowbit/ops/device_init.h"
 
@@ -24,6 +26,7 @@ namespace fs = std::filesystem;
 
 namespace {
 struct QuantArgs {
+  std::string format_map, preset;  // mixed formats per tensor (quant/format_map.h)
   std::string model, tokenizer, method = "gptq", format, calib, calib_tokens, out, state_dir, device = "cpu",
       next_input = "quantized";
   int64_t nsamples = 128, seqlen = 2048, batch = 8;
@@ -216,7 +219,17 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                 " applies to --method sapr, not ", a.method);
   if (a.saliency_only && (a.method != "sapr" || a.saliency.empty()))
     throw_error("--saliency-only needs --method sapr and --saliency FILE (where the saliency is written)");
-  const std::string format = !a.format.empty() ? a.format : is_apiq(a.method) ? "int2g64" : "int4g128";
+  if (!a.preset.empty() && !a.format_map.empty()) throw_error("give --preset or --format-map, not both");
+  if (!a.preset.empty() && !a.format.empty())
+    throw_error("--preset ", a.preset, " chooses every tensor's format; drop --format ", a.format);
+  // The rule file and the preset name are checked before the model is loaded; the plan needs the model.
+  std::optional<FormatMap> fmap;
+  if (!a.format_map.empty()) fmap = read_format_map(a.format_map);
+  if (!a.preset.empty() && !is_preset_name(a.preset))
+    throw_error("--preset: unknown preset '", a.preset, "' (known: ", preset_names(), ")");
+  std::string format = !a.format.empty() ? a.format : is_apiq(a.method) ? "int2g64" : "int4g128";
+  if (!a.preset.empty()) format = quant_format(preset_base(a.preset)).name;
+  if (fmap && fmap->has_default && a.format.empty()) format = quant_format(fmap->default_format).name;
   const QuantFormat& f = parse_quant_format(format);
   if (a.lora != "keep" && a.lora != "merge") throw_error("--lora must be 'keep' or 'merge', got '", a.lora, "'");
   if (a.merge_dtype != "f16" && a.merge_dtype != "f32")
@@ -270,6 +283,27 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   out.refuse_input(a.model, "the input model");
   // Rotating needs dense weights (a GGUF input in block types is then dequantized, as its FP baseline).
   LoadedModel m = load_model(a.model, dev, /*dequantize=*/a.tr.rotating());
+  std::optional<FormatPlan> plan;
+  if (fmap) plan = plan_from_map(*fmap, m.model->config(), f);
+  if (!a.preset.empty()) plan = plan_from_preset(a.preset, m.model->config());
+  if (plan) {
+    if (to_gguf)
+      for (const auto& [module, id] : plan->formats)
+        if (!quant_format(id).is_ggml_block())
+          throw_error("-o ", a.out, ": ", plan->origin, " puts ", module, " in ", quant_format(id).name,
+                      ", which GGUF cannot hold (llama.cpp's block types only)");
+    if (!a.json) {
+      std::fprintf(stderr, "format plan (%s): %s\n", plan->origin.c_str(), plan->summary().c_str());
+      // "blk.0.attn_q: q4_k -> q5_0 (576 columns)" notes, counted by transition.
+      std::map<std::string, int> fallbacks;
+      for (const auto& n : plan->notes) {
+        const auto c = n.find(": "), p = n.rfind(" (");
+        fallbacks[c != std::string::npos && p != std::string::npos && p > c ? n.substr(c + 2, p - c - 2) : n]++;
+      }
+      for (const auto& [t, k] : fallbacks)
+        std::fprintf(stderr, "  fallback as llama.cpp (rows not whole blocks): %s x %d\n", t.c_str(), k);
+    }
+  }
   apply_rotation(m, a.tr);  // before calibration: GPTQ sees the rotated weights and activations
   // Calibration tokens.
   std::vector<int32_t> stream;
@@ -322,6 +356,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   o.batch = a.batch;
   o.state_dir = a.state_dir.empty() ? (fs::path(out_dir) / ".state").string() : a.state_dir;
   o.checkpoint_seconds = a.checkpoint_seconds;
+  if (plan) o.formats = &plan->formats;
   out.keep_if_exists(o.state_dir);  // a failed run keeps its resumable state
   PipelineReport r = run_blockwise(*m.model, calib, *method, f, o);
   nlohmann::json layers = nlohmann::json::array();
@@ -353,6 +388,22 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     report["kv_quant"] = t.kv.enabled() ? "int" + std::to_string(t.kv.bits) : "none";
   }
   nlohmann::json extra = {{"source_model", a.model}};
+  if (plan) {
+    nlohmann::json vf = nlohmann::json::object();
+    for (const auto& [module, id] : plan->vocab_formats()) vf[module] = quant_format(id).name;
+    nlohmann::json fp = {{"origin", plan->origin}, {"llama_ftype", plan->llama_ftype}, {"vocab_formats", vf},
+                         {"summary", plan->summary()}, {"fallbacks", plan->notes}};
+    if (fmap) fp["text"] = fmap->text;
+    extra["format_plan"] = fp;
+    report["format_plan"] = fp;
+    if (const auto* gm = dynamic_cast<const GptqMethod*>(method.get()); gm && gm->rtn_layers() > 0) {
+      report["gptq_rtn_layers"] = gm->rtn_layers();
+      extra["format_plan"]["gptq_rtn_layers"] = gm->rtn_layers();
+      if (!a.json)
+        std::fprintf(stderr, "note: %d layers in k-quant / iq4_xs / tq formats were rounded to nearest (GPTQ's sweep "
+                     "does not model their two-level scales yet)\n", gm->rtn_layers());
+    }
+  }
   if (!stream.empty()) {  // RTN without data runs on a stub: no calibration to record
     extra["calibration"] = {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}};
     extra["calibration"]["data"] = !a.calib.empty() ? a.calib : a.calib_tokens;
@@ -417,8 +468,9 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   }
   print_stdout("%-44s %12s %8s\n", "layer", "rel. error", "bpw");
   for (const auto& l : r.linears) print_stdout("%-44s %12.3e %8.3f\n", l.name.c_str(), l.rel_error, l.bits_per_weight);
+  const std::string fmt_label = plan ? plan->origin + " (" + plan->summary() + ")" : std::string(f.name);
   print_stdout("\n%s %s: %.3f bits per weight (quantized layers, metadata included), %.1fs, peak memory %.0f MiB\n",
-              a.method.c_str(), f.name, r.bits_per_weight, r.seconds, double(r.peak_rss_bytes) / (1 << 20));
+              a.method.c_str(), fmt_label.c_str(), r.bits_per_weight, r.seconds, double(r.peak_rss_bytes) / (1 << 20));
   if (r.blocks_run > 0)
     print_stdout("calibration forward (full precision, %lld x %lld tokens): %.3fs per block, %.1fs in all (%s)\n",
                 (long long)calib.size(0), (long long)calib.size(1), r.fp_forward_seconds / r.blocks_run,
@@ -436,6 +488,11 @@ void register_quantize(CLI::App& app) {
   q->add_option("--format", a->format,
                 "number format (default int4g128; int2g64 for apiq/sapr): " + quant_format_names())
       ->check(non_empty());
+  q->add_option("--format-map", a->format_map,
+                "rule file giving formats per tensor kind and layer (attn_v layers=0-3 q6_k; default q4_k; token_embd "
+                "q8_0; first match wins; see README)");
+  q->add_option("--preset", a->preset,
+                "llama.cpp's per-tensor type mixture (llama-quantize's choice, fallbacks included): " + preset_names());
   q->add_option("--calib", a->calib, "calibration text file (tokenized with the model's tokenizer)");
   q->add_option("--tokenizer", a->tokenizer, "tokenizer for --calib (default: the model directory's)");
   q->add_option("--calib-tokens", a->calib_tokens, "calibration data as raw int32 token ids");

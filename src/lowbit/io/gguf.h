@@ -171,6 +171,7 @@ struct GgufSaveOptions {
   // tensor follows `dtype`. general.file_type names the block type of the first one.
   const std::map<std::string, QuantizedTensor>* quantized = nullptr;
   GgufMetadata extra;  // appended after the standard keys (e.g. lowbit.quantization.*)
+  int file_type = -1;  // general.file_type (llama_ftype, e.g. 15 = Q4_K_M); -1: from the tensors as above
 };
 
 // Writes a GGUF v3 file llama.cpp can load: general.architecture, the <arch>.* hyperparameters,

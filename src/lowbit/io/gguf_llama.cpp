@@ -281,6 +281,7 @@ void save_gguf(const std::string& path, const LlamaConfig& config, const LlamaWe
   uint32_t file_type = opt.dtype == DType::F32 ? 0 : opt.dtype == DType::F16 ? 1 : 32;
   if (opt.quantized && !opt.quantized->empty())
     file_type = llama_ftype_for_ggml_type(uint32_t(opt.quantized->begin()->second.fmt().ggml_type));
+  if (opt.file_type >= 0) file_type = uint32_t(opt.file_type);
   kv.emplace_back("general.file_type", GgufValue::u32(file_type));
   kv.emplace_back(a + "context_length", GgufValue::u32(uint32_t(config.max_seq_len)));
   kv.emplace_back(a + "embedding_length", GgufValue::u32(uint32_t(config.dim)));
@@ -389,6 +390,22 @@ void save_gguf_quantized(const std::string& path, const QuantizedCheckpoint& q, 
   o.dtype = DType::F32;
   o.vocab = vocab && !vocab->empty() ? vocab : nullptr;
   o.quantized = &q.quantized;
+  // general.file_type: the base format's (packed vocabulary matrices sort first in q.quantized), or
+  // the llama_ftype of the preset that chose the types.
+  if (quant_format(q.format).ggml_type >= 0)
+    o.file_type = int(llama_ftype_for_ggml_type(uint32_t(quant_format(q.format).ggml_type)));
+  if (!quantization_config_json.empty()) {
+    const nlohmann::json qc = nlohmann::json::parse(quantization_config_json, nullptr, false);
+    if (qc.is_object() && qc.contains("format_plan") && qc["format_plan"].is_object()) {
+      const nlohmann::json& fp = qc["format_plan"];
+      if (fp.contains("llama_ftype") && fp["llama_ftype"].is_number_integer() && fp["llama_ftype"].get<int>() >= 0)
+        o.file_type = fp["llama_ftype"].get<int>();
+      if (fp.contains("origin") && fp["origin"].is_string())
+        o.extra.emplace_back("lowbit.quantization.format_plan", GgufValue::string(fp["origin"].get<std::string>()));
+      if (fp.contains("text") && fp["text"].is_string() && !fp["text"].get<std::string>().empty())
+        o.extra.emplace_back("lowbit.quantization.format_map", GgufValue::string(fp["text"].get<std::string>()));
+    }
+  }
   o.extra.emplace_back("lowbit.quantization.method", GgufValue::string(q.method));
   o.extra.emplace_back("lowbit.quantization.format", GgufValue::string(quant_format(q.format).name));
   if (!quantization_config_json.empty())

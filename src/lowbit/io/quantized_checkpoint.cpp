@@ -108,6 +108,7 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
   });
   int n_quant = 0, n_lora = 0;
   int64_t max_rank = 0;
+  nlohmann::json layer_formats = nlohmann::json::object();  // layers not in `format` (mixed plans)
   for (int i = 0; i < model.n_layers(); ++i) {
     auto& b = const_cast<LlamaModel&>(model).block(i);
     for (auto& [name, slot] : b.linears()) {
@@ -126,8 +127,7 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
         ts.emplace_back(m + ".weight", wt.to(merged_dtype));
         ++n_quant;
       } else if (ql) {
-        if (ql->quantized().format != format.id)
-          throw_error("save_quantized_model: ", m, " is ", ql->quantized().fmt().name, ", expected ", format.name);
+        if (ql->quantized().format != format.id) layer_formats[m] = ql->quantized().fmt().name;
         QuantizedTensor q = permute && is_qk(m) ? permute_rows(ql->quantized(), heads, hd, true) : ql->quantized();
         ts.emplace_back(m + ".qweight", q.codes);
         if (q.scales.defined()) ts.emplace_back(m + ".scales", q.scales);
@@ -164,6 +164,7 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
                        {"sym", !format.has_zero},
                        {"method", method},
                        {"modules_not_to_convert", {"lm_head", "model.embed_tokens"}}};
+  if (!layer_formats.empty()) qc["layer_formats"] = layer_formats;
   if (n_lora > 0) {
     qc["lora"] = lora == LoraStorage::Merged ? "merged" : "separate";
     qc["lora_rank"] = max_rank;
@@ -222,6 +223,20 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
   } catch (const Error& e) {
     throw_error(cfg_path, ": ", e.what());
   }
+  // Mixed plans (--format-map / --preset): the layers whose format is not `format`.
+  std::map<std::string, const QuantFormat*> layer_fmt;
+  if (qc.contains("layer_formats")) {
+    if (!qc["layer_formats"].is_object())
+      throw_error(cfg_path, ": quantization_config.layer_formats must be an object {module: format}");
+    for (const auto& [m, v] : qc["layer_formats"].items()) {
+      if (!v.is_string()) throw_error(cfg_path, ": quantization_config.layer_formats['", m, "'] is not a string");
+      try {
+        layer_fmt[m] = &parse_quant_format(v.get<std::string>());
+      } catch (const Error& e) {
+        throw_error(cfg_path, ": quantization_config.layer_formats['", m, "']: ", e.what());
+      }
+    }
+  }
   QuantizedCheckpoint out;
   out.format = fmt->id;
   out.method = qc.value("method", "");
@@ -267,7 +282,9 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
       const std::string m = p + lin.name;
       if (f.find(m + ".qweight")) {
         QuantizedTensor q;
-        q.format = fmt->id;
+        auto lf = layer_fmt.find(m);
+        q.format = lf != layer_fmt.end() ? lf->second->id : fmt->id;
+        if (lf != layer_fmt.end()) layer_fmt.erase(lf);
         q.shape = {lin.out, lin.in};
         q.codes = f.map(m + ".qweight");
         if (f.find(m + ".scales")) q.scales = f.map(m + ".scales");
@@ -308,6 +325,9 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
     }
     w.layers.push_back(std::move(l));
   }
+  if (!layer_fmt.empty())
+    throw_error(cfg_path, ": quantization_config.layer_formats names '", layer_fmt.begin()->first,
+                "', which is not a packed linear of the model");
   validate_weights(c, w, dir);
   if (qc.contains("transforms")) out.transforms = read_transforms(qc["transforms"], f, c, cfg_path, st_path);
   return out;
@@ -383,6 +403,27 @@ std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, D
                             [table](int64_t id, float* dst) { table->dequantize_row(id, dst); }, ids_fn);
   }
   return model;
+}
+
+int64_t pack_vocab(QuantizedCheckpoint& q, const std::map<std::string, QuantFormatId>& formats) {
+  int64_t bytes = 0;
+  LlamaWeights& w = q.dense.weights;
+  const bool tied = q.dense.config.tied_embeddings;
+  for (const auto& [name, id] : formats) {
+    Tensor* t = name == "model.embed_tokens" ? &w.tok_embeddings : name == "lm_head" && !tied ? &w.output : nullptr;
+    if (!t) throw_error(q.dense.source, ": vocabulary format for '", name, "', which the model has not",
+                        tied ? " (its output is tied to model.embed_tokens)" : "");
+    const QuantFormat& f = quant_format(id);
+    if (q.quantized.count(name)) throw_error(q.dense.source, ": '", name, "' is packed already");
+    if (!t->defined() || t->dim() != 2) throw_error(q.dense.source, ": '", name, "' has no dense [vocab, dim] weight");
+    if (!f.is_ggml_block()) throw_error(q.dense.source, ": '", name, "' is packed in ggml block types only, not ", f.name);
+    f.check_row_length(t->size(1), name);
+    QuantizedTensor packed = quantize(*t, f);
+    bytes += packed.nbytes();
+    q.quantized.emplace(name, std::move(packed));
+    *t = zero_placeholder(t->shape());
+  }
+  return bytes;
 }
 
 int64_t pack_vocab(QuantizedCheckpoint& q, QuantFormatId format) {

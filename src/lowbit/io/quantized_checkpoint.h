@@ -18,6 +18,13 @@
 // Rows of q_proj/k_proj (and of their lora_B) are in the Hugging Face (rotate-half) order, as in
 // any HF checkpoint.
 //
+// Mixed formats (--format-map / --preset, quant/format_map.h): "format" is the plan's base and
+//   quantization_config.layer_formats = {"model.layers.0.self_attn.v_proj": "q6_k", ...}
+// names every linear stored in another format; quantization_config.format_plan records the plan
+// ({"origin": "preset q4_k_m" | "format-map FILE", "text": the rule file, "llama_ftype": N,
+// "vocab_formats": {"model.embed_tokens": "q8_0", ...}}). The vocabulary matrices stay dense f32
+// here; vocab_formats are applied (round to nearest) when the directory is exported to GGUF.
+//
 // A model with transforms (model/rotation.h: rotation, activation / KV-cache quantization) also has
 //   quantization_config.transforms = {"rotation": "hadamard" | "none", "rotation_seed": N,
 //                                     "act": "int8" | "int4" | "int8-asym" | "int4-asym" | "none",
@@ -110,5 +117,10 @@ std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, D
 // Returns the packed bytes; 0 (nothing changed) when the vocabulary is already packed or the
 // model width is not a multiple of the format's block.
 int64_t pack_vocab(QuantizedCheckpoint& q, QuantFormatId format = QuantFormatId::Q8_0);
+// The same with a format per matrix ({"model.embed_tokens": q6_k, "lm_head": q6_k}: a preset's or
+// format map's vocabulary types, applied at GGUF export). Round to nearest (as llama-quantize);
+// throws naming the matrix for one the model lacks (lm_head of a tied model), a format that is
+// not a ggml block type or whose blocks do not fit the row.
+int64_t pack_vocab(QuantizedCheckpoint& q, const std::map<std::string, QuantFormatId>& formats);
 
 }  // namespace lowbit

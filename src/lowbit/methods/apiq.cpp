@@ -114,6 +114,13 @@ enum class Stage { Weight, Mixed, Output };
 
 }  // namespace
 
+const QuantFormat& ApiqMethod::layer_format(const BlockContext& ctx, const std::string& name) const {
+  const QuantFormat& f = ctx.format_of(name, f_);
+  LB_CHECK(lwc_supports(f), "apiq: layer ", name, " of block ", ctx.layer, " is planned as ", f.name,
+           ", which has no learnable clipping; ApiQ needs a uniform integer format (int2g64, int3g128, int4g128s, ...)");
+  return f;
+}
+
 ApiqMethod::ApiqMethod(const QuantFormat& f, ApiqOptions o) : f_(f), o_(std::move(o)) {
   LB_CHECK(lwc_supports(f), "apiq: format ", f.name,
            " has no learnable clipping; ApiQ needs a uniform integer format (int2g64, int3g128, int4g128s, ...)");
@@ -266,7 +273,7 @@ void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearR
       t0 = Clock::now();
       QuantTrainOptions lo = o_.layer;
       lo.seed = derive_seed(o_.seed, uint64_t(ctx.layer), linear_id, 0xA11CE);
-      QuantTrainLinear t(wd, Tensor(), f_, lo);
+      QuantTrainLinear t(wd, Tensor(), layer_format(ctx, name), lo);
       const Tensor sal = o_.saliency ? o_.saliency->at(full_name(ctx.layer, name)).to(dev) : Tensor();
       const double layer_w = o_.saliency && o_.layer_weighted ? o_.saliency->layer_weight(full_name(ctx.layer, name)) : 1.0;
       Trainer tr{o_, ctx.layer, name, linear_id, &log_};
@@ -336,7 +343,7 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
       e.bias = (*e.slot)->bias();
       QuantTrainOptions lo = o_.layer;
       lo.seed = derive_seed(o_.seed, uint64_t(ctx.layer), linear_id, 0xA11CE);
-      e.t = std::make_shared<QuantTrainLinear>((*e.slot)->effective_weight(), e.bias, f_, lo);
+      e.t = std::make_shared<QuantTrainLinear>((*e.slot)->effective_weight(), e.bias, layer_format(ctx, name), lo);
       e.w = e.t->frozen_weight();  // the layer's own f32 copy (no second copy on the device)
       if (o_.saliency) e.sal = o_.saliency->at(full_name(ctx.layer, name)).to(dev);
       if (o_.saliency && o_.layer_weighted) e.layer_w = o_.saliency->layer_weight(full_name(ctx.layer, name));

@@ -127,6 +127,8 @@ class ApiqMethod : public BlockMethod {
   void quantize_block_blockwise(BlockContext& ctx, std::vector<LinearReport>& reports);
   void finish_block(const ApiqBlockTimes& t);  // keeps the times, prints them when verbose
 
+  // The format of `name` in this block (ctx.format_of), checked for learnable clipping.
+  const QuantFormat& layer_format(const BlockContext& ctx, const std::string& name) const;
   const QuantFormat& f_;
   ApiqOptions o_;
   std::vector<ApiqEpochLog> log_;

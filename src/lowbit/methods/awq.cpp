@@ -69,10 +69,18 @@ Tensor divide_input_columns(const Tensor& x_in, const Tensor& s_in) {
 
 AwqScaleResult awq_search_scales(const Tensor& x_in, const std::vector<Tensor>& weights, const QuantFormat& f,
                                  const Tensor& act_scale, const AwqOptions& opt) {
+  return awq_search_scales(x_in, weights, std::vector<const QuantFormat*>(weights.size(), &f), act_scale, opt);
+}
+
+AwqScaleResult awq_search_scales(const Tensor& x_in, const std::vector<Tensor>& weights,
+                                 const std::vector<const QuantFormat*>& formats, const Tensor& act_scale,
+                                 const AwqOptions& opt) {
   LB_CHECK(!weights.empty(), "awq_search_scales: no weights given");
+  LB_CHECK(formats.size() == weights.size(), "awq_search_scales: ", formats.size(), " formats for ", weights.size(),
+           " weights");
   LB_CHECK(opt.n_grid > 0, "awq_search_scales: n_grid must be > 0, got ", opt.n_grid);
   std::vector<Tensor> ws;
-  for (const Tensor& w : weights) ws.push_back(checked_weight(w, f, "awq_search_scales"));
+  for (size_t k = 0; k < weights.size(); ++k) ws.push_back(checked_weight(weights[k], *formats[k], "awq_search_scales"));
   const int64_t in = ws[0].size(1);
   for (const Tensor& w : ws)
     LB_CHECK(w.size(1) == in, "awq_search_scales: weights sharing one input must have the same in_features, got ",
@@ -97,9 +105,10 @@ AwqScaleResult awq_search_scales(const Tensor& x_in, const std::vector<Tensor>& 
     for (int64_t c = 0; c < in; ++c) ps[c] /= norm;
 
     double sq = 0, count = 0;
-    for (const Tensor& w : ws) {
+    for (size_t k = 0; k < ws.size(); ++k) {
+      const Tensor& w = ws[k];
       // Effective weight Q(W diag(s)) diag(s)^-1.
-      Tensor q = fake_quantize(scale_weight_columns(w, s), f);
+      Tensor q = fake_quantize(scale_weight_columns(w, s), *formats[k]);
       for (int64_t k = 0; k < q.numel(); ++k) q.data<float>()[k] /= ps[k % in];
       double n_out = double(x.size(0) * w.size(0));
       sq += linear_output_mse(x, w, q) * n_out;

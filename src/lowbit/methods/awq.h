@@ -46,6 +46,10 @@ struct AwqScaleResult {
 // `act_scale` is s_x [in] (activation_mean_abs(x) when undefined).
 AwqScaleResult awq_search_scales(const Tensor& x, const std::vector<Tensor>& weights, const QuantFormat& f,
                                  const Tensor& act_scale = Tensor(), const AwqOptions& opt = {});
+// The same with one format per weight (mixed-format plans: q/k at q4_k, v at q6_k share one input).
+AwqScaleResult awq_search_scales(const Tensor& x, const std::vector<Tensor>& weights,
+                                 const std::vector<const QuantFormat*>& formats, const Tensor& act_scale = Tensor(),
+                                 const AwqOptions& opt = {});
 
 // Clipping search for one weight w [out, in] reading x [n, in]. Returns F32 [out, n_groups(in)],
 // the chosen max |w| of each group (pass to rtn_quantize_clipped). Formats whose parameters do not

@@ -50,7 +50,10 @@ void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>&
     e.w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
     QatLinearOptions lo;
     lo.grad_scale = 1.0;  // EfficientQAT: plain STE gradients for s and z
-    e.t = std::make_shared<LsqTrainLinear>(e.w, (*slot)->bias(), f_, lsq_init(e.w, f_, o_.init), lo);
+    const QuantFormat& f = ctx.format_of(name, f_);
+    LB_CHECK(lsq_supports(f), "efficientqat: layer ", name, " of block ", ctx.layer, " is planned as ", f.name,
+             ", not a uniform integer format; Block-AP trains step sizes and zero points of intB{gG,pc}[s]");
+    e.t = std::make_shared<LsqTrainLinear>(e.w, (*slot)->bias(), f, lsq_init(e.w, f, o_.init), lo);
     for (auto& p : e.t->weight_parameters()) weights.push_back(p);
     for (auto& p : e.t->quant_parameters()) quant.push_back(p);
     es.push_back(std::move(e));
@@ -89,7 +92,7 @@ void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>&
     LinearReport r;
     r.name = "model.layers." + std::to_string(ctx.layer) + "." + e.name;
     r.params = q.out_features() * q.in_features();
-    r.bits_per_weight = f_.bits_per_weight(q.out_features(), q.in_features());
+    r.bits_per_weight = q.fmt().bits_per_weight(q.out_features(), q.in_features());
     *e.slot = std::make_shared<QuantLinear>(std::move(q), e.t->bias(), Device::CPU);
     reports.push_back(r);
   }

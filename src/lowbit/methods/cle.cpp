@@ -151,7 +151,7 @@ void CleMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& rep
   for (auto& [name, slot] : b.linears()) {
     const Device dev = (*slot)->effective_weight().device();
     const Tensor w = host_copy((*slot)->effective_weight());
-    QuantizedTensor q = rtn_quantize(w, f_);
+    QuantizedTensor q = rtn_quantize(w, ctx.format_of(name, f_));
     const Tensor deq = q.dequantize();
     Tensor bias = (*slot)->bias();
     if (bias.defined() && o_.bias_correction && rows[name] > 0) {

@@ -132,9 +132,11 @@ std::string ComqMethod::options_key() const {
   return "sweeps=" + std::to_string(c_.sweeps) + ",scales=" + std::to_string(c_.update_scales);
 }
 
-GptqResult ComqMethod::solve(const Tensor& w, const Tensor& h) {
+GptqResult ComqMethod::solve(const Tensor& w, const Tensor& h, const QuantFormat& f) {
+  if (f.kind != QuantKind::IntAsym && f.kind != QuantKind::IntSym)
+    throw_error("comq: format ", f.name, " is not an integer format (int*g*, int*pc, their symmetric forms)");
   GptqResult r;
-  r.q = comq_quantize(w.to(Device::CPU), h.to(Device::CPU), f_, c_).q;
+  r.q = comq_quantize(w.to(Device::CPU), h.to(Device::CPU), f, c_).q;
   return r;
 }
 

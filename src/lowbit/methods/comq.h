@@ -38,7 +38,7 @@ class ComqMethod : public GptqMethod {
   std::string options_key() const override;
 
  protected:
-  GptqResult solve(const Tensor& w, const Tensor& h) override;
+  GptqResult solve(const Tensor& w, const Tensor& h, const QuantFormat& f) override;
 
  private:
   ComqOptions c_;

@@ -49,6 +49,13 @@ uint64_t token_hash(const Tensor& tokens) {
   return h;
 }
 
+std::string formats_key(const LayerFormats* f) {
+  if (!f || f->empty()) return "";
+  std::string k = "|formats:";
+  for (const auto& [m, id] : *f) k += m + "=" + quant_format(id).name + ";";
+  return k;
+}
+
 }  // namespace
 
 int64_t peak_rss_bytes() {
@@ -117,6 +124,12 @@ std::string transforms_key(const ModelTransforms& t) {
 }
 }  // namespace
 
+const QuantFormat& BlockContext::format_of(const std::string& linear, const QuantFormat& dflt) const {
+  if (!formats) return dflt;
+  auto it = formats->find("model.layers." + std::to_string(layer) + "." + linear);
+  return it == formats->end() ? dflt : quant_format(it->second);
+}
+
 PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMethod& method, const QuantFormat& format,
                              const PipelineOptions& o) {
   if (tokens.dim() != 2 || tokens.dtype() != DType::I32) throw_error("pipeline: calibration tokens must be i32 [N, L]");
@@ -129,7 +142,7 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
   int start = 0;
   const std::string state_path = o.state_dir.empty() ? "" : (fs::path(o.state_dir) / "pipeline.safetensors").string();
   const std::string key = method.name() + "(" + method.options_key() + ")|" + format.name + "|" + std::to_string(token_hash(tokens)) + "|" +
-                          (o.next_from_fp ? "fp" : "q") + transforms_key(model.transforms());
+                          (o.next_from_fp ? "fp" : "q") + transforms_key(model.transforms()) + formats_key(o.formats);
   if (!state_path.empty() && fs::exists(state_path)) {
     SafetensorsFile f = SafetensorsFile::open(state_path);
     auto it = f.metadata().find("key");
@@ -159,7 +172,9 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
       b.attn_norm.mutable_value().copy_(f.load(p + "attn_norm"));
       b.ffn_norm.mutable_value().copy_(f.load(p + "ffn_norm"));
       for (auto& [name, slot] : b.linears()) {
-        QuantizedTensor q = load_quantized(f, p + name, format, {(*slot)->out_features(), (*slot)->in_features()});
+        const BlockContext bc{model, i, N, L, Tensor(), Tensor(), o.batch, o.formats};
+        QuantizedTensor q = load_quantized(f, p + name, bc.format_of(name, format),
+                                           {(*slot)->out_features(), (*slot)->in_features()});
         // LoRA adapters (ApiQ, SAPR) are part of the saved state: a resumed run must see the same block.
         Tensor lora_A = f.find(p + name + ".lora_A") ? f.load(p + name + ".lora_A") : Tensor();
         Tensor lora_B = f.find(p + name + ".lora_B") ? f.load(p + name + ".lora_B") : Tensor();
@@ -179,12 +194,12 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
   ProgressBar bar(method.name() + " " + format.name, model.n_layers(), "blocks");
   bar.update(start);
   for (int i = start; i < model.n_layers(); ++i) {
-    BlockContext ctx{model, i, N, L, X, Tensor(), o.batch};
+    BlockContext ctx{model, i, N, L, X, Tensor(), o.batch, o.formats};
     const auto tf = std::chrono::steady_clock::now();
     Tensor Y = ctx.run_block(Xfp);  // FP target before the block changes
     rep.fp_forward_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - tf).count();
     rep.blocks_run++;
-    BlockContext qctx{model, i, N, L, X, Y, o.batch};
+    BlockContext qctx{model, i, N, L, X, Y, o.batch, o.formats};
     method.quantize_block(qctx, rep.linears);
     Tensor Xq = qctx.run_block(X);
     if (o.next_from_fp) {

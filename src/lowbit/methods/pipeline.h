@@ -70,6 +70,10 @@ class LinearHookScope {
   std::vector<std::pair<std::shared_ptr<Linear>*, std::shared_ptr<Linear>>> saved_;
 };
 
+// Per-linear formats (--format-map / --preset, quant/format_map.h): module name
+// (model.layers.3.self_attn.v_proj) -> format.
+using LayerFormats = std::map<std::string, QuantFormatId>;
+
 struct BlockContext {
   LlamaModel& model;
   int layer = 0;
@@ -77,6 +81,11 @@ struct BlockContext {
   const Tensor& inputs;      // [N*L, D] quantized-path inputs
   const Tensor& fp_targets;  // [N*L, D] FP block outputs on FP inputs
   int64_t batch = 8;         // samples per forward pass
+  const LayerFormats* formats = nullptr;  // per-linear formats; null: every linear in the method's format
+
+  // The format of this block's `linear` (self_attn.v_proj): the plan's, else `dflt` (the method's
+  // own). Every method asks here, so a mixed plan reaches RTN, GPTQ, AWQ, ApiQ, ... alike.
+  const QuantFormat& format_of(const std::string& linear, const QuantFormat& dflt) const;
 
   // Runs block `layer` over all inputs (in batches), calling hook with each linear's input.
   // Returns the outputs [N*L, D] (no grad).
@@ -113,6 +122,7 @@ struct PipelineOptions {
   bool progress = true;
   int stop_after_blocks = 0;   // testing aid: return after this many blocks of this run (0 = off)
   double checkpoint_seconds = 60;  // save the state at most this often (0: after every block)
+  const LayerFormats* formats = nullptr;  // per-linear formats (part of the resume key); null: `format` for all
 };
 
 struct PipelineReport {

@@ -35,10 +35,20 @@ class GptqMethod : public BlockMethod {
   // default): every token weighs 1, plain GPTQ. Computed once per block, before it is quantized.
   virtual Tensor token_weights(BlockContext&) { return Tensor(); }
   // The per-layer solve on W [out, in] and the layer's Hessian: GPTQ (gptq_quantize); COMQ overrides.
-  virtual GptqResult solve(const Tensor& w, const Tensor& h) { return gptq_quantize(w, h, f_, o_); }
+  virtual GptqResult solve(const Tensor& w, const Tensor& h, const QuantFormat& f) { return gptq_quantize(w, h, f, o_); }
+
+ public:
+  // Layers of a mixed-format plan in a format GPTQ cannot sweep (k-quants, iq4_xs, tq*: gptq.h),
+  // which this run rounded to nearest instead (0 with a single format: gptq_quantize refuses those).
+  int rtn_layers() const { return rtn_layers_; }
+
+ protected:
+  // The format of `name` (ctx.format_of), then solve(); RTN for the formats above in mixed plans.
+  GptqResult solve_layer(BlockContext& ctx, const std::string& name, const Tensor& w, const Tensor& h);
 
   const QuantFormat& f_;
   GptqOptions o_;
+  int rtn_layers_ = 0;
 };
 
 // AWQ: per-input-channel scales searched for each group of linears sharing an input and folded

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# lowbit's --preset (llama.cpp's per-tensor type mixtures) against llama-quantize's (issue 12,
+# "Mixed types per tensor"). For each preset: lowbit RTN --preset, llama-quantize's preset file,
+# and lowbit GPTQ --preset (GPTQ on the 32-block types, RTN on the k-quant layers: gptq.h), from
+# the same F32 GGUF. Reports, per file: size, tensors whose (type, bytes) equal llama-quantize's
+# (gguf-py), tensors bit-identical to llama-quantize's, llama-perplexity.
+#
+#   bench/presets_vs_llamacpp.sh --model smollm2 [--presets "q4_k_m q3_k_s"] [--chunks 20] [--ctx 512]
+#                                [--nsamples 16] [--seqlen 512] [--methods "rtn gptq"] [--out DIR]
+#   bench/presets_vs_llamacpp.sh --model d768 ...
+#
+# smollm2: SmolLM2-135M-Instruct's dequantized Q4_1 weights as F32 (lowbit convert), its 576-wide
+#   rows make the k-quants fall back (q4_k -> q5_0, q6_k -> q8_0, q3_k -> q4_0) as in llama.cpp.
+# d768: the random dim-768 model of bench/kquants_vs_llamacpp.sh (stories260K vocabulary, 12
+#   layers; random weights: its perplexity only says whether two files compute the same thing).
+# Evaluation: the first --chunks windows of --ctx tokens of the first 400 kB of WikiText-2 test
+# (llama-perplexity scores the second half of each window). GPTQ calibration: linux-docs train
+# text (never the evaluation text). Files go to --out (default ~/.cache/lowbit-llamacpp/presets),
+# never into the repository. Results: DIR/results.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shared=${LOWBIT_SHARED:-../shared}
+lowbit=${LOWBIT:-build-rel/lowbit}
+model=smollm2 presets="q4_k_m" chunks=20 ctx=512 nsamples=16 seqlen=512 methods="rtn gptq"
+out=${LOWBIT_LLAMACPP_CACHE:-$HOME/.cache/lowbit-llamacpp}/presets
+threads=${THREADS:-2}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --model) model=$2; shift 2 ;; --presets) presets=$2; shift 2 ;; --chunks) chunks=$2; shift 2 ;;
+    --ctx) ctx=$2; shift 2 ;; --nsamples) nsamples=$2; shift 2 ;; --seqlen) seqlen=$2; shift 2 ;;
+    --methods) methods=$2; shift 2 ;; --out) out=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 1 ;;
+  esac
+done
+bin=${LLAMA_BIN:-$(bash bench/llama_cpp.sh --avx2)}  # the native build dies on this shared host
+dir=$out/$model
+mkdir -p "$dir"
+evaltext=$dir/wiki-eval.txt
+[ -f "$evaltext" ] || head -c 400000 "$shared/data/wikitext-2-raw/wiki.test.raw" >"$evaltext"
+calib=$dir/calib-linux-docs-2MB.txt
+[ -f "$calib" ] || head -c 2000000 "$shared/data/linux-docs/train.txt" >"$calib"
+case "$model" in
+  smollm2)
+    fp=$dir/fp32.gguf
+    [ -f "$fp" ] || "$lowbit" -q convert --from "$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf" \
+      --to "$fp" --dtype f32 ;;
+  d768)
+    LOWBIT=$lowbit source bench/bench_lib.sh
+    LLAMA_BIN=$bin random_model_settings kquants  # sets $dir to the kquants cache of the random model
+    kq=$dir
+    dir=$out/$model
+    if [ ! -f "$kq/f32.gguf" ]; then
+      [ -f "$kq/train/hf/config.json" ] || "$lowbit" -q train --out "$kq/train" --train-tokens "$ids" --vocab 512 \
+        --dim "$DIM" --hidden-dim "$HIDDEN" --layers "$LAYERS" --heads "$HEADS" --max-seq-len 1024 --steps 0 >/dev/null
+      "$lowbit" -q convert --from "$kq/train/hf" --to "$kq/f32.gguf" --tokenizer "$tok" >/dev/null
+    fi
+    fp=$kq/f32.gguf ;;
+  *) echo "--model must be smollm2 or d768" >&2; exit 1 ;;
+esac
+
+ppl() {  # file -> llama-perplexity's final estimate
+  "$bin/llama-perplexity" -m "$1" -f "$evaltext" -c "$ctx" --chunks "$chunks" -t "$threads" 2>&1 |
+    sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p'
+}
+compare() {  # lowbit file, llama file -> "same-type-and-bytes identical total"
+  python3 - "$1" "$2" <<'EOF'
+import sys
+from gguf import GGUFReader
+a, b = GGUFReader(sys.argv[1]), GGUFReader(sys.argv[2])
+ta = {t.name: t for t in a.tensors}
+same = ident = 0
+for t in b.tensors:
+    u = ta.get(t.name)
+    if u is None: continue
+    if int(u.tensor_type) == int(t.tensor_type) and int(u.n_bytes) == int(t.n_bytes):
+        same += 1
+        if bytes(u.data.tobytes()) == bytes(t.data.tobytes()): ident += 1
+print(same, ident, len(b.tensors))
+EOF
+}
+
+res=$dir/results.md
+{
+  echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%F)"
+  echo "model: $model ($fp); llama.cpp: $bin; llama-perplexity -c $ctx --chunks $chunks -t $threads on $evaltext"
+  echo
+  echo "| file | bytes | tensors with llama-quantize's type and size | bit-identical to llama-quantize | llama-perplexity |"
+  echo "|---|---:|---:|---:|---:|"
+  echo "| F32 source | $(stat -c %s "$fp") | — | — | $(ppl "$fp") |"
+} >"$res"
+for p in $presets; do
+  ref=$dir/llamacpp-$p.gguf
+  [ -f "$ref" ] || "$bin/llama-quantize" "$fp" "$ref" "$(echo "$p" | tr a-z A-Z)" "$threads" >"$ref.log" 2>&1
+  echo "| llama-quantize $p | $(stat -c %s "$ref") | — | — | $(ppl "$ref") |" >>"$res"
+  for m in $methods; do
+    f=$dir/lowbit-$m-$p.gguf
+    if [ ! -f "$f" ]; then
+      extra=()
+      [ "$m" != rtn ] && extra=(--calib "$calib" --nsamples "$nsamples" --seqlen "$seqlen")
+      /usr/bin/time -f "%e s wall" "$lowbit" quantize -m "$fp" --method "$m" --preset "$p" "${extra[@]}" -o "$f" \
+        --threads "$threads" >"$f.log" 2>&1
+    fi
+    read -r same ident total < <(compare "$f" "$ref")
+    echo "| lowbit $m --preset $p | $(stat -c %s "$f") | $same / $total | $ident / $total | $(ppl "$f") |" >>"$res"
+  done
+done
+cat "$res"
