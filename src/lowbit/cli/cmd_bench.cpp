@@ -125,7 +125,7 @@ void run_bench(const BenchArgs& a) {
   NoGradGuard no_grad;
   LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
   apply_rotation(m, a.tr);
-  apply_quant_transforms(*m.model, a.tr);
+  apply_quant_transforms(*m.model, a.tr, a.kv_cache);
   const LlamaModel& model = *m.model;
   const int64_t vocab = model.config().vocab_size;
   const int64_t bytes = model_bytes(m);

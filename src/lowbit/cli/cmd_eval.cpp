@@ -30,7 +30,7 @@ void run_ppl(const PplArgs& a) {
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
   apply_rotation(m, a.tr);
-  apply_quant_transforms(*m.model, a.tr);
+  apply_quant_transforms(*m.model, a.tr, a.kv_cache);
   compact_for_inference(m, dev);
   const ModelTransforms& tr = m.model->transforms();
   std::vector<int32_t> stream;
@@ -157,7 +157,8 @@ void register_eval(CLI::App& app) {
                 "run a quantized model (lowbit directory, GGUF block types) dequantized to f32 (the reference path)");
   ppl->add_flag("--json", a->json, "print one JSON object instead of text");
   add_kv_cache_option(ppl, &a->kv_cache,
-                      "run each window through the KV cache of this type (auto = f16 on the CPU, f16, q8, f32) "
+                      "run each window through the KV cache of this type (auto = f16 on the CPU, f16, q8, int4, int2 "
+                      "(KIVI packed; --kv-group, --kv-window), f32) "
                       "instead of the batched forward without a cache (the default; --batch is then ignored)");
   ppl->get_option("--kv-cache")->each([a](const std::string&) { a->use_cache = true; });
   ppl->add_option("--kv-chunk", a->kv_chunk,
