@@ -65,6 +65,11 @@ void run_ppl(const PplArgs& a) {
   o.cache_chunk = a.kv_chunk;
   o.score_second_half = a.second_half;
   PerplexityResult r = evaluate_perplexity(*m.model, stream, o);
+  // Memory of a cache of one window, per token (packed caches: codes, scales, zero points and the
+  // f16 ring of the newest tokens).
+  const bool packed = o.use_cache && kv_cache_bits(a.kv_cache) > 0;
+  const double kv_bytes_per_token =
+      o.use_cache ? double(m.model->make_cache(a.ctx, a.kv_cache).bytes()) / double(a.ctx) : 0.0;
   if (a.json) {
     print_json({{"model", a.model},
                 {"data", a.text.empty() ? a.tokens : a.text},
@@ -84,8 +89,9 @@ void run_ppl(const PplArgs& a) {
                 {"act", act_quant_name(tr.act)},
                 {"act_clip", tr.act.clip},
                 {"kv_quant", tr.kv.enabled() ? "int" + std::to_string(tr.kv.bits) : "none"},
-                {"kv_group", tr.kv.group},
-                {"kv_window", tr.kv.window},
+                {"kv_group", packed ? m.model->kv_cache_layout().group : tr.kv.group},
+                {"kv_window", packed ? m.model->kv_cache_layout().window : tr.kv.window},
+                {"kv_cache_bytes_per_token", kv_bytes_per_token},
                 {"threads", threads_summary()}});
   } else {
     print_stdout("model      %s\ndata       %s\nwindows    %lld x %lld tokens%s\npredicted  %lld tokens%s\n",
@@ -94,6 +100,9 @@ void run_ppl(const PplArgs& a) {
                 a.second_half ? " (second half of each window, as llama-perplexity)" : "");
     print_stdout("mean NLL   %.6f nats/token\nperplexity %.4f\nspeed      %.0f tokens/s (%.2fs)\nthreads    %s\n", r.nll,
                  r.ppl, r.tokens_per_second, r.seconds, threads_summary().c_str());
+    if (o.use_cache)
+      print_stdout("kv cache   %s, %.0f bytes/token at ctx %lld\n", kv_cache_type_name(m.model->make_cache(0, a.kv_cache).type),
+                   kv_bytes_per_token, (long long)a.ctx);
   }
 }
 struct TaskArgs {
