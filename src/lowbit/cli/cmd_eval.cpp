@@ -27,6 +27,7 @@ struct PplArgs {
 
 void run_ppl(const PplArgs& a) {
   if (a.text.empty() == a.tokens.empty()) throw_error("eval ppl: give exactly one of --text FILE or --tokens FILE");
+  check_kv_cache_device(a.kv_cache, a.device);
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
   apply_rotation(m, a.tr);

@@ -19,6 +19,7 @@ struct GenArgs {
 };
 
 void run_generate(const GenArgs& a) {
+  check_kv_cache_device(a.kv_cache, a.device);
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev, false, !a.f32_vocab);
   apply_rotation(m, a.tr);

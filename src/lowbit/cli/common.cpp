@@ -58,6 +58,12 @@ void add_kv_cache_option(CLI::App* app, KVCacheType* type, const std::string& he
                    : help);
 }
 
+void check_kv_cache_device(KVCacheType type, const std::string& device) {
+  if (kv_cache_bits(type) && device != "cpu")
+    throw_error("--kv-cache ", kv_cache_type_name(type), ": the packed KIVI cache runs on the CPU only (no CUDA "
+                "body yet): use --device cpu, or --kv-cache f32 on the GPU");
+}
+
 namespace fs = std::filesystem;
 
 Device parse_device(const std::string& name) {

@@ -42,6 +42,8 @@ void add_matmul_option(CLI::App* app);
 // Adds --kv-cache TYPE (auto|f16|q8|f32; KVCacheType) storing the parsed type in *type. `help`
 // replaces the default help text when not empty.
 void add_kv_cache_option(CLI::App* app, KVCacheType* type, const std::string& help = "");
+// Refuses a packed (int4/int2) cache for a device other than the CPU, before the device is opened.
+void check_kv_cache_device(KVCacheType type, const std::string& device);
 
 // Parses "cpu" / "cuda"; "cuda" initialises the GPU or fails with a clear message.
 Device parse_device(const std::string& name);
