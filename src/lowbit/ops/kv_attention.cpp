@@ -178,17 +178,35 @@ void kv_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, con
 
 namespace {
 // One packed row of hd codes -> f32: keys (per-channel pairs: s[c], z[c]) and values (one pair per
-// vg channels).
+// vg channels). A byte holds 8/B codes, lowest bits first; every value is float(code - z) * s.
 template <int B>
 void decode_key_row(const uint8_t* row, int64_t hd, const float* s, const uint8_t* z, float* d) {
-  for (int64_t c = 0; c < hd; ++c) d[c] = float(int(kivi_code(row, c, B)) - int(z[c])) * s[c];
+  constexpr int per = 8 / B;
+  constexpr unsigned mask = (1u << B) - 1u;
+  for (int64_t b = 0; b < hd / per; ++b) {
+    const unsigned byte = row[b];
+    for (int e = 0; e < per; ++e) {
+      const int64_t c = b * per + e;
+      d[c] = float(int((byte >> (e * B)) & mask) - int(z[c])) * s[c];
+    }
+  }
 }
 template <int B>
 void decode_value_row(const uint8_t* row, int64_t hd, int64_t vg, const float* s, const uint8_t* z, float* d) {
+  constexpr unsigned mask = (1u << B) - 1u;
   for (int64_t g = 0, c = 0; c < hd; ++g) {
     const float sg = s[g];
     const int zg = z[g];
-    for (const int64_t e = c + vg; c < e; ++c) d[c] = float(int(kivi_code(row, c, B)) - zg) * sg;
+    if (vg % (8 / B) == 0) {  // whole bytes per group
+      const int64_t b0 = c * B / 8, b1 = (c + vg) * B / 8;
+      for (int64_t b = b0; b < b1; ++b) {
+        const unsigned byte = row[b];
+        for (int e = 0; e < 8 / B; ++e) d[b * (8 / B) + e] = float(int((byte >> (e * B)) & mask) - zg) * sg;
+      }
+      c += vg;
+    } else {
+      for (const int64_t e = c + vg; c < e; ++c) d[c] = float(int(kivi_code(row, c, B)) - zg) * sg;
+    }
   }
 }
 
