@@ -109,7 +109,7 @@ void kivi_quantize(const Tensor& x, int bits, int64_t group, bool per_column, Te
   auto* cp = codes.data<uint8_t>();
   float* sp = scale.data<float>();
   auto* zp = zero.data<uint8_t>();
-  std::memset(cp, 0, codes.nbytes());
+  if (codes.nbytes() > 0) std::memset(cp, 0, codes.nbytes());
   // Codes first as one byte per value (groups may share a packed byte across threads), then packed.
   std::vector<uint8_t> wide(size_t(M * N));
   for_each_group(xp, M, N, bits, group, per_column, [&](const Params& p, int64_t base, int64_t stride, int64_t slot) {
