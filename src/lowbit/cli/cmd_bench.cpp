@@ -121,11 +121,12 @@ double run_tg(const LlamaModel& model, const Tensor& tokens, KVCacheType kv, int
 
 void run_bench(const BenchArgs& a) {
   const int threads = num_threads();  // --threads (add_threads_option) has set the program's one pool
+  check_kv_cache_device(a.kv_cache, a.device);
   const Device dev = parse_device(a.device);
   NoGradGuard no_grad;
   LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
   apply_rotation(m, a.tr);
-  apply_quant_transforms(*m.model, a.tr);
+  apply_quant_transforms(*m.model, a.tr, a.kv_cache);
   const LlamaModel& model = *m.model;
   const int64_t vocab = model.config().vocab_size;
   const int64_t bytes = model_bytes(m);

@@ -27,10 +27,11 @@ struct PplArgs {
 
 void run_ppl(const PplArgs& a) {
   if (a.text.empty() == a.tokens.empty()) throw_error("eval ppl: give exactly one of --text FILE or --tokens FILE");
+  check_kv_cache_device(a.kv_cache, a.device);
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
   apply_rotation(m, a.tr);
-  apply_quant_transforms(*m.model, a.tr);
+  apply_quant_transforms(*m.model, a.tr, a.kv_cache);
   compact_for_inference(m, dev);
   const ModelTransforms& tr = m.model->transforms();
   std::vector<int32_t> stream;
@@ -65,6 +66,11 @@ void run_ppl(const PplArgs& a) {
   o.cache_chunk = a.kv_chunk;
   o.score_second_half = a.second_half;
   PerplexityResult r = evaluate_perplexity(*m.model, stream, o);
+  // Memory of a cache of one window, per token (packed caches: codes, scales, zero points and the
+  // f16 ring of the newest tokens).
+  const bool packed = o.use_cache && kv_cache_bits(a.kv_cache) > 0;
+  const double kv_bytes_per_token =
+      o.use_cache ? double(m.model->make_cache(a.ctx, a.kv_cache).bytes()) / double(a.ctx) : 0.0;
   if (a.json) {
     print_json({{"model", a.model},
                 {"data", a.text.empty() ? a.tokens : a.text},
@@ -84,8 +90,9 @@ void run_ppl(const PplArgs& a) {
                 {"act", act_quant_name(tr.act)},
                 {"act_clip", tr.act.clip},
                 {"kv_quant", tr.kv.enabled() ? "int" + std::to_string(tr.kv.bits) : "none"},
-                {"kv_group", tr.kv.group},
-                {"kv_window", tr.kv.window},
+                {"kv_group", packed ? m.model->kv_cache_layout().group : tr.kv.group},
+                {"kv_window", packed ? m.model->kv_cache_layout().window : tr.kv.window},
+                {"kv_cache_bytes_per_token", kv_bytes_per_token},
                 {"threads", threads_summary()}});
   } else {
     print_stdout("model      %s\ndata       %s\nwindows    %lld x %lld tokens%s\npredicted  %lld tokens%s\n",
@@ -94,6 +101,9 @@ void run_ppl(const PplArgs& a) {
                 a.second_half ? " (second half of each window, as llama-perplexity)" : "");
     print_stdout("mean NLL   %.6f nats/token\nperplexity %.4f\nspeed      %.0f tokens/s (%.2fs)\nthreads    %s\n", r.nll,
                  r.ppl, r.tokens_per_second, r.seconds, threads_summary().c_str());
+    if (o.use_cache)
+      print_stdout("kv cache   %s, %.0f bytes/token at ctx %lld\n", kv_cache_type_name(m.model->make_cache(0, a.kv_cache).type),
+                   kv_bytes_per_token, (long long)a.ctx);
   }
 }
 struct TaskArgs {
@@ -157,7 +167,8 @@ void register_eval(CLI::App& app) {
                 "run a quantized model (lowbit directory, GGUF block types) dequantized to f32 (the reference path)");
   ppl->add_flag("--json", a->json, "print one JSON object instead of text");
   add_kv_cache_option(ppl, &a->kv_cache,
-                      "run each window through the KV cache of this type (auto = f16 on the CPU, f16, q8, f32) "
+                      "run each window through the KV cache of this type (auto = f16 on the CPU, f16, q8, int4, int2 "
+                      "(KIVI packed; --kv-group, --kv-window), f32) "
                       "instead of the batched forward without a cache (the default; --batch is then ignored)");
   ppl->get_option("--kv-cache")->each([a](const std::string&) { a->use_cache = true; });
   ppl->add_option("--kv-chunk", a->kv_chunk,

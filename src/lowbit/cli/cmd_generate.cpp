@@ -19,10 +19,11 @@ struct GenArgs {
 };
 
 void run_generate(const GenArgs& a) {
+  check_kv_cache_device(a.kv_cache, a.device);
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev, false, !a.f32_vocab);
   apply_rotation(m, a.tr);
-  apply_quant_transforms(*m.model, a.tr);
+  apply_quant_transforms(*m.model, a.tr, a.kv_cache);
   compact_for_inference(m, dev);
   auto tok = open_tokenizer(a.tokenizer, a.model);
   if (tok->vocab_size() > m.model->config().vocab_size)

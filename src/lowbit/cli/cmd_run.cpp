@@ -92,6 +92,7 @@ CompletionResult answer(Scheduler& sched, CompletionRequest req) {
 }
 
 void run_run(const RunArgs& a) {
+  check_kv_cache_device(a.kv_cache, a.device);
   Device dev = parse_device(a.device);
   ServingModel m = load_serving_model(a.model, a.tokenizer, dev, a.ctx);
   Scheduler sched(m.model(), *m.tok, SchedulerOptions{1, m.ctx, a.kv_cache});

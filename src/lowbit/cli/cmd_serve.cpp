@@ -407,6 +407,7 @@ void run_serve(const ServeArgs& a) {
   g_stop_signals = 0;
   signal(SIGPIPE, SIG_IGN);
 
+  check_kv_cache_device(a.kv_cache, a.device);
   Device dev = parse_device(a.device);
   ServingModel m = load_serving_model(a.model, a.tokenizer, dev, a.ctx);
   Server server(a, m);

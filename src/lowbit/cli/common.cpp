@@ -52,8 +52,16 @@ void add_kv_cache_option(CLI::App* app, KVCacheType* type, const std::string& he
   app->add_option_function<std::string>(
       "--kv-cache", [type](const std::string& v) { *type = parse_kv_cache_type(v, "--kv-cache"); },
       help.empty() ? std::string("storage of the KV cache: auto (= f16 on the CPU, f32 on CUDA), f16, q8 (int8 per "
-                                 "value + one f32 scale per token and head: half of f16's memory) or f32")
+                                 "value + one f32 scale per token and head: half of f16's memory), int4 / int2 "
+                                 "(KIVI packed codes: keys per channel, values per token, the newest --kv-window "
+                                 "tokens in f16; CPU only) or f32")
                    : help);
+}
+
+void check_kv_cache_device(KVCacheType type, const std::string& device) {
+  if (kv_cache_bits(type) && device != "cpu")
+    throw_error("--kv-cache ", kv_cache_type_name(type), ": the packed KIVI cache runs on the CPU only (no CUDA "
+                "body yet): use --device cpu, or --kv-cache f32 on the GPU");
 }
 
 namespace fs = std::filesystem;
@@ -155,10 +163,10 @@ void add_transform_options(CLI::App* app, TransformArgs* a) {
             return "";
           },
           "BITS", ""));
-  app->add_option("--kv-group", a->kv_group, "with --kv-quant: tokens per key group and channels per value group")
+  app->add_option("--kv-group", a->kv_group, "with --kv-quant or --kv-cache int4|int2: tokens per key group and channels per value group (values: the whole head when it does not divide head_dim)")
       ->check(between(1, 4096))
       ->each([a](const std::string&) { a->kv_group_given = true; });
-  app->add_option("--kv-window", a->kv_window, "with --kv-quant: recent tokens kept in full precision (at least)")
+  app->add_option("--kv-window", a->kv_window, "with --kv-quant or --kv-cache int4|int2: recent tokens kept in full precision (at least)")
       ->check(at_least(0))
       ->each([a](const std::string&) { a->kv_window_given = true; });
 }
@@ -187,7 +195,12 @@ void apply_rotation(LoadedModel& m, const TransformArgs& a) {
   m.checkpoint.weights = std::move(w);
 }
 
-void apply_quant_transforms(LlamaModel& model, const TransformArgs& a) {
+void apply_quant_transforms(LlamaModel& model, const TransformArgs& a, KVCacheType cache) {
+  const bool packed = kv_cache_bits(cache) > 0;
+  if (packed && !a.kv_quant.empty() && parse_kv_quant_bits(a.kv_quant) > 0)
+    throw_error("--kv-quant ", a.kv_quant, " simulates KV-cache quantization on an f16/f32 cache, --kv-cache ",
+                kv_cache_type_name(cache), " stores the cache quantized: give one of them (--kv-group and --kv-window "
+                "set either)");
   ModelTransforms t = model.transforms();
   if (!a.act.empty()) t.act = parse_act_quant(a.act);
   if (a.act_clip_given) t.act.clip = a.act_clip;
@@ -195,9 +208,14 @@ void apply_quant_transforms(LlamaModel& model, const TransformArgs& a) {
   if (a.kv_group_given) t.kv.group = a.kv_group;
   if (a.kv_window_given) t.kv.window = a.kv_window;
   if (a.act_clip_given && !t.act.enabled()) throw_error("--act-clip: no activation quantization (give --act)");
-  if ((a.kv_group_given || a.kv_window_given) && !t.kv.enabled())
-    throw_error(a.kv_group_given ? "--kv-group" : "--kv-window", ": no KV-cache quantization (give --kv-quant)");
+  if ((a.kv_group_given || a.kv_window_given) && !t.kv.enabled() && !packed)
+    throw_error(a.kv_group_given ? "--kv-group" : "--kv-window",
+                ": no KV-cache quantization (give --kv-quant, or --kv-cache int4|int2)");
+  const KVQuantSpec recorded = t.kv;
   model.set_transforms(std::move(t));
+  if (packed)  // the flags, else what the checkpoint records, else the defaults
+    model.set_kv_cache_layout(a.kv_group_given || !recorded.enabled() ? a.kv_group : recorded.group,
+                              a.kv_window_given || !recorded.enabled() ? a.kv_window : recorded.window);
 }
 
 void compact_for_inference(LoadedModel& m, Device device) {

@@ -42,6 +42,8 @@ void add_matmul_option(CLI::App* app);
 // Adds --kv-cache TYPE (auto|f16|q8|f32; KVCacheType) storing the parsed type in *type. `help`
 // replaces the default help text when not empty.
 void add_kv_cache_option(CLI::App* app, KVCacheType* type, const std::string& help = "");
+// Refuses a packed (int4/int2) cache for a device other than the CPU, before the device is opened.
+void check_kv_cache_device(KVCacheType type, const std::string& device);
 
 // Parses "cpu" / "cuda"; "cuda" initialises the GPU or fails with a clear message.
 Device parse_device(const std::string& name);
@@ -66,7 +68,8 @@ void compact_for_inference(LoadedModel& m, Device device);
 //   --rotate none|hadamard, --rotate-seed N   (full-precision models: rotates the weights at load;
 //                                              quantize: before the method runs)
 //   --act none|int8|int4|int8-asym|int4-asym, --act-clip R, --kv-quant none|int4|int2,
-//   --kv-group N, --kv-window N               (override what a quantized checkpoint records)
+//   --kv-group N, --kv-window N               (override what a quantized checkpoint records; they
+//                                              also set the layout of a packed --kv-cache int4|int2)
 struct TransformArgs {
   std::string rotate = "none";
   uint64_t rotate_seed = 0;
@@ -81,7 +84,10 @@ void add_transform_options(CLI::App* app, TransformArgs* a);
 // CPU). Throws for a quantized or already rotated model, or a device other than the CPU.
 void apply_rotation(LoadedModel& m, const TransformArgs& a);
 // --act / --kv-quant and their settings on the model (given flags replace the recorded ones).
-void apply_quant_transforms(LlamaModel& model, const TransformArgs& a);
+// `cache`: the command's --kv-cache; for int4/int2 (packed KIVI storage) --kv-group/--kv-window
+// set its layout (LlamaModel::set_kv_cache_layout) and --kv-quant int4|int2 is refused (one of the
+// two: the packed cache quantizes for real what --kv-quant simulates).
+void apply_quant_transforms(LlamaModel& model, const TransformArgs& a, KVCacheType cache = KVCacheType::Auto);
 
 
 // The tokenizer named by --tokenizer (a tokenizer file, a directory holding one, or a GGUF file's

@@ -126,7 +126,9 @@ KVCacheType parse_kv_cache_type(const std::string& name, const std::string& what
   if (name == "f32") return KVCacheType::F32;
   if (name == "f16") return KVCacheType::F16;
   if (name == "q8") return KVCacheType::Q8;
-  throw_error(what, ": '", name, "' is not a KV cache type (expected auto, f16, q8 or f32)");
+  if (name == "int4") return KVCacheType::Int4;
+  if (name == "int2") return KVCacheType::Int2;
+  throw_error(what, ": '", name, "' is not a KV cache type (expected auto, f16, q8, int4, int2 or f32)");
 }
 
 const char* kv_cache_type_name(KVCacheType t) {
@@ -135,13 +137,22 @@ const char* kv_cache_type_name(KVCacheType t) {
     case KVCacheType::F32: return "f32";
     case KVCacheType::F16: return "f16";
     case KVCacheType::Q8: return "q8";
+    case KVCacheType::Int4: return "int4";
+    case KVCacheType::Int2: return "int2";
   }
   return "?";
 }
 
+int kv_cache_bits(KVCacheType t) { return t == KVCacheType::Int4 ? 4 : t == KVCacheType::Int2 ? 2 : 0; }
+
+int64_t kivi_quantized_tokens(int64_t length, int64_t group, int64_t window) {
+  const int64_t n = length - window;
+  return n <= 0 || group < 1 ? 0 : (n / group) * group;
+}
+
 int64_t KVCache::bytes() const {
   int64_t n = 0;
-  for (const auto* list : {&k, &v, &k_scale, &v_scale})
+  for (const auto* list : {&k, &v, &k_scale, &v_scale, &k_zero, &v_zero, &k_res, &v_res})
     for (const Tensor& t : *list) n += t.defined() ? int64_t(t.nbytes()) : 0;
   return n;
 }
@@ -156,10 +167,43 @@ void kv_append(KVCache& cache, int layer, int64_t pos0, const Tensor& k, const T
   check_layer(cache, layer);
   Tensor& ck = cache.k[size_t(layer)];
   Tensor& cv = cache.v[size_t(layer)];
-  const int64_t KVH = ck.size(1), hd = ck.size(2), T = k.numel() / std::max<int64_t>(1, KVH * hd);
+  const int bits0 = kv_cache_bits(cache.type);
+  const int64_t KVH = ck.size(1), hd = bits0 ? ck.size(2) * 8 / bits0 : ck.size(2), T = k.numel() / std::max<int64_t>(1, KVH * hd);
   if (k.numel() != T * KVH * hd || v.numel() != k.numel())
     throw_error("KV cache: keys ", k.describe(), " / values ", v.describe(), " are not [T, ", KVH, " x ", hd, "]");
   if (pos0 < 0 || pos0 + T > cache.capacity) throw_error("KV cache full: ", pos0 + T, " tokens, capacity ", cache.capacity);
+  if (const int bits = kv_cache_bits(cache.type)) {
+    // Packed (KIVI): each token enters the f16 ring; a group of `group` tokens is packed from the
+    // ring once it leaves the window (the ring holds window + group tokens, enough for that).
+    const size_t l = size_t(layer);
+    const int64_t G = cache.group, C = KVH * hd, rb = C * bits / 8, nvg = hd / cache.vgroup;
+    const Tensor kc = k.contiguous().view({T, C}), vc = v.contiguous().view({T, C});
+    auto* kr = static_cast<uint16_t*>(cache.k_res[l].raw_data());
+    auto* vr = static_cast<uint16_t*>(cache.v_res[l].raw_data());
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t p = pos0 + t, slot = p % cache.ring;
+      vec::f32_to_f16_exact(kc.data<float>() + t * C, kr + slot * C, C);
+      vec::f32_to_f16_exact(vc.data<float>() + t * C, vr + slot * C, C);
+      const int64_t before = kivi_quantized_tokens(p, G, cache.window), after = kivi_quantized_tokens(p + 1, G, cache.window);
+      if (after == before) continue;
+      // Tokens [before, after) (one group) leave the ring: widen them from f16 and pack.
+      Tensor kg = Tensor::empty({G, C}), vg = Tensor::empty({G, C});
+      for (int64_t j = 0; j < G; ++j) {
+        const int64_t s = (before + j) % cache.ring;
+        vec::f16_to_f32(kr + s * C, kg.data<float>() + j * C, C);
+        vec::f16_to_f32(vr + s * C, vg.data<float>() + j * C, C);
+      }
+      Tensor kcodes = ck.view({cache.capacity, rb}).slice(0, before, after);
+      Tensor vcodes = cv.view({cache.capacity, rb}).slice(0, before, after);
+      const int64_t g = before / G;
+      Tensor ks = cache.k_scale[l].view({-1, C}).slice(0, g, g + 1), kz = cache.k_zero[l].view({-1, C}).slice(0, g, g + 1);
+      Tensor vs = cache.v_scale[l].view({cache.capacity, KVH * nvg}).slice(0, before, after);
+      Tensor vz = cache.v_zero[l].view({cache.capacity, KVH * nvg}).slice(0, before, after);
+      ops::kivi_quantize(kg, bits, G, true, kcodes, ks, kz);
+      ops::kivi_quantize(vg, bits, cache.vgroup, false, vcodes, vs, vz);
+    }
+    return;
+  }
   if (cache.type == KVCacheType::F16 || cache.type == KVCacheType::Q8) {
     const bool q8 = cache.type == KVCacheType::Q8;
     for (int kv = 0; kv < 2; ++kv) {
@@ -176,7 +220,29 @@ void kv_append(KVCache& cache, int layer, int64_t pos0, const Tensor& k, const T
 KVLayerView kv_read(const KVCache& cache, int layer, int64_t length) {
   check_layer(cache, layer);
   if (length < 0 || length > cache.capacity) throw_error("KV cache: ", length, " tokens asked, capacity ", cache.capacity);
-  KVLayerView view{cache.k[size_t(layer)].slice(0, 0, length), cache.v[size_t(layer)].slice(0, 0, length), {}, {}, length};
+  if (const int bits = kv_cache_bits(cache.type)) {
+    const size_t l = size_t(layer);
+    auto p = std::make_shared<ops::KiviView>();
+    p->bits = bits;
+    p->length = length;
+    p->quantized = kivi_quantized_tokens(length, cache.group, cache.window);
+    p->group = cache.group;
+    p->vgroup = cache.vgroup;
+    p->ring = cache.ring;
+    p->k_codes = cache.k[l];
+    p->v_codes = cache.v[l];
+    p->k_scale = cache.k_scale[l];
+    p->k_zero = cache.k_zero[l];
+    p->v_scale = cache.v_scale[l];
+    p->v_zero = cache.v_zero[l];
+    p->k_res = cache.k_res[l];
+    p->v_res = cache.v_res[l];
+    KVLayerView view;
+    view.length = length;
+    view.packed = std::move(p);
+    return view;
+  }
+  KVLayerView view{cache.k[size_t(layer)].slice(0, 0, length), cache.v[size_t(layer)].slice(0, 0, length), {}, {}, length, {}};
   if (cache.type == KVCacheType::Q8) {
     view.k_scale = cache.k_scale[size_t(layer)].slice(0, 0, length);
     view.v_scale = cache.v_scale[size_t(layer)].slice(0, 0, length);
@@ -185,8 +251,15 @@ KVLayerView kv_read(const KVCache& cache, int layer, int64_t length) {
 }
 
 Var kv_attention(const Var& q, const KVLayerView& kv, int64_t T, int64_t H, int64_t hd) {
-  const int64_t KVH = kv.k.size(1);
   const Tensor& qv = q.value();
+  if (kv.packed) {
+    if (qv.device() != Device::CPU || qv.dtype() != DType::F32)
+      throw_error("KV cache ", kv.packed->bits, "-bit (packed): f32 queries on the CPU only, got ", qv.describe());
+    Tensor out = Tensor::empty({T, H, hd}, DType::F32, Device::CPU);
+    ops::kivi_attention_forward(qv.contiguous().view({T, H, hd}), *kv.packed, 1.0 / std::sqrt(double(hd)), out);
+    return Var(out.view({T, H * hd}), false);
+  }
+  const int64_t KVH = kv.k.size(1);
   const bool keep_graph = q.requires_grad() && kv.k.dtype() == DType::F32;  // gradients to q through an f32 cache
   if (kv.k.device() == Device::CPU && qv.dtype() == DType::F32 && kv.k.dtype() != DType::F64 && !keep_graph) {
     // CPU, f32 activations: the cache-reading kernel (any storage type, no autograd graph).
@@ -215,8 +288,9 @@ Tensor kivi_attention(const KVQuantSpec& spec, const Tensor& q, const Tensor& k,
   if (Lmax > 0) {  // the complete groups, quantized once: keys per channel, values per token
     kq = Tensor::empty({Lmax, C});
     vq = Tensor::empty({Lmax, C});
-    ops::fake_quant(k.slice(0, 0, Lmax).contiguous().view({Lmax, C}), spec.bits, true, 1.0, G, true, kq);
-    ops::fake_quant(v.slice(0, 0, Lmax).contiguous().view({Lmax, C}), spec.bits, true, 1.0, vg, false, vq);
+    // The packed cache's codec (ops/kv_quant.h: f32 scales), so both paths give the same numbers.
+    ops::kivi_fake_quant(k.slice(0, 0, Lmax).contiguous().view({Lmax, C}), spec.bits, G, true, kq);
+    ops::kivi_fake_quant(v.slice(0, 0, Lmax).contiguous().view({Lmax, C}), spec.bits, vg, false, vq);
   }
   Tensor out = Tensor::empty({T, H, hd});
   for (int64_t t0 = 0; t0 < T;) {  // queries sharing one L(t): consecutive positions
@@ -248,6 +322,13 @@ void LlamaModel::set_transforms(ModelTransforms t) {
     throw_error("rotation and activation / KV-cache quantization run on the CPU only (the model is on ",
                 device_name(final_norm_.value().device()), ")");
   transforms_ = std::move(t);
+  if (transforms_.kv.enabled()) kv_layout_ = KVQuantSpec{0, transforms_.kv.group, transforms_.kv.window};
+}
+
+void LlamaModel::set_kv_cache_layout(int64_t group, int64_t window) {
+  if (group < 1 || group > 4096) throw_error("KV cache: group ", group, " is not in [1, 4096]");
+  if (window < 0 || window > (int64_t(1) << 30)) throw_error("KV cache: window ", window, " is not in [0, 2^30]");
+  kv_layout_ = KVQuantSpec{0, group, window};
 }
 
 Var LlamaModel::act_in(const Var& x) const {
@@ -264,9 +345,9 @@ Var LlamaModel::down_in(const Var& m) const {
   return hadamard_transform(m, r.signs.to(dt), r.small.defined() ? r.small.to(dt) : Tensor());
 }
 
-Var LlamaModel::rotate_heads(const Var& x) const {
+Var LlamaModel::rotate_heads(const Var& x, bool kv_quantized) const {
   const HadamardRotation& r = transforms_.head;
-  if (!r.defined() || !transforms_.kv.enabled()) return x;
+  if (!r.defined() || !kv_quantized) return x;
   const int64_t hd = r.size();
   Tensor v = x.value().contiguous().view({-1, hd});
   // The rotation acts on each head's channels in the Hugging Face (rotate-half) order, whatever
@@ -293,8 +374,9 @@ Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache
     if (B != 1) throw_error("KV-cache decoding supports batch 1, got ", B);
     att = attend_cached(i, q, k, v, T, *cache);
   } else {
-    q = rotate_heads(rope(q, B, T, H, hd, 0, config_.rope_theta, config_.rope_style, config_.rope_scaling));
-    k = rotate_heads(rope(k, B, T, KVH, hd, 0, config_.rope_theta, config_.rope_style, config_.rope_scaling));
+    const bool kvq = transforms_.kv.enabled();
+    q = rotate_heads(rope(q, B, T, H, hd, 0, config_.rope_theta, config_.rope_style, config_.rope_scaling), kvq);
+    k = rotate_heads(rope(k, B, T, KVH, hd, 0, config_.rope_theta, config_.rope_style, config_.rope_scaling), kvq);
     if (transforms_.kv.enabled()) {  // KIVI fake quantization, per sequence (no gradient)
       const Tensor& qv = q.value();
       if (qv.device() != Device::CPU || qv.dtype() != DType::F32)
@@ -317,8 +399,17 @@ Var LlamaModel::attend_cached(int i, Var q, Var k, const Var& v, int64_t T, KVCa
   const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
   const int64_t pos0 = cache.length;
   if (pos0 + T > cache.capacity) throw_error("KV cache full: ", pos0 + T, " tokens, capacity ", cache.capacity);
-  q = rotate_heads(rope(q, 1, T, H, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling));
-  k = rotate_heads(rope(k, 1, T, KVH, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling));
+  const bool packed = kv_cache_bits(cache.type) > 0;
+  const bool kvq = packed || transforms_.kv.enabled();
+  q = rotate_heads(rope(q, 1, T, H, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling), kvq);
+  k = rotate_heads(rope(k, 1, T, KVH, hd, pos0, config_.rope_theta, config_.rope_style, config_.rope_scaling), kvq);
+  if (packed) {  // the packed cache quantizes for real (it replaces a simulated KV quantization)
+    if (q.value().device() != Device::CPU || q.value().dtype() != DType::F32)
+      throw_error("KV cache ", kv_cache_type_name(cache.type), ": f32 models on the CPU only (got ", q.value().describe(), ")");
+    return Var(attend_packed(i, q.value().contiguous().view({T, H, hd}), k.value().contiguous(), v.value().contiguous(), T, cache)
+                   .view({T, H * hd}),
+               false);
+  }
   kv_append(cache, i, pos0, k.value(), v.value());
   const KVLayerView view = kv_read(cache, i, pos0 + T);
   if (transforms_.kv.enabled()) {  // KIVI fake quantization of what the cache holds
@@ -331,6 +422,23 @@ Var LlamaModel::attend_cached(int i, Var q, Var k, const Var& v, int64_t T, KVCa
     return Var(out.view({T, H * hd}), false);
   }
   return kv_attention(q, view, T, H, hd);
+}
+
+Tensor LlamaModel::attend_packed(int i, const Tensor& q, const Tensor& k, const Tensor& v, int64_t T, KVCache& cache) const {
+  const int64_t pos0 = cache.length;
+  auto packed_at = [&](int64_t t) { return kivi_quantized_tokens(pos0 + t + 1, cache.group, cache.window); };
+  Tensor out = Tensor::empty(q.shape());
+  for (int64_t t0 = 0; t0 < T;) {  // queries t0 .. t1-1 see the same packed prefix
+    int64_t t1 = t0 + 1;
+    while (t1 < T && packed_at(t1) == packed_at(t0)) ++t1;
+    kv_append(cache, i, pos0 + t0, k.slice(0, t0, t1), v.slice(0, t0, t1));
+    const KVLayerView view = kv_read(cache, i, pos0 + t1);
+    Tensor o = t0 == 0 && t1 == T ? out : Tensor::empty({t1 - t0, q.size(1), q.size(2)});
+    ops::kivi_attention_forward(q.slice(0, t0, t1).contiguous(), *view.packed, 1.0 / std::sqrt(double(q.size(2))), o);
+    if (o.data<float>() != out.data<float>()) out.slice(0, t0, t1).copy_(o);
+    t0 = t1;
+  }
+  return out;
 }
 
 Var LlamaModel::block_mlp(int i, const Var& x1) const {
@@ -364,11 +472,35 @@ KVCache LlamaModel::make_cache(int64_t capacity, KVCacheType type) const {
   const DType model_dt = ref.dtype() == DType::F64 ? DType::F64 : DType::F32;
   const bool cpu = ref.device() == Device::CPU;
   if (type == KVCacheType::Auto) type = cpu && model_dt == DType::F32 ? KVCacheType::F16 : KVCacheType::F32;
+  if (kv_cache_bits(type) && !cpu)
+    throw_error("KV cache ", kv_cache_type_name(type), " (KIVI packed codes): the CPU only, no CUDA body yet (use --kv-cache "
+                "f32 on the GPU, or --device cpu)");
   if (type != KVCacheType::F32 && (!cpu || model_dt != DType::F32))
     throw_error("KV cache ", kv_cache_type_name(type), ": only f32 models on the CPU support it (use f32)");
   c.type = type;
-  const DType dt = type == KVCacheType::F16 ? DType::F16 : type == KVCacheType::Q8 ? DType::I8 : model_dt;
   const int64_t KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
+  if (const int bits = kv_cache_bits(type)) {
+    if ((hd * bits) % 8 != 0)
+      throw_error("KV cache ", kv_cache_type_name(type), ": head_dim ", hd, " is not a multiple of ", 8 / bits,
+                  " (whole bytes of codes per head)");
+    c.group = kv_layout_.group;
+    c.window = kv_layout_.window;
+    c.vgroup = hd % c.group == 0 ? c.group : hd;  // as the simulated path (kivi_attention)
+    c.ring = std::min(capacity, c.window + c.group);
+    const int64_t groups = (capacity + c.group - 1) / c.group;
+    for (int i = 0; i < config_.n_layers; ++i) {
+      c.k.push_back(Tensor::zeros({capacity, KVH, hd * bits / 8}, DType::U8));
+      c.v.push_back(Tensor::zeros({capacity, KVH, hd * bits / 8}, DType::U8));
+      c.k_scale.push_back(Tensor::zeros({groups, KVH, hd}, DType::F32));
+      c.k_zero.push_back(Tensor::zeros({groups, KVH, hd}, DType::U8));
+      c.v_scale.push_back(Tensor::zeros({capacity, KVH, hd / c.vgroup}, DType::F32));
+      c.v_zero.push_back(Tensor::zeros({capacity, KVH, hd / c.vgroup}, DType::U8));
+      c.k_res.push_back(Tensor::zeros({c.ring, KVH, hd}, DType::F16));
+      c.v_res.push_back(Tensor::zeros({c.ring, KVH, hd}, DType::F16));
+    }
+    return c;
+  }
+  const DType dt = type == KVCacheType::F16 ? DType::F16 : type == KVCacheType::Q8 ? DType::I8 : model_dt;
   for (int i = 0; i < config_.n_layers; ++i) {
     c.k.push_back(Tensor::zeros({capacity, KVH, hd}, dt, ref.device()));
     c.v.push_back(Tensor::zeros({capacity, KVH, hd}, dt, ref.device()));

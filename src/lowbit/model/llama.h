@@ -21,6 +21,7 @@
 #include "lowbit/model/linear.h"
 #include "lowbit/model/rotation.h"
 #include "lowbit/model/weights.h"
+#include "lowbit/ops/kv_quant.h"
 
 namespace lowbit {
 
@@ -35,20 +36,29 @@ struct LlamaBlock {
 
 // Storage type of a KV cache. Auto: f16 for an f32 model on the CPU, the model's own type
 // otherwise (f32 on CUDA, f64 for f64 models). F16: IEEE half per value. Q8: int8 per value with
-// one f32 scale per (token, kv head) row (absmax / 127). F16 and Q8 are CPU-only (inference).
-enum class KVCacheType : uint8_t { Auto, F32, F16, Q8 };
-// "auto", "f32", "f16", "q8" -> the type; throws lowbit::Error naming `what` otherwise.
+// one f32 scale per (token, kv head) row (absmax / 127). Int4 / Int2: KIVI packed codes (ops/kv_quant.h:
+// keys per channel in groups of `group` tokens, values per token in groups of `group` channels
+// — the whole head when group does not divide head_dim —, f32 scales + u8 zero points, the newest
+// window .. window+group-1 tokens in an f16 ring; group/window from LlamaModel::kv_cache_layout).
+// All but F32 are CPU-only (inference, f32 models).
+enum class KVCacheType : uint8_t { Auto, F32, F16, Q8, Int4, Int2 };
+// "auto", "f32", "f16", "q8", "int4", "int2" -> the type; throws lowbit::Error naming `what` otherwise.
 KVCacheType parse_kv_cache_type(const std::string& name, const std::string& what = "--kv-cache");
 const char* kv_cache_type_name(KVCacheType t);
+// Bits of a packed (KIVI) type: 4, 2; 0 for the others.
+int kv_cache_bits(KVCacheType t);
 
 // Keys and values of past tokens for one sequence (batch 1), per layer: [max_seq, KVH, h] in the
-// storage type (f32/f64, f16, or i8 with scales [max_seq, KVH] f32 for Q8).
+// storage type (f32/f64, f16, or i8 with scales [max_seq, KVH] f32 for Q8; for Int4/Int2 the
+// KIVI layout of ops/kv_quant.h: k/v the packed codes, k_scale/k_zero, v_scale/v_zero, k_res/v_res).
 // Code outside the cache's own functions reaches the stored keys/values only through kv_append,
 // kv_read and kv_attention below, so the storage type of the cache can change behind them.
 struct KVCache {
   std::vector<Tensor> k, v;
-  std::vector<Tensor> k_scale, v_scale;  // Q8 only
+  std::vector<Tensor> k_scale, v_scale;  // Q8, Int4/Int2
+  std::vector<Tensor> k_zero, v_zero, k_res, v_res;  // Int4/Int2
   KVCacheType type = KVCacheType::F32;   // resolved (never Auto)
+  int64_t group = 0, vgroup = 0, window = 0, ring = 0;  // Int4/Int2 layout
   int64_t length = 0;  // tokens stored
   int64_t capacity = 0;
   int64_t bytes() const;  // memory held by the cache
@@ -61,11 +71,16 @@ struct KVLayerView {
   Tensor k, v;
   Tensor k_scale, v_scale;  // Q8 only
   int64_t length = 0;
+  std::shared_ptr<const ops::KiviView> packed;  // Int4/Int2: the whole packed layer (k, v undefined)
 };
+// Tokens of a packed (KIVI) cache that are quantized once `length` tokens are stored:
+// floor((length - window) / group) * group, 0 when length <= window.
+int64_t kivi_quantized_tokens(int64_t length, int64_t group, int64_t window);
 
 // Stores the keys and values of T new tokens (k, v: [T, KVH*h] or [T, KVH, h], f32) of layer
 // `layer` at positions pos0 .. pos0+T-1. Does not advance cache.length (the caller does, once all
-// layers are written). Throws when the tokens do not fit the capacity.
+// layers are written). Throws when the tokens do not fit the capacity. Packed caches take the
+// tokens in order: each enters the ring, and a group is packed as soon as it leaves the window.
 void kv_append(KVCache& cache, int layer, int64_t pos0, const Tensor& k, const Tensor& v);
 // The cached keys/values of layer `layer` for positions [0, length).
 KVLayerView kv_read(const KVCache& cache, int layer, int64_t length);
@@ -96,6 +111,10 @@ class LlamaModel {
 
   // A cache for `capacity` tokens of the given storage type (see KVCacheType).
   KVCache make_cache(int64_t capacity, KVCacheType type = KVCacheType::Auto) const;
+  // Group and window of packed (Int4/Int2) caches made from now on (KVQuantSpec's meaning; bits
+  // ignored). Default 32 / 128; set_transforms takes them from an enabled KV quantization.
+  void set_kv_cache_layout(int64_t group, int64_t window);
+  const KVQuantSpec& kv_cache_layout() const { return kv_layout_; }
   // Incremental forward of `tokens` (i32 [T]) after the cached ones; returns logits [T, V].
   Var forward_cached(const Tensor& tokens, KVCache& cache) const;
 
@@ -157,11 +176,16 @@ class LlamaModel {
   Var act_in(const Var& x) const;
   // The SwiGLU output m [M, F] as down_proj reads it: times R_F when the model is rotated.
   Var down_in(const Var& m) const;
-  // Queries/keys [M, heads*hd] times R_h per head (KV quantization of a rotated model), else x.
-  Var rotate_heads(const Var& x) const;
+  // Queries/keys [M, heads*hd] times R_h per head (KV quantization — simulated, or a packed cache:
+  // kv_quantized — of a rotated model), else x.
+  Var rotate_heads(const Var& x, bool kv_quantized) const;
+  // attend_cached for packed caches: appends and attends in runs of queries that see the same
+  // number of packed tokens (the simulated path's runs), so both compute the same numbers.
+  Tensor attend_packed(int i, const Tensor& q, const Tensor& k, const Tensor& v, int64_t T, KVCache& cache) const;
 
   LlamaConfig config_;
   ModelTransforms transforms_;
+  KVQuantSpec kv_layout_;
   Var tok_embeddings_, final_norm_, output_;
   std::vector<LlamaBlock> blocks_;
   std::shared_ptr<Linear> packed_output_;

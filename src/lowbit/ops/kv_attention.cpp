@@ -1,4 +1,6 @@
-// Attention over a KV cache stored as f32, f16 or int8 (inference; ops.h, "KV-cache attention").
+// Attention over a KV cache stored as f32, f16 or int8 (inference; ops.h, "KV-cache attention"), or
+// packed KIVI int4/int2 codes (ops/kv_quant.h: kivi_attention_forward, same tiles and products; an
+// item decodes the packed rows and the full-precision ring into its per-thread buffer).
 //
 // Storage: f16 keeps each value as IEEE half (round to nearest even); q8 keeps one int8 code per
 // value and one f32 scale per (token, kv head) row of head_dim values: scale = max|x| / 127,
@@ -19,6 +21,7 @@
 #include "lowbit/core/threads.h"
 #include "lowbit/core/vecmath.h"
 #include "lowbit/ops/dispatch.h"
+#include "lowbit/ops/kv_quant.h"
 
 namespace lowbit::ops {
 
@@ -51,6 +54,46 @@ inline float softmax_row(float* s, int64_t n) {
   const float sum = vec::exp_shift_sum(s, n, mx);
   vec::scale(s, n, 1.0f / sum);
   return mx + std::log(sum);
+}
+// The tiled attention both cache kinds share: work items (kv head, tile of query rows); `rows_of`
+// (kh, kn, Kw, Vw, K, V, ld) points K/V at the f32 keys/values of rows 0 .. kn-1 of kv head kh (row
+// stride ld), widening them into the per-thread buffers Kw/Vw when the cache is not f32.
+template <class RowsOf>
+void attend_tiles(const float* qp, float* op_, int64_t Tq, int64_t H, int64_t hd, int64_t Tk, int64_t KVH,
+                  double scale, RowsOf&& rows_of) {
+  const int64_t group = H / KVH, off = Tk - Tq, ldq = H * hd;
+  const int64_t Bq = Tk <= 4096 ? 64 : 16, tiles = (Tq + Bq - 1) / Bq;
+  parallel_each(KVH * tiles, [&](int64_t item) {
+    const int64_t qt = tiles - 1 - item / KVH, kh = item % KVH;  // longest tiles first
+    const int64_t i0 = qt * Bq, i1 = std::min(Tq, i0 + Bq), rows = i1 - i0, kn = off + i1;
+    thread_local std::vector<float> S, Kw, Vw;
+    const float *K, *V;
+    int64_t ld;
+    rows_of(kh, kn, Kw, Vw, K, V, ld);
+    if (rows == 1) {
+      // One query row (decode): the group's heads are adjacent in q, so one product serves them all.
+      if (S.size() < size_t(group * kn)) S.resize(size_t(group * kn));
+      const float* Q = qp + (i0 * H + kh * group) * hd;
+      float* O = op_ + (i0 * H + kh * group) * hd;
+      blas::gemm(false, true, group, kn, hd, float(scale), Q, hd, K, ld, 0.0f, S.data(), kn);
+      for (int64_t g = 0; g < group; ++g) softmax_row(S.data() + g * kn, kn);
+      blas::gemm(false, false, group, hd, kn, 1.0f, S.data(), kn, V, ld, 0.0f, O, hd);
+      return;
+    }
+    if (S.size() < size_t(rows * kn)) S.resize(size_t(rows * kn));
+    for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+      const float* Q = qp + (i0 * H + h) * hd;
+      float* O = op_ + (i0 * H + h) * hd;
+      blas::gemm(false, true, rows, kn, hd, float(scale), Q, ldq, K, ld, 0.0f, S.data(), kn);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* s = S.data() + r * kn;
+        const int64_t valid = off + i0 + r + 1;
+        softmax_row(s, valid);
+        for (int64_t j = valid; j < kn; ++j) s[j] = 0;
+      }
+      blas::gemm(false, false, rows, hd, kn, 1.0f, S.data(), kn, V, ld, 0.0f, O, ldq);
+    }
+  });
 }
 }  // namespace
 
@@ -112,55 +155,145 @@ void kv_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, con
   detail::check_shape(op, out, q.shape(), "out");
   if (out.dtype() != DType::F32 || !out.is_contiguous()) throw_error(op, ": out must be contiguous f32, got ", out.describe());
   if (Tq == 0) return;
-  const int64_t group = H / KVH, off = Tk - Tq, ldq = H * hd, ldk = KVH * hd;
-  const float* qp = q.data<float>();
-  float* op_ = out.data<float>();
   const float* ksc = q8 ? k_scale.data<float>() : nullptr;
   const float* vsc = q8 ? v_scale.data<float>() : nullptr;
   const bool wide = k.dtype() == DType::F32;
-  const int64_t Bq = Tk <= 4096 ? 64 : 16, tiles = (Tq + Bq - 1) / Bq;
-  parallel_each(KVH * tiles, [&](int64_t item) {
-    const int64_t qt = tiles - 1 - item / KVH, kh = item % KVH;  // longest tiles first
-    const int64_t i0 = qt * Bq, i1 = std::min(Tq, i0 + Bq), rows = i1 - i0, kn = off + i1;
-    thread_local std::vector<float> S, Kw, Vw;
-    const float *K, *V;
-    int64_t ld;
-    if (wide) {
-      K = k.data<float>() + kh * hd;
-      V = v.data<float>() + kh * hd;
-      ld = ldk;
-    } else {
-      if (Kw.size() < size_t(kn * hd)) Kw.resize(size_t(kn * hd)), Vw.resize(size_t(kn * hd));
-      widen_rows(k, ksc, kh, KVH, hd, kn, Kw.data());
-      widen_rows(v, vsc, kh, KVH, hd, kn, Vw.data());
-      K = Kw.data();
-      V = Vw.data();
-      ld = hd;
+  attend_tiles(q.data<float>(), out.data<float>(), Tq, H, hd, Tk, KVH, scale,
+               [&](int64_t kh, int64_t kn, std::vector<float>& Kw, std::vector<float>& Vw, const float*& K,
+                   const float*& V, int64_t& ld) {
+                 if (wide) {
+                   K = k.data<float>() + kh * hd;
+                   V = v.data<float>() + kh * hd;
+                   ld = KVH * hd;
+                   return;
+                 }
+                 if (Kw.size() < size_t(kn * hd)) Kw.resize(size_t(kn * hd)), Vw.resize(size_t(kn * hd));
+                 widen_rows(k, ksc, kh, KVH, hd, kn, Kw.data());
+                 widen_rows(v, vsc, kh, KVH, hd, kn, Vw.data());
+                 K = Kw.data();
+                 V = Vw.data();
+                 ld = hd;
+               });
+}
+
+namespace {
+// One packed row of hd codes -> f32: keys (per-channel pairs: s[c], z[c]) and values (one pair per
+// vg channels). A byte holds 8/B codes, lowest bits first; every value is float(code - z) * s.
+template <int B>
+void decode_key_row(const uint8_t* row, int64_t hd, const float* s, const uint8_t* z, float* d) {
+  constexpr int per = 8 / B;
+  constexpr unsigned mask = (1u << B) - 1u;
+  for (int64_t b = 0; b < hd / per; ++b) {
+    const unsigned byte = row[b];
+    for (int e = 0; e < per; ++e) {
+      const int64_t c = b * per + e;
+      d[c] = float(int((byte >> (e * B)) & mask) - int(z[c])) * s[c];
     }
-    if (rows == 1) {
-      // One query row (decode): the group's heads are adjacent in q, so one product serves them all.
-      if (S.size() < size_t(group * kn)) S.resize(size_t(group * kn));
-      const float* Q = qp + (i0 * H + kh * group) * hd;
-      float* O = op_ + (i0 * H + kh * group) * hd;
-      blas::gemm(false, true, group, kn, hd, float(scale), Q, hd, K, ld, 0.0f, S.data(), kn);
-      for (int64_t g = 0; g < group; ++g) softmax_row(S.data() + g * kn, kn);
-      blas::gemm(false, false, group, hd, kn, 1.0f, S.data(), kn, V, ld, 0.0f, O, hd);
-      return;
-    }
-    if (S.size() < size_t(rows * kn)) S.resize(size_t(rows * kn));
-    for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
-      const float* Q = qp + (i0 * H + h) * hd;
-      float* O = op_ + (i0 * H + h) * hd;
-      blas::gemm(false, true, rows, kn, hd, float(scale), Q, ldq, K, ld, 0.0f, S.data(), kn);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* s = S.data() + r * kn;
-        const int64_t valid = off + i0 + r + 1;
-        softmax_row(s, valid);
-        for (int64_t j = valid; j < kn; ++j) s[j] = 0;
+  }
+}
+template <int B>
+void decode_value_row(const uint8_t* row, int64_t hd, int64_t vg, const float* s, const uint8_t* z, float* d) {
+  constexpr unsigned mask = (1u << B) - 1u;
+  for (int64_t g = 0, c = 0; c < hd; ++g) {
+    const float sg = s[g];
+    const int zg = z[g];
+    if (vg % (8 / B) == 0) {  // whole bytes per group
+      const int64_t b0 = c * B / 8, b1 = (c + vg) * B / 8;
+      for (int64_t b = b0; b < b1; ++b) {
+        const unsigned byte = row[b];
+        for (int e = 0; e < 8 / B; ++e) d[b * (8 / B) + e] = float(int((byte >> (e * B)) & mask) - zg) * sg;
       }
-      blas::gemm(false, false, rows, hd, kn, 1.0f, S.data(), kn, V, ld, 0.0f, O, ldq);
+      c += vg;
+    } else {
+      for (const int64_t e = c + vg; c < e; ++c) d[c] = float(int(kivi_code(row, c, B)) - zg) * sg;
     }
-  });
+  }
+}
+
+// Rows [0, n) of kv head kh of a packed layer -> f32 [n, hd] keys and values.
+template <int B>
+void decode_rows(const KiviView& kv, int64_t KVH, int64_t hd, int64_t kh, int64_t n, float* K, float* V) {
+  const int64_t rb = hd * B / 8, nq = std::min(n, kv.quantized), nvg = hd / kv.vgroup;
+  const auto* kc = kv.k_codes.data<uint8_t>();
+  const auto* vc = kv.v_codes.data<uint8_t>();
+  const float* ks = kv.k_scale.data<float>();
+  const auto* kz = kv.k_zero.data<uint8_t>();
+  const float* vs = kv.v_scale.data<float>();
+  const auto* vz = kv.v_zero.data<uint8_t>();
+  for (int64_t j = 0; j < nq; ++j) {
+    const int64_t r = j * KVH + kh, p = ((j / kv.group) * KVH + kh) * hd;
+    decode_key_row<B>(kc + r * rb, hd, ks + p, kz + p, K + j * hd);
+    decode_value_row<B>(vc + r * rb, hd, kv.vgroup, vs + r * nvg, vz + r * nvg, V + j * hd);
+  }
+  const auto* kr = static_cast<const uint16_t*>(kv.k_res.raw_data());
+  const auto* vr = static_cast<const uint16_t*>(kv.v_res.raw_data());
+  for (int64_t j = nq; j < n; ++j) {
+    const int64_t r = ((j % kv.ring) * KVH + kh) * hd;
+    vec::f16_to_f32(kr + r, K + j * hd, hd);
+    vec::f16_to_f32(vr + r, V + j * hd, hd);
+  }
+}
+
+void check_kivi_view(const char* op, const KiviView& kv, int64_t KVH, int64_t hd) {
+  if (kv.bits != 2 && kv.bits != 4 && kv.bits != 8) throw_error(op, ": ", kv.bits, " bits (expected 2, 4 or 8)");
+  if ((hd * kv.bits) % 8 != 0) throw_error(op, ": head_dim ", hd, " of ", kv.bits, "-bit codes is not a whole number of bytes");
+  if (kv.group < 1 || kv.vgroup < 1 || hd % kv.vgroup != 0)
+    throw_error(op, ": groups of ", kv.group, " tokens / ", kv.vgroup, " channels do not fit head_dim ", hd);
+  const int64_t cap = kv.k_codes.dim() == 3 ? kv.k_codes.size(0) : -1;
+  if (!(0 <= kv.quantized && kv.quantized <= kv.length && kv.length <= cap) || kv.quantized % kv.group != 0 ||
+      kv.length - kv.quantized > kv.ring)
+    throw_error(op, ": inconsistent cache state (", kv.quantized, " of ", kv.length, " tokens packed, capacity ", cap,
+                ", ring ", kv.ring, ", group ", kv.group, ")");
+  struct Want {
+    const Tensor* t;
+    Shape shape;
+    DType dt;
+    const char* name;
+  };
+  const Want wants[] = {{&kv.k_codes, {cap, KVH, hd * kv.bits / 8}, DType::U8, "k_codes"},
+                        {&kv.v_codes, {cap, KVH, hd * kv.bits / 8}, DType::U8, "v_codes"},
+                        {&kv.k_scale, {(cap + kv.group - 1) / kv.group, KVH, hd}, DType::F32, "k_scale"},
+                        {&kv.k_zero, {(cap + kv.group - 1) / kv.group, KVH, hd}, DType::U8, "k_zero"},
+                        {&kv.v_scale, {cap, KVH, hd / kv.vgroup}, DType::F32, "v_scale"},
+                        {&kv.v_zero, {cap, KVH, hd / kv.vgroup}, DType::U8, "v_zero"},
+                        {&kv.k_res, {kv.ring, KVH, hd}, DType::F16, "k_res"},
+                        {&kv.v_res, {kv.ring, KVH, hd}, DType::F16, "v_res"}};
+  for (const Want& w : wants) {
+    detail::check_contiguous(op, *w.t, w.name);
+    detail::check_shape(op, *w.t, w.shape, w.name);
+    if (w.t->dtype() != w.dt || w.t->device() != Device::CPU)
+      throw_error(op, ": ", w.name, " must be ", dtype_name(w.dt), " on the CPU, got ", w.t->describe());
+  }
+}
+}  // namespace
+
+void kivi_attention_forward(const Tensor& q, const KiviView& kv, double scale, Tensor& out) {
+  const char* op = "kivi_attention_forward";
+  detail::check_contiguous(op, q, "q");
+  if (q.dtype() != DType::F32 || q.device() != Device::CPU || q.dim() != 3)
+    throw_error(op, ": q must be f32 [T, heads, head_dim] on the CPU, got ", q.describe());
+  const int64_t Tq = q.size(0), H = q.size(1), hd = q.size(2);
+  const int64_t KVH = kv.k_codes.dim() == 3 ? kv.k_codes.size(1) : 0;
+  if (KVH == 0 || H % KVH != 0) throw_error(op, ": ", KVH, " kv heads do not divide ", H, " heads");
+  check_kivi_view(op, kv, KVH, hd);
+  const int64_t Tk = kv.length;
+  if (Tk < Tq) throw_error(op, ": fewer keys (", Tk, ") than queries (", Tq, ")");
+  detail::check_shape(op, out, q.shape(), "out");
+  if (out.dtype() != DType::F32 || !out.is_contiguous()) throw_error(op, ": out must be contiguous f32, got ", out.describe());
+  if (Tq == 0) return;
+  attend_tiles(q.data<float>(), out.data<float>(), Tq, H, hd, Tk, KVH, scale,
+               [&](int64_t kh, int64_t kn, std::vector<float>& Kw, std::vector<float>& Vw, const float*& K,
+                   const float*& V, int64_t& ld) {
+                 if (Kw.size() < size_t(kn * hd)) Kw.resize(size_t(kn * hd)), Vw.resize(size_t(kn * hd));
+                 switch (kv.bits) {
+                   case 2: decode_rows<2>(kv, KVH, hd, kh, kn, Kw.data(), Vw.data()); break;
+                   case 4: decode_rows<4>(kv, KVH, hd, kh, kn, Kw.data(), Vw.data()); break;
+                   default: decode_rows<8>(kv, KVH, hd, kh, kn, Kw.data(), Vw.data()); break;
+                 }
+                 K = Kw.data();
+                 V = Vw.data();
+                 ld = hd;
+               });
 }
 
 }  // namespace lowbit::ops

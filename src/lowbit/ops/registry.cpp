@@ -20,7 +20,7 @@ constexpr OpInfo kOps[] = {
     {"mse", true, kCuda, "f32 f64"},           {"adamw_step", false, kCuda, "f32 f64"},
     {"cast", true, kCuda, "f64 f32 bf16 f16"},
     {"quant_matmul", false, true, "f32 x packed"},
-    {"kv_attention", false, false, "f32 x f32/f16/i8 cache"},
+    {"kv_attention", false, false, "f32 x f32/f16/i8/KIVI int4/int2 cache"},
     {"ternary_fake_quant", false, false, "f32 f64"},  // BitLinear's quantizers (ops/ternary.h);
     {"act_quant_int8", false, false, "f32 f64"},      // their STE is autograd/bitlinear.cpp
     {"hadamard_transform", true, false, "f32 f64"},
