@@ -119,25 +119,39 @@ double AdaRoundProblem::rec(const std::vector<double>& q, std::vector<double>* e
 double AdaRoundProblem::loss(const std::vector<double>& v, double beta, double reg_weight, std::vector<double>* grad) const {
   const size_t n = size_t(out_ * in_);
   if (v.size() != n) throw_error("adaround: ", v.size(), " rounding variables for ", n, " weights");
-  std::vector<double> q(n), hv(n), inside(n);
+  // Scratch reused across calls (the optimiser calls this 10k times per layer).
+  q_.resize(n);
+  dhdv_.resize(n);
+  hv_.resize(n);
+  const double zg = o_.zeta - o_.gamma;
   for (size_t k = 0; k < n; ++k) {
-    hv[k] = rectified_sigmoid(v[k], o_.zeta, o_.gamma);
-    const double c = floor_[k] + hv[k];
-    const double cc = std::clamp(c, double(qmin_), double(qmax_));
-    inside[k] = (c >= qmin_ && c <= qmax_) ? 1.0 : 0.0;  // torch.clamp passes the gradient at the bounds
-    q[k] = (cc - zero_[k]) * scale_[k];
+    const double sg = 1.0 / (1.0 + std::exp(-v[k]));
+    const double u = sg * zg + o_.gamma;
+    const double hk = std::clamp(u, 0.0, 1.0);
+    hv_[k] = hk;
+    const double c = floor_[k] + hk;
+    // dQ/dV = s * dh/dV inside the grid (torch.clamp passes the gradient at the bounds), else 0.
+    const bool inside = c >= qmin_ && c <= qmax_;
+    dhdv_[k] = (u <= 0 || u >= 1) ? 0.0 : sg * (1 - sg) * zg;
+    if (!inside) dhdv_[k] = -dhdv_[k];  // marks "outside" for the reconstruction part (sign bit)
+    q_[k] = (std::clamp(c, double(qmin_), double(qmax_)) - zero_[k]) * scale_[k];
   }
-  std::vector<double> eh;
-  double l = rec(q, grad ? &eh : nullptr);
+  double l = rec(q_, grad ? &eh_ : nullptr);
   if (grad) grad->assign(n, 0.0);
   for (size_t k = 0; k < n; ++k) {
-    const double a = std::fabs(2 * hv[k] - 1);
-    if (reg_weight > 0) l += reg_weight * (1 - std::pow(a, beta));
+    const double a = std::fabs(2 * hv_[k] - 1);
+    double pa1 = 0;  // |2h-1|^(beta-1)
+    if (reg_weight > 0) {
+      pa1 = a > 0 ? std::pow(a, beta - 1) : 0.0;
+      l += reg_weight * (1 - pa1 * a);
+    }
     if (!grad) continue;
-    // d rec / dQ = -(E H); dQ/dh = s inside the grid; dreg/dh = -beta |2h-1|^(beta-1) sign(2h-1) 2.
-    double dh = -eh[k] * scale_[k] * inside[k];
-    if (reg_weight > 0 && a > 0) dh -= reg_weight * beta * std::pow(a, beta - 1) * (2 * hv[k] > 1 ? 2.0 : -2.0);
-    (*grad)[k] = dh * rectified_sigmoid_grad(v[k], o_.zeta, o_.gamma);
+    const double d = dhdv_[k];
+    if (d == 0) continue;
+    // d rec / dQ = -(E H); dQ/dh = s inside the grid; dreg/dh = -2 beta |2h-1|^(beta-1) sign(2h-1).
+    double dh = d > 0 ? -eh_[k] * scale_[k] : 0.0;
+    if (reg_weight > 0 && a > 0) dh -= reg_weight * beta * pa1 * (2 * hv_[k] > 1 ? 2.0 : -2.0);
+    (*grad)[k] = dh * std::fabs(d);
   }
   return l;
 }

@@ -96,6 +96,7 @@ class AdaRoundProblem {
   std::vector<double> floor_;          // floor(W/s) + z (codes before adding h)
   std::vector<double> scale_, zero_;   // per element
   std::vector<double> v0_;
+  mutable std::vector<double> q_, hv_, dhdv_, eh_;  // scratch of loss()
   std::vector<GroupParams> params_;
   float ts_ = 1;
   float qmin_ = 0, qmax_ = 0;
