@@ -154,7 +154,7 @@ TEST(AdaRound, BeatsNearestRoundingOnRandomLayers) {
 // gives codes (0, 1, 2, 3) and e = w - code * s0 = (0, +, +, ~0). The straight-through gradient of
 // the step is sum_k -2 e_k (code_k - x_k / s0) (LSQ's): the rounding residuals code - x/s are
 // negative for codes 1 and 2, so it is positive and Adam's first step, lr * sign(g) exactly,
-// lowers the step by lr_s = 1e-2 * 2.9 / 3, although the least-squares step for these codes,
+// lowers the step by lr_s = 1e-3 / 3 (the range's lr over qmax - qmin), although the least-squares step for these codes,
 // 13.7 / 14 = 0.9786, is larger than s0: the straight-through estimator's known bias, kept as in
 // the reference. With the weights fixed (lr 0) the codes stay, so Q = code * f16(s0 - lr_s).
 TEST(AdaQuant, FirstStepFollowsTheStraightThroughGradient) {
@@ -166,7 +166,7 @@ TEST(AdaQuant, FirstStepFollowsTheStraightThroughGradient) {
   o.lr_w = 0;
   AdaQuantResult r = adaquant_quantize(w, h, f, o);
   const double s0 = fmt_f16_to_f32(fmt_f32_to_f16(float(2.9 / 3)));
-  const double s1 = fmt_f16_to_f32(fmt_f32_to_f16(float(s0 - 1e-2 * 2.9 / 3)));
+  const double s1 = fmt_f16_to_f32(fmt_f32_to_f16(float(s0 - 1e-3 / 3)));
   Tensor q = r.q.dequantize();
   for (int k = 0; k < 4; ++k) EXPECT_NEAR(q.item(k), k * s1, 1e-6) << k;
   auto rec = [&](double step) {

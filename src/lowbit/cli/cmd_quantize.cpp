@@ -378,7 +378,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   }
   if (a.method == "adaquant") {
     const AdaQuantOptions& o = a.adaquant;
-    extra["adaquant"] = {{"iters", o.iters}, {"lr_w_times_std", o.lr_w}, {"lr_s_times_range_over_qmax", o.lr_s},
+    extra["adaquant"] = {{"iters", o.iters}, {"lr_w", o.lr_w}, {"lr_range", o.lr_range},
                          {"learn_scales", o.learn_scales}};
     report["adaquant"] = extra["adaquant"];
   }
@@ -494,8 +494,7 @@ void register_quantize(CLI::App& app) {
       ->capture_default_str()
       ->check(at_least(1));
   q->add_option("--aq-lr", a->adaquant.lr_w,
-                "adaquant: learning rate of the weights, times std(W) (reference code: 1e-2); the steps' is "
-                "1e-2 * (max W - min W) / (2^bits - 1)")
+                "adaquant: Adam learning rate of the weights (reference code: 1e-5; the group ranges' is 1e-3)")
       ->capture_default_str()
       ->check(above(0));
   q->add_option("--nt-lr-depth", a->nt.lr_depth_scale,

@@ -237,7 +237,7 @@ GptqResult AdaRoundMethod::solve(const Tensor& w, const Tensor& h) {
 AdaQuantResult adaquant_quantize(const Tensor& w_in, const Tensor& h_in, const QuantFormat& f, const AdaQuantOptions& o) {
   check_int_format(f, "adaquant");
   if (o.iters < 0) throw_error("adaquant: iterations must be >= 0, got ", o.iters);
-  if (!(o.lr_w >= 0) || !(o.lr_s >= 0)) throw_error("adaquant: learning rates must be >= 0");
+  if (!(o.lr_w >= 0) || !(o.lr_range >= 0)) throw_error("adaquant: learning rates must be >= 0");
   const Tensor w = checked_weight(w_in, f, "adaquant");
   const int64_t out = w.size(0), in = w.size(1), G = f.n_groups(in);
   const Tensor h = checked_hessian(h_in, in, "adaquant");
@@ -249,18 +249,8 @@ AdaQuantResult adaquant_quantize(const Tensor& w_in, const Tensor& h_in, const Q
   auto group_of = [&](int64_t j) { return f.group_size ? j / f.group_size : 0; };
   // Trainable: x = W + V (element-wise) then the group scales s (one vector for Adam).
   std::vector<double> x(n + params.size()), g(x.size(), 0.0);
-  double mean = 0, wmin = W[0], wmax = W[0];
-  for (size_t k = 0; k < n; ++k) {
-    x[k] = W[k];
-    mean += W[k];
-    wmin = std::min(wmin, double(W[k]));
-    wmax = std::max(wmax, double(W[k]));
-  }
-  mean /= double(n);
-  double var = 0;
-  for (size_t k = 0; k < n; ++k) var += (W[k] - mean) * (W[k] - mean);
-  const double lr_w = o.lr_w * std::sqrt(var / double(n));
-  const double lr_s = o.lr_s * (wmax - wmin) / qmax;  // qmax = 2^bits - 1
+  for (size_t k = 0; k < n; ++k) x[k] = W[k];
+  const double lr_w = o.lr_w, lr_s = o.lr_range / (qmax - qmin);
   for (size_t i = 0; i < params.size(); ++i) x[n + i] = params[i].scale;
   auto scale_of = [&](const std::vector<double>& xs, int64_t r, int64_t j) { return xs[n + size_t(r * G + group_of(j))]; };
   // Q, the clamp mask and the codes for the current x.
@@ -335,7 +325,7 @@ AdaQuantResult adaquant_quantize(const Tensor& w_in, const Tensor& h_in, const Q
 }
 
 std::string AdaQuantMethod::options_key() const {
-  return "iters=" + std::to_string(a_.iters) + ",lr_w=" + key_number(a_.lr_w) + ",lr_s=" + key_number(a_.lr_s) +
+  return "iters=" + std::to_string(a_.iters) + ",lr_w=" + key_number(a_.lr_w) + ",lr_range=" + key_number(a_.lr_range) +
          ",scales=" + std::to_string(a_.learn_scales);
 }
 

@@ -31,13 +31,16 @@
 //   (round's derivative 1; clamped elements pass no gradient to V; ds gets (code - z) - (W+V)/s
 //   inside the grid, (code - z) at the clamp). The zero points stay (they are integers in the
 //   stored format); s is rounded to the f16 the format stores at the end.
-// Defaults from the reference code (CalibTIP, adaquant(): Adam, 100 iterations, learning rates
-// "lr_factor = 1e-2" times the tensor's statistics: weights 1e-2 * std(W), the weight range
-// 1e-2 * (max W - min W), i.e. a step lr of 1e-2 * (max W - min W) / (2^bits - 1) here; the
-// absolute values there, 1e-5 and 1e-3, were tuned for 8-bit ResNet/MobileNet weights). The
-// "sequential" AdaQuant is what the pipeline does: each layer is trained on the inputs produced by
-// the already quantized layers and blocks (default --next-input quantized). The reference's bias
-// tuning and activation-quantizer parameters do not apply (weight-only, Llama has no biases).
+// Defaults from the reference code (CalibTIP, adaquant(): Adam, 100 iterations, lr 1e-5 for the
+// weights and 1e-3 for the quantizer's range (= step * (qmax - qmin) here, so the step's lr is
+// 1e-3 / (qmax - qmin)); its comments note they were tuned for 8-bit ResNet/MobileNet and that
+// "lr_factor = 1e-2" times std(W) / the weight range was tried: with those relative rates
+// (1e-2 * std(W), 1e-2 * (max - min)) AdaQuant was worse than RTN at int4g128 on stories260K,
+// docs/results/ptq17-stories260k.md). The "sequential" AdaQuant is what the pipeline does: each
+// layer is trained on the inputs produced by the already quantized layers and blocks (default
+// --next-input quantized), but the target is W on those same inputs, not the FP layer on FP
+// inputs. The reference's bias tuning and activation-quantizer parameters do not apply
+// (weight-only, Llama has no biases).
 //
 // Both run on the host in f32/double (W and H are brought to the CPU), one gemm of [out, in] x
 // [in, in] per iteration.
@@ -60,8 +63,8 @@ struct AdaRoundOptions {
 
 struct AdaQuantOptions {
   int iters = 100;
-  double lr_w = 1e-2;     // times std(W)
-  double lr_s = 1e-2;     // times (max W - min W) / (2^bits - 1)
+  double lr_w = 1e-5;      // Adam lr of the weights W + V
+  double lr_range = 1e-3;  // Adam lr of each group's range s * (qmax - qmin)
   bool learn_scales = true;
 };
 
