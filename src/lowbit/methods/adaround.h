@@ -12,14 +12,15 @@
 // ---- AdaRound (Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training Quantization",
 // arXiv 2004.10568) -----------------------------------------------------------------------------
 //   soft Q = s * (clamp(floor(W/s) + h(V) + z, qmin, qmax) - z),   h(V) = clip(sigmoid(V)(zeta - gamma) + gamma, 0, 1)
-//   (rectified sigmoid, eq. 23; zeta = 1.1, gamma = -0.1), scales s and zeros z fixed;
-//   loss = rec(soft Q) + lambda * sum (1 - |2 h(V) - 1|^beta)   (eq. 24-25), beta annealed;
+//   (the rectified sigmoid), scales s and zeros z fixed;
+//   loss = rec(soft Q) + lambda * sum (1 - |2 h(V) - 1|^beta), beta annealed;
 //   V starts where h(V) = W/s - floor(W/s) (soft Q = W inside the grid); the result rounds up where
 //   V >= 0 (h > 1/2).
-// Defaults (paper §5 "Experiments" and its appendix; the same values in BRECQ's reference code,
-// which implements AdaRound's layer reconstruction): 10k iterations, Adam with lr 1e-3,
-// lambda = 0.01, beta annealed linearly from 20 to 2, the first 20 % of the iterations without
-// the regularizer (warm-up). The paper's asymmetric reconstruction (FP target on FP inputs, the
+// Defaults: zeta = 1.1, gamma = -0.1 (paper, after Louizos et al.); Adam with its
+// default lr 1e-3 for 10k iterations (paper §5 "Experiments"); lambda = 0.01, beta annealed
+// linearly from 20 to 2, no regularizer in the first 20 % of the iterations (the paper's annealing
+// of beta and warm-up; the numbers as in the AIMET and BRECQ reference implementations of AdaRound,
+// whose defaults agree). The paper's asymmetric reconstruction (FP target on FP inputs, the
 // quantized model's inputs) and its activation function in the loss are not used: the target is
 // W on the same quantized-path inputs (as GPTQ/COMQ here), the loss is on the linear output.
 // Block-wise (BRECQ-style) reconstruction is not implemented.
