@@ -50,6 +50,8 @@ struct QuantArgs {
   NormTweakOptions nt;
   RsqOptions rsq;
   ComqOptions comq;
+  AdaRoundOptions adaround;
+  AdaQuantOptions adaquant;
 };
 
 // Methods that train LoRA adapters (ApiQ family): default format int2g64, --rank, --lora merge.
@@ -101,6 +103,8 @@ MethodConfig method_config(const QuantArgs& a, const QuantFormat& f, const Salie
   c.norm_tweak = a.nt;
   c.rsq = a.rsq;
   c.comq = a.comq;
+  c.adaround = a.adaround;
+  c.adaquant = a.adaquant;
   c.cle.bias_correction = has_data;  // E[x] of the bias correction comes from the calibration data
   return c;
 }
@@ -418,6 +422,18 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     extra["comq"] = {{"sweeps", a.comq.sweeps}, {"update_scales", a.comq.update_scales}};
     report["comq"] = extra["comq"];
   }
+  if (a.method == "adaround") {
+    const AdaRoundOptions& o = a.adaround;
+    extra["adaround"] = {{"iters", o.iters}, {"lr", o.lr}, {"lambda", o.lambda}, {"beta_start", o.beta_start},
+                         {"beta_end", o.beta_end}, {"warmup", o.warmup}, {"zeta", o.zeta}, {"gamma", o.gamma}};
+    report["adaround"] = extra["adaround"];
+  }
+  if (a.method == "adaquant") {
+    const AdaQuantOptions& o = a.adaquant;
+    extra["adaquant"] = {{"iters", o.iters}, {"lr_w", o.lr_w}, {"lr_range", o.lr_range},
+                         {"learn_scales", o.learn_scales}};
+    report["adaquant"] = extra["adaquant"];
+  }
   if (a.method == "rsq") {
     extra["rsq"] = {{"min_weight", a.rsq.min_weight}, {"max_weight", a.rsq.max_weight}, {"importance", "attn-con"}};
     report["rsq"] = extra["rsq"];
@@ -526,6 +542,19 @@ void register_quantize(CLI::App& app) {
   q->add_option("--comq-sweeps", a->comq.sweeps, "comq: passes over all coordinates (each followed by the scale update)")
       ->capture_default_str()
       ->check(at_least(1));
+  q->add_option("--ar-iters", a->adaround.iters, "adaround: Adam iterations per layer (paper: 10000)")
+      ->capture_default_str()
+      ->check(at_least(1));
+  q->add_option("--ar-lambda", a->adaround.lambda, "adaround: weight of the rounding regularizer (paper: 0.01)")
+      ->capture_default_str()
+      ->check(at_least(0));
+  q->add_option("--aq-iters", a->adaquant.iters, "adaquant: Adam iterations per layer (reference code: 100)")
+      ->capture_default_str()
+      ->check(at_least(1));
+  q->add_option("--aq-lr", a->adaquant.lr_w,
+                "adaquant: Adam learning rate of the weights (reference code: 1e-5; the group ranges' is 1e-3)")
+      ->capture_default_str()
+      ->check(above(0));
   q->add_option("--nt-lr-depth", a->nt.lr_depth_scale,
                 "norm-tweak: the learning rate grows linearly to lr * (1 + this) at the last block")
       ->capture_default_str()
@@ -621,7 +650,9 @@ void register_quantize(CLI::App& app) {
                                                          {"--nt-epochs", "norm-tweak"}, {"--nt-batch", "norm-tweak"},
                                                          {"--nt-lr-depth", "norm-tweak"},
                                                          {"--rsq-min", "rsq"}, {"--rsq-max", "rsq"},
-                                                         {"--comq-sweeps", "comq"}};
+                                                         {"--comq-sweeps", "comq"},
+                                                         {"--ar-iters", "adaround"}, {"--ar-lambda", "adaround"},
+                                                         {"--aq-iters", "adaquant"}, {"--aq-lr", "adaquant"}};
     for (const auto& [flag, method] : owned)
       if (q->count(flag) > 0 && a->method != method)
         throw_error(flag, " applies to --method ", method, ", not ", a->method);

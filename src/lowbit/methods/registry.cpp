@@ -71,6 +71,20 @@ void register_builtins(std::vector<MethodInfo>& r) {
               throw_error("comq: format ", c.format->name, " is not an integer format (int*g*, int*pc, their symmetric forms)");
             return std::make_unique<ComqMethod>(*c.format, c.comq);
           }});
+  add(r, {"adaround", "AdaRound: learned up/down rounding per weight (rectified sigmoid, annealed regularizer) on "
+                      "each layer's output error (--ar-iters, --ar-lambda; integer formats)",
+          true, false, [](const MethodConfig& c) {
+            if (c.format->kind != QuantKind::IntAsym && c.format->kind != QuantKind::IntSym)
+              throw_error("adaround: format ", c.format->name, " is not an integer format (int*g*, int*pc, their symmetric forms)");
+            return std::make_unique<AdaRoundMethod>(*c.format, c.adaround);
+          }});
+  add(r, {"adaquant", "AdaQuant: weights and group steps trained (straight-through rounding) on each layer's output "
+                      "error, inputs from the quantized layers (--aq-iters; integer formats)",
+          true, false, [](const MethodConfig& c) {
+            if (c.format->kind != QuantKind::IntAsym && c.format->kind != QuantKind::IntSym)
+              throw_error("adaquant: format ", c.format->name, " is not an integer format (int*g*, int*pc, their symmetric forms)");
+            return std::make_unique<AdaQuantMethod>(*c.format, c.adaquant);
+          }});
   add(r, {"cle", "cross-layer equalization (norm->q/k/v, norm->gate/up, up->down, v->o without GQA) then RTN; "
                  "data-free; bias correction where a layer has a bias and data is given",
           false, false, [](const MethodConfig& c) { return std::make_unique<CleMethod>(*c.format, c.cle); }});

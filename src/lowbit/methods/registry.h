@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "lowbit/methods/adaround.h"
 #include "lowbit/methods/apiq.h"
 #include "lowbit/methods/awq.h"
 #include "lowbit/methods/cle.h"
@@ -36,6 +37,8 @@ struct MethodConfig {
   std::string base = "gptq";            // norm-tweak: the method that quantizes the block (rtn, gptq, awq)
   RsqOptions rsq;
   ComqOptions comq;
+  AdaRoundOptions adaround;
+  AdaQuantOptions adaquant;
   CleOptions cle;                       // cle.bias_correction: set when calibration data is given
 };
 
