@@ -226,9 +226,9 @@ std::string AdaRoundMethod::options_key() const {
          ",zeta=" + key_number(a_.zeta) + ",gamma=" + key_number(a_.gamma);
 }
 
-GptqResult AdaRoundMethod::solve(const Tensor& w, const Tensor& h) {
+GptqResult AdaRoundMethod::solve(const Tensor& w, const Tensor& h, const QuantFormat& f) {
   GptqResult r;
-  r.q = adaround_quantize(w.to(Device::CPU), h.to(Device::CPU), f_, a_).q;
+  r.q = adaround_quantize(w.to(Device::CPU), h.to(Device::CPU), f, a_).q;
   return r;
 }
 
@@ -329,9 +329,9 @@ std::string AdaQuantMethod::options_key() const {
          ",scales=" + std::to_string(a_.learn_scales);
 }
 
-GptqResult AdaQuantMethod::solve(const Tensor& w, const Tensor& h) {
+GptqResult AdaQuantMethod::solve(const Tensor& w, const Tensor& h, const QuantFormat& f) {
   GptqResult r;
-  r.q = adaquant_quantize(w.to(Device::CPU), h.to(Device::CPU), f_, a_).q;
+  r.q = adaquant_quantize(w.to(Device::CPU), h.to(Device::CPU), f, a_).q;
   return r;
 }
 

@@ -130,7 +130,7 @@ class AdaRoundMethod : public GptqMethod {
   std::string options_key() const override;
 
  protected:
-  GptqResult solve(const Tensor& w, const Tensor& h) override;
+  GptqResult solve(const Tensor& w, const Tensor& h, const QuantFormat& f) override;
 
  private:
   AdaRoundOptions a_;
@@ -143,7 +143,7 @@ class AdaQuantMethod : public GptqMethod {
   std::string options_key() const override;
 
  protected:
-  GptqResult solve(const Tensor& w, const Tensor& h) override;
+  GptqResult solve(const Tensor& w, const Tensor& h, const QuantFormat& f) override;
 
  private:
   AdaQuantOptions a_;
