@@ -64,6 +64,7 @@ TEST(FormatPlan, EveryRegisteredMethodFollowsThePlan) {
     mc.format = &quant_format(QuantFormatId::Int4G32);
     mc.apiq.epochs = 1;
     mc.apiq.layer.rank = 2;
+    mc.adaround.iters = 50;  // the format path, not the optimisation, is under test
     mc.base = "gptq";
     auto method = make_method(info.name, mc);
     PipelineOptions o;
