@@ -28,40 +28,6 @@ Tensor mat(int64_t r, int64_t c, std::initializer_list<float> v) {
   return t;
 }
 
-// Quantizes a fresh copy of stories260K with `make()`, then again killed after two blocks and
-// resumed, and checks both give the same weights and norms.
-template <class Make>
-void expect_resume_identical(const test::StoriesPtq& t, Make make, const char* fmt) {
-  Checkpoint ck = load_llama2c(t.model_path);
-  const QuantFormat& f = parse_quant_format(fmt);
-  LlamaModel full(ck.config, ck.weights);
-  auto m1 = make(f);
-  t.quantize(full, *m1, f);
-  auto dir = test::temp_dir("ptq17-resume");
-  PipelineOptions o;
-  o.state_dir = dir.string();
-  o.stop_after_blocks = 2;
-  o.checkpoint_seconds = 1e9;
-  {
-    LlamaModel part(ck.config, ck.weights);
-    auto m2 = make(f);
-    EXPECT_FALSE(t.quantize(part, *m2, f, o).complete);
-  }
-  o.stop_after_blocks = 0;
-  LlamaModel resumed(ck.config, ck.weights);
-  auto m3 = make(f);
-  PipelineReport r = t.quantize(resumed, *m3, f, o);
-  EXPECT_EQ(r.resumed_from_block, 2);
-  EXPECT_EQ(r.linears.size(), 35u);
-  LlamaWeights a = full.weights(), b = resumed.weights();
-  for (int i = 0; i < ck.config.n_layers; ++i) {
-    EXPECT_EQ(max_abs_diff(a.layers[i].wq, b.layers[i].wq), 0.0) << "layer " << i;
-    EXPECT_EQ(max_abs_diff(a.layers[i].w_down, b.layers[i].w_down), 0.0) << "layer " << i;
-    EXPECT_EQ(max_abs_diff(a.layers[i].attn_norm, b.layers[i].attn_norm), 0.0) << "layer " << i;
-    EXPECT_EQ(max_abs_diff(a.layers[i].ffn_norm, b.layers[i].ffn_norm), 0.0) << "layer " << i;
-  }
-  std::filesystem::remove_all(dir);
-}
 
 }  // namespace
 
