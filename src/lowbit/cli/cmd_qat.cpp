@@ -54,7 +54,9 @@ void run_qat(QatArgs& a) {
   OutputDir out(a.out, "--out");
   out.refuse_input(a.model, "the input model");
   a.c.state_dir = a.state_dir.empty() ? (fs::path(a.out) / ".state").string() : a.state_dir;
-  out.keep_if_exists(a.c.state_dir);  // a failed run keeps its resumable state (created by the first save)
+  OutputDir state(a.c.state_dir, "--state-dir");  // created now: an unusable path fails before training
+  state.keep_if_exists(a.c.state_dir);             // a failed run keeps its resumable state once saved
+  out.keep_if_exists(a.c.state_dir);
   LoadedModel m = load_model(a.model, dev);
   std::vector<int32_t> stream;
   if (!a.train_tokens.empty()) {

@@ -284,6 +284,10 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     throw_error("--bf16 applies to the training of apiq, apiq-layer and sapr, not to --method ", a.method);
   if (a.tf32) cuda_set_allow_tf32(true);
   OutputDir out(out_dir, "--out");
+  const std::string state_dir = a.state_dir.empty() ? (fs::path(out_dir) / ".state").string() : a.state_dir;
+  OutputDir state(state_dir, "--state-dir");  // created now: an unusable path fails before any work
+  state.keep_if_exists(state_dir);            // a failed run keeps its resumable state once saved
+  out.keep_if_exists(state_dir);
   out.refuse_input(a.model, "the input model");
   // Rotating needs dense weights (a GGUF input in block types is then dequantized, as its FP baseline).
   LoadedModel m = load_model(a.model, dev, /*dequantize=*/a.tr.rotating());
@@ -358,10 +362,9 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   PipelineOptions o;
   o.next_from_fp = a.next_input == "fp";
   o.batch = a.batch;
-  o.state_dir = a.state_dir.empty() ? (fs::path(out_dir) / ".state").string() : a.state_dir;
+  o.state_dir = state_dir;
   o.checkpoint_seconds = a.checkpoint_seconds;
   if (plan) o.formats = &plan->formats;
-  out.keep_if_exists(o.state_dir);  // a failed run keeps its resumable state
   PipelineReport r = run_blockwise(*m.model, calib, *method, f, o);
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& l : r.linears)

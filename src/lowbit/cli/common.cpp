@@ -428,7 +428,8 @@ OutputDir::OutputDir(std::string path, std::string flag) : path_(std::move(path)
 OutputDir::~OutputDir() {
   if (keep_ || created_.empty()) return;
   std::error_code ec;
-  if (!keep_if_.empty() && fs::exists(keep_if_, ec)) return;
+  if (!keep_if_.empty() && fs::exists(keep_if_, ec) && !(fs::is_directory(keep_if_, ec) && fs::is_empty(keep_if_, ec)))
+    return;
   fs::remove_all(created_, ec);
 }
 

@@ -139,7 +139,10 @@ CLI::Validator non_empty();
 // directory (lowbit::Error naming the flag), creates it and any missing parents. If the command
 // fails (the object is destroyed without keep()), the directories it created are removed with
 // everything in them; a directory that already existed is left as it was. Call keep() once the
-// output is complete, and keep_if_exists(state_file) before a resumable run starts.
+// output is complete, and keep_if_exists(state_file) before a resumable run starts. A resumable
+// run's state directory is an OutputDir of its own (flag "--state-dir"), made before any work so a
+// path that cannot be created fails at once; on failure it is kept only once a save has written
+// into it (keep_if_exists ignores an empty directory).
 class OutputDir {
  public:
   OutputDir(std::string path, std::string flag = "--out");
@@ -149,7 +152,8 @@ class OutputDir {
   // Throws when the output directory is (or is inside) `input`, e.g. refuse_input(model, "the input model").
   void refuse_input(const std::string& input, const std::string& what) const;
   void keep() { keep_ = true; }
-  // On failure, keep the directory after all when `file` exists then (a resumable run's state).
+  // On failure, keep the directory after all when `file` exists then and is not an empty directory
+  // (a resumable run's state).
   void keep_if_exists(std::string file) { keep_if_ = std::move(file); }
   const std::string& path() const { return path_; }
   bool existed() const { return created_.empty(); }
