@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "lowbit/core/format_traits.h"
 #include "lowbit/ops/kv_quant.h"
 #include "lowbit/ops/ops.h"
 
@@ -73,7 +74,7 @@ TEST(KiviCodec, MatchesTheFormulaAndRoundTrips) {
           ASSERT_EQ(int(zero.data<uint8_t>()[slot]), ref.z);
           for (int64_t k = 0; k < group; ++k) {
             const int64_t i = at[size_t(k)], r = i / N, c = i % N;
-            ASSERT_EQ(int(ops::kivi_code(codes.data<uint8_t>() + r * (N * bits / 8), c, bits)), ref.codes[size_t(k)]);
+            ASSERT_EQ(int(unpack_code(bits, codes.data<uint8_t>() + r * (N * bits / 8), c)), ref.codes[size_t(k)]);
             const float want = float(ref.codes[size_t(k)] - ref.z) * ref.s;
             ASSERT_EQ(y.data<float>()[i], want);
             ASSERT_EQ(fq.data<float>()[i], want);

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "lowbit/core/blas.h"
+#include "lowbit/core/format_traits.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/core/vecmath.h"
 #include "lowbit/ops/dispatch.h"
@@ -205,7 +206,7 @@ void decode_value_row(const uint8_t* row, int64_t hd, int64_t vg, const float* s
       }
       c += vg;
     } else {
-      for (const int64_t e = c + vg; c < e; ++c) d[c] = float(int(kivi_code(row, c, B)) - zg) * sg;
+      for (const int64_t e = c + vg; c < e; ++c) d[c] = float(int(unpack_code(B, row, c)) - zg) * sg;
     }
   }
 }

@@ -3,9 +3,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
+#include "lowbit/core/format_traits.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
 
@@ -109,8 +109,8 @@ void kivi_quantize(const Tensor& x, int bits, int64_t group, bool per_column, Te
   auto* cp = codes.data<uint8_t>();
   float* sp = scale.data<float>();
   auto* zp = zero.data<uint8_t>();
-  if (codes.nbytes() > 0) std::memset(cp, 0, codes.nbytes());
-  // Codes first as one byte per value (groups may share a packed byte across threads), then packed.
+  // Codes first as one byte per value (groups may share a packed byte across threads), then packed
+  // with the format table's row packer (core/format_traits.h: the layout of lowbit's weight codes).
   std::vector<uint8_t> wide(size_t(M * N));
   for_each_group(xp, M, N, bits, group, per_column, [&](const Params& p, int64_t base, int64_t stride, int64_t slot) {
     sp[slot] = p.s;
@@ -118,13 +118,7 @@ void kivi_quantize(const Tensor& x, int bits, int64_t group, bool per_column, Te
     for (int64_t k = 0; k < group; ++k) wide[size_t(base + k * stride)] = uint8_t(encode(xp[base + k * stride], p, qmax));
   });
   const int64_t rb = N * bits / 8;
-  for (int64_t r = 0; r < M; ++r) {
-    uint8_t* row = cp + r * rb;
-    for (int64_t j = 0; j < N; ++j) {
-      const int64_t bit = j * bits;
-      row[bit >> 3] = uint8_t(row[bit >> 3] | (wide[size_t(r * N + j)] << (bit & 7)));
-    }
-  }
+  for (int64_t r = 0; r < M; ++r) pack_code_row(bits, wide.data() + r * N, N, cp + r * rb);
 }
 
 void kivi_dequantize(const Tensor& codes, const Tensor& scale, const Tensor& zero, int bits, int64_t group,
@@ -145,7 +139,7 @@ void kivi_dequantize(const Tensor& codes, const Tensor& scale, const Tensor& zer
     for (int64_t j = 0; j < N; ++j) {
       const int64_t slot = per_column ? (r / group) * N + j : r * (N / group) + j / group;
       if (zp[slot] > qmax) throw_error(op, ": zero point ", int(zp[slot]), " is outside [0, ", qmax, "]");
-      yp[r * N + j] = decode(kivi_code(cp + r * rb, j, bits), Params{sp[slot], int(zp[slot])});
+      yp[r * N + j] = decode(unpack_code(bits, cp + r * rb, j), Params{sp[slot], int(zp[slot])});
     }
 }
 

@@ -56,10 +56,4 @@ struct KiviView {
 // copy of the whole cache is made.
 void kivi_attention_forward(const Tensor& q, const KiviView& kv, double scale, Tensor& out);
 
-// Code j of a packed row (bits in {2, 4, 8}).
-inline unsigned kivi_code(const uint8_t* row, int64_t j, int bits) {
-  const int64_t bit = j * bits;
-  return unsigned(row[bit >> 3] >> (bit & 7)) & ((1u << bits) - 1u);
-}
-
 }  // namespace lowbit::ops
