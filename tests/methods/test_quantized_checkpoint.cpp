@@ -10,6 +10,7 @@
 #include "lowbit/io/safetensors.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/ptq_methods.h"
+#include "lowbit/methods/saliency.h"
 #include "lowbit/ops/quant_matmul.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/quant/quant_linear.h"
@@ -138,6 +139,15 @@ TEST(QuantizedCheckpoint, GpuPackedModelMatchesTheCpuPackedModel) {
       EXPECT_FALSE(ql->has_dequantized_weight()) << name << ": GPU inference built an f32 copy";
       EXPECT_TRUE(ql->quantized().has_device_copy()) << name;
     }
+  // The weights of the packed GPU model (the decoded q8_0 vocabulary included) live on the GPU:
+  // SAPR's saliency pass runs a dense model built from them (the first H100 run of the SmolLM2 plan
+  // failed there: the decoded embedding stayed on the host).
+  const LlamaWeights w = gpu->weights();
+  EXPECT_EQ(w.tok_embeddings.device(), Device::CUDA);
+  EXPECT_EQ(w.layers[0].wq.device(), Device::CUDA);
+  SaliencyOptions so;
+  const SaliencyMap sal = compute_saliency(c, w, calib.slice(0, 0, 1).contiguous().slice(1, 0, 8).contiguous(), so);
+  EXPECT_EQ(sal.scores.size(), size_t(7 * c.n_layers));
 }
 
 // pack_vocab: the dense embedding/output of a lowbit directory become q8_0 blocks for inference;

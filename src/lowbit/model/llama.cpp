@@ -722,7 +722,7 @@ LlamaWeights LlamaModel::weights() const {
     parallel_for(V, 256, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) packed_embed_row_(r, e.data<float>() + r * D);
     });
-    w.tok_embeddings = e;
+    w.tok_embeddings = e.to(w.final_norm.device());  // decoded on the host; the model's device as every other weight
     w.output = config_.tied_embeddings ? Tensor() : packed_output_->effective_weight();
   }
   for (const auto& b : blocks_) {

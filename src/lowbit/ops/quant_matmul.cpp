@@ -634,7 +634,10 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
     if (!w.device || !w.device->defined() || w.device->out != w.out || w.device->in != w.in)
       throw_error(kOp, ": weight [", w.format, "] [", w.out, ", ", w.in, "] has no GPU copy (upload_packed_weight)");
     if (x.size(0) == 0) return;
-    QuantMatmulPath path = opt.path == QuantMatmulPath::Auto ? env_path() : opt.path;
+    // The same precedence as the CPU: the call's path, then the process default, then LOWBIT_QUANT_MATMUL.
+    QuantMatmulPath path = opt.path;
+    if (path == QuantMatmulPath::Auto) path = g_default_path.load(std::memory_order_relaxed);
+    if (path == QuantMatmulPath::Auto) path = env_path();
     const bool int8 = path == QuantMatmulPath::Int8 || (path == QuantMatmulPath::Auto && x.size(0) <= kQuantDecodeMaxRows);
 #ifdef LOWBIT_WITH_CUDA
     cuda::quant_matmul(x, w, y, int8);
