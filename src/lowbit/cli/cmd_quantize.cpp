@@ -13,6 +13,7 @@
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/methods/apiq.h"
 #include "lowbit/methods/calibration.h"
+#include "lowbit/methods/layer_budget.h"
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/methods/registry.h"
 #include "lowbit/methods/saliency.h"
@@ -27,6 +28,11 @@ namespace fs = std::filesystem;
 namespace {
 struct QuantArgs {
   std::string format_map, preset;  // mixed formats per tensor (quant/format_map.h)
+  // Layer-wise mixed precision (methods/layer_budget.h): --bits-budget, --mp-formats, --mp-score, --mp-samples.
+  double bits_budget = 0;
+  std::string mp_formats = "int2g64,int3g64,int4g64", mp_score = "lim";
+  int64_t mp_samples = 16;
+  bool mp_given = false;
   std::string model, tokenizer, method = "gptq", format, calib, calib_tokens, out, state_dir, device = "cpu",
       next_input = "quantized";
   int64_t nsamples = 128, seqlen = 2048, batch = 8;
@@ -231,7 +237,19 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   if (!a.format_map.empty()) fmap = read_format_map(a.format_map);
   if (!a.preset.empty() && !is_preset_name(a.preset))
     throw_error("--preset: unknown preset '", a.preset, "' (known: ", preset_names(), ")");
+  if (a.bits_budget > 0) {
+    if (!a.preset.empty() || !a.format_map.empty())
+      throw_error("--bits-budget chooses each layer's format; give it without ", a.preset.empty() ? "--format-map" : "--preset");
+    if (!a.format.empty())
+      throw_error("--bits-budget chooses each layer's format from --mp-formats (", a.mp_formats, "); drop --format ", a.format);
+    parse_layer_score(a.mp_score);
+    const auto comma = a.mp_formats.find(',');
+    parse_quant_format(a.mp_formats.substr(0, comma));  // an unknown first name fails before the model is loaded
+  } else if (a.mp_given) {
+    throw_error("--mp-formats / --mp-score / --mp-samples set up --bits-budget; give --bits-budget B too");
+  }
   std::string format = !a.format.empty() ? a.format : is_apiq(a.method) ? "int2g64" : "int4g128";
+  if (a.bits_budget > 0) format = a.mp_formats.substr(0, a.mp_formats.find(','));
   if (!a.preset.empty()) format = quant_format(preset_base(a.preset)).name;
   if (fmap && fmap->has_default && a.format.empty()) format = quant_format(fmap->default_format).name;
   const QuantFormat& f = parse_quant_format(format);
@@ -294,6 +312,21 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   std::optional<FormatPlan> plan;
   if (fmap) plan = plan_from_map(*fmap, m.model->config(), f);
   if (!a.preset.empty()) plan = plan_from_preset(a.preset, m.model->config());
+  // --bits-budget: the levels and the score are checked now; the plan is made after calibration (lim reads it).
+  std::vector<QuantFormatId> budget_levels;
+  if (a.bits_budget > 0) {
+    budget_levels = parse_budget_levels(a.mp_formats, m.model->config());
+    // A budget below the lowest level fails now (the same check runs with the real scores later).
+    plan_for_bits_budget(m.model->config(), std::vector<double>(size_t(m.model->n_layers()), 0.0), budget_levels,
+                         a.bits_budget, parse_layer_score(a.mp_score));
+    if (parse_layer_score(a.mp_score) == LayerScore::Lim && a.calib.empty() && a.calib_tokens.empty())
+      throw_error("--mp-score lim needs calibration data (--calib TEXT or --calib-tokens FILE); --mp-score zd is data-free");
+    if (to_gguf)
+      for (QuantFormatId id : budget_levels)
+        if (!quant_format(id).is_ggml_block())
+          throw_error("-o ", a.out, ": --mp-formats lists ", quant_format(id).name, ", which GGUF cannot hold (llama.cpp's "
+                      "block types only)");
+  }
   if (plan) {
     if (to_gguf)
       for (const auto& [module, id] : plan->formats)
@@ -335,6 +368,36 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   const int64_t seqlen = std::min<int64_t>(a.seqlen, m.model->config().max_seq_len);
   Tensor calib = stream.empty() ? Tensor::full({1, 2}, 1.0, DType::I32)  // RTN without data: error report on a stub
                                 : sample_calibration(stream, a.nsamples, seqlen, a.seed);
+  // --bits-budget: per-layer formats from the layers' importance (after calibration: lim reads it).
+  nlohmann::json budget_json;
+  if (a.bits_budget > 0) {
+    const LlamaConfig& mc = m.model->config();
+    const std::vector<QuantFormatId>& levels = budget_levels;
+    const LayerScore score = parse_layer_score(a.mp_score);
+    const auto ts = std::chrono::steady_clock::now();
+    const std::vector<double> importance =
+        score == LayerScore::Lim
+            ? layer_importance_lim(*m.model, calib.slice(0, 0, std::min<int64_t>(calib.size(0), a.mp_samples)).contiguous())
+            : layer_importance_zd(m.model->weights());
+    BudgetPlan bp = plan_for_bits_budget(mc, importance, levels, a.bits_budget, score);
+    const double score_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
+    nlohmann::json layers = nlohmann::json::array();
+    for (int i = 0; i < mc.n_layers; ++i)
+      layers.push_back({{"layer", i}, {"importance", bp.importance[size_t(i)]},
+                        {"format", quant_format(levels[size_t(bp.level[size_t(i)])]).name}});
+    budget_json = {{"budget", a.bits_budget}, {"score", a.mp_score}, {"levels", a.mp_formats},
+                   {"bits_per_weight", bp.bits}, {"reachable", {bp.min_bits, bp.max_bits}},
+                   {"score_samples", score == LayerScore::Lim ? std::min<int64_t>(calib.size(0), a.mp_samples) : 0},
+                   {"score_seconds", score_seconds}, {"layers", layers}};
+    if (!a.json) {
+      std::fprintf(stderr, "bits budget %.4g (%s): %.4f bits per weight over the decoder linears (reachable %.4f .. %.4f):",
+                   a.bits_budget, a.mp_score.c_str(), bp.bits, bp.min_bits, bp.max_bits);
+      for (int i = 0; i < mc.n_layers; ++i)
+        std::fprintf(stderr, " %d:%s", i, quant_format(levels[size_t(bp.level[size_t(i)])]).name);
+      std::fprintf(stderr, "\n");
+    }
+    plan = std::move(bp.plan);
+  }
   std::optional<SaliencyMap> saliency;
   double saliency_seconds = 0;
   if (a.method == "sapr") {
@@ -401,6 +464,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     nlohmann::json fp = {{"origin", plan->origin}, {"llama_ftype", plan->llama_ftype}, {"vocab_formats", vf},
                          {"summary", plan->summary()}, {"fallbacks", plan->notes}};
     if (fmap) fp["text"] = fmap->text;
+    if (!budget_json.is_null()) fp["bits_budget"] = budget_json;
     extra["format_plan"] = fp;
     report["format_plan"] = fp;
     if (const auto* gm = dynamic_cast<const GptqMethod*>(method.get()); gm && gm->rtn_layers() > 0) {
@@ -512,6 +576,18 @@ void register_quantize(CLI::App& app) {
                 "q8_0; first match wins; see README)");
   q->add_option("--preset", a->preset,
                 "llama.cpp's per-tensor type mixture (llama-quantize's choice, fallbacks included): " + preset_names());
+  q->add_option("--bits-budget", a->bits_budget,
+                "layer-wise mixed precision: average bits per weight over the decoder linears (metadata included: "
+                "int2g64 is 2.5); the most important layers (--mp-score) get the higher formats of --mp-formats")
+      ->check(above(0));
+  q->add_option("--mp-formats", a->mp_formats, "the levels --bits-budget chooses from, in increasing bits")
+      ->capture_default_str()->each([a](const std::string&) { a->mp_given = true; });
+  q->add_option("--mp-score", a->mp_score,
+                "layer importance for --bits-budget: lim (how much a layer changes its input, on calibration "
+                "windows) or zd (share of weights within one std of the mean, data-free)")
+      ->capture_default_str()->each([a](const std::string&) { a->mp_given = true; });
+  q->add_option("--mp-samples", a->mp_samples, "calibration windows the lim score reads")
+      ->capture_default_str()->check(at_least(1))->each([a](const std::string&) { a->mp_given = true; });
   q->add_option("--calib", a->calib, "calibration text file (tokenized with the model's tokenizer)");
   q->add_option("--tokenizer", a->tokenizer, "tokenizer for --calib (default: the model directory's)");
   q->add_option("--calib-tokens", a->calib_tokens, "calibration data as raw int32 token ids");
