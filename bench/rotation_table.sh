@@ -18,6 +18,9 @@
 #     --seed N            rotation seed (default 0)
 #     --threads N         lowbit threads (default: lowbit's default)
 #     --cells LIST        only these cells (default: all; e.g. "W4A8 W4A4" for a --w4 gptq run)
+#     --smooth ALPHA      SmoothQuant scale migration before quantizing the W8/W4 weights (calibration:
+#                         --calib, default linux-docs; W16 cells are not smoothed); models go to
+#                         <w>-<rot>-smooth<ALPHA>, result lines get "smooth": ALPHA
 #     --out DIR           results (default rotation-table): results.jsonl (one line a cell), table.md
 #
 # The FP model is the GGUF's dequantized Q4_1 weights (as in docs/results/smollm2.md). W8 = int8pc
@@ -31,7 +34,7 @@ lowbit=build-rel/lowbit
 model=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 wiki=$shared/data/wikitext-2-raw/wiki.test.raw
 ctx=512 max_windows=20 w4=rtn calib="" nsamples=32 seqlen=512 act4=int4 act_clip=1.0 kv_group=32 kv_window=128
-seed=0 threads="" out=rotation-table cells=""
+seed=0 threads="" out=rotation-table cells="" smooth=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --lowbit) lowbit=$2; shift 2 ;; --model) model=$2; shift 2 ;; --wiki) wiki=$2; shift 2 ;;
@@ -39,7 +42,7 @@ while [ $# -gt 0 ]; do
     --calib) calib=$2; shift 2 ;; --nsamples) nsamples=$2; shift 2 ;; --seqlen) seqlen=$2; shift 2 ;;
     --act4) act4=$2; shift 2 ;; --act-clip) act_clip=$2; shift 2 ;; --kv-group) kv_group=$2; shift 2 ;;
     --kv-window) kv_window=$2; shift 2 ;; --seed) seed=$2; shift 2 ;; --threads) threads=$2; shift 2 ;;
-    --out) out=$2; shift 2 ;; --cells) cells=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;; --cells) cells=$2; shift 2 ;; --smooth) smooth=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 1 ;;
   esac
 done
@@ -47,21 +50,24 @@ mkdir -p "$out/models"
 results=$out/results.jsonl
 thr=()
 [ -n "$threads" ] && thr=(--threads "$threads")
-if [ "$w4" = gptq ] && [ -z "$calib" ]; then
+if { [ "$w4" = gptq ] || [ -n "$smooth" ]; } && [ -z "$calib" ]; then
   calib=$out/calib-linux-docs-4MB.txt
   [ -f "$calib" ] || head -c 4000000 "$shared/data/linux-docs/train.txt" > "$calib"
 fi
 
 # Quantized weights, once per (format, rotation): dir = $out/models/<w>-<rot>.
 weights() {  # w (w8|w4) rot (none|hadamard) -> prints the model path
-  local w=$1 rot=$2 dir=$out/models/$1-$2 args
+  local w=$1 rot=$2 dir=$out/models/$1-$2${smooth:+-smooth$smooth} args
   if [ "$w" = w8 ]; then args=(--method rtn --format int8pc)
   else args=(--method "$w4" --format int4g128)
-    [ "$w4" = gptq ] && args+=(--calib "$calib" --tokenizer "$model" --nsamples "$nsamples" --seqlen "$seqlen")
   fi
+  if [ "$w4" = gptq ] || [ -n "$smooth" ]; then
+    args+=(--calib "$calib" --tokenizer "$model" --nsamples "$nsamples" --seqlen "$seqlen")
+  fi
+  [ -n "$smooth" ] && args+=(--smooth "$smooth")
   if [ ! -f "$dir/config.json" ]; then
     "$lowbit" -q quantize -m "$model" "${args[@]}" --rotate "$rot" --rotate-seed "$seed" "${thr[@]}" -o "$dir" --json \
-      > "$out/models/$1-$2.quantize.json" 2> "$out/models/$1-$2.quantize.err" || { echo "quantize $w $rot failed" >&2; return 1; }
+      > "$dir.quantize.json" 2> "$dir.quantize.err" || { echo "quantize $w $rot failed" >&2; return 1; }
   fi
   echo "$dir"
 }
@@ -79,8 +85,8 @@ cell() {  # name w act kv rot
   t0=$(date +%s)
   if j=$("$lowbit" -q eval ppl -m "$path" --tokenizer "$model" --text "$wiki" --ctx "$ctx" --max-windows "$max_windows" \
           "${args[@]}" "${thr[@]}" --json); then
-    python3 -c 'import json,sys; j=json.loads(sys.argv[1]); j.update(cell=sys.argv[2], weights=sys.argv[3], w4_method=sys.argv[4], wall_seconds=int(sys.argv[5])); print(json.dumps(j))' \
-      "$j" "$name" "$w" "$w4" "$(( $(date +%s) - t0 ))" >> "$results"
+    python3 -c 'import json,sys; j=json.loads(sys.argv[1]); j.update(cell=sys.argv[2], weights=sys.argv[3], w4_method=sys.argv[4], wall_seconds=int(sys.argv[5])); j.update({"smooth": float(sys.argv[6])} if sys.argv[6] and sys.argv[3] != "w16" else {}); print(json.dumps(j))' \
+      "$j" "$name" "$w" "$w4" "$(( $(date +%s) - t0 ))" "$smooth" >> "$results"
   else
     echo "{\"cell\":\"$name\",\"rotation\":\"$rot\",\"error\":\"eval failed\"}" >> "$results"
   fi

@@ -14,6 +14,7 @@
 #include "lowbit/methods/apiq.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/layer_budget.h"
+#include "lowbit/methods/smoothquant.h"
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/methods/registry.h"
 #include "lowbit/methods/saliency.h"
@@ -33,6 +34,7 @@ struct QuantArgs {
   std::string mp_formats = "int2g64,int3g64,int4g64", mp_score = "lim";
   int64_t mp_samples = 16;
   bool mp_given = false;
+  double smooth = -1;  // --smooth ALPHA (methods/smoothquant.h); < 0: off
   std::string model, tokenizer, method = "gptq", format, calib, calib_tokens, out, state_dir, device = "cpu",
       next_input = "quantized";
   int64_t nsamples = 128, seqlen = 2048, batch = 8;
@@ -308,7 +310,14 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   out.keep_if_exists(state_dir);
   out.refuse_input(a.model, "the input model");
   // Rotating needs dense weights (a GGUF input in block types is then dequantized, as its FP baseline).
-  LoadedModel m = load_model(a.model, dev, /*dequantize=*/a.tr.rotating());
+  if (a.smooth >= 0) {
+    if (dev != Device::CPU)
+      throw_error("--smooth: SmoothQuant's scale migration runs on the CPU (--device cpu), as the activation quantizers do");
+    if (a.calib.empty() && a.calib_tokens.empty())
+      throw_error("--smooth needs calibration data (--calib TEXT or --calib-tokens FILE): the scales come from the "
+                  "activations' channel maxima");
+  }
+  LoadedModel m = load_model(a.model, dev, /*dequantize=*/a.tr.rotating() || a.smooth >= 0);
   std::optional<FormatPlan> plan;
   if (fmap) plan = plan_from_map(*fmap, m.model->config(), f);
   if (!a.preset.empty()) plan = plan_from_preset(a.preset, m.model->config());
@@ -368,6 +377,31 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   const int64_t seqlen = std::min<int64_t>(a.seqlen, m.model->config().max_seq_len);
   Tensor calib = stream.empty() ? Tensor::full({1, 2}, 1.0, DType::I32)  // RTN without data: error report on a stub
                                 : sample_calibration(stream, a.nsamples, seqlen, a.seed);
+  // --smooth: SmoothQuant's scales from the first windows, folded into the norms and linears; the
+  // model is rebuilt from the smoothed weights (the same function in full precision).
+  nlohmann::json smooth_json;
+  if (a.smooth >= 0) {
+    const auto ts = std::chrono::steady_clock::now();
+    const int64_t ns = std::min<int64_t>(calib.size(0), 32);
+    const SmoothStats st = collect_smooth_stats(*m.model, calib.slice(0, 0, ns).contiguous());
+    LlamaWeights w = weights_to(m.model->weights(), Device::CPU);
+    SmoothOptions so;
+    so.alpha = a.smooth;
+    so.down = m.model->transforms().rotation.empty();  // the online Hadamard before down_proj
+    const SmoothReport sr = smooth_weights(w, st, so);
+    ModelTransforms t = m.model->transforms();
+    const LlamaConfig c = m.model->config();
+    m.model = std::make_unique<LlamaModel>(c, w, false);
+    m.model->set_transforms(std::move(t));
+    m.checkpoint.config = c;
+    m.checkpoint.weights = std::move(w);
+    smooth_json = {{"alpha", a.smooth}, {"points", sr.points}, {"down", so.down}, {"samples", ns},
+                   {"min_scale", sr.min_scale}, {"max_scale", sr.max_scale},
+                   {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count()}};
+    if (!a.json)
+      std::fprintf(stderr, "smoothquant alpha %.3g: %d points folded (scales %.3g .. %.3g)%s\n", a.smooth, sr.points,
+                   sr.min_scale, sr.max_scale, so.down ? "" : "; down_proj not smoothed (rotated model)");
+  }
   // --bits-budget: per-layer formats from the layers' importance (after calibration: lim reads it).
   nlohmann::json budget_json;
   if (a.bits_budget > 0) {
@@ -454,6 +488,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   {
     const ModelTransforms& t = m.model->transforms();
     report["rotation"] = t.rotation.empty() ? "none" : t.rotation;
+    if (!smooth_json.is_null()) report["smooth"] = smooth_json;
     report["act"] = act_quant_name(t.act);
     report["kv_quant"] = t.kv.enabled() ? "int" + std::to_string(t.kv.bits) : "none";
   }
@@ -588,6 +623,10 @@ void register_quantize(CLI::App& app) {
       ->capture_default_str()->each([a](const std::string&) { a->mp_given = true; });
   q->add_option("--mp-samples", a->mp_samples, "calibration windows the lim score reads")
       ->capture_default_str()->check(at_least(1))->each([a](const std::string&) { a->mp_given = true; });
+  q->add_option("--smooth", a->smooth,
+                "SmoothQuant scale migration before quantizing (CPU, needs calibration): channel scales "
+                "max|X|^ALPHA / max|W|^(1-ALPHA) folded into the norms, q/k/v, gate/up and up->down")
+      ->check(between(0, 1));
   q->add_option("--calib", a->calib, "calibration text file (tokenized with the model's tokenizer)");
   q->add_option("--tokenizer", a->tokenizer, "tokenizer for --calib (default: the model directory's)");
   q->add_option("--calib-tokens", a->calib_tokens, "calibration data as raw int32 token ids");
