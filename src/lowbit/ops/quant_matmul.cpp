@@ -360,10 +360,22 @@ qmm::QuadKernel pick_quad_kernel(QuantIsa isa, const PackedWeight& w) {
   }
 }
 
-// Weight rows go in groups of kRowGroup through the four-row kernel where the ISA has one (the
-// rest, out % 4 rows, row by row); chunks of the thread split are whole groups, so which kernel
-// computes a row depends on the row index only, never on M or the thread count.
-void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa) {
+qmm::PanelKernel pick_panel_kernel(QuantIsa isa, const PackedWeight& w) {
+  switch (isa) {
+#if defined(__x86_64__) || defined(__i386__)
+    case QuantIsa::Avx2: return qmm::avx2_panel_kernel(w);
+    case QuantIsa::Avx2Vnni: return qmm::avx2vnni_panel_kernel(w);
+#endif
+    default: return nullptr;  // portable: row by row
+  }
+}
+
+// Weight rows go in panels of kPanelRows through the panel (GEMM) kernel where the ISA has one,
+// the rest (out % 8 rows) in groups of kRowGroup through the four-row kernel, then row by row;
+// chunks of the thread split are whole panels (or groups), so which kernel computes a row depends
+// on the row index only, never on M or the thread count. The split is over weight rows (output
+// columns), every task covering all M activation rows: each weight byte is read by one thread once.
+void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels) {
   // A tensor scale (ternary): the kernels run with unit f16 scales, the products are scaled after.
   std::vector<uint16_t> unit;
   PackedWeight w_unit;
@@ -379,18 +391,32 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, Qu
   const QActs& a = quantize_acts(x, M, w.in, qmm::act_order_bits(w), isa);
   const qmm::RowKernel k = pick_kernel(isa, w);
   const qmm::QuadKernel qk = pick_quad_kernel(isa, w);
+  const qmm::PanelKernel pk = panels ? pick_panel_kernel(isa, w) : nullptr;
   const int64_t nfull = w.in / kBlock, out = w.out;
   const bool tail = nfull * kBlock < w.in;  // only IntGroups rows end in a partial block
-  const int64_t G = qk ? qmm::kRowGroup : 1, groups = (out + G - 1) / G;
+  const int64_t G = pk ? qmm::kPanelRows : qk ? qmm::kRowGroup : 1, groups = (out + G - 1) / G;
   // Tasks of about kTaskWork weights, handed out dynamically (a thread that falls behind on a
   // shared machine takes fewer), whole row groups each.
   const int64_t per_task = std::max<int64_t>(1, kTaskWork / (G * w.in)), tasks = (groups + per_task - 1) / per_task;
+  std::vector<QRow> all_rows(static_cast<size_t>(M));
+  for (int64_t j = 0; j < M; ++j) all_rows[size_t(j)] = a.row(j);
   items_each(tasks, [&](int64_t t) {
     const int64_t g0 = t * per_task, g1 = std::min(groups, g0 + per_task);
     QRow rows[qmm::kMaxRows];
     float dots[qmm::kMaxRows * qmm::kRowGroup];
     int64_t o = g0 * G;
     const int64_t o1 = std::min(out, g1 * G);
+    if (pk) {
+      thread_local std::vector<float> pdots;
+      if (pdots.size() < size_t(M * qmm::kPanelRows)) pdots.resize(size_t(M * qmm::kPanelRows));
+      for (; o + qmm::kPanelRows <= o1; o += qmm::kPanelRows) {
+        pk(w, o, all_rows.data(), M, nfull, pdots.data());
+        for (int64_t j = 0; j < M; ++j)
+          for (int r = 0; r < qmm::kPanelRows; ++r)
+            y[j * out + o + r] =
+                post * (pdots[size_t(j * qmm::kPanelRows + r)] + (tail ? tail_dot(w, o + r, all_rows[size_t(j)], nfull) : 0.0f));
+      }
+    }
     if (qk)
       for (; o + qmm::kRowGroup <= o1; o += qmm::kRowGroup)
         for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {
@@ -664,7 +690,7 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
   if (path == QuantMatmulPath::Int8 && !quant_matmul_has_int8_kernel(w)) path = QuantMatmulPath::Exact;
   switch (path) {
     case QuantMatmulPath::Reference: reference_body(px, M, w, py); break;
-    case QuantMatmulPath::Int8: int8_body(px, M, w, py, opt.isa); break;
+    case QuantMatmulPath::Int8: int8_body(px, M, w, py, opt.isa, opt.int8_panels); break;
     default:
       if (M <= kQuantDecodeMaxRows) exact_decode_body(px, M, w, py);
       else exact_tiled_body(px, M, w, py);

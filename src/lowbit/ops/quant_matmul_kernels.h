@@ -47,6 +47,14 @@ using RowKernel = void (*)(const PackedWeight& w, int64_t row, const QRow* a, in
 inline constexpr int kRowGroup = 4;
 using QuadKernel = void (*)(const PackedWeight& w, int64_t row, const QRow* a, int m, int64_t nfull, float* out);
 
+// Eight consecutive weight rows [row, row + 8) against any number m of activation rows (the batched
+// decode GEMM, quant_matmul_x86.inc): each weight block is decoded once per call into an
+// interleaved L1 tile and reused for every activation row; out[j * kPanelRows + r] = the dot product
+// of weight row (row + r) with activation row j over the first nfull blocks. Row j's arithmetic
+// does not depend on m (a sequence gets the same numbers alone or in a batch).
+inline constexpr int kPanelRows = 8;
+using PanelKernel = void (*)(const PackedWeight& w, int64_t row, const QRow* a, int64_t m, int64_t nfull, float* out);
+
 // The kernel of a layout (IntGroups: by bits), or null when there is none.
 RowKernel portable_kernel(const PackedWeight& w);
 #if defined(__x86_64__) || defined(__i386__)
@@ -54,6 +62,8 @@ RowKernel avx2_kernel(const PackedWeight& w);
 RowKernel avx2vnni_kernel(const PackedWeight& w);
 QuadKernel avx2_quad_kernel(const PackedWeight& w);
 QuadKernel avx2vnni_quad_kernel(const PackedWeight& w);
+PanelKernel avx2_panel_kernel(const PackedWeight& w);
+PanelKernel avx2vnni_panel_kernel(const PackedWeight& w);
 // One full block of 32 activations quantized (d = amax / 127, round half to even, +-127) into q
 // in block_source_index(bits) order; returns the sum of q. Equal to the portable loop's numbers.
 int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d);

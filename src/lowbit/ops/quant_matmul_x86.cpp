@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #include "lowbit/ops/quant_matmul_kernels.h"
 
@@ -28,24 +30,42 @@ static inline __m256i dot_u8s8(__m256i w, __m256i a) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
 }
 #define QMM_DOT(w, a) dot_u8s8(w, a)
+#define QMM_DPA(s, w, a) _mm256_add_epi32(s, dot_u8s8(w, a))
+#define QMM_VNNI 0
+#define QMM_PANEL_ROWS 4
 #include "lowbit/ops/quant_matmul_x86.inc"
 #undef QMM_DOT
+#undef QMM_DPA
+#undef QMM_VNNI
+#undef QMM_PANEL_ROWS
 }  // namespace avx2
 LB_TARGET_END()
 
 LB_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
 namespace avx512vnni {
 #define QMM_DOT(w, a) _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
+#define QMM_DPA(s, w, a) _mm256_dpbusd_epi32(s, w, a)
+#define QMM_VNNI 1
+#define QMM_PANEL_ROWS 8  // 32 vector registers (AVX-512VL): 8 float + 8 int accumulators
 #include "lowbit/ops/quant_matmul_x86.inc"
 #undef QMM_DOT
+#undef QMM_DPA
+#undef QMM_VNNI
+#undef QMM_PANEL_ROWS
 }  // namespace avx512vnni
 LB_TARGET_END()
 
 LB_TARGET_BEGIN("avx2,fma,f16c,avxvnni")
 namespace avxvnni {
 #define QMM_DOT(w, a) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, a)
+#define QMM_DPA(s, w, a) _mm256_dpbusd_avx_epi32(s, w, a)
+#define QMM_VNNI 1
+#define QMM_PANEL_ROWS 4
 #include "lowbit/ops/quant_matmul_x86.inc"
 #undef QMM_DOT
+#undef QMM_DPA
+#undef QMM_VNNI
+#undef QMM_PANEL_ROWS
 }  // namespace avxvnni
 LB_TARGET_END()
 
@@ -59,12 +79,16 @@ bool has_avx512vnni() {
 RowKernel avx2_kernel(const PackedWeight& w) { return avx2::pick(w); }
 int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d) { return avx2::quantize_block(x, bits, q, d); }
 QuadKernel avx2_quad_kernel(const PackedWeight& w) { return avx2::pick_quad(w); }
+PanelKernel avx2_panel_kernel(const PackedWeight& w) { return avx2::pick_panel(w); }
 
 RowKernel avx2vnni_kernel(const PackedWeight& w) {
   return has_avx512vnni() ? avx512vnni::pick(w) : avxvnni::pick(w);
 }
 QuadKernel avx2vnni_quad_kernel(const PackedWeight& w) {
   return has_avx512vnni() ? avx512vnni::pick_quad(w) : avxvnni::pick_quad(w);
+}
+PanelKernel avx2vnni_panel_kernel(const PackedWeight& w) {
+  return has_avx512vnni() ? avx512vnni::pick_panel(w) : avxvnni::pick_panel(w);
 }
 
 }  // namespace lowbit::ops::qmm
