@@ -360,13 +360,13 @@ qmm::QuadKernel pick_quad_kernel(QuantIsa isa, const PackedWeight& w) {
   }
 }
 
-qmm::PanelKernel pick_panel_kernel(QuantIsa isa, const PackedWeight& w) {
+qmm::Panel pick_panel_kernel(QuantIsa isa, const PackedWeight& w) {
   switch (isa) {
 #if defined(__x86_64__) || defined(__i386__)
     case QuantIsa::Avx2: return qmm::avx2_panel_kernel(w);
     case QuantIsa::Avx2Vnni: return qmm::avx2vnni_panel_kernel(w);
 #endif
-    default: return nullptr;  // portable: row by row
+    default: return {};  // portable: row by row
   }
 }
 
@@ -391,30 +391,53 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, Qu
   const QActs& a = quantize_acts(x, M, w.in, qmm::act_order_bits(w), isa);
   const qmm::RowKernel k = pick_kernel(isa, w);
   const qmm::QuadKernel qk = pick_quad_kernel(isa, w);
-  const qmm::PanelKernel pk = panels ? pick_panel_kernel(isa, w) : nullptr;
+  const qmm::Panel pk = panels ? pick_panel_kernel(isa, w) : qmm::Panel{};
   const int64_t nfull = w.in / kBlock, out = w.out;
   const bool tail = nfull * kBlock < w.in;  // only IntGroups rows end in a partial block
-  const int64_t G = pk ? qmm::kPanelRows : qk ? qmm::kRowGroup : 1, groups = (out + G - 1) / G;
+  const int64_t P = pk.rows;
+  const int64_t G = pk.fn ? P : qk ? qmm::kRowGroup : 1, groups = (out + G - 1) / G;
   // Tasks of about kTaskWork weights, handed out dynamically (a thread that falls behind on a
   // shared machine takes fewer), whole row groups each.
   const int64_t per_task = std::max<int64_t>(1, kTaskWork / (G * w.in)), tasks = (groups + per_task - 1) / per_task;
   std::vector<QRow> all_rows(static_cast<size_t>(M));
   for (int64_t j = 0; j < M; ++j) all_rows[size_t(j)] = a.row(j);
+  // The panel kernels' block-major copy of the full blocks (this thread's buffers, read by all).
+  qmm::PanelActs pa;
+  if (pk.fn) {
+    thread_local std::vector<int8_t> bq;
+    thread_local std::vector<float> bd, bds;
+    thread_local std::vector<int32_t> bs;
+    const size_t n = size_t(nfull * M);
+    if (bd.size() < n) {
+      bq.resize(n * kBlock);
+      bd.resize(n);
+      bds.resize(n);
+      bs.resize(n);
+    }
+    for (int64_t b = 0; b < nfull; ++b)
+      for (int64_t j = 0; j < M; ++j) {
+        const size_t k = size_t(b * M + j), src = size_t(j * a.nb + b);
+        std::memcpy(bq.data() + k * kBlock, a.q.data() + src * kBlock, kBlock);
+        bd[k] = a.d[src];
+        bs[k] = a.sum[src];
+        bds[k] = a.pair[2 * src + 1];
+      }
+    pa = {M, bq.data(), bd.data(), bs.data(), bds.data()};
+  }
   items_each(tasks, [&](int64_t t) {
     const int64_t g0 = t * per_task, g1 = std::min(groups, g0 + per_task);
     QRow rows[qmm::kMaxRows];
     float dots[qmm::kMaxRows * qmm::kRowGroup];
     int64_t o = g0 * G;
     const int64_t o1 = std::min(out, g1 * G);
-    if (pk) {
+    if (pk.fn) {
       thread_local std::vector<float> pdots;
-      if (pdots.size() < size_t(M * qmm::kPanelRows)) pdots.resize(size_t(M * qmm::kPanelRows));
-      for (; o + qmm::kPanelRows <= o1; o += qmm::kPanelRows) {
-        pk(w, o, all_rows.data(), M, nfull, pdots.data());
+      if (pdots.size() < size_t(M * P)) pdots.resize(size_t(M * P));
+      for (; o + P <= o1; o += P) {
+        pk.fn(w, o, pa, nfull, pdots.data());
         for (int64_t j = 0; j < M; ++j)
-          for (int r = 0; r < qmm::kPanelRows; ++r)
-            y[j * out + o + r] =
-                post * (pdots[size_t(j * qmm::kPanelRows + r)] + (tail ? tail_dot(w, o + r, all_rows[size_t(j)], nfull) : 0.0f));
+          for (int64_t r = 0; r < P; ++r)
+            y[j * out + o + r] = post * (pdots[size_t(j * P + r)] + (tail ? tail_dot(w, o + r, all_rows[size_t(j)], nfull) : 0.0f));
       }
     }
     if (qk)
