@@ -430,16 +430,16 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, Qu
     float dots[qmm::kMaxRows * qmm::kRowGroup];
     int64_t o = g0 * G;
     const int64_t o1 = std::min(out, g1 * G);
-    if (pk.fn) {
-      thread_local std::vector<float> pdots;
-      if (pdots.size() < size_t(M * P)) pdots.resize(size_t(M * P));
+    if (pk.fn)
       for (; o + P <= o1; o += P) {
-        pk.fn(w, o, pa, nfull, pdots.data());
-        for (int64_t j = 0; j < M; ++j)
-          for (int64_t r = 0; r < P; ++r)
-            y[j * out + o + r] = post * (pdots[size_t(j * P + r)] + (tail ? tail_dot(w, o + r, all_rows[size_t(j)], nfull) : 0.0f));
+        pk.fn(w, o, pa, nfull, y + o, out);  // the dot products straight into y's rows
+        if (tail || post != 1.0f)
+          for (int64_t j = 0; j < M; ++j)
+            for (int64_t r = 0; r < P; ++r) {
+              float& v = y[j * out + o + r];
+              v = post * (v + (tail ? tail_dot(w, o + r, all_rows[size_t(j)], nfull) : 0.0f));
+            }
       }
-    }
     if (qk)
       for (; o + qmm::kRowGroup <= o1; o += qmm::kRowGroup)
         for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {

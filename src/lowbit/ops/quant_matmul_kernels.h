@@ -50,7 +50,7 @@ using QuadKernel = void (*)(const PackedWeight& w, int64_t row, const QRow* a, i
 // A panel of `rows` consecutive weight rows [row, row + rows) (8 on 256-bit vectors, 16 with
 // AVX-512) against any number m of activation rows (the batched decode GEMM,
 // quant_matmul_x86.inc): each weight block is decoded once per call into an interleaved L1 tile
-// and reused for every activation row; out[j * rows + r] = the dot product of weight row (row + r)
+// and reused for every activation row; out[j * ld + r] = the dot product of weight row (row + r)
 // with activation row j over the first nfull blocks (a.m rows). Row j's arithmetic does not depend on m (a
 // sequence gets the same numbers alone or in a batch).
 // The panel kernels read the activations block-major: entry k = b * m + j is block b of row j
@@ -63,7 +63,7 @@ struct PanelActs {
   const int32_t* sum = nullptr;
   const float* dsum = nullptr;
 };
-using PanelKernel = void (*)(const PackedWeight& w, int64_t row, const PanelActs& a, int64_t nfull, float* out);
+using PanelKernel = void (*)(const PackedWeight& w, int64_t row, const PanelActs& a, int64_t nfull, float* out, int64_t ld);
 struct Panel {
   PanelKernel fn = nullptr;
   int rows = 0;
