@@ -21,6 +21,7 @@
 #include "lowbit/ops/cuda/quant_gemv_layout.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/quant_matmul.h"
+#include "lowbit/ops/quant_matmul_kernels.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
 
@@ -63,6 +64,15 @@ struct Shape3 {
 // ggml block formats take the shapes whose rows are whole blocks (32 or 256).
 const Shape3 kShapes[] = {{7, 33, 1}, {5, 96, 3}, {16, 128, 1}, {9, 200, 8}, {13, 257, 9}, {5, 256, 3},
                           {32, 576, 17}, {3, 1000, 2}, {6, 64, 40}, {260, 512, 12}, {4, 768, 1}};
+
+// The 256-bit AVX-VNNI kernels in place of the AVX-512 ones (x86 with AVX-VNNI only).
+bool force_avxvnni(bool on) {
+#if defined(__x86_64__) || defined(__i386__)
+  return ops::qmm::force_avxvnni(on);
+#else
+  return !on;
+#endif
+}
 
 Tensor test_input(int64_t M, int64_t in, uint64_t seed) {
   Tensor x = Tensor::randn({M, in}, seed, 1.0);
@@ -418,12 +428,15 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
     const char* name;
     ops::QuantIsa isa;
     bool panels;
+    bool avxvnni = false;  // the 256-bit AVX-VNNI copy even where AVX-512 VNNI is present
   };
   const Body bodies[] = {{"portable", ops::QuantIsa::Portable, true},
                          {"avx2", ops::QuantIsa::Avx2, true},
                          {"avx2-quad", ops::QuantIsa::Avx2, false},
                          {"avx2-vnni", ops::QuantIsa::Avx2Vnni, true},
-                         {"avx2-vnni-quad", ops::QuantIsa::Avx2Vnni, false}};
+                         {"avx2-vnni-quad", ops::QuantIsa::Avx2Vnni, false},
+                         {"avx-vnni-256", ops::QuantIsa::Avx2Vnni, true, true},
+                         {"avx-vnni-256-quad", ops::QuantIsa::Avx2Vnni, false, true}};
   int run = 0, panel_cells = 0, panel_differs = 0;
   std::string skipped;
   for (const QuantFormat& f : all_quant_formats()) {
@@ -461,10 +474,13 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
         }
       Tensor quad_y;  // the previous body's M = 64 product (the panel body comes first, then quad)
       for (const Body& be : bodies) {
-        if (!ops::quant_isa_supported(be.isa)) {
+        if (!ops::quant_isa_supported(be.isa) || (be.avxvnni && !force_avxvnni(true))) {
           if (skipped.find(be.name) == std::string::npos) skipped += std::string(" ") + be.name;
           continue;
         }
+        struct Unforce {
+          ~Unforce() { force_avxvnni(false); }
+        } unforce;
         const ops::QuantMatmulOptions opt{ops::QuantMatmulPath::Int8, be.isa, be.panels};
         // Each row alone.
         Tensor alone = Tensor::empty({Mmax, s.out});

@@ -79,6 +79,10 @@ QuadKernel avx2_quad_kernel(const PackedWeight& w);
 QuadKernel avx2vnni_quad_kernel(const PackedWeight& w);
 Panel avx2_panel_kernel(const PackedWeight& w);
 Panel avx2vnni_panel_kernel(const PackedWeight& w);
+// Tests: with `on`, the Avx2Vnni ISA runs the AVX-VNNI (256-bit, VEX) kernels even where AVX-512
+// VNNI is present, so both copies are checked on one machine. Returns false (and changes nothing)
+// when the CPU lacks AVX-VNNI.
+bool force_avxvnni(bool on);
 // One full block of 32 activations quantized (d = amax / 127, round half to even, +-127) into q
 // in block_source_index(bits) order; returns the sum of q. Equal to the portable loop's numbers.
 int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d);

@@ -5,10 +5,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <utility>
 #include <vector>
 
+#include "lowbit/core/cpu_features.h"
 #include "lowbit/ops/quant_matmul_kernels.h"
 
 // A region of functions compiled for an instruction set: GCC's target pragmas, or clang's
@@ -76,11 +78,19 @@ namespace avxvnni {
 LB_TARGET_END()
 
 namespace {
+std::atomic<bool> g_force_avxvnni{false};
 bool has_avx512vnni() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+  return !g_force_avxvnni.load(std::memory_order_relaxed) && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("avx512vl");
 }
 }  // namespace
+
+bool force_avxvnni(bool on) {
+  if (on && !cpu::has_avxvnni()) return false;
+  g_force_avxvnni.store(on, std::memory_order_relaxed);
+  return true;
+}
 
 RowKernel avx2_kernel(const PackedWeight& w) { return avx2::pick(w); }
 int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d) { return avx2::quantize_block(x, bits, q, d); }
