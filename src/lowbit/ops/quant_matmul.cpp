@@ -370,8 +370,9 @@ qmm::Panel pick_panel_kernel(QuantIsa isa, const PackedWeight& w) {
   }
 }
 
-// Weight rows go in panels of kPanelRows through the panel (GEMM) kernel where the ISA has one,
-// the rest (out % 8 rows) in groups of kRowGroup through the four-row kernel, then row by row;
+// Weight rows go in panels (8 rows, 16 with AVX-512: qmm::Panel::rows) through the panel (GEMM)
+// kernel where the ISA has one, the rest (out % panel rows) in groups of kRowGroup through the
+// four-row kernel, then row by row;
 // chunks of the thread split are whole panels (or groups), so which kernel computes a row depends
 // on the row index only, never on M or the thread count. The split is over weight rows (output
 // columns), every task covering all M activation rows: each weight byte is read by one thread once.
