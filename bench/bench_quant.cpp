@@ -1,5 +1,6 @@
 // Quantizer benchmarks (CPU reference code): GPTQ and RTN on an LLM-sized linear layer, and the
-// throughput of packing / unpacking / dequantizing codes.
+// throughput of packing / unpacking / dequantizing codes. BM_QuantMatmulInt8: the packed int8
+// matmul (ops::quant_matmul's Int8 body) of M activation rows, as `lowbit serve` steps M sequences.
 //   build: cmake -DLOWBIT_BENCH=ON ... && ninja bench_quant
 //   run:   ./bench/bench_quant --benchmark_filter=Gptq
 #include <benchmark/benchmark.h>
@@ -7,8 +8,10 @@
 #include <random>
 #include <vector>
 
+#include "lowbit/core/threads.h"
 #include "lowbit/methods/gptq.h"
 #include "lowbit/methods/rtn.h"
+#include "lowbit/ops/quant_matmul.h"
 #include "lowbit/quant/format.h"
 #include "lowbit/quant/quantize.h"
 
@@ -94,5 +97,41 @@ static void BM_Unpack(benchmark::State& state) {
   state.counters["codes/s"] = benchmark::Counter(double(n), benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(BM_Unpack)->Arg(2)->Arg(3)->Arg(4)->Arg(8);
+
+// y[M, out] = x[M, in] . W^T on SmolLM2-135M's shapes, one thread (the machine is shared):
+//   format 0: q4_1 [1536 x 576] (ffn gate / up), 1: q4_1 [576 x 1536] (ffn down),
+//   2: q8_0 [49152 x 576] (the tied head), 3: q4_0 [1536 x 576], 4: int4g128 [1536 x 576].
+// Arguments: panels (1: the panel (GEMM) kernel; 0: the four-row kernels only, the body before it),
+// format, M. On a shared machine compare the two within one run, interleaved, best of several:
+//   ./build-bench/bench/bench_quant --benchmark_filter=QuantMatmulInt8 --benchmark_min_time=0.1
+//     --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true --benchmark_format=json
+//     | python3 bench/qmm_table.py      (one command line)
+static void BM_QuantMatmulInt8(benchmark::State& state) {
+  struct Case {
+    const char* fmt;
+    int64_t out, in;
+  };
+  static const Case cases[] = {{"q4_1", 1536, 576}, {"q4_1", 576, 1536}, {"q8_0", 49152, 576},
+                               {"q4_0", 1536, 576}, {"int4g128", 1536, 576}};
+  const bool panels = state.range(0) != 0;
+  const Case& c = cases[state.range(1)];
+  const int64_t M = state.range(2);
+  set_num_threads(1);
+  const QuantizedTensor q = quantize(Tensor::randn({c.out, c.in}, 1, 0.05), parse_quant_format(c.fmt));
+  const ops::PackedWeight v = q.packed_view();
+  const Tensor x = Tensor::randn({M, c.in}, 2);
+  Tensor y = Tensor::empty({M, c.out});
+  const ops::QuantMatmulOptions opt{ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, panels};
+  for (auto _ : state) {
+    ops::quant_matmul(x, v, y, opt);
+    benchmark::ClobberMemory();
+  }
+  state.SetLabel(std::string(c.fmt) + " [" + std::to_string(c.out) + "x" + std::to_string(c.in) + "] " +
+                 ops::quant_isa_name(ops::quant_isa_best()) + (panels ? " panels" : " quad"));
+  state.counters["rows/s"] = benchmark::Counter(double(M), benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_QuantMatmulInt8)
+    ->ArgsProduct({{0, 1}, {0, 1, 2, 3, 4}, {1, 4, 8, 16, 32, 64}})
+    ->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();

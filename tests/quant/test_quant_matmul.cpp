@@ -21,6 +21,7 @@
 #include "lowbit/ops/cuda/quant_gemv_layout.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/quant_matmul.h"
+#include "lowbit/ops/quant_matmul_kernels.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
 
@@ -63,6 +64,15 @@ struct Shape3 {
 // ggml block formats take the shapes whose rows are whole blocks (32 or 256).
 const Shape3 kShapes[] = {{7, 33, 1}, {5, 96, 3}, {16, 128, 1}, {9, 200, 8}, {13, 257, 9}, {5, 256, 3},
                           {32, 576, 17}, {3, 1000, 2}, {6, 64, 40}, {260, 512, 12}, {4, 768, 1}};
+
+// The 256-bit AVX-VNNI kernels in place of the AVX-512 ones (x86 with AVX-VNNI only).
+bool force_avxvnni(bool on) {
+#if defined(__x86_64__) || defined(__i386__)
+  return ops::qmm::force_avxvnni(on);
+#else
+  return !on;
+#endif
+}
 
 Tensor test_input(int64_t M, int64_t in, uint64_t seed) {
   Tensor x = Tensor::randn({M, in}, seed, 1.0);
@@ -400,4 +410,112 @@ TEST(QuantMatmul, TernaryRunsTheIntGroupsKernelsWithItsTensorScale) {
   bad = v;
   bad.tensor_scale = 0.0f;
   EXPECT_THROW(ops::quant_matmul(x, bad, y), Error);
+}
+
+// The batched decode GEMM (the Int8 body's eight-row panels, AVX2 / VNNI): every M of a serving
+// step's range, every format, weight-row counts that leave a remainder for the four-row and the
+// single-row kernels (odd counts), rows of one and of several decoded tiles (72 blocks > 64), and
+// `in` not a multiple of 32 (IntGroups tails). Each cell: within the int8 bound of the reference
+// body (as in the table above), and every activation row's outputs bit-identical to the same row
+// run alone (M = 1), panels on or off (a sequence's numbers do not depend on its batch).
+TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
+  struct OutIn {
+    int64_t out, in;
+  };
+  const OutIn shapes[] = {{21, 96}, {37, 256}, {19, 2304}, {29, 200}};
+  const int64_t Ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 33, 64};
+  struct Body {
+    const char* name;
+    ops::QuantIsa isa;
+    bool panels;
+    bool avxvnni = false;  // the 256-bit AVX-VNNI copy even where AVX-512 VNNI is present
+  };
+  const Body bodies[] = {{"portable", ops::QuantIsa::Portable, true},
+                         {"avx2", ops::QuantIsa::Avx2, true},
+                         {"avx2-quad", ops::QuantIsa::Avx2, false},
+                         {"avx2-vnni", ops::QuantIsa::Avx2Vnni, true},
+                         {"avx2-vnni-quad", ops::QuantIsa::Avx2Vnni, false},
+                         {"avx-vnni-256", ops::QuantIsa::Avx2Vnni, true, true},
+                         {"avx-vnni-256-quad", ops::QuantIsa::Avx2Vnni, false, true}};
+  int run = 0, panel_cells = 0, panel_differs = 0;
+  std::string skipped;
+  for (const QuantFormat& f : all_quant_formats()) {
+    for (const OutIn& s : shapes) {
+      if (!f.row_fits(s.in)) continue;
+      QuantizedTensor q;
+      try {
+        q = quantize(Tensor::randn({s.out, s.in}, 11 + uint64_t(s.in), 0.05), f);
+      } catch (const Error&) {
+        continue;  // no reference quantizer (reported by the table test)
+      }
+      const ops::PackedWeight view = q.packed_view();
+      if (!ops::quant_matmul_has_int8_kernel(view)) continue;
+      const Tensor wd = q.dequantize();
+      const int64_t Mmax = 64;
+      const Tensor x = test_input(Mmax, s.in, 5 + uint64_t(s.out));
+      Tensor yref = Tensor::empty({Mmax, s.out});
+      ops::quant_matmul(x, view, yref, {ops::QuantMatmulPath::Reference});
+      const float *px = x.data<float>(), *pw = wd.data<float>();
+      std::vector<double> tol(size_t(Mmax * s.out));
+      for (int64_t m = 0; m < Mmax; ++m)
+        for (int64_t o = 0; o < s.out; ++o) {
+          double sc = 0, rb = 0;
+          for (int64_t b0 = 0; b0 < s.in; b0 += 32) {
+            const int64_t b1 = std::min(s.in, b0 + 32);
+            double amax = 0;
+            for (int64_t i = b0; i < b1; ++i) amax = std::max(amax, std::fabs(double(px[m * s.in + i])));
+            for (int64_t i = b0; i < b1; ++i) {
+              const double wi = std::fabs(double(pw[o * s.in + i]));
+              sc += wi * std::fabs(double(px[m * s.in + i]));
+              rb += wi * amax / 127.0 / 2.0;
+            }
+          }
+          tol[size_t(m * s.out + o)] = 1e-5 * sc + 1e-7 + rb * (1 + 1e-3);
+        }
+      Tensor quad_y;  // the previous body's M = 64 product (the panel body comes first, then quad)
+      for (const Body& be : bodies) {
+        if (!ops::quant_isa_supported(be.isa) || (be.avxvnni && !force_avxvnni(true))) {
+          if (skipped.find(be.name) == std::string::npos) skipped += std::string(" ") + be.name;
+          continue;
+        }
+        struct Unforce {
+          ~Unforce() { force_avxvnni(false); }
+        } unforce;
+        const ops::QuantMatmulOptions opt{ops::QuantMatmulPath::Int8, be.isa, be.panels};
+        // Each row alone.
+        Tensor alone = Tensor::empty({Mmax, s.out});
+        for (int64_t m = 0; m < Mmax; ++m) {
+          Tensor y1 = Tensor::empty({1, s.out});
+          ops::quant_matmul(x.slice(0, m, m + 1).contiguous(), view, y1, opt);
+          std::memcpy(alone.data<float>() + m * s.out, y1.data<float>(), size_t(s.out) * sizeof(float));
+        }
+        for (int64_t M : Ms) {
+          SCOPED_TRACE(std::string(f.name) + " x " + be.name + " x [" + std::to_string(s.out) + "x" +
+                       std::to_string(s.in) + "] M=" + std::to_string(M));
+          Tensor y = Tensor::empty({M, s.out});
+          ops::quant_matmul(x.slice(0, 0, M).contiguous(), view, y, opt);
+          ++run;
+          const float *py = y.data<float>(), *pr = yref.data<float>(), *pa = alone.data<float>();
+          for (int64_t i = 0; i < M * s.out; ++i) {
+            ASSERT_LE(std::fabs(double(py[i]) - double(pr[i])), tol[size_t(i)]) << "output " << i;
+            ASSERT_EQ(py[i], pa[i]) << "output " << i << " differs from its row run alone";
+          }
+          if (M != Mmax || be.isa == ops::QuantIsa::Portable) continue;
+          if (be.panels) {
+            quad_y = y;
+          } else if (quad_y.defined()) {  // the panels ran (their float order differs from the quads')
+            ++panel_cells;
+            panel_differs += max_abs_diff(quad_y, y) > 0.0 ? 1 : 0;
+          }
+        }
+      }
+    }
+  }
+  // The panel body ran: its float order differs from the four-row kernels', so most cells differ.
+  if (ops::quant_isa_supported(ops::QuantIsa::Avx2)) {
+    EXPECT_GT(panel_differs, panel_cells / 2);
+  }
+  std::printf("int8 GEMM cells: %d run (ISA best here: %s)%s%s\n", run, ops::quant_isa_name(ops::quant_isa_best()),
+              skipped.empty() ? "" : "; not supported by this CPU, skipped:", skipped.c_str());
+  EXPECT_GT(run, 0);
 }

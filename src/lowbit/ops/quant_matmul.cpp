@@ -360,10 +360,23 @@ qmm::QuadKernel pick_quad_kernel(QuantIsa isa, const PackedWeight& w) {
   }
 }
 
-// Weight rows go in groups of kRowGroup through the four-row kernel where the ISA has one (the
-// rest, out % 4 rows, row by row); chunks of the thread split are whole groups, so which kernel
-// computes a row depends on the row index only, never on M or the thread count.
-void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa) {
+qmm::Panel pick_panel_kernel(QuantIsa isa, const PackedWeight& w) {
+  switch (isa) {
+#if defined(__x86_64__) || defined(__i386__)
+    case QuantIsa::Avx2: return qmm::avx2_panel_kernel(w);
+    case QuantIsa::Avx2Vnni: return qmm::avx2vnni_panel_kernel(w);
+#endif
+    default: return {};  // portable: row by row
+  }
+}
+
+// Weight rows go in panels (8 rows, 16 with AVX-512: qmm::Panel::rows) through the panel (GEMM)
+// kernel where the ISA has one, the rest (out % panel rows) in groups of kRowGroup through the
+// four-row kernel, then row by row;
+// chunks of the thread split are whole panels (or groups), so which kernel computes a row depends
+// on the row index only, never on M or the thread count. The split is over weight rows (output
+// columns), every task covering all M activation rows: each weight byte is read by one thread once.
+void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels) {
   // A tensor scale (ternary): the kernels run with unit f16 scales, the products are scaled after.
   std::vector<uint16_t> unit;
   PackedWeight w_unit;
@@ -379,18 +392,55 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, Qu
   const QActs& a = quantize_acts(x, M, w.in, qmm::act_order_bits(w), isa);
   const qmm::RowKernel k = pick_kernel(isa, w);
   const qmm::QuadKernel qk = pick_quad_kernel(isa, w);
+  const qmm::Panel pk = panels ? pick_panel_kernel(isa, w) : qmm::Panel{};
   const int64_t nfull = w.in / kBlock, out = w.out;
   const bool tail = nfull * kBlock < w.in;  // only IntGroups rows end in a partial block
-  const int64_t G = qk ? qmm::kRowGroup : 1, groups = (out + G - 1) / G;
+  const int64_t P = pk.rows;
+  const int64_t G = pk.fn ? P : qk ? qmm::kRowGroup : 1, groups = (out + G - 1) / G;
   // Tasks of about kTaskWork weights, handed out dynamically (a thread that falls behind on a
   // shared machine takes fewer), whole row groups each.
   const int64_t per_task = std::max<int64_t>(1, kTaskWork / (G * w.in)), tasks = (groups + per_task - 1) / per_task;
+  std::vector<QRow> all_rows(static_cast<size_t>(M));
+  for (int64_t j = 0; j < M; ++j) all_rows[size_t(j)] = a.row(j);
+  // The panel kernels' block-major copy of the full blocks (this thread's buffers, read by all).
+  qmm::PanelActs pa;
+  if (pk.fn) {
+    thread_local std::vector<int8_t> bq;
+    thread_local std::vector<float> bd, bds;
+    thread_local std::vector<int32_t> bs;
+    const size_t n = size_t(nfull * M);
+    if (bd.size() < n) {
+      bq.resize(n * kBlock);
+      bd.resize(n);
+      bds.resize(n);
+      bs.resize(n);
+    }
+    for (int64_t b = 0; b < nfull; ++b)
+      for (int64_t j = 0; j < M; ++j) {
+        const size_t k = size_t(b * M + j), src = size_t(j * a.nb + b);
+        std::memcpy(bq.data() + k * kBlock, a.q.data() + src * kBlock, kBlock);
+        bd[k] = a.d[src];
+        bs[k] = a.sum[src];
+        bds[k] = a.pair[2 * src + 1];
+      }
+    pa = {M, bq.data(), bd.data(), bs.data(), bds.data()};
+  }
   items_each(tasks, [&](int64_t t) {
     const int64_t g0 = t * per_task, g1 = std::min(groups, g0 + per_task);
     QRow rows[qmm::kMaxRows];
     float dots[qmm::kMaxRows * qmm::kRowGroup];
     int64_t o = g0 * G;
     const int64_t o1 = std::min(out, g1 * G);
+    if (pk.fn)
+      for (; o + P <= o1; o += P) {
+        pk.fn(w, o, pa, nfull, y + o, out);  // the dot products straight into y's rows
+        if (tail || post != 1.0f)
+          for (int64_t j = 0; j < M; ++j)
+            for (int64_t r = 0; r < P; ++r) {
+              float& v = y[j * out + o + r];
+              v = post * (v + (tail ? tail_dot(w, o + r, all_rows[size_t(j)], nfull) : 0.0f));
+            }
+      }
     if (qk)
       for (; o + qmm::kRowGroup <= o1; o += qmm::kRowGroup)
         for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {
@@ -664,7 +714,7 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
   if (path == QuantMatmulPath::Int8 && !quant_matmul_has_int8_kernel(w)) path = QuantMatmulPath::Exact;
   switch (path) {
     case QuantMatmulPath::Reference: reference_body(px, M, w, py); break;
-    case QuantMatmulPath::Int8: int8_body(px, M, w, py, opt.isa); break;
+    case QuantMatmulPath::Int8: int8_body(px, M, w, py, opt.isa, opt.int8_panels); break;
     default:
       if (M <= kQuantDecodeMaxRows) exact_decode_body(px, M, w, py);
       else exact_tiled_body(px, M, w, py);

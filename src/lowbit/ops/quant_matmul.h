@@ -78,6 +78,10 @@ enum class QuantIsa : uint8_t { Auto, Portable, Avx2, Avx2Vnni };
 struct QuantMatmulOptions {
   QuantMatmulPath path = QuantMatmulPath::Auto;
   QuantIsa isa = QuantIsa::Auto;  // Int8 body only; a forced ISA the CPU lacks throws
+  // Int8 body, AVX2 / VNNI: weight rows in panels of 8 through the GEMM kernel (decoded once, reused
+  // for all M activation rows). false: the four-row kernels only (the body before the GEMM kernel;
+  // benchmarks compare the two in one run). Either gives a row the same numbers whatever M is.
+  bool int8_panels = true;
 };
 
 // Largest token count the Auto path sends to the Int8 (decode) body.

@@ -47,6 +47,29 @@ using RowKernel = void (*)(const PackedWeight& w, int64_t row, const QRow* a, in
 inline constexpr int kRowGroup = 4;
 using QuadKernel = void (*)(const PackedWeight& w, int64_t row, const QRow* a, int m, int64_t nfull, float* out);
 
+// A panel of `rows` consecutive weight rows [row, row + rows) (8 on 256-bit vectors, 16 with
+// AVX-512) against any number m of activation rows (the batched decode GEMM,
+// quant_matmul_x86.inc): each weight block is decoded once per call into an interleaved L1 tile
+// and reused for every activation row; out[j * ld + r] = the dot product of weight row (row + r)
+// with activation row j over the first nfull blocks (a.m rows). Row j's arithmetic does not depend on m (a
+// sequence gets the same numbers alone or in a batch).
+// The panel kernels read the activations block-major: entry k = b * m + j is block b of row j
+// (q: 32 int8 at q + k * 32 in block_source_index order, d, sum, dsum = d * sum), so the m rows'
+// blocks sit side by side and one pointer walks them.
+struct PanelActs {
+  int64_t m = 0;
+  const int8_t* q = nullptr;
+  const float* d = nullptr;
+  const int32_t* sum = nullptr;
+  const float* dsum = nullptr;
+};
+using PanelKernel = void (*)(const PackedWeight& w, int64_t row, const PanelActs& a, int64_t nfull, float* out, int64_t ld);
+struct Panel {
+  PanelKernel fn = nullptr;
+  int rows = 0;
+};
+inline constexpr int kMaxPanelRows = 16;
+
 // The kernel of a layout (IntGroups: by bits), or null when there is none.
 RowKernel portable_kernel(const PackedWeight& w);
 #if defined(__x86_64__) || defined(__i386__)
@@ -54,6 +77,12 @@ RowKernel avx2_kernel(const PackedWeight& w);
 RowKernel avx2vnni_kernel(const PackedWeight& w);
 QuadKernel avx2_quad_kernel(const PackedWeight& w);
 QuadKernel avx2vnni_quad_kernel(const PackedWeight& w);
+Panel avx2_panel_kernel(const PackedWeight& w);
+Panel avx2vnni_panel_kernel(const PackedWeight& w);
+// Tests: with `on`, the Avx2Vnni ISA runs the AVX-VNNI (256-bit, VEX) kernels even where AVX-512
+// VNNI is present, so both copies are checked on one machine. Returns false (and changes nothing)
+// when the CPU lacks AVX-VNNI.
+bool force_avxvnni(bool on);
 // One full block of 32 activations quantized (d = amax / 127, round half to even, +-127) into q
 // in block_source_index(bits) order; returns the sum of q. Equal to the portable loop's numbers.
 int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d);

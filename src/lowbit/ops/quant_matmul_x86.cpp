@@ -5,8 +5,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <utility>
+#include <vector>
 
+#include "lowbit/core/cpu_features.h"
 #include "lowbit/ops/quant_matmul_kernels.h"
 
 // A region of functions compiled for an instruction set: GCC's target pragmas, or clang's
@@ -28,43 +32,79 @@ static inline __m256i dot_u8s8(__m256i w, __m256i a) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
 }
 #define QMM_DOT(w, a) dot_u8s8(w, a)
+#define QMM_DPA(s, w, a) _mm256_add_epi32(s, dot_u8s8(w, a))
+#define QMM_VNNI 0
+#define QMM_PANEL_ROWS 4
+#define QMM_ZMM 0
 #include "lowbit/ops/quant_matmul_x86.inc"
 #undef QMM_DOT
+#undef QMM_DPA
+#undef QMM_VNNI
+#undef QMM_PANEL_ROWS
+#undef QMM_ZMM
 }  // namespace avx2
 LB_TARGET_END()
 
 LB_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
 namespace avx512vnni {
 #define QMM_DOT(w, a) _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
+#define QMM_DPA(s, w, a) _mm256_dpbusd_epi32(s, w, a)
+#define QMM_VNNI 1
+#define QMM_PANEL_ROWS 8  // 32 vector registers (AVX-512): 8 float + 8 int accumulators
+#define QMM_ZMM 1         // 16-row panels on 512-bit vectors
 #include "lowbit/ops/quant_matmul_x86.inc"
 #undef QMM_DOT
+#undef QMM_DPA
+#undef QMM_VNNI
+#undef QMM_PANEL_ROWS
+#undef QMM_ZMM
 }  // namespace avx512vnni
 LB_TARGET_END()
 
 LB_TARGET_BEGIN("avx2,fma,f16c,avxvnni")
 namespace avxvnni {
 #define QMM_DOT(w, a) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, a)
+#define QMM_DPA(s, w, a) _mm256_dpbusd_avx_epi32(s, w, a)
+#define QMM_VNNI 1
+#define QMM_PANEL_ROWS 4
+#define QMM_ZMM 0
 #include "lowbit/ops/quant_matmul_x86.inc"
 #undef QMM_DOT
+#undef QMM_DPA
+#undef QMM_VNNI
+#undef QMM_PANEL_ROWS
+#undef QMM_ZMM
 }  // namespace avxvnni
 LB_TARGET_END()
 
 namespace {
+std::atomic<bool> g_force_avxvnni{false};
 bool has_avx512vnni() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+  return !g_force_avxvnni.load(std::memory_order_relaxed) && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("avx512vl");
 }
 }  // namespace
+
+bool force_avxvnni(bool on) {
+  if (on && !cpu::has_avxvnni()) return false;
+  g_force_avxvnni.store(on, std::memory_order_relaxed);
+  return true;
+}
 
 RowKernel avx2_kernel(const PackedWeight& w) { return avx2::pick(w); }
 int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d) { return avx2::quantize_block(x, bits, q, d); }
 QuadKernel avx2_quad_kernel(const PackedWeight& w) { return avx2::pick_quad(w); }
+Panel avx2_panel_kernel(const PackedWeight& w) { return avx2::pick_panel(w); }
 
 RowKernel avx2vnni_kernel(const PackedWeight& w) {
   return has_avx512vnni() ? avx512vnni::pick(w) : avxvnni::pick(w);
 }
 QuadKernel avx2vnni_quad_kernel(const PackedWeight& w) {
   return has_avx512vnni() ? avx512vnni::pick_quad(w) : avxvnni::pick_quad(w);
+}
+Panel avx2vnni_panel_kernel(const PackedWeight& w) {
+  return has_avx512vnni() ? avx512vnni::pick_panel(w) : avxvnni::pick_panel(w);
 }
 
 }  // namespace lowbit::ops::qmm

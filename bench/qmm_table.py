@@ -1,0 +1,28 @@
+#!/usr/bin/env python3
+"""Table of bench_quant's BM_QuantMatmulInt8 (JSON on stdin): per format and M, the best time of the
+repetitions for the four-row kernels (panels 0) and the panel GEMM kernel (panels 1), their ratio,
+and each one's cost relative to its own M = 1 call (the batched step's cost in single-row calls)."""
+import json
+import sys
+
+runs = json.load(sys.stdin)["benchmarks"]
+best = {}
+label = {}
+for r in runs:
+    if r.get("run_type") != "iteration" or not r["name"].startswith("BM_QuantMatmulInt8/"):
+        continue
+    panels, fmt, m = (int(v) for v in r["name"].split("/")[1:4])
+    key = (fmt, m, panels)
+    t = r["cpu_time"]  # microseconds of CPU (the bench is single-threaded; robust to preemption)
+    best[key] = min(best.get(key, t), t)
+    label[fmt] = r.get("label", "").rsplit(" ", 1)[0]
+print("| weight | M | four-row us | panel us | speed-up | four-row / its M=1 | panel / its M=1 |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for fmt in sorted(label):
+    ms = sorted({m for (f, m, _) in best if f == fmt})
+    for m in ms:
+        q, p = best.get((fmt, m, 0)), best.get((fmt, m, 1))
+        if q is None or p is None:
+            continue
+        q1, p1 = best.get((fmt, 1, 0)), best.get((fmt, 1, 1))
+        print(f"| {label[fmt]} | {m} | {q:.1f} | {p:.1f} | {q / p:.2f}x | {q / q1:.2f} | {p / p1:.2f} |")
