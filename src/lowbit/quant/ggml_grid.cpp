@@ -301,6 +301,72 @@ void kquant_fit_block(const KGrid& k, const float* x, const float* imp, uint8_t*
   for (int s = 0; s < ns; ++s) choose_sub(k, b, s, x + s * k.sub, w + s * k.sub, scale[s], min[s]);
 }
 
+// ---- 32-value blocks with an importance: q4_0, q5_0 (w = d (q - off)), q4_1, q5_1 (w = d q + m) ----
+
+// Weighted squared error of x on the grid of f16 d (and m), rounded with the stored rule of
+// ggml_grid_round; the values are computed with dequantize_block's operations.
+double block32_error(QuantFormatId id, uint16_t dh, uint16_t mh, const float* x, const float* w) {
+  const float d = fmt_f16_to_f32(dh), m = fmt_f16_to_f32(mh), id_ = inv(d);
+  double e = 0;
+  for (int j = 0; j < 32; ++j) {
+    float v;
+    switch (id) {
+      case QuantFormatId::Q4_0: v = d * float(trunc_clip(x[j] * id_ + 8.5f, 15) - 8); break;
+      case QuantFormatId::Q5_0: v = d * float(trunc_clip(x[j] * id_ + 16.5f, 31) - 16); break;
+      case QuantFormatId::Q4_1: v = d * float(trunc_clip((x[j] - m) * id_ + 0.5f, 15)) + m; break;
+      default: v = d * float(trunc_clip((x[j] - m) * id_ + 0.5f, 31)) + m; break;  // Q5_1
+    }
+    const double r = double(v) - double(x[j]);
+    e += double(w[j]) * r * r;
+  }
+  return e;
+}
+
+// The reference block's d (and m), or a better one for the weights h_i sqrt(2 mean(x^2) + x_i^2)
+// (as the k-quants): symmetric types try the least-squares scales of 21 trial grids
+// (-(off + 0.1 is) / signed extreme, is = -10..10); affine types ggml's make_qkx2 search. The
+// candidate of least weighted error on the stored (f16) grid wins; ties keep the reference.
+void fit_block32_weighted(const QuantFormat& f, const float* x, const float* imp, uint8_t* block) {
+  f.quantize_row(x, 32, block);
+  float w[32], sx2 = 0;
+  for (int j = 0; j < 32; ++j) sx2 += x[j] * x[j];
+  for (int j = 0; j < 32; ++j) w[j] = std::max(imp[j], 0.0f) * std::sqrt(2.0f * sx2 / 32.0f + x[j] * x[j]);
+  const bool affine = f.id == QuantFormatId::Q4_1 || f.id == QuantFormatId::Q5_1;
+  uint16_t best_d = u16(block), best_m = affine ? u16(block + 2) : 0;
+  double best = block32_error(f.id, best_d, best_m, x, w);
+  auto consider = [&](float d, float m) {
+    const uint16_t dh = fmt_f32_to_f16(d), mh = fmt_f32_to_f16(m);
+    const double e = block32_error(f.id, dh, mh, x, w);
+    if (e < best) best = e, best_d = dh, best_m = mh;
+  };
+  if (affine) {
+    uint8_t L[32];
+    float the_min;
+    const int nmax = f.id == QuantFormatId::Q4_1 ? 15 : 31;
+    const float scale = g::fit_levels_with_min(32, nmax, x, w, L, &the_min, -1.0f, 0.1f, 20, false);
+    consider(scale, -the_min);
+  } else {
+    const int off = f.id == QuantFormatId::Q4_0 ? 8 : 16;
+    float mx = 0, amax = 0;
+    for (int j = 0; j < 32; ++j)
+      if (std::fabs(x[j]) > amax) amax = std::fabs(x[j]), mx = x[j];
+    if (amax > 0)
+      for (int is = -10; is <= 10; ++is) {
+        const float iscale = -(float(off) + 0.1f * float(is)) / mx;
+        double slx = 0, sl2 = 0;
+        for (int j = 0; j < 32; ++j) {
+          float l = std::nearbyint(iscale * x[j]);
+          l = std::max(float(-off), std::min(float(off - 1), l));
+          slx += double(w[j]) * double(x[j]) * l;
+          sl2 += double(w[j]) * double(l) * l;
+        }
+        if (sl2 > 0) consider(float(slx / sl2), 0.0f);
+      }
+  }
+  std::memcpy(block, &best_d, 2);
+  if (affine) std::memcpy(block + 2, &best_m, 2);
+}
+
 }  // namespace
 
 bool ggml_block_grid_supported(const QuantFormat& f) {
@@ -324,7 +390,11 @@ int ggml_grid_sub_block_size(const QuantFormat& f) {
 void ggml_grid_fit_block(const QuantFormat& f, const float* x, uint8_t* block, const float* importance) {
   LB_CHECK(ggml_block_grid_supported(f), "ggml grid: format ", f.name, " has no per-value grid (", ggml_block_grid_names(), " do)");
   if (is_kquant(f.id)) return kquant_fit_block(kgrid(f.id), x, importance, block, f.block_bytes);
-  f.quantize_row(x, f.group_size, block);
+  const bool weighted = importance && (f.id == QuantFormatId::Q4_0 || f.id == QuantFormatId::Q5_0 ||
+                                       f.id == QuantFormatId::Q4_1 || f.id == QuantFormatId::Q5_1);
+  if (!weighted) return f.quantize_row(x, f.group_size, block);
+  fit_block32_weighted(f, x, importance, block);
+  for (int j = 0; j < 32; ++j) ggml_grid_round(f, block, j, x[j]);  // the codes of x on the chosen grid
 }
 
 void ggml_grid_refit_sub_block(const QuantFormat& f, uint8_t* block, int s, const float* x, const float* importance) {

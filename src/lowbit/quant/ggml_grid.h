@@ -2,10 +2,14 @@
 // column sweep) instead of a whole row at once (quantize_row).
 //
 // Formats with one scale (and, for q4_1/q5_1, one min) per 32-value block: q4_0, q4_1, q5_0, q5_1,
-// q8_0 and iq4_nl. A block's parameters are fitted exactly as llama.cpp's reference quantizer does
-// (f.quantize_row on the block's 32 current values: q4_0/q5_0 d = signed extreme / -8 (-16), q8_0
-// d = absmax / 127, q4_1/q5_1 d = (max - min) / 15 (31) and m = min, iq4_nl ggml's scale search over
-// the non-uniform levels), stored as f16 in the block; then each value is rounded on its own to the
+// q8_0 and iq4_nl. Without an importance a block's parameters are fitted exactly as llama.cpp's
+// reference quantizer does (f.quantize_row on the block's 32 current values: q4_0/q5_0 d = signed
+// extreme / -8 (-16), q8_0 d = absmax / 127, q4_1/q5_1 d = (max - min) / 15 (31) and m = min, iq4_nl
+// ggml's scale search over the non-uniform levels). With an importance h (GPTQ: diag(H)), q4_0 /
+// q5_0 / q4_1 / q5_1 keep the reference d (m) unless another candidate has a lower error weighted
+// by h_i sqrt(2 mean(x^2) + x_i^2) on the stored grid: the least-squares scales of 21 trial grids
+// -(8 + 0.1 is) / signed extreme (q5_0: 16), is = -10..10, or ggml's make_qkx2 search (q4_1/q5_1).
+// The parameters are stored as f16 in the block; then each value is rounded on its own to the
 // grid of the STORED (f16) parameters:
 //   q4_0 q = clamp(trunc(x/d + 8.5), 0, 15)     w = d (q - 8)
 //   q5_0 q = clamp(trunc(x/d + 16.5), 0, 31)    w = d (q - 16)
@@ -58,9 +62,9 @@ const char* ggml_block_grid_names();
 int ggml_grid_sub_block_size(const QuantFormat& f);
 
 // Fits the parameters of one block (f.group_size values of x) into `block` (f.block_bytes bytes),
-// codes included. 32-value types: ggml's reference rule and rounding (quantize_row_*_ref), the
-// importance is not used. k-quants: step 1 above, `importance` (f.group_size values, >= 0, or null)
-// weighting the search.
+// codes included. 32-value types: ggml's reference rule and rounding (quantize_row_*_ref), or with
+// `importance` the weighted choice above (q4_0, q5_0, q4_1, q5_1). k-quants: step 1 above,
+// `importance` (f.group_size values, >= 0, or null) weighting the search.
 void ggml_grid_fit_block(const QuantFormat& f, const float* x, uint8_t* block, const float* importance = nullptr);
 
 // k-quants only: refits the stored scale (and min) of sub-block s (0 <= s < 256 / sub-block size)
