@@ -43,7 +43,7 @@ if [ ! -f "$srcdir/vendor/llama.cpp/CMakeLists.txt" ]; then
 fi
 
 build="$cache/build-$version-$variant"
-targets=(llama-perplexity llama-quantize llama-bench llama-simple llama-completion)
+targets=(llama-perplexity llama-quantize llama-bench llama-simple llama-completion llama-imatrix)
 if [ ! -x "$build/bin/llama-bench" ]; then
   args=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
         -DBUILD_SHARED_LIBS=OFF)
@@ -59,6 +59,9 @@ if [ ! -x "$build/bin/llama-bench" ]; then
   cmake -S "$srcdir/vendor/llama.cpp" -B "$build" -G Ninja "${args[@]}" >"$log" 2>&1
   cmake --build "$build" -j "$(nproc)" --target "${targets[@]}" >>"$log" 2>&1 ||
     { tail -n 30 "$log" >&2; exit 1; }
+fi
+if [ ! -x "$build/bin/llama-imatrix" ]; then  # builds made before llama-imatrix was in the list
+  cmake --build "$build" -j "$(nproc)" --target llama-imatrix >>"$log" 2>&1 || { tail -n 30 "$log" >&2; exit 1; }
 fi
 if [ "$server" = 1 ] && [ ! -x "$build/bin/llama-server" ]; then
   echo "building llama-server in $build; log: $log" >&2

@@ -128,20 +128,23 @@ TEST(FormatPlan, CheckpointAndGgufKeepEachLayersFormat) {
   fs::remove(path, ec);
 }
 
-TEST(FormatPlan, GptqRoundsKQuantLayersOfAPlanToNearest) {
+TEST(FormatPlan, GptqSweepsKQuantLayersAndRoundsIq4XsToNearest) {
   LlamaConfig c = test::small_config(RopeStyle::Half);
   c.dim = 256;
   c.hidden_dim = 256;
   c.n_heads = 4;
   c.n_kv_heads = 2;
-  const FormatPlan plan =
-      plan_from_map(parse_format_map("attn_v q6_k\ndefault q4_0\n", "p"), c, quant_format(QuantFormatId::Q4_0));
-  auto m = std::make_unique<LlamaModel>(c, random_weights(c, 3));
-  GptqMethod gptq(quant_format(QuantFormatId::Q4_0), GptqOptions{});
-  PipelineOptions o;
-  o.progress = false;
-  o.formats = &plan.formats;
-  run_blockwise(*m, calib_tokens(c), gptq, quant_format(QuantFormatId::Q4_0), o);
-  EXPECT_EQ(formats_of(*m), names(plan));
-  EXPECT_EQ(gptq.rtn_layers(), c.n_layers);  // one v_proj per block
+  // k-quant layers run GPTQ's sweep on their two-level grid (ggml_grid.h); iq4_xs has no per-value
+  // grid and is rounded to nearest, counted in rtn_layers().
+  for (const char* map : {"attn_v q6_k\nffn_down q3_k\ndefault q4_0\n", "attn_v iq4_xs\ndefault q4_k\n"}) {
+    const FormatPlan plan = plan_from_map(parse_format_map(map, "p"), c, quant_format(QuantFormatId::Q4_0));
+    auto m = std::make_unique<LlamaModel>(c, random_weights(c, 3));
+    GptqMethod gptq(quant_format(QuantFormatId::Q4_0), GptqOptions{});
+    PipelineOptions o;
+    o.progress = false;
+    o.formats = &plan.formats;
+    run_blockwise(*m, calib_tokens(c), gptq, quant_format(QuantFormatId::Q4_0), o);
+    EXPECT_EQ(formats_of(*m), names(plan)) << map;
+    EXPECT_EQ(gptq.rtn_layers(), std::string(map).find("iq4_xs") != std::string::npos ? c.n_layers : 0) << map;
+  }
 }

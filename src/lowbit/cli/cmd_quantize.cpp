@@ -506,8 +506,8 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
       report["gptq_rtn_layers"] = gm->rtn_layers();
       extra["format_plan"]["gptq_rtn_layers"] = gm->rtn_layers();
       if (!a.json)
-        std::fprintf(stderr, "note: %d layers in k-quant / iq4_xs / tq formats were rounded to nearest (GPTQ's sweep "
-                     "does not model their two-level scales yet)\n", gm->rtn_layers());
+        std::fprintf(stderr, "note: %d layers in iq4_xs / tq1_0 / tq2_0 were rounded to nearest (GPTQ's sweep "
+                     "has no per-value grid for them)\n", gm->rtn_layers());
     }
   }
   if (!stream.empty()) {  // RTN without data runs on a stub: no calibration to record

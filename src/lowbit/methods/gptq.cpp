@@ -113,8 +113,8 @@ GptqPhaseSeconds& gptq_phase_seconds() {
 GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_in, const QuantFormat& f, const GptqOptions& opt) {
   const bool ggml = f.is_ggml_block();
   if (ggml && !ggml_block_grid_supported(f))
-    throw_error("gptq [", f.name, "]: GPTQ runs on the ggml block types with one scale per 32 values (",
-                ggml_block_grid_names(), "); the k-quants, iq4_xs and tq1_0/tq2_0 are RTN only (use --method rtn)");
+    throw_error("gptq [", f.name, "]: GPTQ runs on the ggml block types ", ggml_block_grid_names(),
+                "; iq4_xs and tq1_0/tq2_0 are RTN only (use --method rtn)");
   if (!ggml && ((w_in.defined() && w_in.device() == Device::CUDA) || (h_in.defined() && h_in.device() == Device::CUDA)) &&
       gptq_cuda_supports(f, opt))
     return gptq_quantize_cuda(w_in, h_in, f, opt);
@@ -150,13 +150,19 @@ GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_in, const QuantForm
   std::vector<GroupParams> params(ggml ? 0 : static_cast<size_t>(out * groups));
   if (!ggml && (!grouped || static_groups)) params = fit_all_group_params(f, w, tensor_scale);
   // ggml block formats (ggml_grid.h): the blocks themselves hold the group parameters; static
-  // groups fit them on the original W, dynamic ones when the sweep enters each block.
+  // groups fit them on the original W, dynamic ones when the sweep enters each block (k-quants:
+  // d / dmin and every sub-scale there, each later sub-block's scale / min again when the sweep
+  // enters it). The k-quant fit is weighted by the Hessian diagonal.
   const int64_t row_bytes = ggml ? f.row_bytes(in) : 0;
+  const int64_t sub = ggml ? ggml_grid_sub_block_size(f) : 0;
+  std::vector<float> hdiag(ggml ? static_cast<size_t>(in) : 0);
+  for (size_t j = 0; j < hdiag.size(); ++j) hdiag[j] = float(h[j * size_t(in) + j]);
   std::vector<uint8_t> blocks(static_cast<size_t>(out * row_bytes));
   if (ggml && static_groups)
     for (int64_t r = 0; r < out; ++r)
       for (int64_t g = 0; g < groups; ++g)
-        ggml_grid_fit_block(f, pw + r * in + g * f.group_size, &blocks[size_t(r * row_bytes + g * f.block_bytes)]);
+        ggml_grid_fit_block(f, pw + r * in + g * f.group_size, &blocks[size_t(r * row_bytes + g * f.block_bytes)],
+                            &hdiag[size_t(g * f.group_size)]);
 
   // Column order: identity, or decreasing diag(H) (act-order). Stable sort keeps ties in order.
   std::vector<int64_t> perm(static_cast<size_t>(in));
@@ -197,8 +203,11 @@ GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_in, const QuantForm
         const int64_t g = f.group_of_column(col);
         if (ggml) {
           uint8_t* blk = &blocks[size_t(r * row_bytes + g * f.block_bytes)];
-          if (!static_groups && col == f.group_begin(g)) ggml_grid_fit_block(f, wrow + j, blk);
-          const float q = ggml_grid_round(f, blk, int(col - f.group_begin(g)), wrow[j]);
+          const int64_t pos = col - f.group_begin(g);
+          if (!static_groups && pos == 0) ggml_grid_fit_block(f, wrow + j, blk, &hdiag[size_t(col)]);
+          else if (!static_groups && pos % sub == 0)  // without act-order j == col: wrow + j is the sub-block
+            ggml_grid_refit_sub_block(f, blk, int(pos / sub), wrow + j, &hdiag[size_t(col)]);
+          const float q = ggml_grid_round(f, blk, int(pos), wrow[j]);
           const float* urow = &u[size_t(j * in)];
           const float e = (wrow[j] - q) / urow[j];
           loss += 0.5 * double(e) * double(e);

@@ -20,11 +20,20 @@
 // llama.cpp's block types (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl; quant/ggml_grid.h): a "group" is
 // one 32-value block and its parameters are the block's own, fitted by llama.cpp's reference rule
 // (q4_0: d = signed extreme / -8, codes 0..15 offset 8; q4_1: d = (max-min)/15 and m = min, both
-// f16; q8_0: d = absmax / 127; iq4_nl: ggml's scale search over the 16 non-uniform levels) on the
-// block's weights as updated by the sweep when its first column is reached (on the original W with
-// act-order / static groups). Each column is then rounded to that block's grid (the stored f16
-// d, m) and its error fed back as above, so the result is an ordinary GGUF tensor. The k-quants
-// (two-level scales over 256 values), iq4_xs and tq1_0/tq2_0 are refused: quantize them with RTN.
+// f16; q8_0: d = absmax / 127; iq4_nl: ggml's scale search over the 16 non-uniform levels) or, for
+// q4_0/q5_0/q4_1/q5_1, a scale search weighted by diag(H) when it has a lower weighted error on the
+// stored grid (ggml_grid.h), on the block's weights as updated by the sweep when its first column
+// is reached (on the original W with act-order / static groups). Each column is then rounded to that block's grid (the stored f16
+// d, m) and its error fed back as above, so the result is an ordinary GGUF tensor.
+// The k-quants (q2_k, q3_k, q4_k, q5_k, q6_k: two-level scales over 256-value super-blocks) the
+// same way, with the two levels frozen as the file stores them before any column they cover is
+// rounded (ggml_grid.h): when the sweep enters a super-block, its f16 d (and dmin) and every
+// sub-block's 4/6/8-bit scale (and min) are fitted on the current weights, the search weighted by
+// diag(H); when it enters each later sub-block (16 or 32 columns), that sub-block's quantized
+// scale (and min) is refitted under the stored d / dmin on the weights as updated so far. Each
+// column is rounded to the nearest point of its sub-block's stored grid and its error fed back.
+// With act-order / static groups every super-block is fitted once on the original W.
+// iq4_xs and tq1_0/tq2_0 are refused: quantize them with RTN.
 //
 // Device: when the weight or the Hessian lives on cuda and the format is an integer format (and
 // block_size <= 128), the whole computation runs on the GPU (gptq_cuda.h, ops/cuda/gptq.cu) with

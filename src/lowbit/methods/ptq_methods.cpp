@@ -188,8 +188,8 @@ std::string AwqMethod::options_key() const {
 GptqResult GptqMethod::solve_layer(BlockContext& ctx, const std::string& name, const Tensor& w, const Tensor& h) {
   const QuantFormat& f = ctx.format_of(name, f_);
   if (ctx.formats && f.is_ggml_block() && !ggml_block_grid_supported(f)) {
-    // A mixed plan (--preset q4_k_m) puts some layers in k-quants, whose two-level scales GPTQ's
-    // sweep does not model yet: those layers are rounded to nearest, counted in rtn_layers().
+    // A mixed plan (--format-map) may put layers in iq4_xs / tq1_0 / tq2_0, which GPTQ's sweep has
+    // no per-value grid for: those layers are rounded to nearest, counted in rtn_layers().
     ++rtn_layers_;
     GptqResult r;
     r.q = rtn_quantize(w.to(Device::CPU).contiguous(), f);

@@ -38,7 +38,7 @@ class GptqMethod : public BlockMethod {
   virtual GptqResult solve(const Tensor& w, const Tensor& h, const QuantFormat& f) { return gptq_quantize(w, h, f, o_); }
 
  public:
-  // Layers of a mixed-format plan in a format GPTQ cannot sweep (k-quants, iq4_xs, tq*: gptq.h),
+  // Layers of a mixed-format plan in a format GPTQ cannot sweep (iq4_xs, tq1_0, tq2_0: gptq.h),
   // which this run rounded to nearest instead (0 with a single format: gptq_quantize refuses those).
   int rtn_layers() const { return rtn_layers_; }
 

@@ -180,6 +180,8 @@ int nearest_int(float v) {
   return v >= 2147483520.0f ? std::numeric_limits<int>::max() : v <= -2147483648.0f ? std::numeric_limits<int>::min() : int(v);
 }
 
+}  // namespace
+
 // Asymmetric levels L in [0, nmax] for n values with weights w: x ~ scale * L - the_min. Starts from
 // the min/max grid and tries nstep+1 widened grids (rmin + rdelta * is), keeping the one of least
 // weighted error (|diff| when use_mad, else diff^2) with the least-squares scale and min for its
@@ -231,6 +233,8 @@ float fit_levels_with_min(int n, int nmax, const float* x, const float* w, uint8
   *the_min = -mn;
   return scale;
 }
+
+namespace {
 
 // Symmetric levels L in [0, 2 nmax) (signed level + nmax) with weights x^2: a least-squares scale
 // over 19 trial grids -(nmax + 0.1 is) / max. Returns the (signed) scale.

@@ -22,4 +22,12 @@ void quantize_row_q6_k(const float* x, int64_t in, uint8_t* row);
 void quantize_row_iq4_nl(const float* x, int64_t in, uint8_t* row);
 void quantize_row_iq4_xs(const float* x, int64_t in, uint8_t* row);
 
+// The k-quants' sub-block search (ggml's make_qkx2_quants): asymmetric levels L in [0, nmax] for
+// n <= 32 values x with weights w, x ~ scale * L - the_min. Starts from the min/max grid and tries
+// nstep+1 widened grids (iscale = (nmax + rmin + rdelta * is) / (max - min)), keeping the one of
+// least weighted error (|diff| when use_mad, else diff^2) with its weighted least-squares scale and
+// min. Returns the scale; *the_min >= 0. Also used by quant/ggml_grid.cpp (GPTQ's k-quant grids).
+float fit_levels_with_min(int n, int nmax, const float* x, const float* w, uint8_t* L, float* the_min, float rmin,
+                          float rdelta, int nstep, bool use_mad);
+
 }  // namespace lowbit::ggml
