@@ -59,6 +59,47 @@ QuadKernel avx2vnni_quad_kernel(const PackedWeight& w);
 int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d);
 #endif
 
+// ---- Ternary layouts: 256-value activation blocks -------------------------------------------
+// The ternary format (2-bit IntGroups codes, one tensor scale), ggml tq2_0 and tq1_0. Activations
+// are quantized per block of 256 (one d each); a full block is stored in `slots` int8 slots in the
+// order the SIMD kernels unpack the codes (ternary_slot_source), so the integer products of a
+// whole block are summed before one f32 multiply-add per block and weight row.
+inline constexpr int64_t kBlockK = 256;
+enum class TernaryKind : uint8_t { None, Ternary, TQ2_0, TQ1_0 };
+inline TernaryKind ternary_kind(const PackedWeight& w) {
+  switch (w.layout) {
+    case PackedLayout::GgmlTQ2_0: return TernaryKind::TQ2_0;
+    case PackedLayout::GgmlTQ1_0: return TernaryKind::TQ1_0;
+    case PackedLayout::IntGroups: return w.bits == 2 && !w.scales && w.n_groups == 1 ? TernaryKind::Ternary : TernaryKind::None;
+    default: return TernaryKind::None;
+  }
+}
+// Slots per full block: 256, or 320 for tq1_0 (its last 96 values are unpacked from one 32-byte
+// vector of base-3 digits five times over, with zero slots for the lanes that carry no value).
+inline int ternary_slots(TernaryKind k) { return k == TernaryKind::TQ1_0 ? 320 : 256; }
+// Value (index in the block) held by slot p of a full block, or -1 for a zero slot.
+//   ternary: every 32 slots in the 2-bit order of block_source_index (8 code bytes, 4 shifts);
+//   tq2_0:   natural order (32 code bytes give 4 runs of 32 values, one per 2-bit shift);
+//   tq1_0:   slots 0..159 natural (qs[0..32), digit k = values 32k..32k+31); then 5 runs of 32 slots,
+//            run k: qs[32..48) digit k (values 160 + 16k + l), qh[0..4) digit k (240 + 4k + l, k < 4),
+//            12 zero slots.
+inline int ternary_slot_source(TernaryKind k, int p) {
+  if (k == TernaryKind::Ternary) return 32 * (p / 32) + block_source_index(2, p % 32);
+  if (k != TernaryKind::TQ1_0 || p < 160) return p;
+  const int run = (p - 160) / 32, l = (p - 160) % 32;
+  if (l < 16) return 160 + 16 * run + l;
+  if (l < 20 && run < 4) return 240 + 4 * run + (l - 16);
+  return -1;
+}
+#if defined(__x86_64__) || defined(__i386__)
+// Ternary layouts: the four-row kernels over full 256-value blocks (nfull = in / 256; out[] as
+// QuadKernel's, before the ternary format's tensor scale), and one full activation block quantized
+// into ternary_slots(k) slots (the portable loop's numbers). Null kernel for TernaryKind::None.
+QuadKernel avx2_ternary_quad_kernel(TernaryKind k);
+QuadKernel avx2vnni_ternary_quad_kernel(TernaryKind k);
+int32_t avx2_quantize_block256(const float* x, TernaryKind k, int8_t* q, float* d);
+#endif
+
 // Order of the activations inside a full block for this layout (block_source_index's `bits`):
 // IntGroups unpack in their bit order, ggml blocks keep the natural order.
 inline int act_order_bits(const PackedWeight& w) { return w.layout == PackedLayout::IntGroups ? w.bits : 8; }
