@@ -437,6 +437,19 @@ struct QActsK {
   }
 };
 
+// qmm::ternary_slot_source of every slot, one table per kind (built once).
+const int* slot_sources(qmm::TernaryKind kind) {
+  struct Tables {
+    int t[4][320];
+    Tables() {
+      for (int k = 0; k < 4; ++k)
+        for (int p = 0; p < 320; ++p) t[k][p] = qmm::ternary_slot_source(qmm::TernaryKind(k), p);
+    }
+  };
+  static const Tables tables;
+  return tables.t[int(kind)];
+}
+
 const QActsK& quantize_acts_k(const float* x, int64_t M, int64_t in, qmm::TernaryKind kind, bool simd) {
   thread_local QActsK a;
   a.nb = (in + qmm::kBlockK - 1) / qmm::kBlockK;
@@ -448,8 +461,7 @@ const QActsK& quantize_acts_k(const float* x, int64_t M, int64_t in, qmm::Ternar
     a.sum.resize(nblk);
     a.pair.resize(2 * nblk);
   }
-  int src[320];
-  for (int p = 0; p < a.slots; ++p) src[p] = qmm::ternary_slot_source(kind, p);
+  const int* src = slot_sources(kind);
 #if !(defined(__x86_64__) || defined(__i386__))
   simd = false;
 #endif
@@ -532,13 +544,12 @@ void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, Qu
   isa = resolve_isa(isa);
   const bool simd = isa == QuantIsa::Avx2 || isa == QuantIsa::Avx2Vnni;
   const QActsK& a = quantize_acts_k(x, M, w.in, kind, simd);
-  qmm::QuadKernel qk = nullptr;
+  qmm::TernaryKernel qk = nullptr;
 #if defined(__x86_64__) || defined(__i386__)
   if (isa == QuantIsa::Avx2) qk = qmm::avx2_ternary_quad_kernel(kind);
   if (isa == QuantIsa::Avx2Vnni) qk = qmm::avx2vnni_ternary_quad_kernel(kind);
 #endif
-  int src[320];
-  for (int p = 0; p < a.slots; ++p) src[p] = qmm::ternary_slot_source(kind, p);
+  const int* src = slot_sources(kind);
   const int64_t nfull = w.in / qmm::kBlockK, out = w.out, slots = a.slots;
   const bool tail = nfull < a.nb;
   const float post = kind == qmm::TernaryKind::Ternary ? w.tensor_scale : 1.0f;
@@ -547,7 +558,6 @@ void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, Qu
   items_each(tasks, [&](int64_t t) {
     const int64_t g0 = t * per_task, g1 = std::min(groups, g0 + per_task);
     QRow rows[qmm::kMaxRows];
-    float dots[qmm::kMaxRows * qmm::kRowGroup];
     int64_t o = g0 * G;
     const int64_t o1 = std::min(out, g1 * G);
     // The partial last block of the ternary format (in % 256 values), natural order.
@@ -562,16 +572,18 @@ void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, Qu
         isum += code_at(2, w.codes + r * w.row_bytes, nfull * qmm::kBlockK + i) * last.q[i];
       return last.d[0] * float(isum - last.sum[0]);
     };
-    if (qk)
-      for (; o + qmm::kRowGroup <= o1; o += qmm::kRowGroup)
-        for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {
-          const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
-          for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
-          qk(w, o, rows, n, nfull, dots);
+    if (qk) {
+      const int64_t oq = o + (o1 - o) / qmm::kRowGroup * qmm::kRowGroup;
+      for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {
+        const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
+        for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
+        qk(w, o, oq, rows, n, nfull, y + m0 * out, out, post);
+        if (tail)
           for (int j = 0; j < n; ++j)
-            for (int r = 0; r < qmm::kRowGroup; ++r)
-              y[(m0 + j) * out + o + r] = post * (dots[j * qmm::kRowGroup + r] + tail_of(o + r, rows[j]));
-        }
+            for (int64_t r = o; r < oq; ++r) y[(m0 + j) * out + r] += post * tail_of(r, rows[j]);
+      }
+      o = oq;
+    }
     for (; o < o1; ++o)
       for (int64_t m = 0; m < M; ++m) y[m * out + o] = post * ternary_row(w, kind, src, slots, o, a.row(m), a.nb);
   });

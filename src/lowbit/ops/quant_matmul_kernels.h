@@ -91,12 +91,18 @@ inline int ternary_slot_source(TernaryKind k, int p) {
   if (l < 20 && run < 4) return 240 + 4 * run + (l - 16);
   return -1;
 }
+// Weight rows [row0, row1) (row1 - row0 a multiple of kRowGroup), four at a time, against m
+// (1..kMaxRows) activation rows over the first nfull blocks of 256: y[j * ystride + row] = post *
+// the dot product of weight row `row` with activation row j (each row's arithmetic independent of
+// m and of the range, so batched and single decode give the same numbers).
+using TernaryKernel = void (*)(const PackedWeight& w, int64_t row0, int64_t row1, const QRow* a, int m, int64_t nfull,
+                               float* y, int64_t ystride, float post);
 #if defined(__x86_64__) || defined(__i386__)
-// Ternary layouts: the four-row kernels over full 256-value blocks (nfull = in / 256; out[] as
-// QuadKernel's, before the ternary format's tensor scale), and one full activation block quantized
-// into ternary_slots(k) slots (the portable loop's numbers). Null kernel for TernaryKind::None.
-QuadKernel avx2_ternary_quad_kernel(TernaryKind k);
-QuadKernel avx2vnni_ternary_quad_kernel(TernaryKind k);
+// Ternary layouts: the four-row kernels over full 256-value blocks (nfull = in / 256), and one
+// full activation block quantized into ternary_slots(k) slots (the portable loop's numbers). Null
+// kernel for TernaryKind::None.
+TernaryKernel avx2_ternary_quad_kernel(TernaryKind k);
+TernaryKernel avx2vnni_ternary_quad_kernel(TernaryKind k);
 int32_t avx2_quantize_block256(const float* x, TernaryKind k, int8_t* q, float* d);
 #endif
 

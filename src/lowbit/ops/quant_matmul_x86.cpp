@@ -72,7 +72,7 @@ bool has_avx512vnni() {
 RowKernel avx2_kernel(const PackedWeight& w) { return avx2::pick(w); }
 int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d) { return avx2::quantize_block(x, bits, q, d); }
 QuadKernel avx2_quad_kernel(const PackedWeight& w) { return avx2::pick_quad(w); }
-QuadKernel avx2_ternary_quad_kernel(TernaryKind k) { return avx2::pick_ternary_quad(k); }
+TernaryKernel avx2_ternary_quad_kernel(TernaryKind k) { return avx2::pick_ternary_quad(k); }
 int32_t avx2_quantize_block256(const float* x, TernaryKind k, int8_t* q, float* d) {
   return avx2::quantize_block256(x, k, q, d);
 }
@@ -83,7 +83,7 @@ RowKernel avx2vnni_kernel(const PackedWeight& w) {
 QuadKernel avx2vnni_quad_kernel(const PackedWeight& w) {
   return has_avx512vnni() ? avx512vnni::pick_quad(w) : avxvnni::pick_quad(w);
 }
-QuadKernel avx2vnni_ternary_quad_kernel(TernaryKind k) {
+TernaryKernel avx2vnni_ternary_quad_kernel(TernaryKind k) {
   return has_avx512vnni() ? avx512vnni::pick_ternary_quad(k) : avxvnni::pick_ternary_quad(k);
 }
 
