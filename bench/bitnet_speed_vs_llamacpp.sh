@@ -17,7 +17,11 @@
 # lowbit decodes all three with the int8-activation ternary kernels of quant_matmul (activation
 # blocks of 256, as llama.cpp's q8_K). With LOWBIT_BEFORE set, its rows follow, marked "(before)".
 # The load average is printed before and after: llama.cpp's spinning threads lose far more than
-# lowbit on a busy machine, so only ratios measured at a low load mean anything.
+# lowbit on a busy machine, so only ratios measured at a low load mean anything. A second table is
+# steadier on a shared machine: CPU seconds (user + sys) per decoded token on 1 thread, of
+# `lowbit bench -p 0 -n CN -r CR --threads 1` and `llama-bench -p 0 -n CN -r CR -t 1` less the same
+# commands with -n 1 -r 1 (load and warm-up), CN=64 CR=10 by default (CPU=0 skips it; the "before"
+# binary gets the ternary row only there: it decodes the GGUF files row by row, very slowly).
 # Files go to $LOWBIT_LLAMACPP_CACHE/bitnet (default ~/.cache/lowbit-llamacpp/bitnet), never into the
 # repository. LLAMA_BIN, LLAMA_ARGS and OMP_WAIT_POLICY as in bench/packed_vs_llamacpp.sh.
 set -euo pipefail
@@ -58,6 +62,42 @@ name, cfile, cbytes = sys.argv[1], sys.argv[2], float(sys.argv[3])
 lpp, ltg, lbytes, cpp, ctg = map(float, sys.argv[4:])
 print(f"| {name} | {lbytes/2**20:.1f} | {lpp:.1f} | {ltg:.1f} | {cfile} ({cbytes/2**20:.1f}) | {cpp:.1f} | {ctg:.1f} | {lpp/cpp:.2f} | {ltg/ctg:.2f} |")
 PY
+  done
+done
+echo
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+[ "${CPU:-1}" = 0 ] && exit 0
+
+CN=${CN:-64} CR=${CR:-10}
+cpu_s() {  # command... -> CPU seconds (user + sys)
+  /usr/bin/time -f "%U %S" "$@" 2>&1 >/dev/null | tail -1 | awk '{print $1 + $2}'
+}
+per_token() {  # full_s base_s -> ms per token
+  python3 -c "import sys; print(f'{(float(sys.argv[1]) - float(sys.argv[2])) * 1000 / ($CN * $CR):.3f}')" "$1" "$2"
+}
+echo
+echo "CPU time per decoded token, 1 thread (tg$CN x $CR less tg1 x 1), load $(cut -d' ' -f1-3 /proc/loadavg):"
+echo
+declare -A cms
+for f in tq2_0 tq1_0; do
+  full=$(cpu_s "$BIN/llama-bench" -m "$dir/$f.gguf" -p 0 -n "$CN" -r "$CR" -t 1 $LLAMA_ARGS)
+  base=$(cpu_s "$BIN/llama-bench" -m "$dir/$f.gguf" -p 0 -n 1 -r 1 -t 1 $LLAMA_ARGS)
+  cms[$f]=$(per_token "$full" "$base")
+done
+echo "| lowbit model | lowbit CPU ms/token | llama.cpp file | llama.cpp CPU ms/token | llama.cpp / lowbit |"
+echo "|---|---:|---|---:|---:|"
+for bin in "${bins[@]}"; do
+  tag=""
+  models=(train/ternary tq2_0.gguf tq1_0.gguf)
+  [ "$bin" != "$LOWBIT" ] && tag=" (before)" && models=(train/ternary)
+  for m in "${models[@]}"; do
+    f=tq2_0
+    [ "$m" = tq1_0.gguf ] && f=tq1_0
+    full=$(cpu_s "$bin" -q bench -m "$dir/$m" -p 0 -n "$CN" -r "$CR" --threads 1)
+    base=$(cpu_s "$bin" -q bench -m "$dir/$m" -p 0 -n 1 -r 1 --threads 1)
+    l=$(per_token "$full" "$base")
+    python3 -c "import sys; print(f'| {sys.argv[1]} | {sys.argv[2]} | {sys.argv[3]}.gguf | {sys.argv[4]} | {float(sys.argv[4]) / float(sys.argv[2]):.2f} |')" \
+      "$m$tag" "$l" "$f" "${cms[$f]}"
   done
 done
 echo
