@@ -78,13 +78,14 @@ inline TernaryKind ternary_kind(const PackedWeight& w) {
 // vector of base-3 digits five times over, with zero slots for the lanes that carry no value).
 inline int ternary_slots(TernaryKind k) { return k == TernaryKind::TQ1_0 ? 320 : 256; }
 // Value (index in the block) held by slot p of a full block, or -1 for a zero slot.
-//   ternary: every 32 slots in the 2-bit order of block_source_index (8 code bytes, 4 shifts);
+//   ternary: per 128 values (32 code bytes, four values a byte), run k of 32 slots holds values
+//            4p + k (the 2-bit shift k of byte p);
 //   tq2_0:   natural order (32 code bytes give 4 runs of 32 values, one per 2-bit shift);
 //   tq1_0:   slots 0..159 natural (qs[0..32), digit k = values 32k..32k+31); then 5 runs of 32 slots,
 //            run k: qs[32..48) digit k (values 160 + 16k + l), qh[0..4) digit k (240 + 4k + l, k < 4),
 //            12 zero slots.
 inline int ternary_slot_source(TernaryKind k, int p) {
-  if (k == TernaryKind::Ternary) return 32 * (p / 32) + block_source_index(2, p % 32);
+  if (k == TernaryKind::Ternary) return 128 * (p / 128) + 4 * (p % 32) + (p % 128) / 32;
   if (k != TernaryKind::TQ1_0 || p < 160) return p;
   const int run = (p - 160) / 32, l = (p - 160) % 32;
   if (l < 16) return 160 + 16 * run + l;
