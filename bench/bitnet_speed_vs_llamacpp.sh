@@ -16,6 +16,7 @@
 #   tq1_0.gguf      the same with --format tq1_0 (base-3 digits, 1.69 bits per weight)
 # lowbit decodes all three with the int8-activation ternary kernels of quant_matmul (activation
 # blocks of 256, as llama.cpp's q8_K). With LOWBIT_BEFORE set, its rows follow, marked "(before)".
+# BEST_OF=K repeats the tokens/s measurements K times, interleaved, and keeps each cell's best run.
 # The load average is printed before and after: llama.cpp's spinning threads lose far more than
 # lowbit on a busy machine, so only ratios measured at a low load mean anything. A second table is
 # steadier on a shared machine: CPU seconds (user + sys) per decoded token on 1 thread, of
@@ -39,24 +40,37 @@ for f in tq2_0 tq1_0; do
 done
 
 echo "llama.cpp: $BIN ($LLAMA_ARGS)"
-echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); threads $THREADS; pp$P tg$N, $R runs"
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); threads $THREADS; pp$P tg$N, $R runs; best of ${BEST_OF:-1}"
 echo "model: random ternary, dim $DIM, hidden $HIDDEN, $LAYERS layers, $HEADS heads, vocab 512"
 echo
-declare -A cpp ctg
-for f in tq2_0 tq1_0; do read -r "cpp[$f]" "ctg[$f]" < <(llama "$dir/$f.gguf"); done
-echo "| lowbit model | lowbit MiB | lowbit pp t/s | lowbit tg t/s | llama.cpp file (MiB) | llama.cpp pp t/s | llama.cpp tg t/s | pp ratio | tg ratio |"
-echo "|---|---:|---:|---:|---|---:|---:|---:|---:|"
 bins=("$LOWBIT")
 [ -n "${LOWBIT_BEFORE:-}" ] && bins+=("$LOWBIT_BEFORE")
+vmax() {  # "a b c" "d e f" -> the larger of each pair ("" counts as nothing)
+  python3 -c 'import sys; r=[list(map(float, a.split())) for a in sys.argv[1:] if a.strip()]; print(*[max(c) for c in zip(*r)])' "$@"
+}
+# BEST_OF rounds (default 1), each running every measurement once, interleaved; each cell keeps its
+# best round (on a busy machine the least disturbed run of each program).
+declare -A cres lres
+for ((round = 0; round < ${BEST_OF:-1}; round++)); do
+  for f in tq2_0 tq1_0; do cres[$f]=$(vmax "${cres[$f]:-}" "$(llama "$dir/$f.gguf")"); done
+  for bin in "${bins[@]}"; do
+    for m in train/ternary tq2_0.gguf tq1_0.gguf; do
+      lres[$bin:$m]=$(vmax "${lres[$bin:$m]:-}" "$(LOWBIT="$bin" lb "$dir/$m")")
+    done
+  done
+done
+echo "| lowbit model | lowbit MiB | lowbit pp t/s | lowbit tg t/s | llama.cpp file (MiB) | llama.cpp pp t/s | llama.cpp tg t/s | pp ratio | tg ratio |"
+echo "|---|---:|---:|---:|---|---:|---:|---:|---:|"
 for bin in "${bins[@]}"; do
   tag=""
   [ "$bin" != "$LOWBIT" ] && tag=" (before)"
   for m in train/ternary tq2_0.gguf tq1_0.gguf; do
     f=tq2_0
     [ "$m" = tq1_0.gguf ] && f=tq1_0
-    read -r lpp ltg lbytes < <(LOWBIT="$bin" lb "$dir/$m")
+    read -r lpp ltg lbytes <<<"${lres[$bin:$m]}"
+    read -r cpp ctg <<<"${cres[$f]}"
     cbytes=$(stat -c %s "$dir/$f.gguf")
-    python3 - "$m$tag" "$f.gguf" "$cbytes" "$lpp" "$ltg" "$lbytes" "${cpp[$f]}" "${ctg[$f]}" <<'PY'
+    python3 - "$m$tag" "$f.gguf" "$cbytes" "$lpp" "$ltg" "$lbytes" "$cpp" "$ctg" <<'PY'
 import sys
 name, cfile, cbytes = sys.argv[1], sys.argv[2], float(sys.argv[3])
 lpp, ltg, lbytes, cpp, ctg = map(float, sys.argv[4:])
