@@ -367,11 +367,12 @@ qmm::QuadKernel pick_quad_kernel(QuantIsa isa, const PackedWeight& w) {
   }
 }
 
-// Weight rows go in groups of kRowGroup through the four-row kernel where the ISA has one (the
-// rest, out % 4 rows, row by row); chunks of the thread split are whole groups, so which kernel
-// computes a row depends on the row index only, never on M or the thread count.
 void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa, qmm::TernaryKind kind);
 
+// Weight rows go in groups of kRowGroup through the four-row kernel where the ISA has one (the
+// rest, out % 4 rows, row by row); chunks of the thread split are whole groups, so which kernel
+// computes a row depends on the row index only, never on M or the thread count. The ternary
+// layouts go to ternary_body (activation blocks of 256).
 void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa) {
   if (const qmm::TernaryKind kind = qmm::ternary_kind(w_in); kind != qmm::TernaryKind::None)
     return ternary_body(x, M, w_in, y, isa, kind);
