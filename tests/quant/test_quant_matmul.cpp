@@ -3,7 +3,8 @@
 // or a backend added to kBackends below is covered without touching the test.
 //   exact backends (f32 activations): |y - y_ref| <= 1e-5 * sum_i |x_i w_i|
 //   int8 backends: |y - y_ref| <= sum_i |w_i| * d_block(i) / 2 * (1 + 1e-3) + 1e-5 * sum_i |x_i w_i|
-//     (d = amax/127 of the 32-value activation block: the activation rounding is the only error).
+//     (d = amax/127 of the activation block, 32 values or ops::quant_matmul_act_block's 256 for the
+//     ternary layouts: the activation rounding is the only error).
 // SIMD cells run on what this CPU supports (skipped otherwise, with a message), the portable cells
 // always; CUDA cells (the device copy of the weight, x and y on the GPU) skip without a GPU, and for
 // formats without a GPU form (ops::quant_matmul_has_cuda_layout).
@@ -104,14 +105,15 @@ TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
       Tensor yref = Tensor::empty({s.M, s.out});
       ops::quant_matmul(x, view, yref, {ops::QuantMatmulPath::Reference});
       const Tensor wd = q.dequantize();
-      // Per-output bounds.
+      // Per-output bounds (the int8 activation blocks: 32 values, 256 for the ternary layouts).
+      const int64_t ab = ops::quant_matmul_act_block(view);
       std::vector<double> scale(size_t(s.M * s.out)), rbound(size_t(s.M * s.out));
       const float *px = x.data<float>(), *pw = wd.data<float>();
       for (int64_t m = 0; m < s.M; ++m)
         for (int64_t o = 0; o < s.out; ++o) {
           double sc = 0, rb = 0;
-          for (int64_t b0 = 0; b0 < s.in; b0 += 32) {
-            const int64_t b1 = std::min(s.in, b0 + 32);
+          for (int64_t b0 = 0; b0 < s.in; b0 += ab) {
+            const int64_t b1 = std::min(s.in, b0 + ab);
             double amax = 0;
             for (int64_t i = b0; i < b1; ++i) amax = std::max(amax, std::fabs(double(px[m * s.in + i])));
             for (int64_t i = b0; i < b1; ++i) {
@@ -460,8 +462,9 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
       for (int64_t m = 0; m < Mmax; ++m)
         for (int64_t o = 0; o < s.out; ++o) {
           double sc = 0, rb = 0;
-          for (int64_t b0 = 0; b0 < s.in; b0 += 32) {
-            const int64_t b1 = std::min(s.in, b0 + 32);
+          const int64_t ab = ops::quant_matmul_act_block(view);  // 256 for the ternary layouts
+          for (int64_t b0 = 0; b0 < s.in; b0 += ab) {
+            const int64_t b1 = std::min(s.in, b0 + ab);
             double amax = 0;
             for (int64_t i = b0; i < b1; ++i) amax = std::max(amax, std::fabs(double(px[m * s.in + i])));
             for (int64_t i = b0; i < b1; ++i) {
@@ -518,4 +521,70 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
   std::printf("int8 GEMM cells: %d run (ISA best here: %s)%s%s\n", run, ops::quant_isa_name(ops::quant_isa_best()),
               skipped.empty() ? "" : "; not supported by this CPU, skipped:", skipped.c_str());
   EXPECT_GT(run, 0);
+}
+
+// The ternary layouts (the ternary format, ggml tq2_0 / tq1_0) have int8 kernels with 256-value
+// activation blocks: their views carry the layout, and the SIMD four-row kernels give the portable
+// body's numbers up to f32 summation order (the integer block sums are exact), for every row count
+// (four-row groups, leftover rows, batched activation rows) — the table above bounds both against
+// the reference.
+TEST(QuantMatmul, TernaryLayoutsRunTheirInt8KernelsOnBlocksOf256) {
+  const struct {
+    const char* name;
+    ops::PackedLayout layout;
+  } kCases[] = {{"ternary", ops::PackedLayout::IntGroups}, {"tq2_0", ops::PackedLayout::GgmlTQ2_0},
+                {"tq1_0", ops::PackedLayout::GgmlTQ1_0}};
+  for (const auto& c : kCases) {
+    SCOPED_TRACE(c.name);
+    const int64_t out = 11, in = c.layout == ops::PackedLayout::IntGroups ? 600 : 768;  // ternary: a partial block
+    const QuantizedTensor q = quantize(Tensor::randn({out, in}, 21, 0.05), parse_quant_format(c.name));
+    const ops::PackedWeight v = q.packed_view();
+    EXPECT_EQ(v.layout, c.layout);
+    EXPECT_TRUE(ops::quant_matmul_has_int8_kernel(v));
+    EXPECT_EQ(ops::quant_matmul_act_block(v), 256);
+    EXPECT_FALSE(ops::quant_matmul_has_cuda_layout(v));
+    // Integer activations whose every block of 256 holds +-127 quantize exactly (d = 1): then every
+    // int8 body equals the reference up to f32 rounding, which pins the code and slot order down.
+    {
+      const int64_t M = 5;
+      Tensor xi = Tensor::empty({M, in});
+      for (int64_t i = 0; i < M * in; ++i)
+        xi.data<float>()[i] = i % in % 256 == 7 ? 127.0f : float(int64_t((i * 2654435761u) % 255) - 127);
+      Tensor yr = Tensor::empty({M, out});
+      ops::quant_matmul(xi, v, yr, {ops::QuantMatmulPath::Reference});
+      for (ops::QuantIsa isa : {ops::QuantIsa::Portable, ops::QuantIsa::Avx2, ops::QuantIsa::Avx2Vnni}) {
+        if (!ops::quant_isa_supported(isa)) continue;
+        Tensor yi = Tensor::empty({M, out});
+        ops::quant_matmul(xi, v, yi, {ops::QuantMatmulPath::Int8, isa});
+        for (int64_t i = 0; i < M * out; ++i)
+          ASSERT_NEAR(yi.data<float>()[i], yr.data<float>()[i], 1e-5 * (1 + std::fabs(yr.data<float>()[i])) * in)
+              << ops::quant_isa_name(isa) << " output " << i;
+      }
+    }
+    for (int64_t M : {1, 3, 6}) {
+      const Tensor x = test_input(M, in, 30 + uint64_t(M));
+      Tensor yp = Tensor::empty({M, out}), ye = Tensor::empty({M, out});
+      ops::quant_matmul(x, v, yp, {ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable});
+      ops::quant_matmul(x, v, ye, {ops::QuantMatmulPath::Exact});
+      EXPECT_GT(max_abs_diff(yp, ye), 0.0);  // the int8 body ran, not a fallback to f32 activations
+      for (ops::QuantIsa isa : {ops::QuantIsa::Avx2, ops::QuantIsa::Avx2Vnni}) {
+        if (!ops::quant_isa_supported(isa)) continue;
+        Tensor ys = Tensor::empty({M, out});
+        ops::quant_matmul(x, v, ys, {ops::QuantMatmulPath::Int8, isa});
+        for (int64_t i = 0; i < M * out; ++i)
+          EXPECT_NEAR(ys.data<float>()[i], yp.data<float>()[i], 1e-5 * (1 + std::fabs(yp.data<float>()[i])))
+              << ops::quant_isa_name(isa) << " M=" << M << " output " << i;
+        // Row m of a batch gets the numbers it gets alone.
+        Tensor y1 = Tensor::empty({1, out});
+        ops::quant_matmul(x.slice(0, M - 1, M).contiguous(), v, y1, {ops::QuantMatmulPath::Int8, isa});
+        for (int64_t o = 0; o < out; ++o) EXPECT_EQ(y1.data<float>()[o], ys.data<float>()[(M - 1) * out + o]);
+      }
+    }
+  }
+  // Rows of tq2_0 / tq1_0 are whole blocks of 256 (66 / 54 bytes): a view that says otherwise is refused.
+  const QuantizedTensor q2 = quantize(Tensor::randn({4, 256}, 2, 0.05), parse_quant_format("tq2_0"));
+  ops::PackedWeight bad = q2.packed_view();
+  bad.row_bytes = 64;
+  Tensor y = Tensor::empty({1, 4});
+  EXPECT_THROW(ops::quant_matmul(Tensor::randn({1, 256}, 1), bad, y), Error);
 }

@@ -15,6 +15,7 @@
 #include "lowbit/core/blas.h"
 #include "lowbit/core/cpu_features.h"
 #include "lowbit/core/dtype.h"
+#include "lowbit/core/format_traits.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
 #include "lowbit/ops/quant_matmul_kernels.h"
@@ -33,8 +34,13 @@ int64_t ggml_block_bytes(PackedLayout l) {
     case PackedLayout::GgmlQ4_0: return 18;
     case PackedLayout::GgmlQ4_1: return 20;
     case PackedLayout::GgmlQ8_0: return 34;
+    case PackedLayout::GgmlTQ2_0: return 66;
+    case PackedLayout::GgmlTQ1_0: return 54;
     default: return 0;
   }
+}
+int64_t ggml_block_values(PackedLayout l) {
+  return l == PackedLayout::GgmlTQ2_0 || l == PackedLayout::GgmlTQ1_0 ? qmm::kBlockK : kBlock;
 }
 
 void check_view(const PackedWeight& w) {
@@ -43,10 +49,11 @@ void check_view(const PackedWeight& w) {
   if (w.layout == PackedLayout::Generic) return;
   if (!w.codes) throw_error(kOp, ": weight [", w.format, "] lacks its codes");
   if (w.layout != PackedLayout::IntGroups) {
-    const int64_t bb = ggml_block_bytes(w.layout);
-    if (w.in % kBlock != 0 || w.row_bytes != w.in / kBlock * bb)
-      throw_error(kOp, ": weight [", w.format, "] needs rows of whole 32-value blocks (", bb, " bytes each), got in = ",
-                  w.in, ", row_bytes = ", w.row_bytes);
+    const int64_t bb = ggml_block_bytes(w.layout), bv = ggml_block_values(w.layout);
+    if (bb == 0) throw_error(kOp, ": weight [", w.format, "] has an unknown layout ", int(w.layout));
+    if (w.in % bv != 0 || w.row_bytes != w.in / bv * bb)
+      throw_error(kOp, ": weight [", w.format, "] needs rows of whole ", bv, "-value blocks (", bb,
+                  " bytes each), got in = ", w.in, ", row_bytes = ", w.row_bytes);
     return;
   }
   if (w.bits != 2 && w.bits != 4 && w.bits != 8)
@@ -376,7 +383,12 @@ qmm::Panel pick_panel_kernel(QuantIsa isa, const PackedWeight& w) {
 // chunks of the thread split are whole panels (or groups), so which kernel computes a row depends
 // on the row index only, never on M or the thread count. The split is over weight rows (output
 // columns), every task covering all M activation rows: each weight byte is read by one thread once.
+void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa, qmm::TernaryKind kind);
+
+// The ternary layouts (TQ2_0, TQ1_0 and the ternary format) go to ternary_body (activation blocks of 256).
 void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels) {
+  if (const qmm::TernaryKind kind = qmm::ternary_kind(w_in); kind != qmm::TernaryKind::None)
+    return ternary_body(x, M, w_in, y, isa, kind);
   // A tensor scale (ternary): the kernels run with unit f16 scales, the products are scaled after.
   std::vector<uint16_t> unit;
   PackedWeight w_unit;
@@ -461,6 +473,173 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, Qu
   });
 }
 
+// ---- Int8 activations, ternary layouts (blocks of 256) ---------------------------------------
+// The operand: per row, blocks of 256 values with one d each; a full block in ternary_slots slots
+// (qmm::ternary_slot_source order), the partial last block (the ternary format only: ggml rows are
+// whole blocks) in natural order, zero padded. sum = sum of the block's q.
+struct QActsK {
+  int64_t nb = 0, slots = 0;
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> sum;
+  std::vector<float> pair;  // (d, d * sum) per block
+  QRow row(int64_t m) const {
+    return {q.data() + m * nb * slots, d.data() + m * nb, sum.data() + m * nb, pair.data() + 2 * m * nb};
+  }
+};
+
+// qmm::ternary_slot_source of every slot, one table per kind (built once).
+const int* slot_sources(qmm::TernaryKind kind) {
+  struct Tables {
+    int t[4][320];
+    Tables() {
+      for (int k = 0; k < 4; ++k)
+        for (int p = 0; p < 320; ++p) t[k][p] = qmm::ternary_slot_source(qmm::TernaryKind(k), p);
+    }
+  };
+  static const Tables tables;
+  return tables.t[int(kind)];
+}
+
+const QActsK& quantize_acts_k(const float* x, int64_t M, int64_t in, qmm::TernaryKind kind, bool simd) {
+  thread_local QActsK a;
+  a.nb = (in + qmm::kBlockK - 1) / qmm::kBlockK;
+  a.slots = qmm::ternary_slots(kind);
+  const size_t nblk = size_t(M * a.nb);
+  if (a.d.size() < nblk || a.q.size() < nblk * size_t(a.slots)) {
+    a.q.resize(nblk * size_t(a.slots));
+    a.d.resize(nblk);
+    a.sum.resize(nblk);
+    a.pair.resize(2 * nblk);
+  }
+  const int* src = slot_sources(kind);
+#if !(defined(__x86_64__) || defined(__i386__))
+  simd = false;
+#endif
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const float* xb = x + m * in + b * qmm::kBlockK;
+      const int64_t n = std::min(qmm::kBlockK, in - b * qmm::kBlockK);
+      const size_t k = size_t(m * a.nb + b);
+      int8_t* qb = a.q.data() + k * size_t(a.slots);
+      int32_t s = 0;
+      float d = 0.0f;
+#if defined(__x86_64__) || defined(__i386__)
+      if (simd && n == qmm::kBlockK) s = qmm::avx2_quantize_block256(xb, kind, qb, &d);
+#endif
+      if (!simd || n < qmm::kBlockK) {
+        float amax = 0.0f;
+        for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
+        d = amax / 127.0f;
+        const float inv = d > 0 ? 1.0f / d : 0.0f;
+        for (int64_t p = 0; p < a.slots; ++p) {
+          const int64_t i = n == qmm::kBlockK ? src[p] : (p < n ? p : -1);
+          qb[p] = i < 0 ? int8_t(0) : int8_t(std::clamp(int(std::nearbyint(xb[i] * inv)), -127, 127));
+          s += qb[p];
+        }
+      }
+      a.d[k] = d;
+      a.sum[k] = s;
+      a.pair[2 * k] = d;
+      a.pair[2 * k + 1] = d * float(s);
+    }
+  return a;
+}
+
+// Code (0, 1, 2) of value i of a full block b of a ternary-layout row.
+inline int ternary_code(qmm::TernaryKind kind, const uint8_t* rp, int64_t b, int i) {
+  switch (kind) {
+    case qmm::TernaryKind::TQ2_0: {
+      const uint8_t* blk = rp + b * 66;
+      return (blk[(i / 128) * 32 + i % 32] >> (2 * ((i / 32) % 4))) & 3;
+    }
+    case qmm::TernaryKind::TQ1_0: {
+      const uint8_t* blk = rp + b * 54;
+      if (i < 160) return ggml::tq1_digit(blk[i % 32], i / 32) + 1;
+      if (i < 240) return ggml::tq1_digit(blk[32 + (i - 160) % 16], (i - 160) / 16) + 1;
+      return ggml::tq1_digit(blk[48 + (i - 240) % 4], (i - 240) / 4) + 1;
+    }
+    default: return code_at(2, rp, b * qmm::kBlockK + i);
+  }
+}
+
+// One weight row against one activation row, every block (full ones through the slot table, the
+// ternary format's partial last block in natural order): the portable body and the rows the
+// four-row kernels leave over. Before the ternary format's tensor scale.
+float ternary_row(const PackedWeight& w, qmm::TernaryKind kind, const int* src, int64_t slots, int64_t row,
+                  const QRow& a, int64_t nb) {
+  const uint8_t* rp = w.codes + row * w.row_bytes;
+  const int64_t bb = ggml_block_bytes(w.layout);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t n = std::min(qmm::kBlockK, w.in - b * qmm::kBlockK);
+    const int8_t* q = a.q + b * slots;
+    int32_t isum = 0;
+    if (n == qmm::kBlockK) {
+      int c[qmm::kBlockK];
+      for (int i = 0; i < qmm::kBlockK; ++i) c[i] = ternary_code(kind, rp, b, i);
+      for (int64_t p = 0; p < slots; ++p)
+        if (src[p] >= 0) isum += c[src[p]] * q[p];
+    } else {
+      for (int64_t i = 0; i < n; ++i) isum += ternary_code(kind, rp, b, int(i)) * q[i];
+    }
+    const float dw = kind == qmm::TernaryKind::Ternary ? 1.0f : f16_at(rp + b * bb + bb - 2);
+    acc += dw * a.d[b] * float(isum - a.sum[b]);
+  }
+  return acc;
+}
+
+// The Int8 body of the ternary layouts (same work split as int8_body: groups of four rows through
+// the SIMD kernel, the rest and the portable ISA row by row).
+void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa, qmm::TernaryKind kind) {
+  isa = resolve_isa(isa);
+  const bool simd = isa == QuantIsa::Avx2 || isa == QuantIsa::Avx2Vnni;
+  const QActsK& a = quantize_acts_k(x, M, w.in, kind, simd);
+  qmm::TernaryKernel qk = nullptr;
+#if defined(__x86_64__) || defined(__i386__)
+  if (isa == QuantIsa::Avx2) qk = qmm::avx2_ternary_quad_kernel(kind);
+  if (isa == QuantIsa::Avx2Vnni) qk = qmm::avx2vnni_ternary_quad_kernel(kind);
+#endif
+  const int* src = slot_sources(kind);
+  const int64_t nfull = w.in / qmm::kBlockK, out = w.out, slots = a.slots;
+  const bool tail = nfull < a.nb;
+  const float post = kind == qmm::TernaryKind::Ternary ? w.tensor_scale : 1.0f;
+  const int64_t G = qk ? qmm::kRowGroup : 1, groups = (out + G - 1) / G;
+  const int64_t per_task = std::max<int64_t>(1, kTaskWork / (G * w.in)), tasks = (groups + per_task - 1) / per_task;
+  items_each(tasks, [&](int64_t t) {
+    const int64_t g0 = t * per_task, g1 = std::min(groups, g0 + per_task);
+    QRow rows[qmm::kMaxRows];
+    int64_t o = g0 * G;
+    const int64_t o1 = std::min(out, g1 * G);
+    // The partial last block of the ternary format (in % 256 values), natural order.
+    const auto tail_of = [&](int64_t r, const QRow& q) {
+      if (!tail) return 0.0f;
+      QRow last = q;
+      last.q += nfull * slots;
+      last.d += nfull;
+      last.sum += nfull;
+      int32_t isum = 0;
+      for (int64_t i = 0; i < w.in - nfull * qmm::kBlockK; ++i)
+        isum += code_at(2, w.codes + r * w.row_bytes, nfull * qmm::kBlockK + i) * last.q[i];
+      return last.d[0] * float(isum - last.sum[0]);
+    };
+    if (qk) {
+      const int64_t oq = o + (o1 - o) / qmm::kRowGroup * qmm::kRowGroup;
+      for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {
+        const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
+        for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
+        qk(w, o, oq, rows, n, nfull, y + m0 * out, out, post);
+        if (tail)
+          for (int j = 0; j < n; ++j)
+            for (int64_t r = o; r < oq; ++r) y[(m0 + j) * out + r] += post * tail_of(r, rows[j]);
+      }
+      o = oq;
+    }
+    for (; o < o1; ++o)
+      for (int64_t m = 0; m < M; ++m) y[m * out + o] = post * ternary_row(w, kind, src, slots, o, a.row(m), a.nb);
+  });
+}
+
 // LOWBIT_QUANT_MATMUL=int8|exact|reference overrides the Auto choice (measurements: e.g. the
 // perplexity of the int8-activation path over whole windows). Read once.
 QuantMatmulPath env_path() {
@@ -541,6 +720,10 @@ const char* quant_isa_name(QuantIsa isa) {
 bool quant_matmul_has_int8_kernel(const PackedWeight& w) {
   if (w.layout == PackedLayout::Generic) return false;
   return w.layout != PackedLayout::IntGroups || w.n_groups == 1 || w.group_size % kBlock == 0;
+}
+
+int64_t quant_matmul_act_block(const PackedWeight& w) {
+  return qmm::ternary_kind(w) != qmm::TernaryKind::None ? qmm::kBlockK : kBlock;
 }
 
 namespace {

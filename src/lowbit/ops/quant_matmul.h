@@ -13,6 +13,9 @@
 //   GgmlQ4_0, GgmlQ4_1, GgmlQ8_0
 //              ggml's blocks of 32 (core/ggml_blocks.h) as stored in GGUF: codes U8 [out, row_bytes],
 //              `in` a multiple of 32; w = d (q - 8), d q + m, d q.
+//   GgmlTQ2_0, GgmlTQ1_0
+//              ggml's ternary blocks of 256 (66 / 54 bytes: 2-bit codes or base-3 digits, one f16 d),
+//              `in` a multiple of 256; w = d (q - 1), q in {0, 1, 2}.
 //
 // Bodies (QuantMatmulOptions::path):
 //   Reference   row by row: dequantize_row, then f32 dot products (the oracle the tests use).
@@ -22,6 +25,10 @@
 //   Int8        activations quantized per block of 32 to int8 (d = amax/127, as llama.cpp's Q8_0),
 //               integer dot products per block, f32 accumulation across blocks. Error bound per output:
 //               sum_i |w_i| * d_block(i) / 2 (the activation rounding), plus f32 rounding.
+//               The ternary layouts (the ternary format, tq2_0, tq1_0: quant_matmul_act_block = 256)
+//               quantize activations per block of 256 instead (llama.cpp's q8_K operand of its TQ
+//               kernels, with lowbit's d = amax/127): their codes have no per-32 scale, so the
+//               integer products of a whole block are summed before one f32 multiply per block.
 //   Auto        Int8 for M <= 8 when the layout has an integer kernel, Exact otherwise. A
 //               process-wide default (set_quant_matmul_default: the CLI's --matmul) overrides it,
 //               else the environment variable LOWBIT_QUANT_MATMUL=int8|exact|reference does.
@@ -36,7 +43,7 @@
 
 namespace lowbit::ops {
 
-enum class PackedLayout : uint8_t { Generic, IntGroups, GgmlQ4_0, GgmlQ4_1, GgmlQ8_0 };
+enum class PackedLayout : uint8_t { Generic, IntGroups, GgmlQ4_0, GgmlQ4_1, GgmlQ8_0, GgmlTQ2_0, GgmlTQ1_0 };
 
 // A packed weight's copy on the GPU, in the layout the CUDA kernels read (ops/cuda/quant_gemv.cuh
 // documents it): codes U8 [out, in / 32 blocks of 8, 16 or 32 bytes] and group parameters F16
@@ -141,5 +148,9 @@ QuantIsa quant_isa_best();
 const char* quant_isa_name(QuantIsa isa);
 // True when the Int8 body has an integer kernel for this weight (otherwise Int8 falls back to Exact).
 bool quant_matmul_has_int8_kernel(const PackedWeight& w);
+// Values per int8 activation block (one scale d = amax/127 each) of the Int8 body for this weight:
+// 256 for the ternary layouts (the ternary format: 2-bit IntGroups with a tensor scale; ggml tq2_0,
+// tq1_0), 32 otherwise. The error bound above holds with d over blocks of this size.
+int64_t quant_matmul_act_block(const PackedWeight& w);
 
 }  // namespace lowbit::ops

@@ -88,6 +88,54 @@ bool force_avxvnni(bool on);
 int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d);
 #endif
 
+// ---- Ternary layouts: 256-value activation blocks -------------------------------------------
+// The ternary format (2-bit IntGroups codes, one tensor scale), ggml tq2_0 and tq1_0. Activations
+// are quantized per block of 256 (one d each); a full block is stored in `slots` int8 slots in the
+// order the SIMD kernels unpack the codes (ternary_slot_source), so the integer products of a
+// whole block are summed before one f32 multiply-add per block and weight row.
+inline constexpr int64_t kBlockK = 256;
+enum class TernaryKind : uint8_t { None, Ternary, TQ2_0, TQ1_0 };
+inline TernaryKind ternary_kind(const PackedWeight& w) {
+  switch (w.layout) {
+    case PackedLayout::GgmlTQ2_0: return TernaryKind::TQ2_0;
+    case PackedLayout::GgmlTQ1_0: return TernaryKind::TQ1_0;
+    case PackedLayout::IntGroups: return w.bits == 2 && !w.scales && w.n_groups == 1 ? TernaryKind::Ternary : TernaryKind::None;
+    default: return TernaryKind::None;
+  }
+}
+// Slots per full block: 256, or 320 for tq1_0 (its last 96 values are unpacked from one 32-byte
+// vector of base-3 digits five times over, with zero slots for the lanes that carry no value).
+inline int ternary_slots(TernaryKind k) { return k == TernaryKind::TQ1_0 ? 320 : 256; }
+// Value (index in the block) held by slot p of a full block, or -1 for a zero slot.
+//   ternary: per 128 values (32 code bytes, four values a byte), run k of 32 slots holds values
+//            4p + k (the 2-bit shift k of byte p);
+//   tq2_0:   natural order (32 code bytes give 4 runs of 32 values, one per 2-bit shift);
+//   tq1_0:   slots 0..159 natural (qs[0..32), digit k = values 32k..32k+31); then 5 runs of 32 slots,
+//            run k: qs[32..48) digit k (values 160 + 16k + l), qh[0..4) digit k (240 + 4k + l, k < 4),
+//            12 zero slots.
+inline int ternary_slot_source(TernaryKind k, int p) {
+  if (k == TernaryKind::Ternary) return 128 * (p / 128) + 4 * (p % 32) + (p % 128) / 32;
+  if (k != TernaryKind::TQ1_0 || p < 160) return p;
+  const int run = (p - 160) / 32, l = (p - 160) % 32;
+  if (l < 16) return 160 + 16 * run + l;
+  if (l < 20 && run < 4) return 240 + 4 * run + (l - 16);
+  return -1;
+}
+// Weight rows [row0, row1) (row1 - row0 a multiple of kRowGroup), four at a time, against m
+// (1..kMaxRows) activation rows over the first nfull blocks of 256: y[j * ystride + row] = post *
+// the dot product of weight row `row` with activation row j (each row's arithmetic independent of
+// m and of the range, so batched and single decode give the same numbers).
+using TernaryKernel = void (*)(const PackedWeight& w, int64_t row0, int64_t row1, const QRow* a, int m, int64_t nfull,
+                               float* y, int64_t ystride, float post);
+#if defined(__x86_64__) || defined(__i386__)
+// Ternary layouts: the four-row kernels over full 256-value blocks (nfull = in / 256), and one
+// full activation block quantized into ternary_slots(k) slots (the portable loop's numbers). Null
+// kernel for TernaryKind::None.
+TernaryKernel avx2_ternary_quad_kernel(TernaryKind k);
+TernaryKernel avx2vnni_ternary_quad_kernel(TernaryKind k);
+int32_t avx2_quantize_block256(const float* x, TernaryKind k, int8_t* q, float* d);
+#endif
+
 // Order of the activations inside a full block for this layout (block_source_index's `bits`):
 // IntGroups unpack in their bit order, ggml blocks keep the natural order.
 inline int act_order_bits(const PackedWeight& w) { return w.layout == PackedLayout::IntGroups ? w.bits : 8; }

@@ -36,12 +36,17 @@ static inline __m256i dot_u8s8(__m256i w, __m256i a) {
 #define QMM_VNNI 0
 #define QMM_PANEL_ROWS 4
 #define QMM_ZMM 0
+// Accumulation over a block of 256 in int16 (the ternary kernels' products stay far below 2^15).
+#define QMM_ACC(acc, w, a) _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, a))
+#define QMM_ACC_SUM(acc) _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
 #include "lowbit/ops/quant_matmul_x86.inc"
 #undef QMM_DOT
 #undef QMM_DPA
 #undef QMM_VNNI
 #undef QMM_PANEL_ROWS
 #undef QMM_ZMM
+#undef QMM_ACC
+#undef QMM_ACC_SUM
 }  // namespace avx2
 LB_TARGET_END()
 
@@ -52,12 +57,16 @@ namespace avx512vnni {
 #define QMM_VNNI 1
 #define QMM_PANEL_ROWS 8  // 32 vector registers (AVX-512): 8 float + 8 int accumulators
 #define QMM_ZMM 1         // 16-row panels on 512-bit vectors
+#define QMM_ACC(acc, w, a) _mm256_dpbusd_epi32(acc, w, a)
+#define QMM_ACC_SUM(acc) (acc)
 #include "lowbit/ops/quant_matmul_x86.inc"
 #undef QMM_DOT
 #undef QMM_DPA
 #undef QMM_VNNI
 #undef QMM_PANEL_ROWS
 #undef QMM_ZMM
+#undef QMM_ACC
+#undef QMM_ACC_SUM
 }  // namespace avx512vnni
 LB_TARGET_END()
 
@@ -68,12 +77,16 @@ namespace avxvnni {
 #define QMM_VNNI 1
 #define QMM_PANEL_ROWS 4
 #define QMM_ZMM 0
+#define QMM_ACC(acc, w, a) _mm256_dpbusd_avx_epi32(acc, w, a)
+#define QMM_ACC_SUM(acc) (acc)
 #include "lowbit/ops/quant_matmul_x86.inc"
 #undef QMM_DOT
 #undef QMM_DPA
 #undef QMM_VNNI
 #undef QMM_PANEL_ROWS
 #undef QMM_ZMM
+#undef QMM_ACC
+#undef QMM_ACC_SUM
 }  // namespace avxvnni
 LB_TARGET_END()
 
@@ -96,6 +109,10 @@ RowKernel avx2_kernel(const PackedWeight& w) { return avx2::pick(w); }
 int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d) { return avx2::quantize_block(x, bits, q, d); }
 QuadKernel avx2_quad_kernel(const PackedWeight& w) { return avx2::pick_quad(w); }
 Panel avx2_panel_kernel(const PackedWeight& w) { return avx2::pick_panel(w); }
+TernaryKernel avx2_ternary_quad_kernel(TernaryKind k) { return avx2::pick_ternary_quad(k); }
+int32_t avx2_quantize_block256(const float* x, TernaryKind k, int8_t* q, float* d) {
+  return avx2::quantize_block256(x, k, q, d);
+}
 
 RowKernel avx2vnni_kernel(const PackedWeight& w) {
   return has_avx512vnni() ? avx512vnni::pick(w) : avxvnni::pick(w);
@@ -105,6 +122,9 @@ QuadKernel avx2vnni_quad_kernel(const PackedWeight& w) {
 }
 Panel avx2vnni_panel_kernel(const PackedWeight& w) {
   return has_avx512vnni() ? avx512vnni::pick_panel(w) : avxvnni::pick_panel(w);
+}
+TernaryKernel avx2vnni_ternary_quad_kernel(TernaryKind k) {
+  return has_avx512vnni() ? avx512vnni::pick_ternary_quad(k) : avxvnni::pick_ternary_quad(k);
 }
 
 }  // namespace lowbit::ops::qmm

@@ -146,6 +146,8 @@ ops::PackedWeight QuantizedTensor::packed_view() const {
   const ops::PackedLayout ggml = f.id == QuantFormatId::Q4_0   ? ops::PackedLayout::GgmlQ4_0
                                  : f.id == QuantFormatId::Q4_1 ? ops::PackedLayout::GgmlQ4_1
                                  : f.id == QuantFormatId::Q8_0 ? ops::PackedLayout::GgmlQ8_0
+                                 : f.id == QuantFormatId::TQ2_0 ? ops::PackedLayout::GgmlTQ2_0
+                                 : f.id == QuantFormatId::TQ1_0 ? ops::PackedLayout::GgmlTQ1_0
                                                                : ops::PackedLayout::Generic;
   if (ggml != ops::PackedLayout::Generic) {
     w.layout = ggml;
