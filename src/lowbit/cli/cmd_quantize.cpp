@@ -325,9 +325,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   std::vector<QuantFormatId> budget_levels;
   if (a.bits_budget > 0) {
     budget_levels = parse_budget_levels(a.mp_formats, m.model->config());
-    // A budget below the lowest level fails now (the same check runs with the real scores later).
-    plan_for_bits_budget(m.model->config(), std::vector<double>(size_t(m.model->n_layers()), 0.0), budget_levels,
-                         a.bits_budget, parse_layer_score(a.mp_score));
+    check_bits_budget(m.model->config(), budget_levels, a.bits_budget);  // before any work
     if (parse_layer_score(a.mp_score) == LayerScore::Lim && a.calib.empty() && a.calib_tokens.empty())
       throw_error("--mp-score lim needs calibration data (--calib TEXT or --calib-tokens FILE); --mp-score zd is data-free");
     if (to_gguf)
@@ -389,12 +387,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     so.alpha = a.smooth;
     so.down = m.model->transforms().rotation.empty();  // the online Hadamard before down_proj
     const SmoothReport sr = smooth_weights(w, st, so);
-    ModelTransforms t = m.model->transforms();
-    const LlamaConfig c = m.model->config();
-    m.model = std::make_unique<LlamaModel>(c, w, false);
-    m.model->set_transforms(std::move(t));
-    m.checkpoint.config = c;
-    m.checkpoint.weights = std::move(w);
+    replace_weights(m, m.model->config(), std::move(w), m.model->transforms());
     smooth_json = {{"alpha", a.smooth}, {"points", sr.points}, {"down", so.down}, {"samples", ns},
                    {"min_scale", sr.min_scale}, {"max_scale", sr.max_scale},
                    {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count()}};

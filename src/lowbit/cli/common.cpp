@@ -189,6 +189,10 @@ void apply_rotation(LoadedModel& m, const TransformArgs& a) {
   ModelTransforms t = rotate_weights(c, w, a.rotate_seed);
   t.act = model.transforms().act;
   t.kv = model.transforms().kv;
+  replace_weights(m, c, std::move(w), std::move(t));
+}
+
+void replace_weights(LoadedModel& m, LlamaConfig c, LlamaWeights w, ModelTransforms t) {
   m.model = std::make_unique<LlamaModel>(c, w, false);
   m.model->set_transforms(std::move(t));
   m.checkpoint.config = c;

@@ -83,6 +83,9 @@ void add_transform_options(CLI::App* app, TransformArgs* a);
 // --rotate on a loaded model: rebuilds m.model (and m.checkpoint) from its rotated weights (on the
 // CPU). Throws for a quantized or already rotated model, or a device other than the CPU.
 void apply_rotation(LoadedModel& m, const TransformArgs& a);
+// m's model and checkpoint rebuilt from new full-precision weights (c and t by value: callers pass
+// the old model's own config / transforms, which die with it), frozen (rotation and --smooth use it).
+void replace_weights(LoadedModel& m, LlamaConfig c, LlamaWeights w, ModelTransforms t);
 // --act / --kv-quant and their settings on the model (given flags replace the recorded ones).
 // `cache`: the command's --kv-cache; for int4/int2 (packed KIVI storage) --kv-group/--kv-window
 // set its layout (LlamaModel::set_kv_cache_layout) and --kv-quant int4|int2 is refused (one of the

@@ -137,46 +137,63 @@ std::vector<QuantFormatId> parse_budget_levels(const std::string& list, const Ll
   return ids;
 }
 
-double plan_bits(const LlamaConfig& c, const std::vector<QuantFormatId>& levels, const std::vector<int>& level) {
-  double bits = 0, n = 0;
-  for (int i = 0; i < c.n_layers; ++i) {
-    const auto [b, k] = layer_bits(c, i, quant_format(levels.at(size_t(level.at(size_t(i))))));
-    bits += b;
-    n += k;
+namespace {
+// Bits per weight of one decoder layer at each level (every decoder layer has the same shapes).
+std::vector<double> level_bits_per_weight(const LlamaConfig& c, const std::vector<QuantFormatId>& levels) {
+  std::vector<double> out;
+  for (QuantFormatId id : levels) {
+    const auto [b, n] = layer_bits(c, 0, quant_format(id));
+    out.push_back(n > 0 ? b / n : 0);
   }
-  return n > 0 ? bits / n : 0;
+  return out;
+}
+}  // namespace
+
+double plan_bits(const LlamaConfig& c, const std::vector<QuantFormatId>& levels, const std::vector<int>& level) {
+  const std::vector<double> bpw = level_bits_per_weight(c, levels);
+  double sum = 0;
+  for (int i = 0; i < c.n_layers; ++i) sum += bpw.at(size_t(level.at(size_t(i))));
+  return c.n_layers > 0 ? sum / c.n_layers : 0;
+}
+
+void check_bits_budget(const LlamaConfig& c, const std::vector<QuantFormatId>& levels, double budget) {
+  LB_CHECK(levels.size() >= 2, "bits budget: need at least two levels");
+  const std::vector<double> bpw = level_bits_per_weight(c, levels);
+  if (!std::isfinite(budget) || budget <= 0) throw_error("--bits-budget must be a positive number, got ", budget);
+  if (budget < bpw.front() - 1e-9)
+    throw_error("--bits-budget ", budget, " is below ", quant_format(levels[0]).name, "'s ", bpw.front(),
+                " bits per weight on this model's linears (the lowest level of --mp-formats; reachable: ", bpw.front(),
+                " .. ", bpw.back(), ")");
 }
 
 BudgetPlan plan_for_bits_budget(const LlamaConfig& c, const std::vector<double>& importance,
                                 const std::vector<QuantFormatId>& levels, double budget, LayerScore score) {
   LB_CHECK(int(importance.size()) == c.n_layers, "plan_for_bits_budget: ", importance.size(), " scores for ",
            c.n_layers, " layers");
-  LB_CHECK(levels.size() >= 2, "plan_for_bits_budget: need at least two levels");
+  check_bits_budget(c, levels, budget);
+  const std::vector<double> bpw = level_bits_per_weight(c, levels);
   BudgetPlan bp;
   bp.importance = importance;
   const int L = c.n_layers, top = int(levels.size()) - 1;
-  bp.min_bits = plan_bits(c, levels, std::vector<int>(size_t(L), 0));
-  bp.max_bits = plan_bits(c, levels, std::vector<int>(size_t(L), top));
-  if (!std::isfinite(budget) || budget <= 0) throw_error("--bits-budget must be a positive number, got ", budget);
-  if (budget < bp.min_bits - 1e-9)
-    throw_error("--bits-budget ", budget, " is below ", quant_format(levels[0]).name, "'s ", bp.min_bits,
-                " bits per weight on this model's linears (the lowest level of --mp-formats; reachable: ", bp.min_bits,
-                " .. ", bp.max_bits, ")");
+  bp.min_bits = bpw.front();
+  bp.max_bits = bpw.back();
   std::vector<int> order(static_cast<size_t>(L));
   std::iota(order.begin(), order.end(), 0);
   // Decreasing importance; ties by layer index (deterministic).
   std::stable_sort(order.begin(), order.end(),
                    [&](int a, int b) { return importance[size_t(a)] > importance[size_t(b)]; });
   bp.level.assign(size_t(L), 0);
+  double sum = bpw.front() * L;  // sum over layers of their bits per weight
   for (bool moved = true; moved;) {
     moved = false;
     for (int i : order) {
-      if (bp.level[size_t(i)] == top) continue;
-      bp.level[size_t(i)]++;
-      if (plan_bits(c, levels, bp.level) <= budget + 1e-9) {
+      const int k = bp.level[size_t(i)];
+      if (k == top) continue;
+      const double up = sum - bpw[size_t(k)] + bpw[size_t(k + 1)];
+      if (up / L <= budget + 1e-9) {
+        bp.level[size_t(i)] = k + 1;
+        sum = up;
         moved = true;
-      } else {
-        bp.level[size_t(i)]--;
       }
     }
   }

@@ -59,6 +59,10 @@ struct BudgetPlan {
 // Average bits per weight of the decoder linears with layer i at levels[level[i]].
 double plan_bits(const LlamaConfig& c, const std::vector<QuantFormatId>& levels, const std::vector<int>& level);
 
+// Throws (naming --bits-budget) when the budget is not a positive finite number or is below the
+// lowest level's average on this model (checked before any work).
+void check_bits_budget(const LlamaConfig& c, const std::vector<QuantFormatId>& levels, double budget);
+
 // The allocation above. Throws (naming --bits-budget) when the budget is below the lowest level's
 // average or not a finite number; a budget at or above the highest level puts every layer there.
 BudgetPlan plan_for_bits_budget(const LlamaConfig& c, const std::vector<double>& importance,
