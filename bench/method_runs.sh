@@ -75,7 +75,7 @@ run_job() {  # one plan line
                 --seqlen "$seqlen" --seed "$seed" --device "$device" --threads "$threads" --checkpoint-seconds 600
                 -o "$dir" --json "$@")
     case "$method" in
-      apiq|sapr) [ "$device" = cuda ] && args+=(--tf32 --bf16) ;;
+      apiq|sapr) [ "$device" = cuda ] && args+=(--tf32 --bf16); args+=(--apiq-verbose) ;;  # epoch losses and times in the .quantize.err log
     esac
     if [ "$method" = sapr ]; then
       # One raw-Fisher file per seed (per format and seed with --saliency-model quantized): the first

@@ -27,6 +27,15 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 W=/tmp/w
 mode=${1:-}
+# Waits WAIT seconds, or less when the plan's runs have all ended (device time is the budget).
+wait_runs() {
+  local t=0 limit=${WAIT:-500}
+  while [ "$t" -lt "$limit" ]; do
+    [ -f "$W/runs.pid" ] && ! kill -0 "$(cat "$W/runs.pid")" 2>/dev/null && { echo "runs ended after ${t}s of waiting"; return; }
+    sleep 10
+    t=$((t + 10))
+  done
+}
 case "$mode" in
 stage)
   set -e
@@ -77,7 +86,8 @@ launch)
   cp "${PLAN:-bench/plans/smollm2-methods.txt}" "$W/plan.txt"
   setsid nohup bench/method_runs.sh --plan "$W/plan.txt" --out "$W/runs" --lowbit "$W/bin/lowbit" \
     --device cuda --parallel "${PARALLEL:-8}" --task-limit "${TASK_LIMIT:-300}" > "$W/runs.log" 2>&1 < /dev/null &
-  sleep "${WAIT:-500}"
+  echo $! > "$W/runs.pid"
+  wait_runs
   "$0" collect-now
   ;;
 collect)
@@ -87,18 +97,35 @@ collect)
     LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64 LOWBIT_SHARED=$W/shared \
       "$W/bin/test_model" --gtest_filter='SmolLM2Gguf.Cuda*' 2>&1 | tail -n 15
   fi
+  # SAPR diagnostics (issue 22: saliency stability across seeds, where the weight error goes), in the
+  # background while the runs go on, when the three seeds' saliency files are there.
+  M=$W/runs/models
+  if [ -f "$M/saliency-s0.safetensors" ] && [ -f "$M/saliency-s1.safetensors" ] && [ -f "$M/saliency-s2.safetensors" ]; then
+    (
+      export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64
+      m=$W/shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+      "$W/bin/lowbit" -q convert --from "$m" --to "$W/hf-fp" > /dev/null
+      models=()
+      for n in sapr-int2g64-s0 apiq-e5-int2g64-s0 sapr-paper-int2g64-s0; do
+        [ -f "$M/$n/config.json" ] && "$W/bin/lowbit" -q convert --from "$M/$n" --to "$W/hf-$n" > /dev/null && models+=(--model "$n=$W/hf-$n")
+      done
+      timeout 400 python3 bench/sapr_diagnostics.py --saliency "$M"/saliency-s{0,1,2}.safetensors --fp "$W/hf-fp" \
+        "${models[@]}" --json "$W/runs/diagnostics.json" > "$W/runs/diagnostics.txt" 2>&1
+    ) &
+  fi
   # The whole-model decode rows of packed_gpu.sh, when asked (STEPS=decode).
   if [ -n "${STEPS:-}" ]; then
     LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64 STEPS=$STEPS LOWBIT=$W/bin/lowbit BIN_DIR=$W/bin \
       GEMV_BENCH=$W/bin/quant_gemv_bench bench/cuda/packed_gpu.sh 2>&1 | tee "${OUT:-/tmp}/packed_decode.log"
   fi
-  sleep "${WAIT:-500}"
+  wait_runs
   "$0" collect-now
   ;;
 collect-now)
   O=${OUT:-/tmp/out}
   mkdir -p "$O"
   cp "$W/runs/results.jsonl" "$O/" 2>/dev/null
+  cp "$W/runs/diagnostics.json" "$W/runs/diagnostics.txt" "$O/" 2>/dev/null
   tar -C "$W/runs" -czf "$O/logs.tar.gz" logs 2>/dev/null
   wc -l "$W/runs/results.jsonl" 2>/dev/null
   ls "$W/runs/models" 2>/dev/null | tr '\n' ' '

@@ -36,7 +36,8 @@ fi
 if [[ $STEPS == *tests* ]]; then
   echo "## GPU tests"
   "$BIN_DIR/test_quant" --gtest_filter='QuantMatmul*:QuantLinear*:QuantEmbedding*' || rc=1
-  "$BIN_DIR/test_methods" --gtest_filter='QuantizedCheckpoint.Gpu*' || rc=1
+  "$BIN_DIR/test_methods" --gtest_filter='*Gpu*:*Cuda*' || rc=1
+  "$BIN_DIR/test_ops" --gtest_filter='DeviceFill*:CastParity*' || rc=1
 fi
 
 if [[ $STEPS == *decode* ]]; then

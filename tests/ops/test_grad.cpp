@@ -192,3 +192,24 @@ TEST(CastParity, F32Bf16OnTheGpu) {
   Tensor g = x.grad().to(Device::CPU), want = r.to(DType::BF16).to(DType::F32);
   ASSERT_EQ(0, std::memcmp(g.raw_data(), want.raw_data(), size_t(want.numel()) * 4));
 }
+
+// Tensor::fill_ of a device tensor (a kernel per element size) and sum's backward (the 0-d gradient
+// broadcast on the device, no host read) against the CPU.
+TEST(DeviceFill, FillAndSumBackwardOnTheGpu) {
+  if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build): GPU fill skipped";
+  for (DType dt : {DType::F32, DType::F64, DType::BF16, DType::F16, DType::I32})
+    for (int64_t n : {int64_t(1), int64_t(1000), int64_t(1 << 20) + 3}) {
+      Tensor g = Tensor::empty({n}, dt, Device::CUDA);
+      g.fill_(-2.5 + (dt == DType::I32 ? 0.5 : 0.0));
+      Tensor want = Tensor::full({n}, -2.5 + (dt == DType::I32 ? 0.5 : 0.0), dt), got = g.to(Device::CPU);
+      ASSERT_EQ(0, std::memcmp(want.raw_data(), got.raw_data(), size_t(n) * size_t(dtype_size(dt))))
+          << dtype_name(dt) << " n = " << n;
+    }
+  Tensor zero_d = Tensor::empty({}, DType::F32, Device::CUDA);
+  zero_d.fill_(3.0);
+  EXPECT_EQ(zero_d.item(), 3.0);
+  Var x(Tensor::randn({37, 5}, 9, 1.0, DType::F32).to(Device::CUDA), true);
+  backward(scale(sum(x), 0.75));
+  Tensor gx = x.grad().to(Device::CPU);
+  for (int64_t i = 0; i < gx.numel(); ++i) ASSERT_EQ(gx.data<float>()[i], 0.75f) << i;
+}

@@ -160,8 +160,13 @@ Var sum(const Var& x) {
   Tensor xv = contig(x), out = Tensor::empty({}, xv.dtype(), xv.device());
   ops::sum(xv, out);
   return make_result(out, {x}, "sum", [x, xv](const Tensor& g) {
-    Tensor d = like(xv);
-    d.fill_(g.item());
+    // d = g broadcast over x's shape, on g's device: zeros plus the 0-d g as a one-element row
+    // (ops::add's row broadcast). No host read of g: a GPU step stays free of synchronisation.
+    Tensor d = Tensor::zeros(xv.shape(), xv.dtype(), xv.device());
+    if (d.numel() > 0) {
+      Tensor dv = d.view({d.numel(), 1});
+      ops::add(dv, g.contiguous().view({1}), dv);
+    }
     accumulate_grad(x, d);
   });
 }

@@ -21,6 +21,9 @@ class DeviceBackend {
   virtual void copy_to_host(void* dst, const void* src, size_t nbytes) = 0;
   virtual void copy_on_device(void* dst, const void* src, size_t nbytes) = 0;
   virtual void memset_zero(void* p, size_t nbytes) = 0;
+  // Writes the elem_size-byte pattern at `value` (1, 2, 4 or 8 bytes) into n consecutive elements
+  // at p, on the device, without waiting for it (Tensor::fill_ of a contiguous device tensor).
+  virtual void fill(void* p, size_t n, size_t elem_size, const void* value) = 0;
   virtual void synchronize() = 0;
 };
 

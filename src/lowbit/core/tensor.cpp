@@ -354,6 +354,13 @@ void Tensor::copy_(const Tensor& src) {
 }
 
 void Tensor::fill_(double value) {
+  if (device() != Device::CPU && is_contiguous()) {
+    // On the device: no host tensor of the whole shape, no copy, no wait for the queued work.
+    char tmp[8];
+    store_from_double(tmp, dtype_, value);
+    if (numel() > 0) get_device_backend(device()).fill(raw_data(), size_t(numel()), size_t(dtype_size(dtype_)), tmp);
+    return;
+  }
   if (device() != Device::CPU) {
     Tensor h = full(shape_, value, dtype_);
     copy_(h);

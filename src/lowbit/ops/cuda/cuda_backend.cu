@@ -9,6 +9,7 @@
 // later work on the stream is ordered after earlier reads of the block. When cudaMalloc fails,
 // the cached blocks are returned to the driver and the call is retried once.
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -40,6 +41,21 @@ size_t bucket_size(size_t n) {
   while (pow2 * 2 <= n) pow2 *= 2;
   const size_t step = pow2 / 8;
   return (n + step - 1) / step * step;
+}
+
+// One element of an elem_size-byte pattern per thread (grid-stride).
+template <class T>
+__global__ void fill_kernel(T* p, size_t n, T v) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) p[i] = v;
+}
+
+template <class T>
+void launch_fill(void* p, size_t n, const void* value, cudaStream_t s) {
+  T v;
+  std::memcpy(&v, value, sizeof(T));
+  const unsigned blocks = unsigned(std::min<size_t>((n + 255) / 256, 4096));
+  fill_kernel<T><<<blocks, 256, 0, s>>>(static_cast<T*>(p), n, v);
+  LB_CUDA_CHECK(cudaGetLastError());
 }
 
 class CudaBackend final : public DeviceBackend {
@@ -112,6 +128,16 @@ class CudaBackend final : public DeviceBackend {
   void memset_zero(void* p, size_t n) override {
     if (n == 0) return;
     LB_CUDA_CHECK(cudaMemsetAsync(p, 0, n, stream));
+  }
+  void fill(void* p, size_t n, size_t elem_size, const void* value) override {
+    if (n == 0) return;
+    switch (elem_size) {
+      case 1: launch_fill<uint8_t>(p, n, value, stream); break;
+      case 2: launch_fill<uint16_t>(p, n, value, stream); break;
+      case 4: launch_fill<uint32_t>(p, n, value, stream); break;
+      case 8: launch_fill<uint64_t>(p, n, value, stream); break;
+      default: throw_error("CUDA fill: element size ", elem_size, " is not 1, 2, 4 or 8 bytes");
+    }
   }
   void synchronize() override { LB_CUDA_CHECK(cudaStreamSynchronize(stream)); }
 
