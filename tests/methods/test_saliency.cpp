@@ -60,6 +60,12 @@ TEST(Saliency, KindsAreConsistentAndNormalised) {
   o.kind = SaliencyKind::ActWeight;
   SaliencyMap act = compute_saliency(c, w, tokens, o);
   ASSERT_EQ(fisher.scores.size(), 14u);
+  {  // A caller under NoGradGuard (an inference scope) gets the same saliency: the pass enables grad.
+    NoGradGuard ng;
+    o.kind = SaliencyKind::Fisher;
+    const SaliencyMap again = compute_saliency(c, w, tokens, o);
+    for (const auto& [name, s] : fisher.scores) EXPECT_EQ(max_abs_diff(s, again.at(name)), 0.0) << name;
+  }
   LlamaModel model(c, w);
   for (const auto& [name, s] : fisher.scores) {
     EXPECT_NEAR(mean_of(s), 1.0, 1e-4) << name;

@@ -344,6 +344,36 @@ TEST(OpsReference, AdamWMatchesPyTorchFormula) {
   }
 }
 
+// The group update on the CPU is adamw_step per tensor; its checks name the bad entry.
+TEST(OpsReference, AdamWMultiEqualsPerTensorAndChecksItsInputs) {
+  std::vector<Tensor> p, g, m, v;
+  for (int64_t n : {int64_t(3), int64_t(0), int64_t(70)}) {
+    p.push_back(Tensor::randn({n}, uint64_t(n) + 1, 1.0, DType::F64));
+    g.push_back(Tensor::randn({n}, uint64_t(n) + 2, 1.0, DType::F64));
+    m.push_back(Tensor::zeros({n}, DType::F64));
+    v.push_back(Tensor::zeros({n}, DType::F64));
+  }
+  std::vector<Tensor> p2, m2, v2;
+  for (size_t k = 0; k < p.size(); ++k) p2.push_back(p[k].clone()), m2.push_back(m[k].clone()), v2.push_back(v[k].clone());
+  std::vector<ops::AdamwParam> ps;
+  for (size_t k = 0; k < p.size(); ++k) ps.push_back({&p[k], &g[k], &m[k], &v[k]});
+  for (int64_t step = 1; step <= 2; ++step) {
+    ops::adamw_step_multi(ps, 1e-2, 0.9, 0.999, 1e-8, 0.1, step);
+    for (size_t k = 0; k < p.size(); ++k) ops::adamw_step(p2[k], g[k], m2[k], v2[k], 1e-2, 0.9, 0.999, 1e-8, 0.1, step);
+  }
+  for (size_t k = 0; k < p.size(); ++k) {
+    EXPECT_EQ(max_abs_diff(p[k], p2[k]), 0.0) << k;
+    EXPECT_EQ(max_abs_diff(v[k], v2[k]), 0.0) << k;
+  }
+  Tensor wrong = Tensor::zeros({4}, DType::F64);
+  std::vector<ops::AdamwParam> bad{{&p[0], &wrong, &m[0], &v[0]}};
+  EXPECT_THROW(ops::adamw_step_multi(bad, 1e-2, 0.9, 0.999, 1e-8, 0.1, 1), Error);
+  bad = {{&p[0], nullptr, &m[0], &v[0]}};
+  EXPECT_THROW(ops::adamw_step_multi(bad, 1e-2, 0.9, 0.999, 1e-8, 0.1, 1), Error);
+  EXPECT_THROW(ops::adamw_step_multi(ps, 1e-2, 0.9, 0.999, 1e-8, 0.1, 0), Error);
+  ops::adamw_step_multi({}, 1e-2, 0.9, 0.999, 1e-8, 0.1, 1);  // nothing to do
+}
+
 TEST(OpsReference, ClipGradNorm) {
   Var a(Tensor::from_vector(std::vector<double>{3.0}, {1}), true), b(Tensor::from_vector(std::vector<double>{4.0}, {1}), true);
   a.grad() = a.value().clone();

@@ -604,6 +604,43 @@ TEST_F(Parity, AdamW) {
   }
 }
 
+// The fused group update: 30 tensors (two launches of at most 24), sizes around the 4096-element
+// block chunk and an empty one, against adamw_step per tensor on the CPU (1e-6, as above) and on the
+// GPU (bit-identical: the same per-element arithmetic).
+TEST_F(Parity, AdamWMulti) {
+  std::vector<Shape> shapes;
+  for (int k = 0; k < 30; ++k) shapes.push_back(k == 5 ? Shape{0} : Shape{int64_t(1 + (k * 977) % 9000)});
+  shapes[7] = {33, 257};
+  const size_t n = shapes.size();
+  std::vector<Tensor> pc(n), mc(n), vc(n), pg(n), mg(n), vg(n), ps(n), ms(n), vs(n);
+  for (size_t k = 0; k < n; ++k) {
+    pc[k] = rnd(shapes[k], 100 + k);
+    mc[k] = Tensor::zeros(shapes[k]);
+    vc[k] = Tensor::zeros(shapes[k]);
+    pg[k] = gpu(pc[k]), mg[k] = gpu(mc[k]), vg[k] = gpu(vc[k]);
+    ps[k] = gpu(pc[k]), ms[k] = gpu(mc[k]), vs[k] = gpu(vc[k]);
+  }
+  for (int64_t step = 1; step <= 3; ++step) {
+    std::vector<Tensor> g(n), gg(n);
+    std::vector<ops::AdamwParam> cpu_ps, gpu_ps;
+    for (size_t k = 0; k < n; ++k) {
+      g[k] = rnd(shapes[k], 1000 * uint64_t(step) + k);
+      gg[k] = gpu(g[k]);
+      cpu_ps.push_back({&pc[k], &g[k], &mc[k], &vc[k]});
+      gpu_ps.push_back({&pg[k], &gg[k], &mg[k], &vg[k]});
+      ops::adamw_step(ps[k], gg[k], ms[k], vs[k], 1e-2, 0.9, 0.999, 1e-8, 0.1, step);
+    }
+    ops::adamw_step_multi(cpu_ps, 1e-2, 0.9, 0.999, 1e-8, 0.1, step);
+    ops::adamw_step_multi(gpu_ps, 1e-2, 0.9, 0.999, 1e-8, 0.1, step);
+  }
+  for (size_t k = 0; k < n; ++k) {
+    check("adamw_step_multi", "param " + std::to_string(k), pg[k], pc[k], 1e-6);
+    check("adamw_step_multi", "v " + std::to_string(k), vg[k], vc[k], 1e-6);
+    EXPECT_EQ(max_abs_diff(pg[k], ps[k]), 0.0) << "tensor " << k << " differs from adamw_step on the GPU";
+    EXPECT_EQ(max_abs_diff(mg[k], ms[k]), 0.0) << "tensor " << k;
+  }
+}
+
 // ---- bf16 ------------------------------------------------------------------------------------------
 // bf16 inputs on the GPU (fp32 arithmetic inside, tensor cores with fp32 accumulation for gemm)
 // against the CPU in f32 on the same bf16-rounded inputs. The difference is dominated by rounding
@@ -714,6 +751,7 @@ TEST_F(Parity, LlamaStackForwardBackward) {
 TEST(ParityCoverage, EveryRegistryOpHasAParityTest) {
   const std::vector<std::string> tested = {"gemm", "add", "sub", "mul", "scale", "sum", "rmsnorm", "rope", "attention",
                                            "silu", "swiglu", "embedding", "cross_entropy", "kl_div", "mse", "adamw_step",
+                                           "adamw_step_multi",
                                            "cast", "quant_matmul",
                                            // CPU only: a model on the GPU keeps an f32 cache and uses attention.
                                            "kv_attention",

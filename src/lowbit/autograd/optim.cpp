@@ -22,14 +22,19 @@ AdamW::AdamW(std::vector<ParamGroup> groups) : groups_(std::move(groups)) {
 
 void AdamW::step(double lr_scale) {
   ++step_;
+  // One fused update per group (ops::adamw_step_multi: one GPU launch for up to 24 tensors).
   for (size_t gi = 0; gi < groups_.size(); ++gi) {
     auto& g = groups_[gi];
+    std::vector<ops::AdamwParam> ps;
+    ps.reserve(g.params.size());
     for (size_t i = 0; i < g.params.size(); ++i) {
       Var& p = g.params[i];
       if (!p.grad().defined()) continue;
-      ops::adamw_step(p.mutable_value(), p.grad(), m_[gi][i], v_[gi][i], g.options.lr * lr_scale, g.options.beta1,
-                      g.options.beta2, g.options.eps, g.options.weight_decay, step_);
+      ps.push_back({&p.mutable_value(), &p.grad(), &m_[gi][i], &v_[gi][i]});
     }
+    if (!ps.empty())
+      ops::adamw_step_multi(ps, g.options.lr * lr_scale, g.options.beta1, g.options.beta2, g.options.eps,
+                            g.options.weight_decay, step_);
   }
 }
 

@@ -40,6 +40,8 @@ void Var::set_name(std::string n) {
 bool grad_enabled() { return t_grad_enabled; }
 NoGradGuard::NoGradGuard() : prev_(t_grad_enabled) { t_grad_enabled = false; }
 NoGradGuard::~NoGradGuard() { t_grad_enabled = prev_; }
+EnableGradGuard::EnableGradGuard() : prev_(t_grad_enabled) { t_grad_enabled = true; }
+EnableGradGuard::~EnableGradGuard() { t_grad_enabled = prev_; }
 
 Var make_result(Tensor value, std::vector<Var> inputs, const char* op, std::function<void(const Tensor&)> backward) {
   bool needs = false;

@@ -64,6 +64,19 @@ class NoGradGuard {
   bool prev_;
 };
 
+// The opposite (torch.enable_grad): ops record again inside, e.g. a method that trains or takes
+// gradients when its caller runs under a NoGradGuard.
+class EnableGradGuard {
+ public:
+  EnableGradGuard();
+  ~EnableGradGuard();
+  EnableGradGuard(const EnableGradGuard&) = delete;
+  EnableGradGuard& operator=(const EnableGradGuard&) = delete;
+
+ private:
+  bool prev_;
+};
+
 // Builds the result of an op: records inputs and the backward closure when any input requires
 // grad (and grad mode is on); otherwise returns a plain constant.
 Var make_result(Tensor value, std::vector<Var> inputs, const char* op, std::function<void(const Tensor&)> backward);

@@ -72,7 +72,7 @@ struct ApiqOptions {
 
   // ---- SAPR (active when saliency is set) ----
   const SaliencyMap* saliency = nullptr;
-  double lambda = 3.0;            // regularizer weight (tuned on stories260K, see saliency.h)
+  double lambda = 0.3;            // regularizer weight (chosen on validation text of two models, see saliency.h)
   SaprReduction reduction = SaprReduction::Mean;  // per layer: mean (ours) or sum (reference) of S (W - Ŵ)^2
   bool reg_with_lora = true;      // Ŵ = Q(W) + s B A (true, ours) or Q(W) alone (reference before_lora)
   int weight_epochs = 0;          // leading epochs with lambda * R only

@@ -150,6 +150,7 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
         NoGradGuard ng;
         model.forward(tb);
       } else {
+        EnableGradGuard eg;  // a caller under NoGradGuard still gets gradients
         Var loss = cross_entropy(model.forward(tb), shifted_targets(tb));
         backward(loss);
         for (auto& [m, a] : acc) {

@@ -10,6 +10,7 @@
 // memory; "backward" functions write (not accumulate) their gradient outputs unless noted.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "lowbit/core/tensor.h"
 #include "lowbit/ops/rope_style.h"
@@ -125,5 +126,19 @@ void cast(const Tensor& x, Tensor& out);
 // step counts from 1.
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
                 double eps, double weight_decay, int64_t step);
+
+// The same step for a group of parameters sharing the hyper-parameters and the step count (one
+// AdamW parameter group). f32 tensors on the GPU take one kernel launch per kAdamwMultiMax
+// parameters instead of one each (same per-element arithmetic as adamw_step's CUDA body, so the
+// results are bit-identical to it); anything else runs adamw_step per parameter.
+struct AdamwParam {
+  Tensor* param;
+  const Tensor* grad;
+  Tensor* m;
+  Tensor* v;
+};
+inline constexpr int kAdamwMultiMax = 24;
+void adamw_step_multi(const std::vector<AdamwParam>& params, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, int64_t step);
 
 }  // namespace lowbit::ops

@@ -37,4 +37,33 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double 
   });
 }
 
+void adamw_step_multi(const std::vector<AdamwParam>& params, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, int64_t step) {
+  const char* op = "adamw_step_multi";
+  if (step < 1) throw_error(op, ": step counts from 1, got ", step);
+  bool fused = !params.empty();
+  for (const AdamwParam& a : params) {
+    LB_CHECK(a.param && a.grad && a.m && a.v, op, ": a parameter entry has a null tensor");
+    detail::check_contiguous(op, *a.param, "param");
+    detail::check_shape(op, *a.grad, a.param->shape(), "grad");
+    detail::check_shape(op, *a.m, a.param->shape(), "m");
+    detail::check_shape(op, *a.v, a.param->shape(), "v");
+    for (const Tensor* t : {static_cast<const Tensor*>(a.param), a.grad, static_cast<const Tensor*>(a.m),
+                            static_cast<const Tensor*>(a.v)})
+      fused = fused && detail::on_cuda(*t) && t->dtype() == DType::F32 && t->is_contiguous();
+  }
+#ifdef LOWBIT_WITH_CUDA
+  if (fused) {
+    std::vector<AdamwParam> nonempty;
+    for (const AdamwParam& a : params)
+      if (a.param->numel() > 0) nonempty.push_back(a);
+    if (!nonempty.empty()) cuda::adamw_step_multi(nonempty, lr, beta1, beta2, eps, weight_decay, step);
+    return;
+  }
+#endif
+  (void)fused;
+  for (const AdamwParam& a : params)
+    adamw_step(*a.param, *a.grad, *a.m, *a.v, lr, beta1, beta2, eps, weight_decay, step);
+}
+
 }  // namespace lowbit::ops

@@ -11,6 +11,7 @@
 
 #include "lowbit/core/format_traits.h"
 #include "lowbit/core/tensor.h"
+#include "lowbit/ops/ops.h"
 #include "lowbit/ops/quant_matmul.h"
 #include "lowbit/ops/rope_style.h"
 
@@ -63,6 +64,9 @@ void mse_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Tensor&
 
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
                 double eps, double weight_decay, int64_t step);
+// f32, contiguous, all on the GPU, numel > 0 (ops::adamw_step_multi checks and routes).
+void adamw_step_multi(const std::vector<AdamwParam>& params, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, int64_t step);
 
 // Learnable-weight-clipping fake quantization (OmniQuant eq. 2, trained by ApiQ): the CUDA bodies
 // of quant/lwc.h's forward and straight-through backward (quant/lwc.cpp checks shapes and passes

@@ -2,6 +2,7 @@
 // one pass of the generic elementwise kernel (elementwise_kernel.cuh) or of a deterministic
 // reduction (reduce_kernel.cuh). Arithmetic is fp32 (bf16 tensors are widened on load); the
 // formulas are written exactly as in the CPU bodies so that f32 results agree to a few ulps.
+#include <algorithm>
 #include <cmath>
 
 #include "lowbit/ops/cuda/cuda_ops.h"
@@ -216,6 +217,74 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double 
                          {ptr<T>(param), ptr<T>(m), ptr<T>(v)}};
     launch_ew("adamw_step", args, param.numel(), f);
   });
+}
+
+// ---- AdamW over a parameter group: one launch per kAdamwMultiMax tensors -------------------------
+// The tensors' pointers and sizes travel in the kernel's parameters (about 1.1 KB of the 4 KB
+// allowed). Block b updates chunk (b - first[t]) of tensor t, first[] the prefix sums of the
+// tensors' chunk counts; the per-element arithmetic is AdamwF's, as adamw_step's.
+namespace {
+constexpr int kAdamwChunk = 4096;  // elements per block
+
+struct AdamwMultiArgs {
+  float* p[kAdamwMultiMax];
+  const float* g[kAdamwMultiMax];
+  float* m[kAdamwMultiMax];
+  float* v[kAdamwMultiMax];
+  int64_t n[kAdamwMultiMax];
+  int first[kAdamwMultiMax + 1];
+  int count;
+};
+
+__global__ void adamw_multi_kernel(AdamwMultiArgs a, AdamwF f) {
+  const int b = int(blockIdx.x);
+  int t = 0;
+  while (t + 1 < a.count && a.first[t + 1] <= b) ++t;
+  const int64_t lo = int64_t(b - a.first[t]) * kAdamwChunk;
+  const int64_t hi = lo + kAdamwChunk < a.n[t] ? lo + kAdamwChunk : a.n[t];
+  float* p = a.p[t];
+  const float* g = a.g[t];
+  float* m = a.m[t];
+  float* v = a.v[t];
+  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    const float x[4] = {p[i], g[i], m[i], v[i]};
+    float y[3];
+    f(x, y);
+    p[i] = y[0];
+    m[i] = y[1];
+    v[i] = y[2];
+  }
+}
+}  // namespace
+
+void adamw_step_multi(const std::vector<AdamwParam>& params, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, int64_t step) {
+  LB_CUDA_OP("adamw_step_multi");
+  const double bc1 = 1.0 - std::pow(beta1, double(step)), bc2 = 1.0 - std::pow(beta2, double(step));
+  const AdamwF f{float(1.0 - lr * weight_decay), float(beta1),       float(1.0 - beta1),          float(beta2),
+                 float(1.0 - beta2),             float(lr / bc1),     float(1.0 / std::sqrt(bc2)), float(eps)};
+  for (size_t s0 = 0; s0 < params.size(); s0 += kAdamwMultiMax) {
+    AdamwMultiArgs a{};
+    a.count = int(std::min<size_t>(kAdamwMultiMax, params.size() - s0));
+    int blocks = 0;
+    for (int k = 0; k < a.count; ++k) {
+      const AdamwParam& q = params[s0 + size_t(k)];
+      a.p[k] = q.param->data<float>();
+      a.g[k] = q.grad->data<float>();
+      a.m[k] = q.m->data<float>();
+      a.v[k] = q.v->data<float>();
+      a.n[k] = q.param->numel();
+      a.first[k] = blocks;
+      const int64_t nb = (a.n[k] + kAdamwChunk - 1) / kAdamwChunk;
+      if (nb > int64_t(1) << 30 || blocks + nb > int64_t(1) << 30)
+        throw_error("adamw_step_multi: ", a.n[k], " elements is too many for one launch");
+      blocks += int(nb);
+    }
+    a.first[a.count] = blocks;
+    adamw_multi_kernel<<<blocks, 256, 0, cuda_rt::stream()>>>(a, f);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) cuda_rt::throw_cuda(e, "adamw_step_multi", __FILE__, __LINE__);
+  }
 }
 
 }  // namespace lowbit::ops::cuda
