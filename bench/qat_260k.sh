@@ -2,6 +2,7 @@
 # QAT against PTQ on stories260K, CPU (issue 14): RTN, ApiQ (`quantize --method apiq`), LSQ QAT and
 # EfficientQAT (`lowbit qat`) at the given formats; test perplexity on held-out sampled tokens.
 #   bench/qat_260k.sh [OUT_DIR] [FORMATS] [PARALLEL]     (default /tmp/qat-260k, "int2g64 int3g64", 2)
+#   ONLY=REGEX bench/qat_260k.sh ...   runs only the jobs whose line ("name format kind args") matches
 # Data as bench/study_260k.sh: shared/models/stories260K/sample-tokens.i32 (64 sequences of BOS +
 # 256 sampled tokens) split into training/calibration (sequences 0-23, 6168 tokens: every method
 # trains only on these), validation (24-31) and test (32-63); perplexity with ctx 257 (one window
@@ -11,6 +12,7 @@
 #   lsq-163k       80 steps x 8 x 256 = 163,840 end to end (ApiQ's per-block budget)
 #   efficientqat   Block-AP 5 epochs x 128 windows x 256 = 163,840 per block, then E2E-QP 614,400
 #   efficientqat-bap  Block-AP only (--steps 0)
+#   l4q            300 steps x 8 x 256 = 614,400 end to end (lsq's budget); l4q-* variants at int2g64
 #   *-gen rows: trained on the calibration tokens + 64,401 self-generated tokens (see below)
 #   int2g64 variants: lsq-distill, efficientqat-distill (KL to the FP model), efficientqat-e2e-lr1e-3,
 #   efficientqat-paper-lr (the paper's 7B learning rates and 2 Block-AP epochs)
@@ -68,6 +70,7 @@ run = json.load(open(log + ".run.json")) if open(log + ".run.json").read().strip
 print(json.dumps({"name": name, "format": fmt, "test_ppl": json.load(open(log + ".ppl.json"))["ppl"],
                   "valid_ppl": json.load(open(log + ".valid.json"))["ppl"], "seconds": run.get("seconds", float(secs)),
                   "training_tokens": run.get("training_tokens"), "stages": run.get("stages"),
+                  "peak_rss_bytes": run.get("peak_rss_bytes"),
                   "data_tokens": int(ntok)}))
 PY
 }
@@ -82,6 +85,7 @@ lsq $fmt qat --method lsq
 lsq-163k $fmt qat --method lsq --steps 80
 efficientqat $fmt qat --method efficientqat
 efficientqat-bap $fmt qat --method efficientqat --steps 0
+l4q $fmt qat --method l4q
 EOF
 done
 # Variants at int2g64 (chosen between on the validation split): distillation, and E2E-QP with a
@@ -94,6 +98,10 @@ efficientqat-paper-lr int2g64 qat --method efficientqat --block-epochs 2 --block
 lsq-gen int2g64 qat --method lsq
 efficientqat-gen int2g64 qat --method efficientqat
 apiq-gen int2g64 quantize --method apiq
+l4q-lr2e-4 int2g64 qat --method l4q --lr 2e-4
+l4q-lr3e-3 int2g64 qat --method l4q --lr 3e-3
+l4q-rank32 int2g64 qat --method l4q --lora-rank 32 --lora-alpha 64
+l4q-gen int2g64 qat --method l4q
 EOF
 esac
 case " $formats " in *" int3g64 "*) cat >> "$out/jobs.txt" <<EOF
@@ -102,6 +110,7 @@ efficientqat-gen int3g64 qat --method efficientqat
 apiq-gen int3g64 quantize --method apiq
 EOF
 esac
+if [ -n "${ONLY:-}" ]; then grep -E "$ONLY" "$out/jobs.txt" > "$out/jobs.only" || true; mv "$out/jobs.only" "$out/jobs.txt"; fi
 "$lowbit" -q eval ppl -m "$model" --tokens "$out/test.i32" --ctx 257 --threads 1 --json > "$out/fp.ppl.json"
 xargs -P "$parallel" -L 1 bash -c 'job "$@"' _ < "$out/jobs.txt"
 python3 - "$out" <<'PY'
@@ -114,8 +123,8 @@ for l in open(f"{out}/results.jsonl"):  # a rerun appends: keep the last row of 
     rows[(r["name"], r["format"])] = r
 rows = list(rows.values())
 print(f"FP test perplexity {fp:.3f}\n")
-print("| method | format | test ppl | valid ppl | training data (tokens) | training tokens processed | seconds |")
-print("|---|---|---:|---:|---:|---|---:|")
+print("| method | format | test ppl | valid ppl | training data (tokens) | training tokens processed | seconds | peak RSS MiB |")
+print("|---|---|---:|---:|---:|---|---:|---:|")
 budget = {"rtn": "none", "apiq": "163,840 per block", "apiq-gen": "163,840 per block"}
 for r in rows:
     b = budget.get(r["name"])
@@ -123,5 +132,5 @@ for r in rows:
         st = r["stages"] or []
         b = " + ".join(f'{s["stage"]} {s["tokens"]:,}' + (" per block" if s["stage"] == "block-ap" else "") for s in st)
     d = "none" if r["name"] == "rtn" else f'{r.get("data_tokens") or 6168:,}'
-    print(f'| {r["name"]} | {r["format"]} | {r["test_ppl"]:.3f} | {r["valid_ppl"]:.3f} | {d} | {b} | {r["seconds"]:.0f} |')
+    print(f'| {r["name"]} | {r["format"]} | {r["test_ppl"]:.3f} | {r["valid_ppl"]:.3f} | {d} | {b} | {r["seconds"]:.0f} | {(r.get("peak_rss_bytes") or 0) / 2**20:.0f} |')
 PY

@@ -133,16 +133,20 @@ void register_qat(CLI::App& app) {
   q->add_option("--steps", c.steps, "end-to-end optimizer steps (default 300; efficientqat: of E2E-QP)")->check(at_least(0));
   q->add_option("--batch", c.batch, "sequences per step (default 8)")->check(at_least(1));
   q->add_option("--seqlen", c.seqlen, "tokens per sequence (default 256, capped at the model's max)")->check(at_least(1));
-  q->add_option("--lr", c.lr, "lsq: AdamW lr of the latent weights (default 1e-4); efficientqat: E2E-QP lr of the step sizes (default 1e-4, chosen on stories260K's validation split; the paper's 7B value is 2e-5)")
+  q->add_option("--lr", c.lr, "lsq: AdamW lr of the latent weights (default 1e-4); efficientqat: E2E-QP lr of the step sizes (default 1e-4, chosen on stories260K's validation split; the paper's 7B value is 2e-5); l4q: lr of LoRA A/B (default 1e-3, lowbit's choice for small models, not the paper's)")
       ->check(above(0));
-  q->add_option("--quant-lr", c.quant_lr, "lsq: AdamW lr of the step sizes and zero points (default 1e-3)")->check(above(0));
+  q->add_option("--quant-lr", c.quant_lr, "lsq, l4q: AdamW lr of the step sizes and zero points (default 1e-3)")->check(above(0));
   q->add_option("--warmup", c.warmup, "linear warmup steps (default steps / 20)")->check(at_least(0));
   q->add_option("--seed", c.seed, "seed for the training windows and calibration sampling")->capture_default_str()->check(at_least(0));
   q->add_flag("--distill", c.distill, "train on KL(teacher || student) to the full-precision model's logits instead of the LM loss");
   q->add_option("--lm-weight", c.lm_weight, "with --distill: add this times the LM cross-entropy")->check(at_least(0));
-  q->add_option("--init", a->init, "lsq: initial steps/zero points: mse (LSQ+), minmax (RTN) or lsq (2<|w|>/sqrt(Qp))")
+  q->add_option("--init", a->init, "lsq, l4q: initial steps/zero points (l4q: of W0): mse (LSQ+), minmax (RTN) or lsq (2<|w|>/sqrt(Qp))")
       ->capture_default_str()
       ->check(CLI::IsMember({"mse", "minmax", "lsq"}));
+  q->add_option("--lora-rank", c.lora_rank, "l4q: LoRA rank (default 8: the paper's LLaMA runs use larger ranks on 4096-wide layers; this suits 64-512-wide small models)")
+      ->check(at_least(1));
+  q->add_option("--lora-alpha", c.lora_alpha, "l4q: LoRA alpha, the merged weight is W0 + (alpha / rank) B A (default 16, PEFT/QLoRA's usual value)")
+      ->check(above(0));
   q->add_option("--nsamples", c.nsamples, "efficientqat: Block-AP calibration windows (default 128)")->check(at_least(1));
   q->add_option("--block-epochs", c.block_epochs, "efficientqat: Block-AP epochs (default 5: 5 x 128 windows = ApiQ's 20 x 32 tokens per block; the paper: 2 x 4096)")->check(at_least(0));
   q->add_option("--block-batch", c.block_batch, "efficientqat: Block-AP windows per step (default 2)")->check(at_least(1));
@@ -166,9 +170,14 @@ void register_qat(CLI::App& app) {
     const std::pair<const char*, const char*> owned[] = {{"--nsamples", "efficientqat"}, {"--block-epochs", "efficientqat"},
                                                          {"--block-batch", "efficientqat"}, {"--block-lr", "efficientqat"},
                                                          {"--block-quant-lr", "efficientqat"}, {"--stop-after-blocks", "efficientqat"},
-                                                         {"--quant-lr", "lsq"}, {"--init", "lsq"}};
-    for (const auto& [flag, method] : owned)
-      if (q->count(flag) > 0 && a->method != method) throw_error(flag, " applies to --method ", method, ", not ", a->method);
+                                                         {"--quant-lr", "lsq"}, {"--init", "lsq"},
+                                                         {"--lora-rank", "l4q"}, {"--lora-alpha", "l4q"}};
+    const std::pair<const char*, const char*> also[] = {{"--quant-lr", "l4q"}, {"--init", "l4q"}};  // shared by l4q
+    for (const auto& [flag, method] : owned) {
+      bool ok = a->method == method;
+      for (const auto& [f2, m2] : also) ok = ok || (std::string(flag) == f2 && a->method == m2);
+      if (q->count(flag) > 0 && !ok) throw_error(flag, " applies to --method ", method, ", not ", a->method);
+    }
     a->c.progress = !a->json;
     run_qat(*a);
   });

@@ -18,6 +18,7 @@
 #include "lowbit/methods/block_ap.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/pipeline.h"
+#include "lowbit/quant/l4q_linear.h"
 #include "lowbit/quant/lsq_linear.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/train/trainer.h"
@@ -442,6 +443,77 @@ class EfficientQat : public QatMethod {
   QatConfig c_;
 };
 
+// ---- l4q ---------------------------------------------------------------------------------------
+// L4Q (arXiv 2402.04902): LoRA-wise LSQ on every block linear, trained end to end like lsq.
+class L4qQat : public QatMethod {
+ public:
+  explicit L4qQat(const QatConfig& c) : c_(c) {
+    check_format(c, "l4q");
+    LB_CHECK(c.lora_rank < 0 || c.lora_rank >= 1, "qat --method l4q: --lora-rank must be >= 1, got ", c.lora_rank);
+    LB_CHECK(c.lora_alpha < 0 || c.lora_alpha > 0, "qat --method l4q: --lora-alpha must be > 0, got ", c.lora_alpha);
+  }
+  std::string name() const override { return "l4q"; }
+  QatResult run(const LlamaModel& fp, const std::vector<int32_t>& stream) override {
+    const QuantFormat& f = *c_.format;
+    const auto t0 = Clock::now();
+    auto work = std::make_unique<LlamaModel>(fp.config(), fp.weights(), false);
+    std::vector<std::shared_ptr<L4qTrainLinear>> layers;
+    std::vector<Var> lora, quant, state;
+    L4qOptions lo;
+    lo.rank = pick<int64_t>(c_.lora_rank, 8);
+    lo.lora_alpha = pick(c_.lora_alpha, 16.0);
+    uint64_t k = 0;
+    for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
+      const Tensor w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
+      LB_CHECK(lo.rank <= std::min(w.size(0), w.size(1)), "qat --method l4q: --lora-rank ", lo.rank,
+               " exceeds the smaller side of a ", w.size(0), " x ", w.size(1), " weight");
+      L4qOptions o = lo;
+      o.seed = c_.seed * 1000003ull + k++;  // one A per layer
+      o.grad_scale = lsq_grad_scale(f, w.size(1));
+      auto t = std::make_shared<L4qTrainLinear>(w, (*slot)->bias(), f, lsq_init(w, f, c_.init), o);
+      for (auto& p : t->lora_parameters()) lora.push_back(p);
+      for (auto& p : t->quant_parameters()) quant.push_back(p);
+      for (auto& p : t->state()) state.push_back(p);
+      *slot = t;
+      layers.push_back(t);
+    });
+    E2eOptions o = e2e_options(c_, fp.config(), 300, 8);
+    o.stage = "l4q";
+    const double lr = pick(c_.lr, 1e-3), qlr = pick(c_.quant_lr, 1e-3);
+    std::vector<E2eGroup> groups{{lora, lr, 0.0}, {quant, qlr, 0.0}};
+    o.key = e2e_key("l4q", f, o, groups, stream,
+                    std::string(",init=") + lsq_init_name(c_.init) + ",rank=" + std::to_string(lo.rank) +
+                        ",alpha=" + key_number(lo.lora_alpha));
+    if (!c_.state_dir.empty()) o.state_path = (fs::path(c_.state_dir) / "l4q.safetensors").string();
+    bool complete = true;
+    QatStage st = train_end_to_end(*work, &fp, groups, state, stream, o, &complete);
+    st.hyper = e2e_hyper(o);
+    st.hyper["lora_lr"] = lr;
+    st.hyper["quant_lr"] = qlr;
+    st.hyper["lora_rank"] = lo.rank;
+    st.hyper["lora_alpha"] = lo.lora_alpha;
+    st.hyper["init"] = lsq_init_name(c_.init);
+    st.hyper["offset"] = f.kind == QuantKind::IntAsym ? "learned (LSQ+)" : "none (symmetric)";
+    st.hyper["grad_scale"] = "1/sqrt(N Qp)";
+    QatResult r;
+    r.stages.push_back(st);
+    r.complete = complete;
+    if (complete) {
+      size_t i = 0;
+      for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
+        const auto& t = layers[i++];
+        *slot = std::make_shared<QuantLinear>(t->encode(), t->bias(), Device::CPU);
+      });
+      r.model = std::move(work);
+    }
+    r.seconds = since(t0);
+    return r;
+  }
+
+ private:
+  QatConfig c_;
+};
+
 std::vector<QatMethodInfo>& registry_storage() {
   static std::vector<QatMethodInfo> r = [] {
     std::vector<QatMethodInfo> v;
@@ -453,6 +525,10 @@ std::vector<QatMethodInfo>& registry_storage() {
                  "EfficientQAT: Block-AP (block-wise reconstruction training weights, steps and zero points) then "
                  "E2E-QP (steps only, integer codes frozen, end to end on the LM loss)",
                  [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new EfficientQat(c)); }});
+    v.push_back({"l4q",
+                 "L4Q: LoRA-wise LSQ, the quantizer on the merged weight W0 + s B A (frozen W0; LoRA A/B, steps "
+                 "and zero points trained jointly end to end); exported as one packed weight per layer",
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new L4qQat(c)); }});
     return v;
   }();
   return r;

@@ -16,6 +16,10 @@
 //                 weights, steps and zero points) through the block-wise pipeline, then E2E-QP: the
 //                 integer codes frozen, only the step sizes trained end to end on the LM loss (or
 //                 --distill).
+//   l4q           L4Q (Jeon et al. 2024, arXiv 2402.04902): LoRA-wise LSQ. Every block linear becomes an
+//                 L4qTrainLinear (quant/l4q_linear.h): frozen W0, LoRA A/B and LSQ steps (zero
+//                 points) trained jointly, the quantizer on the merged weight W0 + s B A; exported as
+//                 one packed weight per layer (no adapter). Same end-to-end trainer as lsq.
 // Losses: the language-modelling cross-entropy of the next token; with distill, the KL divergence
 // KL(P_teacher || P_student) of the full-precision model's next-token distribution (LLM-QAT's
 // distillation loss), plus lm_weight times the cross-entropy.
@@ -53,7 +57,9 @@ struct QatConfig {
   uint64_t seed = 0;
   bool distill = false;   // KL to the FP teacher's logits
   double lm_weight = 0;   // with distill: + lm_weight * cross-entropy
-  LsqInit init = LsqInit::Mse;  // lsq
+  LsqInit init = LsqInit::Mse;  // lsq, l4q
+  int64_t lora_rank = -1;       // l4q
+  double lora_alpha = -1;       // l4q
   // efficientqat Block-AP.
   int64_t nsamples = -1;  // calibration windows (of seqlen tokens)
   int block_epochs = -1;
