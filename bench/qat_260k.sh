@@ -98,6 +98,7 @@ efficientqat-paper-lr int2g64 qat --method efficientqat --block-epochs 2 --block
 lsq-gen int2g64 qat --method lsq
 efficientqat-gen int2g64 qat --method efficientqat
 apiq-gen int2g64 quantize --method apiq
+l4q-init-mse int2g64 qat --method l4q --init mse
 l4q-lr2e-4 int2g64 qat --method l4q --lr 2e-4
 l4q-lr3e-3 int2g64 qat --method l4q --lr 3e-3
 l4q-rank32 int2g64 qat --method l4q --lora-rank 32 --lora-alpha 64

@@ -20,7 +20,7 @@ namespace {
 
 struct QatArgs {
   std::string model, method, format = "int2g64", train_text, train_tokens, tokenizer, out, state_dir, device = "cpu",
-                             init = "mse";
+                             init;
   QatConfig c;
   bool json = false;
 };
@@ -37,7 +37,10 @@ void run_qat(QatArgs& a) {
   find_qat_method(a.method);  // an unknown name fails before anything is loaded
   const QuantFormat& f = parse_quant_format(a.format);
   a.c.format = &f;
-  a.c.init = parse_lsq_init(a.init);
+  if (!a.init.empty()) {
+    a.c.init = parse_lsq_init(a.init);
+    a.c.init_set = true;
+  }
   if (!a.train_text.empty() && !a.train_tokens.empty()) throw_error("qat: give --train TEXT or --train-tokens FILE, not both");
   if (a.train_text.empty() && a.train_tokens.empty()) throw_error("qat: give --train TEXT (with a tokenizer) or --train-tokens FILE");
   if (a.c.lm_weight > 0 && !a.c.distill) throw_error("--lm-weight adds the LM loss to --distill's KL; it needs --distill");
@@ -140,12 +143,11 @@ void register_qat(CLI::App& app) {
   q->add_option("--seed", c.seed, "seed for the training windows and calibration sampling")->capture_default_str()->check(at_least(0));
   q->add_flag("--distill", c.distill, "train on KL(teacher || student) to the full-precision model's logits instead of the LM loss");
   q->add_option("--lm-weight", c.lm_weight, "with --distill: add this times the LM cross-entropy")->check(at_least(0));
-  q->add_option("--init", a->init, "lsq, l4q: initial steps/zero points (l4q: of W0): mse (LSQ+), minmax (RTN) or lsq (2<|w|>/sqrt(Qp))")
-      ->capture_default_str()
+  q->add_option("--init", a->init, "lsq, l4q: initial steps/zero points (l4q: of W0): mse (LSQ+; lsq's default), minmax (RTN's range, no clipping: L4Q_init, l4q's default) or lsq (2<|w|>/sqrt(Qp))")
       ->check(CLI::IsMember({"mse", "minmax", "lsq"}));
-  q->add_option("--lora-rank", c.lora_rank, "l4q: LoRA rank (default 8: the paper's LLaMA runs use larger ranks on 4096-wide layers; this suits 64-512-wide small models)")
+  q->add_option("--lora-rank", c.lora_rank, "l4q: LoRA rank (default 8: lowbit's choice for small models, not the paper's value; the paper's text was not readable when this was written)")
       ->check(at_least(1));
-  q->add_option("--lora-alpha", c.lora_alpha, "l4q: LoRA alpha, the merged weight is W0 + (alpha / rank) B A (default 16, PEFT/QLoRA's usual value)")
+  q->add_option("--lora-alpha", c.lora_alpha, "l4q: LoRA alpha, the merged weight is W0 + (alpha / rank) B A (default 16: PEFT/QLoRA's usual value, not checked against the paper)")
       ->check(above(0));
   q->add_option("--nsamples", c.nsamples, "efficientqat: Block-AP calibration windows (default 128)")->check(at_least(1));
   q->add_option("--block-epochs", c.block_epochs, "efficientqat: Block-AP epochs (default 5: 5 x 128 windows = ApiQ's 20 x 32 tokens per block; the paper: 2 x 4096)")->check(at_least(0));

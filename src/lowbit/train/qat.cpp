@@ -459,6 +459,8 @@ class L4qQat : public QatMethod {
     auto work = std::make_unique<LlamaModel>(fp.config(), fp.weights(), false);
     std::vector<std::shared_ptr<L4qTrainLinear>> layers;
     std::vector<Var> lora, quant, state;
+    // L4Q_init: the quantizer starts from W0's min-max range (no clipping); --init overrides.
+    const LsqInit init = c_.init_set ? c_.init : LsqInit::MinMax;
     L4qOptions lo;
     lo.rank = pick<int64_t>(c_.lora_rank, 8);
     lo.lora_alpha = pick(c_.lora_alpha, 16.0);
@@ -470,7 +472,7 @@ class L4qQat : public QatMethod {
       L4qOptions o = lo;
       o.seed = c_.seed * 1000003ull + k++;  // one A per layer
       o.grad_scale = lsq_grad_scale(f, w.size(1));
-      auto t = std::make_shared<L4qTrainLinear>(w, (*slot)->bias(), f, lsq_init(w, f, c_.init), o);
+      auto t = std::make_shared<L4qTrainLinear>(w, (*slot)->bias(), f, lsq_init(w, f, init), o);
       for (auto& p : t->lora_parameters()) lora.push_back(p);
       for (auto& p : t->quant_parameters()) quant.push_back(p);
       for (auto& p : t->state()) state.push_back(p);
@@ -482,7 +484,7 @@ class L4qQat : public QatMethod {
     const double lr = pick(c_.lr, 1e-3), qlr = pick(c_.quant_lr, 1e-3);
     std::vector<E2eGroup> groups{{lora, lr, 0.0}, {quant, qlr, 0.0}};
     o.key = e2e_key("l4q", f, o, groups, stream,
-                    std::string(",init=") + lsq_init_name(c_.init) + ",rank=" + std::to_string(lo.rank) +
+                    std::string(",init=") + lsq_init_name(init) + ",rank=" + std::to_string(lo.rank) +
                         ",alpha=" + key_number(lo.lora_alpha));
     if (!c_.state_dir.empty()) o.state_path = (fs::path(c_.state_dir) / "l4q.safetensors").string();
     bool complete = true;
@@ -492,7 +494,7 @@ class L4qQat : public QatMethod {
     st.hyper["quant_lr"] = qlr;
     st.hyper["lora_rank"] = lo.rank;
     st.hyper["lora_alpha"] = lo.lora_alpha;
-    st.hyper["init"] = lsq_init_name(c_.init);
+    st.hyper["init"] = lsq_init_name(init);
     st.hyper["offset"] = f.kind == QuantKind::IntAsym ? "learned (LSQ+)" : "none (symmetric)";
     st.hyper["grad_scale"] = "1/sqrt(N Qp)";
     QatResult r;

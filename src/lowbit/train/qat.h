@@ -58,6 +58,7 @@ struct QatConfig {
   bool distill = false;   // KL to the FP teacher's logits
   double lm_weight = 0;   // with distill: + lm_weight * cross-entropy
   LsqInit init = LsqInit::Mse;  // lsq, l4q
+  bool init_set = false;        // l4q: false = its own default (minmax, L4Q_init)
   int64_t lora_rank = -1;       // l4q
   double lora_alpha = -1;       // l4q
   // efficientqat Block-AP.
