@@ -112,14 +112,22 @@ TEST(L4qLayer, ExportedPackedWeightDecodesToTheTrainedFakeQuantExactly) {
 }
 
 TEST(L4qLayer, LoraGradientsAreTheMergedWeightGradientThroughSBA) {
-  // f64: dL/dA = s B^T G and dL/dB = s G A^T with G the straight-through gradient lsq_fake_quant
-  // gives the merged weight; the step gradient equals lsq_fake_quant's on that weight.
+  // f64, the fused layer (it recomputes M and Q(M) in its backward) against the autograd chain:
+  // dL/dA = s B^T G and dL/dB = s G A^T with G the straight-through gradient lsq_fake_quant gives
+  // the merged weight; the step / zero-point gradients equal lsq_fake_quant's on that weight.
   const QuantFormat& f = parse_quant_format("int3g64");
   const Tensor w = Tensor::randn({12, 128}, 9, 0.1, DType::F64);
   L4qTrainLinear t = moved_layer(f, DType::F64, w);
   const Tensor x = Tensor::randn({5, 128}, 13, 1.0, DType::F64);
   const Tensor tgt = Tensor::randn({5, 12}, 17, 1.0, DType::F64);
-  Var loss = mse(t.forward(Var(x)), Var(tgt));
+  // The fused forward computes what the unfused form (linear of the quantized merged weight) does.
+  const Var y = t.forward(Var(x));
+  {
+    NoGradGuard ng;
+    const Tensor ref = linear(Var(x), t.quantized_weight()).value();
+    for (int64_t i = 0; i < ref.numel(); ++i) ASSERT_EQ(y.value().item(i), ref.item(i)) << "y " << i;
+  }
+  Var loss = mse(y, Var(tgt));
   backward(loss);
   auto p = t.parameters();
   // Reference: the quantizer on a leaf copy of the merged weight.

@@ -3,8 +3,82 @@
 #include <cmath>
 
 #include "lowbit/autograd/functions.h"
+#include "lowbit/ops/ops.h"
 
 namespace lowbit {
+
+namespace {
+
+// M = W0 + s B A (a new tensor).
+Tensor merge(const Tensor& w0, const Tensor& a, const Tensor& b, double s) {
+  Tensor m = w0.clone();
+  ops::gemm(b, false, a, false, m, s, 1.0);
+  return m;
+}
+
+// y = x Q(W0 + s B A)^T (+ bias) as one autograd op that keeps no [out, in] tensor between the
+// forward and the backward (L4Q's memory-optimised layer): the backward recomputes M and Q(M), then
+//   dx = dY Q,  dQ = dY^T x,  (dM, dstep, doffset) = lsq backward of dQ,  dB = s dM A^T,  dA = s B^T dM
+// and frees them before the next layer's backward runs. Saved: x (as `linear` saves it) and the
+// small parameters. x is [N, in].
+Var l4q_linear(const Var& x, const Tensor& w0, const Var& A, const Var& B, const Var& step, const Var& offset,
+               double s, const QuantFormat& f, double grad_scale, const Var& bias) {
+  const Tensor xv = x.value().contiguous();
+  LB_CHECK(xv.dim() == 2 && xv.size(1) == w0.size(1), "l4q: input ", xv.describe(), " does not match the weight [",
+           w0.size(0), ", ", w0.size(1), "]");
+  LB_CHECK(xv.device() == Device::CPU && xv.dtype() == w0.dtype(), "l4q: input ", xv.describe(),
+           " must be on the CPU with the weight's dtype ", dtype_name(w0.dtype()));
+  const Tensor av = A.value().contiguous(), bv = B.value().contiguous(), sv = step.value().contiguous();
+  const Tensor ov = offset.defined() ? offset.value().contiguous() : Tensor();
+  Tensor y = Tensor::empty({xv.size(0), w0.size(0)}, xv.dtype());
+  {
+    const Tensor q = lsq_fake_quant_value(merge(w0, av, bv, s), sv, ov, f);
+    ops::gemm(xv, false, q, true, y);
+  }
+  if (bias.defined()) ops::add(y, bias.value(), y);
+  std::vector<Var> inputs{x, A, B, step};
+  if (offset.defined()) inputs.push_back(offset);
+  if (bias.defined()) inputs.push_back(bias);
+  return make_result(y, inputs, "l4q_linear", [x, A, B, step, offset, bias, xv, w0, av, bv, sv, ov, s, &f,
+                                               grad_scale](const Tensor& g) {
+    const Tensor gc = g.contiguous();
+    Tensor m = merge(w0, av, bv, s);
+    Tensor dq = Tensor::empty(w0.shape(), w0.dtype());
+    {
+      const Tensor q = lsq_fake_quant_value(m, sv, ov, f);
+      if (x.requires_grad()) {
+        Tensor dx = Tensor::empty(xv.shape(), xv.dtype());
+        ops::gemm(gc, false, q, false, dx);
+        accumulate_grad(x, dx);
+      }
+    }
+    ops::gemm(gc, true, xv, false, dq);
+    Tensor dm, ds, dz;
+    const bool need_dm = A.requires_grad() || B.requires_grad();
+    lsq_fake_quant_grads(m, sv, ov, f, grad_scale, dq, need_dm ? &dm : nullptr, &ds, &dz);
+    m = Tensor();
+    dq = Tensor();
+    if (step.requires_grad()) accumulate_grad(step, ds);
+    if (offset.defined() && offset.requires_grad() && dz.defined()) accumulate_grad(offset, dz);
+    if (B.requires_grad()) {
+      Tensor dB = Tensor::empty(bv.shape(), bv.dtype());
+      ops::gemm(dm, false, av, true, dB, s);
+      accumulate_grad(B, dB);
+    }
+    if (A.requires_grad()) {
+      Tensor dA = Tensor::empty(av.shape(), av.dtype());
+      ops::gemm(bv, true, dm, false, dA, s);
+      accumulate_grad(A, dA);
+    }
+    if (bias.defined() && bias.requires_grad()) {
+      Tensor db = Tensor::empty(bias.value().shape(), bias.value().dtype());
+      ops::sum_rows(gc, db);
+      accumulate_grad(bias, db);
+    }
+  });
+}
+
+}  // namespace
 
 L4qTrainLinear::L4qTrainLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f, const LsqParams& init,
                                const L4qOptions& o)
@@ -48,7 +122,9 @@ Var L4qTrainLinear::quantized_weight() const {
   return lsq_fake_quant(merged_weight(), step_, offset_, format_, opt_.grad_scale);
 }
 
-Var L4qTrainLinear::forward(const Var& x) const { return linear(x, quantized_weight(), bias_); }
+Var L4qTrainLinear::forward(const Var& x) const {
+  return l4q_linear(x, w0_.value(), lora_A_, lora_B_, step_, offset_, lora_scale(), format_, opt_.grad_scale, bias_);
+}
 
 std::vector<Var> L4qTrainLinear::lora_parameters() const { return {lora_A_, lora_B_}; }
 

@@ -9,8 +9,11 @@
 // layers (Q(W) + s B A) the quantizer acts on the *merged* weight, so the trained layer is one
 // quantized weight: encode() packs Q(W0 + s B A) into the format, no adapter is kept for inference.
 // Trainable: A, B, the steps and zero points (jointly); W0 never changes and has no gradient or
-// optimizer state — the memory of a step is LoRA finetuning's plus the merged weight and its
-// quantized copy per layer (the autograd graph keeps both until the backward pass).
+// optimizer state. forward() is one fused autograd op (L4Q's memory-optimised layer): the merged
+// weight and its quantized copy exist only inside the forward and are recomputed in the backward,
+// so between them a layer keeps nothing of size [out, in] but W0 — a step's memory is LoRA
+// finetuning's plus one layer's temporaries. (merged_weight() / quantized_weight() are the
+// unfused autograd form, for tests and effective_weight().)
 //
 // Gradients (the straight-through estimator of lsq.h on the merged weight M = W0 + s B A):
 //   dL/dM = dL/dQ inside the clamp, 0 outside;  dL/dA = s B^T dL/dM;  dL/dB = s dL/dM A^T;

@@ -248,6 +248,41 @@ Var lsq_fake_quant(const Var& w, const Var& step, const Var& offset, const Quant
   });
 }
 
+Tensor lsq_fake_quant_value(const Tensor& w_in, const Tensor& step_in, const Tensor& offset_in, const QuantFormat& f) {
+  const Tensor wv = w_in.contiguous(), sv = step_in.contiguous();
+  const Tensor ov = offset_in.defined() ? offset_in.contiguous() : Tensor();
+  check_params(wv, sv, ov, f, "lsq_fake_quant");
+  Tensor y = Tensor::empty(wv.shape(), wv.dtype());
+  dispatch_float(wv.dtype(), "lsq_fake_quant", [&](auto t) {
+    using T = decltype(t);
+    lsq_forward<T>(f, wv.data<T>(), sv.data<T>(), ov.defined() ? ov.data<T>() : nullptr, wv.size(0), wv.size(1),
+                   y.data<T>());
+  });
+  return y;
+}
+
+void lsq_fake_quant_grads(const Tensor& w_in, const Tensor& step_in, const Tensor& offset_in, const QuantFormat& f,
+                          double grad_scale, const Tensor& gy, Tensor* dw, Tensor* ds, Tensor* dz) {
+  const Tensor wv = w_in.contiguous(), sv = step_in.contiguous();
+  const Tensor ov = offset_in.defined() ? offset_in.contiguous() : Tensor();
+  check_params(wv, sv, ov, f, "lsq_fake_quant");
+  LB_CHECK(std::isfinite(grad_scale), "lsq_fake_quant [", f.name, "]: gradient scale must be finite");
+  LB_CHECK(ds, "lsq_fake_quant_grads: ds is required");
+  const Tensor g = gy.contiguous();
+  LB_CHECK(g.shape() == wv.shape() && g.dtype() == wv.dtype(), "lsq_fake_quant [", f.name, "]: gradient ",
+           g.describe(), " does not match the weight ", wv.describe());
+  if (dw) *dw = Tensor::empty(wv.shape(), wv.dtype());
+  *ds = Tensor::empty(sv.shape(), sv.dtype());
+  const bool want_dz = dz && ov.defined();
+  if (want_dz) *dz = Tensor::empty(ov.shape(), ov.dtype());
+  dispatch_float(wv.dtype(), "lsq_fake_quant", [&](auto t) {
+    using T = decltype(t);
+    lsq_backward<T>(f, wv.data<T>(), sv.data<T>(), ov.defined() ? ov.data<T>() : nullptr, g.data<T>(), wv.size(0),
+                    wv.size(1), T(grad_scale), dw ? dw->data<T>() : nullptr, ds->data<T>(),
+                    want_dz ? dz->data<T>() : nullptr);
+  });
+}
+
 Var group_scale_dequant(const Tensor& codes_in, const Var& step, const QuantFormat& f) {
   LB_CHECK(codes_in.defined() && codes_in.dim() == 2 && step.defined(), "group_scale_dequant [", f.name,
            "]: codes must be [out, in] and the step defined");

@@ -75,6 +75,14 @@ LsqParams lsq_init(const Tensor& w, const QuantFormat& f, LsqInit init);
 // and defined for asymmetric ones (its gradient is computed only when it requires grad).
 Var lsq_fake_quant(const Var& w, const Var& step, const Var& offset, const QuantFormat& f, double grad_scale);
 
+// The tensor bodies of lsq_fake_quant, for fused layers that recompute the quantizer in their own
+// backward instead of keeping its input (quant/l4q_linear.h): the forward value, and the gradients
+// for an upstream gradient gy [out, in] — dw when dw is non-null, ds always, dz when dz is non-null
+// (asymmetric formats). Same arguments and checks as lsq_fake_quant; outputs are allocated here.
+Tensor lsq_fake_quant_value(const Tensor& w, const Tensor& step, const Tensor& offset, const QuantFormat& f);
+void lsq_fake_quant_grads(const Tensor& w, const Tensor& step, const Tensor& offset, const QuantFormat& f,
+                          double grad_scale, const Tensor& gy, Tensor* dw, Tensor* ds, Tensor* dz);
+
 // Ŵ[r, j] = codes[r, j] * step[r, g(j)]; codes [out, in] constant (no gradient), step [out, G].
 Var group_scale_dequant(const Tensor& codes, const Var& step, const QuantFormat& f);
 

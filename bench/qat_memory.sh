@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Peak memory (RSS) of `lowbit qat` per method on SmolLM2-135M (CPU): a few end-to-end steps of each
+# method with the same settings, so the difference is what each method keeps per weight (lsq: latent
+# f32 weight + gradient + two AdamW moments; l4q: frozen W0 + LoRA factors, the merged and quantized
+# weight during a step).
+#   bench/qat_memory.sh [OUT_DIR] [METHODS]     (default /tmp/qat-memory, "lsq l4q")
+# --init minmax for every method (LSQ+'s MSE search over 107M weights would dominate the run time);
+# --steps 2 --batch 1 --seqlen 128, single-threaded. Prints one line per method: peak RSS (the
+# command's own report, getrusage) and seconds.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+shared=${LOWBIT_SHARED:-$here/../../shared}
+out=${1:-/tmp/qat-memory} methods=${2:-"lsq l4q"}
+lowbit=${LOWBIT:-$here/../build-rel/lowbit}
+model=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p "$out"
+for m in $methods; do
+  rm -rf "$out/$m"
+  "$lowbit" -q qat -m "$model" --method "$m" --format int2g64 --init minmax \
+    --train "$shared/data/tinyshakespeare/input.txt" --steps 2 --batch 1 --seqlen 128 --threads 1 --json \
+    -o "$out/$m" > "$out/$m.json"
+  python3 - "$out/$m.json" "$m" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"{sys.argv[2]}: peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB, {r['seconds']:.0f} s, loss {r['stages'][0]['loss_before']:.3f} -> {r['stages'][0]['loss_after']:.3f}")
+PY
+done
