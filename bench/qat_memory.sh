@@ -5,8 +5,9 @@
 # weight during a step).
 #   bench/qat_memory.sh [OUT_DIR] [METHODS]     (default /tmp/qat-memory, "lsq l4q")
 # --init minmax for every method (LSQ+'s MSE search over 107M weights would dominate the run time);
-# --steps 2 --batch 1 --seqlen 128, single-threaded. Prints one line per method: peak RSS (the
-# command's own report, getrusage) and seconds.
+# --steps 2 --batch 1 --seqlen 128, single-threaded, and the same with --steps 0 (load, layer set-up
+# and export only: the part that is not the training step). Prints one line per run: peak RSS (the
+# command's own report, getrusage), seconds, the loss on the fixed windows before -> after.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 shared=${LOWBIT_SHARED:-$here/../../shared}
@@ -15,13 +16,17 @@ lowbit=${LOWBIT:-$here/../build-rel/lowbit}
 model=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$out"
 for m in $methods; do
-  rm -rf "$out/$m"
-  "$lowbit" -q qat -m "$model" --method "$m" --format int2g64 --init minmax \
-    --train "$shared/data/tinyshakespeare/input.txt" --steps 2 --batch 1 --seqlen 128 --threads 1 --json \
-    -o "$out/$m" > "$out/$m.json"
-  python3 - "$out/$m.json" "$m" <<'PY'
+  for steps in 2 0; do
+    rm -rf "$out/$m-$steps"
+    "$lowbit" -q qat -m "$model" --method "$m" --format int2g64 --init minmax \
+      --train "$shared/data/tinyshakespeare/input.txt" --steps $steps --batch 1 --seqlen 128 --threads 1 --json \
+      -o "$out/$m-$steps" > "$out/$m-$steps.json"
+    python3 - "$out/$m-$steps.json" "$m --steps $steps" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"{sys.argv[2]}: peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB, {r['seconds']:.0f} s, loss {r['stages'][0]['loss_before']:.3f} -> {r['stages'][0]['loss_after']:.3f}")
+st = r["stages"][0]
+after = "" if st["loss_after"] is None else f", loss {st['loss_before']:.3f} -> {st['loss_after']:.3f}"
+print(f"{sys.argv[2]}: peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB, {r['seconds']:.0f} s{after}")
 PY
+  done
 done
