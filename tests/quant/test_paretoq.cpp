@@ -4,12 +4,16 @@
 // points for 2-bit SEQ) decoding to exactly the trained fake-quant weights.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <functional>
 #include <set>
 #include <string>
 
 #include "lowbit/autograd/functions.h"
+#include "lowbit/ops/device_init.h"
+#include "lowbit/ops/quant_matmul.h"
 #include "lowbit/quant/lsq.h"
 #include "lowbit/quant/paretoq.h"
 #include "lowbit/quant/paretoq_linear.h"
@@ -335,4 +339,70 @@ TEST(ParetoQ, RejectsBadInputs) {
   Tensor bad = a.clone();
   bad.set_item(0, NAN);
   EXPECT_THROW(paretoq_encode(w, bad, ParetoQBits::Two, f), Error);
+}
+
+// The packed kernels take the zero point as a float: 2-bit SEQ's half-integer zero point (1.5) runs
+// on every backend within the bounds of tests/quant/test_quant_matmul.cpp (exact: 1e-5 relative to
+// sum |x w|; int8 activations: plus the activation rounding), against the reference body.
+TEST(ParetoQ, HalfIntegerZeroPointsRunOnEveryPackedBackend) {
+  struct Be {
+    const char* name;
+    ops::QuantMatmulPath path;
+    ops::QuantIsa isa;
+    bool int8, cuda;
+  };
+  const Be backends[] = {{"exact", ops::QuantMatmulPath::Exact, ops::QuantIsa::Auto, false, false},
+                         {"auto", ops::QuantMatmulPath::Auto, ops::QuantIsa::Auto, true, false},
+                         {"int8-portable", ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable, true, false},
+                         {"int8-avx2", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2, true, false},
+                         {"int8-avx2-vnni", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2Vnni, true, false},
+                         {"cuda", ops::QuantMatmulPath::Auto, ops::QuantIsa::Auto, true, true},
+                         {"cuda-int8", ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true, true},
+                         {"cuda-exact", ops::QuantMatmulPath::Exact, ops::QuantIsa::Auto, false, true}};
+  const bool gpu = init_cuda();
+  if (gpu) ops::set_cuda_packed_enabled(true);
+  int run = 0;
+  for (const char* name : {"int2g32", "int2g64", "int2g128", "int2pc"})
+    for (const auto& [out, in, M] : {std::array<int64_t, 3>{7, 96, 1}, {16, 256, 3}, {9, 200, 12}, {33, 512, 1}}) {
+      const QuantFormat& f = parse_quant_format(name);
+      const Tensor w = Tensor::randn({out, in}, 5 + uint64_t(in), 0.05);
+      const QuantizedTensor q = paretoq_encode(w, paretoq_init_alpha(w, ParetoQBits::Two, f), ParetoQBits::Two, f);
+      const ops::PackedWeight view = q.packed_view();
+      const Tensor x = Tensor::randn({M, in}, 3 + uint64_t(out), 1.0);
+      Tensor yref = Tensor::empty({M, out});
+      ops::quant_matmul(x, view, yref, {ops::QuantMatmulPath::Reference});
+      const Tensor wd = q.dequantize();
+      const Tensor dense = linear(Var(x), Var(wd), Var()).value();
+      for (int64_t i = 0; i < M * out; ++i) ASSERT_NEAR(yref.item(i), dense.item(i), 1e-4) << name << " reference";
+      const int64_t ab = ops::quant_matmul_act_block(view);
+      for (const Be& be : backends) {
+        if ((be.cuda && (!gpu || !ops::quant_matmul_has_cuda_layout(view))) || !ops::quant_isa_supported(be.isa)) continue;
+        Tensor y = Tensor::empty({M, out});
+        if (be.cuda) {
+          q.upload_to_device();
+          Tensor yd = Tensor::empty({M, out}, DType::F32, Device::CUDA);
+          ops::quant_matmul(x.to(Device::CUDA), q.packed_view(), yd, {be.path, be.isa});
+          y = yd.to(Device::CPU);
+        } else {
+          ops::quant_matmul(x, view, y, {be.path, be.isa});
+        }
+        ++run;
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t o = 0; o < out; ++o) {
+            double sc = 0, rb = 0;
+            for (int64_t b0 = 0; b0 < in; b0 += ab) {
+              double amax = 0;
+              for (int64_t i = b0; i < std::min(in, b0 + ab); ++i) amax = std::max(amax, std::fabs(x.item(m * in + i)));
+              for (int64_t i = b0; i < std::min(in, b0 + ab); ++i) {
+                sc += std::fabs(wd.item(o * in + i) * x.item(m * in + i));
+                rb += std::fabs(wd.item(o * in + i)) * amax / 127.0 / 2.0;
+              }
+            }
+            const double tol = 1e-5 * sc + 1e-7 + (be.int8 ? rb * (1 + 1e-3) : 0.0);
+            ASSERT_LE(std::fabs(y.item(m * out + o) - yref.item(m * out + o)), tol)
+                << name << " x " << be.name << " [" << out << "x" << in << "] M=" << M << " output " << m << "," << o;
+          }
+      }
+    }
+  EXPECT_GT(run, 0);
 }
