@@ -15,6 +15,9 @@
 #   paretoq        300 steps x 8 x 256 = 614,400 end to end (the default; int2 -> 2-bit SEQ, int3 -> LSQ)
 #   lsq-ternary, paretoq-1.58   at int2g64s (symmetric int2 = the ternary grid {-1, 0, 1} x step):
 #                  LSQ with a learned step against ParetoQ's ternary SEQ, 614,400 each
+#   paretoq*-qlr1e-4, -qlr1e-2   the α learning rate (--quant-lr, default 1e-3) at 2 and 1.58 bits; 1e-4 =
+#                  the weights' lr, as the reference code trains α
+#   paretoq-1      1-bit (sign) at int2g64s;  lsq / paretoq at int2pc: the paper's per-channel α
 #   *-gen rows: trained on the calibration tokens + 64,401 self-generated tokens (see below)
 #   int2g64 variants: lsq-distill, efficientqat-distill (KL to the FP model), efficientqat-e2e-lr1e-3,
 #   efficientqat-paper-lr (the paper's 7B learning rates and 2 Block-AP epochs)
@@ -101,6 +104,13 @@ efficientqat-gen int2g64 qat --method efficientqat
 apiq-gen int2g64 quantize --method apiq
 lsq-ternary int2g64s qat --method lsq
 paretoq-1.58 int2g64s qat --method paretoq
+paretoq-qlr1e-4 int2g64 qat --method paretoq --quant-lr 1e-4
+paretoq-1.58-qlr1e-4 int2g64s qat --method paretoq --quant-lr 1e-4
+paretoq-qlr1e-2 int2g64 qat --method paretoq --quant-lr 1e-2
+paretoq-1.58-qlr1e-2 int2g64s qat --method paretoq --quant-lr 1e-2
+paretoq-1 int2g64s qat --method paretoq --bits 1
+lsq int2pc qat --method lsq
+paretoq int2pc qat --method paretoq
 EOF
 esac
 case " $formats " in *" int3g64 "*) cat >> "$out/jobs.txt" <<EOF

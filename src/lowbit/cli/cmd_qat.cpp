@@ -136,7 +136,7 @@ void register_qat(CLI::App& app) {
   q->add_option("--seqlen", c.seqlen, "tokens per sequence (default 256, capped at the model's max)")->check(at_least(1));
   q->add_option("--lr", c.lr, "lsq, paretoq: AdamW lr of the latent weights (default 1e-4; paretoq: the paper's 2e-5 is for 1B+ models over billions of tokens, lsq's 1e-4 serves a few hundred steps); efficientqat: E2E-QP lr of the step sizes (default 1e-4, chosen on stories260K's validation split; the paper's 7B value is 2e-5)")
       ->check(above(0));
-  q->add_option("--quant-lr", c.quant_lr, "lsq: AdamW lr of the step sizes and zero points (default 1e-3); paretoq: of alpha (default --lr: the paper trains alpha with the weights' lr)")->check(above(0));
+  q->add_option("--quant-lr", c.quant_lr, "lsq: AdamW lr of the step sizes and zero points (default 1e-3); paretoq: of alpha (default 1e-3, chosen on stories260K's validation split; the paper trains alpha with the weights' lr, 2e-5)")->check(above(0));
   q->add_option("--warmup", c.warmup, "linear warmup steps (default steps / 20; paretoq: 0, the paper's warmup_ratio)")->check(at_least(0));
   q->add_option("--bits", c.paretoq_bits, "paretoq: bit width of the paper's quantizer: 1 (sign), 1.58 (ternary SEQ), 2 (SEQ), 3, 4 (LSQ); default from --format: int2 -> 2, int2 symmetric (int2g64s, int2pcs) -> 1.58, int3 -> 3, int4 -> 4; 1 and 1.58 are stored in an int2 format")
       ->check(CLI::IsMember({"1", "1.58", "2", "3", "4"}));

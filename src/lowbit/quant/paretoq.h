@@ -12,8 +12,8 @@
 // + t) / n with n levels per side (n = 1.5 ternary, 2 for 2 bits) and shift t (0 ternary, 0.5).
 // α is a learned parameter per quantization group of the storage format (format.h; per-channel
 // formats: one per output row, the reference code's granularity), floored at 1e-5 in the forward
-// (the reference's eps; the gradient reaches α unchanged). The 3-4 bit form is LSQ on lowbit's
-// asymmetric format with the zero point fixed at 2^(b-1) (quant/lsq.h; the train layer sets it up).
+// (the reference's eps; the gradient reaches α unchanged). The 3-4 bit form is LSQ (quant/lsq.h) on
+// lowbit's asymmetric format with the zero point fixed at 2^(b-1) (paretoq_lsq_params).
 //
 // Initialisation (train.py): α = mean|w| (1 bit), max|w| (1.58 and 2 bits), max|w| / (2^(b-1) - 1)
 // (3 and 4 bits), over the group; floored at 1e-5.

@@ -16,8 +16,8 @@
 //                 SEQ (1.58 and 2 bits; SeqTrainLinear, quant/paretoq_linear.h), LSQ on the signed
 //                 grid [-2^(b-1), 2^(b-1) - 1] (3 and 4 bits; LsqTrainLinear with the zero point fixed),
 //                 α per group initialised and scaled as the reference code (train.py, utils_quant.py);
-//                 one AdamW lr for weights and α, no warmup, cosine, weight decay 0 (the reference's
-//                 run_train.sh). The bit width comes from the format (int2 asymmetric: 2, int2
+//                 AdamW with no warmup, cosine, weight decay 0 (the reference's run_train.sh); the
+//                 reference's single lr for weights and α is split (α: 1e-3, chosen on stories260K). The bit width comes from the format (int2 asymmetric: 2, int2
 //                 symmetric: 1.58, int3: 3, int4: 4) or QatConfig::paretoq_bits.
 //   efficientqat  EfficientQAT (Chen et al. 2024, arXiv 2407.11062): Block-AP (methods/block_ap.h:
 //                 block-wise reconstruction of the FP block outputs on calibration windows, training
@@ -56,7 +56,7 @@ struct QatConfig {
   // End-to-end stage (lsq; efficientqat's E2E-QP).
   int64_t steps = -1, batch = -1, seqlen = -1;
   double lr = -1;         // lsq, paretoq: latent weights; efficientqat: E2E-QP step sizes
-  double quant_lr = -1;   // lsq: step sizes and zero points; paretoq: α (default: lr)
+  double quant_lr = -1;   // lsq: step sizes and zero points; paretoq: α
   int64_t warmup = -1;
   uint64_t seed = 0;
   bool distill = false;   // KL to the FP teacher's logits
