@@ -17,6 +17,7 @@
 #                  LSQ with a learned step against ParetoQ's ternary SEQ, 614,400 each
 #   paretoq*-qlr1e-4, -qlr1e-2   the α learning rate (--quant-lr, default 1e-3) at 2 and 1.58 bits; 1e-4 =
 #                  the weights' lr, as the reference code trains α
+#   paretoq-distill, paretoq-gen   as lsq-distill, lsq-gen
 #   paretoq-1      1-bit (sign) at int2g64s;  lsq / paretoq at int2pc: the paper's per-channel α
 #   *-gen rows: trained on the calibration tokens + 64,401 self-generated tokens (see below)
 #   int2g64 variants: lsq-distill, efficientqat-distill (KL to the FP model), efficientqat-e2e-lr1e-3,
@@ -109,6 +110,8 @@ paretoq-1.58-qlr1e-4 int2g64s qat --method paretoq --quant-lr 1e-4
 paretoq-qlr1e-2 int2g64 qat --method paretoq --quant-lr 1e-2
 paretoq-1.58-qlr1e-2 int2g64s qat --method paretoq --quant-lr 1e-2
 paretoq-1 int2g64s qat --method paretoq --bits 1
+paretoq-distill int2g64 qat --method paretoq --distill
+paretoq-gen int2g64 qat --method paretoq
 lsq int2pc qat --method lsq
 paretoq int2pc qat --method paretoq
 EOF
