@@ -17,8 +17,10 @@
 //                 grid [-2^(b-1), 2^(b-1) - 1] (3 and 4 bits; LsqTrainLinear with the zero point fixed),
 //                 α per group initialised and scaled as the reference code (train.py, utils_quant.py);
 //                 AdamW with no warmup, cosine, weight decay 0 (the reference's run_train.sh); the
-//                 reference's single lr for weights and α is split (α: 1e-3, chosen on stories260K). The bit width comes from the format (int2 asymmetric: 2, int2
-//                 symmetric: 1.58, int3: 3, int4: 4) or QatConfig::paretoq_bits.
+//                 reference's single lr for weights and α is split (α: 1e-3, chosen on stories260K).
+//                 The bit width comes from the format (int2 asymmetric: 2, int2 symmetric: 1.58,
+//                 int3: 3, int4: 4) or QatConfig::paretoq_bits. The packed result is exactly the
+//                 trained fake-quantized weights (α snapped to its f16 storage at the end).
 //   efficientqat  EfficientQAT (Chen et al. 2024, arXiv 2407.11062): Block-AP (methods/block_ap.h:
 //                 block-wise reconstruction of the FP block outputs on calibration windows, training
 //                 weights, steps and zero points) through the block-wise pipeline, then E2E-QP: the
