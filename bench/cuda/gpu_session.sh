@@ -133,6 +133,8 @@ check)
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   "$W/bin/test_ops" --gtest_filter='Parity*:DeviceFill*:CastParity*' > "$O/check-ops.log" 2>&1
   echo "test_ops exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$O/check-ops.log" | head -20
+  "$W/bin/test_quant" --gtest_filter='ParetoQ.HalfInteger*:QuantMatmul*:LwcCuda*' > "$O/check-quant.log" 2>&1
+  echo "test_quant exit $?"; grep -E "^\[  (PASSED|FAILED) |Failure|exception" "$O/check-quant.log" | head -20
   "$W/bin/test_methods" --gtest_filter='*Gpu*:*Cuda*' > "$O/check-methods.log" 2>&1
   echo "test_methods exit $?"; grep -E "^\[  (PASSED|FAILED) |Failure|exception" "$O/check-methods.log" | head -20
   python3 -c "import numpy as np; np.random.default_rng(1).integers(0, 49152, 8 * 513 * 4, dtype=np.int32).tofile('$W/tok.i32')"
