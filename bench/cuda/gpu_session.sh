@@ -23,16 +23,19 @@
 #                                       test; STEPS=decode: packed_gpu.sh's decode rows) waits WAIT s,
 #                                       then copies results and logs to $OUT
 #   bench/cuda/gpu_session.sh check     carry .devcarry/tools.tar.xz: GPU tests + fused-AdamW timing (short)
-# Settings: STEPS [setup: "gemv tests"]  PARITY_SECONDS [150]  PLAN [bench/plans/smollm2-methods.txt]  PARALLEL [8]  WAIT [500]  TASK_LIMIT [300]
+# Settings: STEPS [setup: "gemv tests"]  PARITY_SECONDS [150]  PLAN [bench/plans/smollm2-methods.txt]  PARALLEL [8]  WAIT [500]  RESULTS [none]  TASK_LIMIT [300]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 W=/tmp/w
 mode=${1:-}
-# Waits WAIT seconds, or less when the plan's runs have all ended (device time is the budget).
+# Waits WAIT seconds, or less when the plan's runs have all ended or RESULTS result lines are in
+# (device time is the budget).
 wait_runs() {
-  local t=0 limit=${WAIT:-500}
+  local t=0 limit=${WAIT:-500} n
   while [ "$t" -lt "$limit" ]; do
     [ -f "$W/runs.pid" ] && ! kill -0 "$(cat "$W/runs.pid")" 2>/dev/null && { echo "runs ended after ${t}s of waiting"; return; }
+    n=$(grep -c '"name"' "$W/runs/results.jsonl" 2>/dev/null) || n=0
+    [ -n "${RESULTS:-}" ] && [ "$n" -ge "$RESULTS" ] && { echo "$n results after ${t}s of waiting"; return; }
     sleep 10
     t=$((t + 10))
   done
