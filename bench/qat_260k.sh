@@ -2,7 +2,7 @@
 # QAT against PTQ on stories260K, CPU (issue 14): RTN, ApiQ (`quantize --method apiq`), LSQ QAT and
 # EfficientQAT (`lowbit qat`) at the given formats; test perplexity on held-out sampled tokens.
 #   bench/qat_260k.sh [OUT_DIR] [FORMATS] [PARALLEL]     (default /tmp/qat-260k, "int2g64 int3g64", 2)
-#   ONLY=REGEX bench/qat_260k.sh ...   runs only the jobs whose line ("name format kind args") matches
+#   QAT_JOBS=REGEX bench/qat_260k.sh ...   runs only the jobs whose name matches REGEX (grep -E)
 # Data as bench/study_260k.sh: shared/models/stories260K/sample-tokens.i32 (64 sequences of BOS +
 # 256 sampled tokens) split into training/calibration (sequences 0-23, 6168 tokens: every method
 # trains only on these), validation (24-31) and test (32-63); perplexity with ctx 257 (one window
@@ -12,6 +12,13 @@
 #   lsq-163k       80 steps x 8 x 256 = 163,840 end to end (ApiQ's per-block budget)
 #   efficientqat   Block-AP 5 epochs x 128 windows x 256 = 163,840 per block, then E2E-QP 614,400
 #   efficientqat-bap  Block-AP only (--steps 0)
+#   paretoq        300 steps x 8 x 256 = 614,400 end to end (the default; int2 -> 2-bit SEQ, int3 -> LSQ)
+#   lsq-ternary, paretoq-1.58   at int2g64s (symmetric int2 = the ternary grid {-1, 0, 1} x step):
+#                  LSQ with a learned step against ParetoQ's ternary SEQ, 614,400 each
+#   paretoq*-qlr1e-4, -qlr1e-2   the α learning rate (--quant-lr, default 1e-3) at 2 and 1.58 bits; 1e-4 =
+#                  the weights' lr, as the reference code trains α
+#   paretoq-distill, paretoq-gen   as lsq-distill, lsq-gen
+#   paretoq-1      1-bit (sign) at int2g64s;  lsq / paretoq at int2pc: the paper's per-channel α
 #   l4q            300 steps x 8 x 256 = 614,400 end to end (lsq's budget); l4q-* variants at int2g64
 #   *-gen rows: trained on the calibration tokens + 64,401 self-generated tokens (see below)
 #   int2g64 variants: lsq-distill, efficientqat-distill (KL to the FP model), efficientqat-e2e-lr1e-3,
@@ -85,6 +92,7 @@ lsq $fmt qat --method lsq
 lsq-163k $fmt qat --method lsq --steps 80
 efficientqat $fmt qat --method efficientqat
 efficientqat-bap $fmt qat --method efficientqat --steps 0
+paretoq $fmt qat --method paretoq
 l4q $fmt qat --method l4q
 EOF
 done
@@ -98,6 +106,17 @@ efficientqat-paper-lr int2g64 qat --method efficientqat --block-epochs 2 --block
 lsq-gen int2g64 qat --method lsq
 efficientqat-gen int2g64 qat --method efficientqat
 apiq-gen int2g64 quantize --method apiq
+lsq-ternary int2g64s qat --method lsq
+paretoq-1.58 int2g64s qat --method paretoq
+paretoq-qlr1e-4 int2g64 qat --method paretoq --quant-lr 1e-4
+paretoq-1.58-qlr1e-4 int2g64s qat --method paretoq --quant-lr 1e-4
+paretoq-qlr1e-2 int2g64 qat --method paretoq --quant-lr 1e-2
+paretoq-1.58-qlr1e-2 int2g64s qat --method paretoq --quant-lr 1e-2
+paretoq-1 int2g64s qat --method paretoq --bits 1
+paretoq-distill int2g64 qat --method paretoq --distill
+paretoq-gen int2g64 qat --method paretoq
+lsq int2pc qat --method lsq
+paretoq int2pc qat --method paretoq
 l4q-init-mse int2g64 qat --method l4q --init mse
 l4q-lr2e-4 int2g64 qat --method l4q --lr 2e-4
 l4q-lr3e-3 int2g64 qat --method l4q --lr 3e-3
@@ -111,7 +130,10 @@ efficientqat-gen int3g64 qat --method efficientqat
 apiq-gen int3g64 quantize --method apiq
 EOF
 esac
-if [ -n "${ONLY:-}" ]; then grep -E "$ONLY" "$out/jobs.txt" > "$out/jobs.only" || true; mv "$out/jobs.only" "$out/jobs.txt"; fi
+if [ -n "${QAT_JOBS:-}" ]; then
+  grep -E "^(${QAT_JOBS}) " "$out/jobs.txt" > "$out/jobs.sel" || true
+  mv "$out/jobs.sel" "$out/jobs.txt"
+fi
 "$lowbit" -q eval ppl -m "$model" --tokens "$out/test.i32" --ctx 257 --threads 1 --json > "$out/fp.ppl.json"
 xargs -P "$parallel" -L 1 bash -c 'job "$@"' _ < "$out/jobs.txt"
 python3 - "$out" <<'PY'

@@ -22,16 +22,20 @@
 #   bench/cuda/gpu_session.sh collect   (carry .devcarry/ref-logits.bin: runs the SmolLM2 GPU logits
 #                                       test; STEPS=decode: packed_gpu.sh's decode rows) waits WAIT s,
 #                                       then copies results and logs to $OUT
-# Settings: STEPS [setup: "gemv tests"]  PARITY_SECONDS [150]  PLAN [bench/plans/smollm2-methods.txt]  PARALLEL [8]  WAIT [500]  TASK_LIMIT [300]
+#   bench/cuda/gpu_session.sh check     carry .devcarry/tools.tar.xz: GPU tests + fused-AdamW timing (short)
+# Settings: STEPS [setup: "gemv tests"]  PARITY_SECONDS [150]  PLAN [bench/plans/smollm2-methods.txt]  PARALLEL [8]  WAIT [500]  RESULTS [none]  TASK_LIMIT [300]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 W=/tmp/w
 mode=${1:-}
-# Waits WAIT seconds, or less when the plan's runs have all ended (device time is the budget).
+# Waits WAIT seconds, or less when the plan's runs have all ended or RESULTS result lines are in
+# (device time is the budget).
 wait_runs() {
-  local t=0 limit=${WAIT:-500}
+  local t=0 limit=${WAIT:-500} n
   while [ "$t" -lt "$limit" ]; do
     [ -f "$W/runs.pid" ] && ! kill -0 "$(cat "$W/runs.pid")" 2>/dev/null && { echo "runs ended after ${t}s of waiting"; return; }
+    n=$(grep -c '"name"' "$W/runs/results.jsonl" 2>/dev/null) || n=0
+    [ -n "${RESULTS:-}" ] && [ "$n" -ge "$RESULTS" ] && { echo "$n results after ${t}s of waiting"; return; }
     sleep 10
     t=$((t + 10))
   done
@@ -120,6 +124,40 @@ collect)
   fi
   wait_runs
   "$0" collect-now
+  ;;
+check)
+  # A short call on its own (carry .devcarry/tools.tar.xz only): the GPU tests of the op parity table,
+  # DeviceFill and the packed-model tests, then SAPR's step time with the fused group AdamW against
+  # one launch per tensor (LOWBIT_ADAMW_FUSED=0) on a random SmolLM2-shaped model (8 x 512 tokens).
+  rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp || exit 1
+  export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+  O=${OUT:-/tmp/out}
+  mkdir -p "$O"
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  "$W/bin/test_ops" --gtest_filter='Parity*:DeviceFill*:CastParity*' > "$O/check-ops.log" 2>&1
+  echo "test_ops exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$O/check-ops.log" | head -20
+  "$W/bin/test_quant" --gtest_filter='ParetoQ.HalfInteger*:QuantMatmul*:LwcCuda*' > "$O/check-quant.log" 2>&1
+  echo "test_quant exit $?"; grep -E "^\[  (PASSED|FAILED) |Failure|exception" "$O/check-quant.log" | head -20
+  "$W/bin/test_methods" --gtest_filter='*Gpu*:*Cuda*' > "$O/check-methods.log" 2>&1
+  echo "test_methods exit $?"; grep -E "^\[  (PASSED|FAILED) |Failure|exception" "$O/check-methods.log" | head -20
+  python3 -c "import numpy as np; np.random.default_rng(1).integers(0, 49152, 8 * 513 * 4, dtype=np.int32).tofile('$W/tok.i32')"
+  "$W/bin/lowbit" -q train --out "$W/init" --dim 576 --hidden-dim 1536 --layers 30 --heads 9 --kv-heads 3 \
+    --vocab 49152 --max-seq-len 512 --train-tokens "$W/tok.i32" --steps 0 --seed 1 > /dev/null || exit 1
+  for fused in 1 0 1; do
+    LOWBIT_ADAMW_FUSED=$fused "$W/bin/lowbit" -q quantize -m "$W/init/model.bin" --method sapr --format int2g64 \
+      --calib-tokens "$W/tok.i32" --nsamples 8 --seqlen 512 --device cuda --tf32 --bf16 --apiq-verbose \
+      --saliency "$W/sal.safetensors" -o "$W/q$fused" > /dev/null 2> "$O/sapr-fused$fused.err"
+    rm -rf "$W/q$fused"
+    python3 - "$O/sapr-fused$fused.err" "$fused" <<'PY'
+import re, statistics as st, sys
+t = {}
+for l in open(sys.argv[1]):
+    m = re.search(r"([\d.]+) s \((\w+)\)$", l.strip())
+    if m:
+        t.setdefault(m.group(2), []).append(float(m.group(1)))
+print("LOWBIT_ADAMW_FUSED=" + sys.argv[2], {k: f"{st.mean(v) * 1e3 / 8:.2f} ms/step over {len(v)} epochs" for k, v in t.items()})
+PY
+  done
   ;;
 collect-now)
   O=${OUT:-/tmp/out}

@@ -21,6 +21,8 @@
 #include "lowbit/methods/pipeline.h"
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/model/weights.h"
+#include "lowbit/quant/paretoq.h"
+#include "lowbit/quant/quant_linear.h"
 
 using namespace lowbit;
 namespace fs = std::filesystem;
@@ -150,4 +152,23 @@ TEST(HfQuantExport, RefusesWhatTheLayoutsCannotHold) {
                 .find("not a lowbit quantized directory"),
             std::string::npos);
   for (const std::string& d : {q40, i3, pc, tern}) EXPECT_FALSE(fs::exists(d + "-x")) << d;
+}
+
+TEST(HfQuantExport, RefusesHalfIntegerZeroPoints) {
+  // ParetoQ's 2-bit SEQ grid is stored with zero point 1.5, which the integer layouts cannot hold.
+  LlamaConfig c = test::small_config(RopeStyle::Half);
+  LlamaModel m(c, random_weights(c, 5));
+  const QuantFormat& f = parse_quant_format("int2g32");
+  for (int i = 0; i < m.n_layers(); ++i)
+    for (auto& [name, slot] : m.block(i).linears()) {
+      const Tensor w = (*slot)->effective_weight();
+      const Tensor a = paretoq_init_alpha(w, ParetoQBits::Two, f);
+      *slot = std::make_shared<QuantLinear>(paretoq_encode(w, a, ParetoQBits::Two, f), (*slot)->bias(), Device::CPU);
+    }
+  const std::string dir = test::temp_dir("hfq-paretoq").string();
+  save_quantized_model(dir, m, "paretoq", f);
+  EXPECT_NE(error_of([&] { export_hf_quant_layout(dir, dir + "-x", HfQuantLayout::Gptq); })
+                .find("the gptq layout stores integer zero points only"),
+            std::string::npos);
+  EXPECT_FALSE(fs::exists(dir + "-x"));
 }

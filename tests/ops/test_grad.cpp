@@ -78,6 +78,8 @@ TEST(Grad, Losses) {
   grad_check([&](const std::vector<Var>& v) { return cross_entropy(v[0], t); }, {rnd({4, 5}, 1, 2.0)});
   grad_check([](const std::vector<Var>& v) { return kl_div(v[0], v[1]); }, {rnd({3, 6}, 1, 2.0), rnd({3, 6}, 2, 2.0)});
   grad_check([](const std::vector<Var>& v) { return mse(v[0], v[1]); }, {rnd({3, 4}, 1), rnd({3, 4}, 2)});
+  const Tensor b = rnd({3, 4}, 3), w = rnd({3, 4}, 4);
+  grad_check([&](const std::vector<Var>& v) { return weighted_sq_err(v[0], b, w, 0.37); }, {rnd({3, 4}, 1)});
 }
 
 TEST(Grad, Composite) {
@@ -105,7 +107,7 @@ TEST(Grad, RegistryCoversEveryDifferentiableOp) {
   // Each op listed with a backward has a gradient check above (names kept in step by hand; this
   // test fails when an op is added to the registry without one).
   const std::vector<std::string> checked = {"gemm", "add", "sub", "mul", "scale", "sum", "rmsnorm", "rope",
-                                            "attention", "silu", "swiglu", "embedding", "cross_entropy", "kl_div", "mse", "cast",
+                                            "attention", "silu", "swiglu", "embedding", "cross_entropy", "kl_div", "mse", "weighted_sq_err", "cast",
                                             "hadamard_transform"};
   for (const auto& op : ops::op_registry()) {
     if (!op.has_backward) continue;

@@ -570,6 +570,15 @@ TEST_F(Parity, Losses) {
       ops::mse_backward(gpu(dl), gpu(z), gpu(q), dag, dbg);
       check("mse", "da " + tag, dag, dac, 1e-6);
       check("mse", "db " + tag, dbg, dbc, 1e-6);
+
+      Tensor wt = rnd({N, V}, seed++, 1.0), sc = nan_cpu({}), sg = nan_gpu({});
+      ops::weighted_sq_err_forward(z, q, wt, 0.37, sc);
+      ops::weighted_sq_err_forward(gpu(z), gpu(q), gpu(wt), 0.37, sg);
+      check("weighted_sq_err", "loss " + tag, sg, sc, 1e-5);
+      Tensor wdc = nan_cpu({N, V}), wdg = nan_gpu({N, V});
+      ops::weighted_sq_err_backward(dl, z, q, wt, 0.37, wdc);
+      ops::weighted_sq_err_backward(gpu(dl), gpu(z), gpu(q), gpu(wt), 0.37, wdg);
+      check("weighted_sq_err", "da " + tag, wdg, wdc, 1e-5);
     }
   // All targets ignored: loss 0 and zero gradient, as on the CPU.
   {
@@ -751,7 +760,7 @@ TEST_F(Parity, LlamaStackForwardBackward) {
 TEST(ParityCoverage, EveryRegistryOpHasAParityTest) {
   const std::vector<std::string> tested = {"gemm", "add", "sub", "mul", "scale", "sum", "rmsnorm", "rope", "attention",
                                            "silu", "swiglu", "embedding", "cross_entropy", "kl_div", "mse", "adamw_step",
-                                           "adamw_step_multi",
+                                           "adamw_step_multi", "weighted_sq_err",
                                            "cast", "quant_matmul",
                                            // CPU only: a model on the GPU keeps an f32 cache and uses attention.
                                            "kv_attention",

@@ -3,6 +3,7 @@
 // run, and the written checkpoint loading packed.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <filesystem>
 
 #include "common/stories_fixture.h"
@@ -59,11 +60,20 @@ struct QatStories : test::StoriesPtq {
 TEST(QatRegistry, KnowsItsMethodsAndRejectsUnknownOnes) {
   EXPECT_NO_THROW(find_qat_method("lsq"));
   EXPECT_NO_THROW(find_qat_method("efficientqat"));
+  EXPECT_NO_THROW(find_qat_method("paretoq"));
   EXPECT_THROW(find_qat_method("paretoq-nope"), Error);
   EXPECT_NE(qat_method_names().find("efficientqat"), std::string::npos);
   QatConfig c;
   c.format = &parse_quant_format("q4_0");
   EXPECT_THROW(make_qat_method("lsq", c), Error);  // not a uniform integer format
+  EXPECT_THROW(make_qat_method("paretoq", c), Error);
+  c.format = &parse_quant_format("int2g64s");
+  c.paretoq_bits = "2";  // 2-bit SEQ needs the asymmetric int2 (zero point 1.5)
+  EXPECT_THROW(make_qat_method("paretoq", c), Error);
+  c.paretoq_bits = "1.58";
+  EXPECT_NO_THROW(make_qat_method("paretoq", c));
+  c.paretoq_bits = "1.5";
+  EXPECT_THROW(make_qat_method("paretoq", c), Error);
   EXPECT_THROW(register_qat_method({"lsq", "again", [](const QatConfig&) { return std::unique_ptr<QatMethod>(); }}), Error);
 }
 
@@ -183,6 +193,63 @@ TEST_F(QatStories, EfficientQatResumeAfterStopsInBothStagesGivesTheSameModel) {
   ASSERT_TRUE(whole.complete);
   expect_same(packed(*d.model), packed(*whole.model));
   EXPECT_EQ(d.stages[1].loss_after, whole.stages[1].loss_after);
+  fs::remove_all(dir);
+}
+
+TEST_F(QatStories, ParetoQReducesTheLmLossAtEveryBitWidth) {
+  Checkpoint ck = load_llama2c(model_path);
+  LlamaModel fp(ck.config, ck.weights);
+  // {format, --bits, the bit width that runs}
+  const std::array<const char*, 3> cases[] = {
+      {"int2g64", "", "2"}, {"int2pcs", "", "1.58"}, {"int2pcs", "1", "1"}, {"int3g64", "", "3"}};
+  for (const auto& [format, bits, want] : cases) {
+    QatConfig c = small(format);
+    c.paretoq_bits = bits;
+    QatResult r = make_qat_method("paretoq", c)->run(fp, calib_stream);
+    ASSERT_TRUE(r.complete) << format << " " << bits;
+    ASSERT_EQ(r.stages.size(), 1u);
+    EXPECT_LT(r.stages[0].loss_after, r.stages[0].loss_before) << format << " " << bits;
+    EXPECT_EQ(r.stages[0].tokens, 12 * 2 * 64);
+    ASSERT_TRUE(r.model);
+    EXPECT_EQ(r.stages[0].hyper.value("bits", ""), std::string(want)) << format << " " << bits;
+    packed(*r.model);  // every linear packed
+    if (std::string(format) == "int2g64") {
+      // Written (half-integer zero points) and read back packed: the same function.
+      const double p = ppl(*r.model);
+      const auto dir = test::temp_dir("qat-paretoq-save");
+      save_quantized_model(dir.string(), *r.model, "paretoq", *c.format);
+      auto loaded = make_quantized_model(load_quantized_model(dir.string(), false));
+      EXPECT_NEAR(ppl(*loaded), p, 1e-3 * p);
+      fs::remove_all(dir);
+    }
+  }
+}
+
+TEST_F(QatStories, ParetoQResumeAfterStopGivesTheSameModel) {
+  Checkpoint ck = load_llama2c(model_path);
+  LlamaModel fp(ck.config, ck.weights);
+  const auto dir = test::temp_dir("qat-paretoq-resume");
+  QatConfig c = small();
+  c.state_dir = (dir / "state").string();
+  c.stop_after_steps = 5;
+  QatResult a = make_qat_method("paretoq", c)->run(fp, calib_stream);
+  ASSERT_FALSE(a.complete);
+  ASSERT_TRUE(fs::exists(dir / "state" / "paretoq.safetensors"));
+  c.stop_after_steps = 0;
+  QatResult b = make_qat_method("paretoq", c)->run(fp, calib_stream);
+  ASSERT_TRUE(b.complete);
+  EXPECT_EQ(b.stages[0].resumed_from, 5);
+  QatResult whole = make_qat_method("paretoq", small())->run(fp, calib_stream);
+  expect_same(packed(*b.model), packed(*whole.model));
+  EXPECT_EQ(b.stages[0].loss_after, whole.stages[0].loss_after);
+  // The bit width is part of the state's key: a ternary run refuses the 2-bit state.
+  QatConfig other = small("int2g64");
+  other.state_dir = c.state_dir;
+  other.stop_after_steps = 3;
+  make_qat_method("paretoq", other)->run(fp, calib_stream);
+  other.paretoq_bits = "1.58";
+  other.stop_after_steps = 0;
+  EXPECT_THROW(make_qat_method("paretoq", other)->run(fp, calib_stream), Error);
   fs::remove_all(dir);
 }
 

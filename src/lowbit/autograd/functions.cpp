@@ -310,6 +310,16 @@ Var mse(const Var& a, const Var& b) {
   });
 }
 
+Var weighted_sq_err(const Var& a, const Tensor& b, const Tensor& w, double scale) {
+  Tensor av = contig(a), bv = b.contiguous(), wv = w.contiguous(), loss = Tensor::empty({}, av.dtype(), av.device());
+  ops::weighted_sq_err_forward(av, bv, wv, scale, loss);
+  return make_result(loss, {a}, "weighted_sq_err", [a, av, bv, wv, scale](const Tensor& g) {
+    Tensor da = like(av);
+    ops::weighted_sq_err_backward(g.contiguous(), av, bv, wv, scale, da);
+    accumulate_grad(a, da);
+  });
+}
+
 // ---- dtype conversion: dx = cast(dy) back to x's dtype ---------------------------------------------
 // ---- randomized Hadamard transform: orthogonal, so the backward is the transposed transform ----
 Var hadamard_transform(const Var& x, const Tensor& signs, const Tensor& small, bool transpose) {

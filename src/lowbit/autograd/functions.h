@@ -31,6 +31,8 @@ Var embedding(const Var& table, const Tensor& ids);  // ids i32 [N] -> [N, D]
 Var cross_entropy(const Var& logits, const Tensor& targets);  // mean over rows; target -1 ignored
 Var kl_div(const Var& p_logits, const Var& q_logits);           // mean over rows of KL(P || Q)
 Var mse(const Var& a, const Var& b);                             // mean over elements
+// scale * sum w (a - b)^2 (0-d); only a gets a gradient (b, w constants: SAPR's regularizer).
+Var weighted_sq_err(const Var& a, const Tensor& b, const Tensor& w, double scale);
 // Randomized Hadamard transform of the rows of x [..., n] (ops::hadamard_transform; signs [n] and
 // small [m, m] are constants of x's dtype, either may be undefined): y = (x * signs) K, or
 // y = (x K^T) * signs with transpose. The backward applies the other direction to the gradient.

@@ -1,5 +1,6 @@
 // lowbit qat: quantization-aware training (train/qat.h) of a full-precision model into a lowbit
 // quantized checkpoint; resumable.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -136,10 +137,12 @@ void register_qat(CLI::App& app) {
   q->add_option("--steps", c.steps, "end-to-end optimizer steps (default 300; efficientqat: of E2E-QP)")->check(at_least(0));
   q->add_option("--batch", c.batch, "sequences per step (default 8)")->check(at_least(1));
   q->add_option("--seqlen", c.seqlen, "tokens per sequence (default 256, capped at the model's max)")->check(at_least(1));
-  q->add_option("--lr", c.lr, "lsq: AdamW lr of the latent weights (default 1e-4); efficientqat: E2E-QP lr of the step sizes (default 1e-4, chosen on stories260K's validation split; the paper's 7B value is 2e-5); l4q: lr of LoRA A/B (default 1e-3, lowbit's choice for small models, not the paper's)")
+  q->add_option("--lr", c.lr, "lsq, paretoq: AdamW lr of the latent weights (default 1e-4; paretoq: the paper's 2e-5 is for 1B+ models over billions of tokens, lsq's 1e-4 serves a few hundred steps); efficientqat: E2E-QP lr of the step sizes (default 1e-4, chosen on stories260K's validation split; the paper's 7B value is 2e-5); l4q: lr of LoRA A/B (default 1e-3, the best of 2e-4 / 1e-3 / 3e-3 on stories260K's validation split; not the paper's value)")
       ->check(above(0));
-  q->add_option("--quant-lr", c.quant_lr, "lsq, l4q: AdamW lr of the step sizes and zero points (default 1e-3)")->check(above(0));
-  q->add_option("--warmup", c.warmup, "linear warmup steps (default steps / 20)")->check(at_least(0));
+  q->add_option("--quant-lr", c.quant_lr, "lsq, l4q: AdamW lr of the step sizes and zero points (default 1e-3); paretoq: of alpha (default 1e-3, chosen on stories260K's validation split; the paper trains alpha with the weights' lr, 2e-5)")->check(above(0));
+  q->add_option("--warmup", c.warmup, "linear warmup steps (default steps / 20; paretoq: 0, the paper's warmup_ratio)")->check(at_least(0));
+  q->add_option("--bits", c.paretoq_bits, "paretoq: bit width of the paper's quantizer: 1 (sign), 1.58 (ternary SEQ), 2 (SEQ), 3, 4 (LSQ); default from --format: int2 -> 2, int2 symmetric (int2g64s, int2pcs) -> 1.58, int3 -> 3, int4 -> 4; 1 and 1.58 are stored in an int2 format")
+      ->check(CLI::IsMember({"1", "1.58", "2", "3", "4"}));
   q->add_option("--seed", c.seed, "seed for the training windows and calibration sampling")->capture_default_str()->check(at_least(0));
   q->add_flag("--distill", c.distill, "train on KL(teacher || student) to the full-precision model's logits instead of the LM loss");
   q->add_option("--lm-weight", c.lm_weight, "with --distill: add this times the LM cross-entropy")->check(at_least(0));
@@ -169,17 +172,20 @@ void register_qat(CLI::App& app) {
   q->add_flag("--json", a->json, "print the report as JSON");
   add_threads_option(q);
   q->callback([a, q] {
-    const std::pair<const char*, const char*> owned[] = {{"--nsamples", "efficientqat"}, {"--block-epochs", "efficientqat"},
-                                                         {"--block-batch", "efficientqat"}, {"--block-lr", "efficientqat"},
-                                                         {"--block-quant-lr", "efficientqat"}, {"--stop-after-blocks", "efficientqat"},
-                                                         {"--quant-lr", "lsq"}, {"--init", "lsq"},
-                                                         {"--lora-rank", "l4q"}, {"--lora-alpha", "l4q"}};
-    const std::pair<const char*, const char*> also[] = {{"--quant-lr", "l4q"}, {"--init", "l4q"}};  // shared by l4q
-    for (const auto& [flag, method] : owned) {
-      bool ok = a->method == method;
-      for (const auto& [f2, m2] : also) ok = ok || (std::string(flag) == f2 && a->method == m2);
-      if (q->count(flag) > 0 && !ok) throw_error(flag, " applies to --method ", method, ", not ", a->method);
-    }
+    // Flags that only some methods read.
+    const std::pair<const char*, std::vector<std::string>> owned[] = {
+        {"--nsamples", {"efficientqat"}},       {"--block-epochs", {"efficientqat"}},
+        {"--block-batch", {"efficientqat"}},    {"--block-lr", {"efficientqat"}},
+        {"--block-quant-lr", {"efficientqat"}}, {"--stop-after-blocks", {"efficientqat"}},
+        {"--quant-lr", {"lsq", "paretoq", "l4q"}}, {"--init", {"lsq", "l4q"}},
+        {"--bits", {"paretoq"}},                {"--lora-rank", {"l4q"}},
+        {"--lora-alpha", {"l4q"}}};
+    for (const auto& [flag, methods] : owned)
+      if (q->count(flag) > 0 && std::find(methods.begin(), methods.end(), a->method) == methods.end()) {
+        std::string names;
+        for (const auto& m : methods) names += (names.empty() ? "" : " or ") + m;
+        throw_error(flag, " applies to --method ", names, ", not ", a->method);
+      }
     a->c.progress = !a->json;
     run_qat(*a);
   });

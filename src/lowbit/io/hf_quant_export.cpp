@@ -1,5 +1,6 @@
 #include "lowbit/io/hf_quant_export.h"
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -136,6 +137,15 @@ HfQuantExportInfo export_hf_quant_layout(const std::string& dir, const std::stri
                     " (the awq layout has whole groups only)");
       if (out % 8 != 0)
         throw_error(dir, ": ", L.name, " has ", out, " outputs; the awq layout packs 8 outputs a word and needs a multiple of 8");
+    }
+    if (f.kind == QuantKind::IntAsym) {  // integer zero points only (ParetoQ's 2-bit SEQ stores z = 1.5)
+      const int64_t G = f.n_groups(in);
+      for (int64_t o = 0; o < out; ++o)
+        for (int64_t g = 0; g < G; ++g)
+          if (const float z = q.group_params(o, g).zero; z != std::nearbyint(z))
+            throw_error(dir, ": ", L.name, " row ", o, " group ", g, " has the zero point ", z, "; the ",
+                        hf_quant_layout_name(layout), " layout stores integer zero points only (a ParetoQ 2-bit "
+                        "SEQ checkpoint has half-integer ones: run it with lowbit, or export another method's)");
     }
     if (gptq && f.kind == QuantKind::IntAsym) {
       const int64_t G = f.n_groups(in);

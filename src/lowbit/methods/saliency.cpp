@@ -287,9 +287,9 @@ Var saliency_regularizer(const Var& w_hat, const Tensor& w, const Tensor& s, Sap
            ", W ", shape_str(w.shape()), " and S ", shape_str(s.shape()), " must have one shape");
   const DType dt = w_hat.value().dtype();
   const Device dev = w_hat.value().device();
-  Var d = sub(w_hat, Var(w.to(dt).to(dev)));
-  Var total = sum(mul(mul(d, d), Var(s.to(dt).to(dev))));
-  return reduction == SaprReduction::Sum ? total : scale(total, 1.0 / double(w.numel()));
+  // One reduction (and one elementwise backward) instead of sub, mul, mul, sum and scale.
+  return weighted_sq_err(w_hat, w.to(dt).to(dev), s.to(dt).to(dev),
+                         reduction == SaprReduction::Sum ? 1.0 : 1.0 / double(w.numel()));
 }
 
 }  // namespace lowbit

@@ -216,4 +216,56 @@ void mse_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Tensor&
   });
 }
 
+namespace {
+void check_weighted(const char* op, const Tensor& a, const Tensor& b, const Tensor& w) {
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&a, "a"}, {&b, "b"}, {&w, "w"}})
+    detail::check_contiguous(op, *t, name);
+  detail::check_same_shape(op, a, b, "a", "b");
+  detail::check_same_shape(op, a, w, "a", "w");
+  detail::check_same_kind(op, a, b, "b");
+  detail::check_same_kind(op, a, w, "w");
+}
+}  // namespace
+
+void weighted_sq_err_forward(const Tensor& a, const Tensor& b, const Tensor& w, double scale, Tensor& loss) {
+  const char* op = "weighted_sq_err_forward";
+  check_weighted(op, a, b, w);
+  detail::check_shape(op, loss, {}, "loss");
+  detail::check_same_kind(op, a, loss, "loss");
+  LB_CUDA_ROUTE(a, weighted_sq_err_forward, a, b, w, scale, loss);
+  detail::dispatch_float(op, a.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T *x = a.data<T>(), *y = b.data<T>(), *s = w.data<T>();
+    const double total = parallel_sum(a.numel(), 32768, [&](int64_t lo_, int64_t hi_) {
+      double acc = 0;
+      for (int64_t i = lo_; i < hi_; ++i) {
+        const double d = double(x[i]) - double(y[i]);
+        acc += double(s[i]) * d * d;
+      }
+      return acc;
+    });
+    loss.data<T>()[0] = T(scale * total);
+  });
+}
+
+void weighted_sq_err_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, const Tensor& w, double scale,
+                              Tensor& da) {
+  const char* op = "weighted_sq_err_backward";
+  check_weighted(op, a, b, w);
+  detail::check_shape(op, da, a.shape(), "da");
+  detail::check_contiguous(op, da, "da");
+  detail::check_same_kind(op, a, da, "da");
+  detail::check_shape(op, dloss, {}, "dloss");
+  LB_CUDA_ROUTE(a, weighted_sq_err_backward, dloss, a, b, w, scale, da);
+  detail::dispatch_float(op, a.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const double g = 2.0 * scale * double(dloss.data<T>()[0]);
+    const T *x = a.data<T>(), *y = b.data<T>(), *s = w.data<T>();
+    T* d = da.data<T>();
+    parallel_for(a.numel(), 32768, [&](int64_t lo_, int64_t hi_) {
+      for (int64_t i = lo_; i < hi_; ++i) d[i] = T(g * double(s[i]) * (double(x[i]) - double(y[i])));
+    });
+  });
+}
+
 }  // namespace lowbit::ops

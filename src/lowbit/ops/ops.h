@@ -113,6 +113,12 @@ void kl_div_backward(const Tensor& dloss, const Tensor& p_logits, const Tensor& 
 // mean((a - b)^2) over all elements.
 void mse_forward(const Tensor& a, const Tensor& b, Tensor& loss);
 void mse_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Tensor& da, Tensor& db);
+// Weighted squared error scale * sum_i w_i (a_i - b_i)^2 (SAPR's saliency regularizer, methods/
+// saliency.h, in one reduction instead of sub, mul, mul, sum and scale), and its gradient for a:
+// da = 2 scale dloss w (a - b), with dloss a 0-d tensor on a's device (read there, not on the host).
+void weighted_sq_err_forward(const Tensor& a, const Tensor& b, const Tensor& w, double scale, Tensor& loss);
+void weighted_sq_err_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, const Tensor& w, double scale,
+                              Tensor& da);
 
 // ---- dtype conversion ------------------------------------------------------------------------
 // out = x converted to out's dtype (round to nearest even), same shape and device, both

@@ -2,6 +2,7 @@
 //   p <- p - lr*wd*p;  m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;
 //   p <- p - lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
 #include <cmath>
+#include <cstdlib>
 
 #include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
@@ -53,7 +54,13 @@ void adamw_step_multi(const std::vector<AdamwParam>& params, double lr, double b
       fused = fused && detail::on_cuda(*t) && t->dtype() == DType::F32 && t->is_contiguous();
   }
 #ifdef LOWBIT_WITH_CUDA
-  if (fused) {
+  // LOWBIT_ADAMW_FUSED=0 (read once): one launch per tensor (adamw_step), for measuring what the
+  // fusion saves (bench: the per-epoch times of `lowbit quantize --method sapr --apiq-verbose`).
+  static const bool fusion_on = [] {
+    const char* e = std::getenv("LOWBIT_ADAMW_FUSED");
+    return !(e && e[0] == '0');
+  }();
+  if (fused && fusion_on) {
     std::vector<AdamwParam> nonempty;
     for (const AdamwParam& a : params)
       if (a.param->numel() > 0) nonempty.push_back(a);

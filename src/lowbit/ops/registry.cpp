@@ -18,6 +18,7 @@ constexpr OpInfo kOps[] = {
     {"swiglu", true, kCuda, "f32 f64"},        {"embedding", true, kCuda, "f32 f64"},
     {"cross_entropy", true, kCuda, "f32 f64"}, {"kl_div", true, kCuda, "f32 f64"},
     {"mse", true, kCuda, "f32 f64"},           {"adamw_step", false, kCuda, "f32 f64"},
+    {"weighted_sq_err", true, kCuda, "f32 f64"},
     {"adamw_step_multi", false, kCuda, "f32 f64"},
     {"cast", true, kCuda, "f64 f32 bf16 f16"},
     {"quant_matmul", false, true, "f32 x packed"},

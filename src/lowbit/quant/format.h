@@ -14,6 +14,10 @@
 // ---- Meaning of a code q (GroupParams {s, z} are the decoded group parameters) -----------------
 //   int asym  (intBgG, intBpc)  : w = (q - z) * s, q in [0, 2^B-1], z an integer in [0, 2^B-1].
 //                                 Range [min(w,0), max(w,0)] as in GPTQ's Quantizer (zero is exact).
+//                                 z may also be a half-integer (exact in f16): ParetoQ's 2-bit SEQ
+//                                 grid {-1.5, -0.5, 0.5, 1.5} * s is z = 1.5 (quant/paretoq.h). The
+//                                 decode and every kernel take z as a float; only the GPTQ/AWQ
+//                                 export layouts (integer zero points) refuse such a tensor.
 //   int sym   (intBgGs, intBpcs, int8pc): w = (q - 2^(B-1)) * s, s = absmax / (2^(B-1)-1),
 //                                 q in [1, 2^B-1]; code 0 is never produced (symmetric grid).
 //   ternary                      : w = (q - 1) * gamma, q in {0,1,2}, gamma = mean|W| over the whole

@@ -11,6 +11,16 @@
 //                 (LSQ+). Trained on the LM loss (or --distill) over random windows of the
 //                 training tokens with AdamW, warmup + cosine schedule, gradient clipping at 1.
 //                 Embeddings, norms and the output head stay frozen.
+//   paretoq       ParetoQ (Liu et al. 2025, arXiv 2502.02631): end-to-end QAT on latent f32 weights with
+//                 the quantizer the paper prescribes per bit width (quant/paretoq.h): sign (1 bit),
+//                 SEQ (1.58 and 2 bits; SeqTrainLinear, quant/paretoq_linear.h), LSQ on the signed
+//                 grid [-2^(b-1), 2^(b-1) - 1] (3 and 4 bits; LsqTrainLinear with the zero point fixed),
+//                 α per group initialised and scaled as the reference code (train.py, utils_quant.py);
+//                 AdamW with no warmup, cosine, weight decay 0 (the reference's run_train.sh); the
+//                 reference's single lr for weights and α is split (α: 1e-3, chosen on stories260K).
+//                 The bit width comes from the format (int2 asymmetric: 2, int2 symmetric: 1.58,
+//                 int3: 3, int4: 4) or QatConfig::paretoq_bits. The packed result is exactly the
+//                 trained fake-quantized weights (α snapped to its f16 storage at the end).
 //   efficientqat  EfficientQAT (Chen et al. 2024, arXiv 2407.11062): Block-AP (methods/block_ap.h:
 //                 block-wise reconstruction of the FP block outputs on calibration windows, training
 //                 weights, steps and zero points) through the block-wise pipeline, then E2E-QP: the
@@ -51,13 +61,14 @@ struct QatConfig {
   const QuantFormat* format = nullptr;  // required
   // End-to-end stage (lsq; efficientqat's E2E-QP).
   int64_t steps = -1, batch = -1, seqlen = -1;
-  double lr = -1;         // lsq: latent weights; efficientqat: E2E-QP step sizes
-  double quant_lr = -1;   // lsq: step sizes and zero points
+  double lr = -1;         // lsq, paretoq: latent weights; efficientqat: E2E-QP step sizes
+  double quant_lr = -1;   // lsq: step sizes and zero points; paretoq: α
   int64_t warmup = -1;
   uint64_t seed = 0;
   bool distill = false;   // KL to the FP teacher's logits
   double lm_weight = 0;   // with distill: + lm_weight * cross-entropy
   LsqInit init = LsqInit::Mse;  // lsq, l4q
+  std::string paretoq_bits;     // paretoq: "1", "1.58", "2", "3", "4"; empty: from the format
   bool init_set = false;        // l4q: false = its own default (minmax, L4Q_init)
   int64_t lora_rank = -1;       // l4q
   double lora_alpha = -1;       // l4q

@@ -207,6 +207,24 @@ struct MseBwdF {  // (a, b) -> (da, db) = ±2 dloss (a - b) / n
   }
 };
 
+template <class T>
+struct WeightedSqDiffF {
+  const T *a, *b, *w;
+  __device__ double operator()(int64_t i) const {
+    const double d = double(to_f(a[i])) - double(to_f(b[i]));
+    return double(to_f(w[i])) * d * d;
+  }
+};
+
+template <class T>
+struct WeightedSqErrBwdF {  // (a, b, w) -> da = 2 scale dloss w (a - b)
+  const T* dloss;
+  float two_scale;
+  __device__ void operator()(const float (&x)[3], float (&y)[1]) const {
+    y[0] = two_scale * to_f(*dloss) * x[2] * (x[0] - x[1]);
+  }
+};
+
 int row_block(int64_t V) { return V >= 2048 ? 512 : (V >= 256 ? 256 : 64); }
 
 void check_scalar(const char* op, const Tensor& t, const Tensor& ref, const char* name) {
@@ -389,6 +407,30 @@ void mse_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Tensor&
     using T = typename decltype(tag)::type;
     EwArgs<T, 2, 2> args{{ptr<T>(a), ptr<T>(b)}, {0, 0}, {da.defined() ? ptr<T>(da) : nullptr, db.defined() ? ptr<T>(db) : nullptr}};
     launch_ew(op, args, n, MseBwdF<T>{ptr<T>(dloss), n > 0 ? float(1.0 / double(n)) : 0.f});
+  });
+}
+
+void weighted_sq_err_forward(const Tensor& a, const Tensor& b, const Tensor& w, double scale, Tensor& loss) {
+  LB_CUDA_OP("weighted_sq_err_forward");
+  const char* op = "weighted_sq_err_forward";
+  for (const Tensor* t : TensorList{&b, &w, &loss}) check_on_gpu(op, *t, "an argument");
+  const int64_t n = a.numel();
+  dispatch(op, a.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    reduce_sum<T>(n, WeightedSqDiffF<T>{ptr<T>(a), ptr<T>(b), ptr<T>(w)}, scale, ptr<T>(loss), nullptr);
+  });
+}
+
+void weighted_sq_err_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, const Tensor& w, double scale,
+                              Tensor& da) {
+  LB_CUDA_OP("weighted_sq_err_backward");
+  const char* op = "weighted_sq_err_backward";
+  check_scalar(op, dloss, a, "dloss");
+  for (const Tensor* t : TensorList{&b, &w, &da}) check_on_gpu(op, *t, "an argument");
+  dispatch(op, a.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    EwArgs<T, 3, 1> args{{ptr<T>(a), ptr<T>(b), ptr<T>(w)}, {0, 0, 0}, {ptr<T>(da)}};
+    launch_ew(op, args, a.numel(), WeightedSqErrBwdF<T>{ptr<T>(dloss), float(2.0 * scale)});
   });
 }
 

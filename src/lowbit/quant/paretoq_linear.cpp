@@ -1,0 +1,49 @@
+#include "lowbit/quant/paretoq_linear.h"
+
+#include "lowbit/autograd/functions.h"
+
+namespace lowbit {
+
+SeqTrainLinear::SeqTrainLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f, ParetoQBits b,
+                               const Tensor& alpha, double grad_scale)
+    : format_(f), bits_(b), grad_scale_(grad_scale) {
+  LB_CHECK(paretoq_is_seq(b), "qat: ", paretoq_bits_name(b), "-bit ParetoQ trains with LSQ's layer, not SEQ's");
+  paretoq_check_format(b, f);
+  LB_CHECK(weight.defined() && weight.dim() == 2, "qat: weight must be [out, in], got ",
+           weight.defined() ? weight.describe() : std::string("undefined"));
+  LB_CHECK(weight.device() == Device::CPU, "qat: the ParetoQ training layer runs on the CPU (no CUDA body yet); got ",
+           weight.describe());
+  shape_ = weight.shape();
+  const Shape gs{shape_[0], f.n_groups(shape_[1])};
+  LB_CHECK(alpha.defined() && alpha.shape() == gs, "qat: ParetoQ alpha must be ", shape_str(gs), ", got ",
+           alpha.defined() ? alpha.describe() : std::string("undefined"));
+  weight_ = Var(weight.to(DType::F32).contiguous().clone(), true);
+  alpha_ = Var(alpha.to(Device::CPU).to(DType::F32).contiguous().clone(), true);
+  if (bias.defined()) bias_ = Var(bias.to(Device::CPU).to(DType::F32).contiguous().clone(), false);
+}
+
+std::string SeqTrainLinear::kind() const {
+  return std::string("paretoq-") + paretoq_bits_name(bits_) + ":" + format_.name;
+}
+
+Var SeqTrainLinear::quantized_weight() const {
+  return paretoq_fake_quant(weight_, alpha_, bits_, format_, grad_scale_);
+}
+
+Var SeqTrainLinear::forward(const Var& x) const { return linear(x, quantized_weight(), bias_); }
+
+Tensor SeqTrainLinear::effective_weight() const {
+  NoGradGuard ng;
+  return quantized_weight().value();
+}
+
+void SeqTrainLinear::snap_alpha() {
+  Var a = alpha_;
+  a.mutable_value().copy_(paretoq_storage_alpha(alpha_.value(), bits_));
+}
+
+QuantizedTensor SeqTrainLinear::encode() const {
+  return paretoq_encode(weight_.value(), alpha_.value(), bits_, format_);
+}
+
+}  // namespace lowbit
