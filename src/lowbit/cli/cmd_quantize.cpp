@@ -57,6 +57,7 @@ struct QuantArgs {
   std::string base = "gptq";
   NormTweakOptions nt;
   RsqOptions rsq;
+  GuidedOptions guided;
   ComqOptions comq;
   AdaRoundOptions adaround;
   AdaQuantOptions adaquant;
@@ -110,6 +111,7 @@ MethodConfig method_config(const QuantArgs& a, const QuantFormat& f, const Salie
   c.base = a.base;
   c.norm_tweak = a.nt;
   c.rsq = a.rsq;
+  c.guided = a.guided;
   c.comq = a.comq;
   c.adaround = a.adaround;
   c.adaquant = a.adaquant;
@@ -507,7 +509,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     extra["calibration"] = {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}};
     extra["calibration"]["data"] = !a.calib.empty() ? a.calib : a.calib_tokens;
   }
-  if (a.method == "gptq" || a.method == "rsq") extra["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
+  if (a.method == "gptq" || a.method == "rsq" || a.method == "guided") extra["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
   if (a.method == "cle") {
     const auto* cm = dynamic_cast<const CleMethod*>(method.get());
     extra["cle"] = {{"bias_correction", !stream.empty()}, {"bias_corrected_layers", cm ? cm->bias_corrected() : 0}};
@@ -532,6 +534,12 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   if (a.method == "rsq") {
     extra["rsq"] = {{"min_weight", a.rsq.min_weight}, {"max_weight", a.rsq.max_weight}, {"importance", "attn-con"}};
     report["rsq"] = extra["rsq"];
+  }
+  if (a.method == "guided") {
+    const auto* gm = dynamic_cast<const GuidedMethod*>(method.get());
+    extra["guided"] = {{"groups", a.guided.groups}, {"gradients", "fp"}, {"loss", "next-token cross-entropy (sum)"}};
+    report["guided"] = extra["guided"];
+    report["guided"]["gradient_seconds"] = gm ? gm->gradient_seconds() : 0.0;
   }
   if (a.method == "awq") extra["awq"] = {{"clip", !a.no_clip}};
   if (a.method == "norm-tweak") {
@@ -650,6 +658,10 @@ void register_quantize(CLI::App& app) {
   q->add_option("--rsq-max", a->rsq.max_weight, "rsq: weight of the most attended token of a window")
       ->capture_default_str()
       ->check(above(0));
+  q->add_option("--guided-groups", a->guided.groups,
+                "guided: groups of output rows per linear, each quantized with its own gradient-weighted Hessian")
+      ->capture_default_str()
+      ->check(at_least(1));
   q->add_option("--comq-sweeps", a->comq.sweeps, "comq: passes over all coordinates (each followed by the scale update)")
       ->capture_default_str()
       ->check(at_least(1));
@@ -762,7 +774,7 @@ void register_quantize(CLI::App& app) {
                                                          {"--nt-epochs", "norm-tweak"}, {"--nt-batch", "norm-tweak"},
                                                          {"--nt-lr-depth", "norm-tweak"},
                                                          {"--rsq-min", "rsq"}, {"--rsq-max", "rsq"},
-                                                         {"--comq-sweeps", "comq"},
+                                                         {"--guided-groups", "guided"}, {"--comq-sweeps", "comq"},
                                                          {"--ar-iters", "adaround"}, {"--ar-lambda", "adaround"},
                                                          {"--aq-iters", "adaquant"}, {"--aq-lr", "adaquant"}};
     for (const auto& [flag, method] : owned)

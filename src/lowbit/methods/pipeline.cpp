@@ -135,6 +135,7 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
   if (tokens.dim() != 2 || tokens.dtype() != DType::I32) throw_error("pipeline: calibration tokens must be i32 [N, L]");
   const int64_t N = tokens.size(0), L = tokens.size(1);
   const auto t0 = std::chrono::steady_clock::now();
+  method.prepare(model, tokens, o.state_dir, o.progress);  // the model is untouched yet, also when resuming
   PipelineReport rep;
   rep.method = method.name();
   rep.format = format.name;

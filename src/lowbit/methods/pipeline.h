@@ -113,6 +113,12 @@ class BlockMethod {
   // Quantizes ctx.model.block(ctx.layer) in place: replaces its linears with QuantLinear and may
   // rescale its norms. Appends one report per linear.
   virtual void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) = 0;
+  // Called once by run_blockwise before anything else (before a saved state is restored): the model
+  // is still the one to quantize, not yet changed by any block. Methods that need statistics of the
+  // whole model (guided.h: end-loss gradients) gather them here; state_dir (may be empty) is the
+  // run's resumable state directory, where such statistics can be kept across a kill.
+  virtual void prepare(LlamaModel& /*model*/, const Tensor& /*tokens*/, const std::string& /*state_dir*/,
+                       bool /*progress*/) {}
 };
 
 struct PipelineOptions {

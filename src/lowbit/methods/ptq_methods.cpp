@@ -4,6 +4,7 @@
 #include <chrono>
 #include <map>
 
+#include "lowbit/methods/guided.h"
 #include "lowbit/methods/rtn.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
@@ -198,6 +199,21 @@ GptqResult GptqMethod::solve_layer(BlockContext& ctx, const std::string& name, c
   return solve(w, h, f);
 }
 
+GptqResult GptqMethod::solve_row_groups(BlockContext& ctx, const std::string& name, const Tensor& w,
+                                        const std::vector<Tensor>& h) {
+  const QuantFormat& f = ctx.format_of(name, f_);
+  // One group, or a layer of a mixed plan that is rounded to nearest anyway (no Hessian needed).
+  if (h.size() == 1 || (ctx.formats && f.is_ggml_block() && !ggml_block_grid_supported(f))) return solve_layer(ctx, name, w, h[0]);
+  if (f.has_tensor_scale)
+    throw_error(this->name(), ": ", full_name(ctx.layer, name), " is in format ", f.name,
+                ", which has one scale for the whole tensor, so its rows cannot be solved in groups (use 1 group)");
+  const std::vector<int64_t> b = row_group_bounds(w.size(0), int64_t(h.size()));
+  std::vector<GptqResult> parts;
+  for (size_t k = 0; k < h.size(); ++k)
+    if (b[k + 1] > b[k]) parts.push_back(solve_layer(ctx, name, w.slice(0, b[k], b[k + 1]).contiguous(), h[k]));
+  return stack_row_groups(parts);
+}
+
 void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
   using Clock = std::chrono::steady_clock;
   const Device dev = ctx.inputs.device();
@@ -218,6 +234,19 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
     // Inputs as produced by the groups quantized so far: Hessians of this group, a row sample
     // for the error report.
     HessianCapture hc;
+    // Linears with row-group weights (GuidedQuant): one Hessian sum per group of output rows each,
+    // accumulated here instead of in hc (their weights differ per linear even where inputs are shared).
+    std::map<std::string, Tensor> rgw;               // linear -> F32 [N*L, g] on the host
+    std::map<std::string, std::vector<Tensor>> gsum;  // linear -> the g sums of w x x^T
+    std::map<std::string, int64_t> grows;
+    for (const auto& n : group) {
+      Tensor gw = row_group_weights(ctx, n);
+      if (!gw.defined()) continue;
+      if (gw.dim() != 2 || gw.size(0) != ctx.n_samples * ctx.seqlen || gw.size(1) < 1)
+        throw_error(name(), ": row-group weights of ", n, " must be [", ctx.n_samples * ctx.seqlen, ", groups], got ",
+                    gw.describe());
+      rgw[n] = gw.to(Device::CPU).to(DType::F32).contiguous();
+    }
     InputCapture cap(kReportRows);             // CPU model: report rows on the host
     std::map<std::string, Tensor> gpu_rows;    // GPU model: report rows on the device
     LinearInputHook hh = hc.hook(), ch = cap.hook();
@@ -233,7 +262,12 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
       try {
         bc.run_block(xb, [&](const std::string& n, const Tensor& x) {
           if (std::find(group.begin(), group.end(), n) == group.end()) return;
-          hh(n, x);
+          if (auto it = rgw.find(n); it != rgw.end()) {
+            accumulate_row_group_hessians(x, it->second.slice(0, s * L, e * L), gsum[n]);
+            grows[n] += x.size(0);
+          } else {
+            hh(n, x);
+          }
           if (!on_gpu) {
             ch(n, x);
           } else if (!gpu_rows.count(n) || gpu_rows[n].size(0) < kReportRows) {
@@ -252,10 +286,24 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
       hc.end_batch();
     }
     lap(t, prof.capture);
+    auto solve_one = [&](const std::string& name, const Tensor& w) {
+      auto it = gsum.find(name);
+      if (it == gsum.end()) {
+        if (rgw.count(name)) throw_error("gptq: no calibration inputs reached ", name);
+        return solve_layer(ctx, name, w, hc.hessian(name));
+      }
+      std::vector<Tensor> hs;  // H_k = 2/n sum_t w[t, k] x_t x_t^T, as HessianCapture scales its sum
+      for (const Tensor& sk : it->second) {
+        Tensor h = Tensor::empty(sk.shape(), sk.dtype(), sk.device());
+        ops::scale(sk, 2.0 / double(grows.at(name)), h);
+        hs.push_back(h);
+      }
+      return solve_row_groups(ctx, name, w, hs);
+    };
     for (const auto& name : group) {
       if (!on_gpu) {
         Tensor w = weight_of(ctx, name);
-        GptqResult r = solve_layer(ctx, name, w, hc.hessian(name));
+        GptqResult r = solve_one(name, w);
         lap(t, prof.quantize);
         install(ctx, name, cap.rows(name), std::move(r.q), reports);
         lap(t, prof.install);
@@ -263,7 +311,7 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
       }
       auto* slot = slot_of(ctx.model.block(ctx.layer), name);
       const Tensor w = (*slot)->effective_weight().contiguous();
-      GptqResult r = solve_layer(ctx, name, w, hc.hessian(name));  // GPU path for the integer formats
+      GptqResult r = solve_one(name, w);  // GPU path for the integer formats
       lap(t, prof.quantize);
       const Tensor deq = r.dequantized.defined() ? r.dequantized : r.q.dequantize().to(dev);
       LinearReport rep;

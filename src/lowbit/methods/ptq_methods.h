@@ -34,6 +34,11 @@ class GptqMethod : public BlockMethod {
   // Per-token weights r [N*L] of the Hessian H = 2 sum_t r_t x_t x_t^T / n (RSQ); undefined (the
   // default): every token weighs 1, plain GPTQ. Computed once per block, before it is quantized.
   virtual Tensor token_weights(BlockContext&) { return Tensor(); }
+  // GuidedQuant (guided.h): per-token weights of one Hessian per group of output rows of `linear`
+  // (this block's "self_attn.q_proj", ...), F32 [N*L, g]; group k holds rows row_group_bounds(out,
+  // g)[k] .. [k+1] and is solved with H_k = 2/n sum_t w[t, k] x_t x_t^T. Undefined (the default):
+  // one Hessian for all rows (token_weights' or plain GPTQ's).
+  virtual Tensor row_group_weights(BlockContext&, const std::string& /*linear*/) { return Tensor(); }
   // The per-layer solve on W [out, in] and the layer's Hessian: GPTQ (gptq_quantize); COMQ overrides.
   virtual GptqResult solve(const Tensor& w, const Tensor& h, const QuantFormat& f) { return gptq_quantize(w, h, f, o_); }
 
@@ -45,6 +50,8 @@ class GptqMethod : public BlockMethod {
  protected:
   // The format of `name` (ctx.format_of), then solve(); RTN for the formats above in mixed plans.
   GptqResult solve_layer(BlockContext& ctx, const std::string& name, const Tensor& w, const Tensor& h);
+  // solve_layer on each group of rows with its own Hessian (row_group_weights), results stacked.
+  GptqResult solve_row_groups(BlockContext& ctx, const std::string& name, const Tensor& w, const std::vector<Tensor>& h);
 
   const QuantFormat& f_;
   GptqOptions o_;

@@ -64,6 +64,14 @@ void register_builtins(std::vector<MethodInfo>& r) {
                           c.rsq.max_weight);
             return std::make_unique<RsqMethod>(*c.format, c.gptq, c.rsq);
           }});
+  add(r, {"guided", "GuidedQuant: GPTQ with one Hessian per group of output rows, each token weighted by the squared "
+                    "end-loss gradient of those outputs (--guided-groups)",
+          true, false, [](const MethodConfig& c) {
+            if (c.guided.groups > 1 && c.format->has_tensor_scale)
+              throw_error("guided: format ", c.format->name, " has one scale for the whole tensor, so the rows of a "
+                          "layer cannot be quantized in groups; use --guided-groups 1");
+            return std::make_unique<GuidedMethod>(*c.format, c.gptq, c.guided);
+          }});
   add(r, {"comq", "COMQ: backprop-free coordinate-wise minimisation of each layer's output error, with scale "
                   "updates (--comq-sweeps; integer formats)",
           true, false, [](const MethodConfig& c) {

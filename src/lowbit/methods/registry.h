@@ -18,6 +18,7 @@
 #include "lowbit/methods/cle.h"
 #include "lowbit/methods/comq.h"
 #include "lowbit/methods/gptq.h"
+#include "lowbit/methods/guided.h"
 #include "lowbit/methods/norm_tweak.h"
 #include "lowbit/methods/pipeline.h"
 #include "lowbit/methods/rsq.h"
@@ -36,6 +37,7 @@ struct MethodConfig {
   NormTweakOptions norm_tweak;
   std::string base = "gptq";            // norm-tweak: the method that quantizes the block (rtn, gptq, awq)
   RsqOptions rsq;
+  GuidedOptions guided;
   ComqOptions comq;
   AdaRoundOptions adaround;
   AdaQuantOptions adaquant;
