@@ -23,10 +23,10 @@ std::string module_name(int layer, const std::string& name) {
 
 // Passes a linear's output through unchanged and hands the gradient that reaches it to a callback
 // during the backward pass (autograd frees intermediate gradients, so they are read on the way).
-class GradTapLinear : public Linear {
+class GradTapLinear : public WrappedLinear {
  public:
   GradTapLinear(std::shared_ptr<Linear> inner, std::function<void(const Tensor&)> on_grad)
-      : inner_(std::move(inner)), on_grad_(std::move(on_grad)) {}
+      : WrappedLinear(std::move(inner)), on_grad_(std::move(on_grad)) {}
   Var forward(const Var& x) const override {
     Var y = inner_->forward(x);
     if (!y.requires_grad()) return y;
@@ -36,15 +36,8 @@ class GradTapLinear : public Linear {
       accumulate_grad(y, g);
     });
   }
-  int64_t in_features() const override { return inner_->in_features(); }
-  int64_t out_features() const override { return inner_->out_features(); }
-  std::vector<Var> parameters() const override { return inner_->parameters(); }
-  Tensor effective_weight() const override { return inner_->effective_weight(); }
-  Tensor bias() const override { return inner_->bias(); }
-  std::string kind() const override { return inner_->kind(); }
 
  private:
-  std::shared_ptr<Linear> inner_;
   std::function<void(const Tensor&)> on_grad_;
 };
 

@@ -28,15 +28,12 @@ namespace lowbit {
 // Captures the inputs of each linear layer of a block during a forward pass.
 using LinearInputHook = std::function<void(const std::string& linear_name, const Tensor& x)>;
 
-// Wraps a layer: passes each input to a hook (with the layer's name), then computes the layer.
-class HookedLinear : public Linear {
+// A layer that answers everything from the layer it wraps; subclasses observe its forward pass
+// (HookedLinear: inputs; guided.cpp's GradTapLinear: output gradients).
+class WrappedLinear : public Linear {
  public:
-  HookedLinear(std::shared_ptr<Linear> inner, std::string name, LinearInputHook hook)
-      : inner_(std::move(inner)), name_(std::move(name)), hook_(std::move(hook)) {}
-  Var forward(const Var& x) const override {
-    hook_(name_, x.value());
-    return inner_->forward(x);
-  }
+  explicit WrappedLinear(std::shared_ptr<Linear> inner) : inner_(std::move(inner)) {}
+  Var forward(const Var& x) const override { return inner_->forward(x); }
   int64_t in_features() const override { return inner_->in_features(); }
   int64_t out_features() const override { return inner_->out_features(); }
   std::vector<Var> parameters() const override { return inner_->parameters(); }
@@ -44,8 +41,21 @@ class HookedLinear : public Linear {
   Tensor bias() const override { return inner_->bias(); }
   std::string kind() const override { return inner_->kind(); }
 
- private:
+ protected:
   std::shared_ptr<Linear> inner_;
+};
+
+// Wraps a layer: passes each input to a hook (with the layer's name), then computes the layer.
+class HookedLinear : public WrappedLinear {
+ public:
+  HookedLinear(std::shared_ptr<Linear> inner, std::string name, LinearInputHook hook)
+      : WrappedLinear(std::move(inner)), name_(std::move(name)), hook_(std::move(hook)) {}
+  Var forward(const Var& x) const override {
+    hook_(name_, x.value());
+    return inner_->forward(x);
+  }
+
+ private:
   std::string name_;
   LinearInputHook hook_;
 };

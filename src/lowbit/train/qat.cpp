@@ -217,6 +217,17 @@ void for_each_linear(LlamaModel& model, Fn&& fn) {
     for (auto& [name, slot] : model.block(i).linears()) fn(i, name, slot);
 }
 
+// Replaces every block linear of `model` (for_each_linear's order) by the packed encoding of its
+// trained layer: the QAT methods' result once training completed.
+template <class Layer>
+void install_encoded(LlamaModel& model, const std::vector<std::shared_ptr<Layer>>& layers) {
+  size_t k = 0;
+  for_each_linear(model, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
+    const auto& t = layers[k++];
+    *slot = std::make_shared<QuantLinear>(t->encode(), t->bias(), Device::CPU);
+  });
+}
+
 std::string e2e_key(const std::string& method, const QuantFormat& f, const E2eOptions& o, const std::vector<E2eGroup>& g,
                     const std::vector<int32_t>& stream, const std::string& extra) {
   std::string k = method + ",format=" + f.name + ",steps=" + std::to_string(o.steps) + ",batch=" + std::to_string(o.batch) +
@@ -294,11 +305,7 @@ class LsqQat : public QatMethod {
     r.stages.push_back(st);
     r.complete = complete;
     if (complete) {
-      size_t k = 0;
-      for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
-        const auto& t = layers[k++];
-        *slot = std::make_shared<QuantLinear>(t->encode(), t->bias(), Device::CPU);
-      });
+      install_encoded(*work, layers);
       r.model = std::move(work);
     }
     r.seconds = since(t0);
@@ -376,17 +383,12 @@ class ParetoQQat : public QatMethod {
     r.stages.push_back(st);
     r.complete = complete;
     if (complete) {
-      size_t ks = 0, kl = 0;
-      for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
-        if (seq) {
-          const auto& t = seq_layers[ks++];
-          t->snap_alpha();  // the trained layer's function is now exactly the packed one
-          *slot = std::make_shared<QuantLinear>(t->encode(), t->bias(), Device::CPU);
-        } else {
-          const auto& t = lsq_layers[kl++];
-          *slot = std::make_shared<QuantLinear>(t->encode(), t->bias(), Device::CPU);
-        }
-      });
+      if (seq) {
+        for (const auto& t : seq_layers) t->snap_alpha();  // the trained layers' function is now exactly the packed one
+        install_encoded(*work, seq_layers);
+      } else {
+        install_encoded(*work, lsq_layers);
+      }
       r.model = std::move(work);
     }
     r.seconds = since(t0);
@@ -518,11 +520,7 @@ class EfficientQat : public QatMethod {
     r.stages.push_back(s2);
     r.complete = complete;
     if (complete) {
-      size_t k = 0;
-      for_each_linear(*model, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
-        const auto& t = layers[k++];
-        *slot = std::make_shared<QuantLinear>(t->encode(), t->bias(), Device::CPU);
-      });
+      install_encoded(*model, layers);
       r.model = std::move(model);
     }
     r.seconds = since(t0);
@@ -591,11 +589,7 @@ class L4qQat : public QatMethod {
     r.stages.push_back(st);
     r.complete = complete;
     if (complete) {
-      size_t i = 0;
-      for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
-        const auto& t = layers[i++];
-        *slot = std::make_shared<QuantLinear>(t->encode(), t->bias(), Device::CPU);
-      });
+      install_encoded(*work, layers);
       r.model = std::move(work);
     }
     r.seconds = since(t0);
