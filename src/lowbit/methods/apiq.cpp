@@ -231,7 +231,7 @@ struct Trainer {
                      sum_reg / double(std::max<int64_t>(steps, 1)),
                      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()};
       if (o.verbose)
-        std::fprintf(stderr, "[%s] layer %d %-18s epoch %2d  loss %.6e  reg %.3e  %.2f s (%s)\n", o.saliency ? "sapr" : "apiq",
+        std::fprintf(stderr, "[%s] layer %d %-18s epoch %2d  loss %.6e  reg %.3e  %.4f s (%s)\n", o.saliency ? "sapr" : "apiq",
                      layer, scope.c_str(), ep, l.loss, l.reg, l.seconds,
                      stage == Stage::Weight ? "weight" : stage == Stage::Mixed ? "mixed" : "output");
       log->push_back(l);
