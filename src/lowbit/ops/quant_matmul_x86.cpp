@@ -39,14 +39,7 @@ static inline __m256i dot_u8s8(__m256i w, __m256i a) {
 // Accumulation over a block of 256 in int16 (the ternary kernels' products stay far below 2^15).
 #define QMM_ACC(acc, w, a) _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, a))
 #define QMM_ACC_SUM(acc) _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
-#include "lowbit/ops/quant_matmul_x86.inc"
-#undef QMM_DOT
-#undef QMM_DPA
-#undef QMM_VNNI
-#undef QMM_PANEL_ROWS
-#undef QMM_ZMM
-#undef QMM_ACC
-#undef QMM_ACC_SUM
+#include "lowbit/ops/quant_matmul_x86.inc"  // undefines the QMM_ macros
 }  // namespace avx2
 LB_TARGET_END()
 
@@ -59,14 +52,7 @@ namespace avx512vnni {
 #define QMM_ZMM 1         // 16-row panels on 512-bit vectors
 #define QMM_ACC(acc, w, a) _mm256_dpbusd_epi32(acc, w, a)
 #define QMM_ACC_SUM(acc) (acc)
-#include "lowbit/ops/quant_matmul_x86.inc"
-#undef QMM_DOT
-#undef QMM_DPA
-#undef QMM_VNNI
-#undef QMM_PANEL_ROWS
-#undef QMM_ZMM
-#undef QMM_ACC
-#undef QMM_ACC_SUM
+#include "lowbit/ops/quant_matmul_x86.inc"  // undefines the QMM_ macros
 }  // namespace avx512vnni
 LB_TARGET_END()
 
@@ -79,14 +65,7 @@ namespace avxvnni {
 #define QMM_ZMM 0
 #define QMM_ACC(acc, w, a) _mm256_dpbusd_avx_epi32(acc, w, a)
 #define QMM_ACC_SUM(acc) (acc)
-#include "lowbit/ops/quant_matmul_x86.inc"
-#undef QMM_DOT
-#undef QMM_DPA
-#undef QMM_VNNI
-#undef QMM_PANEL_ROWS
-#undef QMM_ZMM
-#undef QMM_ACC
-#undef QMM_ACC_SUM
+#include "lowbit/ops/quant_matmul_x86.inc"  // undefines the QMM_ macros
 }  // namespace avxvnni
 LB_TARGET_END()
 

@@ -217,15 +217,24 @@ void for_each_linear(LlamaModel& model, Fn&& fn) {
     for (auto& [name, slot] : model.block(i).linears()) fn(i, name, slot);
 }
 
-// Replaces every block linear of `model` (for_each_linear's order) by the packed encoding of its
-// trained layer: the QAT methods' result once training completed.
+// The method's result: its stages and, once training completed, the trained model with every block
+// linear replaced by the packed encoding of its trained layer (`layers` in for_each_linear's order).
 template <class Layer>
-void install_encoded(LlamaModel& model, const std::vector<std::shared_ptr<Layer>>& layers) {
-  size_t k = 0;
-  for_each_linear(model, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
-    const auto& t = layers[k++];
-    *slot = std::make_shared<QuantLinear>(t->encode(), t->bias(), Device::CPU);
-  });
+QatResult packed_result(std::vector<QatStage> stages, bool complete, std::unique_ptr<LlamaModel> model,
+                        const std::vector<std::shared_ptr<Layer>>& layers, Clock::time_point t0) {
+  QatResult r;
+  r.stages = std::move(stages);
+  r.complete = complete;
+  if (complete) {
+    size_t k = 0;
+    for_each_linear(*model, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
+      const auto& t = layers[k++];
+      *slot = std::make_shared<QuantLinear>(t->encode(), t->bias(), Device::CPU);
+    });
+    r.model = std::move(model);
+  }
+  r.seconds = since(t0);
+  return r;
 }
 
 std::string e2e_key(const std::string& method, const QuantFormat& f, const E2eOptions& o, const std::vector<E2eGroup>& g,
@@ -301,15 +310,7 @@ class LsqQat : public QatMethod {
     st.hyper["init"] = lsq_init_name(c_.init);
     st.hyper["offset"] = f.kind == QuantKind::IntAsym ? "learned (LSQ+)" : "none (symmetric)";
     st.hyper["grad_scale"] = "1/sqrt(N Qp)";
-    QatResult r;
-    r.stages.push_back(st);
-    r.complete = complete;
-    if (complete) {
-      install_encoded(*work, layers);
-      r.model = std::move(work);
-    }
-    r.seconds = since(t0);
-    return r;
+    return packed_result({st}, complete, std::move(work), layers, t0);
   }
 
  private:
@@ -379,20 +380,10 @@ class ParetoQQat : public QatMethod {
     st.hyper["weight_lr"] = lr;
     st.hyper["quant_lr"] = qlr;
     st.hyper["grad_scale"] = "1/sqrt(numel(W) Qp)";
-    QatResult r;
-    r.stages.push_back(st);
-    r.complete = complete;
-    if (complete) {
-      if (seq) {
-        for (const auto& t : seq_layers) t->snap_alpha();  // the trained layers' function is now exactly the packed one
-        install_encoded(*work, seq_layers);
-      } else {
-        install_encoded(*work, lsq_layers);
-      }
-      r.model = std::move(work);
-    }
-    r.seconds = since(t0);
-    return r;
+    if (!seq) return packed_result({st}, complete, std::move(work), lsq_layers, t0);
+    if (complete)
+      for (const auto& t : seq_layers) t->snap_alpha();  // the trained layers' function is now exactly the packed one
+    return packed_result({st}, complete, std::move(work), seq_layers, t0);
   }
 
  private:
@@ -518,13 +509,7 @@ class EfficientQat : public QatMethod {
     s2.hyper = e2e_hyper(o);
     s2.hyper["step_lr"] = lr;
     r.stages.push_back(s2);
-    r.complete = complete;
-    if (complete) {
-      install_encoded(*model, layers);
-      r.model = std::move(model);
-    }
-    r.seconds = since(t0);
-    return r;
+    return packed_result(std::move(r.stages), complete, std::move(model), layers, t0);
   }
 
  private:
@@ -585,15 +570,7 @@ class L4qQat : public QatMethod {
     st.hyper["init"] = lsq_init_name(init);
     st.hyper["offset"] = f.kind == QuantKind::IntAsym ? "learned (LSQ+)" : "none (symmetric)";
     st.hyper["grad_scale"] = "1/sqrt(N Qp)";
-    QatResult r;
-    r.stages.push_back(st);
-    r.complete = complete;
-    if (complete) {
-      install_encoded(*work, layers);
-      r.model = std::move(work);
-    }
-    r.seconds = since(t0);
-    return r;
+    return packed_result({st}, complete, std::move(work), layers, t0);
   }
 
  private:
