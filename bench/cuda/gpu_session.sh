@@ -23,6 +23,8 @@
 #                                       test; STEPS=decode: packed_gpu.sh's decode rows) waits WAIT s,
 #                                       then copies results and logs to $OUT
 #   bench/cuda/gpu_session.sh check     carry .devcarry/tools.tar.xz: GPU tests + fused-AdamW timing (short)
+#   bench/cuda/gpu_session.sh saliency7b  (after setup, or carry .devcarry/tools.tar.xz): SAPR's saliency
+#                                       pass and ApiQ/SAPR per-block training at the Llama-2-7B shape
 # Settings: STEPS [setup: "gemv tests"]  PARITY_SECONDS [150]  PLAN [bench/plans/smollm2-methods.txt]  PARALLEL [8]  WAIT [500]  RESULTS [none]  TASK_LIMIT [300]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -124,6 +126,57 @@ collect)
   fi
   wait_runs
   "$0" collect-now
+  ;;
+saliency7b)
+  # Issue 22's cost question: SAPR's saliency pass and one block of ApiQ / SAPR training at the
+  # Llama-2-7B shape (dim 4096, hidden 11008, 32 heads, vocab 32000), on random models of LAYERS_A and
+  # LAYERS_B blocks (default 1 and 2; the difference is one block's cost, the whole 32-block model is
+  # extrapolated linearly), 128 x 2048 calibration tokens (NSAMPLES x SEQLEN), --tf32 --bf16 as the
+  # method runs use. Peak GPU memory sampled by nvidia-smi every 0.5 s. Carry .devcarry/tools.tar.xz
+  # (after setup, the unpacked /tmp/w is reused). Local smoke test: DEVICE=cpu DIM=64 HIDDEN=128
+  # HEADS=4 VOCAB=512 NSAMPLES=2 SEQLEN=64 LOWBIT=build-rel/lowbit bash bench/cuda/gpu_session.sh saliency7b
+  set -e
+  DEVICE=${DEVICE:-cuda} DIM=${DIM:-4096} HIDDEN=${HIDDEN:-11008} HEADS=${HEADS:-32} VOCAB=${VOCAB:-32000}
+  NSAMPLES=${NSAMPLES:-128} SEQLEN=${SEQLEN:-2048} LA=${LAYERS_A:-1} LB=${LAYERS_B:-2} EPOCHS=${EPOCHS:-2}
+  if [ -z "${LOWBIT:-}" ]; then
+    [ -x "$W/bin/lowbit" ] || { rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp; }
+    export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    LOWBIT=$W/bin/lowbit
+  fi
+  O=${OUT:-/tmp/out}
+  T=$(mktemp -d)
+  mkdir -p "$O"
+  python3 -c "import numpy as np; np.random.default_rng(1).integers(0, $VOCAB, ($NSAMPLES + 1) * ($SEQLEN + 1), dtype=np.int32).tofile('$T/tok.i32')"
+  peak_start() {
+    [ "$DEVICE" = cuda ] || return 0
+    (m=0; while :; do u=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+       [ "$u" -gt "$m" ] && m=$u && echo "$m" > "$T/peak"; sleep 0.5; done) & PEAK_PID=$!
+  }
+  peak_stop() { [ "$DEVICE" = cuda ] || { echo -; return 0; }; kill "$PEAK_PID" 2>/dev/null; wait "$PEAK_PID" 2>/dev/null || true; cat "$T/peak" 2>/dev/null || echo -; rm -f "$T/peak"; }
+  flags="--device $DEVICE"
+  [ "$DEVICE" = cuda ] && flags="$flags --tf32 --bf16"
+  for L in $LA $LB; do
+    "$LOWBIT" -q train --out "$T/m$L" --dim "$DIM" --hidden-dim "$HIDDEN" --layers "$L" --heads "$HEADS" \
+      --vocab "$VOCAB" --max-seq-len "$SEQLEN" --seq-len "$SEQLEN" --batch 1 --train-tokens "$T/tok.i32" --steps 0 --seed 1 > /dev/null
+    peak_start; t0=$(date +%s.%N)
+    "$LOWBIT" -q quantize -m "$T/m$L/model.bin" --method sapr --format int2g64 --calib-tokens "$T/tok.i32" \
+      --nsamples "$NSAMPLES" --seqlen "$SEQLEN" $flags --saliency "$T/sal$L.safetensors" --saliency-only -o "$T/unused" \
+      > /dev/null 2> "$O/saliency-L$L.err"
+    t1=$(date +%s.%N); mem=$(peak_stop)
+    echo "layers=$L saliency_pass_s=$(python3 -c "print(round($t1 - $t0, 1))") peak_gpu_mib=$mem" | tee -a "$O/saliency7b.txt"
+    for method in apiq sapr; do
+      peak_start
+      "$LOWBIT" -q quantize -m "$T/m$L/model.bin" --method $method --format int2g64 --calib-tokens "$T/tok.i32" \
+        --nsamples "$NSAMPLES" --seqlen "$SEQLEN" $flags --epochs "$EPOCHS" --apiq-verbose \
+        $( [ $method = sapr ] && echo "--saliency $T/sal$L.safetensors --sapr-weight-epochs 1 --sapr-output-epochs 1" ) \
+        -o "$T/q-$method-$L" > /dev/null 2> "$O/$method-L$L.err"
+      mem=$(peak_stop)
+      echo "layers=$L method=$method epochs=$EPOCHS peak_gpu_mib=$mem $(grep -o 'times: .*' "$O/$method-L$L.err" | tail -1)" | tee -a "$O/saliency7b.txt"
+      rm -rf "$T/q-$method-$L"
+    done
+    rm -rf "$T/m$L"
+  done
+  rm -rf "$T"
   ;;
 check)
   # A short call on its own (carry .devcarry/tools.tar.xz only): the GPU tests of the op parity table,
