@@ -85,7 +85,7 @@ cell() {  # name w act kv rot
   t0=$(date +%s)
   if j=$("$lowbit" -q eval ppl -m "$path" --tokenizer "$model" --text "$wiki" --ctx "$ctx" --max-windows "$max_windows" \
           "${args[@]}" "${thr[@]}" --json); then
-    python3 -c 'import json,sys; j=json.loads(sys.argv[1]); j.update(cell=sys.argv[2], weights=sys.argv[3], w4_method=sys.argv[4], wall_seconds=int(sys.argv[5])); j.update({"smooth": float(sys.argv[6])} if sys.argv[6] and sys.argv[3] != "w16" else {}); print(json.dumps(j))' \
+    python3 -c 'import json,sys; j=json.loads(sys.argv[1]); j.update(cell=sys.argv[2], weights=sys.argv[3], w4_method=sys.argv[4], wall_seconds=int(sys.argv[5])); j.update({"smooth": (sys.argv[6] if sys.argv[6] == "auto" else float(sys.argv[6]))} if sys.argv[6] and sys.argv[3] != "w16" else {}); print(json.dumps(j))' \
       "$j" "$name" "$w" "$w4" "$(( $(date +%s) - t0 ))" "$smooth" >> "$results"
   else
     echo "{\"cell\":\"$name\",\"rotation\":\"$rot\",\"error\":\"eval failed\"}" >> "$results"

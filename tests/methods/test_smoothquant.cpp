@@ -67,3 +67,58 @@ TEST(SmoothQuant, FoldKeepsTheModelAndFlattensTheChannels) {
     }
   }
 }
+
+TEST(SmoothQuant, AutoAlphaIsTheGridMinimumOfTheOutputError) {
+  LlamaConfig c = test::small_config(RopeStyle::Half);
+  LlamaWeights w0 = random_weights(c, 22, 0.2);
+  w0.layers[0].attn_norm.data<float>()[5] = 30.0f;  // an outlier input channel of q/k/v
+  LlamaModel m0(c, w0);
+  const Tensor calib = calib_for(c);  // 3 windows x 16 tokens = 48 rows
+  const SmoothStats st = collect_smooth_stats(m0, calib, 1, 20);
+  ASSERT_EQ(st.attn_x.size(), size_t(c.n_layers));
+  // Every 48 / 20 = 2nd token, at most 20 rows.
+  EXPECT_EQ(st.attn_x[0].size(0), 20);
+  EXPECT_EQ(st.down_x[0].size(1), c.hidden_dim);
+  // A sampled row is the input of q_proj at that token: its outlier channel is large.
+  EXPECT_GT(std::fabs(st.attn_x[0].data<float>()[5]), 1.0);
+  const QuantFormat& f = parse_quant_format("int4pc");
+  const ActQuantSpec act{4, false, 1.0};
+  SmoothOptions o;
+  o.search = true;
+  o.format = &f;
+  o.act = act;
+  LlamaWeights w = w0;
+  const SmoothReport r = smooth_weights(w, st, o);
+  ASSERT_EQ(r.alphas.size(), size_t(3 * c.n_layers));
+  // Recompute the objective over the grid for every point of layer 0 from the original weights.
+  const LayerWeights& l = w0.layers[0];
+  const std::vector<std::pair<std::pair<const std::vector<double>*, const Tensor*>, std::vector<const Tensor*>>> pts = {
+      {{&st.attn[0], &st.attn_x[0]}, {&l.wq, &l.wk, &l.wv}},
+      {{&st.ffn[0], &st.ffn_x[0]}, {&l.w_gate, &l.w_up}},
+      {{&st.down[0], &st.down_x[0]}, {&l.w_down}}};
+  for (size_t k = 0; k < pts.size(); ++k) {
+    double best = -1, best_err = 1e300, err0 = 0;
+    for (double a : o.grid) {
+      const double e = smooth_error(*pts[k].first.first, *pts[k].first.second, pts[k].second, a, f, act);
+      EXPECT_GE(e, 0.0);
+      if (a == 0.0) err0 = e;
+      if (e < best_err) best_err = e, best = a;
+    }
+    EXPECT_EQ(r.alphas[k], best) << "point " << k;
+    if (k == 0) {  // with a 30x outlier channel and 4-bit activations, migrating some range pays
+      EXPECT_GT(best, 0.0);
+      EXPECT_LT(best_err, 0.9 * err0);
+    }
+  }
+  // The searched fold keeps the full-precision model.
+  LlamaModel m1(c, w);
+  const Tensor a = test::logits_of(m0, calib), b = test::logits_of(m1, calib);
+  EXPECT_LT(max_abs_diff(a, b), 1e-4 * std::max(1.0, max_abs_diff(a, Tensor::zeros(a.shape()))));
+  // Searching needs the sampled rows and a format.
+  const SmoothStats no_rows = collect_smooth_stats(m0, calib, 1);
+  LlamaWeights w2 = w0;
+  EXPECT_THROW(smooth_weights(w2, no_rows, o), Error);
+  SmoothOptions no_format = o;
+  no_format.format = nullptr;
+  EXPECT_THROW(smooth_weights(w2, st, no_format), Error);
+}

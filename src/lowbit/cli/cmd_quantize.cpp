@@ -1,6 +1,7 @@
 // lowbit quantize: block-wise post-training quantization of a model (RTN, GPTQ, AWQ, ApiQ, SAPR).
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -35,6 +36,8 @@ struct QuantArgs {
   int64_t mp_samples = 16;
   bool mp_given = false;
   double smooth = -1;  // --smooth ALPHA (methods/smoothquant.h); < 0: off
+  bool smooth_auto = false;  // --smooth auto: alpha searched per smoothing point
+  std::string smooth_arg;
   std::string model, tokenizer, method = "gptq", format, calib, calib_tokens, out, state_dir, device = "cpu",
       next_input = "quantized";
   int64_t nsamples = 128, seqlen = 2048, batch = 8;
@@ -383,19 +386,37 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   if (a.smooth >= 0) {
     const auto ts = std::chrono::steady_clock::now();
     const int64_t ns = std::min<int64_t>(calib.size(0), 32);
-    const SmoothStats st = collect_smooth_stats(*m.model, calib.slice(0, 0, ns).contiguous());
+    // --smooth auto: 512 sampled rows per point, the run's format and activation quantizer.
+    const SmoothStats st =
+        collect_smooth_stats(*m.model, calib.slice(0, 0, ns).contiguous(), 1, a.smooth_auto ? 512 : 0);
     LlamaWeights w = weights_to(m.model->weights(), Device::CPU);
     SmoothOptions so;
     so.alpha = a.smooth;
     so.down = m.model->transforms().rotation.empty();  // the online Hadamard before down_proj
+    so.search = a.smooth_auto;
+    so.format = &f;
+    if (m.model->transforms().act.enabled()) so.act = m.model->transforms().act;
     const SmoothReport sr = smooth_weights(w, st, so);
     replace_weights(m, m.model->config(), std::move(w), m.model->transforms());
-    smooth_json = {{"alpha", a.smooth}, {"points", sr.points}, {"down", so.down}, {"samples", ns},
+    smooth_json = {{"alpha", a.smooth_auto ? nlohmann::json("auto") : nlohmann::json(a.smooth)},
+                   {"points", sr.points}, {"down", so.down}, {"samples", ns},
                    {"min_scale", sr.min_scale}, {"max_scale", sr.max_scale},
                    {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count()}};
-    if (!a.json)
-      std::fprintf(stderr, "smoothquant alpha %.3g: %d points folded (scales %.3g .. %.3g)%s\n", a.smooth, sr.points,
-                   sr.min_scale, sr.max_scale, so.down ? "" : "; down_proj not smoothed (rotated model)");
+    if (a.smooth_auto) {
+      smooth_json["alphas"] = sr.alphas;
+      smooth_json["search"] = {{"format", f.name}, {"act", act_quant_name(so.act)}, {"rows", 512}};
+    }
+    if (!a.json) {
+      double mean = 0;
+      for (double v : sr.alphas) mean += v / double(std::max<size_t>(1, sr.alphas.size()));
+      if (a.smooth_auto)
+        std::fprintf(stderr, "smoothquant alpha searched per point (for %s weights, %s activations): mean %.2f; ",
+                     f.name, act_quant_name(so.act).c_str(), mean);
+      else
+        std::fprintf(stderr, "smoothquant alpha %.3g: ", a.smooth);
+      std::fprintf(stderr, "%d points folded (scales %.3g .. %.3g)%s\n", sr.points, sr.min_scale, sr.max_scale,
+                   so.down ? "" : "; down_proj not smoothed (rotated model)");
+    }
   }
   // --bits-budget: per-layer formats from the layers' importance (after calibration: lim reads it).
   nlohmann::json budget_json;
@@ -624,10 +645,24 @@ void register_quantize(CLI::App& app) {
       ->capture_default_str()->each([a](const std::string&) { a->mp_given = true; });
   q->add_option("--mp-samples", a->mp_samples, "calibration windows the lim score reads")
       ->capture_default_str()->check(at_least(1))->each([a](const std::string&) { a->mp_given = true; });
-  q->add_option("--smooth", a->smooth,
+  q->add_option("--smooth", a->smooth_arg,
                 "SmoothQuant scale migration before quantizing (CPU, needs calibration): channel scales "
-                "max|X|^ALPHA / max|W|^(1-ALPHA) folded into the norms, q/k/v, gate/up and up->down")
-      ->check(between(0, 1));
+                "max|X|^ALPHA / max|W|^(1-ALPHA) folded into the norms, q/k/v, gate/up and up->down; ALPHA in "
+                "[0, 1], or 'auto': per smoothing point the alpha of 0, 0.1, ..., 1 with the least output error "
+                "of the quantized readers (round-to-nearest in --format, activations as --act, int8 when none) "
+                "on 512 sampled calibration rows")
+      ->each([a](const std::string& v) {
+        if (v == "auto") {
+          a->smooth_auto = true;
+          a->smooth = 0.5;
+          return;
+        }
+        char* end = nullptr;
+        const double x = std::strtod(v.c_str(), &end);
+        if (v.empty() || end == nullptr || *end != '\0' || !(x >= 0 && x <= 1))
+          throw CLI::ValidationError("--smooth", "expected a number in [0, 1] or 'auto', got '" + v + "'");
+        a->smooth = x;
+      });
   q->add_option("--calib", a->calib, "calibration text file (tokenized with the model's tokenizer)");
   q->add_option("--tokenizer", a->tokenizer, "tokenizer for --calib (default: the model directory's)");
   q->add_option("--calib-tokens", a->calib_tokens, "calibration data as raw int32 token ids");
