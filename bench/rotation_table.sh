@@ -20,7 +20,9 @@
 #     --cells LIST        only these cells (default: all; e.g. "W4A8 W4A4" for a --w4 gptq run)
 #     --smooth ALPHA      SmoothQuant scale migration before quantizing the W8/W4 weights (calibration:
 #                         --calib, default linux-docs; W16 cells are not smoothed); models go to
-#                         <w>-<rot>-smooth<ALPHA>, result lines get "smooth": ALPHA
+#                         <w>-<rot>-smooth<ALPHA>, result lines get "smooth": ALPHA; ALPHA 'auto' searches
+#                         alpha per point for each cell's activation quantizer (--smooth-act; models
+#                         <w>-<rot>-smoothauto-a<ACT>)
 #     --out DIR           results (default rotation-table): results.jsonl (one line a cell), table.md
 #
 # The FP model is the GGUF's dequantized Q4_1 weights (as in docs/results/smollm2.md). W8 = int8pc
@@ -56,8 +58,10 @@ if { [ "$w4" = gptq ] || [ -n "$smooth" ]; } && [ -z "$calib" ]; then
 fi
 
 # Quantized weights, once per (format, rotation): dir = $out/models/<w>-<rot>.
-weights() {  # w (w8|w4) rot (none|hadamard) -> prints the model path
-  local w=$1 rot=$2 dir=$out/models/$1-$2${smooth:+-smooth$smooth} args
+weights() {  # w (w8|w4) rot (none|hadamard) [act: the cell's, for --smooth auto] -> prints the model path
+  local w=$1 rot=$2 act=${3:-} dir=$out/models/$1-$2${smooth:+-smooth$smooth} args
+  # --smooth auto searches alpha for the cell's activation quantizer: one model per target.
+  [ "$smooth" = auto ] && [ -n "$act" ] && dir=$dir-a$act
   if [ "$w" = w8 ]; then args=(--method rtn --format int8pc)
   else args=(--method "$w4" --format int4g128)
   fi
@@ -65,6 +69,7 @@ weights() {  # w (w8|w4) rot (none|hadamard) -> prints the model path
     args+=(--calib "$calib" --tokenizer "$model" --nsamples "$nsamples" --seqlen "$seqlen")
   fi
   [ -n "$smooth" ] && args+=(--smooth "$smooth")
+  [ "$smooth" = auto ] && [ -n "$act" ] && args+=(--smooth-act "$act")
   if [ ! -f "$dir/config.json" ]; then
     "$lowbit" -q quantize -m "$model" "${args[@]}" --rotate "$rot" --rotate-seed "$seed" "${thr[@]}" -o "$dir" --json \
       > "$dir.quantize.json" 2> "$dir.quantize.err" || { echo "quantize $w $rot failed" >&2; return 1; }
@@ -79,7 +84,7 @@ cell() {  # name w act kv rot
   [ "$act" != none ] && args+=(--act-clip "$act_clip")
   [ "$kv" != none ] && args+=(--kv-group "$kv_group" --kv-window "$kv_window")
   if [ "$w" = w16 ]; then path=$model; args+=(--dequantize --rotate "$rot" --rotate-seed "$seed")
-  else path=$(weights "$w" "$rot") || { echo "{\"cell\":\"$name\",\"rotation\":\"$rot\",\"error\":\"quantize failed\"}" >> "$results"; return; }
+  else path=$(weights "$w" "$rot" "$act") || { echo "{\"cell\":\"$name\",\"rotation\":\"$rot\",\"error\":\"quantize failed\"}" >> "$results"; return; }
     args+=(--f32-vocab)
   fi
   t0=$(date +%s)

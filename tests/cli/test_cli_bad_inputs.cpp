@@ -225,6 +225,8 @@ const Row kRows[] = {
   {"quantize", "smooth without calibration", "quantize -m {M} --method rtn --smooth 0.5 -o {O}", "--smooth needs calibration data", kModel},
   {"quantize", "smooth word", "quantize -m {M} --method rtn --smooth strong -o {O}", "expected a number in [0, 1] or 'auto'"},
   {"quantize", "smooth auto without calibration", "quantize -m {M} --method rtn --smooth auto -o {O}", "--smooth needs calibration data", kModel},
+  {"quantize", "smooth-act without auto", "quantize -m {M} --method rtn --smooth 0.5 --smooth-act int4 -o {O}", "give --smooth auto"},
+  {"quantize", "smooth-act unknown", "quantize -m {M} --method rtn --smooth auto --smooth-act int3 -o {O}", "--smooth-act"},
   {"quantize", "lim without calibration", "quantize -m {M} --method rtn --bits-budget 4 --mp-formats int2g32,int4g32 -o {O}", "--mp-score lim needs calibration data", kModel},
   {"quantize", "unknown method", "quantize -m {M} --method bogus --calib-tokens {I} -o {O}", "unknown --method 'bogus'", kModel},
   {"quantize", "no calibration", "quantize -m {M} --method gptq -o {O}", "needs calibration data", kModel},

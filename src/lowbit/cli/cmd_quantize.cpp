@@ -37,7 +37,7 @@ struct QuantArgs {
   bool mp_given = false;
   double smooth = -1;  // --smooth ALPHA (methods/smoothquant.h); < 0: off
   bool smooth_auto = false;  // --smooth auto: alpha searched per smoothing point
-  std::string smooth_arg;
+  std::string smooth_arg, smooth_act;  // --smooth-act: the activation quantizer --smooth auto targets
   std::string model, tokenizer, method = "gptq", format, calib, calib_tokens, out, state_dir, device = "cpu",
       next_input = "quantized";
   int64_t nsamples = 128, seqlen = 2048, batch = 8;
@@ -315,6 +315,9 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   out.keep_if_exists(state_dir);
   out.refuse_input(a.model, "the input model");
   // Rotating needs dense weights (a GGUF input in block types is then dequantized, as its FP baseline).
+  if (!a.smooth_act.empty() && !a.smooth_auto)
+    throw_error("--smooth-act sets the activation quantizer that --smooth auto's alpha search targets; give --smooth auto");
+  if (!a.smooth_act.empty()) parse_act_quant(a.smooth_act, "--smooth-act");  // a bad name fails before any work
   if (a.smooth >= 0) {
     if (dev != Device::CPU)
       throw_error("--smooth: SmoothQuant's scale migration runs on the CPU (--device cpu), as the activation quantizers do");
@@ -396,6 +399,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     so.search = a.smooth_auto;
     so.format = &f;
     if (m.model->transforms().act.enabled()) so.act = m.model->transforms().act;
+    if (!a.smooth_act.empty()) so.act = parse_act_quant(a.smooth_act, "--smooth-act");
     const SmoothReport sr = smooth_weights(w, st, so);
     replace_weights(m, m.model->config(), std::move(w), m.model->transforms());
     smooth_json = {{"alpha", a.smooth_auto ? nlohmann::json("auto") : nlohmann::json(a.smooth)},
@@ -663,6 +667,9 @@ void register_quantize(CLI::App& app) {
           throw CLI::ValidationError("--smooth", "expected a number in [0, 1] or 'auto', got '" + v + "'");
         a->smooth = x;
       });
+  q->add_option("--smooth-act", a->smooth_act,
+                "--smooth auto: the activation quantizer the alpha search targets (int8, int4, int8-asym, int4-asym "
+                "or none; default: --act when given, else int8)");
   q->add_option("--calib", a->calib, "calibration text file (tokenized with the model's tokenizer)");
   q->add_option("--tokenizer", a->tokenizer, "tokenizer for --calib (default: the model directory's)");
   q->add_option("--calib-tokens", a->calib_tokens, "calibration data as raw int32 token ids");
