@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <random>
 
 #include "lowbit/autograd/optim.h"
@@ -57,6 +58,44 @@ TEST(Blockwise8, DynamicMapsAreMonotoneAndHoldZeroAndOne) {
   EXPECT_FLOAT_EQ(u[1], 1e-7f);
   EXPECT_FLOAT_EQ(u[254], 0.99296875f);  // 0.1 + 0.9 * 127 / 128
   EXPECT_FLOAT_EQ(u[127], 0.1f);         // the top of e = 1: 0.1 * (0.1 + 0.9 * 64 / 64)
+}
+
+// The encoder's bucket lookup (ops/blockwise8.cpp) against a plain search over the midpoints: at
+// every midpoint and the floats next to it, at random values over 12 decades of both signs, and at
+// the special values.
+TEST(Blockwise8, EncoderEqualsNearestValueSearch) {
+  for (bool is_signed : {true, false}) {
+    const auto& t = ops::dynamic_map(is_signed);
+    EXPECT_LE(ops::dynamic_bucket_steps(is_signed), 2);
+    auto reference = [&](float x) -> int {
+      if (std::isnan(x)) return 0;
+      if (std::isinf(x)) return x > 0 ? 255 : 0;
+      int best = 0;
+      for (int k = 1; k < 256; ++k)  // nearest value; a tie goes to the larger one
+        if (std::fabs(double(x) - double(t[size_t(k)])) <= std::fabs(double(x) - double(t[size_t(best)]))) best = k;
+      return best;
+    };
+    std::vector<float> xs = {0.0f, -0.0f, 1.0f, -1.0f, 1.5f, -3.0f, 1e-30f, -1e-30f, 5e-8f, -5e-8f,
+                             std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                             std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::denorm_min()};
+    for (size_t k = 0; k + 1 < 256; ++k) {
+      const float mid = float(0.5 * (double(t[k]) + double(t[k + 1])));
+      for (float x : {mid, std::nextafter(mid, -2.0f), std::nextafter(mid, 2.0f), t[k]}) xs.push_back(x);
+    }
+    std::mt19937_64 rng(5);
+    std::uniform_real_distribution<double> e(-12, 0.3), s(0, 1);
+    for (int i = 0; i < 200000; ++i) xs.push_back(float((s(rng) < 0.5 ? -1 : 1) * std::pow(10.0, e(rng))));
+    for (float x : xs) {
+      const int want = reference(x);
+      // Midpoints are rounded to f32, so a value within an ulp of one may go either way.
+      const int got = ops::dynamic_encode(x, is_signed);
+      if (got != want) {
+        ASSERT_NEAR(std::fabs(double(x) - double(t[size_t(got)])), std::fabs(double(x) - double(t[size_t(want)])),
+                    2.4e-7 * std::fabs(double(x)))
+            << (is_signed ? "signed " : "unsigned ") << x << ": code " << got << ", nearest " << want;
+      }
+    }
+  }
 }
 
 TEST(Blockwise8, EncodesAWrittenOutBlock) {

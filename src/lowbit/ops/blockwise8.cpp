@@ -1,6 +1,7 @@
 #include "lowbit/ops/blockwise8.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -11,11 +12,26 @@ namespace lowbit::ops {
 
 namespace {
 
+// Encoding looks the code up by the top bits of x's float pattern (sign, exponent, 7 mantissa bits:
+// buckets of 1/128 of an octave), which gives the number of midpoints at or below the bucket's
+// smallest value; the few midpoints inside a bucket (at most `steps`, 2 for these tables: the
+// tables' spacing is never under 0.9/128 of their decade) are then counted with branch-free
+// compares. Exponents below kExpLo (|x| < 2^-26, under half the smallest nonzero value 1e-7) give
+// the zero code; |x| >= 2 saturates.
+constexpr int kExpLo = 101, kExpCount = 127 - kExpLo + 1, kBuckets = kExpCount * 128;
+
 struct DynamicType {
   std::array<float, 256> values{};
-  std::array<float, 255> midpoints{};  // midpoints[k] between values[k] and values[k + 1]
+  // midpoints[k] between values[k] and values[k + 1]; midpoints[255] = +inf pads the search.
+  std::array<float, 256> midpoints{};
+  std::array<uint8_t, 2 * kBuckets> start{};  // [sign][exponent - kExpLo][top 7 mantissa bits]
+  int steps = 0;
   uint8_t zero_code = 0;
 };
+
+uint8_t rank_of(const std::array<float, 256>& mid, float x) {  // midpoints <= x, by plain search
+  return uint8_t(std::upper_bound(mid.begin(), mid.end(), x) - mid.begin());
+}
 
 // Magnitudes of the tree codes with `bits` bits after the sign: e zero bits, the indicator, and
 // bits - 1 - e fraction bits, e = 0 .. bits - 1 (computed in double, rounded once to f32).
@@ -42,13 +58,35 @@ DynamicType build(bool is_signed) {
   DynamicType t;
   for (size_t k = 0; k < 256; ++k) t.values[k] = float(v[k]);
   for (size_t k = 0; k < 255; ++k) t.midpoints[k] = float(0.5 * (v[k] + v[k + 1]));
+  t.midpoints[255] = std::numeric_limits<float>::infinity();
   t.zero_code = uint8_t(std::find(t.values.begin(), t.values.end(), 0.0f) - t.values.begin());
+  for (uint32_t sign = 0; sign < 2; ++sign)
+    for (uint32_t e = 0; e < uint32_t(kExpCount); ++e)
+      for (uint32_t m = 0; m < 128; ++m) {
+        const uint32_t lo_bits = (sign << 31) | ((e + kExpLo) << 23) | (m << 16);
+        // The bucket's smallest and largest values (for negative floats the pattern runs backwards).
+        const float a = std::bit_cast<float>(lo_bits), b = std::bit_cast<float>(lo_bits | 0xFFFFu);
+        const float lo = sign ? b : a, hi = sign ? a : b;
+        const uint8_t first = rank_of(t.midpoints, lo);
+        t.start[size_t(sign * kBuckets + e * 128 + m)] = first;
+        t.steps = std::max(t.steps, int(rank_of(t.midpoints, hi)) - int(first));
+      }
   return t;
 }
 
 const DynamicType& type(bool is_signed) {
   static const DynamicType s = build(true), u = build(false);
   return is_signed ? s : u;
+}
+
+// The number of midpoints <= x (the rank of the nearest table value); NaN gives code 0.
+inline uint8_t nearest_code(const DynamicType& t, float x) {
+  const uint32_t u = std::bit_cast<uint32_t>(x), sign = u >> 31, e = (u >> 23) & 0xFFu;
+  if (e < uint32_t(kExpLo)) return t.zero_code;
+  if (e > 127) return (e == 255 && (u & 0x7FFFFFu)) || sign ? 0 : 255;
+  unsigned code = t.start[size_t(sign * kBuckets + (e - kExpLo) * 128 + ((u >> 16) & 0x7Fu))];
+  for (int k = 0; k < t.steps; ++k) code += t.midpoints[code] <= x ? 1u : 0u;
+  return uint8_t(code);
 }
 
 }  // namespace
@@ -58,12 +96,13 @@ const std::array<float, 256>& dynamic_map(bool is_signed) { return type(is_signe
 uint8_t dynamic_zero_code(bool is_signed) { return type(is_signed).zero_code; }
 
 uint8_t dynamic_encode(float x, bool is_signed) {
-  const auto& m = type(is_signed).midpoints;
-  // The number of midpoints <= x is the rank of the nearest value (NaN compares false: code 0).
-  return uint8_t(std::upper_bound(m.begin(), m.end(), x) - m.begin());
+  return nearest_code(type(is_signed), x);
 }
 
+int dynamic_bucket_steps(bool is_signed) { return type(is_signed).steps; }
+
 float blockwise8_encode_block(const float* x, int64_t n, bool is_signed, uint8_t* codes) {
+  if (n <= 0) return 0.0f;
   float absmax = 0;
   bool finite = true;
   for (int64_t i = 0; i < n; ++i) {
@@ -76,10 +115,9 @@ float blockwise8_encode_block(const float* x, int64_t n, bool is_signed, uint8_t
     std::fill(codes, codes + n, dynamic_zero_code(is_signed));
     return finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
   }
-  const auto& m = type(is_signed).midpoints;
+  const DynamicType& t = type(is_signed);
   const float inv = 1.0f / absmax;
-  for (int64_t i = 0; i < n; ++i)
-    codes[i] = uint8_t(std::upper_bound(m.begin(), m.end(), x[i] * inv) - m.begin());
+  for (int64_t i = 0; i < n; ++i) codes[i] = nearest_code(t, x[i] * inv);
   return absmax;
 }
 

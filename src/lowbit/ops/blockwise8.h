@@ -32,6 +32,8 @@ inline constexpr int64_t kBlockwise8Block = 2048;
 const std::array<float, 256>& dynamic_map(bool is_signed);
 // The code of the table value nearest to x (x normalized: in [-1, 1], or [0, 1] unsigned).
 uint8_t dynamic_encode(float x, bool is_signed);
+// How many midpoints one encoding bucket holds at most (the compares after the bucket lookup; 2).
+int dynamic_bucket_steps(bool is_signed);
 // The code of 0 in the table (signed: 127, unsigned: 0): the code of a fresh, all-zero state.
 uint8_t dynamic_zero_code(bool is_signed);
 
