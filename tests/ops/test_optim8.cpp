@@ -10,6 +10,7 @@
 
 #include "lowbit/autograd/optim.h"
 #include "lowbit/ops/blockwise8.h"
+#include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 
 using namespace lowbit;
@@ -255,4 +256,24 @@ TEST(Blockwise8, StateBytesAreAQuarterPlusAbsmax) {
   // 8-bit state needs f32 parameters.
   Var f64(Tensor::zeros({5000}, DType::F64), true);
   EXPECT_THROW(AdamW({f64}, AdamWOptions{}, st), Error);
+}
+
+// No CUDA body yet: a parameter on the GPU with 8-bit state is an error naming the flag, whatever
+// its size (never a silent f32 run), and so is the op itself. Skips without a GPU.
+TEST(Blockwise8, GpuParametersAreRefused) {
+  if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build): the GPU refusal is not reachable";
+  AdamWStateOptions st;
+  st.bits = 8;
+  for (int64_t n : {int64_t(100), int64_t(10000)}) {
+    Var p(Tensor::zeros({n}, DType::F32, Device::CUDA), true);
+    try {
+      AdamW opt({p}, AdamWOptions{}, st);
+      ADD_FAILURE() << "8-bit state accepted a GPU parameter of " << n << " elements";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("--optimizer-bits 8 runs on the CPU only"), std::string::npos) << e.what();
+    }
+  }
+  Tensor p = Tensor::zeros({4096}, DType::F32, Device::CUDA), g = p.clone();
+  Tensor c = Tensor::zeros({4096}, DType::U8), a = Tensor::zeros({2});
+  EXPECT_THROW(ops::adamw8_step(p, g, c, a, c, a, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1), Error);
 }

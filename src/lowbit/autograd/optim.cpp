@@ -21,9 +21,11 @@ AdamW::AdamW(std::vector<ParamGroup> groups, AdamWStateOptions state) : groups_(
     for (auto& p : g.params) {
       if (!p.requires_grad()) throw_error("AdamW: parameter '", p.name(), "' does not require grad");
       const Tensor& x = p.value();
+      // Any parameter off the CPU (even one that would keep f32 state) refuses 8-bit state: no
+      // silent f32 run for a GPU model.
+      if (bits_ == 8 && x.device() != Device::CPU)
+        throw_error("AdamW: --optimizer-bits 8 runs on the CPU only for now (parameter ", x.describe(), ")");
       if (bits_ == 8 && x.numel() >= state.min_8bit_numel && !kept(p)) {
-        if (x.device() != Device::CPU)
-          throw_error("AdamW: --optimizer-bits 8 runs on the CPU only for now (parameter ", x.describe(), ")");
         if (x.dtype() != DType::F32) throw_error("AdamW: 8-bit state needs f32 parameters, got ", x.describe());
         const int64_t nb = ops::blockwise8_blocks(x.numel());
         Tensor mc = Tensor::empty(x.shape(), DType::U8), vc = Tensor::empty(x.shape(), DType::U8);

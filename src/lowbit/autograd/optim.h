@@ -24,7 +24,8 @@ struct ParamGroup {
 // parameter m as signed codes + f32 absmax per 2048 elements, v as unsigned codes + absmax -- except
 // parameters with fewer than min_8bit_numel elements (bitsandbytes' min_8bit_size: norms, biases,
 // small adapters) and those listed in keep_32bit (the token embedding, the paper's advice for
-// stable training), which keep f32 state. 8-bit state needs f32 parameters on the CPU.
+// stable training), which keep f32 state. bits = 8 needs every parameter on the CPU (a GPU one is an
+// error) and f32 parameters for the 8-bit ones.
 struct AdamWStateOptions {
   int bits = 32;
   int64_t min_8bit_numel = 4096;
