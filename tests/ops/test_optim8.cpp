@@ -113,6 +113,16 @@ TEST(Blockwise8, EncodesAWrittenOutBlock) {
   ops::blockwise8_decode_block(codes.data(), absmax, int64_t(x.size()), true, y.data());
   const std::vector<float> expect = {2.0f, -2.0f, 0.0f, 2.0f * 0.49375f, 0.02f, 2.0f * 3.25e-5f};
   for (size_t i = 0; i < x.size(); ++i) EXPECT_FLOAT_EQ(y[i], expect[i]) << i;
+  // A block of subnormals (a second moment decaying towards 0): 1 / absmax overflows, yet zeros
+  // stay zeros and signs stay signs.
+  const std::vector<float> tiny = {1e-40f, 0.0f, -5e-41f};
+  const float tiny_max = ops::blockwise8_encode_block(tiny.data(), 3, true, codes.data());
+  EXPECT_EQ(tiny_max, 1e-40f);
+  ops::blockwise8_decode_block(codes.data(), tiny_max, 3, true, y.data());
+  EXPECT_EQ(y[0], 1e-40f);
+  EXPECT_EQ(y[1], 0.0f);
+  EXPECT_LT(y[2], 0.0f);
+  EXPECT_NEAR(y[2], -5e-41f, 1e-42f);
   // An all-zero block: absmax 0, zero codes, zeros back.
   std::vector<float> z(5, 0.0f);
   EXPECT_EQ(ops::blockwise8_encode_block(z.data(), 5, false, codes.data()), 0.0f);

@@ -117,7 +117,11 @@ float blockwise8_encode_block(const float* x, int64_t n, bool is_signed, uint8_t
   }
   const DynamicType& t = type(is_signed);
   const float inv = 1.0f / absmax;
-  for (int64_t i = 0; i < n; ++i) codes[i] = nearest_code(t, x[i] * inv);
+  if (std::isfinite(inv)) {
+    for (int64_t i = 0; i < n; ++i) codes[i] = nearest_code(t, x[i] * inv);
+  } else {  // a subnormal absmax: 1 / absmax overflows (and 0 * inf would be NaN)
+    for (int64_t i = 0; i < n; ++i) codes[i] = nearest_code(t, x[i] / absmax);
+  }
   return absmax;
 }
 
