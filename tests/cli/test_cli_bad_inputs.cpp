@@ -299,6 +299,7 @@ const Row kRows[] = {
   // --- qat
   {"qat", "missing model", "qat -m {D}/missing.bin --method lsq --train-tokens {I} -o {O}", "missing.bin: no such file"},
   {"qat", "no method", "qat -m {M} --train-tokens {I} -o {O}", "--method is required"},
+  {"qat", "optimizer-bits 2", "qat -m {M} --method lsq --train-tokens {I} -o {O} --optimizer-bits 2", "--optimizer-bits: 2 not in {8,32}"},
   {"qat", "unknown method", "qat -m {M} --method bogus --train-tokens {I} -o {O}", "unknown qat --method 'bogus' (registered: lsq, efficientqat"},
   {"qat", "no training data", "qat -m {M} --method lsq -o {O}", "give --train TEXT"},
   {"qat", "text and tokens", "qat -m {M} --method lsq --train {D}/text.txt --train-tokens {I} -o {O}", "not both"},
@@ -374,6 +375,7 @@ const Row kRows[] = {
   {"finetune", "batch 0", "finetune -m {Q} --out {O} --train-tokens {I} --batch 0", "--batch: must be at least 1"},
   {"finetune", "seq-len 0", "finetune -m {Q} --out {O} --train-tokens {I} --seq-len 0", "--seq-len: must be at least 1"},
   {"finetune", "rank 0", "finetune -m {Q} --out {O} --train-tokens {I} --rank 0", "--rank: must be at least 1"},
+  {"finetune", "optimizer-bits 16", "finetune -m {Q} --out {O} --train-tokens {I} --optimizer-bits 16", "--optimizer-bits: 16 not in {8,32}"},
   // --- train (a tiny architecture: the rows fail before any step)
   {"train", "no training data", "train --out {O} --vocab 512", "give --train TEXT"},
   {"train", "empty training data", "train --out {O} --vocab 512 --train-tokens {D}/empty", "training data has 0 tokens"},
@@ -393,6 +395,8 @@ const Row kRows[] = {
   {"train", "seq-len 0", "train --out {O} --vocab 512 --train-tokens {I} --seq-len 0", "--seq-len: must be at least 1"},
   {"train", "dim 0", "train --out {O} --vocab 512 --train-tokens {I} --dim 0", "--dim: must be at least 1"},
   {"train", "beta2 2", "train --out {O} --vocab 512 --train-tokens {I} --beta2 2", "--beta2: must be between 0 and 1"},
+  {"train", "optimizer-bits 4", "train --out {O} --vocab 512 --train-tokens {I} --optimizer-bits 4", "--optimizer-bits: 4 not in {8,32}"},
+  {"train", "optimizer-bits abc", "train --out {O} --vocab 512 --train-tokens {I} --optimizer-bits abc", "--optimizer-bits: abc"},
   {"train", "unknown arch", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet", "--arch: 'bitnet' is not an architecture"},
   {"train", "unknown ternary scale", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-b1.58 --ternary-scale max", "--ternary-scale: 'max' is not a ternary scale"},
   {"train", "ternary scale without bitnet", "train --out {O} --vocab 512 --train-tokens {I} --ternary-scale median", "need --arch bitnet-b1.58"},

@@ -9,6 +9,7 @@
 #include "common/stories_fixture.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/io/safetensors.h"
 #include "lowbit/quant/lsq_linear.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
@@ -162,6 +163,51 @@ TEST_F(QatStories, LsqResumeAfterStopGivesTheSameModel) {
   other.steps = 20;
   other.stop_after_steps = 0;
   EXPECT_THROW(make_qat_method("lsq", other)->run(fp, calib_stream), Error);
+  fs::remove_all(dir);
+}
+
+// --optimizer-bits 8 in the end-to-end stage: the loss still falls, a resumed run gives the same
+// model as an uninterrupted one, and a state of the other bits is refused naming the flag.
+TEST_F(QatStories, LsqWith8BitOptimizerStateResumesIdenticallyAndChecksTheBits) {
+  Checkpoint ck = load_llama2c(model_path);
+  LlamaModel fp(ck.config, ck.weights);
+  const auto dir = test::temp_dir("qat-lsq-optim8");
+  QatConfig c = small();
+  c.optimizer_bits = 8;
+  c.state_dir = (dir / "state").string();
+  c.stop_after_steps = 5;
+  ASSERT_FALSE(make_qat_method("lsq", c)->run(fp, calib_stream).complete);
+  {
+    SafetensorsFile st = SafetensorsFile::open((dir / "state" / "lsq.safetensors").string());
+    int codes = 0;
+    for (const auto& t : st.tensors()) codes += t.dtype == DType::U8 ? 1 : 0;
+    EXPECT_GT(codes, 0) << "no 8-bit moments in the state";
+    EXPECT_EQ(st.metadata().at("optimizer_bits"), "8");
+  }
+  c.stop_after_steps = 0;
+  QatResult b = make_qat_method("lsq", c)->run(fp, calib_stream);
+  ASSERT_TRUE(b.complete);
+  EXPECT_EQ(b.stages[0].resumed_from, 5);
+  QatConfig u = small();
+  u.optimizer_bits = 8;
+  QatResult whole = make_qat_method("lsq", u)->run(fp, calib_stream);
+  expect_same(packed(*b.model), packed(*whole.model));
+  EXPECT_EQ(b.stages[0].loss_after, whole.stages[0].loss_after);
+  EXPECT_LT(whole.stages[0].loss_after, whole.stages[0].loss_before);
+  QatConfig other = small();  // 32-bit state over the 8-bit one
+  other.state_dir = c.state_dir;
+  fs::remove_all(dir / "state");
+  other.optimizer_bits = 8;
+  other.stop_after_steps = 3;
+  make_qat_method("lsq", other)->run(fp, calib_stream);
+  other.optimizer_bits = 32;
+  other.stop_after_steps = 0;
+  try {
+    make_qat_method("lsq", other)->run(fp, calib_stream);
+    ADD_FAILURE() << "a 32-bit run over an 8-bit state must fail";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--optimizer-bits 8"), std::string::npos) << e.what();
+  }
   fs::remove_all(dir);
 }
 

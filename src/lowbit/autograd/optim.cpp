@@ -1,41 +1,91 @@
 #include "lowbit/autograd/optim.h"
 
+#include <algorithm>
 #include <cmath>
 #include <numbers>
 
+#include "lowbit/ops/blockwise8.h"
 #include "lowbit/ops/ops.h"
 
 namespace lowbit {
 
-AdamW::AdamW(std::vector<ParamGroup> groups) : groups_(std::move(groups)) {
+AdamW::AdamW(std::vector<ParamGroup> groups, AdamWStateOptions state) : groups_(std::move(groups)), bits_(state.bits) {
+  if (bits_ != 32 && bits_ != 8) throw_error("AdamW: optimizer state bits must be 32 or 8, got ", bits_);
+  auto kept = [&](const Var& p) {
+    for (const Var& k : state.keep_32bit)
+      if (k.node() == p.node()) return true;
+    return false;
+  };
   for (auto& g : groups_) {
-    std::vector<Tensor> m, v;
+    std::vector<Tensor> m, v, ma, va;
     for (auto& p : g.params) {
       if (!p.requires_grad()) throw_error("AdamW: parameter '", p.name(), "' does not require grad");
-      m.push_back(Tensor::zeros(p.shape(), p.value().dtype(), p.value().device()));
-      v.push_back(Tensor::zeros(p.shape(), p.value().dtype(), p.value().device()));
+      const Tensor& x = p.value();
+      // Any parameter off the CPU (even one that would keep f32 state) refuses 8-bit state: no
+      // silent f32 run for a GPU model.
+      if (bits_ == 8 && x.device() != Device::CPU)
+        throw_error("AdamW: --optimizer-bits 8 runs on the CPU only for now (parameter ", x.describe(), ")");
+      if (bits_ == 8 && x.numel() >= state.min_8bit_numel && !kept(p)) {
+        if (x.dtype() != DType::F32) throw_error("AdamW: 8-bit state needs f32 parameters, got ", x.describe());
+        const int64_t nb = ops::blockwise8_blocks(x.numel());
+        Tensor mc = Tensor::empty(x.shape(), DType::U8), vc = Tensor::empty(x.shape(), DType::U8);
+        std::fill_n(mc.data<uint8_t>(), mc.numel(), ops::dynamic_zero_code(true));
+        std::fill_n(vc.data<uint8_t>(), vc.numel(), ops::dynamic_zero_code(false));
+        m.push_back(mc);
+        v.push_back(vc);
+        ma.push_back(Tensor::zeros({nb}, DType::F32));
+        va.push_back(Tensor::zeros({nb}, DType::F32));
+      } else {
+        m.push_back(Tensor::zeros(p.shape(), x.dtype(), x.device()));
+        v.push_back(Tensor::zeros(p.shape(), x.dtype(), x.device()));
+        ma.emplace_back();
+        va.emplace_back();
+      }
     }
     m_.push_back(std::move(m));
     v_.push_back(std::move(v));
+    m_absmax_.push_back(std::move(ma));
+    v_absmax_.push_back(std::move(va));
   }
 }
 
 void AdamW::step(double lr_scale) {
   ++step_;
-  // One fused update per group (ops::adamw_step_multi: one GPU launch for up to 24 tensors).
+  // One fused update per group (ops::adamw_step_multi: one GPU launch for up to 24 tensors) for
+  // f32 state; ops::adamw8_step per tensor with 8-bit state.
   for (size_t gi = 0; gi < groups_.size(); ++gi) {
     auto& g = groups_[gi];
+    const AdamWOptions& o = g.options;
     std::vector<ops::AdamwParam> ps;
     ps.reserve(g.params.size());
     for (size_t i = 0; i < g.params.size(); ++i) {
       Var& p = g.params[i];
       if (!p.grad().defined()) continue;
-      ps.push_back({&p.mutable_value(), &p.grad(), &m_[gi][i], &v_[gi][i]});
+      if (is_8bit(gi, i))
+        ops::adamw8_step(p.mutable_value(), p.grad(), m_[gi][i], m_absmax_[gi][i], v_[gi][i], v_absmax_[gi][i],
+                         o.lr * lr_scale, o.beta1, o.beta2, o.eps, o.weight_decay, step_);
+      else
+        ps.push_back({&p.mutable_value(), &p.grad(), &m_[gi][i], &v_[gi][i]});
     }
-    if (!ps.empty())
-      ops::adamw_step_multi(ps, g.options.lr * lr_scale, g.options.beta1, g.options.beta2, g.options.eps,
-                            g.options.weight_decay, step_);
+    if (!ps.empty()) ops::adamw_step_multi(ps, o.lr * lr_scale, o.beta1, o.beta2, o.eps, o.weight_decay, step_);
   }
+}
+
+int64_t AdamW::state_bytes() const {
+  int64_t bytes = 0;
+  for (size_t gi = 0; gi < m_.size(); ++gi)
+    for (size_t i = 0; i < m_[gi].size(); ++i) {
+      bytes += int64_t(m_[gi][i].nbytes() + v_[gi][i].nbytes());
+      if (is_8bit(gi, i)) bytes += int64_t(m_absmax_[gi][i].nbytes() + v_absmax_[gi][i].nbytes());
+    }
+  return bytes;
+}
+
+int64_t AdamW::params_8bit() const {
+  int64_t n = 0;
+  for (size_t gi = 0; gi < m_.size(); ++gi)
+    for (size_t i = 0; i < m_[gi].size(); ++i) n += is_8bit(gi, i) ? 1 : 0;
+  return n;
 }
 
 void AdamW::zero_grad() {
@@ -48,7 +98,9 @@ std::vector<Tensor*> AdamW::state_tensors() {
   for (size_t gi = 0; gi < groups_.size(); ++gi)
     for (size_t i = 0; i < m_[gi].size(); ++i) {
       out.push_back(&m_[gi][i]);
+      if (is_8bit(gi, i)) out.push_back(&m_absmax_[gi][i]);
       out.push_back(&v_[gi][i]);
+      if (is_8bit(gi, i)) out.push_back(&v_absmax_[gi][i]);
     }
   return out;
 }

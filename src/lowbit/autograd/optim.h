@@ -19,23 +19,46 @@ struct ParamGroup {
   AdamWOptions options;
 };
 
+// How AdamW keeps its two moments. bits = 32: f32 tensors (m, v) per parameter. bits = 8: block-wise
+// dynamic 8-bit quantization (Dettmers et al. 2022; ops/blockwise8.h, ops::adamw8_step): per
+// parameter m as signed codes + f32 absmax per 2048 elements, v as unsigned codes + absmax -- except
+// parameters with fewer than min_8bit_numel elements (bitsandbytes' min_8bit_size: norms, biases,
+// small adapters) and those listed in keep_32bit (the token embedding, the paper's advice for
+// stable training), which keep f32 state. bits = 8 needs every parameter on the CPU (a GPU one is an
+// error) and f32 parameters for the 8-bit ones.
+struct AdamWStateOptions {
+  int bits = 32;
+  int64_t min_8bit_numel = 4096;
+  std::vector<Var> keep_32bit;
+};
+
 class AdamW {
  public:
-  explicit AdamW(std::vector<ParamGroup> groups);
-  AdamW(std::vector<Var> params, AdamWOptions options) : AdamW({ParamGroup{std::move(params), options}}) {}
+  explicit AdamW(std::vector<ParamGroup> groups, AdamWStateOptions state = {});
+  AdamW(std::vector<Var> params, AdamWOptions options, AdamWStateOptions state = {})
+      : AdamW({ParamGroup{std::move(params), options}}, std::move(state)) {}
   // Applies one update with lr scaled by lr_scale (for schedules); parameters without a gradient
   // are skipped. Increments the step counter.
   void step(double lr_scale = 1.0);
   void zero_grad();
   int64_t steps() const { return step_; }
-  // Optimizer state for checkpoints: per parameter (m, v), in group order.
+  // Optimizer state for checkpoints, in group order: per parameter (m, v) for f32 state, (m codes,
+  // m absmax, v codes, v absmax) for 8-bit state.
   std::vector<Tensor*> state_tensors();
   void set_steps(int64_t s) { step_ = s; }
   std::vector<ParamGroup>& groups() { return groups_; }
+  int state_bits() const { return bits_; }
+  // Whether parameter i of group gi has 8-bit state.
+  bool is_8bit(size_t gi, size_t i) const { return m_absmax_[gi][i].defined(); }
+  // Bytes of optimizer state (both moments, codes and absmax), and how many of them are 8-bit.
+  int64_t state_bytes() const;
+  int64_t params_8bit() const;
 
  private:
   std::vector<ParamGroup> groups_;
-  std::vector<std::vector<Tensor>> m_, v_;
+  // m_/v_: f32 moments, or u8 codes for 8-bit state (then m_absmax_/v_absmax_ are defined).
+  std::vector<std::vector<Tensor>> m_, v_, m_absmax_, v_absmax_;
+  int bits_ = 32;
   int64_t step_ = 0;
 };
 

@@ -60,7 +60,9 @@ void run_finetune(FinetuneArgs& a) {
                       {"adapters_created", r.adapters_created},
                       {"adapters_reused", r.adapters_reused},
                       {"val_loss_before", loss_json(r.val_loss_before)},
-                      {"val_loss_after", loss_json(r.val_loss_after)}};
+                      {"val_loss_after", loss_json(r.val_loss_after)},
+                      {"optimizer_bits", o.train.optimizer_bits},
+                      {"optimizer_state_bytes", r.train.optimizer_state_bytes}};
   if (a.json) {
     print_json(j);
     return;
@@ -106,6 +108,10 @@ void register_finetune(CLI::App& app) {
   f->add_option("--checkpoint-every", t.checkpoint_every, "save the resumable state every N steps (0 = only at the end)")->capture_default_str()->check(at_least(0));
   f->add_option("--seed", t.seed, "seed for data order and adapter init")->capture_default_str()->check(at_least(0));
   f->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
+  f->add_option("--optimizer-bits", t.optimizer_bits,
+                "AdamW state of the adapters: 32 (f32) or 8 (block-wise dynamic 8-bit, as lowbit train's flag: "
+                "tensors under 4096 elements keep f32 state; CPU only for now)")
+      ->capture_default_str()->check(CLI::IsMember({8, 32}));
   f->add_flag("--json", a->json, "print a JSON summary");
   add_threads_option(f);
   f->callback([a] {

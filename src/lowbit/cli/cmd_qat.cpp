@@ -146,6 +146,11 @@ void register_qat(CLI::App& app) {
   q->add_option("--seed", c.seed, "seed for the training windows and calibration sampling")->capture_default_str()->check(at_least(0));
   q->add_flag("--distill", c.distill, "train on KL(teacher || student) to the full-precision model's logits instead of the LM loss");
   q->add_option("--lm-weight", c.lm_weight, "with --distill: add this times the LM cross-entropy")->check(at_least(0));
+  q->add_option("--optimizer-bits", c.optimizer_bits,
+                "AdamW state of the end-to-end stage (lsq, paretoq, l4q, efficientqat's E2E-QP; Block-AP keeps f32): "
+                "32 or 8 (block-wise dynamic 8-bit, as lowbit train's flag: tensors under 4096 elements and the token "
+                "embedding keep f32 state; CPU only for now)")
+      ->capture_default_str()->check(CLI::IsMember({8, 32}));
   q->add_option("--init", a->init, "lsq, l4q: initial steps/zero points (l4q: of W0): mse (LSQ+; lsq's default), minmax (RTN's range, no clipping: L4Q_init, l4q's default) or lsq (2<|w|>/sqrt(Qp))")
       ->check(CLI::IsMember({"mse", "minmax", "lsq"}));
   q->add_option("--lora-rank", c.lora_rank, "l4q: LoRA rank (default 8: lowbit's choice for small models, not the paper's value; the paper's text was not readable when this was written)")

@@ -95,7 +95,9 @@ void run_train(TrainArgs& a) {
   const nlohmann::json val_loss = r.final_val_loss < 0 ? nlohmann::json() : nlohmann::json(r.final_val_loss);
   nlohmann::json j = {{"out", o.out_dir}, {"steps", r.steps_done}, {"resumed", r.resumed}, {"final_val_loss", val_loss},
                         {"train_seconds", r.train_seconds}, {"tokens_per_second", tok_s}, {"device", a.device},
-                        {"tf32", a.tf32}, {"bf16", a.bf16}};
+                        {"tf32", a.tf32}, {"bf16", a.bf16}, {"optimizer_bits", o.optimizer_bits},
+                        {"optimizer_state_bytes", r.optimizer_state_bytes},
+                        {"optimizer_params_8bit", r.optimizer_params_8bit}};
   if (o.device == Device::CUDA) j["gpu"] = cuda_device_name();
   if (!o.dump_order.empty()) j["data_order"] = o.dump_order;
   j["arch"] = a.arch;
@@ -116,6 +118,8 @@ void run_train(TrainArgs& a) {
   if (r.final_val_loss >= 0) std::snprintf(val, sizeof val, "final val loss %.4f", r.final_val_loss);
   print_stdout("trained %lld steps; %s; %.0f tokens/s over %.1fs of steps; model in %s/model.bin and %s/hf\n",
                (long long)r.steps_done, val, tok_s, r.train_seconds, o.out_dir.c_str(), o.out_dir.c_str());
+  print_stdout("optimizer state: %lld bytes (--optimizer-bits %d, %lld tensors with 8-bit state)\n",
+               (long long)r.optimizer_state_bytes, o.optimizer_bits, (long long)r.optimizer_params_8bit);
   if (o.bitnet.enabled && r.complete && !a.tokenizer.empty())
     copy_tokenizer_files(a.tokenizer, "", (fs::path(o.out_dir) / "ternary").string());
   if (o.bitnet.enabled && r.complete)
@@ -160,6 +164,12 @@ void register_train(CLI::App& app) {
   t->add_flag("--bf16", a->bf16,
               "mixed precision on the GPU: bf16 activations and matmuls (fp32 accumulation), fp32 master weights, "
               "gradients for the update and AdamW state, fp32 loss");
+  t->add_option("--optimizer-bits", o.optimizer_bits,
+                "AdamW state: 32 (f32 moments) or 8 (block-wise dynamic 8-bit moments, Dettmers et al. 2022: codes plus "
+                "an f32 absmax per 2048 elements, about a quarter of the bytes). With 8, tensors under 4096 elements "
+                "(norms) and the token embedding keep f32 state, as bitsandbytes' min_8bit_size and the paper's "
+                "stable-embedding advice; CPU only for now")
+      ->capture_default_str()->check(CLI::IsMember({8, 32}));
   t->add_option("--dump-order", o.dump_order,
                 "write the run's data order (int64 window starts of every step and micro-batch, then the validation "
                 "windows) to FILE, for reference implementations (bench/torch_train_ref.py)");

@@ -139,6 +139,8 @@ class LlamaModel {
                     const std::vector<bool>& want_logits) const;
 
   std::vector<Var> parameters() const;
+  // The token embedding's parameter node (tied models: also the output projection).
+  const Var& token_embedding() const { return tok_embeddings_; }
   // Inference on the CPU: stores each dense linear weight, the output projection and the embedding
   // table as bf16 or f16 when every value of it is exactly representable there (a model read from
   // an F16 or BF16 file), so such a model keeps half the memory and its matrix products read the

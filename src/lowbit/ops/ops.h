@@ -147,4 +147,15 @@ inline constexpr int kAdamwMultiMax = 24;
 void adamw_step_multi(const std::vector<AdamwParam>& params, double lr, double beta1, double beta2, double eps,
                       double weight_decay, int64_t step);
 
+// The AdamW step with block-wise 8-bit state (`--optimizer-bits 8`; the codec is ops/blockwise8.h):
+// for each block of kBlockwise8Block elements, m (signed dynamic codes, u8 with param's shape, and
+// one f32 absmax per block: m_absmax [blockwise8_blocks(numel)]) and v (unsigned codes, v_absmax)
+// are decoded to f32, the element-wise update is adamw_step's CPU arithmetic on them, and the new
+// m and v are encoded again with the block's new absmax. param and grad f32, contiguous. CPU only:
+// a tensor on the GPU is an error (no CUDA body yet). Blocks are independent, so the result does
+// not depend on the thread count.
+void adamw8_step(Tensor& param, const Tensor& grad, Tensor& m_codes, Tensor& m_absmax, Tensor& v_codes,
+                 Tensor& v_absmax, double lr, double beta1, double beta2, double eps, double weight_decay,
+                 int64_t step);
+
 }  // namespace lowbit::ops

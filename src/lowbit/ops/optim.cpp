@@ -1,10 +1,13 @@
 // AdamW (Loshchilov & Hutter 2019), PyTorch's torch.optim.AdamW update:
 //   p <- p - lr*wd*p;  m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;
 //   p <- p - lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
+#include <algorithm>
 #include <cmath>
+#include <vector>
 #include <cstdlib>
 
 #include "lowbit/core/threads.h"
+#include "lowbit/ops/blockwise8.h"
 #include "lowbit/ops/dispatch.h"
 
 namespace lowbit::ops {
@@ -71,6 +74,59 @@ void adamw_step_multi(const std::vector<AdamwParam>& params, double lr, double b
   (void)fused;
   for (const AdamwParam& a : params)
     adamw_step(*a.param, *a.grad, *a.m, *a.v, lr, beta1, beta2, eps, weight_decay, step);
+}
+
+void adamw8_step(Tensor& param, const Tensor& grad, Tensor& m_codes, Tensor& m_absmax, Tensor& v_codes,
+                 Tensor& v_absmax, double lr, double beta1, double beta2, double eps, double weight_decay,
+                 int64_t step) {
+  const char* op = "adamw8_step";
+  for (const Tensor* t : {static_cast<const Tensor*>(&param), &grad, static_cast<const Tensor*>(&m_codes),
+                          static_cast<const Tensor*>(&m_absmax), static_cast<const Tensor*>(&v_codes),
+                          static_cast<const Tensor*>(&v_absmax)})
+    if (t->defined() && detail::on_cuda(*t))
+      throw_error(op, ": --optimizer-bits 8 runs on the CPU only for now (", t->describe(), ")");
+  detail::check_contiguous(op, param, "param");
+  const int64_t n = param.numel(), nb = blockwise8_blocks(n);
+  detail::check_shape(op, grad, param.shape(), "grad");
+  detail::check_shape(op, m_codes, param.shape(), "m codes");
+  detail::check_shape(op, v_codes, param.shape(), "v codes");
+  detail::check_shape(op, m_absmax, {nb}, "m absmax");
+  detail::check_shape(op, v_absmax, {nb}, "v absmax");
+  for (const Tensor* t : {&grad, static_cast<const Tensor*>(&m_codes), static_cast<const Tensor*>(&m_absmax),
+                          static_cast<const Tensor*>(&v_codes), static_cast<const Tensor*>(&v_absmax)})
+    detail::check_contiguous(op, *t, "a state tensor");
+  if (param.dtype() != DType::F32 || grad.dtype() != DType::F32)
+    throw_error(op, ": param and grad must be f32, got ", param.describe(), " and ", grad.describe());
+  if (m_codes.dtype() != DType::U8 || v_codes.dtype() != DType::U8 || m_absmax.dtype() != DType::F32 ||
+      v_absmax.dtype() != DType::F32)
+    throw_error(op, ": codes must be u8 and absmax f32, got ", m_codes.describe(), ", ", m_absmax.describe(), ", ",
+                v_codes.describe(), ", ", v_absmax.describe());
+  if (step < 1) throw_error(op, ": step counts from 1, got ", step);
+  const double bc1 = 1.0 - std::pow(beta1, double(step)), bc2 = 1.0 - std::pow(beta2, double(step));
+  float* p = param.data<float>();
+  const float* g = grad.data<float>();
+  uint8_t *mc = m_codes.data<uint8_t>(), *vc = v_codes.data<uint8_t>();
+  float *ma = m_absmax.data<float>(), *va = v_absmax.data<float>();
+  parallel_for(nb, 8, [&](int64_t b0, int64_t b1) {
+    std::vector<float> mbuf(static_cast<size_t>(kBlockwise8Block)), vbuf(static_cast<size_t>(kBlockwise8Block));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lo = b * kBlockwise8Block, len = std::min(kBlockwise8Block, n - lo);
+      blockwise8_decode_block(mc + lo, ma[b], len, true, mbuf.data());
+      blockwise8_decode_block(vc + lo, va[b], len, false, vbuf.data());
+      for (int64_t k = 0; k < len; ++k) {  // adamw_step's arithmetic
+        const int64_t i = lo + k;
+        double pi = double(p[i]) * (1.0 - lr * weight_decay);
+        const double mi = beta1 * double(mbuf[size_t(k)]) + (1.0 - beta1) * double(g[i]);
+        const double vi = beta2 * double(vbuf[size_t(k)]) + (1.0 - beta2) * double(g[i]) * double(g[i]);
+        pi -= lr * (mi / bc1) / (std::sqrt(vi / bc2) + eps);
+        p[i] = float(pi);
+        mbuf[size_t(k)] = float(mi);
+        vbuf[size_t(k)] = float(vi);
+      }
+      ma[b] = blockwise8_encode_block(mbuf.data(), len, true, mc + lo);
+      va[b] = blockwise8_encode_block(vbuf.data(), len, false, vc + lo);
+    }
+  });
 }
 
 }  // namespace lowbit::ops

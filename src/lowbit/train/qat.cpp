@@ -70,7 +70,8 @@ void save_e2e_state(const std::string& path, const std::vector<Var>& state, Adam
   std::ostringstream lb;
   lb.precision(17);
   lb << loss_before;
-  save_safetensors(path, ts, {{"step", std::to_string(step)}, {"key", key}, {"loss_before", lb.str()}});
+  save_safetensors(path, ts, {{"step", std::to_string(step)}, {"key", key}, {"loss_before", lb.str()},
+                              {"optimizer_bits", std::to_string(opt.state_bits())}});
 }
 
 int64_t load_e2e_state(const std::string& path, const std::vector<Var>& state, AdamW& opt, const std::string& key,
@@ -85,6 +86,11 @@ int64_t load_e2e_state(const std::string& path, const std::vector<Var>& state, A
   if (k->second != key)
     throw_error(path, ": this training state was written with other settings or data (saved: ", k->second,
                 "; this run: ", key, "); remove it or choose another output/state directory");
+  auto ob = md.find("optimizer_bits");  // states written before the flag existed: 32
+  const std::string saved_bits = ob == md.end() ? "32" : ob->second;
+  if (saved_bits != std::to_string(opt.state_bits()))
+    throw_error(path, ": saved with --optimizer-bits ", saved_bits, ", this run uses --optimizer-bits ", opt.state_bits(),
+                "; use the same --optimizer-bits or remove the state");
   auto restore = [&](const std::string& name, Tensor& dst) {
     Tensor t = f.load(name);
     if (t.shape() != dst.shape() || t.dtype() != dst.dtype())
@@ -147,7 +153,10 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
     all.insert(all.end(), g.params.begin(), g.params.end());
   }
   LB_CHECK(!all.empty(), "qat: nothing to train");
-  AdamW opt(pg);
+  AdamWStateOptions state_options;
+  state_options.bits = o.optimizer_bits;
+  if (student.token_embedding().defined()) state_options.keep_32bit.push_back(student.token_embedding());
+  AdamW opt(pg, state_options);
   const int64_t n = int64_t(stream.size());
   // Fixed windows for the before/after objective (one batch, evenly spaced).
   Tensor fin, ftgt;
@@ -257,6 +266,7 @@ E2eOptions e2e_options(const QatConfig& c, const LlamaConfig& mc, int64_t def_st
   o.seed = c.seed;
   o.distill = c.distill;
   o.lm_weight = c.lm_weight;
+  o.optimizer_bits = c.optimizer_bits;
   o.checkpoint_seconds = c.checkpoint_seconds;
   o.stop_after = c.stop_after_steps;
   o.progress = c.progress;

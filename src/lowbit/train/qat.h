@@ -67,6 +67,7 @@ struct QatConfig {
   uint64_t seed = 0;
   bool distill = false;   // KL to the FP teacher's logits
   double lm_weight = 0;   // with distill: + lm_weight * cross-entropy
+  int optimizer_bits = 32;  // AdamW state of the end-to-end stage: 32 or 8 (autograd/optim.h AdamWStateOptions)
   LsqInit init = LsqInit::Mse;  // lsq, l4q
   std::string paretoq_bits;     // paretoq: "1", "1.58", "2", "3", "4"; empty: from the format
   bool init_set = false;        // l4q: false = its own default (minmax, L4Q_init)
@@ -130,6 +131,7 @@ struct E2eOptions {
   uint64_t seed = 0;
   bool distill = false;
   double lm_weight = 0;
+  int optimizer_bits = 32;  // 8: block-wise 8-bit AdamW state (tensors under 4096 elements keep f32)
   std::string stage = "e2e";
   std::string key;          // hyper-parameters and data: part of the state's identity
   std::string state_path;   // empty: no resumable state

@@ -82,13 +82,15 @@ std::string arch_name(const TrainOptions& o) { return o.bitnet.enabled ? "bitnet
 
 void save_state(const std::string& path, const std::vector<Var>& params, AdamW& opt, int64_t step,
                 const LlamaConfig& c, uint64_t seed, const std::string& arch) {
+  // The state tensors' number and types depend on the optimizer bits: stored so a resume can check.
   std::vector<std::pair<std::string, Tensor>> ts;
   for (size_t i = 0; i < params.size(); ++i) ts.emplace_back("param." + std::to_string(i), params[i].value());
   auto st = opt.state_tensors();
   for (size_t i = 0; i < st.size(); ++i) ts.emplace_back("adamw." + std::to_string(i), *st[i]);
   nlohmann::json cj = config_to_hf_json(c, "float32");
   save_safetensors(path, ts,
-                   {{"step", std::to_string(step)}, {"seed", std::to_string(seed)}, {"config", cj.dump()}, {"arch", arch}});
+                   {{"step", std::to_string(step)}, {"seed", std::to_string(seed)}, {"config", cj.dump()}, {"arch", arch},
+                    {"optimizer_bits", std::to_string(opt.state_bits())}});
 }
 
 int64_t load_state(const std::string& path, std::vector<Var>& params, AdamW& opt, uint64_t seed,
@@ -103,6 +105,11 @@ int64_t load_state(const std::string& path, std::vector<Var>& params, AdamW& opt
   const std::string saved_arch = ar == f.metadata().end() ? "llama" : ar->second;
   if (saved_arch != arch)
     throw_error(path, ": saved by an --arch ", saved_arch, " run, this run is --arch ", arch, "; use a new --out");
+  auto ob = f.metadata().find("optimizer_bits");  // states written before the flag existed: 32
+  const std::string saved_bits = ob == f.metadata().end() ? "32" : ob->second;
+  if (saved_bits != std::to_string(opt.state_bits()))
+    throw_error(path, ": saved with --optimizer-bits ", saved_bits, ", this run uses --optimizer-bits ", opt.state_bits(),
+                "; use the same --optimizer-bits or a new --out");
   auto restore = [&](const std::string& name, Tensor& dst) {
     Tensor t = f.load(name);
     if (t.shape() != dst.shape() || t.dtype() != dst.dtype())
@@ -190,6 +197,8 @@ void check_training_inputs(const TrainOptions& o, const std::vector<int32_t>& tr
   if (o.max_steps < 0) throw_error("--steps must be at least 0, got ", o.max_steps);
   if (o.warmup_steps < 0) throw_error("--warmup must be at least 0, got ", o.warmup_steps);
   if (o.eval_batches < 1) throw_error("--eval-batches must be at least 1, got ", o.eval_batches);
+  if (o.optimizer_bits != 32 && o.optimizer_bits != 8)
+    throw_error("--optimizer-bits must be 32 or 8, got ", o.optimizer_bits);
   if (!std::isfinite(o.lr) || o.lr <= 0) throw_error("--lr must be a finite number greater than 0, got ", o.lr);
   // A window is seq_len + 1 tokens (inputs and shifted targets) drawn from [0, n - seq_len - 1).
   const auto need = o.seq_len + 2;
@@ -216,11 +225,16 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
   // No weight decay on norms (1-D), as in llama2.c's train.py.
   ParamGroup decay{{}, {o.lr, o.beta1, o.beta2, 1e-8, o.weight_decay}}, no_decay{{}, {o.lr, o.beta1, o.beta2, 1e-8, 0.0}};
   for (auto& p : params) (p.value().dim() >= 2 ? decay : no_decay).params.push_back(p);
-  AdamW opt({decay, no_decay});
+  AdamWStateOptions state_options;
+  state_options.bits = o.optimizer_bits;
+  if (model.token_embedding().defined()) state_options.keep_32bit.push_back(model.token_embedding());
+  AdamW opt({decay, no_decay}, state_options);
   std::vector<Var> ordered = decay.params;
   ordered.insert(ordered.end(), no_decay.params.begin(), no_decay.params.end());
 
   TrainResult result;
+  result.optimizer_state_bytes = opt.state_bytes();
+  result.optimizer_params_8bit = opt.params_8bit();
   int64_t step = 0;
   if (o.resume && fs::exists(state_path)) {
     step = load_state(state_path, ordered, opt, o.seed, arch_name(o));

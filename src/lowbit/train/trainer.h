@@ -35,6 +35,9 @@ struct TrainOptions {
   // Mixed precision (GPU only, train_model): bf16 activations and matmuls, fp32 master weights,
   // fp32 gradients for the update, fp32 AdamW state, fp32 loss (see MixedPrecisionModel).
   bool bf16 = false;
+  // AdamW state: 32 = f32 moments; 8 = block-wise dynamic 8-bit moments (autograd/optim.h
+  // AdamWStateOptions: tensors under 4096 elements and the token embedding keep f32 state). CPU only.
+  int optimizer_bits = 32;
   std::string out_dir;             // state.safetensors, log.jsonl, model.bin, hf/
   bool resume = true;              // continue from out_dir/state.safetensors when present
   int64_t stop_after = 0;          // testing aid: return after this many steps of this run (0 = off)
@@ -56,6 +59,8 @@ struct TrainResult {
   bool resumed = false;
   bool complete = false;  // reached max_steps (false when stopped by stop_after)
   double train_seconds = 0;  // sum of this run's step times (forward, backward, update; no validation)
+  int64_t optimizer_state_bytes = 0;  // AdamW's two moments (8-bit: codes and absmax)
+  int64_t optimizer_params_8bit = 0;  // parameters whose state is 8-bit
 };
 
 // Throws lowbit::Error naming the flag when the options or the data cannot make a run: batch,
