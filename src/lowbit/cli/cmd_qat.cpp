@@ -59,10 +59,10 @@ void run_qat(QatArgs& a) {
   if (!generate && !given_data) throw_error("qat: give --train TEXT (with a tokenizer), --train-tokens FILE or --self-generate N");
   if (a.method == "llm-qat") a.c.distill = true;  // its loss is the distillation KL
   if (a.c.lm_weight > 0 && !a.c.distill) throw_error("--lm-weight adds the LM loss to --distill's KL; it needs --distill");
-  const Device dev = parse_device(a.device);
-  if (dev != Device::CPU && a.method == "llm-qat")
+  if (a.device != "cpu" && a.method == "llm-qat")  // before probing for a GPU: the answer is the same either way
     throw_error("qat --method llm-qat: --device ", a.device, " is not supported: its MinMax weight quantizer and the "
                 "per-token activation / KV quantizers have CPU bodies only (use --device cpu)");
+  const Device dev = parse_device(a.device);
   if (dev != Device::CPU)
     throw_error("qat: --device ", a.device, " is not supported yet: the LSQ quantizer has a CPU body only (use --device cpu)");
   if (is_lowbit_quantized_dir(a.model))
@@ -129,13 +129,13 @@ void run_qat(QatArgs& a) {
   if (a.method == "llm-qat") {  // what the checkpoint was trained for, and how to evaluate it so
     const std::string act = a.c.act_bits ? "int" + std::to_string(a.c.act_bits) : "none";
     std::string eval = "lowbit eval ppl -m " + a.out + " --act " + act;
-    if (a.c.kv_bits) eval += " --kv-quant int4";
+    if (a.c.kv_bits == 2 || a.c.kv_bits == 4) eval += " --kv-quant int" + std::to_string(a.c.kv_bits);
     report["trained_for"] = {
         {"weights", f.name},
         {"act", act + (a.c.act_bits ? " per token, symmetric (recorded in the checkpoint: eval/run apply it)" : "")},
         {"kv", a.c.kv_bits ? "int" + std::to_string(a.c.kv_bits) +
                                  " per (token, head), symmetric, k_proj/v_proj outputs (training only: not recorded; "
-                                 "eval's --kv-quant is KIVI, a different quantizer)"
+                                 "eval's --kv-quant int4|int2 is KIVI, a different quantizer, and has no int8)"
                            : "none"},
         {"eval", eval}};
   }

@@ -21,7 +21,7 @@
 //    (eq. 1: X_Q = alpha round(X / alpha), alpha = max|X| / (2^(N-1) - 1)) per output channel or per
 //    group of the format, recomputed from W at every forward (no learned step), straight-through
 //    estimator (dQ(W)/dW = identity). It is exactly lowbit's RTN in a symmetric integer format
-//    (quant/quantize.h fake_quantize: the scale rounded to its f16 storage), so the packed export
+//    (quant/quantize.h fake_quantize: the scale rounded up to its f16 storage, so max|X| never clips), so the packed export
 //    is exactly the trained student. Activations: the input of every block linear is quantized per
 //    token (symmetric MinMax, act_bits 4 or 8, STE: model/rotation.h ActQuantSpec, which the
 //    checkpoint records, so `eval ppl` runs the model with it). KV cache: the outputs of k_proj
@@ -70,7 +70,7 @@ std::vector<int32_t> self_generate(const LlamaModel& fp, const SelfGenOptions& o
                                    bool* complete = nullptr);
 
 // The paper's symmetric MinMax fake quantizer of a weight w [out, in] in a symmetric integer
-// format (per channel or per group): alpha = max|w_group| / (2^(B-1) - 1) (rounded to its f16
+// format (per channel or per group): alpha = max|w_group| / (2^(B-1) - 1) (rounded up to its f16
 // storage), q = clamp(round(w / alpha), -(2^(B-1) - 1), 2^(B-1) - 1), returns q alpha. Straight
 // through: the gradient passes to w unchanged.
 Var minmax_fake_quant(const Var& w, const QuantFormat& f);
