@@ -330,6 +330,7 @@ const Row kRows[] = {
   {"qat", "self-generate 0 for lsq", "qat -m {M} --method lsq --self-generate 0 -o {O}", "the number of sequences to generate must be >= 1"},
   {"qat", "self-generate and tokens", "qat -m {M} --method llm-qat --format int4g128s --self-generate 4 --train-tokens {I} -o {O}", "not both"},
   {"qat", "gen-tokens without generation", "qat -m {M} --method lsq --gen-tokens {D}/gen.i32 --train-tokens {I} -o {O}", "--gen-tokens applies to self-generated data"},
+  {"qat", "gen-top-k without generation", "qat -m {M} --method lsq --gen-top-k 5 --train-tokens {I} -o {O}", "--gen-top-k applies to self-generated data"},
   {"qat", "gen-length 2", "qat -m {M} --method llm-qat --format int4g128s --self-generate 4 --gen-length 2 -o {O}", "--gen-length: must be at least 3"},
   {"qat", "gen-length past the context", "qat -m {M} --method llm-qat --format int4g128s --self-generate 4 --seqlen 8 --gen-length 100000 -o {O}", "is not in [3, ", kModel},
   {"qat", "gen-tokens not ours", "qat -m {M} --method llm-qat --format int4g128s --self-generate 4 --gen-tokens {I} -o {O}", "was not written by --self-generate", kModel},

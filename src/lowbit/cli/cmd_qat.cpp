@@ -24,7 +24,7 @@ struct QatArgs {
   std::string model, method, format = "int2g64", train_text, train_tokens, tokenizer, out, state_dir, device = "cpu",
                              init, gen_tokens;
   int64_t self_generate = 0, gen_length = 0, gen_top_k = 50;
-  bool self_generate_given = false;
+  bool self_generate_given = false, gen_top_k_given = false;
   QatConfig c;
   bool json = false;
 };
@@ -54,8 +54,9 @@ void run_qat(QatArgs& a) {
   // llm-qat is data-free by default: without training data it generates its own.
   if (!given_data && !a.self_generate_given && a.method == "llm-qat") a.self_generate = 256;
   const bool generate = a.self_generate > 0 && !given_data;
-  if (!generate && (!a.gen_tokens.empty() || a.gen_length > 0))
-    throw_error(!a.gen_tokens.empty() ? "--gen-tokens" : "--gen-length", " applies to self-generated data (--self-generate N)");
+  if (!generate && (!a.gen_tokens.empty() || a.gen_length > 0 || a.gen_top_k_given))
+    throw_error(!a.gen_tokens.empty() ? "--gen-tokens" : a.gen_length > 0 ? "--gen-length" : "--gen-top-k",
+                " applies to self-generated data (--self-generate N)");
   if (!generate && !given_data) throw_error("qat: give --train TEXT (with a tokenizer), --train-tokens FILE or --self-generate N");
   if (a.method == "llm-qat") a.c.distill = true;  // its loss is the distillation KL
   if (a.c.lm_weight > 0 && !a.c.distill) throw_error("--lm-weight adds the LM loss to --distill's KL; it needs --distill");
@@ -256,6 +257,7 @@ void register_qat(CLI::App& app) {
         throw_error(flag, " applies to --method ", names, ", not ", a->method);
       }
     a->self_generate_given = q->count("--self-generate") > 0;
+    a->gen_top_k_given = q->count("--gen-top-k") > 0;
     a->c.progress = !a->json;
     run_qat(*a);
   });
