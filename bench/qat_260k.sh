@@ -23,7 +23,7 @@
 #   *-gen rows: trained on the calibration tokens + 64,401 self-generated tokens (see below)
 #   llm-qat        300 steps x 8 x 256 = 614,400 end to end (lsq's budget), KL to the FP model, symmetric
 #                  formats only (int4g64s, int2g64s: the paper's symmetric MinMax); -a8: --act-bits 8,
-#                  -a8kv4: also --kv-bits 4; -lr3e-4: weight lr 3e-4 (default 1e-4); -selfgen: trained only on
+#                  -a8kv4: also --kv-bits 4; -lr3e-4, -lr1e-3: weight lr (default 1e-4); -selfgen: trained only on
 #                  llm-qat's own data (--self-generate 256: 256 x 257 = 65,792 tokens, made once up front,
 #                  OUT_DIR/selfgen-256.i32) instead of the calibration tokens.
 #                  At int4g64s / int2g64s the comparators are rtn, lsq and lsq-distill (same budget):
@@ -145,6 +145,7 @@ lsq-distill $fmt qat --method lsq --distill
 llm-qat $fmt qat --method llm-qat
 llm-qat-a8 $fmt qat --method llm-qat --act-bits 8
 llm-qat-lr3e-4 $fmt qat --method llm-qat --lr 3e-4
+llm-qat-lr1e-3 $fmt qat --method llm-qat --lr 1e-3
 llm-qat-selfgen $fmt qat-selfgen --method llm-qat
 EOF
 esac; done

@@ -14,6 +14,7 @@
 #include "lowbit/autograd/functions.h"
 #include "lowbit/core/dtype.h"
 #include "lowbit/io/llama2c.h"
+#include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
 #include "lowbit/train/llm_qat.h"
@@ -119,35 +120,6 @@ TEST(LlmQatQuantizer, StraightThroughGradientMatchesFiniteDifferencesOfTheSurrog
   }
 }
 
-// The KV quantizer on a layer's output: per (token, head) symmetric MinMax, gradient straight through.
-TEST(LlmQatQuantizer, OutputQuantizationPerHeadWithStraightThroughGradient) {
-  const QuantFormat& f = parse_quant_format("int8pc");
-  const Tensor w = random_tensor({16, 32}, 3, DType::F32, 0.2), x = random_tensor({4, 32}, 4);
-  MinMaxQatLinear plain(w, Tensor(), f), kv(w, Tensor(), f, 4, 8);
-  const Tensor y = plain.forward(Var(x, false)).value();
-  Var xv(x.clone(), true);
-  Var yq = kv.forward(xv);
-  for (int64_t r = 0; r < 4; ++r)
-    for (int64_t h = 0; h < 2; ++h) {
-      double mx = 0;
-      for (int64_t j = 0; j < 8; ++j) mx = std::max(mx, std::fabs(double(y.data<float>()[r * 16 + h * 8 + j])));
-      const double s = mx / 7;
-      for (int64_t j = 0; j < 8; ++j) {
-        const int64_t i = r * 16 + h * 8 + j;
-        EXPECT_NEAR(yq.value().data<float>()[i], std::clamp(std::nearbyint(y.data<float>()[i] / s), -8.0, 7.0) * s, 1e-5);
-      }
-    }
-  backward(sum(yq));
-  // dL/dx = 1^T Q(W) (STE through both quantizers).
-  const Tensor qw = plain.effective_weight();
-  for (int64_t k = 0; k < 32; ++k) {
-    double e = 0;
-    for (int64_t n = 0; n < 16; ++n) e += qw.data<float>()[n * 32 + k];
-    EXPECT_NEAR(xv.grad().data<float>()[k], e, 1e-4);
-  }
-  EXPECT_THROW(MinMaxQatLinear(w, Tensor(), f, 4, 5), Error);  // 5 does not divide 16
-}
-
 namespace {
 struct LlmQatStories : test::StoriesPtq {
   QatConfig small(const char* format = "int4g64s") const {
@@ -181,6 +153,46 @@ struct LlmQatStories : test::StoriesPtq {
   }
 };
 }  // namespace
+
+// LLM-QAT's KV quantization in the model (ModelTransforms::kv_token_bits): k_proj / v_proj outputs
+// per (token, head), symmetric MinMax, before RoPE. The full forward and token-by-token decoding give
+// the same logits (each token's keys depend on it alone), it changes the function, and gradients
+// pass straight through to the k/v weights.
+TEST_F(LlmQatStories, PerTokenKvQuantizationInEveryForwardPath) {
+  Checkpoint ck = load_llama2c(model_path);
+  LlamaModel fp(ck.config, ck.weights), m(ck.config, ck.weights, true);
+  ModelTransforms t;
+  t.kv_token_bits = 4;
+  m.set_transforms(t);
+  const int64_t T = 12, V = ck.config.vocab_size;
+  Tensor tok = Tensor::empty({1, T}, DType::I32);
+  for (int64_t i = 0; i < T; ++i) tok.data<int32_t>()[i] = calib_stream[size_t(i)];
+  Var full = m.forward(tok);
+  KVCache cache = m.make_cache(T, KVCacheType::F32);
+  double max_diff = 0, fp_diff = 0;
+  const Tensor ref = fp.forward(tok).value();
+  for (int64_t i = 0; i < T; ++i) {
+    Tensor one = Tensor::empty({1}, DType::I32);
+    one.data<int32_t>()[0] = tok.data<int32_t>()[i];
+    NoGradGuard ng;
+    const Tensor step = m.forward_cached(one, cache).value();
+    for (int64_t j = 0; j < V; ++j) {
+      max_diff = std::max(max_diff, std::fabs(double(step.data<float>()[j]) - full.value().data<float>()[i * V + j]));
+      fp_diff = std::max(fp_diff, std::fabs(double(ref.data<float>()[i * V + j]) - full.value().data<float>()[i * V + j]));
+    }
+  }
+  EXPECT_LT(max_diff, 1e-4);
+  EXPECT_GT(fp_diff, 1e-3);  // 4-bit keys/values change the logits
+  backward(sum(full));
+  EXPECT_TRUE(m.block(0).wk->parameters()[0].grad().defined());
+  t.kv.bits = 4;  // not together with KIVI
+  EXPECT_THROW(m.set_transforms(t), Error);
+  t.kv.bits = 0;
+  t.kv_token_bits = 3;
+  EXPECT_THROW(m.set_transforms(t), Error);
+  EXPECT_EQ(parse_kv_token_bits("int8"), 8);
+  EXPECT_THROW(parse_kv_token_bits("int3"), Error);
+}
 
 TEST_F(LlmQatStories, SelfGenerationFollowsTheRuleAndIsDeterministic) {
   Checkpoint ck = load_llama2c(model_path);
@@ -280,6 +292,15 @@ TEST_F(LlmQatStories, ReducesTheKlWithActivationAndKvQuantization) {
     ASSERT_TRUE(r.model);
     packed(*r.model);  // every linear packed
     EXPECT_EQ(r.model->transforms().act.bits, act);  // recorded with the model, as the checkpoint saves it
+    EXPECT_EQ(r.model->transforms().kv_token_bits, kv);
+    // The checkpoint records both; read back, the model computes what was trained.
+    const auto dir = test::temp_dir("llmqat-save");
+    save_quantized_model(dir.string(), *r.model, "llm-qat", *c.format);
+    auto loaded = make_quantized_model(load_quantized_model(dir.string(), false));
+    EXPECT_EQ(loaded->transforms().act.bits, act);
+    EXPECT_EQ(loaded->transforms().kv_token_bits, kv);
+    EXPECT_NEAR(ppl(*loaded), ppl(*r.model), 1e-3 * ppl(*r.model));
+    fs::remove_all(dir);
     EXPECT_FALSE(r.model->transforms().act.asymmetric);
   }
   // Whole-sequence windows (self-generated data) train too.

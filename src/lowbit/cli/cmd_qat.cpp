@@ -129,15 +129,14 @@ void run_qat(QatArgs& a) {
                                 {"file", gen_path}};
   if (a.method == "llm-qat") {  // what the checkpoint was trained for, and how to evaluate it so
     const std::string act = a.c.act_bits ? "int" + std::to_string(a.c.act_bits) : "none";
-    std::string eval = "lowbit eval ppl -m " + a.out + " --act " + act;
-    if (a.c.kv_bits == 2 || a.c.kv_bits == 4) eval += " --kv-quant int" + std::to_string(a.c.kv_bits);
+    const std::string kv = a.c.kv_bits ? "int" + std::to_string(a.c.kv_bits) : "none";
+    const std::string eval = "lowbit eval ppl -m " + a.out + " --act " + act + " --kv-token-quant " + kv;
     report["trained_for"] = {
         {"weights", f.name},
         {"act", act + (a.c.act_bits ? " per token, symmetric (recorded in the checkpoint: eval/run apply it)" : "")},
-        {"kv", a.c.kv_bits ? "int" + std::to_string(a.c.kv_bits) +
-                                 " per (token, head), symmetric, k_proj/v_proj outputs (training only: not recorded; "
-                                 "eval's --kv-quant int4|int2 is KIVI, a different quantizer, and has no int8)"
-                           : "none"},
+        {"kv", kv + (a.c.kv_bits ? " per (token, head), symmetric, k_proj/v_proj outputs before RoPE (recorded in the "
+                                   "checkpoint: eval/run apply it, as --kv-token-quant)"
+                                 : "")},
         {"eval", eval}};
   }
   if (!r.complete) {  // stopped early (testing aid): the state stays for the next run
@@ -201,7 +200,8 @@ void register_qat(CLI::App& app) {
                 "during training: 4 or 8 (recorded in the checkpoint, as `eval ppl --act int4|int8`)")
       ->check(CLI::IsMember({4, 8}));
   q->add_option("--kv-bits", c.kv_bits, "llm-qat: quantize the KV cache (k_proj / v_proj outputs, before RoPE, as the reference "
-                "code) per token and head (symmetric MinMax, STE) during training: 2, 4 or 8")
+                "code) per token and head (symmetric MinMax, STE) during training: 2, 4 or 8 (recorded in the checkpoint, as "
+                "`eval ppl --kv-token-quant int2|int4|int8`)")
       ->check(CLI::IsMember({2, 4, 8}));
   q->add_option("--steps", c.steps, "end-to-end optimizer steps (default 300; efficientqat: of E2E-QP)")->check(at_least(0));
   q->add_option("--batch", c.batch, "sequences per step (default 8)")->check(at_least(1));

@@ -228,24 +228,17 @@ Var minmax_fake_quant(const Var& w, const QuantFormat& f) {
   return fake_quant(w, f);
 }
 
-MinMaxQatLinear::MinMaxQatLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f, int out_bits,
-                                 int64_t out_group)
-    : format_(f), out_bits_(out_bits), out_group_(out_group) {
+MinMaxQatLinear::MinMaxQatLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f) : format_(f) {
   LB_CHECK(llm_qat_supports(f), "llm-qat: format ", f.name, " is not a symmetric integer format (intBgGs, intBpcs)");
   LB_CHECK(weight.defined() && weight.dim() == 2 && weight.numel() > 0, "llm-qat: weight must be a non-empty [out, in]");
   out_ = weight.size(0);
   in_ = weight.size(1);
-  LB_CHECK(out_bits == 0 || (out_bits >= 2 && out_bits <= 8 && out_group >= 1 && out_ % out_group == 0),
-           "llm-qat: output quantization of ", out_bits, " bits in groups of ", out_group, " does not fit ", out_,
-           " outputs");
   weight_ = Var(weight.to(Device::CPU).to(DType::F32).contiguous().clone(), true);
   if (bias.defined()) bias_ = Var(bias.to(Device::CPU).to(DType::F32).contiguous().clone(), false);
 }
 
 Var MinMaxQatLinear::forward(const Var& x) const {
-  Var y = linear(x, minmax_fake_quant(weight_, format_), bias_);
-  if (out_bits_ > 0) y = fake_quant(y, out_bits_, false, 1.0, out_group_);
-  return y;
+  return linear(x, minmax_fake_quant(weight_, format_), bias_);
 }
 
 Tensor MinMaxQatLinear::effective_weight() const { return fake_quantize(weight_.value(), format_); }

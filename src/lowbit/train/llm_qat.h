@@ -26,7 +26,8 @@
 //    token (symmetric MinMax, act_bits 4 or 8, STE: model/rotation.h ActQuantSpec, which the
 //    checkpoint records, so `eval ppl` runs the model with it). KV cache: the outputs of k_proj
 //    and v_proj are quantized per (token, head) (symmetric MinMax, kv_bits, STE) before RoPE, where
-//    the reference code quantizes them (per token there; per head here). The loss is the paper's
+//    the reference code quantizes them (per token over all heads there; per head here):
+//    ModelTransforms::kv_token_bits, also recorded in the checkpoint (`--kv-token-quant`). The loss is the paper's
 //    KL(teacher || student) over the full vocabulary at every position (cross-entropy with the
 //    teacher's soft labels, up to the teacher's entropy).
 #pragma once
@@ -79,10 +80,8 @@ Var minmax_fake_quant(const Var& w, const QuantFormat& f);
 class MinMaxQatLinear : public Linear {
  public:
   // weight [out, in] f32 (copied, trained), bias [out] or undefined (frozen). f: a symmetric
-  // integer format. out_bits > 0: the output is quantized per group of out_group channels (k_proj /
-  // v_proj with KV quantization: out_group = head_dim).
-  MinMaxQatLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f, int out_bits = 0,
-                  int64_t out_group = 0);
+  // integer format.
+  MinMaxQatLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f);
   Var forward(const Var& x) const override;
   int64_t in_features() const override { return in_; }
   int64_t out_features() const override { return out_; }
@@ -96,8 +95,6 @@ class MinMaxQatLinear : public Linear {
  private:
   const QuantFormat& format_;
   int64_t out_ = 0, in_ = 0;
-  int out_bits_ = 0;
-  int64_t out_group_ = 0;
   Var weight_, bias_;
 };
 

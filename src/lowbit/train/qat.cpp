@@ -617,23 +617,20 @@ class LlmQat : public QatMethod {
     const QuantFormat& f = *c_.format;
     const auto t0 = Clock::now();
     const LlamaConfig& mc = fp.config();
-    LB_CHECK(c_.kv_bits == 0 || !mc.qk_norm, "qat --method llm-qat: --kv-bits quantizes k_proj's output before RoPE; "
-             "models with q/k norms (Qwen3) normalise it afterwards, which this does not model yet");
     auto work = std::make_unique<LlamaModel>(mc, fp.weights(), false);
-    const int64_t hd = mc.resolved_head_dim();
     std::vector<std::shared_ptr<MinMaxQatLinear>> layers;
     std::vector<Var> weights;
-    for_each_linear(*work, [&](int, const std::string& name, std::shared_ptr<Linear>* slot) {
+    for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
       const Tensor w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
-      const bool kv = c_.kv_bits > 0 && (name == "self_attn.k_proj" || name == "self_attn.v_proj");
-      auto t = std::make_shared<MinMaxQatLinear>(w, (*slot)->bias(), f, kv ? c_.kv_bits : 0, kv ? hd : 0);
+      auto t = std::make_shared<MinMaxQatLinear>(w, (*slot)->bias(), f);
       weights.push_back(t->latent_weight());
       *slot = t;
       layers.push_back(t);
     });
-    if (c_.act_bits > 0) {
+    if (c_.act_bits > 0 || c_.kv_bits > 0) {  // trained with, and recorded in the checkpoint
       ModelTransforms tr = work->transforms();
-      tr.act = ActQuantSpec{c_.act_bits, false, 1.0};
+      if (c_.act_bits > 0) tr.act = ActQuantSpec{c_.act_bits, false, 1.0};
+      tr.kv_token_bits = c_.kv_bits;
       work->set_transforms(tr);
     }
     E2eOptions o = e2e_options(c_, mc, 300, 8);
