@@ -23,7 +23,7 @@
 #   *-gen rows: trained on the calibration tokens + 64,401 self-generated tokens (see below)
 #   llm-qat        300 steps x 8 x 256 = 614,400 end to end (lsq's budget), KL to the FP model, symmetric
 #                  formats only (int4g64s, int2g64s: the paper's symmetric MinMax); -a8: --act-bits 8,
-#                  -a8kv4: also --kv-bits 4; -lr3e-4, -lr1e-3: weight lr (default 1e-4); -selfgen: trained only on
+#                  -a8kv4, -a8kv8: also --kv-bits 4 / 8; -a4: --act-bits 4 (int4g64s); -lr3e-4, -lr1e-3 (-lr3e-3 at int2g64s): weight lr (default 1e-4); -selfgen: trained only on
 #                  llm-qat's own data (--self-generate 256: 256 x 257 = 65,792 tokens, made once up front,
 #                  OUT_DIR/selfgen-256.i32) instead of the calibration tokens.
 #                  At int4g64s / int2g64s the comparators are rtn, lsq and lsq-distill (same budget):
@@ -151,6 +151,12 @@ EOF
 esac; done
 case " $formats " in *" int4g64s "*) cat >> "$out/jobs.txt" <<EOF
 llm-qat-a8kv4 int4g64s qat --method llm-qat --act-bits 8 --kv-bits 4
+llm-qat-a4 int4g64s qat --method llm-qat --act-bits 4
+llm-qat-a8kv8 int4g64s qat --method llm-qat --act-bits 8 --kv-bits 8
+EOF
+esac
+case " $formats " in *" int2g64s "*) cat >> "$out/jobs.txt" <<EOF
+llm-qat-lr3e-3 int2g64s qat --method llm-qat --lr 3e-3
 EOF
 esac
 if [ -n "${QAT_JOBS:-}" ]; then
