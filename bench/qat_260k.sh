@@ -23,9 +23,10 @@
 #   *-gen rows: trained on the calibration tokens + 64,401 self-generated tokens (see below)
 #   llm-qat        300 steps x 8 x 256 = 614,400 end to end (lsq's budget), KL to the FP model, symmetric
 #                  formats only (int4g64s, int2g64s: the paper's symmetric MinMax); -a8: --act-bits 8,
-#                  -a8kv4, -a8kv8: also --kv-bits 4 / 8; -a4: --act-bits 4 (int4g64s); -lr3e-4, -lr1e-3 (-lr3e-3 at int2g64s): weight lr (default 1e-4); -selfgen: trained only on
+#                  -a8kv4, -a8kv8: also --kv-bits 4 / 8; -a4: --act-bits 4 (int4g64s); -lr3e-4, -lr1e-3 (-lr3e-3, -lr1e-2, -lr3e-3-selfgen at int2g64s): weight lr (default 1e-4); -selfgen: trained only on
 #                  llm-qat's own data (--self-generate 256: 256 x 257 = 65,792 tokens, made once up front,
-#                  OUT_DIR/selfgen-256.i32) instead of the calibration tokens.
+#                  OUT_DIR/selfgen-256.i32) instead of the calibration tokens. The default lr is 1e-4, 3e-3 at
+#                  2 bits (docs/results/llm-qat.md's int2g64s llm-qat/-a8/-selfgen rows ran at 1e-4 before that).
 #                  At int4g64s / int2g64s the comparators are rtn, lsq and lsq-distill (same budget):
 #                  QAT_JOBS='rtn|lsq|lsq-distill|llm-qat[a-z0-9-]*' bench/qat_260k.sh OUT "int4g64s int2g64s"
 #   int2g64 variants: lsq-distill, efficientqat-distill (KL to the FP model), efficientqat-e2e-lr1e-3,
@@ -157,6 +158,8 @@ EOF
 esac
 case " $formats " in *" int2g64s "*) cat >> "$out/jobs.txt" <<EOF
 llm-qat-lr3e-3 int2g64s qat --method llm-qat --lr 3e-3
+llm-qat-lr1e-2 int2g64s qat --method llm-qat --lr 1e-2
+llm-qat-lr3e-3-selfgen int2g64s qat-selfgen --method llm-qat --lr 3e-3
 EOF
 esac
 if [ -n "${QAT_JOBS:-}" ]; then

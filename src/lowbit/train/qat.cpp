@@ -636,7 +636,10 @@ class LlmQat : public QatMethod {
     E2eOptions o = e2e_options(c_, mc, 300, 8);
     o.stage = "llm-qat";
     o.distill = true;  // the paper's loss
-    const double lr = pick(c_.lr, 1e-4);
+    // lr: lsq's 1e-4 at 3+ bits (best of 1e-4 / 3e-4 / 1e-3 on stories260K's validation split at
+    // int4g64s); at 2 bits the ternary MinMax grid needs the weights to move further: 3e-3 (best of
+    // 1e-4 / 3e-4 / 1e-3 / 3e-3 / 1e-2 there at int2g64s; docs/results/llm-qat.md).
+    const double lr = pick(c_.lr, f.bits <= 2 ? 3e-3 : 1e-4);
     std::vector<E2eGroup> groups{{weights, lr, 0.0}};
     o.key = e2e_key("llm-qat", f, o, groups, stream,
                     ",act=" + std::to_string(c_.act_bits) + ",kv=" + std::to_string(c_.kv_bits));
