@@ -21,6 +21,14 @@
 #   paretoq-1      1-bit (sign) at int2g64s;  lsq / paretoq at int2pc: the paper's per-channel α
 #   l4q            300 steps x 8 x 256 = 614,400 end to end (lsq's budget); l4q-* variants at int2g64
 #   *-gen rows: trained on the calibration tokens + 64,401 self-generated tokens (see below)
+#   llm-qat        300 steps x 8 x 256 = 614,400 end to end (lsq's budget), KL to the FP model, symmetric
+#                  formats only (int4g64s, int2g64s: the paper's symmetric MinMax); -a8: --act-bits 8,
+#                  -a8kv4, -a8kv8: also --kv-bits 4 / 8; -a4: --act-bits 4 (int4g64s); -lr3e-4, -lr1e-3 (-lr3e-3, -lr1e-2, -lr3e-3-selfgen at int2g64s): weight lr (default 1e-4); -selfgen: trained only on
+#                  llm-qat's own data (--self-generate 256: 256 x 257 = 65,792 tokens, made once up front,
+#                  OUT_DIR/selfgen-256.i32) instead of the calibration tokens. The default lr is 1e-4, 3e-3 at
+#                  2 bits (docs/results/llm-qat.md's int2g64s llm-qat/-a8/-selfgen rows ran at 1e-4 before that).
+#                  At int4g64s / int2g64s the comparators are rtn, lsq and lsq-distill (same budget):
+#                  QAT_JOBS='rtn|lsq|lsq-distill|llm-qat[a-z0-9-]*' bench/qat_260k.sh OUT "int4g64s int2g64s"
 #   int2g64 variants: lsq-distill, efficientqat-distill (KL to the FP model), efficientqat-e2e-lr1e-3,
 #   efficientqat-paper-lr (the paper's 7B learning rates and 2 Block-AP epochs)
 # A rerun with the same OUT_DIR skips models that exist (and re-evaluates them).
@@ -57,9 +65,12 @@ job() {  # NAME FORMAT KIND(quantize|qat) ARGS...
   mkdir -p "$out/models" "$out/logs"
   local t0=$(date +%s.%N)
   local data=$out/calib.i32
-  case "$name" in *-gen) data=$out/calib+gen.i32 ;; esac
+  case "$name" in *-gen) data=$out/calib+gen.i32 ;; *-selfgen) data=$out/selfgen-256.i32 ;; esac
   if [ ! -f "$dir/config.json" ]; then
-    if [ "$kind" = quantize ]; then
+    if [ "$kind" = qat-selfgen ]; then  # llm-qat's own data, generated up front (below)
+      "$lowbit" -q qat -m "$model" --format "$fmt" --self-generate 256 --gen-tokens "$data" --threads 1 --json -o "$dir" "$@" \
+        > "$log.run.json" 2> "$log.err"
+    elif [ "$kind" = quantize ]; then
       "$lowbit" -q quantize -m "$model" --format "$fmt" --calib-tokens "$data" --nsamples 32 --seqlen 256 \
         --threads 1 --json -o "$dir" "$@" > "$log.run.json" 2> "$log.err"
     else
@@ -130,11 +141,37 @@ efficientqat-gen int3g64 qat --method efficientqat
 apiq-gen int3g64 quantize --method apiq
 EOF
 esac
+for fmt in $formats; do case "$fmt" in int4g64s|int2g64s) cat >> "$out/jobs.txt" <<EOF
+lsq-distill $fmt qat --method lsq --distill
+llm-qat $fmt qat --method llm-qat
+llm-qat-a8 $fmt qat --method llm-qat --act-bits 8
+llm-qat-lr3e-4 $fmt qat --method llm-qat --lr 3e-4
+llm-qat-lr1e-3 $fmt qat --method llm-qat --lr 1e-3
+llm-qat-selfgen $fmt qat-selfgen --method llm-qat
+EOF
+esac; done
+case " $formats " in *" int4g64s "*) cat >> "$out/jobs.txt" <<EOF
+llm-qat-a8kv4 int4g64s qat --method llm-qat --act-bits 8 --kv-bits 4
+llm-qat-a4 int4g64s qat --method llm-qat --act-bits 4
+llm-qat-a8kv8 int4g64s qat --method llm-qat --act-bits 8 --kv-bits 8
+EOF
+esac
+case " $formats " in *" int2g64s "*) cat >> "$out/jobs.txt" <<EOF
+llm-qat-lr3e-3 int2g64s qat --method llm-qat --lr 3e-3
+llm-qat-lr1e-2 int2g64s qat --method llm-qat --lr 1e-2
+llm-qat-lr3e-3-selfgen int2g64s qat-selfgen --method llm-qat --lr 3e-3
+EOF
+esac
 if [ -n "${QAT_JOBS:-}" ]; then
   grep -E "^(${QAT_JOBS}) " "$out/jobs.txt" > "$out/jobs.sel" || true
   mv "$out/jobs.sel" "$out/jobs.txt"
 fi
 "$lowbit" -q eval ppl -m "$model" --tokens "$out/test.i32" --ctx 257 --threads 1 --json > "$out/fp.ppl.json"
+# llm-qat's self-generated data, once (a 0-step llm-qat run writes it; the parallel jobs then reuse it).
+if grep -q -- "-selfgen " "$out/jobs.txt" && [ ! -f "$out/selfgen-256.i32" ]; then
+  "$lowbit" -q qat -m "$model" --method llm-qat --format int4g64s --self-generate 256 --gen-tokens "$out/selfgen-256.i32" \
+    --steps 0 --threads 1 --json -o "$out/selfgen-steps0" > /dev/null
+fi
 xargs -P "$parallel" -L 1 bash -c 'job "$@"' _ < "$out/jobs.txt"
 python3 - "$out" <<'PY'
 import json, sys

@@ -90,6 +90,7 @@ void run_ppl(const PplArgs& a) {
                 {"act", act_quant_name(tr.act)},
                 {"act_clip", tr.act.clip},
                 {"kv_quant", tr.kv.enabled() ? "int" + std::to_string(tr.kv.bits) : "none"},
+                {"kv_token_quant", tr.kv_token_bits ? "int" + std::to_string(tr.kv_token_bits) : "none"},
                 {"kv_group", packed ? m.model->kv_cache_layout().group : tr.kv.group},
                 {"kv_window", packed ? m.model->kv_cache_layout().window : tr.kv.window},
                 {"kv_cache_bytes_per_token", kv_bytes_per_token},

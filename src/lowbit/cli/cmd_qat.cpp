@@ -11,6 +11,7 @@
 #include "lowbit/core/threads.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/methods/pipeline.h"
+#include "lowbit/train/llm_qat.h"
 #include "lowbit/train/qat.h"
 
 namespace lowbit::cli {
@@ -21,7 +22,9 @@ namespace {
 
 struct QatArgs {
   std::string model, method, format = "int2g64", train_text, train_tokens, tokenizer, out, state_dir, device = "cpu",
-                             init;
+                             init, gen_tokens;
+  int64_t self_generate = 0, gen_length = 0, gen_top_k = 50;
+  bool self_generate_given = false, gen_top_k_given = false;
   QatConfig c;
   bool json = false;
 };
@@ -43,8 +46,23 @@ void run_qat(QatArgs& a) {
     a.c.init_set = true;
   }
   if (!a.train_text.empty() && !a.train_tokens.empty()) throw_error("qat: give --train TEXT or --train-tokens FILE, not both");
-  if (a.train_text.empty() && a.train_tokens.empty()) throw_error("qat: give --train TEXT (with a tokenizer) or --train-tokens FILE");
+  const bool given_data = !a.train_text.empty() || !a.train_tokens.empty();
+  if (a.self_generate_given && given_data)
+    throw_error("qat: --self-generate makes the training data; give it or --train / --train-tokens, not both");
+  if (a.self_generate_given && a.self_generate < 1)
+    throw_error("qat: --self-generate ", a.self_generate, ": the number of sequences to generate must be >= 1");
+  // llm-qat is data-free by default: without training data it generates its own.
+  if (!given_data && !a.self_generate_given && a.method == "llm-qat") a.self_generate = 256;
+  const bool generate = a.self_generate > 0 && !given_data;
+  if (!generate && (!a.gen_tokens.empty() || a.gen_length > 0 || a.gen_top_k_given))
+    throw_error(!a.gen_tokens.empty() ? "--gen-tokens" : a.gen_length > 0 ? "--gen-length" : "--gen-top-k",
+                " applies to self-generated data (--self-generate N)");
+  if (!generate && !given_data) throw_error("qat: give --train TEXT (with a tokenizer), --train-tokens FILE or --self-generate N");
+  if (a.method == "llm-qat") a.c.distill = true;  // its loss is the distillation KL
   if (a.c.lm_weight > 0 && !a.c.distill) throw_error("--lm-weight adds the LM loss to --distill's KL; it needs --distill");
+  if (a.device != "cpu" && a.method == "llm-qat")  // before probing for a GPU: the answer is the same either way
+    throw_error("qat --method llm-qat: --device ", a.device, " is not supported: its MinMax weight quantizer and the "
+                "per-token activation / KV quantizers have CPU bodies only (use --device cpu)");
   const Device dev = parse_device(a.device);
   if (dev != Device::CPU)
     throw_error("qat: --device ", a.device, " is not supported yet: the LSQ quantizer has a CPU body only (use --device cpu)");
@@ -63,7 +81,24 @@ void run_qat(QatArgs& a) {
   out.keep_if_exists(a.c.state_dir);
   LoadedModel m = load_model(a.model, dev);
   std::vector<int32_t> stream;
-  if (!a.train_tokens.empty()) {
+  std::string gen_path;
+  if (generate) {
+    SelfGenOptions g;
+    g.sequences = a.self_generate;
+    const int64_t seqlen = std::min<int64_t>(a.c.seqlen > 0 ? a.c.seqlen : 256, m.model->config().max_seq_len - 1);
+    g.length = a.gen_length > 0 ? a.gen_length : seqlen + 1;
+    if (a.c.seqlen > 0 && g.length < a.c.seqlen + 1)
+      throw_error("--gen-length ", g.length, " is shorter than a training window (--seqlen ", a.c.seqlen, " + 1)");
+    if (a.c.seqlen <= 0) a.c.seqlen = std::min<int64_t>(seqlen, g.length - 1);
+    g.top_k = a.gen_top_k;
+    g.seed = a.c.seed;
+    g.model_id = fs::absolute(a.model).lexically_normal().string();
+    g.progress = a.c.progress;
+    g.checkpoint_seconds = a.c.checkpoint_seconds;
+    gen_path = a.gen_tokens.empty() ? (fs::path(a.c.state_dir) / "self-generated.i32").string() : a.gen_tokens;
+    stream = self_generate(*m.model, g, gen_path);
+    a.c.sequence_length = g.length;
+  } else if (!a.train_tokens.empty()) {
     stream = read_token_file(a.train_tokens);
   } else {
     auto tok = open_tokenizer(a.tokenizer, a.model);
@@ -73,7 +108,7 @@ void run_qat(QatArgs& a) {
     ss << in.rdbuf();
     for (int id : tok->encode(ss.str(), false)) stream.push_back(id);
   }
-  const std::string& data = a.train_tokens.empty() ? a.train_text : a.train_tokens;
+  const std::string& data = generate ? gen_path : a.train_tokens.empty() ? a.train_text : a.train_tokens;
   if (stream.empty()) throw_error(data, ": training data holds no tokens");
   for (size_t i = 0; i < stream.size(); ++i)
     if (stream[i] < 0 || stream[i] >= m.model->config().vocab_size)
@@ -89,6 +124,21 @@ void run_qat(QatArgs& a) {
                            {"complete", r.complete}, {"seconds", r.seconds},   {"stages", stages},
                            {"training_tokens", tokens}, {"data", data},        {"data_tokens", stream.size()},
                            {"peak_rss_bytes", peak_rss_bytes()}, {"threads", threads_summary()}};
+  if (generate)
+    report["self_generated"] = {{"sequences", a.self_generate}, {"length", a.c.sequence_length}, {"top_k", a.gen_top_k},
+                                {"file", gen_path}};
+  if (a.method == "llm-qat") {  // what the checkpoint was trained for, and how to evaluate it so
+    const std::string act = a.c.act_bits ? "int" + std::to_string(a.c.act_bits) : "none";
+    const std::string kv = a.c.kv_bits ? "int" + std::to_string(a.c.kv_bits) : "none";
+    const std::string eval = "lowbit eval ppl -m " + a.out + " --act " + act + " --kv-token-quant " + kv;
+    report["trained_for"] = {
+        {"weights", f.name},
+        {"act", act + (a.c.act_bits ? " per token, symmetric (recorded in the checkpoint: eval/run apply it)" : "")},
+        {"kv", kv + (a.c.kv_bits ? " per (token, head), symmetric, k_proj/v_proj outputs before RoPE (recorded in the "
+                                   "checkpoint: eval/run apply it, as --kv-token-quant)"
+                                 : "")},
+        {"eval", eval}};
+  }
   if (!r.complete) {  // stopped early (testing aid): the state stays for the next run
     out.keep();
     if (a.json) print_json(report);
@@ -134,10 +184,29 @@ void register_qat(CLI::App& app) {
   q->add_option("--train", a->train_text, "training text (tokenized with --tokenizer or the model's tokenizer)");
   q->add_option("--tokenizer", a->tokenizer, "tokenizer for --train (default: the model's)");
   q->add_option("--train-tokens", a->train_tokens, "training data as raw int32 token ids");
+  q->add_option("--self-generate", a->self_generate,
+                "training data generated by the full-precision model: N sequences, LLM-QAT's rule (arXiv 2305.17888, "
+                "Section 2.1: the first token random from the vocabulary, the next greedy (top-1) to a prefix of 3 to 5 "
+                "tokens, the rest sampled, here top-k --gen-top-k at temperature 1); each starts with BOS; resumable, "
+                "deterministic for --seed (default for --method llm-qat without --train/--train-tokens: 256)");
+  q->add_option("--gen-tokens", a->gen_tokens, "with --self-generate: the raw int32 token-id file to write, or reuse when it "
+                "exists with the same settings, or resume from FILE.partial (default: the state directory, removed on success)");
+  q->add_option("--gen-length", a->gen_length, "with --self-generate: tokens per sequence, BOS included (default --seqlen + 1)")
+      ->check(at_least(3));
+  q->add_option("--gen-top-k", a->gen_top_k, "with --self-generate: sample among the k most likely tokens (0: all)")
+      ->capture_default_str()
+      ->check(at_least(0));
+  q->add_option("--act-bits", c.act_bits, "llm-qat: quantize the input of every block linear per token (symmetric MinMax, STE) "
+                "during training: 4 or 8 (recorded in the checkpoint, as `eval ppl --act int4|int8`)")
+      ->check(CLI::IsMember({4, 8}));
+  q->add_option("--kv-bits", c.kv_bits, "llm-qat: quantize the KV cache (k_proj / v_proj outputs, before RoPE, as the reference "
+                "code) per token and head (symmetric MinMax, STE) during training: 2, 4 or 8 (recorded in the checkpoint, as "
+                "`eval ppl --kv-token-quant int2|int4|int8`)")
+      ->check(CLI::IsMember({2, 4, 8}));
   q->add_option("--steps", c.steps, "end-to-end optimizer steps (default 300; efficientqat: of E2E-QP)")->check(at_least(0));
   q->add_option("--batch", c.batch, "sequences per step (default 8)")->check(at_least(1));
   q->add_option("--seqlen", c.seqlen, "tokens per sequence (default 256, capped at the model's max)")->check(at_least(1));
-  q->add_option("--lr", c.lr, "lsq, paretoq: AdamW lr of the latent weights (default 1e-4; paretoq: the paper's 2e-5 is for 1B+ models over billions of tokens, lsq's 1e-4 serves a few hundred steps); efficientqat: E2E-QP lr of the step sizes (default 1e-4, chosen on stories260K's validation split; the paper's 7B value is 2e-5); l4q: lr of LoRA A/B (default 1e-3, the best of 2e-4 / 1e-3 / 3e-3 on stories260K's validation split; not the paper's value)")
+  q->add_option("--lr", c.lr, "lsq, paretoq: AdamW lr of the latent weights (default 1e-4; paretoq: the paper's 2e-5 is for 1B+ models over billions of tokens, lsq's 1e-4 serves a few hundred steps); efficientqat: E2E-QP lr of the step sizes (default 1e-4, chosen on stories260K's validation split; the paper's 7B value is 2e-5); l4q: lr of LoRA A/B (default 1e-3, the best of 2e-4 / 1e-3 / 3e-3 on stories260K's validation split; not the paper's value); llm-qat: latent weights (default 1e-4, at 2 bits 3e-3: the best on stories260K's validation split; the paper's 2e-5 is for 7B models)")
       ->check(above(0));
   q->add_option("--quant-lr", c.quant_lr, "lsq, l4q: AdamW lr of the step sizes and zero points (default 1e-3); paretoq: of alpha (default 1e-3, chosen on stories260K's validation split; the paper trains alpha with the weights' lr, 2e-5)")->check(above(0));
   q->add_option("--warmup", c.warmup, "linear warmup steps (default steps / 20; paretoq: 0, the paper's warmup_ratio)")->check(at_least(0));
@@ -184,13 +253,16 @@ void register_qat(CLI::App& app) {
         {"--block-quant-lr", {"efficientqat"}}, {"--stop-after-blocks", {"efficientqat"}},
         {"--quant-lr", {"lsq", "paretoq", "l4q"}}, {"--init", {"lsq", "l4q"}},
         {"--bits", {"paretoq"}},                {"--lora-rank", {"l4q"}},
-        {"--lora-alpha", {"l4q"}}};
+        {"--lora-alpha", {"l4q"}},             {"--act-bits", {"llm-qat"}},
+        {"--kv-bits", {"llm-qat"}}};
     for (const auto& [flag, methods] : owned)
       if (q->count(flag) > 0 && std::find(methods.begin(), methods.end(), a->method) == methods.end()) {
         std::string names;
         for (const auto& m : methods) names += (names.empty() ? "" : " or ") + m;
         throw_error(flag, " applies to --method ", names, ", not ", a->method);
       }
+    a->self_generate_given = q->count("--self-generate") > 0;
+    a->gen_top_k_given = q->count("--gen-top-k") > 0;
     a->c.progress = !a->json;
     run_qat(*a);
   });

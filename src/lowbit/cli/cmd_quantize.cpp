@@ -282,7 +282,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     if (is_apiq(a.method) && a.lora != "merge")
       throw_error("-o ", a.out, ": GGUF cannot hold separate LoRA adapters; add --lora merge");
   }
-  const bool transforms = a.tr.rotating() || !a.tr.act.empty() || !a.tr.kv_quant.empty();
+  const bool transforms = a.tr.rotating() || !a.tr.act.empty() || !a.tr.kv_quant.empty() || !a.tr.kv_token_quant.empty();
   // The input is full precision (no recorded transforms): settings without their switch fail now.
   if (a.tr.act_clip_given && (a.tr.act.empty() || a.tr.act == "none"))
     throw_error("--act-clip: no activation quantization (give --act)");

@@ -163,6 +163,20 @@ void add_transform_options(CLI::App* app, TransformArgs* a) {
             return "";
           },
           "BITS", ""));
+  app->add_option("--kv-token-quant", a->kv_token_quant,
+                  "LLM-QAT's KV quantization (what `qat --method llm-qat --kv-bits` trains with): k_proj/v_proj outputs "
+                  "fake-quantized per token and head, symmetric, before RoPE: none, int8, int4, int2 (default: what the "
+                  "checkpoint records, else none)")
+      ->check(CLI::Validator(
+          [](std::string& v) -> std::string {
+            try {
+              parse_kv_token_bits(v, "");
+            } catch (const Error& e) {
+              return std::string(e.what()).substr(2);
+            }
+            return "";
+          },
+          "BITS", ""));
   app->add_option("--kv-group", a->kv_group, "with --kv-quant or --kv-cache int4|int2: tokens per key group and channels per value group (values: the whole head when it does not divide head_dim)")
       ->check(between(1, 4096))
       ->each([a](const std::string&) { a->kv_group_given = true; });
@@ -189,6 +203,7 @@ void apply_rotation(LoadedModel& m, const TransformArgs& a) {
   ModelTransforms t = rotate_weights(c, w, a.rotate_seed);
   t.act = model.transforms().act;
   t.kv = model.transforms().kv;
+  t.kv_token_bits = model.transforms().kv_token_bits;
   replace_weights(m, c, std::move(w), std::move(t));
 }
 
@@ -209,6 +224,7 @@ void apply_quant_transforms(LlamaModel& model, const TransformArgs& a, KVCacheTy
   if (!a.act.empty()) t.act = parse_act_quant(a.act);
   if (a.act_clip_given) t.act.clip = a.act_clip;
   if (!a.kv_quant.empty()) t.kv.bits = parse_kv_quant_bits(a.kv_quant);
+  if (!a.kv_token_quant.empty()) t.kv_token_bits = parse_kv_token_bits(a.kv_token_quant);
   if (a.kv_group_given) t.kv.group = a.kv_group;
   if (a.kv_window_given) t.kv.window = a.kv_window;
   if (a.act_clip_given && !t.act.enabled()) throw_error("--act-clip: no activation quantization (give --act)");

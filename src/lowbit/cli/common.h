@@ -73,7 +73,7 @@ void compact_for_inference(LoadedModel& m, Device device);
 struct TransformArgs {
   std::string rotate = "none";
   uint64_t rotate_seed = 0;
-  std::string act, kv_quant;  // "" = not given
+  std::string act, kv_quant, kv_token_quant;  // "" = not given
   double act_clip = 1.0;
   int64_t kv_group = 32, kv_window = 128;
   bool act_clip_given = false, kv_group_given = false, kv_window_given = false;

@@ -75,6 +75,7 @@ ModelTransforms read_transforms(const nlohmann::json& j, SafetensorsFile& f, con
       throw_error("kv_group ", group, " / kv_window ", window, " out of range");
     t.kv.group = int64_t(group);
     t.kv.window = int64_t(window);
+    if (j.contains("kv_token_quant")) t.kv_token_bits = parse_kv_token_bits(str("kv_token_quant"), "kv_token_quant");
   } catch (const Error& e) {
     throw_error(cfg_path, ": quantization_config.transforms: ", e.what());
   }
@@ -178,7 +179,8 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
                         {"act_clip", tr.act.clip},
                         {"kv_quant", tr.kv.enabled() ? "int" + std::to_string(tr.kv.bits) : "none"},
                         {"kv_group", tr.kv.group},
-                        {"kv_window", tr.kv.window}};
+                        {"kv_window", tr.kv.window},
+                        {"kv_token_quant", tr.kv_token_bits ? "int" + std::to_string(tr.kv_token_bits) : "none"}};
     for (const auto& [name, r] : {std::pair<const char*, const HadamardRotation*>{"ffn", &tr.ffn}, {"head", &tr.head}}) {
       if (!r->defined()) continue;
       ts.emplace_back(std::string("lowbit.rotation.") + name + ".signs", r->signs.contiguous());
@@ -338,7 +340,8 @@ void refuse_transforms(const QuantizedCheckpoint& q, const std::string& what) {
   if (!t.any()) return;
   throw_error(q.dense.source, ": ", what, " cannot carry this checkpoint's transforms (rotation ",
               t.rotation.empty() ? "none" : t.rotation, ", activations ", act_quant_name(t.act), ", KV cache ",
-              t.kv.enabled() ? "int" + std::to_string(t.kv.bits) : "none",
+              t.kv.enabled() ? "int" + std::to_string(t.kv.bits) : "none", ", per-token KV ",
+              t.kv_token_bits ? "int" + std::to_string(t.kv_token_bits) : "none",
               "): the result would compute another function; use lowbit eval / generate / serve on it instead");
 }
 

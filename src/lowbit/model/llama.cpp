@@ -338,6 +338,12 @@ Var LlamaModel::act_in(const Var& x) const {
   return fake_quant(x, a.bits, a.asymmetric, a.clip, N, false);
 }
 
+Var LlamaModel::kv_token_in(const Var& x) const {
+  const int bits = transforms_.kv_token_bits;
+  if (bits <= 0) return x;
+  return fake_quant(x, bits, false, 1.0, config_.resolved_head_dim());
+}
+
 Var LlamaModel::down_in(const Var& m) const {
   const HadamardRotation& r = transforms_.ffn;
   if (!r.defined()) return m;
@@ -364,7 +370,7 @@ Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache
   const double eps = config_.norm_eps;
   // Attention.
   Var h = act_in(rmsnorm(x, b.attn_norm, eps));
-  Var q = b.wq->forward(h), k = b.wk->forward(h), v = b.wv->forward(h);
+  Var q = b.wq->forward(h), k = kv_token_in(b.wk->forward(h)), v = kv_token_in(b.wv->forward(h));
   if (config_.qk_norm) {  // Qwen3: RMSNorm over each head's channels before rotary.
     q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {B * T, H * hd});
     k = reshape(rmsnorm(reshape(k, {-1, hd}), b.k_norm, eps), {B * T, KVH * hd});
@@ -646,7 +652,7 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
     const LlamaBlock& b = blocks_[size_t(i)];
     // Norms and linear layers on all N rows (each weight is read once per segment) ...
     Var h = act_in(rmsnorm(x, b.attn_norm, eps));
-    Var q = lin(*b.wq, h), k = lin(*b.wk, h), v = lin(*b.wv, h);
+    Var q = lin(*b.wq, h), k = kv_token_in(lin(*b.wk, h)), v = kv_token_in(lin(*b.wv, h));
     if (config_.qk_norm) {
       q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {N, H * hd});
       k = reshape(rmsnorm(reshape(k, {-1, hd}), b.k_norm, eps), {N, KVH * hd});

@@ -176,6 +176,8 @@ class LlamaModel {
   Var block_mlp(int i, const Var& x1) const;
   // The input of a linear layer: fake-quantized per token under activation quantization.
   Var act_in(const Var& x) const;
+  // k_proj / v_proj outputs [M, KVH*hd]: fake-quantized per (token, head) under kv_token_bits.
+  Var kv_token_in(const Var& x) const;
   // The SwiGLU output m [M, F] as down_proj reads it: times R_F when the model is rotated.
   Var down_in(const Var& m) const;
   // Queries/keys [M, heads*hd] times R_h per head (KV quantization — simulated, or a packed cache:

@@ -76,7 +76,19 @@ int parse_kv_quant_bits(const std::string& name, const std::string& what) {
   throw_error(what, ": '", name, "' is not a KV-cache quantization (expected none, int4 or int2)");
 }
 
+int parse_kv_token_bits(const std::string& name, const std::string& what) {
+  if (name == "none") return 0;
+  if (name == "int8") return 8;
+  if (name == "int4") return 4;
+  if (name == "int2") return 2;
+  throw_error(what, ": '", name, "' is not a per-token KV quantization (expected none, int8, int4 or int2)");
+}
+
 void validate_transforms(const LlamaConfig& c, const ModelTransforms& t, const std::string& source) {
+  if (t.kv_token_bits != 0 && t.kv_token_bits != 2 && t.kv_token_bits != 4 && t.kv_token_bits != 8)
+    throw_error(source, ": per-token KV bits ", t.kv_token_bits, " (expected 2, 4 or 8)");
+  if (t.kv_token_bits > 0 && t.kv.enabled())
+    throw_error(source, ": per-token (LLM-QAT) and KIVI KV quantization together; give one of them");
   if (!t.rotation.empty() && t.rotation != "hadamard")
     throw_error(source, ": rotation '", t.rotation, "' is unknown (expected hadamard)");
   auto check_rot = [&](const HadamardRotation& r, int64_t n, const char* name) {

@@ -70,7 +70,13 @@ struct ModelTransforms {
   HadamardRotation head;  // per head (n = head_dim): values offline; queries/keys online under kv
   ActQuantSpec act;
   KVQuantSpec kv;
-  bool any() const { return !rotation.empty() || act.enabled() || kv.enabled(); }
+  // LLM-QAT's KV quantization (arXiv 2305.17888; what `qat --method llm-qat --kv-bits` trains with):
+  // the outputs of k_proj and v_proj fake-quantized per (token, head), symmetric MinMax
+  // (s = max|x| / (2^(b-1) - 1)), before RoPE, gradient straight through; 0: off, else 2, 4 or 8.
+  // Each token's keys/values depend on that token alone, so every forward path (and a cache of any
+  // type) computes the same numbers. Not together with KIVI (kv).
+  int kv_token_bits = 0;
+  bool any() const { return !rotation.empty() || act.enabled() || kv.enabled() || kv_token_bits > 0; }
 };
 
 // "int8", "int4", "int8-asym", "int4-asym" or "none" -> spec (clip 1); throws naming `what`.
@@ -78,6 +84,9 @@ ActQuantSpec parse_act_quant(const std::string& name, const std::string& what = 
 std::string act_quant_name(const ActQuantSpec& a);  // "none", "int8", "int4-asym", ...
 // "int4", "int2" or "none" -> bits (4, 2, 0); throws naming `what`.
 int parse_kv_quant_bits(const std::string& name, const std::string& what = "--kv-quant");
+
+// "int8", "int4", "int2" or "none" -> ModelTransforms::kv_token_bits; throws naming `what`.
+int parse_kv_token_bits(const std::string& name, const std::string& what = "--kv-token-quant");
 
 // Rotates the weights of an f32/f64 CPU model in place as described above (computed in f64) and
 // returns the transforms with rotation = "hadamard" and the online rotations set. config loses
