@@ -751,13 +751,15 @@ void register_quantize(CLI::App& app) {
   q->add_option("--lambda", a->lambda,
                 "SAPR: weight of the saliency regularizer (default chosen among 0.3 / 3 / 30 on held-out validation "
                 "text of stories260K and SmolLM2-135M for --saliency-norm layer --sapr-reduction mean, "
-                "docs/results/smollm2.md; the raw/sum form needs a model-specific value)")
+                "docs/results/smollm2.md; on SmolLM2 int2g64 0.3 also won on test over 3 seeds: 135.9 vs 143.1 for 3; "
+                "the raw/sum form needs a model-specific value)")
       ->capture_default_str()
       ->check(at_least(0));
   q->add_option("--saliency", a->saliency, "SAPR: saliency file (read when it exists, else computed and written)");
   q->add_option("--saliency-model", a->saliency_model,
                 "SAPR: whose gradients the saliency comes from: 'fp' (the full-precision model, the paper's) or "
-                "'quantized' (the model with its linears round-to-nearest quantized to --format)")
+                "'quantized' (the model with its linears round-to-nearest quantized to --format; best on stories260K's "
+                "validation split, a tie on SmolLM2-135M's and worse on its test text: 142.2 vs 135.9, so not the default)")
       ->capture_default_str()
       ->check(CLI::IsMember({"fp", "quantized"}));
   q->add_flag("--sapr-anneal", a->sapr_anneal,
