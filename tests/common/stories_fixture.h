@@ -14,6 +14,7 @@
 #include "lowbit/io/llama2c.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/pipeline.h"
+#include "lowbit/quant/quant_linear.h"
 
 namespace lowbit::test {
 
@@ -59,6 +60,18 @@ struct StoriesPtq : ::testing::Test {
     Tensor calib = sample_calibration(calib_stream, calib_windows, calib_len, 0);
     o.progress = false;
     return run_blockwise(m, calib, method, f, o);
+  }
+  // Every quantized linear's packed tensor, dequantized, in block order (a linear that is not a
+  // QuantLinear fails the test).
+  static std::vector<Tensor> packed(const LlamaModel& m) {
+    std::vector<Tensor> v;
+    for (int i = 0; i < m.n_layers(); ++i)
+      for (auto& [name, slot] : const_cast<LlamaModel&>(m).block(i).linears()) {
+        auto* ql = dynamic_cast<const QuantLinear*>(slot->get());
+        EXPECT_TRUE(ql) << name << " is not a QuantLinear";
+        if (ql) v.push_back(ql->quantized().dequantize());
+      }
+    return v;
   }
   std::string model_path;
   std::vector<int32_t> calib_stream, eval_stream;

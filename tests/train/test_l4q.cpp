@@ -46,16 +46,6 @@ struct L4qStories : test::StoriesPtq {
     c.progress = false;
     return c;
   }
-  static std::vector<Tensor> packed(const LlamaModel& m) {
-    std::vector<Tensor> v;
-    for (int i = 0; i < m.n_layers(); ++i)
-      for (auto& [name, slot] : const_cast<LlamaModel&>(m).block(i).linears()) {
-        auto* ql = dynamic_cast<const QuantLinear*>(slot->get());
-        EXPECT_TRUE(ql) << name << " is not a QuantLinear";
-        if (ql) v.push_back(ql->quantized().dequantize());
-      }
-    return v;
-  }
 };
 
 }  // namespace

@@ -131,16 +131,6 @@ struct LlmQatStories : test::StoriesPtq {
     c.progress = false;
     return c;
   }
-  static std::vector<Tensor> packed(const LlamaModel& m) {
-    std::vector<Tensor> v;
-    for (int i = 0; i < m.n_layers(); ++i)
-      for (auto& [name, slot] : const_cast<LlamaModel&>(m).block(i).linears()) {
-        auto* ql = dynamic_cast<const QuantLinear*>(slot->get());
-        EXPECT_TRUE(ql) << name << " is not a QuantLinear";
-        if (ql) v.push_back(ql->quantized().dequantize());
-      }
-    return v;
-  }
   SelfGenOptions gen(int64_t n) const {
     SelfGenOptions o;
     o.sequences = n;

@@ -36,17 +36,6 @@ struct QatStories : test::StoriesPtq {
     c.progress = false;
     return c;
   }
-  // Every quantized linear's packed tensor, dequantized, concatenated in block order.
-  static std::vector<Tensor> packed(const LlamaModel& m) {
-    std::vector<Tensor> v;
-    for (int i = 0; i < m.n_layers(); ++i)
-      for (auto& [name, slot] : const_cast<LlamaModel&>(m).block(i).linears()) {
-        auto* ql = dynamic_cast<const QuantLinear*>(slot->get());
-        EXPECT_TRUE(ql) << name << " is not a QuantLinear";
-        if (ql) v.push_back(ql->quantized().dequantize());
-      }
-    return v;
-  }
   static void expect_same(const std::vector<Tensor>& a, const std::vector<Tensor>& b) {
     ASSERT_EQ(a.size(), b.size());
     for (size_t k = 0; k < a.size(); ++k) {

@@ -389,9 +389,10 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   if (a.smooth >= 0) {
     const auto ts = std::chrono::steady_clock::now();
     const int64_t ns = std::min<int64_t>(calib.size(0), 32);
-    // --smooth auto: 512 sampled rows per point, the run's format and activation quantizer.
+    // --smooth auto: kSearchRows sampled rows per point, the run's format and activation quantizer.
+    constexpr int64_t kSearchRows = 512;
     const SmoothStats st =
-        collect_smooth_stats(*m.model, calib.slice(0, 0, ns).contiguous(), 1, a.smooth_auto ? 512 : 0);
+        collect_smooth_stats(*m.model, calib.slice(0, 0, ns).contiguous(), 1, a.smooth_auto ? kSearchRows : 0);
     LlamaWeights w = weights_to(m.model->weights(), Device::CPU);
     SmoothOptions so;
     so.alpha = a.smooth;
@@ -408,7 +409,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                    {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count()}};
     if (a.smooth_auto) {
       smooth_json["alphas"] = sr.alphas;
-      smooth_json["search"] = {{"format", f.name}, {"act", act_quant_name(so.act)}, {"rows", 512}};
+      smooth_json["search"] = {{"format", f.name}, {"act", act_quant_name(so.act)}, {"rows", kSearchRows}};
     }
     if (!a.json) {
       double mean = 0;

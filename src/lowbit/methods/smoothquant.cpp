@@ -143,6 +143,13 @@ double smooth_error_given(const std::vector<double>& act_max, const Tensor& x, c
   return err;
 }
 
+// Each reader's full-precision output X W^T (x contiguous).
+std::vector<Tensor> reference_outputs(const Tensor& x, const std::vector<const Tensor*>& readers) {
+  std::vector<Tensor> refs;
+  for (const Tensor* w : readers) refs.push_back(times_transpose(x, w->contiguous()));
+  return refs;
+}
+
 void check_rows(const Tensor& x, size_t in) {
   LB_CHECK(x.defined() && x.dim() == 2 && x.size(0) >= 1 && size_t(x.size(1)) == in && x.dtype() == DType::F32 &&
                x.device() == Device::CPU,
@@ -155,9 +162,7 @@ double smooth_error(const std::vector<double>& act_max, const Tensor& x_in, cons
                     double alpha, const QuantFormat& format, const ActQuantSpec& act) {
   check_rows(x_in, act_max.size());
   const Tensor x = x_in.contiguous();
-  std::vector<Tensor> refs;
-  for (const Tensor* w : readers) refs.push_back(times_transpose(x, w->contiguous()));
-  return smooth_error_given(act_max, x, readers, refs, alpha, format, act);
+  return smooth_error_given(act_max, x, readers, reference_outputs(x, readers), alpha, format, act);
 }
 
 namespace {
@@ -169,8 +174,7 @@ double point_alpha(const SmoothOptions& o, const std::vector<double>& act_max, c
   LB_CHECK(!o.grid.empty(), "smoothquant: the alpha search needs a non-empty grid");
   check_rows(x_in, act_max.size());
   const Tensor x = x_in.contiguous();
-  std::vector<Tensor> refs;
-  for (const Tensor* w : readers) refs.push_back(times_transpose(x, w->contiguous()));
+  const std::vector<Tensor> refs = reference_outputs(x, readers);
   double best = o.grid[0], best_err = std::numeric_limits<double>::infinity();
   for (const double a : o.grid) {
     const double e = smooth_error_given(act_max, x, readers, refs, a, *o.format, o.act);
