@@ -1,12 +1,20 @@
 // GPTQ (Frantar et al. 2022, Alg. 1) on single linear layers.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+
 #include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
 
 #include "lowbit/methods/gptq.h"
 #include "lowbit/methods/layer_error.h"
 #include "lowbit/methods/rtn.h"
 #include "lowbit/quant/quantize.h"
+#include "common/test_util.h"
 
 using namespace lowbit;
 
@@ -184,4 +192,74 @@ TEST(Gptq, MalformedInputsThrow) {
   GptqOptions bad;
   bad.block_size = 0;
   EXPECT_THROW(gptq_quantize(w, h, f, bad), Error);
+}
+
+// An independent implementation as the oracle: tests/quant/gptq_reference.py (numpy, float64, written
+// from the paper and gptq.py's conventions) on the same W and H. lowbit sweeps W in f32 with H and U
+// in double, the oracle everything in double: the codes may differ where a value lies within float
+// rounding of a rounding boundary, so a few differing codes are allowed, and the output error of
+// both results must agree closely.
+TEST(Gptq, MatchesNumpyReference) {
+  namespace fs = std::filesystem;
+  const int64_t out = 48, in = 256;
+  Tensor x = correlated_inputs(2048, in, 60);
+  Tensor h = hessian_of(x);
+  Tensor w = Tensor::randn({out, in}, 61, 0.02);
+  struct Case {
+    const char* format;
+    bool act_order;
+  };
+  int checked = 0;
+  for (const Case c : {Case{"int4g128", false}, Case{"int3g64", false}, Case{"int2g32", false}, Case{"int4pc", false},
+                       Case{"int4g128", true}, Case{"int3g64", true}}) {
+    const QuantFormat& f = parse_quant_format(c.format);
+    const fs::path dir = test::temp_dir(std::string("gptq-ref-") + c.format + (c.act_order ? "-act" : ""));
+    auto write = [&](const fs::path& p, const Tensor& t) {
+      std::ofstream os(p, std::ios::binary);
+      os.write(reinterpret_cast<const char*>(t.data<float>()), std::streamsize(t.numel() * sizeof(float)));
+    };
+    write(dir / "w.f32", w);
+    write(dir / "h.f32", h);
+    GptqOptions opt;
+    opt.act_order = c.act_order;
+    std::ofstream(dir / "meta.json") << "{\"out\": " << out << ", \"in\": " << in << ", \"bits\": " << f.bits
+                                     << ", \"group\": " << f.group_size << ", \"percdamp\": " << opt.percdamp
+                                     << ", \"block\": " << opt.block_size
+                                     << ", \"act_order\": " << (c.act_order ? "true" : "false") << "}";
+    const std::string cmd = "python3 '" LOWBIT_SOURCE_DIR "/tests/quant/gptq_reference.py' '" + dir.string() + "' 2>&1";
+    std::string text;
+    int rc = -1;
+    if (FILE* p = popen(cmd.c_str(), "r")) {
+      char buf[4096];
+      for (size_t n; (n = fread(buf, 1, sizeof buf, p)) > 0;) text.append(buf, n);
+      const int st = pclose(p);
+      rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    }
+    if (rc != 0 && text.find("No module named") != std::string::npos) GTEST_SKIP() << "python3 with numpy is not available";
+    if (rc == 127) GTEST_SKIP() << "python3 is not available";
+    ASSERT_EQ(rc, 0) << text;
+    std::vector<uint8_t> ref_codes(size_t(out * in));
+    Tensor ref = Tensor::zeros({out, in});
+    std::ifstream(dir / "codes.u8", std::ios::binary).read(reinterpret_cast<char*>(ref_codes.data()), std::streamsize(ref_codes.size()));
+    std::ifstream(dir / "q.f32", std::ios::binary).read(reinterpret_cast<char*>(ref.data<float>()), std::streamsize(ref.numel() * 4));
+    const QuantizedTensor q = gptq_quantize(w, h, f, opt).q;
+    std::vector<uint8_t> codes(static_cast<size_t>(in));
+    int64_t differ = 0;
+    for (int64_t r = 0; r < out; ++r) {
+      q.unpack_row(r, codes.data());
+      for (int64_t k = 0; k < in; ++k) differ += codes[size_t(k)] != ref_codes[size_t(r * in + k)];
+    }
+    const double e_ours = linear_output_mse(x, w, q.dequantize());
+    const double e_ref = linear_output_mse(x, w, ref);
+    const double e_rtn = linear_output_mse(x, w, rtn_quantize(w, f).dequantize());
+    std::printf("  %-8s act-order %d  codes differing %lld of %lld  output MSE ours %.5e  numpy %.5e  RTN %.5e\n",
+                c.format, int(c.act_order), static_cast<long long>(differ), static_cast<long long>(out * in), e_ours,
+                e_ref, e_rtn);
+    EXPECT_LE(differ, out * in / 200) << c.format << " act-order " << c.act_order;  // <= 0.5 %
+    EXPECT_NEAR(e_ours, e_ref, 0.02 * e_ref) << c.format << " act-order " << c.act_order;
+    EXPECT_LT(e_ours, e_rtn) << c.format;
+    fs::remove_all(dir);
+    ++checked;
+  }
+  EXPECT_EQ(checked, 6);
 }
