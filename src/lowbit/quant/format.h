@@ -27,6 +27,12 @@
 //                                 magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6}; w = e2m1(q) * 2^(e-127),
 //                                 e the block's E8M0 byte = floor(log2(amax)) - 2 + 127 (emax(E2M1)=2);
 //                                 elements beyond 6 after scaling saturate to +-6 (spec behaviour).
+//   tp2g128 (PTQTP, Xiao et al. 2025, arXiv 2509.16989): two ternary "trit planes" per weight,
+//                                 w = t1 * a1 + t2 * a2, (t1, t2) in {-1,0,1}^2, code q = 3(t2+1) +
+//                                 (t1+1) in [0, 8] (4-bit storage; codes 9..15 are rejected at load),
+//                                 a1 = GroupParams.scale (f16 `scales`), a2 = GroupParams.zero (f16
+//                                 `zeros`), groups of 128. params_from_range gives the balanced-ternary
+//                                 grid a1 = 3 a2, a2 = amax/4; methods/ptqtp.h fits a1, a2 per group.
 //   nvfp4  (NVIDIA Blackwell NVFP4): 16-element blocks, same E2M1 codes; w = e2m1(q) * e4m3(b) * t,
 //                                 b the block's E4M3 (fn) byte, t the fp32 tensor scale
 //                                 t = amax(W) / (6 * 448), e4m3(b) ~ amax(block) / 6 / t.

@@ -80,6 +80,20 @@ void QuantizedTensor::validate() const {
   }
 }
 
+void QuantizedTensor::check_codes() const {
+  const QuantFormat& f = fmt();
+  if (f.kind != QuantKind::TritPlanes) return;
+  const int64_t out = out_features(), in = in_features(), rb = f.row_bytes(in);
+  const uint8_t* c = codes.data<uint8_t>();
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t i = 0; i < in; ++i) {
+      const uint8_t q = unpack_code(f.bits, c + r * rb, i);
+      if (q > f.qmax())
+        throw_error("[", f.name, "] code ", int(q), " at row ", r, ", column ", i, " is not a trit-plane pair (0..",
+                    f.qmax(), ")");
+    }
+}
+
 float QuantizedTensor::tensor_scale_value() const {
   return tensor_scale.defined() ? tensor_scale.data<float>()[0] : 1.0f;
 }
