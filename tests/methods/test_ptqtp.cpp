@@ -134,7 +134,9 @@ TEST(Ptqtp, GroupOfTwoTritPlanesIsRecoveredExactly) {
     std::printf("planes (%g, %g): recovered %d/50 (sign start only: %d/50)\n", p1, p2, exact, exact_paper);
     // Recovered every time down to a2 = a1 / 4; below, the alternation can stop in a local minimum
     // from both starts (1, 0.15: 20 of 50 recovered; printed, not asserted).
-    if (p2 >= 0.25f * p1) EXPECT_EQ(exact, 50) << p1 << ", " << p2;
+    if (p2 >= 0.25f * p1) {
+      EXPECT_EQ(exact, 50) << p1 << ", " << p2;
+    }
     EXPECT_GE(exact, exact_paper);
   }
   const QuantFormat& tp = parse_quant_format("tp2g128");

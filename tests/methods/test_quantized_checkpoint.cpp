@@ -229,8 +229,8 @@ TEST(QuantizedCheckpoint, MalformedDirectoriesGiveClearErrors) {
   expect_error("model.norm.weight");
 }
 
-// tp2g128 stores 4-bit codes of which only 0..8 name a trit-plane pair: a checkpoint holding 9..15
-// is malformed and the load names the layer, row and column.
+// tp2g128 stores two 2-bit planes of t + 1: a checkpoint holding a plane code 3 is malformed and the
+// load names the layer, plane, row and column.
 TEST(QuantizedCheckpoint, TritPlaneCodesOutOfRangeAreRejected) {
   LlamaConfig c = small_config(RopeStyle::Half);
   LlamaModel m(c, random_weights(c, 7));
@@ -248,16 +248,16 @@ TEST(QuantizedCheckpoint, TritPlaneCodesOutOfRangeAreRejected) {
   std::vector<std::pair<std::string, Tensor>> ts;
   for (const auto& t : f0.tensors()) {
     Tensor v = f0.load(t.name).clone();
-    if (t.name == "model.layers.1.mlp.down_proj.qweight") v.data<uint8_t>()[3] = 0xf0;  // column 7: code 15
+    if (t.name == "model.layers.1.mlp.down_proj.qweight") v.data<uint8_t>()[3] = 0xf0;  // plane 1, columns 14-15: 3
     ts.emplace_back(t.name, v);
   }
   save_safetensors(st, ts);
   try {
     load_quantized_model(dir.string());
-    ADD_FAILURE() << "a code of 15 was accepted";
+    ADD_FAILURE() << "a plane code 3 was accepted";
   } catch (const Error& e) {
     const std::string msg = e.what();
     EXPECT_NE(msg.find("model.layers.1.mlp.down_proj"), std::string::npos) << msg;
-    EXPECT_NE(msg.find("code 15 at row 0, column 7"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("plane 1 holds code 3 (not a trit: t + 1 is 0, 1 or 2) at row 0, column 14"), std::string::npos) << msg;
   }
 }

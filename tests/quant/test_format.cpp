@@ -218,17 +218,31 @@ TEST(QuantizedTensor, TritPlaneCodecAndStorage) {
   const GroupParams r = f.codec->params_from_range(f, -2.0f, 1.0f, 1.0f);
   EXPECT_EQ(r.zero, 0.5f);
   EXPECT_EQ(r.scale, 1.5f);
-  // Storage: codes 4 bits, a1 in scales, a2 in zeros (f16), both [out, groups].
+  // Storage: two 2-bit planes per row (t1 + 1, then t2 + 1), a1 in scales, a2 in zeros (f16).
   QuantizedTensor q = small_quantized("tp2g128", 3, 200);
   EXPECT_EQ(q.codes.shape(), Shape({3, 100}));
+  EXPECT_EQ(f.row_bytes(13), 8);  // 2 * ceil(13 / 4)
+  std::vector<uint8_t> pair(200);
+  q.unpack_row(1, pair.data());
+  const uint8_t* row1 = q.codes.data<uint8_t>() + 100;
+  for (int64_t i = 0; i < 200; ++i) {
+    EXPECT_EQ(row1[i / 4] >> (2 * (i % 4)) & 3, pair[size_t(i)] % 3) << i;        // plane 1
+    EXPECT_EQ(row1[50 + i / 4] >> (2 * (i % 4)) & 3, pair[size_t(i)] / 3) << i;   // plane 2
+  }
   EXPECT_EQ(q.scales.shape(), Shape({3, 2}));
   EXPECT_EQ(q.zeros.shape(), Shape({3, 2}));
   EXPECT_FALSE(q.tensor_scale.defined());
   EXPECT_EQ(q.nbytes(), f.storage_bytes(3, 200));
   EXPECT_NO_THROW(q.check_codes());
-  // A code the encoder never writes (9..15) is malformed input.
-  q.codes.data<uint8_t>()[7] = uint8_t(0x9a);
-  EXPECT_THROW(q.check_codes(), Error);
+  // A plane code the encoder never writes (3) is malformed input.
+  q.codes.data<uint8_t>()[100 + 50 + 7] = uint8_t(0x30);  // row 1, plane 2, column 30
+  try {
+    q.check_codes();
+    ADD_FAILURE() << "plane code 3 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("plane 2 holds code 3 (not a trit: t + 1 is 0, 1 or 2) at row 1, column 30"),
+              std::string::npos) << e.what();
+  }
 }
 
 TEST(QuantizedTensor, MalformedInputsThrow) {

@@ -45,8 +45,9 @@ enum class QuantFormatId : uint16_t {
 };
 
 // GgmlBlock: the codes tensor holds whole ggml blocks (scales inside), no scales/zeros tensors.
-// TritPlanes: a 4-bit code q in [0, 8] names the pair (t1, t2) = (q % 3 - 1, q / 3 - 1) of two ternary
+// TritPlanes: a code q in [0, 8] names the pair (t1, t2) = (q % 3 - 1, q / 3 - 1) of two ternary
 // planes; w = t1 * a1 + t2 * a2 with the group's two f16 scales (a1 in `scales`, a2 in `zeros`).
+// Stored as two 2-bit planes per row (row_bytes below): t1 + 1 for the whole row, then t2 + 1.
 enum class QuantKind : uint8_t { IntAsym, IntSym, Ternary, FP4_MX, FP4_NV, GgmlBlock, TritPlanes };
 enum class ScaleGranularity : uint8_t { PerTensor, PerChannel, PerGroup };
 // How the per-group scale is stored. None: no per-group scale tensor (ternary, ggml blocks).
@@ -84,6 +85,7 @@ struct FormatTraits {
   // multiple of the block size; callers check with row_fits()).
   LB_HD constexpr int64_t row_bytes(int64_t in) const {
     if (is_ggml_block()) return in / group_size * block_bytes;
+    if (kind == QuantKind::TritPlanes) return 2 * ((in + 3) / 4);  // two 2-bit planes
     return bits == 2 ? (in + 3) / 4 : bits == 3 ? (in + 7) / 8 * 3 : bits == 4 ? (in + 1) / 2 : in;
   }
   LB_HD constexpr bool row_fits(int64_t in) const { return !is_ggml_block() || in % group_size == 0; }

@@ -165,6 +165,27 @@ static void tp_decode_n(const QuantFormat&, const uint8_t* q, int64_t n, const G
   for (int64_t i = 0; i < n; ++i) y[i] = trit_pair_value(q[i], a1, a2);
 }
 
+// Trit-plane rows (format.h): the pair codes of a row as two 2-bit planes, t1 + 1 for the whole row
+// in the first ceil(n/4) bytes, t2 + 1 in the next ceil(n/4).
+static void tp_pack(const uint8_t* codes, int64_t n, uint8_t* packed) {
+  const int64_t half = (n + 3) / 4;
+  std::fill(packed, packed + 2 * half, uint8_t(0));
+  for (int64_t i = 0; i < n; ++i) {
+    const int sh = int(2 * (i % 4));
+    packed[i / 4] = uint8_t(packed[i / 4] | (codes[i] % 3) << sh);
+    packed[half + i / 4] = uint8_t(packed[half + i / 4] | (codes[i] / 3 & 3) << sh);
+  }
+}
+// Codes 3 in a plane (never written) come out as pair codes above 8 (QuantizedTensor::check_codes
+// rejects them at load; decoding one reads nothing outside the row).
+static void tp_unpack(const uint8_t* packed, int64_t n, uint8_t* codes) {
+  const int64_t half = (n + 3) / 4;
+  for (int64_t i = 0; i < n; ++i) {
+    const int sh = int(2 * (i % 4));
+    codes[i] = uint8_t(3 * (packed[half + i / 4] >> sh & 3) + (packed[i / 4] >> sh & 3));
+  }
+}
+
 static constexpr QuantCodec kIntAsymCodec{unit_tensor_scale, int_params, int_encode, int_decode, int_encode_n,
                                           int_decode_n};
 static constexpr QuantCodec kIntSymCodec{unit_tensor_scale, int_params, int_encode, int_decode, int_encode_n,
@@ -264,11 +285,11 @@ static constexpr QuantFormat kFormats[] = {
     ggml_format<g::block_tq2_0, g::QK_K>(Id::TQ2_0, "tq2_0", 2, 35, ggml::quantize_row_tq2_0),
     ggml_format<g::block_iq4_nl, g::QK4_NL>(Id::IQ4_NL, "iq4_nl", 4, 20, ggml::quantize_row_iq4_nl),
     ggml_format<g::block_iq4_xs, g::QK_K>(Id::IQ4_XS, "iq4_xs", 4, 23, ggml::quantize_row_iq4_xs),
-    // PTQTP's two trit planes: 4-bit pair codes, a1 in `scales`, a2 in `zeros` (both f16 per group
-    // of 128, the paper's group size): 4 + 32/128 = 4.25 bits per weight as stored here.
+    // PTQTP's two trit planes: two 2-bit planes per row, a1 in `scales`, a2 in `zeros` (both f16 per
+    // group of 128, the paper's group size): 4 + 32/128 = 4.25 bits per weight as stored here.
     {{Id::TP2G128, "tp2g128", QuantKind::TritPlanes, 4, ScaleGranularity::PerGroup, 128, ScaleType::F16, true, false,
       0, -1},
-     &kTritPlaneCodec, pack_w<4>, unpack_w<4>, nullptr, nullptr},
+     &kTritPlaneCodec, tp_pack, tp_unpack, nullptr, nullptr},
 };
 
 const QuantFormat* quant_format_for_ggml_type(uint32_t ggml_type) {
