@@ -49,9 +49,9 @@ void check_view(const PackedWeight& w) {
   if (w.layout == PackedLayout::Generic) return;
   if (!w.codes) throw_error(kOp, ": weight [", w.format, "] lacks its codes");
   if (w.layout == PackedLayout::TritPlanes) {
-    if (w.bits != 2 || !w.scales || !w.zeros || w.group_size <= 0 ||
+    if (w.bits != 2 || !w.scales || !w.zeros || w.group_size <= 0 || w.group_size % 4 != 0 ||
         w.n_groups != (w.in + w.group_size - 1) / w.group_size || w.row_bytes != 2 * ((w.in + 3) / 4))
-      throw_error(kOp, ": weight [", w.format, "] TritPlanes view needs bits 2, both plane scales, ", w.in,
+      throw_error(kOp, ": weight [", w.format, "] TritPlanes view needs bits 2, both plane scales, groups of a multiple of 4 over ", w.in,
                   " columns in groups and row_bytes ", 2 * ((w.in + 3) / 4), "; got bits ", w.bits, ", ", w.n_groups,
                   " groups of ", w.group_size, ", row_bytes ", w.row_bytes);
     return;
@@ -109,8 +109,26 @@ void int_groups_row(const PackedWeight& w, int64_t r, float* dst) {
   }
 }
 
+// TritPlanes row decode: w = t1 a1 + t2 a2 with core's trit_pair_value arithmetic (bit-identical
+// to dequantize_row), the two planes read a byte (four values) at a time.
+void trit_planes_row(const PackedWeight& w, int64_t r, float* dst) {
+  const uint8_t* p1 = w.codes + r * w.row_bytes;
+  const uint8_t* p2 = p1 + w.row_bytes / 2;
+  for (int64_t g = 0; g < w.n_groups; ++g) {
+    const float a1 = f16_to_f32(w.scales[r * w.n_groups + g]), a2 = f16_to_f32(w.zeros[r * w.n_groups + g]);
+    const int64_t b = g * w.group_size, e = std::min(w.in, b + w.group_size);  // b is a multiple of 4
+    for (int64_t i = b; i < e; i += 4) {
+      const unsigned c1 = p1[i >> 2], c2 = p2[i >> 2];
+      const int64_t n = std::min<int64_t>(4, e - i);
+      for (int64_t k = 0; k < n; ++k)
+        dst[i + k] = trit_pair_value(uint8_t(3 * (c2 >> (2 * k) & 3) + (c1 >> (2 * k) & 3)), a1, a2);
+    }
+  }
+}
+
 void decode_row(const PackedWeight& w, int64_t r, float* dst) {
   if (w.layout == PackedLayout::IntGroups) int_groups_row(w, r, dst);
+  else if (w.layout == PackedLayout::TritPlanes) trit_planes_row(w, r, dst);
   else w.dequantize_row(r, dst);
 }
 
