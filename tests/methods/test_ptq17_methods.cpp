@@ -35,7 +35,7 @@ Tensor mat(int64_t r, int64_t c, std::initializer_list<float> v) {
 
 TEST(MethodRegistry, ListsEveryMethodAndRefusesUnknownNames) {
   const std::string names = method_names();
-  for (const char* m : {"rtn", "gptq", "awq", "apiq", "apiq-layer", "sapr", "norm-tweak", "rsq", "comq", "cle"})
+  for (const char* m : {"rtn", "gptq", "awq", "apiq", "apiq-layer", "sapr", "norm-tweak", "rsq", "comq", "cle", "ptqtp"})
     EXPECT_NE(names.find(m), std::string::npos) << m;
   EXPECT_FALSE(find_method("rtn").needs_calibration);
   EXPECT_TRUE(find_method("gptq").needs_calibration);
@@ -52,7 +52,9 @@ TEST(MethodRegistry, ListsEveryMethodAndRefusesUnknownNames) {
   c.format = &f;
   for (const auto& m : method_registry()) {
     if (m.name == "sapr") continue;  // needs a saliency map
-    auto method = make_method(m.name, c);
+    MethodConfig mc = c;
+    if (!m.default_format.empty()) mc.format = &parse_quant_format(m.default_format);  // ptqtp: tp2g128 only
+    auto method = make_method(m.name, mc);
     ASSERT_TRUE(method) << m.name;
   }
   EXPECT_EQ(make_method("apiq-layer", c)->name(), "apiq-layer");

@@ -42,7 +42,7 @@ Tensor rtn_and_save(LlamaModel& m, const QuantFormat& f, const fs::path& dir) {
 
 TEST(QuantizedCheckpoint, RoundTripKeepsLogits) {
   for (auto style : {RopeStyle::Interleaved, RopeStyle::Half})
-    for (const char* fmt : {"int4g32", "int2g64", "int3g32s", "ternary", "mxfp4", "nvfp4", "q4_0", "q8_0", "q5_1"}) {
+    for (const char* fmt : {"int4g32", "int2g64", "int3g32s", "ternary", "mxfp4", "nvfp4", "q4_0", "q8_0", "q5_1", "tp2g128"}) {
       LlamaConfig c = small_config(style);
       LlamaModel m(c, random_weights(c, 7));
       const QuantFormat& f = parse_quant_format(fmt);
@@ -227,4 +227,37 @@ TEST(QuantizedCheckpoint, MalformedDirectoriesGiveClearErrors) {
   expect_error("model.layers.0.self_attn.q_proj");
   rewrite("model.norm.weight", "");
   expect_error("model.norm.weight");
+}
+
+// tp2g128 stores two 2-bit planes of t + 1: a checkpoint holding a plane code 3 is malformed and the
+// load names the layer, plane, row and column.
+TEST(QuantizedCheckpoint, TritPlaneCodesOutOfRangeAreRejected) {
+  LlamaConfig c = small_config(RopeStyle::Half);
+  LlamaModel m(c, random_weights(c, 7));
+  const QuantFormat& f = parse_quant_format("tp2g128");
+  std::vector<int32_t> stream(200, 3);
+  RtnMethod rtn(f);
+  PipelineOptions o;
+  o.progress = false;
+  run_blockwise(m, sample_calibration(stream, 2, 8, 1), rtn, f, o);
+  auto dir = test::temp_dir("qckpt-tp-bad");
+  save_quantized_model(dir.string(), m, "rtn", f);
+  EXPECT_NO_THROW(load_quantized_model(dir.string()));
+  const std::string st = (dir / "model.safetensors").string();
+  SafetensorsFile f0 = SafetensorsFile::open(st);
+  std::vector<std::pair<std::string, Tensor>> ts;
+  for (const auto& t : f0.tensors()) {
+    Tensor v = f0.load(t.name).clone();
+    if (t.name == "model.layers.1.mlp.down_proj.qweight") v.data<uint8_t>()[3] = 0xf0;  // plane 1, columns 14-15: 3
+    ts.emplace_back(t.name, v);
+  }
+  save_safetensors(st, ts);
+  try {
+    load_quantized_model(dir.string());
+    ADD_FAILURE() << "a plane code 3 was accepted";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("model.layers.1.mlp.down_proj"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("plane 1 holds code 3 (not a trit: t + 1 is 0, 1 or 2) at row 0, column 14"), std::string::npos) << msg;
+  }
 }

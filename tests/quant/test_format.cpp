@@ -19,7 +19,8 @@ TEST(QuantFormat, TableIsConsistent) {
     EXPECT_TRUE(names.insert(f.name).second) << f.name;
     EXPECT_EQ(&quant_format(f.id), &f);
     EXPECT_EQ(&parse_quant_format(f.name), &f);
-    EXPECT_EQ(f.has_zero, f.kind == QuantKind::IntAsym) << f.name;
+    // (trit planes keep their second scale in the zeros tensor)
+    EXPECT_EQ(f.has_zero, f.kind == QuantKind::IntAsym || f.kind == QuantKind::TritPlanes) << f.name;
     EXPECT_EQ(f.group_size == 0, f.granularity != ScaleGranularity::PerGroup) << f.name;
     if (f.is_ggml_block()) {
       EXPECT_EQ(f.codec, nullptr);
@@ -33,7 +34,9 @@ TEST(QuantFormat, TableIsConsistent) {
     EXPECT_EQ(f.row_bytes(64), packed_bytes(f.bits, 64));
     EXPECT_EQ(f.group_size % 8, 0) << f.name << ": dequantize_row unpacks groups from byte boundaries";
   }
-  EXPECT_EQ(all_quant_formats().size(), 42u);
+  EXPECT_EQ(all_quant_formats().size(), 43u);
+  EXPECT_EQ(int(parse_quant_format("tp2g128").id), 43);  // stable id (written to checkpoints)
+  EXPECT_EQ(parse_quant_format("tp2g128").qmax(), 8);
   EXPECT_EQ(quant_format_for_ggml_type(0), nullptr);  // F32 is not a block format
   EXPECT_EQ(&parse_quant_format("INT4G128"), &quant_format(QuantFormatId::Int4G128));
   const QuantFormat& f = parse_quant_format("int4g128s");
@@ -71,6 +74,7 @@ TEST(QuantFormat, BitsPerWeightAsDocumented) {
   EXPECT_DOUBLE_EQ(bpw("mxfp4"), 4.0 + 8.0 / 32);  // E8M0 per 32
   EXPECT_DOUBLE_EQ(bpw("nvfp4"), 4.0 + 8.0 / 16 + 32.0 / double(n * n));  // E4M3 per 16 + fp32 tensor
   EXPECT_DOUBLE_EQ(bpw("ternary"), 2.0 + 32.0 / double(n * n));          // 2-bit codes + fp32 gamma
+  EXPECT_DOUBLE_EQ(bpw("tp2g128"), 4.0 + 32.0 / 128);  // 4-bit pair codes + two f16 plane scales per 128
   // ggml blocks: block bytes * 8 / block size.
   EXPECT_DOUBLE_EQ(bpw("q4_0"), 4.5);
   EXPECT_DOUBLE_EQ(bpw("q4_1"), 5.0);
@@ -196,6 +200,49 @@ TEST(QuantizedTensor, ShapesFollowTheFormat) {
   QuantizedTensor t = small_quantized("ternary");
   EXPECT_FALSE(t.scales.defined());
   EXPECT_EQ(t.codes.shape(), Shape({4, 24}));
+}
+
+TEST(QuantizedTensor, TritPlaneCodecAndStorage) {
+  const QuantFormat& f = parse_quant_format("tp2g128");
+  // Code q = 3 (t2 + 1) + (t1 + 1): w = t1 a1 + t2 a2.
+  const GroupParams p{1.5f, 0.25f};
+  for (uint8_t q = 0; q < 9; ++q) {
+    const int t1 = q % 3 - 1, t2 = q / 3 - 1;
+    EXPECT_EQ(f.codec->decode(f, q, p), float(t1) * 1.5f + float(t2) * 0.25f) << int(q);
+    EXPECT_EQ(f.codec->encode(f, f.codec->decode(f, q, p), p), q) << int(q);  // every pair round trips
+  }
+  EXPECT_EQ(f.codec->encode(f, 0.1f, p), 4);    // nearest is 0 (t1 = t2 = 0)
+  EXPECT_EQ(f.codec->encode(f, 1.2f, p), 3 * 0 + 2);  // 1.25 = a1 - a2: t1 = 1, t2 = -1
+  EXPECT_EQ(f.codec->encode(f, -9.0f, p), 0);   // clamps to -(a1 + a2)
+  // From a range: the balanced-ternary grid a1 = 3 a2, a2 = amax / 4 (f16 values).
+  const GroupParams r = f.codec->params_from_range(f, -2.0f, 1.0f, 1.0f);
+  EXPECT_EQ(r.zero, 0.5f);
+  EXPECT_EQ(r.scale, 1.5f);
+  // Storage: two 2-bit planes per row (t1 + 1, then t2 + 1), a1 in scales, a2 in zeros (f16).
+  QuantizedTensor q = small_quantized("tp2g128", 3, 200);
+  EXPECT_EQ(q.codes.shape(), Shape({3, 100}));
+  EXPECT_EQ(f.row_bytes(13), 8);  // 2 * ceil(13 / 4)
+  std::vector<uint8_t> pair(200);
+  q.unpack_row(1, pair.data());
+  const uint8_t* row1 = q.codes.data<uint8_t>() + 100;
+  for (int64_t i = 0; i < 200; ++i) {
+    EXPECT_EQ(row1[i / 4] >> (2 * (i % 4)) & 3, pair[size_t(i)] % 3) << i;        // plane 1
+    EXPECT_EQ(row1[50 + i / 4] >> (2 * (i % 4)) & 3, pair[size_t(i)] / 3) << i;   // plane 2
+  }
+  EXPECT_EQ(q.scales.shape(), Shape({3, 2}));
+  EXPECT_EQ(q.zeros.shape(), Shape({3, 2}));
+  EXPECT_FALSE(q.tensor_scale.defined());
+  EXPECT_EQ(q.nbytes(), f.storage_bytes(3, 200));
+  EXPECT_NO_THROW(q.check_codes());
+  // A plane code the encoder never writes (3) is malformed input.
+  q.codes.data<uint8_t>()[100 + 50 + 7] = uint8_t(0x30);  // row 1, plane 2, column 30
+  try {
+    q.check_codes();
+    ADD_FAILURE() << "plane code 3 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("plane 2 holds code 3 (not a trit: t + 1 is 0, 1 or 2) at row 1, column 30"),
+              std::string::npos) << e.what();
+  }
 }
 
 TEST(QuantizedTensor, MalformedInputsThrow) {

@@ -1,6 +1,7 @@
 // The RTN reference quantizer and fake quantization: error bounds stated per format.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "lowbit/methods/rtn.h"
@@ -39,6 +40,9 @@ TEST(Quantize, ErrorWithinHalfAStepForEveryFormat) {
             float bound;
             if (f.kind == QuantKind::IntAsym || f.kind == QuantKind::IntSym) {
               bound = 0.5f * p.scale;  // the grid covers the group's range (scale rounded up to f16)
+            } else if (f.kind == QuantKind::TritPlanes) {
+              // {-1,0,1} a1 + {-1,0,1} a2 with a1 ~ 3 a2: steps a2 and a1 - 2 a2, range a1 + a2 >= amax
+              bound = 0.5f * std::max(p.zero, p.scale - 2 * p.zero);
             } else {                    // fp4: half the local grid spacing, or the saturation error
               float a = std::fabs(x) / p.scale;
               bound = a <= 6 ? e2m1_half_spacing(a) * p.scale : (std::fabs(x) - 6 * p.scale);

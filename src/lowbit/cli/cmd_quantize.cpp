@@ -255,7 +255,11 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   } else if (a.mp_given) {
     throw_error("--mp-formats / --mp-score / --mp-samples set up --bits-budget; give --bits-budget B too");
   }
-  std::string format = !a.format.empty() ? a.format : is_apiq(a.method) ? "int2g64" : "int4g128";
+  const std::string method_format = find_method(a.method).default_format;  // unknown --method: error here
+  std::string format = !a.format.empty()         ? a.format
+                       : !method_format.empty() ? method_format
+                       : is_apiq(a.method)      ? "int2g64"
+                                                : "int4g128";
   if (a.bits_budget > 0) format = a.mp_formats.substr(0, a.mp_formats.find(','));
   if (!a.preset.empty()) format = quant_format(preset_base(a.preset)).name;
   if (fmap && fmap->has_default && a.format.empty()) format = quant_format(fmap->default_format).name;

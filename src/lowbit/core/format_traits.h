@@ -40,10 +40,15 @@ enum class QuantFormatId : uint16_t {
   Q4_0 = 29, Q4_1 = 30, Q5_0 = 31, Q5_1 = 32, Q8_0 = 33,
   Q2_K = 34, Q3_K = 35, Q4_K = 36, Q5_K = 37, Q6_K = 38,
   TQ1_0 = 39, TQ2_0 = 40, IQ4_NL = 41, IQ4_XS = 42,
+  // two ternary planes per weight with two f16 scales per group (PTQTP, Xiao et al. 2025)
+  TP2G128 = 43,
 };
 
 // GgmlBlock: the codes tensor holds whole ggml blocks (scales inside), no scales/zeros tensors.
-enum class QuantKind : uint8_t { IntAsym, IntSym, Ternary, FP4_MX, FP4_NV, GgmlBlock };
+// TritPlanes: a code q in [0, 8] names the pair (t1, t2) = (q % 3 - 1, q / 3 - 1) of two ternary
+// planes; w = t1 * a1 + t2 * a2 with the group's two f16 scales (a1 in `scales`, a2 in `zeros`).
+// Stored as two 2-bit planes per row (row_bytes below): t1 + 1 for the whole row, then t2 + 1.
+enum class QuantKind : uint8_t { IntAsym, IntSym, Ternary, FP4_MX, FP4_NV, GgmlBlock, TritPlanes };
 enum class ScaleGranularity : uint8_t { PerTensor, PerChannel, PerGroup };
 // How the per-group scale is stored. None: no per-group scale tensor (ternary, ggml blocks).
 enum class ScaleType : uint8_t { None, F16, E8M0, E4M3 };
@@ -64,8 +69,10 @@ struct FormatTraits {
   int ggml_type;                 // ggml_type / GGUF tensor type id; -1 when the format has none
 
   LB_HD constexpr bool is_ggml_block() const { return kind == QuantKind::GgmlBlock; }
-  // Largest code value produced (2^bits-1, or 2 for ternary).
-  LB_HD constexpr int qmax() const { return kind == QuantKind::Ternary ? 2 : (1 << bits) - 1; }
+  // Largest code value produced (2^bits-1, 2 for ternary, 8 for trit-plane pairs).
+  LB_HD constexpr int qmax() const {
+    return kind == QuantKind::Ternary ? 2 : kind == QuantKind::TritPlanes ? 8 : (1 << bits) - 1;
+  }
   LB_HD constexpr int64_t n_groups(int64_t in) const {
     return group_size ? (in + group_size - 1) / group_size : 1;
   }
@@ -78,6 +85,7 @@ struct FormatTraits {
   // multiple of the block size; callers check with row_fits()).
   LB_HD constexpr int64_t row_bytes(int64_t in) const {
     if (is_ggml_block()) return in / group_size * block_bytes;
+    if (kind == QuantKind::TritPlanes) return 2 * ((in + 3) / 4);  // two 2-bit planes
     return bits == 2 ? (in + 3) / 4 : bits == 3 ? (in + 7) / 8 * 3 : bits == 4 ? (in + 1) / 2 : in;
   }
   LB_HD constexpr bool row_fits(int64_t in) const { return !is_ggml_block() || in % group_size == 0; }
@@ -268,6 +276,12 @@ LB_HD_INLINE uint8_t int_code(float x, float scale, float zero, float lo, float 
   return uint8_t(fmt_clamp(fmt_rint(x / scale) + zero, lo, hi));
 }
 LB_HD_INLINE float int_value(uint8_t q, float scale, float zero) { return (float(q) - zero) * scale; }
+// Trit-plane pair code (QuantKind::TritPlanes): q = 3 * (t2 + 1) + (t1 + 1), w = t1 * a1 + t2 * a2.
+// Codes above 8 never come out of the encoder (checkpoint loads reject them).
+LB_HD_INLINE float trit_pair_value(uint8_t q, float a1, float a2) {
+  const int t2 = q / 3, t1 = q - 3 * t2;
+  return float(t1 - 1) * a1 + float(t2 - 1) * a2;
+}
 // Zero point of symmetric formats.
 LB_HD_INLINE float int_sym_zero(const FormatTraits& f) { return float(1 << (f.bits - 1)); }
 

@@ -162,7 +162,7 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
                        {"format", format.name},
                        {"bits", format.bits},
                        {"group_size", format.group_size},
-                       {"sym", !format.has_zero},
+                       {"sym", format.kind != QuantKind::IntAsym},  // as quant/qconfig.cpp checks it
                        {"method", method},
                        {"modules_not_to_convert", {"lm_head", "model.embed_tokens"}}};
   if (!layer_formats.empty()) qc["layer_formats"] = layer_formats;
@@ -294,6 +294,7 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
         if (f.find(m + ".tensor_scale")) q.tensor_scale = load(m + ".tensor_scale");
         try {
           q.validate();
+          q.check_codes();
         } catch (const Error& e) {
           throw_error(st_path, ": quantized layer '", m, "': ", e.what());
         }

@@ -3,6 +3,7 @@
 #include <mutex>
 
 #include "lowbit/methods/ptq_methods.h"
+#include "lowbit/methods/ptqtp.h"
 
 namespace lowbit {
 
@@ -96,6 +97,14 @@ void register_builtins(std::vector<MethodInfo>& r) {
   add(r, {"cle", "cross-layer equalization (norm->q/k/v, norm->gate/up, up->down, v->o without GQA) then RTN; "
                  "data-free; bias correction where a layer has a bias and data is given",
           false, false, [](const MethodConfig& c) { return std::make_unique<CleMethod>(*c.format, c.cle); }});
+  add(r, {"ptqtp", "PTQTP: two ternary planes per weight with two f16 scales per group of 128, fitted by "
+                   "alternating ridge least squares and exhaustive trit search (data-free; --format tp2g128)",
+          false, false, [](const MethodConfig& c) {
+            if (c.format->kind != QuantKind::TritPlanes)
+              throw_error("ptqtp: format ", c.format->name, " is not a trit-plane format (use --format tp2g128)");
+            return std::make_unique<PtqtpMethod>(*c.format, PtqtpOptions{});
+          },
+          "tp2g128"});
 }
 
 std::vector<MethodInfo>& registry() {

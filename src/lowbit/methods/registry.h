@@ -50,6 +50,9 @@ struct MethodInfo {
   bool needs_calibration = true;        // false: runs without --calib (RTN, CLE: data-free)
   bool trains_adapters = false;         // ApiQ family
   std::function<std::unique_ptr<BlockMethod>(const MethodConfig&)> make;
+  // The format `quantize` uses when --format is not given; empty: int4g128 (int2g64 for the ApiQ
+  // family). ptqtp: tp2g128, the only format it writes.
+  std::string default_format = "";
 };
 
 // All registered methods, in registration order (built-ins first).

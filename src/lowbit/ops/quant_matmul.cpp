@@ -48,6 +48,14 @@ void check_view(const PackedWeight& w) {
   if (!w.dequantize_row) throw_error(kOp, ": weight [", w.format, "] has no dequantize_row");
   if (w.layout == PackedLayout::Generic) return;
   if (!w.codes) throw_error(kOp, ": weight [", w.format, "] lacks its codes");
+  if (w.layout == PackedLayout::TritPlanes) {
+    if (w.bits != 2 || !w.scales || !w.zeros || w.group_size <= 0 || w.group_size % 4 != 0 ||
+        w.n_groups != (w.in + w.group_size - 1) / w.group_size || w.row_bytes != 2 * ((w.in + 3) / 4))
+      throw_error(kOp, ": weight [", w.format, "] TritPlanes view needs bits 2, both plane scales, groups of a multiple of 4 over ", w.in,
+                  " columns in groups and row_bytes ", 2 * ((w.in + 3) / 4), "; got bits ", w.bits, ", ", w.n_groups,
+                  " groups of ", w.group_size, ", row_bytes ", w.row_bytes);
+    return;
+  }
   if (w.layout != PackedLayout::IntGroups) {
     const int64_t bb = ggml_block_bytes(w.layout), bv = ggml_block_values(w.layout);
     if (bb == 0) throw_error(kOp, ": weight [", w.format, "] has an unknown layout ", int(w.layout));
@@ -101,8 +109,26 @@ void int_groups_row(const PackedWeight& w, int64_t r, float* dst) {
   }
 }
 
+// TritPlanes row decode: w = t1 a1 + t2 a2 with core's trit_pair_value arithmetic (bit-identical
+// to dequantize_row), the two planes read a byte (four values) at a time.
+void trit_planes_row(const PackedWeight& w, int64_t r, float* dst) {
+  const uint8_t* p1 = w.codes + r * w.row_bytes;
+  const uint8_t* p2 = p1 + w.row_bytes / 2;
+  for (int64_t g = 0; g < w.n_groups; ++g) {
+    const float a1 = f16_to_f32(w.scales[r * w.n_groups + g]), a2 = f16_to_f32(w.zeros[r * w.n_groups + g]);
+    const int64_t b = g * w.group_size, e = std::min(w.in, b + w.group_size);  // b is a multiple of 4
+    for (int64_t i = b; i < e; i += 4) {
+      const unsigned c1 = p1[i >> 2], c2 = p2[i >> 2];
+      const int64_t n = std::min<int64_t>(4, e - i);
+      for (int64_t k = 0; k < n; ++k)
+        dst[i + k] = trit_pair_value(uint8_t(3 * (c2 >> (2 * k) & 3) + (c1 >> (2 * k) & 3)), a1, a2);
+    }
+  }
+}
+
 void decode_row(const PackedWeight& w, int64_t r, float* dst) {
   if (w.layout == PackedLayout::IntGroups) int_groups_row(w, r, dst);
+  else if (w.layout == PackedLayout::TritPlanes) trit_planes_row(w, r, dst);
   else w.dequantize_row(r, dst);
 }
 
@@ -385,8 +411,27 @@ qmm::Panel pick_panel_kernel(QuantIsa isa, const PackedWeight& w) {
 // columns), every task covering all M activation rows: each weight byte is read by one thread once.
 void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa, qmm::TernaryKind kind);
 
+void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels);
+
+// TritPlanes: each plane is an int2 group row (codes t + 1, implicit zero 1, the plane's f16 scales)
+// whose rows are row_bytes apart; the 2-bit kernels run once per plane and the products are added.
+void trit_planes_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa, bool panels) {
+  PackedWeight p = w;
+  p.layout = PackedLayout::IntGroups;
+  p.zeros = nullptr;
+  p.implicit_zero = 1.0f;
+  int8_body(x, M, p, y, isa, panels);  // plane 1: codes from the row start, scales a1
+  p.codes = w.codes + w.row_bytes / 2;
+  p.scales = w.zeros;                  // plane 2: the second half of the row, scales a2
+  thread_local std::vector<float> y2;
+  y2.resize(size_t(M * w.out));
+  int8_body(x, M, p, y2.data(), isa, panels);
+  for (int64_t i = 0; i < M * w.out; ++i) y[i] += y2[size_t(i)];
+}
+
 // The ternary layouts (TQ2_0, TQ1_0 and the ternary format) go to ternary_body (activation blocks of 256).
 void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels) {
+  if (w_in.layout == PackedLayout::TritPlanes) return trit_planes_body(x, M, w_in, y, isa, panels);
   if (const qmm::TernaryKind kind = qmm::ternary_kind(w_in); kind != qmm::TernaryKind::None)
     return ternary_body(x, M, w_in, y, isa, kind);
   // A tensor scale (ternary): the kernels run with unit f16 scales, the products are scaled after.
@@ -719,7 +764,8 @@ const char* quant_isa_name(QuantIsa isa) {
 
 bool quant_matmul_has_int8_kernel(const PackedWeight& w) {
   if (w.layout == PackedLayout::Generic) return false;
-  return w.layout != PackedLayout::IntGroups || w.n_groups == 1 || w.group_size % kBlock == 0;
+  const bool grouped = w.layout == PackedLayout::IntGroups || w.layout == PackedLayout::TritPlanes;
+  return !grouped || w.n_groups == 1 || w.group_size % kBlock == 0;
 }
 
 int64_t quant_matmul_act_block(const PackedWeight& w) {

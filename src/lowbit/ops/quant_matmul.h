@@ -13,6 +13,12 @@
 //   GgmlQ4_0, GgmlQ4_1, GgmlQ8_0
 //              ggml's blocks of 32 (core/ggml_blocks.h) as stored in GGUF: codes U8 [out, row_bytes],
 //              `in` a multiple of 32; w = d (q - 8), d q + m, d q.
+//   TritPlanes lowbit's tp2g128 (PTQTP): two ternary planes per row, codes U8 [out, row_bytes],
+//              row_bytes = 2 * ceil(in / 4): plane 1's 2-bit codes q1 = t1 + 1 (format.h's 2-bit
+//              packing) in the first half of the row, plane 2's q2 = t2 + 1 in the second; `scales`
+//              holds a1 and `zeros` a2 (f16 [out, n_groups]); w = (q1 - 1) a1 + (q2 - 1) a2. The Int8
+//              body runs it as two IntGroups 2-bit passes (implicit zero 1, row stride row_bytes), one
+//              per plane, and adds them; the Exact body decodes rows through dequantize_row.
 //   GgmlTQ2_0, GgmlTQ1_0
 //              ggml's ternary blocks of 256 (66 / 54 bytes: 2-bit codes or base-3 digits, one f16 d),
 //              `in` a multiple of 256; w = d (q - 1), q in {0, 1, 2}.
@@ -43,7 +49,7 @@
 
 namespace lowbit::ops {
 
-enum class PackedLayout : uint8_t { Generic, IntGroups, GgmlQ4_0, GgmlQ4_1, GgmlQ8_0, GgmlTQ2_0, GgmlTQ1_0 };
+enum class PackedLayout : uint8_t { Generic, IntGroups, GgmlQ4_0, GgmlQ4_1, GgmlQ8_0, GgmlTQ2_0, GgmlTQ1_0, TritPlanes };
 
 // A packed weight's copy on the GPU, in the layout the CUDA kernels read (ops/cuda/quant_gemv.cuh
 // documents it): codes U8 [out, in / 32 blocks of 8, 16 or 32 bytes] and group parameters F16
@@ -63,9 +69,9 @@ struct PackedWeight {
   int64_t out = 0, in = 0;
   const char* format = "";  // the format's name, for messages (a static string)
   PackedLayout layout = PackedLayout::Generic;
-  int64_t row_bytes = 0;        // packed bytes per row (every layout but Generic)
+  int64_t row_bytes = 0;        // packed bytes per row (every layout but Generic); also the row stride
   const uint8_t* codes = nullptr;  // every layout but Generic
-  // IntGroups only:
+  // IntGroups and TritPlanes (bits 2; scales = a1, zeros = a2) only:
   int bits = 0;                 // 2, 4 or 8
   int64_t group_size = 0;       // columns per group (== in for per-channel formats)
   int64_t n_groups = 0;         // groups per row

@@ -130,6 +130,62 @@ static void fp4_decode_n(const QuantFormat& f, const uint8_t* q, int64_t n, cons
   for (int64_t i = 0; i < n; ++i) y[i] = fp4_decode(f, q[i], pl);
 }
 
+// Trit planes (PTQTP): w = t1 * a1 + t2 * a2, (t1, t2) in {-1, 0, 1}^2 named by the code
+// q = 3 * (t2 + 1) + (t1 + 1). From a range alone (RTN, the GPTQ/AWQ grids) the two scales are
+// a1 = 3 * a2, a2 = amax / 4: the nine values are then the uniform grid {-4 .. 4} * a2 (balanced
+// ternary), which covers [-amax, amax]. PTQTP (methods/ptqtp.h) fits a1, a2 per group instead.
+static GroupParams tp_params(const QuantFormat& f, float lo, float hi, float) {
+  float a = std::max(std::fabs(lo), std::fabs(hi));
+  if (a == 0.0f) a = 1.0f;
+  const float a2 = f16_scale_up(a / 4.0f);
+  const float a1 = f16_scale_up(3.0f * a2);
+  check_scale_fits(f, a1);
+  return {a1, a2};
+}
+
+// The nearest of the nine values (ties: the lower code). Exact minimiser of |x - t1 a1 - t2 a2|
+// for any a1, a2 (the trit step of PTQTP).
+static uint8_t tp_encode(const QuantFormat&, float x, const GroupParams& p) {
+  uint8_t best = 4;
+  float best_err = std::fabs(x);
+  for (uint8_t q = 0; q < 9; ++q) {
+    const float e = std::fabs(x - trit_pair_value(q, p.scale, p.zero));
+    if (e < best_err) best_err = e, best = q;
+  }
+  return best;
+}
+
+static float tp_decode(const QuantFormat&, uint8_t q, const GroupParams& p) { return trit_pair_value(q, p.scale, p.zero); }
+
+static void tp_encode_n(const QuantFormat& f, const float* x, int64_t n, const GroupParams& p, uint8_t* q) {
+  for (int64_t i = 0; i < n; ++i) q[i] = tp_encode(f, x[i], p);
+}
+static void tp_decode_n(const QuantFormat&, const uint8_t* q, int64_t n, const GroupParams& p, float* y) {
+  const float a1 = p.scale, a2 = p.zero;
+  for (int64_t i = 0; i < n; ++i) y[i] = trit_pair_value(q[i], a1, a2);
+}
+
+// Trit-plane rows (format.h): the pair codes of a row as two 2-bit planes, t1 + 1 for the whole row
+// in the first ceil(n/4) bytes, t2 + 1 in the next ceil(n/4).
+static void tp_pack(const uint8_t* codes, int64_t n, uint8_t* packed) {
+  const int64_t half = (n + 3) / 4;
+  std::fill(packed, packed + 2 * half, uint8_t(0));
+  for (int64_t i = 0; i < n; ++i) {
+    const int sh = int(2 * (i % 4));
+    packed[i / 4] = uint8_t(packed[i / 4] | (codes[i] % 3) << sh);
+    packed[half + i / 4] = uint8_t(packed[half + i / 4] | (codes[i] / 3 & 3) << sh);
+  }
+}
+// Codes 3 in a plane (never written) come out as pair codes above 8 (QuantizedTensor::check_codes
+// rejects them at load; decoding one reads nothing outside the row).
+static void tp_unpack(const uint8_t* packed, int64_t n, uint8_t* codes) {
+  const int64_t half = (n + 3) / 4;
+  for (int64_t i = 0; i < n; ++i) {
+    const int sh = int(2 * (i % 4));
+    codes[i] = uint8_t(3 * (packed[half + i / 4] >> sh & 3) + (packed[i / 4] >> sh & 3));
+  }
+}
+
 static constexpr QuantCodec kIntAsymCodec{unit_tensor_scale, int_params, int_encode, int_decode, int_encode_n,
                                           int_decode_n};
 static constexpr QuantCodec kIntSymCodec{unit_tensor_scale, int_params, int_encode, int_decode, int_encode_n,
@@ -140,6 +196,7 @@ static constexpr QuantCodec kMxfp4Codec{unit_tensor_scale, mxfp4_params, fp4_enc
                                         fp4_decode_n};
 static constexpr QuantCodec kNvfp4Codec{nvfp4_tensor_scale, nvfp4_params, fp4_encode, fp4_decode, fp4_encode_n,
                                         fp4_decode_n};
+static constexpr QuantCodec kTritPlaneCodec{unit_tensor_scale, tp_params, tp_encode, tp_decode, tp_encode_n, tp_decode_n};
 
 // ---- the table -----------------------------------------------------------------------------------
 
@@ -228,6 +285,11 @@ static constexpr QuantFormat kFormats[] = {
     ggml_format<g::block_tq2_0, g::QK_K>(Id::TQ2_0, "tq2_0", 2, 35, ggml::quantize_row_tq2_0),
     ggml_format<g::block_iq4_nl, g::QK4_NL>(Id::IQ4_NL, "iq4_nl", 4, 20, ggml::quantize_row_iq4_nl),
     ggml_format<g::block_iq4_xs, g::QK_K>(Id::IQ4_XS, "iq4_xs", 4, 23, ggml::quantize_row_iq4_xs),
+    // PTQTP's two trit planes: two 2-bit planes per row, a1 in `scales`, a2 in `zeros` (both f16 per
+    // group of 128, the paper's group size): 4 + 32/128 = 4.25 bits per weight as stored here.
+    {{Id::TP2G128, "tp2g128", QuantKind::TritPlanes, 4, ScaleGranularity::PerGroup, 128, ScaleType::F16, true, false,
+      0, -1},
+     &kTritPlaneCodec, tp_pack, tp_unpack, nullptr, nullptr},
 };
 
 const QuantFormat* quant_format_for_ggml_type(uint32_t ggml_type) {

@@ -27,6 +27,13 @@
 //                                 magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6}; w = e2m1(q) * 2^(e-127),
 //                                 e the block's E8M0 byte = floor(log2(amax)) - 2 + 127 (emax(E2M1)=2);
 //                                 elements beyond 6 after scaling saturate to +-6 (spec behaviour).
+//   tp2g128 (PTQTP, Xiao et al. 2025, arXiv 2509.16989): two ternary "trit planes" per weight,
+//                                 w = t1 * a1 + t2 * a2, (t1, t2) in {-1,0,1}^2, code q = 3(t2+1) +
+//                                 (t1+1) in [0, 8], stored as two 2-bit planes (below; a plane code
+//                                 3 is rejected at load),
+//                                 a1 = GroupParams.scale (f16 `scales`), a2 = GroupParams.zero (f16
+//                                 `zeros`), groups of 128. params_from_range gives the balanced-ternary
+//                                 grid a1 = 3 a2, a2 = amax/4; methods/ptqtp.h fits a1, a2 per group.
 //   nvfp4  (NVIDIA Blackwell NVFP4): 16-element blocks, same E2M1 codes; w = e2m1(q) * e4m3(b) * t,
 //                                 b the block's E4M3 (fn) byte, t the fp32 tensor scale
 //                                 t = amax(W) / (6 * 448), e4m3(b) ~ amax(block) / 6 / t.
@@ -42,6 +49,10 @@
 //   3 bits: 8 values in 3 bytes: the 24-bit word b[3k] | b[3k+1]<<8 | b[3k+2]<<16 holds value 8k+j
 //           at bits [3j, 3j+3); a row uses ceil(in/8)*3 bytes.
 //   2 bits: four per byte, value 4k+j at bits [2j, 2j+2) of byte k (ternary uses this too).
+//   tp2g128: two 2-bit rows: t1 + 1 of every value packed as 2 bits (above) in the first ceil(in/4)
+//           bytes, t2 + 1 in the next ceil(in/4); row_bytes = 2 * ceil(in/4). Each plane is then
+//           an int2 group row with implicit zero 1 (ops::PackedLayout::TritPlanes runs the 2-bit
+//           kernels on each).
 //
 // ---- ggml block formats (QuantKind::GgmlBlock: q4_0 ... q6_k, tq1_0, tq2_0, iq4_nl, iq4_xs) ----
 //   codes        U8 [out, row_bytes(in)]  the raw ggml blocks of each row (core/ggml_blocks.h),

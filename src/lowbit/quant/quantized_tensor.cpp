@@ -80,6 +80,20 @@ void QuantizedTensor::validate() const {
   }
 }
 
+void QuantizedTensor::check_codes() const {
+  const QuantFormat& f = fmt();
+  if (f.kind != QuantKind::TritPlanes) return;
+  // Two 2-bit planes per row holding t + 1: the value 3 is never written.
+  const int64_t out = out_features(), in = in_features(), rb = f.row_bytes(in), half = rb / 2;
+  const uint8_t* c = codes.data<uint8_t>();
+  for (int64_t r = 0; r < out; ++r)
+    for (int plane = 0; plane < 2; ++plane)
+      for (int64_t i = 0; i < in; ++i)
+        if (unpack_code(2, c + r * rb + plane * half, i) == 3)
+          throw_error("[", f.name, "] plane ", plane + 1, " holds code 3 (not a trit: t + 1 is 0, 1 or 2) at row ", r,
+                      ", column ", i);
+}
+
 float QuantizedTensor::tensor_scale_value() const {
   return tensor_scale.defined() ? tensor_scale.data<float>()[0] : 1.0f;
 }
@@ -102,6 +116,15 @@ void QuantizedTensor::dequantize_row(int64_t row, float* out) const {
   const uint8_t* src = codes.data<uint8_t>() + row * rb;
   if (f.is_ggml_block()) {
     f.dequantize_row(src, in, out);
+    return;
+  }
+  if (f.kind == QuantKind::TritPlanes) {  // two 2-bit planes: w = (q1 - 1) a1 + (q2 - 1) a2
+    const int64_t groups = f.n_groups(in), half = rb / 2;
+    for (int64_t g = 0; g < groups; ++g) {
+      const GroupParams p = load_group_params(f, scales, zeros, row * groups + g, 1.0f);
+      for (int64_t c = f.group_begin(g); c < f.group_end(g, in); ++c)
+        out[c] = trit_pair_value(uint8_t(3 * unpack_code(2, src + half, c) + unpack_code(2, src, c)), p.scale, p.zero);
+    }
     return;
   }
   // Codes are unpacked group by group into a small stack buffer (per-channel groups, as long as
@@ -166,6 +189,16 @@ ops::PackedWeight QuantizedTensor::packed_view() const {
     w.scales = f16_data(scales);
     w.zeros = f.has_zero ? f16_data(zeros) : nullptr;
     w.implicit_zero = f.kind == QuantKind::IntSym ? float(1 << (f.bits - 1)) : 0.0f;
+  } else if (f.kind == QuantKind::TritPlanes) {  // two 2-bit planes, a1 in scales, a2 in zeros
+    w.layout = ops::PackedLayout::TritPlanes;
+    w.bits = 2;
+    w.n_groups = f.n_groups(w.in);
+    w.group_size = f.group_size;
+    w.row_bytes = f.row_bytes(w.in);
+    w.codes = codes.data<uint8_t>();
+    w.scales = f16_data(scales);
+    w.zeros = f16_data(zeros);
+    w.implicit_zero = 1.0f;
   } else if (f.kind == QuantKind::Ternary) {  // 2-bit codes, w = (q - 1) * gamma (one f32 gamma)
     w.layout = ops::PackedLayout::IntGroups;
     w.bits = 2;

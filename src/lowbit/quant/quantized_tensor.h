@@ -17,7 +17,8 @@ struct QuantizedTensor {
   Shape shape;          // [out, in] of the original weight
   Tensor codes;         // U8 [out, row_bytes(in)] (ggml block formats: the raw blocks)
   Tensor scales;        // [out, n_groups(in)], dtype scale_dtype(format); undefined for ternary
-  Tensor zeros;         // F16 [out, n_groups(in)], integer values; asymmetric int only
+  Tensor zeros;         // F16 [out, n_groups(in)], integer values; asymmetric int only (trit
+                        // planes: the second plane's scale a2)
   Tensor tensor_scale;  // F32 [1]; ternary and nvfp4 only
 
   const QuantFormat& fmt() const { return quant_format(format); }
@@ -27,6 +28,10 @@ struct QuantizedTensor {
   // Checks shapes and dtypes against the format (a packed size mismatch, a missing zero tensor,
   // ...) and throws lowbit::Error naming the field. Called by dequantize() and by loaders.
   void validate() const;
+  // Scans the codes for values the format never produces (trit-plane pair codes above 8) and
+  // throws naming the row and column; a no-op for the other formats (every code value decodes).
+  // O(size): loaders call it once, validate() does not.
+  void check_codes() const;
 
   // Decoded parameters of group g of row r, and the unpacked codes of row r (lowbit's own formats;
   // ggml block formats keep these inside their blocks and throw).
