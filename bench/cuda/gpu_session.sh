@@ -25,7 +25,7 @@
 #   bench/cuda/gpu_session.sh check     carry .devcarry/tools.tar.xz: GPU tests + fused-AdamW timing (short)
 #   bench/cuda/gpu_session.sh saliency7b  (after setup, or carry .devcarry/tools.tar.xz): SAPR's saliency
 #                                       pass and ApiQ/SAPR per-block training at the Llama-2-7B shape
-# Settings: STEPS [setup: "gemv tests"]  PARITY_SECONDS [150]  PLAN [bench/plans/smollm2-methods.txt]  FIRST [all jobs]  PARALLEL [8]  WAIT [500]  RESULTS [none]  TASK_LIMIT [300]
+# Settings: STEPS [setup: "gemv tests"]  PARITY_SECONDS [150]  PLAN [bench/plans/smollm2-methods.txt]  MATCH [.]  FIRST [all jobs]  PARALLEL [8]  WAIT [500]  RESULTS [none]  TASK_LIMIT [300]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 W=/tmp/w
@@ -89,8 +89,10 @@ launch)
   # A library the machine lacks would fail every run of the plan: stop here instead.
   ldd "$W/bin/lowbit" | grep "not found" && { echo "lowbit cannot start on this machine"; exit 1; }
   mkdir -p "$W/runs"
-  # FIRST=N: only the plan's first N jobs (what fits the device time left).
-  grep -v '^\s*#' "${PLAN:-bench/plans/smollm2-methods.txt}" | grep -v '^\s*$' | head -n "${FIRST:-1000}" > "$W/plan.txt"
+  # MATCH=REGEX: only the jobs whose line matches; FIRST=N: only the first N of those (what fits the
+  # device time left).
+  grep -v '^\s*#' "${PLAN:-bench/plans/smollm2-methods.txt}" | grep -v '^\s*$' | grep -E -- "${MATCH:-.}" |
+    head -n "${FIRST:-1000}" > "$W/plan.txt"
   setsid nohup bench/method_runs.sh --plan "$W/plan.txt" --out "$W/runs" --lowbit "$W/bin/lowbit" \
     --device cuda --parallel "${PARALLEL:-8}" --task-limit "${TASK_LIMIT:-300}" > "$W/runs.log" 2>&1 < /dev/null &
   echo $! > "$W/runs.pid"
