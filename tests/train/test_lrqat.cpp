@@ -398,3 +398,23 @@ TEST(QatRegistryLrQat, IsRegisteredAndChecksItsOptions) {
   c.downcast = "int4";
   EXPECT_THROW(make_qat_method("lr-qat", c), Error);
 }
+
+TEST(LrQatInit, Lp4RangeHasTheSmallestL4ErrorOnItsGrid) {
+  // --init lp4 (LR-QAT's reference range estimator LP_p4): the MSE grid minimising Σ|Q(w) − w|^4; its
+  // L4 error is no larger than the MSE choice's (a point of the same grid) or the min-max range's.
+  for (const char* name : {"int2g64", "int4g64", "int3g64s", "int4pcs"}) {
+    const QuantFormat& f = parse_quant_format(name);
+    const Tensor w = test_weight(6, 128, 51, DType::F64);
+    auto l4 = [&](const LsqParams& p) {
+      const Tensor q = lsq_fake_quant(Var(w), Var(p.step), p.offset.defined() ? Var(p.offset) : Var(), f, 1.0).value();
+      double e = 0;
+      for (int64_t i = 0; i < w.numel(); ++i) e += std::pow(q.item(i) - w.item(i), 4);
+      return e;
+    };
+    const double lp4 = l4(lsq_init(w, f, LsqInit::Lp4)), mse = l4(lsq_init(w, f, LsqInit::Mse));
+    EXPECT_LE(lp4, mse * (1 + 1e-12)) << name;
+    EXPECT_LE(lp4, l4(lsq_init(w, f, LsqInit::MinMax)) * (1 + 1e-12)) << name;
+    EXPECT_STREQ(lsq_init_name(LsqInit::Lp4), "lp4");
+    EXPECT_EQ(parse_lsq_init("lp4"), LsqInit::Lp4);
+  }
+}

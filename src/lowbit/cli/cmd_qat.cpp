@@ -224,8 +224,8 @@ void register_qat(CLI::App& app) {
                 "32 or 8 (block-wise dynamic 8-bit, as lowbit train's flag: tensors under 4096 elements and the token "
                 "embedding keep f32 state; CPU only for now)")
       ->capture_default_str()->check(CLI::IsMember({8, 32}));
-  q->add_option("--init", a->init, "lsq, l4q, lr-qat: initial steps/zero points (l4q, lr-qat: of W0): mse (LSQ+; lsq's and lr-qat's default, the nearest to the LR-QAT reference's L4-norm range search), minmax (RTN's range, no clipping: L4Q_init, l4q's default) or lsq (2<|w|>/sqrt(Qp))")
-      ->check(CLI::IsMember({"mse", "minmax", "lsq"}));
+  q->add_option("--init", a->init, "lsq, l4q, lr-qat: initial steps/zero points (l4q, lr-qat: of W0): mse (LSQ+; lsq's default), lp4 (the same range search minimising the L4 norm of the error: the LR-QAT reference's LP_p4, lr-qat's default), minmax (RTN's range, no clipping: L4Q_init, l4q's default) or lsq (2<|w|>/sqrt(Qp))")
+      ->check(CLI::IsMember({"mse", "lp4", "minmax", "lsq"}));
   q->add_option("--lora-rank", c.lora_rank, "l4q, lr-qat: LoRA rank (default 8: lowbit's choice for small models, not the papers' values; LR-QAT's reference runs 7B models at 32)")
       ->check(at_least(1));
   q->add_option("--lora-alpha", c.lora_alpha, "l4q, lr-qat: LoRA alpha, the adapter is (alpha / rank) B A (l4q: added to W0; lr-qat: to W0/s0 before rounding, in grid steps) (default 16: PEFT/QLoRA's usual value; LR-QAT's reference code defaults to 1)")

@@ -51,7 +51,7 @@
 // pipeline's state (pipeline.h) and, once done, its quantized checkpoint. Training windows of step s
 // are drawn from (seed, s) alone, so a run killed and restarted gives the same model as an
 // uninterrupted run (same machine and thread count).
-// CPU only for now: the LSQ quantizer has no CUDA body.
+// CPU only for now: the LSQ and LR-QAT quantizers have no CUDA body.
 #pragma once
 #include <functional>
 #include <memory>
