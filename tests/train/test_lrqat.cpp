@@ -190,6 +190,12 @@ TEST(LrQatLayer, TrainsAdapterAndStepsOnlyAndStartsAtTheRoundedPhi0) {
   EXPECT_THROW(LrQatTrainLinear(w, Tensor(), parse_quant_format("q4_0"), init, LrQatOptions()), Error);
   EXPECT_THROW(LrQatTrainLinear(w, Tensor(), f, LsqParams{init.step, Tensor()}, LrQatOptions()), Error)
       << "an asymmetric format needs zero points";
+  Tensor nan_w = w.clone();
+  nan_w.set_item(5, std::nan(""));
+  EXPECT_THROW(lrqat_downcast(nan_w, init.step, init.offset, f, LrQatDowncast::Int8), Error) << "a NaN weight";
+  Tensor zero_step = init.step.clone();
+  zero_step.set_item(0, 0.0);
+  EXPECT_THROW(lrqat_downcast(w, zero_step, init.offset, f, LrQatDowncast::Int8), Error) << "a zero step";
 }
 
 TEST(LrQatLayer, ForwardMatchesTheWrittenOutFormula) {

@@ -58,7 +58,7 @@ void value_body(const QuantFormat& f, const LrQatGrid& gr, const T* phi, const T
         const T qc = q < lo ? lo : q > hi ? hi : q;
         y[i] = sg * (qc - zg);
         if (mask) mask[i] = inside;
-        if (qz) qz[i] = int8_t(qc - zg);
+        if (qz) qz[i] = qc == qc ? int8_t(qc - zg) : int8_t(0);  // NaN (a diverged adapter) stays in y
       }
     }
 }
@@ -267,7 +267,11 @@ Tensor lrqat_downcast(const Tensor& w0_in, const Tensor& step0_in, const Tensor&
   auto u_at = [&](int64_t r, int64_t j) {
     const int64_t k = r * G + f.group_of_column(j);
     const double zr = asym ? std::clamp(std::nearbyint(z.data<double>()[k]), gr.qlo, gr.qhi) : 0.0;
-    return wp[r * in + j] / sp[k] + zr;
+    const double u = wp[r * in + j] / sp[k] + zr;
+    if (!std::isfinite(u))
+      throw_error("lr-qat [", f.name, "]: weight element (", r, ", ", j, ") = ", wp[r * in + j],
+                  " is not a finite number");
+    return u;
   };
   if (d == LrQatDowncast::Int8) {
     Tensor k8 = Tensor::empty({out, in}, DType::I8);
