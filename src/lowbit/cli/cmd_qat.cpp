@@ -224,7 +224,7 @@ void register_qat(CLI::App& app) {
                 "32 or 8 (block-wise dynamic 8-bit, as lowbit train's flag: tensors under 4096 elements and the token "
                 "embedding keep f32 state; CPU only for now)")
       ->capture_default_str()->check(CLI::IsMember({8, 32}));
-  q->add_option("--init", a->init, "lsq, l4q, lr-qat: initial steps/zero points (l4q, lr-qat: of W0): mse (LSQ+; lsq's default), lp4 (the same range search minimising the L4 norm of the error: the LR-QAT reference's LP_p4, lr-qat's default), minmax (RTN's range, no clipping: L4Q_init, l4q's default) or lsq (2<|w|>/sqrt(Qp))")
+  q->add_option("--init", a->init, "lsq, l4q, lr-qat: initial steps/zero points (l4q, lr-qat: of W0): mse (LSQ+; lsq's and lr-qat's default), lp4 (the same range search minimising the L4 norm of the error: the LR-QAT reference's LP_p4), minmax (RTN's range, no clipping: L4Q_init, l4q's default) or lsq (2<|w|>/sqrt(Qp))")
       ->check(CLI::IsMember({"mse", "lp4", "minmax", "lsq"}));
   q->add_option("--lora-rank", c.lora_rank, "l4q, lr-qat: LoRA rank (default 8: lowbit's choice for small models, not the papers' values; LR-QAT's reference runs 7B models at 32)")
       ->check(at_least(1));
@@ -234,7 +234,7 @@ void register_qat(CLI::App& app) {
                 "fractional bits, 1 byte per weight: the paper's default), bf16, f16 (2 bytes) or f32 (no downcast)")
       ->check(CLI::IsMember({"int8", "bf16", "f16", "f32"}));
   q->add_option("--grad-checkpointing", a->grad_checkpointing, "lr-qat: on (default): each layer rebuilds its quantized weight "
-                "in the backward, keeping nothing of the weight's size between forward and backward; off: keep it (faster, more memory)")
+                "in the backward, keeping nothing of the weight's size between forward and backward; off: keep it (less compute, about 6 bytes per weight more memory)")
       ->check(CLI::IsMember({"on", "off"}));
   q->add_option("--nsamples", c.nsamples, "efficientqat: Block-AP calibration windows (default 128)")->check(at_least(1));
   q->add_option("--block-epochs", c.block_epochs, "efficientqat: Block-AP epochs (default 5: 5 x 128 windows = ApiQ's 20 x 32 tokens per block; the paper: 2 x 4096)")->check(at_least(0));
