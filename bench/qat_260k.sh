@@ -20,6 +20,11 @@
 #   paretoq-distill, paretoq-gen   as lsq-distill, lsq-gen
 #   paretoq-1      1-bit (sign) at int2g64s;  lsq / paretoq at int2pc: the paper's per-channel α
 #   l4q            300 steps x 8 x 256 = 614,400 end to end (lsq's budget); l4q-* variants at int2g64
+#   lr-qat         300 steps x 8 x 256 = 614,400 end to end (lsq's budget); lr-qat-* variants at int2g64 and
+#                  int4g64: --lr 3e-3 (A/B), --quant-lr 1e-4 / 1e-3 (steps; default 1e-5), both, --downcast f32
+#                  (W0/s0 not downcast), --init lp4, --lora-alpha 1 (the reference code's default), --lora-rank 32,
+#                  --distill, -gen (and lsq-distill, lsq-gen, l4q-gen at int4g64):
+#                  QAT_JOBS='rtn|lsq|l4q|lr-qat[a-z0-9-]*' bench/qat_260k.sh OUT "int4g64 int2g64" 2
 #   *-gen rows: trained on the calibration tokens + 64,401 self-generated tokens (see below)
 #   llm-qat        300 steps x 8 x 256 = 614,400 end to end (lsq's budget), KL to the FP model, symmetric
 #                  formats only (int4g64s, int2g64s: the paper's symmetric MinMax); -a8: --act-bits 8,
@@ -105,8 +110,24 @@ efficientqat $fmt qat --method efficientqat
 efficientqat-bap $fmt qat --method efficientqat --steps 0
 paretoq $fmt qat --method paretoq
 l4q $fmt qat --method l4q
+lr-qat $fmt qat --method lr-qat
 EOF
 done
+for fmt in $formats; do case "$fmt" in int2g64|int4g64) cat >> "$out/jobs.txt" <<EOF
+lr-qat-lr3e-3 $fmt qat --method lr-qat --lr 3e-3
+lr-qat-qlr1e-4 $fmt qat --method lr-qat --quant-lr 1e-4
+lr-qat-qlr1e-3 $fmt qat --method lr-qat --quant-lr 1e-3
+lr-qat-lr3e-3-qlr1e-4 $fmt qat --method lr-qat --lr 3e-3 --quant-lr 1e-4
+lr-qat-f32 $fmt qat --method lr-qat --downcast f32
+lr-qat-init-lp4 $fmt qat --method lr-qat --init lp4
+lr-qat-alpha1 $fmt qat --method lr-qat --lora-alpha 1
+lr-qat-rank32 $fmt qat --method lr-qat --lora-rank 32
+lr-qat-distill $fmt qat --method lr-qat --distill
+lr-qat-gen $fmt qat --method lr-qat
+EOF
+esac; done
+case " $formats " in *" int4g64 "*) printf '%s\n' "lsq-distill int4g64 qat --method lsq --distill" \
+  "lsq-gen int4g64 qat --method lsq" "l4q-gen int4g64 qat --method l4q" >> "$out/jobs.txt" ;; esac
 # Variants at int2g64 (chosen between on the validation split): distillation, and E2E-QP with a
 # larger step-size learning rate (1e-3, the default before the validation split chose 1e-4); EfficientQAT with the paper's Llama-2-7B learning rates.
 case " $formats " in *" int2g64 "*) cat >> "$out/jobs.txt" <<EOF

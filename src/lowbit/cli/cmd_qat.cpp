@@ -22,7 +22,7 @@ namespace {
 
 struct QatArgs {
   std::string model, method, format = "int2g64", train_text, train_tokens, tokenizer, out, state_dir, device = "cpu",
-                             init, gen_tokens;
+                             init, gen_tokens, grad_checkpointing;
   int64_t self_generate = 0, gen_length = 0, gen_top_k = 50;
   bool self_generate_given = false, gen_top_k_given = false;
   QatConfig c;
@@ -63,6 +63,10 @@ void run_qat(QatArgs& a) {
   if (a.device != "cpu" && a.method == "llm-qat")  // before probing for a GPU: the answer is the same either way
     throw_error("qat --method llm-qat: --device ", a.device, " is not supported: its MinMax weight quantizer and the "
                 "per-token activation / KV quantizers have CPU bodies only (use --device cpu)");
+  if (a.device != "cpu" && a.method == "lr-qat")
+    throw_error("qat --method lr-qat: --device ", a.device, " is not supported: the LR-QAT quantizer (adapter inside the "
+                "rounding, downcast W0) has CPU bodies only (use --device cpu)");
+  if (!a.grad_checkpointing.empty()) a.c.grad_checkpoint = a.grad_checkpointing == "on";
   const Device dev = parse_device(a.device);
   if (dev != Device::CPU)
     throw_error("qat: --device ", a.device, " is not supported yet: the LSQ quantizer has a CPU body only (use --device cpu)");
@@ -206,9 +210,9 @@ void register_qat(CLI::App& app) {
   q->add_option("--steps", c.steps, "end-to-end optimizer steps (default 300; efficientqat: of E2E-QP)")->check(at_least(0));
   q->add_option("--batch", c.batch, "sequences per step (default 8)")->check(at_least(1));
   q->add_option("--seqlen", c.seqlen, "tokens per sequence (default 256, capped at the model's max)")->check(at_least(1));
-  q->add_option("--lr", c.lr, "lsq, paretoq: AdamW lr of the latent weights (default 1e-4; paretoq: the paper's 2e-5 is for 1B+ models over billions of tokens, lsq's 1e-4 serves a few hundred steps); efficientqat: E2E-QP lr of the step sizes (default 1e-4, chosen on stories260K's validation split; the paper's 7B value is 2e-5); l4q: lr of LoRA A/B (default 1e-3, the best of 2e-4 / 1e-3 / 3e-3 on stories260K's validation split; not the paper's value); llm-qat: latent weights (default 1e-4, at 2 bits 3e-3: the best on stories260K's validation split; the paper's 2e-5 is for 7B models)")
+  q->add_option("--lr", c.lr, "lsq, paretoq: AdamW lr of the latent weights (default 1e-4; paretoq: the paper's 2e-5 is for 1B+ models over billions of tokens, lsq's 1e-4 serves a few hundred steps); efficientqat: E2E-QP lr of the step sizes (default 1e-4, chosen on stories260K's validation split; the paper's 7B value is 2e-5); l4q: lr of LoRA A/B (default 1e-3, the best of 2e-4 / 1e-3 / 3e-3 on stories260K's validation split; not the paper's value); llm-qat: latent weights (default 1e-4, at 2 bits 3e-3: the best on stories260K's validation split; the paper's 2e-5 is for 7B models); lr-qat: lr of the low-rank factors A/B (default 1e-3, the reference code's --lr-ab; 3e-3 is better at int2g64 on stories260K)")
       ->check(above(0));
-  q->add_option("--quant-lr", c.quant_lr, "lsq, l4q: AdamW lr of the step sizes and zero points (default 1e-3); paretoq: of alpha (default 1e-3, chosen on stories260K's validation split; the paper trains alpha with the weights' lr, 2e-5)")->check(above(0));
+  q->add_option("--quant-lr", c.quant_lr, "lsq, l4q, lr-qat: AdamW lr of the step sizes and zero points (default 1e-3; lr-qat: of the step sizes, default 1e-5 = the reference code's --scales-lr; 1e-4 is better at int2g64 on stories260K); paretoq: of alpha (default 1e-3, chosen on stories260K's validation split; the paper trains alpha with the weights' lr, 2e-5)")->check(above(0));
   q->add_option("--warmup", c.warmup, "linear warmup steps (default steps / 20; paretoq: 0, the paper's warmup_ratio)")->check(at_least(0));
   q->add_option("--bits", c.paretoq_bits, "paretoq: bit width of the paper's quantizer: 1 (sign), 1.58 (ternary SEQ), 2 (SEQ), 3, 4 (LSQ); default from --format: int2 -> 2, int2 symmetric (int2g64s, int2pcs) -> 1.58, int3 -> 3, int4 -> 4; 1 and 1.58 are stored in an int2 format")
       ->check(CLI::IsMember({"1", "1.58", "2", "3", "4"}));
@@ -216,16 +220,22 @@ void register_qat(CLI::App& app) {
   q->add_flag("--distill", c.distill, "train on KL(teacher || student) to the full-precision model's logits instead of the LM loss");
   q->add_option("--lm-weight", c.lm_weight, "with --distill: add this times the LM cross-entropy")->check(at_least(0));
   q->add_option("--optimizer-bits", c.optimizer_bits,
-                "AdamW state of the end-to-end stage (lsq, paretoq, l4q, efficientqat's E2E-QP; Block-AP keeps f32): "
+                "AdamW state of the end-to-end stage (lsq, paretoq, l4q, lr-qat, efficientqat's E2E-QP; Block-AP keeps f32): "
                 "32 or 8 (block-wise dynamic 8-bit, as lowbit train's flag: tensors under 4096 elements and the token "
                 "embedding keep f32 state; CPU only for now)")
       ->capture_default_str()->check(CLI::IsMember({8, 32}));
-  q->add_option("--init", a->init, "lsq, l4q: initial steps/zero points (l4q: of W0): mse (LSQ+; lsq's default), minmax (RTN's range, no clipping: L4Q_init, l4q's default) or lsq (2<|w|>/sqrt(Qp))")
-      ->check(CLI::IsMember({"mse", "minmax", "lsq"}));
-  q->add_option("--lora-rank", c.lora_rank, "l4q: LoRA rank (default 8: lowbit's choice for small models, not the paper's value; the paper's text was not readable when this was written)")
+  q->add_option("--init", a->init, "lsq, l4q, lr-qat: initial steps/zero points (l4q, lr-qat: of W0): mse (LSQ+; lsq's and lr-qat's default), lp4 (the same range search minimising the L4 norm of the error: the LR-QAT reference's LP_p4), minmax (RTN's range, no clipping: L4Q_init, l4q's default) or lsq (2<|w|>/sqrt(Qp))")
+      ->check(CLI::IsMember({"mse", "lp4", "minmax", "lsq"}));
+  q->add_option("--lora-rank", c.lora_rank, "l4q, lr-qat: LoRA rank (default 8: lowbit's choice for small models, not the papers' values; LR-QAT's reference runs 7B models at 32)")
       ->check(at_least(1));
-  q->add_option("--lora-alpha", c.lora_alpha, "l4q: LoRA alpha, the merged weight is W0 + (alpha / rank) B A (default 16: PEFT/QLoRA's usual value, not checked against the paper)")
+  q->add_option("--lora-alpha", c.lora_alpha, "l4q, lr-qat: LoRA alpha, the adapter is (alpha / rank) B A (l4q: added to W0; lr-qat: to W0/s0 before rounding, in grid steps) (default 16: PEFT/QLoRA's usual value; LR-QAT's reference code defaults to 1)")
       ->check(above(0));
+  q->add_option("--downcast", c.downcast, "lr-qat: how the frozen W0/s0 is stored during training: int8 (fixed point with 8-B "
+                "fractional bits, 1 byte per weight: the paper's default), bf16, f16 (2 bytes) or f32 (no downcast)")
+      ->check(CLI::IsMember({"int8", "bf16", "f16", "f32"}));
+  q->add_option("--grad-checkpointing", a->grad_checkpointing, "lr-qat: on (default): each layer rebuilds its quantized weight "
+                "in the backward, keeping nothing of the weight's size between forward and backward; off: keep it (less compute, about 6 bytes per weight more memory)")
+      ->check(CLI::IsMember({"on", "off"}));
   q->add_option("--nsamples", c.nsamples, "efficientqat: Block-AP calibration windows (default 128)")->check(at_least(1));
   q->add_option("--block-epochs", c.block_epochs, "efficientqat: Block-AP epochs (default 5: 5 x 128 windows = ApiQ's 20 x 32 tokens per block; the paper: 2 x 4096)")->check(at_least(0));
   q->add_option("--block-batch", c.block_batch, "efficientqat: Block-AP windows per step (default 2)")->check(at_least(1));
@@ -251,10 +261,11 @@ void register_qat(CLI::App& app) {
         {"--nsamples", {"efficientqat"}},       {"--block-epochs", {"efficientqat"}},
         {"--block-batch", {"efficientqat"}},    {"--block-lr", {"efficientqat"}},
         {"--block-quant-lr", {"efficientqat"}}, {"--stop-after-blocks", {"efficientqat"}},
-        {"--quant-lr", {"lsq", "paretoq", "l4q"}}, {"--init", {"lsq", "l4q"}},
-        {"--bits", {"paretoq"}},                {"--lora-rank", {"l4q"}},
-        {"--lora-alpha", {"l4q"}},             {"--act-bits", {"llm-qat"}},
-        {"--kv-bits", {"llm-qat"}}};
+        {"--quant-lr", {"lsq", "paretoq", "l4q", "lr-qat"}}, {"--init", {"lsq", "l4q", "lr-qat"}},
+        {"--bits", {"paretoq"}},                {"--lora-rank", {"l4q", "lr-qat"}},
+        {"--lora-alpha", {"l4q", "lr-qat"}},   {"--act-bits", {"llm-qat"}},
+        {"--kv-bits", {"llm-qat"}},            {"--downcast", {"lr-qat"}},
+        {"--grad-checkpointing", {"lr-qat"}}};
     for (const auto& [flag, methods] : owned)
       if (q->count(flag) > 0 && std::find(methods.begin(), methods.end(), a->method) == methods.end()) {
         std::string names;

@@ -109,12 +109,13 @@ void check_params(const Tensor& w, const Tensor& step, const Tensor& offset, con
 }
 
 // Squared error of quantizing the group x[0, n) with step s and zero point z (grid gr), in f64.
-double group_sq_error(const double* x, int64_t n, double s, double z, const Grid& gr) {
+// Σ |Q(x) − x|^p over the group, p = 2 (Mse) or 4 (Lp4).
+double group_sq_error(const double* x, int64_t n, double s, double z, const Grid& gr, int p = 2) {
   double e = 0;
   for (int64_t j = 0; j < n; ++j) {
     const double q = std::nearbyint(std::clamp(x[j] / s + z, gr.qlo, gr.qhi));
     const double d = (q - z) * s - x[j];
-    e += d * d;
+    e += p == 4 ? (d * d) * (d * d) : d * d;
   }
   return e;
 }
@@ -137,6 +138,7 @@ const char* lsq_init_name(LsqInit i) {
     case LsqInit::Lsq: return "lsq";
     case LsqInit::MinMax: return "minmax";
     case LsqInit::Mse: return "mse";
+    case LsqInit::Lp4: return "lp4";
   }
   return "?";
 }
@@ -145,7 +147,8 @@ LsqInit parse_lsq_init(const std::string& name) {
   if (name == "lsq") return LsqInit::Lsq;
   if (name == "minmax") return LsqInit::MinMax;
   if (name == "mse") return LsqInit::Mse;
-  throw_error("unknown LSQ initialisation '", name, "' (expected lsq, minmax or mse)");
+  if (name == "lp4") return LsqInit::Lp4;
+  throw_error("unknown LSQ initialisation '", name, "' (expected lsq, minmax, mse or lp4)");
 }
 
 LsqParams lsq_init(const Tensor& w_in, const QuantFormat& f, LsqInit init) {
@@ -182,8 +185,9 @@ LsqParams lsq_init(const Tensor& w_in, const QuantFormat& f, LsqInit init) {
         const GroupParams p = f.codec->params_from_range(f, float(mn), float(mx), 1.0f);
         s = p.scale;
         z = gr.asym ? p.zero : 0.0;
-      } else {  // Mse: shrink factors of each end of the range on a grid
+      } else {  // Mse / Lp4: shrink factors of each end of the range on a grid
         constexpr int kSteps = 20;
+        const int pw = init == LsqInit::Lp4 ? 4 : 2;
         double best = -1;
         if (amax == 0) {
           s = 1e-5;
@@ -192,7 +196,7 @@ LsqParams lsq_init(const Tensor& w_in, const QuantFormat& f, LsqInit init) {
           for (int k = 0; k <= kSteps; ++k) {
             const double a = 1.0 - 0.5 * k / kSteps;
             const double sk = a * amax / qp;
-            const double e = group_sq_error(x, n, sk, 0.0, gr);
+            const double e = group_sq_error(x, n, sk, 0.0, gr, pw);
             if (best < 0 || e < best) best = e, s = sk;
           }
         } else {
@@ -202,7 +206,7 @@ LsqParams lsq_init(const Tensor& w_in, const QuantFormat& f, LsqInit init) {
               if (hi - lo <= 0) continue;
               const double sk = (hi - lo) / gr.qhi;
               const double zk = std::clamp(std::nearbyint(-lo / sk), gr.qlo, gr.qhi);
-              const double e = group_sq_error(x, n, sk, zk, gr);
+              const double e = group_sq_error(x, n, sk, zk, gr, pw);
               if (best < 0 || e < best) best = e, s = sk, z = zk;
             }
         }

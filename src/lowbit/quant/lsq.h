@@ -60,9 +60,11 @@ double lsq_grad_scale(const QuantFormat& f, int64_t in);
 //   Mse:    LSQ+'s MSE-optimal start: the (lo, hi) clipping range on a 20 x 20 grid of shrink
 //           factors of the group's range [min, max] (0.5 .. 1 each side; one factor for symmetric
 //           formats) that minimises the group's squared quantization error.
-enum class LsqInit { Lsq, MinMax, Mse };
+//   Lp4:    the same grid minimising the L4 norm of the error instead (the LP_p4 range estimator
+//           LR-QAT's reference code uses for its weights: outliers weigh more, the range clips less).
+enum class LsqInit { Lsq, MinMax, Mse, Lp4 };
 const char* lsq_init_name(LsqInit i);
-LsqInit parse_lsq_init(const std::string& name);  // "lsq", "minmax", "mse"; throws otherwise
+LsqInit parse_lsq_init(const std::string& name);  // "lsq", "minmax", "mse", "lp4"; throws otherwise
 
 struct LsqParams {
   Tensor step;    // [out, G], w's dtype (F32 or F64), CPU

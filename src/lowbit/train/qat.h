@@ -35,6 +35,11 @@
 //                 L4qTrainLinear (quant/l4q_linear.h): frozen W0, LoRA A/B and LSQ steps (zero
 //                 points) trained jointly, the quantizer on the merged weight W0 + s B A; exported as
 //                 one packed weight per layer (no adapter). Same end-to-end trainer as lsq.
+//   lr-qat        LR-QAT (Bondarenko et al. 2024, arXiv 2406.06385): every block linear becomes an
+//                 LrQatTrainLinear (quant/lrqat_linear.h): Ŵ = s (clamp(round(φ(W0/s0) + (α/r) B A)) − z0),
+//                 the adapter inside the rounding in the integer domain, W0 stored downcast (int8 fixed
+//                 point by default: 1 byte per weight), A/B and the steps trained end to end (gradient
+//                 checkpointing of Ŵ by default); exported as one packed weight per layer.
 // Losses: the language-modelling cross-entropy of the next token; with distill, the KL divergence
 // KL(P_teacher || P_student) of the full-precision model's next-token distribution (LLM-QAT's
 // distillation loss), plus lm_weight times the cross-entropy.
@@ -46,7 +51,7 @@
 // pipeline's state (pipeline.h) and, once done, its quantized checkpoint. Training windows of step s
 // are drawn from (seed, s) alone, so a run killed and restarted gives the same model as an
 // uninterrupted run (same machine and thread count).
-// CPU only for now: the LSQ quantizer has no CUDA body.
+// CPU only for now: the LSQ and LR-QAT quantizers have no CUDA body.
 #pragma once
 #include <functional>
 #include <memory>
@@ -75,9 +80,11 @@ struct QatConfig {
   int optimizer_bits = 32;  // AdamW state of the end-to-end stage: 32 or 8 (autograd/optim.h AdamWStateOptions)
   LsqInit init = LsqInit::Mse;  // lsq, l4q
   std::string paretoq_bits;     // paretoq: "1", "1.58", "2", "3", "4"; empty: from the format
-  bool init_set = false;        // l4q: false = its own default (minmax, L4Q_init)
-  int64_t lora_rank = -1;       // l4q
-  double lora_alpha = -1;       // l4q
+  bool init_set = false;        // l4q, lr-qat: false = the method's default (l4q: minmax, L4Q_init; lr-qat: mse)
+  int64_t lora_rank = -1;       // l4q, lr-qat
+  double lora_alpha = -1;       // l4q, lr-qat
+  std::string downcast;         // lr-qat: how W0/s0 is stored: int8 (default), bf16, f16, f32
+  bool grad_checkpoint = true;  // lr-qat: recompute the quantized weight in the backward
   int act_bits = 0;             // llm-qat: per-token activation quantization of the linears' inputs (0: off; 4, 8)
   int kv_bits = 0;              // llm-qat: per-(token, head) quantization of k_proj / v_proj outputs (0: off)
   int64_t sequence_length = 0;  // > 0: the data is whole sequences of this many tokens (self-generated);
