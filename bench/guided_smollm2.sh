@@ -5,15 +5,18 @@
 # ctx 512, the first 40 windows).
 #
 #   bench/guided_smollm2.sh [--nsamples 16] [--seqlen 512] [--ctx 512] [--windows 40] [--out DIR]
-#                           [--seed N] [ROW ...]   (ROW = a row name below, e.g. guided-int3g128;
+#                           [--seed N] [--ptq17] [ROW ...]   (ROW = a row name below, e.g. guided-int3g128;
 #                                                   default: all; rows of seed N > 0 are named ...-sN)
+# --ptq17: instead, issue 17's other post-training methods on the same protocol (RTN, AWQ, COMQ,
+# Norm Tweaking on GPTQ, CLE at int4g128/int3g128/int2g64; PTQTP in tp2g128). Copy
+# docs/results/guided-smollm2.jsonl to DIR/rows.jsonl first to have the GPTQ/RSQ/guided rows in the table.
 # Models go to --out (default ~/.cache/lowbit-bench/guided), never into the repository; the table
 # is printed and written to DIR/results.md. A row already in DIR/rows.jsonl is not rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${LOWBIT_SHARED:-../shared}
 lowbit=${LOWBIT:-build-rel/lowbit}
-nsamples=16 seqlen=512 ctx=512 windows=40 seed=0
+nsamples=16 seqlen=512 ctx=512 windows=40 seed=0 ptq17=0
 out=${LOWBIT_BENCH_CACHE:-$HOME/.cache/lowbit-bench}/guided
 threads=${THREADS:-2}
 rows_wanted=()
@@ -21,6 +24,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --nsamples) nsamples=$2; shift 2 ;; --seqlen) seqlen=$2; shift 2 ;; --ctx) ctx=$2; shift 2 ;;
     --windows) windows=$2; shift 2 ;; --out) out=$2; shift 2 ;; --seed) seed=$2; shift 2 ;;
+    --ptq17) ptq17=1; shift ;;
     -*) echo "unknown option $1" >&2; exit 1 ;;
     *) rows_wanted+=("$1"); shift ;;
   esac
@@ -63,14 +67,22 @@ PY
   rm -rf "$dir"  # the numbers are kept; the models are not needed again
 }
 
-for f in int3g128 int2g64 int4g128; do
-  for m in gptq guided rsq; do run "$m" "$f"; done
-done
-# guided with one group (the reference's GPTQ/SpinQuant setting) and with 8
-for f in int3g128 int4g128; do
-  run guided:g1 "$f" --guided-groups 1
-  run guided:g8 "$f" --guided-groups 8
-done
+if [ "$ptq17" = 1 ]; then
+  for f in int4g128 int3g128 int2g64; do
+    for m in rtn awq comq cle; do run "$m" "$f"; done
+    run norm-tweak:gptq "$f" --base gptq
+  done
+  run ptqtp tp2g128
+else
+  for f in int3g128 int2g64 int4g128; do
+    for m in gptq guided rsq; do run "$m" "$f"; done
+  done
+  # guided with one group (the reference's GPTQ/SpinQuant setting) and with 8
+  for f in int3g128 int4g128; do
+    run guided:g1 "$f" --guided-groups 1
+    run guided:g8 "$f" --guided-groups 8
+  done
+fi
 
 python3 - "$rows" "$nsamples" "$seqlen" "$ctx" "$windows" <<'PY' | tee "$out/results.md"
 import json, sys

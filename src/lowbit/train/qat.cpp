@@ -265,6 +265,33 @@ QatResult packed_result(std::vector<QatStage> stages, bool complete, std::unique
   return r;
 }
 
+// Replaces every block linear of `model` by a LoRA-in-the-quantizer training layer (l4q, lr-qat):
+// LSQ steps from `init`, one seeded A per layer, LSQ's gradient scale; collects the layers and the
+// LoRA, quantizer and state variables.
+template <class Layer, class Options>
+std::vector<std::shared_ptr<Layer>> install_lora_quant_layers(LlamaModel& model, const QatConfig& c, const QuantFormat& f,
+                                                              LsqInit init, const Options& lo, const char* method,
+                                                              std::vector<Var>& lora, std::vector<Var>& quant,
+                                                              std::vector<Var>& state) {
+  std::vector<std::shared_ptr<Layer>> layers;
+  uint64_t k = 0;
+  for_each_linear(model, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
+    const Tensor w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
+    LB_CHECK(lo.rank <= std::min(w.size(0), w.size(1)), "qat --method ", method, ": --lora-rank ", lo.rank,
+             " exceeds the smaller side of a ", w.size(0), " x ", w.size(1), " weight");
+    Options o = lo;
+    o.seed = c.seed * 1000003ull + k++;  // one A per layer
+    o.grad_scale = lsq_grad_scale(f, w.size(1));
+    auto t = std::make_shared<Layer>(w, (*slot)->bias(), f, lsq_init(w, f, init), o);
+    for (auto& p : t->lora_parameters()) lora.push_back(p);
+    for (auto& p : t->quant_parameters()) quant.push_back(p);
+    for (auto& p : t->state()) state.push_back(p);
+    *slot = t;  // the layer keeps what its method stores (lr-qat: only the downcast W0/s0, not `w`)
+    layers.push_back(t);
+  });
+  return layers;
+}
+
 std::string e2e_key(const std::string& method, const QuantFormat& f, const E2eOptions& o, const std::vector<E2eGroup>& g,
                     const std::vector<int32_t>& stream, const std::string& extra) {
   std::string k = method + ",format=" + f.name + ",steps=" + std::to_string(o.steps) + ",batch=" + std::to_string(o.batch) +
@@ -561,28 +588,13 @@ class L4qQat : public QatMethod {
     const QuantFormat& f = *c_.format;
     const auto t0 = Clock::now();
     auto work = std::make_unique<LlamaModel>(fp.config(), fp.weights(), false);
-    std::vector<std::shared_ptr<L4qTrainLinear>> layers;
     std::vector<Var> lora, quant, state;
     // L4Q_init: the quantizer starts from W0's min-max range (no clipping); --init overrides.
     const LsqInit init = c_.init_set ? c_.init : LsqInit::MinMax;
     L4qOptions lo;
     lo.rank = pick<int64_t>(c_.lora_rank, 8);
     lo.lora_alpha = pick(c_.lora_alpha, 16.0);
-    uint64_t k = 0;
-    for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
-      const Tensor w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
-      LB_CHECK(lo.rank <= std::min(w.size(0), w.size(1)), "qat --method l4q: --lora-rank ", lo.rank,
-               " exceeds the smaller side of a ", w.size(0), " x ", w.size(1), " weight");
-      L4qOptions o = lo;
-      o.seed = c_.seed * 1000003ull + k++;  // one A per layer
-      o.grad_scale = lsq_grad_scale(f, w.size(1));
-      auto t = std::make_shared<L4qTrainLinear>(w, (*slot)->bias(), f, lsq_init(w, f, init), o);
-      for (auto& p : t->lora_parameters()) lora.push_back(p);
-      for (auto& p : t->quant_parameters()) quant.push_back(p);
-      for (auto& p : t->state()) state.push_back(p);
-      *slot = t;
-      layers.push_back(t);
-    });
+    const auto layers = install_lora_quant_layers<L4qTrainLinear>(*work, c_, f, init, lo, "l4q", lora, quant, state);
     E2eOptions o = e2e_options(c_, fp.config(), 300, 8);
     o.stage = "l4q";
     const double lr = pick(c_.lr, 1e-3), qlr = pick(c_.quant_lr, 1e-3);
@@ -633,7 +645,6 @@ class LrQat : public QatMethod {
     const QuantFormat& f = *c_.format;
     const auto t0 = Clock::now();
     auto work = std::make_unique<LlamaModel>(fp.config(), fp.weights(), false);
-    std::vector<std::shared_ptr<LrQatTrainLinear>> layers;
     std::vector<Var> lora, quant, state;
     const LsqInit init = c_.init_set ? c_.init : LsqInit::Mse;
     LrQatOptions lo;
@@ -641,21 +652,8 @@ class LrQat : public QatMethod {
     lo.lora_alpha = pick(c_.lora_alpha, kLrQatAlpha);
     lo.downcast = c_.downcast.empty() ? LrQatDowncast::Int8 : parse_lrqat_downcast(c_.downcast);
     lo.checkpoint = c_.grad_checkpoint;
-    uint64_t k = 0;
-    for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
-      const Tensor w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
-      LB_CHECK(lo.rank <= std::min(w.size(0), w.size(1)), "qat --method lr-qat: --lora-rank ", lo.rank,
-               " exceeds the smaller side of a ", w.size(0), " x ", w.size(1), " weight");
-      LrQatOptions o = lo;
-      o.seed = c_.seed * 1000003ull + k++;  // one A per layer
-      o.grad_scale = lsq_grad_scale(f, w.size(1));
-      auto t = std::make_shared<LrQatTrainLinear>(w, (*slot)->bias(), f, lsq_init(w, f, init), o);
-      for (auto& p : t->lora_parameters()) lora.push_back(p);
-      for (auto& p : t->quant_parameters()) quant.push_back(p);
-      for (auto& p : t->state()) state.push_back(p);
-      *slot = t;  // the f32 weight `w` is dropped here: the layer keeps only φ(W0/s0 + z0)
-      layers.push_back(t);
-    });
+    const auto layers =
+        install_lora_quant_layers<LrQatTrainLinear>(*work, c_, f, init, lo, "lr-qat", lora, quant, state);
     E2eOptions o = e2e_options(c_, fp.config(), 300, 8);
     o.stage = "lr-qat";
     const double lr = pick(c_.lr, kLrQatLr), qlr = pick(c_.quant_lr, kLrQatQuantLr);
