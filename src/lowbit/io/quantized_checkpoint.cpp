@@ -11,6 +11,7 @@
 #include "lowbit/io/safetensors.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
+#include "lowbit/quant/simulated_linear.h"
 
 namespace lowbit {
 
@@ -110,6 +111,7 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
   int n_quant = 0, n_lora = 0;
   int64_t max_rank = 0;
   nlohmann::json layer_formats = nlohmann::json::object();  // layers not in `format` (mixed plans)
+  nlohmann::json simulated = nlohmann::json::object();      // decoded (dense) quantized layers
   for (int i = 0; i < model.n_layers(); ++i) {
     auto& b = const_cast<LlamaModel&>(model).block(i);
     for (auto& [name, slot] : b.linears()) {
@@ -145,6 +147,11 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
         Tensor wt = (*slot)->effective_weight().to(Device::CPU).contiguous();
         if (permute && is_qk(m)) wt = rope_rows_interleaved_to_half(wt, heads, hd);
         ts.emplace_back(m + ".weight", wt);
+        // A quantized layer without a packed form (ptq161): its decoded weight, named below.
+        if (auto* sl = dynamic_cast<const SimulatedQuantLinear*>(slot->get())) {
+          simulated[m] = {{"scheme", sl->scheme()}, {"bits_per_weight", sl->bits_per_weight()}};
+          ++n_quant;
+        }
       }
       if (bias.defined()) {
         Tensor bt = bias.to(Device::CPU).contiguous();
@@ -166,6 +173,7 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
                        {"method", method},
                        {"modules_not_to_convert", {"lm_head", "model.embed_tokens"}}};
   if (!layer_formats.empty()) qc["layer_formats"] = layer_formats;
+  if (!simulated.empty()) qc["simulated_layers"] = simulated;
   if (n_lora > 0) {
     qc["lora"] = lora == LoraStorage::Merged ? "merged" : "separate";
     qc["lora_rank"] = max_rank;

@@ -15,6 +15,7 @@
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/quant/quant_linear.h"
+#include "lowbit/quant/simulated_linear.h"
 
 namespace lowbit {
 
@@ -173,6 +174,14 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
       b.attn_norm.mutable_value().copy_(f.load(p + "attn_norm"));
       b.ffn_norm.mutable_value().copy_(f.load(p + "ffn_norm"));
       for (auto& [name, slot] : b.linears()) {
+        if (f.find(p + name + ".sim_weight")) {  // a SimulatedQuantLinear (ptq161): decoded weight + its bits
+          Tensor bias = f.find(p + name + ".bias") ? f.load(p + name + ".bias").to(dev) : (*slot)->bias();
+          const Tensor bits = f.load(p + name + ".sim_bits").to(DType::F64).contiguous();
+          if (bits.numel() != 1) throw_error("pipeline state: ", p + name, ".sim_bits must hold one value");
+          *slot = std::make_shared<SimulatedQuantLinear>(f.load(p + name + ".sim_weight").to(dev), bias, method.name(),
+                                                         bits.data<double>()[0]);
+          continue;
+        }
         const BlockContext bc{model, i, N, L, Tensor(), Tensor(), o.batch, o.formats};
         QuantizedTensor q = load_quantized(f, p + name, bc.format_of(name, format),
                                            {(*slot)->out_features(), (*slot)->in_features()});
@@ -224,6 +233,12 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
         ts.emplace_back(p + "attn_norm", b.attn_norm.value());
         ts.emplace_back(p + "ffn_norm", b.ffn_norm.value());
         for (auto& [name, slot] : b.linears()) {
+          if (auto* sl = dynamic_cast<SimulatedQuantLinear*>(slot->get())) {
+            ts.emplace_back(p + name + ".sim_weight", sl->effective_weight());
+            ts.emplace_back(p + name + ".sim_bits", Tensor::from_vector(std::vector<double>{sl->bits_per_weight()}, {1}));
+            if (sl->bias().defined()) ts.emplace_back(p + name + ".bias", sl->bias());
+            continue;
+          }
           auto* ql = dynamic_cast<QuantLinear*>(slot->get());
           if (!ql) throw_error("pipeline: method '", method.name(), "' left ", name, " of block ", j, " unquantized");
           save_quantized(ts, p + name, ql->quantized());

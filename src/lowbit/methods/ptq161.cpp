@@ -1,0 +1,358 @@
+#include "lowbit/methods/ptq161.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <numeric>
+
+#include "lowbit/core/blas.h"
+#include "lowbit/core/threads.h"
+#include "lowbit/methods/gptq.h"
+#include "lowbit/methods/rtn.h"
+#include "lowbit/quant/quant_linear.h"
+#include "lowbit/quant/quantize.h"
+#include "lowbit/quant/simulated_linear.h"
+
+namespace lowbit {
+
+namespace {
+
+double round_f16(double v) { return double(f16_to_f32(f32_to_f16(float(v)))); }
+
+// Weighted error sum_i e_i^T H e_i of the rows of e [out, in] (row-major, double).
+double quad_error(const std::vector<double>& e, const std::vector<double>& h, int64_t out, int64_t in) {
+  std::vector<double> eh(static_cast<size_t>(out * in));
+  BlasThreadsGuard blas;
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(out), int(in), int(in), 1.0, e.data(), int(in), h.data(),
+              int(in), 0.0, eh.data(), int(in));
+  double s = 0;
+  for (size_t i = 0; i < e.size(); ++i) s += e[i] * eh[i];
+  return s;
+}
+
+// Residual w - decode(l) in double (f32-precision factors, no f16 rounding).
+std::vector<double> residual(const float* w, const Ptq161Layer& l) {
+  const Tensor wq = l.dequantize(false);
+  const float* pq = wq.data<float>();
+  std::vector<double> e(static_cast<size_t>(l.out * l.in));
+  for (size_t i = 0; i < e.size(); ++i) e[i] = double(w[i]) - double(pq[i]);
+  return e;
+}
+
+}  // namespace
+
+int64_t ptq161_salient_count(int64_t in, double ratio) {
+  const double k = std::round(ratio * double(in));
+  return std::clamp<int64_t>(int64_t(k), 0, in);
+}
+
+std::vector<uint8_t> ptq161_select_channels(const float* score, int64_t in, double ratio) {
+  LB_CHECK(ratio >= 0 && ratio <= 1, "ptq161: salient ratio must be in [0, 1], got ", ratio);
+  const int64_t k = ptq161_salient_count(in, ratio);
+  std::vector<int64_t> idx(static_cast<size_t>(in));
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+  std::vector<uint8_t> mask(size_t(in), 0);
+  for (int64_t i = 0; i < k; ++i) mask[size_t(idx[size_t(i)])] = 1;
+  return mask;
+}
+
+void ptq161_binarize_row(const float* w, const uint8_t* mask, int64_t in, double& alpha, double& mu, int8_t* sign) {
+  double s = 0;
+  int64_t n = 0;
+  for (int64_t j = 0; j < in; ++j)
+    if (!mask[j]) s += w[j], ++n;
+  mu = n ? s / double(n) : 0.0;
+  double a = 0;
+  for (int64_t j = 0; j < in; ++j) {
+    if (mask[j]) {
+      sign[j] = 0;
+      continue;
+    }
+    const double d = double(w[j]) - mu;
+    sign[j] = d >= 0 ? 1 : -1;
+    a += std::fabs(d);
+  }
+  alpha = n ? a / double(n) : 0.0;
+}
+
+Tensor Ptq161Layer::dequantize(bool stored_f16) const {
+  Tensor t = Tensor::empty({out, in});
+  float* p = t.data<float>();
+  for (int64_t i = 0; i < out; ++i) {
+    const double a = stored_f16 ? round_f16(alpha[size_t(i)]) : alpha[size_t(i)];
+    const double m = stored_f16 ? round_f16(mu[size_t(i)]) : mu[size_t(i)];
+    for (int64_t j = 0; j < in; ++j) {
+      const size_t k = size_t(i * in + j);
+      if (mask[size_t(j)]) {
+        p[k] = int_value(q4[k], s4[size_t(i)], z4[size_t(i)]);
+      } else {
+        const double r = stored_f16 ? round_f16(col[size_t(j)]) : col[size_t(j)];
+        p[k] = float(r * (m + a * double(sign[k])));
+      }
+    }
+  }
+  return t;
+}
+
+void Ptq161Layer::round_to_f16() {
+  for (auto& v : alpha) v = round_f16(v);
+  for (auto& v : mu) v = round_f16(v);
+  for (auto& v : col) v = round_f16(v);
+}
+
+int64_t ptq161_storage_bits(int64_t out, int64_t in, int64_t k) {
+  return out * (in - k) + 4 * out * k + 64 * out + in + 16 * (in - k);
+}
+
+Ptq161Layer ptq161_init(const Tensor& w_in, const float* act_score, const Ptq161Options& o) {
+  LB_CHECK(w_in.defined() && w_in.dim() == 2, "ptq161: weight must be [out, in]");
+  const Tensor w = w_in.to(Device::CPU).to(DType::F32).contiguous();
+  Ptq161Layer l;
+  l.out = w.size(0), l.in = w.size(1);
+  const int64_t out = l.out, in = l.in;
+  l.mask = ptq161_select_channels(act_score, in, o.salient_ratio);
+  l.s4.assign(size_t(out), 1.0f), l.z4.assign(size_t(out), 0.0f);
+  l.q4.assign(size_t(out * in), 0);
+  l.sign.assign(size_t(out * in), 0);
+  l.alpha.assign(size_t(out), 0.0), l.mu.assign(size_t(out), 0.0);
+  l.col.assign(size_t(in), 1.0);
+  const QuantFormat& f4 = quant_format(QuantFormatId::Int4PC);
+  const float* pw = w.data<float>();
+  for (int64_t i = 0; i < out; ++i) {
+    const float* row = pw + i * in;
+    float lo = 0, hi = 0;
+    bool any = false;
+    for (int64_t j = 0; j < in; ++j)
+      if (l.mask[size_t(j)]) {
+        lo = any ? std::min(lo, row[j]) : row[j], hi = any ? std::max(hi, row[j]) : row[j];
+        any = true;
+      }
+    const GroupParams p = f4.codec->params_from_range(f4, lo, hi, 1.0f);
+    if (!std::isfinite(p.scale))
+      throw_error("ptq161: the salient weights of row ", i, " do not fit the f16 scale of int4pc");
+    l.s4[size_t(i)] = p.scale, l.z4[size_t(i)] = p.zero;
+    for (int64_t j = 0; j < in; ++j)
+      if (l.mask[size_t(j)]) l.q4[size_t(i * in + j)] = f4.codec->encode(f4, row[j], p);
+    ptq161_binarize_row(row, l.mask.data(), in, l.alpha[size_t(i)], l.mu[size_t(i)], l.sign.data() + i * in);
+  }
+  return l;
+}
+
+double ptq161_layer_error(const Tensor& w_in, const Tensor& wq_in, const std::vector<double>& h) {
+  const Tensor w = w_in.to(Device::CPU).to(DType::F32).contiguous();
+  const Tensor wq = wq_in.to(Device::CPU).to(DType::F32).contiguous();
+  const int64_t out = w.size(0), in = w.size(1);
+  LB_CHECK(wq.size(0) == out && wq.size(1) == in && int64_t(h.size()) == in * in, "ptq161_layer_error: shape mismatch");
+  std::vector<double> e(static_cast<size_t>(out * in));
+  for (size_t i = 0; i < e.size(); ++i) e[i] = double(w.data<float>()[i]) - double(wq.data<float>()[i]);
+  return quad_error(e, h, out, in);
+}
+
+std::vector<double> ptq161_damped_hessian(const Tensor& h_in, double percdamp) {
+  const Tensor h = h_in.to(Device::CPU).to(DType::F32).contiguous();
+  const int64_t n = h.size(0);
+  std::vector<double> d(static_cast<size_t>(n * n));
+  for (size_t i = 0; i < d.size(); ++i) d[i] = h.data<float>()[i];
+  double mean = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (d[size_t(j * n + j)] == 0) d[size_t(j * n + j)] = 1;  // dead input channel (as GPTQ)
+    mean += d[size_t(j * n + j)];
+  }
+  mean /= double(n);
+  for (int64_t j = 0; j < n; ++j) d[size_t(j * n + j)] += percdamp * mean;
+  return d;
+}
+
+std::vector<double> ptq161_optimize(const Tensor& w_in, const std::vector<double>& h, Ptq161Layer& l, int iters) {
+  const Tensor w = w_in.to(Device::CPU).to(DType::F32).contiguous();
+  const int64_t out = l.out, in = l.in;
+  LB_CHECK(w.size(0) == out && w.size(1) == in && int64_t(h.size()) == in * in, "ptq161_optimize: shape mismatch");
+  const float* pw = w.data<float>();
+  std::vector<double> errs{quad_error(residual(pw, l), h, out, in)};
+  std::vector<int64_t> free_cols;
+  for (int64_t j = 0; j < in; ++j)
+    if (!l.mask[size_t(j)]) free_cols.push_back(j);
+  const int64_t nf = int64_t(free_cols.size());
+  if (nf == 0) return errs;
+  for (int it = 0; it < iters; ++it) {
+    // ---- (alpha_i, mu_i) with r fixed: e_i = d_i - alpha a_i - mu b, d_i = w_i - salient part.
+    {
+      std::vector<double> A(size_t(out * in), 0.0), D(size_t(out * in), 0.0), b(size_t(in), 0.0);
+      for (int64_t j : free_cols) b[size_t(j)] = l.col[size_t(j)];
+      for (int64_t i = 0; i < out; ++i)
+        for (int64_t j = 0; j < in; ++j) {
+          const size_t k = size_t(i * in + j);
+          if (l.mask[size_t(j)]) {
+            D[k] = double(pw[k]) - double(int_value(l.q4[k], l.s4[size_t(i)], l.z4[size_t(i)]));
+          } else {
+            D[k] = pw[k];
+            A[k] = l.col[size_t(j)] * double(l.sign[k]);
+          }
+        }
+      std::vector<double> HA(static_cast<size_t>(out * in)), Hb(static_cast<size_t>(in));
+      {
+        BlasThreadsGuard blas;
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(out), int(in), int(in), 1.0, A.data(), int(in),
+                    h.data(), int(in), 0.0, HA.data(), int(in));
+        cblas_dgemv(CblasRowMajor, CblasNoTrans, int(in), int(in), 1.0, h.data(), int(in), b.data(), 1, 0.0, Hb.data(), 1);
+      }
+      double bHb = 0;
+      for (int64_t j = 0; j < in; ++j) bHb += b[size_t(j)] * Hb[size_t(j)];
+      auto old_alpha = l.alpha, old_mu = l.mu;
+      for (int64_t i = 0; i < out; ++i) {
+        double aHa = 0, aHb = 0, aHd = 0, bHd = 0;
+        for (int64_t j = 0; j < in; ++j) {
+          const size_t k = size_t(i * in + j);
+          aHa += A[k] * HA[k], aHb += A[k] * Hb[size_t(j)];
+          aHd += HA[k] * D[k], bHd += Hb[size_t(j)] * D[k];
+        }
+        const double det = aHa * bHb - aHb * aHb;
+        if (!(det > 1e-12 * std::max(aHa * bHb, 1e-300))) continue;  // degenerate row: keep
+        l.alpha[size_t(i)] = (bHb * aHd - aHb * bHd) / det;
+        l.mu[size_t(i)] = (aHa * bHd - aHb * aHd) / det;
+      }
+      const double e = quad_error(residual(pw, l), h, out, in);
+      if (e <= errs.back()) errs.push_back(e);
+      else l.alpha = old_alpha, l.mu = old_mu, errs.push_back(errs.back());
+    }
+    // ---- r with (alpha, mu) fixed: [H o (V^T V)]_FF r_F = sum_i v_i o (H d_i), restricted to the
+    // non-salient columns F (v_i = mu_i + alpha_i s_i there, 0 on salient columns).
+    {
+      std::vector<double> V(size_t(out * in), 0.0), D(size_t(out * in), 0.0);
+      for (int64_t i = 0; i < out; ++i)
+        for (int64_t j = 0; j < in; ++j) {
+          const size_t k = size_t(i * in + j);
+          if (l.mask[size_t(j)]) {
+            D[k] = double(pw[k]) - double(int_value(l.q4[k], l.s4[size_t(i)], l.z4[size_t(i)]));
+          } else {
+            D[k] = pw[k];
+            V[k] = l.mu[size_t(i)] + l.alpha[size_t(i)] * double(l.sign[k]);
+          }
+        }
+      std::vector<double> VtV(static_cast<size_t>(in * in)), DH(size_t(out * in));
+      {
+        BlasThreadsGuard blas;
+        cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(in), int(in), int(out), 1.0, V.data(), int(in),
+                    V.data(), int(in), 0.0, VtV.data(), int(in));
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(out), int(in), int(in), 1.0, D.data(), int(in),
+                    h.data(), int(in), 0.0, DH.data(), int(in));
+      }
+      std::vector<double> M(static_cast<size_t>(nf * nf)), rhs(size_t(nf), 0.0);
+      double tr = 0;
+      for (int64_t a = 0; a < nf; ++a) {
+        const int64_t ja = free_cols[size_t(a)];
+        for (int64_t c = 0; c < nf; ++c) {
+          const int64_t jc = free_cols[size_t(c)];
+          M[size_t(a * nf + c)] = h[size_t(ja * in + jc)] * VtV[size_t(ja * in + jc)];
+        }
+        tr += M[size_t(a * nf + a)];
+        for (int64_t i = 0; i < out; ++i) rhs[size_t(a)] += V[size_t(i * in + ja)] * DH[size_t(i * in + ja)];
+      }
+      const double ridge = 1e-9 * tr / double(nf) + 1e-300;
+      for (int64_t a = 0; a < nf; ++a) M[size_t(a * nf + a)] += ridge;
+      auto old_col = l.col;
+      bool ok = true;
+      try {
+        cholesky_lower_inplace(M.data(), nf);
+      } catch (const Error&) {
+        ok = false;
+      }
+      if (ok) {
+        // Solve L L^T r = rhs.
+        std::vector<double> y(rhs);
+        for (int64_t a = 0; a < nf; ++a) {
+          double s = y[size_t(a)];
+          for (int64_t c = 0; c < a; ++c) s -= M[size_t(a * nf + c)] * y[size_t(c)];
+          y[size_t(a)] = s / M[size_t(a * nf + a)];
+        }
+        for (int64_t a = nf - 1; a >= 0; --a) {
+          double s = y[size_t(a)];
+          for (int64_t c = a + 1; c < nf; ++c) s -= M[size_t(c * nf + a)] * y[size_t(c)];
+          y[size_t(a)] = s / M[size_t(a * nf + a)];
+        }
+        for (int64_t a = 0; a < nf; ++a)
+          if (std::isfinite(y[size_t(a)])) l.col[size_t(free_cols[size_t(a)])] = y[size_t(a)];
+      }
+      const double e = quad_error(residual(pw, l), h, out, in);
+      if (ok && e <= errs.back()) errs.push_back(e);
+      else l.col = old_col, errs.push_back(errs.back());
+    }
+  }
+  return errs;
+}
+
+Ptq161Method::Ptq161Method(const QuantFormat& f, Ptq161Options o) : f_(f), o_(o) {
+  if (f.id != QuantFormatId::Int4PC)
+    throw_error("--method ptq161: format ", f.name,
+                " is not int4pc (ptq161 keeps its salient channels in int4pc and binarizes the rest; use --format int4pc)");
+  LB_CHECK(o.salient_ratio >= 0 && o.salient_ratio <= 1 && o.opt_iters >= 0 && o.percdamp >= 0,
+           "ptq161: bad options (salient ratio ", o.salient_ratio, ", iterations ", o.opt_iters, ", percdamp ",
+           o.percdamp, ")");
+}
+
+std::string Ptq161Method::options_key() const {
+  return "ratio=" + key_number(o_.salient_ratio) + ",iters=" + std::to_string(o_.opt_iters) +
+         ",percdamp=" + key_number(o_.percdamp);
+}
+
+void Ptq161Method::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
+  LlamaBlock& b = ctx.model.block(ctx.layer);
+  std::map<std::string, HessianAccumulator> hess;
+  std::map<std::string, std::vector<float>> act_max;
+  std::map<std::string, Tensor> sample_x;
+  ctx.run_block(ctx.inputs, [&](const std::string& name, const Tensor& x_in) {
+    const Tensor x = x_in.to(Device::CPU).to(DType::F32).contiguous();
+    const int64_t in = x.size(-1), rows = x.numel() / in;
+    auto it = hess.find(name);
+    if (it == hess.end()) it = hess.emplace(name, HessianAccumulator(in)).first;
+    it->second.add(x);
+    auto& m = act_max[name];
+    if (m.empty()) m.assign(size_t(in), 0.0f);
+    const float* p = x.data<float>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < in; ++j) m[size_t(j)] = std::max(m[size_t(j)], std::fabs(p[r * in + j]));
+    if (!sample_x.count(name)) sample_x[name] = report_sample(x).clone();
+  });
+  for (auto& [name, slot] : b.linears()) {
+    const Device dev = (*slot)->effective_weight().device();
+    const Tensor w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
+    const QuantFormat& f = ctx.format_of(name, f_);
+    LinearReport r;
+    r.name = "model.layers." + std::to_string(ctx.layer) + "." + name;
+    r.params = w.size(0) * w.size(1);
+    auto sx = sample_x.find(name);
+    if (f.id != f_.id) {  // a mixed plan's other format: RTN in it
+      QuantizedTensor q = rtn_quantize(w, f);
+      const Tensor deq = q.dequantize();
+      r.rel_error = sx != sample_x.end() ? relative_output_error(sx->second, w, deq) : 0.0;
+      r.bits_per_weight = f.bits_per_weight(w.size(0), w.size(1));
+      reports.push_back(r);
+      *slot = std::make_shared<QuantLinear>(std::move(q), (*slot)->bias(), dev, Tensor(), Tensor(), deq);
+      continue;
+    }
+    auto am = act_max.find(name);
+    LB_CHECK(am != act_max.end(), "ptq161: no calibration input reached ", r.name);
+    Ptq161Layer l = ptq161_init(w, am->second.data(), o_);
+    if (o_.opt_iters > 0) {
+      const std::vector<double> h = ptq161_damped_hessian(hess.at(name).hessian(), o_.percdamp);
+      ptq161_optimize(w, h, l, o_.opt_iters);
+    }
+    l.round_to_f16();
+    Tensor deq = l.dequantize(true);
+    for (int64_t i = 0; i < deq.numel(); ++i)
+      if (!std::isfinite(deq.data<float>()[i]))
+        throw_error("ptq161: ", r.name, " decodes to a non-finite weight at row ", i / l.in, " column ", i % l.in,
+                    " (a scaling factor overflowed f16)");
+    int64_t k = 0;
+    for (uint8_t m : l.mask) k += m;
+    r.bits_per_weight = double(ptq161_storage_bits(l.out, l.in, k)) / double(l.out * l.in);
+    r.rel_error = sx != sample_x.end() ? relative_output_error(sx->second, w, deq) : 0.0;
+    reports.push_back(r);
+    *slot = std::make_shared<SimulatedQuantLinear>(deq.to(dev), (*slot)->bias(), "ptq161", r.bits_per_weight);
+  }
+}
+
+}  // namespace lowbit
