@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# PTQ1.61 (ptq161) on SmolLM2-135M: calibration on the first 4 MB of the linux-docs text (16 windows
+# of 512 tokens), WikiText-2 test perplexity at ctx 512 over 40 windows — the command of the RTN
+# int2g64 (484,688) and PTQTP (175.0) rows of docs/results/ptqtp.md.
+#   bench/ptq161_smollm2.sh [OUT_DIR]      (default /tmp/ptq161-smol); results: docs/results/ptq161.md
+# Runs a copy of the binary (LOWBIT, default build-rel/lowbit) with 2 threads, one job at a time.
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+shared=${LOWBIT_SHARED:-$here/../../shared}
+out=${1:-/tmp/ptq161-smol}
+mkdir -p "$out"
+cp "${LOWBIT:-$here/../build-rel/lowbit}" "$out/lowbit"
+L=$out/lowbit
+M=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+T=$shared/models/smollm2-135m-instruct/tokenizer-llamacpp-smollm.json  # the GGUF's own tokenizer, as a file
+W=$shared/data/wikitext-2-raw/wiki.test.raw
+head -c 4000000 "$shared/data/linux-docs/train.txt" > "$out/calib.txt"
+for job in "ptq161 int4pc" "ptq161-closed int4pc --ptq161-iters 0"; do
+  set -- $job
+  name=$1 fmt=$2; shift 2
+  d=$out/$name
+  [ -d "$d" ] || /usr/bin/time -f "%e s wall, %M KB max RSS" "$L" quantize -m "$M" --method ptq161 --format "$fmt" "$@" \
+    --calib "$out/calib.txt" --nsamples 16 --seqlen 512 --threads 2 -o "$d" --json > "$d.quantize.json" 2> "$d.quantize.err"
+  "$L" eval ppl -m "$d" --tokenizer "$T" --text "$W" --ctx 512 --max-windows 40 --threads 2 --json > "$d.ppl.json" 2> "$d.ppl.err"
+done
+python3 - "$out" <<'PY'
+import json, sys, os
+out = sys.argv[1]
+print("| model | method | bits/weight | WikiText-2 ppl | quantize s | eval tokens/s |")
+print("|---|---|---:|---:|---:|---:|")
+for n in ["ptq161", "ptq161-closed"]:
+    if not os.path.exists(f"{out}/{n}.ppl.json"): continue
+    q, p = json.load(open(f"{out}/{n}.quantize.json")), json.load(open(f"{out}/{n}.ppl.json"))
+    print(f"| SmolLM2-135M | {n} | {q['bits_per_weight']:.3f} | {p['ppl']:.3f} | {q['seconds']:.1f} | {p['tokens_per_second']:.0f} |")
+PY
