@@ -18,7 +18,7 @@
 #include "lowbit/methods/ptq161.h"
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/methods/registry.h"
-#include "lowbit/quant/simulated_linear.h"
+#include "lowbit/quant/ptq161_tensor.h"
 
 using namespace lowbit;
 
@@ -167,17 +167,23 @@ TEST_F(Ptq161Stories, QuantizesEvaluatesRoundTripsAndResumes) {
   EXPECT_LT(e1, e2);
   EXPECT_LT(p_ptq, p_rtn);
   // stories260K's 64-wide rows: 4 f16 per row of 64 weights is 1 bit per weight of metadata alone.
-  const int64_t k = ptq161_salient_count(64, 0.2);
-  EXPECT_NEAR(r1.linears[0].bits_per_weight, double(ptq161_storage_bits(64, 64, k)) / 4096.0, 1e-12);
-  for (auto& [name, slot] : a.block(0).linears()) EXPECT_TRUE(dynamic_cast<const SimulatedQuantLinear*>(slot->get())) << name;
+  // Stored bytes: mask 8, signs 64 x 7 (51 binary columns), q4 64 x 7 (13 salient), rows 64 x 8, cols 51 x 2.
+  EXPECT_EQ(ptq161_salient_count(64, 0.2), 13);
+  EXPECT_NEAR(r1.linears[0].bits_per_weight, double(8 + 64 * 7 + 64 * 7 + 64 * 8 + 51 * 2) * 8 / 4096.0, 1e-12);
+  for (auto& [name, slot] : a.block(0).linears()) {
+    auto* pl = dynamic_cast<const Ptq161Linear*>(slot->get());
+    ASSERT_TRUE(pl) << name;
+    EXPECT_EQ(max_abs_diff(pl->effective_weight(), pl->packed().dequantize()), 0.0) << name;
+  }
 
-  // Quantized checkpoint: the decoded layers are written dense, named in simulated_layers, and load back exactly.
+  // Quantized checkpoint: the packed tensors are written, the layers named in ptq161_layers, and the
+  // decoded weights load back exactly.
   auto dir = test::temp_dir("ptq161-ckpt");
   save_quantized_model(dir.string(), a, "ptq161", f4);
   nlohmann::json cfg = nlohmann::json::parse(std::ifstream(dir / "config.json"));
-  const auto& sim = cfg.at("quantization_config").at("simulated_layers");
+  const auto& sim = cfg.at("quantization_config").at("ptq161_layers");
   EXPECT_EQ(sim.size(), 35u);
-  EXPECT_EQ(sim.at("model.layers.0.mlp.down_proj").at("scheme"), "ptq161");
+  EXPECT_EQ(sim.at(0), "model.layers.0.self_attn.q_proj");
   QuantizedCheckpoint qc = load_quantized_model(dir.string());
   LlamaWeights wa = a.weights();
   for (int i = 0; i < ck.config.n_layers; ++i) {

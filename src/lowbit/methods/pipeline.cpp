@@ -15,7 +15,7 @@
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/quant/quant_linear.h"
-#include "lowbit/quant/simulated_linear.h"
+#include "lowbit/quant/ptq161_tensor.h"
 
 namespace lowbit {
 
@@ -174,12 +174,15 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
       b.attn_norm.mutable_value().copy_(f.load(p + "attn_norm"));
       b.ffn_norm.mutable_value().copy_(f.load(p + "ffn_norm"));
       for (auto& [name, slot] : b.linears()) {
-        if (f.find(p + name + ".sim_weight")) {  // a SimulatedQuantLinear (ptq161): decoded weight + its bits
+        if (f.find(p + name + ".ptq161_mask")) {  // a Ptq161Linear: its packed tensors
           Tensor bias = f.find(p + name + ".bias") ? f.load(p + name + ".bias").to(dev) : (*slot)->bias();
-          const Tensor bits = f.load(p + name + ".sim_bits").to(DType::F64).contiguous();
-          if (bits.numel() != 1) throw_error("pipeline state: ", p + name, ".sim_bits must hold one value");
-          *slot = std::make_shared<SimulatedQuantLinear>(f.load(p + name + ".sim_weight").to(dev), bias, method.name(),
-                                                         bits.data<double>()[0]);
+          Ptq161Tensor t;
+          t.out = (*slot)->out_features(), t.in = (*slot)->in_features();
+          t.mask = f.load(p + name + ".ptq161_mask"), t.signs = f.load(p + name + ".ptq161_signs");
+          t.q4 = f.load(p + name + ".ptq161_q4"), t.rows = f.load(p + name + ".ptq161_rows");
+          t.cols = f.load(p + name + ".ptq161_cols");
+          t.validate("pipeline state " + p + name);
+          *slot = std::make_shared<Ptq161Linear>(std::move(t), bias, dev);
           continue;
         }
         const BlockContext bc{model, i, N, L, Tensor(), Tensor(), o.batch, o.formats};
@@ -233,10 +236,14 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
         ts.emplace_back(p + "attn_norm", b.attn_norm.value());
         ts.emplace_back(p + "ffn_norm", b.ffn_norm.value());
         for (auto& [name, slot] : b.linears()) {
-          if (auto* sl = dynamic_cast<SimulatedQuantLinear*>(slot->get())) {
-            ts.emplace_back(p + name + ".sim_weight", sl->effective_weight());
-            ts.emplace_back(p + name + ".sim_bits", Tensor::from_vector(std::vector<double>{sl->bits_per_weight()}, {1}));
-            if (sl->bias().defined()) ts.emplace_back(p + name + ".bias", sl->bias());
+          if (auto* pl = dynamic_cast<Ptq161Linear*>(slot->get())) {
+            const Ptq161Tensor& t = pl->packed();
+            ts.emplace_back(p + name + ".ptq161_mask", t.mask);
+            ts.emplace_back(p + name + ".ptq161_signs", t.signs);
+            ts.emplace_back(p + name + ".ptq161_q4", t.q4);
+            ts.emplace_back(p + name + ".ptq161_rows", t.rows);
+            ts.emplace_back(p + name + ".ptq161_cols", t.cols);
+            if (pl->bias().defined()) ts.emplace_back(p + name + ".bias", pl->bias());
             continue;
           }
           auto* ql = dynamic_cast<QuantLinear*>(slot->get());

@@ -13,7 +13,7 @@
 #include "lowbit/methods/rtn.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
-#include "lowbit/quant/simulated_linear.h"
+#include "lowbit/quant/ptq161_tensor.h"
 
 namespace lowbit {
 
@@ -341,17 +341,16 @@ void Ptq161Method::quantize_block(BlockContext& ctx, std::vector<LinearReport>& 
       ptq161_optimize(w, h, l, o_.opt_iters);
     }
     l.round_to_f16();
-    Tensor deq = l.dequantize(true);
+    Ptq161Tensor packed = pack_ptq161(l.out, l.in, l.mask, l.sign, l.q4, l.alpha, l.mu, l.s4, l.z4, l.col);
+    const Tensor deq = packed.dequantize();
     for (int64_t i = 0; i < deq.numel(); ++i)
       if (!std::isfinite(deq.data<float>()[i]))
         throw_error("ptq161: ", r.name, " decodes to a non-finite weight at row ", i / l.in, " column ", i % l.in,
                     " (a scaling factor overflowed f16)");
-    int64_t k = 0;
-    for (uint8_t m : l.mask) k += m;
-    r.bits_per_weight = double(ptq161_storage_bits(l.out, l.in, k)) / double(l.out * l.in);
+    r.bits_per_weight = packed.bits_per_weight();
     r.rel_error = sx != sample_x.end() ? relative_output_error(sx->second, w, deq) : 0.0;
     reports.push_back(r);
-    *slot = std::make_shared<SimulatedQuantLinear>(deq.to(dev), (*slot)->bias(), "ptq161", r.bits_per_weight);
+    *slot = std::make_shared<Ptq161Linear>(std::move(packed), (*slot)->bias(), dev);
   }
 }
 
