@@ -15,20 +15,30 @@ M=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 T=$shared/models/smollm2-135m-instruct/tokenizer-llamacpp-smollm.json  # the GGUF's own tokenizer, as a file
 W=$shared/data/wikitext-2-raw/wiki.test.raw
 head -c 4000000 "$shared/data/linux-docs/train.txt" > "$out/calib.txt"
-for job in "ptq161 int4pc" "ptq161-closed int4pc --ptq161-iters 0"; do
-  set -- $job
-  name=$1 fmt=$2; shift 2
+# NAME METHOD FORMAT [flags]: ptq161 (defaults), its closed-form scales only, plain binarization
+# (no salient channel) with the scale fit, and RTN int2g64 (data-free) as the reference row.
+while read -r name method fmt flags; do
   d=$out/$name
-  [ -d "$d" ] || /usr/bin/time -f "%e s wall, %M KB max RSS" "$L" quantize -m "$M" --method ptq161 --format "$fmt" "$@" \
-    --calib "$out/calib.txt" --nsamples 16 --seqlen 512 --threads 2 -o "$d" --json > "$d.quantize.json" 2> "$d.quantize.err"
+  calib=(--calib "$out/calib.txt" --nsamples 16 --seqlen 512)
+  [ "$method" = rtn ] && calib=()
+  [ -d "$d" ] || /usr/bin/time -f "%e s wall, %M KB max RSS" "$L" quantize -m "$M" --method "$method" --format "$fmt" $flags \
+    "${calib[@]}" --threads 2 -o "$d" --json > "$d.quantize.json" 2> "$d.quantize.err"
   "$L" eval ppl -m "$d" --tokenizer "$T" --text "$W" --ctx 512 --max-windows 40 --threads 2 --json > "$d.ppl.json" 2> "$d.ppl.err"
-done
+done <<'JOBS'
+ptq161 ptq161 int4pc
+ptq161-closed ptq161 int4pc --ptq161-iters 0
+binary-fit ptq161 int4pc --ptq161-ratio 0
+rtn-int2g64 rtn int2g64
+JOBS
+[ -f "$out/fp.ppl.json" ] || "$L" eval ppl -m "$M" --text "$W" --ctx 512 --max-windows 40 --threads 2 --json > "$out/fp.ppl.json" 2> "$out/fp.ppl.err"
 python3 - "$out" <<'PY'
 import json, sys, os
 out = sys.argv[1]
 print("| model | method | bits/weight | WikiText-2 ppl | quantize s | eval tokens/s |")
 print("|---|---|---:|---:|---:|---:|")
-for n in ["ptq161", "ptq161-closed"]:
+fp = json.load(open(f"{out}/fp.ppl.json"))
+print(f"| SmolLM2-135M Q4_1 (FP reference) | - | - | {fp['ppl']:.3f} | - | {fp['tokens_per_second']:.0f} |")
+for n in ["ptq161", "ptq161-closed", "binary-fit", "rtn-int2g64"]:
     if not os.path.exists(f"{out}/{n}.ppl.json"): continue
     q, p = json.load(open(f"{out}/{n}.quantize.json")), json.load(open(f"{out}/{n}.ppl.json"))
     print(f"| SmolLM2-135M | {n} | {q['bits_per_weight']:.3f} | {p['ppl']:.3f} | {q['seconds']:.1f} | {p['tokens_per_second']:.0f} |")
