@@ -14,6 +14,7 @@
 #include "common/stories_fixture.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/io/safetensors.h"
 #include "lowbit/methods/gptq.h"
 #include "lowbit/methods/ptq161.h"
 #include "lowbit/methods/ptq_methods.h"
@@ -192,6 +193,30 @@ TEST_F(Ptq161Stories, QuantizesEvaluatesRoundTripsAndResumes) {
   }
   LlamaModel loaded(qc.dense.config, qc.dense.weights);
   EXPECT_NEAR(ppl(loaded), p_ptq, 1e-6 * p_ptq);
+  // Malformed ptq161 tensors: the load names the layer and the field.
+  const std::string st = (dir / "model.safetensors").string();
+  std::vector<std::pair<std::string, Tensor>> all;
+  {
+    SafetensorsFile f0 = SafetensorsFile::open(st);
+    for (const auto& t : f0.tensors()) all.emplace_back(t.name, f0.load(t.name).clone());
+  }
+  auto rewrite_and_expect = [&](const std::string& drop, const std::string& shrink, const std::string& needle) {
+    std::vector<std::pair<std::string, Tensor>> ts;
+    for (auto& [n, t] : all) {
+      if (n == drop) continue;
+      ts.emplace_back(n, n == shrink ? t.slice(1, 0, t.size(1) - 1).contiguous() : t);
+    }
+    save_safetensors(st, ts);
+    try {
+      load_quantized_model(dir.string());
+      ADD_FAILURE() << "accepted; expected an error mentioning '" << needle << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  rewrite_and_expect("model.layers.1.mlp.up_proj.ptq161_cols", "", "model.layers.1.mlp.up_proj.ptq161_cols");
+  rewrite_and_expect("", "model.layers.0.self_attn.v_proj.ptq161_q4", "ptq161 tensor 'q4'");
+  rewrite_and_expect("", "model.layers.2.mlp.down_proj.ptq161_rows", "model.layers.2.mlp.down_proj");
   std::filesystem::remove_all(dir);
 
   test::expect_resume_identical(*this, [](const QuantFormat& f) { return std::make_unique<Ptq161Method>(f, Ptq161Options{}); },
