@@ -24,10 +24,10 @@
 // Not implemented: the paper's "quantization preprocessing" (a restorative-LoRA pass over the FP
 // model before the PTQ run).
 //
-// Storage (exact bit count, ptq161_storage_bits): codes 1 bit per non-salient and 4 bits per
-// salient weight; per row alpha, mu, the salient scale and zero (4 x f16); per column one mask bit
-// and r (f16) for non-salient columns. lowbit has no packed kernel for this layout yet: the layer is
-// a SimulatedQuantLinear (dense decoded weight, quant/simulated_linear.h).
+// Storage: quant/ptq161_tensor.h (Ptq161Tensor: mask bits, sign bits, 4-bit codes, f16 row factors
+// alpha, mu, s, z and f16 column factors r of the binary columns); the reported bits per weight
+// count its stored bytes. The layer is a Ptq161Linear: the decoded weight is kept dense (lowbit has
+// no packed kernel for this layout).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -67,7 +67,8 @@ struct Ptq161Layer {
   void round_to_f16();
 };
 
-// Exact storage of the layout above, in bits: out*(in-k) + 4*out*k + 64*out + in + 16*(in-k).
+// The layout's size without the per-row byte padding of Ptq161Tensor, in bits:
+// out*(in-k) + 4*out*k + 64*out + in + 16*(in-k).
 int64_t ptq161_storage_bits(int64_t out, int64_t in, int64_t k);
 
 // Steps 1-3 (mask, salient 4-bit, closed-form binarization) of w [out, in] given per-input-channel
