@@ -289,6 +289,7 @@ const Row kRows[] = {
   {"quantize", "ptq161-ratio above 1", "quantize -m {M} --method ptq161 --ptq161-ratio 1.5 -o {O}", "--ptq161-ratio"},
   {"quantize", "ptq161-ratio nan", "quantize -m {M} --method ptq161 --ptq161-ratio nan -o {O}", "--ptq161-ratio"},
   {"quantize", "ptq161-iters -1", "quantize -m {M} --method ptq161 --ptq161-iters -1 -o {O}", "--ptq161-iters: must be at least 0"},
+  {"quantize", "ptq161-block-epochs -1", "quantize -m {M} --method ptq161 --ptq161-block-epochs -1 -o {O}", "--ptq161-block-epochs: must be at least 0"},
   {"quantize", "ptq161-ratio without ptq161", "quantize -m {M} --method gptq --ptq161-ratio 0.1 -o {O}", "--ptq161-ratio applies to --method ptq161, not gptq"},
   {"quantize", "ptq161 without calibration", "quantize -m {M} --method ptq161 -o {O}", "--method ptq161 needs calibration data", kModel},
   {"quantize", "ptq161 on another format", "quantize -m {M} --method ptq161 --format int2g64 --calib-tokens {I} -o {O}", "ptq161: format int2g64 is not int4pc", kModel},

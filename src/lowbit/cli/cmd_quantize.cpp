@@ -722,6 +722,10 @@ void register_quantize(CLI::App& app) {
                 "ptq161: alternating least-squares sweeps of the row/column scales (0: closed form only)")
       ->capture_default_str()
       ->check(at_least(0));
+  q->add_option("--ptq161-block-epochs", a->ptq161.block_epochs,
+                "ptq161: passes of AdamW on the scales against each block's FP output after the layer-wise fit (0: off)")
+      ->capture_default_str()
+      ->check(at_least(0));
   q->add_option("--ar-iters", a->adaround.iters, "adaround: Adam iterations per layer (paper: 10000)")
       ->capture_default_str()
       ->check(at_least(1));
@@ -836,7 +840,8 @@ void register_quantize(CLI::App& app) {
                                                          {"--guided-groups", "guided"}, {"--comq-sweeps", "comq"},
                                                          {"--ar-iters", "adaround"}, {"--ar-lambda", "adaround"},
                                                          {"--aq-iters", "adaquant"}, {"--aq-lr", "adaquant"},
-                                                         {"--ptq161-ratio", "ptq161"}, {"--ptq161-iters", "ptq161"}};
+                                                         {"--ptq161-ratio", "ptq161"}, {"--ptq161-iters", "ptq161"},
+                                                         {"--ptq161-block-epochs", "ptq161"}};
     for (const auto& [flag, method] : owned)
       if (q->count(flag) > 0 && a->method != method)
         throw_error(flag, " applies to --method ", method, ", not ", a->method);

@@ -7,6 +7,8 @@
 #include <map>
 #include <numeric>
 
+#include "lowbit/autograd/functions.h"
+#include "lowbit/autograd/optim.h"
 #include "lowbit/core/blas.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/methods/gptq.h"
@@ -39,6 +41,74 @@ std::vector<double> residual(const float* w, const Ptq161Layer& l) {
   std::vector<double> e(static_cast<size_t>(l.out * l.in));
   for (size_t i = 0; i < e.size(); ++i) e[i] = double(w[i]) - double(pq[i]);
   return e;
+}
+
+// The binary factors of a Ptq161Layer as trainable Vars: W = (alpha 1^T o S + mu 1^T o N) o (1 r^T) + C,
+// S the signs, N the binary-column indicator, C the decoded salient part (constants).
+class Ptq161TrainLinear : public Linear {
+ public:
+  Ptq161TrainLinear(const Ptq161Layer& l, Tensor bias, Device dev) : bias_(std::move(bias)) {
+    const int64_t out = l.out, in = l.in;
+    std::vector<float> a(static_cast<size_t>(out)), m(static_cast<size_t>(out)), r(static_cast<size_t>(in));
+    for (int64_t i = 0; i < out; ++i) a[size_t(i)] = float(l.alpha[size_t(i)]), m[size_t(i)] = float(l.mu[size_t(i)]);
+    for (int64_t j = 0; j < in; ++j) r[size_t(j)] = float(l.col[size_t(j)]);
+    alpha_ = Var(Tensor::from_vector(a, {out, 1}).to(dev), true);
+    mu_ = Var(Tensor::from_vector(m, {out, 1}).to(dev), true);
+    col_ = Var(Tensor::from_vector(r, {1, in}).to(dev), true);
+    Tensor S = Tensor::zeros({out, in}), N = Tensor::zeros({out, in}), C = Tensor::zeros({out, in});
+    for (int64_t i = 0; i < out; ++i)
+      for (int64_t j = 0; j < in; ++j) {
+        const size_t k = size_t(i * in + j);
+        if (l.mask[size_t(j)]) {
+          C.data<float>()[k] = int_value(l.q4[k], l.s4[size_t(i)], l.z4[size_t(i)]);
+        } else {
+          S.data<float>()[k] = float(l.sign[k]);
+          N.data<float>()[k] = 1.0f;
+        }
+      }
+    S_ = Var(S.to(dev)), N_ = Var(N.to(dev)), C_ = Var(C.to(dev));
+    ones_in_ = Var(Tensor::full({1, in}, 1.0).to(dev)), ones_out_ = Var(Tensor::full({out, 1}, 1.0).to(dev));
+    out_ = out, in_ = in;
+  }
+  Var weight() const {
+    const Var A = matmul(alpha_, ones_in_), M = matmul(mu_, ones_in_), R = matmul(ones_out_, col_);
+    return add(mul(add(mul(A, S_), mul(M, N_)), R), C_);
+  }
+  Var forward(const Var& x) const override { return linear(x, weight(), bias_.defined() ? Var(bias_) : Var()); }
+  int64_t in_features() const override { return in_; }
+  int64_t out_features() const override { return out_; }
+  std::vector<Var> parameters() const override { return {alpha_, mu_, col_}; }
+  Tensor effective_weight() const override { return weight().value(); }
+  Tensor bias() const override { return bias_; }
+  std::string kind() const override { return "ptq161-train"; }
+  // The trained factors into l (binary columns only carry r).
+  void write_back(Ptq161Layer& l) const {
+    const Tensor a = alpha_.value().to(Device::CPU).contiguous(), m = mu_.value().to(Device::CPU).contiguous();
+    const Tensor r = col_.value().to(Device::CPU).contiguous();
+    for (int64_t i = 0; i < out_; ++i) l.alpha[size_t(i)] = a.data<float>()[i], l.mu[size_t(i)] = m.data<float>()[i];
+    for (int64_t j = 0; j < in_; ++j)
+      if (!l.mask[size_t(j)]) l.col[size_t(j)] = r.data<float>()[j];
+  }
+  const Var& alpha() const { return alpha_; }
+  const Var& mu() const { return mu_; }
+  const Var& col() const { return col_; }
+
+ private:
+  Var alpha_, mu_, col_, S_, N_, C_, ones_in_, ones_out_;
+  Tensor bias_;
+  int64_t out_ = 0, in_ = 0;
+};
+
+// Mean squared error of the block over all calibration windows (in the pipeline's batches).
+double block_mse(const BlockContext& ctx) {
+  const Tensor y = ctx.run_block(ctx.inputs).to(Device::CPU).to(DType::F32).contiguous();
+  const Tensor t = ctx.fp_targets.to(Device::CPU).to(DType::F32).contiguous();
+  double s = 0;
+  for (int64_t i = 0; i < y.numel(); ++i) {
+    const double d = double(y.data<float>()[i]) - double(t.data<float>()[i]);
+    s += d * d;
+  }
+  return s / double(std::max<int64_t>(1, y.numel()));
 }
 
 }  // namespace
@@ -288,14 +358,14 @@ Ptq161Method::Ptq161Method(const QuantFormat& f, Ptq161Options o) : f_(f), o_(o)
   if (f.id != QuantFormatId::Int4PC)
     throw_error("--method ptq161: format ", f.name,
                 " is not int4pc (ptq161 keeps its salient channels in int4pc and binarizes the rest; use --format int4pc)");
-  LB_CHECK(o.salient_ratio >= 0 && o.salient_ratio <= 1 && o.opt_iters >= 0 && o.percdamp >= 0,
+  LB_CHECK(o.salient_ratio >= 0 && o.salient_ratio <= 1 && o.opt_iters >= 0 && o.percdamp >= 0 && o.block_epochs >= 0,
            "ptq161: bad options (salient ratio ", o.salient_ratio, ", iterations ", o.opt_iters, ", percdamp ",
            o.percdamp, ")");
 }
 
 std::string Ptq161Method::options_key() const {
   return "ratio=" + key_number(o_.salient_ratio) + ",iters=" + std::to_string(o_.opt_iters) +
-         ",percdamp=" + key_number(o_.percdamp);
+         ",percdamp=" + key_number(o_.percdamp) + ",block_epochs=" + std::to_string(o_.block_epochs);
 }
 
 void Ptq161Method::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
@@ -316,6 +386,7 @@ void Ptq161Method::quantize_block(BlockContext& ctx, std::vector<LinearReport>& 
       for (int64_t j = 0; j < in; ++j) m[size_t(j)] = std::max(m[size_t(j)], std::fabs(p[r * in + j]));
     if (!sample_x.count(name)) sample_x[name] = report_sample(x).clone();
   });
+  std::vector<Pending> pending;
   for (auto& [name, slot] : b.linears()) {
     const Device dev = (*slot)->effective_weight().device();
     const Tensor w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
@@ -340,6 +411,13 @@ void Ptq161Method::quantize_block(BlockContext& ctx, std::vector<LinearReport>& 
       const std::vector<double> h = ptq161_damped_hessian(hess.at(name).hessian(), o_.percdamp);
       ptq161_optimize(w, h, l, o_.opt_iters);
     }
+    pending.push_back({name, slot, std::move(l), w, (*slot)->bias(), dev, reports.size()});
+    reports.push_back(r);
+  }
+  if (o_.block_epochs > 0 && !pending.empty()) refine_block(ctx, pending);
+  for (auto& p : pending) {
+    Ptq161Layer& l = p.layer;
+    LinearReport& r = reports[p.report];
     l.round_to_f16();
     Ptq161Tensor packed = pack_ptq161(l.out, l.in, l.mask, l.sign, l.q4, l.alpha, l.mu, l.s4, l.z4, l.col);
     const Tensor deq = packed.dequantize();
@@ -348,9 +426,58 @@ void Ptq161Method::quantize_block(BlockContext& ctx, std::vector<LinearReport>& 
         throw_error("ptq161: ", r.name, " decodes to a non-finite weight at row ", i / l.in, " column ", i % l.in,
                     " (a scaling factor overflowed f16)");
     r.bits_per_weight = packed.bits_per_weight();
-    r.rel_error = sx != sample_x.end() ? relative_output_error(sx->second, w, deq) : 0.0;
-    reports.push_back(r);
-    *slot = std::make_shared<Ptq161Linear>(std::move(packed), (*slot)->bias(), dev);
+    auto sx = sample_x.find(p.name);
+    r.rel_error = sx != sample_x.end() ? relative_output_error(sx->second, p.w, deq) : 0.0;
+    *p.slot = std::make_shared<Ptq161Linear>(std::move(packed), p.bias, p.dev);
+  }
+}
+
+void Ptq161Method::refine_block(BlockContext& ctx, std::vector<Pending>& pending) {
+  // Install trainable layers, AdamW on the block output, keep the result only if the block's MSE
+  // over all windows drops (else the layer-wise fit stays).
+  std::vector<std::shared_ptr<Ptq161TrainLinear>> train;
+  std::vector<std::shared_ptr<Linear>> saved;
+  for (auto& p : pending) {
+    saved.push_back(*p.slot);
+    train.push_back(std::make_shared<Ptq161TrainLinear>(p.layer, p.bias, p.dev));
+    *p.slot = train.back();
+  }
+  auto restore = [&] {
+    for (size_t i = 0; i < pending.size(); ++i) *pending[i].slot = saved[i];
+  };
+  try {
+    double before = 0;
+    {
+      NoGradGuard ng;
+      before = block_mse(ctx);
+    }
+    std::vector<Var> scales, cols;
+    for (auto& t : train) scales.push_back(t->alpha()), scales.push_back(t->mu()), cols.push_back(t->col());
+    AdamWOptions as, ac;
+    as.lr = 5e-4, ac.lr = 1e-3;  // the reference code's learning rates (scaling factors, rotations)
+    as.weight_decay = ac.weight_decay = 0;
+    AdamW opt({ParamGroup{scales, as}, ParamGroup{cols, ac}});
+    const int64_t N = ctx.n_samples, L = ctx.seqlen;
+    for (int e = 0; e < o_.block_epochs; ++e)
+      for (int64_t s = 0; s < N; ++s) {
+        Var x(ctx.inputs.slice(0, s * L, (s + 1) * L));
+        Var y = ctx.model.block_forward(ctx.layer, x, 1, L);
+        Var loss = mse(y, Var(ctx.fp_targets.slice(0, s * L, (s + 1) * L).contiguous()));
+        opt.zero_grad();
+        backward(loss);
+        opt.step();
+      }
+    double after = 0;
+    {
+      NoGradGuard ng;
+      after = block_mse(ctx);
+    }
+    if (std::isfinite(after) && after < before)
+      for (size_t i = 0; i < pending.size(); ++i) train[i]->write_back(pending[i].layer);
+    restore();
+  } catch (...) {
+    restore();
+    throw;
   }
 }
 

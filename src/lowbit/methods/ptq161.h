@@ -20,7 +20,11 @@
 //      normal equations), then r with every (alpha, mu) fixed (one [in-k]^2 SPD system) — each step
 //      kept only if the error does not rise, so the error never increases. Signs and the salient
 //      part stay fixed, as in the reference.
-//   5. alpha, mu, r rounded to f16 (their storage).
+//   5. Optional (Ptq161Options::block_epochs, --ptq161-block-epochs): the paper's block-wise step in
+//      a reduced form — AdamW on alpha, mu, r of all the block's linears against the FP block
+//      output (MSE only; the reference adds a cosine term and trains 20 epochs), kept only if the
+//      block's error drops.
+//   6. alpha, mu, r rounded to f16 (their storage).
 // Not implemented: the paper's "quantization preprocessing" (a restorative-LoRA pass over the FP
 // model before the PTQ run).
 //
@@ -30,6 +34,7 @@
 // no packed kernel for this layout).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -41,6 +46,11 @@ struct Ptq161Options {
   double salient_ratio = 0.2;  // share of input channels kept at 4 bits (reference: 0.2)
   int opt_iters = 4;           // alternating least-squares sweeps (0: closed-form scales only)
   double percdamp = 0.01;      // damping of H (fraction of its mean diagonal), as GPTQ
+  // Block-wise refinement after the layer-wise fit (0: off): AdamW on every linear's alpha, mu
+  // (lr 5e-4) and r (lr 1e-3, the reference's two learning rates) against the FP block output
+  // (MSE), one calibration window per step, this many passes; kept only if the block's MSE over
+  // all windows drops.
+  int block_epochs = 0;
 };
 
 // round(ratio * in), clamped to [0, in].
@@ -90,6 +100,15 @@ class Ptq161Method : public BlockMethod {
   void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
 
  private:
+  struct Pending {  // a fitted layer waiting for the block-wise step and packing
+    std::string name;
+    std::shared_ptr<Linear>* slot;
+    Ptq161Layer layer;
+    Tensor w, bias;
+    Device dev;
+    size_t report;
+  };
+  void refine_block(BlockContext& ctx, std::vector<Pending>& pending);
   const QuantFormat& f_;  // int4pc: the salient part's codec (also the checkpoint's nominal format)
   Ptq161Options o_;
 };
