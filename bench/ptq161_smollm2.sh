@@ -16,7 +16,8 @@ T=$shared/models/smollm2-135m-instruct/tokenizer-llamacpp-smollm.json  # the GGU
 W=$shared/data/wikitext-2-raw/wiki.test.raw
 head -c 4000000 "$shared/data/linux-docs/train.txt" > "$out/calib.txt"
 # NAME METHOD FORMAT [flags]: ptq161 (defaults), its closed-form scales only, plain binarization
-# (no salient channel) with the scale fit, and RTN int2g64 (data-free) as the reference row.
+# (no salient channel) with the scale fit, ptq161 with 2 passes of the block-wise step, and RTN
+# int2g64 (data-free) as the reference row.
 while read -r name method fmt flags; do
   d=$out/$name
   calib=(--calib "$out/calib.txt" --nsamples 16 --seqlen 512)
@@ -28,6 +29,7 @@ done <<'JOBS'
 ptq161 ptq161 int4pc
 ptq161-closed ptq161 int4pc --ptq161-iters 0
 binary-fit ptq161 int4pc --ptq161-ratio 0
+ptq161-block2 ptq161 int4pc --ptq161-block-epochs 2
 rtn-int2g64 rtn int2g64
 JOBS
 [ -f "$out/fp.ppl.json" ] || "$L" eval ppl -m "$M" --text "$W" --ctx 512 --max-windows 40 --threads 2 --json > "$out/fp.ppl.json" 2> "$out/fp.ppl.err"
@@ -38,7 +40,7 @@ print("| model | method | bits/weight | WikiText-2 ppl | quantize s | eval token
 print("|---|---|---:|---:|---:|---:|")
 fp = json.load(open(f"{out}/fp.ppl.json"))
 print(f"| SmolLM2-135M Q4_1 (FP reference) | - | - | {fp['ppl']:.3f} | - | {fp['tokens_per_second']:.0f} |")
-for n in ["ptq161", "ptq161-closed", "binary-fit", "rtn-int2g64"]:
+for n in ["ptq161", "ptq161-closed", "binary-fit", "ptq161-block2", "rtn-int2g64"]:
     if not os.path.exists(f"{out}/{n}.ppl.json"): continue
     q, p = json.load(open(f"{out}/{n}.quantize.json")), json.load(open(f"{out}/{n}.ppl.json"))
     print(f"| SmolLM2-135M | {n} | {q['bits_per_weight']:.3f} | {p['ppl']:.3f} | {q['seconds']:.1f} | {p['tokens_per_second']:.0f} |")
