@@ -62,6 +62,7 @@ struct QuantArgs {
   RsqOptions rsq;
   GuidedOptions guided;
   ComqOptions comq;
+  Ptq161Options ptq161;
   AdaRoundOptions adaround;
   AdaQuantOptions adaquant;
 };
@@ -116,6 +117,7 @@ MethodConfig method_config(const QuantArgs& a, const QuantFormat& f, const Salie
   c.rsq = a.rsq;
   c.guided = a.guided;
   c.comq = a.comq;
+  c.ptq161 = a.ptq161;
   c.adaround = a.adaround;
   c.adaquant = a.adaquant;
   c.cle.bias_correction = has_data;  // E[x] of the bias correction comes from the calibration data
@@ -712,6 +714,18 @@ void register_quantize(CLI::App& app) {
   q->add_option("--comq-sweeps", a->comq.sweeps, "comq: passes over all coordinates (each followed by the scale update)")
       ->capture_default_str()
       ->check(at_least(1));
+  q->add_option("--ptq161-ratio", a->ptq161.salient_ratio,
+                "ptq161: share of input channels kept at 4 bits (by calibration max|x|; reference code: 0.2)")
+      ->capture_default_str()
+      ->check(between(0, 1));
+  q->add_option("--ptq161-iters", a->ptq161.opt_iters,
+                "ptq161: alternating least-squares sweeps of the row/column scales (0: closed form only)")
+      ->capture_default_str()
+      ->check(at_least(0));
+  q->add_option("--ptq161-block-epochs", a->ptq161.block_epochs,
+                "ptq161: passes of AdamW on the scales against each block's FP output after the layer-wise fit (0: off)")
+      ->capture_default_str()
+      ->check(at_least(0));
   q->add_option("--ar-iters", a->adaround.iters, "adaround: Adam iterations per layer (paper: 10000)")
       ->capture_default_str()
       ->check(at_least(1));
@@ -825,7 +839,9 @@ void register_quantize(CLI::App& app) {
                                                          {"--rsq-min", "rsq"}, {"--rsq-max", "rsq"},
                                                          {"--guided-groups", "guided"}, {"--comq-sweeps", "comq"},
                                                          {"--ar-iters", "adaround"}, {"--ar-lambda", "adaround"},
-                                                         {"--aq-iters", "adaquant"}, {"--aq-lr", "adaquant"}};
+                                                         {"--aq-iters", "adaquant"}, {"--aq-lr", "adaquant"},
+                                                         {"--ptq161-ratio", "ptq161"}, {"--ptq161-iters", "ptq161"},
+                                                         {"--ptq161-block-epochs", "ptq161"}};
     for (const auto& [flag, method] : owned)
       if (q->count(flag) > 0 && a->method != method)
         throw_error(flag, " applies to --method ", method, ", not ", a->method);

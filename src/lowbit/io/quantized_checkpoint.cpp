@@ -11,6 +11,7 @@
 #include "lowbit/io/safetensors.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
+#include "lowbit/quant/ptq161_tensor.h"
 
 namespace lowbit {
 
@@ -110,6 +111,7 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
   int n_quant = 0, n_lora = 0;
   int64_t max_rank = 0;
   nlohmann::json layer_formats = nlohmann::json::object();  // layers not in `format` (mixed plans)
+  nlohmann::json ptq161_layers = nlohmann::json::array();   // layers in PTQ1.61's own layout
   for (int i = 0; i < model.n_layers(); ++i) {
     auto& b = const_cast<LlamaModel&>(model).block(i);
     for (auto& [name, slot] : b.linears()) {
@@ -141,6 +143,22 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
           ts.emplace_back(m + ".lora_B", b.to(DType::F16));
         }
         ++n_quant;
+      } else if (auto* pl = dynamic_cast<const Ptq161Linear*>(slot->get())) {
+        // PTQ1.61's own packed layout (quant/ptq161_tensor.h); its rows are output channels, so
+        // q/k rows are permuted like a QuantizedTensor's.
+        Ptq161Tensor t = pl->packed();
+        if (permute && is_qk(m)) {
+          t.signs = rope_rows_interleaved_to_half(t.signs, heads, hd);
+          t.q4 = rope_rows_interleaved_to_half(t.q4, heads, hd);
+          t.rows = rope_rows_interleaved_to_half(t.rows, heads, hd);
+        }
+        ts.emplace_back(m + ".ptq161_mask", t.mask);
+        ts.emplace_back(m + ".ptq161_signs", t.signs);
+        ts.emplace_back(m + ".ptq161_q4", t.q4);
+        ts.emplace_back(m + ".ptq161_rows", t.rows);
+        ts.emplace_back(m + ".ptq161_cols", t.cols);
+        ptq161_layers.push_back(m);
+        ++n_quant;
       } else {
         Tensor wt = (*slot)->effective_weight().to(Device::CPU).contiguous();
         if (permute && is_qk(m)) wt = rope_rows_interleaved_to_half(wt, heads, hd);
@@ -166,6 +184,7 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
                        {"method", method},
                        {"modules_not_to_convert", {"lm_head", "model.embed_tokens"}}};
   if (!layer_formats.empty()) qc["layer_formats"] = layer_formats;
+  if (!ptq161_layers.empty()) qc["ptq161_layers"] = ptq161_layers;
   if (n_lora > 0) {
     qc["lora"] = lora == LoraStorage::Merged ? "merged" : "separate";
     qc["lora_rank"] = max_rank;
@@ -282,7 +301,17 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
                 {"mlp.down_proj", &l.w_down, nullptr, D, F}};
     for (auto& lin : lins) {
       const std::string m = p + lin.name;
-      if (f.find(m + ".qweight")) {
+      if (f.find(m + ".ptq161_mask")) {  // PTQ1.61's own layout: decoded here (no packed kernel)
+        Ptq161Tensor t;
+        t.out = lin.out, t.in = lin.in;
+        t.mask = load(m + ".ptq161_mask"), t.signs = load(m + ".ptq161_signs"), t.q4 = load(m + ".ptq161_q4");
+        t.rows = load(m + ".ptq161_rows"), t.cols = load(m + ".ptq161_cols");
+        try {
+          *lin.w = t.dequantize();
+        } catch (const Error& e) {
+          throw_error(st_path, ": ptq161 layer '", m, "': ", e.what());
+        }
+      } else if (f.find(m + ".qweight")) {
         QuantizedTensor q;
         auto lf = layer_fmt.find(m);
         q.format = lf != layer_fmt.end() ? lf->second->id : fmt->id;

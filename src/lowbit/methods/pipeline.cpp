@@ -15,6 +15,7 @@
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/quant/quant_linear.h"
+#include "lowbit/quant/ptq161_tensor.h"
 
 namespace lowbit {
 
@@ -173,6 +174,17 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
       b.attn_norm.mutable_value().copy_(f.load(p + "attn_norm"));
       b.ffn_norm.mutable_value().copy_(f.load(p + "ffn_norm"));
       for (auto& [name, slot] : b.linears()) {
+        if (f.find(p + name + ".ptq161_mask")) {  // a Ptq161Linear: its packed tensors
+          Tensor bias = f.find(p + name + ".bias") ? f.load(p + name + ".bias").to(dev) : (*slot)->bias();
+          Ptq161Tensor t;
+          t.out = (*slot)->out_features(), t.in = (*slot)->in_features();
+          t.mask = f.load(p + name + ".ptq161_mask"), t.signs = f.load(p + name + ".ptq161_signs");
+          t.q4 = f.load(p + name + ".ptq161_q4"), t.rows = f.load(p + name + ".ptq161_rows");
+          t.cols = f.load(p + name + ".ptq161_cols");
+          t.validate("pipeline state " + p + name);
+          *slot = std::make_shared<Ptq161Linear>(std::move(t), bias, dev);
+          continue;
+        }
         const BlockContext bc{model, i, N, L, Tensor(), Tensor(), o.batch, o.formats};
         QuantizedTensor q = load_quantized(f, p + name, bc.format_of(name, format),
                                            {(*slot)->out_features(), (*slot)->in_features()});
@@ -224,6 +236,16 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
         ts.emplace_back(p + "attn_norm", b.attn_norm.value());
         ts.emplace_back(p + "ffn_norm", b.ffn_norm.value());
         for (auto& [name, slot] : b.linears()) {
+          if (auto* pl = dynamic_cast<Ptq161Linear*>(slot->get())) {
+            const Ptq161Tensor& t = pl->packed();
+            ts.emplace_back(p + name + ".ptq161_mask", t.mask);
+            ts.emplace_back(p + name + ".ptq161_signs", t.signs);
+            ts.emplace_back(p + name + ".ptq161_q4", t.q4);
+            ts.emplace_back(p + name + ".ptq161_rows", t.rows);
+            ts.emplace_back(p + name + ".ptq161_cols", t.cols);
+            if (pl->bias().defined()) ts.emplace_back(p + name + ".bias", pl->bias());
+            continue;
+          }
           auto* ql = dynamic_cast<QuantLinear*>(slot->get());
           if (!ql) throw_error("pipeline: method '", method.name(), "' left ", name, " of block ", j, " unquantized");
           save_quantized(ts, p + name, ql->quantized());

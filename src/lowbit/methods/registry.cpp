@@ -105,6 +105,11 @@ void register_builtins(std::vector<MethodInfo>& r) {
             return std::make_unique<PtqtpMethod>(*c.format, PtqtpOptions{});
           },
           "tp2g128"});
+  add(r, {"ptq161", "PTQ1.61: salient input channels (top --ptq161-ratio by calibration max|x|) at 4 bits, the rest "
+                    "binarized with row and column scales fitted to the layer's output error, optionally refined on "
+                    "the block output (--ptq161-block-epochs; --format int4pc; decoded weights, no packed kernel)",
+          true, false, [](const MethodConfig& c) { return std::make_unique<Ptq161Method>(*c.format, c.ptq161); },
+          "int4pc"});
 }
 
 std::vector<MethodInfo>& registry() {

@@ -21,6 +21,7 @@
 #include "lowbit/methods/guided.h"
 #include "lowbit/methods/norm_tweak.h"
 #include "lowbit/methods/pipeline.h"
+#include "lowbit/methods/ptq161.h"
 #include "lowbit/methods/rsq.h"
 
 namespace lowbit {
@@ -41,6 +42,7 @@ struct MethodConfig {
   ComqOptions comq;
   AdaRoundOptions adaround;
   AdaQuantOptions adaquant;
+  Ptq161Options ptq161;
   CleOptions cle;                       // cle.bias_correction: set when calibration data is given
 };
 
@@ -51,7 +53,7 @@ struct MethodInfo {
   bool trains_adapters = false;         // ApiQ family
   std::function<std::unique_ptr<BlockMethod>(const MethodConfig&)> make;
   // The format `quantize` uses when --format is not given; empty: int4g128 (int2g64 for the ApiQ
-  // family). ptqtp: tp2g128, the only format it writes.
+  // family). ptqtp: tp2g128, the only format it writes; ptq161: int4pc (its salient part).
   std::string default_format = "";
 };
 
