@@ -102,7 +102,7 @@ void register_builtins(std::vector<MethodInfo>& r) {
           false, false, [](const MethodConfig& c) {
             if (c.format->kind != QuantKind::TritPlanes)
               throw_error("ptqtp: format ", c.format->name, " is not a trit-plane format (use --format tp2g128)");
-            return std::make_unique<PtqtpMethod>(*c.format, PtqtpOptions{});
+            return std::make_unique<PtqtpMethod>(*c.format, c.ptqtp);
           },
           "tp2g128"});
 }

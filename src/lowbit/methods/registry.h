@@ -21,6 +21,7 @@
 #include "lowbit/methods/guided.h"
 #include "lowbit/methods/norm_tweak.h"
 #include "lowbit/methods/pipeline.h"
+#include "lowbit/methods/ptqtp.h"
 #include "lowbit/methods/rsq.h"
 
 namespace lowbit {
@@ -42,6 +43,7 @@ struct MethodConfig {
   AdaRoundOptions adaround;
   AdaQuantOptions adaquant;
   CleOptions cle;                       // cle.bias_correction: set when calibration data is given
+  PtqtpOptions ptqtp;
 };
 
 struct MethodInfo {
