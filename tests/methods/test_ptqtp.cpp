@@ -144,22 +144,29 @@ TEST(Ptqtp, TritStepWorkedExample) {
 }
 
 TEST(Ptqtp, ErrorNeverIncreasesOverIterations) {
-  std::mt19937 rng(5);
-  std::normal_distribution<float> nd(0.0f, 0.02f);
-  std::student_t_distribution<float> heavy(3.0f);
-  PtqtpOptions o;
-  int stopped_early = 0;
-  for (int g = 0; g < 200; ++g) {
-    std::vector<float> w(128);
-    for (auto& x : w) x = g % 2 ? nd(rng) : 0.01f * heavy(rng);
-    const PtqtpGroupFit f = ptqtp_fit_group(w.data(), 128, o);
-    ASSERT_EQ(f.errors.size(), size_t(f.iters) + 1);
-    for (size_t k = 1; k < f.errors.size(); ++k) ASSERT_LE(f.errors[k], f.errors[k - 1]) << "group " << g << " iteration " << k;
-    EXPECT_NEAR(f.errors.back(), ptqtp_group_error(w.data(), f.q.data(), 128, f.a1, f.a2), 1e-12);
-    EXPECT_LT(f.errors.back(), f.errors.front()) << "the alternation improves on the initialisation";
-    stopped_early += f.iters < o.max_iters;
+  for (PtqtpStart start : {PtqtpStart::Paper, PtqtpStart::Grid, PtqtpStart::Both}) {
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd(0.0f, 0.02f);
+    std::student_t_distribution<float> heavy(3.0f);
+    PtqtpOptions o;
+    o.start = start;
+    int stopped_early = 0, improved = 0;
+    for (int g = 0; g < 200; ++g) {
+      std::vector<float> w(128);
+      for (auto& x : w) x = g % 2 ? nd(rng) : 0.01f * heavy(rng);
+      const PtqtpGroupFit f = ptqtp_fit_group(w.data(), 128, o);
+      ASSERT_EQ(f.errors.size(), size_t(f.iters) + 1);
+      for (size_t k = 1; k < f.errors.size(); ++k)
+        ASSERT_LE(f.errors[k], f.errors[k - 1]) << ptqtp_start_name(start) << " group " << g << " iteration " << k;
+      EXPECT_NEAR(f.errors.back(), ptqtp_group_error(w.data(), f.q.data(), 128, f.a1, f.a2), 1e-12);
+      improved += f.errors.back() < f.errors.front();
+      stopped_early += f.iters < o.max_iters;
+    }
+    // The paper's sign start always improves; the RTN grid is already a fixed point for a few groups
+    // (2 of 200 here).
+    EXPECT_GE(improved, start == PtqtpStart::Paper ? 200 : 190) << ptqtp_start_name(start);
+    EXPECT_EQ(stopped_early, 200) << ptqtp_start_name(start) << ": every group converged before the iteration cap";
   }
-  EXPECT_EQ(stopped_early, 200) << "every group converged before the iteration cap";
 }
 
 TEST(Ptqtp, GroupOfTwoTritPlanesIsRecoveredExactly) {
@@ -179,12 +186,13 @@ TEST(Ptqtp, GroupOfTwoTritPlanesIsRecoveredExactly) {
   // Other plane ratios: how many of 50 planted groups come back exactly.
   for (auto [p1, p2] : {std::pair<float, float>{1.0f, 0.5f}, {1.0f, 0.4f}, {1.0f, 0.25f}, {1.0f, 0.15f}, {0.7f, 0.6f}}) {
     int exact = 0, exact_paper = 0;
-    PtqtpOptions paper;
+    PtqtpOptions paper, both;
     paper.start = PtqtpStart::Paper;
+    both.start = PtqtpStart::Both;
     for (int k = 0; k < 50; ++k) {
       std::vector<float> v(128);
       for (auto& x : v) x = p1 * float(int(rng() % 3) - 1) + p2 * float(int(rng() % 3) - 1);
-      exact += ptqtp_fit_group(v.data(), 128, PtqtpOptions{}).errors.back() < 1e-9;
+      exact += ptqtp_fit_group(v.data(), 128, both).errors.back() < 1e-9;
       exact_paper += ptqtp_fit_group(v.data(), 128, paper).errors.back() < 1e-9;
     }
     std::printf("planes (%g, %g): recovered %d/50 (sign start only: %d/50)\n", p1, p2, exact, exact_paper);
@@ -223,6 +231,7 @@ TEST(Ptqtp, StartsAndRowScales) {
   PtqtpOptions paper, grid, both;
   paper.start = PtqtpStart::Paper;
   grid.start = PtqtpStart::Grid;
+  both.start = PtqtpStart::Both;
   const QuantFormat& tp = parse_quant_format("tp2g128");
   for (int g = 0; g < 50; ++g) {
     std::vector<float> w(128);
@@ -306,19 +315,26 @@ TEST_F(PtqtpStories, QuantizesEvaluatesAndResumes) {
   calib_len = 64;
   Checkpoint ck = load_llama2c(model_path);
   const QuantFormat& tp = parse_quant_format("tp2g128");
-  LlamaModel fp(ck.config, ck.weights), a(ck.config, ck.weights), b(ck.config, ck.weights);
+  LlamaModel fp(ck.config, ck.weights), a(ck.config, ck.weights), b(ck.config, ck.weights), c(ck.config, ck.weights);
   PtqtpMethod ptqtp(tp, PtqtpOptions{});
+  PtqtpOptions both_o;
+  both_o.start = PtqtpStart::Both;
+  PtqtpMethod both(tp, both_o);
   RtnMethod rtn(tp);
   const PipelineReport r1 = quantize(a, ptqtp, tp), r2 = quantize(b, rtn, tp);
+  quantize(c, both, tp);
   ASSERT_EQ(r1.linears.size(), 35u);
   double e1 = 0, e2 = 0;
   for (size_t i = 0; i < r1.linears.size(); ++i) e1 += r1.linears[i].rel_error, e2 += r2.linears[i].rel_error;
-  const double p_fp = ppl(fp), p_tp = ppl(a), p_rtn = ppl(b);
-  std::printf("stories260K tp2g128: ppl fp %.3f, ptqtp %.3f, rtn %.3f; mean rel. error ptqtp %.4g rtn %.4g; %.4f bpw\n",
-              p_fp, p_tp, p_rtn, e1 / 35, e2 / 35, r1.bits_per_weight);
+  const double p_fp = ppl(fp), p_tp = ppl(a), p_rtn = ppl(b), p_both = ppl(c);
+  std::printf("stories260K tp2g128: ppl fp %.3f, ptqtp %.3f (--tp-start both %.3f), rtn %.3f; mean rel. error ptqtp "
+              "%.4g rtn %.4g; %.4f bpw\n", p_fp, p_tp, p_both, p_rtn, e1 / 35, e2 / 35, r1.bits_per_weight);
   EXPECT_LT(e1, e2);
   EXPECT_LT(p_tp, p_rtn);
-  EXPECT_LT(p_tp, 1.5 * p_fp);
+  // The default (grid start) keeps the groups' largest weights; on this model the lowest weight error
+  // (both starts) is better (bench/ptqtp_study_260k.sh: 5.84 vs 5.06).
+  EXPECT_LT(p_tp, 1.7 * p_fp);
+  EXPECT_LT(p_both, 1.5 * p_fp);
   test::expect_resume_identical(*this, [](const QuantFormat& f) { return std::make_unique<PtqtpMethod>(f, PtqtpOptions{}); },
                                 "tp2g128");
 }

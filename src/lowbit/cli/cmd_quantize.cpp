@@ -64,7 +64,7 @@ struct QuantArgs {
   ComqOptions comq;
   AdaRoundOptions adaround;
   AdaQuantOptions adaquant;
-  std::string tp_start = "both", tp_scales = "group";  // ptqtp
+  std::string tp_start = "grid", tp_scales = "group";  // ptqtp
 };
 
 // Methods that train LoRA adapters (ApiQ family): default format int2g64, --rank, --lora merge.
