@@ -8,7 +8,7 @@
 //               2 x 2 adaptive ridge regression in closed form; lambda adaptive (below);
 //   trit step   given a1, a2: each weight takes the pair (t1, t2) of the nine whose value
 //               t1 a1 + t2 a2 is nearest (exhaustive, exact).
-// Initialisation, the paper's progressive decomposition (its Figure 2: dense +-1 planes with one
+// Initialisation, the paper's progressive decomposition (its framework figure: dense +-1 planes, one
 // scale per ROW, then reshaped into groups): t1 = sign(w), a1 = mean|w| over the row; t2 = sign(r),
 // r = w - a1 t1 (a2 = mean|r|); each group then starts from these planes with its own scale step.
 // Iterations stop at a fixed point (no trit changed), when the scales move by less than tol
