@@ -65,6 +65,7 @@ struct QuantArgs {
   Ptq161Options ptq161;
   AdaRoundOptions adaround;
   AdaQuantOptions adaquant;
+  std::string tp_start = "grid", tp_scales = "group";  // ptqtp
 };
 
 // Methods that train LoRA adapters (ApiQ family): default format int2g64, --rank, --lora merge.
@@ -120,6 +121,12 @@ MethodConfig method_config(const QuantArgs& a, const QuantFormat& f, const Salie
   c.ptq161 = a.ptq161;
   c.adaround = a.adaround;
   c.adaquant = a.adaquant;
+  if (a.tp_start != "paper" && a.tp_start != "grid" && a.tp_start != "both")
+    throw_error("--tp-start must be 'paper', 'grid' or 'both', got '", a.tp_start, "'");
+  c.ptqtp.start = parse_ptqtp_start(a.tp_start);
+  if (a.tp_scales != "group" && a.tp_scales != "row")
+    throw_error("--tp-scales must be 'group' or 'row', got '", a.tp_scales, "'");
+  c.ptqtp.row_scales = a.tp_scales == "row";
   c.cle.bias_correction = has_data;  // E[x] of the bias correction comes from the calibration data
   return c;
 }
@@ -574,6 +581,10 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     report["guided"]["gradient_seconds"] = gm ? gm->gradient_seconds() : 0.0;
   }
   if (a.method == "awq") extra["awq"] = {{"clip", !a.no_clip}};
+  if (a.method == "ptqtp") {
+    extra["ptqtp"] = {{"start", a.tp_start}, {"scales", a.tp_scales}};
+    report["ptqtp"] = extra["ptqtp"];
+  }
   if (a.method == "norm-tweak") {
     nlohmann::json h = {{"base", a.base}, {"epochs", a.nt.epochs}, {"batch", a.nt.batch}, {"lr", a.nt.lr},
                         {"lr_depth_scale", a.nt.lr_depth_scale}};
@@ -739,6 +750,12 @@ void register_quantize(CLI::App& app) {
                 "adaquant: Adam learning rate of the weights (reference code: 1e-5; the group ranges' is 1e-3)")
       ->capture_default_str()
       ->check(above(0));
+  q->add_option("--tp-start", a->tp_start,
+                "ptqtp: where the alternation starts: paper (sign planes), grid (the format's RTN) or both (better fit kept)")
+      ->capture_default_str();
+  q->add_option("--tp-scales", a->tp_scales,
+                "ptqtp: group (one scale pair per 128 weights) or row (one per row, stored repeated in every group)")
+      ->capture_default_str();
   q->add_option("--nt-lr-depth", a->nt.lr_depth_scale,
                 "norm-tweak: the learning rate grows linearly to lr * (1 + this) at the last block")
       ->capture_default_str()
@@ -841,7 +858,8 @@ void register_quantize(CLI::App& app) {
                                                          {"--ar-iters", "adaround"}, {"--ar-lambda", "adaround"},
                                                          {"--aq-iters", "adaquant"}, {"--aq-lr", "adaquant"},
                                                          {"--ptq161-ratio", "ptq161"}, {"--ptq161-iters", "ptq161"},
-                                                         {"--ptq161-block-epochs", "ptq161"}};
+                                                         {"--ptq161-block-epochs", "ptq161"},
+                                                         {"--tp-start", "ptqtp"}, {"--tp-scales", "ptqtp"}};
     for (const auto& [flag, method] : owned)
       if (q->count(flag) > 0 && a->method != method)
         throw_error(flag, " applies to --method ", method, ", not ", a->method);

@@ -97,31 +97,51 @@ void alternate(const float* w, int64_t n, const PtqtpOptions& o, PtqtpGroupFit& 
 
 }  // namespace
 
-PtqtpGroupFit ptqtp_fit_group(const float* w, int64_t n, const PtqtpOptions& o) {
+const char* ptqtp_start_name(PtqtpStart s) {
+  switch (s) {
+    case PtqtpStart::Paper: return "paper";
+    case PtqtpStart::Grid: return "grid";
+    case PtqtpStart::Both: return "both";
+  }
+  return "?";
+}
+
+PtqtpStart parse_ptqtp_start(const std::string& s) {
+  if (s == "paper") return PtqtpStart::Paper;
+  if (s == "grid") return PtqtpStart::Grid;
+  if (s == "both") return PtqtpStart::Both;
+  throw_error("ptqtp start must be 'paper', 'grid' or 'both', got '", s, "'");
+}
+
+PtqtpGroupFit ptqtp_fit_group(const float* w, int64_t n, const PtqtpOptions& o, double row_a1) {
   PtqtpGroupFit f;
   f.q.assign(static_cast<size_t>(n), tp_code(0, 0));
   if (n <= 0) return f;
-  // Progressive initialisation: the first plane is sign(w) with the absmean scale, the second the
-  // sign of the first plane's residual with the residual's absmean.
   double s1 = 0, amax = 0;
   for (int64_t i = 0; i < n; ++i) s1 += std::fabs(double(w[i])), amax = std::max(amax, std::fabs(double(w[i])));
-  f.a1 = s1 / double(n);
-  double s2 = 0;
-  for (int64_t i = 0; i < n; ++i) s2 += std::fabs(double(w[i]) - f.a1 * sign_of(w[i]));
-  f.a2 = s2 / double(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const int t1 = sign_of(w[i]);
-    f.q[size_t(i)] = tp_code(t1, sign_of(float(double(w[i]) - f.a1 * t1)));
+  if (o.start != PtqtpStart::Grid) {
+    // The paper's progressive decomposition: the first plane is sign(w) with the absmean scale of the
+    // row, the second the sign of the first plane's residual with the residual's absmean.
+    f.a1 = std::isnan(row_a1) ? s1 / double(n) : row_a1;
+    double s2 = 0;
+    for (int64_t i = 0; i < n; ++i) s2 += std::fabs(double(w[i]) - f.a1 * sign_of(w[i]));
+    f.a2 = s2 / double(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const int t1 = sign_of(w[i]);
+      f.q[size_t(i)] = tp_code(t1, sign_of(float(double(w[i]) - f.a1 * t1)));
+    }
+    alternate(w, n, o, f);
+    if (o.start == PtqtpStart::Paper || amax == 0) return f;
   }
-  alternate(w, n, o, f);
-  if (!o.grid_start || amax == 0) return f;
-  // Second start: the balanced-ternary grid a1 = 3 a2, a2 = amax / 4 (tp2g128's RTN), trits
-  // assigned for it. The better of the two fits is kept, so PTQTP is never worse than RTN.
+  // lowbit's start: the balanced-ternary grid a1 = 3 a2, a2 = amax / 4 (tp2g128's RTN), trits
+  // assigned for it. With both starts the better fit is kept, so PTQTP is never worse than RTN in
+  // weight error.
   PtqtpGroupFit g;
   g.a2 = amax / 4, g.a1 = 3 * g.a2;
   g.q.resize(static_cast<size_t>(n));
   ptqtp_assign_trits(w, n, g.a1, g.a2, g.q.data());
   alternate(w, n, o, g);
+  if (o.start == PtqtpStart::Grid) return g;
   return g.errors.back() < f.errors.back() ? g : f;
 }
 
@@ -136,15 +156,27 @@ QuantizedTensor ptqtp_quantize(const Tensor& w_in, const QuantFormat& f, const P
   std::vector<GroupParams> params(size_t(out * groups));
   std::vector<int> iters(size_t(out * groups));
   parallel_for(out, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = pw + r * in;
+      double row_abs = 0;
+      for (int64_t i = 0; i < in; ++i) row_abs += std::fabs(double(row[i]));
+      const double row_a1 = in > 0 ? row_abs / double(in) : 0.0;
+      if (o.row_scales) {
+        // One fit over the whole row, its scales repeated in every group.
+        const PtqtpGroupFit fit = ptqtp_fit_group(row, in, o, row_a1);
+        const GroupParams p{f16_to_f32(f32_to_f16(float(fit.a1))), f16_to_f32(f32_to_f16(float(fit.a2)))};
+        for (int64_t g = 0; g < groups; ++g) params[size_t(r * groups + g)] = p, iters[size_t(r * groups + g)] = fit.iters;
+        continue;
+      }
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t b = f.group_begin(g), e = f.group_end(g, in);
-        const PtqtpGroupFit fit = ptqtp_fit_group(pw + r * in + b, e - b, o);
+        const PtqtpGroupFit fit = ptqtp_fit_group(row + b, e - b, o, row_a1);
         // The stored scales: nearest f16 (the trit step below re-assigns the codes for them).
         const size_t i = size_t(r * groups + g);
         params[i] = {f16_to_f32(f32_to_f16(float(fit.a1))), f16_to_f32(f32_to_f16(float(fit.a2)))};
         iters[i] = fit.iters;
       }
+    }
   });
   for (size_t i = 0; i < params.size(); ++i)
     if (!std::isfinite(params[i].scale) || !std::isfinite(params[i].zero))
@@ -166,7 +198,8 @@ PtqtpMethod::PtqtpMethod(const QuantFormat& f, PtqtpOptions o) : f_(f), o_(o) {
 
 std::string PtqtpMethod::options_key() const {
   return "iters=" + std::to_string(o_.max_iters) + ",tol=" + key_number(o_.tol) + ",lambda0=" + key_number(o_.lambda0) +
-         ",cond_max=" + key_number(o_.cond_max) + ",grid_start=" + std::to_string(o_.grid_start);
+         ",cond_max=" + key_number(o_.cond_max) + ",start=" + ptqtp_start_name(o_.start) +
+         ",row_scales=" + std::to_string(o_.row_scales);
 }
 
 void PtqtpMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {

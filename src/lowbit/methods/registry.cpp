@@ -98,11 +98,12 @@ void register_builtins(std::vector<MethodInfo>& r) {
                  "data-free; bias correction where a layer has a bias and data is given",
           false, false, [](const MethodConfig& c) { return std::make_unique<CleMethod>(*c.format, c.cle); }});
   add(r, {"ptqtp", "PTQTP: two ternary planes per weight with two f16 scales per group of 128, fitted by "
-                   "alternating ridge least squares and exhaustive trit search (data-free; --format tp2g128)",
+                   "alternating ridge least squares and exhaustive trit search from the RTN grid (--tp-start; "
+                   "data-free; --format tp2g128)",
           false, false, [](const MethodConfig& c) {
             if (c.format->kind != QuantKind::TritPlanes)
               throw_error("ptqtp: format ", c.format->name, " is not a trit-plane format (use --format tp2g128)");
-            return std::make_unique<PtqtpMethod>(*c.format, PtqtpOptions{});
+            return std::make_unique<PtqtpMethod>(*c.format, c.ptqtp);
           },
           "tp2g128"});
   add(r, {"ptq161", "PTQ1.61: salient input channels (top --ptq161-ratio by calibration max|x|) at 4 bits, the rest "

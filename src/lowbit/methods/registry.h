@@ -22,6 +22,7 @@
 #include "lowbit/methods/norm_tweak.h"
 #include "lowbit/methods/pipeline.h"
 #include "lowbit/methods/ptq161.h"
+#include "lowbit/methods/ptqtp.h"
 #include "lowbit/methods/rsq.h"
 
 namespace lowbit {
@@ -44,6 +45,7 @@ struct MethodConfig {
   AdaQuantOptions adaquant;
   Ptq161Options ptq161;
   CleOptions cle;                       // cle.bias_correction: set when calibration data is given
+  PtqtpOptions ptqtp;
 };
 
 struct MethodInfo {
