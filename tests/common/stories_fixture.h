@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,7 @@
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/pipeline.h"
 #include "lowbit/quant/quant_linear.h"
+#include "lowbit/quant/quantize.h"
 
 namespace lowbit::test {
 
@@ -72,6 +74,21 @@ struct StoriesPtq : ::testing::Test {
         if (ql) v.push_back(ql->quantized().dequantize());
       }
     return v;
+  }
+  // The checkpoint's model with every block linear rounded to nearest in `f`: the baseline a QAT
+  // method must beat.
+  static std::unique_ptr<LlamaModel> rtn_model(const Checkpoint& ck, const QuantFormat& f) {
+    LlamaWeights w = ck.weights;
+    for (auto& l : w.layers)
+      for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) *t = lowbit::quantize(*t, f).dequantize();
+    return std::make_unique<LlamaModel>(ck.config, w);
+  }
+  // The packed weights of two models are bit-identical (the resume-after-stop tests).
+  static void expect_same_packed(const LlamaModel& a, const LlamaModel& b) {
+    const auto pa = packed(a), pb = packed(b);
+    ASSERT_EQ(pa.size(), pb.size());
+    for (size_t k = 0; k < pa.size(); ++k)
+      for (int64_t i = 0; i < pa[k].numel(); ++i) ASSERT_EQ(pa[k].item(i), pb[k].item(i)) << "layer " << k << " element " << i;
   }
   std::string model_path;
   std::vector<int32_t> calib_stream, eval_stream;

@@ -332,10 +332,7 @@ TEST_F(LlmQatStories, ResumeAfterStopGivesTheSameModel) {
   u.act_bits = 8;
   u.kv_bits = 4;
   QatResult whole = make_qat_method("llm-qat", u)->run(fp, calib_stream);
-  const auto pb = packed(*b.model), pw = packed(*whole.model);
-  ASSERT_EQ(pb.size(), pw.size());
-  for (size_t k = 0; k < pb.size(); ++k)
-    for (int64_t i = 0; i < pb[k].numel(); ++i) ASSERT_EQ(pb[k].item(i), pw[k].item(i)) << "layer " << k << " element " << i;
+  expect_same_packed(*b.model, *whole.model);
   EXPECT_EQ(b.stages[0].loss_after, whole.stages[0].loss_after);
   // Other activation bits: the state is refused.
   QatConfig other = c;

@@ -333,12 +333,9 @@ TEST_F(LrQatStories, LrQatReducesTheLmLossBeatsRtnAndWritesALoadableCheckpoint) 
   ASSERT_TRUE(r.model);
   packed(*r.model);  // every linear is one packed weight (no adapter)
   const QuantFormat& f = *c.format;
-  LlamaWeights rw = ck.weights;
-  for (auto& l : rw.layers)
-    for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) *t = lowbit::quantize(*t, f).dequantize();
-  LlamaModel rtn(ck.config, rw);
+  const auto rtn = rtn_model(ck, f);
   const double p_lrqat = ppl(*r.model);
-  EXPECT_LT(p_lrqat, ppl(rtn));
+  EXPECT_LT(p_lrqat, ppl(*rtn));
   const auto dir = test::temp_dir("qat-lrqat-save");
   save_quantized_model(dir.string(), *r.model, "lr-qat", f);
   auto loaded = make_quantized_model(load_quantized_model(dir.string(), false));
@@ -362,10 +359,7 @@ TEST_F(LrQatStories, LrQatResumeAfterStopGivesTheSameModel) {
   ASSERT_TRUE(b.complete);
   EXPECT_EQ(b.stages[0].resumed_from, 5);
   QatResult whole = make_qat_method("lr-qat", small("int3g64"))->run(fp, calib_stream);
-  const auto pb = packed(*b.model), pw = packed(*whole.model);
-  ASSERT_EQ(pb.size(), pw.size());
-  for (size_t k = 0; k < pb.size(); ++k)
-    for (int64_t i = 0; i < pb[k].numel(); ++i) ASSERT_EQ(pb[k].item(i), pw[k].item(i)) << "layer " << k << " element " << i;
+  expect_same_packed(*b.model, *whole.model);
   EXPECT_EQ(b.stages[0].loss_after, whole.stages[0].loss_after);
   // Another downcast is another state: refused.
   QatConfig other = c;

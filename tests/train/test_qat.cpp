@@ -80,12 +80,9 @@ TEST_F(QatStories, LsqReducesTheLmLossAndWritesALoadableCheckpoint) {
   const auto before = packed(*r.model);
   // The QAT model beats round-to-nearest on held-out tokens already after 12 steps.
   const QuantFormat& f = *c.format;
-  LlamaWeights rw = ck.weights;
-  for (auto& l : rw.layers)
-    for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) *t = lowbit::quantize(*t, f).dequantize();
-  LlamaModel rtn(ck.config, rw);
+  const auto rtn = rtn_model(ck, f);
   const double p_qat = ppl(*r.model);
-  EXPECT_LT(p_qat, ppl(rtn));
+  EXPECT_LT(p_qat, ppl(*rtn));
   // Written and read back packed: the same codes and parameters.
   const auto dir = test::temp_dir("qat-lsq-save");
   save_quantized_model(dir.string(), *r.model, "lsq", f);
