@@ -10,6 +10,7 @@
 #include "lowbit/core/progress.h"
 #include "lowbit/io/safetensors.h"
 #include "lowbit/methods/pipeline.h"
+#include "lowbit/ops/ops.h"
 
 namespace lowbit {
 
@@ -115,11 +116,15 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
     Tensor w;                   // F32 CPU copy of the weight
     std::vector<double> sum;    // [out*in] (gradient kinds) or [in] (act-weight: sum of x^2)
     int64_t rows = 0;
+    // Fisher on a GPU: sum of g^2 kept on the device in f32 (folded into `sum` at the end), so a
+    // batch costs two elementwise kernels instead of a copy of every gradient to the host and a
+    // single-threaded double loop (163 s for one 7B-shaped block at 128 x 2048 tokens on an H100).
+    Tensor dev_sum, dev_tmp;
   };
   std::map<std::string, Acc> acc;
   for (int i = 0; i < model.n_layers(); ++i)
     for (auto& [name, slot] : model.block(i).linears()) {
-      Acc a{slot, (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous(), {}, 0};
+      Acc a{slot, (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous(), {}, 0, {}, {}};
       a.sum.assign(size_t(needs_grad ? a.w.numel() : a.w.size(1)), 0.0);
       acc.emplace(module_name(i, name), std::move(a));
     }
@@ -156,7 +161,18 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
         for (auto& [m, a] : acc) {
           auto* dense = dynamic_cast<DenseLinear*>(a.slot->get());
           LB_CHECK(dense, "saliency: ", m, " is not a dense layer (compute saliency on the full-precision model)");
-          const Tensor g = dense->weight_var().grad().to(Device::CPU).to(DType::F32).contiguous();
+          const Tensor& graw = dense->weight_var().grad();
+          if (o.kind == SaliencyKind::Fisher && graw.device() != Device::CPU) {
+            const Tensor g = graw.to(DType::F32).contiguous();
+            if (!a.dev_sum.defined()) {
+              a.dev_sum = Tensor::zeros(g.shape(), DType::F32, g.device());
+              a.dev_tmp = Tensor::empty(g.shape(), DType::F32, g.device());
+            }
+            ops::mul(g, g, a.dev_tmp);
+            ops::axpy(1.0, a.dev_tmp, a.dev_sum);
+            continue;
+          }
+          const Tensor g = graw.to(Device::CPU).to(DType::F32).contiguous();
           const float *pg = g.data<float>(), *pw = a.w.data<float>();
           for (int64_t k = 0; k < g.numel(); ++k)
             a.sum[size_t(k)] += o.kind == SaliencyKind::Fisher ? double(pg[k]) * double(pg[k])
@@ -169,6 +185,14 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
     }
   }
   hooks.reset();  // the model's own layers again
+  for (auto& [m, a] : acc)
+    if (a.dev_sum.defined()) {
+      const Tensor h = a.dev_sum.to(Device::CPU).contiguous();
+      const float* ph = h.data<float>();
+      for (int64_t k = 0; k < h.numel(); ++k) a.sum[size_t(k)] += double(ph[k]);
+      a.dev_sum = Tensor();
+      a.dev_tmp = Tensor();
+    }
   if (bar) bar->finish();
 
   // Layer: mean over batches, then mean 1 per layer. None: the raw sum over batches.
