@@ -14,6 +14,8 @@
 #include "lowbit/methods/apiq.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/saliency.h"
+#include "lowbit/model/weights.h"
+#include "lowbit/ops/device_init.h"
 #include "lowbit/quant/quant_linear.h"
 #include "ops/grad_check.h"
 
@@ -208,6 +210,34 @@ TEST(Saliency, RawFisherIsSumOfSquaredPerSequenceGradients) {
         ASSERT_NEAR(std::pow(gw.at(m).item(k), 2), f1.at(m).item(k) * std::pow(wt.item(k), 2),
                     1e-4 * (std::pow(gw.at(m).item(k), 2) + 1e-12)) << m << " " << k;
     }
+}
+
+// The Fisher pass on the GPU sums g^2 on the device (f32) and folds it into the f64 accumulator
+// once; it must give the CPU's scores (both raw and layer-normalised) to f32 rounding.
+TEST(Saliency, FisherOnTheGpuMatchesTheCpu) {
+  if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
+  const LlamaConfig c = tiny_config();
+  const LlamaWeights w = random_weights(c, 11);
+  const Tensor tokens = tiny_tokens(6, 16, c.vocab_size);
+  for (SaliencyNorm norm : {SaliencyNorm::None, SaliencyNorm::Layer}) {
+    SaliencyOptions o;
+    o.norm = norm;
+    o.batch = 2;  // three batches: the device sum really accumulates
+    const SaliencyMap cpu = compute_saliency(c, w, tokens, o);
+    const SaliencyMap gpu = compute_saliency(c, weights_to(w, Device::CUDA), tokens, o);
+    ASSERT_EQ(cpu.scores.size(), gpu.scores.size());
+    for (const auto& [name, sc] : cpu.scores) {
+      const Tensor sg = gpu.at(name).to(Device::CPU);
+      ASSERT_EQ(sg.numel(), sc.numel()) << name;
+      double max_ref = 0, max_err = 0;
+      for (int64_t k = 0; k < sc.numel(); ++k) {
+        max_ref = std::max(max_ref, std::fabs(sc.item(k)));
+        max_err = std::max(max_err, std::fabs(sg.item(k) - sc.item(k)));
+      }
+      ASSERT_GT(max_ref, 0.0) << name;
+      EXPECT_LT(max_err, 1e-3 * max_ref) << name << " (norm " << saliency_norm_name(norm) << ")";
+    }
+  }
 }
 
 TEST(Saliency, SumReductionIsNumelTimesMean) {
