@@ -285,6 +285,16 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
       }
       hc.end_batch();
     }
+    if (distributed()) {  // data-parallel calibration: the sums over every rank's windows
+      for (auto& [owner, sum] : hc.sum) {
+        comm_->all_reduce_sum(sum);
+        hc.rows[owner] = comm_->all_reduce_sum(hc.rows[owner]);
+      }
+      for (auto& [n, sums] : gsum) {
+        for (Tensor& sk : sums) comm_->all_reduce_sum(sk);
+        grows[n] = comm_->all_reduce_sum(grows[n]);
+      }
+    }
     lap(t, prof.capture);
     auto solve_one = [&](const std::string& name, const Tensor& w) {
       auto it = gsum.find(name);
