@@ -105,7 +105,7 @@ int launch_local_ranks(int n, const std::vector<std::string>& args) {
   }
   int first_bad = -1, code = 0, alive = n;
   auto t_fail = std::chrono::steady_clock::time_point();
-  bool killed = false;
+  bool termed = false, killed = false;
   while (alive > 0) {
     int st = 0;
     const pid_t p = waitpid(-1, &st, first_bad >= 0 ? WNOHANG : 0);
@@ -113,8 +113,14 @@ int launch_local_ranks(int n, const std::vector<std::string>& args) {
       if (errno == EINTR) continue;
       break;
     }
-    if (p == 0) {  // a rank failed: give the others 5 s after SIGTERM, then SIGKILL
-      if (!killed && std::chrono::steady_clock::now() - t_fail > std::chrono::seconds(5)) {
+    if (p == 0) {  // a rank failed: the others see its closed connection and fail on their own (and
+                   // clean up their outputs); one still running after 10 s gets SIGTERM, after 15 s SIGKILL
+      const auto waited = std::chrono::steady_clock::now() - t_fail;
+      if (!termed && waited > std::chrono::seconds(10)) {
+        kill_all(SIGTERM);
+        termed = true;
+      }
+      if (!killed && waited > std::chrono::seconds(15)) {
         kill_all(SIGKILL);
         killed = true;
       }
@@ -131,8 +137,7 @@ int launch_local_ranks(int n, const std::vector<std::string>& args) {
     if (c != 0 && first_bad < 0) {
       first_bad = r;
       code = c;
-      std::fprintf(stderr, "lowbit: rank %d of %d failed (exit status %d); stopping the other ranks\n", r, n, c);
-      kill_all(SIGTERM);
+      std::fprintf(stderr, "lowbit: rank %d of %d failed (exit status %d)\n", r, n, c);
       t_fail = std::chrono::steady_clock::now();
     }
   }

@@ -75,7 +75,9 @@ void send_raw(int fd, const void* data, size_t n, double timeout_s, const std::s
     const ssize_t k = ::send(fd, p, n, MSG_NOSIGNAL);
     if (k < 0) {
       if (errno == EINTR || errno == EAGAIN) continue;
-      throw_error("comm: sending to ", who, " failed: ", std::strerror(errno), " (did that rank exit?)");
+      if (errno == EPIPE || errno == ECONNRESET)
+        throw_error("comm: ", who, " closed the connection (that rank failed or exited early)");
+      throw_error("comm: sending to ", who, " failed: ", std::strerror(errno));
     }
     p += k;
     n -= size_t(k);
@@ -88,7 +90,8 @@ void recv_raw(int fd, void* data, size_t n, double timeout_s, const std::string&
     if (!wait_fd(fd, POLLIN, timeout_s))
       throw_error("comm: timed out after ", timeout_s, " s waiting for ", who, " (LOWBIT_COMM_OP_TIMEOUT)");
     const ssize_t k = ::recv(fd, p, n, 0);
-    if (k == 0) throw_error("comm: ", who, " closed the connection (that rank failed or exited early)");
+    if (k == 0 || (k < 0 && errno == ECONNRESET))
+      throw_error("comm: ", who, " closed the connection (that rank failed or exited early)");
     if (k < 0) {
       if (errno == EINTR || errno == EAGAIN) continue;
       throw_error("comm: receiving from ", who, " failed: ", std::strerror(errno));
