@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "lowbit/cli/common.h"
 #include "lowbit/comm/launch.h"
 #include "lowbit/core/error.h"
 #include "lowbit/core/progress.h"
@@ -24,7 +25,7 @@ void add_dist_options(CLI::App* app, DistArgs* d) {
                   "ranks (processes) of a data-parallel run on this host, one GPU each with --device cuda; lowbit "
                   "starts them itself (an external launcher sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, "
                   "MASTER_PORT instead)")
-      ->check(CLI::Range(1, 256));
+      ->check(between(1, 256));
   app->add_option("--comm-backend", d->backend,
                   "collectives between the ranks: auto (nccl for a GPU run of a CUDA build, else cpu), cpu (TCP), "
                   "nccl, single (overrides LOWBIT_COMM_BACKEND)")
