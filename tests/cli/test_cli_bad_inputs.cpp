@@ -429,6 +429,8 @@ const Row kRows[] = {
   {"finetune", "rank 0", "finetune -m {Q} --out {O} --train-tokens {I} --rank 0", "--rank: must be at least 1"},
   {"finetune", "optimizer-bits 16", "finetune -m {Q} --out {O} --train-tokens {I} --optimizer-bits 16", "--optimizer-bits: 16 not in {8,32}"},
   // --- train (a tiny architecture: the rows fail before any step)
+  {"train", "gpus 0", "train --train-tokens {I} --vocab 512 --out {O} --gpus 0", "--gpus: must be"},
+  {"train", "gpus 2, batch 1", "train --train-tokens {I} --vocab 512 --dim 16 --hidden-dim 32 --layers 1 --heads 2 --seq-len 16 --batch 1 --steps 1 --out {O} --gpus 2", "--batch 1: data-parallel training splits", kModel},
   {"train", "no training data", "train --out {O} --vocab 512", "give --train TEXT"},
   {"train", "empty training data", "train --out {O} --vocab 512 --train-tokens {D}/empty", "training data has 0 tokens"},
   {"train", "too few training tokens", "train --out {O} --vocab 512 --train-tokens {D}/few.i32", "training data has 10 tokens"},

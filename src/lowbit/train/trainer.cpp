@@ -211,6 +211,29 @@ void check_training_inputs(const TrainOptions& o, const std::vector<int32_t>& tr
 }
 
 namespace {
+// Data parallel: the gradients of `params` summed over the ranks, through one flat buffer (out of
+// place: gradient tensors may be shared between parameters; an undefined gradient counts as zero).
+void all_reduce_grads(const std::vector<Var>& params, comm::Communicator& c) {
+  int64_t n = 0;
+  for (const auto& p : params) n += p.value().numel();
+  const Device dev = params.front().value().device();
+  Tensor flat = Tensor::zeros({n}, DType::F32, dev);
+  int64_t off = 0;
+  for (const auto& p : params) {
+    const int64_t k = p.value().numel();
+    if (p.grad().defined()) flat.slice(0, off, off + k).copy_(p.grad().reshape({k}));
+    off += k;
+  }
+  c.all_reduce_sum(flat);
+  off = 0;
+  for (const auto& p : params) {
+    const int64_t k = p.value().numel();
+    Tensor g = flat.slice(0, off, off + k).view(p.value().shape());
+    p.grad() = p.value().dtype() == DType::F32 ? g : g.to(p.value().dtype());
+    off += k;
+  }
+}
+
 // The training loop; with `mixed`, forward passes run on its bf16 copies and their gradients are
 // collected into the f32 masters (`params`) after each backward.
 TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& params, const TrainOptions& o,
@@ -219,7 +242,12 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
                               const std::function<void(int64_t)>& before_step = nullptr) {
   if (params.empty()) throw_error("training: no trainable parameters");
   check_training_inputs(o, train, val);
-  fs::create_directories(o.out_dir);
+  const bool dp = o.comm && o.comm->world_size() > 1;
+  const bool writer = !o.comm || o.comm->rank() == 0;  // the log, the state
+  if (dp && o.batch_size < o.comm->world_size())
+    throw_error("--batch ", o.batch_size, ": data-parallel training splits each micro-batch's windows over the ",
+                o.comm->world_size(), " ranks (give at least one window per rank)");
+  if (writer) fs::create_directories(o.out_dir);
   const std::string state_path = (fs::path(o.out_dir) / "state.safetensors").string();
   const std::string log_path = (fs::path(o.out_dir) / "log.jsonl").string();
   // No weight decay on norms (1-D), as in llama2.c's train.py.
@@ -241,7 +269,7 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
     result.resumed = true;
   }
   // Keep the log consistent with the state: drop lines past the resumed step.
-  {
+  if (writer) {
     std::vector<std::string> keep;
     std::ifstream in(log_path);
     for (std::string line; std::getline(in, line);) {
@@ -251,7 +279,8 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
     std::ofstream out(log_path, std::ios::trunc);
     for (auto& l : keep) out << l << "\n";
   }
-  std::ofstream log(log_path, std::ios::app);
+  std::ofstream log;
+  if (writer) log.open(log_path, std::ios::app);
 
   // With mixed precision the bf16 copies are rewritten from the masters before the first forward
   // pass after each update (and after a resume).
@@ -277,13 +306,24 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
     double loss_sum = 0;
     for (int64_t m = 0; m < o.grad_accum; ++m) {
       Tensor in, tgt;
-      make_lm_windows(train, train_window_starts(o.seed, step, m, o.batch_size, o.seq_len, int64_t(train.size())), o.seq_len, in,
-                 tgt);
+      std::vector<int64_t> starts = train_window_starts(o.seed, step, m, o.batch_size, o.seq_len, int64_t(train.size()));
+      double share = 1;  // this rank's fraction of the micro-batch's windows (its weight in the mean loss)
+      if (dp) {
+        const auto [b, e] = comm::shard_range(int64_t(starts.size()), o.comm->rank(), o.comm->world_size(), "--batch");
+        share = double(e - b) / double(starts.size());
+        starts = std::vector<int64_t>(starts.begin() + b, starts.begin() + e);
+      }
+      make_lm_windows(train, starts, o.seq_len, in, tgt);
       Var logits = forward(in);
       Var loss = cross_entropy(logits, tgt.to(o.device));
-      loss_sum += loss.value().item();
-      backward(o.grad_accum > 1 ? scale(loss, 1.0 / double(o.grad_accum)) : loss);
+      loss_sum += loss.value().item() * share;
+      const double w = share / double(o.grad_accum);
+      backward(w != 1.0 ? scale(loss, w) : loss);
       if (mixed) mixed->collect_grads();  // sum micro-batches in f32
+    }
+    if (dp) {  // the mean over every rank's windows: sums of the weighted losses and gradients
+      all_reduce_grads(ordered, *o.comm);
+      loss_sum = o.comm->all_reduce_sum(loss_sum);
     }
     TrainRecord r;
     r.step = step + 1;
@@ -306,16 +346,18 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
     nlohmann::json j = {{"step", r.step}, {"loss", r.loss}, {"lr", r.lr}, {"grad_norm", r.grad_norm},
                         {"tokens_per_second", r.tokens_per_second}};
     if (r.val_loss >= 0) j["val_loss"] = r.val_loss;
-    log << j.dump() << "\n";
-    log.flush();
+    if (writer) {
+      log << j.dump() << "\n";
+      log.flush();
+    }
     result.records.push_back(r);
     if (r.val_loss >= 0) result.final_val_loss = r.val_loss;
     if (on_step) on_step(r);
     bar.update(step, "loss " + std::to_string(r.loss).substr(0, 6));
-    if (last || (o.checkpoint_every > 0 && step % o.checkpoint_every == 0))
+    if (writer && (last || (o.checkpoint_every > 0 && step % o.checkpoint_every == 0)))
       save_state(state_path, ordered, opt, step, o.config, o.seed, arch_name(o));
     if (o.stop_after > 0 && run_steps >= o.stop_after && !last) {
-      save_state(state_path, ordered, opt, step, o.config, o.seed, arch_name(o));
+      if (writer) save_state(state_path, ordered, opt, step, o.config, o.seed, arch_name(o));
       result.steps_done = step;
       return result;
     }
@@ -354,9 +396,10 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
       if (id < 0 || id >= o.config.vocab_size)
         throw_error("token id ", id, " in the data is outside the model vocabulary (", o.config.vocab_size, ")");
   if (o.out_dir.empty()) throw_error("train: an output directory (--out) is required");
-  fs::create_directories(o.out_dir);
+  const bool writer = !o.comm || o.comm->rank() == 0;  // data parallel: rank 0 writes
+  if (writer) fs::create_directories(o.out_dir);
   // The order is a pure function of (seed, shapes, stream sizes): written in full, also on resume.
-  if (!o.dump_order.empty()) write_data_order(o.dump_order, o, int64_t(train.size()), int64_t(val.size()));
+  if (writer && !o.dump_order.empty()) write_data_order(o.dump_order, o, int64_t(train.size()), int64_t(val.size()));
 
   LlamaWeights w = init_weights(o.config, o.seed);
   if (o.device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(o.device); });
@@ -370,7 +413,7 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
   if (o.bf16) mixed = std::make_unique<MixedPrecisionModel>(model);
   TrainResult result =
       run_training_impl(model, model.parameters(), o, train, val, on_step, mixed.get(), before_step);
-  if (!result.complete) return result;
+  if (!result.complete || !writer) return result;
   // Final model in the formats other tools load.
   LlamaWeights final_w = model.weights();
   for_each_weight(final_w, [](const std::string&, Tensor& t) { t = t.to(Device::CPU); });

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "lowbit/comm/comm.h"
 #include "lowbit/model/llama.h"
 #include "lowbit/train/bitnet.h"
 
@@ -45,6 +46,13 @@ struct TrainOptions {
   // BitNet b1.58 (train/bitnet.h): BitLinear blocks, the 16 -> 1.58-bit transition, and the
   // two-stage LR/WD schedule (which plain Llama runs may use too). CPU only.
   BitNetOptions bitnet;
+  // Data parallel (issue 20; null or one rank: off): each micro-batch's windows are split over the
+  // ranks (comm::shard_range), each rank's loss is weighted by its share of the windows, and the
+  // gradients are summed over the ranks (one flat all-reduce per step) before clipping and the
+  // AdamW step, which every rank then takes identically: the loss curve is the one-process curve up
+  // to the rounding of the sums. Rank 0 alone writes the log, the state and the model. The AdamW
+  // state stays replicated (no ZeRO sharding yet).
+  comm::Communicator* comm = nullptr;
 };
 
 struct TrainRecord {
