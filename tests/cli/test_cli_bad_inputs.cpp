@@ -429,6 +429,8 @@ const Row kRows[] = {
   {"finetune", "rank 0", "finetune -m {Q} --out {O} --train-tokens {I} --rank 0", "--rank: must be at least 1"},
   {"finetune", "optimizer-bits 16", "finetune -m {Q} --out {O} --train-tokens {I} --optimizer-bits 16", "--optimizer-bits: 16 not in {8,32}"},
   // --- train (a tiny architecture: the rows fail before any step)
+  {"train", "zero with one rank", "train --train-tokens {I} --vocab 512 --dim 16 --hidden-dim 32 --layers 1 --heads 2 --seq-len 16 --batch 2 --steps 1 --out {O} --zero", "--zero shards the optimizer state over several ranks", kModel},
+  {"train", "zero with 8-bit state", "train --train-tokens {I} --vocab 512 --dim 16 --hidden-dim 32 --layers 1 --heads 2 --seq-len 16 --batch 2 --steps 1 --out {O} --gpus 2 --zero --optimizer-bits 8", "--zero: f32 optimizer state only", kModel},
   {"train", "gpus 0", "train --train-tokens {I} --vocab 512 --out {O} --gpus 0", "--gpus: must be"},
   {"train", "gpus 2, batch 1", "train --train-tokens {I} --vocab 512 --dim 16 --hidden-dim 32 --layers 1 --heads 2 --seq-len 16 --batch 1 --steps 1 --out {O} --gpus 2", "--batch 1: data-parallel training splits", kModel},
   {"train", "no training data", "train --out {O} --vocab 512", "give --train TEXT"},

@@ -213,6 +213,11 @@ void register_train(CLI::App& app) {
       ->capture_default_str();
   t->add_flag("--json", a->json, "print a JSON summary");
   add_dist_options(t, &a->dist);
+  t->add_option("--stop-after", o.stop_after, "testing aid: stop after this many steps of this run (state kept)")
+      ->check(at_least(0));
+  t->add_flag("--zero", o.zero,
+              "with several ranks: shard the AdamW state over them (ZeRO: gradients reduce-scattered, parameters "
+              "all-gathered; f32 state; the state file is the unsharded one)");
   add_threads_option(t);
   t->callback([a] { run_train(*a); });
 }

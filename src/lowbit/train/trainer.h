@@ -50,9 +50,16 @@ struct TrainOptions {
   // ranks (comm::shard_range), each rank's loss is weighted by its share of the windows, and the
   // gradients are summed over the ranks (one flat all-reduce per step) before clipping and the
   // AdamW step, which every rank then takes identically: the loss curve is the one-process curve up
-  // to the rounding of the sums. Rank 0 alone writes the log, the state and the model. The AdamW
-  // state stays replicated (no ZeRO sharding yet).
+  // to the rounding of the sums. Rank 0 alone writes the log, the state and the model.
   comm::Communicator* comm = nullptr;
+  // With several ranks: shard the AdamW state (ZeRO, as PyTorch's ZeroRedundancyOptimizer: whole
+  // parameters, in order, each owned by one rank, the ranks' shares balanced by size). The
+  // gradients are reduce-scattered (each rank receives the summed gradients of its own parameters),
+  // the clipping norm is all-reduced, each rank updates its parameters with its part of the state,
+  // and the parameters are all-gathered. The state file is the same as without sharding (rank 0
+  // gathers the moments to save; every rank restores its own part), so runs resume either way.
+  // f32 optimizer state only.
+  bool zero = false;
 };
 
 struct TrainRecord {
