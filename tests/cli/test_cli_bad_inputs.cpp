@@ -215,7 +215,7 @@ const Row kRows[] = {
   {"quantize", "gpus -2", "quantize -m {M} --method rtn --gpus -2 -o {O}", "--gpus: must be"},
   {"quantize", "gpus not a number", "quantize -m {M} --method rtn --gpus two -o {O}", "--gpus: 'two' is not a number"},
   {"quantize", "unknown comm backend", "quantize -m {M} --method rtn --comm-backend mpi -o {O}", "--comm-backend: mpi not in"},
-  {"quantize", "gpus 2, awq", "quantize -m {M} --method awq --calib-tokens {I} --nsamples 4 --seqlen 32 --gpus 2 -o {O}", "--method awq has no data-parallel calibration", kModel},
+  {"quantize", "gpus 2, rsq", "quantize -m {M} --method rsq --calib-tokens {I} --nsamples 4 --seqlen 32 --gpus 2 -o {O}", "--method rsq has no data-parallel calibration", kModel},
   {"quantize", "gpus 3, 2 windows", "quantize -m {M} --method gptq --calib-tokens {I} --nsamples 2 --seqlen 32 --gpus 3 -o {O}", "--nsamples: 2 items cannot be split over 3 ranks", kModel},
   {"quantize", "missing model", "quantize -m {D}/missing.bin --method rtn -o {O}", "missing.bin: no such file"},
   {"quantize", "random model", "quantize -m {D}/random.bin --method rtn -o {O}", "random.bin"},

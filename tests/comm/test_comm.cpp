@@ -422,7 +422,7 @@ TEST(CommCli, CollectivesWithLaunchedRanks) {
   fs::remove_all(dir);
 }
 
-// Data-parallel GPTQ: 2 and 3 ranks (CPU backend) write the same quantized model as one process on
+// Data-parallel GPTQ (and AWQ): 2 and 3 ranks (CPU backend) write the same quantized model as one process on
 // all windows (the Hessians are sums in another order: equal up to f32 rounding, so codes may in
 // principle differ at a rounding tie; allowed: 1e-3 of the code bytes, scales within 1e-4
 // relative), while one process on rank 0's share alone differs (the sums did reach every rank).
@@ -432,9 +432,9 @@ TEST(CommCli, DataParallelGptqMatchesOneRank) {
   const std::string tokens = lowbit::test::shared_file("models/stories260K/sample-tokens.i32");
   if (model.empty() || tokens.empty()) GTEST_SKIP() << "stories260K not found under " << lowbit::test::shared_root();
   const fs::path dir = lowbit::test::temp_dir("comm_gptq");
-  auto quantize = [&](const std::string& name, int nsamples, int gpus) {
-    const CliResult r = run_cli("quantize -q -m " + model + " --method gptq --format int4g32 --calib-tokens " + tokens +
-                                    " --nsamples " + std::to_string(nsamples) + " --seqlen 128 -o " + (dir / name).string() +
+  auto quantize = [&](const std::string& name, int nsamples, int gpus, const std::string& method) {
+    const CliResult r = run_cli("quantize -q -m " + model + " --method " + method + " --format int4g32 --calib-tokens " +
+                                    tokens + " --nsamples " + std::to_string(nsamples) + " --seqlen 128 -o " + (dir / name).string() +
                                     (gpus ? " --gpus " + std::to_string(gpus) : ""),
                                 dir);
     EXPECT_EQ(r.status, 0) << r.err;
@@ -469,10 +469,10 @@ TEST(CommCli, DataParallelGptqMatchesOneRank) {
     d.code_fraction = total > 0 ? diff / total : 1.0;
     return d;
   };
-  const auto one = quantize("one", 24, 0);
-  const auto two = quantize("two", 24, 2);
-  const auto three = quantize("three", 24, 3);
-  const auto share = quantize("share", 12, 0);  // rank 0's windows of the 2-rank run, alone
+  const auto one = quantize("one", 24, 0, "gptq");
+  const auto two = quantize("two", 24, 2, "gptq");
+  const auto three = quantize("three", 24, 3, "gptq");
+  const auto share = quantize("share", 12, 0, "gptq");  // rank 0's windows of the 2-rank run, alone
   for (const auto* dp : {&two, &three}) {
     const Diff d = compare(one, *dp);
     EXPECT_LE(d.code_fraction, 1e-3);
@@ -485,12 +485,20 @@ TEST(CommCli, DataParallelGptqMatchesOneRank) {
   const std::string j((std::istreambuf_iterator<char>(rep)), {});
   EXPECT_NE(j.find("\"ranks\": 2"), std::string::npos);
   EXPECT_NE(j.find("\"comm_backend\": \"cpu\""), std::string::npos);
+  // AWQ: the searches' rows are all-gathered, so 2 and 3 ranks search on one process's rows.
+  const auto awq1 = quantize("awq1", 24, 0, "awq"), awq2 = quantize("awq2", 24, 2, "awq");
+  const auto awq3 = quantize("awq3", 24, 3, "awq");
+  for (const auto* dp : {&awq2, &awq3}) {
+    const Diff d = compare(awq1, *dp);
+    EXPECT_LE(d.code_fraction, 1e-3);
+    EXPECT_EQ(d.float_mismatches, 0);
+  }
   // Methods without data-parallel statistics are refused; too few windows for the ranks too.
-  const CliResult awq = run_cli("quantize -q -m " + model + " --method awq --calib-tokens " + tokens +
-                                    " --nsamples 4 --seqlen 64 --gpus 2 -o " + (dir / "awq").string(), dir);
-  EXPECT_EQ(awq.status, 1);
-  EXPECT_NE(awq.err.find("--method awq has no data-parallel calibration"), std::string::npos) << awq.err;
-  EXPECT_FALSE(fs::exists(dir / "awq"));
+  const CliResult rsq = run_cli("quantize -q -m " + model + " --method rsq --calib-tokens " + tokens +
+                                    " --nsamples 4 --seqlen 64 --gpus 2 -o " + (dir / "rsq").string(), dir);
+  EXPECT_EQ(rsq.status, 1);
+  EXPECT_NE(rsq.err.find("--method rsq has no data-parallel calibration"), std::string::npos) << rsq.err;
+  EXPECT_FALSE(fs::exists(dir / "rsq"));
   const CliResult few = run_cli("quantize -q -m " + model + " --method gptq --calib-tokens " + tokens +
                                     " --nsamples 2 --seqlen 64 --gpus 3 -o " + (dir / "few").string(), dir);
   EXPECT_EQ(few.status, 1);

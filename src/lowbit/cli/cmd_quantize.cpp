@@ -502,7 +502,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   auto method = make_method(a.method, method_config(ar, f, saliency ? &*saliency : nullptr, !stream.empty()));
   if (world->world_size() > 1 && !method->supports_data_parallel())
     throw_error("--gpus / WORLD_SIZE ", world->world_size(), ": --method ", a.method,
-                " has no data-parallel calibration (supported: rtn, gptq, comq); run it with one rank");
+                " has no data-parallel calibration (supported: rtn, gptq, comq, awq); run it with one rank");
   method->set_communicator(world.get());
   PipelineOptions o;
   o.next_from_fp = a.next_input == "fp";

@@ -72,6 +72,9 @@ class AwqMethod : public BlockMethod {
   AwqMethod(const QuantFormat& f, AwqOptions o, bool clip) : f_(f), o_(o), clip_(clip) {}
   std::string name() const override { return "awq"; }
   std::string options_key() const override;
+  // The calibration rows of the searches (the first kAwqRows of all windows) are all-gathered, so
+  // every rank searches on exactly the rows one process would.
+  bool supports_data_parallel() const override { return true; }
   void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
 
  private:
