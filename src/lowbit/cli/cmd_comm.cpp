@@ -109,6 +109,10 @@ void run_comm(const CommArgs& a) {
   }
   print_stdout("comm: %d ranks, %s backend, tensors on %s: all collectives ok\n", c.world_size(), c.backend().c_str(),
                a.device.c_str());
+  if (c.world_size() == 1) {
+    print_stdout("one rank: nothing to exchange, no bandwidth to time\n");
+    return;
+  }
   print_stdout("all_reduce %.1f MB f32: %.3f ms, algbw %.2f GB/s, busbw %.2f GB/s\n", bytes / 1e6, s * 1e3, algbw, busbw);
 }
 
