@@ -21,8 +21,10 @@
 #include "lowbit/comm/comm.h"
 #include "lowbit/comm/launch.h"
 #include "lowbit/io/safetensors.h"
+#include "lowbit/ops/device_init.h"
 
 namespace fs = std::filesystem;
+using lowbit::Device;
 using lowbit::DType;
 using lowbit::Tensor;
 using namespace lowbit::comm;
@@ -91,13 +93,21 @@ DistEnv env_for(int rank, int world, int port) {
 // Rank r's values: not exactly representable sums, so the reduction order matters.
 float value(int r, int64_t i) { return 0.1f * float(r + 1) + 1e-3f * float(i) + 1.0f / float(3 + r + i % 11); }
 
-void collectives(Communicator& c) {
+// Runs collective `op` on a copy of t on `dev` and returns the result on the host.
+Tensor on(Device dev, const Tensor& t, const std::function<void(Tensor&)>& op) {
+  Tensor d = t.to(dev);
+  op(d);
+  return d.to(Device::CPU);
+}
+
+// Every collective with checks; the tensors handed to the communicator live on `dev`.
+void collectives(Communicator& c, Device dev = Device::CPU) {
   const int W = c.world_size(), R = c.rank();
   const int64_t n = 1003;
   // all_reduce f32: the reference sums in rank order (0 + 1 + ...) in f32, bit for bit.
   Tensor t = Tensor::empty({n});
   for (int64_t i = 0; i < n; ++i) t.data<float>()[i] = value(R, i);
-  c.all_reduce_sum(t);
+  t = on(dev, t, [&](Tensor& x) { c.all_reduce_sum(x); });
   for (int64_t i = 0; i < n; ++i) {
     float want = value(0, i);
     for (int r = 1; r < W; ++r) want += value(r, i);
@@ -105,7 +115,7 @@ void collectives(Communicator& c) {
   }
   Tensor d = Tensor::empty({n}, DType::F64);
   for (int64_t i = 0; i < n; ++i) d.data<double>()[i] = double(value(R, i)) / 7.0;
-  c.all_reduce_sum(d);
+  d = on(dev, d, [&](Tensor& x) { c.all_reduce_sum(x); });
   for (int64_t i = 0; i < n; ++i) {
     double want = double(value(0, i)) / 7.0;
     for (int r = 1; r < W; ++r) want += double(value(r, i)) / 7.0;
@@ -115,23 +125,23 @@ void collectives(Communicator& c) {
   CHECK_OR_THROW(c.all_reduce_sum(0.5) == 0.5 * W, "scalar f64");
   Tensor i32 = Tensor::empty({3}, DType::I32);
   for (int k = 0; k < 3; ++k) i32.data<int32_t>()[k] = R * 10 + k;
-  c.all_reduce_sum(i32);
+  i32 = on(dev, i32, [&](Tensor& x) { c.all_reduce_sum(x); });
   for (int k = 0; k < 3; ++k) CHECK_OR_THROW(i32.data<int32_t>()[k] == 10 * W * (W - 1) / 2 + W * k, "i32");
   // all_gather (bf16 too: moves need no arithmetic)
   Tensor in = Tensor::empty({5}, DType::I64), out = Tensor::empty({5 * int64_t(W)}, DType::I64);
   for (int k = 0; k < 5; ++k) in.data<int64_t>()[k] = R * 100 + k;
-  c.all_gather(in, out);
+  out = on(dev, out, [&](Tensor& x) { c.all_gather(in.to(dev), x); });
   for (int r = 0; r < W; ++r)
     for (int k = 0; k < 5; ++k) CHECK_OR_THROW(out.data<int64_t>()[r * 5 + k] == r * 100 + k, "all_gather");
   Tensor hb = Tensor::full({4}, double(R), DType::BF16), ob = Tensor::empty({4 * int64_t(W)}, DType::BF16);
-  c.all_gather(hb, ob);
+  ob = on(dev, ob, [&](Tensor& x) { c.all_gather(hb.to(dev), x); });
   const Tensor obf = ob.to(DType::F32);
   for (int r = 0; r < W; ++r) CHECK_OR_THROW(obf.data<float>()[r * 4 + 3] == float(r), "all_gather bf16");
   // reduce_scatter: chunk R of the rank-order sum
   const int64_t m = 7;
   Tensor rin = Tensor::empty({m * W}), rout = Tensor::empty({m});
   for (int64_t i = 0; i < m * W; ++i) rin.data<float>()[i] = value(R, i);
-  c.reduce_scatter_sum(rin, rout);
+  rout = on(dev, rout, [&](Tensor& x) { c.reduce_scatter_sum(rin.to(dev), x); });
   for (int64_t i = 0; i < m; ++i) {
     float want = value(0, R * m + i);
     for (int r = 1; r < W; ++r) want += value(r, R * m + i);
@@ -140,10 +150,11 @@ void collectives(Communicator& c) {
   // broadcast from every root
   for (int root = 0; root < W; ++root) {
     Tensor b = Tensor::full({9}, double(R * 3 + 1), DType::F32);
-    c.broadcast(b, root);
+    b = on(dev, b, [&](Tensor& x) { c.broadcast(x, root); });
     for (int k = 0; k < 9; ++k) CHECK_OR_THROW(b.data<float>()[k] == float(root * 3 + 1), "broadcast root ", root);
   }
   c.barrier();
+  if (dev != Device::CPU) return;
   // A strided view is reduced in place too.
   Tensor base = Tensor::full({4, 2}, 1.0);
   Tensor col = base.slice(1, 0, 1);
@@ -358,6 +369,38 @@ TEST(Comm, NcclOneRank) {
   });
   if (st[0] == 77) GTEST_SKIP() << "no GPU visible";
   EXPECT_EQ(st[0], 0);
+}
+
+// NCCL with 2, 4 and 8 ranks on as many GPUs (device tensors, then host tensors staged), and the CPU
+// backend on device tensors: runs where the build has NCCL and the GPUs exist (a multi-GPU kind);
+// skipped otherwise, from the first world size that does not fit.
+TEST(Comm, NcclSeveralRanksOnDeviceTensors) {
+  if (!nccl_available()) GTEST_SKIP() << "this build has no NCCL (CUDA off)";
+  int ran = 0;
+  for (int world : {2, 4, 8}) {
+    const int port = free_local_port(), port2 = free_local_port();
+    const auto st = run_forked(world, [&](int r) {
+      std::unique_ptr<Communicator> c;
+      try {
+        c = make_nccl_communicator(env_for(r, world, port), 60);
+      } catch (const lowbit::Error& e) {
+        const std::string m = e.what();
+        if (m.find("no CUDA GPU") != std::string::npos || m.find("GPUs are visible") != std::string::npos) _exit(77);
+        throw;
+      }
+      if (!lowbit::init_cuda(r)) lowbit::throw_error("init_cuda(", r, ") failed");
+      collectives(*c, Device::CUDA);
+      collectives(*c, Device::CPU);
+      auto cpu = make_cpu_communicator(env_for(r, world, port2), 30, 30);
+      collectives(*cpu, Device::CUDA);
+    }, 300);
+    bool skipped = false;
+    for (int v : st) skipped = skipped || v == 77;
+    if (skipped) break;
+    for (int r = 0; r < world; ++r) EXPECT_EQ(st[size_t(r)], 0) << "world " << world << " rank " << r;
+    ++ran;
+  }
+  if (ran == 0) GTEST_SKIP() << "fewer than 2 GPUs visible";
 }
 
 // ---- through the CLI: the launcher (--gpus) and data-parallel GPTQ ------------------------------
