@@ -10,6 +10,7 @@
 
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
+#include "lowbit/cli/dist.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/methods/apiq.h"
@@ -45,6 +46,7 @@ struct QuantArgs {
   double percdamp = 0.01, checkpoint_seconds = 60;
   bool act_order = false, no_clip = false, json = false;
   TransformArgs tr;  // --rotate, --act, --kv-quant (issue 16)
+  DistArgs dist;     // --gpus N / launcher environment: data-parallel calibration (issue 20)
   // ApiQ / SAPR. Defaults: ApiQ's scripts/quantize.sh and calibrate.py (2-bit g64, rank 64,
   // alpha 16, 20 epochs, batch 1, LoRA lr 5e-4, clipping lr 5e-3, weight decay 0.1, init logit 4).
   int64_t rank = 64, apiq_batch = 1, saliency_batch = 1;
@@ -315,18 +317,26 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   const std::string out_dir = to_gguf ? a.out + ".qdir" : a.out;
   if (fs::exists(a.out) && fs::exists(a.model) && fs::equivalent(a.out, a.model, ec))
     throw_error("--out ", a.out, " is the input model; choose another directory");
+  // --gpus N / a launcher's environment: this process becomes one rank of a data-parallel run (the
+  // process that launches the ranks returns their exit status through ExitRequest). Every rank
+  // loads the model and samples the same windows, then calibrates on its share; rank 0 writes.
+  const std::unique_ptr<comm::Communicator> world = start_ranks(a.dist, a.device != "cpu");
+  const bool writer = world->rank() == 0;
   Device dev = parse_device(a.device);
   if ((a.tf32 || a.bf16) && dev != Device::CUDA)
     throw_error(a.tf32 ? "--tf32" : "--bf16", " needs --device cuda (it selects GPU tensor-core precision)");
   if (a.bf16 && !is_apiq(a.method))
     throw_error("--bf16 applies to the training of apiq, apiq-layer and sapr, not to --method ", a.method);
   if (a.tf32) cuda_set_allow_tf32(true);
-  OutputDir out(out_dir, "--out");
   const std::string state_dir = a.state_dir.empty() ? (fs::path(out_dir) / ".state").string() : a.state_dir;
-  OutputDir state(state_dir, "--state-dir");  // created now: an unusable path fails before any work
-  state.keep_if_exists(state_dir);            // a failed run keeps its resumable state once saved
-  out.keep_if_exists(state_dir);
-  out.refuse_input(a.model, "the input model");
+  std::optional<OutputDir> out, state;  // rank 0's (the other ranks of a data-parallel run write nothing)
+  if (writer) {
+    out.emplace(out_dir, "--out");
+    state.emplace(state_dir, "--state-dir");  // created now: an unusable path fails before any work
+    state->keep_if_exists(state_dir);         // a failed run keeps its resumable state once saved
+    out->keep_if_exists(state_dir);
+    out->refuse_input(a.model, "the input model");
+  }
   // Rotating needs dense weights (a GGUF input in block types is then dequantized, as its FP baseline).
   if (!a.smooth_act.empty() && !a.smooth_auto)
     throw_error("--smooth-act sets the activation quantizer that --smooth auto's alpha search targets; give --smooth auto");
@@ -490,13 +500,32 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   QuantArgs ar = a;
   ar.rank = rank;
   auto method = make_method(a.method, method_config(ar, f, saliency ? &*saliency : nullptr, !stream.empty()));
+  if (world->world_size() > 1 && !method->supports_data_parallel())
+    throw_error("--gpus / WORLD_SIZE ", world->world_size(), ": --method ", a.method,
+                " has no data-parallel calibration (supported: rtn, gptq, comq, awq); run it with one rank");
+  method->set_communicator(world.get());
   PipelineOptions o;
   o.next_from_fp = a.next_input == "fp";
   o.batch = a.batch;
   o.state_dir = state_dir;
   o.checkpoint_seconds = a.checkpoint_seconds;
   if (plan) o.formats = &plan->formats;
-  PipelineReport r = run_blockwise(*m.model, calib, *method, f, o);
+  // Data-parallel calibration: rank r takes a contiguous share of the windows (RTN without data
+  // keeps the stub everywhere). The resumable state is per process, so several ranks run without it.
+  Tensor rank_calib = calib;
+  if (world->world_size() > 1) {
+    if (!stream.empty()) {
+      const auto [b, e] = comm::shard_range(calib.size(0), world->rank(), world->world_size(), "--nsamples");
+      rank_calib = calib.slice(0, b, e).contiguous();
+    }
+    o.state_dir.clear();
+    if (writer && !a.json)
+      std::fprintf(stderr, "data-parallel calibration: %d ranks (%s backend), %lld windows each or one more; no "
+                   "resumable state\n", world->world_size(), world->backend().c_str(),
+                   (long long)(calib.size(0) / world->world_size()));
+  }
+  PipelineReport r = run_blockwise(*m.model, rank_calib, *method, f, o);
+  if (!writer) return;  // rank 0 reports and writes the (identical) model
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& l : r.linears)
     layers.push_back({{"name", l.name}, {"rel_error", l.rel_error}, {"bits_per_weight", l.bits_per_weight}, {"params", l.params}});
@@ -517,7 +546,9 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                            {"saliency_seconds", saliency_seconds},
                            {"checkpoints_saved", r.checkpoints_saved},
                            {"checkpoint_seconds", r.checkpoint_seconds},
-                           {"threads", threads_summary()}};
+                           {"threads", threads_summary()},
+                           {"ranks", world->world_size()},
+                           {"comm_backend", world->backend()}};
   apply_quant_transforms(*m.model, a.tr);  // recorded in the checkpoint (calibration ran without them)
   {
     const ModelTransforms& t = m.model->transforms();
@@ -618,8 +649,8 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     if (!rep) throw_error(path, ": write failed");
   }
   if (!to_gguf) copy_tokenizer_files(a.tokenizer, a.model, out_dir);  // a GGUF output embeds it instead
-  out.keep();
-  fs::remove_all(o.state_dir, ec);
+  out->keep();
+  fs::remove_all(state_dir, ec);
   if (to_gguf) {
     export_quantized_dir_to_gguf(out_dir, a.out, a.tokenizer, a.json);
     fs::remove_all(out_dir, ec);
@@ -847,6 +878,7 @@ void register_quantize(CLI::App& app) {
   q->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
   q->add_flag("--json", a->json, "print the report as JSON");
   add_transform_options(q, &a->tr);
+  add_dist_options(q, &a->dist);
   add_threads_option(q);
   q->callback([a, q] {
     // Method-specific flags given to another method are refused rather than silently ignored.

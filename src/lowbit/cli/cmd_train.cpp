@@ -3,10 +3,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
+#include "lowbit/cli/dist.h"
 #include "lowbit/io/hf.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ternary.h"
@@ -21,6 +23,7 @@ struct TrainArgs {
   std::string tokenizer, train_text, valid_text, train_tokens, valid_tokens, config_json, device = "cpu";
   std::string arch = "llama", ternary_scale = "mean", schedule = "cosine";
   TrainOptions o;
+  DistArgs dist;  // --gpus N / launcher environment: data-parallel training (issue 20)
   bool json = false, tf32 = false, bf16 = false;
 };
 
@@ -44,8 +47,17 @@ void run_train(TrainArgs& a) {
                 "CPU bodies only");
   if (!a.train_tokens.empty() && !a.train_text.empty()) throw_error("train: give --train or --train-tokens, not both");
   if (!a.valid_tokens.empty() && !a.valid_text.empty()) throw_error("train: give --valid or --valid-tokens, not both");
+  // Data parallel: every rank builds the same model and data; each step's windows are split over
+  // the ranks and the gradients all-reduced (trainer.h); rank 0 writes.
+  const std::unique_ptr<comm::Communicator> world = start_ranks(a.dist, a.device != "cpu");
+  const bool writer = world->rank() == 0;
+  o.comm = world.get();
+  if (world->world_size() > 1 && a.bf16)
+    throw_error("train: --bf16 with several ranks is not supported yet (the bf16 copies' gradients are collected per "
+                "rank); train in f32");
   o.device = parse_device(a.device);
-  OutputDir out(o.out_dir);
+  std::optional<OutputDir> out;
+  if (writer) out.emplace(o.out_dir);
   if (!a.config_json.empty()) {
     std::ifstream f(a.config_json);
     if (!f) throw_error(a.config_json, ": cannot open");
@@ -62,6 +74,8 @@ void run_train(TrainArgs& a) {
   if (o.config.n_kv_heads == 0) o.config.n_kv_heads = o.config.n_heads;
   if (o.config.max_seq_len < o.seq_len) o.config.max_seq_len = int(o.seq_len);
   std::vector<int32_t> train, valid;
+  // Rank 0 tokenizes (and writes the caches) first; the other ranks then read its caches.
+  if (!writer) world->barrier();
   auto cache = [&](const char* n) { return (fs::path(o.out_dir) / n).string(); };
   if (!a.train_tokens.empty()) train = read_token_file(a.train_tokens);
   else if (!a.train_text.empty()) {
@@ -75,20 +89,26 @@ void run_train(TrainArgs& a) {
     if (!tok) throw_error("train: --valid TEXT needs --tokenizer");
     valid = tokenize_file_cached(a.valid_text, *tok, a.tokenizer, cache("valid.tokens"));
   }
+  if (writer) world->barrier();
   check_training_inputs(o, train, valid);
   o.config.validate("model architecture");
   if (a.tf32) {
     if (o.device != Device::CUDA) throw_error("train: --tf32 needs --device cuda");
     cuda_set_allow_tf32(true);
   }
-  if (!a.json) std::fprintf(stderr, "model: %s\ntrain: %zu tokens, valid: %zu tokens\n", o.config.summary().c_str(), train.size(), valid.size());
-  out.keep_if_exists((fs::path(o.out_dir) / "state.safetensors").string());  // a failed run keeps its resumable state
+  if (!a.json && writer)
+    std::fprintf(stderr, "model: %s\ntrain: %zu tokens, valid: %zu tokens\n", o.config.summary().c_str(), train.size(), valid.size());
+  if (!a.json && writer && world->world_size() > 1)
+    std::fprintf(stderr, "data-parallel training: %d ranks (%s backend), each micro-batch of %lld windows split over them\n",
+                 world->world_size(), world->backend().c_str(), (long long)o.batch_size);
+  if (writer) out->keep_if_exists((fs::path(o.out_dir) / "state.safetensors").string());  // a failed run keeps its resumable state
   TrainResult r = train_model(o, train, valid, [&](const TrainRecord& rec) {
-    if (rec.val_loss >= 0 && !a.json)
+    if (rec.val_loss >= 0 && !a.json && writer)
       std::fprintf(stderr, "\nstep %lld  loss %.4f  val_loss %.4f  lr %.2e  %.0f tok/s\n", (long long)rec.step, rec.loss,
                    rec.val_loss, rec.lr, rec.tokens_per_second);
   });
-  out.keep();
+  if (!writer) return;
+  out->keep();
   const double run_tokens = double(r.records.size()) * double(o.batch_size * o.seq_len * o.grad_accum);
   const double tok_s = r.train_seconds > 0 ? run_tokens / r.train_seconds : 0;
   if (r.complete && !a.tokenizer.empty()) copy_tokenizer_files(a.tokenizer, "", (fs::path(o.out_dir) / "hf").string());
@@ -97,7 +117,8 @@ void run_train(TrainArgs& a) {
                         {"train_seconds", r.train_seconds}, {"tokens_per_second", tok_s}, {"device", a.device},
                         {"tf32", a.tf32}, {"bf16", a.bf16}, {"optimizer_bits", o.optimizer_bits},
                         {"optimizer_state_bytes", r.optimizer_state_bytes},
-                        {"optimizer_params_8bit", r.optimizer_params_8bit}};
+                        {"optimizer_params_8bit", r.optimizer_params_8bit},
+                        {"ranks", world->world_size()}, {"comm_backend", world->backend()}};
   if (o.device == Device::CUDA) j["gpu"] = cuda_device_name();
   if (!o.dump_order.empty()) j["data_order"] = o.dump_order;
   j["arch"] = a.arch;
@@ -191,6 +212,12 @@ void register_train(CLI::App& app) {
                 "weight decay 0 in the second half)")
       ->capture_default_str();
   t->add_flag("--json", a->json, "print a JSON summary");
+  add_dist_options(t, &a->dist);
+  t->add_option("--stop-after", o.stop_after, "testing aid: stop after this many steps of this run (state kept)")
+      ->check(at_least(0));
+  t->add_flag("--zero", o.zero,
+              "with several ranks: shard the AdamW state over them (ZeRO: gradients reduce-scattered, parameters "
+              "all-gathered; f32 state; the state file is the unsharded one)");
   add_threads_option(t);
   t->callback([a] { run_train(*a); });
 }

@@ -1,4 +1,5 @@
 #include "lowbit/cli/common.h"
+#include "lowbit/cli/dist.h"
 
 #include <unistd.h>
 
@@ -69,7 +70,7 @@ namespace fs = std::filesystem;
 Device parse_device(const std::string& name) {
   if (name == "cpu") return Device::CPU;
   if (name == "cuda" || name == "gpu") {
-    if (!init_cuda()) throw_error("--device cuda: no usable CUDA GPU (or lowbit was built without CUDA)");
+    if (!init_cuda(cuda_device_index())) throw_error("--device cuda: no usable CUDA GPU (or lowbit was built without CUDA)");
     return Device::CUDA;
   }
   throw_error("unknown device '", name, "' (expected cpu or cuda)");

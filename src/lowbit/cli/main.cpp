@@ -12,6 +12,7 @@
 
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
+#include "lowbit/cli/dist.h"
 #include "lowbit/core/error.h"
 #include "lowbit/core/progress.h"
 
@@ -62,9 +63,13 @@ int main(int argc, char** argv) {
   lowbit::cli::register_export(app);
   lowbit::cli::register_serve(app);
   lowbit::cli::register_run(app);
+  lowbit::cli::register_comm(app);
+  lowbit::cli::set_command_line(argc, argv);
   try {
     app.parse(argc, argv);
     lowbit::cli::check_stdout();
+  } catch (const lowbit::cli::ExitRequest& e) {  // --gpus N: the ranks' exit status
+    return e.code;
   } catch (const CLI::Success& e) {  // --help, --version
     return app.exit(e);
   } catch (const CLI::ParseError& e) {

@@ -127,6 +127,7 @@ class AdaRoundMethod : public GptqMethod {
  public:
   AdaRoundMethod(const QuantFormat& f, AdaRoundOptions o) : GptqMethod(f, GptqOptions{}), a_(o) {}
   std::string name() const override { return "adaround"; }
+  bool supports_data_parallel() const override { return false; }  // not plain sums over windows
   std::string options_key() const override;
 
  protected:
@@ -140,6 +141,7 @@ class AdaQuantMethod : public GptqMethod {
  public:
   AdaQuantMethod(const QuantFormat& f, AdaQuantOptions o) : GptqMethod(f, GptqOptions{}), a_(o) {}
   std::string name() const override { return "adaquant"; }
+  bool supports_data_parallel() const override { return false; }  // not plain sums over windows
   std::string options_key() const override;
 
  protected:

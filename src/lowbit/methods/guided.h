@@ -87,6 +87,7 @@ class GuidedMethod : public GptqMethod {
  public:
   GuidedMethod(const QuantFormat& f, GptqOptions g, GuidedOptions o);
   std::string name() const override { return "guided"; }
+  bool supports_data_parallel() const override { return false; }  // not plain sums over windows
   std::string options_key() const override;
   // Gathers the statistics (or reads them from state_dir) unless set_stats gave them.
   void prepare(LlamaModel& model, const Tensor& tokens, const std::string& state_dir, bool progress) override;

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "lowbit/comm/comm.h"
 #include "lowbit/model/llama.h"
 #include "lowbit/quant/format.h"
 #include "lowbit/quant/quantized_tensor.h"
@@ -129,6 +130,21 @@ class BlockMethod {
   // run's resumable state directory, where such statistics can be kept across a kill.
   virtual void prepare(LlamaModel& /*model*/, const Tensor& /*tokens*/, const std::string& /*state_dir*/,
                        bool /*progress*/) {}
+
+  // Data-parallel calibration (issue 20): each rank runs the pipeline on its own share of the
+  // calibration windows, and a method that supports it sums its statistics over the ranks through
+  // `comm` before it solves (GPTQ: the Hessians), so every rank computes the same block as one
+  // process on all windows would, up to the rounding of the order of the sums. The per-linear error
+  // reports stay those of the rank's own windows. Methods that do not support it are refused by
+  // the CLI for more than one rank.
+  virtual bool supports_data_parallel() const { return false; }
+  void set_communicator(comm::Communicator* c) { comm_ = c; }
+  comm::Communicator* communicator() const { return comm_; }
+
+ protected:
+  // More than one rank: the statistics are to be summed over comm_.
+  bool distributed() const { return comm_ && comm_->world_size() > 1; }
+  comm::Communicator* comm_ = nullptr;
 };
 
 struct PipelineOptions {

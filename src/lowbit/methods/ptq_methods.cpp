@@ -285,6 +285,16 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
       }
       hc.end_batch();
     }
+    if (distributed()) {  // data-parallel calibration: the sums over every rank's windows
+      for (auto& [owner, sum] : hc.sum) {
+        comm_->all_reduce_sum(sum);
+        hc.rows[owner] = comm_->all_reduce_sum(hc.rows[owner]);
+      }
+      for (auto& [n, sums] : gsum) {
+        for (Tensor& sk : sums) comm_->all_reduce_sum(sk);
+        grows[n] = comm_->all_reduce_sum(grows[n]);
+      }
+    }
     lap(t, prof.capture);
     auto solve_one = [&](const std::string& name, const Tensor& w) {
       auto it = gsum.find(name);
@@ -330,15 +340,53 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
 void AwqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
   LlamaBlock& b = ctx.model.block(ctx.layer);
   const LlamaConfig& c = ctx.model.config();
-  InputCapture cap(kAwqRows);
-  ctx.run_block(ctx.inputs, cap.hook());
+  // Data parallel: the searches run on the first kAwqRows calibration rows of all windows, as in
+  // one process: each rank captures its part of them (its windows follow the lower ranks'), the
+  // parts are all-gathered, and every rank runs the same searches on the same rows.
+  std::vector<int64_t> takes{kAwqRows};  // rows each rank contributes
+  int rank = 0;
+  if (distributed()) {
+    rank = comm_->rank();
+    const int W = comm_->world_size();
+    Tensor mine = Tensor::empty({1}, DType::I64), all = Tensor::empty({W}, DType::I64);
+    mine.data<int64_t>()[0] = ctx.n_samples * ctx.seqlen;
+    comm_->all_gather(mine, all);
+    takes.assign(size_t(W), 0);
+    int64_t before = 0;
+    for (int r = 0; r < W; ++r) {
+      const int64_t have = all.data<int64_t>()[r];
+      takes[size_t(r)] = std::clamp<int64_t>(kAwqRows - before, 0, have);
+      before += have;
+    }
+  }
+  InputCapture cap(takes[size_t(rank)]);
+  if (takes[size_t(rank)] > 0) ctx.run_block(ctx.inputs, cap.hook());
   // Original weights (for the error reports against the unscaled layer) and inputs.
   std::map<std::string, Tensor> w0, x0;
-  for (const auto& g : kSequentialGroups)
+  for (const auto& g : kSequentialGroups) {
+    Tensor x;  // the linears of a group share their input
+    if (!distributed()) {
+      x = cap.rows(g[0]);
+    } else {
+      const int64_t in = (*slot_of(b, g[0]))->in_features(), pad = *std::max_element(takes.begin(), takes.end());
+      Tensor part = Tensor::zeros({pad, in}), all = Tensor::empty({pad * comm_->world_size(), in});
+      if (takes[size_t(rank)] > 0) part.slice(0, 0, takes[size_t(rank)]).copy_(cap.rows(g[0]));
+      comm_->all_gather(part, all);
+      int64_t n = 0;
+      for (int64_t t : takes) n += t;
+      x = Tensor::empty({n, in});
+      int64_t at = 0;
+      for (int r = 0; r < comm_->world_size(); ++r) {
+        const int64_t t = takes[size_t(r)];
+        if (t > 0) x.slice(0, at, at + t).copy_(all.slice(0, r * pad, r * pad + t));
+        at += t;
+      }
+    }
     for (const auto& n : g) {
       w0[n] = weight_of(ctx, n).clone();
-      x0[n] = cap.rows(n);
+      x0[n] = x;
     }
+  }
   // 1. Scale search per input-sharing group, folded into the producer of the input.
   auto fold_rows = [](Tensor& w, const Tensor& s) {  // w[i, :] /= s[i]
     const int64_t out = w.size(0), in = w.size(1);

@@ -14,6 +14,7 @@ class RtnMethod : public BlockMethod {
  public:
   explicit RtnMethod(const QuantFormat& f) : f_(f) {}
   std::string name() const override { return "rtn"; }
+  bool supports_data_parallel() const override { return true; }  // data-free: every rank the same
   void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
 
  private:
@@ -28,6 +29,10 @@ class GptqMethod : public BlockMethod {
   GptqMethod(const QuantFormat& f, GptqOptions o) : f_(f), o_(o) {}
   std::string name() const override { return "gptq"; }
   std::string options_key() const override;
+  // The Hessian sums (and their row counts) are all-reduced before each group is solved. The
+  // subclasses whose statistics are not plain sums over the windows (RSQ's token weights, GuidedQuant,
+  // AdaRound/AdaQuant) say no; COMQ solves from the Hessian alone and inherits yes.
+  bool supports_data_parallel() const override { return true; }
   void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
 
  protected:
@@ -67,6 +72,9 @@ class AwqMethod : public BlockMethod {
   AwqMethod(const QuantFormat& f, AwqOptions o, bool clip) : f_(f), o_(o), clip_(clip) {}
   std::string name() const override { return "awq"; }
   std::string options_key() const override;
+  // The calibration rows of the searches (the first kAwqRows of all windows) are all-gathered, so
+  // every rank searches on exactly the rows one process would.
+  bool supports_data_parallel() const override { return true; }
   void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
 
  private:

@@ -31,6 +31,7 @@ class RsqMethod : public GptqMethod {
  public:
   RsqMethod(const QuantFormat& f, GptqOptions g, RsqOptions o) : GptqMethod(f, g), r_(o) {}
   std::string name() const override { return "rsq"; }
+  bool supports_data_parallel() const override { return false; }  // not plain sums over windows
   std::string options_key() const override;
 
  protected:

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 
 #include <nlohmann/json.hpp>
@@ -80,21 +81,30 @@ namespace {
 // The architecture a state belongs to ("llama" or "bitnet-b1.58"): a resume checks it.
 std::string arch_name(const TrainOptions& o) { return o.bitnet.enabled ? "bitnet-b1.58" : "llama"; }
 
-void save_state(const std::string& path, const std::vector<Var>& params, AdamW& opt, int64_t step,
-                const LlamaConfig& c, uint64_t seed, const std::string& arch) {
+// The state file: the parameters, then AdamW's state tensors in its order (state_tensors()).
+void save_state_tensors(const std::string& path, const std::vector<Var>& params, const std::vector<Tensor>& st, int bits,
+                        int64_t step, const LlamaConfig& c, uint64_t seed, const std::string& arch) {
   // The state tensors' number and types depend on the optimizer bits: stored so a resume can check.
   std::vector<std::pair<std::string, Tensor>> ts;
   for (size_t i = 0; i < params.size(); ++i) ts.emplace_back("param." + std::to_string(i), params[i].value());
-  auto st = opt.state_tensors();
-  for (size_t i = 0; i < st.size(); ++i) ts.emplace_back("adamw." + std::to_string(i), *st[i]);
+  for (size_t i = 0; i < st.size(); ++i) ts.emplace_back("adamw." + std::to_string(i), st[i]);
   nlohmann::json cj = config_to_hf_json(c, "float32");
   save_safetensors(path, ts,
                    {{"step", std::to_string(step)}, {"seed", std::to_string(seed)}, {"config", cj.dump()}, {"arch", arch},
-                    {"optimizer_bits", std::to_string(opt.state_bits())}});
+                    {"optimizer_bits", std::to_string(bits)}});
 }
 
+void save_state(const std::string& path, const std::vector<Var>& params, AdamW& opt, int64_t step,
+                const LlamaConfig& c, uint64_t seed, const std::string& arch) {
+  std::vector<Tensor> st;
+  for (Tensor* t : opt.state_tensors()) st.push_back(*t);
+  save_state_tensors(path, params, st, opt.state_bits(), step, c, seed, arch);
+}
+
+// state_index: the file's state tensor for each of opt.state_tensors() (null: the same order);
+// a sharded (ZeRO) optimizer restores its own parameters' moments from a whole state file.
 int64_t load_state(const std::string& path, std::vector<Var>& params, AdamW& opt, uint64_t seed,
-                   const std::string& arch) {
+                   const std::string& arch, const std::vector<size_t>* state_index = nullptr) {
   SafetensorsFile f = SafetensorsFile::open(path);
   auto it = f.metadata().find("step");
   if (it == f.metadata().end()) throw_error(path, ": training state has no 'step' metadata");
@@ -119,7 +129,8 @@ int64_t load_state(const std::string& path, std::vector<Var>& params, AdamW& opt
   };
   for (size_t i = 0; i < params.size(); ++i) restore("param." + std::to_string(i), params[i].mutable_value());
   auto st = opt.state_tensors();
-  for (size_t i = 0; i < st.size(); ++i) restore("adamw." + std::to_string(i), *st[i]);
+  for (size_t i = 0; i < st.size(); ++i)
+    restore("adamw." + std::to_string(state_index ? (*state_index)[i] : i), *st[i]);
   const int64_t step = std::stoll(it->second);
   opt.set_steps(step);
   return step;
@@ -211,6 +222,113 @@ void check_training_inputs(const TrainOptions& o, const std::vector<int32_t>& tr
 }
 
 namespace {
+// Data parallel: the gradients of `params` summed over the ranks, through one flat buffer (out of
+// place: gradient tensors may be shared between parameters; an undefined gradient counts as zero).
+void all_reduce_grads(const std::vector<Var>& params, comm::Communicator& c) {
+  int64_t n = 0;
+  for (const auto& p : params) n += p.value().numel();
+  const Device dev = params.front().value().device();
+  Tensor flat = Tensor::zeros({n}, DType::F32, dev);
+  int64_t off = 0;
+  for (const auto& p : params) {
+    const int64_t k = p.value().numel();
+    if (p.grad().defined()) flat.slice(0, off, off + k).copy_(p.grad().reshape({k}));
+    off += k;
+  }
+  c.all_reduce_sum(flat);
+  off = 0;
+  for (const auto& p : params) {
+    const int64_t k = p.value().numel();
+    Tensor g = flat.slice(0, off, off + k).view(p.value().shape());
+    p.grad() = p.value().dtype() == DType::F32 ? g : g.to(p.value().dtype());
+    off += k;
+  }
+}
+
+// ZeRO: parameter i of `ordered` belongs to rank owner[i]; a rank's parameters are consecutive and
+// packed into its `chunk` elements at offset[i] (the padded flat layout of the collectives).
+struct ZeroLayout {
+  std::vector<int> owner;
+  std::vector<int64_t> offset;
+  int64_t chunk = 0;
+  bool owns(size_t i, int rank) const { return owner[i] == rank; }
+};
+
+ZeroLayout zero_layout(const std::vector<Var>& ps, int world) {
+  ZeroLayout z;
+  int64_t total = 0;
+  for (const auto& p : ps) total += p.value().numel();
+  std::vector<int64_t> used(size_t(world), 0);
+  int64_t before = 0;
+  for (const auto& p : ps) {
+    const int64_t n = p.value().numel();
+    // the rank whose share of [0, total) holds the parameter's middle
+    const int r = int(std::min<int64_t>(world - 1, (2 * before + n) * world / std::max<int64_t>(1, 2 * total)));
+    z.owner.push_back(r);
+    z.offset.push_back(used[size_t(r)]);
+    used[size_t(r)] += n;
+    before += n;
+  }
+  for (int64_t u : used) z.chunk = std::max(z.chunk, u);
+  z.chunk = std::max<int64_t>(z.chunk, 1);
+  return z;
+}
+
+// Each rank's tensors (get(i) for the parameters it owns) packed into its chunk and all-gathered:
+// the [world * chunk] result holds every parameter's tensor at owner * chunk + offset.
+Tensor zero_gather(const std::vector<Var>& ps, const ZeroLayout& z, comm::Communicator& c,
+                   const std::function<Tensor(size_t)>& get) {
+  const Device dev = ps.front().value().device();
+  Tensor mine = Tensor::zeros({z.chunk}, DType::F32, dev), all = Tensor::empty({z.chunk * c.world_size()}, DType::F32, dev);
+  for (size_t i = 0; i < ps.size(); ++i)
+    if (z.owns(i, c.rank())) {
+      const int64_t k = ps[i].value().numel();
+      mine.slice(0, z.offset[i], z.offset[i] + k).copy_(get(i).reshape({k}));
+    }
+  c.all_gather(mine, all);
+  return all;
+}
+
+Tensor zero_slot(const Tensor& all, const ZeroLayout& z, size_t i, const Tensor& like) {
+  const int64_t k = like.numel(), b = z.owner[i] * z.chunk + z.offset[i];
+  return all.slice(0, b, b + k).view(like.shape());
+}
+
+// The gradients summed over the ranks, each rank receiving its own parameters' (reduce-scatter);
+// the others' gradients are dropped. Returns the global gradient norm, clipped as clip_grad_norm.
+double zero_reduce_grads(const std::vector<Var>& ps, const ZeroLayout& z, comm::Communicator& c, double max_norm) {
+  const Device dev = ps.front().value().device();
+  Tensor flat = Tensor::zeros({z.chunk * c.world_size()}, DType::F32, dev), mine = Tensor::empty({z.chunk}, DType::F32, dev);
+  for (size_t i = 0; i < ps.size(); ++i) {
+    if (!ps[i].grad().defined()) continue;
+    const int64_t k = ps[i].value().numel(), b = z.owner[i] * z.chunk + z.offset[i];
+    flat.slice(0, b, b + k).copy_(ps[i].grad().reshape({k}));
+  }
+  c.reduce_scatter_sum(flat, mine);
+  double ss = 0;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    Var p = ps[i];
+    if (!z.owns(i, c.rank())) {
+      p.grad() = Tensor();
+      continue;
+    }
+    p.grad() = mine.slice(0, z.offset[i], z.offset[i] + p.value().numel()).view(p.value().shape());
+    ss += ops::sum_squares(p.grad());
+  }
+  const double norm = std::sqrt(c.all_reduce_sum(ss));
+  if (max_norm > 0 && norm > max_norm) {
+    const double sc = max_norm / (norm + 1e-6);
+    for (size_t i = 0; i < ps.size(); ++i)
+      if (z.owns(i, c.rank())) {
+        Var p = ps[i];
+        Tensor scaled = Tensor::empty(p.grad().shape(), p.grad().dtype(), p.grad().device());
+        ops::scale(p.grad(), sc, scaled);
+        p.grad() = scaled;
+      }
+  }
+  return norm;
+}
+
 // The training loop; with `mixed`, forward passes run on its bf16 copies and their gradients are
 // collected into the f32 masters (`params`) after each backward.
 TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& params, const TrainOptions& o,
@@ -219,7 +337,12 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
                               const std::function<void(int64_t)>& before_step = nullptr) {
   if (params.empty()) throw_error("training: no trainable parameters");
   check_training_inputs(o, train, val);
-  fs::create_directories(o.out_dir);
+  const bool dp = o.comm && o.comm->world_size() > 1;
+  const bool writer = !o.comm || o.comm->rank() == 0;  // the log, the state
+  if (dp && o.batch_size < o.comm->world_size())
+    throw_error("--batch ", o.batch_size, ": data-parallel training splits each micro-batch's windows over the ",
+                o.comm->world_size(), " ranks (give at least one window per rank)");
+  if (writer) fs::create_directories(o.out_dir);
   const std::string state_path = (fs::path(o.out_dir) / "state.safetensors").string();
   const std::string log_path = (fs::path(o.out_dir) / "log.jsonl").string();
   // No weight decay on norms (1-D), as in llama2.c's train.py.
@@ -228,20 +351,61 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
   AdamWStateOptions state_options;
   state_options.bits = o.optimizer_bits;
   if (model.token_embedding().defined()) state_options.keep_32bit.push_back(model.token_embedding());
-  AdamW opt({decay, no_decay}, state_options);
   std::vector<Var> ordered = decay.params;
   ordered.insert(ordered.end(), no_decay.params.begin(), no_decay.params.end());
+  // ZeRO: this rank's optimizer holds the state of its own parameters only.
+  const bool zero = dp && o.zero;
+  ZeroLayout zl;
+  std::vector<size_t> own_state;  // the state file's tensors for this rank's optimizer (m, v per own parameter)
+  if (o.zero && !dp) throw_error("--zero shards the optimizer state over several ranks (--gpus N or a launcher)");
+  if (zero) {
+    if (o.optimizer_bits != 32) throw_error("--zero: f32 optimizer state only (--optimizer-bits 32)");
+    if (mixed) throw_error("--zero: not with --bf16 mixed precision");
+    for (const auto& p : ordered)
+      if (p.value().dtype() != DType::F32) throw_error("--zero: f32 parameters only, got ", p.value().describe());
+    zl = zero_layout(ordered, o.comm->world_size());
+    ParamGroup d{{}, decay.options}, nd{{}, no_decay.options};
+    for (size_t i = 0; i < ordered.size(); ++i)
+      if (zl.owns(i, o.comm->rank())) {
+        (i < decay.params.size() ? d : nd).params.push_back(ordered[i]);
+        own_state.push_back(2 * i);
+        own_state.push_back(2 * i + 1);
+      }
+    decay = d;
+    no_decay = nd;
+  }
+  AdamW opt({decay, no_decay}, state_options);
+  // The whole state file (rank 0 writes it): with ZeRO the moments are gathered from their owners first.
+  auto save_now = [&](int64_t at) {
+    if (!zero) {
+      if (writer) save_state(state_path, ordered, opt, at, o.config, o.seed, arch_name(o));
+      return;
+    }
+    std::vector<Tensor*> st = opt.state_tensors();
+    std::map<size_t, std::pair<Tensor*, Tensor*>> mine;  // own parameter -> (m, v)
+    for (size_t i = 0, k = 0; i < ordered.size(); ++i)
+      if (zl.owns(i, o.comm->rank())) mine[i] = {st[k], st[k + 1]}, k += 2;
+    const Tensor m = zero_gather(ordered, zl, *o.comm, [&](size_t i) { return *mine.at(i).first; });
+    const Tensor v = zero_gather(ordered, zl, *o.comm, [&](size_t i) { return *mine.at(i).second; });
+    if (!writer) return;
+    std::vector<Tensor> all;
+    for (size_t i = 0; i < ordered.size(); ++i) {
+      all.push_back(zero_slot(m, zl, i, ordered[i].value()));
+      all.push_back(zero_slot(v, zl, i, ordered[i].value()));
+    }
+    save_state_tensors(state_path, ordered, all, 32, at, o.config, o.seed, arch_name(o));
+  };
 
   TrainResult result;
   result.optimizer_state_bytes = opt.state_bytes();
   result.optimizer_params_8bit = opt.params_8bit();
   int64_t step = 0;
   if (o.resume && fs::exists(state_path)) {
-    step = load_state(state_path, ordered, opt, o.seed, arch_name(o));
+    step = load_state(state_path, ordered, opt, o.seed, arch_name(o), zero ? &own_state : nullptr);
     result.resumed = true;
   }
   // Keep the log consistent with the state: drop lines past the resumed step.
-  {
+  if (writer) {
     std::vector<std::string> keep;
     std::ifstream in(log_path);
     for (std::string line; std::getline(in, line);) {
@@ -251,7 +415,8 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
     std::ofstream out(log_path, std::ios::trunc);
     for (auto& l : keep) out << l << "\n";
   }
-  std::ofstream log(log_path, std::ios::app);
+  std::ofstream log;
+  if (writer) log.open(log_path, std::ios::app);
 
   // With mixed precision the bf16 copies are rewritten from the masters before the first forward
   // pass after each update (and after a resume).
@@ -277,22 +442,38 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
     double loss_sum = 0;
     for (int64_t m = 0; m < o.grad_accum; ++m) {
       Tensor in, tgt;
-      make_lm_windows(train, train_window_starts(o.seed, step, m, o.batch_size, o.seq_len, int64_t(train.size())), o.seq_len, in,
-                 tgt);
+      std::vector<int64_t> starts = train_window_starts(o.seed, step, m, o.batch_size, o.seq_len, int64_t(train.size()));
+      double share = 1;  // this rank's fraction of the micro-batch's windows (its weight in the mean loss)
+      if (dp) {
+        const auto [b, e] = comm::shard_range(int64_t(starts.size()), o.comm->rank(), o.comm->world_size(), "--batch");
+        share = double(e - b) / double(starts.size());
+        starts = std::vector<int64_t>(starts.begin() + b, starts.begin() + e);
+      }
+      make_lm_windows(train, starts, o.seq_len, in, tgt);
       Var logits = forward(in);
       Var loss = cross_entropy(logits, tgt.to(o.device));
-      loss_sum += loss.value().item();
-      backward(o.grad_accum > 1 ? scale(loss, 1.0 / double(o.grad_accum)) : loss);
+      loss_sum += loss.value().item() * share;
+      const double w = share / double(o.grad_accum);
+      backward(w != 1.0 ? scale(loss, w) : loss);
       if (mixed) mixed->collect_grads();  // sum micro-batches in f32
+    }
+    if (dp) {  // the mean over every rank's windows: sums of the weighted losses and gradients
+      if (!zero) all_reduce_grads(ordered, *o.comm);
+      loss_sum = o.comm->all_reduce_sum(loss_sum);
     }
     TrainRecord r;
     r.step = step + 1;
     r.loss = loss_sum / double(o.grad_accum);
-    r.grad_norm = clip_grad_norm(ordered, o.grad_clip);
+    r.grad_norm = zero ? zero_reduce_grads(ordered, zl, *o.comm, o.grad_clip) : clip_grad_norm(ordered, o.grad_clip);
     const double lr_scale = o.bitnet.two_stage ? two_stage_lr(step, o.warmup_steps, o.max_steps, o.min_lr_ratio)
                                                : warmup_cosine(step, o.warmup_steps, o.max_steps, o.min_lr_ratio);
     r.lr = o.lr * lr_scale;
     opt.step(lr_scale);
+    if (zero) {  // every rank's updated parameters to every rank
+      const Tensor all = zero_gather(ordered, zl, *o.comm, [&](size_t i) { return ordered[i].value(); });
+      for (size_t i = 0; i < ordered.size(); ++i)
+        if (!zl.owns(i, o.comm->rank())) ordered[i].mutable_value().copy_(zero_slot(all, zl, i, ordered[i].value()));
+    }
     copies_fresh = false;
     ++step;
     ++run_steps;
@@ -306,16 +487,17 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
     nlohmann::json j = {{"step", r.step}, {"loss", r.loss}, {"lr", r.lr}, {"grad_norm", r.grad_norm},
                         {"tokens_per_second", r.tokens_per_second}};
     if (r.val_loss >= 0) j["val_loss"] = r.val_loss;
-    log << j.dump() << "\n";
-    log.flush();
+    if (writer) {
+      log << j.dump() << "\n";
+      log.flush();
+    }
     result.records.push_back(r);
     if (r.val_loss >= 0) result.final_val_loss = r.val_loss;
     if (on_step) on_step(r);
     bar.update(step, "loss " + std::to_string(r.loss).substr(0, 6));
-    if (last || (o.checkpoint_every > 0 && step % o.checkpoint_every == 0))
-      save_state(state_path, ordered, opt, step, o.config, o.seed, arch_name(o));
+    if (last || (o.checkpoint_every > 0 && step % o.checkpoint_every == 0)) save_now(step);
     if (o.stop_after > 0 && run_steps >= o.stop_after && !last) {
-      save_state(state_path, ordered, opt, step, o.config, o.seed, arch_name(o));
+      save_now(step);
       result.steps_done = step;
       return result;
     }
@@ -354,9 +536,10 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
       if (id < 0 || id >= o.config.vocab_size)
         throw_error("token id ", id, " in the data is outside the model vocabulary (", o.config.vocab_size, ")");
   if (o.out_dir.empty()) throw_error("train: an output directory (--out) is required");
-  fs::create_directories(o.out_dir);
+  const bool writer = !o.comm || o.comm->rank() == 0;  // data parallel: rank 0 writes
+  if (writer) fs::create_directories(o.out_dir);
   // The order is a pure function of (seed, shapes, stream sizes): written in full, also on resume.
-  if (!o.dump_order.empty()) write_data_order(o.dump_order, o, int64_t(train.size()), int64_t(val.size()));
+  if (writer && !o.dump_order.empty()) write_data_order(o.dump_order, o, int64_t(train.size()), int64_t(val.size()));
 
   LlamaWeights w = init_weights(o.config, o.seed);
   if (o.device != Device::CPU) for_each_weight(w, [&](const std::string&, Tensor& t) { t = t.to(o.device); });
@@ -370,7 +553,7 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
   if (o.bf16) mixed = std::make_unique<MixedPrecisionModel>(model);
   TrainResult result =
       run_training_impl(model, model.parameters(), o, train, val, on_step, mixed.get(), before_step);
-  if (!result.complete) return result;
+  if (!result.complete || !writer) return result;
   // Final model in the formats other tools load.
   LlamaWeights final_w = model.weights();
   for_each_weight(final_w, [](const std::string&, Tensor& t) { t = t.to(Device::CPU); });

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "lowbit/comm/comm.h"
 #include "lowbit/model/llama.h"
 #include "lowbit/train/bitnet.h"
 
@@ -45,6 +46,20 @@ struct TrainOptions {
   // BitNet b1.58 (train/bitnet.h): BitLinear blocks, the 16 -> 1.58-bit transition, and the
   // two-stage LR/WD schedule (which plain Llama runs may use too). CPU only.
   BitNetOptions bitnet;
+  // Data parallel (issue 20; null or one rank: off): each micro-batch's windows are split over the
+  // ranks (comm::shard_range), each rank's loss is weighted by its share of the windows, and the
+  // gradients are summed over the ranks (one flat all-reduce per step) before clipping and the
+  // AdamW step, which every rank then takes identically: the loss curve is the one-process curve up
+  // to the rounding of the sums. Rank 0 alone writes the log, the state and the model.
+  comm::Communicator* comm = nullptr;
+  // With several ranks: shard the AdamW state (ZeRO, as PyTorch's ZeroRedundancyOptimizer: whole
+  // parameters, in order, each owned by one rank, the ranks' shares balanced by size). The
+  // gradients are reduce-scattered (each rank receives the summed gradients of its own parameters),
+  // the clipping norm is all-reduced, each rank updates its parameters with its part of the state,
+  // and the parameters are all-gathered. The state file is the same as without sharding (rank 0
+  // gathers the moments to save; every rank restores its own part), so runs resume either way.
+  // f32 optimizer state only.
+  bool zero = false;
 };
 
 struct TrainRecord {

@@ -1,0 +1,44 @@
+// Several ranks for one command (issue 20): `--gpus N` and the launcher environment.
+//
+//   lowbit quantize ... --gpus 4          this process starts 4 ranks of the same command line
+//                                         (RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set,
+//                                         comm/launch.h) and waits for them;
+//   torchrun --nproc-per-node 4 ... lowbit quantize ...   (or any launcher that sets the variables)
+//                                         each process joins as the rank the environment names.
+// Rank r uses GPU LOCAL_RANK; rank 0 writes the outputs and prints; the other ranks' progress bars
+// are off.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "lowbit/comm/comm.h"
+
+namespace CLI {
+class App;
+}
+
+namespace lowbit::cli {
+
+// Thrown by start_ranks in the process that launched the ranks: main() exits with `code`.
+struct ExitRequest {
+  int code = 0;
+};
+
+void set_command_line(int argc, char** argv);  // main() keeps it for the launcher
+
+struct DistArgs {
+  int gpus = 0;  // 0: not given
+  std::string backend = "auto";
+};
+// Adds --gpus N (and --comm-backend auto|cpu|nccl|single).
+void add_dist_options(CLI::App* app, DistArgs* d);
+
+// Call first in a command: launches the ranks (throws ExitRequest with their exit status) or joins
+// the run the environment describes and returns this rank's communicator (the single-rank one
+// without either). uses_gpu: the command runs on the GPU (picks NCCL under backend "auto").
+std::unique_ptr<comm::Communicator> start_ranks(const DistArgs& d, bool uses_gpu);
+
+// The GPU this process uses: LOCAL_RANK of a several-rank run, else 0 (parse_device).
+int cuda_device_index();
+
+}  // namespace lowbit::cli
