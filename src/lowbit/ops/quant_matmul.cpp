@@ -237,8 +237,6 @@ struct QActs {
   }
 };
 
-// The buffers are the calling thread's and reused from call to call (decode runs ~200 products
-// per token); the returned reference is valid until this thread's next call.
 // QuantSharedInputScope: while one is alive on this thread, the last Int8-body call's activations
 // (and its panel copy) are kept with the input they came from, for the next calls on the same input.
 thread_local int t_shared_input = 0;
@@ -254,6 +252,9 @@ struct SharedInput {
 };
 thread_local SharedInput t_shared;
 
+// The buffers are the calling thread's and reused from call to call (decode runs ~200 products
+// per token); the returned reference is valid until this thread's next call
+// (inside a QuantSharedInputScope: the next call on another input).
 const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, QuantIsa isa) {
   thread_local QActs a;
   if (t_shared_input > 0 && t_shared.same(x, M, in, bits, isa)) return a;  // this input, already quantized
