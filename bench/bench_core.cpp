@@ -2,12 +2,16 @@
 //   cmake -B build -DLOWBIT_BENCH=ON && ninja -C build bench_core && build/bench/bench_core
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <random>
+#include <vector>
 
 #include "lowbit/autograd/functions.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/model/llama.h"
 #include "lowbit/ops/ops.h"
+#include "lowbit/runtime/sampler.h"
 
 using namespace lowbit;
 
@@ -21,6 +25,20 @@ static void BM_Gemm(benchmark::State& st) {
 // x W^T shapes: square, and a batch of tokens through a 4096-wide projection.
 BENCHMARK(BM_Gemm)->Args({512, 512, 512})->Args({1024, 1024, 1024})->Args({128, 4096, 4096})->Args({1, 4096, 4096})
     ->Unit(benchmark::kMillisecond);
+
+// Greedy sampling over SmolLM2's 49152 logits (one per decoding sequence and step, on the serving
+// thread): std::max_element (arg 0) vs lowbit::argmax_first (arg 1), the same index.
+static void BM_GreedyArgmax(benchmark::State& st) {
+  std::vector<float> x(49152);
+  std::mt19937 rng(1);
+  std::normal_distribution<float> g(0.0f, 3.0f);
+  for (float& v : x) v = g(rng);
+  for (auto _ : st) {
+    const int i = st.range(0) ? argmax_first(x.data(), int(x.size())) : int(std::max_element(x.begin(), x.end()) - x.begin());
+    benchmark::DoNotOptimize(i);
+  }
+}
+BENCHMARK(BM_GreedyArgmax)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
 
 static LlamaConfig stories15m_shape() {
   LlamaConfig c;

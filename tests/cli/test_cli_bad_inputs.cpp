@@ -181,6 +181,8 @@ const Row kRows[] = {
   {"bench", "matmul bogus", "bench -m {M} --matmul bogus", "--matmul: 'bogus'"},
   {"bench", "depth -1", "bench -m {M} -d -1", "--depth: must be at least 0"},
   {"bench", "depth not a number", "bench -m {M} --depth x", "--depth: 'x' is not a number"},
+  {"bench", "batch -1", "bench -m {M} -b -1", "--batch: must be at least 0"},
+  {"bench", "batch not a number", "bench -m {M} --batch x", "--batch: 'x' is not a number"},
   {"bench", "f32-vocab with a value", "bench -m {M} --f32-vocab=maybe", "--f32-vocab"},
   {"bench", "stdout full", "bench -m {M} -p 4 -n 2 -r 1 > /dev/full", "writing to standard output", kModel},
   // --- export

@@ -2,6 +2,8 @@
 // float kernels (core/vecmath.h) against plain loops.
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -157,6 +159,22 @@ TEST(VecMath, ExpSoftmaxAndSiluMatchLibm) {
       const double sl = double(g[size_t(i)]) / (1.0 + std::exp(-double(g[size_t(i)])));
       ASSERT_NEAR(y[size_t(i)], sl, 1e-6 * (1 + std::abs(sl)));
       ASSERT_NEAR(z[size_t(i)], sl * u[size_t(i)], 1e-6 * (1 + std::abs(sl)));
+    }
+  }
+}
+
+// The strided f16 widening (KV-cache rows of one head) equals the per-row conversion, value for
+// value, for widths with and without a vector tail and every row stride.
+TEST(VecMath, F16RowsToF32EqualsRowByRow) {
+  std::vector<uint16_t> src(4096);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = uint16_t((i * 2654435761u) >> 7);  // every kind of half, NaNs included
+  for (int64_t width : {1, 15, 16, 17, 64, 100}) {
+    for (int64_t ld : {width, width + 3, 3 * width}) {
+      const int64_t n = 7;
+      std::vector<float> got(size_t(n * width), -1.0f), want(size_t(n * width), -2.0f);
+      vec::f16_rows_to_f32(src.data() + 5, ld, got.data(), n, width);
+      for (int64_t r = 0; r < n; ++r) vec::f16_to_f32(src.data() + 5 + r * ld, want.data() + r * width, width);
+      ASSERT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0) << "width " << width << " ld " << ld;
     }
   }
 }

@@ -588,3 +588,54 @@ TEST(QuantMatmul, TernaryLayoutsRunTheirInt8KernelsOnBlocksOf256) {
   Tensor y = Tensor::empty({1, 4});
   EXPECT_THROW(ops::quant_matmul(Tensor::randn({1, 256}, 1), bad, y), Error);
 }
+
+// QuantSharedInputScope (serving's q / k / v and gate / up products): inside the scope, products
+// that read the same input reuse its int8 activations and panel copy; every product's numbers stay
+// bit-identical to the product alone, whatever the sequence of weights (formats with other
+// activation orders, panel and non-panel bodies, another row count or width on the same pointer,
+// another input in between, a ternary weight with its own activation blocks).
+TEST(QuantMatmul, SharedInputScopeKeepsEveryProductsNumbers) {
+  const int64_t in = 256, M = 8;
+  std::vector<std::pair<std::string, QuantizedTensor>> ws;
+  for (const char* name : {"q4_1", "q4_0", "q8_0", "int4g128", "int2g64", "int8pc", "ternary"}) {
+    const QuantFormat* f = nullptr;
+    try {
+      f = &parse_quant_format(name);
+    } catch (const Error&) {
+      continue;
+    }
+    if (!f->row_fits(in)) continue;
+    try {
+      QuantizedTensor q = quantize(Tensor::randn({48, in}, 3 + ws.size(), 0.05), *f);
+      if (ops::quant_matmul_has_int8_kernel(q.packed_view())) ws.emplace_back(name, std::move(q));
+    } catch (const Error&) {
+    }
+  }
+  ASSERT_GE(ws.size(), 3u);
+  const Tensor x = test_input(M, in, 17), x2 = test_input(M, in, 18);
+  for (bool panels : {true, false}) {
+    const ops::QuantMatmulOptions opt{ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, panels};
+    auto product = [&](const Tensor& a, const QuantizedTensor& q) {
+      Tensor y = Tensor::empty({a.size(0), q.packed_view().out});
+      ops::quant_matmul(a, q.packed_view(), y, opt);
+      return y;
+    };
+    // Alone (no scope): the reference numbers.
+    std::vector<Tensor> want, want2, want_rows;
+    for (auto& [name, q] : ws) {
+      want.push_back(product(x, q));
+      want2.push_back(product(x2, q));
+      want_rows.push_back(product(x.slice(0, 0, 3), q));
+    }
+    ops::QuantSharedInputScope shared;
+    for (int rep = 0; rep < 2; ++rep)
+      for (size_t i = 0; i < ws.size(); ++i) {
+        SCOPED_TRACE(ws[i].first + (panels ? " panels" : " quads") + " rep " + std::to_string(rep));
+        EXPECT_EQ(max_abs_diff(product(x, ws[i].second), want[i]), 0.0);
+        EXPECT_EQ(max_abs_diff(product(x, ws[(i + 1) % ws.size()].second), want[(i + 1) % ws.size()]), 0.0);
+        EXPECT_EQ(max_abs_diff(product(x.slice(0, 0, 3), ws[i].second), want_rows[i]), 0.0);  // same pointer, 3 rows
+        EXPECT_EQ(max_abs_diff(product(x2, ws[i].second), want2[i]), 0.0);
+        EXPECT_EQ(max_abs_diff(product(x, ws[i].second), want[i]), 0.0);
+      }
+  }
+}

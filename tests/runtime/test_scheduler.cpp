@@ -3,7 +3,10 @@
 // shutdown and rejected submissions.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <condition_variable>
+#include <limits>
+#include <random>
 #include <future>
 #include <map>
 #include <mutex>
@@ -366,4 +369,36 @@ TEST(Scheduler, RejectsBadChunkOptions) {
   EXPECT_THROW(Scheduler(m, tok, options(1, 8, -1, 8)), Error);  // prefill_chunk < 1
   EXPECT_THROW(Scheduler(m, tok, options(1, 8, 16, 8)), Error);  // batch_tokens < prefill_chunk
   EXPECT_NO_THROW(Scheduler(m, tok, options(1, 8, 8, 8)));
+}
+
+// Greedy sampling's vectorised argmax gives std::max_element's index on every kind of input: ties
+// (first wins), NaNs anywhere (skipped; a NaN first element wins), +-0, infinities, all equal, short
+// and odd lengths (tails of the 64-value chunks and of the vector lanes).
+TEST(Sampler, ArgmaxFirstEqualsMaxElement) {
+  std::mt19937 rng(7);
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  int cases = 0;
+  for (int n : {1, 2, 3, 15, 16, 17, 63, 64, 65, 127, 128, 129, 1000, 49152}) {
+    for (int kind = 0; kind < 9; ++kind) {
+      std::vector<float> x(static_cast<size_t>(n));
+      std::uniform_int_distribution<int> small(-3, 3);
+      std::normal_distribution<float> g(0.0f, 5.0f);
+      for (float& v : x) v = kind == 1 ? float(small(rng)) : kind == 2 ? 1.0f : g(rng);
+      std::uniform_int_distribution<int> at(0, n - 1);
+      if (kind == 3) x[size_t(at(rng))] = nan, x[size_t(at(rng))] = nan;
+      if (kind == 4) x[0] = nan;
+      if (kind == 5) std::fill(x.begin(), x.end(), nan);
+      if (kind == 6) std::fill(x.begin(), x.end(), -inf), x[size_t(at(rng))] = nan;
+      if (kind == 7) x[size_t(at(rng))] = inf, x[size_t(at(rng))] = inf;
+      if (kind == 8) {
+        for (float& v : x) v = small(rng) < 0 ? -0.0f : 0.0f;
+        if (n > 1) x[size_t(at(rng))] = -1.0f;
+      }
+      const int want = int(std::max_element(x.begin(), x.end()) - x.begin());
+      EXPECT_EQ(argmax_first(x.data(), n), want) << "n " << n << " kind " << kind;
+      ++cases;
+    }
+  }
+  EXPECT_EQ(argmax_first(nullptr, 0), 0);
+  EXPECT_EQ(cases, 14 * 9);
 }

@@ -1,7 +1,10 @@
 // lowbit bench: model size in memory, prefill and decode speed, like llama-bench.
 //   prefill (pp): one forward of -p tokens into an empty KV cache (logits of every token computed).
 //   decode (tg):  -n forwards of one token each after an empty cache (or -d tokens of untimed
-//                 context), logits computed each time.
+//                 context), logits computed each time. With -b N (N >= 1): N sequences decode
+//                 together, each step one LlamaModel::forward_batch of N tokens (lowbit serve's
+//                 continuous-batching path); tokens/s counts the tokens of all N sequences, and the
+//                 CPU time per step (all threads) is reported next to it.
 // Token ids are fixed pseudo-random ids (the speed does not depend on them). One untimed warm-up
 // of each before the -r timed runs; mean ± sd over the runs.
 #include <chrono>
@@ -23,7 +26,7 @@ namespace {
 
 struct BenchArgs {
   std::string model, device = "cpu";
-  int pp = 512, tg = 128, reps = 3, depth = 0;
+  int pp = 512, tg = 128, reps = 3, depth = 0, batch = 0;
   bool json = false, dequantize = false, f32_vocab = false;
   KVCacheType kv_cache = KVCacheType::Auto;
   TransformArgs tr;
@@ -89,6 +92,14 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 // Process CPU time (every thread), seconds: on a shared machine, CPU time per token is the
 // steadier measure of the work a run does (wall time also counts the time other processes ran).
 double cpu_seconds() { return double(std::clock()) / CLOCKS_PER_SEC; }
+// CPU time of the calling thread alone, seconds: with -b, the main thread is the step's critical
+// path (pool workers wait for it between parallel regions), so its CPU time per step approximates
+// the step's wall time on an idle machine.
+double thread_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
 
 double run_pp(const LlamaModel& model, const Tensor& tokens, KVCacheType kv, double* cpu = nullptr) {
   KVCache cache = model.make_cache(tokens.numel(), kv);
@@ -119,6 +130,36 @@ double run_tg(const LlamaModel& model, const Tensor& tokens, KVCacheType kv, int
   return tps;
 }
 
+// -b N: N sequences (each with `context` untimed tokens already in its cache) decode `tokens` steps
+// together, one forward_batch per step. Returns tokens/s over all sequences.
+double run_tg_batch(const LlamaModel& model, const Tensor& tokens, KVCacheType kv, int64_t context, int batch,
+                    double* cpu = nullptr, double* main_cpu = nullptr) {
+  const int64_t n = tokens.numel(), vocab = model.config().vocab_size;
+  std::vector<KVCache> caches;
+  caches.reserve(size_t(batch));
+  std::vector<KVCache*> ptrs;
+  for (int s = 0; s < batch; ++s) {
+    caches.push_back(model.make_cache(context + n, kv));
+    ptrs.push_back(&caches.back());
+  }
+  if (context > 0)  // every prompt in one mixed forward, as lowbit serve reads short prompts (untimed)
+    model.forward_mixed(token_ids(context * batch, vocab, 5), ptrs, std::vector<int64_t>(size_t(batch), context),
+                        std::vector<bool>(size_t(batch), false));
+  const double c0 = cpu_seconds(), m0 = thread_cpu_seconds();
+  const auto t0 = std::chrono::steady_clock::now();
+  const int32_t* ids = tokens.data<int32_t>();
+  std::vector<int32_t> step(static_cast<size_t>(batch));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int s = 0; s < batch; ++s) step[size_t(s)] = ids[(i + s) % n];
+    Tensor logits = model.forward_batch(Tensor::from_vector(step, {int64_t(batch)}), ptrs).value();
+    if (i == n - 1) logits.to(Device::CPU);  // waits for the device
+  }
+  const double tps = double(n * batch) / seconds_since(t0);
+  if (cpu) *cpu += cpu_seconds() - c0;
+  if (main_cpu) *main_cpu += thread_cpu_seconds() - m0;
+  return tps;
+}
+
 void run_bench(const BenchArgs& a) {
   const int threads = num_threads();  // --threads (add_threads_option) has set the program's one pool
   check_kv_cache_device(a.kv_cache, a.device);
@@ -131,7 +172,7 @@ void run_bench(const BenchArgs& a) {
   const int64_t vocab = model.config().vocab_size;
   const int64_t bytes = model_bytes(m);
   std::vector<double> pp, tg;
-  double pp_cpu = 0, tg_cpu = 0;
+  double pp_cpu = 0, tg_cpu = 0, tg_main_cpu = 0;
   if (a.pp > 0) {
     const Tensor toks = token_ids(a.pp, vocab, 1);
     run_pp(model, token_ids(std::min(a.pp, 16), vocab, 2), a.kv_cache);  // warm-up
@@ -139,8 +180,13 @@ void run_bench(const BenchArgs& a) {
   }
   if (a.tg > 0) {
     const Tensor toks = token_ids(a.tg, vocab, 3);
-    run_tg(model, token_ids(std::min(a.tg, 4), vocab, 4), a.kv_cache, 0);  // warm-up
-    for (int r = 0; r < a.reps; ++r) tg.push_back(run_tg(model, toks, a.kv_cache, a.depth, &tg_cpu));
+    if (a.batch > 0) {
+      run_tg_batch(model, token_ids(std::min(a.tg, 4), vocab, 4), a.kv_cache, 0, a.batch);  // warm-up
+      for (int r = 0; r < a.reps; ++r) tg.push_back(run_tg_batch(model, toks, a.kv_cache, a.depth, a.batch, &tg_cpu, &tg_main_cpu));
+    } else {
+      run_tg(model, token_ids(std::min(a.tg, 4), vocab, 4), a.kv_cache, 0);  // warm-up
+      for (int r = 0; r < a.reps; ++r) tg.push_back(run_tg(model, toks, a.kv_cache, a.depth, &tg_cpu));
+    }
   }
   const Stat sp = stat(pp), st = stat(tg);
   if (a.json) {
@@ -153,6 +199,7 @@ void run_bench(const BenchArgs& a) {
                         {"pp_tokens", a.pp},
                         {"tg_tokens", a.tg},
                         {"depth", a.depth},
+                        {"batch", a.batch},
                         {"kv_cache", kv_cache_type_name(model.make_cache(0, a.kv_cache).type)},
                         {"kv_cache_bytes", model.make_cache(a.depth + std::max(a.pp, a.tg), a.kv_cache).bytes()},
                         {"matmul", matmul_name()}};
@@ -164,7 +211,9 @@ void run_bench(const BenchArgs& a) {
     if (!tg.empty()) {
       j["tg_tokens_per_s"] = st.mean;
       j["tg_tokens_per_s_sd"] = st.sd;
-      j["tg_cpu_ms_per_token"] = 1e3 * tg_cpu / double(a.reps * a.tg);
+      j["tg_cpu_ms_per_token"] = 1e3 * tg_cpu / double(a.reps * a.tg * std::max(a.batch, 1));
+      j["tg_cpu_ms_per_step"] = 1e3 * tg_cpu / double(a.reps * a.tg);
+      if (a.batch > 0) j["tg_main_thread_cpu_ms_per_step"] = 1e3 * tg_main_cpu / double(a.reps * a.tg);
     }
     print_json(j);
     return;
@@ -176,7 +225,13 @@ void run_bench(const BenchArgs& a) {
     print_stdout("| %s | %.2f MiB | %s | %d | %s | %s | pp%d | %.2f ± %.2f |\n", a.model.c_str(), mib, a.device.c_str(),
                  threads, kv.c_str(), matmul_name(), a.pp, sp.mean, sp.sd);
   if (!tg.empty()) {
-    const std::string test = a.depth > 0 ? "tg" + std::to_string(a.tg) + " @ d" + std::to_string(a.depth) : "tg" + std::to_string(a.tg);
+    std::string test = a.depth > 0 ? "tg" + std::to_string(a.tg) + " @ d" + std::to_string(a.depth) : "tg" + std::to_string(a.tg);
+    if (a.batch > 0) {
+      char buf[128];
+      std::snprintf(buf, sizeof buf, " x b%d (cpu %.2f ms/step, main thread %.2f)", a.batch, 1e3 * tg_cpu / double(a.reps * a.tg),
+                    1e3 * tg_main_cpu / double(a.reps * a.tg));
+      test += buf;
+    }
     print_stdout("| %s | %.2f MiB | %s | %d | %s | %s | %s | %.2f ± %.2f |\n", a.model.c_str(), mib, a.device.c_str(),
                  threads, kv.c_str(), matmul_name(), test.c_str(), st.mean, st.sd);
   }
@@ -192,6 +247,11 @@ void register_bench(CLI::App& app) {
   b->add_option("-n,--n-gen", a->tg, "decode test: tokens generated one at a time (0 = skip)")->capture_default_str()->check(at_least(0));
   b->add_option("-r,--repetitions", a->reps, "timed runs of each test")->capture_default_str()->check(at_least(1));
   b->add_option("-d,--depth", a->depth, "decode test: tokens already in the KV cache before it (untimed prefill), like llama-bench -d")
+      ->capture_default_str()
+      ->check(at_least(0));
+  b->add_option("-b,--batch", a->batch,
+                "decode test: N sequences decode together, one batched forward per step (lowbit serve's path; "
+                "tokens/s counts all N; 0 = one sequence on generate's path)")
       ->capture_default_str()
       ->check(at_least(0));
   add_kv_cache_option(b, &a->kv_cache);

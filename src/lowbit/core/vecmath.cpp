@@ -108,6 +108,17 @@ __attribute__((target("avx512f"))) void f16_to_f32_avx512(const uint16_t* src, f
                      _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
   for (; i < n; ++i) dst[i] = lowbit::f16_to_f32(src[i]);
 }
+__attribute__((target("avx512f"))) void f16_rows_to_f32_avx512(const uint16_t* src, int64_t ld, float* dst, int64_t n,
+                                                              int64_t width) {
+  for (int64_t r = 0; r < n; ++r) {
+    const uint16_t* s = src + r * ld;
+    float* d = dst + r * width;
+    int64_t i = 0;
+    for (; i + 16 <= width; i += 16)
+      _mm512_storeu_ps(d + i, _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
+    for (; i < width; ++i) d[i] = lowbit::f16_to_f32(s[i]);
+  }
+}
 __attribute__((target("avx,f16c"))) void f16_to_f32_f16c(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -146,6 +157,14 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   static const auto fn = &f16_to_f32_scalar;
 #endif
   fn(src, dst, n);
+}
+
+void f16_rows_to_f32(const uint16_t* src, int64_t ld, float* dst, int64_t n, int64_t width) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return f16_rows_to_f32_avx512(src, ld, dst, n, width);
+#endif
+  for (int64_t r = 0; r < n; ++r) f16_to_f32(src + r * ld, dst + r * width, width);
 }
 
 bool f32_to_f16_exact(const float* src, uint16_t* dst, int64_t n) {

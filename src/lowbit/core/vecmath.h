@@ -19,6 +19,9 @@ void swiglu(const float* g, const float* u, float* y, int64_t n);  // y = silu(g
 
 // 16-bit floats to f32 (exact): F16C / AVX-512 where the CPU has them, else the scalar codec.
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n);
+// n rows of `width` f16 values, row r at src + r * ld, into dst[r * width ...] (one call for a
+// strided block: the KV cache's rows of one head, widened for attention at every decode step).
+void f16_rows_to_f32(const uint16_t* src, int64_t ld, float* dst, int64_t n, int64_t width);
 void bf16_to_f32(const uint16_t* src, float* dst, int64_t n);
 // f32 to f16 (round to nearest even); returns whether every value converted exactly.
 bool f32_to_f16_exact(const float* src, uint16_t* dst, int64_t n);

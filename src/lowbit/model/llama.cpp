@@ -652,7 +652,15 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
     const LlamaBlock& b = blocks_[size_t(i)];
     // Norms and linear layers on all N rows (each weight is read once per segment) ...
     Var h = act_in(rmsnorm(x, b.attn_norm, eps));
-    Var q = lin(*b.wq, h), k = kv_token_in(lin(*b.wk, h)), v = kv_token_in(lin(*b.wv, h));
+    Var q, k, v;
+    {
+      ops::QuantSharedInputScope shared;  // q, k and v read h: its int8 activations are made once
+      q = lin(*b.wq, h);
+      k = lin(*b.wk, h);
+      v = lin(*b.wv, h);
+    }
+    k = kv_token_in(k);
+    v = kv_token_in(v);
     if (config_.qk_norm) {
       q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {N, H * hd});
       k = reshape(rmsnorm(reshape(k, {-1, hd}), b.k_norm, eps), {N, KVH * hd});
@@ -676,7 +684,13 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
     for (int64_t s : large) one(s);
     Var x1 = add(x, lin(*b.wo, act_in(Var(att))));
     Var h2 = act_in(rmsnorm(x1, b.ffn_norm, eps));
-    Var m = act_in(down_in(swiglu(lin(*b.w_gate, h2), lin(*b.w_up, h2))));
+    Var gate, up;
+    {
+      ops::QuantSharedInputScope shared;  // gate and up read h2
+      gate = lin(*b.w_gate, h2);
+      up = lin(*b.w_up, h2);
+    }
+    Var m = act_in(down_in(swiglu(gate, up)));
     x = add(x1, lin(*b.w_down, m));
   }
   for (size_t s = 0; s < S; ++s) caches[s]->length += counts[s];

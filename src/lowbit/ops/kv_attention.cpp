@@ -34,11 +34,8 @@ void widen_rows(const Tensor& t, const float* scale, int64_t kh, int64_t KVH, in
   const int64_t ld = KVH * hd;
   if (t.dtype() == DType::F16) {
     const auto* p = static_cast<const uint16_t*>(t.raw_data()) + kh * hd;
-    if (hd == ld) {
-      vec::f16_to_f32(p, dst, n * hd);
-    } else {
-      for (int64_t j = 0; j < n; ++j) vec::f16_to_f32(p + j * ld, dst + j * hd, hd);
-    }
+    if (hd == ld) vec::f16_to_f32(p, dst, n * hd);
+    else vec::f16_rows_to_f32(p, ld, dst, n, hd);
     return;
   }
   const auto* p = static_cast<const int8_t*>(t.raw_data()) + kh * hd;

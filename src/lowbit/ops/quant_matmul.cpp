@@ -237,10 +237,28 @@ struct QActs {
   }
 };
 
+// QuantSharedInputScope: while one is alive on this thread, the last Int8-body call's activations
+// (and its panel copy) are kept with the input they came from, for the next calls on the same input.
+thread_local int t_shared_input = 0;
+struct SharedInput {
+  bool acts = false, panels = false;  // the thread's QActs / panel copy hold this input's numbers
+  const float* x = nullptr;
+  int64_t M = 0, in = 0;
+  int bits = 0;
+  QuantIsa isa = QuantIsa::Auto;
+  bool same(const float* x_, int64_t M_, int64_t in_, int bits_, QuantIsa isa_) const {
+    return acts && x == x_ && M == M_ && in == in_ && bits == bits_ && isa == isa_;
+  }
+};
+thread_local SharedInput t_shared;
+
 // The buffers are the calling thread's and reused from call to call (decode runs ~200 products
-// per token); the returned reference is valid until this thread's next call.
+// per token); the returned reference is valid until this thread's next call
+// (inside a QuantSharedInputScope: the next call on another input).
 const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, QuantIsa isa) {
   thread_local QActs a;
+  if (t_shared_input > 0 && t_shared.same(x, M, in, bits, isa)) return a;  // this input, already quantized
+  t_shared = {};
   a.nb = (in + kBlock - 1) / kBlock;
   const size_t nblk = size_t(M * a.nb);
   if (a.d.size() < nblk) {
@@ -289,6 +307,7 @@ const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, Quan
       a.pair[2 * k] = d;
       a.pair[2 * k + 1] = d * float(s);
     }
+  if (t_shared_input > 0) t_shared = {true, false, x, M, in, bits, isa};
   return a;
 }
 
@@ -446,6 +465,7 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, Qu
   const PackedWeight& w = tensor_scaled ? w_unit : w_in;
   const float post = tensor_scaled ? w_in.tensor_scale : 1.0f;
   isa = resolve_isa(isa);
+  const bool panel_copy_kept = t_shared_input > 0 && t_shared.panels && t_shared.same(x, M, w.in, qmm::act_order_bits(w), isa);
   const QActs& a = quantize_acts(x, M, w.in, qmm::act_order_bits(w), isa);
   const qmm::RowKernel k = pick_kernel(isa, w);
   const qmm::QuadKernel qk = pick_quad_kernel(isa, w);
@@ -472,14 +492,17 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, Qu
       bds.resize(n);
       bs.resize(n);
     }
-    for (int64_t b = 0; b < nfull; ++b)
-      for (int64_t j = 0; j < M; ++j) {
-        const size_t k = size_t(b * M + j), src = size_t(j * a.nb + b);
-        std::memcpy(bq.data() + k * kBlock, a.q.data() + src * kBlock, kBlock);
-        bd[k] = a.d[src];
-        bs[k] = a.sum[src];
-        bds[k] = a.pair[2 * src + 1];
-      }
+    if (!panel_copy_kept) {
+      for (int64_t b = 0; b < nfull; ++b)
+        for (int64_t j = 0; j < M; ++j) {
+          const size_t k = size_t(b * M + j), src = size_t(j * a.nb + b);
+          std::memcpy(bq.data() + k * kBlock, a.q.data() + src * kBlock, kBlock);
+          bd[k] = a.d[src];
+          bs[k] = a.sum[src];
+          bds[k] = a.pair[2 * src + 1];
+        }
+      if (t_shared_input > 0 && t_shared.acts) t_shared.panels = true;
+    }
     pa = {M, bq.data(), bd.data(), bs.data(), bds.data()};
   }
   items_each(tasks, [&](int64_t t) {
@@ -956,6 +979,15 @@ QuantMatmulPath parse_quant_matmul_path(const std::string& name, const std::stri
   if (name == "exact") return QuantMatmulPath::Exact;
   if (name == "reference") return QuantMatmulPath::Reference;
   throw_error(what, ": '", name, "': expected auto, int8, exact or reference");
+}
+
+QuantSharedInputScope::QuantSharedInputScope() {
+  ++t_shared_input;
+  t_shared = {};
+}
+QuantSharedInputScope::~QuantSharedInputScope() {
+  --t_shared_input;
+  t_shared = {};
 }
 
 QuantInt8RowsScope::QuantInt8RowsScope(int64_t max_rows) : previous_(t_int8_max_rows) { t_int8_max_rows = max_rows; }

@@ -116,6 +116,20 @@ class QuantInt8RowsScope {
   int64_t previous_;
 };
 
+// While alive, CPU Int8-body products on this thread that read the same input (same pointer, rows,
+// width, activation order and ISA) as the previous one quantize it once: the second and later
+// reuse its int8 activations and their panel copy (the numbers are those of a fresh quantization,
+// which is deterministic). The caller promises not to write the input meanwhile: the attention's
+// q / k / v projections read one normed input, as the MLP's gate and up do (serving's batched steps
+// quantized each of those inputs three or two times). Nests; each scope starts and ends empty.
+class QuantSharedInputScope {
+ public:
+  QuantSharedInputScope();
+  ~QuantSharedInputScope();
+  QuantSharedInputScope(const QuantSharedInputScope&) = delete;
+  QuantSharedInputScope& operator=(const QuantSharedInputScope&) = delete;
+};
+
 // x: f32 [M, in] contiguous on the CPU; y: f32 [M, out] (written). Throws lowbit::Error on a shape,
 // dtype or device mismatch, or an IntGroups view whose fields are inconsistent.
 // On CUDA (x and y f32 on the GPU, w.device set): Auto and Int8 with M <= 8 run the decode GEMV

@@ -4,8 +4,25 @@
 #include <cmath>
 
 #include "lowbit/core/error.h"
+#include "lowbit/core/vecmath.h"
 
 namespace lowbit {
+
+int argmax_first(const float* x, int n) {
+  if (n <= 0 || std::isnan(x[0])) return 0;  // max_element keeps a NaN first element
+  const float m = vec::max(x, n);            // the largest value that is not NaN (vectorised)
+  // Its first position: chunks of 64 are tested without branches, the chunk that holds it is scanned.
+  constexpr int kChunk = 64;
+  int i = 0;
+  for (; i + kChunk <= n; i += kChunk) {
+    int hit = 0;
+    for (int j = 0; j < kChunk; ++j) hit |= int(x[i + j] == m);
+    if (hit) break;
+  }
+  for (; i < n; ++i)
+    if (x[i] == m) return i;
+  return 0;
+}
 
 Sampler::Sampler(SamplerOptions o) : o_(o), rng_(o.seed) {
   if (o_.temperature < 0) throw_error("sampler: temperature must be >= 0, got ", o_.temperature);
@@ -13,7 +30,7 @@ Sampler::Sampler(SamplerOptions o) : o_(o), rng_(o.seed) {
 }
 
 int Sampler::sample(const float* logits, int V) {
-  if (o_.temperature == 0) return int(std::max_element(logits, logits + V) - logits);
+  if (o_.temperature == 0) return argmax_first(logits, V);
   // Softmax at temperature T (max-subtracted for stability).
   const float mx = *std::max_element(logits, logits + V);
   buf_.resize(size_t(V));

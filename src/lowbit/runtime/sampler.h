@@ -12,6 +12,12 @@ struct SamplerOptions {
   uint64_t seed = 42;
 };
 
+// Index of the first maximum of x[0, n), the same as std::max_element(x, x + n) - x (NaNs are
+// skipped, ties go to the first, a NaN at x[0] gives 0), in two vectorised passes: greedy sampling
+// of a 49152-token vocabulary for every row of a batched step was serial scalar work (perf: 4 % of
+// the serving thread at 8 clients). 0 for n <= 0.
+int argmax_first(const float* x, int n);
+
 class Sampler {
  public:
   explicit Sampler(SamplerOptions o);
