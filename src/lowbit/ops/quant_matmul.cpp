@@ -19,6 +19,7 @@
 #include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
 #include "lowbit/ops/quant_matmul_kernels.h"
+#include "lowbit/ops/quant_matmul_salient.h"
 
 namespace lowbit::ops {
 
@@ -48,6 +49,7 @@ void check_view(const PackedWeight& w) {
   if (!w.dequantize_row) throw_error(kOp, ": weight [", w.format, "] has no dequantize_row");
   if (w.layout == PackedLayout::Generic) return;
   if (!w.codes) throw_error(kOp, ": weight [", w.format, "] lacks its codes");
+  if (w.layout == PackedLayout::SalientBinary) return salient::check(w, kOp);
   if (w.layout == PackedLayout::TritPlanes) {
     if (w.bits != 2 || !w.scales || !w.zeros || w.group_size <= 0 || w.group_size % 4 != 0 ||
         w.n_groups != (w.in + w.group_size - 1) / w.group_size || w.row_bytes != 2 * ((w.in + 3) / 4))
@@ -129,6 +131,7 @@ void trit_planes_row(const PackedWeight& w, int64_t r, float* dst) {
 void decode_row(const PackedWeight& w, int64_t r, float* dst) {
   if (w.layout == PackedLayout::IntGroups) int_groups_row(w, r, dst);
   else if (w.layout == PackedLayout::TritPlanes) trit_planes_row(w, r, dst);
+  else if (w.layout == PackedLayout::SalientBinary) salient::decode_row(w, r, dst);
   else w.dequantize_row(r, dst);
 }
 
@@ -432,6 +435,7 @@ void trit_planes_body(const float* x, int64_t M, const PackedWeight& w, float* y
 // The ternary layouts (TQ2_0, TQ1_0 and the ternary format) go to ternary_body (activation blocks of 256).
 void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels) {
   if (w_in.layout == PackedLayout::TritPlanes) return trit_planes_body(x, M, w_in, y, isa, panels);
+  if (w_in.layout == PackedLayout::SalientBinary) return salient::int8_body(x, M, w_in, y);  // portable
   if (const qmm::TernaryKind kind = qmm::ternary_kind(w_in); kind != qmm::TernaryKind::None)
     return ternary_body(x, M, w_in, y, isa, kind);
   // A tensor scale (ternary): the kernels run with unit f16 scales, the products are scaled after.
@@ -945,7 +949,8 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
     case QuantMatmulPath::Reference: reference_body(px, M, w, py); break;
     case QuantMatmulPath::Int8: int8_body(px, M, w, py, opt.isa, opt.int8_panels); break;
     default:
-      if (M <= kQuantDecodeMaxRows) exact_decode_body(px, M, w, py);
+      if (M <= kQuantDecodeMaxRows && w.layout == PackedLayout::SalientBinary) salient::exact_body(px, M, w, py);
+      else if (M <= kQuantDecodeMaxRows) exact_decode_body(px, M, w, py);
       else exact_tiled_body(px, M, w, py);
   }
 }
