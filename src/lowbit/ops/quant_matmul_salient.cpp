@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "lowbit/core/dtype.h"
@@ -26,17 +27,26 @@ inline bool is_salient(const uint8_t* mask, int64_t j) { return (mask[j / 8] >> 
 struct Columns {
   std::vector<uint8_t> mask;  // the mask the lists were made from (compared by content)
   int64_t in = 0;
+  std::vector<uint16_t> col_scales;  // and the factors (f16 bits)
   std::vector<int32_t> bin, sal;
+  std::vector<float> r;  // r_j of the binary columns, f32
 };
 const Columns& columns_of(const PackedWeight& w) {
   thread_local Columns c;
   const size_t mb = size_t((w.in + 7) / 8);
-  if (c.in == w.in && c.mask.size() == mb && std::equal(c.mask.begin(), c.mask.end(), w.col_mask)) return c;
+  const size_t nb = size_t(w.in - w.salient);
+  if (c.in == w.in && c.mask.size() == mb && c.col_scales.size() == nb &&
+      std::memcmp(c.mask.data(), w.col_mask, mb) == 0 &&
+      std::memcmp(c.col_scales.data(), w.col_scales, nb * sizeof(uint16_t)) == 0)
+    return c;
   c.mask.assign(w.col_mask, w.col_mask + mb);
   c.in = w.in;
+  c.col_scales.assign(w.col_scales, w.col_scales + nb);
   c.bin.clear();
   c.sal.clear();
   for (int64_t j = 0; j < w.in; ++j) (is_salient(w.col_mask, j) ? c.sal : c.bin).push_back(int32_t(j));
+  c.r.resize(c.bin.size());
+  for (size_t t = 0; t < c.r.size(); ++t) c.r[t] = f16_to_f32(w.col_scales[t]);
   return c;
 }
 
@@ -69,37 +79,62 @@ void check(const PackedWeight& w, const char* op) {
 }
 
 void decode_row(const PackedWeight& w, int64_t r, float* dst) {
-  const int64_t sb = (w.in - w.salient + 7) / 8;
+  const Columns& c = columns_of(w);  // this thread's lists (decode runs on the workers)
+  const int64_t nb = int64_t(c.bin.size()), k = int64_t(c.sal.size()), sb = (nb + 7) / 8;
   const uint8_t* rp = w.codes + r * w.row_bytes;
   const float alpha = f16_to_f32(w.scales[2 * r]), s = f16_to_f32(w.scales[2 * r + 1]);
   const float mu = f16_to_f32(w.zeros[2 * r]), z = f16_to_f32(w.zeros[2 * r + 1]);
-  for (int64_t j = 0, t = 0, u = 0; j < w.in; ++j) {
-    if (is_salient(w.col_mask, j)) {
-      dst[j] = salient_int4_value(rp[sb + u / 2] >> (4 * (u % 2)) & 15, s, z);
-      ++u;
-    } else {
-      dst[j] = salient_binary_value(rp[t / 8] >> (t % 8) & 1, f16_to_f32(w.col_scales[t]), alpha, mu);
-      ++t;
-    }
-  }
+  for (int64_t t = 0; t < nb; ++t)
+    dst[c.bin[size_t(t)]] = salient_binary_value(rp[t / 8] >> (t % 8) & 1, c.r[size_t(t)], alpha, mu);
+  for (int64_t u = 0; u < k; ++u) dst[c.sal[size_t(u)]] = salient_int4_value(rp[sb + u / 2] >> (4 * (u % 2)) & 15, s, z);
 }
 
-void exact_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
+void gather_salient(const float* x, int64_t M, const PackedWeight& w, float* xs) {
   const Columns& c = columns_of(w);
-  const int64_t nb = int64_t(c.bin.size()), k = int64_t(c.sal.size()), sb = (nb + 7) / 8;
-  // Per activation row: x_b (padded to whole bytes), its sum, x_s and the tables.
-  std::vector<float> xb(static_cast<size_t>(M * sb * 8), 0.0f), xs(static_cast<size_t>(M * k));
-  std::vector<float> sum(static_cast<size_t>(M)), tab(static_cast<size_t>(M * sb * 256));
+  const int64_t k = int64_t(c.sal.size());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t u = 0; u < k; ++u) xs[m * k + u] = x[m * w.in + c.sal[size_t(u)]];
+}
+
+PackedWeight salient_view(const PackedWeight& w, uint16_t* s, uint16_t* z) {
+  for (int64_t r = 0; r < w.out; ++r) s[r] = w.scales[2 * r + 1], z[r] = w.zeros[2 * r + 1];
+  const int64_t k = w.salient, sb = (w.in - k + 7) / 8;
+  PackedWeight p;
+  p.out = w.out;
+  p.in = k;
+  p.format = w.format;
+  p.layout = PackedLayout::IntGroups;
+  p.bits = 4;
+  p.group_size = k;
+  p.n_groups = 1;
+  p.row_bytes = w.row_bytes;  // the stride: the nibbles sit after the sign bits of each row
+  p.codes = w.codes + sb;
+  p.scales = s;
+  p.zeros = z;
+  const uint8_t* codes = p.codes;
+  const int64_t stride = w.row_bytes;
+  p.dequantize_row = [codes, stride, k, s, z](int64_t r, float* dst) {
+    const float sc = f16_to_f32(s[r]), zz = f16_to_f32(z[r]);
+    for (int64_t u = 0; u < k; ++u) dst[u] = salient_int4_value(codes[r * stride + u / 2] >> (4 * (u % 2)) & 15, sc, zz);
+  };
+  return p;
+}
+
+void binary_exact(const float* x, int64_t M, const PackedWeight& w, float* y) {
+  const Columns& c = columns_of(w);
+  const int64_t nb = int64_t(c.bin.size()), sb = (nb + 7) / 8;
+  // Per activation row: x_b = r_j x_j (padded to whole bytes), its sum and the tables.
+  std::vector<float> xb(static_cast<size_t>(M * sb * 8), 0.0f), sum(static_cast<size_t>(M));
+  std::vector<float> tab(static_cast<size_t>(M * sb * 256));
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * w.in;
     float* b = xb.data() + m * sb * 8;
     float acc = 0.0f;
     for (int64_t t = 0; t < nb; ++t) {
-      b[t] = f16_to_f32(w.col_scales[t]) * xm[c.bin[size_t(t)]];
+      b[t] = c.r[size_t(t)] * xm[c.bin[size_t(t)]];
       acc += b[t];
     }
     sum[size_t(m)] = acc;
-    for (int64_t u = 0; u < k; ++u) xs[size_t(m * k + u)] = xm[c.sal[size_t(u)]];
   }
   parallel_for(M * sb, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) build_table(xb.data() + i * 8, tab.data() + i * 256);
@@ -107,9 +142,7 @@ void exact_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
   rows(w, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* rp = w.codes + r * w.row_bytes;
-      const uint8_t* q4 = rp + sb;
-      const float alpha = f16_to_f32(w.scales[2 * r]), s = f16_to_f32(w.scales[2 * r + 1]);
-      const float mu = f16_to_f32(w.zeros[2 * r]), z = f16_to_f32(w.zeros[2 * r + 1]);
+      const float alpha = f16_to_f32(w.scales[2 * r]), mu = f16_to_f32(w.zeros[2 * r]);
       for (int64_t m = 0; m < M; ++m) {
         const float* t = tab.data() + m * sb * 256;
         float p0 = 0, p1 = 0, p2 = 0, p3 = 0;
@@ -122,16 +155,7 @@ void exact_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
         }
         for (; i < sb; ++i) p0 += t[i * 256 + rp[i]];
         const float plus = (p0 + p1) + (p2 + p3);
-        const float* xsm = xs.data() + m * k;
-        float a0 = 0, a1 = 0;
-        int64_t u = 0;
-        for (; u + 2 <= k; u += 2) {
-          const uint8_t byte = q4[u / 2];
-          a0 += (float(byte & 15) - z) * xsm[u];
-          a1 += (float(byte >> 4) - z) * xsm[u + 1];
-        }
-        if (u < k) a0 += (float(q4[u / 2] & 15) - z) * xsm[u];
-        y[m * w.out + r] = (mu + alpha) * plus + (mu - alpha) * (sum[size_t(m)] - plus) + s * (a0 + a1);
+        y[m * w.out + r] = (mu + alpha) * plus + (mu - alpha) * (sum[size_t(m)] - plus);
       }
     }
   });
@@ -140,9 +164,9 @@ void exact_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
 namespace {
 
 // n values quantized per block of 32 to int8 (d = amax / 127, round to nearest, as the other
-// layouts' activations), zero padded to `padded` values; per block: d and d * (sum of the codes).
-void quantize_blocks(const float* v, int64_t n, int64_t padded, int8_t* q, float* d, float* dsum) {
-  for (int64_t b = 0; b * kBlock < padded; ++b) {
+// layouts' activations), zero padded to whole blocks; per block: d and the sum of the codes.
+void quantize_blocks(const float* v, int64_t n, int8_t* q, float* d, int32_t* sum) {
+  for (int64_t b = 0; b * kBlock < n; ++b) {
     const int64_t b0 = b * kBlock, e = std::min(n, b0 + kBlock);
     float amax = 0.0f;
     for (int64_t i = b0; i < e; ++i) amax = std::max(amax, std::fabs(v[i]));
@@ -154,91 +178,65 @@ void quantize_blocks(const float* v, int64_t n, int64_t padded, int8_t* q, float
       s += qv;
     }
     d[b] = db;
-    dsum[b] = db * float(s);
+    sum[b] = s;
   }
 }
 
 }  // namespace
 
-void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
+void binary_int8(const float* x, int64_t M, const PackedWeight& w, float* y) {
   const Columns& c = columns_of(w);
-  const int64_t nb = int64_t(c.bin.size()), k = int64_t(c.sal.size()), sb = (nb + 7) / 8;
-  const int64_t bblk = (nb + kBlock - 1) / kBlock, sblk = (k + kBlock - 1) / kBlock;
-  const int64_t bpad = bblk * kBlock, spad = sblk * kBlock;
+  const int64_t nb = int64_t(c.bin.size()), sb = (nb + 7) / 8;
+  const int64_t bblk = (nb + kBlock - 1) / kBlock, bpad = bblk * kBlock;
   // The calling thread's buffers, reused across calls (named through a reference: inside the
   // parallel lambdas a thread_local name would be the worker's own instance).
   struct Buffers {
-    std::vector<float> tmp;
-    std::vector<int8_t> qb, qs;
-    std::vector<float> db, dbs, ds, dss, sum_b, sum_s;
+    std::vector<float> tmp, d;
+    std::vector<int8_t> q;
+    std::vector<int32_t> sum;
     std::vector<int16_t> tab;
   };
   thread_local Buffers buffers;
   Buffers& B = buffers;
-  auto& tmp = B.tmp;
-  auto& qb = B.qb;
-  auto& qs = B.qs;
-  auto &db = B.db, &dbs = B.dbs, &ds = B.ds, &dss = B.dss, &sum_b = B.sum_b, &sum_s = B.sum_s;
-  auto& tab = B.tab;
-  tmp.resize(size_t(std::max(bpad, spad)));
-  qb.assign(size_t(M * bpad), 0);
-  qs.assign(size_t(M * spad), 0);
-  db.resize(size_t(M * bblk)), dbs.resize(size_t(M * bblk)), ds.resize(size_t(M * sblk)), dss.resize(size_t(M * sblk));
-  sum_b.resize(size_t(M)), sum_s.resize(size_t(M));
-  tab.resize(size_t(M * bblk * 4 * 256));
+  B.tmp.resize(size_t(bpad));
+  B.q.assign(size_t(M * bpad), 0);
+  B.d.resize(size_t(M * bblk));
+  B.sum.resize(size_t(M * bblk));
+  B.tab.resize(size_t(M * bblk * 4 * 256));
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * w.in;
-    for (int64_t t = 0; t < nb; ++t) tmp[size_t(t)] = f16_to_f32(w.col_scales[t]) * xm[c.bin[size_t(t)]];
-    quantize_blocks(tmp.data(), nb, bpad, qb.data() + m * bpad, db.data() + m * bblk, dbs.data() + m * bblk);
-    for (int64_t u = 0; u < k; ++u) tmp[size_t(u)] = xm[c.sal[size_t(u)]];
-    quantize_blocks(tmp.data(), k, spad, qs.data() + m * spad, ds.data() + m * sblk, dss.data() + m * sblk);
-    float a = 0.0f, b = 0.0f;
-    for (int64_t i = 0; i < bblk; ++i) a += dbs[size_t(m * bblk + i)];
-    for (int64_t i = 0; i < sblk; ++i) b += dss[size_t(m * sblk + i)];
-    sum_b[size_t(m)] = a;
-    sum_s[size_t(m)] = b;
+    for (int64_t t = 0; t < nb; ++t) B.tmp[size_t(t)] = c.r[size_t(t)] * xm[c.bin[size_t(t)]];
+    quantize_blocks(B.tmp.data(), nb, B.q.data() + m * bpad, B.d.data() + m * bblk, B.sum.data() + m * bblk);
   }
   // Tables over whole blocks (4 bytes each; bytes past the row's sign bytes are never read).
   parallel_for(M * bblk * 4, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t i = b0; i < b1; ++i) build_table(qb.data() + i * 8, tab.data() + i * 256);
+    for (int64_t i = b0; i < b1; ++i) build_table(B.q.data() + i * 8, B.tab.data() + i * 256);
   });
   rows(w, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* rp = w.codes + r * w.row_bytes;
-      const uint8_t* q4 = rp + sb;
-      const float alpha = f16_to_f32(w.scales[2 * r]), s = f16_to_f32(w.scales[2 * r + 1]);
-      const float mu = f16_to_f32(w.zeros[2 * r]), z = f16_to_f32(w.zeros[2 * r + 1]);
+      const float alpha = f16_to_f32(w.scales[2 * r]), mu = f16_to_f32(w.zeros[2 * r]);
       for (int64_t m = 0; m < M; ++m) {
-        const int16_t* t = tab.data() + m * bblk * 4 * 256;
-        const float* dm = db.data() + m * bblk;
-        float plus = 0.0f;
+        const int16_t* t = B.tab.data() + m * bblk * 4 * 256;
+        const float* dm = B.d.data() + m * bblk;
+        const int32_t* sm = B.sum.data() + m * bblk;
+        // Per block: the integer sums over the set and the clear sign bits, one f32 multiply-add each.
+        float plus = 0.0f, minus = 0.0f;
         const int64_t full = sb / 4;  // blocks whose 4 sign bytes all exist
         for (int64_t b = 0; b < full; ++b) {
           const int16_t* tb = t + b * 4 * 256;
           const uint8_t* pb = rp + b * 4;
           const int32_t is = int32_t(tb[pb[0]]) + tb[256 + pb[1]] + tb[512 + pb[2]] + tb[768 + pb[3]];
           plus += dm[b] * float(is);
+          minus += dm[b] * float(sm[b] - is);
         }
         if (full < bblk) {
           int32_t is = 0;
           for (int64_t i = full * 4; i < sb; ++i) is += t[i * 256 + rp[i]];
           plus += dm[full] * float(is);
+          minus += dm[full] * float(sm[full] - is);
         }
-        const int8_t* qsm = qs.data() + m * spad;
-        const float* dsm = ds.data() + m * sblk;
-        float sal = 0.0f;
-        for (int64_t b = 0; b < sblk; ++b) {
-          const int64_t u0 = b * kBlock, u1 = std::min(k, u0 + kBlock);
-          int32_t is = 0;
-          int64_t u = u0;
-          for (; u + 2 <= u1; u += 2) {
-            const uint8_t byte = q4[u / 2];
-            is += int32_t(byte & 15) * qsm[u] + int32_t(byte >> 4) * qsm[u + 1];
-          }
-          if (u < u1) is += int32_t(q4[u / 2] & 15) * qsm[u];
-          sal += dsm[b] * float(is);
-        }
-        y[m * w.out + r] = (mu + alpha) * plus + (mu - alpha) * (sum_b[size_t(m)] - plus) + s * (sal - z * sum_s[size_t(m)]);
+        y[m * w.out + r] = (mu + alpha) * plus + (mu - alpha) * minus;
       }
     }
   });

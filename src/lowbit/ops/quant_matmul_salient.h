@@ -11,9 +11,15 @@ namespace lowbit::ops::salient {
 void check(const PackedWeight& w, const char* op);
 // Row r decoded exactly as QuantizedTensor::dequantize_row (bit-identical).
 void decode_row(const PackedWeight& w, int64_t r, float* dst);
-// f32 activations, per-call lookup tables (any M; quant_matmul uses it for M <= 8).
-void exact_body(const float* x, int64_t M, const PackedWeight& w, float* y);
-// int8 activations per block of 32 (binary part: r_j x_j over the binary columns; salient part: x_j).
-void int8_body(const float* x, int64_t M, const PackedWeight& w, float* y);
+// The binary columns' part of y (written, [M, out]): f32 activations, per-call lookup tables of
+// the r_j x_j sums (any M; quant_matmul uses it for M <= 8).
+void binary_exact(const float* x, int64_t M, const PackedWeight& w, float* y);
+// The same with r_j x_j quantized to int8 per block of 32 (int16 tables, integer block sums).
+void binary_int8(const float* x, int64_t M, const PackedWeight& w, float* y);
+// The salient columns of x gathered in column order: xs [M, salient].
+void gather_salient(const float* x, int64_t M, const PackedWeight& w, float* xs);
+// The salient part as an IntGroups view (4-bit codes, one group of `salient` columns per row, rows
+// w.row_bytes apart): s, z [out] receive each row's f16 scale and zero (the view points at them).
+PackedWeight salient_view(const PackedWeight& w, uint16_t* s, uint16_t* z);
 
 }  // namespace lowbit::ops::salient
