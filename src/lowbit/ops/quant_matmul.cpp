@@ -301,11 +301,13 @@ float tail_dot(const PackedWeight& w, int64_t row, const QRow& a, int64_t nfull)
   if (b0 >= w.in || w.layout != PackedLayout::IntGroups) return 0.0f;
   const uint8_t* rp = w.codes + row * w.row_bytes;
   const int8_t* q = a.q + nfull * kBlock;
-  float acc = 0.0f;
-  for (int64_t i = b0; i < w.in; ++i) {
-    const int64_t g = i / w.group_size;
-    const float s = f16_to_f32(w.scales[row * w.n_groups + g]);
-    const float z = w.zeros ? f16_to_f32(w.zeros[row * w.n_groups + g]) : w.implicit_zero;
+  float acc = 0.0f, s = 0.0f, z = 0.0f;
+  for (int64_t i = b0, g = -1; i < w.in; ++i) {
+    if (i / w.group_size != g) {  // the group's parameters, decoded once per group
+      g = i / w.group_size;
+      s = f16_to_f32(w.scales[row * w.n_groups + g]);
+      z = w.zeros ? f16_to_f32(w.zeros[row * w.n_groups + g]) : w.implicit_zero;
+    }
     acc += s * a.d[nfull] * ((float(code_at(w.bits, rp, i)) - z) * float(q[i - b0]));
   }
   return acc;
@@ -437,16 +439,19 @@ void trit_planes_body(const float* x, int64_t M, const PackedWeight& w, float* y
 // kernels, or the exact decode body), the two parts added.
 void salient_binary_body(const float* x, int64_t M, const PackedWeight& w, float* y, bool int8, QuantIsa isa,
                          bool panels) {
-  if (int8) salient::binary_int8(x, M, w, y);
+  if (int8) salient::binary_int8(x, M, w, y);  // with the salient columns past the last block of 32
   else salient::binary_exact(x, M, w, y);
-  if (w.salient == 0) return;
+  const int64_t k = int8 ? w.salient / kBlock * kBlock : w.salient;
+  if (k == 0) return;
   thread_local std::vector<float> xs, ys;
   thread_local std::vector<uint16_t> sz;
   xs.resize(size_t(M * w.salient));
   ys.resize(size_t(M * w.out));
   sz.resize(size_t(2 * w.out));
   salient::gather_salient(x, M, w, xs.data());
-  const PackedWeight p = salient::salient_view(w, sz.data(), sz.data() + w.out);
+  if (k < w.salient)  // rows of the first k columns
+    for (int64_t m = 1; m < M; ++m) std::memmove(xs.data() + m * k, xs.data() + m * w.salient, size_t(k) * sizeof(float));
+  const PackedWeight p = salient::salient_view(w, k, sz.data(), sz.data() + w.out);
   if (int8) int8_body(xs.data(), M, p, ys.data(), isa, panels);
   else exact_decode_body(xs.data(), M, p, ys.data());
   for (int64_t i = 0; i < M * w.out; ++i) y[i] += ys[size_t(i)];

@@ -58,6 +58,20 @@ inline void build_table(const X* x, T* t) {
   for (int v = 1; v < 256; ++v) t[v] = T(t[v & (v - 1)] + x[std::countr_zero(unsigned(v))]);
 }
 
+// fn(i) for the n tables of a call: on the calling thread for a decode step's few hundred (one
+// table is 255 additions; a parallel region costs more than that on a busy machine), else in
+// parallel chunks.
+template <class F>
+void build_tables(int64_t n, const F& fn) {
+  if (n <= 1024) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  parallel_for(n, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) fn(i);
+  });
+}
+
 // Rows of the weight in chunks of at least ~16K weights.
 template <class F>
 void rows(const PackedWeight& w, const F& fn) {
@@ -96,9 +110,9 @@ void gather_salient(const float* x, int64_t M, const PackedWeight& w, float* xs)
     for (int64_t u = 0; u < k; ++u) xs[m * k + u] = x[m * w.in + c.sal[size_t(u)]];
 }
 
-PackedWeight salient_view(const PackedWeight& w, uint16_t* s, uint16_t* z) {
+PackedWeight salient_view(const PackedWeight& w, int64_t k, uint16_t* s, uint16_t* z) {
   for (int64_t r = 0; r < w.out; ++r) s[r] = w.scales[2 * r + 1], z[r] = w.zeros[2 * r + 1];
-  const int64_t k = w.salient, sb = (w.in - k + 7) / 8;
+  const int64_t sb = (w.in - w.salient + 7) / 8;
   PackedWeight p;
   p.out = w.out;
   p.in = k;
@@ -136,9 +150,7 @@ void binary_exact(const float* x, int64_t M, const PackedWeight& w, float* y) {
     }
     sum[size_t(m)] = acc;
   }
-  parallel_for(M * sb, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t i = b0; i < b1; ++i) build_table(xb.data() + i * 8, tab.data() + i * 256);
-  });
+  build_tables(M * sb, [&](int64_t i) { build_table(xb.data() + i * 8, tab.data() + i * 256); });
   rows(w, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* rp = w.codes + r * w.row_bytes;
@@ -188,6 +200,7 @@ void binary_int8(const float* x, int64_t M, const PackedWeight& w, float* y) {
   const Columns& c = columns_of(w);
   const int64_t nb = int64_t(c.bin.size()), sb = (nb + 7) / 8;
   const int64_t bblk = (nb + kBlock - 1) / kBlock, bpad = bblk * kBlock;
+  const int64_t k = int64_t(c.sal.size()), kf = k / kBlock * kBlock, nt = k - kf;  // salient tail
   // The calling thread's buffers, reused across calls (named through a reference: inside the
   // parallel lambdas a thread_local name would be the worker's own instance).
   struct Buffers {
@@ -195,10 +208,16 @@ void binary_int8(const float* x, int64_t M, const PackedWeight& w, float* y) {
     std::vector<int8_t> q;
     std::vector<int32_t> sum;
     std::vector<int16_t> tab;
+    std::vector<int8_t> qt;  // the salient tail's int8 activations, its d and code sum
+    std::vector<float> dt;
+    std::vector<int32_t> st;
   };
   thread_local Buffers buffers;
   Buffers& B = buffers;
-  B.tmp.resize(size_t(bpad));
+  B.tmp.resize(size_t(std::max<int64_t>(bpad, kBlock)));
+  B.qt.resize(size_t(M * kBlock));
+  B.dt.resize(size_t(M));
+  B.st.resize(size_t(M));
   B.q.assign(size_t(M * bpad), 0);
   B.d.resize(size_t(M * bblk));
   B.sum.resize(size_t(M * bblk));
@@ -207,11 +226,13 @@ void binary_int8(const float* x, int64_t M, const PackedWeight& w, float* y) {
     const float* xm = x + m * w.in;
     for (int64_t t = 0; t < nb; ++t) B.tmp[size_t(t)] = c.r[size_t(t)] * xm[c.bin[size_t(t)]];
     quantize_blocks(B.tmp.data(), nb, B.q.data() + m * bpad, B.d.data() + m * bblk, B.sum.data() + m * bblk);
+    if (nt > 0) {
+      for (int64_t u = 0; u < nt; ++u) B.tmp[size_t(u)] = xm[c.sal[size_t(kf + u)]];
+      quantize_blocks(B.tmp.data(), nt, B.qt.data() + m * kBlock, B.dt.data() + m, B.st.data() + m);
+    }
   }
   // Tables over whole blocks (4 bytes each; bytes past the row's sign bytes are never read).
-  parallel_for(M * bblk * 4, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t i = b0; i < b1; ++i) build_table(B.q.data() + i * 8, B.tab.data() + i * 256);
-  });
+  build_tables(M * bblk * 4, [&](int64_t i) { build_table(B.q.data() + i * 8, B.tab.data() + i * 256); });
   rows(w, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* rp = w.codes + r * w.row_bytes;
@@ -236,7 +257,16 @@ void binary_int8(const float* x, int64_t M, const PackedWeight& w, float* y) {
           plus += dm[full] * float(is);
           minus += dm[full] * float(sm[full] - is);
         }
-        y[m * w.out + r] = (mu + alpha) * plus + (mu - alpha) * minus;
+        float tail = 0.0f;
+        if (nt > 0) {  // the salient columns after the last whole block of 32
+          const uint8_t* q4 = rp + sb;
+          const int8_t* qa = B.qt.data() + m * kBlock;
+          int32_t is = 0;
+          for (int64_t u = 0; u < nt; ++u) is += int32_t(q4[(kf + u) / 2] >> (4 * ((kf + u) % 2)) & 15) * qa[u];
+          const float s = f16_to_f32(w.scales[2 * r + 1]), z = f16_to_f32(w.zeros[2 * r + 1]);
+          tail = s * B.dt[size_t(m)] * (float(is) - z * float(B.st[size_t(m)]));
+        }
+        y[m * w.out + r] = (mu + alpha) * plus + (mu - alpha) * minus + tail;
       }
     }
   });
