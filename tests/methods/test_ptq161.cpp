@@ -14,6 +14,8 @@
 #include <nlohmann/json.hpp>
 
 #include "common/stories_fixture.h"
+#include "lowbit/io/gguf.h"
+#include "lowbit/io/hf_quant_export.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/io/safetensors.h"
@@ -264,6 +266,17 @@ TEST_F(Ptq161Stories, QuantizesEvaluatesRoundTripsAndResumes) {
       EXPECT_EQ(max_abs_diff(old.quantized.at(m).dequantize(), q.dequantize()), 0.0) << m;
     }
     std::filesystem::remove_all(legacy);
+  }
+
+  // GGUF and the GPTQ / AWQ layouts cannot hold the format: refused, naming it.
+  for (int layout = 0; layout < 3; ++layout) {
+    try {
+      if (layout == 0) save_gguf_quantized((dir / "x.gguf").string(), qc, nullptr, "{}");
+      else export_hf_quant_layout(dir.string(), (dir / "hf").string(), layout == 1 ? HfQuantLayout::Gptq : HfQuantLayout::Awq);
+      ADD_FAILURE() << "export " << layout << " accepted ptq161";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("ptq161"), std::string::npos) << e.what();
+    }
   }
 
   // Malformed ptq161 tensors: the load names the layer and the field.
