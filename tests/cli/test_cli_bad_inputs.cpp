@@ -293,6 +293,7 @@ const Row kRows[] = {
   {"quantize", "ptq161-ratio without ptq161", "quantize -m {M} --method gptq --ptq161-ratio 0.1 -o {O}", "--ptq161-ratio applies to --method ptq161, not gptq"},
   {"quantize", "ptq161 without calibration", "quantize -m {M} --method ptq161 -o {O}", "--method ptq161 needs calibration data", kModel},
   {"quantize", "ptq161 on another format", "quantize -m {M} --method ptq161 --format int2g64 --calib-tokens {I} -o {O}", "ptq161: format int2g64 is not ptq161", kModel},
+  {"quantize", "ptq161 format under gptq", "quantize -m {M} --method gptq --format ptq161 --calib-tokens {I} -o {O}", "format ptq161 is written by --method ptq161", kModel},
   {"quantize", "tp-start unknown", "quantize -m {M} --method ptqtp --tp-start sign -o {O}", "--tp-start must be 'paper', 'grid' or 'both', got 'sign'", kModel},
   {"quantize", "tp-scales unknown", "quantize -m {M} --method ptqtp --tp-scales tensor -o {O}", "--tp-scales must be 'group' or 'row', got 'tensor'", kModel},
   {"quantize", "tp-start without ptqtp", "quantize -m {M} --method rtn --tp-start paper -o {O}", "--tp-start applies to --method ptqtp, not rtn"},
