@@ -26,10 +26,10 @@ while read -r name method fmt flags; do
     "${calib[@]}" --threads 2 -o "$d" --json > "$d.quantize.json" 2> "$d.quantize.err"
   "$L" eval ppl -m "$d" --tokenizer "$T" --text "$W" --ctx 512 --max-windows 40 --threads 2 --json > "$d.ppl.json" 2> "$d.ppl.err"
 done <<'JOBS'
-ptq161 ptq161 int4pc
-ptq161-closed ptq161 int4pc --ptq161-iters 0
-binary-fit ptq161 int4pc --ptq161-ratio 0
-ptq161-block2 ptq161 int4pc --ptq161-block-epochs 2
+ptq161 ptq161 ptq161
+ptq161-closed ptq161 ptq161 --ptq161-iters 0
+binary-fit ptq161 ptq161 --ptq161-ratio 0
+ptq161-block2 ptq161 ptq161 --ptq161-block-epochs 2
 rtn-int2g64 rtn int2g64
 JOBS
 [ -f "$out/fp.ppl.json" ] || "$L" eval ppl -m "$M" --text "$W" --ctx 512 --max-windows 40 --threads 2 --json > "$out/fp.ppl.json" 2> "$out/fp.ppl.err"

@@ -1,17 +1,21 @@
 // PTQ1.61 (methods/ptq161.h): the structured mask on a worked example, the closed-form binarization
 // scale, the salient part against the int4pc codec, the monotone scale optimization, the exact
 // storage count, the registry entry, and stories260K end to end (quantize, perplexity, resume after
-// a kill, quantized-checkpoint round trip of the decoded layers).
+// a kill, quantized-checkpoint round trip of the packed ptq161 layers, malformed tensors rejected,
+// the container of earlier versions still loading).
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <set>
 
 #include <nlohmann/json.hpp>
 
 #include "common/stories_fixture.h"
+#include "lowbit/io/gguf.h"
+#include "lowbit/io/hf_quant_export.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/io/safetensors.h"
@@ -20,6 +24,7 @@
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/methods/registry.h"
 #include "lowbit/quant/ptq161_tensor.h"
+#include "lowbit/quant/quant_linear.h"
 
 using namespace lowbit;
 
@@ -123,22 +128,31 @@ TEST(Ptq161, StorageBitsAreExact) {
   EXPECT_EQ(ptq161_storage_bits(2, 4, 0), 2 * 4 + 128 + 4 + 64);
 }
 
-TEST(Ptq161, RegisteredWithCalibrationAndInt4pc) {
+TEST(Ptq161, RegisteredWithCalibrationAndItsFormat) {
   const MethodInfo& m = find_method("ptq161");
   EXPECT_TRUE(m.needs_calibration);
   EXPECT_FALSE(m.trains_adapters);
-  EXPECT_EQ(m.default_format, "int4pc");
+  EXPECT_EQ(m.default_format, "ptq161");
   MethodConfig c;
-  c.format = &parse_quant_format("int4pc");
+  c.format = &parse_quant_format("ptq161");
   EXPECT_EQ(make_method("ptq161", c)->name(), "ptq161");
-  c.format = &parse_quant_format("int2g64");
+  EXPECT_EQ(make_method("rtn", c)->name(), "rtn");  // data-free quantize()
   try {
-    make_method("ptq161", c);
-    ADD_FAILURE() << "int2g64 accepted";
+    make_method("gptq", c);
+    ADD_FAILURE() << "gptq accepted ptq161";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("use --format int4pc"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("written by --method ptq161"), std::string::npos) << e.what();
   }
-  c.format = &parse_quant_format("int4pc");
+  for (const char* other : {"int2g64", "int4pc"}) {
+    c.format = &parse_quant_format(other);
+    try {
+      make_method("ptq161", c);
+      ADD_FAILURE() << other << " accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("use --format ptq161"), std::string::npos) << e.what();
+    }
+  }
+  c.format = &parse_quant_format("ptq161");
   c.ptq161.salient_ratio = 2;
   EXPECT_THROW(make_method("ptq161", c), Error);
 }
@@ -149,7 +163,7 @@ TEST_F(Ptq161Stories, QuantizesEvaluatesRoundTripsAndResumes) {
   calib_windows = 8;
   calib_len = 128;
   Checkpoint ck = load_llama2c(model_path);
-  const QuantFormat& f4 = parse_quant_format("int4pc");
+  const QuantFormat& f4 = parse_quant_format("ptq161");
   LlamaModel fp(ck.config, ck.weights), a(ck.config, ck.weights), b(ck.config, ck.weights), c(ck.config, ck.weights);
   Ptq161Method ptq(f4, Ptq161Options{});
   Ptq161Options closed;
@@ -168,33 +182,104 @@ TEST_F(Ptq161Stories, QuantizesEvaluatesRoundTripsAndResumes) {
   EXPECT_LT(e1, e2);
   EXPECT_LT(p_ptq, p_rtn);
   // stories260K's 64-wide rows: 4 f16 per row of 64 weights is 1 bit per weight of metadata alone.
-  // Stored bytes: mask 8, signs 64 x 7 (51 binary columns), q4 64 x 7 (13 salient), rows 64 x 8, cols 51 x 2.
+  // Stored bytes: mask 8, codes 64 x (7 + 7) (51 binary columns, 13 salient), scales and zeros
+  // 64 x 4 each, col_scales 51 x 2.
   EXPECT_EQ(ptq161_salient_count(64, 0.2), 13);
   EXPECT_NEAR(r1.linears[0].bits_per_weight, double(8 + 64 * 7 + 64 * 7 + 64 * 8 + 51 * 2) * 8 / 4096.0, 1e-12);
   for (auto& [name, slot] : a.block(0).linears()) {
-    auto* pl = dynamic_cast<const Ptq161Linear*>(slot->get());
-    ASSERT_TRUE(pl) << name;
-    EXPECT_EQ(max_abs_diff(pl->effective_weight(), pl->packed().dequantize()), 0.0) << name;
+    auto* ql = dynamic_cast<const QuantLinear*>(slot->get());
+    ASSERT_TRUE(ql) << name;
+    EXPECT_EQ(ql->quantized().format, QuantFormatId::PTQ161) << name;
+    EXPECT_EQ(max_abs_diff(ql->effective_weight(), ql->quantized().dequantize()), 0.0) << name;
   }
 
-  // Quantized checkpoint: the packed tensors are written, the layers named in ptq161_layers, and the
-  // decoded weights load back exactly.
+  // Quantized checkpoint: the one QuantizedTensor serialiser (qweight, scales, qzeros, col_mask,
+  // col_scales), format ptq161; the packed layers load back bit for bit.
   auto dir = test::temp_dir("ptq161-ckpt");
   save_quantized_model(dir.string(), a, "ptq161", f4);
   nlohmann::json cfg = nlohmann::json::parse(std::ifstream(dir / "config.json"));
-  const auto& sim = cfg.at("quantization_config").at("ptq161_layers");
-  EXPECT_EQ(sim.size(), 35u);
-  EXPECT_EQ(sim.at(0), "model.layers.0.self_attn.q_proj");
+  EXPECT_EQ(cfg.at("quantization_config").at("format"), "ptq161");
+  EXPECT_FALSE(cfg.at("quantization_config").contains("ptq161_layers"));
+  EXPECT_FALSE(cfg.at("quantization_config").contains("layer_formats"));
   QuantizedCheckpoint qc = load_quantized_model(dir.string());
+  ASSERT_EQ(qc.quantized.size(), 35u);
   LlamaWeights wa = a.weights();
   for (int i = 0; i < ck.config.n_layers; ++i) {
     EXPECT_EQ(max_abs_diff(wa.layers[i].wv, qc.dense.weights.layers[i].wv), 0.0) << "layer " << i;
     EXPECT_EQ(max_abs_diff(wa.layers[i].w_down, qc.dense.weights.layers[i].w_down), 0.0) << "layer " << i;
   }
+  {
+    const QuantizedTensor& l0 = qc.quantized.at("model.layers.0.mlp.up_proj");
+    EXPECT_EQ(l0.format, QuantFormatId::PTQ161);
+    EXPECT_EQ(l0.salient(), 13);
+  }
   LlamaModel loaded(qc.dense.config, qc.dense.weights);
-  EXPECT_NEAR(ppl(loaded), p_ptq, 1e-6 * p_ptq);
-  // Malformed ptq161 tensors: the load names the layer and the field.
+  EXPECT_NEAR(ppl(loaded), p_ptq, 1e-5 * p_ptq);
+  std::unique_ptr<LlamaModel> packed = make_quantized_model(qc);  // packed layers: quant_matmul
+  EXPECT_NEAR(ppl(*packed), p_ptq, 1e-5 * p_ptq);
+
+  // The container of earlier versions (<m>.ptq161_{mask,signs,q4,rows,cols}, format int4pc,
+  // ptq161_layers): rewritten from this checkpoint, it loads to the same weights.
   const std::string st = (dir / "model.safetensors").string();
+  {
+    auto legacy = test::temp_dir("ptq161-legacy");
+    std::vector<std::pair<std::string, Tensor>> ts;
+    SafetensorsFile f0 = SafetensorsFile::open(st);
+    nlohmann::json layers = nlohmann::json::array();
+    for (const auto& t : f0.tensors()) {
+      const std::string& n = t.name;
+      if (!n.ends_with(".qweight")) {
+        if (!n.ends_with(".scales") && !n.ends_with(".qzeros") && !n.ends_with(".col_mask") &&
+            !n.ends_with(".col_scales"))
+          ts.emplace_back(n, f0.load(n).clone());
+        continue;
+      }
+      const std::string m = n.substr(0, n.size() - 8);
+      const QuantizedTensor& q = qc.quantized.at(m);
+      const int64_t out = q.out_features(), k = q.salient(), sb = (q.in_features() - k + 7) / 8, qb = (k + 1) / 2;
+      Tensor signs = Tensor::empty({out, sb}, DType::U8), q4 = Tensor::empty({out, qb}, DType::U8);
+      Tensor rows = Tensor::empty({out, 4}, DType::F16);
+      for (int64_t i = 0; i < out; ++i) {
+        std::memcpy(signs.data<uint8_t>() + i * sb, q.codes.data<uint8_t>() + i * (sb + qb), size_t(sb));
+        std::memcpy(q4.data<uint8_t>() + i * qb, q.codes.data<uint8_t>() + i * (sb + qb) + sb, size_t(qb));
+        auto* r = static_cast<uint16_t*>(rows.raw_data()) + 4 * i;
+        const auto* sc = static_cast<const uint16_t*>(q.scales.raw_data()) + 2 * i;
+        const auto* z = static_cast<const uint16_t*>(q.zeros.raw_data()) + 2 * i;
+        r[0] = sc[0], r[1] = z[0], r[2] = sc[1], r[3] = z[1];
+      }
+      ts.emplace_back(m + ".ptq161_mask", q.col_mask);
+      ts.emplace_back(m + ".ptq161_signs", signs);
+      ts.emplace_back(m + ".ptq161_q4", q4);
+      ts.emplace_back(m + ".ptq161_rows", rows);
+      ts.emplace_back(m + ".ptq161_cols", q.col_scales);
+      layers.push_back(m);
+    }
+    save_safetensors((legacy / "model.safetensors").string(), ts);
+    nlohmann::json lc = cfg;
+    lc["quantization_config"]["format"] = "int4pc";
+    lc["quantization_config"]["ptq161_layers"] = layers;
+    std::ofstream(legacy / "config.json") << lc.dump(2);
+    QuantizedCheckpoint old = load_quantized_model(legacy.string());
+    ASSERT_EQ(old.quantized.size(), 35u);
+    for (const auto& [m, q] : qc.quantized) {
+      EXPECT_EQ(old.quantized.at(m).format, QuantFormatId::PTQ161) << m;
+      EXPECT_EQ(max_abs_diff(old.quantized.at(m).dequantize(), q.dequantize()), 0.0) << m;
+    }
+    std::filesystem::remove_all(legacy);
+  }
+
+  // GGUF and the GPTQ / AWQ layouts cannot hold the format: refused, naming it.
+  for (int layout = 0; layout < 3; ++layout) {
+    try {
+      if (layout == 0) save_gguf_quantized((dir / "x.gguf").string(), qc, nullptr, "{}");
+      else export_hf_quant_layout(dir.string(), (dir / "hf").string(), layout == 1 ? HfQuantLayout::Gptq : HfQuantLayout::Awq);
+      ADD_FAILURE() << "export " << layout << " accepted ptq161";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("ptq161"), std::string::npos) << e.what();
+    }
+  }
+
+  // Malformed ptq161 tensors: the load names the layer and the field.
   std::vector<std::pair<std::string, Tensor>> all;
   {
     SafetensorsFile f0 = SafetensorsFile::open(st);
@@ -214,13 +299,14 @@ TEST_F(Ptq161Stories, QuantizesEvaluatesRoundTripsAndResumes) {
       EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
     }
   };
-  rewrite_and_expect("model.layers.1.mlp.up_proj.ptq161_cols", "", "model.layers.1.mlp.up_proj.ptq161_cols");
-  rewrite_and_expect("", "model.layers.0.self_attn.v_proj.ptq161_q4", "ptq161 tensor 'q4'");
-  rewrite_and_expect("", "model.layers.2.mlp.down_proj.ptq161_rows", "model.layers.2.mlp.down_proj");
+  rewrite_and_expect("model.layers.1.mlp.up_proj.col_scales", "", "lacks its 'col_scales'");
+  rewrite_and_expect("model.layers.1.mlp.up_proj.col_mask", "", "model.layers.1.mlp.up_proj");
+  rewrite_and_expect("", "model.layers.0.self_attn.v_proj.qweight", "'codes'");
+  rewrite_and_expect("", "model.layers.2.mlp.down_proj.scales", "model.layers.2.mlp.down_proj");
   std::filesystem::remove_all(dir);
 
   test::expect_resume_identical(*this, [](const QuantFormat& f) { return std::make_unique<Ptq161Method>(f, Ptq161Options{}); },
-                                "int4pc");
+                                "ptq161");
 }
 
 // The block-wise step (AdamW on the scales against the FP block output) is kept only where it lowers
@@ -229,7 +315,7 @@ TEST_F(Ptq161Stories, BlockwiseRefinementHelpsAndResumes) {
   calib_windows = 8;
   calib_len = 128;
   Checkpoint ck = load_llama2c(model_path);
-  const QuantFormat& f4 = parse_quant_format("int4pc");
+  const QuantFormat& f4 = parse_quant_format("ptq161");
   LlamaModel a(ck.config, ck.weights), b(ck.config, ck.weights);
   Ptq161Options blk;
   blk.block_epochs = 2;
@@ -241,5 +327,5 @@ TEST_F(Ptq161Stories, BlockwiseRefinementHelpsAndResumes) {
   std::printf("stories260K ptq161: layer-wise fit %.3f, + block-wise AdamW (2 passes) %.3f\n", p_layer, p_block);
   EXPECT_LT(p_block, p_layer);
   test::expect_resume_identical(*this, [blk](const QuantFormat& f) { return std::make_unique<Ptq161Method>(f, blk); },
-                                "int4pc");
+                                "ptq161");
 }

@@ -19,8 +19,10 @@ TEST(QuantFormat, TableIsConsistent) {
     EXPECT_TRUE(names.insert(f.name).second) << f.name;
     EXPECT_EQ(&quant_format(f.id), &f);
     EXPECT_EQ(&parse_quant_format(f.name), &f);
-    // (trit planes keep their second scale in the zeros tensor)
-    EXPECT_EQ(f.has_zero, f.kind == QuantKind::IntAsym || f.kind == QuantKind::TritPlanes) << f.name;
+    // (trit planes keep their second scale in the zeros tensor; ptq161 its mu and int4 zero)
+    EXPECT_EQ(f.has_zero, f.kind == QuantKind::IntAsym || f.kind == QuantKind::TritPlanes ||
+                              f.kind == QuantKind::SalientBinary)
+        << f.name;
     EXPECT_EQ(f.group_size == 0, f.granularity != ScaleGranularity::PerGroup) << f.name;
     if (f.is_ggml_block()) {
       EXPECT_EQ(f.codec, nullptr);
@@ -31,11 +33,16 @@ TEST(QuantFormat, TableIsConsistent) {
       continue;
     }
     EXPECT_NE(f.codec, nullptr);
+    if (f.has_column_mask()) {  // nominal: 20 % salient columns (12 of 64) at 4 bits, 52 sign bits
+      EXPECT_EQ(f.row_bytes(64), 7 + 6) << f.name;
+      continue;
+    }
     EXPECT_EQ(f.row_bytes(64), packed_bytes(f.bits, 64));
     EXPECT_EQ(f.group_size % 8, 0) << f.name << ": dequantize_row unpacks groups from byte boundaries";
   }
-  EXPECT_EQ(all_quant_formats().size(), 43u);
+  EXPECT_EQ(all_quant_formats().size(), 44u);
   EXPECT_EQ(int(parse_quant_format("tp2g128").id), 43);  // stable id (written to checkpoints)
+  EXPECT_EQ(int(parse_quant_format("ptq161").id), 44);
   EXPECT_EQ(parse_quant_format("tp2g128").qmax(), 8);
   EXPECT_EQ(quant_format_for_ggml_type(0), nullptr);  // F32 is not a block format
   EXPECT_EQ(&parse_quant_format("INT4G128"), &quant_format(QuantFormatId::Int4G128));

@@ -4,7 +4,9 @@
 //   exact backends (f32 activations): |y - y_ref| <= 1e-5 * sum_i |x_i w_i|
 //   int8 backends: |y - y_ref| <= sum_i |w_i| * d_block(i) / 2 * (1 + 1e-3) + 1e-5 * sum_i |x_i w_i|
 //     (d = amax/127 of the activation block, 32 values or ops::quant_matmul_act_block's 256 for the
-//     ternary layouts: the activation rounding is the only error).
+//     ternary layouts: the activation rounding is the only error); ptq161 (column mask): its int8 body
+//     quantizes r_j x_j of the binary columns and x_j of the salient ones, each gathered in column
+//     order, per block of 32 (masked_int8_bound).
 // SIMD cells run on what this CPU supports (skipped otherwise, with a message), the portable cells
 // always; CUDA cells (the device copy of the weight, x and y on the GPU) skip without a GPU, and for
 // formats without a GPU form (ops::quant_matmul_has_cuda_layout).
@@ -83,6 +85,37 @@ Tensor test_input(int64_t M, int64_t in, uint64_t seed) {
   return x;
 }
 
+// The int8 rounding bound of output o for a column-masked weight (ptq161): binary column j adds
+// |mu +- alpha| |r_j x_j - d q_j| <= |w_j / r_j| d / 2 (d of its block of gathered r x values),
+// salient column j |w_j| d / 2 (d of its block of gathered x values).
+double masked_int8_bound(const QuantizedTensor& q, const float* xm, int64_t o) {
+  const int64_t in = q.in_features();
+  std::vector<float> w(static_cast<size_t>(in));
+  q.dequantize_row(o, w.data());
+  const uint8_t* mask = q.col_mask.data<uint8_t>();
+  const auto* r = static_cast<const uint16_t*>(q.col_scales.raw_data());
+  std::vector<double> vb, wb, vs, ws;
+  for (int64_t j = 0, t = 0; j < in; ++j) {
+    if (mask[j / 8] >> (j % 8) & 1) {
+      vs.push_back(std::fabs(double(xm[j])));
+      ws.push_back(std::fabs(double(w[size_t(j)])));
+    } else {
+      const double rj = f16_to_f32(r[t++]);
+      vb.push_back(std::fabs(rj * double(xm[j])));
+      wb.push_back(rj != 0 ? std::fabs(double(w[size_t(j)]) / rj) : 0.0);
+    }
+  }
+  double bound = 0;
+  for (auto [v, wt] : {std::pair{&vb, &wb}, std::pair{&vs, &ws}})
+    for (size_t b0 = 0; b0 < v->size(); b0 += 32) {
+      const size_t b1 = std::min(v->size(), b0 + 32);
+      double amax = 0, sw = 0;
+      for (size_t i = b0; i < b1; ++i) amax = std::max(amax, (*v)[i]), sw += (*wt)[i];
+      bound += sw * amax / 127.0 / 2.0;
+    }
+  return bound;
+}
+
 }  // namespace
 
 TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
@@ -122,6 +155,7 @@ TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
               rb += wi * amax / 127.0 / 2.0;
             }
           }
+          if (f.has_column_mask()) rb = masked_int8_bound(q, px + m * s.in, o);
           scale[size_t(m * s.out + o)] = sc;
           rbound[size_t(m * s.out + o)] = rb;
         }
@@ -473,6 +507,7 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
               rb += wi * amax / 127.0 / 2.0;
             }
           }
+          if (f.has_column_mask()) rb = masked_int8_bound(q, px + m * s.in, o);
           tol[size_t(m * s.out + o)] = 1e-5 * sc + 1e-7 + rb * (1 + 1e-3);
         }
       Tensor quad_y;  // the previous body's M = 64 product (the panel body comes first, then quad)
@@ -503,7 +538,8 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
             ASSERT_LE(std::fabs(double(py[i]) - double(pr[i])), tol[size_t(i)]) << "output " << i;
             ASSERT_EQ(py[i], pa[i]) << "output " << i << " differs from its row run alone";
           }
-          if (M != Mmax || be.isa == ops::QuantIsa::Portable) continue;
+          // (ptq161's bodies are portable C++ whatever the ISA: no panel order to compare)
+          if (M != Mmax || be.isa == ops::QuantIsa::Portable || f.has_column_mask()) continue;
           if (be.panels) {
             quad_y = y;
           } else if (quad_y.defined()) {  // the panels ran (their float order differs from the quads')

@@ -42,13 +42,25 @@ enum class QuantFormatId : uint16_t {
   TQ1_0 = 39, TQ2_0 = 40, IQ4_NL = 41, IQ4_XS = 42,
   // two ternary planes per weight with two f16 scales per group (PTQTP, Xiao et al. 2025)
   TP2G128 = 43,
+  // salient input columns at 4 bits, the rest binarized with row and column factors (PTQ1.61,
+  // Zhao et al. 2025): a per-tensor column mask picks the code width of each column
+  PTQ161 = 44,
 };
 
 // GgmlBlock: the codes tensor holds whole ggml blocks (scales inside), no scales/zeros tensors.
 // TritPlanes: a code q in [0, 8] names the pair (t1, t2) = (q % 3 - 1, q / 3 - 1) of two ternary
 // planes; w = t1 * a1 + t2 * a2 with the group's two f16 scales (a1 in `scales`, a2 in `zeros`).
 // Stored as two 2-bit planes per row (row_bytes below): t1 + 1 for the whole row, then t2 + 1.
-enum class QuantKind : uint8_t { IntAsym, IntSym, Ternary, FP4_MX, FP4_NV, GgmlBlock, TritPlanes };
+// SalientBinary (PTQ1.61): a column mask (QuantizedTensor::col_mask, one bit per input column) says
+// which columns are salient. Each row has two "groups" of parameters: group 0 the binary columns
+// (scale alpha, zero mu), group 1 the salient columns (scale s, zero z of a 4-bit asymmetric code);
+// a binary column j also has its own f16 factor r_j (QuantizedTensor::col_scales). Values:
+//   binary column j  : r_j * (mu + alpha * b),  b = +1 (sign bit 1) or -1 (sign bit 0)
+//   salient column j : (q - z) * s,              q the column's 4-bit code
+// A row of the codes holds the sign bits of the binary columns (bit t of byte t / 8: the t-th binary
+// column), then the 4-bit codes of the salient columns in column order (low nibble first), each part
+// starting on a byte boundary: masked_row_bytes(in, k) with k salient columns.
+enum class QuantKind : uint8_t { IntAsym, IntSym, Ternary, FP4_MX, FP4_NV, GgmlBlock, TritPlanes, SalientBinary };
 enum class ScaleGranularity : uint8_t { PerTensor, PerChannel, PerGroup };
 // How the per-group scale is stored. None: no per-group scale tensor (ternary, ggml blocks).
 enum class ScaleType : uint8_t { None, F16, E8M0, E4M3 };
@@ -69,11 +81,21 @@ struct FormatTraits {
   int ggml_type;                 // ggml_type / GGUF tensor type id; -1 when the format has none
 
   LB_HD constexpr bool is_ggml_block() const { return kind == QuantKind::GgmlBlock; }
+  // SalientBinary: the tensor carries a column mask and per-column factors; its row width depends on
+  // the number of salient columns k (masked_row_bytes).
+  LB_HD constexpr bool has_column_mask() const { return kind == QuantKind::SalientBinary; }
+  // The share of salient columns the nominal sizes of a SalientBinary format assume (row_bytes(in),
+  // storage_bytes): PTQ1.61's 20 %, k = in / 5. A tensor's real sizes come from its own mask.
+  LB_HD constexpr int64_t nominal_salient(int64_t in) const { return has_column_mask() ? in / 5 : 0; }
+  LB_HD static constexpr int64_t masked_row_bytes(int64_t in, int64_t salient) {
+    return (in - salient + 7) / 8 + (salient + 1) / 2;
+  }
   // Largest code value produced (2^bits-1, 2 for ternary, 8 for trit-plane pairs).
   LB_HD constexpr int qmax() const {
     return kind == QuantKind::Ternary ? 2 : kind == QuantKind::TritPlanes ? 8 : (1 << bits) - 1;
   }
   LB_HD constexpr int64_t n_groups(int64_t in) const {
+    if (kind == QuantKind::SalientBinary) return 2;  // (alpha, mu) of the binary columns, (s, z) of the salient
     return group_size ? (in + group_size - 1) / group_size : 1;
   }
   LB_HD constexpr int64_t group_begin(int64_t g) const { return group_size ? g * group_size : 0; }
@@ -86,6 +108,7 @@ struct FormatTraits {
   LB_HD constexpr int64_t row_bytes(int64_t in) const {
     if (is_ggml_block()) return in / group_size * block_bytes;
     if (kind == QuantKind::TritPlanes) return 2 * ((in + 3) / 4);  // two 2-bit planes
+    if (kind == QuantKind::SalientBinary) return masked_row_bytes(in, nominal_salient(in));  // nominal
     return bits == 2 ? (in + 3) / 4 : bits == 3 ? (in + 7) / 8 * 3 : bits == 4 ? (in + 1) / 2 : in;
   }
   LB_HD constexpr bool row_fits(int64_t in) const { return !is_ggml_block() || in % group_size == 0; }
@@ -96,7 +119,9 @@ struct FormatTraits {
   // Exact storage (codes, scales, zeros, tensor scale) of an [out, in] weight.
   LB_HD constexpr int64_t storage_bytes(int64_t out, int64_t in) const {
     const int64_t groups = out * (scale_type == ScaleType::None ? 0 : n_groups(in));
-    return out * row_bytes(in) + groups * metadata_bits_per_group() / 8 + (has_tensor_scale ? 4 : 0);
+    // SalientBinary (nominal k): the column mask bits and the f16 factor of every binary column
+    const int64_t columns = has_column_mask() ? (in + 7) / 8 + 2 * (in - nominal_salient(in)) : 0;
+    return out * row_bytes(in) + groups * metadata_bits_per_group() / 8 + (has_tensor_scale ? 4 : 0) + columns;
   }
 };
 
@@ -278,6 +303,12 @@ LB_HD_INLINE uint8_t int_code(float x, float scale, float zero, float lo, float 
 LB_HD_INLINE float int_value(uint8_t q, float scale, float zero) { return (float(q) - zero) * scale; }
 // Trit-plane pair code (QuantKind::TritPlanes): q = 3 * (t2 + 1) + (t1 + 1), w = t1 * a1 + t2 * a2.
 // Codes above 8 never come out of the encoder (checkpoint loads reject them).
+// PTQ1.61 (SalientBinary) values, the one arithmetic of the decoders and kernels' references.
+LB_HD_INLINE float salient_binary_value(bool plus, float r, float alpha, float mu) {
+  return r * (plus ? mu + alpha : mu - alpha);
+}
+LB_HD_INLINE float salient_int4_value(int q, float s, float z) { return (float(q) - z) * s; }
+
 LB_HD_INLINE float trit_pair_value(uint8_t q, float a1, float a2) {
   const int t2 = q / 3, t1 = q - 3 * t2;
   return float(t1 - 1) * a1 + float(t2 - 1) * a2;

@@ -111,7 +111,6 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
   int n_quant = 0, n_lora = 0;
   int64_t max_rank = 0;
   nlohmann::json layer_formats = nlohmann::json::object();  // layers not in `format` (mixed plans)
-  nlohmann::json ptq161_layers = nlohmann::json::array();   // layers in PTQ1.61's own layout
   for (int i = 0; i < model.n_layers(); ++i) {
     auto& b = const_cast<LlamaModel&>(model).block(i);
     for (auto& [name, slot] : b.linears()) {
@@ -136,28 +135,14 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
         if (q.scales.defined()) ts.emplace_back(m + ".scales", q.scales);
         if (q.zeros.defined()) ts.emplace_back(m + ".qzeros", q.zeros);
         if (q.tensor_scale.defined()) ts.emplace_back(m + ".tensor_scale", q.tensor_scale);
+        if (q.col_mask.defined()) ts.emplace_back(m + ".col_mask", q.col_mask);  // per column: not permuted
+        if (q.col_scales.defined()) ts.emplace_back(m + ".col_scales", q.col_scales);
         if (ql->has_lora()) {
           Tensor b = ql->lora_B().to(Device::CPU).contiguous();
           if (permute && is_qk(m)) b = rope_rows_interleaved_to_half(b, heads, hd);
           ts.emplace_back(m + ".lora_A", ql->lora_A().to(Device::CPU).contiguous().to(DType::F16));
           ts.emplace_back(m + ".lora_B", b.to(DType::F16));
         }
-        ++n_quant;
-      } else if (auto* pl = dynamic_cast<const Ptq161Linear*>(slot->get())) {
-        // PTQ1.61's own packed layout (quant/ptq161_tensor.h); its rows are output channels, so
-        // q/k rows are permuted like a QuantizedTensor's.
-        Ptq161Tensor t = pl->packed();
-        if (permute && is_qk(m)) {
-          t.signs = rope_rows_interleaved_to_half(t.signs, heads, hd);
-          t.q4 = rope_rows_interleaved_to_half(t.q4, heads, hd);
-          t.rows = rope_rows_interleaved_to_half(t.rows, heads, hd);
-        }
-        ts.emplace_back(m + ".ptq161_mask", t.mask);
-        ts.emplace_back(m + ".ptq161_signs", t.signs);
-        ts.emplace_back(m + ".ptq161_q4", t.q4);
-        ts.emplace_back(m + ".ptq161_rows", t.rows);
-        ts.emplace_back(m + ".ptq161_cols", t.cols);
-        ptq161_layers.push_back(m);
         ++n_quant;
       } else {
         Tensor wt = (*slot)->effective_weight().to(Device::CPU).contiguous();
@@ -184,7 +169,6 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
                        {"method", method},
                        {"modules_not_to_convert", {"lm_head", "model.embed_tokens"}}};
   if (!layer_formats.empty()) qc["layer_formats"] = layer_formats;
-  if (!ptq161_layers.empty()) qc["ptq161_layers"] = ptq161_layers;
   if (n_lora > 0) {
     qc["lora"] = lora == LoraStorage::Merged ? "merged" : "separate";
     qc["lora_rank"] = max_rank;
@@ -301,31 +285,31 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
                 {"mlp.down_proj", &l.w_down, nullptr, D, F}};
     for (auto& lin : lins) {
       const std::string m = p + lin.name;
-      if (f.find(m + ".ptq161_mask")) {  // PTQ1.61's own layout: decoded here (no packed kernel)
-        Ptq161Tensor t;
-        t.out = lin.out, t.in = lin.in;
-        t.mask = load(m + ".ptq161_mask"), t.signs = load(m + ".ptq161_signs"), t.q4 = load(m + ".ptq161_q4");
-        t.rows = load(m + ".ptq161_rows"), t.cols = load(m + ".ptq161_cols");
-        try {
-          *lin.w = t.dequantize();
-        } catch (const Error& e) {
-          throw_error(st_path, ": ptq161 layer '", m, "': ", e.what());
-        }
-      } else if (f.find(m + ".qweight")) {
+      if (f.find(m + ".ptq161_mask") || f.find(m + ".qweight")) {
         QuantizedTensor q;
-        auto lf = layer_fmt.find(m);
-        q.format = lf != layer_fmt.end() ? lf->second->id : fmt->id;
-        if (lf != layer_fmt.end()) layer_fmt.erase(lf);
-        q.shape = {lin.out, lin.in};
-        q.codes = f.map(m + ".qweight");
-        if (f.find(m + ".scales")) q.scales = f.map(m + ".scales");
-        if (f.find(m + ".qzeros")) q.zeros = f.map(m + ".qzeros");
-        if (f.find(m + ".tensor_scale")) q.tensor_scale = load(m + ".tensor_scale");
-        try {
-          q.validate();
-          q.check_codes();
-        } catch (const Error& e) {
-          throw_error(st_path, ": quantized layer '", m, "': ", e.what());
+        if (f.find(m + ".ptq161_mask")) {
+          // The container of earlier versions (see the header): converted to the ptq161 format.
+          q = ptq161_from_legacy(lin.out, lin.in, load(m + ".ptq161_mask"), load(m + ".ptq161_signs"),
+                                 load(m + ".ptq161_q4"), load(m + ".ptq161_rows"), load(m + ".ptq161_cols"),
+                                 st_path + ": ptq161 layer '" + m + "'");
+          layer_fmt.erase(m);
+        } else {
+          auto lf = layer_fmt.find(m);
+          q.format = lf != layer_fmt.end() ? lf->second->id : fmt->id;
+          if (lf != layer_fmt.end()) layer_fmt.erase(lf);
+          q.shape = {lin.out, lin.in};
+          q.codes = f.map(m + ".qweight");
+          if (f.find(m + ".scales")) q.scales = f.map(m + ".scales");
+          if (f.find(m + ".qzeros")) q.zeros = f.map(m + ".qzeros");
+          if (f.find(m + ".tensor_scale")) q.tensor_scale = load(m + ".tensor_scale");
+          if (f.find(m + ".col_mask")) q.col_mask = load(m + ".col_mask");
+          if (f.find(m + ".col_scales")) q.col_scales = load(m + ".col_scales");
+          try {
+            q.validate();
+            q.check_codes();
+          } catch (const Error& e) {
+            throw_error(st_path, ": quantized layer '", m, "': ", e.what());
+          }
         }
         // Without a dense view: a zero placeholder of the right shape (no resident memory).
         *lin.w = dense_view ? q.dequantize() : zero_placeholder({lin.out, lin.in});

@@ -9,6 +9,8 @@
 //                        <m>.scales        F16 or U8 [out, n_groups]  (absent for ternary)
 //                        <m>.qzeros        F16 [out, n_groups]        (asymmetric int only)
 //                        <m>.tensor_scale  F32 [1]                    (ternary, nvfp4)
+//                        <m>.col_mask      U8  [ceil(in/8)]           (ptq161: salient columns)
+//                        <m>.col_scales    F16 [in - salient]         (ptq161: binary columns' r_j)
 //                        <m>.bias          F32 [out]                  (when the layer has one)
 //                        <m>.lora_A        F16 [rank, in]             LoRA adapters (ApiQ, SAPR):
 //                        <m>.lora_B        F16 [out, rank]            y = x Ŵ^T + (x A^T) B^T
@@ -41,6 +43,9 @@
 // finetuning). Merged layers are dense: 16 (f16) or 32 (f32) bits per weight, so merging trades
 // the low-bit storage for a single dense matmul and is meant for evaluation/export, not compression.
 // The code layout is lowbit's own (documented in quant/format.h); it is not GPTQ's int32 packing.
+// Earlier versions wrote ptq161 layers in their own container (<m>.ptq161_{mask,signs,q4,rows,cols},
+// listed in quantization_config.ptq161_layers, "format": "int4pc"); such checkpoints still load:
+// the layers become `ptq161` QuantizedTensors (quant/ptq161_tensor.h ptq161_from_legacy).
 #pragma once
 #include <map>
 #include <memory>

@@ -15,7 +15,6 @@
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/quant/quant_linear.h"
-#include "lowbit/quant/ptq161_tensor.h"
 
 namespace lowbit {
 
@@ -28,6 +27,8 @@ void save_quantized(std::vector<std::pair<std::string, Tensor>>& out, const std:
   if (q.scales.defined()) out.emplace_back(prefix + ".scales", q.scales);
   if (q.zeros.defined()) out.emplace_back(prefix + ".zeros", q.zeros);
   if (q.tensor_scale.defined()) out.emplace_back(prefix + ".tensor_scale", q.tensor_scale);
+  if (q.col_mask.defined()) out.emplace_back(prefix + ".col_mask", q.col_mask);
+  if (q.col_scales.defined()) out.emplace_back(prefix + ".col_scales", q.col_scales);
 }
 
 QuantizedTensor load_quantized(const SafetensorsFile& f, const std::string& prefix, const QuantFormat& fmt,
@@ -39,6 +40,8 @@ QuantizedTensor load_quantized(const SafetensorsFile& f, const std::string& pref
   if (f.find(prefix + ".scales")) q.scales = f.load(prefix + ".scales");
   if (f.find(prefix + ".zeros")) q.zeros = f.load(prefix + ".zeros");
   if (f.find(prefix + ".tensor_scale")) q.tensor_scale = f.load(prefix + ".tensor_scale");
+  if (f.find(prefix + ".col_mask")) q.col_mask = f.load(prefix + ".col_mask");
+  if (f.find(prefix + ".col_scales")) q.col_scales = f.load(prefix + ".col_scales");
   q.validate();
   return q;
 }
@@ -174,17 +177,6 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
       b.attn_norm.mutable_value().copy_(f.load(p + "attn_norm"));
       b.ffn_norm.mutable_value().copy_(f.load(p + "ffn_norm"));
       for (auto& [name, slot] : b.linears()) {
-        if (f.find(p + name + ".ptq161_mask")) {  // a Ptq161Linear: its packed tensors
-          Tensor bias = f.find(p + name + ".bias") ? f.load(p + name + ".bias").to(dev) : (*slot)->bias();
-          Ptq161Tensor t;
-          t.out = (*slot)->out_features(), t.in = (*slot)->in_features();
-          t.mask = f.load(p + name + ".ptq161_mask"), t.signs = f.load(p + name + ".ptq161_signs");
-          t.q4 = f.load(p + name + ".ptq161_q4"), t.rows = f.load(p + name + ".ptq161_rows");
-          t.cols = f.load(p + name + ".ptq161_cols");
-          t.validate("pipeline state " + p + name);
-          *slot = std::make_shared<Ptq161Linear>(std::move(t), bias, dev);
-          continue;
-        }
         const BlockContext bc{model, i, N, L, Tensor(), Tensor(), o.batch, o.formats};
         QuantizedTensor q = load_quantized(f, p + name, bc.format_of(name, format),
                                            {(*slot)->out_features(), (*slot)->in_features()});
@@ -236,16 +228,6 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
         ts.emplace_back(p + "attn_norm", b.attn_norm.value());
         ts.emplace_back(p + "ffn_norm", b.ffn_norm.value());
         for (auto& [name, slot] : b.linears()) {
-          if (auto* pl = dynamic_cast<Ptq161Linear*>(slot->get())) {
-            const Ptq161Tensor& t = pl->packed();
-            ts.emplace_back(p + name + ".ptq161_mask", t.mask);
-            ts.emplace_back(p + name + ".ptq161_signs", t.signs);
-            ts.emplace_back(p + name + ".ptq161_q4", t.q4);
-            ts.emplace_back(p + name + ".ptq161_rows", t.rows);
-            ts.emplace_back(p + name + ".ptq161_cols", t.cols);
-            if (pl->bias().defined()) ts.emplace_back(p + name + ".bias", pl->bias());
-            continue;
-          }
           auto* ql = dynamic_cast<QuantLinear*>(slot->get());
           if (!ql) throw_error("pipeline: method '", method.name(), "' left ", name, " of block ", j, " unquantized");
           save_quantized(ts, p + name, ql->quantized());

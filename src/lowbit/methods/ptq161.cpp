@@ -355,9 +355,10 @@ std::vector<double> ptq161_optimize(const Tensor& w_in, const std::vector<double
 }
 
 Ptq161Method::Ptq161Method(const QuantFormat& f, Ptq161Options o) : f_(f), o_(o) {
-  if (f.id != QuantFormatId::Int4PC)
+  if (f.id != QuantFormatId::PTQ161)
     throw_error("--method ptq161: format ", f.name,
-                " is not int4pc (ptq161 keeps its salient channels in int4pc and binarizes the rest; use --format int4pc)");
+                " is not ptq161 (the method writes its own format: salient channels at 4 bits, the rest binarized; use "
+                "--format ptq161)");
   LB_CHECK(o.salient_ratio >= 0 && o.salient_ratio <= 1 && o.opt_iters >= 0 && o.percdamp >= 0 && o.block_epochs >= 0,
            "ptq161: bad options (salient ratio ", o.salient_ratio, ", iterations ", o.opt_iters, ", percdamp ",
            o.percdamp, ")");
@@ -419,16 +420,16 @@ void Ptq161Method::quantize_block(BlockContext& ctx, std::vector<LinearReport>& 
     Ptq161Layer& l = p.layer;
     LinearReport& r = reports[p.report];
     l.round_to_f16();
-    Ptq161Tensor packed = pack_ptq161(l.out, l.in, l.mask, l.sign, l.q4, l.alpha, l.mu, l.s4, l.z4, l.col);
+    QuantizedTensor packed = pack_ptq161(l.out, l.in, l.mask, l.sign, l.q4, l.alpha, l.mu, l.s4, l.z4, l.col);
     const Tensor deq = packed.dequantize();
     for (int64_t i = 0; i < deq.numel(); ++i)
       if (!std::isfinite(deq.data<float>()[i]))
         throw_error("ptq161: ", r.name, " decodes to a non-finite weight at row ", i / l.in, " column ", i % l.in,
                     " (a scaling factor overflowed f16)");
-    r.bits_per_weight = packed.bits_per_weight();
+    r.bits_per_weight = double(packed.nbytes()) * 8.0 / double(l.out * l.in);
     auto sx = sample_x.find(p.name);
     r.rel_error = sx != sample_x.end() ? relative_output_error(sx->second, p.w, deq) : 0.0;
-    *p.slot = std::make_shared<Ptq161Linear>(std::move(packed), p.bias, p.dev);
+    *p.slot = std::make_shared<QuantLinear>(std::move(packed), p.bias, p.dev, Tensor(), Tensor(), deq);
   }
 }
 

@@ -28,10 +28,10 @@
 // Not implemented: the paper's "quantization preprocessing" (a restorative-LoRA pass over the FP
 // model before the PTQ run).
 //
-// Storage: quant/ptq161_tensor.h (Ptq161Tensor: mask bits, sign bits, 4-bit codes, f16 row factors
-// alpha, mu, s, z and f16 column factors r of the binary columns); the reported bits per weight
-// count its stored bytes. The layer is a Ptq161Linear: the decoded weight is kept dense (lowbit has
-// no packed kernel for this layout).
+// Storage: the format table's `ptq161` format (QuantKind::SalientBinary; quant/ptq161_tensor.h
+// packs it: mask bits, sign bits, 4-bit codes, f16 row factors alpha, mu, s, z and f16 column
+// factors r of the binary columns); the reported bits per weight count its stored bytes. The layer
+// is a QuantLinear: inference runs quant_matmul's SalientBinary bodies on the packed codes.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -77,7 +77,7 @@ struct Ptq161Layer {
   void round_to_f16();
 };
 
-// The layout's size without the per-row byte padding of Ptq161Tensor, in bits:
+// The layout's size without the per-row byte padding of the packed rows, in bits:
 // out*(in-k) + 4*out*k + 64*out + in + 16*(in-k).
 int64_t ptq161_storage_bits(int64_t out, int64_t in, int64_t k);
 

@@ -108,9 +108,9 @@ void register_builtins(std::vector<MethodInfo>& r) {
           "tp2g128"});
   add(r, {"ptq161", "PTQ1.61: salient input channels (top --ptq161-ratio by calibration max|x|) at 4 bits, the rest "
                     "binarized with row and column scales fitted to the layer's output error, optionally refined on "
-                    "the block output (--ptq161-block-epochs; --format int4pc; decoded weights, no packed kernel)",
+                    "the block output (--ptq161-block-epochs; --format ptq161, its own packed format)",
           true, false, [](const MethodConfig& c) { return std::make_unique<Ptq161Method>(*c.format, c.ptq161); },
-          "int4pc"});
+          "ptq161"});
 }
 
 std::vector<MethodInfo>& registry() {
@@ -148,6 +148,11 @@ const MethodInfo& find_method(const std::string& name) {
 std::unique_ptr<BlockMethod> make_method(const std::string& name, const MethodConfig& config) {
   const MethodInfo& m = find_method(name);
   if (!config.format) throw_error("make_method('", name, "'): no format given");
+  // A column-masked format (ptq161): its method, or RTN's data-free form (quantize(): weight-norm
+  // mask, closed-form factors); the other methods' per-group solvers have no column mask.
+  if (config.format->has_column_mask() && name != "ptq161" && name != "rtn")
+    throw_error("--method ", name, ": format ", config.format->name,
+                " is written by --method ptq161 (or rtn, data-free) only");
   return m.make(config);
 }
 

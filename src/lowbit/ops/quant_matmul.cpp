@@ -19,6 +19,7 @@
 #include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
 #include "lowbit/ops/quant_matmul_kernels.h"
+#include "lowbit/ops/quant_matmul_salient.h"
 
 namespace lowbit::ops {
 
@@ -48,6 +49,7 @@ void check_view(const PackedWeight& w) {
   if (!w.dequantize_row) throw_error(kOp, ": weight [", w.format, "] has no dequantize_row");
   if (w.layout == PackedLayout::Generic) return;
   if (!w.codes) throw_error(kOp, ": weight [", w.format, "] lacks its codes");
+  if (w.layout == PackedLayout::SalientBinary) return salient::check(w, kOp);
   if (w.layout == PackedLayout::TritPlanes) {
     if (w.bits != 2 || !w.scales || !w.zeros || w.group_size <= 0 || w.group_size % 4 != 0 ||
         w.n_groups != (w.in + w.group_size - 1) / w.group_size || w.row_bytes != 2 * ((w.in + 3) / 4))
@@ -129,6 +131,7 @@ void trit_planes_row(const PackedWeight& w, int64_t r, float* dst) {
 void decode_row(const PackedWeight& w, int64_t r, float* dst) {
   if (w.layout == PackedLayout::IntGroups) int_groups_row(w, r, dst);
   else if (w.layout == PackedLayout::TritPlanes) trit_planes_row(w, r, dst);
+  else if (w.layout == PackedLayout::SalientBinary) salient::decode_row(w, r, dst);
   else w.dequantize_row(r, dst);
 }
 
@@ -317,11 +320,13 @@ float tail_dot(const PackedWeight& w, int64_t row, const QRow& a, int64_t nfull)
   if (b0 >= w.in || w.layout != PackedLayout::IntGroups) return 0.0f;
   const uint8_t* rp = w.codes + row * w.row_bytes;
   const int8_t* q = a.q + nfull * kBlock;
-  float acc = 0.0f;
-  for (int64_t i = b0; i < w.in; ++i) {
-    const int64_t g = i / w.group_size;
-    const float s = f16_to_f32(w.scales[row * w.n_groups + g]);
-    const float z = w.zeros ? f16_to_f32(w.zeros[row * w.n_groups + g]) : w.implicit_zero;
+  float acc = 0.0f, s = 0.0f, z = 0.0f;
+  for (int64_t i = b0, g = -1; i < w.in; ++i) {
+    if (i / w.group_size != g) {  // the group's parameters, decoded once per group
+      g = i / w.group_size;
+      s = f16_to_f32(w.scales[row * w.n_groups + g]);
+      z = w.zeros ? f16_to_f32(w.zeros[row * w.n_groups + g]) : w.implicit_zero;
+    }
     acc += s * a.d[nfull] * ((float(code_at(w.bits, rp, i)) - z) * float(q[i - b0]));
   }
   return acc;
@@ -448,9 +453,33 @@ void trit_planes_body(const float* x, int64_t M, const PackedWeight& w, float* y
   for (int64_t i = 0; i < M * w.out; ++i) y[i] += y2[size_t(i)];
 }
 
+// SalientBinary (ptq161): the binary columns through the table-lookup bodies (quant_matmul_salient),
+// the salient columns as an int4 IntGroups view over the gathered salient activations (the int8
+// kernels, or the exact decode body), the two parts added.
+void salient_binary_body(const float* x, int64_t M, const PackedWeight& w, float* y, bool int8, QuantIsa isa,
+                         bool panels) {
+  if (int8) salient::binary_int8(x, M, w, y);  // with the salient columns past the last block of 32
+  else salient::binary_exact(x, M, w, y);
+  const int64_t k = int8 ? w.salient / kBlock * kBlock : w.salient;
+  if (k == 0) return;
+  thread_local std::vector<float> xs, ys;
+  thread_local std::vector<uint16_t> sz;
+  xs.resize(size_t(M * w.salient));
+  ys.resize(size_t(M * w.out));
+  sz.resize(size_t(2 * w.out));
+  salient::gather_salient(x, M, w, xs.data());
+  if (k < w.salient)  // rows of the first k columns
+    for (int64_t m = 1; m < M; ++m) std::memmove(xs.data() + m * k, xs.data() + m * w.salient, size_t(k) * sizeof(float));
+  const PackedWeight p = salient::salient_view(w, k, sz.data(), sz.data() + w.out);
+  if (int8) int8_body(xs.data(), M, p, ys.data(), isa, panels);
+  else exact_decode_body(xs.data(), M, p, ys.data());
+  for (int64_t i = 0; i < M * w.out; ++i) y[i] += ys[size_t(i)];
+}
+
 // The ternary layouts (TQ2_0, TQ1_0 and the ternary format) go to ternary_body (activation blocks of 256).
 void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels) {
   if (w_in.layout == PackedLayout::TritPlanes) return trit_planes_body(x, M, w_in, y, isa, panels);
+  if (w_in.layout == PackedLayout::SalientBinary) return salient_binary_body(x, M, w_in, y, true, isa, panels);
   if (const qmm::TernaryKind kind = qmm::ternary_kind(w_in); kind != qmm::TernaryKind::None)
     return ternary_body(x, M, w_in, y, isa, kind);
   // A tensor scale (ternary): the kernels run with unit f16 scales, the products are scaled after.
@@ -968,7 +997,9 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
     case QuantMatmulPath::Reference: reference_body(px, M, w, py); break;
     case QuantMatmulPath::Int8: int8_body(px, M, w, py, opt.isa, opt.int8_panels); break;
     default:
-      if (M <= kQuantDecodeMaxRows) exact_decode_body(px, M, w, py);
+      if (M <= kQuantDecodeMaxRows && w.layout == PackedLayout::SalientBinary)
+        salient_binary_body(px, M, w, py, false, opt.isa, opt.int8_panels);
+      else if (M <= kQuantDecodeMaxRows) exact_decode_body(px, M, w, py);
       else exact_tiled_body(px, M, w, py);
   }
 }

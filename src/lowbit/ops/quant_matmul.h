@@ -19,6 +19,21 @@
 //              holds a1 and `zeros` a2 (f16 [out, n_groups]); w = (q1 - 1) a1 + (q2 - 1) a2. The Int8
 //              body runs it as two IntGroups 2-bit passes (implicit zero 1, row stride row_bytes), one
 //              per plane, and adds them; the Exact body decodes rows through dequantize_row.
+//   SalientBinary
+//              lowbit's ptq161 (PTQ1.61): `col_mask` (bit j % 8 of byte j / 8: column j salient, k =
+//              `salient` columns), codes U8 [out, row_bytes], row_bytes = ceil((in-k)/8) + ceil(k/2):
+//              the sign bits of the in - k binary columns (bit t % 8 of byte t / 8), then the 4-bit
+//              codes of the salient columns in column order (low nibble first); `scales` f16 [out, 2]
+//              = (alpha, s), `zeros` f16 [out, 2] = (mu, z), `col_scales` f16 [in - k] = r_j. Binary
+//              column: w = r_j (mu +- alpha); salient: w = (q - z) s. Both bodies gather x once per
+//              call into x_b = r_j x_j over the binary columns and x_s over the salient ones, and use
+//              a lookup table per sign byte (256 partial sums of its 8 x_b values, built per call and
+//              activation row), so a row costs one table read per 8 binary weights:
+//              y = (mu + alpha) P+ + (mu - alpha) (S - P+), P+ = the sum of x_b over the set sign
+//              bits, S = the sum of all x_b, plus s * sum_u (q_u - z) x_s[u]. Exact (M <= 8): f32
+//              tables; Int8: x_b and x_s quantized per block of 32 (as the other layouts), int16
+//              tables, integer sums per block, one f32 multiply-add per block. Exact with M > 8: the
+//              tiled sgemm over decoded rows. No GPU form.
 //   GgmlTQ2_0, GgmlTQ1_0
 //              ggml's ternary blocks of 256 (66 / 54 bytes: 2-bit codes or base-3 digits, one f16 d),
 //              `in` a multiple of 256; w = d (q - 1), q in {0, 1, 2}.
@@ -49,7 +64,9 @@
 
 namespace lowbit::ops {
 
-enum class PackedLayout : uint8_t { Generic, IntGroups, GgmlQ4_0, GgmlQ4_1, GgmlQ8_0, GgmlTQ2_0, GgmlTQ1_0, TritPlanes };
+enum class PackedLayout : uint8_t {
+  Generic, IntGroups, GgmlQ4_0, GgmlQ4_1, GgmlQ8_0, GgmlTQ2_0, GgmlTQ1_0, TritPlanes, SalientBinary
+};
 
 // A packed weight's copy on the GPU, in the layout the CUDA kernels read (ops/cuda/quant_gemv.cuh
 // documents it): codes U8 [out, in / 32 blocks of 8, 16 or 32 bytes] and group parameters F16
@@ -79,6 +96,10 @@ struct PackedWeight {
   float tensor_scale = 1.0f;         // null scales only (ternary gamma)
   const uint16_t* zeros = nullptr;   // f16 [out, n_groups], or null: implicit zero
   float implicit_zero = 0.0f;
+  // SalientBinary only (scales / zeros above are [out, 2]: (alpha, s) and (mu, z)):
+  int64_t salient = 0;                  // salient columns k (set bits of col_mask)
+  const uint8_t* col_mask = nullptr;    // [ceil(in / 8)]
+  const uint16_t* col_scales = nullptr;  // f16 [in - salient]
   // Every layout: decodes row r into dst[0, in). Must be callable from several threads at once.
   std::function<void(int64_t row, float* dst)> dequantize_row;
   // The copy on the GPU (CUDA calls need it), or null.

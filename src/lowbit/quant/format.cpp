@@ -186,6 +186,36 @@ static void tp_unpack(const uint8_t* packed, int64_t n, uint8_t* codes) {
   }
 }
 
+// PTQ1.61 (SalientBinary), the binary columns' codec: code 1 = +1, 0 = -1 around the row mean mu,
+// w = mu + alpha * (2q - 1) (times the column factor r_j, which the tensor applies: 1 here). From a
+// range alone: mu = the range's centre, alpha = half its width (both rounded to f16). The salient
+// columns use the int4 asymmetric arithmetic (int_params / int_value with qmax 15); methods/ptq161.h
+// fits every factor from calibration data.
+static GroupParams sb_params(const QuantFormat& f, float lo, float hi, float) {
+  const float alpha = f16_to_f32(f32_to_f16(0.5f * (hi - lo))), mu = f16_to_f32(f32_to_f16(0.5f * (hi + lo)));
+  check_scale_fits(f, alpha);
+  return {alpha, mu};
+}
+static uint8_t sb_encode(const QuantFormat&, float x, const GroupParams& p) { return x >= p.zero ? 1 : 0; }
+static float sb_decode(const QuantFormat&, uint8_t q, const GroupParams& p) {
+  return salient_binary_value(q != 0, 1.0f, p.scale, p.zero);
+}
+static void sb_encode_n(const QuantFormat& f, const float* x, int64_t n, const GroupParams& p, uint8_t* q) {
+  for (int64_t i = 0; i < n; ++i) q[i] = sb_encode(f, x[i], p);
+}
+static void sb_decode_n(const QuantFormat& f, const uint8_t* q, int64_t n, const GroupParams& p, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = sb_decode(f, q[i], p);
+}
+// One bit per code (bit i % 8 of byte i / 8): the sign bits of a SalientBinary row's binary columns.
+static void pack_bits(const uint8_t* codes, int64_t n, uint8_t* packed) {
+  std::fill(packed, packed + (n + 7) / 8, uint8_t(0));
+  for (int64_t i = 0; i < n; ++i)
+    if (codes[i]) packed[i / 8] = uint8_t(packed[i / 8] | 1u << (i % 8));
+}
+static void unpack_bits(const uint8_t* packed, int64_t n, uint8_t* codes) {
+  for (int64_t i = 0; i < n; ++i) codes[i] = uint8_t(packed[i / 8] >> (i % 8) & 1);
+}
+
 static constexpr QuantCodec kIntAsymCodec{unit_tensor_scale, int_params, int_encode, int_decode, int_encode_n,
                                           int_decode_n};
 static constexpr QuantCodec kIntSymCodec{unit_tensor_scale, int_params, int_encode, int_decode, int_encode_n,
@@ -197,6 +227,8 @@ static constexpr QuantCodec kMxfp4Codec{unit_tensor_scale, mxfp4_params, fp4_enc
 static constexpr QuantCodec kNvfp4Codec{nvfp4_tensor_scale, nvfp4_params, fp4_encode, fp4_decode, fp4_encode_n,
                                         fp4_decode_n};
 static constexpr QuantCodec kTritPlaneCodec{unit_tensor_scale, tp_params, tp_encode, tp_decode, tp_encode_n, tp_decode_n};
+static constexpr QuantCodec kSalientBinaryCodec{unit_tensor_scale, sb_params, sb_encode, sb_decode, sb_encode_n,
+                                                sb_decode_n};
 
 // ---- the table -----------------------------------------------------------------------------------
 
@@ -290,6 +322,13 @@ static constexpr QuantFormat kFormats[] = {
     {{Id::TP2G128, "tp2g128", QuantKind::TritPlanes, 4, ScaleGranularity::PerGroup, 128, ScaleType::F16, true, false,
       0, -1},
      &kTritPlaneCodec, tp_pack, tp_unpack, nullptr, nullptr},
+    // PTQ1.61: a column mask, sign bits of the binary columns and 4-bit codes of the salient ones per
+    // row, (alpha, s) in `scales` and (mu, z) in `zeros` ([out, 2] f16), r_j in `col_scales`. `bits` 1
+    // and the codec/pack functions are the binary columns'; the salient columns are int4 asymmetric.
+    // At 20 % salient columns of a 4096-wide row: 1.62 bits per weight.
+    {{Id::PTQ161, "ptq161", QuantKind::SalientBinary, 1, ScaleGranularity::PerChannel, 0, ScaleType::F16, true, false,
+      0, -1},
+     &kSalientBinaryCodec, pack_bits, unpack_bits, nullptr, nullptr},
 };
 
 const QuantFormat* quant_format_for_ggml_type(uint32_t ggml_type) {

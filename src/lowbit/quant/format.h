@@ -34,6 +34,14 @@
 //                                 a1 = GroupParams.scale (f16 `scales`), a2 = GroupParams.zero (f16
 //                                 `zeros`), groups of 128. params_from_range gives the balanced-ternary
 //                                 grid a1 = 3 a2, a2 = amax/4; methods/ptqtp.h fits a1, a2 per group.
+//   ptq161 (PTQ1.61, Zhao et al. 2025, arXiv 2502.13179; QuantKind::SalientBinary): a column mask
+//                                 picks k salient input columns; per row two groups: g = 0 the binary
+//                                 columns, w = r_j * (mu + alpha * (2q - 1)), q the sign bit,
+//                                 GroupParams {alpha, mu}, r_j the column's f16 factor; g = 1 the
+//                                 salient columns, w = (q - z) * s, q 4-bit, GroupParams {s, z}. The
+//                                 codec is the binary columns' (params_from_range: mu = the range's
+//                                 centre, alpha = half its width); methods/ptq161.h fits everything,
+//                                 quantize() has a data-free form (quant/quantize.cpp).
 //   nvfp4  (NVIDIA Blackwell NVFP4): 16-element blocks, same E2M1 codes; w = e2m1(q) * e4m3(b) * t,
 //                                 b the block's E4M3 (fn) byte, t the fp32 tensor scale
 //                                 t = amax(W) / (6 * 448), e4m3(b) ~ amax(block) / 6 / t.
@@ -43,6 +51,12 @@
 //   scales       [out, n_groups(in)]      F16 (int), U8 E8M0 (mxfp4), U8 E4M3 (nvfp4); absent (ternary)
 //   zeros        F16 [out, n_groups(in)]  integer-valued zero points (asymmetric int only)
 //   tensor_scale F32 [1]                  ternary gamma, nvfp4 t; absent otherwise
+//   ptq161: col_mask U8 [ceil(in/8)] (bit j % 8 of byte j / 8: column j salient), col_scales F16
+//           [in - k] (r_j of the binary columns in column order), scales / zeros F16 [out, 2] =
+//           (alpha, s) / (mu, z), codes U8 [out, masked_row_bytes(in, k)]: the sign bits of the
+//           binary columns (1 bit each, above's bit order), then the 4-bit codes of the salient
+//           columns in column order, each part starting on a byte boundary; padding bits are 0
+//           (QuantizedTensor::check_codes). row_bytes(in) is nominal (k = in / 5).
 // Packing of the codes of one row, value i, little-endian bit order; padding bits are zero:
 //   8 bits: one per byte.
 //   4 bits: two per byte, value 2k in the low nibble of byte k, value 2k+1 in the high nibble.

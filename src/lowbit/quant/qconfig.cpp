@@ -25,6 +25,7 @@ const char* element_type_name(QuantKind k) {
     case QuantKind::FP4_NV: return "e2m1";
     case QuantKind::GgmlBlock: return "ggml";
     case QuantKind::TritPlanes: return "trit-planes";
+    case QuantKind::SalientBinary: return "salient-binary";
   }
   return "?";
 }

@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <numeric>
+
+#include "lowbit/quant/ptq161_tensor.h"
 
 namespace lowbit {
 
@@ -112,9 +115,58 @@ QuantizedTensor quantize_with_params(const Tensor& w_in, const QuantFormat& f, c
   return encode_checked(checked_weight(w_in, f, "quantize"), f, params, tensor_scale);
 }
 
+namespace {
+// quantize() of a column-masked format (ptq161) without calibration data: the nominal share of
+// salient columns (FormatTraits::nominal_salient, 20 %) picked by the weight's column norm (ties:
+// the lower index), their codes with the int4pc codec over the row's salient values, the other
+// columns binarized around the row mean with the closed-form alpha = mean |w - mu| and r = 1.
+// methods/ptq161.h is the method (activation-based mask, fitted factors).
+QuantizedTensor quantize_masked(const Tensor& w, const QuantFormat& f) {
+  const int64_t out = w.size(0), in = w.size(1), k = f.nominal_salient(in);
+  const float* pw = w.data<float>();
+  std::vector<double> norm(static_cast<size_t>(in), 0.0);
+  for (int64_t i = 0; i < out; ++i)
+    for (int64_t j = 0; j < in; ++j) norm[size_t(j)] += double(pw[i * in + j]) * pw[i * in + j];
+  std::vector<int64_t> order(static_cast<size_t>(in));
+  std::iota(order.begin(), order.end(), int64_t(0));
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return norm[size_t(a)] > norm[size_t(b)]; });
+  std::vector<uint8_t> mask(static_cast<size_t>(in), 0);
+  for (int64_t t = 0; t < k; ++t) mask[size_t(order[size_t(t)])] = 1;
+  const QuantFormat& f4 = quant_format(QuantFormatId::Int4PC);
+  std::vector<int8_t> sign(static_cast<size_t>(out * in), 0);
+  std::vector<uint8_t> q4(static_cast<size_t>(out * in), 0);
+  std::vector<double> alpha(static_cast<size_t>(out)), mu(static_cast<size_t>(out)), col(static_cast<size_t>(in), 1.0);
+  std::vector<float> s4(static_cast<size_t>(out), 1.0f), z4(static_cast<size_t>(out), 0.0f);
+  for (int64_t i = 0; i < out; ++i) {
+    const float* row = pw + i * in;
+    float lo = 0.0f, hi = 0.0f;
+    double sum = 0.0;
+    for (int64_t j = 0; j < in; ++j)
+      if (mask[size_t(j)]) lo = std::min(lo, row[j]), hi = std::max(hi, row[j]);
+      else sum += row[j];
+    const double m = in > k ? sum / double(in - k) : 0.0;
+    double dev = 0.0;
+    for (int64_t j = 0; j < in; ++j)
+      if (!mask[size_t(j)]) dev += std::fabs(row[j] - m);
+    mu[size_t(i)] = m;
+    alpha[size_t(i)] = in > k ? dev / double(in - k) : 0.0;
+    if (k > 0) {
+      const GroupParams p = f4.codec->params_from_range(f4, lo, hi, 1.0f);
+      s4[size_t(i)] = p.scale, z4[size_t(i)] = p.zero;
+      for (int64_t j = 0; j < in; ++j)
+        if (mask[size_t(j)]) q4[size_t(i * in + j)] = f4.codec->encode(f4, row[j], p);
+    }
+    for (int64_t j = 0; j < in; ++j)
+      if (!mask[size_t(j)]) sign[size_t(i * in + j)] = row[j] >= m ? 1 : -1;
+  }
+  return pack_ptq161(out, in, mask, sign, q4, alpha, mu, s4, z4, col);
+}
+}  // namespace
+
 QuantizedTensor quantize(const Tensor& w_in, const QuantFormat& f) {
   Tensor w = checked_weight(w_in, f, "quantize");
   if (f.is_ggml_block()) return quantize_ggml(w, f);
+  if (f.has_column_mask()) return quantize_masked(w, f);
   float t = compute_tensor_scale(f, w);
   return encode_checked(w, f, fit_all_group_params(f, w, t), t);
 }
@@ -122,8 +174,8 @@ QuantizedTensor quantize(const Tensor& w_in, const QuantFormat& f) {
 Tensor fake_quantize(const Tensor& w_in, const QuantFormat& f) {
   Tensor w2 = w_in.defined() && w_in.dim() == 1 ? w_in.reshape({1, w_in.numel()}) : w_in;
   Tensor w = checked_weight(w2, f, "fake_quantize");
-  if (f.is_ggml_block()) {
-    Tensor out = quantize_ggml(w, f).dequantize();
+  if (f.is_ggml_block() || f.has_column_mask()) {
+    Tensor out = (f.is_ggml_block() ? quantize_ggml(w, f) : quantize_masked(w, f)).dequantize();
     return w_in.dim() == 1 ? out.view(w_in.shape()) : out;
   }
   float t = compute_tensor_scale(f, w);

@@ -1,6 +1,7 @@
 #include "lowbit/quant/quantized_tensor.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -68,7 +69,16 @@ void QuantizedTensor::validate() const {
   int64_t out = shape[0], in = shape[1], groups = f.n_groups(in);
   LB_CHECK(f.row_fits(in), "[", f.name, "] quantized tensor ", shape_str(shape), ": in = ", in,
            " is not a multiple of the block size ", f.group_size);
-  check_tensor(f, "codes", codes, true, DType::U8, {out, f.row_bytes(in)});
+  if (f.has_column_mask()) {  // the mask first: the row width and col_scales depend on it
+    check_tensor(f, "col_mask", col_mask, true, DType::U8, {(in + 7) / 8});
+    if (in % 8 && (col_mask.data<uint8_t>()[col_mask.numel() - 1] >> (in % 8)))
+      throw_error("[", f.name, "] col_mask has bits set beyond column ", in);
+    check_tensor(f, "col_scales", col_scales, true, DType::F16, {in - salient()});
+  } else {
+    check_tensor(f, "col_mask", col_mask, false, DType::U8, {});
+    check_tensor(f, "col_scales", col_scales, false, DType::F16, {});
+  }
+  check_tensor(f, "codes", codes, true, DType::U8, {out, row_bytes()});
   bool has_scales = f.scale_type != ScaleType::None;
   check_tensor(f, "scales", scales, has_scales, has_scales ? scale_dtype(f.scale_type) : DType::F16,
                {out, groups});
@@ -82,6 +92,18 @@ void QuantizedTensor::validate() const {
 
 void QuantizedTensor::check_codes() const {
   const QuantFormat& f = fmt();
+  if (f.has_column_mask()) {  // padding bits after the sign bits and after the last 4-bit code are 0
+    const int64_t out = out_features(), in = in_features(), k = salient(), nb = in - k, sb = (nb + 7) / 8;
+    const int64_t rb = row_bytes();
+    const uint8_t* c = codes.data<uint8_t>();
+    for (int64_t r = 0; r < out; ++r) {
+      if (nb % 8 && (c[r * rb + sb - 1] >> (nb % 8)))
+        throw_error("[", f.name, "] row ", r, " has sign bits set beyond its ", nb, " binary columns");
+      if (k % 2 && (c[r * rb + rb - 1] >> 4))
+        throw_error("[", f.name, "] row ", r, " has a 4-bit code after its ", k, " salient columns");
+    }
+    return;
+  }
   if (f.kind != QuantKind::TritPlanes) return;
   // Two 2-bit planes per row holding t + 1: the value 3 is never written.
   const int64_t out = out_features(), in = in_features(), rb = f.row_bytes(in), half = rb / 2;
@@ -92,6 +114,19 @@ void QuantizedTensor::check_codes() const {
         if (unpack_code(2, c + r * rb + plane * half, i) == 3)
           throw_error("[", f.name, "] plane ", plane + 1, " holds code 3 (not a trit: t + 1 is 0, 1 or 2) at row ", r,
                       ", column ", i);
+}
+
+int64_t QuantizedTensor::salient() const {
+  if (!col_mask.defined() || col_mask.dtype() != DType::U8 || !col_mask.is_contiguous()) return 0;
+  int64_t k = 0;
+  const uint8_t* p = col_mask.data<uint8_t>();
+  for (int64_t b = 0; b < col_mask.numel(); ++b) k += std::popcount(unsigned(p[b]));
+  return k;
+}
+
+int64_t QuantizedTensor::row_bytes() const {
+  const QuantFormat& f = fmt();
+  return f.has_column_mask() ? FormatTraits::masked_row_bytes(in_features(), salient()) : f.row_bytes(in_features());
 }
 
 float QuantizedTensor::tensor_scale_value() const {
@@ -107,15 +142,47 @@ GroupParams QuantizedTensor::group_params(int64_t row, int64_t g) const {
 void QuantizedTensor::unpack_row(int64_t row, uint8_t* out_codes) const {
   const QuantFormat& f = fmt();
   LB_CHECK(!f.is_ggml_block(), "[", f.name, "] unpack_row: a ggml block format has no separate codes");
+  if (f.has_column_mask()) {
+    const int64_t in = in_features(), sb = (in - salient() + 7) / 8;
+    const uint8_t* src = codes.data<uint8_t>() + row * row_bytes();
+    const uint8_t* m = col_mask.data<uint8_t>();
+    for (int64_t j = 0, t = 0, u = 0; j < in; ++j) {
+      if (m[j / 8] >> (j % 8) & 1) {
+        out_codes[j] = uint8_t(src[sb + u / 2] >> (4 * (u % 2)) & 15);
+        ++u;
+      } else {
+        out_codes[j] = uint8_t(src[t / 8] >> (t % 8) & 1);
+        ++t;
+      }
+    }
+    return;
+  }
   f.unpack(codes.data<uint8_t>() + row * f.row_bytes(in_features()), in_features(), out_codes);
 }
 
 void QuantizedTensor::dequantize_row(int64_t row, float* out) const {
   const QuantFormat& f = fmt();
-  const int64_t in = in_features(), rb = f.row_bytes(in);
+  const int64_t in = in_features(), rb = row_bytes();
   const uint8_t* src = codes.data<uint8_t>() + row * rb;
   if (f.is_ggml_block()) {
     f.dequantize_row(src, in, out);
+    return;
+  }
+  if (f.has_column_mask()) {  // PTQ1.61: sign bits of the binary columns, then the salient 4-bit codes
+    const int64_t sb = (in - salient() + 7) / 8;
+    const uint8_t* m = col_mask.data<uint8_t>();
+    const uint16_t* r = f16_data(col_scales);
+    const GroupParams pb = load_group_params(f, scales, zeros, row * 2, 1.0f);
+    const GroupParams ps = load_group_params(f, scales, zeros, row * 2 + 1, 1.0f);
+    for (int64_t j = 0, t = 0, u = 0; j < in; ++j) {
+      if (m[j / 8] >> (j % 8) & 1) {
+        out[j] = salient_int4_value(src[sb + u / 2] >> (4 * (u % 2)) & 15, ps.scale, ps.zero);
+        ++u;
+      } else {
+        out[j] = salient_binary_value(src[t / 8] >> (t % 8) & 1, f16_to_f32(r[t]), pb.scale, pb.zero);
+        ++t;
+      }
+    }
     return;
   }
   if (f.kind == QuantKind::TritPlanes) {  // two 2-bit planes: w = (q1 - 1) a1 + (q2 - 1) a2
@@ -189,6 +256,18 @@ ops::PackedWeight QuantizedTensor::packed_view() const {
     w.scales = f16_data(scales);
     w.zeros = f.has_zero ? f16_data(zeros) : nullptr;
     w.implicit_zero = f.kind == QuantKind::IntSym ? float(1 << (f.bits - 1)) : 0.0f;
+  } else if (f.has_column_mask()) {  // PTQ1.61: mask, sign bits + 4-bit codes, (alpha, s) / (mu, z), r_j
+    w.layout = ops::PackedLayout::SalientBinary;
+    w.bits = 1;
+    w.n_groups = 2;
+    w.group_size = 0;
+    w.salient = salient();
+    w.row_bytes = row_bytes();
+    w.codes = codes.data<uint8_t>();
+    w.scales = f16_data(scales);
+    w.zeros = f16_data(zeros);
+    w.col_mask = col_mask.data<uint8_t>();
+    w.col_scales = f16_data(col_scales);
   } else if (f.kind == QuantKind::TritPlanes) {  // two 2-bit planes, a1 in scales, a2 in zeros
     w.layout = ops::PackedLayout::TritPlanes;
     w.bits = 2;
@@ -221,7 +300,7 @@ void QuantizedTensor::upload_to_device() const {
 
 int64_t QuantizedTensor::nbytes() const {
   int64_t n = 0;
-  for (const Tensor* t : {&codes, &scales, &zeros, &tensor_scale})
+  for (const Tensor* t : {&codes, &scales, &zeros, &tensor_scale, &col_mask, &col_scales})
     if (t->defined()) n += int64_t(t->nbytes());
   return n;
 }
@@ -248,6 +327,9 @@ QuantizedTensor make_quantized_tensor(const QuantFormat& f, int64_t out, int64_t
   LB_CHECK(out > 0 && in > 0, "[", f.name, "] cannot quantize an empty [", out, ", ", in, "] weight");
   LB_CHECK(!f.is_ggml_block(), "[", f.name, "] make_quantized_tensor: ggml block formats are quantized by their ",
            "quantize_row (quantize())");
+  if (f.has_column_mask())
+    throw_error("[", f.name, "] needs a column mask chosen from calibration activations and per-column factors: ",
+                "only --method ptq161 produces it (quant/ptq161_tensor.h pack_ptq161)");
   int64_t groups = f.n_groups(in);
   QuantizedTensor q;
   q.format = f.id;

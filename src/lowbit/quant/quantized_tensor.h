@@ -20,16 +20,24 @@ struct QuantizedTensor {
   Tensor zeros;         // F16 [out, n_groups(in)], integer values; asymmetric int only (trit
                         // planes: the second plane's scale a2)
   Tensor tensor_scale;  // F32 [1]; ternary and nvfp4 only
+  // Formats with a column mask (has_column_mask(): ptq161) only, undefined otherwise:
+  Tensor col_mask;      // U8 [ceil(in/8)]: bit j % 8 of byte j / 8 set = column j is salient
+  Tensor col_scales;    // F16 [in - k]: the factor r_j of each binary column, in column order
 
   const QuantFormat& fmt() const { return quant_format(format); }
   int64_t out_features() const { return shape.at(0); }
   int64_t in_features() const { return shape.at(1); }
+  // Salient columns (set bits of col_mask; 0 for formats without a mask) and the packed bytes of one
+  // row of `codes` (the format's row_bytes, or masked_row_bytes(in, salient()) with a mask).
+  int64_t salient() const;
+  int64_t row_bytes() const;
 
   // Checks shapes and dtypes against the format (a packed size mismatch, a missing zero tensor,
   // ...) and throws lowbit::Error naming the field. Called by dequantize() and by loaders.
   void validate() const;
-  // Scans the codes for values the format never produces (trit-plane pair codes above 8) and
-  // throws naming the row and column; a no-op for the other formats (every code value decodes).
+  // Scans the codes for values the format never produces (trit-plane pair codes above 8; ptq161:
+  // a set padding bit of a row's sign bits or 4-bit codes) and throws naming the row and column; a
+  // no-op for the other formats (every code value decodes).
   // O(size): loaders call it once, validate() does not.
   void check_codes() const;
 
@@ -37,7 +45,7 @@ struct QuantizedTensor {
   // ggml block formats keep these inside their blocks and throw).
   float tensor_scale_value() const;  // 1 when the format has none
   GroupParams group_params(int64_t row, int64_t g) const;
-  void unpack_row(int64_t row, uint8_t* codes) const;  // `in` codes
+  void unpack_row(int64_t row, uint8_t* codes) const;  // `in` codes (ptq161: sign bit or 4-bit code)
 
   // The f32 values of row `row` (in_features() floats), exactly as dequantize() computes them, for
   // every format (lowbit's and ggml's). The reference body of packed kernels. Does not validate()

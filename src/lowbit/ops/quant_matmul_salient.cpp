@@ -1,0 +1,275 @@
+// quant_matmul's SalientBinary bodies (ptq161, PTQ1.61): the layout and the arithmetic are described
+// in quant_matmul.h. Portable C++ (table lookups vectorize poorly; the tables make a binary weight
+// cost one load per 8 weights instead of a multiply-add per weight).
+#include "lowbit/ops/quant_matmul_salient.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "lowbit/core/dtype.h"
+#include "lowbit/core/error.h"
+#include "lowbit/core/format_traits.h"
+#include "lowbit/core/threads.h"
+
+namespace lowbit::ops::salient {
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // int8 activation block (4 sign bytes)
+
+inline bool is_salient(const uint8_t* mask, int64_t j) { return (mask[j / 8] >> (j % 8)) & 1; }
+
+// The binary and salient column indices of the view, in column order (cached per thread: the same
+// mask pointer comes back for every token of a decode).
+struct Columns {
+  std::vector<uint8_t> mask;  // the mask the lists were made from (compared by content)
+  int64_t in = 0;
+  std::vector<uint16_t> col_scales;  // and the factors (f16 bits)
+  std::vector<int32_t> bin, sal;
+  std::vector<float> r;  // r_j of the binary columns, f32
+};
+const Columns& columns_of(const PackedWeight& w) {
+  thread_local Columns c;
+  const size_t mb = size_t((w.in + 7) / 8);
+  const size_t nb = size_t(w.in - w.salient);
+  if (c.in == w.in && c.mask.size() == mb && c.col_scales.size() == nb &&
+      std::memcmp(c.mask.data(), w.col_mask, mb) == 0 &&
+      std::memcmp(c.col_scales.data(), w.col_scales, nb * sizeof(uint16_t)) == 0)
+    return c;
+  c.mask.assign(w.col_mask, w.col_mask + mb);
+  c.in = w.in;
+  c.col_scales.assign(w.col_scales, w.col_scales + nb);
+  c.bin.clear();
+  c.sal.clear();
+  for (int64_t j = 0; j < w.in; ++j) (is_salient(w.col_mask, j) ? c.sal : c.bin).push_back(int32_t(j));
+  c.r.resize(c.bin.size());
+  for (size_t t = 0; t < c.r.size(); ++t) c.r[t] = f16_to_f32(w.col_scales[t]);
+  return c;
+}
+
+// Lookup table of one sign byte: t[v] = sum of x[i] over the set bits i of v (x has 8 values, zero
+// past the end of the row).
+template <class X, class T>
+inline void build_table(const X* x, T* t) {
+  t[0] = T(0);
+  for (int v = 1; v < 256; ++v) t[v] = T(t[v & (v - 1)] + x[std::countr_zero(unsigned(v))]);
+}
+
+// fn(i) for the n tables of a call: on the calling thread for a decode step's few hundred (one
+// table is 255 additions; a parallel region costs more than that on a busy machine), else in
+// parallel chunks.
+template <class F>
+void build_tables(int64_t n, const F& fn) {
+  if (n <= 1024) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  parallel_for(n, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) fn(i);
+  });
+}
+
+// Rows of the weight in chunks of at least ~16K weights.
+template <class F>
+void rows(const PackedWeight& w, const F& fn) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, w.in));
+  parallel_for(w.out, grain, [&](int64_t b, int64_t e) { fn(b, e); });
+}
+
+}  // namespace
+
+void check(const PackedWeight& w, const char* op) {
+  if (!w.col_mask || !w.col_scales || !w.scales || !w.zeros)
+    throw_error(op, ": weight [", w.format, "] SalientBinary view lacks its column mask, column factors or row factors");
+  int64_t k = 0;
+  for (int64_t b = 0; b < (w.in + 7) / 8; ++b) k += std::popcount(unsigned(w.col_mask[b]));
+  if (k != w.salient || w.n_groups != 2 || w.row_bytes != FormatTraits::masked_row_bytes(w.in, k))
+    throw_error(op, ": weight [", w.format, "] SalientBinary view: ", k, " mask bits for salient = ", w.salient,
+                ", ", w.n_groups, " groups (expected 2), row_bytes ", w.row_bytes, " (expected ",
+                FormatTraits::masked_row_bytes(w.in, k), ")");
+}
+
+void decode_row(const PackedWeight& w, int64_t r, float* dst) {
+  const Columns& c = columns_of(w);  // this thread's lists (decode runs on the workers)
+  const int64_t nb = int64_t(c.bin.size()), k = int64_t(c.sal.size()), sb = (nb + 7) / 8;
+  const uint8_t* rp = w.codes + r * w.row_bytes;
+  const float alpha = f16_to_f32(w.scales[2 * r]), s = f16_to_f32(w.scales[2 * r + 1]);
+  const float mu = f16_to_f32(w.zeros[2 * r]), z = f16_to_f32(w.zeros[2 * r + 1]);
+  for (int64_t t = 0; t < nb; ++t)
+    dst[c.bin[size_t(t)]] = salient_binary_value(rp[t / 8] >> (t % 8) & 1, c.r[size_t(t)], alpha, mu);
+  for (int64_t u = 0; u < k; ++u) dst[c.sal[size_t(u)]] = salient_int4_value(rp[sb + u / 2] >> (4 * (u % 2)) & 15, s, z);
+}
+
+void gather_salient(const float* x, int64_t M, const PackedWeight& w, float* xs) {
+  const Columns& c = columns_of(w);
+  const int64_t k = int64_t(c.sal.size());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t u = 0; u < k; ++u) xs[m * k + u] = x[m * w.in + c.sal[size_t(u)]];
+}
+
+PackedWeight salient_view(const PackedWeight& w, int64_t k, uint16_t* s, uint16_t* z) {
+  for (int64_t r = 0; r < w.out; ++r) s[r] = w.scales[2 * r + 1], z[r] = w.zeros[2 * r + 1];
+  const int64_t sb = (w.in - w.salient + 7) / 8;
+  PackedWeight p;
+  p.out = w.out;
+  p.in = k;
+  p.format = w.format;
+  p.layout = PackedLayout::IntGroups;
+  p.bits = 4;
+  p.group_size = k;
+  p.n_groups = 1;
+  p.row_bytes = w.row_bytes;  // the stride: the nibbles sit after the sign bits of each row
+  p.codes = w.codes + sb;
+  p.scales = s;
+  p.zeros = z;
+  const uint8_t* codes = p.codes;
+  const int64_t stride = w.row_bytes;
+  p.dequantize_row = [codes, stride, k, s, z](int64_t r, float* dst) {
+    const float sc = f16_to_f32(s[r]), zz = f16_to_f32(z[r]);
+    for (int64_t u = 0; u < k; ++u) dst[u] = salient_int4_value(codes[r * stride + u / 2] >> (4 * (u % 2)) & 15, sc, zz);
+  };
+  return p;
+}
+
+void binary_exact(const float* x, int64_t M, const PackedWeight& w, float* y) {
+  const Columns& c = columns_of(w);
+  const int64_t nb = int64_t(c.bin.size()), sb = (nb + 7) / 8;
+  // Per activation row: x_b = r_j x_j (padded to whole bytes), its sum and the tables.
+  std::vector<float> xb(static_cast<size_t>(M * sb * 8), 0.0f), sum(static_cast<size_t>(M));
+  std::vector<float> tab(static_cast<size_t>(M * sb * 256));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * w.in;
+    float* b = xb.data() + m * sb * 8;
+    float acc = 0.0f;
+    for (int64_t t = 0; t < nb; ++t) {
+      b[t] = c.r[size_t(t)] * xm[c.bin[size_t(t)]];
+      acc += b[t];
+    }
+    sum[size_t(m)] = acc;
+  }
+  build_tables(M * sb, [&](int64_t i) { build_table(xb.data() + i * 8, tab.data() + i * 256); });
+  rows(w, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* rp = w.codes + r * w.row_bytes;
+      const float alpha = f16_to_f32(w.scales[2 * r]), mu = f16_to_f32(w.zeros[2 * r]);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* t = tab.data() + m * sb * 256;
+        float p0 = 0, p1 = 0, p2 = 0, p3 = 0;
+        int64_t i = 0;
+        for (; i + 4 <= sb; i += 4) {
+          p0 += t[i * 256 + rp[i]];
+          p1 += t[(i + 1) * 256 + rp[i + 1]];
+          p2 += t[(i + 2) * 256 + rp[i + 2]];
+          p3 += t[(i + 3) * 256 + rp[i + 3]];
+        }
+        for (; i < sb; ++i) p0 += t[i * 256 + rp[i]];
+        const float plus = (p0 + p1) + (p2 + p3);
+        y[m * w.out + r] = (mu + alpha) * plus + (mu - alpha) * (sum[size_t(m)] - plus);
+      }
+    }
+  });
+}
+
+namespace {
+
+// n values quantized per block of 32 to int8 (d = amax / 127, round to nearest, as the other
+// layouts' activations), zero padded to whole blocks; per block: d and the sum of the codes.
+void quantize_blocks(const float* v, int64_t n, int8_t* q, float* d, int32_t* sum) {
+  for (int64_t b = 0; b * kBlock < n; ++b) {
+    const int64_t b0 = b * kBlock, e = std::min(n, b0 + kBlock);
+    float amax = 0.0f;
+    for (int64_t i = b0; i < e; ++i) amax = std::max(amax, std::fabs(v[i]));
+    const float db = amax / 127.0f, inv = db > 0 ? 1.0f / db : 0.0f;
+    int32_t s = 0;
+    for (int64_t i = b0; i < b0 + kBlock; ++i) {
+      const int qv = i < e ? std::clamp(int(std::nearbyint(v[i] * inv)), -127, 127) : 0;
+      q[i] = int8_t(qv);
+      s += qv;
+    }
+    d[b] = db;
+    sum[b] = s;
+  }
+}
+
+}  // namespace
+
+void binary_int8(const float* x, int64_t M, const PackedWeight& w, float* y) {
+  const Columns& c = columns_of(w);
+  const int64_t nb = int64_t(c.bin.size()), sb = (nb + 7) / 8;
+  const int64_t bblk = (nb + kBlock - 1) / kBlock, bpad = bblk * kBlock;
+  const int64_t k = int64_t(c.sal.size()), kf = k / kBlock * kBlock, nt = k - kf;  // salient tail
+  // The calling thread's buffers, reused across calls (named through a reference: inside the
+  // parallel lambdas a thread_local name would be the worker's own instance).
+  struct Buffers {
+    std::vector<float> tmp, d;
+    std::vector<int8_t> q;
+    std::vector<int32_t> sum;
+    std::vector<int16_t> tab;
+    std::vector<int8_t> qt;  // the salient tail's int8 activations, its d and code sum
+    std::vector<float> dt;
+    std::vector<int32_t> st;
+  };
+  thread_local Buffers buffers;
+  Buffers& B = buffers;
+  B.tmp.resize(size_t(std::max<int64_t>(bpad, kBlock)));
+  B.qt.resize(size_t(M * kBlock));
+  B.dt.resize(size_t(M));
+  B.st.resize(size_t(M));
+  B.q.assign(size_t(M * bpad), 0);
+  B.d.resize(size_t(M * bblk));
+  B.sum.resize(size_t(M * bblk));
+  B.tab.resize(size_t(M * bblk * 4 * 256));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * w.in;
+    for (int64_t t = 0; t < nb; ++t) B.tmp[size_t(t)] = c.r[size_t(t)] * xm[c.bin[size_t(t)]];
+    quantize_blocks(B.tmp.data(), nb, B.q.data() + m * bpad, B.d.data() + m * bblk, B.sum.data() + m * bblk);
+    if (nt > 0) {
+      for (int64_t u = 0; u < nt; ++u) B.tmp[size_t(u)] = xm[c.sal[size_t(kf + u)]];
+      quantize_blocks(B.tmp.data(), nt, B.qt.data() + m * kBlock, B.dt.data() + m, B.st.data() + m);
+    }
+  }
+  // Tables over whole blocks (4 bytes each; bytes past the row's sign bytes are never read).
+  build_tables(M * bblk * 4, [&](int64_t i) { build_table(B.q.data() + i * 8, B.tab.data() + i * 256); });
+  rows(w, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* rp = w.codes + r * w.row_bytes;
+      const float alpha = f16_to_f32(w.scales[2 * r]), mu = f16_to_f32(w.zeros[2 * r]);
+      for (int64_t m = 0; m < M; ++m) {
+        const int16_t* t = B.tab.data() + m * bblk * 4 * 256;
+        const float* dm = B.d.data() + m * bblk;
+        const int32_t* sm = B.sum.data() + m * bblk;
+        // Per block: the integer sums over the set and the clear sign bits, one f32 multiply-add each.
+        float plus = 0.0f, minus = 0.0f;
+        const int64_t full = sb / 4;  // blocks whose 4 sign bytes all exist
+        for (int64_t b = 0; b < full; ++b) {
+          const int16_t* tb = t + b * 4 * 256;
+          const uint8_t* pb = rp + b * 4;
+          const int32_t is = int32_t(tb[pb[0]]) + tb[256 + pb[1]] + tb[512 + pb[2]] + tb[768 + pb[3]];
+          plus += dm[b] * float(is);
+          minus += dm[b] * float(sm[b] - is);
+        }
+        if (full < bblk) {
+          int32_t is = 0;
+          for (int64_t i = full * 4; i < sb; ++i) is += t[i * 256 + rp[i]];
+          plus += dm[full] * float(is);
+          minus += dm[full] * float(sm[full] - is);
+        }
+        float tail = 0.0f;
+        if (nt > 0) {  // the salient columns after the last whole block of 32
+          const uint8_t* q4 = rp + sb;
+          const int8_t* qa = B.qt.data() + m * kBlock;
+          int32_t is = 0;
+          for (int64_t u = 0; u < nt; ++u) is += int32_t(q4[(kf + u) / 2] >> (4 * ((kf + u) % 2)) & 15) * qa[u];
+          const float s = f16_to_f32(w.scales[2 * r + 1]), z = f16_to_f32(w.zeros[2 * r + 1]);
+          tail = s * B.dt[size_t(m)] * (float(is) - z * float(B.st[size_t(m)]));
+        }
+        y[m * w.out + r] = (mu + alpha) * plus + (mu - alpha) * minus + tail;
+      }
+    }
+  });
+}
+
+}  // namespace lowbit::ops::salient

@@ -1,0 +1,27 @@
+// quant_matmul's SalientBinary (ptq161) bodies; internal to ops (quant_matmul.cpp dispatches to
+// them). The layout and the arithmetic: quant_matmul.h.
+#pragma once
+#include <cstdint>
+
+#include "lowbit/ops/quant_matmul.h"
+
+namespace lowbit::ops::salient {
+
+// Throws naming `op` when the view's SalientBinary fields are inconsistent (mask count, row bytes).
+void check(const PackedWeight& w, const char* op);
+// Row r decoded exactly as QuantizedTensor::dequantize_row (bit-identical).
+void decode_row(const PackedWeight& w, int64_t r, float* dst);
+// The binary columns' part of y (written, [M, out]): f32 activations, per-call lookup tables of
+// the r_j x_j sums (any M; quant_matmul uses it for M <= 8).
+void binary_exact(const float* x, int64_t M, const PackedWeight& w, float* y);
+// The same with r_j x_j quantized to int8 per block of 32 (int16 tables, integer block sums), plus
+// the salient columns after the last whole block of 32 (k % 32 of them: an int8 block of their own,
+// integer products), so that the int4 kernels see whole blocks only.
+void binary_int8(const float* x, int64_t M, const PackedWeight& w, float* y);
+// The salient columns of x gathered in column order: xs [M, salient].
+void gather_salient(const float* x, int64_t M, const PackedWeight& w, float* xs);
+// The first k salient columns as an IntGroups view (4-bit codes, one group of k columns per row, rows
+// w.row_bytes apart): s, z [out] receive each row's f16 scale and zero (the view points at them).
+PackedWeight salient_view(const PackedWeight& w, int64_t k, uint16_t* s, uint16_t* z);
+
+}  // namespace lowbit::ops::salient
