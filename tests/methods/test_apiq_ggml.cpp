@@ -74,7 +74,8 @@ const char* const kTypes[] = {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q
 // starting from the reference quantizer's grid: their sum over the block's 7 linears must be below
 // RTN's on the same type. Exception, measured and reported (docs/results/gguf-export.md): on q4_k,
 // q5_k and q6_k the straight-through training raises the calibration loss from the RTN start, so
-// ApiQ keeps the start (the ratio is 1.00, up to the start's 0.995 cap on the clipping factor).
+// ApiQ keeps the start for most layers (measured 1.002 q4_k, 0.999 q5_k, 0.982 q6_k; the 32-value
+// types 0.91-0.97, q2_k 0.97, q3_k 0.94). Block-wise training (next test) does gain on q4_k.
 TEST(ApiqGgml, LayerWiseApiqAndSaprBeatRtnOnEveryGgmlType) {
   const LlamaConfig c = ggml_config();
   const LlamaWeights w = random_weights(c, 3);
@@ -123,7 +124,6 @@ TEST(ApiqGgml, BlockWiseApiqBeatsRtnAndExportsExactlyWhatItTrained) {
   };
   for (const char* name : {"q4_0", "q4_1", "q2_k", "q3_k", "q4_k"}) {
     const QuantFormat& f = parse_quant_format(name);
-    const bool no_gain = f.id == QuantFormatId::Q4_K;
     LlamaModel fp_m(c, w), rtn_m(c, w), apiq_m(c, w);
     RtnMethod rtn(f);
     ApiqMethod apiq(f, options(ApiqMode::Block));
@@ -131,7 +131,8 @@ TEST(ApiqGgml, BlockWiseApiqBeatsRtnAndExportsExactlyWhatItTrained) {
     run(apiq_m, calib, apiq, f);
     const double h0 = hidden_error(rtn_m, fp_m), h1 = hidden_error(apiq_m, fp_m);
     std::printf("%s: block output rel. error on held-out tokens rtn %.6f apiq %.6f (%.3f x)\n", name, h0, h1, h1 / h0);
-    EXPECT_LT(h1, no_gain ? 1.01 * h0 : h0) << name;
+    // Measured (8 x 32 calibration tokens, 6 epochs): 0.85 q4_0, 0.85 q4_1, 0.92 q2_k, 0.88 q3_k, 0.95 q4_k.
+    EXPECT_LT(h1, h0) << name;
     // The GGUF export holds the trained blocks: read back, each linear dequantizes to the weight the
     // trained model computes with, bit for bit.
     auto dir = test::temp_dir(std::string("apiq-ggml-") + name);

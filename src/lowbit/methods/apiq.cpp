@@ -142,7 +142,7 @@ ApiqMethod::ApiqMethod(const QuantFormat& f, ApiqOptions o) : f_(f), o_(std::mov
 std::string ApiqMethod::options_key() const {
   std::string k = "rank=" + std::to_string(o_.layer.rank) + ",alpha=" + key_number(o_.layer.lora_alpha) +
                   ",init=" + std::to_string(int(o_.layer.init)) + ",clip_init=" + key_number(o_.layer.clip_init) +
-                  (o_.layer.clip_init_rtn ? ",clip_init_rtn(ggml)" : "") +
+                  (o_.layer.clip_init_rtn && lwc_is_ggml(f_) ? ",clip_init_rtn,keep_start" : "") +
                   ",epochs=" + std::to_string(o_.epochs) + ",batch=" + std::to_string(o_.batch) +
                   ",lr=" + key_number(o_.lora_lr) + "/" + key_number(o_.clip_lr) +
                   ",wd=" + key_number(o_.lora_wd) + "/" + key_number(o_.clip_wd) +
