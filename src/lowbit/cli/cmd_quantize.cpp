@@ -772,7 +772,7 @@ void register_quantize(CLI::App& app) {
       ->check(at_least(0));
   q->add_option("--batch", a->batch, "calibration windows per forward pass")->capture_default_str()->check(at_least(1));
   // ApiQ / SAPR
-  q->add_option("--rank", a->rank, "ApiQ: LoRA rank (0: learnable clipping only; default 64, lowered on small models so that the f16 adapters add at most a fifth of the format's bits per weight)")->capture_default_str()->check(at_least(0));
+  q->add_option("--rank", a->rank, "ApiQ: LoRA rank (0: learnable clipping only, the default with -o FILE.gguf; default 64, lowered on small models so that the f16 adapters add at most a fifth of the format's bits per weight)")->capture_default_str()->check(at_least(0));
   q->add_option("--lora-alpha", a->lora_alpha, "ApiQ: LoRA alpha (the adapters add alpha/rank * B A)")
       ->capture_default_str()
       ->check(above(0));
