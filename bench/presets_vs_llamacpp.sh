@@ -12,7 +12,9 @@
 #
 #   bench/presets_vs_llamacpp.sh --model smollm2 [--presets "q4_k_m q3_k_s"] [--chunks 20] [--ctx 512]
 #                                [--nsamples 16] [--seqlen 512] [--methods "rtn gptq"] [--out DIR]
-#                                [--imatrix] [--kld]
+#                                [--imatrix] [--kld] [--apiq-args "--epochs 2 --clip-lr 1e-2 --clip-wd 0"]
+# --methods may name apiq / sapr (learnable clipping on the block grids, --rank 0 for GGUF output);
+# --apiq-args are passed to them (default: the reduced CPU budget of docs/results/gguf-export.md).
 #   bench/presets_vs_llamacpp.sh --model d768 ...
 #
 # smollm2: SmolLM2-135M-Instruct's dequantized Q4_1 weights as F32 (lowbit convert), its 576-wide
@@ -28,6 +30,7 @@ cd "$(dirname "$0")/.."
 shared=${LOWBIT_SHARED:-../shared}
 lowbit=${LOWBIT:-build-rel/lowbit}
 model=smollm2 presets="q4_k_m" chunks=20 ctx=512 nsamples=16 seqlen=512 methods="rtn gptq" imatrix=0 kld=0
+apiq_args="--epochs 2 --clip-lr 1e-2 --clip-wd 0"
 out=${LOWBIT_LLAMACPP_CACHE:-$HOME/.cache/lowbit-llamacpp}/presets
 threads=${THREADS:-2}
 while [ $# -gt 0 ]; do
@@ -35,7 +38,7 @@ while [ $# -gt 0 ]; do
     --model) model=$2; shift 2 ;; --presets) presets=$2; shift 2 ;; --chunks) chunks=$2; shift 2 ;;
     --ctx) ctx=$2; shift 2 ;; --nsamples) nsamples=$2; shift 2 ;; --seqlen) seqlen=$2; shift 2 ;;
     --methods) methods=$2; shift 2 ;; --out) out=$2; shift 2 ;;
-    --imatrix) imatrix=1; shift ;; --kld) kld=1; shift ;;
+    --imatrix) imatrix=1; shift ;; --kld) kld=1; shift ;; --apiq-args) apiq_args=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 1 ;;
   esac
 done
@@ -133,6 +136,8 @@ for p in $presets; do
     if [ ! -f "$f" ]; then
       extra=()
       [ "$m" != rtn ] && extra=(--calib "$calib" --nsamples "$nsamples" --seqlen "$seqlen")
+      # shellcheck disable=SC2206  # ApiQ/SAPR's training settings, word-split on purpose
+      case "$m" in apiq*|sapr*) extra+=($apiq_args) ;; esac
       /usr/bin/time -f "%e s wall" "$lowbit" quantize -m "$fp" --method "$m" --preset "$p" "${extra[@]}" -o "$f" \
         --threads "$threads" >"$f.log" 2>&1
     fi

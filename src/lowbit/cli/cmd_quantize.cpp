@@ -21,6 +21,7 @@
 #include "lowbit/methods/registry.h"
 #include "lowbit/methods/saliency.h"
 #include "lowbit/quant/format_map.h"
+#include "lowbit/quant/lwc.h"
 #include "lowbit/quant/quantize.h"
 #include "lowbit/ops/device_init.h"
 
@@ -55,6 +56,7 @@ struct QuantArgs {
          aug = 0.0, clip_init = 4.0, lambda = 0.3;
   std::string lora_init = "kaiming", saliency, saliency_kind = "fisher", sapr_target = "quant-lora", lora = "keep",
               merge_dtype = "f16", saliency_norm = "layer", sapr_reduction = "mean", sapr_recipe;
+  bool clip_init_given = false;  // --clip-init named: ggml types start from it instead of the RTN grid
   bool apiq_verbose = false, tf32 = false, bf16 = false, saliency_only = false, sapr_anneal = false,
        sapr_layer_weight = false;
   std::string saliency_model = "fp";
@@ -82,6 +84,7 @@ ApiqOptions apiq_options(const QuantArgs& a) {
   else if (a.lora_init == "gaussian") o.layer.init = LoraInit::Gaussian;
   else throw_error("--lora-init must be 'kaiming' or 'gaussian', got '", a.lora_init, "'");
   o.layer.clip_init = a.clip_init;
+  o.layer.clip_init_rtn = !a.clip_init_given;
   o.epochs = a.epochs;
   o.batch = a.apiq_batch;
   o.lora_lr = a.lora_lr;
@@ -294,8 +297,10 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     if (!f.is_ggml_block() || f.ggml_type < 0)
       throw_error("-o ", a.out, ": GGUF holds llama.cpp's block types only, not ", f.name, "; use --format ",
                   "q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, iq4_xs, q2_k ... q6_k, tq1_0 or tq2_0");
-    if (is_apiq(a.method) && a.lora != "merge")
-      throw_error("-o ", a.out, ": GGUF cannot hold separate LoRA adapters; add --lora merge");
+    if (is_apiq(a.method) && a.lora != "merge" && rank_given && a.rank > 0)
+      throw_error("-o ", a.out, ": GGUF cannot hold separate LoRA adapters (--rank ", a.rank,
+                  "); give --rank 0 (learnable clipping only, the default for GGUF output: the file holds exactly the "
+                  "trained weights) or --lora merge (dense merged layers)");
   }
   const bool transforms = a.tr.rotating() || !a.tr.act.empty() || !a.tr.kv_quant.empty() || !a.tr.kv_token_quant.empty();
   // The input is full precision (no recorded transforms): settings without their switch fail now.
@@ -491,7 +496,12 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     else std::printf("saliency: %s (%.1f s)\n", a.saliency.c_str(), saliency_seconds);
     return;
   }
-  if (is_apiq(a.method) && !rank_given) {
+  if (is_apiq(a.method) && !rank_given && to_gguf && a.lora != "merge") {
+    rank = 0;  // GGUF holds the block types alone: learnable clipping only, no adapters
+    if (!a.json)
+      std::fprintf(stderr, "note: --rank 0 (learnable clipping only): %s holds llama.cpp's block types, not LoRA "
+                   "adapters\n", a.out.c_str());
+  } else if (is_apiq(a.method) && !rank_given) {
     rank = default_apiq_rank(m.model->config(), f);
     if (!a.json && rank != a.rank)
       std::fprintf(stderr, "note: --rank %lld (default on this model): rank %lld adapters would add more than a fifth of "
@@ -630,7 +640,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                         {"rank", o.layer.rank}, {"lora_alpha", o.layer.lora_alpha}, {"lora_init", a.lora_init},
                         {"epochs", o.epochs}, {"batch", o.batch}, {"lora_lr", o.lora_lr}, {"clip_lr", o.clip_lr},
                         {"lora_wd", o.lora_wd}, {"clip_wd", o.clip_wd}, {"aug_coef", o.aug_coef},
-                        {"clip_init", o.layer.clip_init}, {"bf16", o.bf16}, {"tf32", a.tf32}};
+                        {"clip_init", o.layer.clip_init}, {"clip_init_rtn", o.layer.clip_init_rtn && lwc_is_ggml(f)}, {"bf16", o.bf16}, {"tf32", a.tf32}};
     if (saliency)
       h["sapr"] = {{"lambda", o.lambda}, {"saliency_kind", saliency_kind_name(saliency->kind)},
                    {"saliency_norm", saliency_norm_name(saliency->norm)}, {"reduction", sapr_reduction_name(o.reduction)},
@@ -793,7 +803,7 @@ void register_quantize(CLI::App& app) {
       ->check(at_least(0));
   q->add_option("--batch", a->batch, "calibration windows per forward pass")->capture_default_str()->check(at_least(1));
   // ApiQ / SAPR
-  q->add_option("--rank", a->rank, "ApiQ: LoRA rank (0: learnable clipping only; default 64, lowered on small models so that the f16 adapters add at most a fifth of the format's bits per weight)")->capture_default_str()->check(at_least(0));
+  q->add_option("--rank", a->rank, "ApiQ: LoRA rank (0: learnable clipping only, the default with -o FILE.gguf; default 64, lowered on small models so that the f16 adapters add at most a fifth of the format's bits per weight)")->capture_default_str()->check(at_least(0));
   q->add_option("--lora-alpha", a->lora_alpha, "ApiQ: LoRA alpha (the adapters add alpha/rank * B A)")
       ->capture_default_str()
       ->check(above(0));
@@ -809,7 +819,7 @@ void register_quantize(CLI::App& app) {
                 "ApiQ block-wise: coefficient of the second loss term ||F(W, Xq) - F(Q, Xq)||^2 (ApiQ's --aug_loss)")
       ->capture_default_str()
       ->check(at_least(0));
-  q->add_option("--clip-init", a->clip_init, "ApiQ: initial clipping logits (sigmoid(4) = 0.982)")->capture_default_str()->check(finite());
+  q->add_option("--clip-init", a->clip_init, "ApiQ: initial clipping logits (sigmoid(4) = 0.982); ggml types start from the RTN grid unless it is given")->capture_default_str()->check(finite());
   q->add_flag("--apiq-verbose", a->apiq_verbose, "ApiQ: print the loss of every epoch and each block's stage times");
   q->add_flag("--tf32", a->tf32, "GPU: let f32 matmuls and attention use TF32 tensor cores (faster, ~1e-3 relative error)");
   q->add_flag("--bf16", a->bf16,
@@ -896,6 +906,7 @@ void register_quantize(CLI::App& app) {
       if (q->count(flag) > 0 && a->method != method)
         throw_error(flag, " applies to --method ", method, ", not ", a->method);
     apply_sapr_recipe(*a, *q);
+    a->clip_init_given = q->count("--clip-init") > 0;
     run_quantize(*a, q->count("--rank") > 0);
   });
 }

@@ -117,13 +117,15 @@ enum class Stage { Weight, Mixed, Output };
 const QuantFormat& ApiqMethod::layer_format(const BlockContext& ctx, const std::string& name) const {
   const QuantFormat& f = ctx.format_of(name, f_);
   LB_CHECK(lwc_supports(f), "apiq: layer ", name, " of block ", ctx.layer, " is planned as ", f.name,
-           ", which has no learnable clipping; ApiQ needs a uniform integer format (int2g64, int3g128, int4g128s, ...)");
+           ", which has no learnable clipping; ApiQ needs a uniform integer format (int2g64, int3g128, int4g128s, ...) "
+           "or one of the ggml types ", lwc_ggml_names());
   return f;
 }
 
 ApiqMethod::ApiqMethod(const QuantFormat& f, ApiqOptions o) : f_(f), o_(std::move(o)) {
   LB_CHECK(lwc_supports(f), "apiq: format ", f.name,
-           " has no learnable clipping; ApiQ needs a uniform integer format (int2g64, int3g128, int4g128s, ...)");
+           " has no learnable clipping; ApiQ needs a uniform integer format (int2g64, int3g128, int4g128s, ...) or one "
+           "of the ggml types ", lwc_ggml_names());
   LB_CHECK(o_.epochs >= 0, "apiq: epochs must be >= 0, got ", o_.epochs);
   LB_CHECK(o_.batch >= 1, "apiq: batch (--apiq-batch) must be >= 1, got ", o_.batch);
   LB_CHECK(o_.lora_lr >= 0 && o_.clip_lr >= 0 && o_.lora_wd >= 0 && o_.clip_wd >= 0,
@@ -140,6 +142,7 @@ ApiqMethod::ApiqMethod(const QuantFormat& f, ApiqOptions o) : f_(f), o_(std::mov
 std::string ApiqMethod::options_key() const {
   std::string k = "rank=" + std::to_string(o_.layer.rank) + ",alpha=" + key_number(o_.layer.lora_alpha) +
                   ",init=" + std::to_string(int(o_.layer.init)) + ",clip_init=" + key_number(o_.layer.clip_init) +
+                  (o_.layer.clip_init_rtn && lwc_is_ggml(f_) ? ",clip_init_rtn,keep_start" : "") +
                   ",epochs=" + std::to_string(o_.epochs) + ",batch=" + std::to_string(o_.batch) +
                   ",lr=" + key_number(o_.lora_lr) + "/" + key_number(o_.clip_lr) +
                   ",wd=" + key_number(o_.lora_wd) + "/" + key_number(o_.clip_wd) +
@@ -239,6 +242,26 @@ struct Trainer {
   }
 };
 
+// The values of `ps` (copies), and putting them back: the starting point kept for the ggml grids.
+std::vector<Tensor> snapshot(const std::vector<Var>& ps) {
+  std::vector<Tensor> s;
+  for (const auto& p : ps) s.push_back(p.value().clone());
+  return s;
+}
+void restore(std::vector<Var> ps, const std::vector<Tensor>& s) {
+  for (size_t i = 0; i < ps.size(); ++i) ps[i].mutable_value().copy_(s[i]);
+}
+
+// ggml block types start from the reference quantizer's grid (QuantTrainOptions::clip_init_rtn);
+// there the trained clipping is kept only if its calibration loss is below the start's.
+bool keeps_start(const ApiqOptions& o, const QuantFormat& f) { return o.layer.clip_init_rtn && lwc_is_ggml(f); }
+
+std::vector<int64_t> identity_order(int64_t n) {
+  std::vector<int64_t> idx(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) idx[size_t(i)] = i;
+  return idx;
+}
+
 }  // namespace
 
 void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearReport>& reports) {
@@ -277,6 +300,21 @@ void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearR
       QuantTrainLinear t(wd, Tensor(), layer_format(ctx, name), lo);
       const Tensor sal = o_.saliency ? o_.saliency->at(full_name(ctx.layer, name)).to(dev) : Tensor();
       const double layer_w = o_.saliency && o_.layer_weighted ? o_.saliency->layer_weight(full_name(ctx.layer, name)) : 1.0;
+      // The output loss over all windows (no gradient), for the ggml grids' keep-the-start rule.
+      auto full_loss = [&] {
+        NoGradGuard ng;
+        const std::vector<int64_t> idx = identity_order(N);
+        double sum = 0;
+        for (int64_t b = 0; b < N; b += o_.batch) {
+          const int64_t e = std::min(N, b + o_.batch);
+          sum += mse(t.forward(Var(gather_windows(xd, idx, size_t(b), size_t(e), L))),
+                     Var(gather_windows(y, idx, size_t(b), size_t(e), L))).value().item() * double(e - b);
+        }
+        return sum;
+      };
+      const bool keep = keeps_start(o_, layer_format(ctx, name)) && o_.epochs > 0;
+      const std::vector<Tensor> start = keep ? snapshot(t.parameters()) : std::vector<Tensor>();
+      const double start_loss = keep ? full_loss() : 0.0;
       Trainer tr{o_, ctx.layer, name, linear_id, &log_};
       tr.run(t.clip_parameters(), t.lora_parameters(), N,
              [&](const std::vector<int64_t>& idx, size_t b, size_t e, Stage stage, double lambda) -> std::pair<Var, Var> {
@@ -290,6 +328,13 @@ void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearR
                }
                return {loss, reg};
              });
+      if (keep) {
+        const double trained_loss = full_loss();
+        if (!(trained_loss < start_loss)) restore(t.parameters(), start);
+        if (o_.verbose)
+          std::fprintf(stderr, "[%s] layer %d %-18s calibration loss: start %.6e trained %.6e -> %s\n",
+                       this->name().c_str(), ctx.layer, name.c_str(), start_loss, trained_loss, trained_loss < start_loss ? "trained" : "start");
+      }
       times.train += seconds_since(t0, dev);
       t0 = Clock::now();
       const FinalizedLinear fin = t.finalize();
@@ -357,7 +402,29 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
     originals.push_back(*e.slot);
     *e.slot = e.t;
   }
+  // ggml grids: the block's output loss over all windows at the start (the reference quantizer's
+  // grid) and after training; the better is kept.
+  bool keep = o_.epochs > 0;
+  for (auto& e : es) keep = keep && keeps_start(o_, e.t->format());
+  auto full_loss = [&] {
+    NoGradGuard ng;
+    const std::vector<int64_t> idx = identity_order(N);
+    double sum = 0;
+    for (int64_t b = 0; b < N; b += o_.batch) {
+      const int64_t e = std::min(N, b + o_.batch);
+      Var out = ctx.model.block_forward(ctx.layer, Var(gather_windows(ctx.inputs, idx, size_t(b), size_t(e), L)), e - b, L);
+      Var loss = mse(out, Var(gather_windows(ctx.fp_targets, idx, size_t(b), size_t(e), L)));
+      if (y_aug.defined()) loss = add(loss, scale(mse(out, Var(gather_windows(y_aug, idx, size_t(b), size_t(e), L))), o_.aug_coef));
+      sum += loss.value().item() * double(e - b);
+    }
+    return sum;
+  };
+  std::vector<Var> all = clip;
+  all.insert(all.end(), lora.begin(), lora.end());
+  std::vector<Tensor> start;
+  double start_loss = 0;
   try {
+    if (keep) start = snapshot(all), start_loss = full_loss();
     Trainer tr{o_, ctx.layer, "block", 0, &log_};
     tr.run(clip, lora, N, [&](const std::vector<int64_t>& idx, size_t b, size_t e, Stage stage, double lambda) -> std::pair<Var, Var> {
       Var loss, reg;
@@ -378,6 +445,13 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
       }
       return {loss, reg};
     });
+    if (keep) {
+      const double trained_loss = full_loss();
+      if (!(trained_loss < start_loss)) restore(all, start);
+      if (o_.verbose)
+        std::fprintf(stderr, "[%s] layer %d block calibration loss: start %.6e trained %.6e -> %s\n", name().c_str(),
+                     ctx.layer, start_loss, trained_loss, trained_loss < start_loss ? "trained" : "start");
+    }
   } catch (...) {
     for (size_t i = 0; i < es.size(); ++i) *es[i].slot = originals[i];
     throw;

@@ -34,6 +34,14 @@
 // reference recipe (lambda_reg 0.1 for Llama-2-7B, reg_method before_lora, raw summed Fisher) is
 // `lowbit quantize --sapr-recipe paper --lambda X`.
 //
+// llama.cpp's block types (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k ... q6_k; quant/lwc.h "ggml block
+// formats"): the clipping is learned per block / k-quant sub-block with the file's f16 and
+// sub-block scale codes inside the forward; training starts on the reference quantizer's grid
+// (QuantTrainOptions::clip_init_rtn), and a layer (layer-wise) or the block (block-wise) keeps its
+// trained parameters only if its output loss over all calibration windows ends below the start's
+// (measured: the straight-through training can raise it on q4_k; docs/results/gguf-export.md).
+// These types train on the CPU.
+//
 // Device: the training runs where the model is (ctx.inputs' device). On CUDA every training
 // tensor (frozen W, gamma/beta, LoRA A/B, AdamW moments, calibration windows and targets) stays on
 // the GPU; the only host read-back is the epoch's summed loss (log and finiteness check).

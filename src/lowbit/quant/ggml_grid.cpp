@@ -369,6 +369,50 @@ void fit_block32_weighted(const QuantFormat& f, const float* x, const float* imp
 
 }  // namespace
 
+namespace {
+// Writes the code of x at position j of a 32-value block on its stored grid (ggml_grid_round's rule).
+void put_code32(const QuantFormat& f, uint8_t* block, int j, float x) {
+  switch (f.id) {
+    case QuantFormatId::Q4_0: {
+      const float d = fmt_f16_to_f32(u16(block));
+      put_nibble(block + 2, j, trunc_clip(x * inv(d) + 8.5f, 15));
+      break;
+    }
+    case QuantFormatId::Q4_1: {
+      const float d = fmt_f16_to_f32(u16(block)), m = fmt_f16_to_f32(u16(block + 2));
+      put_nibble(block + 4, j, trunc_clip((x - m) * inv(d) + 0.5f, 15));
+      break;
+    }
+    case QuantFormatId::Q5_0: {
+      const float d = fmt_f16_to_f32(u16(block));
+      const int q = trunc_clip(x * inv(d) + 16.5f, 31);
+      put_high_bit(block + 2, j, q >> 4);
+      put_nibble(block + 6, j, q);
+      break;
+    }
+    case QuantFormatId::Q5_1: {
+      const float d = fmt_f16_to_f32(u16(block)), m = fmt_f16_to_f32(u16(block + 2));
+      const int q = trunc_clip((x - m) * inv(d) + 0.5f, 31);
+      put_high_bit(block + 4, j, q >> 4);
+      put_nibble(block + 8, j, q);
+      break;
+    }
+    case QuantFormatId::Q8_0: {
+      const float d = fmt_f16_to_f32(u16(block));
+      block[2 + j] = uint8_t(int8_t(round_clip(x * inv(d), -127, 127)));
+      break;
+    }
+    case QuantFormatId::IQ4_NL: {
+      const float d = fmt_f16_to_f32(u16(block));
+      put_nibble(block + 2, j, d != 0.0f ? nearest_iq4(x / d) : 8);  // level 1 ~ 0 for an all-zero block
+      break;
+    }
+    default:
+      throw_error("ggml grid: format ", f.name, " has no per-value grid (", ggml_block_grid_names(), " do)");
+  }
+}
+}  // namespace
+
 bool ggml_block_grid_supported(const QuantFormat& f) {
   if (!f.is_ggml_block() || f.quantize_row == nullptr || f.dequantize_row == nullptr) return false;
   switch (f.id) {
@@ -420,47 +464,68 @@ float ggml_grid_round(const QuantFormat& f, uint8_t* block, int j, float x) {
     return k_value(k, d, dmin, sc, m, q);
   }
   LB_CHECK(j >= 0 && j < 32, "ggml grid: position ", j, " outside a 32-value block");
-  switch (f.id) {
-    case QuantFormatId::Q4_0: {
-      const float d = fmt_f16_to_f32(u16(block));
-      put_nibble(block + 2, j, trunc_clip(x * inv(d) + 8.5f, 15));
-      break;
-    }
-    case QuantFormatId::Q4_1: {
-      const float d = fmt_f16_to_f32(u16(block)), m = fmt_f16_to_f32(u16(block + 2));
-      put_nibble(block + 4, j, trunc_clip((x - m) * inv(d) + 0.5f, 15));
-      break;
-    }
-    case QuantFormatId::Q5_0: {
-      const float d = fmt_f16_to_f32(u16(block));
-      const int q = trunc_clip(x * inv(d) + 16.5f, 31);
-      put_high_bit(block + 2, j, q >> 4);
-      put_nibble(block + 6, j, q);
-      break;
-    }
-    case QuantFormatId::Q5_1: {
-      const float d = fmt_f16_to_f32(u16(block)), m = fmt_f16_to_f32(u16(block + 2));
-      const int q = trunc_clip((x - m) * inv(d) + 0.5f, 31);
-      put_high_bit(block + 4, j, q >> 4);
-      put_nibble(block + 8, j, q);
-      break;
-    }
-    case QuantFormatId::Q8_0: {
-      const float d = fmt_f16_to_f32(u16(block));
-      block[2 + j] = uint8_t(int8_t(round_clip(x * inv(d), -127, 127)));
-      break;
-    }
-    case QuantFormatId::IQ4_NL: {
-      const float d = fmt_f16_to_f32(u16(block));
-      put_nibble(block + 2, j, d != 0.0f ? nearest_iq4(x / d) : 8);  // level 1 ~ 0 for an all-zero block
-      break;
-    }
-    default:
-      throw_error("ggml grid: format ", f.name, " has no per-value grid (", ggml_block_grid_names(), " do)");
-  }
+  put_code32(f, block, j, x);
   float y[32];
   f.dequantize_row(block, 32, y);
   return y[j];
+}
+
+void ggml_grid_set_params(const QuantFormat& f, uint8_t* block, const float* scale, const float* min) {
+  LB_CHECK(ggml_block_grid_supported(f) && f.id != QuantFormatId::IQ4_NL, "ggml grid: format ", f.name,
+           " has no uniform grid to set (", ggml_block_grid_names(), " but iq4_nl)");
+  if (!is_kquant(f.id)) {
+    std::memset(block, 0, size_t(f.block_bytes));
+    put_u16(block, fmt_f32_to_f16(scale[0]));
+    if (f.id == QuantFormatId::Q4_1 || f.id == QuantFormatId::Q5_1) put_u16(block + 2, fmt_f32_to_f16(min[0]));
+    return;
+  }
+  const KGrid k = kgrid(f.id);
+  std::memset(block, 0, size_t(f.block_bytes));
+  const int ns = g::QK_K / k.sub;
+  if (k.affine) {
+    float max_scale = 0, max_min = 0;
+    for (int s = 0; s < ns; ++s) max_scale = std::max(max_scale, scale[s]), max_min = std::max(max_min, min[s]);
+    put_u16(block + off_d(k.id), fmt_f32_to_f16(max_scale / float(k.sc_hi)));
+    put_u16(block + off_dmin(k.id), fmt_f32_to_f16(max_min / float(k.sc_hi)));
+  } else {
+    float max_scale = 0, amax = 0;
+    for (int s = 0; s < ns; ++s)
+      if (std::fabs(scale[s]) > amax) amax = std::fabs(scale[s]), max_scale = scale[s];
+    put_u16(block + off_d(k.id), fmt_f32_to_f16(amax > 0 ? max_scale / float(k.sc_lo) : 0.0f));
+  }
+  const float d = k_d(k, block), dmin = k_dmin(k, block);
+  for (int s = 0; s < ns; ++s) {
+    const int sc = d != 0.0f ? nearest_clamped(scale[s] / d, k.sc_lo, k.sc_hi) : 0;
+    const int m = k.affine && dmin != 0.0f ? nearest_clamped(min[s] / dmin, 0, k.sc_hi) : 0;
+    set_scale(k, block, s, sc, m);
+  }
+}
+
+GgmlSubParams ggml_grid_sub_params(const QuantFormat& f, const uint8_t* block, int s) {
+  GgmlSubParams p;
+  if (is_kquant(f.id)) {
+    const KGrid k = kgrid(f.id);
+    LB_CHECK(s >= 0 && s < g::QK_K / k.sub, "ggml grid: sub-block ", s, " outside a ", f.name, " block");
+    get_scale(k, block, s, p.sc, p.m);
+    p.d = k_d(k, block), p.dmin = k_dmin(k, block);
+    p.step = p.d * float(p.sc);
+    p.shift = p.dmin * float(p.m);
+    return p;
+  }
+  LB_CHECK(ggml_block_grid_supported(f) && s == 0, "ggml grid: format ", f.name, " has no sub-block ", s);
+  p.d = p.step = fmt_f16_to_f32(u16(block));
+  if (f.id == QuantFormatId::Q4_1 || f.id == QuantFormatId::Q5_1) p.dmin = fmt_f16_to_f32(u16(block + 2)), p.shift = -p.dmin;
+  return p;
+}
+
+void ggml_grid_round_block(const QuantFormat& f, uint8_t* block, const float* x, float* y) {
+  LB_CHECK(ggml_block_grid_supported(f), "ggml grid: format ", f.name, " has no per-value grid (", ggml_block_grid_names(), " do)");
+  if (is_kquant(f.id)) {
+    for (int j = 0; j < g::QK_K; ++j) y[j] = ggml_grid_round(f, block, j, x[j]);
+    return;
+  }
+  for (int j = 0; j < 32; ++j) put_code32(f, block, j, x[j]);
+  f.dequantize_row(block, 32, y);
 }
 
 }  // namespace lowbit

@@ -47,6 +47,30 @@
 //      f32 operations in the same order).
 // iq4_xs and the ternary tq1_0 / tq2_0 have no such grid here: methods use their reference
 // quantize_row (RTN).
+//
+// How each method maps onto these grids:
+//   RTN      the reference quantize_row (llama-quantize without an importance matrix), bit for bit.
+//   GPTQ     the column sweep above: 32-value types fit each block when the sweep enters it (the
+//            reference rule, or with diag(H) the weighted candidate search), k-quants steps 1-3
+//            (d/dmin fixed at the super-block's first column, each sub-block's 6-/4-/8-bit scale and
+//            min refitted when entered); every value rounded on the stored grid, error fed back.
+//   AWQ      channel scales folded into the producers, then the format's quantize_row.
+//   ApiQ / SAPR (learnable clipping, quant/lwc.h "ggml block formats"; lwc_ggml.cpp): one clipping
+//            logit pair per clipping group = the 32-value block (q4_0, q4_1, q5_0, q5_1, q8_0) or
+//            the k-quant sub-block (16 values q2_k/q3_k/q6_k, 32 values q4_k/q5_k). The clipped
+//            range gives each sub-block's continuous scale (and min: q4_1/q5_1 m, affine k-quants
+//            dmin m_s); ggml_grid_set_params then stores them as the file will: the 32-value
+//            types' f16 d (and m); the k-quants' f16 d = largest scale / 63 (q2_k 15, q3_k the
+//            largest |scale| / -32, q6_k / -128) and dmin, and each sub-block's integer scale/min
+//            code nearest to scale / d (min / dmin). The values are rounded on that stored grid
+//            (ggml_grid_round_block, the same rule as GPTQ), INSIDE the training forward; the
+//            backward is straight-through (rounding of values, of the f16 d/dmin and of the
+//            sub-block codes held). Training starts on the reference quantizer's grid
+//            (lwc_ggml_init_from_rtn), and the trained layer is encoded by the forward's own code,
+//            so the GGUF holds exactly the tensor the trained fake-quant forward computed. LoRA
+//            adapters cannot live in a GGUF block tensor: -o FILE.gguf trains clipping only
+//            (--rank 0) unless the layers are merged into dense ones (--lora merge). iq4_nl
+//            (non-uniform levels), iq4_xs and tq1_0/tq2_0 have no learnable clipping.
 #pragma once
 #include <cstdint>
 
@@ -71,6 +95,32 @@ void ggml_grid_fit_block(const QuantFormat& f, const float* x, uint8_t* block, c
 // from x (its sub-block-size values) given the block's stored d / dmin, and writes their codes.
 void ggml_grid_refit_sub_block(const QuantFormat& f, uint8_t* block, int s, const float* x,
                                const float* importance = nullptr);
+
+// Learnable clipping (ApiQ / SAPR, quant/lwc.h) on the same grids: the block's parameters come from
+// given unquantized per-sub-block scales (and mins) instead of a search, then every value is rounded
+// with ggml_grid_round's rule. ggml_grid_set_params stores, for sub-block s (n_sub = 256 / sub-block
+// size for the k-quants, 1 for the 32-value types):
+//   32-value types: d = f16(scale[0]) (q4_1 / q5_1: m = f16(min[0]), the value of code 0)
+//   affine k-quants (q2_k, q4_k, q5_k; min[s] >= 0, w = d sc q - dmin m):
+//       d = f16(max_s scale[s] / sc_hi), dmin = f16(max_s min[s] / sc_hi), sc_hi = 63 (q2_k: 15),
+//       sc_s = clamp(nearbyint(scale[s] / d), 0, sc_hi), m_s = clamp(nearbyint(min[s] / dmin), 0, sc_hi)
+//   signed k-quants (q3_k, q6_k): d = f16(scale[t] / sc_lo), t the sub-block of largest |scale|,
+//       sc_lo = -32 (q6_k: -128), sc_s = clamp(nearbyint(scale[s] / d), sc_lo, sc_hi)
+// (the plain nearest sub-scale: no search, so that a straight-through gradient sees one rounding).
+void ggml_grid_set_params(const QuantFormat& f, uint8_t* block, const float* scale, const float* min);
+// The stored parameters of sub-block s as the dequantizer uses them: value = step * (q - off) - shift
+// (32-value affine types: step * q + m, i.e. shift = -m), with step = d * sc_s (the f32 product of
+// dequantize_row; 32-value types: d), shift = dmin * m_s; the integer sub-scale and min codes, the
+// block's f16 d and dmin as f32.
+struct GgmlSubParams {
+  float d = 0, dmin = 0, step = 0, shift = 0;
+  int sc = 1, m = 0;
+};
+GgmlSubParams ggml_grid_sub_params(const QuantFormat& f, const uint8_t* block, int s);
+// Rounds the f.group_size values x to the stored grid of `block` (ggml_grid_round's rule for every
+// value), writes their codes and returns in y the values the block dequantizes to (bit-identical with
+// f.dequantize_row). y may alias x.
+void ggml_grid_round_block(const QuantFormat& f, uint8_t* block, const float* x, float* y);
 
 // Rounds x to the stored grid of `block` at position j (0 <= j < f.group_size), stores the code in the
 // block and returns the value it dequantizes to (bit-identical with f.dequantize_row).

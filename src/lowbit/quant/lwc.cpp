@@ -152,13 +152,17 @@ auto dispatch_float(DType dt, F&& fn) {
 
 void check_inputs(const Tensor& w, const Tensor& gamma, const Tensor& beta, const QuantFormat& f) {
   LB_CHECK(lwc_supports(f), "lwc_fake_quant: format ", f.name,
-           " is not a uniform integer format (learnable clipping supports intB{gG,pc}[s] and int8pc)");
+           " has no learnable clipping (it supports intB{gG,pc}[s], int8pc and the ggml types ", lwc_ggml_names(), ")");
   LB_CHECK(w.dim() == 2 && w.numel() > 0, "lwc_fake_quant [", f.name, "]: weight must be a non-empty [out, in], got ",
            w.describe());
-  const Shape gs{w.size(0), f.n_groups(w.size(1))};
+  LB_CHECK(!lwc_is_ggml(f) || w.size(1) % f.group_size == 0, "lwc_fake_quant [", f.name, "]: rows of ", w.size(1),
+           " values are not whole ", f.group_size, "-value blocks");
+  const Shape gs{w.size(0), lwc_n_groups(f, w.size(1))};
   LB_CHECK(gamma.defined() && gamma.shape() == gs, "lwc_fake_quant [", f.name, "]: gamma must be ", shape_str(gs),
-           " (one logit per group), got ", gamma.defined() ? gamma.describe() : std::string("undefined"));
-  if (f.kind == QuantKind::IntAsym)
+           lwc_is_ggml(f) ? " (one logit per sub-block of " + std::to_string(lwc_ggml_sub_block(f)) + " values)"
+                          : std::string(" (one logit per group)"),
+           ", got ", gamma.defined() ? gamma.describe() : std::string("undefined"));
+  if (lwc_has_beta(f))
     LB_CHECK(beta.defined() && beta.shape() == gs, "lwc_fake_quant [", f.name, "]: beta must be ", shape_str(gs),
              ", got ", beta.defined() ? beta.describe() : std::string("undefined"));
   else
@@ -183,7 +187,21 @@ void check_like(const Tensor& t, const Tensor& w, const Shape& s, const char* wh
 
 }  // namespace
 
-bool lwc_supports(const QuantFormat& f) { return f.kind == QuantKind::IntAsym || f.kind == QuantKind::IntSym; }
+bool lwc_supports(const QuantFormat& f) {
+  return f.kind == QuantKind::IntAsym || f.kind == QuantKind::IntSym || lwc_is_ggml(f);
+}
+
+int64_t lwc_n_groups(const QuantFormat& f, int64_t in) {
+  return lwc_is_ggml(f) ? in / lwc_ggml_sub_block(f) : f.n_groups(in);
+}
+
+bool lwc_has_beta(const QuantFormat& f) { return lwc_is_ggml(f) ? lwc_ggml_has_beta(f) : f.kind == QuantKind::IntAsym; }
+
+QuantizedTensor lwc_encode(const Tensor& w, const Tensor& gamma, const Tensor& beta, const QuantFormat& f) {
+  if (lwc_is_ggml(f)) return lwc_encode_ggml(w, gamma, beta, f);
+  const Tensor w32 = w.to(Device::CPU).to(DType::F32).contiguous();
+  return quantize_with_params(w32, f, lwc_clipped_params(w32, gamma, beta, f), 1.0f);
+}
 
 void lwc_forward_into(const Tensor& w, const Tensor& gamma, const Tensor& beta, const QuantFormat& f, Tensor& y) {
   check_inputs(w, gamma, beta, f);
@@ -191,6 +209,7 @@ void lwc_forward_into(const Tensor& w, const Tensor& gamma, const Tensor& beta, 
     LB_CHECK(!t->defined() || t->is_contiguous(), "lwc_forward_into [", f.name, "]: ", t->describe(), " must be contiguous");
   check_like(y, w, w.shape(), "the output", f);
   const int64_t out = w.size(0), in = w.size(1);
+  if (lwc_is_ggml(f)) return lwc_ggml_forward_into(w, gamma, beta, f, y);
   if (on_cuda(w)) {
 #ifdef LOWBIT_WITH_CUDA
     ops::cuda::lwc_forward(w, gamma, beta, static_cast<const FormatTraits&>(f), y);
@@ -216,6 +235,10 @@ void lwc_backward_into(const Tensor& w, const Tensor& gamma, const Tensor& beta,
   LB_CHECK(beta.defined() == dbeta.defined(), "lwc_backward_into [", f.name, "]: dbeta must be given exactly when beta is");
   if (dbeta.defined()) check_like(dbeta, w, beta.shape(), "dbeta", f);
   const int64_t out = w.size(0), in = w.size(1);
+  if (lwc_is_ggml(f)) {
+    LB_CHECK(!dw.defined(), "lwc_backward_into [", f.name, "]: on the ggml block grids the weight is frozen (no dW)");
+    return lwc_ggml_backward_into(w, gamma, beta, dy, f, dgamma, dbeta);
+  }
   if (on_cuda(w)) {
 #ifdef LOWBIT_WITH_CUDA
     ops::cuda::lwc_backward(w, gamma, beta, dy, static_cast<const FormatTraits&>(f), dw, dgamma, dbeta);
@@ -236,6 +259,8 @@ Var lwc_fake_quant(const Var& w, const Var& gamma, const Var& beta, const QuantF
   LB_CHECK(w.defined() && gamma.defined(), "lwc_fake_quant [", f.name, "]: undefined weight or gamma");
   const Tensor wv = w.value().contiguous(), gv = gamma.value().contiguous();
   const Tensor bv = beta.defined() ? beta.value().contiguous() : Tensor();
+  LB_CHECK(!lwc_is_ggml(f) || !w.requires_grad(), "lwc_fake_quant [", f.name,
+           "]: on the ggml block grids the weight is frozen; it must not require a gradient");
   Tensor y = Tensor::empty(wv.shape(), wv.dtype(), wv.device());
   lwc_forward_into(wv, gv, bv, f, y);
   std::vector<Var> inputs{w, gamma};
@@ -258,6 +283,7 @@ std::vector<GroupParams> lwc_clipped_params(const Tensor& w_in, const Tensor& ga
   const Tensor gamma = gamma_in.to(Device::CPU).to(DType::F64).contiguous();
   const Tensor beta = beta_in.defined() ? beta_in.to(Device::CPU).to(DType::F64).contiguous() : Tensor();
   check_inputs(w, gamma.to(DType::F32), beta.defined() ? beta.to(DType::F32) : Tensor(), f);
+  LB_CHECK(!lwc_is_ggml(f), "lwc_clipped_params [", f.name, "]: ggml block types are encoded by lwc_encode_ggml");
   const int64_t out = w.size(0), in = w.size(1), G = f.n_groups(in);
   const float* pw = w.data<float>();
   const double* pg = gamma.data<double>();

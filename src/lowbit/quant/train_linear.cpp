@@ -120,7 +120,8 @@ QuantTrainLinear::QuantTrainLinear(const Tensor& weight, const Tensor& bias, con
            "QuantTrainLinear: weight must be a non-empty [out, in], got ",
            weight.defined() ? weight.describe() : std::string("undefined"));
   LB_CHECK(lwc_supports(f), "QuantTrainLinear: format ", f.name,
-           " has no learnable clipping (use a uniform integer format: int2g64, int3g128, int4g128s, ...)");
+           " has no learnable clipping (use a uniform integer format: int2g64, int3g128, int4g128s, ..., or one of "
+           "the ggml types ", lwc_ggml_names(), ")");
   LB_CHECK(o.rank >= 0, "QuantTrainLinear: LoRA rank must be >= 0, got ", o.rank);
   LB_CHECK(o.rank == 0 || o.lora_alpha > 0, "QuantTrainLinear: lora_alpha must be > 0, got ", o.lora_alpha);
   // Everything lives on the weight's device (the GPU when the model is there: lwc and the GEMMs
@@ -129,14 +130,27 @@ QuantTrainLinear::QuantTrainLinear(const Tensor& weight, const Tensor& bias, con
   const Device dev = weight.device();
   LB_CHECK(dev == Device::CPU || weight.dtype() != DType::F64, "QuantTrainLinear: f64 weights must be on the CPU");
   const DType dt = weight.dtype() == DType::F64 ? DType::F64 : DType::F32;
-  const int64_t out = weight.size(0), in = weight.size(1), G = f.n_groups(in);
+  const int64_t out = weight.size(0), in = weight.size(1);
+  LB_CHECK(!lwc_is_ggml(f) || in % f.group_size == 0, "QuantTrainLinear: format ", f.name, ": rows of ", in,
+           " values are not whole ", f.group_size, "-value blocks (--preset falls back to a 32-value type for such "
+           "rows, as llama.cpp)");
+  LB_CHECK(!lwc_is_ggml(f) || dev == Device::CPU, "QuantTrainLinear: format ", f.name,
+           ": learnable clipping on the ggml block grids runs on the CPU (--device cpu)");
+  const int64_t G = lwc_n_groups(f, in);
   weight_ = Var(weight.to(dt).contiguous().clone(), false);
   if (bias.defined()) {
     LB_CHECK(bias.numel() == out, "QuantTrainLinear: bias ", bias.describe(), " does not match ", out, " outputs");
     bias_ = Var(bias.to(dev).to(dt).contiguous().view({out}).clone(), false);
   }
-  gamma_ = Var(Tensor::full({out, G}, o.clip_init, dt).to(dev), true);
-  if (f.kind == QuantKind::IntAsym) beta_ = Var(Tensor::full({out, G}, o.clip_init, dt).to(dev), true);
+  if (lwc_is_ggml(f) && o.clip_init_rtn) {
+    Tensor g = Tensor::empty({1}, dt), b;
+    lwc_ggml_init_from_rtn(weight, f, g, b);
+    gamma_ = Var(g.to(dt).to(dev), true);
+    if (b.defined()) beta_ = Var(b.to(dt).to(dev), true);
+  } else {
+    gamma_ = Var(Tensor::full({out, G}, o.clip_init, dt).to(dev), true);
+    if (lwc_has_beta(f)) beta_ = Var(Tensor::full({out, G}, o.clip_init, dt).to(dev), true);
+  }
   gamma_.set_name("lwc.gamma");
   beta_.set_name("lwc.beta");
   if (o.rank == 0) return;
@@ -205,8 +219,7 @@ Tensor QuantTrainLinear::effective_weight() const {
 FinalizedLinear QuantTrainLinear::finalize() const {
   FinalizedLinear r;
   const Tensor w = weight_.value().to(Device::CPU).to(DType::F32).contiguous();
-  r.q = quantize_with_params(w, format_, lwc_clipped_params(w, gamma_.value(), beta_.defined() ? beta_.value() : Tensor(), format_),
-                             1.0f);
+  r.q = lwc_encode(w, gamma_.value(), beta_.defined() ? beta_.value() : Tensor(), format_);
   if (opt_.rank > 0) {
     r.lora_A = round_to_f16(lora_A_.value());
     Tensor b = lora_B_.value().to(Device::CPU).to(DType::F32).contiguous().clone();

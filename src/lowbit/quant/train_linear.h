@@ -32,6 +32,9 @@ struct QuantTrainOptions {
   LoraInit init = LoraInit::Kaiming;
   uint64_t seed = 0;           // for the LoRA initialisation
   double clip_init = 4.0;      // initial gamma/beta logits (sigmoid(4) = 0.982)
+  // ggml block types only: the initial logits reproduce the reference quantizer's grid per sub-block
+  // (lwc_ggml_init_from_rtn) instead of clip_init.
+  bool clip_init_rtn = true;
 };
 
 // The encoded layer: packed weight plus adapters (undefined when rank = 0), F32 holding f16 values.
