@@ -10,8 +10,10 @@
 #   lowbit_f16  `lowbit convert --dtype f16` of the same directory: the same codes, scales and zero
 #               points dequantized and rounded to f16, embeddings and norms in f16 -- the weights the
 #               exported file and GPT-QModel's torch kernel (which dequantizes in f16) actually hold.
-#               Agreement with this one to f32 rounding noise shows that transformers reads every
-#               code, zero point and scale as lowbit meant it.
+#               Each packed layer's weight as GPT-QModel's kernel dequantizes it is also compared
+#               with this directory's bit for bit: equality shows that transformers reads every
+#               code, zero point and scale as lowbit meant it (GPTQ's torch kernel then also
+#               agrees in logits to f32 noise; the AWQ torch kernel runs its matmul in f16).
 #
 # usage: bench/hf_load_export.sh [--quick] [--cases "LIST"]
 #   --quick       RTN int4g128 -> gptq and RTN int4g64 -> awq only
@@ -21,7 +23,7 @@
 #      HF_VENV (the virtual environment, created when missing; default ../venv-hf beside the repository),
 #      WORK (scratch folder, default /tmp/lowbit-hf-load; quantized directories there are reused),
 #      CTX (default 128), WINDOWS (default 4), NSAMPLES / SEQLEN (GPTQ calibration, default 16 x 512),
-#      HF_BACKEND (GPT-QModel backend, default torch), HF_DTYPE (default float32).
+#      HF_BACKEND / HF_AWQ_BACKEND (GPT-QModel backends, default torch / torch_awq), HF_DTYPE (default float32).
 # Not run by CI (PyTorch is too heavy for it): run by hand. Needs PyPI for the first run (~6 GB venv:
 # PyPI's torch wheel pulls the CUDA libraries even when only the CPU is used).
 set -euo pipefail
@@ -36,6 +38,7 @@ WINDOWS=${WINDOWS:-4}
 NSAMPLES=${NSAMPLES:-16}
 SEQLEN=${SEQLEN:-512}
 HF_BACKEND=${HF_BACKEND:-torch}
+HF_AWQ_BACKEND=${HF_AWQ_BACKEND:-torch_awq}
 HF_DTYPE=${HF_DTYPE:-float32}
 # Tested versions (2026-12-06); override with HF_PIP="torch transformers ..." to try others.
 HF_PIP=${HF_PIP:-"torch==2.15.0 transformers==5.25.0 accelerate==1.16.0 optimum==2.3.0 gptqmodel==7.7.0 numpy safetensors"}
@@ -57,7 +60,7 @@ for f in "$LOWBIT" "$MODEL" "$TEXT" "$CALIB"; do
   [ -e "$f" ] || { echo "missing $f (build lowbit_cli; LOWBIT_SHARED)" >&2; exit 1; }
 done
 
-if [ ! -x "$HF_VENV/bin/python" ] || ! "$HF_VENV/bin/python" -c "import torch, transformers, gptqmodel, optimum" 2>/dev/null; then
+if [ ! -x "$HF_VENV/bin/python" ] || ! "$HF_VENV/bin/python" -c "import torch, transformers, gptqmodel, optimum" > /dev/null 2>&1; then
   echo "== creating $HF_VENV (PyPI: $HF_PIP)"
   python3 -m venv "$HF_VENV"
   "$HF_VENV/bin/pip" install --quiet --upgrade pip
@@ -94,12 +97,11 @@ for c in $CASES; do
   "$LOWBIT" convert --from "$qdir" --to "$qdir-dense16" --dtype f16 > /dev/null 2>&1
   "$LOWBIT" eval ppl -m "$qdir-dense16" --tokens wiki.i32 --ctx "$CTX" --max-windows "$WINDOWS" --f32-vocab \
     --logits-out "lb16-$qdir.f32" > /dev/null 2>&1
-  rm -rf "$qdir-dense16"
   for layout in ${layouts//+/ }; do
     rm -rf "$qdir-$layout"
     if "$LOWBIT" export -m "$qdir" --to "$qdir-$layout" --layout "$layout" > "$qdir-$layout.log" 2>&1; then
       echo "== $(tail -1 "$qdir-$layout.log" | cut -d';' -f1)"
-      py_cases+=(--case "$method $fmt -> $layout" "$qdir-$layout" "lb-$qdir.f32" "lb16-$qdir.f32")
+      py_cases+=(--case "$method $fmt -> $layout" "$qdir-$layout" "lb-$qdir.f32" "lb16-$qdir.f32" "$qdir-dense16")
     else
       echo "== lowbit export $qdir --layout $layout refused: $(tail -1 "$qdir-$layout.log")"
     fi
@@ -111,6 +113,8 @@ rm -f results.jsonl
 # TORCHDYNAMO_DISABLE: GPT-QModel's torch kernel wraps its dequantization in torch.compile, which
 # recompiles per layer shape (minutes on a small CPU) without changing the numbers.
 TORCHDYNAMO_DISABLE=${TORCHDYNAMO_DISABLE:-1} "$PY" "$REPO/bench/hf_load_export.py" --tokens wiki.i32 --ctx "$CTX" \
-  --windows "$WINDOWS" --dtype "$HF_DTYPE" --backend "$HF_BACKEND" --json results.jsonl "${py_cases[@]}" \
-  2> transformers.log | tee summary.txt
+  --windows "$WINDOWS" --dtype "$HF_DTYPE" --backend "$HF_BACKEND" --awq-backend "$HF_AWQ_BACKEND" --json results.jsonl "${py_cases[@]}" \
+  2> transformers.log | tee summary.txt || status=$?
+rm -rf ./*-dense16
 echo "== per-case JSON: $WORK/results.jsonl; transformers' log: $WORK/transformers.log"
+exit "${status:-0}"
