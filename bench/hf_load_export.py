@@ -35,9 +35,10 @@ def main():
     ap.add_argument("--tokens", required=True)
     ap.add_argument("--ctx", type=int, required=True)
     ap.add_argument("--windows", type=int, default=1)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--backend", default="torch", help="GPTQ: GPT-QModel backend name (transformers' GPTQConfig backend)")
-    ap.add_argument("--awq-backend", default="torch_awq", help="AWQ: transformers' AwqConfig backend")
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    ap.add_argument("--backend", default="torch",
+                    help="GPTQ: transformers' GPTQConfig backend (GPT-QModel's), or 'default' for none")
+    ap.add_argument("--awq-backend", default="torch_awq", help="AWQ: transformers' AwqConfig backend, or 'default'")
     ap.add_argument("--json", default="", help="append one JSON object a line per case")
     a = ap.parse_args()
     failed = 0
@@ -89,13 +90,15 @@ def run_case(a, label, export_dir, lowbit_logits, lowbit_f16, dense16=""):
     cfg = json.load(open(export_dir + "/config.json"))
     qc = dict(cfg["quantization_config"])
     method = qc["quant_method"]
-    dtype = getattr(torch, a.dtype)
-    kwargs = {"dtype": dtype, "device_map": "cpu"}
-    if a.backend:
+    # dtype "auto": the checkpoint's (float16); backend "default": no quantization_config override, the
+    # plain from_pretrained(DIR) a user writes (GPT-QModel picks the kernel).
+    kwargs = {"dtype": a.dtype if a.dtype == "auto" else getattr(torch, a.dtype), "device_map": "cpu"}
+    backend = a.backend if method == "gptq" else a.awq_backend
+    if backend != "default":
         if method == "gptq":
-            qcfg = transformers.GPTQConfig.from_dict({**qc, "backend": a.backend})
+            qcfg = transformers.GPTQConfig.from_dict({**qc, "backend": backend})
         else:
-            qcfg = transformers.AwqConfig.from_dict({**qc, "backend": a.awq_backend})
+            qcfg = transformers.AwqConfig.from_dict({**qc, "backend": backend})
         kwargs["quantization_config"] = qcfg
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(export_dir, **kwargs)
@@ -151,7 +154,7 @@ def run_case(a, label, export_dir, lowbit_logits, lowbit_f16, dense16=""):
         "quant_method": method,
         "checkpoint_format": qc.get("checkpoint_format", qc.get("version")),
         "bits": qc.get("bits"), "group_size": qc.get("group_size"), "sym": qc.get("sym", None),
-        "dtype": a.dtype, "backend": a.backend if method == "gptq" else a.awq_backend, "quant_linear": kinds, "quant_layers": n_q,
+        "dtype": a.dtype, "backend": backend, "quant_linear": kinds, "quant_layers": n_q,
         "windows": W, "ctx": T, "positions": W * T,
         "ppl_transformers": math.exp(stats["transformers"]["nll"] / n),
         "load_s": round(load_s, 1), "forward_s": round(fwd_s, 1),

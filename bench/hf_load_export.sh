@@ -23,7 +23,9 @@
 #      HF_VENV (the virtual environment, created when missing; default ../venv-hf beside the repository),
 #      WORK (scratch folder, default /tmp/lowbit-hf-load; quantized directories there are reused),
 #      CTX (default 128), WINDOWS (default 4), NSAMPLES / SEQLEN (GPTQ calibration, default 16 x 512),
-#      HF_BACKEND / HF_AWQ_BACKEND (GPT-QModel backends, default torch / torch_awq), HF_DTYPE (default float32).
+#      HF_BACKEND / HF_AWQ_BACKEND (GPT-QModel backends, default torch / torch_awq; "default" = no override,
+#      GPT-QModel picks), HF_DTYPE (default float32; "auto" = the checkpoint's float16). The plain
+#      from_pretrained(DIR) a user writes: HF_BACKEND=default HF_AWQ_BACKEND=default HF_DTYPE=auto.
 # Not run by CI (PyTorch is too heavy for it): run by hand. Needs PyPI for the first run (~6 GB venv:
 # PyPI's torch wheel pulls the CUDA libraries even when only the CPU is used).
 set -euo pipefail
