@@ -67,3 +67,41 @@ TEST(Perplexity, AllTokensAndSecondHalfMatchAHandComputation) {
   bad.score_second_half = true;
   EXPECT_THROW(evaluate_perplexity(m, stream, bad), Error);
 }
+
+// on_logits (what `lowbit eval ppl --logits-out` writes): every window's logits, in window order,
+// equal to a single-window forward of that window; refused with the KV-cache path.
+TEST(Perplexity, OnLogitsHandsOutEveryWindowsLogits) {
+  LlamaConfig c = test::small_config(RopeStyle::Half);
+  LlamaModel m(c, random_weights(c, 7, 0.2));
+  std::mt19937 rng(5);
+  std::vector<int32_t> stream(8 * 5 + 3);
+  for (auto& t : stream) t = int32_t(rng() % uint32_t(c.vocab_size));
+  const int V = c.vocab_size;
+  PerplexityOptions o;
+  o.ctx = 8;
+  o.batch = 2;  // 5 windows: batches of 2, 2, 1
+  o.progress = false;
+  std::vector<float> got;
+  std::vector<int64_t> firsts;
+  o.on_logits = [&](int64_t first, const Tensor& l) {
+    firsts.push_back(first);
+    ASSERT_EQ(l.dtype(), DType::F32);
+    ASSERT_EQ(l.shape().size(), 2u);
+    ASSERT_EQ(l.shape()[1], V);
+    got.insert(got.end(), l.data<float>(), l.data<float>() + l.numel());
+  };
+  evaluate_perplexity(m, stream, o);
+  EXPECT_EQ(firsts, (std::vector<int64_t>{0, 2, 4}));
+  ASSERT_EQ(got.size(), size_t(5 * 8 * V));
+  double max_diff = 0;
+  for (int64_t w = 0; w < 5; ++w) {
+    Tensor tokens = Tensor::empty({1, 8}, DType::I32);
+    for (int64_t t = 0; t < 8; ++t) tokens.data<int32_t>()[t] = stream[size_t(w * 8 + t)];
+    Tensor ref = test::logits_of(m, tokens).to(DType::F32);
+    for (int64_t i = 0; i < 8 * V; ++i)
+      max_diff = std::max(max_diff, double(std::fabs(ref.data<float>()[i] - got[size_t(w * 8 * V + i)])));
+  }
+  EXPECT_LT(max_diff, 1e-4);
+  o.use_cache = true;
+  EXPECT_THROW(evaluate_perplexity(m, stream, o), Error);
+}

@@ -10,13 +10,14 @@
 #include "lowbit/core/threads.h"
 #include "lowbit/eval/perplexity.h"
 #include "lowbit/eval/tasks.h"
+#include "lowbit/io/file_util.h"
 
 namespace lowbit::cli {
 
 namespace {
 struct PplArgs {
   bool dequantize = false;
-  std::string model, tokenizer, text, tokens, device = "cpu";
+  std::string model, tokenizer, text, tokens, device = "cpu", logits_out;
   int64_t ctx = 512, batch = 1, max_windows = 0;
   bool bos = false, json = false, second_half = false;
   KVCacheType kv_cache = KVCacheType::Auto;
@@ -28,6 +29,8 @@ struct PplArgs {
 void run_ppl(const PplArgs& a) {
   if (a.text.empty() == a.tokens.empty()) throw_error("eval ppl: give exactly one of --text FILE or --tokens FILE");
   check_kv_cache_device(a.kv_cache, a.device);
+  if (!a.logits_out.empty() && (a.use_cache || a.kv_chunk > 0))
+    throw_error("--logits-out: writes the logits of the batched forward; it cannot be combined with --kv-cache/--kv-chunk");
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
   apply_rotation(m, a.tr);
@@ -65,7 +68,17 @@ void run_ppl(const PplArgs& a) {
   o.kv_cache = a.kv_cache;
   o.cache_chunk = a.kv_chunk;
   o.score_second_half = a.second_half;
+  // --logits-out: every position's logits, f32 little-endian [windows, ctx, vocab], written to a
+  // temporary file renamed over FILE only when the whole run succeeded.
+  std::unique_ptr<io::AtomicFileWriter> logits_file;
+  if (!a.logits_out.empty()) {
+    logits_file = std::make_unique<io::AtomicFileWriter>(a.logits_out);
+    o.on_logits = [&logits_file](int64_t, const Tensor& l) {
+      logits_file->write(l.data<float>(), size_t(l.numel()) * sizeof(float));
+    };
+  }
   PerplexityResult r = evaluate_perplexity(*m.model, stream, o);
+  if (logits_file) logits_file->commit();
   // Memory of a cache of one window, per token (packed caches: codes, scales, zero points and the
   // f16 ring of the newest tokens).
   const bool packed = o.use_cache && kv_cache_bits(a.kv_cache) > 0;
@@ -167,6 +180,9 @@ void register_eval(CLI::App& app) {
   ppl->add_flag("--dequantize", a->dequantize,
                 "run a quantized model (lowbit directory, GGUF block types) dequantized to f32 (the reference path)");
   ppl->add_flag("--json", a->json, "print one JSON object instead of text");
+  ppl->add_option("--logits-out", a->logits_out,
+                  "write every position's logits to FILE: raw little-endian f32 [windows, ctx, vocab] (to compare "
+                  "with another runtime on the same windows)");
   add_kv_cache_option(ppl, &a->kv_cache,
                       "run each window through the KV cache of this type (auto = f16 on the CPU, f16, q8, int4, int2 "
                       "(KIVI packed; --kv-group, --kv-window), f32) "

@@ -20,6 +20,8 @@ PerplexityResult evaluate_perplexity(const LlamaModel& model, const std::vector<
   if (o.max_windows > 0 && n_windows > o.max_windows) n_windows = o.max_windows;
   if (n_windows == 0)
     throw_error("perplexity: the token stream (", stream.size(), " tokens) is shorter than one window of ", o.ctx, " tokens");
+  if (o.on_logits && o.use_cache)
+    throw_error("perplexity: the logits of each window are handed out on the batched path only (not with the KV cache)");
   if (o.score_second_half && o.ctx < 4)
     throw_error("perplexity: --score-second-half needs --ctx of at least 4, got ", o.ctx);
   // The first position whose prediction is scored: 0 (every token but the window's first) or ctx/2.
@@ -74,6 +76,11 @@ PerplexityResult evaluate_perplexity(const LlamaModel& model, const std::vector<
       total_nll += nll_sum;
     } else {
       Var logits = model.forward(tokens);
+      if (o.on_logits) {
+        Tensor l = logits.value().to(Device::CPU).contiguous();
+        if (l.dtype() != DType::F32) l = l.to(DType::F32);
+        o.on_logits(w0, l.view({B * o.ctx, int64_t(V)}));
+      }
       Var loss = cross_entropy(logits, targets.to(logits.value().device()));
       total_nll += loss.value().item() * double(n);
     }

@@ -14,6 +14,7 @@
 // when the model adds one, lowbit's `bos` prepends it).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "lowbit/model/llama.h"
@@ -35,6 +36,11 @@ struct PerplexityOptions {
   bool use_cache = false;
   KVCacheType kv_cache = KVCacheType::Auto;
   int64_t cache_chunk = 0;  // 0 = whole window
+  // When set (batched path only: use_cache must be false), called after each forward with the
+  // index of its first window and its logits, f32 on the CPU, [B * ctx, vocab] in window order
+  // (position t of window w at row (w - first_window) * ctx + t). For comparing logits with
+  // another runtime (`lowbit eval ppl --logits-out`).
+  std::function<void(int64_t first_window, const Tensor& logits)> on_logits;
 };
 
 struct PerplexityResult {
