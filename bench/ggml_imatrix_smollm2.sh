@@ -9,7 +9,7 @@
 # the first 400 kB of WikiText-2 test and PTB test; perplexity and the mean KL divergence from the
 # F32 model's token distributions on the same windows (--kl-divergence).
 #
-#   bench/ggml_imatrix_smollm2.sh [--presets "q4_0 q4_k_m q3_k_s q4_1"] [--chunks 20]
+#   bench/ggml_imatrix_smollm2.sh [--presets "q4_0 q4_k_m q3_k_s q4_1"] [--chunks 10]
 #       [--nsamples 16] [--seqlen 512] [--methods "awq:--weighted-round rtn:--weighted-round awq gptq rtn"]
 #       [--texts "wiki ptb"] [--out DIR]
 #
@@ -23,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${LOWBIT_SHARED:-../shared}
 lowbit=${LOWBIT:-build-rel/lowbit}
-presets="q4_0 q4_k_m q3_k_s q4_1" chunks=20 nsamples=16 seqlen=512 texts="wiki ptb"
+presets="q4_0 q4_k_m q3_k_s q4_1" chunks=10 nsamples=16 seqlen=512 texts="wiki ptb"
 methods="awq:--weighted-round rtn:--weighted-round awq gptq rtn"
 out=${LOWBIT_LLAMACPP_CACHE:-$HOME/.cache/lowbit-llamacpp}/ggmlq
 threads=${THREADS:-2}
@@ -49,11 +49,33 @@ fp=$dir/fp32.gguf
 [ -f "$fp" ] || "$lowbit" -q convert --from "$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf" \
   --to "$fp" --dtype f32
 
-# The F32 model's distributions on each text (llama-perplexity --kl-divergence-base).
+# The F32 model's distributions on each text (llama-perplexity --kl-divergence-base). A base of
+# more chunks already made for the same text is cut to the first --chunks windows instead (the
+# file is a header, the chunks' tokens, then each chunk's log-probabilities in order; the F32
+# perplexity is then the running estimate after --chunks windows in that run's log).
 for t in $texts; do
   base=$dir/kld-base-$t-c512-n$chunks.bin
-  [ -f "$base" ] || nice "$bin/llama-perplexity" -m "$fp" -f "${text[$t]}" -c 512 --chunks "$chunks" -t "$threads" \
-    --kl-divergence-base "$base" >"$base.log" 2>&1
+  [ -f "$base" ] && continue
+  bigger=$(ls "$dir"/kld-base-$t-c512-n*.bin 2>/dev/null | sed 's/.*-n\([0-9]*\)\.bin$/\1/' | sort -n |
+    awk -v c="$chunks" '$1 > c { print; exit }')
+  if [ -n "$bigger" ]; then
+    python3 - "$dir/kld-base-$t-c512-n$bigger.bin" "$base" "$chunks" <<'PY'
+import struct, sys
+src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with open(src, 'rb') as f:
+    magic = f.read(8); n_ctx, n_vocab, n_chunk = struct.unpack('<iii', f.read(12))
+    assert magic == b'_logits_' and n <= n_chunk
+    tokens = f.read(4 * n_ctx * n_chunk)
+    per_chunk = (n_ctx - 1 - n_ctx // 2) * (2 * ((n_vocab + 1) // 2) + 4) * 2
+    data = f.read(per_chunk * n)
+with open(dst, 'wb') as g:
+    g.write(magic + struct.pack('<iii', n_ctx, n_vocab, n) + tokens[:4 * n_ctx * n] + data)
+PY
+    grep -o '\[[0-9]*\][0-9.]*' "$dir/kld-base-$t-c512-n$bigger.bin.log" | sed -n "${chunks}p" >"$base.log"
+  else
+    nice "$bin/llama-perplexity" -m "$fp" -f "${text[$t]}" -c 512 --chunks "$chunks" -t "$threads" \
+      --kl-divergence-base "$base" >"$base.log" 2>&1
+  fi
 done
 score() {  # file -> " PPL / KLD |" per text (cached in FILE.T.kld.log)
   local row=""
