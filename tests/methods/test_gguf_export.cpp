@@ -367,9 +367,10 @@ double weighted_block_error(const float* x, const float* y, const std::vector<do
   return e;
 }
 // Reference computation of q4_0's weighted choice, written out independently: the candidates are
-// the reference quantizer's d and the least-squares scales sum w x l / sum w l^2 of the 21 trial
-// grids l = clamp(round(-(8 + 0.1 is) x / signed extreme), -8, 7), is = -10..10, each rounded to
-// f16; a candidate's values are d (clamp(trunc(x / d + 8.5), 0, 15) - 8). Returns the least
+// the reference quantizer's d and the least-squares scales sum w x l / sum w l^2 of the 81 trial
+// grids l = clamp(round(-(8 + 0.05 is) x / signed extreme), -8, 7), is = -40..40, each refitted
+// twice (l = the levels of the f16-rounded scale, then their least-squares scale); a candidate's
+// values are d (clamp(trunc(x / d + 8.5), 0, 15) - 8) with d rounded to f16. Returns the least
 // weighted error over the candidates.
 double q4_0_best_candidate_error(const float* x, const float* imp) {
   const std::vector<double> w = fit_weights(x, imp, 32);
@@ -388,14 +389,22 @@ double q4_0_best_candidate_error(const float* x, const float* imp) {
   for (int j = 0; j < 32; ++j)
     if (std::fabs(x[j]) > std::fabs(mx)) mx = x[j];
   double best = error_at(mx / -8.0f);
-  for (int is = -10; is <= 10; ++is) {
-    const float iscale = -(8.0f + 0.1f * float(is)) / mx;
-    double slx = 0, sl2 = 0;
-    for (int j = 0; j < 32; ++j) {
-      const double l = std::clamp(double(std::nearbyint(iscale * x[j])), -8.0, 7.0);
-      slx += w[size_t(j)] * x[j] * l, sl2 += w[size_t(j)] * l * l;
+  for (int is = -40; is <= 40; ++is) {
+    const float iscale = -(8.0f + 0.05f * float(is)) / mx;
+    std::vector<double> l(32);
+    for (int j = 0; j < 32; ++j) l[size_t(j)] = std::clamp(double(std::nearbyint(iscale * x[j])), -8.0, 7.0);
+    for (int refit = 0; refit <= 2; ++refit) {
+      double slx = 0, sl2 = 0;
+      for (int j = 0; j < 32; ++j) slx += w[size_t(j)] * x[j] * l[size_t(j)], sl2 += w[size_t(j)] * l[size_t(j)] * l[size_t(j)];
+      if (!(sl2 > 0)) break;
+      const float d = float(slx / sl2);
+      best = std::min(best, error_at(d));
+      const float dh = fmt_f16_to_f32(fmt_f32_to_f16(d)), id = dh != 0.0f ? 1.0f / dh : 0.0f;
+      for (int j = 0; j < 32; ++j) {
+        const float v = x[j] * id + 8.5f;
+        l[size_t(j)] = double((v >= 0 ? (v < 16.0f ? int(v) : 15) : 0) - 8);
+      }
     }
-    if (sl2 > 0) best = std::min(best, error_at(float(slx / sl2)));
   }
   return best;
 }

@@ -20,8 +20,8 @@ QuantizedTensor rtn_quantize_clipped(const Tensor& w, const QuantFormat& f, cons
 // inputs' mean x_c^2 per input channel (the diagonal of the layer's Hessian up to a factor), and
 // each block's parameters are chosen to minimise the rounding error weighted by
 // importance_c sqrt(2 mean(w^2) + w_c^2) on the stored f16 grid (quant/ggml_grid.h,
-// ggml_grid_fit_block with an importance: q4_0/q5_0 the reference d or one of 21 least-squares
-// trial scales, q4_1/q5_1 the reference or ggml's make_qkx2 search, the k-quants the weighted
+// ggml_grid_fit_block with an importance: q4_0/q5_0 the reference d or one of 81 least-squares
+// trial scales with two refits each, q4_1/q5_1 the reference or ggml's make_qkx2 search, the k-quants the weighted
 // sub-block search with 4/6/8-bit sub-scales chosen on the exact grid). Every weight is then rounded
 // to the nearest point of its block's stored grid. q8_0 and iq4_nl keep the reference rule (the
 // importance does not change their fit); ggml types without a per-value grid (iq4_xs, tq1_0, tq2_0)

@@ -322,10 +322,18 @@ double block32_error(QuantFormatId id, uint16_t dh, uint16_t mh, const float* x,
   return e;
 }
 
+// Trial grids of the weighted 32-value fit: scales -(off + kTrialStep is) / signed extreme, |is| <=
+// kTrialSteps (i.e. off +- 2), each followed by kRefits least-squares refits on the stored grid.
+constexpr int kTrialSteps = 40;
+constexpr float kTrialStep = 0.05f;
+constexpr int kRefits = 2;
+
 // The reference block's d (and m), or a better one for the weights h_i sqrt(2 mean(x^2) + x_i^2)
-// (as the k-quants): symmetric types try the least-squares scales of 21 trial grids
-// (-(off + 0.1 is) / signed extreme, is = -10..10); affine types ggml's make_qkx2 search. The
-// candidate of least weighted error on the stored (f16) grid wins; ties keep the reference.
+// (as the k-quants): symmetric types try the least-squares scales of 81 trial grids
+// (-(off + 0.05 is) / signed extreme, is = -40..40), each refitted twice (levels from the stored
+// f16 grid of the scale, then their least-squares scale); affine types ggml's make_qkx2 search with
+// 81 grids (rmin -1, rdelta 0.05). Every candidate is scored by its weighted error on the stored
+// (f16) grid; the least wins; ties keep the reference.
 void fit_block32_weighted(const QuantFormat& f, const float* x, const float* imp, uint8_t* block) {
   f.quantize_row(x, 32, block);
   float w[32], sx2 = 0;
@@ -343,7 +351,7 @@ void fit_block32_weighted(const QuantFormat& f, const float* x, const float* imp
     uint8_t L[32];
     float the_min;
     const int nmax = f.id == QuantFormatId::Q4_1 ? 15 : 31;
-    const float scale = g::fit_levels_with_min(32, nmax, x, w, L, &the_min, -1.0f, 0.1f, 20, false);
+    const float scale = g::fit_levels_with_min(32, nmax, x, w, L, &the_min, -1.0f, kTrialStep, 2 * kTrialSteps, false);
     consider(scale, -the_min);
   } else {
     const int off = f.id == QuantFormatId::Q4_0 ? 8 : 16;
@@ -351,16 +359,25 @@ void fit_block32_weighted(const QuantFormat& f, const float* x, const float* imp
     for (int j = 0; j < 32; ++j)
       if (std::fabs(x[j]) > amax) amax = std::fabs(x[j]), mx = x[j];
     if (amax > 0)
-      for (int is = -10; is <= 10; ++is) {
-        const float iscale = -(float(off) + 0.1f * float(is)) / mx;
-        double slx = 0, sl2 = 0;
-        for (int j = 0; j < 32; ++j) {
-          float l = std::nearbyint(iscale * x[j]);
-          l = std::max(float(-off), std::min(float(off - 1), l));
-          slx += double(w[j]) * double(x[j]) * l;
-          sl2 += double(w[j]) * double(l) * l;
+      for (int is = -kTrialSteps; is <= kTrialSteps; ++is) {
+        const float iscale = -(float(off) + kTrialStep * float(is)) / mx;
+        float l[32];
+        for (int j = 0; j < 32; ++j)
+          l[j] = std::max(float(-off), std::min(float(off - 1), std::nearbyint(iscale * x[j])));
+        // The least-squares scale of these levels, then kRefits times: the levels the stored (f16)
+        // grid of that scale gives (the rounding of ggml_grid_round) and their least-squares scale.
+        for (int it = 0; it <= kRefits; ++it) {
+          double slx = 0, sl2 = 0;
+          for (int j = 0; j < 32; ++j) {
+            slx += double(w[j]) * double(x[j]) * l[j];
+            sl2 += double(w[j]) * double(l[j]) * l[j];
+          }
+          if (!(sl2 > 0)) break;
+          const float d = float(slx / sl2);
+          consider(d, 0.0f);
+          const float id = inv(fmt_f16_to_f32(fmt_f32_to_f16(d)));
+          for (int j = 0; j < 32; ++j) l[j] = float(trunc_clip(x[j] * id + float(off) + 0.5f, 2 * off - 1) - off);
         }
-        if (sl2 > 0) consider(float(slx / sl2), 0.0f);
       }
   }
   std::memcpy(block, &best_d, 2);
