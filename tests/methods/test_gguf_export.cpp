@@ -3,6 +3,7 @@
 // bad inputs are refused, GPTQ beats RTN on the same grid.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -21,6 +22,8 @@
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/gptq.h"
 #include "lowbit/methods/ptq_methods.h"
+#include "lowbit/methods/rtn.h"
+#include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/ggml_grid.h"
 #include "lowbit/quant/quantize.h"
 
@@ -345,4 +348,243 @@ TEST(GgmlGrid, AwqRunsOnBlockGrids) {
     EXPECT_EQ(r.q[0].format, f.id);
     r.q[0].validate();
   }
+}
+
+// ---- importance-weighted rounding (rtn_quantize_weighted, `--weighted-round`) ----------------------
+
+namespace {
+// The weight of value j in the block fit: importance_j sqrt(2 mean(x^2) + x_j^2) (ggml_grid.h).
+std::vector<double> fit_weights(const float* x, const float* imp, int n) {
+  double sx2 = 0;
+  for (int j = 0; j < n; ++j) sx2 += double(x[j]) * x[j];
+  std::vector<double> w(static_cast<size_t>(n));
+  for (int j = 0; j < n; ++j) w[size_t(j)] = double(imp[j]) * std::sqrt(2.0 * sx2 / n + double(x[j]) * x[j]);
+  return w;
+}
+double weighted_block_error(const float* x, const float* y, const std::vector<double>& w) {
+  double e = 0;
+  for (size_t j = 0; j < w.size(); ++j) e += w[j] * (double(y[j]) - x[j]) * (double(y[j]) - x[j]);
+  return e;
+}
+// Reference computation of q4_0's weighted choice, written out independently: the candidates are
+// the reference quantizer's d and the least-squares scales sum w x l / sum w l^2 of the 81 trial
+// grids l = clamp(round(-(8 + 0.05 is) x / signed extreme), -8, 7), is = -40..40, each refitted
+// twice (l = the levels of the f16-rounded scale, then their least-squares scale); a candidate's
+// values are d (clamp(trunc(x / d + 8.5), 0, 15) - 8) with d rounded to f16. Returns the least
+// weighted error over the candidates.
+double q4_0_best_candidate_error(const float* x, const float* imp) {
+  const std::vector<double> w = fit_weights(x, imp, 32);
+  auto error_at = [&](float d) {
+    const float dh = fmt_f16_to_f32(fmt_f32_to_f16(d)), id = dh != 0.0f ? 1.0f / dh : 0.0f;
+    double e = 0;
+    for (int j = 0; j < 32; ++j) {
+      const float v = x[j] * id + 8.5f;
+      const int q = v >= 0 ? (v < 16.0f ? int(v) : 15) : 0;
+      const double r = double(dh * float(q - 8)) - x[j];
+      e += w[size_t(j)] * r * r;
+    }
+    return e;
+  };
+  float mx = 0;
+  for (int j = 0; j < 32; ++j)
+    if (std::fabs(x[j]) > std::fabs(mx)) mx = x[j];
+  double best = error_at(mx / -8.0f);
+  for (int is = -40; is <= 40; ++is) {
+    const float iscale = -(8.0f + 0.05f * float(is)) / mx;
+    std::vector<double> l(32);
+    for (int j = 0; j < 32; ++j) l[size_t(j)] = std::clamp(double(std::nearbyint(iscale * x[j])), -8.0, 7.0);
+    for (int refit = 0; refit <= 2; ++refit) {
+      double slx = 0, sl2 = 0;
+      for (int j = 0; j < 32; ++j) slx += w[size_t(j)] * x[j] * l[size_t(j)], sl2 += w[size_t(j)] * l[size_t(j)] * l[size_t(j)];
+      if (!(sl2 > 0)) break;
+      const float d = float(slx / sl2);
+      best = std::min(best, error_at(d));
+      const float dh = fmt_f16_to_f32(fmt_f32_to_f16(d)), id = dh != 0.0f ? 1.0f / dh : 0.0f;
+      for (int j = 0; j < 32; ++j) {
+        const float v = x[j] * id + 8.5f;
+        l[size_t(j)] = double((v >= 0 ? (v < 16.0f ? int(v) : 15) : 0) - 8);
+      }
+    }
+  }
+  return best;
+}
+}  // namespace
+
+TEST(WeightedRound, ImportanceOnOneChannelRepresentsThatWeight) {
+  // Worked example: one q4_0 block whose signed extreme is -1 (reference d = 1/8) and x_0 = 0.3.
+  // Round to nearest stores 0.25 for x_0 (q = trunc(2.4 + 8.5) = 10). With all the importance on
+  // channel 0 the trial grids give l_0 = 2 or 3, i.e. d = 0.15 or 0.1 (f16: 0.15002 / 0.099976),
+  // and x_0 is stored as 2 d or 3 d = 0.3 to within 1e-4.
+  std::vector<float> x(32), imp(32, 0.0f);
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> ud(-0.9f, 0.9f);
+  for (auto& v : x) v = ud(rng);
+  x[0] = 0.3f, x[5] = -1.0f, imp[0] = 1.0f;
+  const QuantFormat& f = parse_quant_format("q4_0");
+  Tensor w = Tensor::from_vector(x, {1, 32});
+  const Tensor ref = quantize(w, f).dequantize();
+  EXPECT_FLOAT_EQ(ref.data<float>()[0], 0.25f);
+  const Tensor got = rtn_quantize_weighted(w, f, Tensor::from_vector(imp, {32})).dequantize();
+  EXPECT_NEAR(got.data<float>()[0], 0.3f, 1e-4f);
+}
+
+TEST(WeightedRound, Q4_0ChoosesTheLeastWeightedErrorCandidate) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_real_distribution<float> ud(0.f, 1.f);
+  const int64_t out = 24, in = 256;
+  std::vector<float> wv(static_cast<size_t>(out * in)), imp(static_cast<size_t>(in));
+  for (auto& v : wv) v = 0.05f * nd(rng);
+  for (auto& v : imp) v = std::pow(ud(rng), 4.0f) * 10.0f;  // skewed, some near zero
+  const QuantFormat& f = parse_quant_format("q4_0");
+  Tensor w = Tensor::from_vector(wv, {out, in});
+  const QuantizedTensor q = rtn_quantize_weighted(w, f, Tensor::from_vector(imp, {in}));
+  q.validate();
+  const Tensor got = q.dequantize(), ref = quantize(w, f).dequantize();
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t b = 0; b < in / 32; ++b) {
+      const float* x = wv.data() + r * in + b * 32;
+      const float* ib = imp.data() + b * 32;
+      const std::vector<double> fw = fit_weights(x, ib, 32);
+      const double e = weighted_block_error(x, got.data<float>() + r * in + b * 32, fw);
+      const double e_ref = weighted_block_error(x, ref.data<float>() + r * in + b * 32, fw);
+      const double best = q4_0_best_candidate_error(x, ib);
+      EXPECT_LE(e, e_ref * (1 + 1e-9)) << "row " << r << " block " << b;
+      EXPECT_NEAR(e, best, 1e-9 * std::max(best, 1e-30)) << "row " << r << " block " << b;
+    }
+  // Every code is the nearest point of its block's stored grid: re-rounding changes nothing.
+  for (int64_t b = 0; b < q.codes.numel() / f.block_bytes; ++b)
+    expect_on_grid(f, q.codes.data<uint8_t>() + b * f.block_bytes, "q4_0 block " + std::to_string(b));
+}
+
+TEST(WeightedRound, ZeroImportanceAndUnweightedTypesKeepTheReference) {
+  std::mt19937 rng(13);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> wv(8 * 256), ones(256, 1.0f);
+  for (auto& v : wv) v = nd(rng);
+  Tensor w = Tensor::from_vector(wv, {8, 256});
+  auto bytes = [](const QuantizedTensor& q) {
+    return std::vector<uint8_t>(q.codes.data<uint8_t>(), q.codes.data<uint8_t>() + q.codes.numel());
+  };
+  // All-zero importance: every candidate has zero weighted error, so the reference d (and m) stay;
+  // the codes are the nearest points of the stored f16 grid (the reference quantizer rounds against
+  // the unrounded d, so a value on a boundary may get the neighbouring code).
+  for (const char* name : {"q4_0", "q4_1", "q5_0", "q5_1"}) {
+    const QuantFormat& f = parse_quant_format(name);
+    const QuantizedTensor q = rtn_quantize_weighted(w, f, Tensor::zeros({256}));
+    const std::vector<uint8_t> got = bytes(q), ref = bytes(quantize(w, f));
+    const size_t head = f.id == QuantFormatId::Q4_1 || f.id == QuantFormatId::Q5_1 ? 4 : 2;
+    for (size_t b = 0; b < got.size() / size_t(f.block_bytes); ++b) {
+      const size_t o = b * size_t(f.block_bytes);
+      EXPECT_TRUE(std::equal(got.begin() + long(o), got.begin() + long(o + head), ref.begin() + long(o))) << name << " block " << b;
+      expect_on_grid(f, q.codes.data<uint8_t>() + o, std::string(name) + " block " + std::to_string(b));
+    }
+  }
+  // q8_0 / iq4_nl: the importance does not change the fit; iq4_xs / tq2_0: the reference rule.
+  for (const char* name : {"q8_0", "iq4_nl", "iq4_xs", "tq2_0"}) {
+    const QuantFormat& f = parse_quant_format(name);
+    EXPECT_EQ(bytes(rtn_quantize_weighted(w, f, Tensor::from_vector(ones, {256}))), bytes(quantize(w, f))) << name;
+  }
+}
+
+TEST(WeightedRound, BeatsRtnOnTheLayerOutputForEveryWeightedType) {
+  // Inputs with uneven channel scales: the importance (mean x^2) tells which weights matter.
+  Tensor x, w;
+  layer_problem(512, 256, 32, x, w);
+  const Tensor imp = activation_mean_square(x);
+  for (const char* name : {"q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}) {
+    const QuantFormat& f = parse_quant_format(name);
+    const double rtn = output_error(x, w, quantize(w, f).dequantize());
+    const QuantizedTensor q = rtn_quantize_weighted(w, f, imp);
+    q.validate();
+    const double wr = output_error(x, w, q.dequantize());
+    EXPECT_LT(wr, rtn) << name << ": weighted " << wr << " rtn " << rtn;
+    for (int64_t b = 0; b < q.codes.numel() / f.block_bytes; ++b)
+      expect_on_grid(f, q.codes.data<uint8_t>() + b * f.block_bytes, std::string(name) + " block " + std::to_string(b));
+  }
+  // AWQ with the weighted rounding after its scaling, on the same layer.
+  const QuantFormat& f = parse_quant_format("q4_0");
+  AwqOptions o;
+  o.weighted_round = true;
+  AwqResult r = awq_quantize(x, {w}, f, true, o);
+  ASSERT_EQ(r.q.size(), 1u);
+  r.q[0].validate();
+  EXPECT_TRUE(r.clip_max.empty());  // the weighted block search replaces the clipping search
+  Tensor eff = r.q[0].dequantize();
+  for (int64_t i = 0; i < eff.numel(); ++i) eff.data<float>()[i] /= r.scale.scales.data<float>()[i % 256];
+  EXPECT_LT(output_error(x, w, eff), output_error(x, w, quantize(w, f).dequantize()));
+}
+
+TEST(WeightedRound, ActivationMeanSquare) {
+  Tensor x = Tensor::from_vector(std::vector<float>{1.f, -2.f, 3.f, 0.f, -1.f, 4.f}, {3, 2});
+  const Tensor m = activation_mean_square(x);
+  EXPECT_FLOAT_EQ(m.data<float>()[0], (1.f + 9.f + 1.f) / 3.f);
+  EXPECT_FLOAT_EQ(m.data<float>()[1], (4.f + 0.f + 16.f) / 3.f);
+}
+
+TEST(WeightedRound, RefusesBadImportanceAndFormats) {
+  Tensor w = Tensor::zeros({2, 64});
+  const QuantFormat& f = parse_quant_format("q4_0");
+  std::string e = error_of([&] { rtn_quantize_weighted(w, f, Tensor::zeros({32})); });
+  EXPECT_NE(e.find("importance must have 64 values"), std::string::npos) << e;
+  e = error_of([&] { rtn_quantize_weighted(w, f, Tensor()); });
+  EXPECT_NE(e.find("importance must have 64 values"), std::string::npos) << e;
+  std::vector<float> bad(64, 1.0f);
+  bad[3] = -1.0f;
+  e = error_of([&] { rtn_quantize_weighted(w, f, Tensor::from_vector(bad, {64})); });
+  EXPECT_NE(e.find("importance of input channel 3 is -1"), std::string::npos) << e;
+  bad[3] = std::nanf("");
+  e = error_of([&] { rtn_quantize_weighted(w, f, Tensor::from_vector(bad, {64})); });
+  EXPECT_NE(e.find("input channel 3"), std::string::npos) << e;
+  e = error_of([&] { rtn_quantize_weighted(w, parse_quant_format("int4g32"), Tensor::zeros({64})); });
+  EXPECT_NE(e.find("not a ggml block type"), std::string::npos) << e;
+  e = error_of([&] { rtn_quantize_weighted(Tensor::zeros({2, 48}), f, Tensor::zeros({48})); });
+  EXPECT_NE(e, "(no error)");
+}
+
+TEST(WeightedRound, RtnAndAwqMethodsRunThePipeline) {
+  // --weighted-round through the block pipeline on a small random model in q4_0: the layers stay
+  // q4_0, their blocks are on the grid, and the rounding differs from plain RTN (the importance
+  // moved some block scales).
+  LlamaConfig c = small_config(RopeStyle::Half);
+  std::vector<int32_t> stream;
+  for (int i = 0; i < 400; ++i) stream.push_back((i * 13 + 5) % c.vocab_size);
+  const Tensor calib = sample_calibration(stream, 4, 16, 1);
+  const QuantFormat& f = parse_quant_format("q4_0");
+  auto run = [&](BlockMethod& meth) {
+    auto m = std::make_unique<LlamaModel>(c, random_weights(c, 11));
+    PipelineOptions o;
+    o.progress = false;
+    run_blockwise(*m, calib, meth, f, o);
+    return m;
+  };
+  RtnMethod plain(f), weighted(f, true);
+  EXPECT_EQ(weighted.options_key(), "weighted_round=1");
+  EXPECT_EQ(plain.options_key(), "");
+  auto mp = run(plain), mw = run(weighted);
+  AwqOptions ao;
+  ao.weighted_round = true;
+  AwqMethod awq(f, ao, true);
+  EXPECT_NE(awq.options_key().find("weighted_round=1"), std::string::npos);
+  auto ma = run(awq);
+  int differing = 0;
+  auto layer = [](LlamaModel& m, const std::string& n) -> const QuantLinear* {
+    for (auto& [name, slot] : m.block(0).linears())
+      if (name == n) return dynamic_cast<const QuantLinear*>(slot->get());
+    return nullptr;
+  };
+  for (const char* n : {"self_attn.q_proj", "mlp.down_proj"}) {
+    const QuantLinear* qp = layer(*mp, n);
+    const QuantLinear* qw = layer(*mw, n);
+    const QuantLinear* qa = layer(*ma, n);
+    ASSERT_TRUE(qp && qw && qa) << n;
+    EXPECT_EQ(qw->quantized().format, f.id);
+    EXPECT_EQ(qa->quantized().format, f.id);
+    const Tensor& a = qp->quantized().codes;
+    const Tensor& b = qw->quantized().codes;
+    differing += std::memcmp(a.data<uint8_t>(), b.data<uint8_t>(), size_t(a.numel())) != 0;
+    for (int64_t k = 0; k < b.numel() / f.block_bytes; ++k)
+      expect_on_grid(f, b.data<uint8_t>() + k * f.block_bytes, std::string(n) + " block " + std::to_string(k));
+  }
+  EXPECT_GT(differing, 0);
 }

@@ -19,6 +19,7 @@
 #include "lowbit/methods/smoothquant.h"
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/methods/registry.h"
+#include "lowbit/quant/ggml_grid.h"
 #include "lowbit/methods/saliency.h"
 #include "lowbit/quant/format_map.h"
 #include "lowbit/quant/lwc.h"
@@ -45,7 +46,7 @@ struct QuantArgs {
   int64_t nsamples = 128, seqlen = 2048, batch = 8;
   uint64_t seed = 0;
   double percdamp = 0.01, checkpoint_seconds = 60;
-  bool act_order = false, no_clip = false, json = false;
+  bool act_order = false, no_clip = false, weighted_round = false, json = false;
   TransformArgs tr;  // --rotate, --act, --kv-quant (issue 16)
   DistArgs dist;     // --gpus N / launcher environment: data-parallel calibration (issue 20)
   // ApiQ / SAPR. Defaults: ApiQ's scripts/quantize.sh and calibrate.py (2-bit g64, rank 64,
@@ -116,6 +117,8 @@ MethodConfig method_config(const QuantArgs& a, const QuantFormat& f, const Salie
   c.gptq.percdamp = a.percdamp;
   c.gptq.act_order = a.act_order;
   c.awq_clip = !a.no_clip;
+  c.weighted_round = a.weighted_round;
+  c.awq.weighted_round = a.weighted_round;
   if (is_apiq(a.method)) c.apiq = apiq_options(a);
   c.saliency = saliency;
   c.base = a.base;
@@ -301,6 +304,18 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
       throw_error("-o ", a.out, ": GGUF cannot hold separate LoRA adapters (--rank ", a.rank,
                   "); give --rank 0 (learnable clipping only, the default for GGUF output: the file holds exactly the "
                   "trained weights) or --lora merge (dense merged layers)");
+  }
+  if (a.weighted_round) {
+    const std::string& m = a.method == "norm-tweak" ? a.base : a.method;
+    if (m != "rtn" && m != "awq")
+      throw_error("--weighted-round applies to --method rtn and awq (their final rounding; also as norm-tweak's --base), "
+                  "not to ", a.method == "norm-tweak" ? "--base " + a.base : "--method " + a.method);
+    if (!f.is_ggml_block())
+      throw_error("--weighted-round chooses ggml block scales (", ggml_block_grid_names(), "); format ", f.name,
+                  " is not a ggml block type");
+    if (a.calib.empty() && a.calib_tokens.empty())
+      throw_error("--weighted-round needs calibration data (--calib TEXT or --calib-tokens FILE): the importance of "
+                  "each input channel is its mean x^2 over the calibration inputs");
   }
   const bool transforms = a.tr.rotating() || !a.tr.act.empty() || !a.tr.kv_quant.empty() || !a.tr.kv_token_quant.empty();
   // The input is full precision (no recorded transforms): settings without their switch fail now.
@@ -622,6 +637,8 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     report["guided"]["gradient_seconds"] = gm ? gm->gradient_seconds() : 0.0;
   }
   if (a.method == "awq") extra["awq"] = {{"clip", !a.no_clip}};
+  if (a.method == "awq" && a.weighted_round) extra["awq"]["weighted_round"] = true;
+  if (a.method == "rtn" && a.weighted_round) extra["rtn"] = {{"weighted_round", true}};
   if (a.method == "ptqtp") {
     extra["ptqtp"] = {{"start", a.tp_start}, {"scales", a.tp_scales}};
     report["ptqtp"] = extra["ptqtp"];
@@ -631,6 +648,8 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                         {"lr_depth_scale", a.nt.lr_depth_scale}};
     if (a.base == "gptq") h["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
     if (a.base == "awq") h["awq"] = {{"clip", !a.no_clip}};
+    if (a.base == "awq" && a.weighted_round) h["awq"]["weighted_round"] = true;
+    if (a.base == "rtn" && a.weighted_round) h["rtn"] = {{"weighted_round", true}};
     extra["norm_tweak"] = h;
     report["norm_tweak"] = h;
   }
@@ -740,6 +759,10 @@ void register_quantize(CLI::App& app) {
   q->add_option("--percdamp", a->percdamp, "GPTQ dampening (fraction of mean diag H)")->capture_default_str()->check(above(0));
   q->add_flag("--act-order", a->act_order, "GPTQ: columns by decreasing Hessian diagonal (static groups)");
   q->add_flag("--no-clip", a->no_clip, "AWQ: skip the clipping search");
+  q->add_flag("--weighted-round", a->weighted_round,
+              "rtn/awq on ggml block types: choose each block's scales by the rounding error weighted by the "
+              "calibration inputs' mean x^2 per channel (llama.cpp's importance-matrix rule; AWQ: instead of its "
+              "clipping search); needs --calib");
   // norm-tweak
   q->add_option("--base", a->base, "norm-tweak: the method that quantizes each block before its norms are tweaked")
       ->capture_default_str()

@@ -7,6 +7,7 @@
 #include "lowbit/core/blas.h"
 #include "lowbit/methods/layer_error.h"
 #include "lowbit/methods/rtn.h"
+#include "lowbit/quant/ggml_grid.h"
 #include "lowbit/quant/quantize.h"
 
 namespace lowbit {
@@ -43,6 +44,21 @@ Tensor activation_mean_abs(const Tensor& x) {
   std::vector<double> sum(size_t(in), 0.0);
   for (int64_t t = 0; t < n; ++t)
     for (int64_t i = 0; i < in; ++i) sum[size_t(i)] += std::fabs(double(c.data<float>()[t * in + i]));
+  Tensor s = Tensor::empty({in});
+  for (int64_t i = 0; i < in; ++i) s.data<float>()[i] = float(sum[size_t(i)] / double(n));
+  return s;
+}
+
+Tensor activation_mean_square(const Tensor& x) {
+  LB_CHECK(x.defined() && x.dim() >= 1, "activation_mean_square: expected [..., in], got ", x.describe());
+  Tensor c = calibration_rows(x, x.size(-1), "activation_mean_square");
+  const int64_t n = c.size(0), in = c.size(1);
+  std::vector<double> sum(size_t(in), 0.0);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < in; ++i) {
+      const double v = double(c.data<float>()[t * in + i]);
+      sum[size_t(i)] += v * v;
+    }
   Tensor s = Tensor::empty({in});
   for (int64_t i = 0; i < in; ++i) s.data<float>()[i] = float(sum[size_t(i)] / double(n));
   return s;
@@ -190,7 +206,9 @@ AwqResult awq_quantize(const Tensor& x, const std::vector<Tensor>& weights, cons
   Tensor xs = divide_input_columns(x, res.scale.scales);
   for (const Tensor& w : weights) {
     Tensor ws = scale_weight_columns(w, res.scale.scales);
-    if (clip) {
+    if (opt.weighted_round && f.is_ggml_block() && ggml_block_grid_supported(f)) {
+      res.q.push_back(rtn_quantize_weighted(ws, f, activation_mean_square(xs)));
+    } else if (clip) {
       res.clip_max.push_back(awq_search_clip(xs, ws, f, opt));
       res.q.push_back(rtn_quantize_clipped(ws, f, res.clip_max.back()));
     } else {

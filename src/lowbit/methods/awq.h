@@ -26,6 +26,10 @@
 namespace lowbit {
 
 struct AwqOptions {
+  // Final rounding of ggml block layers weighted by the scaled inputs' mean x^2
+  // (rtn_quantize_weighted) instead of the clipping search + the reference rule. Layers in other
+  // formats (and ggml types without a per-value grid) keep the clipping search.
+  bool weighted_round = false;
   int n_grid = 20;               // alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}
   int clip_grid = 20;            // shrink steps of 1/clip_grid ...
   double max_shrink = 0.5;       // ... up to this fraction of the range
@@ -34,6 +38,9 @@ struct AwqOptions {
 
 // s_x: mean |x| over the rows of x [..., in] (llm-awq get_act_scale). F32 [in].
 Tensor activation_mean_abs(const Tensor& x);
+// mean x^2 over the rows of x [..., in] per input channel: the importance of `--weighted-round`
+// (diag of H = 2/n X^T X, halved; llama-imatrix's per-channel statistic). F32 [in].
+Tensor activation_mean_square(const Tensor& x);
 
 struct AwqScaleResult {
   Tensor scales;                // F32 [in], s (multiply W's columns, divide the input by it)

@@ -166,11 +166,35 @@ const std::vector<std::vector<std::string>> kSequentialGroups = {
 
 void RtnMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
   InputCapture cap(kReportRows);
-  ctx.run_block(ctx.inputs, cap.hook());
+  // --weighted-round: sum of x^2 per input channel of each linear, over every calibration row.
+  std::map<std::string, std::vector<double>> sq;
+  std::map<std::string, int64_t> n_rows;
+  LinearInputHook hook = cap.hook();
+  if (weighted_)
+    hook = [&, report = cap.hook()](const std::string& name, const Tensor& x_in) {
+      report(name, x_in);
+      Tensor x = x_in.to(Device::CPU).to(DType::F32).contiguous();
+      const int64_t n = x.size(0), in = x.size(1);
+      std::vector<double>& s = sq[name];
+      s.resize(size_t(in), 0.0);
+      const float* p = x.data<float>();
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t c = 0; c < in; ++c) s[size_t(c)] += double(p[t * in + c]) * double(p[t * in + c]);
+      n_rows[name] += n;
+    };
+  ctx.run_block(ctx.inputs, hook);
   for (const auto& group : kSequentialGroups)
     for (const auto& name : group) {
       Tensor w = weight_of(ctx, name);
-      install(ctx, name, report_sample(cap.rows(name)), rtn_quantize(w, ctx.format_of(name, f_)), reports);
+      const QuantFormat& f = ctx.format_of(name, f_);
+      if (weighted_ && f.is_ggml_block()) {
+        const std::vector<double>& s = sq.at(name);
+        Tensor imp = Tensor::empty({int64_t(s.size())});
+        for (size_t c = 0; c < s.size(); ++c) imp.data<float>()[c] = float(s[c] / double(n_rows.at(name)));
+        install(ctx, name, report_sample(cap.rows(name)), rtn_quantize_weighted(w, f, imp), reports);
+      } else {
+        install(ctx, name, report_sample(cap.rows(name)), rtn_quantize(w, f), reports);
+      }
     }
 }
 
@@ -183,7 +207,7 @@ std::string GptqMethod::options_key() const {
 std::string AwqMethod::options_key() const {
   return "grid=" + std::to_string(o_.n_grid) + ",clip=" + std::to_string(clip_) + ",clip_grid=" +
          std::to_string(o_.clip_grid) + ",shrink=" + key_number(o_.max_shrink) + ",clip_tokens=" +
-         std::to_string(o_.max_clip_tokens);
+         std::to_string(o_.max_clip_tokens) + (o_.weighted_round ? ",weighted_round=1" : "");
 }
 
 GptqResult GptqMethod::solve_layer(BlockContext& ctx, const std::string& name, const Tensor& w, const Tensor& h) {
@@ -429,8 +453,10 @@ void AwqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& rep
       Tensor xs = scales.count(n) ? divide_input_columns(x0[n], scales[n]) : x0[n];
       // up/v rows were divided by s of the next group: the consumer sees that, not this layer.
       const QuantFormat& f = ctx.format_of(n, f_);
-      QuantizedTensor q = clip_ ? rtn_quantize_clipped(scaled_w[n], f, awq_search_clip(xs, scaled_w[n], f, o_))
-                                : rtn_quantize(scaled_w[n], f);
+      QuantizedTensor q = o_.weighted_round && f.is_ggml_block() && ggml_block_grid_supported(f)
+                              ? rtn_quantize_weighted(scaled_w[n], f, activation_mean_square(xs))
+                          : clip_ ? rtn_quantize_clipped(scaled_w[n], f, awq_search_clip(xs, scaled_w[n], f, o_))
+                                  : rtn_quantize(scaled_w[n], f);
       install(ctx, n, report_sample(xs), std::move(q), reports, scaled_w[n]);
     }
 }

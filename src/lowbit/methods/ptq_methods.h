@@ -10,15 +10,22 @@
 namespace lowbit {
 
 // Round to nearest; calibration inputs are used only for the error report.
+// weighted: importance-weighted rounding of the ggml block layers (rtn_quantize_weighted), the
+// importance of each linear being the mean x^2 of its inputs over all calibration rows of the block
+// pass (llama-imatrix's statistic; needs calibration data); other layers round to nearest.
 class RtnMethod : public BlockMethod {
  public:
-  explicit RtnMethod(const QuantFormat& f) : f_(f) {}
+  explicit RtnMethod(const QuantFormat& f, bool weighted = false) : f_(f), weighted_(weighted) {}
   std::string name() const override { return "rtn"; }
-  bool supports_data_parallel() const override { return true; }  // data-free: every rank the same
+  // Data-free unless weighted: every rank the same. The weighted statistic (mean x^2 over this
+  // rank's calibration rows) is not all-reduced, so a weighted run is refused with several ranks.
+  bool supports_data_parallel() const override { return !weighted_; }
+  std::string options_key() const override { return weighted_ ? "weighted_round=1" : ""; }
   void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
 
  private:
   const QuantFormat& f_;
+  bool weighted_;
 };
 
 // GPTQ, "true sequential" inside a block (as in the reference llama.py with --true-sequential):

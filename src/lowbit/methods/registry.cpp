@@ -23,8 +23,9 @@ void add(std::vector<MethodInfo>& r, MethodInfo info) {
 }
 
 void register_builtins(std::vector<MethodInfo>& r) {
-  add(r, {"rtn", "round to nearest (data-free; calibration only for the error report)", false, false,
-          [](const MethodConfig& c) { return std::make_unique<RtnMethod>(*c.format); }});
+  add(r, {"rtn", "round to nearest (data-free; calibration only for the error report, or the importance of "
+                 "--weighted-round)", false, false,
+          [](const MethodConfig& c) { return std::make_unique<RtnMethod>(*c.format, c.weighted_round); }});
   add(r, {"gptq", "GPTQ: column-wise rounding with inverse-Hessian error feedback (--percdamp, --act-order)", true,
           false, [](const MethodConfig& c) { return std::make_unique<GptqMethod>(*c.format, c.gptq); }});
   add(r, {"awq", "AWQ: activation-aware channel scales folded into the producers, clipping search (--no-clip)", true,

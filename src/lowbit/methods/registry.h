@@ -34,6 +34,7 @@ struct MethodConfig {
   GptqOptions gptq;
   AwqOptions awq;
   bool awq_clip = true;
+  bool weighted_round = false;          // rtn: importance-weighted ggml block rounding (awq: awq.weighted_round)
   ApiqOptions apiq;                     // meaningful for methods with trains_adapters only
   const SaliencyMap* saliency = nullptr;  // sapr
   NormTweakOptions norm_tweak;

@@ -232,11 +232,17 @@ void sub_weights(const KGrid& k, const float* x, const float* imp, float* w) {
 // Unquantized sub-block fit. Affine: scale >= 0 and min >= 0 with x ~ scale L - min (make_qkx2).
 // Signed: the scale of levels in [-off, qmax-off] maximising (sum w x L)^2 / sum w L^2 over 19
 // trial grids -(off + 0.1 is) / x_extreme, is = -9..9.
-void continuous_fit(const KGrid& k, const float* x, const float* w, bool mad, float& scale, float& min) {
+// With an importance (weighted): the affine search runs over twice as many grids at half the step
+// (the same range), and the signed one over 81 trial grids -(off + 0.05 is) / x_extreme, is =
+// -40..40, each refitted twice (levels nearest under the least-squares scale, then their
+// least-squares scale), keeping the scale of least weighted squared error.
+void continuous_fit(const KGrid& k, const float* x, const float* w, bool mad, float& scale, float& min,
+                    bool weighted = false) {
   min = 0;
   if (k.affine) {
     uint8_t L[32];
-    scale = g::fit_levels_with_min(k.sub, k.qmax, x, w, L, &min, k.rmin, k.rdelta, k.nstep, mad);
+    scale = weighted ? g::fit_levels_with_min(k.sub, k.qmax, x, w, L, &min, k.rmin, k.rdelta / 2, k.nstep * 2, mad)
+                     : g::fit_levels_with_min(k.sub, k.qmax, x, w, L, &min, k.rmin, k.rdelta, k.nstep, mad);
     return;
   }
   float mx = 0, amax = 0;
@@ -244,6 +250,28 @@ void continuous_fit(const KGrid& k, const float* x, const float* w, bool mad, fl
     if (std::fabs(x[i]) > amax) amax = std::fabs(x[i]), mx = x[i];
   scale = 0;
   if (amax < 1e-15f) return;
+  if (weighted) {
+    double best_err = -1;
+    for (int is = -40; is <= 40; ++is) {
+      const float iscale = -(float(k.off) + 0.05f * float(is)) / mx;
+      int l[32];
+      for (int i = 0; i < k.sub; ++i) l[i] = nearest_clamped(iscale * x[i], -k.off, k.qmax - k.off);
+      for (int it = 0; it <= 2; ++it) {
+        double slx = 0, sl2 = 0;
+        for (int i = 0; i < k.sub; ++i) slx += double(w[i]) * double(x[i]) * l[i], sl2 += double(w[i]) * double(l[i]) * l[i];
+        if (!(sl2 > 0)) break;
+        const float sc = float(slx / sl2);
+        double e = 0;
+        for (int i = 0; i < k.sub; ++i) {
+          l[i] = sc != 0.0f ? nearest_clamped(x[i] / sc, -k.off, k.qmax - k.off) : 0;
+          const double r = double(sc) * l[i] - double(x[i]);
+          e += double(w[i]) * r * r;
+        }
+        if (best_err < 0 || e < best_err) best_err = e, scale = sc;
+      }
+    }
+    return;
+  }
   double best = -1;
   for (int is = -9; is <= 9; ++is) {
     const float iscale = -(float(k.off) + 0.1f * float(is)) / mx;
@@ -285,7 +313,7 @@ void kquant_fit_block(const KGrid& k, const float* x, const float* imp, uint8_t*
   float w[g::QK_K], scale[16], min[16];
   for (int s = 0; s < ns; ++s) {
     sub_weights(k, x + s * k.sub, imp ? imp + s * k.sub : nullptr, w + s * k.sub);
-    continuous_fit(k, x + s * k.sub, w + s * k.sub, !imp && k.id == QuantFormatId::Q2_K, scale[s], min[s]);
+    continuous_fit(k, x + s * k.sub, w + s * k.sub, !imp && k.id == QuantFormatId::Q2_K, scale[s], min[s], imp != nullptr);
   }
   if (k.affine) {
     float max_scale = 0, max_min = 0;
@@ -322,10 +350,18 @@ double block32_error(QuantFormatId id, uint16_t dh, uint16_t mh, const float* x,
   return e;
 }
 
+// Trial grids of the weighted 32-value fit: scales -(off + kTrialStep is) / signed extreme, |is| <=
+// kTrialSteps (i.e. off +- 2), each followed by kRefits least-squares refits on the stored grid.
+constexpr int kTrialSteps = 40;
+constexpr float kTrialStep = 0.05f;
+constexpr int kRefits = 2;
+
 // The reference block's d (and m), or a better one for the weights h_i sqrt(2 mean(x^2) + x_i^2)
-// (as the k-quants): symmetric types try the least-squares scales of 21 trial grids
-// (-(off + 0.1 is) / signed extreme, is = -10..10); affine types ggml's make_qkx2 search. The
-// candidate of least weighted error on the stored (f16) grid wins; ties keep the reference.
+// (as the k-quants): symmetric types try the least-squares scales of 81 trial grids
+// (-(off + 0.05 is) / signed extreme, is = -40..40), each refitted twice (levels from the stored
+// f16 grid of the scale, then their least-squares scale); affine types ggml's make_qkx2 search with
+// 81 grids (rmin -1, rdelta 0.05). Every candidate is scored by its weighted error on the stored
+// (f16) grid; the least wins; ties keep the reference.
 void fit_block32_weighted(const QuantFormat& f, const float* x, const float* imp, uint8_t* block) {
   f.quantize_row(x, 32, block);
   float w[32], sx2 = 0;
@@ -343,7 +379,7 @@ void fit_block32_weighted(const QuantFormat& f, const float* x, const float* imp
     uint8_t L[32];
     float the_min;
     const int nmax = f.id == QuantFormatId::Q4_1 ? 15 : 31;
-    const float scale = g::fit_levels_with_min(32, nmax, x, w, L, &the_min, -1.0f, 0.1f, 20, false);
+    const float scale = g::fit_levels_with_min(32, nmax, x, w, L, &the_min, -1.0f, kTrialStep, 2 * kTrialSteps, false);
     consider(scale, -the_min);
   } else {
     const int off = f.id == QuantFormatId::Q4_0 ? 8 : 16;
@@ -351,16 +387,25 @@ void fit_block32_weighted(const QuantFormat& f, const float* x, const float* imp
     for (int j = 0; j < 32; ++j)
       if (std::fabs(x[j]) > amax) amax = std::fabs(x[j]), mx = x[j];
     if (amax > 0)
-      for (int is = -10; is <= 10; ++is) {
-        const float iscale = -(float(off) + 0.1f * float(is)) / mx;
-        double slx = 0, sl2 = 0;
-        for (int j = 0; j < 32; ++j) {
-          float l = std::nearbyint(iscale * x[j]);
-          l = std::max(float(-off), std::min(float(off - 1), l));
-          slx += double(w[j]) * double(x[j]) * l;
-          sl2 += double(w[j]) * double(l) * l;
+      for (int is = -kTrialSteps; is <= kTrialSteps; ++is) {
+        const float iscale = -(float(off) + kTrialStep * float(is)) / mx;
+        float l[32];
+        for (int j = 0; j < 32; ++j)
+          l[j] = std::max(float(-off), std::min(float(off - 1), std::nearbyint(iscale * x[j])));
+        // The least-squares scale of these levels, then kRefits times: the levels the stored (f16)
+        // grid of that scale gives (the rounding of ggml_grid_round) and their least-squares scale.
+        for (int it = 0; it <= kRefits; ++it) {
+          double slx = 0, sl2 = 0;
+          for (int j = 0; j < 32; ++j) {
+            slx += double(w[j]) * double(x[j]) * l[j];
+            sl2 += double(w[j]) * double(l[j]) * l[j];
+          }
+          if (!(sl2 > 0)) break;
+          const float d = float(slx / sl2);
+          consider(d, 0.0f);
+          const float id = inv(fmt_f16_to_f32(fmt_f32_to_f16(d)));
+          for (int j = 0; j < 32; ++j) l[j] = float(trunc_clip(x[j] * id + float(off) + 0.5f, 2 * off - 1) - off);
         }
-        if (sl2 > 0) consider(float(slx / sl2), 0.0f);
       }
   }
   std::memcpy(block, &best_d, 2);
@@ -448,7 +493,7 @@ void ggml_grid_refit_sub_block(const QuantFormat& f, uint8_t* block, int s, cons
   LB_CHECK(s >= 0 && s < g::QK_K / k.sub, "ggml grid: sub-block ", s, " outside a ", f.name, " block");
   float w[32], scale, min;
   sub_weights(k, x, importance, w);
-  continuous_fit(k, x, w, !importance && k.id == QuantFormatId::Q2_K, scale, min);
+  continuous_fit(k, x, w, !importance && k.id == QuantFormatId::Q2_K, scale, min, importance != nullptr);
   choose_sub(k, block, s, x, w, scale, min);
 }
 

@@ -7,8 +7,10 @@
 // extreme / -8 (-16), q8_0 d = absmax / 127, q4_1/q5_1 d = (max - min) / 15 (31) and m = min, iq4_nl
 // ggml's scale search over the non-uniform levels). With an importance h (GPTQ: diag(H)), q4_0 /
 // q5_0 / q4_1 / q5_1 keep the reference d (m) unless another candidate has a lower error weighted
-// by h_i sqrt(2 mean(x^2) + x_i^2) on the stored grid: the least-squares scales of 21 trial grids
-// -(8 + 0.1 is) / signed extreme (q5_0: 16), is = -10..10, or ggml's make_qkx2 search (q4_1/q5_1).
+// by h_i sqrt(2 mean(x^2) + x_i^2) on the stored grid: the least-squares scales of 81 trial grids
+// -(8 + 0.05 is) / signed extreme (q5_0: 16), is = -40..40, each refitted twice on the stored grid
+// (levels of the f16 scale, then their least-squares scale), or ggml's make_qkx2 search over 81
+// grids (q4_1/q5_1).
 // The parameters are stored as f16 in the block; then each value is rounded on its own to the
 // grid of the STORED (f16) parameters:
 //   q4_0 q = clamp(trunc(x/d + 8.5), 0, 15)     w = d (q - 8)
