@@ -62,6 +62,7 @@ int main(int argc, char** argv) {
   lowbit::cli::register_export(app);
   lowbit::cli::register_serve(app);
   lowbit::cli::register_run(app);
+  lowbit::cli::register_random_model(app);
   try {
     app.parse(argc, argv);
     lowbit::cli::check_stdout();
