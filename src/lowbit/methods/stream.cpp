@@ -1,5 +1,7 @@
 #include "lowbit/methods/stream.h"
 
+#include <malloc.h>
+
 #include <cmath>
 #include <vector>
 
@@ -63,6 +65,12 @@ void HfBlockStream::load(LlamaModel& model, int i) {
 void HfBlockStream::finish(LlamaModel& model, int i, const std::string& key) {
   writer_.write_block(model, i, {{"key", key}, {"block", std::to_string(i)}});
   model.set_block(i, placeholder_layer(i));
+#ifdef __GLIBC__
+  // The block's memory back to the system: freed blocks of glibc's heap stay resident otherwise
+  // (its mmap threshold grows to the size of freed large tensors, so the next block's tensors come
+  // from the heap, which fragments: +0.8 MB per 3.4 MB block measured on 32 blocks without this).
+  malloc_trim(0);
+#endif
 }
 
 void HfBlockStream::check_finished(int start, const std::string& key) const {
