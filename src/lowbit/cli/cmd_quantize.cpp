@@ -676,6 +676,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   // The process's peak, the output's write included (the pipeline's own figure stops before it).
   const int64_t peak_rss = peak_rss_bytes();
   report["peak_rss_bytes"] = peak_rss;
+  if (dev == Device::CUDA) report["peak_gpu_bytes"] = cuda_peak_bytes();  // live GPU tensors, allocator buckets
   {
     const std::string path = to_gguf ? a.out + ".report.json" : (fs::path(out_dir) / "quantize_report.json").string();
     std::ofstream rep(path);
