@@ -13,7 +13,16 @@ HfBlockStream::HfBlockStream(std::shared_ptr<const HfTensorSource> source, Devic
                              const QuantFormat& format, LoraStorage lora, DType merged_dtype)
     : source_(std::move(source)),
       device_(device),
-      writer_(std::move(parts_dir), source_->config(), format, lora, merged_dtype) {}
+      writer_(std::move(parts_dir), source_->config(), format, lora, merged_dtype) {
+#ifdef __GLIBC__
+  // A fixed mmap threshold: every allocation of 128 KiB or more is its own mapping, given back to
+  // the system when freed. glibc's default raises the threshold to the size of freed large blocks,
+  // after which they come from heaps whose freed pieces stay resident: GPTQ's peak then crept up
+  // over the first blocks (+130 MiB by block 16 on a 1536-wide model; 127.6 vs 218.8 MiB on a
+  // 512-wide one, docs/results/streaming.md). Process-wide; numbers are unchanged.
+  mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+#endif
+}
 
 LayerWeights HfBlockStream::placeholder_layer(int i) const {
   LlamaWeights w;
