@@ -352,3 +352,91 @@ TEST(HfDir, Stories260KThroughHfPermutesQK) {
   expect_same_weights(a.weights, b.weights);
   std::filesystem::remove_all(dir);
 }
+
+// Block-wise streaming's readers and writers (methods/stream.h).
+TEST(Safetensors, PreadRangesMatchLoadAndStreamedWriterMatchesSaver) {
+  auto dir = temp_dir("st-stream");
+  const std::string p = (dir / "t.safetensors").string(), q = (dir / "s.safetensors").string();
+  Tensor f = Tensor::randn({7, 300}, 2);
+  std::vector<std::pair<std::string, Tensor>> ts = {{"f32", f}, {"f16", f.to(DType::F16)}, {"bf16", f.to(DType::BF16)},
+                                                    {"f64", f.to(DType::F64)}, {"empty", Tensor::empty({0, 4})}};
+  save_safetensors(p, ts, {{"format", "pt"}});
+  auto file = SafetensorsFile::open(p);
+  for (const char* name : {"f32", "f16", "bf16", "f64"}) {
+    EXPECT_TRUE(bit_identical(file.read_f32(name), file.load_f32(name))) << name;
+    std::vector<float> part(450);
+    file.read_f32(name, 1000, 450, part.data());
+    const Tensor all = file.load_f32(name);
+    EXPECT_EQ(std::memcmp(part.data(), all.data<float>() + 1000, 450 * 4), 0) << name;
+  }
+  EXPECT_EQ(file.read_f32("empty").numel(), 0);
+  // Out of range, unknown names: errors naming the file and the tensor.
+  std::vector<float> buf(8);
+  try {
+    file.read_f32("f32", 2100 - 4, 8, buf.data());
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("tensor 'f32': elements [2096, 2104) are outside its 2100"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(file.read_f32("f32", -1, 2, buf.data()), Error);
+  EXPECT_THROW(file.read_bytes("f16", 4200, 1, buf.data()), Error);
+  EXPECT_THROW(file.read_f32("nope"), Error);
+  // The streamed writer, fed in odd-sized pieces, writes the same bytes as save_safetensors.
+  std::vector<SafetensorsStreamEntry> entries;
+  for (const auto& [name, t] : ts) {
+    Tensor c = t.contiguous();
+    entries.push_back({name, c.dtype(), c.shape(), [c](const std::function<void(const void*, size_t)>& out) {
+                         const auto* b = static_cast<const uint8_t*>(c.raw_data());
+                         for (size_t at = 0; at < size_t(c.nbytes()); at += 333) out(b + at, std::min<size_t>(333, c.nbytes() - at));
+                       }});
+  }
+  save_safetensors_streamed(q, entries, {{"format", "pt"}});
+  EXPECT_EQ(read_bytes(p), read_bytes(q));
+  // A source that gives too few or too many bytes is an error, and nothing is left behind.
+  const std::string r = (dir / "r.safetensors").string();
+  for (size_t n : {size_t(7), size_t(9)}) {
+    std::vector<SafetensorsStreamEntry> bad = {{"x", DType::F32, {2}, [n](const std::function<void(const void*, size_t)>& out) {
+                                                  const uint8_t z[16] = {};
+                                                  out(z, n);
+                                                }}};
+    EXPECT_THROW(save_safetensors_streamed(r, bad), Error);
+    EXPECT_FALSE(std::filesystem::exists(r));
+    EXPECT_FALSE(std::filesystem::exists(r + ".tmp"));
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST(HfDir, RandomModelIsShardedDeterministicAndStreamable) {
+  LlamaConfig c = tiny_config(false);
+  c.rope_style = RopeStyle::Half;
+  auto dir = temp_dir("hf-random");
+  RandomModelOptions o;
+  o.seed = 9;
+  o.std = 0.5;
+  o.max_shard_bytes = 2000;
+  const uint64_t bytes = write_random_hf_model((dir / "sharded").string(), c, o);
+  EXPECT_TRUE(std::filesystem::exists(dir / "sharded" / "model.safetensors.index.json"));
+  o.max_shard_bytes = uint64_t(1) << 40;
+  o.dtype = DType::F32;
+  EXPECT_EQ(write_random_hf_model((dir / "one").string(), c, o), 2 * bytes);
+  EXPECT_TRUE(std::filesystem::exists(dir / "one" / "model.safetensors"));
+  const Checkpoint a = load_hf_dir((dir / "sharded").string()), b = load_hf_dir((dir / "one").string());
+  EXPECT_EQ(a.config.summary(), c.summary());
+  // The same values whatever the sharding (bf16 of the f32 values), norms 1, spread as asked.
+  EXPECT_TRUE(allclose(a.weights.layers[1].w_up, b.weights.layers[1].w_up, 1e-2, 1e-2));
+  EXPECT_EQ(a.weights.layers[0].attn_norm.item(0), 1.0);
+  const Tensor& w = b.weights.layers[0].w_gate;
+  double ss = 0;
+  for (int64_t i = 0; i < w.numel(); ++i) ss += w.data<float>()[i] * double(w.data<float>()[i]);
+  EXPECT_NEAR(std::sqrt(ss / double(w.numel())), 0.5, 0.1);
+  // HfTensorSource reads what load_hf_dir loads, layer by layer.
+  auto src = HfTensorSource::open((dir / "sharded").string());
+  const LayerWeights l = src->read_layer(1);
+  EXPECT_TRUE(bit_identical(l.w_down, a.weights.layers[1].w_down));
+  EXPECT_TRUE(bit_identical(l.ffn_norm, a.weights.layers[1].ffn_norm));
+  EXPECT_THROW(src->read_layer(c.n_layers), Error);
+  EXPECT_THROW(src->read_f32("model.layers.0.mlp.up_proj.weight", {1, 2}), Error);
+  EXPECT_THROW(src->file_of("nope"), Error);
+  EXPECT_THROW(write_random_hf_model((dir / "bad").string(), c, {DType::I32}), Error);
+  std::filesystem::remove_all(dir);
+}

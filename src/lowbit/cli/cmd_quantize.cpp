@@ -17,6 +17,7 @@
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/layer_budget.h"
 #include "lowbit/methods/smoothquant.h"
+#include "lowbit/methods/stream.h"
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/methods/registry.h"
 #include "lowbit/quant/ggml_grid.h"
@@ -71,7 +72,28 @@ struct QuantArgs {
   AdaRoundOptions adaround;
   AdaQuantOptions adaquant;
   std::string tp_start = "grid", tp_scales = "group";  // ptqtp
+  std::string stream = "auto";  // --stream: auto, on, off (methods/stream.h)
+  int stop_after_blocks = 0;    // testing aid: stop after this many blocks of this run (state kept)
 };
+
+// Why `a` cannot stream its model block by block ("" when it can): streaming reads a Hugging Face
+// safetensors directory one block at a time, so whatever needs the whole model first loads it whole.
+std::string stream_obstacle(const QuantArgs& a) {
+  std::error_code ec;
+  try {
+    if (detect_checkpoint_format(a.model) != CheckpointFormat::HfDir)
+      return "the input is not a Hugging Face safetensors directory";
+  } catch (const Error&) {
+    return "the input is not a Hugging Face safetensors directory";
+  }
+  if (a.tr.rotating()) return "--rotate rotates the whole model first";
+  if (a.smooth >= 0) return "--smooth folds scales measured on the whole model first";
+  if (a.bits_budget > 0) return "--bits-budget scores every layer of the whole model first";
+  if (a.method == "guided") return "--method guided gathers end-loss gradients of the whole model first";
+  if (a.method == "sapr" && (a.saliency.empty() || !fs::exists(a.saliency, ec) || a.saliency_only))
+    return "--method sapr computes its saliency on the whole model (give an existing --saliency FILE)";
+  return "";
+}
 
 // Methods that train LoRA adapters (ApiQ family): default format int2g64, --rank, --lora merge.
 bool is_apiq(const std::string& m) { return find_method(m).trains_adapters; }
@@ -368,7 +390,28 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
       throw_error("--smooth needs calibration data (--calib TEXT or --calib-tokens FILE): the scales come from the "
                   "activations' channel maxima");
   }
-  LoadedModel m = load_model(a.model, dev, /*dequantize=*/a.tr.rotating() || a.smooth >= 0);
+  // Block-wise streaming (methods/stream.h): the default where nothing needs the whole model.
+  if (a.stream != "auto" && a.stream != "on" && a.stream != "off")
+    throw_error("--stream must be 'auto', 'on' or 'off', got '", a.stream, "'");
+  std::string obstacle = a.stream == "off" ? "" : stream_obstacle(a);
+  // Several ranks: the streamed blocks would be written to a state directory that a data-parallel
+  // run does not keep (and by every rank); such a run loads the whole model.
+  if (obstacle.empty() && a.stream != "off" && world->world_size() > 1)
+    obstacle = "a data-parallel run (--gpus / WORLD_SIZE > 1) keeps no state directory for the streamed blocks";
+  if (a.stream == "on" && !obstacle.empty()) throw_error("--stream on: ", obstacle, " (use --stream off)");
+  const bool streaming = a.stream != "off" && obstacle.empty();
+  std::optional<HfBlockStream> block_stream;
+  LoadedModel m;
+  if (streaming) {
+    std::error_code ec2;
+    const std::string dir = fs::is_directory(a.model, ec2) ? a.model : fs::path(a.model).parent_path().string();
+    block_stream.emplace(HfTensorSource::open(dir.empty() ? "." : dir), dev, (fs::path(state_dir) / "blocks").string(), f,
+                         a.lora == "merge" ? LoraStorage::Merged : LoraStorage::Separate,
+                         a.merge_dtype == "f32" ? DType::F32 : DType::F16);
+    m.model = block_stream->make_model();
+  } else {
+    m = load_model(a.model, dev, /*dequantize=*/a.tr.rotating() || a.smooth >= 0);
+  }
   std::optional<FormatPlan> plan;
   if (fmap) plan = plan_from_map(*fmap, m.model->config(), f);
   if (!a.preset.empty()) plan = plan_from_preset(a.preset, m.model->config());
@@ -534,6 +577,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   o.batch = a.batch;
   o.state_dir = state_dir;
   o.checkpoint_seconds = a.checkpoint_seconds;
+  o.stop_after_blocks = a.stop_after_blocks;
   if (plan) o.formats = &plan->formats;
   // Data-parallel calibration: rank r takes a contiguous share of the windows (RTN without data
   // keeps the stub everywhere). The resumable state is per process, so several ranks run without it.
@@ -549,8 +593,17 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                    "resumable state\n", world->world_size(), world->backend().c_str(),
                    (long long)(calib.size(0) / world->world_size()));
   }
+  if (block_stream) o.stream = &*block_stream;
   PipelineReport r = run_blockwise(*m.model, rank_calib, *method, f, o);
   if (!writer) return;  // rank 0 reports and writes the (identical) model
+  if (!r.complete) {  // --stop-after-blocks: the state is kept; the same command resumes
+    out->keep();
+    state->keep();
+    if (!a.json)
+      std::fprintf(stderr, "stopped after block %d of %d; the state is in %s (run the same command to resume)\n",
+                   r.resumed_from_block + r.blocks_run, m.model->n_layers(), state_dir.c_str());
+    return;
+  }
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& l : r.linears)
     layers.push_back({{"name", l.name}, {"rel_error", l.rel_error}, {"bits_per_weight", l.bits_per_weight}, {"params", l.params}});
@@ -573,7 +626,15 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                            {"checkpoint_seconds", r.checkpoint_seconds},
                            {"threads", threads_summary()},
                            {"ranks", world->world_size()},
-                           {"comm_backend", world->backend()}};
+                           {"comm_backend", world->backend()},
+                           {"stream", streaming},
+                           {"block_seconds", r.block_seconds}};
+  if (streaming) {
+    report["stream_load_seconds"] = r.stream_load_seconds;
+    report["stream_write_seconds"] = r.stream_write_seconds;
+  } else if (a.stream != "off") {
+    report["stream_obstacle"] = obstacle;
+  }
   apply_quant_transforms(*m.model, a.tr);  // recorded in the checkpoint (calibration ran without them)
   {
     const ModelTransforms& t = m.model->transforms();
@@ -668,8 +729,18 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     extra["apiq"] = h;
     report["apiq"] = h;
   }
-  save_quantized_model(out_dir, *m.model, a.method, f, extra, a.lora == "merge" ? LoraStorage::Merged : LoraStorage::Separate,
-                       a.merge_dtype == "f32" ? DType::F32 : DType::F16);
+  const auto t_save = std::chrono::steady_clock::now();
+  if (block_stream)
+    block_stream->assemble(out_dir, a.method, extra, m.model->transforms());
+  else
+    save_quantized_model(out_dir, *m.model, a.method, f, extra,
+                         a.lora == "merge" ? LoraStorage::Merged : LoraStorage::Separate,
+                         a.merge_dtype == "f32" ? DType::F32 : DType::F16);
+  report["save_seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_save).count();
+  // The process's peak, the output's write included (the pipeline's own figure stops before it).
+  const int64_t peak_rss = peak_rss_bytes();
+  report["peak_rss_bytes"] = peak_rss;
+  if (dev == Device::CUDA) report["peak_gpu_bytes"] = cuda_peak_bytes();  // live GPU tensors, allocator buckets
   {
     const std::string path = to_gguf ? a.out + ".report.json" : (fs::path(out_dir) / "quantize_report.json").string();
     std::ofstream rep(path);
@@ -692,7 +763,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   for (const auto& l : r.linears) print_stdout("%-44s %12.3e %8.3f\n", l.name.c_str(), l.rel_error, l.bits_per_weight);
   const std::string fmt_label = plan ? plan->origin + " (" + plan->summary() + ")" : std::string(f.name);
   print_stdout("\n%s %s: %.3f bits per weight (quantized layers, metadata included), %.1fs, peak memory %.0f MiB\n",
-              a.method.c_str(), fmt_label.c_str(), r.bits_per_weight, r.seconds, double(r.peak_rss_bytes) / (1 << 20));
+              a.method.c_str(), fmt_label.c_str(), r.bits_per_weight, r.seconds, double(peak_rss) / (1 << 20));
   if (r.blocks_run > 0)
     print_stdout("calibration forward (full precision, %lld x %lld tokens): %.3fs per block, %.1fs in all (%s)\n",
                 (long long)calib.size(0), (long long)calib.size(1), r.fp_forward_seconds / r.blocks_run,
@@ -902,6 +973,16 @@ void register_quantize(CLI::App& app) {
   q->add_option("--merge-dtype", a->merge_dtype, "ApiQ with --lora merge: dtype of the merged dense layers (f16, f32)")
       ->capture_default_str();
   q->add_option("--state-dir", a->state_dir, "resumable state (default: OUT/.state; removed on success)");
+  q->add_option("--stream", a->stream,
+                "block-wise streaming: 'auto' (default) reads a Hugging Face safetensors model (one file or shards) "
+                "one decoder block at a time and writes each quantized block out as soon as it is done, so memory "
+                "holds one block plus the calibration activations whatever the depth (the output is the same, byte "
+                "for byte); other inputs, and --rotate, --smooth, --bits-budget, guided and sapr without a saliency "
+                "file, load the whole model. 'on': stream or fail; 'off': always load the whole model")
+      ->capture_default_str();
+  q->add_option("--stop-after-blocks", a->stop_after_blocks,
+                "testing aid: stop after this many blocks of this run, keeping the resumable state (0: off)")
+      ->check(at_least(0));
   q->add_option("--checkpoint-seconds", a->checkpoint_seconds,
                 "save the resumable state after a block when this many seconds passed since the last save (0: after "
                 "every block; a save writes the calibration activations twice, 1.2 GB for a 576-wide model at 128 x 2048)")

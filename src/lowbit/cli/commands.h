@@ -19,6 +19,7 @@ void register_export(CLI::App& app);    // lowbit export
 void register_serve(CLI::App& app);     // lowbit serve
 void register_run(CLI::App& app);       // lowbit run
 void register_comm(CLI::App& app);      // lowbit comm (collectives check and bandwidth)
+void register_random_model(CLI::App& app);  // lowbit random-model
 
 // cmd_export.cpp: checks a GGUF output path (ends in .gguf, not a directory), and writes a lowbit
 // quantized directory as GGUF (tokenizer: `tokenizer`, else the directory's or its source model's).

@@ -65,6 +65,7 @@ int main(int argc, char** argv) {
   lowbit::cli::register_run(app);
   lowbit::cli::register_comm(app);
   lowbit::cli::set_command_line(argc, argv);
+  lowbit::cli::register_random_model(app);
   try {
     app.parse(argc, argv);
     lowbit::cli::check_stdout();

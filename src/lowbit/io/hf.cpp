@@ -11,6 +11,7 @@
 #include <set>
 #include <sstream>
 
+#include "lowbit/core/threads.h"
 #include "lowbit/io/file_util.h"
 #include "lowbit/io/rope_layout.h"
 #include "lowbit/io/safetensors.h"
@@ -120,6 +121,88 @@ const char* torch_dtype_name(DType t) {
   }
 }
 
+// Which file of the directory holds each tensor (model.safetensors.index.json's weight_map, or the
+// tensors of model.safetensors, which is then opened into *files).
+std::map<std::string, std::string> weight_map(const std::string& dir, std::map<std::string, SafetensorsFile>* files) {
+  const fs::path d(dir);
+  std::error_code ec;
+  std::map<std::string, std::string> where;
+  const fs::path index_path = d / "model.safetensors.index.json", single = d / "model.safetensors";
+  if (fs::exists(index_path, ec)) {
+    const json idx = read_json_file(index_path.string());
+    auto wm = idx.is_object() ? idx.find("weight_map") : idx.end();
+    if (wm == idx.end() || !wm->is_object()) throw_error(index_path.string(), ": missing 'weight_map' object");
+    for (auto it = wm->begin(); it != wm->end(); ++it) {
+      if (!it.value().is_string()) throw_error(index_path.string(), ": weight_map entry '", it.key(), "' is not a file name");
+      const std::string file = it.value().get<std::string>();
+      // Shards live next to the index; refuse paths that would escape the directory.
+      if (file.empty() || file.find('/') != std::string::npos || file.find('\\') != std::string::npos || file == "." ||
+          file == "..")
+        throw_error(index_path.string(), ": weight_map entry '", it.key(), "' names '", file, "', not a file in the directory");
+      where[it.key()] = file;
+    }
+  } else if (fs::exists(single, ec)) {
+    files->emplace("model.safetensors", SafetensorsFile::open(single.string()));
+    for (const auto& t : files->at("model.safetensors").tensors()) where[t.name] = "model.safetensors";
+  } else if (fs::exists(d / "pytorch_model.bin", ec) || fs::exists(d / "pytorch_model.bin.index.json", ec)) {
+    throw_error(dir, ": PyTorch pickle checkpoints (pytorch_model.bin) are not supported; convert the model to safetensors");
+  } else {
+    throw_error(dir, ": no model.safetensors or model.safetensors.index.json");
+  }
+  return where;
+}
+
+}  // namespace
+
+std::shared_ptr<HfTensorSource> HfTensorSource::open(const std::string& dir) {
+  auto s = std::make_shared<HfTensorSource>();
+  s->dir_ = dir;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) throw_error(dir, ": not a directory");
+  const std::string config_path = (fs::path(dir) / "config.json").string();
+  if (!fs::exists(config_path, ec)) throw_error(dir, ": no config.json: not a Hugging Face model directory");
+  s->config_ = config_from_hf_json(read_json_file(config_path), config_path);
+  s->config_.validate(config_path);
+  std::map<std::string, SafetensorsFile> files;
+  s->where_ = weight_map(dir, &files);
+  for (auto& [name, f] : files) s->files_.emplace(name, std::make_shared<SafetensorsFile>(std::move(f)));
+  for (const auto& [t, fname] : s->where_)
+    if (!s->files_.count(fname))
+      s->files_.emplace(fname, std::make_shared<SafetensorsFile>(SafetensorsFile::open((fs::path(dir) / fname).string())));
+  return s;
+}
+
+const SafetensorsFile& HfTensorSource::file_of(const std::string& name) const {
+  auto it = where_.find(name);
+  if (it == where_.end()) throw_error(dir_, ": missing tensor '", name, "' (", config_.summary(), ")");
+  const SafetensorsFile& f = *files_.at(it->second);
+  if (!f.find(name)) throw_error(f.path(), ": tensor '", name, "' listed in the index is not in this file");
+  return f;
+}
+
+Tensor HfTensorSource::read_f32(const std::string& name, const Shape& shape) const {
+  const SafetensorsFile& f = file_of(name);
+  const SafetensorsTensorInfo* info = f.find(name);
+  if (info->shape != shape)
+    throw_error(f.path(), ": tensor '", name, "' has shape ", shape_str(info->shape), ", the config needs ", shape_str(shape));
+  Tensor t = f.read_f32(name);
+  const float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    if (!std::isfinite(p[i])) throw_error(f.path(), ": tensor '", name, "' has a non-finite value (", p[i], ") at index ", i);
+  return t;
+}
+
+LayerWeights HfTensorSource::read_layer(int i) const {
+  if (i < 0 || i >= config_.n_layers) throw_error(dir_, ": no layer ", i, " (the model has ", config_.n_layers, ")");
+  LlamaWeights w;
+  const std::string prefix = "model.layers." + std::to_string(i) + ".";
+  for (auto& slot : io::weight_slots(config_, w))
+    if (slot.hf_name.compare(0, prefix.size(), prefix) == 0) *slot.tensor = read_f32(slot.hf_name, slot.shape);
+  return std::move(w.layers.at(size_t(i)));
+}
+
+namespace {
+
 }  // namespace
 
 LlamaConfig config_from_hf_json(const json& j, const std::string& src) {
@@ -227,6 +310,104 @@ json config_to_hf_json(const LlamaConfig& c, const std::string& torch_dtype) {
   return j;
 }
 
+namespace {
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+}  // namespace
+
+uint64_t write_random_hf_model(const std::string& dir, const LlamaConfig& config, const RandomModelOptions& opt) {
+  config.validate(dir);
+  if (opt.dtype != DType::F32 && opt.dtype != DType::F16 && opt.dtype != DType::BF16)
+    throw_error(dir, ": random model weights are f32, f16 or bf16, not ", dtype_name(opt.dtype));
+  if (!(opt.std > 0) || !std::isfinite(opt.std)) throw_error(dir, ": the standard deviation must be > 0, got ", opt.std);
+  if (opt.max_shard_bytes == 0) throw_error(dir, ": the shard size must be > 0");
+  LlamaConfig c = config;
+  c.rope_style = RopeStyle::Half;  // what a Hugging Face directory holds
+  const json cfg = config_to_hf_json(c, torch_dtype_name(opt.dtype));
+  LlamaWeights w;
+  const std::vector<io::WeightSlot> slots = io::weight_slots(c, w);
+  const uint64_t es = uint64_t(dtype_size(opt.dtype));
+  std::vector<std::vector<const io::WeightSlot*>> shards(1);
+  uint64_t shard_bytes = 0, total = 0;
+  for (const auto& s : slots) {
+    const uint64_t nb = uint64_t(shape_numel(s.shape)) * es;
+    if (!shards.back().empty() && shard_bytes + nb > opt.max_shard_bytes) {
+      shards.emplace_back();
+      shard_bytes = 0;
+    }
+    shards.back().push_back(&s);
+    shard_bytes += nb;
+    total += nb;
+  }
+  const size_t n = shards.size();
+  auto shard_name = [&](size_t i) {
+    if (n == 1) return std::string("model.safetensors");
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "model-%05zu-of-%05zu.safetensors", i + 1, n);
+    return std::string(buf);
+  };
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (!fs::is_directory(dir, ec)) throw_error(dir, ": cannot create directory");
+  const float a = float(opt.std * std::sqrt(3.0));  // uniform on [-a, a] has standard deviation std
+  json weight_map = json::object();
+  for (size_t i = 0; i < n; ++i) {
+    std::vector<SafetensorsStreamEntry> entries;
+    for (const io::WeightSlot* s : shards[i]) {
+      const std::string name = s->hf_name;
+      const bool norm = name.find("norm") != std::string::npos, bias = name.size() > 5 && name.ends_with(".bias");
+      const int64_t numel = shape_numel(s->shape);
+      const DType dt = opt.dtype;
+      uint64_t h = opt.seed * 0x2545f4914f6cdd1dull;
+      for (char ch : name) h = (h ^ uint8_t(ch)) * 1099511628211ull;  // FNV-1a of the name
+      entries.push_back({name, dt, s->shape, [=](const std::function<void(const void*, size_t)>& out) {
+                           constexpr int64_t kChunk = 1 << 20;
+                           std::vector<float> f(size_t(std::min(numel, kChunk)));
+                           std::vector<uint16_t> half(dt == DType::F32 ? 0 : f.size());
+                           for (int64_t at = 0; at < numel; at += kChunk) {
+                             const int64_t k = std::min(kChunk, numel - at);
+                             parallel_for(k, 1 << 14, [&](int64_t lo, int64_t hi) {
+                               for (int64_t j = lo; j < hi; ++j) {
+                                 float v = norm ? 1.0f : 0.0f;
+                                 if (!norm && !bias) {
+                                   const uint64_t r = splitmix64(h + uint64_t(at + j));
+                                   v = a * (float(double(r >> 11) * 0x1.0p-53) * 2.0f - 1.0f);
+                                 }
+                                 f[size_t(j)] = v;
+                                 if (dt == DType::BF16) half[size_t(j)] = f32_to_bf16(v);
+                                 if (dt == DType::F16) half[size_t(j)] = f32_to_f16(v);
+                               }
+                             });
+                             if (dt == DType::F32) out(f.data(), size_t(k) * 4);
+                             else out(half.data(), size_t(k) * 2);
+                           }
+                         }});
+      weight_map[name] = shard_name(i);
+    }
+    save_safetensors_streamed((fs::path(dir) / shard_name(i)).string(), entries, {{"format", "pt"}});
+  }
+  if (n > 1) {
+    json idx = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
+    const std::string text = idx.dump(2) + "\n";
+    io::AtomicFileWriter out((fs::path(dir) / "model.safetensors.index.json").string());
+    out.write(text.data(), text.size());
+    out.commit();
+  } else {
+    fs::remove(fs::path(dir) / "model.safetensors.index.json", ec);
+  }
+  const std::string text = cfg.dump(2) + "\n";
+  io::AtomicFileWriter out((fs::path(dir) / "config.json").string());
+  out.write(text.data(), text.size());
+  out.commit();
+  return total;
+}
+
 bool looks_like_hf_dir(const std::string& dir) {
   std::error_code ec;
   return fs::is_directory(dir, ec) && fs::is_regular_file(fs::path(dir) / "config.json", ec);
@@ -245,29 +426,7 @@ Checkpoint load_hf_dir(const std::string& dir) {
 
   // Which file holds each tensor.
   std::map<std::string, SafetensorsFile> files;  // by file name
-  std::map<std::string, std::string> where;      // tensor -> file name
-  const fs::path index_path = d / "model.safetensors.index.json", single = d / "model.safetensors";
-  if (fs::exists(index_path, ec)) {
-    const json idx = read_json_file(index_path.string());
-    auto wm = idx.is_object() ? idx.find("weight_map") : idx.end();
-    if (wm == idx.end() || !wm->is_object()) throw_error(index_path.string(), ": missing 'weight_map' object");
-    for (auto it = wm->begin(); it != wm->end(); ++it) {
-      if (!it.value().is_string()) throw_error(index_path.string(), ": weight_map entry '", it.key(), "' is not a file name");
-      const std::string file = it.value().get<std::string>();
-      // Shards live next to the index; refuse paths that would escape the directory.
-      if (file.empty() || file.find('/') != std::string::npos || file.find('\\') != std::string::npos || file == "." ||
-          file == "..")
-        throw_error(index_path.string(), ": weight_map entry '", it.key(), "' names '", file, "', not a file in the directory");
-      where[it.key()] = file;
-    }
-  } else if (fs::exists(single, ec)) {
-    files.emplace("model.safetensors", SafetensorsFile::open(single.string()));
-    for (const auto& t : files.at("model.safetensors").tensors()) where[t.name] = "model.safetensors";
-  } else if (fs::exists(d / "pytorch_model.bin", ec) || fs::exists(d / "pytorch_model.bin.index.json", ec)) {
-    throw_error(dir, ": PyTorch pickle checkpoints (pytorch_model.bin) are not supported; convert the model to safetensors");
-  } else {
-    throw_error(dir, ": no model.safetensors or model.safetensors.index.json");
-  }
+  std::map<std::string, std::string> where = weight_map(dir, &files);  // tensor -> file name
   auto file_of = [&](const std::string& name) -> const SafetensorsFile& {
     const std::string& fname = where.at(name);
     auto it = files.find(fname);

@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <cstdio>
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -91,72 +92,71 @@ ModelTransforms read_transforms(const nlohmann::json& j, SafetensorsFile& f, con
 
 }  // namespace
 
-void save_quantized_model(const std::string& dir, const LlamaModel& model, const std::string& method,
-                          const QuantFormat& format, const nlohmann::json& extra, LoraStorage lora,
-                          DType merged_dtype) {
-  if (merged_dtype != DType::F16 && merged_dtype != DType::F32)
-    throw_error("save_quantized_model: merged LoRA layers are written in f16 or f32, not ", dtype_name(merged_dtype));
-  const LlamaConfig& c = model.config();
-  const bool permute = c.rope_style == RopeStyle::Interleaved;
-  const int hd = c.resolved_head_dim();
+namespace {
+
+// The tensors of block i's linears as save_quantized_model writes them, with the counts the
+// config records.
+struct BlockTensors {
   std::vector<std::pair<std::string, Tensor>> ts;
-  LlamaWeights w = model.weights();
-  // Non-linear tensors in HF layout (norms are per channel and do not need permuting, except
-  // Qwen3 q/k norms, which the helper below handles with the weights).
-  LlamaWeights hfw = weights_with_rope_style(c, w, RopeStyle::Half);
-  for_each_weight(hfw, [&](const std::string& name, const Tensor& t) {
-    if (name.find("_proj.") != std::string::npos) return;  // linears below
-    ts.emplace_back(name, t.to(Device::CPU).contiguous());
-  });
   int n_quant = 0, n_lora = 0;
   int64_t max_rank = 0;
   nlohmann::json layer_formats = nlohmann::json::object();  // layers not in `format` (mixed plans)
-  for (int i = 0; i < model.n_layers(); ++i) {
-    auto& b = const_cast<LlamaModel&>(model).block(i);
-    for (auto& [name, slot] : b.linears()) {
-      const std::string m = "model.layers." + std::to_string(i) + "." + name;
-      const int heads = name == "self_attn.q_proj" ? c.n_heads : c.n_kv_heads;
-      Tensor bias = (*slot)->bias();
-      auto* ql = dynamic_cast<const QuantLinear*>(slot->get());
-      if (ql && ql->has_lora()) {
-        ++n_lora;
-        max_rank = std::max(max_rank, ql->lora_rank());
+};
+
+void block_linear_tensors(const LlamaModel& model, int i, const QuantFormat& format, LoraStorage lora,
+                          DType merged_dtype, BlockTensors& out) {
+  const LlamaConfig& c = model.config();
+  const bool permute = c.rope_style == RopeStyle::Interleaved;
+  const int hd = c.resolved_head_dim();
+  auto& b = const_cast<LlamaModel&>(model).block(i);
+  for (auto& [name, slot] : b.linears()) {
+    const std::string m = "model.layers." + std::to_string(i) + "." + name;
+    const int heads = name == "self_attn.q_proj" ? c.n_heads : c.n_kv_heads;
+    Tensor bias = (*slot)->bias();
+    auto* ql = dynamic_cast<const QuantLinear*>(slot->get());
+    if (ql && ql->has_lora()) {
+      ++out.n_lora;
+      out.max_rank = std::max(out.max_rank, ql->lora_rank());
+    }
+    if (ql && ql->has_lora() && lora == LoraStorage::Merged) {
+      // Dense Ŵ + B A: the layer is no longer packed (see the bits-per-weight note in the header).
+      Tensor wt = ql->effective_weight().to(Device::CPU).contiguous();
+      if (permute && is_qk(m)) wt = rope_rows_interleaved_to_half(wt, heads, hd);
+      out.ts.emplace_back(m + ".weight", wt.to(merged_dtype));
+      ++out.n_quant;
+    } else if (ql) {
+      if (ql->quantized().format != format.id) out.layer_formats[m] = ql->quantized().fmt().name;
+      QuantizedTensor q = permute && is_qk(m) ? permute_rows(ql->quantized(), heads, hd, true) : ql->quantized();
+      out.ts.emplace_back(m + ".qweight", q.codes);
+      if (q.scales.defined()) out.ts.emplace_back(m + ".scales", q.scales);
+      if (q.zeros.defined()) out.ts.emplace_back(m + ".qzeros", q.zeros);
+      if (q.tensor_scale.defined()) out.ts.emplace_back(m + ".tensor_scale", q.tensor_scale);
+      if (q.col_mask.defined()) out.ts.emplace_back(m + ".col_mask", q.col_mask);  // per column: not permuted
+      if (q.col_scales.defined()) out.ts.emplace_back(m + ".col_scales", q.col_scales);
+      if (ql->has_lora()) {
+        Tensor b = ql->lora_B().to(Device::CPU).contiguous();
+        if (permute && is_qk(m)) b = rope_rows_interleaved_to_half(b, heads, hd);
+        out.ts.emplace_back(m + ".lora_A", ql->lora_A().to(Device::CPU).contiguous().to(DType::F16));
+        out.ts.emplace_back(m + ".lora_B", b.to(DType::F16));
       }
-      if (ql && ql->has_lora() && lora == LoraStorage::Merged) {
-        // Dense Ŵ + B A: the layer is no longer packed (see the bits-per-weight note in the header).
-        Tensor wt = ql->effective_weight().to(Device::CPU).contiguous();
-        if (permute && is_qk(m)) wt = rope_rows_interleaved_to_half(wt, heads, hd);
-        ts.emplace_back(m + ".weight", wt.to(merged_dtype));
-        ++n_quant;
-      } else if (ql) {
-        if (ql->quantized().format != format.id) layer_formats[m] = ql->quantized().fmt().name;
-        QuantizedTensor q = permute && is_qk(m) ? permute_rows(ql->quantized(), heads, hd, true) : ql->quantized();
-        ts.emplace_back(m + ".qweight", q.codes);
-        if (q.scales.defined()) ts.emplace_back(m + ".scales", q.scales);
-        if (q.zeros.defined()) ts.emplace_back(m + ".qzeros", q.zeros);
-        if (q.tensor_scale.defined()) ts.emplace_back(m + ".tensor_scale", q.tensor_scale);
-        if (q.col_mask.defined()) ts.emplace_back(m + ".col_mask", q.col_mask);  // per column: not permuted
-        if (q.col_scales.defined()) ts.emplace_back(m + ".col_scales", q.col_scales);
-        if (ql->has_lora()) {
-          Tensor b = ql->lora_B().to(Device::CPU).contiguous();
-          if (permute && is_qk(m)) b = rope_rows_interleaved_to_half(b, heads, hd);
-          ts.emplace_back(m + ".lora_A", ql->lora_A().to(Device::CPU).contiguous().to(DType::F16));
-          ts.emplace_back(m + ".lora_B", b.to(DType::F16));
-        }
-        ++n_quant;
-      } else {
-        Tensor wt = (*slot)->effective_weight().to(Device::CPU).contiguous();
-        if (permute && is_qk(m)) wt = rope_rows_interleaved_to_half(wt, heads, hd);
-        ts.emplace_back(m + ".weight", wt);
-      }
-      if (bias.defined()) {
-        Tensor bt = bias.to(Device::CPU).contiguous();
-        if (permute && is_qk(m)) bt = rope_rows_interleaved_to_half(bt, heads, hd);
-        ts.emplace_back(m + ".bias", bt);
-      }
+      ++out.n_quant;
+    } else {
+      Tensor wt = (*slot)->effective_weight().to(Device::CPU).contiguous();
+      if (permute && is_qk(m)) wt = rope_rows_interleaved_to_half(wt, heads, hd);
+      out.ts.emplace_back(m + ".weight", wt);
+    }
+    if (bias.defined()) {
+      Tensor bt = bias.to(Device::CPU).contiguous();
+      if (permute && is_qk(m)) bt = rope_rows_interleaved_to_half(bt, heads, hd);
+      out.ts.emplace_back(m + ".bias", bt);
     }
   }
-  if (n_quant == 0) throw_error("save_quantized_model: the model has no quantized layer");
+}
+
+nlohmann::json quantized_config_json(const LlamaConfig& c, const std::string& method, const QuantFormat& format,
+                                     const BlockTensors& agg, LoraStorage lora, DType merged_dtype,
+                                     const ModelTransforms& tr, const nlohmann::json& extra) {
+  if (agg.n_quant == 0) throw_error("save_quantized_model: the model has no quantized layer");
   LlamaConfig hc = c;
   hc.rope_style = RopeStyle::Half;
   nlohmann::json cfg = config_to_hf_json(hc, "float32");
@@ -168,14 +168,13 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
                        {"sym", format.kind != QuantKind::IntAsym},  // as quant/qconfig.cpp checks it
                        {"method", method},
                        {"modules_not_to_convert", {"lm_head", "model.embed_tokens"}}};
-  if (!layer_formats.empty()) qc["layer_formats"] = layer_formats;
-  if (n_lora > 0) {
+  if (!agg.layer_formats.empty()) qc["layer_formats"] = agg.layer_formats;
+  if (agg.n_lora > 0) {
     qc["lora"] = lora == LoraStorage::Merged ? "merged" : "separate";
-    qc["lora_rank"] = max_rank;
+    qc["lora_rank"] = agg.max_rank;
     if (lora == LoraStorage::Merged) qc["lora_merged_dtype"] = dtype_name(merged_dtype);
   }
-  const ModelTransforms& tr = model.transforms();
-  if (tr.any()) {
+  if (tr.any())
     qc["transforms"] = {{"rotation", tr.rotation.empty() ? "none" : tr.rotation},
                         {"rotation_seed", tr.rotation_seed},
                         {"act", act_quant_name(tr.act)},
@@ -184,16 +183,24 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
                         {"kv_group", tr.kv.group},
                         {"kv_window", tr.kv.window},
                         {"kv_token_quant", tr.kv_token_bits ? "int" + std::to_string(tr.kv_token_bits) : "none"}};
-    for (const auto& [name, r] : {std::pair<const char*, const HadamardRotation*>{"ffn", &tr.ffn}, {"head", &tr.head}}) {
-      if (!r->defined()) continue;
-      ts.emplace_back(std::string("lowbit.rotation.") + name + ".signs", r->signs.contiguous());
-      if (r->small.defined()) ts.emplace_back(std::string("lowbit.rotation.") + name + ".small", r->small.contiguous());
-    }
-  }
   for (auto& [k, v] : extra.items()) qc[k] = v;
   cfg["quantization_config"] = qc;
-  fs::create_directories(dir);
-  save_safetensors((fs::path(dir) / "model.safetensors").string(), ts, {{"format", "pt"}, {"quantizer", "lowbit"}});
+  return cfg;
+}
+
+// The online rotations' tensors (rotated models).
+void rotation_tensors(const ModelTransforms& tr, std::vector<std::pair<std::string, Tensor>>& ts) {
+  if (!tr.any()) return;
+  for (const auto& [name, r] : {std::pair<const char*, const HadamardRotation*>{"ffn", &tr.ffn}, {"head", &tr.head}}) {
+    if (!r->defined()) continue;
+    ts.emplace_back(std::string("lowbit.rotation.") + name + ".signs", r->signs.contiguous());
+    if (r->small.defined()) ts.emplace_back(std::string("lowbit.rotation.") + name + ".small", r->small.contiguous());
+  }
+}
+
+const std::map<std::string, std::string> kCheckpointMetadata = {{"format", "pt"}, {"quantizer", "lowbit"}};
+
+void write_config_json(const std::string& dir, const nlohmann::json& cfg) {
   const std::string cfg_path = (fs::path(dir) / "config.json").string();
   {
     std::ofstream o(cfg_path + ".tmp");
@@ -201,6 +208,160 @@ void save_quantized_model(const std::string& dir, const LlamaModel& model, const
     if (!o) throw_error(cfg_path, ": write failed");
   }
   fs::rename(cfg_path + ".tmp", cfg_path);
+}
+
+}  // namespace
+
+void save_quantized_model(const std::string& dir, const LlamaModel& model, const std::string& method,
+                          const QuantFormat& format, const nlohmann::json& extra, LoraStorage lora,
+                          DType merged_dtype) {
+  if (merged_dtype != DType::F16 && merged_dtype != DType::F32)
+    throw_error("save_quantized_model: merged LoRA layers are written in f16 or f32, not ", dtype_name(merged_dtype));
+  const LlamaConfig& c = model.config();
+  std::vector<std::pair<std::string, Tensor>> ts;
+  LlamaWeights w = model.weights();
+  // Non-linear tensors in HF layout (norms are per channel and do not need permuting, except
+  // Qwen3 q/k norms, which the helper below handles with the weights).
+  LlamaWeights hfw = weights_with_rope_style(c, w, RopeStyle::Half);
+  for_each_weight(hfw, [&](const std::string& name, const Tensor& t) {
+    if (name.find("_proj.") != std::string::npos) return;  // linears below
+    ts.emplace_back(name, t.to(Device::CPU).contiguous());
+  });
+  BlockTensors agg;
+  agg.ts = std::move(ts);
+  for (int i = 0; i < model.n_layers(); ++i) block_linear_tensors(model, i, format, lora, merged_dtype, agg);
+  const nlohmann::json cfg = quantized_config_json(c, method, format, agg, lora, merged_dtype, model.transforms(), extra);
+  rotation_tensors(model.transforms(), agg.ts);
+  fs::create_directories(dir);
+  save_safetensors((fs::path(dir) / "model.safetensors").string(), agg.ts, kCheckpointMetadata);
+  write_config_json(dir, cfg);
+}
+
+QuantizedBlockWriter::QuantizedBlockWriter(std::string parts_dir, LlamaConfig config, const QuantFormat& format,
+                                           LoraStorage lora, DType merged_dtype)
+    : parts_dir_(std::move(parts_dir)), config_(std::move(config)), format_(&format), lora_(lora), merged_dtype_(merged_dtype) {
+  if (merged_dtype != DType::F16 && merged_dtype != DType::F32)
+    throw_error("QuantizedBlockWriter: merged LoRA layers are written in f16 or f32, not ", dtype_name(merged_dtype));
+  if (config_.rope_style != RopeStyle::Half)
+    throw_error("QuantizedBlockWriter: the model's q/k rows are not in the Hugging Face order (streamed models come from "
+                "Hugging Face directories)");
+}
+
+std::string QuantizedBlockWriter::part_path(int i) const {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "block-%05d.safetensors", i);
+  return (fs::path(parts_dir_) / buf).string();
+}
+
+void QuantizedBlockWriter::write_block(const LlamaModel& model, int i,
+                                       const std::map<std::string, std::string>& metadata) const {
+  LlamaBlock& b = const_cast<LlamaModel&>(model).block(i);
+  const std::string p = "model.layers." + std::to_string(i) + ".";
+  BlockTensors bt;
+  // The norms in for_each_weight's order (the order save_quantized_model writes them in).
+  bt.ts.emplace_back(p + "input_layernorm.weight", b.attn_norm.value().to(Device::CPU).contiguous());
+  if (config_.qk_norm) {
+    bt.ts.emplace_back(p + "self_attn.q_norm.weight", b.q_norm.value().to(Device::CPU).contiguous());
+    bt.ts.emplace_back(p + "self_attn.k_norm.weight", b.k_norm.value().to(Device::CPU).contiguous());
+  }
+  bt.ts.emplace_back(p + "post_attention_layernorm.weight", b.ffn_norm.value().to(Device::CPU).contiguous());
+  const size_t norms = bt.ts.size();
+  block_linear_tensors(model, i, *format_, lora_, merged_dtype_, bt);
+  std::map<std::string, std::string> md = metadata;
+  md["norms"] = std::to_string(norms);
+  md["n_quant"] = std::to_string(bt.n_quant);
+  md["n_lora"] = std::to_string(bt.n_lora);
+  md["max_rank"] = std::to_string(bt.max_rank);
+  md["layer_formats"] = bt.layer_formats.dump();
+  fs::create_directories(parts_dir_);
+  save_safetensors(part_path(i), bt.ts, md);
+}
+
+bool QuantizedBlockWriter::has_block(int i, const std::string& key) const {
+  std::error_code ec;
+  if (!fs::exists(part_path(i), ec)) return false;
+  const SafetensorsFile f = SafetensorsFile::open(part_path(i));
+  auto it = f.metadata().find("key");
+  return it != f.metadata().end() && it->second == key;
+}
+
+void QuantizedBlockWriter::assemble(const std::string& dir, const std::string& method, const nlohmann::json& extra,
+                                    const ModelTransforms& transforms, const DenseSource& dense) const {
+  const LlamaConfig& c = config_;
+  BlockTensors agg;  // counts only
+  struct Part {
+    std::shared_ptr<SafetensorsFile> file;
+    std::vector<const SafetensorsTensorInfo*> order;  // data order = the order written
+    size_t norms = 0;
+  };
+  std::vector<Part> parts(size_t(c.n_layers));
+  for (int i = 0; i < c.n_layers; ++i) {
+    Part& part = parts[size_t(i)];
+    const std::string path = part_path(i);
+    part.file = std::make_shared<SafetensorsFile>(SafetensorsFile::open(path));
+    const auto& md = part.file->metadata();
+    auto get = [&](const char* k) -> const std::string& {
+      auto it = md.find(k);
+      if (it == md.end()) throw_error(path, ": part file lacks metadata '", k, "'");
+      return it->second;
+    };
+    try {
+      part.norms = size_t(std::stoul(get("norms")));
+      agg.n_quant += std::stoi(get("n_quant"));
+      agg.n_lora += std::stoi(get("n_lora"));
+      agg.max_rank = std::max<int64_t>(agg.max_rank, std::stoll(get("max_rank")));
+    } catch (const std::logic_error&) {
+      throw_error(path, ": part file has a malformed count in its metadata");
+    }
+    const auto lf = nlohmann::json::parse(get("layer_formats"), nullptr, false);
+    if (!lf.is_object()) throw_error(path, ": part file has a malformed layer list in its metadata");
+    for (const auto& [m, f] : lf.items()) agg.layer_formats[m] = f;
+    for (const auto& t : part.file->tensors()) part.order.push_back(&t);
+    std::sort(part.order.begin(), part.order.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
+    if (part.norms > part.order.size()) throw_error(path, ": part file lists ", part.norms, " norms but holds fewer tensors");
+    for (const auto* t : part.order)
+      if (!t->dtype) throw_error(path, ": tensor '", t->name, "' has dtype ", t->dtype_name, ", which lowbit does not write");
+  }
+  const nlohmann::json cfg = quantized_config_json(c, method, *format_, agg, lora_, merged_dtype_, transforms, extra);
+  std::vector<SafetensorsStreamEntry> entries;
+  auto add_dense = [&](const std::string& name, const Shape& shape) {
+    entries.push_back({name, DType::F32, shape, [&dense, name, shape](const std::function<void(const void*, size_t)>& out) {
+                         dense(name, shape, out);
+                       }});
+  };
+  auto add_part = [&](const Part& part, const SafetensorsTensorInfo* t) {
+    auto file = part.file;
+    const std::string name = t->name;
+    const uint64_t n = t->end - t->begin;
+    entries.push_back({name, *t->dtype, t->shape, [file, name, n](const std::function<void(const void*, size_t)>& out) {
+                         std::vector<uint8_t> buf(size_t(std::min<uint64_t>(n, 4u << 20)));
+                         for (uint64_t at = 0; at < n; at += buf.size()) {
+                           const uint64_t k = std::min<uint64_t>(buf.size(), n - at);
+                           file->read_bytes(name, at, k, buf.data());
+                           out(buf.data(), size_t(k));
+                         }
+                       }});
+  };
+  // save_quantized_model's order: the non-linear tensors (for_each_weight order), every block's
+  // linears, the rotations' tensors.
+  add_dense("model.embed_tokens.weight", {c.vocab_size, c.dim});
+  for (const Part& part : parts)
+    for (size_t k = 0; k < part.norms; ++k) add_part(part, part.order[k]);
+  add_dense("model.norm.weight", {c.dim});
+  if (!c.tied_embeddings) add_dense("lm_head.weight", {c.vocab_size, c.dim});
+  for (const Part& part : parts)
+    for (size_t k = part.norms; k < part.order.size(); ++k) add_part(part, part.order[k]);
+  std::vector<std::pair<std::string, Tensor>> rot;
+  rotation_tensors(transforms, rot);
+  for (const auto& [name, t] : rot) {
+    Tensor ct = t.to(Device::CPU).contiguous();
+    entries.push_back({name, ct.dtype(), ct.shape(), [ct](const std::function<void(const void*, size_t)>& out) {
+                         out(ct.raw_data(), ct.nbytes());
+                       }});
+  }
+  fs::create_directories(dir);
+  save_safetensors_streamed((fs::path(dir) / "model.safetensors").string(), entries, kCheckpointMetadata);
+  write_config_json(dir, cfg);
 }
 
 bool is_lowbit_quantized_dir(const std::string& dir) {

@@ -47,6 +47,7 @@
 // listed in quantization_config.ptq161_layers, "format": "int4pc"); such checkpoints still load:
 // the layers become `ptq161` QuantizedTensors (quant/ptq161_tensor.h ptq161_from_legacy).
 #pragma once
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -95,6 +96,42 @@ void refuse_transforms(const QuantizedCheckpoint& q, const std::string& what);
 void save_quantized_model(const std::string& dir, const LlamaModel& model, const std::string& method,
                           const QuantFormat& format, const nlohmann::json& extra = {},
                           LoraStorage lora = LoraStorage::Separate, DType merged_dtype = DType::F16);
+
+// Block-wise streaming's output (methods/stream.h): each block is written to a part file of its own
+// as soon as it is final (so the quantized model is never held whole either), and the checkpoint is
+// assembled from the parts at the end: model.safetensors equal byte for byte to what
+// save_quantized_model writes for the same model, and the same config.json. Models in the Hugging
+// Face (Half) q/k row order only (what a Hugging Face input gives).
+//   parts_dir/block-00012.safetensors: block 12's norms then its linears' tensors, under their
+//   checkpoint names; __metadata__ holds the caller's entries (the run's key) and the counts the
+//   config records.
+class QuantizedBlockWriter {
+ public:
+  // Writes the f32 bytes of a non-block tensor (model.embed_tokens.weight, model.norm.weight,
+  // lm_head.weight) to `out`, in pieces (never held whole).
+  using DenseSource =
+      std::function<void(const std::string& name, const Shape& shape, const std::function<void(const void*, size_t)>& out)>;
+
+  QuantizedBlockWriter(std::string parts_dir, LlamaConfig config, const QuantFormat& format,
+                       LoraStorage lora = LoraStorage::Separate, DType merged_dtype = DType::F16);
+  const std::string& parts_dir() const { return parts_dir_; }
+  std::string part_path(int i) const;
+  // Writes block i of `model` (atomic: temporary + rename), with `metadata` added.
+  void write_block(const LlamaModel& model, int i, const std::map<std::string, std::string>& metadata) const;
+  // True when block i's part exists and its metadata `key` is `key`.
+  bool has_block(int i, const std::string& key) const;
+  // dir/model.safetensors and dir/config.json (each atomic) from the parts of every block, the
+  // non-block tensors from `dense`, the transforms' tensors and `extra` as save_quantized_model.
+  void assemble(const std::string& dir, const std::string& method, const nlohmann::json& extra,
+                const ModelTransforms& transforms, const DenseSource& dense) const;
+
+ private:
+  std::string parts_dir_;
+  LlamaConfig config_;
+  const QuantFormat* format_;
+  LoraStorage lora_;
+  DType merged_dtype_;
+};
 
 // Reads a directory written by save_quantized_model. Throws lowbit::Error naming the file and
 // the tensor for missing scales, wrong packed sizes, unknown format names, etc. The packed tensors

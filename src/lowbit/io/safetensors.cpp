@@ -5,6 +5,11 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+
 #include "lowbit/io/file_util.h"
 
 namespace lowbit {
@@ -198,22 +203,82 @@ Tensor SafetensorsFile::load_f32(const std::string& name) const {
   return io::tensor_from_bytes_f32(bytes_of(t), *t.dtype, t.shape);
 }
 
+void SafetensorsFile::read_bytes(const std::string& name, uint64_t offset, uint64_t n, void* dst) const {
+  const auto& t = get(name);
+  if (offset > t.end - t.begin || n > t.end - t.begin - offset)
+    throw_error(path_, ": tensor '", name, "': bytes [", offset, ", ", offset + n, ") are outside its ", t.end - t.begin);
+  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw_error(path_, ": cannot open: ", std::strerror(errno));
+  uint8_t* d = static_cast<uint8_t*>(dst);
+  uint64_t at = data_start_ + t.begin + offset;
+  while (n > 0) {
+    const ssize_t r = ::pread(fd, d, size_t(std::min<uint64_t>(n, 1u << 30)), off_t(at));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      const int e = errno;
+      ::close(fd);
+      throw_error(path_, ": reading tensor '", name, "' failed: ", r == 0 ? "file shrank (truncated?)" : std::strerror(e));
+    }
+    d += r, at += uint64_t(r), n -= uint64_t(r);
+  }
+  ::close(fd);
+}
+
+void SafetensorsFile::read_f32(const std::string& name, int64_t first, int64_t count, float* dst) const {
+  const auto& t = get(name);
+  if (!t.dtype) throw_error(path_, ": tensor '", name, "' has dtype ", t.dtype_name, ", which lowbit cannot convert to f32");
+  const int64_t numel = shape_numel(t.shape);
+  if (first < 0 || count < 0 || first > numel || count > numel - first)
+    throw_error(path_, ": tensor '", name, "': elements [", first, ", ", first + count, ") are outside its ", numel);
+  const int64_t es = t.element_size;
+  if (*t.dtype == DType::F32) {
+    read_bytes(name, uint64_t(first * es), uint64_t(count * es), dst);
+    return;
+  }
+  constexpr int64_t kChunk = 1 << 20;  // elements per read: a 2-4 MiB buffer
+  std::vector<uint8_t> buf(size_t(std::min(count, kChunk) * es));
+  for (int64_t at = 0; at < count; at += kChunk) {
+    const int64_t n = std::min(kChunk, count - at);
+    read_bytes(name, uint64_t((first + at) * es), uint64_t(n * es), buf.data());
+    io::convert_to_f32(buf.data(), *t.dtype, n, dst + at);
+  }
+}
+
+Tensor SafetensorsFile::read_f32(const std::string& name) const {
+  const auto& t = get(name);
+  Tensor out = Tensor::empty(t.shape, DType::F32);
+  read_f32(name, 0, out.numel(), out.data<float>());
+  return out;
+}
+
 void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata) {
-  json header = json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
-  std::vector<Tensor> data;
-  uint64_t offset = 0;
+  std::vector<SafetensorsStreamEntry> entries;
   for (const auto& [name, t] : tensors) {
-    if (name == "__metadata__") throw_error(path, ": a tensor cannot be named __metadata__");
-    if (header.contains(name)) throw_error(path, ": duplicate tensor name '", name, "'");
     if (!t.defined()) throw_error(path, ": tensor '", name, "' is undefined");
     Tensor c = t.to(Device::CPU).contiguous();
-    header[name] = {{"dtype", safetensors_dtype_name(c.dtype())},
-                    {"shape", c.shape()},
-                    {"data_offsets", {offset, offset + c.nbytes()}}};
-    offset += c.nbytes();
-    data.push_back(std::move(c));
+    entries.push_back({name, c.dtype(), c.shape(), [c](const std::function<void(const void*, size_t)>& out) {
+                         out(c.raw_data(), c.nbytes());
+                       }});
+  }
+  save_safetensors_streamed(path, entries, metadata);
+}
+
+void save_safetensors_streamed(const std::string& path, const std::vector<SafetensorsStreamEntry>& entries,
+                               const std::map<std::string, std::string>& metadata) {
+  json header = json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::vector<uint64_t> sizes;
+  uint64_t offset = 0;
+  for (const auto& e : entries) {
+    if (e.name == "__metadata__") throw_error(path, ": a tensor cannot be named __metadata__");
+    if (header.contains(e.name)) throw_error(path, ": duplicate tensor name '", e.name, "'");
+    const uint64_t nbytes = uint64_t(shape_numel(e.shape)) * uint64_t(dtype_size(e.dtype));
+    header[e.name] = {{"dtype", safetensors_dtype_name(e.dtype)},
+                      {"shape", e.shape},
+                      {"data_offsets", {offset, offset + nbytes}}};
+    offset += nbytes;
+    sizes.push_back(nbytes);
   }
   std::string text;
   try {
@@ -226,7 +291,15 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
   io::AtomicFileWriter out(path);
   out.write_pod(uint64_t(text.size()));
   out.write(text.data(), text.size());
-  for (const auto& c : data) out.write(c.raw_data(), c.nbytes());
+  for (size_t i = 0; i < entries.size(); ++i) {
+    uint64_t got = 0;
+    entries[i].write([&](const void* p, size_t n) {
+      got += n;
+      if (got > sizes[i]) throw_error(path, ": tensor '", entries[i].name, "' gave more than its ", sizes[i], " bytes");
+      out.write(p, n);
+    });
+    if (got != sizes[i]) throw_error(path, ": tensor '", entries[i].name, "' gave ", got, " bytes, expected ", sizes[i]);
+  }
   out.commit();
 }
 

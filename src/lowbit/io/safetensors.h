@@ -7,6 +7,7 @@
 // The reference implementation rejects headers over 100 MB, overlapping tensors, holes between
 // tensors and bytes after the last tensor; so do we (an error names the file and tensor).
 #pragma once
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -48,6 +49,14 @@ class SafetensorsFile {
   Tensor map(const std::string& name) const;
   // A copy converted to f32.
   Tensor load_f32(const std::string& name) const;
+  // Elements [first, first + count) of the tensor (in row-major order) converted to f32 into dst,
+  // read with pread in chunks, not through the mapping: the file's pages never become part of this
+  // process's resident memory (block-wise streaming, methods/stream.h, reads a 70B model this way).
+  void read_f32(const std::string& name, int64_t first, int64_t count, float* dst) const;
+  // The whole tensor as f32, read as read_f32 above.
+  Tensor read_f32(const std::string& name) const;
+  // The tensor's bytes [offset, offset + n) as stored, read with pread into dst.
+  void read_bytes(const std::string& name, uint64_t offset, uint64_t n, void* dst) const;
 
  private:
   const SafetensorsTensorInfo& get(const std::string& name) const;
@@ -65,6 +74,20 @@ class SafetensorsFile {
 // and not "__metadata__".
 void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
+
+// A tensor written by save_safetensors_streamed: its data comes from `write`, which must hand
+// `out` exactly numel(shape) * dtype_size(dtype) bytes, in order, in pieces of any size.
+struct SafetensorsStreamEntry {
+  std::string name;
+  DType dtype = DType::F32;
+  Shape shape;
+  std::function<void(const std::function<void(const void*, size_t)>& out)> write;
+};
+// save_safetensors for data that is never held whole (the quantized output of block-wise
+// streaming, assembled from per-block part files): the same header, byte for byte, as
+// save_safetensors writes for tensors of these names, dtypes and shapes in this order. Atomic.
+void save_safetensors_streamed(const std::string& path, const std::vector<SafetensorsStreamEntry>& entries,
+                               const std::map<std::string, std::string>& metadata = {});
 
 // The safetensors dtype string for a lowbit dtype ("F32", "BF16", ...).
 const char* safetensors_dtype_name(DType t);

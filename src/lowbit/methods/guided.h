@@ -91,6 +91,7 @@ class GuidedMethod : public GptqMethod {
   std::string options_key() const override;
   // Gathers the statistics (or reads them from state_dir) unless set_stats gave them.
   void prepare(LlamaModel& model, const Tensor& tokens, const std::string& state_dir, bool progress) override;
+  bool needs_whole_model() const override { return true; }  // the end-loss gradients of the full model
   // Uses these weights instead of computing them (tests, experiments).
   void set_stats(GuidedStats s);
   const GuidedStats& stats() const { return stats_; }

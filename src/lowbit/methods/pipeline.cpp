@@ -139,6 +139,10 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
   if (tokens.dim() != 2 || tokens.dtype() != DType::I32) throw_error("pipeline: calibration tokens must be i32 [N, L]");
   const int64_t N = tokens.size(0), L = tokens.size(1);
   const auto t0 = std::chrono::steady_clock::now();
+  BlockStream* stream = o.stream;
+  if (stream && method.needs_whole_model())
+    throw_error("pipeline: method '", method.name(), "' reads the whole model before the first block; it cannot run on "
+                "a streamed model (quantize --stream off)");
   method.prepare(model, tokens, o.state_dir, o.progress);  // the model is untouched yet, also when resuming
   PipelineReport rep;
   rep.method = method.name();
@@ -147,7 +151,8 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
   int start = 0;
   const std::string state_path = o.state_dir.empty() ? "" : (fs::path(o.state_dir) / "pipeline.safetensors").string();
   const std::string key = method.name() + "(" + method.options_key() + ")|" + format.name + "|" + std::to_string(token_hash(tokens)) + "|" +
-                          (o.next_from_fp ? "fp" : "q") + transforms_key(model.transforms()) + formats_key(o.formats);
+                          (o.next_from_fp ? "fp" : "q") + transforms_key(model.transforms()) + formats_key(o.formats) +
+                          (stream ? "|stream" : "");
   if (!state_path.empty() && fs::exists(state_path)) {
     SafetensorsFile f = SafetensorsFile::open(state_path);
     auto it = f.metadata().find("key");
@@ -168,10 +173,11 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
       }
     }
     // Activations and rebuilt layers go where the model lives (the state file is on the host).
-    const Device dev = model.block(0).attn_norm.value().device();
+    const Device dev = stream ? stream->device() : model.block(0).attn_norm.value().device();
     X = f.load("inputs").to(dev);
     Xfp = f.find("fp_inputs") ? f.load("fp_inputs").to(dev) : X;
-    for (int i = 0; i < start; ++i) {
+    if (stream) stream->check_finished(start, key);  // the finished blocks are written out, not in the state
+    for (int i = 0; i < (stream ? 0 : start); ++i) {
       LlamaBlock& b = model.block(i);
       const std::string p = "block." + std::to_string(i) + ".";
       b.attn_norm.mutable_value().copy_(f.load(p + "attn_norm"));
@@ -189,6 +195,9 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
       }
     }
     rep.resumed_from_block = start;
+  } else if (stream) {
+    X = stream->embed(tokens).contiguous();
+    Xfp = X;
   } else {
     NoGradGuard ng;
     X = model.embed(tokens).value().contiguous();
@@ -199,6 +208,11 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
   ProgressBar bar(method.name() + " " + format.name, model.n_layers(), "blocks");
   bar.update(start);
   for (int i = start; i < model.n_layers(); ++i) {
+    const auto tb = std::chrono::steady_clock::now();
+    if (stream) {
+      stream->load(model, i);
+      rep.stream_load_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - tb).count();
+    }
     BlockContext ctx{model, i, N, L, X, Tensor(), o.batch, o.formats};
     const auto tf = std::chrono::steady_clock::now();
     Tensor Y = ctx.run_block(Xfp);  // FP target before the block changes
@@ -214,6 +228,11 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
       X = Xq;
       Xfp = Y;
     }
+    if (stream) {  // written before the state that counts it as done
+      const auto tw = std::chrono::steady_clock::now();
+      stream->finish(model, i, key);
+      rep.stream_write_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - tw).count();
+    }
     const bool stopping = o.stop_after_blocks > 0 && i + 1 - start >= o.stop_after_blocks && i + 1 < model.n_layers();
     const bool last = i + 1 == model.n_layers();  // the output is written next: no state needed
     const double since_save = std::chrono::duration<double>(std::chrono::steady_clock::now() - last_save).count();
@@ -222,7 +241,7 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
       fs::create_directories(o.state_dir);
       std::vector<std::pair<std::string, Tensor>> ts{{"inputs", X}};
       if (!o.next_from_fp) ts.emplace_back("fp_inputs", Xfp);
-      for (int j = 0; j <= i; ++j) {
+      for (int j = 0; j <= (stream ? -1 : i); ++j) {  // streamed blocks: written by finish()
         LlamaBlock& b = model.block(j);
         const std::string p = "block." + std::to_string(j) + ".";
         ts.emplace_back(p + "attn_norm", b.attn_norm.value());
@@ -248,6 +267,7 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
       rep.checkpoints_saved++;
       rep.checkpoint_seconds += std::chrono::duration<double>(last_save - ts0).count();
     }
+    rep.block_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - tb).count());
     bar.update(i + 1);
     if (stopping) {
       rep.complete = false;

@@ -141,10 +141,35 @@ class BlockMethod {
   void set_communicator(comm::Communicator* c) { comm_ = c; }
   comm::Communicator* communicator() const { return comm_; }
 
+  // True when prepare() reads the whole model (guided.h's end-loss gradients): such a method cannot
+  // run on a streamed model, whose blocks are loaded one at a time (methods/stream.h).
+  virtual bool needs_whole_model() const { return false; }
+
  protected:
   // More than one rank: the statistics are to be summed over comm_.
   bool distributed() const { return comm_ && comm_->world_size() > 1; }
   comm::Communicator* comm_ = nullptr;
+};
+
+// Block-wise streaming (methods/stream.h): the model's blocks hold no weights until the pipeline
+// reaches them; each is loaded just before its calibration forward, and written out and released
+// as soon as it is quantized, so the pipeline holds one block's weights (plus the calibration
+// activations) whatever the depth. The finished blocks are the resumable state: the state file
+// then holds only the activations, and a resumed run checks that every earlier block was written.
+class BlockStream {
+ public:
+  virtual ~BlockStream() = default;
+  // Where the blocks' weights and the activations live.
+  virtual Device device() const = 0;
+  // The calibration inputs of block 0: the embeddings of tokens [N, L] as [N*L, D] f32 on device().
+  virtual Tensor embed(const Tensor& tokens) = 0;
+  // Puts block i's full-precision weights into model.block(i).
+  virtual void load(LlamaModel& model, int i) = 0;
+  // Block i is final: writes it out (atomically, tagged with the run's `key`) and releases it.
+  virtual void finish(LlamaModel& model, int i, const std::string& key) = 0;
+  // Resuming at block `start`: throws naming the first of blocks 0..start-1 that was not written
+  // with this key.
+  virtual void check_finished(int start, const std::string& key) const = 0;
 };
 
 struct PipelineOptions {
@@ -155,6 +180,7 @@ struct PipelineOptions {
   int stop_after_blocks = 0;   // testing aid: return after this many blocks of this run (0 = off)
   double checkpoint_seconds = 60;  // save the state at most this often (0: after every block)
   const LayerFormats* formats = nullptr;  // per-linear formats (part of the resume key); null: `format` for all
+  BlockStream* stream = nullptr;  // streamed blocks (methods/stream.h); null: the model holds every block
 };
 
 struct PipelineReport {
@@ -171,6 +197,10 @@ struct PipelineReport {
   int blocks_run = 0;
   int checkpoints_saved = 0;   // state saves of this run
   double checkpoint_seconds = 0;  // time spent saving them
+  // Streaming: seconds spent loading blocks (reading and converting their weights) and writing the
+  // finished ones; each block's wall time (load + calibration + quantization + write), this run's.
+  double stream_load_seconds = 0, stream_write_seconds = 0;
+  std::vector<double> block_seconds;
 };
 
 // tokens: i32 [N, L] calibration windows. Quantizes every block of `model` with `method`.

@@ -17,29 +17,49 @@ std::vector<std::pair<std::string, std::shared_ptr<Linear>*>> LlamaBlock::linear
           {"mlp.down_proj", &w_down}};
 }
 
-LlamaModel::LlamaModel(LlamaConfig config, const LlamaWeights& w, bool trainable) : config_(std::move(config)) {
+LlamaModel::LlamaModel(LlamaConfig config, const LlamaWeights& w, bool trainable)
+    : LlamaModel(std::move(config), w, trainable, true) {}
+
+LlamaModel::LlamaModel(LlamaConfig config, const LlamaWeights& w, bool trainable, bool check_values)
+    : config_(std::move(config)) {
   config_.validate("model config");
-  validate_weights(config_, w, "model weights");
+  validate_weights(config_, w, "model weights", check_values);
   tok_embeddings_ = Var(w.tok_embeddings, trainable);
   final_norm_ = Var(w.final_norm, trainable);
   if (!config_.tied_embeddings) output_ = Var(w.output, trainable);
-  for (const auto& l : w.layers) {
-    LlamaBlock b;
-    b.attn_norm = Var(l.attn_norm, trainable);
-    b.ffn_norm = Var(l.ffn_norm, trainable);
-    if (config_.qk_norm) {
-      b.q_norm = Var(l.q_norm, trainable);
-      b.k_norm = Var(l.k_norm, trainable);
-    }
-    b.wq = std::make_shared<DenseLinear>(l.wq, config_.attn_bias ? l.bq : Tensor(), trainable);
-    b.wk = std::make_shared<DenseLinear>(l.wk, config_.attn_bias ? l.bk : Tensor(), trainable);
-    b.wv = std::make_shared<DenseLinear>(l.wv, config_.attn_bias ? l.bv : Tensor(), trainable);
-    b.wo = std::make_shared<DenseLinear>(l.wo, Tensor(), trainable);
-    b.w_gate = std::make_shared<DenseLinear>(l.w_gate, Tensor(), trainable);
-    b.w_down = std::make_shared<DenseLinear>(l.w_down, Tensor(), trainable);
-    b.w_up = std::make_shared<DenseLinear>(l.w_up, Tensor(), trainable);
-    blocks_.push_back(std::move(b));
+  blocks_.resize(w.layers.size());
+  for (size_t i = 0; i < w.layers.size(); ++i) blocks_[i] = make_block(w.layers[i], trainable);
+}
+
+LlamaBlock LlamaModel::make_block(const LayerWeights& l, bool trainable) const {
+  LlamaBlock b;
+  b.attn_norm = Var(l.attn_norm, trainable);
+  b.ffn_norm = Var(l.ffn_norm, trainable);
+  if (config_.qk_norm) {
+    b.q_norm = Var(l.q_norm, trainable);
+    b.k_norm = Var(l.k_norm, trainable);
   }
+  b.wq = std::make_shared<DenseLinear>(l.wq, config_.attn_bias ? l.bq : Tensor(), trainable);
+  b.wk = std::make_shared<DenseLinear>(l.wk, config_.attn_bias ? l.bk : Tensor(), trainable);
+  b.wv = std::make_shared<DenseLinear>(l.wv, config_.attn_bias ? l.bv : Tensor(), trainable);
+  b.wo = std::make_shared<DenseLinear>(l.wo, Tensor(), trainable);
+  b.w_gate = std::make_shared<DenseLinear>(l.w_gate, Tensor(), trainable);
+  b.w_down = std::make_shared<DenseLinear>(l.w_down, Tensor(), trainable);
+  b.w_up = std::make_shared<DenseLinear>(l.w_up, Tensor(), trainable);
+  return b;
+}
+
+void LlamaModel::set_block(int i, const LayerWeights& l) {
+  LB_CHECK(i >= 0 && i < n_layers(), "set_block: no block ", i, " (the model has ", n_layers(), ")");
+  const int64_t D = config_.dim, F = config_.hidden_dim, h = config_.resolved_head_dim();
+  const int64_t Q = int64_t(config_.n_heads) * h, KV = int64_t(config_.n_kv_heads) * h;
+  const std::pair<const Tensor*, Shape> need[] = {{&l.attn_norm, {D}}, {&l.ffn_norm, {D}}, {&l.wq, {Q, D}},
+                                                  {&l.wk, {KV, D}},    {&l.wv, {KV, D}},   {&l.wo, {D, Q}},
+                                                  {&l.w_gate, {F, D}}, {&l.w_down, {D, F}}, {&l.w_up, {F, D}}};
+  for (const auto& [t, shape] : need)
+    LB_CHECK(t->defined() && t->shape() == shape, "set_block ", i, ": a tensor is ",
+             t->defined() ? shape_str(t->shape()) : std::string("missing"), ", expected ", shape_str(shape));
+  blocks_.at(size_t(i)) = make_block(l, false);
 }
 
 void LlamaModel::set_packed_vocab(std::shared_ptr<Linear> output, EmbedRowFn embed_row, EmbedIdsFn embed_ids) {

@@ -92,6 +92,12 @@ class LlamaModel {
  public:
   // trainable: parameters require grad (training); otherwise frozen (inference/calibration).
   LlamaModel(LlamaConfig config, const LlamaWeights& weights, bool trainable = false);
+  // check_values = false: the weights' shapes and dtypes are checked, no value is read (block-wise
+  // streaming builds the model from placeholders that hold no memory, methods/stream.h).
+  LlamaModel(LlamaConfig config, const LlamaWeights& weights, bool trainable, bool check_values);
+  // Replaces block i by a frozen one made from `l` (shapes checked against the config): block-wise
+  // streaming puts a block's weights in when the pipeline reaches it and takes them out after.
+  void set_block(int i, const LayerWeights& l);
 
   const LlamaConfig& config() const { return config_; }
   int n_layers() const { return config_.n_layers; }
@@ -186,6 +192,8 @@ class LlamaModel {
   // attend_cached for packed caches: appends and attends in runs of queries that see the same
   // number of packed tokens (the simulated path's runs), so both compute the same numbers.
   Tensor attend_packed(int i, const Tensor& q, const Tensor& k, const Tensor& v, int64_t T, KVCache& cache) const;
+
+  LlamaBlock make_block(const LayerWeights& l, bool trainable) const;
 
   LlamaConfig config_;
   ModelTransforms transforms_;

@@ -41,12 +41,13 @@ void for_each_weight(const LlamaWeights& w, const std::function<void(const std::
 }
 
 static void expect(const std::string& source, const std::string& name, const Tensor& t, const Shape& shape,
-                   DType dtype = DType::F32) {
+                   DType dtype, bool values) {
   if (!t.defined()) throw_error(source, ": missing tensor '", name, "'");
   if (t.shape() != shape)
     throw_error(source, ": tensor '", name, "' has shape ", shape_str(t.shape()), ", expected ", shape_str(shape));
   if (t.dtype() != dtype)
     throw_error(source, ": tensor '", name, "' is ", dtype_name(t.dtype()), ", expected ", dtype_name(dtype), " like the embeddings");
+  if (!values) return;
   Tensor c = t.to(Device::CPU).to(DType::F32).contiguous();
   const float* p = c.data<float>();
   const int64_t n = c.numel();
@@ -66,38 +67,38 @@ static void expect(const std::string& source, const std::string& name, const Ten
         throw_error(source, ": tensor '", name, "' has a non-finite value (", p[i], ") at index ", i);
 }
 
-void validate_weights(const LlamaConfig& c, const LlamaWeights& w, const std::string& source) {
+void validate_weights(const LlamaConfig& c, const LlamaWeights& w, const std::string& source, bool values) {
   const int64_t D = c.dim, F = c.hidden_dim, V = c.vocab_size, h = c.resolved_head_dim();
   const int64_t Q = int64_t(c.n_heads) * h, KV = int64_t(c.n_kv_heads) * h;
   if (w.tok_embeddings.defined() && w.tok_embeddings.dtype() != DType::F32 && w.tok_embeddings.dtype() != DType::F64)
     throw_error(source, ": weights are ", dtype_name(w.tok_embeddings.dtype()), "; the model computes in f32 (f64 for tests)");
   const DType dt = w.tok_embeddings.defined() ? w.tok_embeddings.dtype() : DType::F32;
-  expect(source, "model.embed_tokens.weight", w.tok_embeddings, {V, D}, dt);
-  expect(source, "model.norm.weight", w.final_norm, {D}, dt);
-  if (!c.tied_embeddings) expect(source, "lm_head.weight", w.output, {V, D}, dt);
+  expect(source, "model.embed_tokens.weight", w.tok_embeddings, {V, D}, dt, values);
+  expect(source, "model.norm.weight", w.final_norm, {D}, dt, values);
+  if (!c.tied_embeddings) expect(source, "lm_head.weight", w.output, {V, D}, dt, values);
   if (int(w.layers.size()) != c.n_layers)
     throw_error(source, ": ", w.layers.size(), " layers of weights, config says ", c.n_layers);
   for (int i = 0; i < c.n_layers; ++i) {
     const auto& l = w.layers[i];
     const std::string p = "model.layers." + std::to_string(i) + ".";
-    expect(source, p + "input_layernorm.weight", l.attn_norm, {D}, dt);
-    expect(source, p + "self_attn.q_proj.weight", l.wq, {Q, D}, dt);
-    expect(source, p + "self_attn.k_proj.weight", l.wk, {KV, D}, dt);
-    expect(source, p + "self_attn.v_proj.weight", l.wv, {KV, D}, dt);
-    expect(source, p + "self_attn.o_proj.weight", l.wo, {D, Q}, dt);
+    expect(source, p + "input_layernorm.weight", l.attn_norm, {D}, dt, values);
+    expect(source, p + "self_attn.q_proj.weight", l.wq, {Q, D}, dt, values);
+    expect(source, p + "self_attn.k_proj.weight", l.wk, {KV, D}, dt, values);
+    expect(source, p + "self_attn.v_proj.weight", l.wv, {KV, D}, dt, values);
+    expect(source, p + "self_attn.o_proj.weight", l.wo, {D, Q}, dt, values);
     if (c.attn_bias) {
-      expect(source, p + "self_attn.q_proj.bias", l.bq, {Q}, dt);
-      expect(source, p + "self_attn.k_proj.bias", l.bk, {KV}, dt);
-      expect(source, p + "self_attn.v_proj.bias", l.bv, {KV}, dt);
+      expect(source, p + "self_attn.q_proj.bias", l.bq, {Q}, dt, values);
+      expect(source, p + "self_attn.k_proj.bias", l.bk, {KV}, dt, values);
+      expect(source, p + "self_attn.v_proj.bias", l.bv, {KV}, dt, values);
     }
     if (c.qk_norm) {
-      expect(source, p + "self_attn.q_norm.weight", l.q_norm, {h}, dt);
-      expect(source, p + "self_attn.k_norm.weight", l.k_norm, {h}, dt);
+      expect(source, p + "self_attn.q_norm.weight", l.q_norm, {h}, dt, values);
+      expect(source, p + "self_attn.k_norm.weight", l.k_norm, {h}, dt, values);
     }
-    expect(source, p + "post_attention_layernorm.weight", l.ffn_norm, {D}, dt);
-    expect(source, p + "mlp.gate_proj.weight", l.w_gate, {F, D}, dt);
-    expect(source, p + "mlp.down_proj.weight", l.w_down, {D, F}, dt);
-    expect(source, p + "mlp.up_proj.weight", l.w_up, {F, D}, dt);
+    expect(source, p + "post_attention_layernorm.weight", l.ffn_norm, {D}, dt, values);
+    expect(source, p + "mlp.gate_proj.weight", l.w_gate, {F, D}, dt, values);
+    expect(source, p + "mlp.down_proj.weight", l.w_down, {D, F}, dt, values);
+    expect(source, p + "mlp.up_proj.weight", l.w_up, {F, D}, dt, values);
   }
 }
 

@@ -33,9 +33,10 @@ void for_each_weight(LlamaWeights& w, const std::function<void(const std::string
 void for_each_weight(const LlamaWeights& w, const std::function<void(const std::string& name, const Tensor& t)>& f);
 
 // Checks that every tensor the config needs is present with the right shape and dtype (f32, or
-// f64 for gradient tests, all alike) and is finite.
+// f64 for gradient tests, all alike) and is finite (values = false: shapes and dtypes only, no
+// value is read — block-wise streaming's placeholders).
 // Throws lowbit::Error naming `source` and the tensor.
-void validate_weights(const LlamaConfig& c, const LlamaWeights& w, const std::string& source);
+void validate_weights(const LlamaConfig& c, const LlamaWeights& w, const std::string& source, bool values = true);
 
 // Random weights for tests and benchmarks (normal with the given std; norms = 1), on the CPU.
 LlamaWeights random_weights(const LlamaConfig& c, uint64_t seed, double std = 0.02);
