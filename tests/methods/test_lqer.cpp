@@ -100,7 +100,7 @@ TEST(Lqer, TruncatedSvdRecoversAKnownSpectrum) {
 TEST(Lqer, FullRankSidePathReconstructsTheErrorExactly) {
   for (auto [out, in] : {std::pair<int64_t, int64_t>{12, 20}, {20, 12}, {16, 16}}) {
     const Tensor e = Tensor::randn({out, in}, uint64_t(out * 100 + in), 0.01);
-    std::vector<double> scale(size_t(in));
+    std::vector<double> scale(static_cast<size_t>(in));
     for (int64_t c = 0; c < in; ++c) scale[size_t(c)] = 0.05 + double((c * 7) % 11);
     for (bool scaled : {false, true}) {
       const LqerFactors f = lqer_factors(e, scaled ? scale : std::vector<double>{}, 1000);  // clamped to full rank
