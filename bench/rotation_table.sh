@@ -17,12 +17,18 @@
 #     --kv-group N --kv-window N   KIVI settings (default 32 and 128, KIVI's)
 #     --seed N            rotation seed (default 0)
 #     --threads N         lowbit threads (default: lowbit's default)
+#     --rotations LIST    only these rotations (default "none hadamard")
 #     --cells LIST        only these cells (default: all; e.g. "W4A8 W4A4" for a --w4 gptq run)
 #     --smooth ALPHA      SmoothQuant scale migration before quantizing the W8/W4 weights (calibration:
 #                         --calib, default linux-docs; W16 cells are not smoothed); models go to
 #                         <w>-<rot>-smooth<ALPHA>, result lines get "smooth": ALPHA; ALPHA 'auto' searches
 #                         alpha per point for each cell's activation quantizer (--smooth-act; models
 #                         <w>-<rot>-smoothauto-a<ACT>)
+#     --lqer-rank K       LQER: a rank-K low-rank reconstruction of each linear's weight error after
+#                         quantizing (W8/W4 cells; calibration --calib for --lqer-scale act); models go to
+#                         <w>-<rot>[-smooth..]-lqer<K>[-none], result lines get "lqer_rank" and "lqer_scale"
+#     --lqer-scale S      act (L2QER, default) or none
+#     --act8 FMT          the A8 activation format (default int8; fp8 for E4M3)
 #     --out DIR           results (default rotation-table): results.jsonl (one line a cell), table.md
 #
 # The FP model is the GGUF's dequantized Q4_1 weights (as in docs/results/smollm2.md). W8 = int8pc
@@ -36,7 +42,7 @@ lowbit=build-rel/lowbit
 model=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 wiki=$shared/data/wikitext-2-raw/wiki.test.raw
 ctx=512 max_windows=20 w4=rtn calib="" nsamples=32 seqlen=512 act4=int4 act_clip=1.0 kv_group=32 kv_window=128
-seed=0 threads="" out=rotation-table cells="" smooth=""
+seed=0 threads="" out=rotation-table cells="" smooth="" rotations="none hadamard" lqer_rank="" lqer_scale=act act8=int8
 while [ $# -gt 0 ]; do
   case "$1" in
     --lowbit) lowbit=$2; shift 2 ;; --model) model=$2; shift 2 ;; --wiki) wiki=$2; shift 2 ;;
@@ -45,6 +51,7 @@ while [ $# -gt 0 ]; do
     --act4) act4=$2; shift 2 ;; --act-clip) act_clip=$2; shift 2 ;; --kv-group) kv_group=$2; shift 2 ;;
     --kv-window) kv_window=$2; shift 2 ;; --seed) seed=$2; shift 2 ;; --threads) threads=$2; shift 2 ;;
     --out) out=$2; shift 2 ;; --cells) cells=$2; shift 2 ;; --smooth) smooth=$2; shift 2 ;;
+    --rotations) rotations=$2; shift 2 ;; --lqer-rank) lqer_rank=$2; shift 2 ;; --lqer-scale) lqer_scale=$2; shift 2 ;; --act8) act8=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 1 ;;
   esac
 done
@@ -52,7 +59,7 @@ mkdir -p "$out/models"
 results=$out/results.jsonl
 thr=()
 [ -n "$threads" ] && thr=(--threads "$threads")
-if { [ "$w4" = gptq ] || [ -n "$smooth" ]; } && [ -z "$calib" ]; then
+if { [ "$w4" = gptq ] || [ -n "$smooth" ] || { [ -n "$lqer_rank" ] && [ "$lqer_scale" = act ]; }; } && [ -z "$calib" ]; then
   calib=$out/calib-linux-docs-4MB.txt
   [ -f "$calib" ] || head -c 4000000 "$shared/data/linux-docs/train.txt" > "$calib"
 fi
@@ -62,14 +69,16 @@ weights() {  # w (w8|w4) rot (none|hadamard) [act: the cell's, for --smooth auto
   local w=$1 rot=$2 act=${3:-} dir=$out/models/$1-$2${smooth:+-smooth$smooth} args
   # --smooth auto searches alpha for the cell's activation quantizer: one model per target.
   [ "$smooth" = auto ] && [ -n "$act" ] && dir=$dir-a$act
+  [ -n "$lqer_rank" ] && dir=$dir-lqer$lqer_rank && [ "$lqer_scale" != act ] && dir=$dir-$lqer_scale
   if [ "$w" = w8 ]; then args=(--method rtn --format int8pc)
   else args=(--method "$w4" --format int4g128)
   fi
-  if [ "$w4" = gptq ] || [ -n "$smooth" ]; then
+  if [ "$w4" = gptq ] || [ -n "$smooth" ] || { [ -n "$lqer_rank" ] && [ "$lqer_scale" = act ]; }; then
     args+=(--calib "$calib" --tokenizer "$model" --nsamples "$nsamples" --seqlen "$seqlen")
   fi
   [ -n "$smooth" ] && args+=(--smooth "$smooth")
   [ "$smooth" = auto ] && [ -n "$act" ] && args+=(--smooth-act "$act")
+  [ -n "$lqer_rank" ] && args+=(--lqer-rank "$lqer_rank" --lqer-scale "$lqer_scale")
   if [ ! -f "$dir/config.json" ]; then
     "$lowbit" -q quantize -m "$model" "${args[@]}" --rotate "$rot" --rotate-seed "$seed" "${thr[@]}" -o "$dir" --json \
       > "$dir.quantize.json" 2> "$dir.quantize.err" || { echo "quantize $w $rot failed" >&2; return 1; }
@@ -90,18 +99,18 @@ cell() {  # name w act kv rot
   t0=$(date +%s)
   if j=$("$lowbit" -q eval ppl -m "$path" --tokenizer "$model" --text "$wiki" --ctx "$ctx" --max-windows "$max_windows" \
           "${args[@]}" "${thr[@]}" --json); then
-    python3 -c 'import json,sys; j=json.loads(sys.argv[1]); j.update(cell=sys.argv[2], weights=sys.argv[3], w4_method=sys.argv[4], wall_seconds=int(sys.argv[5])); j.update({"smooth": (sys.argv[6] if sys.argv[6] == "auto" else float(sys.argv[6]))} if sys.argv[6] and sys.argv[3] != "w16" else {}); print(json.dumps(j))' \
-      "$j" "$name" "$w" "$w4" "$(( $(date +%s) - t0 ))" "$smooth" >> "$results"
+    python3 -c 'import json,sys; j=json.loads(sys.argv[1]); j.update(cell=sys.argv[2], weights=sys.argv[3], w4_method=sys.argv[4], wall_seconds=int(sys.argv[5])); j.update({"smooth": (sys.argv[6] if sys.argv[6] == "auto" else float(sys.argv[6]))} if sys.argv[6] and sys.argv[3] != "w16" else {}); j.update({"lqer_rank": int(sys.argv[7]), "lqer_scale": sys.argv[8]} if sys.argv[7] and sys.argv[3] != "w16" else {}); print(json.dumps(j))' \
+      "$j" "$name" "$w" "$w4" "$(( $(date +%s) - t0 ))" "$smooth" "$lqer_rank" "$lqer_scale" >> "$results"
   else
     echo "{\"cell\":\"$name\",\"rotation\":\"$rot\",\"error\":\"eval failed\"}" >> "$results"
   fi
   tail -n 1 "$results"
 }
 
-for rot in none hadamard; do
+for rot in $rotations; do
   cell W16A16 w16 none none $rot
-  cell W8A8 w8 int8 none $rot
-  cell W4A8 w4 int8 none $rot
+  cell W8A8 w8 "$act8" none $rot
+  cell W4A8 w4 "$act8" none $rot
   cell W4A4 w4 "$act4" none $rot
   cell W4A16KV4 w4 none int4 $rot
   cell W4A16KV2 w4 none int2 $rot

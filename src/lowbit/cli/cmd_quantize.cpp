@@ -16,6 +16,7 @@
 #include "lowbit/methods/apiq.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/layer_budget.h"
+#include "lowbit/methods/lqer.h"
 #include "lowbit/methods/smoothquant.h"
 #include "lowbit/methods/stream.h"
 #include "lowbit/methods/ptq_methods.h"
@@ -42,6 +43,9 @@ struct QuantArgs {
   double smooth = -1;  // --smooth ALPHA (methods/smoothquant.h); < 0: off
   bool smooth_auto = false;  // --smooth auto: alpha searched per smoothing point
   std::string smooth_arg, smooth_act;  // --smooth-act: the activation quantizer --smooth auto targets
+  int64_t lqer_rank = 0;               // --lqer-rank K (methods/lqer.h); 0: off
+  std::string lqer_scale = "act";      // --lqer-scale act|none
+  bool lqer_scale_given = false;
   std::string model, tokenizer, method = "gptq", format, calib, calib_tokens, out, state_dir, device = "cpu",
       next_input = "quantized";
   int64_t nsamples = 128, seqlen = 2048, batch = 8;
@@ -90,6 +94,7 @@ std::string stream_obstacle(const QuantArgs& a) {
   if (a.smooth >= 0) return "--smooth folds scales measured on the whole model first";
   if (a.bits_budget > 0) return "--bits-budget scores every layer of the whole model first";
   if (a.method == "guided") return "--method guided gathers end-loss gradients of the whole model first";
+  if (a.lqer_rank > 0) return "--lqer-rank keeps every layer's full-precision weights for the error reconstruction";
   if (a.method == "sapr" && (a.saliency.empty() || !fs::exists(a.saliency, ec) || a.saliency_only))
     return "--method sapr computes its saliency on the whole model (give an existing --saliency FILE)";
   return "";
@@ -390,6 +395,19 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
       throw_error("--smooth needs calibration data (--calib TEXT or --calib-tokens FILE): the scales come from the "
                   "activations' channel maxima");
   }
+  if (a.lqer_scale_given && a.lqer_rank == 0)
+    throw_error("--lqer-scale sets how --lqer-rank's low-rank error reconstruction is weighted; give --lqer-rank K");
+  const LqerScale lqer_scale = parse_lqer_scale(a.lqer_scale);
+  if (a.lqer_rank > 0) {
+    if (dev != Device::CPU) throw_error("--lqer-rank: the low-rank error reconstruction runs on the CPU (--device cpu)");
+    if (is_apiq(a.method))
+      throw_error("--lqer-rank: --method ", a.method, " trains its own low-rank adapters; LQER adds its own to RTN, "
+                  "GPTQ, AWQ and the other weight-only methods");
+    if (to_gguf) throw_error("-o ", a.out, ": GGUF cannot hold LQER's low-rank side path; write a lowbit directory");
+    if (lqer_scale == LqerScale::Activation && a.calib.empty() && a.calib_tokens.empty())
+      throw_error("--lqer-rank with --lqer-scale act needs calibration data (--calib TEXT or --calib-tokens FILE): the "
+                  "error is weighted by the activations' channel magnitude; or give --lqer-scale none");
+  }
   // Block-wise streaming (methods/stream.h): the default where nothing needs the whole model.
   if (a.stream != "auto" && a.stream != "on" && a.stream != "off")
     throw_error("--stream must be 'auto', 'on' or 'off', got '", a.stream, "'");
@@ -579,6 +597,17 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   o.checkpoint_seconds = a.checkpoint_seconds;
   o.stop_after_blocks = a.stop_after_blocks;
   if (plan) o.formats = &plan->formats;
+  // --lqer-rank: the full-precision weights and the activations' channel magnitudes, before quantizing.
+  std::map<std::string, Tensor> lqer_fp;
+  std::map<std::string, std::vector<double>> lqer_scales;
+  double lqer_stats_seconds = 0;
+  if (a.lqer_rank > 0) {
+    const auto ts = std::chrono::steady_clock::now();
+    lqer_fp = snapshot_linear_weights(*m.model);
+    if (lqer_scale == LqerScale::Activation)
+      lqer_scales = collect_lqer_scales(*m.model, calib.slice(0, 0, std::min<int64_t>(calib.size(0), 32)).contiguous());
+    lqer_stats_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
+  }
   // Data-parallel calibration: rank r takes a contiguous share of the windows (RTN without data
   // keeps the stub everywhere). The resumable state is per process, so several ranks run without it.
   Tensor rank_calib = calib;
@@ -603,6 +632,25 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
       std::fprintf(stderr, "stopped after block %d of %d; the state is in %s (run the same command to resume)\n",
                    r.resumed_from_block + r.blocks_run, m.model->n_layers(), state_dir.c_str());
     return;
+  }
+  nlohmann::json lqer_json;
+  if (a.lqer_rank > 0) {
+    LqerOptions lo;
+    lo.rank = a.lqer_rank;
+    lo.scale = lqer_scale;
+    lo.seed = a.seed;
+    const LqerReport lr = apply_lqer(*m.model, lqer_fp, lqer_scales, lo);
+    lqer_fp.clear();
+    lqer_json = {{"rank", a.lqer_rank}, {"scale", lqer_scale_name(lqer_scale)}, {"layers", lr.layers},
+                 {"max_rank", lr.max_rank}, {"params", lr.params}, {"dtype", "f16"},
+                 {"scale_samples", lqer_scale == LqerScale::Activation ? std::min<int64_t>(calib.size(0), 32) : 0},
+                 {"mean_rel_error", lr.mean_rel_error}, {"mean_rel_residual", lr.mean_rel_residual},
+                 {"power_iters", lo.power_iters}, {"seconds", lr.seconds + lqer_stats_seconds}};
+    if (!a.json)
+      std::fprintf(stderr, "lqer rank %lld (%s): %d layers, weight error ||E S||/||W S|| %.4g -> %.4g after the "
+                   "low-rank path (%.3g M f16 parameters, %.1f s)\n", (long long)a.lqer_rank,
+                   lqer_scale_name(lqer_scale), lr.layers, lr.mean_rel_error, lr.mean_rel_residual, lr.params / 1e6,
+                   lr.seconds + lqer_stats_seconds);
   }
   nlohmann::json layers = nlohmann::json::array();
   for (const auto& l : r.linears)
@@ -644,6 +692,10 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     report["kv_quant"] = t.kv.enabled() ? "int" + std::to_string(t.kv.bits) : "none";
   }
   nlohmann::json extra = {{"source_model", a.model}};
+  if (!lqer_json.is_null()) {
+    extra["lqer"] = {{"rank", a.lqer_rank}, {"scale", lqer_json["scale"]}, {"dtype", "f16"}};
+    report["lqer"] = lqer_json;
+  }
   if (plan) {
     nlohmann::json vf = nlohmann::json::object();
     for (const auto& [module, id] : plan->vocab_formats()) vf[module] = quant_format(id).name;
@@ -817,8 +869,16 @@ void register_quantize(CLI::App& app) {
         a->smooth = x;
       });
   q->add_option("--smooth-act", a->smooth_act,
-                "--smooth auto: the activation quantizer the alpha search targets (int8, int4, int8-asym, int4-asym "
+                "--smooth auto: the activation quantizer the alpha search targets (int8, int4, int8-asym, int4-asym, fp8, fp4-mx, fp4-nv "
                 "or none; default: --act when given, else int8)");
+  q->add_option("--lqer-rank", a->lqer_rank,
+                "LQER: after quantizing, reconstruct each block linear's weight error W - Q(W) by a rank-K product "
+                "B A (top-K SVD, kept in f16 beside the packed weight and added to its output); not with ApiQ/SAPR")
+      ->check(at_least(1));
+  q->add_option("--lqer-scale", a->lqer_scale,
+                "LQER: 'act' (L2QER: the SVD of the error scaled by the calibration activations' mean |x| per input "
+                "channel, needs --calib) or 'none' (plain SVD)")
+      ->each([a](const std::string&) { a->lqer_scale_given = true; });
   q->add_option("--calib", a->calib, "calibration text file (tokenized with the model's tokenizer)");
   q->add_option("--tokenizer", a->tokenizer, "tokenizer for --calib (default: the model directory's)");
   q->add_option("--calib-tokens", a->calib_tokens, "calibration data as raw int32 token ids");

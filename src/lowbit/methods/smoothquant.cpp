@@ -125,7 +125,7 @@ double smooth_error_given(const std::vector<double>& act_max, const Tensor& x, c
   float* pxs = xs.data<float>();
   for (int64_t r = 0; r < R; ++r)
     for (int64_t j = 0; j < in; ++j) pxs[r * in + j] = float(double(px[r * in + j]) / s[size_t(j)]);
-  if (act.enabled()) xs = fake_quant(Var(xs, false), act.bits, act.asymmetric, act.clip, in, false).value().contiguous();
+  if (act.enabled()) xs = act_fake_quant(Var(xs, false), act).value().contiguous();
   double err = 0;
   for (size_t k = 0; k < readers.size(); ++k) {
     Tensor ws = readers[k]->contiguous().clone();

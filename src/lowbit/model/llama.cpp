@@ -352,10 +352,7 @@ void LlamaModel::set_kv_cache_layout(int64_t group, int64_t window) {
 }
 
 Var LlamaModel::act_in(const Var& x) const {
-  const ActQuantSpec& a = transforms_.act;
-  if (!a.enabled()) return x;
-  const int64_t N = x.value().size(-1);
-  return fake_quant(x, a.bits, a.asymmetric, a.clip, N, false);
+  return act_fake_quant(x, transforms_.act);
 }
 
 Var LlamaModel::kv_token_in(const Var& x) const {

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <vector>
 
+#include "lowbit/autograd/functions.h"
+#include "lowbit/ops/fp_act_quant.h"
 #include "lowbit/ops/ops.h"
 
 namespace lowbit {
@@ -61,12 +63,37 @@ ActQuantSpec parse_act_quant(const std::string& name, const std::string& what) {
     a.asymmetric = name.size() > 4;
     return a;
   }
-  throw_error(what, ": '", name, "' is not an activation format (expected none, int8, int4, int8-asym or int4-asym)");
+  if (name == "fp8" || name == "fp4-mx" || name == "fp4-nv") {
+    a.bits = name == "fp8" ? 8 : 4;
+    a.fp = name == "fp8" ? ActFloat::Fp8E4M3 : name == "fp4-mx" ? ActFloat::Fp4Mx : ActFloat::Fp4Nv;
+    return a;
+  }
+  throw_error(what, ": '", name, "' is not an activation format (expected none, int8, int4, int8-asym, int4-asym, fp8, "
+              "fp4-mx or fp4-nv)");
 }
 
 std::string act_quant_name(const ActQuantSpec& a) {
   if (!a.enabled()) return "none";
+  switch (a.fp) {
+    case ActFloat::Fp8E4M3: return "fp8";
+    case ActFloat::Fp4Mx: return "fp4-mx";
+    case ActFloat::Fp4Nv: return "fp4-nv";
+    case ActFloat::None: break;
+  }
   return "int" + std::to_string(a.bits) + (a.asymmetric ? "-asym" : "");
+}
+
+Var act_fake_quant(const Var& x, const ActQuantSpec& a) {
+  if (!a.enabled()) return x;
+  if (a.fp == ActFloat::None) return fake_quant(x, a.bits, a.asymmetric, a.clip, x.value().size(-1), false);
+  const Tensor xv = x.value().contiguous();
+  Tensor y = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
+  ops::fp_fake_quant(xv, ops::FpActFormat(int(a.fp)), a.clip, y);
+  if (!x.requires_grad()) return Var(y, false);
+  // Straight through: x + (y - x) carries y forward (to rounding) and dx = dy.
+  Tensor d = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
+  ops::sub(y, xv, d);
+  return add(x, Var(d, false));
 }
 
 int parse_kv_quant_bits(const std::string& name, const std::string& what) {

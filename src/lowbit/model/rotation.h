@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <string>
 
+#include "lowbit/autograd/variable.h"
 #include "lowbit/core/tensor.h"
 #include "lowbit/model/config.h"
 #include "lowbit/model/weights.h"
@@ -49,10 +50,15 @@ struct HadamardRotation {
 // A seeded random rotation of n >= 1 channels (deterministic for a given n and seed).
 HadamardRotation random_hadamard(int64_t n, uint64_t seed);
 
+// Integer grids (per-token absmax / min-max) or floating-point formats (ops/fp_act_quant.h:
+// "fp8" = E4M3 per token, "fp4-mx" = E2M1 with an e8m0 scale per 32 channels, "fp4-nv" = E2M1 with
+// an e4m3 scale per 16 channels under an f32 per-token scale); bits is 8 or 4 for those too.
+enum class ActFloat : int { None = 0, Fp8E4M3 = 1, Fp4Mx = 2, Fp4Nv = 3 };  // = ops::FpActFormat's values
 struct ActQuantSpec {
   int bits = 0;             // 0: off; 4 or 8
   bool asymmetric = false;  // min/max with a zero point instead of symmetric absmax
   double clip = 1.0;        // the range is clip * (min, max)
+  ActFloat fp = ActFloat::None;  // a floating-point format instead of the integer grid
   bool enabled() const { return bits > 0; }
 };
 
@@ -79,9 +85,13 @@ struct ModelTransforms {
   bool any() const { return !rotation.empty() || act.enabled() || kv.enabled() || kv_token_bits > 0; }
 };
 
-// "int8", "int4", "int8-asym", "int4-asym" or "none" -> spec (clip 1); throws naming `what`.
+// "int8", "int4", "int8-asym", "int4-asym", "fp8", "fp4-mx", "fp4-nv" or "none" -> spec (clip 1);
+// throws naming `what`.
 ActQuantSpec parse_act_quant(const std::string& name, const std::string& what = "--act");
-std::string act_quant_name(const ActQuantSpec& a);  // "none", "int8", "int4-asym", ...
+std::string act_quant_name(const ActQuantSpec& a);  // "none", "int8", "int4-asym", "fp4-mx", ...
+// x [M, N] (f32/f64, CPU) fake-quantized per token by the spec (x itself when off); gradients pass
+// straight through.
+Var act_fake_quant(const Var& x, const ActQuantSpec& a);
 // "int4", "int2" or "none" -> bits (4, 2, 0); throws naming `what`.
 int parse_kv_quant_bits(const std::string& name, const std::string& what = "--kv-quant");
 

@@ -27,6 +27,7 @@ constexpr OpInfo kOps[] = {
     {"act_quant_int8", false, false, "f32 f64"},      // their STE is autograd/bitlinear.cpp
     {"hadamard_transform", true, false, "f32 f64"},
     {"fake_quant", false, false, "f32 f64"},
+    {"fp_fake_quant", false, false, "f32 f64"},      // FP8 / MXFP4 / NVFP4 activations (issue 16)
     {"adamw8_step", false, false, "f32 params, u8 codes + f32 absmax state"},  // ops/blockwise8.h
 };
 }  // namespace
