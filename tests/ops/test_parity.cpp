@@ -768,6 +768,8 @@ TEST(ParityCoverage, EveryRegistryOpHasAParityTest) {
                                            "ternary_fake_quant", "act_quant_int8",
                                            // CPU only (issue 16): rotated / activation-quantized models run on the CPU.
                                            "hadamard_transform", "fake_quant",
+                                           // CPU only (issue 16): FP8/FP4 activation quantizers (ops/fp_act_quant.h).
+                                           "fp_fake_quant",
                                            // CPU only (issue 18): a GPU tensor is an error (test_optim8.cpp).
                                            "adamw8_step"};
   for (const auto& op : ops::op_registry())
