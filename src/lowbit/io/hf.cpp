@@ -312,6 +312,14 @@ json config_to_hf_json(const LlamaConfig& c, const std::string& torch_dtype) {
 
 namespace {
 
+// Hugging Face's shard file names: model.safetensors alone, else model-00001-of-0000N.safetensors.
+std::string hf_shard_file_name(size_t i, size_t n) {
+  if (n == 1) return "model.safetensors";
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "model-%05zu-of-%05zu.safetensors", i + 1, n);
+  return buf;
+}
+
 uint64_t splitmix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -346,12 +354,7 @@ uint64_t write_random_hf_model(const std::string& dir, const LlamaConfig& config
     total += nb;
   }
   const size_t n = shards.size();
-  auto shard_name = [&](size_t i) {
-    if (n == 1) return std::string("model.safetensors");
-    char buf[64];
-    std::snprintf(buf, sizeof(buf), "model-%05zu-of-%05zu.safetensors", i + 1, n);
-    return std::string(buf);
-  };
+  auto shard_name = [n](size_t i) { return hf_shard_file_name(i, n); };
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (!fs::is_directory(dir, ec)) throw_error(dir, ": cannot create directory");
@@ -484,12 +487,7 @@ void save_hf_dir(const std::string& dir, const LlamaConfig& config, const LlamaW
     total += nb;
   });
   const size_t n = shards.size();
-  auto shard_name = [&](size_t i) {
-    if (n == 1) return std::string("model.safetensors");
-    char buf[64];
-    std::snprintf(buf, sizeof(buf), "model-%05zu-of-%05zu.safetensors", i + 1, n);
-    return std::string(buf);
-  };
+  auto shard_name = [n](size_t i) { return hf_shard_file_name(i, n); };
   json weight_map = json::object();
   std::set<std::string> written;
   for (size_t i = 0; i < n; ++i) {

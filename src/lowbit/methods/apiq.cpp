@@ -262,6 +262,21 @@ std::vector<int64_t> identity_order(int64_t n) {
   return idx;
 }
 
+// Sum over all N windows, in order and batches of `batch`, of the mean loss of each batch times its
+// window count, without gradients: the ggml grids' keep-the-start rule compares this at the start
+// and after training. loss(idx, b, e) returns the mean loss of windows idx[b..e).
+template <class LossFn>
+double loss_over_all_windows(int64_t N, int64_t batch, LossFn loss) {
+  NoGradGuard ng;
+  const std::vector<int64_t> idx = identity_order(N);
+  double sum = 0;
+  for (int64_t b = 0; b < N; b += batch) {
+    const int64_t e = std::min(N, b + batch);
+    sum += loss(idx, size_t(b), size_t(e)).value().item() * double(e - b);
+  }
+  return sum;
+}
+
 }  // namespace
 
 void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearReport>& reports) {
@@ -302,15 +317,9 @@ void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearR
       const double layer_w = o_.saliency && o_.layer_weighted ? o_.saliency->layer_weight(full_name(ctx.layer, name)) : 1.0;
       // The output loss over all windows (no gradient), for the ggml grids' keep-the-start rule.
       auto full_loss = [&] {
-        NoGradGuard ng;
-        const std::vector<int64_t> idx = identity_order(N);
-        double sum = 0;
-        for (int64_t b = 0; b < N; b += o_.batch) {
-          const int64_t e = std::min(N, b + o_.batch);
-          sum += mse(t.forward(Var(gather_windows(xd, idx, size_t(b), size_t(e), L))),
-                     Var(gather_windows(y, idx, size_t(b), size_t(e), L))).value().item() * double(e - b);
-        }
-        return sum;
+        return loss_over_all_windows(N, o_.batch, [&](const std::vector<int64_t>& idx, size_t b, size_t e) {
+          return mse(t.forward(Var(gather_windows(xd, idx, b, e, L))), Var(gather_windows(y, idx, b, e, L)));
+        });
       };
       const bool keep = keeps_start(o_, layer_format(ctx, name)) && o_.epochs > 0;
       const std::vector<Tensor> start = keep ? snapshot(t.parameters()) : std::vector<Tensor>();
@@ -407,17 +416,12 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
   bool keep = o_.epochs > 0;
   for (auto& e : es) keep = keep && keeps_start(o_, e.t->format());
   auto full_loss = [&] {
-    NoGradGuard ng;
-    const std::vector<int64_t> idx = identity_order(N);
-    double sum = 0;
-    for (int64_t b = 0; b < N; b += o_.batch) {
-      const int64_t e = std::min(N, b + o_.batch);
-      Var out = ctx.model.block_forward(ctx.layer, Var(gather_windows(ctx.inputs, idx, size_t(b), size_t(e), L)), e - b, L);
-      Var loss = mse(out, Var(gather_windows(ctx.fp_targets, idx, size_t(b), size_t(e), L)));
-      if (y_aug.defined()) loss = add(loss, scale(mse(out, Var(gather_windows(y_aug, idx, size_t(b), size_t(e), L))), o_.aug_coef));
-      sum += loss.value().item() * double(e - b);
-    }
-    return sum;
+    return loss_over_all_windows(N, o_.batch, [&](const std::vector<int64_t>& idx, size_t b, size_t e) {
+      Var out = ctx.model.block_forward(ctx.layer, Var(gather_windows(ctx.inputs, idx, b, e, L)), int64_t(e - b), L);
+      Var loss = mse(out, Var(gather_windows(ctx.fp_targets, idx, b, e, L)));
+      if (y_aug.defined()) loss = add(loss, scale(mse(out, Var(gather_windows(y_aug, idx, b, e, L))), o_.aug_coef));
+      return loss;
+    });
   };
   std::vector<Var> all = clip;
   all.insert(all.end(), lora.begin(), lora.end());
