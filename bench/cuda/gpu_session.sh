@@ -25,6 +25,9 @@
 #   bench/cuda/gpu_session.sh check     carry .devcarry/tools.tar.xz: GPU tests + fused-AdamW timing (short)
 #   bench/cuda/gpu_session.sh saliency7b  (after setup, or carry .devcarry/tools.tar.xz): SAPR's saliency
 #                                       pass and ApiQ/SAPR per-block training at the Llama-2-7B shape
+#                                       (SKIP_TRAIN=1: the pass alone)
+#   bench/cuda/gpu_session.sh stream70b   (after setup): GPTQ and ApiQ with --stream on a 70B-shaped
+#                                       model of LAYERS blocks (issue 20)
 # Settings: STEPS [setup: "gemv tests"]  PARITY_SECONDS [150]  PLAN [bench/plans/smollm2-methods.txt]  MATCH [.]  FIRST [all jobs]  PARALLEL [8]  WAIT [500]  RESULTS [none]  TASK_LIMIT [300]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -169,6 +172,7 @@ saliency7b)
     t1=$(date +%s.%N); mem=$(peak_stop)
     echo "layers=$L saliency_pass_s=$(python3 -c "print(round($t1 - $t0, 1))") peak_gpu_mib=$mem" | tee -a "$O/saliency7b.txt"
     for method in apiq sapr; do
+      [ -n "${SKIP_TRAIN:-}" ] && continue  # SKIP_TRAIN=1: the saliency pass alone
       peak_start
       "$LOWBIT" -q quantize -m "$T/m$L/model.bin" --method $method --format int2g64 --calib-tokens "$T/tok.i32" \
         --nsamples "$NSAMPLES" --seqlen "$SEQLEN" $flags --epochs "$EPOCHS" --apiq-verbose \
@@ -179,6 +183,54 @@ saliency7b)
       rm -rf "$T/q-$method-$L"
     done
     rm -rf "$T/m$L"
+  done
+  rm -rf "$T"
+  ;;
+stream70b)
+  # Issue 20's single-GPU half: a Llama-2-70B-shaped model (dim 8192, hidden 28672, 64 heads, 8 kv
+  # heads, vocab 32000, bf16) of LAYERS blocks (default 2: x1's 64 GiB disk cannot hold all 80,
+  # 138 GB) written by `lowbit random-model`, quantized with `--stream on` by GPTQ int4g128 and by
+  # ApiQ int2g64 (EPOCHS, default 2, --bf16), NSAMPLES x SEQLEN calibration tokens (128 x 2048). The
+  # JSON reports give seconds per block, peak host RSS and peak GPU bytes; peak GPU memory is also
+  # sampled by nvidia-smi. Carry .devcarry/tools.tar.xz (after setup, /tmp/w is reused).
+  set -e
+  L=${LAYERS:-2} NSAMPLES=${NSAMPLES:-128} SEQLEN=${SEQLEN:-2048} EPOCHS=${EPOCHS:-2}
+  if [ -z "${LOWBIT:-}" ]; then
+    [ -x "$W/bin/lowbit" ] || { rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp; }
+    export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    LOWBIT=$W/bin/lowbit
+  fi
+  O=${OUT:-/tmp/out}
+  T=${TMP70:-/tmp/l70w}
+  rm -rf "$T" && mkdir -p "$T" "$O"
+  df -h /tmp | tail -1
+  python3 -c "import numpy as np; np.random.default_rng(1).integers(0, 32000, ($NSAMPLES + 1) * ($SEQLEN + 1), dtype=np.int32).tofile('$T/tok.i32')"
+  t0=$(date +%s.%N)
+  "$LOWBIT" -q random-model -o "$T/m" --dim 8192 --hidden-dim 28672 --layers "$L" --heads 64 --kv-heads 8 \
+    --vocab 32000 --max-seq-len 4096 --json > "$O/random70.json"
+  echo "random-model layers=$L seconds=$(python3 -c "print(round($(date +%s.%N) - $t0, 1))") $(du -sh "$T/m" | cut -f1)" | tee "$O/stream70b.txt"
+  for method in gptq apiq; do
+    fmt=int4g128; extra=""
+    [ $method = apiq ] && fmt=int2g64 && extra="--bf16 --tf32 --epochs $EPOCHS --apiq-verbose"
+    (m=0; while :; do u=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+       [ "$u" -gt "$m" ] && m=$u && echo "$m" > "$T/peak"; sleep 0.5; done) & P=$!
+    rc=0
+    timeout "${METHOD_TIMEOUT:-240}" /usr/bin/time -v "$LOWBIT" -q quantize -m "$T/m" --method $method --format $fmt \
+      --calib-tokens "$T/tok.i32" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" --device cuda --stream on \
+      --checkpoint-seconds 3600 --json $extra -o "$T/q-$method" > "$O/q70-$method.json" 2> "$O/q70-$method.err" || rc=$?
+    kill $P 2>/dev/null; wait $P 2>/dev/null || true
+    echo "method=$method format=$fmt rc=$rc nvidia_smi_peak_mib=$(cat "$T/peak" 2>/dev/null) max_rss_kb=$(grep -o 'Maximum resident set size (kbytes): [0-9]*' "$O/q70-$method.err" | grep -o '[0-9]*$') wall=$(grep -o 'Elapsed (wall clock) time.*' "$O/q70-$method.err")" | tee -a "$O/stream70b.txt"
+    python3 - "$O/q70-$method.json" <<'PY' | tee -a "$O/stream70b.txt" || true
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except Exception as e:
+    print("no JSON report:", e); sys.exit(0)
+keep = {k: v for k, v in d.items() if any(s in k for s in ("second", "peak", "bits", "block"))}
+print(json.dumps(keep)[:1500])
+PY
+    rm -rf "$T/q-$method" "$T/state"* 2>/dev/null
+    tail -3 "$O/q70-$method.err"
   done
   rm -rf "$T"
   ;;

@@ -2,8 +2,10 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <map>
 
 #include "grad_check.h"
+#include "lowbit/autograd/leaf_hook.h"
 #include "lowbit/autograd/optim.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
@@ -133,6 +135,38 @@ TEST(Autograd, AccumulatesAndFreesGraph) {
   backward(y);
   EXPECT_TRUE(y.node()->inputs.empty());  // graph released
   EXPECT_THROW(backward(sum(Var(Tensor::zeros({2}, DType::F64)))), Error);
+}
+
+TEST(Autograd, LeafHookSeesFinalGradientsOnce) {
+  // A composite graph where leaves are used at several depths (w0 twice, x through a residual):
+  // the hook must see each leaf once, with the gradient plain backward() leaves, and may drop it.
+  const auto graph = [](const Var& x, const Var& w0, const Var& w1, const Var& g) {
+    Var h = rmsnorm(x, g, 1e-5);
+    Var y = linear(swiglu(linear(h, w0), linear(h, w1)), w0);
+    return sum(mul(add(x, y), add(x, y)));
+  };
+  const std::vector<Tensor> init = {rnd({3, 4}, 1), rnd({4, 4}, 2, 0.5), rnd({4, 4}, 3, 0.5), rnd({4}, 4)};
+  std::vector<Var> a, b;
+  for (const Tensor& t : init) {
+    a.emplace_back(t.clone(), true);
+    b.emplace_back(t.clone(), true);
+  }
+  backward(graph(a[0], a[1], a[2], a[3]));
+  std::map<Node*, int> calls;
+  std::map<Node*, Tensor> seen;
+  backward_with_leaf_hook(graph(b[0], b[1], b[2], b[3]), [&](Node& leaf) {
+    ++calls[&leaf];
+    seen[&leaf] = leaf.grad;
+    leaf.grad = Tensor();
+  });
+  ASSERT_EQ(calls.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    Node* n = b[i].node().get();
+    EXPECT_EQ(calls[n], 1) << i;
+    EXPECT_FALSE(b[i].grad().defined()) << i;  // dropped by the hook
+    ASSERT_TRUE(seen[n].defined()) << i;
+    for (int64_t k = 0; k < seen[n].numel(); ++k) EXPECT_EQ(seen[n].item(k), a[i].grad().item(k)) << i << " " << k;
+  }
 }
 
 TEST(Autograd, SharedGradientIsNotAliased) {

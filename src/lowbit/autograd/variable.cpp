@@ -1,5 +1,8 @@
 #include "lowbit/autograd/variable.h"
 
+#include "lowbit/autograd/leaf_hook.h"
+
+#include <unordered_map>
 #include <unordered_set>
 
 #include "lowbit/ops/ops.h"
@@ -73,7 +76,9 @@ void accumulate_grad(const Var& v, const Tensor& g) {
   }
 }
 
-void backward(const Var& root, const Tensor& seed) {
+namespace {
+
+void run_backward(const Var& root, const Tensor& seed, const LeafGradHook& on_leaf_done) {
   if (!root.requires_grad()) throw_error("backward: the value does not require grad (no parameter reaches it)");
   // Topological order by iterative depth-first search (graphs can be thousands of nodes deep).
   // Holds shared ownership: releasing a node's edges below must not free nodes still queued.
@@ -100,15 +105,47 @@ void backward(const Var& root, const Tensor& seed) {
     g.fill_(1.0);
   }
   accumulate_grad(root, g);
-  for (auto it = order.rbegin(); it != order.rend(); ++it) {
+  // With a hook: the leaves whose last user is the k-th node to run (in running order), each
+  // list in the order of that node's inputs, so the hook order is deterministic.
+  std::vector<std::vector<Node*>> finished;
+  if (on_leaf_done) {
+    const auto node_at = [&](size_t k) { return order[order.size() - 1 - k].get(); };
+    std::unordered_map<Node*, size_t> last;
+    for (size_t k = 0; k < order.size(); ++k)
+      for (const Var& in : node_at(k)->inputs)
+        if (in.requires_grad() && !in.node()->backward) last[in.node().get()] = k;
+    finished.resize(order.size());
+    for (size_t k = 0; k < order.size(); ++k)
+      for (const Var& in : node_at(k)->inputs) {
+        auto it = last.find(in.node().get());
+        if (it != last.end() && it->second == k) {
+          finished[k].push_back(it->first);
+          last.erase(it);  // listed once
+        }
+      }
+  }
+  size_t k = 0;
+  for (auto it = order.rbegin(); it != order.rend(); ++it, ++k) {
     Node* n = it->get();
     if (!n->backward) continue;  // a leaf root keeps its gradient
     if (n->grad.defined()) n->backward(n->grad);
+    if (on_leaf_done)
+      for (Node* leaf : finished[k])
+        if (leaf->grad.defined()) on_leaf_done(*leaf);
     // Release this node's part of the graph and its (intermediate) gradient.
     n->backward = nullptr;
     n->inputs.clear();
     n->grad = Tensor();
   }
+}
+
+}  // namespace
+
+void backward(const Var& root, const Tensor& seed) { run_backward(root, seed, nullptr); }
+
+void backward_with_leaf_hook(const Var& root, const LeafGradHook& on_leaf_done, const Tensor& seed) {
+  LB_CHECK(on_leaf_done, "backward_with_leaf_hook: no hook given");
+  run_backward(root, seed, on_leaf_done);
 }
 
 }  // namespace lowbit

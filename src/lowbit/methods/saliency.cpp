@@ -3,10 +3,12 @@
 #include <cmath>
 #include <filesystem>
 #include <optional>
+#include <unordered_map>
 
 #include <nlohmann/json.hpp>
 
 #include "lowbit/autograd/functions.h"
+#include "lowbit/autograd/leaf_hook.h"
 #include "lowbit/core/progress.h"
 #include "lowbit/io/safetensors.h"
 #include "lowbit/methods/pipeline.h"
@@ -113,20 +115,29 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
   // Accumulators in double, per module.
   struct Acc {
     std::shared_ptr<Linear>* slot;
-    Tensor w;                   // F32 CPU copy of the weight
-    std::vector<double> sum;    // [out*in] (gradient kinds) or [in] (act-weight: sum of x^2)
-    int64_t rows = 0;
-    // Fisher on a GPU: sum of g^2 kept on the device in f32 (folded into `sum` at the end), so a
-    // batch costs two elementwise kernels instead of a copy of every gradient to the host and a
-    // single-threaded double loop (163 s for one 7B-shaped block at 128 x 2048 tokens on an H100).
-    Tensor dev_sum, dev_tmp;
+    int64_t rows = 0, cols = 0;
+    Tensor w;                   // F32 CPU copy of the weight (grad-weight and act-weight only)
+    std::vector<double> sum;    // [out*in] (gradient kinds on the CPU) or [in] (act-weight: sum of x^2)
+    int64_t rows_seen = 0;
+    // Fisher on a GPU: sum of g^2 kept on the device in f32, so a batch costs two elementwise
+    // kernels instead of a copy of every gradient to the host and a single-threaded double loop
+    // (163 s for one 7B-shaped block at 128 x 2048 tokens on an H100).
+    Tensor dev_sum;
   };
   std::map<std::string, Acc> acc;
+  std::unordered_map<Node*, Acc*> by_weight;  // the gradient kinds: weight leaf -> its accumulator
   for (int i = 0; i < model.n_layers(); ++i)
     for (auto& [name, slot] : model.block(i).linears()) {
-      Acc a{slot, (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous(), {}, 0, {}, {}};
-      a.sum.assign(size_t(needs_grad ? a.w.numel() : a.w.size(1)), 0.0);
-      acc.emplace(module_name(i, name), std::move(a));
+      const std::string m = module_name(i, name);
+      Acc a{slot, (*slot)->out_features(), (*slot)->in_features(), {}, {}, 0, {}};
+      if (o.kind != SaliencyKind::Fisher) a.w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
+      if (!needs_grad) a.sum.assign(size_t(a.cols), 0.0);
+      Acc& placed = acc.emplace(m, std::move(a)).first->second;
+      if (needs_grad) {
+        auto* dense = dynamic_cast<DenseLinear*>(slot->get());
+        LB_CHECK(dense, "saliency: ", m, " is not a dense layer (compute saliency on the full-precision model)");
+        by_weight[dense->weight_var().node().get()] = &placed;
+      }
     }
 
   // act-weight: sum of x^2 per input channel of every linear, gathered by hooks on the layers.
@@ -141,9 +152,37 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
       const float* p = xc.data<float>();
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = 0; j < in; ++j) a.sum[size_t(j)] += double(p[i * in + j]) * double(p[i * in + j]);
-      a.rows += n;
+      a.rows_seen += n;
     });
   }
+  // The gradient kinds fold each weight's gradient into its accumulator as soon as backward has
+  // finished it, then drop it (and every other parameter's): the pass never holds all gradients at
+  // once, so its memory is the model, the accumulators and one block's activations (7B-shaped
+  // blocks on an H100: 3.8 GB per block when every gradient and a g^2 buffer per weight were kept).
+  std::map<Shape, Tensor> dev_tmp;  // g^2 scratch on the device, one per weight shape
+  const LeafGradHook fold = [&](Node& leaf) {
+    auto found = by_weight.find(&leaf);
+    if (found != by_weight.end()) {
+      Acc& a = *found->second;
+      if (o.kind == SaliencyKind::Fisher && leaf.grad.device() != Device::CPU) {
+        const Tensor g = leaf.grad.to(DType::F32).contiguous();
+        if (!a.dev_sum.defined()) a.dev_sum = Tensor::zeros(g.shape(), DType::F32, g.device());
+        Tensor& tmp = dev_tmp[g.shape()];
+        if (!tmp.defined()) tmp = Tensor::empty(g.shape(), DType::F32, g.device());
+        ops::mul(g, g, tmp);
+        ops::axpy(1.0, tmp, a.dev_sum);
+      } else {
+        const Tensor g = leaf.grad.to(Device::CPU).to(DType::F32).contiguous();
+        if (a.sum.empty()) a.sum.assign(size_t(g.numel()), 0.0);
+        const float* pg = g.data<float>();
+        const float* pw = a.w.defined() ? a.w.data<float>() : nullptr;
+        for (int64_t k = 0; k < g.numel(); ++k)
+          a.sum[size_t(k)] += o.kind == SaliencyKind::Fisher ? double(pg[k]) * double(pg[k])
+                                                             : std::fabs(double(pg[k]) * double(pw[k]));
+      }
+    }
+    leaf.grad = Tensor();
+  };
   int64_t batches = 0;
   std::optional<ProgressBar> bar;
   if (o.progress) bar.emplace(std::string("saliency ") + saliency_kind_name(o.kind), N, "seqs");
@@ -157,27 +196,7 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
       } else {
         EnableGradGuard eg;  // a caller under NoGradGuard still gets gradients
         Var loss = cross_entropy(model.forward(tb), shifted_targets(tb));
-        backward(loss);
-        for (auto& [m, a] : acc) {
-          auto* dense = dynamic_cast<DenseLinear*>(a.slot->get());
-          LB_CHECK(dense, "saliency: ", m, " is not a dense layer (compute saliency on the full-precision model)");
-          const Tensor& graw = dense->weight_var().grad();
-          if (o.kind == SaliencyKind::Fisher && graw.device() != Device::CPU) {
-            const Tensor g = graw.to(DType::F32).contiguous();
-            if (!a.dev_sum.defined()) {
-              a.dev_sum = Tensor::zeros(g.shape(), DType::F32, g.device());
-              a.dev_tmp = Tensor::empty(g.shape(), DType::F32, g.device());
-            }
-            ops::mul(g, g, a.dev_tmp);
-            ops::axpy(1.0, a.dev_tmp, a.dev_sum);
-            continue;
-          }
-          const Tensor g = graw.to(Device::CPU).to(DType::F32).contiguous();
-          const float *pg = g.data<float>(), *pw = a.w.data<float>();
-          for (int64_t k = 0; k < g.numel(); ++k)
-            a.sum[size_t(k)] += o.kind == SaliencyKind::Fisher ? double(pg[k]) * double(pg[k])
-                                                               : std::fabs(double(pg[k]) * double(pw[k]));
-        }
+        backward_with_leaf_hook(loss, fold);
         for (auto& p : model.parameters()) p.zero_grad();
       }
       ++batches;
@@ -185,29 +204,34 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
     }
   }
   hooks.reset();  // the model's own layers again
-  for (auto& [m, a] : acc)
-    if (a.dev_sum.defined()) {
-      const Tensor h = a.dev_sum.to(Device::CPU).contiguous();
-      const float* ph = h.data<float>();
-      for (int64_t k = 0; k < h.numel(); ++k) a.sum[size_t(k)] += double(ph[k]);
-      a.dev_sum = Tensor();
-      a.dev_tmp = Tensor();
-    }
+  dev_tmp.clear();
   if (bar) bar->finish();
 
   // Layer: mean over batches, then mean 1 per layer. None: the raw sum over batches.
   const bool layer_norm = o.norm == SaliencyNorm::Layer;
   for (auto& [m, a] : acc) {
-    const int64_t rows = a.w.size(0), cols = a.w.size(1);
+    const int64_t rows = a.rows, cols = a.cols;
     Tensor s = Tensor::empty({rows, cols});
     float* ps = s.data<float>();
-    const float* pw = a.w.data<float>();
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) {
-        const int64_t k = r * cols + c;
-        ps[k] = needs_grad ? float(layer_norm ? a.sum[size_t(k)] / double(batches) : a.sum[size_t(k)])
-                           : float(std::fabs(double(pw[k])) * std::sqrt(a.sum[size_t(c)] / double(std::max<int64_t>(a.rows, 1))));
-      }
+    if (a.dev_sum.defined()) {  // Fisher on a GPU: the f32 device sums, scaled in double as below
+      const Tensor h = a.dev_sum.to(Device::CPU).contiguous();
+      a.dev_sum = Tensor();
+      const float* ph = h.data<float>();
+      for (int64_t k = 0; k < rows * cols; ++k)
+        ps[k] = float(layer_norm ? double(ph[k]) / double(batches) : double(ph[k]));
+    } else if (needs_grad) {
+      if (a.sum.empty()) a.sum.assign(size_t(rows * cols), 0.0);  // no gradient reached it
+      for (int64_t k = 0; k < rows * cols; ++k)
+        ps[k] = float(layer_norm ? a.sum[size_t(k)] / double(batches) : a.sum[size_t(k)]);
+    } else {
+      const float* pw = a.w.data<float>();
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) {
+          const int64_t k = r * cols + c;
+          ps[k] = float(std::fabs(double(pw[k])) * std::sqrt(a.sum[size_t(c)] / double(std::max<int64_t>(a.rows_seen, 1))));
+        }
+    }
+    std::vector<double>().swap(a.sum);
     if (layer_norm) out.layer_mean[m] = normalise_mean_one(s);
     out.scores.emplace(m, s);
   }
