@@ -132,6 +132,11 @@ const Row kRows[] = {
   {"generate", "matmul INT8", "generate -m {M} --tokenizer {T} --matmul INT8", "--matmul: 'INT8'"},
   {"generate", "f32-vocab with a value", "generate -m {M} --tokenizer {T} --f32-vocab=maybe", "--f32-vocab"},
   {"generate", "stdout full", "generate -m {M} --tokenizer {T} -n 8 > /dev/full", "writing to standard output", kModel},
+  {"generate", "tp 0", "generate -m {M} --tokenizer {T} --tp 0", "--tp: must be"},
+  {"generate", "tp not a number", "generate -m {M} --tokenizer {T} --tp two", "--tp: 'two' is not a number"},
+  {"generate", "tp unknown comm backend", "generate -m {M} --tokenizer {T} --tp 2 --comm-backend mpi", "--comm-backend: mpi not in"},
+  {"generate", "tp 3 for 8 heads", "generate -m {M} --tokenizer {T} -n 8 --tp 3", "tensor parallelism over 3 ranks: 3 does not divide n_heads = 8", kModel},
+  {"generate", "tp with a rotation", "generate -m {M} --tokenizer {T} -n 8 --tp 2 --rotate hadamard", "tensor parallelism over 2 ranks: rotation and activation / KV-cache quantization", kModel},
   // --- serve (every row fails before the server listens)
   {"serve", "missing model", "serve -m {D}/missing.bin --tokenizer {T} --port 0", "missing.bin: no such file"},
   {"serve", "random model", "serve -m {D}/random.bin --tokenizer {T} --port 0", "random.bin"},
@@ -158,6 +163,8 @@ const Row kRows[] = {
   {"serve", "packed kv-cache on cuda", "serve -m {M} --tokenizer {T} --kv-cache int4 --device cuda", "the packed KIVI cache runs on the CPU only"},
   {"serve", "bad matmul", "serve -m {M} --tokenizer {T} --matmul fast", "--matmul"},
   {"serve", "unknown device", "serve -m {M} --tokenizer {T} --device tpu --port 0", "unknown device 'tpu'"},
+  {"serve", "tp 0", "serve -m {M} --tokenizer {T} --tp 0", "--tp: must be"},
+  {"serve", "tp 3 for 8 heads", "serve -m {M} --tokenizer {T} --port 0 --tp 3", "tensor parallelism over 3 ranks: 3 does not divide n_heads = 8", kModel},
   // --- run (standard input redirected: never the terminal of the test)
   {"run", "missing model", "run -m {D}/missing.bin --tokenizer {T} < {D}/text.txt", "missing.bin: no such file"},
   {"run", "no tokenizer", "run -m {M} < {D}/text.txt", "no tokenizer", kModel},
@@ -190,6 +197,10 @@ const Row kRows[] = {
   {"bench", "batch not a number", "bench -m {M} --batch x", "--batch: 'x' is not a number"},
   {"bench", "f32-vocab with a value", "bench -m {M} --f32-vocab=maybe", "--f32-vocab"},
   {"bench", "stdout full", "bench -m {M} -p 4 -n 2 -r 1 > /dev/full", "writing to standard output", kModel},
+  {"bench", "tp 300", "bench -m {M} --tp 300", "--tp: must be"},
+  {"bench", "tp not a number", "bench -m {M} --tp x", "--tp: 'x' is not a number"},
+  {"bench", "tp 3 for 8 heads", "bench -m {M} -p 4 -n 2 -r 1 --tp 3", "tensor parallelism over 3 ranks: 3 does not divide n_heads = 8", kModel},
+  {"bench", "tp 4 cuts int4g32's o_proj inside a group", "bench -m {Q} -p 4 -n 2 -r 1 --tp 4", "self_attn.o_proj (int4g32): a rank's 2 heads are 16 input columns, not a whole number of its groups of 32", kQuantized},
   // --- export
   {"export", "missing dir", "export -m {D}/missing --to {O}.gguf", "missing"},
   {"export", "not a quantized dir", "export -m {D} --to {O}.gguf", "not a lowbit quantized directory"},

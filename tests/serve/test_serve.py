@@ -2,7 +2,8 @@
 """End-to-end test of `lowbit serve` (CTest: serve_openai), driven by the official `openai` client
 and by curl: completions, chat, streaming, stop strings, reproducible seeds, 16 concurrent clients
 whose greedy answers equal the same requests run alone, the bad-input cases (400/401/404/413),
-a client disconnecting mid-stream, and SIGTERM with requests in flight.
+a client disconnecting mid-stream, SIGTERM with requests in flight, and tensor-parallel serving
+(--tp 2: the answers of one rank).
 
 Models: stories260K (always, when ../shared is present) and SmolLM2-135M-Instruct where present.
 Bounded in time (SIGALRM); every server started here is killed at the end. Exit status 77 = skipped
@@ -312,6 +313,30 @@ def sigterm_check(lowbit, model, tokenizer, prompt):
     check(any("shutting down" in l for l in srv.log), "SIGTERM: shutdown logged")
 
 
+def tp_checks(lowbit, model, tokenizer, prompts, n_tokens):
+    """serve --tp 2 (two ranks, CPU backend): greedy answers, alone and concurrent, equal one rank's;
+    SIGTERM to the launcher drains rank 0 and ends both ranks with status 0."""
+    extra = ["--parallel", "4", "--ctx", "128", "--threads", "1"]
+    one = Server(lowbit, model, extra, tokenizer)
+    try:
+        alone = [greedy(one.client(), p, n_tokens)[0] for p in prompts]
+    finally:
+        one.kill()
+    srv = Server(lowbit, model, extra + ["--tp", "2"], tokenizer)
+    try:
+        check(any("tensor-parallel over 2 ranks" in l for l in srv.log), "serve --tp 2 says so")
+        check([greedy(srv.client(), p, n_tokens)[0] for p in prompts] == alone,
+              "serve --tp 2: greedy answers equal one rank's")
+        with ThreadPoolExecutor(len(prompts)) as ex:
+            together = list(ex.map(lambda p: greedy(srv.client(), p, n_tokens)[0], prompts))
+        check(together == alone, "serve --tp 2: concurrent greedy answers equal one rank's")
+        srv.proc.send_signal(signal.SIGTERM)
+        code = srv.proc.wait(timeout=60)
+        check(code == 0, f"serve --tp 2: SIGTERM ends both ranks, status 0 ({code})")
+    finally:
+        srv.kill()
+
+
 def run_checks(lowbit, model, tokenizer, prompt, expected):
     """lowbit run: piped standard input prints the answer; in a terminal /reset, Ctrl-C and /exit."""
     r = subprocess.run([lowbit, "run", "-m", model, "--tokenizer", tokenizer, "-t", "0", "--max-tokens", "24"],
@@ -406,6 +431,7 @@ def main():
                 srv.kill()
             run_checks(a.lowbit, s_model, s_tok, prompts[0], expected)
             sigterm_check(a.lowbit, s_model, s_tok, prompts[0])
+            tp_checks(a.lowbit, s_model, s_tok, prompts, 24)
 
         smol = os.path.join(shared, "models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
         if "smollm2" not in which:

@@ -17,8 +17,11 @@
 #include "lowbit/core/threads.h"
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
+#include "lowbit/cli/dist.h"
+#include "lowbit/model/tensor_parallel.h"
 #include "lowbit/ops/quant_matmul.h"
 #include "lowbit/quant/quant_linear.h"
+#include "lowbit/runtime/generate.h"
 
 namespace lowbit::cli {
 
@@ -30,6 +33,7 @@ struct BenchArgs {
   bool json = false, dequantize = false, f32_vocab = false;
   KVCacheType kv_cache = KVCacheType::Auto;
   TransformArgs tr;
+  DistArgs dist;  // --tp
 };
 
 int64_t tensor_bytes(const Tensor& t) { return t.defined() ? int64_t(t.nbytes()) : 0; }
@@ -44,7 +48,7 @@ int64_t model_bytes(const LoadedModel& m) {
   n += m.packed_vocab_bytes;  // packed token_embd (+ output when untied)
   for (int i = 0; i < m.model->n_layers(); ++i)
     for (auto& [name, slot] : m.model->block(i).linears()) {
-      const Linear* lin = slot->get();
+      const Linear* lin = &computing_layer(**slot);  // a tensor-parallel piece's own weights
       n += tensor_bytes(lin->bias());
       if (auto* q = dynamic_cast<const QuantLinear*>(lin))
         n += q->quantized().nbytes() + tensor_bytes(q->lora_A()) + tensor_bytes(q->lora_B());
@@ -101,12 +105,18 @@ double thread_cpu_seconds() {
   return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
 }
 
+// Waits for the device: copies the logits to the host (a rank without logits: one cached row).
+void wait_for(const Var& logits, const KVCache& cache) {
+  (logits.defined() ? logits.value() : cache.k.at(0).slice(0, 0, 1)).to(Device::CPU);
+}
+
 double run_pp(const LlamaModel& model, const Tensor& tokens, KVCacheType kv, double* cpu = nullptr) {
   KVCache cache = model.make_cache(tokens.numel(), kv);
   const double c0 = cpu_seconds();
   const auto t0 = std::chrono::steady_clock::now();
-  Tensor logits = model.forward_cached(tokens, cache).value();
-  logits.to(Device::CPU);  // waits for the device
+  // Tensor-parallel ranks other than 0 skip the output head, as in generate.
+  const Var logits = model.forward_cached(tokens, cache, is_root(model));
+  wait_for(logits, cache);  // waits for the device
   const double tps = double(tokens.numel()) / seconds_since(t0);
   if (cpu) *cpu += cpu_seconds() - c0;
   return tps;
@@ -122,8 +132,8 @@ double run_tg(const LlamaModel& model, const Tensor& tokens, KVCacheType kv, int
   const auto t0 = std::chrono::steady_clock::now();
   const int32_t* ids = tokens.data<int32_t>();
   for (int64_t i = 0; i < n; ++i) {
-    Tensor logits = model.forward_cached(Tensor::from_vector(std::vector<int32_t>{ids[i]}, {1}), cache).value();
-    if (i == n - 1) logits.to(Device::CPU);  // waits for the device
+    const Var logits = model.forward_cached(Tensor::from_vector(std::vector<int32_t>{ids[i]}, {1}), cache, is_root(model));
+    if (i == n - 1) wait_for(logits, cache);  // waits for the device
   }
   const double tps = double(n) / seconds_since(t0);
   if (cpu) *cpu += cpu_seconds() - c0;
@@ -163,11 +173,16 @@ double run_tg_batch(const LlamaModel& model, const Tensor& tokens, KVCacheType k
 void run_bench(const BenchArgs& a) {
   const int threads = num_threads();  // --threads (add_threads_option) has set the program's one pool
   check_kv_cache_device(a.kv_cache, a.device);
+  // --tp N: every rank runs the same tests on its piece of the model (the same token ids: nothing to
+  // broadcast); rank 0 prints. Sizes are rank 0's piece.
+  const std::unique_ptr<comm::Communicator> comm = start_ranks(a.dist, a.device == "cuda", "--tp");
   const Device dev = parse_device(a.device);
   NoGradGuard no_grad;
-  LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
+  LoadedModel m = load_model(a.model, tensor_parallel_load_device(a.model, dev, *comm), a.dequantize, !a.f32_vocab);
   apply_rotation(m, a.tr);
   apply_quant_transforms(*m.model, a.tr, a.kv_cache);
+  shard_for_tensor_parallel(m, *comm, dev);
+  const int tp = comm->world_size();
   const LlamaModel& model = *m.model;
   const int64_t vocab = model.config().vocab_size;
   const int64_t bytes = model_bytes(m);
@@ -189,11 +204,13 @@ void run_bench(const BenchArgs& a) {
     }
   }
   const Stat sp = stat(pp), st = stat(tg);
+  if (comm->rank() != 0) return;
   if (a.json) {
     nlohmann::json j = {{"model", a.model},
                         {"model_bytes", bytes},
                         {"threads", threads},
                         {"device", a.device},
+                        {"tp", tp},
                         {"isa", ops::quant_isa_name(ops::quant_isa_best())},
                         {"reps", a.reps},
                         {"pp_tokens", a.pp},
@@ -221,8 +238,9 @@ void run_bench(const BenchArgs& a) {
   const std::string kv = kv_cache_type_name(model.make_cache(0, a.kv_cache).type);
   print_stdout("| model | size | device | threads | kv | matmul | test | t/s |\n|---|---:|---|---:|---|---|---|---:|\n");
   const double mib = double(bytes) / (1024.0 * 1024.0);
+  const std::string device = tp > 1 ? a.device + " tp" + std::to_string(tp) : a.device;
   if (!pp.empty())
-    print_stdout("| %s | %.2f MiB | %s | %d | %s | %s | pp%d | %.2f ± %.2f |\n", a.model.c_str(), mib, a.device.c_str(),
+    print_stdout("| %s | %.2f MiB | %s | %d | %s | %s | pp%d | %.2f ± %.2f |\n", a.model.c_str(), mib, device.c_str(),
                  threads, kv.c_str(), matmul_name(), a.pp, sp.mean, sp.sd);
   if (!tg.empty()) {
     std::string test = a.depth > 0 ? "tg" + std::to_string(a.tg) + " @ d" + std::to_string(a.depth) : "tg" + std::to_string(a.tg);
@@ -232,7 +250,7 @@ void run_bench(const BenchArgs& a) {
                     1e3 * tg_main_cpu / double(a.reps * a.tg));
       test += buf;
     }
-    print_stdout("| %s | %.2f MiB | %s | %d | %s | %s | %s | %.2f ± %.2f |\n", a.model.c_str(), mib, a.device.c_str(),
+    print_stdout("| %s | %.2f MiB | %s | %d | %s | %s | %s | %.2f ± %.2f |\n", a.model.c_str(), mib, device.c_str(),
                  threads, kv.c_str(), matmul_name(), test.c_str(), st.mean, st.sd);
   }
 }
@@ -260,6 +278,7 @@ void register_bench(CLI::App& app) {
   add_f32_vocab_option(b, &a->f32_vocab);
   add_threads_option(b);
   b->add_option("--device", a->device, "cpu or cuda")->capture_default_str();
+  add_tp_options(b, &a->dist);
   b->add_flag("--dequantize", a->dequantize, "run a quantized model dequantized to f32 (the reference path)");
   b->add_flag("--json", a->json, "one JSON object: model_bytes, pp_tokens_per_s, tg_tokens_per_s, threads, device");
   b->callback([a] { run_bench(*a); });

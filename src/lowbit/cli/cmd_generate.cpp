@@ -3,6 +3,7 @@
 
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
+#include "lowbit/cli/dist.h"
 #include "lowbit/runtime/generate.h"
 
 namespace lowbit::cli {
@@ -16,15 +17,20 @@ struct GenArgs {
   bool json = false, ignore_eos = false, f32_vocab = false;
   KVCacheType kv_cache = KVCacheType::Auto;
   TransformArgs tr;
+  DistArgs dist;  // --tp
 };
 
 void run_generate(const GenArgs& a) {
   check_kv_cache_device(a.kv_cache, a.device);
+  // --tp N: N ranks, each with its piece of the model; rank 0 samples and prints.
+  const std::unique_ptr<comm::Communicator> comm = start_ranks(a.dist, a.device == "cuda", "--tp");
   Device dev = parse_device(a.device);
-  LoadedModel m = load_model(a.model, dev, false, !a.f32_vocab);
+  LoadedModel m = load_model(a.model, tensor_parallel_load_device(a.model, dev, *comm), false, !a.f32_vocab);
   apply_rotation(m, a.tr);
   apply_quant_transforms(*m.model, a.tr, a.kv_cache);
   compact_for_inference(m, dev);
+  shard_for_tensor_parallel(m, *comm, dev);
+  const bool root = comm->rank() == 0;
   auto tok = open_tokenizer(a.tokenizer, a.model);
   if (tok->vocab_size() > m.model->config().vocab_size)
     throw_error("tokenizer has ", tok->vocab_size(), " tokens but the model's vocabulary is ",
@@ -45,19 +51,22 @@ void run_generate(const GenArgs& a) {
   }
   std::string text;
   GenerateResult r = generate(*m.model, *tok, prompt, o, [&](const std::string& piece) {
+    if (!root) return;
     if (a.json) {
       text += piece;
     } else {
       write_stdout(piece);
     }
   });
+  if (!root) return;
   if (a.json) {
     print_json({{"prompt", prompt},
                 {"text", text},
                 {"tokens", r.tokens},
                 {"prompt_tokens", r.prompt_tokens},
                 {"seconds", r.seconds},
-                {"tokens_per_second", r.tokens_per_second}});
+                {"tokens_per_second", r.tokens_per_second},
+                {"tp", comm->world_size()}});
   } else {
     write_stdout("\n");
     std::fprintf(stderr, "%d tokens, %.1f tokens/s\n", int(r.tokens.size()) - r.prompt_tokens, r.tokens_per_second);
@@ -86,6 +95,7 @@ void register_generate(CLI::App& app) {
   add_transform_options(g, &a->tr);
   add_f32_vocab_option(g, &a->f32_vocab);
   add_threads_option(g);
+  add_tp_options(g, &a->dist);
   g->callback([a] { run_generate(*a); });
 }
 

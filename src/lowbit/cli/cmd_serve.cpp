@@ -21,6 +21,7 @@
 
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
+#include "lowbit/cli/dist.h"
 #include "lowbit/cli/serving.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/runtime/openai_api.h"
@@ -39,6 +40,7 @@ struct ServeArgs {
   int64_t max_body = 1 << 20;
   double drain_timeout = 30;
   KVCacheType kv_cache = KVCacheType::Auto;
+  DistArgs dist;  // --tp
 };
 
 // JSON text of j; invalid UTF-8 (a token cut inside a character) is replaced, never thrown on.
@@ -408,8 +410,15 @@ void run_serve(const ServeArgs& a) {
   signal(SIGPIPE, SIG_IGN);
 
   check_kv_cache_device(a.kv_cache, a.device);
+  // --tp N: N ranks, each with its piece of the model; rank 0 serves HTTP and runs the scheduler,
+  // whose steps the other ranks follow.
+  const std::unique_ptr<comm::Communicator> comm = start_ranks(a.dist, a.device == "cuda", "--tp");
   Device dev = parse_device(a.device);
-  ServingModel m = load_serving_model(a.model, a.tokenizer, dev, a.ctx);
+  ServingModel m = load_serving_model(a.model, a.tokenizer, dev, a.ctx, comm.get());
+  if (comm->rank() != 0) {
+    follow_scheduler_steps(m.model(), scheduler_options(a, m.ctx));
+    return;
+  }
   Server server(a, m);
   httplib::Server& http = server.http();
   int port = a.port;
@@ -423,9 +432,10 @@ void run_serve(const ServeArgs& a) {
     std::fprintf(stderr, "lowbit serve: warning: listening on %s without --api-key: anyone who can reach it may use it\n",
                  a.host.c_str());
   std::fprintf(stderr, "lowbit serve: listening on http://%s:%d (model %s, %d slots x %lld tokens, prompt pieces of %lld, "
-               "%lld tokens per step, %d threads)\n",
+               "%lld tokens per step, %d threads%s)\n",
                a.host.c_str(), port, m.name.c_str(), a.parallel, static_cast<long long>(m.ctx),
-               static_cast<long long>(a.prefill_chunk), static_cast<long long>(batch_tokens_of(a)), num_threads());
+               static_cast<long long>(a.prefill_chunk), static_cast<long long>(batch_tokens_of(a)), num_threads(),
+               comm->world_size() > 1 ? (", tensor-parallel over " + std::to_string(comm->world_size()) + " ranks").c_str() : "");
   std::fflush(stderr);
 
   std::atomic<bool> listening_done{false};
@@ -512,6 +522,7 @@ void register_serve(CLI::App& app) {
   add_kv_cache_option(s, &a->kv_cache);
   add_matmul_option(s);
   add_threads_option(s);
+  add_tp_options(s, &a->dist);
   s->callback([a] { run_serve(*a); });
 }
 

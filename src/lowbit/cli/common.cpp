@@ -76,8 +76,6 @@ Device parse_device(const std::string& name) {
   throw_error("unknown device '", name, "' (expected cpu or cuda)");
 }
 
-namespace {
-// A .gguf file whose linear weights use a ggml block type (q4_0, q4_1, q8_0, ...).
 bool is_packed_gguf(const std::string& path) {
   if (path.size() < 5 || path.compare(path.size() - 5, 5, ".gguf") != 0 || !fs::is_regular_file(path)) return false;
   const GgufFile f = GgufFile::open(path);
@@ -85,7 +83,6 @@ bool is_packed_gguf(const std::string& path) {
     if (t.name.find("ffn_down.weight") != std::string::npos && quant_format_for_ggml_type(t.ggml_type)) return true;
   return false;
 }
-}  // namespace
 
 LoadedModel load_model(const std::string& path, Device device, bool dequantize, bool packed_vocab) {
   LoadedModel m;

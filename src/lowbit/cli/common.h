@@ -59,6 +59,8 @@ struct LoadedModel {
 // packed_vocab: for inference on the CPU, a lowbit directory's dense embedding/output matrix is
 // quantized to q8_0 at load (pack_vocab) and run packed, as GGUF models' are (--f32-vocab: false).
 LoadedModel load_model(const std::string& path, Device device, bool dequantize = false, bool packed_vocab = false);
+// A .gguf file whose linear weights use a ggml block type (q4_0, q4_1, q8_0, ...): load_model keeps it packed.
+bool is_packed_gguf(const std::string& path);
 // For commands that only run the model (eval, generate): on the CPU, weights that are exactly
 // f16/bf16 (a model read from an F16/BF16 file) are kept 16-bit (LlamaModel::compact_weights)
 // and the checkpoint's f32 copies are released.

@@ -8,6 +8,7 @@
 #include "lowbit/comm/launch.h"
 #include "lowbit/core/error.h"
 #include "lowbit/core/progress.h"
+#include "lowbit/io/quantized_checkpoint.h"
 
 namespace lowbit::cli {
 
@@ -33,7 +34,33 @@ void add_dist_options(CLI::App* app, DistArgs* d) {
       ->capture_default_str();
 }
 
-std::unique_ptr<comm::Communicator> start_ranks(const DistArgs& d, bool uses_gpu) {
+void add_tp_options(CLI::App* app, DistArgs* d) {
+  app->add_option("--tp", d->gpus,
+                  "tensor-parallel ranks (processes; one GPU each with --device cuda): each holds its share of the "
+                  "heads and of the MLP width and its own KV cache, the partial outputs are all-reduced after "
+                  "attention and MLP; rank 0 samples and prints (an external launcher sets RANK, WORLD_SIZE, ... "
+                  "instead)")
+      ->check(between(1, 256));
+  app->add_option("--comm-backend", d->backend,
+                  "collectives between the ranks: auto (nccl for a GPU run of a CUDA build, else cpu), cpu (TCP), "
+                  "nccl, single (overrides LOWBIT_COMM_BACKEND)")
+      ->check(CLI::IsMember({"auto", "cpu", "nccl", "single"}))
+      ->capture_default_str();
+}
+
+Device tensor_parallel_load_device(const std::string& path, Device device, const comm::Communicator& comm) {
+  if (comm.world_size() == 1 || device == Device::CPU || is_lowbit_quantized_dir(path) || is_packed_gguf(path)) return device;
+  return Device::CPU;
+}
+
+void shard_for_tensor_parallel(LoadedModel& m, comm::Communicator& comm, Device device) {
+  if (comm.world_size() == 1) return;
+  m.model = m.model->tensor_parallel_shard(comm, device);
+  for (auto& l : m.checkpoint.weights.layers)
+    for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down, &l.bq, &l.bk, &l.bv}) *t = Tensor();
+}
+
+std::unique_ptr<comm::Communicator> start_ranks(const DistArgs& d, bool uses_gpu, const char* flag) {
   const comm::DistEnv env = comm::dist_env_from_environment();
   if (!env.from_environment) {
     if (d.gpus > 1) {
@@ -43,8 +70,8 @@ std::unique_ptr<comm::Communicator> start_ranks(const DistArgs& d, bool uses_gpu
     return comm::make_communicator(env, d.backend, uses_gpu);
   }
   if (d.gpus > 0 && d.gpus != env.world_size)
-    throw_error("--gpus ", d.gpus, " but the launcher's WORLD_SIZE is ", env.world_size,
-                " (drop --gpus under an external launcher)");
+    throw_error(flag, " ", d.gpus, " but the launcher's WORLD_SIZE is ", env.world_size,
+                " (drop ", flag, " under an external launcher)");
   g_local_rank = env.local_rank;
   if (env.rank > 0) set_progress_enabled(false);
   return comm::make_communicator(env, d.backend, uses_gpu);

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "lowbit/comm/comm.h"
+#include "lowbit/core/device.h"
 
 namespace CLI {
 class App;
@@ -33,10 +34,25 @@ struct DistArgs {
 // Adds --gpus N (and --comm-backend auto|cpu|nccl|single).
 void add_dist_options(CLI::App* app, DistArgs* d);
 
+// --tp N (tensor-parallel decoding: generate, bench) and --comm-backend. N ranks are started as
+// --gpus N starts them (d->gpus = N), or joined under a launcher (N must then be its WORLD_SIZE).
+void add_tp_options(CLI::App* app, DistArgs* d);
+
 // Call first in a command: launches the ranks (throws ExitRequest with their exit status) or joins
 // the run the environment describes and returns this rank's communicator (the single-rank one
 // without either). uses_gpu: the command runs on the GPU (picks NCCL under backend "auto").
-std::unique_ptr<comm::Communicator> start_ranks(const DistArgs& d, bool uses_gpu);
+// flag: the option that set d.gpus, for messages.
+std::unique_ptr<comm::Communicator> start_ranks(const DistArgs& d, bool uses_gpu, const char* flag = "--gpus");
+
+struct LoadedModel;
+// Where a tensor-parallel run loads `path` for `device`: with several ranks on the GPU, a dense
+// checkpoint is read on the CPU and cut there (each GPU receives only its piece); packed ones load
+// on the device (their codes reach the GPU piece by piece, on first use). Else `device`.
+Device tensor_parallel_load_device(const std::string& path, Device device, const comm::Communicator& comm);
+// Tensor parallelism after loading: with several ranks, m.model becomes this rank's piece on
+// `device` (LlamaModel::tensor_parallel_shard) and m.checkpoint loses its linear weights (the full
+// ones are released; embedding and norms stay). Nothing with one rank.
+void shard_for_tensor_parallel(LoadedModel& m, comm::Communicator& comm, Device device);
 
 // The GPU this process uses: LOCAL_RANK of a several-rank run, else 0 (parse_device).
 int cuda_device_index();

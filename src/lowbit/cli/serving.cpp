@@ -2,12 +2,16 @@
 
 #include <filesystem>
 
+#include "lowbit/cli/dist.h"
+
 namespace lowbit::cli {
 
-ServingModel load_serving_model(const std::string& model, const std::string& tokenizer, Device device, int64_t ctx) {
+ServingModel load_serving_model(const std::string& model, const std::string& tokenizer, Device device, int64_t ctx,
+                                comm::Communicator* tp) {
   ServingModel m;
-  m.loaded = load_model(model, device);
+  m.loaded = load_model(model, tp ? tensor_parallel_load_device(model, device, *tp) : device);
   compact_for_inference(m.loaded, device);
+  if (tp) shard_for_tensor_parallel(m.loaded, *tp, device);
   m.tok = open_tokenizer(tokenizer, model);
   const int V = m.model().config().vocab_size;
   if (m.tok->vocab_size() > V)

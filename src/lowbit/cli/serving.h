@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "lowbit/cli/common.h"
+#include "lowbit/comm/comm.h"
 
 namespace lowbit::cli {
 
@@ -22,7 +23,9 @@ struct ServingModel {
 
 // Loads for inference (packed weights stay packed; exactly-16-bit weights compacted on the CPU).
 // ctx 0 picks min(2048, the model's max_seq_len); a larger ctx than max_seq_len is an error.
-ServingModel load_serving_model(const std::string& model, const std::string& tokenizer, Device device, int64_t ctx);
+// tp: the ranks of a tensor-parallel run (cli/dist.h): the model is this rank's piece.
+ServingModel load_serving_model(const std::string& model, const std::string& tokenizer, Device device, int64_t ctx,
+                                comm::Communicator* tp = nullptr);
 
 // Token ids of a chat (messages [{"role", "content"}]) rendered with the model's chat template,
 // with the generation prompt appended. Throws lowbit::Error when the model has no chat template

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -40,6 +41,13 @@ int free_local_port() {
 }
 
 namespace {
+// SIGINT / SIGTERM sent to the launcher by another process (kill, a supervisor), to be passed on to
+// the ranks. A terminal's Ctrl-C (si_code SI_KERNEL) reaches the ranks' process group itself.
+std::atomic<int> g_forward{0};
+void remember_signal(int sig, siginfo_t* info, void*) {
+  if (!info || info->si_code <= 0) g_forward.store(sig);  // SI_USER, SI_QUEUE, SI_TKILL: from a process
+}
+
 int status_code(int st) {
   if (WIFEXITED(st)) return WEXITSTATUS(st);
   if (WIFSIGNALED(st)) return 128 + WTERMSIG(st);
@@ -103,6 +111,14 @@ int launch_local_ranks(int n, const std::vector<std::string>& args) {
     }
     pids.push_back(pid);
   }
+  // While waiting, a SIGINT / SIGTERM sent to this process goes to every rank (lowbit serve --tp
+  // drains on rank 0, whose stop then ends the other ranks); the previous handlers come back after.
+  struct sigaction fwd {}, old_int{}, old_term{};
+  fwd.sa_sigaction = remember_signal;
+  fwd.sa_flags = SA_SIGINFO;  // no SA_RESTART: waitpid returns EINTR
+  sigemptyset(&fwd.sa_mask);
+  sigaction(SIGINT, &fwd, &old_int);
+  sigaction(SIGTERM, &fwd, &old_term);
   int first_bad = -1, code = 0, alive = n;
   auto t_fail = std::chrono::steady_clock::time_point();
   bool termed = false, killed = false;
@@ -110,7 +126,10 @@ int launch_local_ranks(int n, const std::vector<std::string>& args) {
     int st = 0;
     const pid_t p = waitpid(-1, &st, first_bad >= 0 ? WNOHANG : 0);
     if (p < 0) {
-      if (errno == EINTR) continue;
+      if (errno == EINTR) {
+        if (const int sig = g_forward.exchange(0)) kill_all(sig);
+        continue;
+      }
       break;
     }
     if (p == 0) {  // a rank failed: the others see its closed connection and fail on their own (and
@@ -124,6 +143,7 @@ int launch_local_ranks(int n, const std::vector<std::string>& args) {
         kill_all(SIGKILL);
         killed = true;
       }
+      if (const int sig = g_forward.exchange(0)) kill_all(sig);
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
       continue;
     }
@@ -141,6 +161,8 @@ int launch_local_ranks(int n, const std::vector<std::string>& args) {
       t_fail = std::chrono::steady_clock::now();
     }
   }
+  sigaction(SIGINT, &old_int, nullptr);
+  sigaction(SIGTERM, &old_term, nullptr);
   return code;
 }
 

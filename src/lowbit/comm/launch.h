@@ -13,7 +13,8 @@ int free_local_port();
 // when set, else a free port) in their environment, ranks >= 1 with stdout sent to /dev/null (rank
 // 0 reports). Each rank dies with this process (PR_SET_PDEATHSIG). Waits for all; when one
 // fails, the others are expected to fail on their own (its connection closes); any still running
-// 10 s later gets SIGTERM, 15 s later SIGKILL. Returns 0 when every rank
+// 10 s later gets SIGTERM, 15 s later SIGKILL. A SIGINT or SIGTERM that another process sends to
+// this one while it waits is passed on to every rank. Returns 0 when every rank
 // exited 0, else the first failing rank's exit status (128 + signal for a killed rank), after
 // naming it on stderr.
 int launch_local_ranks(int n, const std::vector<std::string>& args);

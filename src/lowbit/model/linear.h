@@ -11,6 +11,12 @@
 
 namespace lowbit {
 
+// Which way a linear layer is cut for tensor parallelism (model/tensor_parallel.h): Rows keeps output
+// rows [begin, end) (a column-parallel piece: y's columns begin..end-1, complete), Cols keeps input
+// columns [begin, end) (a row-parallel piece: the partial product x[:, begin:end] W[:, begin:end]^T,
+// which the ranks' pieces sum to).
+enum class ShardAxis : uint8_t { Rows, Cols };
+
 class Linear {
  public:
   virtual ~Linear() = default;
@@ -22,6 +28,16 @@ class Linear {
   virtual Tensor effective_weight() const = 0;
   virtual Tensor bias() const { return Tensor(); }
   virtual std::string kind() const = 0;
+  // Tensor parallelism: this layer's piece along `axis` ([begin, end) of its output rows or input
+  // columns), a frozen layer of the same kind holding only that piece of the weight (and of the
+  // bias: Rows slices it, Cols keeps it in the piece that starts at column 0 only, so the ranks'
+  // partial sums add it once), on `device` (only the piece is copied there). Throws lowbit::Error
+  // when the kind cannot be cut (the default) or the cut does not fall on its storage's groups
+  // (column_shard_unit).
+  virtual std::shared_ptr<Linear> shard(ShardAxis axis, int64_t begin, int64_t end, Device device) const;
+  // Cols cuts must fall on multiples of this many input columns (1: anywhere; packed weights: their
+  // groups or blocks); 0: the layer cannot be cut by input columns.
+  virtual int64_t column_shard_unit() const { return 0; }
 };
 
 class DenseLinear : public Linear {
@@ -35,6 +51,8 @@ class DenseLinear : public Linear {
   Tensor effective_weight() const override { return weight_.value(); }
   Tensor bias() const override { return bias_.defined() ? bias_.value() : Tensor(); }
   std::string kind() const override { return "dense"; }
+  std::shared_ptr<Linear> shard(ShardAxis axis, int64_t begin, int64_t end, Device device) const override;
+  int64_t column_shard_unit() const override { return 1; }
   const Var& weight_var() const { return weight_; }
 
  private:

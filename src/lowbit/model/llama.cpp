@@ -6,6 +6,7 @@
 #include "lowbit/autograd/functions.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/core/vecmath.h"
+#include "lowbit/model/tensor_parallel.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/ops/quant_matmul.h"
 
@@ -338,6 +339,8 @@ Tensor kivi_attention(const KVQuantSpec& spec, const Tensor& q, const Tensor& k,
 
 void LlamaModel::set_transforms(ModelTransforms t) {
   validate_transforms(config_, t, "model transforms");
+  if (t.any() && tp_)
+    throw_error("rotation and activation / KV-cache quantization: not on a tensor-parallel piece of the model");
   if (t.any() && final_norm_.value().device() != Device::CPU)
     throw_error("rotation and activation / KV-cache quantization run on the CPU only (the model is on ",
                 device_name(final_norm_.value().device()), ")");
@@ -535,12 +538,12 @@ KVCache LlamaModel::make_cache(int64_t capacity, KVCacheType type) const {
   return c;
 }
 
-Var LlamaModel::forward_cached(const Tensor& tokens, KVCache& cache) const {
+Var LlamaModel::forward_cached(const Tensor& tokens, KVCache& cache, bool logits) const {
   const int64_t T = tokens.numel();
   Var x = embed(tokens.view({1, T}));
   for (int i = 0; i < config_.n_layers; ++i) x = block_forward(i, x, 1, T, &cache);
   cache.length += T;
-  return head(x);
+  return logits ? head(x) : Var();
 }
 
 namespace {
@@ -572,7 +575,7 @@ void scatter_rows(const Tensor& part, const std::vector<std::pair<int64_t, int64
 }
 
 bool packed_on_cpu(const Linear& l, const Var& x) {
-  return !dynamic_cast<const DenseLinear*>(&l) && x.value().device() == Device::CPU;
+  return !dynamic_cast<const DenseLinear*>(&computing_layer(l)) && x.value().device() == Device::CPU;
 }
 }  // namespace
 

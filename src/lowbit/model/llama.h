@@ -25,6 +25,10 @@
 
 namespace lowbit {
 
+namespace comm {
+class Communicator;
+}
+
 struct LlamaBlock {
   Var attn_norm, ffn_norm;  // [D]
   Var q_norm, k_norm;       // [h] (Qwen3)
@@ -121,8 +125,10 @@ class LlamaModel {
   // ignored). Default 32 / 128; set_transforms takes them from an enabled KV quantization.
   void set_kv_cache_layout(int64_t group, int64_t window);
   const KVQuantSpec& kv_cache_layout() const { return kv_layout_; }
-  // Incremental forward of `tokens` (i32 [T]) after the cached ones; returns logits [T, V].
-  Var forward_cached(const Tensor& tokens, KVCache& cache) const;
+  // Incremental forward of `tokens` (i32 [T]) after the cached ones; returns logits [T, V]
+  // (logits = false: skips the output head and returns an undefined Var — a prompt's prefill, or a
+  // tensor-parallel rank other than 0, which takes rank 0's tokens).
+  Var forward_cached(const Tensor& tokens, KVCache& cache, bool logits = true) const;
 
   // One decoding step of B independent sequences (inference, no gradients): token b (i32 [B])
   // goes after the contents of caches[b], each at its own position. Norms and linear layers run
@@ -167,6 +173,26 @@ class LlamaModel {
   void set_packed_vocab(std::shared_ptr<Linear> output, EmbedRowFn embed_row, EmbedIdsFn embed_ids = {});
   const std::shared_ptr<Linear>& packed_output() const { return packed_output_; }
 
+  // Tensor parallelism (model/tensor_parallel.h): this rank's piece of the model for the ranks of
+  // `comm` (which must outlive it). Rank r keeps query heads [r H/W, (r+1) H/W), KV heads [r K/W,
+  // (r+1) K/W) (q/k/v rows; o_proj's input columns, all-reduced) and a slice of the SwiGLU width
+  // (gate/up rows; down_proj's input columns, all-reduced), cut on the groups of packed weights; its
+  // config() says n_heads = H/W, n_kv_heads = K/W, hidden_dim = its slice, head_dim = h, so its KV
+  // caches hold only its heads. Token embedding, norms and output head are shared with this model
+  // (replicated: every rank computes the logits of the same residual stream; a vocabulary-sharded
+  // head would save V*D/W memory per rank for an all-gather of V logits per token). Throws
+  // lowbit::Error when W does not divide n_heads or n_kv_heads, when down_proj's / o_proj's groups
+  // (column_shard_unit) do not split evenly over W, for layer kinds that cannot be cut, and for a
+  // model with transforms (rotation, activation or KV quantization: their groups span whole rows).
+  // Inference only. `device`: where the piece lives (its linears copied there piece by piece, the
+  // replicated tensors moved there; a packed vocabulary must already be there): a model read on
+  // the CPU becomes a GPU rank's piece without the whole model ever being on the GPU. Without it:
+  // the model's device.
+  std::unique_ptr<LlamaModel> tensor_parallel_shard(comm::Communicator& comm, Device device) const;
+  std::unique_ptr<LlamaModel> tensor_parallel_shard(comm::Communicator& comm) const;
+  // The communicator of a tensor-parallel piece, else null.
+  comm::Communicator* tensor_parallel() const { return tp_; }
+
   // Rotation (online parts) and activation / KV-cache quantization (model/rotation.h), applied by
   // every forward path (block_forward, forward_cached, forward_batch). The rotated weights
   // themselves are ordinary weights (rotate_weights). Checked against the config (throws).
@@ -203,6 +229,7 @@ class LlamaModel {
   std::shared_ptr<Linear> packed_output_;
   EmbedRowFn packed_embed_row_;
   EmbedIdsFn packed_embed_ids_;
+  comm::Communicator* tp_ = nullptr;  // tensor_parallel_shard
 };
 
 }  // namespace lowbit

@@ -58,6 +58,24 @@ Var QuantLinear::forward(const Var& x) const {
   return add(y, linear(linear(x, lora_A_), lora_B_));
 }
 
+std::shared_ptr<Linear> QuantLinear::shard(ShardAxis axis, int64_t begin, int64_t end, Device device) const {
+  const int64_t n = axis == ShardAxis::Rows ? out_features() : in_features();
+  LB_CHECK(0 <= begin && begin < end && end <= n, "tensor parallelism: ", axis == ShardAxis::Rows ? "output rows [" : "input columns [",
+           begin, ", ", end, ") of a ", kind(), " layer with ", n);
+  // Bias and adapters: the piece's part, copied (QuantLinear moves them to `device`).
+  auto own = [](const Tensor& t) { return t.is_contiguous() ? t.clone() : t.contiguous(); };
+  const Tensor b = bias(), A = lora_A(), B = lora_B();
+  std::shared_ptr<QuantLinear> l;
+  if (axis == ShardAxis::Rows)
+    l = std::make_shared<QuantLinear>(q_.slice_rows(begin, end), b.defined() ? own(b.slice(0, begin, end)) : b, device,
+                                      A.defined() ? own(A) : A, B.defined() ? own(B.slice(0, begin, end)) : B);
+  else
+    l = std::make_shared<QuantLinear>(q_.slice_cols(begin, end), begin == 0 ? b : Tensor(), device,
+                                      A.defined() ? own(A.slice(1, begin, end)) : A, B.defined() ? own(B) : B);
+  l->set_matmul_options(mm_opt_);
+  return l;
+}
+
 std::vector<Var> QuantLinear::parameters() const {
   if (has_lora() && lora_A_.requires_grad()) return {lora_A_, lora_B_};
   return {};

@@ -35,6 +35,11 @@ class QuantLinear : public Linear {
   Tensor effective_weight() const override;
   Tensor bias() const override { return bias_.defined() ? bias_.value() : Tensor(); }
   std::string kind() const override { return q_.fmt().name; }
+  // Tensor parallelism: the packed codes of the piece (QuantizedTensor::slice_rows / slice_cols; the
+  // adapters' matching piece: B's rows or A's columns), a frozen layer running on `device` (on
+  // CUDA the piece's codes are uploaded on first use).
+  std::shared_ptr<Linear> shard(ShardAxis axis, int64_t begin, int64_t end, Device device) const override;
+  int64_t column_shard_unit() const override { return q_.column_shard_unit(); }
   const QuantizedTensor& quantized() const { return q_; }
   // Ŵ on the layer's device, built on first use and kept (training paths only).
   const Tensor& dequantized_weight() const { return weight_var().value(); }

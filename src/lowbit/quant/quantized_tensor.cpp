@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstring>
 #include <mutex>
+#include <numeric>
+#include <vector>
 
 namespace lowbit {
 
@@ -303,6 +305,76 @@ int64_t QuantizedTensor::nbytes() const {
   for (const Tensor* t : {&codes, &scales, &zeros, &tensor_scale, &col_mask, &col_scales})
     if (t->defined()) n += int64_t(t->nbytes());
   return n;
+}
+
+namespace {
+// A copy of t that owns its storage (a slice of a mapped or larger tensor would keep all of it).
+Tensor owned(const Tensor& t) { return t.is_contiguous() ? t.clone() : t.contiguous(); }
+}  // namespace
+
+int64_t QuantizedTensor::column_shard_unit() const {
+  const QuantFormat& f = fmt();
+  if (f.has_column_mask()) return 0;
+  int64_t unit = f.group_size > 0 ? f.group_size : 1;  // ggml: the block
+  const ops::PackedWeight v = packed_view();
+  if (ops::quant_matmul_has_int8_kernel(v)) unit = std::lcm(unit, ops::quant_matmul_act_block(v));
+  return unit;
+}
+
+QuantizedTensor QuantizedTensor::slice_rows(int64_t r0, int64_t r1) const {
+  validate();
+  const QuantFormat& f = fmt();
+  LB_CHECK(0 <= r0 && r0 < r1 && r1 <= out_features(), "[", f.name, "] rows [", r0, ", ", r1, ") of a ",
+           shape_str(shape), " quantized tensor");
+  QuantizedTensor q = *this;
+  q.device_copy_.reset();
+  q.shape = {r1 - r0, in_features()};
+  q.codes = owned(codes.slice(0, r0, r1));
+  if (scales.defined()) q.scales = owned(scales.slice(0, r0, r1));
+  if (zeros.defined()) q.zeros = owned(zeros.slice(0, r0, r1));
+  return q;
+}
+
+QuantizedTensor QuantizedTensor::slice_cols(int64_t c0, int64_t c1) const {
+  validate();
+  const QuantFormat& f = fmt();
+  const int64_t out = out_features(), in = in_features(), n = c1 - c0;
+  LB_CHECK(0 <= c0 && c0 < c1 && c1 <= in, "[", f.name, "] input columns [", c0, ", ", c1, ") of a ", shape_str(shape),
+           " quantized tensor");
+  const int64_t unit = column_shard_unit();
+  LB_CHECK(unit > 0, "[", f.name, "] weights cannot be split by input columns (the column mask and row layout are per tensor)");
+  LB_CHECK(c0 % unit == 0 && (c1 == in || c1 % unit == 0), "[", f.name, "] input columns [", c0, ", ", c1,
+           ") do not fall on its groups of ", unit, " columns");
+  if (c0 == 0 && c1 == in) return slice_rows(0, out);
+  QuantizedTensor q = *this;
+  q.device_copy_.reset();
+  q.shape = {out, n};
+  const int64_t rb_in = f.row_bytes(in), rb = f.row_bytes(n);
+  q.codes = Tensor::empty({out, rb}, DType::U8);
+  const uint8_t* src = codes.data<uint8_t>();
+  uint8_t* dst = q.codes.data<uint8_t>();
+  if (f.is_ggml_block()) {  // whole blocks: a byte range of each row
+    const int64_t b0 = c0 / f.group_size * f.block_bytes;
+    for (int64_t r = 0; r < out; ++r) std::memcpy(dst + r * rb, src + r * rb_in + b0, size_t(rb));
+  } else {  // the codes of the columns, packed again (any code width, trit planes too)
+    std::vector<uint8_t> row(static_cast<size_t>(in));
+    for (int64_t r = 0; r < out; ++r) {
+      f.unpack(src + r * rb_in, in, row.data());
+      f.pack(row.data() + c0, n, dst + r * rb);
+    }
+  }
+  // Group parameters: the groups [c0 / G, ...) of each row; one group per row (per-channel,
+  // per-tensor) stays as it is.
+  auto groups = [&](const Tensor& t) {
+    if (!t.defined()) return t;
+    if (f.group_size == 0) return owned(t);
+    const int64_t g0 = c0 / f.group_size;
+    return owned(t.slice(1, g0, g0 + f.n_groups(n)));
+  };
+  q.scales = groups(scales);
+  q.zeros = groups(zeros);
+  q.validate();
+  return q;
 }
 
 QuantizedTensor make_ggml_quantized_tensor(const QuantFormat& f, int64_t out, int64_t in, Tensor blocks,

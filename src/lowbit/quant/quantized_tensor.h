@@ -63,6 +63,19 @@ struct QuantizedTensor {
   bool has_device_copy() const { return device_copy_ != nullptr; }
   int64_t nbytes() const;     // bytes of all tensors (host copy)
 
+  // Pieces of the weight for tensor parallelism (model/tensor_parallel.h), in the same format, the
+  // codes and group parameters copied (never re-rounded): output rows [r0, r1) (any rows), or input
+  // columns [c0, c1) where c0 and c1 (unless c1 = in) are multiples of column_shard_unit(), so the
+  // piece keeps whole groups / ggml blocks and whole int8 activation blocks of the Int8 body (a row's
+  // partial product is then the same integer products as the whole row's, summed in another order).
+  // Throws lowbit::Error naming the format otherwise. The GPU copy is not carried over.
+  QuantizedTensor slice_rows(int64_t r0, int64_t r1) const;
+  QuantizedTensor slice_cols(int64_t c0, int64_t c1) const;
+  // The group or block size, times what the Int8 body's activation blocks (32, or 256 for the
+  // ternary layouts) need (lcm); 1 for per-channel formats without an integer kernel; 0 when the
+  // input columns cannot be split (ptq161: its column mask and row layout are per tensor).
+  int64_t column_shard_unit() const;
+
   mutable std::shared_ptr<const ops::DevicePackedWeight> device_copy_;  // see upload_to_device
 };
 

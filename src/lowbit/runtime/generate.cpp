@@ -2,6 +2,8 @@
 
 #include <chrono>
 
+#include "lowbit/comm/comm.h"
+
 namespace lowbit {
 
 namespace {
@@ -14,6 +16,18 @@ std::string printable(const std::string& piece) {
   return piece;
 }
 }  // namespace
+
+int follow_root(const LlamaModel& model, int token) {
+  comm::Communicator* c = model.tensor_parallel();
+  if (!c) return token;
+  Tensor t = Tensor::from_vector(std::vector<int32_t>{int32_t(token)}, {1});
+  c->broadcast(t, 0);
+  return t.data<int32_t>()[0];
+}
+
+bool is_root(const LlamaModel& model) {
+  return !model.tensor_parallel() || model.tensor_parallel()->rank() == 0;
+}
 
 GenerateResult generate(const LlamaModel& model, const Tokenizer& tok, const std::string& prompt,
                         const GenerateOptions& o, const std::function<void(const std::string&)>& on_piece) {
@@ -38,14 +52,19 @@ GenerateResult generate(const LlamaModel& model, const Tokenizer& tok, const std
   // Prefill all prompt tokens but the last in one pass, then decode one token at a time.
   if (prompt_ids.size() > 1) {
     std::vector<int32_t> pre(prompt_ids.begin(), prompt_ids.end() - 1);
-    model.forward_cached(Tensor::from_vector(pre, {int64_t(pre.size())}), cache);
+    model.forward_cached(Tensor::from_vector(pre, {int64_t(pre.size())}), cache, /*logits=*/false);
   }
   int token = prompt_ids.back();
   const int V = model.config().vocab_size;
+  const bool root = is_root(model);
   for (int pos = int(prompt_ids.size()) - 1; pos < steps; ++pos) {
-    Var logits = model.forward_cached(Tensor::from_vector(std::vector<int32_t>{token}, {1}), cache);
-    Tensor lv = logits.value().to(Device::CPU).contiguous();
-    const int next = sampler.sample(lv.data<float>(), V);
+    Var logits = model.forward_cached(Tensor::from_vector(std::vector<int32_t>{token}, {1}), cache, root);
+    int next = 0;
+    if (root) {
+      Tensor lv = logits.value().to(Device::CPU).contiguous();
+      next = sampler.sample(lv.data<float>(), V);
+    }
+    next = follow_root(model, next);
     if (next == tok.bos_id()) break;
     if (o.stop_at_eos && next == tok.eos_id()) break;
     r.tokens.push_back(next);

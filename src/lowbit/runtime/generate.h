@@ -29,7 +29,16 @@ struct GenerateResult {
 };
 
 // on_piece receives the text of each new token as it is produced (run.c's decode + safe_printf).
+// On a tensor-parallel piece of a model (LlamaModel::tensor_parallel_shard) every rank calls it with
+// the same prompt and options: rank 0 samples, the other ranks skip the output head and take rank
+// 0's tokens (follow_root), so all stop together; their on_piece sees the same text.
 GenerateResult generate(const LlamaModel& model, const Tokenizer& tokenizer, const std::string& prompt,
                         const GenerateOptions& options, const std::function<void(const std::string&)>& on_piece);
+
+// Tensor parallelism: rank 0's token on every rank (a broadcast; `token` is rank 0's choice there and
+// ignored elsewhere). The model itself when it is not a tensor-parallel piece.
+int follow_root(const LlamaModel& model, int token);
+// Whether this process samples and talks to the user: not a tensor-parallel piece, or its rank 0.
+bool is_root(const LlamaModel& model);
 
 }  // namespace lowbit

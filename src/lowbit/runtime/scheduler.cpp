@@ -1,8 +1,10 @@
 #include "lowbit/runtime/scheduler.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "lowbit/autograd/functions.h"
+#include "lowbit/comm/comm.h"
 #include "lowbit/core/error.h"
 
 namespace lowbit {
@@ -56,6 +58,28 @@ size_t stop_prefix_tail(const std::string& s, size_t from, const std::vector<std
         break;
       }
   return best;
+}
+
+// Tensor parallelism: rank 0's scheduler announces every step to the other ranks, which run the
+// same forward on their pieces (follow_scheduler_steps). A header i64 [3] = (op, sequences S,
+// tokens N); for a step, then i64 [3 S] = (slot, cache length before the step, token count) per
+// sequence and the i32 [N] tokens. Idle announcements keep the ranks' waits under the
+// communicator's operation timeout while no request comes.
+enum TpOp : int64_t { kTpStop = 0, kTpStep = 1, kTpIdle = 2 };
+constexpr auto kTpIdleEvery = std::chrono::seconds(30);
+
+void tp_send(comm::Communicator& c, int64_t op, const std::vector<int64_t>& seqs = {}, const std::vector<int32_t>& tokens = {}) {
+  Tensor h = Tensor::empty({3}, DType::I64);
+  h.data<int64_t>()[0] = op;
+  h.data<int64_t>()[1] = int64_t(seqs.size() / 3);
+  h.data<int64_t>()[2] = int64_t(tokens.size());
+  c.broadcast(h, 0);
+  if (op != kTpStep) return;
+  Tensor s = Tensor::empty({int64_t(seqs.size())}, DType::I64);
+  std::copy(seqs.begin(), seqs.end(), s.data<int64_t>());
+  c.broadcast(s, 0);
+  Tensor t = Tensor::from_vector(tokens, {int64_t(tokens.size())});
+  c.broadcast(t, 0);
 }
 
 // Text of a token for streaming: decode_piece, with lone control bytes (not whitespace) dropped.
@@ -284,6 +308,15 @@ void Scheduler::step() {
   }
   if (seqs.empty()) return;
   try {
+    if (comm::Communicator* tp = model_.tensor_parallel()) {  // the other ranks run this step too
+      std::vector<int64_t> desc;
+      for (size_t j = 0; j < seqs.size(); ++j) {
+        int64_t slot = 0;
+        while (slots_[size_t(slot)].get() != seqs[j]) ++slot;
+        desc.insert(desc.end(), {slot, seqs[j]->cache.length, counts[j]});
+      }
+      tp_send(*tp, kTpStep, desc, tokens);
+    }
     const Tensor logits = model_.forward_mixed(Tensor::from_vector(tokens, {int64_t(tokens.size())}), caches, counts, want)
                               .value()
                               .to(Device::CPU)
@@ -322,9 +355,32 @@ void Scheduler::loop() {
     bool cancel_all = false;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      cv_.wait(lk, [&] { return stopping_ || !queue_.empty() || stats_.active > 0; });
+      auto ready = [&] { return stopping_ || !queue_.empty() || stats_.active > 0; };
+      if (comm::Communicator* tp = model_.tensor_parallel()) {
+        while (!cv_.wait_for(lk, kTpIdleEvery, ready)) {
+          lk.unlock();
+          try {
+            tp_send(*tp, kTpIdle);
+          } catch (const std::exception&) {
+            // a rank is gone: the next step's announcement fails and ends its requests with the error
+          }
+          lk.lock();
+        }
+      } else {
+        cv_.wait(lk, ready);
+      }
       if (stopping_ && !finish_on_stop_) cancel_all = true;
-      if (stopping_ && queue_.empty() && stats_.active == 0) return;
+      if (stopping_ && queue_.empty() && stats_.active == 0) {
+        lk.unlock();
+        if (comm::Communicator* tp = model_.tensor_parallel()) {
+          try {
+            tp_send(*tp, kTpStop);
+          } catch (const std::exception&) {
+            // the other ranks are gone already
+          }
+        }
+        return;
+      }
       for (auto& s : slots_)
         if (s->busy && (cancel_all || cancelled_.count(s->id))) to_cancel.push_back(s.get());
       if (cancel_all) {
@@ -373,6 +429,40 @@ void Scheduler::loop() {
     step();
     std::lock_guard<std::mutex> lk(mu_);
     stats_.busy_seconds += now() - t_start;
+  }
+}
+
+void follow_scheduler_steps(const LlamaModel& model, const SchedulerOptions& opt) {
+  comm::Communicator* c = model.tensor_parallel();
+  if (!c || c->rank() == 0) throw_error("follow_scheduler_steps: for the tensor-parallel ranks other than 0");
+  NoGradGuard no_grad;
+  std::vector<KVCache> caches;
+  for (int i = 0; i < opt.parallel; ++i) caches.push_back(model.make_cache(opt.ctx, opt.kv_cache));
+  for (;;) {
+    Tensor h = Tensor::empty({3}, DType::I64);
+    c->broadcast(h, 0);
+    const int64_t op = h.data<int64_t>()[0], S = h.data<int64_t>()[1], N = h.data<int64_t>()[2];
+    if (op == kTpStop) return;
+    if (op != kTpStep) continue;
+    Tensor desc = Tensor::empty({3 * S}, DType::I64), tokens = Tensor::empty({N}, DType::I32);
+    c->broadcast(desc, 0);
+    c->broadcast(tokens, 0);
+    std::vector<KVCache*> ptrs;
+    std::vector<int64_t> counts;
+    for (int64_t j = 0; j < S; ++j) {
+      const int64_t* d = desc.data<int64_t>() + 3 * j;
+      if (d[0] < 0 || d[0] >= opt.parallel || d[1] < 0 || d[1] > opt.ctx)
+        throw_error("tensor parallelism: rank 0 announced slot ", d[0], " at length ", d[1], " (", opt.parallel,
+                    " slots of ", opt.ctx, " tokens here): the ranks were started with different options");
+      caches[size_t(d[0])].length = d[1];  // 0 after an admission: the slot starts over
+      ptrs.push_back(&caches[size_t(d[0])]);
+      counts.push_back(d[2]);
+    }
+    try {
+      model.forward_mixed(tokens, ptrs, counts, std::vector<bool>(size_t(S), false));
+    } catch (const Error&) {
+      // Rank 0's forward of the same step failed the same check (it finishes those requests with an error).
+    }
   }
 }
 

@@ -13,6 +13,8 @@
 //      leaves when done (max_tokens, EOS/BOS, a stop string, the context full, cancelled).
 // submit() and cancel() are thread-safe; callbacks run on the scheduler's thread and must be quick.
 // No HTTP here: the server (cli/cmd_serve.cpp) and the tests drive it directly.
+// On a tensor-parallel piece of the model, rank 0's scheduler sends each step's sequences and tokens
+// to the other ranks, which follow (follow_scheduler_steps).
 #pragma once
 #include <chrono>
 #include <condition_variable>
@@ -132,5 +134,11 @@ class Scheduler {
   std::thread thread_;
   const std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
 };
+
+// Tensor parallelism (LlamaModel::tensor_parallel_shard): a Scheduler on rank 0's piece announces
+// each step to the other ranks; on those, this runs the same forward_mixed steps on their pieces
+// with their own `parallel` caches (same options as rank 0's), without logits, until rank 0's
+// scheduler stops. Throws on rank 0 or a model that is not a piece.
+void follow_scheduler_steps(const LlamaModel& model, const SchedulerOptions& options);
 
 }  // namespace lowbit
