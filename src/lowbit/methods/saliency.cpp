@@ -1,5 +1,6 @@
 #include "lowbit/methods/saliency.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <optional>
@@ -145,10 +146,14 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
     });
   }
   int64_t batches = 0;
+  // Data parallel: this rank's batches [first, last) of the run's (all of them with one rank).
+  const bool dp = o.comm && o.comm->world_size() > 1;
+  const int64_t nbatch = (N + o.batch - 1) / o.batch, world = dp ? o.comm->world_size() : 1, rank = dp ? o.comm->rank() : 0;
+  const int64_t first = std::min(N, nbatch * rank / world * o.batch), last = std::min(N, nbatch * (rank + 1) / world * o.batch);
   std::optional<ProgressBar> bar;
   if (o.progress) bar.emplace(std::string("saliency ") + saliency_kind_name(o.kind), N, "seqs");
   {
-    for (int64_t s = 0; s < N; s += o.batch) {
+    for (int64_t s = first; s < last; s += o.batch) {
       const int64_t e = std::min(N, s + o.batch);
       const Tensor tb = tokens.slice(0, s, e).contiguous();
       if (!needs_grad) {
@@ -193,6 +198,25 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
       a.dev_sum = Tensor();
       a.dev_tmp = Tensor();
     }
+  if (dp) {  // the ranks' sums (every module's, in the map's order), rows and batches, summed
+    int64_t n = 1;  // the batch count last
+    for (const auto& [m, a] : acc) n += int64_t(a.sum.size()) + 1;
+    Tensor flat = Tensor::empty({n}, DType::F64);
+    double* p = flat.data<double>();
+    for (const auto& [m, a] : acc) {
+      p = std::copy(a.sum.begin(), a.sum.end(), p);
+      *p++ = double(a.rows);
+    }
+    p[0] = double(batches);
+    o.comm->all_reduce_sum(flat);
+    p = flat.data<double>();
+    for (auto& [m, a] : acc) {
+      std::copy(p, p + a.sum.size(), a.sum.begin());
+      p += a.sum.size();
+      a.rows = int64_t(*p++);
+    }
+    batches = int64_t(p[0]);
+  }
   if (bar) bar->finish();
 
   // Layer: mean over batches, then mean 1 per layer. None: the raw sum over batches.

@@ -55,6 +55,7 @@
 #include <string_view>
 
 #include "lowbit/autograd/variable.h"
+#include "lowbit/comm/comm.h"
 #include "lowbit/model/llama.h"
 
 namespace lowbit {
@@ -78,6 +79,11 @@ struct SaliencyOptions {
   SaliencyNorm norm = SaliencyNorm::Layer;
   int64_t batch = 1;      // calibration sequences per backward pass (1: per-sequence Fisher)
   bool progress = false;
+  // Data parallel (issue 20; null or one rank: off): every rank is given all the windows, takes a
+  // contiguous share of the batches, and the accumulated sums (g^2, |g w| or x^2, and the batch and
+  // row counts) are summed over the ranks at the end: every rank gets the one-process map up to the
+  // rounding of the (double) sums.
+  comm::Communicator* comm = nullptr;
 };
 
 struct SaliencyMap {
