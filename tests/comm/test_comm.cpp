@@ -1,7 +1,8 @@
 // The communicator layer (src/lowbit/comm): collectives on the CPU backend with 1-4 ranks as
 // forked processes (each test bounded in time; children always reaped or killed), the environment
 // parser's bad-input rows, the rendezvous' errors, and through the CLI: `lowbit comm --gpus N`
-// and data-parallel GPTQ against one rank on stories260K. The NCCL backend is checked with one
+// and data-parallel GPTQ/AWQ, ApiQ/SAPR, train and qat against one rank on stories260K (the
+// block trainers' window sharding and gradient all-reduce also directly). The NCCL backend is checked with one
 // rank where the build has NCCL and a GPU is visible (skipped otherwise).
 #include <gtest/gtest.h>
 #include <signal.h>
