@@ -710,7 +710,7 @@ double max_rel(const std::vector<double>& a, const std::vector<double>& b) {
 
 // ApiQ (block- and layer-wise) and SAPR with 2 and 3 CPU ranks against one process on the same 12
 // windows, 4 per step (so a step's windows are spread over the ranks): the saliency map (Fisher sums
-// all-reduced), every training run's first and last epoch loss (all-reduced) and the trained
+// all-reduced; 1e-6), every training run's first and last epoch loss (all-reduced) and the trained
 // weights (Q(W) + s B A merged in f32: codes, scales and adapters at once) agree to the rounding of
 // the sums; one process on 6 of the windows does not (the test can tell an all-reduce from none).
 TEST(CommCli, DataParallelApiqSaprMatchOneRank) {

@@ -245,13 +245,12 @@ SaliencyMap obtain_saliency(const QuantArgs& a, const LlamaModel& model, const T
   so.norm = norm;
   so.batch = a.saliency_batch;
   so.progress = !a.json && world.rank() == 0;
-  so.comm = &world;
   LlamaWeights w = model.weights();
   if (source != "fp")  // the gradients of the round-to-nearest quantized model
     for (auto& l : w.layers)
       for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down})
         *t = quantize(*t, f).dequantize().to(t->device());  // the codec runs on the host; back to the model's device
-  SaliencyMap s = compute_saliency(model.config(), w, calib, so);
+  SaliencyMap s = compute_saliency(model.config(), w, calib, so, &world);
   s.source = source;
   if (!a.saliency.empty() && world.rank() == 0) save_saliency(a.saliency, s);
   return s;
@@ -987,7 +986,7 @@ void register_quantize(CLI::App& app) {
   q->add_option("--weight-decay", a->weight_decay, "ApiQ: weight decay of both groups (overrides --lora-wd/--clip-wd)")->check(at_least(0));
   q->add_option("--lora-wd", a->lora_wd, "ApiQ: weight decay of the LoRA factors")->capture_default_str()->check(at_least(0));
   q->add_option("--clip-wd", a->clip_wd, "ApiQ: weight decay of the clipping logits")->capture_default_str()->check(at_least(0));
-  q->add_option("--apiq-batch", a->apiq_batch, "ApiQ: calibration windows per optimizer step")->capture_default_str()->check(at_least(1));
+  q->add_option("--apiq-batch", a->apiq_batch, "ApiQ: calibration windows per optimizer step (several ranks: a step's windows are spread over them, so give at least --gpus)")->capture_default_str()->check(at_least(1));
   q->add_option("--apiq-aug", a->aug,
                 "ApiQ block-wise: coefficient of the second loss term ||F(W, Xq) - F(Q, Xq)||^2 (ApiQ's --aug_loss)")
       ->capture_default_str()

@@ -1,6 +1,5 @@
 #include "lowbit/methods/saliency.h"
 
-#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <optional>
@@ -146,14 +145,10 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
     });
   }
   int64_t batches = 0;
-  // Data parallel: this rank's batches [first, last) of the run's (all of them with one rank).
-  const bool dp = o.comm && o.comm->world_size() > 1;
-  const int64_t nbatch = (N + o.batch - 1) / o.batch, world = dp ? o.comm->world_size() : 1, rank = dp ? o.comm->rank() : 0;
-  const int64_t first = std::min(N, nbatch * rank / world * o.batch), last = std::min(N, nbatch * (rank + 1) / world * o.batch);
   std::optional<ProgressBar> bar;
   if (o.progress) bar.emplace(std::string("saliency ") + saliency_kind_name(o.kind), N, "seqs");
   {
-    for (int64_t s = first; s < last; s += o.batch) {
+    for (int64_t s = 0; s < N; s += o.batch) {
       const int64_t e = std::min(N, s + o.batch);
       const Tensor tb = tokens.slice(0, s, e).contiguous();
       if (!needs_grad) {
@@ -198,25 +193,6 @@ SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weig
       a.dev_sum = Tensor();
       a.dev_tmp = Tensor();
     }
-  if (dp) {  // the ranks' sums (every module's, in the map's order), rows and batches, summed
-    int64_t n = 1;  // the batch count last
-    for (const auto& [m, a] : acc) n += int64_t(a.sum.size()) + 1;
-    Tensor flat = Tensor::empty({n}, DType::F64);
-    double* p = flat.data<double>();
-    for (const auto& [m, a] : acc) {
-      p = std::copy(a.sum.begin(), a.sum.end(), p);
-      *p++ = double(a.rows);
-    }
-    p[0] = double(batches);
-    o.comm->all_reduce_sum(flat);
-    p = flat.data<double>();
-    for (auto& [m, a] : acc) {
-      std::copy(p, p + a.sum.size(), a.sum.begin());
-      p += a.sum.size();
-      a.rows = int64_t(*p++);
-    }
-    batches = int64_t(p[0]);
-  }
   if (bar) bar->finish();
 
   // Layer: mean over batches, then mean 1 per layer. None: the raw sum over batches.
@@ -247,6 +223,40 @@ SaliencyMap normalise_saliency_per_layer(SaliencyMap s) {
   }
   s.norm = SaliencyNorm::Layer;
   return s;
+}
+
+SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weights, const Tensor& tokens_in,
+                             const SaliencyOptions& o, comm::Communicator* comm) {
+  const bool sums = o.kind == SaliencyKind::Fisher || o.kind == SaliencyKind::GradWeight;
+  const int64_t N = tokens_in.dim() == 2 ? tokens_in.size(0) : 0, nbatch = o.batch >= 1 ? (N + o.batch - 1) / o.batch : 0;
+  const int W = comm ? comm->world_size() : 1, r = comm ? comm->rank() : 0;
+  // One rank, a kind that is not a plain sum over batches, or fewer batches than ranks: every rank
+  // computes the whole map (compute_saliency checks the inputs).
+  if (W == 1 || !sums || nbatch < W) return compute_saliency(config, weights, tokens_in, o);
+  // This rank's whole batches [first, last) of the one-process pass, their raw sums over the ranks.
+  const int64_t first = std::min(N, nbatch * r / W * o.batch), last = std::min(N, nbatch * (r + 1) / W * o.batch);
+  SaliencyOptions mine = o;
+  mine.norm = SaliencyNorm::None;
+  SaliencyMap s = compute_saliency(config, weights, tokens_in.slice(0, first, last).contiguous(), mine);
+  int64_t n = 0;
+  for (const auto& [m, t] : s.scores) n += t.numel();
+  Tensor flat = Tensor::empty({n}, DType::F64);
+  double* p = flat.data<double>();
+  for (const auto& [m, t] : s.scores) {  // the map's order: the same on every rank
+    const Tensor c = t.to(Device::CPU).to(DType::F32).contiguous();
+    for (int64_t k = 0; k < c.numel(); ++k) *p++ = double(c.data<float>()[k]);
+  }
+  comm->all_reduce_sum(flat);
+  p = flat.data<double>();
+  // Layer: the mean over all batches (as one process), then mean 1 per layer. None: the raw sum.
+  const double div = o.norm == SaliencyNorm::Layer ? double(nbatch) : 1.0;
+  for (auto& [m, t] : s.scores) {
+    Tensor c = Tensor::empty(t.shape());
+    for (int64_t k = 0; k < c.numel(); ++k) c.data<float>()[k] = float(*p++ / div);
+    t = c;
+  }
+  s.nsamples = N;
+  return o.norm == SaliencyNorm::Layer ? normalise_saliency_per_layer(std::move(s)) : s;
 }
 
 void save_saliency(const std::string& path, const SaliencyMap& s) {
