@@ -1,7 +1,8 @@
 // The communicator layer (src/lowbit/comm): collectives on the CPU backend with 1-4 ranks as
 // forked processes (each test bounded in time; children always reaped or killed), the environment
 // parser's bad-input rows, the rendezvous' errors, and through the CLI: `lowbit comm --gpus N`
-// and data-parallel GPTQ against one rank on stories260K. The NCCL backend is checked with one
+// and data-parallel GPTQ/AWQ, ApiQ/SAPR, train and qat against one rank on stories260K (the
+// block trainers' window sharding and gradient all-reduce also directly). The NCCL backend is checked with one
 // rank where the build has NCCL and a GPU is visible (skipped otherwise).
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -15,13 +16,18 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
+#include <memory>
 #include <thread>
+
+#include <nlohmann/json.hpp>
 
 #include "comm/fork_ranks.h"
 #include "common/test_util.h"
 #include "lowbit/comm/comm.h"
 #include "lowbit/comm/launch.h"
 #include "lowbit/io/safetensors.h"
+#include "lowbit/methods/block_train.h"
 #include "lowbit/ops/device_init.h"
 
 namespace fs = std::filesystem;
@@ -130,6 +136,44 @@ TEST(Comm, CpuBackendCollectivesWithOneToFourRanks) {
     });
     for (int r = 0; r < world; ++r) EXPECT_EQ(st[size_t(r)], 0) << "rank " << r;
   }
+}
+
+// The data-parallel block trainers' pieces (methods/block_train.h) on 3 forked ranks holding 4, 3
+// and 3 windows: the global window numbering, which of a step's windows each rank holds, the
+// weighted step loss, and the gradient all-reduce (a gradient present on some ranks only is summed
+// with zeros; one present on none stays absent, as in one process).
+TEST(Comm, WindowShardsAndGradientAllReduce) {
+  const int port = free_local_port();
+  const auto st = run_forked(3, [&](int r) {
+    auto c = make_cpu_communicator(env_for(r, 3, port), 20, 20);
+    const lowbit::WindowShards s(c.get(), r == 0 ? 4 : 3);
+    CHECK_OR_THROW(s.distributed() && s.total() == 10 && s.local_count() == (r == 0 ? 4 : 3), "counts");
+    const std::vector<int64_t> idx = {9, 0, 5, 4, 3};
+    const std::vector<int64_t> want[] = {{0, 3}, {1, 0}, {2}};  // rank 0: 0..3, rank 1: 4..6, rank 2: 7..9
+    CHECK_OR_THROW(s.local(idx, 0, idx.size()) == want[r], "local windows of rank ", r);
+    CHECK_OR_THROW(s.local(idx, 1, 2) == (r == 0 ? std::vector<int64_t>{0} : std::vector<int64_t>{}), "sub-range");
+    // step_loss: this rank's loss times its share of the 5 windows (the loss here: its window count).
+    auto count = [](const std::vector<int64_t>&, size_t b, size_t e) {
+      return lowbit::Var(Tensor::full({}, double(e - b)), false);
+    };
+    const double part = s.step_loss(idx, 0, idx.size(), count).value().item();
+    CHECK_OR_THROW(std::abs(part - double(want[r].size()) * double(want[r].size()) / 5.0) < 1e-6, "step_loss ", part);
+    CHECK_OR_THROW(s.sum(1.5) == 4.5, "sum");
+    lowbit::Var all(Tensor::zeros({3}), true), some(Tensor::zeros({2, 2}), true), none(Tensor::zeros({2}), true);
+    all.grad() = Tensor::full({3}, double(r + 1));
+    if (r == 1) some.grad() = Tensor::full({2, 2}, 7.0);
+    lowbit::all_reduce_grads({all, some, none}, *c);
+    CHECK_OR_THROW(all.grad().defined() && all.grad().data<float>()[2] == 6.0f, "summed");
+    CHECK_OR_THROW(some.grad().defined() && some.grad().shape() == lowbit::Shape({2, 2}) &&
+                       some.grad().contiguous().data<float>()[3] == 7.0f, "one rank's");
+    CHECK_OR_THROW(!none.grad().defined(), "none stays none");
+  });
+  for (int r = 0; r < 3; ++r) EXPECT_EQ(st[size_t(r)], 0) << "rank " << r;
+  // One rank: everything is local and step_loss is the loss itself.
+  const lowbit::WindowShards one(nullptr, 5);
+  EXPECT_FALSE(one.distributed());
+  EXPECT_EQ(one.total(), 5);
+  EXPECT_EQ(one.local({4, 1}, 0, 2), (std::vector<int64_t>{4, 1}));
 }
 
 TEST(Comm, MismatchedSizesAreAnErrorOnEveryRank) {
@@ -351,6 +395,50 @@ TEST(Comm, NcclSeveralRanksOnDeviceTensors) {
 
 using lowbit::test::CliResult;
 using lowbit::test::run_cli;
+namespace {
+// Two checkpoints' safetensors compared tensor by tensor: the fraction of differing bytes of the
+// integer (code) tensors, the count of floating-point elements (scales, adapters, norms,
+// embeddings) off by more than `tol` relative (denominator at least 1e-3), the largest such
+// relative difference, and over the floating-point tensors the largest ||x - y|| / ||x|| and the
+// largest max|x - y| / max|x|.
+struct Diff {
+  double code_fraction = 0;
+  int64_t float_mismatches = 0;
+  double max_float_rel = 0;
+  double tensor_rel = 0, elem_of_max = 0;
+};
+Diff compare(const lowbit::SafetensorsFile& a, const lowbit::SafetensorsFile& b, double tol = 1e-4) {
+  Diff d;
+  double diff = 0, total = 0;
+  for (const auto& info : a.tensors()) {
+    const Tensor x = a.load(info.name), y = b.load(info.name);
+    EXPECT_EQ(x.shape(), y.shape()) << info.name;
+    if (x.shape() != y.shape()) continue;
+    if (!lowbit::dtype_info(x.dtype()).is_float) {
+      const auto* p = static_cast<const uint8_t*>(x.raw_data());
+      const auto* q = static_cast<const uint8_t*>(y.raw_data());
+      for (size_t i = 0; i < x.nbytes(); ++i) diff += p[i] != q[i];
+      total += double(x.nbytes());
+    } else {
+      const Tensor xf = x.to(DType::F32), yf = y.to(DType::F32);
+      double dd = 0, xx = 0, dmax = 0, xmax = 0;
+      for (int64_t i = 0; i < xf.numel(); ++i) {
+        const double u = xf.data<float>()[i], v = yf.data<float>()[i];
+        const double rel = std::abs(u - v) / std::max(std::abs(u), 1e-3);
+        d.max_float_rel = std::max(d.max_float_rel, rel);
+        if (rel > tol) ++d.float_mismatches;
+        dd += (u - v) * (u - v), xx += u * u;
+        dmax = std::max(dmax, std::abs(u - v)), xmax = std::max(xmax, std::abs(u));
+      }
+      if (xx > 0) d.tensor_rel = std::max(d.tensor_rel, std::sqrt(dd / xx));
+      if (xmax > 0) d.elem_of_max = std::max(d.elem_of_max, dmax / xmax);
+    }
+  }
+  d.code_fraction = total > 0 ? diff / total : 0.0;
+  return d;
+}
+
+}  // namespace
 
 TEST(CommCli, CollectivesWithLaunchedRanks) {
   if (!fs::exists(lowbit::test::cli_path())) GTEST_SKIP() << "no " << lowbit::test::cli_path();
@@ -408,35 +496,6 @@ TEST(CommCli, DataParallelGptqMatchesOneRank) {
                                 dir);
     EXPECT_EQ(r.status, 0) << r.err;
     return lowbit::SafetensorsFile::open((dir / name / "model.safetensors").string());
-  };
-  // Compares every tensor: the fraction of differing bytes of the integer (code) tensors, and the
-  // count of floating-point elements (scales, norms, embeddings) off by more than 1e-4 relative.
-  struct Diff {
-    double code_fraction = 0;
-    int64_t float_mismatches = 0;
-  };
-  auto compare = [](const lowbit::SafetensorsFile& a, const lowbit::SafetensorsFile& b) {
-    Diff d;
-    double diff = 0, total = 0;
-    for (const auto& info : a.tensors()) {
-      const Tensor x = a.load(info.name), y = b.load(info.name);
-      EXPECT_EQ(x.shape(), y.shape()) << info.name;
-      if (x.shape() != y.shape()) continue;
-      if (!lowbit::dtype_info(x.dtype()).is_float) {
-        const auto* p = static_cast<const uint8_t*>(x.raw_data());
-        const auto* q = static_cast<const uint8_t*>(y.raw_data());
-        for (size_t i = 0; i < x.nbytes(); ++i) diff += p[i] != q[i];
-        total += double(x.nbytes());
-      } else {
-        const Tensor xf = x.to(DType::F32), yf = y.to(DType::F32);
-        for (int64_t i = 0; i < xf.numel(); ++i) {
-          const float u = xf.data<float>()[i], v = yf.data<float>()[i];
-          if (std::abs(u - v) > 1e-4f * std::max(std::abs(u), 1e-3f)) ++d.float_mismatches;
-        }
-      }
-    }
-    d.code_fraction = total > 0 ? diff / total : 1.0;
-    return d;
   };
   const auto one = quantize("one", 24, 0, "gptq");
   const auto two = quantize("two", 24, 2, "gptq");
@@ -557,6 +616,143 @@ TEST(CommCli, ZeroShardedOptimizerMatchesAndResumes) {
     const auto l = losses(name);
     ASSERT_EQ(l.size(), 6u) << name;
     for (size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(l[i], ref[i], 1e-5 * ref[i]) << name << " step " << i + 1;
+  }
+  fs::remove_all(dir);
+}
+
+// ---- data-parallel training methods: ApiQ / SAPR (quantize) and qat (lsq, efficientqat) ----------
+
+namespace {
+nlohmann::json read_json(const fs::path& p) {
+  std::ifstream f(p);
+  return nlohmann::json::parse(f, nullptr, false);
+}
+// Largest relative difference of two equally long lists of losses (all must be positive).
+double max_rel(const std::vector<double>& a, const std::vector<double>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double m = 0;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) m = std::max(m, std::abs(a[i] - b[i]) / std::abs(a[i]));
+  return m;
+}
+}  // namespace
+
+// ApiQ (block- and layer-wise) and SAPR with 2 and 3 CPU ranks against one process on the same 12
+// windows, 4 per step (so a step's windows are spread over the ranks): the saliency map (Fisher sums
+// all-reduced; 1e-6), every training run's first and last epoch loss (all-reduced) and the trained
+// weights (Q(W) + s B A merged in f32: codes, scales and adapters at once) agree to the rounding of
+// the sums; one process on 6 of the windows does not (the test can tell an all-reduce from none).
+TEST(CommCli, DataParallelApiqSaprMatchOneRank) {
+  if (!fs::exists(lowbit::test::cli_path())) GTEST_SKIP() << "no " << lowbit::test::cli_path();
+  const std::string model = lowbit::test::shared_file("models/stories260K/stories260K.bin");
+  const std::string tokens = lowbit::test::shared_file("models/stories260K/sample-tokens.i32");
+  if (model.empty() || tokens.empty()) GTEST_SKIP() << "stories260K not found under " << lowbit::test::shared_root();
+  const fs::path dir = lowbit::test::temp_dir("comm_apiq");
+  struct Run {
+    std::vector<double> losses;
+    lowbit::SafetensorsFile ckpt;
+  };
+  auto quantize = [&](const std::string& method, int gpus, int nsamples = 12) {
+    const std::string name = method + "-" + std::to_string(gpus) + "-" + std::to_string(nsamples);
+    std::string extra;
+    if (method == "sapr")
+      extra = " --saliency " + (dir / (name + ".saliency")).string() + " --sapr-weight-epochs 1 --sapr-output-epochs 1";
+    const CliResult r = run_cli("quantize -q -m " + model + " --method " + method + " --format int2g64 --calib-tokens " +
+                                    tokens + " --nsamples " + std::to_string(nsamples) +
+                                    " --seqlen 64 --epochs 4 --apiq-batch 4 --rank 4 --lora merge --merge-dtype f32 -o " +
+                                    (dir / name).string() + extra +
+                                    (gpus ? " --gpus " + std::to_string(gpus) : ""),
+                                dir);
+    EXPECT_EQ(r.status, 0) << r.err;
+    const nlohmann::json rep = read_json(dir / name / "quantize_report.json");
+    std::vector<double> losses;
+    for (const auto& e : rep["apiq"]["epoch_loss"]) {
+      losses.push_back(e["first"].get<double>());
+      losses.push_back(e["last"].get<double>());
+    }
+    return Run{losses, lowbit::SafetensorsFile::open((dir / name / "model.safetensors").string())};
+  };
+  for (const std::string method : {"apiq", "apiq-layer", "sapr"}) {
+    const Run one = quantize(method, 0);
+    ASSERT_EQ(one.losses.size(), method == "apiq-layer" ? 70u : 10u) << method;
+    for (int gpus : {2, 3}) {
+      const Run dp = quantize(method, gpus);
+      const double loss_rel = max_rel(one.losses, dp.losses);
+      const Diff d = compare(one.ckpt, dp.ckpt);
+      std::printf("[measured] %s, %d ranks: epoch losses max rel diff %.3g; merged f32 weights: max ||dW||/||W|| %.3g, "
+                  "max |dW| / max|W| %.3g\n", method.c_str(), gpus, loss_rel, d.tensor_rel, d.elem_of_max);
+      EXPECT_LE(loss_rel, 1e-5) << method << " " << gpus;
+      // A flipped code would move an element by a quantization step, ~1e-1 of the tensor's max.
+      EXPECT_LE(d.tensor_rel, 1e-4) << method << " " << gpus;
+      EXPECT_LE(d.elem_of_max, 1e-4) << method << " " << gpus;
+      if (method == "sapr") {
+        const auto s1 = lowbit::SafetensorsFile::open((dir / "sapr-0-12.saliency").string());
+        const auto sn = lowbit::SafetensorsFile::open((dir / ("sapr-" + std::to_string(gpus) + "-12.saliency")).string());
+        const Diff ds = compare(s1, sn, 1e-6);
+        std::printf("[measured] saliency, %d ranks: max rel diff %.3g\n", gpus, ds.max_float_rel);
+        EXPECT_EQ(ds.float_mismatches, 0);
+      }
+    }
+  }
+  const Run one = quantize("apiq", 0), half = quantize("apiq", 0, 6);
+  EXPECT_GT(max_rel(one.losses, half.losses), 1e-3) << "6 windows alone train like 12: the test cannot tell";
+  fs::remove_all(dir);
+}
+
+// qat: lsq (end to end; also with --zero) and efficientqat (Block-AP through the data-parallel
+// pipeline, then E2E-QP) with 2 and 3 CPU ranks against one process: the stages' losses
+// (all-reduced) and the checkpoint; with --zero rank 0 holds about half the AdamW state.
+TEST(CommCli, DataParallelQatMatchesOneRank) {
+  if (!fs::exists(lowbit::test::cli_path())) GTEST_SKIP() << "no " << lowbit::test::cli_path();
+  const std::string model = lowbit::test::shared_file("models/stories260K/stories260K.bin");
+  const std::string tokens = lowbit::test::shared_file("models/stories260K/sample-tokens.i32");
+  if (model.empty() || tokens.empty()) GTEST_SKIP() << "stories260K not found under " << lowbit::test::shared_root();
+  const fs::path dir = lowbit::test::temp_dir("comm_qat");
+  struct Run {
+    std::vector<double> losses;
+    int64_t state_bytes = 0;  // the last stage's AdamW state on rank 0
+    std::unique_ptr<lowbit::SafetensorsFile> ckpt;
+  };
+  const std::map<std::string, std::string> args = {
+      {"lsq", "--steps 6 --batch 6 --seqlen 32"},
+      {"efficientqat", "--nsamples 12 --seqlen 32 --block-epochs 2 --block-batch 4 --steps 3 --batch 6"}};
+  for (const auto& [method, extra] : args) {
+    auto qat = [&](int gpus, const std::string& flags = "") {
+      const std::string name = method + "-" + std::to_string(gpus) + (flags.empty() ? "" : "-zero");
+      const CliResult r = run_cli("qat --json -m " + model + " --method " + method + " --format int2g64 --train-tokens " +
+                                      tokens + " " + extra + " -o " + (dir / name).string() +
+                                      (gpus ? " --gpus " + std::to_string(gpus) : "") + " " + flags,
+                                  dir);
+      EXPECT_EQ(r.status, 0) << r.err;
+      const nlohmann::json rep = nlohmann::json::parse(r.out, nullptr, false);
+      Run run;
+      for (const auto& st : rep["stages"]) {
+        run.losses.push_back(st["loss_before"].get<double>());
+        run.losses.push_back(st["loss_after"].get<double>());
+        run.state_bytes = st.value("optimizer_state_bytes", int64_t(0));
+      }
+      EXPECT_EQ(rep.value("ranks", 0), gpus ? gpus : 1);
+      run.ckpt = std::make_unique<lowbit::SafetensorsFile>(
+          lowbit::SafetensorsFile::open((dir / name / "model.safetensors").string()));
+      return run;
+    };
+    const Run one = qat(0);
+    ASSERT_EQ(one.losses.size(), method == "lsq" ? 2u : 4u);
+    std::vector<std::pair<int, std::string>> runs = {{2, ""}, {3, ""}};
+    if (method == "lsq") runs.emplace_back(2, "--zero");
+    for (const auto& [gpus, flags] : runs) {
+      const Run dp = qat(gpus, flags);
+      const double loss_rel = max_rel(one.losses, dp.losses);
+      const Diff d = compare(*one.ckpt, *dp.ckpt, 1e-3);
+      std::printf("[measured] qat %s, %d ranks %s: stage losses max rel diff %.3g; codes differing %.3g; floats max rel "
+                  "diff %.3g (%lld over 1e-3); AdamW state on rank 0 %lld bytes (one process %lld)\n", method.c_str(),
+                  gpus, flags.c_str(), loss_rel, d.code_fraction, d.max_float_rel, (long long)d.float_mismatches,
+                  (long long)dp.state_bytes, (long long)one.state_bytes);
+      EXPECT_LE(loss_rel, 1e-5) << method << " " << gpus << flags;
+      EXPECT_LE(d.code_fraction, 1e-3) << method << " " << gpus << flags;
+      EXPECT_EQ(d.float_mismatches, 0) << method << " " << gpus << flags;
+      if (flags == "--zero") EXPECT_LT(dp.state_bytes, one.state_bytes * 3 / 4);
+      else EXPECT_EQ(dp.state_bytes, one.state_bytes);
+    }
   }
   fs::remove_all(dir);
 }

@@ -8,6 +8,7 @@
 
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
+#include "lowbit/cli/dist.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/methods/pipeline.h"
@@ -27,6 +28,7 @@ struct QatArgs {
   bool self_generate_given = false, gen_top_k_given = false;
   QatConfig c;
   bool json = false;
+  DistArgs dist;  // --gpus N / launcher environment: data-parallel training (issue 20)
 };
 
 nlohmann::json stage_json(const QatStage& s) {
@@ -34,7 +36,8 @@ nlohmann::json stage_json(const QatStage& s) {
   return {{"stage", s.name},         {"steps", s.steps},
           {"tokens", s.tokens},      {"loss_before", num(s.loss_before)},
           {"loss_after", num(s.loss_after)}, {"seconds", s.seconds},
-          {"resumed_from", s.resumed_from}, {"hyper", s.hyper}};
+          {"resumed_from", s.resumed_from}, {"hyper", s.hyper},
+          {"optimizer_state_bytes", s.optimizer_state_bytes}};
 }
 
 void run_qat(QatArgs& a) {
@@ -77,12 +80,36 @@ void run_qat(QatArgs& a) {
     throw_error("--out ", a.out, " is the input model; choose another directory");
   // The method's own checks (format support) before anything is loaded.
   make_qat_method(a.method, a.c);
-  OutputDir out(a.out, "--out");
-  out.refuse_input(a.model, "the input model");
-  a.c.state_dir = a.state_dir.empty() ? (fs::path(a.out) / ".state").string() : a.state_dir;
-  OutputDir state(a.c.state_dir, "--state-dir");  // created now: an unusable path fails before training
-  state.keep_if_exists(a.c.state_dir);             // a failed run keeps its resumable state once saved
-  out.keep_if_exists(a.c.state_dir);
+  // Data parallel (--gpus N / a launcher): every rank loads the model and the data; each end-to-end
+  // step's windows (and efficientqat's Block-AP calibration windows) are split over the ranks and
+  // the gradients all-reduced (train/qat.h); rank 0 writes. No resumable state then.
+  const std::unique_ptr<comm::Communicator> world = start_ranks(a.dist, a.device != "cpu");
+  const bool writer = world->rank() == 0;
+  if (world->world_size() > 1) {
+    const std::string n = std::to_string(world->world_size());
+    if (!a.state_dir.empty() || a.c.stop_after_steps > 0 || a.c.stop_after_blocks > 0)
+      throw_error(!a.state_dir.empty() ? "--state-dir" : a.c.stop_after_steps > 0 ? "--stop-after" : "--stop-after-blocks",
+                  ": a data-parallel qat run (", n, " ranks) keeps no resumable state; run it with one rank");
+    if (generate)
+      throw_error("--self-generate with ", n, " ranks: every rank would generate the data; generate it with one rank "
+                  "(--self-generate N --gen-tokens FILE) and train on it with --train-tokens FILE");
+    a.c.comm = world.get();
+    if (!writer) a.c.progress = false;
+  }
+  if (a.c.zero && world->world_size() == 1)
+    throw_error("--zero shards the optimizer state over several ranks (--gpus N or a launcher)");
+  if (a.c.zero && a.c.optimizer_bits != 32) throw_error("--zero: f32 optimizer state only (--optimizer-bits 32)");
+  std::optional<OutputDir> out, state;  // rank 0's (the other ranks of a data-parallel run write nothing)
+  if (writer) {
+    out.emplace(a.out, "--out");
+    out->refuse_input(a.model, "the input model");
+  }
+  if (world->world_size() == 1) {
+    a.c.state_dir = a.state_dir.empty() ? (fs::path(a.out) / ".state").string() : a.state_dir;
+    state.emplace(a.c.state_dir, "--state-dir");  // created now: an unusable path fails before training
+    state->keep_if_exists(a.c.state_dir);          // a failed run keeps its resumable state once saved
+    out->keep_if_exists(a.c.state_dir);
+  }
   LoadedModel m = load_model(a.model, dev);
   std::vector<int32_t> stream;
   std::string gen_path;
@@ -120,6 +147,7 @@ void run_qat(QatArgs& a) {
                   m.model->config().vocab_size, ")");
   auto method = make_qat_method(a.method, a.c);
   QatResult r = method->run(*m.model, stream);
+  if (!writer) return;  // rank 0 reports and writes the (identical) model
   nlohmann::json stages = nlohmann::json::array();
   for (const auto& s : r.stages) stages.push_back(stage_json(s));
   int64_t tokens = 0;
@@ -127,7 +155,8 @@ void run_qat(QatArgs& a) {
   nlohmann::json report = {{"model", a.model},     {"method", a.method},       {"format", f.name},
                            {"complete", r.complete}, {"seconds", r.seconds},   {"stages", stages},
                            {"training_tokens", tokens}, {"data", data},        {"data_tokens", stream.size()},
-                           {"peak_rss_bytes", peak_rss_bytes()}, {"threads", threads_summary()}};
+                           {"peak_rss_bytes", peak_rss_bytes()}, {"threads", threads_summary()},
+                           {"ranks", world->world_size()}, {"comm_backend", world->backend()}};
   if (generate)
     report["self_generated"] = {{"sequences", a.self_generate}, {"length", a.c.sequence_length}, {"top_k", a.gen_top_k},
                                 {"file", gen_path}};
@@ -144,7 +173,7 @@ void run_qat(QatArgs& a) {
         {"eval", eval}};
   }
   if (!r.complete) {  // stopped early (testing aid): the state stays for the next run
-    out.keep();
+    out->keep();
     if (a.json) print_json(report);
     else print_stdout("qat %s: stopped early; rerun the same command to resume from %s\n", a.method.c_str(),
                       a.c.state_dir.c_str());
@@ -161,8 +190,8 @@ void run_qat(QatArgs& a) {
     if (std::fclose(fp) != 0 || !ok) throw_error(path, ": write failed");
   }
   copy_tokenizer_files(a.tokenizer, a.model, a.out);
-  out.keep();
-  if (a.state_dir.empty()) fs::remove_all(a.c.state_dir, ec);
+  out->keep();
+  if (a.state_dir.empty() && !a.c.state_dir.empty()) fs::remove_all(a.c.state_dir, ec);
   if (a.json) {
     print_json(report);
     return;
@@ -224,6 +253,8 @@ void register_qat(CLI::App& app) {
                 "32 or 8 (block-wise dynamic 8-bit, as lowbit train's flag: tensors under 4096 elements and the token "
                 "embedding keep f32 state; CPU only for now)")
       ->capture_default_str()->check(CLI::IsMember({8, 32}));
+  q->add_flag("--zero", c.zero, "with several ranks (--gpus N): shard the end-to-end stage's AdamW state over them (whole "
+              "parameters per rank, as lowbit train --zero; f32 state only)");
   q->add_option("--init", a->init, "lsq, l4q, lr-qat: initial steps/zero points (l4q, lr-qat: of W0): mse (LSQ+; lsq's and lr-qat's default), lp4 (the same range search minimising the L4 norm of the error: the LR-QAT reference's LP_p4), minmax (RTN's range, no clipping: L4Q_init, l4q's default) or lsq (2<|w|>/sqrt(Qp))")
       ->check(CLI::IsMember({"mse", "lp4", "minmax", "lsq"}));
   q->add_option("--lora-rank", c.lora_rank, "l4q, lr-qat: LoRA rank (default 8: lowbit's choice for small models, not the papers' values; LR-QAT's reference runs 7B models at 32)")
@@ -255,6 +286,7 @@ void register_qat(CLI::App& app) {
   q->add_option("--device", a->device, "cpu (cuda: not yet, the LSQ quantizer has a CPU body only)")->capture_default_str();
   q->add_flag("--json", a->json, "print the report as JSON");
   add_threads_option(q);
+  add_dist_options(q, &a->dist);
   q->callback([a, q] {
     // Flags that only some methods read.
     const std::pair<const char*, std::vector<std::string>> owned[] = {

@@ -215,7 +215,10 @@ void check_sapr_args(const QuantArgs& a) {
 // SAPR's saliency: loaded from --saliency FILE when it exists, else computed on the calibration
 // windows with the full-precision model (and written to FILE when one was named). A raw file is
 // normalised per layer when --saliency-norm layer asks for it; the converse is impossible.
-SaliencyMap obtain_saliency(const QuantArgs& a, const LlamaModel& model, const Tensor& calib, const QuantFormat& f) {
+// Data parallel (world has several ranks): every rank computes its share of the batches, the sums
+// are all-reduced (saliency.h), and rank 0 alone writes --saliency.
+SaliencyMap obtain_saliency(const QuantArgs& a, const LlamaModel& model, const Tensor& calib, const QuantFormat& f,
+                            comm::Communicator& world) {
   const SaliencyNorm norm = parse_saliency_norm(a.saliency_norm);
   const std::string source = a.saliency_model == "fp" ? "fp" : std::string("rtn:") + f.name;
   if (!a.saliency.empty() && fs::exists(a.saliency)) {
@@ -241,15 +244,15 @@ SaliencyMap obtain_saliency(const QuantArgs& a, const LlamaModel& model, const T
   so.kind = parse_saliency_kind(a.saliency_kind);
   so.norm = norm;
   so.batch = a.saliency_batch;
-  so.progress = !a.json;
+  so.progress = !a.json && world.rank() == 0;
   LlamaWeights w = model.weights();
   if (source != "fp")  // the gradients of the round-to-nearest quantized model
     for (auto& l : w.layers)
       for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down})
         *t = quantize(*t, f).dequantize().to(t->device());  // the codec runs on the host; back to the model's device
-  SaliencyMap s = compute_saliency(model.config(), w, calib, so);
+  SaliencyMap s = compute_saliency(model.config(), w, calib, so, &world);
   s.source = source;
-  if (!a.saliency.empty()) save_saliency(a.saliency, s);
+  if (!a.saliency.empty() && world.rank() == 0) save_saliency(a.saliency, s);
   return s;
 }
 
@@ -561,7 +564,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   double saliency_seconds = 0;
   if (a.method == "sapr") {
     const auto ts = std::chrono::steady_clock::now();
-    saliency = obtain_saliency(a, *m.model, calib, f);
+    saliency = obtain_saliency(a, *m.model, calib, f, *world);
     saliency_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
   }
   if (a.saliency_only) {  // the saliency file is written (or was there); nothing else is
@@ -588,7 +591,12 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   auto method = make_method(a.method, method_config(ar, f, saliency ? &*saliency : nullptr, !stream.empty()));
   if (world->world_size() > 1 && !method->supports_data_parallel())
     throw_error("--gpus / WORLD_SIZE ", world->world_size(), ": --method ", a.method,
-                " has no data-parallel calibration (supported: rtn, gptq, comq, awq); run it with one rank");
+                " has no data-parallel calibration (supported: rtn, gptq, comq, awq, apiq, apiq-layer, sapr); run it "
+                "with one rank");
+  if (world->world_size() > 1 && is_apiq(a.method) && a.apiq_batch < world->world_size() && writer && !a.json)
+    std::fprintf(stderr, "note: --apiq-batch %lld: each training step takes %lld calibration window(s), so at most that "
+                 "many of the %d ranks work at a time (the result is the one-process one; give --apiq-batch >= %d to use "
+                 "every rank)\n", (long long)a.apiq_batch, (long long)a.apiq_batch, world->world_size(), world->world_size());
   method->set_communicator(world.get());
   PipelineOptions o;
   o.next_from_fp = a.next_input == "fp";
@@ -780,6 +788,16 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                    {"recipe", a.sapr_recipe.empty() ? "none" : a.sapr_recipe}};
     extra["apiq"] = h;
     report["apiq"] = h;
+    // The mean training loss of the first and last epoch of each training run (block, or linear):
+    // what a data-parallel run is compared on (all-reduced, so equal on every rank).
+    if (const auto* am = dynamic_cast<const ApiqMethod*>(method.get())) {
+      nlohmann::json runs = nlohmann::json::array();
+      for (const auto& l : am->log()) {
+        if (l.epoch == 0) runs.push_back({{"layer", l.layer}, {"scope", l.scope}, {"first", l.loss}, {"last", l.loss}});
+        else if (!runs.empty()) runs.back()["last"] = l.loss;
+      }
+      report["apiq"]["epoch_loss"] = runs;
+    }
   }
   const auto t_save = std::chrono::steady_clock::now();
   if (block_stream)
@@ -968,7 +986,7 @@ void register_quantize(CLI::App& app) {
   q->add_option("--weight-decay", a->weight_decay, "ApiQ: weight decay of both groups (overrides --lora-wd/--clip-wd)")->check(at_least(0));
   q->add_option("--lora-wd", a->lora_wd, "ApiQ: weight decay of the LoRA factors")->capture_default_str()->check(at_least(0));
   q->add_option("--clip-wd", a->clip_wd, "ApiQ: weight decay of the clipping logits")->capture_default_str()->check(at_least(0));
-  q->add_option("--apiq-batch", a->apiq_batch, "ApiQ: calibration windows per optimizer step")->capture_default_str()->check(at_least(1));
+  q->add_option("--apiq-batch", a->apiq_batch, "ApiQ: calibration windows per optimizer step (several ranks: a step's windows are spread over them, so give at least --gpus)")->capture_default_str()->check(at_least(1));
   q->add_option("--apiq-aug", a->aug,
                 "ApiQ block-wise: coefficient of the second loss term ||F(W, Xq) - F(Q, Xq)||^2 (ApiQ's --aug_loss)")
       ->capture_default_str()

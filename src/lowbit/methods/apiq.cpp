@@ -171,20 +171,25 @@ void ApiqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
 
 namespace {
 
-// One calibration run: `epochs` passes over n windows in a shuffled order, AdamW on two groups.
-// loss_of(idx, b, e, stage) builds the loss of windows idx[b..e) and returns it with its
-// regularizer part (for the log).
+// One calibration run: `epochs` passes over the windows in a shuffled order, AdamW on two groups.
+// data_of(idx, b, e) builds the mean output loss of windows idx[b..e) (this rank's own windows);
+// reg_of(lambda) SAPR's lambda * R. Data parallel (shards.distributed()): the shuffle and the
+// batches are over all ranks' windows, each rank's data loss is weighted by its share of the step's
+// windows, the regularizer is added by rank 0 alone, and the gradients are summed over the ranks
+// before AdamW, so every rank takes the one-process step; the epoch's loss sums are all-reduced.
 struct Trainer {
   const ApiqOptions& o;
   int layer;
   std::string scope;
   uint64_t scope_id;
   std::vector<ApiqEpochLog>* log;
+  const WindowShards& shards;
 
   // The step's loss and regularizer are summed on the parameters' device and read back once per
   // epoch (the log and the finiteness check), so a GPU step has no host round trip.
-  void run(const std::vector<Var>& clip, const std::vector<Var>& lora, int64_t n,
-           const std::function<std::pair<Var, Var>(const std::vector<int64_t>&, size_t, size_t, Stage, double)>& loss_of) {
+  void run(const std::vector<Var>& clip, const std::vector<Var>& lora,
+           const std::function<Var(const std::vector<int64_t>&, size_t, size_t)>& data_of,
+           const std::function<Var(double)>& reg_of) {
     // One AdamW per group. A group without gradients in a step (SAPR: the LoRA factors during weight
     // preservation with Ŵ = Q(W)) is not stepped and keeps its bias-correction count, like PyTorch's
     // per-parameter step in the reference; with gradients in every step this is one two-group AdamW.
@@ -192,6 +197,9 @@ struct Trainer {
     std::optional<AdamW> lora_opt;
     if (!lora.empty())
       lora_opt.emplace(std::vector<ParamGroup>{{lora, AdamWOptions{o.lora_lr, 0.9, 0.999, 1e-8, o.lora_wd}}});
+    std::vector<Var> all = clip;
+    all.insert(all.end(), lora.begin(), lora.end());
+    const int64_t n = shards.total();
     for (int ep = 0; ep < o.epochs; ++ep) {
       const Stage stage = !o.saliency ? Stage::Output
                           : ep < o.weight_epochs ? Stage::Weight
@@ -214,18 +222,25 @@ struct Trainer {
       for (size_t b = 0; b < size_t(n); b += size_t(o.batch)) {
         const size_t e = std::min(size_t(n), b + size_t(o.batch));
         AutocastBf16Guard autocast(o.bf16);
-        auto [loss, reg] = loss_of(perm, b, e, stage, lambda);
-        accumulate(loss_sum, loss.value());
+        Var loss, reg;
+        if (stage != Stage::Weight) loss = shards.step_loss(perm, b, e, data_of);
+        if (o.saliency && stage != Stage::Output && shards.is_root()) {
+          reg = reg_of(lambda);
+          loss = loss.defined() ? add(loss, reg) : reg;
+        }
+        if (loss.defined()) accumulate(loss_sum, loss.value());
         if (reg.defined()) accumulate(reg_sum, reg.value());
         ++steps;
-        backward(loss);
+        if (loss.defined()) backward(loss);
+        if (shards.distributed()) all_reduce_grads(all, *shards.comm());
         clip_opt.step();
         if (lora_opt && std::any_of(lora.begin(), lora.end(), [](const Var& p) { return p.grad().defined(); }))
           lora_opt->step();
         clip_opt.zero_grad();
         if (lora_opt) lora_opt->zero_grad();
       }
-      const double sum = loss_sum.defined() ? loss_sum.item() : 0.0, sum_reg = reg_sum.defined() ? reg_sum.item() : 0.0;
+      const double sum = shards.sum(loss_sum.defined() ? loss_sum.item() : 0.0);
+      const double sum_reg = shards.sum(reg_sum.defined() ? reg_sum.item() : 0.0);
       // A non-finite step loss makes the epoch's sum non-finite (the parameters are then NaN too).
       if (!std::isfinite(sum))
         throw_error("apiq: layer ", layer, " (", scope, "): loss is ", sum, " in epoch ", ep,
@@ -262,26 +277,30 @@ std::vector<int64_t> identity_order(int64_t n) {
   return idx;
 }
 
-// Sum over all N windows, in order and batches of `batch`, of the mean loss of each batch times its
+// Sum over all windows, in order and batches of `batch`, of the mean loss of each batch times its
 // window count, without gradients: the ggml grids' keep-the-start rule compares this at the start
-// and after training. loss(idx, b, e) returns the mean loss of windows idx[b..e).
+// and after training. loss(idx, b, e) returns the mean loss of windows idx[b..e). Data parallel:
+// each rank sums over its own windows and the sums are all-reduced, so every rank keeps or drops
+// the trained parameters alike.
 template <class LossFn>
-double loss_over_all_windows(int64_t N, int64_t batch, LossFn loss) {
+double loss_over_all_windows(const WindowShards& shards, int64_t batch, LossFn loss) {
   NoGradGuard ng;
+  const int64_t N = shards.local_count();
   const std::vector<int64_t> idx = identity_order(N);
   double sum = 0;
   for (int64_t b = 0; b < N; b += batch) {
     const int64_t e = std::min(N, b + batch);
     sum += loss(idx, size_t(b), size_t(e)).value().item() * double(e - b);
   }
-  return sum;
+  return shards.sum(sum);
 }
 
 }  // namespace
 
 void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearReport>& reports) {
   LlamaBlock& blk = ctx.model.block(ctx.layer);
-  const int64_t N = ctx.n_samples, L = ctx.seqlen;
+  const int64_t L = ctx.seqlen;
+  const WindowShards shards(comm_, ctx.n_samples);  // this rank's windows among all ranks'
   const Device dev = ctx.inputs.device();
   ApiqBlockTimes times;
   times.layer = ctx.layer;
@@ -317,26 +336,22 @@ void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearR
       const double layer_w = o_.saliency && o_.layer_weighted ? o_.saliency->layer_weight(full_name(ctx.layer, name)) : 1.0;
       // The output loss over all windows (no gradient), for the ggml grids' keep-the-start rule.
       auto full_loss = [&] {
-        return loss_over_all_windows(N, o_.batch, [&](const std::vector<int64_t>& idx, size_t b, size_t e) {
+        return loss_over_all_windows(shards, o_.batch, [&](const std::vector<int64_t>& idx, size_t b, size_t e) {
           return mse(t.forward(Var(gather_windows(xd, idx, b, e, L))), Var(gather_windows(y, idx, b, e, L)));
         });
       };
       const bool keep = keeps_start(o_, layer_format(ctx, name)) && o_.epochs > 0;
       const std::vector<Tensor> start = keep ? snapshot(t.parameters()) : std::vector<Tensor>();
       const double start_loss = keep ? full_loss() : 0.0;
-      Trainer tr{o_, ctx.layer, name, linear_id, &log_};
-      tr.run(t.clip_parameters(), t.lora_parameters(), N,
-             [&](const std::vector<int64_t>& idx, size_t b, size_t e, Stage stage, double lambda) -> std::pair<Var, Var> {
-               Var loss, reg;
-               if (stage != Stage::Weight)
-                 loss = mse(t.forward(Var(gather_windows(xd, idx, b, e, L))), Var(gather_windows(y, idx, b, e, L)));
-               if (sal.defined() && stage != Stage::Output) {
-                 reg = scale(saliency_regularizer(t.quantized_weight(o_.reg_with_lora), wd, sal, o_.reduction),
-                             lambda * layer_w);
-                 loss = loss.defined() ? add(loss, reg) : reg;
-               }
-               return {loss, reg};
-             });
+      Trainer tr{o_, ctx.layer, name, linear_id, &log_, shards};
+      tr.run(
+          t.clip_parameters(), t.lora_parameters(),
+          [&](const std::vector<int64_t>& idx, size_t b, size_t e) {
+            return mse(t.forward(Var(gather_windows(xd, idx, b, e, L))), Var(gather_windows(y, idx, b, e, L)));
+          },
+          [&](double lambda) {
+            return scale(saliency_regularizer(t.quantized_weight(o_.reg_with_lora), wd, sal, o_.reduction), lambda * layer_w);
+          });
       if (keep) {
         const double trained_loss = full_loss();
         if (!(trained_loss < start_loss)) restore(t.parameters(), start);
@@ -372,6 +387,7 @@ void ApiqMethod::finish_block(const ApiqBlockTimes& t) {
 void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearReport>& reports) {
   LlamaBlock& blk = ctx.model.block(ctx.layer);
   const int64_t N = ctx.n_samples, L = ctx.seqlen;
+  const WindowShards shards(comm_, N);  // this rank's windows among all ranks'
   const Device dev = ctx.inputs.device();
   ApiqBlockTimes times;
   times.layer = ctx.layer;
@@ -415,39 +431,29 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
   // grid) and after training; the better is kept.
   bool keep = o_.epochs > 0;
   for (auto& e : es) keep = keep && keeps_start(o_, e.t->format());
-  auto full_loss = [&] {
-    return loss_over_all_windows(N, o_.batch, [&](const std::vector<int64_t>& idx, size_t b, size_t e) {
-      Var out = ctx.model.block_forward(ctx.layer, Var(gather_windows(ctx.inputs, idx, b, e, L)), int64_t(e - b), L);
-      Var loss = mse(out, Var(gather_windows(ctx.fp_targets, idx, b, e, L)));
-      if (y_aug.defined()) loss = add(loss, scale(mse(out, Var(gather_windows(y_aug, idx, b, e, L))), o_.aug_coef));
-      return loss;
-    });
+  // The block's output loss on windows idx[b..e) (the training loss, and the keep-the-start rule's).
+  auto data_loss = [&](const std::vector<int64_t>& idx, size_t b, size_t e) {
+    Var out = ctx.model.block_forward(ctx.layer, Var(gather_windows(ctx.inputs, idx, b, e, L)), int64_t(e - b), L);
+    Var loss = mse(out, Var(gather_windows(ctx.fp_targets, idx, b, e, L)));
+    if (y_aug.defined()) loss = add(loss, scale(mse(out, Var(gather_windows(y_aug, idx, b, e, L))), o_.aug_coef));
+    return loss;
   };
+  auto full_loss = [&] { return loss_over_all_windows(shards, o_.batch, data_loss); };
   std::vector<Var> all = clip;
   all.insert(all.end(), lora.begin(), lora.end());
   std::vector<Tensor> start;
   double start_loss = 0;
   try {
     if (keep) start = snapshot(all), start_loss = full_loss();
-    Trainer tr{o_, ctx.layer, "block", 0, &log_};
-    tr.run(clip, lora, N, [&](const std::vector<int64_t>& idx, size_t b, size_t e, Stage stage, double lambda) -> std::pair<Var, Var> {
-      Var loss, reg;
-      if (stage != Stage::Weight) {
-        const int64_t nb = int64_t(e - b);
-        Var out = ctx.model.block_forward(ctx.layer, Var(gather_windows(ctx.inputs, idx, b, e, L)), nb, L);
-        loss = mse(out, Var(gather_windows(ctx.fp_targets, idx, b, e, L)));
-        if (y_aug.defined()) loss = add(loss, scale(mse(out, Var(gather_windows(y_aug, idx, b, e, L))), o_.aug_coef));
+    Trainer tr{o_, ctx.layer, "block", 0, &log_, shards};
+    tr.run(clip, lora, data_loss, [&](double lambda) {
+      Var reg;
+      for (auto& en : es) {
+        Var r = saliency_regularizer(en.t->quantized_weight(o_.reg_with_lora), en.w, en.sal, o_.reduction);
+        if (en.layer_w != 1.0) r = scale(r, en.layer_w);
+        reg = reg.defined() ? add(reg, r) : r;
       }
-      if (o_.saliency && stage != Stage::Output) {
-        for (auto& en : es) {
-          Var r = saliency_regularizer(en.t->quantized_weight(o_.reg_with_lora), en.w, en.sal, o_.reduction);
-          if (en.layer_w != 1.0) r = scale(r, en.layer_w);
-          reg = reg.defined() ? add(reg, r) : r;
-        }
-        reg = scale(reg, lambda);
-        loss = loss.defined() ? add(loss, reg) : reg;
-      }
-      return {loss, reg};
+      return scale(reg, lambda);
     });
     if (keep) {
       const double trained_loss = full_loss();

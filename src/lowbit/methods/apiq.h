@@ -50,6 +50,15 @@
 // windows are seeded from (seed, layer, linear, epoch), never from a running generator, so a block
 // trained after a resume is bit-identical to the same block in an uninterrupted run (on the same
 // machine and thread count).
+//
+// Data parallel (issue 20; BlockMethod::set_communicator with several ranks): each rank's pipeline
+// holds its share of the windows; the shuffle and the batches of --apiq-batch windows are the
+// one-process ones over all ranks' windows, each rank computes the loss of the step's windows it
+// holds (weighted by their share of the step), rank 0 adds SAPR's regularizer, and the gradients
+// are summed over the ranks before AdamW (block_train.h WindowShards, all_reduce_grads): every rank
+// takes the one-process step up to the rounding of the sums. The epoch losses and the keep-the-start
+// comparison use all-reduced sums, so all ranks take the same branch. With --apiq-batch 1 the ranks
+// take turns (one window per step): correct, but no faster than one rank.
 #pragma once
 #include <string>
 #include <vector>
@@ -126,6 +135,7 @@ class ApiqMethod : public BlockMethod {
   std::string name() const override;
   std::string options_key() const override;
   void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
+  bool supports_data_parallel() const override { return true; }
   const std::vector<ApiqEpochLog>& log() const { return log_; }
   // Stage times of the last block quantize_block finished (layer -1 before the first).
   const ApiqBlockTimes& last_block_times() const { return times_; }

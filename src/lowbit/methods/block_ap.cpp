@@ -33,6 +33,7 @@ void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>&
            "efficientqat: Block-AP runs on the CPU (the LSQ quantizer has no CUDA body yet); use --device cpu");
   LlamaBlock& blk = ctx.model.block(ctx.layer);
   const int64_t N = ctx.n_samples, L = ctx.seqlen;
+  const WindowShards shards(comm_, N);  // data parallel: this rank's windows among all ranks'
   struct Entry {
     std::string name;
     std::shared_ptr<Linear>* slot;
@@ -62,21 +63,32 @@ void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>&
   try {
     AdamW opt({ParamGroup{weights, AdamWOptions{o_.weight_lr, 0.9, 0.999, 1e-8, 0.0}},
                ParamGroup{quant, AdamWOptions{o_.quant_lr, 0.9, 0.999, 1e-8, 0.0}}});
+    std::vector<Var> all = weights;
+    all.insert(all.end(), quant.begin(), quant.end());
+    const int64_t n = shards.total();
+    // The mean MSE of windows idx[b..e) of this rank's.
+    auto loss_of = [&](const std::vector<int64_t>& idx, size_t b, size_t e) {
+      Var out = ctx.model.block_forward(ctx.layer, Var(gather_windows(ctx.inputs, idx, b, e, L)), int64_t(e - b), L);
+      return mse(out, Var(gather_windows(ctx.fp_targets, idx, b, e, L)));
+    };
     for (int ep = 0; ep < o_.epochs; ++ep) {
-      const auto perm = shuffled_indices(N, splitmix64(splitmix64(o_.seed ^ splitmix64(uint64_t(ctx.layer))) ^ uint64_t(ep)));
+      const auto perm = shuffled_indices(n, splitmix64(splitmix64(o_.seed ^ splitmix64(uint64_t(ctx.layer))) ^ uint64_t(ep)));
       double sum = 0;
       int64_t steps = 0;
-      for (size_t b = 0; b < size_t(N); b += size_t(o_.batch)) {
-        const size_t e = std::min(size_t(N), b + size_t(o_.batch));
-        Var out = ctx.model.block_forward(ctx.layer, Var(gather_windows(ctx.inputs, perm, b, e, L)), int64_t(e - b), L);
-        Var loss = mse(out, Var(gather_windows(ctx.fp_targets, perm, b, e, L)));
-        sum += loss.value().item();
+      for (size_t b = 0; b < size_t(n); b += size_t(o_.batch)) {
+        const size_t e = std::min(size_t(n), b + size_t(o_.batch));
         ++steps;
-        backward(loss);
+        // Data parallel: the part of the step's mean loss that this rank's windows make, the
+        // gradients summed over the ranks (block_train.h; one rank: the step's loss).
+        if (Var loss = shards.step_loss(perm, b, e, loss_of); loss.defined()) {
+          sum += loss.value().item();
+          backward(loss);
+        }
+        if (shards.distributed()) all_reduce_grads(all, *shards.comm());
         opt.step();
         opt.zero_grad();
       }
-      const double mean = sum / double(std::max<int64_t>(steps, 1));
+      const double mean = shards.sum(sum) / double(std::max<int64_t>(steps, 1));
       if (!std::isfinite(mean))
         throw_error("efficientqat: Block-AP loss of layer ", ctx.layer, " is ", mean, " in epoch ", ep,
                     "; lower the Block-AP learning rates");

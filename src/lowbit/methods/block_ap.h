@@ -15,6 +15,9 @@
 //
 // Determinism: the shuffle of epoch e of block l is seeded from (seed, l, e) only, so a block trained
 // after a pipeline resume is bit-identical to the same block in an uninterrupted run.
+// Data parallel (issue 20): as ApiQ's (apiq.h): the one-process shuffle and batches over all ranks'
+// windows, each rank's share of a step's loss, the gradients summed over the ranks before AdamW,
+// the epoch loss all-reduced.
 // CPU only (the LSQ quantizer has no CUDA body yet).
 #pragma once
 #include <vector>
@@ -48,6 +51,7 @@ class BlockApMethod : public BlockMethod {
   std::string name() const override { return "block-ap"; }
   std::string options_key() const override;
   void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
+  bool supports_data_parallel() const override { return true; }
   const std::vector<BlockApLog>& log() const { return log_; }
 
  private:

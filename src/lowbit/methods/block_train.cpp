@@ -1,5 +1,7 @@
 #include "lowbit/methods/block_train.h"
 
+#include "lowbit/autograd/functions.h"
+
 #include <random>
 #include <utility>
 
@@ -28,6 +30,74 @@ Tensor gather_windows(const Tensor& x, const std::vector<int64_t>& idx, size_t b
     out.slice(0, r * L, (r + 1) * L).copy_(x.slice(0, k * L, (k + 1) * L));
   }
   return out;
+}
+
+WindowShards::WindowShards(comm::Communicator* comm, int64_t local_windows)
+    : comm_(comm), local_(local_windows), total_(local_windows) {
+  if (!distributed()) return;
+  const int world = comm_->world_size();
+  Tensor mine = Tensor::empty({1}, DType::I64);
+  mine.data<int64_t>()[0] = local_windows;
+  Tensor all = Tensor::empty({world}, DType::I64);
+  comm_->all_gather(mine, all);
+  const int64_t* n = all.data<int64_t>();
+  total_ = 0;
+  for (int r = 0; r < world; ++r) {
+    if (r == comm_->rank()) offset_ = total_;
+    total_ += n[r];
+  }
+}
+
+std::vector<int64_t> WindowShards::local(const std::vector<int64_t>& idx, size_t b, size_t e) const {
+  std::vector<int64_t> out;
+  for (size_t i = b; i < e; ++i)
+    if (idx[i] >= offset_ && idx[i] < offset_ + local_) out.push_back(idx[i] - offset_);
+  return out;
+}
+
+Var WindowShards::step_loss(const std::vector<int64_t>& idx, size_t b, size_t e,
+                            const std::function<Var(const std::vector<int64_t>&, size_t, size_t)>& loss) const {
+  if (!distributed()) return loss(idx, b, e);
+  const std::vector<int64_t> mine = local(idx, b, e);
+  if (mine.empty()) return Var();
+  Var l = loss(mine, 0, mine.size());
+  return mine.size() == e - b ? l : scale(l, double(mine.size()) / double(e - b));
+}
+
+void all_reduce_grads(const std::vector<Var>& params, comm::Communicator& c) {
+  if (params.empty()) return;
+  int64_t n = 0;
+  for (const auto& p : params) n += p.value().numel();
+  const int64_t np = int64_t(params.size());
+  const Device dev = params.front().value().device();
+  // The gradients, then one flag per parameter: how many ranks had a gradient for it.
+  Tensor flat = Tensor::zeros({n + np}, DType::F32, dev);
+  Tensor flags = Tensor::zeros({np}, DType::F32);
+  int64_t off = 0;
+  for (int64_t i = 0; i < np; ++i) {
+    const Var& p = params[size_t(i)];
+    const int64_t k = p.value().numel();
+    if (p.grad().defined()) {
+      flat.slice(0, off, off + k).copy_(p.grad().reshape({k}));
+      flags.data<float>()[i] = 1.0f;
+    }
+    off += k;
+  }
+  flat.slice(0, n, n + np).copy_(flags.to(dev));
+  c.all_reduce_sum(flat);
+  const Tensor had = flat.slice(0, n, n + np).to(Device::CPU).contiguous();
+  off = 0;
+  for (int64_t i = 0; i < np; ++i) {
+    Var p = params[size_t(i)];
+    const int64_t k = p.value().numel();
+    if (had.data<float>()[i] > 0) {
+      Tensor g = flat.slice(0, off, off + k).view(p.value().shape());
+      p.grad() = p.value().dtype() == DType::F32 ? g : g.to(p.value().dtype());
+    } else {
+      p.grad() = Tensor();
+    }
+    off += k;
+  }
 }
 
 }  // namespace lowbit

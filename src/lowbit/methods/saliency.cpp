@@ -249,6 +249,40 @@ SaliencyMap normalise_saliency_per_layer(SaliencyMap s) {
   return s;
 }
 
+SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weights, const Tensor& tokens_in,
+                             const SaliencyOptions& o, comm::Communicator* comm) {
+  const bool sums = o.kind == SaliencyKind::Fisher || o.kind == SaliencyKind::GradWeight;
+  const int64_t N = tokens_in.dim() == 2 ? tokens_in.size(0) : 0, nbatch = o.batch >= 1 ? (N + o.batch - 1) / o.batch : 0;
+  const int W = comm ? comm->world_size() : 1, r = comm ? comm->rank() : 0;
+  // One rank, a kind that is not a plain sum over batches, or fewer batches than ranks: every rank
+  // computes the whole map (compute_saliency checks the inputs).
+  if (W == 1 || !sums || nbatch < W) return compute_saliency(config, weights, tokens_in, o);
+  // This rank's whole batches [first, last) of the one-process pass, their raw sums over the ranks.
+  const int64_t first = std::min(N, nbatch * r / W * o.batch), last = std::min(N, nbatch * (r + 1) / W * o.batch);
+  SaliencyOptions mine = o;
+  mine.norm = SaliencyNorm::None;
+  SaliencyMap s = compute_saliency(config, weights, tokens_in.slice(0, first, last).contiguous(), mine);
+  int64_t n = 0;
+  for (const auto& [m, t] : s.scores) n += t.numel();
+  Tensor flat = Tensor::empty({n}, DType::F64);
+  double* p = flat.data<double>();
+  for (const auto& [m, t] : s.scores) {  // the map's order: the same on every rank
+    const Tensor c = t.to(Device::CPU).to(DType::F32).contiguous();
+    for (int64_t k = 0; k < c.numel(); ++k) *p++ = double(c.data<float>()[k]);
+  }
+  comm->all_reduce_sum(flat);
+  p = flat.data<double>();
+  // Layer: the mean over all batches (as one process), then mean 1 per layer. None: the raw sum.
+  const double div = o.norm == SaliencyNorm::Layer ? double(nbatch) : 1.0;
+  for (auto& [m, t] : s.scores) {
+    Tensor c = Tensor::empty(t.shape());
+    for (int64_t k = 0; k < c.numel(); ++k) c.data<float>()[k] = float(*p++ / div);
+    t = c;
+  }
+  s.nsamples = N;
+  return o.norm == SaliencyNorm::Layer ? normalise_saliency_per_layer(std::move(s)) : s;
+}
+
 void save_saliency(const std::string& path, const SaliencyMap& s) {
   std::vector<std::pair<std::string, Tensor>> ts;
   for (const auto& [m, t] : s.scores) ts.emplace_back(m, t);

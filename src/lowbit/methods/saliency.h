@@ -55,6 +55,7 @@
 #include <string_view>
 
 #include "lowbit/autograd/variable.h"
+#include "lowbit/comm/comm.h"
 #include "lowbit/model/llama.h"
 
 namespace lowbit {
@@ -107,6 +108,14 @@ struct SaliencyMap {
 // windows tokens i32 [N, L]: next-token cross-entropy inside each window.
 SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weights, const Tensor& tokens,
                              const SaliencyOptions& options);
+
+// Data parallel (issue 20): the same map with the batches split over the ranks of `comm` (every
+// rank is given all the windows and computes a contiguous share of the batches); the gradient
+// kinds' raw sums are all-reduced, so every rank gets the one-process map up to the rounding of
+// the sums (each rank's partial sums are f32). act-weight (not a plain sum over batches), uniform,
+// and fewer batches than ranks: every rank computes the whole map. comm null or one rank: as above.
+SaliencyMap compute_saliency(const LlamaConfig& config, const LlamaWeights& weights, const Tensor& tokens,
+                             const SaliencyOptions& options, comm::Communicator* comm);
 
 // Scales every layer of a raw (norm None) map to mean 1 (norm Layer); a Layer map is returned as is.
 // For Fisher and grad-weight this equals computing with norm Layer (up to float rounding).

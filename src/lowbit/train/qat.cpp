@@ -16,6 +16,7 @@
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/io/safetensors.h"
 #include "lowbit/methods/block_ap.h"
+#include "lowbit/methods/block_train.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/pipeline.h"
 #include "lowbit/quant/l4q_linear.h"
@@ -25,6 +26,7 @@
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/train/llm_qat.h"
 #include "lowbit/train/trainer.h"
+#include "lowbit/train/zero.h"
 
 namespace lowbit {
 
@@ -146,6 +148,11 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
   LB_CHECK(!o.distill || teacher, "qat: distillation needs the full-precision teacher");
   LB_CHECK(int64_t(stream.size()) >= o.seqlen + 2, "qat: the training data has ", stream.size(),
            " tokens; at least ", o.seqlen + 2, " are needed for --seqlen ", o.seqlen, " (give more data or a smaller --seqlen)");
+  const bool dp = o.comm && o.comm->world_size() > 1;
+  LB_CHECK(!dp || o.state_path.empty(), "qat: a data-parallel run keeps no resumable state");
+  if (dp && o.batch < o.comm->world_size())
+    throw_error("--batch ", o.batch, ": data-parallel qat splits each step's windows over the ", o.comm->world_size(),
+                " ranks (give at least one window per rank)");
   const auto t0 = Clock::now();
   std::vector<ParamGroup> pg;
   std::vector<Var> all;
@@ -158,6 +165,17 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
   AdamWStateOptions state_options;
   state_options.bits = o.optimizer_bits;
   if (student.token_embedding().defined()) state_options.keep_32bit.push_back(student.token_embedding());
+  // ZeRO: this rank's optimizer holds the state of its own parameters only.
+  const bool zero = dp && o.zero;
+  if (o.zero && !dp) throw_error("--zero shards the optimizer state over several ranks (--gpus N or a launcher)");
+  ZeroLayout zl;
+  if (zero) {
+    if (o.optimizer_bits != 32) throw_error("--zero: f32 optimizer state only (--optimizer-bits 32)");
+    for (const auto& p : all)
+      if (p.value().dtype() != DType::F32) throw_error("--zero: f32 parameters only, got ", p.value().describe());
+    zl = zero_layout(all, o.comm->world_size());
+    pg = zero_own_groups(pg, zl, o.comm->rank());
+  }
   AdamW opt(pg, state_options);
   const int64_t n = int64_t(stream.size());
   const int64_t L = o.sequence_length;
@@ -171,18 +189,28 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
     for (auto& x : st) x *= L;
     return st;
   };
+  // Data parallel: this rank's windows of a step's (all of them with one rank) and their share.
+  auto my_share = [&](std::vector<int64_t> st, double* share) {
+    *share = 1;
+    if (!dp) return st;
+    const auto [b, e] = comm::shard_range(int64_t(st.size()), o.comm->rank(), o.comm->world_size(), "--batch");
+    *share = double(e - b) / double(st.size());
+    return std::vector<int64_t>(st.begin() + b, st.begin() + e);
+  };
   // Fixed windows for the before/after objective (one batch, evenly spaced).
-  Tensor fin, ftgt;
+  std::vector<int64_t> fixed_starts;
   if (L == 0) {
-    make_lm_windows(stream, validation_window_starts(n, o.seqlen, o.batch, 1), o.seqlen, fin, ftgt);
+    fixed_starts = validation_window_starts(n, o.seqlen, o.batch, 1);
   } else {
-    std::vector<int64_t> st;
-    for (int64_t b = 0; b < o.batch; ++b) st.push_back(b * nseq / o.batch * L);
-    make_lm_windows(stream, st, o.seqlen, fin, ftgt);
+    for (int64_t b = 0; b < o.batch; ++b) fixed_starts.push_back(b * nseq / o.batch * L);
   }
+  double fixed_share = 1;
+  Tensor fin, ftgt;
+  make_lm_windows(stream, my_share(fixed_starts, &fixed_share), o.seqlen, fin, ftgt);
   auto fixed_loss = [&] {
     NoGradGuard ng;
-    return objective(student, teacher, fin, ftgt, o).value().item();
+    const double v = objective(student, teacher, fin, ftgt, o).value().item() * fixed_share;
+    return dp ? o.comm->all_reduce_sum(v) : v;
   };
   QatStage rep;
   rep.name = o.stage;
@@ -203,14 +231,22 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
   *complete = true;
   while (step < o.steps) {
     Tensor in, tgt;
-    make_lm_windows(stream, starts_of(step), o.seqlen, in, tgt);
+    double share = 1;
+    make_lm_windows(stream, my_share(starts_of(step), &share), o.seqlen, in, tgt);
     Var loss = objective(student, teacher, in, tgt, o);
-    const double lv = loss.value().item();
+    double lv = loss.value().item() * share;
+    if (dp) lv = o.comm->all_reduce_sum(lv);  // the step's loss over all ranks' windows: every rank decides alike
     if (!std::isfinite(lv)) throw_error("qat: ", o.stage, " loss is ", lv, " at step ", step + 1, "; lower the learning rates");
-    backward(loss);
-    clip_grad_norm(all, 1.0);
+    backward(share != 1.0 ? scale(loss, share) : loss);
+    if (zero) {
+      zero_reduce_grads(all, zl, *o.comm, 1.0);  // own parameters' summed gradients, clipped by the global norm
+    } else {
+      if (dp) all_reduce_grads(all, *o.comm);
+      clip_grad_norm(all, 1.0);
+    }
     opt.step(warmup_cosine(step, o.warmup, o.steps, 0.1));
-    opt.zero_grad();
+    if (zero) zero_gather_params(all, zl, *o.comm);
+    opt.zero_grad();  // with zero the reduce-scatter dropped the other ranks' parameters' gradients already
     ++step;
     ++run_steps;
     if (bar) {
@@ -231,6 +267,7 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
   if (bar) bar->finish();
   rep.steps = step;
   rep.tokens = step * o.batch * o.seqlen;
+  rep.optimizer_state_bytes = opt.state_bytes();
   if (*complete) rep.loss_after = fixed_loss();
   rep.seconds = since(t0);
   return rep;
@@ -318,6 +355,8 @@ E2eOptions e2e_options(const QatConfig& c, const LlamaConfig& mc, int64_t def_st
   o.stop_after = c.stop_after_steps;
   o.progress = c.progress;
   o.sequence_length = c.sequence_length;
+  o.comm = c.comm;
+  o.zero = c.zero;
   return o;
 }
 
@@ -499,7 +538,13 @@ class EfficientQat : public QatMethod {
     if (!done) {
       const auto ts = Clock::now();
       auto work = std::make_unique<LlamaModel>(fp.config(), fp.weights(), false);
-      const Tensor calib = sample_calibration(stream, nsamples, seqlen, c_.seed);
+      Tensor calib = sample_calibration(stream, nsamples, seqlen, c_.seed);
+      if (c_.comm && c_.comm->world_size() > 1) {  // data parallel: this rank's share of the windows
+        const auto [b, e] = comm::shard_range(calib.size(0), c_.comm->rank(), c_.comm->world_size(), "--nsamples");
+        calib = calib.slice(0, b, e).contiguous();
+        LB_CHECK(sd.empty(), "qat: a data-parallel run keeps no resumable state");
+      }
+      method.set_communicator(c_.comm);
       PipelineOptions po;
       po.batch = 8;
       po.state_dir = sd.empty() ? "" : (fs::path(sd) / "block-ap").string();

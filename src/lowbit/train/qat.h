@@ -60,6 +60,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "lowbit/comm/comm.h"
 #include "lowbit/model/llama.h"
 #include "lowbit/quant/format.h"
 #include "lowbit/quant/lsq.h"
@@ -101,6 +102,13 @@ struct QatConfig {
   int stop_after_blocks = 0;     // testing aid: return after this many Block-AP blocks of this run
   bool progress = true;
   bool verbose = false;
+  // Data parallel (issue 20; null or one rank: off): every end-to-end step's windows are split over
+  // the ranks and the gradients all-reduced (train_end_to_end), and efficientqat's Block-AP runs the
+  // data-parallel pipeline (each rank on its share of the calibration windows, block_ap.h). Every
+  // rank gets the one-process model up to the rounding of the sums. No resumable state then (the
+  // CLI refuses --state-dir and the stop-after aids with several ranks).
+  comm::Communicator* comm = nullptr;
+  bool zero = false;  // with several ranks: the end-to-end AdamW state sharded (train/zero.h); f32 state only
 };
 
 struct QatStage {
@@ -111,6 +119,7 @@ struct QatStage {
   double seconds = 0;
   int64_t resumed_from = 0;  // step (or block) this run started at
   nlohmann::json hyper;      // the resolved hyper-parameters
+  int64_t optimizer_state_bytes = 0;  // end-to-end stages: this rank's AdamW state (sharded with zero)
 };
 
 struct QatResult {
@@ -155,6 +164,15 @@ struct E2eOptions {
   double checkpoint_seconds = 60;
   int64_t stop_after = 0;
   bool progress = true;
+  // Data parallel (null or one rank: off): each step's batch windows split over the ranks
+  // (comm::shard_range; --batch >= ranks), each rank's loss weighted by its share, the gradients
+  // all-reduced before clipping and AdamW (replicated on every rank, f32 or 8-bit state alike),
+  // the step loss all-reduced before the finiteness check, the before/after objective too.
+  // No resumable state (state_path must be empty). zero: the AdamW state sharded over the ranks by
+  // whole parameters (train/zero.h: gradients reduce-scattered, the clipping norm all-reduced,
+  // parameters all-gathered after each rank's step); f32 state only.
+  comm::Communicator* comm = nullptr;
+  bool zero = false;
 };
 struct E2eGroup {
   std::vector<Var> params;

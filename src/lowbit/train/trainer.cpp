@@ -16,6 +16,8 @@
 #include "lowbit/io/hf.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/io/safetensors.h"
+#include "lowbit/methods/block_train.h"
+#include "lowbit/train/zero.h"
 #include "lowbit/ops/ops.h"
 
 namespace lowbit {
@@ -222,113 +224,6 @@ void check_training_inputs(const TrainOptions& o, const std::vector<int32_t>& tr
 }
 
 namespace {
-// Data parallel: the gradients of `params` summed over the ranks, through one flat buffer (out of
-// place: gradient tensors may be shared between parameters; an undefined gradient counts as zero).
-void all_reduce_grads(const std::vector<Var>& params, comm::Communicator& c) {
-  int64_t n = 0;
-  for (const auto& p : params) n += p.value().numel();
-  const Device dev = params.front().value().device();
-  Tensor flat = Tensor::zeros({n}, DType::F32, dev);
-  int64_t off = 0;
-  for (const auto& p : params) {
-    const int64_t k = p.value().numel();
-    if (p.grad().defined()) flat.slice(0, off, off + k).copy_(p.grad().reshape({k}));
-    off += k;
-  }
-  c.all_reduce_sum(flat);
-  off = 0;
-  for (const auto& p : params) {
-    const int64_t k = p.value().numel();
-    Tensor g = flat.slice(0, off, off + k).view(p.value().shape());
-    p.grad() = p.value().dtype() == DType::F32 ? g : g.to(p.value().dtype());
-    off += k;
-  }
-}
-
-// ZeRO: parameter i of `ordered` belongs to rank owner[i]; a rank's parameters are consecutive and
-// packed into its `chunk` elements at offset[i] (the padded flat layout of the collectives).
-struct ZeroLayout {
-  std::vector<int> owner;
-  std::vector<int64_t> offset;
-  int64_t chunk = 0;
-  bool owns(size_t i, int rank) const { return owner[i] == rank; }
-};
-
-ZeroLayout zero_layout(const std::vector<Var>& ps, int world) {
-  ZeroLayout z;
-  int64_t total = 0;
-  for (const auto& p : ps) total += p.value().numel();
-  std::vector<int64_t> used(size_t(world), 0);
-  int64_t before = 0;
-  for (const auto& p : ps) {
-    const int64_t n = p.value().numel();
-    // the rank whose share of [0, total) holds the parameter's middle
-    const int r = int(std::min<int64_t>(world - 1, (2 * before + n) * world / std::max<int64_t>(1, 2 * total)));
-    z.owner.push_back(r);
-    z.offset.push_back(used[size_t(r)]);
-    used[size_t(r)] += n;
-    before += n;
-  }
-  for (int64_t u : used) z.chunk = std::max(z.chunk, u);
-  z.chunk = std::max<int64_t>(z.chunk, 1);
-  return z;
-}
-
-// Each rank's tensors (get(i) for the parameters it owns) packed into its chunk and all-gathered:
-// the [world * chunk] result holds every parameter's tensor at owner * chunk + offset.
-Tensor zero_gather(const std::vector<Var>& ps, const ZeroLayout& z, comm::Communicator& c,
-                   const std::function<Tensor(size_t)>& get) {
-  const Device dev = ps.front().value().device();
-  Tensor mine = Tensor::zeros({z.chunk}, DType::F32, dev), all = Tensor::empty({z.chunk * c.world_size()}, DType::F32, dev);
-  for (size_t i = 0; i < ps.size(); ++i)
-    if (z.owns(i, c.rank())) {
-      const int64_t k = ps[i].value().numel();
-      mine.slice(0, z.offset[i], z.offset[i] + k).copy_(get(i).reshape({k}));
-    }
-  c.all_gather(mine, all);
-  return all;
-}
-
-Tensor zero_slot(const Tensor& all, const ZeroLayout& z, size_t i, const Tensor& like) {
-  const int64_t k = like.numel(), b = z.owner[i] * z.chunk + z.offset[i];
-  return all.slice(0, b, b + k).view(like.shape());
-}
-
-// The gradients summed over the ranks, each rank receiving its own parameters' (reduce-scatter);
-// the others' gradients are dropped. Returns the global gradient norm, clipped as clip_grad_norm.
-double zero_reduce_grads(const std::vector<Var>& ps, const ZeroLayout& z, comm::Communicator& c, double max_norm) {
-  const Device dev = ps.front().value().device();
-  Tensor flat = Tensor::zeros({z.chunk * c.world_size()}, DType::F32, dev), mine = Tensor::empty({z.chunk}, DType::F32, dev);
-  for (size_t i = 0; i < ps.size(); ++i) {
-    if (!ps[i].grad().defined()) continue;
-    const int64_t k = ps[i].value().numel(), b = z.owner[i] * z.chunk + z.offset[i];
-    flat.slice(0, b, b + k).copy_(ps[i].grad().reshape({k}));
-  }
-  c.reduce_scatter_sum(flat, mine);
-  double ss = 0;
-  for (size_t i = 0; i < ps.size(); ++i) {
-    Var p = ps[i];
-    if (!z.owns(i, c.rank())) {
-      p.grad() = Tensor();
-      continue;
-    }
-    p.grad() = mine.slice(0, z.offset[i], z.offset[i] + p.value().numel()).view(p.value().shape());
-    ss += ops::sum_squares(p.grad());
-  }
-  const double norm = std::sqrt(c.all_reduce_sum(ss));
-  if (max_norm > 0 && norm > max_norm) {
-    const double sc = max_norm / (norm + 1e-6);
-    for (size_t i = 0; i < ps.size(); ++i)
-      if (z.owns(i, c.rank())) {
-        Var p = ps[i];
-        Tensor scaled = Tensor::empty(p.grad().shape(), p.grad().dtype(), p.grad().device());
-        ops::scale(p.grad(), sc, scaled);
-        p.grad() = scaled;
-      }
-  }
-  return norm;
-}
-
 // The training loop; with `mixed`, forward passes run on its bf16 copies and their gradients are
 // collected into the f32 masters (`params`) after each backward.
 TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& params, const TrainOptions& o,
@@ -469,11 +364,7 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
                                                : warmup_cosine(step, o.warmup_steps, o.max_steps, o.min_lr_ratio);
     r.lr = o.lr * lr_scale;
     opt.step(lr_scale);
-    if (zero) {  // every rank's updated parameters to every rank
-      const Tensor all = zero_gather(ordered, zl, *o.comm, [&](size_t i) { return ordered[i].value(); });
-      for (size_t i = 0; i < ordered.size(); ++i)
-        if (!zl.owns(i, o.comm->rank())) ordered[i].mutable_value().copy_(zero_slot(all, zl, i, ordered[i].value()));
-    }
+    if (zero) zero_gather_params(ordered, zl, *o.comm);  // every rank's updated parameters to every rank
     copies_fresh = false;
     ++step;
     ++run_steps;
