@@ -11,6 +11,11 @@
 
 namespace lowbit {
 
+namespace ops {
+struct PackedWeight;
+struct QuantMatmulOptions;
+}  // namespace ops
+
 class Linear {
  public:
   virtual ~Linear() = default;
@@ -22,6 +27,12 @@ class Linear {
   virtual Tensor effective_weight() const = 0;
   virtual Tensor bias() const { return Tensor(); }
   virtual std::string kind() const = 0;
+  // True when forward(x) is exactly ops::quant_matmul(x, w, y, opt) on the CPU and nothing else (a
+  // packed layer without bias or adapters, x f32 on the CPU needing no gradient); then w and opt are
+  // set. Lets a model run the layers that read one input in one ops::quant_matmul_many call.
+  virtual bool packed_product(const Var& /*x*/, ops::PackedWeight& /*w*/, ops::QuantMatmulOptions& /*opt*/) const {
+    return false;
+  }
 };
 
 class DenseLinear : public Linear {
