@@ -282,38 +282,38 @@ const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, Quan
   // quantized exactly as alone. `A` (not the thread_local `a`) inside: tasks run on other threads.
   QActs& A = a;
   rows_for(M, (2048 + in - 1) / in, [&](int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; ++m)
-    for (int64_t b = 0; b < A.nb; ++b) {
-      const float* xb = x + m * in + b * kBlock;
-      const int64_t n = std::min(kBlock, in - b * kBlock);
-      const size_t k = size_t(m * A.nb + b);
-      int8_t* qb = A.q.data() + k * kBlock;
-      int32_t s = 0;
-      float d = 0.0f;
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < A.nb; ++b) {
+        const float* xb = x + m * in + b * kBlock;
+        const int64_t n = std::min(kBlock, in - b * kBlock);
+        const size_t k = size_t(m * A.nb + b);
+        int8_t* qb = A.q.data() + k * kBlock;
+        int32_t s = 0;
+        float d = 0.0f;
 #if defined(__x86_64__) || defined(__i386__)
-      if (simd && n == kBlock) s = qmm::avx2_quantize_block(xb, bits, qb, &d);
+        if (simd && n == kBlock) s = qmm::avx2_quantize_block(xb, bits, qb, &d);
 #endif
-      if (!simd || n < kBlock) {
-        float amax = 0.0f;
-        for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
-        d = amax / 127.0f;
-        const float inv = d > 0 ? 1.0f / d : 0.0f;
-        for (int64_t p = 0; p < kBlock; ++p) {
-          if (p >= n) {
-            qb[p] = 0;  // the partial last block is zero padded
-            continue;
+        if (!simd || n < kBlock) {
+          float amax = 0.0f;
+          for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
+          d = amax / 127.0f;
+          const float inv = d > 0 ? 1.0f / d : 0.0f;
+          for (int64_t p = 0; p < kBlock; ++p) {
+            if (p >= n) {
+              qb[p] = 0;  // the partial last block is zero padded
+              continue;
+            }
+            const float v = n == kBlock ? xb[src[p]] : xb[p];
+            const int qv = int(std::nearbyint(v * inv));
+            qb[p] = int8_t(std::clamp(qv, -127, 127));
+            s += qb[p];
           }
-          const float v = n == kBlock ? xb[src[p]] : xb[p];
-          const int qv = int(std::nearbyint(v * inv));
-          qb[p] = int8_t(std::clamp(qv, -127, 127));
-          s += qb[p];
         }
+        A.d[k] = d;
+        A.sum[k] = s;
+        A.pair[2 * k] = d;
+        A.pair[2 * k + 1] = d * float(s);
       }
-      A.d[k] = d;
-      A.sum[k] = s;
-      A.pair[2 * k] = d;
-      A.pair[2 * k + 1] = d * float(s);
-    }
   });
   if (t_shared_input > 0) t_shared = {true, false, x, M, in, bits, isa};
   return a;
