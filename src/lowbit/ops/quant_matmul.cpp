@@ -258,7 +258,17 @@ thread_local SharedInput t_shared;
 // The buffers are the calling thread's and reused from call to call (decode runs ~200 products
 // per token); the returned reference is valid until this thread's next call
 // (inside a QuantSharedInputScope: the next call on another input).
-const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, QuantIsa isa) {
+// The panel kernels' block-major copy of the full blocks: entry b * M + j = block b of row j.
+struct PanelCopy {
+  int8_t* q = nullptr;
+  float *d = nullptr, *dsum = nullptr;
+  int32_t* sum = nullptr;
+};
+
+// `panel` (optional): also writes the block-major copy of the full blocks, each row by the task
+// that quantized it (a copy made afterwards by the calling thread would read the other threads'
+// rows from their caches).
+const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, QuantIsa isa, const PanelCopy* panel = nullptr) {
   thread_local QActs a;
   if (t_shared_input > 0 && t_shared.same(x, M, in, bits, isa)) return a;  // this input, already quantized
   t_shared = {};
@@ -313,9 +323,16 @@ const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, Quan
         A.sum[k] = s;
         A.pair[2 * k] = d;
         A.pair[2 * k + 1] = d * float(s);
+        if (panel && n == kBlock) {
+          const size_t c = size_t(b * M + m);
+          std::memcpy(panel->q + c * kBlock, qb, kBlock);
+          panel->d[c] = d;
+          panel->sum[c] = s;
+          panel->dsum[c] = A.pair[2 * k + 1];
+        }
       }
   });
-  if (t_shared_input > 0) t_shared = {true, false, x, M, in, bits, isa};
+  if (t_shared_input > 0) t_shared = {true, panel != nullptr, x, M, in, bits, isa};
   return a;
 }
 
@@ -565,12 +582,27 @@ void prepare_int8(const float* x, int64_t M, const PackedWeight& w_in, float* y,
   p.M = M;
   p.y = y;
   const bool panel_copy_kept = t_shared_input > 0 && t_shared.panels && t_shared.same(x, M, w.in, qmm::act_order_bits(w), isa);
-  const QActs& a = quantize_acts(x, M, w.in, qmm::act_order_bits(w), isa);
+  p.pk = panels ? pick_panel_kernel(isa, w) : qmm::Panel{};
+  p.nfull = w.in / kBlock;
+  // The panel kernels' block-major copy of the full blocks (this thread's buffers, read by all).
+  thread_local std::vector<int8_t> bq;
+  thread_local std::vector<float> bd, bds;
+  thread_local std::vector<int32_t> bs;
+  if (p.pk.fn) {
+    const size_t n = size_t(p.nfull * M);
+    if (bd.size() < n) {
+      bq.resize(n * kBlock);
+      bd.resize(n);
+      bds.resize(n);
+      bs.resize(n);
+    }
+  }
+  const PanelCopy copy{bq.data(), bd.data(), bds.data(), bs.data()};
+  const bool fresh = !(t_shared_input > 0 && t_shared.same(x, M, w.in, qmm::act_order_bits(w), isa));
+  const QActs& a = quantize_acts(x, M, w.in, qmm::act_order_bits(w), isa, p.pk.fn && fresh ? &copy : nullptr);
   p.a = &a;
   p.k = pick_kernel(isa, w);
   p.qk = pick_quad_kernel(isa, w);
-  p.pk = panels ? pick_panel_kernel(isa, w) : qmm::Panel{};
-  p.nfull = w.in / kBlock;
   p.out = w.out;
   p.tail = p.nfull * kBlock < w.in;  // only IntGroups rows end in a partial block
   p.P = p.pk.rows;
@@ -585,18 +617,8 @@ void prepare_int8(const float* x, int64_t M, const PackedWeight& w_in, float* y,
   p.all_rows = scratch.all_rows.data();
   p.pa = {};
   if (p.pk.fn) {
-    thread_local std::vector<int8_t> bq;
-    thread_local std::vector<float> bd, bds;
-    thread_local std::vector<int32_t> bs;
     const int64_t nfull = p.nfull;
-    const size_t n = size_t(nfull * M);
-    if (bd.size() < n) {
-      bq.resize(n * kBlock);
-      bd.resize(n);
-      bds.resize(n);
-      bs.resize(n);
-    }
-    if (!panel_copy_kept) {
+    if (!panel_copy_kept && !fresh) {  // activations kept from a product without panels: copy them now
       for (int64_t b = 0; b < nfull; ++b)
         for (int64_t j = 0; j < M; ++j) {
           const size_t k = size_t(b * M + j), src = size_t(j * a.nb + b);
