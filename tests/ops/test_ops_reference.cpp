@@ -40,6 +40,31 @@ TEST(OpsReference, RmsNorm) {
   }
 }
 
+// Batched decode normalizes several rows at once (8, 4, then single rows): each row's outputs are
+// bit-identical to the row normalized alone, and to the formula evaluated in its own f32/f64 order.
+TEST(OpsReference, RmsNormRowsTogetherEqualEachRowAlone) {
+  const int64_t D = 576;
+  for (int64_t M : {1, 3, 4, 5, 8, 9, 13, 17}) {
+    Tensor x = rnd({M, D}, 10 + uint64_t(M)), w = rnd({D}, 3), y = Tensor::empty({M, D}), r = Tensor::empty({M});
+    ops::rmsnorm_forward(x, w, 1e-5, y, r);
+    const float *px = x.data<float>(), *pw = w.data<float>();
+    for (int64_t i = 0; i < M; ++i) {
+      Tensor x1 = x.slice(0, i, i + 1).contiguous(), y1 = Tensor::empty({1, D}), r1 = Tensor::empty({1});
+      ops::rmsnorm_forward(x1, w, 1e-5, y1, r1);
+      double ss = 0;
+      for (int64_t j = 0; j < D; ++j) ss += double(px[i * D + j]) * double(px[i * D + j]);
+      const float rs = float(1.0 / std::sqrt(ss / double(D) + 1e-5));
+      ASSERT_EQ(r.data<float>()[i], rs) << "M=" << M << " row " << i;
+      ASSERT_EQ(r1.data<float>()[0], rs);
+      for (int64_t j = 0; j < D; ++j) {
+        const float want = px[i * D + j] * rs * pw[j];
+        ASSERT_EQ(y.data<float>()[i * D + j], want) << "M=" << M << " row " << i << " column " << j;
+        ASSERT_EQ(y1.data<float>()[j], want);
+      }
+    }
+  }
+}
+
 TEST(OpsReference, RopeStylesAreRelatedByAPermutation) {
   // Interleaved pairs (2i, 2i+1) and half pairs (i, i+hd/2) give the same result after moving
   // channel 2i -> i and 2i+1 -> i + hd/2 (the Meta <-> Hugging Face weight permutation).

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -446,6 +447,71 @@ TEST(QuantMatmul, TernaryRunsTheIntGroupsKernelsWithItsTensorScale) {
   bad = v;
   bad.tensor_scale = 0.0f;
   EXPECT_THROW(ops::quant_matmul(x, bad, y), Error);
+}
+
+// quant_matmul_many (serving's q / k / v and gate / up in one parallel region): every product's
+// numbers are those of quant_matmul alone, bit for bit — plain layouts sharing one quantized input
+// (weights of several row counts: panels, four-row and single-row leftovers; 576 columns: the
+// quantization split over the pool at 8 rows), and the sets that fall back to one product after
+// the other (formats with another activation order, a ternary weight, more rows than the Int8 body
+// takes, the Exact path); inside a QuantSharedInputScope too; outputs fully written.
+TEST(QuantMatmul, ManyEqualsEachProductAlone) {
+  const int64_t in = 576;
+  auto make = [&](const char* name, int64_t out, uint64_t seed) {
+    return quantize(Tensor::randn({out, in}, seed, 0.05), parse_quant_format(name));
+  };
+  struct Set {
+    const char* what;
+    std::vector<std::pair<const char*, int64_t>> ws;
+  };
+  const Set sets[] = {{"q4_1 q/k/v", {{"q4_1", 48}, {"q4_1", 16}, {"q4_1", 16}}},
+                      {"q4_1 gate/up, leftover rows", {{"q4_1", 37}, {"q4_1", 21}}},
+                      {"q8_0 + q4_0", {{"q8_0", 40}, {"q4_0", 19}}},
+                      {"int4g64 (another activation order) + q4_1", {{"int4g64", 32}, {"q4_1", 32}}},
+                      {"int2g64 + int4g64", {{"int2g64", 17}, {"int4g64", 33}}},
+                      {"ternary + q4_1", {{"ternary", 32}, {"q4_1", 16}}}};
+  int compared = 0;
+  for (const Set& set : sets) {
+    std::vector<QuantizedTensor> qs;
+    for (size_t i = 0; i < set.ws.size(); ++i) qs.push_back(make(set.ws[i].first, set.ws[i].second, 40 + i));
+    std::vector<ops::PackedWeight> views;
+    for (const QuantizedTensor& q : qs) views.push_back(q.packed_view());
+    std::vector<const ops::PackedWeight*> wp;
+    for (const ops::PackedWeight& v : views) wp.push_back(&v);
+    for (int64_t M : {1, 3, 8, 12})
+      for (auto path : {ops::QuantMatmulPath::Auto, ops::QuantMatmulPath::Int8, ops::QuantMatmulPath::Exact})
+        for (bool panels : {true, false})
+          for (bool scoped : {false, true}) {
+            SCOPED_TRACE(std::string(set.what) + " M=" + std::to_string(M) + " path " + std::to_string(int(path)) +
+                         (panels ? " panels" : " quads") + (scoped ? " in a shared-input scope" : ""));
+            const ops::QuantMatmulOptions opt{path, ops::QuantIsa::Auto, panels};
+            const Tensor x = test_input(M, in, 60 + uint64_t(M));
+            std::vector<Tensor> ys;
+            std::vector<Tensor*> yp;
+            for (const ops::PackedWeight& v : views) ys.push_back(Tensor::full({M, v.out}, std::nanf("")));
+            for (Tensor& y : ys) yp.push_back(&y);
+            {
+              std::optional<ops::QuantSharedInputScope> shared;
+              if (scoped) shared.emplace();
+              ops::quant_matmul_many(x, wp, yp, opt);
+            }
+            for (size_t i = 0; i < views.size(); ++i) {
+              Tensor alone = Tensor::empty({M, views[i].out});
+              ops::quant_matmul(x, views[i], alone, opt);
+              const float *a = alone.data<float>(), *b = ys[i].data<float>();
+              for (int64_t e = 0; e < alone.numel(); ++e) ASSERT_EQ(b[e], a[e]) << "product " << i << ", output " << e;
+              ++compared;
+            }
+          }
+  }
+  EXPECT_GT(compared, 0);
+  // Mismatched lists and a wrong output shape are errors.
+  const QuantizedTensor q = make("q4_1", 16, 7);
+  const ops::PackedWeight v = q.packed_view();
+  Tensor y = Tensor::empty({2, 16}), bad = Tensor::empty({2, 15});
+  const Tensor x = test_input(2, in, 3);
+  EXPECT_THROW(ops::quant_matmul_many(x, {&v, &v}, {&y}), Error);
+  EXPECT_THROW(ops::quant_matmul_many(x, {&v, &v}, {&y, &bad}), Error);
 }
 
 // The batched decode GEMM (the Int8 body's eight-row panels, AVX2 / VNNI): every M of a serving

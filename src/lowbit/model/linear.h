@@ -17,6 +17,11 @@ namespace lowbit {
 // which the ranks' pieces sum to).
 enum class ShardAxis : uint8_t { Rows, Cols };
 
+namespace ops {
+struct PackedWeight;
+struct QuantMatmulOptions;
+}  // namespace ops
+
 class Linear {
  public:
   virtual ~Linear() = default;
@@ -38,6 +43,12 @@ class Linear {
   // Cols cuts must fall on multiples of this many input columns (1: anywhere; packed weights: their
   // groups or blocks); 0: the layer cannot be cut by input columns.
   virtual int64_t column_shard_unit() const { return 0; }
+  // True when forward(x) is exactly ops::quant_matmul(x, w, y, opt) on the CPU and nothing else (a
+  // packed layer without bias or adapters, x f32 on the CPU needing no gradient); then w and opt are
+  // set. Lets a model run the layers that read one input in one ops::quant_matmul_many call.
+  virtual bool packed_product(const Var& /*x*/, ops::PackedWeight& /*w*/, ops::QuantMatmulOptions& /*opt*/) const {
+    return false;
+  }
 };
 
 class DenseLinear : public Linear {

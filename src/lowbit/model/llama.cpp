@@ -662,6 +662,43 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
     for (const auto& r : long_pieces) place(l.forward(Var(xv.slice(0, r.first, r.second))).value(), {r});
     return Var(y);
   };
+  // Linear layers that read one input (q / k / v, gate / up): packed CPU layers whose forward is
+  // the product alone, in a step without long pieces, run as one ops::quant_matmul_many (the same
+  // numbers as one lin after the other, in one parallel region); anything else layer by layer.
+  auto lin_many = [&](std::initializer_list<const Linear*> ls, const Var& x) -> std::vector<Var> {
+    std::vector<Var> out;
+    std::vector<ops::PackedWeight> ws(ls.size());
+    ops::QuantMatmulOptions opt0;
+    bool together = long_pieces.empty() && ls.size() > 1;
+    size_t i = 0;
+    for (const Linear* l : ls) {
+      ops::QuantMatmulOptions opt;
+      together = together && packed_on_cpu(*l, x) && l->packed_product(x, ws[i], opt);
+      if (!together) break;
+      if (i == 0) opt0 = opt;
+      together = opt.path == opt0.path && opt.isa == opt0.isa && opt.int8_panels == opt0.int8_panels;
+      ++i;
+    }
+    if (!together) {
+      for (const Linear* l : ls) out.push_back(lin(*l, x));
+      return out;
+    }
+    const Tensor xv = x.value().contiguous();
+    std::vector<Tensor> ys;
+    std::vector<const ops::PackedWeight*> wp;
+    for (const ops::PackedWeight& w : ws) {
+      ys.push_back(Tensor::empty({N, w.out}, DType::F32, Device::CPU));
+      wp.push_back(&w);
+    }
+    std::vector<Tensor*> yp;
+    for (Tensor& y : ys) yp.push_back(&y);
+    {
+      ops::QuantInt8RowsScope int8_rows(N);
+      ops::quant_matmul_many(xv, wp, yp, opt0);
+    }
+    for (Tensor& y : ys) out.push_back(Var(y, false));
+    return out;
+  };
   std::vector<int64_t> small, large;  // sequences by token count (attention runs them differently)
   for (size_t s = 0; s < S; ++s) (counts[s] <= kMixedInt8PieceMax ? small : large).push_back(int64_t(s));
 
@@ -675,9 +712,10 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
     Var q, k, v;
     {
       ops::QuantSharedInputScope shared;  // q, k and v read h: its int8 activations are made once
-      q = lin(*b.wq, h);
-      k = lin(*b.wk, h);
-      v = lin(*b.wv, h);
+      std::vector<Var> qkv = lin_many({b.wq.get(), b.wk.get(), b.wv.get()}, h);
+      q = qkv[0];
+      k = qkv[1];
+      v = qkv[2];
     }
     k = kv_token_in(k);
     v = kv_token_in(v);
@@ -688,11 +726,32 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
     // ... RoPE and attention per sequence, at its own positions against its own cache.
     const Tensor qv = q.value().contiguous(), kv = k.value().contiguous(), vv = v.value().contiguous();
     Tensor att = Tensor::empty({N, H * hd}, qv.dtype(), qv.device());
+    // What attend_cached does for an f32, f16 or q8 cache on the CPU without KV transforms (no head
+    // rotation then, kv_attention's cache kernel): RoPE, kv_append, kv_read, kv_attention_forward.
+    auto plain_kv = [&](const KVCache& c) {
+      return qv.device() == Device::CPU && qv.dtype() == DType::F32 && kv_cache_bits(c.type) == 0 &&
+             !transforms_.kv.enabled() && size_t(i) < c.k.size() && c.k[size_t(i)].device() == Device::CPU &&
+             c.k[size_t(i)].dtype() != DType::F64;
+    };
     auto one = [&](int64_t s) {
       NoGradGuard no_grad;  // thread-local: pool workers are other threads
-      const int64_t r0 = row0[size_t(s)], r1 = row0[size_t(s) + 1];
-      Var a = attend_cached(i, Var(qv.slice(0, r0, r1)), Var(kv.slice(0, r0, r1)), Var(vv.slice(0, r0, r1)), r1 - r0,
-                            *caches[size_t(s)]);
+      const int64_t r0 = row0[size_t(s)], r1 = row0[size_t(s) + 1], T = r1 - r0;
+      KVCache& cache = *caches[size_t(s)];
+      if (plain_kv(cache)) {  // attend_cached's ops without its wrappers: the output straight into att
+        const int64_t pos0 = cache.length;
+        Tensor qr = Tensor::empty({1, T, H, hd}), kr = Tensor::empty({1, T, KVH, hd});
+        ops::rope(qv.slice(0, r0, r1).view({1, T, H, hd}), pos0, config_.rope_theta, config_.rope_style, false, qr,
+                  config_.rope_scaling);
+        ops::rope(kv.slice(0, r0, r1).view({1, T, KVH, hd}), pos0, config_.rope_theta, config_.rope_style, false, kr,
+                  config_.rope_scaling);
+        kv_append(cache, i, pos0, kr, vv.slice(0, r0, r1));
+        const KVLayerView view = kv_read(cache, i, pos0 + T);
+        Tensor o = att.slice(0, r0, r1).view({T, H, hd});
+        ops::kv_attention_forward(qr.view({T, H, hd}), view.k, view.v, view.k_scale, view.v_scale,
+                                  1.0 / std::sqrt(double(hd)), o);
+        return;
+      }
+      Var a = attend_cached(i, Var(qv.slice(0, r0, r1)), Var(kv.slice(0, r0, r1)), Var(vv.slice(0, r0, r1)), T, cache);
       att.slice(0, r0, r1).copy_(a.value());
     };
     // Decode tokens and short pieces: one sequence per pool task (the ops inside run serially there,
@@ -707,8 +766,9 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
     Var gate, up;
     {
       ops::QuantSharedInputScope shared;  // gate and up read h2
-      gate = lin(*b.w_gate, h2);
-      up = lin(*b.w_up, h2);
+      std::vector<Var> gu = lin_many({b.w_gate.get(), b.w_up.get()}, h2);
+      gate = gu[0];
+      up = gu[1];
     }
     Var m = act_in(down_in(swiglu(gate, up)));
     x = add(x1, lin(*b.w_down, m));

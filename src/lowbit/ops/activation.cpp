@@ -68,7 +68,9 @@ void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& y) {
     T* yp = y.data<T>();
     const int64_t n = gate.numel();
     if constexpr (std::is_same_v<T, float>) {
-      parallel_for(n, 32768, [&](int64_t b, int64_t e) { vec::swiglu(gp + b, up_ + b, yp + b, e - b); });
+      // Elementwise (any split gives the same numbers); from 8192 values on (a batched decode step of
+      // a few sequences' MLP rows) over the pool.
+      parallel_for(n, 4096, [&](int64_t b, int64_t e) { vec::swiglu(gp + b, up_ + b, yp + b, e - b); });
       return;
     }
     parallel_for(n, 32768, [&](int64_t lo_, int64_t hi_) {

@@ -258,7 +258,17 @@ thread_local SharedInput t_shared;
 // The buffers are the calling thread's and reused from call to call (decode runs ~200 products
 // per token); the returned reference is valid until this thread's next call
 // (inside a QuantSharedInputScope: the next call on another input).
-const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, QuantIsa isa) {
+// The panel kernels' block-major copy of the full blocks: entry b * M + j = block b of row j.
+struct PanelCopy {
+  int8_t* q = nullptr;
+  float *d = nullptr, *dsum = nullptr;
+  int32_t* sum = nullptr;
+};
+
+// `panel` (optional): also writes the block-major copy of the full blocks, each row by the task
+// that quantized it (a copy made afterwards by the calling thread would read the other threads'
+// rows from their caches).
+const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, QuantIsa isa, const PanelCopy* panel = nullptr) {
   thread_local QActs a;
   if (t_shared_input > 0 && t_shared.same(x, M, in, bits, isa)) return a;  // this input, already quantized
   t_shared = {};
@@ -278,39 +288,51 @@ const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, Quan
   const bool simd = false;
   (void)isa;
 #endif
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < a.nb; ++b) {
-      const float* xb = x + m * in + b * kBlock;
-      const int64_t n = std::min(kBlock, in - b * kBlock);
-      const size_t k = size_t(m * a.nb + b);
-      int8_t* qb = a.q.data() + k * kBlock;
-      int32_t s = 0;
-      float d = 0.0f;
+  // Rows are independent: several rows (a batched decode step) are split over the pool, each row
+  // quantized exactly as alone. `A` (not the thread_local `a`) inside: tasks run on other threads.
+  QActs& A = a;
+  rows_for(M, (2048 + in - 1) / in, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < A.nb; ++b) {
+        const float* xb = x + m * in + b * kBlock;
+        const int64_t n = std::min(kBlock, in - b * kBlock);
+        const size_t k = size_t(m * A.nb + b);
+        int8_t* qb = A.q.data() + k * kBlock;
+        int32_t s = 0;
+        float d = 0.0f;
 #if defined(__x86_64__) || defined(__i386__)
-      if (simd && n == kBlock) s = qmm::avx2_quantize_block(xb, bits, qb, &d);
+        if (simd && n == kBlock) s = qmm::avx2_quantize_block(xb, bits, qb, &d);
 #endif
-      if (!simd || n < kBlock) {
-        float amax = 0.0f;
-        for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
-        d = amax / 127.0f;
-        const float inv = d > 0 ? 1.0f / d : 0.0f;
-        for (int64_t p = 0; p < kBlock; ++p) {
-          if (p >= n) {
-            qb[p] = 0;  // the partial last block is zero padded
-            continue;
+        if (!simd || n < kBlock) {
+          float amax = 0.0f;
+          for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
+          d = amax / 127.0f;
+          const float inv = d > 0 ? 1.0f / d : 0.0f;
+          for (int64_t p = 0; p < kBlock; ++p) {
+            if (p >= n) {
+              qb[p] = 0;  // the partial last block is zero padded
+              continue;
+            }
+            const float v = n == kBlock ? xb[src[p]] : xb[p];
+            const int qv = int(std::nearbyint(v * inv));
+            qb[p] = int8_t(std::clamp(qv, -127, 127));
+            s += qb[p];
           }
-          const float v = n == kBlock ? xb[src[p]] : xb[p];
-          const int qv = int(std::nearbyint(v * inv));
-          qb[p] = int8_t(std::clamp(qv, -127, 127));
-          s += qb[p];
+        }
+        A.d[k] = d;
+        A.sum[k] = s;
+        A.pair[2 * k] = d;
+        A.pair[2 * k + 1] = d * float(s);
+        if (panel && n == kBlock) {
+          const size_t c = size_t(b * M + m);
+          std::memcpy(panel->q + c * kBlock, qb, kBlock);
+          panel->d[c] = d;
+          panel->sum[c] = s;
+          panel->dsum[c] = A.pair[2 * k + 1];
         }
       }
-      a.d[k] = d;
-      a.sum[k] = s;
-      a.pair[2 * k] = d;
-      a.pair[2 * k + 1] = d * float(s);
-    }
-  if (t_shared_input > 0) t_shared = {true, false, x, M, in, bits, isa};
+  });
+  if (t_shared_input > 0) t_shared = {true, panel != nullptr, x, M, in, bits, isa};
   return a;
 }
 
@@ -476,52 +498,127 @@ void salient_binary_body(const float* x, int64_t M, const PackedWeight& w, float
   for (int64_t i = 0; i < M * w.out; ++i) y[i] += ys[size_t(i)];
 }
 
-// The ternary layouts (TQ2_0, TQ1_0 and the ternary format) go to ternary_body (activation blocks of 256).
-void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels) {
-  if (w_in.layout == PackedLayout::TritPlanes) return trit_planes_body(x, M, w_in, y, isa, panels);
-  if (w_in.layout == PackedLayout::SalientBinary) return salient_binary_body(x, M, w_in, y, true, isa, panels);
-  if (const qmm::TernaryKind kind = qmm::ternary_kind(w_in); kind != qmm::TernaryKind::None)
-    return ternary_body(x, M, w_in, y, isa, kind);
-  // A tensor scale (ternary): the kernels run with unit f16 scales, the products are scaled after.
+// One product of the Int8 body on the plain layouts (IntGroups, ggml q4_0 / q4_1 / q8_0), its
+// activations quantized: the work split into tasks of whole row groups (int8_body runs them in one
+// parallel region, quant_matmul_many runs the tasks of several products in one).
+struct Int8Product {
+  const PackedWeight* w = nullptr;  // with unit scales when the weight has a tensor scale
+  float post = 1.0f;
+  const QActs* a = nullptr;
+  const QRow* all_rows = nullptr;
+  qmm::PanelActs pa;
+  qmm::RowKernel k = nullptr;
+  qmm::QuadKernel qk = nullptr;
+  qmm::Panel pk;
+  int64_t M = 0, nfull = 0, out = 0, P = 0, G = 1, groups = 0, per_task = 1, tasks = 0;
+  bool tail = false;
+  float* y = nullptr;
+
+  void run(int64_t t) const {
+    const PackedWeight& w_ = *w;
+    const int64_t g0 = t * per_task, g1 = std::min(groups, g0 + per_task);
+    QRow rows[qmm::kMaxRows];
+    float dots[qmm::kMaxRows * qmm::kRowGroup];
+    int64_t o = g0 * G;
+    const int64_t o1 = std::min(out, g1 * G);
+    if (pk.fn)
+      for (; o + P <= o1; o += P) {
+        pk.fn(w_, o, pa, nfull, y + o, out);  // the dot products straight into y's rows
+        if (tail || post != 1.0f)
+          for (int64_t j = 0; j < M; ++j)
+            for (int64_t r = 0; r < P; ++r) {
+              float& v = y[j * out + o + r];
+              v = post * (v + (tail ? tail_dot(w_, o + r, all_rows[j], nfull) : 0.0f));
+            }
+      }
+    if (qk)
+      for (; o + qmm::kRowGroup <= o1; o += qmm::kRowGroup)
+        for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {
+          const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
+          for (int j = 0; j < n; ++j) rows[j] = a->row(m0 + j);
+          qk(w_, o, rows, n, nfull, dots);
+          for (int j = 0; j < n; ++j)
+            for (int r = 0; r < qmm::kRowGroup; ++r)
+              y[(m0 + j) * out + o + r] = post * (dots[j * qmm::kRowGroup + r] + (tail ? tail_dot(w_, o + r, rows[j], nfull) : 0.0f));
+        }
+    for (; o < o1; ++o)
+      for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {  // each weight block unpacked once per kMaxRows rows
+        const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
+        for (int j = 0; j < n; ++j) rows[j] = a->row(m0 + j);
+        k(w_, o, rows, n, nfull, dots);
+        for (int j = 0; j < n; ++j) y[(m0 + j) * out + o] = post * (dots[j] + (tail ? tail_dot(w_, o, rows[j], nfull) : 0.0f));
+      }
+  }
+};
+
+// Whether int8_body runs this weight as an Int8Product (the other layouts have bodies of their own).
+bool plain_int8_layout(const PackedWeight& w) {
+  return w.layout != PackedLayout::TritPlanes && w.layout != PackedLayout::SalientBinary &&
+         qmm::ternary_kind(w) == qmm::TernaryKind::None;
+}
+
+// The buffers a product's operand lives in: the activations (quantize_acts, this thread's), their
+// rows, the panel kernels' block-major copy of the full blocks (this thread's, read by all) and the
+// unit scales of a tensor-scaled weight.
+struct Int8Scratch {
+  std::vector<QRow> all_rows;
   std::vector<uint16_t> unit;
   PackedWeight w_unit;
+};
+
+// Quantizes x (or reuses it inside a QuantSharedInputScope) and fills `p` for y = x · w^T.
+void prepare_int8(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels,
+                  Int8Scratch& scratch, Int8Product& p) {
+  // A tensor scale (ternary): the kernels run with unit f16 scales, the products are scaled after.
   const bool tensor_scaled = w_in.layout == PackedLayout::IntGroups && !w_in.scales;
   if (tensor_scaled) {
-    unit.assign(size_t(w_in.out * w_in.n_groups), f32_to_f16(1.0f));
-    w_unit = w_in;
-    w_unit.scales = unit.data();
+    scratch.unit.assign(size_t(w_in.out * w_in.n_groups), f32_to_f16(1.0f));
+    scratch.w_unit = w_in;
+    scratch.w_unit.scales = scratch.unit.data();
   }
-  const PackedWeight& w = tensor_scaled ? w_unit : w_in;
-  const float post = tensor_scaled ? w_in.tensor_scale : 1.0f;
-  isa = resolve_isa(isa);
+  const PackedWeight& w = tensor_scaled ? scratch.w_unit : w_in;
+  p.w = &w;
+  p.post = tensor_scaled ? w_in.tensor_scale : 1.0f;
+  p.M = M;
+  p.y = y;
   const bool panel_copy_kept = t_shared_input > 0 && t_shared.panels && t_shared.same(x, M, w.in, qmm::act_order_bits(w), isa);
-  const QActs& a = quantize_acts(x, M, w.in, qmm::act_order_bits(w), isa);
-  const qmm::RowKernel k = pick_kernel(isa, w);
-  const qmm::QuadKernel qk = pick_quad_kernel(isa, w);
-  const qmm::Panel pk = panels ? pick_panel_kernel(isa, w) : qmm::Panel{};
-  const int64_t nfull = w.in / kBlock, out = w.out;
-  const bool tail = nfull * kBlock < w.in;  // only IntGroups rows end in a partial block
-  const int64_t P = pk.rows;
-  const int64_t G = pk.fn ? P : qk ? qmm::kRowGroup : 1, groups = (out + G - 1) / G;
-  // Tasks of about kTaskWork weights, handed out dynamically (a thread that falls behind on a
-  // shared machine takes fewer), whole row groups each.
-  const int64_t per_task = std::max<int64_t>(1, kTaskWork / (G * w.in)), tasks = (groups + per_task - 1) / per_task;
-  std::vector<QRow> all_rows(static_cast<size_t>(M));
-  for (int64_t j = 0; j < M; ++j) all_rows[size_t(j)] = a.row(j);
+  p.pk = panels ? pick_panel_kernel(isa, w) : qmm::Panel{};
+  p.nfull = w.in / kBlock;
   // The panel kernels' block-major copy of the full blocks (this thread's buffers, read by all).
-  qmm::PanelActs pa;
-  if (pk.fn) {
-    thread_local std::vector<int8_t> bq;
-    thread_local std::vector<float> bd, bds;
-    thread_local std::vector<int32_t> bs;
-    const size_t n = size_t(nfull * M);
+  thread_local std::vector<int8_t> bq;
+  thread_local std::vector<float> bd, bds;
+  thread_local std::vector<int32_t> bs;
+  if (p.pk.fn) {
+    const size_t n = size_t(p.nfull * M);
     if (bd.size() < n) {
       bq.resize(n * kBlock);
       bd.resize(n);
       bds.resize(n);
       bs.resize(n);
     }
-    if (!panel_copy_kept) {
+  }
+  const PanelCopy copy{bq.data(), bd.data(), bds.data(), bs.data()};
+  const bool fresh = !(t_shared_input > 0 && t_shared.same(x, M, w.in, qmm::act_order_bits(w), isa));
+  const QActs& a = quantize_acts(x, M, w.in, qmm::act_order_bits(w), isa, p.pk.fn && fresh ? &copy : nullptr);
+  p.a = &a;
+  p.k = pick_kernel(isa, w);
+  p.qk = pick_quad_kernel(isa, w);
+  p.out = w.out;
+  p.tail = p.nfull * kBlock < w.in;  // only IntGroups rows end in a partial block
+  p.P = p.pk.rows;
+  p.G = p.pk.fn ? p.P : p.qk ? qmm::kRowGroup : 1;
+  p.groups = (p.out + p.G - 1) / p.G;
+  // Tasks of about kTaskWork weights, handed out dynamically (a thread that falls behind on a
+  // shared machine takes fewer), whole row groups each.
+  p.per_task = std::max<int64_t>(1, kTaskWork / (p.G * w.in));
+  p.tasks = (p.groups + p.per_task - 1) / p.per_task;
+  scratch.all_rows.resize(size_t(M));
+  for (int64_t j = 0; j < M; ++j) scratch.all_rows[size_t(j)] = a.row(j);
+  p.all_rows = scratch.all_rows.data();
+  p.pa = {};
+  if (p.pk.fn) {
+    const int64_t nfull = p.nfull;
+    if (!panel_copy_kept && !fresh) {  // activations kept from a product without panels: copy them now
       for (int64_t b = 0; b < nfull; ++b)
         for (int64_t j = 0; j < M; ++j) {
           const size_t k = size_t(b * M + j), src = size_t(j * a.nb + b);
@@ -532,42 +629,20 @@ void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, Qu
         }
       if (t_shared_input > 0 && t_shared.acts) t_shared.panels = true;
     }
-    pa = {M, bq.data(), bd.data(), bs.data(), bds.data()};
+    p.pa = {M, bq.data(), bd.data(), bs.data(), bds.data()};
   }
-  items_each(tasks, [&](int64_t t) {
-    const int64_t g0 = t * per_task, g1 = std::min(groups, g0 + per_task);
-    QRow rows[qmm::kMaxRows];
-    float dots[qmm::kMaxRows * qmm::kRowGroup];
-    int64_t o = g0 * G;
-    const int64_t o1 = std::min(out, g1 * G);
-    if (pk.fn)
-      for (; o + P <= o1; o += P) {
-        pk.fn(w, o, pa, nfull, y + o, out);  // the dot products straight into y's rows
-        if (tail || post != 1.0f)
-          for (int64_t j = 0; j < M; ++j)
-            for (int64_t r = 0; r < P; ++r) {
-              float& v = y[j * out + o + r];
-              v = post * (v + (tail ? tail_dot(w, o + r, all_rows[size_t(j)], nfull) : 0.0f));
-            }
-      }
-    if (qk)
-      for (; o + qmm::kRowGroup <= o1; o += qmm::kRowGroup)
-        for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {
-          const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
-          for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
-          qk(w, o, rows, n, nfull, dots);
-          for (int j = 0; j < n; ++j)
-            for (int r = 0; r < qmm::kRowGroup; ++r)
-              y[(m0 + j) * out + o + r] = post * (dots[j * qmm::kRowGroup + r] + (tail ? tail_dot(w, o + r, rows[j], nfull) : 0.0f));
-        }
-    for (; o < o1; ++o)
-      for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {  // each weight block unpacked once per kMaxRows rows
-        const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
-        for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
-        k(w, o, rows, n, nfull, dots);
-        for (int j = 0; j < n; ++j) y[(m0 + j) * out + o] = post * (dots[j] + (tail ? tail_dot(w, o, rows[j], nfull) : 0.0f));
-      }
-  });
+}
+
+// The ternary layouts (TQ2_0, TQ1_0 and the ternary format) go to ternary_body (activation blocks of 256).
+void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels) {
+  if (w_in.layout == PackedLayout::TritPlanes) return trit_planes_body(x, M, w_in, y, isa, panels);
+  if (w_in.layout == PackedLayout::SalientBinary) return salient_binary_body(x, M, w_in, y, true, isa, panels);
+  if (const qmm::TernaryKind kind = qmm::ternary_kind(w_in); kind != qmm::TernaryKind::None)
+    return ternary_body(x, M, w_in, y, isa, kind);
+  Int8Scratch scratch;
+  Int8Product p;
+  prepare_int8(x, M, w_in, y, resolve_isa(isa), panels, scratch, p);
+  items_each(p.tasks, [&](int64_t t) { p.run(t); });
 }
 
 // ---- Int8 activations, ternary layouts (blocks of 256) ---------------------------------------
@@ -951,6 +1026,58 @@ void quant_embedding(const PackedWeight& w, const Tensor& ids, Tensor& out) {
   }
 }
 
+namespace {
+// The body a CPU product of M rows takes.
+QuantMatmulPath cpu_path(int64_t M, const PackedWeight& w, const QuantMatmulOptions& opt) {
+  QuantMatmulPath path = opt.path;
+  if (path == QuantMatmulPath::Auto) path = g_default_path.load(std::memory_order_relaxed);
+  if (path == QuantMatmulPath::Auto) path = env_path();
+  if (path == QuantMatmulPath::Auto)
+    path = M <= t_int8_max_rows && quant_matmul_has_int8_kernel(w) ? QuantMatmulPath::Int8 : QuantMatmulPath::Exact;
+  if (path == QuantMatmulPath::Int8 && !quant_matmul_has_int8_kernel(w)) path = QuantMatmulPath::Exact;
+  return path;
+}
+}  // namespace
+
+void quant_matmul_many(const Tensor& x, const std::vector<const PackedWeight*>& ws, const std::vector<Tensor*>& ys,
+                       const QuantMatmulOptions& opt) {
+  if (ws.size() != ys.size()) throw_error(kOp, ": ", ws.size(), " weights but ", ys.size(), " outputs");
+  for (const PackedWeight* w : ws) check_view(*w);
+  // One region when every product is a plain Int8-body product of this input on the CPU (then they
+  // share the quantized activations: same width and activation order).
+  bool one_region = x.device() == Device::CPU && x.dtype() == DType::F32 && x.dim() == 2 && x.is_contiguous() &&
+                    x.size(0) > 0 && ws.size() > 1;
+  for (size_t i = 0; i < ws.size() && one_region; ++i) {
+    const PackedWeight& w = *ws[i];
+    const Tensor& y = *ys[i];
+    one_region = w.in == x.size(1) && plain_int8_layout(w) && qmm::act_order_bits(w) == qmm::act_order_bits(*ws[0]) &&
+                 y.device() == Device::CPU && y.dtype() == DType::F32 && y.is_contiguous() && y.dim() == 2 &&
+                 y.size(0) == x.size(0) && y.size(1) == w.out && w.layout != PackedLayout::Generic &&
+                 cpu_path(x.size(0), w, opt) == QuantMatmulPath::Int8;
+  }
+  if (!one_region) {
+    for (size_t i = 0; i < ws.size(); ++i) quant_matmul(x, *ws[i], *ys[i], opt);
+    return;
+  }
+  const int64_t M = x.size(0);
+  const QuantIsa isa = resolve_isa(opt.isa);
+  std::vector<Int8Scratch> scratch(ws.size());
+  std::vector<Int8Product> p(ws.size());
+  std::vector<int64_t> first(ws.size() + 1, 0);  // product i owns tasks [first[i], first[i + 1])
+  {
+    QuantSharedInputScope shared;  // the products after the first reuse its activations (and panel copy)
+    for (size_t i = 0; i < ws.size(); ++i) {
+      prepare_int8(x.data<float>(), M, *ws[i], ys[i]->data<float>(), isa, opt.int8_panels, scratch[i], p[i]);
+      first[i + 1] = first[i] + p[i].tasks;
+    }
+    items_each(first.back(), [&](int64_t t) {
+      size_t i = 0;
+      while (t >= first[i + 1]) ++i;
+      p[i].run(t - first[i]);
+    });
+  }
+}
+
 void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const QuantMatmulOptions& opt) {
   check_view(w);
   detail::check_contiguous(kOp, x, "x");
@@ -987,13 +1114,7 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
   if (M == 0) return;
   const float* px = x.data<float>();
   float* py = y.data<float>();
-  QuantMatmulPath path = opt.path;
-  if (path == QuantMatmulPath::Auto) path = g_default_path.load(std::memory_order_relaxed);
-  if (path == QuantMatmulPath::Auto) path = env_path();
-  if (path == QuantMatmulPath::Auto)
-    path = M <= t_int8_max_rows && quant_matmul_has_int8_kernel(w) ? QuantMatmulPath::Int8 : QuantMatmulPath::Exact;
-  if (path == QuantMatmulPath::Int8 && !quant_matmul_has_int8_kernel(w)) path = QuantMatmulPath::Exact;
-  switch (path) {
+  switch (cpu_path(M, w, opt)) {
     case QuantMatmulPath::Reference: reference_body(px, M, w, py); break;
     case QuantMatmulPath::Int8: int8_body(px, M, w, py, opt.isa, opt.int8_panels); break;
     default:

@@ -59,6 +59,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "lowbit/core/tensor.h"
 
@@ -158,6 +159,15 @@ class QuantSharedInputScope {
 // M > 8 dequantize tiles of rows to f32 on the GPU and multiply them with cuBLAS (TF32 only when
 // allowed, device_init.h). Never builds the whole f32 weight.
 void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const QuantMatmulOptions& opt = {});
+
+// ys[i] = x · dequant(*ws[i])^T for several weights that read one input (a layer's q / k / v, or
+// gate / up): each product's numbers are those of quant_matmul(x, *ws[i], *ys[i], opt). When every
+// product takes the CPU's Int8 body on a plain layout (IntGroups, ggml q4_0 / q4_1 / q8_0) with the
+// same activation order, x is quantized once and the tasks of all the products are handed to the
+// thread pool in one parallel region (one wait for the slowest thread instead of one per product);
+// otherwise one quant_matmul after the other.
+void quant_matmul_many(const Tensor& x, const std::vector<const PackedWeight*>& ws, const std::vector<Tensor*>& ys,
+                       const QuantMatmulOptions& opt = {});
 
 // True when the weight has a GPU form: IntGroups with f16 scales, in % 32 == 0 and whole 32-value
 // blocks per group (or one group per row), and the ggml q4_0 / q4_1 / q8_0 layouts.

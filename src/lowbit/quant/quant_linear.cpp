@@ -76,6 +76,17 @@ std::shared_ptr<Linear> QuantLinear::shard(ShardAxis axis, int64_t begin, int64_
   return l;
 }
 
+bool QuantLinear::packed_product(const Var& x, ops::PackedWeight& w, ops::QuantMatmulOptions& opt) const {
+  const Tensor& xv = x.value();
+  // forward's packed CPU path with nothing after the product
+  if (x.requires_grad() || xv.dtype() != DType::F32 || xv.dim() != 2 || xv.size(1) != q_.in_features() ||
+      device_ != Device::CPU || xv.device() != Device::CPU || bias_.defined() || has_lora())
+    return false;
+  w = q_.packed_view();
+  opt = mm_opt_;
+  return true;
+}
+
 std::vector<Var> QuantLinear::parameters() const {
   if (has_lora() && lora_A_.requires_grad()) return {lora_A_, lora_B_};
   return {};

@@ -27,6 +27,7 @@ class QuantLinear : public Linear {
   explicit QuantLinear(QuantizedTensor q, Tensor bias = Tensor(), Device device = Device::CPU,
                        Tensor lora_A = Tensor(), Tensor lora_B = Tensor(), Tensor dequantized = Tensor());
   Var forward(const Var& x) const override;
+  bool packed_product(const Var& x, ops::PackedWeight& w, ops::QuantMatmulOptions& opt) const override;
   int64_t in_features() const override { return q_.in_features(); }
   int64_t out_features() const override { return q_.out_features(); }
   std::vector<Var> parameters() const override;  // the adapters when trainable, else none

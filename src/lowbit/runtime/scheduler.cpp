@@ -6,6 +6,7 @@
 #include "lowbit/autograd/functions.h"
 #include "lowbit/comm/comm.h"
 #include "lowbit/core/error.h"
+#include "lowbit/core/threads.h"
 
 namespace lowbit {
 
@@ -330,7 +331,16 @@ void Scheduler::step() {
       }
       stats_.prefill_chunks += seqs.size() - n_decode;
     }
-    int64_t row = 0;
+    // Each sequence's next token from its own logits row and its own sampler (independent of the
+    // others, so the rows are sampled over the thread pool), then taken in order.
+    std::vector<size_t> sampled;  // sequences with a logits row, in row order
+    for (size_t j = 0; j < seqs.size(); ++j)
+      if (want[j]) sampled.push_back(j);
+    std::vector<int> next(sampled.size());
+    parallel_each(int64_t(sampled.size()), [&](int64_t r) {
+      next[size_t(r)] = seqs[sampled[size_t(r)]]->sampler->sample(logits.data<float>() + r * V, V);
+    });
+    size_t row = 0;
     for (size_t j = 0; j < seqs.size(); ++j) {
       Slot& s = *seqs[j];
       if (j >= n_decode) {
@@ -338,8 +348,7 @@ void Scheduler::step() {
         if (!want[j]) continue;
         s.prefilling = false;  // the prompt's last piece: its first token
       }
-      accept_token(s, s.sampler->sample(logits.data<float>() + row * V, V));
-      ++row;
+      accept_token(s, next[row++]);
     }
   } catch (const std::exception& e) {
     for (Slot* s : seqs)
