@@ -38,14 +38,18 @@ struct Backend {
   ops::QuantIsa isa;
   bool int8;  // error bound of the int8-activation path
   bool cuda;
+  bool avxvnni = false;  // the 256-bit AVX-VNNI kernels even where AVX-512 VNNI is present
 };
 
+// int8-avx2-vnni runs the AVX-512 VNNI kernels where the CPU has them, int8-avx-vnni-256 the
+// AVX-VNNI (VEX) copy (CPUs with AVX-VNNI only).
 const Backend kBackends[] = {
     {"exact", ops::QuantMatmulPath::Exact, ops::QuantIsa::Auto, false, false},
     {"auto", ops::QuantMatmulPath::Auto, ops::QuantIsa::Auto, true, false},
     {"int8-portable", ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable, true, false},
     {"int8-avx2", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2, true, false},
     {"int8-avx2-vnni", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2Vnni, true, false},
+    {"int8-avx-vnni-256", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2Vnni, true, false, true},
     {"cuda", ops::QuantMatmulPath::Auto, ops::QuantIsa::Auto, true, true},
     {"cuda-int8", ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true, true},
     {"cuda-exact", ops::QuantMatmulPath::Exact, ops::QuantIsa::Auto, false, true},
@@ -83,6 +87,13 @@ Tensor test_input(int64_t M, int64_t in, uint64_t seed) {
   p[0] = 9.0f;  // an outlier channel, as real activations have
   if (in > 40) p[in * (M - 1) + 40] = -7.5f;
   return x;
+}
+
+// quantize()'s data-free ptq161 writes column factors r_j = 1: varied ones (0.25 .. 1.75) make the
+// tests check that every body applies them.
+void vary_column_factors(QuantizedTensor& q) {
+  auto* rw = static_cast<uint16_t*>(q.col_scales.raw_data());
+  for (int64_t t = 0; t < q.col_scales.numel(); ++t) rw[t] = f32_to_f16(0.25f + 0.125f * float(t * 7 % 13));
 }
 
 // The int8 rounding bound of output o for a column-masked weight (ptq161): binary column j adds
@@ -133,6 +144,7 @@ TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
         ++skipped;
         continue;
       }
+      if (f.has_column_mask()) vary_column_factors(q);
       const ops::PackedWeight view = q.packed_view();
       const Tensor x = test_input(s.M, s.in, 3 + uint64_t(s.out));
       Tensor yref = Tensor::empty({s.M, s.out});
@@ -172,11 +184,14 @@ TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
           skips.push_back(std::string("cuda: ") + f.name + " has no GPU form (or in % 32 != 0)");
           continue;
         }
-        if (!ops::quant_isa_supported(be.isa)) {
+        if (!ops::quant_isa_supported(be.isa) || (be.avxvnni && !force_avxvnni(true))) {
           ++skipped;
           skips.push_back(std::string(be.name) + ": not supported by this CPU");
           continue;
         }
+        struct Unforce {
+          ~Unforce() { force_avxvnni(false); }
+        } unforce;
         SCOPED_TRACE(cell);
         Tensor y = Tensor::empty({s.M, s.out});
         if (be.cuda) {
@@ -484,6 +499,7 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
       } catch (const Error&) {
         continue;  // no reference quantizer (reported by the table test)
       }
+      if (f.has_column_mask()) vary_column_factors(q);
       const ops::PackedWeight view = q.packed_view();
       if (!ops::quant_matmul_has_int8_kernel(view)) continue;
       const Tensor wd = q.dequantize();
@@ -538,7 +554,7 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
             ASSERT_LE(std::fabs(double(py[i]) - double(pr[i])), tol[size_t(i)]) << "output " << i;
             ASSERT_EQ(py[i], pa[i]) << "output " << i << " differs from its row run alone";
           }
-          // (ptq161's bodies are portable C++ whatever the ISA: no panel order to compare)
+          // (ptq161 has one x86 kernel per ISA, panels or not: no panel order to compare)
           if (M != Mmax || be.isa == ops::QuantIsa::Portable || f.has_column_mask()) continue;
           if (be.panels) {
             quad_y = y;
@@ -557,6 +573,84 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
   std::printf("int8 GEMM cells: %d run (ISA best here: %s)%s%s\n", run, ops::quant_isa_name(ops::quant_isa_best()),
               skipped.empty() ? "" : "; not supported by this CPU, skipped:", skipped.c_str());
   EXPECT_GT(run, 0);
+}
+
+// ptq161 (SalientBinary): the x86 int8 kernels (sign bits expanded to bytes, integer dot products;
+// AVX2, AVX-512 VNNI, AVX-VNNI) quantize the same gathered activations into the same codes and
+// block scales as the portable body (256-entry tables), so they equal it up to f32 summation order:
+// within 1e-5 of the sum of the magnitudes the two formulations add (far below the int8 rounding
+// bound the table test allows, so a kernel that drops or misplaces a block fails here). Widths
+// cover every tail: binary columns not a multiple of 8 or 32, salient columns odd and not a
+// multiple of 32, none (in = 3: quantize() keeps in / 5 salient columns); varied column factors.
+TEST(QuantMatmul, SalientBinaryX86KernelsEqualThePortableInt8Body) {
+  const QuantFormat& f = parse_quant_format("ptq161");
+  struct Isa {
+    const char* name;
+    ops::QuantIsa isa;
+    bool avxvnni;
+  };
+  const Isa isas[] = {{"avx2", ops::QuantIsa::Avx2, false},
+                      {"avx2-vnni", ops::QuantIsa::Avx2Vnni, false},
+                      {"avx-vnni-256", ops::QuantIsa::Avx2Vnni, true}};
+  int run = 0, differs = 0;
+  std::string skipped;
+  for (int64_t in : {3, 33, 64, 200, 257, 576, 1000, 1536}) {
+    const int64_t out = 13;
+    QuantizedTensor q = quantize(Tensor::randn({out, in}, 40 + uint64_t(in), 0.05), f);
+    vary_column_factors(q);
+    const ops::PackedWeight v = q.packed_view();
+    ASSERT_EQ(v.layout, ops::PackedLayout::SalientBinary);
+    // Per output: the magnitudes both formulations sum, |x w| over all columns plus
+    // (|mu| + |alpha|) |r_j x_j| over the binary ones.
+    const Tensor x = test_input(8, in, 50 + uint64_t(in));
+    const Tensor wd = q.dequantize();
+    const uint8_t* mask = q.col_mask.data<uint8_t>();
+    const auto* r = static_cast<const uint16_t*>(q.col_scales.raw_data());
+    const auto* sc = static_cast<const uint16_t*>(q.scales.raw_data());
+    const auto* zp = static_cast<const uint16_t*>(q.zeros.raw_data());
+    std::vector<double> mag(size_t(8 * out));
+    for (int64_t m = 0; m < 8; ++m)
+      for (int64_t o = 0; o < out; ++o) {
+        const double ma = std::fabs(f16_to_f32(sc[2 * o])) + std::fabs(f16_to_f32(zp[2 * o]));
+        double s = 0;
+        for (int64_t j = 0, t = 0; j < in; ++j) {
+          const double xj = std::fabs(double(x.data<float>()[m * in + j]));
+          s += xj * std::fabs(double(wd.data<float>()[o * in + j]));
+          if (!(mask[j / 8] >> (j % 8) & 1)) s += ma * xj * std::fabs(double(f16_to_f32(r[t++])));
+        }
+        mag[size_t(m * out + o)] = s;
+      }
+    for (int64_t M : {1, 3, 4, 5, 8}) {
+      const Tensor xm = x.slice(0, 0, M).contiguous();
+      Tensor yp = Tensor::empty({M, out});
+      ops::quant_matmul(xm, v, yp, {ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable});
+      for (const Isa& is : isas) {
+        if (!ops::quant_isa_supported(is.isa) || (is.avxvnni && !force_avxvnni(true))) {
+          if (skipped.find(is.name) == std::string::npos) skipped += std::string(" ") + is.name;
+          continue;
+        }
+        struct Unforce {
+          ~Unforce() { force_avxvnni(false); }
+        } unforce;
+        SCOPED_TRACE(std::string(is.name) + " [" + std::to_string(out) + "x" + std::to_string(in) + "] salient " +
+                     std::to_string(v.salient) + " M=" + std::to_string(M));
+        Tensor ys = Tensor::empty({M, out});
+        ops::quant_matmul(xm, v, ys, {ops::QuantMatmulPath::Int8, is.isa});
+        ++run;
+        for (int64_t i = 0; i < M * out; ++i)
+          ASSERT_LE(std::fabs(double(ys.data<float>()[i]) - double(yp.data<float>()[i])), 1e-5 * mag[size_t(i)] + 1e-7)
+              << "output " << i << ": " << ys.data<float>()[i] << " vs portable " << yp.data<float>()[i];
+        differs += max_abs_diff(ys, yp) > 0.0 ? 1 : 0;
+      }
+    }
+  }
+  // The x86 kernels ran (their f32 order differs from the tables', so most cells differ in the last bits).
+  if (ops::quant_isa_supported(ops::QuantIsa::Avx2)) {
+    EXPECT_GT(run, 0);
+    EXPECT_GT(differs, run / 2);
+  }
+  std::printf("ptq161 x86 kernel cells: %d run, %d differ from the portable body in f32 rounding%s%s\n", run, differs,
+              skipped.empty() ? "" : "; not supported by this CPU, skipped:", skipped.c_str());
 }
 
 // The ternary layouts (the ternary format, ggml tq2_0 / tq1_0) have int8 kernels with 256-value

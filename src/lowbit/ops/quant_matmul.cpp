@@ -458,6 +458,13 @@ void trit_planes_body(const float* x, int64_t M, const PackedWeight& w, float* y
 // kernels, or the exact decode body), the two parts added.
 void salient_binary_body(const float* x, int64_t M, const PackedWeight& w, float* y, bool int8, QuantIsa isa,
                          bool panels) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (int8) {  // the x86 kernels: the whole product in one pass
+    const QuantIsa r = resolve_isa(isa);
+    if (r == QuantIsa::Avx2 || r == QuantIsa::Avx2Vnni)
+      return salient::int8_simd(x, M, w, y, r == QuantIsa::Avx2 ? qmm::avx2_salient_kernel() : qmm::avx2vnni_salient_kernel());
+  }
+#endif
   if (int8) salient::binary_int8(x, M, w, y);  // with the salient columns past the last block of 32
   else salient::binary_exact(x, M, w, y);
   const int64_t k = int8 ? w.salient / kBlock * kBlock : w.salient;
@@ -788,7 +795,8 @@ bool quant_isa_supported(QuantIsa isa) {
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu::has_f16c();
     case QuantIsa::Avx2Vnni:
       return quant_isa_supported(QuantIsa::Avx2) &&
-             ((__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) ||
+             ((__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512bw")) ||
               cpu::has_avxvnni());
 #endif
     default: return false;
@@ -987,6 +995,12 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
   if (M == 0) return;
   const float* px = x.data<float>();
   float* py = y.data<float>();
+  std::vector<float> sim;  // LOWBIT_PTQ161_ACT_SIM: the activations rounded as the variable says
+  if (w.layout == PackedLayout::SalientBinary && salient::act_sim_enabled()) {
+    sim.resize(size_t(M * w.in));
+    salient::act_sim(px, M, w, sim.data());
+    px = sim.data();
+  }
   QuantMatmulPath path = opt.path;
   if (path == QuantMatmulPath::Auto) path = g_default_path.load(std::memory_order_relaxed);
   if (path == QuantMatmulPath::Auto) path = env_path();

@@ -53,6 +53,11 @@
 //   Auto        Int8 for M <= 8 when the layout has an integer kernel, Exact otherwise. A
 //               process-wide default (set_quant_matmul_default: the CLI's --matmul) overrides it,
 //               else the environment variable LOWBIT_QUANT_MATMUL=int8|exact|reference does.
+// Diagnostic for SalientBinary weights: LOWBIT_PTQ161_ACT_SIM (e.g. "b32x8,s32x8": the binary columns'
+// r_j x_j and the salient columns' x_j, each gathered in column order, rounded to a symmetric
+// code of that many bits per block of that many values or per "row"; a part left out stays f32)
+// rounds the activations of every CPU SalientBinary product before the body runs: with
+// --matmul exact it separates the int8 body's error by part and granularity (docs/results/ptq161.md).
 // The instruction set of the Int8 body is picked at run time from cpuid (best available:
 // AVX-512 VNNI / AVX-VNNI on 256-bit vectors, else AVX2, else portable C++), or forced for tests.
 #pragma once

@@ -1,18 +1,25 @@
 // quant_matmul's SalientBinary bodies (ptq161, PTQ1.61): the layout and the arithmetic are described
-// in quant_matmul.h. Portable C++ (table lookups vectorize poorly; the tables make a binary weight
-// cost one load per 8 weights instead of a multiply-add per weight).
+// in quant_matmul.h. The portable bodies use 256-entry tables per sign byte (one load per 8 binary
+// weights); the x86 int8 body (int8_simd) gathers and quantizes the activations here and runs the
+// per-ISA row kernels of quant_matmul_salient_x86.inc (sign bits expanded to bytes, integer dot
+// products).
 #include "lowbit/ops/quant_matmul_salient.h"
 
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "lowbit/core/dtype.h"
 #include "lowbit/core/error.h"
 #include "lowbit/core/format_traits.h"
 #include "lowbit/core/threads.h"
+#include "lowbit/core/vecmath.h"
+#include "lowbit/ops/quant_matmul_kernels.h"
 
 namespace lowbit::ops::salient {
 
@@ -270,6 +277,148 @@ void binary_int8(const float* x, int64_t M, const PackedWeight& w, float* y) {
       }
     }
   });
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+void int8_simd(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::SalientKernel kernel) {
+  const int64_t in = w.in, k = w.salient, nb = in - k;
+  const int64_t bblk = (nb + kBlock - 1) / kBlock, sblk = (k + kBlock - 1) / kBlock;
+  // The calling thread's buffers, reused across calls (the parallel lambda names them through B).
+  struct Buffers {
+    std::vector<float> r, xb, xs, db, ds, dsum;
+    std::vector<int8_t> qb, qs;
+  };
+  thread_local Buffers buffers;
+  Buffers& B = buffers;
+  B.r.resize(size_t(nb));
+  vec::f16_to_f32(w.col_scales, B.r.data(), nb);
+  // One slot past the columns: the branchless gather below writes there.
+  B.xb.resize(size_t(std::max(bblk * kBlock, nb + 1)));
+  B.xs.resize(size_t(std::max(sblk * kBlock, k + 1)));
+  B.qb.resize(size_t(M * bblk * kBlock));
+  B.qs.resize(size_t(M * sblk * kBlock));
+  B.db.resize(size_t(M * bblk));
+  B.ds.resize(size_t(M * sblk));
+  B.dsum.resize(size_t(2 * M));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * in;
+    float *xb = B.xb.data(), *xs = B.xs.data();
+    int64_t t = 0, u = 0;
+    for (int64_t j = 0; j < in; ++j) {  // both lists written, one index advanced (no branch)
+      const int64_t sal = (w.col_mask[j >> 3] >> (j & 7)) & 1;
+      xs[u] = xm[j];
+      xb[t] = xm[j];
+      u += sal;
+      t += 1 - sal;
+    }
+    for (int64_t i = 0; i < nb; ++i) xb[i] *= B.r[size_t(i)];
+    std::fill(xb + nb, xb + bblk * kBlock, 0.0f);
+    std::fill(xs + k, xs + sblk * kBlock, 0.0f);
+    float dsb = 0.0f, dss = 0.0f;
+    for (int64_t b = 0; b < bblk; ++b) {
+      float& d = B.db[size_t(m * bblk + b)];
+      const int32_t sum = qmm::avx2_quantize_block(xb + b * kBlock, 8, B.qb.data() + (m * bblk + b) * kBlock, &d);
+      dsb += d * float(sum);
+    }
+    for (int64_t b = 0; b < sblk; ++b) {
+      float& d = B.ds[size_t(m * sblk + b)];
+      const int32_t sum = qmm::avx2_quantize_block(xs + b * kBlock, 4, B.qs.data() + (m * sblk + b) * kBlock, &d);
+      dss += d * float(sum);
+    }
+    B.dsum[size_t(2 * m)] = dsb;
+    B.dsum[size_t(2 * m + 1)] = dss;
+  }
+  const qmm::SalientActs a{M, bblk, sblk, B.qb.data(), B.db.data(), B.qs.data(), B.ds.data(), B.dsum.data()};
+  // Rows in chunks of at least ~32K weights (one parallel region per product).
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, in));
+  parallel_for(w.out, grain, [&](int64_t r0, int64_t r1) { kernel(w, r0, r1, a, y); });
+}
+#endif
+
+namespace {
+
+// One part of LOWBIT_PTQ161_ACT_SIM: block 0 = that part exact.
+struct SimPart {
+  int64_t block = 0;  // values per scale (-1: the whole row)
+  int bits = 8;
+};
+struct SimSpec {
+  bool on = false;
+  SimPart b, s;
+};
+
+SimSpec parse_sim(const char* e) {
+  SimSpec spec;
+  if (!e || !*e) return spec;
+  const std::string v = e;
+  const auto bad = [&](const std::string& why) {
+    throw_error("LOWBIT_PTQ161_ACT_SIM='", v, "': ", why, " (expected parts like b32x8,s32x8: b or s, a block size or 'row', 'x', bits 2..16)");
+  };
+  size_t p = 0;
+  while (p < v.size()) {
+    const size_t q = std::min(v.find(',', p), v.size());
+    const std::string part = v.substr(p, q - p);
+    p = q + 1;
+    const size_t xpos = part.find('x');
+    if (part.size() < 4 || (part[0] != 'b' && part[0] != 's') || xpos == std::string::npos) bad("bad part '" + part + "'");
+    SimPart sp;
+    const std::string blk = part.substr(1, xpos - 1), bits = part.substr(xpos + 1);
+    try {
+      sp.block = blk == "row" ? -1 : std::stoll(blk);
+      sp.bits = std::stoi(bits);
+    } catch (const std::exception&) {
+      bad("bad number in '" + part + "'");
+    }
+    if (sp.block == 0 || sp.block < -1 || sp.bits < 2 || sp.bits > 16) bad("out of range in '" + part + "'");
+    (part[0] == 'b' ? spec.b : spec.s) = sp;
+  }
+  spec.on = true;
+  return spec;
+}
+
+const SimSpec& sim_spec() {
+  static const SimSpec spec = parse_sim(std::getenv("LOWBIT_PTQ161_ACT_SIM"));
+  return spec;
+}
+
+// v[0, n) rounded to the grid of a symmetric `bits`-bit code per block (d = amax / (2^(bits-1) - 1),
+// round to nearest even as the int8 body), in place.
+void fake_quantize(float* v, int64_t n, const SimPart& sp) {
+  if (sp.block == 0) return;
+  const int64_t blk = sp.block < 0 ? std::max<int64_t>(n, 1) : sp.block;
+  const float qmax = float((1 << (sp.bits - 1)) - 1);
+  for (int64_t b0 = 0; b0 < n; b0 += blk) {
+    const int64_t e = std::min(n, b0 + blk);
+    float amax = 0.0f;
+    for (int64_t i = b0; i < e; ++i) amax = std::max(amax, std::fabs(v[i]));
+    const float d = amax / qmax, inv = d > 0 ? 1.0f / d : 0.0f;
+    for (int64_t i = b0; i < e; ++i) v[i] = std::clamp(std::nearbyint(v[i] * inv), -qmax, qmax) * d;
+  }
+}
+
+}  // namespace
+
+bool act_sim_enabled() { return sim_spec().on; }
+
+void act_sim(const float* x, int64_t M, const PackedWeight& w, float* out) {
+  const SimSpec& spec = sim_spec();
+  const Columns& c = columns_of(w);
+  const int64_t nb = int64_t(c.bin.size()), k = int64_t(c.sal.size());
+  std::vector<float> vb(static_cast<size_t>(nb)), vs(static_cast<size_t>(k));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * w.in;
+    float* om = out + m * w.in;
+    for (int64_t t = 0; t < nb; ++t) vb[size_t(t)] = c.r[size_t(t)] * xm[c.bin[size_t(t)]];
+    for (int64_t u = 0; u < k; ++u) vs[size_t(u)] = xm[c.sal[size_t(u)]];
+    fake_quantize(vb.data(), nb, spec.b);
+    fake_quantize(vs.data(), k, spec.s);
+    for (int64_t t = 0; t < nb; ++t) {
+      const float r = c.r[size_t(t)];
+      const int64_t j = c.bin[size_t(t)];
+      om[j] = spec.b.block == 0 || r == 0.0f ? xm[j] : vb[size_t(t)] / r;
+    }
+    for (int64_t u = 0; u < k; ++u) om[c.sal[size_t(u)]] = vs[size_t(u)];
+  }
 }
 
 }  // namespace lowbit::ops::salient
