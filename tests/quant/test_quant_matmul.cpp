@@ -5,8 +5,8 @@
 //   int8 backends: |y - y_ref| <= sum_i |w_i| * d_block(i) / 2 * (1 + 1e-3) + 1e-5 * sum_i |x_i w_i|
 //     (d = amax/127 of the activation block, 32 values or ops::quant_matmul_act_block's 256 for the
 //     ternary layouts: the activation rounding is the only error); ptq161 (column mask): its int8 body
-//     quantizes r_j x_j of the binary columns and x_j of the salient ones, each gathered in column
-//     order, per block of 32 (masked_int8_bound).
+//     quantizes r_j x_j of the binary columns to int8 and x_j of the salient ones to int16, each
+//     gathered in column order, per block of 32 (masked_int8_bound).
 // SIMD cells run on what this CPU supports (skipped otherwise, with a message), the portable cells
 // always; CUDA cells (the device copy of the weight, x and y on the GPU) skip without a GPU, and for
 // formats without a GPU form (ops::quant_matmul_has_cuda_layout).
@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "lowbit/autograd/functions.h"
@@ -96,9 +97,10 @@ void vary_column_factors(QuantizedTensor& q) {
   for (int64_t t = 0; t < q.col_scales.numel(); ++t) rw[t] = f32_to_f16(0.25f + 0.125f * float(t * 7 % 13));
 }
 
-// The int8 rounding bound of output o for a column-masked weight (ptq161): binary column j adds
-// |mu +- alpha| |r_j x_j - d q_j| <= |w_j / r_j| d / 2 (d of its block of gathered r x values),
-// salient column j |w_j| d / 2 (d of its block of gathered x values).
+// The int8 body's rounding bound of output o for a column-masked weight (ptq161): binary column j
+// adds |mu +- alpha| |r_j x_j - d q_j| <= |w_j / r_j| d / 2 (d = amax / 127 of its int8 block of
+// gathered r x values), salient column j |w_j| d / 2 (d = amax / 32767 of its int16 block of
+// gathered x values).
 double masked_int8_bound(const QuantizedTensor& q, const float* xm, int64_t o) {
   const int64_t in = q.in_features();
   std::vector<float> w(static_cast<size_t>(in));
@@ -117,12 +119,12 @@ double masked_int8_bound(const QuantizedTensor& q, const float* xm, int64_t o) {
     }
   }
   double bound = 0;
-  for (auto [v, wt] : {std::pair{&vb, &wb}, std::pair{&vs, &ws}})
+  for (auto [v, wt, qmax] : {std::tuple{&vb, &wb, 127.0}, std::tuple{&vs, &ws, 32767.0}})
     for (size_t b0 = 0; b0 < v->size(); b0 += 32) {
       const size_t b1 = std::min(v->size(), b0 + 32);
       double amax = 0, sw = 0;
       for (size_t i = b0; i < b1; ++i) amax = std::max(amax, (*v)[i]), sw += (*wt)[i];
-      bound += sw * amax / 127.0 / 2.0;
+      bound += sw * amax / qmax / 2.0;
     }
   return bound;
 }

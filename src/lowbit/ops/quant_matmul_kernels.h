@@ -137,16 +137,18 @@ int32_t avx2_quantize_block256(const float* x, TernaryKind k, int8_t* q, float* 
 #endif
 
 // ---- SalientBinary (ptq161): the int8 body's operand and the x86 row kernels -----------------
-// Per activation row: the binary columns' r_j x_j (gathered in column order) and the salient
-// columns' x_j, each quantized per block of 32 (d = amax / 127, as quantize_block) and zero padded
-// to whole blocks; binary blocks in natural order, salient blocks in block_source_index(4, p) order
-// (the nibbles' unpack order). dsum[2m], dsum[2m + 1]: sum_b d_b S_b of row m's binary and salient
-// blocks (S_b = the block's code sum).
+// Per activation row: the binary columns' r_j x_j (gathered in column order) quantized to int8
+// per block of 32 (d = amax / 127, as quantize_block; natural order) and the salient columns' x_j
+// to int16 per block of 32 (d = amax / 32767; block_source_index(4, p) order, the nibbles' unpack
+// order), each zero padded to whole blocks. The salient columns are the ones with the largest
+// activations, and int8 blocks of them cost most of the body's error (docs/results/ptq161.md);
+// int16 costs one more multiply-add per 16 of them. dsum[2m], dsum[2m + 1]: sum_b d_b S_b of row
+// m's binary and salient blocks (S_b = the block's code sum).
 struct SalientActs {
   int64_t M = 0, bblk = 0, sblk = 0;  // rows; blocks per row of the binary / salient columns
   const int8_t* qb = nullptr;         // [M, bblk * 32]
   const float* db = nullptr;          // [M, bblk]
-  const int8_t* qs = nullptr;         // [M, sblk * 32]
+  const int16_t* qs = nullptr;        // [M, sblk * 32]
   const float* ds = nullptr;          // [M, sblk]
   const float* dsum = nullptr;        // [M, 2]
 };

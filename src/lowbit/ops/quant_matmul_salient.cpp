@@ -182,114 +182,21 @@ void binary_exact(const float* x, int64_t M, const PackedWeight& w, float* y) {
 
 namespace {
 
-// n values quantized per block of 32 to int8 (d = amax / 127, round to nearest, as the other
-// layouts' activations), zero padded to whole blocks; per block: d and the sum of the codes.
-void quantize_blocks(const float* v, int64_t n, int8_t* q, float* d, int32_t* sum) {
-  for (int64_t b = 0; b * kBlock < n; ++b) {
-    const int64_t b0 = b * kBlock, e = std::min(n, b0 + kBlock);
-    float amax = 0.0f;
-    for (int64_t i = b0; i < e; ++i) amax = std::max(amax, std::fabs(v[i]));
-    const float db = amax / 127.0f, inv = db > 0 ? 1.0f / db : 0.0f;
-    int32_t s = 0;
-    for (int64_t i = b0; i < b0 + kBlock; ++i) {
-      const int qv = i < e ? std::clamp(int(std::nearbyint(v[i] * inv)), -127, 127) : 0;
-      q[i] = int8_t(qv);
-      s += qv;
-    }
-    d[b] = db;
-    sum[b] = s;
-  }
-}
-
-}  // namespace
-
-void binary_int8(const float* x, int64_t M, const PackedWeight& w, float* y) {
-  const Columns& c = columns_of(w);
-  const int64_t nb = int64_t(c.bin.size()), sb = (nb + 7) / 8;
-  const int64_t bblk = (nb + kBlock - 1) / kBlock, bpad = bblk * kBlock;
-  const int64_t k = int64_t(c.sal.size()), kf = k / kBlock * kBlock, nt = k - kf;  // salient tail
-  // The calling thread's buffers, reused across calls (named through a reference: inside the
-  // parallel lambdas a thread_local name would be the worker's own instance).
-  struct Buffers {
-    std::vector<float> tmp, d;
-    std::vector<int8_t> q;
-    std::vector<int32_t> sum;
-    std::vector<int16_t> tab;
-    std::vector<int8_t> qt;  // the salient tail's int8 activations, its d and code sum
-    std::vector<float> dt;
-    std::vector<int32_t> st;
-  };
-  thread_local Buffers buffers;
-  Buffers& B = buffers;
-  B.tmp.resize(size_t(std::max<int64_t>(bpad, kBlock)));
-  B.qt.resize(size_t(M * kBlock));
-  B.dt.resize(size_t(M));
-  B.st.resize(size_t(M));
-  B.q.assign(size_t(M * bpad), 0);
-  B.d.resize(size_t(M * bblk));
-  B.sum.resize(size_t(M * bblk));
-  B.tab.resize(size_t(M * bblk * 4 * 256));
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * w.in;
-    for (int64_t t = 0; t < nb; ++t) B.tmp[size_t(t)] = c.r[size_t(t)] * xm[c.bin[size_t(t)]];
-    quantize_blocks(B.tmp.data(), nb, B.q.data() + m * bpad, B.d.data() + m * bblk, B.sum.data() + m * bblk);
-    if (nt > 0) {
-      for (int64_t u = 0; u < nt; ++u) B.tmp[size_t(u)] = xm[c.sal[size_t(kf + u)]];
-      quantize_blocks(B.tmp.data(), nt, B.qt.data() + m * kBlock, B.dt.data() + m, B.st.data() + m);
-    }
-  }
-  // Tables over whole blocks (4 bytes each; bytes past the row's sign bytes are never read).
-  build_tables(M * bblk * 4, [&](int64_t i) { build_table(B.q.data() + i * 8, B.tab.data() + i * 256); });
-  rows(w, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* rp = w.codes + r * w.row_bytes;
-      const float alpha = f16_to_f32(w.scales[2 * r]), mu = f16_to_f32(w.zeros[2 * r]);
-      for (int64_t m = 0; m < M; ++m) {
-        const int16_t* t = B.tab.data() + m * bblk * 4 * 256;
-        const float* dm = B.d.data() + m * bblk;
-        const int32_t* sm = B.sum.data() + m * bblk;
-        // Per block: the integer sums over the set and the clear sign bits, one f32 multiply-add each.
-        float plus = 0.0f, minus = 0.0f;
-        const int64_t full = sb / 4;  // blocks whose 4 sign bytes all exist
-        for (int64_t b = 0; b < full; ++b) {
-          const int16_t* tb = t + b * 4 * 256;
-          const uint8_t* pb = rp + b * 4;
-          const int32_t is = int32_t(tb[pb[0]]) + tb[256 + pb[1]] + tb[512 + pb[2]] + tb[768 + pb[3]];
-          plus += dm[b] * float(is);
-          minus += dm[b] * float(sm[b] - is);
-        }
-        if (full < bblk) {
-          int32_t is = 0;
-          for (int64_t i = full * 4; i < sb; ++i) is += t[i * 256 + rp[i]];
-          plus += dm[full] * float(is);
-          minus += dm[full] * float(sm[full] - is);
-        }
-        float tail = 0.0f;
-        if (nt > 0) {  // the salient columns after the last whole block of 32
-          const uint8_t* q4 = rp + sb;
-          const int8_t* qa = B.qt.data() + m * kBlock;
-          int32_t is = 0;
-          for (int64_t u = 0; u < nt; ++u) is += int32_t(q4[(kf + u) / 2] >> (4 * ((kf + u) % 2)) & 15) * qa[u];
-          const float s = f16_to_f32(w.scales[2 * r + 1]), z = f16_to_f32(w.zeros[2 * r + 1]);
-          tail = s * B.dt[size_t(m)] * (float(is) - z * float(B.st[size_t(m)]));
-        }
-        y[m * w.out + r] = (mu + alpha) * plus + (mu - alpha) * minus + tail;
-      }
-    }
-  });
-}
-
-#if defined(__x86_64__) || defined(__i386__)
-void int8_simd(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::SalientKernel kernel) {
+// The int8 body's operand (qmm::SalientActs) in the calling thread's buffers, valid until its next
+// call: binary columns r_j x_j per block of 32 to int8 (d = amax / 127, round half to even, as
+// the other layouts' activations; natural order); salient columns x_j per block of 32 to int16
+// (d = amax / 32767, block_source_index(4) order). `simd`: the AVX2 block quantizer for the int8
+// blocks (the same numbers as the scalar loop).
+const qmm::SalientActs& prepare(const float* x, int64_t M, const PackedWeight& w, bool simd) {
   const int64_t in = w.in, k = w.salient, nb = in - k;
   const int64_t bblk = (nb + kBlock - 1) / kBlock, sblk = (k + kBlock - 1) / kBlock;
-  // The calling thread's buffers, reused across calls (the parallel lambda names them through B).
   struct Buffers {
     std::vector<float> r, xb, xs, db, ds, dsum;
-    std::vector<int8_t> qb, qs;
+    std::vector<int8_t> qb;
+    std::vector<int16_t> qs;
+    qmm::SalientActs a;
   };
-  thread_local Buffers buffers;
-  Buffers& B = buffers;
+  thread_local Buffers B;
   B.r.resize(size_t(nb));
   vec::f16_to_f32(w.col_scales, B.r.data(), nb);
   // One slot past the columns: the branchless gather below writes there.
@@ -300,6 +207,8 @@ void int8_simd(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::
   B.db.resize(size_t(M * bblk));
   B.ds.resize(size_t(M * sblk));
   B.dsum.resize(size_t(2 * M));
+  int src4[kBlock];
+  for (int p = 0; p < kBlock; ++p) src4[p] = qmm::block_source_index(4, p);
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * in;
     float *xb = B.xb.data(), *xs = B.xs.data();
@@ -316,22 +225,104 @@ void int8_simd(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::
     std::fill(xs + k, xs + sblk * kBlock, 0.0f);
     float dsb = 0.0f, dss = 0.0f;
     for (int64_t b = 0; b < bblk; ++b) {
+      const float* v = xb + b * kBlock;
+      int8_t* q = B.qb.data() + (m * bblk + b) * kBlock;
       float& d = B.db[size_t(m * bblk + b)];
-      const int32_t sum = qmm::avx2_quantize_block(xb + b * kBlock, 8, B.qb.data() + (m * bblk + b) * kBlock, &d);
-      dsb += d * float(sum);
+      int32_t s = 0;
+#if defined(__x86_64__) || defined(__i386__)
+      if (simd) s = qmm::avx2_quantize_block(v, 8, q, &d);
+#endif
+      if (!simd) {
+        float amax = 0.0f;
+        for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
+        d = amax / 127.0f;
+        const float inv = d > 0 ? 1.0f / d : 0.0f;
+        for (int i = 0; i < kBlock; ++i) {
+          q[i] = int8_t(std::clamp(int(std::nearbyint(v[i] * inv)), -127, 127));
+          s += q[i];
+        }
+      }
+      dsb += d * float(s);
     }
     for (int64_t b = 0; b < sblk; ++b) {
-      float& d = B.ds[size_t(m * sblk + b)];
-      const int32_t sum = qmm::avx2_quantize_block(xs + b * kBlock, 4, B.qs.data() + (m * sblk + b) * kBlock, &d);
-      dss += d * float(sum);
+      const float* v = xs + b * kBlock;
+      int16_t* q = B.qs.data() + (m * sblk + b) * kBlock;
+      float amax = 0.0f;
+      for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
+      const float d = amax / 32767.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+      int32_t s = 0;
+      for (int p = 0; p < kBlock; ++p) {
+        q[p] = int16_t(std::clamp(int(std::nearbyint(v[src4[p]] * inv)), -32767, 32767));
+        s += q[p];
+      }
+      B.ds[size_t(m * sblk + b)] = d;
+      dss += d * float(s);
     }
     B.dsum[size_t(2 * m)] = dsb;
     B.dsum[size_t(2 * m + 1)] = dss;
   }
-  const qmm::SalientActs a{M, bblk, sblk, B.qb.data(), B.db.data(), B.qs.data(), B.ds.data(), B.dsum.data()};
-  // Rows in chunks of at least ~32K weights (one parallel region per product).
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, in));
-  parallel_for(w.out, grain, [&](int64_t r0, int64_t r1) { kernel(w, r0, r1, a, y); });
+  B.a = {M, bblk, sblk, B.qb.data(), B.db.data(), B.qs.data(), B.ds.data(), B.dsum.data()};
+  return B.a;
+}
+
+// Rows in chunks of at least ~32K weights (one parallel region per product).
+template <class F>
+void int8_rows(const PackedWeight& w, const F& fn) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, w.in));
+  parallel_for(w.out, grain, [&](int64_t r0, int64_t r1) { fn(r0, r1); });
+}
+
+}  // namespace
+
+void int8_portable(const float* x, int64_t M, const PackedWeight& w, float* y) {
+  const qmm::SalientActs& a = prepare(x, M, w, false);
+  const int64_t k = w.salient, nb = w.in - k, sb = (nb + 7) / 8;
+  const int64_t bblk = a.bblk, sblk = a.sblk;
+  // Tables over whole blocks (4 bytes each; bytes past the row's sign bytes are never read).
+  thread_local std::vector<int16_t> tables;
+  tables.resize(size_t(M * bblk * 4 * 256));
+  std::vector<int16_t>& tab = tables;  // named through a reference inside the parallel lambda
+  build_tables(M * bblk * 4, [&](int64_t i) { build_table(a.qb + i * 8, tab.data() + i * 256); });
+  int src4[kBlock];
+  for (int p = 0; p < kBlock; ++p) src4[p] = qmm::block_source_index(4, p);
+  int8_rows(w, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* rp = w.codes + r * w.row_bytes;
+      const uint8_t* q4 = rp + sb;
+      const float alpha = f16_to_f32(w.scales[2 * r]), s = f16_to_f32(w.scales[2 * r + 1]);
+      const float mu = f16_to_f32(w.zeros[2 * r]), z = f16_to_f32(w.zeros[2 * r + 1]);
+      for (int64_t m = 0; m < M; ++m) {
+        const int16_t* t = tab.data() + m * bblk * 4 * 256;
+        const float* db = a.db + m * bblk;
+        // Binary: per block, the integer sum over the set sign bits (one table read a byte).
+        float plus = 0.0f;
+        for (int64_t b = 0; b < bblk; ++b) {
+          int32_t is = 0;
+          for (int64_t i = 4 * b; i < std::min(sb, 4 * b + 4); ++i) is += t[i * 256 + rp[i]];
+          plus += db[b] * float(is);
+        }
+        // Salient: per block, the integer products of the codes with the int16 activations.
+        const int16_t* qs = a.qs + m * sblk * kBlock;
+        float sal = 0.0f;
+        for (int64_t b = 0; b < sblk; ++b) {
+          int32_t is = 0;
+          for (int p = 0; p < kBlock; ++p) {
+            const int64_t u = b * kBlock + src4[p];
+            if (u < k) is += int32_t(q4[u / 2] >> (4 * (u % 2)) & 15) * qs[b * kBlock + p];
+          }
+          sal += a.ds[m * sblk + b] * float(is);
+        }
+        const float* dsum = a.dsum + 2 * m;
+        y[m * w.out + r] = 2.0f * alpha * plus + s * sal + (mu - alpha) * dsum[0] - s * z * dsum[1];
+      }
+    }
+  });
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+void int8_simd(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::SalientKernel kernel) {
+  const qmm::SalientActs& a = prepare(x, M, w, true);
+  int8_rows(w, [&](int64_t r0, int64_t r1) { kernel(w, r0, r1, a, y); });
 }
 #endif
 

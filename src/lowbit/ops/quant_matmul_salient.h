@@ -15,14 +15,14 @@ void decode_row(const PackedWeight& w, int64_t r, float* dst);
 // The binary columns' part of y (written, [M, out]): f32 activations, per-call lookup tables of
 // the r_j x_j sums (any M; quant_matmul uses it for M <= 8).
 void binary_exact(const float* x, int64_t M, const PackedWeight& w, float* y);
-// The same with r_j x_j quantized to int8 per block of 32 (int16 tables, integer block sums), plus
-// the salient columns after the last whole block of 32 (k % 32 of them: an int8 block of their own,
-// integer products), so that the int4 kernels see whole blocks only.
-void binary_int8(const float* x, int64_t M, const PackedWeight& w, float* y);
+// The Int8 body, the whole product (y written, [M, out]): x_b = r_j x_j of the binary columns
+// quantized to int8 per block of 32 (as the other layouts), x_s of the salient ones to int16 per
+// block of 32 (qmm::SalientActs); binary part through int16 tables of the sign bytes' partial sums,
+// salient part by integer products, one parallel region over the weight rows. The portable body;
+// int8_simd: the same operand through an x86 row kernel (qmm::avx2_salient_kernel or
+// avx2vnni_salient_kernel), equal up to f32 summation order.
+void int8_portable(const float* x, int64_t M, const PackedWeight& w, float* y);
 #if defined(__x86_64__) || defined(__i386__)
-// The whole product (y written, [M, out]) through an x86 row kernel (qmm::avx2_salient_kernel or
-// avx2vnni_salient_kernel): x_b and x_s gathered and quantized per block of 32 as binary_int8 does
-// (the same codes and block scales), one parallel region over the weight rows.
 void int8_simd(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::SalientKernel kernel);
 #endif
 // The salient columns of x gathered in column order: xs [M, salient].
