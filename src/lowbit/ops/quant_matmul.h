@@ -31,9 +31,11 @@
 //              activation row), so a row costs one table read per 8 binary weights:
 //              y = (mu + alpha) P+ + (mu - alpha) (S - P+), P+ = the sum of x_b over the set sign
 //              bits, S = the sum of all x_b, plus s * sum_u (q_u - z) x_s[u]. Exact (M <= 8): f32
-//              tables; Int8: x_b and x_s quantized per block of 32 (as the other layouts), int16
-//              tables, integer sums per block, one f32 multiply-add per block. Exact with M > 8: the
-//              tiled sgemm over decoded rows. No GPU form.
+//              tables; Int8: x_b quantized to int8 and x_s to int16 per block of 32 (the salient
+//              columns hold the largest activations), integer sums per block, one f32 multiply-add
+//              per block; x86 kernels expand a block's sign bits to 0/1 bytes for one u8 x s8 dot
+//              product, the portable body reads int16 tables. Exact with M > 8: the tiled sgemm
+//              over decoded rows. No GPU form.
 //   GgmlTQ2_0, GgmlTQ1_0
 //              ggml's ternary blocks of 256 (66 / 54 bytes: 2-bit codes or base-3 digits, one f16 d),
 //              `in` a multiple of 256; w = d (q - 1), q in {0, 1, 2}.
