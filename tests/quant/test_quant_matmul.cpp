@@ -5,8 +5,8 @@
 //   int8 backends: |y - y_ref| <= sum_i |w_i| * d_block(i) / 2 * (1 + 1e-3) + 1e-5 * sum_i |x_i w_i|
 //     (d = amax/127 of the activation block, 32 values or ops::quant_matmul_act_block's 256 for the
 //     ternary layouts: the activation rounding is the only error); ptq161 (column mask): its int8 body
-//     quantizes r_j x_j of the binary columns and x_j of the salient ones, each gathered in column
-//     order, per block of 32 (masked_int8_bound).
+//     quantizes r_j x_j of the binary columns to int8 and x_j of the salient ones to int16, each
+//     gathered in column order, per block of 32 (masked_int8_bound).
 // SIMD cells run on what this CPU supports (skipped otherwise, with a message), the portable cells
 // always; CUDA cells (the device copy of the weight, x and y on the GPU) skip without a GPU, and for
 // formats without a GPU form (ops::quant_matmul_has_cuda_layout).
@@ -19,6 +19,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "lowbit/autograd/functions.h"
@@ -39,14 +40,18 @@ struct Backend {
   ops::QuantIsa isa;
   bool int8;  // error bound of the int8-activation path
   bool cuda;
+  bool avxvnni = false;  // the 256-bit AVX-VNNI kernels even where AVX-512 VNNI is present
 };
 
+// int8-avx2-vnni runs the AVX-512 VNNI kernels where the CPU has them, int8-avx-vnni-256 the
+// AVX-VNNI (VEX) copy (CPUs with AVX-VNNI only).
 const Backend kBackends[] = {
     {"exact", ops::QuantMatmulPath::Exact, ops::QuantIsa::Auto, false, false},
     {"auto", ops::QuantMatmulPath::Auto, ops::QuantIsa::Auto, true, false},
     {"int8-portable", ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable, true, false},
     {"int8-avx2", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2, true, false},
     {"int8-avx2-vnni", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2Vnni, true, false},
+    {"int8-avx-vnni-256", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2Vnni, true, false, true},
     {"cuda", ops::QuantMatmulPath::Auto, ops::QuantIsa::Auto, true, true},
     {"cuda-int8", ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true, true},
     {"cuda-exact", ops::QuantMatmulPath::Exact, ops::QuantIsa::Auto, false, true},
@@ -86,9 +91,17 @@ Tensor test_input(int64_t M, int64_t in, uint64_t seed) {
   return x;
 }
 
-// The int8 rounding bound of output o for a column-masked weight (ptq161): binary column j adds
-// |mu +- alpha| |r_j x_j - d q_j| <= |w_j / r_j| d / 2 (d of its block of gathered r x values),
-// salient column j |w_j| d / 2 (d of its block of gathered x values).
+// quantize()'s data-free ptq161 writes column factors r_j = 1: varied ones (0.25 .. 1.75) make the
+// tests check that every body applies them.
+void vary_column_factors(QuantizedTensor& q) {
+  auto* rw = static_cast<uint16_t*>(q.col_scales.raw_data());
+  for (int64_t t = 0; t < q.col_scales.numel(); ++t) rw[t] = f32_to_f16(0.25f + 0.125f * float(t * 7 % 13));
+}
+
+// The int8 body's rounding bound of output o for a column-masked weight (ptq161): binary column j
+// adds |mu +- alpha| |r_j x_j - d q_j| <= |w_j / r_j| d / 2 (d = amax / 127 of its int8 block of
+// gathered r x values), salient column j |w_j| d / 2 (d = amax / 32767 of its int16 block of
+// gathered x values).
 double masked_int8_bound(const QuantizedTensor& q, const float* xm, int64_t o) {
   const int64_t in = q.in_features();
   std::vector<float> w(static_cast<size_t>(in));
@@ -107,12 +120,12 @@ double masked_int8_bound(const QuantizedTensor& q, const float* xm, int64_t o) {
     }
   }
   double bound = 0;
-  for (auto [v, wt] : {std::pair{&vb, &wb}, std::pair{&vs, &ws}})
+  for (auto [v, wt, qmax] : {std::tuple{&vb, &wb, 127.0}, std::tuple{&vs, &ws, 32767.0}})
     for (size_t b0 = 0; b0 < v->size(); b0 += 32) {
       const size_t b1 = std::min(v->size(), b0 + 32);
       double amax = 0, sw = 0;
       for (size_t i = b0; i < b1; ++i) amax = std::max(amax, (*v)[i]), sw += (*wt)[i];
-      bound += sw * amax / 127.0 / 2.0;
+      bound += sw * amax / qmax / 2.0;
     }
   return bound;
 }
@@ -134,6 +147,7 @@ TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
         ++skipped;
         continue;
       }
+      if (f.has_column_mask()) vary_column_factors(q);
       const ops::PackedWeight view = q.packed_view();
       const Tensor x = test_input(s.M, s.in, 3 + uint64_t(s.out));
       Tensor yref = Tensor::empty({s.M, s.out});
@@ -173,11 +187,14 @@ TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
           skips.push_back(std::string("cuda: ") + f.name + " has no GPU form (or in % 32 != 0)");
           continue;
         }
-        if (!ops::quant_isa_supported(be.isa)) {
+        if (!ops::quant_isa_supported(be.isa) || (be.avxvnni && !force_avxvnni(true))) {
           ++skipped;
           skips.push_back(std::string(be.name) + ": not supported by this CPU");
           continue;
         }
+        struct Unforce {
+          ~Unforce() { force_avxvnni(false); }
+        } unforce;
         SCOPED_TRACE(cell);
         Tensor y = Tensor::empty({s.M, s.out});
         if (be.cuda) {
@@ -550,6 +567,7 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
       } catch (const Error&) {
         continue;  // no reference quantizer (reported by the table test)
       }
+      if (f.has_column_mask()) vary_column_factors(q);
       const ops::PackedWeight view = q.packed_view();
       if (!ops::quant_matmul_has_int8_kernel(view)) continue;
       const Tensor wd = q.dequantize();
@@ -604,7 +622,7 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
             ASSERT_LE(std::fabs(double(py[i]) - double(pr[i])), tol[size_t(i)]) << "output " << i;
             ASSERT_EQ(py[i], pa[i]) << "output " << i << " differs from its row run alone";
           }
-          // (ptq161's bodies are portable C++ whatever the ISA: no panel order to compare)
+          // (ptq161 has one x86 kernel per ISA, panels or not: no panel order to compare)
           if (M != Mmax || be.isa == ops::QuantIsa::Portable || f.has_column_mask()) continue;
           if (be.panels) {
             quad_y = y;
@@ -623,6 +641,84 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
   std::printf("int8 GEMM cells: %d run (ISA best here: %s)%s%s\n", run, ops::quant_isa_name(ops::quant_isa_best()),
               skipped.empty() ? "" : "; not supported by this CPU, skipped:", skipped.c_str());
   EXPECT_GT(run, 0);
+}
+
+// ptq161 (SalientBinary): the x86 int8 kernels (sign bits expanded to bytes, integer dot products;
+// AVX2, AVX-512 VNNI, AVX-VNNI) quantize the same gathered activations into the same codes and
+// block scales as the portable body (256-entry tables), so they equal it up to f32 summation order:
+// within 1e-5 of the sum of the magnitudes the two formulations add (far below the int8 rounding
+// bound the table test allows, so a kernel that drops or misplaces a block fails here). Widths
+// cover every tail: binary columns not a multiple of 8 or 32, salient columns odd and not a
+// multiple of 32, none (in = 3: quantize() keeps in / 5 salient columns); varied column factors.
+TEST(QuantMatmul, SalientBinaryX86KernelsEqualThePortableInt8Body) {
+  const QuantFormat& f = parse_quant_format("ptq161");
+  struct Isa {
+    const char* name;
+    ops::QuantIsa isa;
+    bool avxvnni;
+  };
+  const Isa isas[] = {{"avx2", ops::QuantIsa::Avx2, false},
+                      {"avx2-vnni", ops::QuantIsa::Avx2Vnni, false},
+                      {"avx-vnni-256", ops::QuantIsa::Avx2Vnni, true}};
+  int run = 0, differs = 0;
+  std::string skipped;
+  for (int64_t in : {3, 33, 64, 200, 257, 576, 1000, 1536}) {
+    const int64_t out = 13;
+    QuantizedTensor q = quantize(Tensor::randn({out, in}, 40 + uint64_t(in), 0.05), f);
+    vary_column_factors(q);
+    const ops::PackedWeight v = q.packed_view();
+    ASSERT_EQ(v.layout, ops::PackedLayout::SalientBinary);
+    // Per output: the magnitudes both formulations sum, |x w| over all columns plus
+    // (|mu| + |alpha|) |r_j x_j| over the binary ones.
+    const Tensor x = test_input(8, in, 50 + uint64_t(in));
+    const Tensor wd = q.dequantize();
+    const uint8_t* mask = q.col_mask.data<uint8_t>();
+    const auto* r = static_cast<const uint16_t*>(q.col_scales.raw_data());
+    const auto* sc = static_cast<const uint16_t*>(q.scales.raw_data());
+    const auto* zp = static_cast<const uint16_t*>(q.zeros.raw_data());
+    std::vector<double> mag(size_t(8 * out));
+    for (int64_t m = 0; m < 8; ++m)
+      for (int64_t o = 0; o < out; ++o) {
+        const double ma = std::fabs(f16_to_f32(sc[2 * o])) + std::fabs(f16_to_f32(zp[2 * o]));
+        double s = 0;
+        for (int64_t j = 0, t = 0; j < in; ++j) {
+          const double xj = std::fabs(double(x.data<float>()[m * in + j]));
+          s += xj * std::fabs(double(wd.data<float>()[o * in + j]));
+          if (!(mask[j / 8] >> (j % 8) & 1)) s += ma * xj * std::fabs(double(f16_to_f32(r[t++])));
+        }
+        mag[size_t(m * out + o)] = s;
+      }
+    for (int64_t M : {1, 3, 4, 5, 8}) {
+      const Tensor xm = x.slice(0, 0, M).contiguous();
+      Tensor yp = Tensor::empty({M, out});
+      ops::quant_matmul(xm, v, yp, {ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable});
+      for (const Isa& is : isas) {
+        if (!ops::quant_isa_supported(is.isa) || (is.avxvnni && !force_avxvnni(true))) {
+          if (skipped.find(is.name) == std::string::npos) skipped += std::string(" ") + is.name;
+          continue;
+        }
+        struct Unforce {
+          ~Unforce() { force_avxvnni(false); }
+        } unforce;
+        SCOPED_TRACE(std::string(is.name) + " [" + std::to_string(out) + "x" + std::to_string(in) + "] salient " +
+                     std::to_string(v.salient) + " M=" + std::to_string(M));
+        Tensor ys = Tensor::empty({M, out});
+        ops::quant_matmul(xm, v, ys, {ops::QuantMatmulPath::Int8, is.isa});
+        ++run;
+        for (int64_t i = 0; i < M * out; ++i)
+          ASSERT_LE(std::fabs(double(ys.data<float>()[i]) - double(yp.data<float>()[i])), 1e-5 * mag[size_t(i)] + 1e-7)
+              << "output " << i << ": " << ys.data<float>()[i] << " vs portable " << yp.data<float>()[i];
+        differs += max_abs_diff(ys, yp) > 0.0 ? 1 : 0;
+      }
+    }
+  }
+  // The x86 kernels ran (their f32 order differs from the tables', so most cells differ in the last bits).
+  if (ops::quant_isa_supported(ops::QuantIsa::Avx2)) {
+    EXPECT_GT(run, 0);
+    EXPECT_GT(differs, run / 2);
+  }
+  std::printf("ptq161 x86 kernel cells: %d run, %d differ from the portable body in f32 rounding%s%s\n", run, differs,
+              skipped.empty() ? "" : "; not supported by this CPU, skipped:", skipped.c_str());
 }
 
 // The ternary layouts (the ternary format, ggml tq2_0 / tq1_0) have int8 kernels with 256-value

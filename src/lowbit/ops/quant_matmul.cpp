@@ -475,26 +475,30 @@ void trit_planes_body(const float* x, int64_t M, const PackedWeight& w, float* y
   for (int64_t i = 0; i < M * w.out; ++i) y[i] += y2[size_t(i)];
 }
 
-// SalientBinary (ptq161): the binary columns through the table-lookup bodies (quant_matmul_salient),
-// the salient columns as an int4 IntGroups view over the gathered salient activations (the int8
-// kernels, or the exact decode body), the two parts added.
-void salient_binary_body(const float* x, int64_t M, const PackedWeight& w, float* y, bool int8, QuantIsa isa,
-                         bool panels) {
-  if (int8) salient::binary_int8(x, M, w, y);  // with the salient columns past the last block of 32
-  else salient::binary_exact(x, M, w, y);
-  const int64_t k = int8 ? w.salient / kBlock * kBlock : w.salient;
+// SalientBinary (ptq161). Int8: the whole product in quant_matmul_salient (x86 row kernels, or the
+// portable tables). Exact (M <= 8): the binary columns through the f32 tables, the salient columns
+// as an int4 IntGroups view through the exact decode body, the two parts added.
+void salient_binary_body(const float* x, int64_t M, const PackedWeight& w, float* y, bool int8, QuantIsa isa) {
+  if (int8) {
+    const QuantIsa r = resolve_isa(isa);
+#if defined(__x86_64__) || defined(__i386__)
+    if (r == QuantIsa::Avx2 || r == QuantIsa::Avx2Vnni)
+      return salient::int8_simd(x, M, w, y, r == QuantIsa::Avx2 ? qmm::avx2_salient_kernel() : qmm::avx2vnni_salient_kernel());
+#endif
+    (void)r;
+    return salient::int8_portable(x, M, w, y);
+  }
+  salient::binary_exact(x, M, w, y);
+  const int64_t k = w.salient;
   if (k == 0) return;
   thread_local std::vector<float> xs, ys;
   thread_local std::vector<uint16_t> sz;
-  xs.resize(size_t(M * w.salient));
+  xs.resize(size_t(M * k));
   ys.resize(size_t(M * w.out));
   sz.resize(size_t(2 * w.out));
   salient::gather_salient(x, M, w, xs.data());
-  if (k < w.salient)  // rows of the first k columns
-    for (int64_t m = 1; m < M; ++m) std::memmove(xs.data() + m * k, xs.data() + m * w.salient, size_t(k) * sizeof(float));
   const PackedWeight p = salient::salient_view(w, k, sz.data(), sz.data() + w.out);
-  if (int8) int8_body(xs.data(), M, p, ys.data(), isa, panels);
-  else exact_decode_body(xs.data(), M, p, ys.data());
+  exact_decode_body(xs.data(), M, p, ys.data());
   for (int64_t i = 0; i < M * w.out; ++i) y[i] += ys[size_t(i)];
 }
 
@@ -636,7 +640,7 @@ void prepare_int8(const float* x, int64_t M, const PackedWeight& w_in, float* y,
 // The ternary layouts (TQ2_0, TQ1_0 and the ternary format) go to ternary_body (activation blocks of 256).
 void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels) {
   if (w_in.layout == PackedLayout::TritPlanes) return trit_planes_body(x, M, w_in, y, isa, panels);
-  if (w_in.layout == PackedLayout::SalientBinary) return salient_binary_body(x, M, w_in, y, true, isa, panels);
+  if (w_in.layout == PackedLayout::SalientBinary) return salient_binary_body(x, M, w_in, y, true, isa);
   if (const qmm::TernaryKind kind = qmm::ternary_kind(w_in); kind != qmm::TernaryKind::None)
     return ternary_body(x, M, w_in, y, isa, kind);
   Int8Scratch scratch;
@@ -863,7 +867,8 @@ bool quant_isa_supported(QuantIsa isa) {
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu::has_f16c();
     case QuantIsa::Avx2Vnni:
       return quant_isa_supported(QuantIsa::Avx2) &&
-             ((__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) ||
+             ((__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512bw")) ||
               cpu::has_avxvnni());
 #endif
     default: return false;
@@ -1114,12 +1119,18 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
   if (M == 0) return;
   const float* px = x.data<float>();
   float* py = y.data<float>();
+  std::vector<float> sim;  // LOWBIT_PTQ161_ACT_SIM: the activations rounded as the variable says
+  if (w.layout == PackedLayout::SalientBinary && salient::act_sim_enabled()) {
+    sim.resize(size_t(M * w.in));
+    salient::act_sim(px, M, w, sim.data());
+    px = sim.data();
+  }
   switch (cpu_path(M, w, opt)) {
     case QuantMatmulPath::Reference: reference_body(px, M, w, py); break;
     case QuantMatmulPath::Int8: int8_body(px, M, w, py, opt.isa, opt.int8_panels); break;
     default:
       if (M <= kQuantDecodeMaxRows && w.layout == PackedLayout::SalientBinary)
-        salient_binary_body(px, M, w, py, false, opt.isa, opt.int8_panels);
+        salient_binary_body(px, M, w, py, false, opt.isa);
       else if (M <= kQuantDecodeMaxRows) exact_decode_body(px, M, w, py);
       else exact_tiled_body(px, M, w, py);
   }

@@ -31,9 +31,11 @@
 //              activation row), so a row costs one table read per 8 binary weights:
 //              y = (mu + alpha) P+ + (mu - alpha) (S - P+), P+ = the sum of x_b over the set sign
 //              bits, S = the sum of all x_b, plus s * sum_u (q_u - z) x_s[u]. Exact (M <= 8): f32
-//              tables; Int8: x_b and x_s quantized per block of 32 (as the other layouts), int16
-//              tables, integer sums per block, one f32 multiply-add per block. Exact with M > 8: the
-//              tiled sgemm over decoded rows. No GPU form.
+//              tables; Int8: x_b quantized to int8 and x_s to int16 per block of 32 (the salient
+//              columns hold the largest activations), integer sums per block, one f32 multiply-add
+//              per block; x86 kernels expand a block's sign bits to 0/1 bytes for one u8 x s8 dot
+//              product, the portable body reads int16 tables. Exact with M > 8: the tiled sgemm
+//              over decoded rows. No GPU form.
 //   GgmlTQ2_0, GgmlTQ1_0
 //              ggml's ternary blocks of 256 (66 / 54 bytes: 2-bit codes or base-3 digits, one f16 d),
 //              `in` a multiple of 256; w = d (q - 1), q in {0, 1, 2}.
@@ -53,6 +55,11 @@
 //   Auto        Int8 for M <= 8 when the layout has an integer kernel, Exact otherwise. A
 //               process-wide default (set_quant_matmul_default: the CLI's --matmul) overrides it,
 //               else the environment variable LOWBIT_QUANT_MATMUL=int8|exact|reference does.
+// Diagnostic for SalientBinary weights: LOWBIT_PTQ161_ACT_SIM (e.g. "b32x8,s32x8": the binary columns'
+// r_j x_j and the salient columns' x_j, each gathered in column order, rounded to a symmetric
+// code of that many bits per block of that many values or per "row"; a part left out stays f32)
+// rounds the activations of every CPU SalientBinary product before the body runs: with
+// --matmul exact it separates the int8 body's error by part and granularity (docs/results/ptq161.md).
 // The instruction set of the Int8 body is picked at run time from cpuid (best available:
 // AVX-512 VNNI / AVX-VNNI on 256-bit vectors, else AVX2, else portable C++), or forced for tests.
 #pragma once

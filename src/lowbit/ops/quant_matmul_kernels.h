@@ -136,6 +136,29 @@ TernaryKernel avx2vnni_ternary_quad_kernel(TernaryKind k);
 int32_t avx2_quantize_block256(const float* x, TernaryKind k, int8_t* q, float* d);
 #endif
 
+// ---- SalientBinary (ptq161): the int8 body's operand and the x86 row kernels -----------------
+// Per activation row: the binary columns' r_j x_j (gathered in column order) quantized to int8
+// per block of 32 (d = amax / 127, as quantize_block; natural order) and the salient columns' x_j
+// to int16 per block of 32 (d = amax / 32767; block_source_index(4, p) order, the nibbles' unpack
+// order), each zero padded to whole blocks. The salient columns are the ones with the largest
+// activations, and int8 blocks of them cost most of the body's error (docs/results/ptq161.md);
+// int16 costs one more multiply-add per 16 of them. dsum[2m], dsum[2m + 1]: sum_b d_b S_b of row
+// m's binary and salient blocks (S_b = the block's code sum).
+struct SalientActs {
+  int64_t M = 0, bblk = 0, sblk = 0;  // rows; blocks per row of the binary / salient columns
+  const int8_t* qb = nullptr;         // [M, bblk * 32]
+  const float* db = nullptr;          // [M, bblk]
+  const int16_t* qs = nullptr;        // [M, sblk * 32]
+  const float* ds = nullptr;          // [M, sblk]
+  const float* dsum = nullptr;        // [M, 2]
+};
+// Weight rows [row0, row1) against all a.M activation rows: y[m * w.out + r] (quant_matmul_salient_x86.inc).
+using SalientKernel = void (*)(const PackedWeight& w, int64_t row0, int64_t row1, const SalientActs& a, float* y);
+#if defined(__x86_64__) || defined(__i386__)
+SalientKernel avx2_salient_kernel();
+SalientKernel avx2vnni_salient_kernel();  // AVX-512 VNNI + BW (mask-register sign expansion), else AVX-VNNI
+#endif
+
 // Order of the activations inside a full block for this layout (block_source_index's `bits`):
 // IntGroups unpack in their bit order, ggml blocks keep the natural order.
 inline int act_order_bits(const PackedWeight& w) { return w.layout == PackedLayout::IntGroups ? w.bits : 8; }

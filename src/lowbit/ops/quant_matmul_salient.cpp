@@ -1,18 +1,25 @@
 // quant_matmul's SalientBinary bodies (ptq161, PTQ1.61): the layout and the arithmetic are described
-// in quant_matmul.h. Portable C++ (table lookups vectorize poorly; the tables make a binary weight
-// cost one load per 8 weights instead of a multiply-add per weight).
+// in quant_matmul.h. The portable bodies use 256-entry tables per sign byte (one load per 8 binary
+// weights); the x86 int8 body (int8_simd) gathers and quantizes the activations here and runs the
+// per-ISA row kernels of quant_matmul_salient_x86.inc (sign bits expanded to bytes, integer dot
+// products).
 #include "lowbit/ops/quant_matmul_salient.h"
 
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "lowbit/core/dtype.h"
 #include "lowbit/core/error.h"
 #include "lowbit/core/format_traits.h"
 #include "lowbit/core/threads.h"
+#include "lowbit/core/vecmath.h"
+#include "lowbit/ops/quant_matmul_kernels.h"
 
 namespace lowbit::ops::salient {
 
@@ -85,7 +92,15 @@ void check(const PackedWeight& w, const char* op) {
   if (!w.col_mask || !w.col_scales || !w.scales || !w.zeros)
     throw_error(op, ": weight [", w.format, "] SalientBinary view lacks its column mask, column factors or row factors");
   int64_t k = 0;
-  for (int64_t b = 0; b < (w.in + 7) / 8; ++b) k += std::popcount(unsigned(w.col_mask[b]));
+  // Eight mask bytes a count (this runs on every product; without -mpopcnt a count is a call).
+  const int64_t mb = (w.in + 7) / 8;
+  int64_t b = 0;
+  for (; b + 8 <= mb; b += 8) {
+    uint64_t v;
+    std::memcpy(&v, w.col_mask + b, 8);
+    k += std::popcount(v);
+  }
+  for (; b < mb; ++b) k += std::popcount(unsigned(w.col_mask[b]));
   if (k != w.salient || w.n_groups != 2 || w.row_bytes != FormatTraits::masked_row_bytes(w.in, k))
     throw_error(op, ": weight [", w.format, "] SalientBinary view: ", k, " mask bits for salient = ", w.salient,
                 ", ", w.n_groups, " groups (expected 2), row_bytes ", w.row_bytes, " (expected ",
@@ -175,101 +190,234 @@ void binary_exact(const float* x, int64_t M, const PackedWeight& w, float* y) {
 
 namespace {
 
-// n values quantized per block of 32 to int8 (d = amax / 127, round to nearest, as the other
-// layouts' activations), zero padded to whole blocks; per block: d and the sum of the codes.
-void quantize_blocks(const float* v, int64_t n, int8_t* q, float* d, int32_t* sum) {
-  for (int64_t b = 0; b * kBlock < n; ++b) {
-    const int64_t b0 = b * kBlock, e = std::min(n, b0 + kBlock);
+// The int8 body's operand (qmm::SalientActs) in the calling thread's buffers, valid until its next
+// call: binary columns r_j x_j per block of 32 to int8 (d = amax / 127, round half to even, as
+// the other layouts' activations; natural order); salient columns x_j per block of 32 to int16
+// (d = amax / 32767, block_source_index(4) order). `simd`: the AVX2 block quantizer for the int8
+// blocks (the same numbers as the scalar loop).
+const qmm::SalientActs& prepare(const float* x, int64_t M, const PackedWeight& w, bool simd) {
+  const int64_t in = w.in, k = w.salient, nb = in - k;
+  const int64_t bblk = (nb + kBlock - 1) / kBlock, sblk = (k + kBlock - 1) / kBlock;
+  struct Buffers {
+    std::vector<float> r, xb, xs, db, ds, dsum;
+    std::vector<int8_t> qb;
+    std::vector<int16_t> qs;
+    qmm::SalientActs a;
+  };
+  thread_local Buffers B;
+  B.r.resize(size_t(nb));
+  vec::f16_to_f32(w.col_scales, B.r.data(), nb);
+  // One slot past the columns: the branchless gather below writes there.
+  B.xb.resize(size_t(std::max(bblk * kBlock, nb + 1)));
+  B.xs.resize(size_t(std::max(sblk * kBlock, k + 1)));
+  B.qb.resize(size_t(M * bblk * kBlock));
+  B.qs.resize(size_t(M * sblk * kBlock));
+  B.db.resize(size_t(M * bblk));
+  B.ds.resize(size_t(M * sblk));
+  B.dsum.resize(size_t(2 * M));
+  int src4[kBlock];
+  for (int p = 0; p < kBlock; ++p) src4[p] = qmm::block_source_index(4, p);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * in;
+    float *xb = B.xb.data(), *xs = B.xs.data();
+    int64_t t = 0, u = 0;
+    for (int64_t j = 0; j < in; ++j) {  // both lists written, one index advanced (no branch)
+      const int64_t sal = (w.col_mask[j >> 3] >> (j & 7)) & 1;
+      xs[u] = xm[j];
+      xb[t] = xm[j];
+      u += sal;
+      t += 1 - sal;
+    }
+    for (int64_t i = 0; i < nb; ++i) xb[i] *= B.r[size_t(i)];
+    std::fill(xb + nb, xb + bblk * kBlock, 0.0f);
+    std::fill(xs + k, xs + sblk * kBlock, 0.0f);
+    float dsb = 0.0f, dss = 0.0f;
+    for (int64_t b = 0; b < bblk; ++b) {
+      const float* v = xb + b * kBlock;
+      int8_t* q = B.qb.data() + (m * bblk + b) * kBlock;
+      float& d = B.db[size_t(m * bblk + b)];
+      int32_t s = 0;
+#if defined(__x86_64__) || defined(__i386__)
+      if (simd) s = qmm::avx2_quantize_block(v, 8, q, &d);
+#endif
+      if (!simd) {
+        float amax = 0.0f;
+        for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
+        d = amax / 127.0f;
+        const float inv = d > 0 ? 1.0f / d : 0.0f;
+        for (int i = 0; i < kBlock; ++i) {
+          q[i] = int8_t(std::clamp(int(std::nearbyint(v[i] * inv)), -127, 127));
+          s += q[i];
+        }
+      }
+      dsb += d * float(s);
+    }
+    for (int64_t b = 0; b < sblk; ++b) {
+      const float* v = xs + b * kBlock;
+      int16_t* q = B.qs.data() + (m * sblk + b) * kBlock;
+      float amax = 0.0f;
+      for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
+      const float d = amax / 32767.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+      int32_t s = 0;
+      for (int p = 0; p < kBlock; ++p) {
+        q[p] = int16_t(std::clamp(int(std::nearbyint(v[src4[p]] * inv)), -32767, 32767));
+        s += q[p];
+      }
+      B.ds[size_t(m * sblk + b)] = d;
+      dss += d * float(s);
+    }
+    B.dsum[size_t(2 * m)] = dsb;
+    B.dsum[size_t(2 * m + 1)] = dss;
+  }
+  B.a = {M, bblk, sblk, B.qb.data(), B.db.data(), B.qs.data(), B.ds.data(), B.dsum.data()};
+  return B.a;
+}
+
+// Rows in chunks of at least ~32K weights (one parallel region per product).
+template <class F>
+void int8_rows(const PackedWeight& w, const F& fn) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, w.in));
+  parallel_for(w.out, grain, [&](int64_t r0, int64_t r1) { fn(r0, r1); });
+}
+
+}  // namespace
+
+void int8_portable(const float* x, int64_t M, const PackedWeight& w, float* y) {
+  const qmm::SalientActs& a = prepare(x, M, w, false);
+  const int64_t k = w.salient, nb = w.in - k, sb = (nb + 7) / 8;
+  const int64_t bblk = a.bblk, sblk = a.sblk;
+  // Tables over whole blocks (4 bytes each; bytes past the row's sign bytes are never read).
+  thread_local std::vector<int16_t> tables;
+  tables.resize(size_t(M * bblk * 4 * 256));
+  std::vector<int16_t>& tab = tables;  // named through a reference inside the parallel lambda
+  build_tables(M * bblk * 4, [&](int64_t i) { build_table(a.qb + i * 8, tab.data() + i * 256); });
+  int src4[kBlock];
+  for (int p = 0; p < kBlock; ++p) src4[p] = qmm::block_source_index(4, p);
+  int8_rows(w, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* rp = w.codes + r * w.row_bytes;
+      const uint8_t* q4 = rp + sb;
+      const float alpha = f16_to_f32(w.scales[2 * r]), s = f16_to_f32(w.scales[2 * r + 1]);
+      const float mu = f16_to_f32(w.zeros[2 * r]), z = f16_to_f32(w.zeros[2 * r + 1]);
+      for (int64_t m = 0; m < M; ++m) {
+        const int16_t* t = tab.data() + m * bblk * 4 * 256;
+        const float* db = a.db + m * bblk;
+        // Binary: per block, the integer sum over the set sign bits (one table read a byte).
+        float plus = 0.0f;
+        for (int64_t b = 0; b < bblk; ++b) {
+          int32_t is = 0;
+          for (int64_t i = 4 * b; i < std::min(sb, 4 * b + 4); ++i) is += t[i * 256 + rp[i]];
+          plus += db[b] * float(is);
+        }
+        // Salient: per block, the integer products of the codes with the int16 activations.
+        const int16_t* qs = a.qs + m * sblk * kBlock;
+        float sal = 0.0f;
+        for (int64_t b = 0; b < sblk; ++b) {
+          int32_t is = 0;
+          for (int p = 0; p < kBlock; ++p) {
+            const int64_t u = b * kBlock + src4[p];
+            if (u < k) is += int32_t(q4[u / 2] >> (4 * (u % 2)) & 15) * qs[b * kBlock + p];
+          }
+          sal += a.ds[m * sblk + b] * float(is);
+        }
+        const float* dsum = a.dsum + 2 * m;
+        y[m * w.out + r] = 2.0f * alpha * plus + s * sal + (mu - alpha) * dsum[0] - s * z * dsum[1];
+      }
+    }
+  });
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+void int8_simd(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::SalientKernel kernel) {
+  const qmm::SalientActs& a = prepare(x, M, w, true);
+  int8_rows(w, [&](int64_t r0, int64_t r1) { kernel(w, r0, r1, a, y); });
+}
+#endif
+
+namespace {
+
+// One part of LOWBIT_PTQ161_ACT_SIM: block 0 = that part exact.
+struct SimPart {
+  int64_t block = 0;  // values per scale (-1: the whole row)
+  int bits = 8;
+};
+struct SimSpec {
+  bool on = false;
+  SimPart b, s;
+};
+
+SimSpec parse_sim(const char* e) {
+  SimSpec spec;
+  if (!e || !*e) return spec;
+  const std::string v = e;
+  const auto bad = [&](const std::string& why) {
+    throw_error("LOWBIT_PTQ161_ACT_SIM='", v, "': ", why, " (expected parts like b32x8,s32x8: b or s, a block size or 'row', 'x', bits 2..16)");
+  };
+  size_t p = 0;
+  while (p < v.size()) {
+    const size_t q = std::min(v.find(',', p), v.size());
+    const std::string part = v.substr(p, q - p);
+    p = q + 1;
+    const size_t xpos = part.find('x');
+    if (part.size() < 4 || (part[0] != 'b' && part[0] != 's') || xpos == std::string::npos) bad("bad part '" + part + "'");
+    SimPart sp;
+    const std::string blk = part.substr(1, xpos - 1), bits = part.substr(xpos + 1);
+    try {
+      sp.block = blk == "row" ? -1 : std::stoll(blk);
+      sp.bits = std::stoi(bits);
+    } catch (const std::exception&) {
+      bad("bad number in '" + part + "'");
+    }
+    if (sp.block == 0 || sp.block < -1 || sp.bits < 2 || sp.bits > 16) bad("out of range in '" + part + "'");
+    (part[0] == 'b' ? spec.b : spec.s) = sp;
+  }
+  spec.on = true;
+  return spec;
+}
+
+const SimSpec& sim_spec() {
+  static const SimSpec spec = parse_sim(std::getenv("LOWBIT_PTQ161_ACT_SIM"));
+  return spec;
+}
+
+// v[0, n) rounded to the grid of a symmetric `bits`-bit code per block (d = amax / (2^(bits-1) - 1),
+// round to nearest even as the int8 body), in place.
+void fake_quantize(float* v, int64_t n, const SimPart& sp) {
+  if (sp.block == 0) return;
+  const int64_t blk = sp.block < 0 ? std::max<int64_t>(n, 1) : sp.block;
+  const float qmax = float((1 << (sp.bits - 1)) - 1);
+  for (int64_t b0 = 0; b0 < n; b0 += blk) {
+    const int64_t e = std::min(n, b0 + blk);
     float amax = 0.0f;
     for (int64_t i = b0; i < e; ++i) amax = std::max(amax, std::fabs(v[i]));
-    const float db = amax / 127.0f, inv = db > 0 ? 1.0f / db : 0.0f;
-    int32_t s = 0;
-    for (int64_t i = b0; i < b0 + kBlock; ++i) {
-      const int qv = i < e ? std::clamp(int(std::nearbyint(v[i] * inv)), -127, 127) : 0;
-      q[i] = int8_t(qv);
-      s += qv;
-    }
-    d[b] = db;
-    sum[b] = s;
+    const float d = amax / qmax, inv = d > 0 ? 1.0f / d : 0.0f;
+    for (int64_t i = b0; i < e; ++i) v[i] = std::clamp(std::nearbyint(v[i] * inv), -qmax, qmax) * d;
   }
 }
 
 }  // namespace
 
-void binary_int8(const float* x, int64_t M, const PackedWeight& w, float* y) {
+bool act_sim_enabled() { return sim_spec().on; }
+
+void act_sim(const float* x, int64_t M, const PackedWeight& w, float* out) {
+  const SimSpec& spec = sim_spec();
   const Columns& c = columns_of(w);
-  const int64_t nb = int64_t(c.bin.size()), sb = (nb + 7) / 8;
-  const int64_t bblk = (nb + kBlock - 1) / kBlock, bpad = bblk * kBlock;
-  const int64_t k = int64_t(c.sal.size()), kf = k / kBlock * kBlock, nt = k - kf;  // salient tail
-  // The calling thread's buffers, reused across calls (named through a reference: inside the
-  // parallel lambdas a thread_local name would be the worker's own instance).
-  struct Buffers {
-    std::vector<float> tmp, d;
-    std::vector<int8_t> q;
-    std::vector<int32_t> sum;
-    std::vector<int16_t> tab;
-    std::vector<int8_t> qt;  // the salient tail's int8 activations, its d and code sum
-    std::vector<float> dt;
-    std::vector<int32_t> st;
-  };
-  thread_local Buffers buffers;
-  Buffers& B = buffers;
-  B.tmp.resize(size_t(std::max<int64_t>(bpad, kBlock)));
-  B.qt.resize(size_t(M * kBlock));
-  B.dt.resize(size_t(M));
-  B.st.resize(size_t(M));
-  B.q.assign(size_t(M * bpad), 0);
-  B.d.resize(size_t(M * bblk));
-  B.sum.resize(size_t(M * bblk));
-  B.tab.resize(size_t(M * bblk * 4 * 256));
+  const int64_t nb = int64_t(c.bin.size()), k = int64_t(c.sal.size());
+  std::vector<float> vb(static_cast<size_t>(nb)), vs(static_cast<size_t>(k));
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * w.in;
-    for (int64_t t = 0; t < nb; ++t) B.tmp[size_t(t)] = c.r[size_t(t)] * xm[c.bin[size_t(t)]];
-    quantize_blocks(B.tmp.data(), nb, B.q.data() + m * bpad, B.d.data() + m * bblk, B.sum.data() + m * bblk);
-    if (nt > 0) {
-      for (int64_t u = 0; u < nt; ++u) B.tmp[size_t(u)] = xm[c.sal[size_t(kf + u)]];
-      quantize_blocks(B.tmp.data(), nt, B.qt.data() + m * kBlock, B.dt.data() + m, B.st.data() + m);
+    float* om = out + m * w.in;
+    for (int64_t t = 0; t < nb; ++t) vb[size_t(t)] = c.r[size_t(t)] * xm[c.bin[size_t(t)]];
+    for (int64_t u = 0; u < k; ++u) vs[size_t(u)] = xm[c.sal[size_t(u)]];
+    fake_quantize(vb.data(), nb, spec.b);
+    fake_quantize(vs.data(), k, spec.s);
+    for (int64_t t = 0; t < nb; ++t) {
+      const float r = c.r[size_t(t)];
+      const int64_t j = c.bin[size_t(t)];
+      om[j] = spec.b.block == 0 || r == 0.0f ? xm[j] : vb[size_t(t)] / r;
     }
+    for (int64_t u = 0; u < k; ++u) om[c.sal[size_t(u)]] = vs[size_t(u)];
   }
-  // Tables over whole blocks (4 bytes each; bytes past the row's sign bytes are never read).
-  build_tables(M * bblk * 4, [&](int64_t i) { build_table(B.q.data() + i * 8, B.tab.data() + i * 256); });
-  rows(w, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* rp = w.codes + r * w.row_bytes;
-      const float alpha = f16_to_f32(w.scales[2 * r]), mu = f16_to_f32(w.zeros[2 * r]);
-      for (int64_t m = 0; m < M; ++m) {
-        const int16_t* t = B.tab.data() + m * bblk * 4 * 256;
-        const float* dm = B.d.data() + m * bblk;
-        const int32_t* sm = B.sum.data() + m * bblk;
-        // Per block: the integer sums over the set and the clear sign bits, one f32 multiply-add each.
-        float plus = 0.0f, minus = 0.0f;
-        const int64_t full = sb / 4;  // blocks whose 4 sign bytes all exist
-        for (int64_t b = 0; b < full; ++b) {
-          const int16_t* tb = t + b * 4 * 256;
-          const uint8_t* pb = rp + b * 4;
-          const int32_t is = int32_t(tb[pb[0]]) + tb[256 + pb[1]] + tb[512 + pb[2]] + tb[768 + pb[3]];
-          plus += dm[b] * float(is);
-          minus += dm[b] * float(sm[b] - is);
-        }
-        if (full < bblk) {
-          int32_t is = 0;
-          for (int64_t i = full * 4; i < sb; ++i) is += t[i * 256 + rp[i]];
-          plus += dm[full] * float(is);
-          minus += dm[full] * float(sm[full] - is);
-        }
-        float tail = 0.0f;
-        if (nt > 0) {  // the salient columns after the last whole block of 32
-          const uint8_t* q4 = rp + sb;
-          const int8_t* qa = B.qt.data() + m * kBlock;
-          int32_t is = 0;
-          for (int64_t u = 0; u < nt; ++u) is += int32_t(q4[(kf + u) / 2] >> (4 * ((kf + u) % 2)) & 15) * qa[u];
-          const float s = f16_to_f32(w.scales[2 * r + 1]), z = f16_to_f32(w.zeros[2 * r + 1]);
-          tail = s * B.dt[size_t(m)] * (float(is) - z * float(B.st[size_t(m)]));
-        }
-        y[m * w.out + r] = (mu + alpha) * plus + (mu - alpha) * minus + tail;
-      }
-    }
-  });
 }
 
 }  // namespace lowbit::ops::salient

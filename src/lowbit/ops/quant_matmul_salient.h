@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "lowbit/ops/quant_matmul.h"
+#include "lowbit/ops/quant_matmul_kernels.h"
 
 namespace lowbit::ops::salient {
 
@@ -14,14 +15,25 @@ void decode_row(const PackedWeight& w, int64_t r, float* dst);
 // The binary columns' part of y (written, [M, out]): f32 activations, per-call lookup tables of
 // the r_j x_j sums (any M; quant_matmul uses it for M <= 8).
 void binary_exact(const float* x, int64_t M, const PackedWeight& w, float* y);
-// The same with r_j x_j quantized to int8 per block of 32 (int16 tables, integer block sums), plus
-// the salient columns after the last whole block of 32 (k % 32 of them: an int8 block of their own,
-// integer products), so that the int4 kernels see whole blocks only.
-void binary_int8(const float* x, int64_t M, const PackedWeight& w, float* y);
+// The Int8 body, the whole product (y written, [M, out]): x_b = r_j x_j of the binary columns
+// quantized to int8 per block of 32 (as the other layouts), x_s of the salient ones to int16 per
+// block of 32 (qmm::SalientActs); binary part through int16 tables of the sign bytes' partial sums,
+// salient part by integer products, one parallel region over the weight rows. The portable body;
+// int8_simd: the same operand through an x86 row kernel (qmm::avx2_salient_kernel or
+// avx2vnni_salient_kernel), equal up to f32 summation order.
+void int8_portable(const float* x, int64_t M, const PackedWeight& w, float* y);
+#if defined(__x86_64__) || defined(__i386__)
+void int8_simd(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::SalientKernel kernel);
+#endif
 // The salient columns of x gathered in column order: xs [M, salient].
 void gather_salient(const float* x, int64_t M, const PackedWeight& w, float* xs);
 // The first k salient columns as an IntGroups view (4-bit codes, one group of k columns per row, rows
 // w.row_bytes apart): s, z [out] receive each row's f16 scale and zero (the view points at them).
 PackedWeight salient_view(const PackedWeight& w, int64_t k, uint16_t* s, uint16_t* z);
+
+// Diagnostic (LOWBIT_PTQ161_ACT_SIM, read once; quant_matmul.h): whether it is set, and x [M, in]
+// with the gathered binary (r_j x_j) and salient activations rounded as it says, into out [M, in].
+bool act_sim_enabled();
+void act_sim(const float* x, int64_t M, const PackedWeight& w, float* out);
 
 }  // namespace lowbit::ops::salient

@@ -40,10 +40,13 @@ static inline __m256i dot_u8s8(__m256i w, __m256i a) {
 #define QMM_ACC(acc, w, a) _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, a))
 #define QMM_ACC_SUM(acc) _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
 #include "lowbit/ops/quant_matmul_x86.inc"  // undefines the QMM_ macros
+#define SAL_EXPAND(bits) expand_bits_shuffle(bits)
+#define SAL_DOT(u, a) dot_u8s8(u, a)
+#include "lowbit/ops/quant_matmul_salient_x86.inc"  // undefines the SAL_ macros
 }  // namespace avx2
 LB_TARGET_END()
 
-LB_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
+LB_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")
 namespace avx512vnni {
 #define QMM_DOT(w, a) _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
 #define QMM_DPA(s, w, a) _mm256_dpbusd_epi32(s, w, a)
@@ -53,6 +56,9 @@ namespace avx512vnni {
 #define QMM_ACC(acc, w, a) _mm256_dpbusd_epi32(acc, w, a)
 #define QMM_ACC_SUM(acc) (acc)
 #include "lowbit/ops/quant_matmul_x86.inc"  // undefines the QMM_ macros
+#define SAL_EXPAND(bits) _mm256_maskz_mov_epi8(__mmask32(bits), _mm256_set1_epi8(1))
+#define SAL_DOT(u, a) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a)
+#include "lowbit/ops/quant_matmul_salient_x86.inc"  // undefines the SAL_ macros
 }  // namespace avx512vnni
 LB_TARGET_END()
 
@@ -66,6 +72,9 @@ namespace avxvnni {
 #define QMM_ACC(acc, w, a) _mm256_dpbusd_avx_epi32(acc, w, a)
 #define QMM_ACC_SUM(acc) (acc)
 #include "lowbit/ops/quant_matmul_x86.inc"  // undefines the QMM_ macros
+#define SAL_EXPAND(bits) expand_bits_shuffle(bits)
+#define SAL_DOT(u, a) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, a)
+#include "lowbit/ops/quant_matmul_salient_x86.inc"  // undefines the SAL_ macros
 }  // namespace avxvnni
 LB_TARGET_END()
 
@@ -74,7 +83,7 @@ std::atomic<bool> g_force_avxvnni{false};
 bool has_avx512vnni() {
   __builtin_cpu_init();
   return !g_force_avxvnni.load(std::memory_order_relaxed) && __builtin_cpu_supports("avx512vnni") &&
-         __builtin_cpu_supports("avx512vl");
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
 }
 }  // namespace
 
@@ -101,6 +110,10 @@ QuadKernel avx2vnni_quad_kernel(const PackedWeight& w) {
 }
 Panel avx2vnni_panel_kernel(const PackedWeight& w) {
   return has_avx512vnni() ? avx512vnni::pick_panel(w) : avxvnni::pick_panel(w);
+}
+SalientKernel avx2_salient_kernel() { return &avx2::salient_kernel; }
+SalientKernel avx2vnni_salient_kernel() {
+  return has_avx512vnni() ? &avx512vnni::salient_kernel : &avxvnni::salient_kernel;
 }
 TernaryKernel avx2vnni_ternary_quad_kernel(TernaryKind k) {
   return has_avx512vnni() ? avx512vnni::pick_ternary_quad(k) : avxvnni::pick_ternary_quad(k);
