@@ -4,15 +4,21 @@
 # F32 GGUF = the FP model), per preset: llama-quantize without and with --imatrix (llama-imatrix on
 # the same calibration text and token count lowbit uses), lowbit RTN / GPTQ / AWQ / AWQ
 # --weighted-round / RTN --weighted-round (the "method" list; a method is NAME or NAME:FLAG,FLAG),
-# all through `--preset P` (the same ggml type per tensor as llama-quantize, so the same bytes).
+# all through `--preset P`: the same ggml type per tensor as llama-quantize, so the same bytes —
+# lowbit's calibrated methods get llama-quantize's --imatrix plan (Q4_0: the first n/8 ffn_down in
+# q4_1; IQ4_NL: those stay iq4_nl instead of q5_k), plain RTN the plan without.
 # Scored by llama-perplexity (ctx 512, --chunks windows) on two texts neither was calibrated on:
 # the first 400 kB of WikiText-2 test and PTB test; perplexity and the mean KL divergence from the
 # F32 model's token distributions on the same windows (--kl-divergence).
 #
-#   bench/ggml_imatrix_smollm2.sh [--presets "q4_0 q4_k_m q3_k_s q4_1"] [--chunks 10]
+#   bench/ggml_imatrix_smollm2.sh [--presets "q4_0 q4_1 iq4_nl q8_0 q4_k_m q3_k_s"] [--chunks 10]
 #       [--nsamples 16] [--seqlen 512] [--methods "awq:--weighted-round rtn:--weighted-round awq gptq rtn"]
-#       [--texts "wiki ptb"] [--out DIR]
+#       [--texts "wiki ptb"] [--kmaps "q4_k q3_k q2_k"] [--out DIR]
 #
+# --kmaps T...: also one cell per k-quant T with SmolLM2's 30 ffn_down (1536 wide: whole 256-value
+# super-blocks) in T and every other matrix q8_0 — lowbit `--format-map` (ffn_down T, token_embd
+# q8_0, default q8_0), llama-quantize `--tensor-type ffn_down=T --token-embedding-type q8_0 ... Q8_0`:
+# the k-quants on a trained model's tensors (its other widths, 576, fall back from every k-quant).
 # Calibration: the first 2 MB of linux-docs train (neither evaluation text; lowbit samples
 # --nsamples windows of --seqlen tokens, llama-imatrix takes its first --nsamples chunks of
 # --seqlen). Files go to --out (default ~/.cache/lowbit-llamacpp/ggmlq), never into the repository;
@@ -23,7 +29,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${LOWBIT_SHARED:-../shared}
 lowbit=${LOWBIT:-build-rel/lowbit}
-presets="q4_0 q4_k_m q3_k_s q4_1" chunks=10 nsamples=16 seqlen=512 texts="wiki ptb"
+presets="q4_0 q4_1 iq4_nl q8_0 q4_k_m q3_k_s" kmaps="" chunks=10 nsamples=16 seqlen=512 texts="wiki ptb"
 methods="awq:--weighted-round rtn:--weighted-round awq gptq rtn"
 out=${LOWBIT_LLAMACPP_CACHE:-$HOME/.cache/lowbit-llamacpp}/ggmlq
 threads=${THREADS:-2}
@@ -31,7 +37,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --presets) presets=$2; shift 2 ;; --chunks) chunks=$2; shift 2 ;; --nsamples) nsamples=$2; shift 2 ;;
     --seqlen) seqlen=$2; shift 2 ;; --methods) methods=$2; shift 2 ;; --texts) texts=$2; shift 2 ;;
-    --out) out=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;; --kmaps) kmaps=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 1 ;;
   esac
 done
@@ -57,7 +63,7 @@ for t in $texts; do
   base=$dir/kld-base-$t-c512-n$chunks.bin
   [ -f "$base" ] && continue
   bigger=$(ls "$dir"/kld-base-$t-c512-n*.bin 2>/dev/null | sed 's/.*-n\([0-9]*\)\.bin$/\1/' | sort -n |
-    awk -v c="$chunks" '$1 > c { print; exit }')
+    awk -v c="$chunks" '$1 > c { print; exit }' || true)  # no base yet: ls fails (pipefail)
   if [ -n "$bigger" ]; then
     python3 - "$dir/kld-base-$t-c512-n$bigger.bin" "$base" "$chunks" <<'PY'
 import struct, sys
@@ -112,11 +118,20 @@ res=$dir/results.md
   echo "| F32 | $(stat -L -c %s "$fp") |$(for t in $texts; do
     echo -n " $(grep -o '\[[0-9]*\][0-9.]*' "$dir/kld-base-$t-c512-n$chunks.bin.log" | tail -n 1 | sed 's/.*\]//') / 0 |"; done)"
 } >"$res"
-for p in $presets; do
-  P=$(echo "$p" | tr a-z A-Z)
+cells="$presets"
+for k in $kmaps; do cells+=" ffn_down-$k"; done
+for p in $cells; do
+  P=$(echo "$p" | tr a-z A-Z) plan=(--preset "$p") lq=()
+  if [ "${p#ffn_down-}" != "$p" ]; then  # --kmaps T: ffn_down in T, every other matrix q8_0
+    k=${p#ffn_down-} P="ffn_down=$k, rest Q8_0"
+    printf 'ffn_down %s\ntoken_embd q8_0\ndefault q8_0\n' "$k" >"$dir/map-$p.txt"
+    plan=(--format-map "$dir/map-$p.txt") lq=(--tensor-type "ffn_down=$k" --token-embedding-type q8_0)
+  fi
   ref=$dir/llamacpp-$p.gguf refi=$dir/llamacpp-imatrix-$p.gguf
-  [ -f "$ref" ] || nice "$bin/llama-quantize" "$fp" "$ref" "$P" "$threads" >"$ref.log" 2>&1
-  [ -f "$refi" ] || nice "$bin/llama-quantize" --imatrix "$imat" "$fp" "$refi" "$P" "$threads" >"$refi.log" 2>&1
+  q=${lq:+Q8_0}
+  [ -f "$ref" ] || nice "$bin/llama-quantize" "${lq[@]}" "$fp" "$ref" "${q:-$P}" "$threads" >"$ref.log" 2>&1
+  [ -f "$refi" ] || nice "$bin/llama-quantize" --imatrix "$imat" "${lq[@]}" "$fp" "$refi" "${q:-$P}" "$threads" \
+    >"$refi.log" 2>&1
   echo "| llama-quantize $P + imatrix | $(stat -L -c %s "$refi") |$(score "$refi")" >>"$res"
   for m in $methods; do
     name=${m%%:*} flags=()
@@ -126,13 +141,13 @@ for p in $presets; do
     if [ ! -f "$f" ]; then
       cal=()
       [ "$m" != rtn ] && cal=(--calib "$calib" --nsamples "$nsamples" --seqlen "$seqlen")
-      /usr/bin/time -f "%e s wall" nice "$lowbit" quantize -m "$fp" --method "$name" "${flags[@]}" --preset "$p" \
-        "${cal[@]}" -o "$f" --threads "$threads" >"$f.log" 2>&1
+      /usr/bin/time -f "%e s wall %U+%S s CPU" nice "$lowbit" quantize -m "$fp" --method "$name" "${flags[@]}" \
+        "${plan[@]}" "${cal[@]}" -o "$f" --threads "$threads" >"$f.log" 2>&1
     fi
     if [ "$(identical "$f" "$ref")" = 1 ]; then
-      echo "| lowbit $m --preset $p (= llama-quantize, bit-identical) | $(stat -L -c %s "$f") |$(score "$ref")" >>"$res"
+      echo "| lowbit $m ${plan[*]##*/} (= llama-quantize, bit-identical) | $(stat -L -c %s "$f") |$(score "$ref")" >>"$res"
     else
-      echo "| lowbit $m --preset $p | $(stat -L -c %s "$f") |$(score "$f")" >>"$res"
+      echo "| lowbit $m ${plan[*]##*/} | $(stat -L -c %s "$f") |$(score "$f")" >>"$res"
     fi
   done
   echo "| llama-quantize $P | $(stat -L -c %s "$ref") |$(score "$ref")" >>"$res"

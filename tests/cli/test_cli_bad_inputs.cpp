@@ -311,7 +311,8 @@ const Row kRows[] = {
   {"quantize", "apiq LoRA adapters into gguf", "quantize -m {M} --method apiq --format q4_0 --rank 4 -o {O}.gguf", "GGUF cannot hold separate LoRA adapters (--rank 4); give --rank 0", kModel},
   {"quantize", "apiq on iq4_nl", "quantize -m {M} --method apiq --format iq4_nl --rank 0 --calib-tokens {I} --nsamples 2 --seqlen 32 -o {O}", "or one of the ggml types q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k", kModel},
   {"quantize", "sapr on tq2_0", "quantize -m {M} --method sapr --format tq2_0 --rank 0 --calib-tokens {I} --nsamples 2 --seqlen 32 -o {O}", "format tq2_0 has no learnable clipping", kModel},
-  {"quantize", "apiq k-quant on 64-wide rows", "quantize -m {M} --method apiq-layer --format q4_k --rank 0 --calib-tokens {I} --nsamples 2 --seqlen 32 -o {O}.gguf", "rows of 64 values are not whole 256-value blocks", kModel},
+  // --format q4_k falls back as llama.cpp on stories260K's 64-wide rows (q5_0); its 172-wide ffn_down fits nothing
+  {"quantize", "k-quant format on 172-wide rows", "quantize -m {M} --method apiq-layer --format q4_k --rank 0 --calib-tokens {I} --nsamples 2 --seqlen 32 -o {O}.gguf", "--format q4_k: blk.0.ffn_down has rows of 172 values, not a multiple of 32 (q4_k's fallback q5_0)", kModel},
   {"quantize", "gguf output, lowbit format", "quantize -m {M} --method rtn --format int4g32 -o {O}.gguf", "GGUF holds llama.cpp's block types only", kModel},
   {"quantize", "re-quantize", "quantize -m {Q} --method rtn -o {O}", "already a lowbit quantized model", kQuantized},
   {"quantize", "unknown method lists the registry", "quantize -m {M} --method bogus --calib-tokens {I} -o {O}", "registered: rtn, gptq, awq", kModel},

@@ -13,6 +13,9 @@
 #include <cctype>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <iterator>
+#include <tuple>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -22,8 +25,10 @@
 
 #include "common/test_util.h"
 #include "lowbit/io/gguf.h"
+#include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/model/weights.h"
 #include "lowbit/quant/format_map.h"
+#include "lowbit/quant/quantize.h"
 
 using namespace lowbit;
 namespace fs = std::filesystem;
@@ -149,6 +154,16 @@ class PresetVsLlamaQuantize : public ::testing::Test {
         << preset;
     return gguf_py_types(out, dir_);
   }
+  // llama-quantize --pure (every tensor the ftype's base type, then llama.cpp's fallback for rows that
+  // are not whole blocks), vocabulary matrices kept f32 as `lowbit quantize --format F` keeps them.
+  std::map<std::string, TensorType> llama_quantize_pure(const fs::path& in, const std::string& ftype) {
+    const fs::path out = dir_ / ("llama-pure-" + ftype + ".gguf");
+    EXPECT_EQ(run("'" + quantize_ + "' --pure --token-embedding-type f32 --output-tensor-type f32 '" + in.string() +
+                  "' '" + out.string() + "' " + ftype + " 1 >'" + (dir_ / "llama.log").string() + "' 2>&1"),
+              0)
+        << ftype;
+    return gguf_py_types(out, dir_);
+  }
 
   fs::path dir_;
   std::string quantize_;
@@ -160,8 +175,8 @@ class PresetVsLlamaQuantize : public ::testing::Test {
 // The rule engine against llama-quantize, every preset, both shapes.
 TEST_F(PresetVsLlamaQuantize, RuleEngineMatchesEveryTensor) {
   for (const auto& [path, c] : models_)
-    for (const char* preset :
-         {"q4_k_m", "q4_k_s", "q3_k_m", "q3_k_s", "q3_k_l", "q2_k", "q5_k_m", "q5_k_s", "q6_k", "q8_0", "q4_0"}) {
+    for (const char* preset : {"q4_k_m", "q4_k_s", "q3_k_m", "q3_k_s", "q3_k_l", "q2_k", "q5_k_m", "q5_k_s", "q6_k",
+                               "q8_0", "q4_0", "iq4_nl", "iq4_xs"}) {
       const auto types = llama_quantize(path, preset);
       ASSERT_FALSE(types.empty()) << preset;
       const FormatPlan plan = plan_from_preset(preset, c);
@@ -182,11 +197,12 @@ TEST_F(PresetVsLlamaQuantize, RuleEngineMatchesEveryTensor) {
 // The CLI end to end: lowbit quantize --method rtn --preset X -o out.gguf writes the same tensor
 // types and byte sizes as llama-quantize (vocabulary matrices included).
 TEST_F(PresetVsLlamaQuantize, CliFileHasLlamaQuantizesTypes) {
+  const std::string cli = test::cli_path();  // an lvalue: GCC 12 warns (-Wrestrict) on "'" + f() chains
   for (const auto& [path, c] : models_)
     for (const char* preset : {"q4_k_m", "q2_k", "q6_k"}) {
       const auto ref = llama_quantize(path, preset);
       const fs::path out = dir_ / (std::string("lowbit-") + preset + ".gguf");
-      ASSERT_EQ(run("'" + test::cli_path() + "' quantize -m '" + path.string() + "' --method rtn --preset " + preset +
+      ASSERT_EQ(run("'" + cli + "' quantize -m '" + path.string() + "' --method rtn --preset " + preset +
                     " -o '" + out.string() + "' --json >'" + (dir_ / "lowbit.log").string() + "' 2>&1"),
                 0)
           << preset << " (see " << (dir_ / "lowbit.log") << ")";
@@ -199,4 +215,78 @@ TEST_F(PresetVsLlamaQuantize, CliFileHasLlamaQuantizesTypes) {
         EXPECT_EQ(it->second.bytes, t.bytes) << path.filename() << " " << preset << " " << name;
       }
     }
+}
+
+// `lowbit quantize --format F` with a ggml type whose blocks do not fit some rows (model b: 96-wide
+// rows, 256-wide ffn_down) writes llama-quantize --pure's type and size for every tensor: the
+// fallback of llama.cpp's tensor_type_fallback (q4_k -> q5_0, q3_k / q2_k -> q4_0, q5_k -> q5_1,
+// q6_k -> q8_0, iq4_xs -> iq4_nl); on model a (256 wide) nothing falls back.
+TEST_F(PresetVsLlamaQuantize, SingleFormatFallsBackAsLlamaQuantizePure) {
+  const std::string cli = test::cli_path();
+  const std::pair<const char*, const char*> cases[] = {
+      {"q4_k", "Q4_K_S"}, {"q3_k", "Q3_K_S"}, {"q2_k", "Q2_K"}, {"q5_k", "Q5_K_S"}, {"q6_k", "Q6_K"}, {"iq4_xs", "IQ4_XS"}};
+  for (const auto& [path, c] : models_)
+    for (const auto& [format, ftype] : cases) {
+      const auto ref = llama_quantize_pure(path, ftype);
+      ASSERT_FALSE(ref.empty()) << ftype;
+      const fs::path out = dir_ / (std::string("lowbit-format-") + format + ".gguf");
+      ASSERT_EQ(run("'" + cli + "' quantize -m '" + path.string() + "' --method rtn --format " + format +
+                    " -o '" + out.string() + "' --json >'" + (dir_ / "lowbit.log").string() + "' 2>&1"),
+                0)
+          << format << " (see " << (dir_ / "lowbit.log") << ")";
+      const auto got = gguf_py_types(out, dir_);
+      ASSERT_EQ(got.size(), ref.size()) << format;
+      int fell_back = 0;
+      for (const auto& [name, t] : ref) {
+        auto it = got.find(name);
+        ASSERT_NE(it, got.end()) << format << ": lowbit wrote no " << name;
+        EXPECT_EQ(it->second.type, t.type) << path.filename() << " " << format << " " << name;
+        EXPECT_EQ(it->second.bytes, t.bytes) << path.filename() << " " << format << " " << name;
+        fell_back += it->second.type != parse_quant_format(format).ggml_type && name.find("blk.") == 0 &&
+                     name.find("norm") == std::string::npos;
+      }
+      EXPECT_EQ(fell_back, c.dim == 96 ? 6 * c.n_layers : 0) << path.filename() << " " << format;
+    }
+}
+
+// Without llama-quantize: `--format q4_k -o x.gguf` on the 96-wide model writes q5_0 for every
+// 96-wide linear (llama.cpp's fallback) and q4_k for the 256-wide ffn_down, each tensor exactly the
+// reference rounding of its weight in that type; general.file_type stays Q4_K's (Q4_K_S = 14) and
+// the fallback is recorded in the file's metadata.
+TEST(SingleFormatFallback, CliWritesTheFallbackTypeWithoutLlamaCpp) {
+  const std::string cli = test::cli_path();
+  const LlamaConfig c = config_b();
+  const fs::path dir = test::temp_dir("format-fallback");
+  fs::create_directories(dir);
+  const fs::path in = dir / "f32.gguf", out = dir / "q4_k.gguf";
+  GgufSaveOptions o;
+  o.dtype = DType::F32;
+  const LlamaWeights w = random_weights(c, 7);
+  save_gguf(in.string(), c, w, o);
+  ASSERT_EQ(run("'" + cli + "' quantize -m '" + in.string() + "' --method rtn --format q4_k -o '" +
+                out.string() + "' >'" + (dir / "log").string() + "' 2>&1"),
+            0);
+  std::ifstream log(dir / "log");
+  const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("fallback as llama.cpp (rows not whole blocks): q4_k -> q5_0 x 96"), std::string::npos) << text;
+  const QuantizedCheckpoint q = load_gguf_quantized(out.string());
+  ASSERT_EQ(q.quantized.size(), size_t(7 * c.n_layers));
+  for (const auto& [name, t] : q.quantized)
+    EXPECT_EQ(quant_format(t.format).name, std::string(name.find("down_proj") != std::string::npos ? "q4_k" : "q5_0"))
+        << name;
+  // ffn_up / ffn_down hold no q/k row permutation: their blocks are quantize()'s, byte for byte.
+  for (const auto& [module, weight, id] :
+       {std::tuple{"model.layers.3.mlp.up_proj", w.layers[3].w_up, QuantFormatId::Q5_0},
+        std::tuple{"model.layers.3.mlp.down_proj", w.layers[3].w_down, QuantFormatId::Q4_K}}) {
+    const QuantizedTensor ref = quantize(weight, quant_format(id));
+    const QuantizedTensor& got = q.quantized.at(module);
+    ASSERT_EQ(got.codes.numel(), ref.codes.numel()) << module;
+    EXPECT_EQ(std::memcmp(got.codes.data<uint8_t>(), ref.codes.data<uint8_t>(), size_t(ref.codes.numel())), 0) << module;
+  }
+  GgufFile g = GgufFile::open(out.string());
+  ASSERT_NE(g.find("general.file_type"), nullptr);
+  EXPECT_EQ(g.find("general.file_type")->u, 14u);
+  ASSERT_NE(g.find("lowbit.quantization.config"), nullptr);
+  EXPECT_NE(g.find("lowbit.quantization.config")->str.find("q4_k -> q5_0 (96 columns)"), std::string::npos);
+  fs::remove_all(dir);
 }

@@ -192,3 +192,75 @@ TEST(FormatMap, PresetsOnA768WideModel) {
   g.n_kv_heads = 3;  // n_gqa 4
   EXPECT_EQ(fmt(plan_from_preset("q2_k", g), layer(0, "self_attn.v_proj")), "q4_k");
 }
+
+// The iq4 presets and llama-quantize's imatrix-only rules (llama-quant.cpp: ffn_down of the first
+// n/8 layers q5_k for iq4_nl / iq4_xs without an imatrix, q4_1 / q5_1 for q4_0 / q5_0 with one).
+TEST(FormatMap, Iq4PresetsAndImatrixRules) {
+  const LlamaConfig c = smollm2();  // 30 layers: n/8 = 3; n_gqa 3 (< 4: attn_v keeps the base type)
+  FormatPlan nl = plan_from_preset("iq4_nl", c), nli = plan_from_preset("iq4_nl", c, /*imatrix=*/true);
+  EXPECT_EQ(nl.llama_ftype, 25);
+  EXPECT_EQ(fmt(nl, "model.embed_tokens"), "q8_0");  // tied: q6_k -> q8_0 (576 columns)
+  EXPECT_EQ(fmt(nl, layer(2, "mlp.down_proj")), "q5_k");
+  EXPECT_EQ(fmt(nl, layer(3, "mlp.down_proj")), "iq4_nl");
+  EXPECT_EQ(fmt(nli, layer(2, "mlp.down_proj")), "iq4_nl");
+  EXPECT_EQ(fmt(nl, layer(0, "self_attn.v_proj")), "iq4_nl");
+  FormatPlan xs = plan_from_preset("IQ4_XS", c);
+  EXPECT_EQ(xs.llama_ftype, 30);
+  EXPECT_EQ(fmt(xs, layer(5, "self_attn.q_proj")), "iq4_nl");  // 576 columns: iq4_xs -> iq4_nl
+  EXPECT_EQ(fmt(xs, layer(5, "mlp.down_proj")), "iq4_xs");     // 1536 columns fit
+  LlamaConfig g = c;
+  g.n_heads = 12, g.n_kv_heads = 3;  // n_gqa 4
+  EXPECT_EQ(fmt(plan_from_preset("iq4_nl", g), layer(7, "self_attn.v_proj")), "q5_1");  // q5_k -> q5_1 (576 columns)
+  FormatPlan q40 = plan_from_preset("q4_0", c), q40i = plan_from_preset("q4_0", c, true);
+  EXPECT_EQ(fmt(q40, layer(2, "mlp.down_proj")), "q4_0");
+  EXPECT_EQ(fmt(q40i, layer(2, "mlp.down_proj")), "q4_1");
+  EXPECT_EQ(fmt(q40i, layer(3, "mlp.down_proj")), "q4_0");
+  EXPECT_EQ(fmt(plan_from_preset("q5_0", c, true), layer(0, "mlp.down_proj")), "q5_1");
+  // The k-quant presets do not depend on an imatrix.
+  EXPECT_EQ(plan_from_preset("q4_k_m", c).formats, plan_from_preset("q4_k_m", c, true).formats);
+}
+
+// llama.cpp's tensor_type_fallback, and `--format F` (plan_from_format) following it on the linears
+// whose rows F's blocks do not fit (SmolLM2: 576-wide rows; 1536-wide ffn_down fits 256).
+TEST(FormatMap, SingleFormatFallsBackAsLlamaCpp) {
+  using Id = QuantFormatId;
+  const std::pair<Id, Id> rule[] = {{Id::Q2_K, Id::Q4_0},  {Id::Q3_K, Id::Q4_0},  {Id::Q4_K, Id::Q5_0},
+                                    {Id::Q5_K, Id::Q5_1},  {Id::Q6_K, Id::Q8_0},  {Id::IQ4_XS, Id::IQ4_NL},
+                                    {Id::TQ1_0, Id::Q4_0}, {Id::TQ2_0, Id::Q4_0}, {Id::Q4_0, Id::Q4_0}};
+  for (const auto& [from, to] : rule) {
+    EXPECT_EQ(llama_fallback_format(from, 576, "t"), to) << quant_format(from).name;
+    EXPECT_EQ(llama_fallback_format(from, 1536, "t"), from) << quant_format(from).name;  // fits: unchanged
+  }
+  // Rows that fit no fallback (llama.cpp: f16): an error naming the tensor.
+  std::string e = error_of([&] { llama_fallback_format(Id::Q4_K, 172, "--format q4_k: blk.0.ffn_down"); });
+  EXPECT_NE(e.find("--format q4_k: blk.0.ffn_down has rows of 172 values, not a multiple of 32 (q4_k's fallback q5_0)"),
+            std::string::npos) << e;
+  e = error_of([&] { llama_fallback_format(Id::Q8_0, 172, "x"); });
+  EXPECT_NE(e.find("x has rows of 172 values, not a multiple of 32 (q8_0's block)"), std::string::npos) << e;
+
+  const LlamaConfig c = smollm2();
+  for (const char* name : {"q4_k", "q3_k", "q2_k", "q5_k", "q6_k", "iq4_xs"}) {
+    const QuantFormat& f = parse_quant_format(name);
+    const std::optional<FormatPlan> p = plan_from_format(f, c);
+    ASSERT_TRUE(p.has_value()) << name;
+    EXPECT_EQ(p->base, f.id);
+    EXPECT_EQ(p->origin, std::string("format ") + name);
+    EXPECT_EQ(p->llama_ftype, -1);               // general.file_type: the base type's (export)
+    EXPECT_EQ(p->vocab_formats().size(), 0u);    // token_embd stays f32, as without a plan
+    EXPECT_EQ(p->formats.size(), 7u * 30u);
+    EXPECT_EQ(p->notes.size(), 6u * 30u) << name;  // every linear but ffn_down
+    for (int i : {0, 17}) {
+      EXPECT_EQ(fmt(*p, layer(i, "mlp.down_proj")), name);
+      for (const char* lin : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                              "mlp.gate_proj", "mlp.up_proj"})
+        EXPECT_EQ(fmt(*p, layer(i, lin)), quant_format(llama_fallback_format(f.id, 576, "t")).name) << name << " " << lin;
+    }
+  }
+  EXPECT_FALSE(plan_from_format(parse_quant_format("q4_k"), d768()).has_value());  // every row fits
+  EXPECT_FALSE(plan_from_format(parse_quant_format("q4_0"), c).has_value());
+  EXPECT_FALSE(plan_from_format(parse_quant_format("int4g128"), c).has_value());  // lowbit's own: short last group
+  LlamaConfig s = c;
+  s.hidden_dim = 172;  // ffn_down rows fit neither q4_k nor q5_0
+  e = error_of([&] { plan_from_format(parse_quant_format("q4_k"), s); });
+  EXPECT_NE(e.find("--format q4_k: blk.0.ffn_down has rows of 172 values"), std::string::npos) << e;
+}

@@ -435,7 +435,23 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   }
   std::optional<FormatPlan> plan;
   if (fmap) plan = plan_from_map(*fmap, m.model->config(), f);
-  if (!a.preset.empty()) plan = plan_from_preset(a.preset, m.model->config());
+  // A preset calibrated with data (an importance, as llama-quantize's --imatrix) takes llama-quantize's
+  // imatrix-only type rules, so that both files hold the same types.
+  const bool calibrated =
+      (!a.calib.empty() || !a.calib_tokens.empty()) && (find_method(a.method).needs_calibration || a.weighted_round);
+  if (!a.preset.empty()) plan = plan_from_preset(a.preset, m.model->config(), calibrated);
+  auto print_plan = [&] {
+    if (a.json) return;
+    std::fprintf(stderr, "format plan (%s): %s\n", plan->origin.c_str(), plan->summary().c_str());
+    // "blk.0.attn_q: q4_k -> q5_0 (576 columns)" notes, counted by transition.
+    std::map<std::string, int> fallbacks;
+    for (const auto& n : plan->notes) {
+      const auto c = n.find(": "), p = n.rfind(" (");
+      fallbacks[c != std::string::npos && p != std::string::npos && p > c ? n.substr(c + 2, p - c - 2) : n]++;
+    }
+    for (const auto& [t, k] : fallbacks)
+      std::fprintf(stderr, "  fallback as llama.cpp (rows not whole blocks): %s x %d\n", t.c_str(), k);
+  };
   // --bits-budget: the levels and the score are checked now; the plan is made after calibration (lim reads it).
   std::vector<QuantFormatId> budget_levels;
   if (a.bits_budget > 0) {
@@ -455,17 +471,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
         if (!quant_format(id).is_ggml_block())
           throw_error("-o ", a.out, ": ", plan->origin, " puts ", module, " in ", quant_format(id).name,
                       ", which GGUF cannot hold (llama.cpp's block types only)");
-    if (!a.json) {
-      std::fprintf(stderr, "format plan (%s): %s\n", plan->origin.c_str(), plan->summary().c_str());
-      // "blk.0.attn_q: q4_k -> q5_0 (576 columns)" notes, counted by transition.
-      std::map<std::string, int> fallbacks;
-      for (const auto& n : plan->notes) {
-        const auto c = n.find(": "), p = n.rfind(" (");
-        fallbacks[c != std::string::npos && p != std::string::npos && p > c ? n.substr(c + 2, p - c - 2) : n]++;
-      }
-      for (const auto& [t, k] : fallbacks)
-        std::fprintf(stderr, "  fallback as llama.cpp (rows not whole blocks): %s x %d\n", t.c_str(), k);
-    }
+    print_plan();
   }
   apply_rotation(m, a.tr);  // before calibration: GPTQ sees the rotated weights and activations
   // Calibration tokens.
@@ -589,6 +595,9 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   QuantArgs ar = a;
   ar.rank = rank;
   auto method = make_method(a.method, method_config(ar, f, saliency ? &*saliency : nullptr, !stream.empty()));
+  // --format with a ggml block type whose blocks do not fit some rows: llama.cpp's fallback type for
+  // those (after the method has checked the format itself).
+  if (!plan && a.bits_budget <= 0 && (plan = plan_from_format(f, m.model->config()))) print_plan();
   if (world->world_size() > 1 && !method->supports_data_parallel())
     throw_error("--gpus / WORLD_SIZE ", world->world_size(), ": --method ", a.method,
                 " has no data-parallel calibration (supported: rtn, gptq, comq, awq, apiq, apiq-layer, sapr); run it "

@@ -21,7 +21,7 @@
 // one 32-value block and its parameters are the block's own, fitted by llama.cpp's reference rule
 // (q4_0: d = signed extreme / -8, codes 0..15 offset 8; q4_1: d = (max-min)/15 and m = min, both
 // f16; q8_0: d = absmax / 127; iq4_nl: ggml's scale search over the 16 non-uniform levels) or, for
-// q4_0/q5_0/q4_1/q5_1, a scale search weighted by diag(H) when it has a lower weighted error on the
+// every one of these types, a scale search weighted by diag(H) when it has a lower weighted error on the
 // stored grid (ggml_grid.h), on the block's weights as updated by the sweep when its first column
 // is reached (on the original W with act-order / static groups). Each column is then rounded to that block's grid (the stored f16
 // d, m) and its error fed back as above, so the result is an ordinary GGUF tensor.

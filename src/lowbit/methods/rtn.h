@@ -21,11 +21,11 @@ QuantizedTensor rtn_quantize_clipped(const Tensor& w, const QuantFormat& f, cons
 // each block's parameters are chosen to minimise the rounding error weighted by
 // importance_c sqrt(2 mean(w^2) + w_c^2) on the stored f16 grid (quant/ggml_grid.h,
 // ggml_grid_fit_block with an importance: q4_0/q5_0 the reference d or one of 81 least-squares
-// trial scales with two refits each, q4_1/q5_1 the reference or ggml's make_qkx2 search, the k-quants the weighted
-// sub-block search with 4/6/8-bit sub-scales chosen on the exact grid). Every weight is then rounded
-// to the nearest point of its block's stored grid. q8_0 and iq4_nl keep the reference rule (the
-// importance does not change their fit); ggml types without a per-value grid (iq4_xs, tq1_0, tq2_0)
-// are rounded with the reference quantizer. Formats that are not ggml block types are refused.
+// trial scales with two refits each, q8_0 / iq4_nl likewise over their own trial grids, q4_1/q5_1 the
+// reference or ggml's make_qkx2 search, the k-quants the weighted sub-block search with 4/6/8-bit
+// sub-scales chosen on the exact grid). Every weight is then rounded to the nearest point of its
+// block's stored grid. ggml types without a per-value grid (iq4_xs, tq1_0, tq2_0) are rounded with
+// the reference quantizer. Formats that are not ggml block types are refused.
 QuantizedTensor rtn_quantize_weighted(const Tensor& w, const QuantFormat& f, const Tensor& importance);
 
 }  // namespace lowbit

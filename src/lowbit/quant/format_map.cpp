@@ -223,7 +223,7 @@ constexpr Preset kPresets[] = {
     {"q4_0", 2, Id::Q4_0},    {"q4_1", 3, Id::Q4_1},    {"q8_0", 7, Id::Q8_0},   {"q5_0", 8, Id::Q5_0},
     {"q5_1", 9, Id::Q5_1},    {"q2_k", 10, Id::Q2_K},   {"q3_k_s", 11, Id::Q3_K}, {"q3_k_m", 12, Id::Q3_K},
     {"q3_k_l", 13, Id::Q3_K}, {"q4_k_s", 14, Id::Q4_K}, {"q4_k_m", 15, Id::Q4_K}, {"q5_k_s", 16, Id::Q5_K},
-    {"q5_k_m", 17, Id::Q5_K}, {"q6_k", 18, Id::Q6_K},
+    {"q5_k_m", 17, Id::Q5_K}, {"q6_k", 18, Id::Q6_K},   {"iq4_nl", 25, Id::IQ4_NL}, {"iq4_xs", 30, Id::IQ4_XS},
 };
 
 // llama.cpp: the first and last eighth of the layers and every third one in between.
@@ -255,7 +255,48 @@ QuantFormatId preset_base(const std::string& name) {
   return p->base;
 }
 
-FormatPlan plan_from_preset(const std::string& name_in, const LlamaConfig& c) {
+QuantFormatId llama_fallback_format(QuantFormatId id, int64_t in, const std::string& what) {
+  const QuantFormat& f = quant_format(id);
+  if (f.row_fits(in)) return id;
+  Id to = id;
+  switch (id) {
+    case Id::IQ4_XS: to = Id::IQ4_NL; break;
+    case Id::Q2_K:
+    case Id::Q3_K:
+    case Id::TQ1_0:
+    case Id::TQ2_0: to = Id::Q4_0; break;
+    case Id::Q4_K: to = Id::Q5_0; break;
+    case Id::Q5_K: to = Id::Q5_1; break;
+    case Id::Q6_K: to = Id::Q8_0; break;
+    default: break;  // a 32-value type: no smaller block to fall back to
+  }
+  if (!quant_format(to).row_fits(in))
+    throw_error(what, " has rows of ", in, " values, not a multiple of ", quant_format(to).group_size,
+                to == id ? std::string(" (") + f.name + "'s block)" : std::string(" (") + f.name + "'s fallback " +
+                quant_format(to).name + ")",
+                ": llama.cpp keeps such a tensor in f16, which lowbit's quantized layers cannot (use --format-map to "
+                "choose another format for it)");
+  return to;
+}
+
+std::optional<FormatPlan> plan_from_format(const QuantFormat& f, const LlamaConfig& c) {
+  if (!f.is_ggml_block()) return std::nullopt;
+  FormatPlan plan;
+  plan.origin = std::string("format ") + f.name;
+  plan.base = f.id;
+  for (const PlanTensor& t : plan_tensors(c)) {
+    if (is_vocab(t.kind)) continue;  // stay f32 with --format (no rule packs them)
+    const Id ty = llama_fallback_format(f.id, t.in, std::string("--format ") + f.name + ": " + gguf_name(t));
+    if (ty != f.id)
+      plan.notes.push_back(gguf_name(t) + ": " + f.name + " -> " + quant_format(ty).name + " (" +
+                           std::to_string(t.in) + " columns)");
+    plan.formats[t.module] = ty;
+  }
+  if (plan.notes.empty()) return std::nullopt;
+  return plan;
+}
+
+FormatPlan plan_from_preset(const std::string& name_in, const LlamaConfig& c, bool imatrix) {
   const Preset* pr = find_preset(name_in);
   if (!pr) throw_error("--preset: unknown preset '", name_in, "' (known: ", preset_names(), ")");
   const std::string ft = pr->name;
@@ -279,6 +320,7 @@ FormatPlan plan_from_preset(const std::string& name_in, const LlamaConfig& c) {
       else if (ft == "q3_k_l") ty = Id::Q5_K;
       else if ((ft == "q4_k_m" || ft == "q5_k_m") && use_more_bits(i, n)) ty = Id::Q6_K;
       else if (ft == "q4_k_s" && i < 4) ty = Id::Q5_K;
+      else if ((ft == "iq4_nl" || ft == "iq4_xs") && n_gqa >= 4) ty = Id::Q5_K;
       if (is_70b && (ty == Id::Q3_K || ty == Id::Q4_K)) ty = Id::Q5_K;
     } else if (t.kind == TensorKind::FfnDown) {
       if (ft == "q2_k") ty = Id::Q3_K;
@@ -287,6 +329,9 @@ FormatPlan plan_from_preset(const std::string& name_in, const LlamaConfig& c) {
       else if (ft == "q4_k_m") { if (use_more_bits(i, n)) ty = Id::Q6_K; }
       else if (ft == "q5_k_m") { if (use_more_bits(i, n)) ty = Id::Q6_K; }
       else if (ft == "q4_k_s" && i < n / 8) ty = Id::Q5_K;
+      else if ((ft == "iq4_nl" || ft == "iq4_xs") && i < n / 8 && !imatrix) ty = Id::Q5_K;
+      // llama.cpp: "guard against craziness in the first few ffn_down layers" (with an imatrix only)
+      else if ((ft == "q4_0" || ft == "q5_0") && imatrix && i < n / 8) ty = ft == "q4_0" ? Id::Q4_1 : Id::Q5_1;
     } else if (t.kind == TensorKind::AttnOutput) {
       if (ft == "q2_k") ty = Id::Q3_K;
       else if (ft == "q3_k_m") ty = Id::Q4_K;
@@ -294,19 +339,8 @@ FormatPlan plan_from_preset(const std::string& name_in, const LlamaConfig& c) {
     }
     // Rows that are not whole blocks: llama.cpp's fallback types.
     const Id chosen = ty;
-    if (t.in % quant_format(ty).group_size != 0) {
-      switch (ty) {
-        case Id::Q2_K:
-        case Id::Q3_K: ty = Id::Q4_0; break;
-        case Id::Q4_K: ty = Id::Q5_0; break;
-        case Id::Q5_K: ty = Id::Q5_1; break;
-        case Id::Q6_K: ty = Id::Q8_0; break;
-        default: break;
-      }
-      if (t.in % quant_format(ty).group_size != 0)
-        throw_error("--preset ", ft, ": ", gguf_name(t), " has rows of ", t.in,
-                    " values, not a multiple of 32: llama.cpp keeps such a tensor in f16, which lowbit's quantized "
-                    "layers cannot (use --format-map to choose another format for it)");
+    ty = llama_fallback_format(ty, t.in, "--preset " + ft + ": " + gguf_name(t));
+    if (ty != chosen) {
       plan.notes.push_back(gguf_name(t) + ": " + quant_format(chosen).name + " -> " + quant_format(ty).name + " (" +
                            std::to_string(t.in) + " columns)");
     }

@@ -25,11 +25,17 @@
 // raised for attn_v / ffn_down in the layers use_more_bits() picks (first and last eighth, every
 // third in between), for attn_output at q2_k / q3_k_m / q3_k_l; output (and token_embd when tied)
 // at q6_k, or q8_0 when its width is not a multiple of the base type's block; then the fallback
-// for rows that are not a whole number of blocks: q2_k / q3_k -> q4_0, q4_k -> q5_0,
-// q5_k -> q5_1, q6_k -> q8_0 (a row that does not fit the fallback either would be f16 in
-// llama.cpp: lowbit refuses it). MoE, Falcon and imatrix-dependent rules do not apply (no such models).
+// for rows that are not a whole number of blocks (llama_fallback_format below). With calibration
+// data (`imatrix` true) the rules llama-quantize applies only when given an importance matrix:
+// q4_0 / q5_0 put the first n/8 ffn_down in q4_1 / q5_1, iq4_nl / iq4_xs keep them in their base
+// type instead of q5_k. MoE and Falcon rules do not apply (no such models).
+//
+// A single ggml block type (`quantize --format q4_k`, no preset or rule file) follows the same
+// fallback for the tensors whose rows it does not fit (plan_from_format), as llama-quantize does for
+// every tensor, --pure included (tensor_type_fallback in llama-quant.cpp).
 #pragma once
 #include <map>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -94,8 +100,18 @@ struct FormatPlan {
 // The plan of a rule file for a model; `fallback` is the default when the map has no default line.
 FormatPlan plan_from_map(const FormatMap& m, const LlamaConfig& c, const QuantFormat& fallback);
 // The plan of llama.cpp's mixture `name` (q4_k_m, q4_k_s, q3_k_m, q3_k_s, q3_k_l, q2_k, q5_k_m,
-// q5_k_s, q6_k, q8_0, q4_0, q4_1, q5_0, q5_1). Throws listing the names for an unknown one.
-FormatPlan plan_from_preset(const std::string& name, const LlamaConfig& c);
+// q5_k_s, q6_k, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, iq4_xs). Throws listing the names for an
+// unknown one. `imatrix`: llama-quantize's choice when it is given an importance matrix (above).
+FormatPlan plan_from_preset(const std::string& name, const LlamaConfig& c, bool imatrix = false);
+// llama.cpp's tensor_type_fallback: the type a tensor with rows of `in` values gets when `f`'s blocks
+// do not fit them: iq4_xs -> iq4_nl; q2_k, q3_k, tq1_0, tq2_0 -> q4_0; q4_k -> q5_0; q5_k -> q5_1;
+// q6_k -> q8_0; `f` itself when it fits. Throws naming `what` when the fallback does not fit either
+// (llama.cpp writes such a tensor in f16, which a lowbit quantized layer cannot hold).
+QuantFormatId llama_fallback_format(QuantFormatId f, int64_t in, const std::string& what);
+// `--format F` for every linear of a model, a ggml block type: the plan with llama.cpp's fallback
+// for the linears whose rows F does not fit, or nullopt when F fits every linear (or is not a ggml
+// block type: lowbit's own formats take a short last group).
+std::optional<FormatPlan> plan_from_format(const QuantFormat& f, const LlamaConfig& c);
 std::string preset_names();
 bool is_preset_name(const std::string& name);  // case-insensitive
 QuantFormatId preset_base(const std::string& name);  // the preset's base type (q4_k for q4_k_m); throws if unknown

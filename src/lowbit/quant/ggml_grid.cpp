@@ -34,14 +34,25 @@ uint16_t u16(const uint8_t* p) {
   std::memcpy(&v, p, 2);
   return v;
 }
+// The first of the 16 sorted iq4 levels nearest to x (|x - v_k| in f32; ties to the lower level).
+// |x - v_k| is unimodal in k, so only the two levels around x are compared; far outside the levels
+// (where f32 differences may tie) and for NaN, the plain scan over all 16.
 int nearest_iq4(float x) {
-  int best = 0;
-  float bd = std::fabs(x - float(g::iq4nl_value(0)));
-  for (int k = 1; k < 16; ++k) {
-    const float d = std::fabs(x - float(g::iq4nl_value(k)));
-    if (d < bd) bd = d, best = k;
+  if (!(std::fabs(x) < 1e6f)) {
+    int best = 0;
+    float bd = std::fabs(x - float(g::iq4nl_value(0)));
+    for (int k = 1; k < 16; ++k) {
+      const float d = std::fabs(x - float(g::iq4nl_value(k)));
+      if (d < bd) bd = d, best = k;
+    }
+    return best;
   }
-  return best;
+  int hi = 0;  // the number of levels below x = the index of the first level >= x (16: none)
+  for (int step = 16; step > 0; step >>= 1)
+    if (hi + step <= 16 && float(g::iq4nl_value(hi + step - 1)) < x) hi += step;
+  if (hi == 0) return 0;
+  if (hi == 16) return 15;
+  return std::fabs(x - float(g::iq4nl_value(hi - 1))) <= std::fabs(x - float(g::iq4nl_value(hi))) ? hi - 1 : hi;
 }
 }  // namespace
 
@@ -342,7 +353,9 @@ double block32_error(QuantFormatId id, uint16_t dh, uint16_t mh, const float* x,
       case QuantFormatId::Q4_0: v = d * float(trunc_clip(x[j] * id_ + 8.5f, 15) - 8); break;
       case QuantFormatId::Q5_0: v = d * float(trunc_clip(x[j] * id_ + 16.5f, 31) - 16); break;
       case QuantFormatId::Q4_1: v = d * float(trunc_clip((x[j] - m) * id_ + 0.5f, 15)) + m; break;
-      default: v = d * float(trunc_clip((x[j] - m) * id_ + 0.5f, 31)) + m; break;  // Q5_1
+      case QuantFormatId::Q5_1: v = d * float(trunc_clip((x[j] - m) * id_ + 0.5f, 31)) + m; break;
+      case QuantFormatId::Q8_0: v = d * float(round_clip(x[j] * id_, -127, 127)); break;
+      default: v = d * float(g::iq4nl_value(d != 0.0f ? nearest_iq4(x[j] / d) : 8)); break;  // IQ4_NL
     }
     const double r = double(v) - double(x[j]);
     e += double(w[j]) * r * r;
@@ -355,13 +368,18 @@ double block32_error(QuantFormatId id, uint16_t dh, uint16_t mh, const float* x,
 constexpr int kTrialSteps = 40;
 constexpr float kTrialStep = 0.05f;
 constexpr int kRefits = 2;
+// iq4_nl's trial grids: the signed extreme at level +-(-127 - kIq4Step is), |is| <= kIq4Steps (+-10 levels).
+constexpr int kIq4Steps = 20;
+constexpr float kIq4Step = 0.5f;
 
 // The reference block's d (and m), or a better one for the weights h_i sqrt(2 mean(x^2) + x_i^2)
 // (as the k-quants): symmetric types try the least-squares scales of 81 trial grids
 // (-(off + 0.05 is) / signed extreme, is = -40..40), each refitted twice (levels from the stored
 // f16 grid of the scale, then their least-squares scale); affine types ggml's make_qkx2 search with
-// 81 grids (rmin -1, rdelta 0.05). Every candidate is scored by its weighted error on the stored
-// (f16) grid; the least wins; ties keep the reference.
+// 81 grids (rmin -1, rdelta 0.05); q8_0 the absolute maximum at level 127 + 0.05 is (81 grids),
+// iq4_nl the signed extreme at level +-(-127 - 0.5 is), is = -20..20 (82 grids, the nearest
+// non-uniform levels), each refitted twice as the symmetric types. Every candidate is scored by
+// its weighted error on the stored (f16) grid; the least wins; ties keep the reference.
 void fit_block32_weighted(const QuantFormat& f, const float* x, const float* imp, uint8_t* block) {
   f.quantize_row(x, 32, block);
   float w[32], sx2 = 0;
@@ -375,7 +393,51 @@ void fit_block32_weighted(const QuantFormat& f, const float* x, const float* imp
     const double e = block32_error(f.id, dh, mh, x, w);
     if (e < best) best = e, best_d = dh, best_m = mh;
   };
-  if (affine) {
+  if (f.id == QuantFormatId::IQ4_NL) {
+    // Trial grids: the signed extreme at level +-(v_0 - kIq4Step is) (v_0 = -127: the levels run
+    // from -127 to 113, so the extreme at the low end or, flipped, beyond the high end; llama.cpp's
+    // imatrix search tries v_0 + -7..7 and the flipped v_0), the least-squares scale of the nearest
+    // levels, then kRefits times the levels of that f16 scale and their least-squares scale.
+    float mx = 0, amax = 0;
+    for (int j = 0; j < 32; ++j)
+      if (std::fabs(x[j]) > amax) amax = std::fabs(x[j]), mx = x[j];
+    if (amax > 0)
+      for (int t = 0; t < 2 * (2 * kIq4Steps + 1); ++t) {
+        const int is = t % (2 * kIq4Steps + 1) - kIq4Steps;
+        const float id = (t < 2 * kIq4Steps + 1 ? 1.0f : -1.0f) * (float(g::iq4nl_value(0)) - kIq4Step * float(is)) / mx;
+        float l[32];
+        for (int j = 0; j < 32; ++j) l[j] = float(g::iq4nl_value(nearest_iq4(id * x[j])));
+        for (int it = 0; it <= kRefits; ++it) {
+          double slx = 0, sl2 = 0;
+          for (int j = 0; j < 32; ++j) slx += double(w[j]) * double(x[j]) * l[j], sl2 += double(w[j]) * double(l[j]) * l[j];
+          if (!(sl2 > 0)) break;
+          const float d = float(slx / sl2);
+          consider(d, 0.0f);
+          const float dh = fmt_f16_to_f32(fmt_f32_to_f16(d));
+          if (dh == 0.0f) break;
+          for (int j = 0; j < 32; ++j) l[j] = float(g::iq4nl_value(nearest_iq4(x[j] / dh)));
+        }
+      }
+  } else if (f.id == QuantFormatId::Q8_0) {
+    // Trial grids: the absolute maximum at level 127 + kTrialStep is, then as above.
+    float amax = 0;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+    if (amax > 0)
+      for (int is = -kTrialSteps; is <= kTrialSteps; ++is) {
+        const float iscale = (127.0f + kTrialStep * float(is)) / amax;
+        float l[32];
+        for (int j = 0; j < 32; ++j) l[j] = float(round_clip(iscale * x[j], -127, 127));
+        for (int it = 0; it <= kRefits; ++it) {
+          double slx = 0, sl2 = 0;
+          for (int j = 0; j < 32; ++j) slx += double(w[j]) * double(x[j]) * l[j], sl2 += double(w[j]) * double(l[j]) * l[j];
+          if (!(sl2 > 0)) break;
+          const float d = float(slx / sl2);
+          consider(d, 0.0f);
+          const float id = inv(fmt_f16_to_f32(fmt_f32_to_f16(d)));
+          for (int j = 0; j < 32; ++j) l[j] = float(round_clip(x[j] * id, -127, 127));
+        }
+      }
+  } else if (affine) {
     uint8_t L[32];
     float the_min;
     const int nmax = f.id == QuantFormatId::Q4_1 ? 15 : 31;
@@ -479,8 +541,7 @@ int ggml_grid_sub_block_size(const QuantFormat& f) {
 void ggml_grid_fit_block(const QuantFormat& f, const float* x, uint8_t* block, const float* importance) {
   LB_CHECK(ggml_block_grid_supported(f), "ggml grid: format ", f.name, " has no per-value grid (", ggml_block_grid_names(), " do)");
   if (is_kquant(f.id)) return kquant_fit_block(kgrid(f.id), x, importance, block, f.block_bytes);
-  const bool weighted = importance && (f.id == QuantFormatId::Q4_0 || f.id == QuantFormatId::Q5_0 ||
-                                       f.id == QuantFormatId::Q4_1 || f.id == QuantFormatId::Q5_1);
+  const bool weighted = importance != nullptr;  // every 32-value type (the k-quants returned above)
   if (!weighted) return f.quantize_row(x, f.group_size, block);
   fit_block32_weighted(f, x, importance, block);
   for (int j = 0; j < 32; ++j) ggml_grid_round(f, block, j, x[j]);  // the codes of x on the chosen grid

@@ -5,12 +5,15 @@
 // q8_0 and iq4_nl. Without an importance a block's parameters are fitted exactly as llama.cpp's
 // reference quantizer does (f.quantize_row on the block's 32 current values: q4_0/q5_0 d = signed
 // extreme / -8 (-16), q8_0 d = absmax / 127, q4_1/q5_1 d = (max - min) / 15 (31) and m = min, iq4_nl
-// ggml's scale search over the non-uniform levels). With an importance h (GPTQ: diag(H)), q4_0 /
-// q5_0 / q4_1 / q5_1 keep the reference d (m) unless another candidate has a lower error weighted
-// by h_i sqrt(2 mean(x^2) + x_i^2) on the stored grid: the least-squares scales of 81 trial grids
-// -(8 + 0.05 is) / signed extreme (q5_0: 16), is = -40..40, each refitted twice on the stored grid
+// ggml's scale search over the non-uniform levels). With an importance h (GPTQ: diag(H); RTN / AWQ
+// --weighted-round: the mean x^2 of the calibration inputs), every one of these types keeps the
+// reference d (m) unless another candidate has a lower error weighted by h_i sqrt(2 mean(x^2) +
+// x_i^2) on the stored grid: the least-squares scales of 81 trial grids -(8 + 0.05 is) / signed
+// extreme (q5_0: 16; q8_0: (127 + 0.05 is) / absolute maximum), is = -40..40, or of 82 iq4_nl
+// grids +-(v_0 - 0.5 is) / signed extreme, is = -20..20 (v_0 = -127, the nearest non-uniform levels;
+// llama.cpp's imatrix search tries v_0 + -7..7 and -v_0), each refitted twice on the stored grid
 // (levels of the f16 scale, then their least-squares scale), or ggml's make_qkx2 search over 81
-// grids (q4_1/q5_1).
+// grids (q4_1/q5_1). (llama.cpp's q8_0 ignores an importance matrix.)
 // The parameters are stored as f16 in the block; then each value is rounded on its own to the
 // grid of the STORED (f16) parameters:
 //   q4_0 q = clamp(trunc(x/d + 8.5), 0, 15)     w = d (q - 8)
@@ -89,7 +92,7 @@ int ggml_grid_sub_block_size(const QuantFormat& f);
 
 // Fits the parameters of one block (f.group_size values of x) into `block` (f.block_bytes bytes),
 // codes included. 32-value types: ggml's reference rule and rounding (quantize_row_*_ref), or with
-// `importance` the weighted choice above (q4_0, q5_0, q4_1, q5_1). k-quants: step 1 above,
+// `importance` the weighted choice above (q4_0, q5_0, q4_1, q5_1, q8_0, iq4_nl). k-quants: step 1 above,
 // `importance` (f.group_size values, >= 0, or null) weighting the search.
 void ggml_grid_fit_block(const QuantFormat& f, const float* x, uint8_t* block, const float* importance = nullptr);
 
