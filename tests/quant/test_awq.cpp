@@ -106,3 +106,30 @@ TEST(Awq, MalformedInputsThrow) {
   EXPECT_THROW(scale_weight_columns(Tensor::randn({8, 64}, 2), Tensor::zeros({64})), Error);  // s must be > 0
   EXPECT_THROW(rtn_quantize_clipped(Tensor::randn({8, 64}, 2), f, Tensor::zeros({8, 3})), Error);
 }
+
+// Pins AWQ's output (chosen alpha, scales, every dequantized weight) on a fixed case to the values
+// the original search (one X (W - Q)^T product over all rows per grid point) produced, so that
+// faster ways of computing the same search keep its results bit for bit.
+TEST(Awq, OutputPinned) {
+  const int64_t in = 256;
+  Tensor x = salient_inputs(3000, in, 21);
+  std::vector<Tensor> ws = {Tensor::randn({96, in}, 22, 0.02), Tensor::randn({64, in}, 23, 0.02)};
+  auto fnv = [](uint64_t h, const Tensor& t) {
+    const auto* p = reinterpret_cast<const unsigned char*>(t.data<float>());
+    for (int64_t i = 0; i < t.numel() * int64_t(sizeof(float)); ++i) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+  };
+  const std::pair<const char*, uint64_t> expected[] = {
+      {"int3g64", 0x6a1f181035951407ull},
+      {"int4g128", 0xd18ec346659c4399ull},
+      {"int2g64", 0x5c2badb87de66c07ull},
+      {"q4_k", 0x512e0df90743a221ull}};
+  for (const auto& [name, want] : expected) {
+    const QuantFormat& f = parse_quant_format(name);
+    AwqResult r = awq_quantize(x, ws, f);
+    uint64_t h = fnv(14695981039346656037ull, r.scale.scales);
+    for (const QuantizedTensor& q : r.q) h = fnv(h, q.dequantize());
+    std::printf("  %-9s alpha %.2f  hash 0x%016llx\n", name, r.scale.alpha, static_cast<unsigned long long>(h));
+    EXPECT_EQ(h, want) << name;
+  }
+}

@@ -1,10 +1,13 @@
 #include "lowbit/methods/awq.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
 #include "lowbit/core/blas.h"
+#include "lowbit/core/threads.h"
 #include "lowbit/methods/layer_error.h"
 #include "lowbit/methods/rtn.h"
 #include "lowbit/quant/ggml_grid.h"
@@ -20,7 +23,8 @@ Tensor calibration_rows(const Tensor& x, int64_t in, const char* who) {
            in, "], got ", x.defined() ? x.describe() : std::string("undefined"));
   Tensor c = x.to(Device::CPU).to(DType::F32).contiguous().view({-1, in});
   const float* p = c.data<float>();
-  for (int64_t i = 0; i < c.numel(); ++i)
+  const int64_t numel = c.numel();
+  for (int64_t i = 0; i < numel; ++i)
     LB_CHECK(std::isfinite(p[i]), who, ": non-finite calibration input at row ", i / in, ", channel ", i % in);
   return c;
 }
@@ -29,10 +33,44 @@ Tensor checked_scales(const Tensor& s, int64_t in, const char* who) {
   LB_CHECK(s.defined() && s.numel() == in, who, ": scales must have ", in, " values, got ",
            s.defined() ? s.describe() : std::string("undefined"));
   Tensor c = s.to(Device::CPU).to(DType::F32).contiguous().view({in});
+  const float* p = c.data<float>();
   for (int64_t i = 0; i < in; ++i)
-    LB_CHECK(std::isfinite(c.data<float>()[i]) && c.data<float>()[i] > 0, who, ": scale ", i, " is ",
-             c.data<float>()[i], ", must be finite and > 0");
+    LB_CHECK(std::isfinite(p[i]) && p[i] > 0, who, ": scale ", i, " is ", p[i], ", must be finite and > 0");
   return c;
+}
+
+// G = X^T X [in, in] for x [n, in]: the upper triangles of f32 products of blocks of kGramRows
+// rows (ssyrk), summed in double, mirrored and rounded to f32 at the end.
+constexpr int64_t kGramRows = 1024;
+std::vector<float> gram_matrix(const Tensor& x) {
+  const int64_t n = x.size(0), in = x.size(1);
+  std::vector<double> g(size_t(in * in), 0.0);
+  std::vector<float> part(size_t(in * in));
+  const float* px = x.data<float>();
+  BlasThreadsGuard blas_threads;  // syrk has no split of its own (core/threads.h)
+  for (int64_t t = 0; t < n; t += kGramRows) {
+    const int64_t len = std::min(kGramRows, n - t);
+    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, int(in), int(len), 1.0f, px + t * in, int(in), 0.0f,
+                part.data(), int(in));
+    for (int64_t i = 0; i < in; ++i)
+      for (int64_t j = i; j < in; ++j) g[size_t(i * in + j)] += double(part[size_t(i * in + j)]);
+  }
+  for (int64_t i = 0; i < in; ++i)
+    for (int64_t j = i; j < in; ++j) part[size_t(i * in + j)] = part[size_t(j * in + i)] = float(g[size_t(i * in + j)]);
+  return part;
+}
+
+// sum_r d_r^T G d_r = ||X D^T||_F^2 for D = W - Q (w, q [out, in] f32; the difference taken in
+// double and rounded to f32, as linear_output_mse does), G = X^T X from gram_matrix.
+double output_error_sum(const std::vector<float>& gram, const Tensor& w, const Tensor& q) {
+  const int64_t out = w.size(0), in = w.size(1);
+  std::vector<float> d(size_t(out * in)), dg(size_t(out * in));
+  const float *pw = w.data<float>(), *pq = q.data<float>();
+  for (size_t i = 0; i < d.size(); ++i) d[i] = float(double(pw[i]) - double(pq[i]));
+  blas::gemm(false, false, out, in, in, 1.0f, d.data(), in, gram.data(), in, 0.0f, dg.data(), in);
+  double s = 0;
+  for (size_t i = 0; i < d.size(); ++i) s += double(d[i]) * double(dg[i]);
+  return s;
 }
 
 }  // namespace
@@ -42,8 +80,9 @@ Tensor activation_mean_abs(const Tensor& x) {
   Tensor c = calibration_rows(x, x.size(-1), "activation_mean_abs");
   const int64_t n = c.size(0), in = c.size(1);
   std::vector<double> sum(size_t(in), 0.0);
+  const float* p = c.data<float>();
   for (int64_t t = 0; t < n; ++t)
-    for (int64_t i = 0; i < in; ++i) sum[size_t(i)] += std::fabs(double(c.data<float>()[t * in + i]));
+    for (int64_t i = 0; i < in; ++i) sum[size_t(i)] += std::fabs(double(p[t * in + i]));
   Tensor s = Tensor::empty({in});
   for (int64_t i = 0; i < in; ++i) s.data<float>()[i] = float(sum[size_t(i)] / double(n));
   return s;
@@ -54,9 +93,10 @@ Tensor activation_mean_square(const Tensor& x) {
   Tensor c = calibration_rows(x, x.size(-1), "activation_mean_square");
   const int64_t n = c.size(0), in = c.size(1);
   std::vector<double> sum(size_t(in), 0.0);
+  const float* p = c.data<float>();
   for (int64_t t = 0; t < n; ++t)
     for (int64_t i = 0; i < in; ++i) {
-      const double v = double(c.data<float>()[t * in + i]);
+      const double v = double(p[t * in + i]);
       sum[size_t(i)] += v * v;
     }
   Tensor s = Tensor::empty({in});
@@ -69,8 +109,10 @@ Tensor scale_weight_columns(const Tensor& w_in, const Tensor& s_in) {
   const int64_t out = w_in.size(0), in = w_in.size(1);
   Tensor s = checked_scales(s_in, in, "scale_weight_columns");
   Tensor w = w_in.to(Device::CPU).to(DType::F32).contiguous().clone();
+  float* pw = w.data<float>();
+  const float* ps = s.data<float>();
   for (int64_t r = 0; r < out; ++r)
-    for (int64_t c = 0; c < in; ++c) w.data<float>()[r * in + c] *= s.data<float>()[c];
+    for (int64_t c = 0; c < in; ++c) pw[r * in + c] *= ps[c];
   return w;
 }
 
@@ -79,7 +121,11 @@ Tensor divide_input_columns(const Tensor& x_in, const Tensor& s_in) {
   const int64_t in = x_in.size(-1);
   Tensor s = checked_scales(s_in, in, "divide_input_columns");
   Tensor x = x_in.to(Device::CPU).to(DType::F32).contiguous().clone();
-  for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] /= s.data<float>()[i % in];
+  float* px = x.data<float>();
+  const float* ps = s.data<float>();
+  const int64_t rows = x.numel() / in;
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t c = 0; c < in; ++c) px[t * in + c] /= ps[c];
   return x;
 }
 
@@ -105,6 +151,18 @@ AwqScaleResult awq_search_scales(const Tensor& x_in, const std::vector<Tensor>& 
   Tensor sx = act_scale.defined() ? act_scale.to(DType::F32).contiguous() : activation_mean_abs(x);
   LB_CHECK(sx.numel() == in, "awq_search_scales: activation scale has ", sx.numel(), " values, expected ", in);
 
+  // The output error of a candidate Q, ||X (W - Q)^T||^2, costs n * out * in per grid point as one
+  // product with the n calibration rows (up to 65,536 in the pipeline). With G = X^T X [in, in],
+  // built once for n * in^2, it is sum_r d_r^T G d_r (d_r the rows of W - Q): out * in^2 per grid
+  // point, independent of n. The cheaper of the two is used (both are the same sum, rounded
+  // differently: the relative difference is ~1e-7, far below the gaps between grid points).
+  const int64_t n = x.size(0);
+  int64_t out_sum = 0;
+  for (const Tensor& w : ws) out_sum += w.size(0);
+  const double direct_cost = double(opt.n_grid) * double(n) * double(out_sum) * double(in);
+  const double gram_cost = double(n) * double(in) * double(in) + double(opt.n_grid) * double(out_sum) * double(in * in);
+  std::vector<float> gram;
+  if (gram_cost < direct_cost) gram = gram_matrix(x);
   AwqScaleResult res;
   res.loss = std::numeric_limits<double>::infinity();
   for (int i = 0; i < opt.n_grid; ++i) {
@@ -125,10 +183,11 @@ AwqScaleResult awq_search_scales(const Tensor& x_in, const std::vector<Tensor>& 
       const Tensor& w = ws[k];
       // Effective weight Q(W diag(s)) diag(s)^-1.
       Tensor q = fake_quantize(scale_weight_columns(w, s), *formats[k]);
-      for (int64_t k = 0; k < q.numel(); ++k) q.data<float>()[k] /= ps[k % in];
-      double n_out = double(x.size(0) * w.size(0));
-      sq += linear_output_mse(x, w, q) * n_out;
-      count += n_out;
+      float* pq = q.data<float>();
+      for (int64_t r = 0; r < w.size(0); ++r)
+        for (int64_t c = 0; c < in; ++c) pq[r * in + c] /= ps[c];
+      sq += gram.empty() ? linear_output_mse(x, w, q) * double(n * w.size(0)) : output_error_sum(gram, w, q);
+      count += double(n * w.size(0));
     }
     const double loss = sq / count;
     res.losses.push_back(loss);
@@ -140,14 +199,18 @@ AwqScaleResult awq_search_scales(const Tensor& x_in, const std::vector<Tensor>& 
 Tensor awq_search_clip(const Tensor& x_in, const Tensor& w_in, const QuantFormat& f, const AwqOptions& opt) {
   Tensor w = checked_weight(w_in, f, "awq_search_clip");
   const int64_t out = w.size(0), in = w.size(1), groups = f.n_groups(in);
-  Tensor x_all = calibration_rows(x_in, in, "awq_search_clip");
+  LB_CHECK(x_in.defined() && x_in.dim() >= 1 && x_in.size(-1) == in && x_in.numel() > 0,
+           "awq_search_clip: calibration inputs must be [n, ", in, "], got ",
+           x_in.defined() ? x_in.describe() : std::string("undefined"));
   LB_CHECK(opt.max_clip_tokens > 0 && opt.clip_grid > 0, "awq_search_clip: max_clip_tokens and clip_grid must be > 0");
-  // Strided subsample of the calibration rows (llm-awq: input_feat[:, 0::n // n_sample_token]).
+  // Strided subsample of the calibration rows (llm-awq: input_feat[:, 0::n // n_sample_token]),
+  // taken before the f32 copy and the finiteness check (only the sampled rows are read).
+  const Tensor x_all = x_in.to(Device::CPU).contiguous().view({-1, in});
   const int64_t step = std::max<int64_t>(1, x_all.size(0) / opt.max_clip_tokens);
   const int64_t n = (x_all.size(0) + step - 1) / step;
-  Tensor x = Tensor::empty({n, in});
-  for (int64_t t = 0; t < n; ++t)
-    std::copy_n(x_all.data<float>() + t * step * in, in, x.data<float>() + t * in);
+  Tensor x_sub = Tensor::empty({n, in}, x_all.dtype());
+  for (int64_t t = 0; t < n; ++t) x_sub.slice(0, t, t + 1).copy_(x_all.slice(0, t * step, t * step + 1));
+  Tensor x = calibration_rows(x_sub, in, "awq_search_clip");
 
   const float* pw = w.data<float>();
   const bool ggml = f.is_ggml_block();
