@@ -21,17 +21,23 @@ void set_command_line(int argc, char** argv) { g_args.assign(argv, argv + argc);
 
 int cuda_device_index() { return g_local_rank; }
 
+namespace {
+void add_comm_backend_option(CLI::App* app, DistArgs* d) {
+  app->add_option("--comm-backend", d->backend,
+                  "collectives between the ranks: auto (nccl for a GPU run of a CUDA build, else cpu), cpu (TCP), "
+                  "nccl, single (overrides LOWBIT_COMM_BACKEND)")
+      ->check(CLI::IsMember({"auto", "cpu", "nccl", "single"}))
+      ->capture_default_str();
+}
+}  // namespace
+
 void add_dist_options(CLI::App* app, DistArgs* d) {
   app->add_option("--gpus", d->gpus,
                   "ranks (processes) of a data-parallel run on this host, one GPU each with --device cuda; lowbit "
                   "starts them itself (an external launcher sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, "
                   "MASTER_PORT instead)")
       ->check(between(1, 256));
-  app->add_option("--comm-backend", d->backend,
-                  "collectives between the ranks: auto (nccl for a GPU run of a CUDA build, else cpu), cpu (TCP), "
-                  "nccl, single (overrides LOWBIT_COMM_BACKEND)")
-      ->check(CLI::IsMember({"auto", "cpu", "nccl", "single"}))
-      ->capture_default_str();
+  add_comm_backend_option(app, d);
 }
 
 void add_tp_options(CLI::App* app, DistArgs* d) {
@@ -41,11 +47,7 @@ void add_tp_options(CLI::App* app, DistArgs* d) {
                   "attention and MLP; rank 0 samples and prints (an external launcher sets RANK, WORLD_SIZE, ... "
                   "instead)")
       ->check(between(1, 256));
-  app->add_option("--comm-backend", d->backend,
-                  "collectives between the ranks: auto (nccl for a GPU run of a CUDA build, else cpu), cpu (TCP), "
-                  "nccl, single (overrides LOWBIT_COMM_BACKEND)")
-      ->check(CLI::IsMember({"auto", "cpu", "nccl", "single"}))
-      ->capture_default_str();
+  add_comm_backend_option(app, d);
 }
 
 Device tensor_parallel_load_device(const std::string& path, Device device, const comm::Communicator& comm) {

@@ -393,6 +393,21 @@ void fit_block32_weighted(const QuantFormat& f, const float* x, const float* imp
     const double e = block32_error(f.id, dh, mh, x, w);
     if (e < best) best = e, best_d = dh, best_m = mh;
   };
+  // kRefits times over the levels l: their least-squares scale (a candidate), then the levels the
+  // stored (f16) grid of that scale gives (`reround(its f16 value, l)`; false stops).
+  const auto refit = [&](float* l, const auto& reround) {
+    for (int it = 0; it <= kRefits; ++it) {
+      double slx = 0, sl2 = 0;
+      for (int j = 0; j < 32; ++j) {
+        slx += double(w[j]) * double(x[j]) * l[j];
+        sl2 += double(w[j]) * double(l[j]) * l[j];
+      }
+      if (!(sl2 > 0)) break;
+      const float d = float(slx / sl2);
+      consider(d, 0.0f);
+      if (!reround(fmt_f16_to_f32(fmt_f32_to_f16(d)), l)) break;
+    }
+  };
   if (f.id == QuantFormatId::IQ4_NL) {
     // Trial grids: the signed extreme at level +-(v_0 - kIq4Step is) (v_0 = -127: the levels run
     // from -127 to 113, so the extreme at the low end or, flipped, beyond the high end; llama.cpp's
@@ -407,16 +422,11 @@ void fit_block32_weighted(const QuantFormat& f, const float* x, const float* imp
         const float id = (t < 2 * kIq4Steps + 1 ? 1.0f : -1.0f) * (float(g::iq4nl_value(0)) - kIq4Step * float(is)) / mx;
         float l[32];
         for (int j = 0; j < 32; ++j) l[j] = float(g::iq4nl_value(nearest_iq4(id * x[j])));
-        for (int it = 0; it <= kRefits; ++it) {
-          double slx = 0, sl2 = 0;
-          for (int j = 0; j < 32; ++j) slx += double(w[j]) * double(x[j]) * l[j], sl2 += double(w[j]) * double(l[j]) * l[j];
-          if (!(sl2 > 0)) break;
-          const float d = float(slx / sl2);
-          consider(d, 0.0f);
-          const float dh = fmt_f16_to_f32(fmt_f32_to_f16(d));
-          if (dh == 0.0f) break;
-          for (int j = 0; j < 32; ++j) l[j] = float(g::iq4nl_value(nearest_iq4(x[j] / dh)));
-        }
+        refit(l, [&](float dh, float* lv) {
+          if (dh == 0.0f) return false;
+          for (int j = 0; j < 32; ++j) lv[j] = float(g::iq4nl_value(nearest_iq4(x[j] / dh)));
+          return true;
+        });
       }
   } else if (f.id == QuantFormatId::Q8_0) {
     // Trial grids: the absolute maximum at level 127 + kTrialStep is, then as above.
@@ -427,15 +437,11 @@ void fit_block32_weighted(const QuantFormat& f, const float* x, const float* imp
         const float iscale = (127.0f + kTrialStep * float(is)) / amax;
         float l[32];
         for (int j = 0; j < 32; ++j) l[j] = float(round_clip(iscale * x[j], -127, 127));
-        for (int it = 0; it <= kRefits; ++it) {
-          double slx = 0, sl2 = 0;
-          for (int j = 0; j < 32; ++j) slx += double(w[j]) * double(x[j]) * l[j], sl2 += double(w[j]) * double(l[j]) * l[j];
-          if (!(sl2 > 0)) break;
-          const float d = float(slx / sl2);
-          consider(d, 0.0f);
-          const float id = inv(fmt_f16_to_f32(fmt_f32_to_f16(d)));
-          for (int j = 0; j < 32; ++j) l[j] = float(round_clip(x[j] * id, -127, 127));
-        }
+        refit(l, [&](float dh, float* lv) {
+          const float id = inv(dh);
+          for (int j = 0; j < 32; ++j) lv[j] = float(round_clip(x[j] * id, -127, 127));
+          return true;
+        });
       }
   } else if (affine) {
     uint8_t L[32];
@@ -454,20 +460,12 @@ void fit_block32_weighted(const QuantFormat& f, const float* x, const float* imp
         float l[32];
         for (int j = 0; j < 32; ++j)
           l[j] = std::max(float(-off), std::min(float(off - 1), std::nearbyint(iscale * x[j])));
-        // The least-squares scale of these levels, then kRefits times: the levels the stored (f16)
-        // grid of that scale gives (the rounding of ggml_grid_round) and their least-squares scale.
-        for (int it = 0; it <= kRefits; ++it) {
-          double slx = 0, sl2 = 0;
-          for (int j = 0; j < 32; ++j) {
-            slx += double(w[j]) * double(x[j]) * l[j];
-            sl2 += double(w[j]) * double(l[j]) * l[j];
-          }
-          if (!(sl2 > 0)) break;
-          const float d = float(slx / sl2);
-          consider(d, 0.0f);
-          const float id = inv(fmt_f16_to_f32(fmt_f32_to_f16(d)));
-          for (int j = 0; j < 32; ++j) l[j] = float(trunc_clip(x[j] * id + float(off) + 0.5f, 2 * off - 1) - off);
-        }
+        // Refitted on the stored grid with the rounding of ggml_grid_round.
+        refit(l, [&](float dh, float* lv) {
+          const float id = inv(dh);
+          for (int j = 0; j < 32; ++j) lv[j] = float(trunc_clip(x[j] * id + float(off) + 0.5f, 2 * off - 1) - off);
+          return true;
+        });
       }
   }
   std::memcpy(block, &best_d, 2);
