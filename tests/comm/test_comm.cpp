@@ -485,9 +485,8 @@ TEST(CommCli, CollectivesWithLaunchedRanks) {
 // relative), while one process on rank 0's share alone differs (the sums did reach every rank).
 TEST(CommCli, DataParallelGptqMatchesOneRank) {
   if (!fs::exists(lowbit::test::cli_path())) GTEST_SKIP() << "no " << lowbit::test::cli_path();
-  const std::string model = lowbit::test::shared_file("models/stories260K/stories260K.bin");
-  const std::string tokens = lowbit::test::shared_file("models/stories260K/sample-tokens.i32");
-  if (model.empty() || tokens.empty()) GTEST_SKIP() << "stories260K not found under " << lowbit::test::shared_root();
+  LOWBIT_REQUIRE_SHARED(model, "models/stories260K/stories260K.bin");
+  LOWBIT_REQUIRE_SHARED(tokens, "models/stories260K/sample-tokens.i32");
   const fs::path dir = lowbit::test::temp_dir("comm_gptq");
   auto quantize = [&](const std::string& name, int nsamples, int gpus, const std::string& method) {
     const CliResult r = run_cli("quantize -q -m " + model + " --method " + method + " --format int4g32 --calib-tokens " +
@@ -540,8 +539,7 @@ TEST(CommCli, DataParallelGptqMatchesOneRank) {
 // moves it by ~1e-3 from the second step on), and the trained model agrees to 1e-4.
 TEST(CommCli, DataParallelTrainMatchesOneRank) {
   if (!fs::exists(lowbit::test::cli_path())) GTEST_SKIP() << "no " << lowbit::test::cli_path();
-  const std::string tokens = lowbit::test::shared_file("models/stories260K/sample-tokens.i32");
-  if (tokens.empty()) GTEST_SKIP() << "stories260K tokens not found under " << lowbit::test::shared_root();
+  LOWBIT_REQUIRE_SHARED(tokens, "models/stories260K/sample-tokens.i32");
   const fs::path dir = lowbit::test::temp_dir("comm_train");
   auto train = [&](const std::string& name, int gpus) {
     const CliResult r = run_cli("train -q --train-tokens " + tokens +
@@ -575,8 +573,7 @@ TEST(CommCli, DataParallelTrainMatchesOneRank) {
 // unsharded in one process: the state file is the same) to the uninterrupted curve.
 TEST(CommCli, ZeroShardedOptimizerMatchesAndResumes) {
   if (!fs::exists(lowbit::test::cli_path())) GTEST_SKIP() << "no " << lowbit::test::cli_path();
-  const std::string tokens = lowbit::test::shared_file("models/stories260K/sample-tokens.i32");
-  if (tokens.empty()) GTEST_SKIP() << "stories260K tokens not found under " << lowbit::test::shared_root();
+  LOWBIT_REQUIRE_SHARED(tokens, "models/stories260K/sample-tokens.i32");
   const fs::path dir = lowbit::test::temp_dir("comm_zero");
   auto train = [&](const std::string& name, const std::string& extra) {
     const CliResult r = run_cli("train -q --json --train-tokens " + tokens +
@@ -643,9 +640,8 @@ double max_rel(const std::vector<double>& a, const std::vector<double>& b) {
 // the sums; one process on 6 of the windows does not (the test can tell an all-reduce from none).
 TEST(CommCli, DataParallelApiqSaprMatchOneRank) {
   if (!fs::exists(lowbit::test::cli_path())) GTEST_SKIP() << "no " << lowbit::test::cli_path();
-  const std::string model = lowbit::test::shared_file("models/stories260K/stories260K.bin");
-  const std::string tokens = lowbit::test::shared_file("models/stories260K/sample-tokens.i32");
-  if (model.empty() || tokens.empty()) GTEST_SKIP() << "stories260K not found under " << lowbit::test::shared_root();
+  LOWBIT_REQUIRE_SHARED(model, "models/stories260K/stories260K.bin");
+  LOWBIT_REQUIRE_SHARED(tokens, "models/stories260K/sample-tokens.i32");
   const fs::path dir = lowbit::test::temp_dir("comm_apiq");
   struct Run {
     std::vector<double> losses;
@@ -703,9 +699,8 @@ TEST(CommCli, DataParallelApiqSaprMatchOneRank) {
 // (all-reduced) and the checkpoint; with --zero rank 0 holds about half the AdamW state.
 TEST(CommCli, DataParallelQatMatchesOneRank) {
   if (!fs::exists(lowbit::test::cli_path())) GTEST_SKIP() << "no " << lowbit::test::cli_path();
-  const std::string model = lowbit::test::shared_file("models/stories260K/stories260K.bin");
-  const std::string tokens = lowbit::test::shared_file("models/stories260K/sample-tokens.i32");
-  if (model.empty() || tokens.empty()) GTEST_SKIP() << "stories260K not found under " << lowbit::test::shared_root();
+  LOWBIT_REQUIRE_SHARED(model, "models/stories260K/stories260K.bin");
+  LOWBIT_REQUIRE_SHARED(tokens, "models/stories260K/sample-tokens.i32");
   const fs::path dir = lowbit::test::temp_dir("comm_qat");
   struct Run {
     std::vector<double> losses;
