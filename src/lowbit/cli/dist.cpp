@@ -2,6 +2,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <cstdlib>
 #include <vector>
 
 #include "lowbit/cli/common.h"
@@ -9,6 +10,7 @@
 #include "lowbit/core/error.h"
 #include "lowbit/core/progress.h"
 #include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/io/tensor_parallel_load.h"
 
 namespace lowbit::cli {
 
@@ -55,11 +57,40 @@ Device tensor_parallel_load_device(const std::string& path, Device device, const
   return Device::CPU;
 }
 
-void shard_for_tensor_parallel(LoadedModel& m, comm::Communicator& comm, Device device) {
-  if (comm.world_size() == 1) return;
-  m.model = m.model->tensor_parallel_shard(comm, device);
-  for (auto& l : m.checkpoint.weights.layers)
+namespace {
+// The checkpoint's copies of the block linears (and q/k/v biases) released: the model holds the pieces.
+void drop_linears(Checkpoint& c) {
+  for (auto& l : c.weights.layers)
     for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down, &l.bq, &l.bk, &l.bv}) *t = Tensor();
+}
+}  // namespace
+
+LoadedModel load_model_for_ranks(const std::string& path, Device device, comm::Communicator& comm, bool packed_vocab,
+                                 bool rank_local) {
+  const char* env = std::getenv("LOWBIT_TP_LOAD");
+  const bool whole = env && std::string(env) == "whole";
+  if (comm.world_size() == 1 || !rank_local || whole)
+    return load_model(path, tensor_parallel_load_device(path, device, comm), false, packed_vocab);
+  LoadedModel m;
+  QuantizedCheckpoint q = load_tensor_parallel_piece(path, comm.rank(), comm.world_size());
+  // As load_model: a lowbit directory's dense vocabulary is packed for a CPU inference load.
+  if (packed_vocab && device == Device::CPU && is_lowbit_quantized_dir(path)) pack_vocab(q);
+  m.model = make_quantized_model(q, device);
+  m.model->join_tensor_parallel(comm);
+  m.checkpoint = std::move(q.dense);
+  drop_linears(m.checkpoint);
+  if (m.model->packed_output()) {
+    m.checkpoint.weights.tok_embeddings = m.checkpoint.weights.output = Tensor();
+    for (const char* name : {"model.embed_tokens", "lm_head"})
+      if (auto it = q.quantized.find(name); it != q.quantized.end()) m.packed_vocab_bytes += it->second.nbytes();
+  }
+  return m;
+}
+
+void shard_for_tensor_parallel(LoadedModel& m, comm::Communicator& comm, Device device) {
+  if (comm.world_size() == 1 || m.model->tensor_parallel()) return;
+  m.model = m.model->tensor_parallel_shard(comm, device);
+  drop_linears(m.checkpoint);
 }
 
 std::unique_ptr<comm::Communicator> start_ranks(const DistArgs& d, bool uses_gpu, const char* flag) {

@@ -10,6 +10,7 @@
 #include "lowbit/io/hf.h"
 #include "lowbit/io/rope_layout.h"
 #include "lowbit/io/safetensors.h"
+#include "lowbit/io/tensor_parallel_load.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
 #include "lowbit/quant/ptq161_tensor.h"
@@ -373,7 +374,10 @@ bool is_lowbit_quantized_dir(const std::string& dir) {
          j["quantization_config"].is_object() && j["quantization_config"].value("quant_method", "") == "lowbit";
 }
 
-QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view) {
+namespace {
+// load_quantized_model; with `lazy`, the block linears are not read but recorded there as sources
+// (their rows read with pread: codes, scales and zeros of those rows) and the result is lazy->rest.
+QuantizedCheckpoint load_quantized_impl(const std::string& dir, bool dense_view, LazyCheckpoint* lazy) {
   const std::string cfg_path = (fs::path(dir) / "config.json").string();
   nlohmann::json cfg = read_json(cfg_path);
   if (!cfg.contains("quantization_config") || !cfg["quantization_config"].is_object())
@@ -410,7 +414,8 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
   out.dense.config = config_from_hf_json(cfg, cfg_path);
   const LlamaConfig& c = out.dense.config;
   const std::string st_path = (fs::path(dir) / "model.safetensors").string();
-  SafetensorsFile f = SafetensorsFile::open(st_path);
+  const auto fp = std::make_shared<SafetensorsFile>(SafetensorsFile::open(st_path));
+  SafetensorsFile& f = *fp;
   auto load = [&](const std::string& name) -> Tensor {
     if (!f.find(name)) throw_error(st_path, ": missing tensor '", name, "'");
     return f.load(name);
@@ -467,13 +472,50 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
           if (f.find(m + ".col_scales")) q.col_scales = load(m + ".col_scales");
           try {
             q.validate();
-            q.check_codes();
+            if (!lazy) q.check_codes();
           } catch (const Error& e) {
             throw_error(st_path, ": quantized layer '", m, "': ", e.what());
           }
         }
+        if (lazy) {
+          LinearSource src;
+          src.out = lin.out, src.in = lin.in;
+          if (f.find(m + ".qweight")) {
+            // Rows of codes / scales / zeros read on demand; the per-tensor fields kept (small).
+            QuantizedTensor head = q;
+            head.codes = head.scales = head.zeros = Tensor();
+            const int64_t rb = q.row_bytes();
+            const Tensor sc = q.scales, ze = q.zeros;
+            const DType sdt = sc.defined() ? sc.dtype() : DType::U8, zdt = ze.defined() ? ze.dtype() : DType::U8;
+            const int64_t scols = sc.defined() ? sc.size(1) : 0, zcols = ze.defined() ? ze.size(1) : 0;
+            src.packed_rows = [fp, m, head, rb, sdt, zdt, scols, zcols, st_path](int64_t r0, int64_t r1) {
+              const int64_t n = r1 - r0;
+              QuantizedTensor p = head;
+              p.shape = {n, head.in_features()};
+              auto rows = [&](const std::string& name, int64_t cols, DType dt) {
+                Tensor t = Tensor::empty({n, cols}, dt);
+                const int64_t row = cols * int64_t(dtype_size(dt));
+                fp->read_bytes(name, uint64_t(r0 * row), uint64_t(n * row), t.raw_data());
+                return t;
+              };
+              p.codes = rows(m + ".qweight", rb, DType::U8);
+              if (scols) p.scales = rows(m + ".scales", scols, sdt);
+              if (zcols) p.zeros = rows(m + ".qzeros", zcols, zdt);
+              try {
+                p.validate();
+                p.check_codes();
+              } catch (const Error& e) {
+                throw_error(st_path, ": quantized layer '", m, "': ", e.what());
+              }
+              return p;
+            };
+          } else {  // the legacy ptq161 container, converted whole: its rows
+            src.packed_rows = [q](int64_t r0, int64_t r1) { return q.slice_rows(r0, r1); };
+          }
+          lazy->linears.emplace(m, std::move(src));
+        }
         // Without a dense view: a zero placeholder of the right shape (no resident memory).
-        *lin.w = dense_view ? q.dequantize() : zero_placeholder({lin.out, lin.in});
+        if (!lazy) *lin.w = dense_view ? q.dequantize() : zero_placeholder({lin.out, lin.in});
         if (f.find(m + ".lora_A") || f.find(m + ".lora_B")) {
           LoraAdapters ad{loadf(m + ".lora_A"), loadf(m + ".lora_B")};
           if (ad.A.dim() != 2 || ad.A.size(1) != lin.in || ad.B.dim() != 2 || ad.B.size(0) != lin.out ||
@@ -494,7 +536,22 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
           }
           out.lora.emplace(m, std::move(ad));
         }
-        out.quantized.emplace(m, std::move(q));
+        if (!lazy) out.quantized.emplace(m, std::move(q));
+      } else if (lazy) {
+        const std::string name = m + ".weight";
+        if (!f.find(name)) throw_error(st_path, ": missing tensor '", name, "'");
+        if (f.find(name)->shape != Shape{lin.out, lin.in})
+          throw_error(st_path, ": tensor '", name, "' has shape ", shape_str(f.find(name)->shape), ", the config needs [",
+                      lin.out, ", ", lin.in, "]");
+        LinearSource src;
+        src.out = lin.out, src.in = lin.in;
+        const int64_t in = lin.in;
+        src.dense_rows = [fp, name, in](int64_t r0, int64_t r1) {
+          Tensor t = Tensor::empty({r1 - r0, in});
+          fp->read_f32(name, r0 * in, (r1 - r0) * in, t.data<float>());
+          return t;
+        };
+        lazy->linears.emplace(m, std::move(src));
       } else {
         *lin.w = loadf(m + ".weight");
       }
@@ -505,9 +562,20 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
   if (!layer_fmt.empty())
     throw_error(cfg_path, ": quantization_config.layer_formats names '", layer_fmt.begin()->first,
                 "', which is not a packed linear of the model");
-  validate_weights(c, w, dir);
+  if (!lazy) validate_weights(c, w, dir);
   if (qc.contains("transforms")) out.transforms = read_transforms(qc["transforms"], f, c, cfg_path, st_path);
   return out;
+}
+}  // namespace
+
+QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view) {
+  return load_quantized_impl(dir, dense_view, nullptr);
+}
+
+LazyCheckpoint open_quantized_dir_lazily(const std::string& dir) {
+  LazyCheckpoint z;
+  z.rest = load_quantized_impl(dir, /*dense_view=*/false, &z);
+  return z;
 }
 
 void refuse_transforms(const QuantizedCheckpoint& q, const std::string& what) {
