@@ -710,6 +710,11 @@ TEST(TensorParallelCli, GenerateAndBench) {
     const CliResult two = run_cli(gen + " --tp 2", dir);
     ASSERT_EQ(two.status, 0) << two.err;
     EXPECT_EQ(two.out, one.out) << m;
+    // Each rank read only its piece (the default); reading the whole checkpoint and cutting it
+    // (LOWBIT_TP_LOAD=whole) gives the same weights, hence the same text.
+    const CliResult whole = run_cli(gen + " --tp 2", dir, "LOWBIT_TP_LOAD=whole");
+    ASSERT_EQ(whole.status, 0) << whole.err;
+    EXPECT_EQ(whole.out, two.out) << m;
     const CliResult js = run_cli(gen + " --tp 2 --json", dir);
     ASSERT_EQ(js.status, 0) << js.err;
     EXPECT_NE(js.out.find("\"tp\":2"), std::string::npos) << js.out;
@@ -725,6 +730,10 @@ TEST(TensorParallelCli, GenerateAndBench) {
   EXPECT_EQ(bad.status, 1);
   EXPECT_NE(bad.err.find("lowbit: error: tensor parallelism over 3 ranks: 3 does not divide n_heads = 8"), std::string::npos)
       << bad.err;
+  const CliResult mode = run_cli("generate -m " + model + " --tokenizer " + tok + " -n 8 --tp 2", dir, "LOWBIT_TP_LOAD=half");
+  EXPECT_EQ(mode.status, 1);
+  EXPECT_NE(mode.err.find("lowbit: error: LOWBIT_TP_LOAD must be 'whole' or 'local' (the default), got 'half'"), std::string::npos)
+      << mode.err;
   const CliResult env = run_cli("generate -m " + model + " --tokenizer " + tok + " -n 8 --tp 3", dir, "WORLD_SIZE=2 RANK=0");
   EXPECT_EQ(env.status, 1);
   EXPECT_NE(env.err.find("--tp 3 but the launcher's WORLD_SIZE is 2 (drop --tp under an external launcher)"), std::string::npos)

@@ -68,7 +68,10 @@ void drop_linears(Checkpoint& c) {
 LoadedModel load_model_for_ranks(const std::string& path, Device device, comm::Communicator& comm, bool packed_vocab,
                                  bool rank_local) {
   const char* env = std::getenv("LOWBIT_TP_LOAD");
-  const bool whole = env && std::string(env) == "whole";
+  const std::string mode = env ? env : "";
+  if (!mode.empty() && mode != "whole" && mode != "local")
+    throw_error("LOWBIT_TP_LOAD must be 'whole' or 'local' (the default), got '", mode, "'");
+  const bool whole = mode == "whole";
   if (comm.world_size() == 1 || !rank_local || whole)
     return load_model(path, tensor_parallel_load_device(path, device, comm), false, packed_vocab);
   LoadedModel m;
