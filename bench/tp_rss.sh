@@ -5,8 +5,9 @@
 # external launcher starts them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), each under
 # its own /usr/bin/time, so each rank's max RSS is its own. Rank 0's text must be the same both ways.
 #
-#   bench/tp_rss.sh        # SmolLM2-135M Q4_1 GGUF (3 ranks: 9 heads / 3 KV heads) and a random
-#                          # dense bf16 Hugging Face model (2 ranks), each also at 1 rank
+#   bench/tp_rss.sh        # SmolLM2-135M Q4_1 GGUF (3 ranks: 9 heads / 3 KV heads), a random dense
+#                          # bf16 Hugging Face model and its RTN int4g128 lowbit checkpoint (2 ranks),
+#                          # each also at 1 rank
 # Settings: LOWBIT (build-rel/lowbit), LOWBIT_SHARED (../shared), THREADS (1 per rank), STEPS (8),
 # DIM HIDDEN LAYERS HEADS KV_HEADS VOCAB (the random model: 2048 5632 8 16 8 32000), CACHE (where
 # the random model is written once: ~/.cache/lowbit-tp-rss).
@@ -25,6 +26,8 @@ if [ ! -f "$rand/config.json" ]; then
   "$LOWBIT" random-model -o "$rand" --dim "$DIM" --hidden-dim "$HIDDEN" --layers "$LAYERS" --heads "$HEADS" \
     --kv-heads "$KV_HEADS" --vocab "$VOCAB" --dtype bf16 >&2
 fi
+[ -f "$rand-rtn-int4g128/config.json" ] ||
+  "$LOWBIT" quantize -m "$rand" --method rtn --format int4g128 -o "$rand-rtn-int4g128" > /dev/null 2>&1
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -67,3 +70,5 @@ row "SmolLM2-135M Q4_1 GGUF" 3 -m "$smol" -p "The capital of France is"
 name="random dense bf16 HF (dim $DIM, hidden $HIDDEN, $LAYERS layers, $HEADS/$KV_HEADS heads, vocab $VOCAB)"
 row "$name" 1 -m "$rand" --tokenizer "$llama2_tok" -p "Hello"
 row "$name" 2 -m "$rand" --tokenizer "$llama2_tok" -p "Hello"
+row "the same, RTN int4g128 lowbit checkpoint" 1 -m "$rand-rtn-int4g128" --tokenizer "$llama2_tok" -p "Hello"
+row "the same, RTN int4g128 lowbit checkpoint" 2 -m "$rand-rtn-int4g128" --tokenizer "$llama2_tok" -p "Hello"

@@ -603,10 +603,11 @@ void expect_same_piece(const LlamaModel& whole, const std::string& path, int r, 
 }  // namespace
 
 // Every checkpoint format the rank-local loader reads gives each rank of 2 and 3 exactly the piece
-// that loading the whole model and cutting it in memory gives: llama2.c, a Hugging Face directory
-// (bf16, and a Qwen2-style one with q/k/v biases), GGUF dense (f16) and packed (q4_0, llama's q/k
-// rows permuted), lowbit's own directories (int4g32; int3g32, whose codes cross bytes; a mixed
-// plan), and SmolLM2's real Q4_1 GGUF (Q8_0 vocabulary; 9 heads over 3 KV heads: 3 ranks).
+// that loading the whole model and cutting it in memory gives: llama2.c; Hugging Face directories
+// (bf16; Qwen2-style with q/k/v biases; Qwen3-style with q/k norms, in several shards); GGUF dense
+// (f16) and packed (q4_0, llama's q/k rows permuted); lowbit's own directories (int4g32; int3g32,
+// whose codes cross bytes; q4_0; a mixed plan); and SmolLM2's real Q4_1 GGUF (Q8_0 vocabulary;
+// 9 heads over 3 KV heads: 3 ranks).
 TEST(TensorParallelLoad, RankLocalPiecesEqualTheCutWholeModel) {
   const LlamaConfig c = gqa_config();
   const LlamaWeights w = random_weights(c, 24, 0.1);
@@ -630,6 +631,13 @@ TEST(TensorParallelLoad, RankLocalPiecesEqualTheCutWholeModel) {
   const LlamaWeights wb = random_weights(cb, 25, 0.1);
   save_hf_dir((dir / "hf-bias").string(), cb, wb);
   rows.push_back({"hf qwen2 biases", (dir / "hf-bias").string(), {2, 3}});
+  LlamaConfig cn = c;
+  cn.arch = "qwen3";
+  cn.qk_norm = true;
+  HfSaveOptions shards;  // several safetensors files and an index
+  shards.max_shard_bytes = 200000;
+  save_hf_dir((dir / "hf-qwen3").string(), cn, random_weights(cn, 27, 0.1), shards);
+  rows.push_back({"hf qwen3 q/k norms, sharded", (dir / "hf-qwen3").string(), {2, 3}});
   GgufSaveOptions g;
   g.dtype = DType::F16;
   save_gguf((dir / "m-f16.gguf").string(), c, w, g);

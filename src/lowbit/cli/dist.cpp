@@ -75,9 +75,11 @@ LoadedModel load_model_for_ranks(const std::string& path, Device device, comm::C
   if (comm.world_size() == 1 || !rank_local || whole)
     return load_model(path, tensor_parallel_load_device(path, device, comm), false, packed_vocab);
   LoadedModel m;
-  QuantizedCheckpoint q = load_tensor_parallel_piece(path, comm.rank(), comm.world_size());
-  // As load_model: a lowbit directory's dense vocabulary is packed for a CPU inference load.
-  if (packed_vocab && device == Device::CPU && is_lowbit_quantized_dir(path)) pack_vocab(q);
+  LazyCheckpoint lazy = open_checkpoint_lazily(path);
+  // As load_model: a lowbit directory's dense vocabulary is packed for a CPU inference load (before
+  // the pieces are read, so its f32 copy is gone by then).
+  if (packed_vocab && device == Device::CPU && is_lowbit_quantized_dir(path)) pack_vocab(lazy.rest);
+  QuantizedCheckpoint q = load_tensor_parallel_piece(std::move(lazy), comm.rank(), comm.world_size());
   m.model = make_quantized_model(q, device);
   m.model->join_tensor_parallel(comm);
   m.checkpoint = std::move(q.dense);

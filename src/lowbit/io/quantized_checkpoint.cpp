@@ -420,9 +420,11 @@ QuantizedCheckpoint load_quantized_impl(const std::string& dir, bool dense_view,
     if (!f.find(name)) throw_error(st_path, ": missing tensor '", name, "'");
     return f.load(name);
   };
+  // f32 copies read with pread, not through the mapping: the file's pages of the dense tensors
+  // (the vocabulary matrices above all) do not join the resident set next to their copies.
   auto loadf = [&](const std::string& name) -> Tensor {
     if (!f.find(name)) throw_error(st_path, ": missing tensor '", name, "'");
-    return f.load_f32(name);
+    return f.read_f32(name);
   };
   LlamaWeights& w = out.dense.weights;
   w = LlamaWeights{};

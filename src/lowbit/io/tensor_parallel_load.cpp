@@ -103,7 +103,10 @@ LazyCheckpoint open_checkpoint_lazily(const std::string& path) {
 }
 
 QuantizedCheckpoint load_tensor_parallel_piece(const std::string& path, int rank, int world, int64_t chunk_bytes) {
-  LazyCheckpoint lazy = open_checkpoint_lazily(path);
+  return load_tensor_parallel_piece(open_checkpoint_lazily(path), rank, world, chunk_bytes);
+}
+
+QuantizedCheckpoint load_tensor_parallel_piece(LazyCheckpoint lazy, int rank, int world, int64_t chunk_bytes) {
   const TensorParallelPlan plan = tensor_parallel_plan(lazy, rank, world);
   QuantizedCheckpoint q = std::move(lazy.rest);
   auto own = [](const Tensor& t) { return t.is_contiguous() ? t.clone() : t.contiguous(); };

@@ -67,6 +67,10 @@ void read_linear_piece(const LinearSource& src, const ShardCut& cut, Tensor* den
 // chunk_bytes: as read_linear_piece (tests make it small to cut in many chunks).
 QuantizedCheckpoint load_tensor_parallel_piece(const std::string& path, int rank, int world,
                                                int64_t chunk_bytes = kTensorParallelChunkBytes);
+// The same from an opened checkpoint (the caller may first change lazy.rest, e.g. pack_vocab, so the
+// dense vocabulary is released before the pieces are read).
+QuantizedCheckpoint load_tensor_parallel_piece(LazyCheckpoint lazy, int rank, int world,
+                                               int64_t chunk_bytes = kTensorParallelChunkBytes);
 // The plan for the linears of an opened checkpoint.
 TensorParallelPlan tensor_parallel_plan(const LazyCheckpoint& lazy, int rank, int world);
 // The opener for `path` (by format: a lowbit quantized directory, a packed or dense GGUF file, a
