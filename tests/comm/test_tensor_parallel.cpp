@@ -607,7 +607,8 @@ void expect_same_piece(const LlamaModel& whole, const std::string& path, int r, 
 // (bf16; Qwen2-style with q/k/v biases; Qwen3-style with q/k norms, in several shards); GGUF dense
 // (f16) and packed (q4_0, llama's q/k rows permuted); lowbit's own directories (int4g32; int3g32,
 // whose codes cross bytes; q4_0; a mixed plan); and SmolLM2's real Q4_1 GGUF (Q8_0 vocabulary;
-// 9 heads over 3 KV heads: 3 ranks).
+// 9 heads over 3 KV heads: 3 ranks). And a lowbit directory's vocabulary packed while it is read
+// equals pack_vocab's.
 TEST(TensorParallelLoad, RankLocalPiecesEqualTheCutWholeModel) {
   const LlamaConfig c = gqa_config();
   const LlamaWeights w = random_weights(c, 24, 0.1);
@@ -661,6 +662,22 @@ TEST(TensorParallelLoad, RankLocalPiecesEqualTheCutWholeModel) {
   const std::string smol = lowbit::test::shared_file("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
   if (!smol.empty()) rows.push_back({"SmolLM2 Q4_1", smol, {3}});
   else std::printf("[ tp ] SmolLM2 is not under %s: its row is skipped\n", lowbit::test::shared_root().string().c_str());
+  // A CPU inference load packs a lowbit directory's f32 vocabulary into q8_0 (pack_vocab); the
+  // rank-local loader packs it as it reads it, a chunk of rows at a time: the same blocks.
+  for (const char* fmt : {"int4g32", "q4_0"}) {
+    const std::string q = (dir / (std::string("q-") + fmt)).string();
+    QuantizedCheckpoint whole = load_quantized_model(q, false);
+    ASSERT_GT(pack_vocab(whole), 0);
+    for (int64_t chunk : {kTensorParallelChunkBytes, int64_t(7) * 4 * 192}) {
+      const LazyCheckpoint lazy = open_quantized_dir_lazily(q, true, chunk);
+      for (const char* m : {"model.embed_tokens", "lm_head"}) {
+        ASSERT_TRUE(lazy.rest.quantized.count(m)) << fmt << " " << m;
+        EXPECT_TRUE(same_bytes(lazy.rest.quantized.at(m).codes, whole.quantized.at(m).codes)) << fmt << " " << m;
+        EXPECT_EQ(lazy.rest.quantized.at(m).format, whole.quantized.at(m).format) << fmt << " " << m;
+      }
+      EXPECT_EQ(lazy.rest.dense.weights.tok_embeddings.shape(), whole.dense.weights.tok_embeddings.shape());
+    }
+  }
   for (const Row& row : rows) {
     const auto whole = load_whole(row.path);
     for (int W : row.ranks)

@@ -75,10 +75,10 @@ LoadedModel load_model_for_ranks(const std::string& path, Device device, comm::C
   if (comm.world_size() == 1 || !rank_local || whole)
     return load_model(path, tensor_parallel_load_device(path, device, comm), false, packed_vocab);
   LoadedModel m;
-  LazyCheckpoint lazy = open_checkpoint_lazily(path);
-  // As load_model: a lowbit directory's dense vocabulary is packed for a CPU inference load (before
-  // the pieces are read, so its f32 copy is gone by then).
-  if (packed_vocab && device == Device::CPU && is_lowbit_quantized_dir(path)) pack_vocab(lazy.rest);
+  // As load_model: a lowbit directory's dense vocabulary is packed (q8_0) for a CPU inference load —
+  // here as it is read, a chunk of rows at a time.
+  const bool pack = packed_vocab && device == Device::CPU && is_lowbit_quantized_dir(path);
+  LazyCheckpoint lazy = pack ? open_quantized_dir_lazily(path, true) : open_checkpoint_lazily(path);
   QuantizedCheckpoint q = load_tensor_parallel_piece(std::move(lazy), comm.rank(), comm.world_size());
   m.model = make_quantized_model(q, device);
   m.model->join_tensor_parallel(comm);

@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <cmath>
 #include <cstdio>
 #include <algorithm>
 #include <filesystem>
@@ -377,7 +378,11 @@ bool is_lowbit_quantized_dir(const std::string& dir) {
 namespace {
 // load_quantized_model; with `lazy`, the block linears are not read but recorded there as sources
 // (their rows read with pread: codes, scales and zeros of those rows) and the result is lazy->rest.
-QuantizedCheckpoint load_quantized_impl(const std::string& dir, bool dense_view, LazyCheckpoint* lazy) {
+// vocab_q8_chunk > 0: the vocabulary matrices are packed as pack_vocab(q) packs them (Q8_0), read
+// from the file in chunks of about that many f32 bytes and packed chunk by chunk (q8_0 blocks are
+// per row, so the result is the same), so the f32 matrices are never held whole.
+QuantizedCheckpoint load_quantized_impl(const std::string& dir, bool dense_view, LazyCheckpoint* lazy,
+                                        int64_t vocab_q8_chunk = 0) {
   const std::string cfg_path = (fs::path(dir) / "config.json").string();
   nlohmann::json cfg = read_json(cfg_path);
   if (!cfg.contains("quantization_config") || !cfg["quantization_config"].is_object())
@@ -428,9 +433,32 @@ QuantizedCheckpoint load_quantized_impl(const std::string& dir, bool dense_view,
   };
   LlamaWeights& w = out.dense.weights;
   w = LlamaWeights{};
-  w.tok_embeddings = loadf("model.embed_tokens.weight");
+  auto vocab = [&](const std::string& module, Tensor* slot) {
+    const std::string name = module + ".weight";
+    const QuantFormat& qf = quant_format(QuantFormatId::Q8_0);
+    const SafetensorsTensorInfo* info = f.find(name);
+    if (vocab_q8_chunk <= 0 || !info || info->shape.size() != 2 || !qf.row_fits(info->shape[1])) {
+      *slot = loadf(name);  // as pack_vocab: a width that is not whole blocks stays dense
+      return;
+    }
+    const int64_t V = info->shape[0], D = info->shape[1], rb = qf.row_bytes(D);
+    const int64_t chunk = std::max<int64_t>(1, vocab_q8_chunk / (D * 4));
+    Tensor blocks = Tensor::empty({V, rb}, DType::U8);
+    std::vector<float> buf(size_t(std::min(V, chunk) * D));
+    for (int64_t r0 = 0; r0 < V; r0 += chunk) {
+      const int64_t n = std::min(V, r0 + chunk) - r0;
+      f.read_f32(name, r0 * D, n * D, buf.data());
+      for (int64_t i = 0; i < n * D; ++i)
+        if (!std::isfinite(buf[size_t(i)]))
+          throw_error(st_path, ": tensor '", name, "' has a non-finite value (", buf[size_t(i)], ") at index ", r0 * D + i);
+      for (int64_t r = 0; r < n; ++r) qf.quantize_row(buf.data() + r * D, D, blocks.data<uint8_t>() + (r0 + r) * rb);
+    }
+    out.quantized[module] = make_ggml_quantized_tensor(qf, V, D, blocks, st_path + ": " + name);
+    *slot = zero_placeholder({V, D});
+  };
+  vocab("model.embed_tokens", &w.tok_embeddings);
   w.final_norm = loadf("model.norm.weight");
-  if (!c.tied_embeddings) w.output = loadf("lm_head.weight");
+  if (!c.tied_embeddings) vocab("lm_head", &w.output);
   const int64_t D = c.dim, F = c.hidden_dim, h = c.resolved_head_dim();
   const int64_t Q = int64_t(c.n_heads) * h, KV = int64_t(c.n_kv_heads) * h;
   for (int i = 0; i < c.n_layers; ++i) {
@@ -574,9 +602,9 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
   return load_quantized_impl(dir, dense_view, nullptr);
 }
 
-LazyCheckpoint open_quantized_dir_lazily(const std::string& dir) {
+LazyCheckpoint open_quantized_dir_lazily(const std::string& dir, bool pack_vocab, int64_t chunk_bytes) {
   LazyCheckpoint z;
-  z.rest = load_quantized_impl(dir, /*dense_view=*/false, &z);
+  z.rest = load_quantized_impl(dir, /*dense_view=*/false, &z, pack_vocab ? chunk_bytes : 0);
   return z;
 }
 

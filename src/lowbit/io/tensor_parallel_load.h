@@ -25,6 +25,10 @@
 
 namespace lowbit {
 
+// Bytes of f32 rows read at a time where a whole matrix is needed in pieces (column cuts, the
+// vocabulary packed at load).
+constexpr int64_t kTensorParallelChunkBytes = int64_t(4) << 20;
+
 // One block linear as stored, read on demand: rows [r0, r1) of its weight, dense (f32 [r1-r0, in])
 // or packed (a QuantizedTensor of those rows, in the stored format). Exactly one of the two is set.
 struct LinearSource {
@@ -50,11 +54,13 @@ struct LazyCheckpoint {
 LazyCheckpoint open_llama2c_lazily(const std::string& path);
 LazyCheckpoint open_hf_dir_lazily(const std::string& dir);
 LazyCheckpoint open_gguf_lazily(const std::string& path, bool packed);
-LazyCheckpoint open_quantized_dir_lazily(const std::string& dir);
+// pack_vocab: the vocabulary matrices packed as pack_vocab(q) packs them (Q8_0, what a CPU inference
+// load does), read in chunks of chunk_bytes of f32 rows and packed chunk by chunk: never held in f32.
+LazyCheckpoint open_quantized_dir_lazily(const std::string& dir, bool pack_vocab = false,
+                                         int64_t chunk_bytes = kTensorParallelChunkBytes);
 
 // The piece `cut` of a source (rows: read directly; columns: read in chunks of about chunk_bytes of
 // f32 rows, each cut in memory). Dense pieces come as f32 weights in *dense, packed ones in *packed.
-constexpr int64_t kTensorParallelChunkBytes = int64_t(4) << 20;
 void read_linear_piece(const LinearSource& src, const ShardCut& cut, Tensor* dense, QuantizedTensor* packed,
                        int64_t chunk_bytes = kTensorParallelChunkBytes);
 
