@@ -35,6 +35,14 @@ std::unique_ptr<LlamaModel> LlamaModel::tensor_parallel_shard(comm::Communicator
 
 namespace {
 std::string where_of(int world) { return "tensor parallelism over " + std::to_string(world) + " ranks: "; }
+
+// What no plan can split: a piece, and a model with transforms.
+void refuse_unsplittable(const LlamaModel& m, int world) {
+  if (m.tensor_parallel()) throw_error(where_of(world), "the model is already a tensor-parallel piece");
+  if (m.transforms().any())
+    throw_error(where_of(world), "rotation and activation / KV-cache quantization (--rotate, --act, --kv-quant, "
+                "--kv-token-quant, or a checkpoint that records them) are not supported: their groups span whole rows");
+}
 }  // namespace
 
 TensorParallelPlan::TensorParallelPlan(const LlamaConfig& full, int rank, int world, const ColumnUnitFn& column_unit)
@@ -95,11 +103,7 @@ bool TensorParallelPlan::row_parallel(const std::string& linear) {
 }
 
 void LlamaModel::join_tensor_parallel(comm::Communicator& comm) {
-  const std::string where = where_of(comm.world_size());
-  if (tp_) throw_error(where, "the model is already a tensor-parallel piece");
-  if (transforms_.any())
-    throw_error(where, "rotation and activation / KV-cache quantization (--rotate, --act, --kv-quant, --kv-token-quant, "
-                "or a checkpoint that records them) are not supported: their groups span whole rows");
+  refuse_unsplittable(*this, comm.world_size());
   tp_ = &comm;
   for (auto& b : blocks_)
     for (auto& [name, slot] : b.linears())
@@ -109,10 +113,7 @@ void LlamaModel::join_tensor_parallel(comm::Communicator& comm) {
 std::unique_ptr<LlamaModel> LlamaModel::tensor_parallel_shard(comm::Communicator& comm, Device device) const {
   const int W = comm.world_size();
   const std::string where = where_of(W);
-  if (tp_) throw_error(where, "the model is already a tensor-parallel piece");
-  if (transforms_.any())
-    throw_error(where, "rotation and activation / KV-cache quantization (--rotate, --act, --kv-quant, --kv-token-quant, "
-                "or a checkpoint that records them) are not supported: their groups span whole rows");
+  refuse_unsplittable(*this, W);
   const TensorParallelPlan plan(config_, comm.rank(), W, [&](int i, const std::string& name, std::string* kind) {
     const Linear& l = name == "self_attn.o_proj" ? *blocks_[size_t(i)].wo : *blocks_[size_t(i)].w_down;
     *kind = l.kind();
