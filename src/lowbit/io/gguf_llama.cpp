@@ -162,11 +162,7 @@ TokenizerVocab gguf_tokenizer_vocab(const GgufFile& f) {
 namespace {
 // True for a linear weight (model.layers.*_proj.weight) stored in a ggml block type lowbit keeps packed.
 bool is_packed_linear(const GgufFile& f, const io::WeightSlot& slot) {
-  const std::string& hf = slot.hf_name;
-  const std::string suffix = "_proj.weight";
-  if (hf.rfind("model.layers.", 0) != 0 || hf.size() < suffix.size() ||
-      hf.compare(hf.size() - suffix.size(), suffix.size(), suffix) != 0)
-    return false;
+  if (!io::is_block_linear_weight(slot.hf_name)) return false;
   const GgufTensorInfo* t = f.find_tensor(slot.gguf_name);
   return t && quant_format_for_ggml_type(t->ggml_type);
 }
@@ -178,13 +174,7 @@ bool is_packed_vocab(const GgufFile& f, const io::WeightSlot& slot) {
   return t && quant_format_for_ggml_type(t->ggml_type) && t->ne.size() == 2;
 }
 
-// True for one of the seven linear weights of a block (model.layers.*_proj.weight).
-bool is_block_linear(const io::WeightSlot& slot) {
-  const std::string& hf = slot.hf_name;
-  const std::string suffix = "_proj.weight";
-  return hf.rfind("model.layers.", 0) == 0 && hf.size() >= suffix.size() &&
-         hf.compare(hf.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
+bool is_block_linear(const io::WeightSlot& slot) { return io::is_block_linear_weight(slot.hf_name); }
 
 // load_gguf; skip_packed: packed linears are left undefined (the caller fills them); skip_linears:
 // every block linear is (rank-local loading reads their pieces).

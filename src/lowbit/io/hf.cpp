@@ -209,12 +209,9 @@ LazyCheckpoint open_hf_dir_lazily(const std::string& dir) {
   ck.source = dir;
   ck.config = src->config();
   z.rest.method = "hf";
-  const std::string suffix = "_proj.weight";
   for (auto& slot : io::weight_slots(ck.config, ck.weights)) {
     const std::string& name = slot.hf_name;
-    const bool linear = name.rfind("model.layers.", 0) == 0 && name.size() > suffix.size() &&
-                        name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
-    if (!linear) {  // replicated (and q/k/v biases, cut later): read whole, with pread
+    if (!io::is_block_linear_weight(name)) {  // replicated (and q/k/v biases, cut later): read whole, with pread
       *slot.tensor = src->read_f32(name, slot.shape);
       continue;
     }
