@@ -605,7 +605,7 @@ void expect_same_piece(const LlamaModel& whole, const std::string& path, int r, 
 // Every checkpoint format the rank-local loader reads gives each rank of 2 and 3 exactly the piece
 // that loading the whole model and cutting it in memory gives: llama2.c; Hugging Face directories
 // (bf16; Qwen2-style with q/k/v biases; Qwen3-style with q/k norms, in several shards); GGUF dense
-// (f16) and packed (q4_0, llama's q/k rows permuted); lowbit's own directories (int4g32; int3g32,
+// (f16; q4_0 blocks in a file read dequantized) and packed (q4_0, llama's q/k rows permuted); lowbit's own directories (int4g32; int3g32,
 // whose codes cross bytes; q4_0; a mixed plan); and SmolLM2's real Q4_1 GGUF (Q8_0 vocabulary;
 // 9 heads over 3 KV heads: 3 ranks). And a lowbit directory's vocabulary packed while it is read
 // equals pack_vocab's.
@@ -651,6 +651,16 @@ TEST(TensorParallelLoad, RankLocalPiecesEqualTheCutWholeModel) {
   const std::string packed = (dir / "m-q4_0.gguf").string();
   save_gguf_quantized(packed, load_quantized_model((dir / "q-q4_0").string()), nullptr, "{}");
   rows.push_back({"gguf q4_0", packed, {2, 3}});
+  // q4_0 attention and gate/up with an f32 down_proj: not a packed GGUF (load_model's test looks at
+  // ffn_down), so its blocks are dequantized row by row, as load_gguf dequantizes them whole.
+  {
+    QuantizedCheckpoint q = load_quantized_model((dir / "q-q4_0").string());
+    for (int i = 0; i < c.n_layers; ++i) q.quantized.erase("model.layers." + std::to_string(i) + ".mlp.down_proj");
+    const std::string mixed = (dir / "m-q4_0-f32down.gguf").string();
+    save_gguf_quantized(mixed, q, nullptr, "{}");
+    ASSERT_FALSE(gguf_has_packed_linears(mixed));
+    rows.push_back({"gguf q4_0 blocks dequantized", mixed, {2, 3}});
+  }
   // A mixed plan: q4_0 blocks with some layers in int4g32 (quantization_config.layer_formats).
   {
     auto m = make_model(c, w, "q4_0");
@@ -715,6 +725,48 @@ TEST(TensorParallelLoad, RefusesWhatDoesNotSplit) {
 }
 
 // ---- the CLI ------------------------------------------------------------------------------------
+
+// Each rank of `generate --tp 2` on a dense f32 model whose weights are nearly all block linears
+// (random, 8 blocks of width 512, vocabulary 512) holds about half of them: its peak RSS is well
+// under that of a rank that reads the whole checkpoint and cuts it (LOWBIT_TP_LOAD=whole), and the
+// text is the same. /usr/bin/time's max RSS of the launcher is that of its largest rank.
+TEST(TensorParallelCli, RankLocalLoadHoldsAboutHalf) {
+  if (!fs::exists(lowbit::test::cli_path())) GTEST_SKIP() << "no " << lowbit::test::cli_path();
+  if (!fs::exists("/usr/bin/time")) GTEST_SKIP() << "no /usr/bin/time";
+  LOWBIT_REQUIRE_SHARED(tok, "models/stories260K/tok512.bin");
+  const fs::path dir = lowbit::test::temp_dir("tp-rss");
+  LlamaConfig c = gqa_config();
+  c.dim = 512;
+  c.hidden_dim = 1536;
+  c.n_layers = 8;
+  c.n_heads = 8;
+  c.n_kv_heads = 4;
+  c.vocab_size = 512;
+  RandomModelOptions o;
+  o.dtype = DType::F32;
+  const std::string model = (dir / "m").string();
+  write_random_hf_model(model, c, o);
+  const double linears_mib = 4.0 * c.n_layers * (2.0 * 512 * 512 + 2.0 * 512 * 256 + 3.0 * 512 * 1536) / (1 << 20);
+  auto run = [&](const std::string& mode, std::string* text) {
+    const std::string rss = (dir / ("rss-" + mode)).string();
+    const CliResult r = run_cli("generate -m " + model + " --tokenizer " + tok + " -t 0 -n 8 -p Lily --threads 1 --tp 2",
+                                dir, "LOWBIT_TP_LOAD=" + mode + " /usr/bin/time -f %M -o " + rss);
+    EXPECT_EQ(r.status, 0) << r.err;
+    *text = r.out;
+    std::ifstream f(rss);
+    std::string line, last;
+    while (std::getline(f, line))
+      if (!line.empty()) last = line;
+    return last.empty() ? 0.0 : std::stod(last) / 1024;  // MiB
+  };
+  std::string t_whole, t_local;
+  const double whole = run("whole", &t_whole), local = run("local", &t_local);
+  std::printf("[ tp ] generate --tp 2, block linears %.0f MiB in f32: max RSS per rank %.0f MiB whole-then-cut, %.0f "
+              "MiB rank-local\n", linears_mib, whole, local);
+  EXPECT_EQ(t_local, t_whole);
+  EXPECT_GT(whole - local, 0.35 * linears_mib) << "a rank-local rank should hold about half of the block linears less";
+  fs::remove_all(dir);
+}
 
 // `generate --tp 2` prints the text of one process (greedy), dense and from a packed checkpoint;
 // `bench --tp 2` runs and says so; the refusals reach the user as errors.
