@@ -44,8 +44,9 @@ void add_dist_options(CLI::App* app, DistArgs* d) {
 
 void add_tp_options(CLI::App* app, DistArgs* d) {
   app->add_option("--tp", d->gpus,
-                  "tensor-parallel ranks (processes; one GPU each with --device cuda): each holds its share of the "
-                  "heads and of the MLP width and its own KV cache, the partial outputs are all-reduced after "
+                  "tensor-parallel ranks (processes; one GPU each with --device cuda): each reads from the checkpoint "
+                  "and holds only its share of the heads and of the MLP width (plus the embedding, norms and head) "
+                  "and its own KV cache, the partial outputs are all-reduced after "
                   "attention and MLP; rank 0 samples and prints (an external launcher sets RANK, WORLD_SIZE, ... "
                   "instead)")
       ->check(between(1, 256));
