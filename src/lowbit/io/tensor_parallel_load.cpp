@@ -8,8 +8,6 @@
 #include "lowbit/core/error.h"
 #include "lowbit/io/checkpoint.h"
 #include "lowbit/io/gguf.h"
-#include "lowbit/io/hf.h"
-#include "lowbit/io/safetensors.h"
 
 namespace fs = std::filesystem;
 

@@ -1,7 +1,9 @@
 // Rank-local loading for tensor parallelism (issue 20): rank r of W reads from the checkpoint only
 // the rows / columns of each block linear that model/tensor_parallel.h's TensorParallelPlan gives it
-// (pread at the file's offsets: the file's pages never become resident in the process), plus the
-// replicated tensors (embedding, norms, output head, q/k/v biases cut by the plan), so each rank's
+// (pread at the file's offsets: those pages never become resident in the process), plus the
+// replicated tensors (embedding, norms, output head, q/k/v biases cut by the plan; read as each
+// format's whole-file loader reads them: HF and lowbit directories with pread, llama2.c and GGUF
+// copied out of the mapping, GGUF's packed vocabulary kept mapped), so each rank's
 // resident weights are about 1/W of the block linears plus the replicated part — instead of the
 // whole model read by every rank and then cut (LlamaModel::tensor_parallel_shard, which stays the
 // reference: the pieces are bit-identical to it, and it is the fallback for what is not read here).
@@ -12,9 +14,10 @@
 //                            slicer (Tensor::slice, QuantizedTensor::slice_cols: on group boundaries),
 //                            so only a chunk of the whole tensor is ever held.
 //
-// Formats: llama2.c .bin, Hugging Face safetensors directories, GGUF (dense F32/F16/BF16 and packed
-// ggml block types, with llama's q/k rows permuted per head as load_gguf_quantized does) and
-// lowbit's quantized directories (packed and dense layers, LoRA adapters).
+// Formats: llama2.c .bin, Hugging Face safetensors directories, GGUF (dense F32/F16/BF16, block
+// types read dequantized in a file load_model reads dense, and packed ggml block types with llama's
+// q/k rows permuted per head as load_gguf_quantized does) and lowbit's quantized directories (packed
+// and dense layers, LoRA adapters).
 #pragma once
 #include <functional>
 #include <map>
