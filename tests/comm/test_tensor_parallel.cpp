@@ -15,6 +15,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
+#include <map>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -27,7 +29,11 @@
 #include "lowbit/comm/launch.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/io/checkpoint.h"
+#include "lowbit/io/gguf.h"
+#include "lowbit/io/hf.h"
 #include "lowbit/io/llama2c.h"
+#include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/io/tensor_parallel_load.h"
 #include "lowbit/model/tensor_parallel.h"
 #include "lowbit/ops/quant_matmul.h"
 #include "lowbit/quant/quant_linear.h"
@@ -522,7 +528,245 @@ TEST(TensorParallel, RefusesWhatDoesNotSplit) {
   EXPECT_THROW(piece->set_transforms(t), Error);
 }
 
+// ---- rank-local loading (io/tensor_parallel_load.h) --------------------------------------------
+
+namespace {
+// The whole model as load_model builds it for inference (packed formats stay packed).
+std::unique_ptr<LlamaModel> load_whole(const std::string& path) {
+  if (is_lowbit_quantized_dir(path)) return make_quantized_model(load_quantized_model(path, false));
+  if (gguf_has_packed_linears(path)) return make_quantized_model(load_gguf_quantized(path, false));
+  const Checkpoint ck = load_checkpoint(path);
+  return std::make_unique<LlamaModel>(ck.config, ck.weights, false);
+}
+
+bool same_bytes(const Tensor& a, const Tensor& b) {
+  if (a.defined() != b.defined()) return false;
+  if (!a.defined()) return true;
+  if (a.shape() != b.shape() || a.dtype() != b.dtype()) return false;
+  const Tensor ca = a.contiguous(), cb = b.contiguous();
+  return std::memcmp(ca.raw_data(), cb.raw_data(), ca.nbytes()) == 0;
+}
+
+// Rank r's piece read rank-locally against the whole model cut in memory: the same config, the
+// same kinds, bit-identical weights (packed: codes, scales and zeros byte for byte), biases, norms
+// and embeddings.
+// chunk_bytes: the column cuts' reads (small: many chunks, the last one short).
+void expect_same_piece(const LlamaModel& whole, const std::string& path, int r, int W, const std::string& what,
+                       int64_t chunk_bytes) {
+  ShapeOnlyComm comm(r, W);
+  const auto ref = whole.tensor_parallel_shard(comm);
+  QuantizedCheckpoint q = load_tensor_parallel_piece(path, r, W, chunk_bytes);
+  auto local = make_quantized_model(q);
+  local->join_tensor_parallel(comm);
+  const std::string at = what + ", rank " + std::to_string(r) + " of " + std::to_string(W) + ", chunks of " +
+                         std::to_string(chunk_bytes) + " bytes";
+  const LlamaConfig &a = ref->config(), &b = local->config();
+  EXPECT_EQ(a.n_heads, b.n_heads) << at;
+  EXPECT_EQ(a.n_kv_heads, b.n_kv_heads) << at;
+  EXPECT_EQ(a.head_dim, b.head_dim) << at;
+  EXPECT_EQ(a.hidden_dim, b.hidden_dim) << at;
+  EXPECT_EQ(a.rope_style, b.rope_style) << at;
+  EXPECT_EQ(local->tensor_parallel(), &comm) << at;
+  EXPECT_EQ(a.n_heads, whole.config().n_heads / W) << at;
+  for (int i = 0; i < ref->n_layers(); ++i) {
+    auto la = ref->block(i).linears(), lb = local->block(i).linears();
+    for (size_t j = 0; j < la.size(); ++j) {
+      const std::string name = at + ", layer " + std::to_string(i) + " " + la[j].first;
+      EXPECT_EQ(dynamic_cast<const RowParallelLinear*>(la[j].second->get()) != nullptr,
+                dynamic_cast<const RowParallelLinear*>(lb[j].second->get()) != nullptr) << name;
+      const Linear &x = computing_layer(**la[j].second), &y = computing_layer(**lb[j].second);
+      ASSERT_EQ(x.kind(), y.kind()) << name;
+      EXPECT_EQ(x.in_features(), y.in_features()) << name;
+      EXPECT_EQ(x.out_features(), y.out_features()) << name;
+      EXPECT_TRUE(same_bytes(x.bias(), y.bias())) << name << ": bias";
+      const auto *qx = dynamic_cast<const QuantLinear*>(&x), *qy = dynamic_cast<const QuantLinear*>(&y);
+      ASSERT_EQ(qx != nullptr, qy != nullptr) << name;
+      if (qx) {
+        const QuantizedTensor &u = qx->quantized(), &v = qy->quantized();
+        EXPECT_EQ(u.format, v.format) << name;
+        EXPECT_EQ(u.shape, v.shape) << name;
+        EXPECT_TRUE(same_bytes(u.codes, v.codes)) << name << ": codes";
+        EXPECT_TRUE(same_bytes(u.scales, v.scales)) << name << ": scales";
+        EXPECT_TRUE(same_bytes(u.zeros, v.zeros)) << name << ": zeros";
+        EXPECT_TRUE(same_bytes(u.tensor_scale, v.tensor_scale)) << name << ": tensor scale";
+      } else {
+        EXPECT_TRUE(same_bytes(x.effective_weight(), y.effective_weight())) << name << ": weight";
+      }
+    }
+  }
+  // Everything else (norms, q/k norms, embedding, head) and the pieces' effective weights.
+  const LlamaWeights wa = ref->weights(), wb = local->weights();
+  std::map<std::string, Tensor> tb;
+  for_each_weight(wb, [&](const std::string& n, const Tensor& t) { tb[n] = t; });
+  for_each_weight(wa, [&](const std::string& n, const Tensor& t) { EXPECT_TRUE(same_bytes(t, tb[n])) << at << ": " << n; });
+}
+}  // namespace
+
+// Every checkpoint format the rank-local loader reads gives each rank of 2 and 3 exactly the piece
+// that loading the whole model and cutting it in memory gives: llama2.c; Hugging Face directories
+// (bf16; Qwen2-style with q/k/v biases; Qwen3-style with q/k norms, in several shards); GGUF dense
+// (f16; q4_0 blocks in a file read dequantized) and packed (q4_0, llama's q/k rows permuted); lowbit's own directories (int4g32; int3g32,
+// whose codes cross bytes; q4_0; a mixed plan); and SmolLM2's real Q4_1 GGUF (Q8_0 vocabulary;
+// 9 heads over 3 KV heads: 3 ranks). And a lowbit directory's vocabulary packed while it is read
+// equals pack_vocab's.
+TEST(TensorParallelLoad, RankLocalPiecesEqualTheCutWholeModel) {
+  const LlamaConfig c = gqa_config();
+  const LlamaWeights w = random_weights(c, 24, 0.1);
+  const fs::path dir = lowbit::test::temp_dir("tp-load");
+  fs::create_directories(dir);
+  struct Row {
+    std::string what, path;
+    std::vector<int> ranks;
+  };
+  std::vector<Row> rows;
+  const std::string bin = (dir / "m.bin").string();
+  save_llama2c(bin, c, w);
+  rows.push_back({"llama2.c", bin, {2, 3}});
+  HfSaveOptions hf;
+  hf.dtype = DType::BF16;
+  save_hf_dir((dir / "hf").string(), c, w, hf);
+  rows.push_back({"hf bf16", (dir / "hf").string(), {2, 3}});
+  LlamaConfig cb = c;
+  cb.arch = "qwen2";
+  cb.attn_bias = true;
+  const LlamaWeights wb = random_weights(cb, 25, 0.1);
+  save_hf_dir((dir / "hf-bias").string(), cb, wb);
+  rows.push_back({"hf qwen2 biases", (dir / "hf-bias").string(), {2, 3}});
+  LlamaConfig cn = c;
+  cn.arch = "qwen3";
+  cn.qk_norm = true;
+  HfSaveOptions shards;  // several safetensors files and an index
+  shards.max_shard_bytes = 200000;
+  save_hf_dir((dir / "hf-qwen3").string(), cn, random_weights(cn, 27, 0.1), shards);
+  rows.push_back({"hf qwen3 q/k norms, sharded", (dir / "hf-qwen3").string(), {2, 3}});
+  GgufSaveOptions g;
+  g.dtype = DType::F16;
+  save_gguf((dir / "m-f16.gguf").string(), c, w, g);
+  rows.push_back({"gguf f16", (dir / "m-f16.gguf").string(), {2, 3}});
+  for (const char* fmt : {"int4g32", "int3g32", "q4_0"}) {
+    const std::string q = (dir / (std::string("q-") + fmt)).string();
+    save_quantized_model(q, *make_model(c, w, fmt), "rtn", parse_quant_format(fmt));
+    rows.push_back({std::string("lowbit ") + fmt, q, {2, 3}});
+  }
+  const std::string packed = (dir / "m-q4_0.gguf").string();
+  save_gguf_quantized(packed, load_quantized_model((dir / "q-q4_0").string()), nullptr, "{}");
+  rows.push_back({"gguf q4_0", packed, {2, 3}});
+  // q4_0 attention and gate/up with an f32 down_proj: not a packed GGUF (load_model's test looks at
+  // ffn_down), so its blocks are dequantized row by row, as load_gguf dequantizes them whole.
+  {
+    QuantizedCheckpoint q = load_quantized_model((dir / "q-q4_0").string());
+    for (int i = 0; i < c.n_layers; ++i) q.quantized.erase("model.layers." + std::to_string(i) + ".mlp.down_proj");
+    const std::string mixed = (dir / "m-q4_0-f32down.gguf").string();
+    save_gguf_quantized(mixed, q, nullptr, "{}");
+    ASSERT_FALSE(gguf_has_packed_linears(mixed));
+    rows.push_back({"gguf q4_0 blocks dequantized", mixed, {2, 3}});
+  }
+  // A mixed plan: q4_0 blocks with some layers in int4g32 (quantization_config.layer_formats).
+  {
+    auto m = make_model(c, w, "q4_0");
+    *m->block(1).linears()[3].second = std::make_shared<QuantLinear>(
+        quantize(m->block(1).wo->effective_weight(), parse_quant_format("int4g32")), Tensor());
+    save_quantized_model((dir / "q-mixed").string(), *m, "rtn", parse_quant_format("q4_0"));
+    rows.push_back({"lowbit mixed", (dir / "q-mixed").string(), {2, 3}});
+  }
+  const std::string smol = lowbit::test::shared_file("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+  if (!smol.empty()) rows.push_back({"SmolLM2 Q4_1", smol, {3}});
+  else std::printf("[ tp ] SmolLM2 is not under %s: its row is skipped\n", lowbit::test::shared_root().string().c_str());
+  // A CPU inference load packs a lowbit directory's f32 vocabulary into q8_0 (pack_vocab); the
+  // rank-local loader packs it as it reads it, a chunk of rows at a time: the same blocks.
+  for (const char* fmt : {"int4g32", "q4_0"}) {
+    const std::string q = (dir / (std::string("q-") + fmt)).string();
+    QuantizedCheckpoint whole = load_quantized_model(q, false);
+    ASSERT_GT(pack_vocab(whole), 0);
+    for (int64_t chunk : {kTensorParallelChunkBytes, int64_t(7) * 4 * 192}) {
+      const LazyCheckpoint lazy = open_quantized_dir_lazily(q, true, chunk);
+      for (const char* m : {"model.embed_tokens", "lm_head"}) {
+        ASSERT_TRUE(lazy.rest.quantized.count(m)) << fmt << " " << m;
+        EXPECT_TRUE(same_bytes(lazy.rest.quantized.at(m).codes, whole.quantized.at(m).codes)) << fmt << " " << m;
+        EXPECT_EQ(lazy.rest.quantized.at(m).format, whole.quantized.at(m).format) << fmt << " " << m;
+      }
+      EXPECT_EQ(lazy.rest.dense.weights.tok_embeddings.shape(), whole.dense.weights.tok_embeddings.shape());
+    }
+  }
+  for (const Row& row : rows) {
+    const auto whole = load_whole(row.path);
+    for (int W : row.ranks)
+      for (int r = 0; r < W; ++r)
+        for (int64_t chunk : {kTensorParallelChunkBytes, int64_t(7) * 4 * 1536})  // one read; 7 rows (of SmolLM2's down_proj)
+          expect_same_piece(*whole, row.path, r, W, row.what, chunk);
+  }
+  fs::remove_all(dir);
+}
+
+// The loader refuses what the in-memory cut refuses, with the same message, before reading pieces.
+TEST(TensorParallelLoad, RefusesWhatDoesNotSplit) {
+  const LlamaConfig c = gqa_config();
+  const LlamaWeights w = random_weights(c, 26, 0.1);
+  const fs::path dir = lowbit::test::temp_dir("tp-load-bad");
+  fs::create_directories(dir);
+  save_hf_dir((dir / "hf").string(), c, w);
+  save_quantized_model((dir / "q").string(), *make_model(c, w, "int4g128"), "rtn", parse_quant_format("int4g128"));
+  auto error_of = [](const std::function<void()>& fn) {
+    try {
+      fn();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  EXPECT_NE(error_of([&] { load_tensor_parallel_piece((dir / "hf").string(), 0, 5); })
+                .find("tensor parallelism over 5 ranks: 5 does not divide n_heads = 12"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { load_tensor_parallel_piece((dir / "q").string(), 1, 2); })
+                .find("layer 0 self_attn.o_proj (int4g128): a rank's 6 heads are 96 input columns, not a whole number of "
+                      "its groups of 128"),
+            std::string::npos);
+  fs::remove_all(dir);
+}
+
 // ---- the CLI ------------------------------------------------------------------------------------
+
+// Each rank of `generate --tp 2` on a dense f32 model whose weights are nearly all block linears
+// (random, 8 blocks of width 512, vocabulary 512) holds about half of them: its peak RSS is well
+// under that of a rank that reads the whole checkpoint and cuts it (LOWBIT_TP_LOAD=whole), and the
+// text is the same. /usr/bin/time's max RSS of the launcher is that of its largest rank.
+TEST(TensorParallelCli, RankLocalLoadHoldsAboutHalf) {
+  if (!fs::exists(lowbit::test::cli_path())) GTEST_SKIP() << "no " << lowbit::test::cli_path();
+  if (!fs::exists("/usr/bin/time")) GTEST_SKIP() << "no /usr/bin/time";
+  LOWBIT_REQUIRE_SHARED(tok, "models/stories260K/tok512.bin");
+  const fs::path dir = lowbit::test::temp_dir("tp-rss");
+  LlamaConfig c = gqa_config();
+  c.dim = 512;
+  c.hidden_dim = 1536;
+  c.n_layers = 8;
+  c.n_heads = 8;
+  c.n_kv_heads = 4;
+  c.vocab_size = 512;
+  RandomModelOptions o;
+  o.dtype = DType::F32;
+  const std::string model = (dir / "m").string();
+  write_random_hf_model(model, c, o);
+  const double linears_mib = 4.0 * c.n_layers * (2.0 * 512 * 512 + 2.0 * 512 * 256 + 3.0 * 512 * 1536) / (1 << 20);
+  auto run = [&](const std::string& mode, std::string* text) {
+    const std::string rss = (dir / ("rss-" + mode)).string();
+    const CliResult r = run_cli("generate -m " + model + " --tokenizer " + tok + " -t 0 -n 8 -p Lily --threads 1 --tp 2",
+                                dir, "LOWBIT_TP_LOAD=" + mode + " /usr/bin/time -f %M -o " + rss);
+    EXPECT_EQ(r.status, 0) << r.err;
+    *text = r.out;
+    std::ifstream f(rss);
+    std::string line, last;
+    while (std::getline(f, line))
+      if (!line.empty()) last = line;
+    return last.empty() ? 0.0 : std::stod(last) / 1024;  // MiB
+  };
+  std::string t_whole, t_local;
+  const double whole = run("whole", &t_whole), local = run("local", &t_local);
+  std::printf("[ tp ] generate --tp 2, block linears %.0f MiB in f32: max RSS per rank %.0f MiB whole-then-cut, %.0f "
+              "MiB rank-local\n", linears_mib, whole, local);
+  EXPECT_EQ(t_local, t_whole);
+  EXPECT_GT(whole - local, 0.35 * linears_mib) << "a rank-local rank should hold about half of the block linears less";
+  fs::remove_all(dir);
+}
 
 // `generate --tp 2` prints the text of one process (greedy), dense and from a packed checkpoint;
 // `bench --tp 2` runs and says so; the refusals reach the user as errors.
@@ -543,6 +787,11 @@ TEST(TensorParallelCli, GenerateAndBench) {
     const CliResult two = run_cli(gen + " --tp 2", dir);
     ASSERT_EQ(two.status, 0) << two.err;
     EXPECT_EQ(two.out, one.out) << m;
+    // Each rank read only its piece (the default); reading the whole checkpoint and cutting it
+    // (LOWBIT_TP_LOAD=whole) gives the same weights, hence the same text.
+    const CliResult whole = run_cli(gen + " --tp 2", dir, "LOWBIT_TP_LOAD=whole");
+    ASSERT_EQ(whole.status, 0) << whole.err;
+    EXPECT_EQ(whole.out, two.out) << m;
     const CliResult js = run_cli(gen + " --tp 2 --json", dir);
     ASSERT_EQ(js.status, 0) << js.err;
     EXPECT_NE(js.out.find("\"tp\":2"), std::string::npos) << js.out;
@@ -558,6 +807,10 @@ TEST(TensorParallelCli, GenerateAndBench) {
   EXPECT_EQ(bad.status, 1);
   EXPECT_NE(bad.err.find("lowbit: error: tensor parallelism over 3 ranks: 3 does not divide n_heads = 8"), std::string::npos)
       << bad.err;
+  const CliResult mode = run_cli("generate -m " + model + " --tokenizer " + tok + " -n 8 --tp 2", dir, "LOWBIT_TP_LOAD=half");
+  EXPECT_EQ(mode.status, 1);
+  EXPECT_NE(mode.err.find("lowbit: error: LOWBIT_TP_LOAD must be 'whole' or 'local' (the default), got 'half'"), std::string::npos)
+      << mode.err;
   const CliResult env = run_cli("generate -m " + model + " --tokenizer " + tok + " -n 8 --tp 3", dir, "WORLD_SIZE=2 RANK=0");
   EXPECT_EQ(env.status, 1);
   EXPECT_NE(env.err.find("--tp 3 but the launcher's WORLD_SIZE is 2 (drop --tp under an external launcher)"), std::string::npos)

@@ -178,7 +178,8 @@ void run_bench(const BenchArgs& a) {
   const std::unique_ptr<comm::Communicator> comm = start_ranks(a.dist, a.device == "cuda", "--tp");
   const Device dev = parse_device(a.device);
   NoGradGuard no_grad;
-  LoadedModel m = load_model(a.model, tensor_parallel_load_device(a.model, dev, *comm), a.dequantize, !a.f32_vocab);
+  LoadedModel m = a.dequantize ? load_model(a.model, tensor_parallel_load_device(a.model, dev, *comm), true, !a.f32_vocab)
+                                : load_model_for_ranks(a.model, dev, *comm, !a.f32_vocab, !a.tr.any_given());
   apply_rotation(m, a.tr);
   apply_quant_transforms(*m.model, a.tr, a.kv_cache);
   shard_for_tensor_parallel(m, *comm, dev);

@@ -25,7 +25,7 @@ void run_generate(const GenArgs& a) {
   // --tp N: N ranks, each with its piece of the model; rank 0 samples and prints.
   const std::unique_ptr<comm::Communicator> comm = start_ranks(a.dist, a.device == "cuda", "--tp");
   Device dev = parse_device(a.device);
-  LoadedModel m = load_model(a.model, tensor_parallel_load_device(a.model, dev, *comm), false, !a.f32_vocab);
+  LoadedModel m = load_model_for_ranks(a.model, dev, *comm, !a.f32_vocab, !a.tr.any_given());
   apply_rotation(m, a.tr);
   apply_quant_transforms(*m.model, a.tr, a.kv_cache);
   compact_for_inference(m, dev);

@@ -77,11 +77,7 @@ Device parse_device(const std::string& name) {
 }
 
 bool is_packed_gguf(const std::string& path) {
-  if (path.size() < 5 || path.compare(path.size() - 5, 5, ".gguf") != 0 || !fs::is_regular_file(path)) return false;
-  const GgufFile f = GgufFile::open(path);
-  for (const auto& t : f.tensors())
-    if (t.name.find("ffn_down.weight") != std::string::npos && quant_format_for_ggml_type(t.ggml_type)) return true;
-  return false;
+  return gguf_has_packed_linears(path);
 }
 
 LoadedModel load_model(const std::string& path, Device device, bool dequantize, bool packed_vocab) {

@@ -80,6 +80,8 @@ struct TransformArgs {
   int64_t kv_group = 32, kv_window = 128;
   bool act_clip_given = false, kv_group_given = false, kv_window_given = false;
   bool rotating() const { return rotate != "none"; }
+  // Any transform asked for (rotation, activation or KV quantization given on the command line).
+  bool any_given() const { return rotating() || !act.empty() || !kv_quant.empty() || !kv_token_quant.empty(); }
 };
 void add_transform_options(CLI::App* app, TransformArgs* a);
 // --rotate on a loaded model: rebuilds m.model (and m.checkpoint) from its rotated weights (on the

@@ -45,13 +45,23 @@ void add_tp_options(CLI::App* app, DistArgs* d);
 std::unique_ptr<comm::Communicator> start_ranks(const DistArgs& d, bool uses_gpu, const char* flag = "--gpus");
 
 struct LoadedModel;
+// Loads `path` for this rank of a tensor-parallel run. With several ranks and rank_local (the
+// command asks for no transform: --rotate, --act, --kv-quant, --kv-token-quant, --dequantize), each
+// rank reads only its piece of every block linear plus the replicated tensors
+// (io/tensor_parallel_load.h) and m.model is already its piece on `device`; otherwise (or with
+// LOWBIT_TP_LOAD=whole in the environment: the measurement's baseline) load_model reads the whole
+// checkpoint on tensor_parallel_load_device and shard_for_tensor_parallel cuts it. One rank:
+// load_model.
+LoadedModel load_model_for_ranks(const std::string& path, Device device, comm::Communicator& comm, bool packed_vocab,
+                                 bool rank_local);
 // Where a tensor-parallel run loads `path` for `device`: with several ranks on the GPU, a dense
 // checkpoint is read on the CPU and cut there (each GPU receives only its piece); packed ones load
 // on the device (their codes reach the GPU piece by piece, on first use). Else `device`.
 Device tensor_parallel_load_device(const std::string& path, Device device, const comm::Communicator& comm);
 // Tensor parallelism after loading: with several ranks, m.model becomes this rank's piece on
 // `device` (LlamaModel::tensor_parallel_shard) and m.checkpoint loses its linear weights (the full
-// ones are released; embedding and norms stay). Nothing with one rank.
+// ones are released; embedding and norms stay). Nothing with one rank or a model that is a piece
+// already (load_model_for_ranks).
 void shard_for_tensor_parallel(LoadedModel& m, comm::Communicator& comm, Device device);
 
 // The GPU this process uses: LOCAL_RANK of a several-rank run, else 0 (parse_device).

@@ -9,7 +9,7 @@ namespace lowbit::cli {
 ServingModel load_serving_model(const std::string& model, const std::string& tokenizer, Device device, int64_t ctx,
                                 comm::Communicator* tp) {
   ServingModel m;
-  m.loaded = load_model(model, tp ? tensor_parallel_load_device(model, device, *tp) : device);
+  m.loaded = tp ? load_model_for_ranks(model, device, *tp, false, true) : load_model(model, device);
   compact_for_inference(m.loaded, device);
   if (tp) shard_for_tensor_parallel(m.loaded, *tp, device);
   m.tok = open_tokenizer(tokenizer, model);

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <filesystem>
 #include <vector>
@@ -14,6 +15,24 @@
 namespace lowbit::io {
 
 std::string display_name(const std::string& path) { return path; }
+
+void pread_exact(const std::string& path, uint64_t offset, uint64_t n, void* dst, const std::string& what) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw_error(path, ": cannot open: ", std::strerror(errno));
+  uint8_t* d = static_cast<uint8_t*>(dst);
+  uint64_t at = offset;
+  while (n > 0) {
+    const ssize_t r = ::pread(fd, d, size_t(std::min<uint64_t>(n, 1u << 30)), off_t(at));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      const int e = errno;
+      ::close(fd);
+      throw_error(path, ": reading ", what, " at offset ", at, " failed: ", r == 0 ? "the file ends there (truncated?)" : std::strerror(e));
+    }
+    d += r, at += uint64_t(r), n -= uint64_t(r);
+  }
+  ::close(fd);
+}
 
 // ---- MappedFile ------------------------------------------------------------------------------
 std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {

@@ -121,6 +121,11 @@ class AtomicFileWriter {
   bool committed_ = false;
 };
 
+// Reads bytes [offset, offset + n) of the file `path` into dst with pread (not through a mapping:
+// the pages stay in the page cache, not in this process's resident memory). Throws naming the file
+// and `what` when it cannot be opened or is shorter.
+void pread_exact(const std::string& path, uint64_t offset, uint64_t n, void* dst, const std::string& what);
+
 // True when both paths name the same existing file (same device and inode).
 bool same_file(const std::string& a, const std::string& b);
 

@@ -156,6 +156,10 @@ struct QuantizedCheckpoint;
 // that are never read), so no f32 copy of a packed weight is made (inference).
 QuantizedCheckpoint load_gguf_quantized(const std::string& path, bool dense_view = true);
 
+// True when `path` is a .gguf file whose linear weights (ffn_down) use a ggml block type: inference
+// loads keep it packed (load_gguf_quantized).
+bool gguf_has_packed_linears(const std::string& path);
+
 // The config implied by a GGUF file's metadata and tensors (no weights loaded).
 LlamaConfig gguf_llama_config(const GgufFile& f);
 // The embedded tokenizer vocabulary (empty when the file has none).

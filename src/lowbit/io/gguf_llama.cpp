@@ -9,9 +9,11 @@
 #include <limits>
 #include <set>
 
+#include "lowbit/io/file_util.h"
 #include "lowbit/io/gguf.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/io/rope_layout.h"
+#include "lowbit/io/tensor_parallel_load.h"
 #include "lowbit/io/weight_names.h"
 
 namespace lowbit {
@@ -160,11 +162,7 @@ TokenizerVocab gguf_tokenizer_vocab(const GgufFile& f) {
 namespace {
 // True for a linear weight (model.layers.*_proj.weight) stored in a ggml block type lowbit keeps packed.
 bool is_packed_linear(const GgufFile& f, const io::WeightSlot& slot) {
-  const std::string& hf = slot.hf_name;
-  const std::string suffix = "_proj.weight";
-  if (hf.rfind("model.layers.", 0) != 0 || hf.size() < suffix.size() ||
-      hf.compare(hf.size() - suffix.size(), suffix.size(), suffix) != 0)
-    return false;
+  if (!io::is_block_linear_weight(slot.hf_name)) return false;
   const GgufTensorInfo* t = f.find_tensor(slot.gguf_name);
   return t && quant_format_for_ggml_type(t->ggml_type);
 }
@@ -176,8 +174,11 @@ bool is_packed_vocab(const GgufFile& f, const io::WeightSlot& slot) {
   return t && quant_format_for_ggml_type(t->ggml_type) && t->ne.size() == 2;
 }
 
-// load_gguf; skip_packed: packed linears are left undefined (the caller fills them).
-Checkpoint load_gguf_impl(const std::string& path, bool skip_packed) {
+bool is_block_linear(const io::WeightSlot& slot) { return io::is_block_linear_weight(slot.hf_name); }
+
+// load_gguf; skip_packed: packed linears are left undefined (the caller fills them); skip_linears:
+// every block linear is (rank-local loading reads their pieces).
+Checkpoint load_gguf_impl(const std::string& path, bool skip_packed, bool skip_linears = false) {
   GgufFile f = GgufFile::open(path);
   Checkpoint ck;
   ck.source = path;
@@ -201,7 +202,7 @@ Checkpoint load_gguf_impl(const std::string& path, bool skip_packed) {
     if (t->shape() != slot.shape)
       throw_error(path, ": tensor '", slot.gguf_name, "' has ne ", shape_str(t->ne), " (shape ", shape_str(t->shape()),
                   "), the config needs shape ", shape_str(slot.shape));
-    if (!skip_packed || !(is_packed_linear(f, slot) || is_packed_vocab(f, slot)))
+    if ((!skip_packed || !(is_packed_linear(f, slot) || is_packed_vocab(f, slot))) && !(skip_linears && is_block_linear(slot)))
       *slot.tensor = f.load_f32(slot.gguf_name);
     used.insert(slot.gguf_name);
   }
@@ -212,10 +213,89 @@ Checkpoint load_gguf_impl(const std::string& path, bool skip_packed) {
   if (unused)
     std::fprintf(stderr, "lowbit: warning: %s: %zu tensors not used by the model are ignored (e.g. '%s')\n", path.c_str(), unused,
                  example.c_str());
-  if (!skip_packed) validate_weights(ck.config, ck.weights, path);
+  if (!skip_packed && !skip_linears) validate_weights(ck.config, ck.weights, path);
   return ck;
 }
 }  // namespace
+
+bool gguf_has_packed_linears(const std::string& path) {
+  std::error_code ec;
+  if (path.size() < 5 || path.compare(path.size() - 5, 5, ".gguf") != 0 || !std::filesystem::is_regular_file(path, ec))
+    return false;
+  const GgufFile f = GgufFile::open(path);
+  for (const auto& t : f.tensors())
+    if (t.name.find("ffn_down.weight") != std::string::npos && quant_format_for_ggml_type(t.ggml_type)) return true;
+  return false;
+}
+
+LazyCheckpoint open_gguf_lazily(const std::string& path, bool packed) {
+  LazyCheckpoint z;
+  QuantizedCheckpoint& q = z.rest;
+  q.dense = load_gguf_impl(path, packed, /*skip_linears=*/true);
+  q.method = "gguf";
+  const GgufFile f = GgufFile::open(path);
+  const LlamaConfig c = q.dense.config;
+  const int64_t hd = c.resolved_head_dim();
+  // The packed view puts llama's q/k rows in the HF order (load_gguf_quantized): per head, so a
+  // piece of whole heads is permuted on its own.
+  const bool permute = packed && c.rope_style == RopeStyle::Interleaved;
+  LlamaWeights scratch;
+  bool first = true;
+  for (auto& slot : io::weight_slots(c, scratch)) {
+    if (!is_block_linear(slot)) continue;
+    const GgufTensorInfo* t = f.find_tensor(slot.gguf_name);  // present, shape checked by load_gguf_impl
+    const std::string& hf = slot.hf_name;
+    const bool perm = permute && (hf.find(".self_attn.q_proj.") != std::string::npos ||
+                                  hf.find(".self_attn.k_proj.") != std::string::npos);
+    const std::string ctx = path + ": tensor '" + slot.gguf_name + "'";
+    const uint64_t offset = f.data_offset() + t->offset;
+    LinearSource src;
+    src.out = slot.shape[0], src.in = slot.shape[1];
+    const int64_t in = src.in;
+    auto permuted = [perm, hd, ctx](Tensor rows, int64_t r0, int64_t r1) {
+      if (!perm) return rows;
+      LB_CHECK(r0 % hd == 0 && r1 % hd == 0, ctx, ": rows [", r0, ", ", r1, ") are not whole heads of ", hd);
+      return rope_rows_interleaved_to_half(rows, int((r1 - r0) / hd), int(hd));
+    };
+    const QuantFormat* qf = quant_format_for_ggml_type(t->ggml_type);
+    const GgmlTypeTraits* tt = ggml_type_traits(t->ggml_type);
+    if (packed && qf) {
+      if (first) q.format = qf->id, first = false;
+      src.packed_rows = [path, offset, qf, in, ctx, permuted](int64_t r0, int64_t r1) {
+        const int64_t rb = qf->row_bytes(in);
+        Tensor b = Tensor::empty({r1 - r0, rb}, DType::U8);
+        io::pread_exact(path, offset + uint64_t(r0 * rb), uint64_t((r1 - r0) * rb), b.raw_data(), "tensor data");
+        return make_ggml_quantized_tensor(*qf, r1 - r0, in, permuted(b, r0, r1), ctx);
+      };
+    } else if (tt->dtype || qf) {  // f32 rows: converted, or block types dequantized exactly (load_f32)
+      src.dense_rows = [path, offset, qf, tt, in, ctx, permuted](int64_t r0, int64_t r1) {
+        const int64_t rb = qf ? qf->row_bytes(in) : in * int64_t(dtype_size(*tt->dtype));
+        std::vector<uint8_t> raw(size_t((r1 - r0) * rb));
+        io::pread_exact(path, offset + uint64_t(r0 * rb), raw.size(), raw.data(), "tensor data");
+        Tensor out = Tensor::empty({r1 - r0, in});
+        if (qf)
+          for (int64_t r = 0; r < r1 - r0; ++r) qf->dequantize_row(raw.data() + r * rb, in, out.data<float>() + r * in);
+        else
+          io::convert_to_f32(raw.data(), *tt->dtype, (r1 - r0) * in, out.data<float>());
+        return permuted(out, r0, r1);
+      };
+    } else {
+      throw_error(ctx, ": ggml type ", tt->name, ", which lowbit cannot load yet");
+    }
+    z.linears.emplace(hf.substr(0, hf.size() - std::string(".weight").size()), std::move(src));
+  }
+  if (packed) {
+    q.dense.weights = weights_with_rope_style(c, q.dense.weights, RopeStyle::Half);
+    q.dense.config.rope_style = RopeStyle::Half;
+    for (auto& slot : io::weight_slots(q.dense.config, q.dense.weights))
+      if (is_packed_vocab(f, slot)) {
+        q.quantized[slot.hf_name.substr(0, slot.hf_name.size() - std::string(".weight").size())] =
+            f.load_quantized(slot.gguf_name);
+        *slot.tensor = zero_placeholder(slot.shape);
+      }
+  }
+  return z;
+}
 
 Checkpoint load_gguf(const std::string& path) { return load_gguf_impl(path, false); }
 

@@ -14,6 +14,7 @@
 #include "lowbit/core/threads.h"
 #include "lowbit/io/file_util.h"
 #include "lowbit/io/rope_layout.h"
+#include "lowbit/io/tensor_parallel_load.h"
 #include "lowbit/io/safetensors.h"
 #include "lowbit/io/weight_names.h"
 
@@ -201,9 +202,35 @@ LayerWeights HfTensorSource::read_layer(int i) const {
   return std::move(w.layers.at(size_t(i)));
 }
 
-namespace {
-
-}  // namespace
+LazyCheckpoint open_hf_dir_lazily(const std::string& dir) {
+  const std::shared_ptr<HfTensorSource> src = HfTensorSource::open(dir);
+  LazyCheckpoint z;
+  Checkpoint& ck = z.rest.dense;
+  ck.source = dir;
+  ck.config = src->config();
+  z.rest.method = "hf";
+  for (auto& slot : io::weight_slots(ck.config, ck.weights)) {
+    const std::string& name = slot.hf_name;
+    if (!io::is_block_linear_weight(name)) {  // replicated (and q/k/v biases, cut later): read whole, with pread
+      *slot.tensor = src->read_f32(name, slot.shape);
+      continue;
+    }
+    const SafetensorsFile& f = src->file_of(name);
+    if (f.find(name)->shape != slot.shape)
+      throw_error(f.path(), ": tensor '", name, "' has shape ", shape_str(f.find(name)->shape), ", the config needs ",
+                  shape_str(slot.shape));
+    LinearSource ls;
+    ls.out = slot.shape[0], ls.in = slot.shape[1];
+    const int64_t in = ls.in;
+    ls.dense_rows = [src, name, in](int64_t r0, int64_t r1) {
+      Tensor t = Tensor::empty({r1 - r0, in});
+      src->file_of(name).read_f32(name, r0 * in, (r1 - r0) * in, t.data<float>());
+      return t;
+    };
+    z.linears.emplace(name.substr(0, name.size() - std::string(".weight").size()), std::move(ls));
+  }
+  return z;
+}
 
 LlamaConfig config_from_hf_json(const json& j, const std::string& src) {
   if (!j.is_object()) throw_error(src, ": config.json is not a JSON object");

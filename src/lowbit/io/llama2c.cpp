@@ -8,6 +8,7 @@
 
 #include "lowbit/io/file_util.h"
 #include "lowbit/io/rope_layout.h"
+#include "lowbit/io/tensor_parallel_load.h"
 
 namespace lowbit {
 
@@ -95,7 +96,10 @@ uint64_t expected_file_size(const std::vector<Section>& secs, const std::string&
 
 }  // namespace
 
-Checkpoint load_llama2c(const std::string& path) {
+namespace {
+// load_llama2c; with `lazy`, the block linears are not read but recorded there as sources (pread at
+// their offsets) and lazy->rest gets the other tensors.
+Checkpoint load_llama2c_impl(const std::string& path, LazyCheckpoint* lazy) {
   auto file = io::MappedFile::open(path);
   if (file->size() < kHeaderBytes)
     throw_error(path, ": file is ", file->size(), " bytes, too small for a llama2.c header (", kHeaderBytes, " bytes)");
@@ -114,10 +118,25 @@ Checkpoint load_llama2c(const std::string& path) {
   const int64_t D = c.dim, F = c.hidden_dim, L = c.n_layers, V = c.vocab_size, h_dim = c.resolved_head_dim();
   const int64_t Q = int64_t(c.n_heads) * h_dim, KV = int64_t(c.n_kv_heads) * h_dim;
   // Reads one [L, rows, cols] array and splits it into per-layer tensors.
-  auto per_layer = [&](const char* what, int64_t rows, int64_t cols, Tensor LayerWeights::*field, Checkpoint& ck) {
+  // linear: the HF module name of a block linear ("self_attn.q_proj"), whose rows are read lazily.
+  auto per_layer = [&](const char* what, int64_t rows, int64_t cols, Tensor LayerWeights::*field, Checkpoint& ck,
+                       const char* linear = nullptr) {
     for (int64_t l = 0; l < L; ++l) {
       Shape shape = rows > 0 ? Shape{rows, cols} : Shape{cols};
       const uint64_t n = uint64_t(rows > 0 ? rows : 1) * uint64_t(cols);
+      if (lazy && linear) {
+        const uint64_t offset = r.pos();
+        r.take(n * 4, what);  // bounds only: not read
+        LinearSource src;
+        src.out = rows, src.in = cols;
+        src.dense_rows = [path, offset, cols, what](int64_t r0, int64_t r1) {
+          Tensor t = Tensor::empty({r1 - r0, cols});
+          io::pread_exact(path, offset + uint64_t(r0 * cols) * 4, uint64_t((r1 - r0) * cols) * 4, t.raw_data(), what);
+          return t;
+        };
+        lazy->linears.emplace("model.layers." + std::to_string(l) + "." + linear, std::move(src));
+        continue;
+      }
       ck.weights.layers[l].*field = io::tensor_from_bytes_f32(r.take(n * 4, what), DType::F32, shape);
     }
   };
@@ -127,22 +146,32 @@ Checkpoint load_llama2c(const std::string& path) {
   ck.weights.layers.resize(size_t(L));
   ck.weights.tok_embeddings = io::tensor_from_bytes_f32(r.take(uint64_t(V * D) * 4, "token_embedding"), DType::F32, {V, D});
   per_layer("rms_att", 0, D, &LayerWeights::attn_norm, ck);
-  per_layer("wq", Q, D, &LayerWeights::wq, ck);
-  per_layer("wk", KV, D, &LayerWeights::wk, ck);
-  per_layer("wv", KV, D, &LayerWeights::wv, ck);
-  per_layer("wo", D, Q, &LayerWeights::wo, ck);
+  per_layer("wq", Q, D, &LayerWeights::wq, ck, "self_attn.q_proj");
+  per_layer("wk", KV, D, &LayerWeights::wk, ck, "self_attn.k_proj");
+  per_layer("wv", KV, D, &LayerWeights::wv, ck, "self_attn.v_proj");
+  per_layer("wo", D, Q, &LayerWeights::wo, ck, "self_attn.o_proj");
   per_layer("rms_ffn", 0, D, &LayerWeights::ffn_norm, ck);
-  per_layer("w1", F, D, &LayerWeights::w_gate, ck);
-  per_layer("w2", D, F, &LayerWeights::w_down, ck);
-  per_layer("w3", F, D, &LayerWeights::w_up, ck);
+  per_layer("w1", F, D, &LayerWeights::w_gate, ck, "mlp.gate_proj");
+  per_layer("w2", D, F, &LayerWeights::w_down, ck, "mlp.down_proj");
+  per_layer("w3", F, D, &LayerWeights::w_up, ck, "mlp.up_proj");
   ck.weights.final_norm = io::tensor_from_bytes_f32(r.take(uint64_t(D) * 4, "rms_final"), DType::F32, {D});
   // The RoPE table (freq_cis_real, freq_cis_imag) is skipped, as run.c does: it is a function of
   // seq_len and head_size alone.
   r.take(uint64_t(c.max_seq_len) * uint64_t(h_dim / 2) * 4 * 2, "freq_cis");
   if (!c.tied_embeddings)
     ck.weights.output = io::tensor_from_bytes_f32(r.take(uint64_t(V * D) * 4, "wcls"), DType::F32, {V, D});
-  validate_weights(ck.config, ck.weights, path);
+  if (!lazy) validate_weights(ck.config, ck.weights, path);
   return ck;
+}
+}  // namespace
+
+Checkpoint load_llama2c(const std::string& path) { return load_llama2c_impl(path, nullptr); }
+
+LazyCheckpoint open_llama2c_lazily(const std::string& path) {
+  LazyCheckpoint z;
+  z.rest.dense = load_llama2c_impl(path, &z);
+  z.rest.method = "llama2.c";
+  return z;
 }
 
 bool looks_like_llama2c(const std::string& path) {

@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <cmath>
 #include <cstdio>
 #include <algorithm>
 #include <filesystem>
@@ -10,6 +11,7 @@
 #include "lowbit/io/hf.h"
 #include "lowbit/io/rope_layout.h"
 #include "lowbit/io/safetensors.h"
+#include "lowbit/io/tensor_parallel_load.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
 #include "lowbit/quant/ptq161_tensor.h"
@@ -373,7 +375,14 @@ bool is_lowbit_quantized_dir(const std::string& dir) {
          j["quantization_config"].is_object() && j["quantization_config"].value("quant_method", "") == "lowbit";
 }
 
-QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view) {
+namespace {
+// load_quantized_model; with `lazy`, the block linears are not read but recorded there as sources
+// (their rows read with pread: codes, scales and zeros of those rows) and the result is lazy->rest.
+// vocab_q8_chunk > 0: the vocabulary matrices are packed as pack_vocab(q) packs them (Q8_0), read
+// from the file in chunks of about that many f32 bytes and packed chunk by chunk (q8_0 blocks are
+// per row, so the result is the same), so the f32 matrices are never held whole.
+QuantizedCheckpoint load_quantized_impl(const std::string& dir, bool dense_view, LazyCheckpoint* lazy,
+                                        int64_t vocab_q8_chunk = 0) {
   const std::string cfg_path = (fs::path(dir) / "config.json").string();
   nlohmann::json cfg = read_json(cfg_path);
   if (!cfg.contains("quantization_config") || !cfg["quantization_config"].is_object())
@@ -410,20 +419,46 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
   out.dense.config = config_from_hf_json(cfg, cfg_path);
   const LlamaConfig& c = out.dense.config;
   const std::string st_path = (fs::path(dir) / "model.safetensors").string();
-  SafetensorsFile f = SafetensorsFile::open(st_path);
+  const auto fp = std::make_shared<SafetensorsFile>(SafetensorsFile::open(st_path));
+  SafetensorsFile& f = *fp;
   auto load = [&](const std::string& name) -> Tensor {
     if (!f.find(name)) throw_error(st_path, ": missing tensor '", name, "'");
     return f.load(name);
   };
+  // f32 copies read with pread, not through the mapping: the file's pages of the dense tensors
+  // (the vocabulary matrices above all) do not join the resident set next to their copies.
   auto loadf = [&](const std::string& name) -> Tensor {
     if (!f.find(name)) throw_error(st_path, ": missing tensor '", name, "'");
-    return f.load_f32(name);
+    return f.read_f32(name);
   };
   LlamaWeights& w = out.dense.weights;
   w = LlamaWeights{};
-  w.tok_embeddings = loadf("model.embed_tokens.weight");
+  auto vocab = [&](const std::string& module, Tensor* slot) {
+    const std::string name = module + ".weight";
+    const QuantFormat& qf = quant_format(QuantFormatId::Q8_0);
+    const SafetensorsTensorInfo* info = f.find(name);
+    if (vocab_q8_chunk <= 0 || !info || info->shape.size() != 2 || !qf.row_fits(info->shape[1])) {
+      *slot = loadf(name);  // as pack_vocab: a width that is not whole blocks stays dense
+      return;
+    }
+    const int64_t V = info->shape[0], D = info->shape[1], rb = qf.row_bytes(D);
+    const int64_t chunk = std::max<int64_t>(1, vocab_q8_chunk / (D * 4));
+    Tensor blocks = Tensor::empty({V, rb}, DType::U8);
+    std::vector<float> buf(size_t(std::min(V, chunk) * D));
+    for (int64_t r0 = 0; r0 < V; r0 += chunk) {
+      const int64_t n = std::min(V, r0 + chunk) - r0;
+      f.read_f32(name, r0 * D, n * D, buf.data());
+      for (int64_t i = 0; i < n * D; ++i)
+        if (!std::isfinite(buf[size_t(i)]))
+          throw_error(st_path, ": tensor '", name, "' has a non-finite value (", buf[size_t(i)], ") at index ", r0 * D + i);
+      for (int64_t r = 0; r < n; ++r) qf.quantize_row(buf.data() + r * D, D, blocks.data<uint8_t>() + (r0 + r) * rb);
+    }
+    out.quantized[module] = make_ggml_quantized_tensor(qf, V, D, blocks, st_path + ": " + name);
+    *slot = zero_placeholder({V, D});
+  };
+  vocab("model.embed_tokens", &w.tok_embeddings);
   w.final_norm = loadf("model.norm.weight");
-  if (!c.tied_embeddings) w.output = loadf("lm_head.weight");
+  if (!c.tied_embeddings) vocab("lm_head", &w.output);
   const int64_t D = c.dim, F = c.hidden_dim, h = c.resolved_head_dim();
   const int64_t Q = int64_t(c.n_heads) * h, KV = int64_t(c.n_kv_heads) * h;
   for (int i = 0; i < c.n_layers; ++i) {
@@ -467,13 +502,50 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
           if (f.find(m + ".col_scales")) q.col_scales = load(m + ".col_scales");
           try {
             q.validate();
-            q.check_codes();
+            if (!lazy) q.check_codes();
           } catch (const Error& e) {
             throw_error(st_path, ": quantized layer '", m, "': ", e.what());
           }
         }
+        if (lazy) {
+          LinearSource src;
+          src.out = lin.out, src.in = lin.in;
+          if (f.find(m + ".qweight")) {
+            // Rows of codes / scales / zeros read on demand; the per-tensor fields kept (small).
+            QuantizedTensor head = q;
+            head.codes = head.scales = head.zeros = Tensor();
+            const int64_t rb = q.row_bytes();
+            const Tensor sc = q.scales, ze = q.zeros;
+            const DType sdt = sc.defined() ? sc.dtype() : DType::U8, zdt = ze.defined() ? ze.dtype() : DType::U8;
+            const int64_t scols = sc.defined() ? sc.size(1) : 0, zcols = ze.defined() ? ze.size(1) : 0;
+            src.packed_rows = [fp, m, head, rb, sdt, zdt, scols, zcols, st_path](int64_t r0, int64_t r1) {
+              const int64_t n = r1 - r0;
+              QuantizedTensor p = head;
+              p.shape = {n, head.in_features()};
+              auto rows = [&](const std::string& name, int64_t cols, DType dt) {
+                Tensor t = Tensor::empty({n, cols}, dt);
+                const int64_t row = cols * int64_t(dtype_size(dt));
+                fp->read_bytes(name, uint64_t(r0 * row), uint64_t(n * row), t.raw_data());
+                return t;
+              };
+              p.codes = rows(m + ".qweight", rb, DType::U8);
+              if (scols) p.scales = rows(m + ".scales", scols, sdt);
+              if (zcols) p.zeros = rows(m + ".qzeros", zcols, zdt);
+              try {
+                p.validate();
+                p.check_codes();
+              } catch (const Error& e) {
+                throw_error(st_path, ": quantized layer '", m, "': ", e.what());
+              }
+              return p;
+            };
+          } else {  // the legacy ptq161 container, converted whole: its rows
+            src.packed_rows = [q](int64_t r0, int64_t r1) { return q.slice_rows(r0, r1); };
+          }
+          lazy->linears.emplace(m, std::move(src));
+        }
         // Without a dense view: a zero placeholder of the right shape (no resident memory).
-        *lin.w = dense_view ? q.dequantize() : zero_placeholder({lin.out, lin.in});
+        if (!lazy) *lin.w = dense_view ? q.dequantize() : zero_placeholder({lin.out, lin.in});
         if (f.find(m + ".lora_A") || f.find(m + ".lora_B")) {
           LoraAdapters ad{loadf(m + ".lora_A"), loadf(m + ".lora_B")};
           if (ad.A.dim() != 2 || ad.A.size(1) != lin.in || ad.B.dim() != 2 || ad.B.size(0) != lin.out ||
@@ -494,7 +566,22 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
           }
           out.lora.emplace(m, std::move(ad));
         }
-        out.quantized.emplace(m, std::move(q));
+        if (!lazy) out.quantized.emplace(m, std::move(q));
+      } else if (lazy) {
+        const std::string name = m + ".weight";
+        if (!f.find(name)) throw_error(st_path, ": missing tensor '", name, "'");
+        if (f.find(name)->shape != Shape{lin.out, lin.in})
+          throw_error(st_path, ": tensor '", name, "' has shape ", shape_str(f.find(name)->shape), ", the config needs [",
+                      lin.out, ", ", lin.in, "]");
+        LinearSource src;
+        src.out = lin.out, src.in = lin.in;
+        const int64_t in = lin.in;
+        src.dense_rows = [fp, name, in](int64_t r0, int64_t r1) {
+          Tensor t = Tensor::empty({r1 - r0, in});
+          fp->read_f32(name, r0 * in, (r1 - r0) * in, t.data<float>());
+          return t;
+        };
+        lazy->linears.emplace(m, std::move(src));
       } else {
         *lin.w = loadf(m + ".weight");
       }
@@ -505,9 +592,20 @@ QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view
   if (!layer_fmt.empty())
     throw_error(cfg_path, ": quantization_config.layer_formats names '", layer_fmt.begin()->first,
                 "', which is not a packed linear of the model");
-  validate_weights(c, w, dir);
+  if (!lazy) validate_weights(c, w, dir);
   if (qc.contains("transforms")) out.transforms = read_transforms(qc["transforms"], f, c, cfg_path, st_path);
   return out;
+}
+}  // namespace
+
+QuantizedCheckpoint load_quantized_model(const std::string& dir, bool dense_view) {
+  return load_quantized_impl(dir, dense_view, nullptr);
+}
+
+LazyCheckpoint open_quantized_dir_lazily(const std::string& dir, bool pack_vocab, int64_t chunk_bytes) {
+  LazyCheckpoint z;
+  z.rest = load_quantized_impl(dir, /*dense_view=*/false, &z, pack_vocab ? chunk_bytes : 0);
+  return z;
 }
 
 void refuse_transforms(const QuantizedCheckpoint& q, const std::string& what) {

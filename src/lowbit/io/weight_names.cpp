@@ -35,4 +35,10 @@ std::vector<WeightSlot> weight_slots(const LlamaConfig& c, LlamaWeights& w) {
   return s;
 }
 
+bool is_block_linear_weight(const std::string& hf_name) {
+  const std::string suffix = "_proj.weight";
+  return hf_name.rfind("model.layers.", 0) == 0 && hf_name.size() > suffix.size() &&
+         hf_name.compare(hf_name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 }  // namespace lowbit::io

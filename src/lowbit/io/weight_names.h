@@ -20,4 +20,7 @@ struct WeightSlot {
 // layers are not resized.
 std::vector<WeightSlot> weight_slots(const LlamaConfig& c, LlamaWeights& w);
 
+// True for the weight of one of the seven linear layers of a block ("model.layers.3.mlp.up_proj.weight").
+bool is_block_linear_weight(const std::string& hf_name);
+
 }  // namespace lowbit::io

@@ -190,6 +190,11 @@ class LlamaModel {
   // the model's device.
   std::unique_ptr<LlamaModel> tensor_parallel_shard(comm::Communicator& comm, Device device) const;
   std::unique_ptr<LlamaModel> tensor_parallel_shard(comm::Communicator& comm) const;
+  // Makes this model, built from a TensorParallelPlan's piece_config() and the rank's pieces of the
+  // block linears (the rank-local loader, io/tensor_parallel_load.h), rank comm.rank()'s piece:
+  // o_proj and down_proj become RowParallelLinear (all-reduced). The refusals of
+  // tensor_parallel_shard (transforms, already a piece).
+  void join_tensor_parallel(comm::Communicator& comm);
   // The communicator of a tensor-parallel piece, else null.
   comm::Communicator* tensor_parallel() const { return tp_; }
 

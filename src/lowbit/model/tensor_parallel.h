@@ -14,8 +14,11 @@
 // stream (the all-reduce gives each rank the same sum), hence the same logits; rank 0 alone samples,
 // the others take its token (runtime: follow_root). Inference only (no gradients).
 #pragma once
+#include <functional>
 #include <memory>
+#include <string>
 
+#include "lowbit/model/config.h"
 #include "lowbit/model/linear.h"
 
 namespace lowbit {
@@ -43,6 +46,43 @@ class RowParallelLinear : public Linear {
  private:
   std::shared_ptr<Linear> piece_;
   comm::Communicator* comm_;
+};
+
+// The cut of one block linear for one rank.
+struct ShardCut {
+  ShardAxis axis = ShardAxis::Rows;
+  int64_t begin = 0, end = 0;
+};
+
+// Which piece of every block linear rank r of W holds — described once, and used both by
+// LlamaModel::tensor_parallel_shard (cutting a loaded model in memory) and by the rank-local loader
+// (io/tensor_parallel_load.h, which reads only these rows / columns from the file):
+//   q_proj rows [q0, q1), k_proj / v_proj rows [k0, k1) (whole heads; q/k/v biases the same rows),
+//   o_proj input columns [q0, q1), gate_proj / up_proj rows [f0, f1), down_proj columns [f0, f1).
+// Throws lowbit::Error (the messages of tensor_parallel_shard) when W does not divide n_heads or
+// n_kv_heads, or o_proj's / down_proj's column units do not split evenly over W.
+class TensorParallelPlan {
+ public:
+  // column_unit(layer, "self_attn.o_proj" | "mlp.down_proj", &kind): that layer's
+  // Linear::column_shard_unit() (1: dense) and its kind for messages.
+  using ColumnUnitFn = std::function<int64_t(int layer, const std::string& linear, std::string* kind)>;
+  TensorParallelPlan(const LlamaConfig& full, int rank, int world, const ColumnUnitFn& column_unit);
+
+  int rank() const { return rank_; }
+  int world() const { return world_; }
+  const LlamaConfig& full_config() const { return full_; }
+  // The piece's config: n_heads = H/W, n_kv_heads = K/W, head_dim = h, hidden_dim = f1 - f0.
+  const LlamaConfig& piece_config() const { return piece_; }
+  // The cut of the block linear `linear` ("self_attn.q_proj", ..., "mlp.down_proj": the names of
+  // LlamaBlock::linears()); throws for another name.
+  ShardCut cut(const std::string& linear) const;
+  // True for the row-parallel layers (o_proj, down_proj), whose partial products are all-reduced.
+  static bool row_parallel(const std::string& linear);
+
+ private:
+  LlamaConfig full_, piece_;
+  int rank_ = 0, world_ = 1;
+  int64_t q0_ = 0, q1_ = 0, k0_ = 0, k1_ = 0, f0_ = 0, f1_ = 0;
 };
 
 // The layer that computes: a row-parallel layer's piece, else l itself (forward_mixed routes packed
