@@ -3,9 +3,9 @@
 # binaries, alternating runs (every round runs each binary x model pair once, in turn, so the noise of
 # the shared machine falls on all of them alike). Models: bench/ptq161_smollm2.sh's ptq161 and
 # rtn-int2g64 folders. Results: docs/results/ptq161.md.
-#   ROUNDS=3 bench/ptq161_decode_speed.sh OUT_DIR PTQ161_DIR INT2G64_DIR NAME=BINARY [NAME=BINARY ...]
-# Each run: lowbit bench -m DIR -p 32 -n 32 -r 3 --threads 2 --json (tg_cpu_ms_per_token = process CPU
-# time of both threads per decoded token). Prints one row per binary x model: the rounds' CPU ms, their
+#   ROUNDS=3 [BENCH_ARGS="-b 8"] bench/ptq161_decode_speed.sh OUT_DIR PTQ161_DIR INT2G64_DIR NAME=BINARY [NAME=BINARY ...]
+# Each run: lowbit bench -m DIR -p 32 -n 32 -r 3 --threads 2 --json $BENCH_ARGS (tg_cpu_ms_per_token =
+# process CPU time of both threads per decoded token; with -b 8, per token of the 8-token steps). Prints one row per binary x model: the rounds' CPU ms, their
 # mean, and the mean of the per-round ratios ptq161 / int2g64 of the same binary.
 set -u
 out=$1 p161=$2 i2=$3
@@ -19,7 +19,7 @@ for r in $(seq 1 "$rounds"); do
     for m in ptq161 int2g64; do
       d=$p161
       [ $m = int2g64 ] && d=$i2
-      "$bin" bench -m "$d" -p 32 -n 32 -r 3 --threads 2 --json > "$out/$name.$m.$r.json" 2> "$out/$name.$m.$r.err"
+      "$bin" bench -m "$d" -p 32 -n 32 -r 3 --threads 2 --json ${BENCH_ARGS:-} > "$out/$name.$m.$r.json" 2> "$out/$name.$m.$r.err"
     done
   done
 done
