@@ -90,6 +90,26 @@ struct FormatTraits {
   LB_HD static constexpr int64_t masked_row_bytes(int64_t in, int64_t salient) {
     return (in - salient + 7) / 8 + (salient + 1) / 2;
   }
+  // Set bits of a column mask of n bytes (k), eight bytes a step with a branch-free bit count (the
+  // library is built without -mpopcnt, where std::popcount is a libgcc call; packed views count
+  // their masks on every product).
+  static inline int64_t mask_count(const uint8_t* m, int64_t n) {
+    int64_t k = 0, b = 0;
+    const auto bits = [](uint64_t v) {
+      v -= (v >> 1) & 0x5555555555555555ull;
+      v = (v & 0x3333333333333333ull) + ((v >> 2) & 0x3333333333333333ull);
+      v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0full;
+      return int64_t((v * 0x0101010101010101ull) >> 56);
+    };
+    for (; b + 8 <= n; b += 8) {
+      uint64_t v;
+      std::memcpy(&v, m + b, 8);
+      k += bits(v);
+    }
+    uint64_t t = 0;
+    std::memcpy(&t, m + b, size_t(n - b));
+    return k + bits(t);
+  }
   // Largest code value produced (2^bits-1, 2 for ternary, 8 for trit-plane pairs).
   LB_HD constexpr int qmax() const {
     return kind == QuantKind::Ternary ? 2 : kind == QuantKind::TritPlanes ? 8 : (1 << bits) - 1;

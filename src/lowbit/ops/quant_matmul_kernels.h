@@ -152,7 +152,8 @@ struct SalientActs {
   const float* ds = nullptr;          // [M, sblk]
   const float* dsum = nullptr;        // [M, 2]
 };
-// Weight rows [row0, row1) against all a.M activation rows: y[m * w.out + r] (quant_matmul_salient_x86.inc).
+// Weight rows [row0, row1) against all a.M activation rows: y[m * w.out + r] (quant_matmul_salient_x86.inc),
+// four weight rows per pass from row0 (a row's numbers do not depend on row0 or row1).
 using SalientKernel = void (*)(const PackedWeight& w, int64_t row0, int64_t row1, const SalientActs& a, float* y);
 #if defined(__x86_64__) || defined(__i386__)
 SalientKernel avx2_salient_kernel();

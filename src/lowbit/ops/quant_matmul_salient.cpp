@@ -91,16 +91,7 @@ void rows(const PackedWeight& w, const F& fn) {
 void check(const PackedWeight& w, const char* op) {
   if (!w.col_mask || !w.col_scales || !w.scales || !w.zeros)
     throw_error(op, ": weight [", w.format, "] SalientBinary view lacks its column mask, column factors or row factors");
-  int64_t k = 0;
-  // Eight mask bytes a count (this runs on every product; without -mpopcnt a count is a call).
-  const int64_t mb = (w.in + 7) / 8;
-  int64_t b = 0;
-  for (; b + 8 <= mb; b += 8) {
-    uint64_t v;
-    std::memcpy(&v, w.col_mask + b, 8);
-    k += std::popcount(v);
-  }
-  for (; b < mb; ++b) k += std::popcount(unsigned(w.col_mask[b]));
+  const int64_t k = FormatTraits::mask_count(w.col_mask, (w.in + 7) / 8);
   if (k != w.salient || w.n_groups != 2 || w.row_bytes != FormatTraits::masked_row_bytes(w.in, k))
     throw_error(op, ": weight [", w.format, "] SalientBinary view: ", k, " mask bits for salient = ", w.salient,
                 ", ", w.n_groups, " groups (expected 2), row_bytes ", w.row_bytes, " (expected ",
@@ -273,11 +264,13 @@ const qmm::SalientActs& prepare(const float* x, int64_t M, const PackedWeight& w
   return B.a;
 }
 
-// Rows in chunks of at least ~32K weights (one parallel region per product).
+// Rows in chunks of at least ~32K weights (one parallel region per product), each chunk starting at
+// a multiple of `unit` rows (the x86 kernels take four rows per pass).
 template <class F>
-void int8_rows(const PackedWeight& w, const F& fn) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, w.in));
-  parallel_for(w.out, grain, [&](int64_t r0, int64_t r1) { fn(r0, r1); });
+void int8_rows(const PackedWeight& w, const F& fn, int64_t unit = 1) {
+  const int64_t units = (w.out + unit - 1) / unit;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, w.in * unit));
+  parallel_for(units, grain, [&](int64_t u0, int64_t u1) { fn(u0 * unit, std::min(w.out, u1 * unit)); });
 }
 
 }  // namespace
@@ -330,7 +323,7 @@ void int8_portable(const float* x, int64_t M, const PackedWeight& w, float* y) {
 #if defined(__x86_64__) || defined(__i386__)
 void int8_simd(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::SalientKernel kernel) {
   const qmm::SalientActs& a = prepare(x, M, w, true);
-  int8_rows(w, [&](int64_t r0, int64_t r1) { kernel(w, r0, r1, a, y); });
+  int8_rows(w, [&](int64_t r0, int64_t r1) { kernel(w, r0, r1, a, y); }, 4);
 }
 #endif
 

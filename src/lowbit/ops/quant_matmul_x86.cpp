@@ -42,6 +42,8 @@ static inline __m256i dot_u8s8(__m256i w, __m256i a) {
 #include "lowbit/ops/quant_matmul_x86.inc"  // undefines the QMM_ macros
 #define SAL_EXPAND(bits) expand_bits_shuffle(bits)
 #define SAL_DOT(u, a) dot_u8s8(u, a)
+#define SAL_MADD16(s, c, a) _mm256_add_epi32(s, _mm256_madd_epi16(c, a))
+#define SAL_ZMM 0
 #include "lowbit/ops/quant_matmul_salient_x86.inc"  // undefines the SAL_ macros
 }  // namespace avx2
 LB_TARGET_END()
@@ -58,6 +60,8 @@ namespace avx512vnni {
 #include "lowbit/ops/quant_matmul_x86.inc"  // undefines the QMM_ macros
 #define SAL_EXPAND(bits) _mm256_maskz_mov_epi8(__mmask32(bits), _mm256_set1_epi8(1))
 #define SAL_DOT(u, a) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a)
+#define SAL_MADD16(s, c, a) _mm256_dpwssd_epi32(s, c, a)
+#define SAL_ZMM 1  // the four-row pass on 512-bit vectors
 #include "lowbit/ops/quant_matmul_salient_x86.inc"  // undefines the SAL_ macros
 }  // namespace avx512vnni
 LB_TARGET_END()
@@ -74,6 +78,8 @@ namespace avxvnni {
 #include "lowbit/ops/quant_matmul_x86.inc"  // undefines the QMM_ macros
 #define SAL_EXPAND(bits) expand_bits_shuffle(bits)
 #define SAL_DOT(u, a) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, a)
+#define SAL_MADD16(s, c, a) _mm256_dpwssd_avx_epi32(s, c, a)
+#define SAL_ZMM 0
 #include "lowbit/ops/quant_matmul_salient_x86.inc"  // undefines the SAL_ macros
 }  // namespace avxvnni
 LB_TARGET_END()

@@ -1,7 +1,6 @@
 #include "lowbit/quant/quantized_tensor.h"
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -120,10 +119,7 @@ void QuantizedTensor::check_codes() const {
 
 int64_t QuantizedTensor::salient() const {
   if (!col_mask.defined() || col_mask.dtype() != DType::U8 || !col_mask.is_contiguous()) return 0;
-  int64_t k = 0;
-  const uint8_t* p = col_mask.data<uint8_t>();
-  for (int64_t b = 0; b < col_mask.numel(); ++b) k += std::popcount(unsigned(p[b]));
-  return k;
+  return FormatTraits::mask_count(col_mask.data<uint8_t>(), col_mask.numel());
 }
 
 int64_t QuantizedTensor::row_bytes() const {
