@@ -710,6 +710,8 @@ class LrQat : public QatMethod {
   }
   std::string name() const override { return "lr-qat"; }
   QatResult run(const LlamaModel& fp, const std::vector<int32_t>& stream) override {
+    LB_CHECK(model_device(fp) == Device::CPU, "qat --method lr-qat: the LR-QAT quantizer has CPU bodies only; load the "
+             "model on the CPU (--device cpu)");
     const QuantFormat& f = *c_.format;
     const auto t0 = Clock::now();
     auto work = std::make_unique<LlamaModel>(fp.config(), fp.weights(), false);
@@ -766,6 +768,8 @@ class LlmQat : public QatMethod {
   }
   std::string name() const override { return "llm-qat"; }
   QatResult run(const LlamaModel& fp, const std::vector<int32_t>& stream) override {
+    LB_CHECK(model_device(fp) == Device::CPU, "qat --method llm-qat: its weight, activation and KV quantizers have CPU "
+             "bodies only; load the model on the CPU (--device cpu)");
     const QuantFormat& f = *c_.format;
     const auto t0 = Clock::now();
     const LlamaConfig& mc = fp.config();
