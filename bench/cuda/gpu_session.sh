@@ -247,7 +247,7 @@ check)
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   "$W/bin/test_ops" --gtest_filter='Parity*:DeviceFill*:CastParity*:QatQuantOps*' > "$O/check-ops.log" 2>&1
   echo "test_ops exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$O/check-ops.log" | head -20
-  "$W/bin/test_quant" --gtest_filter='ParetoQ.HalfInteger*:QuantMatmul*:LwcCuda*' > "$O/check-quant.log" 2>&1
+  "$W/bin/test_quant" --gtest_filter='ParetoQ.HalfInteger*:QuantMatmul*:LwcCuda*:QatCuda*' > "$O/check-quant.log" 2>&1
   echo "test_quant exit $?"; grep -E "^\[  (PASSED|FAILED) |Failure|exception" "$O/check-quant.log" | head -20
   "$W/bin/test_methods" --gtest_filter='*Gpu*:*Cuda*:QatCli*' > "$O/check-methods.log" 2>&1
   echo "test_methods exit $?"; grep -E "^\[  (PASSED|FAILED) |Failure|exception" "$O/check-methods.log" | head -20
