@@ -245,11 +245,11 @@ check)
   O=${OUT:-/tmp/out}
   mkdir -p "$O"
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  "$W/bin/test_ops" --gtest_filter='Parity*:DeviceFill*:CastParity*' > "$O/check-ops.log" 2>&1
+  "$W/bin/test_ops" --gtest_filter='Parity*:DeviceFill*:CastParity*:QatQuantOps*' > "$O/check-ops.log" 2>&1
   echo "test_ops exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$O/check-ops.log" | head -20
-  "$W/bin/test_quant" --gtest_filter='ParetoQ.HalfInteger*:QuantMatmul*:LwcCuda*' > "$O/check-quant.log" 2>&1
+  "$W/bin/test_quant" --gtest_filter='ParetoQ.HalfInteger*:QuantMatmul*:LwcCuda*:QatCuda*' > "$O/check-quant.log" 2>&1
   echo "test_quant exit $?"; grep -E "^\[  (PASSED|FAILED) |Failure|exception" "$O/check-quant.log" | head -20
-  "$W/bin/test_methods" --gtest_filter='*Gpu*:*Cuda*' > "$O/check-methods.log" 2>&1
+  "$W/bin/test_methods" --gtest_filter='*Gpu*:*Cuda*:QatCli*' > "$O/check-methods.log" 2>&1
   echo "test_methods exit $?"; grep -E "^\[  (PASSED|FAILED) |Failure|exception" "$O/check-methods.log" | head -20
   python3 -c "import numpy as np; np.random.default_rng(1).integers(0, 49152, 8 * 513 * 4, dtype=np.int32).tofile('$W/tok.i32')"
   "$W/bin/lowbit" -q train --out "$W/init" --dim 576 --hidden-dim 1536 --layers 30 --heads 9 --kv-heads 3 \

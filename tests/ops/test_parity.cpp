@@ -22,7 +22,9 @@
 #include "lowbit/autograd/functions.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
+#include "lowbit/ops/qat_quant.h"
 #include "lowbit/ops/registry.h"
+#include "qat_cases.h"
 
 using namespace lowbit;
 
@@ -650,6 +652,57 @@ TEST_F(Parity, AdamWMulti) {
   }
 }
 
+// ---- QAT weight quantizers (ops/qat_quant.h) ----------------------------------------------------------
+// The per-element arithmetic is the same header on both sides (ops/qat_quant_math.h: IEEE division,
+// rint, no fused multiply-add that changes a result), so the forwards and dw are exact (0). The
+// per-group sums of the backwards (dstep, doffset, dalpha) run in another order (32 lanes, then a
+// shuffle tree): fp32 rounding of at most 300 terms of magnitude ~|dy| -> 1e-5 of the largest.
+// Every case runs with and without dw / doffset (the kernels' null-output branches).
+TEST_F(Parity, QatQuantizers) {
+  uint64_t seed = 900;
+  for (const auto& c : test::qat_format_cases()) {
+    const test::QatParams p = test::qat_params(c, seed += 10);
+    const std::string fn = c.f.name;
+    const Tensor ofs_g = p.offset.defined() ? gpu(p.offset) : Tensor();
+    Tensor yc, yg;
+    ops::lsq_quant_forward(p.w, p.step, p.offset, c.f, yc);
+    ops::lsq_quant_forward(gpu(p.w), gpu(p.step), ofs_g, c.f, yg);
+    check("lsq_quant", fn + " forward", yg, yc, 0.0);
+    for (bool want_dw : {true, false}) {
+      Tensor dwc, dsc, dzc, dwg, dsg, dzg;
+      ops::lsq_quant_backward(p.w, p.step, p.offset, p.dy, c.f, 0.03, want_dw ? &dwc : nullptr, dsc,
+                              want_dw ? &dzc : nullptr);
+      ops::lsq_quant_backward(gpu(p.w), gpu(p.step), ofs_g, gpu(p.dy), c.f, 0.03, want_dw ? &dwg : nullptr, dsg,
+                              want_dw ? &dzg : nullptr);
+      check("lsq_quant", fn + " dstep", dsg, dsc, 1e-5);
+      if (want_dw) check("lsq_quant", fn + " dw", dwg, dwc, 0.0);
+      ASSERT_EQ(dzc.defined(), dzg.defined()) << fn;
+      if (dzc.defined()) check("lsq_quant", fn + " doffset", dzg, dzc, 1e-5);
+    }
+    Tensor gc, gg, dc, dg;
+    ops::group_scale_forward(p.codes, p.step, c.f, gc);
+    ops::group_scale_forward(gpu(p.codes), gpu(p.step), c.f, gg);
+    check("group_scale", fn + " forward", gg, gc, 0.0);
+    ops::group_scale_backward(p.codes, p.dy, c.f, dc);
+    ops::group_scale_backward(gpu(p.codes), gpu(p.dy), c.f, dg);
+    check("group_scale", fn + " dstep", dg, dc, 1e-5);
+    for (const auto& sc : test::seq_cases()) {
+      const std::string what = fn + " " + sc.name;
+      Tensor sy, sg;
+      ops::seq_quant_forward(p.w, p.alpha, sc.q, c.f, sy);
+      ops::seq_quant_forward(gpu(p.w), gpu(p.alpha), sc.q, c.f, sg);
+      check("seq_quant", what + " forward", sg, sy, 0.0);
+      for (bool want_dw : {true, false}) {
+        Tensor dwc, dac, dwg, dag;
+        ops::seq_quant_backward(p.w, p.alpha, p.dy, sc.q, c.f, 0.05, want_dw ? &dwc : nullptr, dac);
+        ops::seq_quant_backward(gpu(p.w), gpu(p.alpha), gpu(p.dy), sc.q, c.f, 0.05, want_dw ? &dwg : nullptr, dag);
+        check("seq_quant", what + " dalpha", dag, dac, 1e-5);
+        if (want_dw) check("seq_quant", what + " dw", dwg, dwc, 0.0);
+      }
+    }
+  }
+}
+
 // ---- bf16 ------------------------------------------------------------------------------------------
 // bf16 inputs on the GPU (fp32 arithmetic inside, tensor cores with fp32 accumulation for gemm)
 // against the CPU in f32 on the same bf16-rounded inputs. The difference is dominated by rounding
@@ -771,7 +824,9 @@ TEST(ParityCoverage, EveryRegistryOpHasAParityTest) {
                                            // CPU only (issue 16): FP8/FP4 activation quantizers (ops/fp_act_quant.h).
                                            "fp_fake_quant",
                                            // CPU only (issue 18): a GPU tensor is an error (test_optim8.cpp).
-                                           "adamw8_step"};
+                                           "adamw8_step",
+                                           // Parity.QatQuantizers (issue 14)
+                                           "lsq_quant", "seq_quant", "group_scale"};
   for (const auto& op : ops::op_registry())
     EXPECT_NE(std::find(tested.begin(), tested.end(), std::string(op.name)), tested.end())
         << "op '" << op.name << "' has no GPU parity test";

@@ -70,9 +70,7 @@ void run_qat(QatArgs& a) {
     throw_error("qat --method lr-qat: --device ", a.device, " is not supported: the LR-QAT quantizer (adapter inside the "
                 "rounding, downcast W0) has CPU bodies only (use --device cpu)");
   if (!a.grad_checkpointing.empty()) a.c.grad_checkpoint = a.grad_checkpointing == "on";
-  const Device dev = parse_device(a.device);
-  if (dev != Device::CPU)
-    throw_error("qat: --device ", a.device, " is not supported yet: the LSQ quantizer has a CPU body only (use --device cpu)");
+  const Device dev = parse_device(a.device);  // lsq, efficientqat, paretoq and l4q train where the model is loaded
   if (is_lowbit_quantized_dir(a.model))
     throw_error(a.model, ": is already a lowbit quantized model; QAT starts from the full-precision model");
   std::error_code ec;
@@ -283,7 +281,8 @@ void register_qat(CLI::App& app) {
       ->check(at_least(0));
   q->add_flag("--verbose", c.verbose, "print per-epoch Block-AP losses");
   q->add_option("-o,--out", a->out, "output directory (a lowbit quantized checkpoint, as quantize writes)")->required();
-  q->add_option("--device", a->device, "cpu (cuda: not yet, the LSQ quantizer has a CPU body only)")->capture_default_str();
+  q->add_option("--device", a->device, "cpu or cuda (lsq, efficientqat, paretoq, l4q; llm-qat and lr-qat: cpu only)")
+      ->capture_default_str();
   q->add_flag("--json", a->json, "print the report as JSON");
   add_threads_option(q);
   add_dist_options(q, &a->dist);

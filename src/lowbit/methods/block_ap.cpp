@@ -29,8 +29,9 @@ std::string BlockApMethod::options_key() const {
 }
 
 void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) {
-  LB_CHECK(ctx.inputs.device() == Device::CPU,
-           "efficientqat: Block-AP runs on the CPU (the LSQ quantizer has no CUDA body yet); use --device cpu");
+  // Training runs on the device of the block's inputs (the model's device): the LSQ layers, the
+  // block's forward and backward, the MSE and AdamW all have CUDA bodies.
+  const Device dev = ctx.inputs.device();
   LlamaBlock& blk = ctx.model.block(ctx.layer);
   const int64_t N = ctx.n_samples, L = ctx.seqlen;
   const WindowShards shards(comm_, N);  // data parallel: this rank's windows among all ranks'
@@ -39,7 +40,7 @@ void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>&
     std::shared_ptr<Linear>* slot;
     std::shared_ptr<Linear> original;
     std::shared_ptr<LsqTrainLinear> t;
-    Tensor w;
+    Tensor w;  // the original F32 weight, on the CPU (the quantizer's initialisation and the report)
   };
   std::vector<Entry> es;
   std::vector<Var> weights, quant;
@@ -48,13 +49,14 @@ void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>&
     e.name = name;
     e.slot = slot;
     e.original = *slot;
-    e.w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
+    const Tensor wd = (*slot)->effective_weight().to(DType::F32).contiguous();
+    e.w = wd.to(Device::CPU);
     QatLinearOptions lo;
     lo.grad_scale = 1.0;  // EfficientQAT: plain STE gradients for s and z
     const QuantFormat& f = ctx.format_of(name, f_);
     LB_CHECK(lsq_supports(f), "efficientqat: layer ", name, " of block ", ctx.layer, " is planned as ", f.name,
              ", not a uniform integer format; Block-AP trains step sizes and zero points of intB{gG,pc}[s]");
-    e.t = std::make_shared<LsqTrainLinear>(e.w, (*slot)->bias(), f, lsq_init(e.w, f, o_.init), lo);
+    e.t = std::make_shared<LsqTrainLinear>(wd, (*slot)->bias(), f, lsq_init(e.w, f, o_.init), lo);
     for (auto& p : e.t->weight_parameters()) weights.push_back(p);
     for (auto& p : e.t->quant_parameters()) quant.push_back(p);
     es.push_back(std::move(e));
@@ -105,7 +107,8 @@ void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>&
     r.name = "model.layers." + std::to_string(ctx.layer) + "." + e.name;
     r.params = q.out_features() * q.in_features();
     r.bits_per_weight = q.fmt().bits_per_weight(q.out_features(), q.in_features());
-    *e.slot = std::make_shared<QuantLinear>(std::move(q), e.t->bias(), Device::CPU);
+    const Tensor bias = e.t->bias();
+    *e.slot = std::make_shared<QuantLinear>(std::move(q), bias.defined() ? bias.to(Device::CPU) : bias, dev);
     reports.push_back(r);
   }
   // Output errors of the encoded layers (against the block's original FP weights) on a subsample of
@@ -116,7 +119,7 @@ void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>&
   ctx.run_block(ctx.inputs, [&](const std::string& name, const Tensor& x) {
     int64_t& off = seen[name];
     for (int64_t i = 0; i < x.size(0); ++i)
-      if ((off + i) % step == 0) rows[name].push_back(x.slice(0, i, i + 1).to(DType::F32).contiguous().clone());
+      if ((off + i) % step == 0) rows[name].push_back(x.slice(0, i, i + 1).to(Device::CPU).to(DType::F32).contiguous().clone());
     off += x.size(0);
   });
   for (size_t i = 0; i < es.size(); ++i) {
@@ -124,7 +127,8 @@ void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>&
     if (rs.empty()) continue;
     Tensor x = Tensor::empty({int64_t(rs.size()), rs.front().size(1)}, DType::F32);
     for (size_t k = 0; k < rs.size(); ++k) x.slice(0, int64_t(k), int64_t(k) + 1).copy_(rs[k]);
-    reports[reports.size() - es.size() + i].rel_error = relative_output_error(x, es[i].w, (*es[i].slot)->effective_weight());
+    reports[reports.size() - es.size() + i].rel_error =
+        relative_output_error(x, es[i].w, (*es[i].slot)->effective_weight().to(Device::CPU));
   }
 }
 

@@ -18,7 +18,7 @@
 // Data parallel (issue 20): as ApiQ's (apiq.h): the one-process shuffle and batches over all ranks'
 // windows, each rank's share of a step's loss, the gradients summed over the ranks before AdamW,
 // the epoch loss all-reduced.
-// CPU only (the LSQ quantizer has no CUDA body yet).
+// Devices: trains on the device of the block's inputs (the model's), CPU or GPU.
 #pragma once
 #include <vector>
 

@@ -29,6 +29,10 @@ constexpr OpInfo kOps[] = {
     {"fake_quant", false, false, "f32 f64"},
     {"fp_fake_quant", false, false, "f32 f64"},      // FP8 / MXFP4 / NVFP4 activations (issue 16)
     {"adamw8_step", false, false, "f32 params, u8 codes + f32 absmax state"},  // ops/blockwise8.h
+    // QAT weight quantizers (ops/qat_quant.h; their autograd functions are quant/lsq.cpp, paretoq.cpp)
+    {"lsq_quant", true, kCuda, "f32 f64"},
+    {"seq_quant", true, kCuda, "f32 f64"},
+    {"group_scale", true, kCuda, "f32 f64"},
 };
 }  // namespace
 

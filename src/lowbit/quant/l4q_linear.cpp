@@ -26,11 +26,11 @@ Var l4q_linear(const Var& x, const Tensor& w0, const Var& A, const Var& B, const
   const Tensor xv = x.value().contiguous();
   LB_CHECK(xv.dim() == 2 && xv.size(1) == w0.size(1), "l4q: input ", xv.describe(), " does not match the weight [",
            w0.size(0), ", ", w0.size(1), "]");
-  LB_CHECK(xv.device() == Device::CPU && xv.dtype() == w0.dtype(), "l4q: input ", xv.describe(),
-           " must be on the CPU with the weight's dtype ", dtype_name(w0.dtype()));
+  LB_CHECK(xv.device() == w0.device() && xv.dtype() == w0.dtype(), "l4q: input ", xv.describe(),
+           " must have the weight's dtype and device (", w0.describe(), ")");
   const Tensor av = A.value().contiguous(), bv = B.value().contiguous(), sv = step.value().contiguous();
   const Tensor ov = offset.defined() ? offset.value().contiguous() : Tensor();
-  Tensor y = Tensor::empty({xv.size(0), w0.size(0)}, xv.dtype());
+  Tensor y = Tensor::empty({xv.size(0), w0.size(0)}, xv.dtype(), xv.device());
   {
     const Tensor q = lsq_fake_quant_value(merge(w0, av, bv, s), sv, ov, f);
     ops::gemm(xv, false, q, true, y);
@@ -43,11 +43,11 @@ Var l4q_linear(const Var& x, const Tensor& w0, const Var& A, const Var& B, const
                                                grad_scale](const Tensor& g) {
     const Tensor gc = g.contiguous();
     Tensor m = merge(w0, av, bv, s);
-    Tensor dq = Tensor::empty(w0.shape(), w0.dtype());
+    Tensor dq = Tensor::empty(w0.shape(), w0.dtype(), w0.device());
     {
       const Tensor q = lsq_fake_quant_value(m, sv, ov, f);
       if (x.requires_grad()) {
-        Tensor dx = Tensor::empty(xv.shape(), xv.dtype());
+        Tensor dx = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
         ops::gemm(gc, false, q, false, dx);
         accumulate_grad(x, dx);
       }
@@ -61,17 +61,17 @@ Var l4q_linear(const Var& x, const Tensor& w0, const Var& A, const Var& B, const
     if (step.requires_grad()) accumulate_grad(step, ds);
     if (offset.defined() && offset.requires_grad() && dz.defined()) accumulate_grad(offset, dz);
     if (B.requires_grad()) {
-      Tensor dB = Tensor::empty(bv.shape(), bv.dtype());
+      Tensor dB = Tensor::empty(bv.shape(), bv.dtype(), bv.device());
       ops::gemm(dm, false, av, true, dB, s);
       accumulate_grad(B, dB);
     }
     if (A.requires_grad()) {
-      Tensor dA = Tensor::empty(av.shape(), av.dtype());
+      Tensor dA = Tensor::empty(av.shape(), av.dtype(), av.device());
       ops::gemm(bv, true, dm, false, dA, s);
       accumulate_grad(A, dA);
     }
     if (bias.defined() && bias.requires_grad()) {
-      Tensor db = Tensor::empty(bias.value().shape(), bias.value().dtype());
+      Tensor db = Tensor::empty(bias.value().shape(), bias.value().dtype(), bias.value().device());
       ops::sum_rows(gc, db);
       accumulate_grad(bias, db);
     }
@@ -86,30 +86,32 @@ L4qTrainLinear::L4qTrainLinear(const Tensor& weight, const Tensor& bias, const Q
   LB_CHECK(lsq_supports(f), "l4q: format ", f.name, " is not a uniform integer format (LSQ needs intB{gG,pc}[s])");
   LB_CHECK(weight.defined() && weight.dim() == 2 && weight.numel() > 0, "l4q: weight must be a non-empty [out, in], got ",
            weight.defined() ? weight.describe() : std::string("undefined"));
-  LB_CHECK(weight.device() == Device::CPU, "l4q: the training layer runs on the CPU (the LSQ quantizer has no CUDA body); got ",
-           weight.describe());
   LB_CHECK(o.rank >= 1, "l4q: LoRA rank must be >= 1, got ", o.rank);
   LB_CHECK(o.lora_alpha > 0 && std::isfinite(o.lora_alpha), "l4q: lora_alpha must be > 0, got ", o.lora_alpha);
+  // Everything lives on the weight's device (the quantizer and the GEMMs have CUDA bodies); the
+  // LoRA initialisation is drawn on the CPU and copied, so it does not depend on the device.
+  const Device dev = weight.device();
   const DType dt = weight.dtype() == DType::F64 ? DType::F64 : DType::F32;
+  LB_CHECK(dev == Device::CPU || dt == DType::F32, "l4q: f64 weights must be on the CPU");
   const int64_t out = weight.size(0), in = weight.size(1), G = f.n_groups(in);
   w0_ = Var(weight.to(dt).contiguous().clone(), false);
   if (bias.defined()) {
     LB_CHECK(bias.numel() == out, "l4q: bias ", bias.describe(), " does not match ", out, " outputs");
-    bias_ = Var(bias.to(dt).contiguous().view({out}).clone(), false);
+    bias_ = Var(bias.to(dev).to(dt).contiguous().view({out}).clone(), false);
   }
   LB_CHECK(init.step.defined() && init.step.shape() == Shape({out, G}), "l4q: initial step must be [", out, ", ", G,
            "], got ", init.step.defined() ? init.step.describe() : std::string("undefined"));
-  step_ = Var(init.step.to(dt).contiguous().clone(), true);
+  step_ = Var(init.step.to(dt).to(dev).contiguous().clone(), true);
   step_.set_name("l4q.step");
   if (f.kind == QuantKind::IntAsym) {
     LB_CHECK(init.offset.defined() && init.offset.shape() == Shape({out, G}), "l4q: format ", f.name,
              " needs an initial zero point [", out, ", ", G, "]");
-    offset_ = Var(init.offset.to(dt).contiguous().clone(), true);
+    offset_ = Var(init.offset.to(dt).to(dev).contiguous().clone(), true);
     offset_.set_name("l4q.offset");
   }
   const double bound = 1.0 / std::sqrt(double(in));  // PEFT's kaiming_uniform_(a = sqrt(5))
-  lora_A_ = Var(Tensor::uniform({o.rank, in}, o.seed, -bound, bound, dt), true);
-  lora_B_ = Var(Tensor::zeros({out, o.rank}, dt), true);
+  lora_A_ = Var(Tensor::uniform({o.rank, in}, o.seed, -bound, bound, dt).to(dev), true);
+  lora_B_ = Var(Tensor::zeros({out, o.rank}, dt).to(dev), true);
   lora_A_.set_name("lora.A");
   lora_B_.set_name("lora.B");
 }

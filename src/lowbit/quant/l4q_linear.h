@@ -37,7 +37,7 @@ struct L4qOptions {
 
 class L4qTrainLinear : public Linear {
  public:
-  // weight [out, in] F32 or F64 on the CPU (copied, frozen), bias [out] or undefined (frozen),
+  // weight [out, in] F32 (CPU or GPU: the layer lives on its device) or F64 (CPU) (copied, frozen), bias [out] or undefined (frozen),
   // init: lsq_init of the weight (steps / zero points of W0).
   L4qTrainLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f, const LsqParams& init,
                  const L4qOptions& o);

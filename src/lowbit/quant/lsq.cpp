@@ -6,84 +6,18 @@
 #include <cmath>
 
 #include "lowbit/core/dtype.h"
+#include "lowbit/ops/qat_quant.h"
 
 namespace lowbit {
 
 namespace {
 
-// The code range of the LSQ grid in "signed" units (q - zr): symmetric [-Qp, Qp]; asymmetric the
-// codes [0, qmax] themselves (the zero point is added to u).
-struct Grid {
-  double qlo, qhi;
-  bool asym;
-};
-Grid grid_of(const QuantFormat& f) {
-  if (f.kind == QuantKind::IntSym) {
-    const double qp = double((int64_t(1) << (f.bits - 1)) - 1);
-    return {-qp, qp, false};
-  }
-  return {0.0, double(f.qmax()), true};
-}
-
+// The LSQ grid and its per-element arithmetic: ops/qat_quant_math.h (shared with the op bodies).
+using ops::qat::LsqGrid;
+LsqGrid grid_of(const QuantFormat& f) { return ops::qat::lsq_grid(f); }
 template <class T>
-T round_offset(T offset, const Grid& gr) {
-  return std::clamp(T(std::nearbyint(offset)), T(gr.qlo), T(gr.qhi));
-}
-
-template <class T>
-void lsq_forward(const QuantFormat& f, const T* w, const T* step, const T* offset, int64_t out, int64_t in, T* y) {
-  const int64_t G = f.n_groups(in);
-  const Grid gr = grid_of(f);
-#pragma omp parallel for schedule(static) if (out * in > (int64_t(1) << 16))
-  for (int64_t r = 0; r < out; ++r)
-    for (int64_t g = 0; g < G; ++g) {
-      const T s = step[r * G + g];
-      const T zr = gr.asym ? round_offset(offset[r * G + g], gr) : T(0);
-      for (int64_t j = f.group_begin(g), e = f.group_end(g, in); j < e; ++j) {
-        const T u = w[r * in + j] / s + zr;
-        const T q = T(std::nearbyint(std::clamp(u, T(gr.qlo), T(gr.qhi))));
-        y[r * in + j] = (q - zr) * s;
-      }
-    }
-}
-
-// dy -> dw (may be null), dstep, doffset (may be null); all written.
-template <class T>
-void lsq_backward(const QuantFormat& f, const T* w, const T* step, const T* offset, const T* dy, int64_t out,
-                  int64_t in, T gscale, T* dw, T* dstep, T* doffset) {
-  const int64_t G = f.n_groups(in);
-  const Grid gr = grid_of(f);
-#pragma omp parallel for schedule(static) if (out * in > (int64_t(1) << 16))
-  for (int64_t r = 0; r < out; ++r)
-    for (int64_t g = 0; g < G; ++g) {
-      const T s = step[r * G + g];
-      const T zr = gr.asym ? round_offset(offset[r * G + g], gr) : T(0);
-      T ds = 0, dz = 0;
-      for (int64_t j = f.group_begin(g), e = f.group_end(g, in); j < e; ++j) {
-        const T v = w[r * in + j] / s, u = v + zr;
-        const T d = dy[r * in + j];
-        if (u >= T(gr.qlo) && u <= T(gr.qhi)) {
-          if (dw) dw[r * in + j] = d;
-          ds += d * (T(std::nearbyint(u)) - zr - v);
-        } else {
-          if (dw) dw[r * in + j] = 0;
-          const T q = u < T(gr.qlo) ? T(gr.qlo) : T(gr.qhi);
-          ds += d * (q - zr);
-          dz -= d * s;
-        }
-      }
-      dstep[r * G + g] = gscale * ds;
-      if (doffset) doffset[r * G + g] = gscale * dz;
-    }
-}
-
-template <class F>
-auto dispatch_float(DType dt, const char* who, F&& fn) {
-  switch (dt) {
-    case DType::F32: return fn(float{});
-    case DType::F64: return fn(double{});
-    default: throw_error(who, ": CPU body supports f32 and f64, got ", dtype_name(dt));
-  }
+T round_offset(T offset, const LsqGrid& gr) {
+  return ops::qat::lsq_zero(offset, gr);
 }
 
 void check_params(const Tensor& w, const Tensor& step, const Tensor& offset, const QuantFormat& f, const char* who) {
@@ -101,19 +35,17 @@ void check_params(const Tensor& w, const Tensor& step, const Tensor& offset, con
     LB_CHECK(!offset.defined(), who, " [", f.name, "]: symmetric formats have no offset; it must be undefined");
   for (const Tensor* t : {&w, &step, &offset}) {
     if (!t->defined()) continue;
-    LB_CHECK(t->device() == Device::CPU, who, " [", f.name, "]: ", t->describe(),
-             " is on the GPU; LSQ has a CPU body only (train on the CPU)");
-    LB_CHECK(t->dtype() == w.dtype(), who, " [", f.name, "]: ", t->describe(), " must have the weight's dtype ",
-             dtype_name(w.dtype()));
+    LB_CHECK(t->device() == w.device() && t->dtype() == w.dtype(), who, " [", f.name, "]: ", t->describe(),
+             " must have the weight's dtype and device (", w.describe(), ")");
   }
 }
 
 // Squared error of quantizing the group x[0, n) with step s and zero point z (grid gr), in f64.
 // Σ |Q(x) − x|^p over the group, p = 2 (Mse) or 4 (Lp4).
-double group_sq_error(const double* x, int64_t n, double s, double z, const Grid& gr, int p = 2) {
+double group_sq_error(const double* x, int64_t n, double s, double z, const LsqGrid& gr, int p = 2) {
   double e = 0;
   for (int64_t j = 0; j < n; ++j) {
-    const double q = std::nearbyint(std::clamp(x[j] / s + z, gr.qlo, gr.qhi));
+    const double q = std::nearbyint(std::clamp(x[j] / s + z, double(gr.qlo), double(gr.qhi)));
     const double d = (q - z) * s - x[j];
     e += p == 4 ? (d * d) * (d * d) : d * d;
   }
@@ -158,7 +90,7 @@ LsqParams lsq_init(const Tensor& w_in, const QuantFormat& f, LsqInit init) {
            "lsq_init [", f.name, "]: weight must be a non-empty f32/f64 [out, in] on the CPU, got ", w_in.describe());
   const Tensor w = w_in.to(DType::F64).contiguous();
   const int64_t out = w.size(0), in = w.size(1), G = f.n_groups(in);
-  const Grid gr = grid_of(f);
+  const LsqGrid gr = grid_of(f);
   Tensor step = Tensor::empty({out, G}, DType::F64);
   Tensor offset = gr.asym ? Tensor::empty({out, G}, DType::F64) : Tensor();
   const double* wp = w.data<double>();
@@ -180,7 +112,7 @@ LsqParams lsq_init(const Tensor& w_in, const QuantFormat& f, LsqInit init) {
       double s = 1, z = 0;
       if (init == LsqInit::Lsq) {
         s = mabs > 0 ? 2.0 * mabs / std::sqrt(qp) : 1e-5;
-        z = gr.asym ? std::nearbyint(gr.qhi / 2) : 0.0;
+        z = gr.asym ? std::nearbyint(double(gr.qhi) / 2) : 0.0;
       } else if (init == LsqInit::MinMax) {
         const GroupParams p = f.codec->params_from_range(f, float(mn), float(mx), 1.0f);
         s = p.scale;
@@ -191,7 +123,7 @@ LsqParams lsq_init(const Tensor& w_in, const QuantFormat& f, LsqInit init) {
         double best = -1;
         if (amax == 0) {
           s = 1e-5;
-          z = gr.asym ? std::nearbyint(gr.qhi / 2) : 0.0;
+          z = gr.asym ? std::nearbyint(double(gr.qhi) / 2) : 0.0;
         } else if (!gr.asym) {
           for (int k = 0; k <= kSteps; ++k) {
             const double a = 1.0 - 0.5 * k / kSteps;
@@ -205,7 +137,7 @@ LsqParams lsq_init(const Tensor& w_in, const QuantFormat& f, LsqInit init) {
               const double hi = mx * (1.0 - 0.5 * ka / kSteps), lo = mn * (1.0 - 0.5 * kb / kSteps);
               if (hi - lo <= 0) continue;
               const double sk = (hi - lo) / gr.qhi;
-              const double zk = std::clamp(std::nearbyint(-lo / sk), gr.qlo, gr.qhi);
+              const double zk = std::clamp(std::nearbyint(-lo / sk), double(gr.qlo), double(gr.qhi));
               const double e = group_sq_error(x, n, sk, zk, gr, pw);
               if (best < 0 || e < best) best = e, s = sk, z = zk;
             }
@@ -226,29 +158,18 @@ Var lsq_fake_quant(const Var& w, const Var& step, const Var& offset, const Quant
   const Tensor ov = offset.defined() ? offset.value().contiguous() : Tensor();
   check_params(wv, sv, ov, f, "lsq_fake_quant");
   LB_CHECK(std::isfinite(grad_scale), "lsq_fake_quant [", f.name, "]: gradient scale must be finite");
-  const int64_t out = wv.size(0), in = wv.size(1);
-  Tensor y = Tensor::empty(wv.shape(), wv.dtype());
-  dispatch_float(wv.dtype(), "lsq_fake_quant", [&](auto t) {
-    using T = decltype(t);
-    lsq_forward<T>(f, wv.data<T>(), sv.data<T>(), ov.defined() ? ov.data<T>() : nullptr, out, in, y.data<T>());
-  });
+  Tensor y;
+  ops::lsq_quant_forward(wv, sv, ov, f, y);
   std::vector<Var> inputs{w, step};
   if (offset.defined()) inputs.push_back(offset);
   return make_result(y, inputs, "lsq_fake_quant", [w, step, offset, wv, sv, ov, &f, grad_scale](const Tensor& gy) {
-    const Tensor g = gy.contiguous();
-    const int64_t out = wv.size(0), in = wv.size(1);
-    Tensor dw = w.requires_grad() ? Tensor::empty(wv.shape(), wv.dtype()) : Tensor();
-    Tensor ds = Tensor::empty(sv.shape(), sv.dtype());
-    Tensor dz = offset.defined() && offset.requires_grad() ? Tensor::empty(ov.shape(), ov.dtype()) : Tensor();
-    dispatch_float(wv.dtype(), "lsq_fake_quant", [&](auto t) {
-      using T = decltype(t);
-      lsq_backward<T>(f, wv.data<T>(), sv.data<T>(), ov.defined() ? ov.data<T>() : nullptr, g.data<T>(), out, in,
-                      T(grad_scale), dw.defined() ? dw.data<T>() : nullptr, ds.data<T>(),
-                      dz.defined() ? dz.data<T>() : nullptr);
-    });
+    Tensor dw, ds, dz;
+    const bool want_dz = offset.defined() && offset.requires_grad();
+    ops::lsq_quant_backward(wv, sv, ov, gy.contiguous(), f, grad_scale, w.requires_grad() ? &dw : nullptr, ds,
+                            want_dz ? &dz : nullptr);
     if (dw.defined()) accumulate_grad(w, dw);
     if (step.requires_grad()) accumulate_grad(step, ds);
-    if (dz.defined()) accumulate_grad(offset, dz);
+    if (want_dz) accumulate_grad(offset, dz);
   });
 }
 
@@ -256,12 +177,8 @@ Tensor lsq_fake_quant_value(const Tensor& w_in, const Tensor& step_in, const Ten
   const Tensor wv = w_in.contiguous(), sv = step_in.contiguous();
   const Tensor ov = offset_in.defined() ? offset_in.contiguous() : Tensor();
   check_params(wv, sv, ov, f, "lsq_fake_quant");
-  Tensor y = Tensor::empty(wv.shape(), wv.dtype());
-  dispatch_float(wv.dtype(), "lsq_fake_quant", [&](auto t) {
-    using T = decltype(t);
-    lsq_forward<T>(f, wv.data<T>(), sv.data<T>(), ov.defined() ? ov.data<T>() : nullptr, wv.size(0), wv.size(1),
-                   y.data<T>());
-  });
+  Tensor y;
+  ops::lsq_quant_forward(wv, sv, ov, f, y);
   return y;
 }
 
@@ -273,18 +190,9 @@ void lsq_fake_quant_grads(const Tensor& w_in, const Tensor& step_in, const Tenso
   LB_CHECK(std::isfinite(grad_scale), "lsq_fake_quant [", f.name, "]: gradient scale must be finite");
   LB_CHECK(ds, "lsq_fake_quant_grads: ds is required");
   const Tensor g = gy.contiguous();
-  LB_CHECK(g.shape() == wv.shape() && g.dtype() == wv.dtype(), "lsq_fake_quant [", f.name, "]: gradient ",
-           g.describe(), " does not match the weight ", wv.describe());
-  if (dw) *dw = Tensor::empty(wv.shape(), wv.dtype());
-  *ds = Tensor::empty(sv.shape(), sv.dtype());
-  const bool want_dz = dz && ov.defined();
-  if (want_dz) *dz = Tensor::empty(ov.shape(), ov.dtype());
-  dispatch_float(wv.dtype(), "lsq_fake_quant", [&](auto t) {
-    using T = decltype(t);
-    lsq_backward<T>(f, wv.data<T>(), sv.data<T>(), ov.defined() ? ov.data<T>() : nullptr, g.data<T>(), wv.size(0),
-                    wv.size(1), T(grad_scale), dw ? dw->data<T>() : nullptr, ds->data<T>(),
-                    want_dz ? dz->data<T>() : nullptr);
-  });
+  LB_CHECK(g.shape() == wv.shape() && g.dtype() == wv.dtype() && g.device() == wv.device(), "lsq_fake_quant [", f.name,
+           "]: gradient ", g.describe(), " does not match the weight ", wv.describe());
+  ops::lsq_quant_backward(wv, sv, ov, g, f, grad_scale, dw, *ds, dz && ov.defined() ? dz : nullptr);
 }
 
 Var group_scale_dequant(const Tensor& codes_in, const Var& step, const QuantFormat& f) {
@@ -292,29 +200,14 @@ Var group_scale_dequant(const Tensor& codes_in, const Var& step, const QuantForm
            "]: codes must be [out, in] and the step defined");
   const Tensor c = codes_in.contiguous(), sv = step.value().contiguous();
   const int64_t out = c.size(0), in = c.size(1), G = f.n_groups(in);
-  LB_CHECK(sv.shape() == Shape({out, G}) && sv.dtype() == c.dtype() && c.device() == Device::CPU &&
-               sv.device() == Device::CPU,
-           "group_scale_dequant [", f.name, "]: step must be a CPU ", dtype_name(c.dtype()), " ", shape_str({out, G}),
-           ", got ", sv.describe());
-  Tensor y = Tensor::empty(c.shape(), c.dtype());
-  dispatch_float(c.dtype(), "group_scale_dequant", [&](auto t) {
-    using T = decltype(t);
-    const T *cp = c.data<T>(), *sp = sv.data<T>();
-    T* yp = y.data<T>();
-    for (int64_t r = 0; r < out; ++r)
-      for (int64_t j = 0; j < in; ++j) yp[r * in + j] = cp[r * in + j] * sp[r * G + f.group_of_column(j)];
-  });
-  return make_result(y, {step}, "group_scale_dequant", [step, c, sv, &f](const Tensor& gy) {
-    const Tensor g = gy.contiguous();
-    const int64_t out = c.size(0), in = c.size(1), G = f.n_groups(in);
-    Tensor ds = Tensor::zeros(sv.shape(), sv.dtype());
-    dispatch_float(c.dtype(), "group_scale_dequant", [&](auto t) {
-      using T = decltype(t);
-      const T *cp = c.data<T>(), *gp = g.data<T>();
-      T* dp = ds.data<T>();
-      for (int64_t r = 0; r < out; ++r)
-        for (int64_t j = 0; j < in; ++j) dp[r * G + f.group_of_column(j)] += cp[r * in + j] * gp[r * in + j];
-    });
+  LB_CHECK(sv.shape() == Shape({out, G}) && sv.dtype() == c.dtype() && sv.device() == c.device(), "group_scale_dequant [",
+           f.name, "]: step must be ", dtype_name(c.dtype()), " ", shape_str({out, G}), " on the codes' device (",
+           c.describe(), "), got ", sv.describe());
+  Tensor y;
+  ops::group_scale_forward(c, sv, f, y);
+  return make_result(y, {step}, "group_scale_dequant", [step, c, &f](const Tensor& gy) {
+    Tensor ds;
+    ops::group_scale_backward(c, gy.contiguous(), f, ds);
     accumulate_grad(step, ds);
   });
 }
@@ -338,7 +231,7 @@ QuantizedTensor lsq_encode(const Tensor& w_in, const Tensor& step_in, const Tens
   const Tensor offset = offset_in.defined() ? offset_in.to(Device::CPU).to(DType::F32).contiguous() : Tensor();
   check_params(w, step, offset, f, "lsq_encode");
   const int64_t out = w.size(0), in = w.size(1), G = f.n_groups(in);
-  const Grid gr = grid_of(f);
+  const LsqGrid gr = grid_of(f);
   std::vector<uint8_t> codes(size_t(out * in));
   std::vector<GroupParams> params(size_t(out * G));
   const float* wp = w.data<float>();

@@ -33,8 +33,9 @@
 // Frozen codes (EfficientQAT's E2E-QP): Ŵ[r, j] = c[r, j] * s[r, g(j)] with c = q - zr a constant
 // integer tensor; only s trains (dŴ/ds = c). group_scale_dequant is that op.
 //
-// Bodies: CPU (f32, and f64 for the gradient checks). Tensors on CUDA are refused with a clear error
-// (no CUDA body yet).
+// Bodies: the ops lsq_quant and group_scale (ops/qat_quant.h): CPU (f32, and f64 for the gradient
+// checks) and CUDA (f32). The quantizer runs on the device of w (step and offset on the same one);
+// lsq_init and the encoders are host code (they take or copy CPU tensors).
 #pragma once
 #include <vector>
 

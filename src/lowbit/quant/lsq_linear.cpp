@@ -10,29 +10,31 @@ LsqTrainLinear::LsqTrainLinear(const Tensor& weight, const Tensor& bias, const Q
   LB_CHECK(lsq_supports(f), "qat: format ", f.name, " is not a uniform integer format (LSQ needs intB{gG,pc}[s])");
   LB_CHECK(weight.defined() && weight.dim() == 2, "qat: weight must be [out, in], got ",
            weight.defined() ? weight.describe() : std::string("undefined"));
-  LB_CHECK(weight.device() == Device::CPU, "qat: the LSQ training layer runs on the CPU (no CUDA body yet); got ",
-           weight.describe());
+  // Everything lives on the weight's device (the quantizer and the GEMMs have CUDA bodies).
+  const Device dev = weight.device();
   shape_ = weight.shape();
   weight_ = Var(weight.to(DType::F32).contiguous().clone(), o.train_weight);
-  step_ = Var(init.step.to(DType::F32).contiguous().clone(), o.train_step);
+  step_ = Var(init.step.to(DType::F32).to(dev).contiguous().clone(), o.train_step);
   if (f.kind == QuantKind::IntAsym) {
     LB_CHECK(init.offset.defined(), "qat: format ", f.name, " needs an initial zero point");
-    offset_ = Var(init.offset.to(DType::F32).contiguous().clone(), o.train_offset);
+    offset_ = Var(init.offset.to(DType::F32).to(dev).contiguous().clone(), o.train_offset);
   }
-  if (bias.defined()) bias_ = Var(bias.to(DType::F32).contiguous().clone(), false);
+  if (bias.defined()) bias_ = Var(bias.to(dev).to(DType::F32).contiguous().clone(), false);
 }
 
-LsqTrainLinear::LsqTrainLinear(const QuantizedTensor& q, const Tensor& bias) : format_(q.fmt()), frozen_(true) {
+LsqTrainLinear::LsqTrainLinear(const QuantizedTensor& q, const Tensor& bias, Device device)
+    : format_(q.fmt()), frozen_(true) {
   codes_ = lowbit::frozen_codes(q);
+  device_codes_ = device == Device::CPU ? codes_.codes : codes_.codes.to(device);
   shape_ = q.shape;
   opt_.train_weight = false;
   opt_.train_offset = false;
-  step_ = Var(codes_.step.clone(), true);
-  if (bias.defined()) bias_ = Var(bias.to(Device::CPU).to(DType::F32).contiguous().clone(), false);
+  step_ = Var(codes_.step.to(device).clone(), true);
+  if (bias.defined()) bias_ = Var(bias.to(device).to(DType::F32).contiguous().clone(), false);
 }
 
 Var LsqTrainLinear::quantized_weight() const {
-  if (frozen_) return group_scale_dequant(codes_.codes, step_, format_);
+  if (frozen_) return group_scale_dequant(device_codes_, step_, format_);
   return lsq_fake_quant(weight_, step_, offset_, format_, opt_.grad_scale);
 }
 

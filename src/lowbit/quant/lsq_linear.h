@@ -25,11 +25,12 @@ struct QatLinearOptions {
 
 class LsqTrainLinear : public Linear {
  public:
-  // Latent mode. weight [out, in] F32 (copied), bias [out] or undefined (frozen), init from lsq_init.
+  // Latent mode. weight [out, in] F32 (copied; the layer lives on its device: the CPU or the GPU),
+  // bias [out] or undefined (frozen), init from lsq_init (any device: copied to the weight's).
   LsqTrainLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f, const LsqParams& init,
                  const QatLinearOptions& o);
-  // FrozenCodes mode, from a packed tensor (the step trains, nothing else).
-  LsqTrainLinear(const QuantizedTensor& q, const Tensor& bias);
+  // FrozenCodes mode, from a packed tensor (the step trains, nothing else), on `device`.
+  LsqTrainLinear(const QuantizedTensor& q, const Tensor& bias, Device device = Device::CPU);
 
   Var forward(const Var& x) const override;
   int64_t in_features() const override { return shape_[1]; }
@@ -55,7 +56,8 @@ class LsqTrainLinear : public Linear {
   bool frozen_ = false;
   QatLinearOptions opt_;
   Var weight_, step_, offset_, bias_;
-  FrozenCodes codes_;  // FrozenCodes mode
+  FrozenCodes codes_;  // FrozenCodes mode (on the CPU, for encode())
+  Tensor device_codes_;  // FrozenCodes mode: codes_.codes on the layer's device
 };
 
 }  // namespace lowbit

@@ -7,20 +7,16 @@
 #include <vector>
 
 #include "lowbit/core/dtype.h"
+#include "lowbit/ops/qat_quant.h"
 
 namespace lowbit {
 
 namespace {
 
-constexpr double kEps = 1e-5;        // the reference's floor of α
-constexpr double kClip = 1.0 - 1e-2;  // SEQ's clip of w / α
-
-// The grid of one low-bit quantizer: Ŵ = (k + shift) · h, h = α / n; k = round(clamp(v, -c, c) n - shift)
-// (SEQ) or sign(w) (n = 1). outside: the α gradient of a clamped element (Q±, paretoq.h).
-struct Seq {
-  bool sign;
-  double n, shift, outside;
-};
+// The grid of one low-bit quantizer and its per-element arithmetic: ops::SeqGrid and
+// ops/qat_quant_math.h (shared with the op bodies).
+using Seq = ops::SeqGrid;
+constexpr double kEps = ops::qat::kSeqEps;
 Seq seq_of(ParetoQBits b) {
   switch (b) {
     case ParetoQBits::One: return {true, 1.0, 0.0, 1.0};
@@ -31,65 +27,6 @@ Seq seq_of(ParetoQBits b) {
   throw_error("paretoq: ", paretoq_bits_name(b), "-bit weights train with LSQ (quant/lsq.h), not SEQ");
 }
 
-// The code k of one element (w / α_e = v) and its level (k + shift) / n, in T.
-template <class T>
-T seq_k(const Seq& q, T w, T v) {
-  if (q.sign) return w > 0 ? T(1) : (w < 0 ? T(-1) : T(0));
-  return T(std::nearbyint(std::clamp(v, T(-kClip), T(kClip)) * T(q.n) - T(q.shift)));
-}
-
-template <class T>
-T floor_alpha(T a) {
-  return a > T(kEps) ? a : T(kEps);
-}
-
-template <class T>
-void seq_forward(const Seq& q, const QuantFormat& f, const T* w, const T* alpha, int64_t out, int64_t in, T* y) {
-  const int64_t G = f.n_groups(in);
-#pragma omp parallel for schedule(static) if (out * in > (int64_t(1) << 16))
-  for (int64_t r = 0; r < out; ++r)
-    for (int64_t g = 0; g < G; ++g) {
-      const T a = floor_alpha(alpha[r * G + g]);
-      const T h = a / T(q.n);
-      for (int64_t j = f.group_begin(g), e = f.group_end(g, in); j < e; ++j) {
-        const T x = w[r * in + j];
-        y[r * in + j] = (seq_k(q, x, x / a) + T(q.shift)) * h;
-      }
-    }
-}
-
-// dy -> dw (may be null), dalpha; both written.
-template <class T>
-void seq_backward(const Seq& q, const QuantFormat& f, const T* w, const T* alpha, const T* dy, int64_t out, int64_t in,
-                  T gscale, T* dw, T* dalpha) {
-  const int64_t G = f.n_groups(in);
-  const T lim = q.sign ? T(1) : T(kClip);
-#pragma omp parallel for schedule(static) if (out * in > (int64_t(1) << 16))
-  for (int64_t r = 0; r < out; ++r)
-    for (int64_t g = 0; g < G; ++g) {
-      const T a = floor_alpha(alpha[r * G + g]);
-      T da = 0;
-      for (int64_t j = f.group_begin(g), e = f.group_end(g, in); j < e; ++j) {
-        const T x = w[r * in + j], v = x / a, d = dy[r * in + j];
-        const bool inside = v >= -lim && v <= lim;
-        if (dw) dw[r * in + j] = inside ? d : T(0);
-        if (q.sign) da += d * seq_k(q, x, v);
-        else if (inside) da += d * ((seq_k(q, x, v) + T(q.shift)) / T(q.n) - v);
-        else da += d * (v < 0 ? T(-q.outside) : T(q.outside));
-      }
-      dalpha[r * G + g] = gscale * da;
-    }
-}
-
-template <class F>
-auto dispatch_float(DType dt, const char* who, F&& fn) {
-  switch (dt) {
-    case DType::F32: return fn(float{});
-    case DType::F64: return fn(double{});
-    default: throw_error(who, ": CPU body supports f32 and f64, got ", dtype_name(dt));
-  }
-}
-
 void check_params(const Tensor& w, const Tensor& alpha, ParetoQBits b, const QuantFormat& f, const char* who) {
   paretoq_check_format(b, f);
   LB_CHECK(w.defined() && w.dim() == 2 && w.numel() > 0, who, " [", f.name,
@@ -97,12 +34,8 @@ void check_params(const Tensor& w, const Tensor& alpha, ParetoQBits b, const Qua
   const Shape gs{w.size(0), f.n_groups(w.size(1))};
   LB_CHECK(alpha.defined() && alpha.shape() == gs, who, " [", f.name, "]: alpha must be ", shape_str(gs),
            " (one per group), got ", alpha.defined() ? alpha.describe() : std::string("undefined"));
-  for (const Tensor* t : {&w, &alpha}) {
-    LB_CHECK(t->device() == Device::CPU, who, " [", f.name, "]: ", t->describe(),
-             " is on the GPU; the ParetoQ quantizer has a CPU body only (train on the CPU)");
-    LB_CHECK(t->dtype() == w.dtype(), who, " [", f.name, "]: ", t->describe(), " must have the weight's dtype ",
-             dtype_name(w.dtype()));
-  }
+  LB_CHECK(alpha.device() == w.device() && alpha.dtype() == w.dtype(), who, " [", f.name, "]: ", alpha.describe(),
+           " must have the weight's dtype and device (", w.describe(), ")");
 }
 
 }  // namespace
@@ -210,22 +143,11 @@ Var paretoq_fake_quant(const Var& w, const Var& alpha, ParetoQBits b, const Quan
   const Tensor wv = w.value().contiguous(), av = alpha.value().contiguous();
   check_params(wv, av, b, f, "paretoq_fake_quant");
   LB_CHECK(std::isfinite(grad_scale), "paretoq_fake_quant [", f.name, "]: gradient scale must be finite");
-  const int64_t out = wv.size(0), in = wv.size(1);
-  Tensor y = Tensor::empty(wv.shape(), wv.dtype());
-  dispatch_float(wv.dtype(), "paretoq_fake_quant", [&](auto t) {
-    using T = decltype(t);
-    seq_forward<T>(q, f, wv.data<T>(), av.data<T>(), out, in, y.data<T>());
-  });
+  Tensor y;
+  ops::seq_quant_forward(wv, av, q, f, y);
   return make_result(y, {w, alpha}, "paretoq_fake_quant", [w, alpha, wv, av, q, &f, grad_scale](const Tensor& gy) {
-    const Tensor g = gy.contiguous();
-    const int64_t out = wv.size(0), in = wv.size(1);
-    Tensor dw = w.requires_grad() ? Tensor::empty(wv.shape(), wv.dtype()) : Tensor();
-    Tensor da = Tensor::empty(av.shape(), av.dtype());
-    dispatch_float(wv.dtype(), "paretoq_fake_quant", [&](auto t) {
-      using T = decltype(t);
-      seq_backward<T>(q, f, wv.data<T>(), av.data<T>(), g.data<T>(), out, in, T(grad_scale),
-                      dw.defined() ? dw.data<T>() : nullptr, da.data<T>());
-    });
+    Tensor dw, da;
+    ops::seq_quant_backward(wv, av, gy.contiguous(), q, f, grad_scale, w.requires_grad() ? &dw : nullptr, da);
     if (dw.defined()) accumulate_grad(w, dw);
     if (alpha.requires_grad()) accumulate_grad(alpha, da);
   });
@@ -269,11 +191,11 @@ QuantizedTensor paretoq_encode(const Tensor& w_in, const Tensor& alpha_in, Paret
   const float* ap = alpha.data<float>();
   for (int64_t r = 0; r < out; ++r)
     for (int64_t g = 0; g < G; ++g) {
-      const float a = floor_alpha(ap[r * G + g]);
+      const float a = ops::qat::seq_alpha(ap[r * G + g]);
       params[size_t(r * G + g)] = {a / float(q.n), zero};
       for (int64_t j = f.group_begin(g), e = f.group_end(g, in); j < e; ++j) {
         const float x = wp[r * in + j];
-        codes[size_t(r * in + j)] = uint8_t(seq_k(q, x, x / a) + code_of_k0);
+        codes[size_t(r * in + j)] = uint8_t(ops::qat::seq_k(q, x, x / a) + code_of_k0);
       }
     }
   return make_quantized_tensor(f, out, in, codes.data(), params.data(), 1.0f);

@@ -41,7 +41,8 @@
 // paretoq_storage_alpha rounds α so that h is an f16 value; the packed tensor (paretoq_encode)
 // then decodes to paretoq_fake_quant's forward at that α bit for bit (f32).
 //
-// Bodies: CPU (f32, and f64 for the gradient checks). Tensors on CUDA are refused with a clear error.
+// Bodies: the op seq_quant (ops/qat_quant.h): CPU (f32, and f64 for the gradient checks) and CUDA
+// (f32); it runs on the device of w. The initialisation and the encoder are host code.
 #pragma once
 #include <string>
 

@@ -11,15 +11,15 @@ SeqTrainLinear::SeqTrainLinear(const Tensor& weight, const Tensor& bias, const Q
   paretoq_check_format(b, f);
   LB_CHECK(weight.defined() && weight.dim() == 2, "qat: weight must be [out, in], got ",
            weight.defined() ? weight.describe() : std::string("undefined"));
-  LB_CHECK(weight.device() == Device::CPU, "qat: the ParetoQ training layer runs on the CPU (no CUDA body yet); got ",
-           weight.describe());
   shape_ = weight.shape();
   const Shape gs{shape_[0], f.n_groups(shape_[1])};
   LB_CHECK(alpha.defined() && alpha.shape() == gs, "qat: ParetoQ alpha must be ", shape_str(gs), ", got ",
            alpha.defined() ? alpha.describe() : std::string("undefined"));
+  // Everything lives on the weight's device (the quantizer and the GEMMs have CUDA bodies).
+  const Device dev = weight.device();
   weight_ = Var(weight.to(DType::F32).contiguous().clone(), true);
-  alpha_ = Var(alpha.to(Device::CPU).to(DType::F32).contiguous().clone(), true);
-  if (bias.defined()) bias_ = Var(bias.to(Device::CPU).to(DType::F32).contiguous().clone(), false);
+  alpha_ = Var(alpha.to(DType::F32).to(dev).contiguous().clone(), true);
+  if (bias.defined()) bias_ = Var(bias.to(dev).to(DType::F32).contiguous().clone(), false);
 }
 
 std::string SeqTrainLinear::kind() const {
@@ -39,7 +39,7 @@ Tensor SeqTrainLinear::effective_weight() const {
 
 void SeqTrainLinear::snap_alpha() {
   Var a = alpha_;
-  a.mutable_value().copy_(paretoq_storage_alpha(alpha_.value(), bits_));
+  a.mutable_value().copy_(paretoq_storage_alpha(alpha_.value().to(Device::CPU), bits_).to(alpha_.value().device()));
 }
 
 QuantizedTensor SeqTrainLinear::encode() const {

@@ -13,7 +13,7 @@ namespace lowbit {
 
 class SeqTrainLinear : public Linear {
  public:
-  // weight [out, in] F32 (copied, on the CPU), bias [out] or undefined (frozen), alpha [out, G]
+  // weight [out, in] F32 (copied; the layer lives on its device, the CPU or the GPU), bias [out] or undefined (frozen), alpha [out, G]
   // (paretoq_init_alpha), grad_scale the α gradient scale (paretoq_grad_scale).
   SeqTrainLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f, ParetoQBits b, const Tensor& alpha,
                  double grad_scale);

@@ -53,14 +53,14 @@ double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock:
 Var objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor& in, const Tensor& tgt,
               const E2eOptions& o) {
   Var logits = student.forward(in);
-  if (!o.distill) return cross_entropy(logits, tgt);
+  if (!o.distill) return cross_entropy(logits, tgt.to(logits.value().device()));
   Tensor tl;
   {
     NoGradGuard ng;
     tl = teacher->forward(in).value();
   }
   Var loss = kl_div(Var(tl), logits);
-  if (o.lm_weight > 0) loss = add(loss, scale(cross_entropy(logits, tgt), o.lm_weight));
+  if (o.lm_weight > 0) loss = add(loss, scale(cross_entropy(logits, tgt.to(logits.value().device())), o.lm_weight));
   return loss;
 }
 
@@ -282,8 +282,28 @@ void for_each_linear(LlamaModel& model, Fn&& fn) {
     for (auto& [name, slot] : model.block(i).linears()) fn(i, name, slot);
 }
 
+// The device the model's tensors live on (the CLI's --device): the trained layers are put there.
+Device model_device(const LlamaModel& m) {
+  const Var& e = m.token_embedding();
+  return e.defined() ? e.value().device() : Device::CPU;
+}
+
+// A block linear's weight as the training layers take it: F32 on the model's device (`dev`), and its
+// CPU copy for the initialisation of the quantizer (lsq_init, paretoq_init_alpha: host code).
+struct LayerWeight {
+  Tensor dev, cpu;
+};
+LayerWeight layer_weight(const Linear& l) {
+  LayerWeight w;
+  w.dev = l.effective_weight().to(DType::F32).contiguous();
+  w.cpu = w.dev.to(Device::CPU);
+  return w;
+}
+
 // The method's result: its stages and, once training completed, the trained model with every block
-// linear replaced by the packed encoding of its trained layer (`layers` in for_each_linear's order).
+// linear replaced by the packed encoding of its trained layer (`layers` in for_each_linear's order),
+// on the model's device. The packed tensors are encoded on the host, so the checkpoint is the same
+// whichever device trained.
 template <class Layer>
 QatResult packed_result(std::vector<QatStage> stages, bool complete, std::unique_ptr<LlamaModel> model,
                         const std::vector<std::shared_ptr<Layer>>& layers, Clock::time_point t0) {
@@ -291,10 +311,11 @@ QatResult packed_result(std::vector<QatStage> stages, bool complete, std::unique
   r.stages = std::move(stages);
   r.complete = complete;
   if (complete) {
+    const Device dev = model_device(*model);
     size_t k = 0;
     for_each_linear(*model, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
       const auto& t = layers[k++];
-      *slot = std::make_shared<QuantLinear>(t->encode(), t->bias(), Device::CPU);
+      *slot = std::make_shared<QuantLinear>(t->encode(), t->bias().defined() ? t->bias().to(Device::CPU) : Tensor(), dev);
     });
     r.model = std::move(model);
   }
@@ -313,13 +334,13 @@ std::vector<std::shared_ptr<Layer>> install_lora_quant_layers(LlamaModel& model,
   std::vector<std::shared_ptr<Layer>> layers;
   uint64_t k = 0;
   for_each_linear(model, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
-    const Tensor w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
+    const auto [wd, w] = layer_weight(**slot);
     LB_CHECK(lo.rank <= std::min(w.size(0), w.size(1)), "qat --method ", method, ": --lora-rank ", lo.rank,
              " exceeds the smaller side of a ", w.size(0), " x ", w.size(1), " weight");
     Options o = lo;
     o.seed = c.seed * 1000003ull + k++;  // one A per layer
     o.grad_scale = lsq_grad_scale(f, w.size(1));
-    auto t = std::make_shared<Layer>(w, (*slot)->bias(), f, lsq_init(w, f, init), o);
+    auto t = std::make_shared<Layer>(wd, (*slot)->bias(), f, lsq_init(w, f, init), o);
     for (auto& p : t->lora_parameters()) lora.push_back(p);
     for (auto& p : t->quant_parameters()) quant.push_back(p);
     for (auto& p : t->state()) state.push_back(p);
@@ -383,10 +404,10 @@ class LsqQat : public QatMethod {
     std::vector<std::shared_ptr<LsqTrainLinear>> layers;
     std::vector<Var> weights, quant, state;
     for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
-      const Tensor w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
+      const auto [wd, w] = layer_weight(**slot);
       QatLinearOptions lo;
       lo.grad_scale = lsq_grad_scale(f, w.size(1));
-      auto t = std::make_shared<LsqTrainLinear>(w, (*slot)->bias(), f, lsq_init(w, f, c_.init), lo);
+      auto t = std::make_shared<LsqTrainLinear>(wd, (*slot)->bias(), f, lsq_init(w, f, c_.init), lo);
       for (auto& p : t->weight_parameters()) weights.push_back(p);
       for (auto& p : t->quant_parameters()) quant.push_back(p);
       for (auto& p : t->state()) state.push_back(p);
@@ -440,10 +461,10 @@ class ParetoQQat : public QatMethod {
       for (auto& p : t->state()) state.push_back(p);
     };
     for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
-      const Tensor w = (*slot)->effective_weight().to(Device::CPU).to(DType::F32).contiguous();
+      const auto [wd, w] = layer_weight(**slot);
       const double g = paretoq_grad_scale(bits_, w.numel());
       if (seq) {
-        auto t = std::make_shared<SeqTrainLinear>(w, (*slot)->bias(), f, bits_, paretoq_init_alpha(w, bits_, f), g);
+        auto t = std::make_shared<SeqTrainLinear>(wd, (*slot)->bias(), f, bits_, paretoq_init_alpha(w, bits_, f), g);
         collect(t);
         *slot = t;
         seq_layers.push_back(t);
@@ -451,7 +472,7 @@ class ParetoQQat : public QatMethod {
         QatLinearOptions lo;
         lo.train_offset = false;  // the signed grid: zero point fixed at 2^(b-1)
         lo.grad_scale = g;
-        auto t = std::make_shared<LsqTrainLinear>(w, (*slot)->bias(), f, paretoq_lsq_params(w, bits_, f), lo);
+        auto t = std::make_shared<LsqTrainLinear>(wd, (*slot)->bias(), f, paretoq_lsq_params(w, bits_, f), lo);
         collect(t);
         *slot = t;
         lsq_layers.push_back(t);
@@ -590,13 +611,15 @@ class EfficientQat : public QatMethod {
     // ---- E2E-QP: codes frozen, steps trained end to end ----
     // With a state directory the Block-AP model is always read back from its checkpoint, so a
     // resumed run and an uninterrupted one start E2E-QP from the same model.
-    std::unique_ptr<LlamaModel> model = stage1 ? std::move(stage1) : make_quantized_model(load_quantized_model(model_dir));
+    const Device dev = model_device(fp);
+    std::unique_ptr<LlamaModel> model =
+        stage1 ? std::move(stage1) : make_quantized_model(load_quantized_model(model_dir), dev);
     std::vector<std::shared_ptr<LsqTrainLinear>> layers;
     std::vector<Var> steps;
     for_each_linear(*model, [&](int i, const std::string& name, std::shared_ptr<Linear>* slot) {
       auto* ql = dynamic_cast<const QuantLinear*>(slot->get());
       if (!ql) throw_error("efficientqat: layer ", i, " ", name, " is not quantized after Block-AP");
-      auto t = std::make_shared<LsqTrainLinear>(ql->quantized(), ql->bias());
+      auto t = std::make_shared<LsqTrainLinear>(ql->quantized(), ql->bias(), dev);
       for (auto& p : t->quant_parameters()) steps.push_back(p);
       *slot = t;
       layers.push_back(t);
@@ -687,6 +710,8 @@ class LrQat : public QatMethod {
   }
   std::string name() const override { return "lr-qat"; }
   QatResult run(const LlamaModel& fp, const std::vector<int32_t>& stream) override {
+    LB_CHECK(model_device(fp) == Device::CPU, "qat --method lr-qat: the LR-QAT quantizer has CPU bodies only; load the "
+             "model on the CPU (--device cpu)");
     const QuantFormat& f = *c_.format;
     const auto t0 = Clock::now();
     auto work = std::make_unique<LlamaModel>(fp.config(), fp.weights(), false);
@@ -743,6 +768,8 @@ class LlmQat : public QatMethod {
   }
   std::string name() const override { return "llm-qat"; }
   QatResult run(const LlamaModel& fp, const std::vector<int32_t>& stream) override {
+    LB_CHECK(model_device(fp) == Device::CPU, "qat --method llm-qat: its weight, activation and KV quantizers have CPU "
+             "bodies only; load the model on the CPU (--device cpu)");
     const QuantFormat& f = *c_.format;
     const auto t0 = Clock::now();
     const LlamaConfig& mc = fp.config();

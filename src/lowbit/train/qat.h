@@ -51,7 +51,11 @@
 // pipeline's state (pipeline.h) and, once done, its quantized checkpoint. Training windows of step s
 // are drawn from (seed, s) alone, so a run killed and restarted gives the same model as an
 // uninterrupted run (same machine and thread count).
-// CPU only for now: the LSQ and LR-QAT quantizers have no CUDA body.
+// Devices: the methods train where the full-precision model lives (the CLI's --device). lsq,
+// paretoq, efficientqat (Block-AP and E2E-QP) and l4q run on the GPU too (their quantizers are the
+// ops of ops/qat_quant.h, with CUDA bodies); the packed result is encoded on the host, so the
+// checkpoint's layout does not depend on the device. llm-qat's and lr-qat's quantizers have CPU
+// bodies only (the CLI refuses --device cuda for them).
 #pragma once
 #include <functional>
 #include <memory>

@@ -12,6 +12,7 @@
 #include "lowbit/core/format_traits.h"
 #include "lowbit/core/tensor.h"
 #include "lowbit/ops/ops.h"
+#include "lowbit/ops/qat_quant.h"
 #include "lowbit/ops/quant_matmul.h"
 #include "lowbit/ops/rope_style.h"
 
@@ -79,6 +80,17 @@ void adamw_step_multi(const std::vector<AdamwParam>& params, double lr, double b
 void lwc_forward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const FormatTraits& f, Tensor& y);
 void lwc_backward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& dy, const FormatTraits& f,
                   Tensor& dw, Tensor& dgamma, Tensor& dbeta);
+
+// The QAT weight quantizers (ops/qat_quant.h: LSQ / LSQ+, ParetoQ's sign / SEQ, E2E-QP's frozen
+// codes); the CPU entry points check the arguments and allocate the outputs. f32 only.
+void lsq_quant_forward(const Tensor& w, const Tensor& step, const Tensor& offset, const FormatTraits& f, Tensor& y);
+void lsq_quant_backward(const Tensor& w, const Tensor& step, const Tensor& offset, const Tensor& dy,
+                        const FormatTraits& f, double grad_scale, Tensor* dw, Tensor& dstep, Tensor* doffset);
+void seq_quant_forward(const Tensor& w, const Tensor& alpha, const SeqGrid& q, const FormatTraits& f, Tensor& y);
+void seq_quant_backward(const Tensor& w, const Tensor& alpha, const Tensor& dy, const SeqGrid& q, const FormatTraits& f,
+                        double grad_scale, Tensor* dw, Tensor& dalpha);
+void group_scale_forward(const Tensor& codes, const Tensor& step, const FormatTraits& f, Tensor& y);
+void group_scale_backward(const Tensor& codes, const Tensor& dy, const FormatTraits& f, Tensor& dstep);
 
 // GPTQ (Frantar et al. 2022, Alg. 1) of one linear layer for the uniform integer formats of the
 // format table (methods/gptq_cuda.cpp passes the format's traits row and wraps the result into a

@@ -1,0 +1,178 @@
+// CUDA bodies of the QAT weight quantizers (ops/qat_quant.h): LSQ / LSQ+, ParetoQ's sign / SEQ, and
+// E2E-QP's frozen-code dequantization. The per-element arithmetic is ops/qat_quant_math.h, the same
+// functions the CPU reference bodies call (f32 here), so the forwards match the CPU bit for bit and
+// the backwards up to the order of the per-group sums.
+//
+// Forwards: element-parallel grid-stride loops (one read of w, one write of y; the group's
+// parameters are L1/L2-resident). Backwards: one warp per quantization group (row r, group g),
+// lanes striding over the group's columns (coalesced), dw written on the way, the group sums
+// reduced by warp shuffles and written by lane 0.
+#include <cstdint>
+
+#include "lowbit/ops/cuda/cuda_common.h"
+#include "lowbit/ops/cuda/cuda_ops.h"
+
+namespace lowbit::ops::cuda {
+
+namespace {
+using detail::ptr;
+
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / 32;
+
+unsigned warp_blocks(int64_t groups) { return unsigned((groups + kWarpsPerBlock - 1) / kWarpsPerBlock); }
+
+// f32, on the GPU (the CPU entry points checked shapes, contiguity and that every tensor shares w's
+// dtype and device).
+void check_f32(const char* op, const Tensor& w) {
+  if (w.dtype() != DType::F32) throw_error(op, ": the CUDA body supports f32, got ", w.describe());
+  detail::check_on_gpu(op, w, "w");
+}
+
+__global__ void lsq_forward_kernel(const float* __restrict__ w, const float* __restrict__ step,
+                                   const float* __restrict__ offset, float* __restrict__ y, int64_t out, int64_t in,
+                                   FormatTraits f) {
+  const qat::LsqGrid gr = qat::lsq_grid(f);
+  const int64_t G = f.n_groups(in), n = out * in;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = (i / in) * G + f.group_of_column(i % in);
+    y[i] = qat::lsq_value(w[i], step[k], qat::lsq_zero(offset ? offset[k] : 0.0f, gr), gr);
+  }
+}
+
+__global__ void lsq_backward_kernel(const float* __restrict__ w, const float* __restrict__ step,
+                                    const float* __restrict__ offset, const float* __restrict__ dy,
+                                    float* __restrict__ dw, float* __restrict__ dstep, float* __restrict__ doffset,
+                                    int64_t out, int64_t in, FormatTraits f, float gscale) {
+  const int64_t G = f.n_groups(in);
+  const int64_t gid = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (gid >= out * G) return;  // whole warps exit together
+  const int lane = threadIdx.x & 31;
+  const int64_t r = gid / G, g = gid % G, e = f.group_end(g, in);
+  const qat::LsqGrid gr = qat::lsq_grid(f);
+  const float s = step[gid], zr = qat::lsq_zero(offset ? offset[gid] : 0.0f, gr);
+  float ds = 0, dz = 0;
+  for (int64_t j = f.group_begin(g) + lane; j < e; j += 32) {
+    const qat::LsqGrad<float> d = qat::lsq_grad(w[r * in + j], s, zr, dy[r * in + j], gr);
+    if (dw) dw[r * in + j] = d.dw;
+    ds += d.ds;
+    dz += d.dz;
+  }
+  ds = detail::warp_sum(ds);
+  dz = detail::warp_sum(dz);
+  if (lane == 0) {
+    dstep[gid] = gscale * ds;
+    if (doffset) doffset[gid] = gscale * dz;
+  }
+}
+
+__global__ void seq_forward_kernel(const float* __restrict__ w, const float* __restrict__ alpha, float* __restrict__ y,
+                                   int64_t out, int64_t in, FormatTraits f, SeqGrid q) {
+  const int64_t G = f.n_groups(in), n = out * in;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const float a = qat::seq_alpha(alpha[(i / in) * G + f.group_of_column(i % in)]);
+    y[i] = qat::seq_value(q, w[i], a, a / float(q.n));
+  }
+}
+
+__global__ void seq_backward_kernel(const float* __restrict__ w, const float* __restrict__ alpha,
+                                    const float* __restrict__ dy, float* __restrict__ dw, float* __restrict__ dalpha,
+                                    int64_t out, int64_t in, FormatTraits f, SeqGrid q, float gscale) {
+  const int64_t G = f.n_groups(in);
+  const int64_t gid = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (gid >= out * G) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t r = gid / G, g = gid % G, e = f.group_end(g, in);
+  const float a = qat::seq_alpha(alpha[gid]);
+  float da = 0;
+  for (int64_t j = f.group_begin(g) + lane; j < e; j += 32) {
+    const qat::SeqGrad<float> d = qat::seq_grad(q, w[r * in + j], a, dy[r * in + j]);
+    if (dw) dw[r * in + j] = d.dw;
+    da += d.da;
+  }
+  da = detail::warp_sum(da);
+  if (lane == 0) dalpha[gid] = gscale * da;
+}
+
+__global__ void group_scale_forward_kernel(const float* __restrict__ codes, const float* __restrict__ step,
+                                           float* __restrict__ y, int64_t out, int64_t in, FormatTraits f) {
+  const int64_t G = f.n_groups(in), n = out * in;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = codes[i] * step[(i / in) * G + f.group_of_column(i % in)];
+}
+
+__global__ void group_scale_backward_kernel(const float* __restrict__ codes, const float* __restrict__ dy,
+                                            float* __restrict__ dstep, int64_t out, int64_t in, FormatTraits f) {
+  const int64_t G = f.n_groups(in);
+  const int64_t gid = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (gid >= out * G) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t r = gid / G, g = gid % G, e = f.group_end(g, in);
+  float s = 0;
+  for (int64_t j = f.group_begin(g) + lane; j < e; j += 32) s += codes[r * in + j] * dy[r * in + j];
+  s = detail::warp_sum(s);
+  if (lane == 0) dstep[gid] = s;
+}
+
+}  // namespace
+
+void lsq_quant_forward(const Tensor& w, const Tensor& step, const Tensor& offset, const FormatTraits& f, Tensor& y) {
+  LB_CUDA_OP("lsq_quant_forward");
+  check_f32("lsq_quant_forward", w);
+  const int64_t out = w.size(0), in = w.size(1);
+  lsq_forward_kernel<<<detail::grid_for(out * in, kThreads), kThreads, 0, cuda_rt::stream()>>>(
+      ptr<float>(w), ptr<float>(step), offset.defined() ? ptr<float>(offset) : nullptr, ptr<float>(y), out, in, f);
+  LB_CUDA_LAUNCH_CHECK("lsq_forward_kernel");
+}
+
+void lsq_quant_backward(const Tensor& w, const Tensor& step, const Tensor& offset, const Tensor& dy,
+                        const FormatTraits& f, double grad_scale, Tensor* dw, Tensor& dstep, Tensor* doffset) {
+  LB_CUDA_OP("lsq_quant_backward");
+  check_f32("lsq_quant_backward", w);
+  const int64_t out = w.size(0), in = w.size(1);
+  lsq_backward_kernel<<<warp_blocks(out * f.n_groups(in)), kThreads, 0, cuda_rt::stream()>>>(
+      ptr<float>(w), ptr<float>(step), offset.defined() ? ptr<float>(offset) : nullptr, ptr<float>(dy),
+      dw ? ptr<float>(*dw) : nullptr, ptr<float>(dstep), doffset ? ptr<float>(*doffset) : nullptr, out, in, f,
+      float(grad_scale));
+  LB_CUDA_LAUNCH_CHECK("lsq_backward_kernel");
+}
+
+void seq_quant_forward(const Tensor& w, const Tensor& alpha, const SeqGrid& q, const FormatTraits& f, Tensor& y) {
+  LB_CUDA_OP("seq_quant_forward");
+  check_f32("seq_quant_forward", w);
+  const int64_t out = w.size(0), in = w.size(1);
+  seq_forward_kernel<<<detail::grid_for(out * in, kThreads), kThreads, 0, cuda_rt::stream()>>>(
+      ptr<float>(w), ptr<float>(alpha), ptr<float>(y), out, in, f, q);
+  LB_CUDA_LAUNCH_CHECK("seq_forward_kernel");
+}
+
+void seq_quant_backward(const Tensor& w, const Tensor& alpha, const Tensor& dy, const SeqGrid& q, const FormatTraits& f,
+                        double grad_scale, Tensor* dw, Tensor& dalpha) {
+  LB_CUDA_OP("seq_quant_backward");
+  check_f32("seq_quant_backward", w);
+  const int64_t out = w.size(0), in = w.size(1);
+  seq_backward_kernel<<<warp_blocks(out * f.n_groups(in)), kThreads, 0, cuda_rt::stream()>>>(
+      ptr<float>(w), ptr<float>(alpha), ptr<float>(dy), dw ? ptr<float>(*dw) : nullptr, ptr<float>(dalpha), out, in, f,
+      q, float(grad_scale));
+  LB_CUDA_LAUNCH_CHECK("seq_backward_kernel");
+}
+
+void group_scale_forward(const Tensor& codes, const Tensor& step, const FormatTraits& f, Tensor& y) {
+  LB_CUDA_OP("group_scale_forward");
+  check_f32("group_scale_forward", codes);
+  const int64_t out = codes.size(0), in = codes.size(1);
+  group_scale_forward_kernel<<<detail::grid_for(out * in, kThreads), kThreads, 0, cuda_rt::stream()>>>(
+      ptr<float>(codes), ptr<float>(step), ptr<float>(y), out, in, f);
+  LB_CUDA_LAUNCH_CHECK("group_scale_forward_kernel");
+}
+
+void group_scale_backward(const Tensor& codes, const Tensor& dy, const FormatTraits& f, Tensor& dstep) {
+  LB_CUDA_OP("group_scale_backward");
+  check_f32("group_scale_backward", codes);
+  const int64_t out = codes.size(0), in = codes.size(1);
+  group_scale_backward_kernel<<<warp_blocks(out * f.n_groups(in)), kThreads, 0, cuda_rt::stream()>>>(
+      ptr<float>(codes), ptr<float>(dy), ptr<float>(dstep), out, in, f);
+  LB_CUDA_LAUNCH_CHECK("group_scale_backward_kernel");
+}
+
+}  // namespace lowbit::ops::cuda
