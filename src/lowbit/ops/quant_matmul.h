@@ -54,7 +54,7 @@
 //               integer products of a whole block are summed before one f32 multiply per block.
 //   Auto        Int8 for M <= 8 when the layout has an integer kernel, and for every M on the
 //               ternary layouts (quant_matmul_int8_prefill: their int8 kernels beat the f32 tiles at
-//               every prompt length measured, 16 to 1024 rows, docs/results/bitnet.md); Exact otherwise. A
+//               every prompt length measured, 9 to 1024 rows, docs/results/bitnet.md); Exact otherwise. A
 //               process-wide default (set_quant_matmul_default: the CLI's --matmul) overrides it,
 //               else the environment variable LOWBIT_QUANT_MATMUL=int8|exact|reference does.
 // Diagnostic for SalientBinary weights: LOWBIT_PTQ161_ACT_SIM (e.g. "b32x8,s32x8": the binary columns'
