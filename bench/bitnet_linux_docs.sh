@@ -8,7 +8,7 @@
 # (and any of EXTRA_RUNS: b158-median = --ternary-scale median, b158-2stage = --schedule bitnet-two-stage,
 #  fp-2stage). Every run sees the same windows (same seed); validation loss every EVAL_EVERY steps on
 # fixed windows of valid.txt (the BitLinear forward: int8 activations); at the end `lowbit eval ppl`
-# on test.txt (ctx SEQ) of OUT/<run>/hf (FP) or OUT/<run>/ternary (the packed ternary checkpoint, f32
+# on test.txt (ctx SEQ) of OUT/<run>/hf (FP) or OUT/<run>/ternary (the packed ternary checkpoint, f32 (--matmul exact)
 # activations, dense vocabulary). Prints a markdown table and writes OUT/curves.tsv (step, val loss
 # per run).
 #
@@ -80,7 +80,7 @@ echo "| run | flags | final val loss (training forward) | test ppl (lowbit eval 
 echo "|---|---|---|---|---|"
 for name in $all_runs; do
   model="$OUT/$name/hf" extra=""
-  if [[ $name == b158* ]]; then model="$OUT/$name/ternary" extra="--f32-vocab"; fi
+  if [[ $name == b158* ]]; then model="$OUT/$name/ternary" extra="--f32-vocab --matmul exact"; fi
   # shellcheck disable=SC2086
   ppl=$("$LOWBIT" eval ppl -m "$model" --tokens "$OUT/data/test.i32" --ctx "$SEQ" --batch 8 --threads 2 --json $extra |
         python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["ppl"])')

@@ -14,15 +14,18 @@
 #   tq2_0.gguf      `lowbit quantize -m OUT/hf --method rtn --format tq2_0 -o tq2_0.gguf` (the same codes,
 #                   scale rounded to f16), run by lowbit and by llama.cpp
 #   tq1_0.gguf      the same with --format tq1_0 (base-3 digits, 1.69 bits per weight)
-# lowbit decodes all three with the int8-activation ternary kernels of quant_matmul (activation
+# lowbit decodes and prefills all three with the int8-activation ternary kernels of quant_matmul (activation
 # blocks of 256, as llama.cpp's q8_K). With LOWBIT_BEFORE set, its rows follow, marked "(before)".
 # BEST_OF=K repeats the tokens/s measurements K times, interleaved, and keeps each cell's best run.
 # The load average is printed before and after: llama.cpp's spinning threads lose far more than
 # lowbit on a busy machine, so only ratios measured at a low load mean anything. A second table is
 # steadier on a shared machine: CPU seconds (user + sys) per decoded token on 1 thread, of
 # `lowbit bench -p 0 -n CN -r CR --threads 1` and `llama-bench -p 0 -n CN -r CR -t 1` less the same
-# commands with -n 1 -r 1 (load and warm-up), CN=64 CR=10 by default (CPU=0 skips it; the "before"
-# binary gets the ternary row only there: it decodes the GGUF files row by row, very slowly).
+# commands with -n 1 -r 1 (load and warm-up), CN=64 CR=10 by default (the "before" binary gets the
+# ternary row only there: older binaries decode the GGUF files row by row, very slowly). A third
+# table: CPU seconds per prompt token on 1 thread, `-p CP -n 0 -r CPR` less the same with -r 1
+# (CP=256 CPR=4), every row for the "before" binary too. CPU=0 skips both CPU tables, CPU_TG=0 /
+# CPU_PP=0 one of them.
 # Files go to $LOWBIT_LLAMACPP_CACHE/bitnet (default ~/.cache/lowbit-llamacpp/bitnet), never into the
 # repository. LLAMA_BIN, LLAMA_ARGS and OMP_WAIT_POLICY as in bench/packed_vs_llamacpp.sh.
 set -euo pipefail
@@ -82,37 +85,51 @@ echo
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 [ "${CPU:-1}" = 0 ] && exit 0
 
-CN=${CN:-64} CR=${CR:-10}
+CN=${CN:-64} CR=${CR:-10} CP=${CP:-256} CPR=${CPR:-4}
 cpu_s() {  # command... -> CPU seconds (user + sys)
   /usr/bin/time -f "%U %S" "$@" 2>&1 >/dev/null | tail -1 | awk '{print $1 + $2}'
 }
-per_token() {  # full_s base_s -> ms per token
-  python3 -c "import sys; print(f'{(float(sys.argv[1]) - float(sys.argv[2])) * 1000 / ($CN * $CR):.3f}')" "$1" "$2"
+per_token() {  # full_s base_s tokens -> ms per token
+  python3 -c "import sys; print(f'{(float(sys.argv[1]) - float(sys.argv[2])) * 1000 / float(sys.argv[3]):.3f}')" "$@"
 }
-echo
-echo "CPU time per decoded token, 1 thread (tg$CN x $CR less tg1 x 1), load $(cut -d' ' -f1-3 /proc/loadavg):"
-echo
-declare -A cms
-for f in tq2_0 tq1_0; do
-  full=$(cpu_s "$BIN/llama-bench" -m "$dir/$f.gguf" -p 0 -n "$CN" -r "$CR" -t 1 $LLAMA_ARGS)
-  base=$(cpu_s "$BIN/llama-bench" -m "$dir/$f.gguf" -p 0 -n 1 -r 1 -t 1 $LLAMA_ARGS)
-  cms[$f]=$(per_token "$full" "$base")
-done
-echo "| lowbit model | lowbit CPU ms/token | llama.cpp file | llama.cpp CPU ms/token | llama.cpp / lowbit |"
-echo "|---|---:|---|---:|---:|"
-for bin in "${bins[@]}"; do
-  tag=""
-  models=(train/ternary tq2_0.gguf tq1_0.gguf)
-  [ "$bin" != "$LOWBIT" ] && tag=" (before)" && models=(train/ternary)
-  for m in "${models[@]}"; do
-    f=tq2_0
-    [ "$m" = tq1_0.gguf ] && f=tq1_0
-    full=$(cpu_s "$bin" -q bench -m "$dir/$m" -p 0 -n "$CN" -r "$CR" --threads 1)
-    base=$(cpu_s "$bin" -q bench -m "$dir/$m" -p 0 -n 1 -r 1 --threads 1)
-    l=$(per_token "$full" "$base")
-    python3 -c "import sys; print(f'| {sys.argv[1]} | {sys.argv[2]} | {sys.argv[3]}.gguf | {sys.argv[4]} | {float(sys.argv[4]) / float(sys.argv[2]):.2f} |')" \
-      "$m$tag" "$l" "$f" "${cms[$f]}"
+# One CPU table. $1 = tg: decode, -p 0 -n CN -r CR less -n 1 -r 1 (CN x CR tokens); pp: prefill,
+# -p CP -n 0 -r CPR less -r 1 (CP x (CPR - 1) tokens; the same load and warm-up in both).
+cpu_table() {
+  local full_args base_args tokens what
+  if [ "$1" = tg ]; then
+    full_args=(-p 0 -n "$CN"); base_args=(-p 0 -n 1); tokens=$((CN * CR)); what="decoded token, 1 thread (tg$CN x $CR less tg1 x 1)"
+  else
+    full_args=(-p "$CP" -n 0); base_args=(-p "$CP" -n 0); tokens=$((CP * (CPR - 1))); what="prompt token, 1 thread (pp$CP x $CPR less pp$CP x 1)"
+  fi
+  local fr=$CR
+  [ "$1" = pp ] && fr=$CPR
+  echo
+  echo "CPU time per $what, load $(cut -d' ' -f1-3 /proc/loadavg):"
+  echo
+  declare -A cms
+  for f in tq2_0 tq1_0; do
+    full=$(cpu_s "$BIN/llama-bench" -m "$dir/$f.gguf" "${full_args[@]}" -r "$fr" -t 1 $LLAMA_ARGS)
+    base=$(cpu_s "$BIN/llama-bench" -m "$dir/$f.gguf" "${base_args[@]}" -r 1 -t 1 $LLAMA_ARGS)
+    cms[$f]=$(per_token "$full" "$base" "$tokens")
   done
-done
+  echo "| lowbit model | lowbit CPU ms/token | llama.cpp file | llama.cpp CPU ms/token | llama.cpp / lowbit |"
+  echo "|---|---:|---|---:|---:|"
+  for bin in "${bins[@]}"; do
+    tag=""
+    models=(train/ternary tq2_0.gguf tq1_0.gguf)
+    [ "$bin" != "$LOWBIT" ] && tag=" (before)" && [ "$1" = tg ] && models=(train/ternary)
+    for m in "${models[@]}"; do
+      f=tq2_0
+      [ "$m" = tq1_0.gguf ] && f=tq1_0
+      full=$(cpu_s "$bin" -q bench -m "$dir/$m" "${full_args[@]}" -r "$fr" --threads 1)
+      base=$(cpu_s "$bin" -q bench -m "$dir/$m" "${base_args[@]}" -r 1 --threads 1)
+      l=$(per_token "$full" "$base" "$tokens")
+      python3 -c "import sys; print(f'| {sys.argv[1]} | {sys.argv[2]} | {sys.argv[3]}.gguf | {sys.argv[4]} | {float(sys.argv[4]) / float(sys.argv[2]):.2f} |')" \
+        "$m$tag" "$l" "$f" "${cms[$f]}"
+    done
+  done
+}
+[ "${CPU_TG:-1}" = 0 ] || cpu_table tg
+[ "${CPU_PP:-1}" = 0 ] || cpu_table pp
 echo
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -809,6 +809,57 @@ TEST(QuantMatmul, TernaryLayoutsRunTheirInt8KernelsOnBlocksOf256) {
   EXPECT_THROW(ops::quant_matmul(Tensor::randn({1, 256}, 1), bad, y), Error);
 }
 
+// Auto at prefill shapes (M > kQuantDecodeMaxRows): the ternary layouts take the Int8 body (their
+// int8 kernels beat dequantized f32 tiles at every prompt length measured, docs/results/bitnet.md),
+// bit for bit what an explicit Int8 call gives, and within the int8 bound of the reference; a
+// grouped 2-bit format (int2g64) still takes the Exact body there; the process default
+// (--matmul exact) still wins over the ternary choice.
+TEST(QuantMatmul, AutoPicksTheInt8BodyForTernaryPrefill) {
+  for (const char* name : {"ternary", "tq2_0", "tq1_0", "int2g64"}) {
+    SCOPED_TRACE(name);
+    const bool ternary = std::string(name) != "int2g64";
+    const int64_t out = 13, in = std::string(name) == "ternary" ? 600 : 512;
+    const QuantizedTensor q = quantize(Tensor::randn({out, in}, 41, 0.05), parse_quant_format(name));
+    const ops::PackedWeight v = q.packed_view();
+    EXPECT_EQ(ops::quant_matmul_int8_prefill(v), ternary);
+    for (int64_t M : {ops::kQuantDecodeMaxRows + 1, int64_t(64)}) {
+      const Tensor x = test_input(M, in, 50 + uint64_t(M));
+      auto run = [&](ops::QuantMatmulPath p) {
+        Tensor y = Tensor::empty({M, out});
+        ops::quant_matmul(x, v, y, {p});
+        return y;
+      };
+      const Tensor yauto = run(ops::QuantMatmulPath::Auto), yint8 = run(ops::QuantMatmulPath::Int8),
+                   yexact = run(ops::QuantMatmulPath::Exact), yref = run(ops::QuantMatmulPath::Reference);
+      ASSERT_GT(max_abs_diff(yint8, yexact), 0.0);  // the two bodies differ, so the test can tell them apart
+      EXPECT_EQ(max_abs_diff(yauto, ternary ? yint8 : yexact), 0.0) << "M=" << M;
+      // The int8 rounding bound against the reference (activation blocks of quant_matmul_act_block).
+      const Tensor wd = q.dequantize();
+      const int64_t ab = ops::quant_matmul_act_block(v);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t o = 0; o < out; ++o) {
+          double sc = 0, rb = 0;
+          for (int64_t b0 = 0; b0 < in; b0 += ab) {
+            double amax = 0;
+            for (int64_t i = b0; i < std::min(in, b0 + ab); ++i) amax = std::max(amax, std::fabs(double(x.data<float>()[m * in + i])));
+            for (int64_t i = b0; i < std::min(in, b0 + ab); ++i) {
+              const double wi = std::fabs(double(wd.data<float>()[o * in + i]));
+              sc += wi * std::fabs(double(x.data<float>()[m * in + i]));
+              rb += wi * amax / 127.0 / 2.0;
+            }
+          }
+          const double err = std::fabs(double(yauto.data<float>()[m * out + o]) - double(yref.data<float>()[m * out + o]));
+          EXPECT_LE(err, rb * (1 + 1e-3) + 1e-5 * sc + 1e-7) << "M=" << M << " row " << m << " out " << o;
+        }
+      if (ternary) {
+        ops::set_quant_matmul_default(ops::QuantMatmulPath::Exact);
+        EXPECT_EQ(max_abs_diff(run(ops::QuantMatmulPath::Auto), yexact), 0.0) << "M=" << M;
+        ops::set_quant_matmul_default(ops::QuantMatmulPath::Auto);
+      }
+    }
+  }
+}
+
 // QuantSharedInputScope (serving's q / k / v and gate / up products): inside the scope, products
 // that read the same input reuse its int8 activations and panel copy; every product's numbers stay
 // bit-identical to the product alone, whatever the sequence of weights (formats with other

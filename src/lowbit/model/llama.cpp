@@ -548,8 +548,9 @@ Var LlamaModel::forward_cached(const Tensor& tokens, KVCache& cache, bool logits
 
 namespace {
 // Prompt pieces of at most this many tokens join the decode rows of a mixed step in one int8
-// product (ops::QuantInt8RowsScope); longer ones run alone on the f32-activation (prefill) path,
-// which is faster for them. Which path a piece takes depends only on its own length.
+// product (ops::QuantInt8RowsScope); longer ones run alone on Auto's prefill path (f32 activations,
+// faster for them; the ternary layouts take int8 there too: ops::quant_matmul_int8_prefill).
+// Which path a piece takes depends only on its own length.
 constexpr int64_t kMixedInt8PieceMax = 64;
 
 // Rows [r0, r1) of x, for a list of ranges, as one contiguous tensor (one range: a view).

@@ -900,6 +900,8 @@ bool quant_matmul_has_int8_kernel(const PackedWeight& w) {
   return !grouped || w.n_groups == 1 || w.group_size % kBlock == 0;
 }
 
+bool quant_matmul_int8_prefill(const PackedWeight& w) { return qmm::ternary_kind(w) != qmm::TernaryKind::None; }
+
 int64_t quant_matmul_act_block(const PackedWeight& w) {
   return qmm::ternary_kind(w) != qmm::TernaryKind::None ? qmm::kBlockK : kBlock;
 }
@@ -1038,7 +1040,8 @@ QuantMatmulPath cpu_path(int64_t M, const PackedWeight& w, const QuantMatmulOpti
   if (path == QuantMatmulPath::Auto) path = g_default_path.load(std::memory_order_relaxed);
   if (path == QuantMatmulPath::Auto) path = env_path();
   if (path == QuantMatmulPath::Auto)
-    path = M <= t_int8_max_rows && quant_matmul_has_int8_kernel(w) ? QuantMatmulPath::Int8 : QuantMatmulPath::Exact;
+    path = (M <= t_int8_max_rows || quant_matmul_int8_prefill(w)) && quant_matmul_has_int8_kernel(w) ? QuantMatmulPath::Int8
+                                                                                                      : QuantMatmulPath::Exact;
   if (path == QuantMatmulPath::Int8 && !quant_matmul_has_int8_kernel(w)) path = QuantMatmulPath::Exact;
   return path;
 }

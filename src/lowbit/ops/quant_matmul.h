@@ -52,7 +52,9 @@
 //               quantize activations per block of 256 instead (llama.cpp's q8_K operand of its TQ
 //               kernels, with lowbit's d = amax/127): their codes have no per-32 scale, so the
 //               integer products of a whole block are summed before one f32 multiply per block.
-//   Auto        Int8 for M <= 8 when the layout has an integer kernel, Exact otherwise. A
+//   Auto        Int8 for M <= 8 when the layout has an integer kernel, and for every M on the
+//               ternary layouts (quant_matmul_int8_prefill: their int8 kernels beat the f32 tiles at
+//               every prompt length measured, 9 to 1024 rows, docs/results/bitnet.md); Exact otherwise. A
 //               process-wide default (set_quant_matmul_default: the CLI's --matmul) overrides it,
 //               else the environment variable LOWBIT_QUANT_MATMUL=int8|exact|reference does.
 // Diagnostic for SalientBinary weights: LOWBIT_PTQ161_ACT_SIM (e.g. "b32x8,s32x8": the binary columns'
@@ -210,5 +212,9 @@ bool quant_matmul_has_int8_kernel(const PackedWeight& w);
 // 256 for the ternary layouts (the ternary format: 2-bit IntGroups with a tensor scale; ggml tq2_0,
 // tq1_0), 32 otherwise. The error bound above holds with d over blocks of this size.
 int64_t quant_matmul_act_block(const PackedWeight& w);
+// True when Auto sends products of any row count (prefill too) to the Int8 body for this weight:
+// the ternary layouts (whose int8 kernels are faster than dequantized f32 tiles at every prompt
+// length measured). Other layouts take Int8 only up to kQuantDecodeMaxRows (or QuantInt8RowsScope).
+bool quant_matmul_int8_prefill(const PackedWeight& w);
 
 }  // namespace lowbit::ops
