@@ -15,6 +15,10 @@
 #       [--nsamples 16] [--seqlen 512] [--methods "awq:--weighted-round rtn:--weighted-round awq gptq rtn"]
 #       [--texts "wiki ptb"] [--kmaps "q4_k q3_k q2_k"] [--out DIR]
 #
+# --texts: any of wiki, ptb, ldocs (the first 400 kB of linux-docs test: the calibration text's
+# domain, to tell a method that fits the calibration domain from one that generalises). NICE=
+# (empty) runs every tool at normal priority (default: nice; niced jobs starve on a loaded box).
+#
 # --kmaps T...: also one cell per k-quant T with SmolLM2's 30 ffn_down (1536 wide: whole 256-value
 # super-blocks) in T and every other matrix q8_0 — lowbit `--format-map` (ffn_down T, token_embd
 # q8_0, default q8_0), llama-quantize `--tensor-type ffn_down=T --token-embedding-type q8_0 ... Q8_0`:
@@ -33,6 +37,7 @@ presets="q4_0 q4_1 iq4_nl q8_0 q4_k_m q3_k_s" kmaps="" chunks=10 nsamples=16 seq
 methods="awq:--weighted-round rtn:--weighted-round awq gptq rtn"
 out=${LOWBIT_LLAMACPP_CACHE:-$HOME/.cache/lowbit-llamacpp}/ggmlq
 threads=${THREADS:-2}
+NICE=${NICE-nice}  # NICE= (empty): run at normal priority (on a box shared with other jobs, niced runs starve)
 while [ $# -gt 0 ]; do
   case "$1" in
     --presets) presets=$2; shift 2 ;; --chunks) chunks=$2; shift 2 ;; --nsamples) nsamples=$2; shift 2 ;;
@@ -49,6 +54,8 @@ text[wiki]=$dir/wiki-eval.txt
 text[ptb]=$dir/ptb-eval.txt
 [ -f "${text[wiki]}" ] || head -c 400000 "$shared/data/wikitext-2-raw/wiki.test.raw" >"${text[wiki]}"
 [ -f "${text[ptb]}" ] || head -c 400000 "$shared/data/ptb/ptb.test.txt" >"${text[ptb]}"
+text[ldocs]=$dir/ldocs-eval.txt  # the calibration text's domain (linux-docs test, not its train split)
+[ -f "${text[ldocs]}" ] || head -c 400000 "$shared/data/linux-docs/test.txt" >"${text[ldocs]}"
 calib=$dir/calib-linux-docs-2MB.txt
 [ -f "$calib" ] || head -c 2000000 "$shared/data/linux-docs/train.txt" >"$calib"
 fp=$dir/fp32.gguf
@@ -79,7 +86,7 @@ with open(dst, 'wb') as g:
 PY
     grep -o '\[[0-9]*\][0-9.]*' "$dir/kld-base-$t-c512-n$bigger.bin.log" | sed -n "${chunks}p" >"$base.log"
   else
-    nice "$bin/llama-perplexity" -m "$fp" -f "${text[$t]}" -c 512 --chunks "$chunks" -t "$threads" \
+    $NICE "$bin/llama-perplexity" -m "$fp" -f "${text[$t]}" -c 512 --chunks "$chunks" -t "$threads" \
       --kl-divergence-base "$base" >"$base.log" 2>&1
   fi
 done
@@ -87,7 +94,7 @@ score() {  # file -> " PPL / KLD |" per text (cached in FILE.T.kld.log)
   local row=""
   for t in $texts; do
     local log=$1.$t.n$chunks.kld.log
-    [ -s "$log" ] && grep -q '^Mean *KLD' "$log" || nice "$bin/llama-perplexity" -m "$1" -c 512 --chunks "$chunks" \
+    [ -s "$log" ] && grep -q '^Mean *KLD' "$log" || $NICE "$bin/llama-perplexity" -m "$1" -c 512 --chunks "$chunks" \
       -t "$threads" --kl-divergence-base "$dir/kld-base-$t-c512-n$chunks.bin" --kl-divergence >"$log" 2>&1
     row+=" $(sed -n 's/^Mean PPL(Q) *: *\([0-9.]*\).*/\1/p' "$log") / $(sed -n 's/^Mean *KLD: *\([0-9.]*\).*/\1/p' "$log") |"
   done
@@ -105,7 +112,7 @@ EOF
 }
 
 imat=$dir/imatrix-${nsamples}x$seqlen.gguf
-[ -f "$imat" ] || nice "$bin/llama-imatrix" -m "$fp" -f "$calib" -c "$seqlen" --chunks "$nsamples" -t "$threads" \
+[ -f "$imat" ] || $NICE "$bin/llama-imatrix" -m "$fp" -f "$calib" -c "$seqlen" --chunks "$nsamples" -t "$threads" \
   -o "$imat" >"$imat.log" 2>&1
 res=$dir/results.md
 {
@@ -129,8 +136,8 @@ for p in $cells; do
   fi
   ref=$dir/llamacpp-$p.gguf refi=$dir/llamacpp-imatrix-$p.gguf
   q=${lq:+Q8_0}
-  [ -f "$ref" ] || nice "$bin/llama-quantize" "${lq[@]}" "$fp" "$ref" "${q:-$P}" "$threads" >"$ref.log" 2>&1
-  [ -f "$refi" ] || nice "$bin/llama-quantize" --imatrix "$imat" "${lq[@]}" "$fp" "$refi" "${q:-$P}" "$threads" \
+  [ -f "$ref" ] || $NICE "$bin/llama-quantize" "${lq[@]}" "$fp" "$ref" "${q:-$P}" "$threads" >"$ref.log" 2>&1
+  [ -f "$refi" ] || $NICE "$bin/llama-quantize" --imatrix "$imat" "${lq[@]}" "$fp" "$refi" "${q:-$P}" "$threads" \
     >"$refi.log" 2>&1
   echo "| llama-quantize $P + imatrix | $(stat -L -c %s "$refi") |$(score "$refi")" >>"$res"
   for m in $methods; do
@@ -141,7 +148,7 @@ for p in $cells; do
     if [ ! -f "$f" ]; then
       cal=()
       [ "$m" != rtn ] && cal=(--calib "$calib" --nsamples "$nsamples" --seqlen "$seqlen")
-      /usr/bin/time -f "%e s wall %U+%S s CPU" nice "$lowbit" quantize -m "$fp" --method "$name" "${flags[@]}" \
+      /usr/bin/time -f "%e s wall %U+%S s CPU" $NICE "$lowbit" quantize -m "$fp" --method "$name" "${flags[@]}" \
         "${plan[@]}" "${cal[@]}" -o "$f" --threads "$threads" >"$f.log" 2>&1
     fi
     if [ "$(identical "$f" "$ref")" = 1 ]; then
