@@ -5,11 +5,6 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <cerrno>
-
 #include "lowbit/io/file_util.h"
 
 namespace lowbit {
@@ -207,21 +202,7 @@ void SafetensorsFile::read_bytes(const std::string& name, uint64_t offset, uint6
   const auto& t = get(name);
   if (offset > t.end - t.begin || n > t.end - t.begin - offset)
     throw_error(path_, ": tensor '", name, "': bytes [", offset, ", ", offset + n, ") are outside its ", t.end - t.begin);
-  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw_error(path_, ": cannot open: ", std::strerror(errno));
-  uint8_t* d = static_cast<uint8_t*>(dst);
-  uint64_t at = data_start_ + t.begin + offset;
-  while (n > 0) {
-    const ssize_t r = ::pread(fd, d, size_t(std::min<uint64_t>(n, 1u << 30)), off_t(at));
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) {
-      const int e = errno;
-      ::close(fd);
-      throw_error(path_, ": reading tensor '", name, "' failed: ", r == 0 ? "file shrank (truncated?)" : std::strerror(e));
-    }
-    d += r, at += uint64_t(r), n -= uint64_t(r);
-  }
-  ::close(fd);
+  io::pread_exact(path_, data_start_ + t.begin + offset, n, dst, "tensor '" + name + "'");
 }
 
 void SafetensorsFile::read_f32(const std::string& name, int64_t first, int64_t count, float* dst) const {
