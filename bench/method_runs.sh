@@ -4,7 +4,8 @@
 #
 #   bench/method_runs.sh --plan PLAN --out DIR [options]
 #     --plan FILE         one job a line: NAME METHOD FORMAT SEED [extra `lowbit quantize` flags...]
-#                         ('#' starts a comment; METHOD fp evaluates the source model itself)
+#                         ('#' starts a comment; METHOD fp evaluates the source model itself; METHOD
+#                         qat-NAME runs `lowbit qat --method NAME` on the calibration text instead)
 #     --out DIR           results: DIR/results.jsonl (one JSON object per finished job, appended),
 #                         DIR/logs/NAME.*; models in DIR/models/NAME (kept: a rerun skips done work)
 #     --lowbit BIN        default build-rel/lowbit
@@ -95,10 +96,20 @@ run_job() {  # one plan line
       fi
       args+=(--saliency "$sal")
     fi
+    if [[ "$method" == qat-* ]]; then
+      # Quantization-aware training (issue 14): `lowbit qat --method ${method#qat-}` on the calibration
+      # text (or tokens) as its training data; its own step/window defaults unless the line gives them.
+      local tdata=(--train "$calib")
+      [ -n "$calib_tokens" ] && tdata=(--train-tokens "$calib_tokens")
+      args=(--method "${method#qat-}" --format "$format" "${tdata[@]}" --seed "$seed" --device "$device"
+            --threads "$threads" --checkpoint-seconds 600 -o "$dir" --json "$@")
+    fi
+    local cmd=quantize
+    [[ "$method" == qat-* ]] && cmd=qat
     t0=$(date +%s.%N)
     if [ ! -f "$dir/config.json" ]; then
-      "$lowbit" -q quantize -m "$model" "${args[@]}" > "$log.quantize.json" 2> "$log.quantize.err" ||
-        { echo "{\"name\":\"$name\",\"error\":\"quantize failed: $(tail -n 1 "$log.quantize.err" | tr -d '"\\')\"}" >> "$out/results.jsonl"; return; }
+      "$lowbit" -q "$cmd" -m "$model" "${args[@]}" > "$log.quantize.json" 2> "$log.quantize.err" ||
+        { echo "{\"name\":\"$name\",\"error\":\"$cmd failed: $(tail -n 1 "$log.quantize.err" | tr -d '"\\')\"}" >> "$out/results.jsonl"; return; }
       qsec=$(python3 -c "import sys; print(round($(date +%s.%N) - $t0, 1))")
     fi
   fi

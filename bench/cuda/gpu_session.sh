@@ -68,9 +68,9 @@ stage)
   rm -f "$S/w/shared/models/smollm2-135m-instruct/tokenizer"*.json  # the GGUF embeds its tokenizer
   tar -C "$S" -cf - w | xz -T2 -6 > .devcarry/tools.tar.xz
   rm -rf "$S"
-  # 38 MB + tools.tar.xz (~23 MB) + the working tree (~4 MB) stay under the 64 MiB carry limit.
-  head -c 38000000 "$m/SmolLM2-135M-Instruct.Q4_1.gguf" > .devcarry/gguf.part1
-  tail -c +38000001 "$m/SmolLM2-135M-Instruct.Q4_1.gguf" > .devcarry/gguf.part2
+  # 37 MB + tools.tar.xz (~23 MB) + the working tree (~4 MB) stay under the 64 MiB carry limit.
+  head -c 37000000 "$m/SmolLM2-135M-Instruct.Q4_1.gguf" > .devcarry/gguf.part1
+  tail -c +37000001 "$m/SmolLM2-135M-Instruct.Q4_1.gguf" > .devcarry/gguf.part2
   sha256sum < "$m/SmolLM2-135M-Instruct.Q4_1.gguf" | cut -d' ' -f1 > .devcarry/gguf.sha
   ls -la .devcarry
   ;;
