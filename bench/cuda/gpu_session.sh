@@ -41,6 +41,8 @@ wait_runs() {
     [ -f "$W/runs.pid" ] && ! kill -0 "$(cat "$W/runs.pid")" 2>/dev/null && { echo "runs ended after ${t}s of waiting"; return; }
     n=$(grep -c '"name"' "$W/runs/results.jsonl" 2>/dev/null) || n=0
     [ -n "${RESULTS:-}" ] && [ "$n" -ge "$RESULTS" ] && { echo "$n results after ${t}s of waiting"; return; }
+    # A call cut off at its limit still returns $OUT: keep the result lines there as they come.
+    [ -n "${OUT:-}" ] && cp "$W/runs/results.jsonl" "$OUT/" 2>/dev/null
     sleep 10
     t=$((t + 10))
   done
