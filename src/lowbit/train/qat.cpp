@@ -44,14 +44,8 @@ uint64_t token_hash(const std::vector<int32_t>& stream) {
   return h;
 }
 
-namespace {
-
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-// The training objective of one batch: cross-entropy, or KL to the teacher (+ lm_weight * CE).
-Var objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor& in, const Tensor& tgt,
-              const E2eOptions& o) {
+Var e2e_objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor& in, const Tensor& tgt,
+                  const E2eOptions& o) {
   Var logits = student.forward(in);
   if (!o.distill) return cross_entropy(logits, tgt.to(logits.value().device()));
   Tensor tl;
@@ -63,6 +57,13 @@ Var objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor
   if (o.lm_weight > 0) loss = add(loss, scale(cross_entropy(logits, tgt.to(logits.value().device())), o.lm_weight));
   return loss;
 }
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+
 
 void save_e2e_state(const std::string& path, const std::vector<Var>& state, AdamW& opt, int64_t step,
                     const std::string& key, double loss_before) {
@@ -209,7 +210,7 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
   make_lm_windows(stream, my_share(fixed_starts, &fixed_share), o.seqlen, fin, ftgt);
   auto fixed_loss = [&] {
     NoGradGuard ng;
-    const double v = objective(student, teacher, fin, ftgt, o).value().item() * fixed_share;
+    const double v = e2e_objective(student, teacher, fin, ftgt, o).value().item() * fixed_share;
     return dp ? o.comm->all_reduce_sum(v) : v;
   };
   QatStage rep;
@@ -233,7 +234,7 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
     Tensor in, tgt;
     double share = 1;
     make_lm_windows(stream, my_share(starts_of(step), &share), o.seqlen, in, tgt);
-    Var loss = objective(student, teacher, in, tgt, o);
+    Var loss = e2e_objective(student, teacher, in, tgt, o);
     double lv = loss.value().item() * share;
     if (dp) lv = o.comm->all_reduce_sum(lv);  // the step's loss over all ranks' windows: every rank decides alike
     if (!std::isfinite(lv)) throw_error("qat: ", o.stage, " loss is ", lv, " at step ", step + 1, "; lower the learning rates");

@@ -182,6 +182,11 @@ struct E2eGroup {
   std::vector<Var> params;
   double lr = 1e-4, weight_decay = 0;
 };
+// The objective of one batch of the end-to-end stages (in [B, T], tgt [B*T] ids, any device): the
+// next-token cross-entropy, or with o.distill KL(P_teacher || P_student) of the teacher's logits
+// (computed without gradient) plus o.lm_weight times the cross-entropy. bench/bench_e2eqp.cpp times it.
+Var e2e_objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor& in, const Tensor& tgt,
+                  const E2eOptions& o);
 // Trains `groups` (parameters of `student`) end to end; `state` lists every tensor the resumable
 // state must hold (trained ones and fixed ones that define the model). teacher: the FP model for
 // distillation (may be null without distill). Returns the stage report; complete=false when stopped.

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Issue 14's speed question: one EfficientQAT E2E-QP step (codes frozen, step sizes trained, LM loss)
+# and one distillation step (the same with KL to the FP teacher's logits, teacher forward included)
+# of a Llama-2-7B-shaped stack (dim 4096, hidden 11008, 32 heads, vocab 32000, LAYERS blocks),
+# int2g64, BATCH x SEQ tokens, lowbit (bench/bench_e2eqp.cpp) against the same computation in PyTorch
+# eager and torch.compile (bench/torch_e2eqp_ref.py), in one run, alternating: ROUNDS rounds of
+# lowbit, eager, compile. Prints one table (mean ms/step over the rounds, peak memory held by tensors)
+# and writes the raw output to $OUT (or /tmp/e2eqp-out). docs/results/qat-7b-step.md.
+#
+# On the GPU machine, after `bench/cuda/gpu_session.sh setup` (its stage must include
+# build-cuda/bench/bench_e2eqp: configure build-cuda with -DLOWBIT_BENCH=ON):
+#   bench/cuda/e2eqp_7b.sh
+# Settings: LAYERS [2]  BATCH [1]  SEQ [4096]  STEPS [8]  WARMUP [3]  ROUNDS [2]  PREC [bf16: lowbit
+# --bf16 --tf32, PyTorch autocast bf16 + TF32; f32: TF32 only on both sides]  BENCH [/tmp/w/bin/bench_e2eqp]
+#   BUDGET [200: no new round starts after this many seconds]
+# Local smoke test on the CPU (tiny shape):
+#   DEVICE=cpu DIM=64 HIDDEN=128 HEADS=4 VOCAB=256 SEQ=64 BENCH=build-rel/bench/bench_e2eqp bench/cuda/e2eqp_7b.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+W=/tmp/w
+export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+DEVICE=${DEVICE:-cuda} LAYERS=${LAYERS:-2} BATCH=${BATCH:-1} SEQ=${SEQ:-4096} STEPS=${STEPS:-8} WARMUP=${WARMUP:-3}
+ROUNDS=${ROUNDS:-2} PREC=${PREC:-bf16} BENCH=${BENCH:-$W/bin/bench_e2eqp} BUDGET=${BUDGET:-200}
+shape="--layers $LAYERS --dim ${DIM:-4096} --hidden ${HIDDEN:-11008} --heads ${HEADS:-32} --vocab ${VOCAB:-32000}"
+shape="$shape --batch $BATCH --seq $SEQ --steps $STEPS --warmup $WARMUP --format int2g64"
+O=${OUT:-/tmp/e2eqp-out}
+mkdir -p "$O"
+raw=$O/e2eqp_7b.txt
+: > "$raw"
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$raw"
+  [ -x "$BENCH" ] || { echo "no $BENCH: stage build-cuda/bench/bench_e2eqp (LOWBIT_BENCH=ON)" | tee -a "$raw"; exit 1; }
+fi
+case "$PREC" in
+bf16) lflags="--tf32 --bf16"; tflags="--tf32 --amp bf16" ;;
+f32) lflags="--tf32"; tflags="--tf32 --amp off" ;;
+*) echo "PREC must be bf16 or f32" >&2; exit 2 ;;
+esac
+[ "$DEVICE" = cpu ] && { lflags=""; tflags="--amp off"; }
+echo "shape: $shape; PREC=$PREC; lowbit $lflags; torch $tflags; $(date -u +%FT%TZ)" | tee -a "$raw"
+t0=$(date +%s)
+for r in $(seq 1 "$ROUNDS"); do
+  if [ "$r" -gt 1 ] && [ $(( $(date +%s) - t0 )) -gt "$BUDGET" ]; then
+    echo "round $r skipped: ${BUDGET}s budget spent" | tee -a "$raw"
+    break
+  fi
+  echo "## round $r" | tee -a "$raw"
+  # shellcheck disable=SC2086
+  timeout 150 "$BENCH" --device "$DEVICE" $shape $lflags 2>&1 | sed "s/^RESULT /RESULT round=$r /" | tee -a "$raw"
+  for mode in eager compile; do
+    # shellcheck disable=SC2086
+    timeout 240 python3 bench/torch_e2eqp_ref.py --device "$DEVICE" $shape $tflags --modes $mode 2>&1 |
+      grep -v "^W[0-9]" | sed "s/^RESULT /RESULT round=$r /" | tee -a "$raw"
+  done
+done
+echo "total $(( $(date +%s) - t0 )) s" | tee -a "$raw"
+python3 - "$raw" <<'PY' | tee "$O/e2eqp_7b_table.md"
+import re, statistics as st, sys
+rows = {}
+for line in open(sys.argv[1]):
+    if not line.startswith("RESULT "):
+        continue
+    kv = dict(re.findall(r"(\w+)=(\S+)", line))
+    impl = line.split()[2]
+    rows.setdefault((kv["step"], impl), []).append((float(kv["ms_per_step"]), float(kv["peak_gib"]),
+                                                    float(kv["loss_first"]), float(kv["loss_last"])))
+print("| step | implementation | ms/step (mean of rounds; each) | peak GiB | loss first -> last | vs lowbit |")
+print("|---|---|---|---|---|---|")
+for step in ("lm", "distill"):
+    base = rows.get((step, "lowbit"))
+    for impl in ("lowbit", "torch-eager", "torch-compile"):
+        r = rows.get((step, impl))
+        if not r:
+            print(f"| {step} | {impl} | not run | | | |")
+            continue
+        ms = st.mean(x[0] for x in r)
+        ratio = f"{ms / st.mean(x[0] for x in base):.2f}x lowbit's time" if base and impl != "lowbit" else ""
+        each = ", ".join(f"{x[0]:.1f}" for x in r)
+        print(f"| {step} | {impl} | {ms:.1f} ({each}) | {max(x[1] for x in r):.2f} | {r[0][2]:.4f} -> {r[0][3]:.4f} | {ratio} |")
+PY
