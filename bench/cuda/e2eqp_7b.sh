@@ -13,6 +13,7 @@
 # Settings: LAYERS [2]  BATCH [1]  SEQ [4096]  STEPS [8]  WARMUP [3]  ROUNDS [2]  PREC [bf16: lowbit
 # --bf16 --tf32, PyTorch autocast bf16 + TF32; f32: TF32 only on both sides]  BENCH [/tmp/w/bin/bench_e2eqp]
 #   DEADLINE [270: seconds for all rounds; each command is cut to what is left, none starts with < 20 s]
+#   SMOKE [1: then `lowbit qat --method efficientqat --bf16 --tf32` on a small random model, a few seconds]
 # Local smoke test on the CPU (tiny shape):
 #   DEVICE=cpu DIM=64 HIDDEN=128 HEADS=4 VOCAB=256 SEQ=64 BENCH=build-rel/bench/bench_e2eqp bench/cuda/e2eqp_7b.sh
 set -uo pipefail
@@ -55,6 +56,24 @@ for r in $(seq 1 "$ROUNDS"); do
       grep -v "^W[0-9]" | sed "s/^RESULT /RESULT round=$r /" | tee -a "$raw"
   done
 done
+# The method's own path on the GPU, small and quick: `lowbit qat --method efficientqat --bf16 --tf32`
+# (the E2E stage under the guard, the int8 frozen codes) on a random 2-block model; its report's
+# E2E-QP loss before/after. LOWBIT [/tmp/w/bin/lowbit]; SMOKE=0 skips it.
+LOWBIT=${LOWBIT:-$W/bin/lowbit}
+if [ "${SMOKE:-1}" = 1 ] && [ -x "$LOWBIT" ] && [ "$(left)" -gt 30 ]; then
+  S=$(mktemp -d)
+  python3 -c "import numpy as np; np.random.default_rng(1).integers(0, 512, 64 * 257, dtype=np.int32).tofile('$S/tok.i32')"
+  qf="--device $DEVICE"
+  [ "$DEVICE" = cuda ] && qf="$qf --bf16 --tf32"
+  # shellcheck disable=SC2086
+  "$LOWBIT" -q random-model -o "$S/m" --dim 256 --hidden-dim 688 --layers 2 --heads 4 --vocab 512 --max-seq-len 256 \
+    --dtype f32 > /dev/null &&
+    timeout "$(cap 60)" "$LOWBIT" -q qat -m "$S/m" --method efficientqat --format int2g64 --train-tokens "$S/tok.i32" \
+      --nsamples 8 --block-epochs 1 --steps 20 --batch 4 --seqlen 256 --lr 1e-3 $qf -o "$S/q" > /dev/null 2> "$S/err"
+  echo "lowbit qat efficientqat $qf (smoke, rc $?): $(python3 -c "import json; s = json.load(open('$S/q/qat_report.json'))['stages'][-1]; print(s['stage'], 'loss', round(s['loss_before'], 4), '->', round(s['loss_after'], 4), 'hyper bf16', s['hyper'].get('bf16'))" 2>&1 | tail -1)" | tee -a "$raw"
+  tail -2 "$S/err" >> "$raw"
+  rm -rf "$S"
+fi
 echo "total $(( $(date +%s) - t0 )) s" | tee -a "$raw"
 python3 - "$raw" <<'PY' | tee "$O/e2eqp_7b_table.md"
 import re, statistics as st, sys
