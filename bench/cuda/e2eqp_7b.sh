@@ -17,7 +17,7 @@
 # Local smoke test on the CPU (tiny shape):
 #   DEVICE=cpu DIM=64 HIDDEN=128 HEADS=4 VOCAB=256 SEQ=64 BENCH=build-rel/bench/bench_e2eqp bench/cuda/e2eqp_7b.sh
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 W=/tmp/w
 export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 DEVICE=${DEVICE:-cuda} LAYERS=${LAYERS:-2} BATCH=${BATCH:-1} SEQ=${SEQ:-4096} STEPS=${STEPS:-8} WARMUP=${WARMUP:-3}
@@ -47,8 +47,10 @@ cap() { local l; l=$(left); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 for r in $(seq 1 "$ROUNDS"); do
   echo "## round $r ($(( $(date +%s) - t0 )) s)" | tee -a "$raw"
   if [ "$(left)" -lt 20 ]; then echo "skipped: ${DEADLINE}s deadline" | tee -a "$raw"; break; fi
+  prof=""
+  [ "$r" = 1 ] && [ "$DEVICE" = cuda ] && prof="--profile"  # round 1: GPU time per op of one more step
   # shellcheck disable=SC2086
-  timeout "$(cap 120)" "$BENCH" --device "$DEVICE" $shape $lflags 2>&1 | sed "s/^RESULT /RESULT round=$r /" | tee -a "$raw"
+  timeout "$(cap 120)" "$BENCH" --device "$DEVICE" $shape $lflags $prof 2>&1 | sed "s/^RESULT /RESULT round=$r /" | tee -a "$raw"
   for mode in eager compile; do
     [ "$(left)" -lt 20 ] && { echo "torch $mode skipped: ${DEADLINE}s deadline" | tee -a "$raw"; continue; }
     # shellcheck disable=SC2086
