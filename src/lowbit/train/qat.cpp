@@ -63,8 +63,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-
-
 void save_e2e_state(const std::string& path, const std::vector<Var>& state, AdamW& opt, int64_t step,
                     const std::string& key, double loss_before) {
   if (auto parent = fs::path(path).parent_path(); !parent.empty()) fs::create_directories(parent);
