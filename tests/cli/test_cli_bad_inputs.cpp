@@ -403,6 +403,8 @@ const Row kRows[] = {
   {"qat", "lm-weight -1", "qat -m {M} --method lsq --distill --lm-weight -1 --train-tokens {I} -o {O}", "--lm-weight: must be at least 0"},
   {"qat", "checkpoint seconds -1", "qat -m {M} --method lsq --checkpoint-seconds -1 --train-tokens {I} -o {O}", "--checkpoint-seconds: must be at least 0"},
   {"qat", "unknown device", "qat -m {M} --method lsq --device tpu --train-tokens {I} -o {O}", "unknown device 'tpu'"},
+  {"qat", "bf16 on the cpu", "qat -m {M} --method lsq --bf16 --train-tokens {I} -o {O}", "--bf16 needs --device cuda"},
+  {"qat", "tf32 on the cpu", "qat -m {M} --method efficientqat --tf32 --train-tokens {I} -o {O}", "--tf32 needs --device cuda"},
   {"qat", "out = existing file", "qat -m {M} --method lsq --train-tokens {I} -o {D}/file", "exists and is not a directory", kModel},
   {"qat", "llm-qat act-bits 3", "qat -m {M} --method llm-qat --format int4g128s --act-bits 3 --train-tokens {I} -o {O}", "--act-bits"},
   {"qat", "llm-qat kv-bits 3", "qat -m {M} --method llm-qat --format int4g128s --kv-bits 3 --train-tokens {I} -o {O}", "--kv-bits"},

@@ -154,6 +154,24 @@ TEST(QatCli, CudaMatchesCpuOnStories260K) {
   }
 }
 
+// `--bf16` on the GPU (efficientqat's E2E-QP in mixed precision, its frozen codes int8 on the device)
+// against the CPU's fp32: the same stages, losses within bf16 rounding (2e-2 relative), the checkpoint's
+// layout the same and most of its bytes (codes, zero points, FP tensors; the trained steps may differ).
+TEST(QatCli, CudaBf16TracksCpuOnStories260K) {
+  if (!std::filesystem::exists(qat_cli())) GTEST_SKIP() << "no " << qat_cli();
+  if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
+  const auto [model, tokens] = model_and_tokens();
+  ASSERT_FALSE(model.empty()) << "no stories260K and no random model from " << qat_cli();
+  const QatCase& c = kCases[1];  // efficientqat
+  const std::string extra = std::string(c.extra) + " --bf16";
+  const QatCase mixed{c.method, c.format, extra.c_str()};
+  const QatRun cpu = run_qat(c, "cpu", model, tokens, "a"), gpu = run_qat(mixed, "cuda", model, tokens, "bf16");
+  expect_same_training(mixed, cpu, gpu, 2e-2, 0.8);
+  ASSERT_TRUE(gpu.report.is_object());
+  EXPECT_EQ(gpu.report["stages"].back()["hyper"]["bf16"], true);
+  EXPECT_NE(gpu.report["stages"].back()["loss_before"], cpu.report["stages"].back()["loss_before"]);  // bf16 ran
+}
+
 // The comparison above on one device: a CPU run repeats bit for bit.
 TEST(QatCli, CpuRunsRepeat) {
   if (!std::filesystem::exists(qat_cli())) GTEST_SKIP() << "no " << qat_cli();

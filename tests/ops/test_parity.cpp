@@ -686,6 +686,21 @@ TEST_F(Parity, QatQuantizers) {
     ops::group_scale_backward(p.codes, p.dy, c.f, dc);
     ops::group_scale_backward(gpu(p.codes), gpu(p.dy), c.f, dg);
     check("group_scale", fn + " dstep", dg, dc, 1e-5);
+    {  // integer codes as I8 on the GPU against the same integers in f32 on the CPU
+      Tensor ci = Tensor::empty(p.codes.shape(), DType::I8), cf = Tensor::empty(p.codes.shape(), DType::F32);
+      for (int64_t i = 0; i < p.codes.numel(); ++i) {
+        const double v = std::nearbyint(p.codes.item(i) * 40.0);
+        ci.data<int8_t>()[i] = int8_t(v);
+        cf.set_item(i, v);
+      }
+      Tensor ic, ig, ec, eg;
+      ops::group_scale_forward(cf, p.step, c.f, ic);
+      ops::group_scale_forward(gpu(ci), gpu(p.step), c.f, ig);
+      check("group_scale", fn + " i8 codes forward", ig, ic, 0.0);
+      ops::group_scale_backward(cf, p.dy, c.f, ec);
+      ops::group_scale_backward(gpu(ci), gpu(p.dy), c.f, eg);
+      check("group_scale", fn + " i8 codes dstep", eg, ec, 1e-5);
+    }
     for (const auto& sc : test::seq_cases()) {
       const std::string what = fn + " " + sc.name;
       Tensor sy, sg;

@@ -125,6 +125,31 @@ TEST(QatQuantOps, GroupScaleIsCodesTimesTheGroupStep) {
   }
 }
 
+// Integer codes as I8 (E2E-QP's frozen codes on the device) give exactly what the same integers in
+// the step's float dtype give, forward and backward (the sums run in the same order), f64 and f32.
+TEST(QatQuantOps, GroupScaleTakesInt8Codes) {
+  for (DType dt : {DType::F64, DType::F32})
+    for (const auto& c : test::qat_format_cases()) {
+      const test::QatParams p = test::qat_params(c, 7);
+      Tensor ci = Tensor::empty(p.codes.shape(), DType::I8), cf = Tensor::empty(p.codes.shape(), dt);
+      for (int64_t i = 0; i < p.codes.numel(); ++i) {
+        const double v = std::nearbyint(p.codes.item(i) * 40.0);  // -120 .. 120
+        ci.data<int8_t>()[i] = int8_t(v);
+        cf.set_item(i, v);
+      }
+      const Tensor s = p.step.to(dt), dy = p.dy.to(dt);
+      Tensor yi, yf, dsi, dsf;
+      ops::group_scale_forward(ci, s, c.f, yi);
+      ops::group_scale_forward(cf, s, c.f, yf);
+      ops::group_scale_backward(ci, dy, c.f, dsi);
+      ops::group_scale_backward(cf, dy, c.f, dsf);
+      ASSERT_EQ(yi.dtype(), dt);
+      ASSERT_EQ(dsi.dtype(), dt);
+      for (int64_t i = 0; i < yf.numel(); ++i) ASSERT_EQ(yi.item(i), yf.item(i)) << c.f.name << " y " << i;
+      for (int64_t i = 0; i < dsf.numel(); ++i) ASSERT_EQ(dsi.item(i), dsf.item(i)) << c.f.name << " dstep " << i;
+    }
+}
+
 TEST(QatQuantOps, RejectBadArguments) {
   const test::QatFormatCase asym = test::qat_format_cases()[0], sym = test::qat_format_cases()[1];
   const test::QatParams p = test::qat_params(asym, 1), ps = test::qat_params(sym, 2);
@@ -142,6 +167,14 @@ TEST(QatQuantOps, RejectBadArguments) {
   EXPECT_THROW(ops::lsq_quant_forward(p.w, p.step, p.offset, ternary, y), Error);       // not a uniform int format
   EXPECT_THROW(ops::seq_quant_forward(p.w, Tensor(), test::seq_cases()[0].q, asym.f, y), Error);
   EXPECT_THROW(ops::group_scale_forward(p.codes, p.step.to(DType::F64), asym.f, y), Error);
+  const Tensor ci = Tensor::zeros(p.codes.shape(), DType::I8);                          // I8 codes:
+  EXPECT_THROW(ops::group_scale_forward(ci, p.step.slice(0, 0, 2).contiguous(), asym.f, y), Error);  // step shape
+  EXPECT_THROW(ops::group_scale_forward(ci, Tensor(), asym.f, y), Error);                // no step
+  EXPECT_THROW(ops::group_scale_backward(ci, p.dy.slice(1, 0, 64).contiguous(), asym.f, ds), Error);  // dy shape
+  EXPECT_THROW(ops::group_scale_backward(ci.slice(1, 0, 64), p.dy, asym.f, ds), Error);  // not contiguous
+  EXPECT_THROW(ops::group_scale_forward(Tensor::zeros({0, 64}, DType::I8), p.step, asym.f, y), Error);  // empty
+  EXPECT_THROW(ops::group_scale_forward(ci, p.step, ternary, y), Error);                 // not a uniform int format
+  EXPECT_THROW(ops::group_scale_forward(ci, p.step.to(DType::I8), asym.f, y), Error);   // integer step
   EXPECT_THROW(ops::lsq_quant_forward(p.w.to(DType::BF16), p.step.to(DType::BF16), p.offset.to(DType::BF16), asym.f, y),
                Error);                                                                  // CPU body: f32/f64
 }

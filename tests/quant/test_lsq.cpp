@@ -8,6 +8,7 @@
 
 #include "lowbit/autograd/functions.h"
 #include "lowbit/quant/lsq.h"
+#include "lowbit/quant/lsq_linear.h"
 #include "lowbit/quant/quantize.h"
 
 using namespace lowbit;
@@ -235,6 +236,34 @@ TEST(Lsq, EncodeDecodesToTheForwardWithTheStoredStep) {
     const QuantizedTensor q2 = encode_frozen(fc, fc.step, f);
     const Tensor dq2 = q2.dequantize();
     for (int64_t i = 0; i < w.numel(); ++i) ASSERT_EQ(dq2.item(i), dq.item(i)) << name << " re-encoded " << i;
+  }
+}
+
+TEST(Lsq, Int8CodesOnlyForIntegersInRange) {
+  Tensor c = Tensor::empty({2, 3}, DType::F32);
+  const float v[] = {-128, 127, 0, 3, -2, 1};
+  for (int i = 0; i < 6; ++i) c.data<float>()[i] = v[i];
+  const Tensor q = int8_codes(c);
+  ASSERT_TRUE(q.defined());
+  ASSERT_EQ(q.dtype(), DType::I8);
+  ASSERT_EQ(q.shape(), c.shape());
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(q.data<int8_t>()[i], int8_t(v[i]));
+  c.data<float>()[4] = -1.5f;  // a half-integer zero point (ParetoQ's 2-bit SEQ) stays f32
+  EXPECT_FALSE(int8_codes(c).defined());
+  c.data<float>()[4] = 128.0f;
+  EXPECT_FALSE(int8_codes(c).defined());
+  c.data<float>()[4] = NAN;
+  EXPECT_FALSE(int8_codes(c).defined());
+  // E2E-QP's layer computes the packed tensor's values from its codes: I8 up to 4 bits (asym and sym),
+  // f32 where q - z may leave [-128, 127] (int8 asymmetric).
+  for (const char* name : {"int2g64", "int4g32s", "int3g64", "int8pc"}) {
+    const QuantFormat& f = parse_quant_format(name);
+    const QuantizedTensor qt = quantize(Tensor::randn({5, 128}, 3, 0.05, DType::F32), f);
+    if (f.bits <= 4) {
+      ASSERT_TRUE(int8_codes(frozen_codes(qt).codes).defined()) << name;
+    }
+    const Tensor w = LsqTrainLinear(qt, Tensor()).effective_weight(), dq = qt.dequantize();
+    for (int64_t i = 0; i < dq.numel(); ++i) ASSERT_EQ(w.item(i), dq.item(i)) << name << " " << i;
   }
 }
 

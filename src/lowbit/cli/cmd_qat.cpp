@@ -12,6 +12,7 @@
 #include "lowbit/core/threads.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/methods/pipeline.h"
+#include "lowbit/ops/device_init.h"
 #include "lowbit/train/llm_qat.h"
 #include "lowbit/train/qat.h"
 
@@ -27,7 +28,7 @@ struct QatArgs {
   int64_t self_generate = 0, gen_length = 0, gen_top_k = 50;
   bool self_generate_given = false, gen_top_k_given = false;
   QatConfig c;
-  bool json = false;
+  bool json = false, tf32 = false;
   DistArgs dist;  // --gpus N / launcher environment: data-parallel training (issue 20)
 };
 
@@ -63,6 +64,8 @@ void run_qat(QatArgs& a) {
   if (!generate && !given_data) throw_error("qat: give --train TEXT (with a tokenizer), --train-tokens FILE or --self-generate N");
   if (a.method == "llm-qat") a.c.distill = true;  // its loss is the distillation KL
   if (a.c.lm_weight > 0 && !a.c.distill) throw_error("--lm-weight adds the LM loss to --distill's KL; it needs --distill");
+  if ((a.tf32 || a.c.bf16) && a.device == "cpu")
+    throw_error(a.tf32 ? "--tf32" : "--bf16", " needs --device cuda (it selects GPU tensor-core precision)");
   if (a.device != "cpu" && a.method == "llm-qat")  // before probing for a GPU: the answer is the same either way
     throw_error("qat --method llm-qat: --device ", a.device, " is not supported: its MinMax weight quantizer and the "
                 "per-token activation / KV quantizers have CPU bodies only (use --device cpu)");
@@ -71,6 +74,7 @@ void run_qat(QatArgs& a) {
                 "rounding, downcast W0) has CPU bodies only (use --device cpu)");
   if (!a.grad_checkpointing.empty()) a.c.grad_checkpoint = a.grad_checkpointing == "on";
   const Device dev = parse_device(a.device);  // lsq, efficientqat, paretoq and l4q train where the model is loaded
+  if (a.tf32) cuda_set_allow_tf32(true);
   if (is_lowbit_quantized_dir(a.model))
     throw_error(a.model, ": is already a lowbit quantized model; QAT starts from the full-precision model");
   std::error_code ec;
@@ -246,6 +250,10 @@ void register_qat(CLI::App& app) {
   q->add_option("--seed", c.seed, "seed for the training windows and calibration sampling")->capture_default_str()->check(at_least(0));
   q->add_flag("--distill", c.distill, "train on KL(teacher || student) to the full-precision model's logits instead of the LM loss");
   q->add_option("--lm-weight", c.lm_weight, "with --distill: add this times the LM cross-entropy")->check(at_least(0));
+  q->add_flag("--tf32", a->tf32, "GPU: let f32 matmuls and attention use TF32 tensor cores (faster, ~1e-3 relative error)");
+  q->add_flag("--bf16", c.bf16,
+              "GPU: the end-to-end stages' steps in mixed precision (bf16 products and attention with fp32 "
+              "accumulation; fp32 parameters, loss and AdamW); efficientqat's Block-AP stays fp32");
   q->add_option("--optimizer-bits", c.optimizer_bits,
                 "AdamW state of the end-to-end stage (lsq, paretoq, l4q, lr-qat, efficientqat's E2E-QP; Block-AP keeps f32): "
                 "32 or 8 (block-wise dynamic 8-bit, as lowbit train's flag: tensors under 4096 elements and the token "

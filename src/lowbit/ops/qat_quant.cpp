@@ -160,37 +160,77 @@ void seq_quant_backward(const Tensor& w, const Tensor& alpha, const Tensor& dy, 
   });
 }
 
-void group_scale_forward(const Tensor& codes, const Tensor& step, const FormatTraits& f, Tensor& y) {
-  check_args("group_scale_forward", codes, f, {{&step, "step"}}, {});
-  if (!step.defined()) throw_error("group_scale_forward: step is undefined");
-  y = Tensor::empty(codes.shape(), codes.dtype(), codes.device());
-  LB_CUDA_ROUTE(codes, group_scale_forward, codes, step, f, y)
-  detail::dispatch_float("group_scale_forward", codes.dtype(), [&](auto tag) {
+namespace {
+
+// group_scale's arguments: codes [out, in] of the float dtype of `t` (step [out, G] or dy [out, in]),
+// or I8 (integer codes, one byte a weight), on t's device.
+void check_group_scale(const char* op, const Tensor& codes, const FormatTraits& f, const Tensor& t, bool t_full,
+                       const char* name) {
+  if (codes.defined() && codes.dtype() == DType::I8) {
+    check_contiguous(op, codes, "codes");
+    if (codes.dim() != 2 || codes.numel() == 0)
+      throw_error(op, " [", f.name, "]: codes must be a non-empty [out, in], got ", codes.describe());
+    if (f.kind != QuantKind::IntAsym && f.kind != QuantKind::IntSym)
+      throw_error(op, ": format ", f.name, " is not a uniform integer format");
+    check_contiguous(op, t, name);
+    check_shape(op, t, t_full ? codes.shape() : Shape{codes.size(0), f.n_groups(codes.size(1))}, name);
+    if (t.device() != codes.device()) throw_error(op, ": ", name, " is ", t.describe(), " but the codes are ", codes.describe());
+    return;
+  }
+  if (t_full) {
+    check_args(op, codes, f, {}, {{&t, name}});
+  } else {
+    check_args(op, codes, f, {{&t, name}}, {});
+    if (!t.defined()) throw_error(op, ": ", name, " is undefined");
+  }
+}
+
+// Calls f(T{}, C{}) with T the float type of `dt` and C the codes' element type (T or int8_t).
+template <class Fn>
+void dispatch_codes(const char* op, DType dt, DType codes, Fn&& fn) {
+  detail::dispatch_float(op, dt, [&](auto tag) {
     using T = decltype(tag);
+    if (codes == DType::I8) fn(T{}, int8_t{});
+    else fn(T{}, T{});
+  });
+}
+
+}  // namespace
+
+void group_scale_forward(const Tensor& codes, const Tensor& step, const FormatTraits& f, Tensor& y) {
+  check_group_scale("group_scale_forward", codes, f, step, false, "step");
+  y = Tensor::empty(codes.shape(), step.dtype(), codes.device());
+  LB_CUDA_ROUTE(codes, group_scale_forward, codes, step, f, y)
+  dispatch_codes("group_scale_forward", step.dtype(), codes.dtype(), [&](auto tag, auto ctag) {
+    using T = decltype(tag);
+    using C = decltype(ctag);
     const int64_t in = codes.size(1), G = f.n_groups(in);
-    const T *cp = codes.data<T>(), *sp = step.data<T>();
+    const C* cp = codes.data<C>();
+    const T* sp = step.data<T>();
     T* yp = y.data<T>();
     parallel_for(codes.size(0), kRowGrain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        for (int64_t j = 0; j < in; ++j) yp[r * in + j] = cp[r * in + j] * sp[r * G + f.group_of_column(j)];
+        for (int64_t j = 0; j < in; ++j) yp[r * in + j] = T(cp[r * in + j]) * sp[r * G + f.group_of_column(j)];
     });
   });
 }
 
 void group_scale_backward(const Tensor& codes, const Tensor& dy, const FormatTraits& f, Tensor& dstep) {
-  check_args("group_scale_backward", codes, f, {}, {{&dy, "dy"}});
+  check_group_scale("group_scale_backward", codes, f, dy, true, "dy");
   const int64_t in = codes.size(1), G = f.n_groups(in);
-  dstep = Tensor::empty({codes.size(0), G}, codes.dtype(), codes.device());
+  dstep = Tensor::empty({codes.size(0), G}, dy.dtype(), codes.device());
   LB_CUDA_ROUTE(codes, group_scale_backward, codes, dy, f, dstep)
-  detail::dispatch_float("group_scale_backward", codes.dtype(), [&](auto tag) {
+  dispatch_codes("group_scale_backward", dy.dtype(), codes.dtype(), [&](auto tag, auto ctag) {
     using T = decltype(tag);
-    const T *cp = codes.data<T>(), *gp = dy.data<T>();
+    using C = decltype(ctag);
+    const C* cp = codes.data<C>();
+    const T* gp = dy.data<T>();
     T* dp = dstep.data<T>();
     parallel_for(codes.size(0), kRowGrain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t g = 0; g < G; ++g) {
           T s = 0;
-          for (int64_t j = f.group_begin(g), e = f.group_end(g, in); j < e; ++j) s += cp[r * in + j] * gp[r * in + j];
+          for (int64_t j = f.group_begin(g), e = f.group_end(g, in); j < e; ++j) s += T(cp[r * in + j]) * gp[r * in + j];
           dp[r * G + g] = s;
         }
     });

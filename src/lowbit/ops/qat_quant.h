@@ -30,6 +30,8 @@ void seq_quant_backward(const Tensor& w, const Tensor& alpha, const Tensor& dy, 
                         double grad_scale, Tensor* dw, Tensor& dalpha);
 
 // y[r, j] = codes[r, j] · step[r, g(j)];  dstep[r, g] = Σ_{j in g} codes[r, j] · dy[r, j].
+// codes: of the step's (dy's) float dtype, or I8 (integer codes, one byte a weight: E2E-QP's frozen
+// codes, quant/lsq_linear.h); y takes the step's dtype, dstep dy's.
 void group_scale_forward(const Tensor& codes, const Tensor& step, const FormatTraits& f, Tensor& y);
 void group_scale_backward(const Tensor& codes, const Tensor& dy, const FormatTraits& f, Tensor& dstep);
 

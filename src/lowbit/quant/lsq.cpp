@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "lowbit/core/dtype.h"
+#include "lowbit/core/threads.h"
 #include "lowbit/ops/qat_quant.h"
 
 namespace lowbit {
@@ -200,9 +201,10 @@ Var group_scale_dequant(const Tensor& codes_in, const Var& step, const QuantForm
            "]: codes must be [out, in] and the step defined");
   const Tensor c = codes_in.contiguous(), sv = step.value().contiguous();
   const int64_t out = c.size(0), in = c.size(1), G = f.n_groups(in);
-  LB_CHECK(sv.shape() == Shape({out, G}) && sv.dtype() == c.dtype() && sv.device() == c.device(), "group_scale_dequant [",
-           f.name, "]: step must be ", dtype_name(c.dtype()), " ", shape_str({out, G}), " on the codes' device (",
-           c.describe(), "), got ", sv.describe());
+  const bool i8 = c.dtype() == DType::I8;  // integer codes (one byte a weight); else the step's dtype
+  LB_CHECK(sv.shape() == Shape({out, G}) && (i8 || sv.dtype() == c.dtype()) && sv.device() == c.device(),
+           "group_scale_dequant [", f.name, "]: step must be ", i8 ? "a float" : dtype_name(c.dtype()), " ",
+           shape_str({out, G}), " on the codes' device (", c.describe(), "), got ", sv.describe());
   Tensor y;
   ops::group_scale_forward(c, sv, f, y);
   return make_result(y, {step}, "group_scale_dequant", [step, c, &f](const Tensor& gy) {
@@ -210,6 +212,20 @@ Var group_scale_dequant(const Tensor& codes_in, const Var& step, const QuantForm
     ops::group_scale_backward(c, gy.contiguous(), f, ds);
     accumulate_grad(step, ds);
   });
+}
+
+Tensor int8_codes(const Tensor& codes_in) {
+  const Tensor c = codes_in.to(Device::CPU).to(DType::F32).contiguous();
+  const float* p = c.data<float>();
+  const int64_t n = c.numel();
+  for (int64_t i = 0; i < n; ++i)
+    if (!(p[i] >= -128.0f && p[i] <= 127.0f) || p[i] != std::nearbyint(p[i])) return Tensor();
+  Tensor t = Tensor::empty(c.shape(), DType::I8);
+  int8_t* q = t.data<int8_t>();
+  parallel_for(n, int64_t(1) << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) q[i] = int8_t(p[i]);
+  });
+  return t;
 }
 
 Tensor lsq_storage_step(const Tensor& step) {

@@ -86,8 +86,12 @@ Tensor lsq_fake_quant_value(const Tensor& w, const Tensor& step, const Tensor& o
 void lsq_fake_quant_grads(const Tensor& w, const Tensor& step, const Tensor& offset, const QuantFormat& f,
                           double grad_scale, const Tensor& gy, Tensor* dw, Tensor* ds, Tensor* dz);
 
-// Ŵ[r, j] = codes[r, j] * step[r, g(j)]; codes [out, in] constant (no gradient), step [out, G].
+// Ŵ[r, j] = codes[r, j] * step[r, g(j)]; codes [out, in] constant (no gradient) of the step's dtype
+// or I8 (integer codes), step [out, G]; Ŵ has the step's dtype.
 Var group_scale_dequant(const Tensor& codes, const Var& step, const QuantFormat& f);
+// Codes (F32 [out, in], on the CPU) as I8 when every value is an integer in [-128, 127] (E2E-QP's
+// frozen codes: one byte a weight on the device instead of four), else undefined.
+Tensor int8_codes(const Tensor& codes);
 
 // The packed tensor of the trained quantizer: the step rounded to the nearest f16 value (the
 // storage), zr = clamp(round(offset), 0, qmax), codes computed with the rounded step. Its

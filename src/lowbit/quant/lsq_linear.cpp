@@ -25,7 +25,11 @@ LsqTrainLinear::LsqTrainLinear(const Tensor& weight, const Tensor& bias, const Q
 LsqTrainLinear::LsqTrainLinear(const QuantizedTensor& q, const Tensor& bias, Device device)
     : format_(q.fmt()), frozen_(true) {
   codes_ = lowbit::frozen_codes(q);
-  device_codes_ = device == Device::CPU ? codes_.codes : codes_.codes.to(device);
+  // Integer codes (always, from an integer format's packed tensor with integer zero points) travel
+  // as I8: one byte a weight on the device; group_scale reads either.
+  const Tensor i8 = int8_codes(codes_.codes);
+  const Tensor& c = i8.defined() ? i8 : codes_.codes;
+  device_codes_ = device == Device::CPU ? c : c.to(device);
   shape_ = q.shape;
   opt_.train_weight = false;
   opt_.train_offset = false;

@@ -57,7 +57,7 @@ class LsqTrainLinear : public Linear {
   QatLinearOptions opt_;
   Var weight_, step_, offset_, bias_;
   FrozenCodes codes_;  // FrozenCodes mode (on the CPU, for encode())
-  Tensor device_codes_;  // FrozenCodes mode: codes_.codes on the layer's device
+  Tensor device_codes_;  // FrozenCodes mode: codes_.codes on the layer's device (I8 when integral)
 };
 
 }  // namespace lowbit

@@ -44,14 +44,8 @@ uint64_t token_hash(const std::vector<int32_t>& stream) {
   return h;
 }
 
-namespace {
-
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-// The training objective of one batch: cross-entropy, or KL to the teacher (+ lm_weight * CE).
-Var objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor& in, const Tensor& tgt,
-              const E2eOptions& o) {
+Var e2e_objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor& in, const Tensor& tgt,
+                  const E2eOptions& o) {
   Var logits = student.forward(in);
   if (!o.distill) return cross_entropy(logits, tgt.to(logits.value().device()));
   Tensor tl;
@@ -63,6 +57,11 @@ Var objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor
   if (o.lm_weight > 0) loss = add(loss, scale(cross_entropy(logits, tgt.to(logits.value().device())), o.lm_weight));
   return loss;
 }
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 void save_e2e_state(const std::string& path, const std::vector<Var>& state, AdamW& opt, int64_t step,
                     const std::string& key, double loss_before) {
@@ -209,7 +208,8 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
   make_lm_windows(stream, my_share(fixed_starts, &fixed_share), o.seqlen, fin, ftgt);
   auto fixed_loss = [&] {
     NoGradGuard ng;
-    const double v = objective(student, teacher, fin, ftgt, o).value().item() * fixed_share;
+    AutocastBf16Guard autocast(o.bf16);
+    const double v = e2e_objective(student, teacher, fin, ftgt, o).value().item() * fixed_share;
     return dp ? o.comm->all_reduce_sum(v) : v;
   };
   QatStage rep;
@@ -233,11 +233,15 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
     Tensor in, tgt;
     double share = 1;
     make_lm_windows(stream, my_share(starts_of(step), &share), o.seqlen, in, tgt);
-    Var loss = objective(student, teacher, in, tgt, o);
-    double lv = loss.value().item() * share;
-    if (dp) lv = o.comm->all_reduce_sum(lv);  // the step's loss over all ranks' windows: every rank decides alike
-    if (!std::isfinite(lv)) throw_error("qat: ", o.stage, " loss is ", lv, " at step ", step + 1, "; lower the learning rates");
-    backward(share != 1.0 ? scale(loss, share) : loss);
+    double lv = 0;
+    {
+      AutocastBf16Guard autocast(o.bf16);  // the backward does what its forward chose
+      Var loss = e2e_objective(student, teacher, in, tgt, o);
+      lv = loss.value().item() * share;
+      if (dp) lv = o.comm->all_reduce_sum(lv);  // the step's loss over all ranks' windows: every rank decides alike
+      if (!std::isfinite(lv)) throw_error("qat: ", o.stage, " loss is ", lv, " at step ", step + 1, "; lower the learning rates");
+      backward(share != 1.0 ? scale(loss, share) : loss);
+    }
     if (zero) {
       zero_reduce_grads(all, zl, *o.comm, 1.0);  // own parameters' summed gradients, clipped by the global norm
     } else {
@@ -358,6 +362,7 @@ std::string e2e_key(const std::string& method, const QuantFormat& f, const E2eOp
                   ",lm_weight=" + key_number(o.lm_weight);
   for (const auto& gr : g) k += ",lr=" + key_number(gr.lr);
   if (o.sequence_length > 0) k += ",sequences_of=" + std::to_string(o.sequence_length);
+  if (o.bf16) k += ",bf16";
   k += ",tokens=" + std::to_string(stream.size()) + "/" + std::to_string(token_hash(stream)) + extra;
   return k;
 }
@@ -372,6 +377,7 @@ E2eOptions e2e_options(const QatConfig& c, const LlamaConfig& mc, int64_t def_st
   o.distill = c.distill;
   o.lm_weight = c.lm_weight;
   o.optimizer_bits = c.optimizer_bits;
+  o.bf16 = c.bf16;
   o.checkpoint_seconds = c.checkpoint_seconds;
   o.stop_after = c.stop_after_steps;
   o.progress = c.progress;
@@ -383,7 +389,8 @@ E2eOptions e2e_options(const QatConfig& c, const LlamaConfig& mc, int64_t def_st
 
 nlohmann::json e2e_hyper(const E2eOptions& o) {
   return {{"steps", o.steps}, {"batch", o.batch}, {"seqlen", o.seqlen}, {"warmup", o.warmup}, {"seed", o.seed},
-          {"distill", o.distill}, {"lm_weight", o.lm_weight}, {"schedule", "warmup+cosine to 0.1, grad clip 1"}};
+          {"distill", o.distill}, {"lm_weight", o.lm_weight}, {"bf16", o.bf16},
+          {"schedule", "warmup+cosine to 0.1, grad clip 1"}};
 }
 
 void check_format(const QatConfig& c, const char* method) {

@@ -83,6 +83,7 @@ struct QatConfig {
   bool distill = false;   // KL to the FP teacher's logits
   double lm_weight = 0;   // with distill: + lm_weight * cross-entropy
   int optimizer_bits = 32;  // AdamW state of the end-to-end stage: 32 or 8 (autograd/optim.h AdamWStateOptions)
+  bool bf16 = false;        // the end-to-end stages' steps under AutocastBf16Guard (GPU mixed precision)
   LsqInit init = LsqInit::Mse;  // lsq, l4q
   std::string paretoq_bits;     // paretoq: "1", "1.58", "2", "3", "4"; empty: from the format
   bool init_set = false;        // l4q, lr-qat: false = the method's default (l4q: minmax, L4Q_init; lr-qat: mse)
@@ -161,6 +162,9 @@ struct E2eOptions {
   bool distill = false;
   double lm_weight = 0;
   int optimizer_bits = 32;  // 8: block-wise 8-bit AdamW state (tensors under 4096 elements keep f32)
+  // Mixed precision on the GPU: the objective and its backward under AutocastBf16Guard (bf16 products
+  // and attention with fp32 accumulation; parameters, loss and AdamW fp32). Part of the state key.
+  bool bf16 = false;
   std::string stage = "e2e";
   int64_t sequence_length = 0;  // > 0: windows start at multiples of it (whole sequences; seqlen + 1 <= it)
   std::string key;          // hyper-parameters and data: part of the state's identity
@@ -182,6 +186,11 @@ struct E2eGroup {
   std::vector<Var> params;
   double lr = 1e-4, weight_decay = 0;
 };
+// The objective of one batch of the end-to-end stages (in [B, T], tgt [B*T] ids, any device): the
+// next-token cross-entropy, or with o.distill KL(P_teacher || P_student) of the teacher's logits
+// (computed without gradient) plus o.lm_weight times the cross-entropy. bench/bench_e2eqp.cpp times it.
+Var e2e_objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor& in, const Tensor& tgt,
+                  const E2eOptions& o);
 // Trains `groups` (parameters of `student`) end to end; `state` lists every tensor the resumable
 // state must hold (trained ones and fixed ones that define the model). teacher: the FP model for
 // distillation (may be null without distill). Returns the stage report; complete=false when stopped.

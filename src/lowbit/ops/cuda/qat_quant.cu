@@ -94,14 +94,16 @@ __global__ void seq_backward_kernel(const float* __restrict__ w, const float* __
   if (lane == 0) dalpha[gid] = gscale * da;
 }
 
-__global__ void group_scale_forward_kernel(const float* __restrict__ codes, const float* __restrict__ step,
+template <class C>
+__global__ void group_scale_forward_kernel(const C* __restrict__ codes, const float* __restrict__ step,
                                            float* __restrict__ y, int64_t out, int64_t in, FormatTraits f) {
   const int64_t G = f.n_groups(in), n = out * in;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    y[i] = codes[i] * step[(i / in) * G + f.group_of_column(i % in)];
+    y[i] = float(codes[i]) * step[(i / in) * G + f.group_of_column(i % in)];
 }
 
-__global__ void group_scale_backward_kernel(const float* __restrict__ codes, const float* __restrict__ dy,
+template <class C>
+__global__ void group_scale_backward_kernel(const C* __restrict__ codes, const float* __restrict__ dy,
                                             float* __restrict__ dstep, int64_t out, int64_t in, FormatTraits f) {
   const int64_t G = f.n_groups(in);
   const int64_t gid = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
@@ -109,7 +111,7 @@ __global__ void group_scale_backward_kernel(const float* __restrict__ codes, con
   const int lane = threadIdx.x & 31;
   const int64_t r = gid / G, g = gid % G, e = f.group_end(g, in);
   float s = 0;
-  for (int64_t j = f.group_begin(g) + lane; j < e; j += 32) s += codes[r * in + j] * dy[r * in + j];
+  for (int64_t j = f.group_begin(g) + lane; j < e; j += 32) s += float(codes[r * in + j]) * dy[r * in + j];
   s = detail::warp_sum(s);
   if (lane == 0) dstep[gid] = s;
 }
@@ -157,21 +159,36 @@ void seq_quant_backward(const Tensor& w, const Tensor& alpha, const Tensor& dy, 
   LB_CUDA_LAUNCH_CHECK("seq_backward_kernel");
 }
 
+// codes f32 or I8 (integer codes); step, dy, y, dstep f32.
 void group_scale_forward(const Tensor& codes, const Tensor& step, const FormatTraits& f, Tensor& y) {
   LB_CUDA_OP("group_scale_forward");
-  check_f32("group_scale_forward", codes);
+  check_f32("group_scale_forward", step);
   const int64_t out = codes.size(0), in = codes.size(1);
-  group_scale_forward_kernel<<<detail::grid_for(out * in, kThreads), kThreads, 0, cuda_rt::stream()>>>(
-      ptr<float>(codes), ptr<float>(step), ptr<float>(y), out, in, f);
+  const unsigned grid = detail::grid_for(out * in, kThreads);
+  if (codes.dtype() == DType::I8) {
+    group_scale_forward_kernel<<<grid, kThreads, 0, cuda_rt::stream()>>>(ptr<int8_t>(codes), ptr<float>(step),
+                                                                          ptr<float>(y), out, in, f);
+  } else {
+    check_f32("group_scale_forward", codes);
+    group_scale_forward_kernel<<<grid, kThreads, 0, cuda_rt::stream()>>>(ptr<float>(codes), ptr<float>(step),
+                                                                          ptr<float>(y), out, in, f);
+  }
   LB_CUDA_LAUNCH_CHECK("group_scale_forward_kernel");
 }
 
 void group_scale_backward(const Tensor& codes, const Tensor& dy, const FormatTraits& f, Tensor& dstep) {
   LB_CUDA_OP("group_scale_backward");
-  check_f32("group_scale_backward", codes);
+  check_f32("group_scale_backward", dy);
   const int64_t out = codes.size(0), in = codes.size(1);
-  group_scale_backward_kernel<<<warp_blocks(out * f.n_groups(in)), kThreads, 0, cuda_rt::stream()>>>(
-      ptr<float>(codes), ptr<float>(dy), ptr<float>(dstep), out, in, f);
+  const unsigned grid = warp_blocks(out * f.n_groups(in));
+  if (codes.dtype() == DType::I8) {
+    group_scale_backward_kernel<<<grid, kThreads, 0, cuda_rt::stream()>>>(ptr<int8_t>(codes), ptr<float>(dy),
+                                                                           ptr<float>(dstep), out, in, f);
+  } else {
+    check_f32("group_scale_backward", codes);
+    group_scale_backward_kernel<<<grid, kThreads, 0, cuda_rt::stream()>>>(ptr<float>(codes), ptr<float>(dy),
+                                                                           ptr<float>(dstep), out, in, f);
+  }
   LB_CUDA_LAUNCH_CHECK("group_scale_backward_kernel");
 }
 
