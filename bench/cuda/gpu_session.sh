@@ -8,7 +8,9 @@
 #     the shared libraries the GPU machine lacks, the bench scripts, and the shared data the method
 #     runs read: WikiText-2 test, linux-docs valid and the first 4 MB of train, the task sets) and
 #     splits the SmolLM2 GGUF (98 MB, over the carry limit) into .devcarry/gguf.part1 (here carried
-#     with the tools) and .devcarry/gguf.part2 (carried by the next call). Build build-cuda first:
+#     with the tools), .devcarry/gguf.part2 (carried by the next call) and, when the tools leave
+#     too little room, gguf.part3 (part2 then rides on a call between setup and launch, part3 on
+#     launch). Build build-cuda first:
 #       cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DLOWBIT_CUDA=ON \
 #         -DCMAKE_CUDA_ARCHITECTURES=90 -DLOWBIT_TESTS=ON
 #       cmake --build build-cuda --target lowbit_cli test_quant test_methods test_ops test_model
@@ -57,6 +59,8 @@ stage)
     "$S/w/shared/tasks" "$S/w/shared/models/smollm2-135m-instruct" .devcarry
   nvcc -O3 -std=c++17 -arch=sm_90 -I src bench/cuda/quant_gemv_bench.cu -lcublas -o "$S/w/bin/quant_gemv_bench"
   cp "$B/lowbit" "$B/tests/test_quant" "$B/tests/test_methods" "$B/tests/test_ops" "$B/tests/test_model" "$S/w/bin/"
+  # Issue 14's E2E-QP step bench (bench/cuda/e2eqp_7b.sh), when build-cuda has -DLOWBIT_BENCH=ON.
+  if [ -x "$B/bench/bench_e2eqp" ]; then cp "$B/bench/bench_e2eqp" "$S/w/bin/"; fi
   for l in libsentencepiece.so.0 libgomp.so.1 libopenblas.so.0 libgfortran.so.5 libquadmath.so.0 \
       libcpp-httplib.so.0.11 libbrotlidec.so.1 libbrotlienc.so.1 libbrotlicommon.so.1; do
     cp -L "/lib/x86_64-linux-gnu/$l" "$S/w/lib/"
@@ -70,15 +74,24 @@ stage)
   rm -f "$S/w/shared/models/smollm2-135m-instruct/tokenizer"*.json  # the GGUF embeds its tokenizer
   tar -C "$S" -cf - w | xz -T2 -6 > .devcarry/tools.tar.xz
   rm -rf "$S"
-  # 37 MB + tools.tar.xz (~23 MB) + the working tree (~4 MB) stay under the 64 MiB carry limit.
-  head -c 37000000 "$m/SmolLM2-135M-Instruct.Q4_1.gguf" > .devcarry/gguf.part1
-  tail -c +37000001 "$m/SmolLM2-135M-Instruct.Q4_1.gguf" > .devcarry/gguf.part2
+  # The GGUF in pieces that fit beside what each call carries (64 MiB in all, the working tree
+  # ~5 MB included): part1 with tools.tar.xz (setup), the rest in pieces of at most 60 MB (part2
+  # with launch; with three pieces part2 goes with any call between setup and launch, e.g. the
+  # e2eqp_7b call, and part3 with launch). Every call copies the pieces it carries into $W.
+  g=$m/SmolLM2-135M-Instruct.Q4_1.gguf
+  rm -f .devcarry/gguf.part*
+  tree=$(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1)
+  p1=$(( 67108864 - $(stat -c %s .devcarry/tools.tar.xz) - tree - 1500000 ))
+  head -c "$p1" "$g" > .devcarry/gguf.part1
+  tail -c +$((p1 + 1)) "$g" | split -b 60000000 -d -a 1 - .devcarry/gguf.rest
+  n=2
+  for f in .devcarry/gguf.rest*; do mv "$f" ".devcarry/gguf.part$n"; n=$((n + 1)); done
   sha256sum < "$m/SmolLM2-135M-Instruct.Q4_1.gguf" | cut -d' ' -f1 > .devcarry/gguf.sha
   ls -la .devcarry
   ;;
 setup)
   rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp || exit 1
-  cp .devcarry/gguf.part1 .devcarry/gguf.sha "$W/"
+  cp .devcarry/gguf.part* .devcarry/gguf.sha "$W/"
   export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   STEPS=${STEPS:-gemv tests} LOWBIT=$W/bin/lowbit BIN_DIR=$W/bin GEMV_BENCH=$W/bin/quant_gemv_bench bench/cuda/packed_gpu.sh 2>&1 |
@@ -89,7 +102,8 @@ setup)
   ;;
 launch)
   m=$W/shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
-  cat "$W/gguf.part1" .devcarry/gguf.part2 > "$m" || exit 1
+  cp .devcarry/gguf.part* "$W/" 2>/dev/null
+  cat "$W"/gguf.part? > "$m" || exit 1
   [ "$(sha256sum < "$m" | cut -d' ' -f1)" = "$(cat "$W/gguf.sha")" ] || { echo "GGUF sha256 mismatch"; exit 1; }
   export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} LOWBIT_SHARED=$W/shared
   # A library the machine lacks would fail every run of the plan: stop here instead.
