@@ -325,11 +325,26 @@ __global__ void __launch_bounds__(128) gemv2_kernel(Weight w, const int8_t* __re
 // ---- launches (shared by quant_matmul.cu and bench/cuda/quant_gemv_bench.cu) ----------------
 constexpr int kGemvWarps = 4;  // warps (of R rows each) per block of 128 threads
 
-// A kernel launch with or without the programmatic-dependent-launch attribute.
+// Programmatic dependent launch needs compute capability 9.0 (the current device, asked once).
+inline bool pdl_supported() {
+  static const bool ok = [] {
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    return major >= 9;
+  }();
+  return ok;
+}
+
+// A kernel launch with or without the programmatic-dependent-launch attribute (without it on GPUs
+// older than sm_90).
 template <class... KArgs, class... Args>
 inline cudaError_t launch_kernel(void (*kernel)(KArgs...), unsigned grid, unsigned block, bool pdl, cudaStream_t st,
                                  Args... args) {
-  if (!pdl) {
+  if (!pdl || !pdl_supported()) {
     kernel<<<grid, block, 0, st>>>(KArgs(args)...);
     return cudaGetLastError();
   }
