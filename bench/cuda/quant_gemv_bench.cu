@@ -14,7 +14,8 @@
 //
 // Timing: each measurement rotates over enough copies of the weights to exceed the L2 cache
 // (50 MB on H100), so every call reads its weights from HBM; mean over many calls (CUDA events),
-// twice: launched back to back from the host ("stream"; what the 2026-12-06 table measured) and
+// twice: launched back to back from the host ("stream"; what the 2026-12-06 table measured, then
+// on the legacy stream, now on a non-blocking one like the library's) and
 // as 100 calls captured in one CUDA graph ("graph": no host launch cost; PDL edges kept). R is
 // the best of 1, 2, 4 by the graph time. GB/s counts the packed codes + group parameters + f32
 // activations in + f32 outputs, over the graph time; "of copy BW" divides it by the D2D copy.
@@ -122,7 +123,10 @@ cudaError_t gemv(const qg::Weight& w, qg::Variant v, int R, const float* x, int8
   std::exit(1);
 }
 
-cudaStream_t g_capture = nullptr;  // the stream graphs are captured on (created in main)
+// The stream the decode timings run on, launched and captured (created in main; non-blocking like
+// the library's stream: programmatic dependent launch as quant_matmul gets it). Every use ends
+// with a host synchronization, so the legacy stream's work (checks, prefill) never overlaps it.
+cudaStream_t g_capture = nullptr;
 
 // Mean ms per call of f(i, stream) -> cudaError_t, i < iters, captured into one CUDA graph and
 // replayed 5 times: the host's launch cost is out of the measurement, as in a captured decode step
@@ -162,14 +166,14 @@ float time_graph_ms(int iters, F&& f) {
 }
 
 template <class F>
-float time_ms(int iters, F&& f) {
+float time_ms(int iters, F&& f, cudaStream_t st = nullptr) {
   cudaEvent_t a, b;
   CK(cudaEventCreate(&a));
   CK(cudaEventCreate(&b));
   for (int i = 0; i < 3; ++i) f(i);
-  CK(cudaEventRecord(a));
+  CK(cudaEventRecord(a, st));
   for (int i = 0; i < iters; ++i) f(i);
-  CK(cudaEventRecord(b));
+  CK(cudaEventRecord(b, st));
   CK(cudaEventSynchronize(b));
   float ms = 0;
   CK(cudaEventElapsedTime(&ms, a, b));
@@ -290,8 +294,8 @@ int main(int argc, char** argv) {
           return cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, dw + size_t(N) * K * c, CUDA_R_16BF, K, dxb,
                               CUDA_R_16BF, K, &beta, dy, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
         };
-        const float cu = 1e3f * time_ms(200, [&](int i) { CB(cublas_call(i)); });
         CB(cublasSetStream(h, g_capture));
+        const float cu = 1e3f * time_ms(200, [&](int i) { CB(cublas_call(i)); }, g_capture);
         const float cug = 1e3f * time_graph_ms(100, [&](int i, cudaStream_t) {
           return cublas_call(i) == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cudaErrorUnknown;
         });
@@ -341,7 +345,8 @@ int main(int argc, char** argv) {
             rel = std::max(rel, maxerr / maxref);
             rel32 = std::max(rel32, maxerr32 / maxref);
             ok = ok && maxerr / maxref < 1e-5 && maxerr32 / maxref < 2e-2;
-            const float us = 1e3f * time_ms(200, [&](int i) { CK(gemv(weight(i % copies), v, R, dx, dxq, dxds, M, dy)); });
+            const float us = 1e3f * time_ms(
+                200, [&](int i) { CK(gemv(weight(i % copies), v, R, dx, dxq, dxds, M, dy, g_capture)); }, g_capture);
             const float usg = 1e3f * time_graph_ms(100, [&](int i, cudaStream_t st) {
               return gemv(weight(i % copies), v, R, dx, dxq, dxds, M, dy, st);
             });
