@@ -10,7 +10,8 @@
 #
 # Usage (repository root):  bench/cuda/packed_gpu.sh
 # Settings (environment): LOWBIT [build-cuda/lowbit]  BIN_DIR [build-cuda/tests] (test_quant, test_methods)
-#   GEMV_BENCH [build-cuda/bench/quant_gemv_bench]  WORK [/tmp/packed-gpu]  PP [128]  TG [128]  REPS [3]
+#   GEMV_BENCH [build-cuda/bench/quant_gemv_bench]  GEMV_ARGS [""] (e.g. "--variant v1 --variant v2pdl --no-prefill")
+#   WORK [/tmp/packed-gpu]  PP [128]  TG [128]  REPS [3]
 #   SHAPE ["--dim 576 --hidden-dim 1536 --layers 30 --heads 9 --kv-heads 3 --vocab 49152 --max-seq-len 512"]
 #   STEPS ["gemv tests decode"]: which parts run
 set -uo pipefail
@@ -30,7 +31,8 @@ rc=0
 
 if [[ $STEPS == *gemv* ]]; then
   echo "## quant_gemv_bench"
-  "$GEMV_BENCH" || rc=1
+  # shellcheck disable=SC2086
+  "$GEMV_BENCH" ${GEMV_ARGS:-} || rc=1
 fi
 
 if [[ $STEPS == *tests* ]]; then
@@ -52,15 +54,16 @@ if [[ $STEPS == *decode* ]]; then
   done
   echo "| model | path | pp$PP t/s | tg$TG t/s |"
   echo "|---|---|---:|---:|"
-  row() {  # name, path label, args...
+  row() {  # name, path label, args... (GEMV=v1|v2|v2pdl in the environment: LOWBIT_CUDA_GEMV for this row)
     local name=$1 label=$2
     shift 2
     local j
-    j=$("$LOWBIT" -q bench "$@" --device cuda -p "$PP" -n "$TG" -r "$REPS" --json) || { rc=1; return; }
+    j=$(LOWBIT_CUDA_GEMV=${GEMV:-} "$LOWBIT" -q bench "$@" --device cuda -p "$PP" -n "$TG" -r "$REPS" --json) || { rc=1; return; }
     echo "| $name | $label | $(echo "$j" | sed -n 's/.*"pp_tokens_per_s":\([0-9.]*\).*/\1/p') | $(echo "$j" | sed -n 's/.*"tg_tokens_per_s":\([0-9.]*\).*/\1/p') |"
   }
   row "random f32" "f32" -m "$W/init/model.bin"
   row "int4g128 dir" "packed" -m "$W/int4g128"
+  GEMV=v1 row "int4g128 dir" "packed, v1 GEMV" -m "$W/int4g128"
   row "int4g128 dir" "dequantized f32" -m "$W/int4g128" --dequantize
   row "q4_0 gguf" "packed" -m "$W/q4_0.gguf"
   row "q8_0 gguf" "packed" -m "$W/q8_0.gguf"

@@ -41,6 +41,7 @@ struct Backend {
   bool int8;  // error bound of the int8-activation path
   bool cuda;
   bool avxvnni = false;  // the 256-bit AVX-VNNI kernels even where AVX-512 VNNI is present
+  ops::CudaGemv gemv = ops::CudaGemv::Auto;  // cuda: the decode GEMV kernel (Auto: LOWBIT_CUDA_GEMV, else v2pdl)
 };
 
 // int8-avx2-vnni runs the AVX-512 VNNI kernels where the CPU has them, int8-avx-vnni-256 the
@@ -55,6 +56,9 @@ const Backend kBackends[] = {
     {"cuda", ops::QuantMatmulPath::Auto, ops::QuantIsa::Auto, true, true},
     {"cuda-int8", ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true, true},
     {"cuda-exact", ops::QuantMatmulPath::Exact, ops::QuantIsa::Auto, false, true},
+    {"cuda-int8-v1", ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true, true, false, ops::CudaGemv::V1},
+    {"cuda-int8-v2", ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true, true, false, ops::CudaGemv::V2},
+    {"cuda-int8-v2pdl", ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true, true, false, ops::CudaGemv::V2Pdl},
 };
 
 // With a GPU the tests run the packed CUDA path, which models use only when enabled (off by
@@ -69,10 +73,14 @@ struct Shape3 {
   int64_t out, in, M;
 };
 // Odd sizes, sizes not a multiple of the group (or of 32), 1 and many tokens (M > 8 takes the
-// tiled prefill body), rows that span several tiles.
+// tiled prefill body), rows that span several tiles. The CUDA GEMV: M 1..8 in its buckets of 1, 2,
+// 4, 8 token rows (M > 8 in chunks of 8 with cuda-int8), row counts not a multiple of its 8 or 16
+// rows per block, and rows of 257 blocks (in = 8224): several of the V2 kernel's chunks of 32 U
+// blocks per lane for every bit width and R (U = 2..16), the last one partial.
 // ggml block formats take the shapes whose rows are whole blocks (32 or 256).
 const Shape3 kShapes[] = {{7, 33, 1}, {5, 96, 3}, {16, 128, 1}, {9, 200, 8}, {13, 257, 9}, {5, 256, 3},
-                          {32, 576, 17}, {3, 1000, 2}, {6, 64, 40}, {260, 512, 12}, {4, 768, 1}};
+                          {32, 576, 17}, {3, 1000, 2}, {6, 64, 40}, {260, 512, 12}, {4, 768, 1},
+                          {11, 8224, 1}, {37, 8224, 5}, {19, 1024, 7}};
 
 // The 256-bit AVX-VNNI kernels in place of the AVX-512 ones (x86 with AVX-VNNI only).
 bool force_avxvnni(bool on) {
@@ -201,7 +209,7 @@ TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
           q.upload_to_device();
           const ops::PackedWeight dview = q.packed_view();
           Tensor yd = Tensor::empty({s.M, s.out}, DType::F32, Device::CUDA);
-          ops::quant_matmul(x.to(Device::CUDA), dview, yd, {be.path, be.isa});
+          ops::quant_matmul(x.to(Device::CUDA), dview, yd, {be.path, be.isa, true, be.gemv});
           y = yd.to(Device::CPU);
         } else {
           ops::quant_matmul(x, view, y, {be.path, be.isa});
@@ -313,6 +321,33 @@ TEST(QuantLinear, InferenceRunsPackedAndNeverBuildsTheF32Weight) {
   backward(sum(ql.forward(xg)));
   EXPECT_TRUE(ql.has_dequantized_weight());
   EXPECT_EQ(xg.grad().shape(), x.shape());
+}
+
+// The CUDA GEMV kernels differ only in when their loads are issued and how they are launched
+// (ops/cuda/quant_gemv.cuh): each lane sums the same blocks in the same order, so v2 and v2pdl
+// must give v1's outputs bit for bit, for every bit width, token bucket and a row count that is
+// not a multiple of the block's rows. Rows of 257 blocks: several v2 chunks per lane.
+TEST(QuantMatmul, CudaGemvVariantsAgreeBitForBit) {
+  if (!gpu()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
+  for (const char* name : {"int4g128", "int2g64", "int8pc", "q4_0", "q4_1", "q8_0"}) {
+    QuantizedTensor q = quantize(Tensor::randn({45, 8224}, 4, 0.05), parse_quant_format(name));
+    q.upload_to_device();
+    const ops::PackedWeight v = q.packed_view();
+    ASSERT_TRUE(ops::quant_matmul_has_cuda_layout(v)) << name;
+    for (int64_t M = 1; M <= 8; ++M) {
+      SCOPED_TRACE(std::string(name) + " M=" + std::to_string(M));
+      const Tensor x = test_input(M, 8224, 11 + uint64_t(M)).to(Device::CUDA);
+      std::vector<Tensor> ys;
+      for (const ops::CudaGemv k : {ops::CudaGemv::V1, ops::CudaGemv::V2, ops::CudaGemv::V2Pdl}) {
+        Tensor y = Tensor::empty({M, 45}, DType::F32, Device::CUDA);
+        ops::quant_matmul(x, v, y, {ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true, k});
+        ys.push_back(y.to(Device::CPU));
+      }
+      for (size_t k = 1; k < ys.size(); ++k)
+        ASSERT_EQ(0, std::memcmp(ys[0].raw_data(), ys[k].raw_data(), size_t(M * 45) * sizeof(float)))
+            << "variant " << k + 1 << " differs from v1";
+    }
+  }
 }
 
 TEST(QuantLinear, GpuInferenceRunsPackedAndNeverBuildsTheF32Weight) {

@@ -826,6 +826,22 @@ QuantMatmulPath env_path() {
   return p;
 }
 
+#ifdef LOWBIT_WITH_CUDA
+// LOWBIT_CUDA_GEMV, read once: v1, v2 or v2pdl (default).
+CudaGemv env_cuda_gemv() {
+  static const CudaGemv v = [] {
+    const char* e = std::getenv("LOWBIT_CUDA_GEMV");
+    if (!e || !*e) return CudaGemv::V2Pdl;
+    const std::string_view s(e);
+    if (s == "v1") return CudaGemv::V1;
+    if (s == "v2") return CudaGemv::V2;
+    if (s == "v2pdl") return CudaGemv::V2Pdl;
+    throw_error("LOWBIT_CUDA_GEMV=", s, ": expected v1, v2 or v2pdl");
+  }();
+  return v;
+}
+#endif
+
 std::atomic<QuantMatmulPath> g_default_path{QuantMatmulPath::Auto};
 thread_local int64_t t_int8_max_rows = kQuantDecodeMaxRows;  // QuantInt8RowsScope
 
@@ -1106,7 +1122,7 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
     if (path == QuantMatmulPath::Auto) path = env_path();
     const bool int8 = path == QuantMatmulPath::Int8 || (path == QuantMatmulPath::Auto && x.size(0) <= kQuantDecodeMaxRows);
 #ifdef LOWBIT_WITH_CUDA
-    cuda::quant_matmul(x, w, y, int8);
+    cuda::quant_matmul(x, w, y, int8, opt.cuda_gemv == CudaGemv::Auto ? env_cuda_gemv() : opt.cuda_gemv);
     return;
 #else
     (void)int8;

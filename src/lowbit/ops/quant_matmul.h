@@ -118,6 +118,11 @@ struct PackedWeight {
 
 enum class QuantMatmulPath : uint8_t { Auto, Reference, Exact, Int8 };
 enum class QuantIsa : uint8_t { Auto, Portable, Avx2, Avx2Vnni };
+// The CUDA decode GEMV (ops/cuda/quant_gemv.cuh): V1 the first kernel; V2 each lane's code loads
+// of a chunk issued before its arithmetic; V2Pdl V2 launched with programmatic dependent launch
+// (the GEMV's launch and first weight loads overlap the activation quantization kernel). Auto:
+// LOWBIT_CUDA_GEMV (v1, v2, v2pdl), else V2Pdl.
+enum class CudaGemv : uint8_t { Auto, V1, V2, V2Pdl };
 
 struct QuantMatmulOptions {
   QuantMatmulPath path = QuantMatmulPath::Auto;
@@ -126,6 +131,7 @@ struct QuantMatmulOptions {
   // for all M activation rows). false: the four-row kernels only (the body before the GEMM kernel;
   // benchmarks compare the two in one run). Either gives a row the same numbers whatever M is.
   bool int8_panels = true;
+  CudaGemv cuda_gemv = CudaGemv::Auto;  // CUDA Int8 body only
 };
 
 // Largest token count the Auto path sends to the Int8 (decode) body.

@@ -116,8 +116,8 @@ GptqIntResult gptq_int(const Tensor& w, const Tensor& h, const FormatTraits& f, 
 
 // Packed-weight products and lookups (quant_matmul.h; the CPU entry points check the arguments,
 // w.device is set). int8: the decode GEMV with int8 activations (in chunks of 8 rows when M > 8),
-// else dequantized f32 tiles + cuBLAS.
-void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, bool int8);
+// else dequantized f32 tiles + cuBLAS. kernel: the GEMV variant (resolved, not Auto).
+void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, bool int8, CudaGemv kernel);
 void quant_embedding(const PackedWeight& w, const Tensor& ids, Tensor& out);
 
 }  // namespace lowbit::ops::cuda

@@ -24,6 +24,21 @@
 // dp4a per activation row; the activation block (int8, L1-resident) is loaded once per lane and
 // reused for the R rows; the M token rows share every weight load. f32 accumulation, one warp
 // reduction per output at the end, no atomics, no shared memory.
+//
+// Two GEMV kernels (Variant; quant_matmul picks with QuantMatmulOptions::cuda_gemv or
+// LOWBIT_CUDA_GEMV, quant_gemv_bench measures all three in one run):
+//   V1     gemv_kernel: the loop above, `#pragma unroll 2` over a lane's blocks (the first kernel
+//          measured on the H100: 31-59 % of copy bandwidth at batch 1, a fixed ~7 us per call).
+//   V2     gemv2_kernel: the same arithmetic and layout, but each lane first issues the 16-byte
+//          code loads (and the half2 parameter loads) of a whole chunk of U blocks x R rows
+//          (128 bytes of codes per lane in flight: U = 8 / R for int4, 16 / R int2, 4 / R int8),
+//          then reads activations and computes; chunks of 32 U blocks per row follow in a loop.
+//   V2Pdl  V2 with programmatic dependent launch (Hopper, sm_90): the activation quantization
+//          kernel lets the GEMV launch at once (griddepcontrol.launch_dependents), the GEMV
+//          prefetches its first chunk of weights (read-only, written by no kernel) and only then
+//          waits for the activations (griddepcontrol.wait): the GEMV's launch and the first HBM
+//          round trip overlap the quantization kernel instead of following it. Without the launch
+//          attribute (V1 / V2, other GPUs) the two instructions are no-ops.
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -33,6 +48,22 @@
 #include "lowbit/ops/cuda/quant_gemv_layout.h"
 
 namespace lowbit::qgemv {
+
+enum class Variant : int { V1 = 1, V2 = 2, V2Pdl = 3 };
+inline const char* variant_name(Variant v) { return v == Variant::V1 ? "v1" : v == Variant::V2 ? "v2" : "v2pdl"; }
+
+// Programmatic dependent launch (PTX griddepcontrol, sm_90+; no-ops when the kernel was launched
+// without cudaLaunchAttributeProgrammaticStreamSerialization).
+__device__ __forceinline__ void griddep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 struct Weight {
   const uint8_t* codes = nullptr;  // [N, row_bytes]
@@ -47,6 +78,8 @@ struct Weight {
 // ---- activation quantization: one warp per block of 32, x f32 [M, K] -> q int8 [M, K], ds [M, K/32]
 __global__ void quantize_acts_kernel(const float* __restrict__ x, int M, int K, int order, int8_t* __restrict__ q,
                                      float2* __restrict__ ds) {
+  griddep_launch_dependents();  // the GEMV may launch and prefetch weights now (V2Pdl)
+  griddep_wait();               // x comes from the previous kernel
   const int nb = K / 32;
   const int64_t blk = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
@@ -187,6 +220,182 @@ __global__ void __launch_bounds__(128) gemv_kernel(Weight w, const int8_t* __res
 #pragma unroll
       for (int m = 0; m < MT; ++m)
         if (m < Mrt && row0 + r < w.N) y[int64_t(m) * w.N + row0 + r] = acc[r][m];
+  }
+}
+
+// V2: y[m, n] as gemv_kernel, with each lane's loads of a chunk of U blocks x R rows issued before
+// the chunk's arithmetic, and the first chunk's before the wait for the activations (see the top).
+template <int Bits>
+__host__ __device__ constexpr int chunk_blocks(int R) {  // U: 128 bytes of codes per lane and chunk
+  const int u = (Bits == 2 ? 16 : Bits == 4 ? 8 : 4) / R;
+  return u > 0 ? u : 1;
+}
+
+template <int Bits, int MT, int R>
+__global__ void __launch_bounds__(128) gemv2_kernel(Weight w, const int8_t* __restrict__ xq,
+                                                     const float2* __restrict__ xds, int Mrt, float* __restrict__ y) {
+  constexpr int U = chunk_blocks<Bits>(R);
+  const int lane = threadIdx.x & 31;
+  const int row0 = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * R;
+  if (row0 >= w.N) return;  // writes nothing: need not wait
+  const int nb = w.K / 32;
+  const int bpg = w.n_groups == 1 ? nb : w.G / 32;  // blocks per group
+  const uint8_t* rows[R];
+  const __half2* prm[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = min(row0 + r, w.N - 1);  // past the end: recompute the last row, not written
+    rows[r] = w.codes + int64_t(row) * w.row_bytes;
+    prm[r] = w.params + int64_t(row) * w.n_groups;
+  }
+  float acc[R][MT];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+
+  BlockCodes<Bits> c[U][R];
+  __half2 p[U][R];
+  auto load_chunk = [&](int j0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int b = j0 + 32 * u;
+      if (b < nb) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) c[u][r] = load_block<Bits>(rows[r], b);
+#pragma unroll
+        for (int r = 0; r < R; ++r) p[u][r] = __ldg(prm[r] + b / bpg);
+      }
+    }
+  };
+  load_chunk(lane);
+  griddep_wait();  // the activations (xq, xds) come from the quantization kernel
+  for (int j0 = lane; j0 < nb; j0 += 32 * U) {
+    if (j0 != lane) load_chunk(j0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int b = j0 + 32 * u;
+      if (b < nb) {
+        float s[R], o[R];
+        int a[R][8];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float2 pf = __half22float2(p[u][r]);
+          s[r] = pf.x;
+          o[r] = w.offset ? pf.y : -pf.x * pf.y;
+          unpack_block<Bits>(c[u][r], a[r]);
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m < Mrt) {
+            const int4* xp = reinterpret_cast<const int4*>(xq + int64_t(m) * w.K + int64_t(b) * 32);
+            const int4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+            const float2 dsv = __ldg(xds + int64_t(m) * nb + b);
+            const int xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              int dot = 0;
+#pragma unroll
+              for (int i = 0; i < 8; ++i) dot = __dp4a(a[r][i], xv[i], dot);
+              acc[r][m] += block_term(s[r], o[r], dsv.x, dsv.y, dot);
+            }
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      float v = acc[r][m];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      acc[r][m] = v;
+    }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+        if (m < Mrt && row0 + r < w.N) y[int64_t(m) * w.N + row0 + r] = acc[r][m];
+  }
+}
+
+// ---- launches (shared by quant_matmul.cu and bench/cuda/quant_gemv_bench.cu) ----------------
+constexpr int kGemvWarps = 4;  // warps (of R rows each) per block of 128 threads
+
+// Programmatic dependent launch needs compute capability 9.0 (the current device, asked once).
+inline bool pdl_supported() {
+  static const bool ok = [] {
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    return major >= 9;
+  }();
+  return ok;
+}
+
+// A kernel launch with or without the programmatic-dependent-launch attribute (without it on GPUs
+// older than sm_90).
+template <class... KArgs, class... Args>
+inline cudaError_t launch_kernel(void (*kernel)(KArgs...), unsigned grid, unsigned block, bool pdl, cudaStream_t st,
+                                 Args... args) {
+  if (!pdl || !pdl_supported()) {
+    kernel<<<grid, block, 0, st>>>(KArgs(args)...);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(block);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, KArgs(args)...);
+}
+
+// x f32 [M, K] -> xq int8 [M, K], xds [M, K/32] in the weight's element order.
+inline cudaError_t launch_quantize(const Weight& w, const float* x, int M, int8_t* xq, float2* xds, Variant v,
+                                   cudaStream_t st) {
+  const int64_t nblk = int64_t(M) * (w.K / 32);
+  return launch_kernel(quantize_acts_kernel, unsigned((nblk + 7) / 8), 256u, v == Variant::V2Pdl, st, x, M, w.K,
+                       w.order, xq, xds);
+}
+
+// The GEMV of Mrt <= MT token rows, R rows per warp.
+template <int Bits, int MT, int R>
+inline cudaError_t launch_gemv(const Weight& w, const int8_t* xq, const float2* xds, int Mrt, float* y, Variant v,
+                               cudaStream_t st) {
+  const unsigned blocks = unsigned((w.N + kGemvWarps * R - 1) / (kGemvWarps * R));
+  if (v == Variant::V1)
+    return launch_kernel(gemv_kernel<Bits, MT, R>, blocks, 32u * kGemvWarps, false, st, w, xq, xds, Mrt, y);
+  return launch_kernel(gemv2_kernel<Bits, MT, R>, blocks, 32u * kGemvWarps, v == Variant::V2Pdl, st, w, xq, xds, Mrt,
+                       y);
+}
+
+// Rows per warp for M token rows (bench/cuda/quant_gemv_bench.cu's sweep on the H100): 2 up to
+// M = 2, 4 above.
+template <int Bits>
+inline cudaError_t launch_gemv_m(const Weight& w, const int8_t* xq, const float2* xds, int M, float* y, Variant v,
+                                 cudaStream_t st) {
+  if (M <= 1) return launch_gemv<Bits, 1, 2>(w, xq, xds, M, y, v, st);
+  if (M <= 2) return launch_gemv<Bits, 2, 2>(w, xq, xds, M, y, v, st);
+  if (M <= 4) return launch_gemv<Bits, 4, 4>(w, xq, xds, M, y, v, st);
+  return launch_gemv<Bits, 8, 4>(w, xq, xds, M, y, v, st);
+}
+inline cudaError_t launch_gemv_m(const Weight& w, const int8_t* xq, const float2* xds, int M, float* y, Variant v,
+                                 cudaStream_t st) {
+  switch (w.bits) {
+    case 2: return launch_gemv_m<2>(w, xq, xds, M, y, v, st);
+    case 4: return launch_gemv_m<4>(w, xq, xds, M, y, v, st);
+    default: return launch_gemv_m<8>(w, xq, xds, M, y, v, st);
   }
 }
 

@@ -28,42 +28,16 @@ qgemv::Weight kernel_weight(const DevicePackedWeight& d) {
   return w;
 }
 
-// Rows per warp for M token rows (bench/cuda/quant_gemv_bench.cu's sweep on the H100).
-template <int Bits, int MT>
-void launch_gemv_mt(const qgemv::Weight& w, const int8_t* xq, const float2* xds, int M, float* y) {
-  constexpr int kWarps = 4;
-  constexpr int R = MT >= 4 ? 4 : 2;
-  const unsigned blocks = unsigned((w.N + kWarps * R - 1) / (kWarps * R));
-  qgemv::gemv_kernel<Bits, MT, R><<<blocks, kWarps * 32, 0, cuda_rt::stream()>>>(w, xq, xds, M, y);
-  LB_CUDA_LAUNCH_CHECK("qgemv::gemv_kernel");
-}
-
-template <int Bits>
-void launch_gemv(const qgemv::Weight& w, const int8_t* xq, const float2* xds, int M, float* y) {
-  if (M <= 1) launch_gemv_mt<Bits, 1>(w, xq, xds, M, y);
-  else if (M <= 2) launch_gemv_mt<Bits, 2>(w, xq, xds, M, y);
-  else if (M <= 4) launch_gemv_mt<Bits, 4>(w, xq, xds, M, y);
-  else launch_gemv_mt<Bits, 8>(w, xq, xds, M, y);
-}
-
-void gemv(const qgemv::Weight& w, const float* x, int64_t M, float* y) {
+void gemv(const qgemv::Weight& w, const float* x, int64_t M, float* y, qgemv::Variant v) {
   const int64_t nb = w.K / 32;
   Tensor xq = Tensor::empty({M, int64_t(w.K)}, DType::I8, Device::CUDA);
   Tensor xds = Tensor::empty({M, nb, 2}, DType::F32, Device::CUDA);
-  const int64_t nblk = M * nb;
-  qgemv::quantize_acts_kernel<<<unsigned((nblk + 7) / 8), 256, 0, cuda_rt::stream()>>>(
-      x, int(M), w.K, w.order, detail::ptr<int8_t>(xq), detail::ptr<float2>(xds));
-  LB_CUDA_LAUNCH_CHECK("qgemv::quantize_acts_kernel");
+  LB_CUDA_CHECK(qgemv::launch_quantize(w, x, int(M), detail::ptr<int8_t>(xq), detail::ptr<float2>(xds), v,
+                                       cuda_rt::stream()));
   for (int64_t m0 = 0; m0 < M; m0 += 8) {  // chunks of 8 token rows (Int8 forced with M > 8)
     const int mc = int(std::min<int64_t>(8, M - m0));
-    const int8_t* q = detail::ptr<int8_t>(xq) + m0 * w.K;
-    const float2* ds = detail::ptr<float2>(xds) + m0 * nb;
-    float* yc = y + m0 * w.N;
-    switch (w.bits) {
-      case 2: launch_gemv<2>(w, q, ds, mc, yc); break;
-      case 4: launch_gemv<4>(w, q, ds, mc, yc); break;
-      default: launch_gemv<8>(w, q, ds, mc, yc); break;
-    }
+    LB_CUDA_CHECK(qgemv::launch_gemv_m(w, detail::ptr<int8_t>(xq) + m0 * w.K, detail::ptr<float2>(xds) + m0 * nb, mc,
+                                       y + m0 * w.N, v, cuda_rt::stream()));
   }
 }
 
@@ -95,11 +69,14 @@ void dequant_gemm(const qgemv::Weight& w, const float* x, int64_t M, float* y) {
 
 }  // namespace
 
-void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, bool int8) {
+void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, bool int8, CudaGemv kernel) {
   LB_CUDA_OP("quant_matmul");
   const qgemv::Weight kw = kernel_weight(*w.device);
   const int64_t M = x.size(0);
-  if (int8) gemv(kw, detail::ptr<float>(x), M, detail::ptr<float>(y));
+  const qgemv::Variant v = kernel == CudaGemv::V1 ? qgemv::Variant::V1
+                           : kernel == CudaGemv::V2 ? qgemv::Variant::V2
+                                                    : qgemv::Variant::V2Pdl;
+  if (int8) gemv(kw, detail::ptr<float>(x), M, detail::ptr<float>(y), v);
   else dequant_gemm(kw, detail::ptr<float>(x), M, detail::ptr<float>(y));
 }
 
