@@ -63,7 +63,7 @@ if [[ $STEPS == *decode* ]]; then
   }
   row "random f32" "f32" -m "$W/init/model.bin"
   row "int4g128 dir" "packed" -m "$W/int4g128"
-  GEMV=v1 row "int4g128 dir" "packed, v1 GEMV" -m "$W/int4g128"
+  GEMV=v2pdl row "int4g128 dir" "packed, v2pdl GEMV" -m "$W/int4g128"
   row "int4g128 dir" "dequantized f32" -m "$W/int4g128" --dequantize
   row "q4_0 gguf" "packed" -m "$W/q4_0.gguf"
   row "q8_0 gguf" "packed" -m "$W/q8_0.gguf"

@@ -827,11 +827,11 @@ QuantMatmulPath env_path() {
 }
 
 #ifdef LOWBIT_WITH_CUDA
-// LOWBIT_CUDA_GEMV, read once: v1, v2 or v2pdl (default).
+// LOWBIT_CUDA_GEMV, read once: v1 (default until v2/v2pdl are measured on a GPU), v2 or v2pdl.
 CudaGemv env_cuda_gemv() {
   static const CudaGemv v = [] {
     const char* e = std::getenv("LOWBIT_CUDA_GEMV");
-    if (!e || !*e) return CudaGemv::V2Pdl;
+    if (!e || !*e) return CudaGemv::V1;
     const std::string_view s(e);
     if (s == "v1") return CudaGemv::V1;
     if (s == "v2") return CudaGemv::V2;
