@@ -882,6 +882,10 @@ TEST(QuantMatmul, AutoPicksTheInt8BodyForTernaryPrefill) {
         EXPECT_EQ(max_abs_diff(run(ops::QuantMatmulPath::Auto), yexact), 0.0) << "M=" << M;
         ops::set_quant_matmul_default(ops::QuantMatmulPath::Auto);
       }
+      {  // the block-wise pipeline's scope: ptq161 prefill back on Exact, the ternary layouts unchanged
+        ops::QuantSalientPrefillExactScope scope;
+        EXPECT_EQ(max_abs_diff(run(ops::QuantMatmulPath::Auto), ternary && !ptq161 ? yint8 : yexact), 0.0) << "M=" << M;
+      }
     }
   }
 }

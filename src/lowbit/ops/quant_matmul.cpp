@@ -832,6 +832,7 @@ QuantMatmulPath env_path() {
 
 std::atomic<QuantMatmulPath> g_default_path{QuantMatmulPath::Auto};
 thread_local int64_t t_int8_max_rows = kQuantDecodeMaxRows;  // QuantInt8RowsScope
+thread_local int t_salient_prefill_exact = 0;                  // QuantSalientPrefillExactScope
 
 }  // namespace
 
@@ -1047,7 +1048,10 @@ QuantMatmulPath cpu_path(int64_t M, const PackedWeight& w, const QuantMatmulOpti
   if (path == QuantMatmulPath::Auto) path = g_default_path.load(std::memory_order_relaxed);
   if (path == QuantMatmulPath::Auto) path = env_path();
   if (path == QuantMatmulPath::Auto)
-    path = (M <= t_int8_max_rows || quant_matmul_int8_prefill(w)) && quant_matmul_has_int8_kernel(w) ? QuantMatmulPath::Int8
+    path = (M <= t_int8_max_rows ||
+            (quant_matmul_int8_prefill(w) && !(t_salient_prefill_exact > 0 && w.layout == PackedLayout::SalientBinary))) &&
+                   quant_matmul_has_int8_kernel(w)
+               ? QuantMatmulPath::Int8
                                                                                                       : QuantMatmulPath::Exact;
   if (path == QuantMatmulPath::Int8 && !quant_matmul_has_int8_kernel(w)) path = QuantMatmulPath::Exact;
   return path;
@@ -1186,6 +1190,9 @@ QuantSharedInputScope::~QuantSharedInputScope() {
 
 QuantInt8RowsScope::QuantInt8RowsScope(int64_t max_rows) : previous_(t_int8_max_rows) { t_int8_max_rows = max_rows; }
 QuantInt8RowsScope::~QuantInt8RowsScope() { t_int8_max_rows = previous_; }
+
+QuantSalientPrefillExactScope::QuantSalientPrefillExactScope() { ++t_salient_prefill_exact; }
+QuantSalientPrefillExactScope::~QuantSalientPrefillExactScope() { --t_salient_prefill_exact; }
 
 void set_quant_matmul_default(QuantMatmulPath path) { g_default_path.store(path, std::memory_order_relaxed); }
 QuantMatmulPath quant_matmul_default() { return g_default_path.load(std::memory_order_relaxed); }

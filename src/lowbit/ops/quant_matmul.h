@@ -147,6 +147,19 @@ class QuantInt8RowsScope {
   int64_t previous_;
 };
 
+// While alive, the Auto path of quant_matmul calls made on this thread (CPU) keeps prompt-sized
+// products (more rows than the Int8 limit) of SalientBinary (ptq161) weights on the Exact body, as
+// before their panel kernel made Int8 the prefill default: the block-wise quantization pipeline
+// opens it, so ptq161 quantization (calibration forwards through quantized blocks) gives the same
+// models as before. Nests.
+class QuantSalientPrefillExactScope {
+ public:
+  QuantSalientPrefillExactScope();
+  ~QuantSalientPrefillExactScope();
+  QuantSalientPrefillExactScope(const QuantSalientPrefillExactScope&) = delete;
+  QuantSalientPrefillExactScope& operator=(const QuantSalientPrefillExactScope&) = delete;
+};
+
 // While alive, CPU Int8-body products on this thread that read the same input (same pointer, rows,
 // width, activation order and ISA) as the previous one quantize it once: the second and later
 // reuse its int8 activations and their panel copy (the numbers are those of a fresh quantization,
