@@ -23,6 +23,7 @@
 #include "lowbit/methods/ptq161.h"
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/methods/registry.h"
+#include "lowbit/ops/quant_matmul.h"
 #include "lowbit/quant/ptq161_tensor.h"
 #include "lowbit/quant/quant_linear.h"
 
@@ -160,6 +161,13 @@ TEST(Ptq161, RegisteredWithCalibrationAndItsFormat) {
 using Ptq161Stories = test::StoriesPtq;
 
 TEST_F(Ptq161Stories, QuantizesEvaluatesRoundTripsAndResumes) {
+  // f32 activations in the evaluations too (--matmul exact): the comparisons below are between the
+  // decoded and the packed weights, bit for bit; Auto sends ptq161's prompt-sized products to the
+  // Int8 body outside the pipeline (tests/quant/test_quant_matmul.cpp bounds that body).
+  struct ExactMatmul {
+    ExactMatmul() { ops::set_quant_matmul_default(ops::QuantMatmulPath::Exact); }
+    ~ExactMatmul() { ops::set_quant_matmul_default(ops::QuantMatmulPath::Auto); }
+  } exact;
   calib_windows = 8;
   calib_len = 128;
   Checkpoint ck = load_llama2c(model_path);

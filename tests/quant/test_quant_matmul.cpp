@@ -521,7 +521,9 @@ TEST(QuantMatmul, ManyEqualsEachProductAlone) {
                       {"q8_0 + q4_0", {{"q8_0", 40}, {"q4_0", 19}}},
                       {"int4g64 (another activation order) + q4_1", {{"int4g64", 32}, {"q4_1", 32}}},
                       {"int2g64 + int4g64", {{"int2g64", 17}, {"int4g64", 33}}},
-                      {"ternary + q4_1", {{"ternary", 32}, {"q4_1", 16}}}};
+                      {"ternary + q4_1", {{"ternary", 32}, {"q4_1", 16}}},
+                      {"ptq161 q/k/v (the panel kernel in one region)", {{"ptq161", 48}, {"ptq161", 17}, {"ptq161", 16}}},
+                      {"ptq161 + q4_1", {{"ptq161", 20}, {"q4_1", 16}}}};
   int compared = 0;
   for (const Set& set : sets) {
     std::vector<QuantizedTensor> qs;
@@ -682,13 +684,17 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
 // AVX2, AVX-512 VNNI, AVX-VNNI) quantize the same gathered activations into the same codes and
 // block scales as the portable body (256-entry tables), so they equal it up to f32 summation order:
 // within 1e-5 of the sum of the magnitudes the two formulations add (far below the int8 rounding
-// bound the table test allows, so a kernel that drops or misplaces a block fails here). Widths
-// cover every tail: binary columns not a multiple of 8 or 32, salient columns odd and not a
-// multiple of 32, none (in = 3: quantize() keeps in / 5 salient columns); varied column factors.
-// Row counts: the kernels take four weight rows per pass (AVX-512: two blocks per instruction), so
-// counts below four, a multiple of four and ones leaving 1-3 rows (the last, partial pass repeats
-// its last row). A row's numbers do not depend on the pass it falls in: the same rows through a
-// view that starts 1-3 rows later (other quads, other partial pass) are bit-identical.
+// bound the table test allows, so a kernel that drops or misplaces a block fails here). Both x86
+// bodies: the panel kernel (int8_panels, the default: 16 weight rows per pass on AVX-512, 8 on
+// 256-bit vectors, one row per lane; every M, prefill included) and the four-row kernels (panels
+// off). Widths cover every tail: binary columns not a multiple of 8 or 32, salient columns odd and
+// not a multiple of 32, none (in = 3: quantize() keeps in / 5 salient columns), several tile chunks
+// (in = 8192: 205 binary blocks, 52 salient ones); varied column factors. Row counts below four, a
+// multiple of four, ones leaving 1-3 rows (the quads' last partial pass repeats its last row),
+// 1-15 rows past a panel (the last partial panel repeats its last row); activation rows 1-16 and
+// prefill-sized 33 (the panel's stored-tile form above 8 rows). A row's numbers depend neither on
+// its pass nor on the batch: the same rows through a view that starts 1-3 rows later (other
+// quads, other panels) are bit-identical, and so is every activation row run alone (M = 1).
 TEST(QuantMatmul, SalientBinaryX86KernelsEqualThePortableInt8Body) {
   const QuantFormat& f = parse_quant_format("ptq161");
   struct Isa {
@@ -702,22 +708,24 @@ TEST(QuantMatmul, SalientBinaryX86KernelsEqualThePortableInt8Body) {
   int run = 0, differs = 0;
   std::string skipped;
   int shifted = 0;
-  for (int64_t in : {3, 33, 64, 200, 257, 576, 1000, 1536})
-  for (int64_t out : {1, 3, 4, 6, 13, 16}) {
+  const int64_t Mmax = 33;
+  for (int64_t in : {3, 33, 64, 200, 257, 576, 1000, 1536, 8192})
+  for (int64_t out : {1, 3, 4, 6, 13, 16, 17, 35}) {
+    if (in == 8192 && out > 17) continue;  // (time: the chunks are covered at 1-17 rows)
     QuantizedTensor q = quantize(Tensor::randn({out, in}, 40 + uint64_t(in + out), 0.05), f);
     vary_column_factors(q);
     const ops::PackedWeight v = q.packed_view();
     ASSERT_EQ(v.layout, ops::PackedLayout::SalientBinary);
     // Per output: the magnitudes both formulations sum, |x w| over all columns plus
     // (|mu| + |alpha|) |r_j x_j| over the binary ones.
-    const Tensor x = test_input(8, in, 50 + uint64_t(in));
+    const Tensor x = test_input(Mmax, in, 50 + uint64_t(in));
     const Tensor wd = q.dequantize();
     const uint8_t* mask = q.col_mask.data<uint8_t>();
     const auto* r = static_cast<const uint16_t*>(q.col_scales.raw_data());
     const auto* sc = static_cast<const uint16_t*>(q.scales.raw_data());
     const auto* zp = static_cast<const uint16_t*>(q.zeros.raw_data());
-    std::vector<double> mag(size_t(8 * out));
-    for (int64_t m = 0; m < 8; ++m)
+    std::vector<double> mag(size_t(Mmax * out));
+    for (int64_t m = 0; m < Mmax; ++m)
       for (int64_t o = 0; o < out; ++o) {
         const double ma = std::fabs(f16_to_f32(sc[2 * o])) + std::fabs(f16_to_f32(zp[2 * o]));
         double s = 0;
@@ -728,42 +736,55 @@ TEST(QuantMatmul, SalientBinaryX86KernelsEqualThePortableInt8Body) {
         }
         mag[size_t(m * out + o)] = s;
       }
-    for (int64_t M : {1, 3, 4, 5, 8}) {
-      const Tensor xm = x.slice(0, 0, M).contiguous();
-      Tensor yp = Tensor::empty({M, out});
-      ops::quant_matmul(xm, v, yp, {ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable});
-      for (const Isa& is : isas) {
-        if (!ops::quant_isa_supported(is.isa) || (is.avxvnni && !force_avxvnni(true))) {
-          if (skipped.find(is.name) == std::string::npos) skipped += std::string(" ") + is.name;
-          continue;
-        }
-        struct Unforce {
-          ~Unforce() { force_avxvnni(false); }
-        } unforce;
-        SCOPED_TRACE(std::string(is.name) + " [" + std::to_string(out) + "x" + std::to_string(in) + "] salient " +
-                     std::to_string(v.salient) + " M=" + std::to_string(M));
-        Tensor ys = Tensor::empty({M, out});
-        ops::quant_matmul(xm, v, ys, {ops::QuantMatmulPath::Int8, is.isa});
-        ++run;
-        for (int64_t i = 0; i < M * out; ++i)
-          ASSERT_LE(std::fabs(double(ys.data<float>()[i]) - double(yp.data<float>()[i])), 1e-5 * mag[size_t(i)] + 1e-7)
-              << "output " << i << ": " << ys.data<float>()[i] << " vs portable " << yp.data<float>()[i];
-        differs += max_abs_diff(ys, yp) > 0.0 ? 1 : 0;
-        // Rows [o0, out) through a view starting at row o0: the same bits.
-        for (int64_t o0 = 1; o0 <= std::min<int64_t>(3, out - 1); ++o0) {
-          ops::PackedWeight sub = v;
-          sub.out = out - o0;
-          sub.codes = v.codes + o0 * v.row_bytes;
-          sub.scales = v.scales + 2 * o0;
-          sub.zeros = v.zeros + 2 * o0;
-          sub.dequantize_row = [&v, o0](int64_t r, float* dst) { v.dequantize_row(r + o0, dst); };
-          Tensor yo = Tensor::empty({M, sub.out});
-          ops::quant_matmul(xm, sub, yo, {ops::QuantMatmulPath::Int8, is.isa});
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t o = 0; o < sub.out; ++o)
-              ASSERT_EQ(yo.data<float>()[m * sub.out + o], ys.data<float>()[m * out + o0 + o])
-                  << "row " << o0 + o << " of activation row " << m << " through a view from row " << o0;
-          ++shifted;
+    for (const Isa& is : isas)
+    for (bool panels : {true, false}) {
+      if (!ops::quant_isa_supported(is.isa) || (is.avxvnni && !force_avxvnni(true))) {
+        if (skipped.find(is.name) == std::string::npos) skipped += std::string(" ") + is.name;
+        continue;
+      }
+      struct Unforce {
+        ~Unforce() { force_avxvnni(false); }
+      } unforce;
+      const ops::QuantMatmulOptions opt{ops::QuantMatmulPath::Int8, is.isa, panels};
+      // Each activation row alone (M = 1).
+      Tensor alone = Tensor::empty({Mmax, out});
+      for (int64_t m = 0; m < Mmax; ++m) {
+        Tensor y1 = Tensor::empty({1, out});
+        ops::quant_matmul(x.slice(0, m, m + 1).contiguous(), v, y1, opt);
+        std::memcpy(alone.data<float>() + m * out, y1.data<float>(), size_t(out) * sizeof(float));
+      }
+      for (int64_t M : {int64_t(1), int64_t(3), int64_t(4), int64_t(5), int64_t(8), int64_t(9), int64_t(16), Mmax}) {
+        const Tensor xm = x.slice(0, 0, M).contiguous();
+        Tensor yp = Tensor::empty({M, out});
+        ops::quant_matmul(xm, v, yp, {ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable});
+        {
+          SCOPED_TRACE(std::string(is.name) + (panels ? " panel" : " quad") + " [" + std::to_string(out) + "x" +
+                       std::to_string(in) + "] salient " + std::to_string(v.salient) + " M=" + std::to_string(M));
+          Tensor ys = Tensor::empty({M, out});
+          ops::quant_matmul(xm, v, ys, opt);
+          ++run;
+          for (int64_t i = 0; i < M * out; ++i) {
+            ASSERT_LE(std::fabs(double(ys.data<float>()[i]) - double(yp.data<float>()[i])), 1e-5 * mag[size_t(i)] + 1e-7)
+                << "output " << i << ": " << ys.data<float>()[i] << " vs portable " << yp.data<float>()[i];
+            ASSERT_EQ(ys.data<float>()[i], alone.data<float>()[i]) << "output " << i << " differs from its row run alone";
+          }
+          differs += max_abs_diff(ys, yp) > 0.0 ? 1 : 0;
+          // Rows [o0, out) through a view starting at row o0: the same bits.
+          for (int64_t o0 = 1; o0 <= std::min<int64_t>(3, out - 1); ++o0) {
+            ops::PackedWeight sub = v;
+            sub.out = out - o0;
+            sub.codes = v.codes + o0 * v.row_bytes;
+            sub.scales = v.scales + 2 * o0;
+            sub.zeros = v.zeros + 2 * o0;
+            sub.dequantize_row = [&v, o0](int64_t r, float* dst) { v.dequantize_row(r + o0, dst); };
+            Tensor yo = Tensor::empty({M, sub.out});
+            ops::quant_matmul(xm, sub, yo, opt);
+            for (int64_t m = 0; m < M; ++m)
+              for (int64_t o = 0; o < sub.out; ++o)
+                ASSERT_EQ(yo.data<float>()[m * sub.out + o], ys.data<float>()[m * out + o0 + o])
+                    << "row " << o0 + o << " of activation row " << m << " through a view from row " << o0;
+            ++shifted;
+          }
         }
       }
     }
@@ -846,15 +867,19 @@ TEST(QuantMatmul, TernaryLayoutsRunTheirInt8KernelsOnBlocksOf256) {
 
 // Auto at prefill shapes (M > kQuantDecodeMaxRows): the ternary layouts take the Int8 body (their
 // int8 kernels beat dequantized f32 tiles at every prompt length measured, docs/results/bitnet.md),
-// bit for bit what an explicit Int8 call gives, and within the int8 bound of the reference; a
+// bit for bit what an explicit Int8 call gives, and within the int8 bound of the reference; so does
+// ptq161 where its x86 panel kernel runs (docs/results/ptq161.md: faster than the tiles); a
 // grouped 2-bit format (int2g64) still takes the Exact body there; the process default
 // (--matmul exact) still wins over the ternary choice.
 TEST(QuantMatmul, AutoPicksTheInt8BodyForTernaryPrefill) {
-  for (const char* name : {"ternary", "tq2_0", "tq1_0", "int2g64"}) {
+  for (const char* name : {"ternary", "tq2_0", "tq1_0", "int2g64", "ptq161"}) {
     SCOPED_TRACE(name);
-    const bool ternary = std::string(name) != "int2g64";
-    const int64_t out = 13, in = std::string(name) == "ternary" ? 600 : 512;
-    const QuantizedTensor q = quantize(Tensor::randn({out, in}, 41, 0.05), parse_quant_format(name));
+    // ptq161: Int8 for every M where its x86 panel kernel runs (the portable tables: decode only).
+    const bool ptq161 = std::string(name) == "ptq161";
+    const bool ternary = std::string(name) != "int2g64" && (!ptq161 || ops::quant_isa_best() != ops::QuantIsa::Portable);
+    const int64_t out = ptq161 ? 37 : 13, in = std::string(name) == "ternary" ? 600 : 512;
+    QuantizedTensor q = quantize(Tensor::randn({out, in}, 41, 0.05), parse_quant_format(name));
+    if (ptq161) vary_column_factors(q);
     const ops::PackedWeight v = q.packed_view();
     EXPECT_EQ(ops::quant_matmul_int8_prefill(v), ternary);
     for (int64_t M : {ops::kQuantDecodeMaxRows + 1, int64_t(64)}) {
@@ -883,6 +908,7 @@ TEST(QuantMatmul, AutoPicksTheInt8BodyForTernaryPrefill) {
               rb += wi * amax / 127.0 / 2.0;
             }
           }
+          if (ptq161) rb = masked_int8_bound(q, x.data<float>() + m * in, o);
           const double err = std::fabs(double(yauto.data<float>()[m * out + o]) - double(yref.data<float>()[m * out + o]));
           EXPECT_LE(err, rb * (1 + 1e-3) + 1e-5 * sc + 1e-7) << "M=" << M << " row " << m << " out " << o;
         }
@@ -890,6 +916,10 @@ TEST(QuantMatmul, AutoPicksTheInt8BodyForTernaryPrefill) {
         ops::set_quant_matmul_default(ops::QuantMatmulPath::Exact);
         EXPECT_EQ(max_abs_diff(run(ops::QuantMatmulPath::Auto), yexact), 0.0) << "M=" << M;
         ops::set_quant_matmul_default(ops::QuantMatmulPath::Auto);
+      }
+      {  // the block-wise pipeline's scope: ptq161 prefill back on Exact, the ternary layouts unchanged
+        ops::QuantSalientPrefillExactScope scope;
+        EXPECT_EQ(max_abs_diff(run(ops::QuantMatmulPath::Auto), ternary && !ptq161 ? yint8 : yexact), 0.0) << "M=" << M;
       }
     }
   }

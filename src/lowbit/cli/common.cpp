@@ -44,7 +44,7 @@ void add_matmul_option(CLI::App* app) {
   app->add_option_function<std::string>(
       "--matmul", [](const std::string& v) { ops::set_quant_matmul_default(ops::parse_quant_matmul_path(v, "--matmul")); },
       "activations of quantized (packed) matrix products: auto = int8 for decode (<= 8 rows), f32 for "
-      "prefill; int8 = int8 activations everywhere (llama.cpp's way, fastest); exact = f32 activations "
+      "prefill (int8 there too for the ternary formats and, on AVX2 CPUs, ptq161); int8 = int8 activations everywhere (llama.cpp's way, fastest); exact = f32 activations "
       "everywhere (the path that answers \"Paris\" on the SmolLM2 chat example, where int8 decode does "
       "not); reference = row-by-row oracle (slow). Default auto; overrides LOWBIT_QUANT_MATMUL");
 }

@@ -14,6 +14,7 @@
 #include "lowbit/io/safetensors.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
+#include "lowbit/ops/quant_matmul.h"
 #include "lowbit/quant/quant_linear.h"
 
 namespace lowbit {
@@ -139,6 +140,8 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
   if (tokens.dim() != 2 || tokens.dtype() != DType::I32) throw_error("pipeline: calibration tokens must be i32 [N, L]");
   const int64_t N = tokens.size(0), L = tokens.size(1);
   const auto t0 = std::chrono::steady_clock::now();
+  // Calibration forwards through ptq161 layers on f32 activations (as before the Int8 prefill).
+  ops::QuantSalientPrefillExactScope exact_ptq161;
   BlockStream* stream = o.stream;
   if (stream && method.needs_whole_model())
     throw_error("pipeline: method '", method.name(), "' reads the whole model before the first block; it cannot run on "

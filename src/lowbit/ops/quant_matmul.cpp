@@ -475,13 +475,17 @@ void trit_planes_body(const float* x, int64_t M, const PackedWeight& w, float* y
   for (int64_t i = 0; i < M * w.out; ++i) y[i] += y2[size_t(i)];
 }
 
-// SalientBinary (ptq161). Int8: the whole product in quant_matmul_salient (x86 row kernels, or the
-// portable tables). Exact (M <= 8): the binary columns through the f32 tables, the salient columns
-// as an int4 IntGroups view through the exact decode body, the two parts added.
-void salient_binary_body(const float* x, int64_t M, const PackedWeight& w, float* y, bool int8, QuantIsa isa) {
+// SalientBinary (ptq161). Int8: the whole product in quant_matmul_salient (x86: the panel kernel
+// for every row with `panels`, else the four-row kernels; or the portable tables). Exact (M <= 8):
+// the binary columns through the f32 tables, the salient columns as an int4 IntGroups view through
+// the exact decode body, the two parts added.
+void salient_binary_body(const float* x, int64_t M, const PackedWeight& w, float* y, bool int8, QuantIsa isa,
+                         bool panels = true) {
   if (int8) {
     const QuantIsa r = resolve_isa(isa);
 #if defined(__x86_64__) || defined(__i386__)
+    if ((r == QuantIsa::Avx2 || r == QuantIsa::Avx2Vnni) && panels)
+      return salient::int8_panel(x, M, w, y, r == QuantIsa::Avx2 ? qmm::avx2_salient_panel() : qmm::avx2vnni_salient_panel());
     if (r == QuantIsa::Avx2 || r == QuantIsa::Avx2Vnni)
       return salient::int8_simd(x, M, w, y, r == QuantIsa::Avx2 ? qmm::avx2_salient_kernel() : qmm::avx2vnni_salient_kernel());
 #endif
@@ -640,7 +644,7 @@ void prepare_int8(const float* x, int64_t M, const PackedWeight& w_in, float* y,
 // The ternary layouts (TQ2_0, TQ1_0 and the ternary format) go to ternary_body (activation blocks of 256).
 void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels) {
   if (w_in.layout == PackedLayout::TritPlanes) return trit_planes_body(x, M, w_in, y, isa, panels);
-  if (w_in.layout == PackedLayout::SalientBinary) return salient_binary_body(x, M, w_in, y, true, isa);
+  if (w_in.layout == PackedLayout::SalientBinary) return salient_binary_body(x, M, w_in, y, true, isa, panels);
   if (const qmm::TernaryKind kind = qmm::ternary_kind(w_in); kind != qmm::TernaryKind::None)
     return ternary_body(x, M, w_in, y, isa, kind);
   Int8Scratch scratch;
@@ -844,6 +848,7 @@ CudaGemv env_cuda_gemv() {
 
 std::atomic<QuantMatmulPath> g_default_path{QuantMatmulPath::Auto};
 thread_local int64_t t_int8_max_rows = kQuantDecodeMaxRows;  // QuantInt8RowsScope
+thread_local int t_salient_prefill_exact = 0;                  // QuantSalientPrefillExactScope
 
 }  // namespace
 
@@ -916,7 +921,10 @@ bool quant_matmul_has_int8_kernel(const PackedWeight& w) {
   return !grouped || w.n_groups == 1 || w.group_size % kBlock == 0;
 }
 
-bool quant_matmul_int8_prefill(const PackedWeight& w) { return qmm::ternary_kind(w) != qmm::TernaryKind::None; }
+bool quant_matmul_int8_prefill(const PackedWeight& w) {
+  if (w.layout == PackedLayout::SalientBinary) return quant_isa_best() != QuantIsa::Portable;  // the x86 panel kernel
+  return qmm::ternary_kind(w) != qmm::TernaryKind::None;
+}
 
 int64_t quant_matmul_act_block(const PackedWeight& w) {
   return qmm::ternary_kind(w) != qmm::TernaryKind::None ? qmm::kBlockK : kBlock;
@@ -1056,7 +1064,10 @@ QuantMatmulPath cpu_path(int64_t M, const PackedWeight& w, const QuantMatmulOpti
   if (path == QuantMatmulPath::Auto) path = g_default_path.load(std::memory_order_relaxed);
   if (path == QuantMatmulPath::Auto) path = env_path();
   if (path == QuantMatmulPath::Auto)
-    path = (M <= t_int8_max_rows || quant_matmul_int8_prefill(w)) && quant_matmul_has_int8_kernel(w) ? QuantMatmulPath::Int8
+    path = (M <= t_int8_max_rows ||
+            (quant_matmul_int8_prefill(w) && !(t_salient_prefill_exact > 0 && w.layout == PackedLayout::SalientBinary))) &&
+                   quant_matmul_has_int8_kernel(w)
+               ? QuantMatmulPath::Int8
                                                                                                       : QuantMatmulPath::Exact;
   if (path == QuantMatmulPath::Int8 && !quant_matmul_has_int8_kernel(w)) path = QuantMatmulPath::Exact;
   return path;
@@ -1079,6 +1090,27 @@ void quant_matmul_many(const Tensor& x, const std::vector<const PackedWeight*>& 
                  y.size(0) == x.size(0) && y.size(1) == w.out && w.layout != PackedLayout::Generic &&
                  cpu_path(x.size(0), w, opt) == QuantMatmulPath::Int8;
   }
+#if defined(__x86_64__) || defined(__i386__)
+  // SalientBinary (ptq161) weights through the panel kernel: one region for all the products.
+  bool salient = !one_region && x.device() == Device::CPU && x.dtype() == DType::F32 && x.dim() == 2 &&
+                 x.is_contiguous() && x.size(0) > 0 && ws.size() > 1 && opt.int8_panels && !salient::act_sim_enabled();
+  const QuantIsa sisa = resolve_isa(opt.isa);
+  salient = salient && (sisa == QuantIsa::Avx2 || sisa == QuantIsa::Avx2Vnni);
+  for (size_t i = 0; i < ws.size() && salient; ++i) {
+    const PackedWeight& w = *ws[i];
+    const Tensor& y = *ys[i];
+    salient = w.layout == PackedLayout::SalientBinary && w.in == x.size(1) && y.device() == Device::CPU &&
+              y.dtype() == DType::F32 && y.is_contiguous() && y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == w.out &&
+              cpu_path(x.size(0), w, opt) == QuantMatmulPath::Int8;
+  }
+  if (salient) {
+    std::vector<float*> yp;
+    for (Tensor* y : ys) yp.push_back(y->data<float>());
+    salient::int8_panel_many(x.data<float>(), x.size(0), ws, yp,
+                             sisa == QuantIsa::Avx2 ? qmm::avx2_salient_panel() : qmm::avx2vnni_salient_panel());
+    return;
+  }
+#endif
   if (!one_region) {
     for (size_t i = 0; i < ws.size(); ++i) quant_matmul(x, *ws[i], *ys[i], opt);
     return;
@@ -1174,6 +1206,9 @@ QuantSharedInputScope::~QuantSharedInputScope() {
 
 QuantInt8RowsScope::QuantInt8RowsScope(int64_t max_rows) : previous_(t_int8_max_rows) { t_int8_max_rows = max_rows; }
 QuantInt8RowsScope::~QuantInt8RowsScope() { t_int8_max_rows = previous_; }
+
+QuantSalientPrefillExactScope::QuantSalientPrefillExactScope() { ++t_salient_prefill_exact; }
+QuantSalientPrefillExactScope::~QuantSalientPrefillExactScope() { --t_salient_prefill_exact; }
 
 void set_quant_matmul_default(QuantMatmulPath path) { g_default_path.store(path, std::memory_order_relaxed); }
 QuantMatmulPath quant_matmul_default() { return g_default_path.load(std::memory_order_relaxed); }

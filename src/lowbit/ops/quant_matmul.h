@@ -33,9 +33,12 @@
 //              bits, S = the sum of all x_b, plus s * sum_u (q_u - z) x_s[u]. Exact (M <= 8): f32
 //              tables; Int8: x_b quantized to int8 and x_s to int16 per block of 32 (the salient
 //              columns hold the largest activations), integer sums per block, one f32 multiply-add
-//              per block; x86 kernels expand a block's sign bits to 0/1 bytes for one u8 x s8 dot
-//              product, the portable body reads int16 tables. Exact with M > 8: the tiled sgemm
-//              over decoded rows. No GPU form.
+//              per block; x86: the panel kernel (int8_panels, any M: 16 weight rows per pass on
+//              AVX-512, 8 on 256-bit vectors, one row per 32-bit lane; a panel's sign bits split
+//              into 0/1-byte vectors and its nibbles into int16 pairs once per call, met by
+//              broadcast activation chunks) or the four-row kernels (a block's sign bits expanded
+//              to 0/1 bytes for one u8 x s8 dot product), the portable body reads int16 tables.
+//              Exact with M > 8: the tiled sgemm over decoded rows. No GPU form.
 //   GgmlTQ2_0, GgmlTQ1_0
 //              ggml's ternary blocks of 256 (66 / 54 bytes: 2-bit codes or base-3 digits, one f16 d),
 //              `in` a multiple of 256; w = d (q - 1), q in {0, 1, 2}.
@@ -54,7 +57,8 @@
 //               integer products of a whole block are summed before one f32 multiply per block.
 //   Auto        Int8 for M <= 8 when the layout has an integer kernel, and for every M on the
 //               ternary layouts (quant_matmul_int8_prefill: their int8 kernels beat the f32 tiles at
-//               every prompt length measured, 9 to 1024 rows, docs/results/bitnet.md); Exact otherwise. A
+//               every prompt length measured, 9 to 1024 rows, docs/results/bitnet.md) and on
+//               SalientBinary where its x86 panel kernel runs (docs/results/ptq161.md); Exact otherwise. A
 //               process-wide default (set_quant_matmul_default: the CLI's --matmul) overrides it,
 //               else the environment variable LOWBIT_QUANT_MATMUL=int8|exact|reference does.
 // Diagnostic for SalientBinary weights: LOWBIT_PTQ161_ACT_SIM (e.g. "b32x8,s32x8": the binary columns'
@@ -128,8 +132,9 @@ struct QuantMatmulOptions {
   QuantMatmulPath path = QuantMatmulPath::Auto;
   QuantIsa isa = QuantIsa::Auto;  // Int8 body only; a forced ISA the CPU lacks throws
   // Int8 body, AVX2 / VNNI: weight rows in panels of 8 through the GEMM kernel (decoded once, reused
-  // for all M activation rows). false: the four-row kernels only (the body before the GEMM kernel;
-  // benchmarks compare the two in one run). Either gives a row the same numbers whatever M is.
+  // for all M activation rows; SalientBinary: every row through its panel kernel). false: the
+  // four-row kernels only (the body before the GEMM kernel; benchmarks compare the two in one run).
+  // Either gives a row the same numbers whatever M is.
   bool int8_panels = true;
   CudaGemv cuda_gemv = CudaGemv::Auto;  // CUDA Int8 body only
 };
@@ -151,6 +156,19 @@ class QuantInt8RowsScope {
 
  private:
   int64_t previous_;
+};
+
+// While alive, the Auto path of quant_matmul calls made on this thread (CPU) keeps prompt-sized
+// products (more rows than the Int8 limit) of SalientBinary (ptq161) weights on the Exact body, as
+// before their panel kernel made Int8 the prefill default: the block-wise quantization pipeline
+// opens it, so ptq161 quantization (calibration forwards through quantized blocks) gives the same
+// models as before. Nests.
+class QuantSalientPrefillExactScope {
+ public:
+  QuantSalientPrefillExactScope();
+  ~QuantSalientPrefillExactScope();
+  QuantSalientPrefillExactScope(const QuantSalientPrefillExactScope&) = delete;
+  QuantSalientPrefillExactScope& operator=(const QuantSalientPrefillExactScope&) = delete;
 };
 
 // While alive, CPU Int8-body products on this thread that read the same input (same pointer, rows,
@@ -220,7 +238,8 @@ bool quant_matmul_has_int8_kernel(const PackedWeight& w);
 int64_t quant_matmul_act_block(const PackedWeight& w);
 // True when Auto sends products of any row count (prefill too) to the Int8 body for this weight:
 // the ternary layouts (whose int8 kernels are faster than dequantized f32 tiles at every prompt
-// length measured). Other layouts take Int8 only up to kQuantDecodeMaxRows (or QuantInt8RowsScope).
+// length measured) and SalientBinary when the CPU has its x86 panel kernel (AVX2 or better).
+// Other layouts take Int8 only up to kQuantDecodeMaxRows (or QuantInt8RowsScope).
 bool quant_matmul_int8_prefill(const PackedWeight& w);
 
 }  // namespace lowbit::ops

@@ -160,6 +160,34 @@ SalientKernel avx2_salient_kernel();
 SalientKernel avx2vnni_salient_kernel();  // AVX-512 VNNI + BW (mask-register sign expansion), else AVX-VNNI
 #endif
 
+// The SalientBinary panel kernel (batched decode and prefill; quant_matmul_salient_x86.inc): weight
+// rows in panels of `rows` (16 on AVX-512, 8 on 256-bit vectors), one weight row per 32-bit lane, a
+// panel's sign bits and nibbles turned once per call into an interleaved tile (lane r = 4 sign bits
+// of row r as 0/1 bytes, or 2 of its 4-bit codes as int16) that every activation row meets with
+// broadcast 4-byte activation chunks: no horizontal sums, one FMA per block for the whole panel.
+// It reads the operand in panel order (prepared with panel_order): position p of a full binary
+// block holds column salient_panel_source(true, p) of the block, of a salient block salient column
+// salient_panel_source(false, p). Same signature as SalientKernel (rows [row0, row1), panels from
+// row0, the last partial panel repeating its last row; each lane's arithmetic is independent of the
+// others and of M, so a row's numbers depend neither on its panel nor on the batch).
+struct SalientPanel {
+  SalientKernel fn = nullptr;
+  int rows = 0;
+};
+inline int salient_panel_source(bool binary, int p) {
+  if (binary) return 8 * (p % 4) + p / 4;       // lane byte u of dword t: bit t of sign byte u
+  return 8 * (p / 8) + (p / 2) % 4 + 4 * (p % 2);  // int16 pair v = 4c + n: nibble n of each word of dword c
+}
+#if defined(__x86_64__) || defined(__i386__)
+SalientPanel avx2_salient_panel();
+SalientPanel avx2vnni_salient_panel();  // AVX-512 VNNI + BW: 16 rows, else AVX-VNNI: 8
+// The operand's gather: x[0, in) split by the column mask (bit j % 8 of mask[j / 8]) into xb (the
+// clear bits' columns, in order) and xs (the set ones); writes up to 16 floats past each list's
+// end. AVX-512 (vcompressps 16 columns at a time), or null on CPUs without it.
+using SplitColumns = void (*)(const float* x, const uint8_t* mask, int64_t in, float* xb, float* xs);
+SplitColumns avx512_split_columns();
+#endif
+
 // Order of the activations inside a full block for this layout (block_source_index's `bits`):
 // IntGroups unpack in their bit order, ggml blocks keep the natural order.
 inline int act_order_bits(const PackedWeight& w) { return w.layout == PackedLayout::IntGroups ? w.bits : 8; }

@@ -184,49 +184,67 @@ namespace {
 // The int8 body's operand (qmm::SalientActs) in the calling thread's buffers, valid until its next
 // call: binary columns r_j x_j per block of 32 to int8 (d = amax / 127, round half to even, as
 // the other layouts' activations; natural order); salient columns x_j per block of 32 to int16
-// (d = amax / 32767, block_source_index(4) order). `simd`: the AVX2 block quantizer for the int8
-// blocks (the same numbers as the scalar loop).
-const qmm::SalientActs& prepare(const float* x, int64_t M, const PackedWeight& w, bool simd) {
+// (d = amax / 32767, block_source_index(4) order). `panel_order`: both in the panel kernel's order
+// instead (qmm::salient_panel_source; the same codes and scales, placed elsewhere). `simd`: the
+// AVX2 block quantizer for the int8 blocks (the same numbers as the scalar loop).
+struct Operand {
+  std::vector<float> r, db, ds, dsum;
+  std::vector<int8_t> qb;
+  std::vector<int16_t> qs;
+  qmm::SalientActs a;
+};
+const qmm::SalientActs& prepare_into(Operand& B, const float* x, int64_t M, const PackedWeight& w, bool simd,
+                                     bool panel_order) {
   const int64_t in = w.in, k = w.salient, nb = in - k;
   const int64_t bblk = (nb + kBlock - 1) / kBlock, sblk = (k + kBlock - 1) / kBlock;
-  struct Buffers {
-    std::vector<float> r, xb, xs, db, ds, dsum;
-    std::vector<int8_t> qb;
-    std::vector<int16_t> qs;
-    qmm::SalientActs a;
-  };
-  thread_local Buffers B;
   B.r.resize(size_t(nb));
   vec::f16_to_f32(w.col_scales, B.r.data(), nb);
-  // One slot past the columns: the branchless gather below writes there.
-  B.xb.resize(size_t(std::max(bblk * kBlock, nb + 1)));
-  B.xs.resize(size_t(std::max(sblk * kBlock, k + 1)));
   B.qb.resize(size_t(M * bblk * kBlock));
   B.qs.resize(size_t(M * sblk * kBlock));
   B.db.resize(size_t(M * bblk));
   B.ds.resize(size_t(M * sblk));
   B.dsum.resize(size_t(2 * M));
-  int src4[kBlock];
-  for (int p = 0; p < kBlock; ++p) src4[p] = qmm::block_source_index(4, p);
-  for (int64_t m = 0; m < M; ++m) {
+  int src4[kBlock], srcb[kBlock];
+  for (int p = 0; p < kBlock; ++p) {
+    src4[p] = panel_order ? qmm::salient_panel_source(false, p) : qmm::block_source_index(4, p);
+    srcb[p] = panel_order ? qmm::salient_panel_source(true, p) : p;
+  }
+  Operand& Bm = B;
+#if defined(__x86_64__) || defined(__i386__)
+  const qmm::SplitColumns split = simd ? qmm::avx512_split_columns() : nullptr;
+#endif
+  // Row m, with xb / xs the gathered columns' scratch (16 slots past the columns: the gathers write
+  // there).
+  const auto row = [&](int64_t m, float* xb, float* xs) {
     const float* xm = x + m * in;
-    float *xb = B.xb.data(), *xs = B.xs.data();
-    int64_t t = 0, u = 0;
-    for (int64_t j = 0; j < in; ++j) {  // both lists written, one index advanced (no branch)
-      const int64_t sal = (w.col_mask[j >> 3] >> (j & 7)) & 1;
-      xs[u] = xm[j];
-      xb[t] = xm[j];
-      u += sal;
-      t += 1 - sal;
+#if defined(__x86_64__) || defined(__i386__)
+    if (split) {
+      split(xm, w.col_mask, in, xb, xs);
+    } else
+#endif
+    {
+      int64_t t = 0, u = 0;
+      for (int64_t j = 0; j < in; ++j) {  // both lists written, one index advanced (no branch)
+        const int64_t sal = (w.col_mask[j >> 3] >> (j & 7)) & 1;
+        xs[u] = xm[j];
+        xb[t] = xm[j];
+        u += sal;
+        t += 1 - sal;
+      }
     }
-    for (int64_t i = 0; i < nb; ++i) xb[i] *= B.r[size_t(i)];
+    for (int64_t i = 0; i < nb; ++i) xb[i] *= Bm.r[size_t(i)];
     std::fill(xb + nb, xb + bblk * kBlock, 0.0f);
     std::fill(xs + k, xs + sblk * kBlock, 0.0f);
     float dsb = 0.0f, dss = 0.0f;
     for (int64_t b = 0; b < bblk; ++b) {
+      float perm[kBlock];
       const float* v = xb + b * kBlock;
-      int8_t* q = B.qb.data() + (m * bblk + b) * kBlock;
-      float& d = B.db[size_t(m * bblk + b)];
+      if (panel_order) {  // the same values, so the same d and codes, in the panel's positions
+        for (int p = 0; p < kBlock; ++p) perm[p] = v[srcb[p]];
+        v = perm;
+      }
+      int8_t* q = Bm.qb.data() + (m * bblk + b) * kBlock;
+      float& d = Bm.db[size_t(m * bblk + b)];
       int32_t s = 0;
 #if defined(__x86_64__) || defined(__i386__)
       if (simd) s = qmm::avx2_quantize_block(v, 8, q, &d);
@@ -245,37 +263,64 @@ const qmm::SalientActs& prepare(const float* x, int64_t M, const PackedWeight& w
     }
     for (int64_t b = 0; b < sblk; ++b) {
       const float* v = xs + b * kBlock;
-      int16_t* q = B.qs.data() + (m * sblk + b) * kBlock;
+      int16_t* q = Bm.qs.data() + (m * sblk + b) * kBlock;
       float amax = 0.0f;
       for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
       const float d = amax / 32767.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+      // Round half to even by the 1.5 * 2^23 trick (|value| <= 32767, default rounding mode): the
+      // numbers of clamp(nearbyint(v * inv), +-32767) without a library call per value.
+      constexpr float kMagic = 12582912.0f;
+      float rv[kBlock];
+      for (int p = 0; p < kBlock; ++p) rv[p] = v[src4[p]];
       int32_t s = 0;
-      for (int p = 0; p < kBlock; ++p) {
-        q[p] = int16_t(std::clamp(int(std::nearbyint(v[src4[p]] * inv)), -32767, 32767));
-        s += q[p];
+      for (int p = 0; p < kBlock; ++p) {  // (ternaries: min / max instructions, no branch)
+        float c = rv[p] * inv;
+        c = c < 32767.0f ? c : 32767.0f;
+        c = c > -32767.0f ? c : -32767.0f;
+        q[p] = int16_t((c + kMagic) - kMagic);
       }
-      B.ds[size_t(m * sblk + b)] = d;
+      for (int p = 0; p < kBlock; ++p) s += q[p];
+      Bm.ds[size_t(m * sblk + b)] = d;
       dss += d * float(s);
     }
-    B.dsum[size_t(2 * m)] = dsb;
-    B.dsum[size_t(2 * m + 1)] = dss;
-  }
+    Bm.dsum[size_t(2 * m)] = dsb;
+    Bm.dsum[size_t(2 * m + 1)] = dss;
+  };
+  // Prefill: the rows in parallel (each with its thread's scratch; the numbers are each row's own).
+  // A batched decode's few rows stay on the calling thread (another parallel region costs more).
+  auto rows_of = [&](int64_t m0, int64_t m1) {
+    thread_local std::vector<float> sxb, sxs;
+    sxb.resize(size_t(std::max(bblk * kBlock, nb + 16)));
+    sxs.resize(size_t(std::max(sblk * kBlock, k + 16)));
+    for (int64_t m = m0; m < m1; ++m) row(m, sxb.data(), sxs.data());
+  };
+  if (M <= 8) rows_of(0, M);
+  else parallel_for(M, 1, [&](int64_t m0, int64_t m1) { rows_of(m0, m1); });
   B.a = {M, bblk, sblk, B.qb.data(), B.db.data(), B.qs.data(), B.ds.data(), B.dsum.data()};
   return B.a;
 }
+const qmm::SalientActs& prepare(const float* x, int64_t M, const PackedWeight& w, bool simd, bool panel_order = false) {
+  thread_local Operand B;
+  return prepare_into(B, x, M, w, simd, panel_order);
+}
 
-// Rows in chunks of at least ~32K weights (one parallel region per product), each chunk starting at
-// a multiple of `unit` rows (the x86 kernels take four rows per pass).
+// Rows in chunks of at least ~32K weight x activation-row products (one parallel region per
+// product), each chunk starting at a multiple of `unit` rows (the x86 kernels take four rows per
+// pass, the panels 8 or 16). `M`: the activation rows each row meets (the panel kernel; the others
+// count one).
 template <class F>
-void int8_rows(const PackedWeight& w, const F& fn, int64_t unit = 1) {
+void int8_rows(const PackedWeight& w, const F& fn, int64_t unit = 1, int64_t M = 1) {
   const int64_t units = (w.out + unit - 1) / unit;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, w.in * unit));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, w.in * unit * M));
   parallel_for(units, grain, [&](int64_t u0, int64_t u1) { fn(u0 * unit, std::min(w.out, u1 * unit)); });
 }
 
 }  // namespace
 
 void int8_portable(const float* x, int64_t M, const PackedWeight& w, float* y) {
+  // Chunks of 8 activation rows (every row's numbers are its own; the tables grow with M).
+  for (int64_t m0 = 8; m0 < M; m0 += 8) int8_portable(x + m0 * w.in, std::min<int64_t>(8, M - m0), w, y + m0 * w.out);
+  M = std::min<int64_t>(M, 8);
   const qmm::SalientActs& a = prepare(x, M, w, false);
   const int64_t k = w.salient, nb = w.in - k, sb = (nb + 7) / 8;
   const int64_t bblk = a.bblk, sblk = a.sblk;
@@ -324,6 +369,35 @@ void int8_portable(const float* x, int64_t M, const PackedWeight& w, float* y) {
 void int8_simd(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::SalientKernel kernel) {
   const qmm::SalientActs& a = prepare(x, M, w, true);
   int8_rows(w, [&](int64_t r0, int64_t r1) { kernel(w, r0, r1, a, y); }, 4);
+}
+
+void int8_panel(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::SalientPanel panel) {
+  const qmm::SalientActs& a = prepare(x, M, w, true, true);
+  int8_rows(w, [&](int64_t r0, int64_t r1) { panel.fn(w, r0, r1, a, y); }, panel.rows, M);
+}
+
+void int8_panel_many(const float* x, int64_t M, const std::vector<const PackedWeight*>& ws, const std::vector<float*>& ys,
+                     qmm::SalientPanel panel) {
+  const size_t n = ws.size();
+  thread_local std::vector<Operand> ops;
+  if (ops.size() < n) ops.resize(n);
+  std::vector<int64_t> first(n + 1, 0);  // product i owns panels [first[i], first[i + 1])
+  for (size_t i = 0; i < n; ++i) {
+    prepare_into(ops[i], x, M, *ws[i], true, true);
+    first[i + 1] = first[i] + (ws[i]->out + panel.rows - 1) / panel.rows;
+  }
+  int64_t in = 1;
+  for (const PackedWeight* w : ws) in = std::max(in, w->in);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (in * panel.rows * M));
+  std::vector<Operand>& o = ops;  // named through a reference inside the parallel lambda
+  parallel_for(first[n], grain, [&](int64_t u0, int64_t u1) {
+    for (size_t i = 0; i < n && u0 < u1; ++i) {
+      const int64_t b = std::max(u0, first[i]), e = std::min(u1, first[i + 1]);
+      if (b >= e) continue;
+      const PackedWeight& w = *ws[i];
+      panel.fn(w, (b - first[i]) * panel.rows, std::min(w.out, (e - first[i]) * panel.rows), o[i].a, ys[i]);
+    }
+  });
 }
 #endif
 

@@ -2,6 +2,7 @@
 // them). The layout and the arithmetic: quant_matmul.h.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "lowbit/ops/quant_matmul.h"
 #include "lowbit/ops/quant_matmul_kernels.h"
@@ -18,12 +19,20 @@ void binary_exact(const float* x, int64_t M, const PackedWeight& w, float* y);
 // The Int8 body, the whole product (y written, [M, out]): x_b = r_j x_j of the binary columns
 // quantized to int8 per block of 32 (as the other layouts), x_s of the salient ones to int16 per
 // block of 32 (qmm::SalientActs); binary part through int16 tables of the sign bytes' partial sums,
-// salient part by integer products, one parallel region over the weight rows. The portable body;
+// salient part by integer products, one parallel region over the weight rows (tables of 8
+// activation rows at a time). The portable body;
 // int8_simd: the same operand through an x86 row kernel (qmm::avx2_salient_kernel or
 // avx2vnni_salient_kernel), equal up to f32 summation order.
 void int8_portable(const float* x, int64_t M, const PackedWeight& w, float* y);
 #if defined(__x86_64__) || defined(__i386__)
 void int8_simd(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::SalientKernel kernel);
+// The same operand in the panel kernel's order through qmm::SalientPanel (every row of the weight;
+// quant_matmul's int8_panels): the same codes and scales, equal up to f32 summation order.
+void int8_panel(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::SalientPanel panel);
+// Several weights of one input (quant_matmul_many: q / k / v, gate / up): each operand prepared,
+// then the panels of all the products in one parallel region; each product's numbers are int8_panel's.
+void int8_panel_many(const float* x, int64_t M, const std::vector<const PackedWeight*>& ws, const std::vector<float*>& ys,
+                     qmm::SalientPanel panel);
 #endif
 // The salient columns of x gathered in column order: xs [M, salient].
 void gather_salient(const float* x, int64_t M, const PackedWeight& w, float* xs);

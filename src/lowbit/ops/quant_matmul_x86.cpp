@@ -43,6 +43,7 @@ static inline __m256i dot_u8s8(__m256i w, __m256i a) {
 #define SAL_EXPAND(bits) expand_bits_shuffle(bits)
 #define SAL_DOT(u, a) dot_u8s8(u, a)
 #define SAL_MADD16(s, c, a) _mm256_add_epi32(s, _mm256_madd_epi16(c, a))
+#define SAL_DPA(s, u, a) _mm256_add_epi32(s, dot_u8s8(u, a))
 #define SAL_ZMM 0
 #include "lowbit/ops/quant_matmul_salient_x86.inc"  // undefines the SAL_ macros
 }  // namespace avx2
@@ -61,8 +62,31 @@ namespace avx512vnni {
 #define SAL_EXPAND(bits) _mm256_maskz_mov_epi8(__mmask32(bits), _mm256_set1_epi8(1))
 #define SAL_DOT(u, a) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a)
 #define SAL_MADD16(s, c, a) _mm256_dpwssd_epi32(s, c, a)
+#define SAL_DPA(s, u, a) _mm256_dpbusd_epi32(s, u, a)
 #define SAL_ZMM 1  // the four-row pass on 512-bit vectors
 #include "lowbit/ops/quant_matmul_salient_x86.inc"  // undefines the SAL_ macros
+static void split_columns(const float* x, const uint8_t* mask, int64_t in, float* xb, float* xs) {
+  int64_t t = 0, u = 0, j = 0;
+  for (; j + 16 <= in; j += 16) {
+    uint32_t m = uint32_t(mask[j / 8]) | uint32_t(mask[j / 8 + 1]) << 8;
+    const __m512 v = _mm512_loadu_ps(x + j);
+    _mm512_storeu_ps(xs + u, _mm512_maskz_compress_ps(__mmask16(m), v));
+    _mm512_storeu_ps(xb + t, _mm512_maskz_compress_ps(__mmask16(~m), v));
+    m = m - ((m >> 1) & 0x5555u);  // popcount (no popcnt in this target)
+    m = (m & 0x3333u) + ((m >> 2) & 0x3333u);
+    m = (m + (m >> 4)) & 0x0f0fu;
+    const int64_t c = int64_t((m + (m >> 8)) & 0x1fu);
+    u += c;
+    t += 16 - c;
+  }
+  for (; j < in; ++j) {
+    const int64_t sal = (mask[j >> 3] >> (j & 7)) & 1;
+    xs[u] = x[j];
+    xb[t] = x[j];
+    u += sal;
+    t += 1 - sal;
+  }
+}
 }  // namespace avx512vnni
 LB_TARGET_END()
 
@@ -79,6 +103,7 @@ namespace avxvnni {
 #define SAL_EXPAND(bits) expand_bits_shuffle(bits)
 #define SAL_DOT(u, a) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, a)
 #define SAL_MADD16(s, c, a) _mm256_dpwssd_avx_epi32(s, c, a)
+#define SAL_DPA(s, u, a) _mm256_dpbusd_avx_epi32(s, u, a)
 #define SAL_ZMM 0
 #include "lowbit/ops/quant_matmul_salient_x86.inc"  // undefines the SAL_ macros
 }  // namespace avxvnni
@@ -120,6 +145,12 @@ Panel avx2vnni_panel_kernel(const PackedWeight& w) {
 SalientKernel avx2_salient_kernel() { return &avx2::salient_kernel; }
 SalientKernel avx2vnni_salient_kernel() {
   return has_avx512vnni() ? &avx512vnni::salient_kernel : &avxvnni::salient_kernel;
+}
+SplitColumns avx512_split_columns() { return has_avx512vnni() ? &avx512vnni::split_columns : nullptr; }
+SalientPanel avx2_salient_panel() { return {&avx2::salient_panel, avx2::kSalR}; }
+SalientPanel avx2vnni_salient_panel() {
+  return has_avx512vnni() ? SalientPanel{&avx512vnni::salient_panel, avx512vnni::kSalR}
+                          : SalientPanel{&avxvnni::salient_panel, avxvnni::kSalR};
 }
 TernaryKernel avx2vnni_ternary_quad_kernel(TernaryKind k) {
   return has_avx512vnni() ? avx512vnni::pick_ternary_quad(k) : avxvnni::pick_ternary_quad(k);
