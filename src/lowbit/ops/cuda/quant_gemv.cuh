@@ -149,6 +149,52 @@ __device__ __forceinline__ void unpack_block(const BlockCodes<Bits>& c, int (&a)
   }
 }
 
+// One block b of the warp's R rows (codes unpacked in a, scale s and offset o per row) against the
+// Mrt <= MT activation rows (q int8 [Mrt, K], ds [Mrt, K/32]), added to acc (v1 and v2 share it).
+template <int MT, int R>
+__device__ __forceinline__ void gemv_block_dot(const int (&a)[R][8], const float (&s)[R], const float (&o)[R],
+                                               const int8_t* __restrict__ xq, const float2* __restrict__ xds,
+                                               int K, int nb, int b, int Mrt, float (&acc)[R][MT]) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    if (m < Mrt) {
+      const int4* xp = reinterpret_cast<const int4*>(xq + int64_t(m) * K + int64_t(b) * 32);
+      const int4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+      const float2 dsv = __ldg(xds + int64_t(m) * nb + b);
+      const int xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        int dot = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dot = __dp4a(a[r][i], xv[i], dot);
+        acc[r][m] += block_term(s[r], o[r], dsv.x, dsv.y, dot);
+      }
+    }
+  }
+}
+
+// The warp's sums of acc; lane 0 writes the rows below N.
+template <int MT, int R>
+__device__ __forceinline__ void gemv_reduce_store(float (&acc)[R][MT], int lane, int Mrt, int row0, int N,
+                                                  float* __restrict__ y) {
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      float v = acc[r][m];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      acc[r][m] = v;
+    }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+        if (m < Mrt && row0 + r < N) y[int64_t(m) * N + row0 + r] = acc[r][m];
+  }
+}
+
 // y[m, n] for n in the warp's R rows, m < Mrt <= MT. x: q int8 [Mrt, K] and ds [Mrt, K/32].
 template <int Bits, int MT, int R>
 __global__ void __launch_bounds__(128) gemv_kernel(Weight w, const int8_t* __restrict__ xq,
@@ -188,39 +234,9 @@ __global__ void __launch_bounds__(128) gemv_kernel(Weight w, const int8_t* __res
     int a[R][8];
 #pragma unroll
     for (int r = 0; r < R; ++r) unpack_block<Bits>(c[r], a[r]);
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m < Mrt) {
-        const int4* xp = reinterpret_cast<const int4*>(xq + int64_t(m) * w.K + int64_t(b) * 32);
-        const int4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
-        const float2 dsv = __ldg(xds + int64_t(m) * nb + b);
-        const int xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          int dot = 0;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) dot = __dp4a(a[r][i], xv[i], dot);
-          acc[r][m] += block_term(s[r], o[r], dsv.x, dsv.y, dot);
-        }
-      }
-    }
+    gemv_block_dot<MT, R>(a, s, o, xq, xds, w.K, nb, b, Mrt, acc);
   }
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      float v = acc[r][m];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      acc[r][m] = v;
-    }
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int m = 0; m < MT; ++m)
-        if (m < Mrt && row0 + r < w.N) y[int64_t(m) * w.N + row0 + r] = acc[r][m];
-  }
+  gemv_reduce_store<MT, R>(acc, lane, Mrt, row0, w.N, y);
 }
 
 // V2: y[m, n] as gemv_kernel, with each lane's loads of a chunk of U blocks x R rows issued before
@@ -285,41 +301,11 @@ __global__ void __launch_bounds__(128) gemv2_kernel(Weight w, const int8_t* __re
           o[r] = w.offset ? pf.y : -pf.x * pf.y;
           unpack_block<Bits>(c[u][r], a[r]);
         }
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          if (m < Mrt) {
-            const int4* xp = reinterpret_cast<const int4*>(xq + int64_t(m) * w.K + int64_t(b) * 32);
-            const int4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
-            const float2 dsv = __ldg(xds + int64_t(m) * nb + b);
-            const int xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-              int dot = 0;
-#pragma unroll
-              for (int i = 0; i < 8; ++i) dot = __dp4a(a[r][i], xv[i], dot);
-              acc[r][m] += block_term(s[r], o[r], dsv.x, dsv.y, dot);
-            }
-          }
-        }
+        gemv_block_dot<MT, R>(a, s, o, xq, xds, w.K, nb, b, Mrt, acc);
       }
     }
   }
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      float v = acc[r][m];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      acc[r][m] = v;
-    }
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int m = 0; m < MT; ++m)
-        if (m < Mrt && row0 + r < w.N) y[int64_t(m) * w.N + row0 + r] = acc[r][m];
-  }
+  gemv_reduce_store<MT, R>(acc, lane, Mrt, row0, w.N, y);
 }
 
 // ---- launches (shared by quant_matmul.cu and bench/cuda/quant_gemv_bench.cu) ----------------
