@@ -29,6 +29,11 @@
 #                         <w>-<rot>[-smooth..]-lqer<K>[-none], result lines get "lqer_rank" and "lqer_scale"
 #     --lqer-scale S      act (L2QER, default) or none
 #     --act8 FMT          the A8 activation format (default int8; fp8 for E4M3)
+#     --tasks LIST        also zero-shot accuracy per cell: `lowbit eval tasks` with the cell's weights and
+#                         flags on these llm-foundry tasks (e.g. arc_easy,arc_challenge,piqa,winogrande,openbook_qa;
+#                         default none); the line gets "tasks" (the JSON) and "zero_shot_avg" (mean acc)
+#     --task-limit N      rows per task (default 100: the first 100 of each set)
+#     --tasks-dir DIR     default $LOWBIT_SHARED/tasks/llm-foundry
 #     --out DIR           results (default rotation-table): results.jsonl (one line a cell), table.md
 #
 # The FP model is the GGUF's dequantized Q4_1 weights (as in docs/results/smollm2.md). W8 = int8pc
@@ -43,6 +48,7 @@ model=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 wiki=$shared/data/wikitext-2-raw/wiki.test.raw
 ctx=512 max_windows=20 w4=rtn calib="" nsamples=32 seqlen=512 act4=int4 act_clip=1.0 kv_group=32 kv_window=128
 seed=0 threads="" out=rotation-table cells="" smooth="" rotations="none hadamard" lqer_rank="" lqer_scale=act act8=int8
+tasks=none task_limit=100 tasks_dir=$shared/tasks/llm-foundry
 while [ $# -gt 0 ]; do
   case "$1" in
     --lowbit) lowbit=$2; shift 2 ;; --model) model=$2; shift 2 ;; --wiki) wiki=$2; shift 2 ;;
@@ -52,6 +58,7 @@ while [ $# -gt 0 ]; do
     --kv-window) kv_window=$2; shift 2 ;; --seed) seed=$2; shift 2 ;; --threads) threads=$2; shift 2 ;;
     --out) out=$2; shift 2 ;; --cells) cells=$2; shift 2 ;; --smooth) smooth=$2; shift 2 ;;
     --rotations) rotations=$2; shift 2 ;; --lqer-rank) lqer_rank=$2; shift 2 ;; --lqer-scale) lqer_scale=$2; shift 2 ;; --act8) act8=$2; shift 2 ;;
+    --tasks) tasks=$2; shift 2 ;; --task-limit) task_limit=$2; shift 2 ;; --tasks-dir) tasks_dir=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 1 ;;
   esac
 done
@@ -99,8 +106,17 @@ cell() {  # name w act kv rot
   t0=$(date +%s)
   if j=$("$lowbit" -q eval ppl -m "$path" --tokenizer "$model" --text "$wiki" --ctx "$ctx" --max-windows "$max_windows" \
           "${args[@]}" "${thr[@]}" --json); then
-    python3 -c 'import json,sys; j=json.loads(sys.argv[1]); j.update(cell=sys.argv[2], weights=sys.argv[3], w4_method=sys.argv[4], wall_seconds=int(sys.argv[5])); j.update({"smooth": (sys.argv[6] if sys.argv[6] == "auto" else float(sys.argv[6]))} if sys.argv[6] and sys.argv[3] != "w16" else {}); j.update({"lqer_rank": int(sys.argv[7]), "lqer_scale": sys.argv[8]} if sys.argv[7] and sys.argv[3] != "w16" else {}); print(json.dumps(j))' \
-      "$j" "$name" "$w" "$w4" "$(( $(date +%s) - t0 ))" "$smooth" "$lqer_rank" "$lqer_scale" >> "$results"
+    # Zero-shot: the same weights and transform flags (eval tasks keeps the vocabulary matrices as stored,
+    # f32 here, as --f32-vocab does for eval ppl).
+    jt=null
+    if [ "$tasks" != none ]; then
+      local targs=()
+      for a in "${args[@]}"; do [ "$a" != --f32-vocab ] && targs+=("$a"); done
+      jt=$("$lowbit" -q eval tasks -m "$path" --tokenizer "$model" --tasks "$tasks" --data-dir "$tasks_dir" \
+             --limit "$task_limit" "${targs[@]}" "${thr[@]}" --json) || jt='{"error": "eval tasks failed"}'
+    fi
+    python3 -c 'import json,sys; j=json.loads(sys.argv[1]); j.update(cell=sys.argv[2], weights=sys.argv[3], w4_method=sys.argv[4], wall_seconds=int(sys.argv[5])); j.update({"smooth": (sys.argv[6] if sys.argv[6] == "auto" else float(sys.argv[6]))} if sys.argv[6] and sys.argv[3] != "w16" else {}); j.update({"lqer_rank": int(sys.argv[7]), "lqer_scale": sys.argv[8]} if sys.argv[7] and sys.argv[3] != "w16" else {}); t=json.loads(sys.argv[9]); j.update({"tasks": t} if t else {}); j.update({"zero_shot_avg": sum(r["acc"] for r in t["results"]) / len(t["results"])} if t and t.get("results") else {}); print(json.dumps(j))' \
+      "$j" "$name" "$w" "$w4" "$(( $(date +%s) - t0 ))" "$smooth" "$lqer_rank" "$lqer_scale" "$jt" >> "$results"
   else
     echo "{\"cell\":\"$name\",\"rotation\":\"$rot\",\"error\":\"eval failed\"}" >> "$results"
   fi
@@ -127,11 +143,15 @@ for r in rows:
     c = r.get("cell")
     if c not in cells: cells.append(c)
     table[(c, r.get("rotation", "none"))] = r
-print("| cell | no rotation | Hadamard rotation |\n|---|---:|---:|")
+zs = any("zero_shot_avg" in r for r in rows)
+unit = " (ppl / zero-shot avg %)" if zs else ""
+print(f"| cell | no rotation{unit} | Hadamard rotation{unit} |\n|---|---:|---:|")
 for c in cells:
     def v(rot):
         r = table.get((c, rot))
-        return "—" if r is None else ("failed" if "error" in r else f"{r['ppl']:.3f}")
+        if r is None: return "—"
+        if "error" in r: return "failed"
+        return f"{r['ppl']:.3f}" + (f" / {100 * r['zero_shot_avg']:.1f}" if "zero_shot_avg" in r else "")
     print(f"| {c} | {v('none')} | {v('hadamard')} |")
 EOF
 cat "$out/table.md"

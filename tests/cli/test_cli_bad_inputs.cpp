@@ -108,6 +108,9 @@ const Row kRows[] = {
   {"eval tasks", "text file as task", "eval tasks -m {M} --tokenizer {T} --tasks {D}/text.txt", "text.txt:1: not a JSON object", kModel},
   {"eval tasks", "limit -1", "eval tasks -m {M} --tokenizer {T} --limit -1", "--limit: must be at least 0"},
   {"eval tasks", "random tokenizer", "eval tasks -m {M} --tokenizer {D}/random.bin --tasks x --data-dir {D}", "random.bin", kModel},
+  {"eval tasks", "act int3", "eval tasks -m {M} --tokenizer {T} --act int3", "--act: 'int3' is not an activation format"},
+  {"eval tasks", "kv-quant int3", "eval tasks -m {M} --tokenizer {T} --kv-quant int3", "--kv-quant: 'int3' is not a KV-cache quantization"},
+  {"eval tasks", "rotate a quantized model", "eval tasks -m {Q} --tokenizer {T} --rotate hadamard --tasks x --data-dir {D}", "--rotate: the model is quantized", kQuantized},
   // --- generate
   {"generate", "missing model", "generate -m {D}/missing.bin --tokenizer {T}", "missing.bin: no such file"},
   {"generate", "truncated model", "generate -m {D}/trunc.bin --tokenizer {T}", "trunc.bin"},

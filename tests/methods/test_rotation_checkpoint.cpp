@@ -16,6 +16,7 @@
 #include "lowbit/methods/gptq.h"
 #include "lowbit/methods/ptq_methods.h"
 #include "lowbit/model/rotation.h"
+#include "lowbit/ops/quant_matmul.h"
 #include "lowbit/quant/format.h"
 
 using namespace lowbit;
@@ -188,4 +189,40 @@ TEST(RotationCheckpoint, MalformedTransformsAreRefused) {
     return u;
   });
   expect_error("not orthogonal");
+}
+
+// A packed model with per-token symmetric activations (int8 / int4, clip 1) runs its block products on
+// the integer codes at every row count (ops::QuantActPerRowScope, the packed W4A8 / W4A4 product):
+// the prefill (24 rows) with the Auto path is bit-identical to forcing the Int8 body, and within
+// f32-rounding effects of the simulation (fake quantization + f32 products, --matmul exact); an
+// asymmetric activation quantizer keeps the simulated path (Auto = Exact at 24 rows).
+TEST(RotationCheckpoint, PerTokenActivationsRunTheIntegerProducts) {
+  auto dir = test::temp_dir("rot-w4a8");
+  Tensor calib;
+  rotated_rtn(RopeStyle::Half, dir, &calib);
+  QuantizedCheckpoint q = load_quantized_model(dir.string());
+  const Tensor tokens = calib.slice(0, 0, 1).contiguous();
+  for (const char* act : {"int8", "int4", "int8-asym"}) {
+    SCOPED_TRACE(act);
+    auto m = make_quantized_model(q);
+    ModelTransforms t = m->transforms();
+    t.act = parse_act_quant(act);
+    t.kv = KVQuantSpec{};
+    m->set_transforms(t);
+    auto logits = [&](ops::QuantMatmulPath p) {
+      ops::set_quant_matmul_default(p);
+      Tensor l = test::logits_of(*m, tokens);
+      ops::set_quant_matmul_default(ops::QuantMatmulPath::Auto);
+      return l;
+    };
+    const Tensor yauto = logits(ops::QuantMatmulPath::Auto), yint8 = logits(ops::QuantMatmulPath::Int8),
+                 yexact = logits(ops::QuantMatmulPath::Exact);
+    if (std::string(act) == "int8-asym") {
+      EXPECT_EQ(max_abs_diff(yauto, yexact), 0.0);
+      continue;
+    }
+    EXPECT_EQ(max_abs_diff(yauto, yint8), 0.0);
+    EXPECT_GT(max_abs_diff(yauto, yexact), 0.0);
+    EXPECT_LT(max_abs_diff(yauto, yexact), 1e-3);
+  }
 }

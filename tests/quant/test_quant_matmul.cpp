@@ -25,6 +25,7 @@
 #include "lowbit/autograd/functions.h"
 #include "lowbit/ops/cuda/quant_gemv_layout.h"
 #include "lowbit/ops/device_init.h"
+#include "lowbit/ops/ops.h"
 #include "lowbit/ops/quant_matmul.h"
 #include "lowbit/ops/quant_matmul_kernels.h"
 #include "lowbit/quant/quant_linear.h"
@@ -973,5 +974,87 @@ TEST(QuantMatmul, SharedInputScopeKeepsEveryProductsNumbers) {
         EXPECT_EQ(max_abs_diff(product(x2, ws[i].second), want2[i]), 0.0);
         EXPECT_EQ(max_abs_diff(product(x, ws[i].second), want[i]), 0.0);
       }
+  }
+}
+
+// QuantActPerRowScope (the packed W4A8 / W4A4 product of `--act int8|int4`): on an input fake-quantized
+// per row to the symmetric int8 / int4 grid (ops::fake_quant, clip 1: what the model's act_in feeds the
+// block linears), every plain layout's Int8 body, and the Auto path at every row count, gives the
+// Reference product of that input to f32 rounding (1e-5) — no int8 rounding term: the integer codes
+// are the fake quantization's. A body quantizing per block of 32 would fail this bound (it rounds
+// the codes again). Other layouts (ternary, tp2g128, ptq161) keep their own activation blocks.
+TEST(QuantMatmul, ActPerRowScopeEqualsTheFakeQuantizedReference) {
+  int run = 0;
+  for (const QuantFormat& f : all_quant_formats()) {
+    for (const Shape3& s : kShapes) {
+      if (!f.row_fits(s.in)) continue;
+      QuantizedTensor q;
+      try {
+        q = quantize(Tensor::randn({s.out, s.in}, 11 + uint64_t(s.in), 0.05), f);
+      } catch (const Error&) {
+        continue;
+      }
+      const ops::PackedWeight view = q.packed_view();
+      if (!ops::quant_matmul_has_int8_kernel(view) || view.layout == ops::PackedLayout::TritPlanes ||
+          view.layout == ops::PackedLayout::SalientBinary || ops::quant_matmul_act_block(view) != 32)
+        continue;
+      const Tensor x = test_input(s.M, s.in, 5 + uint64_t(s.out));
+      for (int bits : {8, 4}) {
+        Tensor fq = Tensor::empty({s.M, s.in});
+        ops::fake_quant(x, bits, false, 1.0, s.in, false, fq);
+        Tensor yref = Tensor::empty({s.M, s.out});
+        ops::quant_matmul(fq, view, yref, {ops::QuantMatmulPath::Reference});
+        const Tensor wd = q.dequantize();
+        for (auto [path, isa] : {std::pair{ops::QuantMatmulPath::Auto, ops::QuantIsa::Auto},
+                                 std::pair{ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable},
+                                 std::pair{ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2},
+                                 std::pair{ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2Vnni}}) {
+          if (!ops::quant_isa_supported(isa)) continue;
+          SCOPED_TRACE(std::string(f.name) + " A" + std::to_string(bits) + " isa " + ops::quant_isa_name(isa) + " [" +
+                       std::to_string(s.out) + "x" + std::to_string(s.in) + "] M=" + std::to_string(s.M));
+          Tensor y = Tensor::empty({s.M, s.out});
+          {
+            ops::QuantActPerRowScope per_row(bits);
+            ops::quant_matmul(fq, view, y, {path, isa});
+          }
+          ++run;
+          for (int64_t m = 0; m < s.M; ++m)
+            for (int64_t o = 0; o < s.out; ++o) {
+              double sc = 0;
+              for (int64_t i = 0; i < s.in; ++i)
+                sc += std::fabs(double(wd.data<float>()[o * s.in + i]) * double(fq.data<float>()[m * s.in + i]));
+              const double err = std::fabs(double(y.data<float>()[m * s.out + o]) - double(yref.data<float>()[m * s.out + o]));
+              ASSERT_LE(err, 1e-5 * sc + 1e-7) << "row " << m << " out " << o;
+            }
+        }
+      }
+    }
+  }
+  std::printf("act per-row scope: %d cells run\n", run);
+  EXPECT_GT(run, 50);
+}
+
+// Inside the scope Auto sends a prefill-sized product (M > 8) of a plain layout to the Int8 body
+// (equal to Int8 in the scope, different from Exact); after the scope Auto is Exact again.
+TEST(QuantMatmul, ActPerRowScopeSendsPrefillToTheInt8Body) {
+  const int64_t out = 24, in = 256, M = 40;
+  for (const char* name : {"int4g128", "q4_0"}) {
+    SCOPED_TRACE(name);
+    const QuantizedTensor q = quantize(Tensor::randn({out, in}, 21, 0.05), parse_quant_format(name));
+    const ops::PackedWeight v = q.packed_view();
+    const Tensor x = test_input(M, in, 23);
+    auto run = [&](ops::QuantMatmulPath p, bool scope) {
+      Tensor y = Tensor::empty({M, out});
+      std::optional<ops::QuantActPerRowScope> s;
+      if (scope) s.emplace(8);
+      ops::quant_matmul(x, v, y, {p});
+      return y;
+    };
+    const Tensor yexact = run(ops::QuantMatmulPath::Exact, false), yauto_scope = run(ops::QuantMatmulPath::Auto, true);
+    EXPECT_EQ(max_abs_diff(yauto_scope, run(ops::QuantMatmulPath::Int8, true)), 0.0);
+    EXPECT_GT(max_abs_diff(yauto_scope, yexact), 1e-6);
+    EXPECT_GT(max_abs_diff(yauto_scope, run(ops::QuantMatmulPath::Int8, false)), 1e-6);  // per row != per block
+    EXPECT_EQ(max_abs_diff(run(ops::QuantMatmulPath::Auto, false), yexact), 0.0);
+    EXPECT_THROW(ops::QuantActPerRowScope(9), Error);
   }
 }

@@ -124,13 +124,18 @@ struct TaskArgs {
   std::string model, tokenizer, tasks = "arc_easy,arc_challenge,piqa,openbook_qa,winogrande,lambada_openai",
                                   data_dir, device = "cpu", delimiter = " ";
   int64_t limit = 0;
-  bool no_bos = false, json = false;
+  bool no_bos = false, json = false, dequantize = false;
+  TransformArgs tr;
 };
 
 void run_tasks(const TaskArgs& a) {
   Device dev = parse_device(a.device);
-  LoadedModel m = load_model(a.model, dev);
+  // The vocabulary matrices stay as stored (no q8_0 packing at load, unlike eval ppl's default).
+  LoadedModel m = load_model(a.model, dev, a.dequantize);
+  apply_rotation(m, a.tr);
+  apply_quant_transforms(*m.model, a.tr);
   compact_for_inference(m, dev);
+  const ModelTransforms& tr = m.model->transforms();
   auto tok = open_tokenizer(a.tokenizer, a.model);
   const std::string dir = a.data_dir.empty() ? default_task_dir() : a.data_dir;
   TaskOptions o;
@@ -154,7 +159,15 @@ void run_tasks(const TaskArgs& a) {
       else print_stdout("%9s\n", "-");
     }
   }
-  if (a.json) print_json({{"model", a.model}, {"results", results}});
+  if (a.json)
+    print_json({{"model", a.model},
+                {"results", results},
+                {"rotation", tr.rotation.empty() ? "none" : tr.rotation},
+                {"act", act_quant_name(tr.act)},
+                {"act_clip", tr.act.clip},
+                {"kv_quant", tr.kv.enabled() ? "int" + std::to_string(tr.kv.bits) : "none"},
+                {"kv_group", tr.kv.group},
+                {"kv_window", tr.kv.window}});
 }
 }  // namespace
 
@@ -211,7 +224,10 @@ void register_eval(CLI::App& app) {
   tasks->add_flag("--no-bos", t->no_bos, "do not prepend the tokens the tokenizer adds for specials (BOS; SmolLM2 adds none)");
   tasks->add_option("--device", t->device, "cpu or cuda")->capture_default_str();
   tasks->add_flag("--json", t->json, "print one JSON object");
+  tasks->add_flag("--dequantize", t->dequantize,
+                  "run a quantized model (lowbit directory, GGUF block types) dequantized to f32 (the reference path)");
   add_matmul_option(tasks);
+  add_transform_options(tasks, &t->tr);
   add_threads_option(tasks);
   tasks->callback([t] { run_tasks(*t); });
 }

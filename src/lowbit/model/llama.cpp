@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include "lowbit/autograd/functions.h"
 #include "lowbit/core/threads.h"
@@ -354,6 +355,16 @@ void LlamaModel::set_kv_cache_layout(int64_t group, int64_t window) {
   kv_layout_ = KVQuantSpec{0, group, window};
 }
 
+namespace {
+// Activations quantized per token, symmetric, clip 1 (--act int8 / int4): the packed products of a
+// block run on integer activations with one scale per row (ops::QuantActPerRowScope), which equals
+// the fake quantization act_in applies followed by the f32 product (up to f32 summation order).
+// The scope is alive for one block's products; 0 bits: none.
+int per_row_act_bits(const ActQuantSpec& a) {
+  return a.enabled() && !a.asymmetric && a.fp == ActFloat::None && a.clip == 1.0 ? a.bits : 0;
+}
+}  // namespace
+
 Var LlamaModel::act_in(const Var& x) const {
   return act_fake_quant(x, transforms_.act);
 }
@@ -385,6 +396,8 @@ Var LlamaModel::rotate_heads(const Var& x, bool kv_quantized) const {
 }
 
 Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache* cache) const {
+  std::optional<ops::QuantActPerRowScope> int_acts;
+  if (const int bits = per_row_act_bits(transforms_.act)) int_acts.emplace(bits);
   const LlamaBlock& b = blocks_.at(size_t(i));
   const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
   const double eps = config_.norm_eps;
@@ -706,6 +719,8 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
   const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
   const double eps = config_.norm_eps;
   Var x = embed(tokens.view({1, N}));
+  std::optional<ops::QuantActPerRowScope> int_acts;  // the blocks' products (the head is after the loop)
+  if (const int bits = per_row_act_bits(transforms_.act)) int_acts.emplace(bits);
   for (int i = 0; i < config_.n_layers; ++i) {
     const LlamaBlock& b = blocks_[size_t(i)];
     // Norms and linear layers on all N rows (each weight is read once per segment) ...

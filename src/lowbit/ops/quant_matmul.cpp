@@ -243,14 +243,18 @@ struct QActs {
 // QuantSharedInputScope: while one is alive on this thread, the last Int8-body call's activations
 // (and its panel copy) are kept with the input they came from, for the next calls on the same input.
 thread_local int t_shared_input = 0;
+// QuantActPerRowScope: 0 = activations per block of 32 (d = amax / 127), else one scale per row,
+// d = amax_row / t_act_row_qmax, codes in [-qmax, qmax].
+thread_local int t_act_row_qmax = 0;
 struct SharedInput {
   bool acts = false, panels = false;  // the thread's QActs / panel copy hold this input's numbers
   const float* x = nullptr;
   int64_t M = 0, in = 0;
   int bits = 0;
   QuantIsa isa = QuantIsa::Auto;
+  int row_qmax = 0;
   bool same(const float* x_, int64_t M_, int64_t in_, int bits_, QuantIsa isa_) const {
-    return acts && x == x_ && M == M_ && in == in_ && bits == bits_ && isa == isa_;
+    return acts && x == x_ && M == M_ && in == in_ && bits == bits_ && isa == isa_ && row_qmax == t_act_row_qmax;
   }
 };
 thread_local SharedInput t_shared;
@@ -282,8 +286,9 @@ const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, Quan
   }
   int src[kBlock];
   for (int p = 0; p < kBlock; ++p) src[p] = qmm::block_source_index(bits, p);
+  const int row_qmax = t_act_row_qmax;  // read on the calling thread (the tasks run on others)
 #if defined(__x86_64__) || defined(__i386__)
-  const bool simd = isa == QuantIsa::Avx2 || isa == QuantIsa::Avx2Vnni;
+  const bool simd = (isa == QuantIsa::Avx2 || isa == QuantIsa::Avx2Vnni) && row_qmax == 0;
 #else
   const bool simd = false;
   (void)isa;
@@ -292,7 +297,13 @@ const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, Quan
   // quantized exactly as alone. `A` (not the thread_local `a`) inside: tasks run on other threads.
   QActs& A = a;
   rows_for(M, (2048 + in - 1) / in, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
+    for (int64_t m = m0; m < m1; ++m) {
+      float row_d = 0.0f;  // per-row scale (QuantActPerRowScope)
+      if (row_qmax > 0) {
+        float amax = 0.0f;
+        for (int64_t i = 0; i < in; ++i) amax = std::max(amax, std::fabs(x[m * in + i]));
+        row_d = amax / float(row_qmax);
+      }
       for (int64_t b = 0; b < A.nb; ++b) {
         const float* xb = x + m * in + b * kBlock;
         const int64_t n = std::min(kBlock, in - b * kBlock);
@@ -304,9 +315,15 @@ const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, Quan
         if (simd && n == kBlock) s = qmm::avx2_quantize_block(xb, bits, qb, &d);
 #endif
         if (!simd || n < kBlock) {
-          float amax = 0.0f;
-          for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
-          d = amax / 127.0f;
+          int qmax = 127;
+          if (row_qmax > 0) {
+            d = row_d;
+            qmax = row_qmax;
+          } else {
+            float amax = 0.0f;
+            for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
+            d = amax / 127.0f;
+          }
           const float inv = d > 0 ? 1.0f / d : 0.0f;
           for (int64_t p = 0; p < kBlock; ++p) {
             if (p >= n) {
@@ -315,7 +332,7 @@ const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, Quan
             }
             const float v = n == kBlock ? xb[src[p]] : xb[p];
             const int qv = int(std::nearbyint(v * inv));
-            qb[p] = int8_t(std::clamp(qv, -127, 127));
+            qb[p] = int8_t(std::clamp(qv, -qmax, qmax));
             s += qb[p];
           }
         }
@@ -331,8 +348,9 @@ const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, Quan
           panel->dsum[c] = A.pair[2 * k + 1];
         }
       }
+    }
   });
-  if (t_shared_input > 0) t_shared = {true, panel != nullptr, x, M, in, bits, isa};
+  if (t_shared_input > 0) t_shared = {true, panel != nullptr, x, M, in, bits, isa, row_qmax};
   return a;
 }
 
@@ -1065,10 +1083,11 @@ QuantMatmulPath cpu_path(int64_t M, const PackedWeight& w, const QuantMatmulOpti
   if (path == QuantMatmulPath::Auto) path = env_path();
   if (path == QuantMatmulPath::Auto)
     path = (M <= t_int8_max_rows ||
-            (quant_matmul_int8_prefill(w) && !(t_salient_prefill_exact > 0 && w.layout == PackedLayout::SalientBinary))) &&
+            (quant_matmul_int8_prefill(w) && !(t_salient_prefill_exact > 0 && w.layout == PackedLayout::SalientBinary)) ||
+            (t_act_row_qmax > 0 && plain_int8_layout(w))) &&
                    quant_matmul_has_int8_kernel(w)
                ? QuantMatmulPath::Int8
-                                                                                                      : QuantMatmulPath::Exact;
+               : QuantMatmulPath::Exact;
   if (path == QuantMatmulPath::Int8 && !quant_matmul_has_int8_kernel(w)) path = QuantMatmulPath::Exact;
   return path;
 }
@@ -1209,6 +1228,15 @@ QuantInt8RowsScope::~QuantInt8RowsScope() { t_int8_max_rows = previous_; }
 
 QuantSalientPrefillExactScope::QuantSalientPrefillExactScope() { ++t_salient_prefill_exact; }
 QuantSalientPrefillExactScope::~QuantSalientPrefillExactScope() { --t_salient_prefill_exact; }
+QuantActPerRowScope::QuantActPerRowScope(int bits) : previous_(t_act_row_qmax) {
+  if (bits < 2 || bits > 8) throw_error("QuantActPerRowScope: ", bits, " bits (expected 2 to 8)");
+  t_act_row_qmax = (1 << (bits - 1)) - 1;
+  t_shared = {};
+}
+QuantActPerRowScope::~QuantActPerRowScope() {
+  t_act_row_qmax = previous_;
+  t_shared = {};
+}
 
 void set_quant_matmul_default(QuantMatmulPath path) { g_default_path.store(path, std::memory_order_relaxed); }
 QuantMatmulPath quant_matmul_default() { return g_default_path.load(std::memory_order_relaxed); }

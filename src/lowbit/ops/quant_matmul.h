@@ -171,6 +171,27 @@ class QuantSalientPrefillExactScope {
   QuantSalientPrefillExactScope& operator=(const QuantSalientPrefillExactScope&) = delete;
 };
 
+// While alive, CPU products on this thread quantize their activations as `--act int8` / `int4`
+// (symmetric, per token) does: one scale per row, d = max|x_row| / qmax with qmax = 2^(bits-1) - 1,
+// codes nearbyint(x / d) in [-qmax, qmax] (int8 lanes for both widths), instead of one d per block of
+// 32; and the Auto path sends products of every row count on the plain layouts (IntGroups, ggml
+// q4_0 / q4_1 / q8_0) to the Int8 body (integer dot products: the packed W4A8 / W4A4 product). The
+// ternary, TritPlanes and SalientBinary bodies keep their own activation blocks. On an input that is
+// already fake-quantized per row to that grid with clip 1 (model/rotation.h's act_fake_quant: x =
+// q s) the codes come back as q and d as s to f32 rounding, so the product equals the simulation's
+// x · dequant(W)^T up to f32 summation order (tests: test_quant_matmul.cpp). Nests; restores the
+// previous setting.
+class QuantActPerRowScope {
+ public:
+  explicit QuantActPerRowScope(int bits);
+  ~QuantActPerRowScope();
+  QuantActPerRowScope(const QuantActPerRowScope&) = delete;
+  QuantActPerRowScope& operator=(const QuantActPerRowScope&) = delete;
+
+ private:
+  int previous_;
+};
+
 // While alive, CPU Int8-body products on this thread that read the same input (same pointer, rows,
 // width, activation order and ISA) as the previous one quantize it once: the second and later
 // reuse its int8 activations and their panel copy (the numbers are those of a fresh quantization,
