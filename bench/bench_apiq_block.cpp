@@ -40,6 +40,7 @@
 
 using namespace lowbit;
 using lowbit::bench::fast_random;
+using lowbit::bench::random_mha_layer;
 
 namespace {
 
@@ -104,17 +105,7 @@ int main(int argc, char** argv) {
       auto ones = [&](int64_t n) { return Tensor::full({n}, 1.0).to(dev); };
       w.tok_embeddings = rnd({c.vocab_size, D});
       w.final_norm = ones(D);
-      LayerWeights l;
-      l.attn_norm = ones(D);
-      l.ffn_norm = ones(D);
-      l.wq = rnd({D, D});
-      l.wk = rnd({D, D});
-      l.wv = rnd({D, D});
-      l.wo = rnd({D, D});
-      l.w_gate = rnd({F, D});
-      l.w_up = rnd({F, D});
-      l.w_down = rnd({D, F});
-      w.layers.push_back(std::move(l));
+      w.layers.push_back(random_mha_layer(D, F, seed, dev));
       return LlamaModel(c, w, false);
     }();
     // Calibration inputs (random hidden states, std 1) and the FP block's outputs, both on the GPU.

@@ -56,6 +56,7 @@
 
 using namespace lowbit;
 using lowbit::bench::fast_random;
+using lowbit::bench::random_mha_layer;
 
 namespace {
 
@@ -143,19 +144,7 @@ int main(int argc, char** argv) {
       w.tok_embeddings = rnd({V, D});
       w.output = rnd({V, D});
       w.final_norm = ones(D);
-      for (int i = 0; i < a.layers; ++i) {
-        LayerWeights l;
-        l.attn_norm = ones(D);
-        l.ffn_norm = ones(D);
-        l.wq = rnd({D, D});
-        l.wk = rnd({D, D});
-        l.wv = rnd({D, D});
-        l.wo = rnd({D, D});
-        l.w_gate = rnd({F, D});
-        l.w_up = rnd({F, D});
-        l.w_down = rnd({D, F});
-        w.layers.push_back(std::move(l));
-      }
+      for (int i = 0; i < a.layers; ++i) w.layers.push_back(random_mha_layer(D, F, seed, Device::CPU));
     }
     // The teacher and the student share the device copies of the embeddings, norms and head (as
     // efficientqat's E2E-QP after an in-memory Block-AP, and the PyTorch reference).

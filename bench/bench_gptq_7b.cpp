@@ -24,6 +24,7 @@
 
 using namespace lowbit;
 using lowbit::bench::fast_random;
+using lowbit::bench::random_mha_layer;
 
 
 int main(int argc, char** argv) {
@@ -70,19 +71,7 @@ int main(int argc, char** argv) {
     w.final_norm = ones(c.dim);
     w.output = rnd({c.vocab_size, c.dim});
     c.tied_embeddings = false;
-    for (int i = 0; i < layers; ++i) {
-      LayerWeights l;
-      l.attn_norm = ones(c.dim);
-      l.ffn_norm = ones(c.dim);
-      l.wq = rnd({c.dim, c.dim});
-      l.wk = rnd({c.dim, c.dim});
-      l.wv = rnd({c.dim, c.dim});
-      l.wo = rnd({c.dim, c.dim});
-      l.w_gate = rnd({c.hidden_dim, c.dim});
-      l.w_up = rnd({c.hidden_dim, c.dim});
-      l.w_down = rnd({c.dim, c.hidden_dim});
-      w.layers.push_back(std::move(l));
-    }
+    for (int i = 0; i < layers; ++i) w.layers.push_back(random_mha_layer(c.dim, c.hidden_dim, seed, dev));
     LlamaModel model(c, w, false);
     w = LlamaWeights{};
     const double init_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

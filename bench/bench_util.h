@@ -7,6 +7,7 @@
 #include <string>
 
 #include "lowbit/core/tensor.h"
+#include "lowbit/model/weights.h"
 #include "lowbit/ops/device_init.h"
 
 namespace lowbit::bench {
@@ -27,6 +28,24 @@ inline Tensor fast_random(const Shape& shape, uint64_t seed, double std_dev) {
     p[i] = a * (float(double(z >> 11) * 0x1.0p-53) * 2.0f - 1.0f);
   }
   return t;
+}
+
+// One Llama block's weights for the 7B-shaped benches (multi-head: wk and wv are dim x dim): unit
+// norms and fast_random linears (std 0.02) seeded seed, seed + 1, ... in the order wq wk wv wo
+// w_gate w_up w_down (seed is left past them), on dev.
+inline LayerWeights random_mha_layer(int64_t dim, int64_t hidden, uint64_t& seed, Device dev) {
+  auto rnd = [&](Shape s) { return fast_random(s, seed++, 0.02).to(dev); };
+  LayerWeights l;
+  l.attn_norm = Tensor::full({dim}, 1.0).to(dev);
+  l.ffn_norm = Tensor::full({dim}, 1.0).to(dev);
+  l.wq = rnd({dim, dim});
+  l.wk = rnd({dim, dim});
+  l.wv = rnd({dim, dim});
+  l.wo = rnd({dim, dim});
+  l.w_gate = rnd({hidden, dim});
+  l.w_up = rnd({hidden, dim});
+  l.w_down = rnd({dim, hidden});
+  return l;
 }
 
 // The value after option argv[i] (advancing i); exits with a message when it is missing.
