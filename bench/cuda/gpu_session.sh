@@ -4,13 +4,13 @@
 #
 # Here (the build machine):
 #   bench/cuda/gpu_session.sh stage
-#     builds .devcarry/tools.tar.xz (the CUDA build's lowbit and GPU test binaries, quant_gemv_bench,
-#     the shared libraries the GPU machine lacks, the bench scripts, and the shared data the method
-#     runs read: WikiText-2 test, linux-docs valid and the first 4 MB of train, the task sets) and
-#     splits the SmolLM2 GGUF (98 MB, over the carry limit) into .devcarry/gguf.part1 (here carried
-#     with the tools), .devcarry/gguf.part2 (carried by the next call) and, when the tools leave
-#     too little room, gguf.part3 (part2 then rides on a call between setup and launch, part3 on
-#     launch). Build build-cuda first:
+#     builds .devcarry/tools.tar.xz (the CUDA build's lowbit, quant_gemv_bench, bench_e2eqp, the
+#     shared libraries the GPU machine lacks, and the shared data the method runs read: WikiText-2
+#     test, linux-docs valid and the first 4 MB of train, the task sets; ~17 MB), .devcarry/tests.tar.xz
+#     (the GPU test binaries, ~12 MB: carried by a later call, e.g. collect, and unpacked by any mode
+#     that finds it) and splits the SmolLM2 GGUF (98 MB, over the carry limit) into
+#     .devcarry/gguf.part1 (carried with the tools) and .devcarry/gguf.part2 (carried by launch).
+#     Build build-cuda first:
 #       cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DLOWBIT_CUDA=ON \
 #         -DCMAKE_CUDA_ARCHITECTURES=90 -DLOWBIT_TESTS=ON
 #       cmake --build build-cuda --target lowbit_cli test_quant test_methods test_ops test_model
@@ -49,6 +49,8 @@ wait_runs() {
     t=$((t + 10))
   done
 }
+# The GPU test binaries ride in their own archive (.devcarry/tests.tar.xz), on whichever call has room.
+unpack_tests() { [ -f .devcarry/tests.tar.xz ] && tar -xJf .devcarry/tests.tar.xz -C /tmp; return 0; }
 case "$mode" in
 stage)
   set -e
@@ -58,7 +60,11 @@ stage)
   mkdir -p "$S/w/bin" "$S/w/lib" "$S/w/shared/data/linux-docs" "$S/w/shared/data/wikitext-2-raw" \
     "$S/w/shared/tasks" "$S/w/shared/models/smollm2-135m-instruct" .devcarry
   nvcc -O3 -std=c++17 -arch=sm_90 -I src bench/cuda/quant_gemv_bench.cu -lcublas -o "$S/w/bin/quant_gemv_bench"
-  cp "$B/lowbit" "$B/tests/test_quant" "$B/tests/test_methods" "$B/tests/test_ops" "$B/tests/test_model" "$S/w/bin/"
+  cp "$B/lowbit" "$S/w/bin/"
+  mkdir -p "$S/t/w/bin"
+  cp "$B/tests/test_quant" "$B/tests/test_methods" "$B/tests/test_ops" "$B/tests/test_model" "$S/t/w/bin/"
+  tar -C "$S/t" -cf - w | xz -T2 -6 > .devcarry/tests.tar.xz
+  rm -rf "$S/t"
   # Issue 14's E2E-QP step bench (bench/cuda/e2eqp_7b.sh), when build-cuda has -DLOWBIT_BENCH=ON.
   if [ -x "$B/bench/bench_e2eqp" ]; then cp "$B/bench/bench_e2eqp" "$S/w/bin/"; fi
   for l in libsentencepiece.so.0 libgomp.so.1 libopenblas.so.0 libgfortran.so.5 libquadmath.so.0 \
@@ -76,8 +82,8 @@ stage)
   rm -rf "$S"
   # The GGUF in pieces that fit beside what each call carries (64 MiB in all, the working tree
   # ~5 MB included): part1 with tools.tar.xz (setup), the rest in pieces of at most 60 MB (part2
-  # with launch; with three pieces part2 goes with any call between setup and launch, e.g. the
-  # e2eqp_7b call, and part3 with launch). Every call copies the pieces it carries into $W.
+  # with launch; a third piece only if the tools outgrow ~20 MB: part2 then rides on a call between
+  # setup and launch and part3 on launch). Every call copies the pieces it carries into $W.
   g=$m/SmolLM2-135M-Instruct.Q4_1.gguf
   rm -f .devcarry/gguf.part*
   tree=$(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1)
@@ -91,6 +97,7 @@ stage)
   ;;
 setup)
   rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp || exit 1
+  unpack_tests
   cp .devcarry/gguf.part* .devcarry/gguf.sha "$W/"
   export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -120,6 +127,7 @@ launch)
   "$0" collect-now
   ;;
 collect)
+  unpack_tests
   # With .devcarry/ref-logits.bin carried: the SmolLM2 GPU logits test, while the runs go on.
   if [ -f .devcarry/ref-logits.bin ]; then
     cp .devcarry/ref-logits.bin "$W/shared/models/smollm2-135m-instruct/"
@@ -257,6 +265,7 @@ check)
   # SmolLM2-shaped model (32 x 512 calibration tokens, int2g64): mean training time per block and
   # mean epoch time per stage, from --apiq-verbose.
   rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp || exit 1
+  unpack_tests
   export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
   O=${OUT:-/tmp/out}
   mkdir -p "$O"
