@@ -63,6 +63,10 @@ stage)
   cp "$B/lowbit" "$S/w/bin/"
   mkdir -p "$S/t/w/bin"
   cp "$B/tests/test_quant" "$B/tests/test_methods" "$B/tests/test_ops" "$B/tests/test_model" "$S/t/w/bin/"
+  # stories260K for the GPU tests that read it (QatCli.*; LOWBIT_SHARED=$W/shared)
+  mkdir -p "$S/t/w/shared/models/stories260K"
+  cp "$shared/models/stories260K/stories260K.bin" "$shared/models/stories260K/sample-tokens.i32" \
+    "$shared/models/stories260K/tok512.model" "$S/t/w/shared/models/stories260K/"
   tar -C "$S/t" -cf - w | xz -T2 -6 > .devcarry/tests.tar.xz
   rm -rf "$S/t"
   # Issue 14's E2E-QP step bench (bench/cuda/e2eqp_7b.sh), when build-cuda has -DLOWBIT_BENCH=ON.
