@@ -54,7 +54,7 @@ if [[ $STEPS == *decode* ]]; then
   done
   echo "| model | path | pp$PP t/s | tg$TG t/s |"
   echo "|---|---|---:|---:|"
-  row() {  # name, path label, args... (GEMV=v1|v2|v2pdl in the environment: LOWBIT_CUDA_GEMV for this row)
+  row() {  # name, path label, args... (GEMV=v1|v2|v2pdl in the environment: LOWBIT_CUDA_GEMV for this row; default v2pdl)
     local name=$1 label=$2
     shift 2
     local j
@@ -63,7 +63,7 @@ if [[ $STEPS == *decode* ]]; then
   }
   row "random f32" "f32" -m "$W/init/model.bin"
   row "int4g128 dir" "packed" -m "$W/int4g128"
-  GEMV=v2pdl row "int4g128 dir" "packed, v2pdl GEMV" -m "$W/int4g128"
+  GEMV=v1 row "int4g128 dir" "packed, v1 GEMV" -m "$W/int4g128"
   row "int4g128 dir" "dequantized f32" -m "$W/int4g128" --dequantize
   row "q4_0 gguf" "packed" -m "$W/q4_0.gguf"
   row "q8_0 gguf" "packed" -m "$W/q8_0.gguf"

@@ -849,11 +849,11 @@ QuantMatmulPath env_path() {
 }
 
 #ifdef LOWBIT_WITH_CUDA
-// LOWBIT_CUDA_GEMV, read once: v1 (default until v2/v2pdl are measured on a GPU), v2 or v2pdl.
+// LOWBIT_CUDA_GEMV, read once: v1, v2 or v2pdl (the default: measured fastest on an H100).
 CudaGemv env_cuda_gemv() {
   static const CudaGemv v = [] {
     const char* e = std::getenv("LOWBIT_CUDA_GEMV");
-    if (!e || !*e) return CudaGemv::V1;
+    if (!e || !*e) return CudaGemv::V2Pdl;
     const std::string_view s(e);
     if (s == "v1") return CudaGemv::V1;
     if (s == "v2") return CudaGemv::V2;

@@ -125,7 +125,8 @@ enum class QuantIsa : uint8_t { Auto, Portable, Avx2, Avx2Vnni };
 // The CUDA decode GEMV (ops/cuda/quant_gemv.cuh): V1 the first kernel; V2 each lane's code loads
 // of a chunk issued before its arithmetic; V2Pdl V2 launched with programmatic dependent launch
 // (the GEMV's launch and first weight loads overlap the activation quantization kernel). Auto:
-// LOWBIT_CUDA_GEMV (v1, v2, v2pdl), else V1 (v2/v2pdl have not run on a GPU yet).
+// LOWBIT_CUDA_GEMV (v1, v2, v2pdl), else V2Pdl (fastest or tied in every row of quant_gemv_bench on
+// an H100, 2026-12-07; V1 where the device lacks sm_90: launch_kernel falls back to a plain launch).
 enum class CudaGemv : uint8_t { Auto, V1, V2, V2Pdl };
 
 struct QuantMatmulOptions {
