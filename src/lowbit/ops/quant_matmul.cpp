@@ -274,7 +274,7 @@ struct PanelCopy {
 // rows from their caches).
 // Values per task of the row split: a decode step's rows (8 x 576 or 8 x 1536) are quantized on
 // the calling thread. Split over two threads from 2048 values on, they cost more than they saved
-// (2-core Zen 4, 8-row decode step: 5-7 % more CPU time — the pool hand-off and the block-major
+// (2-core Zen 4, 8-row decode step: 4-8 % more CPU time — the pool hand-off and the block-major
 // copy's lines written by one core, read by the other; docs/results/packed-inference.md).
 constexpr int64_t kQuantizeChunkValues = 16384;
 const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, QuantIsa isa, const PanelCopy* panel = nullptr) {
