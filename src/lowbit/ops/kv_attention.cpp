@@ -9,8 +9,9 @@
 //
 // CPU body: work items are (kv head, tile of up to 64 query rows). An item widens the keys and
 // values it may see (rows 0 .. the tile's last position, one kv head) into a per-thread f32
-// buffer, once for all the query heads that share the kv head, then runs the same BLAS products
-// and softmax as ops::attention_forward on them. So no f32 copy of the cache exists: each step
+// buffer, once for all the query heads that share the kv head (an f16 cache inside a pool task:
+// all kv heads at once, by the call's first item), then runs the same BLAS products and softmax
+// as ops::attention_forward on them. So no f32 copy of the cache exists: each step
 // reads the cache in its own type, one kv head's rows at a time. f32 caches are read in place.
 #include <algorithm>
 #include <atomic>
@@ -162,7 +163,7 @@ void kv_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, con
   const bool wide = k.dtype() == DType::F32;
   // f16, one query tile, items run serially (a batched decode step calls this from each
   // sequence's pool task): the items (one per kv head) share one widening of all heads' rows, made
-  // by the first (whole contiguous rows instead of one head's slice of each: 7.5 % of an 8-row step
+  // by the first (whole contiguous rows instead of one head's slice of each: ~9 % of an 8-row step
   // at 100 tokens of context, docs/results/packed-inference.md). The same f32 values, so the same
   // numbers. `call` tells this call's buffer from an earlier call's.
   static std::atomic<uint64_t> calls{0};
