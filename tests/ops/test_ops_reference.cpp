@@ -6,8 +6,10 @@
 #include <cstdio>
 #include <sstream>
 #include <sys/wait.h>
+#include <vector>
 
 #include "lowbit/autograd/optim.h"
+#include "lowbit/core/threads.h"
 #include "lowbit/ops/ops.h"
 
 using namespace lowbit;
@@ -301,6 +303,41 @@ TEST(OpsReference, KvCacheAttentionMatchesDenseSoftmax) {
   EXPECT_THROW(ops::kv_attention_forward(q, k64, k64, Tensor(), Tensor(), 1.0, out), Error);
   Tensor src = rnd({3, 2, 8}, 2), bad_scale = Tensor::empty({3, 1});
   EXPECT_THROW(ops::kv_store(src, k, bad_scale), Error);
+}
+
+// A batched decode step runs each sequence's attention in a pool task, where an f16 cache's kv
+// heads are widened together (one buffer for all the call's items): the same numbers as the
+// call outside a parallel region (each item widening its own head), bit for bit, for several
+// caches one after another on the same threads (no buffer of an earlier call is reused).
+TEST(OpsReference, KvCacheAttentionInsideAPoolTaskEqualsOutside) {
+  const int64_t H = 9, KVH = 3, hd = 64;
+  struct Case {
+    int64_t Tq, Tk;
+  };
+  const std::vector<Case> cases = {{1, 40}, {1, 41}, {3, 41}, {1, 1}, {70, 150}, {1, 200}};
+  std::vector<Tensor> qs, ks, vs, want;
+  for (size_t c = 0; c < cases.size(); ++c) {
+    const auto [Tq, Tk] = cases[c];
+    Tensor q = rnd({Tq, H, hd}, 31 + c), k = rnd({Tk, KVH, hd}, 41 + c), v = rnd({Tk, KVH, hd}, 51 + c);
+    Tensor kc = Tensor::empty(k.shape(), DType::F16), vc = Tensor::empty(v.shape(), DType::F16), none;
+    ops::kv_store(k, kc, none);
+    ops::kv_store(v, vc, none);
+    Tensor out = Tensor::empty(q.shape());
+    ops::kv_attention_forward(q, kc, vc, Tensor(), Tensor(), 0.125, out);  // outside: one head per item
+    qs.push_back(q), ks.push_back(kc), vs.push_back(vc), want.push_back(out);
+  }
+  std::vector<Tensor> got(cases.size());
+  for (auto& g : got) g = Tensor::empty({1});
+  for (int round = 0; round < 2; ++round) {
+    parallel_each(int64_t(cases.size()), [&](int64_t c) {
+      EXPECT_TRUE(in_parallel_region() || num_threads() < 2);
+      got[size_t(c)] = Tensor::empty(qs[size_t(c)].shape());
+      ops::kv_attention_forward(qs[size_t(c)], ks[size_t(c)], vs[size_t(c)], Tensor(), Tensor(), 0.125, got[size_t(c)]);
+    });
+    for (size_t c = 0; c < cases.size(); ++c)
+      for (int64_t i = 0; i < want[c].numel(); ++i)
+        ASSERT_EQ(got[c].data<float>()[i], want[c].data<float>()[i]) << "case " << c << " value " << i;
+  }
 }
 
 // f32 activations times f16/bf16 weights (the CPU's 16-bit weight path) equal the f32 product

@@ -252,6 +252,8 @@ void parallel_for_impl(int64_t n, int64_t grain, void (*call)(void*, int64_t, in
   call(ctx, 0, n);
 }
 
+bool in_parallel_region() { return t_in_parallel || omp_in_parallel(); }
+
 void parallel_each_impl(int64_t n, void (*call)(void*, int64_t), void* ctx) {
   if (n <= 0) return;
   if (num_threads() >= 2 && run_on_pool(n, call, ctx)) return;

@@ -29,6 +29,9 @@ int default_num_threads();  // physical cores (hyper-threads share a core's vect
 std::string threads_summary();
 // Called once before the first BLAS use (idempotent, thread-safe); set_num_threads calls it.
 void init_threads();
+// Whether this thread runs inside a parallel region (a pool task or a parallel call), where the
+// parallel loops below run serially.
+bool in_parallel_region();
 
 // Runs fn(begin, end) over consecutive chunks of [0, n) on the pool, at least `grain` indices a
 // chunk; serially (one call fn(0, n)) when n < 2 * grain, one thread is set, or already inside a

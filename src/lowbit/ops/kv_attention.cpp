@@ -9,10 +9,12 @@
 //
 // CPU body: work items are (kv head, tile of up to 64 query rows). An item widens the keys and
 // values it may see (rows 0 .. the tile's last position, one kv head) into a per-thread f32
-// buffer, once for all the query heads that share the kv head, then runs the same BLAS products
-// and softmax as ops::attention_forward on them. So no f32 copy of the cache exists: each step
+// buffer, once for all the query heads that share the kv head (an f16 cache inside a pool task:
+// all kv heads at once, by the call's first item), then runs the same BLAS products and softmax
+// as ops::attention_forward on them. So no f32 copy of the cache exists: each step
 // reads the cache in its own type, one kv head's rows at a time. f32 caches are read in place.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -47,6 +49,9 @@ void widen_rows(const Tensor& t, const float* scale, int64_t kh, int64_t KVH, in
   }
 }
 
+// Query rows per work item of attend_tiles.
+inline int64_t query_tile(int64_t Tk) { return Tk <= 4096 ? 64 : 16; }
+
 inline float softmax_row(float* s, int64_t n) {
   const float mx = vec::max(s, n);
   const float sum = vec::exp_shift_sum(s, n, mx);
@@ -60,7 +65,7 @@ template <class RowsOf>
 void attend_tiles(const float* qp, float* op_, int64_t Tq, int64_t H, int64_t hd, int64_t Tk, int64_t KVH,
                   double scale, RowsOf&& rows_of) {
   const int64_t group = H / KVH, off = Tk - Tq, ldq = H * hd;
-  const int64_t Bq = Tk <= 4096 ? 64 : 16, tiles = (Tq + Bq - 1) / Bq;
+  const int64_t Bq = query_tile(Tk), tiles = (Tq + Bq - 1) / Bq;
   parallel_each(KVH * tiles, [&](int64_t item) {
     const int64_t qt = tiles - 1 - item / KVH, kh = item % KVH;  // longest tiles first
     const int64_t i0 = qt * Bq, i1 = std::min(Tq, i0 + Bq), rows = i1 - i0, kn = off + i1;
@@ -156,12 +161,35 @@ void kv_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, con
   const float* ksc = q8 ? k_scale.data<float>() : nullptr;
   const float* vsc = q8 ? v_scale.data<float>() : nullptr;
   const bool wide = k.dtype() == DType::F32;
+  // f16, one query tile, items run serially (a batched decode step calls this from each
+  // sequence's pool task): the items (one per kv head) share one widening of all heads' rows, made
+  // by the first (whole contiguous rows instead of one head's slice of each: ~9 % of an 8-row step
+  // at 100 tokens of context, docs/results/packed-inference.md). The same f32 values, so the same
+  // numbers. `call` tells this call's buffer from an earlier call's.
+  static std::atomic<uint64_t> calls{0};
+  const uint64_t call = ++calls;
+  const bool all_heads =
+      k.dtype() == DType::F16 && Tq <= query_tile(Tk) && KVH > 1 && (num_threads() < 2 || in_parallel_region());
   attend_tiles(q.data<float>(), out.data<float>(), Tq, H, hd, Tk, KVH, scale,
                [&](int64_t kh, int64_t kn, std::vector<float>& Kw, std::vector<float>& Vw, const float*& K,
                    const float*& V, int64_t& ld) {
                  if (wide) {
                    K = k.data<float>() + kh * hd;
                    V = v.data<float>() + kh * hd;
+                   ld = KVH * hd;
+                   return;
+                 }
+                 if (all_heads) {
+                   thread_local uint64_t have = 0;
+                   const int64_t n = kn * KVH * hd;
+                   if (have != call) {
+                     if (Kw.size() < size_t(n)) Kw.resize(size_t(n)), Vw.resize(size_t(n));
+                     vec::f16_to_f32(static_cast<const uint16_t*>(k.raw_data()), Kw.data(), n);
+                     vec::f16_to_f32(static_cast<const uint16_t*>(v.raw_data()), Vw.data(), n);
+                     have = call;
+                   }
+                   K = Kw.data() + kh * hd;
+                   V = Vw.data() + kh * hd;
                    ld = KVH * hd;
                    return;
                  }

@@ -272,6 +272,11 @@ struct PanelCopy {
 // `panel` (optional): also writes the block-major copy of the full blocks, each row by the task
 // that quantized it (a copy made afterwards by the calling thread would read the other threads'
 // rows from their caches).
+// Values per task of the row split: a decode step's rows (8 x 576 or 8 x 1536) are quantized on
+// the calling thread. Split over two threads from 2048 values on, they cost more than they saved
+// (2-core Zen 4, 8-row decode step: 4-8 % more CPU time — the pool hand-off and the block-major
+// copy's lines written by one core, read by the other; docs/results/packed-inference.md).
+constexpr int64_t kQuantizeChunkValues = 16384;
 const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, QuantIsa isa, const PanelCopy* panel = nullptr) {
   thread_local QActs a;
   if (t_shared_input > 0 && t_shared.same(x, M, in, bits, isa)) return a;  // this input, already quantized
@@ -293,10 +298,10 @@ const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, Quan
   const bool simd = false;
   (void)isa;
 #endif
-  // Rows are independent: several rows (a batched decode step) are split over the pool, each row
+  // Rows are independent: many rows (a prefill piece) are split over the pool, each row
   // quantized exactly as alone. `A` (not the thread_local `a`) inside: tasks run on other threads.
   QActs& A = a;
-  rows_for(M, (2048 + in - 1) / in, [&](int64_t m0, int64_t m1) {
+  rows_for(M, (kQuantizeChunkValues + in - 1) / in, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       float row_d = 0.0f;  // per-row scale (QuantActPerRowScope)
       if (row_qmax > 0) {
