@@ -542,12 +542,12 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     }
   }
   // --act-clip search: a clip ratio per block and activation point, on the model the method then
-  // quantizes (rotated / smoothed; activations unquantized while it runs), from the first 32 windows.
+  // quantizes (rotated / smoothed; activations unquantized while it runs), from the first 8 windows.
   nlohmann::json act_clip_json;
   std::vector<double> act_clips;
   if (a.tr.act_clip_search) {
     const auto ts = std::chrono::steady_clock::now();
-    const int64_t ns = std::min<int64_t>(calib.size(0), 32);
+    const int64_t ns = std::min<int64_t>(calib.size(0), 8);
     const ActQuantSpec target = parse_act_quant(a.tr.act);
     const ActClipReport cr = search_act_clips(*m.model, calib.slice(0, 0, ns).contiguous(), target);
     act_clips = cr.clips;

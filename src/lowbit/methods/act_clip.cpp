@@ -93,9 +93,10 @@ ActClipReport search_act_clips(LlamaModel& model, const Tensor& tokens_in, const
     model.set_transforms(plain);
     try {
       NoGradGuard ng;
-      for (int64_t s = 0; s < tokens.size(0); ++s) {
+      for (int64_t s = 0; s < tokens.size(0); ++s) {  // the blocks only (the head reads no searched point)
         row_base = s * tokens.size(1);
-        model.forward(tokens.slice(0, s, s + 1).contiguous());
+        Var x = model.embed(tokens.slice(0, s, s + 1).contiguous());
+        for (int i = 0; i < L; ++i) x = model.block_forward(i, x, 1, tokens.size(1));
       }
     } catch (...) {
       model.set_transforms(saved);
