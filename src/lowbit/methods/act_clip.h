@@ -7,8 +7,8 @@
 // read the point,
 //     sum over readers W of || (Q_c(X) - X) W^T ||_F^2     (= || Q_c(X) W^T - X W^T ||_F^2)
 // on rows X sampled evenly from the calibration windows' inputs to that point (captured in one
-// forward pass of the model with its activations unquantized; each point is searched on its own,
-// not sequentially). Q_c is the run's activation quantizer (act_fake_quant) with clip c. The
+// pass of the windows through the blocks, with the activations unquantized; each point is searched
+// on its own, not sequentially). Q_c is the run's activation quantizer (act_fake_quant) with clip c. The
 // ratios are kept in ActQuantSpec::clips and recorded in the checkpoint.
 #pragma once
 #include <vector>
