@@ -13,7 +13,10 @@
 #     --calib TEXT        GPTQ calibration text (default: first 4 MB of $LOWBIT_SHARED/data/linux-docs/train.txt)
 #     --nsamples N --seqlen N   GPTQ calibration windows (default 32 x 512)
 #     --act4 FMT          the A4 activation format (default int4: symmetric per token)
-#     --act-clip R        clip ratio of the activation quantizers (default 1.0)
+#     --act-clip R        clip ratio of the activation quantizers (default 1.0); 'search': the W8/W4 models
+#                         are quantized with the cell's --act and `--act-clip search` (a ratio per block and
+#                         activation point, methods/act_clip.h; calibration --calib), one model per activation
+#                         format: <w>-<rot>[-smooth..]-clipsearch-a<ACT>; W16 cells keep clip 1
 #     --kv-group N --kv-window N   KIVI settings (default 32 and 128, KIVI's)
 #     --seed N            rotation seed (default 0)
 #     --threads N         lowbit threads (default: lowbit's default)
@@ -66,7 +69,7 @@ mkdir -p "$out/models"
 results=$out/results.jsonl
 thr=()
 [ -n "$threads" ] && thr=(--threads "$threads")
-if { [ "$w4" = gptq ] || [ -n "$smooth" ] || { [ -n "$lqer_rank" ] && [ "$lqer_scale" = act ]; }; } && [ -z "$calib" ]; then
+if { [ "$w4" = gptq ] || [ -n "$smooth" ] || [ "$act_clip" = search ] || { [ -n "$lqer_rank" ] && [ "$lqer_scale" = act ]; }; } && [ -z "$calib" ]; then
   calib=$out/calib-linux-docs-4MB.txt
   [ -f "$calib" ] || head -c 4000000 "$shared/data/linux-docs/train.txt" > "$calib"
 fi
@@ -77,15 +80,18 @@ weights() {  # w (w8|w4) rot (none|hadamard) [act: the cell's, for --smooth auto
   # --smooth auto searches alpha for the cell's activation quantizer: one model per target.
   [ "$smooth" = auto ] && [ -n "$act" ] && dir=$dir-a$act
   [ -n "$lqer_rank" ] && dir=$dir-lqer$lqer_rank && [ "$lqer_scale" != act ] && dir=$dir-$lqer_scale
+  local clipsearch=""
+  [ "$act_clip" = search ] && [ -n "$act" ] && [ "$act" != none ] && clipsearch=1 && dir=$dir-clipsearch-a$act
   if [ "$w" = w8 ]; then args=(--method rtn --format int8pc)
   else args=(--method "$w4" --format int4g128)
   fi
-  if [ "$w4" = gptq ] || [ -n "$smooth" ] || { [ -n "$lqer_rank" ] && [ "$lqer_scale" = act ]; }; then
+  if [ "$w4" = gptq ] || [ -n "$smooth" ] || [ -n "$clipsearch" ] || { [ -n "$lqer_rank" ] && [ "$lqer_scale" = act ]; }; then
     args+=(--calib "$calib" --tokenizer "$model" --nsamples "$nsamples" --seqlen "$seqlen")
   fi
   [ -n "$smooth" ] && args+=(--smooth "$smooth")
   [ "$smooth" = auto ] && [ -n "$act" ] && args+=(--smooth-act "$act")
   [ -n "$lqer_rank" ] && args+=(--lqer-rank "$lqer_rank" --lqer-scale "$lqer_scale")
+  [ -n "$clipsearch" ] && args+=(--act "$act" --act-clip search)
   if [ ! -f "$dir/config.json" ]; then
     "$lowbit" -q quantize -m "$model" "${args[@]}" --rotate "$rot" --rotate-seed "$seed" "${thr[@]}" -o "$dir" --json \
       > "$dir.quantize.json" 2> "$dir.quantize.err" || { echo "quantize $w $rot failed" >&2; return 1; }
@@ -97,7 +103,7 @@ cell() {  # name w act kv rot
   local name=$1 w=$2 act=$3 kv=$4 rot=$5 path args t0
   if [ -n "$cells" ] && [[ " $cells " != *" $name "* ]]; then return; fi
   args=(--act "$act" --kv-quant "$kv")
-  [ "$act" != none ] && args+=(--act-clip "$act_clip")
+  [ "$act" != none ] && [ "$act_clip" != search ] && args+=(--act-clip "$act_clip")  # search: recorded in the model
   [ "$kv" != none ] && args+=(--kv-group "$kv_group" --kv-window "$kv_window")
   if [ "$w" = w16 ]; then path=$model; args+=(--dequantize --rotate "$rot" --rotate-seed "$seed")
   else path=$(weights "$w" "$rot" "$act") || { echo "{\"cell\":\"$name\",\"rotation\":\"$rot\",\"error\":\"quantize failed\"}" >> "$results"; return; }

@@ -58,3 +58,54 @@ TEST(Tasks, GreedyContinuationsWin) {
   for (const char* f : {"bad1.jsonl", "bad2.jsonl", "bad3.jsonl", "missing.jsonl"})
     EXPECT_THROW(evaluate_task(model, tok, (dir / f).string(), o), Error) << f;
 }
+
+// KVQuantSpec::quantized_len on worked values, and the share of quantized keys/values the scored
+// positions read (TaskResult::kv_quantized_fraction): KIVI's 128-token window leaves a short prompt
+// unquantized (0), window 0 with groups of one token quantizes everything (1), and
+// --kv-window 0 with KIVI's group 32 quantizes the complete groups of 32 only.
+TEST(Tasks, KvQuantizedFraction) {
+  KVQuantSpec kivi{4, 32, 0};
+  EXPECT_EQ(kivi.quantized_len(0), 0);
+  EXPECT_EQ(kivi.quantized_len(30), 0);
+  EXPECT_EQ(kivi.quantized_len(31), 32);
+  EXPECT_EQ(kivi.quantized_len(62), 32);
+  EXPECT_EQ(kivi.quantized_len(63), 64);
+  kivi.window = 128;
+  EXPECT_EQ(kivi.quantized_len(158), 0);
+  EXPECT_EQ(kivi.quantized_len(159), 32);
+  EXPECT_EQ((KVQuantSpec{0, 32, 0}.quantized_len(100)), 0);  // off
+
+  LOWBIT_REQUIRE_SHARED(model_path, "models/stories260K/stories260K.bin");
+  LOWBIT_REQUIRE_SHARED(tok_path, "models/stories260K/tok512.bin");
+  Checkpoint ck = load_llama2c(model_path);
+  LlamaModel model(ck.config, ck.weights);
+  Llama2cTokenizer tok(tok_path, 512);
+  auto dir = test::temp_dir("tasks-kv");
+  // 32 tokens of context (BOS included), then the continuation: the scored queries sit at positions 31..
+  const std::string context = "Once upon a time, there was a little girl named Lily. She liked to play outside in the park.";
+  const std::string cont = "She saw a big dog.";
+  std::ofstream(dir / "lb.jsonl") << nlohmann::json{{"context", context}, {"continuation", cont}}.dump() << "\n";
+  TaskOptions o;
+  o.progress = false;
+  EXPECT_EQ(evaluate_task(model, tok, (dir / "lb.jsonl").string(), o).kv_quantized_fraction, -1);  // no KIVI
+  const std::vector<int> ids = tok.encode(context + " " + cont, true);
+  const int64_t n = int64_t(ids.size()), first = int64_t(tok.encode(context, true).size());
+  ASSERT_GT(n, first + 2);
+  ASSERT_LT(n, 64);
+  ASSERT_GE(first, 32);
+  ModelTransforms t;
+  t.kv = KVQuantSpec{4, 32, 128};
+  model.set_transforms(t);
+  EXPECT_EQ(evaluate_task(model, tok, (dir / "lb.jsonl").string(), o).kv_quantized_fraction, 0.0);
+  t.kv = KVQuantSpec{4, 1, 0};
+  model.set_transforms(t);
+  EXPECT_DOUBLE_EQ(evaluate_task(model, tok, (dir / "lb.jsonl").string(), o).kv_quantized_fraction, 1.0);
+  // Window 0, groups of 32: every scored query (positions first-1 .. n-2, all in 31..62) reads the
+  // first 32 tokens quantized and the rest in full precision.
+  t.kv = KVQuantSpec{4, 32, 0};
+  model.set_transforms(t);
+  double want = 0;
+  for (int64_t p = first - 1; p < n - 1; ++p) want += 32.0 / double(p + 1);
+  want /= double(n - first);
+  EXPECT_NEAR(evaluate_task(model, tok, (dir / "lb.jsonl").string(), o).kv_quantized_fraction, want, 1e-12);
+}

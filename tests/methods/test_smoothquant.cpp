@@ -82,7 +82,7 @@ TEST(SmoothQuant, AutoAlphaIsTheGridMinimumOfTheOutputError) {
   // A sampled row is the input of q_proj at that token: its outlier channel is large.
   EXPECT_GT(std::fabs(st.attn_x[0].data<float>()[5]), 1.0);
   const QuantFormat& f = parse_quant_format("int4pc");
-  const ActQuantSpec act{4, false, 1.0};
+  const ActQuantSpec act{4, false, 1.0, ActFloat::None, {}};
   SmoothOptions o;
   o.search = true;
   o.format = &f;

@@ -238,6 +238,14 @@ TEST(KvQuant, BatchedForwardEqualsDecoding) {
     const Tensor batched = test::logits_of(m, tok);
     EXPECT_LE(rot_diff(batched.slice(0, 0, 12).contiguous(), fp.slice(0, 0, 12).contiguous()), 1e-5);
     EXPECT_GT(rot_diff(batched.slice(0, 12, 13).contiguous(), fp.slice(0, 12, 13).contiguous()), 1e-6);
+    // Window 0 (`--kv-window 0`): only the newest incomplete group stays in full precision, so the
+    // quantized keys start at position group - 1; decoding through the cache gives the same.
+    q.kv.window = 0;
+    m.set_transforms(q);
+    const Tensor w0 = test::logits_of(m, tok);
+    EXPECT_LE(rot_diff(w0.slice(0, 0, 7).contiguous(), fp.slice(0, 0, 7).contiguous()), 1e-5);
+    EXPECT_GT(rot_diff(w0.slice(0, 7, 8).contiguous(), fp.slice(0, 7, 8).contiguous()), 1e-6);
+    EXPECT_LE(rot_diff(cached_logits(m, tok, 1), w0), 1e-4);
   }
 }
 

@@ -15,6 +15,12 @@
 namespace lowbit::cli {
 
 namespace {
+// The mean of the searched activation clip ratios (ActQuantSpec::clips), for the JSON lines.
+double mean_of(const std::vector<double>& v) {
+  double s = 0;
+  for (double x : v) s += x;
+  return v.empty() ? 0.0 : s / double(v.size());
+}
 struct PplArgs {
   bool dequantize = false;
   std::string model, tokenizer, text, tokens, device = "cpu", logits_out;
@@ -106,6 +112,7 @@ void run_ppl(const PplArgs& a) {
                 {"kv_token_quant", tr.kv_token_bits ? "int" + std::to_string(tr.kv_token_bits) : "none"},
                 {"kv_group", packed ? m.model->kv_cache_layout().group : tr.kv.group},
                 {"kv_window", packed ? m.model->kv_cache_layout().window : tr.kv.window},
+                {"act_clips_mean", tr.act.clips.empty() ? nlohmann::json() : nlohmann::json(mean_of(tr.act.clips))},
                 {"kv_cache_bytes_per_token", kv_bytes_per_token},
                 {"threads", threads_summary()}});
   } else {
@@ -153,6 +160,7 @@ void run_tasks(const TaskArgs& a) {
     results.push_back({{"task", r.task}, {"kind", r.kind}, {"rows", r.rows}, {"acc", r.acc},
                        {"acc_norm", r.acc_norm >= 0 ? nlohmann::json(r.acc_norm) : nlohmann::json()},
                        {"seconds", r.seconds}});
+    if (r.kv_quantized_fraction >= 0) results.back()["kv_quantized_fraction"] = r.kv_quantized_fraction;
     if (!a.json) {
       print_stdout("%-16s %-16s %7lld %8.4f ", r.task.c_str(), r.kind.c_str(), (long long)r.rows, r.acc);
       if (r.acc_norm >= 0) print_stdout("%9.4f\n", r.acc_norm);
@@ -165,6 +173,7 @@ void run_tasks(const TaskArgs& a) {
                 {"rotation", tr.rotation.empty() ? "none" : tr.rotation},
                 {"act", act_quant_name(tr.act)},
                 {"act_clip", tr.act.clip},
+                {"act_clips_mean", tr.act.clips.empty() ? nlohmann::json() : nlohmann::json(mean_of(tr.act.clips))},
                 {"kv_quant", tr.kv.enabled() ? "int" + std::to_string(tr.kv.bits) : "none"},
                 {"kv_group", tr.kv.group},
                 {"kv_window", tr.kv.window}});

@@ -17,6 +17,7 @@
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/layer_budget.h"
 #include "lowbit/methods/lqer.h"
+#include "lowbit/methods/act_clip.h"
 #include "lowbit/methods/smoothquant.h"
 #include "lowbit/methods/stream.h"
 #include "lowbit/methods/ptq_methods.h"
@@ -92,6 +93,7 @@ std::string stream_obstacle(const QuantArgs& a) {
   }
   if (a.tr.rotating()) return "--rotate rotates the whole model first";
   if (a.smooth >= 0) return "--smooth folds scales measured on the whole model first";
+  if (a.tr.act_clip_search) return "--act-clip search runs the whole model on the calibration data first";
   if (a.bits_budget > 0) return "--bits-budget scores every layer of the whole model first";
   if (a.method == "guided") return "--method guided gathers end-loss gradients of the whole model first";
   if (a.lqer_rank > 0) return "--lqer-rank keeps every layer's full-precision weights for the error reconstruction";
@@ -353,6 +355,9 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     throw_error("--act-clip: no activation quantization (give --act)");
   if ((a.tr.kv_group_given || a.tr.kv_window_given) && (a.tr.kv_quant.empty() || a.tr.kv_quant == "none"))
     throw_error(a.tr.kv_group_given ? "--kv-group" : "--kv-window", ": no KV-cache quantization (give --kv-quant)");
+  if (a.tr.act_clip_search && a.calib.empty() && a.calib_tokens.empty())
+    throw_error("--act-clip search needs calibration data (--calib TEXT or --calib-tokens FILE): the ratios are chosen "
+                "on the calibration activations");
   if (transforms) {
     if (to_gguf)
       throw_error("-o ", a.out, ": GGUF cannot carry --rotate / --act / --kv-quant (llama.cpp would compute another "
@@ -431,7 +436,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                          a.merge_dtype == "f32" ? DType::F32 : DType::F16);
     m.model = block_stream->make_model();
   } else {
-    m = load_model(a.model, dev, /*dequantize=*/a.tr.rotating() || a.smooth >= 0);
+    m = load_model(a.model, dev, /*dequantize=*/a.tr.rotating() || a.smooth >= 0 || a.tr.act_clip_search);
   }
   std::optional<FormatPlan> plan;
   if (fmap) plan = plan_from_map(*fmap, m.model->config(), f);
@@ -535,6 +540,25 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
       std::fprintf(stderr, "%d points folded (scales %.3g .. %.3g)%s\n", sr.points, sr.min_scale, sr.max_scale,
                    so.down ? "" : "; down_proj not smoothed (rotated model)");
     }
+  }
+  // --act-clip search: a clip ratio per block and activation point, on the model the method then
+  // quantizes (rotated / smoothed; activations unquantized while it runs), from the first 8 windows.
+  nlohmann::json act_clip_json;
+  std::vector<double> act_clips;
+  if (a.tr.act_clip_search) {
+    const auto ts = std::chrono::steady_clock::now();
+    const int64_t ns = std::min<int64_t>(calib.size(0), 8);
+    const ActQuantSpec target = parse_act_quant(a.tr.act);
+    const ActClipReport cr = search_act_clips(*m.model, calib.slice(0, 0, ns).contiguous(), target);
+    act_clips = cr.clips;
+    double mean = 0, lo = 1;
+    for (double c : act_clips) mean += c / double(act_clips.size()), lo = std::min(lo, c);
+    act_clip_json = {{"clips", act_clips}, {"mean", mean}, {"min", lo}, {"rows", cr.rows}, {"samples", ns},
+                     {"error_clip1", cr.error_clip1}, {"error_searched", cr.error_searched},
+                     {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count()}};
+    if (!a.json)
+      std::fprintf(stderr, "act clip search (%s, %lld rows per point): mean ratio %.3f, min %.3f; output error %.4g -> %.4g\n",
+                   act_quant_name(target).c_str(), (long long)cr.rows, mean, lo, cr.error_clip1, cr.error_searched);
   }
   // --bits-budget: per-layer formats from the layers' importance (after calibration: lim reads it).
   nlohmann::json budget_json;
@@ -700,7 +724,17 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   } else if (a.stream != "off") {
     report["stream_obstacle"] = obstacle;
   }
-  apply_quant_transforms(*m.model, a.tr);  // recorded in the checkpoint (calibration ran without them)
+  {
+    TransformArgs tr = a.tr;  // recorded in the checkpoint (calibration ran without them)
+    if (tr.act_clip_search) tr.act_clip_given = tr.act_clip_search = false;
+    apply_quant_transforms(*m.model, tr);
+  }
+  if (!act_clips.empty()) {
+    ModelTransforms t = m.model->transforms();
+    t.act.clips = act_clips;
+    m.model->set_transforms(std::move(t));
+    report["act_clip_search"] = act_clip_json;
+  }
   {
     const ModelTransforms& t = m.model->transforms();
     report["rotation"] = t.rotation.empty() ? "none" : t.rotation;

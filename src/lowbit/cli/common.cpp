@@ -141,10 +141,21 @@ void add_transform_options(CLI::App* app, TransformArgs* a) {
             return "";
           },
           "FORMAT", ""));
-  app->add_option("--act-clip", a->act_clip, "with --act: clip ratio of each token's range (0, 1]")
-      ->check(above(0))
-      ->check(between(0, 1))
-      ->each([a](const std::string&) { a->act_clip_given = true; });
+  app->add_option("--act-clip", a->act_clip_arg,
+                  "with --act: clip ratio of each token's range (0, 1], or 'search' (quantize, with --calib: one ratio per "
+                  "block and activation point with the least output error on calibration rows, methods/act_clip.h)")
+      ->check(CLI::Validator(
+          [](std::string& v) -> std::string {
+            if (v == "search") return "";
+            std::string e = above(0)(v);
+            return e.empty() ? between(0, 1)(v) : e;
+          },
+          "R|search", ""))
+      ->each([a](const std::string& v) {
+        a->act_clip_given = true;
+        a->act_clip_search = v == "search";
+        if (!a->act_clip_search) a->act_clip = std::stod(v);
+      });
   app->add_option("--kv-quant", a->kv_quant,
                   "KIVI fake quantization of the KV cache: none, int4, int2 (keys per channel, values per token, "
                   "asymmetric; default: what the checkpoint records, else none)")
@@ -216,8 +227,18 @@ void apply_quant_transforms(LlamaModel& model, const TransformArgs& a, KVCacheTy
                 kv_cache_type_name(cache), " stores the cache quantized: give one of them (--kv-group and --kv-window "
                 "set either)");
   ModelTransforms t = model.transforms();
-  if (!a.act.empty()) t.act = parse_act_quant(a.act);
-  if (a.act_clip_given) t.act.clip = a.act_clip;
+  if (a.act_clip_search)
+    throw_error("--act-clip search: only `lowbit quantize` searches clip ratios (on --calib data); a checkpoint made so "
+                "records them, and --act-clip R replaces them with one ratio");
+  if (!a.act.empty()) {  // the recorded searched ratios stay with the same format given again
+    ActQuantSpec given = parse_act_quant(a.act);
+    if (act_quant_name(given) == act_quant_name(t.act)) given.clips = t.act.clips;
+    t.act = std::move(given);
+  }
+  if (a.act_clip_given) {
+    t.act.clip = a.act_clip;
+    t.act.clips.clear();
+  }
   if (!a.kv_quant.empty()) t.kv.bits = parse_kv_quant_bits(a.kv_quant);
   if (!a.kv_token_quant.empty()) t.kv_token_bits = parse_kv_token_bits(a.kv_token_quant);
   if (a.kv_group_given) t.kv.group = a.kv_group;

@@ -69,7 +69,7 @@ void compact_for_inference(LoadedModel& m, Device device);
 // Rotation and activation / KV-cache quantization (model/rotation.h, issue 16) from the command line:
 //   --rotate none|hadamard, --rotate-seed N   (full-precision models: rotates the weights at load;
 //                                              quantize: before the method runs)
-//   --act none|int8|int4|int8-asym|int4-asym, --act-clip R, --kv-quant none|int4|int2,
+//   --act none|int8|int4|int8-asym|int4-asym, --act-clip R|search, --kv-quant none|int4|int2,
 //   --kv-group N, --kv-window N               (override what a quantized checkpoint records; they
 //                                              also set the layout of a packed --kv-cache int4|int2)
 struct TransformArgs {
@@ -77,6 +77,8 @@ struct TransformArgs {
   uint64_t rotate_seed = 0;
   std::string act, kv_quant, kv_token_quant;  // "" = not given
   double act_clip = 1.0;
+  std::string act_clip_arg;       // as given: a ratio or "search"
+  bool act_clip_search = false;   // --act-clip search (quantize only)
   int64_t kv_group = 32, kv_window = 128;
   bool act_clip_given = false, kv_group_given = false, kv_window_given = false;
   bool rotating() const { return rotate != "none"; }

@@ -18,6 +18,8 @@ namespace {
 struct Scored {
   double logprob = 0;
   bool greedy = true;  // every continuation token was the argmax
+  double kv_quantized = 0;  // sum over the scored positions of the fraction of quantized keys/values read
+  int64_t positions = 0;
 };
 
 // One (context, continuation) pair made ready for the model: the token window and the index in it
@@ -93,6 +95,9 @@ std::vector<Scored> score_batch(const LlamaModel& model, const std::vector<Reque
       for (int64_t v = 0; v < V; ++v) sum += std::exp(double(row[v]) - mx);
       s.logprob += double(row[r.window[t]]) - mx - std::log(sum);
       s.greedy = s.greedy && arg == r.window[t];
+      const int64_t p = int64_t(t) - 1;  // the query's position
+      s.kv_quantized += double(model.transforms().kv.quantized_len(p)) / double(p + 1);
+      ++s.positions;
     }
   }
   return out;
@@ -123,6 +128,11 @@ TaskResult evaluate_task(const LlamaModel& model, const Tokenizer& tok, const st
   else throw_error(path, ": unknown task schema (expected query/choices/gold, context_options/continuation/gold or context/continuation)");
   auto t0 = std::chrono::steady_clock::now();
   int64_t correct = 0, correct_norm = 0;
+  double kv_quantized = 0;
+  int64_t positions = 0;
+  auto tally = [&](const std::vector<Scored>& v) {
+    for (const Scored& s : v) kv_quantized += s.kv_quantized, positions += s.positions;
+  };
   ProgressBar bar(r.task, int64_t(rows.size()), "rows");
   for (size_t i = 0; i < rows.size(); ++i) {
     const nlohmann::json& j = rows[i];
@@ -134,7 +144,9 @@ TaskResult evaluate_task(const LlamaModel& model, const Tokenizer& tok, const st
       if (r.kind == "lambada") {
         const Request req = make_request(model, tok, field("context").get<std::string>(),
                                          " " + field("continuation").get<std::string>(), o.bos);
-        correct += score_batch(model, {req})[0].greedy;
+        const std::vector<Scored> scored = score_batch(model, {req});
+        tally(scored);
+        correct += scored[0].greedy;
       } else {
         const int gold = field("gold").get<int>();
         std::vector<std::pair<std::string, std::string>> pairs;  // (context, continuation)
@@ -147,6 +159,7 @@ TaskResult evaluate_task(const LlamaModel& model, const Tokenizer& tok, const st
         std::vector<Request> reqs;
         for (const auto& [context, continuation] : pairs) reqs.push_back(make_request(model, tok, context, continuation, o.bos));
         const std::vector<Scored> scored = score_batch(model, reqs);  // every choice in one forward pass
+        tally(scored);
         int best = 0, best_norm = 0;
         double bs = -1e300, bn = -1e300;
         for (size_t c = 0; c < pairs.size(); ++c) {
@@ -168,6 +181,7 @@ TaskResult evaluate_task(const LlamaModel& model, const Tokenizer& tok, const st
   r.acc = double(correct) / double(r.rows);
   if (r.kind != "lambada" && r.kind != "winogrande") r.acc_norm = double(correct_norm) / double(r.rows);
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (model.transforms().kv.enabled()) r.kv_quantized_fraction = positions ? kv_quantized / double(positions) : 0.0;
   return r;
 }
 

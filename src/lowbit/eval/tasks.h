@@ -34,6 +34,10 @@ struct TaskResult {
   double acc = 0;
   double acc_norm = -1;  // multiple choice only
   double seconds = 0;
+  // With KIVI fake quantization (ModelTransforms::kv): the mean, over every scored position, of the
+  // fraction of the keys/values its query reads that are quantized (KVQuantSpec::quantized_len);
+  // -1 when the model has none. Prompts shorter than the full-precision window give 0.
+  double kv_quantized_fraction = -1;
 };
 
 // Evaluates one .jsonl file; the task name is the file's stem. Throws naming the file and line

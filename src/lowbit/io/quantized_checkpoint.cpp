@@ -73,6 +73,13 @@ ModelTransforms read_transforms(const nlohmann::json& j, SafetensorsFile& f, con
     }
     t.act = parse_act_quant(str("act"), "act");
     t.act.clip = num("act_clip", false);
+    if (j.contains("act_clips")) {  // searched per (layer, point); validate_transforms checks the count and range
+      if (!j["act_clips"].is_array()) throw_error("act_clips is not an array");
+      for (const auto& v : j["act_clips"]) {
+        if (!v.is_number()) throw_error("act_clips holds a non-number");
+        t.act.clips.push_back(v.get<double>());
+      }
+    }
     t.kv.bits = parse_kv_quant_bits(str("kv_quant"), "kv_quant");
     const double group = num("kv_group", true), window = num("kv_window", true);
     if (group < 1 || group > 4096 || window < 0 || window > double(int64_t(1) << 30))
@@ -185,6 +192,7 @@ nlohmann::json quantized_config_json(const LlamaConfig& c, const std::string& me
                         {"kv_group", tr.kv.group},
                         {"kv_window", tr.kv.window},
                         {"kv_token_quant", tr.kv_token_bits ? "int" + std::to_string(tr.kv_token_bits) : "none"}};
+  if (tr.any() && !tr.act.clips.empty()) qc["transforms"]["act_clips"] = tr.act.clips;
   for (auto& [k, v] : extra.items()) qc[k] = v;
   cfg["quantization_config"] = qc;
   return cfg;

@@ -31,7 +31,9 @@
 //   quantization_config.transforms = {"rotation": "hadamard" | "none", "rotation_seed": N,
 //                                     "act": "int8" | "int4" | "int8-asym" | "int4-asym" | "none",
 //                                     "act_clip": 1.0, "kv_quant": "int4" | "int2" | "none",
-//                                     "kv_group": 32, "kv_window": 128}
+//                                     "kv_group": 32, "kv_window": 128,
+//                                     "act_clips": [..]  (only with `--act-clip search`: n_layers x 4
+//                                                         ratios, ActQuantSpec::clips)}
 //   lowbit.rotation.{ffn,head}.signs  F32 [n]     the online rotations (rotated models only)
 //   lowbit.rotation.{ffn,head}.small  F32 [m, m]  (when n is not a power of two)
 // and the stored weights are the rotated ones, so the checkpoint reloads to identical outputs.

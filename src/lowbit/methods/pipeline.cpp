@@ -121,11 +121,16 @@ Tensor BlockContext::run_block(const Tensor& x, const LinearInputHook& hook) con
 namespace {
 // The model's transforms in the resume key ("" without any, so older states stay valid): a state
 // written for a rotated model is refused for another rotation and vice versa.
+std::string clips_key(const std::vector<double>& clips) {
+  std::string k;
+  for (double c : clips) k += (k.empty() ? "|clips:" : ",") + key_number(c);
+  return k;
+}
 std::string transforms_key(const ModelTransforms& t) {
   if (!t.any()) return "";
   return "|rot:" + (t.rotation.empty() ? std::string("none") : t.rotation + ":" + std::to_string(t.rotation_seed)) +
          "|act:" + act_quant_name(t.act) + ":" + key_number(t.act.clip) + "|kv:" + std::to_string(t.kv.bits) + ":" +
-         std::to_string(t.kv.group) + ":" + std::to_string(t.kv.window);
+         std::to_string(t.kv.group) + ":" + std::to_string(t.kv.window) + clips_key(t.act.clips);
 }
 }  // namespace
 

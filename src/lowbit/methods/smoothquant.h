@@ -52,7 +52,7 @@ struct SmoothOptions {
   bool search = false;
   std::vector<double> grid = {0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0};
   const QuantFormat* format = nullptr;  // Q_w
-  ActQuantSpec act{8, false, 1.0};      // Q_a (bits 0: activations not quantized)
+  ActQuantSpec act{8, false, 1.0, ActFloat::None, {}};  // Q_a (bits 0: activations not quantized)
 };
 
 // The scales of one smoothing point: s_j from act_max (max |X_j|) and the weights reading X

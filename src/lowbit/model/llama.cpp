@@ -301,10 +301,7 @@ namespace {
 Tensor kivi_attention(const KVQuantSpec& spec, const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
   const int64_t T = q.size(0), H = q.size(1), hd = q.size(2), S = k.size(0), KVH = k.size(1), C = KVH * hd;
   const int64_t G = spec.group, vg = hd % G == 0 ? G : hd;
-  auto quantized_len = [&](int64_t t) {  // L(t) for the query at position t
-    const int64_t n = t + 1 - spec.window;
-    return n <= 0 ? int64_t(0) : (n / G) * G;
-  };
+  auto quantized_len = [&](int64_t t) { return spec.quantized_len(t); };
   const int64_t Lmax = quantized_len(S - 1);
   Tensor kq, vq;
   if (Lmax > 0) {  // the complete groups, quantized once: keys per channel, values per token
@@ -361,12 +358,14 @@ namespace {
 // the fake quantization act_in applies followed by the f32 product (up to f32 summation order).
 // The scope is alive for one block's products; 0 bits: none.
 int per_row_act_bits(const ActQuantSpec& a) {
-  return a.enabled() && !a.asymmetric && a.fp == ActFloat::None && a.clip == 1.0 ? a.bits : 0;
+  return a.enabled() && !a.asymmetric && a.fp == ActFloat::None && a.clip == 1.0 && a.clips.empty() ? a.bits : 0;
 }
 }  // namespace
 
-Var LlamaModel::act_in(const Var& x) const {
-  return act_fake_quant(x, transforms_.act);
+Var LlamaModel::act_in(const Var& x, int layer, int point) const {
+  const ActQuantSpec& a = transforms_.act;
+  if (a.clips.empty()) return act_fake_quant(x, a);
+  return act_fake_quant(x, ActQuantSpec{a.bits, a.asymmetric, a.clip_at(layer, point), a.fp, {}});
 }
 
 Var LlamaModel::kv_token_in(const Var& x) const {
@@ -402,7 +401,7 @@ Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache
   const int64_t H = config_.n_heads, KVH = config_.n_kv_heads, hd = config_.resolved_head_dim();
   const double eps = config_.norm_eps;
   // Attention.
-  Var h = act_in(rmsnorm(x, b.attn_norm, eps));
+  Var h = act_in(rmsnorm(x, b.attn_norm, eps), i, kActAttn);
   Var q = b.wq->forward(h), k = kv_token_in(b.wk->forward(h)), v = kv_token_in(b.wv->forward(h));
   if (config_.qk_norm) {  // Qwen3: RMSNorm over each head's channels before rotary.
     q = reshape(rmsnorm(reshape(q, {-1, hd}), b.q_norm, eps), {B * T, H * hd});
@@ -431,7 +430,7 @@ Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache
       att = attention(q, k, v, B, T, T, H, KVH, hd);
     }
   }
-  return block_mlp(i, add(x, b.wo->forward(act_in(att))));
+  return block_mlp(i, add(x, b.wo->forward(act_in(att, i, kActO))));
 }
 
 Var LlamaModel::attend_cached(int i, Var q, Var k, const Var& v, int64_t T, KVCache& cache) const {
@@ -484,8 +483,8 @@ Var LlamaModel::block_mlp(int i, const Var& x1) const {
   const LlamaBlock& b = blocks_.at(size_t(i));
   const double eps = config_.norm_eps;
   // SwiGLU MLP.
-  Var h2 = act_in(rmsnorm(x1, b.ffn_norm, eps));
-  Var m = act_in(down_in(swiglu(b.w_gate->forward(h2), b.w_up->forward(h2))));
+  Var h2 = act_in(rmsnorm(x1, b.ffn_norm, eps), i, kActFfn);
+  Var m = act_in(down_in(swiglu(b.w_gate->forward(h2), b.w_up->forward(h2))), i, kActDown);
   return add(x1, b.w_down->forward(m));
 }
 
@@ -724,7 +723,7 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
   for (int i = 0; i < config_.n_layers; ++i) {
     const LlamaBlock& b = blocks_[size_t(i)];
     // Norms and linear layers on all N rows (each weight is read once per segment) ...
-    Var h = act_in(rmsnorm(x, b.attn_norm, eps));
+    Var h = act_in(rmsnorm(x, b.attn_norm, eps), i, kActAttn);
     Var q, k, v;
     {
       ops::QuantSharedInputScope shared;  // q, k and v read h: its int8 activations are made once
@@ -777,8 +776,8 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
     if (qv.device() == Device::CPU && n1 > 1) parallel_each(n1, [&](int64_t j) { one(small[size_t(j)]); });
     else for (int64_t s : small) one(s);
     for (int64_t s : large) one(s);
-    Var x1 = add(x, lin(*b.wo, act_in(Var(att))));
-    Var h2 = act_in(rmsnorm(x1, b.ffn_norm, eps));
+    Var x1 = add(x, lin(*b.wo, act_in(Var(att), i, kActO)));
+    Var h2 = act_in(rmsnorm(x1, b.ffn_norm, eps), i, kActFfn);
     Var gate, up;
     {
       ops::QuantSharedInputScope shared;  // gate and up read h2
@@ -786,7 +785,7 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
       gate = gu[0];
       up = gu[1];
     }
-    Var m = act_in(down_in(swiglu(gate, up)));
+    Var m = act_in(down_in(swiglu(gate, up)), i, kActDown);
     x = add(x1, lin(*b.w_down, m));
   }
   for (size_t s = 0; s < S; ++s) caches[s]->length += counts[s];

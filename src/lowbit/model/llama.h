@@ -212,7 +212,7 @@ class LlamaModel {
   // The SwiGLU half of block i after the attention residual x1.
   Var block_mlp(int i, const Var& x1) const;
   // The input of a linear layer: fake-quantized per token under activation quantization.
-  Var act_in(const Var& x) const;
+  Var act_in(const Var& x, int layer, int point) const;  // point: ActPoint
   // k_proj / v_proj outputs [M, KVH*hd]: fake-quantized per (token, head) under kv_token_bits.
   Var kv_token_in(const Var& x) const;
   // The SwiGLU output m [M, F] as down_proj reads it: times R_F when the model is rotated.

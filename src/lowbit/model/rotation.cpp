@@ -152,6 +152,15 @@ void validate_transforms(const LlamaConfig& c, const ModelTransforms& t, const s
   if (t.act.enabled() && t.act.bits != 4 && t.act.bits != 8)
     throw_error(source, ": activation bits ", t.act.bits, " (expected 4 or 8)");
   if (!(t.act.clip > 0 && t.act.clip <= 1)) throw_error(source, ": activation clip ratio ", t.act.clip, " is not in (0, 1]");
+  if (!t.act.clips.empty()) {
+    if (t.act.clips.size() != size_t(c.n_layers) * kActPoints)
+      throw_error(source, ": ", t.act.clips.size(), " searched activation clip ratios for ", c.n_layers, " layers (expected ",
+                  size_t(c.n_layers) * kActPoints, ": ", int(kActPoints), " per layer)");
+    for (size_t i = 0; i < t.act.clips.size(); ++i)
+      if (!(t.act.clips[i] > 0 && t.act.clips[i] <= 1))
+        throw_error(source, ": searched activation clip ratio ", t.act.clips[i], " (layer ", i / kActPoints, ", point ",
+                    i % kActPoints, ") is not in (0, 1]");
+  }
   if (t.kv.enabled() && t.kv.bits != 2 && t.kv.bits != 4)
     throw_error(source, ": KV-cache bits ", t.kv.bits, " (expected 2 or 4)");
   if (t.kv.group < 1 || t.kv.group > 4096) throw_error(source, ": KV-cache group ", t.kv.group, " is not in [1, 4096]");

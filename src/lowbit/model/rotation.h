@@ -26,6 +26,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "lowbit/autograd/variable.h"
 #include "lowbit/core/tensor.h"
@@ -54,12 +55,21 @@ HadamardRotation random_hadamard(int64_t n, uint64_t seed);
 // "fp8" = E4M3 per token, "fp4-mx" = E2M1 with an e8m0 scale per 32 channels, "fp4-nv" = E2M1 with
 // an e4m3 scale per 16 channels under an f32 per-token scale); bits is 8 or 4 for those too.
 enum class ActFloat : int { None = 0, Fp8E4M3 = 1, Fp4Mx = 2, Fp4Nv = 3 };  // = ops::FpActFormat's values
+// The four activation-quantization points of a block (the inputs act_in quantizes): q/k/v's,
+// o_proj's, gate/up's and down_proj's.
+enum ActPoint : int { kActAttn = 0, kActO = 1, kActFfn = 2, kActDown = 3, kActPoints = 4 };
 struct ActQuantSpec {
   int bits = 0;             // 0: off; 4 or 8
   bool asymmetric = false;  // min/max with a zero point instead of symmetric absmax
   double clip = 1.0;        // the range is clip * (min, max)
   ActFloat fp = ActFloat::None;  // a floating-point format instead of the integer grid
+  // Searched clip ratios (methods/act_clip.h), one per (layer, point) at clips[layer * kActPoints +
+  // point]; empty: `clip` everywhere.
+  std::vector<double> clips;
   bool enabled() const { return bits > 0; }
+  double clip_at(int layer, int point) const {
+    return clips.empty() ? clip : clips[size_t(layer) * kActPoints + size_t(point)];
+  }
 };
 
 struct KVQuantSpec {
@@ -67,6 +77,11 @@ struct KVQuantSpec {
   int64_t group = 32;    // tokens per key group, channels per value group
   int64_t window = 128;  // recent tokens kept in full precision (at least)
   bool enabled() const { return bits > 0; }
+  // L(t): how many of the keys/values a query at position t reads are quantized (0 when off).
+  int64_t quantized_len(int64_t t) const {
+    const int64_t n = t + 1 - window;
+    return bits == 0 || n <= 0 ? int64_t(0) : (n / group) * group;
+  }
 };
 
 struct ModelTransforms {

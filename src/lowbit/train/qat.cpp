@@ -792,7 +792,7 @@ class LlmQat : public QatMethod {
     });
     if (c_.act_bits > 0 || c_.kv_bits > 0) {  // trained with, and recorded in the checkpoint
       ModelTransforms tr = work->transforms();
-      if (c_.act_bits > 0) tr.act = ActQuantSpec{c_.act_bits, false, 1.0};
+      if (c_.act_bits > 0) tr.act = ActQuantSpec{c_.act_bits, false, 1.0, ActFloat::None, {}};
       tr.kv_token_bits = c_.kv_bits;
       work->set_transforms(tr);
     }
