@@ -15,6 +15,7 @@
 #       [--nsamples 16] [--seqlen 512] [--methods "awq:--weighted-round rtn:--weighted-round awq gptq rtn"]
 #       [--texts "wiki ptb"] [--kmaps "q4_k q3_k q2_k"] [--out DIR]
 #
+# A method's flags are comma-separated after the colon: "gptq:--hessian-shrink,0.5".
 # --texts: any of wiki, ptb, ldocs (the first 400 kB of linux-docs test: the calibration text's
 # domain, to tell a method that fits the calibration domain from one that generalises). NICE=
 # (empty) runs every tool at normal priority (default: nice; niced jobs starve on a loaded box).
