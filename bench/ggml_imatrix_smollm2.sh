@@ -12,9 +12,10 @@
 # F32 model's token distributions on the same windows (--kl-divergence).
 #
 #   bench/ggml_imatrix_smollm2.sh [--presets "q4_0 q4_1 iq4_nl q8_0 q4_k_m q3_k_s"] [--chunks 10]
-#       [--nsamples 16] [--seqlen 512] [--methods "awq:--weighted-round rtn:--weighted-round awq gptq rtn"]
+#       [--nsamples 16] [--seqlen 512] [--methods "awq:--weighted-round rtn:--weighted-round gptq:--hessian-shrink,0.5 awq gptq rtn"]
 #       [--texts "wiki ptb"] [--kmaps "q4_k q3_k q2_k"] [--out DIR]
 #
+# A method's flags are comma-separated after the colon: "gptq:--hessian-shrink,0.5".
 # --texts: any of wiki, ptb, ldocs (the first 400 kB of linux-docs test: the calibration text's
 # domain, to tell a method that fits the calibration domain from one that generalises). NICE=
 # (empty) runs every tool at normal priority (default: nice; niced jobs starve on a loaded box).
@@ -34,7 +35,7 @@ cd "$(dirname "$0")/.."
 shared=${LOWBIT_SHARED:-../shared}
 lowbit=${LOWBIT:-build-rel/lowbit}
 presets="q4_0 q4_1 iq4_nl q8_0 q4_k_m q3_k_s" kmaps="" chunks=10 nsamples=16 seqlen=512 texts="wiki ptb"
-methods="awq:--weighted-round rtn:--weighted-round awq gptq rtn"
+methods="awq:--weighted-round rtn:--weighted-round gptq:--hessian-shrink,0.5 awq gptq rtn"
 out=${LOWBIT_LLAMACPP_CACHE:-$HOME/.cache/lowbit-llamacpp}/ggmlq
 threads=${THREADS:-2}
 NICE=${NICE-nice}  # NICE= (empty): run at normal priority (on a box shared with other jobs, niced runs starve)

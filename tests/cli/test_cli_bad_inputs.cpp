@@ -311,6 +311,7 @@ const Row kRows[] = {
   {"quantize", "saliency-only without sapr", "quantize -m {M} --method apiq --saliency-only --saliency {O}.st -o {O}", "--saliency-only needs --method sapr", kModel},
   {"quantize", "saliency-only without file", "quantize -m {M} --method sapr --saliency-only -o {O}", "--saliency-only needs --method sapr and --saliency FILE", kModel},
   {"quantize", "percdamp nan", "quantize -m {M} --percdamp nan -o {O}", "--percdamp: 'nan' is not a finite number"},
+  {"quantize", "hessian shrink 1.5", "quantize -m {M} --method gptq --hessian-shrink 1.5 -o {O}", "--hessian-shrink: must be between 0 and 1, got 1.5"},
   {"quantize", "epochs -1", "quantize -m {M} --method apiq --epochs -1 -o {O}", "--epochs: must be at least 0"},
   {"quantize", "rank -1", "quantize -m {M} --method apiq --rank -1 -o {O}", "--rank: must be at least 0"},
   {"quantize", "out = existing file", "quantize -m {M} --method rtn -o {D}/file", "exists and is not a directory", kModel},

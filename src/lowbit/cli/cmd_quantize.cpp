@@ -51,7 +51,7 @@ struct QuantArgs {
       next_input = "quantized";
   int64_t nsamples = 128, seqlen = 2048, batch = 8;
   uint64_t seed = 0;
-  double percdamp = 0.01, checkpoint_seconds = 60;
+  double percdamp = 0.01, hessian_shrink = 0, checkpoint_seconds = 60;
   bool act_order = false, no_clip = false, weighted_round = false, json = false;
   TransformArgs tr;  // --rotate, --act, --kv-quant (issue 16)
   DistArgs dist;     // --gpus N / launcher environment: data-parallel calibration (issue 20)
@@ -144,6 +144,7 @@ MethodConfig method_config(const QuantArgs& a, const QuantFormat& f, const Salie
   MethodConfig c;
   c.format = &f;
   c.gptq.percdamp = a.percdamp;
+  c.gptq.hessian_shrink = a.hessian_shrink;
   c.gptq.act_order = a.act_order;
   c.awq_clip = !a.no_clip;
   c.weighted_round = a.weighted_round;
@@ -768,7 +769,10 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     extra["calibration"] = {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}};
     extra["calibration"]["data"] = !a.calib.empty() ? a.calib : a.calib_tokens;
   }
-  if (a.method == "gptq" || a.method == "rsq" || a.method == "guided") extra["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
+  if (a.method == "gptq" || a.method == "rsq" || a.method == "guided") {
+    extra["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
+    if (a.hessian_shrink > 0) extra["gptq"]["hessian_shrink"] = a.hessian_shrink;
+  }
   if (a.method == "cle") {
     const auto* cm = dynamic_cast<const CleMethod*>(method.get());
     extra["cle"] = {{"bias_correction", !stream.empty()}, {"bias_corrected_layers", cm ? cm->bias_corrected() : 0}};
@@ -949,6 +953,9 @@ void register_quantize(CLI::App& app) {
   q->add_option("--next-input", a->next_input, "next block's inputs: outputs of the 'quantized' or the 'fp' block")
       ->capture_default_str();
   q->add_option("--percdamp", a->percdamp, "GPTQ dampening (fraction of mean diag H)")->capture_default_str()->check(above(0));
+  q->add_option("--hessian-shrink", a->hessian_shrink,
+                "GPTQ: scale H's off-diagonal by (1 - A), 0..1 (1: importance-weighted round to nearest)")
+      ->capture_default_str()->check(between(0, 1));
   q->add_flag("--act-order", a->act_order, "GPTQ: columns by decreasing Hessian diagonal (static groups)");
   q->add_flag("--no-clip", a->no_clip, "AWQ: skip the clipping search");
   q->add_flag("--weighted-round", a->weighted_round,

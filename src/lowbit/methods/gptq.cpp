@@ -110,7 +110,25 @@ GptqPhaseSeconds& gptq_phase_seconds() {
 
 // ---- GPTQ -----------------------------------------------------------------------------------------
 
-GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_in, const QuantFormat& f, const GptqOptions& opt) {
+Tensor shrink_hessian_to_diagonal(const Tensor& h, double a) {
+  LB_CHECK(a >= 0 && a <= 1, "gptq: hessian_shrink must be in [0, 1], got ", a);
+  LB_CHECK(h.defined() && h.dim() == 2 && h.size(0) == h.size(1), "shrink_hessian_to_diagonal: expected a square "
+           "matrix, got ", h.defined() ? h.describe() : std::string("undefined"));
+  Tensor c = h.to(Device::CPU).to(DType::F32).contiguous().clone();
+  const int64_t n = c.size(0);
+  float* p = c.data<float>();
+  const float keep = float(1.0 - a);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      if (i != j) p[i * n + j] *= keep;
+  return h.device() == Device::CPU ? c : c.to(h.device());
+}
+
+GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_raw, const QuantFormat& f, const GptqOptions& opt) {
+  LB_CHECK(opt.hessian_shrink >= 0 && opt.hessian_shrink <= 1, "gptq: hessian_shrink must be in [0, 1], got ",
+           opt.hessian_shrink);
+  const Tensor h_in = opt.hessian_shrink > 0 && h_raw.defined() ? shrink_hessian_to_diagonal(h_raw, opt.hessian_shrink)
+                                                                 : h_raw;
   const bool ggml = f.is_ggml_block();
   if (ggml && !ggml_block_grid_supported(f))
     throw_error("gptq [", f.name, "]: GPTQ runs on the ggml block types ", ggml_block_grid_names(),

@@ -8,6 +8,13 @@
 // Columns are processed in blocks of B = 128 whose trailing update is applied lazily with one GEMM
 // (§3 step 2). Options as in the reference implementation (IST-DASLab/gptq, gptq.py fasterquant):
 //   * dampening: H += percdamp * mean(diag H) * I;
+//   * shrinkage toward the diagonal (lowbit's, not in the paper): with hessian_shrink = a, every
+//     off-diagonal entry of H is scaled by (1 - a) before the dampening. a = 0 is GPTQ; a = 1 leaves
+//     diag(H), for which the sweep feeds no error forward, so GPTQ becomes importance-weighted round
+//     to nearest (on ggml block types byte for byte rtn_quantize_weighted with importance diag(H)).
+//     The per-channel energies diag(H) carry over from the calibration text to other text; the
+//     channel correlations that GPTQ's error feedback exploits much less (measured on SmolLM2 with
+//     16 x 512 linux-docs calibration tokens: docs/results/gguf-export.md, "GPTQ vs weighted RTN");
 //   * dead columns (diag H = 0, the input channel is always 0): H_jj = 1 and W[:, j] = 0;
 //   * act-order: process columns in order of decreasing diag H. With a grouped format the group
 //     parameters are then computed up front on the original column order ("static groups") so that
@@ -68,6 +75,7 @@ class HessianAccumulator {
 
 struct GptqOptions {
   double percdamp = 0.01;     // dampening as a fraction of mean(diag H)
+  double hessian_shrink = 0;  // 0..1: off-diagonal of H scaled by (1 - hessian_shrink) (see above)
   int64_t block_size = 128;   // columns per lazy-update block (B in the paper)
   bool act_order = false;     // descending diag(H) order (implies static_groups when grouped)
   bool static_groups = false; // group parameters from the original W before the sweep
@@ -96,6 +104,9 @@ struct GptqPhaseSeconds {
   double capture = 0, quantize = 0, report = 0, install = 0;
 };
 GptqPhaseSeconds& gptq_phase_seconds();
+
+// H with its off-diagonal entries scaled by (1 - a), 0 <= a <= 1, on H's device (F32).
+Tensor shrink_hessian_to_diagonal(const Tensor& h, double a);
 
 // ---- linear algebra used by GPTQ (row-major, double), exposed for tests ------------------------
 // In place: A = L L^T, the lower triangle of `a` becomes L, the strict upper triangle is zeroed.

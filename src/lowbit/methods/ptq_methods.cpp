@@ -201,7 +201,8 @@ void RtnMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& rep
 std::string GptqMethod::options_key() const {
   return "percdamp=" + key_number(o_.percdamp) + ",block=" + std::to_string(o_.block_size) +
          ",act_order=" + std::to_string(o_.act_order) + ",static_groups=" + std::to_string(o_.static_groups) +
-         ",fp64=" + std::to_string(o_.cuda_fp64_factorization);
+         ",fp64=" + std::to_string(o_.cuda_fp64_factorization) +
+         (o_.hessian_shrink > 0 ? ",hessian_shrink=" + key_number(o_.hessian_shrink) : std::string());
 }
 
 std::string AwqMethod::options_key() const {
