@@ -19,7 +19,7 @@ double act_clip_error(const Tensor& x_in, const std::vector<const Tensor*>& read
   LB_CHECK(clip > 0 && clip <= 1, "act clip search: clip ", clip, " is not in (0, 1]");
   const Tensor x = x_in.contiguous();
   const int64_t R = x.size(0), in = x.size(1);
-  const Tensor q = act_fake_quant(Var(x, false), ActQuantSpec{act.bits, act.asymmetric, clip, act.fp, {}}).value().contiguous();
+  const Tensor q = act_fake_quant(Var(x, false), act.with_clip(clip)).value().contiguous();
   Tensor d = Tensor::empty({R, in});  // Q_c(X) - X
   {
     const float* a = q.data<float>();

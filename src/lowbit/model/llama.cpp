@@ -301,8 +301,7 @@ namespace {
 Tensor kivi_attention(const KVQuantSpec& spec, const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
   const int64_t T = q.size(0), H = q.size(1), hd = q.size(2), S = k.size(0), KVH = k.size(1), C = KVH * hd;
   const int64_t G = spec.group, vg = hd % G == 0 ? G : hd;
-  auto quantized_len = [&](int64_t t) { return spec.quantized_len(t); };
-  const int64_t Lmax = quantized_len(S - 1);
+  const int64_t Lmax = spec.quantized_len(S - 1);
   Tensor kq, vq;
   if (Lmax > 0) {  // the complete groups, quantized once: keys per channel, values per token
     kq = Tensor::empty({Lmax, C});
@@ -313,9 +312,9 @@ Tensor kivi_attention(const KVQuantSpec& spec, const Tensor& q, const Tensor& k,
   }
   Tensor out = Tensor::empty({T, H, hd});
   for (int64_t t0 = 0; t0 < T;) {  // queries sharing one L(t): consecutive positions
-    const int64_t L = quantized_len(S - T + t0);
+    const int64_t L = spec.quantized_len(S - T + t0);
     int64_t t1 = t0 + 1;
-    while (t1 < T && quantized_len(S - T + t1) == L) ++t1;
+    while (t1 < T && spec.quantized_len(S - T + t1) == L) ++t1;
     const int64_t keys = S - T + t1;  // the chunk's last query sees keys [0, keys)
     Tensor km = k.slice(0, 0, keys), vm = v.slice(0, 0, keys);
     if (L > 0) {
@@ -365,7 +364,7 @@ int per_row_act_bits(const ActQuantSpec& a) {
 Var LlamaModel::act_in(const Var& x, int layer, int point) const {
   const ActQuantSpec& a = transforms_.act;
   if (a.clips.empty()) return act_fake_quant(x, a);
-  return act_fake_quant(x, ActQuantSpec{a.bits, a.asymmetric, a.clip_at(layer, point), a.fp, {}});
+  return act_fake_quant(x, a.with_clip(a.clip_at(layer, point)));
 }
 
 Var LlamaModel::kv_token_in(const Var& x) const {

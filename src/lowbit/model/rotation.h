@@ -70,6 +70,8 @@ struct ActQuantSpec {
   double clip_at(int layer, int point) const {
     return clips.empty() ? clip : clips[size_t(layer) * kActPoints + size_t(point)];
   }
+  // The same quantizer with one ratio `c` everywhere (no searched ratios).
+  ActQuantSpec with_clip(double c) const { return ActQuantSpec{bits, asymmetric, c, fp, {}}; }
 };
 
 struct KVQuantSpec {

@@ -10,11 +10,10 @@
 // CPU body: work items are (kv head, tile of up to 64 query rows). An item widens the keys and
 // values it may see (rows 0 .. the tile's last position, one kv head) into a per-thread f32
 // buffer, once for all the query heads that share the kv head (an f16 cache inside a pool task:
-// all kv heads at once, by the call's first item), then runs the same BLAS products and softmax
+// all kv heads at once, before the items), then runs the same BLAS products and softmax
 // as ops::attention_forward on them. So no f32 copy of the cache exists: each step
 // reads the cache in its own type, one kv head's rows at a time. f32 caches are read in place.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -160,36 +159,30 @@ void kv_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, con
   if (Tq == 0) return;
   const float* ksc = q8 ? k_scale.data<float>() : nullptr;
   const float* vsc = q8 ? v_scale.data<float>() : nullptr;
-  const bool wide = k.dtype() == DType::F32;
   // f16, one query tile, items run serially (a batched decode step calls this from each
-  // sequence's pool task): the items (one per kv head) share one widening of all heads' rows, made
-  // by the first (whole contiguous rows instead of one head's slice of each: ~9 % of an 8-row step
-  // at 100 tokens of context, docs/results/packed-inference.md). The same f32 values, so the same
-  // numbers. `call` tells this call's buffer from an earlier call's.
-  static std::atomic<uint64_t> calls{0};
-  const uint64_t call = ++calls;
-  const bool all_heads =
-      k.dtype() == DType::F16 && Tq <= query_tile(Tk) && KVH > 1 && (num_threads() < 2 || in_parallel_region());
+  // sequence's pool task): the whole cache is widened once, here, as contiguous rows of all kv
+  // heads (instead of one head's slice of each row per item: ~9 % of an 8-row step at 100 tokens of
+  // context, docs/results/packed-inference.md), and the items read it like an f32 cache. The same
+  // f32 values, so the same numbers.
+  const float *kf = nullptr, *vf = nullptr;
+  if (k.dtype() == DType::F32) {
+    kf = k.data<float>();
+    vf = v.data<float>();
+  } else if (k.dtype() == DType::F16 && Tq <= query_tile(Tk) && KVH > 1 && (num_threads() < 2 || in_parallel_region())) {
+    thread_local std::vector<float> Kall, Vall;
+    const int64_t n = Tk * KVH * hd;
+    if (Kall.size() < size_t(n)) Kall.resize(size_t(n)), Vall.resize(size_t(n));
+    vec::f16_to_f32(static_cast<const uint16_t*>(k.raw_data()), Kall.data(), n);
+    vec::f16_to_f32(static_cast<const uint16_t*>(v.raw_data()), Vall.data(), n);
+    kf = Kall.data();
+    vf = Vall.data();
+  }
   attend_tiles(q.data<float>(), out.data<float>(), Tq, H, hd, Tk, KVH, scale,
                [&](int64_t kh, int64_t kn, std::vector<float>& Kw, std::vector<float>& Vw, const float*& K,
                    const float*& V, int64_t& ld) {
-                 if (wide) {
-                   K = k.data<float>() + kh * hd;
-                   V = v.data<float>() + kh * hd;
-                   ld = KVH * hd;
-                   return;
-                 }
-                 if (all_heads) {
-                   thread_local uint64_t have = 0;
-                   const int64_t n = kn * KVH * hd;
-                   if (have != call) {
-                     if (Kw.size() < size_t(n)) Kw.resize(size_t(n)), Vw.resize(size_t(n));
-                     vec::f16_to_f32(static_cast<const uint16_t*>(k.raw_data()), Kw.data(), n);
-                     vec::f16_to_f32(static_cast<const uint16_t*>(v.raw_data()), Vw.data(), n);
-                     have = call;
-                   }
-                   K = Kw.data() + kh * hd;
-                   V = Vw.data() + kh * hd;
+                 if (kf) {  // f32 rows of all kv heads (the cache itself, or widened above)
+                   K = kf + kh * hd;
+                   V = vf + kh * hd;
                    ld = KVH * hd;
                    return;
                  }

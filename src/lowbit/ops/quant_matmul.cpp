@@ -498,6 +498,13 @@ void trit_planes_body(const float* x, int64_t M, const PackedWeight& w, float* y
   for (int64_t i = 0; i < M * w.out; ++i) y[i] += y2[size_t(i)];
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+// The SalientBinary panel kernel for an x86 ISA (Avx2 or Avx2Vnni).
+qmm::SalientPanel salient_panel(QuantIsa isa) {
+  return isa == QuantIsa::Avx2 ? qmm::avx2_salient_panel() : qmm::avx2vnni_salient_panel();
+}
+#endif
+
 // SalientBinary (ptq161). Int8: the whole product in quant_matmul_salient (x86: the panel kernel
 // for every row with `panels`, else the four-row kernels; or the portable tables). Exact (M <= 8):
 // the binary columns through the f32 tables, the salient columns as an int4 IntGroups view through
@@ -507,8 +514,7 @@ void salient_binary_body(const float* x, int64_t M, const PackedWeight& w, float
   if (int8) {
     const QuantIsa r = resolve_isa(isa);
 #if defined(__x86_64__) || defined(__i386__)
-    if ((r == QuantIsa::Avx2 || r == QuantIsa::Avx2Vnni) && panels)
-      return salient::int8_panel(x, M, w, y, r == QuantIsa::Avx2 ? qmm::avx2_salient_panel() : qmm::avx2vnni_salient_panel());
+    if ((r == QuantIsa::Avx2 || r == QuantIsa::Avx2Vnni) && panels) return salient::int8_panel(x, M, w, y, salient_panel(r));
     if (r == QuantIsa::Avx2 || r == QuantIsa::Avx2Vnni)
       return salient::int8_simd(x, M, w, y, r == QuantIsa::Avx2 ? qmm::avx2_salient_kernel() : qmm::avx2vnni_salient_kernel());
 #endif
@@ -1102,36 +1108,33 @@ void quant_matmul_many(const Tensor& x, const std::vector<const PackedWeight*>& 
                        const QuantMatmulOptions& opt) {
   if (ws.size() != ys.size()) throw_error(kOp, ": ", ws.size(), " weights but ", ys.size(), " outputs");
   for (const PackedWeight* w : ws) check_view(*w);
-  // One region when every product is a plain Int8-body product of this input on the CPU (then they
-  // share the quantized activations: same width and activation order).
-  bool one_region = x.device() == Device::CPU && x.dtype() == DType::F32 && x.dim() == 2 && x.is_contiguous() &&
-                    x.size(0) > 0 && ws.size() > 1;
-  for (size_t i = 0; i < ws.size() && one_region; ++i) {
-    const PackedWeight& w = *ws[i];
-    const Tensor& y = *ys[i];
-    one_region = w.in == x.size(1) && plain_int8_layout(w) && qmm::act_order_bits(w) == qmm::act_order_bits(*ws[0]) &&
-                 y.device() == Device::CPU && y.dtype() == DType::F32 && y.is_contiguous() && y.dim() == 2 &&
-                 y.size(0) == x.size(0) && y.size(1) == w.out && w.layout != PackedLayout::Generic &&
-                 cpu_path(x.size(0), w, opt) == QuantMatmulPath::Int8;
-  }
+  // Several products of this input can share one parallel region when each is an Int8-body
+  // product on the CPU into an f32 [M, out] output; `also(w)` adds each region's own condition.
+  const bool cpu_input = x.device() == Device::CPU && x.dtype() == DType::F32 && x.dim() == 2 && x.is_contiguous() &&
+                         x.size(0) > 0 && ws.size() > 1;
+  const auto every_product = [&](const auto& also) {
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const PackedWeight& w = *ws[i];
+      const Tensor& y = *ys[i];
+      if (!(also(w) && w.in == x.size(1) && y.device() == Device::CPU && y.dtype() == DType::F32 && y.is_contiguous() &&
+            y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == w.out && cpu_path(x.size(0), w, opt) == QuantMatmulPath::Int8))
+        return false;
+    }
+    return true;
+  };
+  // Plain layouts: they share the quantized activations (same width and activation order).
+  const bool one_region = cpu_input && every_product([&](const PackedWeight& w) {
+    return plain_int8_layout(w) && w.layout != PackedLayout::Generic && qmm::act_order_bits(w) == qmm::act_order_bits(*ws[0]);
+  });
 #if defined(__x86_64__) || defined(__i386__)
   // SalientBinary (ptq161) weights through the panel kernel: one region for all the products.
-  bool salient = !one_region && x.device() == Device::CPU && x.dtype() == DType::F32 && x.dim() == 2 &&
-                 x.is_contiguous() && x.size(0) > 0 && ws.size() > 1 && opt.int8_panels && !salient::act_sim_enabled();
   const QuantIsa sisa = resolve_isa(opt.isa);
-  salient = salient && (sisa == QuantIsa::Avx2 || sisa == QuantIsa::Avx2Vnni);
-  for (size_t i = 0; i < ws.size() && salient; ++i) {
-    const PackedWeight& w = *ws[i];
-    const Tensor& y = *ys[i];
-    salient = w.layout == PackedLayout::SalientBinary && w.in == x.size(1) && y.device() == Device::CPU &&
-              y.dtype() == DType::F32 && y.is_contiguous() && y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == w.out &&
-              cpu_path(x.size(0), w, opt) == QuantMatmulPath::Int8;
-  }
-  if (salient) {
+  if (!one_region && cpu_input && opt.int8_panels && !salient::act_sim_enabled() &&
+      (sisa == QuantIsa::Avx2 || sisa == QuantIsa::Avx2Vnni) &&
+      every_product([](const PackedWeight& w) { return w.layout == PackedLayout::SalientBinary; })) {
     std::vector<float*> yp;
     for (Tensor* y : ys) yp.push_back(y->data<float>());
-    salient::int8_panel_many(x.data<float>(), x.size(0), ws, yp,
-                             sisa == QuantIsa::Avx2 ? qmm::avx2_salient_panel() : qmm::avx2vnni_salient_panel());
+    salient::int8_panel_many(x.data<float>(), x.size(0), ws, yp, salient_panel(sisa));
     return;
   }
 #endif

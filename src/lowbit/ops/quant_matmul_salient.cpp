@@ -304,14 +304,18 @@ const qmm::SalientActs& prepare(const float* x, int64_t M, const PackedWeight& w
   return prepare_into(B, x, M, w, simd, panel_order);
 }
 
-// Rows in chunks of at least ~32K weight x activation-row products (one parallel region per
-// product), each chunk starting at a multiple of `unit` rows (the x86 kernels take four rows per
-// pass, the panels 8 or 16). `M`: the activation rows each row meets (the panel kernel; the others
-// count one).
+// Units of `unit` weight rows per parallel chunk: at least ~32K weight x activation-row products,
+// each row of `in` weights meeting M activation rows.
+int64_t units_grain(int64_t in, int64_t unit, int64_t M) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, in * unit * M));
+}
+// Rows in chunks of units_grain (one parallel region per product), each chunk starting at a
+// multiple of `unit` rows (the x86 kernels take four rows per pass, the panels 8 or 16). `M`: the
+// activation rows each row meets (the panel kernel; the others count one).
 template <class F>
 void int8_rows(const PackedWeight& w, const F& fn, int64_t unit = 1, int64_t M = 1) {
   const int64_t units = (w.out + unit - 1) / unit;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, w.in * unit * M));
+  const int64_t grain = units_grain(w.in, unit, M);
   parallel_for(units, grain, [&](int64_t u0, int64_t u1) { fn(u0 * unit, std::min(w.out, u1 * unit)); });
 }
 
@@ -388,7 +392,7 @@ void int8_panel_many(const float* x, int64_t M, const std::vector<const PackedWe
   }
   int64_t in = 1;
   for (const PackedWeight* w : ws) in = std::max(in, w->in);
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (in * panel.rows * M));
+  const int64_t grain = units_grain(in, panel.rows, M);
   std::vector<Operand>& o = ops;  // named through a reference inside the parallel lambda
   parallel_for(first[n], grain, [&](int64_t u0, int64_t u1) {
     for (size_t i = 0; i < n && u0 < u1; ++i) {
