@@ -61,14 +61,18 @@ stage)
     "$S/w/shared/tasks" "$S/w/shared/models/smollm2-135m-instruct" .devcarry
   nvcc -O3 -std=c++17 -arch=sm_90 -I src bench/cuda/quant_gemv_bench.cu -lcublas -o "$S/w/bin/quant_gemv_bench"
   cp "$B/lowbit" "$S/w/bin/"
-  mkdir -p "$S/t/w/bin"
-  cp "$B/tests/test_quant" "$B/tests/test_methods" "$B/tests/test_ops" "$B/tests/test_model" "$S/t/w/bin/"
-  # stories260K for the GPU tests that read it (QatCli.*; LOWBIT_SHARED=$W/shared)
-  mkdir -p "$S/t/w/shared/models/stories260K"
-  cp "$shared/models/stories260K/stories260K.bin" "$shared/models/stories260K/sample-tokens.i32" \
-    "$shared/models/stories260K/tok512.model" "$S/t/w/shared/models/stories260K/"
-  tar -C "$S/t" -cf - w | xz -T2 -6 > .devcarry/tests.tar.xz
-  rm -rf "$S/t"
+  # The GPU test binaries, when built (NO_TESTS=1 or a build without them: no tests.tar.xz).
+  rm -f .devcarry/tests.tar.xz
+  if [ -z "${NO_TESTS:-}" ] && [ -x "$B/tests/test_quant" ]; then
+    mkdir -p "$S/t/w/bin"
+    cp "$B/tests/test_quant" "$B/tests/test_methods" "$B/tests/test_ops" "$B/tests/test_model" "$S/t/w/bin/"
+    # stories260K for the GPU tests that read it (QatCli.*; LOWBIT_SHARED=$W/shared)
+    mkdir -p "$S/t/w/shared/models/stories260K"
+    cp "$shared/models/stories260K/stories260K.bin" "$shared/models/stories260K/sample-tokens.i32" \
+      "$shared/models/stories260K/tok512.model" "$S/t/w/shared/models/stories260K/"
+    tar -C "$S/t" -cf - w | xz -T2 -6 > .devcarry/tests.tar.xz
+    rm -rf "$S/t"
+  fi
   # Issue 14's E2E-QP step bench (bench/cuda/e2eqp_7b.sh), when build-cuda has -DLOWBIT_BENCH=ON.
   if [ -x "$B/bench/bench_e2eqp" ]; then cp "$B/bench/bench_e2eqp" "$S/w/bin/"; fi
   for l in libsentencepiece.so.0 libgomp.so.1 libopenblas.so.0 libgfortran.so.5 libquadmath.so.0 \
