@@ -184,5 +184,11 @@ TEST(QatCli, CpuRunsRepeat) {
   for (const auto& c : {kCases[1], kCases[5]}) {
     const QatRun a = run_qat(c, "cpu", model, tokens, "a"), b = run_qat(c, "cpu", model, tokens, "b");
     expect_same_training(c, a, b, 0.0, 1.0);
+    // The report's bits per weight: the g64 format's codes + f16 scale and zero (bits + 0.5), more where
+    // a row's last group is partial (stories260K's 172-wide down_proj), never a whole bit more.
+    ASSERT_TRUE(a.report.contains("bits_per_weight") && a.report["bits_per_weight"].is_number()) << c.method;
+    const double nominal = (std::string(c.format) == "int2g64" ? 2 : 3) + 0.5, bpw = a.report["bits_per_weight"];
+    EXPECT_GE(bpw, nominal) << c.method << " " << c.format;
+    EXPECT_LT(bpw, nominal + 1) << c.method << " " << c.format;
   }
 }

@@ -157,6 +157,7 @@ void run_qat(QatArgs& a) {
   nlohmann::json report = {{"model", a.model},     {"method", a.method},       {"format", f.name},
                            {"complete", r.complete}, {"seconds", r.seconds},   {"stages", stages},
                            {"training_tokens", tokens}, {"data", data},        {"data_tokens", stream.size()},
+                           {"bits_per_weight", block_linear_bits_per_weight(m.model->config(), f)},
                            {"peak_rss_bytes", peak_rss_bytes()}, {"threads", threads_summary()},
                            {"ranks", world->world_size()}, {"comm_backend", world->backend()}};
   if (generate)

@@ -264,12 +264,8 @@ SaliencyMap obtain_saliency(const QuantArgs& a, const LlamaModel& model, const T
 // model's linears: 0.5 bits at int2g64 (2.5 bits per weight), what rank 64 costs on Llama-2-7B's
 // 4096-wide layers. At least 1.
 int64_t default_apiq_rank(const LlamaConfig& c, const QuantFormat& f) {
-  const int64_t d = c.dim, h = c.hidden_dim, hd = c.resolved_head_dim();
-  const int64_t q = hd * c.n_heads, kv = hd * c.n_kv_heads;
-  // (out, in) of q, k, v, o, gate, up, down
-  const std::pair<int64_t, int64_t> shapes[] = {{q, d}, {kv, d}, {kv, d}, {d, q}, {h, d}, {h, d}, {d, h}};
   double format_bits = 0, per_rank = 0;
-  for (const auto& [out, in] : shapes) {
+  for (const auto& [out, in] : block_linear_shapes(c)) {
     format_bits += f.bits_per_weight(out, in) * double(out) * double(in);
     per_rank += double(out + in);
   }

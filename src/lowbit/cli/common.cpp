@@ -481,6 +481,21 @@ void OutputDir::refuse_input(const std::string& input, const std::string& what) 
 
 // ---- tokenizer files travel with outputs --------------------------------------------------------
 
+std::vector<std::pair<int64_t, int64_t>> block_linear_shapes(const LlamaConfig& c) {
+  const int64_t d = c.dim, h = c.hidden_dim, hd = c.resolved_head_dim();
+  const int64_t q = hd * c.n_heads, kv = hd * c.n_kv_heads;
+  return {{q, d}, {kv, d}, {kv, d}, {d, q}, {h, d}, {h, d}, {d, h}};
+}
+
+double block_linear_bits_per_weight(const LlamaConfig& c, const QuantFormat& f) {
+  double bits = 0, params = 0;
+  for (const auto& [out, in] : block_linear_shapes(c)) {
+    bits += f.bits_per_weight(out, in) * double(out) * double(in);
+    params += double(out) * double(in);
+  }
+  return params > 0 ? bits / params : 0;
+}
+
 int copy_tokenizer_files(const std::string& tokenizer, const std::string& model, const std::string& out_dir) {
   std::error_code ec;
   std::vector<std::pair<fs::path, std::string>> files;  // source, name in out_dir

@@ -174,6 +174,14 @@ class OutputDir {
   bool keep_ = false;
 };
 
+// (out, in) of one block's seven linears: q, k, v, o, gate, up, down.
+std::vector<std::pair<int64_t, int64_t>> block_linear_shapes(const LlamaConfig& c);
+
+// The bits per weight a format costs over one block's seven linears (q, k, v, o, gate, up, down),
+// each weighted by its size: what `quantize` reports for a plain format, and the basis of ApiQ's
+// default rank. Scales, zeros and partial groups included (QuantFormat::bits_per_weight).
+double block_linear_bits_per_weight(const LlamaConfig& c, const QuantFormat& f);
+
 // Copies the tokenizer files of a model directory (tokenizer.json / .model / .bin and their
 // config files) into `out_dir`, so outputs are usable without --tokenizer. `tokenizer` (a file or
 // directory given with --tokenizer) is preferred when set. Returns the number of files copied.
