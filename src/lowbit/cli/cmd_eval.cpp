@@ -15,12 +15,6 @@
 namespace lowbit::cli {
 
 namespace {
-// The mean of the searched activation clip ratios (ActQuantSpec::clips), for the JSON lines.
-double mean_of(const std::vector<double>& v) {
-  double s = 0;
-  for (double x : v) s += x;
-  return v.empty() ? 0.0 : s / double(v.size());
-}
 struct PplArgs {
   bool dequantize = false;
   std::string model, tokenizer, text, tokens, device = "cpu", logits_out;

@@ -527,8 +527,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
       smooth_json["search"] = {{"format", f.name}, {"act", act_quant_name(so.act)}, {"rows", kSearchRows}};
     }
     if (!a.json) {
-      double mean = 0;
-      for (double v : sr.alphas) mean += v / double(std::max<size_t>(1, sr.alphas.size()));
+      const double mean = mean_of(sr.alphas);
       if (a.smooth_auto)
         std::fprintf(stderr, "smoothquant alpha searched per point (for %s weights, %s activations): mean %.2f; ",
                      f.name, act_quant_name(so.act).c_str(), mean);
@@ -548,8 +547,9 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     const ActQuantSpec target = parse_act_quant(a.tr.act);
     const ActClipReport cr = search_act_clips(*m.model, calib.slice(0, 0, ns).contiguous(), target);
     act_clips = cr.clips;
-    double mean = 0, lo = 1;
-    for (double c : act_clips) mean += c / double(act_clips.size()), lo = std::min(lo, c);
+    const double mean = mean_of(act_clips);
+    double lo = 1;
+    for (double c : act_clips) lo = std::min(lo, c);
     act_clip_json = {{"clips", act_clips}, {"mean", mean}, {"min", lo}, {"rows", cr.rows}, {"samples", ns},
                      {"error_clip1", cr.error_clip1}, {"error_searched", cr.error_searched},
                      {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count()}};

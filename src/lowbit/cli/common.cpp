@@ -481,6 +481,12 @@ void OutputDir::refuse_input(const std::string& input, const std::string& what) 
 
 // ---- tokenizer files travel with outputs --------------------------------------------------------
 
+double mean_of(const std::vector<double>& v) {
+  double s = 0;
+  for (double x : v) s += x;
+  return v.empty() ? 0.0 : s / double(v.size());
+}
+
 std::vector<std::pair<int64_t, int64_t>> block_linear_shapes(const LlamaConfig& c) {
   const int64_t d = c.dim, h = c.hidden_dim, hd = c.resolved_head_dim();
   const int64_t q = hd * c.n_heads, kv = hd * c.n_kv_heads;

@@ -19,6 +19,7 @@
 
 #include "lowbit/io/checkpoint.h"
 #include "lowbit/model/llama.h"
+#include "lowbit/quant/format.h"
 #include "lowbit/tokenizer/tokenizer.h"
 
 namespace CLI {
@@ -173,6 +174,9 @@ class OutputDir {
   std::string keep_if_;
   bool keep_ = false;
 };
+
+// The arithmetic mean of v (0 when empty): searched clip ratios and smoothing alphas in the reports.
+double mean_of(const std::vector<double>& v);
 
 // (out, in) of one block's seven linears: q, k, v, o, gate, up, down.
 std::vector<std::pair<int64_t, int64_t>> block_linear_shapes(const LlamaConfig& c);

@@ -43,14 +43,16 @@ double act_clip_error(const Tensor& x_in, const std::vector<const Tensor*>& read
 }
 
 double search_point_clip(const Tensor& x, const std::vector<const Tensor*>& readers, const ActQuantSpec& act,
-                         const std::vector<double>& grid, double* error) {
+                         const std::vector<double>& grid, double* error, double* error_clip1) {
   LB_CHECK(!grid.empty(), "act clip search: the grid is empty");
-  double best = grid[0], best_err = std::numeric_limits<double>::infinity();
+  double best = grid[0], best_err = std::numeric_limits<double>::infinity(), at1 = -1;
   for (double c : grid) {
     const double e = act_clip_error(x, readers, act, c);
+    if (c == 1.0) at1 = e;
     if (e < best_err) best_err = e, best = c;
   }
   if (error) *error = best_err;
+  if (error_clip1) *error_clip1 = at1 >= 0 ? at1 : act_clip_error(x, readers, act, 1.0);
   return best;
 }
 
@@ -120,10 +122,10 @@ ActClipReport search_act_clips(LlamaModel& model, const Tensor& tokens_in, const
       const int64_t n = int64_t(kept[k].size()) / width[k];
       rep.rows = std::max(rep.rows, n);
       const Tensor x = Tensor::from_vector(std::move(kept[k]), {n, width[k]});
-      double err = 0;
-      rep.clips[k] = search_point_clip(x, readers[size_t(p)], act, o.grid, &err);
+      double err = 0, err1 = 0;
+      rep.clips[k] = search_point_clip(x, readers[size_t(p)], act, o.grid, &err, &err1);
       rep.error_searched += err;
-      rep.error_clip1 += act_clip_error(x, readers[size_t(p)], act, 1.0);
+      rep.error_clip1 += err1;
     }
   }
   return rep;

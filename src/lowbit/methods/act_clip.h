@@ -37,9 +37,10 @@ struct ActClipReport {
 // quantizer `act` with its clip replaced by `clip`.
 double act_clip_error(const Tensor& x, const std::vector<const Tensor*>& readers, const ActQuantSpec& act, double clip);
 
-// The grid's minimiser of act_clip_error (the first of equals); *error gets its objective.
+// The grid's minimiser of act_clip_error (the first of equals); *error gets its objective and
+// *error_clip1 the objective at clip 1 (the grid's own evaluation when it holds 1).
 double search_point_clip(const Tensor& x, const std::vector<const Tensor*>& readers, const ActQuantSpec& act,
-                         const std::vector<double>& grid, double* error = nullptr);
+                         const std::vector<double>& grid, double* error = nullptr, double* error_clip1 = nullptr);
 
 // Runs the model (no gradients, one window at a time, its own activation quantization switched off
 // while it runs) on calibration windows (i32 [N, T]) and searches every point. The model's linears
