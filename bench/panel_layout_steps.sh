@@ -21,7 +21,7 @@ THREADS=${THREADS:-"1 2"}
 BATCHES=${BATCHES:-"1 8"}
 LAYOUTS=${LAYOUTS:-"base rows tile direct"}
 CTX=${CTX:-10}
-[ -f "$MODEL" ] || { echo "model $MODEL not found" >&2; exit 1; }
+[ -e "$MODEL" ] || { echo "model $MODEL not found" >&2; exit 1; }
 echo "machine: $(lscpu | grep 'Model name' | sed 's/ *Model name: *//'), $(nproc) CPUs; $(date -u '+%F %T') UTC"
 echo "round threads batch layout cpu_ms_step main_ms_step tok_s load1"
 for r in $(seq 1 "$ROUNDS"); do
