@@ -177,6 +177,13 @@ void reference_body(const float* x, int64_t M, const PackedWeight& w, float* y) 
 // A chunk is at least kMinChunkWork weight values (smaller products run serially).
 constexpr int64_t kMinChunkWork = int64_t(1) << 14;
 constexpr int64_t kTaskWork = int64_t(1) << 16;  // weights per dynamic task of the int8 body
+// ... of its plain layouts (Int8Product: the panel kernels). 2^18: on the 2-core Zen 4 VM in the
+// real-time class (chrt -f 10, so that other jobs cannot preempt), two threads decoded an 8-row
+// SmolLM2 step in 9.7-11.8 ms instead of 13.4-14.9 (1-row: 5.4-5.5 vs 5.7-6.6) — each task starts
+// with its first panels not prefetched and claims a task on the shared counter, and 2^16 made
+// ~2000 tasks a step; under load (normal class) no difference (docs/results/packed-inference.md,
+// "Two threads"). Which kernel computes a row does not depend on it.
+constexpr int64_t kPanelTaskWork = int64_t(1) << 18;
 inline int64_t row_grain(int64_t in) { return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, in)); }
 
 bool use_openmp() {
@@ -674,9 +681,9 @@ void prepare_int8(const float* x, int64_t M, const PackedWeight& w_given, float*
   p.P = p.pk.rows;
   p.G = p.pk.fn ? p.P : p.qk ? qmm::kRowGroup : 1;
   p.groups = (p.out + p.G - 1) / p.G;
-  // Tasks of about kTaskWork weights, handed out dynamically (a thread that falls behind on a
+  // Tasks of about kPanelTaskWork weights, handed out dynamically (a thread that falls behind on a
   // shared machine takes fewer), whole row groups each.
-  p.per_task = std::max<int64_t>(1, kTaskWork / (p.G * w.in));
+  p.per_task = std::max<int64_t>(1, kPanelTaskWork / (p.G * w.in));
   p.tasks = (p.groups + p.per_task - 1) / p.per_task;
   scratch.all_rows.resize(size_t(M));
   for (int64_t j = 0; j < M; ++j) scratch.all_rows[size_t(j)] = a.row(j);
