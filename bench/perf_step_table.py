@@ -26,7 +26,7 @@ CATEGORIES = [
     ("q8_0 tied head: int8 products", r"panel_rows<.*PanelFmt\)2,"),
     ("activation quantization + panel copy", r"quantize"),
     ("other packed kernels", r"qmm::"),
-    ("attention: f16 KV cache widening", r"f16_rows_to_f32"),
+    ("attention: f16 KV cache widening", r"f16_rows_to_f32|f16_to_f32_avx512"),
     ("attention: sgemm, softmax, RoPE, KV store",
      r"sgemm|exp_shift_sum|softmax|rope|kv_store|f32_to_f16|kv_attention|gemm|vec::.*max|vec::.*scale"),
     ("RMSNorm, SwiGLU, residual adds", r"rmsnorm|swiglu|binary|add"),
