@@ -144,7 +144,19 @@ const uint8_t* storage_row(const QuantizedTensor& q, int64_t row, int64_t rb) {
   if (q.panel_rows == 0) return q.codes.data<uint8_t>() + row * rb;
   thread_local std::vector<uint8_t> buf;
   buf.resize(size_t(rb));
-  ops::PackedWeight w = q.packed_view();
+  // The fields quant_matmul_row_bytes reads (packed_view() would validate on every row).
+  const QuantFormat& f = q.fmt();
+  ops::PackedWeight w;
+  w.out = q.out_features();
+  w.in = q.in_features();
+  w.layout = f.id == QuantFormatId::Q4_0   ? ops::PackedLayout::GgmlQ4_0
+             : f.id == QuantFormatId::Q4_1 ? ops::PackedLayout::GgmlQ4_1
+             : f.id == QuantFormatId::Q8_0 ? ops::PackedLayout::GgmlQ8_0
+                                           : ops::PackedLayout::IntGroups;
+  w.bits = f.bits;
+  w.row_bytes = rb;
+  w.codes = q.codes.data<uint8_t>();
+  w.panel_rows = q.panel_rows;
   ops::quant_matmul_row_bytes(w, row, buf.data());
   return buf.data();
 }
