@@ -9,20 +9,24 @@ Prints, per component (the packed kernels by format and phase, attention, activa
 quantization, norms, the thread pool, allocation), its share of the samples and that share times
 MS_PER_STEP (the bench's CPU ms per step: all threads, or one thread's with TID). -D skips model
 loading. At one activation row the products are inlined into panel_kernel, so the "weight
-decode" rows then hold the whole kernel.
+decode" rows then hold the whole kernel. With the panel layout (LOWBIT_PANEL_LAYOUT, the default) the
+ggml linears run panel_rows_direct: decode and products in one row each.
 """
 import collections
 import re
 import sys
 
 CATEGORIES = [
+    # the panel layout (LOWBIT_PANEL_LAYOUT, default on): 16-row products read the ggml blocks directly
+    ("q4_1 linears: panel layout, decode + products (panel_rows_direct)", r"panel_rows_direct<.*PanelFmt\)1,"),
+    ("q8_0 tied head: panel layout, decode + products (panel_rows_direct)", r"panel_rows_direct<.*PanelFmt\)2,"),
     ("q4_1 linears: weight decode (panel_kernel)", r"panel_kernel<.*PanelFmt\)1>"),
     ("q4_1 linears: int8 products (panel_rows)", r"panel_rows<.*PanelFmt\)1,"),
     ("q8_0 tied head 49152x576: weight decode", r"panel_kernel<.*PanelFmt\)2>"),
     ("q8_0 tied head: int8 products", r"panel_rows<.*PanelFmt\)2,"),
     ("activation quantization + panel copy", r"quantize"),
     ("other packed kernels", r"qmm::"),
-    ("attention: f16 KV cache widening", r"f16_rows_to_f32"),
+    ("attention: f16 KV cache widening", r"f16_rows_to_f32|f16_to_f32_avx512"),
     ("attention: sgemm, softmax, RoPE, KV store",
      r"sgemm|exp_shift_sum|softmax|rope|kv_store|f32_to_f16|kv_attention|gemm|vec::.*max|vec::.*scale"),
     ("RMSNorm, SwiGLU, residual adds", r"rmsnorm|swiglu|binary|add"),

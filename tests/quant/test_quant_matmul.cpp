@@ -139,10 +139,49 @@ double masked_int8_bound(const QuantizedTensor& q, const float* xm, int64_t o) {
   return bound;
 }
 
+// The CPU panel layout (ops/quant_matmul.h) of both heights the x86 panel kernels read (8: 256-bit
+// vectors, 16: AVX-512), each a copy of q with its codes rearranged, for the weights that have one.
+std::vector<QuantizedTensor> panel_layouts(const QuantizedTensor& q) {
+  std::vector<QuantizedTensor> out;
+  const ops::PackedWeight v = q.packed_view();
+  for (int64_t h : {8, 16}) {
+    if (!ops::quant_matmul_panel_layout_supported(v, h)) continue;
+    QuantizedTensor p = q;
+    p.codes = q.codes.clone();
+    ops::quant_matmul_to_panel_layout(v, h, p.codes.data<uint8_t>());
+    p.panel_rows = h;
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+// y == the same product on each panel-layout copy, bit for bit (the layout changes no number).
+void expect_panel_layouts_equal(const std::vector<QuantizedTensor>& panels, const Tensor& x, const Tensor& y,
+                                const ops::QuantMatmulOptions& opt, int& cells) {
+  for (const QuantizedTensor& p : panels)
+    for (bool direct : {true, false}) {  // AVX-512, ggml blocks: products straight from the layout, or via the tile
+#if defined(__x86_64__) || defined(__i386__)
+      struct Restore {
+        bool was;
+        ~Restore() { ops::qmm::set_panel_direct(was); }
+      } restore{ops::qmm::set_panel_direct(direct)};
+#else
+      if (!direct) continue;
+#endif
+      Tensor yp = Tensor::empty(y.shape());
+      ops::quant_matmul(x, p.packed_view(), yp, opt);
+      ++cells;
+      const float *a = y.data<float>(), *b = yp.data<float>();
+      for (int64_t i = 0; i < y.numel(); ++i)
+        ASSERT_EQ(a[i], b[i]) << "output " << i << ": the panel layout of " << p.panel_rows << " rows differs"
+                              << (direct ? "" : " (tile decode)");
+    }
+}
+
 }  // namespace
 
 TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
-  int run = 0, skipped = 0;
+  int run = 0, skipped = 0, panel_cells = 0;
   std::vector<std::string> skips;
   for (const QuantFormat& f : all_quant_formats()) {
     for (const Shape3& s : kShapes) {
@@ -162,6 +201,10 @@ TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
       Tensor yref = Tensor::empty({s.M, s.out});
       ops::quant_matmul(x, view, yref, {ops::QuantMatmulPath::Reference});
       const Tensor wd = q.dequantize();
+      // Every CPU cell also runs on the panel layouts (8 and 16 rows, where the weight has them):
+      // the same numbers bit for bit, whichever body reads them.
+      const std::vector<QuantizedTensor> panels = panel_layouts(q);
+      expect_panel_layouts_equal(panels, x, yref, {ops::QuantMatmulPath::Reference}, panel_cells);
       // Per-output bounds (the int8 activation blocks: 32 values, 256 for the ternary layouts).
       const int64_t ab = ops::quant_matmul_act_block(view);
       std::vector<double> scale(size_t(s.M * s.out)), rbound(size_t(s.M * s.out));
@@ -214,6 +257,7 @@ TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
           y = yd.to(Device::CPU);
         } else {
           ops::quant_matmul(x, view, y, {be.path, be.isa});
+          expect_panel_layouts_equal(panels, x, y, {be.path, be.isa}, panel_cells);
         }
         ++run;
         const float *py = y.data<float>(), *pr = yref.data<float>();
@@ -228,9 +272,10 @@ TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
   std::string msg;
   for (const auto& s : skips)
     if (msg.find(s) == std::string::npos) msg += "\n  skipped: " + s;
-  std::printf("quant_matmul table: %d cells run, %d skipped (ISA best here: %s)%s\n", run, skipped,
-              ops::quant_isa_name(ops::quant_isa_best()), msg.c_str());
+  std::printf("quant_matmul table: %d cells run, %d skipped, %d panel-layout cells (ISA best here: %s)%s\n", run,
+              skipped, panel_cells, ops::quant_isa_name(ops::quant_isa_best()), msg.c_str());
   EXPECT_GT(run, 0);
+  EXPECT_GT(panel_cells, 0);
 }
 
 TEST(QuantMatmul, ReferenceEqualsDenseProductWithTheDequantizedWeight) {
@@ -594,7 +639,7 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
                          {"avx2-vnni-quad", ops::QuantIsa::Avx2Vnni, false},
                          {"avx-vnni-256", ops::QuantIsa::Avx2Vnni, true, true},
                          {"avx-vnni-256-quad", ops::QuantIsa::Avx2Vnni, false, true}};
-  int run = 0, panel_cells = 0, panel_differs = 0;
+  int run = 0, panel_cells = 0, panel_differs = 0, panel_layout_cells = 0;
   std::string skipped;
   for (const QuantFormat& f : all_quant_formats()) {
     for (const OutIn& s : shapes) {
@@ -609,6 +654,7 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
       const ops::PackedWeight view = q.packed_view();
       if (!ops::quant_matmul_has_int8_kernel(view)) continue;
       const Tensor wd = q.dequantize();
+      const std::vector<QuantizedTensor> panels = panel_layouts(q);  // every cell again on them, bit for bit
       const int64_t Mmax = 64;
       const Tensor x = test_input(Mmax, s.in, 5 + uint64_t(s.out));
       Tensor yref = Tensor::empty({Mmax, s.out});
@@ -653,7 +699,9 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
           SCOPED_TRACE(std::string(f.name) + " x " + be.name + " x [" + std::to_string(s.out) + "x" +
                        std::to_string(s.in) + "] M=" + std::to_string(M));
           Tensor y = Tensor::empty({M, s.out});
-          ops::quant_matmul(x.slice(0, 0, M).contiguous(), view, y, opt);
+          const Tensor xm = x.slice(0, 0, M).contiguous();
+          ops::quant_matmul(xm, view, y, opt);
+          expect_panel_layouts_equal(panels, xm, y, opt, panel_layout_cells);
           ++run;
           const float *py = y.data<float>(), *pr = yref.data<float>(), *pa = alone.data<float>();
           for (int64_t i = 0; i < M * s.out; ++i) {
@@ -676,9 +724,11 @@ TEST(QuantMatmul, Int8GemmEveryBatchSizeMatchesTheReferenceAndTheRowAlone) {
   if (ops::quant_isa_supported(ops::QuantIsa::Avx2)) {
     EXPECT_GT(panel_differs, panel_cells / 2);
   }
-  std::printf("int8 GEMM cells: %d run (ISA best here: %s)%s%s\n", run, ops::quant_isa_name(ops::quant_isa_best()),
-              skipped.empty() ? "" : "; not supported by this CPU, skipped:", skipped.c_str());
+  std::printf("int8 GEMM cells: %d run, %d on the panel layouts (ISA best here: %s)%s%s\n", run, panel_layout_cells,
+              ops::quant_isa_name(ops::quant_isa_best()), skipped.empty() ? "" : "; not supported by this CPU, skipped:",
+              skipped.c_str());
   EXPECT_GT(run, 0);
+  EXPECT_GT(panel_layout_cells, 0);
 }
 
 // ptq161 (SalientBinary): the x86 int8 kernels (sign bits expanded to bytes, integer dot products;
@@ -1057,4 +1107,61 @@ TEST(QuantMatmul, ActPerRowScopeSendsPrefillToTheInt8Body) {
     EXPECT_EQ(max_abs_diff(run(ops::QuantMatmulPath::Auto, false), yexact), 0.0);
     EXPECT_THROW(ops::QuantActPerRowScope(9), Error);
   }
+}
+
+// The panel layout at load (QuantizedTensor::to_panel_layout): a permutation of the same bytes in
+// place (same storage, same size), every row decoding to the same values, the storage layout given
+// back by row_layout() and QuantLinear::quantized() (what checkpoint writers read) byte for byte,
+// products through QuantLinear unchanged; slicing and the GPU upload refuse the panel layout.
+// Row counts: whole panels, whole panels plus 1..15 rows, fewer rows than a panel (unchanged).
+TEST(QuantMatmul, PanelLayoutAtLoadIsALosslessPermutation) {
+  const int64_t h = ops::quant_matmul_panel_height(
+      quantize(Tensor::randn({16, 64}, 1, 0.05), parse_quant_format("q4_1")).packed_view());
+  if (h == 0) GTEST_SKIP() << "no x86 panel kernel on this CPU (" << ops::quant_isa_name(ops::quant_isa_best()) << ")";
+  int checked = 0;
+  for (const char* name : {"q4_0", "q4_1", "q8_0", "int4g128", "int2g64", "int4g32", "int8pc", "int4pc", "int2g32s", "int4g128s"}) {
+    const QuantFormat* fp = nullptr;
+    try {
+      fp = &parse_quant_format(name);
+    } catch (const Error&) {
+      continue;  // a name this build does not define
+    }
+    for (int64_t out : {int64_t(7), h, 2 * h, 2 * h + 1, 3 * h - 1, 5 * h + 3}) {
+      const int64_t in = 256;
+      SCOPED_TRACE(std::string(name) + " [" + std::to_string(out) + "x" + std::to_string(in) + "]");
+      const QuantizedTensor q = quantize(Tensor::randn({out, in}, 17 + uint64_t(out), 0.05), *fp);
+      QuantizedTensor p = q;
+      p.codes = q.codes.clone();  // an owned copy: rearranged in place
+      const void* storage = p.codes.raw_data();
+      const bool done = p.to_panel_layout();
+      ASSERT_EQ(done, out >= h) << "a weight of fewer rows than a panel keeps the storage layout";
+      if (!done) {
+        EXPECT_EQ(p.panel_rows, 0);
+        continue;
+      }
+      ++checked;
+      EXPECT_EQ(p.panel_rows, h);
+      EXPECT_EQ(p.codes.raw_data(), storage) << "rearranged in place";
+      EXPECT_EQ(p.nbytes(), q.nbytes());
+      EXPECT_NE(std::memcmp(p.codes.raw_data(), q.codes.raw_data(), q.codes.nbytes()), 0);
+      EXPECT_EQ(max_abs_diff(p.dequantize(), q.dequantize()), 0.0);
+      const QuantizedTensor back = p.row_layout();
+      EXPECT_EQ(back.panel_rows, 0);
+      EXPECT_EQ(std::memcmp(back.codes.raw_data(), q.codes.raw_data(), q.codes.nbytes()), 0);
+      QuantLinear ql(p);
+      const QuantizedTensor written = ql.quantized();
+      EXPECT_EQ(written.panel_rows, 0);
+      EXPECT_EQ(std::memcmp(written.codes.raw_data(), q.codes.raw_data(), q.codes.nbytes()), 0);
+      EXPECT_EQ(ql.packed().panel_rows, h);
+      QuantLinear ref(q);
+      for (int64_t M : {1, 3, 8, 9, 40}) {
+        const Var x(test_input(M, in, 5 + uint64_t(M)), false);
+        EXPECT_EQ(max_abs_diff(ql.forward(x).value(), ref.forward(x).value()), 0.0) << "M = " << M;
+      }
+      EXPECT_THROW(p.slice_rows(0, 1), Error);
+      EXPECT_THROW(p.upload_to_device(), Error);
+      EXPECT_NO_THROW(ql.shard(ShardAxis::Rows, 0, 1, Device::CPU));  // from the row layout
+    }
+  }
+  EXPECT_GT(checked, 0);
 }

@@ -51,7 +51,7 @@ int64_t model_bytes(const LoadedModel& m) {
       const Linear* lin = &computing_layer(**slot);  // a tensor-parallel piece's own weights
       n += tensor_bytes(lin->bias());
       if (auto* q = dynamic_cast<const QuantLinear*>(lin))
-        n += q->quantized().nbytes() + tensor_bytes(q->lora_A()) + tensor_bytes(q->lora_B());
+        n += q->packed().nbytes() + tensor_bytes(q->lora_A()) + tensor_bytes(q->lora_B());
       else
         n += tensor_bytes(lin->effective_weight());
     }

@@ -18,6 +18,7 @@
 
 #include "lowbit/core/progress.h"
 #include "lowbit/core/threads.h"
+#include "lowbit/io/file_util.h"
 #include "lowbit/io/gguf.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/ops/device_init.h"
@@ -80,6 +81,39 @@ bool is_packed_gguf(const std::string& path) {
   return gguf_has_packed_linears(path);
 }
 
+namespace {
+// CPU inference: the packed weights rearranged once into the panel layout of the Int8 body's x86
+// panel kernels (ops/quant_matmul.h), in place, before the model takes its copies (the tied
+// embedding is one entry: its table and the output layer share the rearranged codes). Off with
+// LOWBIT_PANEL_LAYOUT=0.
+// Codes borrowed from a file mapping (GGUF: zero copy) are copied into memory of their own first, a
+// few MiB at a time, each piece's mapped pages released as it is copied: the resident size does
+// not grow (the copy replaces the mapped pages) and the rearrangement is in place.
+void to_cpu_panel_layout(QuantizedCheckpoint& q) {
+  if (!ops::quant_panel_layout_enabled()) return;
+  for (auto& [name, t] : q.quantized) {
+    if (ops::quant_matmul_panel_height(t.packed_view()) == 0) continue;
+    if (!t.codes.storage()->deleter) {
+      const Tensor mapped = t.codes;
+      Tensor own = Tensor::empty(mapped.shape(), mapped.dtype());
+      const auto* src = static_cast<const uint8_t*>(mapped.raw_data());
+      auto* dst = static_cast<uint8_t*>(own.raw_data());
+      const size_t n = mapped.nbytes(), piece = size_t(4) << 20;
+      for (size_t o = 0; o < n;) {
+        // pieces end on piece-aligned addresses, so each releases whole pages
+        const size_t e = std::min(n, size_t((reinterpret_cast<uintptr_t>(src + o) / piece + 1) * piece -
+                                            reinterpret_cast<uintptr_t>(src)));
+        std::memcpy(dst + o, src + o, e - o);
+        io::release_mapped_pages(src + o, e - o);
+        o = e;
+      }
+      t.codes = own;
+    }
+    t.to_panel_layout();
+  }
+}
+}  // namespace
+
 LoadedModel load_model(const std::string& path, Device device, bool dequantize, bool packed_vocab) {
   LoadedModel m;
   ModelTransforms transforms;  // a quantized checkpoint's, kept by its dense view
@@ -90,6 +124,7 @@ LoadedModel load_model(const std::string& path, Device device, bool dequantize, 
   } else if (is_lowbit_quantized_dir(path)) {  // packed weights: QuantLinear layers
     QuantizedCheckpoint q = load_quantized_model(path, /*dense_view=*/false);
     if (packed_vocab && device == Device::CPU) m.packed_vocab_bytes = pack_vocab(q);
+    if (device == Device::CPU) to_cpu_panel_layout(q);
     m.model = make_quantized_model(q, device);
     m.checkpoint = std::move(q.dense);
     for (auto& l : m.checkpoint.weights.layers)  // drop the placeholders of the packed linears
@@ -99,6 +134,7 @@ LoadedModel load_model(const std::string& path, Device device, bool dequantize, 
   }
   if (!dequantize && is_packed_gguf(path)) {  // ggml block types stay packed: QuantLinear layers
     QuantizedCheckpoint q = load_gguf_quantized(path, /*dense_view=*/false);
+    if (device == Device::CPU) to_cpu_panel_layout(q);
     m.model = make_quantized_model(q, device);
     m.checkpoint = std::move(q.dense);
     for (auto& l : m.checkpoint.weights.layers)

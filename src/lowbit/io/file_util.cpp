@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <filesystem>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "lowbit/core/vecmath.h"
@@ -35,6 +37,27 @@ void pread_exact(const std::string& path, uint64_t offset, uint64_t n, void* dst
 }
 
 // ---- MappedFile ------------------------------------------------------------------------------
+namespace {
+// The live mappings (release_mapped_pages touches only those).
+std::mutex g_maps_mu;
+std::vector<std::pair<const uint8_t*, size_t>> g_maps;
+}  // namespace
+
+bool release_mapped_pages(const void* p, size_t n) {
+  const auto* b = static_cast<const uint8_t*>(p);
+  {
+    std::lock_guard<std::mutex> lock(g_maps_mu);
+    bool inside = false;
+    for (const auto& [d, sz] : g_maps) inside = inside || (b >= d && b + n <= d + sz);
+    if (!inside) return false;
+  }
+  const uintptr_t page = uintptr_t(::sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(b) + page - 1) / page * page;
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(b) + n) / page * page;
+  if (hi > lo) ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+  return true;
+}
+
 std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw_error(path, ": cannot open: ", std::strerror(errno));
@@ -62,12 +85,18 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
     }
     ::madvise(p, m->size_, MADV_SEQUENTIAL);
     m->data_ = static_cast<const uint8_t*>(p);
+    std::lock_guard<std::mutex> lock(g_maps_mu);
+    g_maps.emplace_back(m->data_, m->size_);
   }
   ::close(fd);  // the mapping stays valid after close (POSIX mmap)
   return m;
 }
 
 MappedFile::~MappedFile() {
+  if (data_) {
+    std::lock_guard<std::mutex> lock(g_maps_mu);
+    g_maps.erase(std::find(g_maps.begin(), g_maps.end(), std::make_pair(data_, size_)));
+  }
   if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
 }
 

@@ -47,6 +47,13 @@ class MappedFile {
   std::string path_;
 };
 
+// Drops this process's resident pages of the whole pages inside [p, p + n) when the range lies in a
+// live MappedFile (madvise MADV_DONTNEED: a private read-only file mapping reads them from the file
+// again if they are touched later, so nothing changes but the resident size); returns false and
+// does nothing otherwise. For callers that copy mapped bytes into memory of their own and stop
+// reading the mapping (cli's load_model: the panel layout of GGUF weights).
+bool release_mapped_pages(const void* p, size_t n);
+
 // Overflow-checked size arithmetic: throws lowbit::Error "<source>: <what> overflows".
 uint64_t checked_mul(uint64_t a, uint64_t b, const std::string& source, const char* what);
 uint64_t checked_add(uint64_t a, uint64_t b, const std::string& source, const char* what);

@@ -134,7 +134,7 @@ void block_linear_tensors(const LlamaModel& model, int i, const QuantFormat& for
       out.ts.emplace_back(m + ".weight", wt.to(merged_dtype));
       ++out.n_quant;
     } else if (ql) {
-      if (ql->quantized().format != format.id) out.layer_formats[m] = ql->quantized().fmt().name;
+      if (ql->packed().format != format.id) out.layer_formats[m] = ql->packed().fmt().name;
       QuantizedTensor q = permute && is_qk(m) ? permute_rows(ql->quantized(), heads, hd, true) : ql->quantized();
       out.ts.emplace_back(m + ".qweight", q.codes);
       if (q.scales.defined()) out.ts.emplace_back(m + ".scales", q.scales);

@@ -24,6 +24,7 @@ namespace fs = std::filesystem;
 namespace {
 
 void save_quantized(std::vector<std::pair<std::string, Tensor>>& out, const std::string& prefix, const QuantizedTensor& q) {
+  LB_CHECK(q.panel_rows == 0, prefix, ": the codes are in the CPU panel layout; the state is written in the row layout");
   out.emplace_back(prefix + ".codes", q.codes);
   if (q.scales.defined()) out.emplace_back(prefix + ".scales", q.scales);
   if (q.zeros.defined()) out.emplace_back(prefix + ".zeros", q.zeros);

@@ -49,6 +49,9 @@ void check_view(const PackedWeight& w) {
   if (!w.dequantize_row) throw_error(kOp, ": weight [", w.format, "] has no dequantize_row");
   if (w.layout == PackedLayout::Generic) return;
   if (!w.codes) throw_error(kOp, ": weight [", w.format, "] lacks its codes");
+  if (w.panel_rows != 0 && !quant_matmul_panel_layout_supported(w, w.panel_rows))
+    throw_error(kOp, ": weight [", w.format, "] [", w.out, ", ", w.in, "] claims a panel layout of ", w.panel_rows,
+                " rows it cannot have");
   if (w.layout == PackedLayout::SalientBinary) return salient::check(w, kOp);
   if (w.layout == PackedLayout::TritPlanes) {
     if (w.bits != 2 || !w.scales || !w.zeros || w.group_size <= 0 || w.group_size % 4 != 0 ||
@@ -91,6 +94,12 @@ inline int code_at(int bits, const uint8_t* row, int64_t i) {
 // dequantize_row, without the per-row unpack buffer and indirect calls.
 void int_groups_row(const PackedWeight& w, int64_t r, float* dst) {
   const uint8_t* rp = w.codes + r * w.row_bytes;
+  if (w.panel_rows != 0) {  // the panel layout: the row's bytes gathered first
+    thread_local std::vector<uint8_t> gathered;
+    gathered.resize(size_t(w.row_bytes));
+    quant_matmul_row_bytes(w, r, gathered.data());
+    rp = gathered.data();
+  }
   const uint16_t* sc = w.scales ? w.scales + r * w.n_groups : nullptr;
   const uint16_t* zp = w.zeros ? w.zeros + r * w.n_groups : nullptr;
   for (int64_t g = 0; g < w.n_groups; ++g) {
@@ -168,6 +177,13 @@ void reference_body(const float* x, int64_t M, const PackedWeight& w, float* y) 
 // A chunk is at least kMinChunkWork weight values (smaller products run serially).
 constexpr int64_t kMinChunkWork = int64_t(1) << 14;
 constexpr int64_t kTaskWork = int64_t(1) << 16;  // weights per dynamic task of the int8 body
+// ... of its plain layouts (Int8Product: the panel kernels). 2^18: on the 2-core Zen 4 VM in the
+// real-time class (chrt -f 10, so that other jobs cannot preempt), two threads decoded an 8-row
+// SmolLM2 step in 9.7-11.8 ms instead of 13.4-14.9 (1-row: 5.4-5.5 vs 5.7-6.6) — each task starts
+// with its first panels not prefetched and claims a task on the shared counter, and 2^16 made
+// ~2000 tasks a step; under load (normal class) no difference (docs/results/packed-inference.md,
+// "Two threads"). Which kernel computes a row does not depend on it.
+constexpr int64_t kPanelTaskWork = int64_t(1) << 18;
 inline int64_t row_grain(int64_t in) { return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, in)); }
 
 bool use_openmp() {
@@ -601,11 +617,31 @@ struct Int8Scratch {
   std::vector<QRow> all_rows;
   std::vector<uint16_t> unit;
   PackedWeight w_unit;
+  std::vector<uint8_t> row_codes;  // a panel-layout weight's codes in the row layout (row_layout_copy)
+  PackedWeight w_rows;
 };
 
+// A panel-layout weight (w.panel_rows) seen in the storage layout: the codes copied into `codes`
+// and converted back, for the bodies that read rows (quant_matmul.h: everything but the x86 panel
+// kernels). Returns w itself when it is in the storage layout already.
+const PackedWeight& row_layout_copy(const PackedWeight& w, std::vector<uint8_t>& codes, PackedWeight& view) {
+  if (w.panel_rows == 0) return w;
+  codes.assign(w.codes, w.codes + w.out * w.row_bytes);
+  quant_matmul_to_row_layout(w, codes.data());
+  view = w;
+  view.codes = codes.data();
+  view.panel_rows = 0;
+  return view;
+}
+
 // Quantizes x (or reuses it inside a QuantSharedInputScope) and fills `p` for y = x · w^T.
-void prepare_int8(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels,
+void prepare_int8(const float* x, int64_t M, const PackedWeight& w_given, float* y, QuantIsa isa, bool panels,
                   Int8Scratch& scratch, Int8Product& p) {
+  // The panel layout goes straight to a panel kernel whose height divides the layout's; the other
+  // kernels read rows.
+  const qmm::Panel given_pk = panels ? pick_panel_kernel(isa, w_given) : qmm::Panel{};
+  const bool panel_read = w_given.panel_rows != 0 && given_pk.fn && w_given.panel_rows % given_pk.rows == 0;
+  const PackedWeight& w_in = panel_read ? w_given : row_layout_copy(w_given, scratch.row_codes, scratch.w_rows);
   // A tensor scale (ternary): the kernels run with unit f16 scales, the products are scaled after.
   const bool tensor_scaled = w_in.layout == PackedLayout::IntGroups && !w_in.scales;
   if (tensor_scaled) {
@@ -645,9 +681,9 @@ void prepare_int8(const float* x, int64_t M, const PackedWeight& w_in, float* y,
   p.P = p.pk.rows;
   p.G = p.pk.fn ? p.P : p.qk ? qmm::kRowGroup : 1;
   p.groups = (p.out + p.G - 1) / p.G;
-  // Tasks of about kTaskWork weights, handed out dynamically (a thread that falls behind on a
+  // Tasks of about kPanelTaskWork weights, handed out dynamically (a thread that falls behind on a
   // shared machine takes fewer), whole row groups each.
-  p.per_task = std::max<int64_t>(1, kTaskWork / (p.G * w.in));
+  p.per_task = std::max<int64_t>(1, kPanelTaskWork / (p.G * w.in));
   p.tasks = (p.groups + p.per_task - 1) / p.per_task;
   scratch.all_rows.resize(size_t(M));
   for (int64_t j = 0; j < M; ++j) scratch.all_rows[size_t(j)] = a.row(j);
@@ -950,6 +986,124 @@ bool quant_matmul_has_int8_kernel(const PackedWeight& w) {
   return !grouped || w.n_groups == 1 || w.group_size % kBlock == 0;
 }
 
+// ---- The CPU panel layout (quant_matmul.h) ---------------------------------------------------
+namespace {
+// One row's 32-value block: bytes before its codes (ggml's d, or d and m), all its bytes, and the
+// dwords of its codes.
+struct PanelGeom {
+  int64_t hdr = 0, bytes = 0, dwords = 0;
+};
+PanelGeom panel_geom(const PackedWeight& w) {
+  switch (w.layout) {
+    case PackedLayout::GgmlQ4_0: return {2, 18, 4};
+    case PackedLayout::GgmlQ4_1: return {4, 20, 4};
+    case PackedLayout::GgmlQ8_0: return {2, 34, 8};
+    case PackedLayout::IntGroups: return {0, 4 * int64_t(w.bits), int64_t(w.bits)};
+    default: return {};
+  }
+}
+
+// Byte offset, inside panel block `blk` (H rows), of row l's header half-word h and code dword k.
+inline int64_t panel_hdr_at(int64_t H, int64_t l, int64_t h) { return h * 2 * H + 2 * l; }
+inline int64_t panel_code_at(const PanelGeom& g, int64_t H, int64_t l, int64_t k) { return H * g.hdr + 4 * (k * H + l); }
+
+// Row l (its storage bytes `row`) <-> its bytes in the panel of H rows at `panel`; to_panel picks
+// the direction.
+void panel_row_copy(const PanelGeom& g, int64_t H, int64_t nb, int64_t l, uint8_t* row, uint8_t* panel, bool to_panel) {
+  for (int64_t b = 0; b < nb; ++b) {
+    uint8_t* blk = panel + b * H * g.bytes;
+    uint8_t* r = row + b * g.bytes;
+    for (int64_t h = 0; h < g.hdr / 2; ++h) {
+      uint8_t* p = blk + panel_hdr_at(H, l, h);
+      to_panel ? std::memcpy(p, r + 2 * h, 2) : std::memcpy(r + 2 * h, p, 2);
+    }
+    for (int64_t k = 0; k < g.dwords; ++k) {
+      uint8_t* p = blk + panel_code_at(g, H, l, k);
+      to_panel ? std::memcpy(p, r + g.hdr + 4 * k, 4) : std::memcpy(r + g.hdr + 4 * k, p, 4);
+    }
+  }
+}
+
+// Every whole panel of `codes` from one layout to the other, in place (a panel's bytes through a
+// per-thread buffer of H rows).
+void panel_convert(const PackedWeight& w, int64_t H, uint8_t* codes, bool to_panel) {
+  const PanelGeom g = panel_geom(w);
+  const int64_t rb = w.row_bytes, nb = w.in / kBlock, panels = w.out / H;
+  parallel_for(panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<uint8_t> tmp(size_t(H * rb));
+    for (int64_t p = p0; p < p1; ++p) {
+      uint8_t* span = codes + p * H * rb;
+      std::memcpy(tmp.data(), span, size_t(H * rb));
+      for (int64_t l = 0; l < H; ++l)
+        to_panel ? panel_row_copy(g, H, nb, l, tmp.data() + l * rb, span, true)
+                 : panel_row_copy(g, H, nb, l, span + l * rb, tmp.data(), false);
+    }
+  });
+}
+}  // namespace
+
+bool quant_matmul_panel_layout_supported(const PackedWeight& w, int64_t height) {
+  if ((height != 8 && height != 16) || w.out < height || w.in % kBlock != 0) return false;
+  switch (w.layout) {
+    case PackedLayout::GgmlQ4_0:
+    case PackedLayout::GgmlQ4_1:
+    case PackedLayout::GgmlQ8_0: return w.row_bytes == w.in / kBlock * panel_geom(w).bytes;
+    case PackedLayout::IntGroups:
+      return w.scales && (w.bits == 2 || w.bits == 4 || w.bits == 8) && w.row_bytes == w.in * w.bits / 8 &&
+             (w.n_groups == 1 || w.group_size % kBlock == 0);
+    default: return false;
+  }
+}
+
+int64_t quant_matmul_panel_height(const PackedWeight& w) {
+  const int64_t h = pick_panel_kernel(quant_isa_best(), w).rows;
+  return quant_matmul_panel_layout_supported(w, h) ? h : 0;
+}
+
+void quant_matmul_to_panel_layout(const PackedWeight& w, int64_t height, uint8_t* codes) {
+  check_view(w);
+  if (w.panel_rows != 0) throw_error(kOp, ": weight [", w.format, "] is already in the panel layout of ", w.panel_rows, " rows");
+  if (!quant_matmul_panel_layout_supported(w, height))
+    throw_error(kOp, ": weight [", w.format, "] [", w.out, ", ", w.in, "] has no panel layout of ", height,
+                " rows (ggml q4_0/q4_1/q8_0 or 2/4/8-bit groups of whole 32-value blocks with f16 scales, at least ",
+                height, " rows)");
+  panel_convert(w, height, codes, true);
+}
+
+void quant_matmul_to_row_layout(const PackedWeight& w, uint8_t* codes) {
+  check_view(w);
+  if (w.panel_rows == 0) return;
+  if (!quant_matmul_panel_layout_supported(w, w.panel_rows))
+    throw_error(kOp, ": weight [", w.format, "] claims a panel layout of ", w.panel_rows, " rows it cannot have");
+  panel_convert(w, w.panel_rows, codes, false);
+}
+
+void quant_matmul_row_bytes(const PackedWeight& w, int64_t row, uint8_t* dst) {
+  const int64_t H = w.panel_rows, rb = w.row_bytes;
+  if (H == 0 || row >= w.out / H * H) {
+    std::memcpy(dst, w.codes + row * rb, size_t(rb));
+    return;
+  }
+  panel_row_copy(panel_geom(w), H, w.in / kBlock, row % H, dst, const_cast<uint8_t*>(w.codes + row / H * H * rb), false);
+}
+
+namespace {
+constexpr bool kPanelLayoutDefault = true;
+std::atomic<int> g_panel_layout{-1};  // -1: not decided yet (LOWBIT_PANEL_LAYOUT on first use)
+}  // namespace
+
+bool quant_panel_layout_enabled() {
+  int v = g_panel_layout.load();
+  if (v < 0) {
+    const char* e = std::getenv("LOWBIT_PANEL_LAYOUT");
+    v = e && std::string_view(e) == "0" ? 0 : e && std::string_view(e) == "1" ? 1 : int(kPanelLayoutDefault);
+    g_panel_layout.store(v);
+  }
+  return v == 1;
+}
+
+void set_quant_panel_layout_enabled(bool on) { g_panel_layout.store(on ? 1 : 0); }
+
 bool quant_matmul_int8_prefill(const PackedWeight& w) {
   if (w.layout == PackedLayout::SalientBinary) return quant_isa_best() != QuantIsa::Portable;  // the x86 panel kernel
   return qmm::ternary_kind(w) != qmm::TernaryKind::None;
@@ -996,6 +1150,8 @@ DevicePackedWeight upload_packed_weight(const PackedWeight& w) {
 
 DevicePackedWeight device_layout_on_host(const PackedWeight& w) {
   check_view(w);
+  if (w.panel_rows != 0)
+    throw_error(kOp, ": weight [", w.format, "] is in the CPU panel layout; the GPU copy is built from the row layout");
   if (!quant_matmul_has_cuda_layout(w))
     throw_error(kOp, ": weight [", w.format, "] [", w.out, ", ", w.in, "] has no GPU form (IntGroups with in % 32 == 0 and ",
                 "groups of whole 32-value blocks, or ggml q4_0 / q4_1 / q8_0)");

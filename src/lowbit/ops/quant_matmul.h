@@ -118,6 +118,10 @@ struct PackedWeight {
   std::function<void(int64_t row, float* dst)> dequantize_row;
   // The copy on the GPU (CUDA calls need it), or null.
   const DevicePackedWeight* device = nullptr;
+  // 0: `codes` in the storage layout above (row after row). H (8 or 16): the CPU panel layout of
+  // H rows (quant_matmul_to_panel_layout below) for the rows [0, out - out % H); the rows after them
+  // keep the storage layout.
+  int64_t panel_rows = 0;
 };
 
 enum class QuantMatmulPath : uint8_t { Auto, Reference, Exact, Int8 };
@@ -258,6 +262,44 @@ bool quant_matmul_has_int8_kernel(const PackedWeight& w);
 // 256 for the ternary layouts (the ternary format: 2-bit IntGroups with a tensor scale; ggml tq2_0,
 // tq1_0), 32 otherwise. The error bound above holds with d over blocks of this size.
 int64_t quant_matmul_act_block(const PackedWeight& w);
+// ---- The CPU panel layout (repacked once at load) -------------------------------------------
+// The Int8 body's x86 panel kernel reads H weight rows at a time (16 with AVX-512 VNNI, 8 on
+// 256-bit vectors) and decodes each 32-value block of the H rows into an interleaved tile: lane r of
+// vector c holds the 4 codes at positions 4c..4c+3 of row r. In the storage layout that takes a
+// dword transpose of H strided rows per block (and a gather of H scales). The panel layout stores
+// the same bytes in that order once: rows [0, out - out % H) in panels of H consecutive rows; panel
+// p keeps the byte span of its rows ([p H row_bytes, (p + 1) H row_bytes)), block after block, each
+// block's H * block_bytes bytes as
+//   ggml q4_0 / q8_0:  d[H] (f16), then the codes;   q4_1: d[H], m[H] (f16), then the codes;
+//   IntGroups 2/4/8-bit:  the codes (scales and zeros stay in their own [out, n_groups] arrays);
+//   the codes: dword k of the block's code bytes of row l at byte 4 (k H + l), k < bits (4 bytes per
+//   dword: 2 dwords of 2-bit, 4 of 4-bit, 8 of 8-bit codes per 32 values).
+// A lossless permutation of the same bytes (same size, done in place): the tile decode becomes
+// contiguous loads, masks and shifts. The rows after the last whole panel stay as stored. The
+// Int8 body's x86 panel kernels read it directly (any ISA whose panel height divides H); the
+// Reference and Exact bodies decode rows through dequantize_row (which must read the layout) or
+// gather each IntGroups row's bytes (quant_matmul_row_bytes); the portable and four-row Int8
+// kernels get a row-layout copy of the codes for the call; CUDA refuses it (the GPU copy is built
+// from the row layout). So every body's numbers are those of the storage layout, bit for bit.
+// Supported: ggml q4_0 / q4_1 / q8_0, IntGroups with 2/4/8-bit codes, f16 scales, in % 32 == 0 and
+// groups of whole blocks (not the ternary format's tensor scale), at least H rows.
+bool quant_matmul_panel_layout_supported(const PackedWeight& w, int64_t height);
+// H the best ISA's panel kernel reads for this weight (quant_isa_best()), or 0 (no panel kernel,
+// or a weight the panel layout does not support).
+int64_t quant_matmul_panel_height(const PackedWeight& w);
+// In place: `codes` (w's codes, out * row_bytes bytes, writable) from the storage layout to the panel
+// layout of `height` rows (w.panel_rows must be 0), and back (w.panel_rows = the height). Throws
+// when the layout does not support the weight.
+void quant_matmul_to_panel_layout(const PackedWeight& w, int64_t height, uint8_t* codes);
+void quant_matmul_to_row_layout(const PackedWeight& w, uint8_t* codes);
+// The storage-layout bytes of row `row` (row_bytes of them) whatever w.panel_rows is.
+void quant_matmul_row_bytes(const PackedWeight& w, int64_t row, uint8_t* dst);
+// Whether CPU inference loads (cli's load_model) rearrange packed weights into the panel layout:
+// LOWBIT_PANEL_LAYOUT=1 / 0 in the environment, else the default (docs/results/packed-inference.md,
+// "Panel layout at load", says which and why); set_quant_panel_layout_enabled overrides both.
+bool quant_panel_layout_enabled();
+void set_quant_panel_layout_enabled(bool on);
+
 // True when Auto sends products of any row count (prefill too) to the Int8 body for this weight:
 // the ternary layouts (whose int8 kernels are faster than dequantized f32 tiles at every prompt
 // length measured) and SalientBinary when the CPU has its x86 panel kernel (AVX2 or better).

@@ -83,6 +83,10 @@ Panel avx2vnni_panel_kernel(const PackedWeight& w);
 // VNNI is present, so both copies are checked on one machine. Returns false (and changes nothing)
 // when the CPU lacks AVX-VNNI.
 bool force_avxvnni(bool on);
+// The 16-row (AVX-512) kernels on ggml weights in the panel layout: the products read it directly
+// (true, the default unless LOWBIT_PANEL_DIRECT=0) or through the tile decode. Returns the previous
+// setting (tests run both).
+bool set_panel_direct(bool on);
 // One full block of 32 activations quantized (d = amax / 127, round half to even, +-127) into q
 // in block_source_index(bits) order; returns the sum of q. Equal to the portable loop's numbers.
 int32_t avx2_quantize_block(const float* x, int bits, int8_t* q, float* d);

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -25,6 +26,27 @@
 #endif
 
 namespace lowbit::ops::qmm {
+
+namespace {
+// Whether the 16-row kernels read ggml weights in the panel layout directly (panel_rows_direct)
+// or through the tile decode: LOWBIT_PANEL_DIRECT=0 / 1, else on; set_panel_direct overrides.
+std::atomic<int> g_panel_direct{-1};
+bool panel_direct_enabled() {
+  int v = g_panel_direct.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* e = std::getenv("LOWBIT_PANEL_DIRECT");
+    v = e && e[0] == '0' ? 0 : 1;
+    g_panel_direct.store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+}  // namespace
+
+bool set_panel_direct(bool on) {
+  const bool was = panel_direct_enabled();
+  g_panel_direct.store(on ? 1 : 0, std::memory_order_relaxed);
+  return was;
+}
 
 LB_TARGET_BEGIN("avx2,fma,f16c")
 namespace avx2 {

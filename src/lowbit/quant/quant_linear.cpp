@@ -67,10 +67,10 @@ std::shared_ptr<Linear> QuantLinear::shard(ShardAxis axis, int64_t begin, int64_
   const Tensor b = bias(), A = lora_A(), B = lora_B();
   std::shared_ptr<QuantLinear> l;
   if (axis == ShardAxis::Rows)
-    l = std::make_shared<QuantLinear>(q_.slice_rows(begin, end), b.defined() ? own(b.slice(0, begin, end)) : b, device,
+    l = std::make_shared<QuantLinear>(q_.row_layout().slice_rows(begin, end), b.defined() ? own(b.slice(0, begin, end)) : b, device,
                                       A.defined() ? own(A) : A, B.defined() ? own(B.slice(0, begin, end)) : B);
   else
-    l = std::make_shared<QuantLinear>(q_.slice_cols(begin, end), begin == 0 ? b : Tensor(), device,
+    l = std::make_shared<QuantLinear>(q_.row_layout().slice_cols(begin, end), begin == 0 ? b : Tensor(), device,
                                       A.defined() ? own(A.slice(1, begin, end)) : A, B.defined() ? own(B) : B);
   l->set_matmul_options(mm_opt_);
   return l;

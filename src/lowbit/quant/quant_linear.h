@@ -41,7 +41,11 @@ class QuantLinear : public Linear {
   // CUDA the piece's codes are uploaded on first use).
   std::shared_ptr<Linear> shard(ShardAxis axis, int64_t begin, int64_t end, Device device) const override;
   int64_t column_shard_unit() const override { return q_.column_shard_unit(); }
-  const QuantizedTensor& quantized() const { return q_; }
+  // The weight in the storage layout (a converted copy when the codes are in the CPU panel layout:
+  // QuantizedTensor::to_panel_layout), what checkpoint writers and methods read; packed() is the
+  // tensor as the layer holds it.
+  QuantizedTensor quantized() const { return q_.row_layout(); }
+  const QuantizedTensor& packed() const { return q_; }
   // Ŵ on the layer's device, built on first use and kept (training paths only).
   const Tensor& dequantized_weight() const { return weight_var().value(); }
   bool has_dequantized_weight() const { return weight_.defined(); }

@@ -137,6 +137,61 @@ GroupParams QuantizedTensor::group_params(int64_t row, int64_t g) const {
   return load_group_params(f, scales, zeros, row * f.n_groups(in_features()) + g, tensor_scale_value());
 }
 
+namespace {
+// Row `row` of q's codes in the storage layout: a pointer into them, or (panel layout) the row
+// gathered into a per-thread buffer.
+const uint8_t* storage_row(const QuantizedTensor& q, int64_t row, int64_t rb) {
+  if (q.panel_rows == 0) return q.codes.data<uint8_t>() + row * rb;
+  thread_local std::vector<uint8_t> buf;
+  buf.resize(size_t(rb));
+  // The fields quant_matmul_row_bytes reads (packed_view() would validate on every row).
+  const QuantFormat& f = q.fmt();
+  ops::PackedWeight w;
+  w.out = q.out_features();
+  w.in = q.in_features();
+  w.layout = f.id == QuantFormatId::Q4_0   ? ops::PackedLayout::GgmlQ4_0
+             : f.id == QuantFormatId::Q4_1 ? ops::PackedLayout::GgmlQ4_1
+             : f.id == QuantFormatId::Q8_0 ? ops::PackedLayout::GgmlQ8_0
+                                           : ops::PackedLayout::IntGroups;
+  w.bits = f.bits;
+  w.row_bytes = rb;
+  w.codes = q.codes.data<uint8_t>();
+  w.panel_rows = q.panel_rows;
+  ops::quant_matmul_row_bytes(w, row, buf.data());
+  return buf.data();
+}
+
+void refuse_panel_layout(const QuantizedTensor& q, const char* what) {
+  LB_CHECK(q.panel_rows == 0, "[", q.fmt().name, "] ", what, ": the codes are in the CPU panel layout of ", q.panel_rows,
+           " rows; take row_layout() first");
+}
+}  // namespace
+
+bool QuantizedTensor::to_panel_layout() {
+  if (panel_rows != 0) return true;
+  const ops::PackedWeight w = packed_view();
+  const int64_t h = ops::quant_matmul_panel_height(w);
+  if (h == 0) return false;
+  // Owned storage (allocated, unshared by another Tensor object of a different size) is rearranged
+  // where it is; borrowed memory (a GGUF file mapping, read-only) is copied first.
+  const auto& st = codes.storage();
+  if (!st->deleter || codes.nbytes() != st->nbytes) codes = codes.clone();
+  ops::quant_matmul_to_panel_layout(packed_view(), h, codes.data<uint8_t>());
+  panel_rows = h;
+  return true;
+}
+
+QuantizedTensor QuantizedTensor::row_layout() const {
+  if (panel_rows == 0) return *this;
+  QuantizedTensor q = *this;
+  q.device_copy_.reset();
+  q.codes = codes.clone();
+  const ops::PackedWeight w = packed_view();
+  ops::quant_matmul_to_row_layout(w, q.codes.data<uint8_t>());
+  q.panel_rows = 0;
+  return q;
+}
+
 void QuantizedTensor::unpack_row(int64_t row, uint8_t* out_codes) const {
   const QuantFormat& f = fmt();
   LB_CHECK(!f.is_ggml_block(), "[", f.name, "] unpack_row: a ggml block format has no separate codes");
@@ -155,13 +210,13 @@ void QuantizedTensor::unpack_row(int64_t row, uint8_t* out_codes) const {
     }
     return;
   }
-  f.unpack(codes.data<uint8_t>() + row * f.row_bytes(in_features()), in_features(), out_codes);
+  f.unpack(storage_row(*this, row, f.row_bytes(in_features())), in_features(), out_codes);
 }
 
 void QuantizedTensor::dequantize_row(int64_t row, float* out) const {
   const QuantFormat& f = fmt();
   const int64_t in = in_features(), rb = row_bytes();
-  const uint8_t* src = codes.data<uint8_t>() + row * rb;
+  const uint8_t* src = storage_row(*this, row, rb);
   if (f.is_ggml_block()) {
     f.dequantize_row(src, in, out);
     return;
@@ -231,6 +286,7 @@ ops::PackedWeight QuantizedTensor::packed_view() const {
   w.format = f.name;
   w.dequantize_row = [this](int64_t r, float* dst) { dequantize_row(r, dst); };
   w.device = device_copy_.get();
+  w.panel_rows = panel_rows;
   const ops::PackedLayout ggml = f.id == QuantFormatId::Q4_0   ? ops::PackedLayout::GgmlQ4_0
                                  : f.id == QuantFormatId::Q4_1 ? ops::PackedLayout::GgmlQ4_1
                                  : f.id == QuantFormatId::Q8_0 ? ops::PackedLayout::GgmlQ8_0
@@ -293,6 +349,7 @@ void QuantizedTensor::upload_to_device() const {
   static std::mutex mu;  // one upload at a time (layers may be uploaded from several threads)
   std::lock_guard<std::mutex> lock(mu);
   if (device_copy_) return;
+  refuse_panel_layout(*this, "upload_to_device");
   device_copy_ = std::make_shared<const ops::DevicePackedWeight>(ops::upload_packed_weight(packed_view()));
 }
 
@@ -319,6 +376,7 @@ int64_t QuantizedTensor::column_shard_unit() const {
 
 QuantizedTensor QuantizedTensor::slice_rows(int64_t r0, int64_t r1) const {
   validate();
+  refuse_panel_layout(*this, "slice_rows");
   const QuantFormat& f = fmt();
   LB_CHECK(0 <= r0 && r0 < r1 && r1 <= out_features(), "[", f.name, "] rows [", r0, ", ", r1, ") of a ",
            shape_str(shape), " quantized tensor");
@@ -333,6 +391,7 @@ QuantizedTensor QuantizedTensor::slice_rows(int64_t r0, int64_t r1) const {
 
 QuantizedTensor QuantizedTensor::slice_cols(int64_t c0, int64_t c1) const {
   validate();
+  refuse_panel_layout(*this, "slice_cols");
   const QuantFormat& f = fmt();
   const int64_t out = out_features(), in = in_features(), n = c1 - c0;
   LB_CHECK(0 <= c0 && c0 < c1 && c1 <= in, "[", f.name, "] input columns [", c0, ", ", c1, ") of a ", shape_str(shape),

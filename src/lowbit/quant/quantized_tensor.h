@@ -76,6 +76,23 @@ struct QuantizedTensor {
   // input columns cannot be split (ptq161: its column mask and row layout are per tensor).
   int64_t column_shard_unit() const;
 
+  // The CPU panel layout (ops/quant_matmul.h, "The CPU panel layout"): 0 while `codes` hold the
+  // storage layout above; H (8 or 16) once to_panel_layout() has rearranged them, in place, into
+  // panels of H rows for the x86 panel kernels of the Int8 body. dequantize_row / dequantize /
+  // unpack_row and every quant_matmul body read either layout (same numbers, bit for bit);
+  // slice_rows / slice_cols, upload_to_device and the checkpoint writers need the storage layout
+  // and refuse this one: row_layout() gives it back.
+  int64_t panel_rows = 0;
+  // Rearranges the codes into the panel layout the best ISA's panel kernel reads
+  // (ops::quant_matmul_panel_height), in place when this object's codes own their memory (else into
+  // a new buffer that replaces them: a read-only file mapping). Returns false and changes nothing when
+  // the format, shape or CPU has no panel layout. Storage shared with other QuantizedTensors changes
+  // under them too: call it on the one owner (load_model: before the model takes copies).
+  bool to_panel_layout();
+  // This tensor in the storage layout: *this when it is in it (sharing storage), else a copy with
+  // the codes converted back.
+  QuantizedTensor row_layout() const;
+
   mutable std::shared_ptr<const ops::DevicePackedWeight> device_copy_;  // see upload_to_device
 };
 
