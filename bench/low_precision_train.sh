@@ -17,6 +17,7 @@
 #   THREADS [2]  SEED [1]  DEVICE [cpu]
 #   RUNS  ["f32 bf16 fp8 fp8-current mxfp4 nvfp4 nvfp4-naive mxfp4-naive"]: names from the table below
 #   JOBS  [1]: runs at a time (each with THREADS threads)
+#   SUMMARY_ONLY [0]: 1 = run nothing, print the tables of the RUNS already in OUT_DIR
 #   TRAIN_TOKENS / VALID_TOKENS: already tokenized data (raw int32) instead of TEXT (e.g. linux-docs
 #               with the Llama 2 tokenizer for the stories15M shape: see the GPU lines at the end)
 # Results: OUT_DIR/<run>/ (log.jsonl, summary.json) and markdown tables on stdout.
@@ -60,6 +61,7 @@ run_args() {  # the --precision flags of a run name
   esac
 }
 
+if [[ ${SUMMARY_ONLY:-0} != 1 ]]; then
 [[ -f $LOWBIT ]] || { echo "missing $LOWBIT" >&2; exit 2; }
 mkdir -p "$out"
 read -r -a shape <<<"$MODEL_ARGS"
@@ -97,6 +99,7 @@ for r in $RUNS; do
   if ((running >= JOBS)); then wait -n; running=$((running - 1)); fi
 done
 wait
+fi
 
 python3 - "$out" $RUNS <<'EOF'
 import json, statistics, sys
@@ -118,6 +121,34 @@ for r, (s, vals, ms) in rows.items():
     vs_bf16 = f"{100 * (v / bf16 - 1):+.2f} %" if bf16 else ""
     print(f"| {r} | {s.get('precision_settings', s['precision'])} | {s['final_train_loss']:.4f} | {v:.4f} | "
           f"{100 * (v / base - 1):+.2f} % | {vs_bf16} | {f'{f32v:.4f}' if f32v else ''} | {statistics.median(ms):.0f} |")
+# The curves as an SVG (no plotting library needed): OUT_DIR/curves.svg
+W, H, L, B = 640, 400, 60, 40
+steps = sorted({st for r in runs for st in rows[r][1]})
+vals = [v for r in runs for v in rows[r][1].values()]
+lo, hi = min(vals), min(max(vals), 2 * min(vals))  # clip the early, high part
+sx = lambda st: L + (W - L - 150) * (st - steps[0]) / max(1, steps[-1] - steps[0])
+sy = lambda v: 20 + (H - 20 - B) * (hi - min(v, hi)) / max(1e-9, hi - lo)
+colors = ["#000000", "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+       f'<rect width="{W}" height="{H}" fill="white"/>',
+       f'<line x1="{L}" y1="{H - B}" x2="{W - 150}" y2="{H - B}" stroke="black"/>',
+       f'<line x1="{L}" y1="20" x2="{L}" y2="{H - B}" stroke="black"/>',
+       f'<text x="{(W - 150 + L) / 2}" y="{H - 8}" text-anchor="middle">step</text>',
+       f'<text x="12" y="{H / 2}" transform="rotate(-90 12 {H / 2})" text-anchor="middle">validation loss</text>']
+for k in range(6):
+    v = lo + (hi - lo) * k / 5
+    svg.append(f'<text x="{L - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+    svg.append(f'<line x1="{L}" y1="{sy(v):.1f}" x2="{W - 150}" y2="{sy(v):.1f}" stroke="#ddd"/>')
+for st in steps[:: max(1, len(steps) // 8)]:
+    svg.append(f'<text x="{sx(st):.1f}" y="{H - B + 14}" text-anchor="middle">{st}</text>')
+for i, r in enumerate(runs):
+    pts = " ".join(f"{sx(st):.1f},{sy(v):.1f}" for st, v in sorted(rows[r][1].items()))
+    c = colors[i % len(colors)]
+    svg.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{pts}"/>')
+    svg.append(f'<text x="{W - 140}" y="{30 + 16 * i}" fill="{c}">{r}: {rows[r][0]["final_val_loss"]:.4f}</text>')
+svg.append("</svg>")
+open(f"{out}/curves.svg", "w").write("\n".join(svg) + "\n")
+
 print()
 print("validation loss by step:")
 print("| step | " + " | ".join(runs) + " |")
