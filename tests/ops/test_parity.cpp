@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "lowbit/autograd/functions.h"
+#include "lowbit/autograd/lp_linear.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/ops/qat_quant.h"
@@ -723,6 +724,52 @@ TEST_F(Parity, QatQuantizers) {
 // against the CPU in f32 on the same bf16-rounded inputs. The difference is dominated by rounding
 // the outputs to bf16 (8 significant bits: <= 2^-9 relative per element) -> 1e-2 of the largest
 // output. lse is kept in f32 (see cuda_ops.h).
+// Low-precision training's operand quantizer (issue 18): the same arithmetic (ops/lp_quant_math.h)
+// in f32 on both sides, so every format, tile, rounding mode and Hadamard setting agrees bit for bit
+// (tolerance 0). Then the whole lp_linear (forward, dx, dW) per precision: the GEMMs differ only by
+// summation order (1e-5).
+TEST_F(Parity, LpQuantize) {
+  const Tensor x = rnd({70, 52}, 31, 2.0);
+  std::vector<ops::LpQuantSpec> specs;
+  for (ops::LpFormat f : {ops::LpFormat::BF16, ops::LpFormat::E4M3, ops::LpFormat::E5M2}) {
+    ops::LpQuantSpec s;
+    s.format = f;
+    specs.push_back(s);
+    if (f != ops::LpFormat::BF16) {
+      s.tensor_scale = 0.001f;  // a delayed scale that saturates
+      specs.push_back(s);
+    }
+  }
+  for (ops::LpFormat f : {ops::LpFormat::MXFP4, ops::LpFormat::NVFP4})
+    for (auto [tr, tc] : {std::pair{1, 16}, std::pair{16, 1}, std::pair{16, 16}, std::pair{32, 32}, std::pair{1, 32}})
+      for (int variant = 0; variant < 3; ++variant) {
+        ops::LpQuantSpec s;
+        s.format = f;
+        s.tile_rows = tr, s.tile_cols = tc;
+        if (variant >= 1) s.rounding = ops::LpRounding::Stochastic, s.seed = 99;
+        if (variant == 2) s.rht_axis = tr > 1 ? 0 : 1, s.rht_size = 16, s.rht_seed = 7;
+        specs.push_back(s);
+      }
+  for (const auto& s : specs) {
+    Tensor yc, yg;
+    ops::LpQuantStats sc, sg;
+    ops::lp_quantize(x, s, yc, &sc);
+    ops::lp_quantize(gpu(x), s, yg, &sg);
+    const std::string what = str(ops::lp_format_name(s.format), " ", s.tile_rows, "x", s.tile_cols,
+                                 s.rounding == ops::LpRounding::Stochastic ? " sr" : "", s.rht_axis >= 0 ? " rht" : "");
+    check("lp_quantize", what, yg, yc, 0.0);
+    EXPECT_EQ(sg.amax, sc.amax) << what;
+    EXPECT_EQ(sg.tensor_scale, sc.tensor_scale) << what;
+  }
+  for (LpPrecision p : {LpPrecision::BF16, LpPrecision::FP8, LpPrecision::MXFP4, LpPrecision::NVFP4}) {
+    LpRecipe r;
+    r.precision = p;
+    autograd_parity("lp_quantize",
+                    [&](const std::vector<Var>& v, Device) { return lp_linear(v[0], v[1], r, std::make_shared<LpLinearState>(), 5); },
+                    {rnd({48, 40}, 1), rnd({24, 40}, 2)}, 1e-5, 1e-5);
+  }
+}
+
 TEST_F(Parity, Bf16) {
   const double tol = 1e-2;
   auto to_gpu_bf16 = [](const Tensor& t) { return t.to(DType::BF16).to(kGpu); };
@@ -841,7 +888,9 @@ TEST(ParityCoverage, EveryRegistryOpHasAParityTest) {
                                            // CPU only (issue 18): a GPU tensor is an error (test_optim8.cpp).
                                            "adamw8_step",
                                            // Parity.QatQuantizers (issue 14)
-                                           "lsq_quant", "seq_quant", "group_scale"};
+                                           "lsq_quant", "seq_quant", "group_scale",
+                                           // Parity.LpQuantize (issue 18)
+                                           "lp_quantize"};
   for (const auto& op : ops::op_registry())
     EXPECT_NE(std::find(tested.begin(), tested.end(), std::string(op.name)), tested.end())
         << "op '" << op.name << "' has no GPU parity test";

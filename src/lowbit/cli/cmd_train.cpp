@@ -22,6 +22,7 @@ namespace {
 struct TrainArgs {
   std::string tokenizer, train_text, valid_text, train_tokens, valid_tokens, config_json, device = "cpu";
   std::string arch = "llama", ternary_scale = "mean", schedule = "cosine";
+  std::string precision = "f32", fp8_scaling = "delayed", lp_recipe = "full";
   TrainOptions o;
   DistArgs dist;  // --gpus N / launcher environment: data-parallel training (issue 20)
   bool json = false, tf32 = false, bf16 = false;
@@ -41,6 +42,11 @@ void run_train(TrainArgs& a) {
   o.bitnet.enabled = parse_train_arch(a.arch);
   o.bitnet.scale = ops::parse_ternary_scale(a.ternary_scale);
   o.bitnet.two_stage = parse_train_schedule(a.schedule);
+  o.low_precision.recipe.precision = parse_lp_precision(a.precision);
+  if (a.fp8_scaling != "delayed" && a.fp8_scaling != "current")
+    throw_error("--fp8-scaling: '", a.fp8_scaling, "' is not a scaling rule (choices: delayed, current)");
+  o.low_precision.recipe.delayed_scaling = a.fp8_scaling == "delayed";
+  apply_lp_recipe_name(o.low_precision, a.lp_recipe);
   check_bitnet_options(o.bitnet, o.max_steps);
   if (o.bitnet.enabled && (a.device != "cpu" || a.bf16))
     throw_error("train: --arch bitnet-b1.58 trains on the CPU (--device cpu, no --bf16): BitLinear's quantizers have "
@@ -121,6 +127,11 @@ void run_train(TrainArgs& a) {
                         {"ranks", world->world_size()}, {"comm_backend", world->backend()}};
   if (o.device == Device::CUDA) j["gpu"] = cuda_device_name();
   if (!o.dump_order.empty()) j["data_order"] = o.dump_order;
+  j["precision"] = a.precision;
+  if (o.low_precision.enabled()) {
+    j["precision_settings"] = low_precision_key(o.low_precision, o.config.n_layers);
+    j["final_val_loss_f32"] = r.final_val_loss_f32 < 0 ? nlohmann::json() : nlohmann::json(r.final_val_loss_f32);
+  }
   j["arch"] = a.arch;
   j["schedule"] = a.schedule;
   if (o.bitnet.enabled) {
@@ -211,6 +222,28 @@ void register_train(CLI::App& app) {
                 "cosine (warmup + cosine), or bitnet-two-stage (BitNet: the lr halves at mid-run and decays again, "
                 "weight decay 0 in the second half)")
       ->capture_default_str();
+  t->add_option("--precision", a->precision,
+                "GEMM precision of the block linears, emulated (operands quantized and dequantized, f32 GEMMs, f32 "
+                "master weights; CPU and CUDA): f32, bf16, fp8 (E4M3 forward, E5M2 gradients, per-tensor scales), "
+                "mxfp4 (E2M1, 32-blocks, power-of-two scales), nvfp4 (E2M1, 16-blocks, E4M3 scales + f32 tensor "
+                "scale; 16x16 weight blocks, Hadamard on the weight-gradient inputs, stochastic rounding of gradients)")
+      ->capture_default_str();
+  t->add_option("--fp8-scaling", a->fp8_scaling,
+                "fp8: delayed (the max of the last --amax-history amaxes of each operand) or current (each tensor's own "
+                "amax)")
+      ->capture_default_str();
+  t->add_option("--amax-history", o.low_precision.recipe.amax_history, "fp8 delayed scaling: amaxes kept per operand")
+      ->capture_default_str()->check(CLI::Range(1, 1024));
+  t->add_option("--lp-recipe", a->lp_recipe,
+                "mxfp4/nvfp4: full (the NVFP4 paper's recipe) or naive (1-D weight blocks, no Hadamard transform, "
+                "round-to-nearest gradients, no block kept in f32)")
+      ->capture_default_str();
+  t->add_option("--lp-keep-first", o.low_precision.keep_first, "blocks at the start whose linears stay f32")
+      ->capture_default_str()->check(at_least(0));
+  t->add_option("--lp-keep-last", o.low_precision.keep_last,
+                "blocks at the end whose linears stay f32 (-1: 15 % of the blocks, at least 1, for mxfp4/nvfp4 as the "
+                "NVFP4 paper; 0 for bf16/fp8)")
+      ->capture_default_str()->check(at_least(-1));
   t->add_flag("--json", a->json, "print a JSON summary");
   add_dist_options(t, &a->dist);
   t->add_option("--stop-after", o.stop_after, "testing aid: stop after this many steps of this run (state kept)")

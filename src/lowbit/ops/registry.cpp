@@ -33,6 +33,8 @@ constexpr OpInfo kOps[] = {
     {"lsq_quant", true, kCuda, "f32 f64"},
     {"seq_quant", true, kCuda, "f32 f64"},
     {"group_scale", true, kCuda, "f32 f64"},
+    // low-precision training's operand quantizer (ops/lp_quant.h; the STE is autograd/lp_linear.cpp)
+    {"lp_quantize", false, kCuda, "f32 f64"},
 };
 }  // namespace
 

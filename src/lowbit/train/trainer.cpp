@@ -84,29 +84,39 @@ namespace {
 std::string arch_name(const TrainOptions& o) { return o.bitnet.enabled ? "bitnet-b1.58" : "llama"; }
 
 // The state file: the parameters, then AdamW's state tensors in its order (state_tensors()).
+// Low-precision training's part of the state: its settings (checked on resume) and the fp8 amax
+// histories of the model's LowPrecisionLinear layers (null model: f32 training).
+struct LpStatePart {
+  LlamaModel* model = nullptr;
+  std::string key = "f32";
+};
+
 void save_state_tensors(const std::string& path, const std::vector<Var>& params, const std::vector<Tensor>& st, int bits,
-                        int64_t step, const LlamaConfig& c, uint64_t seed, const std::string& arch) {
+                        int64_t step, const LlamaConfig& c, uint64_t seed, const std::string& arch,
+                        const LpStatePart& lp) {
   // The state tensors' number and types depend on the optimizer bits: stored so a resume can check.
   std::vector<std::pair<std::string, Tensor>> ts;
   for (size_t i = 0; i < params.size(); ++i) ts.emplace_back("param." + std::to_string(i), params[i].value());
   for (size_t i = 0; i < st.size(); ++i) ts.emplace_back("adamw." + std::to_string(i), st[i]);
+  if (lp.model)
+    for (auto& t : lp_state_tensors(*lp.model)) ts.push_back(std::move(t));
   nlohmann::json cj = config_to_hf_json(c, "float32");
   save_safetensors(path, ts,
                    {{"step", std::to_string(step)}, {"seed", std::to_string(seed)}, {"config", cj.dump()}, {"arch", arch},
-                    {"optimizer_bits", std::to_string(bits)}});
+                    {"optimizer_bits", std::to_string(bits)}, {"precision", lp.key}});
 }
 
 void save_state(const std::string& path, const std::vector<Var>& params, AdamW& opt, int64_t step,
-                const LlamaConfig& c, uint64_t seed, const std::string& arch) {
+                const LlamaConfig& c, uint64_t seed, const std::string& arch, const LpStatePart& lp) {
   std::vector<Tensor> st;
   for (Tensor* t : opt.state_tensors()) st.push_back(*t);
-  save_state_tensors(path, params, st, opt.state_bits(), step, c, seed, arch);
+  save_state_tensors(path, params, st, opt.state_bits(), step, c, seed, arch, lp);
 }
 
 // state_index: the file's state tensor for each of opt.state_tensors() (null: the same order);
 // a sharded (ZeRO) optimizer restores its own parameters' moments from a whole state file.
 int64_t load_state(const std::string& path, std::vector<Var>& params, AdamW& opt, uint64_t seed,
-                   const std::string& arch, const std::vector<size_t>* state_index = nullptr) {
+                   const std::string& arch, const LpStatePart& lp, const std::vector<size_t>* state_index = nullptr) {
   SafetensorsFile f = SafetensorsFile::open(path);
   auto it = f.metadata().find("step");
   if (it == f.metadata().end()) throw_error(path, ": training state has no 'step' metadata");
@@ -122,6 +132,11 @@ int64_t load_state(const std::string& path, std::vector<Var>& params, AdamW& opt
   if (saved_bits != std::to_string(opt.state_bits()))
     throw_error(path, ": saved with --optimizer-bits ", saved_bits, ", this run uses --optimizer-bits ", opt.state_bits(),
                 "; use the same --optimizer-bits or a new --out");
+  auto pr = f.metadata().find("precision");  // states written before --precision existed: f32
+  const std::string saved_precision = pr == f.metadata().end() ? "f32" : pr->second;
+  if (saved_precision != lp.key)
+    throw_error(path, ": saved with --precision settings '", saved_precision, "', this run uses '", lp.key,
+                "'; use the same --precision settings or a new --out");
   auto restore = [&](const std::string& name, Tensor& dst) {
     Tensor t = f.load(name);
     if (t.shape() != dst.shape() || t.dtype() != dst.dtype())
@@ -133,6 +148,9 @@ int64_t load_state(const std::string& path, std::vector<Var>& params, AdamW& opt
   auto st = opt.state_tensors();
   for (size_t i = 0; i < st.size(); ++i)
     restore("adamw." + std::to_string(state_index ? (*state_index)[i] : i), *st[i]);
+  if (lp.model) {
+    restore_lp_state(*lp.model, [&](const std::string& name) { return f.find(name) ? f.load(name) : Tensor(); });
+  }
   const int64_t step = std::stoll(it->second);
   opt.set_steps(step);
   return step;
@@ -229,7 +247,7 @@ namespace {
 TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& params, const TrainOptions& o,
                               const std::vector<int32_t>& train, const std::vector<int32_t>& val,
                               const std::function<void(const TrainRecord&)>& on_step, MixedPrecisionModel* mixed,
-                              const std::function<void(int64_t)>& before_step = nullptr) {
+                              const std::function<void(int64_t)>& before_step = nullptr, const LpStatePart& lp = {}) {
   if (params.empty()) throw_error("training: no trainable parameters");
   check_training_inputs(o, train, val);
   const bool dp = o.comm && o.comm->world_size() > 1;
@@ -273,7 +291,7 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
   // The whole state file (rank 0 writes it): with ZeRO the moments are gathered from their owners first.
   auto save_now = [&](int64_t at) {
     if (!zero) {
-      if (writer) save_state(state_path, ordered, opt, at, o.config, o.seed, arch_name(o));
+      if (writer) save_state(state_path, ordered, opt, at, o.config, o.seed, arch_name(o), lp);
       return;
     }
     std::vector<Tensor*> st = opt.state_tensors();
@@ -288,7 +306,7 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
       all.push_back(zero_slot(m, zl, i, ordered[i].value()));
       all.push_back(zero_slot(v, zl, i, ordered[i].value()));
     }
-    save_state_tensors(state_path, ordered, all, 32, at, o.config, o.seed, arch_name(o));
+    save_state_tensors(state_path, ordered, all, 32, at, o.config, o.seed, arch_name(o), lp);
   };
 
   TrainResult result;
@@ -296,7 +314,7 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
   result.optimizer_params_8bit = opt.params_8bit();
   int64_t step = 0;
   if (o.resume && fs::exists(state_path)) {
-    step = load_state(state_path, ordered, opt, o.seed, arch_name(o), zero ? &own_state : nullptr);
+    step = load_state(state_path, ordered, opt, o.seed, arch_name(o), lp, zero ? &own_state : nullptr);
     result.resumed = true;
   }
   // Keep the log consistent with the state: drop lines past the resumed step.
@@ -407,6 +425,7 @@ TrainResult run_training(const LlamaModel& model, const std::vector<Var>& params
                          const std::vector<int32_t>& train, const std::vector<int32_t>& val,
                          const std::function<void(const TrainRecord&)>& on_step) {
   if (o.bf16) throw_error("training: bf16 mixed precision is supported for pretraining (lowbit train) only");
+  if (o.low_precision.enabled()) throw_error("training: --precision is supported for pretraining (lowbit train) only");
   if (o.bitnet.enabled || o.bitnet.two_stage) throw_error("training: BitNet options are for pretraining (lowbit train) only");
   return run_training_impl(model, params, o, train, val, on_step, nullptr);
 }
@@ -422,6 +441,17 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
   check_bitnet_options(o.bitnet, o.max_steps);
   if (o.bitnet.enabled && (o.device != Device::CPU || o.bf16))
     throw_error("--arch bitnet-b1.58 trains on the CPU in f32 (BitLinear's quantizers have CPU bodies only)");
+  const LowPrecisionOptions& lpo = o.low_precision;
+  if (lpo.enabled()) {
+    if (o.bitnet.enabled) throw_error("--precision ", lp_precision_name(lpo.recipe.precision), ": not with --arch bitnet-b1.58");
+    if (o.bf16)
+      throw_error("--precision ", lp_precision_name(lpo.recipe.precision),
+                  ": not with --bf16 (the emulated GEMMs read f32 master weights; --precision bf16 rounds their operands)");
+    if (o.comm && o.comm->world_size() > 1)
+      throw_error("--precision ", lp_precision_name(lpo.recipe.precision),
+                  ": one process only for now (the fp8 amax histories are not reduced over ranks)");
+  }
+  check_low_precision_options(lpo, o.config.n_layers);
   for (const auto* s : {&train, &val})
     for (int32_t id : *s)
       if (id < 0 || id >= o.config.vocab_size)
@@ -440,10 +470,23 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
     make_bitnet(model, o.bitnet);
     before_step = [&](int64_t s) { set_bitlinear_options(model, bitnet_step_options(o.bitnet, s, o.max_steps)); };
   }
+  LpStatePart lp;
+  std::shared_ptr<LpContext> lp_ctx;
+  if (lpo.enabled()) {
+    lp_ctx = make_low_precision(model, lpo, o.seed);
+    before_step = [&](int64_t s) { lp_ctx->step = s; };
+    lp.model = &model;
+  }
+  lp.key = low_precision_key(lpo, o.config.n_layers);
   std::unique_ptr<MixedPrecisionModel> mixed;
   if (o.bf16) mixed = std::make_unique<MixedPrecisionModel>(model);
   TrainResult result =
-      run_training_impl(model, model.parameters(), o, train, val, on_step, mixed.get(), before_step);
+      run_training_impl(model, model.parameters(), o, train, val, on_step, mixed.get(), before_step, lp);
+  if (lp_ctx && result.complete && !val.empty()) {  // the master weights with f32 GEMMs
+    lp_ctx->high_precision = true;
+    result.final_val_loss_f32 = validation_loss(model, val, o.seq_len, o.batch_size, o.eval_batches);
+    lp_ctx->high_precision = false;
+  }
   if (!result.complete || !writer) return result;
   // Final model in the formats other tools load.
   LlamaWeights final_w = model.weights();

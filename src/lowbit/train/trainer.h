@@ -16,6 +16,7 @@
 #include "lowbit/comm/comm.h"
 #include "lowbit/model/llama.h"
 #include "lowbit/train/bitnet.h"
+#include "lowbit/train/low_precision.h"
 
 namespace lowbit {
 
@@ -60,6 +61,11 @@ struct TrainOptions {
   // gathers the moments to save; every rank restores its own part), so runs resume either way.
   // f32 optimizer state only.
   bool zero = false;
+  // Low-precision training (train/low_precision.h, --precision): the block linears' GEMMs on
+  // quantized operands (emulated), f32 master weights. The settings are stored in the state and a
+  // resume with other ones is refused; the fp8 amax histories are part of the state. One process
+  // only (no data parallel yet), not with --bf16 or --arch bitnet-b1.58.
+  LowPrecisionOptions low_precision;
 };
 
 struct TrainRecord {
@@ -76,6 +82,9 @@ struct TrainResult {
   double train_seconds = 0;  // sum of this run's step times (forward, backward, update; no validation)
   int64_t optimizer_state_bytes = 0;  // AdamW's two moments (8-bit: codes and absmax)
   int64_t optimizer_params_8bit = 0;  // parameters whose state is 8-bit
+  // --precision other than f32: the final validation loss of the f32 master weights with f32 GEMMs
+  // (final_val_loss is the low-precision forward's); -1 otherwise or without validation data.
+  double final_val_loss_f32 = -1;
 };
 
 // Throws lowbit::Error naming the flag when the options or the data cannot make a run: batch,

@@ -12,6 +12,7 @@
 #include "lowbit/core/format_traits.h"
 #include "lowbit/core/tensor.h"
 #include "lowbit/ops/ops.h"
+#include "lowbit/ops/lp_quant.h"
 #include "lowbit/ops/qat_quant.h"
 #include "lowbit/ops/quant_matmul.h"
 #include "lowbit/ops/rope_style.h"
@@ -91,6 +92,10 @@ void seq_quant_backward(const Tensor& w, const Tensor& alpha, const Tensor& dy, 
                         double grad_scale, Tensor* dw, Tensor& dalpha);
 void group_scale_forward(const Tensor& codes, const Tensor& step, const FormatTraits& f, Tensor& y);
 void group_scale_backward(const Tensor& codes, const Tensor& dy, const FormatTraits& f, Tensor& dstep);
+
+// The operand quantizer of low-precision training (ops/lp_quant.h; ops/cuda/lp_quant.cu). f32 only;
+// reads the amax back to the host (one synchronisation per call).
+void lp_quantize(const Tensor& x, const LpQuantSpec& spec, Tensor& y, LpQuantStats* stats);
 
 // GPTQ (Frantar et al. 2022, Alg. 1) of one linear layer for the uniform integer formats of the
 // format table (methods/gptq_cuda.cpp passes the format's traits row and wraps the result into a

@@ -1,0 +1,170 @@
+// CPU reference body of the operand quantizer of low-precision training (ops/lp_quant.h), its
+// argument checks and the routing to the CUDA body. The arithmetic is ops/lp_quant_math.h's (f32).
+#include "lowbit/ops/lp_quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "lowbit/core/threads.h"
+#include "lowbit/ops/dispatch.h"
+
+namespace lowbit::ops {
+
+const char* lp_format_name(LpFormat f) {
+  switch (f) {
+    case LpFormat::None: return "none";
+    case LpFormat::BF16: return "bf16";
+    case LpFormat::E4M3: return "e4m3";
+    case LpFormat::E5M2: return "e5m2";
+    case LpFormat::MXFP4: return "mxfp4";
+    case LpFormat::NVFP4: return "nvfp4";
+  }
+  return "?";
+}
+
+namespace {
+
+void check_spec(const char* op, const LpQuantSpec& s) {
+  if (int(s.format) > int(LpFormat::NVFP4)) throw_error(op, ": unknown format ", int(s.format));
+  if (lp::is_fp4(s.format) && (s.tile_rows < 1 || s.tile_cols < 1))
+    throw_error(op, " [", lp_format_name(s.format), "]: tile ", s.tile_rows, " x ", s.tile_cols, " must be at least 1 x 1");
+  if (s.rounding == LpRounding::Stochastic && !lp::is_fp4(s.format))
+    throw_error(op, " [", lp_format_name(s.format), "]: stochastic rounding is implemented for the E2M1 formats (mxfp4, nvfp4)");
+  if (s.rht_axis < -1 || s.rht_axis > 1) throw_error(op, ": rht_axis ", s.rht_axis, " is not -1, 0 or 1");
+  if (s.rht_axis >= 0 && (s.rht_size < 2 || s.rht_size > 256 || (s.rht_size & (s.rht_size - 1)) != 0))
+    throw_error(op, ": rht_size ", s.rht_size, " is not a power of two in [2, 256]");
+  if (!(s.tensor_scale >= 0) || !std::isfinite(s.tensor_scale))
+    throw_error(op, ": tensor_scale ", s.tensor_scale, " must be finite and >= 0 (0: current scaling)");
+}
+
+}  // namespace
+
+void lp_quantize(const Tensor& x, const LpQuantSpec& spec, Tensor& y, LpQuantStats* stats) {
+  const char* op = "lp_quantize";
+  detail::check_contiguous(op, x, "x");
+  if (x.dim() != 2) throw_error(op, ": x must be [rows, cols], got ", x.describe());
+  check_spec(op, spec);
+  y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  LB_CUDA_ROUTE(x, lp_quantize, x, spec, y, stats)
+  const int64_t R = x.size(0), C = x.size(1), n = R * C;
+  detail::dispatch_float(op, x.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data<T>();
+    T* yp = y.data<T>();
+    if (spec.format == LpFormat::None && spec.rht_axis < 0) {  // the value itself, in its own dtype
+      double amax = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        yp[i] = xp[i];
+        amax = std::max(amax, std::fabs(double(xp[i])));
+      }
+      if (stats) *stats = {amax, 0.0};
+      return;
+    }
+    // The f32 working copy (f64 inputs are rounded to f32 first, as everything below is f32).
+    std::vector<float> v(static_cast<size_t>(n));
+    parallel_for(n, 1 << 16, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) v[size_t(i)] = float(xp[i]);
+    });
+    // 1. Hadamard groups (whole groups only: a shorter last group stays as it is). Along columns
+    // (axis 0) the butterflies run on whole rows of a group — the per-element operations and their
+    // order are rht_apply's, so the values are the CUDA body's — which keeps the loops contiguous.
+    if (spec.rht_axis == 1) {
+      const int hn = spec.rht_size;
+      const int64_t groups = C / hn;
+      parallel_for(groups * R, std::max<int64_t>(1, 4096 / hn), [&](int64_t a, int64_t b) {
+        for (int64_t t = a; t < b; ++t) lp::rht_apply(v.data() + (t / groups) * C + (t % groups) * hn, 1, hn, spec.rht_seed, false);
+      });
+    } else if (spec.rht_axis == 0) {
+      const int hn = spec.rht_size;
+      float inv = 1.0f;  // rht_apply's final factor
+      for (int m = hn; m > 1; m /= 4) inv *= m >= 4 ? 0.5f : 0.70710678118654752f;
+      parallel_for(R / hn, 1, [&](int64_t a, int64_t b) {
+        for (int64_t g = a; g < b; ++g) {
+          float* base = v.data() + g * hn * C;
+          for (int k = 0; k < hn; ++k) {
+            const float sg = lp::rht_sign(spec.rht_seed, k);
+            for (int64_t c = 0; c < C; ++c) base[k * C + c] *= sg;
+          }
+          for (int h = 1; h < hn; h *= 2)
+            for (int i = 0; i < hn; i += 2 * h)
+              for (int j = i; j < i + h; ++j) {
+                float* p = base + j * C;
+                float* q = base + (j + h) * C;
+                for (int64_t c = 0; c < C; ++c) {
+                  const float x0 = p[c], x1 = q[c];
+                  p[c] = x0 + x1;
+                  q[c] = x0 - x1;
+                }
+              }
+          for (int64_t k = 0; k < int64_t(hn) * C; ++k) base[k] *= inv;
+        }
+      });
+    }
+    // 2. amax (order-free: the largest of the chunks' maxima).
+    const int64_t chunk = 1 << 15, chunks = std::max<int64_t>(1, (n + chunk - 1) / chunk);
+    std::vector<float> part(size_t(chunks), 0.0f);
+    parallel_for(chunks, 1, [&](int64_t a, int64_t b) {
+      for (int64_t h = a; h < b; ++h) {
+        float m = 0;
+        for (int64_t i = h * chunk, e = std::min(n, i + chunk); i < e; ++i) m = std::max(m, std::fabs(v[size_t(i)]));
+        part[size_t(h)] = m;
+      }
+    });
+    float amax = 0;
+    for (float m : part) amax = std::max(amax, m);
+    bool finite = true;  // NaN is not caught by max: look for it once
+    for (int64_t i = 0; i < n && finite; ++i) finite = std::isfinite(v[size_t(i)]);
+    if (!finite) {  // NaN / inf in the operand: NaN out (the trainer stops with its divergence error)
+      if (stats) *stats = {std::nan(""), 0.0};
+      for (int64_t i = 0; i < n; ++i) yp[i] = T(std::nan(""));
+      return;
+    }
+    const LpFormat f = spec.format;
+    const bool sr = spec.rounding == LpRounding::Stochastic;
+    float ts = 0;  // the tensor-level scale
+    if (lp::is_fp8(f)) ts = spec.tensor_scale > 0 ? spec.tensor_scale : lp::tensor_scale(f, amax);
+    else if (f == LpFormat::NVFP4) ts = lp::tensor_scale(f, amax);
+    if (stats) *stats = {double(amax), double(ts)};
+    if (!lp::is_fp4(f)) {
+      parallel_for(n, 1 << 14, [&](int64_t a, int64_t b) {
+        for (int64_t i = a; i < b; ++i) yp[i] = T(lp::qdq(f, v[size_t(i)], ts, false, 0.0f));
+      });
+      return;
+    }
+    // 4. tiles: one row of tiles per task; the tile maxima from column maxima over the tile's rows,
+    // then each row quantized against its tiles' scales (contiguous loops, no branches per element).
+    const int64_t tr = spec.tile_rows, tc = spec.tile_cols;
+    const int64_t TR = (R + tr - 1) / tr, TC = (C + tc - 1) / tc;
+    parallel_for(TR, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, tr * C)), [&](int64_t a, int64_t b) {
+      std::vector<float> colmax(static_cast<size_t>(C)), scale(static_cast<size_t>(C));
+      for (int64_t i = a; i < b; ++i) {
+        const int64_t r0 = i * tr, r1 = std::min(R, r0 + tr);
+        std::fill(colmax.begin(), colmax.end(), 0.0f);
+        for (int64_t r = r0; r < r1; ++r) {
+          const float* row = v.data() + r * C;
+          for (int64_t c = 0; c < C; ++c) colmax[size_t(c)] = std::max(colmax[size_t(c)], std::fabs(row[c]));
+        }
+        for (int64_t j = 0; j < TC; ++j) {
+          const int64_t c0 = j * tc, c1 = std::min(C, c0 + tc);
+          float bmax = 0;
+          for (int64_t c = c0; c < c1; ++c) bmax = std::max(bmax, colmax[size_t(c)]);
+          const float S = lp::tile_scale(f, bmax, ts, sr);
+          for (int64_t c = c0; c < c1; ++c) scale[size_t(c)] = S;
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const float* row = v.data() + r * C;
+          T* out = yp + r * C;
+          if (sr) {
+            for (int64_t c = 0; c < C; ++c)
+              out[c] = T(lp::qdq_e2m1(row[c], scale[size_t(c)], true, lp::uniform(spec.seed, uint64_t(r * C + c))));
+          } else {
+            for (int64_t c = 0; c < C; ++c) out[c] = T(lp::qdq_e2m1(row[c], scale[size_t(c)], false, 0.0f));
+          }
+        }
+      }
+    });
+  });
+}
+
+}  // namespace lowbit::ops

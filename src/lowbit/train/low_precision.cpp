@@ -1,0 +1,107 @@
+#include "lowbit/train/low_precision.h"
+
+#include <cmath>
+
+namespace lowbit {
+
+void apply_lp_recipe_name(LowPrecisionOptions& o, const std::string& name, const std::string& what) {
+  if (name == "full") return;
+  if (name == "naive") {
+    o.recipe.weight_2d = false;
+    o.recipe.hadamard = false;
+    o.recipe.stochastic_grads = false;
+    if (o.keep_last < 0) o.keep_last = 0;
+    return;
+  }
+  throw_error(what, ": '", name, "' is not a recipe (choices: full, naive)");
+}
+
+int lp_keep_last(const LowPrecisionOptions& o, int n_layers) {
+  if (o.keep_last >= 0) return o.keep_last;
+  const LpPrecision p = o.recipe.precision;
+  if (p != LpPrecision::MXFP4 && p != LpPrecision::NVFP4) return 0;
+  return std::max(1, int(std::lround(0.15 * n_layers)));
+}
+
+void check_low_precision_options(const LowPrecisionOptions& o, int n_layers) {
+  check_lp_recipe(o.recipe);
+  if (!o.enabled()) return;
+  if (o.keep_first < 0) throw_error("--lp-keep-first ", o.keep_first, " is negative");
+  const int last = lp_keep_last(o, n_layers);
+  if (o.keep_first + last >= n_layers)
+    throw_error("--lp-keep-first ", o.keep_first, " and --lp-keep-last ", last, " keep all ", n_layers,
+                " blocks in high precision: nothing would train in ", lp_precision_name(o.recipe.precision));
+}
+
+std::string low_precision_key(const LowPrecisionOptions& o, int n_layers) {
+  const LpRecipe& r = o.recipe;
+  std::string k = lp_precision_name(r.precision);
+  if (!o.enabled()) return k;
+  k += " keep " + std::to_string(o.keep_first) + "/" + std::to_string(lp_keep_last(o, n_layers));
+  if (r.precision == LpPrecision::FP8)
+    k += r.delayed_scaling ? " delayed h" + std::to_string(r.amax_history) : " current";
+  if (r.precision == LpPrecision::MXFP4 || r.precision == LpPrecision::NVFP4)
+    k += std::string(r.weight_2d ? " 2d" : " 1d") + (r.hadamard ? " rht" : "") + (r.stochastic_grads ? " sr" : "");
+  return k;
+}
+
+std::shared_ptr<LpContext> make_low_precision(LlamaModel& model, const LowPrecisionOptions& o, uint64_t seed) {
+  check_low_precision_options(o, model.n_layers());
+  auto ctx = std::make_shared<LpContext>();
+  ctx->seed = seed;
+  const int last = lp_keep_last(o, model.n_layers());
+  int64_t id = 0;
+  for (int i = 0; i < model.n_layers(); ++i) {
+    const bool keep = i < o.keep_first || i >= model.n_layers() - last;
+    for (auto& [name, slot] : model.block(i).linears()) {
+      const int64_t layer_id = id++;
+      if (keep) continue;
+      const auto* d = dynamic_cast<const DenseLinear*>(slot->get());
+      if (!d) throw_error("--precision: layer ", i, " ", name, " is not a dense linear layer");
+      if (d->bias().defined()) throw_error("--precision: layer ", i, " ", name, " has a bias (not supported)");
+      *slot = std::make_shared<LowPrecisionLinear>(d->weight_var(), o.recipe, ctx, layer_id);
+    }
+  }
+  return ctx;
+}
+
+namespace {
+const char* kRoles[3] = {"x", "w", "dy"};
+template <class F>
+void for_each_lp(const LlamaModel& model, F&& f) {
+  for (int i = 0; i < model.n_layers(); ++i) {
+    LlamaBlock b = model.block(i);  // shares the layers
+    for (auto& [name, slot] : b.linears())
+      if (const auto* l = dynamic_cast<const LowPrecisionLinear*>(slot->get())) f(*l);
+  }
+}
+}  // namespace
+
+std::vector<std::pair<std::string, Tensor>> lp_state_tensors(const LlamaModel& model) {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for_each_lp(model, [&](const LowPrecisionLinear& l) {
+    for (int r = 0; r < 3; ++r) {
+      const auto& h = l.state().history[r];
+      if (h.empty()) continue;
+      out.emplace_back("lp." + std::to_string(l.layer_id()) + "." + kRoles[r],
+                       Tensor::from_vector(h, {int64_t(h.size())}));
+    }
+  });
+  return out;
+}
+
+void restore_lp_state(LlamaModel& model, const std::function<Tensor(const std::string&)>& load) {
+  for_each_lp(model, [&](const LowPrecisionLinear& l) {
+    for (int r = 0; r < 3; ++r) {
+      const std::string name = "lp." + std::to_string(l.layer_id()) + "." + kRoles[r];
+      const Tensor t = load(name);
+      auto& h = l.state().history[r];
+      h.clear();
+      if (!t.defined()) continue;
+      if (t.dtype() != DType::F32 || t.dim() != 1) throw_error("training state: tensor '", name, "' is ", t.describe(), ", expected f32 [n]");
+      h = t.to_vector();
+    }
+  });
+}
+
+}  // namespace lowbit
