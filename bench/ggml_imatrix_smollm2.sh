@@ -13,7 +13,13 @@
 #
 #   bench/ggml_imatrix_smollm2.sh [--presets "q4_0 q4_1 iq4_nl q8_0 q4_k_m q3_k_s"] [--chunks 10]
 #       [--nsamples 16] [--seqlen 512] [--methods "awq:--weighted-round rtn:--weighted-round gptq:--hessian-shrink,0.5 awq gptq rtn"]
-#       [--texts "wiki ptb"] [--kmaps "q4_k q3_k q2_k"] [--out DIR]
+#       [--texts "wiki ptb"] [--kmaps "q4_k q3_k q2_k"] [--out DIR] [--lowbit-ppl int8|exact|auto]
+#
+# --lowbit-ppl M: also score every lowbit file with lowbit's own `eval ppl --score-second-half
+# --matmul M` on the same windows and tokens (the issue's check that llama-perplexity on lowbit's
+# file equals lowbit's own perplexity within 0.1 %); each text's cell then ends in
+# "lowbit P (±D %)", D = lowbit / llama-perplexity − 1. int8 quantizes the activations per 32 values
+# as llama.cpp's q8_0 does; exact keeps them f32 (llama.cpp's block products never do).
 #
 # A method's flags are comma-separated after the colon: "gptq:--hessian-shrink,0.5".
 # --texts: any of wiki, ptb, ldocs (the first 400 kB of linux-docs test: the calibration text's
@@ -38,12 +44,13 @@ presets="q4_0 q4_1 iq4_nl q8_0 q4_k_m q3_k_s" kmaps="" chunks=10 nsamples=16 seq
 methods="awq:--weighted-round rtn:--weighted-round gptq:--hessian-shrink,0.5 awq gptq rtn"
 out=${LOWBIT_LLAMACPP_CACHE:-$HOME/.cache/lowbit-llamacpp}/ggmlq
 threads=${THREADS:-2}
+lowbit_ppl=""
 NICE=${NICE-nice}  # NICE= (empty): run at normal priority (on a box shared with other jobs, niced runs starve)
 while [ $# -gt 0 ]; do
   case "$1" in
     --presets) presets=$2; shift 2 ;; --chunks) chunks=$2; shift 2 ;; --nsamples) nsamples=$2; shift 2 ;;
     --seqlen) seqlen=$2; shift 2 ;; --methods) methods=$2; shift 2 ;; --texts) texts=$2; shift 2 ;;
-    --out) out=$2; shift 2 ;; --kmaps) kmaps=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;; --kmaps) kmaps=$2; shift 2 ;; --lowbit-ppl) lowbit_ppl=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 1 ;;
   esac
 done
@@ -91,13 +98,23 @@ PY
       --kl-divergence-base "$base" >"$base.log" 2>&1
   fi
 done
-score() {  # file -> " PPL / KLD |" per text (cached in FILE.T.kld.log)
+score() {  # file [lowbit] -> " PPL / KLD |" per text (cached in FILE.T.kld.log); with a second
+  # argument and --lowbit-ppl, also lowbit's own perplexity of the file on the same windows
   local row=""
   for t in $texts; do
     local log=$1.$t.n$chunks.kld.log
     [ -s "$log" ] && grep -q '^Mean *KLD' "$log" || $NICE "$bin/llama-perplexity" -m "$1" -c 512 --chunks "$chunks" \
       -t "$threads" --kl-divergence-base "$dir/kld-base-$t-c512-n$chunks.bin" --kl-divergence >"$log" 2>&1
-    row+=" $(sed -n 's/^Mean PPL(Q) *: *\([0-9.]*\).*/\1/p' "$log") / $(sed -n 's/^Mean *KLD: *\([0-9.]*\).*/\1/p' "$log") |"
+    local lp
+    lp=$(sed -n 's/^Mean PPL(Q) *: *\([0-9.]*\).*/\1/p' "$log")
+    row+=" $lp / $(sed -n 's/^Mean *KLD: *\([0-9.]*\).*/\1/p' "$log")"
+    if [ -n "$lowbit_ppl" ] && [ $# -gt 1 ]; then
+      local own=$1.$t.n$chunks.lowbit-$lowbit_ppl.json
+      [ -s "$own" ] || $NICE "$lowbit" -q eval ppl -m "$1" --text "${text[$t]}" --ctx 512 --max-windows "$chunks" \
+        --score-second-half --matmul "$lowbit_ppl" --threads "$threads" --json >"$own"
+      row+=" — lowbit $(python3 -c 'import json,sys; p=json.load(open(sys.argv[1]))["ppl"]; print(f"{p:.4f} ({100 * (p / float(sys.argv[2]) - 1):+.3f} %)")' "$own" "$lp")"
+    fi
+    row+=" |"
   done
   echo "$row"
 }
@@ -155,7 +172,7 @@ for p in $cells; do
     if [ "$(identical "$f" "$ref")" = 1 ]; then
       echo "| lowbit $m ${plan[*]##*/} (= llama-quantize, bit-identical) | $(stat -L -c %s "$f") |$(score "$ref")" >>"$res"
     else
-      echo "| lowbit $m ${plan[*]##*/} | $(stat -L -c %s "$f") |$(score "$f")" >>"$res"
+      echo "| lowbit $m ${plan[*]##*/} | $(stat -L -c %s "$f") |$(score "$f" lowbit)" >>"$res"
     fi
   done
   echo "| llama-quantize $P | $(stat -L -c %s "$ref") |$(score "$ref")" >>"$res"

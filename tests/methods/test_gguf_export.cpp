@@ -38,9 +38,14 @@ using test::logits_of;
 using test::small_config;
 
 // A quantized directory of a small random model (RTN or GPTQ in format `fmt`).
+// `wide`: dim 256, SwiGLU 512 (whole 256-value super-blocks for the k-quants, iq4_xs, tq1_0/tq2_0).
 std::string quantized_dir(const std::string& fmt, RopeStyle style, const std::string& method, Tensor* tokens = nullptr,
-                          std::unique_ptr<LlamaModel>* model_out = nullptr) {
+                          std::unique_ptr<LlamaModel>* model_out = nullptr, bool wide = false) {
   LlamaConfig c = small_config(style);
+  if (wide) {
+    c.dim = 256;
+    c.hidden_dim = 512;
+  }
   auto m = std::make_unique<LlamaModel>(c, random_weights(c, 11));
   const QuantFormat& f = parse_quant_format(fmt);
   std::vector<int32_t> stream;
@@ -52,7 +57,8 @@ std::string quantized_dir(const std::string& fmt, RopeStyle style, const std::st
   PipelineOptions o;
   o.progress = false;
   run_blockwise(*m, calib, *meth, f, o);
-  auto dir = test::temp_dir("gguf-export-" + fmt + "-" + method + (style == RopeStyle::Half ? "-half" : "-inter"));
+  auto dir = test::temp_dir("gguf-export-" + fmt + "-" + method + (style == RopeStyle::Half ? "-half" : "-inter") +
+                            (wide ? "-wide" : ""));
   save_quantized_model(dir.string(), *m, method, f);
   if (tokens) *tokens = calib.slice(0, 0, 2).contiguous();
   if (model_out) *model_out = std::move(m);
@@ -142,6 +148,72 @@ TEST(GgufExport, GgufPyReadsTheSameTensors) {
   std::ifstream man2(dump / "manifest.txt");
   std::string all((std::istreambuf_iterator<char>(man2)), std::istreambuf_iterator<char>());
   EXPECT_NE(all.find("method gptq"), std::string::npos);
+}
+
+// Every ggml type lowbit writes (the k-quants, iq4_xs and the ternary types on 256-wide rows): the
+// GGUF read back by lowbit holds the quantized codes bit for bit, and gguf-py (the reference
+// reader) sees the same type and bytes for every tensor as lowbit's reader (issue 12, "Bad input").
+TEST(GgufExport, EveryGgmlTypeReadsBackBitExactInLowbitAndGgufPy) {
+  const bool py = std::system("python3 -c 'import gguf, numpy' >/dev/null 2>&1") == 0;
+  const std::vector<std::string> fmts = {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "iq4_xs",
+                                         "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "tq1_0", "tq2_0"};
+  std::vector<std::string> files;
+  for (const std::string& fmt : fmts) {
+    const std::string dir = quantized_dir(fmt, RopeStyle::Half, "rtn", nullptr, nullptr, /*wide=*/true);
+    QuantizedCheckpoint q = load_quantized_model(dir);
+    const std::string path = dir + ".gguf";
+    save_gguf_quantized(path, q, nullptr, R"({"method":"rtn"})");
+    GgufFile f = GgufFile::open(path);
+    const uint32_t type = uint32_t(parse_quant_format(fmt).ggml_type);
+    EXPECT_EQ(f.find_tensor("blk.1.ffn_down.weight")->ggml_type, type) << fmt;
+    EXPECT_EQ(f.find_tensor("blk.0.attn_k.weight")->ggml_type, type) << fmt;
+    QuantizedCheckpoint back = load_gguf_quantized(path);
+    ASSERT_EQ(back.quantized.size(), q.quantized.size()) << fmt;
+    for (const auto& [name, qt] : q.quantized) {
+      ASSERT_TRUE(back.quantized.count(name)) << fmt << " " << name;
+      const Tensor& a = qt.codes;
+      const Tensor& b = back.quantized.at(name).codes;
+      ASSERT_EQ(a.shape(), b.shape()) << fmt << " " << name;
+      EXPECT_EQ(std::memcmp(a.data<uint8_t>(), b.data<uint8_t>(), size_t(a.numel())), 0) << fmt << " " << name;
+    }
+    files.push_back(path);
+  }
+  if (!py) GTEST_SKIP() << "python3 with the gguf and numpy modules is not available (pip install gguf numpy)";
+  // One gguf-py run for all files: each tensor's bytes as gguf-py reads them, and a manifest line
+  // "file-index name type bytes".
+  const fs::path dump = test::temp_dir("gguf-export-every-type-py");
+  std::ofstream(dump / "dump.py") << "import sys, gguf\n"
+                                     "out = sys.argv[1]\n"
+                                     "with open(out + '/manifest.txt', 'w') as m:\n"
+                                     "    for i, path in enumerate(sys.argv[2:]):\n"
+                                     "        for t in gguf.GGUFReader(path).tensors:\n"
+                                     "            open('%s/%d-%s.bin' % (out, i, t.name), 'wb').write(t.data.tobytes())\n"
+                                     "            m.write('%d %s %d %d\\n' % (i, t.name, int(t.tensor_type), int(t.n_bytes)))\n";
+  std::string cmd = "python3 '" + (dump / "dump.py").string() + "' '" + dump.string() + "'";
+  for (const std::string& p : files) cmd += " '" + p + "'";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  std::vector<GgufFile> opened;
+  for (const std::string& p : files) opened.push_back(GgufFile::open(p));
+  std::vector<size_t> seen(files.size(), 0);
+  std::ifstream man(dump / "manifest.txt");
+  size_t i = 0;
+  std::string name;
+  uint64_t type = 0, nbytes = 0;
+  while (man >> i >> name >> type >> nbytes) {
+    ASSERT_LT(i, files.size());
+    const GgufTensorInfo* t = opened[i].find_tensor(name);
+    ASSERT_NE(t, nullptr) << files[i] << " " << name;
+    EXPECT_EQ(uint64_t(t->ggml_type), type) << files[i] << " " << name;
+    ASSERT_EQ(uint64_t(t->nbytes), nbytes) << files[i] << " " << name;
+    std::ifstream in(dump / (std::to_string(i) + "-" + name + ".bin"), std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    const std::string bytes = ss.str();
+    ASSERT_EQ(bytes.size(), nbytes) << files[i] << " " << name;
+    EXPECT_EQ(std::memcmp(bytes.data(), opened[i].tensor_bytes(*t), bytes.size()), 0) << files[i] << " " << name;
+    ++seen[i];
+  }
+  for (size_t k = 0; k < files.size(); ++k) EXPECT_EQ(seen[k], opened[k].tensors().size()) << files[k];
 }
 
 TEST(GgufExport, RefusesWhatGgufCannotHold) {
