@@ -9,6 +9,7 @@
 #include <random>
 
 #include "common/test_util.h"
+#include "train/tiny_train.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/train/trainer.h"
 
@@ -16,36 +17,13 @@ using namespace lowbit;
 
 namespace {
 TrainOptions shape260k(const std::string& out, LpPrecision p) {
-  TrainOptions o;
-  o.config.dim = 64;
-  o.config.hidden_dim = 172;
-  o.config.n_layers = 5;
-  o.config.n_heads = 8;
-  o.config.n_kv_heads = 4;
-  o.config.vocab_size = 512;
-  o.config.max_seq_len = 32;
-  o.batch_size = 8;
-  o.seq_len = 32;
+  TrainOptions o = test::shape260k_train_options(out);
   o.max_steps = 16;
   o.warmup_steps = 2;
-  o.lr = 5e-3;
-  o.eval_every = 0;
-  o.eval_batches = 2;
-  o.checkpoint_every = 0;
   o.low_precision.recipe.precision = p;
-  o.out_dir = out;
   return o;
 }
-
-std::vector<int32_t> markov_stream(int n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> s{0};
-  while (int(s.size()) < n) {
-    const int32_t prev = s.back();
-    s.push_back(rng() % 4 != 0 ? int32_t((prev * 37 + 11) % 512) : int32_t(rng() % 512));
-  }
-  return s;
-}
+using test::markov_stream;
 }  // namespace
 
 TEST(LowPrecisionTrain, LossDecreasesForEveryPrecision) {

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "common/test_util.h"
+#include "train/tiny_train.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/io/safetensors.h"
 #include "lowbit/ops/blockwise8.h"
@@ -19,38 +20,11 @@ using namespace lowbit;
 
 namespace {
 TrainOptions shape260k(const std::string& out, int bits) {
-  TrainOptions o;
-  o.config.dim = 64;
-  o.config.hidden_dim = 172;
-  o.config.n_layers = 5;
-  o.config.n_heads = 8;
-  o.config.n_kv_heads = 4;
-  o.config.vocab_size = 512;
-  o.config.max_seq_len = 32;
-  o.batch_size = 8;
-  o.seq_len = 32;
-  o.max_steps = 40;
-  o.warmup_steps = 4;
-  o.lr = 5e-3;
-  o.eval_every = 0;
-  o.eval_batches = 2;
-  o.checkpoint_every = 0;
+  TrainOptions o = test::shape260k_train_options(out);
   o.optimizer_bits = bits;
-  o.out_dir = out;
   return o;
 }
-
-// A Markov chain over 512 ids: the next id is a fixed function of the current one 3 times in 4,
-// random otherwise -- learnable, so the loss falls well below ln(512).
-std::vector<int32_t> markov_stream(int n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> s{0};
-  while (int(s.size()) < n) {
-    const int32_t prev = s.back();
-    s.push_back(rng() % 4 != 0 ? int32_t((prev * 37 + 11) % 512) : int32_t(rng() % 512));
-  }
-  return s;
-}
+using test::markov_stream;
 
 // Bytes of AdamW state for the 260K shape: 8-bit for matrices of >= 4096 elements except the
 // (tied) embedding, f32 otherwise.
