@@ -67,38 +67,18 @@ void lp_quantize(const Tensor& x, const LpQuantSpec& spec, Tensor& y, LpQuantSta
       for (int64_t i = a; i < b; ++i) v[size_t(i)] = float(xp[i]);
     });
     // 1. Hadamard groups (whole groups only: a shorter last group stays as it is). Along columns
-    // (axis 0) the butterflies run on whole rows of a group — the per-element operations and their
-    // order are rht_apply's, so the values are the CUDA body's — which keeps the loops contiguous.
+    // (axis 0) rht_apply_rows runs on whole rows of a group — per value the operations and their
+    // order of rht_apply, so the values are the CUDA body's — which keeps the loops contiguous.
     if (spec.rht_axis == 1) {
       const int hn = spec.rht_size;
       const int64_t groups = C / hn;
       parallel_for(groups * R, std::max<int64_t>(1, 4096 / hn), [&](int64_t a, int64_t b) {
         for (int64_t t = a; t < b; ++t) lp::rht_apply(v.data() + (t / groups) * C + (t % groups) * hn, 1, hn, spec.rht_seed, false);
       });
-    } else if (spec.rht_axis == 0) {
+    } else if (spec.rht_axis == 0) {  // whole rows of a group at once (contiguous loops)
       const int hn = spec.rht_size;
-      float inv = 1.0f;  // rht_apply's final factor
-      for (int m = hn; m > 1; m /= 4) inv *= m >= 4 ? 0.5f : 0.70710678118654752f;
       parallel_for(R / hn, 1, [&](int64_t a, int64_t b) {
-        for (int64_t g = a; g < b; ++g) {
-          float* base = v.data() + g * hn * C;
-          for (int k = 0; k < hn; ++k) {
-            const float sg = lp::rht_sign(spec.rht_seed, k);
-            for (int64_t c = 0; c < C; ++c) base[k * C + c] *= sg;
-          }
-          for (int h = 1; h < hn; h *= 2)
-            for (int i = 0; i < hn; i += 2 * h)
-              for (int j = i; j < i + h; ++j) {
-                float* p = base + j * C;
-                float* q = base + (j + h) * C;
-                for (int64_t c = 0; c < C; ++c) {
-                  const float x0 = p[c], x1 = q[c];
-                  p[c] = x0 + x1;
-                  q[c] = x0 - x1;
-                }
-              }
-          for (int64_t k = 0; k < int64_t(hn) * C; ++k) base[k] *= inv;
-        }
+        for (int64_t g = a; g < b; ++g) lp::rht_apply_rows(v.data() + g * hn * C, C, C, hn, spec.rht_seed, false);
       });
     }
     // 2. amax (order-free: the largest of the chunks' maxima).

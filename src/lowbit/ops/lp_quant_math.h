@@ -120,20 +120,36 @@ LB_HD_INLINE float rht_sign(uint64_t seed, int k) {
 //   forward  v <- H_n (D v) / sqrt(n)
 //   inverse  v <- D (H_n v) / sqrt(n)   (H_n symmetric, H_n H_n = n I: the two are each other's inverse)
 // with D = diag(rht_sign(seed, k)). Butterflies in the Sylvester order; the 1/sqrt(n) scaling is a
-// single multiply per value at the end (exact for n = 4^j, one rounding otherwise).
-LB_HD_INLINE void rht_apply(float* v, int64_t stride, int n, uint64_t seed, bool inverse) {
+// single multiply per value at the end (exact for n = 4^j, one rounding otherwise). Each of the n
+// entries is a run of `width` contiguous values transformed alike (width 1: one vector; width C with
+// stride C: every column of n rows at once, with contiguous loops), the same operations in the same
+// order for each value.
+LB_HD_INLINE void rht_apply_rows(float* v, int64_t stride, int64_t width, int n, uint64_t seed, bool inverse) {
   if (!inverse)
-    for (int k = 0; k < n; ++k) v[k * stride] *= rht_sign(seed, k);
+    for (int k = 0; k < n; ++k) {
+      const float sg = rht_sign(seed, k);
+      for (int64_t c = 0; c < width; ++c) v[k * stride + c] *= sg;
+    }
   for (int h = 1; h < n; h *= 2)
     for (int i = 0; i < n; i += 2 * h)
       for (int j = i; j < i + h; ++j) {
-        const float a = v[j * stride], b = v[(j + h) * stride];
-        v[j * stride] = a + b;
-        v[(j + h) * stride] = a - b;
+        float* p = v + j * stride;
+        float* q = v + (j + h) * stride;
+        for (int64_t c = 0; c < width; ++c) {
+          const float a = p[c], b = q[c];
+          p[c] = a + b;
+          q[c] = a - b;
+        }
       }
   float inv = 1.0f;
   for (int m = n; m > 1; m /= 4) inv *= m >= 4 ? 0.5f : 0.70710678118654752f;
-  for (int k = 0; k < n; ++k) v[k * stride] *= inverse ? inv * rht_sign(seed, k) : inv;
+  for (int k = 0; k < n; ++k) {
+    const float f = inverse ? inv * rht_sign(seed, k) : inv;
+    for (int64_t c = 0; c < width; ++c) v[k * stride + c] *= f;
+  }
+}
+LB_HD_INLINE void rht_apply(float* v, int64_t stride, int n, uint64_t seed, bool inverse) {
+  rht_apply_rows(v, stride, 1, n, seed, inverse);
 }
 
 // The largest magnitude of the element format (per-tensor and NVFP4 scales map the amax onto it).

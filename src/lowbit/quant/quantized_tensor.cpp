@@ -138,6 +138,16 @@ GroupParams QuantizedTensor::group_params(int64_t row, int64_t g) const {
 }
 
 namespace {
+// The ggml block layout of f (ops view), or Generic for lowbit's own formats.
+ops::PackedLayout ggml_layout_of(const QuantFormat& f) {
+  return f.id == QuantFormatId::Q4_0    ? ops::PackedLayout::GgmlQ4_0
+         : f.id == QuantFormatId::Q4_1  ? ops::PackedLayout::GgmlQ4_1
+         : f.id == QuantFormatId::Q8_0  ? ops::PackedLayout::GgmlQ8_0
+         : f.id == QuantFormatId::TQ2_0 ? ops::PackedLayout::GgmlTQ2_0
+         : f.id == QuantFormatId::TQ1_0 ? ops::PackedLayout::GgmlTQ1_0
+                                        : ops::PackedLayout::Generic;
+}
+
 // Row `row` of q's codes in the storage layout: a pointer into them, or (panel layout) the row
 // gathered into a per-thread buffer.
 const uint8_t* storage_row(const QuantizedTensor& q, int64_t row, int64_t rb) {
@@ -149,10 +159,8 @@ const uint8_t* storage_row(const QuantizedTensor& q, int64_t row, int64_t rb) {
   ops::PackedWeight w;
   w.out = q.out_features();
   w.in = q.in_features();
-  w.layout = f.id == QuantFormatId::Q4_0   ? ops::PackedLayout::GgmlQ4_0
-             : f.id == QuantFormatId::Q4_1 ? ops::PackedLayout::GgmlQ4_1
-             : f.id == QuantFormatId::Q8_0 ? ops::PackedLayout::GgmlQ8_0
-                                           : ops::PackedLayout::IntGroups;
+  const ops::PackedLayout ggml = ggml_layout_of(f);  // the panel layout holds q4_0/q4_1/q8_0 or IntGroups
+  w.layout = ggml != ops::PackedLayout::Generic ? ggml : ops::PackedLayout::IntGroups;
   w.bits = f.bits;
   w.row_bytes = rb;
   w.codes = q.codes.data<uint8_t>();
@@ -287,12 +295,7 @@ ops::PackedWeight QuantizedTensor::packed_view() const {
   w.dequantize_row = [this](int64_t r, float* dst) { dequantize_row(r, dst); };
   w.device = device_copy_.get();
   w.panel_rows = panel_rows;
-  const ops::PackedLayout ggml = f.id == QuantFormatId::Q4_0   ? ops::PackedLayout::GgmlQ4_0
-                                 : f.id == QuantFormatId::Q4_1 ? ops::PackedLayout::GgmlQ4_1
-                                 : f.id == QuantFormatId::Q8_0 ? ops::PackedLayout::GgmlQ8_0
-                                 : f.id == QuantFormatId::TQ2_0 ? ops::PackedLayout::GgmlTQ2_0
-                                 : f.id == QuantFormatId::TQ1_0 ? ops::PackedLayout::GgmlTQ1_0
-                                                               : ops::PackedLayout::Generic;
+  const ops::PackedLayout ggml = ggml_layout_of(f);
   if (ggml != ops::PackedLayout::Generic) {
     w.layout = ggml;
     w.row_bytes = f.row_bytes(w.in);
