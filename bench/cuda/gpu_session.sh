@@ -25,6 +25,13 @@
 #                                       test; STEPS=decode: packed_gpu.sh's decode rows) waits WAIT s,
 #                                       then copies results and logs to $OUT
 #   bench/cuda/gpu_session.sh check     carry .devcarry/tools.tar.xz: GPU tests + fused-AdamW timing (short)
+#   bench/cuda/gpu_session.sh lp        carry .devcarry/tools.tar.xz .devcarry/tests.tar.xz
+#                                       .devcarry/lp-tokens.tar.xz (stage it with `lp-stage`): issue 18 on
+#                                       the GPU: the op parity table (Parity.LpQuantize among it), then
+#                                       bench/low_precision_train.sh's stories15M-shape line (LP_STEPS,
+#                                       LP_RUNS) and a packed-GGUF decode on cuda when gguf.part* ride along
+#   bench/cuda/gpu_session.sh lp-stage  (here) tokenizes linux-docs train/valid with the Llama 2
+#                                       tokenizer into .devcarry/lp-tokens.tar.xz (~10 MB)
 #   bench/cuda/gpu_session.sh saliency7b  (after setup, or carry .devcarry/tools.tar.xz): SAPR's saliency
 #                                       pass and ApiQ/SAPR per-block training at the Llama-2-7B shape
 #                                       (SKIP_TRAIN=1: the pass alone)
@@ -265,6 +272,43 @@ PY
     tail -3 "$O/q70-$method.err"
   done
   rm -rf "$T"
+  ;;
+lp-stage)
+  set -e
+  shared=${LOWBIT_SHARED:-$(pwd)/../shared}
+  B=${BUILD_DIR:-build-cuda}
+  S=$(mktemp -d)
+  "$B/lowbit" -q train --out "$S/tok" --dim 288 --hidden-dim 768 --layers 6 --heads 6 --max-seq-len 256 \
+    --tokenizer "$shared/tokenizers/llama2/tokenizer.model" --train "$shared/data/linux-docs/train.txt" \
+    --valid "$shared/data/linux-docs/valid.txt" --steps 0 --seed 1 > /dev/null
+  mkdir -p "$S/w/lp" .devcarry
+  mv "$S/tok/train.tokens" "$S/tok/valid.tokens" "$S/w/lp/"
+  tar -C "$S" -cf - w/lp | xz -T2 -6 > .devcarry/lp-tokens.tar.xz
+  rm -rf "$S"
+  ls -la .devcarry/lp-tokens.tar.xz
+  ;;
+lp)
+  rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp || exit 1
+  unpack_tests
+  tar -xJf .devcarry/lp-tokens.tar.xz -C /tmp || exit 1
+  export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+  O=${OUT:-/tmp/out}
+  mkdir -p "$O"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  timeout "${PARITY_SECONDS:-150}" "$W/bin/test_ops" --gtest_filter='Parity*' > "$O/parity.log" 2>&1
+  echo "test_ops exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|tests ran" "$O/parity.log" | head -30
+  # A packed GGUF on cuda (the CPU panel layout is CPU-only; this is the check that cuda loads it unchanged).
+  if ls .devcarry/gguf.part* > /dev/null 2>&1 && [ "$(ls .devcarry/gguf.part* | wc -l)" -ge 2 ]; then
+    cat .devcarry/gguf.part* > "$W/model.gguf"
+    [ "$(sha256sum < "$W/model.gguf" | cut -d' ' -f1)" = "$(cat .devcarry/gguf.sha)" ] && \
+      "$W/bin/lowbit" generate -m "$W/model.gguf" --device cuda -p "The capital of France is" -n 16 -t 0 2>&1 | tail -n 3
+  fi
+  DEVICE=cuda LOWBIT=$W/bin/lowbit TRAIN_TOKENS=$W/lp/train.tokens VALID_TOKENS=$W/lp/valid.tokens \
+    MODEL_ARGS="--dim 288 --hidden-dim 768 --layers 6 --heads 6 --max-seq-len 256 --vocab 32000" \
+    STEPS=${LP_STEPS:-1000} BATCH=64 SEQ=256 LR=1e-3 WARMUP=100 EVAL_EVERY=100 \
+    RUNS="${LP_RUNS:-f32 bf16 fp8 fp8-current mxfp4 nvfp4 nvfp4-naive}" bench/low_precision_train.sh "$O/lp-15m" \
+    2>&1 | tee "$O/lp-15m.md"
+  rm -f "$O"/lp-15m/*/*.bin "$O"/lp-15m/*/*.safetensors
   ;;
 check)
   # A short call on its own (carry .devcarry/tools.tar.xz only): the GPU tests of the op parity table,
