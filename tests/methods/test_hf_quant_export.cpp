@@ -23,6 +23,7 @@
 #include "lowbit/model/weights.h"
 #include "lowbit/quant/paretoq.h"
 #include "lowbit/quant/quant_linear.h"
+#include "lowbit/quant/quantize.h"
 
 using namespace lowbit;
 namespace fs = std::filesystem;
@@ -171,4 +172,32 @@ TEST(HfQuantExport, RefusesHalfIntegerZeroPoints) {
                 .find("the gptq layout stores integer zero points only"),
             std::string::npos);
   EXPECT_FALSE(fs::exists(dir + "-x"));
+}
+
+TEST(HfQuantExport, RefusesLoraAdaptersInBothLayouts) {
+  // ApiQ/SAPR keep LoRA adapters beside the codes; neither layout has a place for them, whether the
+  // directory stores them separately or merged into dense layers. Nothing is written.
+  LlamaConfig c = test::small_config(RopeStyle::Half);
+  LlamaModel m(c, random_weights(c, 5));
+  const QuantFormat& f = parse_quant_format("int4g32");
+  for (int i = 0; i < m.n_layers(); ++i)
+    for (auto& [name, slot] : m.block(i).linears()) {
+      const Tensor w = (*slot)->effective_weight();
+      const int64_t out = w.shape()[0], in = w.shape()[1], rank = 4;
+      Tensor a = Tensor::zeros({rank, in}, DType::F32), b = Tensor::zeros({out, rank}, DType::F32);
+      a.data<float>()[0] = 0.01f;
+      b.data<float>()[0] = 0.01f;
+      *slot = std::make_shared<QuantLinear>(quantize(w, f), (*slot)->bias(), Device::CPU, a, b);
+    }
+  for (LoraStorage storage : {LoraStorage::Separate, LoraStorage::Merged}) {
+    const bool merged = storage == LoraStorage::Merged;
+    const std::string dir = test::temp_dir(merged ? "hfq-lora-merged" : "hfq-lora-separate").string();
+    save_quantized_model(dir, m, "apiq", f, {}, storage);
+    for (HfQuantLayout layout : {HfQuantLayout::Gptq, HfQuantLayout::Awq}) {
+      const std::string msg = error_of([&] { export_hf_quant_layout(dir, dir + "-x", layout); });
+      EXPECT_NE(msg.find(std::string("has LoRA adapters (") + (merged ? "merged" : "separate")), std::string::npos) << msg;
+      EXPECT_NE(msg.find(std::string("the ") + hf_quant_layout_name(layout)), std::string::npos) << msg;
+      EXPECT_FALSE(fs::exists(dir + "-x"));
+    }
+  }
 }
