@@ -17,6 +17,7 @@
 #   THREADS [2]  SEED [1]  DEVICE [cpu]
 #   RUNS  ["f32 bf16 fp8 fp8-current mxfp4 nvfp4 nvfp4-naive mxfp4-naive"]: names from the table below
 #   JOBS  [1]: runs at a time (each with THREADS threads)
+#   LP_GEMM [auto]: --lp-gemm of every run (auto: native FP8/bf16 GEMMs on cuda, emulated on the CPU)
 #   SUMMARY_ONLY [0]: 1 = run nothing, print the tables of the RUNS already in OUT_DIR
 #   TRAIN_TOKENS / VALID_TOKENS: already tokenized data (raw int32) instead of TEXT (e.g. linux-docs
 #               with the Llama 2 tokenizer for the stories15M shape: see the GPU lines at the end)
@@ -86,7 +87,8 @@ one_run() {
   rm -rf "${out:?}/$name"
   local cmd=("$LOWBIT" train --out "$out/$name" "${shape[@]}" "${data[@]}" --steps "$STEPS" --batch "$BATCH"
              --seq-len "$SEQ" --lr "$LR" --warmup "$WARMUP" --eval-every "$EVAL_EVERY" --eval-batches "$EVAL_BATCHES"
-             --seed "$SEED" --threads "$THREADS" --device "$DEVICE" --checkpoint-every 0 "${extra[@]}" --json)
+             --seed "$SEED" --threads "$THREADS" --device "$DEVICE" --checkpoint-every 0 --lp-gemm "${LP_GEMM:-auto}"
+             "${extra[@]}" --json)
   echo "+ ${cmd[*]}" >&2
   "${cmd[@]}" >"$out/$name.json" 2>"$out/$name.stderr" || { tail -3 "$out/$name.stderr" >&2; return 1; }
   cp "$out/$name.json" "$out/$name/summary.json"

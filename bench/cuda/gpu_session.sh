@@ -30,6 +30,9 @@
 #                                       the GPU: the op parity table (Parity.LpQuantize among it), then
 #                                       bench/low_precision_train.sh's stories15M-shape line (LP_STEPS,
 #                                       LP_RUNS) and a packed-GGUF decode on cuda when gguf.part* ride along
+#   bench/cuda/gpu_session.sh fp8       carry as lp: Parity.Fp8Gemm, bench_fp8_gemm against
+#                                       bench/torch_fp8_gemm_ref.py (torch._scaled_mm), ~110M-shape step
+#                                       speed native vs emulated, the 15M curves with native GEMMs
 #   bench/cuda/gpu_session.sh lp-stage  (here) tokenizes linux-docs train/valid with the Llama 2
 #                                       tokenizer into .devcarry/lp-tokens.tar.xz (~10 MB)
 #   bench/cuda/gpu_session.sh saliency7b  (after setup, or carry .devcarry/tools.tar.xz): SAPR's saliency
@@ -57,7 +60,12 @@ wait_runs() {
   done
 }
 # The GPU test binaries ride in their own archive (.devcarry/tests.tar.xz), on whichever call has room.
-unpack_tests() { [ -f .devcarry/tests.tar.xz ] && tar -xJf .devcarry/tests.tar.xz -C /tmp; return 0; }
+# .devcarry/extra.tar.xz (w/bin/...: binaries rebuilt since the last stage) is unpacked over them.
+unpack_tests() {
+  [ -f .devcarry/tests.tar.xz ] && tar -xJf .devcarry/tests.tar.xz -C /tmp
+  [ -f .devcarry/extra.tar.xz ] && tar -xJf .devcarry/extra.tar.xz -C /tmp
+  return 0
+}
 case "$mode" in
 stage)
   set -e
@@ -81,7 +89,9 @@ stage)
     rm -rf "$S/t"
   fi
   # Issue 14's E2E-QP step bench (bench/cuda/e2eqp_7b.sh), when build-cuda has -DLOWBIT_BENCH=ON.
-  if [ -x "$B/bench/bench_e2eqp" ]; then cp "$B/bench/bench_e2eqp" "$S/w/bin/"; fi
+  for b in bench_e2eqp bench_fp8_gemm bench_gpu_block bench_apiq_block; do
+    if [ -x "$B/bench/$b" ]; then cp "$B/bench/$b" "$S/w/bin/"; fi
+  done
   for l in libsentencepiece.so.0 libgomp.so.1 libopenblas.so.0 libgfortran.so.5 libquadmath.so.0 \
       libcpp-httplib.so.0.11 libbrotlidec.so.1 libbrotlienc.so.1 libbrotlicommon.so.1; do
     cp -L "/lib/x86_64-linux-gnu/$l" "$S/w/lib/"
@@ -286,6 +296,35 @@ lp-stage)
   tar -C "$S" -cf - w/lp | xz -T2 -6 > .devcarry/lp-tokens.tar.xz
   rm -rf "$S"
   ls -la .devcarry/lp-tokens.tar.xz
+  ;;
+fp8)
+  rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp || exit 1
+  unpack_tests
+  tar -xJf .devcarry/lp-tokens.tar.xz -C /tmp || exit 1
+  export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+  O=${OUT:-/tmp/out}
+  mkdir -p "$O"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  if [ -x "$W/bin/test_ops" ]; then
+    timeout 120 "$W/bin/test_ops" --gtest_filter='Parity.Fp8Gemm:Parity.LpQuantize:Parity.Gemm:Parity.Bf16' > "$O/parity-fp8.log" 2>&1
+    echo "test_ops exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|error|fp8_gemm|lp_quantize" "$O/parity-fp8.log" | head -30
+  fi
+  "$W/bin/bench_fp8_gemm" --tf32 2>&1 | tee "$O/fp8-gemm.md"
+  python3 bench/torch_fp8_gemm_ref.py --tf32 2>&1 | tee "$O/fp8-gemm-torch.md"
+  # ~110M shape: step speed (tokens/s) per precision, native against emulated GEMMs, same call
+  for g in native emulated; do
+    runs="bf16 fp8"; [ "$g" = native ] && runs="f32 bf16 fp8"
+    DEVICE=cuda LOWBIT=$W/bin/lowbit TRAIN_TOKENS=$W/lp/train.tokens VALID_TOKENS=$W/lp/valid.tokens LP_GEMM=$g \
+      MODEL_ARGS="--dim 768 --hidden-dim 2048 --layers 12 --heads 12 --max-seq-len 512 --vocab 32000" \
+      STEPS=${SPEED_STEPS:-60} BATCH=32 SEQ=512 LR=6e-4 WARMUP=20 EVAL_EVERY=1000 EVAL_BATCHES=2 \
+      RUNS="$runs" bench/low_precision_train.sh "$O/lp-110m-$g" 2>&1 | grep -E "^\|" | tee "$O/lp-110m-$g.md"
+  done
+  # the stories15M curves with native GEMMs (the emulated ones: docs/results/low-precision-training.md)
+  DEVICE=cuda LOWBIT=$W/bin/lowbit TRAIN_TOKENS=$W/lp/train.tokens VALID_TOKENS=$W/lp/valid.tokens LP_GEMM=native \
+    MODEL_ARGS="--dim 288 --hidden-dim 768 --layers 6 --heads 6 --max-seq-len 256 --vocab 32000" \
+    STEPS=${LP_STEPS:-1000} BATCH=64 SEQ=256 LR=1e-3 WARMUP=100 EVAL_EVERY=100 \
+    RUNS="${LP_RUNS:-f32 bf16 fp8 fp8-current}" bench/low_precision_train.sh "$O/lp-15m-native" 2>&1 | tee "$O/lp-15m-native.md"
+  rm -f "$O"/lp-*/*/*.bin "$O"/lp-*/*/*.safetensors; rm -rf "$O"/lp-*/*/hf
   ;;
 lp)
   rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp || exit 1

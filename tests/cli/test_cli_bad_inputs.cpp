@@ -527,6 +527,7 @@ const Row kRows[] = {
   {"train", "unknown precision", "train --out {O} --vocab 512 --train-tokens {I} --precision fp6", "--precision: 'fp6' is not a training precision (choices: f32, bf16, fp8, mxfp4, nvfp4)"},
   {"train", "unknown fp8 scaling", "train --out {O} --vocab 512 --train-tokens {I} --precision fp8 --fp8-scaling slow", "--fp8-scaling: 'slow' is not a scaling rule (choices: delayed, current)"},
   {"train", "unknown lp recipe", "train --out {O} --vocab 512 --train-tokens {I} --precision nvfp4 --lp-recipe best", "--lp-recipe: 'best' is not a recipe (choices: full, naive)"},
+  {"train", "unknown lp gemm mode", "train --out {O} --vocab 512 --train-tokens {I} --precision fp8 --lp-gemm fast", "--lp-gemm: 'fast' is not a GEMM mode (choices: auto, native, emulated)"},
   {"train", "amax history 0", "train --out {O} --vocab 512 --train-tokens {I} --precision fp8 --amax-history 0", "--amax-history: Value 0 not in range"},
   {"train", "precision keeps every block", "train --train-tokens {I} --vocab 512 --dim 16 --hidden-dim 32 --layers 2 --heads 2 --seq-len 16 --batch 2 --steps 1 --out {O} --precision nvfp4 --lp-keep-last 2", "keep all 2 blocks in high precision", kModel},
   {"train", "unknown arch", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet", "--arch: 'bitnet' is not an architecture"},

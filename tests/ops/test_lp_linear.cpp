@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <memory>
+#include <string>
 
 #include "lowbit/autograd/functions.h"
 #include "lowbit/autograd/lp_linear.h"
@@ -192,4 +194,53 @@ TEST(LpLinear, Fp8DelayedScalingUsesTheHistory) {
   run(r, small, wv, g, 5, st2);
   EXPECT_TRUE(st2->history[LpLinearState::X].empty());
   (void)a;
+}
+
+// Native FP8 GEMMs (LpRecipe::native_gemm; on the CPU through fp8_gemm's reference body): the same
+// products as the emulated layer up to the order of summation, for both scaling rules (the delayed
+// histories recorded alike), and shapes that are not multiples of 16 stay emulated (bit for bit).
+TEST(LpLinear, NativeFp8GemmsComputeTheEmulatedProducts) {
+  const Tensor xv = rnd(48, 64, 21), wv = rnd(32, 64, 22), g = rnd(48, 32, 23);
+  for (bool delayed : {false, true}) {
+    LpRecipe emu, nat;
+    emu.precision = nat.precision = LpPrecision::FP8;
+    emu.delayed_scaling = nat.delayed_scaling = delayed;
+    nat.native_gemm = true;
+    auto se = std::make_shared<LpLinearState>(), sn = std::make_shared<LpLinearState>();
+    for (int step = 0; step < 3; ++step) {  // the second and third steps use the recorded histories
+      Tensor gs = Tensor::empty(g.shape(), DType::F32), xs = Tensor::empty(xv.shape(), DType::F32);
+      ops::scale(g, 1.0 + step, gs);
+      ops::scale(xv, 1.0 - 0.2 * step, xs);
+      const Grads e = run(emu, xs, wv, gs, 7, se), n = run(nat, xs, wv, gs, 7, sn);
+      const std::string what = std::string(delayed ? "delayed" : "current") + " step " + std::to_string(step);
+      EXPECT_LT(rel_err(n.y, e.y), 1e-6) << what;
+      EXPECT_LT(rel_err(n.dx, e.dx), 1e-6) << what;
+      EXPECT_LT(rel_err(n.dw, e.dw), 1e-6) << what;
+    }
+    for (int role = 0; role < 3; ++role) EXPECT_EQ(sn->history[role], se->history[role]) << role;
+  }
+  LpRecipe nat;
+  nat.precision = LpPrecision::FP8;
+  nat.delayed_scaling = false;
+  nat.native_gemm = true;
+  LpRecipe emu = nat;
+  emu.native_gemm = false;
+  const Tensor x2 = rnd(40, 24, 31), w2 = rnd(20, 24, 32), g2 = rnd(40, 20, 33);  // not multiples of 16
+  const Grads a = run(nat, x2, w2, g2, 7), b = run(emu, x2, w2, g2, 7);
+  expect_same(a.y, b.y, "ragged y");
+  expect_same(a.dx, b.dx, "ragged dx");
+  expect_same(a.dw, b.dw, "ragged dW");
+}
+
+// NaN in an operand: the native product is NaN, as the emulated one (alpha = NaN, whatever a GEMM
+// body does with a zero alpha).
+TEST(LpLinear, NativeFp8NanOperandGivesNan) {
+  LpRecipe r;
+  r.precision = LpPrecision::FP8;
+  r.delayed_scaling = false;
+  r.native_gemm = true;
+  Tensor xv = rnd(16, 16, 41);
+  xv.data<float>()[5] = std::nanf("");
+  const Tensor y = lp_linear(Var(xv), Var(rnd(16, 16, 42)), r, nullptr, 1).value();
+  for (float v : y.to_vector()) EXPECT_TRUE(std::isnan(v));
 }

@@ -405,3 +405,81 @@ TEST(LpQuantize, BadArguments) {
   EXPECT_THROW(quant(x, s), Error);
   EXPECT_THROW(quant(Tensor::zeros({2, 3, 4}), spec(LpFormat::E4M3)), Error);
 }
+
+// FP8 codes (native FP8 GEMMs): s * decode(code) is lp_quantize's value bit for bit, for both
+// formats, current and delayed (saturating) scales, in both layouts; a re-encoding with the scale
+// given and no stats gives the same codes; NaN gives NaN codes; the fp8_gemm reference body is the
+// f32 product of the decoded values; bad arguments are refused.
+TEST(LpQuantize, Fp8CodesAreTheQuantizedValues) {
+  const Tensor x = Tensor::randn({37, 29}, 5, 3.0, DType::F32);
+  for (ops::LpFormat f : {ops::LpFormat::E4M3, ops::LpFormat::E5M2})
+    for (float given : {0.0f, 0.001f}) {
+      ops::LpQuantSpec s;
+      s.format = f;
+      s.tensor_scale = given;
+      Tensor y, c, ct, c2;
+      ops::LpQuantStats sy, sc;
+      ops::lp_quantize(x, s, y, &sy);
+      ops::lp_quantize_fp8(x, s, c, &sc);
+      ops::lp_quantize_fp8(x, s, ct, nullptr, true);
+      EXPECT_EQ(sc.amax, sy.amax);
+      EXPECT_EQ(sc.tensor_scale, sy.tensor_scale);
+      ASSERT_EQ(c.shape(), (Shape{37, 29}));
+      ASSERT_EQ(ct.shape(), (Shape{29, 37}));
+      ops::LpQuantSpec again = s;
+      again.tensor_scale = float(sc.tensor_scale);
+      ops::lp_quantize_fp8(x, again, c2);
+      const float* yp = y.data<float>();
+      const uint8_t *cp = c.data<uint8_t>(), *tp = ct.data<uint8_t>(), *c2p = c2.data<uint8_t>();
+      for (int64_t r = 0; r < 37; ++r)
+        for (int64_t k = 0; k < 29; ++k) {
+          const float v = ops::lp::fp8_value(f, cp[r * 29 + k]) * float(sc.tensor_scale);
+          ASSERT_EQ(v, yp[r * 29 + k]) << ops::lp_format_name(f) << " " << r << "," << k;
+          ASSERT_EQ(tp[k * 37 + r], cp[r * 29 + k]);
+          ASSERT_EQ(c2p[r * 29 + k], cp[r * 29 + k]);
+        }
+    }
+  Tensor xn = x.clone(), cn;
+  xn.data<float>()[3] = std::nanf("");
+  ops::LpQuantSpec s;
+  s.format = ops::LpFormat::E4M3;
+  ops::LpQuantStats st;
+  ops::lp_quantize_fp8(xn, s, cn, &st);
+  EXPECT_TRUE(std::isnan(st.amax));
+  for (int64_t i = 0; i < cn.numel(); ++i) ASSERT_EQ(cn.data<uint8_t>()[i], 0x7f);
+  // the reference GEMM: alpha * decode(a) decode(b)^T
+  Tensor a, b;
+  ops::LpQuantStats qa, qb;
+  s.format = ops::LpFormat::E5M2;
+  ops::lp_quantize_fp8(Tensor::randn({6, 32}, 1, 1.0, DType::F32), s, a, &qa);
+  s.format = ops::LpFormat::E4M3;
+  ops::lp_quantize_fp8(Tensor::randn({5, 32}, 2, 1.0, DType::F32), s, b, &qb);
+  Tensor y = Tensor::empty({6, 5}, DType::F32);
+  ops::fp8_gemm(a, ops::LpFormat::E5M2, b, ops::LpFormat::E4M3, 0.5f, y);
+  for (int64_t i = 0; i < 6; ++i)
+    for (int64_t j = 0; j < 5; ++j) {
+      double ref = 0;
+      for (int64_t k = 0; k < 32; ++k)
+        ref += double(ops::lp::fp8_value(ops::LpFormat::E5M2, a.data<uint8_t>()[i * 32 + k])) *
+               ops::lp::fp8_value(ops::LpFormat::E4M3, b.data<uint8_t>()[j * 32 + k]);
+      EXPECT_NEAR(y.data<float>()[i * 5 + j], 0.5 * ref, 1e-5 * (1 + std::fabs(ref)));
+    }
+  auto err = [](auto fn) {
+    try {
+      fn();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  Tensor yy = Tensor::empty({6, 6}, DType::F32);
+  EXPECT_NE(err([&] { ops::fp8_gemm(a, ops::LpFormat::E5M2, a, ops::LpFormat::E5M2, 1.0f, yy); }).find("e5m2 x e5m2"),
+            std::string::npos);
+  EXPECT_NE(err([&] { ops::fp8_gemm(a, ops::LpFormat::E4M3, b, ops::LpFormat::E4M3, 1.0f, yy); }).find("y has shape"),
+            std::string::npos);
+  EXPECT_NE(err([&] { ops::fp8_gemm(a, ops::LpFormat::NVFP4, b, ops::LpFormat::E4M3, 1.0f, y); }).find("not FP8"),
+            std::string::npos);
+  s.format = ops::LpFormat::NVFP4;
+  Tensor cc;
+  EXPECT_NE(err([&] { ops::lp_quantize_fp8(x, s, cc); }).find("has no FP8 codes"), std::string::npos);
+}

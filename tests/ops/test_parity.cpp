@@ -12,11 +12,13 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <map>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "lowbit/autograd/functions.h"
@@ -770,6 +772,61 @@ TEST_F(Parity, LpQuantize) {
   }
 }
 
+// Native FP8 GEMMs (issue 18): the codes bit for bit (both layouts, both formats, a saturating
+// delayed scale); cuBLASLt's FP8 GEMM against the CPU reference body (decoded codes, f32 gemm): the
+// products of FP8 values are exact, but the tensor cores accumulate a K-slice at reduced precision
+// before promoting to f32, so 2e-3 of the largest output (a layout or scale error is O(1)); then
+// lp_linear with native GEMMs on the GPU against the CPU's emulated lp_linear (fp8 and bf16).
+TEST_F(Parity, Fp8Gemm) {
+  const Tensor x = rnd({96, 64}, 41, 3.0);
+  for (ops::LpFormat f : {ops::LpFormat::E4M3, ops::LpFormat::E5M2})
+    for (float given : {0.0f, 0.002f})
+      for (bool tr : {false, true}) {
+        ops::LpQuantSpec s;
+        s.format = f;
+        s.tensor_scale = given;
+        Tensor cc, cg;
+        ops::LpQuantStats sc, sg;
+        ops::lp_quantize_fp8(x, s, cc, &sc, tr);
+        ops::lp_quantize_fp8(gpu(x), s, cg, &sg, tr);
+        const Tensor back = cg.to(Device::CPU);
+        EXPECT_EQ(std::memcmp(back.raw_data(), cc.raw_data(), size_t(cc.numel())), 0)
+            << ops::lp_format_name(f) << " scale " << given << (tr ? " transposed" : "");
+        EXPECT_EQ(sg.amax, sc.amax);
+        EXPECT_EQ(sg.tensor_scale, sc.tensor_scale);
+      }
+  for (auto [M, N, K] : {std::tuple{16, 16, 16}, std::tuple{64, 48, 96}, std::tuple{256, 128, 512}})
+    for (auto [fa, fb] : {std::pair{ops::LpFormat::E4M3, ops::LpFormat::E4M3}, std::pair{ops::LpFormat::E5M2, ops::LpFormat::E4M3},
+                          std::pair{ops::LpFormat::E4M3, ops::LpFormat::E5M2}}) {
+      ops::LpQuantSpec sa, sb;
+      sa.format = fa, sb.format = fb;
+      Tensor a, b;
+      ops::LpQuantStats qa, qb;
+      ops::lp_quantize_fp8(rnd({M, K}, 3 + M, 2.0), sa, a, &qa);
+      ops::lp_quantize_fp8(rnd({N, K}, 5 + N, 0.5), sb, b, &qb);
+      const float alpha = float(qa.tensor_scale * qb.tensor_scale);
+      Tensor yc = Tensor::empty({M, N}, DType::F32), yg = Tensor::empty({M, N}, DType::F32, kGpu);
+      ops::fp8_gemm(a, fa, b, fb, alpha, yc);
+      ops::fp8_gemm(gpu(a), fa, gpu(b), fb, alpha, yg);
+      check("fp8_gemm", str(M, "x", N, "x", K, " ", ops::lp_format_name(fa), "*", ops::lp_format_name(fb)), yg, yc, 2e-3);
+    }
+  for (LpPrecision p : {LpPrecision::FP8, LpPrecision::BF16}) {
+    LpRecipe emulated, native;
+    emulated.precision = native.precision = p;
+    native.native_gemm = true;
+    const Tensor xv = rnd({64, 48}, 1), wv = rnd({32, 48}, 2), g = rnd({64, 32}, 3);
+    auto run = [&](const LpRecipe& r, Device d) {
+      Var xa(d == kGpu ? gpu(xv) : xv.clone(), true), wa(d == kGpu ? gpu(wv) : wv.clone(), true);
+      Var y = lp_linear(xa, wa, r, std::make_shared<LpLinearState>(), 5);
+      backward(y, d == kGpu ? gpu(g) : g);
+      return std::vector<Tensor>{y.value().to(Device::CPU), xa.grad().to(Device::CPU), wa.grad().to(Device::CPU)};
+    };
+    const auto ref = run(emulated, Device::CPU), got = run(native, kGpu);
+    const char* names[3] = {"y", "dx", "dW"};
+    for (int i = 0; i < 3; ++i) check("fp8_gemm", str(lp_precision_name(p), " lp_linear native ", names[i]), got[i], ref[i], 2e-3);
+  }
+}
+
 TEST_F(Parity, Bf16) {
   const double tol = 1e-2;
   auto to_gpu_bf16 = [](const Tensor& t) { return t.to(DType::BF16).to(kGpu); };
@@ -889,8 +946,8 @@ TEST(ParityCoverage, EveryRegistryOpHasAParityTest) {
                                            "adamw8_step",
                                            // Parity.QatQuantizers (issue 14)
                                            "lsq_quant", "seq_quant", "group_scale",
-                                           // Parity.LpQuantize (issue 18)
-                                           "lp_quantize"};
+                                           // Parity.LpQuantize, Parity.Fp8Gemm (issue 18)
+                                           "lp_quantize", "lp_quantize_fp8", "fp8_gemm"};
   for (const auto& op : ops::op_registry())
     EXPECT_NE(std::find(tested.begin(), tested.end(), std::string(op.name)), tested.end())
         << "op '" << op.name << "' has no GPU parity test";

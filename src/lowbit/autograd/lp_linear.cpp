@@ -90,6 +90,92 @@ Tensor quantize(const Tensor& v, const ops::LpQuantSpec& s, ops::LpQuantStats* s
   ops::lp_quantize(v, s, y, st);
   return y;
 }
+
+// FP8 codes of v under scale ts (a re-encoding of an operand already quantized: no amax pass).
+Tensor fp8_codes(const Tensor& v, ops::LpQuantSpec s, double ts, bool transpose) {
+  s.tensor_scale = float(ts);
+  Tensor c;
+  ops::lp_quantize_fp8(v, s, c, nullptr, transpose);
+  return c;
+}
+
+// alpha = s_a s_b, NaN when an operand held NaN/inf (its amax is NaN): the product is then NaN, as
+// the emulated path's, whatever a body does with alpha = 0.
+float fp8_alpha(const ops::LpQuantStats& a, const ops::LpQuantStats& b) {
+  if (!std::isfinite(a.amax) || !std::isfinite(b.amax)) return std::nanf("");
+  return float(a.tensor_scale * b.tensor_scale);
+}
+
+Tensor bf16_of(const Tensor& v) {
+  Tensor b = Tensor::empty(v.shape(), DType::BF16, v.device());
+  ops::cast(v, b);
+  return b;
+}
+
+// The bf16 precision on bf16 GEMMs (CUDA): operands rounded to bf16 once, products in f32.
+Var lp_linear_native_bf16(const Var& x, const Var& w, const Tensor& xv, const Tensor& wv, bool training) {
+  const Tensor xb = bf16_of(xv), wb = bf16_of(wv);
+  Tensor y = Tensor::empty({xv.size(0), wv.size(0)}, DType::F32, xv.device());
+  ops::gemm(xb, false, wb, true, y);
+  if (!training) return Var(y);
+  return make_result(y, {x, w}, "lp_linear", [x, w, xb, wb, xs = xv.shape(), ws = wv.shape()](const Tensor& g) {
+    const Tensor gb = bf16_of(g.contiguous());
+    if (x.requires_grad()) {
+      Tensor dx = Tensor::empty(xs, DType::F32, gb.device());
+      ops::gemm(gb, false, wb, false, dx);
+      accumulate_grad(x, dx);
+    }
+    if (w.requires_grad()) {
+      Tensor dw = Tensor::empty(ws, DType::F32, gb.device());
+      ops::gemm(gb, true, xb, false, dw);
+      accumulate_grad(w, dw);
+    }
+  });
+}
+
+// The fp8 precision on FP8 GEMMs: E4M3 codes of x and W, E5M2 codes of dy, each GEMM's operands
+// laid out along its reduction dimension (W^T for dgrad, dy^T and x^T for wgrad: re-encoded with the
+// forward's scales, so every GEMM sees the emulated path's values), the scales folded into alpha.
+Var lp_linear_native_fp8(const Var& x, const Var& w, const Tensor& xv, const Tensor& wv, const LpRecipe& r,
+                         const std::shared_ptr<LpLinearState>& state, uint64_t seed, bool training, bool delayed) {
+  using Role = LpLinearState::Role;
+  ops::LpQuantSpec sx = lp_operand_spec(r, LpOperand::FpropX, seed), sw = lp_operand_spec(r, LpOperand::FpropW, seed);
+  if (delayed) {
+    sx.tensor_scale = state->delayed_scale(Role::X, sx.format);
+    sw.tensor_scale = state->delayed_scale(Role::W, sw.format);
+  }
+  ops::LpQuantStats stx, stw;
+  Tensor cx, cw;
+  ops::lp_quantize_fp8(xv, sx, cx, &stx);
+  ops::lp_quantize_fp8(wv, sw, cw, &stw);
+  if (training && delayed) {
+    state->record(Role::X, stx.amax, r.amax_history);
+    state->record(Role::W, stw.amax, r.amax_history);
+  }
+  Tensor y = Tensor::empty({xv.size(0), wv.size(0)}, DType::F32, xv.device());
+  ops::fp8_gemm(cx, sx.format, cw, sw.format, fp8_alpha(stx, stw), y);
+  if (!training) return Var(y);
+  return make_result(y, {x, w}, "lp_linear", [x, w, xv, wv, r, state, seed, delayed, sx, sw, stx, stw](const Tensor& g) {
+    const Tensor gv = g.contiguous();
+    ops::LpQuantSpec sg = lp_operand_spec(r, LpOperand::DgradDy, seed);
+    if (delayed) sg.tensor_scale = state->delayed_scale(LpLinearState::DY, sg.format);
+    ops::LpQuantStats stg;
+    Tensor cg;
+    ops::lp_quantize_fp8(gv, sg, cg, &stg);
+    if (delayed) state->record(LpLinearState::DY, stg.amax, r.amax_history);
+    if (x.requires_grad()) {  // dx [T, in] = dy [T, out] . (W^T [in, out])^T
+      Tensor dx = Tensor::empty(xv.shape(), DType::F32, xv.device());
+      ops::fp8_gemm(cg, sg.format, fp8_codes(wv, sw, stw.tensor_scale, true), sw.format, fp8_alpha(stg, stw), dx);
+      accumulate_grad(x, dx);
+    }
+    if (w.requires_grad()) {  // dW [out, in] = dy^T [out, T] . (x^T [in, T])^T
+      Tensor dw = Tensor::empty(wv.shape(), DType::F32, wv.device());
+      ops::fp8_gemm(fp8_codes(gv, sg, stg.tensor_scale, true), sg.format, fp8_codes(xv, sx, stx.tensor_scale, true),
+                    sx.format, fp8_alpha(stg, stx), dw);
+      accumulate_grad(w, dw);
+    }
+  });
+}
 }  // namespace
 
 Var lp_linear(const Var& x, const Var& w, const LpRecipe& r, const std::shared_ptr<LpLinearState>& state,
@@ -103,6 +189,13 @@ Var lp_linear(const Var& x, const Var& w, const LpRecipe& r, const std::shared_p
   const bool training = grad_enabled() && (x.requires_grad() || w.requires_grad());
   const bool fp8 = r.precision == LpPrecision::FP8;
   const bool delayed = fp8 && r.delayed_scaling && state;
+  if (r.native_gemm && xv.dtype() == DType::F32) {
+    const int64_t T = xv.size(0), in = xv.size(1), out = wv.size(0);
+    if (fp8 && ops::fp8_gemm_shape_ok(T, out, in))
+      return lp_linear_native_fp8(x, w, xv, wv, r, state, seed, training, delayed);
+    if (r.precision == LpPrecision::BF16 && xv.device() == Device::CUDA)
+      return lp_linear_native_bf16(x, w, xv, wv, training);
+  }
   using Role = LpLinearState::Role;
   // fprop operands (fp8: the per-tensor scale from the history when delayed)
   ops::LpQuantSpec sx = lp_operand_spec(r, LpOperand::FpropX, seed), sw = lp_operand_spec(r, LpOperand::FpropW, seed);

@@ -24,7 +24,8 @@
 // Q(x) - x and Q(W) - W as constants, so dx and dW are the GEMMs above — what FP8/FP4 training
 // computes — and with precision f32 the layer is exactly `linear`. The master weight W stays f32
 // (or f64 in gradient checks) and is what the optimizer updates. CPU and CUDA (the op dispatch of
-// ops::lp_quantize and ops::gemm).
+// ops::lp_quantize and ops::gemm; with LpRecipe::native_gemm, ops::lp_quantize_fp8 + ops::fp8_gemm
+// for fp8 and bf16 GEMMs for bf16: the products that FP8/bf16 tensor cores compute).
 //
 // The naive recipe (for comparison; `lp_recipe naive`): 1-D tiles for W (re-quantized along the
 // other axis for dgrad), no Hadamard transform, round-to-nearest gradients.
@@ -51,6 +52,11 @@ struct LpRecipe {
   bool weight_2d = true;        // fp4: 2-D weight tiles (16x16 / 32x32), one Q(W) for fprop and dgrad
   bool hadamard = true;         // fp4: the 16-point random Hadamard transform on the wgrad inputs
   bool stochastic_grads = true; // fp4: stochastic rounding of the gradient operands
+  // bf16 / fp8: run the three GEMMs on the formats themselves — bf16 tensor-core GEMMs (CUDA only),
+  // FP8 codes through ops::fp8_gemm (cuBLASLt on CUDA; the CPU reference body elsewhere; M, N, K
+  // multiples of 16, else the call stays emulated) — instead of f32 GEMMs on dequantized values.
+  // The same products up to the order of summation; the fp4 precisions are always emulated.
+  bool native_gemm = false;
 };
 // Throws lowbit::Error for an amax history outside [1, 1024].
 void check_lp_recipe(const LpRecipe& r);

@@ -22,7 +22,7 @@ namespace {
 struct TrainArgs {
   std::string tokenizer, train_text, valid_text, train_tokens, valid_tokens, config_json, device = "cpu";
   std::string arch = "llama", ternary_scale = "mean", schedule = "cosine";
-  std::string precision = "f32", fp8_scaling = "delayed", lp_recipe = "full";
+  std::string precision = "f32", fp8_scaling = "delayed", lp_recipe = "full", lp_gemm = "auto";
   TrainOptions o;
   DistArgs dist;  // --gpus N / launcher environment: data-parallel training (issue 20)
   bool json = false, tf32 = false, bf16 = false;
@@ -47,6 +47,10 @@ void run_train(TrainArgs& a) {
     throw_error("--fp8-scaling: '", a.fp8_scaling, "' is not a scaling rule (choices: delayed, current)");
   o.low_precision.recipe.delayed_scaling = a.fp8_scaling == "delayed";
   apply_lp_recipe_name(o.low_precision, a.lp_recipe);
+  if (a.lp_gemm != "auto" && a.lp_gemm != "native" && a.lp_gemm != "emulated")
+    throw_error("--lp-gemm: '", a.lp_gemm, "' is not a GEMM mode (choices: auto, native, emulated)");
+  // auto: native on CUDA (FP8 tensor cores through cuBLASLt, bf16 tensor cores), emulated on the CPU.
+  o.low_precision.recipe.native_gemm = a.lp_gemm == "native" || (a.lp_gemm == "auto" && a.device != "cpu");
   check_bitnet_options(o.bitnet, o.max_steps);
   if (o.bitnet.enabled && (a.device != "cpu" || a.bf16))
     throw_error("train: --arch bitnet-b1.58 trains on the CPU (--device cpu, no --bf16): BitLinear's quantizers have "
@@ -130,6 +134,7 @@ void run_train(TrainArgs& a) {
   j["precision"] = a.precision;
   if (o.low_precision.enabled()) {
     j["precision_settings"] = low_precision_key(o.low_precision, o.config.n_layers);
+    j["lp_gemm"] = o.low_precision.recipe.native_gemm ? "native" : "emulated";
     j["final_val_loss_f32"] = r.final_val_loss_f32 < 0 ? nlohmann::json() : nlohmann::json(r.final_val_loss_f32);
   }
   j["arch"] = a.arch;
@@ -237,6 +242,12 @@ void register_train(CLI::App& app) {
   t->add_option("--lp-recipe", a->lp_recipe,
                 "mxfp4/nvfp4: full (the NVFP4 paper's recipe) or naive (1-D weight blocks, no Hadamard transform, "
                 "round-to-nearest gradients, no block kept in f32)")
+      ->capture_default_str();
+  t->add_option("--lp-gemm", a->lp_gemm,
+                "bf16/fp8: native (GEMMs on the formats themselves: cuBLASLt FP8 and bf16 tensor-core GEMMs on CUDA, "
+                "the FP8 reference body on the CPU; FP8 shapes need multiples of 16, others stay emulated), emulated "
+                "(f32 GEMMs on dequantized operands) or auto (native on CUDA, emulated on the CPU); fp4 is always "
+                "emulated")
       ->capture_default_str();
   t->add_option("--lp-keep-first", o.low_precision.keep_first, "blocks at the start whose linears stay f32")
       ->capture_default_str()->check(at_least(0));

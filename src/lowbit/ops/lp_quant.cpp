@@ -8,6 +8,7 @@
 
 #include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
+#include "lowbit/ops/ops.h"
 
 namespace lowbit::ops {
 
@@ -145,6 +146,76 @@ void lp_quantize(const Tensor& x, const LpQuantSpec& spec, Tensor& y, LpQuantSta
       }
     });
   });
+}
+
+void lp_quantize_fp8(const Tensor& x, const LpQuantSpec& spec, Tensor& codes, LpQuantStats* stats, bool transpose) {
+  const char* op = "lp_quantize_fp8";
+  detail::check_contiguous(op, x, "x");
+  if (x.dim() != 2) throw_error(op, ": x must be [rows, cols], got ", x.describe());
+  if (x.dtype() != DType::F32) throw_error(op, ": x must be f32, got ", x.describe());
+  check_spec(op, spec);
+  if (!lp::is_fp8(spec.format) || spec.rht_axis >= 0)
+    throw_error(op, ": format ", lp_format_name(spec.format), spec.rht_axis >= 0 ? " with a Hadamard transform" : "",
+                " has no FP8 codes (e4m3 and e5m2 per tensor only)");
+  const int64_t R = x.size(0), C = x.size(1), n = R * C;
+  codes = Tensor::empty(transpose ? Shape{C, R} : Shape{R, C}, DType::U8, x.device());
+  LB_CUDA_ROUTE(x, lp_quantize_fp8, x, spec, codes, stats, transpose)
+  const float* xp = x.data<float>();
+  uint8_t* cp = codes.data<uint8_t>();
+  const LpFormat f = spec.format;
+  float ts = spec.tensor_scale;
+  bool finite = true;
+  if (stats || !(ts > 0)) {
+    float amax = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float a = std::fabs(xp[i]);
+      if (!(a <= 3.402823466e38f)) finite = false;
+      else amax = std::max(amax, a);
+    }
+    if (!finite) {
+      if (stats) *stats = {std::nan(""), 0.0};
+      std::fill(cp, cp + n, uint8_t(0x7f));
+      return;
+    }
+    if (!(ts > 0)) ts = lp::tensor_scale(f, amax);
+    if (stats) *stats = {double(amax), double(ts)};
+  }
+  parallel_for(R, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, C)), [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r)
+      for (int64_t c = 0; c < C; ++c) {
+        const float v = xp[r * C + c];
+        cp[transpose ? c * R + r : r * C + c] = std::isfinite(v) ? lp::fp8_code(f, v, ts) : uint8_t(0x7f);
+      }
+  });
+}
+
+void fp8_gemm(const Tensor& a, LpFormat fa, const Tensor& b, LpFormat fb, float alpha, Tensor& y) {
+  const char* op = "fp8_gemm";
+  detail::check_contiguous(op, a, "a");
+  detail::check_contiguous(op, b, "b");
+  if (a.dim() != 2 || b.dim() != 2 || a.dtype() != DType::U8 || b.dtype() != DType::U8 || a.size(1) != b.size(1))
+    throw_error(op, ": a [M, K] and b [N, K] must be u8 FP8 codes with the same K, got ", a.describe(), " and ", b.describe());
+  if (!lp::is_fp8(fa) || !lp::is_fp8(fb))
+    throw_error(op, ": formats ", lp_format_name(fa), " x ", lp_format_name(fb), " are not FP8 (e4m3, e5m2)");
+  if (fa == LpFormat::E5M2 && fb == LpFormat::E5M2)
+    throw_error(op, ": e5m2 x e5m2 is not a product FP8 tensor cores take (one operand must be e4m3)");
+  if (a.device() != b.device()) throw_error(op, ": a is ", a.describe(), " but b is ", b.describe());
+  const int64_t M = a.size(0), N = b.size(0);
+  detail::check_contiguous(op, y, "y");
+  detail::check_shape(op, y, {M, N}, "y");
+  if (y.dtype() != DType::F32 || y.device() != a.device())
+    throw_error(op, ": y must be f32 on the operands' device, got ", y.describe());
+  LB_CUDA_ROUTE(a, fp8_gemm, a, fa, b, fb, alpha, y)
+  auto decode = [](const Tensor& c, LpFormat f) {
+    Tensor d = Tensor::empty(c.shape(), DType::F32);
+    const uint8_t* cp = c.data<uint8_t>();
+    float* dp = d.data<float>();
+    float table[256];
+    for (int k = 0; k < 256; ++k) table[k] = lp::fp8_value(f, uint8_t(k));
+    for (int64_t i = 0; i < c.numel(); ++i) dp[i] = table[cp[i]];
+    return d;
+  };
+  gemm(decode(a, fa), false, decode(b, fb), true, y, double(alpha));
 }
 
 }  // namespace lowbit::ops

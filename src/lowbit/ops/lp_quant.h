@@ -34,6 +34,29 @@ struct LpQuantStats {
 
 void lp_quantize(const Tensor& x, const LpQuantSpec& spec, Tensor& y, LpQuantStats* stats = nullptr);
 
+// Native FP8 GEMMs (issue 18: the FP8 tensor cores of Hopper GPUs) take the operands as codes:
+//
+// lp_quantize_fp8: x [rows, cols] (f32) -> codes (u8) [rows, cols], or [cols, rows] with
+// `transpose`, of spec.format E4M3 or E5M2 under one per-tensor scale s (spec.tensor_scale, or the
+// current amax / the format's max when it is 0): code = fp8(x / s) with the codecs of lp_quantize, so
+// s * decode(code) is lp_quantize(x, spec) element for element. stats as lp_quantize's; with a given
+// scale and no stats the amax pass is skipped (a re-encoding, e.g. the transposed copy the backward
+// needs). NaN/inf in x: every code is NaN (0x7f) and stats.amax is NaN. No tiles, no Hadamard.
+// Bodies: CPU (f32) and CUDA (a 32 x 32 tile per block, coalesced for either layout).
+void lp_quantize_fp8(const Tensor& x, const LpQuantSpec& spec, Tensor& codes, LpQuantStats* stats = nullptr,
+                     bool transpose = false);
+
+// y [M, N] (f32) = alpha * decode(a) . decode(b)^T for FP8 codes a [M, K] of format fa and b [N, K]
+// of format fb (u8; E4M3 or E5M2, not both E5M2: the combinations Hopper's FP8 tensor cores take).
+// With alpha = s_a * s_b this is the product of the dequantized operands. Bodies: CPU (the codes
+// decoded to f32, then ops::gemm: the reference) and CUDA (cuBLASLt's FP8 GEMM, f32 accumulation with
+// fast accumulation off, f32 output), for shapes fp8_gemm_shape_ok accepts.
+void fp8_gemm(const Tensor& a, LpFormat fa, const Tensor& b, LpFormat fb, float alpha, Tensor& y);
+// cuBLASLt's FP8 alignment rules, kept conservative: M, N and K multiples of 16.
+inline bool fp8_gemm_shape_ok(int64_t M, int64_t N, int64_t K) {
+  return M > 0 && N > 0 && K > 0 && M % 16 == 0 && N % 16 == 0 && K % 16 == 0;
+}
+
 // "none", "bf16", "e4m3", "e5m2", "mxfp4", "nvfp4"
 const char* lp_format_name(LpFormat f);
 

@@ -231,5 +231,15 @@ LB_HD_INLINE float qdq(LpFormat f, float x, float S, bool stochastic, float u) {
   }
 }
 
+// The FP8 code of x under decode scale S, the code of qdq's E4M3/E5M2 cases (S = 0: code 0, value
+// 0), and the value of a code (native FP8 GEMMs, ops::lp_quantize_fp8).
+LB_HD_INLINE uint8_t fp8_code(LpFormat f, float x, float S) {
+  if (!(S > 0)) return 0;
+  return f == LpFormat::E4M3 ? float_to_e4m3(x / S) : float_to_e5m2(x / S);
+}
+LB_HD_INLINE float fp8_value(LpFormat f, uint8_t code) {
+  return f == LpFormat::E4M3 ? e4m3_to_float(code) : e5m2_to_float(code);
+}
+
 }  // namespace lp
 }  // namespace lowbit::ops

@@ -35,6 +35,8 @@ constexpr OpInfo kOps[] = {
     {"group_scale", true, kCuda, "f32 f64"},
     // low-precision training's operand quantizer (ops/lp_quant.h; the STE is autograd/lp_linear.cpp)
     {"lp_quantize", false, kCuda, "f32 f64"},
+    {"lp_quantize_fp8", false, kCuda, "f32 -> u8 fp8 codes"},
+    {"fp8_gemm", false, kCuda, "u8 fp8 codes -> f32"},  // cuBLASLt on CUDA (native fp8 training)
 };
 }  // namespace
 

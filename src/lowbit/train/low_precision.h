@@ -1,9 +1,9 @@
 // `lowbit train --precision bf16|fp8|mxfp4|nvfp4` (issue 18): the linear layers of the decoder blocks
 // become LowPrecisionLinear (model/lp_linear.h: quantize-dequantize of every GEMM operand, f32
 // GEMMs, straight-through gradients, f32 master weights; the recipes are in autograd/lp_linear.h).
-// Emulation on the CPU and on CUDA alike: the numbers are what a kernel with FP8/FP4 inputs and f32
-// accumulation computes, the speed is not (Hopper has no FP4 tensor cores; real FP8 tensor-core
-// GEMMs through cuBLASLt are not wired in).
+// Emulated on the CPU: the numbers are what a kernel with FP8/FP4 inputs and f32 accumulation
+// computes. On CUDA, bf16 and fp8 run native GEMMs by default (LpRecipe::native_gemm: bf16 tensor
+// cores, cuBLASLt FP8); FP4 stays emulated (Hopper has no FP4 tensor cores).
 //
 // What stays in high precision: the token embedding, the norms, attention's own products (QK^T and
 // PV), the output head (lm_head) — as in the FP8 and NVFP4 recipes — and, by default for the FP4

@@ -96,6 +96,9 @@ void group_scale_backward(const Tensor& codes, const Tensor& dy, const FormatTra
 // The operand quantizer of low-precision training (ops/lp_quant.h; ops/cuda/lp_quant.cu). f32 only;
 // reads the amax back to the host (one synchronisation per call).
 void lp_quantize(const Tensor& x, const LpQuantSpec& spec, Tensor& y, LpQuantStats* stats);
+// Its FP8 codes (ops/lp_quant.h; lp_quant.cu) and the native FP8 GEMM (cuBLASLt; fp8_gemm.cu).
+void lp_quantize_fp8(const Tensor& x, const LpQuantSpec& spec, Tensor& codes, LpQuantStats* stats, bool transpose);
+void fp8_gemm(const Tensor& a, LpFormat fa, const Tensor& b, LpFormat fb, float alpha, Tensor& y);
 
 // GPTQ (Frantar et al. 2022, Alg. 1) of one linear layer for the uniform integer formats of the
 // format table (methods/gptq_cuda.cpp passes the format's traits row and wraps the result into a

@@ -5,8 +5,8 @@
 //   NaN above inf), the amax read back to the host (one synchronisation per call: the emulation
 //   favours one code path over speed), then one thread per element (per-tensor formats) or per
 //   scale tile (tile_scale + qdq over the tile, element k drawing lp::uniform(seed, k)).
-// Emulation only: Hopper has no FP4 tensor cores, and the FP8 GEMMs here are f32 GEMMs on the
-// dequantized values (see docs/results/low-precision-training.md).
+// lp_quantize_fp8 writes the FP8 codes of the same values for the native FP8 GEMM (fp8_gemm.cu);
+// FP4 stays emulated (Hopper has no FP4 tensor cores; docs/results/low-precision-training.md).
 #include <cstdint>
 
 #include "lowbit/ops/cuda/cuda_common.h"
@@ -73,7 +73,69 @@ __global__ void lp_tile_kernel(float* __restrict__ v, int64_t R, int64_t C, LpQu
   }
 }
 
+// FP8 codes of a 32 x 32 tile per block (32 x 8 threads): read along x's rows, written along the
+// rows of codes — through shared memory when transposed — so both sides are coalesced.
+__global__ void lp_fp8_codes_kernel(const float* __restrict__ x, uint8_t* __restrict__ codes, int64_t R, int64_t C,
+                                    LpFormat f, float ts, bool transpose) {
+  __shared__ uint8_t tile[32][33];
+  const int64_t r0 = int64_t(blockIdx.y) * 32, c0 = int64_t(blockIdx.x) * 32;
+  for (int k = threadIdx.y; k < 32; k += 8) {
+    const int64_t r = r0 + k, c = c0 + threadIdx.x;
+    if (r < R && c < C) {
+      const float v = x[r * C + c];
+      const uint8_t q = isfinite(v) ? lp::fp8_code(f, v, ts) : uint8_t(0x7f);
+      if (transpose) tile[k][threadIdx.x] = q;
+      else codes[r * C + c] = q;
+    }
+  }
+  if (!transpose) return;
+  __syncthreads();
+  for (int k = threadIdx.y; k < 32; k += 8) {  // codes [C, R]: row c0 + k, columns r0 + threadIdx.x
+    const int64_t c = c0 + k, r = r0 + threadIdx.x;
+    if (r < R && c < C) codes[c * R + r] = tile[threadIdx.x][k];
+  }
+}
+
+// The amax of x (NaN when x holds NaN/inf), read back to the host.
+float amax_to_host(const float* v, int64_t n, cudaStream_t st) {
+  Tensor bits = Tensor::empty({1}, DType::I32, Device::CUDA);
+  LB_CUDA_CHECK(cudaMemsetAsync(bits.raw_data(), 0, sizeof(uint32_t), st));
+  lp_amax_kernel<<<detail::grid_for(n, kThreads), kThreads, 0, st>>>(v, n, static_cast<unsigned int*>(bits.raw_data()));
+  LB_CUDA_LAUNCH_CHECK("lp_amax_kernel");
+  uint32_t host_bits = 0;
+  LB_CUDA_CHECK(cudaMemcpyAsync(&host_bits, bits.raw_data(), sizeof(uint32_t), cudaMemcpyDeviceToHost, st));
+  LB_CUDA_CHECK(cudaStreamSynchronize(st));
+  return bits_f32(host_bits);
+}
+
 }  // namespace
+
+void lp_quantize_fp8(const Tensor& x, const LpQuantSpec& spec, Tensor& codes, LpQuantStats* stats, bool transpose) {
+  LB_CUDA_OP("lp_quantize_fp8");
+  detail::check_on_gpu("lp_quantize_fp8", codes, "codes");
+  const int64_t R = x.size(0), C = x.size(1), n = R * C;
+  cudaStream_t st = cuda_rt::stream();
+  if (n == 0) {
+    if (stats) *stats = {};
+    return;
+  }
+  float ts = spec.tensor_scale;
+  if (stats || !(ts > 0)) {
+    const float amax = amax_to_host(ptr<float>(x), n, st);
+    if (!(amax <= 3.402823466e38f)) {
+      if (stats) *stats = {double(amax), 0.0};
+      LB_CUDA_CHECK(cudaMemsetAsync(codes.raw_data(), 0x7f, size_t(n), st));
+      return;
+    }
+    if (!(ts > 0)) ts = lp::tensor_scale(spec.format, amax);
+    if (stats) *stats = {double(amax), double(ts)};
+  }
+  const dim3 grid(unsigned((C + 31) / 32), unsigned((R + 31) / 32)), block(32, 8);
+  if (grid.y > 65535u) throw_error("lp_quantize_fp8: ", R, " rows exceed the CUDA body's grid (at most 2,097,120)");
+  lp_fp8_codes_kernel<<<grid, block, 0, st>>>(ptr<float>(x), static_cast<uint8_t*>(codes.raw_data()), R, C,
+                                               spec.format, ts, transpose);
+  LB_CUDA_LAUNCH_CHECK("lp_fp8_codes_kernel");
+}
 
 void lp_quantize(const Tensor& x, const LpQuantSpec& spec, Tensor& y, LpQuantStats* stats) {
   LB_CUDA_OP("lp_quantize");
@@ -95,14 +157,7 @@ void lp_quantize(const Tensor& x, const LpQuantSpec& spec, Tensor& y, LpQuantSta
       LB_CUDA_LAUNCH_CHECK("lp_rht_kernel");
     }
   }
-  Tensor bits = Tensor::empty({1}, DType::I32, Device::CUDA);
-  LB_CUDA_CHECK(cudaMemsetAsync(bits.raw_data(), 0, sizeof(uint32_t), st));
-  lp_amax_kernel<<<detail::grid_for(n, kThreads), kThreads, 0, st>>>(v, n, static_cast<unsigned int*>(bits.raw_data()));
-  LB_CUDA_LAUNCH_CHECK("lp_amax_kernel");
-  uint32_t host_bits = 0;
-  LB_CUDA_CHECK(cudaMemcpyAsync(&host_bits, bits.raw_data(), sizeof(uint32_t), cudaMemcpyDeviceToHost, st));
-  LB_CUDA_CHECK(cudaStreamSynchronize(st));
-  const float amax = bits_f32(host_bits);
+  const float amax = amax_to_host(v, n, st);
   if (!(amax <= 3.402823466e38f)) {
     if (stats) *stats = {double(amax), 0.0};
     lp_fill_nan_kernel<<<detail::grid_for(n, kThreads), kThreads, 0, st>>>(v, n);
