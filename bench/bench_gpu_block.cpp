@@ -7,16 +7,22 @@
 // per op measured with CUDA events.
 //
 //   bench_gpu_block [--dtype f32|bf16] [--tf32] [--seq 2048] [--iters 10] [--profile]
+//                   [--precision bf16|fp8 [--lp-gemm native|emulated]]
+// --precision (issue 18, f32 activations): the seven linears run as `lowbit train --precision` runs
+// them (autograd/lp_linear.h: bf16 or fp8 operands, delayed scaling, f32 master weights; native
+// GEMMs — bf16 tensor cores, cuBLASLt FP8 — or emulated f32 GEMMs on dequantized values).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "bench_util.h"
 #include "lowbit/autograd/functions.h"
+#include "lowbit/autograd/lp_linear.h"
 #include "lowbit/ops/device_init.h"
 
 using namespace lowbit;
@@ -28,7 +34,21 @@ struct Config {
   int iters = 10, warmup = 3;
   DType dtype = DType::F32;
   bool tf32 = false, profile = false;
+  bool lp = false;  // --precision given
+  LpRecipe recipe = [] {
+    LpRecipe r;
+    r.native_gemm = true;  // --lp-gemm native unless told otherwise
+    return r;
+  }();
+  std::vector<std::shared_ptr<LpLinearState>> states = std::vector<std::shared_ptr<LpLinearState>>(7);
 };
+
+// One of the block's seven linears (slot: its amax-history state under --precision).
+Var block_linear(const Var& x, const Var& w, Config& c, int slot) {
+  if (!c.lp) return linear(x, w);
+  if (!c.states[size_t(slot)]) c.states[size_t(slot)] = std::make_shared<LpLinearState>();
+  return lp_linear(x, w, c.recipe, c.states[size_t(slot)], 0x5eedull + uint64_t(slot));
+}
 
 struct BlockWeights {
   Var attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3;
@@ -50,16 +70,16 @@ Tensor random_gpu(const Shape& s, uint64_t seed, double std, double mean, DType 
   return Tensor::from_vector(v, s).to(dt).to(Device::CUDA);
 }
 
-Var block_forward(BlockWeights& w, const Var& x, const Config& c) {
+Var block_forward(BlockWeights& w, const Var& x, Config& c) {
   const int64_t hd = c.dim / c.heads;
   Var h = rmsnorm(x, w.attn_norm, 1e-5);
-  Var q = rope(linear(h, w.wq), c.batch, c.seq, c.heads, hd, 0, 10000.0, RopeStyle::Half);
-  Var k = rope(linear(h, w.wk), c.batch, c.seq, c.kv_heads, hd, 0, 10000.0, RopeStyle::Half);
-  Var v = linear(h, w.wv);
+  Var q = rope(block_linear(h, w.wq, c, 0), c.batch, c.seq, c.heads, hd, 0, 10000.0, RopeStyle::Half);
+  Var k = rope(block_linear(h, w.wk, c, 1), c.batch, c.seq, c.kv_heads, hd, 0, 10000.0, RopeStyle::Half);
+  Var v = block_linear(h, w.wv, c, 2);
   Var a = attention(q, k, v, c.batch, c.seq, c.seq, c.heads, c.kv_heads, hd);
-  Var x2 = add(x, linear(a, w.wo));
+  Var x2 = add(x, block_linear(a, w.wo, c, 3));
   Var h2 = rmsnorm(x2, w.ffn_norm, 1e-5);
-  return add(x2, linear(swiglu(linear(h2, w.w1), linear(h2, w.w3)), w.w2));
+  return add(x2, block_linear(swiglu(block_linear(h2, w.w1, c, 4), block_linear(h2, w.w3, c, 5)), w.w2, c, 6));
 }
 
 double now_ms() {
@@ -78,8 +98,11 @@ int main(int argc, char** argv) {
     else if (a == "--seq") c.seq = std::stoll(next());
     else if (a == "--iters") c.iters = std::stoi(next());
     else if (a == "--profile") c.profile = true;
+    else if (a == "--precision") c.lp = true, c.recipe.precision = parse_lp_precision(next());
+    else if (a == "--lp-gemm") c.recipe.native_gemm = next() == "native";
     else {
-      std::fprintf(stderr, "usage: %s [--dtype f32|bf16] [--tf32] [--seq T] [--iters N] [--profile]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--dtype f32|bf16] [--tf32] [--seq T] [--iters N] [--profile] "
+                   "[--precision bf16|fp8 [--lp-gemm native|emulated]]\n", argv[0]);
       return 2;
     }
   }
@@ -88,6 +111,7 @@ int main(int argc, char** argv) {
       std::printf("bench_gpu_block: no CUDA device (or a CPU-only build); nothing to measure\n");
       return 0;
     }
+    if (c.lp && c.dtype != DType::F32) throw_error("--precision takes f32 activations (--dtype f32)");
     cuda_set_allow_tf32(c.tf32);
     const int64_t D = c.dim, hd = D / c.heads, KV = c.kv_heads * hd, F = c.hidden, M = c.batch * c.seq;
     BlockWeights w;
@@ -136,6 +160,8 @@ int main(int argc, char** argv) {
     std::printf("  median %.2f ms (min %.2f, max %.2f, %d iters), %.1f TFLOP/s, peak %.3f GiB (%.3f GiB held before the step)\n",
                 med, times.front(), times.back(), c.iters, (lin + att) / (med * 1e-3) / 1e12, peak_gib,
                 double(base_bytes) / double(1ull << 30));
+    if (c.lp) std::printf("  linears: --precision %s, %s GEMMs\n", lp_precision_name(c.recipe.precision),
+                          c.recipe.native_gemm ? "native" : "emulated");
     std::printf("RESULT lowbit %s tf32=%s median_ms=%.3f peak_gib=%.3f\n", dtype_name(c.dtype), c.tf32 ? "on" : "off",
                 med, peak_gib);
 

@@ -6,7 +6,7 @@ the weight gradients dropped before each step as lowbit's benchmark does.
 Prints the median step time (CUDA events) and torch.cuda.max_memory_allocated over the timed steps,
 for eager mode and, when it works, torch.compile. Run on the same GPU as the C++ benchmark:
 
-    python3 bench/torch_block_ref.py --dtype f32 [--tf32] [--compile]
+    python3 bench/torch_block_ref.py --dtype f32 [--tf32] [--compile] [--fp8]
 """
 import argparse
 import statistics
@@ -22,18 +22,53 @@ def rope_half(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def to_fp8(t, dtype):
+    """Per-tensor current scaling: codes = t / s with s = amax / max (as lowbit's lp_quantize_fp8)."""
+    amax = t.detach().abs().amax().float().clamp(min=1e-30)
+    s = amax / torch.finfo(dtype).max
+    return (t / s).to(dtype), s
+
+
+class Fp8Linear(torch.autograd.Function):
+    """y = x W^T with the three GEMMs through torch._scaled_mm (FP8 tensor cores): E4M3 x and W,
+    E5M2 dy, f32 outputs, fast accumulation off — the native path of lowbit's --precision fp8 (with
+    current scaling; lowbit's default delayed scaling differs only in where the scale comes from)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        qx, sx = to_fp8(x, torch.float8_e4m3fn)
+        qw, sw = to_fp8(w, torch.float8_e4m3fn)
+        ctx.save_for_backward(qx, sx, qw, sw)
+        return torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=sw, out_dtype=torch.float32, use_fast_accum=False)
+
+    @staticmethod
+    def backward(ctx, g):
+        qx, sx, qw, sw = ctx.saved_tensors
+        qg, sg = to_fp8(g, torch.float8_e5m2)
+        # _scaled_mm takes a row-major first operand and a column-major second one
+        dx = torch._scaled_mm(qg, qw.t().contiguous().t(), scale_a=sg, scale_b=sw, out_dtype=torch.float32,
+                              use_fast_accum=False)
+        dw = torch._scaled_mm(qg.t().contiguous(), qx.t().contiguous().t(), scale_a=sg, scale_b=sx,
+                              out_dtype=torch.float32, use_fast_accum=False)
+        return dx, dw
+
+
+LINEAR = F.linear
+
+
 def block(x, p, cos, sin, B, T, H, KVH, hd):
+    F_linear = LINEAR
     D = x.shape[-1]
     h = F.rms_norm(x, (D,), p["attn_norm"], eps=1e-5)
-    q = rope_half(F.linear(h, p["wq"]).view(B, T, H, hd), cos, sin)
-    k = rope_half(F.linear(h, p["wk"]).view(B, T, KVH, hd), cos, sin)
-    v = F.linear(h, p["wv"]).view(B, T, KVH, hd)
+    q = rope_half(F_linear(h, p["wq"]).view(B, T, H, hd), cos, sin)
+    k = rope_half(F_linear(h, p["wk"]).view(B, T, KVH, hd), cos, sin)
+    v = F_linear(h, p["wv"]).view(B, T, KVH, hd)
     a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        enable_gqa=(H != KVH))
     a = a.transpose(1, 2).reshape(B * T, H * hd)
-    x2 = x + F.linear(a, p["wo"])
+    x2 = x + F_linear(a, p["wo"])
     h2 = F.rms_norm(x2, (D,), p["ffn_norm"], eps=1e-5)
-    return x2 + F.linear(F.silu(F.linear(h2, p["w1"])) * F.linear(h2, p["w3"]), p["w2"])
+    return x2 + F_linear(F.silu(F_linear(h2, p["w1"])) * F_linear(h2, p["w3"]), p["w2"])
 
 
 def main():
@@ -43,7 +78,15 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--fp8", action="store_true",
+                    help="the seven linears through torch._scaled_mm (Fp8Linear; f32 activations, as "
+                         "bench_gpu_block --precision fp8)")
     args = ap.parse_args()
+    global LINEAR
+    if args.fp8:
+        if args.dtype != "f32":
+            raise SystemExit("--fp8 takes f32 activations (--dtype f32)")
+        LINEAR = Fp8Linear.apply
 
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
@@ -70,6 +113,8 @@ def main():
     sin = ang.sin().to(dt)[None, :, None, :]
 
     def run(fn, label):
+        if args.fp8:
+            label += "-fp8"
         def step():
             for t in p.values():
                 t.grad = None
