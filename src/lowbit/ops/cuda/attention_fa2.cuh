@@ -47,6 +47,7 @@
 //    buffer with atomicAdd (order varies between runs), converted to bf16 afterwards.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 namespace lowbit::ops::cuda::fa2_attn {
 
@@ -72,6 +73,11 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   const int n = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n) : "memory");
+}
+// 4 bytes global -> shared (cp.async.ca: the 16-byte .cg form has no smaller sizes); zero-fill as above.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  const int n = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
@@ -335,7 +341,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(BwdParams<LT> p) {
   bf16* sV = sK + BK * LD;
   bf16* sQ = sV + BK * LD;        // [2][BQ][LD]
   bf16* sO = sQ + 2 * BQ * LD;    // dO, [2][BQ][LD]
-  float* sL = reinterpret_cast<float*>(sO + 2 * BQ * LD);  // [2][BQ] lse in base 2
+  float* sL = reinterpret_cast<float*>(sO + 2 * BQ * LD);  // [2][BQ] lse (natural log)
   float* sD = sL + 2 * BQ;                                 // [2][BQ]
   bf16* sdS = reinterpret_cast<bf16*>(sD + 2 * BQ);       // dS^T [BK][BQ + 8] (atomic path)
   const uint32_t aK = smem_u32(sK), aV = smem_u32(sV);
@@ -355,11 +361,16 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(BwdParams<LT> p) {
     const int64_t hoff = (int64_t(b) * p.Tq * p.H + h) * HD;
     load_async<BQ, HD>(sQ + buf * BQ * LD, p.q + hoff, qs, q0, p.Tq);
     load_async<BQ, HD>(sO + buf * BQ * LD, p.dout + hoff, qs, q0, p.Tq);
+    // lse and D of the tile's rows (0 past the last row) ride along with the tile's cp.async group
+    // (a plain load here would stall the loading warp for a global round trip every tile).
     const int64_t lrow = (int64_t(b) * p.H + h) * p.Tq;
     for (int i = threadIdx.x; i < BQ; i += kThreads) {
       const int row = q0 + i;
-      sL[buf * BQ + i] = row < p.Tq ? detail::to_f(p.lse[lrow + row]) * kLog2e : 0.f;
-      sD[buf * BQ + i] = row < p.Tq ? p.D[lrow + row] : 0.f;
+      const bool ok = row < p.Tq;
+      const int64_t src = lrow + (ok ? row : 0);
+      if constexpr (std::is_same_v<LT, float>) cp_async4(sL + buf * BQ + i, p.lse + src, ok);
+      else sL[buf * BQ + i] = ok ? detail::to_f(p.lse[src]) : 0.f;
+      cp_async4(sD + buf * BQ + i, p.D + src, ok);
     }
   };
   load_async<BK, HD>(sK, p.k + (int64_t(b) * p.Tk * p.KVH + kh) * HD, ks, k0, p.Tk);
@@ -414,7 +425,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(BwdParams<LT> p) {
         const bool qok = qi < p.Tq;
         const bool ok_lo = qok && key_lo < p.Tk && key_lo <= off + qi;
         const bool ok_hi = qok && key_hi < p.Tk && key_hi <= off + qi;
-        const float lq = L[qc], dq = Dv[qc];
+        const float lq = L[qc] * kLog2e, dq = Dv[qc];
         const float p_lo = ok_lo ? exp2f(fmaf(s[j][e], sl2, -lq)) : 0.f;
         const float p_hi = ok_hi ? exp2f(fmaf(s[j][2 + e], sl2, -lq)) : 0.f;
         s[j][e] = p_lo;
