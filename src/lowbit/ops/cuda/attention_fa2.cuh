@@ -35,13 +35,14 @@
 //  * Backward, deterministic (default): D = rowsum(dO * O) (attention.cu), then
 //    - dK/dV kernel: block = 64 keys of one kv head (4 warps x 16 keys), over the heads of its
 //      group and the query tiles that see its keys (BQ = 64 for HD 64, 32 for HD 128; double
-//      buffered Q / dO tiles): S^T = K Q^T and dP^T = V dO^T in registers, P^T = exp2(S^T - lse),
+//      buffered Q / dO tiles, their rows' lse and D in the same cp.async group): S^T = K Q^T and dP^T = V dO^T in registers, P^T = exp2(S^T - lse),
 //      dS^T = P^T (dP^T - D), dV += P^T dO and dK += dS^T Q accumulated in registers.
 //    - dQ kernel: block = 64 queries of one head (4 warps x 16 rows), Q and dO fragments in
 //      registers, over the key tiles it sees (BK = 64 / 32, double buffered K / V): S, dP, P, dS
 //      as above (row-wise lse and D), dQ += dS K in registers; written once, in bf16.
 //    Every sum runs in a fixed order: the backward is bit-reproducible run to run. The price is
-//    recomputing S and dP in the dQ kernel (2 of the 5 products again).
+//    recomputing S and dP in the dQ kernel (2 of the 5 products again); on an H100 (7B block,
+//    seq 2048 / 4096) that was no slower than the atomic variant below (docs/results/gpu-block-7b.md).
 //  * Backward, atomic (LOWBIT_ATTENTION=fa2-atomic, for timing the cost of determinism): the
 //    dK/dV kernel also stages dS^T in shared memory and adds dQ += dS K of each tile to an fp32
 //    buffer with atomicAdd (order varies between runs), converted to bf16 afterwards.
