@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -154,9 +155,12 @@ int main(int argc, char** argv) {
     // (QK^T and PV forward; recompute QK^T, dP, dV, dK, dQ backward: about half of full T x T each).
     const double lin = 2.0 * double(M) * (2.0 * D * D + 2.0 * KV * D + 3.0 * F * D) * 3.0;
     const double att = 2.0 * double(c.batch) * c.heads * double(c.seq) * double(c.seq) * hd * (2.0 + 5.0) / 2.0;
-    std::printf("lowbit block fwd+bwd on %s: dim %lld heads %lld hidden %lld seq %lld batch %lld, %s, tf32 %s\n",
+    // The bf16 attention kernels are chosen by LOWBIT_ATTENTION (fa2 by default, fa2-atomic, wmma).
+    const char* attn_env = std::getenv("LOWBIT_ATTENTION");
+    std::printf("lowbit block fwd+bwd on %s: dim %lld heads %lld hidden %lld seq %lld batch %lld, %s, tf32 %s, "
+                "LOWBIT_ATTENTION=%s\n",
                 cuda_device_name().c_str(), (long long)D, (long long)c.heads, (long long)F, (long long)c.seq,
-                (long long)c.batch, dtype_name(c.dtype), c.tf32 ? "on" : "off");
+                (long long)c.batch, dtype_name(c.dtype), c.tf32 ? "on" : "off", attn_env ? attn_env : "(unset: fa2)");
     std::printf("  median %.2f ms (min %.2f, max %.2f, %d iters), %.1f TFLOP/s, peak %.3f GiB (%.3f GiB held before the step)\n",
                 med, times.front(), times.back(), c.iters, (lin + att) / (med * 1e-3) / 1e12, peak_gib,
                 double(base_bytes) / double(1ull << 30));

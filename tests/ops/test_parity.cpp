@@ -825,6 +825,45 @@ TEST_F(Parity, Fp8Gemm) {
     const char* names[3] = {"y", "dx", "dW"};
     for (int i = 0; i < 3; ++i) check("fp8_gemm", str(lp_precision_name(p), " lp_linear native ", names[i]), got[i], ref[i], 2e-3);
   }
+
+// One bf16 attention cell, forward and backward against the CPU (fp64 on bf16-rounded inputs), on
+// the kernel named by `kernel`: fa2 / fa2-atomic / wmma (LOWBIT_ATTENTION) or simt
+// (LOWBIT_CUDA_SIMT_ATTENTION=1, the fp32 CUDA-core kernels).
+void attention_bf16_case(const AttnCase& c, const std::string& kernel) {
+  const bool simt = kernel == "simt";
+  if (simt) {
+    setenv("LOWBIT_CUDA_SIMT_ATTENTION", "1", 1);
+    unsetenv("LOWBIT_ATTENTION");
+  } else {
+    unsetenv("LOWBIT_CUDA_SIMT_ATTENTION");
+    setenv("LOWBIT_ATTENTION", kernel.c_str(), 1);
+  }
+  auto to_gpu_bf16 = [](const Tensor& t) { return t.to(DType::BF16).to(kGpu); };
+  const std::string tag = str(kernel, " B", c.B, " Tq", c.Tq, " Tk", c.Tk, " H", c.H, "/", c.KVH, " hd", c.hd);
+  Tensor q = bf16_round(rnd({c.B, c.Tq, c.H, c.hd}, 5)), k = bf16_round(rnd({c.B, c.Tk, c.KVH, c.hd}, 6));
+  Tensor v = bf16_round(rnd({c.B, c.Tk, c.KVH, c.hd}, 7));
+  const double sc = 1.0 / std::sqrt(double(c.hd));
+  Tensor oc = nan_cpu(q.shape()), lc = nan_cpu({c.B, c.H, c.Tq});
+  Tensor og = nan_gpu(q.shape(), DType::BF16), lg = nan_gpu({c.B, c.H, c.Tq});
+  ops::attention_forward(q, k, v, sc, oc, lc);
+  ops::attention_forward(to_gpu_bf16(q), to_gpu_bf16(k), to_gpu_bf16(v), sc, og, lg);
+  check("attention bf16 " + kernel, "out " + tag, og, oc, 1e-2);
+  // The tensor-core paths round P to bf16 before P V; lse is f32: 1e-3 absolute on O(1-10).
+  check("attention bf16 " + kernel, "lse (f32) " + tag, lg, lc, 1e-3);
+  Tensor dout = bf16_round(rnd(q.shape(), 8));
+  Tensor dqc = nan_cpu(q.shape()), dkc = nan_cpu(k.shape()), dvc = nan_cpu(v.shape());
+  Tensor dqg = nan_gpu(q.shape(), DType::BF16), dkg = nan_gpu(k.shape(), DType::BF16);
+  Tensor dvg = nan_gpu(v.shape(), DType::BF16);
+  ops::attention_backward(dout, q, k, v, oc, lc, sc, dqc, dkc, dvc);
+  ops::attention_backward(to_gpu_bf16(dout), to_gpu_bf16(q), to_gpu_bf16(k), to_gpu_bf16(v), og, lg, sc, dqg, dkg,
+                          dvg);
+  // The GPU backward also reads the bf16-rounded forward output (in D = rowsum(dO * O)) and, on
+  // tensor cores, rounds P and dS to bf16 for the products: 2e-2.
+  check("attention bf16 " + kernel, "dq " + tag, dqg, dqc, 2e-2, 1.0);
+  check("attention bf16 " + kernel, "dk " + tag, dkg, dkc, 2e-2, 1.0);
+  check("attention bf16 " + kernel, "dv " + tag, dvg, dvc, 2e-2, 1.0);
+  unsetenv("LOWBIT_CUDA_SIMT_ATTENTION");
+  unsetenv("LOWBIT_ATTENTION");
 }
 
 TEST_F(Parity, Bf16) {
@@ -851,39 +890,68 @@ TEST_F(Parity, Bf16) {
     ops::rmsnorm_forward(to_gpu_bf16(a), to_gpu_bf16(b), 1e-5, yg, rg);
     check("rmsnorm", "bf16 y", yg, yc, tol);
   }
-  // Attention: the tensor-core (WMMA) kernels serve bf16 with head_dim 64/128; the fp32 CUDA-core
-  // kernels are forced with LOWBIT_CUDA_SIMT_ATTENTION=1. Both against the CPU.
-  for (bool simt : {false, true}) {
-    if (simt) setenv("LOWBIT_CUDA_SIMT_ATTENTION", "1", 1);
-    else unsetenv("LOWBIT_CUDA_SIMT_ATTENTION");
+  // Attention: every bf16 kernel at a few shapes (more for the FlashAttention-2 kernels in
+  // AttentionFa2Bf16 below).
+  for (const char* kernel : {"fa2", "fa2-atomic", "wmma", "simt"})
     for (const AttnCase& c : std::vector<AttnCase>{{1, 65, 65, 4, 2, 64}, {1, 65, 65, 4, 2, 128},
-                                                   {2, 33, 130, 4, 1, 128}, {1, 1, 70, 2, 2, 64}}) {
-      const std::string tag = str(simt ? "simt" : "wmma", " Tq", c.Tq, " Tk", c.Tk, " hd", c.hd);
-      Tensor q = bf16_round(rnd({c.B, c.Tq, c.H, c.hd}, 5)), k = bf16_round(rnd({c.B, c.Tk, c.KVH, c.hd}, 6));
-      Tensor v = bf16_round(rnd({c.B, c.Tk, c.KVH, c.hd}, 7));
-      const double sc = 1.0 / std::sqrt(double(c.hd));
-      Tensor oc = nan_cpu(q.shape()), lc = nan_cpu({c.B, c.H, c.Tq});
-      Tensor og = nan_gpu(q.shape(), DType::BF16), lg = nan_gpu({c.B, c.H, c.Tq});
-      ops::attention_forward(q, k, v, sc, oc, lc);
-      ops::attention_forward(to_gpu_bf16(q), to_gpu_bf16(k), to_gpu_bf16(v), sc, og, lg);
-      check("attention", "bf16 out " + tag, og, oc, tol);
-      // The tensor-core path rounds P to bf16 before P V; lse is f32: 1e-3 absolute on O(1-10).
-      check("attention", "bf16 lse (f32) " + tag, lg, lc, 1e-3);
-      Tensor dout = bf16_round(rnd(q.shape(), 8));
-      Tensor dqc = nan_cpu(q.shape()), dkc = nan_cpu(k.shape()), dvc = nan_cpu(v.shape());
-      Tensor dqg = nan_gpu(q.shape(), DType::BF16), dkg = nan_gpu(k.shape(), DType::BF16);
-      Tensor dvg = nan_gpu(v.shape(), DType::BF16);
-      ops::attention_backward(dout, q, k, v, oc, lc, sc, dqc, dkc, dvc);
-      ops::attention_backward(to_gpu_bf16(dout), to_gpu_bf16(q), to_gpu_bf16(k), to_gpu_bf16(v), og, lg, sc, dqg, dkg,
-                              dvg);
-      // The GPU backward also reads the bf16-rounded forward output (in D = rowsum(dO * O)) and, on
-      // tensor cores, rounds P and dS to bf16 for the products: 2e-2.
-      check("attention", "bf16 dq " + tag, dqg, dqc, 2e-2, 1.0);
-      check("attention", "bf16 dk " + tag, dkg, dkc, 2e-2, 1.0);
-      check("attention", "bf16 dv " + tag, dvg, dvc, 2e-2, 1.0);
+                                                   {2, 33, 130, 4, 1, 128}, {1, 1, 70, 2, 2, 64}})
+      attention_bf16_case(c, kernel);
+}
+
+// ---- bf16 attention: the FlashAttention-2 kernels (attention_fa2.cuh) ----------------------------
+// bf16 with head_dim 64 or 128 runs on the FlashAttention-2 kernels by default (LOWBIT_ATTENTION=fa2:
+// deterministic backward with a separate dQ kernel), or with dQ accumulated by fp32 atomics
+// (fa2-atomic), or on the earlier WMMA kernels (wmma). Shapes: sequences that are not multiples of
+// the 64-key / 32- or 64-query tiles, exact multiples, Tq < Tk (causal offset), decode (Tq = 1),
+// GQA and MQA groups, batch > 1, head_dim 64 and 128. Tolerances as for the bf16 cells above.
+TEST_F(Parity, AttentionFa2Bf16) {
+  const std::vector<AttnCase> cases = {
+      {1, 200, 200, 8, 2, 128},  // ragged (200 = 3 x 64 + 8), GQA 4, several key tiles
+      {2, 128, 128, 2, 2, 64},   // exact tile multiples, batch 2
+      {1, 100, 257, 4, 4, 64},   // Tq < Tk across tiles, ragged both ways
+      {1, 97, 97, 6, 1, 128},    // MQA (group 6), ragged 32-row backward tiles
+      {1, 1, 130, 4, 2, 128},    // decode over a ragged cache
+      {2, 64, 64, 4, 2, 64},     // one full tile
+      {1, 300, 300, 2, 1, 64},   // long-ish, 5 key tiles, group 2
+  };
+  for (const char* kernel : {"fa2", "fa2-atomic"})
+    for (const AttnCase& c : cases) attention_bf16_case(c, kernel);
+}
+
+// The default (fa2) backward must be bit-reproducible run to run: dQ comes from its own kernel that
+// sums over key tiles in a fixed order, dK / dV over query tiles in a fixed order (no atomics).
+TEST_F(Parity, AttentionFa2Deterministic) {
+  unsetenv("LOWBIT_ATTENTION");
+  unsetenv("LOWBIT_CUDA_SIMT_ATTENTION");
+  for (const AttnCase& c : std::vector<AttnCase>{{2, 333, 333, 8, 2, 128}, {1, 257, 300, 4, 1, 64}}) {
+    const std::string tag = str("B", c.B, " Tq", c.Tq, " Tk", c.Tk, " H", c.H, "/", c.KVH, " hd", c.hd);
+    auto bf = [](const Tensor& t) { return t.to(DType::BF16).to(kGpu); };
+    Tensor q = bf(rnd({c.B, c.Tq, c.H, c.hd}, 31)), k = bf(rnd({c.B, c.Tk, c.KVH, c.hd}, 32));
+    Tensor v = bf(rnd({c.B, c.Tk, c.KVH, c.hd}, 33)), dout = bf(rnd({c.B, c.Tq, c.H, c.hd}, 34));
+    const double sc = 1.0 / std::sqrt(double(c.hd));
+    Tensor o = nan_gpu(q.shape(), DType::BF16), l = nan_gpu({c.B, c.H, c.Tq});
+    ops::attention_forward(q, k, v, sc, o, l);
+    std::vector<std::vector<float>> first;
+    for (int run = 0; run < 3; ++run) {
+      Tensor dq = nan_gpu(q.shape(), DType::BF16), dk = nan_gpu(k.shape(), DType::BF16);
+      Tensor dv = nan_gpu(v.shape(), DType::BF16);
+      ops::attention_backward(dout, q, k, v, o, l, sc, dq, dk, dv);
+      const std::vector<std::vector<float>> got = {dq.to_vector(), dk.to_vector(), dv.to_vector()};
+      if (run == 0) {
+        first = got;
+        for (const auto& g : got)
+          for (float x : g) ASSERT_TRUE(std::isfinite(x)) << "attention fa2 backward: non-finite gradient, " << tag;
+        continue;
+      }
+      const char* names[] = {"dq", "dk", "dv"};
+      for (size_t i = 0; i < got.size(); ++i) {
+        size_t diff = 0;
+        for (size_t j = 0; j < got[i].size(); ++j) diff += std::memcmp(&got[i][j], &first[i][j], sizeof(float)) != 0;
+        EXPECT_EQ(diff, 0u) << "attention fa2 backward: " << names[i] << " differs between runs in " << diff
+                            << " elements, " << tag;
+      }
     }
   }
-  unsetenv("LOWBIT_CUDA_SIMT_ATTENTION");
 }
 
 // ---- end to end ------------------------------------------------------------------------------------

@@ -22,11 +22,14 @@
 //    dV += P^T dO, dK += dS^T Q, and dQ += dS K, the last added with fp32 atomics into a zeroed
 //    fp32 buffer (so dQ's last bits may vary between runs; dK and dV are deterministic).
 // Scores are kept in base 2 (scale * log2 e folded in) so exponentials are exp2f.
-// bf16 with head_dim 64 or 128 takes the tensor-core variant of both kernels (attention_wmma.cuh);
-// so does f32 with head_dim 64 or 128 when TF32 is allowed (cuda_rt::allow_tf32(), as for the f32
+// bf16 with head_dim 64 or 128 takes the FlashAttention-2-class tensor-core kernels
+// (attention_fa2.cuh: mma.sync with S / P in registers, deterministic backward); LOWBIT_ATTENTION
+// selects among them for A/B timing: fa2 (default), fa2-atomic (dQ with fp32 atomics), wmma (the
+// earlier WMMA kernels, attention_wmma.cuh, softmax through shared memory). f32 with head_dim 64 or 128 when TF32 is allowed (cuda_rt::allow_tf32(), as for the f32
 // GEMMs): TF32 products with fp32 softmax and accumulation (attention_wmma_tf32.cuh).
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 
 #include "lowbit/ops/cuda/cuda_common.h"
 #include "lowbit/ops/cuda/cuda_ops.h"
@@ -486,9 +489,22 @@ bool use_wmma(const Tensor& q, TensorList ts) {
     if (!aligned16(t->raw_data())) return false;
   return true;
 }
+
+// LOWBIT_ATTENTION for the bf16 tensor-core path: fa2 (default, deterministic backward),
+// fa2-atomic (the same forward; dQ accumulated with fp32 atomics in the dK/dV kernel), wmma (the
+// WMMA kernels of attention_wmma.cuh). Read per call so tests can switch it.
+enum class Bf16Kernel { Fa2, Fa2Atomic, Wmma };
+Bf16Kernel bf16_kernel() {
+  const char* e = std::getenv("LOWBIT_ATTENTION");
+  if (e == nullptr || e[0] == '\0' || std::strcmp(e, "fa2") == 0) return Bf16Kernel::Fa2;
+  if (std::strcmp(e, "fa2-atomic") == 0) return Bf16Kernel::Fa2Atomic;
+  if (std::strcmp(e, "wmma") == 0) return Bf16Kernel::Wmma;
+  throw_error("attention: LOWBIT_ATTENTION=", e, " is not one of fa2, fa2-atomic, wmma");
+}
 }  // namespace attn_detail
 }  // namespace lowbit::ops::cuda
 
+#include "lowbit/ops/cuda/attention_fa2.cuh"
 #include "lowbit/ops/cuda/attention_wmma.cuh"
 #include "lowbit/ops/cuda/attention_wmma_tf32.cuh"
 
@@ -512,6 +528,22 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double
     using T = typename decltype(ttag)::type;
     using LT = typename decltype(ltag)::type;
     if constexpr (std::is_same_v<T, bf16>) {
+      // The FlashAttention-2 kernels also store out with 16-byte writes.
+      if (wmma_path && aligned16(out.raw_data()) && bf16_kernel() != Bf16Kernel::Wmma) {
+        FwdParams<bf16, LT> p{ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), ptr<bf16>(out), ptr<LT>(lse),
+                              Tq, Tk, H, KVH, hd, H / KVH, float(scale) * kLog2e, true};
+        auto launch = [&](auto hd_tag) {
+          constexpr int HD = decltype(hd_tag)::value;
+          constexpr size_t smem = fa2_attn::fwd_smem<HD>();
+          set_smem(fa2_attn::fwd_kernel<LT, HD>, smem);
+          const dim3 grid(unsigned((Tq + fa2_attn::kFwdBQ - 1) / fa2_attn::kFwdBQ), unsigned(H), unsigned(B));
+          fa2_attn::fwd_kernel<LT, HD><<<grid, fa2_attn::kThreads, smem, cuda_rt::stream()>>>(p);
+          LB_CUDA_LAUNCH_CHECK("fa2_attn::fwd_kernel");
+        };
+        if (hd == 64) launch(std::integral_constant<int, 64>{});
+        else launch(std::integral_constant<int, 128>{});
+        return;
+      }
       if (wmma_path) {
         FwdParams<bf16, LT> p{ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), ptr<bf16>(out), ptr<LT>(lse),
                               Tq, Tk, H, KVH, hd, H / KVH, float(scale) * kLog2e, true};
@@ -579,9 +611,19 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
   const bool wmma_path = use_wmma(q, {&q, &k, &v, &dout});
   const int64_t rows = int64_t(B) * Tq * H;
   Tensor D = Tensor::empty({B, H, Tq}, DType::F32, Device::CUDA);
+  // bf16 on the FlashAttention-2 kernels: deterministic (dQ by its own kernel, written in bf16) or
+  // with dQ atomics into an fp32 buffer (LOWBIT_ATTENTION=fa2-atomic).
+  // dq is stored with 16-byte writes, dk / dv with 4-byte ones.
+  const bool fa2_aligned = aligned16(dq.raw_data()) && aligned16(dk.raw_data()) && aligned16(dv.raw_data());
+  const Bf16Kernel kind = q.dtype() == DType::BF16 && wmma_path ? bf16_kernel() : Bf16Kernel::Wmma;
+  const bool fa2 = q.dtype() == DType::BF16 && wmma_path && fa2_aligned && kind != Bf16Kernel::Wmma;
+  const bool fa2_det = fa2 && kind == Bf16Kernel::Fa2;
   const bool direct = q.dtype() == DType::F32;  // accumulate dQ in place
-  Tensor dq_acc = direct ? dq : Tensor::empty(q.shape(), DType::F32, Device::CUDA);
-  dq_acc.zero_();
+  Tensor dq_acc;
+  if (!fa2_det) {
+    dq_acc = direct ? dq : Tensor::empty(q.shape(), DType::F32, Device::CUDA);
+    dq_acc.zero_();
+  }
   dispatch_lse(op, q, lse, [&](auto ttag, auto ltag) {
     using T = typename decltype(ttag)::type;
     using LT = typename decltype(ltag)::type;
@@ -589,6 +631,48 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
       attn_bwd_dot_kernel<T><<<unsigned((rows * 32 + 255) / 256), 256, 0, cuda_rt::stream()>>>(
           ptr<T>(dout), ptr<T>(out), ptr<float>(D), rows, Tq, H, hd);
       LB_CUDA_LAUNCH_CHECK("attn_bwd_dot_kernel");
+    }
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (fa2) {
+        fa2_attn::BwdParams<LT> p{ptr<bf16>(q), ptr<bf16>(k), ptr<bf16>(v), ptr<bf16>(dout), ptr<LT>(lse),
+                                  ptr<float>(D), ptr<bf16>(dq), fa2_det ? nullptr : ptr<float>(dq_acc),
+                                  ptr<bf16>(dk), ptr<bf16>(dv), Tq, Tk, H, KVH, H / KVH, float(scale),
+                                  float(scale) * kLog2e};
+        auto launch = [&](auto hd_tag, auto atomic_tag) {
+          constexpr int HD = decltype(hd_tag)::value;
+          constexpr bool kAtomic = decltype(atomic_tag)::value;
+          namespace fa = fa2_attn;
+          constexpr size_t smem = fa::dkdv_smem<HD, kAtomic>();
+          set_smem(fa::dkdv_kernel<LT, HD, kAtomic>, smem);
+          const dim3 grid(unsigned((Tk + fa::kBwdRows - 1) / fa::kBwdRows), unsigned(KVH), unsigned(B));
+          fa::dkdv_kernel<LT, HD, kAtomic><<<grid, fa::kThreads, smem, cuda_rt::stream()>>>(p);
+          LB_CUDA_LAUNCH_CHECK("fa2_attn::dkdv_kernel");
+          if constexpr (!kAtomic) {
+            if (Tq > 0 && H > 0) {
+              constexpr size_t qsmem = fa::dq_smem<HD>();
+              set_smem(fa::dq_kernel<LT, HD>, qsmem);
+              const dim3 qgrid(unsigned((Tq + fa::kBwdRows - 1) / fa::kBwdRows), unsigned(H), unsigned(B));
+              fa::dq_kernel<LT, HD><<<qgrid, fa::kThreads, qsmem, cuda_rt::stream()>>>(p);
+              LB_CUDA_LAUNCH_CHECK("fa2_attn::dq_kernel");
+            }
+          }
+        };
+        using I64 = std::integral_constant<int, 64>;
+        using I128 = std::integral_constant<int, 128>;
+        if (fa2_det) {
+          if (hd == 64) launch(I64{}, std::false_type{});
+          else launch(I128{}, std::false_type{});
+          return;  // dq written in bf16 by dq_kernel
+        }
+        if (hd == 64) launch(I64{}, std::true_type{});
+        else launch(I128{}, std::true_type{});
+        if (dq.numel() > 0) {
+          f32_to_kernel<bf16><<<grid_for(dq.numel(), 256), 256, 0, cuda_rt::stream()>>>(ptr<float>(dq_acc),
+                                                                                       ptr<bf16>(dq), dq.numel());
+          LB_CUDA_LAUNCH_CHECK("f32_to_kernel");
+        }
+        return;
+      }
     }
     BwdParams<T, LT> p{ptr<T>(q),  ptr<T>(k),  ptr<T>(v),  ptr<T>(dout), ptr<LT>(lse), ptr<float>(D),
                        ptr<float>(dq_acc), ptr<T>(dk), ptr<T>(dv), Tq, Tk, H, KVH, hd, H / KVH,
