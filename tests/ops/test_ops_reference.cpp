@@ -93,6 +93,33 @@ TEST(OpsReference, RopeStylesAreRelatedByAPermutation) {
   EXPECT_LT(max_abs_diff(back, x), 1e-5);
 }
 
+// ops::rope_f32 (raw rows, the batched decode step's per-sequence RoPE) equals ops::rope on the
+// same rows bit for bit: both styles, with llama3 scaling, several positions and widths, into
+// another buffer and in place.
+TEST(OpsReference, RopeOnRawRowsEqualsTheTensorOp) {
+  RopeScaling llama3;
+  llama3.factor = 8.0;
+  llama3.low_freq_factor = 1.0;
+  llama3.high_freq_factor = 4.0;
+  llama3.original_max_position = 8192;
+  for (RopeStyle style : {RopeStyle::Interleaved, RopeStyle::Half})
+    for (const RopeScaling& sc : {RopeScaling{}, llama3})
+      for (auto [T, H, hd, pos0] : {std::array<int64_t, 4>{1, 9, 64, 0}, {1, 3, 64, 41}, {3, 2, 8, 7}, {5, 4, 128, 300}}) {
+        Tensor x = rnd({1, T, H, hd}, 5 + uint64_t(pos0)), want = Tensor::empty(x.shape());
+        ops::rope(x, pos0, 10000.0, style, false, want, sc);
+        Tensor got = Tensor::empty(x.shape()), inplace = x.clone();
+        ops::rope_f32(x.data<float>(), got.data<float>(), T, H, hd, pos0, 10000.0, style, sc);
+        ops::rope_f32(inplace.data<float>(), inplace.data<float>(), T, H, hd, pos0, 10000.0, style, sc);
+        for (int64_t i = 0; i < x.numel(); ++i) {
+          ASSERT_EQ(got.data<float>()[i], want.data<float>()[i]) << "T " << T << " hd " << hd << " value " << i;
+          ASSERT_EQ(inplace.data<float>()[i], want.data<float>()[i]) << "in place, value " << i;
+        }
+      }
+  float one[3] = {1, 2, 3};
+  EXPECT_THROW(ops::rope_f32(one, one, 1, 1, 3, 0, 10000.0, RopeStyle::Half), Error);  // odd head_dim
+  EXPECT_THROW(ops::rope_f32(one, one, 1, 1, 2, -1, 10000.0, RopeStyle::Half), Error);  // negative position
+}
+
 // rope_scaling "llama3": the inverse frequencies against a numpy transcription of transformers'
 // _compute_llama3_parameters (run by python3; skipped without numpy), and the op rotating by them.
 TEST(OpsReference, RopeLlama3FrequencyScaling) {
@@ -360,7 +387,9 @@ TEST(OpsReference, KvDecodeAttentionF16ReadsTheCacheInPlace) {
         double o = 0;
         for (int64_t j = 0; j < Tk; ++j) o += s[size_t(j)] / z * f16_to_f32(vp[(j * KVH + kh) * hd + e]);
         const float got = via_op.data<float>()[h * hd + e];
-        if (took) ASSERT_EQ(fused.data<float>()[h * hd + e], got) << "h " << h << " e " << e;
+        if (took) {
+          ASSERT_EQ(fused.data<float>()[h * hd + e], got) << "h " << h << " e " << e;
+        }
         worst = std::max(worst, std::abs(double(got) - o));
         worst_widened = std::max(worst_widened, std::abs(double(widened.data<float>()[h * hd + e]) - o));
       }
