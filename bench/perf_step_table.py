@@ -27,6 +27,8 @@ CATEGORIES = [
     ("activation quantization + panel copy", r"quantize"),
     ("other packed kernels", r"qmm::"),
     ("attention: f16 KV cache widening", r"f16_rows_to_f32|f16_to_f32_avx512"),
+    # the fused one-row attention over an f16 cache (kv_decode_attention_f16, LOWBIT_KV_DIRECT)
+    ("attention: fused f16 decode rows (scores, weighted values)", r"f16_scores|f16_score<|f16_weighted|decode_heads_f16"),
     ("attention: sgemm, softmax, RoPE, KV store",
      r"sgemm|exp_shift_sum|softmax|rope|kv_store|f32_to_f16|kv_attention|gemm|vec::.*max|vec::.*scale"),
     ("RMSNorm, SwiGLU, residual adds", r"rmsnorm|swiglu|binary|add"),

@@ -4,8 +4,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "common/small_model.h"
+#include "lowbit/ops/ops.h"
 #include "lowbit/ops/quant_matmul.h"
 #include "lowbit/quant/format.h"
 #include "lowbit/quant/quant_linear.h"
@@ -83,6 +85,68 @@ TEST(ForwardBatch, EqualsSeparateDecodesPackedLinears) {
     check_batched_equals_separate(m, {3, 1, 10, 6, 2, 8}, 3, 1e-5);
     // More rows than the int8 decode body takes at once (ops::kQuantDecodeMaxRows).
     check_batched_equals_separate(m, {3, 1, 10, 6, 2, 8, 4, 4, 5, 1, 2, 3}, 2, 1e-5);
+  }
+}
+
+// The batched step's decode rows over an f16 cache (the default cache of an f32 model on the CPU)
+// take a Tensor-free path (RoPE into per-thread rows, the f16 store straight into the cache, the
+// fused one-row attention straight into the step's output). With packed linears (the int8 body:
+// each row computed as alone) the caches it writes equal forward_cached's (the Tensor ops) bit
+// for bit — every layer after the first reads the attention output of the one before —, with the
+// fused kernel on and off (ops::set_kv_direct), for head_dim 16 and 64 (GQA groups 2 and 3); the
+// logits (the dense head takes all rows at once) agree to 1e-5, and on and off agree to 1e-4.
+TEST(ForwardBatch, F16CacheDecodeRowsEqualSeparateDecodesBitForBit) {
+  for (int64_t hd : {16, 64}) {
+    LlamaConfig c = test::small_config(RopeStyle::Half);
+    if (hd == 64) {
+      c.dim = 192;
+      c.n_heads = 3;
+      c.n_kv_heads = 1;
+    }
+    LlamaModel m(c, random_weights(c, 11, 0.1), false);
+    for (int i = 0; i < m.n_layers(); ++i)
+      for (auto& [name, slot] : m.block(i).linears())
+        *slot = std::make_shared<QuantLinear>(quantize((*slot)->effective_weight(), parse_quant_format("q4_0")));
+    ASSERT_EQ(m.make_cache(4).type, KVCacheType::F16);
+    std::vector<Tensor> last;
+    for (bool direct : {true, false}) {
+      const bool was = ops::set_kv_direct(direct);
+      check_batched_equals_separate(m, {1, 5, 12, 3}, 4, 1e-5);
+      NoGradGuard ng;
+      const std::vector<int> lens = {1, 5, 12, 3};
+      std::vector<KVCache> batched, single;
+      for (size_t s = 0; s < lens.size(); ++s) {
+        std::vector<int32_t> prompt;
+        for (int t = 0; t < lens[s]; ++t) prompt.push_back(int32_t((s * 7 + size_t(t) * 5 + 1) % 50));
+        batched.push_back(m.make_cache(lens[s] + 3));
+        single.push_back(m.make_cache(lens[s] + 3));
+        m.forward_cached(ids(prompt), batched.back());
+        m.forward_cached(ids(prompt), single.back());
+      }
+      for (int step = 0; step < 3; ++step) {
+        std::vector<int32_t> next;
+        std::vector<KVCache*> ptrs;
+        for (size_t s = 0; s < lens.size(); ++s) next.push_back(int32_t((s * 3 + size_t(step) * 11 + 2) % 50));
+        for (auto& cc : batched) ptrs.push_back(&cc);
+        m.forward_batch(ids(next), ptrs);
+        for (size_t s = 0; s < lens.size(); ++s) m.forward_cached(ids({next[s]}), single[s]);
+      }
+      for (size_t s = 0; s < lens.size(); ++s)
+        for (int i = 0; i < m.n_layers(); ++i)
+          for (int kv = 0; kv < 2; ++kv) {
+            const Tensor& a = (kv ? batched[s].v : batched[s].k)[size_t(i)];
+            const Tensor& b = (kv ? single[s].v : single[s].k)[size_t(i)];
+            const int64_t n = (lens[s] + 3) * a.numel() / a.size(0);
+            ASSERT_EQ(std::memcmp(a.raw_data(), b.raw_data(), size_t(n) * 2), 0)
+                << "head_dim " << hd << " direct " << direct << " sequence " << s << " layer " << i;
+          }
+      KVCache cache = m.make_cache(8);
+      m.forward_cached(ids({1, 2, 3}), cache);
+      std::vector<KVCache*> one = {&cache};
+      last.push_back(m.forward_batch(ids({4}), one).value().contiguous());
+      ops::set_kv_direct(was);
+    }
+    EXPECT_LT(batch_max_diff(last[0], last[1]), 1e-4) << "head_dim " << hd;
   }
 }
 

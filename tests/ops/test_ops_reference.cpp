@@ -93,6 +93,33 @@ TEST(OpsReference, RopeStylesAreRelatedByAPermutation) {
   EXPECT_LT(max_abs_diff(back, x), 1e-5);
 }
 
+// ops::rope_f32 (raw rows, the batched decode step's per-sequence RoPE) equals ops::rope on the
+// same rows bit for bit: both styles, with llama3 scaling, several positions and widths, into
+// another buffer and in place.
+TEST(OpsReference, RopeOnRawRowsEqualsTheTensorOp) {
+  RopeScaling llama3;
+  llama3.factor = 8.0;
+  llama3.low_freq_factor = 1.0;
+  llama3.high_freq_factor = 4.0;
+  llama3.original_max_position = 8192;
+  for (RopeStyle style : {RopeStyle::Interleaved, RopeStyle::Half})
+    for (const RopeScaling& sc : {RopeScaling{}, llama3})
+      for (auto [T, H, hd, pos0] : {std::array<int64_t, 4>{1, 9, 64, 0}, {1, 3, 64, 41}, {3, 2, 8, 7}, {5, 4, 128, 300}}) {
+        Tensor x = rnd({1, T, H, hd}, 5 + uint64_t(pos0)), want = Tensor::empty(x.shape());
+        ops::rope(x, pos0, 10000.0, style, false, want, sc);
+        Tensor got = Tensor::empty(x.shape()), inplace = x.clone();
+        ops::rope_f32(x.data<float>(), got.data<float>(), T, H, hd, pos0, 10000.0, style, sc);
+        ops::rope_f32(inplace.data<float>(), inplace.data<float>(), T, H, hd, pos0, 10000.0, style, sc);
+        for (int64_t i = 0; i < x.numel(); ++i) {
+          ASSERT_EQ(got.data<float>()[i], want.data<float>()[i]) << "T " << T << " hd " << hd << " value " << i;
+          ASSERT_EQ(inplace.data<float>()[i], want.data<float>()[i]) << "in place, value " << i;
+        }
+      }
+  float one[3] = {1, 2, 3};
+  EXPECT_THROW(ops::rope_f32(one, one, 1, 1, 3, 0, 10000.0, RopeStyle::Half), Error);  // odd head_dim
+  EXPECT_THROW(ops::rope_f32(one, one, 1, 1, 2, -1, 10000.0, RopeStyle::Half), Error);  // negative position
+}
+
 // rope_scaling "llama3": the inverse frequencies against a numpy transcription of transformers'
 // _compute_llama3_parameters (run by python3; skipped without numpy), and the op rotating by them.
 TEST(OpsReference, RopeLlama3FrequencyScaling) {
@@ -303,6 +330,81 @@ TEST(OpsReference, KvCacheAttentionMatchesDenseSoftmax) {
   EXPECT_THROW(ops::kv_attention_forward(q, k64, k64, Tensor(), Tensor(), 1.0, out), Error);
   Tensor src = rnd({3, 2, 8}, 2), bad_scale = Tensor::empty({3, 1});
   EXPECT_THROW(ops::kv_store(src, k, bad_scale), Error);
+}
+
+// The fused one-row attention over an f16 cache (kv_decode_attention_f16: keys/values read in
+// place) against dense softmax attention in f64 over the decoded cache, to 2e-5, over a table of
+// shapes: head_dim 16 / 64 / 128 (and 24, 8: not a multiple of 16, where it declines and
+// kv_attention_forward widens), groups of 1-9 query heads per kv head (blocks of 4 and the rest),
+// 1-3 kv heads, 1-300 keys. kv_attention_forward's Tq = 1 case takes it (bit for bit), the
+// widening path agrees within 2e-5, inside a pool task it gives the same floats as outside, and
+// set_kv_direct(false) turns it off.
+TEST(OpsReference, KvDecodeAttentionF16ReadsTheCacheInPlace) {
+  struct Case {
+    int64_t H, KVH, hd, Tk;
+  };
+  const std::vector<Case> cases = {{9, 3, 64, 40}, {9, 3, 64, 1}, {4, 1, 16, 300}, {8, 2, 128, 77},
+                                   {5, 5, 16, 33}, {14, 2, 32, 129}, {6, 3, 24, 20}, {2, 1, 8, 5}};
+  for (const Case& c : cases) {
+    const int64_t H = c.H, KVH = c.KVH, hd = c.hd, Tk = c.Tk, group = H / KVH;
+    Tensor q = rnd({1, H, hd}, 61 + uint64_t(Tk)), k = rnd({Tk, KVH, hd}, 62), v = rnd({Tk, KVH, hd}, 63);
+    Tensor kc = Tensor::empty(k.shape(), DType::F16), vc = Tensor::empty(v.shape(), DType::F16), none;
+    ops::kv_store(k, kc, none);
+    ops::kv_store(v, vc, none);
+    const auto* kp = static_cast<const uint16_t*>(kc.raw_data());
+    const auto* vp = static_cast<const uint16_t*>(vc.raw_data());
+    const double sc = 1 / std::sqrt(double(hd));
+    Tensor fused = Tensor::full({1, H, hd}, -7.0);
+    const bool took = ops::kv_decode_attention_f16(q.data<float>(), kp, vp, Tk, H, KVH, hd, sc, fused.data<float>());
+#if defined(__x86_64__) && defined(__GNUC__)
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+#else
+    const bool avx512 = false;
+#endif
+    const bool can = hd % 16 == 0 && avx512;
+    EXPECT_EQ(took, can) << "hd " << hd;
+    Tensor via_op = Tensor::empty({1, H, hd});
+    ops::kv_attention_forward(q, kc, vc, Tensor(), Tensor(), sc, via_op);
+    const bool was = ops::set_kv_direct(false);
+    Tensor widened = Tensor::empty({1, H, hd});
+    EXPECT_FALSE(ops::kv_decode_attention_f16(q.data<float>(), kp, vp, Tk, H, KVH, hd, sc, widened.data<float>()));
+    ops::kv_attention_forward(q, kc, vc, Tensor(), Tensor(), sc, widened);
+    ops::set_kv_direct(was);
+    double worst = 0, worst_widened = 0;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t kh = h / group;
+      std::vector<double> s(static_cast<size_t>(Tk));
+      double mx = -1e300, z = 0;
+      for (int64_t j = 0; j < Tk; ++j) {
+        double d = 0;
+        for (int64_t e = 0; e < hd; ++e)
+          d += double(q.data<float>()[h * hd + e]) * f16_to_f32(kp[(j * KVH + kh) * hd + e]);
+        s[size_t(j)] = d * sc;
+        mx = std::max(mx, s[size_t(j)]);
+      }
+      for (double& x : s) z += (x = std::exp(x - mx));
+      for (int64_t e = 0; e < hd; ++e) {
+        double o = 0;
+        for (int64_t j = 0; j < Tk; ++j) o += s[size_t(j)] / z * f16_to_f32(vp[(j * KVH + kh) * hd + e]);
+        const float got = via_op.data<float>()[h * hd + e];
+        if (took) {
+          ASSERT_EQ(fused.data<float>()[h * hd + e], got) << "h " << h << " e " << e;
+        }
+        worst = std::max(worst, std::abs(double(got) - o));
+        worst_widened = std::max(worst_widened, std::abs(double(widened.data<float>()[h * hd + e]) - o));
+      }
+    }
+    EXPECT_LT(worst, 2e-5) << "H " << H << " KVH " << KVH << " hd " << hd << " Tk " << Tk;
+    EXPECT_LT(worst_widened, 2e-5) << "H " << H << " KVH " << KVH << " hd " << hd << " Tk " << Tk;
+    // Inside a pool task (the kv heads run serially there): the same floats.
+    std::vector<Tensor> inside(3);
+    parallel_each(3, [&](int64_t t) {
+      inside[size_t(t)] = Tensor::empty({1, H, hd});
+      ops::kv_attention_forward(q, kc, vc, Tensor(), Tensor(), sc, inside[size_t(t)]);
+    });
+    for (const Tensor& t : inside)
+      for (int64_t i = 0; i < t.numel(); ++i) ASSERT_EQ(t.data<float>()[i], via_op.data<float>()[i]) << "value " << i;
+  }
 }
 
 // A batched decode step runs each sequence's attention in a pool task, where an f16 cache's kv

@@ -751,6 +751,32 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
       NoGradGuard no_grad;  // thread-local: pool workers are other threads
       const int64_t r0 = row0[size_t(s)], r1 = row0[size_t(s) + 1], T = r1 - r0;
       KVCache& cache = *caches[size_t(s)];
+      if (T == 1 && plain_kv(cache) && cache.type == KVCacheType::F16 && cache.k[size_t(i)].is_contiguous() &&
+          cache.v[size_t(i)].is_contiguous()) {
+        // A decode row over an f16 cache: the same ops on raw rows, no Tensor made per sequence and
+        // layer (a step's allocations grew with its rows): RoPE into per-thread rows, kv_store's
+        // f16 rounding straight into the cache, the fused one-row attention straight into att.
+        const int64_t pos0 = cache.length, qw = H * hd, kw = KVH * hd;
+        thread_local std::vector<float> qrow, krow;
+        if (qrow.size() < size_t(qw)) qrow.resize(size_t(qw));
+        if (krow.size() < size_t(kw)) krow.resize(size_t(kw));
+        ops::rope_f32(qv.data<float>() + r0 * qw, qrow.data(), 1, H, hd, pos0, config_.rope_theta, config_.rope_style,
+                      config_.rope_scaling);
+        ops::rope_f32(kv.data<float>() + r0 * kw, krow.data(), 1, KVH, hd, pos0, config_.rope_theta,
+                      config_.rope_style, config_.rope_scaling);
+        auto* ck = static_cast<uint16_t*>(cache.k[size_t(i)].raw_data());
+        auto* cv = static_cast<uint16_t*>(cache.v[size_t(i)].raw_data());
+        vec::f32_to_f16_exact(krow.data(), ck + pos0 * kw, kw);
+        vec::f32_to_f16_exact(vv.data<float>() + r0 * kw, cv + pos0 * kw, kw);
+        float* o = att.data<float>() + r0 * qw;
+        if (ops::kv_decode_attention_f16(qrow.data(), ck, cv, pos0 + 1, H, KVH, hd, 1.0 / std::sqrt(double(hd)), o))
+          return;
+        const KVLayerView view = kv_read(cache, i, pos0 + 1);  // no fused kernel here: kv_attention_forward
+        Tensor out = att.slice(0, r0, r1).view({1, H, hd});
+        ops::kv_attention_forward(Tensor::from_blob(qrow.data(), {1, H, hd}, DType::F32, nullptr), view.k, view.v,
+                                  view.k_scale, view.v_scale, 1.0 / std::sqrt(double(hd)), out);
+        return;
+      }
       if (plain_kv(cache)) {  // attend_cached's ops without its wrappers: the output straight into att
         const int64_t pos0 = cache.length;
         Tensor qr = Tensor::empty({1, T, H, hd}), kr = Tensor::empty({1, T, KVH, hd});

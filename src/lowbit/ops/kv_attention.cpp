@@ -14,7 +14,9 @@
 // as ops::attention_forward on them. So no f32 copy of the cache exists: each step
 // reads the cache in its own type, one kv head's rows at a time. f32 caches are read in place.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -24,6 +26,13 @@
 #include "lowbit/core/vecmath.h"
 #include "lowbit/ops/dispatch.h"
 #include "lowbit/ops/kv_quant.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define LB_KV_X86 1
+#else
+#define LB_KV_X86 0
+#endif
 
 namespace lowbit::ops {
 
@@ -97,7 +106,160 @@ void attend_tiles(const float* qp, float* op_, int64_t Tq, int64_t H, int64_t hd
     }
   });
 }
+
+// ---- decode rows over an f16 cache, read in place (kv_decode_attention_f16) ----------------------
+// Whether one-row attention over an f16 cache reads the f16 keys/values in place (the fused
+// kernel below) or widens them and runs the BLAS products: LOWBIT_KV_DIRECT=0 / 1, else on where
+// the CPU has AVX-512 and head_dim is a multiple of 16; set_kv_direct overrides (tests, benches).
+std::atomic<int> g_kv_direct{-1};
+bool kv_direct_enabled() {
+  int v = g_kv_direct.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* e = std::getenv("LOWBIT_KV_DIRECT");
+    v = e && e[0] == '0' ? 0 : 1;
+    g_kv_direct.store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+
+#if LB_KV_X86
+// The sum of a vector's 16 lanes: halves, 128-bit quarters, pairs, lanes (permutes within the
+// register; the maskz forms: GCC 12's plain ones and _mm512_reduce_add_ps trip
+// -Wmaybe-uninitialized on their undefined operand).
+__attribute__((target("avx512f"))) inline float hsum512(__m512 v) {
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_cvtss_f32(v);
+}
+// The scores of NG query heads (rows of hd floats at q, stride hd) against one key (hd f16 at kr):
+// s[g * lds] = scale * sum_c q[g][c] kr[c]. Per head the 16 lanes accumulate chunk after chunk
+// (fma), then one horizontal sum.
+template <int NG>
+__attribute__((target("avx512f,f16c,fma"))) inline void f16_score(const float* q, int64_t hd, const uint16_t* kr,
+                                                                   float scale, float* s, int64_t lds) {
+  __m512 acc[NG];
+  for (int g = 0; g < NG; ++g) acc[g] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < hd; c += 16) {
+    const __m512 kv = _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kr + c)));
+    for (int g = 0; g < NG; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * hd + c), kv, acc[g]);
+  }
+  for (int g = 0; g < NG; ++g) s[g * lds] = scale * hsum512(acc[g]);
+}
+// Scores of kv heads [kh0, kh1) (their query heads) for keys 0 .. n-1: S[h * n + j]. Row by row,
+// the rows' spans of these heads read in order; the key rows kAhead on and each value row (read
+// next by f16_weighted) are requested ahead (the cache comes from memory: a step's weights have
+// evicted it).
+constexpr int64_t kAhead = 8;
+__attribute__((target("avx512f,f16c,fma"))) void f16_scores(const float* q, const uint16_t* k, const uint16_t* v,
+                                                              int64_t n, int64_t group, int64_t KVH, int64_t hd,
+                                                              int64_t kh0, int64_t kh1, float scale, float* S) {
+  const int64_t ld = KVH * hd, span = (kh1 - kh0) * hd;
+  for (int64_t j = 0; j < std::min(n, kAhead); ++j)
+    for (int64_t c = 0; c < span; c += 32)
+      _mm_prefetch(reinterpret_cast<const char*>(k + j * ld + kh0 * hd + c), _MM_HINT_T0);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* kr = k + j * ld + kh0 * hd;
+    for (int64_t c = 0; c < span; c += 32) {
+      if (j + kAhead < n) _mm_prefetch(reinterpret_cast<const char*>(kr + kAhead * ld + c), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v + j * ld + kh0 * hd + c), _MM_HINT_T0);
+    }
+    for (int64_t kh = kh0; kh < kh1; ++kh)
+      for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const int64_t h = kh * group + g0;
+        const float* Q = q + h * hd;
+        const uint16_t* K = kr + (kh - kh0) * hd;
+        float* s = S + h * n + j;
+        switch (std::min<int64_t>(4, group - g0)) {
+          case 1: f16_score<1>(Q, hd, K, scale, s, n); break;
+          case 2: f16_score<2>(Q, hd, K, scale, s, n); break;
+          case 3: f16_score<3>(Q, hd, K, scale, s, n); break;
+          default: f16_score<4>(Q, hd, K, scale, s, n); break;
+        }
+      }
+  }
+}
+// o[g][c] = sum_j p[g * ldp + j] v[j][c] for NG heads (f16 value rows of hd at v + j * ldv),
+// 16 channels at a time, keys in order.
+template <int NG>
+__attribute__((target("avx512f,f16c,fma"))) void f16_weighted(const float* p, int64_t ldp, const uint16_t* v,
+                                                                int64_t ldv, int64_t n, int64_t hd, float* o) {
+  for (int64_t c = 0; c < hd; c += 16) {
+    __m512 acc[NG];
+    for (int g = 0; g < NG; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 vv =
+          _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j * ldv + c)));
+      for (int g = 0; g < NG; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * ldp + j]), vv, acc[g]);
+    }
+    for (int g = 0; g < NG; ++g) _mm512_storeu_ps(o + g * hd + c, acc[g]);
+  }
+}
+bool kv_direct_cpu() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c") &&
+                         __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+// Whether kv_attention_forward runs one query row over an f16 cache with head_dim hd through the
+// fused kernel.
+bool kv_direct_for(int64_t hd) {
+#if LB_KV_X86
+  return hd % 16 == 0 && hd > 0 && kv_direct_cpu() && kv_direct_enabled();
+#else
+  (void)hd;
+  return false;
+#endif
+}
+
+// Kv heads [kh0, kh1) of a decode row (kv_direct_for(hd) holds): scores of their query heads,
+// softmax_row, weighted values in blocks of up to 4 heads, written to out.
+void decode_heads_f16(const float* q, const uint16_t* k, const uint16_t* v, int64_t Tk, int64_t H, int64_t KVH,
+                      int64_t hd, float scale, float* out, int64_t kh0, int64_t kh1) {
+#if LB_KV_X86
+  const int64_t group = H / KVH, ld = KVH * hd;
+  thread_local std::vector<float> S;
+  if (S.size() < size_t(H * Tk)) S.resize(size_t(H * Tk));
+  f16_scores(q, k, v, Tk, group, KVH, hd, kh0, kh1, scale, S.data());
+  for (int64_t h = kh0 * group; h < kh1 * group; ++h) softmax_row(S.data() + h * Tk, Tk);
+  for (int64_t kh = kh0; kh < kh1; ++kh)
+    for (int64_t g0 = 0; g0 < group; g0 += 4) {
+      const int64_t h = kh * group + g0;
+      const float* s = S.data() + h * Tk;
+      const uint16_t* V = v + kh * hd;
+      float* O = out + h * hd;
+      switch (std::min<int64_t>(4, group - g0)) {
+        case 1: f16_weighted<1>(s, Tk, V, ld, Tk, hd, O); break;
+        case 2: f16_weighted<2>(s, Tk, V, ld, Tk, hd, O); break;
+        case 3: f16_weighted<3>(s, Tk, V, ld, Tk, hd, O); break;
+        default: f16_weighted<4>(s, Tk, V, ld, Tk, hd, O); break;
+      }
+    }
+#else
+  (void)q, (void)k, (void)v, (void)Tk, (void)H, (void)KVH, (void)hd, (void)scale, (void)out, (void)kh0, (void)kh1;
+#endif
+}
 }  // namespace
+
+bool set_kv_direct(bool on) {
+  const bool was = kv_direct_enabled();
+  g_kv_direct.store(on ? 1 : 0, std::memory_order_relaxed);
+  return was;
+}
+
+bool kv_decode_attention_f16(const float* q, const uint16_t* k, const uint16_t* v, int64_t Tk, int64_t H, int64_t KVH,
+                             int64_t hd, double scale, float* out) {
+  if (!kv_direct_for(hd) || Tk < 1 || KVH < 1 || H % KVH != 0) return false;
+  // Serially (a batched step's pool task): all kv heads in one pass over the rows. Outside a
+  // parallel region: one kv head per pool task. The same products either way.
+  if (KVH == 1 || in_parallel_region() || num_threads() < 2)
+    decode_heads_f16(q, k, v, Tk, H, KVH, hd, float(scale), out, 0, KVH);
+  else
+    parallel_each(KVH, [&](int64_t kh) { decode_heads_f16(q, k, v, Tk, H, KVH, hd, float(scale), out, kh, kh + 1); });
+  return true;
+}
 
 void kv_store(const Tensor& src, Tensor& dst, Tensor& dst_scale) {
   const char* op = "kv_store";
@@ -157,6 +319,11 @@ void kv_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, con
   detail::check_shape(op, out, q.shape(), "out");
   if (out.dtype() != DType::F32 || !out.is_contiguous()) throw_error(op, ": out must be contiguous f32, got ", out.describe());
   if (Tq == 0) return;
+  // One query row over an f16 cache (decode): the fused kernel reads the f16 rows in place.
+  if (k.dtype() == DType::F16 && Tq == 1 &&
+      kv_decode_attention_f16(q.data<float>(), static_cast<const uint16_t*>(k.raw_data()),
+                              static_cast<const uint16_t*>(v.raw_data()), Tk, H, KVH, hd, scale, out.data<float>()))
+    return;
   const float* ksc = q8 ? k_scale.data<float>() : nullptr;
   const float* vsc = q8 ? v_scale.data<float>() : nullptr;
   // f16, one query tile, items run serially (a batched decode step calls this from each

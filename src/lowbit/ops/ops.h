@@ -48,6 +48,10 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
 // inverse = true rotates by the negative angle, which is the backward of the forward rotation.
 void rope(const Tensor& x, int64_t pos0, double theta, RopeStyle style, bool inverse, Tensor& y,
           const RopeScaling& scaling = {});  // scaling: rope_style.h (CPU and CUDA)
+// rope's CPU body (forward) on raw f32 rows, no Tensor: x, y [T, H, hd] (y may be x), token t at
+// position pos0 + t. The same numbers as rope (a batched decode step's per-sequence RoPE).
+void rope_f32(const float* x, float* y, int64_t T, int64_t H, int64_t hd, int64_t pos0, double theta, RopeStyle style,
+              const RopeScaling& scaling = {});
 
 // ---- causal grouped-query attention ----------------------------------------------------------
 // q: [B, Tq, H, hd]; k, v: [B, Tk, KVH, hd] with Tk >= Tq; query i sits at position Tk - Tq + i
@@ -69,6 +73,19 @@ void kv_store(const Tensor& src, Tensor& dst, Tensor& dst_scale);
 // ignored); out: f32 [Tq, H, hd]. No log-sum-exp, no backward.
 void kv_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_scale,
                           const Tensor& v_scale, double scale, Tensor& out);
+// One query row (a decode step) over an f16 cache, read in place: q f32 [H, hd] at position Tk - 1,
+// k / v f16 rows [Tk, KVH, hd] (contiguous), out f32 [H, hd]. Per kv head: scores (f16 keys widened
+// in registers, 16 channels a vector), softmax, weighted f16 values — no f32 copy of the cache. The
+// kv heads run over the pool outside a parallel region, serially inside one. Returns false (nothing
+// written) where the fused kernel does not apply: no AVX-512 here, head_dim not a multiple of 16,
+// or turned off (LOWBIT_KV_DIRECT=0, set_kv_direct(false)); kv_attention_forward then widens the
+// rows and runs its BLAS products (its Tq = 1 f16 case calls this first). Numbers: the same
+// softmax, products summed in another order than the BLAS path (tests: 2e-5 of f64 attention).
+bool kv_decode_attention_f16(const float* q, const uint16_t* k, const uint16_t* v, int64_t Tk, int64_t H, int64_t KVH,
+                             int64_t hd, double scale, float* out);
+// Turns the fused kernel of kv_decode_attention_f16 on or off (tests, measurements); returns the
+// previous setting. Default: on unless LOWBIT_KV_DIRECT=0.
+bool set_kv_direct(bool on);
 
 // ---- randomized Hadamard transform (ops/hadamard.cpp; QuIP / QuaRot) ---------------------------
 // x, y: [..., n] contiguous (y may not alias x), n = p * m with p a power of two; `small` [m, m]
