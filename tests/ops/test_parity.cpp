@@ -825,6 +825,7 @@ TEST_F(Parity, Fp8Gemm) {
     const char* names[3] = {"y", "dx", "dW"};
     for (int i = 0; i < 3; ++i) check("fp8_gemm", str(lp_precision_name(p), " lp_linear native ", names[i]), got[i], ref[i], 2e-3);
   }
+}
 
 // One bf16 attention cell, forward and backward against the CPU (fp64 on bf16-rounded inputs), on
 // the kernel named by `kernel`: fa2 / fa2-atomic / wmma (LOWBIT_ATTENTION) or simt
