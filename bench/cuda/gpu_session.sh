@@ -319,8 +319,8 @@ fp8)
       STEPS=${SPEED_STEPS:-60} BATCH=32 SEQ=512 LR=6e-4 WARMUP=20 EVAL_EVERY=1000 EVAL_BATCHES=2 \
       RUNS="$runs" bench/low_precision_train.sh "$O/lp-110m-$g" 2>&1 | grep -E "^\|" | tee "$O/lp-110m-$g.md"
   done
-  # the stories15M curves with native GEMMs (the emulated ones: docs/results/low-precision-training.md)
-  DEVICE=cuda LOWBIT=$W/bin/lowbit TRAIN_TOKENS=$W/lp/train.tokens VALID_TOKENS=$W/lp/valid.tokens LP_GEMM=native \
+  # the stories15M curves with native GEMMs (the emulated ones: docs/results/low-precision-training.md); LP_STEPS=0 skips
+  [ "${LP_STEPS:-1000}" != 0 ] && DEVICE=cuda LOWBIT=$W/bin/lowbit TRAIN_TOKENS=$W/lp/train.tokens VALID_TOKENS=$W/lp/valid.tokens LP_GEMM=native \
     MODEL_ARGS="--dim 288 --hidden-dim 768 --layers 6 --heads 6 --max-seq-len 256 --vocab 32000" \
     STEPS=${LP_STEPS:-1000} BATCH=64 SEQ=256 LR=1e-3 WARMUP=100 EVAL_EVERY=100 \
     RUNS="${LP_RUNS:-f32 bf16 fp8 fp8-current}" bench/low_precision_train.sh "$O/lp-15m-native" 2>&1 | tee "$O/lp-15m-native.md"

@@ -11,6 +11,7 @@
 
 #include "lowbit/core/error.h"
 #include "lowbit/core/format_traits.h"
+#include "lowbit/ops/lp_fp8.h"
 #include "lowbit/ops/lp_quant.h"
 #include "lowbit/ops/ops.h"
 
@@ -482,4 +483,52 @@ TEST(LpQuantize, Fp8CodesAreTheQuantizedValues) {
   s.format = ops::LpFormat::NVFP4;
   Tensor cc;
   EXPECT_NE(err([&] { ops::lp_quantize_fp8(x, s, cc); }).find("has no FP8 codes"), std::string::npos);
+}
+
+// The one-pass encoder (native FP8 with delayed scaling): both layouts are lp_quantize_fp8's codes
+// for the same scale, the amax is the tensor's, a NaN gives its own NaN code and a NaN amax, only
+// the layouts asked for are written; bad arguments are refused.
+TEST(LpQuantize, Fp8DualEncoderEqualsTheCodes) {
+  const Tensor x = Tensor::randn({37, 29}, 9, 2.0, DType::F32);
+  for (ops::LpFormat f : {ops::LpFormat::E4M3, ops::LpFormat::E5M2}) {
+    ops::LpQuantSpec s;
+    s.format = f;
+    s.tensor_scale = 0.004f;
+    Tensor ref, reft, c, ct;
+    ops::LpQuantStats st;
+    ops::lp_quantize_fp8(x, s, ref, &st);
+    ops::lp_quantize_fp8(x, s, reft, nullptr, true);
+    ops::LpAmax a;
+    ops::lp_encode_fp8_dual(x, f, 0.004f, &c, &ct, &a);
+    ASSERT_EQ(c.shape(), ref.shape());
+    ASSERT_EQ(ct.shape(), reft.shape());
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      ASSERT_EQ(c.data<uint8_t>()[i], ref.data<uint8_t>()[i]) << i;
+      ASSERT_EQ(ct.data<uint8_t>()[i], reft.data<uint8_t>()[i]) << i;
+    }
+    EXPECT_TRUE(a.defined());
+    EXPECT_EQ(a.get(), st.amax);
+    Tensor only_t;
+    ops::lp_encode_fp8_dual(x, f, 0.004f, nullptr, &only_t, nullptr);
+    for (int64_t i = 0; i < only_t.numel(); ++i) ASSERT_EQ(only_t.data<uint8_t>()[i], reft.data<uint8_t>()[i]);
+  }
+  Tensor xn = x.clone(), cn;
+  xn.data<float>()[40] = std::nanf("");
+  ops::LpAmax an;
+  ops::lp_encode_fp8_dual(xn, ops::LpFormat::E4M3, 0.004f, &cn, nullptr, &an);
+  EXPECT_EQ(cn.data<uint8_t>()[40], 0x7f);
+  EXPECT_TRUE(std::isnan(an.get()));
+  auto err = [&](ops::LpFormat f, float scale, const Tensor& in) {
+    try {
+      Tensor c;
+      ops::lp_encode_fp8_dual(in, f, scale, &c, nullptr, nullptr);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  EXPECT_NE(err(ops::LpFormat::NVFP4, 1.0f, x).find("is not FP8"), std::string::npos);
+  EXPECT_NE(err(ops::LpFormat::E4M3, 0.0f, x).find("must be finite and > 0"), std::string::npos);
+  EXPECT_NE(err(ops::LpFormat::E4M3, 1.0f, Tensor::zeros({4}, DType::F32)).find("f32 [rows, cols]"), std::string::npos);
+  EXPECT_FALSE(ops::LpAmax().defined());
 }

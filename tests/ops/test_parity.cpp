@@ -23,6 +23,7 @@
 
 #include "lowbit/autograd/functions.h"
 #include "lowbit/autograd/lp_linear.h"
+#include "lowbit/ops/lp_fp8.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/ops/qat_quant.h"
@@ -810,21 +811,52 @@ TEST_F(Parity, Fp8Gemm) {
       ops::fp8_gemm(gpu(a), fa, gpu(b), fb, alpha, yg);
       check("fp8_gemm", str(M, "x", N, "x", K, " ", ops::lp_format_name(fa), "*", ops::lp_format_name(fb)), yg, yc, 2e-3);
     }
-  for (LpPrecision p : {LpPrecision::FP8, LpPrecision::BF16}) {
-    LpRecipe emulated, native;
-    emulated.precision = native.precision = p;
-    native.native_gemm = true;
-    const Tensor xv = rnd({64, 48}, 1), wv = rnd({32, 48}, 2), g = rnd({64, 32}, 3);
-    auto run = [&](const LpRecipe& r, Device d) {
-      Var xa(d == kGpu ? gpu(xv) : xv.clone(), true), wa(d == kGpu ? gpu(wv) : wv.clone(), true);
-      Var y = lp_linear(xa, wa, r, std::make_shared<LpLinearState>(), 5);
-      backward(y, d == kGpu ? gpu(g) : g);
-      return std::vector<Tensor>{y.value().to(Device::CPU), xa.grad().to(Device::CPU), wa.grad().to(Device::CPU)};
-    };
-    const auto ref = run(emulated, Device::CPU), got = run(native, kGpu);
-    const char* names[3] = {"y", "dx", "dW"};
-    for (int i = 0; i < 3; ++i) check("fp8_gemm", str(lp_precision_name(p), " lp_linear native ", names[i]), got[i], ref[i], 2e-3);
-  }
+  // the one-pass encoder: both layouts equal lp_quantize_fp8's codes with the same scale, bit for
+  // bit, and its amax (read later) equals the CPU's
+  for (ops::LpFormat f : {ops::LpFormat::E4M3, ops::LpFormat::E5M2})
+    for (auto [rows, cols] : {std::pair{70, 45}, std::pair{96, 132}, std::pair{48, 4100}}) {
+    // 70 x 45: the general kernel on ragged tiles; the others the vectorised one (partial 128-wide tiles)
+    const Tensor xr = rnd({rows, cols}, 43, 2.0);
+    Tensor cc, ct, gc, gt, ref;
+    ops::LpAmax ac, ag;
+    ops::lp_encode_fp8_dual(xr, f, 0.003f, &cc, &ct, &ac);
+    ops::lp_encode_fp8_dual(gpu(xr), f, 0.003f, &gc, &gt, &ag);
+    ops::LpQuantSpec s;
+    s.format = f;
+    s.tensor_scale = 0.003f;
+    ops::lp_quantize_fp8(xr, s, ref);
+    EXPECT_EQ(std::memcmp(ref.raw_data(), cc.raw_data(), size_t(cc.numel())), 0) << ops::lp_format_name(f);
+    EXPECT_EQ(std::memcmp(gc.to(Device::CPU).raw_data(), cc.raw_data(), size_t(cc.numel())), 0) << ops::lp_format_name(f);
+    EXPECT_EQ(std::memcmp(gt.to(Device::CPU).raw_data(), ct.raw_data(), size_t(ct.numel())), 0) << ops::lp_format_name(f);
+    EXPECT_EQ(ag.get(), ac.get());
+    }
+  // lp_linear with native GEMMs on the GPU against the emulated CPU layer: three steps, so that
+  // fp8 with delayed scaling runs its one-pass path (histories recorded later) from the second on
+  for (LpPrecision p : {LpPrecision::FP8, LpPrecision::BF16})
+    for (bool delayed : {true, false}) {
+      if (p == LpPrecision::BF16 && !delayed) continue;
+      LpRecipe emulated, native;
+      emulated.precision = native.precision = p;
+      emulated.delayed_scaling = native.delayed_scaling = delayed;
+      native.native_gemm = true;
+      auto se = std::make_shared<LpLinearState>(), sn = std::make_shared<LpLinearState>();
+      for (int step = 0; step < 3; ++step) {
+        const Tensor xv = rnd({64, 48}, 1 + step, 1.0 + 0.5 * step), wv = rnd({32, 48}, 2), g = rnd({64, 32}, 3 + step);
+        auto run = [&](const LpRecipe& r, Device d, const std::shared_ptr<LpLinearState>& st) {
+          Var xa(d == kGpu ? gpu(xv) : xv.clone(), true), wa(d == kGpu ? gpu(wv) : wv.clone(), true);
+          Var y = lp_linear(xa, wa, r, st, 5);
+          backward(y, d == kGpu ? gpu(g) : g);
+          return std::vector<Tensor>{y.value().to(Device::CPU), xa.grad().to(Device::CPU), wa.grad().to(Device::CPU)};
+        };
+        const auto ref = run(emulated, Device::CPU, se), got = run(native, kGpu, sn);
+        const char* names[3] = {"y", "dx", "dW"};
+        for (int i = 0; i < 3; ++i)
+          check("fp8_gemm", str(lp_precision_name(p), delayed ? " delayed" : " current", " step ", step, " lp_linear native ", names[i]),
+                got[i], ref[i], 2e-3);
+      }
+      sn->settle();
+      for (int role = 0; role < 3; ++role) EXPECT_EQ(sn->history[role], se->history[role]) << role;
+    }
 }
 
 // One bf16 attention cell, forward and backward against the CPU (fp64 on bf16-rounded inputs), on
@@ -1016,7 +1048,7 @@ TEST(ParityCoverage, EveryRegistryOpHasAParityTest) {
                                            // Parity.QatQuantizers (issue 14)
                                            "lsq_quant", "seq_quant", "group_scale",
                                            // Parity.LpQuantize, Parity.Fp8Gemm (issue 18)
-                                           "lp_quantize", "lp_quantize_fp8", "fp8_gemm"};
+                                           "lp_quantize", "lp_quantize_fp8", "fp8_gemm", "lp_encode_fp8_dual"};
   for (const auto& op : ops::op_registry())
     EXPECT_NE(std::find(tested.begin(), tested.end(), std::string(op.name)), tested.end())
         << "op '" << op.name << "' has no GPU parity test";

@@ -37,11 +37,25 @@ void check_lp_recipe(const LpRecipe& r) {
 
 int64_t lp_block(LpPrecision p) { return p == LpPrecision::NVFP4 ? 16 : p == LpPrecision::MXFP4 ? 32 : 0; }
 
-float LpLinearState::delayed_scale(Role role, ops::LpFormat f) const {
+float LpLinearState::delayed_scale(Role role, ops::LpFormat f) {
+  settle(role);
   const auto& h = history[role];
   if (h.empty()) return 0.0f;
   const float amax = *std::max_element(h.begin(), h.end());
   return ops::lp::tensor_scale(f, amax);
+}
+
+void LpLinearState::record_later(Role role, ops::LpAmax amax, int keep) {
+  pending_[role].push_back({std::move(amax), keep});
+}
+
+void LpLinearState::settle(Role role) {
+  for (auto& p : pending_[role]) record(role, p.amax.get(), p.keep);
+  pending_[role].clear();
+}
+
+void LpLinearState::settle() {
+  for (Role r : {X, W, DY}) settle(r);
 }
 
 void LpLinearState::record(Role role, double amax, int keep) {
@@ -133,6 +147,63 @@ Var lp_linear_native_bf16(const Var& x, const Var& w, const Tensor& xv, const Te
   });
 }
 
+// Delayed scaling with a history (every step after the first): the scales are known on the host
+// before the operands are read, so each operand is encoded in one pass into the layouts its GEMMs
+// need (x and x^T, W and W^T, dy and dy^T: the transposed codes are kept for the backward instead
+// of the f32 values) and its amax reaches the history later (LpLinearState::record_later) — no host
+// synchronisation in the step. The codes, scales and histories are the other path's; the first
+// backward (no dy history yet) takes dy's current scale, as the emulated layer does.
+Var lp_linear_native_fp8_delayed(const Var& x, const Var& w, const Tensor& xv, const Tensor& wv, const LpRecipe& r,
+                                 const std::shared_ptr<LpLinearState>& state, uint64_t seed, bool training,
+                                 const ops::LpQuantSpec& sx, const ops::LpQuantSpec& sw) {
+  using Role = LpLinearState::Role;
+  const bool need_xt = training && w.requires_grad(), need_wt = training && x.requires_grad();
+  Tensor cx, cxt, cw, cwt;
+  ops::LpAmax ax, aw;
+  ops::lp_encode_fp8_dual(xv, sx.format, sx.tensor_scale, &cx, need_xt ? &cxt : nullptr, training ? &ax : nullptr);
+  ops::lp_encode_fp8_dual(wv, sw.format, sw.tensor_scale, &cw, need_wt ? &cwt : nullptr, training ? &aw : nullptr);
+  if (training) {
+    state->record_later(Role::X, ax, r.amax_history);
+    state->record_later(Role::W, aw, r.amax_history);
+  }
+  Tensor y = Tensor::empty({xv.size(0), wv.size(0)}, DType::F32, xv.device());
+  ops::fp8_gemm(cx, sx.format, cw, sw.format, sx.tensor_scale * sw.tensor_scale, y);
+  if (!training) return Var(y);
+  const float tsx = sx.tensor_scale, tsw = sw.tensor_scale;
+  const ops::LpFormat fx = sx.format, fw = sw.format;
+  return make_result(y, {x, w}, "lp_linear", [x, w, cxt, cwt, r, state, seed, tsx, tsw, fx, fw, xs = xv.shape(),
+                                              ws = wv.shape()](const Tensor& g) {
+    const Tensor gv = g.contiguous();
+    ops::LpQuantSpec sg = lp_operand_spec(r, LpOperand::DgradDy, seed);
+    float tsg = state->delayed_scale(LpLinearState::DY, sg.format);
+    float alpha_scale = tsg;  // NaN when dy held NaN/inf (current scaling below): the products are NaN
+    Tensor cg, cgt;
+    if (tsg > 0) {
+      ops::LpAmax ag;
+      ops::lp_encode_fp8_dual(gv, sg.format, tsg, x.requires_grad() ? &cg : nullptr, w.requires_grad() ? &cgt : nullptr, &ag);
+      state->record_later(LpLinearState::DY, ag, r.amax_history);
+    } else {
+      sg.tensor_scale = 0;
+      ops::LpQuantStats stg;
+      ops::lp_quantize_fp8(gv, sg, cg, &stg);
+      state->record(LpLinearState::DY, stg.amax, r.amax_history);
+      tsg = float(stg.tensor_scale);
+      alpha_scale = std::isfinite(stg.amax) ? tsg : std::nanf("");
+      if (w.requires_grad()) cgt = fp8_codes(gv, sg, tsg, true);
+    }
+    if (x.requires_grad()) {  // dx [T, in] = dy [T, out] . (W^T [in, out])^T
+      Tensor dx = Tensor::empty(xs, DType::F32, gv.device());
+      ops::fp8_gemm(cg, sg.format, cwt, fw, alpha_scale * tsw, dx);
+      accumulate_grad(x, dx);
+    }
+    if (w.requires_grad()) {  // dW [out, in] = dy^T [out, T] . (x^T [in, T])^T
+      Tensor dw = Tensor::empty(ws, DType::F32, gv.device());
+      ops::fp8_gemm(cgt, sg.format, cxt, fx, alpha_scale * tsx, dw);
+      accumulate_grad(w, dw);
+    }
+  });
+}
+
 // The fp8 precision on FP8 GEMMs: E4M3 codes of x and W, E5M2 codes of dy, each GEMM's operands
 // laid out along its reduction dimension (W^T for dgrad, dy^T and x^T for wgrad: re-encoded with the
 // forward's scales, so every GEMM sees the emulated path's values), the scales folded into alpha.
@@ -144,6 +215,8 @@ Var lp_linear_native_fp8(const Var& x, const Var& w, const Tensor& xv, const Ten
     sx.tensor_scale = state->delayed_scale(Role::X, sx.format);
     sw.tensor_scale = state->delayed_scale(Role::W, sw.format);
   }
+  if (delayed && sx.tensor_scale > 0 && sw.tensor_scale > 0)
+    return lp_linear_native_fp8_delayed(x, w, xv, wv, r, state, seed, training, sx, sw);
   ops::LpQuantStats stx, stw;
   Tensor cx, cw;
   ops::lp_quantize_fp8(xv, sx, cx, &stx);

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "lowbit/autograd/variable.h"
+#include "lowbit/ops/lp_fp8.h"
 #include "lowbit/ops/lp_quant.h"
 
 namespace lowbit {
@@ -68,9 +69,22 @@ struct LpLinearState {
   enum Role { X = 0, W = 1, DY = 2 };
   std::vector<float> history[3];
   // The decode scale for `role` from its history (max amax / the format's largest value); 0 when
-  // the history is empty (then the current amax is used).
-  float delayed_scale(Role role, ops::LpFormat f) const;
+  // the history is empty (then the current amax is used). Settles the role's pending amaxes first.
+  float delayed_scale(Role role, ops::LpFormat f);
   void record(Role role, double amax, int keep);
+  // An amax a kernel measured (native FP8 GEMMs: ops::lp_encode_fp8_dual), recorded when it is
+  // read: by the next delayed_scale of the role or by settle(), in the order recorded — the history
+  // is then the one record() would have built, without a host synchronisation per operand.
+  void record_later(Role role, ops::LpAmax amax, int keep);
+  void settle();  // every pending amax into the histories (before reading `history` directly)
+
+ private:
+  struct Pending {
+    ops::LpAmax amax;
+    int keep;
+  };
+  std::vector<Pending> pending_[3];
+  void settle(Role role);
 };
 
 // x [M, in], w [out, in] -> [M, out]. `seed` seeds the stochastic rounding and the Hadamard signs

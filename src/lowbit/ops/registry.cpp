@@ -37,6 +37,7 @@ constexpr OpInfo kOps[] = {
     {"lp_quantize", false, kCuda, "f32 f64"},
     {"lp_quantize_fp8", false, kCuda, "f32 -> u8 fp8 codes"},
     {"fp8_gemm", false, kCuda, "u8 fp8 codes -> f32"},  // cuBLASLt on CUDA (native fp8 training)
+    {"lp_encode_fp8_dual", false, kCuda, "f32 -> u8 fp8 codes, both layouts"},
 };
 }  // namespace
 

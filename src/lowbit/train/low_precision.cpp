@@ -80,6 +80,7 @@ void for_each_lp(const LlamaModel& model, F&& f) {
 std::vector<std::pair<std::string, Tensor>> lp_state_tensors(const LlamaModel& model) {
   std::vector<std::pair<std::string, Tensor>> out;
   for_each_lp(model, [&](const LowPrecisionLinear& l) {
+    l.state().settle();  // the amaxes still in flight (native FP8 GEMMs) into the histories
     for (int r = 0; r < 3; ++r) {
       const auto& h = l.state().history[r];
       if (h.empty()) continue;
@@ -92,6 +93,7 @@ std::vector<std::pair<std::string, Tensor>> lp_state_tensors(const LlamaModel& m
 
 void restore_lp_state(LlamaModel& model, const std::function<Tensor(const std::string&)>& load) {
   for_each_lp(model, [&](const LowPrecisionLinear& l) {
+    l.state().settle();  // nothing in flight survives the restore
     for (int r = 0; r < 3; ++r) {
       const std::string name = "lp." + std::to_string(l.layer_id()) + "." + kRoles[r];
       const Tensor t = load(name);
