@@ -66,6 +66,16 @@ unpack_tests() {
   [ -f .devcarry/extra.tar.xz ] && tar -xJf .devcarry/extra.tar.xz -C /tmp
   return 0
 }
+# The tools, the test binaries and the tokenized linux-docs of the lp / fp8 modes into $W; sets O.
+unpack_lp() {
+  rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp || exit 1
+  unpack_tests
+  tar -xJf .devcarry/lp-tokens.tar.xz -C /tmp || exit 1
+  export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+  O=${OUT:-/tmp/out}
+  mkdir -p "$O"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+}
 case "$mode" in
 stage)
   set -e
@@ -298,13 +308,7 @@ lp-stage)
   ls -la .devcarry/lp-tokens.tar.xz
   ;;
 fp8)
-  rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp || exit 1
-  unpack_tests
-  tar -xJf .devcarry/lp-tokens.tar.xz -C /tmp || exit 1
-  export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-  O=${OUT:-/tmp/out}
-  mkdir -p "$O"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  unpack_lp
   if [ -x "$W/bin/test_ops" ]; then
     timeout 120 "$W/bin/test_ops" --gtest_filter='Parity.Fp8Gemm:Parity.LpQuantize:Parity.Gemm:Parity.Bf16' > "$O/parity-fp8.log" 2>&1
     echo "test_ops exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|error|fp8_gemm|lp_quantize" "$O/parity-fp8.log" | head -30
@@ -327,13 +331,7 @@ fp8)
   rm -f "$O"/lp-*/*/*.bin "$O"/lp-*/*/*.safetensors; rm -rf "$O"/lp-*/*/hf
   ;;
 lp)
-  rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp || exit 1
-  unpack_tests
-  tar -xJf .devcarry/lp-tokens.tar.xz -C /tmp || exit 1
-  export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-  O=${OUT:-/tmp/out}
-  mkdir -p "$O"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  unpack_lp
   timeout "${PARITY_SECONDS:-150}" "$W/bin/test_ops" --gtest_filter='Parity*' > "$O/parity.log" 2>&1
   echo "test_ops exit $?"; grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|tests ran" "$O/parity.log" | head -30
   # A packed GGUF on cuda (the CPU panel layout is CPU-only; this is the check that cuda loads it unchanged).

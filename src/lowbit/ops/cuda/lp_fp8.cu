@@ -17,6 +17,25 @@ namespace lowbit::ops::cuda {
 
 namespace {
 
+// One value's code (0x7f, NaN, for a non-finite one) and its part of the amax: m, and `bad` set
+// by a non-finite value.
+__device__ __forceinline__ uint8_t encode_one(float v, LpFormat f, float ts, float& m, unsigned int& bad) {
+  const float a = fabsf(v);
+  if (!(a <= 3.402823466e38f)) {
+    bad = 1;
+    return 0x7f;
+  }
+  m = fmaxf(m, a);
+  return lp::fp8_code(f, v, ts);
+}
+
+// A block's amax into *amax_bits: warp max, one atomicMax per warp on the float's bits.
+__device__ __forceinline__ void amax_of_block(float m, unsigned int bad, unsigned int* amax_bits) {
+  m = detail::warp_max(m);
+  bad = __any_sync(0xffffffffu, bad) ? 1u : 0u;
+  if ((threadIdx.x & 31) == 0) atomicMax(amax_bits, bad ? 0x7fc00000u : __float_as_uint(m));
+}
+
 __global__ void lp_encode_fp8_dual_kernel(const float* __restrict__ x, uint8_t* __restrict__ codes,
                                           uint8_t* __restrict__ codes_t, int64_t R, int64_t C, LpFormat f, float ts,
                                           unsigned int* __restrict__ amax_bits) {
@@ -27,24 +46,12 @@ __global__ void lp_encode_fp8_dual_kernel(const float* __restrict__ x, uint8_t* 
   for (int k = threadIdx.y; k < 32; k += 8) {
     const int64_t r = r0 + k, c = c0 + threadIdx.x;
     if (r < R && c < C) {
-      const float v = x[r * C + c];
-      const float a = fabsf(v);
-      uint8_t q = 0x7f;
-      if (a <= 3.402823466e38f) {
-        m = fmaxf(m, a);
-        q = lp::fp8_code(f, v, ts);
-      } else {
-        bad = 1;
-      }
+      const uint8_t q = encode_one(x[r * C + c], f, ts, m, bad);
       if (codes) codes[r * C + c] = q;
       tile[k][threadIdx.x] = q;
     }
   }
-  if (amax_bits) {
-    m = detail::warp_max(m);
-    bad = __any_sync(0xffffffffu, bad) ? 1u : 0u;
-    if ((threadIdx.x & 31) == 0) atomicMax(amax_bits, bad ? 0x7fc00000u : __float_as_uint(m));
-  }
+  if (amax_bits) amax_of_block(m, bad, amax_bits);
   if (!codes_t) return;
   __syncthreads();
   for (int k = threadIdx.y; k < 32; k += 8) {  // codes_t [C, R]: row c0 + k, columns r0 + threadIdx.x
@@ -73,26 +80,12 @@ __global__ void lp_encode_fp8_dual_vec_kernel(const float* __restrict__ x, uint8
       const float4 v4 = *reinterpret_cast<const float4*>(x + r * C + c);
       const float v[4] = {v4.x, v4.y, v4.z, v4.w};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float a = fabsf(v[j]);
-        uint32_t q = 0x7f;
-        if (a <= 3.402823466e38f) {
-          m = fmaxf(m, a);
-          q = lp::fp8_code(f, v[j], ts);
-        } else {
-          bad = 1;
-        }
-        word |= q << (8 * j);
-      }
+      for (int j = 0; j < 4; ++j) word |= uint32_t(encode_one(v[j], f, ts, m, bad)) << (8 * j);
       if (codes) *reinterpret_cast<uint32_t*>(codes + r * C + c) = word;
     }
     *reinterpret_cast<uint32_t*>(&tile[k][4 * tx]) = word;
   }
-  if (amax_bits) {
-    m = detail::warp_max(m);
-    bad = __any_sync(0xffffffffu, bad) ? 1u : 0u;
-    if ((threadIdx.x & 31) == 0) atomicMax(amax_bits, bad ? 0x7fc00000u : __float_as_uint(m));
-  }
+  if (amax_bits) amax_of_block(m, bad, amax_bits);
   if (!codes_t) return;
   __syncthreads();
   const int t = ty * 32 + tx, col = t >> 1, half = t & 1;  // codes_t row c0 + col, tokens r0 + 16 half ..
