@@ -70,5 +70,10 @@ bool autocast_bf16_applies(const Tensor& x);
 // already has that dtype). Tensor::to(dtype) stages device tensors through the host.
 Tensor cast_to(const Tensor& x, DType dtype);
 Tensor to_bf16(const Tensor& x);  // cast_to(x, BF16)
+// The bf16 operand of x for an autocast product: to_bf16(x.value()), cast once per activation when
+// x is an op's output (kept on its node and shared by every product that reads it: the q/k/v
+// projections of one normed input take one cast instead of three); a leaf (its value may be updated
+// in place) is cast each time.
+Tensor autocast_bf16_input(const Var& x);
 
 }  // namespace lowbit

@@ -37,6 +37,13 @@ struct QuantTrainOptions {
   bool clip_init_rtn = true;
 };
 
+// Under AutocastBf16Guard on the GPU, QuantTrainLinear::forward is one fused op whose quantizer
+// writes Q(W) in bf16 directly for the bf16 GEMMs (no f32 Q and no cast pass over it; the same
+// values as quantizing in f32 and casting). Off (LOWBIT_LWC_BF16_FUSED=0 at start, or this switch):
+// the unfused composition lwc_fake_quant + lora_linear, for before/after timings and tests.
+bool lwc_bf16_fusion();
+void set_lwc_bf16_fusion(bool on);
+
 // The encoded layer: packed weight plus adapters (undefined when rank = 0), F32 holding f16 values.
 struct FinalizedLinear {
   QuantizedTensor q;
