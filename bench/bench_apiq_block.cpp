@@ -140,6 +140,7 @@ int main(int argc, char** argv) {
       for (auto& [name, slot] : blk.linears()) {
         QuantTrainOptions lo = ao.layer;
         lo.seed = seed++;
+        lo.share_weight = true;  // as ApiqMethod's block-wise mode: the replaced layer's weight, not a copy
         auto t = std::make_shared<QuantTrainLinear>((*slot)->effective_weight(), (*slot)->bias(), f, lo);
         for (auto& p : t->clip_parameters()) clip.push_back(p);
         for (auto& p : t->lora_parameters()) lora.push_back(p);

@@ -593,3 +593,18 @@ TEST_F(ApiqStories, Bf16CacheRefusedForOtherMethods) {
     EXPECT_NE(std::string(e.what()).find("f32 calibration activations"), std::string::npos) << e.what();
   }
 }
+
+// QuantTrainOptions::share_weight: the frozen weight is the caller's tensor (block-wise ApiQ, no copy
+// of the replaced layer's weight); by default a copy. Same function either way.
+TEST(ApiqTrainLinear, ShareWeightUsesTheCallersTensor) {
+  const QuantFormat& f = parse_quant_format("int2g64");
+  const Tensor w = Tensor::randn({8, 128}, 5, 0.02), x = Tensor::randn({3, 128}, 6);
+  QuantTrainOptions o;
+  o.rank = 2;
+  QuantTrainLinear copied(w, Tensor(), f, o);
+  o.share_weight = true;
+  QuantTrainLinear shared(w, Tensor(), f, o);
+  EXPECT_NE(copied.frozen_weight().storage(), w.storage());
+  EXPECT_EQ(shared.frozen_weight().storage(), w.storage());
+  EXPECT_EQ(max_abs_diff(copied.forward(Var(x)).value(), shared.forward(Var(x)).value()), 0.0);
+}

@@ -924,6 +924,27 @@ TEST_F(Parity, LlamaStackForwardBackward) {
   for (size_t i = 1; i < c.size(); ++i) check("end_to_end", str("grad of weight ", i - 1), g[i], c[i], 1e-4);
 }
 
+// group_scale_forward with a bf16 output (issue 19: E2E-QP's frozen-codes layer under autocast
+// writes W in bf16 directly): the GPU kernel's bf16 values equal the CPU body's (the same single f32
+// product, rounded to nearest even) and the GPU's own f32 result cast; I8 and float codes.
+TEST_F(Parity, GroupScaleBf16Output) {
+  uint64_t seed = 950;
+  for (const auto& c : test::qat_format_cases()) {
+    const test::QatParams p = test::qat_params(c, seed += 10);
+    Tensor ci = Tensor::empty(p.codes.shape(), DType::I8);
+    for (int64_t i = 0; i < p.codes.numel(); ++i) ci.data<int8_t>()[i] = int8_t(std::nearbyint(p.codes.item(i) * 40.0));
+    for (const Tensor& codes : {ci, p.codes}) {
+      Tensor yc = Tensor::empty(codes.shape(), DType::BF16), yg = Tensor::empty(codes.shape(), DType::BF16).to(kGpu), yg32;
+      ops::group_scale_forward(codes, p.step, c.f, yc);
+      ops::group_scale_forward(gpu(codes), gpu(p.step), c.f, yg);
+      ops::group_scale_forward(gpu(codes), gpu(p.step), c.f, yg32);
+      const std::string what = std::string(c.f.name) + (codes.dtype() == DType::I8 ? " i8" : " f32") + " codes";
+      check("group_scale_bf16", what, cpu(yg).to(DType::F32), yc.to(DType::F32), 0.0);
+      EXPECT_EQ(max_abs_diff(cpu(yg).to(DType::F32), cpu(to_bf16(yg32)).to(DType::F32)), 0.0) << what;
+    }
+  }
+}
+
 // ---- coverage --------------------------------------------------------------------------------------
 // Every op with a CUDA body in the registry has a parity test above (names kept in step by hand;
 // cast's is CastParity.F32Bf16OnTheGpu in test_grad.cpp, beside its gradient check; quant_matmul's

@@ -339,7 +339,7 @@ TEST_F(LwcCuda, FusedBf16LayerEqualsUnfused) {
     for (size_t k = 0; k < a.size(); ++k) num = std::max(num, std::fabs(double(a[k]) - double(b[k])));
     return num / std::max(max_abs(a), 1e-30);
   };
-  const bool was = lwc_bf16_fusion();
+  const bool was = autocast_fused_weights();
   for (const char* fmt : {"int2g64", "int3g128s"})
     for (int64_t rank : {int64_t(8), int64_t(0)}) {
       const QuantFormat& f = parse_quant_format(fmt);
@@ -351,7 +351,7 @@ TEST_F(LwcCuda, FusedBf16LayerEqualsUnfused) {
       o.init = LoraInit::Given;
       const Tensor A = Tensor::randn({std::max<int64_t>(rank, 1), in}, 65, 0.05), B = Tensor::randn({out, std::max<int64_t>(rank, 1)}, 66, 0.05);
       auto run = [&](bool fused) {
-        set_lwc_bf16_fusion(fused);
+        set_autocast_fused_weights(fused);
         AutocastBf16Guard guard(true);
         QuantTrainLinear lin(w.to(Device::CUDA), bias, f, o, rank > 0 ? A : Tensor(), rank > 0 ? B : Tensor());
         Var xv(x.to(Device::CUDA), true);
@@ -369,5 +369,5 @@ TEST_F(LwcCuda, FusedBf16LayerEqualsUnfused) {
         EXPECT_LE(e, 1e-6) << fmt << " rank " << rank << " tensor " << i;
       }
     }
-  set_lwc_bf16_fusion(was);
+  set_autocast_fused_weights(was);
 }

@@ -3,6 +3,7 @@
 #include "lowbit/autograd/functions.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <string_view>
 
 #include "lowbit/ops/ops.h"
@@ -54,6 +55,17 @@ bool AutocastBf16Guard::active() { return g_autocast_bf16; }
 bool autocast_bf16_applies(const Tensor& x) {
   return g_autocast_bf16 && x.defined() && x.device() == Device::CUDA && x.dtype() == DType::F32;
 }
+namespace {
+bool& fused_weights_flag() {
+  static bool on = [] {
+    const char* e = std::getenv("LOWBIT_BF16_WEIGHT_FUSED");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+}  // namespace
+bool autocast_fused_weights() { return fused_weights_flag(); }
+void set_autocast_fused_weights(bool on) { fused_weights_flag() = on; }
 Tensor cast_to(const Tensor& x, DType dtype) {
   if (x.dtype() == dtype) return x.contiguous();
   Tensor y = Tensor::empty(x.shape(), dtype, x.device());

@@ -434,8 +434,11 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
       e.bias = (*e.slot)->bias();
       QuantTrainOptions lo = o_.layer;
       lo.seed = derive_seed(o_.seed, uint64_t(ctx.layer), linear_id, 0xA11CE);
+      // The replaced layer's weight is frozen while it trains (the original layers are kept only to
+      // put back on an error): shared, not copied, when it is already a contiguous f32 tensor.
+      lo.share_weight = true;
       e.t = std::make_shared<QuantTrainLinear>((*e.slot)->effective_weight(), e.bias, layer_format(ctx, name), lo);
-      e.w = e.t->frozen_weight();  // the layer's own f32 copy (no second copy on the device)
+      e.w = e.t->frozen_weight();  // the layer's f32 weight (no second copy on the device)
       if (o_.saliency) e.sal = o_.saliency->at(full_name(ctx.layer, name)).to(dev);
       if (o_.saliency && o_.layer_weighted) e.layer_w = o_.saliency->layer_weight(full_name(ctx.layer, name));
       for (auto& p : e.t->clip_parameters()) clip.push_back(p);

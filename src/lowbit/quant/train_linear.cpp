@@ -1,7 +1,6 @@
 #include "lowbit/quant/train_linear.h"
 
 #include <cmath>
-#include <cstdlib>
 
 #include "lowbit/autograd/functions.h"
 #include "lowbit/ops/ops.h"
@@ -11,13 +10,6 @@
 namespace lowbit {
 
 namespace {
-bool& lwc_bf16_fusion_flag() {
-  static bool on = [] {
-    const char* e = std::getenv("LOWBIT_LWC_BF16_FUSED");
-    return !(e && e[0] == '0');
-  }();
-  return on;
-}
 
 // Rounds every value to the nearest f16 (the adapters' storage precision), kept as f32.
 Tensor round_to_f16(const Tensor& t) { return t.to(Device::CPU).to(DType::F16).to(DType::F32).contiguous(); }
@@ -196,9 +188,6 @@ Var lwc_linear_bf16(const Var& x, const Var& w, const Var& gamma, const Var& bet
 }
 }  // namespace
 
-bool lwc_bf16_fusion() { return lwc_bf16_fusion_flag(); }
-void set_lwc_bf16_fusion(bool on) { lwc_bf16_fusion_flag() = on; }
-
 QuantTrainLinear::QuantTrainLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f,
                                    const QuantTrainOptions& o, const Tensor& lora_A, const Tensor& lora_B)
     : format_(f), opt_(o) {
@@ -223,7 +212,8 @@ QuantTrainLinear::QuantTrainLinear(const Tensor& weight, const Tensor& bias, con
   LB_CHECK(!lwc_is_ggml(f) || dev == Device::CPU, "QuantTrainLinear: format ", f.name,
            ": learnable clipping on the ggml block grids runs on the CPU (--device cpu)");
   const int64_t G = lwc_n_groups(f, in);
-  weight_ = Var(weight.to(dt).contiguous().clone(), false);
+  const Tensor wt = weight.to(dt).contiguous();
+  weight_ = Var(o.share_weight ? wt : wt.clone(), false);
   if (bias.defined()) {
     LB_CHECK(bias.numel() == out, "QuantTrainLinear: bias ", bias.describe(), " does not match ", out, " outputs");
     bias_ = Var(bias.to(dev).to(dt).contiguous().view({out}).clone(), false);
@@ -277,7 +267,7 @@ Var QuantTrainLinear::quantized_weight(bool with_lora) const {
 // what effective_weight() and the SAPR regularizer use. Same function either way.
 Var QuantTrainLinear::forward(const Var& x) const {
   // bf16 autocast on the GPU: the quantizer writes Q in bf16 for the GEMMs (lwc_linear_bf16).
-  if (autocast_bf16_applies(x.value()) && weight_.value().dtype() == DType::F32 && !lwc_is_ggml(format_) && lwc_bf16_fusion())
+  if (autocast_bf16_applies(x.value()) && weight_.value().dtype() == DType::F32 && !lwc_is_ggml(format_) && autocast_fused_weights())
     return lwc_linear_bf16(x, weight_, gamma_, beta_, opt_.rank > 0 ? lora_A_ : Var(), opt_.rank > 0 ? lora_B_ : Var(),
                            lora_scale(), bias_, format_);
   if (opt_.rank == 0) return linear(x, quantized_weight(false), bias_);

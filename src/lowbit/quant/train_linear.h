@@ -35,14 +35,11 @@ struct QuantTrainOptions {
   // ggml block types only: the initial logits reproduce the reference quantizer's grid per sub-block
   // (lwc_ggml_init_from_rtn) instead of clip_init.
   bool clip_init_rtn = true;
+  // The frozen weight is the given tensor itself (no copy) when it already is a contiguous f32/f64
+  // tensor on its device; the caller must not change it while the layer lives. Block-wise ApiQ
+  // shares the replaced layer's weight this way (at the Llama-2-7B shape a block's copy is 0.75 GiB).
+  bool share_weight = false;
 };
-
-// Under AutocastBf16Guard on the GPU, QuantTrainLinear::forward is one fused op whose quantizer
-// writes Q(W) in bf16 directly for the bf16 GEMMs (no f32 Q and no cast pass over it; the same
-// values as quantizing in f32 and casting). Off (LOWBIT_LWC_BF16_FUSED=0 at start, or this switch):
-// the unfused composition lwc_fake_quant + lora_linear, for before/after timings and tests.
-bool lwc_bf16_fusion();
-void set_lwc_bf16_fusion(bool on);
 
 // The encoded layer: packed weight plus adapters (undefined when rank = 0), F32 holding f16 values.
 struct FinalizedLinear {

@@ -94,12 +94,13 @@ __global__ void seq_backward_kernel(const float* __restrict__ w, const float* __
   if (lane == 0) dalpha[gid] = gscale * da;
 }
 
-template <class C>
+// Y: float, or bf16 under autocast (the product rounded to nearest even as it is stored).
+template <class C, class Y>
 __global__ void group_scale_forward_kernel(const C* __restrict__ codes, const float* __restrict__ step,
-                                           float* __restrict__ y, int64_t out, int64_t in, FormatTraits f) {
+                                           Y* __restrict__ y, int64_t out, int64_t in, FormatTraits f) {
   const int64_t G = f.n_groups(in), n = out * in;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    y[i] = float(codes[i]) * step[(i / in) * G + f.group_of_column(i % in)];
+    y[i] = detail::from_f<Y>(float(codes[i]) * step[(i / in) * G + f.group_of_column(i % in)]);
 }
 
 template <class C>
@@ -165,14 +166,19 @@ void group_scale_forward(const Tensor& codes, const Tensor& step, const FormatTr
   check_f32("group_scale_forward", step);
   const int64_t out = codes.size(0), in = codes.size(1);
   const unsigned grid = detail::grid_for(out * in, kThreads);
-  if (codes.dtype() == DType::I8) {
-    group_scale_forward_kernel<<<grid, kThreads, 0, cuda_rt::stream()>>>(ptr<int8_t>(codes), ptr<float>(step),
-                                                                          ptr<float>(y), out, in, f);
-  } else {
-    check_f32("group_scale_forward", codes);
-    group_scale_forward_kernel<<<grid, kThreads, 0, cuda_rt::stream()>>>(ptr<float>(codes), ptr<float>(step),
-                                                                          ptr<float>(y), out, in, f);
-  }
+  auto launch = [&](auto ytag) {
+    using Y = typename decltype(ytag)::type;
+    if (codes.dtype() == DType::I8) {
+      group_scale_forward_kernel<<<grid, kThreads, 0, cuda_rt::stream()>>>(ptr<int8_t>(codes), ptr<float>(step),
+                                                                            ptr<Y>(y), out, in, f);
+    } else {
+      check_f32("group_scale_forward", codes);
+      group_scale_forward_kernel<<<grid, kThreads, 0, cuda_rt::stream()>>>(ptr<float>(codes), ptr<float>(step),
+                                                                            ptr<Y>(y), out, in, f);
+    }
+  };
+  if (y.dtype() == DType::BF16) launch(detail::TypeTag<detail::bf16>{});
+  else launch(detail::TypeTag<float>{});
   LB_CUDA_LAUNCH_CHECK("group_scale_forward_kernel");
 }
 
