@@ -57,17 +57,31 @@ struct SwigluBwdF {  // (dy, gate, up) -> (dgate, dup)
 // AdamW, PyTorch semantics (ops/optim.cpp): decoupled decay, then the bias-corrected step.
 // 1 - beta is computed in double on the host: in fp32, 1 - 0.999f = 9.9998713e-4, a relative error
 // of 1.3e-5 in every v update.
+// Every rounding is spelled out (fmaf, and __fmul_rn / __fadd_rn, which the compiler never contracts
+// into an FMA): with plain `a * b + c * d` nvcc may fuse either product, and it chose differently in
+// the per-tensor and the multi-tensor kernels (H100, 2026-12-07: 1-2 ulp apart), so the fused
+// multi-tensor update was not bit-identical to adamw_step. Now every kernel that calls this computes
+// the same values.
 struct AdamwF {  // (p, g, m, v) -> (p, m, v)
   float decay, b1, one_minus_b1, b2, one_minus_b2, step_size, inv_sqrt_bc2, eps;
-  __device__ void operator()(const float (&x)[4], float (&y)[3]) const {
+  __device__ __forceinline__ void operator()(const float (&x)[4], float (&y)[3]) const {
     const float g = x[1];
-    const float m = b1 * x[2] + one_minus_b1 * g;
-    const float v = b2 * x[3] + one_minus_b2 * g * g;
-    y[0] = x[0] * decay - step_size * m / (sqrtf(v) * inv_sqrt_bc2 + eps);
+    const float m = fmaf(b1, x[2], __fmul_rn(one_minus_b1, g));
+    const float v = fmaf(b2, x[3], __fmul_rn(__fmul_rn(one_minus_b2, g), g));
+    const float denom = __fadd_rn(__fmul_rn(sqrtf(v), inv_sqrt_bc2), eps);
+    y[0] = fmaf(x[0], decay, -__fdiv_rn(__fmul_rn(step_size, m), denom));
     y[1] = m;
     y[2] = v;
   }
 };
+
+// The coefficients of one AdamW step (host side; shared by adamw_step and the multi-tensor kernel).
+AdamwF adamw_coefficients(const AdamwHyper& h) {
+  const double bc1 = 1.0 - std::pow(h.beta1, double(h.step)), bc2 = 1.0 - std::pow(h.beta2, double(h.step));
+  return AdamwF{float(1.0 - h.lr * h.weight_decay), float(h.beta1),         float(1.0 - h.beta1),
+                float(h.beta2),                     float(1.0 - h.beta2),   float(h.lr / bc1),
+                float(1.0 / std::sqrt(bc2)),        float(h.eps)};
+}
 
 template <class F>
 void binary(const char* op, const Tensor& a, const Tensor& b, Tensor& out, F f) {
@@ -208,9 +222,7 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double 
     if (t->dtype() != param.dtype() || !t->is_contiguous())
       throw_error("adamw_step: grad/m/v must be contiguous ", dtype_name(param.dtype()), ", got ", t->describe());
   }
-  const double bc1 = 1.0 - std::pow(beta1, double(step)), bc2 = 1.0 - std::pow(beta2, double(step));
-  const AdamwF f{float(1.0 - lr * weight_decay), float(beta1),       float(1.0 - beta1),          float(beta2),
-                 float(1.0 - beta2),             float(lr / bc1),     float(1.0 / std::sqrt(bc2)), float(eps)};
+  const AdamwF f = adamw_coefficients(AdamwHyper{lr, beta1, beta2, eps, weight_decay, step});
   detail::dispatch("adamw_step", param.dtype(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     EwArgs<T, 4, 3> args{{ptr<T>(param), ptr<T>(grad), ptr<T>(m), ptr<T>(v)}, {0, 0, 0, 0},
@@ -241,13 +253,6 @@ struct AdamwMultiArgs {
 };
 static_assert(sizeof(AdamwMultiArgs) <= 4000, "kernel parameters are limited to 4 KB");
 static_assert(kAdamwMultiMax <= 32, "AdamwMultiArgs::vec has one bit per tensor");
-
-AdamwF adamw_coefficients(const AdamwHyper& h) {
-  const double bc1 = 1.0 - std::pow(h.beta1, double(h.step)), bc2 = 1.0 - std::pow(h.beta2, double(h.step));
-  return AdamwF{float(1.0 - h.lr * h.weight_decay), float(h.beta1),         float(1.0 - h.beta1),
-                float(h.beta2),                     float(1.0 - h.beta2),   float(h.lr / bc1),
-                float(1.0 / std::sqrt(bc2)),        float(h.eps)};
-}
 
 __global__ void adamw_multi_kernel(const __grid_constant__ AdamwMultiArgs a) {
   const int b = int(blockIdx.x);
