@@ -296,19 +296,6 @@ __device__ __forceinline__ float ds_term(float w, float dy, const FastState& st)
   return (q >= st.qlo && q <= st.qmax) ? dy * (nu - u) : dy * (fminf(fmaxf(q, st.qlo), st.qmax) - st.z);
 }
 
-// Four quantized values stored at p (16 bytes of f32, or 8 bytes of bf16: aligned, as the group starts
-// are multiples of 4 elements of a 16-byte aligned tensor).
-__device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
-  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
-}
-__device__ __forceinline__ void store4(detail::bf16* p, float a, float b, float c, float d) {
-  __nv_bfloat162 lo = __floats2bfloat162_rn(a, b), hi = __floats2bfloat162_rn(c, d);
-  uint2 u;
-  u.x = *reinterpret_cast<const unsigned*>(&lo);
-  u.y = *reinterpret_cast<const unsigned*>(&hi);
-  *reinterpret_cast<uint2*>(p) = u;
-}
-
 template <int LPG, int VPL, class Y>
 __global__ void __launch_bounds__(256) lwc_forward_fast(const float* __restrict__ w, const float* __restrict__ gamma,
                                                         const float* __restrict__ beta, Y* __restrict__ y,
@@ -322,7 +309,8 @@ __global__ void __launch_bounds__(256) lwc_forward_fast(const float* __restrict_
   Y* yg = y + ln.gid * GS;
 #pragma unroll
   for (int k = 0; k < VPL; ++k)
-    store4(yg + 4 * (k * LPG + ln.sub), fq(v[k].x, st), fq(v[k].y, st), fq(v[k].z, st), fq(v[k].w, st));
+    // 16 bytes of f32 or 8 of bf16, aligned: group starts are multiples of 4 elements of a 16-byte aligned tensor.
+    detail::store4(yg + 4 * (k * LPG + ln.sub), fq(v[k].x, st), fq(v[k].y, st), fq(v[k].z, st), fq(v[k].w, st));
 }
 
 template <int LPG, int VPL>
