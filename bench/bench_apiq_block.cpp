@@ -15,7 +15,7 @@
 // encoding of the trained layers, error report) and prints its per-epoch times and the time of each
 // stage after training (ApiqMethod::last_block_times: finalize, install, report).
 //
-//   bench_apiq_block [--tf32] [--samples 128] [--seq 2048] [--steps 32] [--warmup 3] [--epochs 20]
+//   bench_apiq_block [--tf32] [--bf16] [--f32-cache] [--samples 128] [--seq 2048] [--steps 32] [--warmup 3] [--epochs 20]
 //                    [--format int2g64] [--rank 64] [--profile] [--method-epochs 0]
 //
 // PyTorch reference of the same step: bench/torch_apiq_block_ref.py.
@@ -48,7 +48,7 @@ double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock:
 double gib(int64_t b) { return double(b) / double(1ull << 30); }
 
 struct Args {
-  bool tf32 = false, profile = false, bf16 = false;
+  bool tf32 = false, profile = false, bf16 = false, f32_cache = false;
   int64_t samples = 128, seq = 2048, steps = 32, warmup = 3, rank = 64;
   int epochs = 20, method_epochs = 0;
   std::string format = "int2g64";
@@ -63,6 +63,7 @@ int main(int argc, char** argv) {
     auto next = [&] { return lowbit::bench::option_value(i, argc, argv); };
     if (k == "--tf32") a.tf32 = true;
     else if (k == "--bf16") a.bf16 = true;
+    else if (k == "--f32-cache") a.f32_cache = true;
     else if (k == "--profile") a.profile = true;
     else if (k == "--samples") a.samples = std::stoll(next());
     else if (k == "--seq") a.seq = std::stoll(next());
@@ -74,7 +75,7 @@ int main(int argc, char** argv) {
     else if (k == "--format") a.format = next();
     else {
       std::fprintf(stderr,
-                   "usage: %s [--tf32] [--bf16] [--samples N] [--seq T] [--steps S] [--warmup W] [--epochs E] [--format F] "
+                   "usage: %s [--tf32] [--bf16] [--f32-cache] [--samples N] [--seq T] [--steps S] [--warmup W] [--epochs E] [--format F] "
                    "[--rank R] [--profile] [--method-epochs E]\n",
                    argv[0]);
       return 2;
@@ -112,16 +113,20 @@ int main(int argc, char** argv) {
     Tensor X = fast_random({N * L, D}, 1000, 1.0).to(dev);
     const Tensor none;
     Tensor Y = BlockContext{model, 0, N, L, X, none, 1}.run_block(X);
-    // --bf16 keeps the loop's calibration windows in bf16, as ApiQ keeps its cached block inputs in
-    // fp16 (each step converts its window to f32); the method below uses the f32 tensors (the pipeline's
-    // calibration inputs and targets are f32), so they are kept only when it runs.
-    const Tensor Xl = a.bf16 ? to_bf16(X) : X, Yl = a.bf16 ? to_bf16(Y) : Y;
-    if (a.bf16 && a.method_epochs == 0) X = Y = Tensor();  // the loop holds only the bf16 copies
+    // --bf16 keeps the calibration windows in bf16, as ApiQ keeps its cached block inputs in fp16
+    // (each step converts its window to f32): the loop below, and the method, as the pipeline does for
+    // `lowbit quantize --bf16` (PipelineOptions::cache_dtype, --calib-dtype auto). --f32-cache gives
+    // the method the f32 tensors instead (the pipeline before bf16 caches; the f32 and the bf16 copies
+    // are then both held: the "before" of the memory comparison).
+    Tensor Xl = a.bf16 ? to_bf16(X) : X, Yl = a.bf16 ? to_bf16(Y) : Y;
+    const bool method_f32 = !a.bf16 || a.f32_cache;
+    if (a.bf16 && !(a.method_epochs > 0 && a.f32_cache)) X = Y = Tensor();  // only the bf16 copies are held
     cuda_synchronize();
     std::printf("bench_apiq_block on %s: dim %lld hidden %lld heads %d, %lld x %lld calibration tokens, %s rank %lld, "
-                "f32 (TF32 %s, bf16 autocast %s), batch 1; setup %.1f s (%d host threads)\n",
+                "f32 (TF32 %s, bf16 autocast %s), batch 1, calibration cache %s; setup %.1f s (%d host threads)\n",
                 cuda_device_name().c_str(), (long long)D, (long long)F, c.n_heads, (long long)N, (long long)L, f.name,
-                (long long)a.rank, a.tf32 ? "on" : "off", a.bf16 ? "on" : "off", now_s() - t_init, omp_get_max_threads());
+                (long long)a.rank, a.tf32 ? "on" : "off", a.bf16 ? "on" : "off", a.bf16 && !a.f32_cache ? "bf16" : "f32",
+                now_s() - t_init, omp_get_max_threads());
 
     ApiqOptions ao;
     ao.layer.rank = a.rank;
@@ -135,6 +140,7 @@ int main(int argc, char** argv) {
       for (auto& [name, slot] : blk.linears()) {
         QuantTrainOptions lo = ao.layer;
         lo.seed = seed++;
+        lo.share_weight = true;  // as ApiqMethod's block-wise mode: the replaced layer's weight, not a copy
         auto t = std::make_shared<QuantTrainLinear>((*slot)->effective_weight(), (*slot)->bias(), f, lo);
         for (auto& p : t->clip_parameters()) clip.push_back(p);
         for (auto& p : t->lora_parameters()) lora.push_back(p);
@@ -194,13 +200,16 @@ int main(int argc, char** argv) {
     if (a.method_epochs > 0) {  // ---- the real method: training, encoding, report ----
       ao.epochs = a.method_epochs;
       ApiqMethod m(f, ao);
-      BlockContext ctx{model, 0, N, L, X, Y, 1};
+      BlockContext ctx{model, 0, N, L, method_f32 ? X : Xl, method_f32 ? Y : Yl, 1};
       std::vector<LinearReport> reps;
+      cuda_synchronize();
       cuda_reset_peak();
+      const int64_t method_held = cuda_in_use_bytes();
       const double t0 = now_s();
       m.quantize_block(ctx, reps);
       cuda_synchronize();
       const double total = now_s() - t0;
+      const int64_t method_peak = cuda_peak_bytes();
       double train = 0;
       for (const auto& l : m.log()) {
         train += l.seconds;
@@ -212,13 +221,15 @@ int main(int argc, char** argv) {
       const ApiqBlockTimes& bt = m.last_block_times();
       std::printf("  ApiqMethod::quantize_block: %.1f s total (%.1f s training, %.1f s encoding + report), peak %.2f "
                   "GiB, mean relative output error %.4f, %.3f bits/weight (with adapters)\n",
-                  total, train, total - train, gib(cuda_peak_bytes()), err, reps.empty() ? 0.0 : reps[0].bits_per_weight);
+                  total, train, total - train, gib(method_peak), err, reps.empty() ? 0.0 : reps[0].bits_per_weight);
       std::printf("  stages: train %.2f s (epochs and setup), finalize %.2f s (encoding), install %.2f s (QuantLinear: "
                   "dequantize + upload), report %.2f s (input capture + output errors)\n",
                   bt.train, bt.finalize, bt.install, bt.report);
-      std::printf("RESULT lowbit-method tf32=%s bf16=%s epochs=%d train_s=%.2f total_s=%.2f finalize_s=%.2f install_s=%.2f "
-                  "report_s=%.2f\n",
-                  a.tf32 ? "on" : "off", a.bf16 ? "on" : "off", a.method_epochs, train, total, bt.finalize, bt.install, bt.report);
+      std::printf("RESULT lowbit-method tf32=%s bf16=%s cache=%s epochs=%d train_s=%.2f total_s=%.2f finalize_s=%.2f "
+                  "install_s=%.2f report_s=%.2f peak_gib=%.3f held_gib=%.3f loss_last=%.4e err=%.4f\n",
+                  a.tf32 ? "on" : "off", a.bf16 ? "on" : "off", method_f32 ? "f32" : "bf16", a.method_epochs, train, total,
+                  bt.finalize, bt.install, bt.report, gib(method_peak), gib(method_held),
+                  m.log().empty() ? 0.0 : m.log().back().loss, err);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_apiq_block: %s\n", e.what());

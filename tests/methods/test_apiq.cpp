@@ -10,6 +10,7 @@
 #include "lowbit/eval/perplexity.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/io/safetensors.h"
 #include "lowbit/methods/apiq.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/ptq_methods.h"
@@ -470,4 +471,140 @@ TEST_F(ApiqStories, KilledRunResumesToIdenticalWeights) {
       EXPECT_EQ(max_abs_diff(a->lora_A(), c->lora_A()), 0.0) << i << " " << name;
       EXPECT_EQ(max_abs_diff(a->lora_B(), c->lora_B()), 0.0) << i << " " << name;
     }
+}
+
+// ---- bf16 calibration cache (issue 19: ApiQ's calibration inputs and targets in bf16) -----------
+
+namespace {
+// ApiqMethod that records the dtype of the calibration activations the pipeline hands it.
+struct CacheProbe : ApiqMethod {
+  using ApiqMethod::ApiqMethod;
+  void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override {
+    dtypes.push_back(ctx.inputs.dtype());
+    dtypes.push_back(ctx.fp_targets.dtype());
+    ApiqMethod::quantize_block(ctx, reports);
+  }
+  std::vector<DType> dtypes;
+};
+}  // namespace
+
+// --calib-dtype bf16 (PipelineOptions::cache_dtype): the pipeline hands ApiQ bf16 inputs and
+// targets, and both modes end within a small tolerance of the f32-cache run (bf16 keeps 8 bits of
+// mantissa: ~0.4 % per activation, as ApiQ's fp16 cache keeps 11).
+TEST_F(ApiqStories, Bf16CacheMatchesF32Cache) {
+  calib_windows = 8;
+  calib_len = 128;
+  Checkpoint ck = load_llama2c(model_path);
+  const QuantFormat& f = parse_quant_format("int2g64");
+  for (ApiqMode mode : {ApiqMode::Block, ApiqMode::Layer}) {
+    ApiqOptions o = quick_options(mode);
+    o.epochs = 2;
+    LlamaModel m32(ck.config, ck.weights), m16(ck.config, ck.weights);
+    CacheProbe p32(f, o), p16(f, o);
+    PipelineOptions po;
+    const PipelineReport r32 = quantize(m32, p32, f, po);
+    po.cache_dtype = DType::BF16;
+    const PipelineReport r16 = quantize(m16, p16, f, po);
+    ASSERT_EQ(p16.dtypes.size(), size_t(2 * ck.config.n_layers));
+    for (DType d : p32.dtypes) EXPECT_EQ(d, DType::F32);
+    for (DType d : p16.dtypes) EXPECT_EQ(d, DType::BF16);
+    const double q32 = ppl(m32), q16 = ppl(m16);
+    std::printf("%s: ppl f32 cache %.4f, bf16 cache %.4f; first/last epoch loss %.5e/%.5e vs %.5e/%.5e\n", p16.name().c_str(),
+                q32, q16, p32.log().front().loss, p32.log().back().loss, p16.log().front().loss, p16.log().back().loss);
+    EXPECT_LT(std::fabs(q16 - q32) / q32, 0.02) << p16.name();
+    ASSERT_EQ(p32.log().size(), p16.log().size());
+    for (size_t i = 0; i < p32.log().size(); ++i)
+      EXPECT_NEAR(p16.log()[i].loss, p32.log()[i].loss, 0.02 * p32.log()[i].loss) << p16.name() << " epoch log " << i;
+    ASSERT_EQ(r32.linears.size(), r16.linears.size());
+    for (size_t i = 0; i < r32.linears.size(); ++i)
+      EXPECT_NEAR(r16.linears[i].rel_error, r32.linears[i].rel_error, 0.05 * r32.linears[i].rel_error + 1e-4)
+          << r16.linears[i].name;
+  }
+}
+
+// The resumable state keeps the bf16 cache as bf16 (a resumed run is bit-identical to an
+// uninterrupted one), and a state written with one cache dtype is refused by a run with the other.
+TEST_F(ApiqStories, Bf16CacheResumesToIdenticalWeights) {
+  calib_windows = 4;
+  calib_len = 64;
+  Checkpoint ck = load_llama2c(model_path);
+  const QuantFormat& f = parse_quant_format("int2g64");
+  ApiqOptions o = quick_options(ApiqMode::Block);
+  o.epochs = 2;
+  PipelineOptions po;
+  po.cache_dtype = DType::BF16;
+  LlamaModel full(ck.config, ck.weights);
+  ApiqMethod m1(f, o);
+  quantize(full, m1, f, po);
+  auto dir = test::temp_dir("apiq-bf16-resume");
+  po.state_dir = dir.string();
+  po.stop_after_blocks = 2;
+  {
+    LlamaModel part(ck.config, ck.weights);
+    ApiqMethod m2(f, o);
+    EXPECT_FALSE(quantize(part, m2, f, po).complete);
+  }
+  {
+    SafetensorsFile st = SafetensorsFile::open((dir / "pipeline.safetensors").string());
+    EXPECT_EQ(st.load("inputs").dtype(), DType::BF16);
+    EXPECT_EQ(st.load("fp_inputs").dtype(), DType::BF16);
+  }
+  {  // the same state with an f32 cache: another run
+    PipelineOptions p32 = po;
+    p32.cache_dtype = DType::F32;
+    p32.stop_after_blocks = 0;
+    LlamaModel other(ck.config, ck.weights);
+    ApiqMethod m4(f, o);
+    EXPECT_THROW(quantize(other, m4, f, p32), Error);
+  }
+  po.stop_after_blocks = 0;
+  LlamaModel resumed(ck.config, ck.weights);
+  ApiqMethod m3(f, o);
+  PipelineReport r = quantize(resumed, m3, f, po);
+  EXPECT_EQ(r.resumed_from_block, 2);
+  EXPECT_TRUE(r.complete);
+  expect_same_packed(full, resumed);
+  for (int i = 0; i < ck.config.n_layers; ++i) {
+    auto la = full.block(i).linears(), lb = resumed.block(i).linears();
+    for (size_t k = 0; k < la.size(); ++k) {
+      auto* a = dynamic_cast<QuantLinear*>(la[k].second->get());
+      auto* c = dynamic_cast<QuantLinear*>(lb[k].second->get());
+      ASSERT_TRUE(a && c && a->has_lora() && c->has_lora());
+      EXPECT_EQ(max_abs_diff(a->lora_A(), c->lora_A()), 0.0) << i << " " << la[k].first;
+      EXPECT_EQ(max_abs_diff(a->lora_B(), c->lora_B()), 0.0) << i << " " << la[k].first;
+    }
+  }
+}
+
+// Methods that read the activations directly are refused a bf16 cache, with a message naming them.
+TEST_F(ApiqStories, Bf16CacheRefusedForOtherMethods) {
+  calib_windows = 2;
+  calib_len = 32;
+  Checkpoint ck = load_llama2c(model_path);
+  const QuantFormat& f = parse_quant_format("int4g32");
+  LlamaModel m(ck.config, ck.weights);
+  RtnMethod rtn(f);
+  PipelineOptions po;
+  po.cache_dtype = DType::BF16;
+  try {
+    quantize(m, rtn, f, po);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("f32 calibration activations"), std::string::npos) << e.what();
+  }
+}
+
+// QuantTrainOptions::share_weight: the frozen weight is the caller's tensor (block-wise ApiQ, no copy
+// of the replaced layer's weight); by default a copy. Same function either way.
+TEST(ApiqTrainLinear, ShareWeightUsesTheCallersTensor) {
+  const QuantFormat& f = parse_quant_format("int2g64");
+  const Tensor w = Tensor::randn({8, 128}, 5, 0.02), x = Tensor::randn({3, 128}, 6);
+  QuantTrainOptions o;
+  o.rank = 2;
+  QuantTrainLinear copied(w, Tensor(), f, o);
+  o.share_weight = true;
+  QuantTrainLinear shared(w, Tensor(), f, o);
+  EXPECT_NE(copied.frozen_weight().storage(), w.storage());
+  EXPECT_EQ(shared.frozen_weight().storage(), w.storage());
+  EXPECT_EQ(max_abs_diff(copied.forward(Var(x)).value(), shared.forward(Var(x)).value()), 0.0);
 }

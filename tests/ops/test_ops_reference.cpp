@@ -538,6 +538,60 @@ TEST(OpsReference, AdamWMultiEqualsPerTensorAndChecksItsInputs) {
   ops::adamw_step_multi({}, 1e-2, 0.9, 0.999, 1e-8, 0.1, 1);  // nothing to do
 }
 
+// Several groups in one call: on the CPU each tensor is adamw_step with its own group's
+// hyper-parameters and step count; AdamW::step_all equals stepping each optimizer alone.
+TEST(OpsReference, AdamWGroupsEqualPerTensorWithEachGroupsHyperParameters) {
+  const ops::AdamwHyper h1{1e-2, 0.9, 0.999, 1e-8, 0.1, 3}, h2{5e-4, 0.8, 0.99, 1e-6, 0.0, 1};
+  std::vector<Tensor> p, g, m, v, p2, m2, v2;
+  for (int64_t n : {int64_t(5), int64_t(0), int64_t(40), int64_t(9)}) {
+    p.push_back(Tensor::randn({n}, uint64_t(n) + 11, 1.0, DType::F64));
+    g.push_back(Tensor::randn({n}, uint64_t(n) + 12, 1.0, DType::F64));
+    m.push_back(Tensor::randn({n}, uint64_t(n) + 13, 0.1, DType::F64));
+    v.push_back(Tensor::full({n}, 0.01, DType::F64));
+  }
+  for (size_t k = 0; k < p.size(); ++k) p2.push_back(p[k].clone()), m2.push_back(m[k].clone()), v2.push_back(v[k].clone());
+  std::vector<ops::AdamwGroupStep> gs(2);
+  gs[0].hyper = h1, gs[1].hyper = h2;
+  for (size_t k = 0; k < p.size(); ++k) gs[k % 2].params.push_back({&p[k], &g[k], &m[k], &v[k]});
+  ops::adamw_step_groups(gs);
+  for (size_t k = 0; k < p.size(); ++k) {
+    const ops::AdamwHyper& h = k % 2 ? h2 : h1;
+    ops::adamw_step(p2[k], g[k], m2[k], v2[k], h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.step);
+    EXPECT_EQ(max_abs_diff(p[k], p2[k]), 0.0) << k;
+    EXPECT_EQ(max_abs_diff(m[k], m2[k]), 0.0) << k;
+    EXPECT_EQ(max_abs_diff(v[k], v2[k]), 0.0) << k;
+  }
+  gs[1].hyper.step = 0;
+  EXPECT_THROW(ops::adamw_step_groups(gs), Error);
+  ops::adamw_step_groups({});  // nothing to do
+
+  // AdamW::step_all: two optimizers (different lr, one stepped twice before) = each stepped alone.
+  auto make = [](uint64_t seed) {
+    return std::vector<Var>{Var(Tensor::randn({6}, seed, 1.0, DType::F64), true), Var(Tensor::randn({3, 2}, seed + 1, 1.0, DType::F64), true)};
+  };
+  std::vector<Var> a = make(1), b = make(3), a2 = make(1), b2 = make(3);
+  AdamW oa(a, AdamWOptions{1e-2, 0.9, 0.999, 1e-8, 0.1}), ob(b, AdamWOptions{5e-4, 0.9, 0.999, 1e-8, 0.0});
+  AdamW oa2(a2, AdamWOptions{1e-2, 0.9, 0.999, 1e-8, 0.1}), ob2(b2, AdamWOptions{5e-4, 0.9, 0.999, 1e-8, 0.0});
+  auto set_grads = [](std::vector<Var>& ps, uint64_t seed) {
+    for (auto& q : ps) q.grad() = Tensor::randn(q.shape(), seed++, 1.0, DType::F64);
+  };
+  for (int s = 0; s < 3; ++s) {
+    set_grads(a, 100 + s), set_grads(a2, 100 + s);
+    oa.step(), oa2.step();
+  }
+  for (int s = 0; s < 2; ++s) {
+    set_grads(a, 200 + s), set_grads(a2, 200 + s), set_grads(b, 300 + s), set_grads(b2, 300 + s);
+    AdamW::step_all({&oa, &ob}, 0.5);
+    oa2.step(0.5), ob2.step(0.5);
+  }
+  EXPECT_EQ(oa.steps(), 5);
+  EXPECT_EQ(ob.steps(), 2);
+  for (size_t k = 0; k < a.size(); ++k) {
+    EXPECT_EQ(max_abs_diff(a[k].value(), a2[k].value()), 0.0) << k;
+    EXPECT_EQ(max_abs_diff(b[k].value(), b2[k].value()), 0.0) << k;
+  }
+}
+
 TEST(OpsReference, ClipGradNorm) {
   Var a(Tensor::from_vector(std::vector<double>{3.0}, {1}), true), b(Tensor::from_vector(std::vector<double>{4.0}, {1}), true);
   a.grad() = a.value().clone();

@@ -619,7 +619,7 @@ TEST_F(Parity, AdamW) {
   }
 }
 
-// The fused group update: 30 tensors (two launches of at most 24), sizes around the 4096-element
+// The fused group update: 30 tensors (one launch of at most 32), sizes around the 4096-element
 // block chunk and an empty one, against adamw_step per tensor on the CPU (1e-6, as above) and on the
 // GPU (bit-identical: the same per-element arithmetic).
 TEST_F(Parity, AdamWMulti) {
@@ -653,6 +653,62 @@ TEST_F(Parity, AdamWMulti) {
     check("adamw_step_multi", "v " + std::to_string(k), vg[k], vc[k], 1e-6);
     EXPECT_EQ(max_abs_diff(pg[k], ps[k]), 0.0) << "tensor " << k << " differs from adamw_step on the GPU";
     EXPECT_EQ(max_abs_diff(mg[k], ms[k]), 0.0) << "tensor " << k;
+  }
+}
+
+// Several groups in one fused launch (issue 19): 45 tensors (two launches of at most 32) in three
+// groups with their own lr, weight decay and step count, sizes around the 4096-element chunk, an
+// empty one, and views at an odd offset (not 16-byte aligned: the scalar path beside the float4
+// one). Against the CPU reference body (1e-6, as above) and bit-identical to adamw_step per tensor
+// on the GPU.
+TEST_F(Parity, AdamWGroups) {
+  const ops::AdamwHyper hs[3] = {{5e-3, 0.9, 0.999, 1e-8, 0.1, 1}, {5e-4, 0.9, 0.999, 1e-8, 0.1, 4},
+                                 {1e-2, 0.8, 0.99, 1e-6, 0.0, 2}};
+  const size_t n = 45;
+  std::vector<Shape> shapes;
+  for (size_t k = 0; k < n; ++k) shapes.push_back(k == 9 ? Shape{0} : Shape{int64_t(1 + (k * 1231) % 10000)});
+  shapes[4] = {64, 4096};  // a LoRA-sized factor: 64 chunks
+  std::vector<Tensor> pc(n), mc(n), vc(n), pg(n), mg(n), vg(n), ps(n), ms(n), vs(n);
+  // Odd k: a view one element into a longer GPU tensor (contiguous, misaligned).
+  auto place = [&](const Tensor& host, size_t k) {
+    if (k % 2 == 0 || host.numel() == 0) return gpu(host);
+    Tensor big = Tensor::zeros({host.numel() + 1}).to(kGpu);
+    Tensor view = big.slice(0, 1, host.numel() + 1).view(host.shape());
+    view.copy_(gpu(host));
+    return view;
+  };
+  for (size_t k = 0; k < n; ++k) {
+    pc[k] = rnd(shapes[k], 500 + k);
+    mc[k] = rnd(shapes[k], 600 + k, 0.1);
+    vc[k] = Tensor::full(shapes[k], 0.01);
+    pg[k] = place(pc[k], k), mg[k] = place(mc[k], k), vg[k] = place(vc[k], k);
+    ps[k] = place(pc[k], k), ms[k] = place(mc[k], k), vs[k] = place(vc[k], k);
+  }
+  for (int rep = 0; rep < 2; ++rep) {
+    std::vector<Tensor> g(n), gg(n);
+    std::vector<ops::AdamwGroupStep> cpu_gs(3), gpu_gs(3);
+    for (int j = 0; j < 3; ++j) {
+      cpu_gs[size_t(j)].hyper = gpu_gs[size_t(j)].hyper = hs[j];
+      cpu_gs[size_t(j)].hyper.step += rep, gpu_gs[size_t(j)].hyper.step += rep;
+    }
+    for (size_t k = 0; k < n; ++k) {
+      g[k] = rnd(shapes[k], 2000 * uint64_t(rep + 1) + k);
+      gg[k] = place(g[k], k);
+      cpu_gs[k % 3].params.push_back({&pc[k], &g[k], &mc[k], &vc[k]});
+      gpu_gs[k % 3].params.push_back({&pg[k], &gg[k], &mg[k], &vg[k]});
+      const ops::AdamwHyper& h = cpu_gs[k % 3].hyper;
+      ops::adamw_step(ps[k], gg[k], ms[k], vs[k], h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.step);
+    }
+    ops::adamw_step_groups(cpu_gs);
+    ops::adamw_step_groups(gpu_gs);
+  }
+  for (size_t k = 0; k < n; ++k) {
+    check("adamw_step_groups", "param " + std::to_string(k), pg[k], pc[k], 1e-6);
+    check("adamw_step_groups", "m " + std::to_string(k), mg[k], mc[k], 1e-6);
+    check("adamw_step_groups", "v " + std::to_string(k), vg[k], vc[k], 1e-6);
+    EXPECT_EQ(max_abs_diff(pg[k], ps[k]), 0.0) << "tensor " << k << " differs from adamw_step on the GPU";
+    EXPECT_EQ(max_abs_diff(mg[k], ms[k]), 0.0) << "tensor " << k;
+    EXPECT_EQ(max_abs_diff(vg[k], vs[k]), 0.0) << "tensor " << k;
   }
 }
 
@@ -1026,6 +1082,27 @@ TEST_F(Parity, LlamaStackForwardBackward) {
   for (size_t i = 1; i < c.size(); ++i) check("end_to_end", str("grad of weight ", i - 1), g[i], c[i], 1e-4);
 }
 
+// group_scale_forward with a bf16 output (issue 19: E2E-QP's frozen-codes layer under autocast
+// writes W in bf16 directly): the GPU kernel's bf16 values equal the CPU body's (the same single f32
+// product, rounded to nearest even) and the GPU's own f32 result cast; I8 and float codes.
+TEST_F(Parity, GroupScaleBf16Output) {
+  uint64_t seed = 950;
+  for (const auto& c : test::qat_format_cases()) {
+    const test::QatParams p = test::qat_params(c, seed += 10);
+    Tensor ci = Tensor::empty(p.codes.shape(), DType::I8);
+    for (int64_t i = 0; i < p.codes.numel(); ++i) ci.data<int8_t>()[i] = int8_t(std::nearbyint(p.codes.item(i) * 40.0));
+    for (const Tensor& codes : {ci, p.codes}) {
+      Tensor yc = Tensor::empty(codes.shape(), DType::BF16), yg = Tensor::empty(codes.shape(), DType::BF16).to(kGpu), yg32;
+      ops::group_scale_forward(codes, p.step, c.f, yc);
+      ops::group_scale_forward(gpu(codes), gpu(p.step), c.f, yg);
+      ops::group_scale_forward(gpu(codes), gpu(p.step), c.f, yg32);
+      const std::string what = std::string(c.f.name) + (codes.dtype() == DType::I8 ? " i8" : " f32") + " codes";
+      check("group_scale_bf16", what, cpu(yg).to(DType::F32), yc.to(DType::F32), 0.0);
+      EXPECT_EQ(max_abs_diff(cpu(yg).to(DType::F32), cpu(to_bf16(yg32)).to(DType::F32)), 0.0) << what;
+    }
+  }
+}
+
 // ---- coverage --------------------------------------------------------------------------------------
 // Every op with a CUDA body in the registry has a parity test above (names kept in step by hand;
 // cast's is CastParity.F32Bf16OnTheGpu in test_grad.cpp, beside its gradient check; quant_matmul's
@@ -1033,7 +1110,7 @@ TEST_F(Parity, LlamaStackForwardBackward) {
 TEST(ParityCoverage, EveryRegistryOpHasAParityTest) {
   const std::vector<std::string> tested = {"gemm", "add", "sub", "mul", "scale", "sum", "rmsnorm", "rope", "attention",
                                            "silu", "swiglu", "embedding", "cross_entropy", "kl_div", "mse", "adamw_step",
-                                           "adamw_step_multi", "weighted_sq_err",
+                                           "adamw_step_multi", "adamw_step_groups", "weighted_sq_err",
                                            "cast", "quant_matmul",
                                            // CPU only: a model on the GPU keeps an f32 cache and uses attention.
                                            "kv_attention",

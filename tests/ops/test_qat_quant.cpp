@@ -150,6 +150,27 @@ TEST(QatQuantOps, GroupScaleTakesInt8Codes) {
     }
 }
 
+// A bf16 output (the operand of a bf16 GEMM under autocast, issue 19): the f32 product rounded to
+// nearest even; I8 and float codes alike. It needs an f32 step and the codes' shape.
+TEST(QatQuantOps, GroupScaleBf16Output) {
+  for (const auto& c : test::qat_format_cases()) {
+    const test::QatParams p = test::qat_params(c, 17);
+    Tensor ci = Tensor::empty(p.codes.shape(), DType::I8);
+    for (int64_t i = 0; i < p.codes.numel(); ++i) ci.data<int8_t>()[i] = int8_t(std::nearbyint(p.codes.item(i) * 40.0));
+    for (const Tensor& codes : {ci, p.codes}) {
+      Tensor y32, y16 = Tensor::empty(codes.shape(), DType::BF16);
+      ops::group_scale_forward(codes, p.step, c.f, y32);
+      ops::group_scale_forward(codes, p.step, c.f, y16);
+      ASSERT_EQ(y16.dtype(), DType::BF16);
+      EXPECT_EQ(max_abs_diff(y16.to(DType::F32), y32.to(DType::BF16).to(DType::F32)), 0.0) << c.f.name;
+    }
+    Tensor bad = Tensor::empty({ci.size(0), ci.size(1) + 1}, DType::BF16);
+    EXPECT_THROW(ops::group_scale_forward(ci, p.step, c.f, bad), Error) << c.f.name;
+    Tensor y16 = Tensor::empty(ci.shape(), DType::BF16);
+    EXPECT_THROW(ops::group_scale_forward(ci, p.step.to(DType::F64), c.f, y16), Error) << c.f.name;
+  }
+}
+
 TEST(QatQuantOps, RejectBadArguments) {
   const test::QatFormatCase asym = test::qat_format_cases()[0], sym = test::qat_format_cases()[1];
   const test::QatParams p = test::qat_params(asym, 1), ps = test::qat_params(sym, 2);

@@ -275,3 +275,107 @@ TEST_F(LwcCuda, AutocastBf16MatchesCpu) {
   EXPECT_LE(nerr(c[0], g2[0]), 2e-4);
   EXPECT_FALSE(AutocastBf16Guard::active());
 }
+
+// ---- Q written in bf16 by the quantizer (issue 19) -------------------------------------------------
+// lwc_forward_into with a bf16 output of f32 weights: Q rounded to nearest even as it is written, for
+// the bf16 GEMMs under autocast. The CPU body is the reference: its f32 result rounded (runs without
+// a GPU).
+TEST(LwcBf16Output, CpuBodyRoundsTheF32Result) {
+  for (const char* fmt : {"int2g64", "int3g128s", "int4g32"}) {
+    const QuantFormat& f = parse_quant_format(fmt);
+    const int64_t out = 12, in = 200;  // partial last group for g64 / g128
+    const int64_t G = lwc_n_groups(f, in);
+    const Tensor w = test_weight(out, in, 41), g = test_logits(out, G, 42);
+    const Tensor b = lwc_has_beta(f) ? test_logits(out, G, 43) : Tensor();
+    Tensor y32 = Tensor::empty({out, in}, DType::F32), y16 = Tensor::empty({out, in}, DType::BF16);
+    lwc_forward_into(w, g, b, f, y32);
+    lwc_forward_into(w, g, b, f, y16);
+    EXPECT_EQ(max_abs_diff(y16.to(DType::F32), y32.to(DType::BF16).to(DType::F32)), 0.0) << fmt;
+    Tensor bad = Tensor::empty({out, in + 1}, DType::BF16);
+    EXPECT_THROW(lwc_forward_into(w, g, b, f, bad), Error) << fmt;
+  }
+}
+
+// On the GPU the kernels store bf16 directly (fast vectorised kernels and the generic warp-per-group
+// one): exactly the GPU's f32 result cast to bf16, and the CPU reference's bf16 values except where
+// a rounding decision flips (as ForwardAndBackwardMatchTheCpuBody allows).
+TEST_F(LwcCuda, Bf16OutputEqualsF32ThenCast) {
+  struct Case {
+    const char* fmt;
+    int64_t out, in;
+  };
+  for (const Case& c : {Case{"int2g64", 64, 512}, Case{"int3g128s", 48, 1024}, Case{"int4g32", 40, 256},
+                        Case{"int2g64", 17, 200} /* partial groups: the generic kernel */, Case{"int4pc", 9, 300}}) {
+    const QuantFormat& f = parse_quant_format(c.fmt);
+    const int64_t G = lwc_n_groups(f, c.in);
+    const Tensor w = test_weight(c.out, c.in, 51), g = test_logits(c.out, G, 52);
+    const Tensor b = lwc_has_beta(f) ? test_logits(c.out, G, 53) : Tensor();
+    const Tensor wd = w.to(Device::CUDA), gd = g.to(Device::CUDA), bd = b.defined() ? b.to(Device::CUDA) : Tensor();
+    Tensor y32 = Tensor::empty({c.out, c.in}, DType::F32, Device::CUDA), y16 = Tensor::empty({c.out, c.in}, DType::BF16, Device::CUDA);
+    lwc_forward_into(wd, gd, bd, f, y32);
+    lwc_forward_into(wd, gd, bd, f, y16);
+    const Tensor ref = to_bf16(y32).to(Device::CPU).to(DType::F32), got = y16.to(Device::CPU).to(DType::F32);
+    EXPECT_EQ(max_abs_diff(got, ref), 0.0) << c.fmt << " " << c.out << "x" << c.in;
+    Tensor yc = Tensor::empty({c.out, c.in}, DType::BF16);
+    lwc_forward_into(w, g, b, f, yc);
+    // Against the CPU: equal, or one bf16 step apart where the two f32 values (1-ulp apart at most, see
+    // the header) straddle a bf16 rounding boundary; anything larger is a rounding decision of the
+    // integer code, allowed as in ForwardAndBackwardMatchTheCpuBody.
+    const std::vector<float> a = yc.to(DType::F32).to_vector(), d = got.to_vector();
+    int64_t steps = 0, flips = 0;
+    for (size_t k = 0; k < a.size(); ++k) {
+      const double diff = std::fabs(double(a[k]) - double(d[k]));
+      if (diff == 0) continue;
+      if (diff <= std::ldexp(std::max(std::fabs(double(a[k])), std::fabs(double(d[k]))), -7)) ++steps;
+      else ++flips;
+    }
+    std::printf("  lwc bf16 output %-10s %lldx%lld vs the CPU: %lld one-bf16-step differences, %lld rounding flips\n",
+                c.fmt, (long long)c.out, (long long)c.in, (long long)steps, (long long)flips);
+    EXPECT_LE(double(flips), std::max(1.0, 1e-4 * double(a.size()))) << c.fmt;
+    EXPECT_LE(double(steps), 0.01 * double(a.size())) << c.fmt;
+  }
+}
+
+// QuantTrainLinear under AutocastBf16Guard: the fused op (quantizer writes Q in bf16) against the
+// unfused composition (f32 Q, then lora_linear's cast), with and without LoRA and bias, asymmetric
+// and symmetric formats: the same bf16 operands and the same GEMMs, so the same values (bound 1e-6
+// normalised, to allow a GEMM algorithm choice; expected 0).
+TEST_F(LwcCuda, FusedBf16LayerEqualsUnfused) {
+  auto nerr = [](const Tensor& a_any, const Tensor& b_any) {
+    const std::vector<float> a = a_any.to(Device::CPU).to_vector(), b = b_any.to(Device::CPU).to_vector();
+    double num = 0;
+    for (size_t k = 0; k < a.size(); ++k) num = std::max(num, std::fabs(double(a[k]) - double(b[k])));
+    return num / std::max(max_abs(a), 1e-30);
+  };
+  const bool was = autocast_fused_weights();
+  for (const char* fmt : {"int2g64", "int3g128s"})
+    for (int64_t rank : {int64_t(8), int64_t(0)}) {
+      const QuantFormat& f = parse_quant_format(fmt);
+      const int64_t out = 96, in = 384, n = 40;
+      const Tensor w = Tensor::randn({out, in}, 61, 0.02), x = Tensor::randn({n, in}, 62), t = Tensor::randn({n, out}, 63, 0.1);
+      const Tensor bias = rank > 0 ? Tensor::randn({out}, 64, 0.1) : Tensor();
+      QuantTrainOptions o;
+      o.rank = rank;
+      o.init = LoraInit::Given;
+      const Tensor A = Tensor::randn({std::max<int64_t>(rank, 1), in}, 65, 0.05), B = Tensor::randn({out, std::max<int64_t>(rank, 1)}, 66, 0.05);
+      auto run = [&](bool fused) {
+        set_autocast_fused_weights(fused);
+        AutocastBf16Guard guard(true);
+        QuantTrainLinear lin(w.to(Device::CUDA), bias, f, o, rank > 0 ? A : Tensor(), rank > 0 ? B : Tensor());
+        Var xv(x.to(Device::CUDA), true);
+        Var y = lin.forward(xv);
+        backward(mse(y, Var(t.to(Device::CUDA))));
+        std::vector<Tensor> r{y.value().to(Device::CPU), xv.grad().to(Device::CPU)};
+        for (const Var& p : lin.parameters()) r.push_back(p.grad().to(Device::CPU));
+        return r;
+      };
+      const auto u = run(false), fz = run(true);
+      ASSERT_EQ(u.size(), fz.size());
+      for (size_t i = 0; i < u.size(); ++i) {
+        const double e = nerr(u[i], fz[i]);
+        std::printf("  fused bf16 %-9s rank %lld output/grad %zu: normalised difference %.2e\n", fmt, (long long)rank, i, e);
+        EXPECT_LE(e, 1e-6) << fmt << " rank " << rank << " tensor " << i;
+      }
+    }
+  set_autocast_fused_weights(was);
+}

@@ -153,3 +153,40 @@ TEST_F(QatCuda, L4qFusedLayerMatchesTheCpu) {
                   [](const Linear& l) { return dynamic_cast<const L4qTrainLinear&>(l).encode().dequantize(); }, 128);
   }
 }
+
+// Under AutocastBf16Guard the frozen-codes layer (E2E-QP) is one op whose group_scale kernel writes W
+// in bf16 directly (issue 19): against the unfused path (f32 W, then linear's cast), with and without
+// a bias, integer (I8) codes: the same bf16 operands and GEMMs, so the same values (bound 1e-6
+// normalised, to allow a GEMM algorithm choice; expected 0).
+TEST_F(QatCuda, FrozenCodesFusedBf16EqualsUnfused) {
+  const bool was = autocast_fused_weights();
+  for (const char* fmt : {"int2g64", "int4g32s"}) {
+    const QuantFormat& f = parse_quant_format(fmt);
+    const Tensor w = Tensor::randn({96, 256}, 31, 0.05, DType::F32);
+    const LsqParams init = lsq_init(w, f, LsqInit::Mse);
+    const QuantizedTensor q = lsq_encode(w, init.step, init.offset, f);
+    for (bool with_bias : {false, true}) {
+      const Tensor bias = with_bias ? Tensor::randn({96}, 32, 0.1, DType::F32) : Tensor();
+      const Tensor x = Tensor::randn({24, 256}, 33, 1.0, DType::F32), gy = Tensor::randn({24, 96}, 34, 1.0, DType::F32);
+      auto go = [&](bool fused) {
+        set_autocast_fused_weights(fused);
+        AutocastBf16Guard guard(true);
+        LsqTrainLinear layer(q, bias, Device::CUDA);
+        Var xv(x.to(Device::CUDA), true);
+        Var y = layer.forward(xv);
+        backward(y, gy.to(Device::CUDA));
+        std::vector<Tensor> r{y.value().to(Device::CPU), xv.grad().to(Device::CPU)};
+        for (const Var& p : layer.parameters()) r.push_back(p.grad().to(Device::CPU));
+        return r;
+      };
+      const auto u = go(false), fz = go(true);
+      ASSERT_EQ(u.size(), fz.size());
+      for (size_t i = 0; i < u.size(); ++i) {
+        const double e = nerr(fz[i], u[i]);
+        std::printf("  frozen codes %-8s bias %d tensor %zu: fused vs unfused %.2e\n", fmt, int(with_bias), i, e);
+        EXPECT_LE(e, 1e-6) << fmt << " tensor " << i;
+      }
+    }
+  }
+  set_autocast_fused_weights(was);
+}

@@ -3,6 +3,8 @@
 #include "lowbit/autograd/functions.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <string_view>
 
 #include "lowbit/ops/ops.h"
 
@@ -53,6 +55,17 @@ bool AutocastBf16Guard::active() { return g_autocast_bf16; }
 bool autocast_bf16_applies(const Tensor& x) {
   return g_autocast_bf16 && x.defined() && x.device() == Device::CUDA && x.dtype() == DType::F32;
 }
+namespace {
+bool& fused_weights_flag() {
+  static bool on = [] {
+    const char* e = std::getenv("LOWBIT_BF16_WEIGHT_FUSED");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+}  // namespace
+bool autocast_fused_weights() { return fused_weights_flag(); }
+void set_autocast_fused_weights(bool on) { fused_weights_flag() = on; }
 Tensor cast_to(const Tensor& x, DType dtype) {
   if (x.dtype() == dtype) return x.contiguous();
   Tensor y = Tensor::empty(x.shape(), dtype, x.device());
@@ -60,6 +73,13 @@ Tensor cast_to(const Tensor& x, DType dtype) {
   return y;
 }
 Tensor to_bf16(const Tensor& x) { return cast_to(x, DType::BF16); }
+Tensor autocast_bf16_input(const Var& x) {
+  Node& n = *x.node();
+  const bool op_output = static_cast<bool>(n.backward) || std::string_view(n.op) != "leaf";
+  if (!op_output) return to_bf16(x.value());
+  if (!n.bf16_copy.defined() || n.bf16_copy.shape() != n.value.shape()) n.bf16_copy = to_bf16(n.value);
+  return n.bf16_copy;
+}
 
 // ---- linear: y = x W^T + bias;  dx = dy W,  dW = dy^T x,  dbias = sum_rows dy ---------------------
 // Under AutocastBf16Guard the three products take bf16 operands (xo, wo, and dy's copy) and write
@@ -69,7 +89,7 @@ Var linear(const Var& x, const Var& w, const Var& bias) {
   if (xv.dim() != 2 || wv.dim() != 2 || xv.size(1) != wv.size(1))
     throw_error("linear: x ", xv.describe(), " and weight ", wv.describe(), " do not match (weight is [out, in])");
   const bool mixed = autocast_bf16_applies(xv) && wv.dtype() == DType::F32;
-  const Tensor xo = mixed ? to_bf16(xv) : xv, wo = mixed ? to_bf16(wv) : wv;
+  const Tensor xo = mixed ? autocast_bf16_input(x) : xv, wo = mixed ? to_bf16(wv) : wv;
   const DType xdt = xv.dtype(), wdt = wv.dtype();
   Tensor y = Tensor::empty({xv.size(0), wv.size(0)}, xdt, xv.device());
   ops::gemm(xo, false, wo, true, y);

@@ -66,9 +66,21 @@ class AutocastBf16Guard {
 };
 // True when a guard is active and x is an f32 tensor on the GPU (the products above go bf16).
 bool autocast_bf16_applies(const Tensor& x);
+// Under the guard, the training layers whose weight is computed each step (QuantTrainLinear's
+// clipping quantizer, LsqTrainLinear's frozen codes times steps) write that weight in bf16 directly
+// for the bf16 GEMMs, in one fused op (no f32 weight and no cast pass over it; the same values as
+// computing it in f32 and casting). Off (LOWBIT_BF16_WEIGHT_FUSED=0 at start, or this switch): the
+// unfused composition, for before/after timings and the tests that compare the two.
+bool autocast_fused_weights();
+void set_autocast_fused_weights(bool on);
 // x converted to `dtype` on its device with ops::cast (no autograd; x itself, made contiguous, when it
 // already has that dtype). Tensor::to(dtype) stages device tensors through the host.
 Tensor cast_to(const Tensor& x, DType dtype);
 Tensor to_bf16(const Tensor& x);  // cast_to(x, BF16)
+// The bf16 operand of x for an autocast product: to_bf16(x.value()), cast once per activation when
+// x is an op's output (kept on its node and shared by every product that reads it: the q/k/v
+// projections of one normed input take one cast instead of three); a leaf (its value may be updated
+// in place) is cast each time.
+Tensor autocast_bf16_input(const Var& x);
 
 }  // namespace lowbit

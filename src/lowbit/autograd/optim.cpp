@@ -49,15 +49,17 @@ AdamW::AdamW(std::vector<ParamGroup> groups, AdamWStateOptions state) : groups_(
   }
 }
 
-void AdamW::step(double lr_scale) {
+void AdamW::prepare_step(double lr_scale, std::vector<ops::AdamwGroupStep>& out) {
   ++step_;
-  // One fused update per group (ops::adamw_step_multi: one GPU launch for up to 24 tensors) for
-  // f32 state; ops::adamw8_step per tensor with 8-bit state.
+  // f32 state: every group's tensors into one ops::adamw_step_groups call (on the GPU one fused
+  // launch per kAdamwMultiMax tensors, whatever their group); ops::adamw8_step per tensor with
+  // 8-bit state.
   for (size_t gi = 0; gi < groups_.size(); ++gi) {
     auto& g = groups_[gi];
     const AdamWOptions& o = g.options;
-    std::vector<ops::AdamwParam> ps;
-    ps.reserve(g.params.size());
+    ops::AdamwGroupStep gs;
+    gs.hyper = ops::AdamwHyper{o.lr * lr_scale, o.beta1, o.beta2, o.eps, o.weight_decay, step_};
+    gs.params.reserve(g.params.size());
     for (size_t i = 0; i < g.params.size(); ++i) {
       Var& p = g.params[i];
       if (!p.grad().defined()) continue;
@@ -65,10 +67,22 @@ void AdamW::step(double lr_scale) {
         ops::adamw8_step(p.mutable_value(), p.grad(), m_[gi][i], m_absmax_[gi][i], v_[gi][i], v_absmax_[gi][i],
                          o.lr * lr_scale, o.beta1, o.beta2, o.eps, o.weight_decay, step_);
       else
-        ps.push_back({&p.mutable_value(), &p.grad(), &m_[gi][i], &v_[gi][i]});
+        gs.params.push_back({&p.mutable_value(), &p.grad(), &m_[gi][i], &v_[gi][i]});
     }
-    if (!ps.empty()) ops::adamw_step_multi(ps, o.lr * lr_scale, o.beta1, o.beta2, o.eps, o.weight_decay, step_);
+    if (!gs.params.empty()) out.push_back(std::move(gs));
   }
+}
+
+void AdamW::step(double lr_scale) {
+  std::vector<ops::AdamwGroupStep> gs;
+  prepare_step(lr_scale, gs);
+  if (!gs.empty()) ops::adamw_step_groups(gs);
+}
+
+void AdamW::step_all(const std::vector<AdamW*>& opts, double lr_scale) {
+  std::vector<ops::AdamwGroupStep> gs;
+  for (AdamW* o : opts) o->prepare_step(lr_scale, gs);
+  if (!gs.empty()) ops::adamw_step_groups(gs);
 }
 
 int64_t AdamW::state_bytes() const {

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "lowbit/autograd/variable.h"
+#include "lowbit/ops/ops.h"
 
 namespace lowbit {
 
@@ -40,6 +41,11 @@ class AdamW {
   // Applies one update with lr scaled by lr_scale (for schedules); parameters without a gradient
   // are skipped. Increments the step counter.
   void step(double lr_scale = 1.0);
+  // step() of several optimizers at once: each increments its own counter and updates with its own
+  // groups' hyper-parameters, but all their f32 tensors go into one ops::adamw_step_groups call (on
+  // the GPU one fused launch per ops::kAdamwMultiMax tensors). ApiQ's trainer keeps its clipping and
+  // LoRA groups in two optimizers (their bias-correction counts may differ) and steps both this way.
+  static void step_all(const std::vector<AdamW*>& opts, double lr_scale = 1.0);
   void zero_grad();
   int64_t steps() const { return step_; }
   // Optimizer state for checkpoints, in group order: per parameter (m, v) for f32 state, (m codes,
@@ -55,6 +61,9 @@ class AdamW {
   int64_t params_8bit() const;
 
  private:
+  // Increments the counter, updates the 8-bit tensors, and appends the f32 ones (with their
+  // groups' hyper-parameters) to `out` for one adamw_step_groups call.
+  void prepare_step(double lr_scale, std::vector<ops::AdamwGroupStep>& out);
   std::vector<ParamGroup> groups_;
   // m_/v_: f32 moments, or u8 codes for 8-bit state (then m_absmax_/v_absmax_ are defined).
   std::vector<std::vector<Tensor>> m_, v_, m_absmax_, v_absmax_;

@@ -49,6 +49,10 @@ struct Node {
   std::string name;
   std::vector<Var> inputs;                          // empty for leaves and after release
   std::function<void(const Tensor& grad)> backward;  // accumulates into inputs' grads
+  // Under AutocastBf16Guard: value's bf16 copy, made by the first bf16 product that reads this
+  // activation and reused by the others (q/k/v read one normed input; functions.h autocast_bf16_input).
+  // Only for op outputs, whose value is never updated in place.
+  Tensor bf16_copy;
 };
 
 // Grad mode (thread local). Ops record a graph only when enabled and an input requires grad.

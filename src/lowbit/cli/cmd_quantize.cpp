@@ -78,6 +78,7 @@ struct QuantArgs {
   AdaQuantOptions adaquant;
   std::string tp_start = "grid", tp_scales = "group";  // ptqtp
   std::string stream = "auto";  // --stream: auto, on, off (methods/stream.h)
+  std::string calib_dtype = "auto";  // --calib-dtype: auto (bf16 with --bf16), f32, bf16
   int stop_after_blocks = 0;    // testing aid: stop after this many blocks of this run (state kept)
 };
 
@@ -104,6 +105,18 @@ std::string stream_obstacle(const QuantArgs& a) {
 
 // Methods that train LoRA adapters (ApiQ family): default format int2g64, --rank, --lora merge.
 bool is_apiq(const std::string& m) { return find_method(m).trains_adapters; }
+
+// dtype of the pipeline's calibration activations (--calib-dtype; methods/pipeline.h cache_dtype):
+// auto is bf16 for the ApiQ family's --bf16 runs (as ApiQ's calibrate.py caches fp16 inputs and
+// targets under its autocast), else f32.
+DType calib_dtype(const QuantArgs& a) {
+  if (a.calib_dtype == "auto") return a.bf16 && is_apiq(a.method) ? DType::BF16 : DType::F32;
+  if (a.calib_dtype == "f32") return DType::F32;
+  if (a.calib_dtype != "bf16") throw_error("--calib-dtype must be auto, f32 or bf16, got '", a.calib_dtype, "'");
+  if (!is_apiq(a.method))
+    throw_error("--calib-dtype bf16 applies to apiq, apiq-layer, sapr and sapr-layer, not to --method ", a.method);
+  return DType::BF16;
+}
 
 ApiqOptions apiq_options(const QuantArgs& a) {
   ApiqOptions o;
@@ -380,6 +393,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   if (a.bf16 && !is_apiq(a.method))
     throw_error("--bf16 applies to the training of apiq, apiq-layer and sapr, not to --method ", a.method);
   if (a.tf32) cuda_set_allow_tf32(true);
+  (void)calib_dtype(a);  // a bad --calib-dtype fails before any work
   const std::string state_dir = a.state_dir.empty() ? (fs::path(out_dir) / ".state").string() : a.state_dir;
   std::optional<OutputDir> out, state;  // rank 0's (the other ranks of a data-parallel run write nothing)
   if (writer) {
@@ -634,6 +648,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   o.state_dir = state_dir;
   o.checkpoint_seconds = a.checkpoint_seconds;
   o.stop_after_blocks = a.stop_after_blocks;
+  o.cache_dtype = calib_dtype(a);
   if (plan) o.formats = &plan->formats;
   // --lqer-rank: the full-precision weights and the activations' channel magnitudes, before quantizing.
   std::map<std::string, Tensor> lqer_fp;
@@ -823,7 +838,8 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                         {"rank", o.layer.rank}, {"lora_alpha", o.layer.lora_alpha}, {"lora_init", a.lora_init},
                         {"epochs", o.epochs}, {"batch", o.batch}, {"lora_lr", o.lora_lr}, {"clip_lr", o.clip_lr},
                         {"lora_wd", o.lora_wd}, {"clip_wd", o.clip_wd}, {"aug_coef", o.aug_coef},
-                        {"clip_init", o.layer.clip_init}, {"clip_init_rtn", o.layer.clip_init_rtn && lwc_is_ggml(f)}, {"bf16", o.bf16}, {"tf32", a.tf32}};
+                        {"clip_init", o.layer.clip_init}, {"clip_init_rtn", o.layer.clip_init_rtn && lwc_is_ggml(f)}, {"bf16", o.bf16}, {"tf32", a.tf32},
+                        {"calib_dtype", dtype_name(calib_dtype(ar))}};
     if (saliency)
       h["sapr"] = {{"lambda", o.lambda}, {"saliency_kind", saliency_kind_name(saliency->kind)},
                    {"saliency_norm", saliency_norm_name(saliency->norm)}, {"reduction", sapr_reduction_name(o.reduction)},
@@ -1043,6 +1059,11 @@ void register_quantize(CLI::App& app) {
   q->add_flag("--bf16", a->bf16,
               "ApiQ/SAPR on the GPU: training steps' matmuls and attention in bf16 with fp32 accumulation "
               "(autocast, as ApiQ's reference runs fp16); parameters, loss and optimizer stay fp32");
+  q->add_option("--calib-dtype", a->calib_dtype,
+                "ApiQ/SAPR: dtype of the calibration activations the pipeline keeps (block inputs and FP targets): "
+                "auto (bf16 with --bf16, else f32), f32, or bf16 (half the memory; every step still computes in f32)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "f32", "bf16"}));
   q->add_option("--lambda", a->lambda,
                 "SAPR: weight of the saliency regularizer (default chosen among 0.3 / 3 / 30 on held-out validation "
                 "text of stories260K and SmolLM2-135M for --saliency-norm layer --sapr-reduction mean, "

@@ -49,6 +49,7 @@ uint64_t derive_seed(uint64_t seed, uint64_t a, uint64_t b, uint64_t c) {
 struct InputCapture {
   int64_t step = 1;
   Device keep = Device::CPU;  // where subsampled rows (step > 1) are kept: the host, or x's device
+  DType dtype = DType::F32;   // dtype of the rows kept in full (step 1): f32, or bf16 for a bf16 cache
   std::map<std::string, std::vector<Tensor>> chunks;
   std::map<std::string, int64_t> seen;  // rows passed so far, per linear
   LinearInputHook hook() {
@@ -58,7 +59,8 @@ struct InputCapture {
       if (step == 1) {
         // to() and contiguous() return their input when there is nothing to do: clone only when no
         // copy was made (x's storage belongs to the caller).
-        Tensor h = x.to(Device::CPU).to(DType::F32).contiguous();
+        // bf16: converted where x is (on the GPU before the copy: half the bytes to move).
+        Tensor h = (dtype == DType::F32 ? x : cast_to(x.contiguous(), dtype)).to(Device::CPU).to(dtype).contiguous();
         if (h.storage() == x.storage()) h = h.clone();
         chunks[name].push_back(h);
       } else if (first < n) {
@@ -233,9 +235,11 @@ struct Trainer {
         ++steps;
         if (loss.defined()) backward(loss);
         if (shards.distributed()) all_reduce_grads(all, *shards.comm());
-        clip_opt.step();
+        // Both groups' tensors in one fused update (one GPU launch for a block's 28 tensors).
+        std::vector<AdamW*> opts{&clip_opt};
         if (lora_opt && std::any_of(lora.begin(), lora.end(), [](const Var& p) { return p.grad().defined(); }))
-          lora_opt->step();
+          opts.push_back(&*lora_opt);
+        AdamW::step_all(opts);
         clip_opt.zero_grad();
         if (lora_opt) lora_opt->zero_grad();
       }
@@ -302,13 +306,15 @@ void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearR
   const int64_t L = ctx.seqlen;
   const WindowShards shards(comm_, ctx.n_samples);  // this rank's windows among all ranks'
   const Device dev = ctx.inputs.device();
+  const DType cache = ctx.inputs.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
   ApiqBlockTimes times;
   times.layer = ctx.layer;
   uint64_t linear_id = 0;
   for (const auto& group : kSequentialGroups) {
     auto t0 = Clock::now();
     InputCapture cap;
-    ctx.run_block(ctx.inputs, cap.hook());  // inputs as produced by the groups calibrated so far
+    cap.dtype = cache;  // a bf16 cache keeps the captured inputs and the targets in bf16 too
+    ctx.run_block(ctx.inputs, cap.hook(), false);  // inputs as produced by the groups calibrated so far
     times.capture += seconds_since(t0, dev);
     for (const auto& name : group) {
       ++linear_id;
@@ -319,7 +325,21 @@ void ApiqMethod::quantize_block_layerwise(BlockContext& ctx, std::vector<LinearR
       const Tensor x = cap.rows(name);
       // Training data on the model's device; the target X W^T (the bias cancels in the difference).
       Tensor xd = x, wd = w, y;
-      if (dev == Device::CPU) {
+      if (cache == DType::BF16) {
+        // bf16 cache: the targets in bf16, each chunk of windows computed in f32 as below.
+        xd = x.to(dev);
+        wd = w.to(dev);
+        y = Tensor::empty({x.size(0), w.size(0)}, DType::BF16, dev);
+        NoGradGuard ng;
+        const int64_t rows = std::max<int64_t>(1, ctx.batch) * L;
+        for (int64_t r0 = 0; r0 < x.size(0); r0 += rows) {
+          const int64_t r1 = std::min(x.size(0), r0 + rows);
+          const Tensor xc = cast_to(xd.slice(0, r0, r1), DType::F32);
+          const Tensor yc = dev == Device::CPU ? linear_forward(xc, w) : linear(Var(xc), Var(wd)).value();
+          Tensor dst = y.slice(0, r0, r1);
+          ops::cast(yc.contiguous(), dst);
+        }
+      } else if (dev == Device::CPU) {
         y = linear_forward(x, w);
       } else {
         xd = x.to(dev);
@@ -414,8 +434,11 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
       e.bias = (*e.slot)->bias();
       QuantTrainOptions lo = o_.layer;
       lo.seed = derive_seed(o_.seed, uint64_t(ctx.layer), linear_id, 0xA11CE);
+      // The replaced layer's weight is frozen while it trains (the original layers are kept only to
+      // put back on an error): shared, not copied, when it is already a contiguous f32 tensor.
+      lo.share_weight = true;
       e.t = std::make_shared<QuantTrainLinear>((*e.slot)->effective_weight(), e.bias, layer_format(ctx, name), lo);
-      e.w = e.t->frozen_weight();  // the layer's own f32 copy (no second copy on the device)
+      e.w = e.t->frozen_weight();  // the layer's f32 weight (no second copy on the device)
       if (o_.saliency) e.sal = o_.saliency->at(full_name(ctx.layer, name)).to(dev);
       if (o_.saliency && o_.layer_weighted) e.layer_w = o_.saliency->layer_weight(full_name(ctx.layer, name));
       for (auto& p : e.t->clip_parameters()) clip.push_back(p);
@@ -481,7 +504,7 @@ void ApiqMethod::quantize_block_blockwise(BlockContext& ctx, std::vector<LinearR
   InputCapture cap;
   cap.step = report_step(N * L);
   cap.keep = dev;
-  ctx.run_block(ctx.inputs, cap.hook());
+  ctx.run_block(ctx.inputs, cap.hook(), false);  // only the captured rows are needed, not the outputs
   for (size_t i = 0; i < es.size(); ++i) {
     LinearReport& r = reports[reports.size() - es.size() + i];
     r.rel_error = relative_output_error(report_sample(cap.rows(es[i].name)), es[i].w, (*es[i].slot)->effective_weight());

@@ -136,6 +136,10 @@ class ApiqMethod : public BlockMethod {
   std::string options_key() const override;
   void quantize_block(BlockContext& ctx, std::vector<LinearReport>& reports) override;
   bool supports_data_parallel() const override { return true; }
+  // The calibration activations may be bf16 (PipelineOptions::cache_dtype): every read converts
+  // windows to f32 (gather_windows, run_block); layer-wise also keeps its captured inputs and
+  // targets in bf16.
+  bool accepts_bf16_cache() const override { return true; }
   const std::vector<ApiqEpochLog>& log() const { return log_; }
   // Stage times of the last block quantize_block finished (layer -1 before the first).
   const ApiqBlockTimes& last_block_times() const { return times_; }

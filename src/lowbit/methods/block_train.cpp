@@ -22,14 +22,21 @@ std::vector<int64_t> shuffled_indices(int64_t n, uint64_t seed) {
   return p;
 }
 
+namespace {
+// A 16-bit activation cache's windows in f32; f32 (or f64) windows as they are.
+Tensor widened(const Tensor& t) {
+  return t.dtype() == DType::BF16 || t.dtype() == DType::F16 ? cast_to(t, DType::F32) : t;
+}
+}  // namespace
+
 Tensor gather_windows(const Tensor& x, const std::vector<int64_t>& idx, size_t b, size_t e, int64_t L) {
-  if (e - b == 1 && x.is_contiguous()) return x.slice(0, idx[b] * L, (idx[b] + 1) * L);
+  if (e - b == 1 && x.is_contiguous()) return widened(x.slice(0, idx[b] * L, (idx[b] + 1) * L));
   Tensor out = Tensor::empty({int64_t(e - b) * L, x.size(1)}, x.dtype(), x.device());
   for (size_t i = b; i < e; ++i) {
     const int64_t k = idx[i], r = int64_t(i - b);
     out.slice(0, r * L, (r + 1) * L).copy_(x.slice(0, k * L, (k + 1) * L));
   }
-  return out;
+  return widened(out);
 }
 
 WindowShards::WindowShards(comm::Communicator* comm, int64_t local_windows)

@@ -22,7 +22,8 @@ uint64_t splitmix64(uint64_t x);
 std::vector<int64_t> shuffled_indices(int64_t n, uint64_t seed);
 
 // Rows of the windows idx[b..e) of x [N*L, C] (window k = rows k*L .. k*L+L-1), concatenated, on
-// x's device. One window of a contiguous x is a view, not a copy.
+// x's device. One window of a contiguous x is a view, not a copy. A bf16 (or f16) x, the
+// pipeline's 16-bit activation cache, is returned converted to f32 on its device.
 Tensor gather_windows(const Tensor& x, const std::vector<int64_t>& idx, size_t b, size_t e, int64_t L);
 
 // The calibration windows of a data-parallel block trainer. Every rank's pipeline holds a

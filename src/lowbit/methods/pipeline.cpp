@@ -103,18 +103,23 @@ Tensor report_sample(const Tensor& x, int64_t max_rows) {
   return out;
 }
 
-Tensor BlockContext::run_block(const Tensor& x, const LinearInputHook& hook) const {
+Tensor BlockContext::run_block(const Tensor& x, const LinearInputHook& hook, bool keep_output) const {
   NoGradGuard ng;
   LlamaBlock& b = model.block(layer);
   std::optional<LinearHookScope> hooks;
   if (hook) hooks.emplace(b.linears(), hook);
   const int64_t D = x.size(1);
-  Tensor out = Tensor::empty({n_samples * seqlen, D}, x.dtype(), x.device());
+  Tensor out = keep_output ? Tensor::empty({n_samples * seqlen, D}, x.dtype(), x.device()) : Tensor();
   for (int64_t s = 0; s < n_samples; s += batch) {
     const int64_t e = std::min(n_samples, s + batch);
-    Var xin(x.slice(0, s * seqlen, e * seqlen));
+    // A bf16 cache: this batch in f32 (on x's device), the output rounded back into the cache's dtype.
+    const Tensor xs = x.slice(0, s * seqlen, e * seqlen);
+    Var xin(x.dtype() == DType::BF16 ? cast_to(xs, DType::F32) : xs);
     Var y = model.block_forward(layer, xin, e - s, seqlen);
-    out.slice(0, s * seqlen, e * seqlen).copy_(y.value());
+    if (!keep_output) continue;
+    Tensor dst = out.slice(0, s * seqlen, e * seqlen);
+    if (dst.dtype() == y.value().dtype()) dst.copy_(y.value());
+    else ops::cast(y.value().contiguous(), dst);  // on the device (copy_ would stage through the host)
   }
   return out;
 }
@@ -159,9 +164,16 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
   Tensor X, Xfp;
   int start = 0;
   const std::string state_path = o.state_dir.empty() ? "" : (fs::path(o.state_dir) / "pipeline.safetensors").string();
+  if (o.cache_dtype != DType::F32 && o.cache_dtype != DType::BF16)
+    throw_error("pipeline: calibration activations are kept in f32 or bf16, not ", dtype_name(o.cache_dtype));
+  const bool bf16_cache = o.cache_dtype == DType::BF16;
+  if (bf16_cache && !method.accepts_bf16_cache())
+    throw_error("pipeline: method '", method.name(), "' needs f32 calibration activations; a bf16 cache is for "
+                "apiq, apiq-layer, sapr and sapr-layer");
+  // The cache dtype joins the key only when bf16, so f32 states written before it stay valid.
   const std::string key = method.name() + "(" + method.options_key() + ")|" + format.name + "|" + std::to_string(token_hash(tokens)) + "|" +
                           (o.next_from_fp ? "fp" : "q") + transforms_key(model.transforms()) + formats_key(o.formats) +
-                          (stream ? "|stream" : "");
+                          (stream ? "|stream" : "") + (bf16_cache ? "|cache:bf16" : "");
   if (!state_path.empty() && fs::exists(state_path)) {
     SafetensorsFile f = SafetensorsFile::open(state_path);
     auto it = f.metadata().find("key");
@@ -185,6 +197,9 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
     const Device dev = stream ? stream->device() : model.block(0).attn_norm.value().device();
     X = f.load("inputs").to(dev);
     Xfp = f.find("fp_inputs") ? f.load("fp_inputs").to(dev) : X;
+    if (bf16_cache != (X.dtype() == DType::BF16) || X.dtype() != Xfp.dtype())
+      throw_error(state_path, ": the saved activations are ", dtype_name(X.dtype()), ", this run keeps them in ",
+                  bf16_cache ? "bf16" : "the model's dtype", "; remove the state or use another state directory");
     if (stream) stream->check_finished(start, key);  // the finished blocks are written out, not in the state
     for (int i = 0; i < (stream ? 0 : start); ++i) {
       LlamaBlock& b = model.block(i);
@@ -206,10 +221,12 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
     rep.resumed_from_block = start;
   } else if (stream) {
     X = stream->embed(tokens).contiguous();
+    if (bf16_cache) X = to_bf16(X);
     Xfp = X;
   } else {
     NoGradGuard ng;
     X = model.embed(tokens).value().contiguous();
+    if (bf16_cache) X = to_bf16(X);
     Xfp = X;
   }
 
@@ -225,6 +242,7 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
     BlockContext ctx{model, i, N, L, X, Tensor(), o.batch, o.formats};
     const auto tf = std::chrono::steady_clock::now();
     Tensor Y = ctx.run_block(Xfp);  // FP target before the block changes
+    Xfp = Tensor();  // not needed again (reassigned below): one activation tensor less held during the method
     rep.fp_forward_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - tf).count();
     rep.blocks_run++;
     BlockContext qctx{model, i, N, L, X, Y, o.batch, o.formats};

@@ -12,6 +12,14 @@
 // checkpoint_seconds after the last save, and always before an early stop. A save writes the
 // calibration activations (N x L x dim floats, twice), e.g. 1.2 GB for SmolLM2 at 128 x 2048, so
 // saving after every block would cost more than a fast method's work (RTN: 70 s of 75 on an H100).
+//
+// Activation dtype (PipelineOptions::cache_dtype): the calibration activations X, Xfp and Y are f32
+// by default. A method that accepts it (BlockMethod::accepts_bf16_cache: ApiQ/SAPR) can have them
+// kept in bf16, half the memory (at the Llama-2-7B shape with 128 x 2048 tokens each is 4 GiB in f32,
+// 2 GiB in bf16; ApiQ's own calibrate.py caches them in fp16). Every computation still runs in f32:
+// run_block converts each batch of windows to f32 and rounds its outputs to the cache's dtype, and
+// gather_windows (block_train.h) returns f32 windows. The saved state keeps the cache's dtype (a
+// resumed run is bit-identical to an uninterrupted one), and the dtype is part of the resume key.
 #pragma once
 #include <functional>
 #include <map>
@@ -99,8 +107,11 @@ struct BlockContext {
   const QuantFormat& format_of(const std::string& linear, const QuantFormat& dflt) const;
 
   // Runs block `layer` over all inputs (in batches), calling hook with each linear's input.
-  // Returns the outputs [N*L, D] (no grad).
-  Tensor run_block(const Tensor& x, const LinearInputHook& hook = nullptr) const;
+  // Returns the outputs [N*L, D] in x's dtype (no grad). x may be f32 or bf16 (a bf16 cache): each
+  // batch is converted to f32 first, so the block and the hook always see f32 activations.
+  // keep_output false: only the hook's side effects are wanted; no output is allocated (returns an
+  // undefined tensor), which saves N*L*D elements of memory.
+  Tensor run_block(const Tensor& x, const LinearInputHook& hook = nullptr, bool keep_output = true) const;
 };
 
 struct LinearReport {
@@ -145,6 +156,11 @@ class BlockMethod {
   // run on a streamed model, whose blocks are loaded one at a time (methods/stream.h).
   virtual bool needs_whole_model() const { return false; }
 
+  // True when the method reads ctx.inputs / ctx.fp_targets only through run_block and
+  // gather_windows (which convert to f32), so the pipeline may keep them in bf16
+  // (PipelineOptions::cache_dtype). Other methods are refused a bf16 cache.
+  virtual bool accepts_bf16_cache() const { return false; }
+
  protected:
   // More than one rank: the statistics are to be summed over comm_.
   bool distributed() const { return comm_ && comm_->world_size() > 1; }
@@ -181,6 +197,10 @@ struct PipelineOptions {
   double checkpoint_seconds = 60;  // save the state at most this often (0: after every block)
   const LayerFormats* formats = nullptr;  // per-linear formats (part of the resume key); null: `format` for all
   BlockStream* stream = nullptr;  // streamed blocks (methods/stream.h); null: the model holds every block
+  // dtype of the calibration activations X, Xfp, Y: F32 (the model's own: f32, or f64 for f64
+  // models), or BF16 (half the memory; only for methods that accept it, see
+  // BlockMethod::accepts_bf16_cache). Part of the resume key.
+  DType cache_dtype = DType::F32;
 };
 
 struct PipelineReport {

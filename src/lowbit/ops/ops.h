@@ -151,8 +151,8 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double 
                 double eps, double weight_decay, int64_t step);
 
 // The same step for a group of parameters sharing the hyper-parameters and the step count (one
-// AdamW parameter group). f32 tensors on the GPU take one kernel launch per kAdamwMultiMax
-// parameters instead of one each (same per-element arithmetic as adamw_step's CUDA body, so the
+// AdamW parameter group; adamw_step_groups with one group). f32 tensors on the GPU take one kernel
+// launch per kAdamwMultiMax parameters instead of one each (same per-element arithmetic as adamw_step's CUDA body, so the
 // results are bit-identical to it); anything else runs adamw_step per parameter.
 struct AdamwParam {
   Tensor* param;
@@ -160,9 +160,25 @@ struct AdamwParam {
   Tensor* m;
   Tensor* v;
 };
-inline constexpr int kAdamwMultiMax = 24;
+inline constexpr int kAdamwMultiMax = 32;
 void adamw_step_multi(const std::vector<AdamwParam>& params, double lr, double beta1, double beta2, double eps,
                       double weight_decay, int64_t step);
+
+// Several AdamW parameter groups, each with its own hyper-parameters and step count, in one call.
+// When every tensor of every group is f32 and contiguous on the GPU they all go into the same fused
+// launches (one per kAdamwMultiMax tensors, whatever their group): ApiQ's step updates a block's 7
+// linears' clipping (lr 5e-3) and LoRA (lr 5e-4) tensors, 28 in all, in one launch instead of one
+// per group. The per-element arithmetic is adamw_step's CUDA body (bit-identical to it); the CPU
+// body, and anything else, is adamw_step per tensor with its group's hyper-parameters (the reference).
+struct AdamwHyper {
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
+  int64_t step = 1;  // counts from 1
+};
+struct AdamwGroupStep {
+  std::vector<AdamwParam> params;
+  AdamwHyper hyper;
+};
+void adamw_step_groups(const std::vector<AdamwGroupStep>& groups);
 
 // The AdamW step with block-wise 8-bit state (`--optimizer-bits 8`; the codec is ops/blockwise8.h):
 // for each block of kBlockwise8Block elements, m (signed dynamic codes, u8 with param's shape, and

@@ -43,37 +43,54 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double 
 
 void adamw_step_multi(const std::vector<AdamwParam>& params, double lr, double beta1, double beta2, double eps,
                       double weight_decay, int64_t step) {
-  const char* op = "adamw_step_multi";
-  if (step < 1) throw_error(op, ": step counts from 1, got ", step);
-  bool fused = !params.empty();
-  for (const AdamwParam& a : params) {
-    LB_CHECK(a.param && a.grad && a.m && a.v, op, ": a parameter entry has a null tensor");
-    detail::check_contiguous(op, *a.param, "param");
-    detail::check_shape(op, *a.grad, a.param->shape(), "grad");
-    detail::check_shape(op, *a.m, a.param->shape(), "m");
-    detail::check_shape(op, *a.v, a.param->shape(), "v");
-    for (const Tensor* t : {static_cast<const Tensor*>(a.param), a.grad, static_cast<const Tensor*>(a.m),
-                            static_cast<const Tensor*>(a.v)})
-      fused = fused && detail::on_cuda(*t) && t->dtype() == DType::F32 && t->is_contiguous();
+  AdamwGroupStep g;
+  g.params = params;
+  g.hyper = AdamwHyper{lr, beta1, beta2, eps, weight_decay, step};
+  adamw_step_groups({g});
+}
+
+void adamw_step_groups(const std::vector<AdamwGroupStep>& groups) {
+  const char* op = "adamw_step_groups";
+  bool fused = false;
+  for (const AdamwGroupStep& grp : groups) {
+    if (grp.hyper.step < 1) throw_error(op, ": step counts from 1, got ", grp.hyper.step);
+    fused = fused || !grp.params.empty();
   }
+  for (const AdamwGroupStep& grp : groups)
+    for (const AdamwParam& a : grp.params) {
+      LB_CHECK(a.param && a.grad && a.m && a.v, op, ": a parameter entry has a null tensor");
+      detail::check_contiguous(op, *a.param, "param");
+      detail::check_shape(op, *a.grad, a.param->shape(), "grad");
+      detail::check_shape(op, *a.m, a.param->shape(), "m");
+      detail::check_shape(op, *a.v, a.param->shape(), "v");
+      for (const Tensor* t : {static_cast<const Tensor*>(a.param), a.grad, static_cast<const Tensor*>(a.m),
+                              static_cast<const Tensor*>(a.v)})
+        fused = fused && detail::on_cuda(*t) && t->dtype() == DType::F32 && t->is_contiguous();
+    }
 #ifdef LOWBIT_WITH_CUDA
   // LOWBIT_ADAMW_FUSED=0 (read once): one launch per tensor (adamw_step), for measuring what the
-  // fusion saves (bench: the per-epoch times of `lowbit quantize --method sapr --apiq-verbose`).
+  // fusion saves (bench: the per-epoch times of `lowbit quantize --method sapr --apiq-verbose`,
+  // bench_apiq_block's ms/step).
   static const bool fusion_on = [] {
     const char* e = std::getenv("LOWBIT_ADAMW_FUSED");
     return !(e && e[0] == '0');
   }();
   if (fused && fusion_on) {
-    std::vector<AdamwParam> nonempty;
-    for (const AdamwParam& a : params)
-      if (a.param->numel() > 0) nonempty.push_back(a);
-    if (!nonempty.empty()) cuda::adamw_step_multi(nonempty, lr, beta1, beta2, eps, weight_decay, step);
+    std::vector<AdamwParam> ps;
+    std::vector<AdamwHyper> hs;
+    for (const AdamwGroupStep& grp : groups)
+      for (const AdamwParam& a : grp.params)
+        if (a.param->numel() > 0) ps.push_back(a), hs.push_back(grp.hyper);
+    if (!ps.empty()) cuda::adamw_step_fused(ps, hs);
     return;
   }
 #endif
   (void)fused;
-  for (const AdamwParam& a : params)
-    adamw_step(*a.param, *a.grad, *a.m, *a.v, lr, beta1, beta2, eps, weight_decay, step);
+  for (const AdamwGroupStep& grp : groups) {
+    const AdamwHyper& h = grp.hyper;
+    for (const AdamwParam& a : grp.params)
+      adamw_step(*a.param, *a.grad, *a.m, *a.v, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.step);
+  }
 }
 
 void adamw8_step(Tensor& param, const Tensor& grad, Tensor& m_codes, Tensor& m_absmax, Tensor& v_codes,

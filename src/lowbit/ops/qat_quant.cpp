@@ -199,6 +199,19 @@ void dispatch_codes(const char* op, DType dt, DType codes, Fn&& fn) {
 
 void group_scale_forward(const Tensor& codes, const Tensor& step, const FormatTraits& f, Tensor& y) {
   check_group_scale("group_scale_forward", codes, f, step, false, "step");
+  if (y.defined() && y.dtype() == DType::BF16) {  // written in bf16 (autocast's GEMM operand)
+    if (step.dtype() != DType::F32 || y.shape() != codes.shape() || y.device() != codes.device() || !y.is_contiguous())
+      throw_error("group_scale_forward [", f.name, "]: a bf16 output needs an f32 step and a contiguous ",
+                  shape_str(codes.shape()), " on ", device_name(codes.device()), ", got step ", step.describe(),
+                  " and output ", y.describe());
+    if (detail::on_cuda(codes)) {
+      LB_CUDA_ROUTE(codes, group_scale_forward, codes, step, f, y)
+    }
+    Tensor y32;
+    group_scale_forward(codes, step, f, y32);
+    y.copy_(y32);  // round to nearest even
+    return;
+  }
   y = Tensor::empty(codes.shape(), step.dtype(), codes.device());
   LB_CUDA_ROUTE(codes, group_scale_forward, codes, step, f, y)
   dispatch_codes("group_scale_forward", step.dtype(), codes.dtype(), [&](auto tag, auto ctag) {

@@ -31,7 +31,9 @@ void seq_quant_backward(const Tensor& w, const Tensor& alpha, const Tensor& dy, 
 
 // y[r, j] = codes[r, j] · step[r, g(j)];  dstep[r, g] = Σ_{j in g} codes[r, j] · dy[r, j].
 // codes: of the step's (dy's) float dtype, or I8 (integer codes, one byte a weight: E2E-QP's frozen
-// codes, quant/lsq_linear.h); y takes the step's dtype, dstep dy's.
+// codes, quant/lsq_linear.h); y takes the step's dtype, dstep dy's. y passed in as a bf16 tensor of
+// the codes' shape and device, with an f32 step: the product rounded to bf16 as it is written (the
+// operand of a bf16 GEMM under autocast: the CUDA kernel stores bf16, the CPU body rounds).
 void group_scale_forward(const Tensor& codes, const Tensor& step, const FormatTraits& f, Tensor& y);
 void group_scale_backward(const Tensor& codes, const Tensor& dy, const FormatTraits& f, Tensor& dstep);
 

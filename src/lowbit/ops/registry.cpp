@@ -20,6 +20,7 @@ constexpr OpInfo kOps[] = {
     {"mse", true, kCuda, "f32 f64"},           {"adamw_step", false, kCuda, "f32 f64"},
     {"weighted_sq_err", true, kCuda, "f32 f64"},
     {"adamw_step_multi", false, kCuda, "f32 f64"},
+    {"adamw_step_groups", false, kCuda, "f32 f64"},
     {"cast", true, kCuda, "f64 f32 bf16 f16"},
     {"quant_matmul", false, true, "f32 x packed"},
     {"kv_attention", false, false, "f32 x f32/f16/i8/KIVI int4/int2 cache"},

@@ -207,7 +207,21 @@ void lwc_forward_into(const Tensor& w, const Tensor& gamma, const Tensor& beta, 
   check_inputs(w, gamma, beta, f);
   for (const Tensor* t : {&w, &gamma, &beta})
     LB_CHECK(!t->defined() || t->is_contiguous(), "lwc_forward_into [", f.name, "]: ", t->describe(), " must be contiguous");
-  check_like(y, w, w.shape(), "the output", f);
+  // A bf16 output of f32 weights: Q rounded to bf16 as it is written (the operand of a bf16 GEMM
+  // under autocast; the CUDA kernels store bf16 directly, the CPU body rounds an f32 result).
+  if (y.defined() && y.dtype() == DType::BF16 && w.dtype() == DType::F32 && !lwc_is_ggml(f)) {
+    LB_CHECK(y.shape() == w.shape() && y.device() == w.device() && y.is_contiguous(), "lwc [", f.name,
+             "]: the bf16 output must be a contiguous ", shape_str(w.shape()), " on ", device_name(w.device()),
+             ", got ", y.describe());
+    if (!on_cuda(w)) {
+      Tensor y32 = Tensor::empty(w.shape(), DType::F32, w.device());
+      lwc_forward_into(w, gamma, beta, f, y32);
+      y.copy_(y32);  // round to nearest even
+      return;
+    }
+  } else {
+    check_like(y, w, w.shape(), "the output", f);
+  }
   const int64_t out = w.size(0), in = w.size(1);
   if (lwc_is_ggml(f)) return lwc_ggml_forward_into(w, gamma, beta, f, y);
   if (on_cuda(w)) {

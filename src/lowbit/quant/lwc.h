@@ -124,7 +124,9 @@ Var lwc_fake_quant(const Var& w, const Var& gamma, const Var& beta, const QuantF
 
 // The same forward and backward as plain kernels over tensors (no autograd), for ops that fuse the
 // quantizer with more work (QuantTrainLinear's Q(W) + s B A). All tensors on w's device and of its
-// dtype, contiguous. y [out, in] is written. dw (may be undefined: not wanted) [out, in], dgamma and
+// dtype, contiguous, except that y may be bf16 for f32 weights of an integer format (Q rounded to
+// nearest even as it is written: the CUDA kernels store bf16 directly, the operand of a bf16 GEMM
+// without a separate cast pass). y [out, in] is written. dw (may be undefined: not wanted) [out, in], dgamma and
 // dbeta (undefined for symmetric formats) [out, n_groups] are written, not accumulated.
 void lwc_forward_into(const Tensor& w, const Tensor& gamma, const Tensor& beta, const QuantFormat& f, Tensor& y);
 void lwc_backward_into(const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& dy,

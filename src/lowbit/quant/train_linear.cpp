@@ -10,6 +10,7 @@
 namespace lowbit {
 
 namespace {
+
 // Rounds every value to the nearest f16 (the adapters' storage precision), kept as f32.
 Tensor round_to_f16(const Tensor& t) { return t.to(Device::CPU).to(DType::F16).to(DType::F32).contiguous(); }
 
@@ -111,6 +112,80 @@ Var lora_linear(const Var& x, const Var& q, const Var& A, const Var& B, double s
     }
   });
 }
+
+// Under AutocastBf16Guard: y = x Q(W; gamma, beta)^T + s (x A^T) B^T (+ bias) as one autograd op
+// whose quantizer writes Q in bf16 directly (lwc_forward_into with a bf16 output), the operand of
+// the bf16 GEMMs: no f32 Q, and no cast pass over it, per step. The backward forms dQ = dY^T x (f32,
+// from the bf16 operands) and passes it straight to the clipping backward (dgamma, dbeta); the LoRA
+// and input gradients are lora_linear's. The same function as lwc_fake_quant followed by
+// lora_linear (or linear when rank is 0): Q rounded to bf16 is what their to_bf16 gives.
+// A and B undefined: no LoRA (rank 0).
+Var lwc_linear_bf16(const Var& x, const Var& w, const Var& gamma, const Var& beta, const Var& A, const Var& B,
+                    double s, const Var& bias, const QuantFormat& f) {
+  const Tensor xv = x.value().contiguous(), wv = w.value().contiguous(), gv = gamma.value().contiguous();
+  const Tensor bv = beta.defined() ? beta.value().contiguous() : Tensor();
+  const bool lora = A.defined();
+  const Tensor av = lora ? A.value().contiguous() : Tensor(), bbv = lora ? B.value().contiguous() : Tensor();
+  LB_CHECK(xv.dim() == 2 && xv.size(1) == wv.size(1), "lwc_linear_bf16: x ", xv.describe(), " and weight ",
+           wv.describe(), " do not match (weight is [out, in])");
+  const int64_t n = xv.size(0);
+  Tensor qo = Tensor::empty(wv.shape(), DType::BF16, wv.device());
+  lwc_forward_into(wv, gv, bv, f, qo);
+  const Tensor xo = autocast_bf16_input(x);  // one cast for the layers that read the same input
+  Tensor y = Tensor::empty({n, wv.size(0)}, xv.dtype(), xv.device());
+  ops::gemm(xo, false, qo, true, y);
+  Tensor t;
+  if (lora) {
+    t = Tensor::empty({n, av.size(0)}, xv.dtype(), xv.device());
+    ops::gemm(xv, false, av, true, t);
+    ops::gemm(t, false, bbv, true, y, s, 1.0);
+  }
+  if (bias.defined()) ops::add(y, bias.value(), y);
+  std::vector<Var> inputs{x, gamma};
+  if (beta.defined()) inputs.push_back(beta);
+  if (lora) inputs.push_back(A), inputs.push_back(B);
+  if (bias.defined()) inputs.push_back(bias);
+  return make_result(y, inputs, "lwc_linear_bf16", [=, &f](const Tensor& g) {
+    const Tensor gc = g.contiguous();
+    const Tensor go = to_bf16(gc);
+    if (gamma.requires_grad() || (beta.defined() && beta.requires_grad())) {
+      Tensor dq = Tensor::empty(wv.shape(), DType::F32, wv.device());
+      ops::gemm(go, true, xo, false, dq);
+      Tensor no_dw;
+      Tensor dg = Tensor::empty(gv.shape(), gv.dtype(), gv.device());
+      Tensor db = bv.defined() ? Tensor::empty(bv.shape(), bv.dtype(), bv.device()) : Tensor();
+      lwc_backward_into(wv, gv, bv, dq, f, no_dw, dg, db);
+      accumulate_grad(gamma, dg);
+      if (db.defined()) accumulate_grad(beta, db);
+    }
+    if (lora && B.requires_grad()) {
+      Tensor dB = Tensor::empty(bbv.shape(), bbv.dtype(), bbv.device());
+      ops::gemm(gc, true, t, false, dB, s);
+      accumulate_grad(B, dB);
+    }
+    Tensor u;
+    if (lora && (A.requires_grad() || x.requires_grad())) {
+      u = Tensor::empty(t.shape(), t.dtype(), t.device());
+      ops::gemm(gc, false, bbv, false, u);
+    }
+    if (lora && A.requires_grad()) {
+      Tensor dA = Tensor::empty(av.shape(), av.dtype(), av.device());
+      ops::gemm(u, true, xv, false, dA, s);
+      accumulate_grad(A, dA);
+    }
+    if (x.requires_grad()) {
+      Tensor dx = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
+      ops::gemm(go, false, qo, false, dx);
+      if (lora) ops::gemm(u, false, av, false, dx, s, 1.0);
+      accumulate_grad(x, dx);
+    }
+    if (bias.defined() && bias.requires_grad()) {
+      Tensor db = Tensor::empty(bias.value().shape(), bias.value().dtype(), bias.value().device());
+      ops::sum_rows(gc, db);
+      accumulate_grad(bias, db);
+    }
+  });
+}
 }  // namespace
 
 QuantTrainLinear::QuantTrainLinear(const Tensor& weight, const Tensor& bias, const QuantFormat& f,
@@ -137,7 +212,8 @@ QuantTrainLinear::QuantTrainLinear(const Tensor& weight, const Tensor& bias, con
   LB_CHECK(!lwc_is_ggml(f) || dev == Device::CPU, "QuantTrainLinear: format ", f.name,
            ": learnable clipping on the ggml block grids runs on the CPU (--device cpu)");
   const int64_t G = lwc_n_groups(f, in);
-  weight_ = Var(weight.to(dt).contiguous().clone(), false);
+  const Tensor wt = weight.to(dt).contiguous();
+  weight_ = Var(o.share_weight ? wt : wt.clone(), false);
   if (bias.defined()) {
     LB_CHECK(bias.numel() == out, "QuantTrainLinear: bias ", bias.describe(), " does not match ", out, " outputs");
     bias_ = Var(bias.to(dev).to(dt).contiguous().view({out}).clone(), false);
@@ -190,6 +266,10 @@ Var QuantTrainLinear::quantized_weight(bool with_lora) const {
 // PEFT's form (lora_linear) for the layer's output; the merged Q + s B A (quantized_weight) is
 // what effective_weight() and the SAPR regularizer use. Same function either way.
 Var QuantTrainLinear::forward(const Var& x) const {
+  // bf16 autocast on the GPU: the quantizer writes Q in bf16 for the GEMMs (lwc_linear_bf16).
+  if (autocast_bf16_applies(x.value()) && weight_.value().dtype() == DType::F32 && !lwc_is_ggml(format_) && autocast_fused_weights())
+    return lwc_linear_bf16(x, weight_, gamma_, beta_, opt_.rank > 0 ? lora_A_ : Var(), opt_.rank > 0 ? lora_B_ : Var(),
+                           lora_scale(), bias_, format_);
   if (opt_.rank == 0) return linear(x, quantized_weight(false), bias_);
   return lora_linear(x, quantized_weight(false), lora_A_, lora_B_, lora_scale(), bias_);
 }

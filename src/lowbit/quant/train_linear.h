@@ -35,6 +35,10 @@ struct QuantTrainOptions {
   // ggml block types only: the initial logits reproduce the reference quantizer's grid per sub-block
   // (lwc_ggml_init_from_rtn) instead of clip_init.
   bool clip_init_rtn = true;
+  // The frozen weight is the given tensor itself (no copy) when it already is a contiguous f32/f64
+  // tensor on its device; the caller must not change it while the layer lives. Block-wise ApiQ
+  // shares the replaced layer's weight this way (at the Llama-2-7B shape a block's copy is 0.75 GiB).
+  bool share_weight = false;
 };
 
 // The encoded layer: packed weight plus adapters (undefined when rank = 0), F32 holding f16 values.

@@ -128,6 +128,18 @@ __device__ __forceinline__ void store_pack(T* p, const float (&v)[kPack<T>]) {
   *reinterpret_cast<uint4*>(p) = raw;
 }
 
+// Four values stored at p, converted: 16 bytes of f32 or 8 bytes of bf16 (p aligned to that size).
+__device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
+  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+}
+__device__ __forceinline__ void store4(bf16* p, float a, float b, float c, float d) {
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(a, b), hi = __floats2bfloat162_rn(c, d);
+  uint2 u;
+  u.x = *reinterpret_cast<const unsigned*>(&lo);
+  u.y = *reinterpret_cast<const unsigned*>(&hi);
+  *reinterpret_cast<uint2*>(p) = u;
+}
+
 template <class A>
 __device__ __forceinline__ A warp_sum(A v) {
 #pragma unroll

@@ -69,9 +69,9 @@ void weighted_sq_err_backward(const Tensor& dloss, const Tensor& a, const Tensor
 
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
                 double eps, double weight_decay, int64_t step);
-// f32, contiguous, all on the GPU, numel > 0 (ops::adamw_step_multi checks and routes).
-void adamw_step_multi(const std::vector<AdamwParam>& params, double lr, double beta1, double beta2, double eps,
-                      double weight_decay, int64_t step);
+// f32, contiguous, all on the GPU, numel > 0 (ops::adamw_step_groups checks and routes); hyper[k]
+// is params[k]'s group's. One launch per kAdamwMultiMax tensors.
+void adamw_step_fused(const std::vector<AdamwParam>& params, const std::vector<AdamwHyper>& hyper);
 
 // Learnable-weight-clipping fake quantization (OmniQuant eq. 2, trained by ApiQ): the CUDA bodies
 // of quant/lwc.h's forward and straight-through backward (quant/lwc.cpp checks shapes and passes

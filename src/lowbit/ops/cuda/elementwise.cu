@@ -57,17 +57,31 @@ struct SwigluBwdF {  // (dy, gate, up) -> (dgate, dup)
 // AdamW, PyTorch semantics (ops/optim.cpp): decoupled decay, then the bias-corrected step.
 // 1 - beta is computed in double on the host: in fp32, 1 - 0.999f = 9.9998713e-4, a relative error
 // of 1.3e-5 in every v update.
+// Every rounding is spelled out (fmaf, and __fmul_rn / __fadd_rn, which the compiler never contracts
+// into an FMA): with plain `a * b + c * d` nvcc may fuse either product, and it chose differently in
+// the per-tensor and the multi-tensor kernels (H100, 2026-12-07: 1-2 ulp apart), so the fused
+// multi-tensor update was not bit-identical to adamw_step. Now every kernel that calls this computes
+// the same values.
 struct AdamwF {  // (p, g, m, v) -> (p, m, v)
   float decay, b1, one_minus_b1, b2, one_minus_b2, step_size, inv_sqrt_bc2, eps;
-  __device__ void operator()(const float (&x)[4], float (&y)[3]) const {
+  __device__ __forceinline__ void operator()(const float (&x)[4], float (&y)[3]) const {
     const float g = x[1];
-    const float m = b1 * x[2] + one_minus_b1 * g;
-    const float v = b2 * x[3] + one_minus_b2 * g * g;
-    y[0] = x[0] * decay - step_size * m / (sqrtf(v) * inv_sqrt_bc2 + eps);
+    const float m = fmaf(b1, x[2], __fmul_rn(one_minus_b1, g));
+    const float v = fmaf(b2, x[3], __fmul_rn(__fmul_rn(one_minus_b2, g), g));
+    const float denom = __fadd_rn(__fmul_rn(sqrtf(v), inv_sqrt_bc2), eps);
+    y[0] = fmaf(x[0], decay, -__fdiv_rn(__fmul_rn(step_size, m), denom));
     y[1] = m;
     y[2] = v;
   }
 };
+
+// The coefficients of one AdamW step (host side; shared by adamw_step and the multi-tensor kernel).
+AdamwF adamw_coefficients(const AdamwHyper& h) {
+  const double bc1 = 1.0 - std::pow(h.beta1, double(h.step)), bc2 = 1.0 - std::pow(h.beta2, double(h.step));
+  return AdamwF{float(1.0 - h.lr * h.weight_decay), float(h.beta1),         float(1.0 - h.beta1),
+                float(h.beta2),                     float(1.0 - h.beta2),   float(h.lr / bc1),
+                float(1.0 / std::sqrt(bc2)),        float(h.eps)};
+}
 
 template <class F>
 void binary(const char* op, const Tensor& a, const Tensor& b, Tensor& out, F f) {
@@ -208,9 +222,7 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double 
     if (t->dtype() != param.dtype() || !t->is_contiguous())
       throw_error("adamw_step: grad/m/v must be contiguous ", dtype_name(param.dtype()), ", got ", t->describe());
   }
-  const double bc1 = 1.0 - std::pow(beta1, double(step)), bc2 = 1.0 - std::pow(beta2, double(step));
-  const AdamwF f{float(1.0 - lr * weight_decay), float(beta1),       float(1.0 - beta1),          float(beta2),
-                 float(1.0 - beta2),             float(lr / bc1),     float(1.0 / std::sqrt(bc2)), float(eps)};
+  const AdamwF f = adamw_coefficients(AdamwHyper{lr, beta1, beta2, eps, weight_decay, step});
   detail::dispatch("adamw_step", param.dtype(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     EwArgs<T, 4, 3> args{{ptr<T>(param), ptr<T>(grad), ptr<T>(m), ptr<T>(v)}, {0, 0, 0, 0},
@@ -219,10 +231,12 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double 
   });
 }
 
-// ---- AdamW over a parameter group: one launch per kAdamwMultiMax tensors -------------------------
-// The tensors' pointers and sizes travel in the kernel's parameters (about 1.1 KB of the 4 KB
-// allowed). Block b updates chunk (b - first[t]) of tensor t, first[] the prefix sums of the
-// tensors' chunk counts; the per-element arithmetic is AdamwF's, as adamw_step's.
+// ---- AdamW over parameter groups: one launch per kAdamwMultiMax tensors ----------------------------
+// The tensors' pointers, sizes and their groups' coefficients travel in the kernel's parameters
+// (about 2.5 KB of the 4 KB allowed). Block b updates chunk (b - first[t]) of tensor t, first[] the
+// prefix sums of the tensors' chunk counts; the per-element arithmetic is AdamwF's, as
+// adamw_step's, with tensor t's own coefficients (its group's lr, weight decay and step count). A
+// tensor whose four arrays are 16-byte aligned is read and written four floats at a time.
 namespace {
 constexpr int kAdamwChunk = 4096;  // elements per block
 
@@ -232,11 +246,15 @@ struct AdamwMultiArgs {
   float* m[kAdamwMultiMax];
   float* v[kAdamwMultiMax];
   int64_t n[kAdamwMultiMax];
+  AdamwF f[kAdamwMultiMax];
   int first[kAdamwMultiMax + 1];
+  unsigned vec;  // bit t: tensor t's arrays are 16-byte aligned
   int count;
 };
+static_assert(sizeof(AdamwMultiArgs) <= 4000, "kernel parameters are limited to 4 KB");
+static_assert(kAdamwMultiMax <= 32, "AdamwMultiArgs::vec has one bit per tensor");
 
-__global__ void adamw_multi_kernel(AdamwMultiArgs a, AdamwF f) {
+__global__ void adamw_multi_kernel(const __grid_constant__ AdamwMultiArgs a) {
   const int b = int(blockIdx.x);
   int t = 0;
   while (t + 1 < a.count && a.first[t + 1] <= b) ++t;
@@ -246,7 +264,27 @@ __global__ void adamw_multi_kernel(AdamwMultiArgs a, AdamwF f) {
   const float* g = a.g[t];
   float* m = a.m[t];
   float* v = a.v[t];
-  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+  const AdamwF f = a.f[t];
+  int64_t i0 = lo;
+  if ((a.vec >> t) & 1u) {  // lo is a multiple of 4096: the float4 view starts aligned
+    const int64_t n4 = (hi - lo) / 4;
+    for (int64_t q = threadIdx.x; q < n4; q += blockDim.x) {
+      const int64_t i = lo + 4 * q;
+      const float4 pp = *reinterpret_cast<const float4*>(p + i), gg = *reinterpret_cast<const float4*>(g + i);
+      const float4 mm = *reinterpret_cast<const float4*>(m + i), vv = *reinterpret_cast<const float4*>(v + i);
+      float4 po, mo, vo;
+      float y[3];
+      f({pp.x, gg.x, mm.x, vv.x}, y), po.x = y[0], mo.x = y[1], vo.x = y[2];
+      f({pp.y, gg.y, mm.y, vv.y}, y), po.y = y[0], mo.y = y[1], vo.y = y[2];
+      f({pp.z, gg.z, mm.z, vv.z}, y), po.z = y[0], mo.z = y[1], vo.z = y[2];
+      f({pp.w, gg.w, mm.w, vv.w}, y), po.w = y[0], mo.w = y[1], vo.w = y[2];
+      *reinterpret_cast<float4*>(p + i) = po;
+      *reinterpret_cast<float4*>(m + i) = mo;
+      *reinterpret_cast<float4*>(v + i) = vo;
+    }
+    i0 = lo + 4 * n4;
+  }
+  for (int64_t i = i0 + threadIdx.x; i < hi; i += blockDim.x) {
     const float x[4] = {p[i], g[i], m[i], v[i]};
     float y[3];
     f(x, y);
@@ -257,12 +295,10 @@ __global__ void adamw_multi_kernel(AdamwMultiArgs a, AdamwF f) {
 }
 }  // namespace
 
-void adamw_step_multi(const std::vector<AdamwParam>& params, double lr, double beta1, double beta2, double eps,
-                      double weight_decay, int64_t step) {
-  LB_CUDA_OP("adamw_step_multi");
-  const double bc1 = 1.0 - std::pow(beta1, double(step)), bc2 = 1.0 - std::pow(beta2, double(step));
-  const AdamwF f{float(1.0 - lr * weight_decay), float(beta1),       float(1.0 - beta1),          float(beta2),
-                 float(1.0 - beta2),             float(lr / bc1),     float(1.0 / std::sqrt(bc2)), float(eps)};
+void adamw_step_fused(const std::vector<AdamwParam>& params, const std::vector<AdamwHyper>& hyper) {
+  LB_CUDA_OP("adamw_step_groups");
+  if (hyper.size() != params.size())
+    throw_error("adamw_step_groups: ", params.size(), " tensors but ", hyper.size(), " hyper-parameter sets");
   for (size_t s0 = 0; s0 < params.size(); s0 += kAdamwMultiMax) {
     AdamwMultiArgs a{};
     a.count = int(std::min<size_t>(kAdamwMultiMax, params.size() - s0));
@@ -274,16 +310,18 @@ void adamw_step_multi(const std::vector<AdamwParam>& params, double lr, double b
       a.m[k] = q.m->data<float>();
       a.v[k] = q.v->data<float>();
       a.n[k] = q.param->numel();
+      a.f[k] = adamw_coefficients(hyper[s0 + size_t(k)]);
+      if (detail::aligned16(a.p[k]) && detail::aligned16(a.g[k]) && detail::aligned16(a.m[k]) && detail::aligned16(a.v[k])) a.vec |= 1u << k;
       a.first[k] = blocks;
       const int64_t nb = (a.n[k] + kAdamwChunk - 1) / kAdamwChunk;
       if (nb > int64_t(1) << 30 || blocks + nb > int64_t(1) << 30)
-        throw_error("adamw_step_multi: ", a.n[k], " elements is too many for one launch");
+        throw_error("adamw_step_groups: ", a.n[k], " elements is too many for one launch");
       blocks += int(nb);
     }
     a.first[a.count] = blocks;
-    adamw_multi_kernel<<<blocks, 256, 0, cuda_rt::stream()>>>(a, f);
+    adamw_multi_kernel<<<blocks, 256, 0, cuda_rt::stream()>>>(a);
     const cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) cuda_rt::throw_cuda(e, "adamw_step_multi", __FILE__, __LINE__);
+    if (e != cudaSuccess) cuda_rt::throw_cuda(e, "adamw_step_groups", __FILE__, __LINE__);
   }
 }
 

@@ -111,8 +111,11 @@ __device__ __forceinline__ Group group_state(const float* w, int64_t n, float ga
   return st;
 }
 
+// Y: float, or bf16 when the consumer is a bf16 GEMM (autocast): the f32 value rounded to nearest
+// even as it is stored, so no separate cast pass over Q is needed.
+template <class Y>
 __global__ void lwc_forward_kernel(const float* __restrict__ w, const float* __restrict__ gamma,
-                                   const float* __restrict__ beta, float* __restrict__ y, int64_t out, int64_t in,
+                                   const float* __restrict__ beta, Y* __restrict__ y, int64_t out, int64_t in,
                                    FormatTraits a) {
   const int64_t G = a.n_groups(in);
   const int64_t gid = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
@@ -120,10 +123,10 @@ __global__ void lwc_forward_kernel(const float* __restrict__ w, const float* __r
   const int64_t r = gid / G, g = gid % G;
   const int64_t b = a.group_begin(g), e = a.group_end(g, in);
   const float* wg = w + r * in + b;
-  float* yg = y + r * in + b;
+  Y* yg = y + r * in + b;
   const Group st = group_state(wg, e - b, gamma[gid], beta ? beta[gid] : 0.f, a);
   for (int64_t j = threadIdx.x & 31; j < e - b; j += 32) {
-    yg[j] = int_value(int_code(wg[j], st.s, st.z, st.qlo, st.qmax), st.s, st.z);
+    yg[j] = detail::from_f<Y>(int_value(int_code(wg[j], st.s, st.z, st.qlo, st.qmax), st.s, st.z));
   }
 }
 
@@ -293,9 +296,9 @@ __device__ __forceinline__ float ds_term(float w, float dy, const FastState& st)
   return (q >= st.qlo && q <= st.qmax) ? dy * (nu - u) : dy * (fminf(fmaxf(q, st.qlo), st.qmax) - st.z);
 }
 
-template <int LPG, int VPL>
+template <int LPG, int VPL, class Y>
 __global__ void __launch_bounds__(256) lwc_forward_fast(const float* __restrict__ w, const float* __restrict__ gamma,
-                                                        const float* __restrict__ beta, float* __restrict__ y,
+                                                        const float* __restrict__ beta, Y* __restrict__ y,
                                                         int64_t groups, FormatTraits a) {
   constexpr int GS = 4 * LPG * VPL;
   const FastLane<LPG> ln(groups);
@@ -303,10 +306,11 @@ __global__ void __launch_bounds__(256) lwc_forward_fast(const float* __restrict_
   load_group<LPG, VPL>(w, ln, v);
   const FastState st = fast_state<LPG, VPL>(v, ln, gamma, beta, a);
   if (!ln.ok) return;
-  float4* yg = reinterpret_cast<float4*>(y + ln.gid * GS);
+  Y* yg = y + ln.gid * GS;
 #pragma unroll
   for (int k = 0; k < VPL; ++k)
-    yg[k * LPG + ln.sub] = make_float4(fq(v[k].x, st), fq(v[k].y, st), fq(v[k].z, st), fq(v[k].w, st));
+    // 16 bytes of f32 or 8 of bf16, aligned: group starts are multiples of 4 elements of a 16-byte aligned tensor.
+    detail::store4(yg + 4 * (k * LPG + ln.sub), fq(v[k].x, st), fq(v[k].y, st), fq(v[k].z, st), fq(v[k].w, st));
 }
 
 template <int LPG, int VPL>
@@ -400,20 +404,28 @@ unsigned blocks_for(int64_t groups) {
 
 void lwc_forward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const FormatTraits& a, Tensor& y) {
   LB_CUDA_OP("lwc_forward");
-  check_args("lwc_forward", w, gamma, beta, a, {&y});
+  check_args("lwc_forward", w, gamma, beta, a, {});
+  detail::check_on_gpu("lwc_forward", y, "y");
+  if ((y.dtype() != DType::F32 && y.dtype() != DType::BF16) || !y.is_contiguous())
+    throw_error("lwc_forward: the output ", y.describe(), " must be a contiguous f32 or bf16 tensor");
   const int64_t out = w.size(0), in = w.size(1);
   const int64_t groups = out * a.n_groups(in);
-  if (const FastShape fs = fast_shape(a, in, {&w, &y}); fs.lpg > 0) {
-    dispatch_fast(fs, [&](auto L, auto V) {
-      lwc_forward_fast<decltype(L)::value, decltype(V)::value><<<fast_grid(fs, groups), 256, 0, cuda_rt::stream()>>>(
-          ptr<float>(w), ptr<float>(gamma), beta.defined() ? ptr<float>(beta) : nullptr, ptr<float>(y), groups, a);
-    });
-    LB_CUDA_LAUNCH_CHECK("lwc_forward_fast");
-    return;
-  }
-  lwc_forward_kernel<<<blocks_for(groups), kWarpsPerBlock * 32, 0, cuda_rt::stream()>>>(
-      ptr<float>(w), ptr<float>(gamma), beta.defined() ? ptr<float>(beta) : nullptr, ptr<float>(y), out, in, a);
-  LB_CUDA_LAUNCH_CHECK("lwc_forward_kernel");
+  auto launch = [&](auto ytag) {
+    using Y = typename decltype(ytag)::type;
+    if (const FastShape fs = fast_shape(a, in, {&w, &y}); fs.lpg > 0) {
+      dispatch_fast(fs, [&](auto L, auto V) {
+        lwc_forward_fast<decltype(L)::value, decltype(V)::value, Y><<<fast_grid(fs, groups), 256, 0, cuda_rt::stream()>>>(
+            ptr<float>(w), ptr<float>(gamma), beta.defined() ? ptr<float>(beta) : nullptr, ptr<Y>(y), groups, a);
+      });
+      LB_CUDA_LAUNCH_CHECK("lwc_forward_fast");
+      return;
+    }
+    lwc_forward_kernel<Y><<<blocks_for(groups), kWarpsPerBlock * 32, 0, cuda_rt::stream()>>>(
+        ptr<float>(w), ptr<float>(gamma), beta.defined() ? ptr<float>(beta) : nullptr, ptr<Y>(y), out, in, a);
+    LB_CUDA_LAUNCH_CHECK("lwc_forward_kernel");
+  };
+  if (y.dtype() == DType::BF16) launch(detail::TypeTag<detail::bf16>{});
+  else launch(detail::TypeTag<float>{});
 }
 
 void lwc_backward(const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& dy, const FormatTraits& a,
