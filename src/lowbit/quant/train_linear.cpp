@@ -53,6 +53,41 @@ Var lwc_lora_weight(const Var& w, const Var& gamma, const Var& beta, const Var& 
   });
 }
 
+// The gradients of y = x Q^T + s (x A^T) B^T (+ bias) other than Q's, shared by lora_linear and
+// lwc_linear_bf16: with u = dY B, dB = s dY^T t, dA = s u^T x, dx = dY Q + s u A, dbias = the sum of
+// dY's rows. gc: dY; go, qo: dY and Q as the large products read them (bf16 copies under autocast);
+// t = x A^T from the forward. A undefined: no LoRA (dx = dY Q).
+void lora_input_grads(const Var& x, const Var& A, const Var& B, const Var& bias, const Tensor& gc, const Tensor& go,
+                      const Tensor& qo, const Tensor& xv, const Tensor& av, const Tensor& bv, const Tensor& t, double s) {
+  const bool lora = A.defined();
+  if (lora && B.requires_grad()) {
+    Tensor dB = Tensor::empty(bv.shape(), bv.dtype(), bv.device());
+    ops::gemm(gc, true, t, false, dB, s);
+    accumulate_grad(B, dB);
+  }
+  Tensor u;
+  if (lora && (A.requires_grad() || x.requires_grad())) {
+    u = Tensor::empty(t.shape(), t.dtype(), t.device());
+    ops::gemm(gc, false, bv, false, u);
+  }
+  if (lora && A.requires_grad()) {
+    Tensor dA = Tensor::empty(av.shape(), av.dtype(), av.device());
+    ops::gemm(u, true, xv, false, dA, s);
+    accumulate_grad(A, dA);
+  }
+  if (x.requires_grad()) {
+    Tensor dx = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
+    ops::gemm(go, false, qo, false, dx);
+    if (lora) ops::gemm(u, false, av, false, dx, s, 1.0);
+    accumulate_grad(x, dx);
+  }
+  if (bias.defined() && bias.requires_grad()) {
+    Tensor db = Tensor::empty(bias.value().shape(), bias.value().dtype(), bias.value().device());
+    ops::sum_rows(gc, db);
+    accumulate_grad(bias, db);
+  }
+}
+
 // y = x Q^T + s (x A^T) B^T (+ bias): PEFT's LoRA form (ApiQ's layer), one autograd op. The
 // rank-r products stay [N, r]; nothing of size [out, in] is formed besides Q itself (the merged
 // form above writes Q + s B A and reads dW_eff twice more in the backward: three extra passes over
@@ -84,32 +119,7 @@ Var lora_linear(const Var& x, const Var& q, const Var& A, const Var& B, double s
       ops::gemm(go, true, xo, false, dq);
       accumulate_grad(q, dq);
     }
-    if (B.requires_grad()) {
-      Tensor dB = Tensor::empty(bv.shape(), bv.dtype(), bv.device());
-      ops::gemm(gc, true, t, false, dB, s);
-      accumulate_grad(B, dB);
-    }
-    Tensor u;
-    if (A.requires_grad() || x.requires_grad()) {
-      u = Tensor::empty(t.shape(), t.dtype(), t.device());
-      ops::gemm(gc, false, bv, false, u);
-    }
-    if (A.requires_grad()) {
-      Tensor dA = Tensor::empty(av.shape(), av.dtype(), av.device());
-      ops::gemm(u, true, xv, false, dA, s);
-      accumulate_grad(A, dA);
-    }
-    if (x.requires_grad()) {
-      Tensor dx = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
-      ops::gemm(go, false, qo, false, dx);
-      ops::gemm(u, false, av, false, dx, s, 1.0);
-      accumulate_grad(x, dx);
-    }
-    if (bias.defined() && bias.requires_grad()) {
-      Tensor db = Tensor::empty(bias.value().shape(), bias.value().dtype(), bias.value().device());
-      ops::sum_rows(gc, db);
-      accumulate_grad(bias, db);
-    }
+    lora_input_grads(x, A, B, bias, gc, go, qo, xv, av, bv, t, s);
   });
 }
 
@@ -158,32 +168,7 @@ Var lwc_linear_bf16(const Var& x, const Var& w, const Var& gamma, const Var& bet
       accumulate_grad(gamma, dg);
       if (db.defined()) accumulate_grad(beta, db);
     }
-    if (lora && B.requires_grad()) {
-      Tensor dB = Tensor::empty(bbv.shape(), bbv.dtype(), bbv.device());
-      ops::gemm(gc, true, t, false, dB, s);
-      accumulate_grad(B, dB);
-    }
-    Tensor u;
-    if (lora && (A.requires_grad() || x.requires_grad())) {
-      u = Tensor::empty(t.shape(), t.dtype(), t.device());
-      ops::gemm(gc, false, bbv, false, u);
-    }
-    if (lora && A.requires_grad()) {
-      Tensor dA = Tensor::empty(av.shape(), av.dtype(), av.device());
-      ops::gemm(u, true, xv, false, dA, s);
-      accumulate_grad(A, dA);
-    }
-    if (x.requires_grad()) {
-      Tensor dx = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
-      ops::gemm(go, false, qo, false, dx);
-      if (lora) ops::gemm(u, false, av, false, dx, s, 1.0);
-      accumulate_grad(x, dx);
-    }
-    if (bias.defined() && bias.requires_grad()) {
-      Tensor db = Tensor::empty(bias.value().shape(), bias.value().dtype(), bias.value().device());
-      ops::sum_rows(gc, db);
-      accumulate_grad(bias, db);
-    }
+    lora_input_grads(x, A, B, bias, gc, go, qo, xv, av, bbv, t, s);
   });
 }
 }  // namespace
