@@ -33,6 +33,12 @@
 #   bench/cuda/gpu_session.sh fp8       carry as lp: Parity.Fp8Gemm, bench_fp8_gemm against
 #                                       bench/torch_fp8_gemm_ref.py (torch._scaled_mm), ~110M-shape step
 #                                       speed native vs emulated, the 15M curves with native GEMMs
+#   bench/cuda/gpu_session.sh lp110     carry tools.tar.xz lp-tokens.tar.xz: issue 18's ~110M-shape curves,
+#                                       native GEMMs (LP110_STEPS [1000], LP110_RUNS ["bf16 fp8"])
+#   bench/cuda/gpu_session.sh sanitize  carry tools.tar.xz tests.tar.xz: compute-sanitizer racecheck /
+#                                       memcheck / synccheck over the FA2 attention tests (issue 19)
+#   bench/cuda/gpu_session.sh eqat-probe  carry tools.tar.xz: issue 14, Block-AP and E2E-QP timings of
+#                                       efficientqat on a random SmolLM2-shaped model (~4 min)
 #   bench/cuda/gpu_session.sh lp-stage  (here) tokenizes linux-docs train/valid with the Llama 2
 #                                       tokenizer into .devcarry/lp-tokens.tar.xz (~10 MB)
 #   bench/cuda/gpu_session.sh saliency7b  (after setup, or carry .devcarry/tools.tar.xz): SAPR's saliency
@@ -329,6 +335,62 @@ fp8)
     STEPS=${LP_STEPS:-1000} BATCH=64 SEQ=256 LR=1e-3 WARMUP=100 EVAL_EVERY=100 \
     RUNS="${LP_RUNS:-f32 bf16 fp8 fp8-current}" bench/low_precision_train.sh "$O/lp-15m-native" 2>&1 | tee "$O/lp-15m-native.md"
   rm -f "$O"/lp-*/*/*.bin "$O"/lp-*/*/*.safetensors; rm -rf "$O"/lp-*/*/hf
+  ;;
+sanitize)
+  # Issue 19: compute-sanitizer (racecheck, memcheck, synccheck) over the FA2 attention tests. Carry
+  # tools.tar.xz and tests.tar.xz (or after setup plus tests.tar.xz).
+  [ -x "$W/bin/lowbit" ] || { rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp; }
+  unpack_tests
+  export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+  CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  [ -n "$CS" ] || { echo "no compute-sanitizer on this machine"; exit 1; }
+  for tool in racecheck memcheck synccheck; do
+    timeout "${SANITIZE_SECONDS:-150}" "$CS" --tool $tool --error-exitcode 9 "$W/bin/test_ops" \
+      --gtest_filter="${SANITIZE_FILTER:-Parity.AttentionFa2Bf16:Parity.AttentionFa2Deterministic}" > "$W/cs-$tool.log" 2>&1
+    echo "compute-sanitizer $tool exit $?"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$W/cs-$tool.log" | head -n 4
+    grep -m 3 -A 2 "Warning: Race\|Error:" "$W/cs-$tool.log"
+  done
+  ;;
+lp110)
+  # Issue 18: the ~110M-shape curves with native GEMMs (bf16 against fp8 by default), same seed, data
+  # and steps; docs/results/low-precision-training.md. Carry tools.tar.xz and lp-tokens.tar.xz.
+  unpack_lp
+  DEVICE=cuda LOWBIT=$W/bin/lowbit TRAIN_TOKENS=$W/lp/train.tokens VALID_TOKENS=$W/lp/valid.tokens LP_GEMM=native \
+    MODEL_ARGS="--dim 768 --hidden-dim 2048 --layers 12 --heads 12 --max-seq-len 512 --vocab 32000" \
+    STEPS=${LP110_STEPS:-1000} BATCH=32 SEQ=512 LR=6e-4 WARMUP=100 EVAL_EVERY=100 EVAL_BATCHES=8 \
+    RUNS="${LP110_RUNS:-bf16 fp8}" bench/low_precision_train.sh "$W/lp-110m" > "$O/lp-110m.md" 2>&1
+  echo "lp-110m exit $?"; grep -E "^\|" "$O/lp-110m.md" | head -40
+  ;;
+eqat-probe)
+  # Issue 14: where EfficientQAT's time goes on the GPU (two SmolLM2 jobs ran > 830 s without
+  # finishing, twice). A random SmolLM2-shaped model (dim 576, SwiGLU 1536, 30 layers, 9 heads, 3 kv
+  # heads, vocab 49152, tied), random tokens: Block-AP on PROBE_BLOCKS blocks (--verbose), then
+  # E2E-QP alone (--block-epochs 0) for PROBE_STEPS steps, each with its wall time and the mean GPU
+  # utilisation (nvidia-smi every second). Carry tools.tar.xz (or after setup). Local smoke test:
+  # LOWBIT=build-rel/lowbit PROBE_DEVICE=cpu PROBE_MODEL="--dim 64 --hidden-dim 128 --layers 2 --heads 4
+  # --kv-heads 2 --vocab 512" PROBE_VOCAB=512 bash bench/cuda/gpu_session.sh eqat-probe
+  if [ -z "${LOWBIT:-}" ]; then
+    [ -x "$W/bin/lowbit" ] || { rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp; }
+    export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    LOWBIT=$W/bin/lowbit
+  fi
+  D=${PROBE_DEVICE:-cuda} T=$(mktemp -d) V=${PROBE_VOCAB:-49152}
+  "$LOWBIT" -q random-model -o "$T/rm" ${PROBE_MODEL:---dim 576 --hidden-dim 1536 --layers 30 --heads 9 --kv-heads 3 --vocab 49152} \
+    --max-seq-len 2048 --tied > /dev/null || exit 1
+  python3 -c "import numpy as np; np.random.default_rng(1).integers(0, $V, 600000, dtype=np.int32).tofile('$T/tok.i32')"
+  util() { [ "$D" = cuda ] && awk -F', ' '{u += $1; n++} END {if (n) printf "mean GPU utilisation %.0f %% over %d s\n", u / n, n}' "$T/smi.log"; : > "$T/smi.log"; }
+  [ "$D" = cuda ] && { (while :; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits; sleep 1; done) > "$T/smi.log" & SMI=$!; }
+  t0=$(date +%s.%N)
+  timeout "${PROBE_T1:-150}" "$LOWBIT" qat -m "$T/rm" --method efficientqat --format int2g64 --train-tokens "$T/tok.i32" \
+    --device "$D" --verbose --stop-after-blocks "${PROBE_BLOCKS:-2}" -o "$T/q1" > "$T/q1.log" 2>&1
+  echo "block-ap ${PROBE_BLOCKS:-2} blocks: exit $?, $(python3 -c "import time; print(round(time.time() - $t0, 1))") s"; tail -n 12 "$T/q1.log"; util
+  t0=$(date +%s.%N)
+  timeout "${PROBE_T2:-120}" "$LOWBIT" qat -m "$T/rm" --method efficientqat --format int2g64 --train-tokens "$T/tok.i32" \
+    --device "$D" --block-epochs 0 --steps "${PROBE_STEPS:-20}" -o "$T/q2" > "$T/q2.log" 2>&1
+  echo "e2e-qp ${PROBE_STEPS:-20} steps: exit $?, $(python3 -c "import time; print(round(time.time() - $t0, 1))") s"; tail -n 6 "$T/q2.log"; util
+  [ -n "${SMI:-}" ] && kill "$SMI"
+  rm -rf "$T"
   ;;
 lp)
   unpack_lp

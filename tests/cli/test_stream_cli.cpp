@@ -188,7 +188,6 @@ TEST_F(StreamCli, PeakMemoryDoesNotGrowWithDepth) {
   };
   const double block_f32 = 4.0 * (4 * 256 * 256 + 3 * 256 * 768);
   const double model32_f32 = 32 * block_f32;
-  const double limit = model32_f32 / 2;
   RandomModelOptions o;
   o.max_shard_bytes = 2'000'000;
   auto peak = [&](int layers, const std::string& mode) {
@@ -204,11 +203,13 @@ TEST_F(StreamCli, PeakMemoryDoesNotGrowWithDepth) {
     return p;
   };
   const double p4 = peak(4, "on"), p32 = peak(32, "on"), p32_resident = peak(32, "off");
-  std::printf("peak RSS: 4 blocks %.1f MB, 32 blocks %.1f MB streamed, %.1f MB resident; limit %.1f MB (model %.1f MB "
-              "in f32)\n", p4 / 1e6, p32 / 1e6, p32_resident / 1e6, limit / 1e6, model32_f32 / 1e6);
+  std::printf("peak RSS: 4 blocks %.1f MB, 32 blocks %.1f MB streamed, %.1f MB resident (model %.1f MB in f32)\n",
+              p4 / 1e6, p32 / 1e6, p32_resident / 1e6, model32_f32 / 1e6);
+  // Differences only: the process's own resident pages (the binary and its libraries: ~275 MB with
+  // the CUDA runtime linked, ~20 MB without) are in every peak and cancel out.
   EXPECT_LT(p32, p4 + 12e6) << "the streamed peak grows with depth";
-  EXPECT_LT(p32, limit);
-  EXPECT_GT(p32_resident, limit) << "the resident path should exceed the test's limit (else the test proves nothing)";
+  EXPECT_GT(p32_resident - p32, model32_f32 / 2)
+      << "streaming the 32-block model should save at least half of its f32 size against the resident path";
   fs::remove_all(dir);
 }
 

@@ -144,6 +144,10 @@ __device__ __forceinline__ void store_rows(const float (&acc)[HD / 8][4], float 
                                            bf16* dst, int64_t rs, int row0, int nrows, int lane) {
   constexpr int LD = HD + 8;
   const int g = lane >> 2, t = lane & 3;
+  // The tile rows were read by this warp's ldmatrix (other lanes' addresses): order those reads before
+  // these writes. The mma.sync / shfl.sync in between converge the warp but order no memory;
+  // compute-sanitizer racecheck reported the pair as a hazard (2026-12-07, H100) without this.
+  __syncwarp();
 #pragma unroll
   for (int j = 0; j < HD / 8; ++j) {
     *reinterpret_cast<uint32_t*>(stile + g * LD + 8 * j + 2 * t) = pack_bf16(acc[j][0] * f_lo, acc[j][1] * f_lo);
