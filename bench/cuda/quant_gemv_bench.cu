@@ -1,4 +1,4 @@
-// Decode GEMV on packed lowbit weights (int4g128 and int2g64, asymmetric: w = (q - z) * s, codes
+// Decode GEMV on packed lowbit weights (int4g128, int2g64 and the ternary format's per-row form, asymmetric: w = (q - z) * s, codes
 // little-endian per row as in quant/format.h) on the GPU, against the card's copy bandwidth and a
 // bf16 cuBLAS GEMV of the same shape, at Llama-7B shapes; plus prefill as dequantize-to-bf16 +
 // cuBLAS. Self-contained (CUDA runtime + cuBLAS), C++17. The kernels are the ones quant_matmul's
@@ -231,12 +231,16 @@ int main(int argc, char** argv) {
   std::printf("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
 
   const int shapes[3][2] = {{4096, 4096}, {11008, 4096}, {4096, 11008}};
-  const int fmts[2][2] = {{4, 128}, {2, 64}};
+  // {bits, G}; G 0: one group per row (the ternary format's GPU form: 2-bit codes, (gamma, 1) per row)
+  const int fmts[3][2] = {{4, 128}, {2, 64}, {2, 0}};
   bool ok = true;
   std::vector<std::string> prefill_rows;
   for (auto& fm : fmts)
     for (auto& sh : shapes) {
-      const int bits = fm[0], G = fm[1], N = sh[0], K = sh[1];
+      const int bits = fm[0], N = sh[0], K = sh[1], G = fm[1] ? fm[1] : K;
+      char fname[32];
+      if (fm[1]) std::snprintf(fname, sizeof fname, "int%dg%d", bits, G);
+      else std::snprintf(fname, sizeof fname, "ternary (int%dpc)", bits);
       const Packed p = make_packed(bits, G, N, K, 42);
       const size_t wbytes = p.codes.size() + p.params.size() * 4;
       const int copies = int(std::max<size_t>(2, (size_t(160) << 20) / wbytes + 1));
@@ -367,9 +371,9 @@ int main(int argc, char** argv) {
             std::snprintf(g_cu, sizeof g_cu, "%.1f", cug);
             std::snprintf(g_sp, sizeof g_sp, "%.2fx", cug / best);
           }
-          std::printf("| int%dg%d | %d x %d | %d | %s | %.1e | %.1e | %.1f | %s | %d | %.0f | %.0f %% | %.1f / %s | "
+          std::printf("| %s | %d x %d | %d | %s | %.1e | %.1e | %.1f | %s | %d | %.0f | %.0f %% | %.1f / %s | "
                       "%.2fx | %s | %s |\n",
-                      bits, G, N, K, M, qg::variant_name(v), rel, rel32, best_stream, g_us, best_r, gbs,
+                      fname, N, K, M, qg::variant_name(v), rel, rel32, best_stream, g_us, best_r, gbs,
                       100.0 * gbs / copy_gbs, cu, g_cu, cu / best_stream, g_sp, sweep);
         }
         CK(cudaFree(dx));
@@ -399,7 +403,7 @@ int main(int argc, char** argv) {
                           CUDA_R_16BF, K, &beta, dy, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         });
         char line[256];
-        std::snprintf(line, sizeof line, "| int%dg%d | %d x %d | %d | %.1f | %.1f | %.2fx |", bits, G, N, K, M, deq, dense,
+        std::snprintf(line, sizeof line, "| %s | %d x %d | %d | %.1f | %.1f | %.2fx |", fname, N, K, M, deq, dense,
                       dense / deq);
         prefill_rows.push_back(line);
         CK(cudaFree(dxb));

@@ -375,7 +375,7 @@ TEST(QuantLinear, InferenceRunsPackedAndNeverBuildsTheF32Weight) {
 // not a multiple of the block's rows. Rows of 257 blocks: several v2 chunks per lane.
 TEST(QuantMatmul, CudaGemvVariantsAgreeBitForBit) {
   if (!gpu()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
-  for (const char* name : {"int4g128", "int2g64", "int8pc", "q4_0", "q4_1", "q8_0"}) {
+  for (const char* name : {"int4g128", "int2g64", "int8pc", "q4_0", "q4_1", "q8_0", "ternary"}) {
     QuantizedTensor q = quantize(Tensor::randn({45, 8224}, 4, 0.05), parse_quant_format(name));
     q.upload_to_device();
     const ops::PackedWeight v = q.packed_view();
@@ -449,7 +449,8 @@ TEST(QuantEmbedding, RowsMatchTheDecoderOnCpuAndGpu) {
 // (ops/cuda/quant_gemv_layout.h), must give the CPU Int8 body's numbers (decode) and
 // dequantize_row's values (prefill tiles, embeddings). Runs without a GPU.
 TEST(QuantMatmulGpuLayout, HostEmulationOfTheKernelsMatchesTheCpuBodies) {
-  for (const char* name : {"int4g128", "int4g32", "int4g128s", "int4pc", "int2g64", "int2g32s", "int2pc", "int8pc", "q4_0", "q4_1", "q8_0"}) {
+  for (const char* name : {"int4g128", "int4g32", "int4g128s", "int4pc", "int2g64", "int2g32s", "int2pc", "int8pc", "q4_0", "q4_1", "q8_0",
+                           "ternary", "tq2_0"}) {
     const QuantFormat* fp = nullptr;
     try {
       fp = &parse_quant_format(name);
@@ -461,6 +462,11 @@ TEST(QuantMatmulGpuLayout, HostEmulationOfTheKernelsMatchesTheCpuBodies) {
     const QuantizedTensor q = quantize(Tensor::randn({out, in}, 11, 0.1), *fp);
     const ops::PackedWeight v = q.packed_view();
     ASSERT_TRUE(ops::quant_matmul_has_cuda_layout(v));
+    // The ternary layouts: the CPU's int8 bodies quantize activations per 256 values, the GPU per 32,
+    // so their decode is checked against the exact product within the int8 bound of 32-value blocks;
+    // the ternary format's gamma is f16 on the GPU (relative error <= 2^-11 on every value).
+    const bool ternary = ops::qmm::ternary_kind(v) != ops::qmm::TernaryKind::None;
+    const double wtol = std::string(name) == "ternary" ? 4.9e-4 : 1e-6;
     const ops::DevicePackedWeight d = ops::device_layout_on_host(v);
     ASSERT_EQ(d.codes.shape(), (Shape{out, d.row_bytes}));
     const uint8_t* codes = d.codes.data<uint8_t>();
@@ -478,20 +484,27 @@ TEST(QuantMatmulGpuLayout, HostEmulationOfTheKernelsMatchesTheCpuBodies) {
           got[size_t(b * 32 + qgemv::block_source(d.order, p))] = d.offset ? c * s + z : (c - z) * s;
         }
       }
-      for (int64_t i = 0; i < in; ++i) ASSERT_NEAR(got[size_t(i)], ref[size_t(i)], 1e-6 * (1 + std::fabs(ref[size_t(i)]))) << r << "," << i;
+      for (int64_t i = 0; i < in; ++i)
+        ASSERT_NEAR(got[size_t(i)], ref[size_t(i)], wtol * std::fabs(ref[size_t(i)]) + 1e-6 * (1 + std::fabs(ref[size_t(i)])))
+            << r << "," << i;
     }
     // Decode: int8 activations in kernel order, 8 dp4a words per block, block_term.
     const Tensor x = test_input(M, in, 5);
     Tensor ycpu = Tensor::empty({M, out});
-    ops::quant_matmul(x, v, ycpu, {ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable});
+    ops::quant_matmul(x, v, ycpu, {ternary ? ops::QuantMatmulPath::Exact : ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable});
+    const Tensor wd = q.dequantize();
     for (int64_t m = 0; m < M; ++m)
       for (int64_t r = 0; r < out; ++r) {
         float acc = 0.f;
-        double mag = 0;
+        double mag = 0, bound = 0;  // bound: the int8 activations' error over 32-value blocks, and gamma's
         for (int64_t b = 0; b < nb; ++b) {
           const float* xb = x.data<float>() + m * in + b * 32;
           float amax = 0.f;
           for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+          for (int i = 0; i < 32; ++i) {
+            const double wi = std::fabs(double(wd.data<float>()[r * in + b * 32 + i]));
+            bound += wi * amax / 127.0 / 2.0 * (1 + 1e-3) + wtol * wi * std::fabs(double(xb[i]));
+          }
           const float dd = amax / 127.0f, inv = dd > 0 ? 1.0f / dd : 0.0f;
           int8_t xq[32];
           int sum = 0;
@@ -515,7 +528,7 @@ TEST(QuantMatmulGpuLayout, HostEmulationOfTheKernelsMatchesTheCpuBodies) {
           mag += std::fabs(double(s) * dd * dot) + std::fabs(double(o) * dd * sum);  // cancellation scale
         }
         const float c = ycpu.data<float>()[m * out + r];
-        EXPECT_NEAR(acc, c, 1e-5 * mag + 1e-6) << "m " << m << " row " << r;
+        EXPECT_NEAR(acc, c, (ternary ? bound : 0.0) + 1e-5 * mag + 1e-6) << "m " << m << " row " << r;
       }
   }
 }
@@ -530,7 +543,7 @@ TEST(QuantMatmul, TernaryRunsTheIntGroupsKernelsWithItsTensorScale) {
   EXPECT_EQ(v.scales, nullptr);
   EXPECT_FLOAT_EQ(v.tensor_scale, q.tensor_scale.data<float>()[0]);
   EXPECT_TRUE(ops::quant_matmul_has_int8_kernel(v));
-  EXPECT_FALSE(ops::quant_matmul_has_cuda_layout(v));
+  EXPECT_TRUE(ops::quant_matmul_has_cuda_layout(v));  // one group per row, gamma as its f16 scale
   // x = e_i picks column i of W: the exact body returns the codec's values exactly.
   const Tensor wd = q.dequantize();
   Tensor x = Tensor::zeros({1, 96});
@@ -869,7 +882,8 @@ TEST(QuantMatmul, TernaryLayoutsRunTheirInt8KernelsOnBlocksOf256) {
     EXPECT_EQ(v.layout, c.layout);
     EXPECT_TRUE(ops::quant_matmul_has_int8_kernel(v));
     EXPECT_EQ(ops::quant_matmul_act_block(v), 256);
-    EXPECT_FALSE(ops::quant_matmul_has_cuda_layout(v));
+    // GPU form: tq2_0 yes; the ternary format only with whole 32-value blocks (not 600 columns); tq1_0 none.
+    EXPECT_EQ(ops::quant_matmul_has_cuda_layout(v), c.layout == ops::PackedLayout::GgmlTQ2_0);
     // Integer activations whose every block of 256 holds +-127 quantize exactly (d = 1): then every
     // int8 body equals the reference up to f32 rounding, which pins the code and slot order down.
     {

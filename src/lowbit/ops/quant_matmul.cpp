@@ -1134,8 +1134,14 @@ bool quant_matmul_has_cuda_layout(const PackedWeight& w) {
     case PackedLayout::GgmlQ4_0:
     case PackedLayout::GgmlQ4_1:
     case PackedLayout::GgmlQ8_0: return w.in % kBlock == 0;
+    case PackedLayout::GgmlTQ2_0: return true;  // blocks of 256: 8 sub-blocks of 32, each (d, 1)
     case PackedLayout::IntGroups:
-      return w.scales && (w.bits == 2 || w.bits == 4 || w.bits == 8) && w.in % kBlock == 0 &&
+      // The ternary format (no group scales): one group per row whose f16 scale is the tensor
+      // scale (gamma rounded to f16: the GPU's products carry its relative error, <= 2^-11).
+      if (!w.scales)
+        return qmm::ternary_kind(w) == qmm::TernaryKind::Ternary && w.in % kBlock == 0 &&
+               std::isfinite(w.tensor_scale) && std::fabs(w.tensor_scale) <= 65504.0f;
+      return (w.bits == 2 || w.bits == 4 || w.bits == 8) && w.in % kBlock == 0 &&
              (w.n_groups == 1 || w.group_size % kBlock == 0);
     default: return false;
   }
@@ -1154,13 +1160,13 @@ DevicePackedWeight device_layout_on_host(const PackedWeight& w) {
     throw_error(kOp, ": weight [", w.format, "] is in the CPU panel layout; the GPU copy is built from the row layout");
   if (!quant_matmul_has_cuda_layout(w))
     throw_error(kOp, ": weight [", w.format, "] [", w.out, ", ", w.in, "] has no GPU form (IntGroups with in % 32 == 0 and ",
-                "groups of whole 32-value blocks, or ggml q4_0 / q4_1 / q8_0)");
+                "groups of whole 32-value blocks, the ternary format, or ggml q4_0 / q4_1 / q8_0 / tq2_0)");
   DevicePackedWeight d;
   d.out = w.out;
   d.in = w.in;
   const int64_t nb = w.in / kBlock;
   const bool ggml = w.layout != PackedLayout::IntGroups;
-  d.bits = ggml ? (w.layout == PackedLayout::GgmlQ8_0 ? 8 : 4) : w.bits;
+  d.bits = ggml ? (w.layout == PackedLayout::GgmlQ8_0 ? 8 : w.layout == PackedLayout::GgmlTQ2_0 ? 2 : 4) : w.bits;
   d.group_size = ggml ? kBlock : w.group_size;
   d.n_groups = ggml ? nb : w.n_groups;
   d.order = ggml ? 8 : w.bits;
@@ -1170,7 +1176,7 @@ DevicePackedWeight device_layout_on_host(const PackedWeight& w) {
   Tensor params = Tensor::empty({w.out, d.n_groups, 2}, DType::F16);
   uint8_t* pc = codes.data<uint8_t>();
   uint16_t* pp = static_cast<uint16_t*>(params.raw_data());
-  const uint16_t f16_zero = f32_to_f16(0.0f), f16_eight = f32_to_f16(8.0f);
+  const uint16_t f16_zero = f32_to_f16(0.0f), f16_one = f32_to_f16(1.0f), f16_eight = f32_to_f16(8.0f);
   for (int64_t r = 0; r < w.out; ++r) {
     const uint8_t* src = w.codes + r * w.row_bytes;
     uint8_t* dst = pc + r * d.row_bytes;
@@ -1182,8 +1188,30 @@ DevicePackedWeight device_layout_on_host(const PackedWeight& w) {
       for (int64_t g = 0; g < d.n_groups; ++g) {
         float z = w.zeros ? f16_to_f32(w.zeros[r * w.n_groups + g]) : w.implicit_zero;
         if (d.bits == 8) z -= 128.0f;
-        prm[2 * g] = w.scales[r * w.n_groups + g];
+        prm[2 * g] = w.scales ? w.scales[r * w.n_groups + g] : f32_to_f16(w.tensor_scale);
         prm[2 * g + 1] = f32_to_f16(z);
+      }
+      continue;
+    }
+    if (w.layout == PackedLayout::GgmlTQ2_0) {
+      // Each 256-value block: qs[64] then d (f16). Sub-block c (values 32c .. 32c + 31) sits in
+      // qs[32 (c / 4) + l] at shift 2 (c % 4); the kernels read natural order (byte p % 8 of the
+      // 8-byte block at shift 2 (p / 8)), codes 0..2 with zero 1.
+      for (int64_t b = 0; b < w.in / qmm::kBlockK; ++b) {
+        const uint8_t* blk = src + b * 66;
+        uint16_t dd;
+        std::memcpy(&dd, blk + 64, 2);
+        for (int c = 0; c < 8; ++c) {
+          const int64_t sb = b * 8 + c;
+          uint8_t* o = dst + sb * 8;
+          std::memset(o, 0, 8);
+          for (int p = 0; p < 32; ++p) {
+            const int code = (blk[32 * (c / 4) + p] >> (2 * (c % 4))) & 3;
+            o[p % 8] = uint8_t(o[p % 8] | (code << (2 * (p / 8))));
+          }
+          prm[2 * sb] = dd;
+          prm[2 * sb + 1] = f16_one;
+        }
       }
       continue;
     }
