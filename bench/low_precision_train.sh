@@ -63,6 +63,7 @@ run_args() {  # the --precision flags of a run name
     fp4-direct) echo "--precision fp4-dge --lp-recipe naive" ;;             # direct E2M1 cast, STE, no OCC
     fp4-dge-only) echo "--precision fp4-dge --occ-quantile 1" ;;            # ablation: DGE, no OCC
     fp4-occ-only) echo "--precision fp4-dge --dge-k 1" ;;                   # ablation: OCC, STE
+    fp4-dge-q99) echo "--precision fp4-dge --occ-quantile 0.99" ;;          # the paper's other alpha
     *) echo "unknown run '$1'" >&2; return 1 ;;
   esac
 }
