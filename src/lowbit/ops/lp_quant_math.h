@@ -260,8 +260,8 @@ LB_HD_INLINE float fp8_value(LpFormat f, uint8_t code) {
 // saturated end; with the E2M1 format's absmax scaling only the amax itself, up to rounding) takes
 // the last interval's end, f'(6) = 1/k. The intervals: steps of 0.5 below 2, 1 in [2, 4), 2 in [4, 6].
 template <class T>
-LB_HD_INLINE void dge_interval(T& a, T& lo, T& d) {  // a = |v|, clamped to 6
-  if (a >= T(6)) a = T(6);
+LB_HD_INLINE void dge_interval(T& a, T& lo, T& d) {  // a = |v|, clamped to 6 (NaN too: no UB below)
+  if (!(a < T(6))) a = T(6);
   d = a < T(2) ? T(0.5) : a < T(4) ? T(1) : T(2);
   const T base = a < T(2) ? T(0) : a < T(4) ? T(2) : T(4);
   T steps = T(int((a - base) / d));  // whole steps above base (a >= 0)
