@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 18, `lowbit train --precision`: validation-loss curves of the same model, seed, data order
 # and steps trained with f32 GEMMs and with emulated low-precision GEMMs (bf16, fp8 delayed and
-# current scaling, mxfp4, nvfp4 with the NVFP4 paper's recipe, and the naive fp4 recipes); prints
+# current scaling, mxfp4, nvfp4 with the NVFP4 paper's recipe, and the naive fp4 recipes; fp4-dge:
+# Wang et al. 2025's DGE + OCC, its direct-cast baseline fp4-direct and the two one-part ablations); prints
 # the curves, the final validation loss of each run (the low-precision forward's, and the f32
 # master weights' with f32 GEMMs) and the gap to the f32 and bf16 runs.
 #
@@ -58,6 +59,11 @@ run_args() {  # the --precision flags of a run name
     nvfp4-naive) echo "--precision nvfp4 --lp-recipe naive" ;;
     mxfp4-naive) echo "--precision mxfp4 --lp-recipe naive" ;;
     nvfp4-keep0) echo "--precision nvfp4 --lp-keep-last 0" ;;
+    fp4-dge) echo "--precision fp4-dge" ;;                                  # DGE k 5 clip 3 + OCC 0.999
+    fp4-direct) echo "--precision fp4-dge --lp-recipe naive" ;;             # direct E2M1 cast, STE, no OCC
+    fp4-dge-only) echo "--precision fp4-dge --occ-quantile 1" ;;            # ablation: DGE, no OCC
+    fp4-occ-only) echo "--precision fp4-dge --dge-k 1" ;;                   # ablation: OCC, STE
+    fp4-dge-q99) echo "--precision fp4-dge --occ-quantile 0.99" ;;          # the paper's other alpha
     *) echo "unknown run '$1'" >&2; return 1 ;;
   esac
 }

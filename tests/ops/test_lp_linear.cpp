@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <random>
+#include <vector>
 #include <string>
 
 #include "lowbit/autograd/functions.h"
@@ -125,6 +127,100 @@ TEST(LpLinear, ForwardAndBackwardAreTheRecipesGemms) {
         EXPECT_EQ(lp_operand_spec(r, LpOperand::WgradDy, seed).rht_seed, lp_operand_spec(r, LpOperand::WgradX, seed).rht_seed);
       }
     }
+}
+
+// fp4-dge (Wang et al. 2025): y = (Q(clamp x) + r) Q(W)^T with r = x - clamp x (the sparse
+// high-precision compensation, added at the operand), dx = E5M2(dy) Q(W), dW = (E5M2(dy)^T x_eff) *
+// f'(W / S) (the DGE), composed by hand from the ops; the naive recipe (k = 1, no clamping) is
+// direct E2M1 casting with straight-through gradients.
+TEST(LpLinear, Fp4DgeIsTheRecipesGemms) {
+  Tensor xv = rnd(64, 40, 31);
+  const Tensor wv = rnd(24, 40, 32), g = rnd(64, 24, 33);
+  xv.data<float>()[7] = 40.0f, xv.data<float>()[100] = -25.0f;  // outliers
+  const uint64_t seed = 77;
+  for (bool full : {true, false}) {
+    LpRecipe r;
+    r.precision = LpPrecision::FP4_DGE;
+    r.occ_quantile = 0.99;
+    if (!full) r.dge_k = 1.0f, r.occ_quantile = 1.0;
+    const std::string what = full ? "fp4-dge" : "fp4-dge naive";
+    const Grads got = run(r, xv, wv, g, seed);
+    const ops::LpQuantSpec sx = lp_operand_spec(r, LpOperand::FpropX, seed), sw = lp_operand_spec(r, LpOperand::FpropW, seed);
+    EXPECT_EQ(sx.format, ops::LpFormat::E2M1);
+    EXPECT_EQ(lp_operand_spec(r, LpOperand::DgradDy, seed).format, ops::LpFormat::E5M2);
+    Tensor xe;
+    if (full) {
+      Tensor xc, res;
+      ops::LpOccStats st;
+      ops::lp_occ_split(xv, 0.99, xc, res, &st);
+      EXPECT_GE(st.outliers, 2);
+      xe = q(xc, sx);
+      ops::add(xe, res, xe);
+      // the outliers reach the product: x_eff's error there is the clamped part's quantization error
+      const float e7 = std::fabs(q(xc, sx).to_vector()[7] - xc.to_vector()[7]);
+      EXPECT_EQ(xc.to_vector()[7] + res.to_vector()[7], 40.0f);
+      EXPECT_NEAR(xe.to_vector()[7], 40.0f, e7 + 1e-5f);
+    } else {
+      xe = q(xv, sx);
+    }
+    const Tensor wq = q(wv, sw);
+    expect_same(got.y, mm(xe, false, wq, true), what + " y");
+    const Tensor gd = q(g, lp_operand_spec(r, LpOperand::DgradDy, seed));
+    expect_same(got.dx, mm(gd, false, wq, false), what + " dx");
+    Tensor dw = mm(gd, true, xe, false);
+    if (full) ops::lp_dge_scale(wv, sw, r.dge_k, r.dge_clip, dw);
+    expect_same(got.dw, dw, what + " dW");
+  }
+}
+
+// The layer's weight gradient is the exact gradient of its smooth surrogate: with no clamping and
+// dy on the E5M2 grid (so that its quantization is exact), L(W) = sum C * (Q(x) . (S f(W / S))^T)
+// — f the DGE's power function, S the per-row scales held at W's — has the f64 central differences
+// dL/dW = (C^T Q(x)) * f'(W / S), which lp_linear's f64 backward gives (unclipped: clip 1000).
+TEST(LpLinear, Fp4DgeWeightGradientIsTheSurrogatesDerivative) {
+  const int64_t T = 16, in = 24, out = 8;
+  const Tensor xv = Tensor::randn({T, in}, 41, 1.0, DType::F64), wv = Tensor::randn({out, in}, 42, 0.1, DType::F64);
+  std::vector<double> cv(size_t(T * out));
+  std::mt19937 rng(3);
+  for (auto& c : cv) c = (1 + 0.25 * double(rng() % 4)) * std::ldexp(1.0, int(rng() % 5) - 2) * (rng() % 2 ? 1 : -1);
+  cv[0] = 1.75 * 4;  // the amax: s = 2^-15 * 2^2, every value on the grid exactly
+  const Tensor C = Tensor::from_vector(std::vector<float>(cv.begin(), cv.end()), {T, out}).to(DType::F64);
+  LpRecipe r;
+  r.precision = LpPrecision::FP4_DGE;
+  r.occ_quantile = 1.0;
+  r.dge_k = 5.0f;
+  r.dge_clip = 1000.0f;
+  expect_same(q(C, lp_operand_spec(r, LpOperand::DgradDy, 1)), C, "dy on the E5M2 grid");
+  const Grads got = run(r, xv, wv, C, 1);
+  const std::vector<float> xq = q(xv, lp_operand_spec(r, LpOperand::FpropX, 1)).to_vector();
+  const std::vector<float> w = wv.to_vector();
+  std::vector<double> S(static_cast<size_t>(out));
+  for (int64_t o = 0; o < out; ++o) {
+    float m = 0;
+    for (int64_t i = 0; i < in; ++i) m = std::max(m, std::fabs(float(w[size_t(o * in + i)])));
+    S[size_t(o)] = double(m / 6.0f);
+  }
+  // L as a function of one weight (o, i): the other terms are constant
+  const auto term = [&](int64_t o, int64_t i, double wi) {
+    const double s = S[size_t(o)], sur = s * ops::lp::dge_smooth(wi / s, 5.0);
+    double acc = 0;
+    for (int64_t t = 0; t < T; ++t) acc += cv[size_t(t * out + o)] * double(xq[size_t(t * in + i)]) * sur;
+    return acc;
+  };
+  const std::vector<float> dw = got.dw.to_vector();
+  int checked = 0;
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t i = 0; i < in; ++i) {
+      const double wi = double(float(w[size_t(o * in + i)])), s = S[size_t(o)], a = std::fabs(wi / s);
+      const double d = a < 2 ? 0.5 : a < 4 ? 1 : 2, lo = a < 2 ? std::floor(a / 0.5) * 0.5 : a < 4 ? std::floor(a) : 4;
+      const double t = (a - lo) / d;
+      if (t < 0.03 || t > 0.97 || std::fabs(t - 0.5) < 0.03 || a >= 5.99) continue;  // kinks and poles of f'
+      const double h = 1e-7 * s;
+      const double fd = (term(o, i, wi + h) - term(o, i, wi - h)) / (2 * h);
+      ASSERT_NEAR(dw[size_t(o * in + i)], fd, 1e-3 * std::max(1.0, std::fabs(fd))) << "w[" << o << "," << i << "] v " << wi / s;
+      ++checked;
+    }
+  EXPECT_GT(checked, out * in / 2);
 }
 
 TEST(LpLinear, StraightThroughGradientsTrackTheF32Ones) {

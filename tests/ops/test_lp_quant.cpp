@@ -89,6 +89,7 @@ Tensor reference(const Tensor& x, const LpQuantSpec& s) {
       float S = 0;
       if (bmax > 0) {
         if (s.format == LpFormat::NVFP4) S = float(round_to_grid(double(bmax / 6.0f / gscale), e4m3_grid())) * gscale;
+        else if (s.format == LpFormat::E2M1) S = bmax / 6.0f;
         else S = float(std::ldexp(1.0, int(std::floor(std::log2(double(bmax)))) - 2));
       }
       for (int64_t r = r0; r < r1; ++r)
@@ -206,6 +207,11 @@ TEST(LpQuantize, MatchesTheReferenceForEveryFormatAndTile) {
       const LpQuantSpec s = spec(f, tr, tc);
       expect_equal(quant(x, s), reference(x, s), std::string(ops::lp_format_name(f)) + " " + std::to_string(tr) + "x" + std::to_string(tc));
     }
+  // e2m1 (fp4-dge): one f32 scale amax / 6 per tile, whole rows (per token / channel) and 16-blocks
+  for (auto [tr, tc] : {std::pair{1, 1 << 30}, std::pair{1, 16}, std::pair{16, 1}}) {
+    const LpQuantSpec s = spec(LpFormat::E2M1, tr, tc);
+    expect_equal(quant(x, s), reference(x, s), "e2m1 " + std::to_string(tr) + "x" + std::to_string(tc));
+  }
   // bf16: round to nearest even; none: the value.
   expect_equal(quant(x, spec(LpFormat::BF16)), x.to(DType::BF16).to(DType::F32), "bf16");
   expect_equal(quant(x, spec(LpFormat::None)), x, "none");

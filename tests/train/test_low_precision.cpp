@@ -33,7 +33,7 @@ TEST(LowPrecisionTrain, LossDecreasesForEveryPrecision) {
   const double first = ref.records.front().loss;
   // Bounds: the f32 run falls from ln 512 = 6.24 to ~5.7 in 16 steps here; each precision must fall
   // by at least 60 % as much and end within 10 % of it (measured gaps below 2 %).
-  for (LpPrecision p : {LpPrecision::BF16, LpPrecision::FP8, LpPrecision::MXFP4, LpPrecision::NVFP4}) {
+  for (LpPrecision p : {LpPrecision::BF16, LpPrecision::FP8, LpPrecision::MXFP4, LpPrecision::NVFP4, LpPrecision::FP4_DGE}) {
     auto dp = test::temp_dir(std::string("lp-") + lp_precision_name(p));
     const TrainResult r = train_model(shape260k(dp.string(), p), train, val);
     ASSERT_TRUE(r.complete);
@@ -71,6 +71,44 @@ TEST(LowPrecisionTrain, LayersAndKeptBlocks) {
   EXPECT_EQ(low_precision_key(f8, 5), "fp8 keep 0/0 delayed h16");
   f8.keep_first = 3, f8.keep_last = 2;
   EXPECT_THROW(check_low_precision_options(f8, 5), Error);
+  LowPrecisionOptions dge;
+  dge.recipe.precision = LpPrecision::FP4_DGE;
+  EXPECT_EQ(lp_keep_last(dge, 5), 0);
+  EXPECT_EQ(low_precision_key(dge, 5), "fp4-dge keep 0/0 dge k5 clip3 occ 0.999");
+  apply_lp_recipe_name(dge, "naive");
+  EXPECT_EQ(low_precision_key(dge, 5), "fp4-dge keep 0/0 ste");
+}
+
+TEST(LowPrecisionTrain, Fp4DgeOptionsOutOfRangeNameTheFlag) {
+  const auto msg = [](auto set) {
+    LowPrecisionOptions o;
+    o.recipe.precision = LpPrecision::FP4_DGE;
+    set(o.recipe);
+    try {
+      check_low_precision_options(o, 5);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(msg([](LpRecipe& r) { r.dge_k = 0.5f; }).find("--dge-k 0.5 is outside [1, 100]"), std::string::npos);
+  EXPECT_NE(msg([](LpRecipe& r) { r.dge_k = 1000.0f; }).find("--dge-k 1000 is outside"), std::string::npos);
+  EXPECT_NE(msg([](LpRecipe& r) { r.dge_k = NAN; }).find("--dge-k nan is outside"), std::string::npos);
+  EXPECT_NE(msg([](LpRecipe& r) { r.dge_clip = 0; }).find("--dge-clip 0 is outside (0, 1000]"), std::string::npos);
+  EXPECT_NE(msg([](LpRecipe& r) { r.occ_quantile = 0.5; }).find("--occ-quantile 0.5 is outside (0.5, 1]"), std::string::npos);
+  EXPECT_NE(msg([](LpRecipe& r) { r.occ_quantile = 1.01; }).find("--occ-quantile 1.01 is outside"), std::string::npos);
+  EXPECT_EQ(msg([](LpRecipe& r) { r.dge_k = 1, r.occ_quantile = 1; }), "no error");
+  // CUDA: refused naming the precision (the quantile and the DGE have CPU bodies only)
+  const auto train = test::markov_stream(4000, 6);
+  auto d = test::temp_dir("lp-dge-cuda");
+  TrainOptions o = shape260k(d.string(), LpPrecision::FP4_DGE);
+  o.device = Device::CUDA;
+  try {
+    train_model(o, train, {});
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--precision fp4-dge: no CUDA body"), std::string::npos) << e.what();
+  }
 }
 
 TEST(LowPrecisionTrain, Fp8DelayedResumesIdentically) {

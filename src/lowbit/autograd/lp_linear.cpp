@@ -16,7 +16,8 @@ LpPrecision parse_lp_precision(const std::string& name, const std::string& what)
   if (name == "fp8") return LpPrecision::FP8;
   if (name == "mxfp4") return LpPrecision::MXFP4;
   if (name == "nvfp4") return LpPrecision::NVFP4;
-  throw_error(what, ": '", name, "' is not a training precision (choices: f32, bf16, fp8, mxfp4, nvfp4)");
+  if (name == "fp4-dge") return LpPrecision::FP4_DGE;
+  throw_error(what, ": '", name, "' is not a training precision (choices: f32, bf16, fp8, mxfp4, nvfp4, fp4-dge)");
 }
 
 const char* lp_precision_name(LpPrecision p) {
@@ -26,6 +27,7 @@ const char* lp_precision_name(LpPrecision p) {
     case LpPrecision::FP8: return "fp8";
     case LpPrecision::MXFP4: return "mxfp4";
     case LpPrecision::NVFP4: return "nvfp4";
+    case LpPrecision::FP4_DGE: return "fp4-dge";
   }
   return "?";
 }
@@ -33,6 +35,12 @@ const char* lp_precision_name(LpPrecision p) {
 void check_lp_recipe(const LpRecipe& r) {
   if (r.amax_history < 1 || r.amax_history > 1024)
     throw_error("--amax-history ", r.amax_history, " is outside [1, 1024]");
+  if (!(r.dge_k >= 1.0f && r.dge_k <= 100.0f))
+    throw_error("--dge-k ", r.dge_k, " is outside [1, 100] (1: the straight-through estimator; the paper uses 5)");
+  if (!(r.dge_clip > 0.0f && r.dge_clip <= 1000.0f))
+    throw_error("--dge-clip ", r.dge_clip, " is outside (0, 1000] (the paper clips the DGE derivative at 3)");
+  if (!(r.occ_quantile > 0.5 && r.occ_quantile <= 1.0))
+    throw_error("--occ-quantile ", r.occ_quantile, " is outside (0.5, 1] (1: no clamping; the paper uses 0.99-0.999)");
 }
 
 int64_t lp_block(LpPrecision p) { return p == LpPrecision::NVFP4 ? 16 : p == LpPrecision::MXFP4 ? 32 : 0; }
@@ -73,6 +81,16 @@ ops::LpQuantSpec lp_operand_spec(const LpRecipe& r, LpOperand op, uint64_t seed)
     case LpPrecision::F32: return s;
     case LpPrecision::BF16: s.format = LpFormat::BF16; return s;
     case LpPrecision::FP8: s.format = grad ? LpFormat::E5M2 : LpFormat::E4M3; return s;
+    case LpPrecision::FP4_DGE:
+      // E5M2 gradients; x and W: E2M1 with one f32 scale per row (a tile wider than any row)
+      if (grad) {
+        s.format = LpFormat::E5M2;
+      } else {
+        s.format = LpFormat::E2M1;
+        s.tile_rows = 1;
+        s.tile_cols = 1 << 30;
+      }
+      return s;
     default: break;
   }
   const int32_t B = int32_t(lp_block(r.precision));
@@ -249,6 +267,41 @@ Var lp_linear_native_fp8(const Var& x, const Var& w, const Tensor& xv, const Ten
     }
   });
 }
+// fp4-dge (autograd/lp_linear.h): OCC on x, E2M1 per-row operands, E5M2 dy, the DGE on W's gradient.
+Var lp_linear_fp4_dge(const Var& x, const Var& w, const Tensor& xv, const Tensor& wv, const LpRecipe& r, uint64_t seed,
+                      bool training) {
+  if (xv.device() != Device::CPU)
+    throw_error("--precision fp4-dge: no CUDA body yet (the outlier quantile of OCC and the DGE derivative run on the "
+                "CPU only): train it with --device cpu");
+  const ops::LpQuantSpec sx = lp_operand_spec(r, LpOperand::FpropX, seed), sw = lp_operand_spec(r, LpOperand::FpropW, seed);
+  Tensor xe;  // the forward's x operand: Q(clamp(x)) + residual
+  if (r.occ_quantile < 1.0) {
+    Tensor xc, res;
+    ops::lp_occ_split(xv, r.occ_quantile, xc, res);
+    xe = quantize(xc, sx);
+    ops::add(xe, res, xe);
+  } else {
+    xe = quantize(xv, sx);
+  }
+  const Tensor wq = quantize(wv, sw);
+  Tensor y = Tensor::empty({xv.size(0), wv.size(0)}, xv.dtype(), xv.device());
+  ops::gemm(xe, false, wq, true, y);
+  if (!training) return Var(y);
+  return make_result(y, {x, w}, "lp_linear", [x, w, xe, wv, wq, r, seed, sw](const Tensor& g) {
+    const Tensor gd = quantize(g.contiguous(), lp_operand_spec(r, LpOperand::DgradDy, seed));
+    if (x.requires_grad()) {  // dx = E5M2(dy) . Q(W): straight through the quantizer and the clamp
+      Tensor dx = Tensor::empty(xe.shape(), xe.dtype(), xe.device());
+      ops::gemm(gd, false, wq, false, dx);
+      accumulate_grad(x, dx);
+    }
+    if (w.requires_grad()) {  // dW = (E5M2(dy)^T . x_eff) * f'(W / S): the DGE
+      Tensor dw = Tensor::empty(wv.shape(), wv.dtype(), wv.device());
+      ops::gemm(gd, true, xe, false, dw);
+      if (r.dge_k != 1.0f) ops::lp_dge_scale(wv, sw, r.dge_k, r.dge_clip, dw);
+      accumulate_grad(w, dw);
+    }
+  });
+}
 }  // namespace
 
 Var lp_linear(const Var& x, const Var& w, const LpRecipe& r, const std::shared_ptr<LpLinearState>& state,
@@ -269,6 +322,7 @@ Var lp_linear(const Var& x, const Var& w, const LpRecipe& r, const std::shared_p
     if (r.precision == LpPrecision::BF16 && xv.device() == Device::CUDA)
       return lp_linear_native_bf16(x, w, xv, wv, training);
   }
+  if (r.precision == LpPrecision::FP4_DGE) return lp_linear_fp4_dge(x, w, xv, wv, r, seed, training);
   using Role = LpLinearState::Role;
   // fprop operands (fp8: the per-tensor scale from the history when delayed)
   ops::LpQuantSpec sx = lp_operand_spec(r, LpOperand::FpropX, seed), sw = lp_operand_spec(r, LpOperand::FpropW, seed);

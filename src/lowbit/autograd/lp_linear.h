@@ -12,6 +12,9 @@
 //   nvfp4       Q(x) 1x16 tiles            SR Q(dy) 1x16 tiles        SR Q(H dy) 16x1 tiles
 //               Q(W) 16x16 tiles           the same Q(W)              Q(H x) 16x1 tiles
 //   mxfp4       the same recipe with MX tiles of 32 (32x32 for W) and power-of-two scales
+//   fp4-dge     Q(clamp(x)) + r, Q(W)          E5M2(dy), the same Q(W)    E5M2(dy), Q(clamp(x)) + r
+//               Q: E2M1 with one f32 scale per row (amax / 6): per token for x, per output channel
+//               for W; dW is scaled by the DGE derivative (below)
 //
 // (NVFP4 paper, NVIDIA 2025, arXiv 2509.25149, sec. 4: 2-D weight blocks so that fprop and dgrad
 // use one quantized weight — the backward is then the exact gradient of the forward's surrogate;
@@ -29,6 +32,26 @@
 //
 // The naive recipe (for comparison; `lp_recipe naive`): 1-D tiles for W (re-quantized along the
 // other axis for dgrad), no Hadamard transform, round-to-nearest gradients.
+//
+// fp4-dge (Wang et al. 2025, "Optimizing Large Language Model Training Using FP4 Quantization",
+// arXiv 2501.17116): the E2M1 codec of the format table with the paper's vector-wise absmax scaling
+// (ops::LpFormat::E2M1, tiles of one row) for the forward operands and the input of dgrad/wgrad, the
+// output gradient in FP8 E5M2 (one current scale per tensor, the FP8-LM gradients the paper keeps),
+// and two changes to plain FP4 casting:
+//   DGE (differentiable gradient estimator, sec. 3.1): the weight quantizer's backward is the
+//       derivative of the power-function smoothing of the E2M1 step (ops/lp_quant_math.h
+//       lp::dge_derivative, parameter dge_k, clipped at dge_clip) instead of the STE's 1:
+//       dW = (E5M2(dy)^T . x_eff) * f'(W / S_row), S_row held constant;
+//   OCC (outlier clamping and compensation, sec. 3.2): x is clamped to its (1 - alpha, alpha)
+//       quantiles (ops::lp_occ_split, alpha = occ_quantile) before quantizing, and the residual
+//       r = x - clamp(x) (sparse: about 2 (1 - alpha) of the values) is added back in high precision:
+//       x_eff = Q(clamp(x)) + r, so x_eff . Q(W)^T is Q(clamp(x)) . Q(W)^T plus the sparse f32 GEMM
+//       r . Q(W)^T (emulated as one f32 GEMM on the sum: the same product up to summation order).
+// The activation side keeps the straight-through estimator (dx = E5M2(dy) . Q(W); the clamp and the
+// residual together pass the gradient as 1). dge_k = 1 is the STE; occ_quantile = 1 clamps nothing:
+// the naive recipe (`lp_recipe naive`) sets both — direct E2M1 casting with the STE, the paper's
+// baseline. CPU only: the quantile and the derivative have no CUDA body (lp_linear refuses a CUDA
+// tensor naming the precision).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -41,8 +64,9 @@
 
 namespace lowbit {
 
-enum class LpPrecision : uint8_t { F32, BF16, FP8, MXFP4, NVFP4 };
-// "f32", "bf16", "fp8", "mxfp4", "nvfp4"; throws lowbit::Error naming `what` and listing the choices.
+enum class LpPrecision : uint8_t { F32, BF16, FP8, MXFP4, NVFP4, FP4_DGE };
+// "f32", "bf16", "fp8", "mxfp4", "nvfp4", "fp4-dge"; throws lowbit::Error naming `what` and listing
+// the choices.
 LpPrecision parse_lp_precision(const std::string& name, const std::string& what = "--precision");
 const char* lp_precision_name(LpPrecision p);
 
@@ -58,8 +82,13 @@ struct LpRecipe {
   // multiples of 16, else the call stays emulated) — instead of f32 GEMMs on dequantized values.
   // The same products up to the order of summation; the fp4 precisions are always emulated.
   bool native_gemm = false;
+  // fp4-dge: the DGE's power k (>= 1; 1 = STE) and the clip of its derivative (the paper: k = 5,
+  // clip 3.0), and the OCC quantile alpha (in (0.5, 1]; 1 = no clamping; the paper: 0.99-0.999).
+  float dge_k = 5.0f, dge_clip = 3.0f;
+  double occ_quantile = 0.999;
 };
-// Throws lowbit::Error for an amax history outside [1, 1024].
+// Throws lowbit::Error naming the flag for an amax history outside [1, 1024], --dge-k outside
+// [1, 100], --dge-clip outside (0, 1000], --occ-quantile outside (0.5, 1].
 void check_lp_recipe(const LpRecipe& r);
 // The elements per scale tile along the reduction dimension: 16 (nvfp4), 32 (mxfp4), 0 otherwise.
 int64_t lp_block(LpPrecision p);

@@ -20,6 +20,7 @@ const char* lp_format_name(LpFormat f) {
     case LpFormat::E5M2: return "e5m2";
     case LpFormat::MXFP4: return "mxfp4";
     case LpFormat::NVFP4: return "nvfp4";
+    case LpFormat::E2M1: return "e2m1";
   }
   return "?";
 }
@@ -27,11 +28,11 @@ const char* lp_format_name(LpFormat f) {
 namespace {
 
 void check_spec(const char* op, const LpQuantSpec& s) {
-  if (int(s.format) > int(LpFormat::NVFP4)) throw_error(op, ": unknown format ", int(s.format));
+  if (int(s.format) > int(LpFormat::E2M1)) throw_error(op, ": unknown format ", int(s.format));
   if (lp::is_fp4(s.format) && (s.tile_rows < 1 || s.tile_cols < 1))
     throw_error(op, " [", lp_format_name(s.format), "]: tile ", s.tile_rows, " x ", s.tile_cols, " must be at least 1 x 1");
   if (s.rounding == LpRounding::Stochastic && !lp::is_fp4(s.format))
-    throw_error(op, " [", lp_format_name(s.format), "]: stochastic rounding is implemented for the E2M1 formats (mxfp4, nvfp4)");
+    throw_error(op, " [", lp_format_name(s.format), "]: stochastic rounding is implemented for the E2M1 formats (mxfp4, nvfp4, e2m1)");
   if (s.rht_axis < -1 || s.rht_axis > 1) throw_error(op, ": rht_axis ", s.rht_axis, " is not -1, 0 or 1");
   if (s.rht_axis >= 0 && (s.rht_size < 2 || s.rht_size > 256 || (s.rht_size & (s.rht_size - 1)) != 0))
     throw_error(op, ": rht_size ", s.rht_size, " is not a power of two in [2, 256]");
@@ -216,6 +217,102 @@ void fp8_gemm(const Tensor& a, LpFormat fa, const Tensor& b, LpFormat fb, float 
     return d;
   };
   gemm(decode(a, fa), false, decode(b, fb), true, y, double(alpha));
+}
+
+void lp_dge_scale(const Tensor& w, const LpQuantSpec& spec, float k, float clip, Tensor& g) {
+  const char* op = "lp_dge_scale";
+  detail::check_contiguous(op, w, "w");
+  detail::check_contiguous(op, g, "g");
+  if (w.dim() != 2) throw_error(op, ": w must be [rows, cols], got ", w.describe());
+  detail::check_shape(op, g, w.shape(), "g");
+  if (g.dtype() != w.dtype()) throw_error(op, ": g is ", g.describe(), " but w is ", w.describe());
+  check_spec(op, spec);
+  if (!lp::is_fp4(spec.format) || spec.rounding != LpRounding::Nearest || spec.rht_axis >= 0)
+    throw_error(op, ": format ", lp_format_name(spec.format),
+                " — the estimator is the derivative of a smoothed E2M1 step (e2m1, mxfp4, nvfp4; round to nearest, "
+                "no Hadamard transform)");
+  if (!(k >= 1.0f) || !std::isfinite(k)) throw_error(op, ": k ", k, " must be finite and >= 1");
+  if (!(clip > 0.0f) || !std::isfinite(clip)) throw_error(op, ": clip ", clip, " must be finite and > 0");
+  if (w.device() != Device::CPU || g.device() != Device::CPU)
+    throw_error(op, ": no CUDA body (the FP4 DGE backward runs on the CPU only)");
+  const int64_t R = w.size(0), C = w.size(1);
+  detail::dispatch_float(op, w.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* wp = w.data<T>();
+    T* gp = g.data<T>();
+    float amax = 0;  // the NVFP4 tensor scale needs it
+    for (int64_t i = 0; i < R * C; ++i) amax = std::max(amax, std::fabs(float(wp[i])));
+    const float ts = spec.format == LpFormat::NVFP4 ? lp::tensor_scale(spec.format, amax) : 0.0f;
+    const int64_t tr = spec.tile_rows, tc = spec.tile_cols;
+    const int64_t TR = (R + tr - 1) / tr, TC = (C + tc - 1) / tc;
+    parallel_for(TR * TC, 1, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t) {
+        const int64_t r0 = (t / TC) * tr, r1 = std::min(R, r0 + tr), c0 = (t % TC) * tc, c1 = std::min(C, c0 + tc);
+        float bmax = 0;
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = c0; c < c1; ++c) bmax = std::max(bmax, std::fabs(float(wp[r * C + c])));
+        const float S = lp::tile_scale(spec.format, bmax, ts, false);
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = c0; c < c1; ++c) {
+            // an all-zero tile (S = 0) quantizes to 0 whatever the value: v = 0, the interval's end
+            const float v = S > 0 ? float(wp[r * C + c]) / S : 0.0f;
+            gp[r * C + c] = T(double(gp[r * C + c]) * double(lp::dge_derivative(v, k, clip)));
+          }
+      }
+    });
+  });
+}
+
+double lp_quantile(float* v, int64_t n, double alpha) {
+  if (n <= 0) throw_error("lp_quantile: no values");
+  const double pos = alpha * double(n - 1);
+  const int64_t i = std::min<int64_t>(n - 1, int64_t(std::floor(pos)));
+  const double frac = pos - double(i);
+  std::nth_element(v, v + i, v + n);
+  const double a = v[i];
+  if (frac == 0 || i + 1 >= n) return a;
+  const double b = *std::min_element(v + i + 1, v + n);  // the next order statistic
+  return a + frac * (b - a);
+}
+
+void lp_occ_split(const Tensor& x, double alpha, Tensor& clamped, Tensor& residual, LpOccStats* stats) {
+  const char* op = "lp_occ_split";
+  detail::check_contiguous(op, x, "x");
+  if (x.dim() != 2) throw_error(op, ": x must be [rows, cols], got ", x.describe());
+  if (!(alpha > 0.5 && alpha <= 1.0)) throw_error(op, ": quantile ", alpha, " is outside (0.5, 1]");
+  if (x.device() != Device::CPU) throw_error(op, ": no CUDA body (the outlier quantile runs on the CPU only)");
+  const int64_t n = x.numel();
+  clamped = Tensor::empty(x.shape(), x.dtype(), x.device());
+  residual = Tensor::zeros(x.shape(), x.dtype(), x.device());
+  detail::dispatch_float(op, x.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data<T>();
+    T* cp = clamped.data<T>();
+    T* rp = residual.data<T>();
+    std::vector<float> v(static_cast<size_t>(n));
+    bool finite = true;
+    for (int64_t i = 0; i < n; ++i) {
+      v[size_t(i)] = float(xp[i]);
+      finite = finite && std::isfinite(v[size_t(i)]);
+    }
+    if (!finite || n == 0 || alpha == 1.0) {
+      std::copy(xp, xp + n, cp);
+      if (stats) *stats = {finite ? -INFINITY : NAN, finite ? INFINITY : NAN, 0};
+      return;
+    }
+    const double hi = lp_quantile(v.data(), n, alpha), lo = lp_quantile(v.data(), n, 1.0 - alpha);
+    const T thi = T(hi), tlo = T(lo);
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const T c = xp[i] > thi ? thi : xp[i] < tlo ? tlo : xp[i];
+      cp[i] = c;
+      if (c != xp[i]) rp[i] = xp[i] - c, ++count;
+    }
+    // Through memory: GCC 12 -O3's SLP vectorizer drops the f32 rounding of a pair of
+    // double(float(d)) conversions stored side by side (checked: it stored the unrounded doubles).
+    volatile T vlo = tlo, vhi = thi;
+    if (stats) *stats = {double(vlo), double(vhi), count};
+  });
 }
 
 }  // namespace lowbit::ops

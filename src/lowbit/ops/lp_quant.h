@@ -57,7 +57,33 @@ inline bool fp8_gemm_shape_ok(int64_t M, int64_t N, int64_t K) {
   return M > 0 && N > 0 && K > 0 && M % 16 == 0 && N % 16 == 0 && K % 16 == 0;
 }
 
-// "none", "bf16", "e4m3", "e5m2", "mxfp4", "nvfp4"
+// "none", "bf16", "e4m3", "e5m2", "mxfp4", "nvfp4", "e2m1"
 const char* lp_format_name(LpFormat f);
+
+// ---- FP4 training with DGE and OCC (Wang et al. 2025, arXiv 2501.17116; autograd/lp_linear.h) -----
+//
+// lp_dge_scale: g *= min(f'(w / S), clip) element by element (lp::dge_derivative), S the decode
+// scale lp_quantize(w, spec) uses for w's tile — the backward of the differentiable gradient
+// estimator of the weight quantizer, with S held constant. w and g [rows, cols] of one dtype (f32;
+// f64 for gradient checks, computed in f32 as lp_quantize); spec an E2M1 format (e2m1, mxfp4, nvfp4)
+// with round-to-nearest and no Hadamard transform; k >= 1, clip > 0. CPU only (no CUDA body: a CUDA
+// tensor is refused naming the op).
+void lp_dge_scale(const Tensor& w, const LpQuantSpec& spec, float k, float clip, Tensor& g);
+
+// lp_occ_split: outlier clamping and compensation of an activation x [rows, cols]: with the
+// thresholds lo = Quantile(x, 1 - alpha) and hi = Quantile(x, alpha) over all of x's values
+// (linear interpolation between order statistics: position q (n - 1) of the sorted values, numpy's
+// and torch.quantile's default), clamped = min(max(x, lo), hi) and residual = x - clamped (zero but
+// for the outliers: the sparse matrix of the high-precision compensation GEMM). clamped + residual
+// is x (the subtraction is exact for an outlier at most twice its threshold, Sterbenz; beyond, the
+// f32 sum rounds back to x). alpha in (0.5, 1]; 1 clamps nothing. NaN/inf in x: the thresholds are
+// NaN, clamped = x and residual = 0 (the quantizer then reports the NaN). CPU only (f32, f64).
+struct LpOccStats {
+  double lo = 0, hi = 0;  // the thresholds
+  int64_t outliers = 0;   // nonzero residuals
+};
+void lp_occ_split(const Tensor& x, double alpha, Tensor& clamped, Tensor& residual, LpOccStats* stats = nullptr);
+// The alpha-quantile of n values (sorted in place partially: the order changes), as lp_occ_split.
+double lp_quantile(float* v, int64_t n, double alpha);
 
 }  // namespace lowbit::ops

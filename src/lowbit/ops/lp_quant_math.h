@@ -73,7 +73,9 @@ namespace lowbit::ops {
 //   E5M2   FP8 E5M2 (max 57344) with one f32 scale per tensor (the gradients of FP8 training)
 //   MXFP4  E2M1 values, one power-of-two (UE8M0) scale per tile (OCP MX: tiles of 32)
 //   NVFP4  E2M1 values, one E4M3 scale per tile (16 values) under one f32 scale per tensor
-enum class LpFormat : uint8_t { None = 0, BF16 = 1, E4M3 = 2, E5M2 = 3, MXFP4 = 4, NVFP4 = 5 };
+//   E2M1   E2M1 values, one f32 scale per tile, S = tile amax / 6 (the vector-wise absmax scaling of
+//          Wang et al. 2025, arXiv 2501.17116: tiles of one whole row, per token / per output channel)
+enum class LpFormat : uint8_t { None = 0, BF16 = 1, E4M3 = 2, E5M2 = 3, MXFP4 = 4, NVFP4 = 5, E2M1 = 6 };
 enum class LpRounding : uint8_t { Nearest = 0, Stochastic = 1 };
 
 // How one operand is quantized (trivially copyable: kernels take it by value).
@@ -156,7 +158,7 @@ LB_HD_INLINE void rht_apply(float* v, int64_t stride, int n, uint64_t seed, bool
 LB_HD_INLINE float format_max(LpFormat f) {
   return f == LpFormat::E4M3 ? 448.0f : f == LpFormat::E5M2 ? 57344.0f : 6.0f;
 }
-LB_HD_INLINE bool is_fp4(LpFormat f) { return f == LpFormat::MXFP4 || f == LpFormat::NVFP4; }
+LB_HD_INLINE bool is_fp4(LpFormat f) { return f == LpFormat::MXFP4 || f == LpFormat::NVFP4 || f == LpFormat::E2M1; }
 LB_HD_INLINE bool is_fp8(LpFormat f) { return f == LpFormat::E4M3 || f == LpFormat::E5M2; }
 
 // The per-tensor scale of the current amax: E4M3/E5M2 s = amax / max (x ~ s q); NVFP4 the f32
@@ -176,9 +178,12 @@ LB_HD_INLINE float tensor_scale(LpFormat f, float amax) {
 //          S = 2^ceil(log2(bmax / 6))              with stochastic rounding: no value saturates, so
 //                                                  the rounding stays unbiased (Tseng et al. 2025
 //                                                  scale by 3/4 for the same reason)
-// clamped to the E8M0 range 2^-127 .. 2^127; 0 for an all-zero tile (its values stay 0).
+// clamped to the E8M0 range 2^-127 .. 2^127;
+//   E2M1   S = bmax / 6 in f32                   (the largest value maps onto 6)
+// 0 for an all-zero tile (its values stay 0).
 LB_HD_INLINE float tile_scale(LpFormat f, float bmax, float g, bool stochastic) {
   if (!(bmax > 0)) return 0.0f;
+  if (f == LpFormat::E2M1) return bmax / 6.0f;
   if (f == LpFormat::NVFP4) return g > 0 ? e4m3_to_float(float_to_e4m3(bmax / 6.0f / g)) * g : 0.0f;
   int e;
   if (!stochastic) {
@@ -239,6 +244,47 @@ LB_HD_INLINE uint8_t fp8_code(LpFormat f, float x, float S) {
 }
 LB_HD_INLINE float fp8_value(LpFormat f, uint8_t code) {
   return f == LpFormat::E4M3 ? e4m3_to_float(code) : e5m2_to_float(code);
+}
+
+// ---- the differentiable gradient estimator (DGE) of FP4 training --------------------------------
+// Wang et al. 2025, "Optimizing Large Language Model Training Using FP4 Quantization" (arXiv
+// 2501.17116), sec. 3.1: on each interval [lo, lo + d] between neighbouring E2M1 values (in scaled
+// units, v = x / S) the step of round-to-nearest is approximated by the power function
+//   f(v) = lo + d/2 (1 + sign(u) |u|^(1/k)),   u = 2 (v - lo) / d - 1  in [-1, 1],
+// which passes through both grid values and is steepest at the rounding threshold (u = 0); its
+// derivative
+//   f'(v) = (1/k) |u|^(1/k - 1)
+// replaces the straight-through estimator's 1 in the backward of the weight quantizer, clipped to at
+// most `clip` (the paper's 3.0; the derivative is infinite at u = 0). k = 1 is f(v) = v (the STE);
+// k -> infinity is the step itself. Odd-symmetric: f(-v) = -f(v), f'(-v) = f'(v). |v| >= 6 (the
+// saturated end; with the E2M1 format's absmax scaling only the amax itself, up to rounding) takes
+// the last interval's end, f'(6) = 1/k. The intervals: steps of 0.5 below 2, 1 in [2, 4), 2 in [4, 6].
+template <class T>
+LB_HD_INLINE void dge_interval(T& a, T& lo, T& d) {  // a = |v|, clamped to 6 (NaN too: no UB below)
+  if (!(a < T(6))) a = T(6);
+  d = a < T(2) ? T(0.5) : a < T(4) ? T(1) : T(2);
+  const T base = a < T(2) ? T(0) : a < T(4) ? T(2) : T(4);
+  T steps = T(int((a - base) / d));  // whole steps above base (a >= 0)
+  if (a >= T(6)) steps = T(0);       // 6 closes [4, 6]
+  lo = base + steps * d;
+}
+// f(v) in the arithmetic of T (tests compare its f64 finite differences with dge_derivative).
+template <class T>
+LB_HD_INLINE T dge_smooth(T v, T k) {
+  T a = v < T(0) ? -v : v, lo, d;
+  dge_interval(a, lo, d);
+  const T u = T(2) * (a - lo) / d - T(1);
+  const T mag = u == T(0) ? T(0) : (u < T(0) ? -std::pow(-u, T(1) / k) : std::pow(u, T(1) / k));
+  const T f = lo + d / T(2) * (T(1) + mag);
+  return v < T(0) ? -f : f;
+}
+// min(f'(v), clip) in f32 (the backward's factor).
+LB_HD_INLINE float dge_derivative(float v, float k, float clip) {
+  float a = fabsf(v), lo, d;
+  dge_interval(a, lo, d);
+  const float u = fabsf(2.0f * (a - lo) / d - 1.0f);
+  const float g = powf(u, 1.0f / k - 1.0f) / k;  // u = 0: +inf (k > 1), clipped below
+  return g < clip ? g : clip;
 }
 
 }  // namespace lp

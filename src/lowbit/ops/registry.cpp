@@ -39,6 +39,9 @@ constexpr OpInfo kOps[] = {
     {"lp_quantize_fp8", false, kCuda, "f32 -> u8 fp8 codes"},
     {"fp8_gemm", false, kCuda, "u8 fp8 codes -> f32"},  // cuBLASLt on CUDA (native fp8 training)
     {"lp_encode_fp8_dual", false, kCuda, "f32 -> u8 fp8 codes, both layouts"},
+    // fp4-dge (ops/lp_quant.h): the DGE factor of the weight gradient and OCC's split; CPU only
+    {"lp_dge_scale", false, false, "f32 f64"},
+    {"lp_occ_split", false, false, "f32 f64"},
 };
 }  // namespace
 

@@ -1,6 +1,7 @@
 #include "lowbit/train/low_precision.h"
 
 #include <cmath>
+#include <cstdio>
 
 namespace lowbit {
 
@@ -10,6 +11,8 @@ void apply_lp_recipe_name(LowPrecisionOptions& o, const std::string& name, const
     o.recipe.weight_2d = false;
     o.recipe.hadamard = false;
     o.recipe.stochastic_grads = false;
+    o.recipe.dge_k = 1.0f;         // fp4-dge: the straight-through estimator
+    o.recipe.occ_quantile = 1.0;   // fp4-dge: no outlier clamping
     if (o.keep_last < 0) o.keep_last = 0;
     return;
   }
@@ -42,6 +45,13 @@ std::string low_precision_key(const LowPrecisionOptions& o, int n_layers) {
     k += r.delayed_scaling ? " delayed h" + std::to_string(r.amax_history) : " current";
   if (r.precision == LpPrecision::MXFP4 || r.precision == LpPrecision::NVFP4)
     k += std::string(r.weight_2d ? " 2d" : " 1d") + (r.hadamard ? " rht" : "") + (r.stochastic_grads ? " sr" : "");
+  if (r.precision == LpPrecision::FP4_DGE) {
+    char buf[96];
+    if (r.dge_k == 1.0f) std::snprintf(buf, sizeof buf, " ste");
+    else std::snprintf(buf, sizeof buf, " dge k%g clip%g", double(r.dge_k), double(r.dge_clip));
+    k += buf;
+    if (r.occ_quantile < 1.0) std::snprintf(buf, sizeof buf, " occ %g", r.occ_quantile), k += buf;
+  }
   return k;
 }
 

@@ -1,9 +1,10 @@
-// `lowbit train --precision bf16|fp8|mxfp4|nvfp4` (issue 18): the linear layers of the decoder blocks
+// `lowbit train --precision bf16|fp8|mxfp4|nvfp4|fp4-dge` (issue 18): the linear layers of the decoder blocks
 // become LowPrecisionLinear (model/lp_linear.h: quantize-dequantize of every GEMM operand, f32
 // GEMMs, straight-through gradients, f32 master weights; the recipes are in autograd/lp_linear.h).
 // Emulated on the CPU: the numbers are what a kernel with FP8/FP4 inputs and f32 accumulation
 // computes. On CUDA, bf16 and fp8 run native GEMMs by default (LpRecipe::native_gemm: bf16 tensor
-// cores, cuBLASLt FP8); FP4 stays emulated (Hopper has no FP4 tensor cores).
+// cores, cuBLASLt FP8); FP4 stays emulated (Hopper has no FP4 tensor cores); fp4-dge is CPU-only
+// (its outlier quantile and DGE derivative have no CUDA body: refused on CUDA).
 //
 // What stays in high precision: the token embedding, the norms, attention's own products (QK^T and
 // PV), the output head (lm_head) — as in the FP8 and NVFP4 recipes — and, by default for the FP4
@@ -29,8 +30,9 @@ struct LowPrecisionOptions {
   bool enabled() const { return recipe.precision != LpPrecision::F32; }
 };
 
-// "full" (the papers' recipe) / "naive" (FP4: 1-D weight tiles, no Hadamard transform, round-to-
-// nearest gradients, no block kept in high precision).
+// "full" (the papers' recipe) / "naive" (mxfp4/nvfp4: 1-D weight tiles, no Hadamard transform,
+// round-to-nearest gradients, no block kept in high precision; fp4-dge: no DGE (the straight-through
+// estimator) and no outlier clamping — direct E2M1 casting).
 void apply_lp_recipe_name(LowPrecisionOptions& o, const std::string& name, const std::string& what = "--lp-recipe");
 // keep_last resolved for a model of n_layers blocks.
 int lp_keep_last(const LowPrecisionOptions& o, int n_layers);

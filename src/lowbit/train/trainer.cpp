@@ -450,6 +450,9 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
     if (o.comm && o.comm->world_size() > 1)
       throw_error("--precision ", lp_precision_name(lpo.recipe.precision),
                   ": one process only for now (the fp8 amax histories are not reduced over ranks)");
+    if (lpo.recipe.precision == LpPrecision::FP4_DGE && o.device != Device::CPU)
+      throw_error("--precision fp4-dge: no CUDA body yet (the outlier quantile of OCC and the DGE derivative run on "
+                  "the CPU only): train it with --device cpu");
   }
   check_low_precision_options(lpo, o.config.n_layers);
   for (const auto* s : {&train, &val})
