@@ -126,6 +126,9 @@ const Row kRows[] = {
   // --- generate
   {"generate", "missing model", "generate -m {D}/missing.bin --tokenizer {T}", "missing.bin: no such file"},
   {"generate", "truncated model", "generate -m {D}/trunc.bin --tokenizer {T}", "trunc.bin"},
+  {"generate", "slice 5", "generate -m {Q} --tokenizer {T} --slice 5", "--slice: 5 not in {2,3,4,8}", kQuantized},
+  {"generate", "slice of a non-parent", "generate -m {Q} --tokenizer {T} --slice 2", "not a Matryoshka parent", kQuantized},
+  {"generate", "slice of a dense model", "generate -m {M} --tokenizer {T} --slice 4", "is not a lowbit quantized checkpoint", kModel},
   {"generate", "no tokenizer", "generate -m {M}", "no tokenizer", kModel},
   {"generate", "random tokenizer", "generate -m {M} --tokenizer {D}/random.bin", "random.bin", kModel},
   {"generate", "empty tokenizer", "generate -m {M} --tokenizer {D}/empty", "empty: unknown tokenizer format", kModel},

@@ -47,7 +47,8 @@ std::vector<double> parse_width_weights(const std::string& text, size_t n_widths
                                         const std::string& flag = "--width-weights");
 
 // Replaces every packed block linear of `model` (QuantLinear in a Matryoshka parent format, no
-// adapters) by its r-bit slice, on the layer's device. Returns the number of layers sliced; throws
+// adapters) by its r-bit slice, on the layer's device (`eval ppl --slice`, `generate --slice`,
+// `convert --slice`). Returns the number of layers sliced; throws
 // naming `what` when a block linear is not such a layer.
 int matryoshka_slice_model(LlamaModel& model, int r, const std::string& what);
 
