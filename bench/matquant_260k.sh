@@ -8,6 +8,7 @@
 # test perplexity on the 32 test sequences, ctx 257, one window each; validation on sequences 24-31).
 #   bench/matquant_260k.sh [OUT_DIR] [NSAMPLES] [PARALLEL]    (default /tmp/matquant-260k, 128, 2)
 #   MQ_JOBS=REGEX bench/matquant_260k.sh ...   runs only the jobs whose name matches REGEX (grep -E)
+#   SEED=N bench/matquant_260k.sh ...           qat --seed N (calibration windows and shuffles; default 0)
 # Rows (name, what):
 #   rtn-W              round to nearest at intWg64 (W = 8, 4, 2)
 #   bap-W              Block-AP trained at intWg64 alone (the single-width counterpart)
@@ -21,7 +22,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 shared=${LOWBIT_SHARED:-$here/../../shared}
-out=${1:-/tmp/matquant-260k} nsamples=${2:-128} parallel=${3:-2}
+out=${1:-/tmp/matquant-260k} nsamples=${2:-128} parallel=${3:-2} seed=${SEED:-0}
 lowbit=${LOWBIT:-$here/../build-rel/lowbit}
 model=$shared/models/stories260K/stories260K.bin
 mkdir -p "$out/models" "$out/logs"
@@ -35,7 +36,7 @@ train() {  # NAME FORMAT ARGS...  -> OUT/models/NAME
       "$lowbit" -q quantize -m "$model" --method rtn --format "$fmt" --threads 1 --json -o "$dir" \
         > "$out/logs/$name.run.json" 2> "$out/logs/$name.err"
     else
-      "$lowbit" -q qat -m "$model" --format "$fmt" --train-tokens "$out/calib.i32" --nsamples "$nsamples" \
+      "$lowbit" -q qat -m "$model" --format "$fmt" --train-tokens "$out/calib.i32" --nsamples "$nsamples" --seed "$seed" \
         --threads 1 --json -o "$dir" "$@" > "$out/logs/$name.run.json" 2> "$out/logs/$name.err"
     fi
   fi
@@ -79,7 +80,7 @@ job() {  # one model: train it, then evaluate its rows
   esac
 }
 export -f train evaluate job
-export out lowbit model nsamples
+export out lowbit model nsamples seed
 printf '%s\n' matquant bap-2 bap-4 bap-8 matquant842w matquant221w matquant2 rtn-8 rtn-4 rtn-2 | grep -E "${MQ_JOBS:-.}" |
   xargs -P "$parallel" -I{} bash -c 'job {}'
 python3 - "$out/results.jsonl" <<'PY'

@@ -173,6 +173,7 @@ void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>&
     // The mean MSE of windows idx[b..e) of this rank's; MatQuant: Σ_r λ_r MSE_r of the r-bit slices.
     const size_t nw = o_.widths.size();
     std::vector<double> width_sum(nw, 0.0);
+    double step_windows = 1;  // the global step's window count: a rank's share weighs k / step_windows
     auto loss_of = [&](const std::vector<int64_t>& idx, size_t b, size_t e) {
       const Var x(gather_windows(ctx.inputs, idx, b, e, L));
       const Var target(gather_windows(ctx.fp_targets, idx, b, e, L));
@@ -183,7 +184,7 @@ void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>&
         const auto path = paths_.find(o_.widths[w]);
         const Var xw = path == paths_.end() ? x : Var(gather_windows(path->second, idx, b, e, L));
         const Var lw = mse(ctx.model.block_forward(ctx.layer, xw, int64_t(e - b), L), target);
-        width_sum[w] += lw.value().item();
+        width_sum[w] += lw.value().item() * double(e - b) / step_windows;
         const Var term = scale(lw, o_.width_weights[w]);
         total = total.defined() ? add(total, term) : term;
       }
@@ -197,6 +198,7 @@ void BlockApMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>&
       int64_t steps = 0;
       for (size_t b = 0; b < size_t(n); b += size_t(o_.batch)) {
         const size_t e = std::min(size_t(n), b + size_t(o_.batch));
+        step_windows = double(e - b);
         ++steps;
         // Data parallel: the part of the step's mean loss that this rank's windows make, the
         // gradients summed over the ranks (block_train.h; one rank: the step's loss).
