@@ -287,14 +287,15 @@ void register_qat(CLI::App& app) {
   q->add_option("--grad-checkpointing", a->grad_checkpointing, "lr-qat: on (default): each layer rebuilds its quantized weight "
                 "in the backward, keeping nothing of the weight's size between forward and backward; off: keep it (less compute, about 6 bytes per weight more memory)")
       ->check(CLI::IsMember({"on", "off"}));
-  q->add_option("--nsamples", c.nsamples, "efficientqat: Block-AP calibration windows (default 128)")->check(at_least(1));
-  q->add_option("--block-epochs", c.block_epochs, "efficientqat: Block-AP epochs (default 5: 5 x 128 windows = ApiQ's 20 x 32 tokens per block; the paper: 2 x 4096)")->check(at_least(0));
-  q->add_option("--block-batch", c.block_batch, "efficientqat: Block-AP windows per step (default 2)")->check(at_least(1));
-  q->add_option("--block-lr", c.block_lr, "efficientqat: Block-AP lr of the weights (default 1e-3, tuned on stories260K; the paper's 7B value is 2e-5)")->check(at_least(0));
-  q->add_option("--block-quant-lr", c.block_quant_lr, "efficientqat: Block-AP lr of steps and zero points (default 1e-3; the paper's 7B value is 1e-4)")
+  q->add_option("--nsamples", c.nsamples, "efficientqat, matquant: Block-AP calibration windows (default 128)")->check(at_least(1));
+  q->add_option("--block-epochs", c.block_epochs, "efficientqat, matquant: Block-AP epochs (default 5: 5 x 128 windows = ApiQ's 20 x 32 tokens per block; the paper: 2 x 4096)")->check(at_least(0));
+  q->add_option("--block-batch", c.block_batch, "efficientqat, matquant: Block-AP windows per step (default 2)")->check(at_least(1));
+  q->add_option("--block-lr", c.block_lr, "efficientqat, matquant: Block-AP lr of the weights (default 1e-3, tuned on stories260K; the paper's 7B value is 2e-5)")->check(at_least(0));
+  q->add_option("--block-quant-lr", c.block_quant_lr, "efficientqat, matquant: Block-AP lr of steps and zero points (default 1e-3; the paper's 7B value is 1e-4)")
       ->check(at_least(0));
   q->add_option("--widths", a->widths, "matquant: Matryoshka widths of the loss, comma-separated from 8, 4, 3, 2 "
-                "(default 8,4,2): the int8 codes and their top-bit slices")
+                "(default 8,4,2): the int8 codes and their top-bit slices; matquant trains the steps at --block-quant-lr / "
+                "2^(8 - narrowest) and the zero points at x 2^(8 - narrowest)")
       ->check(non_empty());
   q->add_option("--width-weights", a->width_weights, "matquant: the loss weight of each --widths entry, comma-separated "
                 "(default all 1: the paper's unweighted sum)")

@@ -892,7 +892,7 @@ std::vector<QatMethodInfo>& registry_storage() {
     v.push_back({"matquant",
                  "MatQuant (Matryoshka Quantization): Block-AP on int8 group codes (--format int8g64) with the loss "
                  "summed over --widths (default 8,4,2; weights --width-weights) of the codes' top bits; slice at load "
-                 "(eval ppl --slice R, convert --slice R)",
+                 "(eval ppl / generate / convert --slice R)",
                  [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new EfficientQat(c, true)); }});
     v.push_back({"paretoq",
                  "ParetoQ: end-to-end QAT with the paper's quantizer per bit width (sign 1 bit, SEQ 1.58/2 bits, "
