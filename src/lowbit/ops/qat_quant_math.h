@@ -61,7 +61,7 @@ LB_HD_INLINE float lsq_top(const LsqGrid& g) {
 // The code q (an integer of the c-bit grid) as the grid value its slice decodes to: S(q, r) 2^(c-r).
 template <class T>
 LB_HD_INLINE T lsq_sliced(T q, const LsqGrid& g) {
-  if (!g.slice) return q;
+  if (!g.slice || !(q >= T(0) && q <= T(g.qhi))) return q;  // a NaN stays NaN (no float -> uint8 conversion)
   return T(int(matryoshka_slice_code(uint8_t(q), g.bits, g.slice)) << (g.bits - g.slice));
 }
 // zr = clamp(round(offset), qlo, qhi) for asymmetric grids, 0 for symmetric ones.
