@@ -694,8 +694,8 @@ TEST(CommCli, DataParallelApiqSaprMatchOneRank) {
   fs::remove_all(dir);
 }
 
-// qat: lsq (end to end; also with --zero) and efficientqat (Block-AP through the data-parallel
-// pipeline, then E2E-QP) with 2 and 3 CPU ranks against one process: the stages' losses
+// qat: lsq (end to end; also with --zero), efficientqat (Block-AP through the data-parallel
+// pipeline, then E2E-QP) and matquant (its Block-AP) with 2 and 3 CPU ranks against one process: the stages' losses
 // (all-reduced) and the checkpoint; with --zero rank 0 holds about half the AdamW state.
 TEST(CommCli, DataParallelQatMatchesOneRank) {
   if (!fs::exists(lowbit::test::cli_path())) GTEST_SKIP() << "no " << lowbit::test::cli_path();
@@ -709,11 +709,14 @@ TEST(CommCli, DataParallelQatMatchesOneRank) {
   };
   const std::map<std::string, std::string> args = {
       {"lsq", "--steps 6 --batch 6 --seqlen 32"},
-      {"efficientqat", "--nsamples 12 --seqlen 32 --block-epochs 2 --block-batch 4 --steps 3 --batch 6"}};
+      {"efficientqat", "--nsamples 12 --seqlen 32 --block-epochs 2 --block-batch 4 --steps 3 --batch 6"},
+      // MatQuant: Block-AP's data-parallel pipeline, each width on its own path (each rank its windows')
+      {"matquant", "--nsamples 12 --seqlen 32 --block-epochs 2 --block-batch 4 --widths 8,4,2"}};
   for (const auto& [method, extra] : args) {
     auto qat = [&](int gpus, const std::string& flags = "") {
       const std::string name = method + "-" + std::to_string(gpus) + (flags.empty() ? "" : "-zero");
-      const CliResult r = run_cli("qat --json -m " + model + " --method " + method + " --format int2g64 --train-tokens " +
+      const std::string format = method == "matquant" ? "int8g64" : "int2g64";
+      const CliResult r = run_cli("qat --json -m " + model + " --method " + method + " --format " + format + " --train-tokens " +
                                       tokens + " " + extra + " -o " + (dir / name).string() +
                                       (gpus ? " --gpus " + std::to_string(gpus) : "") + " " + flags,
                                   dir);
@@ -731,7 +734,7 @@ TEST(CommCli, DataParallelQatMatchesOneRank) {
       return run;
     };
     const Run one = qat(0);
-    ASSERT_EQ(one.losses.size(), method == "lsq" ? 2u : 4u);
+    ASSERT_EQ(one.losses.size(), method == "efficientqat" ? 4u : 2u);
     std::vector<std::pair<int, std::string>> runs = {{2, ""}, {3, ""}};
     if (method == "lsq") runs.emplace_back(2, "--zero");
     for (const auto& [gpus, flags] : runs) {

@@ -51,6 +51,7 @@ const QatCase kCases[] = {
     // was 1.7e-3 from the CPU's on an H100 (2026-12-07), the other cases within 1e-3.
     {"paretoq", "int4g64", "", 3e-3},
     {"l4q", "int3g64", "--lora-rank 4"},
+    {"matquant", "int8g64", "--nsamples 4 --block-epochs 2 --widths 8,4,2"},  // Block-AP on sliced int8 codes
 };
 
 std::string qat_cli() {
@@ -83,22 +84,31 @@ std::pair<std::string, std::string> model_and_tokens() {
   return {m, t};
 }
 
+// Runs cmd (stdout and stderr into r.log), then reads r.dir/out/qat_report.json.
+void run_into(const std::string& cmd, QatRun& r);
+
 QatRun run_qat(const QatCase& c, const std::string& device, const std::string& model, const std::string& tokens,
                const std::string& tag) {
   QatRun r;
   r.dir = test::temp_dir(std::string("qat-") + c.method + "-" + c.format + "-" + device + "-" + tag);
+  // matquant has no end-to-end stage: no --steps / --batch
+  const std::string e2e = std::string(c.method) == "matquant" ? "" : " --steps 4 --batch 2";
   const std::string cmd = qat_cli() + " -q qat -m " + model + " --method " + c.method + " --format " + c.format +
-                          " --train-tokens " + tokens + " --steps 4 --batch 2 --seqlen 32 --seed 3 --device " + device +
-                          " " + c.extra + " -o " + (r.dir / "out").string() + " 2>&1";
+                          " --train-tokens " + tokens + e2e + " --seqlen 32 --seed 3 --device " + device + " " + c.extra +
+                          " -o " + (r.dir / "out").string() + " 2>&1";
+  run_into(cmd, r);
+  return r;
+}
+
+void run_into(const std::string& cmd, QatRun& r) {
   FILE* p = ::popen(cmd.c_str(), "r");
-  if (!p) return r;
+  if (!p) return;
   char buf[4096];
   for (size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) r.log.append(buf, n);
   const int st = ::pclose(p);
   r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
   std::ifstream in(r.dir / "out" / "qat_report.json");
   if (in) r.report = nlohmann::json::parse(in, nullptr, false);
-  return r;
 }
 
 // Same stages with losses within rel_tol; the checkpoints' tensors with the same names, dtypes and
@@ -191,4 +201,43 @@ TEST(QatCli, CpuRunsRepeat) {
     EXPECT_GE(bpw, nominal) << c.method << " " << c.format;
     EXPECT_LT(bpw, nominal + 1) << c.method << " " << c.format;
   }
+}
+
+// MatQuant (quant/matryoshka.h): the r-bit model sliced at load (`eval ppl --slice`) and the
+// checkpoint `convert --slice` writes (an ordinary int2g64 directory) compute the same perplexity,
+// and the parent records that it is a Matryoshka model.
+TEST(QatCli, MatQuantSliceAtLoadEqualsTheConvertedCheckpoint) {
+  if (!std::filesystem::exists(qat_cli())) GTEST_SKIP() << "no " << qat_cli();
+  const auto [model, tokens] = model_and_tokens();
+  ASSERT_FALSE(model.empty()) << "no stories260K and no random model from " << qat_cli();
+  const QatRun a = run_qat(kCases[6], "cpu", model, tokens, "slice");
+  ASSERT_EQ(a.status, 0) << a.log;
+  const auto out = a.dir / "out", sliced = a.dir / "int2";
+  std::ifstream cfg(out / "config.json");
+  const nlohmann::json c = nlohmann::json::parse(cfg, nullptr, false);
+  ASSERT_TRUE(c.is_object());
+  EXPECT_EQ(c["quantization_config"]["format"], "int8g64");
+  EXPECT_EQ(c["quantization_config"]["matryoshka"]["widths"], nlohmann::json({8, 4, 2}));
+  QatRun conv;
+  conv.dir = a.dir;
+  run_into(qat_cli() + " -q convert --from " + out.string() + " --to " + sliced.string() + " --slice 2 2>&1", conv);
+  ASSERT_EQ(conv.status, 0) << conv.log;
+  std::ifstream cfg2(sliced / "config.json");
+  const nlohmann::json c2 = nlohmann::json::parse(cfg2, nullptr, false);
+  ASSERT_TRUE(c2.is_object());
+  EXPECT_EQ(c2["quantization_config"]["format"], "int2g64");
+  auto ppl = [&](const std::string& args) {
+    QatRun e;
+    e.dir = a.dir;
+    run_into(qat_cli() + " -q eval ppl " + args + " --tokens " + tokens + " --ctx 33 --max-windows 8 --json 2>/dev/null", e);
+    EXPECT_EQ(e.status, 0) << args << "\n" << e.log;
+    const nlohmann::json j = nlohmann::json::parse(e.log, nullptr, false);
+    return j.is_object() ? j.value("ppl", -1.0) : -1.0;
+  };
+  const double at_load = ppl("-m " + out.string() + " --slice 2"), converted = ppl("-m " + sliced.string());
+  const double parent = ppl("-m " + out.string());
+  EXPECT_GT(at_load, 0);
+  EXPECT_EQ(at_load, converted);
+  EXPECT_NE(at_load, parent);  // the int8 model is another model
+  std::filesystem::remove_all(a.dir);
 }

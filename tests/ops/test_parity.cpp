@@ -718,6 +718,30 @@ TEST_F(Parity, AdamWGroups) {
 // per-group sums of the backwards (dstep, doffset, dalpha) run in another order (32 lanes, then a
 // shuffle tree): fp32 rounding of at most 300 terms of magnitude ~|dy| -> 1e-5 of the largest.
 // Every case runs with and without dw / doffset (the kernels' null-output branches).
+// MatQuant's Matryoshka slice of the LSQ quantizer (quant/matryoshka.h): int8 groups sliced to 4, 3
+// and 2 bits, the same per-element arithmetic on both sides (forward and dw exact, the group sums as
+// above).
+TEST_F(Parity, QatQuantizersMatryoshkaSlice) {
+  const test::QatFormatCase c{test::qat_traits("int8g64", QuantKind::IntAsym, 8, 64), 9, 200};
+  uint64_t seed = 1900;
+  for (int slice : {4, 3, 2}) {
+    const test::QatParams p = test::qat_params(c, seed += 10);
+    // u = w / s + z spans the 256 codes: both clamps act.
+    const Tensor w = Tensor::randn({c.out, c.in}, seed + 7, 40.0, DType::F32);
+    const std::string fn = std::string("int8g64 slice ") + std::to_string(slice);
+    Tensor yc, yg;
+    ops::lsq_quant_forward(w, p.step, p.offset, c.f, yc, slice);
+    ops::lsq_quant_forward(gpu(w), gpu(p.step), gpu(p.offset), c.f, yg, slice);
+    check("lsq_quant", fn + " forward", yg, yc, 0.0);
+    Tensor dwc, dsc, dzc, dwg, dsg, dzg;
+    ops::lsq_quant_backward(w, p.step, p.offset, p.dy, c.f, 1.0, &dwc, dsc, &dzc, slice);
+    ops::lsq_quant_backward(gpu(w), gpu(p.step), gpu(p.offset), gpu(p.dy), c.f, 1.0, &dwg, dsg, &dzg, slice);
+    check("lsq_quant", fn + " dstep", dsg, dsc, 1e-5);
+    check("lsq_quant", fn + " dw", dwg, dwc, 0.0);
+    check("lsq_quant", fn + " doffset", dzg, dzc, 1e-5);
+  }
+}
+
 TEST_F(Parity, QatQuantizers) {
   uint64_t seed = 900;
   for (const auto& c : test::qat_format_cases()) {

@@ -40,7 +40,8 @@ TEST(QuantFormat, TableIsConsistent) {
     EXPECT_EQ(f.row_bytes(64), packed_bytes(f.bits, 64));
     EXPECT_EQ(f.group_size % 8, 0) << f.name << ": dequantize_row unpacks groups from byte boundaries";
   }
-  EXPECT_EQ(all_quant_formats().size(), 44u);
+  EXPECT_EQ(all_quant_formats().size(), 47u);
+  EXPECT_EQ(int(parse_quant_format("int8g64").id), 46);  // stable id (Matryoshka parents, 45-47)
   EXPECT_EQ(int(parse_quant_format("tp2g128").id), 43);  // stable id (written to checkpoints)
   EXPECT_EQ(int(parse_quant_format("ptq161").id), 44);
   EXPECT_EQ(parse_quant_format("tp2g128").qmax(), 8);
@@ -77,6 +78,7 @@ TEST(QuantFormat, BitsPerWeightAsDocumented) {
   EXPECT_DOUBLE_EQ(bpw("int2g64"), 2.0 + 32.0 / 64);
   EXPECT_DOUBLE_EQ(bpw("int4g32"), 4.0 + 32.0 / 32);
   EXPECT_DOUBLE_EQ(bpw("int8pc"), 8.0 + 16.0 / n);
+  EXPECT_DOUBLE_EQ(bpw("int8g64"), 8.0 + 32.0 / 64);  // Matryoshka parent: f16 scale + f16 zero per 64
   EXPECT_DOUBLE_EQ(bpw("int4pc"), 4.0 + 32.0 / n);
   EXPECT_DOUBLE_EQ(bpw("mxfp4"), 4.0 + 8.0 / 32);  // E8M0 per 32
   EXPECT_DOUBLE_EQ(bpw("nvfp4"), 4.0 + 8.0 / 16 + 32.0 / double(n * n));  // E4M3 per 16 + fp32 tensor

@@ -3,10 +3,12 @@
 #include <filesystem>
 
 #include "lowbit/cli/commands.h"
+#include "lowbit/cli/common.h"
 #include "lowbit/core/error.h"
 #include "lowbit/io/checkpoint.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/io/file_util.h"
+#include "lowbit/quant/matryoshka.h"
 
 namespace fs = std::filesystem;
 
@@ -16,6 +18,7 @@ namespace {
 
 struct ConvertArgs {
   std::string from, to, dtype = "f32", tokenizer;
+  int slice = 0;  // Matryoshka width: write the r-bit slice of an int8 parent (quant/matryoshka.h)
 };
 
 // Tokenizer and generation files that travel with a Hugging Face model directory.
@@ -37,7 +40,35 @@ void copy_atomically(const fs::path& src, const fs::path& dst) {
   }
 }
 
+// convert --slice R: the R-bit model of a Matryoshka checkpoint (int8 group codes) as an ordinary
+// lowbit quantized checkpoint in int{R}g{G} (quant/matryoshka.h), which every command runs packed.
+void run_slice(const ConvertArgs& a) {
+  if (!is_lowbit_quantized_dir(a.from))
+    throw_error("--slice ", a.slice, ": ", a.from, " is not a lowbit quantized checkpoint (a Matryoshka model is written "
+                "by qat --method matquant)");
+  if (a.dtype != "f32" || !a.tokenizer.empty())
+    throw_error(a.tokenizer.empty() ? "--dtype" : "--tokenizer", ": a sliced checkpoint keeps the source's storage; "
+                "it cannot be combined with --slice");
+  io::refuse_to_overwrite(a.from, a.to);
+  OutputDir out(a.to, "--to");
+  out.refuse_input(a.from, "the input model");
+  QuantizedCheckpoint q = load_quantized_model(a.from, /*dense_view=*/false);
+  if (!q.lora.empty()) throw_error("--slice: ", a.from, " has LoRA adapters; a Matryoshka slice has none");
+  const QuantFormat& parent = quant_format(q.format);
+  const QuantFormat& sf = matryoshka_slice_format(parent, a.slice, "--slice");
+  std::unique_ptr<LlamaModel> model = make_quantized_model(q, Device::CPU);
+  const int n = matryoshka_slice_model(*model, a.slice, "--slice");
+  model->set_transforms(q.transforms);
+  const nlohmann::json extra = {{"matryoshka", {{"sliced_from", a.from}, {"parent_format", parent.name}, {"width", a.slice}}}};
+  save_quantized_model(a.to, *model, q.method.empty() ? "matquant" : q.method, sf, extra);
+  copy_tokenizer_files("", a.from, a.to);
+  out.keep();
+  std::fprintf(stderr, "sliced %s (%s) -> %s: %d linears as %s (the top %d bits of the codes)\n", a.from.c_str(),
+               parent.name, a.to.c_str(), n, sf.name, a.slice);
+}
+
 void run_convert(const ConvertArgs& a) {
+  if (a.slice) return run_slice(a);
   if (a.dtype != "f32" && a.dtype != "f16" && a.dtype != "bf16")
     throw_error("--dtype ", a.dtype, ": expected f32, f16 or bf16");
   const DType dtype = parse_dtype(a.dtype);
@@ -114,6 +145,9 @@ void register_convert(CLI::App& app) {
   sub->add_option("--tokenizer", a->tokenizer,
                   "GGUF output: embed this tokenizer (sentencepiece .model, byte-level tokenizer.json, or a GGUF "
                   "file's); default: the source's own (GGUF, or a Hugging Face directory's tokenizer)");
+  sub->add_option("--slice", a->slice, "write the R-bit slice of a Matryoshka checkpoint (int8 codes from qat --method "
+                  "matquant) as an ordinary int{R}g{G} lowbit checkpoint: 8, 4, 3 or 2")
+      ->check(CLI::IsMember({2, 3, 4, 8}));
   sub->add_option("--dtype", a->dtype, "weight type of GGUF / Hugging Face outputs: f32, f16 or bf16")
       ->capture_default_str();
   sub->callback([a] { run_convert(*a); });

@@ -11,6 +11,8 @@
 #include "lowbit/eval/perplexity.h"
 #include "lowbit/eval/tasks.h"
 #include "lowbit/io/file_util.h"
+#include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/quant/matryoshka.h"
 
 namespace lowbit::cli {
 
@@ -23,16 +25,22 @@ struct PplArgs {
   KVCacheType kv_cache = KVCacheType::Auto;
   bool use_cache = false, f32_vocab = false;
   int64_t kv_chunk = 0;
+  int slice = 0;  // Matryoshka width (quant/matryoshka.h); 0: the model as stored
   TransformArgs tr;
 };
 
 void run_ppl(const PplArgs& a) {
+  if (a.slice && a.dequantize) throw_error("--slice: slices the packed int8 codes; it cannot be combined with --dequantize");
+  if (a.slice && !is_lowbit_quantized_dir(a.model))
+    throw_error("--slice ", a.slice, ": ", a.model, " is not a lowbit quantized checkpoint (a Matryoshka model is written by "
+                "qat --method matquant)");
   if (a.text.empty() == a.tokens.empty()) throw_error("eval ppl: give exactly one of --text FILE or --tokens FILE");
   check_kv_cache_device(a.kv_cache, a.device);
   if (!a.logits_out.empty() && (a.use_cache || a.kv_chunk > 0))
     throw_error("--logits-out: writes the logits of the batched forward; it cannot be combined with --kv-cache/--kv-chunk");
   Device dev = parse_device(a.device);
   LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
+  if (a.slice) matryoshka_slice_model(*m.model, a.slice, "--slice");
   apply_rotation(m, a.tr);
   apply_quant_transforms(*m.model, a.tr, a.kv_cache);
   compact_for_inference(m, dev);
@@ -184,6 +192,9 @@ void register_eval(CLI::App& app) {
   ppl->add_option("--tokenizer", a->tokenizer, "tokenizer file or directory (default: the model directory's)");
   ppl->add_option("--text", a->text, "text file to evaluate on (tokenized without special tokens)");
   ppl->add_option("--tokens", a->tokens, "raw little-endian int32 token ids, used exactly as given");
+  ppl->add_option("--slice", a->slice, "evaluate the R-bit slice of a Matryoshka checkpoint (int8 codes from qat --method "
+                  "matquant): 8, 4, 3 or 2 (the codes' top R bits, quant/matryoshka.h)")
+      ->check(CLI::IsMember({2, 3, 4, 8}));
   ppl->add_option("--ctx", a->ctx, "window length in tokens; the first token of each window is context only")
       ->capture_default_str()
       ->check(at_least(2));

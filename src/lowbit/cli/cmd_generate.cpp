@@ -4,6 +4,8 @@
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
 #include "lowbit/cli/dist.h"
+#include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/quant/matryoshka.h"
 #include "lowbit/runtime/generate.h"
 
 namespace lowbit::cli {
@@ -16,6 +18,7 @@ struct GenArgs {
   uint64_t seed = 42;
   bool json = false, ignore_eos = false, f32_vocab = false;
   KVCacheType kv_cache = KVCacheType::Auto;
+  int slice = 0;  // Matryoshka width (quant/matryoshka.h); 0: the model as stored
   TransformArgs tr;
   DistArgs dist;  // --tp
 };
@@ -25,7 +28,14 @@ void run_generate(const GenArgs& a) {
   // --tp N: N ranks, each with its piece of the model; rank 0 samples and prints.
   const std::unique_ptr<comm::Communicator> comm = start_ranks(a.dist, a.device == "cuda", "--tp");
   Device dev = parse_device(a.device);
+  if (a.slice && comm->world_size() > 1)
+    throw_error("--slice with --tp ", comm->world_size(), ": write the slice first (convert --from ", a.model,
+                " --to DIR --slice ", a.slice, ") and run that checkpoint");
+  if (a.slice && !is_lowbit_quantized_dir(a.model))
+    throw_error("--slice ", a.slice, ": ", a.model, " is not a lowbit quantized checkpoint (a Matryoshka model is written by "
+                "qat --method matquant)");
   LoadedModel m = load_model_for_ranks(a.model, dev, *comm, !a.f32_vocab, !a.tr.any_given());
+  if (a.slice) matryoshka_slice_model(*m.model, a.slice, "--slice");
   apply_rotation(m, a.tr);
   apply_quant_transforms(*m.model, a.tr, a.kv_cache);
   compact_for_inference(m, dev);
@@ -83,6 +93,9 @@ void register_generate(CLI::App& app) {
   g->add_option("--chat", a->chat,
                 "a user message, wrapped in the model's chat template (add_generation_prompt; special tokens parsed)");
   g->add_option("--system", a->system, "with --chat: a system message before the user message");
+  g->add_option("--slice", a->slice, "generate with the R-bit slice of a Matryoshka checkpoint (int8 codes from qat "
+                "--method matquant): 8, 4, 3 or 2")
+      ->check(CLI::IsMember({2, 3, 4, 8}));
   g->add_option("-n,--steps", a->steps, "positions to run, prompt included (like llama2.c -n)")->capture_default_str()->check(at_least(1));
   g->add_option("-t,--temperature", a->temperature, "0 = greedy")->capture_default_str()->check(at_least(0));
   g->add_option("--top-p", a->top_p, "nucleus sampling mass")->capture_default_str()->check(between(0, 1));

@@ -12,6 +12,7 @@
 #include "lowbit/core/threads.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/methods/pipeline.h"
+#include "lowbit/quant/matryoshka.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/train/llm_qat.h"
 #include "lowbit/train/qat.h"
@@ -24,7 +25,7 @@ namespace {
 
 struct QatArgs {
   std::string model, method, format = "int2g64", train_text, train_tokens, tokenizer, out, state_dir, device = "cpu",
-                             init, gen_tokens, grad_checkpointing;
+                             init, gen_tokens, grad_checkpointing, widths, width_weights;
   int64_t self_generate = 0, gen_length = 0, gen_top_k = 50;
   bool self_generate_given = false, gen_top_k_given = false;
   QatConfig c;
@@ -69,6 +70,12 @@ void run_qat(QatArgs& a) {
   if (a.device != "cpu" && a.method == "llm-qat")  // before probing for a GPU: the answer is the same either way
     throw_error("qat --method llm-qat: --device ", a.device, " is not supported: its MinMax weight quantizer and the "
                 "per-token activation / KV quantizers have CPU bodies only (use --device cpu)");
+  if (a.method != "matquant" && (!a.widths.empty() || !a.width_weights.empty()))
+    throw_error(!a.widths.empty() ? "--widths" : "--width-weights", ": only qat --method matquant trains Matryoshka widths");
+  if (a.method == "matquant") {
+    a.c.widths = parse_matryoshka_widths(a.widths.empty() ? "8,4,2" : a.widths, "--widths");
+    a.c.width_weights = parse_width_weights(a.width_weights, a.c.widths.size(), "--width-weights");
+  }
   if (a.device != "cpu" && a.method == "lr-qat")
     throw_error("qat --method lr-qat: --device ", a.device, " is not supported: the LR-QAT quantizer (adapter inside the "
                 "rounding, downcast W0) has CPU bodies only (use --device cpu)");
@@ -183,6 +190,12 @@ void run_qat(QatArgs& a) {
     return;
   }
   nlohmann::json extra = {{"source_model", a.model}, {"qat", report}};
+  if (a.method == "matquant")  // the checkpoint is a Matryoshka parent: its narrower models are slices
+    extra["matryoshka"] = {{"parent_bits", f.bits}, {"widths", a.c.widths}, {"width_weights", a.c.width_weights},
+                           {"slice", "S(q, r) = clamp((q + 2^(7-r)) >> (8-r), 0, 2^r - 1), w = s (S 2^(8-r) - z)"},
+                           {"load", "lowbit eval ppl -m " + a.out + " --slice R; lowbit convert --from " + a.out +
+                                        " --to DIR --slice R (an ordinary int{R}g" + std::to_string(f.group_size) +
+                                        " checkpoint)"}};
   save_quantized_model(a.out, *r.model, a.method, f, extra);
   {
     const std::string path = (fs::path(a.out) / "qat_report.json").string();
@@ -274,12 +287,19 @@ void register_qat(CLI::App& app) {
   q->add_option("--grad-checkpointing", a->grad_checkpointing, "lr-qat: on (default): each layer rebuilds its quantized weight "
                 "in the backward, keeping nothing of the weight's size between forward and backward; off: keep it (less compute, about 6 bytes per weight more memory)")
       ->check(CLI::IsMember({"on", "off"}));
-  q->add_option("--nsamples", c.nsamples, "efficientqat: Block-AP calibration windows (default 128)")->check(at_least(1));
-  q->add_option("--block-epochs", c.block_epochs, "efficientqat: Block-AP epochs (default 5: 5 x 128 windows = ApiQ's 20 x 32 tokens per block; the paper: 2 x 4096)")->check(at_least(0));
-  q->add_option("--block-batch", c.block_batch, "efficientqat: Block-AP windows per step (default 2)")->check(at_least(1));
-  q->add_option("--block-lr", c.block_lr, "efficientqat: Block-AP lr of the weights (default 1e-3, tuned on stories260K; the paper's 7B value is 2e-5)")->check(at_least(0));
-  q->add_option("--block-quant-lr", c.block_quant_lr, "efficientqat: Block-AP lr of steps and zero points (default 1e-3; the paper's 7B value is 1e-4)")
+  q->add_option("--nsamples", c.nsamples, "efficientqat, matquant: Block-AP calibration windows (default 128)")->check(at_least(1));
+  q->add_option("--block-epochs", c.block_epochs, "efficientqat, matquant: Block-AP epochs (default 5: 5 x 128 windows = ApiQ's 20 x 32 tokens per block; the paper: 2 x 4096)")->check(at_least(0));
+  q->add_option("--block-batch", c.block_batch, "efficientqat, matquant: Block-AP windows per step (default 2)")->check(at_least(1));
+  q->add_option("--block-lr", c.block_lr, "efficientqat, matquant: Block-AP lr of the weights (default 1e-3, tuned on stories260K; the paper's 7B value is 2e-5)")->check(at_least(0));
+  q->add_option("--block-quant-lr", c.block_quant_lr, "efficientqat, matquant: Block-AP lr of steps and zero points (default 1e-3; the paper's 7B value is 1e-4)")
       ->check(at_least(0));
+  q->add_option("--widths", a->widths, "matquant: Matryoshka widths of the loss, comma-separated from 8, 4, 3, 2 "
+                "(default 8,4,2): the int8 codes and their top-bit slices; matquant trains the steps at --block-quant-lr / "
+                "2^(8 - narrowest) and the zero points at x 2^(8 - narrowest)")
+      ->check(non_empty());
+  q->add_option("--width-weights", a->width_weights, "matquant: the loss weight of each --widths entry, comma-separated "
+                "(default all 1: the paper's unweighted sum)")
+      ->check(non_empty());
   q->add_option("--state-dir", a->state_dir, "resumable state (default: OUT/.state; removed on success)");
   q->add_option("--checkpoint-seconds", c.checkpoint_seconds, "save the resumable state at most this often (0: every step)")
       ->capture_default_str()
@@ -290,7 +310,7 @@ void register_qat(CLI::App& app) {
       ->check(at_least(0));
   q->add_flag("--verbose", c.verbose, "print per-epoch Block-AP losses");
   q->add_option("-o,--out", a->out, "output directory (a lowbit quantized checkpoint, as quantize writes)")->required();
-  q->add_option("--device", a->device, "cpu or cuda (lsq, efficientqat, paretoq, l4q; llm-qat and lr-qat: cpu only)")
+  q->add_option("--device", a->device, "cpu or cuda (lsq, efficientqat, matquant, paretoq, l4q; llm-qat and lr-qat: cpu only)")
       ->capture_default_str();
   q->add_flag("--json", a->json, "print the report as JSON");
   add_threads_option(q);
@@ -298,9 +318,11 @@ void register_qat(CLI::App& app) {
   q->callback([a, q] {
     // Flags that only some methods read.
     const std::pair<const char*, std::vector<std::string>> owned[] = {
-        {"--nsamples", {"efficientqat"}},       {"--block-epochs", {"efficientqat"}},
-        {"--block-batch", {"efficientqat"}},    {"--block-lr", {"efficientqat"}},
-        {"--block-quant-lr", {"efficientqat"}}, {"--stop-after-blocks", {"efficientqat"}},
+        {"--nsamples", {"efficientqat", "matquant"}},       {"--block-epochs", {"efficientqat", "matquant"}},
+        {"--block-batch", {"efficientqat", "matquant"}},    {"--block-lr", {"efficientqat", "matquant"}},
+        {"--block-quant-lr", {"efficientqat", "matquant"}}, {"--stop-after-blocks", {"efficientqat", "matquant"}},
+        {"--widths", {"matquant"}},                         {"--width-weights", {"matquant"}},
+        {"--steps", {"lsq", "paretoq", "l4q", "lr-qat", "llm-qat", "efficientqat"}},
         {"--quant-lr", {"lsq", "paretoq", "l4q", "lr-qat"}}, {"--init", {"lsq", "l4q", "lr-qat"}},
         {"--bits", {"paretoq"}},                {"--lora-rank", {"l4q", "lr-qat"}},
         {"--lora-alpha", {"l4q", "lr-qat"}},   {"--act-bits", {"llm-qat"}},
@@ -312,6 +334,7 @@ void register_qat(CLI::App& app) {
         for (const auto& m : methods) names += (names.empty() ? "" : " or ") + m;
         throw_error(flag, " applies to --method ", names, ", not ", a->method);
       }
+    if (a->method == "matquant" && q->count("--format") == 0) a->format = "int8g64";  // MatQuant's parent codes
     a->self_generate_given = q->count("--self-generate") > 0;
     a->gen_top_k_given = q->count("--gen-top-k") > 0;
     a->c.progress = !a->json;

@@ -45,6 +45,9 @@ enum class QuantFormatId : uint16_t {
   // salient input columns at 4 bits, the rest binarized with row and column factors (PTQ1.61,
   // Zhao et al. 2025): a per-tensor column mask picks the code width of each column
   PTQ161 = 44,
+  // asymmetric int8, f16 scale + f16 zero per group: the parent codes of Matryoshka models
+  // (MatQuant, Nair et al. 2025, quant/matryoshka.h), whose int4/int2 models are their top bits
+  Int8G32 = 45, Int8G64 = 46, Int8G128 = 47,
 };
 
 // GgmlBlock: the codes tensor holds whole ggml blocks (scales inside), no scales/zeros tensors.
@@ -363,6 +366,24 @@ LB_HD_INLINE IntParams int_params_from_range(const FormatTraits& f, float lo, fl
   if (lo == 0.0f && hi == 0.0f) lo = -1.0f, hi = 1.0f;  // all-zero group (GPTQ does the same)
   const float s = f16_scale_up((hi - lo) / qmax);
   return {s, fmt_clamp(fmt_rint(-lo / s), 0.0f, qmax)};
+}
+
+// ---- Matryoshka slicing (MatQuant, Nair et al. 2025, arXiv 2502.06786, §3, eq. 6) -------------
+// The r-bit model nested in c-bit asymmetric codes q in [0, 2^c - 1] is their r most significant
+// bits, rounded: S(q, r) = clamp(round(q / 2^(c-r)), 0, 2^r - 1) (the paper's slice before its
+// left shift). The rounding is a rounded right shift, ties up ((q + 2^(c-r-1)) >> (c-r), as IST's
+// MatGPTQ reference `matryoshka_slice` computes it); the clamp catches the codes that round up to
+// 2^r (int8 -> int2: q >= 224 gives 3). r >= c is the identity. The slice keeps the c-bit group
+// parameters (s, z): w_r = s * (S(q, r) * 2^(c-r) - z) (the paper's dequantization on the c-bit
+// grid), an ordinary r-bit code with scale s * 2^(c-r) and zero z / 2^(c-r) (both exact in f16).
+// Every user -- the training quantizer (ops/qat_quant_math.h) and the checkpoint slicer
+// (quant/matryoshka.h) -- calls this one function.
+LB_HD_INLINE uint8_t matryoshka_slice_code(uint8_t q, int c, int r) {
+  if (r >= c) return q;
+  const int k = c - r;
+  const int v = (int(q) + (1 << (k - 1))) >> k;
+  const int top = (1 << r) - 1;
+  return uint8_t(v < top ? v : top);
 }
 
 }  // namespace lowbit

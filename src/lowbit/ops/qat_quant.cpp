@@ -38,6 +38,14 @@ void check_args(const char* op, const Tensor& w, const FormatTraits& f, std::ini
   }
 }
 
+// A Matryoshka slice: 0 (none), or a width below the format's on an asymmetric format.
+void check_slice(const char* op, const FormatTraits& f, int slice) {
+  if (slice == 0) return;
+  if (f.kind != QuantKind::IntAsym || slice < 1 || slice >= f.bits)
+    throw_error(op, " [", f.name, "]: a Matryoshka slice of ", slice,
+                " bits needs an asymmetric integer format wider than the slice");
+}
+
 void check_offset(const char* op, const Tensor& offset, const FormatTraits& f) {
   if ((f.kind == QuantKind::IntAsym) != offset.defined())
     throw_error(op, " [", f.name, "]: ", f.kind == QuantKind::IntAsym ? "asymmetric formats need an offset (zero point)"
@@ -46,16 +54,18 @@ void check_offset(const char* op, const Tensor& offset, const FormatTraits& f) {
 
 }  // namespace
 
-void lsq_quant_forward(const Tensor& w, const Tensor& step, const Tensor& offset, const FormatTraits& f, Tensor& y) {
+void lsq_quant_forward(const Tensor& w, const Tensor& step, const Tensor& offset, const FormatTraits& f, Tensor& y,
+                       int slice) {
   check_args("lsq_quant_forward", w, f, {{&step, "step"}, {&offset, "offset"}}, {});
   if (!step.defined()) throw_error("lsq_quant_forward: step is undefined");
   check_offset("lsq_quant_forward", offset, f);
+  check_slice("lsq_quant_forward", f, slice);
   y = Tensor::empty(w.shape(), w.dtype(), w.device());
-  LB_CUDA_ROUTE(w, lsq_quant_forward, w, step, offset, f, y)
+  LB_CUDA_ROUTE(w, lsq_quant_forward, w, step, offset, f, y, slice)
   detail::dispatch_float("lsq_quant_forward", w.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const int64_t in = w.size(1), G = f.n_groups(in);
-    const qat::LsqGrid gr = qat::lsq_grid(f);
+    const qat::LsqGrid gr = qat::lsq_grid_sliced(f, slice);
     const T *wp = w.data<T>(), *sp = step.data<T>(), *op = offset.defined() ? offset.data<T>() : nullptr;
     T* yp = y.data<T>();
     parallel_for(w.size(0), kRowGrain, [&](int64_t r0, int64_t r1) {
@@ -70,20 +80,22 @@ void lsq_quant_forward(const Tensor& w, const Tensor& step, const Tensor& offset
 }
 
 void lsq_quant_backward(const Tensor& w, const Tensor& step, const Tensor& offset, const Tensor& dy,
-                        const FormatTraits& f, double grad_scale, Tensor* dw, Tensor& dstep, Tensor* doffset) {
+                        const FormatTraits& f, double grad_scale, Tensor* dw, Tensor& dstep, Tensor* doffset,
+                        int slice) {
   check_args("lsq_quant_backward", w, f, {{&step, "step"}, {&offset, "offset"}}, {{&dy, "dy"}});
   if (!step.defined()) throw_error("lsq_quant_backward: step is undefined");
   check_offset("lsq_quant_backward", offset, f);
+  check_slice("lsq_quant_backward", f, slice);
   if (!std::isfinite(grad_scale)) throw_error("lsq_quant_backward: gradient scale must be finite");
   if (dw) *dw = Tensor::empty(w.shape(), w.dtype(), w.device());
   dstep = Tensor::empty(step.shape(), step.dtype(), step.device());
   if (doffset && !offset.defined()) doffset = nullptr;
   if (doffset) *doffset = Tensor::empty(offset.shape(), offset.dtype(), offset.device());
-  LB_CUDA_ROUTE(w, lsq_quant_backward, w, step, offset, dy, f, grad_scale, dw, dstep, doffset)
+  LB_CUDA_ROUTE(w, lsq_quant_backward, w, step, offset, dy, f, grad_scale, dw, dstep, doffset, slice)
   detail::dispatch_float("lsq_quant_backward", w.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const int64_t in = w.size(1), G = f.n_groups(in);
-    const qat::LsqGrid gr = qat::lsq_grid(f);
+    const qat::LsqGrid gr = qat::lsq_grid_sliced(f, slice);
     const T *wp = w.data<T>(), *sp = step.data<T>(), *op = offset.defined() ? offset.data<T>() : nullptr;
     const T* gp = dy.data<T>();
     T* dwp = dw ? dw->data<T>() : nullptr;

@@ -18,11 +18,16 @@
 
 namespace lowbit::ops {
 
-// y = Q_lsq(w; step, offset).
-void lsq_quant_forward(const Tensor& w, const Tensor& step, const Tensor& offset, const FormatTraits& f, Tensor& y);
+// y = Q_lsq(w; step, offset). slice r (0 < r < f.bits, asymmetric formats; MatQuant,
+// quant/matryoshka.h): y is the r-bit Matryoshka slice of the codes on the c-bit grid,
+// (S(q, r) 2^(c-r) - zr) s, with the straight-through gradients of quant/lsq.h on the sliced grid
+// [0, 2^c - 2^(c-r)] (CPU and CUDA bodies: the same per-element arithmetic).
+void lsq_quant_forward(const Tensor& w, const Tensor& step, const Tensor& offset, const FormatTraits& f, Tensor& y,
+                       int slice = 0);
 // dw (STE), dstep = grad_scale · Σ_group, doffset = grad_scale · Σ_group (asymmetric formats).
 void lsq_quant_backward(const Tensor& w, const Tensor& step, const Tensor& offset, const Tensor& dy,
-                        const FormatTraits& f, double grad_scale, Tensor* dw, Tensor& dstep, Tensor* doffset);
+                        const FormatTraits& f, double grad_scale, Tensor* dw, Tensor& dstep, Tensor* doffset,
+                        int slice = 0);
 
 // y = Q_seq(w; alpha) on grid q.
 void seq_quant_forward(const Tensor& w, const Tensor& alpha, const SeqGrid& q, const FormatTraits& f, Tensor& y);

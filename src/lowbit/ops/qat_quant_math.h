@@ -33,16 +33,36 @@ LB_HD_INLINE T q_clamp(T v, T lo, T hi) {  // std::clamp
 // ---- LSQ / LSQ+ (quant/lsq.h) -----------------------------------------------------------------
 // The code range in signed units (q - zr): symmetric [-Qp, Qp]; asymmetric the codes [0, qmax]
 // themselves (the zero point is added to w / s).
+// slice (MatQuant, quant/matryoshka.h): 0, or r < bits: the value is the r-bit Matryoshka slice of
+// the code (core/format_traits.h matryoshka_slice_code) back on the c-bit grid, asymmetric only.
 struct LsqGrid {
   float qlo, qhi;
   bool asym;
+  int bits = 0, slice = 0;
 };
 LB_HD_INLINE LsqGrid lsq_grid(const FormatTraits& f) {
   if (f.kind == QuantKind::IntSym) {
     const float qp = float((1 << (f.bits - 1)) - 1);
-    return {-qp, qp, false};
+    return {-qp, qp, false, f.bits, 0};
   }
-  return {0.0f, float(f.qmax()), true};
+  return {0.0f, float(f.qmax()), true, f.bits, 0};
+}
+// The grid of the r-bit slice (r >= bits: no slice). Callers check that f is asymmetric.
+LB_HD_INLINE LsqGrid lsq_grid_sliced(const FormatTraits& f, int r) {
+  LsqGrid g = lsq_grid(f);
+  g.slice = r > 0 && r < f.bits ? r : 0;
+  return g;
+}
+// The top of the sliced grid on the c-bit scale, 2^c - 2^(c-r) (qhi without a slice): codes above it
+// slice to it. The straight-through surrogate of the sliced quantizer clamps u to [qlo, lsq_top].
+LB_HD_INLINE float lsq_top(const LsqGrid& g) {
+  return g.slice ? g.qhi - float((1 << (g.bits - g.slice)) - 1) : g.qhi;
+}
+// The code q (an integer of the c-bit grid) as the grid value its slice decodes to: S(q, r) 2^(c-r).
+template <class T>
+LB_HD_INLINE T lsq_sliced(T q, const LsqGrid& g) {
+  if (!g.slice || !(q >= T(0) && q <= T(g.qhi))) return q;  // a NaN stays NaN (no float -> uint8 conversion)
+  return T(int(matryoshka_slice_code(uint8_t(q), g.bits, g.slice)) << (g.bits - g.slice));
 }
 // zr = clamp(round(offset), qlo, qhi) for asymmetric grids, 0 for symmetric ones.
 template <class T>
@@ -52,7 +72,7 @@ LB_HD_INLINE T lsq_zero(T offset, const LsqGrid& g) {
 template <class T>
 LB_HD_INLINE T lsq_value(T w, T s, T zr, const LsqGrid& g) {
   const T u = w / s + zr;
-  return (q_rint(q_clamp(u, T(g.qlo), T(g.qhi))) - zr) * s;
+  return (lsq_sliced(q_rint(q_clamp(u, T(g.qlo), T(g.qhi))), g) - zr) * s;
 }
 // One element's share of the backward for the upstream gradient d (before the gradient scale):
 // dw, and the terms summed over the group into dstep and doffset.
@@ -60,11 +80,13 @@ template <class T>
 struct LsqGrad {
   T dw, ds, dz;
 };
+// With a slice, "inside" is qlo <= u <= lsq_top(g) and q the sliced grid value (the values above the
+// top all slice to it, so they are the clamped ones of the surrogate).
 template <class T>
 LB_HD_INLINE LsqGrad<T> lsq_grad(T w, T s, T zr, T d, const LsqGrid& g) {
-  const T v = w / s, u = v + zr;
-  if (u >= T(g.qlo) && u <= T(g.qhi)) return {d, d * (q_rint(u) - zr - v), T(0)};
-  const T q = u < T(g.qlo) ? T(g.qlo) : T(g.qhi);
+  const T v = w / s, u = v + zr, hi = T(lsq_top(g));
+  if (u >= T(g.qlo) && u <= hi) return {d, d * (lsq_sliced(q_rint(u), g) - zr - v), T(0)};
+  const T q = u < T(g.qlo) ? T(g.qlo) : hi;
   return {T(0), d * (q - zr), -d * s};
 }
 

@@ -329,6 +329,11 @@ static constexpr QuantFormat kFormats[] = {
     {{Id::PTQ161, "ptq161", QuantKind::SalientBinary, 1, ScaleGranularity::PerChannel, 0, ScaleType::F16, true, false,
       0, -1},
      &kSalientBinaryCodec, pack_bits, unpack_bits, nullptr, nullptr},
+    // Asymmetric int8 groups (one byte a code): the parent format of Matryoshka checkpoints, whose
+    // r-bit models are the codes' top bits (quant/matryoshka.h); 8.5 bits per weight at g64.
+    int_format(Id::Int8G32, "int8g32", 8, 32, false),
+    int_format(Id::Int8G64, "int8g64", 8, 64, false),
+    int_format(Id::Int8G128, "int8g128", 8, 128, false),
 };
 
 const QuantFormat* quant_format_for_ggml_type(uint32_t ggml_type) {

@@ -153,33 +153,35 @@ LsqParams lsq_init(const Tensor& w_in, const QuantFormat& f, LsqInit init) {
   return p;
 }
 
-Var lsq_fake_quant(const Var& w, const Var& step, const Var& offset, const QuantFormat& f, double grad_scale) {
+Var lsq_fake_quant(const Var& w, const Var& step, const Var& offset, const QuantFormat& f, double grad_scale,
+                   int slice) {
   LB_CHECK(w.defined() && step.defined(), "lsq_fake_quant [", f.name, "]: undefined weight or step");
   const Tensor wv = w.value().contiguous(), sv = step.value().contiguous();
   const Tensor ov = offset.defined() ? offset.value().contiguous() : Tensor();
   check_params(wv, sv, ov, f, "lsq_fake_quant");
   LB_CHECK(std::isfinite(grad_scale), "lsq_fake_quant [", f.name, "]: gradient scale must be finite");
   Tensor y;
-  ops::lsq_quant_forward(wv, sv, ov, f, y);
+  ops::lsq_quant_forward(wv, sv, ov, f, y, slice);
   std::vector<Var> inputs{w, step};
   if (offset.defined()) inputs.push_back(offset);
-  return make_result(y, inputs, "lsq_fake_quant", [w, step, offset, wv, sv, ov, &f, grad_scale](const Tensor& gy) {
+  return make_result(y, inputs, "lsq_fake_quant", [w, step, offset, wv, sv, ov, &f, grad_scale, slice](const Tensor& gy) {
     Tensor dw, ds, dz;
     const bool want_dz = offset.defined() && offset.requires_grad();
     ops::lsq_quant_backward(wv, sv, ov, gy.contiguous(), f, grad_scale, w.requires_grad() ? &dw : nullptr, ds,
-                            want_dz ? &dz : nullptr);
+                            want_dz ? &dz : nullptr, slice);
     if (dw.defined()) accumulate_grad(w, dw);
     if (step.requires_grad()) accumulate_grad(step, ds);
     if (want_dz) accumulate_grad(offset, dz);
   });
 }
 
-Tensor lsq_fake_quant_value(const Tensor& w_in, const Tensor& step_in, const Tensor& offset_in, const QuantFormat& f) {
+Tensor lsq_fake_quant_value(const Tensor& w_in, const Tensor& step_in, const Tensor& offset_in, const QuantFormat& f,
+                            int slice) {
   const Tensor wv = w_in.contiguous(), sv = step_in.contiguous();
   const Tensor ov = offset_in.defined() ? offset_in.contiguous() : Tensor();
   check_params(wv, sv, ov, f, "lsq_fake_quant");
   Tensor y;
-  ops::lsq_quant_forward(wv, sv, ov, f, y);
+  ops::lsq_quant_forward(wv, sv, ov, f, y, slice);
   return y;
 }
 

@@ -76,13 +76,19 @@ LsqParams lsq_init(const Tensor& w, const QuantFormat& f, LsqInit init);
 
 // Ŵ = Q(w; step, offset) with the backward above. offset must be undefined for symmetric formats
 // and defined for asymmetric ones (its gradient is computed only when it requires grad).
-Var lsq_fake_quant(const Var& w, const Var& step, const Var& offset, const QuantFormat& f, double grad_scale);
+// slice r (0: none; 0 < r < f.bits on an asymmetric format, CPU): MatQuant's r-bit model of the same
+// codes (quant/matryoshka.h), Ŵ_r = (S(q, r) 2^(c-r) - zr) s, q the code above, S the Matryoshka
+// slice of core/format_traits.h; backward as above with the clamp at the sliced grid's top
+// 2^c - 2^(c-r) and q replaced by S(q, r) 2^(c-r) (ops/qat_quant_math.h lsq_grad).
+Var lsq_fake_quant(const Var& w, const Var& step, const Var& offset, const QuantFormat& f, double grad_scale,
+                   int slice = 0);
 
 // The tensor bodies of lsq_fake_quant, for fused layers that recompute the quantizer in their own
 // backward instead of keeping its input (quant/l4q_linear.h): the forward value, and the gradients
 // for an upstream gradient gy [out, in] — dw when dw is non-null, ds always, dz when dz is non-null
 // (asymmetric formats). Same arguments and checks as lsq_fake_quant; outputs are allocated here.
-Tensor lsq_fake_quant_value(const Tensor& w, const Tensor& step, const Tensor& offset, const QuantFormat& f);
+Tensor lsq_fake_quant_value(const Tensor& w, const Tensor& step, const Tensor& offset, const QuantFormat& f,
+                            int slice = 0);
 void lsq_fake_quant_grads(const Tensor& w, const Tensor& step, const Tensor& offset, const QuantFormat& f,
                           double grad_scale, const Tensor& gy, Tensor* dw, Tensor* ds, Tensor* dz);
 

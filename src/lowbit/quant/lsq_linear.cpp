@@ -83,7 +83,15 @@ LsqTrainLinear::LsqTrainLinear(const QuantizedTensor& q, const Tensor& bias, Dev
 
 Var LsqTrainLinear::quantized_weight() const {
   if (frozen_) return group_scale_dequant(device_codes_, step_, format_);
-  return lsq_fake_quant(weight_, step_, offset_, format_, opt_.grad_scale);
+  return lsq_fake_quant(weight_, step_, offset_, format_, opt_.grad_scale, slice_);
+}
+
+void LsqTrainLinear::set_slice(int r) {
+  LB_CHECK(r >= 0 && r <= format_.bits, "qat: Matryoshka slice of ", r, " bits of a ", format_.name, " layer");
+  const int s = r == format_.bits ? 0 : r;
+  LB_CHECK(s == 0 || (!frozen_ && format_.kind == QuantKind::IntAsym), "qat: a Matryoshka slice needs a latent layer in an ",
+           "asymmetric integer format, not ", kind());
+  slice_ = s;
 }
 
 Var LsqTrainLinear::forward(const Var& x) const {

@@ -50,6 +50,12 @@ class LsqTrainLinear : public Linear {
 
   QuantizedTensor encode() const;
 
+  // MatQuant (quant/matryoshka.h): forwards from now on compute the r-bit Matryoshka slice of the
+  // latent layer's codes (0 or the format's bits: the codes themselves). Latent mode, asymmetric
+  // formats, CPU (lsq_fake_quant's slice).
+  void set_slice(int r);
+  int slice() const { return slice_; }
+
  private:
   const QuantFormat& format_;
   Shape shape_;
@@ -58,6 +64,7 @@ class LsqTrainLinear : public Linear {
   Var weight_, step_, offset_, bias_;
   FrozenCodes codes_;  // FrozenCodes mode (on the CPU, for encode())
   Tensor device_codes_;  // FrozenCodes mode: codes_.codes on the layer's device (I8 when integral)
+  int slice_ = 0;        // MatQuant: the width of the forward's Matryoshka slice (0: none)
 };
 
 }  // namespace lowbit

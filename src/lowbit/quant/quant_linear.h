@@ -46,6 +46,7 @@ class QuantLinear : public Linear {
   // tensor as the layer holds it.
   QuantizedTensor quantized() const { return q_.row_layout(); }
   const QuantizedTensor& packed() const { return q_; }
+  Device device() const { return device_; }
   // Ŵ on the layer's device, built on first use and kept (training paths only).
   const Tensor& dequantized_weight() const { return weight_var().value(); }
   bool has_dequantized_weight() const { return weight_.defined(); }

@@ -16,6 +16,7 @@
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/io/safetensors.h"
 #include "lowbit/methods/block_ap.h"
+#include "lowbit/quant/matryoshka.h"
 #include "lowbit/methods/block_train.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/pipeline.h"
@@ -517,16 +518,36 @@ class ParetoQQat : public QatMethod {
 };
 
 // ---- efficientqat ------------------------------------------------------------------------------
+// matquant (MatQuant, arXiv 2502.06786, quant/matryoshka.h) is this class's Block-AP stage with the
+// loss summed over the Matryoshka widths of int8 codes, and no E2E-QP stage: its result is the
+// Block-AP model, int8 codes whose top bits are the narrower models.
 class EfficientQat : public QatMethod {
  public:
-  explicit EfficientQat(const QatConfig& c) : c_(c) { check_format(c, "efficientqat"); }
-  std::string name() const override { return "efficientqat"; }
+  EfficientQat(const QatConfig& c, bool matquant) : c_(c), matquant_(matquant) {
+    check_format(c, matquant ? "matquant" : "efficientqat");
+    if (matquant) {
+      LB_CHECK(matryoshka_parent(*c.format), "qat --method matquant: --format ", c.format->name,
+               " is not a Matryoshka parent format; use int8g32, int8g64 or int8g128 (asymmetric int8 codes)");
+      const std::vector<int> w = c.widths.empty() ? std::vector<int>{8, 4, 2} : c.widths;
+      for (int r : w) matryoshka_slice_format(*c.format, r, "--widths");
+      LB_CHECK(c.width_weights.empty() || c.width_weights.size() == w.size(), "--width-weights: ",
+               c.width_weights.size(), " weights for ", w.size(), " widths");
+    } else {
+      LB_CHECK(c.widths.empty() && c.width_weights.empty(), "--widths / --width-weights: only qat --method matquant ",
+               "trains Matryoshka widths");
+    }
+  }
+  std::string name() const override { return matquant_ ? "matquant" : "efficientqat"; }
   QatResult run(const LlamaModel& fp, const std::vector<int32_t>& stream) override {
     const QuantFormat& f = *c_.format;
     const auto t0 = Clock::now();
     QatResult r;
     // ---- Block-AP ----
     BlockApOptions bo;
+    if (matquant_) {
+      bo.widths = c_.widths.empty() ? std::vector<int>{8, 4, 2} : c_.widths;
+      bo.width_weights = c_.width_weights.empty() ? std::vector<double>(bo.widths.size(), 1.0) : c_.width_weights;
+    }
     bo.epochs = pick(c_.block_epochs, 5);
     bo.batch = pick<int64_t>(c_.block_batch, 2);
     bo.weight_lr = pick(c_.block_lr, 1e-3);
@@ -545,6 +566,13 @@ class EfficientQat : public QatMethod {
     s1.name = "block-ap";
     s1.hyper = {{"epochs", bo.epochs}, {"batch", bo.batch}, {"weight_lr", bo.weight_lr}, {"quant_lr", bo.quant_lr},
                 {"nsamples", nsamples}, {"seqlen", seqlen}, {"init", lsq_init_name(bo.init)}, {"seed", bo.seed}};
+    if (matquant_) {
+      s1.name = "matquant";
+      s1.hyper["widths"] = bo.widths;
+      s1.hyper["width_weights"] = bo.width_weights;
+      s1.hyper["step_lr"] = bo.quant_lr / method.quant_lr_scale();
+      s1.hyper["zero_lr"] = bo.quant_lr * method.quant_lr_scale();
+    }
     const std::string sd = c_.state_dir;
     const std::string model_dir = sd.empty() ? "" : (fs::path(sd) / "block-ap-model").string();
     const std::string marker = sd.empty() ? "" : (fs::path(sd) / "block-ap.json").string();
@@ -559,6 +587,7 @@ class EfficientQat : public QatMethod {
       s1.tokens = j.value("tokens", int64_t(0));
       s1.loss_before = j.value("loss_before", -1.0);
       s1.loss_after = j.value("loss_after", -1.0);
+      if (j.contains("width_loss")) s1.hyper["width_loss"] = j["width_loss"];
       s1.seconds = j.value("seconds", 0.0);
       s1.resumed_from = fp.n_layers();
       done = true;
@@ -600,13 +629,32 @@ class EfficientQat : public QatMethod {
       }
       s1.loss_before = nb ? first / nb : -1;
       s1.loss_after = nb ? last / nb : -1;
+      if (matquant_) {  // per width: the mean over blocks of the first / last epoch's MSE
+        nlohmann::json wl = nlohmann::json::object();
+        for (size_t w = 0; w < bo.widths.size(); ++w) {
+          double a = 0, b = 0;
+          int k = 0;
+          for (int layer = 0; layer < fp.n_layers(); ++layer) {
+            const BlockApLog *fl = nullptr, *ll = nullptr;
+            for (const auto& l : method.log())
+              if (l.layer == layer) {
+                if (!fl) fl = &l;
+                ll = &l;
+              }
+            if (fl && w < fl->width_loss.size()) a += fl->width_loss[w], b += ll->width_loss[w], ++k;
+          }
+          wl[std::to_string(bo.widths[w])] = {{"before", k ? a / k : -1.0}, {"after", k ? b / k : -1.0}};
+        }
+        s1.hyper["width_loss"] = wl;
+      }
       s1.steps = int64_t(fp.n_layers()) * bo.epochs * ((nsamples + bo.batch - 1) / bo.batch);
       s1.tokens = int64_t(bo.epochs) * nsamples * seqlen;
       s1.seconds = since(ts);
       if (!sd.empty()) {
-        save_quantized_model(model_dir, *work, "efficientqat-block-ap", f);
+        save_quantized_model(model_dir, *work, matquant_ ? "matquant" : "efficientqat-block-ap", f);
         nlohmann::json j = {{"key", key1}, {"steps", s1.steps}, {"tokens", s1.tokens}, {"loss_before", s1.loss_before},
                             {"loss_after", s1.loss_after}, {"seconds", s1.seconds}};
+        if (s1.hyper.contains("width_loss")) j["width_loss"] = s1.hyper["width_loss"];
         write_text_atomic(marker, j.dump());
         std::error_code ec;
         fs::remove_all(po.state_dir, ec);
@@ -615,6 +663,11 @@ class EfficientQat : public QatMethod {
       }
     }
     r.stages.push_back(s1);
+    if (matquant_) {  // MatQuant's result is the Block-AP model (int8 codes)
+      r.model = stage1 ? std::move(stage1) : make_quantized_model(load_quantized_model(model_dir), model_device(fp));
+      r.seconds = since(t0);
+      return r;
+    }
     // ---- E2E-QP: codes frozen, steps trained end to end ----
     // With a state directory the Block-AP model is always read back from its checkpoint, so a
     // resumed run and an uninterrupted one start E2E-QP from the same model.
@@ -647,6 +700,7 @@ class EfficientQat : public QatMethod {
 
  private:
   QatConfig c_;
+  bool matquant_ = false;
 };
 
 // ---- l4q ---------------------------------------------------------------------------------------
@@ -834,7 +888,12 @@ std::vector<QatMethodInfo>& registry_storage() {
     v.push_back({"efficientqat",
                  "EfficientQAT: Block-AP (block-wise reconstruction training weights, steps and zero points) then "
                  "E2E-QP (steps only, integer codes frozen, end to end on the LM loss)",
-                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new EfficientQat(c)); }});
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new EfficientQat(c, false)); }});
+    v.push_back({"matquant",
+                 "MatQuant (Matryoshka Quantization): Block-AP on int8 group codes (--format int8g64) with the loss "
+                 "summed over --widths (default 8,4,2; weights --width-weights) of the codes' top bits; slice at load "
+                 "(eval ppl / generate / convert --slice R)",
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new EfficientQat(c, true)); }});
     v.push_back({"paretoq",
                  "ParetoQ: end-to-end QAT with the paper's quantizer per bit width (sign 1 bit, SEQ 1.58/2 bits, "
                  "LSQ on the signed grid 3/4 bits; bit width from --format or --bits), learned alpha per group",

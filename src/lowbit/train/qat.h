@@ -26,6 +26,9 @@
 //                 weights, steps and zero points) through the block-wise pipeline, then E2E-QP: the
 //                 integer codes frozen, only the step sizes trained end to end on the LM loss (or
 //                 --distill).
+//   matquant      MatQuant (Nair et al. 2025, arXiv 2502.06786; quant/matryoshka.h): efficientqat's Block-AP
+//                 on int8 group codes with the loss Σ_r λ_r MSE_r over the Matryoshka widths r (the r-bit
+//                 slices of the same codes), no E2E-QP; the int8 checkpoint is sliced at load.
 //   llm-qat       LLM-QAT (Liu et al. 2023, arXiv 2305.17888; train/llm_qat.h): latent f32 weights with the
 //                 paper's symmetric MinMax quantizer (no learned step, STE), activations per token and the
 //                 KV (k_proj / v_proj outputs) per token and head quantized during training, trained on
@@ -52,7 +55,7 @@
 // are drawn from (seed, s) alone, so a run killed and restarted gives the same model as an
 // uninterrupted run (same machine and thread count).
 // Devices: the methods train where the full-precision model lives (the CLI's --device). lsq,
-// paretoq, efficientqat (Block-AP and E2E-QP) and l4q run on the GPU too (their quantizers are the
+// paretoq, efficientqat (Block-AP and E2E-QP), matquant and l4q run on the GPU too (their quantizers are the
 // ops of ops/qat_quant.h, with CUDA bodies); the packed result is encoded on the host, so the
 // checkpoint's layout does not depend on the device. llm-qat's and lr-qat's quantizers have CPU
 // bodies only (the CLI refuses --device cuda for them).
@@ -100,6 +103,10 @@ struct QatConfig {
   int block_epochs = -1;
   double block_lr = -1, block_quant_lr = -1;
   int64_t block_batch = -1;
+  // matquant (quant/matryoshka.h): the Matryoshka widths of the loss (empty: 8, 4, 2) and their
+  // weights λ_r (empty: all 1).
+  std::vector<int> widths;
+  std::vector<double> width_weights;
   // Run control.
   std::string state_dir;        // resumable state (empty: none)
   double checkpoint_seconds = 60;

@@ -84,9 +84,12 @@ void lwc_backward(const Tensor& w, const Tensor& gamma, const Tensor& beta, cons
 
 // The QAT weight quantizers (ops/qat_quant.h: LSQ / LSQ+, ParetoQ's sign / SEQ, E2E-QP's frozen
 // codes); the CPU entry points check the arguments and allocate the outputs. f32 only.
-void lsq_quant_forward(const Tensor& w, const Tensor& step, const Tensor& offset, const FormatTraits& f, Tensor& y);
+// slice: MatQuant's Matryoshka slice of the codes (0: none; ops/qat_quant_math.h lsq_grid_sliced).
+void lsq_quant_forward(const Tensor& w, const Tensor& step, const Tensor& offset, const FormatTraits& f, Tensor& y,
+                       int slice);
 void lsq_quant_backward(const Tensor& w, const Tensor& step, const Tensor& offset, const Tensor& dy,
-                        const FormatTraits& f, double grad_scale, Tensor* dw, Tensor& dstep, Tensor* doffset);
+                        const FormatTraits& f, double grad_scale, Tensor* dw, Tensor& dstep, Tensor* doffset,
+                        int slice);
 void seq_quant_forward(const Tensor& w, const Tensor& alpha, const SeqGrid& q, const FormatTraits& f, Tensor& y);
 void seq_quant_backward(const Tensor& w, const Tensor& alpha, const Tensor& dy, const SeqGrid& q, const FormatTraits& f,
                         double grad_scale, Tensor* dw, Tensor& dalpha);

@@ -34,8 +34,8 @@ void check_f32(const char* op, const Tensor& w) {
 
 __global__ void lsq_forward_kernel(const float* __restrict__ w, const float* __restrict__ step,
                                    const float* __restrict__ offset, float* __restrict__ y, int64_t out, int64_t in,
-                                   FormatTraits f) {
-  const qat::LsqGrid gr = qat::lsq_grid(f);
+                                   FormatTraits f, int slice) {
+  const qat::LsqGrid gr = qat::lsq_grid_sliced(f, slice);
   const int64_t G = f.n_groups(in), n = out * in;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t k = (i / in) * G + f.group_of_column(i % in);
@@ -46,13 +46,13 @@ __global__ void lsq_forward_kernel(const float* __restrict__ w, const float* __r
 __global__ void lsq_backward_kernel(const float* __restrict__ w, const float* __restrict__ step,
                                     const float* __restrict__ offset, const float* __restrict__ dy,
                                     float* __restrict__ dw, float* __restrict__ dstep, float* __restrict__ doffset,
-                                    int64_t out, int64_t in, FormatTraits f, float gscale) {
+                                    int64_t out, int64_t in, FormatTraits f, float gscale, int slice) {
   const int64_t G = f.n_groups(in);
   const int64_t gid = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (gid >= out * G) return;  // whole warps exit together
   const int lane = threadIdx.x & 31;
   const int64_t r = gid / G, g = gid % G, e = f.group_end(g, in);
-  const qat::LsqGrid gr = qat::lsq_grid(f);
+  const qat::LsqGrid gr = qat::lsq_grid_sliced(f, slice);
   const float s = step[gid], zr = qat::lsq_zero(offset ? offset[gid] : 0.0f, gr);
   float ds = 0, dz = 0;
   for (int64_t j = f.group_begin(g) + lane; j < e; j += 32) {
@@ -168,24 +168,26 @@ __global__ void group_scale_backward_kernel(const C* __restrict__ codes, const f
 
 }  // namespace
 
-void lsq_quant_forward(const Tensor& w, const Tensor& step, const Tensor& offset, const FormatTraits& f, Tensor& y) {
+void lsq_quant_forward(const Tensor& w, const Tensor& step, const Tensor& offset, const FormatTraits& f, Tensor& y,
+                       int slice) {
   LB_CUDA_OP("lsq_quant_forward");
   check_f32("lsq_quant_forward", w);
   const int64_t out = w.size(0), in = w.size(1);
   lsq_forward_kernel<<<detail::grid_for(out * in, kThreads), kThreads, 0, cuda_rt::stream()>>>(
-      ptr<float>(w), ptr<float>(step), offset.defined() ? ptr<float>(offset) : nullptr, ptr<float>(y), out, in, f);
+      ptr<float>(w), ptr<float>(step), offset.defined() ? ptr<float>(offset) : nullptr, ptr<float>(y), out, in, f, slice);
   LB_CUDA_LAUNCH_CHECK("lsq_forward_kernel");
 }
 
 void lsq_quant_backward(const Tensor& w, const Tensor& step, const Tensor& offset, const Tensor& dy,
-                        const FormatTraits& f, double grad_scale, Tensor* dw, Tensor& dstep, Tensor* doffset) {
+                        const FormatTraits& f, double grad_scale, Tensor* dw, Tensor& dstep, Tensor* doffset,
+                        int slice) {
   LB_CUDA_OP("lsq_quant_backward");
   check_f32("lsq_quant_backward", w);
   const int64_t out = w.size(0), in = w.size(1);
   lsq_backward_kernel<<<warp_blocks(out * f.n_groups(in)), kThreads, 0, cuda_rt::stream()>>>(
       ptr<float>(w), ptr<float>(step), offset.defined() ? ptr<float>(offset) : nullptr, ptr<float>(dy),
       dw ? ptr<float>(*dw) : nullptr, ptr<float>(dstep), doffset ? ptr<float>(*doffset) : nullptr, out, in, f,
-      float(grad_scale));
+      float(grad_scale), slice);
   LB_CUDA_LAUNCH_CHECK("lsq_backward_kernel");
 }
 
