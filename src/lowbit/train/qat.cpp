@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
+#include <utility>
 #include <sstream>
 
 #include "lowbit/autograd/functions.h"
@@ -615,16 +616,21 @@ class EfficientQat : public QatMethod {
         r.stages.push_back(s1);
         return r;
       }
+      // A block's first and last epoch in the log of this run (null, null: not trained in this run).
+      auto epochs_of = [&](int layer) {
+        std::pair<const BlockApLog*, const BlockApLog*> fl{nullptr, nullptr};
+        for (const auto& l : method.log())
+          if (l.layer == layer) {
+            if (!fl.first) fl.first = &l;
+            fl.second = &l;
+          }
+        return fl;
+      };
       // Loss per block: mean over the blocks trained in this run (after a resume, only those).
       double first = 0, last = 0;
       int nb = 0;
       for (int layer = 0; layer < fp.n_layers(); ++layer) {
-        const BlockApLog *a = nullptr, *b = nullptr;
-        for (const auto& l : method.log())
-          if (l.layer == layer) {
-            if (!a) a = &l;
-            b = &l;
-          }
+        const auto [a, b] = epochs_of(layer);
         if (a) first += a->loss, last += b->loss, ++nb;
       }
       s1.loss_before = nb ? first / nb : -1;
@@ -635,12 +641,7 @@ class EfficientQat : public QatMethod {
           double a = 0, b = 0;
           int k = 0;
           for (int layer = 0; layer < fp.n_layers(); ++layer) {
-            const BlockApLog *fl = nullptr, *ll = nullptr;
-            for (const auto& l : method.log())
-              if (l.layer == layer) {
-                if (!fl) fl = &l;
-                ll = &l;
-              }
+            const auto [fl, ll] = epochs_of(layer);
             if (fl && w < fl->width_loss.size()) a += fl->width_loss[w], b += ll->width_loss[w], ++k;
           }
           wl[std::to_string(bo.widths[w])] = {{"before", k ? a / k : -1.0}, {"after", k ? b / k : -1.0}};
