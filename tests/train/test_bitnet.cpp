@@ -231,6 +231,15 @@ TEST(BitNetV2, ActivationBitsFollowTheA8ToA4Schedule) {
   EXPECT_FALSE(t.head.defined());
   EXPECT_EQ(act_quant_name(t.act), "int4");
   EXPECT_NO_THROW(validate_transforms(c, t, "test"));
+  // The ablation (--hadamard off): the activation quantizer alone.
+  const ModelTransforms noh = bitnet_v2_transforms(c, 5, 4, false);
+  EXPECT_TRUE(noh.rotation.empty());
+  EXPECT_FALSE(noh.o_in.defined() || noh.ffn.defined());
+  EXPECT_EQ(act_quant_name(noh.act), "int4");
+  BitNetOptions noh_b158;
+  set_train_arch(noh_b158, TrainArch::BitNetB158);
+  noh_b158.hadamard = false;
+  EXPECT_THROW(check_bitnet_options(noh_b158, 10), Error);
   ModelTransforms q = t;  // an o_in rotation is H-BitLinear's only
   q.rotation = "hadamard";
   EXPECT_THROW(validate_transforms(c, q, "test"), Error);

@@ -21,7 +21,7 @@ namespace fs = std::filesystem;
 namespace {
 struct TrainArgs {
   std::string tokenizer, train_text, valid_text, train_tokens, valid_tokens, config_json, device = "cpu";
-  std::string arch = "llama", ternary_scale = "mean", schedule = "cosine";
+  std::string arch = "llama", ternary_scale = "mean", schedule = "cosine", hadamard = "on";
   std::string precision = "f32", fp8_scaling = "delayed", lp_recipe = "full", lp_gemm = "auto";
   TrainOptions o;
   DistArgs dist;  // --gpus N / launcher environment: data-parallel training (issue 20)
@@ -40,6 +40,7 @@ void run_train(TrainArgs& a) {
   }
   o.bf16 = a.bf16;
   set_train_arch(o.bitnet, parse_train_arch(a.arch));
+  o.bitnet.hadamard = a.hadamard == "on";
   o.bitnet.scale = ops::parse_ternary_scale(a.ternary_scale);
   o.bitnet.two_stage = parse_train_schedule(a.schedule);
   o.low_precision.recipe.precision = parse_lp_precision(a.precision);
@@ -149,6 +150,7 @@ void run_train(TrainArgs& a) {
       j["act_bits"] = o.bitnet.act_bits;
       j["act4_at"] = o.bitnet.act4_at;
       j["act4_step"] = bitnet_act4_step(o.bitnet, o.max_steps);
+      j["hadamard"] = o.bitnet.hadamard;
     }
     if (r.complete) j["ternary_checkpoint"] = (fs::path(o.out_dir) / "ternary").string();
   }
@@ -236,6 +238,10 @@ void register_train(CLI::App& app) {
                 "bitnet-v2 with --act-bits 4: train with 8-bit activations for this fraction of the steps, then "
                 "continue with 4-bit (the paper's A8 -> A4 recipe), keeping the latent weights and the optimizer state")
       ->capture_default_str()->check(between(0, 1));
+  t->add_option("--hadamard", a->hadamard,
+                "bitnet-v2: on (H-BitLinear o_proj/down_proj), or off — an ablation: the same activation bits "
+                "without the online Hadamard transforms")
+      ->capture_default_str()->check(CLI::IsMember({"on", "off"}));
   t->add_option("--transition-at", o.bitnet.transition_at,
                 "bitnet-b1.58: train unquantized (f32: the papers' 16-bit phase) for this fraction of the steps, then "
                 "switch to 1.58 bit keeping the latent weights and the optimizer state")

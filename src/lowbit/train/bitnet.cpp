@@ -45,6 +45,7 @@ void check_bitnet_options(const BitNetOptions& o, int64_t max_steps) {
     if (o.transition_at != 0 || o.phase_in_steps != 0 || o.scale != ops::TernaryScale::AbsMean)
       throw_error("--transition-at, --phase-in-steps and --ternary-scale need --arch bitnet-b1.58 or bitnet-v2");
   }
+  if (!o.v2 && !o.hadamard) throw_error("--hadamard off needs --arch bitnet-v2");
   if (!o.v2 && (o.act_bits != 4 || o.act4_at != 0))
     throw_error("--act-bits and --act4-at need --arch bitnet-v2 (bitnet-b1.58's activations are int8)");
   if (!o.enabled) return;
@@ -85,12 +86,14 @@ int bitnet_step_act_bits(const BitNetOptions& o, int64_t step, int64_t max_steps
   return step < bitnet_act4_step(o, max_steps) ? 8 : o.act_bits;
 }
 
-ModelTransforms bitnet_v2_transforms(const LlamaConfig& c, uint64_t seed, int act_bits) {
+ModelTransforms bitnet_v2_transforms(const LlamaConfig& c, uint64_t seed, int act_bits, bool hadamard) {
   ModelTransforms t;
-  t.rotation = "h-bitlinear";
-  t.rotation_seed = seed;
-  t.o_in = random_hadamard(int64_t(c.n_heads) * c.resolved_head_dim(), seed + 11);
-  t.ffn = random_hadamard(c.hidden_dim, seed + 12);
+  if (hadamard) {
+    t.rotation = "h-bitlinear";
+    t.rotation_seed = seed;
+    t.o_in = random_hadamard(int64_t(c.n_heads) * c.resolved_head_dim(), seed + 11);
+    t.ffn = random_hadamard(c.hidden_dim, seed + 12);
+  }
   if (act_bits > 0) t.act = parse_act_quant("int" + std::to_string(act_bits), "bitnet-v2 activations");
   return t;
 }
@@ -115,7 +118,7 @@ void make_bitnet(LlamaModel& model, const BitNetOptions& o, uint64_t seed) {
       const Var& w = d->weight_var();
       *slot = std::make_shared<BitLinear>(w.value(), first, w.requires_grad());
     }
-  if (o.v2) model.set_transforms(bitnet_v2_transforms(model.config(), seed, bitnet_step_act_bits(o, 0, 1)));
+  if (o.v2) model.set_transforms(bitnet_v2_transforms(model.config(), seed, bitnet_step_act_bits(o, 0, 1), o.hadamard));
 }
 
 void set_bitlinear_options(LlamaModel& model, const BitLinearOptions& options) {

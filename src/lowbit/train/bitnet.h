@@ -53,6 +53,7 @@ struct BitNetOptions {
   bool v2 = false;                                       // --arch bitnet-v2 (H-BitLinear o/down)
   int act_bits = 4;                                      // bitnet-v2: --act-bits 4|8 (final width)
   double act4_at = 0;                                    // bitnet-v2: --act4-at F (A8 before, A4 after)
+  bool hadamard = true;                                  // bitnet-v2: --hadamard off = ablation (no H)
   ops::TernaryScale scale = ops::TernaryScale::AbsMean;  // --ternary-scale mean|median
   double transition_at = 0;                              // --transition-at F in [0, 1)
   int64_t phase_in_steps = 0;                            // --phase-in-steps N
@@ -83,8 +84,9 @@ int64_t bitnet_act4_step(const BitNetOptions& o, int64_t max_steps);
 // bitnet-v2: the activation bits of step `step` (0 in the 16-bit phase, else 8 or act_bits); 0 for b1.58.
 int bitnet_step_act_bits(const BitNetOptions& o, int64_t step, int64_t max_steps);
 // bitnet-v2: the model transforms (rotation "h-bitlinear", o_in and ffn rotations from `seed`,
-// per-token symmetric act_bits activations; act_bits 0: none).
-ModelTransforms bitnet_v2_transforms(const LlamaConfig& c, uint64_t seed, int act_bits);
+// per-token symmetric act_bits activations; act_bits 0: none). hadamard = false (the ablation
+// `--hadamard off`): no rotation, only the activation quantizer — plain BitLinears at A8/A4.
+ModelTransforms bitnet_v2_transforms(const LlamaConfig& c, uint64_t seed, int act_bits, bool hadamard = true);
 // Replaces every block linear of a trainable model by a BitLinear over the same weight tensor;
 // bitnet-v2 also sets the model's transforms (seed: the rotations').
 void make_bitnet(LlamaModel& model, const BitNetOptions& o, uint64_t seed = 0);

@@ -81,7 +81,9 @@ void MixedPrecisionModel::collect_grads() {
 namespace {
 
 // The architecture a state belongs to ("llama", "bitnet-b1.58" or "bitnet-v2"): a resume checks it.
-std::string arch_name(const TrainOptions& o) { return bitnet_arch_name(o.bitnet); }
+std::string arch_name(const TrainOptions& o) {
+  return std::string(bitnet_arch_name(o.bitnet)) + (o.bitnet.v2 && !o.bitnet.hadamard ? "-no-hadamard" : "");
+}
 
 // The state file: the parameters, then AdamW's state tensors in its order (state_tensors()).
 // Low-precision training's part of the state: its settings (checked on resume) and the fp8 amax
