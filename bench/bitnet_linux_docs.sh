@@ -6,11 +6,16 @@
 #   b158-t25   --arch bitnet-b1.58 --transition-at 0.25   (16-bit for the first 25 % of the steps)
 #   b158-t50   --arch bitnet-b1.58 --transition-at 0.50
 # (and any of EXTRA_RUNS: b158-median = --ternary-scale median, b158-2stage = --schedule bitnet-two-stage,
-#  fp-2stage). Every run sees the same windows (same seed); validation loss every EVAL_EVERY steps on
-# fixed windows of valid.txt (the BitLinear forward: int8 activations); at the end `lowbit eval ppl`
-# on test.txt (ctx SEQ) of OUT/<run>/hf (FP) or OUT/<run>/ternary (the packed ternary checkpoint, f32 (--matmul exact)
-# activations, dense vocabulary). Prints a markdown table and writes OUT/curves.tsv (step, val loss
-# per run).
+#  fp-2stage; BitNet v2 = H-BitLinear o_proj/down_proj: v2a4 = --arch bitnet-v2 --act-bits 4 --act4-at 0.8
+#  (A8 for 80 % of the steps, then A4, the paper's recipe), v2a4-scratch = A4 from the first step,
+#  v2a8 = --act-bits 8, v2a4-noh = v2a4-scratch without the Hadamard transforms: an ablation). Every run sees the same windows (same seed); validation loss every EVAL_EVERY
+# steps on fixed windows of valid.txt (the training forward: b1.58 int8 activations, v2 its
+# activation bits); at the end `lowbit eval ppl` on test.txt (ctx SEQ) of OUT/<run>/hf (FP) or
+# OUT/<run>/ternary (the packed ternary checkpoint, --matmul exact, dense vocabulary: b1.58 with
+# f32 activations; v2 with the checkpoint's own online Hadamard transforms and A4/A8 per-token
+# activations, which `eval ppl` applies whatever --matmul says). Prints a markdown table and writes
+# OUT/curves.tsv (step, val loss per run). REUSE=1 skips the training of runs whose OUT/<run>.json
+# is already there (to add runs to a table made earlier with the same settings).
 #
 # Usage (repository root): bench/bitnet_linux_docs.sh
 # Settings (environment; defaults in brackets):
@@ -20,7 +25,7 @@
 #   MODEL_ARGS ["--dim 128 --hidden-dim 384 --layers 4 --heads 4 --max-seq-len 128"]
 #   SEQ [128] BATCH [16] STEPS [800] WARMUP [100] LR [2e-3] EVAL_EVERY [100] EVAL_BATCHES [32] SEED [1]
 #   JOBS [2] runs at a time, THREADS [1] threads each
-#   RUNS ["fp b158 b158-t25 b158-t50"] (RUNS="" runs only EXTRA_RUNS)  EXTRA_RUNS [""]
+#   RUNS ["fp b158 b158-t25 b158-t50"] (RUNS="" runs only EXTRA_RUNS)  EXTRA_RUNS [""]  REUSE [0]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOWBIT=${LOWBIT:-build-rel/lowbit} OUT=${OUT:-out/bitnet} DATA_DIR=${DATA_DIR:-../shared/data/linux-docs}
@@ -28,7 +33,7 @@ TOKENIZER=${TOKENIZER:-../shared/models/stories260K/tok512.model} TRAIN_BYTES=${
 MODEL_ARGS=${MODEL_ARGS:---dim 128 --hidden-dim 384 --layers 4 --heads 4 --max-seq-len 128}
 SEQ=${SEQ:-128} BATCH=${BATCH:-16} STEPS=${STEPS:-800} WARMUP=${WARMUP:-100} LR=${LR:-2e-3}
 EVAL_EVERY=${EVAL_EVERY:-100} EVAL_BATCHES=${EVAL_BATCHES:-32} SEED=${SEED:-1} JOBS=${JOBS:-2} THREADS=${THREADS:-1}
-RUNS=${RUNS-fp b158 b158-t25 b158-t50} EXTRA_RUNS=${EXTRA_RUNS:-}
+RUNS=${RUNS-fp b158 b158-t25 b158-t50} EXTRA_RUNS=${EXTRA_RUNS:-} REUSE=${REUSE:-0}
 
 for f in "$DATA_DIR/train.txt" "$DATA_DIR/valid.txt" "$DATA_DIR/test.txt" "$TOKENIZER" "$LOWBIT"; do
   [[ -e $f ]] || { echo "missing $f" >&2; exit 2; }
@@ -51,6 +56,10 @@ run_args() {  # run name -> its extra flags
     b158-t50) echo "--arch bitnet-b1.58 --transition-at 0.5" ;;
     b158-median) echo "--arch bitnet-b1.58 --ternary-scale median" ;;
     b158-2stage) echo "--arch bitnet-b1.58 --schedule bitnet-two-stage" ;;
+    v2a4) echo "--arch bitnet-v2 --act-bits 4 --act4-at 0.8" ;;
+    v2a4-scratch) echo "--arch bitnet-v2 --act-bits 4" ;;
+    v2a8) echo "--arch bitnet-v2 --act-bits 8" ;;
+    v2a4-noh) echo "--arch bitnet-v2 --act-bits 4 --hadamard off" ;;
     *) echo "unknown run $1" >&2; exit 2 ;;
   esac
 }
@@ -67,6 +76,7 @@ train_one() {
 all_runs="$RUNS $EXTRA_RUNS"
 running=0
 for name in $all_runs; do
+  if [[ $REUSE == 1 && -s $OUT/$name.json ]]; then echo "reusing $OUT/$name.json" >&2; continue; fi
   train_one "$name" &
   running=$((running + 1))
   if (( running >= JOBS )); then wait -n; running=$((running - 1)); fi
@@ -80,7 +90,7 @@ echo "| run | flags | final val loss (training forward) | test ppl (lowbit eval 
 echo "|---|---|---|---|---|"
 for name in $all_runs; do
   model="$OUT/$name/hf" extra=""
-  if [[ $name == b158* ]]; then model="$OUT/$name/ternary" extra="--f32-vocab --matmul exact"; fi
+  if [[ $name == b158* || $name == v2* ]]; then model="$OUT/$name/ternary" extra="--f32-vocab --matmul exact"; fi
   # shellcheck disable=SC2086
   ppl=$("$LOWBIT" eval ppl -m "$model" --tokens "$OUT/data/test.i32" --ctx "$SEQ" --batch 8 --threads 2 --json $extra |
         python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["ppl"])')

@@ -1,9 +1,12 @@
 // BitLinear b1.58 (autograd/bitlinear.h, ops/ternary.h): the quantizers against the paper's
 // formulas written as plain f64 loops, and the straight-through backward against central
-// differences of its surrogate y = (x + c_x) . (W + c_W)^T with the offsets held constant.
+// differences of its surrogate y = (x + c_x) . (W + c_W)^T with the offsets held constant; the
+// same for H-BitLinear (BitNet v2: online Hadamard transform, b-bit per-token activations).
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <vector>
 
@@ -160,4 +163,158 @@ TEST(BitLinear, StraightThroughGradientMatchesTheSurrogate) {
             },
             {x0, w0});
       }
+}
+
+// ---- H-BitLinear (BitNet v2): online Hadamard transform, b-bit per-token activations ---------
+
+namespace {
+// The transform as an explicit n x n matrix K = diag(signs) (H_p / sqrt(p) (x) S), n = p * m,
+// H_p the Sylvester Hadamard matrix (entry (a, a') = (-1)^popcount(a & a')), written out here
+// independently of ops::hadamard_transform. Returned as [n_in, n_out] values.
+std::vector<double> explicit_k(const std::vector<double>& signs, const std::vector<double>& S, int64_t m) {
+  const int64_t n = int64_t(signs.size()), p = n / m;
+  std::vector<double> K(size_t(n * n));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t a = i / m, b = i % m, a2 = j / m, c = j % m;
+      const double h = (std::popcount(uint64_t(a & a2)) % 2 ? -1.0 : 1.0) / std::sqrt(double(p));
+      K[size_t(i * n + j)] = signs[size_t(i)] * h * (m == 1 ? 1.0 : S[size_t(b * m + c)]);
+    }
+  return K;
+}
+// A 3 x 3 orthogonal matrix: two Givens rotations.
+std::vector<double> givens3() {
+  const double c1 = std::cos(0.7), s1 = std::sin(0.7), c2 = std::cos(-1.9), s2 = std::sin(-1.9);
+  const double A[3][3] = {{c1, -s1, 0}, {s1, c1, 0}, {0, 0, 1}}, B[3][3] = {{1, 0, 0}, {0, c2, -s2}, {0, s2, c2}};
+  std::vector<double> r(9, 0.0);
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j)
+      for (int k = 0; k < 3; ++k) r[size_t(i * 3 + j)] += A[i][k] * B[k][j];
+  return r;
+}
+// Per-token symmetric absmax on the b-bit grid (BitNet's absmax quantizer at b bits).
+std::vector<double> ref_act_bits(const std::vector<double>& x, int64_t M, int64_t C, int bits) {
+  const double qmax = std::ldexp(1.0, bits - 1) - 1, qmin = -std::ldexp(1.0, bits - 1);
+  std::vector<double> y(x.size());
+  for (int64_t r = 0; r < M; ++r) {
+    double amax = 0;
+    for (int64_t c = 0; c < C; ++c) amax = std::max(amax, std::fabs(x[size_t(r * C + c)]));
+    const double s = amax / qmax;
+    for (int64_t c = 0; c < C; ++c)
+      y[size_t(r * C + c)] = s > 0 ? std::min(qmax, std::max(qmin, std::nearbyint(x[size_t(r * C + c)] / s))) * s : 0.0;
+  }
+  return y;
+}
+struct HCase {
+  int64_t n, m;
+};
+Tensor tensor_of(const std::vector<double>& v, Shape s) { return Tensor::from_vector(v, s); }
+}  // namespace
+
+TEST(HBitLinear, ForwardIsTheWrittenOutFormula) {
+  const int64_t M = 5, N = 7;
+  for (HCase hc : {HCase{16, 1}, HCase{12, 3}})
+    for (int bits : {4, 8, 0}) {
+      const int64_t K = hc.n;
+      std::vector<double> signs;
+      for (int64_t i = 0; i < K; ++i) signs.push_back((i * 7 + 3) % 5 < 2 ? -1.0 : 1.0);
+      const std::vector<double> S = hc.m == 3 ? givens3() : std::vector<double>{};
+      const Tensor sg = tensor_of(signs, {K}), sm = hc.m == 3 ? tensor_of(S, {3, 3}) : Tensor();
+      // An outlier channel, as the attention output / SwiGLU product have.
+      Tensor x = rnd({M, K}, 21);
+      for (int64_t r = 0; r < M; ++r) x.set_item(r * K + 2, 25.0 * x.item(r * K + 2));
+      const Tensor w = rnd({N, K}, 22, 0.1);
+      const Var y = h_bitlinear(Var(x), Var(w), sg, sm, bits);
+      const auto Km = explicit_k(signs, S, hc.m);
+      const auto xv = values(x);
+      std::vector<double> xr(size_t(M * K), 0.0);
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t j = 0; j < K; ++j)
+          for (int64_t i = 0; i < K; ++i) xr[size_t(r * K + j)] += xv[size_t(r * K + i)] * Km[size_t(i * K + j)];
+      const auto xq = bits ? ref_act_bits(xr, M, K, bits) : xr;
+      const auto wq = ref_ternary(values(w), false);
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t o = 0; o < N; ++o) {
+          double s = 0;
+          for (int64_t k = 0; k < K; ++k) s += xq[size_t(r * K + k)] * wq[size_t(o * K + k)];
+          EXPECT_NEAR(y.value().item(r * N + o), s, 1e-12 * (1 + std::fabs(s))) << hc.n << " bits " << bits;
+        }
+      if (bits == 4) {  // at most 16 levels per token
+        for (int64_t r = 0; r < M; ++r) {
+          std::vector<double> lv(xq.begin() + r * K, xq.begin() + (r + 1) * K);
+          std::sort(lv.begin(), lv.end());
+          EXPECT_LE(std::unique(lv.begin(), lv.end()) - lv.begin(), 16);
+        }
+      }
+    }
+  // The Hadamard transform spreads the outlier: the 4-bit error of the rotated input is smaller
+  // than that of the input itself (same bits, same quantizer).
+  const int64_t K = 64;
+  Tensor x = rnd({8, K}, 23);
+  for (int64_t r = 0; r < 8; ++r) x.set_item(r * K + 5, 40.0 * x.item(r * K + 5));
+  std::vector<double> signs(size_t(K), 1.0);
+  const auto Km = explicit_k(signs, {}, 1);
+  const auto xv = values(x);
+  std::vector<double> xr(xv.size(), 0.0);
+  for (int64_t r = 0; r < 8; ++r)
+    for (int64_t j = 0; j < K; ++j)
+      for (int64_t i = 0; i < K; ++i) xr[size_t(r * K + j)] += xv[size_t(r * K + i)] * Km[size_t(i * K + j)];
+  auto err = [](const std::vector<double>& a, const std::vector<double>& b) {
+    double e = 0;
+    for (size_t i = 0; i < a.size(); ++i) e += (a[i] - b[i]) * (a[i] - b[i]);
+    return e;
+  };
+  // (K is orthogonal: the error in the rotated basis is the error of the rotated-back input.)
+  EXPECT_LT(err(ref_act_bits(xr, 8, K, 4), xr), 0.5 * err(ref_act_bits(xv, 8, K, 4), xv));
+}
+
+// The analytic gradient of h_bitlinear against central differences of its surrogate
+// (x K + c_x) . (W + c_W)^T with K the explicit matrix and the offsets held at the base point.
+TEST(HBitLinear, StraightThroughGradientMatchesTheSurrogate) {
+  for (HCase hc : {HCase{8, 1}, HCase{12, 3}})
+    for (int bits : {4, 8}) {
+      const int64_t K = hc.n;
+      std::vector<double> signs;
+      for (int64_t i = 0; i < K; ++i) signs.push_back(i % 3 == 1 ? -1.0 : 1.0);
+      const std::vector<double> S = hc.m == 3 ? givens3() : std::vector<double>{};
+      const Tensor sg = tensor_of(signs, {K}), sm = hc.m == 3 ? tensor_of(S, {3, 3}) : Tensor();
+      const auto Km = explicit_k(signs, S, hc.m);
+      std::vector<double> kt(Km.size());  // K^T as a [out, in] weight: linear(x, K^T) = x K
+      for (int64_t i = 0; i < K; ++i)
+        for (int64_t j = 0; j < K; ++j) kt[size_t(j * K + i)] = Km[size_t(i * K + j)];
+      const Tensor KT = tensor_of(kt, {K, K});
+      const Tensor x0 = rnd({4, K}, 31), w0 = rnd({5, K}, 32, 0.2);
+      Tensor xr;
+      {
+        NoGradGuard ng;
+        xr = linear(Var(x0), Var(KT)).value().contiguous();
+      }
+      const auto xq = ref_act_bits(values(xr), 4, K, bits);
+      const Tensor wq = bitlinear_effective_weight(w0, BitLinearOptions{});
+      Tensor cx = xr.clone(), cw = w0.clone();
+      for (int64_t i = 0; i < cx.numel(); ++i) cx.set_item(i, xq[size_t(i)] - xr.item(i));
+      for (int64_t i = 0; i < cw.numel(); ++i) cw.set_item(i, wq.item(i) - w0.item(i));
+      int calls = 0;
+      grad_check(
+          [&](const std::vector<Var>& v) {
+            auto surrogate = [&] { return project(linear(add(linear(v[0], Var(KT)), Var(cx)), add(v[1], Var(cw)))); };
+            if (calls++ == 0) {
+              Var l = project(h_bitlinear(v[0], v[1], sg, sm, bits));
+              NoGradGuard ng;
+              const double s = surrogate().value().item();
+              EXPECT_NEAR(l.value().item(), s, 1e-11 * (1 + std::fabs(s)));
+              return l;
+            }
+            return surrogate();
+          },
+          {x0, w0});
+    }
+}
+
+TEST(HBitLinear, RejectsBadInputs) {
+  const Tensor x = rnd({2, 8}, 1), w = rnd({3, 8}, 2);
+  EXPECT_THROW(h_bitlinear(Var(x), Var(w), Tensor(), Tensor(), 1), Error);
+  EXPECT_THROW(h_bitlinear(Var(x), Var(w), Tensor(), Tensor(), 16), Error);
+  EXPECT_THROW(h_bitlinear(Var(rnd({2, 12}, 1)), Var(rnd({3, 12}, 2)), Tensor(), Tensor(), 4), Error);  // 12: no S
+  EXPECT_THROW(h_bitlinear(Var(rnd({2, 2, 8}, 1)), Var(w), Tensor(), Tensor(), 4), Error);
 }

@@ -1,6 +1,7 @@
 // BitNet b1.58 pretraining (train/bitnet.h): BitLinear blocks learn, the 16 -> 1.58-bit
 // transition switches at the right step and resumes exactly, the two-stage schedule, and the
-// ternary checkpoint holds exactly the weights the training forward used.
+// ternary checkpoint holds exactly the weights the training forward used; BitNet v2 (H-BitLinear,
+// A8 -> A4) learns, resumes, and its checkpoint runs the training numerics.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -13,6 +14,7 @@
 #include "lowbit/io/llama2c.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/model/bit_linear.h"
+#include "lowbit/model/rotation.h"
 #include "lowbit/ops/quant_matmul.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
@@ -170,4 +172,143 @@ TEST(BitNet, TernaryWeightsKeepTheirCodesInGgmlTq2_0) {
     ASSERT_EQ(a > 0.0, b > 0.0) << i;
     ASSERT_LE(std::fabs(a - b), std::fabs(a) * 0x1p-11) << i;
   }
+}
+
+// ---- BitNet v2 (H-BitLinear o_proj / down_proj, W1.58A4) ------------------------------------
+
+namespace {
+TrainOptions tiny_v2(const std::string& out) {
+  TrainOptions o = tiny_bitnet(out);
+  o.bitnet.v2 = true;
+  return o;
+}
+}  // namespace
+
+TEST(BitNetV2, ActivationBitsFollowTheA8ToA4Schedule) {
+  BitNetOptions o;
+  set_train_arch(o, parse_train_arch("bitnet-v2"));
+  ASSERT_TRUE(o.enabled && o.v2);
+  EXPECT_STREQ(bitnet_arch_name(o), "bitnet-v2");
+  o.transition_at = 0.25;
+  o.act4_at = 0.5;
+  EXPECT_EQ(bitnet_act4_step(o, 8), 4);
+  const int want[8] = {0, 0, 8, 8, 4, 4, 4, 4};
+  for (int s = 0; s < 8; ++s) EXPECT_EQ(bitnet_step_act_bits(o, s, 8), want[s]) << s;
+  for (int s = 0; s < 8; ++s) EXPECT_FALSE(bitnet_step_options(o, s, 8).quantize_activations);  // the transforms quantize
+  o.act4_at = 0.1;  // before the transition: 4-bit from the transition on
+  EXPECT_EQ(bitnet_step_act_bits(o, 2, 8), 4);
+  o.act4_at = 0;
+  o.act_bits = 8;
+  EXPECT_EQ(bitnet_step_act_bits(o, 7, 8), 8);
+  BitNetOptions b158;
+  set_train_arch(b158, TrainArch::BitNetB158);
+  EXPECT_EQ(bitnet_step_act_bits(b158, 5, 8), 0);
+  EXPECT_TRUE(bitnet_step_options(b158, 5, 8).quantize_activations);
+  // Bad options name their flag.
+  BitNetOptions bad = o;
+  bad.act_bits = 6;
+  EXPECT_THROW(check_bitnet_options(bad, 10), Error);
+  bad = o;
+  bad.act4_at = 0.5;  // with --act-bits 8
+  EXPECT_THROW(check_bitnet_options(bad, 10), Error);
+  bad = o;
+  bad.act_bits = 4;
+  bad.act4_at = 1.0;
+  EXPECT_THROW(check_bitnet_options(bad, 10), Error);
+  bad = o;
+  bad.phase_in_steps = 2;
+  EXPECT_THROW(check_bitnet_options(bad, 10), Error);
+  BitNetOptions not_v2;
+  set_train_arch(not_v2, TrainArch::BitNetB158);
+  not_v2.act4_at = 0.5;
+  EXPECT_THROW(check_bitnet_options(not_v2, 10), Error);
+  // The transforms: h-bitlinear rotations of the o_proj and down_proj inputs, int4 activations.
+  LlamaConfig c = test::tiny_train_options("unused").config;
+  const ModelTransforms t = bitnet_v2_transforms(c, 5, 4);
+  EXPECT_EQ(t.rotation, "h-bitlinear");
+  EXPECT_EQ(t.o_in.size(), int64_t(c.n_heads) * c.resolved_head_dim());
+  EXPECT_EQ(t.ffn.size(), c.hidden_dim);
+  EXPECT_FALSE(t.head.defined());
+  EXPECT_EQ(act_quant_name(t.act), "int4");
+  EXPECT_NO_THROW(validate_transforms(c, t, "test"));
+  // The ablation (--hadamard off): the activation quantizer alone.
+  const ModelTransforms noh = bitnet_v2_transforms(c, 5, 4, false);
+  EXPECT_TRUE(noh.rotation.empty());
+  EXPECT_FALSE(noh.o_in.defined() || noh.ffn.defined());
+  EXPECT_EQ(act_quant_name(noh.act), "int4");
+  BitNetOptions noh_b158;
+  set_train_arch(noh_b158, TrainArch::BitNetB158);
+  noh_b158.hadamard = false;
+  EXPECT_THROW(check_bitnet_options(noh_b158, 10), Error);
+  ModelTransforms q = t;  // an o_in rotation is H-BitLinear's only
+  q.rotation = "hadamard";
+  EXPECT_THROW(validate_transforms(c, q, "test"), Error);
+  // CUDA is refused with a named error.
+  auto dir = test::temp_dir("bitnet-v2-cuda");
+  TrainOptions tc = tiny_v2(dir.string());
+  tc.device = Device::CUDA;
+  try {
+    train_model(tc, stream(2000, 13), stream(300, 13));
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("bitnet-v2"), std::string::npos) << e.what();
+  }
+}
+
+TEST(BitNetV2, LearnsAndItsCheckpointRunsTheTrainingNumerics) {
+  auto dir = test::temp_dir("bitnet-v2-learn");
+  TrainOptions o = tiny_v2(dir.string());
+  o.max_steps = 60;
+  o.eval_every = 0;
+  o.bitnet.act4_at = 0.75;  // A8, then A4 for the last 15 steps
+  const auto val = stream(300, 13);
+  TrainResult r = train_model(o, stream(2000, 13), val);
+  ASSERT_EQ(r.records.size(), 60u);
+  EXPECT_LT(r.records.back().loss, 0.7 * r.records.front().loss);
+  QuantizedCheckpoint q = load_quantized_model((dir / "ternary").string());
+  EXPECT_EQ(q.method, "bitnet-v2");
+  EXPECT_EQ(q.format, QuantFormatId::Ternary);
+  EXPECT_EQ(q.transforms.rotation, "h-bitlinear");
+  EXPECT_EQ(act_quant_name(q.transforms.act), "int4");
+  ASSERT_TRUE(q.transforms.o_in.defined() && q.transforms.ffn.defined());
+  // The dense view of the checkpoint with its transforms reproduces the final validation loss of
+  // the training forward (BitLinear + transforms), and the packed model computes the same logits.
+  LlamaModel dm(q.dense.config, q.dense.weights);
+  dm.set_transforms(q.transforms);
+  EXPECT_NEAR(validation_loss(dm, val, o.seq_len, o.batch_size, o.eval_batches), r.final_val_loss, 2e-5);
+  auto qm = make_quantized_model(load_quantized_model((dir / "ternary").string(), false));
+  ASSERT_EQ(qm->transforms().rotation, "h-bitlinear");
+  Tensor toks = Tensor::from_vector(std::vector<int32_t>{1, 5, 7, 2, 9, 11, 3, 3, 8, 0, 12}, {1, 11});
+  NoGradGuard ng;
+  const Tensor b = dm.forward(toks).value();
+  ops::set_quant_matmul_default(ops::QuantMatmulPath::Exact);
+  const Tensor a = qm->forward(toks).value();
+  ops::set_quant_matmul_default(ops::QuantMatmulPath::Auto);
+  EXPECT_LT(max_abs_diff(a, b), 1e-4);
+  // Auto (the default): the int4-grid activations go to the integer kernels as they are.
+  EXPECT_LT(max_abs_diff(qm->forward(toks).value(), b), 1e-3);
+  // Without the transforms the model computes something else (the Hadamard is part of it).
+  LlamaModel plain(q.dense.config, q.dense.weights);
+  EXPECT_GT(max_abs_diff(plain.forward(toks).value(), b), 1e-2);
+}
+
+TEST(BitNetV2, ResumesExactlyAcrossTheA8ToA4Switch) {
+  auto a = test::temp_dir("bitnet-v2-a"), b = test::temp_dir("bitnet-v2-b");
+  TrainOptions oa = tiny_v2(a.string());
+  oa.bitnet.act4_at = 0.5;
+  TrainResult full = train_model(oa, stream(2000, 13), stream(300, 13));
+  TrainOptions ob = oa;
+  ob.out_dir = b.string();
+  ob.stop_after = 3;
+  EXPECT_EQ(train_model(ob, stream(2000, 13), stream(300, 13)).steps_done, 3);
+  ob.stop_after = 0;
+  TrainResult rest = train_model(ob, stream(2000, 13), stream(300, 13));
+  ASSERT_EQ(rest.records.size(), 5u);
+  for (size_t i = 0; i < 5; ++i) EXPECT_DOUBLE_EQ(rest.records[i].loss, full.records[i + 3].loss) << i;
+  EXPECT_DOUBLE_EQ(rest.final_val_loss, full.final_val_loss);
+  // A b1.58 state does not resume as v2.
+  TrainOptions ol = oa;
+  ol.bitnet.v2 = false;
+  ol.bitnet.act4_at = 0;
+  EXPECT_THROW(train_model(ol, stream(2000, 13), stream(300, 13)), Error);
 }

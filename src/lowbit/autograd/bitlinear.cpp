@@ -60,4 +60,16 @@ Var bitlinear(const Var& x, const Var& w, const BitLinearOptions& o) {
   });
 }
 
+Var h_bitlinear(const Var& x, const Var& w, const Tensor& signs, const Tensor& small, int act_bits,
+                const BitLinearOptions& options) {
+  if (act_bits != 0 && (act_bits < 2 || act_bits > 8))
+    throw_error("h_bitlinear: ", act_bits, " activation bits (expected 0 = none, or 2 to 8)");
+  if (x.value().dim() != 2) throw_error("h_bitlinear: x must be [rows, in], got ", x.value().describe());
+  Var xr = hadamard_transform(x, signs, small);
+  if (act_bits > 0) xr = fake_quant(xr, act_bits, false, 1.0, xr.value().size(1));
+  BitLinearOptions o = options;
+  o.quantize_activations = false;
+  return bitlinear(xr, w, o);
+}
+
 }  // namespace lowbit

@@ -32,6 +32,24 @@ struct BitLinearOptions {
 // x [M, in], w [out, in] (latent) -> [M, out]
 Var bitlinear(const Var& x, const Var& w, const BitLinearOptions& options = {});
 
+// H-BitLinear (BitNet v2, Wang et al. 2025, arXiv 2504.18415): an online Hadamard transform of the
+// input before its per-token activation quantizer, then the ternary product:
+//
+//   forward   y = Qa_b(x K) . Qw(W)^T        K = diag(signs) (H_p / sqrt(p) (x) small), orthogonal
+//                                             (ops::hadamard_transform); Qa_b: per-token symmetric
+//                                             absmax on the b-bit grid, s = max|x K| / (2^(b-1) - 1),
+//                                             q = clamp(round(. / s), -2^(b-1), 2^(b-1) - 1)
+//                                             (ops::fake_quant); act_bits 0: no activation quantizer
+//   backward  dx = (dy . Qw(W)) K^T           dW = dy^T . Qa_b(x K)
+//
+// i.e. the straight-through gradient of the surrogate y = (x K + c_x) . (W + c_W)^T with the
+// offsets held constant, K's backward being its transpose. `options.quantize_activations` is
+// ignored (the b-bit quantizer replaces BitLinear's int8 one); options.quantize = false is the
+// plain linear layer on the rotated input. The model applies the same three steps through its
+// transforms (model/rotation.h "h-bitlinear", train/bitnet.h); this function is their reference.
+Var h_bitlinear(const Var& x, const Var& w, const Tensor& signs, const Tensor& small, int act_bits,
+                const BitLinearOptions& options = {});
+
 // The weight the forward pass multiplies by (W_eff above), as a new tensor.
 Tensor bitlinear_effective_weight(const Tensor& w, const BitLinearOptions& options);
 

@@ -21,7 +21,7 @@ namespace fs = std::filesystem;
 namespace {
 struct TrainArgs {
   std::string tokenizer, train_text, valid_text, train_tokens, valid_tokens, config_json, device = "cpu";
-  std::string arch = "llama", ternary_scale = "mean", schedule = "cosine";
+  std::string arch = "llama", ternary_scale = "mean", schedule = "cosine", hadamard = "on";
   std::string precision = "f32", fp8_scaling = "delayed", lp_recipe = "full", lp_gemm = "auto";
   TrainOptions o;
   DistArgs dist;  // --gpus N / launcher environment: data-parallel training (issue 20)
@@ -39,7 +39,8 @@ void run_train(TrainArgs& a) {
       throw_error("train: --bf16 needs --device cuda: bf16 activations and matmuls have no CPU kernels");
   }
   o.bf16 = a.bf16;
-  o.bitnet.enabled = parse_train_arch(a.arch);
+  set_train_arch(o.bitnet, parse_train_arch(a.arch));
+  o.bitnet.hadamard = a.hadamard == "on";
   o.bitnet.scale = ops::parse_ternary_scale(a.ternary_scale);
   o.bitnet.two_stage = parse_train_schedule(a.schedule);
   o.low_precision.recipe.precision = parse_lp_precision(a.precision);
@@ -57,8 +58,9 @@ void run_train(TrainArgs& a) {
   o.low_precision.recipe.native_gemm = a.lp_gemm == "native" || (a.lp_gemm == "auto" && a.device != "cpu");
   check_bitnet_options(o.bitnet, o.max_steps);
   if (o.bitnet.enabled && (a.device != "cpu" || a.bf16))
-    throw_error("train: --arch bitnet-b1.58 trains on the CPU (--device cpu, no --bf16): BitLinear's quantizers have "
-                "CPU bodies only");
+    throw_error("train: --arch ", a.arch, " trains on the CPU (--device cpu, no --bf16): BitLinear's quantizers",
+                o.bitnet.v2 ? " and H-BitLinear's Hadamard transform and activation quantizer" : "",
+                " have CPU bodies only (no CUDA training body yet)");
   if (!a.train_tokens.empty() && !a.train_text.empty()) throw_error("train: give --train or --train-tokens, not both");
   if (!a.valid_tokens.empty() && !a.valid_text.empty()) throw_error("train: give --valid or --valid-tokens, not both");
   // Data parallel: every rank builds the same model and data; each step's windows are split over
@@ -148,6 +150,12 @@ void run_train(TrainArgs& a) {
     j["transition_at"] = o.bitnet.transition_at;
     j["transition_step"] = bitnet_transition_step(o.bitnet, o.max_steps);
     j["phase_in_steps"] = o.bitnet.phase_in_steps;
+    if (o.bitnet.v2) {
+      j["act_bits"] = o.bitnet.act_bits;
+      j["act4_at"] = o.bitnet.act4_at;
+      j["act4_step"] = bitnet_act4_step(o.bitnet, o.max_steps);
+      j["hadamard"] = o.bitnet.hadamard;
+    }
     if (r.complete) j["ternary_checkpoint"] = (fs::path(o.out_dir) / "ternary").string();
   }
   if (!r.records.empty()) j["final_train_loss"] = r.records.back().loss;
@@ -164,7 +172,11 @@ void run_train(TrainArgs& a) {
   if (o.bitnet.enabled && r.complete && !a.tokenizer.empty())
     copy_tokenizer_files(a.tokenizer, "", (fs::path(o.out_dir) / "ternary").string());
   if (o.bitnet.enabled && r.complete)
-    print_stdout("ternary (b1.58) checkpoint in %s/ternary\n", o.out_dir.c_str());
+    print_stdout("ternary (%s) checkpoint in %s/ternary\n", bitnet_arch_name(o.bitnet), o.out_dir.c_str());
+  if (o.bitnet.v2 && r.complete)
+    print_stdout("bitnet-v2: %s/ternary holds the online Hadamard transforms and A%d activations; model.bin and hf/ "
+                 "hold the weights without them (not the trained function)\n",
+                 o.out_dir.c_str(), o.bitnet.act_bits);
 }
 }  // namespace
 
@@ -215,11 +227,25 @@ void register_train(CLI::App& app) {
                 "write the run's data order (int64 window starts of every step and micro-batch, then the validation "
                 "windows) to FILE, for reference implementations (bench/torch_train_ref.py)");
   t->add_option("--arch", a->arch,
-                "llama, or bitnet-b1.58: every block linear a BitLinear (ternary absmean weights, int8 per-token "
-                "activations, straight-through gradients; CPU); also saves OUT/ternary, a packed ternary checkpoint")
+                "llama, bitnet-b1.58: every block linear a BitLinear (ternary absmean weights, int8 per-token "
+                "activations, straight-through gradients; CPU), or bitnet-v2: the same with H-BitLinear o_proj and "
+                "down_proj (online Hadamard transform of the input) and --act-bits per-token activations at every block "
+                "linear (BitNet v2, W1.58A4); both also save OUT/ternary, a packed ternary checkpoint")
       ->capture_default_str();
   t->add_option("--ternary-scale", a->ternary_scale, "bitnet-b1.58 weight scale: mean (b1.58) or median (Reloaded) of |W|")
       ->capture_default_str();
+  t->add_option("--act-bits", o.bitnet.act_bits,
+                "bitnet-v2: activation bits of the block linears at the end of training (4 or 8; per token, symmetric "
+                "absmax)")
+      ->capture_default_str();
+  t->add_option("--act4-at", o.bitnet.act4_at,
+                "bitnet-v2 with --act-bits 4: train with 8-bit activations for this fraction of the steps, then "
+                "continue with 4-bit (the paper's A8 -> A4 recipe), keeping the latent weights and the optimizer state")
+      ->capture_default_str()->check(between(0, 1));
+  t->add_option("--hadamard", a->hadamard,
+                "bitnet-v2: on (H-BitLinear o_proj/down_proj), or off — an ablation: the same activation bits "
+                "without the online Hadamard transforms")
+      ->capture_default_str()->check(CLI::IsMember({"on", "off"}));
   t->add_option("--transition-at", o.bitnet.transition_at,
                 "bitnet-b1.58: train unquantized (f32: the papers' 16-bit phase) for this fraction of the steps, then "
                 "switch to 1.58 bit keeping the latent weights and the optimizer state")

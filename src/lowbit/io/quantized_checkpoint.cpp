@@ -65,7 +65,8 @@ ModelTransforms read_transforms(const nlohmann::json& j, SafetensorsFile& f, con
   try {
     const std::string rot = str("rotation");
     if (rot != "none") {
-      if (rot != "hadamard") throw_error("rotation '", rot, "' is unknown (expected hadamard or none)");
+      if (rot != "hadamard" && rot != "h-bitlinear")
+        throw_error("rotation '", rot, "' is unknown (expected hadamard, h-bitlinear or none)");
       t.rotation = rot;
       if (!j.contains("rotation_seed") || !j["rotation_seed"].is_number_unsigned())
         throw_error("rotation_seed is missing or not a non-negative integer");
@@ -90,7 +91,8 @@ ModelTransforms read_transforms(const nlohmann::json& j, SafetensorsFile& f, con
   } catch (const Error& e) {
     throw_error(cfg_path, ": quantization_config.transforms: ", e.what());
   }
-  for (const auto& [name, r] : {std::pair<const char*, HadamardRotation*>{"ffn", &t.ffn}, {"head", &t.head}}) {
+  for (const auto& [name, r] :
+       {std::pair<const char*, HadamardRotation*>{"ffn", &t.ffn}, {"head", &t.head}, {"o_in", &t.o_in}}) {
     const std::string base = std::string("lowbit.rotation.") + name;
     if (f.find(base + ".signs")) r->signs = f.load_f32(base + ".signs");
     if (f.find(base + ".small")) r->small = f.load_f32(base + ".small");
@@ -201,7 +203,8 @@ nlohmann::json quantized_config_json(const LlamaConfig& c, const std::string& me
 // The online rotations' tensors (rotated models).
 void rotation_tensors(const ModelTransforms& tr, std::vector<std::pair<std::string, Tensor>>& ts) {
   if (!tr.any()) return;
-  for (const auto& [name, r] : {std::pair<const char*, const HadamardRotation*>{"ffn", &tr.ffn}, {"head", &tr.head}}) {
+  for (const auto& [name, r] :
+       {std::pair<const char*, const HadamardRotation*>{"ffn", &tr.ffn}, {"head", &tr.head}, {"o_in", &tr.o_in}}) {
     if (!r->defined()) continue;
     ts.emplace_back(std::string("lowbit.rotation.") + name + ".signs", r->signs.contiguous());
     if (r->small.defined()) ts.emplace_back(std::string("lowbit.rotation.") + name + ".small", r->small.contiguous());

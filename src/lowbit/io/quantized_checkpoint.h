@@ -34,8 +34,8 @@
 //                                     "kv_group": 32, "kv_window": 128,
 //                                     "act_clips": [..]  (only with `--act-clip search`: n_layers x 4
 //                                                         ratios, ActQuantSpec::clips)}
-//   lowbit.rotation.{ffn,head}.signs  F32 [n]     the online rotations (rotated models only)
-//   lowbit.rotation.{ffn,head}.small  F32 [m, m]  (when n is not a power of two)
+//   lowbit.rotation.{ffn,head,o_in}.signs  F32 [n] the online rotations (rotated models only)
+//   lowbit.rotation.{ffn,head,o_in}.small  F32 [m, m] (when n is not a power of two)
 // and the stored weights are the rotated ones, so the checkpoint reloads to identical outputs.
 // Readers that cannot apply the transforms (GGUF / GPTQ / AWQ export, convert) refuse such a
 // checkpoint.

@@ -380,6 +380,13 @@ Var LlamaModel::down_in(const Var& m) const {
   return hadamard_transform(m, r.signs.to(dt), r.small.defined() ? r.small.to(dt) : Tensor());
 }
 
+Var LlamaModel::o_in(const Var& att) const {
+  const HadamardRotation& r = transforms_.o_in;
+  if (!r.defined()) return att;
+  const DType dt = att.value().dtype();
+  return hadamard_transform(att, r.signs.to(dt), r.small.defined() ? r.small.to(dt) : Tensor());
+}
+
 Var LlamaModel::rotate_heads(const Var& x, bool kv_quantized) const {
   const HadamardRotation& r = transforms_.head;
   if (!r.defined() || !kv_quantized) return x;
@@ -429,7 +436,7 @@ Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache
       att = attention(q, k, v, B, T, T, H, KVH, hd);
     }
   }
-  return block_mlp(i, add(x, b.wo->forward(act_in(att, i, kActO))));
+  return block_mlp(i, add(x, b.wo->forward(act_in(o_in(att), i, kActO))));
 }
 
 Var LlamaModel::attend_cached(int i, Var q, Var k, const Var& v, int64_t T, KVCache& cache) const {
@@ -801,7 +808,7 @@ Var LlamaModel::forward_mixed(const Tensor& tokens, const std::vector<KVCache*>&
     if (qv.device() == Device::CPU && n1 > 1) parallel_each(n1, [&](int64_t j) { one(small[size_t(j)]); });
     else for (int64_t s : small) one(s);
     for (int64_t s : large) one(s);
-    Var x1 = add(x, lin(*b.wo, act_in(Var(att), i, kActO)));
+    Var x1 = add(x, lin(*b.wo, act_in(o_in(Var(att)), i, kActO)));
     Var h2 = act_in(rmsnorm(x1, b.ffn_norm, eps), i, kActFfn);
     Var gate, up;
     {

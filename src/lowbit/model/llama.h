@@ -217,6 +217,8 @@ class LlamaModel {
   Var kv_token_in(const Var& x) const;
   // The SwiGLU output m [M, F] as down_proj reads it: times R_F when the model is rotated.
   Var down_in(const Var& m) const;
+  // The attention output [M, heads*hd] as o_proj reads it: times the o_in rotation (H-BitLinear).
+  Var o_in(const Var& att) const;
   // Queries/keys [M, heads*hd] times R_h per head (KV quantization — simulated, or a packed cache:
   // kv_quantized — of a rotated model), else x.
   Var rotate_heads(const Var& x, bool kv_quantized) const;

@@ -116,11 +116,14 @@ void validate_transforms(const LlamaConfig& c, const ModelTransforms& t, const s
     throw_error(source, ": per-token KV bits ", t.kv_token_bits, " (expected 2, 4 or 8)");
   if (t.kv_token_bits > 0 && t.kv.enabled())
     throw_error(source, ": per-token (LLM-QAT) and KIVI KV quantization together; give one of them");
-  if (!t.rotation.empty() && t.rotation != "hadamard")
-    throw_error(source, ": rotation '", t.rotation, "' is unknown (expected hadamard)");
+  if (!t.rotation.empty() && t.rotation != "hadamard" && t.rotation != "h-bitlinear")
+    throw_error(source, ": rotation '", t.rotation, "' is unknown (expected hadamard or h-bitlinear)");
+  const bool hbit = t.rotation == "h-bitlinear";
   auto check_rot = [&](const HadamardRotation& r, int64_t n, const char* name) {
-    if (t.rotation.empty()) {
-      if (r.defined()) throw_error(source, ": ", name, " rotation given for a model that is not rotated");
+    if (t.rotation.empty() || (hbit && std::string(name) == "head") || (!hbit && std::string(name) == "o_in")) {
+      if (r.defined())
+        throw_error(source, ": ", name, " rotation given for a model ",
+                    t.rotation.empty() ? "that is not rotated" : ("with rotation " + t.rotation + ", which has none"));
       return;
     }
     if (!r.defined()) throw_error(source, ": the ", name, " rotation is missing");
@@ -149,6 +152,7 @@ void validate_transforms(const LlamaConfig& c, const ModelTransforms& t, const s
   };
   check_rot(t.ffn, c.hidden_dim, "ffn");
   check_rot(t.head, c.resolved_head_dim(), "head");
+  check_rot(t.o_in, int64_t(c.n_heads) * c.resolved_head_dim(), "o_in");
   if (t.act.enabled() && t.act.bits != 4 && t.act.bits != 8)
     throw_error(source, ": activation bits ", t.act.bits, " (expected 4 or 8)");
   if (!(t.act.clip > 0 && t.act.clip <= 1)) throw_error(source, ": activation clip ratio ", t.act.clip, " is not in (0, 1]");

@@ -87,9 +87,10 @@ struct KVQuantSpec {
 };
 
 struct ModelTransforms {
-  std::string rotation;  // "" (none) or "hadamard"
+  std::string rotation;  // "" (none), "hadamard" (QuaRot) or "h-bitlinear" (BitNet v2)
   uint64_t rotation_seed = 0;
   HadamardRotation ffn;   // online before down_proj (n = F); defined when rotated
+  HadamardRotation o_in;  // online before o_proj (n = n_heads * head_dim); "h-bitlinear" only
   HadamardRotation head;  // per head (n = head_dim): values offline; queries/keys online under kv
   ActQuantSpec act;
   KVQuantSpec kv;

@@ -758,10 +758,20 @@ const QActsK& quantize_acts_k(const float* x, int64_t M, int64_t in, qmm::Ternar
     a.pair.resize(2 * nblk);
   }
   const int* src = slot_sources(kind);
+  // QuantActPerRowScope: one d = amax_row / qmax for every block of a row (activations already on
+  // that per-token grid, e.g. BitNet v2's int4, come back as their own codes).
+  const int row_qmax = t_act_row_qmax;
+  if (row_qmax > 0) simd = false;
 #if !(defined(__x86_64__) || defined(__i386__))
   simd = false;
 #endif
-  for (int64_t m = 0; m < M; ++m)
+  for (int64_t m = 0; m < M; ++m) {
+    float row_d = 0.0f;
+    if (row_qmax > 0) {
+      float amax = 0.0f;
+      for (int64_t i = 0; i < in; ++i) amax = std::max(amax, std::fabs(x[m * in + i]));
+      row_d = amax / float(row_qmax);
+    }
     for (int64_t b = 0; b < a.nb; ++b) {
       const float* xb = x + m * in + b * qmm::kBlockK;
       const int64_t n = std::min(qmm::kBlockK, in - b * qmm::kBlockK);
@@ -773,13 +783,19 @@ const QActsK& quantize_acts_k(const float* x, int64_t M, int64_t in, qmm::Ternar
       if (simd && n == qmm::kBlockK) s = qmm::avx2_quantize_block256(xb, kind, qb, &d);
 #endif
       if (!simd || n < qmm::kBlockK) {
-        float amax = 0.0f;
-        for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
-        d = amax / 127.0f;
+        int qmax = 127;
+        if (row_qmax > 0) {
+          d = row_d;
+          qmax = row_qmax;
+        } else {
+          float amax = 0.0f;
+          for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
+          d = amax / 127.0f;
+        }
         const float inv = d > 0 ? 1.0f / d : 0.0f;
         for (int64_t p = 0; p < a.slots; ++p) {
           const int64_t i = n == qmm::kBlockK ? src[p] : (p < n ? p : -1);
-          qb[p] = i < 0 ? int8_t(0) : int8_t(std::clamp(int(std::nearbyint(xb[i] * inv)), -127, 127));
+          qb[p] = i < 0 ? int8_t(0) : int8_t(std::clamp(int(std::nearbyint(xb[i] * inv)), -qmax, qmax));
           s += qb[p];
         }
       }
@@ -788,6 +804,7 @@ const QActsK& quantize_acts_k(const float* x, int64_t M, int64_t in, qmm::Ternar
       a.pair[2 * k] = d;
       a.pair[2 * k + 1] = d * float(s);
     }
+  }
   return a;
 }
 

@@ -181,7 +181,9 @@ class QuantSalientPrefillExactScope {
 // codes nearbyint(x / d) in [-qmax, qmax] (int8 lanes for both widths), instead of one d per block of
 // 32; and the Auto path sends products of every row count on the plain layouts (IntGroups, ggml
 // q4_0 / q4_1 / q8_0) to the Int8 body (integer dot products: the packed W4A8 / W4A4 product). The
-// ternary, TritPlanes and SalientBinary bodies keep their own activation blocks. On an input that is
+// ternary layouts' body (ternary format, TQ2_0, TQ1_0: Int8 on Auto at every row count already)
+// takes the same per-row scale for all its blocks of 256 (BitNet v2's W1.58A4 checkpoints); the
+// TritPlanes and SalientBinary bodies keep their own activation blocks. On an input that is
 // already fake-quantized per row to that grid with clip 1 (model/rotation.h's act_fake_quant: x =
 // q s) the codes come back as q and d as s to f32 rounding, so the product equals the simulation's
 // x · dequant(W)^T up to f32 summation order (tests: test_quant_matmul.cpp). Nests; restores the

@@ -14,10 +14,20 @@
 
 namespace lowbit {
 
-bool parse_train_arch(const std::string& name, const std::string& what) {
-  if (name == "llama") return false;
-  if (name == "bitnet-b1.58") return true;
-  throw_error(what, ": '", name, "' is not an architecture (expected llama or bitnet-b1.58)");
+TrainArch parse_train_arch(const std::string& name, const std::string& what) {
+  if (name == "llama") return TrainArch::Llama;
+  if (name == "bitnet-b1.58") return TrainArch::BitNetB158;
+  if (name == "bitnet-v2") return TrainArch::BitNetV2;
+  throw_error(what, ": '", name, "' is not an architecture (expected llama, bitnet-b1.58 or bitnet-v2)");
+}
+
+void set_train_arch(BitNetOptions& o, TrainArch arch) {
+  o.enabled = arch != TrainArch::Llama;
+  o.v2 = arch == TrainArch::BitNetV2;
+}
+
+const char* bitnet_arch_name(const BitNetOptions& o) {
+  return !o.enabled ? "llama" : o.v2 ? "bitnet-v2" : "bitnet-b1.58";
 }
 
 bool parse_train_schedule(const std::string& name, const std::string& what) {
@@ -33,8 +43,19 @@ int64_t bitnet_transition_step(const BitNetOptions& o, int64_t max_steps) {
 void check_bitnet_options(const BitNetOptions& o, int64_t max_steps) {
   if (!o.enabled) {
     if (o.transition_at != 0 || o.phase_in_steps != 0 || o.scale != ops::TernaryScale::AbsMean)
-      throw_error("--transition-at, --phase-in-steps and --ternary-scale need --arch bitnet-b1.58");
-    return;
+      throw_error("--transition-at, --phase-in-steps and --ternary-scale need --arch bitnet-b1.58 or bitnet-v2");
+  }
+  if (!o.v2 && !o.hadamard) throw_error("--hadamard off needs --arch bitnet-v2");
+  if (!o.v2 && (o.act_bits != 4 || o.act4_at != 0))
+    throw_error("--act-bits and --act4-at need --arch bitnet-v2 (bitnet-b1.58's activations are int8)");
+  if (!o.enabled) return;
+  if (o.v2) {
+    if (o.act_bits != 4 && o.act_bits != 8) throw_error("--act-bits ", o.act_bits, " (bitnet-v2: expected 4 or 8)");
+    if (!(o.act4_at >= 0 && o.act4_at < 1))
+      throw_error("--act4-at ", o.act4_at, " is outside [0, 1): the run must end with 4-bit activations");
+    if (o.act4_at != 0 && o.act_bits != 4) throw_error("--act4-at needs --act-bits 4 (it switches 8-bit activations to 4)");
+    if (o.phase_in_steps != 0)
+      throw_error("--phase-in-steps is not supported with --arch bitnet-v2 (its activation quantizer switches at once)");
   }
   if (!(o.transition_at >= 0 && o.transition_at < 1))
     throw_error("--transition-at ", o.transition_at, " is outside [0, 1): the run must end in 1.58 bit");
@@ -50,12 +71,44 @@ BitLinearOptions bitnet_step_options(const BitNetOptions& o, int64_t step, int64
   b.scale = o.scale;
   const int64_t t = bitnet_transition_step(o, max_steps);
   b.quantize = step >= t;
+  b.quantize_activations = !o.v2;  // bitnet-v2: the model's transforms quantize the activations
   if (b.quantize && o.phase_in_steps > 0)
     b.lambda = std::min(1.0, double(step - t + 1) / double(o.phase_in_steps));
   return b;
 }
 
-void make_bitnet(LlamaModel& model, const BitNetOptions& o) {
+int64_t bitnet_act4_step(const BitNetOptions& o, int64_t max_steps) {
+  return std::max(bitnet_transition_step(o, max_steps), int64_t(std::llround(o.act4_at * double(max_steps))));
+}
+
+int bitnet_step_act_bits(const BitNetOptions& o, int64_t step, int64_t max_steps) {
+  if (!o.enabled || !o.v2 || step < bitnet_transition_step(o, max_steps)) return 0;
+  return step < bitnet_act4_step(o, max_steps) ? 8 : o.act_bits;
+}
+
+ModelTransforms bitnet_v2_transforms(const LlamaConfig& c, uint64_t seed, int act_bits, bool hadamard) {
+  ModelTransforms t;
+  if (hadamard) {
+    t.rotation = "h-bitlinear";
+    t.rotation_seed = seed;
+    t.o_in = random_hadamard(int64_t(c.n_heads) * c.resolved_head_dim(), seed + 11);
+    t.ffn = random_hadamard(c.hidden_dim, seed + 12);
+  }
+  if (act_bits > 0) t.act = parse_act_quant("int" + std::to_string(act_bits), "bitnet-v2 activations");
+  return t;
+}
+
+void set_bitnet_step(LlamaModel& model, const BitNetOptions& o, int64_t step, int64_t max_steps) {
+  set_bitlinear_options(model, bitnet_step_options(o, step, max_steps));
+  if (!o.v2) return;
+  const int bits = bitnet_step_act_bits(o, step, max_steps);
+  if (model.transforms().act.bits == bits) return;
+  ModelTransforms t = model.transforms();
+  t.act = bits > 0 ? parse_act_quant("int" + std::to_string(bits), "bitnet-v2 activations") : ActQuantSpec{};
+  model.set_transforms(std::move(t));
+}
+
+void make_bitnet(LlamaModel& model, const BitNetOptions& o, uint64_t seed) {
   const BitLinearOptions first = bitnet_step_options(o, 0, 1);
   for (int i = 0; i < model.n_layers(); ++i)
     for (auto& [name, slot] : model.block(i).linears()) {
@@ -65,6 +118,7 @@ void make_bitnet(LlamaModel& model, const BitNetOptions& o) {
       const Var& w = d->weight_var();
       *slot = std::make_shared<BitLinear>(w.value(), first, w.requires_grad());
     }
+  if (o.v2) model.set_transforms(bitnet_v2_transforms(model.config(), seed, bitnet_step_act_bits(o, 0, 1), o.hadamard));
 }
 
 void set_bitlinear_options(LlamaModel& model, const BitLinearOptions& options) {
@@ -104,6 +158,15 @@ void save_bitnet_checkpoint(const std::string& dir, const LlamaModel& model) {
       QuantizedTensor q = quantize_with_params(latent, f, fit_all_group_params(f, latent, gamma), gamma);
       *dst[k].second = std::make_shared<QuantLinear>(std::move(q));
     }
+  }
+  if (model.transforms().any()) {  // bitnet-v2: the online Hadamard transforms and the activation quantizer
+    frozen.set_transforms(model.transforms());
+    save_quantized_model(dir, frozen, "bitnet-v2", f,
+                         {{"ternary_scale", ops::ternary_scale_name(scale)},
+                          {"activations", act_quant_name(model.transforms().act) +
+                                              " per token (symmetric absmax) after online Hadamard transforms of the "
+                                              "o_proj and down_proj inputs, as in training (quantization_config.transforms)"}});
+    return;
   }
   save_quantized_model(dir, frozen, "bitnet-b1.58", f,
                        {{"ternary_scale", ops::ternary_scale_name(scale)},

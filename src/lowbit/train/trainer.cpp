@@ -80,8 +80,10 @@ void MixedPrecisionModel::collect_grads() {
 
 namespace {
 
-// The architecture a state belongs to ("llama" or "bitnet-b1.58"): a resume checks it.
-std::string arch_name(const TrainOptions& o) { return o.bitnet.enabled ? "bitnet-b1.58" : "llama"; }
+// The architecture a state belongs to ("llama", "bitnet-b1.58" or "bitnet-v2"): a resume checks it.
+std::string arch_name(const TrainOptions& o) {
+  return std::string(bitnet_arch_name(o.bitnet)) + (o.bitnet.v2 && !o.bitnet.hadamard ? "-no-hadamard" : "");
+}
 
 // The state file: the parameters, then AdamW's state tensors in its order (state_tensors()).
 // Low-precision training's part of the state: its settings (checked on resume) and the fp8 amax
@@ -440,10 +442,12 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
   check_training_inputs(o, train, val);
   check_bitnet_options(o.bitnet, o.max_steps);
   if (o.bitnet.enabled && (o.device != Device::CPU || o.bf16))
-    throw_error("--arch bitnet-b1.58 trains on the CPU in f32 (BitLinear's quantizers have CPU bodies only)");
+    throw_error("--arch ", bitnet_arch_name(o.bitnet),
+                " trains on the CPU in f32 (BitLinear's quantizers and the Hadamard transform have CPU bodies only)");
   const LowPrecisionOptions& lpo = o.low_precision;
   if (lpo.enabled()) {
-    if (o.bitnet.enabled) throw_error("--precision ", lp_precision_name(lpo.recipe.precision), ": not with --arch bitnet-b1.58");
+    if (o.bitnet.enabled)
+      throw_error("--precision ", lp_precision_name(lpo.recipe.precision), ": not with --arch ", bitnet_arch_name(o.bitnet));
     if (o.bf16)
       throw_error("--precision ", lp_precision_name(lpo.recipe.precision),
                   ": not with --bf16 (the emulated GEMMs read f32 master weights; --precision bf16 rounds their operands)");
@@ -470,8 +474,8 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
   LlamaModel model(o.config, w, true);
   std::function<void(int64_t)> before_step;
   if (o.bitnet.enabled) {
-    make_bitnet(model, o.bitnet);
-    before_step = [&](int64_t s) { set_bitlinear_options(model, bitnet_step_options(o.bitnet, s, o.max_steps)); };
+    make_bitnet(model, o.bitnet, o.seed);
+    before_step = [&](int64_t s) { set_bitnet_step(model, o.bitnet, s, o.max_steps); };
   }
   LpStatePart lp;
   std::shared_ptr<LpContext> lp_ctx;
