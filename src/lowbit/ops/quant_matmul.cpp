@@ -10,6 +10,8 @@
 #include <cstring>
 #include <string>
 #include <string_view>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "lowbit/core/blas.h"
@@ -262,6 +264,21 @@ thread_local int t_shared_input = 0;
 // QuantActPerRowScope: 0 = activations per block of 32 (d = amax / 127), else one scale per row,
 // d = amax_row / t_act_row_qmax, codes in [-qmax, qmax].
 thread_local int t_act_row_qmax = 0;
+// QuantActPerRowScope's scale of the row x[0, in): amax / row_qmax (0 outside the scope).
+float act_row_scale(const float* x, int64_t in, int row_qmax) {
+  if (row_qmax <= 0) return 0.0f;
+  float amax = 0.0f;
+  for (int64_t i = 0; i < in; ++i) amax = std::max(amax, std::fabs(x[i]));
+  return amax / float(row_qmax);
+}
+// The scalar path's (d, qmax) of an activation block xb[0, n): the row's under the scope, else
+// amax / 127 with codes in [-127, 127].
+std::pair<float, int> act_block_scale(const float* xb, int64_t n, float row_d, int row_qmax) {
+  if (row_qmax > 0) return {row_d, row_qmax};
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
+  return {amax / 127.0f, 127};
+}
 struct SharedInput {
   bool acts = false, panels = false;  // the thread's QActs / panel copy hold this input's numbers
   const float* x = nullptr;
@@ -319,12 +336,7 @@ const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, Quan
   QActs& A = a;
   rows_for(M, (kQuantizeChunkValues + in - 1) / in, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      float row_d = 0.0f;  // per-row scale (QuantActPerRowScope)
-      if (row_qmax > 0) {
-        float amax = 0.0f;
-        for (int64_t i = 0; i < in; ++i) amax = std::max(amax, std::fabs(x[m * in + i]));
-        row_d = amax / float(row_qmax);
-      }
+      const float row_d = act_row_scale(x + m * in, in, row_qmax);  // per-row scale (QuantActPerRowScope)
       for (int64_t b = 0; b < A.nb; ++b) {
         const float* xb = x + m * in + b * kBlock;
         const int64_t n = std::min(kBlock, in - b * kBlock);
@@ -337,14 +349,7 @@ const QActs& quantize_acts(const float* x, int64_t M, int64_t in, int bits, Quan
 #endif
         if (!simd || n < kBlock) {
           int qmax = 127;
-          if (row_qmax > 0) {
-            d = row_d;
-            qmax = row_qmax;
-          } else {
-            float amax = 0.0f;
-            for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
-            d = amax / 127.0f;
-          }
+          std::tie(d, qmax) = act_block_scale(xb, n, row_d, row_qmax);
           const float inv = d > 0 ? 1.0f / d : 0.0f;
           for (int64_t p = 0; p < kBlock; ++p) {
             if (p >= n) {
@@ -766,12 +771,7 @@ const QActsK& quantize_acts_k(const float* x, int64_t M, int64_t in, qmm::Ternar
   simd = false;
 #endif
   for (int64_t m = 0; m < M; ++m) {
-    float row_d = 0.0f;
-    if (row_qmax > 0) {
-      float amax = 0.0f;
-      for (int64_t i = 0; i < in; ++i) amax = std::max(amax, std::fabs(x[m * in + i]));
-      row_d = amax / float(row_qmax);
-    }
+    const float row_d = act_row_scale(x + m * in, in, row_qmax);
     for (int64_t b = 0; b < a.nb; ++b) {
       const float* xb = x + m * in + b * qmm::kBlockK;
       const int64_t n = std::min(qmm::kBlockK, in - b * qmm::kBlockK);
@@ -784,14 +784,7 @@ const QActsK& quantize_acts_k(const float* x, int64_t M, int64_t in, qmm::Ternar
 #endif
       if (!simd || n < qmm::kBlockK) {
         int qmax = 127;
-        if (row_qmax > 0) {
-          d = row_d;
-          qmax = row_qmax;
-        } else {
-          float amax = 0.0f;
-          for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
-          d = amax / 127.0f;
-        }
+        std::tie(d, qmax) = act_block_scale(xb, n, row_d, row_qmax);
         const float inv = d > 0 ? 1.0f / d : 0.0f;
         for (int64_t p = 0; p < a.slots; ++p) {
           const int64_t i = n == qmm::kBlockK ? src[p] : (p < n ? p : -1);
