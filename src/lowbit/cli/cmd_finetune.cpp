@@ -5,6 +5,7 @@
 
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
+#include "lowbit/cli/lp_args.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/train/finetune.h"
 
@@ -16,6 +17,7 @@ namespace {
 struct FinetuneArgs {
   std::string model, tokenizer, train_text, valid_text, train_tokens, valid_tokens, device = "cpu";
   FinetuneOptions o;
+  LowPrecisionArgs lp;  // --precision: the adapters' products
   bool json = false;
 };
 
@@ -37,6 +39,7 @@ void run_finetune(FinetuneArgs& a) {
   if (!is_lowbit_quantized_dir(a.model))
     throw_error(a.model, ": not a lowbit quantized model directory (make one with lowbit quantize)");
   o.train.device = parse_device(a.device);
+  o.train.low_precision = resolve_low_precision(a.lp, a.device, "finetune");
   OutputDir out(o.train.out_dir);
   out.refuse_input(a.model, "the input model");
   std::unique_ptr<Tokenizer> tok;
@@ -62,7 +65,12 @@ void run_finetune(FinetuneArgs& a) {
                       {"val_loss_before", loss_json(r.val_loss_before)},
                       {"val_loss_after", loss_json(r.val_loss_after)},
                       {"optimizer_bits", o.train.optimizer_bits},
-                      {"optimizer_state_bytes", r.train.optimizer_state_bytes}};
+                      {"optimizer_state_bytes", r.train.optimizer_state_bytes},
+                      {"precision", r.precision}};
+  if (o.train.low_precision.enabled()) {
+    j["lp_gemm"] = o.train.low_precision.recipe.native_gemm ? "native" : "emulated";
+    j["val_loss_after_f32"] = loss_json(r.val_loss_after_f32);
+  }
   if (a.json) {
     print_json(j);
     return;
@@ -74,6 +82,9 @@ void run_finetune(FinetuneArgs& a) {
     print_stdout("validation loss %s -> %s after %lld steps; adapters: %d new, %d reused\n",
                  loss_text(r.val_loss_before).c_str(), loss_text(r.val_loss_after).c_str(),
                  (long long)r.train.steps_done, r.adapters_created, r.adapters_reused);
+  if (o.train.low_precision.enabled())
+    print_stdout("precision %s: the saved model (f32 adapter products) %s\n", r.precision.c_str(),
+                 loss_text(r.val_loss_after_f32).c_str());
   print_stdout("wrote %s\n", model_out.c_str());
 }
 }  // namespace
@@ -112,6 +123,9 @@ void register_finetune(CLI::App& app) {
                 "AdamW state of the adapters: 32 (f32) or 8 (block-wise dynamic 8-bit, as lowbit train's flag: "
                 "tensors under 4096 elements keep f32 state; CPU only for now)")
       ->capture_default_str()->check(CLI::IsMember({8, 32}));
+  add_low_precision_options(f, &a->lp,
+                            "the LoRA adapters' two products x A^T and (x A^T) B^T (the frozen quantized base keeps its own "
+                            "product: it is not re-quantized)");
   f->add_flag("--json", a->json, "print a JSON summary");
   add_threads_option(f);
   f->callback([a] {

@@ -9,6 +9,7 @@
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
 #include "lowbit/cli/dist.h"
+#include "lowbit/cli/lp_args.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/methods/pipeline.h"
@@ -29,6 +30,7 @@ struct QatArgs {
   int64_t self_generate = 0, gen_length = 0, gen_top_k = 50;
   bool self_generate_given = false, gen_top_k_given = false;
   QatConfig c;
+  LowPrecisionArgs lp;  // --precision (lsq, paretoq)
   bool json = false, tf32 = false;
   DistArgs dist;  // --gpus N / launcher environment: data-parallel training (issue 20)
 };
@@ -80,6 +82,10 @@ void run_qat(QatArgs& a) {
     throw_error("qat --method lr-qat: --device ", a.device, " is not supported: the LR-QAT quantizer (adapter inside the "
                 "rounding, downcast W0) has CPU bodies only (use --device cpu)");
   if (!a.grad_checkpointing.empty()) a.c.grad_checkpoint = a.grad_checkpointing == "on";
+  a.c.low_precision = resolve_low_precision(a.lp, a.device, "qat");
+  if (a.c.low_precision.enabled() && a.c.bf16)
+    throw_error("qat: --precision ", a.lp.precision, " is not combined with --bf16 (the low-precision products read f32 "
+                "operands; --precision bf16 rounds them to bf16)");
   const Device dev = parse_device(a.device);  // lsq, efficientqat, paretoq and l4q train where the model is loaded
   if (a.tf32) cuda_set_allow_tf32(true);
   if (is_lowbit_quantized_dir(a.model))
@@ -166,7 +172,10 @@ void run_qat(QatArgs& a) {
                            {"training_tokens", tokens}, {"data", data},        {"data_tokens", stream.size()},
                            {"bits_per_weight", block_linear_bits_per_weight(m.model->config(), f)},
                            {"peak_rss_bytes", peak_rss_bytes()}, {"threads", threads_summary()},
-                           {"ranks", world->world_size()}, {"comm_backend", world->backend()}};
+                           {"ranks", world->world_size()}, {"comm_backend", world->backend()},
+                           {"precision", a.c.low_precision.enabled()
+                                             ? low_precision_key(a.c.low_precision, m.model->config().n_layers)
+                                             : std::string("f32")}};
   if (generate)
     report["self_generated"] = {{"sequences", a.self_generate}, {"length", a.c.sequence_length}, {"top_k", a.gen_top_k},
                                 {"file", gen_path}};
@@ -312,6 +321,10 @@ void register_qat(CLI::App& app) {
   q->add_option("-o,--out", a->out, "output directory (a lowbit quantized checkpoint, as quantize writes)")->required();
   q->add_option("--device", a->device, "cpu or cuda (lsq, efficientqat, matquant, paretoq, l4q; llm-qat and lr-qat: cpu only)")
       ->capture_default_str();
+  add_low_precision_options(q, &a->lp,
+                            "the trained layers' products x Q(W)^T (lsq, paretoq: the fake-quantized latent weight "
+                            "and the activations / gradients; Q's own backward unchanged; the packed result is the same "
+                            "kind of checkpoint)");
   q->add_flag("--json", a->json, "print the report as JSON");
   add_threads_option(q);
   add_dist_options(q, &a->dist);

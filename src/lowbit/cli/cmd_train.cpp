@@ -9,6 +9,7 @@
 #include "lowbit/cli/commands.h"
 #include "lowbit/cli/common.h"
 #include "lowbit/cli/dist.h"
+#include "lowbit/cli/lp_args.h"
 #include "lowbit/io/hf.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ternary.h"
@@ -22,7 +23,7 @@ namespace {
 struct TrainArgs {
   std::string tokenizer, train_text, valid_text, train_tokens, valid_tokens, config_json, device = "cpu";
   std::string arch = "llama", ternary_scale = "mean", schedule = "cosine", hadamard = "on";
-  std::string precision = "f32", fp8_scaling = "delayed", lp_recipe = "full", lp_gemm = "auto";
+  LowPrecisionArgs lp;
   TrainOptions o;
   DistArgs dist;  // --gpus N / launcher environment: data-parallel training (issue 20)
   bool json = false, tf32 = false, bf16 = false;
@@ -43,19 +44,7 @@ void run_train(TrainArgs& a) {
   o.bitnet.hadamard = a.hadamard == "on";
   o.bitnet.scale = ops::parse_ternary_scale(a.ternary_scale);
   o.bitnet.two_stage = parse_train_schedule(a.schedule);
-  o.low_precision.recipe.precision = parse_lp_precision(a.precision);
-  if (a.fp8_scaling != "delayed" && a.fp8_scaling != "current")
-    throw_error("--fp8-scaling: '", a.fp8_scaling, "' is not a scaling rule (choices: delayed, current)");
-  o.low_precision.recipe.delayed_scaling = a.fp8_scaling == "delayed";
-  check_lp_recipe(o.low_precision.recipe);  // the flags as given (naive then overrides some)
-  apply_lp_recipe_name(o.low_precision, a.lp_recipe);
-  if (o.low_precision.recipe.precision == LpPrecision::FP4_DGE && a.device != "cpu")
-    throw_error("train: --precision fp4-dge has no CUDA body yet (the outlier quantile of OCC and the DGE derivative run "
-                "on the CPU only): use --device cpu");
-  if (a.lp_gemm != "auto" && a.lp_gemm != "native" && a.lp_gemm != "emulated")
-    throw_error("--lp-gemm: '", a.lp_gemm, "' is not a GEMM mode (choices: auto, native, emulated)");
-  // auto: native on CUDA (FP8 tensor cores through cuBLASLt, bf16 tensor cores), emulated on the CPU.
-  o.low_precision.recipe.native_gemm = a.lp_gemm == "native" || (a.lp_gemm == "auto" && a.device != "cpu");
+  o.low_precision = resolve_low_precision(a.lp, a.device, "train");
   check_bitnet_options(o.bitnet, o.max_steps);
   if (o.bitnet.enabled && (a.device != "cpu" || a.bf16))
     throw_error("train: --arch ", a.arch, " trains on the CPU (--device cpu, no --bf16): BitLinear's quantizers",
@@ -137,7 +126,7 @@ void run_train(TrainArgs& a) {
                         {"ranks", world->world_size()}, {"comm_backend", world->backend()}};
   if (o.device == Device::CUDA) j["gpu"] = cuda_device_name();
   if (!o.dump_order.empty()) j["data_order"] = o.dump_order;
-  j["precision"] = a.precision;
+  j["precision"] = a.lp.precision;
   if (o.low_precision.enabled()) {
     j["precision_settings"] = low_precision_key(o.low_precision, o.config.n_layers);
     j["lp_gemm"] = o.low_precision.recipe.native_gemm ? "native" : "emulated";
@@ -257,47 +246,7 @@ void register_train(CLI::App& app) {
                 "cosine (warmup + cosine), or bitnet-two-stage (BitNet: the lr halves at mid-run and decays again, "
                 "weight decay 0 in the second half)")
       ->capture_default_str();
-  t->add_option("--precision", a->precision,
-                "GEMM precision of the block linears, emulated (operands quantized and dequantized, f32 GEMMs, f32 "
-                "master weights; CPU and CUDA): f32, bf16, fp8 (E4M3 forward, E5M2 gradients, per-tensor scales), "
-                "mxfp4 (E2M1, 32-blocks, power-of-two scales), nvfp4 (E2M1, 16-blocks, E4M3 scales + f32 tensor "
-                "scale; 16x16 weight blocks, Hadamard on the weight-gradient inputs, stochastic rounding of gradients), "
-                "fp4-dge (E2M1 with per-token / per-channel absmax scales, E5M2 gradients, the differentiable gradient "
-                "estimator on the weights and outlier clamping + compensation on the activations: Wang et al. 2025; "
-                "CPU only)")
-      ->capture_default_str();
-  t->add_option("--dge-k", o.low_precision.recipe.dge_k,
-                "fp4-dge: power k of the DGE's smooth step, in [1, 100] (1 = straight-through estimator)")
-      ->capture_default_str();
-  t->add_option("--dge-clip", o.low_precision.recipe.dge_clip, "fp4-dge: the DGE derivative's upper clip, in (0, 1000]")
-      ->capture_default_str();
-  t->add_option("--occ-quantile", o.low_precision.recipe.occ_quantile,
-                "fp4-dge: activations clamped to their (1-a, a) quantiles, the residual added back in f32; a in "
-                "(0.5, 1] (1 = no clamping)")
-      ->capture_default_str();
-  t->add_option("--fp8-scaling", a->fp8_scaling,
-                "fp8: delayed (the max of the last --amax-history amaxes of each operand) or current (each tensor's own "
-                "amax)")
-      ->capture_default_str();
-  t->add_option("--amax-history", o.low_precision.recipe.amax_history, "fp8 delayed scaling: amaxes kept per operand")
-      ->capture_default_str()->check(CLI::Range(1, 1024));
-  t->add_option("--lp-recipe", a->lp_recipe,
-                "mxfp4/nvfp4: full (the NVFP4 paper's recipe) or naive (1-D weight blocks, no Hadamard transform, "
-                "round-to-nearest gradients, no block kept in f32); fp4-dge: full (DGE + OCC) or naive (direct E2M1 "
-                "casting with the straight-through estimator)")
-      ->capture_default_str();
-  t->add_option("--lp-gemm", a->lp_gemm,
-                "bf16/fp8: native (GEMMs on the formats themselves: cuBLASLt FP8 and bf16 tensor-core GEMMs on CUDA, "
-                "the FP8 reference body on the CPU; FP8 shapes need multiples of 16, others stay emulated), emulated "
-                "(f32 GEMMs on dequantized operands) or auto (native on CUDA, emulated on the CPU); fp4 is always "
-                "emulated")
-      ->capture_default_str();
-  t->add_option("--lp-keep-first", o.low_precision.keep_first, "blocks at the start whose linears stay f32")
-      ->capture_default_str()->check(at_least(0));
-  t->add_option("--lp-keep-last", o.low_precision.keep_last,
-                "blocks at the end whose linears stay f32 (-1: 15 % of the blocks, at least 1, for mxfp4/nvfp4 as the "
-                "NVFP4 paper; 0 for bf16/fp8)")
-      ->capture_default_str()->check(at_least(-1));
+  add_low_precision_options(t, &a->lp, "the block linears");
   t->add_flag("--json", a->json, "print a JSON summary");
   add_dist_options(t, &a->dist);
   t->add_option("--stop-after", o.stop_after, "testing aid: stop after this many steps of this run (state kept)")

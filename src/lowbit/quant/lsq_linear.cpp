@@ -1,6 +1,7 @@
 #include "lowbit/quant/lsq_linear.h"
 
 #include "lowbit/autograd/functions.h"
+#include "lowbit/model/lp_linear.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/ops/qat_quant.h"
 
@@ -97,7 +98,16 @@ void LsqTrainLinear::set_slice(int r) {
 Var LsqTrainLinear::forward(const Var& x) const {
   if (frozen_ && autocast_bf16_applies(x.value()) && step_.value().dtype() == DType::F32 && autocast_fused_weights())
     return group_scale_linear_bf16(x, device_codes_, step_, bias_, format_);
+  if (lp_) {
+    const Var y = (*lp_)(x, quantized_weight());
+    return bias_.defined() ? add(y, bias_) : y;
+  }
   return linear(x, quantized_weight(), bias_);
+}
+
+void LsqTrainLinear::set_lp_product(std::shared_ptr<const LpProduct> p) {
+  LB_CHECK(!p || !frozen_, "qat --precision: a frozen-codes layer (E2E-QP) has no latent product to train in low precision");
+  lp_ = std::move(p);
 }
 
 std::vector<Var> LsqTrainLinear::weight_parameters() const {

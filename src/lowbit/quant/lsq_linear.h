@@ -16,6 +16,8 @@
 
 namespace lowbit {
 
+class LpProduct;  // model/lp_linear.h
+
 struct QatLinearOptions {
   bool train_weight = true;
   bool train_step = true;
@@ -56,11 +58,17 @@ class LsqTrainLinear : public Linear {
   void set_slice(int r);
   int slice() const { return slice_; }
 
+  // Low-precision training of the layer's product (lowbit qat --precision; model/lp_linear.h): the
+  // forward's x Q(W)^T and its two backward GEMMs on quantized operands (straight-through to Q(W),
+  // whose own backward then runs as before). Null (the default): the f32 product.
+  void set_lp_product(std::shared_ptr<const LpProduct> p);
+
  private:
   const QuantFormat& format_;
   Shape shape_;
   bool frozen_ = false;
   QatLinearOptions opt_;
+  std::shared_ptr<const LpProduct> lp_;
   Var weight_, step_, offset_, bias_;
   FrozenCodes codes_;  // FrozenCodes mode (on the CPU, for encode())
   Tensor device_codes_;  // FrozenCodes mode: codes_.codes on the layer's device (I8 when integral)

@@ -1,6 +1,7 @@
 #include "lowbit/quant/paretoq_linear.h"
 
 #include "lowbit/autograd/functions.h"
+#include "lowbit/model/lp_linear.h"
 
 namespace lowbit {
 
@@ -30,7 +31,15 @@ Var SeqTrainLinear::quantized_weight() const {
   return paretoq_fake_quant(weight_, alpha_, bits_, format_, grad_scale_);
 }
 
-Var SeqTrainLinear::forward(const Var& x) const { return linear(x, quantized_weight(), bias_); }
+Var SeqTrainLinear::forward(const Var& x) const {
+  if (lp_) {
+    const Var y = (*lp_)(x, quantized_weight());
+    return bias_.defined() ? add(y, bias_) : y;
+  }
+  return linear(x, quantized_weight(), bias_);
+}
+
+void SeqTrainLinear::set_lp_product(std::shared_ptr<const LpProduct> p) { lp_ = std::move(p); }
 
 Tensor SeqTrainLinear::effective_weight() const {
   NoGradGuard ng;

@@ -11,6 +11,8 @@
 
 namespace lowbit {
 
+class LpProduct;  // model/lp_linear.h
+
 class SeqTrainLinear : public Linear {
  public:
   // weight [out, in] F32 (copied; the layer lives on its device, the CPU or the GPU), bias [out] or undefined (frozen), alpha [out, G]
@@ -35,11 +37,17 @@ class SeqTrainLinear : public Linear {
   void snap_alpha();  // α := paretoq_storage_alpha(α)
   QuantizedTensor encode() const;
 
+  // Low-precision training of the layer's product (lowbit qat --precision; model/lp_linear.h): the
+  // forward's x Q(W)^T and its two backward GEMMs on quantized operands (straight-through to Q(W),
+  // whose own backward then runs as before). Null (the default): the f32 product.
+  void set_lp_product(std::shared_ptr<const LpProduct> p);
+
  private:
   const QuantFormat& format_;
   ParetoQBits bits_;
   Shape shape_;
   double grad_scale_;
+  std::shared_ptr<const LpProduct> lp_;
   Var weight_, alpha_, bias_;
 };
 

@@ -1,6 +1,7 @@
 #include "lowbit/quant/quant_linear.h"
 
 #include "lowbit/autograd/functions.h"
+#include "lowbit/model/lp_linear.h"
 #include "lowbit/ops/ops.h"
 
 namespace lowbit {
@@ -55,7 +56,15 @@ Var QuantLinear::forward(const Var& x) const {
   }
   if (!has_lora()) return y;
   // Low-rank path (x A^T) B^T: M*r*(in+out) flops instead of forming Ŵ + B A.
+  if (lora_product_a_) return add(y, (*lora_product_b_)((*lora_product_a_)(x, lora_A_), lora_B_));
   return add(y, linear(linear(x, lora_A_), lora_B_));
+}
+
+void QuantLinear::set_lora_products(std::shared_ptr<const LpProduct> a, std::shared_ptr<const LpProduct> b) {
+  LB_CHECK(has_lora() || (!a && !b), "QuantLinear: low-precision adapter products on a layer without adapters");
+  LB_CHECK(bool(a) == bool(b), "QuantLinear: give both adapter products or neither");
+  lora_product_a_ = std::move(a);
+  lora_product_b_ = std::move(b);
 }
 
 std::shared_ptr<Linear> QuantLinear::shard(ShardAxis axis, int64_t begin, int64_t end, Device device) const {

@@ -17,6 +17,8 @@
 
 namespace lowbit {
 
+class LpProduct;  // model/lp_linear.h
+
 class QuantLinear : public Linear {
  public:
   // bias [out] or undefined (kept in full precision); the layer runs on `device` (on CUDA the packed
@@ -58,6 +60,11 @@ class QuantLinear : public Linear {
   Tensor lora_A() const { return has_lora() ? lora_A_.value() : Tensor(); }
   Tensor lora_B() const { return has_lora() ? lora_B_.value() : Tensor(); }
   void set_lora_trainable(bool trainable);
+  // LoRA finetuning in low precision (lowbit finetune --precision, train/finetune.h): the adapters'
+  // two products x A^T and (x A^T) B^T run through these (model/lp_linear.h: quantized operands,
+  // straight-through gradients); the frozen base product x Ŵ^T keeps the layer's own path. Null
+  // (the default): plain f32 products.
+  void set_lora_products(std::shared_ptr<const LpProduct> a, std::shared_ptr<const LpProduct> b);
 
  private:
   const Var& weight_var() const;  // builds weight_ on first use
@@ -70,6 +77,7 @@ class QuantLinear : public Linear {
   mutable Var weight_;    // dequantized weight (frozen), undefined until a path needs it
   Var bias_;
   Var lora_A_, lora_B_;   // undefined without adapters
+  std::shared_ptr<const LpProduct> lora_product_a_, lora_product_b_;  // set_lora_products
 };
 
 }  // namespace lowbit

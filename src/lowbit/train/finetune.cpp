@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <optional>
 
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/quant/quant_linear.h"
@@ -30,6 +31,22 @@ FinetuneResult finetune_quantized(const std::string& model_dir, FinetuneOptions 
   train_transforms.kv = KVQuantSpec{};
   model->set_transforms(train_transforms);
   FinetuneResult r;
+  const LowPrecisionOptions& lpo = o.train.low_precision;
+  std::optional<LpTraining> lp;  // --precision: the adapters' products
+  std::vector<std::shared_ptr<const LpProduct>> lp_owned;
+  if (lpo.enabled()) {
+    check_low_precision_options(lpo, c.n_layers);
+    if (lpo.recipe.precision == LpPrecision::FP4_DGE && o.train.device != Device::CPU)
+      throw_error("finetune --precision fp4-dge: no CUDA body yet (the outlier quantile of OCC and the DGE derivative "
+                  "run on the CPU only): use --device cpu");
+    if (o.train.bf16) throw_error("finetune --precision: not with bf16 mixed precision");
+    lp.emplace();
+    lp->context = std::make_shared<LpContext>();
+    lp->context->seed = o.train.seed;
+    lp->key = low_precision_key(lpo, c.n_layers);
+    r.precision = lp->key;
+  }
+  int64_t lp_id = 0;  // two per adapter-holding layer (A's product, B's), in block order
   std::vector<Var> params;
   uint64_t seed = o.lora_seed * 7919 + 1;
   for (int i = 0; i < model->n_layers(); ++i)
@@ -49,16 +66,37 @@ FinetuneResult finetune_quantized(const std::string& model_dir, FinetuneOptions 
       }
       ql->set_lora_trainable(true);
       for (auto& p : ql->parameters()) params.push_back(p);
+      if (lp) {
+        const int64_t id = lp_id;
+        lp_id += 2;
+        if (lp_block_kept(lpo, i, model->n_layers())) continue;
+        auto pa = std::make_shared<const LpProduct>(lpo.recipe, lp->context, id);
+        auto pb = std::make_shared<const LpProduct>(lpo.recipe, lp->context, id + 1);
+        ql->set_lora_products(pa, pb);
+        lp->products.push_back(pa.get());
+        lp->products.push_back(pb.get());
+        lp_owned.push_back(pa);
+        lp_owned.push_back(pb);
+      }
     }
   if (params.empty()) throw_error(model_dir, ": no quantized linear layer to attach adapters to");
+  if (lp && lp->products.empty())
+    throw_error("finetune --precision ", lp_precision_name(lpo.recipe.precision), ": ", model_dir,
+                " has no quantized linear layer outside the blocks --lp-keep-first / --lp-keep-last keep in f32");
   if (!val.empty()) r.val_loss_before = validation_loss(*model, val, o.train.seq_len, o.train.batch_size, o.train.eval_batches);
-  r.train = run_training(*model, params, o.train, train, val);
+  r.train = run_training(*model, params, o.train, train, val, nullptr, lp ? &*lp : nullptr);
   if (!r.train.complete) return r;
   r.val_loss_after = r.train.final_val_loss;
+  if (lp && !val.empty()) {  // the saved model: the adapters' products in f32
+    lp->context->high_precision = true;
+    r.val_loss_after_f32 = validation_loss(*model, val, o.train.seq_len, o.train.batch_size, o.train.eval_batches);
+    lp->context->high_precision = false;
+  }
   const QuantFormat& f = quant_format(q.format);
   model->set_transforms(q.transforms);
   save_quantized_model((fs::path(o.train.out_dir) / "model").string(), *model, q.method.empty() ? "finetuned" : q.method, f,
-                       {{"finetune", {{"steps", r.train.steps_done}, {"lora_rank", o.lora_rank}, {"lr", o.train.lr}}}});
+                       {{"finetune", {{"steps", r.train.steps_done}, {"lora_rank", o.lora_rank}, {"lr", o.train.lr},
+                                                 {"precision", r.precision}}}});
   return r;
 }
 

@@ -55,14 +55,17 @@ std::string low_precision_key(const LowPrecisionOptions& o, int n_layers) {
   return k;
 }
 
+bool lp_block_kept(const LowPrecisionOptions& o, int block, int n_layers) {
+  return block < o.keep_first || block >= n_layers - lp_keep_last(o, n_layers);
+}
+
 std::shared_ptr<LpContext> make_low_precision(LlamaModel& model, const LowPrecisionOptions& o, uint64_t seed) {
   check_low_precision_options(o, model.n_layers());
   auto ctx = std::make_shared<LpContext>();
   ctx->seed = seed;
-  const int last = lp_keep_last(o, model.n_layers());
   int64_t id = 0;
   for (int i = 0; i < model.n_layers(); ++i) {
-    const bool keep = i < o.keep_first || i >= model.n_layers() - last;
+    const bool keep = lp_block_kept(o, i, model.n_layers());
     for (auto& [name, slot] : model.block(i).linears()) {
       const int64_t layer_id = id++;
       if (keep) continue;
@@ -75,45 +78,48 @@ std::shared_ptr<LpContext> make_low_precision(LlamaModel& model, const LowPrecis
   return ctx;
 }
 
-namespace {
-const char* kRoles[3] = {"x", "w", "dy"};
-template <class F>
-void for_each_lp(const LlamaModel& model, F&& f) {
+std::vector<const LpProduct*> lp_products(const LlamaModel& model) {
+  std::vector<const LpProduct*> out;
   for (int i = 0; i < model.n_layers(); ++i) {
     LlamaBlock b = model.block(i);  // shares the layers
     for (auto& [name, slot] : b.linears())
-      if (const auto* l = dynamic_cast<const LowPrecisionLinear*>(slot->get())) f(*l);
+      if (const auto* l = dynamic_cast<const LowPrecisionLinear*>(slot->get())) out.push_back(&l->product());
   }
-}
-}  // namespace
-
-std::vector<std::pair<std::string, Tensor>> lp_state_tensors(const LlamaModel& model) {
-  std::vector<std::pair<std::string, Tensor>> out;
-  for_each_lp(model, [&](const LowPrecisionLinear& l) {
-    l.state().settle();  // the amaxes still in flight (native FP8 GEMMs) into the histories
-    for (int r = 0; r < 3; ++r) {
-      const auto& h = l.state().history[r];
-      if (h.empty()) continue;
-      out.emplace_back("lp." + std::to_string(l.layer_id()) + "." + kRoles[r],
-                       Tensor::from_vector(h, {int64_t(h.size())}));
-    }
-  });
   return out;
 }
 
-void restore_lp_state(LlamaModel& model, const std::function<Tensor(const std::string&)>& load) {
-  for_each_lp(model, [&](const LowPrecisionLinear& l) {
-    l.state().settle();  // nothing in flight survives the restore
+namespace {
+const char* kRoles[3] = {"x", "w", "dy"};
+}  // namespace
+
+std::vector<std::pair<std::string, Tensor>> lp_state_tensors(const std::vector<const LpProduct*>& products) {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (const LpProduct* l : products) {
+    l->state().settle();  // the amaxes still in flight (native FP8 GEMMs) into the histories
     for (int r = 0; r < 3; ++r) {
-      const std::string name = "lp." + std::to_string(l.layer_id()) + "." + kRoles[r];
+      const auto& h = l->state().history[r];
+      if (h.empty()) continue;
+      out.emplace_back("lp." + std::to_string(l->layer_id()) + "." + kRoles[r],
+                       Tensor::from_vector(h, {int64_t(h.size())}));
+    }
+  }
+  return out;
+}
+
+void restore_lp_state(const std::vector<const LpProduct*>& products,
+                      const std::function<Tensor(const std::string&)>& load) {
+  for (const LpProduct* l : products) {
+    l->state().settle();  // nothing in flight survives the restore
+    for (int r = 0; r < 3; ++r) {
+      const std::string name = "lp." + std::to_string(l->layer_id()) + "." + kRoles[r];
       const Tensor t = load(name);
-      auto& h = l.state().history[r];
+      auto& h = l->state().history[r];
       h.clear();
       if (!t.defined()) continue;
       if (t.dtype() != DType::F32 || t.dim() != 1) throw_error("training state: tensor '", name, "' is ", t.describe(), ", expected f32 [n]");
       h = t.to_vector();
     }
-  });
+  }
 }
 
 }  // namespace lowbit

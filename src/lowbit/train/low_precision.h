@@ -43,13 +43,32 @@ void check_low_precision_options(const LowPrecisionOptions& o, int n_layers);
 // a resume with other settings is refused.
 std::string low_precision_key(const LowPrecisionOptions& o, int n_layers);
 
+// Whether block `block` of n_layers keeps its linears in high precision (--lp-keep-first / -last).
+bool lp_block_kept(const LowPrecisionOptions& o, int block, int n_layers);
+
+// The low-precision part of a run (train/trainer.h run_training for finetune, train/qat.h's
+// end-to-end stage): the context the products read the step from, the products whose fp8 amax
+// histories the state keeps (distinct layer ids), and the settings' key (low_precision_key) the
+// state records; a resume with another key is refused.
+struct LpTraining {
+  std::shared_ptr<LpContext> context;
+  std::vector<const LpProduct*> products;
+  std::string key = "f32";
+};
+
 // Replaces the dense linears of the blocks outside the kept ones by LowPrecisionLinear over the same
 // weight Vars (the optimizer's parameters stay the same). Returns the shared context.
 std::shared_ptr<LpContext> make_low_precision(LlamaModel& model, const LowPrecisionOptions& o, uint64_t seed);
 
-// The fp8 amax histories of the model's LowPrecisionLinear layers as named f32 tensors (for the
-// training state: "lp.<layer>.<x|w|dy>"), and back (missing names: empty histories).
-std::vector<std::pair<std::string, Tensor>> lp_state_tensors(const LlamaModel& model);
-void restore_lp_state(LlamaModel& model, const std::function<Tensor(const std::string&)>& load_or_undefined);
+// The low-precision products of the model's LowPrecisionLinear layers (lowbit train).
+std::vector<const LpProduct*> lp_products(const LlamaModel& model);
+
+// The fp8 amax histories of low-precision products as named f32 tensors (for a training state:
+// "lp.<layer id>.<x|w|dy>"; the ids must be distinct), and back (missing names: empty histories).
+// lowbit train's products are its LowPrecisionLinear layers'; qat's and finetune's those of the
+// layers they train (train/qat.cpp, train/finetune.cpp).
+std::vector<std::pair<std::string, Tensor>> lp_state_tensors(const std::vector<const LpProduct*>& products);
+void restore_lp_state(const std::vector<const LpProduct*>& products,
+                      const std::function<Tensor(const std::string&)>& load_or_undefined);
 
 }  // namespace lowbit

@@ -66,21 +66,24 @@ using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 void save_e2e_state(const std::string& path, const std::vector<Var>& state, AdamW& opt, int64_t step,
-                    const std::string& key, double loss_before) {
+                    const std::string& key, double loss_before, const LpTraining* lp) {
   if (auto parent = fs::path(path).parent_path(); !parent.empty()) fs::create_directories(parent);
   std::vector<std::pair<std::string, Tensor>> ts;
   for (size_t i = 0; i < state.size(); ++i) ts.emplace_back("state." + std::to_string(i), state[i].value());
   auto st = opt.state_tensors();
   for (size_t i = 0; i < st.size(); ++i) ts.emplace_back("adamw." + std::to_string(i), *st[i]);
+  if (lp)
+    for (auto& t : lp_state_tensors(lp->products)) ts.push_back(std::move(t));
   std::ostringstream lb;
   lb.precision(17);
   lb << loss_before;
   save_safetensors(path, ts, {{"step", std::to_string(step)}, {"key", key}, {"loss_before", lb.str()},
-                              {"optimizer_bits", std::to_string(opt.state_bits())}});
+                              {"optimizer_bits", std::to_string(opt.state_bits())},
+                              {"precision", lp ? lp->key : std::string("f32")}});
 }
 
 int64_t load_e2e_state(const std::string& path, const std::vector<Var>& state, AdamW& opt, const std::string& key,
-                       double* loss_before) {
+                       double* loss_before, const LpTraining* lp) {
   SafetensorsFile f = SafetensorsFile::open(path);
   const auto& md = f.metadata();
   auto k = md.find("key");
@@ -88,6 +91,12 @@ int64_t load_e2e_state(const std::string& path, const std::vector<Var>& state, A
   auto lb = md.find("loss_before");
   if (k == md.end() || s == md.end() || lb == md.end())
     throw_error(path, ": not a qat training state (missing 'key', 'step' or 'loss_before' metadata)");
+  auto pr = md.find("precision");  // states written before --precision existed: f32
+  const std::string saved_precision = pr == md.end() ? "f32" : pr->second;
+  const std::string precision = lp ? lp->key : "f32";
+  if (saved_precision != precision)
+    throw_error(path, ": saved with --precision settings '", saved_precision, "', this run uses '", precision,
+                "'; use the same --precision settings or remove the state");
   if (k->second != key)
     throw_error(path, ": this training state was written with other settings or data (saved: ", k->second,
                 "; this run: ", key, "); remove it or choose another output/state directory");
@@ -108,6 +117,7 @@ int64_t load_e2e_state(const std::string& path, const std::vector<Var>& state, A
   }
   auto st = opt.state_tensors();
   for (size_t i = 0; i < st.size(); ++i) restore("adamw." + std::to_string(i), *st[i]);
+  if (lp) restore_lp_state(lp->products, [&](const std::string& name) { return f.find(name) ? f.load(name) : Tensor(); });
   int64_t step = 0;
   try {
     step = std::stoll(s->second);
@@ -151,6 +161,11 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
            " tokens; at least ", o.seqlen + 2, " are needed for --seqlen ", o.seqlen, " (give more data or a smaller --seqlen)");
   const bool dp = o.comm && o.comm->world_size() > 1;
   LB_CHECK(!dp || o.state_path.empty(), "qat: a data-parallel run keeps no resumable state");
+  if (o.lp && dp)
+    throw_error("qat --precision: one process only for now (the fp8 amax histories are not reduced over ranks)");
+  if (o.lp && o.bf16)
+    throw_error("qat --precision: not with --bf16 (the low-precision products read f32 operands; --precision bf16 "
+                "rounds them)");
   if (dp && o.batch < o.comm->world_size())
     throw_error("--batch ", o.batch, ": data-parallel qat splits each step's windows over the ", o.comm->world_size(),
                 " ranks (give at least one window per rank)");
@@ -218,7 +233,7 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
   rep.name = o.stage;
   int64_t step = 0;
   if (!o.state_path.empty() && fs::exists(o.state_path)) {
-    step = load_e2e_state(o.state_path, state, opt, o.key, &rep.loss_before);
+    step = load_e2e_state(o.state_path, state, opt, o.key, &rep.loss_before, o.lp);
     rep.resumed_from = step;
   } else {
     rep.loss_before = fixed_loss();
@@ -235,6 +250,7 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
     Tensor in, tgt;
     double share = 1;
     make_lm_windows(stream, my_share(starts_of(step), &share), o.seqlen, in, tgt);
+    if (o.lp) o.lp->context->step = step;  // the step's stochastic-rounding and Hadamard seeds
     double lv = 0;
     {
       AutocastBf16Guard autocast(o.bf16);  // the backward does what its forward chose
@@ -262,7 +278,7 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
     }
     const bool stop = o.stop_after > 0 && run_steps >= o.stop_after && step < o.steps;
     if (!o.state_path.empty() && step < o.steps && (stop || since(last_save) >= o.checkpoint_seconds)) {
-      save_e2e_state(o.state_path, state, opt, step, o.key, rep.loss_before);
+      save_e2e_state(o.state_path, state, opt, step, o.key, rep.loss_before, o.lp);
       last_save = Clock::now();
     }
     if (stop) {
@@ -369,6 +385,41 @@ std::string e2e_key(const std::string& method, const QuantFormat& f, const E2eOp
   return k;
 }
 
+// --precision (QatConfig::low_precision): one LpProduct per block linear (ids in for_each_linear's
+// order) outside the blocks --lp-keep-first / --lp-keep-last keep in f32, sharing one context seeded
+// with the run's seed. next(block) is null for a kept block or without --precision.
+class QatLowPrecision {
+ public:
+  QatLowPrecision(const QatConfig& c, int n_layers) : o_(c.low_precision), n_layers_(n_layers) {
+    if (!o_.enabled()) return;
+    check_low_precision_options(o_, n_layers);
+    run_.context = std::make_shared<LpContext>();
+    run_.context->seed = c.seed;
+    run_.key = low_precision_key(o_, n_layers);
+  }
+  std::shared_ptr<const LpProduct> next(int block) {
+    const int64_t id = next_id_++;
+    if (!o_.enabled() || lp_block_kept(o_, block, n_layers_)) return nullptr;
+    auto p = std::make_shared<const LpProduct>(o_.recipe, run_.context, id);
+    run_.products.push_back(p.get());
+    owned_.push_back(p);
+    return p;
+  }
+  const LpTraining* training() const { return o_.enabled() ? &run_ : nullptr; }
+  std::string key_part() const { return o_.enabled() ? ",precision=" + run_.key : ""; }
+  void describe(nlohmann::json& hyper) const {
+    hyper["precision"] = o_.enabled() ? run_.key : "f32";
+    if (o_.enabled()) hyper["lp_gemm"] = o_.recipe.native_gemm ? "native" : "emulated";
+  }
+
+ private:
+  LowPrecisionOptions o_;
+  int n_layers_;
+  int64_t next_id_ = 0;
+  LpTraining run_;
+  std::vector<std::shared_ptr<const LpProduct>> owned_;
+};
+
 E2eOptions e2e_options(const QatConfig& c, const LlamaConfig& mc, int64_t def_steps, int64_t def_batch) {
   E2eOptions o;
   o.steps = pick<int64_t>(c.steps, def_steps);
@@ -412,11 +463,13 @@ class LsqQat : public QatMethod {
     auto work = std::make_unique<LlamaModel>(fp.config(), fp.weights(), false);
     std::vector<std::shared_ptr<LsqTrainLinear>> layers;
     std::vector<Var> weights, quant, state;
-    for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
+    QatLowPrecision lp(c_, work->n_layers());
+    for_each_linear(*work, [&](int block, const std::string&, std::shared_ptr<Linear>* slot) {
       const auto [wd, w] = layer_weight(**slot);
       QatLinearOptions lo;
       lo.grad_scale = lsq_grad_scale(f, w.size(1));
       auto t = std::make_shared<LsqTrainLinear>(wd, (*slot)->bias(), f, lsq_init(w, f, c_.init), lo);
+      t->set_lp_product(lp.next(block));
       for (auto& p : t->weight_parameters()) weights.push_back(p);
       for (auto& p : t->quant_parameters()) quant.push_back(p);
       for (auto& p : t->state()) state.push_back(p);
@@ -427,7 +480,8 @@ class LsqQat : public QatMethod {
     o.stage = "lsq";
     const double lr = pick(c_.lr, 1e-4), qlr = pick(c_.quant_lr, 1e-3);
     std::vector<E2eGroup> groups{{weights, lr, 0.0}, {quant, qlr, 0.0}};
-    o.key = e2e_key("lsq", f, o, groups, stream, std::string(",init=") + lsq_init_name(c_.init));
+    o.key = e2e_key("lsq", f, o, groups, stream, std::string(",init=") + lsq_init_name(c_.init) + lp.key_part());
+    o.lp = lp.training();
     if (!c_.state_dir.empty()) o.state_path = (fs::path(c_.state_dir) / "lsq.safetensors").string();
     bool complete = true;
     QatStage st = train_end_to_end(*work, &fp, groups, state, stream, o, &complete);
@@ -437,6 +491,7 @@ class LsqQat : public QatMethod {
     st.hyper["init"] = lsq_init_name(c_.init);
     st.hyper["offset"] = f.kind == QuantKind::IntAsym ? "learned (LSQ+)" : "none (symmetric)";
     st.hyper["grad_scale"] = "1/sqrt(N Qp)";
+    lp.describe(st.hyper);
     return packed_result({st}, complete, std::move(work), layers, t0);
   }
 
@@ -469,11 +524,13 @@ class ParetoQQat : public QatMethod {
       for (auto& p : t->quant_parameters()) quant.push_back(p);
       for (auto& p : t->state()) state.push_back(p);
     };
-    for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
+    QatLowPrecision lp(c_, work->n_layers());
+    for_each_linear(*work, [&](int block, const std::string&, std::shared_ptr<Linear>* slot) {
       const auto [wd, w] = layer_weight(**slot);
       const double g = paretoq_grad_scale(bits_, w.numel());
       if (seq) {
         auto t = std::make_shared<SeqTrainLinear>(wd, (*slot)->bias(), f, bits_, paretoq_init_alpha(w, bits_, f), g);
+        t->set_lp_product(lp.next(block));
         collect(t);
         *slot = t;
         seq_layers.push_back(t);
@@ -482,6 +539,7 @@ class ParetoQQat : public QatMethod {
         lo.train_offset = false;  // the signed grid: zero point fixed at 2^(b-1)
         lo.grad_scale = g;
         auto t = std::make_shared<LsqTrainLinear>(wd, (*slot)->bias(), f, paretoq_lsq_params(w, bits_, f), lo);
+        t->set_lp_product(lp.next(block));
         collect(t);
         *slot = t;
         lsq_layers.push_back(t);
@@ -494,7 +552,8 @@ class ParetoQQat : public QatMethod {
     // against 13.90 with the reference's choice, α at the weights' lr); the paper trains much longer.
     const double lr = pick(c_.lr, 1e-4), qlr = pick(c_.quant_lr, 1e-3);
     std::vector<E2eGroup> groups{{weights, lr, 0.0}, {quant, qlr, 0.0}};
-    o.key = e2e_key("paretoq", f, o, groups, stream, std::string(",bits=") + paretoq_bits_name(bits_));
+    o.key = e2e_key("paretoq", f, o, groups, stream, std::string(",bits=") + paretoq_bits_name(bits_) + lp.key_part());
+    o.lp = lp.training();
     if (!c_.state_dir.empty()) o.state_path = (fs::path(c_.state_dir) / "paretoq.safetensors").string();
     bool complete = true;
     QatStage st = train_end_to_end(*work, &fp, groups, state, stream, o, &complete);
@@ -507,6 +566,7 @@ class ParetoQQat : public QatMethod {
     st.hyper["weight_lr"] = lr;
     st.hyper["quant_lr"] = qlr;
     st.hyper["grad_scale"] = "1/sqrt(numel(W) Qp)";
+    lp.describe(st.hyper);
     if (!seq) return packed_result({st}, complete, std::move(work), lsq_layers, t0);
     if (complete)
       for (const auto& t : seq_layers) t->snap_alpha();  // the trained layers' function is now exactly the packed one
@@ -885,7 +945,7 @@ std::vector<QatMethodInfo>& registry_storage() {
     v.push_back({"lsq",
                  "end-to-end LSQ QAT: latent f32 weights (STE), learned steps (gradient scale 1/sqrt(N Qp)) and, on "
                  "asymmetric formats, learned zero points with MSE-optimal init (LSQ+), on the LM loss",
-                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new LsqQat(c)); }});
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new LsqQat(c)); }, true});
     v.push_back({"efficientqat",
                  "EfficientQAT: Block-AP (block-wise reconstruction training weights, steps and zero points) then "
                  "E2E-QP (steps only, integer codes frozen, end to end on the LM loss)",
@@ -898,7 +958,7 @@ std::vector<QatMethodInfo>& registry_storage() {
     v.push_back({"paretoq",
                  "ParetoQ: end-to-end QAT with the paper's quantizer per bit width (sign 1 bit, SEQ 1.58/2 bits, "
                  "LSQ on the signed grid 3/4 bits; bit width from --format or --bits), learned alpha per group",
-                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new ParetoQQat(c)); }});
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new ParetoQQat(c)); }, true});
     v.push_back({"l4q",
                  "L4Q: LoRA-wise LSQ, the quantizer on the merged weight W0 + s B A (frozen W0; LoRA A/B, steps "
                  "and zero points trained jointly end to end); exported as one packed weight per layer",
@@ -947,7 +1007,17 @@ const QatMethodInfo& find_qat_method(const std::string& name) {
 }
 
 std::unique_ptr<QatMethod> make_qat_method(const std::string& name, const QatConfig& config) {
-  return find_qat_method(name).make(config);
+  const QatMethodInfo& m = find_qat_method(name);
+  if (config.low_precision.enabled() && !m.low_precision) {
+    std::string takes;
+    for (const auto& o : qat_registry())
+      if (o.low_precision) takes += (takes.empty() ? "" : ", ") + o.name;
+    throw_error("qat --method ", name, ": --precision ", lp_precision_name(config.low_precision.recipe.precision),
+                " is not supported (it applies to the methods whose layers multiply a fake-quantized latent weight: ",
+                takes, "; l4q and lr-qat fuse their product into the quantizer, efficientqat and matquant reconstruct "
+                "blocks, llm-qat quantizes the activations itself)");
+  }
+  return m.make(config);
 }
 
 }  // namespace lowbit

@@ -71,6 +71,7 @@
 #include "lowbit/model/llama.h"
 #include "lowbit/quant/format.h"
 #include "lowbit/quant/lsq.h"
+#include "lowbit/train/low_precision.h"
 
 namespace lowbit {
 
@@ -87,6 +88,15 @@ struct QatConfig {
   double lm_weight = 0;   // with distill: + lm_weight * cross-entropy
   int optimizer_bits = 32;  // AdamW state of the end-to-end stage: 32 or 8 (autograd/optim.h AdamWStateOptions)
   bool bf16 = false;        // the end-to-end stages' steps under AutocastBf16Guard (GPU mixed precision)
+  // Low-precision training (--precision, issue 18; train/low_precision.h): lsq's and paretoq's
+  // layers compute their product x Q(W)^T (and its two backward GEMMs) through model/lp_linear.h's
+  // LpProduct — the fake-quantized latent weight Q(W) and the activations/gradients quantized to
+  // the precision's formats, straight through to Q(W), whose own quantizer backward is unchanged;
+  // the blocks kept by --lp-keep-first/-last stay f32. Recorded in the state (a resume with other
+  // settings is refused) with the fp8 amax histories. The other methods refuse it (their layers
+  // have fused products: l4q, lr-qat; Block-AP reconstructs blocks: efficientqat, matquant; llm-qat
+  // quantizes activations itself).
+  LowPrecisionOptions low_precision;
   LsqInit init = LsqInit::Mse;  // lsq, l4q
   std::string paretoq_bits;     // paretoq: "1", "1.58", "2", "3", "4"; empty: from the format
   bool init_set = false;        // l4q, lr-qat: false = the method's default (l4q: minmax, L4Q_init; lr-qat: mse)
@@ -153,6 +163,9 @@ struct QatMethodInfo {
   std::string name;
   std::string help;  // one line
   std::function<std::unique_ptr<QatMethod>(const QatConfig&)> make;
+  // Whether the method trains with QatConfig::low_precision (--precision); make_qat_method refuses
+  // an enabled one otherwise, naming the methods that take it.
+  bool low_precision = false;
 };
 
 const std::vector<QatMethodInfo>& qat_registry();
@@ -172,6 +185,10 @@ struct E2eOptions {
   // Mixed precision on the GPU: the objective and its backward under AutocastBf16Guard (bf16 products
   // and attention with fp32 accumulation; parameters, loss and AdamW fp32). Part of the state key.
   bool bf16 = false;
+  // --precision (QatConfig::low_precision): the products' context (its step is set before every
+  // step), their amax histories (kept in the state) and the settings' key (the state's "precision"
+  // metadata; a resume with another is refused). Null: f32.
+  const LpTraining* lp = nullptr;
   std::string stage = "e2e";
   int64_t sequence_length = 0;  // > 0: windows start at multiples of it (whole sequences; seqlen + 1 <= it)
   std::string key;          // hyper-parameters and data: part of the state's identity

@@ -89,7 +89,7 @@ std::string arch_name(const TrainOptions& o) {
 // Low-precision training's part of the state: its settings (checked on resume) and the fp8 amax
 // histories of the model's LowPrecisionLinear layers (null model: f32 training).
 struct LpStatePart {
-  LlamaModel* model = nullptr;
+  std::vector<const LpProduct*> products;
   std::string key = "f32";
 };
 
@@ -100,8 +100,7 @@ void save_state_tensors(const std::string& path, const std::vector<Var>& params,
   std::vector<std::pair<std::string, Tensor>> ts;
   for (size_t i = 0; i < params.size(); ++i) ts.emplace_back("param." + std::to_string(i), params[i].value());
   for (size_t i = 0; i < st.size(); ++i) ts.emplace_back("adamw." + std::to_string(i), st[i]);
-  if (lp.model)
-    for (auto& t : lp_state_tensors(*lp.model)) ts.push_back(std::move(t));
+  for (auto& t : lp_state_tensors(lp.products)) ts.push_back(std::move(t));
   nlohmann::json cj = config_to_hf_json(c, "float32");
   save_safetensors(path, ts,
                    {{"step", std::to_string(step)}, {"seed", std::to_string(seed)}, {"config", cj.dump()}, {"arch", arch},
@@ -150,9 +149,7 @@ int64_t load_state(const std::string& path, std::vector<Var>& params, AdamW& opt
   auto st = opt.state_tensors();
   for (size_t i = 0; i < st.size(); ++i)
     restore("adamw." + std::to_string(state_index ? (*state_index)[i] : i), *st[i]);
-  if (lp.model) {
-    restore_lp_state(*lp.model, [&](const std::string& name) { return f.find(name) ? f.load(name) : Tensor(); });
-  }
+  restore_lp_state(lp.products, [&](const std::string& name) { return f.find(name) ? f.load(name) : Tensor(); });
   const int64_t step = std::stoll(it->second);
   opt.set_steps(step);
   return step;
@@ -425,11 +422,18 @@ TrainResult run_training_impl(const LlamaModel& model, const std::vector<Var>& p
 
 TrainResult run_training(const LlamaModel& model, const std::vector<Var>& params, const TrainOptions& o,
                          const std::vector<int32_t>& train, const std::vector<int32_t>& val,
-                         const std::function<void(const TrainRecord&)>& on_step) {
+                         const std::function<void(const TrainRecord&)>& on_step, const LpTraining* lp) {
   if (o.bf16) throw_error("training: bf16 mixed precision is supported for pretraining (lowbit train) only");
-  if (o.low_precision.enabled()) throw_error("training: --precision is supported for pretraining (lowbit train) only");
+  if (o.low_precision.enabled() && (!lp || !lp->context))
+    throw_error("training: --precision needs the low-precision layers of the run (lowbit train, lowbit finetune)");
   if (o.bitnet.enabled || o.bitnet.two_stage) throw_error("training: BitNet options are for pretraining (lowbit train) only");
-  return run_training_impl(model, params, o, train, val, on_step, nullptr);
+  if (!o.low_precision.enabled() || !lp) return run_training_impl(model, params, o, train, val, on_step, nullptr);
+  if (o.comm && o.comm->world_size() > 1)
+    throw_error("--precision ", lp_precision_name(o.low_precision.recipe.precision),
+                ": one process only for now (the fp8 amax histories are not reduced over ranks)");
+  const std::shared_ptr<LpContext> ctx = lp->context;
+  return run_training_impl(model, params, o, train, val, on_step, nullptr, [ctx](int64_t s) { ctx->step = s; },
+                           LpStatePart{lp->products, lp->key});
 }
 
 TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train, const std::vector<int32_t>& val,
@@ -482,7 +486,7 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
   if (lpo.enabled()) {
     lp_ctx = make_low_precision(model, lpo, o.seed);
     before_step = [&](int64_t s) { lp_ctx->step = s; };
-    lp.model = &model;
+    lp.products = lp_products(model);
   }
   lp.key = low_precision_key(lpo, o.config.n_layers);
   std::unique_ptr<MixedPrecisionModel> mixed;

@@ -99,10 +99,12 @@ TrainResult train_model(const TrainOptions& options, const std::vector<int32_t>&
 
 // The loop shared by pretraining and finetuning: trains `params` (parameters of `model`) with
 // o's schedule on random windows of `train`, validates on `val`, keeps o.out_dir/state.safetensors
-// and log.jsonl, and resumes from them. Writes no model files.
+// and log.jsonl, and resumes from them. Writes no model files. With options.low_precision enabled,
+// `lp` is required (finetune: the adapters' products).
 TrainResult run_training(const LlamaModel& model, const std::vector<Var>& params, const TrainOptions& options,
                          const std::vector<int32_t>& train_stream, const std::vector<int32_t>& val_stream,
-                         const std::function<void(const TrainRecord&)>& on_step = nullptr);
+                         const std::function<void(const TrainRecord&)>& on_step = nullptr,
+                         const LpTraining* lp = nullptr);
 
 // bf16 mixed precision over an fp32 model (Micikevicius et al. 2018, with bf16: no loss scaling).
 // The fp32 `master` model keeps the parameters that AdamW updates and checkpoints hold; a second
