@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "lowbit/ops/lp_quant_math.h"  // the codecs before the move
+#include "lowbit/core/format_traits.h"
 
 namespace lowbit {
 namespace {

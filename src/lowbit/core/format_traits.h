@@ -1,6 +1,6 @@
 // The number-format description shared by host code (g++, C++20) and CUDA kernels (nvcc, C++17):
 // format identifiers, the traits row of every format (bits, group size, scale/zero storage),
-// the scalar codecs (f16, bf16, E2M1, E4M3, E8M0), packing of lowbit's codes, the uniform integer
+// the scalar codecs (f16, bf16, E2M1 with nearest and stochastic rounding, E4M3, E5M2, E8M0), packing of lowbit's codes, the uniform integer
 // codec and the ggml block structs. quant/format.h adds the registry (names, parsing) and the codec
 // function pointers on top; the storage layout of every format is documented there.
 //
@@ -256,6 +256,52 @@ LB_HD_INLINE uint8_t float_to_e4m3(float x) {
   const int e = int((f32_bits(a) >> 23) & 0xffu) - 127;                     // -6 .. 8
   const float frac = (bits_f32(f32_bits(a) - (uint32_t(e) << 23)) - 1.0f) * 8.0f;  // a/2^e - 1, scaled
   return uint8_t(sign | uint8_t(((e + 7) << 3) + int(fmt_rint(frac))));
+}
+
+// E5M2 (OCP FP8, the gradient format of FP8 training: IEEE-like, max 57344, subnormal step 2^-16,
+// 0x7c inf, 0x7d..0x7f NaN): the top byte of an IEEE half.
+LB_HD_INLINE float e5m2_to_float(uint8_t code) {
+  const uint32_t e = (code >> 2) & 0x1fu, m = code & 3u;
+  const uint32_t sign = uint32_t(code & 0x80u) << 24;
+  if (e == 0x1f) return bits_f32(sign | 0x7f800000u | (m ? 0x400000u : 0u));
+  if (e == 0) {
+    const float v = float(m) * 1.52587890625e-05f;  // m/4 * 2^-14 = m * 2^-16, exact
+    return (code & 0x80) ? -v : v;
+  }
+  return bits_f32(sign | (e + 127 - 15) << 23 | m << 21);
+}
+// Round to nearest even, saturating to +-57344 (inf and NaN saturate too: training casts saturate).
+LB_HD_INLINE uint8_t float_to_e5m2(float x) {
+  const uint8_t sign = (f32_bits(x) >> 31) ? 0x80 : 0;
+  const float a = fabsf(x);
+  if (!(a < 57344.0f)) return uint8_t(sign | 0x7b);
+  // As float_to_e4m3: codes 0..0x7b increase with the value with the parity of their mantissa.
+  if (a < 6.103515625e-05f) return uint8_t(sign | uint8_t(fmt_rint(a * 65536.0f)));  // subnormal step 2^-16
+  const int e = int((f32_bits(a) >> 23) & 0xffu) - 127;                             // -14 .. 15
+  const float frac = (bits_f32(f32_bits(a) - (uint32_t(e) << 23)) - 1.0f) * 4.0f;
+  const int code = ((e + 15) << 2) + int(fmt_rint(frac));
+  return uint8_t(sign | uint8_t(code > 0x7b ? 0x7b : code));  // 57344 < a' < 61440 rounds into 0x7c: saturate
+}
+
+// Stochastic rounding onto the E2M1 grid (the gradients of FP4 training): x between two
+// neighbouring grid values lo <= |x| <= hi goes to hi with probability (|x| - lo) / (hi - lo),
+// given u uniform in [0, 1), so E[value] = x for |x| <= 6 (beyond 6: saturates at 6).
+LB_HD_INLINE uint8_t float_to_e2m1_stochastic(float x, float u) {
+  const float a = fabsf(x);
+  uint8_t idx;
+  if (!(a < 6.0f)) {
+    idx = 7;  // NaN saturates too
+  } else {
+    // grid steps: 0.5 below 2, 1 in [2, 4), 2 in [4, 6)
+    const float step = a < 2.0f ? 0.5f : a < 4.0f ? 1.0f : 2.0f;
+    const float base = a < 2.0f ? 0.0f : a < 4.0f ? 2.0f : 4.0f;
+    const int base_idx = a < 2.0f ? 0 : a < 4.0f ? 4 : 6;
+    const float k = floorf((a - base) / step);  // whole steps above base
+    const float lo = base + k * step;
+    const int up = u * step < a - lo ? 1 : 0;
+    idx = uint8_t(base_idx + int(k) + up);
+  }
+  return uint8_t((x < 0 && idx != 0 ? 8 : 0) | idx);
 }
 
 // E8M0: unsigned biased exponent (bias 127), 2^(e-127); 0xff is NaN.

@@ -23,10 +23,15 @@ namespace qat {
 constexpr double kSeqEps = 1e-5;          // the reference's floor of α
 constexpr double kSeqClip = 1.0 - 1e-2;   // SEQ's clip of w / α
 
-LB_HD_INLINE float q_rint(float x) { return rintf(x); }  // round half to even (= nearbyint)
+// Round half to even and std::clamp in T's arithmetic. The f32 cases are core/format_traits.h's
+// fmt_rint / fmt_clamp (q_rint(float) calls fmt_rint); the f64 ones are not in the format table,
+// which is f32 only, and the CPU reference bodies run T = double for the gradient checks: folding
+// them into fmt_rint / fmt_clamp would round every f64 value to f32 first (not the same numbers), so
+// they stay here.
+LB_HD_INLINE float q_rint(float x) { return fmt_rint(x); }  // = rintf
 LB_HD_INLINE double q_rint(double x) { return rint(x); }
 template <class T>
-LB_HD_INLINE T q_clamp(T v, T lo, T hi) {  // std::clamp
+LB_HD_INLINE T q_clamp(T v, T lo, T hi) {  // std::clamp; for T = float the same expression as fmt_clamp
   return v < lo ? lo : (hi < v ? hi : v);
 }
 
