@@ -3,7 +3,7 @@
 # run at bf16, fp8 and one FP4 recipe (nvfp4, the NVFP4 paper's: 16x16 weight blocks, Hadamard on
 # the wgrad inputs, stochastic rounding, the last block kept in f32), same seed, one or more seeds.
 #   bench/lp_qat_finetune_260k.sh [OUT_DIR] [SEEDS] [PRECISIONS] [PARALLEL]
-#     defaults: /tmp/lp-qf-260k, "1 2", "bf16 fp8 nvfp4", 2
+#     defaults: /tmp/lp-qf-260k, "1 2", "bf16 fp8 nvfp4", 2 (add f32 for the unquantized products)
 # Data as bench/qat_260k.sh: shared/models/stories260K/sample-tokens.i32 split into training
 # (sequences 0-23, 6,168 tokens), validation (24-31) and test (32-63).
 #   qat:      --method lsq --format int3g64, 100 steps x 8 x 256 tokens (the products x Q(W)^T of the
@@ -82,7 +82,7 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 key = lambda r: (r["kind"], r["seed"])
 base = {key(r): r for r in rows if r["precision"] == "bf16"}
-order = {"bf16": 0, "fp8": 1}
+order = {"f32": -1, "bf16": 0, "fp8": 1}
 print("| command | seed | precision (settings) | valid loss (packed model) | vs bf16 | test loss | vs bf16 | low-precision forward's val loss | seconds |")
 print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
 for r in sorted(rows, key=lambda r: (r["kind"] != "qat", r["seed"], order.get(r["precision"], 2))):
