@@ -186,6 +186,48 @@ TEST(QatCli, CudaBf16TracksCpuOnStories260K) {
   EXPECT_NE(gpu.report["stages"].back()["loss_before"], cpu.report["stages"].back()["loss_before"]);  // bf16 ran
 }
 
+// `qat --precision` and `finetune --precision` on the GPU (issue 18: the CUDA operand quantizer, and
+// for fp8/bf16 the native GEMMs where the shapes allow — --lp-gemm auto) against the CPU's emulation:
+// both complete with the same settings key; the losses track within 2e-2 relative (the GEMMs sum in
+// another order, so the per-tensor amaxes and every rounding boundary drift).
+TEST(QatCli, CudaPrecisionTracksCpuOnStories260K) {
+  if (!std::filesystem::exists(qat_cli())) GTEST_SKIP() << "no " << qat_cli();
+  if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
+  const auto [model, tokens] = model_and_tokens();
+  ASSERT_FALSE(model.empty()) << "no stories260K and no random model from " << qat_cli();
+  for (const char* prec : {"--precision fp8", "--precision nvfp4", "--precision bf16"}) {
+    const QatCase c{"lsq", "int2g64", prec};
+    const QatRun cpu = run_qat(c, "cpu", model, tokens, "lp"), gpu = run_qat(c, "cuda", model, tokens, "lp");
+    ASSERT_EQ(cpu.status, 0) << prec << "\n" << cpu.log;
+    ASSERT_EQ(gpu.status, 0) << prec << "\n" << gpu.log;
+    ASSERT_TRUE(cpu.report.is_object() && gpu.report.is_object()) << prec;
+    EXPECT_EQ(cpu.report["precision"], gpu.report["precision"]) << prec;
+    EXPECT_EQ(cpu.report["stages"][0]["hyper"]["lp_gemm"], "emulated");
+    EXPECT_EQ(gpu.report["stages"][0]["hyper"]["lp_gemm"], "native");
+    for (const char* k : {"loss_before", "loss_after"}) {
+      const double x = cpu.report["stages"][0][k].get<double>(), y = gpu.report["stages"][0][k].get<double>();
+      EXPECT_LE(std::fabs(x - y), 2e-2 * std::fabs(x)) << prec << " " << k << " " << x << " vs " << y;
+    }
+    // finetune of the CPU run's checkpoint: the adapters' products in the precision, on both devices
+    const std::string q = (cpu.dir / "out").string();
+    double loss[2] = {-1, -1};
+    int i = 0;
+    for (const char* dev : {"cpu", "cuda"}) {
+      QatRun f;
+      f.dir = cpu.dir;
+      run_into(qat_cli() + " -q finetune -m " + q + " --train-tokens " + tokens + " --valid-tokens " + tokens +
+                   " --steps 4 --batch 2 --seq-len 32 --eval-batches 2 --rank 4 --lr 1e-3 --json " + prec +
+                   " --device " + dev + " --out " + (cpu.dir / (std::string("ft-") + dev)).string() + " 2>/dev/null",
+               f);
+      ASSERT_EQ(f.status, 0) << prec << " finetune " << dev << "\n" << f.log;
+      const nlohmann::json j = nlohmann::json::parse(f.log, nullptr, false);
+      ASSERT_TRUE(j.is_object()) << f.log;
+      loss[i++] = j["val_loss_after"].get<double>();
+    }
+    EXPECT_LE(std::fabs(loss[0] - loss[1]), 2e-2 * loss[0]) << prec << " finetune " << loss[0] << " vs " << loss[1];
+  }
+}
+
 // The comparison above on one device: a CPU run repeats bit for bit.
 TEST(QatCli, CpuRunsRepeat) {
   if (!std::filesystem::exists(qat_cli())) GTEST_SKIP() << "no " << qat_cli();
