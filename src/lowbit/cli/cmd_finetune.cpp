@@ -38,8 +38,8 @@ void run_finetune(FinetuneArgs& a) {
   if (a.train_tokens.empty() && a.train_text.empty()) throw_error("finetune: give --train TEXT or --train-tokens FILE");
   if (!is_lowbit_quantized_dir(a.model))
     throw_error(a.model, ": not a lowbit quantized model directory (make one with lowbit quantize)");
+  o.train.low_precision = resolve_low_precision(a.lp, a.device, "finetune");  // before probing for a GPU
   o.train.device = parse_device(a.device);
-  o.train.low_precision = resolve_low_precision(a.lp, a.device, "finetune");
   OutputDir out(o.train.out_dir);
   out.refuse_input(a.model, "the input model");
   std::unique_ptr<Tokenizer> tok;
