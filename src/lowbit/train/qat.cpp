@@ -24,6 +24,7 @@
 #include "lowbit/quant/l4q_linear.h"
 #include "lowbit/quant/lrqat_linear.h"
 #include "lowbit/quant/lsq_linear.h"
+#include "lowbit/quant/onebit.h"
 #include "lowbit/quant/paretoq_linear.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/train/llm_qat.h"
@@ -879,39 +880,101 @@ class LlmQat : public QatMethod {
   QatConfig c_;
 };
 
+// ---- onebit ------------------------------------------------------------------------------------
+// OneBit (Xu et al. 2024, arXiv 2402.11295; quant/onebit.h): every block linear becomes a
+// OneBitTrainLinear (latent f32 W, its sign through the STE, the value vectors h and g from SVID),
+// trained end to end by distillation (KL to the FP model's logits; the paper's hidden-state MSE
+// term is not implemented). The packed result is the `onebit` format: sign(W), h and g at f16.
+class OneBitQat : public QatMethod {
+ public:
+  explicit OneBitQat(const QatConfig& c) : c_(c), init_(parse_svid_method(c.svid.empty() ? "power" : c.svid)) {
+    LB_CHECK(c.format, "qat: no format given");
+    LB_CHECK(c.format->kind == QuantKind::SignValue, "qat --method onebit: --format ", c.format->name,
+             " cannot hold OneBit's sign bits and value vectors; use --format onebit (the default for this method)");
+  }
+  std::string name() const override { return "onebit"; }
+  QatResult run(const LlamaModel& fp, const std::vector<int32_t>& stream) override {
+    const QuantFormat& f = *c_.format;
+    const auto t0 = Clock::now();
+    LB_CHECK(model_device(fp) == Device::CPU, "qat --method onebit: the OneBit layer has CPU bodies only; load the "
+             "model on the CPU (--device cpu)");
+    auto work = std::make_unique<LlamaModel>(fp.config(), fp.weights(), false);
+    std::vector<std::shared_ptr<OneBitTrainLinear>> layers;
+    std::vector<Var> weights, values, state;
+    for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
+      const auto [wd, w] = layer_weight(**slot);
+      auto t = std::make_shared<OneBitTrainLinear>(w, (*slot)->bias(), init_);
+      for (auto& p : t->weight_parameters()) weights.push_back(p);
+      for (auto& p : t->value_parameters()) values.push_back(p);
+      for (auto& p : t->state()) state.push_back(p);
+      *slot = t;
+      layers.push_back(t);
+    });
+    E2eOptions o = e2e_options(c_, fp.config(), 300, 8);
+    o.stage = "onebit";
+    // Learning rates chosen as ParetoQ's on stories260K (latent weights 1e-4, scale-like values 1e-3).
+    const double lr = pick(c_.lr, 1e-4), qlr = pick(c_.quant_lr, 1e-3);
+    std::vector<E2eGroup> groups{{weights, lr, 0.0}, {values, qlr, 0.0}};
+    o.key = e2e_key("onebit", f, o, groups, stream, std::string(",svid=") + svid_method_name(init_));
+    if (!c_.state_dir.empty()) o.state_path = (fs::path(c_.state_dir) / "onebit.safetensors").string();
+    bool complete = true;
+    QatStage st = train_end_to_end(*work, &fp, groups, state, stream, o, &complete);
+    st.hyper = e2e_hyper(o);
+    st.hyper["init"] = std::string("SVID (") + svid_method_name(init_) + ", rank-1 of |W|)";
+    st.hyper["weight_lr"] = lr;
+    st.hyper["value_lr"] = qlr;
+    st.hyper["loss"] = o.distill ? "KL to the FP logits (no hidden-state MSE)" : "LM cross-entropy";
+    if (complete)
+      for (const auto& t : layers) t->snap_values();  // the trained function is now exactly the packed one
+    return packed_result({st}, complete, std::move(work), layers, t0);
+  }
+
+ private:
+  QatConfig c_;
+  SvidMethod init_;
+};
+
 std::vector<QatMethodInfo>& registry_storage() {
   static std::vector<QatMethodInfo> r = [] {
     std::vector<QatMethodInfo> v;
     v.push_back({"lsq",
                  "end-to-end LSQ QAT: latent f32 weights (STE), learned steps (gradient scale 1/sqrt(N Qp)) and, on "
                  "asymmetric formats, learned zero points with MSE-optimal init (LSQ+), on the LM loss",
-                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new LsqQat(c)); }});
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new LsqQat(c)); }, ""});
     v.push_back({"efficientqat",
                  "EfficientQAT: Block-AP (block-wise reconstruction training weights, steps and zero points) then "
                  "E2E-QP (steps only, integer codes frozen, end to end on the LM loss)",
-                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new EfficientQat(c, false)); }});
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new EfficientQat(c, false)); }, ""});
     v.push_back({"matquant",
                  "MatQuant (Matryoshka Quantization): Block-AP on int8 group codes (--format int8g64) with the loss "
                  "summed over --widths (default 8,4,2; weights --width-weights) of the codes' top bits; slice at load "
                  "(eval ppl / generate / convert --slice R)",
-                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new EfficientQat(c, true)); }});
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new EfficientQat(c, true)); }, ""});
     v.push_back({"paretoq",
                  "ParetoQ: end-to-end QAT with the paper's quantizer per bit width (sign 1 bit, SEQ 1.58/2 bits, "
                  "LSQ on the signed grid 3/4 bits; bit width from --format or --bits), learned alpha per group",
-                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new ParetoQQat(c)); }});
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new ParetoQQat(c)); }, ""});
     v.push_back({"l4q",
                  "L4Q: LoRA-wise LSQ, the quantizer on the merged weight W0 + s B A (frozen W0; LoRA A/B, steps "
                  "and zero points trained jointly end to end); exported as one packed weight per layer",
-                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new L4qQat(c)); }});
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new L4qQat(c)); }, ""});
     v.push_back({"llm-qat",
                  "LLM-QAT: data-free distillation (KL to the FP model's logits, on --self-generate data by default); "
                  "symmetric MinMax weights (no learned step, STE), --act-bits per token, --kv-bits per token and head",
-                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new LlmQat(c)); }});
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new LlmQat(c)); },
+                 "its MinMax weight quantizer and the per-token activation / KV quantizers have CPU bodies only"});
     v.push_back({"lr-qat",
                  "LR-QAT: low-rank adapters inside the quantizer, s (clamp(round(phi(W0/s0) + (alpha/r) B A)) - z), "
                  "W0 frozen and stored downcast (int8 fixed point by default), A/B and steps trained end to end; "
                  "exported as one packed weight per layer",
-                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new LrQat(c)); }});
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new LrQat(c)); },
+                 "the LR-QAT quantizer (adapter inside the rounding, downcast W0) has CPU bodies only"});
+    v.push_back({"onebit",
+                 "OneBit: W ~ diag(h) sign(W) diag(g) (--format onebit, 1 bit + two f16 value vectors), SVID init "
+                 "(rank-1 of |W|, --svid power|nmf), latent weights (STE) and h, g trained end to end by distillation "
+                 "(KL to the FP logits); CPU only",
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new OneBitQat(c)); },
+                 "the OneBit layer (sign through the STE, value vectors) has CPU bodies only"});
     return v;
   }();
   return r;
