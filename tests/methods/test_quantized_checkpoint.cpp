@@ -284,7 +284,8 @@ TEST(QuantizedCheckpoint, OneBitMalformedLayersAreRejected) {
   std::vector<std::pair<std::string, Tensor>> all;
   for (const auto& t : f0.tensors()) all.emplace_back(t.name, f0.load(t.name).clone());
   const std::string layer = "model.layers.1.mlp.down_proj";
-  auto expect_error = [&](const std::function<void(std::vector<std::pair<std::string, Tensor>>&)>& edit,
+  using Tensors = std::vector<std::pair<std::string, Tensor>>;
+  auto expect_error = [&](const std::function<void(Tensors&)>& edit,
                           const std::string& needle) {
     auto ts = all;
     edit(ts);
@@ -297,15 +298,18 @@ TEST(QuantizedCheckpoint, OneBitMalformedLayersAreRejected) {
       EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
     }
   };
-  expect_error([&](auto& ts) { std::erase_if(ts, [&](const auto& p) { return p.first == layer + ".col_scales"; }); },
+  expect_error([&](Tensors& ts) { std::erase_if(ts, [&](const auto& p) { return p.first == layer + ".col_scales"; }); },
                "[onebit] quantized tensor lacks its 'col_scales' tensor");
-  expect_error([&](auto& ts) {
+  expect_error([&](Tensors& ts) {
     for (auto& [n, t] : ts)
       if (n == layer + ".col_scales") t = t.slice(0, 0, t.size(0) - 1).contiguous();
   }, "'col_scales' is");
-  expect_error([&](auto& ts) {
+  expect_error([&](Tensors& ts) {
     for (auto& [n, t] : ts)
-      if (n == layer + ".qweight") t.data<uint8_t>()[t.size(1) - 1] |= 0x80;  // row 0, past column 92
+      if (n == layer + ".qweight") {
+        t = t.clone();  // the copy of `all` shares its tensors
+        t.data<uint8_t>()[t.size(1) - 1] |= 0x80;  // row 0, past column 92
+      }
   }, "row 0 has sign bits set beyond its 92 columns");
   save_safetensors(st, all);
   EXPECT_NO_THROW(load_quantized_model(dir.string()));
