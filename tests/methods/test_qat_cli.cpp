@@ -289,3 +289,28 @@ TEST(QatCli, OneBitTrainsOnTheTinyModelAndGgufRefusesItsFormat) {
   EXPECT_NE(x.log.find("lowbit's format onebit, which has no GGUF equivalent"), std::string::npos) << x.log;
   std::filesystem::remove_all(r.dir);
 }
+
+// OneBit's resumable state (latent W, h, g and the AdamW moments): a run stopped after 3 of 6 steps
+// and restarted with the same command writes the checkpoint of the uninterrupted run, byte for byte.
+TEST(QatCli, OneBitResumeAfterStopGivesTheSameCheckpoint) {
+  if (!std::filesystem::exists(qat_cli())) GTEST_SKIP() << "no " << qat_cli();
+  const auto [model, tokens] = model_and_tokens();
+  ASSERT_FALSE(model.empty()) << "no stories260K and no random model from " << qat_cli();
+  const auto dir = test::temp_dir("qat-onebit-resume");
+  const std::string base = qat_cli() + " -q qat -m " + model + " --method onebit --train-tokens " + tokens +
+                           " --steps 6 --batch 2 --seqlen 32 --seed 5 --json";
+  QatRun a, b1, b2;
+  a.dir = dir / "a";
+  b1.dir = b2.dir = dir / "b";
+  run_into(base + " -o " + (a.dir / "out").string() + " 2>&1", a);
+  ASSERT_EQ(a.status, 0) << a.log;
+  run_into(base + " --stop-after 3 --checkpoint-seconds 0 -o " + (b1.dir / "out").string() + " 2>&1", b1);
+  ASSERT_EQ(b1.status, 0) << b1.log;
+  EXPECT_FALSE(std::filesystem::exists(b1.dir / "out" / "model.safetensors")) << "a stopped run wrote a model";
+  run_into(base + " -o " + (b2.dir / "out").string() + " 2>&1", b2);
+  ASSERT_EQ(b2.status, 0) << b2.log;
+  ASSERT_TRUE(b2.report.is_object()) << b2.log;
+  EXPECT_EQ(b2.report["stages"][0]["resumed_from"], 3);
+  expect_same_training(QatCase{"onebit", "onebit", ""}, a, b2, 1e-6, 1.0);
+  std::filesystem::remove_all(dir);
+}
