@@ -12,7 +12,8 @@
 #   onebit        qat --method onebit (SVID init, latent weights through the STE, h and g trained)
 #   onebit-nmf    the same with --svid nmf
 #   onebit-lr1e-4 the same with --lr 1e-4 (latent weights; the default 1e-3 was chosen on validation)
-#   paretoq-1-lr1e-3, b158-lr1e-3   paretoq-1 / b158 with --lr 1e-3 (their default 1e-4): the same lr as onebit
+#   paretoq-1-lr1e-3, paretoq-1pc-lr1e-3, b158-lr1e-3   paretoq-1 / paretoq-1pc / b158 with --lr 1e-3 (their
+#                 default 1e-4): the same lr as onebit
 #   paretoq-1     qat --method paretoq --bits 1 --format int2g64s --distill: sign with a learned α per group of
 #                 64 (ParetoQ's 1-bit quantizer, stored in 2-bit codes)
 #   paretoq-1pc   the same at int2pcs: one α per row (OneBit's h without g)
@@ -72,6 +73,8 @@ job() {  # one model: train it, then evaluate its rows
     onebit-lr1e-4) train onebit-lr1e-4 onebit --method onebit --lr 1e-4 && evaluate onebit-lr1e-4 onebit-lr1e-4 0 ;;
     paretoq-1-lr1e-3) train paretoq-1-lr1e-3 int2g64s --method paretoq --bits 1 --distill --lr 1e-3 &&
                       evaluate paretoq-1-lr1e-3 paretoq-1-lr1e-3 0 ;;
+    paretoq-1pc-lr1e-3) train paretoq-1pc-lr1e-3 int2pcs --method paretoq --bits 1 --distill --lr 1e-3 &&
+                        evaluate paretoq-1pc-lr1e-3 paretoq-1pc-lr1e-3 0 ;;
     b158-lr1e-3) train b158-lr1e-3 int2g64s --method paretoq --bits 1.58 --distill --lr 1e-3 &&
                  evaluate b158-lr1e-3 b158-lr1e-3 0 ;;
     paretoq-1) train paretoq-1 int2g64s --method paretoq --bits 1 --distill && evaluate paretoq-1 paretoq-1 0 ;;
@@ -84,7 +87,7 @@ job() {  # one model: train it, then evaluate its rows
 }
 export -f train evaluate job
 export out lowbit model seed
-printf '%s\n' onebit paretoq-1 b158 bap-2 svid paretoq-1pc onebit-lr1e-4 paretoq-1-lr1e-3 b158-lr1e-3 onebit-nmf matquant-2 | grep -E "${OB_JOBS:-.}" |
+printf '%s\n' onebit paretoq-1 b158 bap-2 svid paretoq-1pc onebit-lr1e-4 paretoq-1-lr1e-3 paretoq-1pc-lr1e-3 b158-lr1e-3 onebit-nmf matquant-2 | grep -E "${OB_JOBS:-.}" |
   xargs -P "$parallel" -I{} bash -c 'job {}'
 python3 - "$out/results.jsonl" <<'PY'
 import json, sys
