@@ -319,3 +319,58 @@ TEST(OneBitMatmul, TableBodyMatchesTheReferenceOnOddShapes) {
     EXPECT_NE(std::string(e.what()).find("has no GPU form"), std::string::npos) << e.what();
   }
 }
+
+// Mutation fuzz of the container (the checkpoint loader's checks: validate() + check_codes()): 500
+// random tensors whose fields have random shapes, dtypes and bytes are either refused with a
+// lowbit::Error or decode and multiply without reading outside their storage (ASan in the lead's
+// sanitizer run). Deterministic (fixed seed).
+TEST(OneBitFormat, MutatedTensorsAreRefusedOrDecodeSafely) {
+  const QuantizedTensor good = onebit_quantize(scaled_weight(5, 21, 8));
+  uint64_t s = 0x9e3779b97f4a7c15ull;
+  auto next = [&] {
+    s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+    return s;
+  };
+  auto random_tensor = [&](const Tensor& like) {
+    if (next() % 4 == 0) return Tensor();  // missing
+    const int64_t d0 = like.dim() > 0 ? like.size(0) + int64_t(next() % 3) - 1 : 1;
+    Shape sh = like.dim() == 2 ? Shape{std::max<int64_t>(d0, 0), like.size(1) + int64_t(next() % 3) - 1} : Shape{std::max<int64_t>(d0, 0)};
+    for (auto& v : sh) v = std::max<int64_t>(v, 0);
+    const DType dt = next() % 5 == 0 ? (like.dtype() == DType::U8 ? DType::F16 : DType::U8) : like.dtype();
+    Tensor t = Tensor::zeros(sh, dt);
+    auto* b = static_cast<uint8_t*>(t.raw_data());
+    for (size_t i = 0; i < t.nbytes(); ++i) b[i] = uint8_t(next());
+    return t;
+  };
+  int refused = 0, decoded = 0;
+  for (int it = 0; it < 500; ++it) {
+    QuantizedTensor q = good;
+    switch (next() % 5) {
+      case 0: q.codes = random_tensor(good.codes); break;
+      case 1: q.scales = random_tensor(good.scales); break;
+      case 2: q.col_scales = random_tensor(good.col_scales); break;
+      case 3: q.zeros = next() % 2 ? random_tensor(good.scales) : Tensor(); break;
+      default: {  // only bytes: sign bits (padding included) and values
+        q.codes = good.codes.clone();
+        q.col_scales = good.col_scales.clone();
+        q.codes.data<uint8_t>()[next() % uint64_t(q.codes.numel())] ^= uint8_t(1u << (next() % 8));
+        static_cast<uint16_t*>(q.col_scales.raw_data())[next() % 21] = uint16_t(next());
+      }
+    }
+    try {
+      q.validate();
+      q.check_codes();
+    } catch (const Error& e) {
+      ++refused;
+      EXPECT_NE(std::string(e.what()).find("onebit"), std::string::npos) << e.what();
+      continue;
+    }
+    ++decoded;
+    const Tensor d = q.dequantize();
+    ASSERT_EQ(d.shape(), Shape({5, 21}));
+    Tensor y = Tensor::empty({2, 5});
+    ops::quant_matmul(Tensor::randn({2, 21}, 3, 1.0), q.packed_view(), y);
+  }
+  EXPECT_GT(refused, 100);
+  EXPECT_GT(decoded, 50);
+}

@@ -161,7 +161,7 @@ struct QatMethodInfo {
   std::string help;  // one line
   std::function<std::unique_ptr<QatMethod>(const QatConfig&)> make;
   // Why the method cannot train on a GPU (the CLI refuses --device cuda with it); empty: it can.
-  std::string cpu_only;
+  std::string cpu_only = {};
 };
 
 const std::vector<QatMethodInfo>& qat_registry();
