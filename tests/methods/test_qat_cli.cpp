@@ -283,3 +283,76 @@ TEST(QatCli, MatQuantSliceAtLoadEqualsTheConvertedCheckpoint) {
   EXPECT_NE(at_load, parent);  // the int8 model is another model
   std::filesystem::remove_all(a.dir);
 }
+
+// OneBit (quant/onebit.h): `qat --method onebit` (the onebit format by default) trains a few steps
+// on the tiny model, lowers its distillation loss, writes a checkpoint of sign bits (codes
+// [out, in/8]), h ([out, 1]) and g ([in]) that `eval ppl` loads, and `export` refuses it for GGUF
+// naming the format.
+TEST(QatCli, OneBitTrainsOnTheTinyModelAndGgufRefusesItsFormat) {
+  if (!std::filesystem::exists(qat_cli())) GTEST_SKIP() << "no " << qat_cli();
+  const auto [model, tokens] = model_and_tokens();
+  ASSERT_FALSE(model.empty()) << "no stories260K and no random model from " << qat_cli();
+  QatRun r;
+  r.dir = test::temp_dir("qat-onebit-cli");
+  const auto out = r.dir / "out";
+  run_into(qat_cli() + " -q qat -m " + model + " --method onebit --train-tokens " + tokens +
+               " --steps 12 --batch 2 --seqlen 32 --seed 3 --lr 1e-3 --json -o " + out.string() + " 2>&1",
+           r);
+  ASSERT_EQ(r.status, 0) << r.log;
+  ASSERT_TRUE(r.report.is_object()) << r.log;
+  EXPECT_EQ(r.report["format"], "onebit");
+  const auto& st = r.report["stages"];
+  ASSERT_EQ(st.size(), 1u);
+  EXPECT_EQ(st[0]["stage"], "onebit");
+  EXPECT_LT(st[0]["loss_after"].get<double>(), st[0]["loss_before"].get<double>()) << r.log;
+  // 1 bit + 16 / in + 16 / out (dim 64, hidden 172: 1.31 to 1.5)
+  const double bpw = r.report["bits_per_weight"];
+  EXPECT_GT(bpw, 1.25);
+  EXPECT_LT(bpw, 1.5);
+  const SafetensorsFile f = SafetensorsFile::open((out / "model.safetensors").string());
+  const SafetensorsTensorInfo* codes = f.find("model.layers.0.mlp.down_proj.qweight");
+  const SafetensorsTensorInfo* g = f.find("model.layers.0.mlp.down_proj.col_scales");
+  const SafetensorsTensorInfo* h = f.find("model.layers.0.mlp.down_proj.scales");
+  ASSERT_TRUE(codes && g && h);
+  EXPECT_EQ(codes->shape, (std::vector<int64_t>{64, (172 + 7) / 8}));
+  EXPECT_EQ(g->shape, (std::vector<int64_t>{172}));
+  EXPECT_EQ(h->shape, (std::vector<int64_t>{64, 1}));
+  QatRun e;
+  e.dir = r.dir;
+  run_into(qat_cli() + " -q eval ppl -m " + out.string() + " --tokens " + tokens + " --ctx 33 --max-windows 8 --json 2>&1", e);
+  ASSERT_EQ(e.status, 0) << e.log;
+  const nlohmann::json j = nlohmann::json::parse(e.log, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << e.log;
+  EXPECT_TRUE(std::isfinite(j.value("ppl", -1.0)) && j.value("ppl", -1.0) > 1.0) << e.log;
+  QatRun x;
+  x.dir = r.dir;
+  run_into(qat_cli() + " -q export -m " + out.string() + " --to " + (r.dir / "m.gguf").string() + " 2>&1", x);
+  EXPECT_NE(x.status, 0);
+  EXPECT_NE(x.log.find("lowbit's format onebit, which has no GGUF equivalent"), std::string::npos) << x.log;
+  std::filesystem::remove_all(r.dir);
+}
+
+// OneBit's resumable state (latent W, h, g and the AdamW moments): a run stopped after 3 of 6 steps
+// and restarted with the same command writes the checkpoint of the uninterrupted run, byte for byte.
+TEST(QatCli, OneBitResumeAfterStopGivesTheSameCheckpoint) {
+  if (!std::filesystem::exists(qat_cli())) GTEST_SKIP() << "no " << qat_cli();
+  const auto [model, tokens] = model_and_tokens();
+  ASSERT_FALSE(model.empty()) << "no stories260K and no random model from " << qat_cli();
+  const auto dir = test::temp_dir("qat-onebit-resume");
+  const std::string base = qat_cli() + " -q qat -m " + model + " --method onebit --train-tokens " + tokens +
+                           " --steps 6 --batch 2 --seqlen 32 --seed 5 --json";
+  QatRun a, b1, b2;
+  a.dir = dir / "a";
+  b1.dir = b2.dir = dir / "b";
+  run_into(base + " -o " + (a.dir / "out").string() + " 2>&1", a);
+  ASSERT_EQ(a.status, 0) << a.log;
+  run_into(base + " --stop-after 3 --checkpoint-seconds 0 -o " + (b1.dir / "out").string() + " 2>&1", b1);
+  ASSERT_EQ(b1.status, 0) << b1.log;
+  EXPECT_FALSE(std::filesystem::exists(b1.dir / "out" / "model.safetensors")) << "a stopped run wrote a model";
+  run_into(base + " -o " + (b2.dir / "out").string() + " 2>&1", b2);
+  ASSERT_EQ(b2.status, 0) << b2.log;
+  ASSERT_TRUE(b2.report.is_object()) << b2.log;
+  EXPECT_EQ(b2.report["stages"][0]["resumed_from"], 3);
+  expect_same_training(QatCase{"onebit", "onebit", ""}, a, b2, 1e-6, 1.0);
+  std::filesystem::remove_all(dir);
+}

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <functional>
 #include <fstream>
 
 #include "common/test_util.h"
@@ -42,7 +43,7 @@ Tensor rtn_and_save(LlamaModel& m, const QuantFormat& f, const fs::path& dir) {
 
 TEST(QuantizedCheckpoint, RoundTripKeepsLogits) {
   for (auto style : {RopeStyle::Interleaved, RopeStyle::Half})
-    for (const char* fmt : {"int4g32", "int2g64", "int3g32s", "ternary", "mxfp4", "nvfp4", "q4_0", "q8_0", "q5_1", "tp2g128"}) {
+    for (const char* fmt : {"int4g32", "int2g64", "int3g32s", "ternary", "mxfp4", "nvfp4", "q4_0", "q8_0", "q5_1", "tp2g128", "onebit"}) {
       LlamaConfig c = small_config(style);
       LlamaModel m(c, random_weights(c, 7));
       const QuantFormat& f = parse_quant_format(fmt);
@@ -260,4 +261,56 @@ TEST(QuantizedCheckpoint, TritPlaneCodesOutOfRangeAreRejected) {
     EXPECT_NE(msg.find("model.layers.1.mlp.down_proj"), std::string::npos) << msg;
     EXPECT_NE(msg.find("plane 1 holds code 3 (not a trit: t + 1 is 0, 1 or 2) at row 0, column 14"), std::string::npos) << msg;
   }
+}
+
+// onebit (OneBit: sign bits, h per row, g per column): the column values g travel as <m>.col_scales;
+// a checkpoint without them, with the wrong count, or with a sign bit past the last column is refused
+// naming the file's layer and the field.
+TEST(QuantizedCheckpoint, OneBitMalformedLayersAreRejected) {
+  LlamaConfig c = small_config(RopeStyle::Half);
+  c.hidden_dim = 92;  // down_proj rows of 92 columns: 4 padding bits in each row's last byte
+  LlamaModel m(c, random_weights(c, 7));
+  const QuantFormat& f = parse_quant_format("onebit");
+  std::vector<int32_t> stream(200, 3);
+  RtnMethod rtn(f);
+  PipelineOptions o;
+  o.progress = false;
+  run_blockwise(m, sample_calibration(stream, 2, 8, 1), rtn, f, o);
+  auto dir = test::temp_dir("qckpt-onebit-bad");
+  save_quantized_model(dir.string(), m, "rtn", f);
+  EXPECT_NO_THROW(load_quantized_model(dir.string()));
+  const std::string st = (dir / "model.safetensors").string();
+  SafetensorsFile f0 = SafetensorsFile::open(st);
+  std::vector<std::pair<std::string, Tensor>> all;
+  for (const auto& t : f0.tensors()) all.emplace_back(t.name, f0.load(t.name).clone());
+  const std::string layer = "model.layers.1.mlp.down_proj";
+  using Tensors = std::vector<std::pair<std::string, Tensor>>;
+  auto expect_error = [&](const std::function<void(Tensors&)>& edit,
+                          const std::string& needle) {
+    auto ts = all;
+    edit(ts);
+    save_safetensors(st, ts);
+    try {
+      load_quantized_model(dir.string());
+      ADD_FAILURE() << "no error, expected one mentioning '" << needle << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(layer), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_error([&](Tensors& ts) { std::erase_if(ts, [&](const auto& p) { return p.first == layer + ".col_scales"; }); },
+               "[onebit] quantized tensor lacks its 'col_scales' tensor");
+  expect_error([&](Tensors& ts) {
+    for (auto& [n, t] : ts)
+      if (n == layer + ".col_scales") t = t.slice(0, 0, t.size(0) - 1).contiguous();
+  }, "'col_scales' is");
+  expect_error([&](Tensors& ts) {
+    for (auto& [n, t] : ts)
+      if (n == layer + ".qweight") {
+        t = t.clone();  // the copy of `all` shares its tensors
+        t.data<uint8_t>()[t.size(1) - 1] |= 0x80;  // row 0, past column 92
+      }
+  }, "row 0 has sign bits set beyond its 92 columns");
+  save_safetensors(st, all);
+  EXPECT_NO_THROW(load_quantized_model(dir.string()));
 }

@@ -37,10 +37,15 @@ TEST(QuantFormat, TableIsConsistent) {
       EXPECT_EQ(f.row_bytes(64), 7 + 6) << f.name;
       continue;
     }
+    if (f.kind == QuantKind::SignValue) {  // onebit: one sign bit per column (test_onebit.cpp)
+      EXPECT_EQ(f.row_bytes(64), 8) << f.name;
+      continue;
+    }
     EXPECT_EQ(f.row_bytes(64), packed_bytes(f.bits, 64));
     EXPECT_EQ(f.group_size % 8, 0) << f.name << ": dequantize_row unpacks groups from byte boundaries";
   }
-  EXPECT_EQ(all_quant_formats().size(), 47u);
+  EXPECT_EQ(all_quant_formats().size(), 48u);
+  EXPECT_EQ(int(parse_quant_format("onebit").id), 48);  // stable id (OneBit)
   EXPECT_EQ(int(parse_quant_format("int8g64").id), 46);  // stable id (Matryoshka parents, 45-47)
   EXPECT_EQ(int(parse_quant_format("tp2g128").id), 43);  // stable id (written to checkpoints)
   EXPECT_EQ(int(parse_quant_format("ptq161").id), 44);

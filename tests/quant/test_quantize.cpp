@@ -28,6 +28,7 @@ TEST(Quantize, ErrorWithinHalfAStepForEveryFormat) {
       if (f.kind == QuantKind::Ternary) continue;  // ternary clips by design (tested below)
       if (f.is_ggml_block()) continue;             // ggml blocks: tests/quant/test_ggml_formats.cpp
       if (f.has_column_mask()) continue;           // ptq161 binarizes: tests/quant/test_ptq161_tensor.cpp
+      if (f.kind == QuantKind::SignValue) continue;  // onebit binarizes (SVID): tests/quant/test_onebit.cpp
       Tensor w = test_weight(out, in, 11);
       QuantizedTensor q = quantize(w, f);
       Tensor d = q.dequantize();

@@ -65,22 +65,20 @@ void run_qat(QatArgs& a) {
     throw_error(!a.gen_tokens.empty() ? "--gen-tokens" : a.gen_length > 0 ? "--gen-length" : "--gen-top-k",
                 " applies to self-generated data (--self-generate N)");
   if (!generate && !given_data) throw_error("qat: give --train TEXT (with a tokenizer), --train-tokens FILE or --self-generate N");
-  if (a.method == "llm-qat") a.c.distill = true;  // its loss is the distillation KL
+  if (a.method == "llm-qat" || a.method == "onebit") a.c.distill = true;  // their loss is the distillation KL
   if (a.c.lm_weight > 0 && !a.c.distill) throw_error("--lm-weight adds the LM loss to --distill's KL; it needs --distill");
   if ((a.tf32 || a.c.bf16) && a.device == "cpu")
     throw_error(a.tf32 ? "--tf32" : "--bf16", " needs --device cuda (it selects GPU tensor-core precision)");
-  if (a.device != "cpu" && a.method == "llm-qat")  // before probing for a GPU: the answer is the same either way
-    throw_error("qat --method llm-qat: --device ", a.device, " is not supported: its MinMax weight quantizer and the "
-                "per-token activation / KV quantizers have CPU bodies only (use --device cpu)");
+  // Methods whose layers have CPU bodies only (the registry says why), before probing for a GPU.
+  if (const QatMethodInfo& info = find_qat_method(a.method); a.device != "cpu" && !info.cpu_only.empty())
+    throw_error("qat --method ", a.method, ": --device ", a.device, " is not supported: ", info.cpu_only,
+                " (use --device cpu)");
   if (a.method != "matquant" && (!a.widths.empty() || !a.width_weights.empty()))
     throw_error(!a.widths.empty() ? "--widths" : "--width-weights", ": only qat --method matquant trains Matryoshka widths");
   if (a.method == "matquant") {
     a.c.widths = parse_matryoshka_widths(a.widths.empty() ? "8,4,2" : a.widths, "--widths");
     a.c.width_weights = parse_width_weights(a.width_weights, a.c.widths.size(), "--width-weights");
   }
-  if (a.device != "cpu" && a.method == "lr-qat")
-    throw_error("qat --method lr-qat: --device ", a.device, " is not supported: the LR-QAT quantizer (adapter inside the "
-                "rounding, downcast W0) has CPU bodies only (use --device cpu)");
   if (!a.grad_checkpointing.empty()) a.c.grad_checkpoint = a.grad_checkpointing == "on";
   a.c.low_precision = resolve_low_precision(a.lp, a.device, "qat");
   if (a.c.low_precision.enabled() && a.c.bf16)
@@ -264,9 +262,9 @@ void register_qat(CLI::App& app) {
   q->add_option("--steps", c.steps, "end-to-end optimizer steps (default 300; efficientqat: of E2E-QP)")->check(at_least(0));
   q->add_option("--batch", c.batch, "sequences per step (default 8)")->check(at_least(1));
   q->add_option("--seqlen", c.seqlen, "tokens per sequence (default 256, capped at the model's max)")->check(at_least(1));
-  q->add_option("--lr", c.lr, "lsq, paretoq: AdamW lr of the latent weights (default 1e-4; paretoq: the paper's 2e-5 is for 1B+ models over billions of tokens, lsq's 1e-4 serves a few hundred steps); efficientqat: E2E-QP lr of the step sizes (default 1e-4, chosen on stories260K's validation split; the paper's 7B value is 2e-5); l4q: lr of LoRA A/B (default 1e-3, the best of 2e-4 / 1e-3 / 3e-3 on stories260K's validation split; not the paper's value); llm-qat: latent weights (default 1e-4, at 2 bits 3e-3: the best on stories260K's validation split; the paper's 2e-5 is for 7B models); lr-qat: lr of the low-rank factors A/B (default 1e-3, the reference code's --lr-ab; 3e-3 is better at int2g64 on stories260K)")
+  q->add_option("--lr", c.lr, "lsq, paretoq: AdamW lr of the latent weights (default 1e-4; paretoq: the paper's 2e-5 is for 1B+ models over billions of tokens, lsq's 1e-4 serves a few hundred steps); efficientqat: E2E-QP lr of the step sizes (default 1e-4, chosen on stories260K's validation split; the paper's 7B value is 2e-5); l4q: lr of LoRA A/B (default 1e-3, the best of 2e-4 / 1e-3 / 3e-3 on stories260K's validation split; not the paper's value); llm-qat: latent weights (default 1e-4, at 2 bits 3e-3: the best on stories260K's validation split; the paper's 2e-5 is for 7B models); lr-qat: lr of the low-rank factors A/B (default 1e-3, the reference code's --lr-ab; 3e-3 is better at int2g64 on stories260K); onebit: latent weights (default 1e-3, chosen on stories260K's validation split; 1e-4 was much worse there)")
       ->check(above(0));
-  q->add_option("--quant-lr", c.quant_lr, "lsq, l4q, lr-qat: AdamW lr of the step sizes and zero points (default 1e-3; lr-qat: of the step sizes, default 1e-5 = the reference code's --scales-lr; 1e-4 is better at int2g64 on stories260K); paretoq: of alpha (default 1e-3, chosen on stories260K's validation split; the paper trains alpha with the weights' lr, 2e-5)")->check(above(0));
+  q->add_option("--quant-lr", c.quant_lr, "lsq, l4q, lr-qat: AdamW lr of the step sizes and zero points (default 1e-3; lr-qat: of the step sizes, default 1e-5 = the reference code's --scales-lr; 1e-4 is better at int2g64 on stories260K); paretoq: of alpha (default 1e-3, chosen on stories260K's validation split; the paper trains alpha with the weights' lr, 2e-5); onebit: of the value vectors h, g (default 1e-3)")->check(above(0));
   q->add_option("--warmup", c.warmup, "linear warmup steps (default steps / 20; paretoq: 0, the paper's warmup_ratio)")->check(at_least(0));
   q->add_option("--bits", c.paretoq_bits, "paretoq: bit width of the paper's quantizer: 1 (sign), 1.58 (ternary SEQ), 2 (SEQ), 3, 4 (LSQ); default from --format: int2 -> 2, int2 symmetric (int2g64s, int2pcs) -> 1.58, int3 -> 3, int4 -> 4; 1 and 1.58 are stored in an int2 format")
       ->check(CLI::IsMember({"1", "1.58", "2", "3", "4"}));
@@ -309,6 +307,9 @@ void register_qat(CLI::App& app) {
   q->add_option("--width-weights", a->width_weights, "matquant: the loss weight of each --widths entry, comma-separated "
                 "(default all 1: the paper's unweighted sum)")
       ->check(non_empty());
+  q->add_option("--svid", c.svid, "onebit: the rank-1 factorisation of |W| that initialises the value vectors, power "
+                "(power iteration: |W|'s dominant singular pair, the default) or nmf (Lee-Seung multiplicative updates)")
+      ->check(CLI::IsMember({"power", "nmf"}));
   q->add_option("--state-dir", a->state_dir, "resumable state (default: OUT/.state; removed on success)");
   q->add_option("--checkpoint-seconds", c.checkpoint_seconds, "save the resumable state at most this often (0: every step)")
       ->capture_default_str()
@@ -319,7 +320,7 @@ void register_qat(CLI::App& app) {
       ->check(at_least(0));
   q->add_flag("--verbose", c.verbose, "print per-epoch Block-AP losses");
   q->add_option("-o,--out", a->out, "output directory (a lowbit quantized checkpoint, as quantize writes)")->required();
-  q->add_option("--device", a->device, "cpu or cuda (lsq, efficientqat, matquant, paretoq, l4q; llm-qat and lr-qat: cpu only)")
+  q->add_option("--device", a->device, "cpu or cuda (lsq, efficientqat, matquant, paretoq, l4q; llm-qat, lr-qat and onebit: cpu only)")
       ->capture_default_str();
   add_low_precision_options(q, &a->lp,
                             "the trained layers' products x Q(W)^T (lsq, paretoq: the fake-quantized latent weight "
@@ -335,12 +336,12 @@ void register_qat(CLI::App& app) {
         {"--block-batch", {"efficientqat", "matquant"}},    {"--block-lr", {"efficientqat", "matquant"}},
         {"--block-quant-lr", {"efficientqat", "matquant"}}, {"--stop-after-blocks", {"efficientqat", "matquant"}},
         {"--widths", {"matquant"}},                         {"--width-weights", {"matquant"}},
-        {"--steps", {"lsq", "paretoq", "l4q", "lr-qat", "llm-qat", "efficientqat"}},
-        {"--quant-lr", {"lsq", "paretoq", "l4q", "lr-qat"}}, {"--init", {"lsq", "l4q", "lr-qat"}},
+        {"--steps", {"lsq", "paretoq", "l4q", "lr-qat", "llm-qat", "efficientqat", "onebit"}},
+        {"--quant-lr", {"lsq", "paretoq", "l4q", "lr-qat", "onebit"}}, {"--init", {"lsq", "l4q", "lr-qat"}},
         {"--bits", {"paretoq"}},                {"--lora-rank", {"l4q", "lr-qat"}},
         {"--lora-alpha", {"l4q", "lr-qat"}},   {"--act-bits", {"llm-qat"}},
         {"--kv-bits", {"llm-qat"}},            {"--downcast", {"lr-qat"}},
-        {"--grad-checkpointing", {"lr-qat"}}};
+        {"--grad-checkpointing", {"lr-qat"}}, {"--svid", {"onebit"}}};
     for (const auto& [flag, methods] : owned)
       if (q->count(flag) > 0 && std::find(methods.begin(), methods.end(), a->method) == methods.end()) {
         std::string names;
@@ -348,6 +349,7 @@ void register_qat(CLI::App& app) {
         throw_error(flag, " applies to --method ", names, ", not ", a->method);
       }
     if (a->method == "matquant" && q->count("--format") == 0) a->format = "int8g64";  // MatQuant's parent codes
+    if (a->method == "onebit" && q->count("--format") == 0) a->format = "onebit";     // sign bits + value vectors
     a->self_generate_given = q->count("--self-generate") > 0;
     a->gen_top_k_given = q->count("--gen-top-k") > 0;
     a->c.progress = !a->json;

@@ -48,6 +48,9 @@ enum class QuantFormatId : uint16_t {
   // asymmetric int8, f16 scale + f16 zero per group: the parent codes of Matryoshka models
   // (MatQuant, Nair et al. 2025, quant/matryoshka.h), whose int4/int2 models are their top bits
   Int8G32 = 45, Int8G64 = 46, Int8G128 = 47,
+  // one sign bit per weight with an f16 value per output row and per input column (OneBit, Xu et
+  // al. 2024, arXiv 2402.11295): W ~ diag(h) sign(W) diag(g)
+  OneBit = 48,
 };
 
 // GgmlBlock: the codes tensor holds whole ggml blocks (scales inside), no scales/zeros tensors.
@@ -63,7 +66,12 @@ enum class QuantFormatId : uint16_t {
 // A row of the codes holds the sign bits of the binary columns (bit t of byte t / 8: the t-th binary
 // column), then the 4-bit codes of the salient columns in column order (low nibble first), each part
 // starting on a byte boundary: masked_row_bytes(in, k) with k salient columns.
-enum class QuantKind : uint8_t { IntAsym, IntSym, Ternary, FP4_MX, FP4_NV, GgmlBlock, TritPlanes, SalientBinary };
+// SignValue (OneBit): w_ij = h_i * (2 q_ij - 1) * g_j, q_ij the sign bit (bit j % 8 of byte j / 8 of
+// row i, 1 = +1), h_i the row's f16 value (`scales`, one group per row), g_j the column's f16 value
+// (QuantizedTensor::col_scales, [in]). Rows of ceil(in / 8) bytes, padding bits 0.
+enum class QuantKind : uint8_t {
+  IntAsym, IntSym, Ternary, FP4_MX, FP4_NV, GgmlBlock, TritPlanes, SalientBinary, SignValue
+};
 enum class ScaleGranularity : uint8_t { PerTensor, PerChannel, PerGroup };
 // How the per-group scale is stored. None: no per-group scale tensor (ternary, ggml blocks).
 enum class ScaleType : uint8_t { None, F16, E8M0, E4M3 };
@@ -87,6 +95,11 @@ struct FormatTraits {
   // SalientBinary: the tensor carries a column mask and per-column factors; its row width depends on
   // the number of salient columns k (masked_row_bytes).
   LB_HD constexpr bool has_column_mask() const { return kind == QuantKind::SalientBinary; }
+  // A per-column f16 factor tensor (col_scales): SalientBinary's r_j of the binary columns
+  // ([in - k]), SignValue's g_j of every column ([in]).
+  LB_HD constexpr bool has_column_scales() const {
+    return kind == QuantKind::SalientBinary || kind == QuantKind::SignValue;
+  }
   // The share of salient columns the nominal sizes of a SalientBinary format assume (row_bytes(in),
   // storage_bytes): PTQ1.61's 20 %, k = in / 5. A tensor's real sizes come from its own mask.
   LB_HD constexpr int64_t nominal_salient(int64_t in) const { return has_column_mask() ? in / 5 : 0; }
@@ -132,6 +145,7 @@ struct FormatTraits {
     if (is_ggml_block()) return in / group_size * block_bytes;
     if (kind == QuantKind::TritPlanes) return 2 * ((in + 3) / 4);  // two 2-bit planes
     if (kind == QuantKind::SalientBinary) return masked_row_bytes(in, nominal_salient(in));  // nominal
+    if (kind == QuantKind::SignValue) return (in + 7) / 8;                                    // sign bits
     return bits == 2 ? (in + 3) / 4 : bits == 3 ? (in + 7) / 8 * 3 : bits == 4 ? (in + 1) / 2 : in;
   }
   LB_HD constexpr bool row_fits(int64_t in) const { return !is_ggml_block() || in % group_size == 0; }
@@ -143,7 +157,10 @@ struct FormatTraits {
   LB_HD constexpr int64_t storage_bytes(int64_t out, int64_t in) const {
     const int64_t groups = out * (scale_type == ScaleType::None ? 0 : n_groups(in));
     // SalientBinary (nominal k): the column mask bits and the f16 factor of every binary column
-    const int64_t columns = has_column_mask() ? (in + 7) / 8 + 2 * (in - nominal_salient(in)) : 0;
+    // SignValue: the f16 value g_j of every column
+    const int64_t columns = has_column_mask()                ? (in + 7) / 8 + 2 * (in - nominal_salient(in))
+                            : kind == QuantKind::SignValue ? 2 * in
+                                                           : 0;
     return out * row_bytes(in) + groups * metadata_bits_per_group() / 8 + (has_tensor_scale ? 4 : 0) + columns;
   }
 };
@@ -377,6 +394,8 @@ LB_HD_INLINE float salient_binary_value(bool plus, float r, float alpha, float m
   return r * (plus ? mu + alpha : mu - alpha);
 }
 LB_HD_INLINE float salient_int4_value(int q, float s, float z) { return (float(q) - z) * s; }
+// OneBit (SignValue): w = h * (+-1) * g, the sign bit `plus`, the row's value h, the column's g.
+LB_HD_INLINE float sign_value_value(bool plus, float h, float g) { return plus ? h * g : -(h * g); }
 
 LB_HD_INLINE float trit_pair_value(uint8_t q, float a1, float a2) {
   const int t2 = q / 3, t1 = q - 3 * t2;

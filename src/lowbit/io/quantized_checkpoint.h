@@ -10,7 +10,8 @@
 //                        <m>.qzeros        F16 [out, n_groups]        (asymmetric int only)
 //                        <m>.tensor_scale  F32 [1]                    (ternary, nvfp4)
 //                        <m>.col_mask      U8  [ceil(in/8)]           (ptq161: salient columns)
-//                        <m>.col_scales    F16 [in - salient]         (ptq161: binary columns' r_j)
+//                        <m>.col_scales    F16 [in - salient]         (ptq161: binary columns' r_j;
+//                                                                      onebit: F16 [in], the column values g)
 //                        <m>.bias          F32 [out]                  (when the layer has one)
 //                        <m>.lora_A        F16 [rank, in]             LoRA adapters (ApiQ, SAPR):
 //                        <m>.lora_B        F16 [out, rank]            y = x Ŵ^T + (x A^T) B^T

@@ -154,6 +154,11 @@ std::unique_ptr<BlockMethod> make_method(const std::string& name, const MethodCo
   if (config.format->has_column_mask() && name != "ptq161" && name != "rtn")
     throw_error("--method ", name, ": format ", config.format->name,
                 " is written by --method ptq161 (or rtn, data-free) only");
+  // onebit: its value vectors come from SVID (rtn's data-free form, quant/onebit.h) or from
+  // `qat --method onebit`; the per-group solvers know neither.
+  if (config.format->kind == QuantKind::SignValue && name != "rtn")
+    throw_error("--method ", name, ": format ", config.format->name,
+                " is written by --method rtn (SVID, data-free) or by `lowbit qat --method onebit` only");
   return m.make(config);
 }
 

@@ -55,6 +55,13 @@ void check_view(const PackedWeight& w) {
     throw_error(kOp, ": weight [", w.format, "] [", w.out, ", ", w.in, "] claims a panel layout of ", w.panel_rows,
                 " rows it cannot have");
   if (w.layout == PackedLayout::SalientBinary) return salient::check(w, kOp);
+  if (w.layout == PackedLayout::SignValue) {
+    if (w.panel_rows != 0 || !w.scales || !w.col_scales || w.row_bytes != (w.in + 7) / 8)
+      throw_error(kOp, ": weight [", w.format, "] SignValue view needs the row values h, the column values g and ",
+                  "row_bytes ", (w.in + 7) / 8, " (no panel layout); got row_bytes ", w.row_bytes,
+                  w.scales ? "" : ", no h", w.col_scales ? "" : ", no g");
+    return;
+  }
   if (w.layout == PackedLayout::TritPlanes) {
     if (w.bits != 2 || !w.scales || !w.zeros || w.group_size <= 0 || w.group_size % 4 != 0 ||
         w.n_groups != (w.in + w.group_size - 1) / w.group_size || w.row_bytes != 2 * ((w.in + 3) / 4))
@@ -139,8 +146,16 @@ void trit_planes_row(const PackedWeight& w, int64_t r, float* dst) {
   }
 }
 
+// SignValue row decode: w_j = h (+-1) g_j with core's sign_value_value (bit-identical to dequantize_row).
+void sign_value_row(const PackedWeight& w, int64_t r, float* dst) {
+  const uint8_t* rp = w.codes + r * w.row_bytes;
+  const float h = f16_to_f32(w.scales[r]);
+  for (int64_t j = 0; j < w.in; ++j) dst[j] = sign_value_value(rp[j >> 3] >> (j & 7) & 1, h, f16_to_f32(w.col_scales[j]));
+}
+
 void decode_row(const PackedWeight& w, int64_t r, float* dst) {
   if (w.layout == PackedLayout::IntGroups) int_groups_row(w, r, dst);
+  else if (w.layout == PackedLayout::SignValue) sign_value_row(w, r, dst);
   else if (w.layout == PackedLayout::TritPlanes) trit_planes_row(w, r, dst);
   else if (w.layout == PackedLayout::SalientBinary) salient::decode_row(w, r, dst);
   else w.dequantize_row(r, dst);
@@ -226,6 +241,46 @@ void exact_decode_body(const float* x, int64_t M, const PackedWeight& w, float* 
       for (int64_t m = 0; m < M; ++m) y[m * out + o] = dot_f32(x + m * in, row.data(), in);
     }
   });
+}
+
+// ---- SignValue (OneBit): y_i = h_i (2 P+_i - S) per activation row, P+_i the sum of x_g = g ⊙ x
+// over row i's set sign bits, read from one table of 256 partial sums per 8 columns (built per
+// activation row: 256 adds per 8 columns, then one read per 8 weights of every row) --------------
+void sign_value_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
+  const int64_t in = w.in, out = w.out, nb = (in + 7) / 8;
+  std::vector<float> table(size_t(nb * 256)), xg(size_t(nb * 8), 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * in;
+    double total = 0;
+    for (int64_t j = 0; j < in; ++j) {
+      xg[size_t(j)] = f16_to_f32(w.col_scales[j]) * xm[j];
+      total += xg[size_t(j)];
+    }
+    const float S = float(total);
+    // table[b][v] = the sum of xg[8b + t] over the set bits t of v (v's top bit added to v without it).
+    rows_for(nb, std::max<int64_t>(1, kMinChunkWork / 256), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* t = table.data() + b * 256;
+        const float* v = xg.data() + b * 8;
+        t[0] = 0.0f;
+        for (int k = 0; k < 8; ++k)
+          for (int u = 0; u < (1 << k); ++u) t[(1 << k) + u] = t[u] + v[k];
+      }
+    });
+    float* ym = y + m * out;
+    rows_for(out, std::max<int64_t>(1, kMinChunkWork * 8 / std::max<int64_t>(1, in)), [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o) {
+        const uint8_t* rp = w.codes + o * w.row_bytes;
+        float s[4] = {0, 0, 0, 0};
+        int64_t b = 0;
+        for (; b + 4 <= nb; b += 4)
+          for (int k = 0; k < 4; ++k) s[k] += table[size_t((b + k) * 256 + rp[b + k])];
+        for (; b < nb; ++b) s[0] += table[size_t(b * 256 + rp[b])];
+        const float plus = (s[0] + s[1]) + (s[2] + s[3]);
+        ym[o] = f16_to_f32(w.scales[o]) * (2.0f * plus - S);
+      }
+    });
+  }
 }
 
 // ---- Exact, many rows: each thread dequantizes panels of weight rows and multiplies them with
@@ -991,7 +1046,7 @@ const char* quant_isa_name(QuantIsa isa) {
 }
 
 bool quant_matmul_has_int8_kernel(const PackedWeight& w) {
-  if (w.layout == PackedLayout::Generic) return false;
+  if (w.layout == PackedLayout::Generic || w.layout == PackedLayout::SignValue) return false;
   const bool grouped = w.layout == PackedLayout::IntGroups || w.layout == PackedLayout::TritPlanes;
   return !grouped || w.n_groups == 1 || w.group_size % kBlock == 0;
 }
@@ -1170,7 +1225,8 @@ DevicePackedWeight device_layout_on_host(const PackedWeight& w) {
     throw_error(kOp, ": weight [", w.format, "] is in the CPU panel layout; the GPU copy is built from the row layout");
   if (!quant_matmul_has_cuda_layout(w))
     throw_error(kOp, ": weight [", w.format, "] [", w.out, ", ", w.in, "] has no GPU form (IntGroups with in % 32 == 0 and ",
-                "groups of whole 32-value blocks, the ternary format, or ggml q4_0 / q4_1 / q8_0 / tq2_0)");
+                "groups of whole 32-value blocks, the ternary format, or ggml q4_0 / q4_1 / q8_0 / tq2_0); a CUDA model ",
+                "keeps a dense copy of such a weight");
   DevicePackedWeight d;
   d.out = w.out;
   d.in = w.in;
@@ -1401,7 +1457,8 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
     case QuantMatmulPath::Reference: reference_body(px, M, w, py); break;
     case QuantMatmulPath::Int8: int8_body(px, M, w, py, opt.isa, opt.int8_panels); break;
     default:
-      if (M <= kQuantDecodeMaxRows && w.layout == PackedLayout::SalientBinary)
+      if (w.layout == PackedLayout::SignValue) sign_value_body(px, M, w, py);
+      else if (M <= kQuantDecodeMaxRows && w.layout == PackedLayout::SalientBinary)
         salient_binary_body(px, M, w, py, false, opt.isa);
       else if (M <= kQuantDecodeMaxRows) exact_decode_body(px, M, w, py);
       else exact_tiled_body(px, M, w, py);

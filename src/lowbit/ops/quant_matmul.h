@@ -39,6 +39,14 @@
 //              broadcast activation chunks) or the four-row kernels (a block's sign bits expanded
 //              to 0/1 bytes for one u8 x s8 dot product), the portable body reads int16 tables.
 //              Exact with M > 8: the tiled sgemm over decoded rows. No GPU form.
+//   SignValue  lowbit's onebit (OneBit, Xu et al. 2024, arXiv 2402.11295): codes U8 [out, ceil(in/8)],
+//              the sign bit of weight (i, j) at bit j % 8 of byte j / 8 of row i (1 = +1); `scales` f16
+//              [out, 1] = h, `col_scales` f16 [in] = g; w_ij = h_i (+-1) g_j, so
+//              y = h ⊙ (sign(W) (g ⊙ x)). The Exact body (every M; Int8 falls back to it: no integer
+//              kernel) forms x_g = g ⊙ x once per activation row, builds a lookup table per 8 columns
+//              (256 partial sums of their x_g values) and reads one table entry per sign byte:
+//              y_i = h_i (2 P+ - S), P+ = the sum of x_g over the set bits, S = the sum of all x_g.
+//              No GPU form (device_layout_on_host names the format).
 //   GgmlTQ2_0, GgmlTQ1_0
 //              ggml's ternary blocks of 256 (66 / 54 bytes: 2-bit codes or base-3 digits, one f16 d),
 //              `in` a multiple of 256; w = d (q - 1), q in {0, 1, 2}.
@@ -79,7 +87,7 @@
 namespace lowbit::ops {
 
 enum class PackedLayout : uint8_t {
-  Generic, IntGroups, GgmlQ4_0, GgmlQ4_1, GgmlQ8_0, GgmlTQ2_0, GgmlTQ1_0, TritPlanes, SalientBinary
+  Generic, IntGroups, GgmlQ4_0, GgmlQ4_1, GgmlQ8_0, GgmlTQ2_0, GgmlTQ1_0, TritPlanes, SalientBinary, SignValue
 };
 
 // A packed weight's copy on the GPU, in the layout the CUDA kernels read (ops/cuda/quant_gemv.cuh
@@ -113,7 +121,8 @@ struct PackedWeight {
   // SalientBinary only (scales / zeros above are [out, 2]: (alpha, s) and (mu, z)):
   int64_t salient = 0;                  // salient columns k (set bits of col_mask)
   const uint8_t* col_mask = nullptr;    // [ceil(in / 8)]
-  const uint16_t* col_scales = nullptr;  // f16 [in - salient]
+  const uint16_t* col_scales = nullptr;  // f16 [in - salient]; SignValue: f16 [in], g
+  // SignValue: scales = h (f16 [out, 1]), col_scales = g (f16 [in]), bits 1, n_groups 1.
   // Every layout: decodes row r into dst[0, in). Must be callable from several threads at once.
   std::function<void(int64_t row, float* dst)> dequantize_row;
   // The copy on the GPU (CUDA calls need it), or null.

@@ -216,6 +216,25 @@ static void unpack_bits(const uint8_t* packed, int64_t n, uint8_t* codes) {
   for (int64_t i = 0; i < n; ++i) codes[i] = uint8_t(packed[i / 8] >> (i % 8) & 1);
 }
 
+// OneBit (SignValue): code 1 = +1, 0 = -1, w = h * (2q - 1) (times the column value g_j, which the
+// tensor applies: 1 here). From a range alone: h = max(|lo|, |hi|) rounded up to f16 (every value
+// then lies in [-h, h]); quant/onebit.h fits h and g by SVID instead (rank-1 of |W|).
+static GroupParams sv_params(const QuantFormat& f, float lo, float hi, float) {
+  float h = std::max(std::fabs(lo), std::fabs(hi));
+  if (h == 0.0f) h = 1.0f;
+  h = f16_scale_up(h);
+  check_scale_fits(f, h);
+  return {h, 0.0f};
+}
+static uint8_t sv_encode(const QuantFormat&, float x, const GroupParams&) { return x >= 0.0f ? 1 : 0; }
+static float sv_decode(const QuantFormat&, uint8_t q, const GroupParams& p) { return sign_value_value(q != 0, p.scale, 1.0f); }
+static void sv_encode_n(const QuantFormat& f, const float* x, int64_t n, const GroupParams& p, uint8_t* q) {
+  for (int64_t i = 0; i < n; ++i) q[i] = sv_encode(f, x[i], p);
+}
+static void sv_decode_n(const QuantFormat& f, const uint8_t* q, int64_t n, const GroupParams& p, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = sv_decode(f, q[i], p);
+}
+
 static constexpr QuantCodec kIntAsymCodec{unit_tensor_scale, int_params, int_encode, int_decode, int_encode_n,
                                           int_decode_n};
 static constexpr QuantCodec kIntSymCodec{unit_tensor_scale, int_params, int_encode, int_decode, int_encode_n,
@@ -229,6 +248,7 @@ static constexpr QuantCodec kNvfp4Codec{nvfp4_tensor_scale, nvfp4_params, fp4_en
 static constexpr QuantCodec kTritPlaneCodec{unit_tensor_scale, tp_params, tp_encode, tp_decode, tp_encode_n, tp_decode_n};
 static constexpr QuantCodec kSalientBinaryCodec{unit_tensor_scale, sb_params, sb_encode, sb_decode, sb_encode_n,
                                                 sb_decode_n};
+static constexpr QuantCodec kSignValueCodec{unit_tensor_scale, sv_params, sv_encode, sv_decode, sv_encode_n, sv_decode_n};
 
 // ---- the table -----------------------------------------------------------------------------------
 
@@ -334,6 +354,11 @@ static constexpr QuantFormat kFormats[] = {
     int_format(Id::Int8G32, "int8g32", 8, 32, false),
     int_format(Id::Int8G64, "int8g64", 8, 64, false),
     int_format(Id::Int8G128, "int8g128", 8, 128, false),
+    // OneBit: one sign bit per weight, h in `scales` ([out, 1] f16), g in `col_scales` ([in] f16):
+    // 1 + 16/in + 16/out bits per weight (1.02 at 4096 x 4096; 1.50 at stories260K's 64 x 64).
+    {{Id::OneBit, "onebit", QuantKind::SignValue, 1, ScaleGranularity::PerChannel, 0, ScaleType::F16, false, false, 0,
+      -1},
+     &kSignValueCodec, pack_bits, unpack_bits, nullptr, nullptr},
 };
 
 const QuantFormat* quant_format_for_ggml_type(uint32_t ggml_type) {

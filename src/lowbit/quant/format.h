@@ -42,6 +42,12 @@
 //                                 codec is the binary columns' (params_from_range: mu = the range's
 //                                 centre, alpha = half its width); methods/ptq161.h fits everything,
 //                                 quantize() has a data-free form (quant/quantize.cpp).
+//   onebit (OneBit, Xu et al. 2024, arXiv 2402.11295; QuantKind::SignValue): w_ij = h_i (2q - 1) g_j,
+//                                 q the sign bit, h_i the row's f16 value (GroupParams.scale, one group
+//                                 per row), g_j the column's f16 value (col_scales). The codec is the
+//                                 rows' (g = 1): params_from_range h = max|w|; quant/onebit.h fits h and
+//                                 g by SVID (quantize()'s data-free form) and `qat --method onebit`
+//                                 trains them.
 //   nvfp4  (NVIDIA Blackwell NVFP4): 16-element blocks, same E2M1 codes; w = e2m1(q) * e4m3(b) * t,
 //                                 b the block's E4M3 (fn) byte, t the fp32 tensor scale
 //                                 t = amax(W) / (6 * 448), e4m3(b) ~ amax(block) / 6 / t.
@@ -57,6 +63,8 @@
 //           binary columns (1 bit each, above's bit order), then the 4-bit codes of the salient
 //           columns in column order, each part starting on a byte boundary; padding bits are 0
 //           (QuantizedTensor::check_codes). row_bytes(in) is nominal (k = in / 5).
+//   onebit: codes U8 [out, ceil(in/8)] (bit j % 8 of byte j / 8: the sign of column j, 1 = +1;
+//           padding bits 0), scales F16 [out, 1] = h, col_scales F16 [in] = g; no zeros, no mask.
 // Packing of the codes of one row, value i, little-endian bit order; padding bits are zero:
 //   8 bits: one per byte.
 //   4 bits: two per byte, value 2k in the low nibble of byte k, value 2k+1 in the high nibble.

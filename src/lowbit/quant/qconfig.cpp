@@ -26,6 +26,7 @@ const char* element_type_name(QuantKind k) {
     case QuantKind::GgmlBlock: return "ggml";
     case QuantKind::TritPlanes: return "trit-planes";
     case QuantKind::SalientBinary: return "salient-binary";
+    case QuantKind::SignValue: return "sign-value";
   }
   return "?";
 }

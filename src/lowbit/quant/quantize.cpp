@@ -5,6 +5,7 @@
 #include <memory>
 #include <numeric>
 
+#include "lowbit/quant/onebit.h"
 #include "lowbit/quant/ptq161_tensor.h"
 
 namespace lowbit {
@@ -167,6 +168,7 @@ QuantizedTensor quantize(const Tensor& w_in, const QuantFormat& f) {
   Tensor w = checked_weight(w_in, f, "quantize");
   if (f.is_ggml_block()) return quantize_ggml(w, f);
   if (f.has_column_mask()) return quantize_masked(w, f);
+  if (f.kind == QuantKind::SignValue) return onebit_quantize(w);  // SVID (quant/onebit.h)
   float t = compute_tensor_scale(f, w);
   return encode_checked(w, f, fit_all_group_params(f, w, t), t);
 }
@@ -174,8 +176,11 @@ QuantizedTensor quantize(const Tensor& w_in, const QuantFormat& f) {
 Tensor fake_quantize(const Tensor& w_in, const QuantFormat& f) {
   Tensor w2 = w_in.defined() && w_in.dim() == 1 ? w_in.reshape({1, w_in.numel()}) : w_in;
   Tensor w = checked_weight(w2, f, "fake_quantize");
-  if (f.is_ggml_block() || f.has_column_mask()) {
-    Tensor out = (f.is_ggml_block() ? quantize_ggml(w, f) : quantize_masked(w, f)).dequantize();
+  if (f.is_ggml_block() || f.has_column_mask() || f.kind == QuantKind::SignValue) {
+    Tensor out = (f.is_ggml_block()      ? quantize_ggml(w, f)
+                  : f.has_column_mask() ? quantize_masked(w, f)
+                                        : onebit_quantize(w))
+                     .dequantize();
     return w_in.dim() == 1 ? out.view(w_in.shape()) : out;
   }
   float t = compute_tensor_scale(f, w);

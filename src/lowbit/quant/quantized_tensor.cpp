@@ -75,6 +75,9 @@ void QuantizedTensor::validate() const {
     if (in % 8 && (col_mask.data<uint8_t>()[col_mask.numel() - 1] >> (in % 8)))
       throw_error("[", f.name, "] col_mask has bits set beyond column ", in);
     check_tensor(f, "col_scales", col_scales, true, DType::F16, {in - salient()});
+  } else if (f.kind == QuantKind::SignValue) {  // OneBit: the value g_j of every column
+    check_tensor(f, "col_mask", col_mask, false, DType::U8, {});
+    check_tensor(f, "col_scales", col_scales, true, DType::F16, {in});
   } else {
     check_tensor(f, "col_mask", col_mask, false, DType::U8, {});
     check_tensor(f, "col_scales", col_scales, false, DType::F16, {});
@@ -103,6 +106,15 @@ void QuantizedTensor::check_codes() const {
       if (k % 2 && (c[r * rb + rb - 1] >> 4))
         throw_error("[", f.name, "] row ", r, " has a 4-bit code after its ", k, " salient columns");
     }
+    return;
+  }
+  if (f.kind == QuantKind::SignValue) {  // OneBit: padding bits after the row's in sign bits are 0
+    const int64_t out = out_features(), in = in_features(), rb = row_bytes();
+    const uint8_t* c = codes.data<uint8_t>();
+    if (in % 8)
+      for (int64_t r = 0; r < out; ++r)
+        if (c[r * rb + rb - 1] >> (in % 8))
+          throw_error("[", f.name, "] row ", r, " has sign bits set beyond its ", in, " columns");
     return;
   }
   if (f.kind != QuantKind::TritPlanes) return;
@@ -246,6 +258,12 @@ void QuantizedTensor::dequantize_row(int64_t row, float* out) const {
     }
     return;
   }
+  if (f.kind == QuantKind::SignValue) {  // OneBit: w_j = h * (+-1) * g_j
+    const float h = load_scale(f, scales, row, 1.0f);
+    const uint16_t* g = f16_data(col_scales);
+    for (int64_t j = 0; j < in; ++j) out[j] = sign_value_value(src[j / 8] >> (j % 8) & 1, h, f16_to_f32(g[j]));
+    return;
+  }
   if (f.kind == QuantKind::TritPlanes) {  // two 2-bit planes: w = (q1 - 1) a1 + (q2 - 1) a2
     const int64_t groups = f.n_groups(in), half = rb / 2;
     for (int64_t g = 0; g < groups; ++g) {
@@ -325,6 +343,15 @@ ops::PackedWeight QuantizedTensor::packed_view() const {
     w.zeros = f16_data(zeros);
     w.col_mask = col_mask.data<uint8_t>();
     w.col_scales = f16_data(col_scales);
+  } else if (f.kind == QuantKind::SignValue) {  // OneBit: sign bits, h per row, g per column
+    w.layout = ops::PackedLayout::SignValue;
+    w.bits = 1;
+    w.n_groups = 1;
+    w.group_size = w.in;
+    w.row_bytes = f.row_bytes(w.in);
+    w.codes = codes.data<uint8_t>();
+    w.scales = f16_data(scales);
+    w.col_scales = f16_data(col_scales);
   } else if (f.kind == QuantKind::TritPlanes) {  // two 2-bit planes, a1 in scales, a2 in zeros
     w.layout = ops::PackedLayout::TritPlanes;
     w.bits = 2;
@@ -371,6 +398,7 @@ Tensor owned(const Tensor& t) { return t.is_contiguous() ? t.clone() : t.contigu
 int64_t QuantizedTensor::column_shard_unit() const {
   const QuantFormat& f = fmt();
   if (f.has_column_mask()) return 0;
+  if (f.kind == QuantKind::SignValue) return 8;  // whole bytes of sign bits; g_j is per column
   int64_t unit = f.group_size > 0 ? f.group_size : 1;  // ggml: the block
   const ops::PackedWeight v = packed_view();
   if (ops::quant_matmul_has_int8_kernel(v)) unit = std::lcm(unit, ops::quant_matmul_act_block(v));
@@ -431,6 +459,7 @@ QuantizedTensor QuantizedTensor::slice_cols(int64_t c0, int64_t c1) const {
   };
   q.scales = groups(scales);
   q.zeros = groups(zeros);
+  if (f.kind == QuantKind::SignValue) q.col_scales = owned(col_scales.slice(0, c0, c1));
   q.validate();
   return q;
 }
@@ -469,6 +498,10 @@ QuantizedTensor make_quantized_tensor(const QuantFormat& f, int64_t out, int64_t
   if (f.scale_type != ScaleType::None) q.scales = Tensor::empty({out, groups}, scale_dtype(f.scale_type));
   if (f.has_zero) q.zeros = Tensor::empty({out, groups}, DType::F16);
   if (f.has_tensor_scale) q.tensor_scale = Tensor::full({1}, double(tensor_scale));
+  if (f.kind == QuantKind::SignValue) {  // OneBit from per-row parameters alone: every column value g_j = 1
+    q.col_scales = Tensor::empty({in}, DType::F16);
+    std::fill(f16_data(q.col_scales), f16_data(q.col_scales) + in, f32_to_f16(1.0f));
+  }
   // Rows own disjoint bytes of every tensor (packed rows start on byte boundaries), so they are
   // packed in parallel.
   uint8_t* pc = q.codes.data<uint8_t>();

@@ -23,6 +23,7 @@ struct QuantizedTensor {
   // Formats with a column mask (has_column_mask(): ptq161) only, undefined otherwise:
   Tensor col_mask;      // U8 [ceil(in/8)]: bit j % 8 of byte j / 8 set = column j is salient
   Tensor col_scales;    // F16 [in - k]: the factor r_j of each binary column, in column order
+                        // (onebit: F16 [in], the value g_j of every column; no col_mask)
 
   const QuantFormat& fmt() const { return quant_format(format); }
   int64_t out_features() const { return shape.at(0); }
@@ -36,8 +37,9 @@ struct QuantizedTensor {
   // ...) and throws lowbit::Error naming the field. Called by dequantize() and by loaders.
   void validate() const;
   // Scans the codes for values the format never produces (trit-plane pair codes above 8; ptq161:
-  // a set padding bit of a row's sign bits or 4-bit codes) and throws naming the row and column; a
-  // no-op for the other formats (every code value decodes).
+  // a set padding bit of a row's sign bits or 4-bit codes; onebit: a set padding bit after a row's
+  // sign bits) and throws naming the row and column; a no-op for the other formats (every code
+  // value decodes).
   // O(size): loaders call it once, validate() does not.
   void check_codes() const;
 

@@ -24,6 +24,7 @@
 #include "lowbit/quant/l4q_linear.h"
 #include "lowbit/quant/lrqat_linear.h"
 #include "lowbit/quant/lsq_linear.h"
+#include "lowbit/quant/onebit.h"
 #include "lowbit/quant/paretoq_linear.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/train/llm_qat.h"
@@ -939,6 +940,61 @@ class LlmQat : public QatMethod {
   QatConfig c_;
 };
 
+// ---- onebit ------------------------------------------------------------------------------------
+// OneBit (Xu et al. 2024, arXiv 2402.11295; quant/onebit.h): every block linear becomes a
+// OneBitTrainLinear (latent f32 W, its sign through the STE, the value vectors h and g from SVID),
+// trained end to end by distillation (KL to the FP model's logits; the paper's hidden-state MSE
+// term is not implemented). The packed result is the `onebit` format: sign(W), h and g at f16.
+class OneBitQat : public QatMethod {
+ public:
+  explicit OneBitQat(const QatConfig& c) : c_(c), init_(parse_svid_method(c.svid.empty() ? "power" : c.svid)) {
+    LB_CHECK(c.format, "qat: no format given");
+    LB_CHECK(c.format->kind == QuantKind::SignValue, "qat --method onebit: --format ", c.format->name,
+             " cannot hold OneBit's sign bits and value vectors; use --format onebit (the default for this method)");
+  }
+  std::string name() const override { return "onebit"; }
+  QatResult run(const LlamaModel& fp, const std::vector<int32_t>& stream) override {
+    const QuantFormat& f = *c_.format;
+    const auto t0 = Clock::now();
+    LB_CHECK(model_device(fp) == Device::CPU, "qat --method onebit: the OneBit layer has CPU bodies only; load the "
+             "model on the CPU (--device cpu)");
+    auto work = std::make_unique<LlamaModel>(fp.config(), fp.weights(), false);
+    std::vector<std::shared_ptr<OneBitTrainLinear>> layers;
+    std::vector<Var> weights, values, state;
+    for_each_linear(*work, [&](int, const std::string&, std::shared_ptr<Linear>* slot) {
+      const auto [wd, w] = layer_weight(**slot);
+      auto t = std::make_shared<OneBitTrainLinear>(w, (*slot)->bias(), init_);
+      for (auto& p : t->weight_parameters()) weights.push_back(p);
+      for (auto& p : t->value_parameters()) values.push_back(p);
+      for (auto& p : t->state()) state.push_back(p);
+      *slot = t;
+      layers.push_back(t);
+    });
+    E2eOptions o = e2e_options(c_, fp.config(), 300, 8);
+    o.stage = "onebit";
+    // Latent weights 1e-3: chosen on stories260K's validation split (bench/onebit_260k.sh, seed 0:
+    // valid perplexity 15.56 against 21.73 at 1e-4, ParetoQ's weight lr); value vectors 1e-3 (ParetoQ's α lr).
+    const double lr = pick(c_.lr, 1e-3), qlr = pick(c_.quant_lr, 1e-3);
+    std::vector<E2eGroup> groups{{weights, lr, 0.0}, {values, qlr, 0.0}};
+    o.key = e2e_key("onebit", f, o, groups, stream, std::string(",svid=") + svid_method_name(init_));
+    if (!c_.state_dir.empty()) o.state_path = (fs::path(c_.state_dir) / "onebit.safetensors").string();
+    bool complete = true;
+    QatStage st = train_end_to_end(*work, &fp, groups, state, stream, o, &complete);
+    st.hyper = e2e_hyper(o);
+    st.hyper["init"] = std::string("SVID (") + svid_method_name(init_) + ", rank-1 of |W|)";
+    st.hyper["weight_lr"] = lr;
+    st.hyper["value_lr"] = qlr;
+    st.hyper["loss"] = o.distill ? "KL to the FP logits (no hidden-state MSE)" : "LM cross-entropy";
+    if (complete)
+      for (const auto& t : layers) t->snap_values();  // the trained function is now exactly the packed one
+    return packed_result({st}, complete, std::move(work), layers, t0);
+  }
+
+ private:
+  QatConfig c_;
+  SvidMethod init_;
+};
+
 std::vector<QatMethodInfo>& registry_storage() {
   static std::vector<QatMethodInfo> r = [] {
     std::vector<QatMethodInfo> v;
@@ -966,12 +1022,20 @@ std::vector<QatMethodInfo>& registry_storage() {
     v.push_back({"llm-qat",
                  "LLM-QAT: data-free distillation (KL to the FP model's logits, on --self-generate data by default); "
                  "symmetric MinMax weights (no learned step, STE), --act-bits per token, --kv-bits per token and head",
-                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new LlmQat(c)); }});
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new LlmQat(c)); }, false,
+                 "its MinMax weight quantizer and the per-token activation / KV quantizers have CPU bodies only"});
     v.push_back({"lr-qat",
                  "LR-QAT: low-rank adapters inside the quantizer, s (clamp(round(phi(W0/s0) + (alpha/r) B A)) - z), "
                  "W0 frozen and stored downcast (int8 fixed point by default), A/B and steps trained end to end; "
                  "exported as one packed weight per layer",
-                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new LrQat(c)); }});
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new LrQat(c)); }, false,
+                 "the LR-QAT quantizer (adapter inside the rounding, downcast W0) has CPU bodies only"});
+    v.push_back({"onebit",
+                 "OneBit: W ~ diag(h) sign(W) diag(g) (--format onebit, 1 bit + two f16 value vectors), SVID init "
+                 "(rank-1 of |W|, --svid power|nmf), latent weights (STE) and h, g trained end to end by distillation "
+                 "(KL to the FP logits); CPU only",
+                 [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new OneBitQat(c)); }, false,
+                 "the OneBit layer (sign through the STE, value vectors) has CPU bodies only"});
     return v;
   }();
   return r;

@@ -43,6 +43,11 @@
 //                 the adapter inside the rounding in the integer domain, W0 stored downcast (int8 fixed
 //                 point by default: 1 byte per weight), A/B and the steps trained end to end (gradient
 //                 checkpointing of Ŵ by default); exported as one packed weight per layer.
+//   onebit        OneBit (Xu et al. 2024, arXiv 2402.11295; quant/onebit.h): every block linear becomes a
+//                 OneBitTrainLinear, Ŵ = diag(h) sign(W) diag(g) with a latent f32 W (STE) and the value
+//                 vectors h, g initialised by SVID (rank-1 of |W|), all trained end to end by distillation
+//                 (KL to the FP logits; the paper's hidden-state MSE is not implemented); packed as the
+//                 `onebit` format. CPU only.
 // Losses: the language-modelling cross-entropy of the next token; with distill, the KL divergence
 // KL(P_teacher || P_student) of the full-precision model's next-token distribution (LLM-QAT's
 // distillation loss), plus lm_weight times the cross-entropy.
@@ -117,6 +122,8 @@ struct QatConfig {
   // weights λ_r (empty: all 1).
   std::vector<int> widths;
   std::vector<double> width_weights;
+  // onebit (quant/onebit.h): the SVID of the value vectors' initialisation, "power" (default) or "nmf".
+  std::string svid;
   // Run control.
   std::string state_dir;        // resumable state (empty: none)
   double checkpoint_seconds = 60;
@@ -166,6 +173,8 @@ struct QatMethodInfo {
   // Whether the method trains with QatConfig::low_precision (--precision); make_qat_method refuses
   // an enabled one otherwise, naming the methods that take it.
   bool low_precision = false;
+  // Why the method cannot train on a GPU (the CLI refuses --device cuda with it); empty: it can.
+  std::string cpu_only = {};
 };
 
 const std::vector<QatMethodInfo>& qat_registry();

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# OneBit (qat --method onebit, quant/onebit.h) on stories260K, CPU (issue 15): the 1-bit sign +
+# value-vector model against the same run's low-bit QAT baselines on the same data, and SVID alone.
+# Data as bench/matquant_260k.sh: the 24 calibration sequences of sample-tokens.i32 (6,168 tokens,
+# bench/split_stories260k_tokens.py) train every row; test perplexity on the 32 test sequences and
+# validation on sequences 24-31, ctx 257 (one window per sequence).
+#   bench/onebit_260k.sh [OUT_DIR] [PARALLEL]        (default /tmp/onebit-260k, 2)
+#   OB_JOBS=REGEX bench/onebit_260k.sh ...   runs only the jobs whose name matches REGEX (grep -E)
+#   SEED=N bench/onebit_260k.sh ...          qat --seed N (training windows and shuffles; default 0)
+# Rows (name, what; end-to-end rows: 300 steps x 8 x 256 = 614,400 tokens, distilled: KL to the FP logits):
+#   svid          quantize --method rtn --format onebit: SVID (rank-1 of |W|, power iteration), no training
+#   onebit        qat --method onebit (SVID init, latent weights through the STE, h and g trained)
+#   onebit-nmf    the same with --svid nmf
+#   onebit-lr1e-4 the same with --lr 1e-4 (latent weights; the default 1e-3 was chosen on validation)
+#   paretoq-1-lr1e-3, paretoq-1pc-lr1e-3, b158-lr1e-3   paretoq-1 / paretoq-1pc / b158 with --lr 1e-3 (their
+#                 default 1e-4): the same lr as onebit
+#   paretoq-1     qat --method paretoq --bits 1 --format int2g64s --distill: sign with a learned α per group of
+#                 64 (ParetoQ's 1-bit quantizer, stored in 2-bit codes)
+#   paretoq-1pc   the same at int2pcs: one α per row (OneBit's h without g)
+#   b158          qat --method paretoq --bits 1.58 --format int2g64s --distill: ternary (SEQ) weights
+#   bap-2         qat --method efficientqat --steps 0 --format int2g64: Block-AP int2 (5 epochs x 128
+#                 windows x 256 tokens per block), no E2E-QP (docs/results/matquant.md's baseline)
+#   matquant-2    qat --method matquant --widths 8,4,2 (int8g64), the int2 slice (eval --slice 2)
+# A rerun with the same OUT_DIR skips models that exist (and re-evaluates them).
+# Results: OUT_DIR/results.jsonl (one object per evaluated row) and a markdown table on stdout.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+shared=${LOWBIT_SHARED:-$here/../../shared}
+out=${1:-/tmp/onebit-260k} parallel=${2:-2} seed=${SEED:-0}
+lowbit=${LOWBIT:-$here/../build-rel/lowbit}
+model=$shared/models/stories260K/stories260K.bin
+mkdir -p "$out/models" "$out/logs"
+cp "$lowbit" "$out/lowbit" && lowbit=$out/lowbit
+python3 "$here/split_stories260k_tokens.py" "$shared/models/stories260K/sample-tokens.i32" "$out"
+train() {  # NAME FORMAT ARGS...  -> OUT/models/NAME
+  local name=$1 fmt=$2; shift 2
+  local dir=$out/models/$name
+  if [ ! -f "$dir/config.json" ]; then
+    if [ "$name" = svid ]; then
+      "$lowbit" -q quantize -m "$model" --method rtn --format "$fmt" --threads 1 --json -o "$dir" \
+        > "$out/logs/$name.run.json" 2> "$out/logs/$name.err"
+    else
+      "$lowbit" -q qat -m "$model" --format "$fmt" --train-tokens "$out/calib.i32" --seed "$seed" \
+        --threads 1 --json -o "$dir" "$@" > "$out/logs/$name.run.json" 2> "$out/logs/$name.err"
+    fi
+  fi
+}
+evaluate() {  # ROW MODEL_NAME SLICE(0: none)
+  local row=$1 name=$2 slice=$3 s=()
+  [ "$slice" != 0 ] && s=(--slice "$slice")
+  local log=$out/logs/$row
+  "$lowbit" -q eval ppl -m "$out/models/$name" --tokens "$out/test.i32" --ctx 257 --threads 1 --json "${s[@]}" > "$log.ppl.json"
+  "$lowbit" -q eval ppl -m "$out/models/$name" --tokens "$out/valid.i32" --ctx 257 --threads 1 --json "${s[@]}" > "$log.valid.json"
+  python3 - "$row" "$name" "$slice" "$log" "$out/logs/$name.run.json" "$seed" >> "$out/results.jsonl" <<'PY'
+import json, math, sys
+row, name, sl, log, runf, seed = sys.argv[1:7]
+try:
+    run = json.load(open(runf))
+except Exception:
+    run = {}
+t, v = json.load(open(log + ".ppl.json"))["ppl"], json.load(open(log + ".valid.json"))["ppl"]
+print(json.dumps({"row": row, "model": name, "slice": int(sl), "seed": int(seed), "test_ppl": t, "valid_ppl": v,
+                  "valid_loss": math.log(v), "bits_per_weight": run.get("bits_per_weight"),
+                  "seconds": run.get("seconds"), "stages": run.get("stages")}))
+PY
+}
+job() {  # one model: train it, then evaluate its rows
+  local name=$1
+  case "$name" in
+    svid) train svid onebit && evaluate svid svid 0 ;;
+    onebit) train onebit onebit --method onebit && evaluate onebit onebit 0 ;;
+    onebit-nmf) train onebit-nmf onebit --method onebit --svid nmf && evaluate onebit-nmf onebit-nmf 0 ;;
+    onebit-lr1e-4) train onebit-lr1e-4 onebit --method onebit --lr 1e-4 && evaluate onebit-lr1e-4 onebit-lr1e-4 0 ;;
+    paretoq-1-lr1e-3) train paretoq-1-lr1e-3 int2g64s --method paretoq --bits 1 --distill --lr 1e-3 &&
+                      evaluate paretoq-1-lr1e-3 paretoq-1-lr1e-3 0 ;;
+    paretoq-1pc-lr1e-3) train paretoq-1pc-lr1e-3 int2pcs --method paretoq --bits 1 --distill --lr 1e-3 &&
+                        evaluate paretoq-1pc-lr1e-3 paretoq-1pc-lr1e-3 0 ;;
+    b158-lr1e-3) train b158-lr1e-3 int2g64s --method paretoq --bits 1.58 --distill --lr 1e-3 &&
+                 evaluate b158-lr1e-3 b158-lr1e-3 0 ;;
+    paretoq-1) train paretoq-1 int2g64s --method paretoq --bits 1 --distill && evaluate paretoq-1 paretoq-1 0 ;;
+    paretoq-1pc) train paretoq-1pc int2pcs --method paretoq --bits 1 --distill && evaluate paretoq-1pc paretoq-1pc 0 ;;
+    b158) train b158 int2g64s --method paretoq --bits 1.58 --distill && evaluate b158 b158 0 ;;
+    bap-2) train bap-2 int2g64 --method efficientqat --steps 0 --nsamples 128 && evaluate bap-2 bap-2 0 ;;
+    matquant-2) train matquant int8g64 --method matquant --widths 8,4,2 --nsamples 128 &&
+                evaluate matquant-2 matquant 2 ;;
+  esac
+}
+export -f train evaluate job
+export out lowbit model seed
+printf '%s\n' onebit paretoq-1 b158 bap-2 svid paretoq-1pc onebit-lr1e-4 paretoq-1-lr1e-3 paretoq-1pc-lr1e-3 b158-lr1e-3 onebit-nmf matquant-2 | grep -E "${OB_JOBS:-.}" |
+  xargs -P "$parallel" -I{} bash -c 'job {}'
+python3 - "$out/results.jsonl" <<'PY'
+import json, sys
+rows = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    rows[r["row"]] = r  # the last evaluation of a row wins
+print("| row | bits/weight | test ppl | valid ppl | valid loss | training seconds |")
+print("|---|---|---|---|---|---|")
+for name in sorted(rows):
+    r = rows[name]
+    secs, bpw = r.get("seconds"), r.get("bits_per_weight")
+    print(f"| {name} | {'' if bpw is None else f'{bpw:.2f}'} | {r['test_ppl']:.3f} | {r['valid_ppl']:.3f} | "
+          f"{r['valid_loss']:.4f} | {'' if secs is None else f'{secs:.0f}'} |")
+PY
