@@ -328,9 +328,9 @@ void apply_kv_calibration(LoadedModel& m, const TransformArgs& a, const std::str
   const ModelTransforms& cur = m.model->transforms();
   if (cur.kv.coupled())
     throw_error("--kv-calib: the model already records ", kv_quant_name(cur.kv), " codebooks (drop --kv-calib to use them)");
-  auto tok = open_tokenizer(tokenizer_path, model_path);
   std::ifstream in(a.kv_calib, std::ios::binary);
   if (!in) throw_error("--kv-calib ", a.kv_calib, ": cannot open");
+  auto tok = open_tokenizer(tokenizer_path, model_path);
   std::stringstream ss;
   ss << in.rdbuf();
   std::vector<int32_t> stream;
