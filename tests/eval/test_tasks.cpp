@@ -14,6 +14,17 @@
 
 using namespace lowbit;
 
+namespace {
+// A KIVI spec (bits, group, window); the CQ fields stay empty.
+KVQuantSpec kivi_spec(int bits, int64_t group, int64_t window) {
+  KVQuantSpec s;
+  s.bits = bits;
+  s.group = group;
+  s.window = window;
+  return s;
+}
+}  // namespace
+
 TEST(Tasks, GreedyContinuationsWin) {
   LOWBIT_REQUIRE_SHARED(model_path, "models/stories260K/stories260K.bin");
   LOWBIT_REQUIRE_SHARED(tok_path, "models/stories260K/tok512.bin");
@@ -64,7 +75,7 @@ TEST(Tasks, GreedyContinuationsWin) {
 // unquantized (0), window 0 with groups of one token quantizes everything (1), and
 // --kv-window 0 with KIVI's group 32 quantizes the complete groups of 32 only.
 TEST(Tasks, KvQuantizedFraction) {
-  KVQuantSpec kivi{4, 32, 0};
+  KVQuantSpec kivi = kivi_spec(4, 32, 0);
   EXPECT_EQ(kivi.quantized_len(0), 0);
   EXPECT_EQ(kivi.quantized_len(30), 0);
   EXPECT_EQ(kivi.quantized_len(31), 32);
@@ -73,7 +84,7 @@ TEST(Tasks, KvQuantizedFraction) {
   kivi.window = 128;
   EXPECT_EQ(kivi.quantized_len(158), 0);
   EXPECT_EQ(kivi.quantized_len(159), 32);
-  EXPECT_EQ((KVQuantSpec{0, 32, 0}.quantized_len(100)), 0);  // off
+  EXPECT_EQ((kivi_spec(0, 32, 0).quantized_len(100)), 0);  // off
 
   LOWBIT_REQUIRE_SHARED(model_path, "models/stories260K/stories260K.bin");
   LOWBIT_REQUIRE_SHARED(tok_path, "models/stories260K/tok512.bin");
@@ -94,15 +105,15 @@ TEST(Tasks, KvQuantizedFraction) {
   ASSERT_LT(n, 64);
   ASSERT_GE(first, 32);
   ModelTransforms t;
-  t.kv = KVQuantSpec{4, 32, 128};
+  t.kv = kivi_spec(4, 32, 128);
   model.set_transforms(t);
   EXPECT_EQ(evaluate_task(model, tok, (dir / "lb.jsonl").string(), o).kv_quantized_fraction, 0.0);
-  t.kv = KVQuantSpec{4, 1, 0};
+  t.kv = kivi_spec(4, 1, 0);
   model.set_transforms(t);
   EXPECT_DOUBLE_EQ(evaluate_task(model, tok, (dir / "lb.jsonl").string(), o).kv_quantized_fraction, 1.0);
   // Window 0, groups of 32: every scored query (positions first-1 .. n-2, all in 31..62) reads the
   // first 32 tokens quantized and the rest in full precision.
-  t.kv = KVQuantSpec{4, 32, 0};
+  t.kv = kivi_spec(4, 32, 0);
   model.set_transforms(t);
   double want = 0;
   for (int64_t p = first - 1; p < n - 1; ++p) want += 32.0 / double(p + 1);

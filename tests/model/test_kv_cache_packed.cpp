@@ -17,6 +17,14 @@
 using namespace lowbit;
 
 namespace {
+// A KIVI spec (bits, group, window); the CQ fields stay empty.
+KVQuantSpec kivi_spec(int bits, int64_t group, int64_t window) {
+  KVQuantSpec s;
+  s.bits = bits;
+  s.group = group;
+  s.window = window;
+  return s;
+}
 Tensor tokens_of(int64_t T, int V, int seed = 1) {
   std::vector<int32_t> v;
   for (int64_t i = 0; i < T; ++i) v.push_back(int32_t((i * 7 + seed * 13 + 3) % V));
@@ -57,7 +65,7 @@ TEST(PackedKvCache, EqualsSimulatedQuantizationBitForBit) {
     for (int bits : {4, 2})
       for (auto [group, window] : {std::array<int64_t, 2>{8, 5}, {6, 0}, {4, 12}}) {
         ModelTransforms q = t;
-        q.kv = KVQuantSpec{bits, group, window};
+        q.kv = kivi_spec(bits, group, window);
         sim.set_transforms(q);
         packed.set_kv_cache_layout(group, window);
         const KVCacheType type = bits == 4 ? KVCacheType::Int4 : KVCacheType::Int2;

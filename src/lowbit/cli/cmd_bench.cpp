@@ -181,6 +181,7 @@ void run_bench(const BenchArgs& a) {
   LoadedModel m = a.dequantize ? load_model(a.model, tensor_parallel_load_device(a.model, dev, *comm), true, !a.f32_vocab)
                                 : load_model_for_ranks(a.model, dev, *comm, !a.f32_vocab, !a.tr.any_given());
   apply_rotation(m, a.tr);
+  apply_kv_calibration(m, a.tr, "", a.model, a.json);
   apply_quant_transforms(*m.model, a.tr, a.kv_cache);
   shard_for_tensor_parallel(m, *comm, dev);
   const int tp = comm->world_size();

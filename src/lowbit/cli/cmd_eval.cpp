@@ -42,6 +42,7 @@ void run_ppl(const PplArgs& a) {
   LoadedModel m = load_model(a.model, dev, a.dequantize, !a.f32_vocab);
   if (a.slice) matryoshka_slice_model(*m.model, a.slice, "--slice");
   apply_rotation(m, a.tr);
+  apply_kv_calibration(m, a.tr, a.tokenizer, a.model, a.json);
   apply_quant_transforms(*m.model, a.tr, a.kv_cache);
   compact_for_inference(m, dev);
   const ModelTransforms& tr = m.model->transforms();
@@ -110,7 +111,7 @@ void run_ppl(const PplArgs& a) {
                 {"rotation", tr.rotation.empty() ? "none" : tr.rotation},
                 {"act", act_quant_name(tr.act)},
                 {"act_clip", tr.act.clip},
-                {"kv_quant", tr.kv.enabled() ? "int" + std::to_string(tr.kv.bits) : "none"},
+                {"kv_quant", kv_quant_name(tr.kv)},
                 {"kv_token_quant", tr.kv_token_bits ? "int" + std::to_string(tr.kv_token_bits) : "none"},
                 {"kv_group", packed ? m.model->kv_cache_layout().group : tr.kv.group},
                 {"kv_window", packed ? m.model->kv_cache_layout().window : tr.kv.window},
@@ -142,6 +143,7 @@ void run_tasks(const TaskArgs& a) {
   // The vocabulary matrices stay as stored (no q8_0 packing at load, unlike eval ppl's default).
   LoadedModel m = load_model(a.model, dev, a.dequantize);
   apply_rotation(m, a.tr);
+  apply_kv_calibration(m, a.tr, a.tokenizer, a.model, a.json);
   apply_quant_transforms(*m.model, a.tr);
   compact_for_inference(m, dev);
   const ModelTransforms& tr = m.model->transforms();
@@ -176,7 +178,7 @@ void run_tasks(const TaskArgs& a) {
                 {"act", act_quant_name(tr.act)},
                 {"act_clip", tr.act.clip},
                 {"act_clips_mean", tr.act.clips.empty() ? nlohmann::json() : nlohmann::json(mean_of(tr.act.clips))},
-                {"kv_quant", tr.kv.enabled() ? "int" + std::to_string(tr.kv.bits) : "none"},
+                {"kv_quant", kv_quant_name(tr.kv)},
                 {"kv_group", tr.kv.group},
                 {"kv_window", tr.kv.window}});
 }

@@ -37,6 +37,7 @@ void run_generate(const GenArgs& a) {
   LoadedModel m = load_model_for_ranks(a.model, dev, *comm, !a.f32_vocab, !a.tr.any_given());
   if (a.slice) matryoshka_slice_model(*m.model, a.slice, "--slice");
   apply_rotation(m, a.tr);
+  apply_kv_calibration(m, a.tr, a.tokenizer, a.model, a.json);
   apply_quant_transforms(*m.model, a.tr, a.kv_cache);
   compact_for_inference(m, dev);
   shard_for_tensor_parallel(m, *comm, dev);

@@ -15,6 +15,7 @@
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/methods/apiq.h"
 #include "lowbit/methods/calibration.h"
+#include "lowbit/methods/kv_cq.h"
 #include "lowbit/methods/layer_budget.h"
 #include "lowbit/methods/lqer.h"
 #include "lowbit/methods/act_clip.h"
@@ -95,6 +96,7 @@ std::string stream_obstacle(const QuantArgs& a) {
   if (a.tr.rotating()) return "--rotate rotates the whole model first";
   if (a.smooth >= 0) return "--smooth folds scales measured on the whole model first";
   if (a.tr.act_clip_search) return "--act-clip search runs the whole model on the calibration data first";
+  if (kv_quant_channels(a.tr.kv_quant) > 0) return "--kv-quant " + a.tr.kv_quant + " learns its codebooks on the whole quantized model";
   if (a.bits_budget > 0) return "--bits-budget scores every layer of the whole model first";
   if (a.method == "guided") return "--method guided gathers end-loss gradients of the whole model first";
   if (a.lqer_rank > 0) return "--lqer-rank keeps every layer's full-precision weights for the error reconstruction";
@@ -365,6 +367,11 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     throw_error("--act-clip: no activation quantization (give --act)");
   if ((a.tr.kv_group_given || a.tr.kv_window_given) && (a.tr.kv_quant.empty() || a.tr.kv_quant == "none"))
     throw_error(a.tr.kv_group_given ? "--kv-group" : "--kv-window", ": no KV-cache quantization (give --kv-quant)");
+  if (!a.tr.kv_calib.empty())
+    throw_error("--kv-calib: quantize learns the --kv-quant cq1|cq2 codebooks on its --calib data and records them");
+  if (kv_quant_channels(a.tr.kv_quant) > 0 && a.calib.empty() && a.calib_tokens.empty())
+    throw_error("--kv-quant ", a.tr.kv_quant, " needs calibration data (--calib TEXT or --calib-tokens FILE): its codebooks "
+                "are learned by k-means on the calibration windows' keys and values");
   if (a.tr.act_clip_search && a.calib.empty() && a.calib_tokens.empty())
     throw_error("--act-clip search needs calibration data (--calib TEXT or --calib-tokens FILE): the ratios are chosen "
                 "on the calibration activations");
@@ -736,6 +743,35 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   } else if (a.stream != "off") {
     report["stream_obstacle"] = obstacle;
   }
+  // --kv-quant cq1|cq2: the codebooks, learned on the quantized model's keys and values (methods/kv_cq.h).
+  if (const int cq_channels = kv_quant_channels(a.tr.kv_quant); cq_channels > 0) {
+    KVCodebookOptions ko;
+    ko.channels = cq_channels;
+    ko.code_bits = parse_kv_quant_bits(a.tr.kv_quant) * cq_channels;
+    ko.kmeans.seed = a.seed;
+    const KVCodebookReport kr = learn_kv_codebooks(*m.model, calib, ko);
+    ModelTransforms t = m.model->transforms();
+    t.kv.bits = parse_kv_quant_bits(a.tr.kv_quant);
+    t.kv.cq_channels = cq_channels;
+    t.kv.cq_keys = kr.keys;
+    t.kv.cq_values = kr.values;
+    m.model->set_transforms(std::move(t));
+    report["kv_codebooks"] = {{"channels", cq_channels}, {"centroids", int64_t(1) << ko.code_bits},
+                              {"points_per_group", kr.points}, {"windows", calib.size(0)}, {"seqlen", calib.size(1)},
+                              {"kmeans_max_iters", ko.kmeans.max_iters}, {"fisher_weighted", false},
+                              {"key_rel_error", kr.key_rel_error}, {"value_rel_error", kr.value_rel_error},
+                              {"seconds", kr.seconds}};
+    if (!a.json) {
+      double ek = 0, ev = 0;
+      for (double e : kr.key_rel_error) ek += e;
+      for (double e : kr.value_rel_error) ev += e;
+      std::fprintf(stderr, "kv codebooks %s: %lld layers x %lld groups of %d channels, %lld centroids, %lld points a group; "
+                   "mean relative error keys %.4f, values %.4f (%.1f s)\n", a.tr.kv_quant.c_str(),
+                   (long long)m.model->n_layers(), (long long)kr.keys.size(1), cq_channels, (long long)(1 << ko.code_bits),
+                   (long long)kr.points, ek / double(kr.key_rel_error.size()), ev / double(kr.value_rel_error.size()),
+                   kr.seconds);
+    }
+  }
   {
     TransformArgs tr = a.tr;  // recorded in the checkpoint (calibration ran without them)
     if (tr.act_clip_search) tr.act_clip_given = tr.act_clip_search = false;
@@ -752,7 +788,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     report["rotation"] = t.rotation.empty() ? "none" : t.rotation;
     if (!smooth_json.is_null()) report["smooth"] = smooth_json;
     report["act"] = act_quant_name(t.act);
-    report["kv_quant"] = t.kv.enabled() ? "int" + std::to_string(t.kv.bits) : "none";
+    report["kv_quant"] = kv_quant_name(t.kv);
   }
   nlohmann::json extra = {{"source_model", a.model}};
   if (!lqer_json.is_null()) {

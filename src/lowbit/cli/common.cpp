@@ -21,6 +21,8 @@
 #include "lowbit/io/file_util.h"
 #include "lowbit/io/gguf.h"
 #include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/methods/calibration.h"
+#include "lowbit/methods/kv_cq.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/quant_matmul.h"
 #include "lowbit/tokenizer/chat_template.h"
@@ -193,8 +195,10 @@ void add_transform_options(CLI::App* app, TransformArgs* a) {
         if (!a->act_clip_search) a->act_clip = std::stod(v);
       });
   app->add_option("--kv-quant", a->kv_quant,
-                  "KIVI fake quantization of the KV cache: none, int4, int2 (keys per channel, values per token, "
-                  "asymmetric; default: what the checkpoint records, else none)")
+                  "fake quantization of the KV cache: none, int4, int2 (KIVI: keys per channel, values per token, "
+                  "asymmetric), cq1, cq2 (Coupled Quantization: 8 / 4 channels of a token quantized jointly to one of "
+                  "256 learned centroids, 1 / 2 bits per channel; `quantize --calib` learns the codebooks, which the "
+                  "checkpoint keeps) (default: what the checkpoint records, else none)")
       ->check(CLI::Validator(
           [](std::string& v) -> std::string {
             try {
@@ -219,6 +223,15 @@ void add_transform_options(CLI::App* app, TransformArgs* a) {
             return "";
           },
           "BITS", ""));
+  app->add_option("--kv-calib", a->kv_calib,
+                  "with --kv-quant cq1|cq2 on a model without codebooks (eval, generate, bench): learn them at load by "
+                  "k-means on this text's keys and values (quantize records them instead: its --calib)");
+  app->add_option("--kv-calib-windows", a->kv_calib_windows, "with --kv-calib: calibration windows")
+      ->capture_default_str()
+      ->check(between(1, 4096));
+  app->add_option("--kv-calib-seqlen", a->kv_calib_seqlen, "with --kv-calib: tokens per window (capped at the model's max)")
+      ->capture_default_str()
+      ->check(between(2, 1 << 20));
   app->add_option("--kv-group", a->kv_group, "with --kv-quant or --kv-cache int4|int2: tokens per key group and channels per value group (values: the whole head when it does not divide head_dim)")
       ->check(between(1, 4096))
       ->each([a](const std::string&) { a->kv_group_given = true; });
@@ -275,7 +288,23 @@ void apply_quant_transforms(LlamaModel& model, const TransformArgs& a, KVCacheTy
     t.act.clip = a.act_clip;
     t.act.clips.clear();
   }
-  if (!a.kv_quant.empty()) t.kv.bits = parse_kv_quant_bits(a.kv_quant);
+  if (!a.kv_quant.empty()) {
+    const int bits = parse_kv_quant_bits(a.kv_quant), channels = kv_quant_channels(a.kv_quant);
+    if (channels > 0) {  // CQ: the codebooks come from the checkpoint (quantize learns them)
+      if (!(t.kv.coupled() && t.kv.bits == bits && t.kv.cq_channels == channels))
+        throw_error("--kv-quant ", a.kv_quant, ": this model has no ", a.kv_quant, " codebooks (it records KV quantization ",
+                    kv_quant_name(t.kv), "); they are learned by `lowbit quantize --kv-quant ", a.kv_quant,
+                    " --calib TEXT ...`, and the checkpoint it writes keeps them");
+    } else {
+      t.kv.bits = bits;
+      t.kv.cq_channels = 0;
+      t.kv.cq_keys = Tensor();
+      t.kv.cq_values = Tensor();
+    }
+  }
+  if (packed && t.kv.coupled())
+    throw_error("--kv-cache ", kv_cache_type_name(cache), " stores KIVI codes; this model records coupled KV quantization ",
+                kv_quant_name(t.kv), " (simulated on an f16/f32 cache): give --kv-cache f16 or f32, or --kv-quant none");
   if (!a.kv_token_quant.empty()) t.kv_token_bits = parse_kv_token_bits(a.kv_token_quant);
   if (a.kv_group_given) t.kv.group = a.kv_group;
   if (a.kv_window_given) t.kv.window = a.kv_window;
@@ -288,6 +317,46 @@ void apply_quant_transforms(LlamaModel& model, const TransformArgs& a, KVCacheTy
   if (packed)  // the flags, else what the checkpoint records, else the defaults
     model.set_kv_cache_layout(a.kv_group_given || !recorded.enabled() ? a.kv_group : recorded.group,
                               a.kv_window_given || !recorded.enabled() ? a.kv_window : recorded.window);
+}
+
+void apply_kv_calibration(LoadedModel& m, const TransformArgs& a, const std::string& tokenizer_path,
+                          const std::string& model_path, bool quiet) {
+  if (a.kv_calib.empty()) return;
+  const int channels = a.kv_quant.empty() ? 0 : kv_quant_channels(a.kv_quant);
+  if (channels == 0)
+    throw_error("--kv-calib learns the codebooks of coupled KV quantization: give --kv-quant cq1 or cq2");
+  const ModelTransforms& cur = m.model->transforms();
+  if (cur.kv.coupled())
+    throw_error("--kv-calib: the model already records ", kv_quant_name(cur.kv), " codebooks (drop --kv-calib to use them)");
+  std::ifstream in(a.kv_calib, std::ios::binary);
+  if (!in) throw_error("--kv-calib ", a.kv_calib, ": cannot open");
+  auto tok = open_tokenizer(tokenizer_path, model_path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  std::vector<int32_t> stream;
+  for (int id : tok->encode(ss.str(), false)) stream.push_back(id);
+  if (stream.empty()) throw_error("--kv-calib ", a.kv_calib, ": the text holds no tokens");
+  const int64_t seqlen = std::min<int64_t>(a.kv_calib_seqlen, m.model->config().max_seq_len);
+  const Tensor calib = sample_calibration(stream, a.kv_calib_windows, seqlen, 0);
+  const int bits = parse_kv_quant_bits(a.kv_quant);
+  KVCodebookOptions o;
+  o.channels = channels;
+  o.code_bits = bits * channels;
+  const KVCodebookReport r = learn_kv_codebooks(*m.model, calib, o);
+  ModelTransforms t = cur;
+  t.kv.bits = bits;
+  t.kv.cq_channels = channels;
+  t.kv.cq_keys = r.keys;
+  t.kv.cq_values = r.values;
+  m.model->set_transforms(std::move(t));
+  if (!quiet) {
+    double ek = 0, ev = 0;
+    for (double e : r.key_rel_error) ek += e;
+    for (double e : r.value_rel_error) ev += e;
+    std::fprintf(stderr, "kv codebooks %s learned on %lld x %lld tokens of %s: relative error keys %.4f, values %.4f (%.1f s)\n",
+                 a.kv_quant.c_str(), (long long)calib.size(0), (long long)calib.size(1), a.kv_calib.c_str(),
+                 ek / double(r.key_rel_error.size()), ev / double(r.value_rel_error.size()), r.seconds);
+  }
 }
 
 void compact_for_inference(LoadedModel& m, Device device) {

@@ -81,6 +81,10 @@ struct TransformArgs {
   std::string act_clip_arg;       // as given: a ratio or "search"
   bool act_clip_search = false;   // --act-clip search (quantize only)
   int64_t kv_group = 32, kv_window = 128;
+  // --kv-calib TEXT (eval / generate / bench on a model without codebooks): learn the --kv-quant
+  // cq1|cq2 codebooks at load on --kv-calib-windows windows of --kv-calib-seqlen tokens of TEXT.
+  std::string kv_calib;
+  int64_t kv_calib_windows = 16, kv_calib_seqlen = 512;
   bool act_clip_given = false, kv_group_given = false, kv_window_given = false;
   bool rotating() const { return rotate != "none"; }
   // Any transform asked for (rotation, activation or KV quantization given on the command line).
@@ -98,6 +102,12 @@ void replace_weights(LoadedModel& m, LlamaConfig c, LlamaWeights w, ModelTransfo
 // set its layout (LlamaModel::set_kv_cache_layout) and --kv-quant int4|int2 is refused (one of the
 // two: the packed cache quantizes for real what --kv-quant simulates).
 void apply_quant_transforms(LlamaModel& model, const TransformArgs& a, KVCacheType cache = KVCacheType::Auto);
+// --kv-calib: learns the --kv-quant cq1|cq2 codebooks (methods/kv_cq.h) on the model as loaded (and
+// rotated), before apply_quant_transforms; the text is tokenized with --tokenizer / the model's
+// tokenizer. Nothing without --kv-calib. Throws for --kv-calib without --kv-quant cq1|cq2, or for a
+// model that already records codebooks.
+void apply_kv_calibration(LoadedModel& m, const TransformArgs& a, const std::string& tokenizer_path,
+                          const std::string& model_path, bool quiet);
 
 
 // The tokenizer named by --tokenizer (a tokenizer file, a directory holding one, or a GGUF file's

@@ -81,7 +81,14 @@ ModelTransforms read_transforms(const nlohmann::json& j, SafetensorsFile& f, con
         t.act.clips.push_back(v.get<double>());
       }
     }
-    t.kv.bits = parse_kv_quant_bits(str("kv_quant"), "kv_quant");
+    const std::string kvq = str("kv_quant");
+    t.kv.bits = parse_kv_quant_bits(kvq, "kv_quant");
+    if (kv_quant_channels(kvq) > 0) {  // CQ: the group width is recorded too and must match the name
+      const double ch = num("kv_cq_channels", true);
+      if (ch != kv_quant_channels(kvq))
+        throw_error("kv_cq_channels ", ch, " does not match kv_quant ", kvq, " (", kv_quant_channels(kvq), " channels)");
+      t.kv.cq_channels = int(ch);
+    }
     const double group = num("kv_group", true), window = num("kv_window", true);
     if (group < 1 || group > 4096 || window < 0 || window > double(int64_t(1) << 30))
       throw_error("kv_group ", group, " / kv_window ", window, " out of range");
@@ -96,6 +103,22 @@ ModelTransforms read_transforms(const nlohmann::json& j, SafetensorsFile& f, con
     const std::string base = std::string("lowbit.rotation.") + name;
     if (f.find(base + ".signs")) r->signs = f.load_f32(base + ".signs");
     if (f.find(base + ".small")) r->small = f.load_f32(base + ".small");
+  }
+  if (t.kv.coupled()) {  // the codebooks (validate_transforms checks their shapes and values)
+    for (const auto& [name, dst] : {std::pair<const char*, Tensor*>{"lowbit.kv_cq.keys", &t.kv.cq_keys},
+                                    {"lowbit.kv_cq.values", &t.kv.cq_values}}) {
+      if (!f.find(name))
+        throw_error(st_path, ": ", name, " is missing (", cfg_path, " records kv_quant ", kv_quant_name(t.kv),
+                    ", whose codebooks it holds)");
+      try {
+        *dst = f.load_f32(name);
+      } catch (const Error& e) {
+        throw_error(st_path, ": ", name, ": ", e.what());
+      }
+    }
+  } else {
+    for (const char* name : {"lowbit.kv_cq.keys", "lowbit.kv_cq.values"})
+      if (f.find(name)) throw_error(st_path, ": ", name, " is present but ", cfg_path, " records no coupled KV quantization");
   }
   validate_transforms(c, t, st_path);
   return t;
@@ -190,11 +213,12 @@ nlohmann::json quantized_config_json(const LlamaConfig& c, const std::string& me
                         {"rotation_seed", tr.rotation_seed},
                         {"act", act_quant_name(tr.act)},
                         {"act_clip", tr.act.clip},
-                        {"kv_quant", tr.kv.enabled() ? "int" + std::to_string(tr.kv.bits) : "none"},
+                        {"kv_quant", kv_quant_name(tr.kv)},
                         {"kv_group", tr.kv.group},
                         {"kv_window", tr.kv.window},
                         {"kv_token_quant", tr.kv_token_bits ? "int" + std::to_string(tr.kv_token_bits) : "none"}};
   if (tr.any() && !tr.act.clips.empty()) qc["transforms"]["act_clips"] = tr.act.clips;
+  if (tr.kv.coupled()) qc["transforms"]["kv_cq_channels"] = tr.kv.cq_channels;
   for (auto& [k, v] : extra.items()) qc[k] = v;
   cfg["quantization_config"] = qc;
   return cfg;
@@ -208,6 +232,10 @@ void rotation_tensors(const ModelTransforms& tr, std::vector<std::pair<std::stri
     if (!r->defined()) continue;
     ts.emplace_back(std::string("lowbit.rotation.") + name + ".signs", r->signs.contiguous());
     if (r->small.defined()) ts.emplace_back(std::string("lowbit.rotation.") + name + ".small", r->small.contiguous());
+  }
+  if (tr.kv.coupled()) {  // CQ codebooks, f32 [layers, groups, centroids, channels]
+    ts.emplace_back("lowbit.kv_cq.keys", tr.kv.cq_keys.contiguous());
+    ts.emplace_back("lowbit.kv_cq.values", tr.kv.cq_values.contiguous());
   }
 }
 
@@ -624,7 +652,7 @@ void refuse_transforms(const QuantizedCheckpoint& q, const std::string& what) {
   if (!t.any()) return;
   throw_error(q.dense.source, ": ", what, " cannot carry this checkpoint's transforms (rotation ",
               t.rotation.empty() ? "none" : t.rotation, ", activations ", act_quant_name(t.act), ", KV cache ",
-              t.kv.enabled() ? "int" + std::to_string(t.kv.bits) : "none", ", per-token KV ",
+              kv_quant_name(t.kv), ", per-token KV ",
               t.kv_token_bits ? "int" + std::to_string(t.kv_token_bits) : "none",
               "): the result would compute another function; use lowbit eval / generate / serve on it instead");
 }

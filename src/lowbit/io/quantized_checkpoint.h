@@ -31,12 +31,15 @@
 // A model with transforms (model/rotation.h: rotation, activation / KV-cache quantization) also has
 //   quantization_config.transforms = {"rotation": "hadamard" | "none", "rotation_seed": N,
 //                                     "act": "int8" | "int4" | "int8-asym" | "int4-asym" | "none",
-//                                     "act_clip": 1.0, "kv_quant": "int4" | "int2" | "none",
+//                                     "act_clip": 1.0, "kv_quant": "int4" | "int2" | "cq1" | "cq2" | "none",
 //                                     "kv_group": 32, "kv_window": 128,
 //                                     "act_clips": [..]  (only with `--act-clip search`: n_layers x 4
 //                                                         ratios, ActQuantSpec::clips)}
 //   lowbit.rotation.{ffn,head,o_in}.signs  F32 [n] the online rotations (rotated models only)
 //   lowbit.rotation.{ffn,head,o_in}.small  F32 [m, m] (when n is not a power of two)
+// Coupled KV quantization ("kv_quant": "cq1" | "cq2") also records "kv_cq_channels" (8 | 4) and its
+// codebooks (model/rotation.h KVQuantSpec):
+//   lowbit.kv_cq.{keys,values}  F32 [n_layers, KVH*head_dim/channels, 256, channels]
 // and the stored weights are the rotated ones, so the checkpoint reloads to identical outputs.
 // Readers that cannot apply the transforms (GGUF / GPTQ / AWQ export, convert) refuse such a
 // checkpoint.

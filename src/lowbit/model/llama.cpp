@@ -8,6 +8,7 @@
 #include "lowbit/core/threads.h"
 #include "lowbit/core/vecmath.h"
 #include "lowbit/model/tensor_parallel.h"
+#include "lowbit/ops/coupled_quant.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/ops/quant_matmul.h"
 
@@ -298,7 +299,29 @@ namespace {
 // KIVI fake quantization (model/rotation.h): q f32 [T, H, hd] at positions S-T .. S-1; k, v f32
 // [S, KVH, hd] contiguous, full precision. Each query attends over keys/values whose first L(t)
 // tokens are replaced by their quantized versions. Returns f32 [T, H, hd].
-Tensor kivi_attention(const KVQuantSpec& spec, const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
+// Keys [n, KVH*hd] (f32) from the interleaved RoPE channel order to the Hugging Face (rotate-half)
+// order of each head (to_half), or back: channel pair (2i, 2i+1) <-> (i, i + hd/2).
+Tensor permute_key_channels(const Tensor& k, int64_t hd, bool to_half) {
+  const int64_t n = k.numel() / hd;
+  const Tensor c = k.contiguous();
+  if (to_half) return c.view({n, hd / 2, 2}).transpose(1, 2).contiguous().view(k.shape());
+  return c.view({n, 2, hd / 2}).transpose(1, 2).contiguous().view(k.shape());
+}
+
+// Whether the keys reach KV quantization in the interleaved RoPE channel order (coupled
+// quantization then groups them in the Hugging Face order: kivi_attention, the KV observer); keys
+// rotated per head (rotate_heads) are in the Hugging Face order already.
+bool cq_keys_interleaved(const LlamaConfig& c, const ModelTransforms& t) {
+  return c.rope_style == RopeStyle::Interleaved && c.resolved_head_dim() % 2 == 0 && !t.head.defined();
+}
+
+// Coupled quantization (spec.coupled()) replaces the quantized tokens with their nearest centroids
+// of layer `layer`'s codebooks (ops/coupled_quant.h), each token on its own. Its channel groups are
+// taken in the Hugging Face order of each head, whatever the model's RoPE layout, so a checkpoint
+// (saved in that order) decodes to the same keys: keys_interleaved says the keys come in the
+// interleaved order (a model with per-head rotated keys has them in that order already).
+Tensor kivi_attention(const KVQuantSpec& spec, int layer, const Tensor& q, const Tensor& k, const Tensor& v,
+                      double scale, bool keys_interleaved) {
   const int64_t T = q.size(0), H = q.size(1), hd = q.size(2), S = k.size(0), KVH = k.size(1), C = KVH * hd;
   const int64_t G = spec.group, vg = hd % G == 0 ? G : hd;
   const int64_t Lmax = spec.quantized_len(S - 1);
@@ -306,9 +329,17 @@ Tensor kivi_attention(const KVQuantSpec& spec, const Tensor& q, const Tensor& k,
   if (Lmax > 0) {  // the complete groups, quantized once: keys per channel, values per token
     kq = Tensor::empty({Lmax, C});
     vq = Tensor::empty({Lmax, C});
-    // The packed cache's codec (ops/kv_quant.h: f32 scales), so both paths give the same numbers.
-    ops::kivi_fake_quant(k.slice(0, 0, Lmax).contiguous().view({Lmax, C}), spec.bits, G, true, kq);
-    ops::kivi_fake_quant(v.slice(0, 0, Lmax).contiguous().view({Lmax, C}), spec.bits, vg, false, vq);
+    if (spec.coupled()) {
+      Tensor kin = k.slice(0, 0, Lmax).contiguous().view({Lmax, C});
+      if (keys_interleaved) kin = permute_key_channels(kin, hd, true);
+      ops::cq_fake_quant(kin, spec.cq_keys.select(0, layer).contiguous(), kq);
+      if (keys_interleaved) kq = permute_key_channels(kq, hd, false);
+      ops::cq_fake_quant(v.slice(0, 0, Lmax).contiguous().view({Lmax, C}), spec.cq_values.select(0, layer).contiguous(), vq);
+    } else {
+      // The packed cache's codec (ops/kv_quant.h: f32 scales), so both paths give the same numbers.
+      ops::kivi_fake_quant(k.slice(0, 0, Lmax).contiguous().view({Lmax, C}), spec.bits, G, true, kq);
+      ops::kivi_fake_quant(v.slice(0, 0, Lmax).contiguous().view({Lmax, C}), spec.bits, vg, false, vq);
+    }
   }
   Tensor out = Tensor::empty({T, H, hd});
   for (int64_t t0 = 0; t0 < T;) {  // queries sharing one L(t): consecutive positions
@@ -342,13 +373,15 @@ void LlamaModel::set_transforms(ModelTransforms t) {
     throw_error("rotation and activation / KV-cache quantization run on the CPU only (the model is on ",
                 device_name(final_norm_.value().device()), ")");
   transforms_ = std::move(t);
-  if (transforms_.kv.enabled()) kv_layout_ = KVQuantSpec{0, transforms_.kv.group, transforms_.kv.window};
+  if (transforms_.kv.enabled()) set_kv_cache_layout(transforms_.kv.group, transforms_.kv.window);
 }
 
 void LlamaModel::set_kv_cache_layout(int64_t group, int64_t window) {
   if (group < 1 || group > 4096) throw_error("KV cache: group ", group, " is not in [1, 4096]");
   if (window < 0 || window > (int64_t(1) << 30)) throw_error("KV cache: window ", window, " is not in [0, 2^30]");
-  kv_layout_ = KVQuantSpec{0, group, window};
+  kv_layout_ = KVQuantSpec{};
+  kv_layout_.group = group;
+  kv_layout_.window = window;
 }
 
 namespace {
@@ -418,9 +451,11 @@ Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache
     if (B != 1) throw_error("KV-cache decoding supports batch 1, got ", B);
     att = attend_cached(i, q, k, v, T, *cache);
   } else {
-    const bool kvq = transforms_.kv.enabled();
+    const bool kvq = transforms_.kv.enabled() || bool(kv_observer_);
     q = rotate_heads(rope(q, B, T, H, hd, 0, config_.rope_theta, config_.rope_style, config_.rope_scaling), kvq);
     k = rotate_heads(rope(k, B, T, KVH, hd, 0, config_.rope_theta, config_.rope_style, config_.rope_scaling), kvq);
+    if (kv_observer_)  // keys in the channel order coupled quantization groups them in (kivi_attention)
+      kv_observer_(i, cq_keys_interleaved(config_, transforms_) ? permute_key_channels(k.value().to(DType::F32), hd, true) : k.value(), v.value());
     if (transforms_.kv.enabled()) {  // KIVI fake quantization, per sequence (no gradient)
       const Tensor& qv = q.value();
       if (qv.device() != Device::CPU || qv.dtype() != DType::F32)
@@ -429,8 +464,9 @@ Var LlamaModel::block_forward(int i, const Var& x, int64_t B, int64_t T, KVCache
       const Tensor k4 = k.value().contiguous().view({B, T, KVH, hd}), v4 = v.value().contiguous().view({B, T, KVH, hd});
       Tensor out = Tensor::empty({B, T, H, hd});
       for (int64_t s = 0; s < B; ++s)
-        out.select(0, s).copy_(kivi_attention(transforms_.kv, q4.select(0, s).contiguous(), k4.select(0, s).contiguous(),
-                                              v4.select(0, s).contiguous(), 1.0 / std::sqrt(double(hd))));
+        out.select(0, s).copy_(kivi_attention(transforms_.kv, i, q4.select(0, s).contiguous(), k4.select(0, s).contiguous(),
+                                              v4.select(0, s).contiguous(), 1.0 / std::sqrt(double(hd)),
+                                              cq_keys_interleaved(config_, transforms_)));
       att = Var(out.view({B * T, H * hd}), false);
     } else {
       att = attention(q, k, v, B, T, T, H, KVH, hd);
@@ -461,8 +497,8 @@ Var LlamaModel::attend_cached(int i, Var q, Var k, const Var& v, int64_t T, KVCa
       throw_error("KV-cache quantization: the cache must be f32 or f16, not ", kv_cache_type_name(cache.type));
     if (q.value().device() != Device::CPU || q.value().dtype() != DType::F32)
       throw_error("KV-cache quantization: f32 models on the CPU only (got ", q.value().describe(), ")");
-    Tensor out = kivi_attention(transforms_.kv, q.value().contiguous().view({T, H, hd}), view.k.to(DType::F32).contiguous(),
-                                view.v.to(DType::F32).contiguous(), 1.0 / std::sqrt(double(hd)));
+    Tensor out = kivi_attention(transforms_.kv, i, q.value().contiguous().view({T, H, hd}), view.k.to(DType::F32).contiguous(),
+                                view.v.to(DType::F32).contiguous(), 1.0 / std::sqrt(double(hd)), cq_keys_interleaved(config_, transforms_));
     return Var(out.view({T, H * hd}), false);
   }
   return kv_attention(q, view, T, H, hd);

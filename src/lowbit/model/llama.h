@@ -205,6 +205,12 @@ class LlamaModel {
   // (activations) or do not exist (KV quantization; the keys/values then get no gradient).
   void set_transforms(ModelTransforms t);
   const ModelTransforms& transforms() const { return transforms_; }
+  // Calibration of KV quantizers (methods/kv_cq.h): while set, block_forward without a cache calls
+  // it with each layer's keys and values as a KV quantizer reads them — after RoPE (and a rotated
+  // model's per-head rotation, which KV quantization switches on), f32 [B*T, KVH*hd] — before it
+  // attends. Empty: none.
+  using KVObserver = std::function<void(int layer, const Tensor& k, const Tensor& v)>;
+  void set_kv_observer(KVObserver f) { kv_observer_ = std::move(f); }
 
  private:
   // RoPE at the cache's positions, append k/v of T tokens to layer i of the cache, attend (batch 1).
@@ -237,6 +243,7 @@ class LlamaModel {
   EmbedRowFn packed_embed_row_;
   EmbedIdsFn packed_embed_ids_;
   comm::Communicator* tp_ = nullptr;  // tensor_parallel_shard
+  KVObserver kv_observer_;
 };
 
 }  // namespace lowbit

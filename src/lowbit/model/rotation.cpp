@@ -100,7 +100,22 @@ int parse_kv_quant_bits(const std::string& name, const std::string& what) {
   if (name == "none") return 0;
   if (name == "int4") return 4;
   if (name == "int2") return 2;
-  throw_error(what, ": '", name, "' is not a KV-cache quantization (expected none, int4 or int2)");
+  if (name == "cq1") return 1;
+  if (name == "cq2") return 2;
+  throw_error(what, ": '", name, "' is not a KV-cache quantization (expected none, int4, int2, cq1 or cq2)");
+}
+
+int kv_quant_channels(const std::string& name) {
+  if (name == "cq1") return 8;
+  if (name == "cq2") return 4;
+  return 0;
+}
+
+std::string kv_quant_name(const KVQuantSpec& kv) {
+  if (!kv.enabled()) return "none";
+  if (!kv.coupled()) return "int" + std::to_string(kv.bits);
+  if ((kv.bits == 1 && kv.cq_channels == 8) || (kv.bits == 2 && kv.cq_channels == 4)) return "cq" + std::to_string(kv.bits);
+  return "cq" + std::to_string(kv.bits) + "c" + std::to_string(kv.cq_channels);
 }
 
 int parse_kv_token_bits(const std::string& name, const std::string& what) {
@@ -165,8 +180,33 @@ void validate_transforms(const LlamaConfig& c, const ModelTransforms& t, const s
         throw_error(source, ": searched activation clip ratio ", t.act.clips[i], " (layer ", i / kActPoints, ", point ",
                     i % kActPoints, ") is not in (0, 1]");
   }
-  if (t.kv.enabled() && t.kv.bits != 2 && t.kv.bits != 4)
+  if (t.kv.enabled() && !t.kv.coupled() && t.kv.bits != 2 && t.kv.bits != 4)
     throw_error(source, ": KV-cache bits ", t.kv.bits, " (expected 2 or 4)");
+  if (t.kv.coupled()) {  // CQ: the codebooks' shape follows from the config and the spec
+    const int64_t C = int64_t(c.n_kv_heads) * c.resolved_head_dim(), ch = t.kv.cq_channels;
+    if (ch < 1 || t.kv.bits < 1 || t.kv.bits * ch > 8)
+      throw_error(source, ": coupled KV quantization of ", t.kv.bits, " bits per channel in groups of ", ch,
+                  " channels (expected 1 to 8 bits a group code)");
+    if (c.resolved_head_dim() % ch != 0)
+      throw_error(source, ": coupled KV quantization groups of ", ch, " channels do not divide head_dim ",
+                  c.resolved_head_dim());
+    const Shape want{c.n_layers, C / ch, t.kv.cq_centroids(), ch};
+    for (const auto& [name, cb] : {std::pair<const char*, const Tensor*>{"keys", &t.kv.cq_keys}, {"values", &t.kv.cq_values}}) {
+      if (!cb->defined())
+        throw_error(source, ": the coupled KV quantization's ", name, " codebook is missing (", kv_quant_name(t.kv),
+                    " codebooks are learned by `lowbit quantize --kv-quant ", kv_quant_name(t.kv), " --calib ...`)");
+      if (cb->dtype() != DType::F32 || cb->shape() != want || cb->device() != Device::CPU)
+        throw_error(source, ": the coupled KV quantization's ", name, " codebook is ", cb->describe(), ", expected f32 ",
+                    shape_str(want), " (layers, groups, centroids, channels)");
+      const Tensor cc = cb->contiguous();
+      const float* p = cc.data<float>();
+      for (int64_t i = 0; i < cc.numel(); ++i)
+        if (!std::isfinite(p[i]))
+          throw_error(source, ": the coupled KV quantization's ", name, " codebook holds a non-finite value at ", i);
+    }
+  } else if (t.kv.cq_keys.defined() || t.kv.cq_values.defined()) {
+    throw_error(source, ": coupled KV quantization codebooks given for KV quantization ", kv_quant_name(t.kv));
+  }
   if (t.kv.group < 1 || t.kv.group > 4096) throw_error(source, ": KV-cache group ", t.kv.group, " is not in [1, 4096]");
   if (t.kv.window < 0 || t.kv.window > (int64_t(1) << 30))
     throw_error(source, ": KV-cache window ", t.kv.window, " is not in [0, 2^30]");

@@ -74,11 +74,23 @@ struct ActQuantSpec {
   ActQuantSpec with_clip(double c) const { return ActQuantSpec{bits, asymmetric, c, fp, {}}; }
 };
 
+// Coupled Quantization (CQ, arXiv 2405.03917; ops/coupled_quant.h, methods/kv_cq.h) instead of KIVI
+// when cq_channels > 0: every token's keys and values (of all kv heads, flattened: KVH * head_dim
+// channels) are split into groups of cq_channels contiguous channels, each replaced by the nearest
+// of 2^(bits * cq_channels) centroids of its (layer, K/V, group) codebook. "cq1": bits 1, 8
+// channels (256 centroids); "cq2": bits 2, 4 channels (256 centroids). The same L(t) as KIVI's
+// decides which tokens a query reads quantized (`group` is then only the token granularity of
+// that rule: CQ quantizes each token on its own).
 struct KVQuantSpec {
-  int bits = 0;          // 0: off; 2 or 4
+  int bits = 0;          // 0: off; 2 or 4 (KIVI); 1 or 2 bits per channel (CQ)
   int64_t group = 32;    // tokens per key group, channels per value group
   int64_t window = 128;  // recent tokens kept in full precision (at least)
+  int cq_channels = 0;   // > 0: coupled quantization, channels per group
+  // CQ codebooks, f32 [n_layers, KVH * head_dim / cq_channels, 2^(bits * cq_channels), cq_channels].
+  Tensor cq_keys, cq_values;
   bool enabled() const { return bits > 0; }
+  bool coupled() const { return bits > 0 && cq_channels > 0; }
+  int64_t cq_centroids() const { return int64_t(1) << (bits * cq_channels); }
   // L(t): how many of the keys/values a query at position t reads are quantized (0 when off).
   int64_t quantized_len(int64_t t) const {
     const int64_t n = t + 1 - window;
@@ -110,8 +122,13 @@ std::string act_quant_name(const ActQuantSpec& a);  // "none", "int8", "int4-asy
 // x [M, N] (f32/f64, CPU) fake-quantized per token by the spec (x itself when off); gradients pass
 // straight through.
 Var act_fake_quant(const Var& x, const ActQuantSpec& a);
-// "int4", "int2" or "none" -> bits (4, 2, 0); throws naming `what`.
+// "int4", "int2" or "none" -> bits (4, 2, 0); "cq1" / "cq2" -> 1 / 2 (coupled quantization; see
+// kv_quant_channels); throws naming `what`.
 int parse_kv_quant_bits(const std::string& name, const std::string& what = "--kv-quant");
+// Channels per CQ group of a --kv-quant name: cq1 -> 8, cq2 -> 4, otherwise 0 (KIVI or none).
+int kv_quant_channels(const std::string& name);
+// "none", "int4", "int2", "cq1", "cq2" (a CQ spec with other channel counts: "cq<bits>c<channels>").
+std::string kv_quant_name(const KVQuantSpec& kv);
 
 // "int8", "int4", "int2" or "none" -> ModelTransforms::kv_token_bits; throws naming `what`.
 int parse_kv_token_bits(const std::string& name, const std::string& what = "--kv-token-quant");

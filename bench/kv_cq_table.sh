@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Coupled Quantization (CQ, arXiv 2405.03917) of the KV cache next to KIVI int4/int2 (issue 16) on
+# SmolLM2-135M-Instruct: WikiText-2 test perplexity with the protocol of docs/results/wa-smollm2.md's
+# KV rows (ctx 512, the first 20 windows, W4 = RTN int4g128 without rotation, lm_head/embedding f32).
+#
+#   bench/kv_cq_table.sh [options]
+#     --lowbit BIN        lowbit binary (default build-rel/lowbit)
+#     --model GGUF        default $LOWBIT_SHARED/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+#     --wiki TEXT         default $LOWBIT_SHARED/data/wikitext-2-raw/wiki.test.raw
+#     --calib TEXT        codebook calibration text (default: first 4 MB of $LOWBIT_SHARED/data/linux-docs/train.txt)
+#     --nsamples N --seqlen N   calibration windows (default 16 x 512)
+#     --ctx N --max-windows N   perplexity windows (default 512 and 20)
+#     --layouts LIST      "GROUP/WINDOW" pairs of the quantized-token rule (default "32/128 32/0"; CQ also
+#                         runs every "1/0" given: every token quantized)
+#     --weights LIST      w4 (RTN int4g128 checkpoint with the codebooks) and/or w16 (the GGUF's dequantized
+#                         weights; codebooks learned at load: eval ppl --kv-calib) (default "w4")
+#     --kv LIST           KV quantizers (default "int4 int2 cq2 cq1"; int*: KIVI on the same weights)
+#     --threads N         lowbit threads (default: lowbit's default)
+#     --out DIR           results (default kv-cq-table): results.jsonl (one line an eval), table.md
+#
+# The w4 models: `lowbit quantize --method rtn --format int4g128 --kv-quant cqB --calib ...` (the weights
+# are the same for cq1 and cq2; KIVI cells evaluate the cq1 checkpoint with --kv-quant int4|int2, which
+# replaces the recorded quantizer).
+set -uo pipefail
+shared=${LOWBIT_SHARED:-$(cd "$(dirname "$0")/../.." && pwd)/shared}
+lowbit=build-rel/lowbit
+model=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+wiki=$shared/data/wikitext-2-raw/wiki.test.raw
+calib="" nsamples=16 seqlen=512 ctx=512 max_windows=20 layouts="32/128 32/0" weights=w4 kvs="int4 int2 cq2 cq1"
+threads="" out=kv-cq-table
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --lowbit) lowbit=$2; shift 2 ;; --model) model=$2; shift 2 ;; --wiki) wiki=$2; shift 2 ;;
+    --calib) calib=$2; shift 2 ;; --nsamples) nsamples=$2; shift 2 ;; --seqlen) seqlen=$2; shift 2 ;;
+    --ctx) ctx=$2; shift 2 ;; --max-windows) max_windows=$2; shift 2 ;; --layouts) layouts=$2; shift 2 ;;
+    --weights) weights=$2; shift 2 ;; --kv) kvs=$2; shift 2 ;; --threads) threads=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 1 ;;
+  esac
+done
+mkdir -p "$out/models"
+results=$out/results.jsonl
+thr=()
+[ -n "$threads" ] && thr=(--threads "$threads")
+if [ -z "$calib" ]; then
+  calib=$out/calib-linux-docs-4MB.txt
+  [ -f "$calib" ] || head -c 4000000 "$shared/data/linux-docs/train.txt" > "$calib"
+fi
+meta() {  # machine, load, date for each line
+  python3 -c 'import json,os,sys,subprocess; m=subprocess.run("lscpu | grep \"Model name\"", shell=True, capture_output=True, text=True).stdout.split(":",1)[-1].strip(); print(json.dumps({"cpu": m, "load1": os.getloadavg()[0], "date": sys.argv[1]}))' "$(date -u +%FT%TZ)"
+}
+
+w4_model() {  # cq1|cq2 -> prints the checkpoint directory (made once)
+  local kv=$1 dir=$out/models/w4-$1
+  if [ ! -f "$dir/config.json" ]; then
+    "$lowbit" -q quantize -m "$model" --method rtn --format int4g128 --kv-quant "$kv" --calib "$calib" \
+      --tokenizer "$model" --nsamples "$nsamples" --seqlen "$seqlen" "${thr[@]}" -o "$dir" --json \
+      > "$dir.quantize.json" 2> "$dir.quantize.err" || { echo "quantize $kv failed" >&2; return 1; }
+  fi
+  echo "$dir"
+}
+
+run() {  # weights kv group window
+  local w=$1 kv=$2 g=$3 win=$4 path args t0 j
+  args=(--kv-quant "$kv" --kv-group "$g" --kv-window "$win")
+  if [ "$w" = w16 ]; then
+    path=$model
+    args+=(--dequantize)
+    case "$kv" in cq*) args+=(--kv-calib "$calib" --kv-calib-windows "$nsamples" --kv-calib-seqlen "$seqlen") ;; esac
+  else
+    case "$kv" in cq*) path=$(w4_model "$kv") || return ;; *) path=$(w4_model cq1) || return ;; esac
+    args+=(--f32-vocab)
+  fi
+  t0=$(date +%s)
+  if j=$("$lowbit" -q eval ppl -m "$path" --tokenizer "$model" --text "$wiki" --ctx "$ctx" --max-windows "$max_windows" \
+          "${args[@]}" "${thr[@]}" --json); then
+    python3 -c 'import json,sys; j=json.loads(sys.argv[1]); j.update(json.loads(sys.argv[5])); j.update(weights=sys.argv[2], layout=sys.argv[3], wall_seconds=int(sys.argv[4])); print(json.dumps(j))' \
+      "$j" "$w" "$g/$win" "$(( $(date +%s) - t0 ))" "$(meta)" >> "$results"
+  else
+    echo "{\"weights\":\"$w\",\"kv_quant\":\"$kv\",\"layout\":\"$g/$win\",\"error\":\"eval failed\"}" >> "$results"
+  fi
+  tail -n 1 "$results"
+}
+
+for w in $weights; do
+  for lay in $layouts; do
+    g=${lay%/*} win=${lay#*/}
+    for kv in $kvs; do
+      case "$kv" in int*) [ "$g" = 1 ] && continue ;; esac  # KIVI with groups of one token is no quantizer
+      run "$w" "$kv" "$g" "$win"
+    done
+  done
+done
+
+python3 - "$results" > "$out/table.md" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print("| weights | KV | group / window | ppl | KV bits / value (asymptotic) |\n|---|---|---|---:|---:|")
+bits = {"int4": "5.25", "int2": "3.25", "cq1": "1 (+ codebooks)", "cq2": "2 (+ codebooks)"}
+for r in rows:
+    p = "failed" if "error" in r else f"{r['ppl']:.3f}"
+    print(f"| {r.get('weights')} | {r.get('kv_quant')} | {r.get('layout')} | {p} | {bits.get(r.get('kv_quant'), '')} |")
+EOF
+cat "$out/table.md"
