@@ -1201,11 +1201,10 @@ bool quant_matmul_has_cuda_layout(const PackedWeight& w) {
     case PackedLayout::GgmlQ8_0: return w.in % kBlock == 0;
     case PackedLayout::GgmlTQ2_0: return true;  // blocks of 256: 8 sub-blocks of 32, each (d, 1)
     case PackedLayout::IntGroups:
-      // The ternary format (no group scales): one group per row whose f16 scale is the tensor
-      // scale (gamma rounded to f16: the GPU's products carry its relative error, <= 2^-11).
+      // The ternary format (no group scales): one group per row with f16 scale 1, the f32 tensor
+      // scale (gamma) applied to the product afterwards (DevicePackedWeight::post).
       if (!w.scales)
-        return qmm::ternary_kind(w) == qmm::TernaryKind::Ternary && w.in % kBlock == 0 &&
-               std::isfinite(w.tensor_scale) && std::fabs(w.tensor_scale) <= 65504.0f;
+        return qmm::ternary_kind(w) == qmm::TernaryKind::Ternary && w.in % kBlock == 0 && std::isfinite(w.tensor_scale);
       return (w.bits == 2 || w.bits == 4 || w.bits == 8) && w.in % kBlock == 0 &&
              (w.n_groups == 1 || w.group_size % kBlock == 0);
     default: return false;
@@ -1238,6 +1237,7 @@ DevicePackedWeight device_layout_on_host(const PackedWeight& w) {
   d.order = ggml ? 8 : w.bits;
   d.offset = w.layout == PackedLayout::GgmlQ4_1;
   d.row_bytes = w.in * d.bits / 8;
+  if (!ggml && !w.scales) d.post = w.tensor_scale;  // the ternary format's gamma, in f32
   Tensor codes = Tensor::empty({w.out, d.row_bytes}, DType::U8);
   Tensor params = Tensor::empty({w.out, d.n_groups, 2}, DType::F16);
   uint8_t* pc = codes.data<uint8_t>();
@@ -1254,7 +1254,7 @@ DevicePackedWeight device_layout_on_host(const PackedWeight& w) {
       for (int64_t g = 0; g < d.n_groups; ++g) {
         float z = w.zeros ? f16_to_f32(w.zeros[r * w.n_groups + g]) : w.implicit_zero;
         if (d.bits == 8) z -= 128.0f;
-        prm[2 * g] = w.scales ? w.scales[r * w.n_groups + g] : f32_to_f16(w.tensor_scale);
+        prm[2 * g] = w.scales ? w.scales[r * w.n_groups + g] : f16_one;
         prm[2 * g + 1] = f32_to_f16(z);
       }
       continue;
@@ -1322,6 +1322,7 @@ void quant_embedding(const PackedWeight& w, const Tensor& ids, Tensor& out) {
       throw_error("quant_embedding: table [", w.format, "] has no GPU copy (upload_packed_weight)");
 #ifdef LOWBIT_WITH_CUDA
     cuda::quant_embedding(w, ids, out);
+    if (w.device->post != 1.0f) scale(out, double(w.device->post), out);
     return;
 #else
     detail::no_cuda("quant_embedding");
@@ -1432,6 +1433,7 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
     const bool int8 = path == QuantMatmulPath::Int8 || (path == QuantMatmulPath::Auto && x.size(0) <= kQuantDecodeMaxRows);
 #ifdef LOWBIT_WITH_CUDA
     cuda::quant_matmul(x, w, y, int8, opt.cuda_gemv == CudaGemv::Auto ? env_cuda_gemv() : opt.cuda_gemv);
+    if (w.device->post != 1.0f) scale(y, double(w.device->post), y);
     return;
 #else
     (void)int8;

@@ -101,6 +101,9 @@ struct DevicePackedWeight {
   int bits = 0;
   int order = 8;        // element order inside a 32-value block: 8 natural, 4 / 2 lowbit's bit order
   bool offset = false;
+  // Multiplies the whole product (quant_matmul's y, quant_embedding's rows) after the kernels: the
+  // ternary format's f32 gamma, whose groups carry an f16 scale of 1 (exact, as on the CPU's `post`).
+  float post = 1.0f;
   bool defined() const { return codes.defined(); }
 };
 
