@@ -306,7 +306,11 @@ void for_each_linear(LlamaModel& model, Fn&& fn) {
 }
 
 // The device the model's tensors live on (the CLI's --device): the trained layers are put there.
+// Read from a norm weight, which is always resident: a packed vocabulary's token_embedding is a
+// shape-only placeholder on the host (a GGUF's Q8_0 token_embd on the GPU), and reading the device
+// from it put every end-to-end stage of a GGUF model loaded with --device cuda on the CPU.
 Device model_device(const LlamaModel& m) {
+  if (m.n_layers() > 0) return m.block(0).attn_norm.value().device();
   const Var& e = m.token_embedding();
   return e.defined() ? e.value().device() : Device::CPU;
 }
