@@ -452,6 +452,63 @@ print(f"LOWBIT_ADAMW_FUSED={sys.argv[2]}: train/block {st.mean(train):.3f} s ove
 PY
   done
   ;;
+join-gguf)
+  # The GGUF's pieces (carried by this and earlier calls, copied into $W) joined and checked.
+  m=$W/shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+  cp .devcarry/gguf.part* "$W/" 2>/dev/null
+  cat "$W"/gguf.part? > "$m" || exit 1
+  [ "$(sha256sum < "$m" | cut -d' ' -f1)" = "$(cat "$W/gguf.sha")" ] || { echo "GGUF sha256 mismatch"; exit 1; }
+  echo "GGUF joined"
+  ;;
+eqat-gguf)
+  # Issue 14: the qat device fix (model_device reads a norm weight). E2E-QP alone from the Q4_1 GGUF
+  # on cuda, EQAT_STEPS steps: before the fix it trained on the CPU (7.4 s for 6 steps, peak 4.9 GiB;
+  # from an f32 conversion 0.4 s, 1.7 GiB). After join-gguf.
+  export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+  m=$W/shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+  T=$(mktemp -d)
+  (while :; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits; sleep 1; done) > "$T/smi.log" & SMI=$!
+  t0=$(date +%s.%N)
+  timeout 200 "$W/bin/lowbit" qat -m "$m" --method efficientqat --format int2g64 --train "$W/shared/data/linux-docs/valid.txt" \
+    --device cuda --block-epochs 0 --steps "${EQAT_STEPS:-6}" --verbose -o "$T/q" > "$T/q.log" 2>&1
+  echo "efficientqat from the GGUF, E2E-QP ${EQAT_STEPS:-6} steps: exit $?, $(python3 -c "import time; print(round(time.time() - $t0, 1))") s"
+  tail -n 8 "$T/q.log"
+  kill "$SMI"
+  awk -F', ' '{u += $1; if ($2 > m) m = $2; n++} END {if (n) printf "mean GPU utilisation %.0f %%, peak memory %d MiB over %d s\n", u / n, m, n}' "$T/smi.log"
+  rm -rf "$T"
+  ;;
+matquant-bg)
+  # Issue 15: MatQuant on SmolLM2 for the seeds MQ_SEEDS (docs/results/matquant.md's command), in the
+  # background (setsid) into $W/mq: qat int8g64 --widths 8,4,2, then WikiText-2 ppl of each slice.
+  # After join-gguf; `collect-mq` copies $W/mq/*.log and the result lines.
+  mkdir -p "$W/mq"
+  cat > "$W/mq/run.sh" <<'EOS'
+#!/usr/bin/env bash
+W=/tmp/w
+export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64
+m=$W/shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+s=$1 d=$W/mq/mq-s$1
+t0=$(date +%s)
+"$W/bin/lowbit" -q qat -m "$m" --method matquant --format int8g64 --widths 8,4,2 --train "$W/shared/data/linux-docs/train.txt" \
+  --device cuda --seed "$s" --threads 4 -o "$d" --json > "$W/mq/s$s.qat.json" 2> "$W/mq/s$s.qat.log" || exit 1
+echo "seed $s qat $(( $(date +%s) - t0 )) s" >> "$W/mq/times.txt"
+for r in 8 4 2; do
+  "$W/bin/lowbit" -q eval ppl -m "$d" --slice "$r" --tokenizer "$m" --text "$W/shared/data/wikitext-2-raw/wiki.test.raw" \
+    --ctx 2048 --device cuda --json > "$W/mq/s$s.ppl$r.json" 2> "$W/mq/s$s.ppl$r.log"
+done
+echo "seed $s done $(( $(date +%s) - t0 )) s" >> "$W/mq/times.txt"
+EOS
+  chmod +x "$W/mq/run.sh"
+  for s in ${MQ_SEEDS:-1 2}; do setsid nohup "$W/mq/run.sh" "$s" > "$W/mq/run-s$s.log" 2>&1 < /dev/null & done
+  echo "matquant seeds ${MQ_SEEDS:-1 2} started"
+  ;;
+collect-mq)
+  O=${OUT:-/tmp/out}
+  mkdir -p "$O/mq"
+  cp "$W"/mq/*.json "$W"/mq/*.log "$W"/mq/times.txt "$O/mq/" 2>/dev/null
+  cat "$W/mq/times.txt" 2>/dev/null
+  for f in "$W"/mq/s*.ppl*.json; do [ -f "$f" ] && echo "$(basename "$f") $(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('ppl'))" "$f")"; done
+  ;;
 collect-now)
   O=${OUT:-/tmp/out}
   mkdir -p "$O"
