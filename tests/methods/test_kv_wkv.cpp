@@ -158,9 +158,17 @@ TEST(KvWkv, TheQueryReadsItsOwnTokenInFullPrecision) {
     EXPECT_LE(diff(e.slice(0, 0, 2).contiguous(), fp.slice(0, 0, 2).contiguous()), 1e-5);
     EXPECT_GT(diff(e.slice(0, 2, 3).contiguous(), fp.slice(0, 2, 3).contiguous()), 1e-4);
   }
-  // The batched forward equals decoding through the cache, any chunking; the window.
+  // The batched forward equals decoding through the cache, any chunking (also with the keys in the
+  // interleaved RoPE order); the window.
   m.set_transforms(q);
   for (int64_t chunk : {1, 7, 30}) EXPECT_LE(diff(cached_logits(m, tok, chunk), out), 1e-4) << chunk;
+  {
+    LlamaConfig ci = test::small_config(RopeStyle::Interleaved);
+    LlamaModel mi(ci, outlier_weights(ci, 5));
+    mi.set_transforms(with_wkv(mi, ModelTransforms{}, 2, calib, 16, 0));
+    const Tensor bi = test::logits_of(mi, tok);
+    for (int64_t chunk : {1, 7}) EXPECT_LE(diff(cached_logits(mi, tok, chunk), bi), 1e-4) << "interleaved " << chunk;
+  }
   q.kv.window = 5;  // positions below 5 read nothing quantized
   m.set_transforms(q);
   const Tensor win = test::logits_of(m, tok);
