@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Coupled Quantization (CQ, arXiv 2405.03917) of the KV cache next to KIVI int4/int2 (issue 16) on
+# Coupled Quantization (CQ, arXiv 2405.03917) and WKVQuant (arXiv 2402.12065) of the KV cache next to
+# KIVI int4/int2 (issue 16) on
 # SmolLM2-135M-Instruct: WikiText-2 test perplexity with the protocol of docs/results/wa-smollm2.md's
 # KV rows (ctx 512, the first 20 windows, W4 = RTN int4g128 without rotation, lm_head/embedding f32).
 #
@@ -14,27 +15,31 @@
 #                         runs every "1/0" given: every token quantized)
 #     --weights LIST      w4 (RTN int4g128 checkpoint with the codebooks) and/or w16 (the GGUF's dequantized
 #                         weights; codebooks learned at load: eval ppl --kv-calib) (default "w4")
-#     --kv LIST           KV quantizers (default "int4 int2 cq2 cq1"; int*: KIVI on the same weights)
+#     --kv LIST           KV quantizers (default "int4 int2 cq2 cq1"; int*: KIVI on the same weights; wkv4 / wkv2:
+#                         WKVQuant, its smoothing calibrated on --wkv-nsamples x --wkv-seqlen tokens of the
+#                         calibration text with groups of the layout's GROUP channels)
+#     --wkv-nsamples N --wkv-seqlen N   WKVQuant calibration windows (default 8 x 256)
 #     --threads N         lowbit threads (default: lowbit's default)
 #     --out DIR           results (default kv-cq-table): results.jsonl (one line an eval), table.md
 #
 # The w4 models: `lowbit quantize --method rtn --format int4g128 --kv-quant cqB --calib ...` (the weights
 # are the same for cq1 and cq2; KIVI cells evaluate the cq1 checkpoint with --kv-quant int4|int2, which
-# replaces the recorded quantizer).
+# replaces the recorded quantizer). WKVQuant cells evaluate `quantize ... --kv-quant wkvB --kv-group G` checkpoints
+# (W4) or calibrate at load with --kv-calib (W16).
 set -uo pipefail
 shared=${LOWBIT_SHARED:-$(cd "$(dirname "$0")/../.." && pwd)/shared}
 lowbit=build-rel/lowbit
 model=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 wiki=$shared/data/wikitext-2-raw/wiki.test.raw
 calib="" nsamples=16 seqlen=512 ctx=512 max_windows=20 layouts="32/128 32/0" weights=w4 kvs="int4 int2 cq2 cq1"
-threads="" out=kv-cq-table
+threads="" out=kv-cq-table wkv_nsamples=8 wkv_seqlen=256
 while [ $# -gt 0 ]; do
   case "$1" in
     --lowbit) lowbit=$2; shift 2 ;; --model) model=$2; shift 2 ;; --wiki) wiki=$2; shift 2 ;;
     --calib) calib=$2; shift 2 ;; --nsamples) nsamples=$2; shift 2 ;; --seqlen) seqlen=$2; shift 2 ;;
     --ctx) ctx=$2; shift 2 ;; --max-windows) max_windows=$2; shift 2 ;; --layouts) layouts=$2; shift 2 ;;
     --weights) weights=$2; shift 2 ;; --kv) kvs=$2; shift 2 ;; --threads) threads=$2; shift 2 ;;
-    --out) out=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;; --wkv-nsamples) wkv_nsamples=$2; shift 2 ;; --wkv-seqlen) wkv_seqlen=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 1 ;;
   esac
 done
@@ -50,11 +55,12 @@ meta() {  # machine, load, date for each line
   python3 -c 'import json,os,sys,subprocess; m=subprocess.run("lscpu | grep \"Model name\"", shell=True, capture_output=True, text=True).stdout.split(":",1)[-1].strip(); print(json.dumps({"cpu": m, "load1": os.getloadavg()[0], "date": sys.argv[1]}))' "$(date -u +%FT%TZ)"
 }
 
-w4_model() {  # cq1|cq2 -> prints the checkpoint directory (made once)
-  local kv=$1 dir=$out/models/w4-$1
+w4_model() {  # cq1|cq2 [| wkv4|wkv2 GROUP] -> prints the checkpoint directory (made once)
+  local kv=$1 dir=$out/models/w4-$1 extra=() ns=$nsamples sl=$seqlen
+  case "$kv" in wkv*) dir=$dir-g$2 extra=(--kv-group "$2") ns=$wkv_nsamples sl=$wkv_seqlen ;; esac
   if [ ! -f "$dir/config.json" ]; then
-    "$lowbit" -q quantize -m "$model" --method rtn --format int4g128 --kv-quant "$kv" --calib "$calib" \
-      --tokenizer "$model" --nsamples "$nsamples" --seqlen "$seqlen" "${thr[@]}" -o "$dir" --json \
+    "$lowbit" -q quantize -m "$model" --method rtn --format int4g128 --kv-quant "$kv" "${extra[@]}" --calib "$calib" \
+      --tokenizer "$model" --nsamples "$ns" --seqlen "$sl" "${thr[@]}" -o "$dir" --json \
       > "$dir.quantize.json" 2> "$dir.quantize.err" || { echo "quantize $kv failed" >&2; return 1; }
   fi
   echo "$dir"
@@ -66,9 +72,16 @@ run() {  # weights kv group window
   if [ "$w" = w16 ]; then
     path=$model
     args+=(--dequantize)
-    case "$kv" in cq*) args+=(--kv-calib "$calib" --kv-calib-windows "$nsamples" --kv-calib-seqlen "$seqlen") ;; esac
+    case "$kv" in
+      cq*) args+=(--kv-calib "$calib" --kv-calib-windows "$nsamples" --kv-calib-seqlen "$seqlen") ;;
+      wkv*) args+=(--kv-calib "$calib" --kv-calib-windows "$wkv_nsamples" --kv-calib-seqlen "$wkv_seqlen") ;;
+    esac
   else
-    case "$kv" in cq*) path=$(w4_model "$kv") || return ;; *) path=$(w4_model cq1) || return ;; esac
+    case "$kv" in
+      cq*) path=$(w4_model "$kv") || return ;;
+      wkv*) path=$(w4_model "$kv" "$g") || return ;;
+      *) path=$(w4_model cq1) || return ;;
+    esac
     args+=(--f32-vocab)
   fi
   t0=$(date +%s)
@@ -86,7 +99,7 @@ for w in $weights; do
   for lay in $layouts; do
     g=${lay%/*} win=${lay#*/}
     for kv in $kvs; do
-      case "$kv" in int*) [ "$g" = 1 ] && continue ;; esac  # KIVI with groups of one token is no quantizer
+      case "$kv" in int*|wkv*) [ "$g" = 1 ] && continue ;; esac  # KIVI / WKVQuant with groups of one: no quantizer
       run "$w" "$kv" "$g" "$win"
     done
   done
@@ -96,7 +109,7 @@ python3 - "$results" > "$out/table.md" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print("| weights | KV | group / window | ppl | KV bits / value (asymptotic) |\n|---|---|---|---:|---:|")
-bits = {"int4": "5.25", "int2": "3.25", "cq1": "1 (+ codebooks)", "cq2": "2 (+ codebooks)"}
+bits = {"int4": "5.25", "int2": "3.25", "cq1": "1 (+ codebooks)", "cq2": "2 (+ codebooks)", "wkv4": "5.25", "wkv2": "3.25"}
 for r in rows:
     p = "failed" if "error" in r else f"{r['ppl']:.3f}"
     print(f"| {r.get('weights')} | {r.get('kv_quant')} | {r.get('layout')} | {p} | {bits.get(r.get('kv_quant'), '')} |")

@@ -16,6 +16,7 @@
 #include "lowbit/methods/apiq.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/kv_cq.h"
+#include "lowbit/methods/kv_wkv.h"
 #include "lowbit/methods/layer_budget.h"
 #include "lowbit/methods/lqer.h"
 #include "lowbit/methods/act_clip.h"
@@ -368,7 +369,11 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   if ((a.tr.kv_group_given || a.tr.kv_window_given) && (a.tr.kv_quant.empty() || a.tr.kv_quant == "none"))
     throw_error(a.tr.kv_group_given ? "--kv-group" : "--kv-window", ": no KV-cache quantization (give --kv-quant)");
   if (!a.tr.kv_calib.empty())
-    throw_error("--kv-calib: quantize learns the --kv-quant cq1|cq2 codebooks on its --calib data and records them");
+    throw_error("--kv-calib: quantize learns the --kv-quant cq1|cq2 codebooks (wkv4|wkv2 smoothing) on its --calib data "
+                "and records them");
+  if (kv_quant_wkv(a.tr.kv_quant) && a.calib.empty() && a.calib_tokens.empty())
+    throw_error("--kv-quant ", a.tr.kv_quant, " needs calibration data (--calib TEXT or --calib-tokens FILE): its per-channel "
+                "smoothing is calibrated on the calibration windows' keys and values");
   if (kv_quant_channels(a.tr.kv_quant) > 0 && a.calib.empty() && a.calib_tokens.empty())
     throw_error("--kv-quant ", a.tr.kv_quant, " needs calibration data (--calib TEXT or --calib-tokens FILE): its codebooks "
                 "are learned by k-means on the calibration windows' keys and values");
@@ -742,6 +747,32 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     report["stream_write_seconds"] = r.stream_write_seconds;
   } else if (a.stream != "off") {
     report["stream_obstacle"] = obstacle;
+  }
+  // --kv-quant wkv4|wkv2: the smoothing, calibrated on the quantized model (methods/kv_wkv.h).
+  if (kv_quant_wkv(a.tr.kv_quant)) {
+    WkvCalibOptions wo;
+    wo.bits = parse_kv_quant_bits(a.tr.kv_quant);
+    wo.group = a.tr.kv_group;
+    const WkvCalibReport wr = learn_wkv_smoothing(*m.model, calib, wo);
+    ModelTransforms t = m.model->transforms();
+    t.kv.bits = wo.bits;
+    t.kv.wkv = true;
+    t.kv.wkv_shift = wr.shift;
+    t.kv.wkv_scale = wr.scale;
+    m.model->set_transforms(std::move(t));
+    report["kv_smoothing"] = {{"group", wo.group}, {"lookahead", wo.lookahead}, {"alphas", wo.alphas},
+                              {"windows", calib.size(0)}, {"seqlen", calib.size(1)},
+                              {"alpha_keys", wr.alpha_keys}, {"alpha_values", wr.alpha_values},
+                              {"loss_plain", wr.loss_plain}, {"loss_chosen", wr.loss_chosen},
+                              {"local_plain", wr.local_plain}, {"local_chosen", wr.local_chosen},
+                              {"seconds", wr.seconds}};
+    if (!a.json) {
+      double lp = 0, lc = 0;
+      for (size_t i = 0; i < wr.loss_plain.size(); ++i) lp += wr.loss_plain[i], lc += wr.loss_chosen[i];
+      std::fprintf(stderr, "kv smoothing %s: next-block relative error %.5f without smoothing, %.5f with (mean over %zu "
+                   "layers; %.1f s)\n", a.tr.kv_quant.c_str(), lp / double(wr.loss_plain.size()),
+                   lc / double(wr.loss_chosen.size()), wr.loss_plain.size(), wr.seconds);
+    }
   }
   // --kv-quant cq1|cq2: the codebooks, learned on the quantized model's keys and values (methods/kv_cq.h).
   if (const int cq_channels = kv_quant_channels(a.tr.kv_quant); cq_channels > 0) {

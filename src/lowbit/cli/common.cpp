@@ -23,6 +23,7 @@
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/kv_cq.h"
+#include "lowbit/methods/kv_wkv.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/quant_matmul.h"
 #include "lowbit/tokenizer/chat_template.h"
@@ -198,7 +199,9 @@ void add_transform_options(CLI::App* app, TransformArgs* a) {
                   "fake quantization of the KV cache: none, int4, int2 (KIVI: keys per channel, values per token, "
                   "asymmetric), cq1, cq2 (Coupled Quantization: 8 / 4 channels of a token quantized jointly to one of "
                   "256 learned centroids, 1 / 2 bits per channel; `quantize --calib` learns the codebooks, which the "
-                  "checkpoint keeps) (default: what the checkpoint records, else none)")
+                  "checkpoint keeps), wkv4, wkv2 (WKVQuant: static per-channel smoothing calibrated on --calib / "
+                  "--kv-calib, then 4 / 2-bit per-token quantization; past only: a query never reads its own token "
+                  "quantized) (default: what the checkpoint records, else none)")
       ->check(CLI::Validator(
           [](std::string& v) -> std::string {
             try {
@@ -224,8 +227,8 @@ void add_transform_options(CLI::App* app, TransformArgs* a) {
           },
           "BITS", ""));
   app->add_option("--kv-calib", a->kv_calib,
-                  "with --kv-quant cq1|cq2 on a model without codebooks (eval, generate, bench): learn them at load by "
-                  "k-means on this text's keys and values (quantize records them instead: its --calib)");
+                  "with --kv-quant cq1|cq2|wkv4|wkv2 on a model without codebooks / smoothing (eval, generate, bench): "
+                  "learn them at load on this text's keys and values (quantize records them instead: its --calib)");
   app->add_option("--kv-calib-windows", a->kv_calib_windows, "with --kv-calib: calibration windows")
       ->capture_default_str()
       ->check(between(1, 4096));
@@ -295,16 +298,25 @@ void apply_quant_transforms(LlamaModel& model, const TransformArgs& a, KVCacheTy
         throw_error("--kv-quant ", a.kv_quant, ": this model has no ", a.kv_quant, " codebooks (it records KV quantization ",
                     kv_quant_name(t.kv), "); they are learned by `lowbit quantize --kv-quant ", a.kv_quant,
                     " --calib TEXT ...`, and the checkpoint it writes keeps them");
+    } else if (kv_quant_wkv(a.kv_quant)) {  // WKVQuant: the smoothing comes from the checkpoint or --kv-calib
+      if (!(t.kv.smoothed() && t.kv.bits == bits))
+        throw_error("--kv-quant ", a.kv_quant, ": this model has no ", a.kv_quant, " smoothing (it records KV quantization ",
+                    kv_quant_name(t.kv), "); it is calibrated by `lowbit quantize --kv-quant ", a.kv_quant,
+                    " --calib TEXT ...` (the checkpoint keeps it) or at load with --kv-calib TEXT");
     } else {
       t.kv.bits = bits;
       t.kv.cq_channels = 0;
       t.kv.cq_keys = Tensor();
       t.kv.cq_values = Tensor();
+      t.kv.wkv = false;
+      t.kv.wkv_shift = Tensor();
+      t.kv.wkv_scale = Tensor();
     }
   }
-  if (packed && t.kv.coupled())
-    throw_error("--kv-cache ", kv_cache_type_name(cache), " stores KIVI codes; this model records coupled KV quantization ",
-                kv_quant_name(t.kv), " (simulated on an f16/f32 cache): give --kv-cache f16 or f32, or --kv-quant none");
+  if (packed && (t.kv.coupled() || t.kv.smoothed()))
+    throw_error("--kv-cache ", kv_cache_type_name(cache), " stores KIVI codes; this model records ",
+                t.kv.coupled() ? "coupled" : "WKVQuant", " KV quantization ", kv_quant_name(t.kv),
+                " (simulated on an f16/f32 cache): give --kv-cache f16 or f32, or --kv-quant none");
   if (!a.kv_token_quant.empty()) t.kv_token_bits = parse_kv_token_bits(a.kv_token_quant);
   if (a.kv_group_given) t.kv.group = a.kv_group;
   if (a.kv_window_given) t.kv.window = a.kv_window;
@@ -323,11 +335,14 @@ void apply_kv_calibration(LoadedModel& m, const TransformArgs& a, const std::str
                           const std::string& model_path, bool quiet) {
   if (a.kv_calib.empty()) return;
   const int channels = a.kv_quant.empty() ? 0 : kv_quant_channels(a.kv_quant);
-  if (channels == 0)
-    throw_error("--kv-calib learns the codebooks of coupled KV quantization: give --kv-quant cq1 or cq2");
+  const bool wkv = !a.kv_quant.empty() && kv_quant_wkv(a.kv_quant);
+  if (channels == 0 && !wkv)
+    throw_error("--kv-calib learns the codebooks of coupled KV quantization or WKVQuant's smoothing: give --kv-quant cq1, "
+                "cq2, wkv4 or wkv2");
   const ModelTransforms& cur = m.model->transforms();
-  if (cur.kv.coupled())
-    throw_error("--kv-calib: the model already records ", kv_quant_name(cur.kv), " codebooks (drop --kv-calib to use them)");
+  if (cur.kv.coupled() || cur.kv.smoothed())
+    throw_error("--kv-calib: the model already records ", kv_quant_name(cur.kv), cur.kv.coupled() ? " codebooks" : " smoothing",
+                " (drop --kv-calib to use them)");
   std::ifstream in(a.kv_calib, std::ios::binary);
   if (!in) throw_error("--kv-calib ", a.kv_calib, ": cannot open");
   auto tok = open_tokenizer(tokenizer_path, model_path);
@@ -339,6 +354,30 @@ void apply_kv_calibration(LoadedModel& m, const TransformArgs& a, const std::str
   const int64_t seqlen = std::min<int64_t>(a.kv_calib_seqlen, m.model->config().max_seq_len);
   const Tensor calib = sample_calibration(stream, a.kv_calib_windows, seqlen, 0);
   const int bits = parse_kv_quant_bits(a.kv_quant);
+  if (wkv) {
+    WkvCalibOptions o;
+    o.bits = bits;
+    o.group = a.kv_group_given ? a.kv_group : cur.kv.enabled() ? cur.kv.group : a.kv_group;
+    const WkvCalibReport r = learn_wkv_smoothing(*m.model, calib, o);
+    ModelTransforms t = cur;
+    t.kv.bits = bits;
+    t.kv.cq_channels = 0;
+    t.kv.cq_keys = Tensor();
+    t.kv.cq_values = Tensor();
+    t.kv.wkv = true;
+    t.kv.wkv_shift = r.shift;
+    t.kv.wkv_scale = r.scale;
+    m.model->set_transforms(std::move(t));
+    if (!quiet) {
+      double lp = 0, lc = 0;
+      for (size_t i = 0; i < r.loss_plain.size(); ++i) lp += r.loss_plain[i], lc += r.loss_chosen[i];
+      std::fprintf(stderr, "kv smoothing %s calibrated on %lld x %lld tokens of %s: next-block relative error %.5f without "
+                   "smoothing, %.5f with (mean over layers; %.1f s)\n", a.kv_quant.c_str(), (long long)calib.size(0),
+                   (long long)calib.size(1), a.kv_calib.c_str(), lp / double(r.loss_plain.size()),
+                   lc / double(r.loss_chosen.size()), r.seconds);
+    }
+    return;
+  }
   KVCodebookOptions o;
   o.channels = channels;
   o.code_bits = bits * channels;

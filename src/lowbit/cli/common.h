@@ -102,7 +102,8 @@ void replace_weights(LoadedModel& m, LlamaConfig c, LlamaWeights w, ModelTransfo
 // set its layout (LlamaModel::set_kv_cache_layout) and --kv-quant int4|int2 is refused (one of the
 // two: the packed cache quantizes for real what --kv-quant simulates).
 void apply_quant_transforms(LlamaModel& model, const TransformArgs& a, KVCacheType cache = KVCacheType::Auto);
-// --kv-calib: learns the --kv-quant cq1|cq2 codebooks (methods/kv_cq.h) on the model as loaded (and
+// --kv-calib: learns the --kv-quant cq1|cq2 codebooks (methods/kv_cq.h) or the wkv4|wkv2 smoothing
+// (methods/kv_wkv.h, groups of --kv-group channels) on the model as loaded (and
 // rotated), before apply_quant_transforms; the text is tokenized with --tokenizer / the model's
 // tokenizer. Nothing without --kv-calib. Throws for --kv-calib without --kv-quant cq1|cq2, or for a
 // model that already records codebooks.

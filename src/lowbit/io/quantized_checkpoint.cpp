@@ -89,6 +89,7 @@ ModelTransforms read_transforms(const nlohmann::json& j, SafetensorsFile& f, con
         throw_error("kv_cq_channels ", ch, " does not match kv_quant ", kvq, " (", kv_quant_channels(kvq), " channels)");
       t.kv.cq_channels = int(ch);
     }
+    t.kv.wkv = kv_quant_wkv(kvq);
     const double group = num("kv_group", true), window = num("kv_window", true);
     if (group < 1 || group > 4096 || window < 0 || window > double(int64_t(1) << 30))
       throw_error("kv_group ", group, " / kv_window ", window, " out of range");
@@ -119,6 +120,22 @@ ModelTransforms read_transforms(const nlohmann::json& j, SafetensorsFile& f, con
   } else {
     for (const char* name : {"lowbit.kv_cq.keys", "lowbit.kv_cq.values"})
       if (f.find(name)) throw_error(st_path, ": ", name, " is present but ", cfg_path, " records no coupled KV quantization");
+  }
+  if (t.kv.smoothed()) {  // WKVQuant's smoothing (validate_transforms checks shapes and values)
+    for (const auto& [name, dst] : {std::pair<const char*, Tensor*>{"lowbit.kv_wkv.shift", &t.kv.wkv_shift},
+                                    {"lowbit.kv_wkv.scale", &t.kv.wkv_scale}}) {
+      if (!f.find(name))
+        throw_error(st_path, ": ", name, " is missing (", cfg_path, " records kv_quant ", kv_quant_name(t.kv),
+                    ", whose smoothing it holds)");
+      try {
+        *dst = f.load_f32(name);
+      } catch (const Error& e) {
+        throw_error(st_path, ": ", name, ": ", e.what());
+      }
+    }
+  } else {
+    for (const char* name : {"lowbit.kv_wkv.shift", "lowbit.kv_wkv.scale"})
+      if (f.find(name)) throw_error(st_path, ": ", name, " is present but ", cfg_path, " records no WKVQuant KV quantization");
   }
   validate_transforms(c, t, st_path);
   return t;
@@ -236,6 +253,10 @@ void rotation_tensors(const ModelTransforms& tr, std::vector<std::pair<std::stri
   if (tr.kv.coupled()) {  // CQ codebooks, f32 [layers, groups, centroids, channels]
     ts.emplace_back("lowbit.kv_cq.keys", tr.kv.cq_keys.contiguous());
     ts.emplace_back("lowbit.kv_cq.values", tr.kv.cq_values.contiguous());
+  }
+  if (tr.kv.smoothed()) {  // WKVQuant smoothing, f32 [layers, 2 (keys, values), channels]
+    ts.emplace_back("lowbit.kv_wkv.shift", tr.kv.wkv_shift.contiguous());
+    ts.emplace_back("lowbit.kv_wkv.scale", tr.kv.wkv_scale.contiguous());
   }
 }
 

@@ -31,7 +31,7 @@
 // A model with transforms (model/rotation.h: rotation, activation / KV-cache quantization) also has
 //   quantization_config.transforms = {"rotation": "hadamard" | "none", "rotation_seed": N,
 //                                     "act": "int8" | "int4" | "int8-asym" | "int4-asym" | "none",
-//                                     "act_clip": 1.0, "kv_quant": "int4" | "int2" | "cq1" | "cq2" | "none",
+//                                     "act_clip": 1.0, "kv_quant": "int4" | "int2" | "cq1" | "cq2" | "wkv4" | "wkv2" | "none",
 //                                     "kv_group": 32, "kv_window": 128,
 //                                     "act_clips": [..]  (only with `--act-clip search`: n_layers x 4
 //                                                         ratios, ActQuantSpec::clips)}
@@ -40,6 +40,8 @@
 // Coupled KV quantization ("kv_quant": "cq1" | "cq2") also records "kv_cq_channels" (8 | 4) and its
 // codebooks (model/rotation.h KVQuantSpec):
 //   lowbit.kv_cq.{keys,values}  F32 [n_layers, KVH*head_dim/channels, 256, channels]
+// WKVQuant ("kv_quant": "wkv4" | "wkv2") records its per-channel smoothing:
+//   lowbit.kv_wkv.{shift,scale}  F32 [n_layers, 2 (keys, values), KVH*head_dim]  (scale > 0)
 // and the stored weights are the rotated ones, so the checkpoint reloads to identical outputs.
 // Readers that cannot apply the transforms (GGUF / GPTQ / AWQ export, convert) refuse such a
 // checkpoint.

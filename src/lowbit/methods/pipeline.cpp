@@ -135,7 +135,7 @@ std::string clips_key(const std::vector<double>& clips) {
 std::string transforms_key(const ModelTransforms& t) {
   if (!t.any()) return "";
   return "|rot:" + (t.rotation.empty() ? std::string("none") : t.rotation + ":" + std::to_string(t.rotation_seed)) +
-         "|act:" + act_quant_name(t.act) + ":" + key_number(t.act.clip) + "|kv:" + std::to_string(t.kv.bits) + ":" +
+         "|act:" + act_quant_name(t.act) + ":" + key_number(t.act.clip) + "|kv:" + kv_quant_name(t.kv) + ":" +
          std::to_string(t.kv.group) + ":" + std::to_string(t.kv.window) + clips_key(t.act.clips);
 }
 }  // namespace

@@ -9,6 +9,7 @@
 #include "lowbit/core/vecmath.h"
 #include "lowbit/model/tensor_parallel.h"
 #include "lowbit/ops/coupled_quant.h"
+#include "lowbit/ops/wkv_quant.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/ops/quant_matmul.h"
 
@@ -325,6 +326,24 @@ Tensor kivi_attention(const KVQuantSpec& spec, int layer, const Tensor& q, const
   const int64_t T = q.size(0), H = q.size(1), hd = q.size(2), S = k.size(0), KVH = k.size(1), C = KVH * hd;
   const int64_t G = spec.group, vg = hd % G == 0 ? G : hd;
   const int64_t Lmax = spec.quantized_len(S - 1);
+  if (spec.smoothed()) {  // WKVQuant: smoothed per channel, quantized per token, past only (ops/wkv_quant.h)
+    Tensor out = Tensor::empty({T, H, hd});
+    if (Lmax == 0) {
+      ops::kv_attention_forward(q, k, v, Tensor(), Tensor(), scale, out);
+      return out;
+    }
+    const Tensor shift = spec.wkv_shift.select(0, layer).contiguous(), sc = spec.wkv_scale.select(0, layer).contiguous();
+    Tensor kin = k.slice(0, 0, Lmax).contiguous().view({Lmax, C}), kq = Tensor::empty({Lmax, C}), vq = Tensor::empty({Lmax, C});
+    if (keys_interleaved) kin = permute_key_channels(kin, hd, true);
+    ops::wkv_fake_quant(kin, shift.select(0, 0).contiguous(), sc.select(0, 0).contiguous(), spec.bits, vg, kq);
+    if (keys_interleaved) kq = permute_key_channels(kq, hd, false);
+    ops::wkv_fake_quant(v.slice(0, 0, Lmax).contiguous().view({Lmax, C}), shift.select(0, 1).contiguous(),
+                        sc.select(0, 1).contiguous(), spec.bits, vg, vq);
+    std::vector<int64_t> L(static_cast<size_t>(T));
+    for (int64_t i = 0; i < T; ++i) L[size_t(i)] = spec.quantized_len(S - T + i);
+    ops::past_quant_attention_forward(q, k, v, kq.view({Lmax, KVH, hd}), vq.view({Lmax, KVH, hd}), L, scale, out);
+    return out;
+  }
   Tensor kq, vq;
   if (Lmax > 0) {  // the complete groups, quantized once: keys per channel, values per token
     kq = Tensor::empty({Lmax, C});

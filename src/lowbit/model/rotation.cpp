@@ -102,8 +102,12 @@ int parse_kv_quant_bits(const std::string& name, const std::string& what) {
   if (name == "int2") return 2;
   if (name == "cq1") return 1;
   if (name == "cq2") return 2;
-  throw_error(what, ": '", name, "' is not a KV-cache quantization (expected none, int4, int2, cq1 or cq2)");
+  if (name == "wkv4") return 4;
+  if (name == "wkv2") return 2;
+  throw_error(what, ": '", name, "' is not a KV-cache quantization (expected none, int4, int2, cq1, cq2, wkv4 or wkv2)");
 }
+
+bool kv_quant_wkv(const std::string& name) { return name == "wkv4" || name == "wkv2"; }
 
 int kv_quant_channels(const std::string& name) {
   if (name == "cq1") return 8;
@@ -113,6 +117,7 @@ int kv_quant_channels(const std::string& name) {
 
 std::string kv_quant_name(const KVQuantSpec& kv) {
   if (!kv.enabled()) return "none";
+  if (kv.wkv) return "wkv" + std::to_string(kv.bits);
   if (!kv.coupled()) return "int" + std::to_string(kv.bits);
   if ((kv.bits == 1 && kv.cq_channels == 8) || (kv.bits == 2 && kv.cq_channels == 4)) return "cq" + std::to_string(kv.bits);
   return "cq" + std::to_string(kv.bits) + "c" + std::to_string(kv.cq_channels);
@@ -182,6 +187,27 @@ void validate_transforms(const LlamaConfig& c, const ModelTransforms& t, const s
   }
   if (t.kv.enabled() && !t.kv.coupled() && t.kv.bits != 2 && t.kv.bits != 4)
     throw_error(source, ": KV-cache bits ", t.kv.bits, " (expected 2 or 4)");
+  if (t.kv.wkv && t.kv.cq_channels > 0) throw_error(source, ": WKVQuant and coupled KV quantization together");
+  if (t.kv.smoothed()) {  // WKVQuant: the smoothing's shape follows from the config
+    const Shape want{c.n_layers, 2, int64_t(c.n_kv_heads) * c.resolved_head_dim()};
+    for (const auto& [name, p] : {std::pair<const char*, const Tensor*>{"shift", &t.kv.wkv_shift}, {"scale", &t.kv.wkv_scale}}) {
+      if (!p->defined())
+        throw_error(source, ": the WKVQuant smoothing ", name, " is missing (", kv_quant_name(t.kv),
+                    " smoothing is calibrated by `lowbit quantize --kv-quant ", kv_quant_name(t.kv),
+                    " --calib ...` or at load with --kv-calib)");
+      if (p->dtype() != DType::F32 || p->shape() != want || p->device() != Device::CPU)
+        throw_error(source, ": the WKVQuant smoothing ", name, " is ", p->describe(), ", expected f32 ", shape_str(want),
+                    " (layers, keys/values, channels)");
+      const Tensor pc = p->contiguous();
+      const float* v = pc.data<float>();
+      for (int64_t i = 0; i < pc.numel(); ++i)
+        if (!std::isfinite(v[i]) || (std::string(name) == "scale" && !(v[i] > 0)))
+          throw_error(source, ": the WKVQuant smoothing ", name, " holds ", v[i], " at ", i,
+                      std::string(name) == "scale" ? " (must be finite and > 0)" : " (must be finite)");
+    }
+  } else if (t.kv.wkv_shift.defined() || t.kv.wkv_scale.defined()) {
+    throw_error(source, ": WKVQuant smoothing given for KV quantization ", kv_quant_name(t.kv));
+  }
   if (t.kv.coupled()) {  // CQ: the codebooks' shape follows from the config and the spec
     const int64_t C = int64_t(c.n_kv_heads) * c.resolved_head_dim(), ch = t.kv.cq_channels;
     if (ch < 1 || t.kv.bits < 1 || t.kv.bits * ch > 8)

@@ -24,6 +24,7 @@
 // This is what a KIVI cache that quantizes `group` tokens at a time once more than `window` are
 // held would store; the cache itself keeps its storage type (the quantized values are recomputed).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -81,20 +82,36 @@ struct ActQuantSpec {
 // channels (256 centroids); "cq2": bits 2, 4 channels (256 centroids). The same L(t) as KIVI's
 // decides which tokens a query reads quantized (`group` is then only the token granularity of
 // that rule: CQ quantizes each token on its own).
+//
+// WKVQuant (arXiv 2402.12065; ops/wkv_quant.h, methods/kv_wkv.h) instead of KIVI when wkv: every
+// quantized token's keys and values are smoothed per channel by the static (layer, K/V) shift and
+// scale of wkv_shift / wkv_scale, then quantized per token (asymmetric min/max, groups of `group`
+// channels of a head; the whole head when group does not divide head_dim) at `bits` (4 or 2).
+// Past-only: a query at position t reads L(t) = max(0, t + 1 - max(window, 1)) quantized tokens —
+// every token older than its newest `window` ones (no rounding to groups: each token is quantized
+// on its own), and never its own token, even at window 0 (KIVI's and CQ's rule with window 0
+// quantizes a query's own token when it completes a group).
 struct KVQuantSpec {
-  int bits = 0;          // 0: off; 2 or 4 (KIVI); 1 or 2 bits per channel (CQ)
-  int64_t group = 32;    // tokens per key group, channels per value group
+  int bits = 0;          // 0: off; 2 or 4 (KIVI, WKVQuant); 1 or 2 bits per channel (CQ)
+  int64_t group = 32;    // tokens per key group, channels per value group (WKVQuant: channels per group)
   int64_t window = 128;  // recent tokens kept in full precision (at least)
   int cq_channels = 0;   // > 0: coupled quantization, channels per group
   // CQ codebooks, f32 [n_layers, KVH * head_dim / cq_channels, 2^(bits * cq_channels), cq_channels].
   Tensor cq_keys, cq_values;
+  bool wkv = false;  // WKVQuant
+  // WKVQuant's smoothing, f32 [n_layers, 2 (keys, values), KVH * head_dim] (keys in the Hugging Face
+  // channel order of each head, as CQ's codebooks); scale > 0.
+  Tensor wkv_shift, wkv_scale;
   bool enabled() const { return bits > 0; }
   bool coupled() const { return bits > 0 && cq_channels > 0; }
+  bool smoothed() const { return bits > 0 && wkv; }
   int64_t cq_centroids() const { return int64_t(1) << (bits * cq_channels); }
   // L(t): how many of the keys/values a query at position t reads are quantized (0 when off).
   int64_t quantized_len(int64_t t) const {
+    if (bits == 0) return 0;
+    if (wkv) return std::max<int64_t>(0, t + 1 - std::max<int64_t>(window, 1));
     const int64_t n = t + 1 - window;
-    return bits == 0 || n <= 0 ? int64_t(0) : (n / group) * group;
+    return n <= 0 ? int64_t(0) : (n / group) * group;
   }
 };
 
@@ -123,11 +140,14 @@ std::string act_quant_name(const ActQuantSpec& a);  // "none", "int8", "int4-asy
 // straight through.
 Var act_fake_quant(const Var& x, const ActQuantSpec& a);
 // "int4", "int2" or "none" -> bits (4, 2, 0); "cq1" / "cq2" -> 1 / 2 (coupled quantization; see
-// kv_quant_channels); throws naming `what`.
+// kv_quant_channels); "wkv4" / "wkv2" -> 4 / 2 (WKVQuant; see kv_quant_wkv); throws naming `what`.
 int parse_kv_quant_bits(const std::string& name, const std::string& what = "--kv-quant");
 // Channels per CQ group of a --kv-quant name: cq1 -> 8, cq2 -> 4, otherwise 0 (KIVI or none).
 int kv_quant_channels(const std::string& name);
-// "none", "int4", "int2", "cq1", "cq2" (a CQ spec with other channel counts: "cq<bits>c<channels>").
+// Whether a --kv-quant name is WKVQuant's: wkv4 or wkv2.
+bool kv_quant_wkv(const std::string& name);
+// "none", "int4", "int2", "cq1", "cq2" (a CQ spec with other channel counts: "cq<bits>c<channels>"),
+// "wkv4", "wkv2".
 std::string kv_quant_name(const KVQuantSpec& kv);
 
 // "int8", "int4", "int2" or "none" -> ModelTransforms::kv_token_bits; throws naming `what`.
