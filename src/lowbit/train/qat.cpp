@@ -1008,7 +1008,7 @@ class LlmQat : public QatMethod {
 // OneBitTrainLinear (latent f32 W, its sign through the STE, the value vectors h and g from SVID),
 // trained end to end by the paper's distillation loss (§3.3): KL to the FP model's logits + α Σ_l of
 // the MSE of the l2-normalised hidden states of every block (hidden_state_mse), α = --hidden-mse
-// (default 1: the paper's, the reference code's kd_beta). The packed result is the `onebit` format:
+// (default 1: the authors' scripts' kd_beta). The packed result is the `onebit` format:
 // sign(W), h and g at f16.
 class OneBitQat : public QatMethod {
  public:
@@ -1039,7 +1039,7 @@ class OneBitQat : public QatMethod {
     });
     E2eOptions o = e2e_options(c_, fp.config(), 300, 8);
     o.stage = "onebit";
-    // α = 1: the paper's loss as published (L_KD = L_CE + α L_MSE; the reference code's kd_beta 1).
+    // α = 1: the authors' training scripts' kd_beta (L_KD = L_CE + α L_MSE, the loss the paper trains with).
     // Without distillation (a library caller's LM-loss run) the default is off.
     o.hidden_mse = c_.hidden_mse < 0 ? (o.distill ? 1.0 : 0.0) : c_.hidden_mse;
     LB_CHECK(o.hidden_mse == 0 || o.distill, "qat --method onebit: --hidden-mse ", o.hidden_mse,

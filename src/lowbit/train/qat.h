@@ -47,8 +47,8 @@
 //                 OneBitTrainLinear, Ŵ = diag(h) sign(W) diag(g) with a latent f32 W (STE) and the value
 //                 vectors h, g initialised by SVID (rank-1 of |W|), all trained end to end by the paper's
 //                 distillation loss (§3.3): KL to the FP logits + α Σ_l MSE of the l2-normalised hidden
-//                 states (hidden_state_mse; α = QatConfig::hidden_mse, default 1 as the paper and its
-//                 reference code's kd_beta; 0: logits only); packed as the `onebit` format. CPU only.
+//                 states (hidden_state_mse; α = QatConfig::hidden_mse, default 1 as the authors' training
+//                 scripts' kd_beta; 0: logits only); packed as the `onebit` format. CPU only.
 // Losses: the language-modelling cross-entropy of the next token; with distill, the KL divergence
 // KL(P_teacher || P_student) of the full-precision model's next-token distribution (LLM-QAT's
 // distillation loss), plus lm_weight times the cross-entropy, plus (onebit) hidden_mse times OneBit's
@@ -127,7 +127,7 @@ struct QatConfig {
   // onebit (quant/onebit.h): the SVID of the value vectors' initialisation, "power" (default) or "nmf".
   std::string svid;
   // onebit: α of OneBit's hidden-state distillation term (E2eOptions::hidden_mse); negative: the
-  // method's default (1, the paper's); 0: KL to the logits only.
+  // method's default (1, the authors' kd_beta; 0 without distill); 0: KL to the logits only.
   double hidden_mse = -1;
   // Run control.
   std::string state_dir;        // resumable state (empty: none)
