@@ -1,4 +1,4 @@
-// OneBit's distillation loss (train/qat.h, issue 15; arXiv 2402.11295 §3.3): L_KD = KL + α Σ_l MSE of
+// OneBit's distillation loss (train/qat.h, issue 15; arXiv 2402.11295 §3.4): L_KD = KL + α Σ_l MSE of
 // the l2-normalised hidden states. The per-layer term against its definition, its gradient and the
 // whole objective's gradient against central differences in f64, and the term changing the loss and
 // the gradients only when it is on.

@@ -81,7 +81,7 @@ Var e2e_objective(const LlamaModel& student, const LlamaModel* teacher, const Te
   Var logits, hidden;  // hidden: Σ_l hidden_state_mse over the blocks (o.hidden_mse > 0)
   Tensor tl;
   if (o.hidden_mse > 0) {
-    // OneBit's L_KD = L_CE + α L_MSE (arXiv 2402.11295 §3.3): both models block by block, the
+    // OneBit's L_KD = L_CE + α L_MSE (arXiv 2402.11295 §3.4): both models block by block, the
     // teacher's block outputs kept (without gradient) for the student's.
     LB_CHECK(in.dim() == 2, "e2e objective: tokens must be [B, T], got ", in.describe());
     LB_CHECK(teacher->n_layers() == student.n_layers() && teacher->config().dim == student.config().dim,
@@ -1006,7 +1006,7 @@ class LlmQat : public QatMethod {
 // ---- onebit ------------------------------------------------------------------------------------
 // OneBit (Xu et al. 2024, arXiv 2402.11295; quant/onebit.h): every block linear becomes a
 // OneBitTrainLinear (latent f32 W, its sign through the STE, the value vectors h and g from SVID),
-// trained end to end by the paper's distillation loss (§3.3): KL to the FP model's logits + α Σ_l of
+// trained end to end by the paper's distillation loss (§3.4): KL to the FP model's logits + α Σ_l of
 // the MSE of the l2-normalised hidden states of every block (hidden_state_mse), α = --hidden-mse
 // (default 1: the authors' scripts' kd_beta). The packed result is the `onebit` format:
 // sign(W), h and g at f16.

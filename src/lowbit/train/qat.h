@@ -46,7 +46,7 @@
 //   onebit        OneBit (Xu et al. 2024, arXiv 2402.11295; quant/onebit.h): every block linear becomes a
 //                 OneBitTrainLinear, Ŵ = diag(h) sign(W) diag(g) with a latent f32 W (STE) and the value
 //                 vectors h, g initialised by SVID (rank-1 of |W|), all trained end to end by the paper's
-//                 distillation loss (§3.3): KL to the FP logits + α Σ_l MSE of the l2-normalised hidden
+//                 distillation loss (§3.4): KL to the FP logits + α Σ_l MSE of the l2-normalised hidden
 //                 states (hidden_state_mse; α = QatConfig::hidden_mse, default 1 as the authors' training
 //                 scripts' kd_beta; 0: logits only); packed as the `onebit` format. CPU only.
 // Losses: the language-modelling cross-entropy of the next token; with distill, the KL divergence
@@ -196,7 +196,7 @@ struct E2eOptions {
   bool distill = false;
   double lm_weight = 0;
   // With distill: + hidden_mse * Σ_l hidden_state_mse(student block l output, teacher block l output)
-  // over every block (OneBit's L_KD = L_CE + α L_MSE, arXiv 2402.11295 §3.3). 0: off. Part of the
+  // over every block (OneBit's L_KD = L_CE + α L_MSE, arXiv 2402.11295 §3.4). 0: off. Part of the
   // state key when on.
   double hidden_mse = 0;
   int optimizer_bits = 32;  // 8: block-wise 8-bit AdamW state (tensors under 4096 elements keep f32)
@@ -235,7 +235,7 @@ struct E2eGroup {
 // without gradient). bench/bench_e2eqp.cpp times it.
 Var e2e_objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor& in, const Tensor& tgt,
                   const E2eOptions& o);
-// OneBit's hidden-state term for one layer (arXiv 2402.11295 §3.3; the reference code's F.normalize):
+// OneBit's hidden-state term for one layer (arXiv 2402.11295 §3.4; the reference code's F.normalize):
 // the mean over rows of || s_i / ||s_i||_2 - t_i / ||t_i||_2 ||_2^2 for student hidden states s [M, D]
 // and teacher ones t [M, D] (no gradient to t). Computed as mse(rmsnorm(s), rmsnorm(t)) with unit
 // weights (rmsnorm(x) = sqrt(D) x / ||x||, eps 1e-12 on the mean square; mse is the mean over the
