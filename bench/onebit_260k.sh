@@ -9,7 +9,11 @@
 #   SEED=N bench/onebit_260k.sh ...          qat --seed N (training windows and shuffles; default 0)
 # Rows (name, what; end-to-end rows: 300 steps x 8 x 256 = 614,400 tokens, distilled: KL to the FP logits):
 #   svid          quantize --method rtn --format onebit: SVID (rank-1 of |W|, power iteration), no training
-#   onebit        qat --method onebit (SVID init, latent weights through the STE, h and g trained)
+#   onebit        qat --method onebit (SVID init, latent weights through the STE, h and g trained), the
+#                 paper's loss: KL + 1 x the hidden-state MSE (--hidden-mse 1, the default since issue 15's
+#                 follow-up; models trained before it were KL only = onebit-kl)
+#   onebit-kl     the same with --hidden-mse 0: KL to the FP logits only
+#   onebit-hmse0.1, onebit-hmse3  the same with --hidden-mse 0.1 / 3
 #   onebit-nmf    the same with --svid nmf
 #   onebit-lr1e-4 the same with --lr 1e-4 (latent weights; the default 1e-3 was chosen on validation)
 #   paretoq-1-lr1e-3, paretoq-1pc-lr1e-3, b158-lr1e-3   paretoq-1 / paretoq-1pc / b158 with --lr 1e-3 (their
@@ -69,6 +73,9 @@ job() {  # one model: train it, then evaluate its rows
   case "$name" in
     svid) train svid onebit && evaluate svid svid 0 ;;
     onebit) train onebit onebit --method onebit && evaluate onebit onebit 0 ;;
+    onebit-kl) train onebit-kl onebit --method onebit --hidden-mse 0 && evaluate onebit-kl onebit-kl 0 ;;
+    onebit-hmse0.1) train onebit-hmse0.1 onebit --method onebit --hidden-mse 0.1 && evaluate onebit-hmse0.1 onebit-hmse0.1 0 ;;
+    onebit-hmse3) train onebit-hmse3 onebit --method onebit --hidden-mse 3 && evaluate onebit-hmse3 onebit-hmse3 0 ;;
     onebit-nmf) train onebit-nmf onebit --method onebit --svid nmf && evaluate onebit-nmf onebit-nmf 0 ;;
     onebit-lr1e-4) train onebit-lr1e-4 onebit --method onebit --lr 1e-4 && evaluate onebit-lr1e-4 onebit-lr1e-4 0 ;;
     paretoq-1-lr1e-3) train paretoq-1-lr1e-3 int2g64s --method paretoq --bits 1 --distill --lr 1e-3 &&
@@ -87,7 +94,7 @@ job() {  # one model: train it, then evaluate its rows
 }
 export -f train evaluate job
 export out lowbit model seed
-printf '%s\n' onebit paretoq-1 b158 bap-2 svid paretoq-1pc onebit-lr1e-4 paretoq-1-lr1e-3 paretoq-1pc-lr1e-3 b158-lr1e-3 onebit-nmf matquant-2 | grep -E "${OB_JOBS:-.}" |
+printf '%s\n' onebit onebit-kl onebit-hmse0.1 onebit-hmse3 paretoq-1 b158 bap-2 svid paretoq-1pc onebit-lr1e-4 paretoq-1-lr1e-3 paretoq-1pc-lr1e-3 b158-lr1e-3 onebit-nmf matquant-2 | grep -E "${OB_JOBS:-.}" |
   xargs -P "$parallel" -I{} bash -c 'job {}'
 python3 - "$out/results.jsonl" <<'PY'
 import json, sys

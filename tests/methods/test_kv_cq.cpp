@@ -10,6 +10,7 @@
 #include <fstream>
 #include <random>
 
+#include "common/expect_message.h"
 #include "common/small_model.h"
 #include "common/test_util.h"
 #include "lowbit/io/quantized_checkpoint.h"
@@ -67,14 +68,7 @@ ModelTransforms with_cq(LlamaModel& m, ModelTransforms t, int bits, int channels
   return t;
 }
 
-void expect_message(const std::function<void()>& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error, expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
+using test::expect_message;
 }  // namespace
 
 TEST(KMeans, WorkedExample) {

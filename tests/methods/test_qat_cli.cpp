@@ -304,6 +304,7 @@ TEST(QatCli, OneBitTrainsOnTheTinyModelAndGgufRefusesItsFormat) {
   const auto& st = r.report["stages"];
   ASSERT_EQ(st.size(), 1u);
   EXPECT_EQ(st[0]["stage"], "onebit");
+  EXPECT_EQ(st[0]["hyper"]["hidden_mse"], 1.0);  // the paper's loss by default (KL + 1 x the hidden-state MSE)
   EXPECT_LT(st[0]["loss_after"].get<double>(), st[0]["loss_before"].get<double>()) << r.log;
   // 1 bit + 16 / in + 16 / out (dim 64, hidden 172: 1.31 to 1.5)
   const double bpw = r.report["bits_per_weight"];
@@ -349,10 +350,18 @@ TEST(QatCli, OneBitResumeAfterStopGivesTheSameCheckpoint) {
   run_into(base + " --stop-after 3 --checkpoint-seconds 0 -o " + (b1.dir / "out").string() + " 2>&1", b1);
   ASSERT_EQ(b1.status, 0) << b1.log;
   EXPECT_FALSE(std::filesystem::exists(b1.dir / "out" / "model.safetensors")) << "a stopped run wrote a model";
+  // The state records --hidden-mse (default 1): a restart with another value is refused, the state kept.
+  QatRun other;
+  other.dir = b1.dir;
+  run_into(base + " --hidden-mse 0 -o " + (b1.dir / "out").string() + " 2>&1", other);
+  EXPECT_NE(other.status, 0) << other.log;
+  EXPECT_NE(other.log.find("written with other settings"), std::string::npos) << other.log;
+  EXPECT_NE(other.log.find("hidden_mse=1"), std::string::npos) << other.log;
   run_into(base + " -o " + (b2.dir / "out").string() + " 2>&1", b2);
   ASSERT_EQ(b2.status, 0) << b2.log;
   ASSERT_TRUE(b2.report.is_object()) << b2.log;
   EXPECT_EQ(b2.report["stages"][0]["resumed_from"], 3);
+  EXPECT_EQ(b2.report["stages"][0]["hyper"]["hidden_mse"], 1.0);
   expect_same_training(QatCase{"onebit", "onebit", ""}, a, b2, 1e-6, 1.0);
   std::filesystem::remove_all(dir);
 }

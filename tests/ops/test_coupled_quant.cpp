@@ -6,6 +6,7 @@
 #include <limits>
 #include <random>
 
+#include "common/expect_message.h"
 #include "lowbit/core/error.h"
 #include "lowbit/ops/coupled_quant.h"
 
@@ -19,14 +20,7 @@ Tensor worked_codebook() {
                              {2, 3, 2});
 }
 
-void expect_message(const std::function<void()>& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error, expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
+using test::expect_message;
 }  // namespace
 
 TEST(CoupledQuant, NearestCentroidWorkedExample) {

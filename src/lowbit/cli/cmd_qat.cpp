@@ -310,6 +310,10 @@ void register_qat(CLI::App& app) {
   q->add_option("--svid", c.svid, "onebit: the rank-1 factorisation of |W| that initialises the value vectors, power "
                 "(power iteration: |W|'s dominant singular pair, the default) or nmf (Lee-Seung multiplicative updates)")
       ->check(CLI::IsMember({"power", "nmf"}));
+  q->add_option("--hidden-mse", c.hidden_mse, "onebit: alpha of OneBit's hidden-state term of the distillation loss, "
+                "KL + alpha * sum over blocks of the mean squared distance of the l2-normalised block outputs of student "
+                "and FP teacher (default 1, the authors' setting; 0: KL to the logits only)")
+      ->check(at_least(0));
   q->add_option("--state-dir", a->state_dir, "resumable state (default: OUT/.state; removed on success)");
   q->add_option("--checkpoint-seconds", c.checkpoint_seconds, "save the resumable state at most this often (0: every step)")
       ->capture_default_str()
@@ -341,7 +345,8 @@ void register_qat(CLI::App& app) {
         {"--bits", {"paretoq"}},                {"--lora-rank", {"l4q", "lr-qat"}},
         {"--lora-alpha", {"l4q", "lr-qat"}},   {"--act-bits", {"llm-qat"}},
         {"--kv-bits", {"llm-qat"}},            {"--downcast", {"lr-qat"}},
-        {"--grad-checkpointing", {"lr-qat"}}, {"--svid", {"onebit"}}};
+        {"--grad-checkpointing", {"lr-qat"}}, {"--svid", {"onebit"}},
+        {"--hidden-mse", {"onebit"}}};
     for (const auto& [flag, methods] : owned)
       if (q->count(flag) > 0 && std::find(methods.begin(), methods.end(), a->method) == methods.end()) {
         std::string names;

@@ -19,8 +19,8 @@
 // Training (§3.4, `lowbit qat --method onebit`, train/qat.cpp): a latent full-precision weight W
 // whose sign is taken with the straight-through estimator (d sign(W)/dW := 1) and the value
 // vectors h, g trained with it, end to end, by knowledge distillation from the FP teacher. The
-// paper's loss is the logits' KL plus an MSE between the hidden states (L_KD + α L_MSE); lowbit's
-// end-to-end trainer gives the KL (--distill) only — the hidden-state term is not implemented.
+// paper's loss is the logits' KL plus an MSE between the l2-normalised hidden states of every
+// layer (L_KD = L_CE + α L_MSE): train/qat.h's hidden_state_mse, α = `--hidden-mse` (default 1).
 #pragma once
 #include <cstdint>
 #include <string>

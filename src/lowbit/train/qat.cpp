@@ -47,16 +47,70 @@ uint64_t token_hash(const std::vector<int32_t>& stream) {
   return h;
 }
 
+namespace {
+constexpr double kHiddenNormEps = 1e-12;  // on the mean square: F.normalize's max(||x||, 1e-12), near enough
+
+// x / ||x||_2 * sqrt(D) per row (rmsnorm with unit weights).
+Var unit_rows(const Var& x) {
+  const Tensor& v = x.value();
+  const Tensor w = Tensor::full({v.size(-1)}, 1.0, v.dtype()).to(v.device());
+  return rmsnorm(x, Var(w), kHiddenNormEps);
+}
+}  // namespace
+
+Var hidden_state_mse(const Var& student, const Tensor& teacher) {
+  const Tensor& s = student.value();
+  if (s.dim() != 2 || teacher.shape() != s.shape() || teacher.dtype() != s.dtype())
+    throw_error("hidden_state_mse: student ", s.describe(), " and teacher ", teacher.describe(),
+                " must be [M, D] of the same shape and dtype");
+  Tensor t;
+  {
+    NoGradGuard ng;
+    t = unit_rows(Var(teacher.to(s.device()))).value();
+  }
+  // mean over M*D elements of (sqrt(D) (s^ - t^))^2 = mean over rows of ||s^ - t^||^2.
+  return mse(unit_rows(student), Var(t));
+}
+
 Var e2e_objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor& in, const Tensor& tgt,
                   const E2eOptions& o) {
-  Var logits = student.forward(in);
-  if (!o.distill) return cross_entropy(logits, tgt.to(logits.value().device()));
+  if (!o.distill) {
+    Var logits = student.forward(in);
+    return cross_entropy(logits, tgt.to(logits.value().device()));
+  }
+  Var logits, hidden;  // hidden: Σ_l hidden_state_mse over the blocks (o.hidden_mse > 0)
   Tensor tl;
-  {
+  if (o.hidden_mse > 0) {
+    // OneBit's L_KD = L_CE + α L_MSE (arXiv 2402.11295 §3.4): both models block by block, the
+    // teacher's block outputs kept (without gradient) for the student's.
+    LB_CHECK(in.dim() == 2, "e2e objective: tokens must be [B, T], got ", in.describe());
+    LB_CHECK(teacher->n_layers() == student.n_layers() && teacher->config().dim == student.config().dim,
+             "qat: the hidden-state MSE needs a teacher of the student's shape");
+    const int64_t B = in.size(0), T = in.size(1);
+    std::vector<Tensor> th;
+    {
+      NoGradGuard ng;
+      Var x = teacher->embed(in);
+      for (int i = 0; i < teacher->n_layers(); ++i) {
+        x = teacher->block_forward(i, x, B, T);
+        th.push_back(x.value());
+      }
+      tl = teacher->head(x).value();
+    }
+    Var x = student.embed(in);
+    for (int i = 0; i < student.n_layers(); ++i) {
+      x = student.block_forward(i, x, B, T);
+      Var term = hidden_state_mse(x, th[size_t(i)]);
+      hidden = hidden.defined() ? add(hidden, term) : term;
+    }
+    logits = student.head(x);
+  } else {
+    logits = student.forward(in);
     NoGradGuard ng;
     tl = teacher->forward(in).value();
   }
   Var loss = kl_div(Var(tl), logits);
+  if (hidden.defined()) loss = add(loss, scale(hidden, o.hidden_mse));
   if (o.lm_weight > 0) loss = add(loss, scale(cross_entropy(logits, tgt.to(logits.value().device())), o.lm_weight));
   return loss;
 }
@@ -158,6 +212,10 @@ QatStage train_end_to_end(const LlamaModel& student, const LlamaModel* teacher, 
   LB_CHECK(o.steps >= 0, "qat: --steps must be >= 0, got ", o.steps);
   LB_CHECK(o.batch >= 1 && o.seqlen >= 1, "qat: --batch and --seqlen must be >= 1");
   LB_CHECK(!o.distill || teacher, "qat: distillation needs the full-precision teacher");
+  LB_CHECK(std::isfinite(o.hidden_mse) && o.hidden_mse >= 0, "qat: --hidden-mse must be a finite number >= 0, got ",
+           o.hidden_mse);
+  LB_CHECK(o.hidden_mse == 0 || o.distill, "qat: --hidden-mse ", o.hidden_mse,
+           " adds a term to the distillation loss; it needs distillation (--distill)");
   LB_CHECK(int64_t(stream.size()) >= o.seqlen + 2, "qat: the training data has ", stream.size(),
            " tokens; at least ", o.seqlen + 2, " are needed for --seqlen ", o.seqlen, " (give more data or a smaller --seqlen)");
   const bool dp = o.comm && o.comm->world_size() > 1;
@@ -386,6 +444,7 @@ std::string e2e_key(const std::string& method, const QuantFormat& f, const E2eOp
   for (const auto& gr : g) k += ",lr=" + key_number(gr.lr);
   if (o.sequence_length > 0) k += ",sequences_of=" + std::to_string(o.sequence_length);
   if (o.bf16) k += ",bf16";
+  if (o.hidden_mse > 0) k += ",hidden_mse=" + key_number(o.hidden_mse);
   k += ",tokens=" + std::to_string(stream.size()) + "/" + std::to_string(token_hash(stream)) + extra;
   return k;
 }
@@ -947,11 +1006,15 @@ class LlmQat : public QatMethod {
 // ---- onebit ------------------------------------------------------------------------------------
 // OneBit (Xu et al. 2024, arXiv 2402.11295; quant/onebit.h): every block linear becomes a
 // OneBitTrainLinear (latent f32 W, its sign through the STE, the value vectors h and g from SVID),
-// trained end to end by distillation (KL to the FP model's logits; the paper's hidden-state MSE
-// term is not implemented). The packed result is the `onebit` format: sign(W), h and g at f16.
+// trained end to end by the paper's distillation loss (§3.4): KL to the FP model's logits + α Σ_l of
+// the MSE of the l2-normalised hidden states of every block (hidden_state_mse), α = --hidden-mse
+// (default 1: the authors' scripts' kd_beta). The packed result is the `onebit` format:
+// sign(W), h and g at f16.
 class OneBitQat : public QatMethod {
  public:
   explicit OneBitQat(const QatConfig& c) : c_(c), init_(parse_svid_method(c.svid.empty() ? "power" : c.svid)) {
+    LB_CHECK(std::isfinite(c.hidden_mse), "qat --method onebit: --hidden-mse must be a finite number >= 0, got ",
+             c.hidden_mse);
     LB_CHECK(c.format, "qat: no format given");
     LB_CHECK(c.format->kind == QuantKind::SignValue, "qat --method onebit: --format ", c.format->name,
              " cannot hold OneBit's sign bits and value vectors; use --format onebit (the default for this method)");
@@ -976,6 +1039,11 @@ class OneBitQat : public QatMethod {
     });
     E2eOptions o = e2e_options(c_, fp.config(), 300, 8);
     o.stage = "onebit";
+    // α = 1: the authors' training scripts' kd_beta (L_KD = L_CE + α L_MSE, the loss the paper trains with).
+    // Without distillation (a library caller's LM-loss run) the default is off.
+    o.hidden_mse = c_.hidden_mse < 0 ? (o.distill ? 1.0 : 0.0) : c_.hidden_mse;
+    LB_CHECK(o.hidden_mse == 0 || o.distill, "qat --method onebit: --hidden-mse ", o.hidden_mse,
+             " needs distillation (the method's loss; the CLI always distils)");
     // Latent weights 1e-3: chosen on stories260K's validation split (bench/onebit_260k.sh, seed 0:
     // valid perplexity 15.56 against 21.73 at 1e-4, ParetoQ's weight lr); value vectors 1e-3 (ParetoQ's α lr).
     const double lr = pick(c_.lr, 1e-3), qlr = pick(c_.quant_lr, 1e-3);
@@ -988,7 +1056,11 @@ class OneBitQat : public QatMethod {
     st.hyper["init"] = std::string("SVID (") + svid_method_name(init_) + ", rank-1 of |W|)";
     st.hyper["weight_lr"] = lr;
     st.hyper["value_lr"] = qlr;
-    st.hyper["loss"] = o.distill ? "KL to the FP logits (no hidden-state MSE)" : "LM cross-entropy";
+    st.hyper["hidden_mse"] = o.hidden_mse;
+    st.hyper["loss"] = !o.distill          ? "LM cross-entropy"
+                       : o.hidden_mse > 0 ? "KL to the FP logits + hidden_mse * sum over blocks of the MSE of the "
+                                            "l2-normalised block outputs (OneBit's L_KD)"
+                                          : "KL to the FP logits (--hidden-mse 0: no hidden-state term)";
     if (complete)
       for (const auto& t : layers) t->snap_values();  // the trained function is now exactly the packed one
     return packed_result({st}, complete, std::move(work), layers, t0);
@@ -1037,7 +1109,7 @@ std::vector<QatMethodInfo>& registry_storage() {
     v.push_back({"onebit",
                  "OneBit: W ~ diag(h) sign(W) diag(g) (--format onebit, 1 bit + two f16 value vectors), SVID init "
                  "(rank-1 of |W|, --svid power|nmf), latent weights (STE) and h, g trained end to end by distillation "
-                 "(KL to the FP logits); CPU only",
+                 "(KL to the FP logits + --hidden-mse x the normalised hidden-state MSE, default 1); CPU only",
                  [](const QatConfig& c) { return std::unique_ptr<QatMethod>(new OneBitQat(c)); }, false,
                  "the OneBit layer (sign through the STE, value vectors) has CPU bodies only"});
     return v;

@@ -45,12 +45,14 @@
 //                 checkpointing of Ŵ by default); exported as one packed weight per layer.
 //   onebit        OneBit (Xu et al. 2024, arXiv 2402.11295; quant/onebit.h): every block linear becomes a
 //                 OneBitTrainLinear, Ŵ = diag(h) sign(W) diag(g) with a latent f32 W (STE) and the value
-//                 vectors h, g initialised by SVID (rank-1 of |W|), all trained end to end by distillation
-//                 (KL to the FP logits; the paper's hidden-state MSE is not implemented); packed as the
-//                 `onebit` format. CPU only.
+//                 vectors h, g initialised by SVID (rank-1 of |W|), all trained end to end by the paper's
+//                 distillation loss (§3.4): KL to the FP logits + α Σ_l MSE of the l2-normalised hidden
+//                 states (hidden_state_mse; α = QatConfig::hidden_mse, default 1 as the authors' training
+//                 scripts' kd_beta; 0: logits only); packed as the `onebit` format. CPU only.
 // Losses: the language-modelling cross-entropy of the next token; with distill, the KL divergence
 // KL(P_teacher || P_student) of the full-precision model's next-token distribution (LLM-QAT's
-// distillation loss), plus lm_weight times the cross-entropy.
+// distillation loss), plus lm_weight times the cross-entropy, plus (onebit) hidden_mse times OneBit's
+// hidden-state term (hidden_state_mse summed over the blocks).
 //
 // Resume: every stage keeps its state under state_dir (atomic writes): the end-to-end stages a
 // safetensors file with every trained tensor, the AdamW moments, the step and a key of the
@@ -124,6 +126,9 @@ struct QatConfig {
   std::vector<double> width_weights;
   // onebit (quant/onebit.h): the SVID of the value vectors' initialisation, "power" (default) or "nmf".
   std::string svid;
+  // onebit: α of OneBit's hidden-state distillation term (E2eOptions::hidden_mse); negative: the
+  // method's default (1, the authors' kd_beta; 0 without distill); 0: KL to the logits only.
+  double hidden_mse = -1;
   // Run control.
   std::string state_dir;        // resumable state (empty: none)
   double checkpoint_seconds = 60;
@@ -190,6 +195,10 @@ struct E2eOptions {
   uint64_t seed = 0;
   bool distill = false;
   double lm_weight = 0;
+  // With distill: + hidden_mse * Σ_l hidden_state_mse(student block l output, teacher block l output)
+  // over every block (OneBit's L_KD = L_CE + α L_MSE, arXiv 2402.11295 §3.4). 0: off. Part of the
+  // state key when on.
+  double hidden_mse = 0;
   int optimizer_bits = 32;  // 8: block-wise 8-bit AdamW state (tensors under 4096 elements keep f32)
   // Mixed precision on the GPU: the objective and its backward under AutocastBf16Guard (bf16 products
   // and attention with fp32 accumulation; parameters, loss and AdamW fp32). Part of the state key.
@@ -221,9 +230,17 @@ struct E2eGroup {
 };
 // The objective of one batch of the end-to-end stages (in [B, T], tgt [B*T] ids, any device): the
 // next-token cross-entropy, or with o.distill KL(P_teacher || P_student) of the teacher's logits
-// (computed without gradient) plus o.lm_weight times the cross-entropy. bench/bench_e2eqp.cpp times it.
+// (computed without gradient) plus o.lm_weight times the cross-entropy, plus o.hidden_mse times the
+// hidden-state term summed over the blocks (both models run block by block; the teacher's outputs
+// without gradient). bench/bench_e2eqp.cpp times it.
 Var e2e_objective(const LlamaModel& student, const LlamaModel* teacher, const Tensor& in, const Tensor& tgt,
                   const E2eOptions& o);
+// OneBit's hidden-state term for one layer (arXiv 2402.11295 §3.4; the reference code's F.normalize):
+// the mean over rows of || s_i / ||s_i||_2 - t_i / ||t_i||_2 ||_2^2 for student hidden states s [M, D]
+// and teacher ones t [M, D] (no gradient to t). Computed as mse(rmsnorm(s), rmsnorm(t)) with unit
+// weights (rmsnorm(x) = sqrt(D) x / ||x||, eps 1e-12 on the mean square; mse is the mean over the
+// M*D elements), so the gradient is the rmsnorm and mse backwards', each finite-difference checked.
+Var hidden_state_mse(const Var& student, const Tensor& teacher);
 // Trains `groups` (parameters of `student`) end to end; `state` lists every tensor the resumable
 // state must hold (trained ones and fixed ones that define the model). teacher: the FP model for
 // distillation (may be null without distill). Returns the stage report; complete=false when stopped.
