@@ -27,30 +27,19 @@
 # replaces the recorded quantizer). WKVQuant cells evaluate `quantize ... --kv-quant wkvB --kv-group G` checkpoints
 # (W4) or calibrate at load with --kv-calib (W16).
 set -uo pipefail
-shared=${LOWBIT_SHARED:-$(cd "$(dirname "$0")/../.." && pwd)/shared}
-lowbit=build-rel/lowbit
-model=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
-wiki=$shared/data/wikitext-2-raw/wiki.test.raw
+source "$(dirname "$0")/bench_lib.sh"  # smollm2_defaults, smollm2_option, smollm2_prepare, smollm2_default_calib, smollm2_ppl
+smollm2_defaults
 calib="" nsamples=16 seqlen=512 ctx=512 max_windows=20 layouts="32/128 32/0" weights=w4 kvs="int4 int2 cq2 cq1"
 threads="" out=kv-cq-table wkv_nsamples=8 wkv_seqlen=256
 while [ $# -gt 0 ]; do
   case "$1" in
-    --lowbit) lowbit=$2; shift 2 ;; --model) model=$2; shift 2 ;; --wiki) wiki=$2; shift 2 ;;
-    --calib) calib=$2; shift 2 ;; --nsamples) nsamples=$2; shift 2 ;; --seqlen) seqlen=$2; shift 2 ;;
-    --ctx) ctx=$2; shift 2 ;; --max-windows) max_windows=$2; shift 2 ;; --layouts) layouts=$2; shift 2 ;;
-    --weights) weights=$2; shift 2 ;; --kv) kvs=$2; shift 2 ;; --threads) threads=$2; shift 2 ;;
-    --out) out=$2; shift 2 ;; --wkv-nsamples) wkv_nsamples=$2; shift 2 ;; --wkv-seqlen) wkv_seqlen=$2; shift 2 ;;
-    *) echo "unknown option $1" >&2; exit 1 ;;
+    --layouts) layouts=$2; shift 2 ;; --weights) weights=$2; shift 2 ;; --kv) kvs=$2; shift 2 ;;
+    --wkv-nsamples) wkv_nsamples=$2; shift 2 ;; --wkv-seqlen) wkv_seqlen=$2; shift 2 ;;
+    *) smollm2_option "$@" || { echo "unknown option $1" >&2; exit 1; }; shift 2 ;;
   esac
 done
-mkdir -p "$out/models"
-results=$out/results.jsonl
-thr=()
-[ -n "$threads" ] && thr=(--threads "$threads")
-if [ -z "$calib" ]; then
-  calib=$out/calib-linux-docs-4MB.txt
-  [ -f "$calib" ] || head -c 4000000 "$shared/data/linux-docs/train.txt" > "$calib"
-fi
+smollm2_prepare
+smollm2_default_calib
 meta() {  # machine, load, date for each line
   python3 -c 'import json,os,sys,subprocess; m=subprocess.run("lscpu | grep \"Model name\"", shell=True, capture_output=True, text=True).stdout.split(":",1)[-1].strip(); print(json.dumps({"cpu": m, "load1": os.getloadavg()[0], "date": sys.argv[1]}))' "$(date -u +%FT%TZ)"
 }
@@ -85,8 +74,7 @@ run() {  # weights kv group window
     args+=(--f32-vocab)
   fi
   t0=$(date +%s)
-  if j=$("$lowbit" -q eval ppl -m "$path" --tokenizer "$model" --text "$wiki" --ctx "$ctx" --max-windows "$max_windows" \
-          "${args[@]}" "${thr[@]}" --json); then
+  if j=$(smollm2_ppl "$path" "${args[@]}"); then
     python3 -c 'import json,sys; j=json.loads(sys.argv[1]); j.update(json.loads(sys.argv[5])); j.update(weights=sys.argv[2], layout=sys.argv[3], wall_seconds=int(sys.argv[4])); print(json.dumps(j))' \
       "$j" "$w" "$g/$win" "$(( $(date +%s) - t0 ))" "$(meta)" >> "$results"
   else

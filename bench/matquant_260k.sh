@@ -20,33 +20,15 @@
 # A rerun with the same OUT_DIR skips models that exist (and re-evaluates them).
 # Results: OUT_DIR/results.jsonl (one object per evaluated row) and a markdown table on stdout.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-shared=${LOWBIT_SHARED:-$here/../../shared}
+source "$(dirname "$0")/bench_lib.sh"  # stories260k_setup, _train, _ppl, _table
 out=${1:-/tmp/matquant-260k} nsamples=${2:-128} parallel=${3:-2} seed=${SEED:-0}
-lowbit=${LOWBIT:-$here/../build-rel/lowbit}
-model=$shared/models/stories260K/stories260K.bin
-mkdir -p "$out/models" "$out/logs"
-cp "$lowbit" "$out/lowbit" && lowbit=$out/lowbit
-python3 "$here/split_stories260k_tokens.py" "$shared/models/stories260K/sample-tokens.i32" "$out"
-train() {  # NAME FORMAT ARGS...  -> OUT/models/NAME
-  local name=$1 fmt=$2; shift 2
-  local dir=$out/models/$name
-  if [ ! -f "$dir/config.json" ]; then
-    if [ "${name%%-*}" = rtn ]; then
-      "$lowbit" -q quantize -m "$model" --method rtn --format "$fmt" --threads 1 --json -o "$dir" \
-        > "$out/logs/$name.run.json" 2> "$out/logs/$name.err"
-    else
-      "$lowbit" -q qat -m "$model" --format "$fmt" --train-tokens "$out/calib.i32" --nsamples "$nsamples" --seed "$seed" \
-        --threads 1 --json -o "$dir" "$@" > "$out/logs/$name.run.json" 2> "$out/logs/$name.err"
-    fi
-  fi
+stories260k_setup "$out"
+train() {  # NAME FORMAT ARGS...  -> OUT/models/NAME (rtn-*: quantize, no training)
+  if [ "${1%%-*}" = rtn ]; then stories260k_train quantize "$@"; else stories260k_train qat "$@"; fi
 }
 evaluate() {  # ROW MODEL_NAME SLICE(0: none)
-  local row=$1 name=$2 slice=$3 s=()
-  [ "$slice" != 0 ] && s=(--slice "$slice")
-  local log=$out/logs/$row
-  "$lowbit" -q eval ppl -m "$out/models/$name" --tokens "$out/test.i32" --ctx 257 --threads 1 --json "${s[@]}" > "$log.ppl.json"
-  "$lowbit" -q eval ppl -m "$out/models/$name" --tokens "$out/valid.i32" --ctx 257 --threads 1 --json "${s[@]}" > "$log.valid.json"
+  local row=$1 name=$2 slice=$3 log=$out/logs/$1
+  stories260k_ppl "$row" "$name" "$slice"
   python3 - "$row" "$name" "$slice" "$log" "$out/logs/$name.run.json" >> "$out/results.jsonl" <<'PY'
 import json, sys
 row, name, sl, log, runf = sys.argv[1:6]
@@ -79,20 +61,8 @@ job() {  # one model: train it, then evaluate its rows
               for w in 8 4 2; do evaluate matquant2-slice-$w matquant2 $w; done ;;
   esac
 }
-export -f train evaluate job
+export -f train evaluate job stories260k_train stories260k_ppl
 export out lowbit model nsamples seed
 printf '%s\n' matquant bap-2 bap-4 bap-8 matquant842w matquant221w matquant2 rtn-8 rtn-4 rtn-2 | grep -E "${MQ_JOBS:-.}" |
   xargs -P "$parallel" -I{} bash -c 'job {}'
-python3 - "$out/results.jsonl" <<'PY'
-import json, sys
-rows = {}
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    rows[r["row"]] = r  # the last evaluation of a row wins
-print("| row | test ppl | valid ppl | training seconds |")
-print("|---|---|---|---|")
-for name in sorted(rows):
-    r = rows[name]
-    secs = r.get("seconds")
-    print(f"| {name} | {r['test_ppl']:.3f} | {r['valid_ppl']:.3f} | {'' if secs is None else f'{secs:.0f}'} |")
-PY
+stories260k_table "$out/results.jsonl" "test ppl=test_ppl:.3f" "valid ppl=valid_ppl:.3f" "training seconds=seconds:.0f"

@@ -28,33 +28,15 @@
 # A rerun with the same OUT_DIR skips models that exist (and re-evaluates them).
 # Results: OUT_DIR/results.jsonl (one object per evaluated row) and a markdown table on stdout.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-shared=${LOWBIT_SHARED:-$here/../../shared}
-out=${1:-/tmp/onebit-260k} parallel=${2:-2} seed=${SEED:-0}
-lowbit=${LOWBIT:-$here/../build-rel/lowbit}
-model=$shared/models/stories260K/stories260K.bin
-mkdir -p "$out/models" "$out/logs"
-cp "$lowbit" "$out/lowbit" && lowbit=$out/lowbit
-python3 "$here/split_stories260k_tokens.py" "$shared/models/stories260K/sample-tokens.i32" "$out"
-train() {  # NAME FORMAT ARGS...  -> OUT/models/NAME
-  local name=$1 fmt=$2; shift 2
-  local dir=$out/models/$name
-  if [ ! -f "$dir/config.json" ]; then
-    if [ "$name" = svid ]; then
-      "$lowbit" -q quantize -m "$model" --method rtn --format "$fmt" --threads 1 --json -o "$dir" \
-        > "$out/logs/$name.run.json" 2> "$out/logs/$name.err"
-    else
-      "$lowbit" -q qat -m "$model" --format "$fmt" --train-tokens "$out/calib.i32" --seed "$seed" \
-        --threads 1 --json -o "$dir" "$@" > "$out/logs/$name.run.json" 2> "$out/logs/$name.err"
-    fi
-  fi
+source "$(dirname "$0")/bench_lib.sh"  # stories260k_setup, _train, _ppl, _table
+out=${1:-/tmp/onebit-260k} parallel=${2:-2} seed=${SEED:-0} nsamples=""
+stories260k_setup "$out"
+train() {  # NAME FORMAT ARGS...  -> OUT/models/NAME (svid: quantize, no training)
+  if [ "$1" = svid ]; then stories260k_train quantize "$@"; else stories260k_train qat "$@"; fi
 }
 evaluate() {  # ROW MODEL_NAME SLICE(0: none)
-  local row=$1 name=$2 slice=$3 s=()
-  [ "$slice" != 0 ] && s=(--slice "$slice")
-  local log=$out/logs/$row
-  "$lowbit" -q eval ppl -m "$out/models/$name" --tokens "$out/test.i32" --ctx 257 --threads 1 --json "${s[@]}" > "$log.ppl.json"
-  "$lowbit" -q eval ppl -m "$out/models/$name" --tokens "$out/valid.i32" --ctx 257 --threads 1 --json "${s[@]}" > "$log.valid.json"
+  local row=$1 name=$2 slice=$3 log=$out/logs/$1
+  stories260k_ppl "$row" "$name" "$slice"
   python3 - "$row" "$name" "$slice" "$log" "$out/logs/$name.run.json" "$seed" >> "$out/results.jsonl" <<'PY'
 import json, math, sys
 row, name, sl, log, runf, seed = sys.argv[1:7]
@@ -92,21 +74,9 @@ job() {  # one model: train it, then evaluate its rows
                 evaluate matquant-2 matquant 2 ;;
   esac
 }
-export -f train evaluate job
-export out lowbit model seed
+export -f train evaluate job stories260k_train stories260k_ppl
+export out lowbit model seed nsamples
 printf '%s\n' onebit onebit-kl onebit-hmse0.1 onebit-hmse3 paretoq-1 b158 bap-2 svid paretoq-1pc onebit-lr1e-4 paretoq-1-lr1e-3 paretoq-1pc-lr1e-3 b158-lr1e-3 onebit-nmf matquant-2 | grep -E "${OB_JOBS:-.}" |
   xargs -P "$parallel" -I{} bash -c 'job {}'
-python3 - "$out/results.jsonl" <<'PY'
-import json, sys
-rows = {}
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    rows[r["row"]] = r  # the last evaluation of a row wins
-print("| row | bits/weight | test ppl | valid ppl | valid loss | training seconds |")
-print("|---|---|---|---|---|---|")
-for name in sorted(rows):
-    r = rows[name]
-    secs, bpw = r.get("seconds"), r.get("bits_per_weight")
-    print(f"| {name} | {'' if bpw is None else f'{bpw:.2f}'} | {r['test_ppl']:.3f} | {r['valid_ppl']:.3f} | "
-          f"{r['valid_loss']:.4f} | {'' if secs is None else f'{secs:.0f}'} |")
-PY
+stories260k_table "$out/results.jsonl" "bits/weight=bits_per_weight:.2f" "test ppl=test_ppl:.3f" "valid ppl=valid_ppl:.3f" \
+  "valid loss=valid_loss:.4f" "training seconds=seconds:.0f"

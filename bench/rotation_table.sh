@@ -45,33 +45,24 @@
 # quantization (keys per channel, values per token, asymmetric, groups of --kv-group, at least
 # --kv-window recent tokens in full precision). The vocabulary matrices stay f32 (--f32-vocab).
 set -uo pipefail
-shared=${LOWBIT_SHARED:-$(cd "$(dirname "$0")/../.." && pwd)/shared}
-lowbit=build-rel/lowbit
-model=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
-wiki=$shared/data/wikitext-2-raw/wiki.test.raw
+source "$(dirname "$0")/bench_lib.sh"  # smollm2_defaults, smollm2_option, smollm2_prepare, smollm2_default_calib, smollm2_ppl
+smollm2_defaults
 ctx=512 max_windows=20 w4=rtn calib="" nsamples=32 seqlen=512 act4=int4 act_clip=1.0 kv_group=32 kv_window=128
 seed=0 threads="" out=rotation-table cells="" smooth="" rotations="none hadamard" lqer_rank="" lqer_scale=act act8=int8
 tasks=none task_limit=100 tasks_dir=$shared/tasks/llm-foundry
 while [ $# -gt 0 ]; do
   case "$1" in
-    --lowbit) lowbit=$2; shift 2 ;; --model) model=$2; shift 2 ;; --wiki) wiki=$2; shift 2 ;;
-    --ctx) ctx=$2; shift 2 ;; --max-windows) max_windows=$2; shift 2 ;; --w4) w4=$2; shift 2 ;;
-    --calib) calib=$2; shift 2 ;; --nsamples) nsamples=$2; shift 2 ;; --seqlen) seqlen=$2; shift 2 ;;
-    --act4) act4=$2; shift 2 ;; --act-clip) act_clip=$2; shift 2 ;; --kv-group) kv_group=$2; shift 2 ;;
-    --kv-window) kv_window=$2; shift 2 ;; --seed) seed=$2; shift 2 ;; --threads) threads=$2; shift 2 ;;
-    --out) out=$2; shift 2 ;; --cells) cells=$2; shift 2 ;; --smooth) smooth=$2; shift 2 ;;
-    --rotations) rotations=$2; shift 2 ;; --lqer-rank) lqer_rank=$2; shift 2 ;; --lqer-scale) lqer_scale=$2; shift 2 ;; --act8) act8=$2; shift 2 ;;
+    --w4) w4=$2; shift 2 ;; --act4) act4=$2; shift 2 ;; --act-clip) act_clip=$2; shift 2 ;;
+    --kv-group) kv_group=$2; shift 2 ;; --kv-window) kv_window=$2; shift 2 ;; --seed) seed=$2; shift 2 ;;
+    --cells) cells=$2; shift 2 ;; --smooth) smooth=$2; shift 2 ;; --rotations) rotations=$2; shift 2 ;;
+    --lqer-rank) lqer_rank=$2; shift 2 ;; --lqer-scale) lqer_scale=$2; shift 2 ;; --act8) act8=$2; shift 2 ;;
     --tasks) tasks=$2; shift 2 ;; --task-limit) task_limit=$2; shift 2 ;; --tasks-dir) tasks_dir=$2; shift 2 ;;
-    *) echo "unknown option $1" >&2; exit 1 ;;
+    *) smollm2_option "$@" || { echo "unknown option $1" >&2; exit 1; }; shift 2 ;;
   esac
 done
-mkdir -p "$out/models"
-results=$out/results.jsonl
-thr=()
-[ -n "$threads" ] && thr=(--threads "$threads")
-if { [ "$w4" = gptq ] || [ -n "$smooth" ] || [ "$act_clip" = search ] || { [ -n "$lqer_rank" ] && [ "$lqer_scale" = act ]; }; } && [ -z "$calib" ]; then
-  calib=$out/calib-linux-docs-4MB.txt
-  [ -f "$calib" ] || head -c 4000000 "$shared/data/linux-docs/train.txt" > "$calib"
+smollm2_prepare
+if [ "$w4" = gptq ] || [ -n "$smooth" ] || [ "$act_clip" = search ] || { [ -n "$lqer_rank" ] && [ "$lqer_scale" = act ]; }; then
+  smollm2_default_calib
 fi
 
 # Quantized weights, once per (format, rotation): dir = $out/models/<w>-<rot>.
@@ -110,8 +101,7 @@ cell() {  # name w act kv rot
     args+=(--f32-vocab)
   fi
   t0=$(date +%s)
-  if j=$("$lowbit" -q eval ppl -m "$path" --tokenizer "$model" --text "$wiki" --ctx "$ctx" --max-windows "$max_windows" \
-          "${args[@]}" "${thr[@]}" --json); then
+  if j=$(smollm2_ppl "$path" "${args[@]}"); then
     # Zero-shot: the same weights and transform flags (eval tasks keeps the vocabulary matrices as stored,
     # f32 here, as --f32-vocab does for eval ppl).
     jt=null
