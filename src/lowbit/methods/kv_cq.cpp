@@ -1,5 +1,6 @@
 // Codebook learning for Coupled Quantization of the KV cache (methods/kv_cq.h).
 #include "lowbit/methods/kv_cq.h"
+#include "lowbit/methods/kv_calib_scope.h"
 
 #include <algorithm>
 #include <chrono>
@@ -153,7 +154,8 @@ KVCodebookReport learn_kv_codebooks(LlamaModel& model, const Tensor& tokens_in, 
   rep.points = P;
   rep.keys = Tensor::empty({L, G, K, c});
   rep.values = Tensor::empty({L, G, K, c});
-  const ModelTransforms saved = model.transforms();
+  KvCalibrationScope scope(model);  // restores the transforms and clears the observer on every exit
+  const ModelTransforms& saved = scope.saved();
   ModelTransforms plain = saved;
   plain.kv = KVQuantSpec{};
   std::vector<float> kr(size_t(P * C)), vr(size_t(P * C));
@@ -170,58 +172,50 @@ KVCodebookReport learn_kv_codebooks(LlamaModel& model, const Tensor& tokens_in, 
       std::copy(vf.data<float>() + r * C, vf.data<float>() + (r + 1) * C, vr.begin() + slot * C);
     }
   });
-  try {
-    NoGradGuard ng;
-    std::vector<Var> h(static_cast<size_t>(Nw));
-    for (int64_t s = 0; s < Nw; ++s) h[size_t(s)] = model.embed(tokens.slice(0, s, s + 1).contiguous());
-    for (int64_t i = 0; i < L; ++i) {
-      for (int64_t s = 0; s < Nw; ++s) {
-        row_base = s * T;
-        h[size_t(s)] = model.block_forward(int(i), h[size_t(s)], 1, T);
-      }
-      for (float f : kr)
-        if (!std::isfinite(f)) throw_error("kv codebooks: layer ", i, "'s keys are not finite on the calibration data");
-      for (float f : vr)
-        if (!std::isfinite(f)) throw_error("kv codebooks: layer ", i, "'s values are not finite on the calibration data");
-      // 2 * G k-means problems of P points in c dimensions, one per item of the pool.
-      std::vector<double> err(size_t(2 * G)), norm(size_t(2 * G));
-      parallel_each(2 * G, [&](int64_t item) {
-        const bool is_v = item >= G;
-        const int64_t g = item % G;
-        const std::vector<float>& src = is_v ? vr : kr;
-        Tensor pts = Tensor::empty({P, c});
-        float* pp = pts.data<float>();
-        double nrm = 0;
-        for (int64_t r = 0; r < P; ++r)
-          for (int64_t d = 0; d < c; ++d) {
-            pp[r * c + d] = src[size_t(r * C + g * c + d)];
-            nrm += double(pp[r * c + d]) * double(pp[r * c + d]);
-          }
-        KMeansOptions ko = o.kmeans;
-        ko.seed = o.kmeans.seed * 0x9E3779B97F4A7C15ull + uint64_t(i) * 1000003ull + uint64_t(item);
-        const KMeansResult km = kmeans(pts, K, ko);
-        float* dst = (is_v ? rep.values : rep.keys).data<float>() + (i * G + g) * K * c;
-        std::copy(km.centroids.data<float>(), km.centroids.data<float>() + K * c, dst);
-        err[size_t(item)] = km.objective.back();
-        norm[size_t(item)] = nrm;
-      });
-      double ek = 0, nk = 0, ev = 0, nv = 0;
-      for (int64_t g = 0; g < G; ++g) {
-        ek += err[size_t(g)];
-        nk += norm[size_t(g)];
-        ev += err[size_t(G + g)];
-        nv += norm[size_t(G + g)];
-      }
-      rep.key_rel_error.push_back(nk > 0 ? ek / nk : 0.0);
-      rep.value_rel_error.push_back(nv > 0 ? ev / nv : 0.0);
+  NoGradGuard ng;
+  std::vector<Var> h(static_cast<size_t>(Nw));
+  for (int64_t s = 0; s < Nw; ++s) h[size_t(s)] = model.embed(tokens.slice(0, s, s + 1).contiguous());
+  for (int64_t i = 0; i < L; ++i) {
+    for (int64_t s = 0; s < Nw; ++s) {
+      row_base = s * T;
+      h[size_t(s)] = model.block_forward(int(i), h[size_t(s)], 1, T);
     }
-  } catch (...) {
-    model.set_kv_observer({});
-    model.set_transforms(saved);
-    throw;
+    for (float f : kr)
+      if (!std::isfinite(f)) throw_error("kv codebooks: layer ", i, "'s keys are not finite on the calibration data");
+    for (float f : vr)
+      if (!std::isfinite(f)) throw_error("kv codebooks: layer ", i, "'s values are not finite on the calibration data");
+    // 2 * G k-means problems of P points in c dimensions, one per item of the pool.
+    std::vector<double> err(size_t(2 * G)), norm(size_t(2 * G));
+    parallel_each(2 * G, [&](int64_t item) {
+      const bool is_v = item >= G;
+      const int64_t g = item % G;
+      const std::vector<float>& src = is_v ? vr : kr;
+      Tensor pts = Tensor::empty({P, c});
+      float* pp = pts.data<float>();
+      double nrm = 0;
+      for (int64_t r = 0; r < P; ++r)
+        for (int64_t d = 0; d < c; ++d) {
+          pp[r * c + d] = src[size_t(r * C + g * c + d)];
+          nrm += double(pp[r * c + d]) * double(pp[r * c + d]);
+        }
+      KMeansOptions ko = o.kmeans;
+      ko.seed = o.kmeans.seed * 0x9E3779B97F4A7C15ull + uint64_t(i) * 1000003ull + uint64_t(item);
+      const KMeansResult km = kmeans(pts, K, ko);
+      float* dst = (is_v ? rep.values : rep.keys).data<float>() + (i * G + g) * K * c;
+      std::copy(km.centroids.data<float>(), km.centroids.data<float>() + K * c, dst);
+      err[size_t(item)] = km.objective.back();
+      norm[size_t(item)] = nrm;
+    });
+    double ek = 0, nk = 0, ev = 0, nv = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      ek += err[size_t(g)];
+      nk += norm[size_t(g)];
+      ev += err[size_t(G + g)];
+      nv += norm[size_t(G + g)];
+    }
+    rep.key_rel_error.push_back(nk > 0 ? ek / nk : 0.0);
+    rep.value_rel_error.push_back(nv > 0 ? ev / nv : 0.0);
   }
-  model.set_kv_observer({});
-  model.set_transforms(saved);
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return rep;
 }
