@@ -149,10 +149,7 @@ setup)
   echo "test_ops exit $?"; grep -E "FAILED|PASSED|SKIPPED \[|tests ran" "${OUT:-/tmp}/parity.log" | tail -n 30
   ;;
 launch)
-  m=$W/shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
-  cp .devcarry/gguf.part* "$W/" 2>/dev/null
-  cat "$W"/gguf.part? > "$m" || exit 1
-  [ "$(sha256sum < "$m" | cut -d' ' -f1)" = "$(cat "$W/gguf.sha")" ] || { echo "GGUF sha256 mismatch"; exit 1; }
+  "$0" join-gguf || exit 1
   export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} LOWBIT_SHARED=$W/shared
   # A library the machine lacks would fail every run of the plan: stop here instead.
   ldd "$W/bin/lowbit" | grep "not found" && { echo "lowbit cannot start on this machine"; exit 1; }

@@ -1,6 +1,7 @@
 // A tiny Llama configuration (2 layers, dim 64, GQA) and its logits, shared by the tests that
 // build small random models to round-trip through quantized checkpoints and GGUF.
 #pragma once
+#include <algorithm>
 #include "lowbit/autograd/variable.h"
 #include "lowbit/model/config.h"
 #include "lowbit/model/llama.h"
@@ -23,6 +24,21 @@ inline LlamaConfig small_config(RopeStyle style) {
 inline Tensor logits_of(const LlamaModel& m, const Tensor& tokens) {
   NoGradGuard ng;
   return m.forward(tokens).value();
+}
+
+// Logits of the whole sequence decoded through a KV cache of `type`, `chunk` tokens per call.
+inline Tensor cached_logits(const LlamaModel& m, const Tensor& tokens, int64_t chunk,
+                            KVCacheType type = KVCacheType::F32) {
+  NoGradGuard ng;
+  const int64_t T = tokens.numel();
+  KVCache cache = m.make_cache(T, type);
+  Tensor out = Tensor::empty({T, m.config().vocab_size});
+  const Tensor flat = tokens.contiguous().view({T});
+  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    const int64_t t1 = std::min(T, t0 + chunk);
+    out.slice(0, t0, t1).copy_(m.forward_cached(flat.slice(0, t0, t1).contiguous(), cache).value());
+  }
+  return out;
 }
 
 }  // namespace lowbit::test

@@ -21,6 +21,8 @@
 using namespace lowbit;
 namespace fs = std::filesystem;
 
+using test::cached_logits;
+
 namespace {
 double diff(const Tensor& a, const Tensor& b) {
   EXPECT_EQ(a.numel(), b.numel());
@@ -35,18 +37,6 @@ Tensor tokens_of(int64_t B, int64_t T, int V, int seed) {
   return Tensor::from_vector(v, {B, T});
 }
 
-Tensor cached_logits(const LlamaModel& m, const Tensor& tokens, int64_t chunk) {
-  NoGradGuard ng;
-  const int64_t T = tokens.numel();
-  KVCache cache = m.make_cache(T, KVCacheType::F32);
-  Tensor out = Tensor::empty({T, m.config().vocab_size});
-  const Tensor flat = tokens.contiguous().view({T});
-  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
-    const int64_t t1 = std::min(T, t0 + chunk);
-    out.slice(0, t0, t1).copy_(m.forward_cached(flat.slice(0, t0, t1).contiguous(), cache).value());
-  }
-  return out;
-}
 
 ModelTransforms with_wkv(LlamaModel& m, ModelTransforms t, int bits, const Tensor& calib, int64_t group, int64_t window,
                          WkvCalibReport* rep = nullptr) {

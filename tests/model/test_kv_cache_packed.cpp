@@ -16,6 +16,8 @@
 
 using namespace lowbit;
 
+using test::cached_logits;
+
 namespace {
 // A KIVI spec (bits, group, window); the CQ fields stay empty.
 KVQuantSpec kivi_spec(int bits, int64_t group, int64_t window) {
@@ -29,17 +31,6 @@ Tensor tokens_of(int64_t T, int V, int seed = 1) {
   std::vector<int32_t> v;
   for (int64_t i = 0; i < T; ++i) v.push_back(int32_t((i * 7 + seed * 13 + 3) % V));
   return Tensor::from_vector(v, {T});
-}
-Tensor cached_logits(const LlamaModel& m, const Tensor& tokens, int64_t chunk, KVCacheType type) {
-  NoGradGuard ng;
-  const int64_t T = tokens.numel();
-  KVCache cache = m.make_cache(T, type);
-  Tensor out = Tensor::empty({T, m.config().vocab_size});
-  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
-    const int64_t t1 = std::min(T, t0 + chunk);
-    out.slice(0, t0, t1).copy_(m.forward_cached(tokens.slice(0, t0, t1).contiguous(), cache).value());
-  }
-  return out;
 }
 double max_diff(const Tensor& a, const Tensor& b) {
   double d = 0;

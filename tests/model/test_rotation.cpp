@@ -15,6 +15,8 @@
 
 using namespace lowbit;
 
+using test::cached_logits;
+
 namespace {
 double rot_diff(const Tensor& a, const Tensor& b) {
   EXPECT_EQ(a.numel(), b.numel());
@@ -43,19 +45,6 @@ void randomize_norms(LlamaWeights& w, uint64_t seed) {
     rnd(l.attn_norm);
     rnd(l.ffn_norm);
   }
-}
-// Logits of the whole sequence decoded through a KV cache `chunk` tokens at a time.
-Tensor cached_logits(const LlamaModel& m, const Tensor& tokens, int64_t chunk, KVCacheType type = KVCacheType::F32) {
-  NoGradGuard ng;
-  const int64_t T = tokens.numel();
-  KVCache cache = m.make_cache(T, type);
-  Tensor out = Tensor::empty({T, m.config().vocab_size});
-  const Tensor flat = tokens.contiguous().view({T});
-  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
-    const int64_t t1 = std::min(T, t0 + chunk);
-    out.slice(0, t0, t1).copy_(m.forward_cached(flat.slice(0, t0, t1).contiguous(), cache).value());
-  }
-  return out;
 }
 }  // namespace
 
