@@ -2,6 +2,7 @@
 // build small random models to round-trip through quantized checkpoints and GGUF.
 #pragma once
 #include <algorithm>
+#include <vector>
 #include "lowbit/autograd/variable.h"
 #include "lowbit/model/config.h"
 #include "lowbit/model/llama.h"
@@ -19,6 +20,13 @@ inline LlamaConfig small_config(RopeStyle style) {
   c.max_seq_len = 32;
   c.rope_style = style;
   return c;
+}
+
+// A deterministic, non-periodic token pattern of shape [B, T] over a vocabulary of V (seeded).
+inline Tensor pattern_tokens(int64_t B, int64_t T, int V, int seed) {
+  std::vector<int32_t> v;
+  for (int64_t i = 0; i < B * T; ++i) v.push_back(int32_t((i * 7 + seed * 13 + 3 + (i * i) % 5) % V));
+  return Tensor::from_vector(v, {B, T});
 }
 
 inline Tensor logits_of(const LlamaModel& m, const Tensor& tokens) {

@@ -26,21 +26,9 @@ using namespace lowbit;
 namespace fs = std::filesystem;
 
 using test::cached_logits;
+using test::pattern_tokens;
 
 namespace {
-double diff(const Tensor& a, const Tensor& b) {
-  EXPECT_EQ(a.numel(), b.numel());
-  double d = 0;
-  for (int64_t i = 0; i < a.numel(); ++i) d = std::max(d, std::abs(a.item(i) - b.item(i)));
-  return d;
-}
-
-Tensor tokens_of(int64_t B, int64_t T, int V, int seed) {
-  std::vector<int32_t> v;
-  for (int64_t i = 0; i < B * T; ++i) v.push_back(int32_t((i * 7 + seed * 13 + 3 + (i * i) % 5) % V));
-  return Tensor::from_vector(v, {B, T});
-}
-
 
 // The transforms t with CQ (bits per channel, channels a group) from codebooks learned on `calib`.
 ModelTransforms with_cq(LlamaModel& m, ModelTransforms t, int bits, int channels, const Tensor& calib,
@@ -128,7 +116,7 @@ TEST(KMeans, ObjectiveDecreasesAndAssignmentIsNearest) {
   }
   // Deterministic for a seed.
   const KMeansResult again = kmeans(x, k, KMeansOptions{50, 3});
-  EXPECT_EQ(diff(again.centroids, r.centroids), 0.0);
+  EXPECT_EQ(max_abs_diff(again.centroids, r.centroids), 0.0);
 }
 
 TEST(KvCq, CodebooksInTheAttentionPath) {
@@ -139,7 +127,7 @@ TEST(KvCq, CodebooksInTheAttentionPath) {
     if (rotated) t = rotate_weights(c, w, 2);
     LlamaModel m(c, w);
     m.set_transforms(t);
-    const Tensor tok = tokens_of(1, 30, c.vocab_size, 1);
+    const Tensor tok = pattern_tokens(1, 30, c.vocab_size, 1);
     const Tensor fp = test::logits_of(m, tok);
     // Codebooks learned on the evaluated tokens themselves (30 points a group, 256 centroids): every
     // key/value is a centroid, so quantizing them all changes nothing.
@@ -149,28 +137,28 @@ TEST(KvCq, CodebooksInTheAttentionPath) {
       EXPECT_EQ(q.kv.cq_keys.shape(), (Shape{c.n_layers, G, 256, 8}));
       m.set_transforms(q);
       EXPECT_EQ(kv_quant_name(m.transforms().kv), "cq1");
-      EXPECT_LE(diff(test::logits_of(m, tok), fp), 1e-4) << "rotated " << rotated;
+      EXPECT_LE(max_abs_diff(test::logits_of(m, tok), fp), 1e-4) << "rotated " << rotated;
     }
     // Codebooks from other tokens quantize for real; the batched forward equals decoding through
     // the cache (any chunking); nothing changes inside the window.
-    const Tensor calib = tokens_of(4, 24, c.vocab_size, 9);
+    const Tensor calib = pattern_tokens(4, 24, c.vocab_size, 9);
     for (int bits : {2, 1}) {
       ModelTransforms q = with_cq(m, t, bits, bits == 1 ? 8 : 4, calib, 1, 0);
       m.set_transforms(q);
       const Tensor batched = test::logits_of(m, tok);
-      for (int64_t chunk : {1, 7, 30}) EXPECT_LE(diff(cached_logits(m, tok, chunk), batched), 1e-4) << bits << " " << chunk;
-      EXPECT_GT(diff(batched, fp), 1e-3) << "bits " << bits;
+      for (int64_t chunk : {1, 7, 30}) EXPECT_LE(max_abs_diff(cached_logits(m, tok, chunk), batched), 1e-4) << bits << " " << chunk;
+      EXPECT_GT(max_abs_diff(batched, fp), 1e-3) << "bits " << bits;
       // The window: KIVI's rule L(t) with group 4, window 5: positions below 8 read nothing quantized.
       q.kv.group = 4;
       q.kv.window = 5;
       m.set_transforms(q);
       const Tensor win = test::logits_of(m, tok);
-      EXPECT_LE(diff(win.slice(0, 0, 8).contiguous(), fp.slice(0, 0, 8).contiguous()), 1e-5);
-      EXPECT_GT(diff(win.slice(0, 8, 9).contiguous(), fp.slice(0, 8, 9).contiguous()), 1e-7);
-      EXPECT_LE(diff(cached_logits(m, tok, 3), win), 1e-4);
+      EXPECT_LE(max_abs_diff(win.slice(0, 0, 8).contiguous(), fp.slice(0, 0, 8).contiguous()), 1e-5);
+      EXPECT_GT(max_abs_diff(win.slice(0, 8, 9).contiguous(), fp.slice(0, 8, 9).contiguous()), 1e-7);
+      EXPECT_LE(max_abs_diff(cached_logits(m, tok, 3), win), 1e-4);
       q.kv.window = 64;  // nothing leaves the window
       m.set_transforms(q);
-      EXPECT_LE(diff(test::logits_of(m, tok), fp), 1e-5);
+      EXPECT_LE(max_abs_diff(test::logits_of(m, tok), fp), 1e-5);
     }
     // Learning leaves the model's transforms as they were.
     ModelTransforms q = with_cq(m, t, 2, 4, calib, 32, 128);
@@ -183,7 +171,7 @@ TEST(KvCq, CodebooksInTheAttentionPath) {
 TEST(KvCq, BadSpecsAreRefused) {
   LlamaConfig c = test::small_config(RopeStyle::Half);
   LlamaModel m(c, random_weights(c, 5, 0.15));
-  const Tensor calib = tokens_of(2, 16, c.vocab_size, 2);
+  const Tensor calib = pattern_tokens(2, 16, c.vocab_size, 2);
   ModelTransforms q = with_cq(m, ModelTransforms{}, 2, 4, calib, 32, 128);
   ModelTransforms bad = q;
   bad.kv.cq_keys = Tensor();
@@ -209,29 +197,29 @@ TEST(KvCq, CheckpointReloadsToIdenticalOutputsAndRefusesBadRecords) {
   LlamaConfig c = test::small_config(RopeStyle::Interleaved);
   LlamaModel m(c, random_weights(c, 8, 0.12));
   const QuantFormat& f = parse_quant_format("int4g32");
-  const Tensor calib = tokens_of(4, 24, c.vocab_size, 4);
+  const Tensor calib = pattern_tokens(4, 24, c.vocab_size, 4);
   RtnMethod rtn(f);
   PipelineOptions po;
   po.progress = false;
   run_blockwise(m, calib, rtn, f, po);
   m.set_transforms(with_cq(m, ModelTransforms{}, 1, 8, calib, 2, 3));
   save_quantized_model(dir.string(), m, "rtn", f);
-  const Tensor tok = tokens_of(1, 28, c.vocab_size, 6);
+  const Tensor tok = pattern_tokens(1, 28, c.vocab_size, 6);
   const Tensor ref = test::logits_of(m, tok);
   {
     QuantizedCheckpoint q = load_quantized_model(dir.string());
     EXPECT_EQ(kv_quant_name(q.transforms.kv), "cq1");
     EXPECT_EQ(q.transforms.kv.group, 2);
     EXPECT_EQ(q.transforms.kv.window, 3);
-    EXPECT_EQ(diff(q.transforms.kv.cq_keys, m.transforms().kv.cq_keys), 0.0);
-    EXPECT_EQ(diff(q.transforms.kv.cq_values, m.transforms().kv.cq_values), 0.0);
+    EXPECT_EQ(max_abs_diff(q.transforms.kv.cq_keys, m.transforms().kv.cq_keys), 0.0);
+    EXPECT_EQ(max_abs_diff(q.transforms.kv.cq_values, m.transforms().kv.cq_values), 0.0);
     auto packed = make_quantized_model(q);
     // The reloaded model runs the Hugging Face RoPE layout (the original: interleaved): the same
     // function to f32 rounding, the keys grouped in the same channel order.
-    EXPECT_LE(diff(test::logits_of(*packed, tok), ref), 1e-5);
-    EXPECT_LE(diff(cached_logits(*packed, tok, 1), cached_logits(m, tok, 1)), 1e-5);
+    EXPECT_LE(max_abs_diff(test::logits_of(*packed, tok), ref), 1e-5);
+    EXPECT_LE(max_abs_diff(cached_logits(*packed, tok, 1), cached_logits(m, tok, 1)), 1e-5);
     LlamaModel bare(q.dense.config, q.dense.weights);  // without the codebooks: another function
-    EXPECT_GT(diff(test::logits_of(bare, tok), ref), 1e-3);
+    EXPECT_GT(max_abs_diff(test::logits_of(bare, tok), ref), 1e-3);
   }
   const std::string cfg = (dir / "config.json").string(), st = (dir / "model.safetensors").string();
   nlohmann::json j;

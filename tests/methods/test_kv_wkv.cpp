@@ -22,21 +22,9 @@ using namespace lowbit;
 namespace fs = std::filesystem;
 
 using test::cached_logits;
+using test::pattern_tokens;
 
 namespace {
-double diff(const Tensor& a, const Tensor& b) {
-  EXPECT_EQ(a.numel(), b.numel());
-  double d = 0;
-  for (int64_t i = 0; i < a.numel(); ++i) d = std::max(d, std::abs(a.item(i) - b.item(i)));
-  return d;
-}
-
-Tensor tokens_of(int64_t B, int64_t T, int V, int seed) {
-  std::vector<int32_t> v;
-  for (int64_t i = 0; i < B * T; ++i) v.push_back(int32_t((i * 7 + seed * 13 + 3 + (i * i) % 5) % V));
-  return Tensor::from_vector(v, {B, T});
-}
-
 
 ModelTransforms with_wkv(LlamaModel& m, ModelTransforms t, int bits, const Tensor& calib, int64_t group, int64_t window,
                          WkvCalibReport* rep = nullptr) {
@@ -102,17 +90,17 @@ TEST(KvWkv, PastOnlyRule) {
 TEST(KvWkv, TheQueryReadsItsOwnTokenInFullPrecision) {
   LlamaConfig c = test::small_config(RopeStyle::Half);
   LlamaModel m(c, outlier_weights(c, 5));
-  const Tensor tok = tokens_of(1, 30, c.vocab_size, 1);
+  const Tensor tok = pattern_tokens(1, 30, c.vocab_size, 1);
   const Tensor fp = test::logits_of(m, tok);
-  const Tensor calib = tokens_of(3, 24, c.vocab_size, 9);
+  const Tensor calib = pattern_tokens(3, 24, c.vocab_size, 9);
   ModelTransforms q = with_wkv(m, ModelTransforms{}, 2, calib, 32, 0);
   m.set_transforms(q);
   EXPECT_EQ(kv_quant_name(m.transforms().kv), "wkv2");
   const Tensor out = test::logits_of(m, tok);
   // Position 0 reads only its own token: full precision, bit for bit the FP model's logits (this
   // fails if the current token is quantized); later positions read quantized past tokens.
-  EXPECT_EQ(diff(out.slice(0, 0, 1).contiguous(), fp.slice(0, 0, 1).contiguous()), 0.0);
-  EXPECT_GT(diff(out.slice(0, 1, 30).contiguous(), fp.slice(0, 1, 30).contiguous()), 1e-3);
+  EXPECT_EQ(max_abs_diff(out.slice(0, 0, 1).contiguous(), fp.slice(0, 0, 1).contiguous()), 0.0);
+  EXPECT_GT(max_abs_diff(out.slice(0, 1, 30).contiguous(), fp.slice(0, 1, 30).contiguous()), 1e-3);
   // KIVI at window 0 quantizes the query's own token when it completes a group: with groups of 2,
   // position 1 reads tokens 0 and 1 quantized (and position 0 nothing).
   ModelTransforms kivi;
@@ -121,8 +109,8 @@ TEST(KvWkv, TheQueryReadsItsOwnTokenInFullPrecision) {
   kivi.kv.window = 0;
   m.set_transforms(kivi);
   const Tensor kv2 = test::logits_of(m, tok);
-  EXPECT_LE(diff(kv2.slice(0, 0, 1).contiguous(), fp.slice(0, 0, 1).contiguous()), 1e-5);
-  EXPECT_GT(diff(kv2.slice(0, 1, 2).contiguous(), fp.slice(0, 1, 2).contiguous()), 1e-4);
+  EXPECT_LE(max_abs_diff(kv2.slice(0, 0, 1).contiguous(), fp.slice(0, 0, 1).contiguous()), 1e-5);
+  EXPECT_GT(max_abs_diff(kv2.slice(0, 1, 2).contiguous(), fp.slice(0, 1, 2).contiguous()), 1e-4);
   // WKVQuant whose smoothing makes token 0's keys/values exact (shift = token 0's own keys/values,
   // so z = 0 there): position 1 then reads token 0 exactly and itself in full precision — the FP
   // logits; it would not if the query's own token were quantized.
@@ -145,33 +133,33 @@ TEST(KvWkv, TheQueryReadsItsOwnTokenInFullPrecision) {
     }
     m.set_transforms(exact0);
     const Tensor e = test::logits_of(m, tok);
-    EXPECT_LE(diff(e.slice(0, 0, 2).contiguous(), fp.slice(0, 0, 2).contiguous()), 1e-5);
-    EXPECT_GT(diff(e.slice(0, 2, 3).contiguous(), fp.slice(0, 2, 3).contiguous()), 1e-4);
+    EXPECT_LE(max_abs_diff(e.slice(0, 0, 2).contiguous(), fp.slice(0, 0, 2).contiguous()), 1e-5);
+    EXPECT_GT(max_abs_diff(e.slice(0, 2, 3).contiguous(), fp.slice(0, 2, 3).contiguous()), 1e-4);
   }
   // The batched forward equals decoding through the cache, any chunking (also with the keys in the
   // interleaved RoPE order); the window.
   m.set_transforms(q);
-  for (int64_t chunk : {1, 7, 30}) EXPECT_LE(diff(cached_logits(m, tok, chunk), out), 1e-4) << chunk;
+  for (int64_t chunk : {1, 7, 30}) EXPECT_LE(max_abs_diff(cached_logits(m, tok, chunk), out), 1e-4) << chunk;
   {
     LlamaConfig ci = test::small_config(RopeStyle::Interleaved);
     LlamaModel mi(ci, outlier_weights(ci, 5));
     mi.set_transforms(with_wkv(mi, ModelTransforms{}, 2, calib, 16, 0));
     const Tensor bi = test::logits_of(mi, tok);
-    for (int64_t chunk : {1, 7}) EXPECT_LE(diff(cached_logits(mi, tok, chunk), bi), 1e-4) << "interleaved " << chunk;
+    for (int64_t chunk : {1, 7}) EXPECT_LE(max_abs_diff(cached_logits(mi, tok, chunk), bi), 1e-4) << "interleaved " << chunk;
   }
   q.kv.window = 5;  // positions below 5 read nothing quantized
   m.set_transforms(q);
   const Tensor win = test::logits_of(m, tok);
-  EXPECT_LE(diff(win.slice(0, 0, 5).contiguous(), fp.slice(0, 0, 5).contiguous()), 1e-5);
-  EXPECT_GT(diff(win.slice(0, 5, 6).contiguous(), fp.slice(0, 5, 6).contiguous()), 1e-7);
-  EXPECT_LE(diff(cached_logits(m, tok, 3), win), 1e-4);
+  EXPECT_LE(max_abs_diff(win.slice(0, 0, 5).contiguous(), fp.slice(0, 0, 5).contiguous()), 1e-5);
+  EXPECT_GT(max_abs_diff(win.slice(0, 5, 6).contiguous(), fp.slice(0, 5, 6).contiguous()), 1e-7);
+  EXPECT_LE(max_abs_diff(cached_logits(m, tok, 3), win), 1e-4);
 }
 
 TEST(KvWkv, CalibrationLowersTheBlockOutputError) {
   for (RopeStyle style : {RopeStyle::Half, RopeStyle::Interleaved}) {
     LlamaConfig c = test::small_config(style);
     LlamaModel m(c, outlier_weights(c, 7));
-    const Tensor calib = tokens_of(3, 24, c.vocab_size, 4);
+    const Tensor calib = pattern_tokens(3, 24, c.vocab_size, 4);
     for (int bits : {2, 4}) {
       WkvCalibReport r;
       const ModelTransforms q = with_wkv(m, ModelTransforms{}, bits, calib, 16, 0, &r);
@@ -185,16 +173,16 @@ TEST(KvWkv, CalibrationLowersTheBlockOutputError) {
       EXPECT_LT(chosen, (bits == 4 ? 0.8 : 0.95) * plain) << "bits " << bits;
       if (bits == 2) continue;  // at 2 bits this toy model's logits are far off either way (not compared)
       // The model's own logits: closer to the FP logits with the calibrated smoothing than without.
-      const Tensor tok = tokens_of(2, 24, c.vocab_size, 4);
+      const Tensor tok = pattern_tokens(2, 24, c.vocab_size, 4);
       m.set_transforms(ModelTransforms{});
       const Tensor fp = test::logits_of(m, tok);
       m.set_transforms(q);
-      const double e_smooth = diff(test::logits_of(m, tok), fp);
+      const double e_smooth = max_abs_diff(test::logits_of(m, tok), fp);
       ModelTransforms none = q;
       none.kv.wkv_shift = Tensor::zeros(q.kv.wkv_shift.shape());
       none.kv.wkv_scale = Tensor::full(q.kv.wkv_scale.shape(), 1.0);
       m.set_transforms(none);
-      const double e_none = diff(test::logits_of(m, tok), fp);
+      const double e_none = max_abs_diff(test::logits_of(m, tok), fp);
       EXPECT_LT(e_smooth, e_none) << "bits " << bits;
       m.set_transforms(ModelTransforms{});
     }
@@ -204,7 +192,7 @@ TEST(KvWkv, CalibrationLowersTheBlockOutputError) {
 TEST(KvWkv, BadSpecsAreRefused) {
   LlamaConfig c = test::small_config(RopeStyle::Half);
   LlamaModel m(c, random_weights(c, 5, 0.15));
-  const Tensor calib = tokens_of(2, 16, c.vocab_size, 2);
+  const Tensor calib = pattern_tokens(2, 16, c.vocab_size, 2);
   const ModelTransforms q = with_wkv(m, ModelTransforms{}, 4, calib, 32, 128);
   ModelTransforms bad = q;
   bad.kv.wkv_shift = Tensor();
@@ -243,29 +231,29 @@ TEST(KvWkv, CheckpointReloadsToIdenticalOutputsAndRefusesBadRecords) {
   LlamaConfig c = test::small_config(RopeStyle::Interleaved);
   LlamaModel m(c, outlier_weights(c, 8));
   const QuantFormat& f = parse_quant_format("int4g32");
-  const Tensor calib = tokens_of(3, 24, c.vocab_size, 4);
+  const Tensor calib = pattern_tokens(3, 24, c.vocab_size, 4);
   RtnMethod rtn(f);
   PipelineOptions po;
   po.progress = false;
   run_blockwise(m, calib, rtn, f, po);
   m.set_transforms(with_wkv(m, ModelTransforms{}, 2, calib, 16, 3));
   save_quantized_model(dir.string(), m, "rtn", f);
-  const Tensor tok = tokens_of(1, 28, c.vocab_size, 6);
+  const Tensor tok = pattern_tokens(1, 28, c.vocab_size, 6);
   const Tensor ref = test::logits_of(m, tok);
   {
     QuantizedCheckpoint q = load_quantized_model(dir.string());
     EXPECT_EQ(kv_quant_name(q.transforms.kv), "wkv2");
     EXPECT_EQ(q.transforms.kv.group, 16);
     EXPECT_EQ(q.transforms.kv.window, 3);
-    EXPECT_EQ(diff(q.transforms.kv.wkv_shift, m.transforms().kv.wkv_shift), 0.0);
-    EXPECT_EQ(diff(q.transforms.kv.wkv_scale, m.transforms().kv.wkv_scale), 0.0);
+    EXPECT_EQ(max_abs_diff(q.transforms.kv.wkv_shift, m.transforms().kv.wkv_shift), 0.0);
+    EXPECT_EQ(max_abs_diff(q.transforms.kv.wkv_scale, m.transforms().kv.wkv_scale), 0.0);
     auto packed = make_quantized_model(q);
     // The reloaded model runs the Hugging Face RoPE layout (the original: interleaved); the keys'
     // smoothing is kept in that order, so the function is the same to f32 rounding.
-    EXPECT_LE(diff(test::logits_of(*packed, tok), ref), 1e-5);
-    EXPECT_LE(diff(cached_logits(*packed, tok, 1), cached_logits(m, tok, 1)), 1e-5);
+    EXPECT_LE(max_abs_diff(test::logits_of(*packed, tok), ref), 1e-5);
+    EXPECT_LE(max_abs_diff(cached_logits(*packed, tok, 1), cached_logits(m, tok, 1)), 1e-5);
     LlamaModel bare(q.dense.config, q.dense.weights);
-    EXPECT_GT(diff(test::logits_of(bare, tok), ref), 1e-3);
+    EXPECT_GT(max_abs_diff(test::logits_of(bare, tok), ref), 1e-3);
   }
   const std::string cfg = (dir / "config.json").string(), st = (dir / "model.safetensors").string();
   nlohmann::json j;
