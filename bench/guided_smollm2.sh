@@ -8,7 +8,7 @@
 #                           [--seed N] [--ptq17] [ROW ...]   (ROW = a row name below, e.g. guided-int3g128;
 #                                                   default: all; rows of seed N > 0 are named ...-sN)
 # --ptq17: instead, issue 17's other post-training methods on the same protocol (RTN, AWQ, COMQ,
-# Norm Tweaking on GPTQ, CLE at int4g128/int3g128/int2g64; PTQTP in tp2g128). Copy
+# AdaQuant (~25 min a format on 2 loaded cores), Norm Tweaking on GPTQ, CLE at int4g128/int3g128/int2g64; PTQTP in tp2g128). Copy
 # docs/results/guided-smollm2.jsonl to DIR/rows.jsonl first to have the GPTQ/RSQ/guided rows in the table.
 # Models go to --out (default ~/.cache/lowbit-bench/guided), never into the repository; the table
 # is printed and written to DIR/results.md. A row already in DIR/rows.jsonl is not rerun.
@@ -69,7 +69,7 @@ PY
 
 if [ "$ptq17" = 1 ]; then
   for f in int4g128 int3g128 int2g64; do
-    for m in rtn awq comq cle; do run "$m" "$f"; done
+    for m in rtn awq comq cle adaquant; do run "$m" "$f"; done
     run norm-tweak:gptq "$f" --base gptq
   done
   run ptqtp tp2g128

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <random>
 
+#include "common/checkpoint_tamper.h"
 #include "common/expect_message.h"
 #include "common/small_model.h"
 #include "common/test_util.h"
@@ -230,20 +231,13 @@ TEST(KvCq, CheckpointReloadsToIdenticalOutputsAndRefusesBadRecords) {
   auto expect_error = [&](const std::string& needle) {
     expect_message([&] { load_quantized_model(dir.string()); }, needle);
   };
-  struct Edit {
-    const char* key;
-    nlohmann::json value;
-    const char* needle;
-  };
-  for (const Edit& e : {Edit{"kv_quant", "cq3", "'cq3' is not a KV-cache quantization"},
-                        Edit{"kv_cq_channels", 4, "kv_cq_channels 4 does not match kv_quant cq1"},
-                        Edit{"kv_cq_channels", "8", "kv_cq_channels"}, Edit{"kv_quant", "int2", "lowbit.kv_cq.keys is present"},
-                        Edit{"kv_quant", "cq2", "kv_cq_channels 8 does not match kv_quant cq2"}}) {
-    auto bad = j;
-    bad["quantization_config"]["transforms"][e.key] = e.value;
-    std::ofstream(cfg) << bad.dump();
-    expect_error(e.needle);
-  }
+  test::expect_transform_edits_refused(cfg, j,
+                                       {{"kv_quant", "cq3", "'cq3' is not a KV-cache quantization"},
+                                        {"kv_cq_channels", 4, "kv_cq_channels 4 does not match kv_quant cq1"},
+                                        {"kv_cq_channels", "8", "kv_cq_channels"},
+                                        {"kv_quant", "int2", "lowbit.kv_cq.keys is present"},
+                                        {"kv_quant", "cq2", "kv_cq_channels 8 does not match kv_quant cq2"}},
+                                       expect_error);
   {
     auto bad = j;
     bad["quantization_config"]["transforms"].erase("kv_cq_channels");
@@ -253,31 +247,21 @@ TEST(KvCq, CheckpointReloadsToIdenticalOutputsAndRefusesBadRecords) {
   std::ofstream(cfg) << j.dump();
   EXPECT_NO_THROW(load_quantized_model(dir.string()));
   // The codebook tensors: missing, truncated (fewer centroids), wrong type, not finite.
-  SafetensorsFile f0 = SafetensorsFile::open(st);
-  std::vector<std::pair<std::string, Tensor>> all;
-  for (const auto& t : f0.tensors()) all.emplace_back(t.name, f0.load(t.name).clone());
-  auto rewrite = [&](const std::string& name, const std::function<Tensor(const Tensor&)>& change) {
-    std::vector<std::pair<std::string, Tensor>> ts;
-    for (auto& [n, t] : all) {
-      if (n != name) ts.emplace_back(n, t);
-      else if (change) ts.emplace_back(n, change(t));
-    }
-    save_safetensors(st, ts);
-  };
-  rewrite("lowbit.kv_cq.keys", nullptr);
+  const test::SafetensorsSnapshot snap(st);
+  snap.rewrite("lowbit.kv_cq.keys", nullptr);
   expect_error("lowbit.kv_cq.keys is missing");
-  rewrite("lowbit.kv_cq.values", [](const Tensor& t) { return t.slice(2, 0, 100).contiguous(); });
+  snap.rewrite("lowbit.kv_cq.values", [](const Tensor& t) { return t.slice(2, 0, 100).contiguous(); });
   expect_error("values codebook is f32[2, 4, 100, 8]");
-  rewrite("lowbit.kv_cq.keys", [](const Tensor& t) { return t.slice(0, 0, 1).contiguous(); });
+  snap.rewrite("lowbit.kv_cq.keys", [](const Tensor& t) { return t.slice(0, 0, 1).contiguous(); });
   expect_error("keys codebook is f32[1, 4, 256, 8]");
-  rewrite("lowbit.kv_cq.keys", [](const Tensor& t) {
+  snap.rewrite("lowbit.kv_cq.keys", [](const Tensor& t) {
     Tensor u = t.clone();
     u.data<float>()[17] = std::numeric_limits<float>::quiet_NaN();
     return u;
   });
   expect_error("non-finite");
   // The file cut short inside the codebooks' bytes: the reader names the file.
-  rewrite("", nullptr);
+  snap.rewrite("", nullptr);
   const auto size = fs::file_size(st);
   fs::resize_file(st, size - 1000);
   expect_error("model.safetensors");

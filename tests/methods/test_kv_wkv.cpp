@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/checkpoint_tamper.h"
 #include "common/small_model.h"
 #include "common/test_util.h"
 #include "lowbit/io/quantized_checkpoint.h"
@@ -264,50 +265,32 @@ TEST(KvWkv, CheckpointReloadsToIdenticalOutputsAndRefusesBadRecords) {
   auto expect_error = [&](const std::string& needle) {
     expect_message([&] { load_quantized_model(dir.string()); }, needle);
   };
-  struct Edit {
-    const char* key;
-    nlohmann::json value;
-    const char* needle;
-  };
-  for (const Edit& e : {Edit{"kv_quant", "wkv3", "'wkv3' is not a KV-cache quantization"},
-                        Edit{"kv_quant", "int2", "lowbit.kv_wkv.shift is present but"},
-                        Edit{"kv_quant", 4, "kv_quant"},
-                        Edit{"kv_quant", "cq2", "kv_cq_channels is missing"}}) {
-    auto bad = j;
-    bad["quantization_config"]["transforms"][e.key] = e.value;
-    std::ofstream(cfg) << bad.dump();
-    expect_error(e.needle);
-  }
+  test::expect_transform_edits_refused(cfg, j,
+                                       {{"kv_quant", "wkv3", "'wkv3' is not a KV-cache quantization"},
+                                        {"kv_quant", "int2", "lowbit.kv_wkv.shift is present but"},
+                                        {"kv_quant", 4, "kv_quant"},
+                                        {"kv_quant", "cq2", "kv_cq_channels is missing"}},
+                                       expect_error);
   std::ofstream(cfg) << j.dump();
   EXPECT_NO_THROW(load_quantized_model(dir.string()));
-  SafetensorsFile f0 = SafetensorsFile::open(st);
-  std::vector<std::pair<std::string, Tensor>> all;
-  for (const auto& t : f0.tensors()) all.emplace_back(t.name, f0.load(t.name).clone());
-  auto rewrite = [&](const std::string& name, const std::function<Tensor(const Tensor&)>& change) {
-    std::vector<std::pair<std::string, Tensor>> ts;
-    for (auto& [n, t] : all) {
-      if (n != name) ts.emplace_back(n, t);
-      else if (change) ts.emplace_back(n, change(t));
-    }
-    save_safetensors(st, ts);
-  };
-  rewrite("lowbit.kv_wkv.shift", nullptr);
+  const test::SafetensorsSnapshot snap(st);
+  snap.rewrite("lowbit.kv_wkv.shift", nullptr);
   expect_error("lowbit.kv_wkv.shift is missing");
-  rewrite("lowbit.kv_wkv.scale", [](const Tensor& t) { return t.slice(2, 0, 16).contiguous(); });
+  snap.rewrite("lowbit.kv_wkv.scale", [](const Tensor& t) { return t.slice(2, 0, 16).contiguous(); });
   expect_error("smoothing scale is f32[2, 2, 16]");
-  rewrite("lowbit.kv_wkv.scale", [](const Tensor& t) {
+  snap.rewrite("lowbit.kv_wkv.scale", [](const Tensor& t) {
     Tensor u = t.clone();
     u.data<float>()[5] = -1.0f;
     return u;
   });
   expect_error("scale holds -1 at 5");
-  rewrite("lowbit.kv_wkv.shift", [](const Tensor& t) {
+  snap.rewrite("lowbit.kv_wkv.shift", [](const Tensor& t) {
     Tensor u = t.clone();
     u.data<float>()[7] = std::numeric_limits<float>::infinity();
     return u;
   });
   expect_error("shift holds inf at 7");
-  rewrite("", nullptr);
+  snap.rewrite("", nullptr);
   const auto size = fs::file_size(st);
   fs::resize_file(st, size - 100);
   expect_error("model.safetensors");

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/checkpoint_tamper.h"
 #include "common/expect_message.h"
 #include "common/small_model.h"
 #include "common/test_util.h"
@@ -137,20 +138,17 @@ TEST(RotationCheckpoint, MalformedTransformsAreRefused) {
   auto expect_error = [&](const std::string& needle) {
     test::expect_message([&] { load_quantized_model(dir.string()); }, needle);
   };
-  struct Edit {
-    const char* key;
-    nlohmann::json value;
-    const char* needle;
-  };
-  for (const Edit& e : {Edit{"rotation", "givens", "givens"}, Edit{"act", "int3", "int3"}, Edit{"act", 8, "act"},
-                        Edit{"act_clip", 1.5, "clip"}, Edit{"kv_quant", "int8", "int8"}, Edit{"kv_group", 0, "kv_group"},
-                        Edit{"kv_window", -1, "kv_window"}, Edit{"rotation_seed", -3, "rotation_seed"},
-                        Edit{"kv_group", 2.5, "kv_group"}}) {
-    auto bad = j;
-    bad["quantization_config"]["transforms"][e.key] = e.value;
-    std::ofstream(cfg) << bad.dump();
-    expect_error(e.needle);
-  }
+  test::expect_transform_edits_refused(cfg, j,
+                                       {{"rotation", "givens", "givens"},
+                                        {"act", "int3", "int3"},
+                                        {"act", 8, "act"},
+                                        {"act_clip", 1.5, "clip"},
+                                        {"kv_quant", "int8", "int8"},
+                                        {"kv_group", 0, "kv_group"},
+                                        {"kv_window", -1, "kv_window"},
+                                        {"rotation_seed", -3, "rotation_seed"},
+                                        {"kv_group", 2.5, "kv_group"}},
+                                       expect_error);
   auto bad = j;
   bad["quantization_config"]["transforms"] = "hadamard";
   std::ofstream(cfg) << bad.dump();
@@ -158,28 +156,18 @@ TEST(RotationCheckpoint, MalformedTransformsAreRefused) {
   std::ofstream(cfg) << j.dump();
   EXPECT_NO_THROW(load_quantized_model(dir.string()));
   // The rotation tensors: missing, wrong size, not +-1, not orthogonal.
-  SafetensorsFile f0 = SafetensorsFile::open(st);
-  std::vector<std::pair<std::string, Tensor>> all;
-  for (const auto& t : f0.tensors()) all.emplace_back(t.name, f0.load(t.name).clone());
-  auto rewrite = [&](const std::string& name, const std::function<Tensor(const Tensor&)>& change) {
-    std::vector<std::pair<std::string, Tensor>> ts;
-    for (auto& [n, t] : all) {
-      if (n != name) ts.emplace_back(n, t);
-      else if (change) ts.emplace_back(n, change(t));
-    }
-    save_safetensors(st, ts);
-  };
-  rewrite("lowbit.rotation.ffn.signs", nullptr);
+  const test::SafetensorsSnapshot snap(st);
+  snap.rewrite("lowbit.rotation.ffn.signs", nullptr);
   expect_error("ffn rotation is missing");
-  rewrite("lowbit.rotation.ffn.signs", [](const Tensor& t) { return t.slice(0, 0, t.numel() - 1).contiguous(); });
+  snap.rewrite("lowbit.rotation.ffn.signs", [](const Tensor& t) { return t.slice(0, 0, t.numel() - 1).contiguous(); });
   expect_error("ffn rotation signs");
-  rewrite("lowbit.rotation.head.signs", [](const Tensor& t) {
+  snap.rewrite("lowbit.rotation.head.signs", [](const Tensor& t) {
     Tensor u = t.clone();
     u.data<float>()[0] = 2.0f;
     return u;
   });
   expect_error("not +-1");
-  rewrite("lowbit.rotation.ffn.small", [](const Tensor& t) {
+  snap.rewrite("lowbit.rotation.ffn.small", [](const Tensor& t) {
     Tensor u = t.clone();
     u.data<float>()[0] += 0.3f;
     return u;
