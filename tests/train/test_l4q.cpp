@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "common/stories_fixture.h"
+#include "qat_stories.h"
 #include "lowbit/autograd/functions.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/io/quantized_checkpoint.h"
@@ -36,17 +37,7 @@ L4qTrainLinear moved_layer(const QuantFormat& f, DType dt, const Tensor& w) {
   return t;
 }
 
-struct L4qStories : test::StoriesPtq {
-  QatConfig small(const char* format = "int2g64") const {
-    QatConfig c;
-    c.format = &parse_quant_format(format);
-    c.steps = 12;
-    c.batch = 2;
-    c.seqlen = 64;
-    c.progress = false;
-    return c;
-  }
-};
+struct L4qStories : test::QatStoriesBase {};
 
 }  // namespace
 
@@ -148,52 +139,12 @@ TEST(L4qLayer, LoraGradientsAreTheMergedWeightGradientThroughSBA) {
 }
 
 TEST_F(L4qStories, L4qReducesTheLmLossBeatsRtnAndWritesALoadableCheckpoint) {
-  Checkpoint ck = load_llama2c(model_path);
-  LlamaModel fp(ck.config, ck.weights);
-  QatConfig c = small();
-  QatResult r = make_qat_method("l4q", c)->run(fp, calib_stream);
-  ASSERT_TRUE(r.complete);
-  ASSERT_EQ(r.stages.size(), 1u);
-  EXPECT_EQ(r.stages[0].name, "l4q");
-  EXPECT_LT(r.stages[0].loss_after, r.stages[0].loss_before);
-  EXPECT_EQ(r.stages[0].tokens, 12 * 2 * 64);
-  ASSERT_TRUE(r.model);
-  packed(*r.model);  // every linear is one packed weight (no adapter)
-  const QuantFormat& f = *c.format;
-  const auto rtn = rtn_model(ck, f);
-  const double p_l4q = ppl(*r.model);
-  EXPECT_LT(p_l4q, ppl(*rtn));
-  const auto dir = test::temp_dir("qat-l4q-save");
-  save_quantized_model(dir.string(), *r.model, "l4q", f);
-  auto loaded = make_quantized_model(load_quantized_model(dir.string(), false));
-  EXPECT_NEAR(ppl(*loaded), p_l4q, 1e-3 * p_l4q);
-  fs::remove_all(dir);
+  expect_trains_beats_rtn_and_reloads("l4q");
 }
 
 TEST_F(L4qStories, L4qResumeAfterStopGivesTheSameModel) {
-  Checkpoint ck = load_llama2c(model_path);
-  LlamaModel fp(ck.config, ck.weights);
-  const auto dir = test::temp_dir("qat-l4q-resume");
-  QatConfig c = small("int3g64");
-  c.state_dir = (dir / "state").string();
-  c.stop_after_steps = 5;
-  QatResult a = make_qat_method("l4q", c)->run(fp, calib_stream);
-  ASSERT_FALSE(a.complete);
-  EXPECT_FALSE(a.model);
-  ASSERT_TRUE(fs::exists(dir / "state" / "l4q.safetensors"));
-  c.stop_after_steps = 0;
-  QatResult b = make_qat_method("l4q", c)->run(fp, calib_stream);
-  ASSERT_TRUE(b.complete);
-  EXPECT_EQ(b.stages[0].resumed_from, 5);
-  QatResult whole = make_qat_method("l4q", small("int3g64"))->run(fp, calib_stream);
-  expect_same_packed(*b.model, *whole.model);
-  EXPECT_EQ(b.stages[0].loss_after, whole.stages[0].loss_after);
   // Another rank is another state: refused.
-  QatConfig other = c;
-  other.lora_rank = 4;
-  other.stop_after_steps = 0;
-  EXPECT_THROW(make_qat_method("l4q", other)->run(fp, calib_stream), Error);
-  fs::remove_all(dir);
+  expect_resume_gives_the_same_model("l4q", [](QatConfig& c) { c.lora_rank = 4; });
 }
 
 TEST(QatRegistryL4q, IsRegisteredAndChecksItsOptions) {

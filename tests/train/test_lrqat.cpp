@@ -12,6 +12,7 @@
 #include <string>
 
 #include "common/stories_fixture.h"
+#include "qat_stories.h"
 #include "lowbit/autograd/functions.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/io/quantized_checkpoint.h"
@@ -89,17 +90,7 @@ void check_fd(Tensor x, const Tensor& grad, const std::function<double()>& loss,
   }
 }
 
-struct LrQatStories : test::StoriesPtq {
-  QatConfig small(const char* format = "int2g64") const {
-    QatConfig c;
-    c.format = &parse_quant_format(format);
-    c.steps = 12;
-    c.batch = 2;
-    c.seqlen = 64;
-    c.progress = false;
-    return c;
-  }
-};
+struct LrQatStories : test::QatStoriesBase {};
 
 }  // namespace
 
@@ -320,52 +311,12 @@ TEST(LrQatLayer, ExportedPackedWeightDecodesToTheTrainedWeightExactly) {
 }
 
 TEST_F(LrQatStories, LrQatReducesTheLmLossBeatsRtnAndWritesALoadableCheckpoint) {
-  Checkpoint ck = load_llama2c(model_path);
-  LlamaModel fp(ck.config, ck.weights);
-  QatConfig c = small();
-  QatResult r = make_qat_method("lr-qat", c)->run(fp, calib_stream);
-  ASSERT_TRUE(r.complete);
-  ASSERT_EQ(r.stages.size(), 1u);
-  EXPECT_EQ(r.stages[0].name, "lr-qat");
-  EXPECT_LT(r.stages[0].loss_after, r.stages[0].loss_before);
-  EXPECT_EQ(r.stages[0].tokens, 12 * 2 * 64);
-  EXPECT_EQ(r.stages[0].hyper["downcast"], "int8");
-  ASSERT_TRUE(r.model);
-  packed(*r.model);  // every linear is one packed weight (no adapter)
-  const QuantFormat& f = *c.format;
-  const auto rtn = rtn_model(ck, f);
-  const double p_lrqat = ppl(*r.model);
-  EXPECT_LT(p_lrqat, ppl(*rtn));
-  const auto dir = test::temp_dir("qat-lrqat-save");
-  save_quantized_model(dir.string(), *r.model, "lr-qat", f);
-  auto loaded = make_quantized_model(load_quantized_model(dir.string(), false));
-  EXPECT_NEAR(ppl(*loaded), p_lrqat, 1e-3 * p_lrqat);
-  fs::remove_all(dir);
+  expect_trains_beats_rtn_and_reloads("lr-qat", [](const QatResult& r) { EXPECT_EQ(r.stages[0].hyper.at("downcast"), "int8"); });
 }
 
 TEST_F(LrQatStories, LrQatResumeAfterStopGivesTheSameModel) {
-  Checkpoint ck = load_llama2c(model_path);
-  LlamaModel fp(ck.config, ck.weights);
-  const auto dir = test::temp_dir("qat-lrqat-resume");
-  QatConfig c = small("int3g64");
-  c.state_dir = (dir / "state").string();
-  c.stop_after_steps = 5;
-  QatResult a = make_qat_method("lr-qat", c)->run(fp, calib_stream);
-  ASSERT_FALSE(a.complete);
-  EXPECT_FALSE(a.model);
-  ASSERT_TRUE(fs::exists(dir / "state" / "lr-qat.safetensors"));
-  c.stop_after_steps = 0;
-  QatResult b = make_qat_method("lr-qat", c)->run(fp, calib_stream);
-  ASSERT_TRUE(b.complete);
-  EXPECT_EQ(b.stages[0].resumed_from, 5);
-  QatResult whole = make_qat_method("lr-qat", small("int3g64"))->run(fp, calib_stream);
-  expect_same_packed(*b.model, *whole.model);
-  EXPECT_EQ(b.stages[0].loss_after, whole.stages[0].loss_after);
   // Another downcast is another state: refused.
-  QatConfig other = c;
-  other.downcast = "bf16";
-  EXPECT_THROW(make_qat_method("lr-qat", other)->run(fp, calib_stream), Error);
-  fs::remove_all(dir);
+  expect_resume_gives_the_same_model("lr-qat", [](QatConfig& c) { c.downcast = "bf16"; });
 }
 
 TEST_F(LrQatStories, GradCheckpointingDoesNotChangeTheResult) {
