@@ -22,6 +22,20 @@ inline LlamaConfig small_config(RopeStyle style) {
   return c;
 }
 
+// The smallest Llama worth differentiating (dim 8, 2 layers, 2 heads sharing one KV head, a
+// vocabulary of 11): the f64 central-difference checks of whole models.
+inline LlamaConfig grad_check_config() {
+  LlamaConfig c;
+  c.dim = 8;
+  c.hidden_dim = 12;
+  c.n_layers = 2;
+  c.n_heads = 2;
+  c.n_kv_heads = 1;
+  c.vocab_size = 11;
+  c.max_seq_len = 16;
+  return c;
+}
+
 // A deterministic, non-periodic token pattern of shape [B, T] over a vocabulary of V (seeded).
 inline Tensor pattern_tokens(int64_t B, int64_t T, int V, int seed) {
   std::vector<int32_t> v;

@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "common/small_model.h"
 #include "lowbit/autograd/functions.h"
 #include "lowbit/autograd/optim.h"
 #include "lowbit/model/llama.h"
@@ -11,17 +12,7 @@
 using namespace lowbit;
 
 namespace {
-LlamaConfig tiny_config() {
-  LlamaConfig c;
-  c.dim = 8;
-  c.hidden_dim = 12;
-  c.n_layers = 2;
-  c.n_heads = 2;
-  c.n_kv_heads = 1;
-  c.vocab_size = 11;
-  c.max_seq_len = 16;
-  return c;
-}
+using test::grad_check_config;
 
 LlamaWeights to_f64(LlamaWeights w) {
   for_each_weight(w, [](const std::string&, Tensor& t) { t = t.to(DType::F64); });
@@ -32,7 +23,7 @@ LlamaWeights to_f64(LlamaWeights w) {
 TEST(ModelGrad, WholeBlockMatchesFiniteDifferences) {
   // Every parameter of one decoder block and its input, in f64 (tolerance as in tests/ops).
   for (bool qwen : {false, true}) {
-    LlamaConfig c = tiny_config();
+    LlamaConfig c = grad_check_config();
     if (qwen) {
       c.attn_bias = c.qk_norm = true;
       c.rope_style = RopeStyle::Half;
@@ -73,7 +64,7 @@ TEST(ModelGrad, WholeBlockMatchesFiniteDifferences) {
 }
 
 TEST(ModelTrain, LossFallsOnAFixedBatch) {
-  LlamaConfig c = tiny_config();
+  LlamaConfig c = grad_check_config();
   c.dim = 32;
   c.hidden_dim = 64;
   c.n_heads = 4;

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/small_model.h"
 #include "lowbit/autograd/functions.h"
 #include "lowbit/model/llama.h"
 #include "lowbit/ops/ops.h"
@@ -19,17 +20,7 @@ using namespace lowbit;
 
 namespace {
 
-LlamaConfig tiny_config() {
-  LlamaConfig c;
-  c.dim = 8;
-  c.hidden_dim = 12;
-  c.n_layers = 2;
-  c.n_heads = 2;
-  c.n_kv_heads = 1;
-  c.vocab_size = 11;
-  c.max_seq_len = 16;
-  return c;
-}
+using test::grad_check_config;
 
 // f64 weights scaled up so that the blocks are far from the identity (a non-trivial function).
 LlamaWeights f64_weights(const LlamaConfig& c, uint64_t seed) {
@@ -115,7 +106,7 @@ TEST(OneBitHiddenMse, GradientMatchesFiniteDifferences) {
 // The whole distillation objective with the term on: every parameter kind of the student (a block's
 // linears and norms) against central differences of the objective, in f64.
 TEST(OneBitHiddenMse, ObjectiveGradientMatchesFiniteDifferences) {
-  const LlamaConfig c = tiny_config();
+  const LlamaConfig c = grad_check_config();
   LlamaModel teacher(c, f64_weights(c, 3), false);
   LlamaModel student(c, f64_weights(c, 4), true);
   const Tensor in = tokens_2x5(), tgt = Tensor::from_vector(std::vector<int32_t>(10, 1), {10});
@@ -137,7 +128,7 @@ TEST(OneBitHiddenMse, ObjectiveGradientMatchesFiniteDifferences) {
 // α Σ_l hidden_state_mse of the block outputs and changes the gradients, also those of the first
 // block (which the KL reaches only through the later blocks).
 TEST(OneBitHiddenMse, ChangesTheLossAndGradientsOnlyWhenOn) {
-  const LlamaConfig c = tiny_config();
+  const LlamaConfig c = grad_check_config();
   LlamaModel teacher(c, f64_weights(c, 3), false);
   LlamaModel student(c, f64_weights(c, 4), true);
   const Tensor in = tokens_2x5(), tgt = Tensor::from_vector(std::vector<int32_t>(10, 1), {10});
@@ -195,7 +186,7 @@ TEST(OneBitHiddenMse, ChangesTheLossAndGradientsOnlyWhenOn) {
 
 // Bad values are refused naming the flag: by the trainer and by onebit's configuration.
 TEST(OneBitHiddenMse, BadValuesAreRefusedNamingTheFlag) {
-  const LlamaConfig c = tiny_config();
+  const LlamaConfig c = grad_check_config();
   LlamaModel teacher(c, f64_weights(c, 3), false);
   LlamaModel student(c, f64_weights(c, 4), true);
   std::vector<int32_t> stream(64);
