@@ -8,7 +8,9 @@
 # (and any of EXTRA_RUNS: b158-median = --ternary-scale median, b158-2stage = --schedule bitnet-two-stage,
 #  fp-2stage; BitNet v2 = H-BitLinear o_proj/down_proj: v2a4 = --arch bitnet-v2 --act-bits 4 --act4-at 0.8
 #  (A8 for 80 % of the steps, then A4, the paper's recipe), v2a4-scratch = A4 from the first step,
-#  v2a8 = --act-bits 8, v2a4-noh = v2a4-scratch without the Hadamard transforms: an ablation). Every run sees the same windows (same seed); validation loss every EVAL_EVERY
+#  v2a8 = --act-bits 8, v2a4-noh = v2a4-scratch without the Hadamard transforms: an ablation;
+#  v2a4-absmean / v2a4-scratch-absmean = v2a4 / v2a4-scratch with --act-quant absmean, the papers'
+#  INT4 quantizer s = mean|x| / sqrt(7) instead of absmax). Every run sees the same windows (same seed); validation loss every EVAL_EVERY
 # steps on fixed windows of valid.txt (the training forward: b1.58 int8 activations, v2 its
 # activation bits); at the end `lowbit eval ppl` on test.txt (ctx SEQ) of OUT/<run>/hf (FP) or
 # OUT/<run>/ternary (the packed ternary checkpoint, --matmul exact, dense vocabulary: b1.58 with
@@ -60,6 +62,8 @@ run_args() {  # run name -> its extra flags
     v2a4-scratch) echo "--arch bitnet-v2 --act-bits 4" ;;
     v2a8) echo "--arch bitnet-v2 --act-bits 8" ;;
     v2a4-noh) echo "--arch bitnet-v2 --act-bits 4 --hadamard off" ;;
+    v2a4-absmean) echo "--arch bitnet-v2 --act-bits 4 --act4-at 0.8 --act-quant absmean" ;;
+    v2a4-scratch-absmean) echo "--arch bitnet-v2 --act-bits 4 --act-quant absmean" ;;
     *) echo "unknown run $1" >&2; exit 2 ;;
   esac
 }

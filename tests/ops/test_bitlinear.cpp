@@ -1,7 +1,8 @@
 // BitLinear b1.58 (autograd/bitlinear.h, ops/ternary.h): the quantizers against the paper's
 // formulas written as plain f64 loops, and the straight-through backward against central
 // differences of its surrogate y = (x + c_x) . (W + c_W)^T with the offsets held constant; the
-// same for H-BitLinear (BitNet v2: online Hadamard transform, b-bit per-token activations).
+// same for H-BitLinear (BitNet v2: online Hadamard transform, b-bit per-token activations, absmax
+// or the papers' INT4 absmean).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -205,16 +206,78 @@ std::vector<double> ref_act_bits(const std::vector<double>& x, int64_t M, int64_
   }
   return y;
 }
+// BitNet v2's (and a4.8's) INT4 absmean quantizer as the papers write it: per token
+// beta = mean|x|, x~ = beta / sqrt(7) * RoundClip(sqrt(7) / (beta + eps) * x, -8, 7) (eps: beta
+// clamped to >= 1e-5, as the kernels do).
+std::vector<double> ref_act_absmean(const std::vector<double>& x, int64_t M, int64_t C) {
+  std::vector<double> y(x.size());
+  for (int64_t r = 0; r < M; ++r) {
+    double beta = 0;
+    for (int64_t c = 0; c < C; ++c) beta += std::fabs(x[size_t(r * C + c)]);
+    beta = std::max(beta / double(C), 1e-5);
+    for (int64_t c = 0; c < C; ++c) {
+      const double q = std::min(7.0, std::max(-8.0, std::nearbyint(std::sqrt(7.0) / beta * x[size_t(r * C + c)])));
+      y[size_t(r * C + c)] = q * beta / std::sqrt(7.0);
+    }
+  }
+  return y;
+}
+std::vector<double> ref_act_q(const std::vector<double>& x, int64_t M, int64_t C, int bits, ops::ActScale scale) {
+  return scale == ops::ActScale::AbsMean ? ref_act_absmean(x, M, C) : ref_act_bits(x, M, C, bits);
+}
 struct HCase {
   int64_t n, m;
 };
 Tensor tensor_of(const std::vector<double>& v, Shape s) { return Tensor::from_vector(v, s); }
 }  // namespace
 
+TEST(HBitLinear, AbsmeanQuantizerMatchesThePaperFormula) {
+  const int64_t M = 6, C = 24;
+  Tensor x = rnd({M, C}, 41, 1.5);
+  for (int64_t c = 0; c < C; ++c) x.set_item(3 * C + c, 0.0);  // an all-zero token: beta clamps, codes 0
+  x.set_item(1 * C + 4, 30.0);                                    // an outlier: clipped to 7 s
+  Tensor y;
+  ops::act_quant_int4_absmean(x, y);
+  const auto ref = ref_act_absmean(values(x), M, C);
+  for (int64_t i = 0; i < x.numel(); ++i) EXPECT_NEAR(y.item(i), ref[size_t(i)], 1e-12 * (1 + std::fabs(ref[size_t(i)]))) << i;
+  for (int64_t r = 0; r < M; ++r) {
+    double beta = 0;
+    for (int64_t c = 0; c < C; ++c) beta += std::fabs(x.item(r * C + c));
+    const double s = std::max(beta / double(C), 1e-5) / std::sqrt(7.0);
+    for (int64_t c = 0; c < C; ++c) {  // codes are integers in [-8, 7]
+      const double q = y.item(r * C + c) / s;
+      EXPECT_NEAR(q, std::nearbyint(q), 1e-9);
+      EXPECT_GE(q, -8.0 - 1e-9);
+      EXPECT_LE(q, 7.0 + 1e-9);
+    }
+  }
+  EXPECT_NEAR(y.item(1 * C + 4), 7.0 * [&] {
+    double b = 0;
+    for (int64_t c = 0; c < C; ++c) b += std::fabs(x.item(C + c));
+    return b / double(C) / std::sqrt(7.0);
+  }(), 1e-12);
+  for (int64_t c = 0; c < C; ++c) EXPECT_EQ(y.item(3 * C + c), 0.0);
+  // f32 agrees with the f64 formula to f32 rounding.
+  Tensor y32;
+  ops::act_quant_int4_absmean(x.to(DType::F32), y32);
+  for (int64_t i = 0; i < x.numel(); ++i) EXPECT_NEAR(y32.item(i), ref[size_t(i)], 1e-5 * (1 + std::fabs(ref[size_t(i)])));
+  EXPECT_STREQ(ops::act_scale_name(ops::parse_act_scale("absmean")), "absmean");
+  EXPECT_STREQ(ops::act_scale_name(ops::parse_act_scale("absmax")), "absmax");
+  // The autograd function is the op forward and the identity backward.
+  Var xv(x, true);
+  Var q = int4_absmean_fake_quant(xv);
+  for (int64_t i = 0; i < x.numel(); ++i) EXPECT_EQ(q.value().item(i), y.item(i));
+  backward(sum(mul(q, Var(rnd({M, C}, 42)))));
+  const Tensor g = rnd({M, C}, 42);
+  for (int64_t i = 0; i < x.numel(); ++i) EXPECT_EQ(xv.grad().item(i), g.item(i));
+}
+
 TEST(HBitLinear, ForwardIsTheWrittenOutFormula) {
   const int64_t M = 5, N = 7;
   for (HCase hc : {HCase{16, 1}, HCase{12, 3}})
-    for (int bits : {4, 8, 0}) {
+    for (int bits : {4, 8, 0, -4}) {  // -4: 4 bits with the absmean scale
+      const ops::ActScale scale = bits < 0 ? ops::ActScale::AbsMean : ops::ActScale::AbsMax;
+      bits = std::abs(bits);
       const int64_t K = hc.n;
       std::vector<double> signs;
       for (int64_t i = 0; i < K; ++i) signs.push_back((i * 7 + 3) % 5 < 2 ? -1.0 : 1.0);
@@ -224,20 +287,21 @@ TEST(HBitLinear, ForwardIsTheWrittenOutFormula) {
       Tensor x = rnd({M, K}, 21);
       for (int64_t r = 0; r < M; ++r) x.set_item(r * K + 2, 25.0 * x.item(r * K + 2));
       const Tensor w = rnd({N, K}, 22, 0.1);
-      const Var y = h_bitlinear(Var(x), Var(w), sg, sm, bits);
+      const Var y = h_bitlinear(Var(x), Var(w), sg, sm, bits, {}, scale);
       const auto Km = explicit_k(signs, S, hc.m);
       const auto xv = values(x);
       std::vector<double> xr(size_t(M * K), 0.0);
       for (int64_t r = 0; r < M; ++r)
         for (int64_t j = 0; j < K; ++j)
           for (int64_t i = 0; i < K; ++i) xr[size_t(r * K + j)] += xv[size_t(r * K + i)] * Km[size_t(i * K + j)];
-      const auto xq = bits ? ref_act_bits(xr, M, K, bits) : xr;
+      const auto xq = bits ? ref_act_q(xr, M, K, bits, scale) : xr;
       const auto wq = ref_ternary(values(w), false);
       for (int64_t r = 0; r < M; ++r)
         for (int64_t o = 0; o < N; ++o) {
           double s = 0;
           for (int64_t k = 0; k < K; ++k) s += xq[size_t(r * K + k)] * wq[size_t(o * K + k)];
-          EXPECT_NEAR(y.value().item(r * N + o), s, 1e-12 * (1 + std::fabs(s))) << hc.n << " bits " << bits;
+          EXPECT_NEAR(y.value().item(r * N + o), s, 1e-12 * (1 + std::fabs(s)))
+              << hc.n << " bits " << bits << " " << ops::act_scale_name(scale);
         }
       if (bits == 4) {  // at most 16 levels per token
         for (int64_t r = 0; r < M; ++r) {
@@ -272,7 +336,9 @@ TEST(HBitLinear, ForwardIsTheWrittenOutFormula) {
 // (x K + c_x) . (W + c_W)^T with K the explicit matrix and the offsets held at the base point.
 TEST(HBitLinear, StraightThroughGradientMatchesTheSurrogate) {
   for (HCase hc : {HCase{8, 1}, HCase{12, 3}})
-    for (int bits : {4, 8}) {
+    for (int bits : {4, 8, -4}) {  // -4: 4 bits with the absmean scale
+      const ops::ActScale scale = bits < 0 ? ops::ActScale::AbsMean : ops::ActScale::AbsMax;
+      bits = std::abs(bits);
       const int64_t K = hc.n;
       std::vector<double> signs;
       for (int64_t i = 0; i < K; ++i) signs.push_back(i % 3 == 1 ? -1.0 : 1.0);
@@ -289,7 +355,7 @@ TEST(HBitLinear, StraightThroughGradientMatchesTheSurrogate) {
         NoGradGuard ng;
         xr = linear(Var(x0), Var(KT)).value().contiguous();
       }
-      const auto xq = ref_act_bits(values(xr), 4, K, bits);
+      const auto xq = ref_act_q(values(xr), 4, K, bits, scale);
       const Tensor wq = bitlinear_effective_weight(w0, BitLinearOptions{});
       Tensor cx = xr.clone(), cw = w0.clone();
       for (int64_t i = 0; i < cx.numel(); ++i) cx.set_item(i, xq[size_t(i)] - xr.item(i));
@@ -299,7 +365,7 @@ TEST(HBitLinear, StraightThroughGradientMatchesTheSurrogate) {
           [&](const std::vector<Var>& v) {
             auto surrogate = [&] { return project(linear(add(linear(v[0], Var(KT)), Var(cx)), add(v[1], Var(cw)))); };
             if (calls++ == 0) {
-              Var l = project(h_bitlinear(v[0], v[1], sg, sm, bits));
+              Var l = project(h_bitlinear(v[0], v[1], sg, sm, bits, {}, scale));
               NoGradGuard ng;
               const double s = surrogate().value().item();
               EXPECT_NEAR(l.value().item(), s, 1e-11 * (1 + std::fabs(s)));
@@ -317,4 +383,16 @@ TEST(HBitLinear, RejectsBadInputs) {
   EXPECT_THROW(h_bitlinear(Var(x), Var(w), Tensor(), Tensor(), 16), Error);
   EXPECT_THROW(h_bitlinear(Var(rnd({2, 12}, 1)), Var(rnd({3, 12}, 2)), Tensor(), Tensor(), 4), Error);  // 12: no S
   EXPECT_THROW(h_bitlinear(Var(rnd({2, 2, 8}, 1)), Var(w), Tensor(), Tensor(), 4), Error);
+  // The absmean quantizer is 4-bit only; its op refuses what act_quant_int8 refuses.
+  EXPECT_THROW(h_bitlinear(Var(x), Var(w), Tensor(), Tensor(), 8, {}, ops::ActScale::AbsMean), Error);
+  Tensor out;
+  EXPECT_THROW(ops::act_quant_int4_absmean(rnd({2, 3, 4}, 1), out), Error);
+  EXPECT_THROW(ops::act_quant_int4_absmean(Tensor::zeros({2, 2}, DType::I32), out), Error);
+  try {
+    ops::parse_act_scale("absmin");
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--act-quant: 'absmin' is not an activation quantizer"), std::string::npos)
+        << e.what();
+  }
 }

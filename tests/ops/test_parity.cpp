@@ -1141,6 +1141,7 @@ TEST(ParityCoverage, EveryRegistryOpHasAParityTest) {
                                            "kv_attention",
                                            // CPU only: BitLinear trains on the CPU (ops/ternary.h).
                                            "ternary_fake_quant", "act_quant_int8",
+                                           "act_quant_int4_absmean",
                                            // CPU only (issue 16): rotated / activation-quantized models run on the CPU.
                                            "hadamard_transform", "fake_quant",
                                            // CPU only (issue 16): FP8/FP4 activation quantizers (ops/fp_act_quant.h).

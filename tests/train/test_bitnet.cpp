@@ -312,3 +312,88 @@ TEST(BitNetV2, ResumesExactlyAcrossTheA8ToA4Switch) {
   ol.bitnet.act4_at = 0;
   EXPECT_THROW(train_model(ol, stream(2000, 13), stream(300, 13)), Error);
 }
+
+// --act-quant absmean: the papers' INT4 quantizer (s = mean|x| / sqrt(7)) for the A4 steps, absmax
+// for the A8 ones; its checkpoint records "int4-absmean" and runs the training numerics; a state
+// resumes only with the same quantizer.
+TEST(BitNetV2, AbsmeanA4TrainsSavesAndResumesOnlyWithTheSameQuantizer) {
+  // The spec: name round trip, the op's numbers, no clip ratio.
+  const ActQuantSpec am = parse_act_quant("int4-absmean");
+  EXPECT_TRUE(am.absmean && am.bits == 4);
+  EXPECT_EQ(act_quant_name(am), "int4-absmean");
+  const Tensor x = Tensor::randn({3, 16}, 7, 1.0, DType::F32);
+  Tensor ref;
+  ops::act_quant_int4_absmean(x, ref);
+  EXPECT_EQ(max_abs_diff(act_fake_quant(Var(x), am).value(), ref), 0.0);
+  LlamaConfig c = test::tiny_train_options("unused").config;
+  ModelTransforms t = bitnet_v2_transforms(c, 5, 4, true, ops::ActScale::AbsMean);
+  EXPECT_EQ(act_quant_name(t.act), "int4-absmean");
+  EXPECT_NO_THROW(validate_transforms(c, t, "test"));
+  EXPECT_EQ(act_quant_name(bitnet_v2_transforms(c, 5, 8, true, ops::ActScale::AbsMean).act), "int8");
+  t.act.clip = 0.9;
+  EXPECT_THROW(validate_transforms(c, t, "test"), Error);
+  // Bad options name the flag.
+  BitNetOptions o;
+  set_train_arch(o, TrainArch::BitNetV2);
+  o.act_scale = ops::ActScale::AbsMean;
+  EXPECT_NO_THROW(check_bitnet_options(o, 10));
+  for (int which = 0; which < 2; ++which) {
+    BitNetOptions bad = o;
+    if (which == 0) bad.act_bits = 8;
+    else set_train_arch(bad, TrainArch::BitNetB158);
+    try {
+      check_bitnet_options(bad, 10);
+      ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("--act-quant"), std::string::npos) << e.what();
+    }
+  }
+  // Training: A8 (absmax) for half the steps, then A4 absmean.
+  auto dir = test::temp_dir("bitnet-v2-absmean");
+  TrainOptions ot = tiny_v2(dir.string());
+  ot.bitnet.act_scale = ops::ActScale::AbsMean;
+  ot.bitnet.act4_at = 0.5;
+  const auto val = stream(300, 13);
+  TrainResult r = train_model(ot, stream(2000, 13), val);
+  ASSERT_TRUE(r.complete);
+  QuantizedCheckpoint q = load_quantized_model((dir / "ternary").string());
+  EXPECT_EQ(act_quant_name(q.transforms.act), "int4-absmean");
+  LlamaModel dm(q.dense.config, q.dense.weights);
+  dm.set_transforms(q.transforms);
+  EXPECT_NEAR(validation_loss(dm, val, ot.seq_len, ot.batch_size, ot.eval_batches), r.final_val_loss, 2e-5);
+  auto qm = make_quantized_model(load_quantized_model((dir / "ternary").string(), false));
+  Tensor toks = Tensor::from_vector(std::vector<int32_t>{1, 5, 7, 2, 9, 11, 3, 3, 8, 0, 12}, {1, 11});
+  {
+    NoGradGuard ng;
+    const Tensor b = dm.forward(toks).value();
+    ops::set_quant_matmul_default(ops::QuantMatmulPath::Exact);
+    const Tensor a = qm->forward(toks).value();
+    ops::set_quant_matmul_default(ops::QuantMatmulPath::Auto);
+    EXPECT_LT(max_abs_diff(a, b), 1e-4);
+    // absmax A4 computes something else.
+    LlamaModel mx(q.dense.config, q.dense.weights);
+    ModelTransforms tx = q.transforms;
+    tx.act = parse_act_quant("int4");
+    mx.set_transforms(tx);
+    EXPECT_GT(max_abs_diff(mx.forward(toks).value(), b), 1e-4);
+  }
+  // Resume: the same flags continue exactly; the other quantizer is refused, naming the flag.
+  auto d2 = test::temp_dir("bitnet-v2-absmean-resume");
+  TrainOptions ob = ot;
+  ob.out_dir = d2.string();
+  ob.stop_after = 3;
+  EXPECT_EQ(train_model(ob, stream(2000, 13), val).steps_done, 3);
+  ob.stop_after = 0;
+  TrainOptions omax = ob;
+  omax.bitnet.act_scale = ops::ActScale::AbsMax;
+  try {
+    train_model(omax, stream(2000, 13), val);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--act-quant absmean"), std::string::npos) << e.what();
+  }
+  TrainResult rest = train_model(ob, stream(2000, 13), val);
+  ASSERT_EQ(rest.records.size(), r.records.size() - 3);
+  for (size_t i = 0; i < rest.records.size(); ++i) EXPECT_DOUBLE_EQ(rest.records[i].loss, r.records[i + 3].loss) << i;
+  EXPECT_DOUBLE_EQ(rest.final_val_loss, r.final_val_loss);
+}

@@ -60,13 +60,26 @@ Var bitlinear(const Var& x, const Var& w, const BitLinearOptions& o) {
   });
 }
 
+Var int4_absmean_fake_quant(const Var& x) {
+  Tensor y;
+  ops::act_quant_int4_absmean(x.value(), y);
+  return make_result(y, {x}, "int4_absmean_fake_quant", [x](const Tensor& g) {
+    if (x.requires_grad()) accumulate_grad(x, g.contiguous());  // straight through
+  });
+}
+
 Var h_bitlinear(const Var& x, const Var& w, const Tensor& signs, const Tensor& small, int act_bits,
-                const BitLinearOptions& options) {
+                const BitLinearOptions& options, ops::ActScale act_scale) {
   if (act_bits != 0 && (act_bits < 2 || act_bits > 8))
     throw_error("h_bitlinear: ", act_bits, " activation bits (expected 0 = none, or 2 to 8)");
+  if (act_scale == ops::ActScale::AbsMean && act_bits != 4)
+    throw_error("h_bitlinear: the absmean activation quantizer is 4-bit only (BitNet v2's INT4), got ", act_bits,
+                " bits");
   if (x.value().dim() != 2) throw_error("h_bitlinear: x must be [rows, in], got ", x.value().describe());
   Var xr = hadamard_transform(x, signs, small);
-  if (act_bits > 0) xr = fake_quant(xr, act_bits, false, 1.0, xr.value().size(1));
+  if (act_bits > 0)
+    xr = act_scale == ops::ActScale::AbsMean ? int4_absmean_fake_quant(xr)
+                                              : fake_quant(xr, act_bits, false, 1.0, xr.value().size(1));
   BitLinearOptions o = options;
   o.quantize_activations = false;
   return bitlinear(xr, w, o);

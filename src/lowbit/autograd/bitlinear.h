@@ -39,7 +39,10 @@ Var bitlinear(const Var& x, const Var& w, const BitLinearOptions& options = {});
 //                                             (ops::hadamard_transform); Qa_b: per-token symmetric
 //                                             absmax on the b-bit grid, s = max|x K| / (2^(b-1) - 1),
 //                                             q = clamp(round(. / s), -2^(b-1), 2^(b-1) - 1)
-//                                             (ops::fake_quant); act_bits 0: no activation quantizer
+//                                             (ops::fake_quant); act_bits 0: no activation quantizer;
+//                                             act_scale AbsMean (4 bits only): BitNet v2's absmean
+//                                             INT4 quantizer, s = mean|x K| / sqrt(7), codes in [-8, 7]
+//                                             (ops::act_quant_int4_absmean)
 //   backward  dx = (dy . Qw(W)) K^T           dW = dy^T . Qa_b(x K)
 //
 // i.e. the straight-through gradient of the surrogate y = (x K + c_x) . (W + c_W)^T with the
@@ -48,7 +51,14 @@ Var bitlinear(const Var& x, const Var& w, const BitLinearOptions& options = {});
 // plain linear layer on the rotated input. The model applies the same three steps through its
 // transforms (model/rotation.h "h-bitlinear", train/bitnet.h); this function is their reference.
 Var h_bitlinear(const Var& x, const Var& w, const Tensor& signs, const Tensor& small, int act_bits,
-                const BitLinearOptions& options = {});
+                const BitLinearOptions& options = {}, ops::ActScale act_scale = ops::ActScale::AbsMax);
+
+// BitNet v2's absmean INT4 activation quantizer (ops/ternary.h, per row of x [M, C]) with the
+// straight-through estimator: forward x~ = s clamp(round(x / s), -8, 7), s = mean|x| / sqrt(7);
+// backward dx = dy, the gradient of the surrogate x + c_x with c_x = x~ - x held constant (the
+// papers' x + (Q(x) - x).detach(): clipped entries pass their gradient too, and the scale's
+// dependence on x is not differentiated).
+Var int4_absmean_fake_quant(const Var& x);
 
 // The weight the forward pass multiplies by (W_eff above), as a new tensor.
 Tensor bitlinear_effective_weight(const Tensor& w, const BitLinearOptions& options);

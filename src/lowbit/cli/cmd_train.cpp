@@ -22,7 +22,7 @@ namespace fs = std::filesystem;
 namespace {
 struct TrainArgs {
   std::string tokenizer, train_text, valid_text, train_tokens, valid_tokens, config_json, device = "cpu";
-  std::string arch = "llama", ternary_scale = "mean", schedule = "cosine", hadamard = "on";
+  std::string arch = "llama", ternary_scale = "mean", schedule = "cosine", hadamard = "on", act_quant = "absmax";
   LowPrecisionArgs lp;
   TrainOptions o;
   DistArgs dist;  // --gpus N / launcher environment: data-parallel training (issue 20)
@@ -42,6 +42,7 @@ void run_train(TrainArgs& a) {
   o.bf16 = a.bf16;
   set_train_arch(o.bitnet, parse_train_arch(a.arch));
   o.bitnet.hadamard = a.hadamard == "on";
+  o.bitnet.act_scale = ops::parse_act_scale(a.act_quant);
   o.bitnet.scale = ops::parse_ternary_scale(a.ternary_scale);
   o.bitnet.two_stage = parse_train_schedule(a.schedule);
   o.low_precision = resolve_low_precision(a.lp, a.device, "train");
@@ -144,6 +145,7 @@ void run_train(TrainArgs& a) {
       j["act4_at"] = o.bitnet.act4_at;
       j["act4_step"] = bitnet_act4_step(o.bitnet, o.max_steps);
       j["hadamard"] = o.bitnet.hadamard;
+      j["act_quant"] = a.act_quant;
     }
     if (r.complete) j["ternary_checkpoint"] = (fs::path(o.out_dir) / "ternary").string();
   }
@@ -163,9 +165,9 @@ void run_train(TrainArgs& a) {
   if (o.bitnet.enabled && r.complete)
     print_stdout("ternary (%s) checkpoint in %s/ternary\n", bitnet_arch_name(o.bitnet), o.out_dir.c_str());
   if (o.bitnet.v2 && r.complete)
-    print_stdout("bitnet-v2: %s/ternary holds the online Hadamard transforms and A%d activations; model.bin and hf/ "
-                 "hold the weights without them (not the trained function)\n",
-                 o.out_dir.c_str(), o.bitnet.act_bits);
+    print_stdout("bitnet-v2: %s/ternary holds the online Hadamard transforms and A%d (%s) activations; model.bin and "
+                 "hf/ hold the weights without them (not the trained function)\n",
+                 o.out_dir.c_str(), o.bitnet.act_bits, a.act_quant.c_str());
 }
 }  // namespace
 
@@ -231,6 +233,11 @@ void register_train(CLI::App& app) {
                 "bitnet-v2 with --act-bits 4: train with 8-bit activations for this fraction of the steps, then "
                 "continue with 4-bit (the paper's A8 -> A4 recipe), keeping the latent weights and the optimizer state")
       ->capture_default_str()->check(between(0, 1));
+  t->add_option("--act-quant", a->act_quant,
+                "bitnet-v2 with --act-bits 4: the 4-bit activation quantizer, absmax (s = max|x| / 7 per token) or "
+                "absmean (the BitNet a4.8 / v2 papers' INT4 quantizer: s = mean|x| / sqrt(7), codes in [-8, 7]); the "
+                "8-bit phase of --act4-at stays absmax")
+      ->capture_default_str();
   t->add_option("--hadamard", a->hadamard,
                 "bitnet-v2: on (H-BitLinear o_proj/down_proj), or off — an ablation: the same activation bits "
                 "without the online Hadamard transforms")

@@ -168,7 +168,7 @@ void add_transform_options(CLI::App* app, TransformArgs* a) {
       ->check(at_least(0));
   app->add_option("--act", a->act,
                   "fake-quantize the input of every block linear per token: none, int8, int4, int8-asym, int4-asym, "
-                  "fp8 (E4M3), fp4-mx (E2M1, e8m0 scale per 32) or fp4-nv (E2M1, e4m3 scale per 16 under an f32 "
+                  "int4-absmean (BitNet v2's INT4: s = mean|x| / sqrt(7)), fp8 (E4M3), fp4-mx (E2M1, e8m0 scale per 32) or fp4-nv (E2M1, e4m3 scale per 16 under an f32 "
                   "per-token scale) (default: what the checkpoint records, else none)")
       ->check(CLI::Validator(
           [](std::string& v) -> std::string {

@@ -407,9 +407,13 @@ namespace {
 // Activations quantized per token, symmetric, clip 1 (--act int8 / int4): the packed products of a
 // block run on integer activations with one scale per row (ops::QuantActPerRowScope), which equals
 // the fake quantization act_in applies followed by the f32 product (up to f32 summation order).
-// The scope is alive for one block's products; 0 bits: none.
+// The scope is alive for one block's products; 0 bits: none. Not for int4-absmean: its per-row scale
+// (mean|x| / sqrt(7), codes down to -8) is not max|x| / 7 and cannot be read back from the
+// quantized input, so those products quantize their activations as without --act.
 int per_row_act_bits(const ActQuantSpec& a) {
-  return a.enabled() && !a.asymmetric && a.fp == ActFloat::None && a.clip == 1.0 && a.clips.empty() ? a.bits : 0;
+  return a.enabled() && !a.asymmetric && !a.absmean && a.fp == ActFloat::None && a.clip == 1.0 && a.clips.empty()
+             ? a.bits
+             : 0;
 }
 }  // namespace
 

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <vector>
 
+#include "lowbit/autograd/bitlinear.h"
 #include "lowbit/autograd/functions.h"
 #include "lowbit/ops/fp_act_quant.h"
 #include "lowbit/ops/ops.h"
@@ -63,13 +64,18 @@ ActQuantSpec parse_act_quant(const std::string& name, const std::string& what) {
     a.asymmetric = name.size() > 4;
     return a;
   }
+  if (name == "int4-absmean") {
+    a.bits = 4;
+    a.absmean = true;
+    return a;
+  }
   if (name == "fp8" || name == "fp4-mx" || name == "fp4-nv") {
     a.bits = name == "fp8" ? 8 : 4;
     a.fp = name == "fp8" ? ActFloat::Fp8E4M3 : name == "fp4-mx" ? ActFloat::Fp4Mx : ActFloat::Fp4Nv;
     return a;
   }
-  throw_error(what, ": '", name, "' is not an activation format (expected none, int8, int4, int8-asym, int4-asym, fp8, "
-              "fp4-mx or fp4-nv)");
+  throw_error(what, ": '", name, "' is not an activation format (expected none, int8, int4, int8-asym, int4-asym, "
+              "int4-absmean, fp8, fp4-mx or fp4-nv)");
 }
 
 std::string act_quant_name(const ActQuantSpec& a) {
@@ -80,11 +86,19 @@ std::string act_quant_name(const ActQuantSpec& a) {
     case ActFloat::Fp4Nv: return "fp4-nv";
     case ActFloat::None: break;
   }
+  if (a.absmean) return "int" + std::to_string(a.bits) + "-absmean";
   return "int" + std::to_string(a.bits) + (a.asymmetric ? "-asym" : "");
 }
 
 Var act_fake_quant(const Var& x, const ActQuantSpec& a) {
   if (!a.enabled()) return x;
+  if (a.absmean) {
+    if (a.bits != 4 || a.asymmetric || a.fp != ActFloat::None || a.clip != 1.0 || !a.clips.empty())
+      throw_error("act int4-absmean: 4-bit symmetric integer with clip 1 only (got ", a.bits, " bits",
+                  a.asymmetric ? ", asymmetric" : "", a.fp != ActFloat::None ? ", a float format" : "", ", clip ",
+                  a.clip, a.clips.empty() ? "" : ", searched clips", ")");
+    return int4_absmean_fake_quant(x);
+  }
   if (a.fp == ActFloat::None) return fake_quant(x, a.bits, a.asymmetric, a.clip, x.value().size(-1), false);
   const Tensor xv = x.value().contiguous();
   Tensor y = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
@@ -176,6 +190,8 @@ void validate_transforms(const LlamaConfig& c, const ModelTransforms& t, const s
   if (t.act.enabled() && t.act.bits != 4 && t.act.bits != 8)
     throw_error(source, ": activation bits ", t.act.bits, " (expected 4 or 8)");
   if (!(t.act.clip > 0 && t.act.clip <= 1)) throw_error(source, ": activation clip ratio ", t.act.clip, " is not in (0, 1]");
+  if (t.act.absmean && (t.act.clip != 1.0 || !t.act.clips.empty()))
+    throw_error(source, ": activations int4-absmean take no clip ratio (their range is sqrt(7) mean|x| per token)");
   if (!t.act.clips.empty()) {
     if (t.act.clips.size() != size_t(c.n_layers) * kActPoints)
       throw_error(source, ": ", t.act.clips.size(), " searched activation clip ratios for ", c.n_layers, " layers (expected ",

@@ -67,12 +67,15 @@ struct ActQuantSpec {
   // Searched clip ratios (methods/act_clip.h), one per (layer, point) at clips[layer * kActPoints +
   // point]; empty: `clip` everywhere.
   std::vector<double> clips;
+  // "int4-absmean": BitNet v2's INT4 quantizer, s = mean|x| / sqrt(7) per token, codes in [-8, 7]
+  // (ops::act_quant_int4_absmean); 4 bits, symmetric, integer, clip 1 only.
+  bool absmean = false;
   bool enabled() const { return bits > 0; }
   double clip_at(int layer, int point) const {
     return clips.empty() ? clip : clips[size_t(layer) * kActPoints + size_t(point)];
   }
   // The same quantizer with one ratio `c` everywhere (no searched ratios).
-  ActQuantSpec with_clip(double c) const { return ActQuantSpec{bits, asymmetric, c, fp, {}}; }
+  ActQuantSpec with_clip(double c) const { return ActQuantSpec{bits, asymmetric, c, fp, {}, absmean}; }
 };
 
 // Coupled Quantization (CQ, arXiv 2405.03917; ops/coupled_quant.h, methods/kv_cq.h) instead of KIVI
@@ -132,10 +135,10 @@ struct ModelTransforms {
   bool any() const { return !rotation.empty() || act.enabled() || kv.enabled() || kv_token_bits > 0; }
 };
 
-// "int8", "int4", "int8-asym", "int4-asym", "fp8", "fp4-mx", "fp4-nv" or "none" -> spec (clip 1);
-// throws naming `what`.
+// "int8", "int4", "int8-asym", "int4-asym", "int4-absmean", "fp8", "fp4-mx", "fp4-nv" or "none" ->
+// spec (clip 1); throws naming `what`.
 ActQuantSpec parse_act_quant(const std::string& name, const std::string& what = "--act");
-std::string act_quant_name(const ActQuantSpec& a);  // "none", "int8", "int4-asym", "fp4-mx", ...
+std::string act_quant_name(const ActQuantSpec& a);  // "none", "int8", "int4-asym", "int4-absmean", ...
 // x [M, N] (f32/f64, CPU) fake-quantized per token by the spec (x itself when off); gradients pass
 // straight through.
 Var act_fake_quant(const Var& x, const ActQuantSpec& a);

@@ -26,6 +26,7 @@ constexpr OpInfo kOps[] = {
     {"kv_attention", false, false, "f32 x f32/f16/i8/KIVI int4/int2 cache"},
     {"ternary_fake_quant", false, false, "f32 f64"},  // BitLinear's quantizers (ops/ternary.h);
     {"act_quant_int8", false, false, "f32 f64"},      // their STE is autograd/bitlinear.cpp
+    {"act_quant_int4_absmean", false, false, "f32 f64"},  // BitNet v2's absmean A4 (STE: autograd/bitlinear.cpp)
     {"hadamard_transform", true, false, "f32 f64"},
     {"fake_quant", false, false, "f32 f64"},
     {"fp_fake_quant", false, false, "f32 f64"},      // FP8 / MXFP4 / NVFP4 activations (issue 16)

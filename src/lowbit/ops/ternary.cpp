@@ -20,6 +20,14 @@ TernaryScale parse_ternary_scale(const std::string& name, const std::string& wha
 
 const char* ternary_scale_name(TernaryScale s) { return s == TernaryScale::AbsMedian ? "median" : "mean"; }
 
+ActScale parse_act_scale(const std::string& name, const std::string& what) {
+  if (name == "absmax") return ActScale::AbsMax;
+  if (name == "absmean") return ActScale::AbsMean;
+  throw_error(what, ": '", name, "' is not an activation quantizer (expected absmax or absmean)");
+}
+
+const char* act_scale_name(ActScale s) { return s == ActScale::AbsMean ? "absmean" : "absmax"; }
+
 namespace {
 
 void check_cpu_float(const char* op, const Tensor& t, const char* name) {
@@ -91,6 +99,34 @@ void act_quant_int8(const Tensor& x, Tensor& out) {
     out = Tensor::empty(xc.shape(), xc.dtype());
   // Per-token symmetric int8 with the absmax scale: the general fake quantizer with one group a row.
   fake_quant(xc, 8, false, 1.0, xc.size(1), false, out);
+}
+
+void act_quant_int4_absmean(const Tensor& x, Tensor& out) {
+  const char* op = "act_quant_int4_absmean";
+  check_cpu_float(op, x, "x");
+  if (x.dim() != 2) throw_error(op, ": x must be [rows, channels], got ", x.describe());
+  const Tensor xc = x.contiguous();
+  if (!out.defined() || out.shape() != xc.shape() || out.dtype() != xc.dtype() || !out.is_contiguous() ||
+      out.device() != Device::CPU)
+    out = Tensor::empty(xc.shape(), xc.dtype());
+  const int64_t M = xc.size(0), C = xc.size(1);
+  const double inv_sqrt7 = 1.0 / std::sqrt(7.0);
+  detail::dispatch_float(op, xc.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = xc.data<T>();
+    T* yp = out.data<T>();
+    parallel_for(M, std::max<int64_t>(1, 8192 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = xp + r * C;
+        T* yr = yp + r * C;
+        double sum = 0;
+        for (int64_t c = 0; c < C; ++c) sum += std::fabs(double(xr[c]));
+        const double beta = std::max(C > 0 ? sum / double(C) : 0.0, 1e-5);
+        const double s = beta * inv_sqrt7;  // beta / sqrt(7): the grid's step
+        for (int64_t c = 0; c < C; ++c) yr[c] = T(std::clamp(std::nearbyint(double(xr[c]) / s), -8.0, 7.0) * s);
+      }
+    });
+  });
 }
 
 }  // namespace lowbit::ops

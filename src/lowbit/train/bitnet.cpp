@@ -40,20 +40,31 @@ int64_t bitnet_transition_step(const BitNetOptions& o, int64_t max_steps) {
   return int64_t(std::llround(o.transition_at * double(max_steps)));
 }
 
+namespace {
+// bitnet-v2's activation quantizer at `bits` (0: none): absmax, or absmean at 4 bits with --act-quant absmean.
+ActQuantSpec bitnet_act_spec(int bits, ops::ActScale scale) {
+  if (bits == 0) return ActQuantSpec{};
+  const bool absmean = bits == 4 && scale == ops::ActScale::AbsMean;
+  return parse_act_quant(absmean ? "int4-absmean" : "int" + std::to_string(bits), "bitnet-v2 activations");
+}
+}  // namespace
+
 void check_bitnet_options(const BitNetOptions& o, int64_t max_steps) {
   if (!o.enabled) {
     if (o.transition_at != 0 || o.phase_in_steps != 0 || o.scale != ops::TernaryScale::AbsMean)
       throw_error("--transition-at, --phase-in-steps and --ternary-scale need --arch bitnet-b1.58 or bitnet-v2");
   }
   if (!o.v2 && !o.hadamard) throw_error("--hadamard off needs --arch bitnet-v2");
-  if (!o.v2 && (o.act_bits != 4 || o.act4_at != 0))
-    throw_error("--act-bits and --act4-at need --arch bitnet-v2 (bitnet-b1.58's activations are int8)");
+  if (!o.v2 && (o.act_bits != 4 || o.act4_at != 0 || o.act_scale != ops::ActScale::AbsMax))
+    throw_error("--act-bits, --act4-at and --act-quant need --arch bitnet-v2 (bitnet-b1.58's activations are int8 absmax)");
   if (!o.enabled) return;
   if (o.v2) {
     if (o.act_bits != 4 && o.act_bits != 8) throw_error("--act-bits ", o.act_bits, " (bitnet-v2: expected 4 or 8)");
     if (!(o.act4_at >= 0 && o.act4_at < 1))
       throw_error("--act4-at ", o.act4_at, " is outside [0, 1): the run must end with 4-bit activations");
     if (o.act4_at != 0 && o.act_bits != 4) throw_error("--act4-at needs --act-bits 4 (it switches 8-bit activations to 4)");
+    if (o.act_scale == ops::ActScale::AbsMean && o.act_bits != 4)
+      throw_error("--act-quant absmean needs --act-bits 4 (it is the papers' INT4 quantizer; 8-bit activations are absmax)");
     if (o.phase_in_steps != 0)
       throw_error("--phase-in-steps is not supported with --arch bitnet-v2 (its activation quantizer switches at once)");
   }
@@ -86,7 +97,8 @@ int bitnet_step_act_bits(const BitNetOptions& o, int64_t step, int64_t max_steps
   return step < bitnet_act4_step(o, max_steps) ? 8 : o.act_bits;
 }
 
-ModelTransforms bitnet_v2_transforms(const LlamaConfig& c, uint64_t seed, int act_bits, bool hadamard) {
+ModelTransforms bitnet_v2_transforms(const LlamaConfig& c, uint64_t seed, int act_bits, bool hadamard,
+                                     ops::ActScale act_scale) {
   ModelTransforms t;
   if (hadamard) {
     t.rotation = "h-bitlinear";
@@ -94,7 +106,7 @@ ModelTransforms bitnet_v2_transforms(const LlamaConfig& c, uint64_t seed, int ac
     t.o_in = random_hadamard(int64_t(c.n_heads) * c.resolved_head_dim(), seed + 11);
     t.ffn = random_hadamard(c.hidden_dim, seed + 12);
   }
-  if (act_bits > 0) t.act = parse_act_quant("int" + std::to_string(act_bits), "bitnet-v2 activations");
+  t.act = bitnet_act_spec(act_bits, act_scale);
   return t;
 }
 
@@ -102,9 +114,10 @@ void set_bitnet_step(LlamaModel& model, const BitNetOptions& o, int64_t step, in
   set_bitlinear_options(model, bitnet_step_options(o, step, max_steps));
   if (!o.v2) return;
   const int bits = bitnet_step_act_bits(o, step, max_steps);
-  if (model.transforms().act.bits == bits) return;
+  ActQuantSpec act = bitnet_act_spec(bits, o.act_scale);
+  if (act_quant_name(model.transforms().act) == act_quant_name(act)) return;
   ModelTransforms t = model.transforms();
-  t.act = bits > 0 ? parse_act_quant("int" + std::to_string(bits), "bitnet-v2 activations") : ActQuantSpec{};
+  t.act = std::move(act);
   model.set_transforms(std::move(t));
 }
 
@@ -118,7 +131,9 @@ void make_bitnet(LlamaModel& model, const BitNetOptions& o, uint64_t seed) {
       const Var& w = d->weight_var();
       *slot = std::make_shared<BitLinear>(w.value(), first, w.requires_grad());
     }
-  if (o.v2) model.set_transforms(bitnet_v2_transforms(model.config(), seed, bitnet_step_act_bits(o, 0, 1), o.hadamard));
+  if (o.v2)
+    model.set_transforms(
+        bitnet_v2_transforms(model.config(), seed, bitnet_step_act_bits(o, 0, 1), o.hadamard, o.act_scale));
 }
 
 void set_bitlinear_options(LlamaModel& model, const BitLinearOptions& options) {
@@ -163,9 +178,11 @@ void save_bitnet_checkpoint(const std::string& dir, const LlamaModel& model) {
     frozen.set_transforms(model.transforms());
     save_quantized_model(dir, frozen, "bitnet-v2", f,
                          {{"ternary_scale", ops::ternary_scale_name(scale)},
-                          {"activations", act_quant_name(model.transforms().act) +
-                                              " per token (symmetric absmax) after online Hadamard transforms of the "
-                                              "o_proj and down_proj inputs, as in training (quantization_config.transforms)"}});
+                          {"activations", act_quant_name(model.transforms().act) + " per token (symmetric " +
+                                              (model.transforms().act.absmean ? "absmean, s = mean|x| / sqrt(7)"
+                                                                              : "absmax") +
+                                              ") after online Hadamard transforms of the o_proj and down_proj inputs, "
+                                              "as in training (quantization_config.transforms)"}});
     return;
   }
   save_quantized_model(dir, frozen, "bitnet-b1.58", f,

@@ -28,7 +28,10 @@
 // and every BitLinear runs with quantize_activations = false (the transforms' quantizer replaces
 // its int8 one). The paper trains A8 from scratch and continues with A4 for a short phase:
 // act4_at = F trains with 8-bit activations for the first round(F * steps) steps, then 4-bit (the
-// latent weights and AdamW moments carry over). With transition_at, the 16-bit phase before it
+// latent weights and AdamW moments carry over). The 4-bit quantizer is absmax by default (s =
+// max|x| / 7, as the A8 one); act_scale AbsMean (--act-quant absmean) is the papers' INT4 quantizer
+// (BitNet a4.8 / v2: s = mean|x| / sqrt(7), codes in [-8, 7], ops/ternary.h); the A8 phase stays
+// absmax, as in the papers. With transition_at, the 16-bit phase before it
 // runs with no quantizer at all (the Hadamard transforms stay: the weights learn in that basis).
 // The rotations are drawn from the training seed (random_hadamard(n, seed + 11 / + 12)); when n is
 // not a power of two, n = p * m and the transform is H_p / sqrt(p) (x) S, S a random orthogonal
@@ -54,6 +57,7 @@ struct BitNetOptions {
   int act_bits = 4;                                      // bitnet-v2: --act-bits 4|8 (final width)
   double act4_at = 0;                                    // bitnet-v2: --act4-at F (A8 before, A4 after)
   bool hadamard = true;                                  // bitnet-v2: --hadamard off = ablation (no H)
+  ops::ActScale act_scale = ops::ActScale::AbsMax;       // bitnet-v2: --act-quant absmax|absmean (A4 only)
   ops::TernaryScale scale = ops::TernaryScale::AbsMean;  // --ternary-scale mean|median
   double transition_at = 0;                              // --transition-at F in [0, 1)
   int64_t phase_in_steps = 0;                            // --phase-in-steps N
@@ -86,7 +90,9 @@ int bitnet_step_act_bits(const BitNetOptions& o, int64_t step, int64_t max_steps
 // bitnet-v2: the model transforms (rotation "h-bitlinear", o_in and ffn rotations from `seed`,
 // per-token symmetric act_bits activations; act_bits 0: none). hadamard = false (the ablation
 // `--hadamard off`): no rotation, only the activation quantizer — plain BitLinears at A8/A4.
-ModelTransforms bitnet_v2_transforms(const LlamaConfig& c, uint64_t seed, int act_bits, bool hadamard = true);
+// act_scale AbsMean: 4-bit activations are "int4-absmean" (8-bit ones stay absmax).
+ModelTransforms bitnet_v2_transforms(const LlamaConfig& c, uint64_t seed, int act_bits, bool hadamard = true,
+                                     ops::ActScale act_scale = ops::ActScale::AbsMax);
 // Replaces every block linear of a trainable model by a BitLinear over the same weight tensor;
 // bitnet-v2 also sets the model's transforms (seed: the rotations').
 void make_bitnet(LlamaModel& model, const BitNetOptions& o, uint64_t seed = 0);

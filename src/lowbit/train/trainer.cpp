@@ -80,9 +80,11 @@ void MixedPrecisionModel::collect_grads() {
 
 namespace {
 
-// The architecture a state belongs to ("llama", "bitnet-b1.58" or "bitnet-v2"): a resume checks it.
+// The architecture a state belongs to ("llama", "bitnet-b1.58" or "bitnet-v2", the latter with
+// "-no-hadamard" for --hadamard off and "-absmean" for --act-quant absmean): a resume checks it.
 std::string arch_name(const TrainOptions& o) {
-  return std::string(bitnet_arch_name(o.bitnet)) + (o.bitnet.v2 && !o.bitnet.hadamard ? "-no-hadamard" : "");
+  return std::string(bitnet_arch_name(o.bitnet)) + (o.bitnet.v2 && !o.bitnet.hadamard ? "-no-hadamard" : "") +
+         (o.bitnet.v2 && o.bitnet.act_scale == ops::ActScale::AbsMean ? "-absmean" : "");
 }
 
 // The state file: the parameters, then AdamW's state tensors in its order (state_tensors()).
@@ -127,7 +129,8 @@ int64_t load_state(const std::string& path, std::vector<Var>& params, AdamW& opt
   auto ar = f.metadata().find("arch");
   const std::string saved_arch = ar == f.metadata().end() ? "llama" : ar->second;
   if (saved_arch != arch)
-    throw_error(path, ": saved by an --arch ", saved_arch, " run, this run is --arch ", arch, "; use a new --out");
+    throw_error(path, ": saved by an --arch ", saved_arch, " run, this run is --arch ", arch,
+                " (-no-hadamard: --hadamard off, -absmean: --act-quant absmean); use the same flags or a new --out");
   auto ob = f.metadata().find("optimizer_bits");  // states written before the flag existed: 32
   const std::string saved_bits = ob == f.metadata().end() ? "32" : ob->second;
   if (saved_bits != std::to_string(opt.state_bits()))
