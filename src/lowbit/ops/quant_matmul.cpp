@@ -939,6 +939,18 @@ void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, Qu
     }
     return last.d[0] * float(isum - last.sum[0]);
   };
+  // The plain SIMD kernel runs the ternary format's partial last block too (simd_tail): its operand
+  // block in the slot order of a full one (the codes past the row's end meet zero slots).
+  const bool simd_tail = qk && tail && kind == qmm::TernaryKind::Ternary;
+  thread_local std::vector<int8_t> tail_q;
+  if (simd_tail) {
+    tail_q.resize(size_t(M * qmm::kBlockK));
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* q = a.row(m).q + nfull * slots;  // natural order, zero padded
+      for (int p = 0; p < qmm::kBlockK; ++p) tail_q[size_t(m * qmm::kBlockK + p)] = q[src[p]];
+    }
+  }
+  const int8_t* tail_q0 = tail_q.data();  // the tasks run on other threads (their own thread_locals)
   // Lookup-table tiles: rows [0, lut_rows), every block (the partial last one too: its index form is
   // padded with zero weights, the operand with zero slots); the tables of every activation row first.
   const int64_t lut_tiles = lut ? out / kTernaryLutRows : 0, lut_rows = lut_tiles * kTernaryLutRows;
@@ -989,9 +1001,32 @@ void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, Qu
         const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
         for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
         qk(w, o, oq, rows, n, nfull, y + m0 * out, out, post);
-        if (tail)
+        if (tail && simd_tail) {
+          // The partial last block through the same kernel: these rows' tail bytes copied into
+          // 64-byte rows (the rest zero: those codes meet zero slots), the operand's block in slot order.
+          const int64_t nr = oq - o, tb = w.row_bytes - nfull * (qmm::kBlockK / 4);
+          thread_local std::vector<uint8_t> codes;
+          thread_local std::vector<float> part;
+          codes.assign(size_t(nr * 64), 0);
+          part.resize(size_t(qmm::kMaxRows * nr));
+          for (int64_t r = 0; r < nr; ++r)
+            std::memcpy(codes.data() + r * 64, w.codes + (o + r) * w.row_bytes + nfull * (qmm::kBlockK / 4), size_t(tb));
+          PackedWeight wt = w;
+          wt.in = qmm::kBlockK;
+          wt.row_bytes = 64;
+          wt.codes = codes.data();
+          QRow trows[qmm::kMaxRows];
+          for (int j = 0; j < n; ++j) {
+            const int64_t k = (m0 + j) * a.nb + nfull;
+            trows[j] = {tail_q0 + (m0 + j) * qmm::kBlockK, a.d.data() + k, a.sum.data() + k, a.pair.data() + 2 * k};
+          }
+          qk(wt, 0, nr, trows, n, 1, part.data(), nr, post);
+          for (int j = 0; j < n; ++j)
+            for (int64_t r = 0; r < nr; ++r) y[(m0 + j) * out + o + r] += part[size_t(j * nr + r)];
+        } else if (tail) {
           for (int j = 0; j < n; ++j)
             for (int64_t r = o; r < oq; ++r) y[(m0 + j) * out + r] += post * tail_of(r, rows[j]);
+        }
       }
       o = oq;
     }
