@@ -158,7 +158,7 @@ static void BM_TernaryMatmul(benchmark::State& state) {
   const Tensor x = Tensor::randn({M, sh.in}, 2);
   Tensor y = Tensor::empty({M, sh.out});
   const ops::QuantMatmulOptions opt{ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true, ops::CudaGemv::Auto,
-                                    lut ? ops::TernaryKernel::Lut : ops::TernaryKernel::Plain};
+                                    lut ? ops::TernaryBody::Lut : ops::TernaryBody::Plain};
   for (auto _ : state) {
     ops::quant_matmul(x, v, y, opt);
     benchmark::ClobberMemory();

@@ -189,7 +189,7 @@ void expect_panel_layouts_equal(const std::vector<QuantizedTensor>& panels, cons
 Tensor run_lut_without_index(const ops::PackedWeight& w, int64_t in) {
   Tensor y = Tensor::empty({1, w.out});
   ops::quant_matmul(Tensor::randn({1, in}, 5), w, y, {ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true,
-                                                      ops::CudaGemv::Auto, ops::TernaryKernel::Lut});
+                                                      ops::CudaGemv::Auto, ops::TernaryBody::Lut});
   return y;
 }
 
@@ -1039,14 +1039,14 @@ TEST(QuantMatmul, TernaryLutKernelEqualsThePlainKernel) {
         std::optional<ops::QuantActPerRowScope> per_row;
         if (act_bits) per_row.emplace(act_bits);
         const Tensor x = test_input(M, s.in, 70 + uint64_t(M));
-        auto run = [&](const ops::PackedWeight& w, ops::QuantIsa isa, ops::TernaryKernel tk,
+        auto run = [&](const ops::PackedWeight& w, ops::QuantIsa isa, ops::TernaryBody tk,
                        ops::QuantMatmulPath p = ops::QuantMatmulPath::Int8) {
           Tensor y = Tensor::empty({M, s.out});
           ops::quant_matmul(x, w, y, {p, isa, true, ops::CudaGemv::Auto, tk});
           return y;
         };
-        const Tensor yplain = run(plain, ops::QuantIsa::Portable, ops::TernaryKernel::Auto);
-        const Tensor ylut = run(lut, ops::QuantIsa::Portable, ops::TernaryKernel::Lut);
+        const Tensor yplain = run(plain, ops::QuantIsa::Portable, ops::TernaryBody::Auto);
+        const Tensor ylut = run(lut, ops::QuantIsa::Portable, ops::TernaryBody::Lut);
         const Tensor wd = q.dequantize();
         for (int64_t m = 0; m < M; ++m)
           for (int64_t o = 0; o < s.out; ++o) {
@@ -1058,11 +1058,11 @@ TEST(QuantMatmul, TernaryLutKernelEqualsThePlainKernel) {
                 << "row " << m << " out " << o;
           }
         // The plain kernel's own path when asked for (the index form is ignored).
-        EXPECT_EQ(max_abs_diff(run(lut, ops::QuantIsa::Portable, ops::TernaryKernel::Plain), yplain), 0.0);
+        EXPECT_EQ(max_abs_diff(run(lut, ops::QuantIsa::Portable, ops::TernaryBody::Plain), yplain), 0.0);
         for (ops::QuantIsa isa : {ops::QuantIsa::Avx2, ops::QuantIsa::Avx2Vnni}) {
           if (!ops::quant_isa_supported(isa)) continue;
           SCOPED_TRACE(ops::quant_isa_name(isa));
-          const Tensor ysimd = run(lut, isa, ops::TernaryKernel::Lut), yps = run(plain, isa, ops::TernaryKernel::Plain);
+          const Tensor ysimd = run(lut, isa, ops::TernaryBody::Lut), yps = run(plain, isa, ops::TernaryBody::Plain);
           // The tiles' rows: the portable lookup-table numbers; the rows after them: the plain
           // kernel's of this ISA (each row's arithmetic is independent of the others).
           const int64_t tiled = s.out / ops::kTernaryLutRows * ops::kTernaryLutRows;
@@ -1071,8 +1071,8 @@ TEST(QuantMatmul, TernaryLutKernelEqualsThePlainKernel) {
               ASSERT_EQ(ysimd.data<float>()[m * s.out + o], (o < tiled ? ylut : yps).data<float>()[m * s.out + o])
                   << "row " << m << " out " << o;
           // Auto on a weight with the index form: the lookup-table kernel; without: the plain one.
-          EXPECT_EQ(max_abs_diff(run(lut, isa, ops::TernaryKernel::Auto, ops::QuantMatmulPath::Auto), ysimd), 0.0);
-          EXPECT_EQ(max_abs_diff(run(plain, isa, ops::TernaryKernel::Auto, ops::QuantMatmulPath::Auto), yps), 0.0);
+          EXPECT_EQ(max_abs_diff(run(lut, isa, ops::TernaryBody::Auto, ops::QuantMatmulPath::Auto), ysimd), 0.0);
+          EXPECT_EQ(max_abs_diff(run(plain, isa, ops::TernaryBody::Auto, ops::QuantMatmulPath::Auto), yps), 0.0);
         }
       }
     }

@@ -555,10 +555,10 @@ qmm::Panel pick_panel_kernel(QuantIsa isa, const PackedWeight& w) {
 // on the row index only, never on M or the thread count. The split is over weight rows (output
 // columns), every task covering all M activation rows: each weight byte is read by one thread once.
 void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa, qmm::TernaryKind kind,
-                  TernaryKernel tk);
+                  TernaryBody tk);
 
 void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels,
-               TernaryKernel tk = TernaryKernel::Auto);
+               TernaryBody tk = TernaryBody::Auto);
 
 // TritPlanes: each plane is an int2 group row (codes t + 1, implicit zero 1, the plane's f16 scales)
 // whose rows are row_bytes apart; the 2-bit kernels run once per plane and the products are added.
@@ -769,7 +769,7 @@ void prepare_int8(const float* x, int64_t M, const PackedWeight& w_given, float*
 }
 
 // The ternary layouts (TQ2_0, TQ1_0 and the ternary format) go to ternary_body (activation blocks of 256).
-void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels, TernaryKernel tk) {
+void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels, TernaryBody tk) {
   if (w_in.layout == PackedLayout::TritPlanes) return trit_planes_body(x, M, w_in, y, isa, panels);
   if (w_in.layout == PackedLayout::SalientBinary) return salient_binary_body(x, M, w_in, y, true, isa, panels);
   if (const qmm::TernaryKind kind = qmm::ternary_kind(w_in); kind != qmm::TernaryKind::None)
@@ -903,16 +903,16 @@ float ternary_row(const PackedWeight& w, qmm::TernaryKind kind, const int* src, 
 
 // The Int8 body of the ternary layouts (same work split as int8_body: groups of four rows through
 // the SIMD kernel, the rest and the portable ISA row by row). With the lookup-table kernel (the
-// ternary format with its index form, TernaryKernel): the tiles of 32 rows through it (every block,
+// ternary format with its index form, TernaryBody): the tiles of 32 rows through it (every block,
 // the partial last one too), the rows after them as before.
 void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa, qmm::TernaryKind kind,
-                  TernaryKernel tk) {
+                  TernaryBody tk) {
   isa = resolve_isa(isa);
   const bool simd = isa == QuantIsa::Avx2 || isa == QuantIsa::Avx2Vnni;
-  if (tk == TernaryKernel::Lut && !w.tl_codes)
+  if (tk == TernaryBody::Lut && !w.tl_codes)
     throw_error(kOp, ": weight [", w.format, "] [", w.out, ", ", w.in, "]: the lookup-table kernel needs the index form ",
                 "(quant_matmul_to_tl_layout; LOWBIT_TERNARY_KERNEL=lut builds it at load)");
-  const bool lut = tk != TernaryKernel::Plain && w.tl_codes && kind == qmm::TernaryKind::Ternary;
+  const bool lut = tk != TernaryBody::Plain && w.tl_codes && kind == qmm::TernaryKind::Ternary;
   const QActsK& a = quantize_acts_k(x, M, w.in, kind, simd);
   qmm::TernaryKernel qk = nullptr;
 #if defined(__x86_64__) || defined(__i386__)

@@ -153,7 +153,7 @@ enum class CudaGemv : uint8_t { Auto, V1, V2, V2Pdl };
 // kernel (bitnet.cpp TL1 / T-MAC style, "The ternary lookup-table layout" below), which needs
 // w.tl_codes (a call that asks for it without them throws). Auto: Lut when w.tl_codes is set (the
 // loader builds them only when LOWBIT_TERNARY_KERNEL=lut, quant_ternary_lut_enabled), else Plain.
-enum class TernaryKernel : uint8_t { Auto, Plain, Lut };
+enum class TernaryBody : uint8_t { Auto, Plain, Lut };
 
 struct QuantMatmulOptions {
   QuantMatmulPath path = QuantMatmulPath::Auto;
@@ -164,7 +164,7 @@ struct QuantMatmulOptions {
   // Either gives a row the same numbers whatever M is.
   bool int8_panels = true;
   CudaGemv cuda_gemv = CudaGemv::Auto;  // CUDA Int8 body only
-  TernaryKernel ternary = TernaryKernel::Auto;  // CPU Int8 body, the ternary format only
+  TernaryBody ternary = TernaryBody::Auto;  // CPU Int8 body, the ternary format only
 };
 
 // Largest token count the Auto path sends to the Int8 (decode) body.
