@@ -134,4 +134,44 @@ BENCHMARK(BM_QuantMatmulInt8)
     ->ArgsProduct({{0, 1}, {0, 1, 2, 3, 4}, {1, 4, 8, 16, 32, 64}})
     ->Unit(benchmark::kMicrosecond);
 
+// The ternary format's Int8 body: the plain 2-bit code kernel (kernel 0) against the lookup-table
+// kernel (kernel 1: bitnet.cpp TL1 / T-MAC style, the weight's index form built once before timing)
+// on SmolLM2-135M's shapes and two larger ones, M activation rows, 1 or 2 threads (wall time: the
+// products are split over the pool). Arguments: kernel, shape, M, threads. One command line:
+//   ./build-rel/bench/bench_quant --benchmark_filter=TernaryMatmul --benchmark_min_time=0.2
+//     --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true --benchmark_format=json
+//     | python3 bench/qmm_table.py --ternary
+static void BM_TernaryMatmul(benchmark::State& state) {
+  struct Shape {
+    int64_t out, in;
+  };
+  // q/k/v/o [576 x 576], gate/up [1536 x 576], down [576 x 1536]; [2048 x 2048], [4096 x 4096].
+  static const Shape shapes[] = {{576, 576}, {1536, 576}, {576, 1536}, {2048, 2048}, {4096, 4096}};
+  const bool lut = state.range(0) != 0;
+  const Shape& sh = shapes[state.range(1)];
+  const int64_t M = state.range(2);
+  const int threads = int(state.range(3));
+  set_num_threads(threads);
+  QuantizedTensor q = quantize(Tensor::randn({sh.out, sh.in}, 1, 0.05), parse_quant_format("ternary"));
+  if (lut && !q.to_tl_layout()) state.SkipWithError("no lookup-table layout");
+  const ops::PackedWeight v = q.packed_view();
+  const Tensor x = Tensor::randn({M, sh.in}, 2);
+  Tensor y = Tensor::empty({M, sh.out});
+  const ops::QuantMatmulOptions opt{ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true, ops::CudaGemv::Auto,
+                                    lut ? ops::TernaryBody::Lut : ops::TernaryBody::Plain};
+  for (auto _ : state) {
+    ops::quant_matmul(x, v, y, opt);
+    benchmark::ClobberMemory();
+  }
+  state.SetLabel("ternary [" + std::to_string(sh.out) + "x" + std::to_string(sh.in) + "] " +
+                 ops::quant_isa_name(ops::quant_isa_best()) + (lut ? " lut" : " plain"));
+  state.counters["weights/s"] =
+      benchmark::Counter(double(M * sh.out * sh.in), benchmark::Counter::kIsIterationInvariantRate);
+  set_num_threads(1);
+}
+BENCHMARK(BM_TernaryMatmul)
+    ->ArgsProduct({{0, 1}, {0, 1, 2, 3, 4}, {1, 4, 8}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+
 BENCHMARK_MAIN();

@@ -1,11 +1,32 @@
 #!/usr/bin/env python3
 """Table of bench_quant's BM_QuantMatmulInt8 (JSON on stdin): per format and M, the best time of the
 repetitions for the four-row kernels (panels 0) and the panel GEMM kernel (panels 1), their ratio,
-and each one's cost relative to its own M = 1 call (the batched step's cost in single-row calls)."""
+and each one's cost relative to its own M = 1 call (the batched step's cost in single-row calls).
+With --ternary: BM_TernaryMatmul's plain vs lookup-table kernels instead."""
 import json
 import sys
 
 runs = json.load(sys.stdin)["benchmarks"]
+
+if "--ternary" in sys.argv[1:]:
+    # BM_TernaryMatmul: best wall time of the repetitions per (shape, M, threads) for the plain
+    # kernel (0) and the lookup-table kernel (1); ratio > 1: the lookup table is faster.
+    best, label = {}, {}
+    for r in runs:
+        if r.get("run_type") != "iteration" or not r["name"].startswith("BM_TernaryMatmul/"):
+            continue
+        kernel, shape, m, threads = (int(v) for v in r["name"].split("/")[1:5])
+        key = (shape, m, threads, kernel)
+        best[key] = min(best.get(key, r["real_time"]), r["real_time"])
+        label[shape] = " ".join(r.get("label", "").split(" ")[:2])
+    print("| weight | M | threads | plain us | lut us | plain / lut |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (shape, m, threads, kernel) in sorted(best):
+        if kernel != 0 or (shape, m, threads, 1) not in best:
+            continue
+        p, t = best[(shape, m, threads, 0)], best[(shape, m, threads, 1)]
+        print(f"| {label[shape]} | {m} | {threads} | {p:.1f} | {t:.1f} | {p / t:.2f}x |")
+    sys.exit(0)
 best = {}
 label = {}
 for r in runs:

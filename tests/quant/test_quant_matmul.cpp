@@ -44,6 +44,9 @@ struct Backend {
   bool cuda;
   bool avxvnni = false;  // the 256-bit AVX-VNNI kernels even where AVX-512 VNNI is present
   ops::CudaGemv gemv = ops::CudaGemv::Auto;  // cuda: the decode GEMV kernel (Auto: LOWBIT_CUDA_GEMV, else v2pdl)
+  // The ternary lookup-table kernel: the weight gets its index form (quant_matmul_to_tl_layout);
+  // the path's Int8 body then takes it (the ternary format only: other formats skip these cells).
+  bool lut = false;
 };
 
 // int8-avx2-vnni runs the AVX-512 VNNI kernels where the CPU has them, int8-avx-vnni-256 the
@@ -61,6 +64,9 @@ const Backend kBackends[] = {
     {"cuda-int8-v1", ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true, true, false, ops::CudaGemv::V1},
     {"cuda-int8-v2", ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true, true, false, ops::CudaGemv::V2},
     {"cuda-int8-v2pdl", ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true, true, false, ops::CudaGemv::V2Pdl},
+    {"lut-auto", ops::QuantMatmulPath::Auto, ops::QuantIsa::Auto, true, false, false, ops::CudaGemv::Auto, true},
+    {"lut-portable", ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable, true, false, false, ops::CudaGemv::Auto, true},
+    {"lut-avx2", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2, true, false, false, ops::CudaGemv::Auto, true},
 };
 
 // With a GPU the tests run the packed CUDA path, which models use only when enabled (off by
@@ -179,6 +185,14 @@ void expect_panel_layouts_equal(const std::vector<QuantizedTensor>& panels, cons
     }
 }
 
+// An explicit lookup-table call on a ternary weight without its index form (throws).
+Tensor run_lut_without_index(const ops::PackedWeight& w, int64_t in) {
+  Tensor y = Tensor::empty({1, w.out});
+  ops::quant_matmul(Tensor::randn({1, in}, 5), w, y, {ops::QuantMatmulPath::Int8, ops::QuantIsa::Auto, true,
+                                                      ops::CudaGemv::Auto, ops::TernaryBody::Lut});
+  return y;
+}
+
 }  // namespace
 
 TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
@@ -245,12 +259,21 @@ TEST(QuantMatmul, EveryFormatBackendShapeCellMatchesTheReference) {
           skips.push_back(std::string(be.name) + ": not supported by this CPU");
           continue;
         }
+        if (be.lut && !ops::quant_matmul_tl_supported(view)) {
+          ++skipped;
+          skips.push_back("lut: the ternary format with >= 32 rows only");
+          continue;
+        }
         struct Unforce {
           ~Unforce() { force_avxvnni(false); }
         } unforce;
         SCOPED_TRACE(cell);
         Tensor y = Tensor::empty({s.M, s.out});
-        if (be.cuda) {
+        if (be.lut) {
+          QuantizedTensor ql = q;
+          ASSERT_TRUE(ql.to_tl_layout());
+          ops::quant_matmul(x, ql.packed_view(), y, {be.path, be.isa});
+        } else if (be.cuda) {
           q.upload_to_device();
           const ops::PackedWeight dview = q.packed_view();
           Tensor yd = Tensor::empty({s.M, s.out}, DType::F32, Device::CUDA);
@@ -985,6 +1008,82 @@ TEST(QuantMatmul, AutoPicksTheInt8BodyForTernaryPrefill) {
       }
     }
   }
+}
+
+// The ternary lookup-table kernel (ops/quant_matmul.h, "The ternary lookup-table layout") against
+// the plain ternary kernel on the same int8 operand: the integer sums per block of 256 are the same,
+// so the outputs differ only by f32 rounding of the per-block scaling (1e-6 relative to sum |x w|);
+// its AVX2 copy equals its portable one bit for bit (the rows after the tiles: the plain kernel of
+// that ISA, bit for bit); Auto takes it exactly when the weight has its
+// index form, and an explicit Lut call without one is an error naming the fix. Shapes: one tile,
+// tiles plus leftover rows (plain rows after them), a partial last block (in % 256), M = 1..9 (the
+// kernel's chunks of up to 4 activation rows), and QuantActPerRowScope's per-row int4 operand.
+TEST(QuantMatmul, TernaryLutKernelEqualsThePlainKernel) {
+  const QuantFormat& f = parse_quant_format("ternary");
+  struct S {
+    int64_t out, in;
+  };
+  for (const S& s : {S{32, 256}, S{70, 600}, S{96, 1536}, S{33, 512}, S{64, 100}}) {
+    QuantizedTensor q = quantize(Tensor::randn({s.out, s.in}, 61 + uint64_t(s.in), 0.05), f);
+    const ops::PackedWeight plain = q.packed_view();
+    ASSERT_TRUE(ops::quant_matmul_tl_supported(plain));
+    EXPECT_EQ(ops::quant_matmul_tl_bytes(plain), s.out / 32 * ((s.in + 255) / 256) * 32 * 64);
+    QuantizedTensor ql = q;
+    ASSERT_TRUE(ql.to_tl_layout());
+    const ops::PackedWeight lut = ql.packed_view();
+    ASSERT_NE(lut.tl_codes, nullptr);
+    for (int64_t M : {1, 2, 4, 5, 9}) {
+      for (int act_bits : {0, 4}) {
+        SCOPED_TRACE("[" + std::to_string(s.out) + "x" + std::to_string(s.in) + "] M=" + std::to_string(M) +
+                     (act_bits ? " per-row int4" : ""));
+        std::optional<ops::QuantActPerRowScope> per_row;
+        if (act_bits) per_row.emplace(act_bits);
+        const Tensor x = test_input(M, s.in, 70 + uint64_t(M));
+        auto run = [&](const ops::PackedWeight& w, ops::QuantIsa isa, ops::TernaryBody tk,
+                       ops::QuantMatmulPath p = ops::QuantMatmulPath::Int8) {
+          Tensor y = Tensor::empty({M, s.out});
+          ops::quant_matmul(x, w, y, {p, isa, true, ops::CudaGemv::Auto, tk});
+          return y;
+        };
+        const Tensor yplain = run(plain, ops::QuantIsa::Portable, ops::TernaryBody::Auto);
+        const Tensor ylut = run(lut, ops::QuantIsa::Portable, ops::TernaryBody::Lut);
+        const Tensor wd = q.dequantize();
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t o = 0; o < s.out; ++o) {
+            double sc = 0;
+            for (int64_t i = 0; i < s.in; ++i)
+              sc += std::fabs(double(x.data<float>()[m * s.in + i]) * double(wd.data<float>()[o * s.in + i]));
+            ASSERT_LE(std::fabs(double(ylut.data<float>()[m * s.out + o]) - double(yplain.data<float>()[m * s.out + o])),
+                      1e-6 * sc + 1e-8)
+                << "row " << m << " out " << o;
+          }
+        // The plain kernel's own path when asked for (the index form is ignored).
+        EXPECT_EQ(max_abs_diff(run(lut, ops::QuantIsa::Portable, ops::TernaryBody::Plain), yplain), 0.0);
+        for (ops::QuantIsa isa : {ops::QuantIsa::Avx2, ops::QuantIsa::Avx2Vnni}) {
+          if (!ops::quant_isa_supported(isa)) continue;
+          SCOPED_TRACE(ops::quant_isa_name(isa));
+          const Tensor ysimd = run(lut, isa, ops::TernaryBody::Lut), yps = run(plain, isa, ops::TernaryBody::Plain);
+          // The tiles' rows: the portable lookup-table numbers; the rows after them: the plain
+          // kernel's of this ISA (each row's arithmetic is independent of the others).
+          const int64_t tiled = s.out / ops::kTernaryLutRows * ops::kTernaryLutRows;
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t o = 0; o < s.out; ++o)
+              ASSERT_EQ(ysimd.data<float>()[m * s.out + o], (o < tiled ? ylut : yps).data<float>()[m * s.out + o])
+                  << "row " << m << " out " << o;
+          // Auto on a weight with the index form: the lookup-table kernel; without: the plain one.
+          EXPECT_EQ(max_abs_diff(run(lut, isa, ops::TernaryBody::Auto, ops::QuantMatmulPath::Auto), ysimd), 0.0);
+          EXPECT_EQ(max_abs_diff(run(plain, isa, ops::TernaryBody::Auto, ops::QuantMatmulPath::Auto), yps), 0.0);
+        }
+      }
+    }
+    test::expect_message([&] { (void)run_lut_without_index(plain, s.in); }, "index form");
+  }
+  // Formats without the index form: to_tl_layout declines; to_tl_layout refuses by name.
+  QuantizedTensor tq = quantize(Tensor::randn({32, 256}, 3, 0.05), parse_quant_format("tq2_0"));
+  EXPECT_FALSE(tq.to_tl_layout());
+  EXPECT_FALSE(ops::quant_matmul_tl_supported(quantize(Tensor::randn({31, 256}, 3, 0.05), f).packed_view()));
+  std::vector<uint8_t> buf(1 << 16);
+  test::expect_message([&] { ops::quant_matmul_to_tl_layout(tq.packed_view(), buf.data()); }, "no lookup-table layout");
 }
 
 // QuantSharedInputScope (serving's q / k / v and gate / up products): inside the scope, products

@@ -128,6 +128,11 @@ LoadedModel load_model(const std::string& path, Device device, bool dequantize, 
     QuantizedCheckpoint q = load_quantized_model(path, /*dense_view=*/false);
     if (packed_vocab && device == Device::CPU) m.packed_vocab_bytes = pack_vocab(q);
     if (device == Device::CPU) to_cpu_panel_layout(q);
+    // LOWBIT_TERNARY_KERNEL=lut: the ternary weights' lookup-table index form (a second copy of
+    // their codes, before the model takes its copies), which makes the Int8 body take the
+    // lookup-table kernel (ops/quant_matmul.h).
+    if (device == Device::CPU && ops::quant_ternary_lut_enabled())
+      for (auto& [name, t] : q.quantized) t.to_tl_layout();
     m.model = make_quantized_model(q, device);
     m.checkpoint = std::move(q.dense);
     for (auto& l : m.checkpoint.weights.layers)  // drop the placeholders of the packed linears

@@ -554,9 +554,11 @@ qmm::Panel pick_panel_kernel(QuantIsa isa, const PackedWeight& w) {
 // chunks of the thread split are whole panels (or groups), so which kernel computes a row depends
 // on the row index only, never on M or the thread count. The split is over weight rows (output
 // columns), every task covering all M activation rows: each weight byte is read by one thread once.
-void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa, qmm::TernaryKind kind);
+void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa, qmm::TernaryKind kind,
+                  TernaryBody tk);
 
-void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels);
+void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels,
+               TernaryBody tk = TernaryBody::Auto);
 
 // TritPlanes: each plane is an int2 group row (codes t + 1, implicit zero 1, the plane's f16 scales)
 // whose rows are row_bytes apart; the 2-bit kernels run once per plane and the products are added.
@@ -767,11 +769,11 @@ void prepare_int8(const float* x, int64_t M, const PackedWeight& w_given, float*
 }
 
 // The ternary layouts (TQ2_0, TQ1_0 and the ternary format) go to ternary_body (activation blocks of 256).
-void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels) {
+void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels, TernaryBody tk) {
   if (w_in.layout == PackedLayout::TritPlanes) return trit_planes_body(x, M, w_in, y, isa, panels);
   if (w_in.layout == PackedLayout::SalientBinary) return salient_binary_body(x, M, w_in, y, true, isa, panels);
   if (const qmm::TernaryKind kind = qmm::ternary_kind(w_in); kind != qmm::TernaryKind::None)
-    return ternary_body(x, M, w_in, y, isa, kind);
+    return ternary_body(x, M, w_in, y, isa, kind, tk);
   Int8Scratch scratch;
   Int8Product p;
   prepare_int8(x, M, w_in, y, resolve_isa(isa), panels, scratch, p);
@@ -900,10 +902,17 @@ float ternary_row(const PackedWeight& w, qmm::TernaryKind kind, const int* src, 
 }
 
 // The Int8 body of the ternary layouts (same work split as int8_body: groups of four rows through
-// the SIMD kernel, the rest and the portable ISA row by row).
-void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa, qmm::TernaryKind kind) {
+// the SIMD kernel, the rest and the portable ISA row by row). With the lookup-table kernel (the
+// ternary format with its index form, TernaryBody): the tiles of 32 rows through it (every block,
+// the partial last one too), the rows after them as before.
+void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa, qmm::TernaryKind kind,
+                  TernaryBody tk) {
   isa = resolve_isa(isa);
   const bool simd = isa == QuantIsa::Avx2 || isa == QuantIsa::Avx2Vnni;
+  if (tk == TernaryBody::Lut && !w.tl_codes)
+    throw_error(kOp, ": weight [", w.format, "] [", w.out, ", ", w.in, "]: the lookup-table kernel needs the index form ",
+                "(quant_matmul_to_tl_layout; LOWBIT_TERNARY_KERNEL=lut builds it at load)");
+  const bool lut = tk != TernaryBody::Plain && w.tl_codes && kind == qmm::TernaryKind::Ternary;
   const QActsK& a = quantize_acts_k(x, M, w.in, kind, simd);
   qmm::TernaryKernel qk = nullptr;
 #if defined(__x86_64__) || defined(__i386__)
@@ -914,34 +923,110 @@ void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, Qu
   const int64_t nfull = w.in / qmm::kBlockK, out = w.out, slots = a.slots;
   const bool tail = nfull < a.nb;
   const float post = kind == qmm::TernaryKind::Ternary ? w.tensor_scale : 1.0f;
-  const int64_t G = qk ? qmm::kRowGroup : 1, groups = (out + G - 1) / G;
+  // The partial last block of the ternary format (in % 256 values), natural order.
+  const auto tail_of = [&](int64_t r, const QRow& q) {
+    if (!tail) return 0.0f;
+    QRow last = q;
+    last.q += nfull * slots;
+    last.d += nfull;
+    last.sum += nfull;
+    // Four codes a byte (the row's last byte may hold fewer: its padding codes meet zero slots).
+    const uint8_t* rp = w.codes + r * w.row_bytes + nfull * (qmm::kBlockK / 4);
+    int32_t isum = 0;
+    for (int64_t i = 0; i < w.in - nfull * qmm::kBlockK; i += 4) {
+      const int c = rp[i / 4];
+      isum += (c & 3) * last.q[i] + (c >> 2 & 3) * last.q[i + 1] + (c >> 4 & 3) * last.q[i + 2] + (c >> 6) * last.q[i + 3];
+    }
+    return last.d[0] * float(isum - last.sum[0]);
+  };
+  // The plain SIMD kernel runs the ternary format's partial last block too (simd_tail): its operand
+  // block in the slot order of a full one (the codes past the row's end meet zero slots).
+  const bool simd_tail = qk && tail && kind == qmm::TernaryKind::Ternary;
+  thread_local std::vector<int8_t> tail_q;
+  if (simd_tail) {
+    tail_q.resize(size_t(M * qmm::kBlockK));
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* q = a.row(m).q + nfull * slots;  // natural order, zero padded
+      for (int p = 0; p < qmm::kBlockK; ++p) tail_q[size_t(m * qmm::kBlockK + p)] = q[src[p]];
+    }
+  }
+  const int8_t* tail_q0 = tail_q.data();  // the tasks run on other threads (their own thread_locals)
+  // Lookup-table tiles: rows [0, lut_rows), every block (the partial last one too: its index form is
+  // padded with zero weights, the operand with zero slots); the tables of every activation row first.
+  const int64_t lut_tiles = lut ? out / kTernaryLutRows : 0, lut_rows = lut_tiles * kTernaryLutRows;
+  thread_local std::vector<uint8_t> tables;
+  qmm::TernaryLutKernel lk = &qmm::portable_lut_tiles;
+  if (lut) {
+    qmm::TernaryLutTables build = &qmm::portable_lut_tables;
+#if defined(__x86_64__) || defined(__i386__)
+    if (simd) {
+      build = &qmm::avx2_lut_tables;
+      lk = &qmm::avx2_lut_tiles;
+    }
+#endif
+    const int64_t tb = a.nb * qmm::kLutTableBytes;
+    if (tables.size() < size_t(M * tb)) tables.resize(size_t(M * tb));
+    uint8_t* tp = tables.data();
+    rows_for(M, (kQuantizeChunkValues + w.in - 1) / w.in, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) build(a.row(m).q, a.nb, tp + m * tb);
+    });
+  }
+  const uint8_t* tab0 = tables.data();
+  const int64_t lut_per_task = std::max<int64_t>(1, kTaskWork / (kTernaryLutRows * w.in));
+  const int64_t lut_tasks = (lut_tiles + lut_per_task - 1) / lut_per_task;
+  const int64_t G = qk ? qmm::kRowGroup : 1, groups = (out - lut_rows + G - 1) / G;
   const int64_t per_task = std::max<int64_t>(1, kTaskWork / (G * w.in)), tasks = (groups + per_task - 1) / per_task;
-  items_each(tasks, [&](int64_t t) {
-    const int64_t g0 = t * per_task, g1 = std::min(groups, g0 + per_task);
+  items_each(lut_tasks + tasks, [&](int64_t t) {
     QRow rows[qmm::kMaxRows];
-    int64_t o = g0 * G;
-    const int64_t o1 = std::min(out, g1 * G);
-    // The partial last block of the ternary format (in % 256 values), natural order.
-    const auto tail_of = [&](int64_t r, const QRow& q) {
-      if (!tail) return 0.0f;
-      QRow last = q;
-      last.q += nfull * slots;
-      last.d += nfull;
-      last.sum += nfull;
-      int32_t isum = 0;
-      for (int64_t i = 0; i < w.in - nfull * qmm::kBlockK; ++i)
-        isum += code_at(2, w.codes + r * w.row_bytes, nfull * qmm::kBlockK + i) * last.q[i];
-      return last.d[0] * float(isum - last.sum[0]);
-    };
+    if (t < lut_tasks) {
+      const int64_t t0 = t * lut_per_task, t1 = std::min(lut_tiles, t0 + lut_per_task);
+      const uint8_t* tabs[qmm::kMaxRows];
+      for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {
+        const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
+        for (int j = 0; j < n; ++j) {
+          rows[j] = a.row(m0 + j);
+          tabs[j] = tab0 + (m0 + j) * a.nb * qmm::kLutTableBytes;
+        }
+        lk(w.tl_codes, a.nb, t0, t1, tabs, rows, n, y + m0 * out, out, post);
+      }
+      return;
+    }
+    t -= lut_tasks;
+    const int64_t g0 = t * per_task, g1 = std::min(groups, g0 + per_task);
+    int64_t o = lut_rows + g0 * G;
+    const int64_t o1 = std::min(out, lut_rows + g1 * G);
     if (qk) {
       const int64_t oq = o + (o1 - o) / qmm::kRowGroup * qmm::kRowGroup;
       for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {
         const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
         for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
         qk(w, o, oq, rows, n, nfull, y + m0 * out, out, post);
-        if (tail)
+        if (tail && simd_tail) {
+          // The partial last block through the same kernel: these rows' tail bytes copied into
+          // 64-byte rows (the rest zero: those codes meet zero slots), the operand's block in slot order.
+          const int64_t nr = oq - o, tb = w.row_bytes - nfull * (qmm::kBlockK / 4);
+          thread_local std::vector<uint8_t> codes;
+          thread_local std::vector<float> part;
+          codes.assign(size_t(nr * 64), 0);
+          part.resize(size_t(qmm::kMaxRows * nr));
+          for (int64_t r = 0; r < nr; ++r)
+            std::memcpy(codes.data() + r * 64, w.codes + (o + r) * w.row_bytes + nfull * (qmm::kBlockK / 4), size_t(tb));
+          PackedWeight wt = w;
+          wt.in = qmm::kBlockK;
+          wt.row_bytes = 64;
+          wt.codes = codes.data();
+          QRow trows[qmm::kMaxRows];
+          for (int j = 0; j < n; ++j) {
+            const int64_t k = (m0 + j) * a.nb + nfull;
+            trows[j] = {tail_q0 + (m0 + j) * qmm::kBlockK, a.d.data() + k, a.sum.data() + k, a.pair.data() + 2 * k};
+          }
+          qk(wt, 0, nr, trows, n, 1, part.data(), nr, post);
+          for (int j = 0; j < n; ++j)
+            for (int64_t r = 0; r < nr; ++r) y[(m0 + j) * out + o + r] += part[size_t(j * nr + r)];
+        } else if (tail) {
           for (int j = 0; j < n; ++j)
             for (int64_t r = o; r < oq; ++r) y[(m0 + j) * out + r] += post * tail_of(r, rows[j]);
+        }
       }
       o = oq;
     }
@@ -1457,7 +1542,7 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
   }
   switch (cpu_path(M, w, opt)) {
     case QuantMatmulPath::Reference: reference_body(px, M, w, py); break;
-    case QuantMatmulPath::Int8: int8_body(px, M, w, py, opt.isa, opt.int8_panels); break;
+    case QuantMatmulPath::Int8: int8_body(px, M, w, py, opt.isa, opt.int8_panels, opt.ternary); break;
     default:
       if (w.layout == PackedLayout::SignValue) sign_value_body(px, M, w, py);
       else if (M <= kQuantDecodeMaxRows && w.layout == PackedLayout::SalientBinary)

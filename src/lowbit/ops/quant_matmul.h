@@ -130,6 +130,10 @@ struct PackedWeight {
   std::function<void(int64_t row, float* dst)> dequantize_row;
   // The copy on the GPU (CUDA calls need it), or null.
   const DevicePackedWeight* device = nullptr;
+  // The ternary format only: the lookup-table (TL) index form of the codes (quant_matmul_to_tl_layout,
+  // built once at load: tl_bytes(w) bytes, the same size as the codes), or null. The Int8 body's TL
+  // kernel reads it (QuantMatmulOptions::ternary); every other body reads `codes`.
+  const uint8_t* tl_codes = nullptr;
   // 0: `codes` in the storage layout above (row after row). H (8 or 16): the CPU panel layout of
   // H rows (quant_matmul_to_panel_layout below) for the rows [0, out - out % H); the rows after them
   // keep the storage layout.
@@ -144,6 +148,12 @@ enum class QuantIsa : uint8_t { Auto, Portable, Avx2, Avx2Vnni };
 // LOWBIT_CUDA_GEMV (v1, v2, v2pdl), else V2Pdl (fastest or tied in every row of quant_gemv_bench on
 // an H100, 2026-12-07; V1 where the device lacks sm_90: launch_kernel falls back to a plain launch).
 enum class CudaGemv : uint8_t { Auto, V1, V2, V2Pdl };
+// The Int8 body's kernel for the ternary format (CPU): Plain the 2-bit code kernels (int8 dot
+// products of codes and activations, ternary_rows in quant_matmul_x86.inc); Lut the lookup-table
+// kernel (bitnet.cpp TL1 / T-MAC style, "The ternary lookup-table layout" below), which needs
+// w.tl_codes (a call that asks for it without them throws). Auto: Lut when w.tl_codes is set (the
+// loader builds them only when LOWBIT_TERNARY_KERNEL=lut, quant_ternary_lut_enabled), else Plain.
+enum class TernaryBody : uint8_t { Auto, Plain, Lut };
 
 struct QuantMatmulOptions {
   QuantMatmulPath path = QuantMatmulPath::Auto;
@@ -154,6 +164,7 @@ struct QuantMatmulOptions {
   // Either gives a row the same numbers whatever M is.
   bool int8_panels = true;
   CudaGemv cuda_gemv = CudaGemv::Auto;  // CUDA Int8 body only
+  TernaryBody ternary = TernaryBody::Auto;  // CPU Int8 body, the ternary format only
 };
 
 // Largest token count the Auto path sends to the Int8 (decode) body.
@@ -313,6 +324,39 @@ void quant_matmul_row_bytes(const PackedWeight& w, int64_t row, uint8_t* dst);
 // "Panel layout at load", says which and why); set_quant_panel_layout_enabled overrides both.
 bool quant_panel_layout_enabled();
 void set_quant_panel_layout_enabled(bool on);
+
+// ---- The ternary lookup-table (TL) layout (repacked once at load) -----------------------------
+// The lookup-table kernel (bitnet.cpp's TL1 on x86 / T-MAC: arXiv 2407.00088, 2410.16144) for the
+// ternary format. The activations are the ternary body's int8 operand (per block of 256, d =
+// amax / 127, values in its slot order, qmm::ternary_slot_source), so the integer sums and the error
+// bound are the plain kernel's. Per activation row, each pair of slots (2k, 2k+1) of a block gets a
+// table of the 9 partial sums e(c0, c1) = (c0 - 1) a_2k + (c1 - 1) a_2k+1 (c in {0, 1, 2}, index
+// 3 c0 + c1; |e| <= 254, int16, stored as a 16-byte plane of low bytes and one of high bytes), built
+// once per call; a weight pair is then a 4-bit index into its table, and 32 weight rows are looked up
+// at once by a byte shuffle (vpshufb) per plane, the int16 sums kept per block (128 pairs x 254 <
+// 2^15: exact), then one f32 multiply-add by d per block and row.
+// The index form (w.tl_codes, quant_matmul_tl_bytes: 2 bits per weight of the tiled rows, the
+// partial last block padded to 256): rows [0, out - out % 32) in tiles of 32 rows (the rows after
+// them take the plain kernel); tile t, block b (nb = ceil(in / 256) of them), couple c (pairs 2c
+// and 2c + 1, c < 64): 32 bytes at ((t nb + b) 64 + c) 32, byte p for row 32 t + tl_row(p) (tl_row:
+// bytes 0-7 rows 0-7, 8-15 rows 16-23, 16-23 rows 8-15, 24-31 rows 24-31 — the order the int16
+// unpack leaves them), the index of pair 2c in its low nibble, of pair 2c + 1 in its high nibble.
+// Pair k of a full block is the operand's slots (2k, 2k + 1) (ternary_slot_source order); of the
+// partial last block, values (2k, 2k + 1) in natural order (the operand's order there), with zero
+// weights (code 1) past the row's end, so that block runs through the tables too.
+inline constexpr int64_t kTernaryLutRows = 32;
+// The ternary format (2-bit IntGroups codes with a tensor scale, storage layout) with at least 32 rows.
+bool quant_matmul_tl_supported(const PackedWeight& w);
+int64_t quant_matmul_tl_bytes(const PackedWeight& w);
+// Writes the index form of w's codes into dst (quant_matmul_tl_bytes(w) bytes). Throws when the
+// weight is not supported.
+void quant_matmul_to_tl_layout(const PackedWeight& w, uint8_t* dst);
+// Whether CPU inference loads (cli's load_model) build the TL index form of ternary weights, which
+// makes Auto take the lookup-table kernel: LOWBIT_TERNARY_KERNEL=lut / plain in the environment
+// (default plain: docs/results/bitnet.md, "Lookup-table kernel", says why);
+// set_quant_ternary_lut_enabled overrides it.
+bool quant_ternary_lut_enabled();
+void set_quant_ternary_lut_enabled(bool on);
 
 // True when Auto sends products of any row count (prefill too) to the Int8 body for this weight:
 // the ternary layouts (whose int8 kernels are faster than dequantized f32 tiles at every prompt

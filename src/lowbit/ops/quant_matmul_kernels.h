@@ -140,6 +140,29 @@ TernaryKernel avx2vnni_ternary_quad_kernel(TernaryKind k);
 int32_t avx2_quantize_block256(const float* x, TernaryKind k, int8_t* q, float* d);
 #endif
 
+// ---- The ternary lookup-table kernel (quant_matmul.h, "The ternary lookup-table layout") -------
+// Tables of one activation row: for each block b (nb of them, the partial last one included) and
+// pair k (128 per block) 32 bytes at (b 128 + k) 32: the low bytes of the 9 int16 entries (7 zero
+// entries after them), then the high bytes. q: the row's operand (QRow::q, ternary_slots(Ternary) =
+// 256 slots per block, the partial block zero padded).
+inline constexpr int64_t kLutTableBytes = 32 * 128;  // per block
+using TernaryLutTables = void (*)(const int8_t* q, int64_t nb, uint8_t* tables);
+// Tiles [t0, t1) of the index form against m (1..kMaxRows) activation rows (tables[j], a[j].d):
+// y[j ystride + row] = post * sum over the nb blocks b of d_jb * isum_b (fma in block order). The
+// portable and SIMD copies give the same numbers, bit for bit.
+using TernaryLutKernel = void (*)(const uint8_t* tl, int64_t nb, int64_t t0, int64_t t1, const uint8_t* const* tables,
+                                  const QRow* a, int m, float* y, int64_t ystride, float post);
+// Row of a tile held by byte p of a 32-byte index vector.
+inline int tl_row(int p) { return p < 8 || p >= 24 ? p : p < 16 ? p + 8 : p - 8; }
+void portable_lut_tables(const int8_t* q, int64_t nb, uint8_t* tables);
+void portable_lut_tiles(const uint8_t* tl, int64_t nb, int64_t t0, int64_t t1, const uint8_t* const* tables,
+                        const QRow* a, int m, float* y, int64_t ystride, float post);
+#if defined(__x86_64__) || defined(__i386__)
+void avx2_lut_tables(const int8_t* q, int64_t nb, uint8_t* tables);
+void avx2_lut_tiles(const uint8_t* tl, int64_t nb, int64_t t0, int64_t t1, const uint8_t* const* tables,
+                    const QRow* a, int m, float* y, int64_t ystride, float post);
+#endif
+
 // ---- SalientBinary (ptq161): the int8 body's operand and the x86 row kernels -----------------
 // Per activation row: the binary columns' r_j x_j (gathered in column order) quantized to int8
 // per block of 32 (d = amax / 127, as quantize_block; natural order) and the salient columns' x_j

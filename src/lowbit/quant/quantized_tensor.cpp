@@ -201,10 +201,21 @@ bool QuantizedTensor::to_panel_layout() {
   return true;
 }
 
+bool QuantizedTensor::to_tl_layout() {
+  if (tl_codes.defined()) return true;
+  const ops::PackedWeight w = packed_view();
+  if (!ops::quant_matmul_tl_supported(w)) return false;
+  Tensor t = Tensor::empty({ops::quant_matmul_tl_bytes(w)}, DType::U8);
+  ops::quant_matmul_to_tl_layout(w, t.data<uint8_t>());
+  tl_codes = t;
+  return true;
+}
+
 QuantizedTensor QuantizedTensor::row_layout() const {
   if (panel_rows == 0) return *this;
   QuantizedTensor q = *this;
   q.device_copy_.reset();
+  q.tl_codes = Tensor();  // the index form is of the whole tensor
   q.codes = codes.clone();
   const ops::PackedWeight w = packed_view();
   ops::quant_matmul_to_row_layout(w, q.codes.data<uint8_t>());
@@ -313,6 +324,7 @@ ops::PackedWeight QuantizedTensor::packed_view() const {
   w.dequantize_row = [this](int64_t r, float* dst) { dequantize_row(r, dst); };
   w.device = device_copy_.get();
   w.panel_rows = panel_rows;
+  if (tl_codes.defined()) w.tl_codes = tl_codes.data<uint8_t>();
   const ops::PackedLayout ggml = ggml_layout_of(f);
   if (ggml != ops::PackedLayout::Generic) {
     w.layout = ggml;
@@ -413,6 +425,7 @@ QuantizedTensor QuantizedTensor::slice_rows(int64_t r0, int64_t r1) const {
            shape_str(shape), " quantized tensor");
   QuantizedTensor q = *this;
   q.device_copy_.reset();
+  q.tl_codes = Tensor();  // the index form is of the whole tensor
   q.shape = {r1 - r0, in_features()};
   q.codes = owned(codes.slice(0, r0, r1));
   if (scales.defined()) q.scales = owned(scales.slice(0, r0, r1));
@@ -434,6 +447,7 @@ QuantizedTensor QuantizedTensor::slice_cols(int64_t c0, int64_t c1) const {
   if (c0 == 0 && c1 == in) return slice_rows(0, out);
   QuantizedTensor q = *this;
   q.device_copy_.reset();
+  q.tl_codes = Tensor();  // the index form is of the whole tensor
   q.shape = {out, n};
   const int64_t rb_in = f.row_bytes(in), rb = f.row_bytes(n);
   q.codes = Tensor::empty({out, rb}, DType::U8);

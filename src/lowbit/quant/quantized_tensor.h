@@ -95,6 +95,15 @@ struct QuantizedTensor {
   // the codes converted back.
   QuantizedTensor row_layout() const;
 
+  // The ternary format's lookup-table index form (ops/quant_matmul.h, "The ternary lookup-table
+  // layout"): U8 [quant_matmul_tl_bytes], a second copy of the codes in another order, or undefined.
+  // Built by to_tl_layout() (the loader: LOWBIT_TERNARY_KERNEL=lut); packed_view() hands it to the
+  // CPU Int8 body, which then takes the lookup-table kernel. Not saved, not carried by slices; a
+  // change to `codes` afterwards must drop it (tl_codes = Tensor()).
+  Tensor tl_codes;
+  // Builds tl_codes (once). Returns false and changes nothing when the weight has no such form.
+  bool to_tl_layout();
+
   mutable std::shared_ptr<const ops::DevicePackedWeight> device_copy_;  // see upload_to_device
 };
 
