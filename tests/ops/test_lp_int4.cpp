@@ -157,16 +157,27 @@ TEST(LpInt4, LeverageProbabilitiesFillTheBudget) {
 // Bit splitting alone: hi on the coarse grid s_hi = amax / 7, y = hi + lo within s_lo = s_hi / 14 of g.
 TEST(LpInt4, BitSplittingIsWithinTheFineStep) {
   const Tensor g = rnd(40, 24, 8);
-  Tensor y;
-  ops::LpLssStats st;
-  ops::lp_int4_bitsplit_lss(g, Tensor(), false, 3, y, &st);
-  const auto gv = g.to_vector(), yv = y.to_vector();
+  Tensor hi, lo, y;
+  ops::LpSplitStats st;
+  ops::lp_int4_bitsplit(g, 3, hi, lo, &st);
+  ops::LpLssStats ls;
+  ops::lp_int4_lss(hi, lo, Tensor(), false, 4, y, &ls);
+  const auto gv = g.to_vector(), yv = y.to_vector(), hv = hi.to_vector(), lv = lo.to_vector();
   float amax = 0;
   for (float v : gv) amax = std::max(amax, std::fabs(v));
   EXPECT_FLOAT_EQ(float(st.scale_hi), amax / 7.0f);
   EXPECT_FLOAT_EQ(float(st.scale_lo), amax / 98.0f);
-  for (size_t i = 0; i < gv.size(); ++i) ASSERT_LE(std::fabs(yv[i] - gv[i]), float(st.scale_lo) * 1.0001f) << i;
-  EXPECT_EQ(st.kept, st.nonzero);
+  for (size_t i = 0; i < gv.size(); ++i) {
+    ASSERT_LE(std::fabs(yv[i] - gv[i]), float(st.scale_lo) * 1.0001f) << i;
+    ASSERT_EQ(yv[i], hv[i] + lv[i]) << i;  // sample = false: every row, unscaled
+    const float qh = hv[i] / float(st.scale_hi), ql = lv[i] / float(st.scale_lo);
+    ASSERT_EQ(qh, std::nearbyint(qh)) << i;  // both halves on their INT4 grids
+    ASSERT_EQ(ql, std::nearbyint(ql)) << i;
+    ASSERT_LE(std::fabs(qh), 7.0f) << i;
+    ASSERT_LE(std::fabs(ql), 7.0f) << i;
+    ASSERT_LE(std::fabs(gv[i] - hv[i]), 0.5f * float(st.scale_hi) * 1.0001f) << i;  // hi: round to nearest
+  }
+  EXPECT_EQ(ls.kept, ls.nonzero);
 }
 
 // Unbiased in expectation: the mean of the estimate over 3000 seeds is g (every element within 5
@@ -187,9 +198,10 @@ TEST(LpInt4, BitSplitLssIsUnbiased) {
     std::vector<double> sum(size_t(T * N), 0), sq(size_t(T * N), 0), dsum(size_t(N * K), 0), dsq(size_t(N * K), 0);
     double kept = 0;
     for (int64_t s = 0; s < n_seeds; ++s) {
-      Tensor y;
+      Tensor hi, lo, y;
       ops::LpLssStats st;
-      ops::lp_int4_bitsplit_lss(g, partner ? x : Tensor(), true, uint64_t(1000 + s), y, &st);
+      ops::lp_int4_bitsplit(g, uint64_t(1000 + s), hi, lo);
+      ops::lp_int4_lss(hi, lo, partner ? x : Tensor(), true, uint64_t(5000 + s), y, &st);
       kept += double(st.kept);
       const auto yv = y.to_vector();
       for (size_t i = 0; i < yv.size(); ++i) sum[i] += yv[i], sq[i] += double(yv[i]) * yv[i];
@@ -221,17 +233,20 @@ TEST(LpInt4, BadArgumentsAreRefused) {
   EXPECT_THROW(ops::lp_int4_hq(x, 512, 0, false, y), Error);
   EXPECT_THROW(ops::lp_int4_hq(Tensor::randn({8}, 1, 1.0), 0, 0, false, y), Error);
   try {
-    ops::lp_int4_bitsplit_lss(x, rnd(5, 3, 2), true, 0, y);
+    ops::lp_int4_lss(x, x, rnd(5, 3, 2), true, 0, y);
     FAIL() << "no error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("lp_int4_bitsplit_lss: partner"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("lp_int4_lss: partner"), std::string::npos) << e.what();
   }
+  EXPECT_THROW(ops::lp_int4_lss(x, rnd(4, 7, 2), Tensor(), true, 0, y), Error);
   Tensor bad = x.clone();
   bad.data<float>()[3] = NAN;
   ops::lp_int4_hq(bad, 0, 0, false, y);
   EXPECT_TRUE(std::isnan(y.to_vector()[0]));
-  ops::lp_int4_bitsplit_lss(bad, Tensor(), true, 0, y);
-  EXPECT_TRUE(std::isnan(y.to_vector()[0]));
+  Tensor hi, lo;
+  ops::lp_int4_bitsplit(bad, 0, hi, lo);
+  EXPECT_TRUE(std::isnan(hi.to_vector()[0]));
+  EXPECT_TRUE(std::isnan(lo.to_vector()[0]));
 }
 
 namespace {
@@ -268,8 +283,10 @@ TEST(LpInt4, LayerIsTheRecipesGemms) {
     const Tensor xe = hq(xv, hb, hs, full), we = hq(wv, hb, hs, full);
     Tensor gd, gw;
     if (full) {
-      ops::lp_int4_bitsplit_lss(g, Tensor(), true, mix64(seed ^ 5), gd);
-      ops::lp_int4_bitsplit_lss(g, xe, true, mix64(seed ^ 6), gw);
+      Tensor hi, lo;
+      ops::lp_int4_bitsplit(g, mix64(seed ^ 5), hi, lo);
+      ops::lp_int4_lss(hi, lo, Tensor(), true, mix64(seed ^ 6), gd);
+      ops::lp_int4_lss(hi, lo, xe, true, mix64(seed ^ 7), gw);
     } else {
       gd = gw = hq(g, 0, 0, false);
     }

@@ -329,20 +329,22 @@ Var lp_linear_int4(const Var& x, const Var& w, const Tensor& xv, const Tensor& w
       ops::lp_int4_hq(v, hb, hs, true, e);
       return e;
     };
+    Tensor hi, lo;  // bit splitting, once for both GEMMs
+    if (r.stochastic_grads) ops::lp_int4_bitsplit(gv, ops::lp::mix64(seed ^ 0x5ull), hi, lo);
     const auto dy = [&](const Tensor& partner, uint64_t salt) {  // the estimate of dy a GEMM reads
       Tensor e;
-      if (r.stochastic_grads) ops::lp_int4_bitsplit_lss(gv, partner, true, ops::lp::mix64(seed ^ salt), e);
+      if (r.stochastic_grads) ops::lp_int4_lss(hi, lo, partner, true, ops::lp::mix64(seed ^ salt), e);
       else ops::lp_int4_hq(gv, 0, 0, false, e);
       return e;
     };
     if (x.requires_grad()) {  // dx = dy_est . W_eff
-      const Tensor we = back(wv, wh), gd = dy(Tensor(), 0x5ull);
+      const Tensor we = back(wv, wh), gd = dy(Tensor(), 0x6ull);
       Tensor dx = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
       ops::gemm(gd, false, we, false, dx);
       accumulate_grad(x, dx);
     }
     if (w.requires_grad()) {  // dW = dy_est^T . x_eff (sampled by |dy row| |x_eff row|)
-      const Tensor xe = back(xv, xh), gw = dy(xe, 0x6ull);
+      const Tensor xe = back(xv, xh), gw = dy(xe, 0x7ull);
       Tensor dw = Tensor::empty(wv.shape(), wv.dtype(), wv.device());
       ops::gemm(gw, true, xe, false, dw);
       accumulate_grad(w, dw);

@@ -74,8 +74,9 @@
 // ones. `lp_recipe naive` (hadamard = false, stochastic_grads = false): plain INT4 per-tensor
 // round-to-nearest of x, W and dy — no transform, no splitting, no sampling. CPU only (lp_linear
 // refuses a CUDA tensor naming the precision). No block is kept in high precision by default.
-// Seeds of a call with `seed`: the transform's signs lp::mix64(seed ^ 4) (x and W share them), dgrad's
-// dy estimate mix64(seed ^ 5), wgrad's mix64(seed ^ 6) (tests compose the layer from the ops with them).
+// Seeds of a call with `seed`: the transform's signs lp::mix64(seed ^ 4) (x and W share them), dy's bit
+// splitting mix64(seed ^ 5) (once, for both GEMMs), dgrad's sampling mix64(seed ^ 6), wgrad's
+// mix64(seed ^ 7) (tests compose the layer from the ops with them).
 #pragma once
 #include <cstdint>
 #include <memory>

@@ -35,36 +35,41 @@ struct LpInt4Stats {
 void lp_int4_hq(const Tensor& x, int32_t block, uint64_t seed, bool back, Tensor& y, LpInt4Stats* stats = nullptr);
 
 // ---- bit splitting + leverage-score sampling of the output gradient (paper sec. 5) ---------------
-// g [T, N] (dy of a linear layer, one row per token); partner [T, K] (the other operand of the GEMM,
-// row t paired with g's row t: x_eff for the weight gradient dW = g^T x) or undefined (the input
-// gradient dx = g W: no partner). y [T, N] is the unbiased estimate of g that the GEMM reads:
+// The unbiased estimate of dy that a backward GEMM reads, in two ops (one split per backward, one
+// sampling draw per GEMM):
 //
-// 1. bit splitting: s_hi = amax(g) / 7, g_hi = s_hi rint(g / s_hi) (INT4, round to nearest), the
-//    residual r = g - g_hi (|r| <= s_hi / 2) in a second INT4 tensor with the finer scale
-//    s_lo = s_hi / 14: g_lo = s_lo SR(r / s_lo), SR the unbiased stochastic rounding (draw
-//    lp::uniform(mix64(seed ^ 1), t * N + n)), |r / s_lo| <= 7 so it never clamps: E[g_lo] = r and
-//    g_hi + g_lo is g on a grid of amax / 98 (the INT8-like value as two INT4 halves).
-// 2. leverage-score sampling over the 2T rows of the stacked [g_hi; g_lo] (the GEMM's reduction
-//    dimension doubled by the split; paired with [partner; partner]): score_i = |row_i| |partner
-//    row_i| (L2 norms; |row_i| alone without a partner), keep-probabilities p_i = min(1, c score_i)
-//    with c such that sum p_i = T (half the stacked rows: the GEMM costs what one INT4 GEMM of the
-//    unsplit rows costs; the ones clamped at 1 are solved for exactly, "water filling"), or p_i = 1
-//    for every nonzero row when at most T are nonzero; row i is kept when
-//    lp::uniform(mix64(seed ^ 2), i) < p_i and then scaled by 1 / p_i, otherwise dropped (0).
-//    E[kept_i / p_i] = row_i: unbiased.
-// 3. y[t] = (kept hi row t) + (kept lo row t): dW = y^T partner is the sampled GEMM over the 2T rows
-//    (emulated as one GEMM of the summed rows: the same products up to summation order).
-// sample = false stops after step 1 (y = g_hi + g_lo, every row kept).
-struct LpLssStats {
+// lp_int4_bitsplit: g [T, N] (dy of a linear layer, one row per token) -> hi, lo [T, N]:
+//    s_hi = amax(g) / 7, hi = s_hi rint(g / s_hi) (INT4, round to nearest), and the residual
+//    r = g - hi (|r| <= s_hi / 2) in a second INT4 tensor with the finer scale s_lo = s_hi / 14:
+//    lo = s_lo SR(r / s_lo), SR the unbiased stochastic rounding (element i draws
+//    lp::uniform(mix64(seed ^ 1), i)); |r / s_lo| <= 7, so it never clamps: E[lo] = r, and hi + lo is
+//    g on a grid of amax / 98 (an INT8-like value as two INT4 halves). All-zero g: zeros.
+struct LpSplitStats {
   double scale_hi = 0, scale_lo = 0;  // s_hi, s_lo
-  int64_t nonzero = 0;                // stacked rows with a nonzero score
-  int64_t kept = 0;                   // stacked rows kept
-  int64_t certain = 0;                // stacked rows with p = 1
 };
-void lp_int4_bitsplit_lss(const Tensor& g, const Tensor& partner, bool sample, uint64_t seed, Tensor& y,
-                          LpLssStats* stats = nullptr);
+void lp_int4_bitsplit(const Tensor& g, uint64_t seed, Tensor& hi, Tensor& lo, LpSplitStats* stats = nullptr);
 
-// The keep-probabilities of step 2 for scores s (>= 0) and a budget (expected number kept, > 0):
+// lp_int4_lss: leverage-score sampling over the 2T rows of the stacked [hi; lo] (the GEMM's
+//    reduction dimension doubled by the split; paired with [partner; partner]): partner [T, K] (the
+//    other operand of the GEMM, row t paired with row t: x_eff for the weight gradient dW = dy^T x)
+//    or undefined (the input gradient dx = dy W: no partner). score_i = |row_i| |partner row_i| (L2
+//    norms; |row_i| alone without a partner); keep-probabilities p_i = min(1, c score_i) with c such
+//    that sum p_i = T (half the stacked rows: the GEMM costs what one INT4 GEMM of the unsplit rows
+//    costs; the rows clamped at 1 are solved for exactly, "water filling"), or p_i = 1 for every
+//    nonzero row when at most T are nonzero; row i is kept when lp::uniform(mix64(seed ^ 2), i) < p_i
+//    and then scaled by 1 / p_i, otherwise dropped: E[kept_i / p_i] = row_i, unbiased.
+//    y [T, N] = (kept hi row t) + (kept lo row t): y^T partner is the sampled GEMM over the 2T rows
+//    (emulated as one GEMM of the summed rows: the same products up to summation order).
+//    sample = false: y = hi + lo (every row kept).
+struct LpLssStats {
+  int64_t nonzero = 0;  // stacked rows with a nonzero score
+  int64_t kept = 0;     // of those, kept
+  int64_t certain = 0;  // of those, with p = 1
+};
+void lp_int4_lss(const Tensor& hi, const Tensor& lo, const Tensor& partner, bool sample, uint64_t seed, Tensor& y,
+                 LpLssStats* stats = nullptr);
+
+// The keep-probabilities of lp_int4_lss for scores s (>= 0) and a budget (expected number kept, > 0):
 // p_i = min(1, c s_i) with sum p_i = min(budget, #nonzero). Exposed for tests.
 void lp_lss_probabilities(const double* s, int64_t n, double budget, double* p);
 

@@ -44,7 +44,8 @@ constexpr OpInfo kOps[] = {
     {"lp_occ_split", false, false, "f32 f64"},
     // int4 (ops/lp_int4.h): the Hadamard quantizer and bit splitting + leverage-score sampling; CPU only
     {"lp_int4_hq", false, false, "f32 f64"},
-    {"lp_int4_bitsplit_lss", false, false, "f32 f64"},
+    {"lp_int4_bitsplit", false, false, "f32 f64"},
+    {"lp_int4_lss", false, false, "f32 f64"},
 };
 }  // namespace
 
