@@ -7,7 +7,7 @@
 // INT4 here is the symmetric grid q in [-7, 7] (the paper's signed INT4 without -8, so that the grid
 // is symmetric and a per-tensor absmax scale s = amax / 7 never clamps), rounded half to even.
 //
-// Both ops: x/g [rows, cols] contiguous, f32 or f64 (f64 rounded to f32 first and computed in f32, as
+// The ops: their tensors [rows, cols] contiguous, f32 or f64 (f64 rounded to f32 first and computed in f32, as
 // ops::lp_quantize; f64 only for gradient checks), y of the same shape and dtype. NaN/inf in the
 // input: y is all NaN (the trainer then stops with its divergence error). CPU only: a CUDA tensor is
 // refused naming the op (lp_linear refuses --precision int4 on CUDA first, naming the flag).
