@@ -2,7 +2,8 @@
 # Issue 18, `lowbit train --precision`: validation-loss curves of the same model, seed, data order
 # and steps trained with f32 GEMMs and with emulated low-precision GEMMs (bf16, fp8 delayed and
 # current scaling, mxfp4, nvfp4 with the NVFP4 paper's recipe, and the naive fp4 recipes; fp4-dge:
-# Wang et al. 2025's DGE + OCC, its direct-cast baseline fp4-direct and the two one-part ablations); prints
+# Wang et al. 2025's DGE + OCC, its direct-cast baseline fp4-direct and the two one-part ablations;
+# int4: Xi et al. 2023's Hadamard quantizer + bit splitting + leverage-score sampling, and int4-naive); prints
 # the curves, the final validation loss of each run (the low-precision forward's, and the f32
 # master weights' with f32 GEMMs) and the gap to the f32 and bf16 runs.
 #
@@ -64,6 +65,8 @@ run_args() {  # the --precision flags of a run name
     fp4-dge-only) echo "--precision fp4-dge --occ-quantile 1" ;;            # ablation: DGE, no OCC
     fp4-occ-only) echo "--precision fp4-dge --dge-k 1" ;;                   # ablation: OCC, STE
     fp4-dge-q99) echo "--precision fp4-dge --occ-quantile 0.99" ;;          # the paper's other alpha
+    int4) echo "--precision int4" ;;                                        # HQ (block 32) + bit splitting + LSS
+    int4-naive) echo "--precision int4 --lp-recipe naive" ;;                # plain per-tensor INT4, round to nearest
     *) echo "unknown run '$1'" >&2; return 1 ;;
   esac
 }

@@ -33,7 +33,8 @@ TEST(LowPrecisionTrain, LossDecreasesForEveryPrecision) {
   const double first = ref.records.front().loss;
   // Bounds: the f32 run falls from ln 512 = 6.24 to ~5.7 in 16 steps here; each precision must fall
   // by at least 60 % as much and end within 10 % of it (measured gaps below 2 %).
-  for (LpPrecision p : {LpPrecision::BF16, LpPrecision::FP8, LpPrecision::MXFP4, LpPrecision::NVFP4, LpPrecision::FP4_DGE}) {
+  for (LpPrecision p : {LpPrecision::BF16, LpPrecision::FP8, LpPrecision::MXFP4, LpPrecision::NVFP4, LpPrecision::FP4_DGE,
+                        LpPrecision::INT4}) {
     auto dp = test::temp_dir(std::string("lp-") + lp_precision_name(p));
     const TrainResult r = train_model(shape260k(dp.string(), p), train, val);
     ASSERT_TRUE(r.complete);
@@ -77,6 +78,26 @@ TEST(LowPrecisionTrain, LayersAndKeptBlocks) {
   EXPECT_EQ(low_precision_key(dge, 5), "fp4-dge keep 0/0 dge k5 clip3 occ 0.999");
   apply_lp_recipe_name(dge, "naive");
   EXPECT_EQ(low_precision_key(dge, 5), "fp4-dge keep 0/0 ste");
+  LowPrecisionOptions i4;
+  i4.recipe.precision = LpPrecision::INT4;
+  EXPECT_EQ(lp_keep_last(i4, 5), 0);
+  EXPECT_EQ(low_precision_key(i4, 5), "int4 keep 0/0 hq32 bs-lss");
+  apply_lp_recipe_name(i4, "naive");
+  EXPECT_EQ(low_precision_key(i4, 5), "int4 keep 0/0");
+}
+
+// int4 has CPU bodies only: a CUDA run is refused naming the flag (before any GPU is probed).
+TEST(LowPrecisionTrain, Int4RefusedOnCuda) {
+  const auto train = test::markov_stream(4000, 7);
+  auto d = test::temp_dir("lp-int4-cuda");
+  TrainOptions o = shape260k(d.string(), LpPrecision::INT4);
+  o.device = Device::CUDA;
+  try {
+    train_model(o, train, {});
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--precision int4: no CUDA body"), std::string::npos) << e.what();
+  }
 }
 
 TEST(LowPrecisionTrain, Fp4DgeOptionsOutOfRangeNameTheFlag) {

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "lowbit/autograd/functions.h"
+#include "lowbit/ops/lp_int4.h"
 #include "lowbit/ops/ops.h"
 
 namespace lowbit {
@@ -17,7 +18,8 @@ LpPrecision parse_lp_precision(const std::string& name, const std::string& what)
   if (name == "mxfp4") return LpPrecision::MXFP4;
   if (name == "nvfp4") return LpPrecision::NVFP4;
   if (name == "fp4-dge") return LpPrecision::FP4_DGE;
-  throw_error(what, ": '", name, "' is not a training precision (choices: f32, bf16, fp8, mxfp4, nvfp4, fp4-dge)");
+  if (name == "int4") return LpPrecision::INT4;
+  throw_error(what, ": '", name, "' is not a training precision (choices: f32, bf16, fp8, mxfp4, nvfp4, fp4-dge, int4)");
 }
 
 const char* lp_precision_name(LpPrecision p) {
@@ -28,6 +30,7 @@ const char* lp_precision_name(LpPrecision p) {
     case LpPrecision::MXFP4: return "mxfp4";
     case LpPrecision::NVFP4: return "nvfp4";
     case LpPrecision::FP4_DGE: return "fp4-dge";
+    case LpPrecision::INT4: return "int4";
   }
   return "?";
 }
@@ -79,6 +82,7 @@ ops::LpQuantSpec lp_operand_spec(const LpRecipe& r, LpOperand op, uint64_t seed)
   const bool grad = op == LpOperand::DgradDy || op == LpOperand::WgradDy;
   switch (r.precision) {
     case LpPrecision::F32: return s;
+    case LpPrecision::INT4: return s;  // its operands are ops/lp_int4.h's (lp_linear_int4), not lp_quantize's
     case LpPrecision::BF16: s.format = LpFormat::BF16; return s;
     case LpPrecision::FP8: s.format = grad ? LpFormat::E5M2 : LpFormat::E4M3; return s;
     case LpPrecision::FP4_DGE:
@@ -302,6 +306,51 @@ Var lp_linear_fp4_dge(const Var& x, const Var& w, const Tensor& xv, const Tensor
     }
   });
 }
+
+// int4 (autograd/lp_linear.h): HQ forward operands, bit splitting + LSS of dy in the backward.
+Var lp_linear_int4(const Var& x, const Var& w, const Tensor& xv, const Tensor& wv, const LpRecipe& r, uint64_t seed,
+                   bool training) {
+  if (xv.device() != Device::CPU)
+    throw_error("--precision int4: no CUDA body yet (the Hadamard quantizer and the bit splitting + leverage-score "
+                "sampling of the gradients run on the CPU only): train it with --device cpu");
+  const int32_t hb = r.hadamard ? kInt4HadamardBlock : 0;
+  const uint64_t hs = ops::lp::mix64(seed ^ 0x4ull);  // the transform's signs, shared by x and W
+  Tensor xh, wh;  // Q(x H), Q(W H)
+  ops::lp_int4_hq(xv, hb, hs, false, xh);
+  ops::lp_int4_hq(wv, hb, hs, false, wh);
+  Tensor y = Tensor::empty({xv.size(0), wv.size(0)}, xv.dtype(), xv.device());
+  ops::gemm(xh, false, wh, true, y);
+  if (!training) return Var(y);
+  return make_result(y, {x, w}, "lp_linear", [x, w, xv, wv, xh, wh, r, seed, hb, hs](const Tensor& g) {
+    const Tensor gv = g.contiguous();
+    const auto back = [&](const Tensor& v, const Tensor& vh) {  // Q(v H) H^T (the naive recipe: Q(v))
+      if (hb == 0) return vh;
+      Tensor e;
+      ops::lp_int4_hq(v, hb, hs, true, e);
+      return e;
+    };
+    Tensor hi, lo;  // bit splitting, once for both GEMMs
+    if (r.stochastic_grads) ops::lp_int4_bitsplit(gv, ops::lp::mix64(seed ^ 0x5ull), hi, lo);
+    const auto dy = [&](const Tensor& partner, uint64_t salt) {  // the estimate of dy a GEMM reads
+      Tensor e;
+      if (r.stochastic_grads) ops::lp_int4_lss(hi, lo, partner, true, ops::lp::mix64(seed ^ salt), e);
+      else ops::lp_int4_hq(gv, 0, 0, false, e);
+      return e;
+    };
+    if (x.requires_grad()) {  // dx = dy_est . W_eff
+      const Tensor we = back(wv, wh), gd = dy(Tensor(), 0x6ull);
+      Tensor dx = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
+      ops::gemm(gd, false, we, false, dx);
+      accumulate_grad(x, dx);
+    }
+    if (w.requires_grad()) {  // dW = dy_est^T . x_eff (sampled by |dy row| |x_eff row|)
+      const Tensor xe = back(xv, xh), gw = dy(xe, 0x7ull);
+      Tensor dw = Tensor::empty(wv.shape(), wv.dtype(), wv.device());
+      ops::gemm(gw, true, xe, false, dw);
+      accumulate_grad(w, dw);
+    }
+  });
+}
 }  // namespace
 
 Var lp_linear(const Var& x, const Var& w, const LpRecipe& r, const std::shared_ptr<LpLinearState>& state,
@@ -323,6 +372,7 @@ Var lp_linear(const Var& x, const Var& w, const LpRecipe& r, const std::shared_p
       return lp_linear_native_bf16(x, w, xv, wv, training);
   }
   if (r.precision == LpPrecision::FP4_DGE) return lp_linear_fp4_dge(x, w, xv, wv, r, seed, training);
+  if (r.precision == LpPrecision::INT4) return lp_linear_int4(x, w, xv, wv, r, seed, training);
   using Role = LpLinearState::Role;
   // fprop operands (fp8: the per-tensor scale from the history when delayed)
   ops::LpQuantSpec sx = lp_operand_spec(r, LpOperand::FpropX, seed), sw = lp_operand_spec(r, LpOperand::FpropW, seed);

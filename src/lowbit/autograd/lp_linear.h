@@ -15,6 +15,9 @@
 //   fp4-dge     Q(clamp(x)) + r, Q(W)          E5M2(dy), the same Q(W)    E5M2(dy), Q(clamp(x)) + r
 //               Q: E2M1 with one f32 scale per row (amax / 6): per token for x, per output channel
 //               for W; dW is scaled by the DGE derivative (below)
+//   int4        HQ(x), HQ(W)                   BS+LSS(dy), HQ(W)          BS+LSS(dy; x), HQ(x)
+//               HQ: INT4 [-7, 7] of the block-Hadamard-transformed operand, one absmax scale per
+//               tensor; BS+LSS: bit splitting + leverage-score sampling of dy (below)
 //
 // (NVFP4 paper, NVIDIA 2025, arXiv 2509.25149, sec. 4: 2-D weight blocks so that fprop and dgrad
 // use one quantized weight — the backward is then the exact gradient of the forward's surrogate;
@@ -52,6 +55,28 @@
 // the naive recipe (`lp_recipe naive`) sets both — direct E2M1 casting with the STE, the paper's
 // baseline. CPU only: the quantile and the derivative have no CUDA body (lp_linear refuses a CUDA
 // tensor naming the precision).
+//
+// int4 (Xi, Li, Chen and Zhu 2023, "Training Transformers with 4-bit Integers", arXiv 2306.11987;
+// the quantizers are ops/lp_int4.h's):
+//   forward, HQ (the Hadamard quantizer, sec. 4): x and W are multiplied along their shared
+//       reduction dimension (in) by one block-diagonal randomized Hadamard transform H of blocks of
+//       kInt4HadamardBlock (32) — orthogonal, so Q(x H) Q(W H)^T approximates x W^T with the outliers
+//       of x spread over their block — and quantized to INT4 with one absmax scale per tensor
+//       (s = amax / 7). The backward reads the same quantized operands in their own basis,
+//       x_eff = Q(x H) H^T and W_eff = Q(W H) H^T (straight-through: y = x_eff W_eff^T).
+//   backward, BS + LSS (sec. 5): dy is split into two INT4 tensors (bit splitting: the coarse
+//       round-to-nearest one and the residual on a 14x finer grid, stochastically rounded), and
+//       leverage-score sampling keeps T of the 2T stacked rows with probabilities proportional to
+//       |dy row| |x_eff row| (wgrad: dW = dy_est^T x_eff) or |dy row| (dgrad: dx = dy_est W_eff,
+//       as the authors' code does for the input gradient), each kept row scaled by 1 / p: the
+//       estimate is unbiased, E[dy_est] = dy, so E[dW] and E[dx] are the straight-through gradients.
+// Deviation from the paper: the step sizes are the current absmax per tensor, not LSQ's learned
+// ones. `lp_recipe naive` (hadamard = false, stochastic_grads = false): plain INT4 per-tensor
+// round-to-nearest of x, W and dy — no transform, no splitting, no sampling. CPU only (lp_linear
+// refuses a CUDA tensor naming the precision). No block is kept in high precision by default.
+// Seeds of a call with `seed`: the transform's signs lp::mix64(seed ^ 4) (x and W share them), dy's bit
+// splitting mix64(seed ^ 5) (once, for both GEMMs), dgrad's sampling mix64(seed ^ 6), wgrad's
+// mix64(seed ^ 7) (tests compose the layer from the ops with them).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -64,8 +89,8 @@
 
 namespace lowbit {
 
-enum class LpPrecision : uint8_t { F32, BF16, FP8, MXFP4, NVFP4, FP4_DGE };
-// "f32", "bf16", "fp8", "mxfp4", "nvfp4", "fp4-dge"; throws lowbit::Error naming `what` and listing
+enum class LpPrecision : uint8_t { F32, BF16, FP8, MXFP4, NVFP4, FP4_DGE, INT4 };
+// "f32", "bf16", "fp8", "mxfp4", "nvfp4", "fp4-dge", "int4"; throws lowbit::Error naming `what` and listing
 // the choices.
 LpPrecision parse_lp_precision(const std::string& name, const std::string& what = "--precision");
 const char* lp_precision_name(LpPrecision p);
@@ -75,8 +100,10 @@ struct LpRecipe {
   bool delayed_scaling = true;  // fp8: amax history (true) or current scaling
   int amax_history = 16;        // fp8 delayed scaling: amaxes kept per operand
   bool weight_2d = true;        // fp4: 2-D weight tiles (16x16 / 32x32), one Q(W) for fprop and dgrad
-  bool hadamard = true;         // fp4: the 16-point random Hadamard transform on the wgrad inputs
-  bool stochastic_grads = true; // fp4: stochastic rounding of the gradient operands
+  bool hadamard = true;         // fp4: the 16-point random Hadamard transform on the wgrad inputs;
+                                // int4: the Hadamard quantizer (HQ) of the forward operands
+  bool stochastic_grads = true; // fp4: stochastic rounding of the gradient operands;
+                                // int4: bit splitting + leverage-score sampling of dy
   // bf16 / fp8: run the three GEMMs on the formats themselves — bf16 tensor-core GEMMs (CUDA only),
   // FP8 codes through ops::fp8_gemm (cuBLASLt on CUDA; the CPU reference body elsewhere; M, N, K
   // multiples of 16, else the call stays emulated) — instead of f32 GEMMs on dequantized values.
@@ -90,6 +117,8 @@ struct LpRecipe {
 // Throws lowbit::Error naming the flag for an amax history outside [1, 1024], --dge-k outside
 // [1, 100], --dge-clip outside (0, 1000], --occ-quantile outside (0.5, 1].
 void check_lp_recipe(const LpRecipe& r);
+// int4: the block size of the Hadamard quantizer's transform (along the reduction dimension).
+inline constexpr int32_t kInt4HadamardBlock = 32;
 // The elements per scale tile along the reduction dimension: 16 (nvfp4), 32 (mxfp4), 0 otherwise.
 int64_t lp_block(LpPrecision p);
 

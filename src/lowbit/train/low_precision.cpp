@@ -52,6 +52,8 @@ std::string low_precision_key(const LowPrecisionOptions& o, int n_layers) {
     k += buf;
     if (r.occ_quantile < 1.0) std::snprintf(buf, sizeof buf, " occ %g", r.occ_quantile), k += buf;
   }
+  if (r.precision == LpPrecision::INT4)
+    k += std::string(r.hadamard ? " hq" + std::to_string(kInt4HadamardBlock) : "") + (r.stochastic_grads ? " bs-lss" : "");
   return k;
 }
 

@@ -1,9 +1,9 @@
-// `lowbit train --precision bf16|fp8|mxfp4|nvfp4|fp4-dge` (issue 18): the linear layers of the decoder blocks
+// `lowbit train --precision bf16|fp8|mxfp4|nvfp4|fp4-dge|int4` (issue 18): the linear layers of the decoder blocks
 // become LowPrecisionLinear (model/lp_linear.h: quantize-dequantize of every GEMM operand, f32
 // GEMMs, straight-through gradients, f32 master weights; the recipes are in autograd/lp_linear.h).
 // Emulated on the CPU: the numbers are what a kernel with FP8/FP4 inputs and f32 accumulation
 // computes. On CUDA, bf16 and fp8 run native GEMMs by default (LpRecipe::native_gemm: bf16 tensor
-// cores, cuBLASLt FP8); FP4 stays emulated (Hopper has no FP4 tensor cores); fp4-dge is CPU-only
+// cores, cuBLASLt FP8); FP4 stays emulated (Hopper has no FP4 tensor cores); fp4-dge and int4 are CPU-only
 // (its outlier quantile and DGE derivative have no CUDA body: refused on CUDA).
 //
 // What stays in high precision: the token embedding, the norms, attention's own products (QK^T and
