@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "common/stories_fixture.h"
+#include "qat_stories.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/io/quantized_checkpoint.h"
 #include "lowbit/io/safetensors.h"
@@ -21,20 +22,15 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct QatStories : test::StoriesPtq {
-  // A small configuration: a few steps of short windows, so each run takes a second or two.
+struct QatStories : test::QatStoriesBase {
+  // The base's few steps of short windows, and a short Block-AP stage for efficientqat.
   QatConfig small(const char* format = "int2g64") const {
-    QatConfig c;
-    c.format = &parse_quant_format(format);
-    c.steps = 12;
-    c.batch = 2;
-    c.seqlen = 64;
+    QatConfig c = QatStoriesBase::small(format);
     c.nsamples = 8;
     c.block_epochs = 2;
     c.block_batch = 2;
     c.block_lr = 1e-3;
     c.block_quant_lr = 1e-3;
-    c.progress = false;
     return c;
   }
   static void expect_same(const std::vector<Tensor>& a, const std::vector<Tensor>& b) {
