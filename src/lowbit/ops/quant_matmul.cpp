@@ -996,25 +996,28 @@ void ternary_body(const float* x, int64_t M, const PackedWeight& w, float* y, Qu
     int64_t o = lut_rows + g0 * G;
     const int64_t o1 = std::min(out, lut_rows + g1 * G);
     if (qk) {
-      const int64_t oq = o + (o1 - o) / qmm::kRowGroup * qmm::kRowGroup;
+      const int64_t oq = o + (o1 - o) / qmm::kRowGroup * qmm::kRowGroup, nr = oq - o;
+      // The partial last block through the same kernel (simd_tail): these rows' tail bytes copied
+      // once into 64-byte rows (the rest zero: those codes meet zero slots), met by the operand's
+      // block in slot order for every group of activation rows.
+      thread_local std::vector<uint8_t> codes;
+      thread_local std::vector<float> part;
+      PackedWeight wt = w;
+      if (simd_tail) {
+        const int64_t tb = w.row_bytes - nfull * (qmm::kBlockK / 4);
+        codes.assign(size_t(nr * 64), 0);
+        part.resize(size_t(qmm::kMaxRows * nr));
+        for (int64_t r = 0; r < nr; ++r)
+          std::memcpy(codes.data() + r * 64, w.codes + (o + r) * w.row_bytes + nfull * (qmm::kBlockK / 4), size_t(tb));
+        wt.in = qmm::kBlockK;
+        wt.row_bytes = 64;
+        wt.codes = codes.data();
+      }
       for (int64_t m0 = 0; m0 < M; m0 += qmm::kMaxRows) {
         const int n = int(std::min<int64_t>(qmm::kMaxRows, M - m0));
         for (int j = 0; j < n; ++j) rows[j] = a.row(m0 + j);
         qk(w, o, oq, rows, n, nfull, y + m0 * out, out, post);
-        if (tail && simd_tail) {
-          // The partial last block through the same kernel: these rows' tail bytes copied into
-          // 64-byte rows (the rest zero: those codes meet zero slots), the operand's block in slot order.
-          const int64_t nr = oq - o, tb = w.row_bytes - nfull * (qmm::kBlockK / 4);
-          thread_local std::vector<uint8_t> codes;
-          thread_local std::vector<float> part;
-          codes.assign(size_t(nr * 64), 0);
-          part.resize(size_t(qmm::kMaxRows * nr));
-          for (int64_t r = 0; r < nr; ++r)
-            std::memcpy(codes.data() + r * 64, w.codes + (o + r) * w.row_bytes + nfull * (qmm::kBlockK / 4), size_t(tb));
-          PackedWeight wt = w;
-          wt.in = qmm::kBlockK;
-          wt.row_bytes = 64;
-          wt.codes = codes.data();
+        if (simd_tail) {
           QRow trows[qmm::kMaxRows];
           for (int j = 0; j < n; ++j) {
             const int64_t k = (m0 + j) * a.nb + nfull;
