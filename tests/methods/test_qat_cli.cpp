@@ -187,15 +187,17 @@ TEST(QatCli, CudaBf16TracksCpuOnStories260K) {
 }
 
 // `qat --precision` and `finetune --precision` on the GPU (issue 18: the CUDA operand quantizer, and
-// for fp8/bf16 the native GEMMs where the shapes allow — --lp-gemm auto) against the CPU's emulation:
-// both complete with the same settings key; the losses track within 2e-2 relative (the GEMMs sum in
-// another order, so the per-tensor amaxes and every rounding boundary drift).
+// for fp8/bf16 the native GEMMs where the shapes allow — --lp-gemm auto; int4: the CUDA bodies of
+// ops/lp_int4.h, emulated whatever --lp-gemm says, the report recording the flag's resolution as for
+// nvfp4) against the CPU's emulation: both complete with the same settings key; the losses track
+// within 2e-2 relative (the GEMMs sum in another order, so the per-tensor amaxes and every rounding
+// boundary drift; int4 added before it ran on a GPU).
 TEST(QatCli, CudaPrecisionTracksCpuOnStories260K) {
   if (!std::filesystem::exists(qat_cli())) GTEST_SKIP() << "no " << qat_cli();
   if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
   const auto [model, tokens] = model_and_tokens();
   ASSERT_FALSE(model.empty()) << "no stories260K and no random model from " << qat_cli();
-  for (const char* prec : {"--precision fp8", "--precision nvfp4", "--precision bf16"}) {
+  for (const char* prec : {"--precision fp8", "--precision nvfp4", "--precision bf16", "--precision int4"}) {
     const QatCase c{"lsq", "int2g64", prec};
     const QatRun cpu = run_qat(c, "cpu", model, tokens, "lp"), gpu = run_qat(c, "cuda", model, tokens, "lp");
     ASSERT_EQ(cpu.status, 0) << prec << "\n" << cpu.log;
