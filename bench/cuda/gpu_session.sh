@@ -29,7 +29,9 @@
 #                                       .devcarry/lp-tokens.tar.xz (stage it with `lp-stage`): issue 18 on
 #                                       the GPU: the op parity table (Parity.LpQuantize among it), then
 #                                       bench/low_precision_train.sh's stories15M-shape line (LP_STEPS,
-#                                       LP_RUNS) and a packed-GGUF decode on cuda when gguf.part* ride along
+#                                       LP_RUNS; the nine runs likely exceed one 10-minute call: int4 alone with
+#                                       LP_RUNS="bf16 int4 int4-naive") and a packed-GGUF decode on cuda
+#                                       when gguf.part* ride along
 #   bench/cuda/gpu_session.sh fp8       carry as lp: Parity.Fp8Gemm, bench_fp8_gemm against
 #                                       bench/torch_fp8_gemm_ref.py (torch._scaled_mm), ~110M-shape step
 #                                       speed native vs emulated, the 15M curves with native GEMMs
@@ -402,7 +404,7 @@ lp)
   DEVICE=cuda LOWBIT=$W/bin/lowbit TRAIN_TOKENS=$W/lp/train.tokens VALID_TOKENS=$W/lp/valid.tokens \
     MODEL_ARGS="--dim 288 --hidden-dim 768 --layers 6 --heads 6 --max-seq-len 256 --vocab 32000" \
     STEPS=${LP_STEPS:-1000} BATCH=64 SEQ=256 LR=1e-3 WARMUP=100 EVAL_EVERY=100 \
-    RUNS="${LP_RUNS:-f32 bf16 fp8 fp8-current mxfp4 nvfp4 nvfp4-naive}" bench/low_precision_train.sh "$O/lp-15m" \
+    RUNS="${LP_RUNS:-f32 bf16 fp8 fp8-current mxfp4 nvfp4 nvfp4-naive int4 int4-naive}" bench/low_precision_train.sh "$O/lp-15m" \
     2>&1 | tee "$O/lp-15m.md"
   rm -f "$O"/lp-15m/*/*.bin "$O"/lp-15m/*/*.safetensors
   ;;

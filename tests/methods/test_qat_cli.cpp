@@ -188,23 +188,27 @@ TEST(QatCli, CudaBf16TracksCpuOnStories260K) {
 }
 
 // `qat --precision` and `finetune --precision` on the GPU (issue 18: the CUDA operand quantizer, and
-// for fp8/bf16 the native GEMMs where the shapes allow — --lp-gemm auto) against the CPU's emulation:
-// both complete with the same settings key; the losses track within 2e-2 relative (the GEMMs sum in
-// another order, so the per-tensor amaxes and every rounding boundary drift).
-// nvfp4 compares after one step, not four: the GEMMs' other summation order (lp_linear within 1.7e-7
-// of the CPU in Parity.LpQuantize on an H100) moves a few int2 codes in the first step (fp8 and nvfp4
-// alike: at most 8 of a tensor's packed words differ after one step), and LSQ int2g64 under 4-bit
-// arithmetic amplifies that over steps: on the H100 (2026-12-07) the nvfp4 CPU / CUDA losses were
-// 4.025 / 4.023 after 1 step, 4.224 / 4.050 after 2, 3.822 / 3.455 after 4, 3.567 / 3.643 after 8
-// (separate runs with that many steps; mxfp4 1.9 % apart at 4 steps, equal to 1e-7 at 1, 2 and 8).
+// for fp8/bf16 the native GEMMs where the shapes allow — --lp-gemm auto; int4: the CUDA bodies of
+// ops/lp_int4.h, emulated whatever --lp-gemm says, the report recording the flag's resolution as for
+// nvfp4) against the CPU's emulation: both complete with the same settings key; the losses track
+// within 2e-2 relative (the GEMMs sum in another order, so the per-tensor amaxes and every rounding
+// boundary drift; int4 added before it ran on a GPU).
+// nvfp4 (and int4, by the same argument, not yet seen on a GPU) compares after one step, not four:
+// the GEMMs' other summation order (lp_linear within 1.7e-7 of the CPU in Parity.LpQuantize on an
+// H100) moves a few int2 codes in the first step (fp8 and nvfp4 alike: at most 8 of a tensor's packed
+// words differ after one step), and LSQ int2g64 under 4-bit arithmetic amplifies that over steps: on
+// the H100 (2026-12-07) the nvfp4 CPU / CUDA losses were 4.025 / 4.023 after 1 step, 4.224 / 4.050
+// after 2, 3.822 / 3.455 after 4, 3.567 / 3.643 after 8 (separate runs with that many steps; mxfp4
+// 1.9 % apart at 4 steps, equal to 1e-7 at 1, 2 and 8).
 TEST(QatCli, CudaPrecisionTracksCpuOnStories260K) {
   if (!std::filesystem::exists(qat_cli())) GTEST_SKIP() << "no " << qat_cli();
   if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
   const auto [model, tokens] = model_and_tokens();
   ASSERT_FALSE(model.empty()) << "no stories260K and no random model from " << qat_cli();
-  for (const char* prec : {"--precision fp8", "--precision nvfp4", "--precision bf16"}) {
+  for (const char* prec : {"--precision fp8", "--precision nvfp4", "--precision bf16", "--precision int4"}) {
     const QatCase c{"lsq", "int2g64", prec};
-    const int steps = std::string(prec) == "--precision nvfp4" ? 1 : 4;
+    const std::string p = prec;
+    const int steps = p == "--precision nvfp4" || p == "--precision int4" ? 1 : 4;
     const QatRun cpu = run_qat(c, "cpu", model, tokens, "lp", steps), gpu = run_qat(c, "cuda", model, tokens, "lp", steps);
     ASSERT_EQ(cpu.status, 0) << prec << "\n" << cpu.log;
     ASSERT_EQ(gpu.status, 0) << prec << "\n" << gpu.log;

@@ -24,6 +24,7 @@
 #include "lowbit/autograd/functions.h"
 #include "lowbit/autograd/lp_linear.h"
 #include "lowbit/ops/lp_fp8.h"
+#include "lowbit/ops/lp_int4.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/ops/qat_quant.h"
@@ -854,6 +855,145 @@ TEST_F(Parity, LpQuantize) {
   }
 }
 
+// INT4 training's quantizers (issue 18, int4: ops/lp_int4.h): the per-element arithmetic, the f64 row
+// sums of squares (column order) and LSS's water filling and draws are ops/lp_int4_math.h's on both
+// sides and every random draw is a counter-based function of (seed, index), so each case agrees bit
+// for bit (tolerance 0) and the statistics are equal; NaN in, NaN out on both. Then the whole
+// lp_linear with --precision int4 (full recipe and naive): the quantized operands are equal, the f32
+// GEMMs differ only by summation order (1e-5), and the backward's bit splitting and sampling read the
+// same dy and the same x_eff, so the same rows are kept.
+TEST_F(Parity, LpInt4) {
+  const auto all_nan = [](const Tensor& t) {
+    for (float v : t.to_vector())
+      if (!std::isnan(v)) return false;
+    return true;
+  };
+  // lp_int4_hq: no transform, blocks with a partial tail (52 = 32 + 20, 172 = 5 x 32 + 12), one
+  // 256-block, the smallest block, fewer columns than a block; an outlier channel; all zero; NaN.
+  struct HqCase {
+    int64_t R, C;
+    int32_t block;
+    bool back;
+    double std;
+  };
+  const std::vector<HqCase> hq = {{70, 52, 0, false, 2.0},  {70, 52, 32, false, 2.0}, {70, 52, 32, true, 2.0},
+                                  {33, 172, 32, true, 0.5}, {64, 256, 256, true, 1.0}, {5, 16, 2, true, 1e-3},
+                                  {8, 24, 32, true, 1.0},   {1, 1, 0, false, 3.0}};
+  for (size_t i = 0; i < hq.size(); ++i) {
+    const HqCase& c = hq[i];
+    Tensor x = rnd({c.R, c.C}, 40 + i, c.std);
+    if (c.C > 3)
+      for (int64_t r = 0; r < c.R; ++r) x.data<float>()[r * c.C + 3] *= 30.0f;  // HQ's case: an outlier channel
+    const std::string what = str(c.R, "x", c.C, " block ", c.block, c.back ? " back" : "");
+    Tensor yc, yg;
+    ops::LpInt4Stats sc, sg;
+    ops::lp_int4_hq(x, c.block, 0xABC + i, c.back, yc, &sc);
+    ops::lp_int4_hq(gpu(x), c.block, 0xABC + i, c.back, yg, &sg);
+    check("lp_int4_hq", what, yg, yc, 0.0);
+    EXPECT_EQ(sg.amax, sc.amax) << what;
+    EXPECT_EQ(sg.scale, sc.scale) << what;
+  }
+  {
+    Tensor yc, yg;
+    ops::lp_int4_hq(gpu(Tensor::zeros({9, 64})), 32, 1, true, yg);
+    ops::lp_int4_hq(Tensor::zeros({9, 64}), 32, 1, true, yc);
+    check("lp_int4_hq", "all zero", yg, yc, 0.0);
+    Tensor bad = rnd({9, 64}, 3);
+    bad.data<float>()[70] = INFINITY;
+    ops::LpInt4Stats sg;
+    ops::lp_int4_hq(gpu(bad), 32, 1, true, yg, &sg);
+    EXPECT_TRUE(all_nan(yg) && std::isnan(sg.amax)) << "lp_int4_hq: inf in, NaN out";
+  }
+  // lp_int4_bitsplit: shapes, seeds, a dy with a few large rows (the structural sparsity LSS is for),
+  // all zero, NaN.
+  struct SplitCase {
+    int64_t T, N;
+    uint64_t seed;
+    bool sparse;
+  };
+  const std::vector<SplitCase> split = {{70, 52, 1, false}, {1, 1, 2, false}, {257, 33, 3, true}, {96, 40, 4, true}};
+  const auto dy = [](const SplitCase& c) {
+    Tensor g = rnd({c.T, c.N}, 60 + c.seed, 0.01);
+    if (c.sparse)
+      for (int64_t t = 0; t < c.T; t += 11)
+        for (int64_t j = 0; j < c.N; ++j) g.data<float>()[t * c.N + j] *= 100.0f;
+    return g;
+  };
+  for (const SplitCase& c : split) {
+    const std::string what = str(c.T, "x", c.N, " seed ", c.seed, c.sparse ? " sparse" : "");
+    const Tensor g = dy(c);
+    Tensor hc, lc, hg, lg;
+    ops::LpSplitStats sc, sg;
+    ops::lp_int4_bitsplit(g, c.seed, hc, lc, &sc);
+    ops::lp_int4_bitsplit(gpu(g), c.seed, hg, lg, &sg);
+    check("lp_int4_bitsplit", what + " hi", hg, hc, 0.0);
+    check("lp_int4_bitsplit", what + " lo", lg, lc, 0.0);
+    EXPECT_EQ(sg.scale_hi, sc.scale_hi) << what;
+    EXPECT_EQ(sg.scale_lo, sc.scale_lo) << what;
+  }
+  {
+    Tensor hc, lc, hg, lg;
+    ops::lp_int4_bitsplit(Tensor::zeros({6, 7}), 5, hc, lc);
+    ops::lp_int4_bitsplit(gpu(Tensor::zeros({6, 7})), 5, hg, lg);
+    check("lp_int4_bitsplit", "all zero hi", hg, hc, 0.0);
+    check("lp_int4_bitsplit", "all zero lo", lg, lc, 0.0);
+    Tensor bad = rnd({6, 7}, 5);
+    bad.data<float>()[11] = NAN;
+    ops::LpSplitStats sg;
+    ops::lp_int4_bitsplit(gpu(bad), 5, hg, lg, &sg);
+    EXPECT_TRUE(all_nan(hg) && all_nan(lg) && std::isnan(sg.scale_hi)) << "lp_int4_bitsplit: NaN in, NaN out";
+  }
+  // lp_int4_lss on the CPU's split (the same hi / lo on both devices): with a partner (wgrad) and
+  // without (dgrad), sampled and not, the water filling saturating (sparse rows), every nonzero row
+  // certain (zero rows: at most T nonzero of the 2T), a long thin partner (K = 300: several 32-column
+  // slices of the row-norm kernel, a partial last one).
+  struct LssCase {
+    SplitCase g;
+    int64_t K;  // 0: no partner
+    bool sample;
+  };
+  const std::vector<LssCase> lss = {{{96, 40, 4, true}, 24, true},   {{96, 40, 4, true}, 0, true},
+                                    {{96, 40, 4, true}, 24, false},  {{257, 33, 3, true}, 300, true},
+                                    {{70, 52, 1, false}, 70, true},  {{70, 52, 1, false}, 0, true},
+                                    {{1, 1, 2, false}, 3, true}};
+  for (size_t i = 0; i < lss.size(); ++i) {
+    const LssCase& c = lss[i];
+    const std::string what = str(c.g.T, "x", c.g.N, c.K ? str(" partner K ", c.K) : " no partner",
+                                 c.sample ? " sampled" : " all kept");
+    Tensor hi, lo;
+    ops::lp_int4_bitsplit(dy(c.g), c.g.seed, hi, lo);
+    const Tensor partner = c.K ? rnd({c.g.T, c.K}, 80 + i) : Tensor();
+    Tensor yc, yg;
+    ops::LpLssStats sc, sg;
+    ops::lp_int4_lss(hi, lo, partner, c.sample, 0x77 + i, yc, &sc);
+    ops::lp_int4_lss(gpu(hi), gpu(lo), c.K ? gpu(partner) : Tensor(), c.sample, 0x77 + i, yg, &sg);
+    check("lp_int4_lss", what, yg, yc, 0.0);
+    EXPECT_EQ(sg.nonzero, sc.nonzero) << what;
+    EXPECT_EQ(sg.kept, sc.kept) << what;
+    EXPECT_EQ(sg.certain, sc.certain) << what;
+  }
+  {  // zero rows: at most T of the 2T stacked rows nonzero, so every one is kept for certain
+    Tensor g = Tensor::zeros({12, 8});
+    for (int64_t j = 0; j < 8; ++j) g.data<float>()[5 * 8 + j] = float(j) - 3.5f;
+    Tensor hi, lo, yc, yg;
+    ops::lp_int4_bitsplit(g, 9, hi, lo);
+    ops::LpLssStats sc, sg;
+    ops::lp_int4_lss(hi, lo, Tensor(), true, 3, yc, &sc);
+    ops::lp_int4_lss(gpu(hi), gpu(lo), Tensor(), true, 3, yg, &sg);
+    check("lp_int4_lss", "zero rows", yg, yc, 0.0);
+    EXPECT_EQ(sg.certain, sc.certain);
+    EXPECT_EQ(sg.kept, sc.nonzero);
+  }
+  for (bool full : {true, false}) {
+    LpRecipe r;
+    r.precision = LpPrecision::INT4;
+    r.hadamard = r.stochastic_grads = full;
+    autograd_parity(full ? "lp_linear int4" : "lp_linear int4 naive",
+                    [&](const std::vector<Var>& v, Device) { return lp_linear(v[0], v[1], r, std::make_shared<LpLinearState>(), 5); },
+                    {rnd({48, 72}, 1), rnd({24, 72}, 2)}, 1e-5, 1e-5);
+  }
+}
+
 // Native FP8 GEMMs (issue 18): the codes bit for bit (both layouts, both formats, a saturating
 // delayed scale); cuBLASLt's FP8 GEMM against the CPU reference body (decoded codes, f32 gemm): the
 // products of FP8 values are exact, but the tensor cores accumulate a K-slice at reduced precision
@@ -1155,8 +1295,7 @@ TEST(ParityCoverage, EveryRegistryOpHasAParityTest) {
                                            // CPU only (issue 18, fp4-dge): a GPU tensor is an error naming the op
                                            // (test_lp_dge.cpp); lp_linear refuses fp4-dge on CUDA first.
                                            "lp_dge_scale", "lp_occ_split",
-                                           // CPU only (issue 18, int4): a GPU tensor is an error naming the op
-                                           // (test_lp_int4.cpp); lp_linear refuses int4 on CUDA first.
+                                           // Parity.LpInt4 (issue 18, int4)
                                            "lp_int4_hq", "lp_int4_bitsplit", "lp_int4_lss"};
   for (const auto& op : ops::op_registry())
     EXPECT_NE(std::find(tested.begin(), tested.end(), std::string(op.name)), tested.end())

@@ -310,9 +310,6 @@ Var lp_linear_fp4_dge(const Var& x, const Var& w, const Tensor& xv, const Tensor
 // int4 (autograd/lp_linear.h): HQ forward operands, bit splitting + LSS of dy in the backward.
 Var lp_linear_int4(const Var& x, const Var& w, const Tensor& xv, const Tensor& wv, const LpRecipe& r, uint64_t seed,
                    bool training) {
-  if (xv.device() != Device::CPU)
-    throw_error("--precision int4: no CUDA body yet (the Hadamard quantizer and the bit splitting + leverage-score "
-                "sampling of the gradients run on the CPU only): train it with --device cpu");
   const int32_t hb = r.hadamard ? kInt4HadamardBlock : 0;
   const uint64_t hs = ops::lp::mix64(seed ^ 0x4ull);  // the transform's signs, shared by x and W
   Tensor xh, wh;  // Q(x H), Q(W H)

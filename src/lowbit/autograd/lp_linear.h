@@ -72,8 +72,9 @@
 //       estimate is unbiased, E[dy_est] = dy, so E[dW] and E[dx] are the straight-through gradients.
 // Deviation from the paper: the step sizes are the current absmax per tensor, not LSQ's learned
 // ones. `lp_recipe naive` (hadamard = false, stochastic_grads = false): plain INT4 per-tensor
-// round-to-nearest of x, W and dy — no transform, no splitting, no sampling. CPU only (lp_linear
-// refuses a CUDA tensor naming the precision). No block is kept in high precision by default.
+// round-to-nearest of x, W and dy — no transform, no splitting, no sampling. On the CPU or CUDA (the
+// ops' CUDA bodies are bit for bit the CPU's; the f32 GEMMs differ by summation order). No block is
+// kept in high precision by default.
 // Seeds of a call with `seed`: the transform's signs lp::mix64(seed ^ 4) (x and W share them), dy's bit
 // splitting mix64(seed ^ 5) (once, for both GEMMs), dgrad's sampling mix64(seed ^ 6), wgrad's
 // mix64(seed ^ 7) (tests compose the layer from the ops with them).

@@ -14,7 +14,7 @@ void add_low_precision_options(CLI::App* t, LowPrecisionArgs* a, const std::stri
                 "fp4-dge (E2M1 with per-token / per-channel absmax scales, E5M2 gradients, the differentiable gradient "
                 "estimator on the weights and outlier clamping + compensation on the activations: Wang et al. 2025; "
                 "CPU only), int4 (INT4 with per-tensor scales: the Hadamard quantizer on activations and weights, bit "
-                "splitting + leverage-score sampling of the gradients: Xi et al. 2023; CPU only)")
+                "splitting + leverage-score sampling of the gradients: Xi et al. 2023; emulated on CPU and CUDA)")
       ->capture_default_str();
   t->add_option("--dge-k", o.recipe.dge_k, "fp4-dge: power k of the DGE's smooth step, in [1, 100] (1 = straight-through estimator)")
       ->capture_default_str();
@@ -61,9 +61,6 @@ LowPrecisionOptions resolve_low_precision(const LowPrecisionArgs& a, const std::
   if (o.recipe.precision == LpPrecision::FP4_DGE && device != "cpu")
     throw_error(command, ": --precision fp4-dge has no CUDA body yet (the outlier quantile of OCC and the DGE derivative "
                 "run on the CPU only): use --device cpu");
-  if (o.recipe.precision == LpPrecision::INT4 && device != "cpu")
-    throw_error(command, ": --precision int4 has no CUDA body yet (the Hadamard quantizer and the bit splitting + "
-                "leverage-score sampling of the gradients run on the CPU only): use --device cpu");
   if (a.lp_gemm != "auto" && a.lp_gemm != "native" && a.lp_gemm != "emulated")
     throw_error("--lp-gemm: '", a.lp_gemm, "' is not a GEMM mode (choices: auto, native, emulated)");
   // auto: native on CUDA (FP8 tensor cores through cuBLASLt, bf16 tensor cores), emulated on the CPU.

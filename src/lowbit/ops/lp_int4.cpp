@@ -1,5 +1,7 @@
 // CPU reference bodies of INT4 training's quantizers (ops/lp_int4.h): the Hadamard quantizer and the
-// bit-splitting + leverage-score-sampling estimate of the output gradient. No CUDA body.
+// bit-splitting + leverage-score-sampling estimate of the output gradient, their argument checks and
+// the routing to the CUDA bodies (ops/cuda/lp_int4.cu). The arithmetic both bodies share is
+// ops/lp_int4_math.h's.
 #include "lowbit/ops/lp_int4.h"
 
 #include <algorithm>
@@ -9,31 +11,15 @@
 
 #include "lowbit/core/threads.h"
 #include "lowbit/ops/dispatch.h"
-#include "lowbit/ops/lp_quant_math.h"
+#include "lowbit/ops/lp_int4_math.h"
 
 namespace lowbit::ops {
 
 namespace {
 
-constexpr float kQmax = 7.0f;  // the symmetric INT4 grid [-7, 7]
-
-// rint (round half to even) and floor for |x| < 2^22 without a libm call (the build targets baseline
-// x86-64, which has no rounding instruction): adding and subtracting 1.5 * 2^23 rounds to an integer
-// in the default rounding mode. The values here are at most ~7.5 in magnitude (x / s, s = amax / 7).
-inline float rint_small(float x) {
-  constexpr float big = 12582912.0f;  // IEEE arithmetic: (x + big) - big is not folded to x
-  return (x + big) - big;
-}
-inline float floor_small(float x) {
-  const float r = rint_small(x);
-  return r > x ? r - 1.0f : r;
-}
-
 void check_2d(const char* op, const Tensor& x, const char* name) {
   detail::check_contiguous(op, x, name);
   if (x.dim() != 2) throw_error(op, ": ", name, " must be [rows, cols], got ", x.describe());
-  if (x.device() != Device::CPU)
-    throw_error(op, ": no CUDA body (INT4 training's quantizers run on the CPU only), got ", name, " ", x.describe());
 }
 
 // x's values in f32 (f64 rounded first, as everything below is f32); false when one is NaN/inf.
@@ -72,6 +58,7 @@ void lp_int4_hq(const Tensor& x, int32_t block, uint64_t seed, bool back, Tensor
     throw_error(op, ": Hadamard block ", block, " is not 0 (none) or a power of two in [2, 256]");
   const int64_t R = x.size(0), C = x.size(1), n = R * C;
   y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  LB_CUDA_ROUTE(x, lp_int4_hq, x, block, seed, back, y, stats)
   detail::dispatch_float(op, x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     T* yp = y.data<T>();
@@ -82,36 +69,16 @@ void lp_int4_hq(const Tensor& x, int32_t block, uint64_t seed, bool back, Tensor
       return;
     }
     block_hadamard(v, R, C, block, seed, false);
-    const float amax = amax_of(v), s = amax / kQmax;
+    const float amax = amax_of(v), s = amax / lp::kInt4Max;
     if (stats) *stats = {double(amax), double(s)};
-    for (float& a : v) a = s > 0 ? std::clamp(rint_small(a / s), -kQmax, kQmax) * s : 0.0f;
+    for (float& a : v) a = lp::int4_qdq(a, s);
     if (back) block_hadamard(v, R, C, block, seed, true);
     for (int64_t i = 0; i < n; ++i) yp[i] = T(v[size_t(i)]);
   });
 }
 
 void lp_lss_probabilities(const double* s, int64_t n, double budget, double* p) {
-  std::vector<int64_t> nz;
-  for (int64_t i = 0; i < n; ++i) {
-    p[i] = 0;
-    if (s[i] > 0) nz.push_back(i);
-  }
-  if (double(nz.size()) <= budget) {  // every nonzero row fits the budget: kept for certain
-    for (int64_t i : nz) p[i] = 1;
-    return;
-  }
-  // Water filling: the largest scores take p = 1 while c s_i >= 1 for c = (budget - j) / (the rest's sum).
-  std::sort(nz.begin(), nz.end(), [&](int64_t a, int64_t b) { return s[a] > s[b]; });
-  double rest = 0;
-  for (int64_t i : nz) rest += s[i];
-  size_t j = 0;
-  while (j < nz.size() && (budget - double(j)) * s[nz[j]] >= rest) {
-    p[nz[j]] = 1;
-    rest -= s[nz[j]];
-    ++j;
-  }
-  const double c = rest > 0 ? (budget - double(j)) / rest : 0;
-  for (size_t k = j; k < nz.size(); ++k) p[nz[k]] = std::min(1.0, c * s[nz[k]]);
+  lp::lss_probabilities(s, n, budget, p);
 }
 
 void lp_int4_bitsplit(const Tensor& g, uint64_t seed, Tensor& hi, Tensor& lo, LpSplitStats* stats) {
@@ -120,6 +87,7 @@ void lp_int4_bitsplit(const Tensor& g, uint64_t seed, Tensor& hi, Tensor& lo, Lp
   const int64_t n = g.numel();
   hi = Tensor::empty(g.shape(), g.dtype(), g.device());
   lo = Tensor::empty(g.shape(), g.dtype(), g.device());
+  LB_CUDA_ROUTE(g, lp_int4_bitsplit, g, seed, hi, lo, stats)
   detail::dispatch_float(op, g.dtype(), [&](auto tag) {
     using D = decltype(tag);
     D* hp = hi.data<D>();
@@ -132,7 +100,7 @@ void lp_int4_bitsplit(const Tensor& g, uint64_t seed, Tensor& hi, Tensor& lo, Lp
       return;
     }
     // hi = s_hi rint(g / s_hi), lo = s_lo SR((g - hi) / s_lo)
-    const float s_hi = amax_of(v) / kQmax, s_lo = s_hi / 14.0f;
+    const float s_hi = amax_of(v) / lp::kInt4Max, s_lo = s_hi / 14.0f;
     if (stats) *stats = {double(s_hi), double(s_lo)};
     if (!(s_hi > 0)) {
       std::fill(hp, hp + n, D(0));
@@ -142,11 +110,10 @@ void lp_int4_bitsplit(const Tensor& g, uint64_t seed, Tensor& hi, Tensor& lo, Lp
     const uint64_t sr_seed = lp::mix64(seed ^ 0x1ull);
     parallel_for(n, 1 << 14, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
-        const float h = std::clamp(rint_small(v[size_t(i)] / s_hi), -kQmax, kQmax) * s_hi;
-        const float u = (v[size_t(i)] - h) / s_lo, f = floor_small(u);
-        const float q = f + float(lp::uniform(sr_seed, uint64_t(i)) < u - f);
+        float h, l;
+        lp::int4_bitsplit(v[size_t(i)], s_hi, s_lo, lp::uniform(sr_seed, uint64_t(i)), h, l);
         hp[i] = D(h);
-        lp_[i] = D(std::clamp(q, -kQmax, kQmax) * s_lo);
+        lp_[i] = D(l);
       }
     });
   });
@@ -164,8 +131,12 @@ void lp_int4_lss(const Tensor& hi, const Tensor& lo, const Tensor& partner, bool
     if (partner.size(0) != hi.size(0))
       throw_error(op, ": partner ", partner.describe(), " does not pair its rows with hi ", hi.describe());
   }
+  for (const Tensor* t : {&lo, &partner})
+    if (t->defined() && t->device() != hi.device())
+      throw_error(op, ": ", t == &lo ? "lo " : "partner ", t->describe(), " is not on hi's device (", hi.describe(), ")");
   const int64_t T = hi.size(0), N = hi.size(1);
   y = Tensor::empty(hi.shape(), hi.dtype(), hi.device());
+  LB_CUDA_ROUTE(hi, lp_int4_lss, hi, lo, partner, sample, seed, y, stats)
   std::vector<double> pnorm(size_t(T), 1.0);  // |partner row| (1 without one)
   if (partner.defined()) {
     const int64_t K = partner.size(1);
@@ -174,7 +145,7 @@ void lp_int4_lss(const Tensor& hi, const Tensor& lo, const Tensor& partner, bool
       const P* pp = partner.data<P>();
       for (int64_t t = 0; t < T; ++t) {
         double ss = 0;
-        for (int64_t k = 0; k < K; ++k) ss += double(pp[t * K + k]) * double(pp[t * K + k]);
+        for (int64_t k = 0; k < K; ++k) ss = lp::sumsq_step(ss, double(pp[t * K + k]));
         pnorm[size_t(t)] = std::sqrt(ss);
       }
     });
@@ -190,26 +161,19 @@ void lp_int4_lss(const Tensor& hi, const Tensor& lo, const Tensor& partner, bool
       const D* m = half ? lp_ : hp;
       for (int64_t t = 0; t < T; ++t) {
         double ss = 0;
-        for (int64_t c = 0; c < N; ++c) ss += double(m[t * N + c]) * double(m[t * N + c]);
+        for (int64_t c = 0; c < N; ++c) ss = lp::sumsq_step(ss, double(m[t * N + c]));
         score[size_t(half * T + t)] = std::sqrt(ss) * pnorm[size_t(t)];
       }
     }
-    if (sample) lp_lss_probabilities(score.data(), 2 * T, double(T), p.data());
+    if (sample) lp::lss_probabilities(score.data(), 2 * T, double(T), p.data());
     // y = kept hi / p + kept lo / p
-    const uint64_t draw_seed = lp::mix64(seed ^ 0x2ull);
-    LpLssStats st;
-    std::vector<double> f(size_t(2 * T), 0.0);  // the factor of each stacked row: 1 / p_i or 0
-    for (int64_t i = 0; i < 2 * T; ++i) {
-      const double pi = p[size_t(i)];
-      const bool keep = pi >= 1 || (pi > 0 && lp::uniform(draw_seed, uint64_t(i)) < pi);
-      if (keep) f[size_t(i)] = 1.0 / pi;
-      if (score[size_t(i)] > 0) ++st.nonzero, st.certain += pi >= 1, st.kept += keep;
-    }
+    std::vector<float> f(size_t(2 * T));  // the factor of each stacked row: 1 / p_i or 0
+    const lp::LssCounts st = lp::lss_factors(score.data(), p.data(), 2 * T, seed, f.data());
     for (int64_t t = 0; t < T; ++t) {
-      const float fh = float(f[size_t(t)]), fl = float(f[size_t(T + t)]);
-      for (int64_t c = 0; c < N; ++c) yp[t * N + c] = D(float(hp[t * N + c]) * fh + float(lp_[t * N + c]) * fl);
+      const float fh = f[size_t(t)], fl = f[size_t(T + t)];
+      for (int64_t c = 0; c < N; ++c) yp[t * N + c] = D(lp::lss_combine(float(hp[t * N + c]), fh, float(lp_[t * N + c]), fl));
     }
-    if (stats) *stats = st;
+    if (stats) *stats = {st.nonzero, st.kept, st.certain};
   });
 }
 

@@ -8,9 +8,12 @@
 // is symmetric and a per-tensor absmax scale s = amax / 7 never clamps), rounded half to even.
 //
 // The ops: their tensors [rows, cols] contiguous, f32 or f64 (f64 rounded to f32 first and computed in f32, as
-// ops::lp_quantize; f64 only for gradient checks), y of the same shape and dtype. NaN/inf in the
-// input: y is all NaN (the trainer then stops with its divergence error). CPU only: a CUDA tensor is
-// refused naming the op (lp_linear refuses --precision int4 on CUDA first, naming the flag).
+// ops::lp_quantize; f64 only for gradient checks, on the CPU), y of the same shape and dtype. NaN/inf
+// in the input: y is all NaN (the trainer then stops with its divergence error). Two bodies: the CPU
+// reference (ops/lp_int4.cpp) and the CUDA body (ops/cuda/lp_int4.cu, f32), bit for bit the same
+// for the same seed — the per-element arithmetic, the row sums of squares and LSS's probabilities and
+// draws are written once in ops/lp_int4_math.h and every random draw is a counter-based function of
+// (seed, element or row index).
 #pragma once
 #include <cstdint>
 

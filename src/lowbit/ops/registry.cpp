@@ -43,10 +43,10 @@ constexpr OpInfo kOps[] = {
     // fp4-dge (ops/lp_quant.h): the DGE factor of the weight gradient and OCC's split; CPU only
     {"lp_dge_scale", false, false, "f32 f64"},
     {"lp_occ_split", false, false, "f32 f64"},
-    // int4 (ops/lp_int4.h): the Hadamard quantizer and bit splitting + leverage-score sampling; CPU only
-    {"lp_int4_hq", false, false, "f32 f64"},
-    {"lp_int4_bitsplit", false, false, "f32 f64"},
-    {"lp_int4_lss", false, false, "f32 f64"},
+    // int4 (ops/lp_int4.h): the Hadamard quantizer and bit splitting + leverage-score sampling (CUDA: f32)
+    {"lp_int4_hq", false, kCuda, "f32 f64"},
+    {"lp_int4_bitsplit", false, kCuda, "f32 f64"},
+    {"lp_int4_lss", false, kCuda, "f32 f64"},
 };
 }  // namespace
 

@@ -39,9 +39,6 @@ FinetuneResult finetune_quantized(const std::string& model_dir, FinetuneOptions 
     if (lpo.recipe.precision == LpPrecision::FP4_DGE && o.train.device != Device::CPU)
       throw_error("finetune --precision fp4-dge: no CUDA body yet (the outlier quantile of OCC and the DGE derivative "
                   "run on the CPU only): use --device cpu");
-    if (lpo.recipe.precision == LpPrecision::INT4 && o.train.device != Device::CPU)
-      throw_error("finetune --precision int4: no CUDA body yet (the Hadamard quantizer and the bit splitting + "
-                  "leverage-score sampling of the gradients run on the CPU only): use --device cpu");
     if (o.train.bf16) throw_error("finetune --precision: not with bf16 mixed precision");
     lp.emplace();
     lp->context = std::make_shared<LpContext>();

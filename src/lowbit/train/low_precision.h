@@ -3,8 +3,9 @@
 // GEMMs, straight-through gradients, f32 master weights; the recipes are in autograd/lp_linear.h).
 // Emulated on the CPU: the numbers are what a kernel with FP8/FP4 inputs and f32 accumulation
 // computes. On CUDA, bf16 and fp8 run native GEMMs by default (LpRecipe::native_gemm: bf16 tensor
-// cores, cuBLASLt FP8); FP4 stays emulated (Hopper has no FP4 tensor cores); fp4-dge and int4 are CPU-only
-// (its outlier quantile and DGE derivative have no CUDA body: refused on CUDA).
+// cores, cuBLASLt FP8); FP4 and int4 stay emulated (Hopper has no FP4 tensor cores; int4's quantizers
+// have CUDA bodies, bit for bit the CPU's, into f32 GEMMs); fp4-dge is CPU-only (its outlier quantile
+// and DGE derivative have no CUDA body: refused on CUDA).
 //
 // What stays in high precision: the token embedding, the norms, attention's own products (QK^T and
 // PV), the output head (lm_head) — as in the FP8 and NVFP4 recipes — and, by default for the FP4

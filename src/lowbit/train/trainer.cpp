@@ -464,9 +464,6 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
     if (lpo.recipe.precision == LpPrecision::FP4_DGE && o.device != Device::CPU)
       throw_error("--precision fp4-dge: no CUDA body yet (the outlier quantile of OCC and the DGE derivative run on "
                   "the CPU only): train it with --device cpu");
-    if (lpo.recipe.precision == LpPrecision::INT4 && o.device != Device::CPU)
-      throw_error("--precision int4: no CUDA body yet (the Hadamard quantizer and the bit splitting + leverage-score "
-                  "sampling of the gradients run on the CPU only): train it with --device cpu");
   }
   check_low_precision_options(lpo, o.config.n_layers);
   for (const auto* s : {&train, &val})

@@ -12,6 +12,7 @@
 #include "lowbit/core/format_traits.h"
 #include "lowbit/core/tensor.h"
 #include "lowbit/ops/ops.h"
+#include "lowbit/ops/lp_int4.h"
 #include "lowbit/ops/lp_quant.h"
 #include "lowbit/ops/qat_quant.h"
 #include "lowbit/ops/quant_matmul.h"
@@ -102,6 +103,14 @@ void lp_quantize(const Tensor& x, const LpQuantSpec& spec, Tensor& y, LpQuantSta
 // Its FP8 codes (ops/lp_quant.h; lp_quant.cu) and the native FP8 GEMM (cuBLASLt; fp8_gemm.cu).
 void lp_quantize_fp8(const Tensor& x, const LpQuantSpec& spec, Tensor& codes, LpQuantStats* stats, bool transpose);
 void fp8_gemm(const Tensor& a, LpFormat fa, const Tensor& b, LpFormat fb, float alpha, Tensor& y);
+// INT4 training's quantizers (ops/lp_int4.h; ops/cuda/lp_int4.cu), bit for bit the CPU bodies. f32
+// only. hq and bitsplit read the amax back to the host (one synchronisation per call); lss reads the
+// 3T row norms back and uploads the 2T row factors (the water filling and the keep draws run on the
+// host, ops/lp_int4_math.h).
+void lp_int4_hq(const Tensor& x, int32_t block, uint64_t seed, bool back, Tensor& y, LpInt4Stats* stats);
+void lp_int4_bitsplit(const Tensor& g, uint64_t seed, Tensor& hi, Tensor& lo, LpSplitStats* stats);
+void lp_int4_lss(const Tensor& hi, const Tensor& lo, const Tensor& partner, bool sample, uint64_t seed, Tensor& y,
+                 LpLssStats* stats);
 
 // GPTQ (Frantar et al. 2022, Alg. 1) of one linear layer for the uniform integer formats of the
 // format table (methods/gptq_cuda.cpp passes the format's traits row and wraps the result into a
