@@ -6,6 +6,7 @@
 #include <benchmark/benchmark.h>
 
 #include <random>
+#include <string>
 #include <vector>
 
 #include "lowbit/core/blas.h"
@@ -211,7 +212,12 @@ static void BM_ExactPanel(benchmark::State& state) {
                  y.data<float>(), sh.rows);
     benchmark::ClobberMemory();
   }
-  state.SetLabel("[" + std::to_string(sh.rows) + "x" + std::to_string(sh.in) + "] " + (fixed ? "f32dot" : "sgemm"));
+  std::string label = "[";  // (appended piecewise: GCC 12 warns -Wrestrict on "[" + std::to_string(...))
+  label += std::to_string(sh.rows);
+  label += "x";
+  label += std::to_string(sh.in);
+  label += fixed ? "] f32dot" : "] sgemm";
+  state.SetLabel(label);
   state.counters["GFLOP/s"] =
       benchmark::Counter(2.0 * double(M * sh.rows * sh.in), benchmark::Counter::kIsIterationInvariantRate,
                          benchmark::Counter::kIs1000);
