@@ -6,12 +6,15 @@
 #include <benchmark/benchmark.h>
 
 #include <random>
+#include <string>
 #include <vector>
 
+#include "lowbit/core/blas.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/methods/gptq.h"
 #include "lowbit/methods/rtn.h"
 #include "lowbit/ops/quant_matmul.h"
+#include "lowbit/ops/quant_matmul_kernels.h"
 #include "lowbit/quant/format.h"
 #include "lowbit/quant/quantize.h"
 
@@ -173,5 +176,52 @@ BENCHMARK(BM_TernaryMatmul)
     ->ArgsProduct({{0, 1}, {0, 1, 2, 3, 4}, {1, 4, 8}, {1, 2}})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
+
+// The Exact body's f32 product on one decoded panel of weight rows, one thread: OpenBLAS's sgemm
+// (kernel 0: the body before issue 10's fix, whose summation order depends on M) against
+// qmm::F32DotRows (kernel 1: one order per output whatever M; the best x86 copy here, else the
+// portable one). Panels of SmolLM2-135M's widths as the tiled body makes them (at most 2^16
+// floats: 112 rows of 576, 32 of 1536) and M activation rows (1 decode, 8, 64, 512 prefill).
+// Arguments: kernel, shape, M. One command line:
+//   ./build-rel/bench/bench_quant --benchmark_filter=ExactPanel --benchmark_min_time=0.2
+//     --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true --benchmark_format=json
+//     | python3 bench/qmm_table.py --exact
+static void BM_ExactPanel(benchmark::State& state) {
+  struct Shape {
+    int64_t rows, in;
+  };
+  static const Shape shapes[] = {{112, 576}, {32, 1536}};
+  const bool fixed = state.range(0) != 0;
+  const Shape& sh = shapes[state.range(1)];
+  const int64_t M = state.range(2);
+  set_num_threads(1);
+  const Tensor w = Tensor::randn({sh.rows, sh.in}, 1, 0.05), x = Tensor::randn({M, sh.in}, 2);
+  Tensor y = Tensor::empty({M, sh.rows});
+  const ops::qmm::F32DotRows dot = ops::quant_isa_best() == ops::QuantIsa::Portable
+                                       ? &ops::qmm::portable_f32_dot_rows
+#if defined(__x86_64__) || defined(__i386__)
+                                       : ops::qmm::x86_f32_dot_rows(true);
+#else
+                                       : &ops::qmm::portable_f32_dot_rows;
+#endif
+  for (auto _ : state) {
+    if (fixed)
+      dot(x.data<float>(), sh.in, M, w.data<float>(), sh.in, sh.rows, sh.in, y.data<float>(), sh.rows);
+    else
+      blas::gemm(false, true, M, sh.rows, sh.in, 1.0f, x.data<float>(), sh.in, w.data<float>(), sh.in, 0.0f,
+                 y.data<float>(), sh.rows);
+    benchmark::ClobberMemory();
+  }
+  std::string label = "[";  // (appended piecewise: GCC 12 warns -Wrestrict on "[" + std::to_string(...))
+  label += std::to_string(sh.rows);
+  label += "x";
+  label += std::to_string(sh.in);
+  label += fixed ? "] f32dot" : "] sgemm";
+  state.SetLabel(label);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * double(M * sh.rows * sh.in), benchmark::Counter::kIsIterationInvariantRate,
+                         benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_ExactPanel)->ArgsProduct({{0, 1}, {0, 1}, {1, 8, 64, 512}})->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();

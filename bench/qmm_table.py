@@ -2,7 +2,8 @@
 """Table of bench_quant's BM_QuantMatmulInt8 (JSON on stdin): per format and M, the best time of the
 repetitions for the four-row kernels (panels 0) and the panel GEMM kernel (panels 1), their ratio,
 and each one's cost relative to its own M = 1 call (the batched step's cost in single-row calls).
-With --ternary: BM_TernaryMatmul's plain vs lookup-table kernels instead."""
+With --ternary: BM_TernaryMatmul's plain vs lookup-table kernels instead. With --exact: BM_ExactPanel's
+OpenBLAS sgemm vs the row-count-independent F32DotRows on one decoded panel."""
 import json
 import sys
 
@@ -26,6 +27,26 @@ if "--ternary" in sys.argv[1:]:
             continue
         p, t = best[(shape, m, threads, 0)], best[(shape, m, threads, 1)]
         print(f"| {label[shape]} | {m} | {threads} | {p:.1f} | {t:.1f} | {p / t:.2f}x |")
+    sys.exit(0)
+if "--exact" in sys.argv[1:]:
+    # BM_ExactPanel: best CPU time of the repetitions per (shape, M) for sgemm (0) and F32DotRows
+    # (1); ratio > 1: F32DotRows is faster.
+    best, label = {}, {}
+    for r in runs:
+        if r.get("run_type") != "iteration" or not r["name"].startswith("BM_ExactPanel/"):
+            continue
+        kernel, shape, m = (int(v) for v in r["name"].split("/")[1:4])
+        key = (shape, m, kernel)
+        best[key] = min(best.get(key, r["cpu_time"]), r["cpu_time"])
+        label[shape] = r.get("label", "").split(" ")[0]
+    print("| panel | M | sgemm us | f32dot us | sgemm / f32dot | f32dot GFLOP/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (shape, m, kernel) in sorted(best):
+        if kernel != 0 or (shape, m, 1) not in best:
+            continue
+        g, f = best[(shape, m, 0)], best[(shape, m, 1)]
+        rows, cols = (int(v) for v in label[shape].strip("[]").split("x"))
+        print(f"| {label[shape]} | {m} | {g:.1f} | {f:.1f} | {g / f:.2f}x | {2 * m * rows * cols / f / 1e3:.1f} |")
     sys.exit(0)
 best = {}
 label = {}

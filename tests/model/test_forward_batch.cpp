@@ -150,6 +150,53 @@ TEST(ForwardBatch, F16CacheDecodeRowsEqualSeparateDecodesBitForBit) {
   }
 }
 
+// `--matmul exact` (f32 activations for every packed product, ops::set_quant_matmul_default): a
+// batched step of 12 sequences (12 rows: the Exact body's tiled prefill form, more rows than its
+// decode form takes) writes the KV caches that 12 separate decodes (1 row each) write, bit for bit:
+// every output of the Exact body is summed in one order whatever the row count (issue 10; before,
+// the tiled form's sgemm summed in a row-count-dependent order). int4g32 and q4_0 linears.
+TEST(ForwardBatch, ExactPathDecodeRowsEqualSeparateDecodesBitForBit) {
+  struct Restore {
+    ~Restore() { ops::set_quant_matmul_default(ops::QuantMatmulPath::Auto); }
+  } restore;
+  ops::set_quant_matmul_default(ops::QuantMatmulPath::Exact);
+  for (const char* fmt : {"int4g32", "q4_0"}) {
+    LlamaConfig c = test::small_config(RopeStyle::Half);
+    LlamaModel m(c, random_weights(c, 12, 0.1), false);
+    for (int i = 0; i < m.n_layers(); ++i)
+      for (auto& [name, slot] : m.block(i).linears())
+        *slot = std::make_shared<QuantLinear>(quantize((*slot)->effective_weight(), parse_quant_format(fmt)));
+    NoGradGuard ng;
+    const std::vector<int> lens = {1, 5, 12, 3, 2, 7, 1, 4, 9, 2, 6, 3};
+    std::vector<KVCache> batched, single;
+    for (size_t s = 0; s < lens.size(); ++s) {
+      std::vector<int32_t> prompt;
+      for (int t = 0; t < lens[s]; ++t) prompt.push_back(int32_t((s * 7 + size_t(t) * 5 + 1) % 50));
+      batched.push_back(m.make_cache(lens[s] + 3));
+      single.push_back(m.make_cache(lens[s] + 3));
+      m.forward_cached(ids(prompt), batched.back());
+      m.forward_cached(ids(prompt), single.back());
+    }
+    for (int step = 0; step < 3; ++step) {
+      std::vector<int32_t> next;
+      std::vector<KVCache*> ptrs;
+      for (size_t s = 0; s < lens.size(); ++s) next.push_back(int32_t((s * 3 + size_t(step) * 11 + 2) % 50));
+      for (auto& cc : batched) ptrs.push_back(&cc);
+      m.forward_batch(ids(next), ptrs);
+      for (size_t s = 0; s < lens.size(); ++s) m.forward_cached(ids({next[s]}), single[s]);
+    }
+    for (size_t s = 0; s < lens.size(); ++s)
+      for (int i = 0; i < m.n_layers(); ++i)
+        for (int kv = 0; kv < 2; ++kv) {
+          const Tensor& a = (kv ? batched[s].v : batched[s].k)[size_t(i)];
+          const Tensor& b = (kv ? single[s].v : single[s].k)[size_t(i)];
+          const int64_t n = (lens[s] + 3) * a.numel() / a.size(0);
+          ASSERT_EQ(std::memcmp(a.raw_data(), b.raw_data(), size_t(n) * dtype_size(a.dtype())), 0)
+              << fmt << " sequence " << s << " layer " << i << (kv ? " v" : " k");
+        }
+  }
+}
+
 namespace {
 // One mixed step (forward_mixed): prompt pieces of several tokens next to single decode tokens, in
 // any order, equal each sequence run alone through forward_cached with the same tokens; only the

@@ -24,6 +24,7 @@
 
 #include "common/expect_message.h"
 #include "lowbit/autograd/functions.h"
+#include "lowbit/core/threads.h"
 #include "lowbit/ops/cuda/quant_gemv_layout.h"
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
@@ -1274,4 +1275,100 @@ TEST(QuantMatmul, PanelLayoutAtLoadIsALosslessPermutation) {
     }
   }
   EXPECT_GT(checked, 0);
+}
+
+// Issue 10: a row of activations gets the same numbers, bit for bit, whichever other rows share the
+// call and however many threads run it — what a user expects of a server that batches sequences
+// (a greedy answer must not change with the number of concurrent clients), and of a perplexity run
+// that reads a window whole or in pieces (`eval ppl --kv-chunk`). For every format and shapes with
+// and without tails: each row of quant_matmul(x) with M in {1, 2, 3, 7, 8, 17, 64} rows, on 1 and
+// 2 threads, equals quant_matmul of that row alone on 1 thread.
+//   exact (every ISA: portable, AVX2, the AVX-512 register copy): M <= 8 and M > 8 take the decode
+//   and the tiled body, both summing every output in qmm::F32DotRows' one order; the ISAs give the
+//   same numbers too (each row also equals the portable body's).
+//   int8 (every ISA) and Auto inside QuantInt8RowsScope (what serving's batched steps run): the
+//   int8 bodies. Auto without the scope is not row-independent by design: it takes the Int8 body
+//   up to kQuantDecodeMaxRows rows and the Exact body (f32 activations) for longer prompts.
+TEST(QuantMatmul, ExactAndInt8RowsDoNotDependOnTheBatch) {
+  struct OutIn {
+    int64_t out, in;
+  };
+  const OutIn shapes[] = {{37, 200}, {29, 256}, {19, 576}, {11, 1000}};
+  const int64_t Ms[] = {1, 2, 3, 7, 8, 17, 64};
+  const int64_t Mmax = 64;
+  struct Body {
+    const char* name;
+    ops::QuantMatmulPath path;
+    ops::QuantIsa isa;
+    bool int8_scope = false;  // inside QuantInt8RowsScope(Mmax)
+  };
+  const Body bodies[] = {{"exact-portable", ops::QuantMatmulPath::Exact, ops::QuantIsa::Portable},
+                         {"exact-avx2", ops::QuantMatmulPath::Exact, ops::QuantIsa::Avx2},
+                         {"exact-avx2-vnni", ops::QuantMatmulPath::Exact, ops::QuantIsa::Avx2Vnni},
+                         {"exact", ops::QuantMatmulPath::Exact, ops::QuantIsa::Auto},
+                         {"int8-portable", ops::QuantMatmulPath::Int8, ops::QuantIsa::Portable},
+                         {"int8-avx2", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2},
+                         {"int8-avx2-vnni", ops::QuantMatmulPath::Int8, ops::QuantIsa::Avx2Vnni},
+                         {"auto-in-int8-rows-scope", ops::QuantMatmulPath::Auto, ops::QuantIsa::Auto, true}};
+  const int threads_before = num_threads();
+  struct RestoreThreads {
+    int n;
+    ~RestoreThreads() { set_num_threads(n); }
+  } restore{threads_before};
+  int cells = 0;
+  std::string skipped;
+  for (const QuantFormat& f : all_quant_formats())
+    for (const OutIn& s : shapes) {
+      if (!f.row_fits(s.in)) continue;
+      QuantizedTensor q;
+      try {
+        q = quantize(Tensor::randn({s.out, s.in}, 17 + uint64_t(s.in), 0.05), f);
+      } catch (const Error&) {
+        continue;  // no reference quantizer (reported by the table test)
+      }
+      if (f.has_column_mask()) vary_column_factors(q);
+      const ops::PackedWeight view = q.packed_view();
+      const Tensor x = test_input(Mmax, s.in, 23 + uint64_t(s.out));
+      Tensor exact_alone;  // exact-portable's rows alone: every exact ISA must give these numbers
+      for (const Body& be : bodies) {
+        if (!ops::quant_isa_supported(be.isa)) {
+          if (skipped.find(be.name) == std::string::npos) skipped += std::string(" ") + be.name;
+          continue;
+        }
+        const ops::QuantMatmulOptions opt{be.path, be.isa};
+        auto product = [&](const Tensor& xm, int threads) {
+          set_num_threads(threads);
+          std::optional<ops::QuantInt8RowsScope> scope;
+          if (be.int8_scope) scope.emplace(Mmax);
+          Tensor y = Tensor::full({xm.size(0), s.out}, std::nanf(""));
+          ops::quant_matmul(xm, view, y, opt);
+          return y;
+        };
+        Tensor alone = Tensor::empty({Mmax, s.out});
+        for (int64_t m = 0; m < Mmax; ++m) {
+          const Tensor y1 = product(x.slice(0, m, m + 1).contiguous(), 1);
+          std::memcpy(alone.data<float>() + m * s.out, y1.data<float>(), size_t(s.out) * sizeof(float));
+        }
+        const std::string what = std::string(f.name) + " x " + be.name + " [" + std::to_string(s.out) + "x" +
+                                 std::to_string(s.in) + "]";
+        if (be.path == ops::QuantMatmulPath::Exact) {
+          if (!exact_alone.defined()) exact_alone = alone;
+          for (int64_t i = 0; i < alone.numel(); ++i)
+            ASSERT_EQ(alone.data<float>()[i], exact_alone.data<float>()[i])
+                << what << ": output " << i << " of the rows alone differs from exact-portable's";
+        }
+        for (int64_t M : Ms)
+          for (int threads : {1, 2}) {
+            const Tensor y = product(x.slice(0, 0, M).contiguous(), threads);
+            ++cells;
+            for (int64_t i = 0; i < M * s.out; ++i)
+              ASSERT_EQ(y.data<float>()[i], alone.data<float>()[i])
+                  << what << " M=" << M << " threads " << threads << ": output " << i << " (row " << i / s.out
+                  << ") differs from its row run alone";
+          }
+      }
+    }
+  std::printf("row-independence cells: %d (M x threads x body x format x shape)%s%s\n", cells,
+              skipped.empty() ? "" : "; not supported by this CPU, skipped:", skipped.c_str());
+  EXPECT_GT(cells, 0);
 }

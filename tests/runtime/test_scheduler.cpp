@@ -12,6 +12,7 @@
 #include <mutex>
 
 #include "common/small_model.h"
+#include "lowbit/ops/quant_matmul.h"
 #include "lowbit/quant/format.h"
 #include "lowbit/quant/quant_linear.h"
 #include "lowbit/quant/quantize.h"
@@ -100,8 +101,16 @@ SchedulerOptions options(int parallel, int64_t ctx, int64_t chunk = 0, int64_t b
   return o;
 }
 
+// Packed weights run twice: on the default path (int8 activations for the batched steps, their
+// prompt pieces up to 64 tokens included) and with `--matmul exact` (f32 activations for every
+// product; since issue 10 each row of a batched step also gets the numbers it gets alone there).
 TEST(Scheduler, BatchedGreedyEqualsRunAlone) {
-  for (bool packed : {false, true}) {
+  struct Restore {
+    ~Restore() { ops::set_quant_matmul_default(ops::QuantMatmulPath::Auto); }
+  } restore;
+  for (int variant : {0, 1, 2}) {
+    const bool packed = variant > 0;
+    ops::set_quant_matmul_default(variant == 2 ? ops::QuantMatmulPath::Exact : ops::QuantMatmulPath::Auto);
     LlamaModel m = small_model(packed);
     WordTokenizer tok(m.config().vocab_size);
     const auto reqs = greedy_requests(16, m.config().vocab_size);
@@ -118,7 +127,7 @@ TEST(Scheduler, BatchedGreedyEqualsRunAlone) {
         const auto together = run_all(s, reqs);
         for (size_t i = 0; i < reqs.size(); ++i) {
           EXPECT_EQ(together[i].result.tokens, alone[i].result.tokens)
-              << "request " << i << " parallel " << parallel << " chunk " << chunk;
+              << "request " << i << " parallel " << parallel << " chunk " << chunk << " variant " << variant;
           EXPECT_EQ(together[i].result.text, alone[i].result.text);
           EXPECT_EQ(together[i].streamed, together[i].result.text);
           EXPECT_EQ(together[i].result.prompt_tokens, int(reqs[i].prompt.size()));

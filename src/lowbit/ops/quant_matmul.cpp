@@ -14,7 +14,6 @@
 #include <utility>
 #include <vector>
 
-#include "lowbit/core/blas.h"
 #include "lowbit/core/cpu_features.h"
 #include "lowbit/core/dtype.h"
 #include "lowbit/core/format_traits.h"
@@ -161,17 +160,6 @@ void decode_row(const PackedWeight& w, int64_t r, float* dst) {
   else w.dequantize_row(r, dst);
 }
 
-// f32 dot product with 8 independent partial sums (lets the compiler vectorize it).
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) s[k] += a[i + k] * b[i + k];
-  float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; i < n; ++i) t += a[i] * b[i];
-  return t;
-}
-
 // ---- Reference: decode one row with the format's own codec, f64 accumulation -----------------
 void reference_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
   std::vector<float> row(static_cast<size_t>(w.in));
@@ -230,15 +218,29 @@ void items_each(int64_t n, const F& fn) {
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
-// ---- Exact, few rows: one decoded weight row at a time per thread ----------------------------
-void exact_decode_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
+// ---- Exact: weight rows decoded to f32, every output summed in qmm::F32DotRows' one order ------
+// (quant_matmul_kernels.h), so a row of x gets the same numbers whatever M, the split over
+// threads, the body (decode or tiled) and the ISA are.
+qmm::F32DotRows f32_dot_kernel(QuantIsa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (isa == QuantIsa::Avx2 || isa == QuantIsa::Avx2Vnni) return qmm::x86_f32_dot_rows(isa == QuantIsa::Avx2Vnni);
+#endif
+  (void)isa;
+  return &qmm::portable_f32_dot_rows;
+}
+
+// Few rows (decode): each thread decodes its weight rows kDecodeRows at a time into a thread-local
+// buffer and meets them with all M activation rows.
+constexpr int64_t kDecodeRows = 8;
+void exact_decode_body(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::F32DotRows dot) {
   const int64_t in = w.in, out = w.out;
   rows_for(out, row_grain(in), [&](int64_t o0, int64_t o1) {
-    thread_local std::vector<float> row;
-    if (row.size() < size_t(in)) row.resize(size_t(in));
-    for (int64_t o = o0; o < o1; ++o) {
-      decode_row(w, o, row.data());
-      for (int64_t m = 0; m < M; ++m) y[m * out + o] = dot_f32(x + m * in, row.data(), in);
+    thread_local std::vector<float> rows;
+    if (rows.size() < size_t(kDecodeRows * in)) rows.resize(size_t(kDecodeRows * in));
+    for (int64_t o = o0; o < o1; o += kDecodeRows) {
+      const int64_t n = std::min(kDecodeRows, o1 - o);
+      for (int64_t r = 0; r < n; ++r) decode_row(w, o + r, rows.data() + r * in);
+      dot(x, in, M, rows.data(), in, n, in, y + o, out);
     }
   });
 }
@@ -283,12 +285,13 @@ void sign_value_body(const float* x, int64_t M, const PackedWeight& w, float* y)
   }
 }
 
-// ---- Exact, many rows: each thread dequantizes panels of weight rows and multiplies them with
-// single-threaded sgemm into its own output columns. Panels: about 4 per thread, at most 1 MiB of
-// f32 (sgemm packs x once per panel, so panels are kept large), at least 16 rows ----------------
-void exact_tiled_body(const float* x, int64_t M, const PackedWeight& w, float* y) {
+// Many rows (prefill): each task decodes a panel of weight rows (about 4 per thread, at most
+// kExactPanelFloats of f32 so that it stays in L2 while every block of activation rows passes it,
+// at least 16 rows) and writes its own output columns.
+constexpr int64_t kExactPanelFloats = int64_t(1) << 16;
+void exact_tiled_body(const float* x, int64_t M, const PackedWeight& w, float* y, qmm::F32DotRows dot) {
   const int64_t in = w.in, out = w.out;
-  const int64_t max_rows = std::max<int64_t>(16, (int64_t(1) << 18) / in / 16 * 16);
+  const int64_t max_rows = std::max<int64_t>(16, kExactPanelFloats / in / 16 * 16);
   const int64_t want = ((out + 4 * num_threads() - 1) / (4 * num_threads()) + 15) / 16 * 16;
   const int64_t panel = std::min(out, std::clamp<int64_t>(want, 16, max_rows));
   const int64_t panels = (out + panel - 1) / panel;
@@ -297,7 +300,7 @@ void exact_tiled_body(const float* x, int64_t M, const PackedWeight& w, float* y
     thread_local std::vector<float> buf;
     if (buf.size() < size_t(n * in)) buf.resize(size_t(n * in));
     for (int64_t r = 0; r < n; ++r) decode_row(w, o0 + r, buf.data() + r * in);
-    blas::gemm(false, true, M, n, in, 1.0f, x, in, buf.data(), in, 0.0f, y + o0, out);
+    dot(x, in, M, buf.data(), in, n, in, y + o0, out);
   });
 }
 
@@ -583,34 +586,18 @@ qmm::SalientPanel salient_panel(QuantIsa isa) {
 }
 #endif
 
-// SalientBinary (ptq161). Int8: the whole product in quant_matmul_salient (x86: the panel kernel
-// for every row with `panels`, else the four-row kernels; or the portable tables). Exact (M <= 8):
-// the binary columns through the f32 tables, the salient columns as an int4 IntGroups view through
-// the exact decode body, the two parts added.
-void salient_binary_body(const float* x, int64_t M, const PackedWeight& w, float* y, bool int8, QuantIsa isa,
-                         bool panels = true) {
-  if (int8) {
-    const QuantIsa r = resolve_isa(isa);
+// SalientBinary (ptq161), Int8: the whole product in quant_matmul_salient (x86: the panel kernel
+// for every row with `panels`, else the four-row kernels; or the portable tables). (Exact: decoded
+// rows through exact_decode_body / exact_tiled_body, as every other layout.)
+void salient_binary_int8_body(const float* x, int64_t M, const PackedWeight& w, float* y, QuantIsa isa, bool panels) {
+  const QuantIsa r = resolve_isa(isa);
 #if defined(__x86_64__) || defined(__i386__)
-    if ((r == QuantIsa::Avx2 || r == QuantIsa::Avx2Vnni) && panels) return salient::int8_panel(x, M, w, y, salient_panel(r));
-    if (r == QuantIsa::Avx2 || r == QuantIsa::Avx2Vnni)
-      return salient::int8_simd(x, M, w, y, r == QuantIsa::Avx2 ? qmm::avx2_salient_kernel() : qmm::avx2vnni_salient_kernel());
+  if ((r == QuantIsa::Avx2 || r == QuantIsa::Avx2Vnni) && panels) return salient::int8_panel(x, M, w, y, salient_panel(r));
+  if (r == QuantIsa::Avx2 || r == QuantIsa::Avx2Vnni)
+    return salient::int8_simd(x, M, w, y, r == QuantIsa::Avx2 ? qmm::avx2_salient_kernel() : qmm::avx2vnni_salient_kernel());
 #endif
-    (void)r;
-    return salient::int8_portable(x, M, w, y);
-  }
-  salient::binary_exact(x, M, w, y);
-  const int64_t k = w.salient;
-  if (k == 0) return;
-  thread_local std::vector<float> xs, ys;
-  thread_local std::vector<uint16_t> sz;
-  xs.resize(size_t(M * k));
-  ys.resize(size_t(M * w.out));
-  sz.resize(size_t(2 * w.out));
-  salient::gather_salient(x, M, w, xs.data());
-  const PackedWeight p = salient::salient_view(w, k, sz.data(), sz.data() + w.out);
-  exact_decode_body(xs.data(), M, p, ys.data());
-  for (int64_t i = 0; i < M * w.out; ++i) y[i] += ys[size_t(i)];
+  (void)r;
+  salient::int8_portable(x, M, w, y);
 }
 
 // One product of the Int8 body on the plain layouts (IntGroups, ggml q4_0 / q4_1 / q8_0), its
@@ -771,7 +758,7 @@ void prepare_int8(const float* x, int64_t M, const PackedWeight& w_given, float*
 // The ternary layouts (TQ2_0, TQ1_0 and the ternary format) go to ternary_body (activation blocks of 256).
 void int8_body(const float* x, int64_t M, const PackedWeight& w_in, float* y, QuantIsa isa, bool panels, TernaryBody tk) {
   if (w_in.layout == PackedLayout::TritPlanes) return trit_planes_body(x, M, w_in, y, isa, panels);
-  if (w_in.layout == PackedLayout::SalientBinary) return salient_binary_body(x, M, w_in, y, true, isa, panels);
+  if (w_in.layout == PackedLayout::SalientBinary) return salient_binary_int8_body(x, M, w_in, y, isa, panels);
   if (const qmm::TernaryKind kind = qmm::ternary_kind(w_in); kind != qmm::TernaryKind::None)
     return ternary_body(x, M, w_in, y, isa, kind, tk);
   Int8Scratch scratch;
@@ -1547,11 +1534,18 @@ void quant_matmul(const Tensor& x, const PackedWeight& w, Tensor& y, const Quant
     case QuantMatmulPath::Reference: reference_body(px, M, w, py); break;
     case QuantMatmulPath::Int8: int8_body(px, M, w, py, opt.isa, opt.int8_panels, opt.ternary); break;
     default:
-      if (w.layout == PackedLayout::SignValue) sign_value_body(px, M, w, py);
-      else if (M <= kQuantDecodeMaxRows && w.layout == PackedLayout::SalientBinary)
-        salient_binary_body(px, M, w, py, false, opt.isa);
-      else if (M <= kQuantDecodeMaxRows) exact_decode_body(px, M, w, py);
-      else exact_tiled_body(px, M, w, py);
+      // Every Exact body gives a row of x the same numbers whatever M is (and whatever the
+      // threads): SignValue's tables are built per activation row; the others (SalientBinary
+      // included: its f32 tables at M <= 8 and decoded rows above would sum in two orders) decode
+      // weight rows to f32 and sum every output in F32DotRows' one order (the decode and tiled
+      // bodies differ only in how the work is split).
+      if (w.layout == PackedLayout::SignValue) {
+        sign_value_body(px, M, w, py);
+      } else if (M <= kQuantDecodeMaxRows) {
+        exact_decode_body(px, M, w, py, f32_dot_kernel(resolve_isa(opt.isa)));
+      } else {
+        exact_tiled_body(px, M, w, py, f32_dot_kernel(resolve_isa(opt.isa)));
+      }
   }
 }
 

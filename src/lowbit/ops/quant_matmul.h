@@ -25,20 +25,20 @@
 //              the sign bits of the in - k binary columns (bit t % 8 of byte t / 8), then the 4-bit
 //              codes of the salient columns in column order (low nibble first); `scales` f16 [out, 2]
 //              = (alpha, s), `zeros` f16 [out, 2] = (mu, z), `col_scales` f16 [in - k] = r_j. Binary
-//              column: w = r_j (mu +- alpha); salient: w = (q - z) s. Both bodies gather x once per
-//              call into x_b = r_j x_j over the binary columns and x_s over the salient ones, and use
-//              a lookup table per sign byte (256 partial sums of its 8 x_b values, built per call and
-//              activation row), so a row costs one table read per 8 binary weights:
-//              y = (mu + alpha) P+ + (mu - alpha) (S - P+), P+ = the sum of x_b over the set sign
-//              bits, S = the sum of all x_b, plus s * sum_u (q_u - z) x_s[u]. Exact (M <= 8): f32
-//              tables; Int8: x_b quantized to int8 and x_s to int16 per block of 32 (the salient
-//              columns hold the largest activations), integer sums per block, one f32 multiply-add
-//              per block; x86: the panel kernel (int8_panels, any M: 16 weight rows per pass on
-//              AVX-512, 8 on 256-bit vectors, one row per 32-bit lane; a panel's sign bits split
-//              into 0/1-byte vectors and its nibbles into int16 pairs once per call, met by
-//              broadcast activation chunks) or the four-row kernels (a block's sign bits expanded
-//              to 0/1 bytes for one u8 x s8 dot product), the portable body reads int16 tables.
-//              Exact with M > 8: the tiled sgemm over decoded rows. No GPU form.
+//              column: w = r_j (mu +- alpha); salient: w = (q - z) s. The Int8 body gathers x once
+//              per call into x_b = r_j x_j over the binary columns and x_s over the salient ones:
+//              x_b quantized to int8 and x_s to int16 per block of 32 (the salient columns hold the
+//              largest activations), integer sums per block, one f32 multiply-add per block; x86:
+//              the panel kernel (int8_panels, any M: 16 weight rows per pass on AVX-512, 8 on
+//              256-bit vectors, one row per 32-bit lane; a panel's sign bits split into 0/1-byte
+//              vectors and its nibbles into int16 pairs once per call, met by broadcast activation
+//              chunks) or the four-row kernels (a block's sign bits expanded to 0/1 bytes for one
+//              u8 x s8 dot product); the portable body reads a lookup table per sign byte (256
+//              int16 partial sums of its 8 x_b codes, per call and activation row): y = (mu + alpha)
+//              P+ + (mu - alpha) (S - P+), P+ = the sum over the set sign bits, S = the sum of all,
+//              plus s * sum_u (q_u - z) x_s[u]. Exact: rows decoded to f32 (salient::decode_row) at
+//              every M, as the other layouts (its f32 sign-byte tables, used for M <= 8 before
+//              issue 10, summed in another order than the prefill form). No GPU form.
 //   SignValue  lowbit's onebit (OneBit, Xu et al. 2024, arXiv 2402.11295): codes U8 [out, ceil(in/8)],
 //              the sign bit of weight (i, j) at bit j % 8 of byte j / 8 of row i (1 = +1); `scales` f16
 //              [out, 1] = h, `col_scales` f16 [in] = g; w_ij = h_i (+-1) g_j, so
@@ -53,9 +53,16 @@
 //
 // Bodies (QuantMatmulOptions::path):
 //   Reference   row by row: dequantize_row, then f32 dot products (the oracle the tests use).
-//   Exact       f32 activations: decode (M <= 8) dequantizes one row at a time into a thread-local
-//               buffer; prefill dequantizes tiles of rows and multiplies them with the BLAS sgemm.
-//               Equal to Reference up to f32 summation order (tests: 1e-5).
+//   Exact       f32 activations: decode (M <= 8) dequantizes 8 weight rows at a time into a
+//               thread-local buffer; prefill dequantizes panels of rows (<= 256 KiB of f32, kept in
+//               L2) that every block of activation rows passes. Both sum every output in ONE order
+//               (qmm::F32DotRows, quant_matmul_kernels.h: eight FMA lanes, a fixed tree, the tail),
+//               so a row of x gets the same numbers, bit for bit, whatever M, the thread count and
+//               the ISA (portable, AVX2, AVX-512) are: a batched server step, a window read whole or
+//               in pieces, one thread or many (issue 10; before, prefill ran OpenBLAS's sgemm,
+//               whose order depends on M). SignValue and SalientBinary keep their table bodies
+//               (built per activation row: row-independent too). Equal to Reference up to f32
+//               summation order (tests: 1e-5); within that, not equal to the dense f32 path's sgemm.
 //   Int8        activations quantized per block of 32 to int8 (d = amax/127, as llama.cpp's Q8_0),
 //               integer dot products per block, f32 accumulation across blocks. Error bound per output:
 //               sum_i |w_i| * d_block(i) / 2 (the activation rounding), plus f32 rounding.
@@ -63,7 +70,12 @@
 //               quantize activations per block of 256 instead (llama.cpp's q8_K operand of its TQ
 //               kernels, with lowbit's d = amax/127): their codes have no per-32 scale, so the
 //               integer products of a whole block are summed before one f32 multiply per block.
-//   Auto        Int8 for M <= 8 when the layout has an integer kernel, and for every M on the
+//               Row-independent as well: each row is quantized alone, and every kernel (portable,
+//               four-row, panel, ternary, lookup-table, ptq161) sums a row's blocks in an order that
+//               depends neither on M nor on the threads (tests: ExactAndInt8RowsDoNotDependOnTheBatch).
+//   Auto        (a row's numbers change where M crosses 8: int8 decode, f32 prefill; serving keeps
+//               its batched steps on Int8 with QuantInt8RowsScope; --matmul exact / int8 fix one body)
+//               Int8 for M <= 8 when the layout has an integer kernel, and for every M on the
 //               ternary layouts (quant_matmul_int8_prefill: their int8 kernels beat the f32 tiles at
 //               every prompt length measured, 9 to 1024 rows, docs/results/bitnet.md) and on
 //               SalientBinary where its x86 panel kernel runs (docs/results/ptq161.md); Exact otherwise. A
@@ -157,7 +169,9 @@ enum class TernaryBody : uint8_t { Auto, Plain, Lut };
 
 struct QuantMatmulOptions {
   QuantMatmulPath path = QuantMatmulPath::Auto;
-  QuantIsa isa = QuantIsa::Auto;  // Int8 body only; a forced ISA the CPU lacks throws
+  // Int8 body, and the Exact body's f32 kernel (every ISA gives it the same numbers); a forced ISA
+  // the CPU lacks throws.
+  QuantIsa isa = QuantIsa::Auto;
   // Int8 body, AVX2 / VNNI: weight rows in panels of 8 through the GEMM kernel (decoded once, reused
   // for all M activation rows; SalientBinary: every row through its panel kernel). false: the
   // four-row kernels only (the body before the GEMM kernel; benchmarks compare the two in one run).

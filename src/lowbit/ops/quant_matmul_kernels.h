@@ -215,6 +215,28 @@ using SplitColumns = void (*)(const float* x, const uint8_t* mask, int64_t in, f
 SplitColumns avx512_split_columns();
 #endif
 
+// ---- The Exact body's f32 dot products (quant_matmul_f32.cpp) --------------------------------
+// y[m * ldy + j] = the dot product of x row m (x + m * ldx) and weight row j (w + j * ldw) over n
+// values, for m < M, j < N, each summed in ONE order that depends on n only (never on M, N, the
+// tile an element falls in, the thread that runs it or the ISA), so a row of activations gets the
+// same numbers alone, in a batch or a prompt, on one thread or many:
+//   eight lanes l = 0..7, s_l = fma(x[i], w[i], s_l) over i = 8k + l < n8 = n - n % 8, in order of k
+//   (fused multiply-add: one rounding per term); then t = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7));
+//   then t = fma(x[i], w[i], t) for i = n8 .. n - 1 in order; the result is t.
+// The x86 copies keep one 256-bit accumulator per output (lane l = s_l) and vary only how many
+// outputs share a pass (register tiles of up to 4 x rows by 8 weight rows, larger with AVX-512's 32
+// registers); the portable copy runs the same formula with std::fma. All copies give the same
+// numbers, bit for bit (tests: test_quant_matmul.cpp, ExactAndInt8RowsDoNotDependOnTheBatch).
+using F32DotRows = void (*)(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw, int64_t N, int64_t n,
+                            float* y, int64_t ldy);
+void portable_f32_dot_rows(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw, int64_t N, int64_t n,
+                           float* y, int64_t ldy);
+#if defined(__x86_64__) || defined(__i386__)
+// AVX2 + FMA; `wide`: the copy for the AVX-512 register file (larger tiles, same numbers) where the
+// CPU has AVX-512 VL, else the AVX2 copy. The caller checks AVX2 and FMA.
+F32DotRows x86_f32_dot_rows(bool wide);
+#endif
+
 // Order of the activations inside a full block for this layout (block_source_index's `bits`):
 // IntGroups unpack in their bit order, ggml blocks keep the natural order.
 inline int act_order_bits(const PackedWeight& w) { return w.layout == PackedLayout::IntGroups ? w.bits : 8; }

@@ -11,11 +11,9 @@ namespace lowbit::ops::salient {
 
 // Throws naming `op` when the view's SalientBinary fields are inconsistent (mask count, row bytes).
 void check(const PackedWeight& w, const char* op);
-// Row r decoded exactly as QuantizedTensor::dequantize_row (bit-identical).
+// Row r decoded exactly as QuantizedTensor::dequantize_row (bit-identical); the Exact body decodes
+// rows with it (f32 tables of the sign bytes would sum in another order than its prefill form).
 void decode_row(const PackedWeight& w, int64_t r, float* dst);
-// The binary columns' part of y (written, [M, out]): f32 activations, per-call lookup tables of
-// the r_j x_j sums (any M; quant_matmul uses it for M <= 8).
-void binary_exact(const float* x, int64_t M, const PackedWeight& w, float* y);
 // The Int8 body, the whole product (y written, [M, out]): x_b = r_j x_j of the binary columns
 // quantized to int8 per block of 32 (as the other layouts), x_s of the salient ones to int16 per
 // block of 32 (qmm::SalientActs); binary part through int16 tables of the sign bytes' partial sums,
@@ -34,11 +32,6 @@ void int8_panel(const float* x, int64_t M, const PackedWeight& w, float* y, qmm:
 void int8_panel_many(const float* x, int64_t M, const std::vector<const PackedWeight*>& ws, const std::vector<float*>& ys,
                      qmm::SalientPanel panel);
 #endif
-// The salient columns of x gathered in column order: xs [M, salient].
-void gather_salient(const float* x, int64_t M, const PackedWeight& w, float* xs);
-// The first k salient columns as an IntGroups view (4-bit codes, one group of k columns per row, rows
-// w.row_bytes apart): s, z [out] receive each row's f16 scale and zero (the view points at them).
-PackedWeight salient_view(const PackedWeight& w, int64_t k, uint16_t* s, uint16_t* z);
 
 // Diagnostic (LOWBIT_PTQ161_ACT_SIM, read once; quant_matmul.h): whether it is set, and x [M, in]
 // with the gathered binary (r_j x_j) and salient activations rounded as it says, into out [M, in].
