@@ -358,41 +358,6 @@ TEST(GgmlGrid, KQuantSweepReturnsTheStoredValues) {
   }
 }
 
-// The k-quants' importance weights h_i sqrt(sigma2 + x_i^2) take sigma2 from the whole 256-value
-// super-block (llama.cpp's quantize_row_q*_K_impl form; q2_k mean(x^2), q3_k/q4_k/q5_k 2 mean(x^2),
-// q6_k h_i alone), not from each sub-block: refitting a sub-block of unchanged values with the
-// super-block given reproduces the block fit byte for byte (GPTQ's refit when the sweep enters a
-// sub-block sees the same weights as the fit); with the sub-block's own mean square instead (no
-// super-block given), sub-blocks far below the super-block's magnitude get other weights.
-TEST(GgmlGrid, KQuantWeightsUseTheSuperBlockVariance) {
-  std::mt19937 rng(11);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  std::uniform_real_distribution<float> ud(0.1f, 3.f);
-  int changed_without = 0;
-  for (const char* name : kKQuants) {
-    const QuantFormat& f = parse_quant_format(name);
-    const int sub = ggml_grid_sub_block_size(f);
-    for (int trial = 0; trial < 8; ++trial) {
-      std::vector<float> x(256), imp(256);
-      for (int i = 0; i < 256; ++i)  // sub-blocks of very different magnitude, a few outliers
-        x[size_t(i)] = 0.02f * nd(rng) * (1.f + 9.f * float((i / sub) % 3 == 0)) * (i % 53 == 0 ? 4.f : 1.f),
-        imp[size_t(i)] = ud(rng);
-      std::vector<uint8_t> blk(size_t(f.block_bytes));
-      ggml_grid_fit_block(f, x.data(), blk.data(), imp.data());
-      for (int s = 0; s < 256 / sub; ++s) {
-        std::vector<uint8_t> again = blk, own = blk;
-        ggml_grid_refit_sub_block(f, again.data(), s, x.data() + s * sub, imp.data() + s * sub, x.data());
-        ASSERT_TRUE(again == blk) << name << " trial " << trial << " sub-block " << s
-                                  << ": the refit with the super-block differs from the block fit";
-        ggml_grid_refit_sub_block(f, own.data(), s, x.data() + s * sub, imp.data() + s * sub);
-        changed_without += own != blk;
-      }
-    }
-  }
-  std::printf("  sub-blocks refitted differently from their own mean square: %d\n", changed_without);
-  EXPECT_GT(changed_without, 0) << "the super-block's variance should matter on uneven sub-blocks";
-}
-
 TEST(GgmlGrid, GptqOnKQuantsBeatsRtnAndStaysOnTheGrid) {
   Tensor x, w;
   layer_problem(512, 256, 32, x, w);  // one 256-value super-block per row

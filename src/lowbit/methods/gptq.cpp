@@ -224,7 +224,7 @@ GptqResult gptq_quantize(const Tensor& w_in, const Tensor& h_raw, const QuantFor
           const int64_t pos = col - f.group_begin(g);
           if (!static_groups && pos == 0) ggml_grid_fit_block(f, wrow + j, blk, &hdiag[size_t(col)]);
           else if (!static_groups && pos % sub == 0)  // without act-order j == col: wrow + j is the sub-block
-            ggml_grid_refit_sub_block(f, blk, int(pos / sub), wrow + j, &hdiag[size_t(col)], wrow + j - pos);
+            ggml_grid_refit_sub_block(f, blk, int(pos / sub), wrow + j, &hdiag[size_t(col)]);
           const float q = ggml_grid_round(f, blk, int(pos), wrow[j]);
           const float* urow = &u[size_t(j * in)];
           const float e = (wrow[j] - q) / urow[j];

@@ -224,27 +224,17 @@ double sub_error(const KGrid& k, float d, float dmin, int sc, int m, const float
   return e;
 }
 
-// The variance term of the weighted sub-block fit, over the whole super-block's current values x
-// (256), as llama.cpp's importance-matrix k-quant search forms it: sigma2 = 2 mean(x^2) (q3_k, q4_k,
-// q5_k), mean(x^2) (q2_k); q6_k weighs by the importance alone (returns 0, unused).
-float kquant_sigma2(const KGrid& k, const float* x) {
-  float sx2 = 0;
-  for (int i = 0; i < g::QK_K; ++i) sx2 += x[i] * x[i];
-  return (k.id == QuantFormatId::Q2_K ? 1.0f : 2.0f) * sx2 / float(g::QK_K);
-}
-
 // Weights of the sub-block fit: with an importance (GPTQ: the Hessian diagonal) imp_i *
-// sqrt(sigma2 + x_i^2), sigma2 = kquant_sigma2 of the super-block (q6_k: imp_i alone) — the form
-// llama.cpp gives its importance-matrix k-quant search; without, the reference quantizer's own weights.
-void sub_weights(const KGrid& k, const float* x, const float* imp, float sigma2, float* w) {
-  if (imp) {
-    for (int i = 0; i < k.sub; ++i)
-      w[i] = k.id == QuantFormatId::Q6_K ? std::max(imp[i], 0.0f)
-                                         : std::max(imp[i], 0.0f) * std::sqrt(sigma2 + x[i] * x[i]);
-    return;
-  }
+// sqrt(sigma2 + x_i^2), sigma2 = 2 mean(x^2) over the sub-block (the form llama.cpp gives its
+// importance-matrix k-quant search); without, the reference quantizer's own weights.
+void sub_weights(const KGrid& k, const float* x, const float* imp, float* w) {
   float sx2 = 0;
   for (int i = 0; i < k.sub; ++i) sx2 += x[i] * x[i];
+  if (imp) {
+    const float sigma2 = 2.0f * sx2 / float(k.sub);
+    for (int i = 0; i < k.sub; ++i) w[i] = std::max(imp[i], 0.0f) * std::sqrt(sigma2 + x[i] * x[i]);
+    return;
+  }
   const float av = std::sqrt(sx2 / float(k.sub));
   for (int i = 0; i < k.sub; ++i)
     w[i] = k.id == QuantFormatId::Q2_K ? std::fabs(x[i]) : k.affine ? av + std::fabs(x[i]) : x[i] * x[i];
@@ -332,9 +322,8 @@ void kquant_fit_block(const KGrid& k, const float* x, const float* imp, uint8_t*
   std::memset(b, 0, size_t(block_bytes));
   const int ns = g::QK_K / k.sub;
   float w[g::QK_K], scale[16], min[16];
-  const float sigma2 = imp ? kquant_sigma2(k, x) : 0.0f;
   for (int s = 0; s < ns; ++s) {
-    sub_weights(k, x + s * k.sub, imp ? imp + s * k.sub : nullptr, sigma2, w + s * k.sub);
+    sub_weights(k, x + s * k.sub, imp ? imp + s * k.sub : nullptr, w + s * k.sub);
     continuous_fit(k, x + s * k.sub, w + s * k.sub, !imp && k.id == QuantFormatId::Q2_K, scale[s], min[s], imp != nullptr);
   }
   if (k.affine) {
@@ -556,22 +545,13 @@ void ggml_grid_fit_block(const QuantFormat& f, const float* x, uint8_t* block, c
   for (int j = 0; j < 32; ++j) ggml_grid_round(f, block, j, x[j]);  // the codes of x on the chosen grid
 }
 
-void ggml_grid_refit_sub_block(const QuantFormat& f, uint8_t* block, int s, const float* x, const float* importance,
-                               const float* block_values) {
+void ggml_grid_refit_sub_block(const QuantFormat& f, uint8_t* block, int s, const float* x, const float* importance) {
   LB_CHECK(ggml_block_grid_supported(f) && is_kquant(f.id), "ggml grid: format ", f.name,
            " has no sub-blocks (the k-quants q2_k..q6_k do)");
   const KGrid k = kgrid(f.id);
   LB_CHECK(s >= 0 && s < g::QK_K / k.sub, "ggml grid: sub-block ", s, " outside a ", f.name, " block");
   float w[32], scale, min;
-  float sigma2 = 0;
-  if (importance && block_values) {
-    sigma2 = kquant_sigma2(k, block_values);
-  } else if (importance) {  // no super-block given: the sub-block's own mean, scaled to the same form
-    float sx2 = 0;
-    for (int i = 0; i < k.sub; ++i) sx2 += x[i] * x[i];
-    sigma2 = (k.id == QuantFormatId::Q2_K ? 1.0f : 2.0f) * sx2 / float(k.sub);
-  }
-  sub_weights(k, x, importance, sigma2, w);
+  sub_weights(k, x, importance, w);
   continuous_fit(k, x, w, !importance && k.id == QuantFormatId::Q2_K, scale, min, importance != nullptr);
   choose_sub(k, block, s, x, w, scale, min);
 }

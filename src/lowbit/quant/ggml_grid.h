@@ -36,9 +36,8 @@
 // the one the file stores (no re-rounding at export):
 //   1. ggml_grid_fit_block, when the sweep reaches the block's first value: each sub-block's
 //      unquantized scale (and min) is searched on the current values, weighted (with an importance,
-//      GPTQ's Hessian diagonal h_i: h_i sqrt(sigma2 + x_i^2), sigma2 = 2 mean(x^2) over the whole
-//      256-value super-block (q2_k: mean(x^2); q6_k: h_i alone), the form llama.cpp gives its
-//      imatrix search (quantize_row_q*_K_impl); without, the reference quantizer's weights). Affine types: ggml's
+//      GPTQ's Hessian diagonal h_i: h_i sqrt(2 mean(x^2) + x_i^2), the form llama.cpp gives its
+//      imatrix search; without, the reference quantizer's weights). Affine types: ggml's
 //      make_qkx2 search (ggml_quants.h); signed types: the least-squares scale over 19 trial grids.
 //      d = the largest sub-scale / 63 (q2_k: 15; q3_k: / -32, q6_k: / -128, as the reference),
 //      dmin = the largest min / 63 (15), both rounded to f16 and stored; then each sub-block's
@@ -99,11 +98,8 @@ void ggml_grid_fit_block(const QuantFormat& f, const float* x, uint8_t* block, c
 
 // k-quants only: refits the stored scale (and min) of sub-block s (0 <= s < 256 / sub-block size)
 // from x (its sub-block-size values) given the block's stored d / dmin, and writes their codes.
-// block_values (with an importance): the super-block's 256 current values, whose mean square sets
-// the weights' sigma2 as in ggml_grid_fit_block (GPTQ: the row as updated so far, x = block_values
-// + s * sub-block size); null: the sub-block's own mean square.
 void ggml_grid_refit_sub_block(const QuantFormat& f, uint8_t* block, int s, const float* x,
-                               const float* importance = nullptr, const float* block_values = nullptr);
+                               const float* importance = nullptr);
 
 // Learnable clipping (ApiQ / SAPR, quant/lwc.h) on the same grids: the block's parameters come from
 // given unquantized per-sub-block scales (and mins) instead of a search, then every value is rounded
