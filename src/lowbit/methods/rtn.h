@@ -19,8 +19,7 @@ QuantizedTensor rtn_quantize_clipped(const Tensor& w, const QuantFormat& f, cons
 // importance matrix, `--weighted-round` of rtn/awq): importance [in] >= 0 is the calibration
 // inputs' mean x_c^2 per input channel (the diagonal of the layer's Hessian up to a factor), and
 // each block's parameters are chosen to minimise the rounding error weighted by
-// importance_c sqrt(2 mean(w^2) + w_c^2) (mean over the 32-value block; the k-quants as llama.cpp:
-// over the 256-value super-block, q2_k mean(w^2), q6_k importance_c alone) on the stored f16 grid (quant/ggml_grid.h,
+// importance_c sqrt(2 mean(w^2) + w_c^2) on the stored f16 grid (quant/ggml_grid.h,
 // ggml_grid_fit_block with an importance: q4_0/q5_0 the reference d or one of 81 least-squares
 // trial scales with two refits each, q8_0 / iq4_nl likewise over their own trial grids, q4_1/q5_1 the
 // reference or ggml's make_qkx2 search, the k-quants the weighted sub-block search with 4/6/8-bit
