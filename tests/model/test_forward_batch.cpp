@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <string>
 
 #include "common/small_model.h"
 #include "lowbit/ops/ops.h"
@@ -54,6 +55,38 @@ void check_batched_equals_separate(const LlamaModel& m, const std::vector<int>& 
       next[s] = int32_t((next[s] * 17 + step + 2) % V);
     }
   }
+}
+// `steps` batched decode steps of the sequences `lens` (prompts prefilled one by one) against the
+// same decodes run alone: every layer's K and V cache rows equal bit for bit (`what` names the case).
+void expect_batched_caches_equal_separate(const LlamaModel& m, const std::vector<int>& lens, int steps,
+                                          const std::string& what) {
+  NoGradGuard ng;
+  std::vector<KVCache> batched, single;
+  for (size_t s = 0; s < lens.size(); ++s) {
+    std::vector<int32_t> prompt;
+    for (int t = 0; t < lens[s]; ++t) prompt.push_back(int32_t((s * 7 + size_t(t) * 5 + 1) % 50));
+    batched.push_back(m.make_cache(lens[s] + steps));
+    single.push_back(m.make_cache(lens[s] + steps));
+    m.forward_cached(ids(prompt), batched.back());
+    m.forward_cached(ids(prompt), single.back());
+  }
+  for (int step = 0; step < steps; ++step) {
+    std::vector<int32_t> next;
+    std::vector<KVCache*> ptrs;
+    for (size_t s = 0; s < lens.size(); ++s) next.push_back(int32_t((s * 3 + size_t(step) * 11 + 2) % 50));
+    for (auto& cc : batched) ptrs.push_back(&cc);
+    m.forward_batch(ids(next), ptrs);
+    for (size_t s = 0; s < lens.size(); ++s) m.forward_cached(ids({next[s]}), single[s]);
+  }
+  for (size_t s = 0; s < lens.size(); ++s)
+    for (int i = 0; i < m.n_layers(); ++i)
+      for (int kv = 0; kv < 2; ++kv) {
+        const Tensor& a = (kv ? batched[s].v : batched[s].k)[size_t(i)];
+        const Tensor& b = (kv ? single[s].v : single[s].k)[size_t(i)];
+        const int64_t n = (lens[s] + steps) * a.numel() / a.size(0);
+        ASSERT_EQ(std::memcmp(a.raw_data(), b.raw_data(), size_t(n) * dtype_size(a.dtype())), 0)
+            << what << " sequence " << s << " layer " << i << (kv ? " v" : " k");
+      }
 }
 }  // namespace
 
@@ -112,34 +145,9 @@ TEST(ForwardBatch, F16CacheDecodeRowsEqualSeparateDecodesBitForBit) {
     for (bool direct : {true, false}) {
       const bool was = ops::set_kv_direct(direct);
       check_batched_equals_separate(m, {1, 5, 12, 3}, 4, 1e-5);
+      expect_batched_caches_equal_separate(m, {1, 5, 12, 3}, 3,
+                                           "head_dim " + std::to_string(hd) + " direct " + std::to_string(direct));
       NoGradGuard ng;
-      const std::vector<int> lens = {1, 5, 12, 3};
-      std::vector<KVCache> batched, single;
-      for (size_t s = 0; s < lens.size(); ++s) {
-        std::vector<int32_t> prompt;
-        for (int t = 0; t < lens[s]; ++t) prompt.push_back(int32_t((s * 7 + size_t(t) * 5 + 1) % 50));
-        batched.push_back(m.make_cache(lens[s] + 3));
-        single.push_back(m.make_cache(lens[s] + 3));
-        m.forward_cached(ids(prompt), batched.back());
-        m.forward_cached(ids(prompt), single.back());
-      }
-      for (int step = 0; step < 3; ++step) {
-        std::vector<int32_t> next;
-        std::vector<KVCache*> ptrs;
-        for (size_t s = 0; s < lens.size(); ++s) next.push_back(int32_t((s * 3 + size_t(step) * 11 + 2) % 50));
-        for (auto& cc : batched) ptrs.push_back(&cc);
-        m.forward_batch(ids(next), ptrs);
-        for (size_t s = 0; s < lens.size(); ++s) m.forward_cached(ids({next[s]}), single[s]);
-      }
-      for (size_t s = 0; s < lens.size(); ++s)
-        for (int i = 0; i < m.n_layers(); ++i)
-          for (int kv = 0; kv < 2; ++kv) {
-            const Tensor& a = (kv ? batched[s].v : batched[s].k)[size_t(i)];
-            const Tensor& b = (kv ? single[s].v : single[s].k)[size_t(i)];
-            const int64_t n = (lens[s] + 3) * a.numel() / a.size(0);
-            ASSERT_EQ(std::memcmp(a.raw_data(), b.raw_data(), size_t(n) * 2), 0)
-                << "head_dim " << hd << " direct " << direct << " sequence " << s << " layer " << i;
-          }
       KVCache cache = m.make_cache(8);
       m.forward_cached(ids({1, 2, 3}), cache);
       std::vector<KVCache*> one = {&cache};
@@ -166,34 +174,7 @@ TEST(ForwardBatch, ExactPathDecodeRowsEqualSeparateDecodesBitForBit) {
     for (int i = 0; i < m.n_layers(); ++i)
       for (auto& [name, slot] : m.block(i).linears())
         *slot = std::make_shared<QuantLinear>(quantize((*slot)->effective_weight(), parse_quant_format(fmt)));
-    NoGradGuard ng;
-    const std::vector<int> lens = {1, 5, 12, 3, 2, 7, 1, 4, 9, 2, 6, 3};
-    std::vector<KVCache> batched, single;
-    for (size_t s = 0; s < lens.size(); ++s) {
-      std::vector<int32_t> prompt;
-      for (int t = 0; t < lens[s]; ++t) prompt.push_back(int32_t((s * 7 + size_t(t) * 5 + 1) % 50));
-      batched.push_back(m.make_cache(lens[s] + 3));
-      single.push_back(m.make_cache(lens[s] + 3));
-      m.forward_cached(ids(prompt), batched.back());
-      m.forward_cached(ids(prompt), single.back());
-    }
-    for (int step = 0; step < 3; ++step) {
-      std::vector<int32_t> next;
-      std::vector<KVCache*> ptrs;
-      for (size_t s = 0; s < lens.size(); ++s) next.push_back(int32_t((s * 3 + size_t(step) * 11 + 2) % 50));
-      for (auto& cc : batched) ptrs.push_back(&cc);
-      m.forward_batch(ids(next), ptrs);
-      for (size_t s = 0; s < lens.size(); ++s) m.forward_cached(ids({next[s]}), single[s]);
-    }
-    for (size_t s = 0; s < lens.size(); ++s)
-      for (int i = 0; i < m.n_layers(); ++i)
-        for (int kv = 0; kv < 2; ++kv) {
-          const Tensor& a = (kv ? batched[s].v : batched[s].k)[size_t(i)];
-          const Tensor& b = (kv ? single[s].v : single[s].k)[size_t(i)];
-          const int64_t n = (lens[s] + 3) * a.numel() / a.size(0);
-          ASSERT_EQ(std::memcmp(a.raw_data(), b.raw_data(), size_t(n) * dtype_size(a.dtype())), 0)
-              << fmt << " sequence " << s << " layer " << i << (kv ? " v" : " k");
-        }
+    expect_batched_caches_equal_separate(m, {1, 5, 12, 3, 2, 7, 1, 4, 9, 2, 6, 3}, 3, fmt);
   }
 }
 

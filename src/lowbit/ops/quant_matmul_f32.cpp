@@ -11,6 +11,8 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+
+#include "lowbit/core/target_region.h"
 #endif
 
 namespace lowbit::ops::qmm {
@@ -33,15 +35,6 @@ void portable_f32_dot_rows(const float* x, int64_t ldx, int64_t M, const float* 
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-#define LB_PRAGMA(x) _Pragma(#x)
-#if defined(__clang__)
-#define LB_TARGET_BEGIN(t) LB_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
-#define LB_TARGET_END() LB_PRAGMA(clang attribute pop)
-#else
-#define LB_TARGET_BEGIN(t) LB_PRAGMA(GCC push_options) LB_PRAGMA(GCC target(t))
-#define LB_TARGET_END() LB_PRAGMA(GCC pop_options)
-#endif
-
 namespace {
 constexpr int kMaxTileCols = 8;
 }

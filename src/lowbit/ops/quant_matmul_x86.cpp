@@ -12,18 +12,8 @@
 #include <vector>
 
 #include "lowbit/core/cpu_features.h"
+#include "lowbit/core/target_region.h"
 #include "lowbit/ops/quant_matmul_kernels.h"
-
-// A region of functions compiled for an instruction set: GCC's target pragmas, or clang's
-// attribute pragma (clang ignores `#pragma GCC target`; the fuzz build uses clang).
-#define LB_PRAGMA(x) _Pragma(#x)
-#if defined(__clang__)
-#define LB_TARGET_BEGIN(t) LB_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
-#define LB_TARGET_END() LB_PRAGMA(clang attribute pop)
-#else
-#define LB_TARGET_BEGIN(t) LB_PRAGMA(GCC push_options) LB_PRAGMA(GCC target(t))
-#define LB_TARGET_END() LB_PRAGMA(GCC pop_options)
-#endif
 
 namespace lowbit::ops::qmm {
 
