@@ -182,6 +182,25 @@ TrainOptions tiny_v2(const std::string& out) {
   o.bitnet.v2 = true;
   return o;
 }
+
+// The dense view of a BitNet v2 checkpoint with its transforms reproduces the training forward's
+// final validation loss (BitLinear + transforms), and the packed model `qm` (the same checkpoint) on
+// the exact path computes the same logits of `toks`; returns the dense model's logits.
+Tensor expect_checkpoint_runs_training_numerics(const QuantizedCheckpoint& q, const LlamaModel& qm,
+                                               const TrainOptions& o, const std::vector<int32_t>& val,
+                                               const TrainResult& r, const Tensor& toks) {
+  LlamaModel dm(q.dense.config, q.dense.weights);
+  dm.set_transforms(q.transforms);
+  EXPECT_NEAR(validation_loss(dm, val, o.seq_len, o.batch_size, o.eval_batches), r.final_val_loss, 2e-5);
+  EXPECT_EQ(qm.transforms().rotation, "h-bitlinear");
+  NoGradGuard ng;
+  const Tensor b = dm.forward(toks).value();
+  ops::set_quant_matmul_default(ops::QuantMatmulPath::Exact);
+  const Tensor a = qm.forward(toks).value();
+  ops::set_quant_matmul_default(ops::QuantMatmulPath::Auto);
+  EXPECT_LT(max_abs_diff(a, b), 1e-4);
+  return b;
+}
 }  // namespace
 
 TEST(BitNetV2, ActivationBitsFollowTheA8ToA4Schedule) {
@@ -271,20 +290,10 @@ TEST(BitNetV2, LearnsAndItsCheckpointRunsTheTrainingNumerics) {
   EXPECT_EQ(q.transforms.rotation, "h-bitlinear");
   EXPECT_EQ(act_quant_name(q.transforms.act), "int4");
   ASSERT_TRUE(q.transforms.o_in.defined() && q.transforms.ffn.defined());
-  // The dense view of the checkpoint with its transforms reproduces the final validation loss of
-  // the training forward (BitLinear + transforms), and the packed model computes the same logits.
-  LlamaModel dm(q.dense.config, q.dense.weights);
-  dm.set_transforms(q.transforms);
-  EXPECT_NEAR(validation_loss(dm, val, o.seq_len, o.batch_size, o.eval_batches), r.final_val_loss, 2e-5);
-  auto qm = make_quantized_model(load_quantized_model((dir / "ternary").string(), false));
-  ASSERT_EQ(qm->transforms().rotation, "h-bitlinear");
   Tensor toks = Tensor::from_vector(std::vector<int32_t>{1, 5, 7, 2, 9, 11, 3, 3, 8, 0, 12}, {1, 11});
+  auto qm = make_quantized_model(load_quantized_model((dir / "ternary").string(), false));
+  const Tensor b = expect_checkpoint_runs_training_numerics(q, *qm, o, val, r, toks);
   NoGradGuard ng;
-  const Tensor b = dm.forward(toks).value();
-  ops::set_quant_matmul_default(ops::QuantMatmulPath::Exact);
-  const Tensor a = qm->forward(toks).value();
-  ops::set_quant_matmul_default(ops::QuantMatmulPath::Auto);
-  EXPECT_LT(max_abs_diff(a, b), 1e-4);
   // Auto (the default): the int4-grid activations go to the integer kernels as they are.
   EXPECT_LT(max_abs_diff(qm->forward(toks).value(), b), 1e-3);
   // Without the transforms the model computes something else (the Hadamard is part of it).
@@ -358,18 +367,11 @@ TEST(BitNetV2, AbsmeanA4TrainsSavesAndResumesOnlyWithTheSameQuantizer) {
   ASSERT_TRUE(r.complete);
   QuantizedCheckpoint q = load_quantized_model((dir / "ternary").string());
   EXPECT_EQ(act_quant_name(q.transforms.act), "int4-absmean");
-  LlamaModel dm(q.dense.config, q.dense.weights);
-  dm.set_transforms(q.transforms);
-  EXPECT_NEAR(validation_loss(dm, val, ot.seq_len, ot.batch_size, ot.eval_batches), r.final_val_loss, 2e-5);
-  auto qm = make_quantized_model(load_quantized_model((dir / "ternary").string(), false));
   Tensor toks = Tensor::from_vector(std::vector<int32_t>{1, 5, 7, 2, 9, 11, 3, 3, 8, 0, 12}, {1, 11});
   {
+    auto qm = make_quantized_model(load_quantized_model((dir / "ternary").string(), false));
+    const Tensor b = expect_checkpoint_runs_training_numerics(q, *qm, ot, val, r, toks);
     NoGradGuard ng;
-    const Tensor b = dm.forward(toks).value();
-    ops::set_quant_matmul_default(ops::QuantMatmulPath::Exact);
-    const Tensor a = qm->forward(toks).value();
-    ops::set_quant_matmul_default(ops::QuantMatmulPath::Auto);
-    EXPECT_LT(max_abs_diff(a, b), 1e-4);
     // absmax A4 computes something else.
     LlamaModel mx(q.dense.config, q.dense.weights);
     ModelTransforms tx = q.transforms;
