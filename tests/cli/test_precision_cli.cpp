@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -117,6 +118,26 @@ TEST(PrecisionCli, QatFp8RecordsThePrecisionAndRefusesAnotherOnResume) {
   const CliRun dge = run(base + "--precision fp4-dge --device cuda -o " + (dir / "dge").string());
   EXPECT_NE(dge.status, 0);
   EXPECT_NE(dge.out.find("--precision fp4-dge has no CUDA body"), std::string::npos) << dge.out;
+}
+
+// `lp_gemm` reports what runs: --lp-gemm native is honoured by fp8 (ops::fp8_gemm, also on the
+// CPU) but the fp4 precisions and int4 have no native GEMM anywhere, so they report emulated.
+TEST(PrecisionCli, LpGemmReportsWhatRuns) {
+  if (!std::filesystem::exists(test::cli_path())) GTEST_SKIP() << "no " << test::cli_path();
+  const auto dir = test::temp_dir("precision-cli-lp-gemm");
+  const auto [model, tokens] = model_and_tokens(dir);
+  ASSERT_FALSE(model.empty());
+  const std::string q = (dir / "q").string();
+  const CliRun qr = run("-q quantize -m " + model + " --format int3g64 --method rtn -o " + q);
+  ASSERT_EQ(qr.status, 0) << qr.out;
+  const std::string base = "-q finetune -m " + q + " --train-tokens " + tokens + " --valid-tokens " + tokens +
+                           " --steps 1 --batch 2 --seq-len 32 --eval-batches 1 --rank 4 --lr 1e-3 --json --lp-gemm native ";
+  for (const auto& [prec, want] : {std::pair<std::string, std::string>{"fp8", "native"}, {"nvfp4", "emulated"},
+                                   {"mxfp4", "emulated"}, {"int4", "emulated"}}) {
+    const CliRun r = run(base + "--precision " + prec + " --out " + (dir / ("run-" + prec)).string());
+    ASSERT_EQ(r.status, 0) << prec << "\n" << r.out;
+    EXPECT_EQ(last_json(r.out)["lp_gemm"], want) << prec;
+  }
 }
 
 TEST(PrecisionCli, FinetuneFp8RecordsThePrecisionAndRefusesAnotherOnResume) {

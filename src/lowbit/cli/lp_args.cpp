@@ -64,7 +64,11 @@ LowPrecisionOptions resolve_low_precision(const LowPrecisionArgs& a, const std::
   if (a.lp_gemm != "auto" && a.lp_gemm != "native" && a.lp_gemm != "emulated")
     throw_error("--lp-gemm: '", a.lp_gemm, "' is not a GEMM mode (choices: auto, native, emulated)");
   // auto: native on CUDA (FP8 tensor cores through cuBLASLt, bf16 tensor cores), emulated on the CPU.
-  o.recipe.native_gemm = a.lp_gemm == "native" || (a.lp_gemm == "auto" && device != "cpu");
+  // Resolved to what runs, so the reports' `lp_gemm` says it: only fp8 (ops::fp8_gemm, also on the
+  // CPU) and bf16 on CUDA have native GEMMs; the fp4 precisions and int4 always emulate.
+  const bool asked = a.lp_gemm == "native" || (a.lp_gemm == "auto" && device != "cpu");
+  const LpPrecision p = o.recipe.precision;
+  o.recipe.native_gemm = asked && (p == LpPrecision::FP8 || (p == LpPrecision::BF16 && device != "cpu"));
   return o;
 }
 
