@@ -8,7 +8,9 @@
 #                           [--seed N] [--ptq17] [ROW ...]   (ROW = a row name below, e.g. guided-int3g128;
 #                                                   default: all; rows of seed N > 0 are named ...-sN)
 # --ptq17: instead, issue 17's other post-training methods on the same protocol (RTN, AWQ, COMQ,
-# AdaQuant (~25 min a format on 2 loaded cores), Norm Tweaking on GPTQ, CLE at int4g128/int3g128/int2g64; PTQTP in tp2g128). Copy
+# AdaQuant (~25 min a format on 2 loaded cores), Norm Tweaking on GPTQ, CLE at int4g128/int3g128/int2g64; PTQTP in tp2g128;
+# AdaRound only when its rows are named, e.g. adaround-int3g128: ~40 h a format on the CPU, meant for
+# QUANT_DEVICE=cuda, the loop on the GPU — bench/cuda/gpu_session.sh adaround). Copy
 # docs/results/guided-smollm2.jsonl to DIR/rows.jsonl first to have the GPTQ/RSQ/guided rows in the table.
 # Models go to --out (default ~/.cache/lowbit-bench/guided), never into the repository; the table
 # is printed and written to DIR/results.md. A row already in DIR/rows.jsonl is not rerun.
@@ -19,6 +21,7 @@ lowbit=${LOWBIT:-build-rel/lowbit}
 nsamples=16 seqlen=512 ctx=512 windows=40 seed=0 ptq17=0
 out=${LOWBIT_BENCH_CACHE:-$HOME/.cache/lowbit-bench}/guided
 threads=${THREADS:-2}
+device=${QUANT_DEVICE:-cpu}  # the quantize runs' --device (the evaluation stays on the CPU)
 rows_wanted=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -52,7 +55,7 @@ run() {
   rm -rf "$dir"
   t0=$(date +%s.%N)
   "$lowbit" -q quantize -m "$model" --method "$method" --format "$format" --calib "$calib" --nsamples "$nsamples" \
-    --seqlen "$seqlen" --seed "$seed" --threads "$threads" --json -o "$dir" "$@" >"$dir.quantize.json"
+    --seqlen "$seqlen" --seed "$seed" --threads "$threads" --device "$device" --json -o "$dir" "$@" >"$dir.quantize.json"
   local qs
   qs=$(python3 -c "print(round($(date +%s.%N) - $t0, 1))")
   "$lowbit" -q eval ppl -m "$dir" --tokenizer "$model" --text "$wiki" --ctx "$ctx" --max-windows "$windows" \
@@ -71,6 +74,8 @@ if [ "$ptq17" = 1 ]; then
   for f in int4g128 int3g128 int2g64; do
     for m in rtn awq comq cle adaquant; do run "$m" "$f"; done
     run norm-tweak:gptq "$f" --base gptq
+    # AdaRound: only when named (the paper's 10k iterations a layer; the loop runs on QUANT_DEVICE)
+    if [[ " ${rows_wanted[*]:-} " == *" adaround-$f "* ]]; then run adaround "$f"; fi
   done
   run ptqtp tp2g128
 else

@@ -48,6 +48,9 @@
 #                                       (SKIP_TRAIN=1: the pass alone)
 #   bench/cuda/gpu_session.sh stream70b   (after setup): GPTQ and ApiQ with --stream on a 70B-shaped
 #                                       model of LAYERS blocks (issue 20)
+#   bench/cuda/gpu_session.sh adaround  carry tools.tar.xz + tests (after join-gguf): issue 17, AdaRound's
+#                                       GPU tests, then its SmolLM2 rows with the loop on the GPU
+#                                       (ADAROUND_ROWS, ADAROUND_TIMEOUT [520 s]; not measured yet)
 # Settings: STEPS [setup: "gemv tests"]  PARITY_SECONDS [150]  PLAN [bench/plans/smollm2-methods.txt]  MATCH [.]  FIRST [all jobs]  PARALLEL [8]  WAIT [500]  RESULTS [none]  TASK_LIMIT [300]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -475,6 +478,18 @@ eqat-gguf)
   kill "$SMI"
   awk -F', ' '{u += $1; if ($2 > m) m = $2; n++} END {if (n) printf "mean GPU utilisation %.0f %%, peak memory %d MiB over %d s\n", u / n, m, n}' "$T/smi.log"
   rm -rf "$T"
+  ;;
+adaround)
+  # Issue 17: AdaRound on SmolLM2 with its loop on the GPU (methods/adaround.cpp: f64 soft error ->
+  # cuBLAS f64 E H -> Adam step, 10k iterations a layer), then its tests. After join-gguf. The rows
+  # (ADAROUND_ROWS, default the three formats) append to $W/guided/rows.jsonl; the evaluation runs on
+  # the CPU. First: the GPU tests of the loop (Parity.AdaRound, AdaRound.CudaSolveMatchesCpu).
+  export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+  "$W/bin/test_ops" --gtest_filter='Parity.AdaRound' 2>&1 | tail -n 3
+  "$W/bin/test_methods" --gtest_filter='AdaRound.CudaSolveMatchesCpu' 2>&1 | tail -n 3
+  LOWBIT=$W/bin/lowbit LOWBIT_SHARED=$W/shared QUANT_DEVICE=cuda THREADS=16 timeout "${ADAROUND_TIMEOUT:-520}" \
+    bash bench/guided_smollm2.sh --ptq17 --out "$W/guided" ${ADAROUND_ROWS:-adaround-int3g128 adaround-int4g128 adaround-int2g64} || true
+  cat "$W/guided/rows.jsonl" 2>/dev/null
   ;;
 matquant-bg)
   # Issue 15: MatQuant on SmolLM2 for the seeds MQ_SEEDS (docs/results/matquant.md's command), in the

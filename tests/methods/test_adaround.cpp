@@ -3,6 +3,7 @@
 // against round-to-nearest, and a killed pipeline run resuming to the same model.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <random>
@@ -12,6 +13,8 @@
 #include "lowbit/io/llama2c.h"
 #include "lowbit/methods/adaround.h"
 #include "lowbit/methods/registry.h"
+#include "lowbit/ops/adaround.h"
+#include "lowbit/ops/device_init.h"
 #include "lowbit/model/weights.h"
 
 using namespace lowbit;
@@ -146,6 +149,60 @@ TEST(AdaRound, BeatsNearestRoundingOnRandomLayers) {
   AdaRoundOptions bad;
   bad.iters = -1;
   EXPECT_THROW(adaround_quantize(Tensor::zeros({2, 32}), Tensor::zeros({32, 32}), parse_quant_format("int4g32"), bad), Error);
+}
+
+// The loop runs on ops (ops/adaround.h: soft error, gemm, Adam step). On the CPU it is the host
+// objective's gradient (AdaRoundProblem::loss, the one the finite-difference test checks) followed by
+// Adam with PyTorch's arithmetic, bit for bit, through the warm-up and the annealing.
+TEST(AdaRound, OpLoopEqualsTheHostObjectiveAndAdamBitForBit) {
+  for (const char* fmt : {"int3g32", "int2g64s"}) {
+    Tensor w, h;
+    random_layer(6, 64, 5, w, h);
+    const QuantFormat& f = parse_quant_format(fmt);
+    AdaRoundOptions o;
+    o.iters = 60;
+    const AdaRoundResult r = adaround_quantize(w, h, f, o);
+    AdaRoundProblem p(w, h, f, o);
+    std::vector<double> v = p.v_init(), g, m(v.size(), 0.0), m2(v.size(), 0.0);
+    const int warm = int(std::lround(o.warmup * o.iters));
+    for (int t = 0; t < o.iters; ++t) {
+      double beta = o.beta_start, reg = 0;
+      if (t >= warm) {
+        const double rel = double(t - warm) / double(std::max(1, o.iters - warm));
+        beta = o.beta_end + (o.beta_start - o.beta_end) * std::max(0.0, 1 - rel);
+        reg = o.lambda;
+      }
+      p.loss(v, beta, reg, &g);
+      const double c1 = 1 - std::pow(0.9, double(t + 1)), c2 = 1 - std::pow(0.999, double(t + 1));
+      for (size_t k = 0; k < v.size(); ++k) {  // Adam written out (PyTorch's arithmetic)
+        m[k] = 0.9 * m[k] + (1 - 0.9) * g[k];
+        m2[k] = 0.999 * m2[k] + (1 - 0.999) * g[k] * g[k];
+        v[k] = v[k] - o.lr * (m[k] / c1) / (std::sqrt(m2[k] / c2) + 1e-8);
+      }
+    }
+    ASSERT_EQ(r.v.size(), v.size()) << fmt;
+    size_t differ = 0;
+    for (size_t k = 0; k < v.size(); ++k) differ += r.v[k] != v[k];
+    EXPECT_EQ(differ, 0u) << fmt;
+    EXPECT_EQ(r.loss, p.hard_loss(v)) << fmt;
+  }
+}
+
+// The loop on the GPU (the pipeline's device): whole solves with the paper's 10k iterations give the
+// CPU's rounding decisions and, to 1e-9, its loss (the passes differ from the CPU's in the last place:
+// Parity.AdaRound). Skips without a GPU.
+TEST(AdaRound, CudaSolveMatchesCpu) {
+  if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
+  for (const char* fmt : {"int3g32", "int2g64"}) {
+    Tensor w, h;
+    random_layer(8, 128, 21, w, h);
+    const QuantFormat& f = parse_quant_format(fmt);
+    const AdaRoundResult rc = adaround_quantize(w, h, f), rg = adaround_quantize(w.to(Device::CUDA), h.to(Device::CUDA), f);
+    EXPECT_NEAR(rg.loss, rc.loss, 1e-9 * std::max(1.0, rc.loss)) << fmt;
+    EXPECT_EQ(rg.flipped, rc.flipped) << fmt;
+    EXPECT_EQ(rg.undecided, rc.undecided) << fmt;
+    EXPECT_EQ(max_abs_diff(rg.q.dequantize(), rc.q.dequantize()), 0.0) << fmt;
+  }
 }
 
 // ---- AdaQuant -------------------------------------------------------------------------------------

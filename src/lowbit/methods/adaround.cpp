@@ -49,25 +49,18 @@ struct Adam {
     if (e == SIZE_MAX) e = x.size();
     const double b1 = 0.9, b2 = 0.999, eps = 1e-8;
     const double c1 = 1 - std::pow(b1, double(t)), c2 = 1 - std::pow(b2, double(t));
-    for (size_t i = b; i < e; ++i) {
-      m[i] = b1 * m[i] + (1 - b1) * g[i];
-      v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i];
-      x[i] -= lr * (m[i] / c1) / (std::sqrt(v[i] / c2) + eps);
-    }
+    for (size_t i = b; i < e; ++i) ops::adaround::adam(x[i], m[i], v[i], g[i], lr, b1, b2, eps, c1, c2);
   }
 };
 
 }  // namespace
 
 double rectified_sigmoid(double v, double zeta, double gamma) {
-  const double s = 1.0 / (1.0 + std::exp(-v));
-  return std::clamp(s * (zeta - gamma) + gamma, 0.0, 1.0);
+  return ops::adaround::soft<double>(v, 0, 1, 0, {0, 1, zeta, gamma}).h;
 }
 
 double rectified_sigmoid_grad(double v, double zeta, double gamma) {
-  const double s = 1.0 / (1.0 + std::exp(-v));
-  const double u = s * (zeta - gamma) + gamma;
-  return (u <= 0 || u >= 1) ? 0.0 : s * (1 - s) * (zeta - gamma);
+  return ops::adaround::soft<double>(v, 0, 1, 0, {0, 1, zeta, gamma}).dhdv;
 }
 
 // ---- AdaRound ------------------------------------------------------------------------------------
@@ -119,39 +112,16 @@ double AdaRoundProblem::rec(const std::vector<double>& q, std::vector<double>* e
 double AdaRoundProblem::loss(const std::vector<double>& v, double beta, double reg_weight, std::vector<double>* grad) const {
   const size_t n = size_t(out_ * in_);
   if (v.size() != n) throw_error("adaround: ", v.size(), " rounding variables for ", n, " weights");
-  // Scratch reused across calls (the optimiser calls this 10k times per layer).
+  // The per-weight arithmetic of ops/adaround_math.h (the loop's ops call the same functions).
+  const ops::adaround::Grid g = grid();
   q_.resize(n);
-  dhdv_.resize(n);
-  hv_.resize(n);
-  const double zg = o_.zeta - o_.gamma;
-  for (size_t k = 0; k < n; ++k) {
-    const double sg = 1.0 / (1.0 + std::exp(-v[k]));
-    const double u = sg * zg + o_.gamma;
-    const double hk = std::clamp(u, 0.0, 1.0);
-    hv_[k] = hk;
-    const double c = floor_[k] + hk;
-    // dQ/dV = s * dh/dV inside the grid (torch.clamp passes the gradient at the bounds), else 0.
-    const bool inside = c >= qmin_ && c <= qmax_;
-    dhdv_[k] = (u <= 0 || u >= 1) ? 0.0 : sg * (1 - sg) * zg;
-    if (!inside) dhdv_[k] = -dhdv_[k];  // marks "outside" for the reconstruction part (sign bit)
-    q_[k] = (std::clamp(c, double(qmin_), double(qmax_)) - zero_[k]) * scale_[k];
-  }
+  for (size_t k = 0; k < n; ++k) q_[k] = ops::adaround::soft<double>(v[k], floor_[k], scale_[k], zero_[k], g).q;
   double l = rec(q_, grad ? &eh_ : nullptr);
   if (grad) grad->assign(n, 0.0);
   for (size_t k = 0; k < n; ++k) {
-    const double a = std::fabs(2 * hv_[k] - 1);
-    double pa1 = 0;  // |2h-1|^(beta-1)
-    if (reg_weight > 0) {
-      pa1 = a > 0 ? std::pow(a, beta - 1) : 0.0;
-      l += reg_weight * (1 - pa1 * a);
-    }
-    if (!grad) continue;
-    const double d = dhdv_[k];
-    if (d == 0) continue;
-    // d rec / dQ = -(E H); dQ/dh = s inside the grid; dreg/dh = -2 beta |2h-1|^(beta-1) sign(2h-1).
-    double dh = d > 0 ? -eh_[k] * scale_[k] : 0.0;
-    if (reg_weight > 0 && a > 0) dh -= reg_weight * beta * pa1 * (2 * hv_[k] > 1 ? 2.0 : -2.0);
-    (*grad)[k] = dh * std::fabs(d);
+    const ops::adaround::Soft<double> p = ops::adaround::soft<double>(v[k], floor_[k], scale_[k], zero_[k], g);
+    if (reg_weight > 0) l += ops::adaround::reg_term(p.h, beta, reg_weight);
+    if (grad) (*grad)[k] = ops::adaround::grad(p, eh_[k], scale_[k], beta, reg_weight);
   }
   return l;
 }
@@ -184,27 +154,39 @@ AdaRoundResult adaround_quantize(const Tensor& w, const Tensor& h, const QuantFo
   if (o.iters < 0) throw_error("adaround: iterations must be >= 0, got ", o.iters);
   if (!(o.lr > 0) || !(o.lambda >= 0) || !(o.beta_start > 0) || !(o.beta_end > 0) || !(o.warmup >= 0 && o.warmup <= 1))
     throw_error("adaround: needs lr > 0, lambda >= 0, beta > 0 and warm-up in [0, 1]");
-  AdaRoundProblem p(w, h, f, o);
-  std::vector<double> v = p.v_init(), g(v.size());
-  Adam adam(v.size());
+  // Set up on the host; the loop on W's device, in f64: soft error -> E H -> Adam step.
+  const Device dev = w.device();
+  AdaRoundProblem p(w.to(Device::CPU), h.to(Device::CPU), f, o);
+  const Shape shape{p.out(), p.in()};
+  auto up = [&](const std::vector<double>& x) { return Tensor::from_vector(x, shape).to(dev); };
+  Tensor V = up(p.v_init()), FL = up(p.floors()), S = up(p.scales()), Z = up(p.zeros());
+  const Tensor WD = p.weight().to(DType::F64).to(dev), H = p.hessian().to(dev);
+  Tensor M = Tensor::zeros(shape, DType::F64, dev), M2 = Tensor::zeros(shape, DType::F64, dev);
+  Tensor E = Tensor::empty(shape, DType::F64, dev), EH = Tensor::empty(shape, DType::F64, dev);
+  const ops::adaround::Grid grid = p.grid();
   const int warm = int(std::lround(o.warmup * o.iters));
   for (int t = 0; t < o.iters; ++t) {
-    double beta = o.beta_start, reg = 0;
+    ops::AdaRoundStep st;
+    st.beta = o.beta_start;
+    st.lr = o.lr;
+    st.t = t + 1;
     if (t >= warm) {  // BRECQ's LinearTempDecay: from beta_start at the end of the warm-up to beta_end
       const double rel = double(t - warm) / double(std::max(1, o.iters - warm));
-      beta = o.beta_end + (o.beta_start - o.beta_end) * std::max(0.0, 1 - rel);
-      reg = o.lambda;
+      st.beta = o.beta_end + (o.beta_start - o.beta_end) * std::max(0.0, 1 - rel);
+      st.reg = o.lambda;
     }
-    p.loss(v, beta, reg, &g);
-    ++adam.t;
-    adam.step(v, g, o.lr);
+    ops::adaround_soft_error(V, WD, FL, S, Z, grid, E);
+    ops::gemm(E, false, H, false, EH, 1.0, 0.0);
+    ops::adaround_adam_step(V, M, M2, EH, FL, S, Z, grid, st);
   }
+  const Tensor vc = V.to(Device::CPU);
+  std::vector<double> v(vc.data<double>(), vc.data<double>() + vc.numel());
   AdaRoundResult res;
   res.loss_rtn = p.rtn_loss();
   std::vector<double> q;
   res.loss = p.hard_loss(v, &q);
   // Flips against round-to-nearest, undecided soft values.
-  const Tensor wc = checked_weight(w, f, "adaround");
+  const Tensor& wc = p.weight();  // checked, f32, on the CPU
   const float* W = wc.data<float>();
   const int64_t in = p.in(), G = f.n_groups(in);
   for (int64_t r = 0; r < p.out(); ++r)
@@ -217,6 +199,7 @@ AdaRoundResult adaround_quantize(const Tensor& w, const Tensor& h, const QuantFo
   Tensor qv = Tensor::empty({p.out(), in});
   for (size_t k = 0; k < q.size(); ++k) qv.data<float>()[k] = float(q[k]);
   res.q = quantize_with_params(qv, f, p.params(), p.tensor_scale());
+  res.v = std::move(v);
   return res;
 }
 
@@ -228,7 +211,7 @@ std::string AdaRoundMethod::options_key() const {
 
 GptqResult AdaRoundMethod::solve(const Tensor& w, const Tensor& h, const QuantFormat& f) {
   GptqResult r;
-  r.q = adaround_quantize(w.to(Device::CPU), h.to(Device::CPU), f, a_).q;
+  r.q = adaround_quantize(w, h, f, a_).q;  // the loop on w's device (the GPU when the pipeline runs there)
   return r;
 }
 

@@ -43,13 +43,17 @@
 // inputs. The reference's bias tuning and activation-quantizer parameters do not apply
 // (weight-only, Llama has no biases).
 //
-// Both run on the host in f32/double (W and H are brought to the CPU), one gemm of [out, in] x
-// [in, in] per iteration.
+// AdaRound's loop runs on ops (ops/adaround.h: the soft error, gemm(E, H), the Adam step), in f64,
+// on the device W comes on: the GPU when the pipeline runs there (the paper's 10k iterations a
+// layer are one f64 [out, in] x [in, in] product each: ~40 h for SmolLM2 on a 2-core host), else the
+// CPU. AdaQuant runs on the host in f32/double (W and H are brought to the CPU), one gemm of
+// [out, in] x [in, in] per iteration (100 by default).
 #pragma once
 #include <string>
 #include <vector>
 
 #include "lowbit/methods/ptq_methods.h"
+#include "lowbit/ops/adaround.h"
 
 namespace lowbit {
 
@@ -90,6 +94,14 @@ class AdaRoundProblem {
   double rtn_loss() const;
   const std::vector<GroupParams>& params() const { return params_; }
   float tensor_scale() const { return ts_; }
+  // The per-weight constants of ops/adaround.h (fl = floor(W/s) + z, s, z), the grid, W and H
+  // (f32 and f64, on the CPU): what adaround_quantize uploads for its loop.
+  const std::vector<double>& floors() const { return floor_; }
+  const std::vector<double>& scales() const { return scale_; }
+  const std::vector<double>& zeros() const { return zero_; }
+  ops::adaround::Grid grid() const { return {double(qmin_), double(qmax_), o_.zeta, o_.gamma}; }
+  const Tensor& weight() const { return w_; }
+  const Tensor& hessian() const { return h_; }
 
  private:
   double rec(const std::vector<double>& q, std::vector<double>* eh) const;  // eh = (W - Q) H
@@ -100,7 +112,7 @@ class AdaRoundProblem {
   std::vector<double> floor_;          // floor(W/s) + z (codes before adding h)
   std::vector<double> scale_, zero_;   // per element
   std::vector<double> v0_;
-  mutable std::vector<double> q_, hv_, dhdv_, eh_;  // scratch of loss()
+  mutable std::vector<double> q_, eh_;  // scratch of loss()
   std::vector<GroupParams> params_;
   float ts_ = 1;
   float qmin_ = 0, qmax_ = 0;
@@ -111,6 +123,7 @@ struct AdaRoundResult {
   double loss_rtn = 0, loss = 0;  // rec(Q) of round-to-nearest and of the learned rounding
   int64_t flipped = 0;            // weights rounded the other way than round-to-nearest
   int64_t undecided = 0;          // weights whose final h(V) is neither 0 nor 1 (|2h - 1| < 0.99)
+  std::vector<double> v;          // the final rounding variables
 };
 
 AdaRoundResult adaround_quantize(const Tensor& w, const Tensor& h, const QuantFormat& f, const AdaRoundOptions& o = {});

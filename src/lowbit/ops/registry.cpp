@@ -47,6 +47,9 @@ constexpr OpInfo kOps[] = {
     {"lp_int4_hq", false, kCuda, "f32 f64"},
     {"lp_int4_bitsplit", false, kCuda, "f32 f64"},
     {"lp_int4_lss", false, kCuda, "f32 f64"},
+    // AdaRound's loop (ops/adaround.h; methods/adaround.cpp; CUDA: f64 and f32)
+    {"adaround_soft_error", false, kCuda, "f32 f64"},
+    {"adaround_adam_step", false, kCuda, "f32 f64"},
 };
 }  // namespace
 

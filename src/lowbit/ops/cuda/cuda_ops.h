@@ -4,14 +4,16 @@
 // Plain C++: no CUDA headers here, so that host-only translation units can include it.
 //
 // Dtypes on the GPU: f32 everywhere; bf16 (fp32 arithmetic inside) for gemm, the elementwise ops,
-// reductions, rmsnorm, rope, attention, activations, embedding, losses and AdamW. f64 is not
-// supported on the GPU (it exists on the CPU for gradient checks).
+// reductions, rmsnorm, rope, attention, activations, embedding, losses and AdamW. f64 only where
+// named (gemm, AdaRound's passes: its solver runs in f64); elsewhere it exists on the CPU for
+// gradient checks.
 #pragma once
 #include <cstdint>
 
 #include "lowbit/core/format_traits.h"
 #include "lowbit/core/tensor.h"
 #include "lowbit/ops/ops.h"
+#include "lowbit/ops/adaround.h"
 #include "lowbit/ops/lp_int4.h"
 #include "lowbit/ops/lp_quant.h"
 #include "lowbit/ops/qat_quant.h"
@@ -111,6 +113,12 @@ void lp_int4_hq(const Tensor& x, int32_t block, uint64_t seed, bool back, Tensor
 void lp_int4_bitsplit(const Tensor& g, uint64_t seed, Tensor& hi, Tensor& lo, LpSplitStats* stats);
 void lp_int4_lss(const Tensor& hi, const Tensor& lo, const Tensor& partner, bool sample, uint64_t seed, Tensor& y,
                  LpLssStats* stats);
+
+// AdaRound's element-wise passes (ops/adaround.h; ops/cuda/adaround.cu): f64 and f32, one thread per weight.
+void adaround_soft_error(const Tensor& v, const Tensor& w, const Tensor& fl, const Tensor& s, const Tensor& z,
+                         const adaround::Grid& g, Tensor& e);
+void adaround_adam_step(Tensor& v, Tensor& m, Tensor& m2, const Tensor& eh, const Tensor& fl, const Tensor& s,
+                        const Tensor& z, const adaround::Grid& g, const AdaRoundStep& st);
 
 // GPTQ (Frantar et al. 2022, Alg. 1) of one linear layer for the uniform integer formats of the
 // format table (methods/gptq_cuda.cpp passes the format's traits row and wraps the result into a
