@@ -587,7 +587,7 @@ const Row kRows[] = {
   {"train", "phase-in-steps -1", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-b1.58 --phase-in-steps -1", "--phase-in-steps: must be at least 0"},
   {"train", "phase-in past the end", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-b1.58 --steps 4 --transition-at 0.5 --phase-in-steps 5", "does not end by the last step"},
   {"train", "unknown schedule", "train --out {O} --vocab 512 --train-tokens {I} --schedule linear", "--schedule: 'linear' is not a schedule"},
-  {"train", "bitnet on cuda", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-b1.58 --device cuda", "--arch bitnet-b1.58 trains on the CPU"},
+  {"train", "bitnet in bf16", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-b1.58 --device cuda --bf16", "--arch bitnet-b1.58 trains in f32 (no --bf16)"},
   {"train", "unknown act-quant", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-v2 --act-quant absmin", "--act-quant: 'absmin' is not an activation quantizer (expected absmax or absmean)"},
   {"train", "act-quant without v2", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-b1.58 --act-quant absmean", "--act-quant need --arch bitnet-v2"},
   {"train", "absmean at 8 bits", "train --out {O} --vocab 512 --train-tokens {I} --arch bitnet-v2 --act-bits 8 --act-quant absmean", "--act-quant absmean needs --act-bits 4"},

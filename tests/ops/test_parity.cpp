@@ -29,6 +29,7 @@
 #include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 #include "lowbit/ops/qat_quant.h"
+#include "lowbit/ops/ternary.h"
 #include "lowbit/ops/registry.h"
 #include "qat_cases.h"
 
@@ -1269,6 +1270,87 @@ TEST_F(Parity, GroupScaleBf16Output) {
   }
 }
 
+// BitLinear's quantizers, the randomized Hadamard transform and the fake quantizer (issues 15, 16;
+// ops/cuda/act_quant.cu), f32 and f64: bit for bit (tolerance 0) but ternary_fake_quant, whose
+// gamma (mean |w|) the device sums in another order (f32: the same after rounding but for a rare
+// tie, 1e-6; f64: 1e-12). Odd shapes, per-row and per-column groups, asymmetric and clipped grids,
+// an all-zero group, the Hadamard with and without a small matrix (576 = 64 x 9, 1536 = 512 x 3),
+// forward and transpose, and the autograd functions' backwards (straight through / the transpose).
+TEST_F(Parity, ActQuant) {
+  for (DType dt : {DType::F32, DType::F64}) {
+    const std::string d = dtype_name(dt);
+    auto r = [&](const Shape& s, uint64_t seed) { return Tensor::randn(s, seed, 1.0, DType::F64).to(dt); };
+    struct Fq {
+      int64_t M, N;
+      int bits;
+      bool asym;
+      double clip;
+      int64_t group;
+      bool per_column;
+    };
+    for (const Fq& c : {Fq{37, 96, 8, false, 1.0, 96, false}, Fq{37, 96, 4, true, 0.9, 32, false},
+                        Fq{64, 40, 3, false, 1.0, 16, true}, Fq{5, 7, 2, true, 1.0, 7, false}}) {
+      Tensor x = r({c.M, c.N}, 11);
+      Tensor x0 = x.to(DType::F64);
+      for (int64_t k = 0; k < c.group && !c.per_column; ++k) x0.data<double>()[k] = 0.0;  // an all-zero group
+      x = x0.to(dt);
+      Tensor yc = Tensor::empty(x.shape(), dt), yg = nan_gpu(x.shape(), dt);
+      ops::fake_quant(x, c.bits, c.asym, c.clip, c.group, c.per_column, yc);
+      ops::fake_quant(gpu(x), c.bits, c.asym, c.clip, c.group, c.per_column, yg);
+      check("fake_quant", str(d, " ", c.M, "x", c.N, " int", c.bits, c.asym ? " asym" : " sym", " g", c.group,
+                              c.per_column ? " per column" : ""), yg, yc, 0.0);
+    }
+    {
+      const Tensor x = r({29, 200}, 12);
+      Tensor yc, yg;
+      ops::act_quant_int8(x, yc);
+      ops::act_quant_int8(gpu(x), yg);
+      check("act_quant_int8", d, yg, yc, 0.0);
+      ops::act_quant_int4_absmean(x, yc);
+      ops::act_quant_int4_absmean(gpu(x), yg);
+      check("act_quant_int4_absmean", d, yg, yc, 0.0);
+    }
+    for (auto sc : {ops::TernaryScale::AbsMean, ops::TernaryScale::AbsMedian}) {
+      const Tensor w = r({48, 129}, 13);
+      Tensor yc, yg;
+      const double gc = ops::ternary_fake_quant(w, sc, yc), gg = ops::ternary_fake_quant(gpu(w), sc, yg);
+      const double tol = dt == DType::F64 ? 1e-12 : 1e-6;
+      EXPECT_NEAR(gg, gc, tol * gc) << d << " " << ops::ternary_scale_name(sc);
+      check("ternary_fake_quant", str(d, " ", ops::ternary_scale_name(sc)), yg, yc, tol);
+      EXPECT_NEAR(ops::ternary_gamma(gpu(w), sc), gc, tol * gc) << d;
+    }
+    struct Had {
+      int64_t M, n, m;
+    };
+    for (const Had& c : {Had{7, 64, 1}, Had{5, 576, 9}, Had{3, 1536, 3}, Had{40, 8, 1}}) {
+      const Tensor x = r({c.M, c.n}, 14);
+      Tensor signs = r({c.n}, 15).to(DType::F64);
+      for (int64_t k = 0; k < c.n; ++k) signs.data<double>()[k] = signs.data<double>()[k] < 0 ? -1.0 : 1.0;
+      signs = signs.to(dt);
+      const Tensor small = c.m > 1 ? r({c.m, c.m}, 16) : Tensor();
+      for (bool transpose : {false, true}) {
+        Tensor yc = Tensor::empty(x.shape(), dt), yg = nan_gpu(x.shape(), dt);
+        ops::hadamard_transform(x, signs, small, transpose, yc);
+        ops::hadamard_transform(gpu(x), gpu(signs), c.m > 1 ? gpu(small) : Tensor(), transpose, yg);
+        check("hadamard_transform", str(d, " ", c.M, "x", c.n, " m ", c.m, transpose ? " transpose" : ""), yg, yc, 0.0);
+      }
+    }
+  }
+  // The autograd functions on both devices (f32): the Hadamard's backward is its transpose, the
+  // quantizers' straight through.
+  const Tensor signs = [] {
+    Tensor s = Tensor::randn({576}, 17, 1.0, DType::F32);
+    for (int64_t k = 0; k < 576; ++k) s.data<float>()[k] = s.data<float>()[k] < 0 ? -1.0f : 1.0f;
+    return s;
+  }();
+  const Tensor small = Tensor::randn({9, 9}, 18, 0.3, DType::F32);
+  autograd_parity("hadamard_transform",
+                  [&](const std::vector<Var>& v, Device dev) { return hadamard_transform(v[0], signs.to(dev), small.to(dev)); },
+                  {rnd({6, 576}, 19)}, 0.0, 0.0);
+  autograd_parity("fake_quant", [](const std::vector<Var>& v, Device) { return fake_quant(v[0], 4, false, 1.0, 32); },
+                  {rnd({6, 64}, 20)}, 0.0, 0.0);
+}
+
 // AdaRound's passes (issue 17) in f64 (the solver's dtype) and f32, at a size that is not a multiple
 // of the block, with saturated, clamped and ordinary weights; cuBLAS's f64 gemm; then whole solves on
 // both devices. Not bit for bit: the device's exp / pow and nvcc's FMA contraction differ from the
@@ -1342,10 +1424,10 @@ TEST(ParityCoverage, EveryRegistryOpHasAParityTest) {
                                            "cast", "quant_matmul",
                                            // CPU only: a model on the GPU keeps an f32 cache and uses attention.
                                            "kv_attention",
-                                           // CPU only: BitLinear trains on the CPU (ops/ternary.h).
+                                           // Parity.ActQuant (issues 15 and 16): BitLinear's quantizers,
+                                           // the Hadamard transform and the fake quantizer.
                                            "ternary_fake_quant", "act_quant_int8",
                                            "act_quant_int4_absmean",
-                                           // CPU only (issue 16): rotated / activation-quantized models run on the CPU.
                                            "hadamard_transform", "fake_quant",
                                            // CPU only (issue 16): FP8/FP4 activation quantizers (ops/fp_act_quant.h).
                                            "fp_fake_quant",

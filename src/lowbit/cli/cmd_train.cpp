@@ -47,10 +47,10 @@ void run_train(TrainArgs& a) {
   o.bitnet.two_stage = parse_train_schedule(a.schedule);
   o.low_precision = resolve_low_precision(a.lp, a.device, "train");
   check_bitnet_options(o.bitnet, o.max_steps);
-  if (o.bitnet.enabled && (a.device != "cpu" || a.bf16))
-    throw_error("train: --arch ", a.arch, " trains on the CPU (--device cpu, no --bf16): BitLinear's quantizers",
+  if (o.bitnet.enabled && a.bf16)
+    throw_error("train: --arch ", a.arch, " trains in f32 (no --bf16): BitLinear's quantizers",
                 o.bitnet.v2 ? " and H-BitLinear's Hadamard transform and activation quantizer" : "",
-                " have CPU bodies only (no CUDA training body yet)");
+                " take f32 (or f64) operands on either device");
   if (!a.train_tokens.empty() && !a.train_text.empty()) throw_error("train: give --train or --train-tokens, not both");
   if (!a.valid_tokens.empty() && !a.valid_text.empty()) throw_error("train: give --valid or --valid-tokens, not both");
   // Data parallel: every rank builds the same model and data; each step's windows are split over

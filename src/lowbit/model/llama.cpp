@@ -433,14 +433,16 @@ Var LlamaModel::down_in(const Var& m) const {
   const HadamardRotation& r = transforms_.ffn;
   if (!r.defined()) return m;
   const DType dt = m.value().dtype();
-  return hadamard_transform(m, r.signs.to(dt), r.small.defined() ? r.small.to(dt) : Tensor());
+  const Device dev = m.value().device();  // the rotation's tensors follow the activations (CPU or CUDA body)
+  return hadamard_transform(m, r.signs.to(dt).to(dev), r.small.defined() ? r.small.to(dt).to(dev) : Tensor());
 }
 
 Var LlamaModel::o_in(const Var& att) const {
   const HadamardRotation& r = transforms_.o_in;
   if (!r.defined()) return att;
   const DType dt = att.value().dtype();
-  return hadamard_transform(att, r.signs.to(dt), r.small.defined() ? r.small.to(dt) : Tensor());
+  const Device dev = att.value().device();
+  return hadamard_transform(att, r.signs.to(dt).to(dev), r.small.defined() ? r.small.to(dt).to(dev) : Tensor());
 }
 
 Var LlamaModel::rotate_heads(const Var& x, bool kv_quantized) const {

@@ -16,7 +16,8 @@ Tensor HadamardRotation::apply(const Tensor& x, bool transpose) const {
   const Tensor xc = x.contiguous();
   const DType dt = xc.dtype();
   Tensor y = Tensor::empty(xc.shape(), dt, xc.device());
-  ops::hadamard_transform(xc, signs.to(dt), small.defined() ? small.to(dt) : Tensor(), transpose, y);
+  const Device dev = xc.device();
+  ops::hadamard_transform(xc, signs.to(dt).to(dev), small.defined() ? small.to(dt).to(dev) : Tensor(), transpose, y);
   return y;
 }
 

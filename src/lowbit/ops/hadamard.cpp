@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "lowbit/core/threads.h"
+#include "lowbit/ops/act_quant_math.h"
 #include "lowbit/ops/dispatch.h"
 
 namespace lowbit::ops {
@@ -41,7 +42,7 @@ void hadamard_transform(const Tensor& x, const Tensor& signs, const Tensor& smal
     detail::check_shape(op, signs, {n}, "signs");
     detail::check_same_kind(op, x, signs, "signs");
   }
-  if (detail::on_cuda(x)) throw_error(op, ": CPU only (no CUDA body); rotated models run on the CPU");
+  LB_CUDA_ROUTE(x, hadamard_transform, x, signs, small, transpose, y);
   const int64_t p = n / m;
   detail::dispatch_float(op, x.dtype(), [&](auto t) {
     using T = decltype(t);
@@ -96,11 +97,9 @@ void fake_quant(const Tensor& x, int bits, bool asymmetric, double clip, int64_t
   const int64_t along = per_column ? M : N;  // the dimension groups run along
   if (group < 1 || along % group != 0)
     throw_error(op, ": group of ", group, " does not divide the ", per_column ? "rows" : "columns", " (", along, ")");
-  if (detail::on_cuda(x)) throw_error(op, ": CPU only (no CUDA body); quantized activations run on the CPU");
+  LB_CUDA_ROUTE(x, fake_quant, x, bits, asymmetric, clip, group, per_column, y);
   // Groups: per_column = false: row r, columns [g*group, (g+1)*group); true: column c, rows likewise.
   const int64_t groups_per_line = along / group, lines = per_column ? N : M;
-  const double qmax_sym = std::ldexp(1.0, bits - 1) - 1, qmin_sym = -std::ldexp(1.0, bits - 1);
-  const double qmax_asym = std::ldexp(1.0, bits) - 1;
   detail::dispatch_float(op, x.dtype(), [&](auto t) {
     using T = decltype(t);
     const T* xp = x.data<T>();
@@ -113,32 +112,11 @@ void fake_quant(const Tensor& x, int bits, bool asymmetric, double clip, int64_t
         double lo = 0, hi = 0;  // the grid always holds zero
         for (int64_t k = 0; k < group; ++k) {
           const double v = double(xp[base + k * stride]);
-          lo = std::min(lo, v);
-          hi = std::max(hi, v);
+          lo = aq::min_of(lo, v);
+          hi = aq::max_of(hi, v);
         }
-        lo *= clip;
-        hi *= clip;
-        double s, zero, qlo, qhi;
-        if (asymmetric) {
-          s = (hi - lo) / qmax_asym;
-          zero = s > 0 ? std::nearbyint(-lo / s) : 0;
-          qlo = 0;
-          qhi = qmax_asym;
-        } else {
-          s = std::max(hi, -lo) / qmax_sym;
-          zero = 0;
-          qlo = qmin_sym;
-          qhi = qmax_sym;
-        }
-        for (int64_t k = 0; k < group; ++k) {
-          const int64_t i = base + k * stride;
-          if (!(s > 0)) {
-            yp[i] = T(0);
-            continue;
-          }
-          const double q = std::clamp(std::nearbyint(double(xp[i]) / s) + zero, qlo, qhi);
-          yp[i] = T((q - zero) * s);
-        }
+        const aq::FqGrid grid = aq::fq_grid(lo, hi, clip, bits, asymmetric);
+        for (int64_t k = 0; k < group; ++k) yp[base + k * stride] = T(aq::fq_value(double(xp[base + k * stride]), grid));
       }
     });
   });

@@ -24,11 +24,11 @@ constexpr OpInfo kOps[] = {
     {"cast", true, kCuda, "f64 f32 bf16 f16"},
     {"quant_matmul", false, true, "f32 x packed"},
     {"kv_attention", false, false, "f32 x f32/f16/i8/KIVI int4/int2 cache"},
-    {"ternary_fake_quant", false, false, "f32 f64"},  // BitLinear's quantizers (ops/ternary.h);
-    {"act_quant_int8", false, false, "f32 f64"},      // their STE is autograd/bitlinear.cpp
-    {"act_quant_int4_absmean", false, false, "f32 f64"},  // BitNet v2's absmean A4 (STE: autograd/bitlinear.cpp)
-    {"hadamard_transform", true, false, "f32 f64"},
-    {"fake_quant", false, false, "f32 f64"},
+    {"ternary_fake_quant", false, kCuda, "f32 f64"},  // BitLinear's quantizers (ops/ternary.h);
+    {"act_quant_int8", false, kCuda, "f32 f64"},      // their STE is autograd/bitlinear.cpp
+    {"act_quant_int4_absmean", false, kCuda, "f32 f64"},  // BitNet v2's absmean A4 (STE: autograd/bitlinear.cpp)
+    {"hadamard_transform", true, kCuda, "f32 f64"},
+    {"fake_quant", false, kCuda, "f32 f64"},
     {"fp_fake_quant", false, false, "f32 f64"},      // FP8 / MXFP4 / NVFP4 activations (issue 16)
     {"adamw8_step", false, false, "f32 params, u8 codes + f32 absmax state"},  // ops/blockwise8.h
     // QAT weight quantizers (ops/qat_quant.h; their autograd functions are quant/lsq.cpp, paretoq.cpp)

@@ -1,4 +1,5 @@
-// CPU reference bodies of BitNet b1.58's weight and activation quantizers (ops/ternary.h).
+// CPU reference bodies of BitNet b1.58's weight and activation quantizers (ops/ternary.h); the CUDA
+// bodies are ops/cuda/act_quant.cu (the per-element arithmetic shared: ops/act_quant_math.h).
 #include "lowbit/ops/ternary.h"
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 #include <vector>
 
 #include "lowbit/core/threads.h"
+#include "lowbit/ops/act_quant_math.h"
 #include "lowbit/ops/dispatch.h"
 #include "lowbit/ops/ops.h"
 
@@ -30,12 +32,17 @@ const char* act_scale_name(ActScale s) { return s == ActScale::AbsMean ? "absmea
 
 namespace {
 
-void check_cpu_float(const char* op, const Tensor& t, const char* name) {
+void check_float(const char* op, const Tensor& t, const char* name) {
   if (!t.defined()) throw_error(op, ": ", name, " is undefined");
-  if (t.device() != Device::CPU)
-    throw_error(op, ": ", name, " is ", t.describe(), "; BitLinear's quantizers have CPU bodies only");
   if (t.dtype() != DType::F32 && t.dtype() != DType::F64)
     throw_error(op, ": ", name, " is ", t.describe(), "; f32 or f64 expected");
+}
+
+// out reused when it already fits (shape, dtype, device, contiguous), else allocated like x.
+void fit_output(const Tensor& x, Tensor& out) {
+  if (!out.defined() || out.shape() != x.shape() || out.dtype() != x.dtype() || !out.is_contiguous() ||
+      out.device() != x.device())
+    out = Tensor::empty(x.shape(), x.dtype(), x.device());
 }
 
 // gamma in T's precision: the mean as quant/format.cpp's ternary_tensor_scale computes it (a double
@@ -57,14 +64,21 @@ T gamma_of(const T* w, int64_t n, TernaryScale scale) {
     std::nth_element(a.begin(), mid, a.end());
     g = *mid;
   }
-  return std::max(g, T(1e-5f));
+  return g < T(1e-5f) ? T(1e-5f) : g;  // std::max's rule (the CUDA body's too)
 }
 
 }  // namespace
 
 double ternary_gamma(const Tensor& w, TernaryScale scale) {
-  check_cpu_float("ternary_gamma", w, "w");
+  check_float("ternary_gamma", w, "w");
   const Tensor wc = w.contiguous();
+  if (detail::on_cuda(wc)) {
+#ifdef LOWBIT_WITH_CUDA
+    return cuda::ternary_gamma(wc, scale);
+#else
+    detail::no_cuda("ternary_gamma");
+#endif
+  }
   return detail::dispatch_float("ternary_gamma", wc.dtype(), [&](auto tag) -> double {
     using T = decltype(tag);
     return double(gamma_of<T>(wc.data<T>(), wc.numel(), scale));
@@ -72,11 +86,16 @@ double ternary_gamma(const Tensor& w, TernaryScale scale) {
 }
 
 double ternary_fake_quant(const Tensor& w, TernaryScale scale, Tensor& out) {
-  check_cpu_float("ternary_fake_quant", w, "w");
+  check_float("ternary_fake_quant", w, "w");
   const Tensor wc = w.contiguous();
-  if (!out.defined() || out.shape() != wc.shape() || out.dtype() != wc.dtype() || !out.is_contiguous() ||
-      out.device() != Device::CPU)
-    out = Tensor::empty(wc.shape(), wc.dtype());
+  fit_output(wc, out);
+  if (detail::on_cuda(wc)) {
+#ifdef LOWBIT_WITH_CUDA
+    return cuda::ternary_fake_quant(wc, scale, out);
+#else
+    detail::no_cuda("ternary_fake_quant");
+#endif
+  }
   return detail::dispatch_float("ternary_fake_quant", wc.dtype(), [&](auto tag) -> double {
     using T = decltype(tag);
     const T* p = wc.data<T>();
@@ -84,33 +103,29 @@ double ternary_fake_quant(const Tensor& w, TernaryScale scale, Tensor& out) {
     const int64_t n = wc.numel();
     const T g = gamma_of<T>(p, n, scale);
     parallel_for(n, 1 << 15, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) o[i] = std::clamp(std::rint(p[i] / g), T(-1), T(1)) * g;
+      for (int64_t i = lo; i < hi; ++i) o[i] = aq::ternary_qdq<T>(p[i], g);
     });
     return double(g);
   });
 }
 
 void act_quant_int8(const Tensor& x, Tensor& out) {
-  check_cpu_float("act_quant_int8", x, "x");
+  check_float("act_quant_int8", x, "x");
   if (x.dim() != 2) throw_error("act_quant_int8: x must be [rows, channels], got ", x.describe());
   const Tensor xc = x.contiguous();
-  if (!out.defined() || out.shape() != xc.shape() || out.dtype() != xc.dtype() || !out.is_contiguous() ||
-      out.device() != Device::CPU)
-    out = Tensor::empty(xc.shape(), xc.dtype());
+  fit_output(xc, out);
   // Per-token symmetric int8 with the absmax scale: the general fake quantizer with one group a row.
   fake_quant(xc, 8, false, 1.0, xc.size(1), false, out);
 }
 
 void act_quant_int4_absmean(const Tensor& x, Tensor& out) {
   const char* op = "act_quant_int4_absmean";
-  check_cpu_float(op, x, "x");
+  check_float(op, x, "x");
   if (x.dim() != 2) throw_error(op, ": x must be [rows, channels], got ", x.describe());
   const Tensor xc = x.contiguous();
-  if (!out.defined() || out.shape() != xc.shape() || out.dtype() != xc.dtype() || !out.is_contiguous() ||
-      out.device() != Device::CPU)
-    out = Tensor::empty(xc.shape(), xc.dtype());
+  fit_output(xc, out);
+  LB_CUDA_ROUTE(xc, act_quant_int4_absmean, xc, out);
   const int64_t M = xc.size(0), C = xc.size(1);
-  const double inv_sqrt7 = 1.0 / std::sqrt(7.0);
   detail::dispatch_float(op, xc.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = xc.data<T>();
@@ -121,9 +136,8 @@ void act_quant_int4_absmean(const Tensor& x, Tensor& out) {
         T* yr = yp + r * C;
         double sum = 0;
         for (int64_t c = 0; c < C; ++c) sum += std::fabs(double(xr[c]));
-        const double beta = std::max(C > 0 ? sum / double(C) : 0.0, 1e-5);
-        const double s = beta * inv_sqrt7;  // beta / sqrt(7): the grid's step
-        for (int64_t c = 0; c < C; ++c) yr[c] = T(std::clamp(std::nearbyint(double(xr[c]) / s), -8.0, 7.0) * s);
+        const double s = aq::int4_absmean_step(sum, C);  // beta / sqrt(7): the grid's step
+        for (int64_t c = 0; c < C; ++c) yr[c] = T(aq::int4_absmean_value(double(xr[c]), s));
       }
     });
   });

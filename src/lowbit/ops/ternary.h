@@ -20,7 +20,8 @@
 // f32 weights the codes and gamma are exactly those of quant/format.h's "ternary" format (its RTN
 // quantizer computes gamma the same way), so a model trained with BitLinear and saved in that
 // format computes the same weights. No backward: the straight-through estimator is written in
-// autograd/bitlinear.cpp. CPU bodies (f32, f64) only; CUDA tensors are refused with a clear error.
+// autograd/bitlinear.cpp. CPU bodies (f32, f64) and CUDA bodies (ops/cuda/act_quant.cu, f32 and f64;
+// the median scale reads |W| back to the host for its selection).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -34,13 +35,13 @@ enum class TernaryScale : uint8_t { AbsMean, AbsMedian };
 TernaryScale parse_ternary_scale(const std::string& name, const std::string& what = "--ternary-scale");
 const char* ternary_scale_name(TernaryScale s);
 
-// gamma of w (any shape, f32/f64, CPU) for the given statistic; >= 1e-5.
+// gamma of w (any shape, f32/f64, CPU or CUDA) for the given statistic; >= 1e-5.
 double ternary_gamma(const Tensor& w, TernaryScale scale);
 // out = gamma * RoundClip(w / gamma, -1, 1) (same shape/dtype as w, contiguous); returns gamma.
 double ternary_fake_quant(const Tensor& w, TernaryScale scale, Tensor& out);
-// x [M, C] (f32/f64, CPU): out = per-row int8 absmax fake quantization of x (same shape/dtype).
+// x [M, C] (f32/f64): out = per-row int8 absmax fake quantization of x (same shape/dtype).
 void act_quant_int8(const Tensor& x, Tensor& out);
-// x [M, C] (f32/f64, CPU): out = per-row int4 absmean fake quantization of x (same shape/dtype).
+// x [M, C] (f32/f64): out = per-row int4 absmean fake quantization of x (same shape/dtype).
 void act_quant_int4_absmean(const Tensor& x, Tensor& out);
 
 // The scale statistic of BitNet v2's 4-bit activation quantizer: absmax (s = max|x| / 7, codes in

@@ -448,9 +448,9 @@ TrainResult train_model(const TrainOptions& o, const std::vector<int32_t>& train
   if (o.seq_len > o.config.max_seq_len) throw_error("--seq-len ", o.seq_len, " exceeds the model's max_seq_len ", o.config.max_seq_len);
   check_training_inputs(o, train, val);
   check_bitnet_options(o.bitnet, o.max_steps);
-  if (o.bitnet.enabled && (o.device != Device::CPU || o.bf16))
+  if (o.bitnet.enabled && o.bf16)
     throw_error("--arch ", bitnet_arch_name(o.bitnet),
-                " trains on the CPU in f32 (BitLinear's quantizers and the Hadamard transform have CPU bodies only)");
+                " trains in f32, not --bf16 (BitLinear's quantizers and the Hadamard transform take f32/f64 operands)");
   const LowPrecisionOptions& lpo = o.low_precision;
   if (lpo.enabled()) {
     if (o.bitnet.enabled)

@@ -16,6 +16,7 @@
 #include "lowbit/ops/adaround.h"
 #include "lowbit/ops/lp_int4.h"
 #include "lowbit/ops/lp_quant.h"
+#include "lowbit/ops/ternary.h"
 #include "lowbit/ops/qat_quant.h"
 #include "lowbit/ops/quant_matmul.h"
 #include "lowbit/ops/rope_style.h"
@@ -113,6 +114,15 @@ void lp_int4_hq(const Tensor& x, int32_t block, uint64_t seed, bool back, Tensor
 void lp_int4_bitsplit(const Tensor& g, uint64_t seed, Tensor& hi, Tensor& lo, LpSplitStats* stats);
 void lp_int4_lss(const Tensor& hi, const Tensor& lo, const Tensor& partner, bool sample, uint64_t seed, Tensor& y,
                  LpLssStats* stats);
+
+// The activation / KV fake quantizer, the randomized Hadamard transform (ops/ops.h) and BitNet's
+// quantizers (ops/ternary.h): ops/cuda/act_quant.cu, f32 and f64, bit for bit the CPU bodies except
+// ternary gamma's mean (another summation order of the same double sum).
+void fake_quant(const Tensor& x, int bits, bool asymmetric, double clip, int64_t group, bool per_column, Tensor& y);
+void hadamard_transform(const Tensor& x, const Tensor& signs, const Tensor& small, bool transpose, Tensor& y);
+void act_quant_int4_absmean(const Tensor& x, Tensor& out);
+double ternary_gamma(const Tensor& w, TernaryScale scale);
+double ternary_fake_quant(const Tensor& w, TernaryScale scale, Tensor& out);
 
 // AdaRound's element-wise passes (ops/adaround.h; ops/cuda/adaround.cu): f64 and f32, one thread per weight.
 void adaround_soft_error(const Tensor& v, const Tensor& w, const Tensor& fl, const Tensor& s, const Tensor& z,
