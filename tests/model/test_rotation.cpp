@@ -11,6 +11,8 @@
 #include "lowbit/autograd/functions.h"
 #include "lowbit/io/llama2c.h"
 #include "lowbit/model/rotation.h"
+#include "lowbit/model/weights.h"
+#include "lowbit/ops/device_init.h"
 #include "lowbit/ops/ops.h"
 
 using namespace lowbit;
@@ -326,4 +328,35 @@ TEST(Rotation, ForwardBatchWithTransformsEqualsSeparateDecodes) {
       next[s] = int32_t((next[s] * 7 + step + 1) % c.vocab_size);
     }
   }
+}
+
+// A rotated model with integer activation quantization on the GPU (the Hadamard transform and the
+// quantizers' CUDA bodies): its logits follow the CPU's (the products' summation order differs, which
+// may move an activation across a rounding boundary: 1e-3 of the largest logit); FP activation formats
+// and KV-cache quantization are refused there by name. Skips without a GPU.
+TEST(Rotation, CudaRotatedActQuantModelFollowsTheCpu) {
+  if (!init_cuda()) GTEST_SKIP() << "no CUDA device (or a CPU-only build)";
+  LlamaConfig c = test::small_config(RopeStyle::Half);
+  LlamaWeights w = random_weights(c, 11, 0.1);
+  randomize_norms(w, 5);
+  ModelTransforms t = rotate_weights(c, w, 7);
+  const Tensor tok = tokens_of(2, 12, c.vocab_size);
+  LlamaWeights wg = w;
+  for_each_weight(wg, [](const std::string&, Tensor& x) { x = x.to(Device::CUDA); });
+  for (const char* act : {"none", "int8", "int4-asym", "int4-absmean"}) {
+    t.act = parse_act_quant(act);
+    LlamaModel cpu(c, w), gpu(c, wg);
+    cpu.set_transforms(t);
+    gpu.set_transforms(t);
+    const Tensor a = test::logits_of(cpu, tok), b = test::logits_of(gpu, tok).to(Device::CPU);
+    EXPECT_LE(rot_diff(a, b), 1e-3 * max_abs(a)) << act;
+  }
+  LlamaModel gpu(c, wg);
+  ModelTransforms fp = t;
+  fp.act = parse_act_quant("fp8");
+  EXPECT_THROW(gpu.set_transforms(fp), Error);
+  ModelTransforms kv = t;
+  kv.act = parse_act_quant("none");
+  kv.kv.bits = 4;
+  EXPECT_THROW(gpu.set_transforms(kv), Error);
 }

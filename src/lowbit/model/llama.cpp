@@ -388,9 +388,16 @@ void LlamaModel::set_transforms(ModelTransforms t) {
   validate_transforms(config_, t, "model transforms");
   if (t.any() && tp_)
     throw_error("rotation and activation / KV-cache quantization: not on a tensor-parallel piece of the model");
-  if (t.any() && final_norm_.value().device() != Device::CPU)
-    throw_error("rotation and activation / KV-cache quantization run on the CPU only (the model is on ",
-                device_name(final_norm_.value().device()), ")");
+  // On the GPU: the online Hadamard rotations, the integer activation quantizers (absmax, asymmetric,
+  // absmean) and LLM-QAT's per-token KV quantizer have CUDA bodies (ops/cuda/act_quant.cu); the FP8/FP4
+  // activation formats and the KV-cache quantizers (KIVI, CQ, WKVQuant) do not.
+  const Device dev = final_norm_.value().device();
+  if (dev != Device::CPU && t.act.enabled() && t.act.fp != ActFloat::None)
+    throw_error("FP8/FP4 activation quantization (act ", act_quant_name(t.act), ") runs on the CPU only (the model is on ",
+                device_name(dev), ")");
+  if (dev != Device::CPU && t.kv.enabled())
+    throw_error("KV-cache quantization (kv ", kv_quant_name(t.kv), ") runs on the CPU only (the model is on ",
+                device_name(dev), ")");
   transforms_ = std::move(t);
   if (transforms_.kv.enabled()) set_kv_cache_layout(transforms_.kv.group, transforms_.kv.window);
 }
