@@ -25,6 +25,8 @@
 #                                       test; STEPS=decode: packed_gpu.sh's decode rows) waits WAIT s,
 #                                       then copies results and logs to $OUT
 #   bench/cuda/gpu_session.sh check     carry .devcarry/tools.tar.xz: GPU tests + fused-AdamW timing (short)
+#   bench/cuda/gpu_session.sh unverified  carry tools.tar.xz tests.tar.xz: the GPU tests of code written
+#                                       without a GPU (int4 training, AdaRound, BitNet / rotation on CUDA)
 #   bench/cuda/gpu_session.sh lp        carry .devcarry/tools.tar.xz .devcarry/tests.tar.xz
 #                                       .devcarry/lp-tokens.tar.xz (stage it with `lp-stage`): issue 18 on
 #                                       the GPU: the op parity table (Parity.LpQuantize among it), then
@@ -102,6 +104,7 @@ stage)
   if [ -z "${NO_TESTS:-}" ] && [ -x "$B/tests/test_quant" ]; then
     mkdir -p "$S/t/w/bin"
     cp "$B/tests/test_quant" "$B/tests/test_methods" "$B/tests/test_ops" "$B/tests/test_model" "$S/t/w/bin/"
+    [ -x "$B/tests/test_train" ] && cp "$B/tests/test_train" "$S/t/w/bin/"  # the unverified mode's training tests
     # stories260K for the GPU tests that read it (QatCli.*; LOWBIT_SHARED=$W/shared)
     mkdir -p "$S/t/w/shared/models/stories260K"
     cp "$shared/models/stories260K/stories260K.bin" "$shared/models/stories260K/sample-tokens.i32" \
@@ -410,6 +413,27 @@ lp)
     RUNS="${LP_RUNS:-f32 bf16 fp8 fp8-current mxfp4 nvfp4 nvfp4-naive int4 int4-naive}" bench/low_precision_train.sh "$O/lp-15m" \
     2>&1 | tee "$O/lp-15m.md"
   rm -f "$O"/lp-15m/*/*.bin "$O"/lp-15m/*/*.safetensors
+  ;;
+unverified)
+  # The GPU tests of code written without a GPU (sessions of 2026-12-07/08), in one short call (carry
+  # .devcarry/tools.tar.xz and tests.tar.xz): int4 training's CUDA bodies (issue 18), AdaRound's loop
+  # (17), BitLinear's quantizers / fake_quant / the Hadamard transform and BitNet + rotated models on
+  # CUDA (15, 16), the one-step nvfp4 / int4 precision test.
+  rm -rf "$W" && mkdir -p "$W" && tar -xJf .devcarry/tools.tar.xz -C /tmp || exit 1
+  unpack_tests
+  export LD_LIBRARY_PATH=$W/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  for t in "test_ops Parity.LpInt4:Parity.AdaRound:Parity.ActQuant:Parity.LpQuantize*:ParityCoverage*" \
+           "test_methods AdaRound.CudaSolveMatchesCpu:QatCli.CudaPrecisionTracksCpuOnStories260K" \
+           "test_train LowPrecisionTrain.Int4CudaTracksCpu:BitNet.CudaTrainingTracksCpu" \
+           "test_model Rotation.CudaRotatedActQuantModelFollowsTheCpu"; do
+    set -- $t
+    if [ -x "$W/bin/$1" ]; then
+      LOWBIT_SHARED=$W/shared timeout 240 "$W/bin/$1" --gtest_filter="$2" 2>&1 | grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|error|normalised" | head -n 30
+    else
+      echo "$1: not carried"
+    fi
+  done
   ;;
 check)
   # A short call on its own (carry .devcarry/tools.tar.xz only): the GPU tests of the op parity table,
