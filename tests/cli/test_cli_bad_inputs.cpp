@@ -99,6 +99,7 @@ const Row kRows[] = {
   {"eval ppl", "act-clip search", "eval ppl -m {M} --tokens {I} --act int8 --act-clip search", "--act-clip search: only `lowbit quantize` searches", kModel},
   {"eval ppl", "kv-quant int8", "eval ppl -m {M} --tokens {I} --kv-quant int8", "--kv-quant: 'int8' is not a KV-cache quantization"},
   {"eval ppl", "kv-quant cq3", "eval ppl -m {M} --tokens {I} --kv-quant cq3", "--kv-quant: 'cq3' is not a KV-cache quantization"},
+  {"eval ppl", "kv-codebook f8", "eval ppl -m {M} --tokens {I} --kv-quant cq1 --kv-codebook f8", "--kv-codebook: f8 not in {f16,f32}"},
   {"eval ppl", "kv-quant cq1 without codebooks", "eval ppl -m {M} --tokens {I} --kv-quant cq1", "--kv-quant cq1: this model has no cq1 codebooks", kModel},
   {"eval ppl", "kv-quant wkv3", "eval ppl -m {M} --tokens {I} --kv-quant wkv3", "--kv-quant: 'wkv3' is not a KV-cache quantization"},
   {"eval ppl", "kv-quant wkv4 without smoothing", "eval ppl -m {M} --tokens {I} --kv-quant wkv4", "--kv-quant wkv4: this model has no wkv4 smoothing", kModel},

@@ -33,10 +33,11 @@ namespace {
 
 // The transforms t with CQ (bits per channel, channels a group) from codebooks learned on `calib`.
 ModelTransforms with_cq(LlamaModel& m, ModelTransforms t, int bits, int channels, const Tensor& calib,
-                        int64_t group, int64_t window) {
+                        int64_t group, int64_t window, bool f16 = true) {
   KVCodebookOptions o;
   o.channels = channels;
   o.code_bits = bits * channels;
+  o.f16 = f16;
   const KVCodebookReport r = learn_kv_codebooks(m, calib, o);
   t.kv.bits = bits;
   t.kv.cq_channels = channels;
@@ -131,9 +132,18 @@ TEST(KvCq, CodebooksInTheAttentionPath) {
     const Tensor tok = pattern_tokens(1, 30, c.vocab_size, 1);
     const Tensor fp = test::logits_of(m, tok);
     // Codebooks learned on the evaluated tokens themselves (30 points a group, 256 centroids): every
-    // key/value is a centroid, so quantizing them all changes nothing.
+    // key/value is a centroid, so quantizing them all changes nothing (f32 centroids; f16 ones are
+    // the keys/values rounded to f16, a small change).
     {
-      ModelTransforms q = with_cq(m, t, 1, 8, tok, 1, 0);
+      ModelTransforms q16 = with_cq(m, t, 1, 8, tok, 1, 0);
+      for (const Tensor* cb : {&q16.kv.cq_keys, &q16.kv.cq_values})  // f16 values, stored as such
+        EXPECT_EQ(max_abs_diff(cb->to(DType::F16).to(DType::F32), *cb), 0.0);
+      m.set_transforms(q16);
+      const double d16 = max_abs_diff(test::logits_of(m, tok), fp);
+      EXPECT_GT(d16, 0.0) << "rotated " << rotated;
+      EXPECT_LE(d16, 2e-2) << "rotated " << rotated;
+      m.set_transforms(t);
+      ModelTransforms q = with_cq(m, t, 1, 8, tok, 1, 0, false);
       const int64_t G = int64_t(c.n_kv_heads) * c.resolved_head_dim() / 8;
       EXPECT_EQ(q.kv.cq_keys.shape(), (Shape{c.n_layers, G, 256, 8}));
       m.set_transforms(q);
@@ -203,7 +213,9 @@ TEST(KvCq, CheckpointReloadsToIdenticalOutputsAndRefusesBadRecords) {
   PipelineOptions po;
   po.progress = false;
   run_blockwise(m, calib, rtn, f, po);
-  m.set_transforms(with_cq(m, ModelTransforms{}, 1, 8, calib, 2, 3));
+  // f32 centroids: the reload runs another RoPE layout, whose last-place differences must not meet a
+  // near-tie between two centroids (f16 centroids: KvCq.F16CodebooksAreStoredInF16).
+  m.set_transforms(with_cq(m, ModelTransforms{}, 1, 8, calib, 2, 3, false));
   save_quantized_model(dir.string(), m, "rtn", f);
   const Tensor tok = pattern_tokens(1, 28, c.vocab_size, 6);
   const Tensor ref = test::logits_of(m, tok);
@@ -265,4 +277,44 @@ TEST(KvCq, CheckpointReloadsToIdenticalOutputsAndRefusesBadRecords) {
   const auto size = fs::file_size(st);
   fs::resize_file(st, size - 1000);
   expect_error("model.safetensors");
+}
+
+// The default codebooks are f16 (the CQ paper's): f16-representable centroids, stored as F16 tensors
+// (half the bytes of f32), read back to the same values and the same outputs; a NaN in the f16 tensor
+// is refused like one in an f32 tensor.
+TEST(KvCq, F16CodebooksAreStoredInF16) {
+  auto dir = test::temp_dir("kv-cq-f16");
+  LlamaConfig c = test::small_config(RopeStyle::Half);
+  LlamaModel m(c, random_weights(c, 8, 0.12));
+  const QuantFormat& f = parse_quant_format("int4g32");
+  const Tensor calib = pattern_tokens(4, 24, c.vocab_size, 4);
+  RtnMethod rtn(f);
+  PipelineOptions po;
+  po.progress = false;
+  run_blockwise(m, calib, rtn, f, po);
+  m.set_transforms(with_cq(m, ModelTransforms{}, 2, 4, calib, 2, 3));
+  save_quantized_model(dir.string(), m, "rtn", f);
+  const std::string st = (dir / "model.safetensors").string();
+  {
+    const SafetensorsFile file = SafetensorsFile::open(st);
+    int n = 0;
+    for (const auto& t : file.tensors()) {
+      if (t.name.rfind("lowbit.kv_cq.", 0) != 0) continue;
+      EXPECT_EQ(t.dtype_name, "F16") << t.name;
+      ++n;
+    }
+    EXPECT_EQ(n, 2);
+  }
+  const Tensor tok = pattern_tokens(1, 28, c.vocab_size, 6);
+  QuantizedCheckpoint q = load_quantized_model(dir.string());
+  EXPECT_EQ(max_abs_diff(q.transforms.kv.cq_keys, m.transforms().kv.cq_keys), 0.0);
+  EXPECT_EQ(max_abs_diff(q.transforms.kv.cq_values, m.transforms().kv.cq_values), 0.0);
+  EXPECT_LE(max_abs_diff(test::logits_of(*make_quantized_model(q), tok), test::logits_of(m, tok)), 1e-5);
+  const test::SafetensorsSnapshot snap(st);
+  snap.rewrite("lowbit.kv_cq.values", [](const Tensor& t) {
+    Tensor u = t.to(DType::F32);
+    u.data<float>()[5] = std::numeric_limits<float>::quiet_NaN();
+    return u.to(DType::F16);
+  });
+  expect_message([&] { load_quantized_model(dir.string()); }, "non-finite");
 }

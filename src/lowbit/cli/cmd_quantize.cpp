@@ -780,6 +780,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     ko.channels = cq_channels;
     ko.code_bits = parse_kv_quant_bits(a.tr.kv_quant) * cq_channels;
     ko.kmeans.seed = a.seed;
+    ko.f16 = a.tr.kv_codebook == "f16";
     const KVCodebookReport kr = learn_kv_codebooks(*m.model, calib, ko);
     ModelTransforms t = m.model->transforms();
     t.kv.bits = parse_kv_quant_bits(a.tr.kv_quant);
@@ -790,6 +791,7 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     report["kv_codebooks"] = {{"channels", cq_channels}, {"centroids", int64_t(1) << ko.code_bits},
                               {"points_per_group", kr.points}, {"windows", calib.size(0)}, {"seqlen", calib.size(1)},
                               {"kmeans_max_iters", ko.kmeans.max_iters}, {"fisher_weighted", false},
+                              {"codebook_dtype", ko.f16 ? "f16" : "f32"},
                               {"key_rel_error", kr.key_rel_error}, {"value_rel_error", kr.value_rel_error},
                               {"seconds", kr.seconds}};
     if (!a.json) {

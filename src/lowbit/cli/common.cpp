@@ -234,6 +234,11 @@ void add_transform_options(CLI::App* app, TransformArgs* a) {
   app->add_option("--kv-calib", a->kv_calib,
                   "with --kv-quant cq1|cq2|wkv4|wkv2 on a model without codebooks / smoothing (eval, generate, bench): "
                   "learn them at load on this text's keys and values (quantize records them instead: its --calib)");
+  app->add_option("--kv-codebook", a->kv_codebook,
+                  "with --kv-quant cq1|cq2 codebooks learned here: centroids rounded to f16 (the paper's codebooks, "
+                  "stored in f16) or kept in f32")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f16", "f32"}));
   app->add_option("--kv-calib-windows", a->kv_calib_windows, "with --kv-calib: calibration windows")
       ->capture_default_str()
       ->check(between(1, 4096));
@@ -386,6 +391,7 @@ void apply_kv_calibration(LoadedModel& m, const TransformArgs& a, const std::str
   KVCodebookOptions o;
   o.channels = channels;
   o.code_bits = bits * channels;
+  o.f16 = a.kv_codebook == "f16";
   const KVCodebookReport r = learn_kv_codebooks(*m.model, calib, o);
   ModelTransforms t = cur;
   t.kv.bits = bits;

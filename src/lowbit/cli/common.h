@@ -85,6 +85,7 @@ struct TransformArgs {
   // cq1|cq2 codebooks at load on --kv-calib-windows windows of --kv-calib-seqlen tokens of TEXT.
   std::string kv_calib;
   int64_t kv_calib_windows = 16, kv_calib_seqlen = 512;
+  std::string kv_codebook = "f16";  // CQ centroids rounded to f16 (stored so) or kept in f32
   bool act_clip_given = false, kv_group_given = false, kv_window_given = false;
   bool rotating() const { return rotate != "none"; }
   // Any transform asked for (rotation, activation or KV quantization given on the command line).

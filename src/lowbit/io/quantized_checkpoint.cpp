@@ -250,9 +250,14 @@ void rotation_tensors(const ModelTransforms& tr, std::vector<std::pair<std::stri
     ts.emplace_back(std::string("lowbit.rotation.") + name + ".signs", r->signs.contiguous());
     if (r->small.defined()) ts.emplace_back(std::string("lowbit.rotation.") + name + ".small", r->small.contiguous());
   }
-  if (tr.kv.coupled()) {  // CQ codebooks, f32 [layers, groups, centroids, channels]
-    ts.emplace_back("lowbit.kv_cq.keys", tr.kv.cq_keys.contiguous());
-    ts.emplace_back("lowbit.kv_cq.values", tr.kv.cq_values.contiguous());
+  if (tr.kv.coupled()) {  // CQ codebooks [layers, groups, centroids, channels]: f16 when every value is
+                          // one (KVCodebookOptions::f16, the default: half the bytes), else f32; read as f32
+    for (const auto& [name, cb] :
+         {std::pair<const char*, const Tensor*>{"lowbit.kv_cq.keys", &tr.kv.cq_keys}, {"lowbit.kv_cq.values", &tr.kv.cq_values}}) {
+      const Tensor c = cb->contiguous();
+      const Tensor h = c.to(DType::F16);
+      ts.emplace_back(name, max_abs_diff(h.to(DType::F32), c) == 0.0 ? h : c);
+    }
   }
   if (tr.kv.smoothed()) {  // WKVQuant smoothing, f32 [layers, 2 (keys, values), channels]
     ts.emplace_back("lowbit.kv_wkv.shift", tr.kv.wkv_shift.contiguous());

@@ -9,6 +9,7 @@
 
 #include "lowbit/autograd/variable.h"
 #include "lowbit/core/error.h"
+#include "lowbit/core/format_traits.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/ops/coupled_quant.h"
 
@@ -200,10 +201,17 @@ KVCodebookReport learn_kv_codebooks(LlamaModel& model, const Tensor& tokens_in, 
         }
       KMeansOptions ko = o.kmeans;
       ko.seed = o.kmeans.seed * 0x9E3779B97F4A7C15ull + uint64_t(i) * 1000003ull + uint64_t(item);
-      const KMeansResult km = kmeans(pts, K, ko);
+      KMeansResult km = kmeans(pts, K, ko);
       float* dst = (is_v ? rep.values : rep.keys).data<float>() + (i * G + g) * K * c;
       std::copy(km.centroids.data<float>(), km.centroids.data<float>() + K * c, dst);
       err[size_t(item)] = km.objective.back();
+      if (o.f16) {  // the stored codebook: f16 centroids, the points re-assigned to them
+        std::vector<float> cent(dst, dst + K * c);
+        for (float& v : cent) v = fmt_f16_to_f32(fmt_f32_to_f16(v));
+        std::copy(cent.begin(), cent.end(), dst);
+        assign(pp, P, K, c, cent, km.assignment);
+        err[size_t(item)] = objective(pp, P, c, cent, km.assignment, std::vector<double>(size_t(P), 1.0));
+      }
       norm[size_t(item)] = nrm;
     });
     double ek = 0, nk = 0, ev = 0, nv = 0;

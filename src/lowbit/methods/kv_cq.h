@@ -45,10 +45,14 @@ struct KVCodebookOptions {
   int code_bits = 8;          // b: 2^b centroids a group
   int64_t max_points = 16384;  // vectors per group at most (an even stride over the calibration tokens)
   KMeansOptions kmeans;
+  // Round the centroids to f16 (the CQ paper's codebooks; the checkpoint then stores them in f16, half
+  // the bytes): the codes are chosen against the rounded centroids, and the reported error is theirs.
+  // false: f32 centroids (the rows of docs/results/kv-cq.md before 2026-12-08).
+  bool f16 = true;
 };
 
 struct KVCodebookReport {
-  Tensor keys, values;  // f32 [n_layers, KVH*hd/c, 2^b, c]
+  Tensor keys, values;  // f32 [n_layers, KVH*hd/c, 2^b, c] (f16-representable values with KVCodebookOptions::f16)
   // Relative quantization error ||x - Q(x)||^2 / ||x||^2 on the points used, per layer.
   std::vector<double> key_rel_error, value_rel_error;
   int64_t points = 0;  // vectors per group
