@@ -80,7 +80,7 @@ struct QuantArgs {
   AdaRoundOptions adaround;
   AdaQuantOptions adaquant;
   std::string tp_start = "grid", tp_scales = "group";  // ptqtp
-  uint64_t quip_seed = 0;           // quip
+  int64_t quip_seed = 0;            // quip
   std::string quip_sides = "both";  // quip: both | input
   std::string stream = "auto";  // --stream: auto, on, off (methods/stream.h)
   std::string calib_dtype = "auto";  // --calib-dtype: auto (bf16 with --bf16), f32, bf16
@@ -103,7 +103,7 @@ std::string stream_obstacle(const QuantArgs& a) {
   if (kv_quant_channels(a.tr.kv_quant) > 0) return "--kv-quant " + a.tr.kv_quant + " learns its codebooks on the whole quantized model";
   if (a.bits_budget > 0) return "--bits-budget scores every layer of the whole model first";
   if (a.method == "guided") return "--method guided gathers end-loss gradients of the whole model first";
-  if (a.method == "quip") return "--method quip puts a GGUF-order model in the Hugging Face q/k order first";
+  if (a.method == "quip") return "--method quip does not stream yet (its per-layer transforms are untested in the block writer)";
   if (a.lqer_rank > 0) return "--lqer-rank keeps every layer's full-precision weights for the error reconstruction";
   if (a.method == "sapr" && (a.saliency.empty() || !fs::exists(a.saliency, ec) || a.saliency_only))
     return "--method sapr computes its saliency on the whole model (give an existing --saliency FILE)";
@@ -187,7 +187,7 @@ MethodConfig method_config(const QuantArgs& a, const QuantFormat& f, const Salie
   c.ptqtp.row_scales = a.tp_scales == "row";
   if (a.quip_sides != "both" && a.quip_sides != "input")
     throw_error("--quip-sides must be 'both' or 'input', got '", a.quip_sides, "'");
-  c.quip.seed = a.quip_seed;
+  c.quip.seed = uint64_t(a.quip_seed);
   c.quip.two_sided = a.quip_sides == "both";
   c.cle.bias_correction = has_data;  // E[x] of the bias correction comes from the calibration data
   return c;
@@ -1130,7 +1130,8 @@ void register_quantize(CLI::App& app) {
                 "ptqtp: where the alternation starts: paper (sign planes), grid (the format's RTN) or both (better fit kept)")
       ->capture_default_str();
   q->add_option("--quip-seed", a->quip_seed, "quip: seed of the per-layer random Hadamard-type transforms")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(at_least(0));
   q->add_option("--quip-sides", a->quip_sides,
                 "quip: both (W' = R_out^T W R_in, the input and output transformed online) or input (W' = W R_in)")
       ->capture_default_str();

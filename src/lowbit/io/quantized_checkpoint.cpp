@@ -549,7 +549,11 @@ QuantizedCheckpoint load_quantized_impl(const std::string& dir, bool dense_view,
     const bool both = inc_sides.at(m);
     for (const auto& [side, r] : {std::pair<const char*, HadamardRotation*>{"in", &t.in}, {"out", &t.out}}) {
       const std::string base = m + ".incoherence." + side;
-      if (std::string(side) == "out" && !both) continue;
+      if (std::string(side) == "out" && !both) {
+        if (f.find(base + "_signs") || f.find(base + "_small"))
+          throw_error(st_path, ": incoherence of ", m, ": an output transform given for an input-side-only record");
+        continue;
+      }
       r->signs = load(base + "_signs");
       if (f.find(base + "_small")) r->small = load(base + "_small");
     }
