@@ -301,9 +301,10 @@ TEST(Quip, RegistryAndKey) {
   EXPECT_TRUE(find_method("quip").needs_calibration);
 }
 
-// stories260K, GPTQ int2g32 with and without incoherence processing: both run, save and reload to
-// the same outputs. Only that is asserted (which one is better at 2 bits on this 64-wide model is
-// not stable enough across seeds to be a test); the perplexities are printed.
+// stories260K, GPTQ int2g32 with and without incoherence processing (both sides, input side): each
+// runs, saves and reloads to the same outputs. Only that is asserted (no quality order: on this
+// 64-wide model the two-sided transform is worse than plain GPTQ and the input-side one a little
+// better, docs/results/quip.md — neither margin is a stable test); the perplexities are printed.
 using QuipStories = test::StoriesPtq;
 TEST_F(QuipStories, Int2WithAndWithoutIncoherenceRunAndReload) {
   Checkpoint ck = load_llama2c(model_path);
@@ -315,16 +316,18 @@ TEST_F(QuipStories, Int2WithAndWithoutIncoherenceRunAndReload) {
   calib_windows = 8;
   calib_len = 128;
   const Tensor tokens = Tensor::from_vector(std::vector<int32_t>(eval_stream.begin(), eval_stream.begin() + 40), {1, 40});
-  for (bool inc : {false, true}) {
-    SCOPED_TRACE(inc ? "quip" : "gptq");
+  for (int inc : {0, 1, 2}) {  // gptq, quip (both sides), quip --quip-sides input
+    const char* what = inc == 0 ? "gptq" : inc == 1 ? "quip" : "quip --quip-sides input";
+    SCOPED_TRACE(what);
     LlamaModel m(ck.config, ck.weights);
-    std::unique_ptr<BlockMethod> method = inc ? std::unique_ptr<BlockMethod>(new QuipMethod(f, GptqOptions{}, QuipOptions{}))
-                                              : std::unique_ptr<BlockMethod>(new GptqMethod(f, GptqOptions{}));
+    std::unique_ptr<BlockMethod> method =
+        inc ? std::unique_ptr<BlockMethod>(new QuipMethod(f, GptqOptions{}, QuipOptions{0, inc == 1}))
+            : std::unique_ptr<BlockMethod>(new GptqMethod(f, GptqOptions{}));
     const PipelineReport r = quantize(m, *method, f);
     for (const auto& l : r.linears) EXPECT_TRUE(std::isfinite(l.rel_error)) << l.name;
     const double p = ppl(m);
     EXPECT_TRUE(std::isfinite(p) && p > 1);
-    std::printf("stories260K int2g32 %s: ppl %.3f\n", inc ? "quip" : "gptq", p);
+    std::printf("stories260K int2g32 %s: ppl %.3f\n", what, p);
     auto dir = test::temp_dir("quip-stories");
     save_quantized_model(dir.string(), m, method->name(), f);
     auto re = make_quantized_model(load_quantized_model(dir.string(), false));
