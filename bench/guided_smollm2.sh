@@ -5,20 +5,22 @@
 # ctx 512, the first 40 windows).
 #
 #   bench/guided_smollm2.sh [--nsamples 16] [--seqlen 512] [--ctx 512] [--windows 40] [--out DIR]
-#                           [--seed N] [--ptq17] [ROW ...]   (ROW = a row name below, e.g. guided-int3g128;
+#                           [--seed N] [--ptq17 | --quip] [ROW ...]   (ROW = a row name below, e.g. guided-int3g128;
 #                                                   default: all; rows of seed N > 0 are named ...-sN)
 # --ptq17: instead, issue 17's other post-training methods on the same protocol (RTN, AWQ, COMQ,
 # AdaQuant (~25 min a format on 2 loaded cores), Norm Tweaking on GPTQ, CLE at int4g128/int3g128/int2g64; PTQTP in tp2g128;
 # AdaRound only when its rows are named, e.g. adaround-int3g128: ~40 h a format on the CPU, meant for
 # QUANT_DEVICE=cuda, the loop on the GPU — bench/cuda/gpu_session.sh adaround). Copy
 # docs/results/guided-smollm2.jsonl to DIR/rows.jsonl first to have the GPTQ/RSQ/guided rows in the table.
+# --quip: QuIP's incoherence processing + GPTQ (--method quip, issue 16) next to plain GPTQ at int2g64
+# and int3g128 (both rerun with the same binary; docs/results/quip.md).
 # Models go to --out (default ~/.cache/lowbit-bench/guided), never into the repository; the table
 # is printed and written to DIR/results.md. A row already in DIR/rows.jsonl is not rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${LOWBIT_SHARED:-../shared}
 lowbit=${LOWBIT:-build-rel/lowbit}
-nsamples=16 seqlen=512 ctx=512 windows=40 seed=0 ptq17=0
+nsamples=16 seqlen=512 ctx=512 windows=40 seed=0 ptq17=0 quip=0
 out=${LOWBIT_BENCH_CACHE:-$HOME/.cache/lowbit-bench}/guided
 threads=${THREADS:-2}
 device=${QUANT_DEVICE:-cpu}  # the quantize runs' --device (the evaluation stays on the CPU)
@@ -28,6 +30,7 @@ while [ $# -gt 0 ]; do
     --nsamples) nsamples=$2; shift 2 ;; --seqlen) seqlen=$2; shift 2 ;; --ctx) ctx=$2; shift 2 ;;
     --windows) windows=$2; shift 2 ;; --out) out=$2; shift 2 ;; --seed) seed=$2; shift 2 ;;
     --ptq17) ptq17=1; shift ;;
+    --quip) quip=1; shift ;;
     -*) echo "unknown option $1" >&2; exit 1 ;;
     *) rows_wanted+=("$1"); shift ;;
   esac
@@ -70,7 +73,13 @@ PY
   rm -rf "$dir"  # the numbers are kept; the models are not needed again
 }
 
-if [ "$ptq17" = 1 ]; then
+if [ "$quip" = 1 ]; then
+  for f in int2g64 int3g128; do
+    run quip "$f"
+    run gptq "$f"
+  done
+  for f in int2g64 int3g128; do run quip:input "$f" --quip-sides input; done
+elif [ "$ptq17" = 1 ]; then
   for f in int4g128 int3g128 int2g64; do
     for m in rtn awq comq cle adaquant; do run "$m" "$f"; done
     run norm-tweak:gptq "$f" --base gptq

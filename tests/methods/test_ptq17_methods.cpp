@@ -35,7 +35,7 @@ Tensor mat(int64_t r, int64_t c, std::initializer_list<float> v) {
 
 TEST(MethodRegistry, ListsEveryMethodAndRefusesUnknownNames) {
   const std::string names = method_names();
-  for (const char* m : {"rtn", "gptq", "awq", "apiq", "apiq-layer", "sapr", "norm-tweak", "rsq", "comq", "cle", "ptqtp", "ptq161"})
+  for (const char* m : {"rtn", "gptq", "awq", "apiq", "apiq-layer", "sapr", "norm-tweak", "rsq", "comq", "cle", "ptqtp", "ptq161", "quip"})
     EXPECT_NE(names.find(m), std::string::npos) << m;
   EXPECT_FALSE(find_method("rtn").needs_calibration);
   EXPECT_TRUE(find_method("gptq").needs_calibration);

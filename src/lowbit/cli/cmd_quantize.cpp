@@ -13,6 +13,7 @@
 #include "lowbit/cli/dist.h"
 #include "lowbit/core/threads.h"
 #include "lowbit/io/quantized_checkpoint.h"
+#include "lowbit/io/rope_layout.h"
 #include "lowbit/methods/apiq.h"
 #include "lowbit/methods/calibration.h"
 #include "lowbit/methods/kv_cq.h"
@@ -79,6 +80,8 @@ struct QuantArgs {
   AdaRoundOptions adaround;
   AdaQuantOptions adaquant;
   std::string tp_start = "grid", tp_scales = "group";  // ptqtp
+  int64_t quip_seed = 0;            // quip
+  std::string quip_sides = "both";  // quip: both | input
   std::string stream = "auto";  // --stream: auto, on, off (methods/stream.h)
   std::string calib_dtype = "auto";  // --calib-dtype: auto (bf16 with --bf16), f32, bf16
   int stop_after_blocks = 0;    // testing aid: stop after this many blocks of this run (state kept)
@@ -100,6 +103,7 @@ std::string stream_obstacle(const QuantArgs& a) {
   if (kv_quant_channels(a.tr.kv_quant) > 0) return "--kv-quant " + a.tr.kv_quant + " learns its codebooks on the whole quantized model";
   if (a.bits_budget > 0) return "--bits-budget scores every layer of the whole model first";
   if (a.method == "guided") return "--method guided gathers end-loss gradients of the whole model first";
+  if (a.method == "quip") return "--method quip does not stream yet (its per-layer transforms are untested in the block writer)";
   if (a.lqer_rank > 0) return "--lqer-rank keeps every layer's full-precision weights for the error reconstruction";
   if (a.method == "sapr" && (a.saliency.empty() || !fs::exists(a.saliency, ec) || a.saliency_only))
     return "--method sapr computes its saliency on the whole model (give an existing --saliency FILE)";
@@ -181,6 +185,10 @@ MethodConfig method_config(const QuantArgs& a, const QuantFormat& f, const Salie
   if (a.tp_scales != "group" && a.tp_scales != "row")
     throw_error("--tp-scales must be 'group' or 'row', got '", a.tp_scales, "'");
   c.ptqtp.row_scales = a.tp_scales == "row";
+  if (a.quip_sides != "both" && a.quip_sides != "input")
+    throw_error("--quip-sides must be 'both' or 'input', got '", a.quip_sides, "'");
+  c.quip.seed = uint64_t(a.quip_seed);
+  c.quip.two_sided = a.quip_sides == "both";
   c.cle.bias_correction = has_data;  // E[x] of the bias correction comes from the calibration data
   return c;
 }
@@ -380,6 +388,16 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
   if (a.tr.act_clip_search && a.calib.empty() && a.calib_tokens.empty())
     throw_error("--act-clip search needs calibration data (--calib TEXT or --calib-tokens FILE): the ratios are chosen "
                 "on the calibration activations");
+  if (a.method == "quip") {
+    if (to_gguf)
+      throw_error("-o ", a.out, ": GGUF cannot carry --method quip's per-layer incoherence transforms (llama.cpp would "
+                  "compute another function); write a lowbit directory");
+    if (a.device != "cpu") throw_error("--method quip: the incoherence transforms run on the CPU (--device cpu)");
+    if (a.lqer_rank > 0) throw_error("--lqer-rank: not with --method quip (LQER's side path is fitted in the layer's own basis)");
+    if (!a.tr.act.empty() && a.tr.act != "none")
+      throw_error("--act ", a.tr.act, ": not with --method quip (the packed activation quantizer would see the "
+                  "transformed input x R_in, the simulated one x)");
+  }
   if (transforms) {
     if (to_gguf)
       throw_error("-o ", a.out, ": GGUF cannot carry --rotate / --act / --kv-quant (llama.cpp would compute another "
@@ -459,7 +477,8 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
                          a.merge_dtype == "f32" ? DType::F32 : DType::F16);
     m.model = block_stream->make_model();
   } else {
-    m = load_model(a.model, dev, /*dequantize=*/a.tr.rotating() || a.smooth >= 0 || a.tr.act_clip_search);
+    m = load_model(a.model, dev,
+                   /*dequantize=*/a.tr.rotating() || a.smooth >= 0 || a.tr.act_clip_search || a.method == "quip");
   }
   std::optional<FormatPlan> plan;
   if (fmap) plan = plan_from_map(*fmap, m.model->config(), f);
@@ -502,6 +521,17 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     print_plan();
   }
   apply_rotation(m, a.tr);  // before calibration: GPTQ sees the rotated weights and activations
+  if (a.method == "quip" && m.model->config().rope_style == RopeStyle::Interleaved) {
+    // The output transforms of q/k mix their rows, which a checkpoint stores in the Hugging Face
+    // (rotate-half) order: the model is put in that order first (the same function).
+    LlamaConfig c = m.model->config();
+    LlamaWeights w = weights_to(m.model->weights(), Device::CPU);
+    for_each_weight(w, [](const std::string&, Tensor& t) { t = t.to(DType::F32); });
+    w = weights_with_rope_style(c, w, RopeStyle::Half);
+    c.rope_style = RopeStyle::Half;
+    ModelTransforms tr = m.model->transforms();
+    replace_weights(m, c, std::move(w), std::move(tr));
+  }
   // Calibration tokens.
   std::vector<int32_t> stream;
   if (!a.calib_tokens.empty()) {
@@ -849,7 +879,11 @@ void run_quantize(const QuantArgs& a, bool rank_given) {
     extra["calibration"] = {{"nsamples", calib.size(0)}, {"seqlen", calib.size(1)}, {"seed", a.seed}};
     extra["calibration"]["data"] = !a.calib.empty() ? a.calib : a.calib_tokens;
   }
-  if (a.method == "gptq" || a.method == "rsq" || a.method == "guided") {
+  if (a.method == "quip") {
+    extra["quip"] = {{"seed", a.quip_seed}, {"sides", a.quip_sides}};
+    report["quip"] = extra["quip"];
+  }
+  if (a.method == "gptq" || a.method == "rsq" || a.method == "guided" || a.method == "quip") {
     extra["gptq"] = {{"percdamp", a.percdamp}, {"act_order", a.act_order}};
     if (a.hessian_shrink > 0) extra["gptq"]["hessian_shrink"] = a.hessian_shrink;
   }
@@ -1097,6 +1131,12 @@ void register_quantize(CLI::App& app) {
   q->add_option("--tp-start", a->tp_start,
                 "ptqtp: where the alternation starts: paper (sign planes), grid (the format's RTN) or both (better fit kept)")
       ->capture_default_str();
+  q->add_option("--quip-seed", a->quip_seed, "quip: seed of the per-layer random Hadamard-type transforms")
+      ->capture_default_str()
+      ->check(at_least(0));
+  q->add_option("--quip-sides", a->quip_sides,
+                "quip: both (W' = R_out^T W R_in, the input and output transformed online) or input (W' = W R_in)")
+      ->capture_default_str();
   q->add_option("--tp-scales", a->tp_scales,
                 "ptqtp: group (one scale pair per 128 weights) or row (one per row, stored repeated in every group)")
       ->capture_default_str();
@@ -1219,7 +1259,8 @@ void register_quantize(CLI::App& app) {
                                                          {"--aq-iters", "adaquant"}, {"--aq-lr", "adaquant"},
                                                          {"--ptq161-ratio", "ptq161"}, {"--ptq161-iters", "ptq161"},
                                                          {"--ptq161-block-epochs", "ptq161"},
-                                                         {"--tp-start", "ptqtp"}, {"--tp-scales", "ptqtp"}};
+                                                         {"--tp-start", "ptqtp"}, {"--tp-scales", "ptqtp"},
+                                                         {"--quip-seed", "quip"}, {"--quip-sides", "quip"}};
     for (const auto& [flag, method] : owned)
       if (q->count(flag) > 0 && a->method != method)
         throw_error(flag, " applies to --method ", method, ", not ", a->method);

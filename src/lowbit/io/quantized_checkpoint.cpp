@@ -152,7 +152,18 @@ struct BlockTensors {
   int n_quant = 0, n_lora = 0;
   int64_t max_rank = 0;
   nlohmann::json layer_formats = nlohmann::json::object();  // layers not in `format` (mixed plans)
+  // QuIP incoherence processing: module -> {"seed": N, "sides": "both" | "input"} (quant/incoherence.h)
+  nlohmann::json incoherence = nlohmann::json::object();
 };
+
+// The tensors of a layer's incoherence transform (see the header).
+void incoherence_tensors(const std::string& m, const Incoherence& t, std::vector<std::pair<std::string, Tensor>>& ts) {
+  for (const auto& [side, r] : {std::pair<const char*, const HadamardRotation*>{"in", &t.in}, {"out", &t.out}}) {
+    if (!r->defined()) continue;
+    ts.emplace_back(m + ".incoherence." + side + "_signs", r->signs.contiguous());
+    if (r->small.defined()) ts.emplace_back(m + ".incoherence." + side + "_small", r->small.contiguous());
+  }
+}
 
 void block_linear_tensors(const LlamaModel& model, int i, const QuantFormat& format, LoraStorage lora,
                           DType merged_dtype, BlockTensors& out) {
@@ -184,6 +195,14 @@ void block_linear_tensors(const LlamaModel& model, int i, const QuantFormat& for
       if (q.tensor_scale.defined()) out.ts.emplace_back(m + ".tensor_scale", q.tensor_scale);
       if (q.col_mask.defined()) out.ts.emplace_back(m + ".col_mask", q.col_mask);  // per column: not permuted
       if (q.col_scales.defined()) out.ts.emplace_back(m + ".col_scales", q.col_scales);
+      if (ql->incoherence().defined()) {
+        // The transforms mix all rows: a model whose q/k rows are permuted on writing cannot carry them.
+        if (permute && is_qk(m))
+          throw_error("save_quantized_model: ", m, " has an incoherence transform and the model's q/k rows are in the "
+                      "interleaved RoPE order, which the checkpoint stores permuted; quantize a Hugging Face-order model");
+        incoherence_tensors(m, ql->incoherence(), out.ts);
+        out.incoherence[m] = {{"seed", ql->incoherence().seed}, {"sides", ql->incoherence().out.defined() ? "both" : "input"}};
+      }
       if (ql->has_lora()) {
         Tensor b = ql->lora_B().to(Device::CPU).contiguous();
         if (permute && is_qk(m)) b = rope_rows_interleaved_to_half(b, heads, hd);
@@ -220,6 +239,7 @@ nlohmann::json quantized_config_json(const LlamaConfig& c, const std::string& me
                        {"method", method},
                        {"modules_not_to_convert", {"lm_head", "model.embed_tokens"}}};
   if (!agg.layer_formats.empty()) qc["layer_formats"] = agg.layer_formats;
+  if (!agg.incoherence.empty()) qc["incoherence"] = agg.incoherence;
   if (agg.n_lora > 0) {
     qc["lora"] = lora == LoraStorage::Merged ? "merged" : "separate";
     qc["lora_rank"] = agg.max_rank;
@@ -340,6 +360,7 @@ void QuantizedBlockWriter::write_block(const LlamaModel& model, int i,
   md["n_lora"] = std::to_string(bt.n_lora);
   md["max_rank"] = std::to_string(bt.max_rank);
   md["layer_formats"] = bt.layer_formats.dump();
+  if (!bt.incoherence.empty()) md["incoherence"] = bt.incoherence.dump();
   fs::create_directories(parts_dir_);
   save_safetensors(part_path(i), bt.ts, md);
 }
@@ -383,6 +404,11 @@ void QuantizedBlockWriter::assemble(const std::string& dir, const std::string& m
     const auto lf = nlohmann::json::parse(get("layer_formats"), nullptr, false);
     if (!lf.is_object()) throw_error(path, ": part file has a malformed layer list in its metadata");
     for (const auto& [m, f] : lf.items()) agg.layer_formats[m] = f;
+    if (md.count("incoherence")) {
+      const auto inc = nlohmann::json::parse(md.at("incoherence"), nullptr, false);
+      if (!inc.is_object()) throw_error(path, ": part file has a malformed incoherence list in its metadata");
+      for (const auto& [m, v] : inc.items()) agg.incoherence[m] = v;
+    }
     for (const auto& t : part.file->tensors()) part.order.push_back(&t);
     std::sort(part.order.begin(), part.order.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
     if (part.norms > part.order.size()) throw_error(path, ": part file lists ", part.norms, " norms but holds fewer tensors");
@@ -477,6 +503,22 @@ QuantizedCheckpoint load_quantized_impl(const std::string& dir, bool dense_view,
       }
     }
   }
+  // QuIP incoherence processing: the layers with transforms (quant/incoherence.h).
+  std::map<std::string, bool> inc_sides;  // module -> two-sided
+  std::map<std::string, uint64_t> inc_seed;
+  if (qc.contains("incoherence")) {
+    const nlohmann::json& ij = qc["incoherence"];
+    if (!ij.is_object()) throw_error(cfg_path, ": quantization_config.incoherence must be an object {module: {seed, sides}}");
+    for (const auto& [m, v] : ij.items()) {
+      const std::string where = cfg_path + ": quantization_config.incoherence['" + m + "']";
+      if (!v.is_object()) throw_error(where, " is not an object");
+      if (!v.contains("seed") || !v["seed"].is_number_unsigned()) throw_error(where, ".seed is missing or not a non-negative integer");
+      if (!v.contains("sides") || !v["sides"].is_string() || (v["sides"] != "both" && v["sides"] != "input"))
+        throw_error(where, ".sides is missing or not 'both' or 'input'");
+      inc_sides[m] = v["sides"] == "both";
+      inc_seed[m] = v["seed"].get<uint64_t>();
+    }
+  }
   QuantizedCheckpoint out;
   out.format = fmt->id;
   out.method = qc.value("method", "");
@@ -495,6 +537,33 @@ QuantizedCheckpoint load_quantized_impl(const std::string& dir, bool dense_view,
   auto loadf = [&](const std::string& name) -> Tensor {
     if (!f.find(name)) throw_error(st_path, ": missing tensor '", name, "'");
     return f.read_f32(name);
+  };
+  // Every incoherence tensor belongs to a listed layer (a record cannot be half removed).
+  for (const auto& t : f.tensors()) {
+    const size_t at = t.name.find(".incoherence.");
+    if (at != std::string::npos && !inc_sides.count(t.name.substr(0, at)))
+      throw_error(st_path, ": tensor '", t.name, "' is an incoherence transform of '", t.name.substr(0, at),
+                  "', which quantization_config.incoherence does not list");
+  }
+  if (lazy && !inc_sides.empty())
+    throw_error(dir, ": a checkpoint with QuIP incoherence processing (quantize --method quip) cannot be loaded in "
+                "tensor-parallel pieces (its transforms mix all rows and columns of a layer)");
+  auto load_incoherence = [&](const std::string& m, int64_t rows, int64_t cols) {
+    Incoherence t;
+    t.seed = inc_seed.at(m);
+    const bool both = inc_sides.at(m);
+    for (const auto& [side, r] : {std::pair<const char*, HadamardRotation*>{"in", &t.in}, {"out", &t.out}}) {
+      const std::string base = m + ".incoherence." + side;
+      if (std::string(side) == "out" && !both) {
+        if (f.find(base + "_signs") || f.find(base + "_small"))
+          throw_error(st_path, ": incoherence of ", m, ": an output transform given for an input-side-only record");
+        continue;
+      }
+      r->signs = load(base + "_signs");
+      if (f.find(base + "_small")) r->small = load(base + "_small");
+    }
+    validate_incoherence(t, rows, cols, both, st_path, m);
+    return t;
   };
   LlamaWeights& w = out.dense.weights;
   w = LlamaWeights{};
@@ -609,8 +678,20 @@ QuantizedCheckpoint load_quantized_impl(const std::string& dir, bool dense_view,
           }
           lazy->linears.emplace(m, std::move(src));
         }
-        // Without a dense view: a zero placeholder of the right shape (no resident memory).
-        if (!lazy) *lin.w = dense_view ? q.dequantize() : zero_placeholder({lin.out, lin.in});
+        if (inc_sides.count(m)) {
+          if (f.find(m + ".lora_A") || f.find(m + ".lora_B"))
+            throw_error(st_path, ": '", m, "' has both LoRA adapters and an incoherence transform, which lowbit never writes");
+          out.incoherence.emplace(m, load_incoherence(m, lin.out, lin.in));
+          inc_sides.erase(m);
+        }
+        // Without a dense view: a zero placeholder of the right shape (no resident memory). The dense
+        // view is the function the layer computes (for incoherence processing: R_out Q(W') R_in^T).
+        if (!lazy) {
+          auto inc = out.incoherence.find(m);
+          *lin.w = !dense_view ? zero_placeholder({lin.out, lin.in})
+                   : inc != out.incoherence.end() ? inc->second.unweight(q.dequantize())
+                                                  : q.dequantize();
+        }
         if (f.find(m + ".lora_A") || f.find(m + ".lora_B")) {
           LoraAdapters ad{loadf(m + ".lora_A"), loadf(m + ".lora_B")};
           if (ad.A.dim() != 2 || ad.A.size(1) != lin.in || ad.B.dim() != 2 || ad.B.size(0) != lin.out ||
@@ -657,6 +738,9 @@ QuantizedCheckpoint load_quantized_impl(const std::string& dir, bool dense_view,
   if (!layer_fmt.empty())
     throw_error(cfg_path, ": quantization_config.layer_formats names '", layer_fmt.begin()->first,
                 "', which is not a packed linear of the model");
+  if (!inc_sides.empty())
+    throw_error(cfg_path, ": quantization_config.incoherence names '", inc_sides.begin()->first,
+                "', which is not a packed linear of the model");
   if (!lazy) validate_weights(c, w, dir);
   if (qc.contains("transforms")) out.transforms = read_transforms(qc["transforms"], f, c, cfg_path, st_path);
   return out;
@@ -675,6 +759,10 @@ LazyCheckpoint open_quantized_dir_lazily(const std::string& dir, bool pack_vocab
 
 void refuse_transforms(const QuantizedCheckpoint& q, const std::string& what) {
   const ModelTransforms& t = q.transforms;
+  if (!q.incoherence.empty())
+    throw_error(q.dense.source, ": ", what, " cannot carry this checkpoint's QuIP incoherence transforms (",
+                q.incoherence.size(), " layers, e.g. ", q.incoherence.begin()->first,
+                "): the result would compute another function; use lowbit eval / generate / serve on it instead");
   if (!t.any()) return;
   throw_error(q.dense.source, ": ", what, " cannot carry this checkpoint's transforms (rotation ",
               t.rotation.empty() ? "none" : t.rotation, ", activations ", act_quant_name(t.act), ", KV cache ",
@@ -720,10 +808,13 @@ std::unique_ptr<LlamaModel> make_quantized_model(const QuantizedCheckpoint& q, D
       auto it = q.quantized.find(m);
       if (it == q.quantized.end()) continue;
       auto lit = q.lora.find(m);
-      if (lit != q.lora.end())
+      if (lit != q.lora.end()) {
         *slot = std::make_shared<QuantLinear>(it->second, (*slot)->bias(), device, lit->second.A, lit->second.B);
-      else
-        *slot = std::make_shared<QuantLinear>(it->second, (*slot)->bias(), device);
+      } else {
+        auto ql = std::make_shared<QuantLinear>(it->second, (*slot)->bias(), device);
+        if (auto inc = q.incoherence.find(m); inc != q.incoherence.end()) ql->set_incoherence(inc->second);
+        *slot = ql;
+      }
     }
   // A packed vocabulary (GGUF token_embd / output in a ggml block type): embeddings decoded row by
   // row (on the GPU: ops::quant_embedding from the uploaded table), the output projection through

@@ -46,6 +46,16 @@
 // Readers that cannot apply the transforms (GGUF / GPTQ / AWQ export, convert) refuse such a
 // checkpoint.
 //
+// QuIP's incoherence processing (`quantize --method quip`, quant/incoherence.h) is per layer: the
+// packed codes are those of W' = R_out^T W R_in, and
+//   quantization_config.incoherence = {"<m>": {"seed": N, "sides": "both" | "input"}, ...}
+//   <m>.incoherence.in_signs   F32 [in]   R_in's signs      <m>.incoherence.in_small   F32 [k, k]
+//   <m>.incoherence.out_signs  F32 [out]  R_out's signs     <m>.incoherence.out_small  F32 [k, k]
+// (the small factors only where the size is not a power of two; out_* only for "both"). The loader
+// checks every listed layer's tensors (sizes, signs +-1, orthogonal factors), refuses incoherence
+// tensors of an unlisted layer, and gives the transforms to the layers' QuantLinear; the dense view
+// is R_out Q(W') R_in^T. refuse_transforms refuses these checkpoints too.
+//
 // Bits per weight with adapters. Separate adapters add 16 * rank * (in + out) bits to a layer's
 // packed storage (Llama-2-7B, rank 64: about +0.5 bit per weight; they stay trainable for LoRA
 // finetuning). Merged layers are dense: 16 (f16) or 32 (f32) bits per weight, so merging trades
@@ -65,6 +75,7 @@
 #include "lowbit/io/checkpoint.h"
 #include "lowbit/model/llama.h"
 #include "lowbit/quant/format.h"
+#include "lowbit/quant/incoherence.h"
 #include "lowbit/quant/quantized_tensor.h"
 
 namespace lowbit {
@@ -92,6 +103,9 @@ struct QuantizedCheckpoint {
   std::map<std::string, QuantizedTensor> quantized;
   std::map<std::string, LoraAdapters> lora;          // by module name (separate adapters only)
   ModelTransforms transforms;  // rotation, activation and KV-cache quantization (none by default)
+  // QuIP incoherence processing (quant/incoherence.h), by module name: the layers whose packed
+  // weight is W' = R_out^T W R_in (make_quantized_model gives them to their QuantLinear).
+  std::map<std::string, Incoherence> incoherence;
 };
 
 // Throws lowbit::Error naming `what` when the checkpoint has transforms (a reader that would

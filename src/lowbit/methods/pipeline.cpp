@@ -215,7 +215,21 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
         Tensor lora_B = f.find(p + name + ".lora_B") ? f.load(p + name + ".lora_B") : Tensor();
         // A method may have changed a bias (CLE's scaling and bias correction): the saved one wins.
         Tensor bias = f.find(p + name + ".bias") ? f.load(p + name + ".bias").to(dev) : (*slot)->bias();
-        *slot = std::make_shared<QuantLinear>(std::move(q), bias, dev, lora_A, lora_B);
+        auto ql = std::make_shared<QuantLinear>(std::move(q), bias, dev, lora_A, lora_B);
+        // QuIP's incoherence transforms (quip): part of the layer's function.
+        const std::string ip = p + name + ".incoherence.";
+        if (f.find(ip + "in_signs")) {
+          Incoherence t;
+          t.in.signs = f.load(ip + "in_signs");
+          if (f.find(ip + "in_small")) t.in.small = f.load(ip + "in_small");
+          if (f.find(ip + "out_signs")) t.out.signs = f.load(ip + "out_signs");
+          if (f.find(ip + "out_small")) t.out.small = f.load(ip + "out_small");
+          const Tensor seed = f.load(ip + "seed");
+          t.seed = uint64_t(seed.data<int64_t>()[0]);
+          validate_incoherence(t, ql->out_features(), ql->in_features(), t.out.defined(), state_path, p + name);
+          ql->set_incoherence(std::move(t));
+        }
+        *slot = ql;
       }
     }
     rep.resumed_from_block = start;
@@ -278,6 +292,16 @@ PipelineReport run_blockwise(LlamaModel& model, const Tensor& tokens, BlockMetho
           if (!ql) throw_error("pipeline: method '", method.name(), "' left ", name, " of block ", j, " unquantized");
           save_quantized(ts, p + name, ql->quantized());
           if (ql->bias().defined()) ts.emplace_back(p + name + ".bias", ql->bias());
+          if (const Incoherence& t = ql->incoherence(); t.defined()) {
+            const std::string ip = p + name + ".incoherence.";
+            ts.emplace_back(ip + "in_signs", t.in.signs);
+            if (t.in.small.defined()) ts.emplace_back(ip + "in_small", t.in.small);
+            if (t.out.defined()) ts.emplace_back(ip + "out_signs", t.out.signs);
+            if (t.out.small.defined()) ts.emplace_back(ip + "out_small", t.out.small);
+            Tensor seed = Tensor::empty({1}, DType::I64);
+            seed.data<int64_t>()[0] = int64_t(t.seed);
+            ts.emplace_back(ip + "seed", seed);
+          }
           if (ql->has_lora()) {
             ts.emplace_back(p + name + ".lora_A", ql->lora_A());
             ts.emplace_back(p + name + ".lora_B", ql->lora_B());

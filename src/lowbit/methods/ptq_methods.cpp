@@ -205,6 +205,11 @@ std::string GptqMethod::options_key() const {
          (o_.hessian_shrink > 0 ? ",hessian_shrink=" + key_number(o_.hessian_shrink) : std::string());
 }
 
+std::string QuipMethod::options_key() const {
+  return GptqMethod::options_key() + ",quip_seed=" + std::to_string(quip_->seed) +
+         ",quip_sides=" + (quip_->two_sided ? "both" : "input");
+}
+
 std::string AwqMethod::options_key() const {
   return "grid=" + std::to_string(o_.n_grid) + ",clip=" + std::to_string(clip_) + ",clip_grid=" +
          std::to_string(o_.clip_grid) + ",shrink=" + key_number(o_.max_shrink) + ",clip_tokens=" +
@@ -336,6 +341,27 @@ void GptqMethod::quantize_block(BlockContext& ctx, std::vector<LinearReport>& re
       return solve_row_groups(ctx, name, w, hs);
     };
     for (const auto& name : group) {
+      if (quip_) {
+        if (on_gpu) throw_error(this->name(), ": incoherence processing runs on the CPU (--device cpu)");
+        if (rgw.count(name)) throw_error(this->name(), ": incoherence processing with row-group Hessians is not supported");
+        const Tensor w = weight_of(ctx, name);
+        Incoherence inc = make_incoherence(w.size(0), w.size(1), incoherence_seed(quip_->seed, ctx.layer, name),
+                                           quip_->two_sided);
+        GptqResult r = solve_layer(ctx, name, inc.weight(w), inc.hessian(hc.hessian(name)));
+        lap(t, prof.quantize);
+        auto* slot = slot_of(ctx.model.block(ctx.layer), name);
+        LinearReport rep;  // against the layer in x's basis
+        rep.name = full_name(ctx.layer, name);
+        rep.rel_error = relative_output_error(cap.rows(name), w, inc.unweight(r.q.dequantize()));
+        rep.params = r.q.out_features() * r.q.in_features();
+        rep.bits_per_weight = r.q.fmt().bits_per_weight(r.q.out_features(), r.q.in_features());
+        reports.push_back(rep);
+        auto ql = std::make_shared<QuantLinear>(std::move(r.q), (*slot)->bias(), Device::CPU);
+        ql->set_incoherence(std::move(inc));
+        *slot = ql;
+        lap(t, prof.install);
+        continue;
+      }
       if (!on_gpu) {
         Tensor w = weight_of(ctx, name);
         GptqResult r = solve_one(name, w);

@@ -1,6 +1,7 @@
 // The post-training baselines as block methods of the pipeline (pipeline.h): RTN, GPTQ, AWQ.
 #pragma once
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "lowbit/methods/awq.h"
@@ -26,6 +27,12 @@ class RtnMethod : public BlockMethod {
  private:
   const QuantFormat& f_;
   bool weighted_;
+};
+
+// QuIP's incoherence processing around GPTQ (quant/incoherence.h; `--method quip`).
+struct QuipOptions {
+  uint64_t seed = 0;      // run seed; each linear's transform is drawn from incoherence_seed(seed, layer, name)
+  bool two_sided = true;  // false: input side only (W' = W R_in)
 };
 
 // GPTQ, "true sequential" inside a block (as in the reference llama.py with --true-sequential):
@@ -68,6 +75,24 @@ class GptqMethod : public BlockMethod {
   const QuantFormat& f_;
   GptqOptions o_;
   int rtn_layers_ = 0;
+  // Set by QuipMethod: each linear is solved on (W', H') = (R_out^T W R_in, R_in^T H R_in) and
+  // installed as a QuantLinear that transforms its input and output online (CPU only).
+  std::optional<QuipOptions> quip_;
+};
+
+// QuIP (Chee et al. 2023, arXiv 2307.13304): incoherence processing — a seeded randomized
+// Hadamard-type orthogonal transform of each linear's weight (both sides) and Hessian (input
+// side), offline and per layer, nothing fused into the model — then GPTQ on the transformed
+// problem, which is QuIP's LDLQ (QuIP §3, Theorem 6: LDLQ and OPTQ/GPTQ are the same procedure).
+// The quantized model applies x R_in and z R_out^T around each packed product (QuantLinear).
+// Not QuIP's other pieces: no diagonal rescaling of W and H before the transform (§4's D̃), no
+// greedy local search after LDLQ, no Kronecker-of-orthogonal transforms (Hadamard-type instead,
+// as QuIP#); the grid is any GPTQ format (QuIP uses per-row min/max integer grids).
+class QuipMethod : public GptqMethod {
+ public:
+  QuipMethod(const QuantFormat& f, GptqOptions o, QuipOptions q) : GptqMethod(f, o) { quip_ = q; }
+  std::string name() const override { return "quip"; }
+  std::string options_key() const override;
 };
 
 // AWQ: per-input-channel scales searched for each group of linears sharing an input and folded

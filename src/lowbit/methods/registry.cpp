@@ -112,6 +112,10 @@ void register_builtins(std::vector<MethodInfo>& r) {
                     "the block output (--ptq161-block-epochs; --format ptq161, its own packed format)",
           true, false, [](const MethodConfig& c) { return std::make_unique<Ptq161Method>(*c.format, c.ptq161); },
           "ptq161"});
+  add(r, {"quip", "QuIP's incoherence processing + GPTQ (= LDLQ): each linear's weight and Hessian transformed by "
+                  "seeded random-sign Hadamard-type rotations of its input and output (--quip-seed, --quip-sides), "
+                  "applied online around the packed product at inference; nothing fused into the model",
+          true, false, [](const MethodConfig& c) { return std::make_unique<QuipMethod>(*c.format, c.gptq, c.quip); }});
 }
 
 std::vector<MethodInfo>& registry() {

@@ -22,6 +22,7 @@
 #include "lowbit/methods/norm_tweak.h"
 #include "lowbit/methods/pipeline.h"
 #include "lowbit/methods/ptq161.h"
+#include "lowbit/methods/ptq_methods.h"
 #include "lowbit/methods/ptqtp.h"
 #include "lowbit/methods/rsq.h"
 
@@ -47,6 +48,7 @@ struct MethodConfig {
   Ptq161Options ptq161;
   CleOptions cle;                       // cle.bias_correction: set when calibration data is given
   PtqtpOptions ptqtp;
+  QuipOptions quip;                     // quip (GPTQ's options from `gptq`)
 };
 
 struct MethodInfo {

@@ -146,6 +146,34 @@ int parse_kv_token_bits(const std::string& name, const std::string& what) {
   throw_error(what, ": '", name, "' is not a per-token KV quantization (expected none, int8, int4 or int2)");
 }
 
+void validate_rotation(const HadamardRotation& r, int64_t n, const std::string& source, const std::string& name) {
+  if (!r.defined()) throw_error(source, ": the ", name, " rotation is missing");
+  if (r.signs.dim() != 1 || r.size() != n || r.signs.dtype() != DType::F32)
+    throw_error(source, ": ", name, " rotation signs are ", r.signs.describe(), ", expected f32 [", n, "]");
+  const Tensor sc = r.signs.contiguous();
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = sc.data<float>()[i];
+    if (s != 1.0f && s != -1.0f) throw_error(source, ": ", name, " rotation sign ", i, " is ", s, ", not +-1");
+  }
+  int64_t p = 1;
+  while (n % (2 * p) == 0) p *= 2;
+  const int64_t m = n / p;
+  if (m == 1 ? r.small.defined() : !(r.small.defined() && r.small.dtype() == DType::F32 && r.small.shape() == Shape{m, m}))
+    throw_error(source, ": ", name, " rotation matrix is ", r.small.defined() ? r.small.describe() : "missing",
+                ", expected f32 [", m, ", ", m, "]", m == 1 ? " (none)" : "");
+  if (m > 1) {  // orthogonal to f32 rounding (a corrupt matrix would change the model's function)
+    const Tensor sm = r.small.contiguous();
+    const float* S = sm.data<float>();
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < m; ++j) {
+        double d = 0;
+        for (int64_t k = 0; k < m; ++k) d += double(S[i * m + k]) * double(S[j * m + k]);
+        if (!(std::fabs(d - (i == j ? 1.0 : 0.0)) < 1e-4))
+          throw_error(source, ": ", name, " rotation matrix is not orthogonal (row ", i, " . row ", j, " = ", d, ")");
+      }
+  }
+}
+
 void validate_transforms(const LlamaConfig& c, const ModelTransforms& t, const std::string& source) {
   if (t.kv_token_bits != 0 && t.kv_token_bits != 2 && t.kv_token_bits != 4 && t.kv_token_bits != 8)
     throw_error(source, ": per-token KV bits ", t.kv_token_bits, " (expected 2, 4 or 8)");
@@ -161,29 +189,7 @@ void validate_transforms(const LlamaConfig& c, const ModelTransforms& t, const s
                     t.rotation.empty() ? "that is not rotated" : ("with rotation " + t.rotation + ", which has none"));
       return;
     }
-    if (!r.defined()) throw_error(source, ": the ", name, " rotation is missing");
-    if (r.signs.dim() != 1 || r.size() != n || r.signs.dtype() != DType::F32)
-      throw_error(source, ": ", name, " rotation signs are ", r.signs.describe(), ", expected f32 [", n, "]");
-    for (int64_t i = 0; i < n; ++i) {
-      const float s = r.signs.data<float>()[i];
-      if (s != 1.0f && s != -1.0f) throw_error(source, ": ", name, " rotation sign ", i, " is ", s, ", not +-1");
-    }
-    int64_t p = 1;
-    while (n % (2 * p) == 0) p *= 2;
-    const int64_t m = n / p;
-    if (m == 1 ? r.small.defined() : !(r.small.defined() && r.small.dtype() == DType::F32 && r.small.shape() == Shape{m, m}))
-      throw_error(source, ": ", name, " rotation matrix is ", r.small.defined() ? r.small.describe() : "missing",
-                  ", expected f32 [", m, ", ", m, "]", m == 1 ? " (none)" : "");
-    if (m > 1) {  // orthogonal to f32 rounding (a corrupt matrix would change the model's function)
-      const float* S = r.small.data<float>();
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < m; ++j) {
-          double d = 0;
-          for (int64_t k = 0; k < m; ++k) d += double(S[i * m + k]) * double(S[j * m + k]);
-          if (!(std::fabs(d - (i == j ? 1.0 : 0.0)) < 1e-4))
-            throw_error(source, ": ", name, " rotation matrix is not orthogonal (row ", i, " . row ", j, " = ", d, ")");
-        }
-    }
+    validate_rotation(r, n, source, name);
   };
   check_rot(t.ffn, c.hidden_dim, "ffn");
   check_rot(t.head, c.resolved_head_dim(), "head");

@@ -51,6 +51,9 @@ struct HadamardRotation {
 
 // A seeded random rotation of n >= 1 channels (deterministic for a given n and seed).
 HadamardRotation random_hadamard(int64_t n, uint64_t seed);
+// Checks a rotation read from a file: defined, f32 signs [n] of +-1, the small factor f32 [m, m]
+// (none when m = 1) and orthogonal to 1e-4; throws "<source>: <name> rotation ..." otherwise.
+void validate_rotation(const HadamardRotation& r, int64_t n, const std::string& source, const std::string& name);
 
 // Integer grids (per-token absmax / min-max) or floating-point formats (ops/fp_act_quant.h:
 // "fp8" = E4M3 per token, "fp4-mx" = E2M1 with an e8m0 scale per 32 channels, "fp4-nv" = E2M1 with

@@ -32,8 +32,28 @@ QuantLinear::QuantLinear(QuantizedTensor q, Tensor bias, Device device, Tensor l
 
 const Var& QuantLinear::weight_var() const {
   std::lock_guard<std::mutex> lock(weight_mutex_);
-  if (!weight_.defined()) weight_ = Var(q_.dequantize().to(device_), false);
+  if (!weight_.defined()) {
+    Tensor w = q_.dequantize();
+    if (inc_.defined()) w = inc_.unweight(w);  // in x's basis
+    weight_ = Var(w.to(device_), false);
+  }
   return weight_;
+}
+
+void QuantLinear::set_incoherence(Incoherence t) {
+  if (!t.defined()) {
+    LB_CHECK(!inc_.defined(), "QuantLinear: the incoherence transform cannot be removed");
+    return;
+  }
+  LB_CHECK(!inc_.defined(), "QuantLinear: the layer already has an incoherence transform");
+  LB_CHECK(!has_lora(), "QuantLinear: incoherence processing of a layer with LoRA adapters is not supported");
+  LB_CHECK(t.in.size() == q_.in_features() && (!t.out.defined() || t.out.size() == q_.out_features()),
+           "QuantLinear: incoherence transform of ", t.in.size(), " inputs / ", t.out.size(), " outputs for a [",
+           q_.out_features(), ", ", q_.in_features(), "] layer");
+  std::lock_guard<std::mutex> lock(weight_mutex_);
+  if (weight_.defined()) weight_ = Var(t.unweight(weight_.value().to(Device::CPU)).to(device_), false);
+  inc_ = std::move(t);
+  gpu_packed_ = false;  // the transforms run on the CPU: on CUDA the dense weight (in x's basis)
 }
 
 Var QuantLinear::forward(const Var& x) const {
@@ -48,7 +68,12 @@ Var QuantLinear::forward(const Var& x) const {
   if (packed_cpu || packed_gpu) {
     if (packed_gpu) q_.upload_to_device();
     Tensor yt = Tensor::empty({xv.size(0), q_.out_features()}, DType::F32, xv.device());
-    ops::quant_matmul(xv.contiguous(), q_.packed_view(), yt, mm_opt_);
+    if (inc_.defined()) {  // y = ((x R_in) Q(W')^T) R_out^T
+      ops::quant_matmul(inc_.input(xv.contiguous()), q_.packed_view(), yt, mm_opt_);
+      yt = inc_.output(yt);
+    } else {
+      ops::quant_matmul(xv.contiguous(), q_.packed_view(), yt, mm_opt_);
+    }
     if (bias_.defined()) ops::add(yt, bias_.value(), yt);
     y = Var(yt, false);
   } else {
@@ -68,6 +93,9 @@ void QuantLinear::set_lora_products(std::shared_ptr<const LpProduct> a, std::sha
 }
 
 std::shared_ptr<Linear> QuantLinear::shard(ShardAxis axis, int64_t begin, int64_t end, Device device) const {
+  if (inc_.defined())
+    throw_error("tensor parallelism: a layer with QuIP incoherence processing (quantize --method quip) cannot be "
+                "split (its transforms mix all rows and columns)");
   const int64_t n = axis == ShardAxis::Rows ? out_features() : in_features();
   LB_CHECK(0 <= begin && begin < end && end <= n, "tensor parallelism: ", axis == ShardAxis::Rows ? "output rows [" : "input columns [",
            begin, ", ", end, ") of a ", kind(), " layer with ", n);
@@ -89,7 +117,7 @@ bool QuantLinear::packed_product(const Var& x, ops::PackedWeight& w, ops::QuantM
   const Tensor& xv = x.value();
   // forward's packed CPU path with nothing after the product
   if (x.requires_grad() || xv.dtype() != DType::F32 || xv.dim() != 2 || xv.size(1) != q_.in_features() ||
-      device_ != Device::CPU || xv.device() != Device::CPU || bias_.defined() || has_lora())
+      device_ != Device::CPU || xv.device() != Device::CPU || bias_.defined() || has_lora() || inc_.defined())
     return false;
   w = q_.packed_view();
   opt = mm_opt_;
@@ -107,7 +135,7 @@ Tensor QuantLinear::effective_weight() const {
     std::lock_guard<std::mutex> lock(weight_mutex_);
     if (weight_.defined()) w = has_lora() ? weight_.value().clone() : weight_.value();
   }
-  if (!w.defined()) w = q_.dequantize().to(device_);
+  if (!w.defined()) w = (inc_.defined() ? inc_.unweight(q_.dequantize()) : q_.dequantize()).to(device_);
   if (!has_lora()) return w;
   ops::gemm(lora_B_.value(), false, lora_A_.value(), false, w, 1.0, 1.0);  // Ŵ + B A
   return w;

@@ -9,10 +9,16 @@
 // only where a path needs it: a gradient through x (training, LoRA finetuning), a format without a
 // GPU form on CUDA (ops::quant_matmul_has_cuda_layout), or a caller of dequantized_weight(). The
 // adapters are frozen unless set_lora_trainable(true) (LoRA finetuning of a quantized model).
+//
+// QuIP's incoherence processing (quant/incoherence.h, `quantize --method quip`): the packed weight is
+// W' = R_out^T W R_in and the layer computes y = ((x R_in) Q(W')^T) R_out^T (+ bias) — the input and
+// the output transformed online around the packed product (CPU). The dequantized weight it keeps for
+// the other paths, and effective_weight(), are R_out Q(W') R_in^T, the weight in x's basis.
 #pragma once
 #include <mutex>
 
 #include "lowbit/model/linear.h"
+#include "lowbit/quant/incoherence.h"
 #include "lowbit/quant/quantized_tensor.h"
 
 namespace lowbit {
@@ -52,6 +58,10 @@ class QuantLinear : public Linear {
   // Ŵ on the layer's device, built on first use and kept (training paths only).
   const Tensor& dequantized_weight() const { return weight_var().value(); }
   bool has_dequantized_weight() const { return weight_.defined(); }
+  // QuIP's incoherence transform of the packed weight (see above); throws when its sizes do not match
+  // the layer or the layer has adapters.
+  void set_incoherence(Incoherence t);
+  const Incoherence& incoherence() const { return inc_; }
   // Options of the packed path (tests force a body or an instruction set).
   void set_matmul_options(const ops::QuantMatmulOptions& o) { mm_opt_ = o; }
 
@@ -78,6 +88,7 @@ class QuantLinear : public Linear {
   Var bias_;
   Var lora_A_, lora_B_;   // undefined without adapters
   std::shared_ptr<const LpProduct> lora_product_a_, lora_product_b_;  // set_lora_products
+  Incoherence inc_;  // undefined: none
 };
 
 }  // namespace lowbit

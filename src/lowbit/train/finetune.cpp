@@ -53,6 +53,9 @@ FinetuneResult finetune_quantized(const std::string& model_dir, FinetuneOptions 
     for (auto& [name, slot] : model->block(i).linears()) {
       auto* ql = dynamic_cast<QuantLinear*>(slot->get());
       if (!ql) continue;  // a dense layer: frozen as well
+      if (ql->incoherence().defined())
+        throw_error("finetune: model.layers.", i, ".", name, " has QuIP incoherence transforms (quantize --method quip); "
+                    "LoRA adapters on such layers are not supported");
       if (!ql->has_lora()) {
         const int64_t in = ql->in_features(), out = ql->out_features();
         const double bound = 1.0 / std::sqrt(double(in));
