@@ -67,6 +67,9 @@ run_args() {  # the --precision flags of a run name
     fp4-dge-q99) echo "--precision fp4-dge --occ-quantile 0.99" ;;          # the paper's other alpha
     int4) echo "--precision int4" ;;                                        # HQ (block 32) + bit splitting + LSS
     int4-naive) echo "--precision int4 --lp-recipe naive" ;;                # plain per-tensor INT4, round to nearest
+    int4-bs) echo "--precision int4 --lp-int4-grad bs" ;;                   # ablation: bit splitting, no LSS
+    int4-bs-dgrad) echo "--precision int4 --lp-int4-grad bs-lss-dgrad" ;;   # ablation: LSS on dgrad only (released code)
+    int4-row) echo "--precision int4 --lp-int4-scale row" ;;                # ablation: per-token / per-channel scales
     *) echo "unknown run '$1'" >&2; return 1 ;;
   esac
 }

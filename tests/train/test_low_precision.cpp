@@ -86,8 +86,41 @@ TEST(LowPrecisionTrain, LayersAndKeptBlocks) {
   i4.recipe.precision = LpPrecision::INT4;
   EXPECT_EQ(lp_keep_last(i4, 5), 0);
   EXPECT_EQ(low_precision_key(i4, 5), "int4 keep 0/0 hq32 bs-lss");
+  i4.recipe.int4_grad = LpRecipe::Int4Grad::Bs;
+  EXPECT_EQ(low_precision_key(i4, 5), "int4 keep 0/0 hq32 bs");
+  i4.recipe.int4_grad = LpRecipe::Int4Grad::BsLssDgrad;
+  i4.recipe.int4_row_scales = true;
+  EXPECT_EQ(low_precision_key(i4, 5), "int4 keep 0/0 hq32 bs-lss-dgrad row");
   apply_lp_recipe_name(i4, "naive");
-  EXPECT_EQ(low_precision_key(i4, 5), "int4 keep 0/0");
+  EXPECT_EQ(low_precision_key(i4, 5), "int4 keep 0/0 row");
+}
+
+// The int4 ablations (--lp-int4-grad bs / bs-lss-dgrad, --lp-int4-scale row) train: the same bounds
+// as LossDecreasesForEveryPrecision against the f32 run.
+TEST(LowPrecisionTrain, Int4AblationsTrain) {
+  const auto train = markov_stream(8000, 1), val = markov_stream(1000, 2);
+  auto d = test::temp_dir("lp-f32-int4ab");
+  const TrainResult ref = train_model(shape260k(d.string(), LpPrecision::F32), train, val);
+  const double ref_drop = ref.records.front().loss - ref.records.back().loss;
+  using G = LpRecipe::Int4Grad;
+  const struct {
+    const char* name;
+    G grad;
+    bool row;
+  } cases[] = {{"bs", G::Bs, false}, {"bs-lss-dgrad", G::BsLssDgrad, false}, {"row", G::BsLss, true}};
+  for (const auto& c : cases) {
+    auto dp = test::temp_dir(std::string("lp-int4-") + c.name);
+    TrainOptions o = shape260k(dp.string(), LpPrecision::INT4);
+    o.low_precision.recipe.int4_grad = c.grad;
+    o.low_precision.recipe.int4_row_scales = c.row;
+    const TrainResult r = train_model(o, train, val);
+    ASSERT_TRUE(r.complete) << c.name;
+    const double drop = r.records.front().loss - r.records.back().loss;
+    EXPECT_GT(drop, 0.6 * ref_drop) << c.name;
+    EXPECT_LT(r.final_val_loss, 1.1 * ref.final_val_loss) << c.name;
+    std::printf("int4 %-12s final val %.4f (f32 %.4f, %+.2f %%)\n", c.name, r.final_val_loss, ref.final_val_loss,
+                100 * (r.final_val_loss / ref.final_val_loss - 1));
+  }
 }
 
 // int4 on CUDA (the CUDA bodies of its three quantizers, bit for bit the CPU's, into f32 cuBLAS GEMMs)

@@ -311,37 +311,39 @@ Var lp_linear_fp4_dge(const Var& x, const Var& w, const Tensor& xv, const Tensor
 Var lp_linear_int4(const Var& x, const Var& w, const Tensor& xv, const Tensor& wv, const LpRecipe& r, uint64_t seed,
                    bool training) {
   const int32_t hb = r.hadamard ? kInt4HadamardBlock : 0;
+  const bool row = r.int4_row_scales;
   const uint64_t hs = ops::lp::mix64(seed ^ 0x4ull);  // the transform's signs, shared by x and W
   Tensor xh, wh;  // Q(x H), Q(W H)
-  ops::lp_int4_hq(xv, hb, hs, false, xh);
-  ops::lp_int4_hq(wv, hb, hs, false, wh);
+  ops::lp_int4_hq(xv, hb, hs, false, xh, nullptr, row);
+  ops::lp_int4_hq(wv, hb, hs, false, wh, nullptr, row);
   Tensor y = Tensor::empty({xv.size(0), wv.size(0)}, xv.dtype(), xv.device());
   ops::gemm(xh, false, wh, true, y);
   if (!training) return Var(y);
-  return make_result(y, {x, w}, "lp_linear", [x, w, xv, wv, xh, wh, r, seed, hb, hs](const Tensor& g) {
+  return make_result(y, {x, w}, "lp_linear", [x, w, xv, wv, xh, wh, r, seed, hb, hs, row](const Tensor& g) {
     const Tensor gv = g.contiguous();
     const auto back = [&](const Tensor& v, const Tensor& vh) {  // Q(v H) H^T (the naive recipe: Q(v))
       if (hb == 0) return vh;
       Tensor e;
-      ops::lp_int4_hq(v, hb, hs, true, e);
+      ops::lp_int4_hq(v, hb, hs, true, e, nullptr, row);
       return e;
     };
     Tensor hi, lo;  // bit splitting, once for both GEMMs
-    if (r.stochastic_grads) ops::lp_int4_bitsplit(gv, ops::lp::mix64(seed ^ 0x5ull), hi, lo);
-    const auto dy = [&](const Tensor& partner, uint64_t salt) {  // the estimate of dy a GEMM reads
+    if (r.stochastic_grads) ops::lp_int4_bitsplit(gv, ops::lp::mix64(seed ^ 0x5ull), hi, lo, nullptr, row);
+    const auto dy = [&](const Tensor& partner, uint64_t salt, bool sample) {  // the estimate of dy a GEMM reads
       Tensor e;
-      if (r.stochastic_grads) ops::lp_int4_lss(hi, lo, partner, true, ops::lp::mix64(seed ^ salt), e);
-      else ops::lp_int4_hq(gv, 0, 0, false, e);
+      if (r.stochastic_grads) ops::lp_int4_lss(hi, lo, partner, sample, ops::lp::mix64(seed ^ salt), e);
+      else ops::lp_int4_hq(gv, 0, 0, false, e, nullptr, row);
       return e;
     };
+    using G = LpRecipe::Int4Grad;
     if (x.requires_grad()) {  // dx = dy_est . W_eff
-      const Tensor we = back(wv, wh), gd = dy(Tensor(), 0x6ull);
+      const Tensor we = back(wv, wh), gd = dy(Tensor(), 0x6ull, r.int4_grad != G::Bs);
       Tensor dx = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
       ops::gemm(gd, false, we, false, dx);
       accumulate_grad(x, dx);
     }
     if (w.requires_grad()) {  // dW = dy_est^T . x_eff (sampled by |dy row| |x_eff row|)
-      const Tensor xe = back(xv, xh), gw = dy(xe, 0x7ull);
+      const Tensor xe = back(xv, xh), gw = dy(xe, 0x7ull, r.int4_grad == G::BsLss);
       Tensor dw = Tensor::empty(wv.shape(), wv.dtype(), wv.device());
       ops::gemm(gw, true, xe, false, dw);
       accumulate_grad(w, dw);

@@ -71,7 +71,8 @@
 //       as the authors' code does for the input gradient), each kept row scaled by 1 / p: the
 //       estimate is unbiased, E[dy_est] = dy, so E[dW] and E[dx] are the straight-through gradients.
 // Deviation from the paper: the step sizes are the current absmax per tensor, not LSQ's learned
-// ones. `lp_recipe naive` (hadamard = false, stochastic_grads = false): plain INT4 per-tensor
+// ones. Ablations (LpRecipe::int4_grad, int4_row_scales): no sampling / sampling of dgrad only, and
+// per-row scales (per token for x and dy, per output channel for W; CPU only). `lp_recipe naive` (hadamard = false, stochastic_grads = false): plain INT4 per-tensor
 // round-to-nearest of x, W and dy — no transform, no splitting, no sampling. On the CPU or CUDA (the
 // ops' CUDA bodies are bit for bit the CPU's; the f32 GEMMs differ by summation order). No block is
 // kept in high precision by default.
@@ -114,6 +115,16 @@ struct LpRecipe {
   // clip 3.0), and the OCC quantile alpha (in (0.5, 1]; 1 = no clamping; the paper: 0.99-0.999).
   float dge_k = 5.0f, dge_clip = 3.0f;
   double occ_quantile = 0.999;
+  // int4 ablations (`--lp-int4-grad`, `--lp-int4-scale`; the paper's recipe: BsLss, per-tensor):
+  //   int4_grad: which backward GEMMs sample the bit-split dy — BsLss both (dgrad and wgrad), BsLssDgrad
+  //   the input gradient only (the authors' released code; wgrad reads all 2T split rows), Bs neither
+  //   (bit splitting alone: dy_est = hi + lo in both GEMMs, unbiased through SR of the fine half).
+  //   Ignored when stochastic_grads is off (the naive recipe).
+  //   int4_row_scales: one absmax scale per row instead of per tensor — per token for x and dy, per
+  //   output channel for W (ops::lp_int4_hq / lp_int4_bitsplit per_row; CPU only).
+  enum class Int4Grad : uint8_t { BsLss, BsLssDgrad, Bs };
+  Int4Grad int4_grad = Int4Grad::BsLss;
+  bool int4_row_scales = false;
 };
 // Throws lowbit::Error naming the flag for an amax history outside [1, 1024], --dge-k outside
 // [1, 100], --dge-clip outside (0, 1000], --occ-quantile outside (0.5, 1].

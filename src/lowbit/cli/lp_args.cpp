@@ -42,6 +42,15 @@ void add_low_precision_options(CLI::App* t, LowPrecisionArgs* a, const std::stri
                 "(f32 GEMMs on dequantized operands) or auto (native on CUDA, emulated on the CPU); fp4 is always "
                 "emulated")
       ->capture_default_str();
+  t->add_option("--lp-int4-grad", a->int4_grad,
+                "int4 ablation: which backward GEMMs sample the bit-split output gradient with leverage scores: "
+                "bs-lss (both, the paper's recipe), bs-lss-dgrad (the input gradient only, as the authors' released "
+                "code; the weight gradient reads all split rows) or bs (bit splitting alone, no sampling)")
+      ->capture_default_str();
+  t->add_option("--lp-int4-scale", a->int4_scale,
+                "int4 ablation: tensor (one absmax scale per tensor, the default) or row (one per row: per token for "
+                "activations and gradients, per output channel for weights; CPU only)")
+      ->capture_default_str();
   t->add_option("--lp-keep-first", o.keep_first, "blocks at the start whose linears stay f32")
       ->capture_default_str()->check(at_least(0));
   t->add_option("--lp-keep-last", o.keep_last,
@@ -58,6 +67,24 @@ LowPrecisionOptions resolve_low_precision(const LowPrecisionArgs& a, const std::
   o.recipe.delayed_scaling = a.fp8_scaling == "delayed";
   check_lp_recipe(o.recipe);  // the flags as given (naive then overrides some)
   apply_lp_recipe_name(o, a.lp_recipe);
+  const bool int4 = o.recipe.precision == LpPrecision::INT4;
+  using G = LpRecipe::Int4Grad;
+  if (a.int4_grad == "bs-lss") o.recipe.int4_grad = G::BsLss;
+  else if (a.int4_grad == "bs-lss-dgrad") o.recipe.int4_grad = G::BsLssDgrad;
+  else if (a.int4_grad == "bs") o.recipe.int4_grad = G::Bs;
+  else throw_error("--lp-int4-grad: '", a.int4_grad, "' is not a gradient estimator (choices: bs-lss, bs-lss-dgrad, bs)");
+  if (a.int4_scale != "tensor" && a.int4_scale != "row")
+    throw_error("--lp-int4-scale: '", a.int4_scale, "' is not a scaling granularity (choices: tensor, row)");
+  o.recipe.int4_row_scales = a.int4_scale == "row";
+  if (!int4 && (a.int4_grad != "bs-lss" || a.int4_scale != "tensor"))
+    throw_error(a.int4_grad != "bs-lss" ? "--lp-int4-grad" : "--lp-int4-scale", " applies to --precision int4 only, not ",
+                a.precision);
+  if (int4 && !o.recipe.stochastic_grads && a.int4_grad != "bs-lss")
+    throw_error("--lp-int4-grad ", a.int4_grad, ": the naive recipe (--lp-recipe naive) has no bit splitting to sample "
+                "or not (plain INT4 gradients)");
+  if (int4 && o.recipe.int4_row_scales && device != "cpu")
+    throw_error(command, ": --lp-int4-scale row has no CUDA body yet (the per-row INT4 quantizers run on the CPU only): "
+                "use --device cpu");
   if (o.recipe.precision == LpPrecision::FP4_DGE && device != "cpu")
     throw_error(command, ": --precision fp4-dge has no CUDA body yet (the outlier quantile of OCC and the DGE derivative "
                 "run on the CPU only): use --device cpu");

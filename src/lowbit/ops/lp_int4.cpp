@@ -49,14 +49,24 @@ void block_hadamard(std::vector<float>& v, int64_t R, int64_t C, int32_t block, 
   });
 }
 
+// Per-row scales have no CUDA body (the shared per-element arithmetic would serve; the per-row
+// amax reduction is not written): refused with the op's name.
+void refuse_per_row_cuda(const char* op, const Tensor& t) {
+  if (detail::on_cuda(t))
+    throw_error(op, ": per-row INT4 scales (--lp-int4-scale row) have no CUDA body yet: use --device cpu or "
+                "--lp-int4-scale tensor");
+}
+
 }  // namespace
 
-void lp_int4_hq(const Tensor& x, int32_t block, uint64_t seed, bool back, Tensor& y, LpInt4Stats* stats) {
+void lp_int4_hq(const Tensor& x, int32_t block, uint64_t seed, bool back, Tensor& y, LpInt4Stats* stats,
+                bool per_row) {
   const char* op = "lp_int4_hq";
   check_2d(op, x, "x");
   if (block != 0 && (block < 2 || block > 256 || (block & (block - 1)) != 0))
     throw_error(op, ": Hadamard block ", block, " is not 0 (none) or a power of two in [2, 256]");
   const int64_t R = x.size(0), C = x.size(1), n = R * C;
+  if (per_row) refuse_per_row_cuda(op, x);
   y = Tensor::empty(x.shape(), x.dtype(), x.device());
   LB_CUDA_ROUTE(x, lp_int4_hq, x, block, seed, back, y, stats)
   detail::dispatch_float(op, x.dtype(), [&](auto tag) {
@@ -69,9 +79,21 @@ void lp_int4_hq(const Tensor& x, int32_t block, uint64_t seed, bool back, Tensor
       return;
     }
     block_hadamard(v, R, C, block, seed, false);
-    const float amax = amax_of(v), s = amax / lp::kInt4Max;
-    if (stats) *stats = {double(amax), double(s)};
-    for (float& a : v) a = lp::int4_qdq(a, s);
+    if (per_row) {  // s_r = amax(row r) / 7
+      float amax = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        float m = 0;
+        for (int64_t c = 0; c < C; ++c) m = std::max(m, std::fabs(v[size_t(r * C + c)]));
+        const float s = m / lp::kInt4Max;
+        for (int64_t c = 0; c < C; ++c) v[size_t(r * C + c)] = lp::int4_qdq(v[size_t(r * C + c)], s);
+        amax = std::max(amax, m);
+      }
+      if (stats) *stats = {double(amax), double(amax / lp::kInt4Max)};
+    } else {
+      const float amax = amax_of(v), s = amax / lp::kInt4Max;
+      if (stats) *stats = {double(amax), double(s)};
+      for (float& a : v) a = lp::int4_qdq(a, s);
+    }
     if (back) block_hadamard(v, R, C, block, seed, true);
     for (int64_t i = 0; i < n; ++i) yp[i] = T(v[size_t(i)]);
   });
@@ -81,9 +103,10 @@ void lp_lss_probabilities(const double* s, int64_t n, double budget, double* p) 
   lp::lss_probabilities(s, n, budget, p);
 }
 
-void lp_int4_bitsplit(const Tensor& g, uint64_t seed, Tensor& hi, Tensor& lo, LpSplitStats* stats) {
+void lp_int4_bitsplit(const Tensor& g, uint64_t seed, Tensor& hi, Tensor& lo, LpSplitStats* stats, bool per_row) {
   const char* op = "lp_int4_bitsplit";
   check_2d(op, g, "g");
+  if (per_row) refuse_per_row_cuda(op, g);
   const int64_t n = g.numel();
   hi = Tensor::empty(g.shape(), g.dtype(), g.device());
   lo = Tensor::empty(g.shape(), g.dtype(), g.device());
@@ -99,6 +122,26 @@ void lp_int4_bitsplit(const Tensor& g, uint64_t seed, Tensor& hi, Tensor& lo, Lp
       std::fill(lp_, lp_ + n, D(std::nan("")));
       return;
     }
+    const uint64_t sr_seed = lp::mix64(seed ^ 0x1ull);
+    if (per_row) {  // s_hi,t = amax(g row t) / 7, s_lo,t = s_hi,t / 14; the draws as below (element index)
+      const int64_t T = g.size(0), N = g.size(1);
+      float smax = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        float m = 0;
+        for (int64_t c = 0; c < N; ++c) m = std::max(m, std::fabs(v[size_t(t * N + c)]));
+        const float sh = m / lp::kInt4Max, sl = sh / 14.0f;
+        smax = std::max(smax, sh);
+        for (int64_t c = 0; c < N; ++c) {
+          const int64_t i = t * N + c;
+          float h = 0, l = 0;
+          if (sh > 0) lp::int4_bitsplit(v[size_t(i)], sh, sl, lp::uniform(sr_seed, uint64_t(i)), h, l);
+          hp[i] = D(h);
+          lp_[i] = D(l);
+        }
+      }
+      if (stats) *stats = {double(smax), double(smax / 14.0f)};
+      return;
+    }
     // hi = s_hi rint(g / s_hi), lo = s_lo SR((g - hi) / s_lo)
     const float s_hi = amax_of(v) / lp::kInt4Max, s_lo = s_hi / 14.0f;
     if (stats) *stats = {double(s_hi), double(s_lo)};
@@ -107,7 +150,6 @@ void lp_int4_bitsplit(const Tensor& g, uint64_t seed, Tensor& hi, Tensor& lo, Lp
       std::fill(lp_, lp_ + n, D(0));
       return;
     }
-    const uint64_t sr_seed = lp::mix64(seed ^ 0x1ull);
     parallel_for(n, 1 << 14, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
         float h, l;

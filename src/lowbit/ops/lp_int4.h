@@ -27,15 +27,18 @@ namespace lowbit::ops {
 // operands transformed along their shared reduction dimension with one seed keep their product:
 // (x H)(w H)^T = x w^T); a last group shorter than `block` stays as it is; block 0: no transform
 // (plain INT4, the naive recipe and the gradients' plain quantizer). Then one scale for the tensor,
-// s = amax(v) / 7, and y = s clamp(rint(v / s), -7, 7). With `back`, y is transformed back,
+// s = amax(v) / 7, and y = s clamp(rint(v / s), -7, 7); with `per_row`, one scale per row instead,
+// s_r = amax(v row r) / 7 (per token for activations and gradients, per output channel for a weight
+// [out, in]; an all-zero row gives zeros; CPU only: a CUDA tensor is refused). With `back`, y is transformed back,
 // y = Q(x H) H^T: the same quantized operand in x's own basis (what the input- and weight-gradient
 // GEMMs of the straight-through backward read). An all-zero tensor gives zeros.
 // block: 0 or a power of two in [2, 256].
 struct LpInt4Stats {
   double amax = 0;   // max |v| (after the transform)
-  double scale = 0;  // s
+  double scale = 0;  // s (per_row: the largest row scale, amax / 7)
 };
-void lp_int4_hq(const Tensor& x, int32_t block, uint64_t seed, bool back, Tensor& y, LpInt4Stats* stats = nullptr);
+void lp_int4_hq(const Tensor& x, int32_t block, uint64_t seed, bool back, Tensor& y, LpInt4Stats* stats = nullptr,
+                bool per_row = false);
 
 // ---- bit splitting + leverage-score sampling of the output gradient (paper sec. 5) ---------------
 // The unbiased estimate of dy that a backward GEMM reads, in two ops (one split per backward, one
@@ -47,10 +50,13 @@ void lp_int4_hq(const Tensor& x, int32_t block, uint64_t seed, bool back, Tensor
 //    lo = s_lo SR(r / s_lo), SR the unbiased stochastic rounding (element i draws
 //    lp::uniform(mix64(seed ^ 1), i)); |r / s_lo| <= 7, so it never clamps: E[lo] = r, and hi + lo is
 //    g on a grid of amax / 98 (an INT8-like value as two INT4 halves). All-zero g: zeros.
+//    per_row: s_hi and s_lo per row (per token), s_hi,t = amax(g row t) / 7, s_lo,t = s_hi,t / 14; an
+//    all-zero row gives zeros (CPU only: a CUDA tensor is refused).
 struct LpSplitStats {
-  double scale_hi = 0, scale_lo = 0;  // s_hi, s_lo
+  double scale_hi = 0, scale_lo = 0;  // s_hi, s_lo (per_row: the largest row's)
 };
-void lp_int4_bitsplit(const Tensor& g, uint64_t seed, Tensor& hi, Tensor& lo, LpSplitStats* stats = nullptr);
+void lp_int4_bitsplit(const Tensor& g, uint64_t seed, Tensor& hi, Tensor& lo, LpSplitStats* stats = nullptr,
+                      bool per_row = false);
 
 // lp_int4_lss: leverage-score sampling over the 2T rows of the stacked [hi; lo] (the GEMM's
 //    reduction dimension doubled by the split; paired with [partner; partner]): partner [T, K] (the

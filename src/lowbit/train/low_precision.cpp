@@ -52,8 +52,13 @@ std::string low_precision_key(const LowPrecisionOptions& o, int n_layers) {
     k += buf;
     if (r.occ_quantile < 1.0) std::snprintf(buf, sizeof buf, " occ %g", r.occ_quantile), k += buf;
   }
-  if (r.precision == LpPrecision::INT4)
-    k += std::string(r.hadamard ? " hq" + std::to_string(kInt4HadamardBlock) : "") + (r.stochastic_grads ? " bs-lss" : "");
+  if (r.precision == LpPrecision::INT4) {
+    using G = LpRecipe::Int4Grad;
+    k += std::string(r.hadamard ? " hq" + std::to_string(kInt4HadamardBlock) : "");
+    if (r.stochastic_grads)
+      k += r.int4_grad == G::BsLss ? " bs-lss" : r.int4_grad == G::BsLssDgrad ? " bs-lss-dgrad" : " bs";
+    if (r.int4_row_scales) k += " row";
+  }
   return k;
 }
 
