@@ -120,21 +120,32 @@ TEST(PrecisionCli, QatFp8RecordsThePrecisionAndRefusesAnotherOnResume) {
   EXPECT_NE(dge.out.find("--precision fp4-dge has no CUDA body"), std::string::npos) << dge.out;
 }
 
+namespace {
+// A quantized (RTN int3g64) copy of the test model in dir/q and the finetune command line on it
+// (STEPS steps, EVAL eval batches, JSON report); empty when the model could not be made.
+std::string finetune_command(const std::filesystem::path& dir, int steps, int eval_batches) {
+  const auto [model, tokens] = model_and_tokens(dir);
+  if (model.empty()) return "";
+  const std::string q = (dir / "q").string();
+  const CliRun qr = run("-q quantize -m " + model + " --format int3g64 --method rtn -o " + q);
+  EXPECT_EQ(qr.status, 0) << qr.out;
+  if (qr.status != 0) return "";
+  return "-q finetune -m " + q + " --train-tokens " + tokens + " --valid-tokens " + tokens + " --steps " +
+         std::to_string(steps) + " --batch 2 --seq-len 32 --eval-batches " + std::to_string(eval_batches) +
+         " --rank 4 --lr 1e-3 --json ";
+}
+}  // namespace
+
 // `lp_gemm` reports what runs: --lp-gemm native is honoured by fp8 (ops::fp8_gemm, also on the
 // CPU) but the fp4 precisions and int4 have no native GEMM anywhere, so they report emulated.
 TEST(PrecisionCli, LpGemmReportsWhatRuns) {
   if (!std::filesystem::exists(test::cli_path())) GTEST_SKIP() << "no " << test::cli_path();
   const auto dir = test::temp_dir("precision-cli-lp-gemm");
-  const auto [model, tokens] = model_and_tokens(dir);
-  ASSERT_FALSE(model.empty());
-  const std::string q = (dir / "q").string();
-  const CliRun qr = run("-q quantize -m " + model + " --format int3g64 --method rtn -o " + q);
-  ASSERT_EQ(qr.status, 0) << qr.out;
-  const std::string base = "-q finetune -m " + q + " --train-tokens " + tokens + " --valid-tokens " + tokens +
-                           " --steps 1 --batch 2 --seq-len 32 --eval-batches 1 --rank 4 --lr 1e-3 --json --lp-gemm native ";
+  const std::string base = finetune_command(dir, 1, 1);
+  ASSERT_FALSE(base.empty());
   for (const auto& [prec, want] : {std::pair<std::string, std::string>{"fp8", "native"}, {"nvfp4", "emulated"},
                                    {"mxfp4", "emulated"}, {"int4", "emulated"}}) {
-    const CliRun r = run(base + "--precision " + prec + " --out " + (dir / ("run-" + prec)).string());
+    const CliRun r = run(base + "--lp-gemm native --precision " + prec + " --out " + (dir / ("run-" + prec)).string());
     ASSERT_EQ(r.status, 0) << prec << "\n" << r.out;
     EXPECT_EQ(last_json(r.out)["lp_gemm"], want) << prec;
   }
@@ -143,13 +154,8 @@ TEST(PrecisionCli, LpGemmReportsWhatRuns) {
 TEST(PrecisionCli, FinetuneFp8RecordsThePrecisionAndRefusesAnotherOnResume) {
   if (!std::filesystem::exists(test::cli_path())) GTEST_SKIP() << "no " << test::cli_path();
   const auto dir = test::temp_dir("precision-cli-finetune");
-  const auto [model, tokens] = model_and_tokens(dir);
-  ASSERT_FALSE(model.empty());
-  const std::string q = (dir / "q").string();
-  const CliRun qr = run("-q quantize -m " + model + " --format int3g64 --method rtn -o " + q);
-  ASSERT_EQ(qr.status, 0) << qr.out;
-  const std::string base = "-q finetune -m " + q + " --train-tokens " + tokens + " --valid-tokens " + tokens +
-                           " --steps 4 --batch 2 --seq-len 32 --eval-batches 2 --rank 4 --lr 1e-3 --json ";
+  const std::string base = finetune_command(dir, 4, 2);
+  ASSERT_FALSE(base.empty());
   const std::string out = (dir / "run").string();
   const CliRun a = run(base + "--precision fp8 --out " + out);
   ASSERT_EQ(a.status, 0) << a.out;

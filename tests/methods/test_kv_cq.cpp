@@ -48,6 +48,19 @@ ModelTransforms with_cq(LlamaModel& m, ModelTransforms t, int bits, int channels
   return t;
 }
 
+// m quantized by RTN int4g32 through the pipeline, given codebooks of `bits` x `channels` (group 2,
+// window 3) learned on 4 x 24 pattern tokens (f16 or f32 centroids), saved as a checkpoint in dir.
+void save_rtn_with_cq(LlamaModel& m, const std::filesystem::path& dir, int bits, int channels, bool f16) {
+  const QuantFormat& f = parse_quant_format("int4g32");
+  const Tensor calib = pattern_tokens(4, 24, m.config().vocab_size, 4);
+  RtnMethod rtn(f);
+  PipelineOptions po;
+  po.progress = false;
+  run_blockwise(m, calib, rtn, f, po);
+  m.set_transforms(with_cq(m, ModelTransforms{}, bits, channels, calib, 2, 3, f16));
+  save_quantized_model(dir.string(), m, "rtn", f);
+}
+
 using test::expect_message;
 }  // namespace
 
@@ -207,16 +220,9 @@ TEST(KvCq, CheckpointReloadsToIdenticalOutputsAndRefusesBadRecords) {
   auto dir = test::temp_dir("kv-cq-ckpt");
   LlamaConfig c = test::small_config(RopeStyle::Interleaved);
   LlamaModel m(c, random_weights(c, 8, 0.12));
-  const QuantFormat& f = parse_quant_format("int4g32");
-  const Tensor calib = pattern_tokens(4, 24, c.vocab_size, 4);
-  RtnMethod rtn(f);
-  PipelineOptions po;
-  po.progress = false;
-  run_blockwise(m, calib, rtn, f, po);
   // f32 centroids: the reload runs another RoPE layout, whose last-place differences must not meet a
   // near-tie between two centroids (f16 centroids: KvCq.F16CodebooksAreStoredInF16).
-  m.set_transforms(with_cq(m, ModelTransforms{}, 1, 8, calib, 2, 3, false));
-  save_quantized_model(dir.string(), m, "rtn", f);
+  save_rtn_with_cq(m, dir, 1, 8, false);
   const Tensor tok = pattern_tokens(1, 28, c.vocab_size, 6);
   const Tensor ref = test::logits_of(m, tok);
   {
@@ -286,14 +292,7 @@ TEST(KvCq, F16CodebooksAreStoredInF16) {
   auto dir = test::temp_dir("kv-cq-f16");
   LlamaConfig c = test::small_config(RopeStyle::Half);
   LlamaModel m(c, random_weights(c, 8, 0.12));
-  const QuantFormat& f = parse_quant_format("int4g32");
-  const Tensor calib = pattern_tokens(4, 24, c.vocab_size, 4);
-  RtnMethod rtn(f);
-  PipelineOptions po;
-  po.progress = false;
-  run_blockwise(m, calib, rtn, f, po);
-  m.set_transforms(with_cq(m, ModelTransforms{}, 2, 4, calib, 2, 3));
-  save_quantized_model(dir.string(), m, "rtn", f);
+  save_rtn_with_cq(m, dir, 2, 4, true);
   const std::string st = (dir / "model.safetensors").string();
   {
     const SafetensorsFile file = SafetensorsFile::open(st);

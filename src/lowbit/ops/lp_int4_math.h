@@ -18,20 +18,15 @@
 #include <vector>
 
 #include "lowbit/core/format_traits.h"
+#include "lowbit/ops/act_quant_math.h"
 #include "lowbit/ops/lp_quant_math.h"
 
 namespace lowbit::ops::lp {
 
 constexpr float kInt4Max = 7.0f;  // the symmetric INT4 grid [-7, 7]
 
-// a * b rounded once, never fused with a following addition.
-LB_HD_INLINE float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
+// a * b rounded once, never fused with a following addition (ops/act_quant_math.h's).
+using ::lowbit::ops::aq::mul_rn;
 
 // rint (round half to even) and floor for |x| < 2^22 without a libm call (the CPU build targets
 // baseline x86-64, which has no rounding instruction): adding and subtracting 1.5 * 2^23 rounds to an
