@@ -10,7 +10,7 @@
 // `x + (quant(x) - x).detach()`). The latent weight W stays in full precision (f32, or f64 for
 // gradient checks) and is what the optimizer updates. The normalisation that the paper puts
 // before the activation quantizer is the caller's (the Llama block's RMSNorms, see
-// train/bitnet.h). CPU only.
+// train/bitnet.h). CPU and CUDA (the quantizers' CUDA bodies: ops/cuda/act_quant.cu).
 //
 // `lambda` < 1 blends towards full precision (the gradual phase-in of the 16 -> 1.58-bit
 // transition, arXiv 2502.11895): x_eff = x + lambda (Qa(x) - x), W_eff = W + lambda (Qw(W) - W),

@@ -93,7 +93,8 @@ bool set_kv_direct(bool on);
 // K = H_p / sqrt(p) (x) small (Kronecker product: element i = a * m + b, a < p, b < m; H_p the
 // Sylvester Hadamard matrix), each row becomes
 //   transpose = false: y = (x * signs) K         transpose = true: y = (x K^T) * signs,
-// so the transpose undoes the forward when `small` is orthogonal and is its backward. CPU only.
+// so the transpose undoes the forward when `small` is orthogonal and is its backward. CPU and CUDA
+// (ops/cuda/act_quant.cu, bit for bit).
 void hadamard_transform(const Tensor& x, const Tensor& signs, const Tensor& small, bool transpose, Tensor& y);
 
 // ---- fake quantization (ops/hadamard.cpp): activations per token, KV caches -------------------
@@ -104,7 +105,7 @@ void hadamard_transform(const Tensor& x, const Tensor& signs, const Tensor& smal
 //   asymmetric: lo = clip * min(x, 0), hi = clip * max(x, 0), s = (hi - lo) / (2^b - 1),
 //               z = round(-lo / s),  q = clamp(round(x / s) + z, 0, 2^b - 1),  y = (q - z) s
 // An all-zero group stays zero. bits in [2, 16], clip in (0, 1]. No backward (the autograd
-// wrapper passes gradients straight through). CPU only.
+// wrapper passes gradients straight through). CPU and CUDA (ops/cuda/act_quant.cu, bit for bit).
 void fake_quant(const Tensor& x, int bits, bool asymmetric, double clip, int64_t group, bool per_column, Tensor& y);
 
 // ---- activations -----------------------------------------------------------------------------
