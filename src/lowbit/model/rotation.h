@@ -142,8 +142,8 @@ struct ModelTransforms {
 // spec (clip 1); throws naming `what`.
 ActQuantSpec parse_act_quant(const std::string& name, const std::string& what = "--act");
 std::string act_quant_name(const ActQuantSpec& a);  // "none", "int8", "int4-asym", "int4-absmean", ...
-// x [M, N] (f32/f64; CPU, or CUDA for the integer grids) fake-quantized per token by the spec (x itself when off); gradients pass
-// straight through.
+// x [M, N] (f32/f64; CPU, or CUDA for the integer grids) fake-quantized per token by the spec (x
+// itself when off); gradients pass straight through.
 Var act_fake_quant(const Var& x, const ActQuantSpec& a);
 // "int4", "int2" or "none" -> bits (4, 2, 0); "cq1" / "cq2" -> 1 / 2 (coupled quantization; see
 // kv_quant_channels); "wkv4" / "wkv2" -> 4 / 2 (WKVQuant; see kv_quant_wkv); throws naming `what`.
